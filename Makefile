@@ -1,0 +1,53 @@
+# Set-up and entry points. `make demo` runs the all-in-one default, `make test` the test suite.
+# Both create .venv, install the project and what its tests need (system packages via apt
+# when missing, a Redis server when none is listening on 127.0.0.1:6379).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; this machine has it on local disk. Users elsewhere may override,
+# e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+APT_PACKAGES := dataset-fashion-mnist prometheus redis-server
+REDIS_PORT ?= 6379
+
+.PHONY: setup system-deps redis demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=""; \
+	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
+	  || { echo "could not apt-get install:$$missing (run as root or install them by hand)"; exit 1; }; \
+	fi
+
+redis: system-deps
+	@redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 || { \
+	  echo "starting redis-server on 127.0.0.1:$(REDIS_PORT)"; \
+	  redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null; \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.3; done; }
+
+demo: setup system-deps
+	$(VENV)/bin/dapdee up
+
+test: setup system-deps redis
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/plan_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,67 @@
+"""`dapdee` command line: one front for every tool.
+
+Each command family lives next to its implementation and registers itself through an
+`add_commands(subparsers)` function listed in COMMAND_MODULES; handlers import heavy
+dependencies (torch models, web frameworks) only when they run. User errors
+(ValueError, OSError, KeyError) end in one `dapdee: error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMAND_MODULES = (
+    "dapdee.commands",  # graph, profile
+    "dapdee.planning.commands",  # plan
+    "dapdee.training.commands",  # train, eval, calibrate
+    "services.commands",  # serve planner|edge
+    "clients.device.commands",  # device run, up
+    "bench.commands",  # bench ...
+)
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    """Parse `1,3,32,32` into a shape tuple."""
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: expected integers like 1,3,32,32") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: dimensions must be positive")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dapdee", description="Edge-device collaborative DNN inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for modname in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name and modname.startswith(exc.name):
+                continue  # a command family not installed in this build
+            raise
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("dapdee: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dapdee: error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`dapdee graph` and `dapdee profile`: cost graphs and measured timings from models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from dapdee.cli import shape_arg
+
+    p.add_argument("model", nargs="?", help="zoo:NAME[?opt=v&...] or package.module:factory (optional with --weights)")
+    p.add_argument("--input-shape", type=shape_arg, help="e.g. 1,3,32,32 (default: the artifact's or the zoo's)")
+    p.add_argument("--weights", metavar="ARTIFACT", help="artifact directory (weights.safetensors + manifest.json)")
+    p.add_argument("--name", help="model name in the cost graph (default: zoo name, factory name or artifact name)")
+    p.add_argument("--out", help="output file (default: stdout)")
+
+
+def _load(args: argparse.Namespace):  # -> LoadedModel
+    from dapdee.models import load_model
+
+    if not args.model and not args.weights:
+        raise ValueError("give a MODEL (zoo:NAME or package.module:factory) or --weights ARTIFACT")
+    return load_model(args.model or "", input_shape=args.input_shape, weights=args.weights, name=args.name)
+
+
+def _write(text: str, out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    _write(_load(args).graph.to_json(), args.out)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from dapdee.costgraph import CostGraph
+
+    if args.merge:
+        from dapdee.profiler import merge_profiles
+
+        if args.model or args.weights:
+            raise ValueError("--merge takes two profile files and no MODEL")
+        merged = merge_profiles(CostGraph.load(args.merge[0]), CostGraph.load(args.merge[1]))
+        _write(merged.to_json(), args.out)
+        return 0
+    if not args.tier:
+        raise ValueError("--tier device|edge is required (or use --merge DEVICE.json EDGE.json)")
+    from tqdm import tqdm
+
+    from dapdee.profiler import profile_model
+
+    loaded = _load(args)
+    with tqdm(total=len(loaded.graph.nodes), desc=f"profile {loaded.name} ({args.tier})", file=sys.stderr) as bar:
+        graph = profile_model(
+            loaded,
+            args.tier,
+            slowdown=args.slowdown,
+            threads=args.threads,
+            repeats=args.repeats,
+            progress=lambda i, n: bar.update(1),
+        )
+    _write(graph.to_json(), args.out)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("graph", help="write a model's cost graph JSON (DESIGN.md format)")
+    _model_args(g)
+    g.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("profile", help="measure per-node latency into a cost graph, or merge two tiers")
+    _model_args(p)
+    p.add_argument("--tier", choices=("device", "edge"))
+    p.add_argument("--slowdown", type=float, default=1.0, help="emulate a device K x slower than this machine")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring (default 1)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--merge", nargs=2, metavar=("DEVICE_JSON", "EDGE_JSON"), help="combine two tiers' profiles")
+    p.set_defaults(func=cmd_profile)

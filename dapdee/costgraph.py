@@ -1,0 +1,322 @@
+"""The cost graph ("profile"): the public JSON contract of DESIGN.md as small dataclasses.
+
+A cost graph is a DAG of layers in topological order, one input placeholder, and a list
+of exits (shallow -> deep). It carries everything the planner needs and nothing from
+torch, so hand-written JSON plans exactly like a traced model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class CostGraphError(ValueError):
+    """A cost graph that violates the contract; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    out_bytes: int
+    flops: int = 0
+    device_ms: float | None = None
+    edge_ms: float | None = None
+    shape: tuple[int, ...] | None = None  # output shape (batch 1); informative, not required
+
+
+@dataclass(frozen=True)
+class Exit:
+    name: str
+    node: str
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class CostGraph:
+    model: str
+    input: InputSpec
+    nodes: tuple[Node, ...]
+    exits: tuple[Exit, ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    # ---- lookups -------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        return self._index()[name]
+
+    def _index(self) -> dict[str, Node]:
+        idx = self.__dict__.get("_idx")
+        if idx is None:
+            idx = {n.name: n for n in self.nodes}
+            object.__setattr__(self, "_idx", idx)
+        return idx
+
+    def exit(self, name: str | None) -> Exit:
+        """The named exit; None means the final (deepest) exit."""
+        if name is None:
+            return self.exits[-1]
+        for e in self.exits:
+            if e.name == name:
+                return e
+        raise KeyError(f"unknown exit {name!r}; exits are {[e.name for e in self.exits]}")
+
+    def consumers(self) -> dict[str, list[str]]:
+        """Map producer name (input or node) -> names of nodes consuming it, in topological order."""
+        out: dict[str, list[str]] = {self.input.name: []}
+        for n in self.nodes:
+            out.setdefault(n.name, [])
+            for u in n.inputs:
+                if n.name not in out[u]:
+                    out[u].append(n.name)
+        return out
+
+    def ancestors(self, node: str) -> list[str]:
+        """`node` and every node it depends on (not the input), in topological order. O(V + E)."""
+        idx = self._index()
+        keep = {node}
+        stack = [node]
+        while stack:
+            for u in idx[stack.pop()].inputs:
+                if u in idx and u not in keep:
+                    keep.add(u)
+                    stack.append(u)
+        return [n.name for n in self.nodes if n.name in keep]
+
+    def has_timings(self, tier: str) -> bool:
+        attr = f"{tier}_ms"
+        return all(getattr(n, attr) is not None for n in self.nodes)
+
+    # ---- (de)serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model": self.model,
+            "input": {
+                "name": self.input.name,
+                "shape": list(self.input.shape),
+                "dtype": self.input.dtype,
+                "bytes": self.input.bytes,
+            },
+            "nodes": [],
+            "exits": [{"name": e.name, "node": e.node, "accuracy": e.accuracy} for e in self.exits],
+        }
+        for n in self.nodes:
+            nd: dict[str, Any] = {
+                "name": n.name,
+                "op": n.op,
+                "inputs": list(n.inputs),
+                "out_bytes": n.out_bytes,
+                "flops": n.flops,
+                "device_ms": n.device_ms,
+                "edge_ms": n.edge_ms,
+            }
+            if n.shape is not None:
+                nd["shape"] = list(n.shape)
+            d["nodes"].append(nd)
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON; changes whenever anything the planner reads changes."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CostGraph:
+        """Parse and validate (see `validate`); raises CostGraphError naming the bad field."""
+        if not isinstance(d, dict):
+            raise CostGraphError("cost graph: expected a JSON object")
+        model = _req(d, "model", str, "model")
+        inp = _req(d, "input", dict, "input")
+        shape = _req(inp, "shape", list, "input.shape")
+        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+            raise CostGraphError("input.shape: expected a non-empty list of positive integers")
+        in_bytes = inp.get("bytes", 0)
+        if not _is_int(in_bytes) or in_bytes < 0:
+            raise CostGraphError("input.bytes: expected a non-negative integer")
+        input_spec = InputSpec(
+            name=_req(inp, "name", str, "input.name"),
+            shape=tuple(shape),
+            dtype=str(inp.get("dtype", "float32")),
+            bytes=in_bytes,
+        )
+        raw_nodes = _req(d, "nodes", list, "nodes")
+        nodes = []
+        for i, nd in enumerate(raw_nodes):
+            where = f"nodes[{i}]"
+            if not isinstance(nd, dict):
+                raise CostGraphError(f"{where}: expected an object")
+            name = _req(nd, "name", str, f"{where}.name")
+            where = f"nodes[{i}] ({name})"
+            inputs = _req(nd, "inputs", list, f"{where}.inputs")
+            if not all(isinstance(u, str) for u in inputs):
+                raise CostGraphError(f"{where}.inputs: expected a list of names")
+            out_bytes = _req(nd, "out_bytes", int, f"{where}.out_bytes")
+            flops = nd.get("flops", 0)
+            if not _is_int(flops) or flops < 0:
+                raise CostGraphError(f"{where}.flops: expected a non-negative integer")
+            if out_bytes < 0:
+                raise CostGraphError(f"{where}.out_bytes: must be >= 0")
+            timings = {}
+            for key in ("device_ms", "edge_ms"):
+                v = nd.get(key)
+                if v is not None and (not _is_num(v) or not math.isfinite(v) or v < 0):
+                    raise CostGraphError(f"{where}.{key}: expected a finite number >= 0, got {v!r}")
+                timings[key] = None if v is None else float(v)
+            nshape = nd.get("shape")
+            nodes.append(
+                Node(
+                    name=name,
+                    op=str(nd.get("op", "")),
+                    inputs=tuple(inputs),
+                    out_bytes=out_bytes,
+                    flops=flops,
+                    shape=tuple(nshape) if isinstance(nshape, list) else None,
+                    **timings,
+                )
+            )
+        raw_exits = _req(d, "exits", list, "exits")
+        exits = []
+        for i, ed in enumerate(raw_exits):
+            if not isinstance(ed, dict):
+                raise CostGraphError(f"exits[{i}]: expected an object")
+            acc = ed.get("accuracy")
+            if acc is not None and (not _is_num(acc) or not 0.0 <= acc <= 1.0):
+                raise CostGraphError(f"exits[{i}].accuracy: expected null or a number in [0, 1]")
+            exits.append(
+                Exit(
+                    name=_req(ed, "name", str, f"exits[{i}].name"),
+                    node=_req(ed, "node", str, f"exits[{i}].node"),
+                    accuracy=None if acc is None else float(acc),
+                )
+            )
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise CostGraphError("meta: expected an object")
+        g = cls(model=model, input=input_spec, nodes=tuple(nodes), exits=tuple(exits), meta=meta)
+        g.validate()
+        return g
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CostGraph:
+        try:
+            d = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CostGraphError(f"cost graph: not valid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str) -> CostGraph:
+        try:
+            with open(path, "rb") as f:
+                return cls.from_json(f.read())
+        except OSError as exc:
+            raise CostGraphError(f"cannot read cost graph {path!r}: {exc.strerror}") from None
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    # ---- validation ----------------------------------------------------------------
+    def validate(self) -> None:
+        """Check the contract: unique names, topological order (hence acyclic), known producers,
+        exits naming nodes, unique exit names. O(V + E)."""
+        if not self.nodes:
+            raise CostGraphError("nodes: a cost graph needs at least one node")
+        if not self.exits:
+            raise CostGraphError("exits: a cost graph needs at least one exit")
+        seen = {self.input.name}
+        all_names = {n.name for n in self.nodes}
+        if self.input.name in all_names:
+            raise CostGraphError(f"input.name {self.input.name!r} is also a node name")
+        for i, n in enumerate(self.nodes):
+            if n.name in seen:
+                raise CostGraphError(f"nodes[{i}].name: duplicate name {n.name!r}")
+            for u in n.inputs:
+                if u not in seen:
+                    if u in all_names:
+                        raise CostGraphError(
+                            f"nodes[{i}] ({n.name}).inputs: {u!r} comes later; nodes must be in "
+                            "topological order (or the graph has a cycle)"
+                        )
+                    raise CostGraphError(f"nodes[{i}] ({n.name}).inputs: unknown producer {u!r}")
+            seen.add(n.name)
+        names = set()
+        for i, e in enumerate(self.exits):
+            if e.node not in all_names:
+                raise CostGraphError(f"exits[{i}].node: unknown node {e.node!r}")
+            if e.name in names:
+                raise CostGraphError(f"exits[{i}].name: duplicate exit {e.name!r}")
+            names.add(e.name)
+
+    def require_timings(self) -> None:
+        """Planning needs both tiers' timings on every node."""
+        for i, n in enumerate(self.nodes):
+            for key in ("device_ms", "edge_ms"):
+                if getattr(n, key) is None:
+                    raise CostGraphError(f"nodes[{i}] ({n.name}).{key}: missing timing (run `dapdee profile`)")
+
+    def with_timings(self, tier: str, timings: dict[str, float], meta: dict[str, Any] | None = None) -> CostGraph:
+        """A copy with `{tier}_ms` replaced for every node in `timings` (tier: device|edge)."""
+        if tier not in ("device", "edge"):
+            raise CostGraphError(f"tier: expected 'device' or 'edge', got {tier!r}")
+        unknown = set(timings) - {n.name for n in self.nodes}
+        if unknown:
+            raise CostGraphError(f"timings: unknown nodes {sorted(unknown)[:5]}")
+        nodes = tuple(
+            replace(n, **{f"{tier}_ms": float(timings[n.name])}) if n.name in timings else n for n in self.nodes
+        )
+        new_meta = dict(self.meta)
+        if meta:
+            new_meta[tier] = meta
+        return replace(self, nodes=nodes, meta=new_meta)
+
+    def with_accuracies(self, acc: dict[str, float | None]) -> CostGraph:
+        return replace(self, exits=tuple(replace(e, accuracy=acc.get(e.name, e.accuracy)) for e in self.exits))
+
+    def structure_key(self) -> str:
+        """Hash of what must match for two tiers' profiles to be merged: model, input, nodes, exits."""
+        d = self.to_dict()
+        d.pop("meta", None)
+        for nd in d["nodes"]:
+            nd.pop("device_ms", None)
+            nd.pop("edge_ms", None)
+        for e in d["exits"]:
+            e.pop("accuracy", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _req(d: dict, key: str, typ: type, where: str) -> Any:
+    if key not in d:
+        raise CostGraphError(f"{where}: missing")
+    v = d[key]
+    ok = _is_int(v) if typ is int else isinstance(v, typ)
+    if not ok:
+        raise CostGraphError(f"{where}: expected {typ.__name__}, got {type(v).__name__}")
+    return v

@@ -1,0 +1,141 @@
+"""The cost model of DESIGN.md: what `predicted` in a plan means.
+
+Every planner, baseline, service, client and benchmark prices a partition through
+`predict` (from node sets) or `predict_sums` (from the three sums the plan map keeps),
+so there is exactly one definition of latency, bottleneck and throughput.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from dapdee.costgraph import CostGraph, CostGraphError
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """Run-time conditions: uplink Mbit/s, round trip ms, device and edge load in [0, 1)."""
+
+    bandwidth_mbps: float
+    rtt_ms: float = 0.0
+    device_load: float = 0.0
+    edge_load: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_conditions(self.bandwidth_mbps, self.rtt_ms, self.device_load, self.edge_load)
+
+
+def check_conditions(bandwidth_mbps: float, rtt_ms: float, device_load: float, edge_load: float) -> None:
+    """Raise ValueError naming the first out-of-range field."""
+    if not _finite(bandwidth_mbps) or bandwidth_mbps <= 0:
+        raise ValueError(f"bandwidth_mbps: must be a finite number > 0, got {bandwidth_mbps!r}")
+    if not _finite(rtt_ms) or rtt_ms < 0:
+        raise ValueError(f"rtt_ms: must be a finite number >= 0, got {rtt_ms!r}")
+    for name, v in (("device_load", device_load), ("edge_load", edge_load)):
+        if not _finite(v) or not 0.0 <= v < 1.0:
+            raise ValueError(f"{name}: must be in [0, 1), got {v!r}")
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Predicted:
+    latency_ms: float
+    device_ms: float
+    transfer_ms: float
+    uplink_ms: float
+    edge_ms: float
+    bottleneck_ms: float
+    throughput_fps: float
+    sent_bytes: int
+
+    def as_dict(self, accuracy: float | None) -> dict[str, float | None]:
+        """The `predicted` object of the plan JSON."""
+        return {
+            "latency_ms": self.latency_ms,
+            "device_ms": self.device_ms,
+            "transfer_ms": self.transfer_ms,
+            "edge_ms": self.edge_ms,
+            "bottleneck_ms": self.bottleneck_ms,
+            "throughput_fps": self.throughput_fps,
+            "accuracy": accuracy,
+        }
+
+
+def predict_sums(
+    device_sum_ms: float, sent_bytes: int, edge_sum_ms: float, edge_empty: bool, cond: Conditions
+) -> Predicted:
+    """Price a partition from its zero-load sums (Σ device_ms over D, bytes sent, Σ edge_ms over E). O(1)."""
+    device_ms = device_sum_ms / (1.0 - cond.device_load)
+    edge_ms = edge_sum_ms / (1.0 - cond.edge_load)
+    uplink_ms = sent_bytes * 8.0 / (cond.bandwidth_mbps * 1000.0)
+    transfer_ms = 0.0 if edge_empty else uplink_ms + cond.rtt_ms
+    bottleneck = max(device_ms, uplink_ms, edge_ms)
+    return Predicted(
+        latency_ms=device_ms + transfer_ms + edge_ms,
+        device_ms=device_ms,
+        transfer_ms=transfer_ms,
+        uplink_ms=uplink_ms,
+        edge_ms=edge_ms,
+        bottleneck_ms=bottleneck,
+        throughput_fps=1000.0 / bottleneck if bottleneck > 0 else math.inf,
+        sent_bytes=sent_bytes,
+    )
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A downward-closed device set D of A(exit) and what it implies."""
+
+    exit: str
+    device_nodes: tuple[str, ...]  # topological order
+    edge_nodes: tuple[str, ...]
+    transfer: tuple[tuple[str, int], ...]  # (producer, bytes) sent uplink
+    device_sum_ms: float
+    edge_sum_ms: float
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(b for _, b in self.transfer)
+
+    def predict(self, cond: Conditions) -> Predicted:
+        return predict_sums(self.device_sum_ms, self.sent_bytes, self.edge_sum_ms, not self.edge_nodes, cond)
+
+
+def partition(graph: CostGraph, exit_name: str | None, device_nodes: Iterable[str]) -> Partition:
+    """Build the partition of A(exit) whose device side is `device_nodes` (the rest of A(exit)
+    runs on the edge). Raises CostGraphError if the set is not downward closed or names nodes
+    outside A(exit). O(V + E)."""
+    ex = graph.exit(exit_name)
+    needed = graph.ancestors(ex.node)
+    needed_set = set(needed)
+    dev = set(device_nodes)
+    extra = dev - needed_set
+    if extra:
+        raise CostGraphError(f"device_nodes: {sorted(extra)[:5]} are not needed by exit {ex.name!r}")
+    for name in needed:
+        if name in dev:
+            for u in graph.node(name).inputs:
+                if u != graph.input.name and u not in dev:
+                    raise CostGraphError(
+                        f"device_nodes: not downward closed ({name!r} needs {u!r}, which is not on the device)"
+                    )
+    edge = [n for n in needed if n not in dev]
+    edge_set = set(edge)
+    transfer = []
+    consumers = graph.consumers()
+    for u in [graph.input.name, *[n for n in needed if n in dev]]:
+        if any(c in edge_set for c in consumers.get(u, ())):
+            transfer.append((u, graph.input.bytes if u == graph.input.name else graph.node(u).out_bytes))
+    return Partition(
+        exit=ex.name,
+        device_nodes=tuple(n for n in needed if n in dev),
+        edge_nodes=tuple(edge),
+        transfer=tuple(transfer),
+        device_sum_ms=sum(graph.node(n).device_ms or 0.0 for n in dev),
+        edge_sum_ms=sum(graph.node(n).edge_ms or 0.0 for n in edge),
+    )

@@ -1,0 +1,334 @@
+"""Offline image datasets and the one preprocessing path every consumer shares.
+
+Sources (nothing is downloaded, nothing is unpickled):
+
+- ``fashion-mnist`` — gzipped (or plain) IDX files of Debian's ``dataset-fashion-mnist``
+  package in ``/usr/share/datasets/fashion-mnist`` (``fashion-mnist:DIR`` reads another dir).
+- ``cifar10:DIR`` — CIFAR-10's *binary* version (``data_batch_{1..5}.bin``, ``test_batch.bin``;
+  records of 1 label byte + 3072 pixel bytes, channel-planar RGB 32x32).
+
+Splits: ``train`` and ``calib`` are carved from the source's training set by a fixed
+permutation (seed ``SPLIT_SEED``, independent of the training seed), so the calibration split
+is never trained on; ``test`` is the source's test set (t10k / test_batch), never trained on.
+
+Preprocessing (:func:`preprocess_images`) is described by a JSON-able dict stored in every
+artifact's manifest, so training, ``eval``, ``calibrate`` and the device client turn raw
+uint8 images into tensors the same way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST = ("test_batch.bin",)
+CIFAR_RECORD = 1 + 3 * 32 * 32
+SPLITS = ("train", "calib", "test")
+SPLIT_SEED = 20250291
+CALIB_SIZE = 5000
+NORM = {
+    "fashion-mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
+FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """A dataset that is missing, malformed or cannot serve the request; the message says why."""
+
+
+# ---- readers -------------------------------------------------------------------------------
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (gzipped if its name ends in .gz or it starts with the gzip magic).
+
+    Validates the header: two zero bytes, a known type code, 1-4 dimensions, every dimension
+    positive, and a payload of exactly prod(dims) items. O(file size)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"IDX file {str(path)!r} not found") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"IDX file {str(path)!r}: corrupt gzip stream ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"IDX file {str(path)!r}: bad magic {raw[:4].hex() or '(empty)'} (expected 0000TTNN)")
+    code, ndim = raw[2], raw[3]
+    if code not in IDX_DTYPES:
+        raise DataError(f"IDX file {str(path)!r}: unknown element type 0x{code:02x}")
+    if not 1 <= ndim <= 4:
+        raise DataError(f"IDX file {str(path)!r}: {ndim} dimensions (expected 1-4)")
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise DataError(f"IDX file {str(path)!r}: truncated header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if any(d <= 0 for d in dims):
+        raise DataError(f"IDX file {str(path)!r}: non-positive dimension in {list(dims)}")
+    dtype = np.dtype(IDX_DTYPES[code])
+    want = math.prod(dims) * dtype.itemsize
+    if len(raw) - head != want:
+        raise DataError(
+            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), file has {len(raw) - head}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _idx_path(directory: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(
+        f"Fashion-MNIST: {stem}(.gz) not found in {str(directory)!r}; "
+        + (
+            "install it with `apt-get install dataset-fashion-mnist`"
+            if directory == FMNIST_DIR
+            else "pass the directory that holds the IDX files"
+        )
+    )
+
+
+def read_fashion_mnist(directory: str | Path, source_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,1,28,28], labels int64 [N]) of Fashion-MNIST's 'train' or 'test' file pair.
+    O(file size)."""
+    directory = Path(directory)
+    img_stem, lab_stem = FMNIST_FILES[source_split]
+    images = read_idx(_idx_path(directory, img_stem))
+    labels = read_idx(_idx_path(directory, lab_stem))
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"Fashion-MNIST {img_stem}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"Fashion-MNIST {lab_stem}: {labels.shape} labels for {len(images)} images")
+    if labels.size and int(labels.max()) >= 10:
+        raise DataError(f"Fashion-MNIST {lab_stem}: label {int(labels.max())} out of range 0-9")
+    return images[:, None, :, :], labels.astype(np.int64)
+
+
+def read_cifar_bin(paths: list[Path] | tuple[Path, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N,3,32,32], labels int64 [N]) from CIFAR-10 binary batch files (records of
+    1 label byte + 3072 channel-planar pixel bytes). Never unpickles. O(total file size)."""
+    images, labels = [], []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise DataError(
+                f"CIFAR-10: {str(p)!r} not found; pass cifar10:DIR with the *binary* version's directory "
+                "(data_batch_1.bin ... test_batch.bin, from cifar-10-binary.tar.gz)"
+            )
+        raw = np.fromfile(p, dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR_RECORD:
+            raise DataError(f"CIFAR-10 {str(p)!r}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte records")
+        rec = raw.reshape(-1, CIFAR_RECORD)
+        if int(rec[:, 0].max()) >= 10:
+            raise DataError(f"CIFAR-10 {str(p)!r}: label {int(rec[:, 0].max())} out of range 0-9")
+        labels.append(rec[:, 0].astype(np.int64))
+        images.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# ---- dataset references and splits ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A parsed --dataset argument: kind ('fashion-mnist' | 'cifar10') and directory."""
+
+    kind: str
+    directory: Path
+
+    @property
+    def text(self) -> str:
+        if self.kind == "fashion-mnist" and self.directory == FMNIST_DIR:
+            return "fashion-mnist"
+        return f"{self.kind}:{self.directory}"
+
+    @property
+    def source_shape(self) -> tuple[int, int, int]:
+        return (1, 28, 28) if self.kind == "fashion-mnist" else (3, 32, 32)
+
+
+def parse_dataset(text: str) -> DatasetRef:
+    """Parse `fashion-mnist`, `fashion-mnist:DIR` or `cifar10:DIR`. O(1)."""
+    kind, sep, directory = str(text).partition(":")
+    kind = kind.strip().lower().replace("_", "-")
+    if kind in ("fashion-mnist", "fmnist"):
+        return DatasetRef("fashion-mnist", Path(directory) if sep and directory else FMNIST_DIR)
+    if kind in ("cifar10", "cifar-10"):
+        if not directory:
+            raise DataError("dataset cifar10 needs a directory: --dataset cifar10:DIR (the binary version)")
+        return DatasetRef("cifar10", Path(directory))
+    raise DataError(f"dataset {text!r}: expected fashion-mnist, fashion-mnist:DIR or cifar10:DIR")
+
+
+_RAW_CACHE: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]:
+    key = (ref.kind, str(ref.directory), source_split)
+    if key not in _RAW_CACHE:
+        if not ref.directory.is_dir():
+            hint = (
+                "install it with `apt-get install dataset-fashion-mnist`"
+                if ref.kind == "fashion-mnist" and ref.directory == FMNIST_DIR
+                else "pass an existing directory"
+            )
+            raise DataError(f"{ref.kind}: directory {str(ref.directory)!r} not found; {hint}")
+        if ref.kind == "fashion-mnist":
+            _RAW_CACHE[key] = read_fashion_mnist(ref.directory, source_split)
+        else:
+            names = CIFAR_TRAIN if source_split == "train" else CIFAR_TEST
+            _RAW_CACHE[key] = read_cifar_bin([ref.directory / n for n in names])
+    return _RAW_CACHE[key]
+
+
+def split_indices(n_train_source: int, split: str) -> np.ndarray:
+    """Indices into the source's training set for 'train' or 'calib' (a fixed permutation;
+    the last CALIB_SIZE positions are the calibration split). O(n)."""
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n_train_source)
+    n_cal = min(CALIB_SIZE, n_train_source // 10)
+    return perm[n_train_source - n_cal :] if split == "calib" else perm[: n_train_source - n_cal]
+
+
+def load_raw(dataset: str | DatasetRef, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N,C,h,w], int64 labels [N]) of one split ('train' | 'calib' | 'test'),
+    the first `limit` samples when given. O(dataset file size) the first time, then cached."""
+    ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    if split == "test":
+        images, labels = _source(ref, "test")
+    else:
+        images, labels = _source(ref, "train")
+        idx = split_indices(len(labels), split)
+        if limit is not None:
+            idx = idx[:limit]
+        return images[idx], labels[idx]
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+# ---- preprocessing ---------------------------------------------------------------------------
+
+
+def default_preprocess(dataset: str | DatasetRef, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The preprocessing recipe for `dataset` at model input `input_shape` [1,C,H,W]: pad when the
+    target is at most 4 px larger, bilinear resize otherwise; replicate a grayscale channel when
+    the model wants C > 1; per-channel normalisation with the dataset's mean/std. O(1)."""
+    ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)
+    if len(input_shape) != 4:
+        raise DataError(f"input shape {list(input_shape)}: expected [1,C,H,W]")
+    _, c, h, w = (int(s) for s in input_shape)
+    sc, sh, sw = ref.source_shape
+    if h == sh and w == sw:
+        resize = "none"
+    elif sh <= h <= sh + 4 and sw <= w <= sw + 4:
+        resize = "pad"
+    else:
+        resize = "bilinear"
+    if c == sc:
+        channels = "as-is"
+    elif sc == 1:
+        channels = "replicate"
+    else:
+        raise DataError(f"{ref.kind} has {sc} channels; a model with {c} input channels cannot use it")
+    mean, std = NORM[ref.kind]
+    if channels == "replicate":
+        mean, std = mean * c, std * c
+    return {
+        "source_shape": [sc, sh, sw],
+        "scale": 1 / 255,
+        "resize": resize,
+        "channels": channels,
+        "mean": list(mean),
+        "std": list(std),
+        "description": (
+            f"uint8/255; {'zero-pad (centred)' if resize == 'pad' else resize + ' resize' if resize != 'none' else 'no resize'}"
+            f" {sh}x{sw} -> {h}x{w}; "
+            + (f"grayscale replicated to {c} channels; " if channels == "replicate" else "")
+            + f"(x - mean) / std per channel, mean={list(mean)}, std={list(std)}"
+        ),
+    }
+
+
+def preprocess_images(images: np.ndarray | torch.Tensor, input_shape: tuple[int, ...], preprocess: dict[str, Any]) -> torch.Tensor:
+    """Turn uint8 images [N,c,h,w] (or [N,h,w]) into float32 model inputs [N,C,H,W] following
+    the recipe of :func:`default_preprocess` (scale, pad or bilinear resize, channel replication,
+    normalisation). O(N·C·H·W)."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"images: expected [N,C,H,W] or [N,H,W], got shape {list(x.shape)}")
+    _, c, h, w = (int(s) for s in input_shape)
+    x = x.to(torch.float32) * float(preprocess.get("scale", 1 / 255))
+    resize = preprocess.get("resize", "none")
+    ih, iw = x.shape[-2:]
+    if resize == "pad" or (resize == "none" and (ih, iw) != (h, w)):
+        if ih > h or iw > w:
+            raise DataError(f"images are {ih}x{iw}, larger than the model input {h}x{w}; cannot pad")
+        top, left = (h - ih) // 2, (w - iw) // 2
+        x = F.pad(x, (left, w - iw - left, top, h - ih - top))
+    elif resize == "bilinear":
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    elif resize != "none":
+        raise DataError(f"preprocess: unknown resize {resize!r} (expected none, pad or bilinear)")
+    if x.shape[1] != c:
+        if x.shape[1] == 1 and preprocess.get("channels") == "replicate":
+            x = x.expand(-1, c, -1, -1)
+        else:
+            raise DataError(f"images have {x.shape[1]} channels, the model wants {c}")
+    mean = torch.tensor(preprocess.get("mean", [0.0] * c), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(preprocess.get("std", [1.0] * c), dtype=torch.float32).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def load_split(
+    dataset: str | DatasetRef,
+    split: str,
+    input_shape: tuple[int, ...],
+    preprocess: dict[str, Any] | None = None,
+    limit: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x float32 [N,C,H,W], y int64 [N]) of one split, preprocessed for `input_shape`
+    (recipe: `preprocess`, default :func:`default_preprocess`). Materialises the whole split:
+    for large inputs (224 px) use :func:`iter_batches`. O(N·C·H·W)."""
+    pre = preprocess or default_preprocess(dataset, input_shape)
+    images, labels = load_raw(dataset, split, limit)
+    return preprocess_images(images, input_shape, pre), torch.as_tensor(labels)
+
+
+def iter_batches(
+    dataset: str | DatasetRef,
+    split: str,
+    input_shape: tuple[int, ...],
+    preprocess: dict[str, Any] | None = None,
+    batch_size: int = 256,
+    limit: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield preprocessed (x, y) batches of one split in order; memory O(batch). Same tensors as
+    :func:`load_split`, batch by batch. O(N·C·H·W) in total."""
+    pre = preprocess or default_preprocess(dataset, input_shape)
+    images, labels = load_raw(dataset, split, limit)
+    for i in range(0, len(labels), batch_size):
+        yield preprocess_images(images[i : i + batch_size], input_shape, pre), torch.as_tensor(labels[i : i + batch_size])

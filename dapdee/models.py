@@ -1,0 +1,325 @@
+"""Model specs, artifacts and tracing: from `zoo:NAME?opt=v` or `pkg.mod:factory` to a
+traced fx graph, its split executor and its cost graph.
+
+A MODEL argument is `zoo:NAME` with options as a query string (`zoo:vgg16?width=0.25&in_channels=1`)
+or `package.module:factory` (any importable callable returning an `nn.Module`, called with
+no arguments). An artifact directory (`weights.safetensors` + `manifest.json`) pins the spec,
+the input shape and the exits' held-out accuracies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+from torch import fx, nn
+
+from dapdee.costgraph import CostGraph, Exit, InputSpec, Node
+from dapdee.executor import GraphExecutor
+from dapdee.zoo import ZOO
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+class ModelError(ValueError):
+    """A model spec, artifact or input shape that cannot be used; the message says why."""
+
+
+def check_model_name(name: str) -> str:
+    """Model names travel in URLs and Redis keys; never in file paths."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
+        raise ModelError(f"model name {name!r}: use 1-64 letters, digits, '_', '.', '-' (not starting with one)")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    spec: str
+    kind: str  # "zoo" | "import"
+    target: str  # zoo name, or "package.module:factory"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_name(self) -> str:
+        return self.target if self.kind == "zoo" else self.target.rsplit(":", 1)[1]
+
+
+def _parse_value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    if not isinstance(spec, str) or not spec:
+        raise ModelError("model spec: empty")
+    if spec.startswith("zoo:"):
+        name, _, query = spec[4:].partition("?")
+        if name not in ZOO:
+            raise ModelError(f"model spec {spec!r}: unknown zoo model {name!r}; zoo has {', '.join(sorted(ZOO))}")
+        opts = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True, strict_parsing=False)}
+        return ModelSpec(spec, "zoo", name, opts)
+    if spec.count(":") != 1:
+        raise ModelError(f"model spec {spec!r}: expected zoo:NAME or package.module:factory")
+    return ModelSpec(spec, "import", spec)
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """Instantiate the spec's nn.Module (eval mode)."""
+    if spec.kind == "zoo":
+        try:
+            module = ZOO[spec.target](**spec.options)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model spec {spec.spec!r}: bad options ({exc})") from None
+    else:
+        mod_name, fn_name = spec.target.split(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception as exc:  # any import-time failure is the user's module's
+            raise ModelError(f"model spec {spec.spec!r}: cannot import {mod_name!r} ({exc})") from None
+        factory = getattr(mod, fn_name, None)
+        if factory is None:
+            raise ModelError(f"model spec {spec.spec!r}: module {mod_name!r} has no attribute {fn_name!r}")
+        if not callable(factory):
+            raise ModelError(f"model spec {spec.spec!r}: {fn_name!r} is not callable")
+        try:
+            module = factory()
+        except Exception as exc:
+            raise ModelError(f"model spec {spec.spec!r}: factory raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"model spec {spec.spec!r}: factory returned {type(module).__name__}, not an nn.Module")
+    return module.eval()
+
+
+def default_input_shape(spec: ModelSpec) -> tuple[int, ...] | None:
+    if spec.kind == "zoo":
+        return (1, int(spec.options.get("in_channels", 3)), 32, 32)
+    return None
+
+
+# ---- tracing ------------------------------------------------------------------------------
+
+
+def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__.lower()
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return str(node.target)
+    return node.op
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_nbytes(x) for x in v)
+    if isinstance(v, (int, float, bool)):
+        return 8
+    return 0
+
+
+def _flops(node: fx.Node, modules: dict[str, nn.Module], args: tuple, out: Any) -> int:
+    """Multiply-adds x2 for conv / linear / matmul; one op per output element elsewhere."""
+    if not isinstance(out, torch.Tensor):
+        return 0
+    n_out = out.numel()
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.modules.conv._ConvNd):
+            k = math.prod(m.kernel_size) * (m.in_channels // m.groups)
+            return 2 * k * n_out
+        if isinstance(m, nn.Linear):
+            return 2 * m.in_features * n_out
+        if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout)):
+            return 0
+        return n_out
+    if node.op == "call_function" and node.target in (torch.matmul, torch.bmm, torch.mm, operator.matmul):
+        a = args[0]
+        return 2 * a.shape[-1] * n_out if isinstance(a, torch.Tensor) else 0
+    if node.op == "call_function" and node.target in (torch.flatten, torch.reshape, operator.getitem):
+        return 0
+    if node.op == "call_method" and node.target in ("view", "reshape", "flatten", "size", "contiguous"):
+        return 0
+    return n_out
+
+
+def trace(module: nn.Module, input_shape: tuple[int, ...], name: str) -> tuple[fx.GraphModule, CostGraph, GraphExecutor]:
+    """Trace `module` with torch.fx, run it once on a random input of `input_shape` to record
+    every node's output size and FLOPs, and return (graph module, cost graph, executor).
+    Timings are left empty (see `dapdee.profiler`). O(one forward pass)."""
+    check_model_name(name)
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as exc:
+        raise ModelError(f"torch.fx cannot trace {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    gm.eval()
+    ex = GraphExecutor(gm)
+    if len(ex.placeholders) != 1:
+        raise ModelError(f"{name}: forward must take exactly one tensor input, it takes {len(ex.placeholders)}")
+    in_name = ex.placeholders[0]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    out_nodes = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    if not out_nodes or not all(isinstance(n, fx.Node) for n in out_nodes):
+        raise ModelError(f"{name}: forward must return a tensor or a tuple of tensors (one per exit)")
+    modules = dict(gm.named_modules())
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    env: dict[str, Any] = {in_name: x}
+    flops: dict[str, int] = {}
+    try:
+        with torch.inference_mode():
+            for node in ex.schedule([in_name], [n.name for n in out_nodes]):
+                args = fx.node.map_arg(node.args, lambda n: env[n.name])
+                env[node.name] = ex._run_node(node, env)
+                flops[node.name] = _flops(node, modules, args, env[node.name])
+    except Exception as exc:
+        raise ModelError(
+            f"{name} rejects input shape {list(input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
+    for n in out_nodes:
+        if not isinstance(env[n.name], torch.Tensor):
+            raise ModelError(f"{name}: output {n.name} is not a tensor")
+    nodes = []
+    for fxn in gm.graph.nodes:
+        if fxn.op in ("placeholder", "output") or fxn.name not in env:
+            continue  # nodes no output depends on are dead code for every exit
+        v = env[fxn.name]
+        if isinstance(v, (int, float, bool)):
+            ex.scalar_nodes.add(fxn.name)
+        nodes.append(
+            Node(
+                name=fxn.name,
+                op=_op_name(fxn, modules),
+                inputs=tuple(dict.fromkeys(i.name for i in fxn.all_input_nodes)),
+                out_bytes=_nbytes(v),
+                flops=flops.get(fxn.name, 0),
+                shape=tuple(v.shape) if isinstance(v, torch.Tensor) else None,
+            )
+        )
+    exit_names = [f"exit{i + 1}" for i in range(len(out_nodes) - 1)] + ["final"]
+    graph = CostGraph(
+        model=name,
+        input=InputSpec(in_name, tuple(input_shape), str(x.dtype).removeprefix("torch."), _nbytes(x)),
+        nodes=tuple(nodes),
+        exits=tuple(Exit(en, n.name) for en, n in zip(exit_names, out_nodes)),
+    )
+    graph.validate()
+    return gm, graph, ex
+
+
+# ---- artifacts and loading ----------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(artifact: str | Path) -> dict[str, Any]:
+    path = Path(artifact)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ModelError(f"artifact {str(path)!r}: no {MANIFEST} (expected a directory written by `dapdee train`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as exc:
+        raise ModelError(f"artifact {str(path)!r}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or "model" not in manifest:
+        raise ModelError(f"artifact {str(path)!r}: {MANIFEST} has no 'model' field")
+    return manifest
+
+
+def load_weights(module: nn.Module, artifact: str | Path, manifest: dict[str, Any]) -> None:
+    """Load `weights.safetensors` (never pickle) into `module`, checking the manifest's sha256."""
+    from safetensors.torch import load_file
+
+    wpath = Path(artifact) / WEIGHTS
+    if not wpath.is_file():
+        raise ModelError(f"artifact {str(artifact)!r}: no {WEIGHTS}")
+    want = manifest.get("weights_sha256")
+    if want and sha256_file(wpath) != want:
+        raise ModelError(f"artifact {str(artifact)!r}: {WEIGHTS} does not match the manifest's sha256")
+    try:
+        state = load_file(str(wpath))
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelError(
+            f"artifact {str(artifact)!r} does not fit model {manifest.get('model')!r}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model: module, fx graph, split executor and cost graph (no timings)."""
+
+    name: str
+    spec: str
+    module: nn.Module
+    gm: fx.GraphModule
+    graph: CostGraph
+    executor: GraphExecutor
+    input_shape: tuple[int, ...]
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def input_name(self) -> str:
+        return self.graph.input.name
+
+    def exit_node(self, exit_name: str | None = None) -> str:
+        return self.graph.exit(exit_name).node
+
+    def run_exit(self, x: torch.Tensor, exit_name: str | None = None) -> torch.Tensor:
+        """The exit's logits for a whole-model run on the input batch `x`."""
+        node = self.exit_node(exit_name)
+        with torch.inference_mode():
+            return self.executor.compute({self.input_name: x}, [node])[node]
+
+
+def load_model(
+    spec: str,
+    input_shape: tuple[int, ...] | None = None,
+    weights: str | Path | None = None,
+    name: str | None = None,
+) -> LoadedModel:
+    """Build, optionally load an artifact's weights, and trace. With an artifact, its manifest's
+    spec, input shape, name and exit accuracies are used unless given explicitly."""
+    manifest = None
+    if weights is not None:
+        manifest = read_manifest(weights)
+        if spec and manifest["model"] != spec:
+            raise ModelError(f"artifact {str(weights)!r} was trained for {manifest['model']!r}, not {spec!r}")
+        spec = manifest["model"]
+        input_shape = input_shape or tuple(manifest.get("input_shape") or ()) or None
+        name = name or manifest.get("name")
+    ms = parse_spec(spec)
+    module = build_module(ms)
+    if manifest is not None:
+        load_weights(module, weights, manifest)
+    shape = input_shape or default_input_shape(ms)
+    if shape is None:
+        raise ModelError(f"model spec {spec!r}: give --input-shape (e.g. 1,3,32,32)")
+    gm, graph, ex = trace(module, tuple(shape), check_model_name(name or ms.default_name))
+    if manifest is not None:
+        acc = {e["name"]: e.get("accuracy") for e in manifest.get("exits", []) if isinstance(e, dict)}
+        graph = graph.with_accuracies(acc)
+    graph = CostGraph(graph.model, graph.input, graph.nodes, graph.exits, meta={"spec": spec})
+    return LoadedModel(graph.model, spec, module, gm, graph, ex, tuple(shape), manifest)

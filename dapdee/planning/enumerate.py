@@ -1,0 +1,195 @@
+"""Downward-closed partitions of one exit's sub-graph A(e): structure, enumeration, Pareto front.
+
+A partition of A(e) is identified by its device set D, stored as a Python int bit mask over
+A(e)'s nodes in topological order (bit i = i-th node of A(e) runs on the device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dapdee.costgraph import CostGraph
+
+
+@dataclass(frozen=True)
+class ExitStructure:
+    """A(e) of one exit, with local indices 0..m-1 in topological order.
+
+    `preds[i]`/`cons[i]`: local producers / consumers of node i inside A(e);
+    `preds_mask`, `cons_mask`: the same as bit masks; `uses_input[i]`: i consumes the input;
+    `input_cons_mask`: the input's consumers in A(e)."""
+
+    exit_name: str
+    exit_index: int
+    accuracy: float | None
+    input_name: str
+    input_bytes: int
+    nodes: tuple[str, ...]
+    dev: tuple[float, ...]
+    edge: tuple[float, ...]
+    out: tuple[int, ...]
+    preds: tuple[tuple[int, ...], ...]
+    cons: tuple[tuple[int, ...], ...]
+    preds_mask: tuple[int, ...]
+    cons_mask: tuple[int, ...]
+    uses_input: tuple[bool, ...]
+    input_cons_mask: int
+
+    @property
+    def m(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def full(self) -> int:
+        """Mask of D = A(e) (device only)."""
+        return (1 << len(self.nodes)) - 1
+
+    @classmethod
+    def build(cls, graph: CostGraph, exit_index: int) -> ExitStructure:
+        """Index A(e) of `graph.exits[exit_index]`. O(V + E)."""
+        ex = graph.exits[exit_index]
+        names = graph.ancestors(ex.node)
+        local = {n: i for i, n in enumerate(names)}
+        preds: list[list[int]] = [[] for _ in names]
+        cons: list[list[int]] = [[] for _ in names]
+        uses_input = [False] * len(names)
+        in_mask = 0
+        for i, n in enumerate(names):
+            for u in graph.node(n).inputs:
+                if u == graph.input.name:
+                    uses_input[i] = True
+                    in_mask |= 1 << i
+                elif local[u] not in preds[i]:
+                    preds[i].append(local[u])
+                    cons[local[u]].append(i)
+        nodes = [graph.node(n) for n in names]
+        return cls(
+            exit_name=ex.name,
+            exit_index=exit_index,
+            accuracy=ex.accuracy,
+            input_name=graph.input.name,
+            input_bytes=graph.input.bytes,
+            nodes=tuple(names),
+            dev=tuple(float(n.device_ms or 0.0) for n in nodes),
+            edge=tuple(float(n.edge_ms or 0.0) for n in nodes),
+            out=tuple(int(n.out_bytes) for n in nodes),
+            preds=tuple(tuple(sorted(p)) for p in preds),
+            cons=tuple(tuple(sorted(c)) for c in cons),
+            preds_mask=tuple(sum(1 << u for u in p) for p in preds),
+            cons_mask=tuple(sum(1 << c for c in cs) for cs in cons),
+            uses_input=tuple(uses_input),
+            input_cons_mask=in_mask,
+        )
+
+    # ---- one partition -------------------------------------------------------------------
+    def is_closed(self, mask: int) -> bool:
+        """True if the device set `mask` is downward closed. O(m)."""
+        return all(not (mask >> i) & 1 or (self.preds_mask[i] & ~mask) == 0 for i in range(self.m))
+
+    def sums(self, mask: int) -> tuple[float, int, float]:
+        """(Σ device_ms over D, sent bytes, Σ edge_ms over E) at zero load, sums in topological
+        order (the same numbers `costmodel.partition` gives). O(m + E)."""
+        dev = 0.0
+        edge = 0.0
+        sent = self.input_bytes if (self.input_cons_mask & ~mask) else 0
+        for i in range(self.m):
+            if (mask >> i) & 1:
+                dev += self.dev[i]
+                if self.cons_mask[i] & ~mask:
+                    sent += self.out[i]
+            else:
+                edge += self.edge[i]
+        return dev, sent, edge
+
+    def lists(self, mask: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, int], ...]]:
+        """(device nodes, edge nodes, transfer [(producer, bytes)]) of the device set `mask`, in
+        topological order, the input first among producers (as `costmodel.partition`). O(m + E)."""
+        dev = tuple(n for i, n in enumerate(self.nodes) if (mask >> i) & 1)
+        edge = tuple(n for i, n in enumerate(self.nodes) if not (mask >> i) & 1)
+        transfer: list[tuple[str, int]] = []
+        if self.input_cons_mask & ~mask:
+            transfer.append((self.input_name, self.input_bytes))
+        for i, n in enumerate(self.nodes):
+            if (mask >> i) & 1 and self.cons_mask[i] & ~mask:
+                transfer.append((n, self.out[i]))
+        return dev, edge, tuple(transfer)
+
+
+def enumerate_ideals(st: ExitStructure, cap: int) -> tuple[list[float], list[int], list[float], list[int]] | None:
+    """All downward-closed device sets D of A(e) with their (Σdevice_ms, sent bytes, Σedge_ms over D).
+
+    Each ideal is generated exactly once, by adding its nodes in increasing topological index
+    (reverse search: a child adds one "available" node after the last one added). Returns
+    (device sums, sent bytes, edge sums *of D*, masks), or None as soon as more than `cap`
+    ideals exist. O(#ideals · (width + degree)) time, O(#ideals) memory."""
+    m = st.m
+    dev, edge, out = st.dev, st.edge, st.out
+    preds, cons, pmask, cmask = st.preds, st.cons, st.preds_mask, st.cons_mask
+    uses_input, in_mask, in_bytes = st.uses_input, st.input_cons_mask, st.input_bytes
+    roots = [i for i in range(m) if pmask[i] == 0]
+    b0 = in_bytes if in_mask else 0
+    devs: list[float] = [0.0]
+    byts: list[int] = [b0]
+    eds: list[float] = [0.0]
+    masks: list[int] = [0]
+    stack: list[tuple[int, list[int], float, int, float]] = [(0, roots, 0.0, b0, 0.0)]
+    count = 1
+    while stack:
+        d_mask, cand, dv, by, ed = stack.pop()
+        for p, v in enumerate(cand):
+            d2 = d_mask | (1 << v)
+            nd = dv + dev[v]
+            ne = ed + edge[v]
+            nb = by + out[v] if cmask[v] else by
+            for u in preds[v]:
+                if (cmask[u] & ~d2) == 0:
+                    nb -= out[u]
+            if uses_input[v] and (in_mask & ~d2) == 0:
+                nb -= in_bytes
+            devs.append(nd)
+            byts.append(nb)
+            eds.append(ne)
+            masks.append(d2)
+            count += 1
+            if count > cap:
+                return None
+            rest = cand[p + 1 :]
+            new = [c for c in cons[v] if (pmask[c] & ~d2) == 0]
+            if new:
+                rest = sorted(rest + new)
+            if rest:
+                stack.append((d2, rest, nd, nb, ne))
+    return devs, byts, eds, masks
+
+
+def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[int]:
+    """Indices of the points not weakly dominated in (dev, sent, edge) (of equal points, one is
+    kept). Points are scanned in lexicographic order, each checked against the kept ones.
+    O(n log n + n · front) time."""
+    n = len(dev)
+    if n == 0:
+        return []
+    order = np.lexsort((edge, sent, dev))
+    kb = np.empty(n, dtype=np.float64)
+    ke = np.empty(n, dtype=np.float64)
+    keep: list[int] = []
+    k = 0
+    sent_f = sent.astype(np.float64)
+    for j in order.tolist():
+        b = sent_f[j]
+        e = edge[j]
+        if k and bool(np.any((kb[:k] <= b) & (ke[:k] <= e))):
+            continue
+        kb[k] = b
+        ke[k] = e
+        k += 1
+        keep.append(j)
+    return keep
+
+
+def prefix_masks(st: ExitStructure) -> list[int]:
+    """Device sets D = the first k nodes of A(e)'s topological order, k = 0..m (the single-split
+    partitions Neurosurgeon and Edgent consider; each prefix is downward closed). O(m)."""
+    return [(1 << k) - 1 for k in range(st.m + 1)]

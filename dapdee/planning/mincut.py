@@ -1,0 +1,109 @@
+"""Min-cut partitioning (DADS-style) of one exit's sub-graph A(e).
+
+Construction (source side = device, sink side = edge; the input *is* the source, so it is
+pinned to the device):
+
+- source -> v, capacity w_edge · edge_ms(v)   (paid when v runs on the edge)
+- v -> sink,   capacity w_dev · device_ms(v)  (paid when v runs on the device)
+- consumer -> producer, infinite               (D must be downward closed)
+- producer u with one consumer c in A(e): u -> c, capacity w_bytes · out_bytes(u);
+  with several: u -> helper_u (w_bytes · out_bytes(u)) and helper_u -> c (infinite) for each
+  consumer, so u's tensor is paid once however many edge-side consumers it has.
+
+The minimum cut minimises w_dev·Σ_D device_ms + w_bytes·sent_bytes + w_edge·Σ_E edge_ms over
+all downward-closed D. The round trip `rtt_ms` is paid only when E is non-empty, so the
+latency optimum is the better of the min-cut's D (plus rtt unless D = A(e)) and device-only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+
+from dapdee.costmodel import Conditions
+from dapdee.planning.enumerate import ExitStructure
+
+
+def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float) -> int:
+    """Device-set mask minimising w_dev·Σdevice_ms(D) + w_bytes·sent_bytes(D) + w_edge·Σedge_ms(E)
+    over downward-closed D ⊆ A(e). One networkx max-flow (preflow-push) on m + helpers + 2
+    nodes: O(V'^2 · sqrt(E')) worst case."""
+    m = st.m
+    src, sink = m, m + 1
+    caps: dict[tuple[int, int], float] = {}
+
+    def add(u: int, v: int, c: float) -> None:
+        caps[(u, v)] = caps.get((u, v), 0.0) + c
+
+    nxt = m + 2
+    producers: list[tuple[int, int, tuple[int, ...]]] = [
+        (src, st.input_bytes, tuple(i for i in range(m) if st.uses_input[i]))
+    ]
+    for i in range(m):
+        add(src, i, w_edge * st.edge[i])
+        add(i, sink, w_dev * st.dev[i])
+        for u in st.preds[i]:
+            caps[(i, u)] = math.inf
+        producers.append((i, st.out[i], st.cons[i]))
+    for u, nbytes, consumers in producers:
+        if not consumers:
+            continue
+        if len(consumers) == 1:
+            add(u, consumers[0], w_bytes * nbytes)
+        else:
+            h = nxt
+            nxt += 1
+            add(u, h, w_bytes * nbytes)
+            for c in consumers:
+                caps[(h, c)] = math.inf
+    g = nx.DiGraph()
+    g.add_nodes_from(range(nxt))
+    for (u, v), c in caps.items():
+        if math.isinf(c):
+            g.add_edge(u, v)  # no capacity attribute: infinite for networkx
+        else:
+            g.add_edge(u, v, capacity=c)
+    _, (source_side, _) = nx.minimum_cut(g, src, sink)
+    mask = 0
+    for v in source_side:
+        if v < m:
+            mask |= 1 << v
+    return mask
+
+
+def latency_weights(cond: Conditions) -> tuple[float, float, float]:
+    """(w_dev, w_bytes, w_edge) that make the cut value the latency (without rtt) under `cond`."""
+    return 1.0 / (1.0 - cond.device_load), 8.0 / (cond.bandwidth_mbps * 1000.0), 1.0 / (1.0 - cond.edge_load)
+
+
+def min_latency_mask(st: ExitStructure, cond: Conditions) -> int:
+    """The device set of minimum latency_ms for A(e) under `cond` (exact): the latency min-cut,
+    compared with device-only because rtt is only paid when something runs on the edge.
+    One max-flow plus O(m)."""
+    from dapdee.costmodel import predict_sums
+
+    mask = min_cut_mask(st, *latency_weights(cond))
+    if mask == st.full:
+        return mask
+    d, b, e = st.sums(mask)
+    cut = predict_sums(d, b, e, False, cond).latency_ms
+    dd, _, _ = st.sums(st.full)
+    local = predict_sums(dd, 0, 0.0, True, cond).latency_ms
+    return st.full if local <= cut else mask
+
+
+GRID = tuple(2.0**k for k in range(-3, 4))
+
+
+def weight_grid_masks(st: ExitStructure, cond: Conditions, grid: tuple[float, ...] = GRID) -> set[int]:
+    """DADS's heavy-load search: min-cuts with the device and edge costs re-weighted by α, γ over
+    `grid` × `grid` (transfer weight fixed), plus device-only. The caller keeps the cut of best
+    bottleneck; this is a heuristic (DADS proves a 3-approximation), not exact.
+    O(|grid|² max-flows)."""
+    w_dev, w_bytes, w_edge = latency_weights(cond)
+    found = {st.full}
+    for alpha in grid:
+        for gamma in grid:
+            found.add(min_cut_mask(st, alpha * w_dev, w_bytes, gamma * w_edge))
+    return found

@@ -1,0 +1,63 @@
+"""A planning request: run-time conditions plus the user's requirements (DESIGN.md, "Planning semantics")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dapdee.costmodel import Conditions, check_conditions
+
+MODES = ("auto", "latency", "throughput")
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a device asks for: uplink `bandwidth_mbps`, `rtt_ms`, device and edge load in [0, 1),
+    optional `latency_budget_ms`, `min_accuracy`, `frame_rate`, and `mode` (auto|latency|throughput).
+
+    An exit whose accuracy is unknown (null) never meets a `min_accuracy` requirement."""
+
+    bandwidth_mbps: float
+    rtt_ms: float = 0.0
+    device_load: float = 0.0
+    edge_load: float = 0.0
+    latency_budget_ms: float | None = None
+    min_accuracy: float | None = None
+    frame_rate: float | None = None
+    mode: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field. O(1)."""
+        check_conditions(self.bandwidth_mbps, self.rtt_ms, self.device_load, self.edge_load)
+        b = self.latency_budget_ms
+        if b is not None and (not _is_num(b) or not math.isfinite(b) or b <= 0):
+            raise ValueError(f"latency_budget_ms: must be a finite number > 0, got {b!r}")
+        a = self.min_accuracy
+        if a is not None and (not _is_num(a) or not 0.0 <= a <= 1.0):
+            raise ValueError(f"min_accuracy: must be a number in [0, 1], got {a!r}")
+        f = self.frame_rate
+        if f is not None and (not _is_num(f) or not math.isfinite(f) or f <= 0):
+            raise ValueError(f"frame_rate: must be a finite number > 0, got {f!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {'|'.join(MODES)}, got {self.mode!r}")
+
+    def conditions(self) -> Conditions:
+        """The cost model's run-time conditions of this request (validated)."""
+        return Conditions(self.bandwidth_mbps, self.rtt_ms, self.device_load, self.edge_load)
+
+    def key(self) -> tuple:
+        """All fields, in declaration order (for plan ids and caches)."""
+        return (
+            self.bandwidth_mbps,
+            self.rtt_ms,
+            self.device_load,
+            self.edge_load,
+            self.latency_budget_ms,
+            self.min_accuracy,
+            self.frame_rate,
+            self.mode,
+        )

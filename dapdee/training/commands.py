@@ -1,0 +1,129 @@
+"""CLI: `dapdee train`, `dapdee eval`, `dapdee calibrate` (see dapdee.training.train / .confidence)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _weights_arg(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"exit weights {text!r}: expected numbers like 0.3,0.6,1") from None
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def add_commands(sub: Any) -> None:
+    """Register train, eval and calibrate on the `dapdee` subparsers."""
+    p = sub.add_parser(
+        "train",
+        help="jointly train a model's exits (BranchyNet loss) and write an artifact",
+        description="Train every exit jointly with L = sum_n w_n CE(exit_n); writes weights.safetensors + "
+        "manifest.json to --out. Re-running the same command resumes from OUT/checkpoint.",
+    )
+    p.add_argument("model", help="zoo:NAME?opt=v (e.g. zoo:resnet18?width=0.25&in_channels=1) or pkg.mod:factory")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist[:DIR] or cifar10:DIR (binary version)")
+    p.add_argument("--epochs", type=_pos_int, default=5)
+    p.add_argument("--batch-size", type=_pos_int, default=128)
+    p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (warm-up, then cosine)")
+    p.add_argument("--exit-weights", type=_weights_arg, default=None, help="w1,...,wn (default: k/n, rising with depth)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=_pos_int, default=None, help="use at most N samples of each split (quick runs)")
+    p.add_argument("--input-size", type=_pos_int, default=32, help="square model input side in pixels")
+    p.add_argument("--name", default=None, help="model name recorded in the manifest (default: the zoo name)")
+    p.add_argument("--notes", default="", help="free text stored in the manifest")
+    p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--stop-after", type=_pos_int, default=None, help="stop after this epoch, keeping the checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="recompute an artifact's per-exit accuracy from its weights (JSON)")
+    p.add_argument("artifact", help="artifact directory (weights.safetensors + manifest.json)")
+    p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
+    p.add_argument("--split", default="test", choices=("train", "calib", "test"))
+    p.add_argument("--limit", type=_pos_int, default=None, help="default: the manifest's split size")
+    p.add_argument("--threads", type=_pos_int, default=None)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="pick confidence-exit thresholds within an accuracy-loss bound; store them in the manifest",
+    )
+    p.add_argument("artifact")
+    p.add_argument("--max-accuracy-loss", type=float, default=0.012, help="bound vs the final exit (fraction)")
+    p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
+    p.add_argument("--limit", type=_pos_int, default=None, help="default: the manifest's split sizes")
+    p.add_argument("--threads", type=_pos_int, default=None)
+    p.add_argument("--dry-run", action="store_true", help="print, do not write the manifest")
+    p.set_defaults(func=_calibrate)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _train(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    from dapdee.training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        exit_weights=args.exit_weights,
+        seed=args.seed,
+        limit=args.limit,
+        input_size=args.input_size,
+        name=args.name,
+        weight_decay=args.weight_decay,
+        notes=args.notes,
+    )
+    res = train(
+        cfg,
+        progress=not args.no_progress,
+        stop_after=args.stop_after,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    if "stopped_after" in res:
+        return 0
+    print(json.dumps({"artifact": args.out, "name": res["name"], "exits": res["exits"]}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    from dapdee.training.confidence import evaluate_artifact
+
+    print(json.dumps(evaluate_artifact(args.artifact, args.dataset, args.split, args.limit), indent=2))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    _threads(args.threads)
+    from dapdee.training.confidence import calibrate_artifact
+
+    res = calibrate_artifact(
+        args.artifact, args.max_accuracy_loss, dataset=args.dataset, limit=args.limit, write=not args.dry_run
+    )
+    print(json.dumps(res, indent=2))
+    return 0

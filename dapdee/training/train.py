@@ -1,0 +1,382 @@
+"""Joint training of every exit (BranchyNet): L = Σ_n w_n · CE(exit_n), seeded, resumable.
+
+Artifact directory written by :func:`train` (read by :func:`dapdee.models.load_model`):
+
+- ``weights.safetensors`` — the module's state dict (never pickle);
+- ``manifest.json`` — name, model spec, input shape, preprocessing recipe, exits with held-out
+  (test split) accuracy, dataset, split sizes, training config, history, weights sha256,
+  wall time.
+
+While training, ``OUT/checkpoint/`` holds the last finished epoch (``state.safetensors``: model
+weights and optimizer momentum; ``state.json``: epoch, config, history). Re-running the same
+command resumes after that epoch and ends with the same weights as an uninterrupted run
+(the batch order of epoch e depends only on (seed, e); the learning rate only on the step).
+
+Default exit weights rise with depth, w_n = n / N for N exits (the final exit counts most, so
+the backbone's own accuracy is not traded away for the shallow heads').
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dapdee import data as D
+from dapdee.models import MANIFEST, WEIGHTS, ModelError, build_module, check_model_name, parse_spec, sha256_file
+
+CHECKPOINT_DIR = "checkpoint"
+ARTIFACT_FORMAT = "dapdee-artifact/1"
+EVAL_BATCH = 256
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in the manifest and the checkpoint)."""
+
+    model: str
+    dataset: str
+    out: str
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    exit_weights: list[float] | None = None
+    seed: int = 0
+    limit: int | None = None
+    input_size: int = 32
+    name: str | None = None
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree on to be resumed."""
+        d = asdict(self)
+        for k in ("out", "notes", "extra"):
+            d.pop(k)
+        return d
+
+
+def exit_names(n: int) -> list[str]:
+    """Exit names for an n-output model, shallow -> deep (as `dapdee.models.trace` names them)."""
+    return [f"exit{i + 1}" for i in range(n - 1)] + ["final"]
+
+
+def default_exit_weights(n: int) -> list[float]:
+    """w_k = k / n for k = 1..n (rising with depth)."""
+    return [round(k / n, 6) for k in range(1, n + 1)]
+
+
+def model_outputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The module's logits per exit as a tuple (a single-tensor output is one exit)."""
+    out = module(x)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    """Learning rate at optimizer step `step` of `total`: linear warm-up over the first
+    min(200, 5 %) steps, then cosine decay to 0. O(1)."""
+    warm = max(1, min(200, total // 20))
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def input_shape_for(spec: str, input_size: int) -> tuple[int, int, int, int]:
+    """[1, C, S, S] with C the spec's in_channels option (default 3)."""
+    ms = parse_spec(spec)
+    c = int(ms.options.get("in_channels", 3)) if ms.kind == "zoo" else 3
+    return (1, c, int(input_size), int(input_size))
+
+
+@torch.inference_mode()
+def predict_logits(
+    module: nn.Module,
+    dataset: str | D.DatasetRef,
+    split: str,
+    input_shape: tuple[int, ...],
+    preprocess: dict[str, Any],
+    limit: int | None = None,
+    batch_size: int = EVAL_BATCH,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(logits per exit [N, classes] each, labels [N]) of the module in eval mode on one split.
+    O(N · forward cost)."""
+    was_training = module.training
+    module.eval()
+    outs: list[list[torch.Tensor]] = []
+    ys = []
+    for x, y in D.iter_batches(dataset, split, input_shape, preprocess, batch_size, limit):
+        logits = model_outputs(module, x)
+        if not outs:
+            outs = [[] for _ in logits]
+        for i, lg in enumerate(logits):
+            outs[i].append(lg.float())
+        ys.append(y)
+    module.train(was_training)
+    if not ys:
+        raise D.DataError(f"split {split!r} is empty")
+    return [torch.cat(o) for o in outs], torch.cat(ys)
+
+
+def accuracies(logits: list[torch.Tensor], labels: torch.Tensor) -> list[float]:
+    """Top-1 accuracy of each exit's logits. O(N · exits · classes)."""
+    return [int((lg.argmax(1) == labels).sum()) / len(labels) for lg in logits]
+
+
+def evaluate(
+    module: nn.Module,
+    dataset: str | D.DatasetRef,
+    split: str,
+    input_shape: tuple[int, ...],
+    preprocess: dict[str, Any],
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """{"split", "n", "exits": [{"name", "accuracy"}]} for one split. O(N · forward cost)."""
+    logits, labels = predict_logits(module, dataset, split, input_shape, preprocess, limit)
+    names = exit_names(len(logits))
+    return {
+        "split": split,
+        "n": len(labels),
+        "exits": [{"name": n, "accuracy": a} for n, a in zip(names, accuracies(logits, labels))],
+    }
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"opt.{i}"] = buf.detach().contiguous().clone()
+    ckdir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(ckdir / "state.safetensors.tmp"))
+    os.replace(ckdir / "state.safetensors.tmp", ckdir / "state.safetensors")
+    state = {**state, "weights_sha256": sha256_file(ckdir / "state.safetensors")}
+    (ckdir / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    os.replace(ckdir / "state.json.tmp", ckdir / "state.json")
+
+
+def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((ckdir / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory") from None
+    if state.get("config") != cfg.identity():
+        diff = sorted(k for k in cfg.identity() if state.get("config", {}).get(k) != cfg.identity()[k])
+        raise ValueError(
+            f"checkpoint in {str(ckdir)!r} was written by a different run (differs in {', '.join(diff)}); "
+            "use the same options, another --out, or delete the checkpoint"
+        )
+    wpath = ckdir / "state.safetensors"
+    if not wpath.is_file() or sha256_file(wpath) != state.get("weights_sha256"):
+        raise ValueError(f"checkpoint {str(ckdir)!r}: state.safetensors missing or does not match state.json")
+    tensors = load_file(str(wpath))
+    module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"opt.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"opt.{i}"].clone()
+    return state
+
+
+# ---- training -----------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print) -> dict[str, Any]:
+    """Train `cfg.model` on `cfg.dataset`'s train split with the joint exit loss, evaluate every
+    exit on the test (and calibration) split, and write the artifact to `cfg.out`. Returns the
+    manifest; with `stop_after` = e, stops after epoch e leaving only the checkpoint (returns
+    {"stopped_after": e}). Cost: O(epochs · N_train · (forward + backward)) plus two eval passes."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    t_start = time.time()
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
+        raise ValueError("need --epochs >= 1, --batch-size >= 2 and --lr > 0")
+    if cfg.limit is not None and cfg.limit < 2:
+        raise ValueError("--limit must be at least 2")
+    ms = parse_spec(cfg.model)
+    name = check_model_name(cfg.name or ms.default_name)
+    ref = D.parse_dataset(cfg.dataset)
+    cfg.dataset = ref.text
+    input_shape = input_shape_for(cfg.model, cfg.input_size)
+    preprocess = D.default_preprocess(ref, input_shape)
+    out = Path(cfg.out)
+    ckdir = out / CHECKPOINT_DIR
+    if (out / MANIFEST).exists() and not ckdir.exists():
+        raise ValueError(f"{str(out)!r} already holds a trained artifact; choose another --out or delete it")
+
+    images, labels = D.load_raw(ref, "train", cfg.limit)
+    n_calib = len(D.load_raw(ref, "calib", cfg.limit)[1])
+    n_test = len(D.load_raw(ref, "test", cfg.limit)[1])
+
+    torch.manual_seed(cfg.seed)
+    module = build_module(ms)
+    with torch.no_grad():
+        probe = model_outputs(module, D.preprocess_images(images[:2], input_shape, preprocess))
+    n_exits = len(probe)
+    if any(p.shape[-1] <= int(labels.max()) for p in probe):
+        raise ModelError(f"model {cfg.model!r} has {probe[0].shape[-1]} classes; the dataset needs 10")
+    if cfg.exit_weights is None:
+        cfg.exit_weights = default_exit_weights(n_exits)
+    if len(cfg.exit_weights) != n_exits or any(w < 0 for w in cfg.exit_weights) or sum(cfg.exit_weights) <= 0:
+        raise ValueError(
+            f"--exit-weights: model {cfg.model!r} has {n_exits} exits, got {len(cfg.exit_weights)} weights "
+            "(need one non-negative weight per exit, not all zero)"
+        )
+    names = exit_names(n_exits)
+    decay, no_decay = [], []
+    for p in module.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    n = len(labels)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    prior_wall = 0.0
+    if (ckdir / "state.json").exists():
+        state = _load_checkpoint(ckdir, cfg, module, opt)
+        start_epoch, history, prior_wall = int(state["epoch"]), list(state["history"]), float(state["wall_time_s"])
+        log(f"resuming {name} from {ckdir} after epoch {start_epoch}/{cfg.epochs}")
+    t_run = time.time()
+    w = torch.tensor(cfg.exit_weights, dtype=torch.float32)
+    ys = torch.as_tensor(labels)
+    for epoch in range(start_epoch, cfg.epochs):
+        module.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        loss_sum, seen = 0.0, 0
+        correct = [0] * n_exits
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            mininterval=2.0,
+            leave=False,
+        )
+        for b in bar:
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            if len(idx) < 2:
+                continue  # batch-norm needs two samples; at most one sample per epoch is skipped
+            x = D.preprocess_images(images[idx.numpy()], input_shape, preprocess)
+            y = ys[idx]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(epoch * steps_per_epoch + b, total_steps, cfg.lr)
+            outs = model_outputs(module, x)
+            losses = torch.stack([F.cross_entropy(o, y) for o in outs])
+            loss = (w * losses).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss) * len(y)
+            seen += len(y)
+            for i, o in enumerate(outs):
+                correct[i] += int((o.argmax(1) == y).sum())
+            if progress:
+                bar.set_postfix_str(
+                    f"loss={loss_sum / seen:.3f} acc=" + "/".join(f"{c / seen:.3f}" for c in correct), refresh=False
+                )
+        bar.close()
+        rec = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(1, seen),
+            "train_accuracy": {nm: c / max(1, seen) for nm, c in zip(names, correct)},
+        }
+        history.append(rec)
+        log(
+            f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train acc "
+            + " ".join(f"{nm}={a:.4f}" for nm, a in rec["train_accuracy"].items())
+            + f" ({time.time() - t_run:.0f}s)"
+        )
+        wall = prior_wall + time.time() - t_run
+        _save_checkpoint(
+            ckdir, module, opt, {"epoch": epoch + 1, "config": cfg.identity(), "history": history, "wall_time_s": wall}
+        )
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
+            log(f"stopped after epoch {epoch + 1}; run the same command again to resume")
+            return {"stopped_after": epoch + 1, "history": history}
+
+    module.eval()
+    test = evaluate(module, ref, "test", input_shape, preprocess, cfg.limit)
+    calib = evaluate(module, ref, "calib", input_shape, preprocess, cfg.limit)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(out / WEIGHTS))
+    wall = prior_wall + time.time() - t_run
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "name": name,
+        "model": cfg.model,
+        "input_shape": list(input_shape),
+        "preprocess": preprocess,
+        "exits": [
+            {"name": e["name"], "accuracy": e["accuracy"], "calib_accuracy": c["accuracy"]}
+            for e, c in zip(test["exits"], calib["exits"])
+        ],
+        "accuracy_split": "test",
+        "dataset": ref.text,
+        "dataset_kind": ref.kind,
+        "classes": list(D.FMNIST_CLASSES if ref.kind == "fashion-mnist" else D.CIFAR_CLASSES),
+        "splits": {
+            "train": n,
+            "calib": n_calib,
+            "test": n_test,
+            "train_source": "train file minus calib (fixed permutation, split_seed)",
+            "calib_source": "held out of the train file, never trained on",
+            "test_source": "t10k" if ref.kind == "fashion-mnist" else "test_batch.bin",
+            "split_seed": D.SPLIT_SEED,
+            "limit": cfg.limit,
+        },
+        "training": {
+            **cfg.identity(),
+            "loss": "sum_n w_n * cross_entropy(exit_n)",
+            "optimizer": "SGD nesterov",
+            "schedule": "linear warm-up min(200 steps, 5%), cosine to 0, per step",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            **cfg.extra,
+        },
+        "epochs": cfg.epochs,
+        "history": history,
+        "weights_sha256": sha256_file(out / WEIGHTS),
+        "wall_time_s": round(wall, 1),
+        "total_time_s": round(time.time() - t_start + prior_wall, 1),
+    }
+    if cfg.notes:
+        manifest["notes"] = cfg.notes
+    write_manifest(out, manifest)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    log(
+        f"{name}: test accuracy "
+        + " ".join(f"{e['name']}={e['accuracy']:.4f}" for e in manifest["exits"])
+        + f"; wrote {out}"
+    )
+    return manifest
+
+
+def write_manifest(artifact: str | Path, manifest: dict[str, Any]) -> None:
+    """Atomically (write + rename) store `manifest` as the artifact's manifest.json. O(size)."""
+    path = Path(artifact) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)

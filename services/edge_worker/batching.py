@@ -1,0 +1,183 @@
+"""Dynamic batching: concurrent requests with the same (model, input node names, exit) are
+stacked on dim 0 into one `GraphExecutor.compute` call, run on a bounded thread pool off the
+event loop, and split back per caller.
+
+A batch closes when it holds `batch_max` requests or `batch_wait_ms` after its first request.
+With `batch_max == 1` every request runs alone (no waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dapdee.executor import GraphExecutor
+
+BatchKey = tuple[str, frozenset[str], str]
+
+
+@dataclass
+class BatchResult:
+    """One caller's share of a batch."""
+
+    output: torch.Tensor
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+
+@dataclass
+class _Pending:
+    inputs: dict[str, torch.Tensor]
+    rows: int
+    future: asyncio.Future[BatchResult]
+    t_submit: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Batch:
+    executor: GraphExecutor
+    target: str
+    items: list[_Pending] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    """Groups requests by key and runs them on `workers` threads. All public methods are called
+    from the event loop; `load()` reports the recent busy fraction of the pool."""
+
+    def __init__(
+        self,
+        batch_max: int,
+        batch_wait_ms: float,
+        workers: int = 1,
+        slowdown: float = 1.0,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.workers = workers
+        self.slowdown = slowdown
+        self.on_batch = on_batch  # (model, batch size, compute seconds), called on the loop
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dapdee-edge")
+        self._open: dict[BatchKey, _Batch] = {}
+        self._lock = threading.Lock()
+        self._busy_s = 0.0  # completed compute seconds
+        self._running: dict[int, float] = {}  # thread id -> start time of the batch it runs
+        self._last_load = (time.perf_counter(), 0.0)
+        self.queued = 0  # requests waiting for a batch to start
+        self._closed = False
+
+    # ---- submission ------------------------------------------------------------------
+    async def submit(
+        self, key: BatchKey, executor: GraphExecutor, target: str, inputs: dict[str, torch.Tensor]
+    ) -> BatchResult:
+        """Compute `target` for `inputs` (first dim = batch), batched with compatible requests."""
+        if self._closed:
+            raise RuntimeError("worker is shutting down")
+        loop = asyncio.get_running_loop()
+        rows = next(iter(inputs.values())).shape[0]
+        item = _Pending(inputs, rows, loop.create_future())
+        self.queued += 1
+        batch = self._open.get(key)
+        if batch is None:
+            batch = _Batch(executor, target)
+            self._open[key] = batch
+            if self.batch_max > 1 and self.batch_wait_s > 0:
+                batch.timer = loop.call_later(self.batch_wait_s, self._flush, key, batch)
+        batch.items.append(item)
+        if len(batch.items) >= self.batch_max or batch.timer is None:
+            self._flush(key, batch)
+        return await item.future
+
+    def _flush(self, key: BatchKey, batch: _Batch) -> None:
+        if self._open.get(key) is batch:
+            del self._open[key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        if not batch.items:
+            return
+        items, batch.items = batch.items, []
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.pool, self._run, batch.executor, batch.target, items)
+        fut.add_done_callback(lambda f: self._done(key[0], items, f))
+
+    # ---- execution (pool thread) -------------------------------------------------------
+    def _run(self, executor: GraphExecutor, target: str, items: list[_Pending]) -> tuple[torch.Tensor, float, float]:
+        t0 = time.perf_counter()
+        tid = threading.get_ident()
+        with self._lock:
+            self._running[tid] = t0
+        try:
+            names = list(items[0].inputs)
+            if len(items) == 1:
+                given = items[0].inputs
+            else:
+                given = {n: torch.cat([it.inputs[n] for it in items], 0) for n in names}
+            with torch.inference_mode():
+                out = executor.compute(given, [target])[target]
+            if not isinstance(out, torch.Tensor):
+                raise RuntimeError(f"exit node {target} did not produce a tensor")
+            compute_s = time.perf_counter() - t0
+            if self.slowdown > 1.0:
+                time.sleep(compute_s * (self.slowdown - 1.0))
+                compute_s = time.perf_counter() - t0
+            return out, t0, compute_s
+        finally:
+            with self._lock:
+                self._running.pop(tid, None)
+                self._busy_s += time.perf_counter() - t0
+
+    def _done(self, model: str, items: list[_Pending], f: asyncio.Future) -> None:
+        self.queued -= len(items)
+        exc = f.exception()
+        if exc is not None:
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(exc)
+            return
+        out, t0, compute_s = f.result()
+        if self.on_batch is not None:
+            self.on_batch(model, len(items), compute_s)
+        start = 0
+        for it in items:
+            part = out[start : start + it.rows]
+            start += it.rows
+            if not it.future.done():
+                it.future.set_result(BatchResult(part, max(0.0, t0 - it.t_submit), compute_s, len(items)))
+
+    # ---- load and shutdown ------------------------------------------------------------------
+    def load(self) -> float:
+        """Busy fraction of the compute pool since the previous call, in [0, 1)."""
+        now = time.perf_counter()
+        with self._lock:
+            busy = self._busy_s + sum(now - s for s in self._running.values())
+        last_t, last_busy = self._last_load
+        self._last_load = (now, busy - sum(now - s for s in self._running.values()))
+        span = (now - last_t) * self.workers
+        if span <= 0:
+            return 0.0
+        return min(0.99, max(0.0, (busy - last_busy) / span))
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue_depth": self.queued, "open_batches": len(self._open)}
+
+    def close(self) -> None:
+        """Refuse new work, flush open batches, and stop the pool (waiting for running batches)."""
+        self._closed = True
+        for key, batch in list(self._open.items()):
+            if batch.timer is not None:
+                batch.timer.cancel()
+            for it in batch.items:
+                if not it.future.done():
+                    it.future.set_exception(RuntimeError("worker is shutting down"))
+            self._open.pop(key, None)
+        self.pool.shutdown(wait=True, cancel_futures=True)

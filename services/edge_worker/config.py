@@ -1,0 +1,54 @@
+"""Edge worker settings (environment prefix `DAPDEE_EDGE_`; the API token is `DAPDEE_API_TOKEN`)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the worker reads at start-up. `models` is a comma-separated list of
+    `SPEC[@ARTIFACT_DIR]` (e.g. `zoo:resnet18@artifacts/fmnist-resnet18,zoo:vgg16?width=0.25`)."""
+
+    model_config = SettingsConfigDict(env_prefix="DAPDEE_EDGE_", populate_by_name=True, extra="ignore")
+
+    models: str = "zoo:resnet18"
+    tier: str = Field(default="edge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    planner_url: str | None = None
+    public_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    batch_max: int = Field(default=8, ge=1, le=1024)
+    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_body_bytes: int = Field(default=64 << 20, ge=1024)
+    max_inflight: int = Field(default=256, ge=1)
+    max_elements: int = Field(default=1 << 24, ge=1)
+    workers: int = Field(default=1, ge=1, le=64, description="compute thread pool size")
+    slowdown: float = Field(default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)")
+    profile: bool = Field(default=True, description="profile at start-up when registering with a planner")
+    profile_repeats: int = Field(default=20, ge=1)
+    profile_warmup: int = Field(default=3, ge=0)
+    profile_cache: str | None = Field(default=None, description="directory of cached profiles (read, else written)")
+    heartbeat_s: float = Field(default=5.0, gt=0.0)
+    planner_timeout_s: float = Field(default=5.0, gt=0.0)
+    api_token: SecretStr | None = Field(default=None, validation_alias="DAPDEE_API_TOKEN")
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    def model_entries(self) -> list[tuple[str, str | None]]:
+        """`models` as (spec, artifact dir or None) pairs."""
+        out = []
+        for item in self.models.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            spec, sep, artifact = item.partition("@")
+            if sep and not artifact:
+                raise ValueError(f"models: {item!r} has '@' but no artifact directory")
+            out.append((spec, artifact or None))
+        if not out:
+            raise ValueError("models: give at least one model spec")
+        return out
