@@ -44,7 +44,18 @@ NORM = {
     "fashion-mnist": ([0.2860], [0.3530]),
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
 }
-FMNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+FMNIST_CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+)
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -89,7 +100,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     want = math.prod(dims) * dtype.itemsize
     if len(raw) - head != want:
         raise DataError(
-            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), file has {len(raw) - head}"
+            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), "
+            f"file has {len(raw) - head}"
         )
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
 
@@ -116,7 +128,9 @@ def read_fashion_mnist(directory: str | Path, source_split: str) -> tuple[np.nda
     images = read_idx(_idx_path(directory, img_stem))
     labels = read_idx(_idx_path(directory, lab_stem))
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"Fashion-MNIST {img_stem}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}")
+        raise DataError(
+            f"Fashion-MNIST {img_stem}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"Fashion-MNIST {lab_stem}: {labels.shape} labels for {len(images)} images")
     if labels.size and int(labels.max()) >= 10:
@@ -132,12 +146,14 @@ def read_cifar_bin(paths: list[Path] | tuple[Path, ...]) -> tuple[np.ndarray, np
         p = Path(p)
         if not p.is_file():
             raise DataError(
-                f"CIFAR-10: {str(p)!r} not found; pass cifar10:DIR with the *binary* version's directory "
+                f"CIFAR-10: {str(p)!r} not found; pass cifar10:DIR with the binary version's directory "
                 "(data_batch_1.bin ... test_batch.bin, from cifar-10-binary.tar.gz)"
             )
         raw = np.fromfile(p, dtype=np.uint8)
         if raw.size == 0 or raw.size % CIFAR_RECORD:
-            raise DataError(f"CIFAR-10 {str(p)!r}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte records")
+            raise DataError(
+                f"CIFAR-10 {str(p)!r}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte records"
+            )
         rec = raw.reshape(-1, CIFAR_RECORD)
         if int(rec[:, 0].max()) >= 10:
             raise DataError(f"CIFAR-10 {str(p)!r}: label {int(rec[:, 0].max())} out of range 0-9")
@@ -180,24 +196,33 @@ def parse_dataset(text: str) -> DatasetRef:
     raise DataError(f"dataset {text!r}: expected fashion-mnist, fashion-mnist:DIR or cifar10:DIR")
 
 
-_RAW_CACHE: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+_RAW_CACHE: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]:
-    key = (ref.kind, str(ref.directory), source_split)
+    """The source's raw 'train' or 'test' set, cached per (files, size, mtime)."""
+    if not ref.directory.is_dir():
+        hint = (
+            "install it with `apt-get install dataset-fashion-mnist`"
+            if ref.kind == "fashion-mnist" and ref.directory == FMNIST_DIR
+            else "pass an existing directory"
+        )
+        raise DataError(f"{ref.kind}: directory {str(ref.directory)!r} not found; {hint}")
+    if ref.kind == "fashion-mnist":
+        files = [_idx_path(ref.directory, stem) for stem in FMNIST_FILES[source_split]]
+    else:
+        files = [ref.directory / n for n in (CIFAR_TRAIN if source_split == "train" else CIFAR_TEST)]
+    stats = tuple(
+        (str(f), f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (str(f),) for f in files
+    )
+    key = (ref.kind, source_split, stats)
     if key not in _RAW_CACHE:
-        if not ref.directory.is_dir():
-            hint = (
-                "install it with `apt-get install dataset-fashion-mnist`"
-                if ref.kind == "fashion-mnist" and ref.directory == FMNIST_DIR
-                else "pass an existing directory"
-            )
-            raise DataError(f"{ref.kind}: directory {str(ref.directory)!r} not found; {hint}")
         if ref.kind == "fashion-mnist":
             _RAW_CACHE[key] = read_fashion_mnist(ref.directory, source_split)
         else:
-            names = CIFAR_TRAIN if source_split == "train" else CIFAR_TEST
-            _RAW_CACHE[key] = read_cifar_bin([ref.directory / n for n in names])
+            _RAW_CACHE[key] = read_cifar_bin(files)
+        while len(_RAW_CACHE) > 4:
+            _RAW_CACHE.pop(next(iter(_RAW_CACHE)))
     return _RAW_CACHE[key]
 
 
@@ -209,7 +234,9 @@ def split_indices(n_train_source: int, split: str) -> np.ndarray:
     return perm[n_train_source - n_cal :] if split == "calib" else perm[: n_train_source - n_cal]
 
 
-def load_raw(dataset: str | DatasetRef, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_raw(
+    dataset: str | DatasetRef, split: str, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N,C,h,w], int64 labels [N]) of one split ('train' | 'calib' | 'test'),
     the first `limit` samples when given. O(dataset file size) the first time, then cached."""
     ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)
@@ -229,6 +256,9 @@ def load_raw(dataset: str | DatasetRef, split: str, limit: int | None = None) ->
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
+
+
+_RESIZE_TEXT = {"pad": "zero-pad (centred)", "bilinear": "bilinear resize", "none": "no resize"}
 
 
 def default_preprocess(dataset: str | DatasetRef, input_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -263,7 +293,7 @@ def default_preprocess(dataset: str | DatasetRef, input_shape: tuple[int, ...]) 
         "mean": list(mean),
         "std": list(std),
         "description": (
-            f"uint8/255; {'zero-pad (centred)' if resize == 'pad' else resize + ' resize' if resize != 'none' else 'no resize'}"
+            f"uint8/255; {_RESIZE_TEXT[resize]}"
             f" {sh}x{sw} -> {h}x{w}; "
             + (f"grayscale replicated to {c} channels; " if channels == "replicate" else "")
             + f"(x - mean) / std per channel, mean={list(mean)}, std={list(std)}"
@@ -271,7 +301,9 @@ def default_preprocess(dataset: str | DatasetRef, input_shape: tuple[int, ...]) 
     }
 
 
-def preprocess_images(images: np.ndarray | torch.Tensor, input_shape: tuple[int, ...], preprocess: dict[str, Any]) -> torch.Tensor:
+def preprocess_images(
+    images: np.ndarray | torch.Tensor, input_shape: tuple[int, ...], preprocess: dict[str, Any]
+) -> torch.Tensor:
     """Turn uint8 images [N,c,h,w] (or [N,h,w]) into float32 model inputs [N,C,H,W] following
     the recipe of :func:`default_preprocess` (scale, pad or bilinear resize, channel replication,
     normalisation). O(N·C·H·W)."""
@@ -331,4 +363,7 @@ def iter_batches(
     pre = preprocess or default_preprocess(dataset, input_shape)
     images, labels = load_raw(dataset, split, limit)
     for i in range(0, len(labels), batch_size):
-        yield preprocess_images(images[i : i + batch_size], input_shape, pre), torch.as_tensor(labels[i : i + batch_size])
+        yield (
+            preprocess_images(images[i : i + batch_size], input_shape, pre),
+            torch.as_tensor(labels[i : i + batch_size]),
+        )

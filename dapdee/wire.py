@@ -8,7 +8,7 @@ A request or response is a JSON header, optionally followed by raw little-endian
 uplink; the decoder upcasts request inputs to FP32. Everything is bounded (element counts,
 byte counts) and nothing is ever unpickled. Pure Python + numpy + torch: no web imports.
 
-Binary data is read with `torch.frombuffer` (no per-element Python loops); encode + decode of
+Binary data is read with `numpy.frombuffer` (no per-element Python loops); encode + decode of
 1 MB costs well under a millisecond.
 """
 
@@ -70,11 +70,11 @@ class DecodedResponse:
 
 def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Symmetric per-tensor int8 quantisation: (q, scale) with t ~= q * scale. O(n)."""
-    t = t.detach().float()
-    amax = float(t.abs().max()) if t.numel() else 0.0
+    a = t.detach().cpu().to(torch.float32).numpy()
+    amax = float(np.abs(a).max()) if a.size else 0.0
     scale = amax / 127.0 if amax > 0 and math.isfinite(amax) else 1.0
-    q = torch.round(t / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    q = np.clip(np.rint(a / np.float32(scale)), -127, 127).astype(np.int8)
+    return torch.from_numpy(q), scale
 
 
 def _to_wire(t: torch.Tensor, wire_dtype: str) -> tuple[torch.Tensor, str, dict[str, Any]]:
@@ -88,8 +88,8 @@ def _to_wire(t: torch.Tensor, wire_dtype: str) -> tuple[torch.Tensor, str, dict[
         return t.contiguous(), TORCH_TO_V2[t.dtype], {}
     if wire_dtype == "FP32":
         return t.to(torch.float32).contiguous(), "FP32", {}
-    if wire_dtype == "FP16":
-        return t.to(torch.float16).contiguous(), "FP16", {}
+    if wire_dtype == "FP16":  # numpy: no intra-op thread start-up on small tensors
+        return torch.from_numpy(t.contiguous().to(torch.float32).numpy().astype(np.float16)), "FP16", {}
     if wire_dtype == "INT8":
         q, scale = quantize_int8(t)
         return q.contiguous(), "INT8", {"scale": scale}
@@ -275,7 +275,6 @@ def _decode_tensors(
     dtypes: dict[str, str] = {}
     offset = 0
     total = 0
-    raw: bytearray | None = None
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
             raise WireError(f"{key}[{i}]: expected an object")
@@ -286,8 +285,10 @@ def _decode_tensors(
             raise WireError(f"tensor {name!r}: duplicate name in {key}")
         dtype = e.get("datatype")
         if dtype not in DATATYPES:
-            raise WireError(f"tensor {name!r}: datatype {dtype!r} not supported; use one of {', '.join(DATATYPES)}")
-        tdtype, np_dtype = DATATYPES[dtype]
+            raise WireError(
+                f"tensor {name!r}: datatype {dtype!r} not supported; use one of {', '.join(DATATYPES)}"
+            )
+        np_dtype = DATATYPES[dtype][1]
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
             raise WireError(f"tensor {name!r}: shape must be a list of at most 16 non-negative integers")
@@ -303,11 +304,14 @@ def _decode_tensors(
         size = params.get("binary_data_size")
         if size is not None:
             if not _is_int(size) or size < 0:
-                raise WireError(f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+                raise WireError(
+                    f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+                )
             want = count * np_dtype.itemsize
             if size != want:
                 raise WireError(
-                    f"tensor {name!r}: binary_data_size {size} does not match shape {shape} {dtype} ({want} bytes)"
+                    f"tensor {name!r}: binary_data_size {size} does not match "
+                    f"shape {shape} {dtype} ({want} bytes)"
                 )
             if offset + size > len(binary):
                 raise WireError(
@@ -316,32 +320,33 @@ def _decode_tensors(
                 )
             if "data" in e:
                 raise WireError(f"tensor {name!r}: both data and binary_data_size given")
-            if raw is None:
-                raw = bytearray(binary)  # one copy: writable, so torch.frombuffer shares it
-            if count:
-                t = torch.frombuffer(raw, dtype=tdtype, count=count, offset=offset)
-            else:
-                t = torch.zeros(0, dtype=tdtype)
+            arr = np.frombuffer(binary, dtype=np_dtype, count=count, offset=offset)
             offset += size
         else:
             if "data" not in e:
                 raise WireError(f"tensor {name!r}: no data and no binary_data_size")
-            t = torch.from_numpy(_json_array(e["data"], name, dtype, np_dtype, count))
-        t = t.reshape(shape)
+            arr = _json_array(e["data"], name, dtype, np_dtype, count)
         scale = params.get("scale")
         if scale is not None:
             if dtype not in ("INT8", "UINT8"):
                 raise WireError(f"tensor {name!r}: parameter scale applies to INT8/UINT8 only, not {dtype}")
-            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            if (
+                not isinstance(scale, (int, float))
+                or isinstance(scale, bool)
+                or not math.isfinite(scale)
+                or scale <= 0
+            ):
                 raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {scale!r}")
+        # numpy, single-threaded: torch's intra-op threads only add latency at these sizes
         if upcast:
-            t = t.to(torch.float32, copy=True)
+            arr = arr.astype(np.float32)  # always a fresh, aligned, writable copy
             if scale is not None:
-                t.mul_(float(scale))
+                arr *= np.float32(scale)
         else:
-            t = t.clone()  # own, aligned memory
-        if check_finite and t.is_floating_point() and count and not bool(torch.isfinite(t).all()):
+            arr = arr.astype(np_dtype.newbyteorder("="), copy=True)
+        if check_finite and arr.dtype.kind == "f" and count and not np.isfinite(arr).all():
             raise WireError(f"tensor {name!r}: contains NaN or Inf")
+        t = torch.from_numpy(arr).reshape(shape)
         out[name] = t
         dtypes[name] = dtype
     if offset != len(binary):

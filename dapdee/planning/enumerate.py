@@ -117,7 +117,9 @@ class ExitStructure:
         return dev, edge, tuple(transfer)
 
 
-def enumerate_ideals(st: ExitStructure, cap: int) -> tuple[list[float], list[int], list[float], list[int]] | None:
+def enumerate_ideals(
+    st: ExitStructure, cap: int
+) -> tuple[list[float], list[int], list[float], list[int]] | None:
     """All downward-closed device sets D of A(e) with their (Σdevice_ms, sent bytes, Σedge_ms over D).
 
     Each ideal is generated exactly once, by adding its nodes in increasing topological index
@@ -166,26 +168,35 @@ def enumerate_ideals(st: ExitStructure, cap: int) -> tuple[list[float], list[int
 
 def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[int]:
     """Indices of the points not weakly dominated in (dev, sent, edge) (of equal points, one is
-    kept). Points are scanned in lexicographic order, each checked against the kept ones.
-    O(n log n + n · front) time."""
+    kept). Points are scanned in lexicographic (dev, sent, edge) order; a point is dominated iff a
+    kept point has sent <= its sent and edge <= its edge, answered by a prefix-minimum Fenwick
+    tree over the ranks of `sent`. O(n log n)."""
     n = len(dev)
     if n == 0:
         return []
-    order = np.lexsort((edge, sent, dev))
-    kb = np.empty(n, dtype=np.float64)
-    ke = np.empty(n, dtype=np.float64)
+    order = np.lexsort((edge, sent, dev)).tolist()
+    ranks = np.searchsorted(np.unique(sent), sent).tolist()  # 0-based rank of each point's sent
+    size = max(ranks) + 1
+    tree = [float("inf")] * (size + 1)
+    edge_l = edge.tolist()
     keep: list[int] = []
-    k = 0
-    sent_f = sent.astype(np.float64)
-    for j in order.tolist():
-        b = sent_f[j]
-        e = edge[j]
-        if k and bool(np.any((kb[:k] <= b) & (ke[:k] <= e))):
+    for j in order:
+        e = edge_l[j]
+        r = ranks[j] + 1
+        best = float("inf")
+        i = r
+        while i > 0:
+            if tree[i] < best:
+                best = tree[i]
+            i -= i & -i
+        if best <= e:
             continue
-        kb[k] = b
-        ke[k] = e
-        k += 1
         keep.append(j)
+        i = r
+        while i <= size:
+            if e < tree[i]:
+                tree[i] = e
+            i += i & -i
     return keep
 
 
@@ -193,3 +204,30 @@ def prefix_masks(st: ExitStructure) -> list[int]:
     """Device sets D = the first k nodes of A(e)'s topological order, k = 0..m (the single-split
     partitions Neurosurgeon and Edgent consider; each prefix is downward closed). O(m)."""
     return [(1 << k) - 1 for k in range(st.m + 1)]
+
+
+def prefix_sums(st: ExitStructure) -> tuple[list[float], list[int], list[float]]:
+    """(Σdevice_ms over D, sent bytes, Σedge_ms over E) for each prefix mask of `prefix_masks`,
+    computed incrementally. O(m + E)."""
+    m = st.m
+    devs = [0.0]
+    byts = [st.input_bytes if st.input_cons_mask else 0]
+    d = 0
+    for v in range(m):
+        d |= 1 << v
+        nb = byts[-1] + (st.out[v] if st.cons_mask[v] else 0)
+        for u in st.preds[v]:
+            if (st.cons_mask[u] & ~d) == 0:
+                nb -= st.out[u]
+        if st.uses_input[v] and (st.input_cons_mask & ~d) == 0:
+            nb -= st.input_bytes
+        devs.append(devs[-1] + st.dev[v])
+        byts.append(nb)
+    # Σ edge over E = suffix sums, accumulated in topological order from each k
+    edges = [0.0] * (m + 1)
+    for k in range(m):
+        s = 0.0
+        for i in range(k, m):
+            s += st.edge[i]
+        edges[k] = s
+    return devs, byts, edges

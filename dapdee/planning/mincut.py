@@ -29,6 +29,13 @@ def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float)
     """Device-set mask minimising w_dev·Σdevice_ms(D) + w_bytes·sent_bytes(D) + w_edge·Σedge_ms(E)
     over downward-closed D ⊆ A(e). One networkx max-flow (preflow-push) on m + helpers + 2
     nodes: O(V'^2 · sqrt(E')) worst case."""
+    # the argmin is invariant to scaling the weights: normalise so no capacity overflows
+    ws = (w_dev, w_bytes, w_edge)
+    top = max(ws)
+    if math.isinf(top):
+        w_dev, w_bytes, w_edge = (1.0 if math.isinf(w) else 0.0 for w in ws)
+    elif top > 0:
+        w_dev, w_bytes, w_edge = (w / top for w in ws)
     m = st.m
     src, sink = m, m + 1
     caps: dict[tuple[int, int], float] = {}

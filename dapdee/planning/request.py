@@ -33,6 +33,10 @@ class PlanRequest:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field. O(1)."""
         check_conditions(self.bandwidth_mbps, self.rtt_ms, self.device_load, self.edge_load)
+        self.check_requirements()
+
+    def check_requirements(self) -> None:
+        """Validate the fields other than the run-time conditions (ValueError naming the field)."""
         b = self.latency_budget_ms
         if b is not None and (not _is_num(b) or not math.isfinite(b) or b <= 0):
             raise ValueError(f"latency_budget_ms: must be a finite number > 0, got {b!r}")

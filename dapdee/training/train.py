@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dapdee import data as D
-from dapdee.models import MANIFEST, WEIGHTS, ModelError, build_module, check_model_name, parse_spec, sha256_file
+from dapdee.models import (
+    MANIFEST,
+    WEIGHTS,
+    ModelError,
+    build_module,
+    check_model_name,
+    parse_spec,
+    sha256_file,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 ARTIFACT_FORMAT = "dapdee-artifact/1"
@@ -148,14 +156,16 @@ def evaluate(
     return {
         "split": split,
         "n": len(labels),
-        "exits": [{"name": n, "accuracy": a} for n, a in zip(names, accuracies(logits, labels))],
+        "exits": [{"name": n, "accuracy": a} for n, a in zip(names, accuracies(logits, labels), strict=True)],
     }
 
 
 # ---- checkpoints --------------------------------------------------------------------------
 
 
-def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _save_checkpoint(
+    ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
@@ -171,13 +181,17 @@ def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer,
     os.replace(ckdir / "state.json.tmp", ckdir / "state.json")
 
 
-def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def _load_checkpoint(
+    ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer
+) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
         state = json.loads((ckdir / "state.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory") from None
+        raise ValueError(
+            f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory"
+        ) from None
     if state.get("config") != cfg.identity():
         diff = sorted(k for k in cfg.identity() if state.get("config", {}).get(k) != cfg.identity()[k])
         raise ValueError(
@@ -198,7 +212,9 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
 # ---- training -----------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print
+) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.dataset`'s train split with the joint exit loss, evaluate every
     exit on the test (and calibration) split, and write the artifact to `cfg.out`. Returns the
     manifest; with `stop_after` = e, stops after epoch e leaving only the checkpoint (returns
@@ -215,6 +231,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     name = check_model_name(cfg.name or ms.default_name)
     ref = D.parse_dataset(cfg.dataset)
     cfg.dataset = ref.text
+    images, labels = D.load_raw(ref, "train", cfg.limit)
     input_shape = input_shape_for(cfg.model, cfg.input_size)
     preprocess = D.default_preprocess(ref, input_shape)
     out = Path(cfg.out)
@@ -222,7 +239,6 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if (out / MANIFEST).exists() and not ckdir.exists():
         raise ValueError(f"{str(out)!r} already holds a trained artifact; choose another --out or delete it")
 
-    images, labels = D.load_raw(ref, "train", cfg.limit)
     n_calib = len(D.load_raw(ref, "calib", cfg.limit)[1])
     n_test = len(D.load_raw(ref, "test", cfg.limit)[1])
 
@@ -258,7 +274,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     prior_wall = 0.0
     if (ckdir / "state.json").exists():
         state = _load_checkpoint(ckdir, cfg, module, opt)
-        start_epoch, history, prior_wall = int(state["epoch"]), list(state["history"]), float(state["wall_time_s"])
+        start_epoch, history, prior_wall = (
+            int(state["epoch"]),
+            list(state["history"]),
+            float(state["wall_time_s"]),
+        )
         log(f"resuming {name} from {ckdir} after epoch {start_epoch}/{cfg.epochs}")
     t_run = time.time()
     w = torch.tensor(cfg.exit_weights, dtype=torch.float32)
@@ -289,19 +309,20 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             for i, o in enumerate(outs):
                 correct[i] += int((o.argmax(1) == y).sum())
             if progress:
                 bar.set_postfix_str(
-                    f"loss={loss_sum / seen:.3f} acc=" + "/".join(f"{c / seen:.3f}" for c in correct), refresh=False
+                    f"loss={loss_sum / seen:.3f} acc=" + "/".join(f"{c / seen:.3f}" for c in correct),
+                    refresh=False,
                 )
         bar.close()
         rec = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(1, seen),
-            "train_accuracy": {nm: c / max(1, seen) for nm, c in zip(names, correct)},
+            "train_accuracy": {nm: c / max(1, seen) for nm, c in zip(names, correct, strict=True)},
         }
         history.append(rec)
         log(
@@ -311,7 +332,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         )
         wall = prior_wall + time.time() - t_run
         _save_checkpoint(
-            ckdir, module, opt, {"epoch": epoch + 1, "config": cfg.identity(), "history": history, "wall_time_s": wall}
+            ckdir,
+            module,
+            opt,
+            {"epoch": epoch + 1, "config": cfg.identity(), "history": history, "wall_time_s": wall},
         )
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
             log(f"stopped after epoch {epoch + 1}; run the same command again to resume")
@@ -331,7 +355,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         "preprocess": preprocess,
         "exits": [
             {"name": e["name"], "accuracy": e["accuracy"], "calib_accuracy": c["accuracy"]}
-            for e, c in zip(test["exits"], calib["exits"])
+            for e, c in zip(test["exits"], calib["exits"], strict=True)
         ],
         "accuracy_split": "test",
         "dataset": ref.text,

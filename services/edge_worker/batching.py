@@ -2,8 +2,9 @@
 stacked on dim 0 into one `GraphExecutor.compute` call, run on a bounded thread pool off the
 event loop, and split back per caller.
 
-A batch closes when it holds `batch_max` requests or `batch_wait_ms` after its first request.
-With `batch_max == 1` every request runs alone (no waiting).
+A batch closes when it holds `batch_max` requests, or `batch_wait_ms` after its first request
+if a pool thread is free (otherwise it keeps filling until one frees up, so batches grow with
+load). With `batch_max == 1` every request runs alone (no waiting).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _Batch:
     target: str
     items: list[_Pending] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
+    due: bool = False  # its wait is over; dispatch as soon as a thread is free
 
 
 class Batcher:
@@ -73,6 +75,7 @@ class Batcher:
         self._running: dict[int, float] = {}  # thread id -> start time of the batch it runs
         self._last_load = (time.perf_counter(), 0.0)
         self.queued = 0  # requests waiting for a batch to start
+        self._active = 0  # batches handed to the pool and not finished
         self._closed = False
 
     # ---- submission ------------------------------------------------------------------
@@ -91,11 +94,18 @@ class Batcher:
             batch = _Batch(executor, target)
             self._open[key] = batch
             if self.batch_max > 1 and self.batch_wait_s > 0:
-                batch.timer = loop.call_later(self.batch_wait_s, self._flush, key, batch)
+                batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
         if len(batch.items) >= self.batch_max or batch.timer is None:
             self._flush(key, batch)
         return await item.future
+
+    def _due(self, key: BatchKey, batch: _Batch) -> None:
+        batch.timer = None
+        if self._active < self.workers:
+            self._flush(key, batch)
+        else:
+            batch.due = True
 
     def _flush(self, key: BatchKey, batch: _Batch) -> None:
         if self._open.get(key) is batch:
@@ -106,12 +116,15 @@ class Batcher:
         if not batch.items:
             return
         items, batch.items = batch.items, []
+        self._active += 1
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self._run, batch.executor, batch.target, items)
         fut.add_done_callback(lambda f: self._done(key[0], items, f))
 
     # ---- execution (pool thread) -------------------------------------------------------
-    def _run(self, executor: GraphExecutor, target: str, items: list[_Pending]) -> tuple[torch.Tensor, float, float]:
+    def _run(
+        self, executor: GraphExecutor, target: str, items: list[_Pending]
+    ) -> tuple[torch.Tensor, float, float]:
         t0 = time.perf_counter()
         tid = threading.get_ident()
         with self._lock:
@@ -138,7 +151,13 @@ class Batcher:
 
     def _done(self, model: str, items: list[_Pending], f: asyncio.Future) -> None:
         self.queued -= len(items)
-        exc = f.exception()
+        self._active -= 1
+        for key, batch in list(self._open.items()):  # batches whose wait ended while all threads were busy
+            if self._active >= self.workers:
+                break
+            if batch.due:
+                self._flush(key, batch)
+        exc = RuntimeError("worker is shutting down") if f.cancelled() else f.exception()
         if exc is not None:
             for it in items:
                 if not it.future.done():
@@ -161,7 +180,7 @@ class Batcher:
         with self._lock:
             busy = self._busy_s + sum(now - s for s in self._running.values())
         last_t, last_busy = self._last_load
-        self._last_load = (now, busy - sum(now - s for s in self._running.values()))
+        self._last_load = (now, busy)
         span = (now - last_t) * self.workers
         if span <= 0:
             return 0.0

@@ -24,11 +24,18 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=256, ge=1)
     max_elements: int = Field(default=1 << 24, ge=1)
     workers: int = Field(default=1, ge=1, le=64, description="compute thread pool size")
-    slowdown: float = Field(default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)")
+    threads: int | None = Field(
+        default=None, ge=1, le=256, description="torch intra-op threads (process-wide)"
+    )
+    slowdown: float = Field(
+        default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)"
+    )
     profile: bool = Field(default=True, description="profile at start-up when registering with a planner")
     profile_repeats: int = Field(default=20, ge=1)
     profile_warmup: int = Field(default=3, ge=0)
-    profile_cache: str | None = Field(default=None, description="directory of cached profiles (read, else written)")
+    profile_cache: str | None = Field(
+        default=None, description="directory of cached profiles (read, else written)"
+    )
     heartbeat_s: float = Field(default=5.0, gt=0.0)
     planner_timeout_s: float = Field(default=5.0, gt=0.0)
     api_token: SecretStr | None = Field(default=None, validation_alias="DAPDEE_API_TOKEN")

@@ -20,30 +20,47 @@ class EdgeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "dapdee_edge_requests", "Infer requests by model, exit and HTTP status", ["model", "exit", "status"],
+            "dapdee_edge_requests",
+            "Infer requests by model, exit and HTTP status",
+            ["model", "exit", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
-            "dapdee_edge_request_duration_seconds", "Infer request time in the worker (receive to reply)",
-            ["model"], buckets=TIME_BUCKETS, registry=r,
+            "dapdee_edge_request_duration_seconds",
+            "Infer request time in the worker (receive to reply)",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.queue_duration = Histogram(
-            "dapdee_edge_queue_duration_seconds", "Time a request waited for its batch to start computing",
-            ["model"], buckets=TIME_BUCKETS, registry=r,
+            "dapdee_edge_queue_duration_seconds",
+            "Time a request waited for its batch to start computing",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.compute_duration = Histogram(
-            "dapdee_edge_compute_duration_seconds", "Compute time of one batch", ["model"],
-            buckets=TIME_BUCKETS, registry=r,
+            "dapdee_edge_compute_duration_seconds",
+            "Compute time of one batch",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.received_bytes = Counter(
             "dapdee_edge_received_bytes", "Infer request body bytes received", ["model"], registry=r
         )
         self.inflight = Gauge("dapdee_edge_inflight_requests", "Infer requests being served", registry=r)
         self.batch_size = Histogram(
-            "dapdee_edge_batch_size", "Requests per executed batch", ["model"], buckets=BATCH_BUCKETS, registry=r
+            "dapdee_edge_batch_size",
+            "Requests per executed batch",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.model_info = Info("dapdee_edge_model", "Loaded models", ["model"], registry=r)
         self.rejected = Counter(
-            "dapdee_edge_rejected", "Requests refused before decoding (auth, size, overload)", ["reason"],
+            "dapdee_edge_rejected",
+            "Requests refused before decoding (auth, size, overload)",
+            ["reason"],
             registry=r,
         )

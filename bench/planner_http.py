@@ -1,0 +1,318 @@
+"""Planner HTTP benchmark: closed-loop load on POST /plan vs GET /healthz of the same server.
+
+Starts a planner (`dapdee serve planner`) in a subprocess, uploads a synthetic ResNet-like cost
+graph (residual blocks, so the plan map is a real DAG front), then drives each endpoint with
+N concurrent keep-alive clients from a separate load process (asyncio, raw HTTP/1.1: a client
+cheap enough not to be the bottleneck). Prints plans/s and p50/p99 latency of both endpoints,
+their throughput ratio, and PASS/FAIL against the targets (plan ≥ 70 % of healthz throughput,
+plan p99 ≤ 20 ms).
+
+    python bench/planner_http.py [--clients 50] [--seconds 5] [--redis-url none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_RATIO = 0.70
+TARGET_P99_MS = 20.0
+
+
+def synthetic_graph(model: str = "bench_resnet", blocks: int = 8) -> dict[str, Any]:
+    """A ResNet-like cost graph: stem, `blocks` residual blocks (two convs + add), an exit head
+    after every second block and a final head; device ~10x slower than edge. O(blocks)."""
+    nodes: list[dict[str, Any]] = []
+    exits: list[dict[str, Any]] = []
+
+    def add(name: str, inputs: list[str], out_bytes: int, dev: float) -> None:
+        nodes.append(
+            {
+                "name": name,
+                "op": "conv2d",
+                "inputs": inputs,
+                "out_bytes": out_bytes,
+                "flops": 1000,
+                "device_ms": dev,
+                "edge_ms": round(dev / 10, 4),
+            }
+        )
+
+    add("stem", ["x"], 65536, 1.5)
+    prev = "stem"
+    size = 65536
+    for b in range(blocks):
+        if b % 2 == 1 and size > 4096:
+            size //= 2
+        add(f"b{b}_c1", [prev], size, 1.0 + 0.1 * b)
+        add(f"b{b}_c2", [f"b{b}_c1"], size, 1.0 + 0.1 * b)
+        add(f"b{b}_add", [f"b{b}_c2", prev], size, 0.05)
+        prev = f"b{b}_add"
+        if b % 2 == 1 and b < blocks - 1:
+            add(f"exit{b // 2 + 1}_fc", [prev], 40, 0.02)
+            exits.append(
+                {"name": f"exit{b // 2 + 1}", "node": f"exit{b // 2 + 1}_fc", "accuracy": 0.8 + 0.02 * b}
+            )
+    add("fc", [prev], 40, 0.02)
+    exits.append({"name": "final", "node": "fc", "accuracy": 0.95})
+    return {
+        "model": model,
+        "input": {"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32", "bytes": 12288},
+        "nodes": nodes,
+        "exits": exits,
+    }
+
+
+# ---- load process ------------------------------------------------------------------------------
+
+
+async def _client(
+    host: str, port: int, reqs: list[bytes], stop_at: float, lat: list[float], errors: list[int]
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    i = 0
+    try:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            writer.write(reqs[i % len(reqs)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            n = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    n = int(line[15:])
+                    break
+            if n:
+                await reader.readexactly(n)
+            lat.append(time.perf_counter() - t0)
+            if status != 200:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def _load(host: str, port: int, reqs: list[bytes], clients: int, seconds: float, warmup: float) -> dict:
+    # warm-up (not measured), then the measured window
+    for dur in (warmup, seconds):
+        lat: list[float] = []
+        errors: list[int] = []
+        t0 = time.perf_counter()
+        stop = t0 + dur
+        await asyncio.gather(*(_client(host, port, reqs, stop, lat, errors) for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    lat.sort()
+    n = len(lat)
+    return {
+        "requests": n,
+        "errors": len(errors),
+        "rps": n / elapsed,
+        "p50_ms": 1000 * lat[n // 2] if n else float("nan"),
+        "p99_ms": 1000 * lat[min(n - 1, int(n * 0.99))] if n else float("nan"),
+    }
+
+
+def run_load(host: str, port: int, reqs: list[bytes], clients: int, seconds: float, warmup: float) -> dict:
+    """Closed-loop load from a separate process (this module with --load-worker); returns its
+    throughput and latency summary."""
+    job = {
+        "host": host,
+        "port": port,
+        "reqs": [r.decode("latin-1") for r in reqs],
+        "clients": clients,
+        "seconds": seconds,
+        "warmup": warmup,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.planner_http", "--load-worker"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=seconds + warmup + 120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"load process failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def _load_worker() -> int:
+    job = json.loads(sys.stdin.read())
+    reqs = [r.encode("latin-1") for r in job["reqs"]]
+    res = asyncio.run(_load(job["host"], job["port"], reqs, job["clients"], job["seconds"], job["warmup"]))
+    print(json.dumps(res))
+    return 0
+
+
+# ---- server --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by the process and its live children (uvicorn
+    workers); Linux /proc, nan elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return total + sum(_cpu_s(int(k)) for k in kids)
+
+
+def _clear_prefix(url: str, prefix: str) -> None:
+    """Remove the benchmark's keys from Redis (best effort)."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url(url, socket_timeout=2)
+        keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            r.delete(*keys)
+        r.close()
+    except redis.RedisError:
+        pass
+
+
+def _http_req(method: str, path: str, host: str, body: bytes | None = None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument(
+        "--redis-url",
+        default=None,
+        help="planner's Redis ('none': in-process only; default: none for one worker, "
+        "redis://127.0.0.1:6379/0 for several)",
+    )
+    ap.add_argument("--workers", type=int, default=1, help="planner worker processes")
+    ap.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.load_worker:
+        return _load_worker()
+
+    if args.redis_url is None:
+        args.redis_url = "none" if args.workers == 1 else "redis://127.0.0.1:6379/0"
+    host, port = "127.0.0.1", _free_port()
+    prefix = f"bench-planner-{os.getpid()}"
+    env = dict(os.environ, DAPDEE_KEY_PREFIX=prefix, PYTHONPATH=str(ROOT))
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dapdee.cli",
+            "serve",
+            "planner",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--redis-url",
+            args.redis_url,
+            "--workers",
+            str(args.workers),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        base = f"http://{host}:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("planner did not start")
+            time.sleep(0.1)
+        graph = synthetic_graph()
+        r = httpx.put(f"{base}/models/{graph['model']}", json=graph, timeout=60)
+        r.raise_for_status()
+        plan_reqs = []
+        for i, bw in enumerate((0.13, 1.1, 5.85, 18.88, 50.0, 100.0)):
+            body = {
+                "model": graph["model"],
+                "bandwidth_mbps": bw,
+                "rtt_ms": 5.0,
+                "device_load": 0.1 * (i % 3),
+                "mode": ("auto", "latency", "throughput")[i % 3],
+                "frame_rate": 30.0,
+            }
+            plan_reqs.append(_http_req("POST", "/plan", host, json.dumps(body).encode()))
+        # first plan builds the plan map; not part of the measurement
+        r = httpx.post(
+            f"{base}/plan",
+            content=plan_reqs[0].split(b"\r\n\r\n", 1)[1],
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        r.raise_for_status()
+        health_reqs = [_http_req("GET", "/healthz", host)]
+
+        c0 = _cpu_s(server.pid)
+        health = run_load(host, port, health_reqs, args.clients, args.seconds, args.warmup)
+        c1 = _cpu_s(server.pid)
+        plan = run_load(host, port, plan_reqs, args.clients, args.seconds, args.warmup)
+        c2 = _cpu_s(server.pid)
+        for res, cpu in ((health, c1 - c0), (plan, c2 - c1)):
+            total = res["requests"] / (args.seconds) * (args.seconds + args.warmup)  # incl. warm-up
+            res["cpu_us"] = 1e6 * cpu / total if total else float("nan")
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if args.redis_url != "none":
+            _clear_prefix(args.redis_url, prefix)
+
+    ratio = plan["rps"] / health["rps"] if health["rps"] else 0.0
+    print(
+        f"planner HTTP benchmark: {args.clients} closed-loop clients, {args.seconds:g} s per endpoint, "
+        f"planner workers={args.workers} (uvicorn), loopback, cpus={os.cpu_count()}"
+    )
+    for name, res in (("GET /healthz", health), ("POST /plan", plan)):
+        print(
+            f"  {name:13s} {res['rps']:6.0f} req/s  p50 {res['p50_ms']:6.2f} ms  p99 {res['p99_ms']:6.2f} ms "
+            f"server CPU {res['cpu_us']:5.0f} us/req ({res['requests']} requests, {res['errors']} errors)"
+        )
+    ok_ratio = ratio >= TARGET_RATIO
+    ok_p99 = plan["p99_ms"] <= TARGET_P99_MS
+    ok_err = plan["errors"] == 0 and health["errors"] == 0
+    verdict = {True: "PASS", False: "FAIL"}
+    print(f"  plan/healthz throughput ratio {ratio:.2f} (target >= {TARGET_RATIO:.2f}): {verdict[ok_ratio]}")
+    print(f"  plan p99 {plan['p99_ms']:.2f} ms (target <= {TARGET_P99_MS:.0f} ms): {verdict[ok_p99]}")
+    print(f"  errors: {'PASS' if ok_err else 'FAIL'}")
+    return 0 if (ok_ratio and ok_p99 and ok_err) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Sensing on the device: uplink bandwidth, round trip and compute load.
+
+- `BandwidthEstimator`: EWMA of the uplink rate seen by the device's own uploads. A sample is
+  `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt)`; samples whose
+  upload part is too small to time (under `min_upload_ms`) are ignored.
+- `RttEstimator`: EWMA of cheap `GET /v2/health/live` round trips (these include the HTTP
+  overhead of one request on top of the network round trip, which the bandwidth samples
+  then also net out).
+- `LoadMonitor`: compute load = the share of all CPUs used by *other* processes, from
+  `/proc/stat` (machine busy jiffies) minus this process's own CPU time, clamped to
+  [0, 0.95]. Off Linux it reports 0.
+
+All O(1) per sample; no web imports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+MAX_LOAD = 0.95
+
+
+@dataclass
+class BandwidthEstimator:
+    """EWMA (weight `alpha` on the newest sample) of uplink Mbit/s from upload timings."""
+
+    prior_mbps: float = 1.0
+    alpha: float = 0.4
+    min_upload_ms: float = 1.0
+    min_bytes: int = 512
+    estimate_mbps: float = field(init=False)
+    samples: int = field(default=0, init=False)
+    last_sample_at: float = field(default=0.0, init=False)
+    last_sample_mbps: float | None = field(default=None, init=False)
+    history: deque[tuple[int, float, float, float, float | None]] = field(
+        default_factory=lambda: deque(maxlen=64), init=False
+    )  # (bytes, elapsed_ms, server_ms, rtt_ms, sample or None), newest last
+
+    def __post_init__(self) -> None:
+        self.estimate_mbps = self.prior_mbps
+
+    def observe(self, nbytes: int, elapsed_ms: float, server_ms: float, rtt_ms: float) -> float | None:
+        """Fold in one upload of `nbytes` that took `elapsed_ms` end to end, of which the server
+        reported `server_ms` (queue + compute) and the round trip is `rtt_ms`. Returns the
+        sample (Mbit/s) or None when it was too small to use."""
+        upload_ms = elapsed_ms - server_ms - rtt_ms
+        if nbytes < self.min_bytes or upload_ms < self.min_upload_ms:
+            self.history.append((nbytes, elapsed_ms, server_ms, rtt_ms, None))
+            return None
+        sample = nbytes * 8.0 / (upload_ms * 1000.0)
+        self.history.append((nbytes, elapsed_ms, server_ms, rtt_ms, sample))
+        if self.samples == 0:
+            self.estimate_mbps = sample
+        else:
+            self.estimate_mbps = self.alpha * sample + (1 - self.alpha) * self.estimate_mbps
+        self.samples += 1
+        self.last_sample_at = time.monotonic()
+        self.last_sample_mbps = sample
+        return sample
+
+    def age_s(self) -> float:
+        """Seconds since the last sample (inf before the first)."""
+        return time.monotonic() - self.last_sample_at if self.samples else float("inf")
+
+
+@dataclass
+class RttEstimator:
+    """EWMA of measured round trips (ms)."""
+
+    alpha: float = 0.3
+    estimate_ms: float = 0.0
+    samples: int = 0
+    last_sample_at: float = 0.0
+
+    def observe(self, rtt_ms: float) -> None:
+        if rtt_ms < 0:
+            return
+        if self.samples == 0:
+            self.estimate_ms = rtt_ms
+        else:
+            self.estimate_ms = self.alpha * rtt_ms + (1 - self.alpha) * self.estimate_ms
+        self.samples += 1
+        self.last_sample_at = time.monotonic()
+
+    def age_s(self) -> float:
+        return time.monotonic() - self.last_sample_at if self.samples else float("inf")
+
+
+def _read_proc_stat() -> tuple[int, int] | None:
+    """(busy jiffies, total jiffies) over all CPUs, or None where /proc/stat is absent."""
+    try:
+        with open("/proc/stat") as f:
+            line = f.readline()
+    except OSError:
+        return None
+    parts = line.split()
+    if not parts or parts[0] != "cpu":
+        return None
+    vals = [int(v) for v in parts[1:9]]  # user nice system idle iowait irq softirq steal
+    vals += [0] * (8 - len(vals))
+    total = sum(vals)
+    idle = vals[3] + vals[4]
+    return total - idle, total
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class LoadMonitor:
+    """Compute load from other processes: Δ(machine busy − own CPU) / Δ(machine total),
+    smoothed by an EWMA, clamped to [0, MAX_LOAD]. Call `sample()` now and then (≥ 0.2 s apart)."""
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        self.alpha = alpha
+        self.clk_tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.load = 0.0
+        self.samples = 0
+        self._prev = _read_proc_stat()
+        self._prev_own = _own_cpu_s()
+
+    def sample(self) -> float:
+        """Update and return the load estimate."""
+        cur = _read_proc_stat()
+        own = _own_cpu_s()
+        if cur is None or self._prev is None:
+            self._prev, self._prev_own = cur, own
+            return self.load
+        d_busy = cur[0] - self._prev[0]
+        d_total = cur[1] - self._prev[1]
+        d_own = (own - self._prev_own) * self.clk_tck
+        if d_total <= 0:
+            return self.load
+        self._prev, self._prev_own = cur, own
+        other = min(MAX_LOAD, max(0.0, (d_busy - d_own) / d_total))
+        self.load = other if self.samples == 0 else self.alpha * other + (1 - self.alpha) * self.load
+        self.load = min(MAX_LOAD, max(0.0, self.load))
+        self.samples += 1
+        return self.load
+
+
+def drifted(old: float, new: float, threshold: float) -> bool:
+    """Relative change |new/old − 1| > threshold (old ≤ 0 counts as drifted when new > 0)."""
+    if old <= 0:
+        return new > 0
+    return abs(new / old - 1.0) > threshold
+
+
+def load_drifted(old: float, new: float, threshold: float) -> bool:
+    """Device speed 1/(1 − load) changed by more than `threshold` (relative): the cost model
+    scales device time by that factor, so this is the drift that matters for a plan."""
+    return drifted(1.0 - old, 1.0 - new, threshold)

@@ -1,0 +1,482 @@
+"""The plan map: per exit, the Pareto front of (Σdevice_ms, sent_bytes, Σedge_ms) over all
+downward-closed partitions of A(e); a request is a vectorised scan of those small arrays.
+
+Why it is exact: under the cost model every partition's device_ms, uplink_ms and edge_ms are
+the three sums scaled by 1/(1−ℓd), 8/(1000·B) and 1/(1−ℓe), so latency_ms (E non-empty) and
+bottleneck_ms are monotone in the sums; a dominated partition is never strictly better in
+either mode. The device-only partition (E empty, no rtt) is always kept as a candidate.
+
+Where an exit has more than `cap` downward-closed sets, its latency answers come from a
+per-request min-cut (exact) and its throughput answers from a candidate set of prefix splits
+and weight-grid min-cuts (plan says `"approximate": true`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dapdee.costgraph import CostGraph
+from dapdee.costmodel import Conditions, Predicted, predict_sums
+from dapdee.planning.enumerate import (
+    ExitStructure,
+    enumerate_ideals,
+    pareto_indices,
+    prefix_masks,
+    prefix_sums,
+)
+from dapdee.planning.mincut import GRID, min_cut_mask, min_latency_mask
+from dapdee.planning.request import PlanRequest
+
+DEFAULT_CAP = 100_000
+MAP_SCHEMA = 1
+TIE_RTOL = 1e-9
+
+Lists = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, int], ...]]
+
+
+class PlanMapError(ValueError):
+    """Serialised plan map that cannot be read; the message names the field."""
+
+
+# ---- candidate sets and their vectorised pricing -----------------------------------------------
+
+
+class CandSet:
+    """Candidate device sets of one exit with their zero-load sums as numpy arrays.
+
+    Pricing a request is O(n) numpy work; node lists per candidate are built once on demand."""
+
+    def __init__(
+        self,
+        st: ExitStructure,
+        masks: Sequence[int],
+        sums: tuple[Sequence[float], Sequence[int], Sequence[float]] | None = None,
+        exact: bool = True,
+        count: int | None = None,
+    ) -> None:
+        self.st = st
+        self.masks = list(masks)
+        if sums is None:
+            sums = mask_sums(st, self.masks)
+        self.dev_l = [float(x) for x in sums[0]]
+        self.bytes_l = [int(x) for x in sums[1]]
+        self.edge_l = [float(x) for x in sums[2]]
+        if (
+            not (len(self.dev_l) == len(self.bytes_l) == len(self.edge_l) == len(self.masks))
+            or not self.masks
+        ):
+            raise PlanMapError(f"exit {st.exit_name!r}: candidate arrays are empty or of unequal length")
+        self.exact = exact
+        self.count = count
+        full = st.full
+        self.dev = np.array(self.dev_l, dtype=np.float64)
+        self.byts = np.array(self.bytes_l, dtype=np.float64)
+        self.edge = np.array(self.edge_l, dtype=np.float64)
+        self.nonempty = np.array([0.0 if m == full else 1.0 for m in self.masks])
+        self._lists: dict[int, Lists] = {}
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def lists(self, i: int) -> Lists:
+        got = self._lists.get(i)
+        if got is None:
+            got = self._lists[i] = self.st.lists(self.masks[i])
+        return got
+
+    def predict(self, i: int, cond: Conditions) -> Predicted:
+        return predict_sums(
+            self.dev_l[i], self.bytes_l[i], self.edge_l[i], self.masks[i] == self.st.full, cond
+        )
+
+    def best_latency(self, cond: Conditions) -> int:
+        """Index of minimum latency_ms. O(n)."""
+        lat = self.dev * (1.0 / (1.0 - cond.device_load))
+        lat += self.edge * (1.0 / (1.0 - cond.edge_load))
+        lat += self.byts * (8.0 / (cond.bandwidth_mbps * 1000.0))
+        if cond.rtt_ms:
+            lat += self.nonempty * cond.rtt_ms
+        return int(lat.argmin())
+
+    def best_throughput(self, cond: Conditions) -> int:
+        """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms. O(n)."""
+        d = self.dev * (1.0 / (1.0 - cond.device_load))
+        e = self.edge * (1.0 / (1.0 - cond.edge_load))
+        u = self.byts * (8.0 / (cond.bandwidth_mbps * 1000.0))
+        bott = np.maximum(np.maximum(d, u), e)
+        i = int(bott.argmin())
+        tied = bott <= bott[i] * (1.0 + TIE_RTOL)
+        if np.count_nonzero(tied) == 1:
+            return i
+        lat = d + e + u
+        if cond.rtt_ms:
+            lat += self.nonempty * cond.rtt_ms
+        lat[~tied] = np.inf
+        return int(lat.argmin())
+
+    def best(self, objective: str, cond: Conditions) -> int:
+        return self.best_latency(cond) if objective == "latency" else self.best_throughput(cond)
+
+
+def pareto_candset(
+    st: ExitStructure, masks: list[int], sums: tuple[list, list, list], exact: bool, count: int | None
+) -> CandSet:
+    """The Pareto-optimal subset of candidates (device-only always kept), sums recomputed in
+    topological order. O(n · front)."""
+    dev, byts, ed_d = sums
+    full = st.full
+    others = [i for i, m in enumerate(masks) if m != full]
+    keep_masks = [full]
+    if others:
+        total_edge = sum(st.edge)
+        dv = np.array([dev[i] for i in others])
+        by = np.array([byts[i] for i in others], dtype=np.int64)
+        eg = np.array([total_edge - ed_d[i] for i in others])
+        keep = pareto_indices(dv, by, eg)
+        keep_masks += sorted((masks[others[k]] for k in keep), key=lambda m: (m.bit_count(), m))
+    return CandSet(st, keep_masks, exact=exact, count=count)
+
+
+# ---- choices, the deepest-first walk and the plan JSON ------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One exit's selected partition under one objective."""
+
+    exit_index: int
+    pred: Predicted
+    lists: Callable[[], Lists]
+    approximate: bool = False
+
+
+def acc_ok(accuracy: float | None, req: PlanRequest) -> bool:
+    """min_accuracy semantics: an exit of unknown (null) accuracy never meets a set minimum."""
+    return req.min_accuracy is None or (accuracy is not None and accuracy >= req.min_accuracy)
+
+
+def walk(
+    accuracies: Sequence[float | None],
+    exit_indices: Sequence[int],
+    get: Callable[[int, str], Choice],
+    objective: str,
+    req: PlanRequest,
+) -> tuple[Choice, bool, bool]:
+    """DESIGN.md's inverse search: exits deepest -> shallowest (`exit_indices` in any order),
+    each exit's best partition under `objective`; the first that meets the requirements wins.
+    Nothing meets: the best (lowest latency, or lowest bottleneck then latency) among exits
+    meeting min_accuracy (else among all), deeper exit on exact ties.
+    Returns (choice, constraints_met, approximate-any-consulted). O(#exits) calls of `get`."""
+    order = sorted(exit_indices, reverse=True)
+    seen: list[Choice] = []
+    for i in order:
+        c = get(i, objective)
+        seen.append(c)
+        if not acc_ok(accuracies[i], req):
+            continue
+        if objective == "latency":
+            ok = req.latency_budget_ms is None or c.pred.latency_ms <= req.latency_budget_ms
+        else:
+            ok = req.frame_rate is None or c.pred.bottleneck_ms <= 1000.0 / req.frame_rate
+        if ok:
+            return c, True, any(s.approximate for s in seen)
+    pool = [c for c in seen if acc_ok(accuracies[c.exit_index], req)] or seen
+    if objective == "latency":
+        best = min(pool, key=lambda c: (c.pred.latency_ms, -c.exit_index))
+    else:
+        best = min(pool, key=lambda c: (c.pred.bottleneck_ms, c.pred.latency_ms, -c.exit_index))
+    return best, False, any(s.approximate for s in seen)
+
+
+def decide(
+    accuracies: Sequence[float | None],
+    exit_indices: Sequence[int],
+    get: Callable[[int, str], Choice],
+    req: PlanRequest,
+) -> tuple[Choice, str, bool, bool]:
+    """Apply `req.mode`: latency, throughput, or auto (the latency plan if it sustains
+    frame_rate or none is given, else the throughput plan). Returns (choice, mode, met, approx)."""
+    if req.mode in ("latency", "throughput"):
+        c, met, approx = walk(accuracies, exit_indices, get, req.mode, req)
+        return c, req.mode, met, approx
+    c, met, approx = walk(accuracies, exit_indices, get, "latency", req)
+    if req.frame_rate is None or c.pred.throughput_fps >= req.frame_rate:
+        return c, "latency", met, approx
+    c, met, approx = walk(accuracies, exit_indices, get, "throughput", req)
+    return c, "throughput", met, approx
+
+
+def plan_id(content_hash: str, req: PlanRequest, planner: str) -> str:
+    """Deterministic short id: sha256 over the graph's content hash, the request and the planner."""
+    text = f"{content_hash}|{planner}|{req.key()!r}"  # repr of floats is exact and canonical
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan_dict(
+    graph: CostGraph,
+    content_hash: str,
+    req: PlanRequest,
+    planner: str,
+    choice: Choice,
+    mode: str,
+    met: bool,
+    approximate: bool,
+) -> dict[str, Any]:
+    """The plan JSON object of DESIGN.md (edge_worker left None for the service to fill)."""
+    ex = graph.exits[choice.exit_index]
+    dev, edge, transfer = choice.lists()
+    return {
+        "plan_id": plan_id(content_hash, req, planner),
+        "model": graph.model,
+        "mode": mode,
+        "planner": planner,
+        "exit": {"name": ex.name, "accuracy": ex.accuracy},
+        "device_nodes": list(dev),
+        "edge_nodes": list(edge),
+        "transfer": [{"node": n, "bytes": b} for n, b in transfer],
+        "predicted": choice.pred.as_dict(ex.accuracy),
+        "constraints_met": met,
+        "approximate": approximate,
+        "edge_worker": None,
+    }
+
+
+# ---- the plan map ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanMap:
+    """Per exit of `graph`, the candidate partitions that can be optimal (see module doc)."""
+
+    graph: CostGraph
+    cands: list[CandSet]
+    cap: int = DEFAULT_CAP
+    _hash: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if not self._hash:
+            self._hash = self.graph.content_hash()
+        self._acc = [e.accuracy for e in self.graph.exits]
+        self._exits = list(range(len(self.graph.exits)))
+
+    @classmethod
+    def build(cls, graph: CostGraph, cap: int = DEFAULT_CAP) -> PlanMap:
+        """Enumerate each exit's downward-closed partitions (up to `cap`) and keep their Pareto
+        front; beyond the cap, keep an approximate candidate set (prefix splits + weight-grid
+        min-cuts) and answer latency requests by min-cut. O(Σ_e #ideals(e) · (width + log #ideals(e)))."""
+        graph.validate()
+        graph.require_timings()
+        if not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"cap: must be a positive integer, got {cap!r}")
+        cands = []
+        for i in range(len(graph.exits)):
+            st = ExitStructure.build(graph, i)
+            got = enumerate_ideals(st, cap)
+            if got is not None:
+                devs, byts, eds, masks = got
+                cands.append(pareto_candset(st, masks, (devs, byts, eds), exact=True, count=len(masks)))
+            else:
+                cands.append(_approximate_candset(st))
+        return cls(graph, cands, cap)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def _get(self, cond: Conditions, cache: dict[tuple[int, str], Choice]) -> Callable[[int, str], Choice]:
+        def get(i: int, objective: str) -> Choice:
+            key = (i, objective)
+            c = cache.get(key)
+            if c is not None:
+                return c
+            cs = self.cands[i]
+            j = cs.best(objective, cond)
+            pred = cs.predict(j, cond)
+            c = Choice(
+                i,
+                pred,
+                lambda cs=cs, j=j: cs.lists(j),
+                approximate=objective == "throughput" and not cs.exact,
+            )
+            if objective == "latency" and not cs.exact:
+                st = cs.st
+                mask = min_latency_mask(st, cond)
+                d, b, e = st.sums(mask)
+                p2 = predict_sums(d, b, e, mask == st.full, cond)
+                if p2.latency_ms < pred.latency_ms:
+                    c = Choice(i, p2, lambda st=st, mask=mask: st.lists(mask))
+            cache[key] = c
+            return c
+
+        return get
+
+    def plan(self, req: PlanRequest) -> dict[str, Any]:
+        """The plan JSON for `req` (validated; ValueError naming the field). O(front) numpy work
+        per exit consulted when every exit was enumerated; one max-flow per consulted exit for
+        latency requests on capped exits."""
+        cond = req.conditions()  # validates the conditions' fields
+        req.check_requirements()
+        get = self._get(cond, {})
+        c, mode, met, approx = decide(self._acc, self._exits, get, req)
+        return plan_dict(self.graph, self._hash, req, "dapdee", c, mode, met, approx)
+
+    # ---- introspection -------------------------------------------------------------------------
+    def front_sizes(self) -> dict[str, int]:
+        return {cs.st.exit_name: len(cs) for cs in self.cands}
+
+    def ideal_counts(self) -> dict[str, int | None]:
+        """Number of downward-closed partitions per exit (None: more than the cap)."""
+        return {cs.st.exit_name: cs.count for cs in self.cands}
+
+    @property
+    def exact(self) -> bool:
+        return all(cs.exact for cs in self.cands)
+
+    # ---- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": MAP_SCHEMA,
+            "cap": self.cap,
+            "graph_hash": self._hash,
+            "graph": self.graph.to_dict(),
+            "exits": [
+                {
+                    "name": cs.st.exit_name,
+                    "exact": cs.exact,
+                    "count": cs.count,
+                    "masks": [format(m, "x") for m in cs.masks],
+                    "device_ms": cs.dev_l,
+                    "bytes": cs.bytes_l,
+                    "edge_ms": cs.edge_l,
+                }
+                for cs in self.cands
+            ],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON (no pickle); `from_bytes(to_bytes())` gives an identical map. O(size)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PlanMap:
+        """Parse `to_bytes` output; PlanMapError (a ValueError) naming the bad field. O(size)."""
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PlanMapError(f"plan map: not valid JSON ({exc})") from None
+        if not isinstance(d, dict):
+            raise PlanMapError("plan map: expected a JSON object")
+        if d.get("schema") != MAP_SCHEMA:
+            raise PlanMapError(f"schema: expected {MAP_SCHEMA}, got {d.get('schema')!r}")
+        graph = CostGraph.from_dict(d.get("graph"))
+        graph.require_timings()
+        h = graph.content_hash()
+        if d.get("graph_hash") != h:
+            raise PlanMapError("graph_hash: does not match the embedded graph")
+        cap = d.get("cap")
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise PlanMapError("cap: expected a positive integer")
+        exits = d.get("exits")
+        if not isinstance(exits, list) or len(exits) != len(graph.exits):
+            raise PlanMapError("exits: expected one entry per graph exit")
+        cands = []
+        for i, ed in enumerate(exits):
+            where = f"exits[{i}]"
+            if not isinstance(ed, dict) or ed.get("name") != graph.exits[i].name:
+                raise PlanMapError(f"{where}.name: does not match the graph's exit")
+            st = ExitStructure.build(graph, i)
+            try:
+                masks = [int(m, 16) for m in ed["masks"]]
+                sums = (ed["device_ms"], ed["bytes"], ed["edge_ms"])
+                if not all(isinstance(x, list) for x in sums):
+                    raise TypeError("sums")
+                exact = ed["exact"]
+                count = ed["count"]
+                if not isinstance(exact, bool) or not (count is None or isinstance(count, int)):
+                    raise TypeError("flags")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PlanMapError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
+            cs = CandSet(st, masks, sums, exact=exact, count=count)
+            _verify(cs, where)
+            cands.append(cs)
+        return cls(graph, cands, cap, h)
+
+
+def _bit_matrix(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
+    """n × m boolean matrix: row k, column i = node i of A(e) is in masks[k]. O(n · m)."""
+    nbytes = (st.m + 7) // 8
+    raw = b"".join(x.to_bytes(nbytes, "little") for x in masks)
+    bits = np.unpackbits(
+        np.frombuffer(raw, dtype=np.uint8).reshape(len(masks), nbytes), axis=1, bitorder="little"
+    )
+    return bits[:, : st.m].astype(bool)
+
+
+def mask_sums(st: ExitStructure, masks: Sequence[int]) -> tuple[list[float], list[int], list[float]]:
+    """`st.sums` for many masks at once, vectorised over masks; the float sums are accumulated in
+    topological order, so the results are bit-identical to `st.sums`. O(n · (m + E)) numpy work."""
+    on = _bit_matrix(st, masks)
+    off = ~on
+    n = len(masks)
+    dev = np.zeros(n)
+    edge = np.zeros(n)
+    sent = np.zeros(n, dtype=np.int64)
+    if st.input_cons_mask:
+        users = [i for i in range(st.m) if st.uses_input[i]]
+        sent += np.any(off[:, users], axis=1) * st.input_bytes
+    for i in range(st.m):
+        dev += on[:, i] * st.dev[i]
+        edge += off[:, i] * st.edge[i]
+        if st.cons[i]:
+            sent += (on[:, i] & np.any(off[:, list(st.cons[i])], axis=1)) * st.out[i]
+    return dev.tolist(), sent.tolist(), edge.tolist()
+
+
+def _verify(cs: CandSet, where: str) -> None:
+    """Check a deserialised candidate set against its exit: every mask a downward-closed subset
+    of A(e), sums equal to the cost model's. Vectorised over candidates: O(n · (m + E))."""
+    st = cs.st
+    if any(x < 0 or x > st.full for x in cs.masks):
+        raise PlanMapError(f"{where}.masks: not subsets of the exit's nodes")
+    on = _bit_matrix(st, cs.masks)
+    prod = [u for i in range(st.m) for u in st.preds[i]]
+    cons = [i for i in range(st.m) for _ in st.preds[i]]
+    if prod and bool(np.any(on[:, cons] & ~on[:, prod])):
+        raise PlanMapError(f"{where}.masks: not downward-closed device sets of the exit")
+    if mask_sums(st, cs.masks) != (cs.dev_l, cs.bytes_l, cs.edge_l):
+        raise PlanMapError(f"{where}: device_ms/bytes/edge_ms do not match the masks under the graph")
+
+
+def _approximate_candset(st: ExitStructure) -> CandSet:
+    """Candidates for an exit too large to enumerate: every prefix split of the topological order,
+    device-only, edge-only, and min-cuts over a weight grid (device weight 1, edge and transfer
+    weights spread over several orders of magnitude), Pareto-filtered. Not exact for throughput.
+    O(m² + |grid| max-flows)."""
+    masks = prefix_masks(st)
+    devs, byts, edges = prefix_sums(st)
+    found = set(masks)
+    total_dev = max(sum(st.dev), 1e-300)
+    total_edge = max(sum(st.edge), 1e-300)
+    max_bytes = max([st.input_bytes, *st.out, 1])
+    for we in GRID:
+        for wb in (10.0**k for k in range(-3, 4)):
+            mask = min_cut_mask(st, 1.0 / total_dev, wb / max_bytes, we / total_edge)
+            if mask not in found:
+                found.add(mask)
+                masks.append(mask)
+                d, b, e = st.sums(mask)
+                devs.append(d)
+                byts.append(b)
+                edges.append(e)
+    total = sum(st.edge)
+    ed_d = [total - e for e in edges]
+    return pareto_candset(st, masks, (devs, byts, ed_d), exact=False, count=None)
+
+
+def make_plan(graph: CostGraph, req: PlanRequest, cap: int = DEFAULT_CAP) -> dict[str, Any]:
+    """One-shot: build the plan map of `graph` and answer `req`."""
+    req.validate()
+    return PlanMap.build(graph, cap).plan(req)

@@ -1,0 +1,1 @@
+"""The planner's HTTP routes, one module per area."""

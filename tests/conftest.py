@@ -1,0 +1,163 @@
+# ---- edge worker (issue 6): run an ASGI app under a real uvicorn server in a thread ----------
+import contextlib as _contextlib  # noqa: E402
+import socket as _socket  # noqa: E402
+import threading as _threading  # noqa: E402
+import time as _time  # noqa: E402
+from collections.abc import Iterator as _Iterator  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+
+@_contextlib.contextmanager
+def serve_app_in_thread(app: _Any, host: str = "127.0.0.1", timeout: float = 30.0) -> _Iterator[str]:
+    """Serve `app` with uvicorn on a free port of `host` in a daemon thread (lifespan on);
+    yields the base URL and shuts the server down (running the lifespan's exit) afterwards."""
+    import uvicorn
+
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = _threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = _time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or _time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("uvicorn server did not start")
+        _time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for URLs nothing should answer on)."""
+    with _socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---- planner service (issue 5): key prefixes, private Redis servers, planner processes ----------
+import os as _os  # noqa: E402
+import shutil as _shutil  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import sys as _sys  # noqa: E402
+import uuid as _uuid  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+import pytest as _pytest  # noqa: E402
+
+_REPO = _Path(__file__).resolve().parent.parent
+
+
+def _redis_clear(url: str, prefix: str) -> None:
+    """Delete every key under `prefix:` on the Redis at `url` (best effort)."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url(url, socket_timeout=2)
+        keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            r.delete(*keys)
+        r.close()
+    except redis.RedisError:
+        pass
+
+
+@_pytest.fixture
+def planner_prefix() -> _Iterator[str]:
+    """A unique DAPDEE_KEY_PREFIX; its keys on the shared Redis (127.0.0.1:6379) are removed after."""
+    prefix = f"test-{_uuid.uuid4().hex[:12]}"
+    yield prefix
+    _redis_clear("redis://127.0.0.1:6379/0", prefix)
+
+
+class RedisProcess:
+    """A private `redis-server --save ''` on a fixed free port that a test can stop and restart."""
+
+    def __init__(self) -> None:
+        if _shutil.which("redis-server") is None:
+            _pytest.skip("redis-server not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: _subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = _subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no"],
+            stdout=_subprocess.DEVNULL,
+            stderr=_subprocess.DEVNULL,
+        )
+        deadline = _time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=0.5).ping()
+                return
+            except redis.RedisError:
+                if _time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                _time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@_pytest.fixture
+def redis_process() -> _Iterator[RedisProcess]:
+    """A private Redis server (started); killed after the test."""
+    rp = RedisProcess()
+    rp.start()
+    try:
+        yield rp
+    finally:
+        rp.stop()
+
+
+@_contextlib.contextmanager
+def planner_process(env: dict[str, str] | None = None, timeout: float = 60.0) -> _Iterator[str]:
+    """Run `dapdee serve planner` as its own process on a free port (settings from `env`, which
+    is added to DAPDEE_* variables); yields its base URL, terminates it afterwards."""
+    import httpx
+
+    port = free_port()
+    full_env = {k: v for k, v in _os.environ.items() if not k.startswith("DAPDEE_")}
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = str(_REPO)
+    proc = _subprocess.Popen(
+        [_sys.executable, "-m", "dapdee.cli", "serve", "planner", "--port", str(port)]
+        + ["--log-level", "warning"],
+        cwd=_REPO,
+        env=full_env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = _time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or _time.monotonic() > deadline:
+                raise RuntimeError("planner process did not start")
+            _time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except _subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -1,0 +1,319 @@
+"""Device client end to end: real uvicorn planner (in-process store, no Redis) and edge worker
+(width-0.25 ResNet-18, 1 channel), shaped loopback uplinks, emulated K = 10 device."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from clients.device.client import ClientConfig, DeviceClient, Plan, random_frames
+from clients.device.servers import ServerThread, bind_free_socket
+from dapdee.costmodel import partition
+
+SPEC = "zoo:resnet18?width=0.25&in_channels=1"
+K = 10.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Stack:
+    def __init__(self, loaded: Any, edge_loaded: Any, device_graph: Any, planner: ServerThread, edge: ServerThread):
+        self.loaded = loaded
+        self.edge_loaded = edge_loaded
+        self.device_graph = device_graph
+        self.planner = planner
+        self.edge = edge
+
+    def config(self, **kw: Any) -> ClientConfig:
+        base: dict[str, Any] = {
+            "planner_url": self.planner.url,
+            "model": SPEC,
+            "slowdown": K,
+            "device_load": 0.0,
+            "mode": "latency",
+            "plan_max_age_s": 100.0,
+            "ready_timeout_s": 30.0,
+        }
+        base.update(kw)
+        return ClientConfig(**base)
+
+    def client(self, **kw: Any) -> DeviceClient:
+        return DeviceClient(self.config(**kw), loaded=self.loaded, device_graph=self.device_graph)
+
+
+def _edge_app(models: list[Any], planner_url: str | None, sock: Any) -> Any:
+    from services.edge_worker.app import create_app
+    from services.edge_worker.config import Settings
+
+    port = sock.getsockname()[1]
+    settings = Settings(
+        models=SPEC,
+        planner_url=planner_url,
+        public_url=f"http://127.0.0.1:{port}",
+        port=port,
+        profile_repeats=5,
+        profile_warmup=1,
+        heartbeat_s=1.0,
+        workers=1,
+    )
+    return create_app(settings, models)
+
+
+def _write_artifact(directory: Path) -> Path:
+    """An artifact (weights.safetensors + manifest.json) of a seeded untrained model, so the
+    device and the edge load the same weights, as they would from a trained artifact."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from dapdee.models import MANIFEST, WEIGHTS, load_model, sha256_file
+
+    torch.manual_seed(0)
+    m = load_model(SPEC)
+    save_file({k: v.contiguous() for k, v in m.module.state_dict().items()}, str(directory / WEIGHTS))
+    manifest = {
+        "model": SPEC,
+        "name": m.name,
+        "input_shape": list(m.input_shape),
+        "weights_sha256": sha256_file(directory / WEIGHTS),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from dapdee.models import load_model
+    from dapdee.profiler import profile_model
+    from services.planner.app import create_app as create_planner
+    from services.planner.config import Settings as PlannerSettings
+
+    artifact = _write_artifact(tmp_path_factory.mktemp("artifact"))
+    # fx-trace every model before any server thread runs modules (tracing patches nn.Module)
+    loaded = load_model("", weights=artifact)
+    edge_loaded = load_model("", weights=artifact)
+    device_graph = profile_model(loaded, "device", slowdown=K, threads=1, repeats=5, warmup=1)
+    planner = ServerThread(create_planner(PlannerSettings(redis_url=None)), name="planner").start()
+    sock = bind_free_socket()
+    edge = ServerThread(_edge_app([edge_loaded], planner.url, sock), sock=sock, name="edge").start()
+    deadline = time.monotonic() + 30
+    while True:  # the edge profiles itself and registers its edge timings
+        r = httpx.get(f"{planner.url}/models/{edge_loaded.name}/profiles", timeout=5)
+        if r.status_code == 200 and "edge" in r.json()["profiles"]:
+            break
+        assert time.monotonic() < deadline, "edge worker did not register with the planner"
+        time.sleep(0.2)
+    try:
+        yield Stack(loaded, edge_loaded, device_graph, planner, edge)
+    finally:
+        edge.stop()
+        planner.stop()
+
+
+def _local_class(stack: Stack, x: torch.Tensor, exit_name: str) -> int:
+    return int(stack.loaded.run_exit(x, exit_name).argmax(dim=1)[0])
+
+
+def _mid_cut_plan(stack: Stack, client: DeviceClient, exit_name: str = "final") -> Plan:
+    """A plan whose device part is the first half of A(exit) in topological order's downward
+    closure at a single-tensor boundary (a real split, not a planner choice)."""
+    g = stack.device_graph
+    anc = g.ancestors(g.exit(exit_name).node)
+    for i in range(len(anc) // 2, len(anc)):
+        dev = anc[:i]
+        try:
+            part = partition(g, exit_name, dev)
+        except Exception:
+            continue
+        if len(part.transfer) == 1 and part.transfer[0][0] != g.input.name:
+            break
+    raw = {
+        "plan_id": "test-mid-cut",
+        "exit": {"name": exit_name, "accuracy": None},
+        "device_nodes": list(part.device_nodes),
+        "edge_nodes": list(part.edge_nodes),
+        "transfer": [{"node": n, "bytes": b} for n, b in part.transfer],
+        "predicted": {"latency_ms": 50.0},
+        "edge_worker": client.edge_url or stack.edge.url,
+    }
+    return Plan(raw, time.monotonic() + 1e6, client.bandwidth.estimate_mbps, 0.0)
+
+
+def test_frames_match_local_model(stack: Stack) -> None:
+    """Planner's cut (WiFi, no added RTT) and a forced mid-network cut: every frame's class is
+    the local model's answer at the same exit."""
+    frames = list(random_frames(stack.loaded, 6, seed=1))
+
+    async def run() -> tuple[list[Any], list[Any], DeviceClient]:
+        async with stack.client(rate_mbps=18.88, rtt_ms=0.0) as c:
+            planned = await c.run(frames)
+            c.plan = _mid_cut_plan(stack, c)
+            c.cfg.replan_threshold = 1e9
+            split = await c.run(frames)
+            return planned, split, c
+
+    planned, split, c = asyncio.run(run())
+    assert len(planned) == len(split) == len(frames)
+    for (x, _), rec in zip(frames, planned + split[: len(frames)], strict=False):
+        assert rec.pred_class == _local_class(stack, x, rec.exit)
+    for (x, _), rec in zip(frames, split, strict=True):
+        assert rec.where == "edge", rec.error
+        assert rec.device_nodes > 0 and rec.bytes_sent > 0
+        assert rec.pred_class == _local_class(stack, x, rec.exit)
+        assert rec.slowdown == K and rec.rate_mbps == 18.88
+
+
+def test_fp16_uplink_halves_bytes_and_keeps_answers(stack: Stack) -> None:
+    frames = list(random_frames(stack.loaded, 4, seed=2))
+
+    async def run(fp16: bool) -> list[Any]:
+        async with stack.client(rate_mbps=18.88, fp16=fp16) as c:
+            c.plan = _mid_cut_plan(stack, c)
+            c.cfg.replan_threshold = 1e9
+            return await c.run(frames)
+
+    full, half = asyncio.run(run(False)), asyncio.run(run(True))
+    assert all(r.where == "edge" for r in full + half)
+    assert half[0].bytes_sent < 0.6 * full[0].bytes_sent
+    agree = sum(a.pred_class == b.pred_class for a, b in zip(full, half, strict=True))
+    assert agree >= len(frames) - 1
+
+
+@pytest.mark.parametrize("net,rate", [("3G", 1.1), ("4G", 5.85)])
+def test_bandwidth_estimate_within_20_percent(stack: Stack, net: str, rate: float) -> None:
+    async def run() -> float:
+        async with stack.client(rate_mbps=rate, rtt_ms=20.0) as c:
+            for _ in range(3):
+                await c.probe()
+            return c.bandwidth.estimate_mbps
+
+    est = asyncio.run(run())
+    assert abs(est - rate) / rate < 0.2, f"{net}: estimated {est:.3f} Mbit/s, shaped {rate}"
+
+
+def test_rate_change_leads_to_new_plan(stack: Stack) -> None:
+    """Edge plan at WiFi; the shaped rate drops to 3G mid-stream; within a few frames the
+    frames run under a plan requested at the new bandwidth."""
+    frames = list(random_frames(stack.loaded, 14, seed=3))
+
+    async def run() -> tuple[list[Any], DeviceClient]:
+        async with stack.client(rate_mbps=18.88, rtt_ms=5.0) as c:
+            c.plan = _mid_cut_plan(stack, c)  # frames upload, so every frame is a bandwidth sample
+            c.plan.bandwidth_mbps = c.bandwidth.estimate_mbps
+            c.plan.requested_at = time.monotonic()
+            before = await c.run(frames[:6])
+            assert c.shaper is not None
+            c.shaper.set_rate(1.1)
+            after = []
+            for x, y in frames[6:]:
+                after.append(await c.infer(x, y))
+                await asyncio.sleep(0.02)  # frame spacing; lets the background re-plan land
+            return before + after, c
+
+    recs, c = asyncio.run(run())
+    bw_of = {p.id: p.bandwidth_mbps for p in c.plans}
+    low = [r.index for r in recs[6:] if bw_of.get(r.plan_id, 1e9) < 0.5 * 18.88]
+    assert low, f"no plan at the new bandwidth after the rate change; events: {c.events}"
+    assert low[0] - recs[6].index <= 4, f"the new plan only at frame {low[0]} (change at {recs[6].index})"
+
+
+def test_edge_stopped_mid_stream_loses_no_frame(stack: Stack) -> None:
+    """A private edge worker is stopped after 4 frames: all frames are answered (the rest
+    locally, from the tensors the device had), with the local model's classes."""
+    sock = bind_free_socket()
+    edge2 = ServerThread(_edge_app([stack.edge_loaded], None, sock), sock=sock, name="edge2").start()
+    frames = list(random_frames(stack.loaded, 10, seed=4))
+
+    async def run() -> tuple[list[Any], DeviceClient]:
+        async with stack.client(rate_mbps=18.88, edge_url=edge2.url, timeout_floor_ms=500.0) as c:
+            c.plan = _mid_cut_plan(stack, c)
+            recs = []
+            for i, (x, y) in enumerate(frames):
+                if i == 4:
+                    await asyncio.to_thread(edge2.stop)
+                recs.append(await c.infer(x, y))
+            return recs, c
+
+    try:
+        recs, c = asyncio.run(run())
+    finally:
+        edge2.stop()
+    assert len(recs) == len(frames)
+    assert all(r.where == "edge" for r in recs[:4])
+    assert all(r.where in ("fallback", "local") for r in recs[4:])
+    assert any(r.where == "fallback" for r in recs[4:])
+    for (x, _), r in zip(frames, recs, strict=True):
+        assert r.pred_class == _local_class(stack, x, r.exit)
+    assert any("edge failure" in e for e in c.events)
+
+
+def test_pipelined_stream_answers_every_frame_in_order(stack: Stack) -> None:
+    frames = list(random_frames(stack.loaded, 10, seed=5))
+
+    async def run() -> list[Any]:
+        async with stack.client(rate_mbps=5.85, mode="throughput", frame_rate=50.0, max_inflight=3) as c:
+            c.plan = _mid_cut_plan(stack, c)
+            c.cfg.replan_threshold = 1e9
+            return await c.run(frames)
+
+    recs = asyncio.run(run())
+    assert [r.index for r in recs] == sorted(r.index for r in recs)
+    assert len(recs) == len(frames)
+    for (x, _), r in zip(frames, recs, strict=True):
+        assert r.pred_class == _local_class(stack, x, r.exit)
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from dapdee.cli import main
+
+    rc = main(args)
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    sock = bind_free_socket()  # bound, never listening: connection refused
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        rc, err = _cli(["device", "run", "--planner", url, "--model", SPEC, "--frames", "1", "--quiet"], capsys)
+    finally:
+        sock.close()
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and "cannot reach the planner" in err, err
+    rc, err = _cli(["device", "run", "--planner", "not a url", "--model", SPEC, "--quiet"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1 and "planner" in err, err
+
+
+def test_unknown_model_fails_with_one_line(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "nosuchmodel", "--quiet"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1 and "no model 'nosuchmodel'" in err, err
+    rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "zoo:nosuch", "--quiet"], capsys)
+    assert rc != 0 and len(err.splitlines()) == 1 and "unknown zoo model" in err, err
+
+
+def test_dapdee_up_runs_within_a_minute() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
+    env["PYTHONPATH"] = str(REPO)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dapdee.cli", "up", "--frames", "6", "--quiet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for word in ("CAT1", "3G", "4G", "Device-Only", "K=10", "pred ms", "meas ms"):
+        assert word in out, out
+    assert elapsed < 60, f"dapdee up took {elapsed:.1f} s"

@@ -1,0 +1,490 @@
+"""Edge worker end to end: a real uvicorn server on loopback, real zoo models (width 0.25),
+device parts run locally with the split executor, boundary tensors sent over the v2 protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi import FastAPI, Request
+
+from dapdee import wire
+from dapdee.costmodel import Partition, partition
+from dapdee.models import LoadedModel, load_model
+from services.edge_worker.app import create_app
+from services.edge_worker.config import Settings
+from tests.conftest import free_port, serve_app_in_thread
+
+ZOO_MODELS = ("alexnet", "vgg16", "resnet18", "inception")
+FP16_TOL = 2e-2  # |fp16-sent logits - fp32 logits| <= FP16_TOL * (1 + max|logit|)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, LoadedModel]:
+    return {n: load_model(f"zoo:{n}?width=0.25") for n in ZOO_MODELS}
+
+
+@pytest.fixture(scope="module")
+def worker(models: dict[str, LoadedModel]) -> Any:
+    settings = Settings(batch_max=8, batch_wait_ms=5.0, max_body_bytes=4 << 20, max_elements=1 << 22)
+    with serve_app_in_thread(create_app(settings, list(models.values()))) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+
+
+def cuts(m: LoadedModel, exit_name: str) -> list[Partition]:
+    """Edge-only, a third and two thirds of A(exit) on the device (topological prefixes are
+    downward closed)."""
+    needed = m.graph.ancestors(m.exit_node(exit_name))
+    return [partition(m.graph, exit_name, needed[:k]) for k in (0, len(needed) // 3, 2 * len(needed) // 3)]
+
+
+def device_part(m: LoadedModel, part: Partition, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the partition's device side locally; the boundary tensors it sends, by node name."""
+    names = [u for u, _ in part.transfer]
+    nodes = [n for n in names if n != m.input_name]
+    with torch.inference_mode():
+        out = m.executor.compute({m.input_name: x}, nodes, allowed=set(part.device_nodes)) if nodes else {}
+    return {n: (x if n == m.input_name else out[n]) for n in names}
+
+
+def infer(
+    client: httpx.Client, model: str, inputs: dict[str, torch.Tensor], exit_name: str | None = None, **kw: Any
+) -> httpx.Response:
+    params = {"exit": exit_name} if exit_name else {}
+    body, headers = wire.encode_request(inputs, parameters=params, **kw)
+    return client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+
+
+def logits_of(r: httpx.Response) -> wire.DecodedResponse:
+    assert r.status_code == 200, r.text
+    return wire.decode_response(r.content, r.headers)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(4))
+    return total
+
+
+# ---- metadata and health ------------------------------------------------------------------
+
+
+def test_health_and_metadata(worker: httpx.Client, models: dict[str, LoadedModel]) -> None:
+    assert worker.get("/v2/health/live").status_code == 200
+    assert worker.get("/v2/health/ready").status_code == 200
+    meta = worker.get("/v2").json()
+    assert meta["name"] == "dapdee-edge" and "binary_tensor_data" in meta["extensions"]
+    for name, m in models.items():
+        assert worker.get(f"/v2/models/{name}/ready").status_code == 200
+        md = worker.get(f"/v2/models/{name}").json()
+        assert md["name"] == name and md["platform"] == "pytorch"
+        assert md["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3, 32, 32]}]
+        assert [o["name"] for o in md["outputs"]] == ["logits", "class"]
+        assert md["parameters"]["exits"] == [e.name for e in m.graph.exits]
+    r = worker.get("/v2/models/nope")
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+    assert worker.get("/v2/models/nope/ready").status_code == 404
+
+
+# ---- correctness over models, exits, cuts and encodings ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_any_cut_any_exit_matches_whole_model(
+    worker: httpx.Client, models: dict[str, LoadedModel], name: str
+) -> None:
+    m = models[name]
+    exits = [e.name for e in m.graph.exits]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for exit_name in dict.fromkeys([exits[0], exits[len(exits) // 2], exits[-1]]):
+        ref = m.run_exit(x, exit_name)
+        for part in cuts(m, exit_name):
+            sent = device_part(m, part, x)
+            for binary in (True, False):
+                r = logits_of(infer(worker, name, sent, exit_name, binary=binary, binary_output=binary))
+                assert r.parameters["exit"] == exit_name and r.parameters["compute_ms"] >= 0
+                assert r.parameters["queue_ms"] >= 0
+                assert torch.allclose(r.outputs["logits"], ref, atol=1e-5, rtol=0), (exit_name, part.transfer)
+                assert torch.equal(r.outputs["class"], ref.argmax(1))
+                r16 = logits_of(infer(worker, name, sent, exit_name, binary=binary, wire_dtype="FP16"))
+                err = (r16.outputs["logits"] - ref).abs().max().item()
+                assert err <= FP16_TOL * (1 + ref.abs().max().item()), (exit_name, part.transfer, err)
+                top2 = ref.topk(2, dim=1).values
+                clear = (
+                    top2[:, 0] - top2[:, 1]
+                ) > 2 * err  # argmax must agree where the margin exceeds the error
+                assert torch.equal(r16.outputs["class"][clear], ref.argmax(1)[clear])
+
+
+def test_default_exit_int8_and_all_on_device(worker: httpx.Client, models: dict[str, LoadedModel]) -> None:
+    m = models["resnet18"]
+    x = torch.randn(3, 3, 32, 32)
+    ref = m.run_exit(x)
+    r = logits_of(infer(worker, "resnet18", {"x": x}))  # no exit parameter: the final exit
+    assert r.parameters["exit"] == "final" and torch.allclose(r.outputs["logits"], ref, atol=1e-5, rtol=0)
+    r8 = logits_of(infer(worker, "resnet18", {"x": x}, wire_dtype="INT8"))
+    assert r8.outputs["logits"].shape == ref.shape  # int8 is lossy; shape and sanity only
+    assert (r8.outputs["logits"] - ref).abs().max() < 0.5 * (1 + ref.abs().max())
+    node = m.exit_node("exit1")  # the exit itself sent: nothing left to compute
+    out = m.run_exit(x, "exit1")
+    r = logits_of(infer(worker, "resnet18", {node: out}, "exit1"))
+    assert torch.equal(r.outputs["logits"], out)
+
+
+def test_requested_outputs_and_id_echo(worker: httpx.Client) -> None:
+    x = torch.randn(1, 3, 32, 32)
+    header = {
+        "id": "req-42",
+        "parameters": {"exit": "exit1"},
+        "inputs": [{"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": x.flatten().tolist()}],
+        "outputs": [{"name": "class"}],
+    }
+    r = worker.post("/v2/models/alexnet/infer", json=header)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["id"] == "req-42" and [o["name"] for o in body["outputs"]] == ["class"]
+    assert body["outputs"][0]["datatype"] == "INT64"
+
+
+# ---- batching and concurrency ------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_answered_individually(
+    worker: httpx.Client, models: dict[str, LoadedModel]
+) -> None:
+    m = models["resnet18"]
+    part = cuts(m, "final")[1]
+    base = str(worker.base_url)
+    n = 32
+    xs = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+    sent = [device_part(m, part, x) for x in xs]
+    refs = [m.run_exit(x) for x in xs]
+    before = worker.get("/metrics").text
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+
+            async def one(i: int) -> httpx.Response:
+                body, headers = wire.encode_request(sent[i], request_id=f"c{i}")
+                return await c.post("/v2/models/resnet18/infer", content=body, headers=headers)
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    responses = asyncio.run(go())
+    sizes = []
+    for i, r in enumerate(responses):
+        d = logits_of(r)
+        assert d.id == f"c{i}"
+        assert torch.allclose(d.outputs["logits"], refs[i], atol=1e-4, rtol=1e-4), i
+        sizes.append(d.parameters["batch_size"])
+    assert max(sizes) > 1
+    after = worker.get("/metrics").text
+    batches = metric(after, "dapdee_edge_batch_size_count", model="resnet18") - metric(
+        before, "dapdee_edge_batch_size_count", model="resnet18"
+    )
+    singles = metric(after, "dapdee_edge_batch_size_bucket", model="resnet18", le="1.0") - metric(
+        before, "dapdee_edge_batch_size_bucket", model="resnet18", le="1.0"
+    )
+    assert batches > singles  # some batch held more than one request
+    assert batches < n
+
+
+def test_metrics_move(worker: httpx.Client) -> None:
+    before = worker.get("/metrics").text
+    x = torch.randn(1, 3, 32, 32)
+    logits_of(infer(worker, "vgg16", {"x": x}, "exit2"))
+    assert infer(worker, "vgg16", {"zzz": x}, "exit2").status_code == 400
+    assert infer(worker, "no-such-model", {"x": x}).status_code == 404
+    after = worker.get("/metrics").text
+    ok = dict(model="vgg16", exit="exit2", status="200")
+    assert (
+        metric(after, "dapdee_edge_requests_total", **ok)
+        == metric(before, "dapdee_edge_requests_total", **ok) + 1
+    )
+    bad = dict(model="vgg16", exit="exit2", status="400")
+    assert (
+        metric(after, "dapdee_edge_requests_total", **bad)
+        == metric(before, "dapdee_edge_requests_total", **bad) + 1
+    )
+    assert metric(after, "dapdee_edge_requests_total", model="_unknown", status="404") >= 1
+    assert "no-such-model" not in after  # unknown names never become label values
+    for name in (
+        "received_bytes_total",
+        "request_duration_seconds_count",
+        "compute_duration_seconds_count",
+        "queue_duration_seconds_count",
+    ):
+        assert metric(after, f"dapdee_edge_{name}", model="vgg16") > metric(
+            before, f"dapdee_edge_{name}", model="vgg16"
+        )
+    assert 'dapdee_edge_model_info{exits="exit1,exit2,exit3,exit4,final"' in after
+    assert "dapdee_edge_inflight_requests 0.0" in after
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def _raw(header: dict, payload: bytes = b"") -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    return head + payload, {wire.HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def _x(shape: list[int], size: int | None = None, name: str = "x", dtype: str = "FP32") -> dict:
+    n = 1
+    for s in shape:
+        n *= s
+    return {
+        "name": name,
+        "shape": shape,
+        "datatype": dtype,
+        "parameters": {"binary_data_size": n * 4 if size is None else size},
+    }
+
+
+def bad_cases(m: LoadedModel) -> list[tuple[str, bytes, dict[str, str], int, str]]:
+    """(case, body, headers, status, text the error must contain) for resnet18 at width 0.25."""
+    x = torch.randn(1, 3, 32, 32)
+    good = x.numpy().tobytes()
+    part = partition(m.graph, "final", m.graph.ancestors("layer1_0_conv2"))  # inside a residual block
+    boundary = device_part(m, part, x)
+    assert len(boundary) == 2  # the block's input and the conv2 output
+    first, second = list(boundary)
+    only_one = wire.encode_request({second: boundary[second]})  # the block's input is missing
+    cases = [
+        ("missing", *only_one, 400, f"boundary nodes {first}"),
+        ("unknown node", *wire.encode_request({"nosuch": x}), 400, "unknown node"),
+        ("wrong shape", *wire.encode_request({"x": torch.randn(1, 3, 16, 16)}), 400, "[batch, 3, 32, 32]"),
+        ("wrong shape of a node", *wire.encode_request({"stem_2": torch.randn(1, 3, 32, 32)}), 400, "stem_2"),
+        (
+            "batch mismatch",
+            *wire.encode_request({first: boundary[first].repeat(2, 1, 1, 1), second: boundary[second]}),
+            400,
+            "batch size",
+        ),
+        ("empty batch", *wire.encode_request({"x": torch.zeros(0, 3, 32, 32)}), 400, "at least 1"),
+        ("nan", *wire.encode_request({"x": torch.full((1, 3, 32, 32), float("nan"))}), 400, "NaN"),
+        ("unknown exit", *wire.encode_request({"x": x}, parameters={"exit": "exit9"}), 400, "unknown exit"),
+        ("exit not a string", *wire.encode_request({"x": x}, parameters={"exit": 3}), 400, "unknown exit"),
+        (
+            "unknown output",
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}], '
+            b'"outputs": [{"name": "nope"}]}',
+            {},
+            400,
+            "unknown output",
+        ),
+        (
+            "bad datatype",
+            *_raw({"inputs": [{**_x([1, 3, 32, 32]), "datatype": "BYTES"}]}, good),
+            400,
+            "BYTES",
+        ),
+        ("truncated", *_raw({"inputs": [_x([1, 3, 32, 32])]}, good[:100]), 400, "truncated"),
+        ("size mismatch", *_raw({"inputs": [_x([1, 3, 32, 32], size=100)]}, good), 400, "binary_data_size"),
+        ("negative size", *_raw({"inputs": [_x([1, 3, 32, 32], size=-4)]}, good), 400, "binary_data_size"),
+        ("overflow", *_raw({"inputs": [_x([2**31, 2**31, 2**31], size=0)]}), 400, "more than"),
+        (
+            "duplicate",
+            *_raw({"inputs": [_x([1, 3, 32, 32]), _x([1, 3, 32, 32])]}, good + good),
+            400,
+            "duplicate",
+        ),
+        ("non-object header", *_raw([1, 2]), 400, "JSON object"),  # type: ignore[arg-type]
+        ("not json", b"\xff\xfe garbage", {}, 400, "JSON"),
+        ("header length > body", good[:10], {wire.HEADER_LENGTH: "1000"}, 400, "exceeds"),
+        ("header length not a number", good, {wire.HEADER_LENGTH: "ten"}, 400, wire.HEADER_LENGTH),
+        ("too big", b"0" * ((4 << 20) + 1), {}, 413, "limit"),
+    ]
+    return cases
+
+
+def test_bad_requests_get_4xx_and_worker_keeps_serving(
+    worker: httpx.Client, models: dict[str, LoadedModel]
+) -> None:
+    m = models["resnet18"]
+    x = torch.randn(1, 3, 32, 32)
+    ref = m.run_exit(x)
+    for case, body, headers, status, text in bad_cases(m):
+        r = worker.post("/v2/models/resnet18/infer", content=body, headers=headers)
+        assert r.status_code == status, (case, r.status_code, r.text)
+        err = r.json()["error"]
+        assert isinstance(err, str) and text in err, (case, err)
+        ok = logits_of(infer(worker, "resnet18", {"x": x}))  # the next valid request succeeds
+        assert torch.allclose(ok.outputs["logits"], ref, atol=1e-5, rtol=0), case
+    r = worker.post("/v2/models/nope/infer", content=b"{}")
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+def test_streamed_body_over_limit(worker: httpx.Client) -> None:
+    def chunks() -> Any:
+        for _ in range(5):
+            yield b"0" * (1 << 20)
+
+    r = worker.post("/v2/models/resnet18/infer", content=chunks())  # chunked: no Content-Length
+    assert r.status_code == 413
+    assert worker.get("/v2/health/ready").status_code == 200
+
+
+# ---- auth and overload ---------------------------------------------------------------------------
+
+
+def test_bearer_token(models: dict[str, LoadedModel]) -> None:
+    settings = Settings(api_token="s3cret", batch_max=1)
+    with (
+        serve_app_in_thread(create_app(settings, [models["alexnet"]])) as url,
+        httpx.Client(base_url=url) as c,
+    ):
+        x = torch.randn(1, 3, 32, 32)
+        body, headers = wire.encode_request({"x": x})
+        r = c.post("/v2/models/alexnet/infer", content=body, headers=headers)
+        assert (
+            r.status_code == 401
+            and r.headers["www-authenticate"] == "Bearer"
+            and "token" in r.json()["error"]
+        )
+        r = c.post(
+            "/v2/models/alexnet/infer", content=body, headers={**headers, "Authorization": "Bearer nope"}
+        )
+        assert r.status_code == 403 and "error" in r.json()
+        r = c.post(
+            "/v2/models/alexnet/infer", content=body, headers={**headers, "Authorization": "Bearer s3cret"}
+        )
+        assert r.status_code == 200
+        assert torch.allclose(
+            wire.decode_response(r.content, r.headers).outputs["logits"],
+            models["alexnet"].run_exit(x),
+            atol=1e-5,
+            rtol=0,
+        )
+        assert c.get("/v2/health/ready").status_code == 200  # health stays open
+
+
+def test_overload_answers_503_with_retry_after(models: dict[str, LoadedModel]) -> None:
+    settings = Settings(max_inflight=1, batch_max=1, slowdown=100.0)
+    with serve_app_in_thread(create_app(settings, [models["alexnet"]])) as url:
+        body, headers = wire.encode_request({"x": torch.randn(1, 3, 32, 32)})
+
+        async def go() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(
+                    *(c.post("/v2/models/alexnet/infer", content=body, headers=headers) for _ in range(6))
+                )
+
+        codes = [r.status_code for r in asyncio.run(go())]
+        assert 200 in codes and 503 in codes, codes
+        rejected = next(r for r in asyncio.run(go()) if r.status_code == 503)
+        assert rejected.headers["retry-after"] == "1" and "in flight" in rejected.json()["error"]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.post("/v2/models/alexnet/infer", content=body, headers=headers).status_code == 200
+
+
+# ---- planner registration ---------------------------------------------------------------------------
+
+
+def fake_planner() -> tuple[FastAPI, list[tuple[str, str, Any]]]:
+    calls: list[tuple[str, str, Any]] = []
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["PUT", "POST"])
+    async def record(path: str, request: Request) -> dict[str, bool]:
+        calls.append((request.method, "/" + path, await request.json()))
+        return {"ok": True}
+
+    return app, calls
+
+
+def test_registers_profile_and_heartbeats(models: dict[str, LoadedModel], tmp_path: Any) -> None:
+    planner, calls = fake_planner()
+    with serve_app_in_thread(planner) as purl:
+        settings = Settings(
+            planner_url=purl,
+            tier="cpu-test",
+            public_url="http://edge-1:8000",
+            heartbeat_s=0.2,
+            profile_repeats=1,
+            profile_warmup=0,
+            profile_cache=str(tmp_path),
+        )
+        app = create_app(settings, [models["alexnet"]])
+        with serve_app_in_thread(app) as url:
+            deadline = time.monotonic() + 30
+            while sum(1 for c in calls if c[1] == "/workers/heartbeat") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with httpx.Client(base_url=url) as c:
+                assert c.get("/v2/health/ready").status_code == 200
+    puts = {p: b for meth, p, b in calls if meth == "PUT"}
+    graph = puts["/models/alexnet"]
+    assert graph["model"] == "alexnet" and all(n["edge_ms"] is not None for n in graph["nodes"])
+    prof = puts["/models/alexnet/profiles/cpu-test"]
+    assert prof["kind"] == "edge" and set(prof["timings_ms"]) == {n["name"] for n in graph["nodes"]}
+    assert prof["meta"]["tier"] == "cpu-test"
+    beats = [b for _, p, b in calls if p == "/workers/heartbeat"]
+    assert len(beats) >= 2
+    assert beats[0]["url"] == "http://edge-1:8000" and beats[0]["models"] == ["alexnet"]
+    assert beats[0]["tier"] == "cpu-test" and 0 <= beats[0]["load"] < 1
+    assert beats[0]["inflight"] == 0 and beats[0]["queue_depth"] == 0
+    assert (tmp_path / "alexnet.cpu-test.edge.json").is_file()  # cached for the next start
+
+
+def test_unreachable_planner_never_stops_the_worker(models: dict[str, LoadedModel]) -> None:
+    settings = Settings(
+        planner_url=f"http://127.0.0.1:{free_port()}", heartbeat_s=0.1, profile=False, planner_timeout_s=0.5
+    )
+    with (
+        serve_app_in_thread(create_app(settings, [models["alexnet"]])) as url,
+        httpx.Client(base_url=url) as c,
+    ):
+        time.sleep(0.5)  # a few failed registrations / heartbeats
+        body, headers = wire.encode_request({"x": torch.randn(1, 3, 32, 32)})
+        assert c.post("/v2/models/alexnet/infer", content=body, headers=headers).status_code == 200
+        assert c.get("/v2/health/ready").status_code == 200
+
+
+# ---- settings and CLI ------------------------------------------------------------------------------
+
+
+def test_settings_from_env_and_cli_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAPDEE_EDGE_MODELS", "zoo:resnet18@artifacts/x, zoo:vgg16?width=0.25")
+    monkeypatch.setenv("DAPDEE_EDGE_BATCH_MAX", "16")
+    monkeypatch.setenv("DAPDEE_API_TOKEN", "tok")
+    s = Settings()
+    assert s.model_entries() == [("zoo:resnet18", "artifacts/x"), ("zoo:vgg16?width=0.25", None)]
+    assert s.batch_max == 16 and s.api_token is not None and s.api_token.get_secret_value() == "tok"
+    from dapdee.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "edge",
+            "--models",
+            "zoo:alexnet?width=0.25",
+            "--tier",
+            "t1",
+            "--batch-max",
+            "4",
+            "--port",
+            "0",
+        ]
+    )
+    assert args.models == "zoo:alexnet?width=0.25" and args.batch_max == 4 and callable(args.func)
+
+
+def test_cli_rejects_bad_model_spec() -> None:
+    from dapdee.cli import main
+
+    assert main(["serve", "edge", "--models", "zoo:nosuchnet", "--port", "0"]) == 2
+    assert main(["serve", "edge", "--models", "zoo:alexnet@/nonexistent/dir", "--port", "0"]) == 2
