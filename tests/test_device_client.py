@@ -23,10 +23,13 @@ from dapdee.costmodel import partition
 SPEC = "zoo:resnet18?width=0.25&in_channels=1"
 K = 10.0
 REPO = Path(__file__).resolve().parent.parent
+ARTIFACT = ""  # set by the stack fixture
 
 
 class Stack:
-    def __init__(self, loaded: Any, edge_loaded: Any, device_graph: Any, planner: ServerThread, edge: ServerThread):
+    def __init__(
+        self, loaded: Any, edge_loaded: Any, device_graph: Any, planner: ServerThread, edge: ServerThread
+    ):
         self.loaded = loaded
         self.edge_loaded = edge_loaded
         self.device_graph = device_graph
@@ -98,6 +101,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from services.planner.config import Settings as PlannerSettings
 
     artifact = _write_artifact(tmp_path_factory.mktemp("artifact"))
+    global ARTIFACT
+    ARTIFACT = str(artifact)
     # fx-trace every model before any server thread runs modules (tracing patches nn.Module)
     loaded = load_model("", weights=artifact)
     edge_loaded = load_model("", weights=artifact)
@@ -272,6 +277,44 @@ def test_pipelined_stream_answers_every_frame_in_order(stack: Stack) -> None:
         assert r.pred_class == _local_class(stack, x, r.exit)
 
 
+def test_fallback_takes_an_earlier_exit_when_the_budget_demands(stack: Stack) -> None:
+    c = stack.client(latency_budget_ms=1e6)
+    exits = [e.name for e in stack.device_graph.exits]
+    assert c._fallback_exit("final", set(), 0.0) == "final"
+    c.cfg.latency_budget_ms = 1e-3  # nothing fits: the cheapest exit
+    assert c._fallback_exit("final", set(), 0.0) == exits[0]
+    c.cfg.latency_budget_ms = None  # no budget: the planned exit
+    assert c._fallback_exit(exits[1], set(), 1e9) == exits[1]
+
+
+def test_cli_device_run_logs_json_lines(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    log = tmp_path / "frames.jsonl"
+    args = ["device", "run", "--planner", stack.planner.url, "--weights", ARTIFACT, "--network", "4G"]
+    args += ["--frames", "4", "--log", str(log), "--quiet", "--device-load", "0", "--mode", "latency"]
+    from dapdee.cli import main
+
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "K=10" in out and "5.85 Mbit/s" in out
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 4
+    assert {
+        "predicted_ms",
+        "measured_ms",
+        "exit",
+        "device_nodes",
+        "bytes_sent",
+        "where",
+        "pred_class",
+    } <= set(rows[0])
+    assert all(r["rate_mbps"] == 5.85 and r["slowdown"] == 10.0 for r in rows)
+
+
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     from dapdee.cli import main
 
@@ -283,7 +326,9 @@ def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str])
     sock = bind_free_socket()  # bound, never listening: connection refused
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        rc, err = _cli(["device", "run", "--planner", url, "--model", SPEC, "--frames", "1", "--quiet"], capsys)
+        rc, err = _cli(
+            ["device", "run", "--planner", url, "--model", SPEC, "--frames", "1", "--quiet"], capsys
+        )
     finally:
         sock.close()
     assert rc != 0
@@ -293,9 +338,13 @@ def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str])
 
 
 def test_unknown_model_fails_with_one_line(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "nosuchmodel", "--quiet"], capsys)
+    rc, err = _cli(
+        ["device", "run", "--planner", stack.planner.url, "--model", "nosuchmodel", "--quiet"], capsys
+    )
     assert rc != 0 and len(err.splitlines()) == 1 and "no model 'nosuchmodel'" in err, err
-    rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "zoo:nosuch", "--quiet"], capsys)
+    rc, err = _cli(
+        ["device", "run", "--planner", stack.planner.url, "--model", "zoo:nosuch", "--quiet"], capsys
+    )
     assert rc != 0 and len(err.splitlines()) == 1 and "unknown zoo model" in err, err
 
 

@@ -158,6 +158,13 @@ def test_requested_outputs_and_id_echo(worker: httpx.Client) -> None:
     body = r.json()
     assert body["id"] == "req-42" and [o["name"] for o in body["outputs"]] == ["class"]
     assert body["outputs"][0]["datatype"] == "INT64"
+    # per-output binary_data_output: a binary response holding only the logits
+    header["outputs"] = [{"name": "logits", "parameters": {"binary_data_output": True}}]
+    r = worker.post("/v2/models/alexnet/infer", json=header)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert int(r.headers[wire.HEADER_LENGTH]) < len(r.content)
+    d = wire.decode_response(r.content, r.headers)
+    assert list(d.outputs) == ["logits"] and d.id == "req-42" and d.outputs["logits"].shape == (1, 10)
 
 
 # ---- batching and concurrency ------------------------------------------------------------------
@@ -488,3 +495,30 @@ def test_cli_rejects_bad_model_spec() -> None:
 
     assert main(["serve", "edge", "--models", "zoo:nosuchnet", "--port", "0"]) == 2
     assert main(["serve", "edge", "--models", "zoo:alexnet@/nonexistent/dir", "--port", "0"]) == 2
+
+
+def test_lifespan_loads_models_from_settings() -> None:
+    settings = Settings(models="zoo:alexnet?width=0.25&in_channels=1", batch_max=1)
+    with serve_app_in_thread(create_app(settings)) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/v2/health/ready").status_code == 200
+        md = c.get("/v2/models/alexnet").json()
+        assert md["inputs"][0]["shape"] == [-1, 1, 32, 32]
+        body, headers = wire.encode_request({"x": torch.randn(2, 1, 32, 32)}, wire_dtype="INT8")
+        r = c.post("/v2/models/alexnet/infer", content=body, headers=headers)
+        assert r.status_code == 200 and wire.decode_response(r.content, r.headers).outputs["class"].shape == (
+            2,
+        )
+
+
+def test_artifact_spec_pins_options() -> None:
+    from pathlib import Path
+
+    from services.edge_worker.app import load_models
+
+    art = Path(__file__).resolve().parent.parent / "artifacts" / "fmnist-alexnet"
+    if not (art / "manifest.json").is_file():
+        pytest.skip("no shipped alexnet artifact")
+    (m,) = load_models(Settings(models=f"zoo:alexnet@{art}"))
+    assert m.manifest is not None and m.graph.exits[-1].accuracy is not None
+    with pytest.raises(ValueError, match="trained for"):
+        load_models(Settings(models=f"zoo:alexnet?width=0.25@{art}"))

@@ -181,7 +181,7 @@ def test_calibration_respects_bound_on_synthetic_data() -> None:
         [0.5 + 0.5 * conf[0], 0.6 + 0.4 * conf[1], torch.full((n,), 0.95)]
     )
     costs = C.ExitCosts(G)
-    ts = C.calibrate_thresholds(conf, correct, costs, 0.02)
+    ts = C.calibrate_thresholds(conf, correct, costs, 0.02, z=1.0)
     st = C.policy_stats(conf, correct, ts, costs)
     assert st["accuracy_loss"] + st["loss_stderr"] <= 0.02 + 1e-9
     assert st["flops_saved"] > 0 and ts[-1] is None
@@ -198,7 +198,7 @@ def test_calibrate_command_writes_manifest(
     rep = json.loads(capsys.readouterr().out)
     assert rep["rule"] == "max_softmax" and set(rep["thresholds"]) == {"exit1", "exit2", "exit3", "final"}
     assert rep["thresholds"]["final"] is None
-    assert rep["calib"]["accuracy_loss"] + rep["calib"]["loss_stderr"] <= 0.05 + 1e-9
+    assert rep["calib"]["accuracy_loss"] + 2.5 * rep["calib"]["loss_stderr"] <= 0.05 + 1e-9
     assert sum(rep["test"]["exit_fraction"].values()) == pytest.approx(1.0)
     assert 0 <= rep["test"]["flops_saved"] < 1
     m = read_manifest(art)

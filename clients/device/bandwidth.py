@@ -3,7 +3,7 @@
 - `BandwidthEstimator`: EWMA of the uplink rate seen by the device's own uploads. A sample is
   `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt)`; samples whose
   upload part is too small to time (under `min_upload_ms`) are ignored.
-- `RttEstimator`: EWMA of cheap `GET /v2/health/live` round trips (these include the HTTP
+- `RttEstimator`: windowed minimum of cheap `GET /v2/health/live` round trips (these include the HTTP
   overhead of one request on top of the network round trip, which the bandwidth samples
   then also net out).
 - `LoadMonitor`: compute load = the share of all CPUs used by *other* processes, from
@@ -25,12 +25,14 @@ MAX_LOAD = 0.95
 
 @dataclass
 class BandwidthEstimator:
-    """EWMA (weight `alpha` on the newest sample) of uplink Mbit/s from upload timings."""
+    """EWMA of uplink Mbit/s from upload timings: weight `alpha` on the newest sample, scaled
+    down for uploads shorter than `full_weight_ms`."""
 
     prior_mbps: float = 1.0
     alpha: float = 0.4
     min_upload_ms: float = 1.0
     min_bytes: int = 512
+    full_weight_ms: float = 20.0
     estimate_mbps: float = field(init=False)
     samples: int = field(default=0, init=False)
     last_sample_at: float = field(default=0.0, init=False)
@@ -55,7 +57,10 @@ class BandwidthEstimator:
         if self.samples == 0:
             self.estimate_mbps = sample
         else:
-            self.estimate_mbps = self.alpha * sample + (1 - self.alpha) * self.estimate_mbps
+            # short uploads are dominated by timing noise (RTT jitter, HTTP overhead): weigh a
+            # sample by its upload time, full weight from `full_weight_ms` on
+            a = self.alpha * min(1.0, upload_ms / self.full_weight_ms)
+            self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
         self.samples += 1
         self.last_sample_at = time.monotonic()
         self.last_sample_mbps = sample
@@ -68,20 +73,23 @@ class BandwidthEstimator:
 
 @dataclass
 class RttEstimator:
-    """EWMA of measured round trips (ms)."""
+    """Round trip (ms): the minimum of the last `window` measurements. Queueing and scheduler
+    spikes only ever add delay, so the windowed minimum tracks the path's base round trip
+    (as TCP's min-RTT filters do) while still following a lasting change within `window`."""
 
-    alpha: float = 0.3
+    window: int = 8
     estimate_ms: float = 0.0
     samples: int = 0
     last_sample_at: float = 0.0
+    recent: deque[float] = field(default_factory=deque)
 
     def observe(self, rtt_ms: float) -> None:
         if rtt_ms < 0:
             return
-        if self.samples == 0:
-            self.estimate_ms = rtt_ms
-        else:
-            self.estimate_ms = self.alpha * rtt_ms + (1 - self.alpha) * self.estimate_ms
+        self.recent.append(rtt_ms)
+        while len(self.recent) > self.window:
+            self.recent.popleft()
+        self.estimate_ms = min(self.recent)
         self.samples += 1
         self.last_sample_at = time.monotonic()
 

@@ -262,6 +262,9 @@ class DeviceClient:
                 self.loaded = await self._load_model()
             if self.device_graph is None:
                 self.device_graph = await asyncio.to_thread(self._device_profile)
+            if self.load_monitor is not None:  # a first load reading before the first plan
+                await asyncio.sleep(0.3)
+                self.load_monitor.sample()
             if self.cfg.device_only:
                 self.plan = self.device_only_plan()
                 return
@@ -293,7 +296,9 @@ class DeviceClient:
         from dapdee.models import load_model
 
         spec = self.cfg.model or ""
-        if self.cfg.weights or ":" in spec:
+        if self.cfg.weights and ":" not in spec:  # the artifact pins the spec; `spec` is a name
+            return await asyncio.to_thread(load_model, "", None, self.cfg.weights, spec or None)
+        if ":" in spec:
             return await asyncio.to_thread(load_model, spec, None, self.cfg.weights)
         if not spec:
             raise ModelError("give --model (zoo:NAME?…, package.module:factory or a model name) or --weights")
@@ -384,7 +389,8 @@ class DeviceClient:
             ) from None
         except httpx.HTTPError as exc:
             raise PlannerError(
-                f"cannot reach the planner at {self.cfg.planner_url} ({type(exc).__name__}: {exc or 'no answer'})"
+                f"cannot reach the planner at {self.cfg.planner_url} "
+                f"({type(exc).__name__}: {exc or 'no answer'})"
             ) from None
 
     @staticmethod
@@ -909,7 +915,10 @@ def summarize(records: list[FrameRecord], wall_s: float | None = None) -> dict[s
 
 def format_records_table(records: list[FrameRecord], limit: int = 40) -> str:
     """A per-frame table (the last `limit` frames)."""
-    head = f"{'#':>4} {'where':<8} {'exit':<6} {'dev':>4} {'bytes':>7} {'pred ms':>8} {'meas ms':>8} {'cls':>3} {'y':>3}"
+    head = (
+        f"{'#':>4} {'where':<8} {'exit':<6} {'dev':>4} {'bytes':>7} {'pred ms':>8} {'meas ms':>8} "
+        f"{'cls':>3} {'y':>3}"
+    )
     lines = [head]
     for r in records[-limit:]:
         pred = f"{r.predicted_ms:8.1f}" if r.predicted_ms is not None else f"{'-':>8}"

@@ -105,7 +105,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser(
         "up",
-        help="all in one: planner + edge worker + device on 127.0.0.1 (no Docker, no Redis) over emulated networks",
+        help="all in one: planner + edge worker + device on 127.0.0.1 (no Docker, no Redis), "
+        "emulated networks",
     )
     u.add_argument("--artifact", help="artifact to serve (default artifacts/fmnist-resnet18)")
     u.add_argument("--networks", default="CAT1,3G,4G", help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
@@ -181,7 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     s = summarize(records, wall)
     link = f"uplink {net} shaped, rtt +{args.rtt_ms:g} ms" if net else "uplink not shaped"
     print(
-        f"model {client.model_name}; device K={args.slowdown:g}x slower than this machine; {link}; mode {args.mode}"
+        f"model {client.model_name}; device K={args.slowdown:g}x slower than this machine; {link}; "
+        f"mode {args.mode}"
     )
     print(format_records_table(records, limit=20))
     acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ def find_artifact(given: str | None) -> str | None:
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "  ".join(
+        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -61,6 +64,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("network", "network"),
         ("uplink", "Mbit/s"),
         ("est", "est Mbit/s"),
+        ("load", "dev load"),
         ("exit", "exit"),
         ("cut", "cut dev/all"),
         ("bytes", "bytes/frame"),
@@ -72,7 +76,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ]
     body = [[str(r.get(k, "")) for k, _ in cols] for r in rows]
     head = [h for _, h in cols]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     lines = [_row(head, widths), _row(["-" * w for w in widths], widths)]
     lines += [_row(b, widths) for b in body]
     return "\n".join(lines)
@@ -98,6 +102,7 @@ def row_of(name: str, rate: float | None, client: Any, records: list[Any]) -> di
         "network": name,
         "uplink": "-" if rate is None else f"{rate:g}",
         "est": "-" if rate is None else f"{client.bandwidth.estimate_mbps:.3g}",
+        "load": f"{statistics.fmean(r.device_load or 0.0 for r in records):.2f}" if records else "-",
         "exit": main_exit + ("" if len(exits) <= 1 else f" (+{len(exits) - 1})"),
         "cut": f"{s['device_nodes_mean']:.0f}/{anc}",
         "bytes": f"{s['bytes_sent_mean']:.0f}",
@@ -229,8 +234,9 @@ def run_up(opts: UpOptions) -> int:
         )
         print(format_table(rows))
         print(
-            "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model), "
-            f"meas = measured on this machine; {wall:.1f} s in all"
+            "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model); "
+            "meas = measured here; dev load = measured share of the CPUs used by other processes; "
+            f"{wall:.1f} s in all"
         )
         return 0
     finally:

@@ -80,6 +80,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--limit", type=_pos_int, default=None, help="default: the manifest's split sizes")
     p.add_argument("--threads", type=_pos_int, default=None)
+    p.add_argument(
+        "--z",
+        type=float,
+        default=2.5,
+        help="safety margin in standard errors of the calib loss (default 2.5)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print, do not write the manifest")
     p.set_defaults(func=_calibrate)
 
@@ -135,7 +141,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from dapdee.training.confidence import calibrate_artifact
 
     res = calibrate_artifact(
-        args.artifact, args.max_accuracy_loss, dataset=args.dataset, limit=args.limit, write=not args.dry_run
+        args.artifact,
+        args.max_accuracy_loss,
+        dataset=args.dataset,
+        limit=args.limit,
+        write=not args.dry_run,
+        z=args.z,
     )
     print(json.dumps(res, indent=2))
     return 0
