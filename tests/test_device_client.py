@@ -213,10 +213,11 @@ def test_rate_change_leads_to_new_plan(stack: Stack) -> None:
     async def run() -> tuple[list[Any], DeviceClient]:
         async with stack.client(rate_mbps=18.88, rtt_ms=5.0) as c:
             c.plan = _mid_cut_plan(stack, c)  # frames upload, so every frame is a bandwidth sample
-            c.plan.bandwidth_mbps = c.bandwidth.estimate_mbps
-            c.plan.requested_at = time.monotonic()
+            c.cfg.replan_threshold = 1e9  # keep this plan (timing noise must not replace it) ...
             before = await c.run(frames[:6])
             assert c.shaper is not None
+            c.plan.bandwidth_mbps = c.bandwidth.estimate_mbps
+            c.cfg.replan_threshold = 0.2  # ... until the rate changes
             c.shaper.set_rate(1.1)
             after = []
             for x, y in frames[6:]:
@@ -239,8 +240,9 @@ def test_edge_stopped_mid_stream_loses_no_frame(stack: Stack) -> None:
     frames = list(random_frames(stack.loaded, 10, seed=4))
 
     async def run() -> tuple[list[Any], DeviceClient]:
-        async with stack.client(rate_mbps=18.88, edge_url=edge2.url, timeout_floor_ms=500.0) as c:
+        async with stack.client(rate_mbps=18.88, edge_url=edge2.url, timeout_floor_ms=2000.0) as c:
             c.plan = _mid_cut_plan(stack, c)
+            c.cfg.replan_threshold = 1e9  # only the edge failure may replace this plan
             recs = []
             for i, (x, y) in enumerate(frames):
                 if i == 4:
@@ -261,20 +263,36 @@ def test_edge_stopped_mid_stream_loses_no_frame(stack: Stack) -> None:
     assert any("edge failure" in e for e in c.events)
 
 
-def test_pipelined_stream_answers_every_frame_in_order(stack: Stack) -> None:
-    frames = list(random_frames(stack.loaded, 10, seed=5))
+def test_pipelined_stream_overlaps_stages_and_answers_every_frame(stack: Stack) -> None:
+    """Heavy load: device compute of frame i+1 overlaps the upload of frame i and the edge
+    compute of frame i-1, so a mid-network cut streams faster than one frame at a time; every
+    frame is answered, in order, with the local model's class."""
+    frames = list(random_frames(stack.loaded, 12, seed=5))
 
-    async def run() -> list[Any]:
-        async with stack.client(rate_mbps=5.85, mode="throughput", frame_rate=50.0, max_inflight=3) as c:
+    async def run(mode: str) -> tuple[list[Any], float]:
+        async with stack.client(rate_mbps=5.85, rtt_ms=10.0, mode=mode, max_inflight=3) as c:
             c.plan = _mid_cut_plan(stack, c)
             c.cfg.replan_threshold = 1e9
-            return await c.run(frames)
+            t0 = time.perf_counter()
+            recs = await c.run(frames)
+            return recs, time.perf_counter() - t0
 
-    recs = asyncio.run(run())
+    seq, seq_wall = asyncio.run(run("latency"))
+    recs, pipe_wall = asyncio.run(run("throughput"))
     assert [r.index for r in recs] == sorted(r.index for r in recs)
-    assert len(recs) == len(frames)
+    assert len(recs) == len(frames) and all(r.where == "edge" for r in recs)
     for (x, _), r in zip(frames, recs, strict=True):
         assert r.pred_class == _local_class(stack, x, r.exit)
+    # frames really overlap (frame i+1 starts before frame i is answered), never more than
+    # max_inflight at once; on an idle machine this streams ~2x faster (13.5 -> 28 fps here),
+    # on a CPU-starved one the stages contend, so only "not slower" is asserted
+    spans = [(r.started_at, r.started_at + r.measured_ms / 1000.0) for r in recs]
+    overlaps = sum(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+    assert overlaps >= len(spans) // 2, spans
+    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 3
+    seq_spans = [(r.started_at, r.started_at + r.measured_ms / 1000.0) for r in seq]
+    assert all(seq_spans[i + 1][0] >= seq_spans[i][1] - 1e-3 for i in range(len(seq_spans) - 1))
+    assert pipe_wall < 1.05 * seq_wall, f"pipelined {pipe_wall:.2f} s vs sequential {seq_wall:.2f} s"
 
 
 def test_fallback_takes_an_earlier_exit_when_the_budget_demands(stack: Stack) -> None:
@@ -313,6 +331,39 @@ def test_cli_device_run_logs_json_lines(
         "pred_class",
     } <= set(rows[0])
     assert all(r["rate_mbps"] == 5.85 and r["slowdown"] == 10.0 for r in rows)
+
+
+def test_sensing_estimators() -> None:
+    from clients.device.bandwidth import (
+        BandwidthEstimator,
+        ComputeLoadMonitor,
+        LoadMonitor,
+        RttEstimator,
+        drifted,
+        load_drifted,
+    )
+
+    bw = BandwidthEstimator(prior_mbps=1.0)
+    # 137,500 bytes in 1000 ms of which 0 server and 0 rtt: 1.1 Mbit/s
+    assert bw.observe(137_500, 1000.0, 0.0, 0.0) == pytest.approx(1.1)
+    assert bw.estimate_mbps == pytest.approx(1.1)
+    assert bw.observe(137_500, 1030.0, 10.0, 20.0) == pytest.approx(1.1)  # net of server time and rtt
+    assert bw.observe(100, 50.0, 0.0, 0.0) is None  # too small to time
+    rtt = RttEstimator(window=3)
+    for v in (30.0, 21.0, 25.0):
+        rtt.observe(v)
+    assert rtt.estimate_ms == 21.0
+    for v in (40.0, 41.0, 42.0):
+        rtt.observe(v)
+    assert rtt.estimate_ms == 40.0  # a lasting change is followed within the window
+    lm = LoadMonitor()
+    time.sleep(0.05)
+    assert 0.0 <= lm.sample() <= 0.95
+    cm = ComputeLoadMonitor()
+    assert cm.observe(0.005, 0.010) == pytest.approx(0.5)
+    assert 0.0 <= cm.calibrate() <= 0.95
+    assert drifted(1.0, 1.25, 0.2) and not drifted(1.0, 1.1, 0.2)
+    assert load_drifted(0.0, 0.3, 0.2) and not load_drifted(0.0, 0.1, 0.2)
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

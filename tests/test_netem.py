@@ -113,6 +113,6 @@ def test_emulate_slowdown_stretches_duration() -> None:
     t0 = time.perf_counter()
     assert emulate_slowdown(work, 5) == 7
     elapsed = time.perf_counter() - t0
-    assert 0.045 < elapsed < 0.09
+    assert 0.045 < elapsed < 0.15  # 5 x 10 ms, plus scheduling delay on a busy machine
     with pytest.raises(ValueError):
         emulate_slowdown(work, 0.5)

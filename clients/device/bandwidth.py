@@ -1,14 +1,18 @@
 """Sensing on the device: uplink bandwidth, round trip and compute load.
 
 - `BandwidthEstimator`: EWMA of the uplink rate seen by the device's own uploads. A sample is
-  `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt)`; samples whose
-  upload part is too small to time (under `min_upload_ms`) are ignored.
+  `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt − overhead)`; samples whose
+  upload part is too small to time (under `min_upload_ms`) are ignored. Idle probes are pairs
+  (small, large) whose differences give the rate with the RTT and the fixed per-request cost
+  (HTTP, codec, scheduling) cancelled, and measure that fixed `overhead`.
 - `RttEstimator`: windowed minimum of cheap `GET /v2/health/live` round trips (these include the HTTP
   overhead of one request on top of the network round trip, which the bandwidth samples
   then also net out).
 - `LoadMonitor`: compute load = the share of all CPUs used by *other* processes, from
   `/proc/stat` (machine busy jiffies) minus this process's own CPU time, clamped to
   [0, 0.95]. Off Linux it reports 0.
+- `ComputeLoadMonitor`: the alternative for an emulated device on a shared host: the share of
+  wall time the device's own compute thread loses (1 − CPU time / wall time).
 
 All O(1) per sample; no web imports.
 """
@@ -34,6 +38,8 @@ class BandwidthEstimator:
     min_bytes: int = 512
     full_weight_ms: float = 20.0
     estimate_mbps: float = field(init=False)
+    overhead_ms: float = field(default=0.0, init=False)  # fixed per-request cost beyond the rtt
+    pairs: int = field(default=0, init=False)
     samples: int = field(default=0, init=False)
     last_sample_at: float = field(default=0.0, init=False)
     last_sample_mbps: float | None = field(default=None, init=False)
@@ -48,7 +54,7 @@ class BandwidthEstimator:
         """Fold in one upload of `nbytes` that took `elapsed_ms` end to end, of which the server
         reported `server_ms` (queue + compute) and the round trip is `rtt_ms`. Returns the
         sample (Mbit/s) or None when it was too small to use."""
-        upload_ms = elapsed_ms - server_ms - rtt_ms
+        upload_ms = elapsed_ms - server_ms - rtt_ms - self.overhead_ms
         if nbytes < self.min_bytes or upload_ms < self.min_upload_ms:
             self.history.append((nbytes, elapsed_ms, server_ms, rtt_ms, None))
             return None
@@ -60,6 +66,31 @@ class BandwidthEstimator:
             # short uploads are dominated by timing noise (RTT jitter, HTTP overhead): weigh a
             # sample by its upload time, full weight from `full_weight_ms` on
             a = self.alpha * min(1.0, upload_ms / self.full_weight_ms)
+            self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
+        self.samples += 1
+        self.last_sample_at = time.monotonic()
+        self.last_sample_mbps = sample
+        return sample
+
+    def observe_pair(self, small: tuple[int, float], large: tuple[int, float], rtt_ms: float) -> float | None:
+        """Fold in two back-to-back uploads, each (bytes, elapsed − server ms): the rate is
+        Δbytes / Δtime (the round trip and any fixed per-request cost cancel), and the fixed
+        cost beyond `rtt_ms` — small's time minus its bytes at that rate minus the round trip —
+        updates `overhead_ms`, which single-upload samples then also subtract. Returns the rate
+        sample or None when the pair cannot be used (sizes too close, times not increasing)."""
+        (n1, t1), (n2, t2) = small, large
+        dt = t2 - t1
+        if n2 < 2 * n1 or dt < self.min_upload_ms:
+            return None
+        sample = (n2 - n1) * 8.0 / (dt * 1000.0)
+        fixed = t1 - rtt_ms - n1 * 8.0 / (sample * 1000.0)
+        self.overhead_ms = max(0.0, fixed if self.pairs == 0 else 0.5 * fixed + 0.5 * self.overhead_ms)
+        self.pairs += 1
+        self.history.append((n2 - n1, dt, 0.0, 0.0, sample))
+        if self.samples == 0:
+            self.estimate_mbps = sample
+        else:
+            a = self.alpha * min(1.0, dt / self.full_weight_ms)
             self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
         self.samples += 1
         self.last_sample_at = time.monotonic()
@@ -148,6 +179,40 @@ class LoadMonitor:
         self.load = other if self.samples == 0 else self.alpha * other + (1 - self.alpha) * self.load
         self.load = min(MAX_LOAD, max(0.0, self.load))
         self.samples += 1
+        return self.load
+
+
+class ComputeLoadMonitor:
+    """Compute load seen by the device's own compute: 1 − CPU time / wall time of the device
+    thread while it computes (time lost to other threads and processes), EWMA-smoothed and
+    clamped to [0, MAX_LOAD]. This is exactly the slowdown factor 1/(1 − load) of the cost
+    model, for a device emulated on a shared host. Feed it with `observe(cpu_s, wall_s)`;
+    `calibrate()` runs a short busy loop to take a reading when the device has been idle."""
+
+    def __init__(self, alpha: float = 0.3, min_wall_s: float = 0.0005) -> None:
+        self.alpha = alpha
+        self.min_wall_s = min_wall_s
+        self.load = 0.0
+        self.samples = 0
+        self.last_sample_at = 0.0
+
+    def observe(self, cpu_s: float, wall_s: float) -> float:
+        if wall_s >= self.min_wall_s:
+            lost = min(MAX_LOAD, max(0.0, 1.0 - cpu_s / wall_s))
+            self.load = lost if self.samples == 0 else self.alpha * lost + (1 - self.alpha) * self.load
+            self.samples += 1
+            self.last_sample_at = time.monotonic()
+        return self.load
+
+    def calibrate(self, busy_s: float = 0.003) -> float:
+        """Spin `busy_s` of CPU in this thread and fold in the CPU/wall ratio. Blocking."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        x = 0
+        while time.thread_time() - c0 < busy_s:
+            x += 1
+        return self.observe(time.thread_time() - c0, time.perf_counter() - t0)
+
+    def sample(self) -> float:
         return self.load
 
 

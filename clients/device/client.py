@@ -38,7 +38,14 @@ from typing import Any
 
 import torch
 
-from clients.device.bandwidth import BandwidthEstimator, LoadMonitor, RttEstimator, drifted, load_drifted
+from clients.device.bandwidth import (
+    BandwidthEstimator,
+    ComputeLoadMonitor,
+    LoadMonitor,
+    RttEstimator,
+    drifted,
+    load_drifted,
+)
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.models import LoadedModel, ModelError
 from dapdee.netem import ShapedUplink, emulate_slowdown
@@ -46,6 +53,8 @@ from dapdee.netem import ShapedUplink, emulate_slowdown
 log = logging.getLogger("dapdee.device")
 
 Frame = tuple[torch.Tensor, int | None]  # (input [1,C,H,W], label or None)
+MIN_REPLAN_S = 0.2  # spacing between two plan requests
+PROBE_MS = 100.0  # a probe's size aims at this much upload time (per-request overhead becomes small)
 
 
 class PlannerError(ValueError):
@@ -79,7 +88,8 @@ class ClientConfig:
     fp16: bool = False
     edge_url: str | None = None  # override the plan's worker
     device_tier: str | None = None  # default device-k{K}
-    device_load: float | None = None  # fixed load; None: measured from /proc/stat
+    device_load: float | None = None  # fixed load; None: measured (see load_source)
+    load_source: str = "proc"  # proc: other processes' CPU share; compute: own compute's lost time
     profile_path: str | None = None  # device profile JSON to load (measured when absent)
     profile_repeats: int = 10
     token: str | None = None
@@ -128,7 +138,21 @@ class FrameRecord:
     slowdown: float = 1.0
     bandwidth_est_mbps: float | None = None
     device_load: float | None = None
-    started_at: float = 0.0
+    started_at: float = 0.0  # seconds since the client started (perf_counter)
+
+
+@dataclass
+class SendResult:
+    """One edge request: outputs, server parameters and its timing."""
+
+    logits: torch.Tensor
+    cls: torch.Tensor
+    params: dict[str, Any]
+    sample: float | None  # bandwidth sample taken from it (Mbit/s), if any
+    nbytes: int  # request body bytes
+    elapsed_ms: float
+    server_ms: float  # queue_ms + compute_ms reported by the worker
+    overlapped: bool  # another upload shared the link meanwhile
 
 
 @dataclass
@@ -188,7 +212,11 @@ class DeviceClient:
         self.shaper = shaper
         self.bandwidth = BandwidthEstimator(prior_mbps=config.bandwidth_prior_mbps)
         self.rtt = RttEstimator()
-        self.load_monitor = LoadMonitor() if config.device_load is None else None
+        if config.load_source not in ("proc", "compute"):
+            raise ValueError(f"load source: expected proc or compute, got {config.load_source!r}")
+        self.load_monitor: LoadMonitor | ComputeLoadMonitor | None = None
+        if config.device_load is None:
+            self.load_monitor = LoadMonitor() if config.load_source == "proc" else ComputeLoadMonitor()
         self.plan: Plan | None = None
         self.plans: list[Plan] = []
         self.records: list[FrameRecord] = []
@@ -206,6 +234,7 @@ class DeviceClient:
         self._probe_node: tuple[str, tuple[int, ...]] | None = None
         self._closed = False
         self.started_at = 0.0
+        self._perf_base = time.perf_counter()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -250,6 +279,7 @@ class DeviceClient:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.started_at = time.monotonic()
+        self._perf_base = time.perf_counter()  # FrameRecord.started_at is relative to this
         self._http = httpx.AsyncClient(
             headers=self._headers(), timeout=httpx.Timeout(self.cfg.planner_timeout_s)
         )
@@ -262,9 +292,7 @@ class DeviceClient:
                 self.loaded = await self._load_model()
             if self.device_graph is None:
                 self.device_graph = await asyncio.to_thread(self._device_profile)
-            if self.load_monitor is not None:  # a first load reading before the first plan
-                await asyncio.sleep(0.3)
-                self.load_monitor.sample()
+            await self._first_load_reading()
             if self.cfg.device_only:
                 self.plan = self.device_only_plan()
                 return
@@ -279,11 +307,28 @@ class DeviceClient:
             raise
         self._bg = asyncio.create_task(self._background())
 
+    async def _first_load_reading(self) -> None:
+        """A load reading before the first plan (0.3 s of /proc/stat, or a few calibration spins
+        in the device thread)."""
+        mon = self.load_monitor
+        if isinstance(mon, LoadMonitor):
+            await asyncio.sleep(0.3)
+            mon.sample()
+        elif isinstance(mon, ComputeLoadMonitor):
+            loop = asyncio.get_running_loop()
+            for _ in range(5):
+                await loop.run_in_executor(self._device_pool, mon.calibrate)
+                await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         for task in (self._bg, self._replan_task):
+            if task is not None and not task.done():
+                # let an in-flight probe or plan request finish (the loop exits at its next turn)
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), 2.0)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -318,9 +363,8 @@ class DeviceClient:
 
     def _device_profile(self) -> CostGraph:
         """The device tier's profile: from `profile_path` when it matches the model, else
-        measured (`profile_model(loaded, "device", slowdown=K)`) and written there."""
-        from dapdee.profiler import profile_model
-
+        measured (`measure_device_profile`: `profile_model(loaded, "device", slowdown=K)`,
+        calibrated to whole-frame runs) and written there."""
         assert self.loaded is not None
         path = Path(self.cfg.profile_path) if self.cfg.profile_path else None
         if path is not None and path.is_file():
@@ -334,14 +378,7 @@ class DeviceClient:
                     "(other nodes or no device_ms); delete it to re-measure"
                 )
             return g
-        g = profile_model(
-            self.loaded,
-            "device",
-            slowdown=self.cfg.slowdown,
-            threads=self.cfg.threads,
-            repeats=self.cfg.profile_repeats,
-            warmup=2,
-        )
+        g = measure_device_profile(self.loaded, self.cfg.slowdown, self.cfg.threads, self.cfg.profile_repeats)
         if path is not None:
             g.save(str(path))
         return g
@@ -532,26 +569,37 @@ class DeviceClient:
         return (best[0], best[1]) if best else None
 
     async def probe(self) -> float | None:
-        """One bandwidth probe: an infer request at the shallowest exit carrying the input and,
-        as filler, a node tensor sized for ~40 ms of upload at the current estimate. Returns the
-        sample (Mbit/s) or None."""
+        """One bandwidth probe: a pair of infer requests at the shallowest exit, back to back — a
+        small one (the input alone) and a large one (the input plus, as filler, a node tensor
+        sized for ~PROBE_MS of upload at the current estimate). The size difference over the
+        time difference is the uplink rate with the round trip and every fixed per-request cost
+        cancelled; the small one's remainder is that fixed cost, which frame samples then net
+        out too (`BandwidthEstimator.observe_pair`). Returns the rate sample (Mbit/s) or None."""
         assert self.loaded is not None
         url = self.edge_url
         if url is None or time.monotonic() < self._edge_down_until:
             return None
-        target = int(min(max(self.bandwidth.estimate_mbps * 1000 / 8 * 40, 4096), 65536))
+        target = int(min(max(self.bandwidth.estimate_mbps * 1000 / 8 * PROBE_MS, 4096), 262144))
         node = self._pick_probe_node(target)
-        inputs = {self.loaded.input_name: torch.zeros(self.loaded.input_shape)}
-        if node is not None:
-            inputs[node[0]] = torch.zeros(node[1])
+        x = {self.loaded.input_name: torch.zeros(self.loaded.input_shape)}
         exit_name = self.loaded.graph.exits[0].name
+        timeout = max(5.0, self.cfg.timeout_floor_ms / 1000)
         try:
-            out = await self._send(
-                url, inputs, exit_name, timeout_s=max(5.0, self.cfg.timeout_floor_ms / 1000)
+            if node is None:
+                return (await self._send(url, x, exit_name, timeout)).sample
+            small = await self._send(url, x, exit_name, timeout, observe=False)
+            large = await self._send(
+                url, {**x, node[0]: torch.zeros(node[1])}, exit_name, timeout, observe=False
             )
         except EdgeFailure:
             return None
-        return out[3]
+        if small.overlapped or large.overlapped:
+            return None
+        return self.bandwidth.observe_pair(
+            (small.nbytes, small.elapsed_ms - small.server_ms),
+            (large.nbytes, large.elapsed_ms - large.server_ms),
+            self.rtt.estimate_ms,
+        )
 
     async def _measure_link(self) -> None:
         await self.measure_rtt()
@@ -567,9 +615,10 @@ class DeviceClient:
         exit_name: str,
         timeout_s: float,
         request_id: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], float | None, int]:
-        """POST one v2 infer request; returns (logits, class, response parameters, bandwidth
-        sample or None, body bytes). Raises EdgeFailure."""
+        observe: bool = True,
+    ) -> SendResult:
+        """POST one v2 infer request (through the shaper when there is one) and time it; with
+        `observe`, a lone upload is folded into the bandwidth estimate. Raises EdgeFailure."""
         import httpx
 
         from dapdee import wire
@@ -611,9 +660,9 @@ class DeviceClient:
         params = resp.parameters
         server_ms = float(params.get("queue_ms", 0.0)) + float(params.get("compute_ms", 0.0))
         sample = None
-        if not overlapped:
+        if not overlapped and observe:
             sample = self.bandwidth.observe(len(body), elapsed_ms, server_ms, self.rtt.estimate_ms)
-        return logits, cls, params, sample, len(body)
+        return SendResult(logits, cls, params, sample, len(body), elapsed_ms, server_ms, overlapped)
 
     def _timeout_s(self, plan: Plan) -> float:
         pred = plan.predicted_ms or 0.0
@@ -638,9 +687,15 @@ class DeviceClient:
         assert self.loaded is not None
         ex = self.loaded.executor
 
+        mon = self.load_monitor if isinstance(self.load_monitor, ComputeLoadMonitor) else None
+
         def fn() -> dict[str, Any]:
+            c0, w0 = time.thread_time(), time.perf_counter()
             with torch.inference_mode():
-                return ex.compute(given, targets, allowed=allowed)
+                out = ex.compute(given, targets, allowed=allowed)
+            if mon is not None:
+                mon.observe(time.thread_time() - c0, time.perf_counter() - w0)
+            return out
 
         t0 = time.perf_counter()
         out = emulate_slowdown(fn, self.cfg.slowdown)
@@ -703,7 +758,7 @@ class DeviceClient:
             slowdown=self.cfg.slowdown,
             bandwidth_est_mbps=round(self.bandwidth.estimate_mbps, 4),
             device_load=round(self.device_load, 3),
-            started_at=time.monotonic() - self.started_at,
+            started_at=t_start - self._perf_base,
         )
         if not plan.edge_nodes:
             vals, dms = await self._on_device({inp: x}, [exit_node], set(plan.device_nodes))
@@ -731,13 +786,11 @@ class DeviceClient:
             rec.device_ms = dms
             sent = {n: (x if n == inp else vals[n]) for n in plan.transfer}
             try:
-                logits_t, cls, params, _sample, nbytes = await self._send(
-                    url, sent, plan.exit, self._timeout_s(plan), request_id=str(index)
-                )
-                logits = logits_t
-                rec.where, rec.bytes_sent = "edge", nbytes
-                rec.edge_queue_ms = params.get("queue_ms")
-                rec.edge_compute_ms = params.get("compute_ms")
+                res = await self._send(url, sent, plan.exit, self._timeout_s(plan), request_id=str(index))
+                logits = res.logits
+                rec.where, rec.bytes_sent = "edge", res.nbytes
+                rec.edge_queue_ms = res.params.get("queue_ms")
+                rec.edge_compute_ms = res.params.get("compute_ms")
                 self._backoff_s = self.cfg.backoff_initial_s
             except EdgeFailure as exc:
                 self._edge_failed(exc.reason)
@@ -830,25 +883,84 @@ class DeviceClient:
                 self.plan.requested_at = time.monotonic()
 
     async def _background(self) -> None:
+        """Every 50 ms: update the load reading, probe the link when idle, and start a re-plan
+        (never more than one at a time, at most every `MIN_REPLAN_S`) when `needs_replan`."""
         last_load = 0.0
         last_rtt = time.monotonic()
-        while True:
+        last_replan = 0.0
+        while not self._closed:
             await asyncio.sleep(0.05)
-            now = time.monotonic()
-            if self.load_monitor is not None and now - last_load >= 0.5:
-                self.load_monitor.sample()
-                last_load = now
-            idle = now - self._last_edge_activity > self.cfg.probe_idle_s and self._uploads_active == 0
-            if idle and self.edge_url and now >= self._edge_down_until:
-                if now - last_rtt > 5.0:
-                    await self.measure_rtt(1)
-                    last_rtt = time.monotonic()
-                if self.bandwidth.age_s() > self.cfg.probe_idle_s:
-                    await self.probe()
-                    self._last_edge_activity = time.monotonic()
-            why = self.needs_replan()
-            if why and (self._replan_task is None or self._replan_task.done()):
-                self._replan_task = asyncio.create_task(self._replan(why))
+            if self._closed:
+                return
+            try:
+                now = time.monotonic()
+                mon = self.load_monitor
+                if isinstance(mon, LoadMonitor) and now - last_load >= 0.5:
+                    mon.sample()
+                    last_load = now
+                elif (
+                    isinstance(mon, ComputeLoadMonitor)
+                    and min(now - mon.last_sample_at, now - last_load) > 1.0
+                ):
+                    last_load = now  # the device computed nothing for a while: take a reading
+                    await asyncio.get_running_loop().run_in_executor(self._device_pool, mon.calibrate)
+                idle = now - self._last_edge_activity > self.cfg.probe_idle_s and self._uploads_active == 0
+                if idle and self.edge_url and now >= self._edge_down_until:
+                    if now - last_rtt > 5.0:
+                        await self.measure_rtt(1)
+                        last_rtt = time.monotonic()
+                    if self.bandwidth.age_s() > self.cfg.probe_idle_s:
+                        await self.probe()
+                        self._last_edge_activity = time.monotonic()
+                why = self.needs_replan()
+                busy = self._replan_task is not None and not self._replan_task.done()
+                if why and not busy and time.monotonic() - last_replan >= MIN_REPLAN_S:
+                    last_replan = time.monotonic()
+                    self._replan_task = asyncio.create_task(self._replan(why))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # sensing must never stop; the frames go on regardless
+                log.warning("device background task: %s: %s", type(exc).__name__, exc)
+
+
+def measure_device_profile(
+    loaded: LoadedModel, slowdown: float, threads: int | None = 1, repeats: int = 10, runs: int = 7
+) -> CostGraph:
+    """This device tier's profile: `profile_model(loaded, "device", slowdown=K)` (medians of
+    isolated, back-to-back node runs), then calibrated to how the device really runs a frame:
+    the final exit run whole `runs` times through the K x emulation (compute, then sleep), whose
+    median over the summed node medians scales every node (clamped to [0.5, 4]; recorded in
+    the profile's meta as `calibration`). The emulated device idles between frames, so caches
+    are cold and the isolated medians alone under-predict a frame (here by up to ~2x).
+    O((repeats + runs) x one forward pass)."""
+    from dapdee.profiler import profile_model
+
+    g = profile_model(loaded, "device", slowdown=slowdown, threads=threads, repeats=repeats, warmup=2)
+    node = loaded.exit_node(None)
+    anc = g.ancestors(node)
+    summed = sum(g.node(n).device_ms or 0.0 for n in anc)
+    x = torch.zeros(loaded.input_shape)
+    ex = loaded.executor
+
+    def fn() -> Any:
+        with torch.inference_mode():
+            return ex.compute({loaded.input_name: x}, [node])
+
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        emulate_slowdown(fn, slowdown)
+        samples.append((time.perf_counter() - t0) * 1000.0)
+    if summed <= 0:
+        return g
+    ratio = min(4.0, max(0.5, statistics.median(samples) / summed))
+    meta = {
+        **g.meta.get("device", {}),
+        "calibration": round(ratio, 4),
+        "calibration_method": f"median of {runs} whole-frame runs (final exit) through the K x emulation "
+        "/ sum of isolated node medians; every node scaled by it",
+    }
+    return g.with_timings("device", {n.name: (n.device_ms or 0.0) * ratio for n in g.nodes}, meta)
 
 
 async def _aiter(frames: Iterable[Frame] | AsyncIterator[Frame]) -> AsyncIterator[Frame]:

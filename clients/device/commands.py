@@ -45,7 +45,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine"
     )
-    p.add_argument("--rtt-ms", type=float, default=20.0, help="added round trip of the emulated network")
+    p.add_argument("--rtt-ms", type=float, default=10.0, help="added round trip of the emulated network")
     p.add_argument(
         "--frame-rate", type=_pos_float, help="frames per second to sustain (heavy load: pipelined)"
     )
@@ -55,6 +55,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="send boundary tensors as FP16")
     p.add_argument(
         "--device-load", type=_load_arg, help="fixed device load (default: measured from /proc/stat)"
+    )
+    p.add_argument(
+        "--load-source",
+        choices=("proc", "compute"),
+        help="how to measure device load: proc = other processes' CPU share (/proc/stat; device run's "
+        "default), compute = share of the device thread's wall time lost to other work (up's default)",
     )
     p.add_argument("--log", metavar="FILE", help="write one JSON line per frame")
 
@@ -153,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         edge_url=args.edge,
         device_tier=args.device_tier,
         device_load=args.device_load,
+        load_source=args.load_source or "proc",
         profile_path=args.profile,
         token=args.token or os.environ.get("DAPDEE_API_TOKEN") or None,
         plan_max_age_s=args.plan_max_age_s,
@@ -222,6 +229,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             frame_rate=args.frame_rate,
             fp16=args.fp16,
             device_load=args.device_load,
+            load_source=args.load_source or "compute",
             log=args.log,
             quiet=args.quiet,
         )

@@ -30,13 +30,14 @@ class UpOptions:
     networks: tuple[str, ...] = ("CAT1", "3G", "4G")
     frames: int = 30
     slowdown: float = 10.0
-    rtt_ms: float = 20.0
+    rtt_ms: float = 10.0
     mode: str = "auto"
     latency_budget_ms: float | None = None
     min_accuracy: float | None = None
     frame_rate: float | None = None
     fp16: bool = False
     device_load: float | None = None
+    load_source: str = "compute"
     log: str | None = None
     quiet: bool = False
 
@@ -129,11 +130,17 @@ def run_up(opts: UpOptions) -> int:
     t_start = time.monotonic()
     import torch
 
-    from clients.device.client import ClientConfig, DeviceClient, dataset_frames, random_frames, write_jsonl
+    from clients.device.client import (
+        ClientConfig,
+        DeviceClient,
+        dataset_frames,
+        measure_device_profile,
+        random_frames,
+        write_jsonl,
+    )
     from clients.device.servers import ServerThread, bind_free_socket
     from dapdee.models import load_model
     from dapdee.netem import parse_network
-    from dapdee.profiler import profile_model
     from services.edge_worker.app import create_app as create_edge
     from services.edge_worker.app import load_models
     from services.edge_worker.config import Settings as EdgeSettings
@@ -180,7 +187,7 @@ def run_up(opts: UpOptions) -> int:
         edge = ServerThread(create_edge(es, served), sock=sock, name="edge").start()
         say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
         say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
-        device_graph = profile_model(loaded, "device", slowdown=opts.slowdown, threads=1, repeats=8, warmup=2)
+        device_graph = measure_device_profile(loaded, opts.slowdown, threads=1, repeats=8)
         try:
             frames = list(dataset_frames(loaded, "fashion-mnist", opts.frames))
             source = f"{len(frames)} Fashion-MNIST test images"
@@ -207,6 +214,7 @@ def run_up(opts: UpOptions) -> int:
                 mode=opts.mode,
                 fp16=opts.fp16,
                 device_load=opts.device_load,
+                load_source=opts.load_source,
                 device_only=device_only,
                 ready_timeout_s=60.0,
             )
@@ -235,8 +243,15 @@ def run_up(opts: UpOptions) -> int:
         print(format_table(rows))
         print(
             "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model); "
-            "meas = measured here; dev load = measured share of the CPUs used by other processes; "
-            f"{wall:.1f} s in all"
+            "meas = measured here; dev load = "
+            + (
+                f"fixed at {opts.device_load:g}; "
+                if opts.device_load is not None
+                else "share of CPUs used by other processes (/proc/stat); "
+                if opts.load_source == "proc"
+                else "share of the device thread's wall time lost to other work (1 - cpu/wall); "
+            )
+            + f"{wall:.1f} s in all"
         )
         return 0
     finally:

@@ -17,7 +17,7 @@ from services.planner.metrics import PlannerMetrics
 from services.planner.routers import models, ops, plan, workers
 from services.planner.store import Store
 
-_BODY_METHODS = (b"POST", b"PUT", b"PATCH", "POST", "PUT", "PATCH")
+_BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class BodyLimitMiddleware:

@@ -51,7 +51,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"planner settings: {field}: {first['msg']}") from None
     if args.workers < 1:
         raise ValueError(f"--workers: expected >= 1, got {args.workers}")
-    common = {"host": args.host, "port": args.port, "log_level": args.log_level, "access_log": False}
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
     if args.workers == 1:
         uvicorn.run(create_app(settings), lifespan="on", **common)
         return 0

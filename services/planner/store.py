@@ -161,6 +161,7 @@ class Store:
         self._gen: bytes | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self.started = False
         self._hit_memory = metrics.cache_hits.labels("memory")
 
@@ -198,27 +199,35 @@ class Store:
         self.started = True
 
     async def close(self) -> None:
+        """Stop the refresh loop (letting a refresh in progress finish, bounded), write pending
+        changes through if Redis is there, close the client. Bounded by a few seconds in all."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 3.0)
+            except (asyncio.TimeoutError, Exception):
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(self._task, 1.0)
             self._task = None
         if self.redis is not None:
             if self.pending:
                 self._down_until = 0.0
-                with contextlib.suppress(RedisUnavailable):
-                    await self._flush()
+                with contextlib.suppress(RedisUnavailable, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._flush(), 3.0)
             with contextlib.suppress(Exception):
-                await self.redis.aclose()
+                await asyncio.wait_for(self.redis.aclose(), 2.0)
             self.redis = None
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.refresh_s)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.settings.refresh_s)
+                return
+            except asyncio.TimeoutError:
+                pass
             try:
                 await self.sync()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # the loop must outlive any surprise
                 log.exception("planner refresh failed")
 

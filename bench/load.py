@@ -1,0 +1,335 @@
+"""Load benchmark: many device clients against one planner and several edge workers.
+
+The planner (`dapdee serve planner`, in-process store unless --redis-url) and each edge worker
+(`dapdee serve edge --planner ...`, one torch thread, profiled at start-up and registered
+through heartbeats) run as their own processes on free 127.0.0.1 ports. This process runs
+`--clients` device clients (`clients.device.client.DeviceClient`, sharing one loaded model and
+one device profile, emulated `--slowdown` K) concurrently on one event loop, each classifying
+`--frames` random frames. Everything stops by itself.
+
+Reports: frames answered / lost, client errors, frames finished by the edge vs locally
+(fallback), p50 / p99 of the measured per-frame latency, and each edge worker's share of the
+infer requests (from its own Prometheus counters). The issue's target: 32 clients x 200
+frames, two workers -> zero errors, every frame answered.
+
+Usage: python bench/load.py [--clients 32] [--frames 200] [--workers 2] [--spec zoo:alexnet?width=0.25]
+       (or `dapdee bench load ...`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = "zoo:alexnet?width=0.25"
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """One `dapdee serve ...` subprocess on a fixed 127.0.0.1 port, restartable on the same port.
+    `start()` waits until `ready_path` answers 200; `kill()` is SIGKILL, `stop()` SIGTERM."""
+
+    def __init__(
+        self, service: str, args: list[str], ready_path: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.service = service
+        self.args = args
+        self.ready_path = ready_path
+        self.port = free_port()
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90.0) -> ServiceProcess:
+        import httpx
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
+        env.update(self.env)
+        env["PYTHONPATH"] = str(ROOT)
+        cmd = [sys.executable, "-m", "dapdee.cli", "serve", self.service, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd + ["--log-level", "warning", *self.args], cwd=ROOT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.service} exited during start-up ({self.proc.returncode})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"{self.service} did not become ready in {timeout_s:g} s")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def _end(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+def planner_service(redis_url: str | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
+    return ServiceProcess("planner", ["--redis-url", redis_url or "none"], "/readyz", env)
+
+
+def edge_service(
+    spec: str, planner_url: str | None, tier: str = "edge", extra: list[str] | None = None
+) -> ServiceProcess:
+    args = ["--models", spec, "--threads", "1", "--tier", tier, "--profile-repeats", "3"]
+    if planner_url:
+        args += ["--planner", planner_url]
+    return ServiceProcess(
+        "edge", args + list(extra or []), "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "1"}
+    )
+
+
+def wait_registered(planner_url: str, model: str, worker_urls: list[str], timeout_s: float = 60.0) -> None:
+    """Until the planner lists every worker live and has an edge profile for `model`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            live = {w["url"] for w in httpx.get(f"{planner_url}/workers", timeout=2).json()["workers"]}
+            r = httpx.get(f"{planner_url}/models/{model}/profiles", timeout=2)
+            kinds = {p["kind"] for p in r.json()["profiles"].values()} if r.status_code == 200 else set()
+            if set(worker_urls) <= live and "edge" in kinds:
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"edge workers {worker_urls} did not register with {planner_url}")
+        time.sleep(0.2)
+
+
+def served_requests(url: str) -> float:
+    """Successful infer requests a worker has answered (its dapdee_edge_requests_total, 200s)."""
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        m = re.match(r"^dapdee_edge_requests_total\{(.*)\} (\S+)$", line)
+        if m and 'status="200"' in m.group(1):
+            total += float(m.group(2))
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank. O(n log n)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))]
+
+
+@dataclass
+class LoadConfig:
+    clients: int = 32
+    frames: int = 200
+    workers: int = 2
+    spec: str = DEFAULT_SPEC
+    slowdown: float = 100.0
+    mode: str = "latency"
+    redis_url: str | None = None
+    plan_max_age_s: float = 2.0
+    timeout_floor_ms: float = 5000.0
+
+
+@dataclass
+class LoadResult:
+    frames_expected: int
+    frames_answered: int
+    client_errors: list[str]
+    where: dict[str, int]
+    p50_ms: float
+    p99_ms: float
+    wall_s: float
+    worker_requests: dict[str, float]
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def frames_lost(self) -> int:
+        return self.frames_expected - self.frames_answered
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "events"}
+        d["frames_lost"] = self.frames_lost
+        total = sum(self.worker_requests.values()) or 1.0
+        d["worker_share"] = {u: round(n / total, 3) for u, n in self.worker_requests.items()}
+        d["edge_frame_share"] = round(self.where.get("edge", 0) / max(1, self.frames_answered), 3)
+        d["frames_per_s"] = round(self.frames_answered / self.wall_s, 1) if self.wall_s else None
+        return d
+
+
+async def run_clients(
+    cfg: LoadConfig, planner_url: str, loaded: Any, device_graph: Any
+) -> tuple[list[list[Any]], list[str], float, list[str]]:
+    """Run cfg.clients DeviceClients concurrently, cfg.frames random frames each. Returns the
+    per-client records, client errors, wall seconds and the clients' notable events."""
+    from clients.device.client import ClientConfig, DeviceClient, random_frames
+
+    async def one(i: int) -> tuple[list[Any], list[str]]:
+        c = DeviceClient(
+            ClientConfig(
+                planner_url=planner_url,
+                model=cfg.spec,
+                slowdown=cfg.slowdown,
+                device_load=0.0,
+                mode=cfg.mode,
+                plan_max_age_s=cfg.plan_max_age_s,
+                timeout_floor_ms=cfg.timeout_floor_ms,
+                ready_timeout_s=60.0,
+                threads=1,
+            ),
+            loaded=loaded,
+            device_graph=device_graph,
+        )
+        await c.start()
+        try:
+            return await c.run(random_frames(loaded, cfg.frames, seed=i)), c.events
+        finally:
+            await c.close()
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(cfg.clients)), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    records, errors, events = [], [], []
+    for r in results:
+        if isinstance(r, BaseException):
+            errors.append(f"{type(r).__name__}: {r}")
+            records.append([])
+        else:
+            records.append(r[0])
+            events += r[1]
+    return records, errors, wall, events
+
+
+def summarize_load(
+    cfg: LoadConfig,
+    records: list[list[Any]],
+    errors: list[str],
+    wall: float,
+    worker_requests: dict[str, float],
+) -> LoadResult:
+    flat = [r for rs in records for r in rs]
+    answered = sum(1 for r in flat if r.pred_class >= 0)
+    where: dict[str, int] = {}
+    for r in flat:
+        where[r.where] = where.get(r.where, 0) + 1
+    lat = [r.measured_ms for r in flat] or [float("nan")]
+    return LoadResult(
+        frames_expected=cfg.clients * cfg.frames,
+        frames_answered=answered,
+        client_errors=errors,
+        where=where,
+        p50_ms=round(statistics.median(lat), 3),
+        p99_ms=round(percentile(lat, 0.99), 3),
+        wall_s=round(wall, 2),
+        worker_requests=worker_requests,
+    )
+
+
+def run_load(cfg: LoadConfig) -> LoadResult:
+    """Start planner + cfg.workers edge workers, run the clients, stop everything."""
+    import torch
+
+    from dapdee.models import load_model
+    from dapdee.profiler import profile_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(cfg.spec)
+    device_graph = profile_model(loaded, "device", slowdown=cfg.slowdown, threads=1, repeats=3, warmup=1)
+    planner = planner_service(cfg.redis_url).start()
+    edges: list[ServiceProcess] = []
+    try:
+        for _ in range(cfg.workers):
+            edges.append(edge_service(cfg.spec, planner.url).start())
+        wait_registered(planner.url, loaded.name, [e.url for e in edges])
+        before = {e.url: served_requests(e.url) for e in edges}
+        records, errors, wall, events = asyncio.run(run_clients(cfg, planner.url, loaded, device_graph))
+        served = {e.url: served_requests(e.url) - before[e.url] for e in edges}
+        res = summarize_load(cfg, records, errors, wall, served)
+        res.events = events
+        return res
+    finally:
+        for e in edges:
+            e.stop()
+        planner.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--spec", default=DEFAULT_SPEC)
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=100.0,
+        help="device K x slower than this machine (the edge pays off)",
+    )
+    p.add_argument("--mode", default="latency", choices=["auto", "latency", "throughput"])
+    p.add_argument("--redis-url", default=None, help="planner's Redis (default: in-process store)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    a = p.parse_args(argv)
+    if a.clients < 1 or a.frames < 1 or a.workers < 1:
+        raise SystemExit("--clients, --frames and --workers must be >= 1")
+    cfg = LoadConfig(a.clients, a.frames, a.workers, a.spec, a.slowdown, a.mode, a.redis_url)
+    res = run_load(cfg).as_dict()
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0 if not res["client_errors"] and res["frames_lost"] == 0 else 1
+    print(
+        f"load: {cfg.clients} clients x {cfg.frames} frames, {cfg.workers} edge workers, {cfg.spec}, K={cfg.slowdown:g}"
+    )
+    print(
+        f"  frames answered {res['frames_answered']}/{res['frames_expected']} (lost {res['frames_lost']}), "
+        f"client errors {len(res['client_errors'])}"
+    )
+    print(f"  where: {res['where']}  (edge share of frames {res['edge_frame_share']:.1%})")
+    print(
+        f"  latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; {res['frames_per_s']} frames/s over {res['wall_s']} s"
+    )
+    for url, share in res["worker_share"].items():
+        print(f"  worker {url}: {res['worker_requests'][url]:.0f} infer requests ({share:.1%})")
+    for e in res["client_errors"][:5]:
+        print(f"  error: {e}")
+    return 0 if not res["client_errors"] and res["frames_lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
