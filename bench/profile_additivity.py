@@ -30,7 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     profiles = {}
     print(f"threads={args.threads} repeats={args.repeats} width={args.width}")
-    print(f"{'model':10} {'nodes':>5} {'sum(node ms)':>13} {'module fwd ms':>13} {'ratio':>6} {'executor ms':>11} {'ratio':>6}")
+    cols = ("model", "nodes", "sum(node ms)", "module fwd ms", "ratio", "executor ms", "ratio")
+    print("{:10} {:>5} {:>13} {:>13} {:>6} {:>11} {:>6}".format(*cols))
     for name in tqdm(MODELS, desc="profiling", leave=False):
         m = load_model(f"zoo:{name}?width={args.width}")
         g = profile_model(m, "edge", threads=args.threads, repeats=args.repeats)
@@ -38,7 +39,9 @@ def main() -> None:
         exe = measure_forward_ms(m, repeats=args.repeats, threads=args.threads, via_executor=True)
         total = sum(n.edge_ms for n in g.nodes)
         profiles[name] = g
-        print(f"{name:10} {len(g.nodes):5d} {total:13.3f} {fwd:13.3f} {total / fwd:6.2f} {exe:11.3f} {total / exe:6.2f}")
+        print(
+            f"{name:10} {len(g.nodes):5d} {total:13.3f} {fwd:13.3f} {total / fwd:6.2f} {exe:11.3f} {total / exe:6.2f}"
+        )
     print("\nFLOPs predictor: fit on one model, predict the others")
     print(f"{'fit on':10} {'predict':10} {'node median rel err':>20} {'sum rel err':>12}")
     for src in MODELS:

@@ -19,9 +19,7 @@ class MissingInputsError(ValueError):
 
     def __init__(self, targets: Sequence[str], missing: Sequence[str]) -> None:
         self.missing = list(missing)
-        super().__init__(
-            f"inputs do not determine {', '.join(targets)}: missing values for {', '.join(self.missing)}"
-        )
+        super().__init__(f"inputs do not determine {', '.join(targets)}: missing values for {', '.join(self.missing)}")
 
 
 class GraphExecutor:

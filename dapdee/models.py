@@ -14,7 +14,6 @@ import importlib
 import json
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,11 @@ from torch import fx, nn
 
 from dapdee.costgraph import CostGraph, Exit, InputSpec, Node
 from dapdee.executor import GraphExecutor
+from dapdee.names import MODEL_NAME_RE, ModelError, check_model_name  # noqa: F401 (re-exported)
 from dapdee.zoo import ZOO
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-
-
-class ModelError(ValueError):
-    """A model spec, artifact or input shape that cannot be used; the message says why."""
-
-
-def check_model_name(name: str) -> str:
-    """Model names travel in URLs and Redis keys; never in file paths."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
-        raise ModelError(f"model name {name!r}: use 1-64 letters, digits, '_', '.', '-' (not starting with one)")
-    return name
 
 
 @dataclass(frozen=True)
@@ -159,7 +147,9 @@ def _flops(node: fx.Node, modules: dict[str, nn.Module], args: tuple, out: Any) 
     return n_out
 
 
-def trace(module: nn.Module, input_shape: tuple[int, ...], name: str) -> tuple[fx.GraphModule, CostGraph, GraphExecutor]:
+def trace(
+    module: nn.Module, input_shape: tuple[int, ...], name: str
+) -> tuple[fx.GraphModule, CostGraph, GraphExecutor]:
     """Trace `module` with torch.fx, run it once on a random input of `input_shape` to record
     every node's output size and FLOPs, and return (graph module, cost graph, executor).
     Timings are left empty (see `dapdee.profiler`). O(one forward pass)."""
@@ -217,7 +207,7 @@ def trace(module: nn.Module, input_shape: tuple[int, ...], name: str) -> tuple[f
         model=name,
         input=InputSpec(in_name, tuple(input_shape), str(x.dtype).removeprefix("torch."), _nbytes(x)),
         nodes=tuple(nodes),
-        exits=tuple(Exit(en, n.name) for en, n in zip(exit_names, out_nodes)),
+        exits=tuple(Exit(en, n.name) for en, n in zip(exit_names, out_nodes, strict=True)),
     )
     graph.validate()
     return gm, graph, ex

@@ -136,9 +136,7 @@ class ResNet18(nn.Module):
     camera-size inputs such as 224 px, where mid-network tensors become smaller than the input).
     """
 
-    def __init__(
-        self, width: float = 1.0, in_channels: int = 3, num_classes: int = 10, stem: str = "cifar"
-    ) -> None:
+    def __init__(self, width: float = 1.0, in_channels: int = 3, num_classes: int = 10, stem: str = "cifar") -> None:
         super().__init__()
         chans = [_c(c, width) for c in (64, 128, 256, 512)]
         if stem == "cifar":
@@ -231,4 +229,3 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18,
     "inception": Inception,
 }
-

@@ -485,10 +485,17 @@ def edge_settings_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str,
 def test_served_models_ship_with_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every model the deployed workers serve is a trained artifact under artifacts/ (copied into
     the image) whose manifest names a model spec the zoo can build."""
+    from services.edge_worker.app import load_models
+
     entries = edge_settings_everywhere(monkeypatch)
     assert entries
+    loaded: set[str] = set()
     for where, settings in entries:
         check_edge_models(settings, where)
+        if settings.models not in loaded:  # the worker's own loader: weights, sha256, tracing
+            models = load_models(settings)
+            assert len(models) == len(settings.model_entries()), where
+            loaded.add(settings.models)
 
 
 def test_k8s_containers_run_real_commands_with_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -290,11 +290,9 @@ class SlowProxy:
 
 def test_slow_worker_deadlines_met_by_local_fallback(device_model: tuple[Any, Any]) -> None:
     """Frames sent to a worker that answers 3 s late time out and finish on the device within
-    the budget (K = 30 here, and a generous budget: the emulated slowdown multiplies every
-    scheduling hiccup of this shared machine by K)."""
-    k = 30.0
-    loaded, dev100 = device_model
-    dev = dev100.with_timings("device", {n.name: n.device_ms * k / K for n in dev100.nodes}, None)
+    the budget (a generous one: the emulated K = 100 slowdown multiplies every scheduling
+    hiccup of this shared machine by 100)."""
+    loaded, dev = device_model
     budget_ms = 1000.0
     n = 30
     planner = planner_service().start()
@@ -308,7 +306,6 @@ def test_slow_worker_deadlines_met_by_local_fallback(device_model: tuple[Any, An
                 c = _client(
                     planner.url,
                     (loaded, dev),
-                    slowdown=k,
                     edge_url=slow_url,
                     latency_budget_ms=budget_ms,
                     timeout_floor_ms=150.0,
@@ -316,6 +313,7 @@ def test_slow_worker_deadlines_met_by_local_fallback(device_model: tuple[Any, An
                     backoff_max_s=0.4,
                 )
                 async with c:
+                    print("DBG", c.plan.raw["predicted"], len(c.plan.edge_nodes), c.bandwidth.estimate_mbps, c.rtt.estimate_ms, c.events)
                     return await c.run(paced_frames(loaded, n, 0.03))
 
             t0 = time.monotonic()

@@ -90,7 +90,7 @@ def check_random_cuts(m: LoadedModel, n_cuts: int, seed: int) -> None:
     with torch.inference_mode():
         reference = m.module(x)
     reference = reference if isinstance(reference, tuple) else (reference,)
-    for ex, ref in zip(m.graph.exits, reference):
+    for ex, ref in zip(m.graph.exits, reference, strict=True):
         for _ in range(n_cuts):
             part = partition(m.graph, ex.name, random_cut(m.graph, ex.name, rng))
             sent = [u for u, _ in part.transfer]
@@ -112,7 +112,9 @@ def test_zoo_split_execution_matches_whole_model(spec: str) -> None:
     check_random_cuts(m, n_cuts=6, seed=hash(spec) % 1000)
 
 
-@pytest.mark.parametrize("factory", ["tests.test_graph_executor:build_twobranch", "tests.test_graph_executor:build_diamonds"])
+@pytest.mark.parametrize(
+    "factory", ["tests.test_graph_executor:build_twobranch", "tests.test_graph_executor:build_diamonds"]
+)
 def test_user_dag_models_trace_and_split(factory: str) -> None:
     m = load_model(factory, input_shape=(1, 3, 16, 16) if "twobranch" in factory else (1, 4, 8, 8))
     consumers = m.graph.consumers()

@@ -50,8 +50,23 @@ def test_merge_refuses_different_graphs(resnet, tmp_path) -> None:
 
 def test_profile_cli(tmp_path, capsys) -> None:
     out = tmp_path / "p.json"
-    assert cli_main(["profile", "zoo:alexnet?width=0.25", "--tier", "device", "--slowdown", "4",
-                     "--repeats", "2", "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "profile",
+                "zoo:alexnet?width=0.25",
+                "--tier",
+                "device",
+                "--slowdown",
+                "4",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     g = CostGraph.load(str(out))
     assert g.has_timings("device") and g.meta["device"]["slowdown"] == 4.0
     assert cli_main(["profile", "zoo:alexnet?width=0.25"]) == 2
@@ -67,10 +82,7 @@ def test_flops_predictor_recovers_linear_costs_and_transfers() -> None:
     def synth(g):
         return g.with_timings(
             "device",
-            {
-                n.name: rate.get(n.op, (1e-9, 0.002))[0] * n.flops + rate.get(n.op, (1e-9, 0.002))[1]
-                for n in g.nodes
-            },
+            {n.name: rate.get(n.op, (1e-9, 0.002))[0] * n.flops + rate.get(n.op, (1e-9, 0.002))[1] for n in g.nodes},
         )
 
     train = synth(load_model("zoo:resnet18?width=0.25").graph)

@@ -487,7 +487,8 @@ class DeviceClient:
         body: dict[str, Any] = {
             "model": self.model_name,
             "bandwidth_mbps": max(self.bandwidth.estimate_mbps, 1e-3),
-            "rtt_ms": self.rtt.estimate_ms,
+            # the per-request round trip as seen by an upload: network RTT + fixed HTTP/codec cost
+            "rtt_ms": self.rtt.estimate_ms + self.bandwidth.overhead_ms,
             "device_load": min(self.device_load, 0.95),
             "device_tier": self.cfg.tier,
             "mode": self.cfg.mode,
@@ -603,7 +604,7 @@ class DeviceClient:
 
     async def _measure_link(self) -> None:
         await self.measure_rtt()
-        for _ in range(2):
+        for _ in range(3):  # the first is sized from the prior, the next from a measurement
             await self.probe()
 
     # ---- edge requests --------------------------------------------------------------------

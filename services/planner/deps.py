@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import math
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
+from dapdee.names import ModelError, check_model_name
 from services.planner.config import Settings
 from services.planner.metrics import PlannerMetrics
 from services.planner.store import Store
@@ -52,13 +51,6 @@ async def require_token(request: Request) -> None:
 AuthDep = Depends(require_token)
 
 
-@lru_cache(maxsize=1)
-def _models_module():  # noqa: ANN202 - the dapdee.models module
-    import dapdee.models
-
-    return dapdee.models
-
-
 async def check_name(what: str, name: str) -> str:
     """See check_names."""
     await check_names(what, [name])
@@ -66,14 +58,12 @@ async def check_name(what: str, name: str) -> str:
 
 
 async def check_names(what: str, names: list[str]) -> None:
-    """A model or tier name safe for URLs and Redis keys (dapdee.models.check_model_name rules),
-    else HTTP 422 naming it. dapdee.models (torch) is imported on first use, in a thread, not at
-    start, so the event loop never stalls on it."""
-    mod = await asyncio.to_thread(_models_module)
+    """A model or tier name safe for URLs and Redis keys (dapdee.names.check_model_name),
+    else HTTP 422 naming it."""
     for name in names:
         try:
-            mod.check_model_name(name)
-        except mod.ModelError as exc:
+            check_model_name(name)
+        except ModelError as exc:
             raise HTTPException(422, f"{what}: {exc}") from None
 
 

@@ -1,0 +1,22 @@
+"""Model and tier names: the one validation rule, importable without torch.
+
+Names travel in URLs and Redis keys and name cache files, so they are restricted to
+1-64 characters of letters, digits, '_', '.', '-' (not starting with a punctuation mark).
+"""
+
+from __future__ import annotations
+
+import re
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ModelError(ValueError):
+    """A model spec, artifact, name or input shape that cannot be used; the message says why."""
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a valid model/tier name, else raise ModelError. O(len(name))."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+        raise ModelError(f"model name {name!r}: use 1-64 letters, digits, '_', '.', '-' (not starting with one)")
+    return name
