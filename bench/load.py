@@ -48,9 +48,7 @@ class ServiceProcess:
     """One `dapdee serve ...` subprocess on a fixed 127.0.0.1 port, restartable on the same port.
     `start()` waits until `ready_path` answers 200; `kill()` is SIGKILL, `stop()` SIGTERM."""
 
-    def __init__(
-        self, service: str, args: list[str], ready_path: str, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, service: str, args: list[str], ready_path: str, env: dict[str, str] | None = None) -> None:
         self.service = service
         self.args = args
         self.ready_path = ready_path
@@ -113,9 +111,7 @@ def edge_service(
     args = ["--models", spec, "--threads", "1", "--tier", tier, "--profile-repeats", "3"]
     if planner_url:
         args += ["--planner", planner_url]
-    return ServiceProcess(
-        "edge", args + list(extra or []), "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "1"}
-    )
+    return ServiceProcess("edge", args + list(extra or []), "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "1"})
 
 
 def wait_registered(planner_url: str, model: str, worker_urls: list[str], timeout_s: float = 60.0) -> None:
@@ -322,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  where: {res['where']}  (edge share of frames {res['edge_frame_share']:.1%})")
     print(
-        f"  latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; {res['frames_per_s']} frames/s over {res['wall_s']} s"
+        f"  latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; "
+        f"{res['frames_per_s']} frames/s over {res['wall_s']} s"
     )
     for url, share in res["worker_share"].items():
         print(f"  worker {url}: {res['worker_requests'][url]:.0f} infer requests ({share:.1%})")

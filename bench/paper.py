@@ -95,7 +95,7 @@ class Options:
     fig6_network: str = "3G"
     fig7_models: list[str] = field(default_factory=list)
     fig7_bandwidths: list[float] = field(default_factory=list)
-    fig7_budget_frac: float = 0.5  # budget = frac x Device-Only latency of the final exit
+    fig7_budget_frac: float = 1.0  # budget = frac x Device-Only latency of the final exit
     fig_frames: int = 6
     adapt_model: str | None = None
     adapt_phases: list[tuple[str, float]] = field(default_factory=list)
@@ -119,9 +119,7 @@ def build_options(argv: list[str] | None = None) -> Options:
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="2 models, 2 networks, a few frames (minutes)")
-    size.add_argument(
-        "--smoke", action="store_true", help="1 model, 1 network, 2 frames (the test's variant)"
-    )
+    size.add_argument("--smoke", action="store_true", help="1 model, 1 network, 2 frames (the test's variant)")
     p.add_argument("--models", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--networks", help="comma list of CAT1, 3G, 4G, WiFi")
     p.add_argument("--slowdown", "-K", type=float, default=10.0, help="device slowdown K (default 10)")
@@ -740,9 +738,7 @@ class PaperBench:
             min_acc = None if final_acc is None else round(final_acc - ACC_CLASS, 6)
             req = s.request(rate, mode="throughput", frame_rate=offered, min_accuracy=min_acc)
             plans = await s.all_plans(m, req)
-            res = await self.measure_plans(
-                s, m, plans, rate, self.o.heavy_frames, offered, f"heavy {m} {net}"
-            )
+            res = await self.measure_plans(s, m, plans, rate, self.o.heavy_frames, offered, f"heavy {m} {net}")
             return {
                 "model": m,
                 "network": net,
@@ -801,9 +797,7 @@ class PaperBench:
 
         return await self.cell(key, fn)
 
-    async def measure_one(
-        self, s: System, m: str, plan: dict[str, Any], rate: float, desc: str
-    ) -> dict[str, Any]:
+    async def measure_one(self, s: System, m: str, plan: dict[str, Any], rate: float, desc: str) -> dict[str, Any]:
         pred = plan["predicted"]["latency_ms"]
         if pred > self.o.plan_cap_s * 1000:
             return skipped_measurement(pred, self.o.plan_cap_s)
@@ -932,9 +926,7 @@ class PaperBench:
 
                 from tqdm import tqdm
 
-                with tqdm(
-                    desc=f"adapt {m} ({mode})", file=sys.stderr, leave=False, disable=self.o.quiet
-                ) as bar:
+                with tqdm(desc=f"adapt {m} ({mode})", file=sys.stderr, leave=False, disable=self.o.quiet) as bar:
                     records = await client.run(source(), progress=lambda r: bar.update(1))
             finally:
                 await client.close()
@@ -1295,6 +1287,9 @@ def markdown(
     md += [
         "",
         "## 4. Figure 7 analogue: bandwidth sweep at a fixed budget",
+        "",
+        f"Budget = {o.fig7_budget_frac:g} x the Device-Only latency of the final exit (predicted); "
+        "DAPDEE's plan per bandwidth (latency mode).",
         "",
         "| model | budget ms | Mbit/s | exit | device/exit nodes | bytes sent | device FLOPs share "
         "| pred ms | meas ms |",

@@ -56,8 +56,7 @@ def parse_network(text: str | float) -> Network:
             rate = float(s_num)
         except ValueError:
             raise ValueError(
-                f"network {text!r}: expected one of {', '.join(NETWORKS)} "
-                "or an uplink rate in Mbit/s (e.g. 4.5)"
+                f"network {text!r}: expected one of {', '.join(NETWORKS)} or an uplink rate in Mbit/s (e.g. 4.5)"
             ) from None
         name = f"{rate:g}Mbps"
     if not math.isfinite(rate) or rate <= 0:
@@ -136,9 +135,7 @@ class ShapedUplink:
         if self.rtt_ms > 0:
             await asyncio.sleep(self.rtt_ms / 1000.0)
 
-    async def shaped_body(
-        self, body: bytes, chunk: int = DEFAULT_CHUNK, delay: bool = True
-    ) -> AsyncIterator[bytes]:
+    async def shaped_body(self, body: bytes, chunk: int = DEFAULT_CHUNK, delay: bool = True) -> AsyncIterator[bytes]:
         """Yield `body` in chunks, each released at the shaped rate (after the RTT delay when
         `delay`). Use as an httpx request's `content` (with an explicit Content-Length)."""
         if chunk <= 0:

@@ -27,9 +27,7 @@ ARTIFACT = ""  # set by the stack fixture
 
 
 class Stack:
-    def __init__(
-        self, loaded: Any, edge_loaded: Any, device_graph: Any, planner: ServerThread, edge: ServerThread
-    ):
+    def __init__(self, loaded: Any, edge_loaded: Any, device_graph: Any, planner: ServerThread, edge: ServerThread):
         self.loaded = loaded
         self.edge_loaded = edge_loaded
         self.device_graph = device_graph
@@ -128,6 +126,15 @@ def _local_class(stack: Stack, x: torch.Tensor, exit_name: str) -> int:
     return int(stack.loaded.run_exit(x, exit_name).argmax(dim=1)[0])
 
 
+async def _pin(client: DeviceClient, plan: Plan) -> None:
+    """Use `plan` from now on: no drift re-plans, and a re-plan already in flight lands first."""
+    client.cfg.replan_threshold = 1e9
+    task = client._replan_task
+    if task is not None:
+        await asyncio.wait([task])
+    client.plan = plan
+
+
 def _mid_cut_plan(stack: Stack, client: DeviceClient, exit_name: str = "final") -> Plan:
     """A plan whose device part is the first half of A(exit) in topological order's downward
     closure at a single-tensor boundary (a real split, not a planner choice)."""
@@ -161,8 +168,7 @@ def test_frames_match_local_model(stack: Stack) -> None:
     async def run() -> tuple[list[Any], list[Any], DeviceClient]:
         async with stack.client(rate_mbps=18.88, rtt_ms=0.0) as c:
             planned = await c.run(frames)
-            c.plan = _mid_cut_plan(stack, c)
-            c.cfg.replan_threshold = 1e9
+            await _pin(c, _mid_cut_plan(stack, c))
             split = await c.run(frames)
             return planned, split, c
 
@@ -182,8 +188,7 @@ def test_fp16_uplink_halves_bytes_and_keeps_answers(stack: Stack) -> None:
 
     async def run(fp16: bool) -> list[Any]:
         async with stack.client(rate_mbps=18.88, fp16=fp16) as c:
-            c.plan = _mid_cut_plan(stack, c)
-            c.cfg.replan_threshold = 1e9
+            await _pin(c, _mid_cut_plan(stack, c))
             return await c.run(frames)
 
     full, half = asyncio.run(run(False)), asyncio.run(run(True))
@@ -212,8 +217,9 @@ def test_rate_change_leads_to_new_plan(stack: Stack) -> None:
 
     async def run() -> tuple[list[Any], DeviceClient]:
         async with stack.client(rate_mbps=18.88, rtt_ms=5.0) as c:
-            c.plan = _mid_cut_plan(stack, c)  # frames upload, so every frame is a bandwidth sample
-            c.cfg.replan_threshold = 1e9  # keep this plan (timing noise must not replace it) ...
+            # frames upload, so every frame is a bandwidth sample; timing noise must not replace
+            # this plan ...
+            await _pin(c, _mid_cut_plan(stack, c))
             before = await c.run(frames[:6])
             assert c.shaper is not None
             c.plan.bandwidth_mbps = c.bandwidth.estimate_mbps
@@ -241,8 +247,7 @@ def test_edge_stopped_mid_stream_loses_no_frame(stack: Stack) -> None:
 
     async def run() -> tuple[list[Any], DeviceClient]:
         async with stack.client(rate_mbps=18.88, edge_url=edge2.url, timeout_floor_ms=2000.0) as c:
-            c.plan = _mid_cut_plan(stack, c)
-            c.cfg.replan_threshold = 1e9  # only the edge failure may replace this plan
+            await _pin(c, _mid_cut_plan(stack, c))  # only the edge failure may replace this plan
             recs = []
             for i, (x, y) in enumerate(frames):
                 if i == 4:
@@ -271,8 +276,7 @@ def test_pipelined_stream_overlaps_stages_and_answers_every_frame(stack: Stack) 
 
     async def run(mode: str) -> tuple[list[Any], float]:
         async with stack.client(rate_mbps=5.85, rtt_ms=10.0, mode=mode, max_inflight=3) as c:
-            c.plan = _mid_cut_plan(stack, c)
-            c.cfg.replan_threshold = 1e9
+            await _pin(c, _mid_cut_plan(stack, c))
             t0 = time.perf_counter()
             recs = await c.run(frames)
             return recs, time.perf_counter() - t0
@@ -305,9 +309,7 @@ def test_fallback_takes_an_earlier_exit_when_the_budget_demands(stack: Stack) ->
     assert c._fallback_exit(exits[1], set(), 1e9) == exits[1]
 
 
-def test_cli_device_run_logs_json_lines(
-    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_device_run_logs_json_lines(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     log = tmp_path / "frames.jsonl"
@@ -377,9 +379,7 @@ def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str])
     sock = bind_free_socket()  # bound, never listening: connection refused
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        rc, err = _cli(
-            ["device", "run", "--planner", url, "--model", SPEC, "--frames", "1", "--quiet"], capsys
-        )
+        rc, err = _cli(["device", "run", "--planner", url, "--model", SPEC, "--frames", "1", "--quiet"], capsys)
     finally:
         sock.close()
     assert rc != 0
@@ -389,13 +389,9 @@ def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str])
 
 
 def test_unknown_model_fails_with_one_line(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = _cli(
-        ["device", "run", "--planner", stack.planner.url, "--model", "nosuchmodel", "--quiet"], capsys
-    )
+    rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "nosuchmodel", "--quiet"], capsys)
     assert rc != 0 and len(err.splitlines()) == 1 and "no model 'nosuchmodel'" in err, err
-    rc, err = _cli(
-        ["device", "run", "--planner", stack.planner.url, "--model", "zoo:nosuch", "--quiet"], capsys
-    )
+    rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "zoo:nosuch", "--quiet"], capsys)
     assert rc != 0 and len(err.splitlines()) == 1 and "unknown zoo model" in err, err
 
 

@@ -214,9 +214,7 @@ def _x(**over: Any) -> dict[str, Any]:
 
 def malformed_cases() -> list[tuple[str, bytes, dict[str, str]]]:
     """(label, body, headers) of hand-written malformed infer requests, one per trap."""
-    good_body, good_headers = wire.encode_request(
-        {"x": torch.randn(1, 3, 32, 32)}, parameters={"exit": "final"}
-    )
+    good_body, good_headers = wire.encode_request({"x": torch.randn(1, 3, 32, 32)}, parameters={"exit": "final"})
     hlen = int(good_headers[wire.HEADER_LENGTH])
     payload = torch.randn(X_BYTES // 4).numpy().tobytes()
     nan = struct.pack("<f", float("nan")) * (X_BYTES // 4)
@@ -256,14 +254,10 @@ def malformed_cases() -> list[tuple[str, bytes, dict[str, str]]]:
     cases.append(("binary NaN", *_binary(_header([_x(parameters={"binary_data_size": X_BYTES})]), nan)))
     cases.append(("binary Inf", *_binary(_header([_x(parameters={"binary_data_size": X_BYTES})]), inf)))
     for tok in ("NaN", "Infinity", "-Infinity"):
-        body = (
-            '{"inputs":[{"name":"x","shape":[1,3,32,32],"datatype":"FP32","data":[%s%s]}]}'
-            % (tok, ",0.0" * 3071)
-        ).encode()
+        data = ",".join([tok] + ["0.0"] * 3071)
+        body = ('{"inputs":[{"name":"x","shape":[1,3,32,32],"datatype":"FP32","data":[' + data + "]}]}").encode()
         cases.append((f"json {tok}", body, {"Content-Type": "application/json"}))
-    cases.append(
-        ("json 1e999", *_json_raw('{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1e999]}]}'))
-    )
+    cases.append(("json 1e999", *_json_raw('{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1e999]}]}')))
     # wrong datatypes
     for dt in ("BYTES", "BOOL", "FP8", "fp32", "", 5, None, ["FP32"]):
         h = _header([_x(datatype=dt, parameters={"binary_data_size": X_BYTES})])
@@ -273,9 +267,7 @@ def malformed_cases() -> list[tuple[str, bytes, dict[str, str]]]:
     cases.append(("json INT64 overflow", *_json(_header([_x(datatype="INT64", data=[2**70] * 3072)]))))
     cases.append(("json wrong element count", *_json(_header([_x(data=[0.0] * 100)]))))
     cases.append(("json data not a list", *_json(_header([_x(data="0.0")]))))
-    cases.append(
-        ("int8 scale<0", *_json(_header([_x(datatype="INT8", data=[1] * 3072, parameters={"scale": -1})])))
-    )
+    cases.append(("int8 scale<0", *_json(_header([_x(datatype="INT8", data=[1] * 3072, parameters={"scale": -1})]))))
     cases.append(("fp32 with scale", *_json(_header([_x(data=[1.0] * 3072, parameters={"scale": 2.0})]))))
     cases.append(
         (
@@ -340,9 +332,7 @@ def malformed_cases() -> list[tuple[str, bytes, dict[str, str]]]:
     ):
         cases.append((f"{extra!r}"[:40], *_json({"inputs": base, **extra})))
     # trailing bytes, two inputs at different batch sizes, batch zero
-    cases.append(
-        ("trailing bytes", *_binary(_header([_x(parameters={"binary_data_size": X_BYTES})]), payload + b"zz"))
-    )
+    cases.append(("trailing bytes", *_binary(_header([_x(parameters={"binary_data_size": X_BYTES})]), payload + b"zz")))
     return cases
 
 
@@ -373,8 +363,7 @@ def test_oversized_body_refused_up_front(edge_proc: EdgeTarget) -> None:
     that grows past the limit is cut off with 413 too."""
     path = edge_proc.infer_path
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {64 << 20}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {64 << 20}\r\n\r\n"
     ).encode()
     answer = _raw_http(edge_proc.url, head, b"{")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -423,9 +412,7 @@ def _fuzz_random(edge_proc: EdgeTarget, examples: int) -> None:
 
     @given(
         body=st.binary(max_size=4096),
-        hlen=st.one_of(
-            st.none(), st.integers(0, 5000).map(str), st.text(HEADER_CHARS, min_size=1, max_size=8)
-        ),
+        hlen=st.one_of(st.none(), st.integers(0, 5000).map(str), st.text(HEADER_CHARS, min_size=1, max_size=8)),
     )
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def random_bytes(body: bytes, hlen: str | None) -> None:
@@ -438,9 +425,7 @@ def _fuzz_random(edge_proc: EdgeTarget, examples: int) -> None:
     payload = torch.randn(X_BYTES // 4).numpy().tobytes()
 
     @given(
-        flips=st.lists(
-            st.tuples(st.integers(0, len(valid_head) - 1), st.integers(0, 255)), min_size=1, max_size=8
-        ),
+        flips=st.lists(st.tuples(st.integers(0, len(valid_head) - 1), st.integers(0, 255)), min_size=1, max_size=8),
         cut=st.integers(0, X_BYTES - 1),
     )
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)

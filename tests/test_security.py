@@ -289,9 +289,7 @@ def _unsafe_uses(path: Path) -> list[str]:
                 out.append(f"{where} {name}(")
             elif name in ("torch.load", "torch.jit.load", "yaml.unsafe_load", "yaml.full_load"):
                 out.append(f"{where} {name}(")
-            elif name == "yaml.load" and not any(
-                "Safe" in ast.unparse(a) for a in node.args[1:] + node.keywords
-            ):
+            elif name == "yaml.load" and not any("Safe" in ast.unparse(a) for a in node.args[1:] + node.keywords):
                 out.append(f"{where} yaml.load without SafeLoader")
             elif name.endswith(("np.load", "numpy.load")) and any(
                 k.arg == "allow_pickle" and ast.unparse(k.value) != "False" for k in node.keywords
@@ -339,3 +337,45 @@ def test_cors_is_off_by_default(planner: httpx.Client, edge: httpx.Client) -> No
                 path,
                 dict(r.headers),
             )
+
+
+def test_token_protected_stack_end_to_end() -> None:
+    """Planner and edge worker both with DAPDEE_API_TOKEN: the worker registers with it, a device
+    client with the token streams frames through the edge; one without it is refused (401)."""
+    import asyncio
+
+    from bench.load import edge_service, planner_service, wait_registered
+    from clients.device.client import ClientConfig, DeviceClient, PlannerError, random_frames
+    from dapdee.models import load_model
+    from dapdee.profiler import profile_model
+
+    loaded = load_model(EDGE_SPEC)
+    dev = profile_model(loaded, "device", slowdown=100.0, threads=1, repeats=2, warmup=1)
+    # 10x pessimistic device timings: the plan uses the edge whatever the first uplink estimate
+    dev = dev.with_timings("device", {n.name: n.device_ms * 10 for n in dev.nodes}, None)
+    planner = planner_service(env={"DAPDEE_API_TOKEN": TOKEN})
+    planner.start()
+    edge = edge_service(EDGE_SPEC, planner.url)
+    edge.env["DAPDEE_API_TOKEN"] = TOKEN
+    edge.start()
+    try:
+        wait_registered(planner.url, MODEL, [edge.url])
+
+        def client(token: str | None) -> DeviceClient:
+            cfg = ClientConfig(
+                planner_url=planner.url, model=EDGE_SPEC, slowdown=100.0, device_load=0.0, token=token, threads=1
+            )
+            return DeviceClient(cfg, loaded=loaded, device_graph=dev)
+
+        async def go() -> list[Any]:
+            with pytest.raises(PlannerError, match="401"):
+                await client(None).start()
+            async with client(TOKEN) as c:
+                return await c.run(random_frames(loaded, 8))
+
+        records = asyncio.run(go())
+    finally:
+        edge.kill()
+        planner.kill()
+    assert len(records) == 8 and all(r.pred_class >= 0 for r in records)
+    assert any(r.where == "edge" for r in records), [r.where for r in records]

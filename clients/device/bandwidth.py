@@ -30,7 +30,7 @@ MAX_LOAD = 0.95
 @dataclass
 class BandwidthEstimator:
     """EWMA of uplink Mbit/s from upload timings: weight `alpha` on the newest sample, scaled
-    down for uploads shorter than `full_weight_ms`."""
+    down for uploads shorter than `full_weight_ms` (see `_fold`)."""
 
     prior_mbps: float = 1.0
     alpha: float = 0.4
@@ -40,6 +40,7 @@ class BandwidthEstimator:
     estimate_mbps: float = field(init=False)
     overhead_ms: float = field(default=0.0, init=False)  # fixed per-request cost beyond the rtt
     pairs: int = field(default=0, init=False)
+    weight_sum: float = field(default=0.0, init=False)
     samples: int = field(default=0, init=False)
     last_sample_at: float = field(default=0.0, init=False)
     last_sample_mbps: float | None = field(default=None, init=False)
@@ -60,13 +61,16 @@ class BandwidthEstimator:
             return None
         sample = nbytes * 8.0 / (upload_ms * 1000.0)
         self.history.append((nbytes, elapsed_ms, server_ms, rtt_ms, sample))
-        if self.samples == 0:
-            self.estimate_mbps = sample
-        else:
-            # short uploads are dominated by timing noise (RTT jitter, HTTP overhead): weigh a
-            # sample by its upload time, full weight from `full_weight_ms` on
-            a = self.alpha * min(1.0, upload_ms / self.full_weight_ms)
-            self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
+        return self._fold(sample, upload_ms)
+
+    def _fold(self, sample: float, upload_ms: float) -> float:
+        """Fold one sample in. Short uploads are dominated by timing noise (RTT jitter, HTTP
+        overhead), so a sample weighs w = min(1, upload_ms / full_weight_ms); the newest gets
+        max(alpha·w, w / (Σw + w)): a weighted mean while little is known, then the EWMA."""
+        w = min(1.0, upload_ms / self.full_weight_ms)
+        a = max(self.alpha * w, w / (self.weight_sum + w))
+        self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
+        self.weight_sum = min(self.weight_sum + w, 1e6)
         self.samples += 1
         self.last_sample_at = time.monotonic()
         self.last_sample_mbps = sample
@@ -80,22 +84,14 @@ class BandwidthEstimator:
         sample or None when the pair cannot be used (sizes too close, times not increasing)."""
         (n1, t1), (n2, t2) = small, large
         dt = t2 - t1
-        if n2 < 2 * n1 or dt < self.min_upload_ms:
+        if n2 < 1.5 * n1 or dt < self.min_upload_ms:
             return None
         sample = (n2 - n1) * 8.0 / (dt * 1000.0)
         fixed = t1 - rtt_ms - n1 * 8.0 / (sample * 1000.0)
         self.overhead_ms = max(0.0, fixed if self.pairs == 0 else 0.5 * fixed + 0.5 * self.overhead_ms)
         self.pairs += 1
         self.history.append((n2 - n1, dt, 0.0, 0.0, sample))
-        if self.samples == 0:
-            self.estimate_mbps = sample
-        else:
-            a = self.alpha * min(1.0, dt / self.full_weight_ms)
-            self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
-        self.samples += 1
-        self.last_sample_at = time.monotonic()
-        self.last_sample_mbps = sample
-        return sample
+        return self._fold(sample, dt)
 
     def age_s(self) -> float:
         """Seconds since the last sample (inf before the first)."""

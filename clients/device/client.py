@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ log = logging.getLogger("dapdee.device")
 
 Frame = tuple[torch.Tensor, int | None]  # (input [1,C,H,W], label or None)
 MIN_REPLAN_S = 0.2  # spacing between two plan requests
+WORKER_WAIT_S = 5.0  # at start, how long to wait for the planner to know an edge worker
 PROBE_MS = 100.0  # a probe's size aims at this much upload time (per-request overhead becomes small)
 
 
@@ -280,9 +281,7 @@ class DeviceClient:
             torch.set_num_threads(self.cfg.threads)
         self.started_at = time.monotonic()
         self._perf_base = time.perf_counter()  # FrameRecord.started_at is relative to this
-        self._http = httpx.AsyncClient(
-            headers=self._headers(), timeout=httpx.Timeout(self.cfg.planner_timeout_s)
-        )
+        self._http = httpx.AsyncClient(headers=self._headers(), timeout=httpx.Timeout(self.cfg.planner_timeout_s))
         try:
             if not self.cfg.device_only:
                 r = await self._planner("GET", "/healthz")
@@ -356,9 +355,13 @@ class DeviceClient:
             )
         model_spec = graph.meta.get("spec")
         if not isinstance(model_spec, str) or not model_spec:
-            raise ModelError(
-                f"model {spec!r}: the planner's graph does not record its spec; give --model SPEC"
-            )
+            raise ModelError(f"model {spec!r}: the planner's graph does not record its spec; give --model SPEC")
+        log.warning(
+            "model %s: built from the planner's spec %s without --weights: the device part runs "
+            "untrained weights (give the artifact the edge serves)",
+            spec,
+            model_spec,
+        )
         return await asyncio.to_thread(load_model, model_spec, tuple(graph.input.shape), None, spec)
 
     def _device_profile(self) -> CostGraph:
@@ -426,8 +429,7 @@ class DeviceClient:
             ) from None
         except httpx.HTTPError as exc:
             raise PlannerError(
-                f"cannot reach the planner at {self.cfg.planner_url} "
-                f"({type(exc).__name__}: {exc or 'no answer'})"
+                f"cannot reach the planner at {self.cfg.planner_url} ({type(exc).__name__}: {exc or 'no answer'})"
             ) from None
 
     @staticmethod
@@ -524,15 +526,20 @@ class DeviceClient:
 
     async def _wait_first_plan(self) -> Plan:
         """The first plan; 409 (the edge has not registered its profile yet) is retried until
-        `ready_timeout_s`."""
-        deadline = time.monotonic() + self.cfg.ready_timeout_s
+        `ready_timeout_s`, and a plan naming no edge worker (one is registering) for up to
+        WORKER_WAIT_S — after that the device runs on without one."""
+        start = time.monotonic()
         while True:
             try:
-                return await self.request_plan()
+                plan = await self.request_plan()
             except PlannerError as exc:
-                if "HTTP 409" not in str(exc) or time.monotonic() > deadline:
+                if "HTTP 409" not in str(exc) or time.monotonic() - start > self.cfg.ready_timeout_s:
                     raise
                 await asyncio.sleep(0.3)
+                continue
+            if self.cfg.edge_url or plan.edge_worker or time.monotonic() - start > WORKER_WAIT_S:
+                return plan
+            await asyncio.sleep(0.3)
 
     # ---- link sensing ---------------------------------------------------------------------
 
@@ -558,12 +565,7 @@ class DeviceClient:
         assert self.loaded is not None
         best = None
         for n in self.loaded.graph.nodes:
-            if (
-                n.shape is None
-                or n.name in self.loaded.executor.scalar_nodes
-                or not n.shape
-                or n.shape[0] != 1
-            ):
+            if n.shape is None or n.name in self.loaded.executor.scalar_nodes or not n.shape or n.shape[0] != 1:
                 continue
             if n.out_bytes <= target_bytes and (best is None or n.out_bytes > best[2]):
                 best = (n.name, tuple(n.shape), n.out_bytes)
@@ -580,7 +582,9 @@ class DeviceClient:
         url = self.edge_url
         if url is None or time.monotonic() < self._edge_down_until:
             return None
-        target = int(min(max(self.bandwidth.estimate_mbps * 1000 / 8 * PROBE_MS, 4096), 262144))
+        # the filler: ~PROBE_MS of upload, and up to 2.5x the input so the pair's sizes differ enough
+        floor = int(2.5 * self.loaded.graph.input.bytes)
+        target = int(min(max(self.bandwidth.estimate_mbps * 1000 / 8 * PROBE_MS, floor), 262144))
         node = self._pick_probe_node(target)
         x = {self.loaded.input_name: torch.zeros(self.loaded.input_shape)}
         exit_name = self.loaded.graph.exits[0].name
@@ -589,9 +593,7 @@ class DeviceClient:
             if node is None:
                 return (await self._send(url, x, exit_name, timeout)).sample
             small = await self._send(url, x, exit_name, timeout, observe=False)
-            large = await self._send(
-                url, {**x, node[0]: torch.zeros(node[1])}, exit_name, timeout, observe=False
-            )
+            large = await self._send(url, {**x, node[0]: torch.zeros(node[1])}, exit_name, timeout, observe=False)
         except EdgeFailure:
             return None
         if small.overlapped or large.overlapped:
@@ -672,18 +674,14 @@ class DeviceClient:
     def _edge_failed(self, reason: str) -> None:
         now = time.monotonic()
         self._edge_down_until = now + self._backoff_s
-        self.events.append(
-            f"edge failure ({reason}); local for {self._backoff_s:.1f} s, asking for a new plan"
-        )
+        self.events.append(f"edge failure ({reason}); local for {self._backoff_s:.1f} s, asking for a new plan")
         log.warning("edge failure: %s; backing off %.1f s", reason, self._backoff_s)
         self._backoff_s = min(self._backoff_s * 2, self.cfg.backoff_max_s)
         self._replan_wanted = True
 
     # ---- device compute -------------------------------------------------------------------
 
-    def _device_run(
-        self, given: dict[str, Any], targets: list[str], allowed: set[str] | None
-    ) -> tuple[dict, float]:
+    def _device_run(self, given: dict[str, Any], targets: list[str], allowed: set[str] | None) -> tuple[dict, float]:
         """Run the device part with the K x slowdown; (values, ms). Blocking (device thread)."""
         assert self.loaded is not None
         ex = self.loaded.executor
@@ -705,8 +703,18 @@ class DeviceClient:
     async def _on_device(
         self, given: dict[str, Any], targets: list[str], allowed: set[str] | None
     ) -> tuple[dict, float]:
+        """Run on the device thread. A plan whose device part does not produce its own targets
+        (a planner / executor mismatch) is run without the restriction rather than losing the
+        frame, and a new plan is asked for."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._device_pool, self._device_run, given, targets, allowed)
+        try:
+            return await loop.run_in_executor(self._device_pool, self._device_run, given, targets, allowed)
+        except (ValueError, KeyError) as exc:
+            if allowed is None:
+                raise
+            self.events.append(f"device part of the plan is not runnable ({exc}); ran it unrestricted")
+            self._replan_wanted = True
+            return await loop.run_in_executor(self._device_pool, self._device_run, given, targets, None)
 
     def _local_cost_ms(self, exit_name: str, have: set[str]) -> float:
         """Predicted device ms to finish `exit_name` given the values in `have` (cost model sums)."""
@@ -773,9 +781,7 @@ class DeviceClient:
             logits = vals[node]
             rec.device_ms, rec.where, rec.exit = dms, "fallback", fexit
             rec.error = "edge backing off" if url is not None else "no edge worker"
-            rec.device_nodes = (
-                len(self.device_graph.ancestors(node)) if self.device_graph else rec.device_nodes
-            )
+            rec.device_nodes = len(self.device_graph.ancestors(node)) if self.device_graph else rec.device_nodes
             rec.bytes_sent = 0
             if url is None:
                 self._replan_wanted = True
@@ -813,9 +819,7 @@ class DeviceClient:
         self.records.append(rec)
         return rec
 
-    async def run(
-        self, frames: Iterable[Frame] | AsyncIterator[Frame], progress: Any = None
-    ) -> list[FrameRecord]:
+    async def run(self, frames: Iterable[Frame] | AsyncIterator[Frame], progress: Any = None) -> list[FrameRecord]:
         """Classify a stream of (x, label) frames. Sequential under light load; pipelined (at most
         `max_inflight` frames in flight, released at `frame_rate` when given) under heavy load.
         Returns the records in frame order."""
@@ -889,6 +893,7 @@ class DeviceClient:
         last_load = 0.0
         last_rtt = time.monotonic()
         last_replan = 0.0
+        next_probe = 0.0
         while not self._closed:
             await asyncio.sleep(0.05)
             if self._closed:
@@ -902,17 +907,21 @@ class DeviceClient:
                 elif (
                     isinstance(mon, ComputeLoadMonitor)
                     and min(now - mon.last_sample_at, now - last_load) > 1.0
+                    and self._uploads_active == 0  # an in-process edge would count as load
                 ):
                     last_load = now  # the device computed nothing for a while: take a reading
                     await asyncio.get_running_loop().run_in_executor(self._device_pool, mon.calibrate)
                 idle = now - self._last_edge_activity > self.cfg.probe_idle_s and self._uploads_active == 0
                 if idle and self.edge_url and now >= self._edge_down_until:
-                    if now - last_rtt > 5.0:
+                    if now - last_rtt > 5.0 or self.rtt.samples == 0:
                         await self.measure_rtt(1)
                         last_rtt = time.monotonic()
-                    if self.bandwidth.age_s() > self.cfg.probe_idle_s:
+                    if self.bandwidth.age_s() > self.cfg.probe_idle_s and now >= next_probe:
+                        t0 = time.monotonic()
                         await self.probe()
                         self._last_edge_activity = time.monotonic()
+                        # probes take at most ~20 % of an idle link (slow links: fewer probes)
+                        next_probe = self._last_edge_activity + 4 * (self._last_edge_activity - t0)
                 why = self.needs_replan()
                 busy = self._replan_task is not None and not self._replan_task.done()
                 if why and not busy and time.monotonic() - last_replan >= MIN_REPLAN_S:
@@ -1029,8 +1038,7 @@ def summarize(records: list[FrameRecord], wall_s: float | None = None) -> dict[s
 def format_records_table(records: list[FrameRecord], limit: int = 40) -> str:
     """A per-frame table (the last `limit` frames)."""
     head = (
-        f"{'#':>4} {'where':<8} {'exit':<6} {'dev':>4} {'bytes':>7} {'pred ms':>8} {'meas ms':>8} "
-        f"{'cls':>3} {'y':>3}"
+        f"{'#':>4} {'where':<8} {'exit':<6} {'dev':>4} {'bytes':>7} {'pred ms':>8} {'meas ms':>8} {'cls':>3} {'y':>3}"
     )
     lines = [head]
     for r in records[-limit:]:
@@ -1047,11 +1055,3 @@ def write_jsonl(records: list[FrameRecord], path: str) -> None:
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")
-
-
-@dataclass
-class RunResult:
-    records: list[FrameRecord]
-    summary: dict[str, Any]
-    plans: list[dict[str, Any]] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)

@@ -42,20 +42,14 @@ def _accuracy(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine"
-    )
+    p.add_argument("--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine")
     p.add_argument("--rtt-ms", type=float, default=10.0, help="added round trip of the emulated network")
-    p.add_argument(
-        "--frame-rate", type=_pos_float, help="frames per second to sustain (heavy load: pipelined)"
-    )
+    p.add_argument("--frame-rate", type=_pos_float, help="frames per second to sustain (heavy load: pipelined)")
     p.add_argument("--latency-budget-ms", type=_pos_float)
     p.add_argument("--min-accuracy", type=_accuracy)
     p.add_argument("--mode", choices=("auto", "latency", "throughput"), default="auto")
     p.add_argument("--fp16", action="store_true", help="send boundary tensors as FP16")
-    p.add_argument(
-        "--device-load", type=_load_arg, help="fixed device load (default: measured from /proc/stat)"
-    )
+    p.add_argument("--device-load", type=_load_arg, help="fixed device load (default: measured from /proc/stat)")
     p.add_argument(
         "--load-source",
         choices=("proc", "compute"),
@@ -73,9 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="stream frames: plan, run the device part, ship tensors to the edge, fall back locally",
         description="Each record states the shaped uplink rate and the device slowdown K.",
     )
-    r.add_argument(
-        "--planner", required=True, metavar="URL", help="planner base URL, e.g. http://127.0.0.1:8100"
-    )
+    r.add_argument("--planner", required=True, metavar="URL", help="planner base URL, e.g. http://127.0.0.1:8100")
     r.add_argument(
         "--model",
         default="",
@@ -86,15 +78,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--network", default=None, help="shape the uplink: CAT1, 3G, 4G, WiFi or Mbit/s (default: no shaping)"
     )
-    r.add_argument(
-        "--frames", type=_pos_int, help="number of frames (random inputs, or the first N of --source)"
-    )
+    r.add_argument("--frames", type=_pos_int, help="number of frames (random inputs, or the first N of --source)")
     r.add_argument("--source", help="dataset of test images, e.g. fashion-mnist (labels give accuracy)")
     r.add_argument("--edge", metavar="URL", help="edge worker URL (default: the one the plan names)")
     r.add_argument("--device-tier", help="name of this device's profile at the planner (default device-kK)")
-    r.add_argument(
-        "--profile", metavar="JSON", help="device profile file: loaded if present, else measured into it"
-    )
+    r.add_argument("--profile", metavar="JSON", help="device profile file: loaded if present, else measured into it")
     r.add_argument("--token", help="bearer token for planner / edge (default: $DAPDEE_API_TOKEN)")
     r.add_argument("--plan-max-age-s", type=_pos_float, default=10.0)
     r.add_argument("--max-inflight", type=_pos_int, default=3, help="frames in flight when pipelining")
@@ -111,8 +99,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     u = sub.add_parser(
         "up",
-        help="all in one: planner + edge worker + device on 127.0.0.1 (no Docker, no Redis), "
-        "emulated networks",
+        help="all in one: planner + edge worker + device on 127.0.0.1 (no Docker, no Redis), emulated networks",
     )
     u.add_argument("--artifact", help="artifact to serve (default artifacts/fmnist-resnet18)")
     u.add_argument("--networks", default="CAT1,3G,4G", help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
@@ -179,19 +166,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             else:
                 frames = list(random_frames(client.loaded, args.frames or 20))
             t0 = time.monotonic()
-            with tqdm(
-                total=len(frames), desc="frames", file=sys.stderr, disable=args.quiet, leave=False
-            ) as bar:
+            with tqdm(total=len(frames), desc="frames", file=sys.stderr, disable=args.quiet, leave=False) as bar:
                 records = await client.run(frames, progress=lambda rec: bar.update(1))
             return client, records, time.monotonic() - t0
 
     client, records, wall = asyncio.run(main())
     s = summarize(records, wall)
     link = f"uplink {net} shaped, rtt +{args.rtt_ms:g} ms" if net else "uplink not shaped"
-    print(
-        f"model {client.model_name}; device K={args.slowdown:g}x slower than this machine; {link}; "
-        f"mode {args.mode}"
-    )
+    print(f"model {client.model_name}; device K={args.slowdown:g}x slower than this machine; {link}; mode {args.mode}")
     print(format_records_table(records, limit=20))
     acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
     print(

@@ -36,9 +36,7 @@ class ServerThread:
 
         self.sock = sock or bind_free_socket()
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(
-            app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=2
-        )
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{name}", daemon=True)
         self.error: BaseException | None = None

@@ -54,9 +54,7 @@ def find_artifact(given: str | None) -> str | None:
 
 
 def _row(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(
-        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-    )
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -72,6 +70,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ("pred", "pred ms"),
         ("meas", "meas ms"),
         ("where", "edge/local/fb"),
+        ("fps", "frames/s"),
         ("acc_exit", "exit acc"),
         ("acc", "acc frames"),
     ]
@@ -105,7 +104,9 @@ def row_of(name: str, rate: float | None, client: Any, records: list[Any]) -> di
         "est": "-" if rate is None else f"{client.bandwidth.estimate_mbps:.3g}",
         "load": f"{statistics.fmean(r.device_load or 0.0 for r in records):.2f}" if records else "-",
         "exit": main_exit + ("" if len(exits) <= 1 else f" (+{len(exits) - 1})"),
-        "cut": f"{s['device_nodes_mean']:.0f}/{anc}",
+        "cut": f"{statistics.median(r.device_nodes for r in records if r.exit == main_exit):.0f}/{anc}"
+        if exits
+        else "-",
         "bytes": f"{s['bytes_sent_mean']:.0f}",
         "pred": _fmt(s["predicted_ms_mean"]),
         "meas": _fmt(s["measured_ms_mean"]),
@@ -220,9 +221,11 @@ def run_up(opts: UpOptions) -> int:
             )
             client = DeviceClient(cfg, loaded=loaded, device_graph=device_graph)
             async with client:
+                t0 = time.perf_counter()
                 records = await _stream(client, frames, name, opts.quiet)
+                wall_s = time.perf_counter() - t0
             all_records.extend(records)
-            rows.append(row_of(name, rate, client, records))
+            rows.append({**row_of(name, rate, client, records), "fps": f"{len(records) / wall_s:.1f}"})
 
         async def main() -> None:
             for net in nets:
@@ -242,8 +245,10 @@ def run_up(opts: UpOptions) -> int:
         )
         print(format_table(rows))
         print(
+            "exit (+n) = the most used exit, n others too; "
             "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model); "
-            "meas = measured here; dev load = "
+            "meas = measured here (from a frame's start to its answer); frames/s = the stream's rate; "
+            "dev load = "
             + (
                 f"fixed at {opts.device_load:g}; "
                 if opts.device_load is not None
