@@ -174,6 +174,7 @@ class LoadResult:
     p99_ms: float
     wall_s: float
     worker_requests: dict[str, float]
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
 
     @property
@@ -243,8 +244,12 @@ def summarize_load(
     flat = [r for rs in records for r in rs]
     answered = sum(1 for r in flat if r.pred_class >= 0)
     where: dict[str, int] = {}
+    reasons: dict[str, int] = {}
     for r in flat:
         where[r.where] = where.get(r.where, 0) + 1
+        if r.where == "fallback":
+            reason = (r.error or "?")[:80]
+            reasons[reason] = reasons.get(reason, 0) + 1
     lat = [r.measured_ms for r in flat] or [float("nan")]
     return LoadResult(
         frames_expected=cfg.clients * cfg.frames,
@@ -255,6 +260,7 @@ def summarize_load(
         p99_ms=round(percentile(lat, 0.99), 3),
         wall_s=round(wall, 2),
         worker_requests=worker_requests,
+        fallback_reasons=reasons,
     )
 
 
@@ -317,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         f"client errors {len(res['client_errors'])}"
     )
     print(f"  where: {res['where']}  (edge share of frames {res['edge_frame_share']:.1%})")
+    if res["fallback_reasons"]:
+        print(f"  edge failures finished locally: {res['fallback_reasons']}")
     print(
         f"  latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; "
         f"{res['frames_per_s']} frames/s over {res['wall_s']} s"

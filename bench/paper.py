@@ -67,6 +67,7 @@ LABEL = {
     "edgent": "Edgent",
     "dapdee": "DAPDEE",
 }
+EXPERIMENTS = ("light", "heavy", "fig6", "fig7", "adapt")
 ACC_CLASS = 0.012  # accuracy loss vs the final exit allowed ("accuracy class")
 CELLS_SCHEMA = 1
 
@@ -98,6 +99,8 @@ class Options:
     fig7_budget_frac: float = 1.0  # budget = frac x Device-Only latency of the final exit
     fig_frames: int = 6
     adapt_model: str | None = None
+    adapt_mode: str = "auto"  # auto: latency mode unless no model's latency optimum changes
+    only: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
     adapt_phases: list[tuple[str, float]] = field(default_factory=list)
     profile_repeats: int = 7
     out: str = "bench/results"
@@ -139,6 +142,14 @@ def build_options(argv: list[str] | None = None) -> Options:
         help="use another artifact directory for a model key (repeatable)",
     )
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--only", help=f"comma list of experiments to run: {', '.join(EXPERIMENTS)} (default all)")
+    p.add_argument("--adapt-model", choices=list(MODELS), help="adaptation model (default: chosen)")
+    p.add_argument(
+        "--adapt-mode",
+        choices=["auto", "latency", "throughput"],
+        default="auto",
+        help="adaptation mode (auto: latency unless no model's latency optimum changes)",
+    )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
@@ -205,6 +216,12 @@ def build_options(argv: list[str] | None = None) -> Options:
         o.plan_cap_s = a.plan_cap_s
     default_out = REPO / "bench" / "results" / ("" if o.variant == "full" else o.variant)
     o.out, o.fresh, o.plots, o.quiet = a.out or str(default_out), a.fresh, not a.no_plots, a.quiet
+    if a.only:
+        o.only = [x.strip() for x in a.only.split(",") if x.strip()]
+        bad = sorted(set(o.only) - set(EXPERIMENTS))
+        if bad:
+            raise SystemExit(f"--only: unknown {bad}; expected some of {', '.join(EXPERIMENTS)}")
+    o.adapt_model, o.adapt_mode = a.adapt_model, a.adapt_mode
     for item in a.artifact:
         key, sep, path = item.partition("=")
         if not sep or key not in MODELS or not path:
@@ -487,6 +504,8 @@ class System:
             # pre-cap by prediction, so a pipelined stream leaves no long tail of frames in flight
             per_frame_ms = pred["bottleneck_ms"] if frame_rate else pred["latency_ms"]
             fit = int(cap_s * 1000 / max(per_frame_ms, 1e-6))
+            if frame_rate:  # a steady state needs several pipeline-fulls of frames
+                n = max(n, 2 * inflight)
             state = {"capped": fit < n}
             n = max(min(n, fit), 3 if frame_rate else 1)
             t0 = time.monotonic()
@@ -506,10 +525,13 @@ class System:
         meas = [r.measured_ms for r in records]
         ends = sorted(r.started_at + r.measured_ms / 1000.0 for r in records)
         tput = None
-        if len(ends) >= 2 and ends[-1] > ends[0]:
+        first_start = min((r.started_at for r in records), default=0.0)
+        if len(ends) >= 2 * inflight and ends[-1] > ends[0]:
+            # steady state: completions after the first (the pipeline fill is not counted)
             tput = (len(ends) - 1) / (ends[-1] - ends[0])
-        elif records and wall > 0:
-            tput = len(records) / wall
+        elif records and ends[-1] > first_start:
+            # too few frames for a steady state (frames in flight may finish together)
+            tput = len(ends) / (ends[-1] - first_start)
         labelled = [r for r in records if r.correct is not None]
         return {
             "frames": len(records),
@@ -727,7 +749,7 @@ class PaperBench:
             net,
             f"n{self.o.heavy_frames}x{self.o.rounds}",
             f"f{self.o.heavy_factor:g}",
-            f"inflight{self.o.max_inflight}+fill",
+            f"inflight{self.o.max_inflight}+fill2",
         )
 
         async def fn(s: System) -> dict[str, Any]:
@@ -841,7 +863,9 @@ class PaperBench:
         differ most across the phases (latency mode preferred; throughput mode, a pipelined
         stream, when no model's latency optimum changes)."""
         phases = self.o.adapt_phases
-        key = self.base_key("adapt", ",".join(candidates), ",".join(f"{n}:{t:g}" for n, t in phases))
+        key = self.base_key("adapt", ",".join(candidates), ",".join(f"{n}:{t:g}" for n, t in phases)) + (
+            "" if self.o.adapt_mode == "auto" else f"|{self.o.adapt_mode}"
+        )
 
         async def fn(s: System) -> dict[str, Any]:
             from clients.device.client import ClientConfig, DeviceClient
@@ -849,7 +873,8 @@ class PaperBench:
 
             rates = [(n, parse_network(n).rate_mbps, t) for n, t in phases]
             best: tuple[int, str, str, dict[str, Any]] | None = None
-            for mode in ("latency", "throughput"):
+            modes = ("latency", "throughput") if self.o.adapt_mode == "auto" else (self.o.adapt_mode,)
+            for mode in modes:
                 for m in candidates:
                     plans = {n: await s.dapdee_plan(m, s.request(r, mode=mode)) for n, r, _ in rates}
                     distinct = len({plan_key(p) for p in plans.values()})
@@ -990,13 +1015,15 @@ class PaperBench:
         try:
             for m in self.models:
                 for net in o.networks:
-                    res["light"].append(await self.light(m, net))
-                    res["heavy"].append(await self.heavy(m, net))
-            for m in fig6_models:
+                    if "light" in o.only:
+                        res["light"].append(await self.light(m, net))
+                    if "heavy" in o.only:
+                        res["heavy"].append(await self.heavy(m, net))
+            for m in fig6_models if "fig6" in o.only else []:
                 res["fig6"].append(await self.fig6(m))
-            for m in fig7_models:
+            for m in fig7_models if "fig7" in o.only else []:
                 res["fig7"].append(await self.fig7(m))
-            if adapt_models and o.adapt_phases:
+            if adapt_models and o.adapt_phases and "adapt" in o.only:
                 res["adaptation"] = await self.adaptation(adapt_models)
         finally:
             if self.sys is not None:

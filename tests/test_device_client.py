@@ -234,7 +234,11 @@ def test_rate_change_leads_to_new_plan(stack: Stack) -> None:
     recs, c = asyncio.run(run())
     bw_of = {p.id: p.bandwidth_mbps for p in c.plans}
     low = [r.index for r in recs[6:] if bw_of.get(r.plan_id, 1e9) < 0.5 * 18.88]
-    assert low, f"no plan at the new bandwidth after the rate change; events: {c.events}"
+    assert low, (
+        f"no plan at the new bandwidth after the rate change; events: {c.events}; "
+        f"frames: {[(r.index, r.where, r.plan_id, r.bandwidth_est_mbps) for r in recs]}; "
+        f"plans: {[(p.id, round(p.bandwidth_mbps, 2)) for p in c.plans]}; bw: {list(c.bandwidth.history)[-10:]}"
+    )
     assert low[0] - recs[6].index <= 4, f"the new plan only at frame {low[0]} (change at {recs[6].index})"
 
 

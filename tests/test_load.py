@@ -1,7 +1,7 @@
 """Load (issue 10): concurrent device clients against one planner and two edge workers, all real
 processes on 127.0.0.1 (bench/load.py). CI: 8 clients x 20 frames; `slow`: the issue's
-32 clients x 200 frames. Zero client errors, every frame answered, p50/p99 and the workers'
-shares printed."""
+32 clients x 200 frames. Zero client errors, every frame answered, at most 1 % of frames
+finished locally after an edge failure; p50/p99 and the workers' shares printed."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def _check(cfg: LoadConfig) -> dict:
     assert res.frames_lost == 0, d
     assert res.frames_answered == cfg.clients * cfg.frames
     assert sum(res.worker_requests.values()) > 0, "no frame reached an edge worker"
+    # an edge request that failed under load is finished on the device (not lost); allow a
+    # stray one on this shared 2-core machine, never a pattern
+    assert res.where.get("fallback", 0) <= max(1, res.frames_expected // 100), res.fallback_reasons
     return d
 
 

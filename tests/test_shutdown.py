@@ -19,25 +19,34 @@ SPEC = "zoo:alexnet?width=0.25"
 IN_FLIGHT = 6
 
 
-def _inflight(url: str) -> float:
+def _arrived_and_inflight(url: str) -> tuple[float, float]:
+    """(infer requests the worker has received, of which still in flight), from its metrics."""
     text = httpx.get(f"{url}/metrics", timeout=5).text
+    inflight = done = 0.0
     for line in text.splitlines():
         if line.startswith("dapdee_edge_inflight_requests"):
-            return float(line.split()[-1])
-    return 0.0
+            inflight = float(line.split()[-1])
+        elif line.startswith("dapdee_edge_requests_total{"):
+            done += float(line.split()[-1])
+    return done + inflight, inflight
 
 
 async def _drive(url: str, proc_pid: int) -> tuple[list[int], float, float]:
     body, headers = wire.encode_request({"x": torch.randn(1, 3, 32, 32)}, parameters={"exit": "final"})
     async with httpx.AsyncClient(timeout=60) as client:
+        warm, _ = await asyncio.to_thread(_arrived_and_inflight, url)
         tasks = [
             asyncio.create_task(client.post(f"{url}/v2/models/alexnet/infer", content=body, headers=headers))
             for _ in range(IN_FLIGHT)
         ]
         deadline = time.monotonic() + 20
-        while await asyncio.to_thread(_inflight, url) < IN_FLIGHT:  # every request is in the worker
-            assert time.monotonic() < deadline, "requests never got in flight"
+        while True:  # every request has reached the worker, and some are still being computed
+            arrived, inflight = await asyncio.to_thread(_arrived_and_inflight, url)
+            if arrived >= warm + IN_FLIGHT:
+                break
+            assert time.monotonic() < deadline, "requests never reached the worker"
             await asyncio.sleep(0.02)
+        assert inflight >= 2, f"only {inflight:g} requests in flight at SIGTERM"
         t_term = time.monotonic()
         import os
 

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 MAX_LOAD = 0.95
+STEP_FACTOR = 2.0
 
 
 @dataclass
@@ -41,6 +42,7 @@ class BandwidthEstimator:
     overhead_ms: float = field(default=0.0, init=False)  # fixed per-request cost beyond the rtt
     pairs: int = field(default=0, init=False)
     weight_sum: float = field(default=0.0, init=False)
+    step_dir: int = field(default=0, init=False)  # direction of the last sample's big deviation
     samples: int = field(default=0, init=False)
     last_sample_at: float = field(default=0.0, init=False)
     last_sample_mbps: float | None = field(default=None, init=False)
@@ -69,6 +71,13 @@ class BandwidthEstimator:
         max(alpha·w, w / (Σw + w)): a weighted mean while little is known, then the EWMA."""
         w = min(1.0, upload_ms / self.full_weight_ms)
         a = max(self.alpha * w, w / (self.weight_sum + w))
+        # a step change: two samples in a row off by more than STEP_FACTOR the same way are
+        # believed at once (one alone may be a timing spike; `suspect_change` asks for a probe)
+        ratio = sample / self.estimate_mbps if self.estimate_mbps > 0 else 1.0
+        step = 1 if ratio > STEP_FACTOR else -1 if ratio < 1.0 / STEP_FACTOR else 0
+        if step and step == self.step_dir:
+            a = max(a, w)
+        self.step_dir = step
         self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
         self.weight_sum = min(self.weight_sum + w, 1e6)
         self.samples += 1
@@ -92,6 +101,11 @@ class BandwidthEstimator:
         self.pairs += 1
         self.history.append((n2 - n1, dt, 0.0, 0.0, sample))
         return self._fold(sample, dt)
+
+    @property
+    def suspect_change(self) -> bool:
+        """The last sample was far off the estimate: a probe soon would confirm or refute it."""
+        return self.step_dir != 0
 
     def age_s(self) -> float:
         """Seconds since the last sample (inf before the first)."""

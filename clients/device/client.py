@@ -420,7 +420,11 @@ class DeviceClient:
 
         url = self.cfg.planner_url.rstrip("/") + path
         try:
-            return await self._http.request(method, url, **kw)
+            try:
+                return await self._http.request(method, url, **kw)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # a kept-alive connection the server closed meanwhile: planner calls are safe to repeat
+                return await self._http.request(method, url, **kw)
         except httpx.InvalidURL as exc:
             raise PlannerError(f"planner URL {self.cfg.planner_url!r} is not valid ({exc})") from None
         except httpx.UnsupportedProtocol:
@@ -911,12 +915,17 @@ class DeviceClient:
                 ):
                     last_load = now  # the device computed nothing for a while: take a reading
                     await asyncio.get_running_loop().run_in_executor(self._device_pool, mon.calibrate)
-                idle = now - self._last_edge_activity > self.cfg.probe_idle_s and self._uploads_active == 0
+                quiet = now - self._last_edge_activity > self.cfg.probe_idle_s
+                if self.bandwidth.suspect_change and now - self._last_edge_activity > 0.2:
+                    # no frames are uploading to confirm a big change: probe now, not after idling
+                    quiet, next_probe = True, min(next_probe, now)
+                idle = quiet and self._uploads_active == 0
                 if idle and self.edge_url and now >= self._edge_down_until:
                     if now - last_rtt > 5.0 or self.rtt.samples == 0:
                         await self.measure_rtt(1)
                         last_rtt = time.monotonic()
-                    if self.bandwidth.age_s() > self.cfg.probe_idle_s and now >= next_probe:
+                    stale = self.bandwidth.age_s() > self.cfg.probe_idle_s or self.bandwidth.suspect_change
+                    if stale and now >= next_probe:
                         t0 = time.monotonic()
                         await self.probe()
                         self._last_edge_activity = time.monotonic()
