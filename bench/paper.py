@@ -1385,8 +1385,15 @@ def format_target(t: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     o = build_options(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("dapdee.edge", "dapdee.edge.registration", "dapdee.device", "httpx", "dapdee.planner"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for noisy in (
+        "dapdee.edge",
+        "dapdee.edge.registration",
+        "dapdee.device",
+        "httpx",
+        "dapdee.planner",
+        "uvicorn.error",
+    ):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     cmd = "python bench/paper.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.monotonic()
     bench = PaperBench(o)

@@ -1,7 +1,6 @@
 # ---- edge worker (issue 6): run an ASGI app under a real uvicorn server in a thread ----------
 import contextlib as _contextlib  # noqa: E402
 import socket as _socket  # noqa: E402
-import threading as _threading  # noqa: E402
 import time as _time  # noqa: E402
 from collections.abc import Iterator as _Iterator  # noqa: E402
 from typing import Any as _Any  # noqa: E402
@@ -10,30 +9,15 @@ from typing import Any as _Any  # noqa: E402
 @_contextlib.contextmanager
 def serve_app_in_thread(app: _Any, host: str = "127.0.0.1", timeout: float = 30.0) -> _Iterator[str]:
     """Serve `app` with uvicorn on a free port of `host` in a daemon thread (lifespan on);
-    yields the base URL and shuts the server down (running the lifespan's exit) afterwards."""
-    import uvicorn
+    yields the base URL and shuts the server down (running the lifespan's exit) afterwards.
+    The same runner `dapdee up` uses (clients.device.servers.ServerThread)."""
+    from clients.device.servers import ServerThread, bind_free_socket
 
-    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = _threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = _time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or _time.monotonic() > deadline:
-            server.should_exit = True
-            sock.close()
-            raise RuntimeError("uvicorn server did not start")
-        _time.sleep(0.01)
+    server = ServerThread(app, sock=bind_free_socket(host)).start(timeout)
     try:
-        yield f"http://{host}:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
+        server.stop(timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

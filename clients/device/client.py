@@ -59,7 +59,12 @@ PROBE_MS = 100.0  # a probe's size aims at this much upload time (per-request ov
 
 
 class PlannerError(ValueError):
-    """The planner is unreachable or refused a request; the message says which and why."""
+    """The planner is unreachable or refused a request; the message says which and why;
+    `status` is the HTTP status when it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class EdgeFailure(Exception):
@@ -236,6 +241,7 @@ class DeviceClient:
         self._closed = False
         self.started_at = 0.0
         self._perf_base = time.perf_counter()
+        self._registered_at = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -488,6 +494,7 @@ class DeviceClient:
         r = await self._planner("PUT", f"/models/{name}/profiles/{self.cfg.tier}", json=body)
         if r.status_code >= 300:
             raise PlannerError(f"planner refused the device profile: HTTP {r.status_code}: {self._detail(r)}")
+        self._registered_at = time.monotonic()
 
     def _plan_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -510,7 +517,7 @@ class DeviceClient:
         body = self._plan_body()
         r = await self._planner("POST", "/plan", json=body)
         if r.status_code != 200:
-            raise PlannerError(f"planner POST /plan: HTTP {r.status_code}: {self._detail(r)}")
+            raise PlannerError(f"planner POST /plan: HTTP {r.status_code}: {self._detail(r)}", r.status_code)
         raw = r.json()
         if not isinstance(raw, dict) or "exit" not in raw:
             raise PlannerError("planner POST /plan: the answer is not a plan")
@@ -881,7 +888,16 @@ class DeviceClient:
     async def _replan(self, why: str) -> None:
         try:
             self._replan_wanted = False
-            plan = await self.request_plan()
+            try:
+                plan = await self.request_plan()
+            except PlannerError as exc:
+                # 404 / 409: the planner lost the model or this device's profile (a restart
+                # without Redis): upload them again, then ask once more
+                if exc.status not in (404, 409) or time.monotonic() - self._registered_at < 1.0:
+                    raise
+                await self._register()
+                self.events.append(f"planner lacked the model or device profile (HTTP {exc.status}); registered again")
+                plan = await self.request_plan()
             self.plan = plan
             log.info("re-planned (%s): exit %s, %d device nodes", why, plan.exit, len(plan.device_nodes))
         except PlannerError as exc:
