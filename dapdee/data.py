@@ -100,8 +100,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     want = math.prod(dims) * dtype.itemsize
     if len(raw) - head != want:
         raise DataError(
-            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), "
-            f"file has {len(raw) - head}"
+            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), file has {len(raw) - head}"
         )
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
 
@@ -128,9 +127,7 @@ def read_fashion_mnist(directory: str | Path, source_split: str) -> tuple[np.nda
     images = read_idx(_idx_path(directory, img_stem))
     labels = read_idx(_idx_path(directory, lab_stem))
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(
-            f"Fashion-MNIST {img_stem}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}"
-        )
+        raise DataError(f"Fashion-MNIST {img_stem}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"Fashion-MNIST {lab_stem}: {labels.shape} labels for {len(images)} images")
     if labels.size and int(labels.max()) >= 10:
@@ -212,9 +209,7 @@ def _source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]
         files = [_idx_path(ref.directory, stem) for stem in FMNIST_FILES[source_split]]
     else:
         files = [ref.directory / n for n in (CIFAR_TRAIN if source_split == "train" else CIFAR_TEST)]
-    stats = tuple(
-        (str(f), f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (str(f),) for f in files
-    )
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (str(f),) for f in files)
     key = (ref.kind, source_split, stats)
     if key not in _RAW_CACHE:
         if ref.kind == "fashion-mnist":
@@ -234,9 +229,7 @@ def split_indices(n_train_source: int, split: str) -> np.ndarray:
     return perm[n_train_source - n_cal :] if split == "calib" else perm[: n_train_source - n_cal]
 
 
-def load_raw(
-    dataset: str | DatasetRef, split: str, limit: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def load_raw(dataset: str | DatasetRef, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N,C,h,w], int64 labels [N]) of one split ('train' | 'calib' | 'test'),
     the first `limit` samples when given. O(dataset file size) the first time, then cached."""
     ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)

@@ -180,9 +180,7 @@ def test_pad_and_normalise(tmp_path: Path) -> None:
     x, y = D.load_split(ds, "test", (1, 1, 32, 32), pre)
     assert x.shape == (10, 1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     m, s = pre["mean"][0], pre["std"][0]
-    assert torch.allclose(
-        x[:, :, 2:30, 2:30], (torch.tensor(raw, dtype=torch.float32) / 255 - m) / s, atol=1e-6
-    )
+    assert torch.allclose(x[:, :, 2:30, 2:30], (torch.tensor(raw, dtype=torch.float32) / 255 - m) / s, atol=1e-6)
     assert torch.allclose(x[:, :, :2, :], torch.full_like(x[:, :, :2, :], -m / s))
     batches = list(D.iter_batches(ds, "test", (1, 1, 32, 32), pre, batch_size=4))
     assert len(batches) == 3 and torch.equal(torch.cat([b[0] for b in batches]), x)

@@ -25,9 +25,7 @@ SPEC = "zoo:alexnet?width=0.125&in_channels=1"
 
 
 def tiny_config(out: Path, **kw: Any) -> TrainConfig:
-    base = dict(
-        model=SPEC, dataset="fashion-mnist", out=str(out), epochs=2, batch_size=32, lr=0.05, limit=400
-    )
+    base = dict(model=SPEC, dataset="fashion-mnist", out=str(out), epochs=2, batch_size=32, lr=0.05, limit=400)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -165,9 +163,7 @@ def test_exit_costs_are_ancestor_unions(artifact: Path) -> None:
 
 def test_calibration_respects_bound_on_synthetic_data() -> None:
     class G:  # a 3-exit chain: node i costs 10, exit k's ancestors are nodes 0..k
-        exits = [
-            type("E", (), {"name": n, "node": f"n{i}"})() for i, n in enumerate(["exit1", "exit2", "final"])
-        ]
+        exits = [type("E", (), {"name": n, "node": f"n{i}"})() for i, n in enumerate(["exit1", "exit2", "final"])]
         nodes = [type("N", (), {"name": f"n{i}", "flops": 10})() for i in range(3)]
 
         @staticmethod
@@ -189,9 +185,7 @@ def test_calibration_respects_bound_on_synthetic_data() -> None:
     assert C.policy_stats(conf, correct, strict, costs)["accuracy_loss"] <= 0
 
 
-def test_calibrate_command_writes_manifest(
-    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_calibrate_command_writes_manifest(artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     art = tmp_path / "cal"
     shutil.copytree(artifact, art)
     assert main(["calibrate", str(art), "--max-accuracy-loss", "0.05"]) == 0

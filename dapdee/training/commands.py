@@ -33,12 +33,8 @@ def add_commands(sub: Any) -> None:
         description="Train every exit jointly with L = sum_n w_n CE(exit_n); writes weights.safetensors + "
         "manifest.json to --out. Re-running the same command resumes from OUT/checkpoint.",
     )
-    p.add_argument(
-        "model", help="zoo:NAME?opt=v (e.g. zoo:resnet18?width=0.25&in_channels=1) or pkg.mod:factory"
-    )
-    p.add_argument(
-        "--dataset", default="fashion-mnist", help="fashion-mnist[:DIR] or cifar10:DIR (binary version)"
-    )
+    p.add_argument("model", help="zoo:NAME?opt=v (e.g. zoo:resnet18?width=0.25&in_channels=1) or pkg.mod:factory")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist[:DIR] or cifar10:DIR (binary version)")
     p.add_argument("--epochs", type=_pos_int, default=5)
     p.add_argument("--batch-size", type=_pos_int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (warm-up, then cosine)")
@@ -47,16 +43,12 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--limit", type=_pos_int, default=None, help="use at most N samples of each split (quick runs)"
-    )
+    p.add_argument("--limit", type=_pos_int, default=None, help="use at most N samples of each split (quick runs)")
     p.add_argument("--input-size", type=_pos_int, default=32, help="square model input side in pixels")
     p.add_argument("--name", default=None, help="model name recorded in the manifest (default: the zoo name)")
     p.add_argument("--notes", default="", help="free text stored in the manifest")
     p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument(
-        "--stop-after", type=_pos_int, default=None, help="stop after this epoch, keeping the checkpoint"
-    )
+    p.add_argument("--stop-after", type=_pos_int, default=None, help="stop after this epoch, keeping the checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.set_defaults(func=_train)
@@ -74,9 +66,7 @@ def add_commands(sub: Any) -> None:
         help="pick confidence-exit thresholds within an accuracy-loss bound; store them in the manifest",
     )
     p.add_argument("artifact")
-    p.add_argument(
-        "--max-accuracy-loss", type=float, default=0.012, help="bound vs the final exit (fraction)"
-    )
+    p.add_argument("--max-accuracy-loss", type=float, default=0.012, help="bound vs the final exit (fraction)")
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--limit", type=_pos_int, default=None, help="default: the manifest's split sizes")
     p.add_argument("--threads", type=_pos_int, default=None)

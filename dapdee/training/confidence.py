@@ -33,9 +33,7 @@ from dapdee.models import ModelError, read_manifest
 RULE = "max_softmax"
 DEFAULT_Z = 2.5
 GRID = tuple(
-    sorted(
-        {round(x, 6) for x in [i / 100 for i in range(30, 100)] + [1 - 10 ** (-k / 4) for k in range(8, 17)]}
-    )
+    sorted({round(x, 6) for x in [i / 100 for i in range(30, 100)] + [1 - 10 ** (-k / 4) for k in range(8, 17)]})
 )
 
 
@@ -69,11 +67,7 @@ def first_confident_exit(
             ts = list(thresholds)
     else:
         logits = list(logits_by_exit)
-        ts = (
-            [thresholds.get(n) for n in _names(len(logits))]
-            if isinstance(thresholds, Mapping)
-            else list(thresholds)
-        )
+        ts = [thresholds.get(n) for n in _names(len(logits))] if isinstance(thresholds, Mapping) else list(thresholds)
     if not logits:
         raise ValueError("first_confident_exit: no exits")
     if len(ts) not in (len(logits), len(logits) - 1):
@@ -233,9 +227,7 @@ def evaluate_artifact(
     names = [e.name for e in loaded.graph.exits]
     if len(names) != len(logits):
         names = _names(len(logits))
-    stored = {
-        e["name"]: e.get("accuracy" if split == "test" else f"{split}_accuracy") for e in m.get("exits", [])
-    }
+    stored = {e["name"]: e.get("accuracy" if split == "test" else f"{split}_accuracy") for e in m.get("exits", [])}
     exits = []
     worst = 0.0
     for nm, lg in zip(names, logits, strict=True):

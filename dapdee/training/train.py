@@ -163,9 +163,7 @@ def evaluate(
 # ---- checkpoints --------------------------------------------------------------------------
 
 
-def _save_checkpoint(
-    ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
+def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
@@ -181,17 +179,13 @@ def _save_checkpoint(
     os.replace(ckdir / "state.json.tmp", ckdir / "state.json")
 
 
-def _load_checkpoint(
-    ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer
-) -> dict[str, Any]:
+def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
         state = json.loads((ckdir / "state.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory"
-        ) from None
+        raise ValueError(f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory") from None
     if state.get("config") != cfg.identity():
         diff = sorted(k for k in cfg.identity() if state.get("config", {}).get(k) != cfg.identity()[k])
         raise ValueError(
@@ -212,9 +206,7 @@ def _load_checkpoint(
 # ---- training -----------------------------------------------------------------------------
 
 
-def train(
-    cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print
-) -> dict[str, Any]:
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.dataset`'s train split with the joint exit loss, evaluate every
     exit on the test (and calibration) split, and write the artifact to `cfg.out`. Returns the
     manifest; with `stop_after` = e, stops after epoch e leaving only the checkpoint (returns
