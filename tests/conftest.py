@@ -40,6 +40,22 @@ import pytest as _pytest  # noqa: E402
 _REPO = _Path(__file__).resolve().parent.parent
 
 
+def wait_until_ready(url: str, proc: _subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `url` until it answers 200; fail if `proc` exits or `timeout` s pass."""
+    import httpx
+
+    deadline = _time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or _time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start (exit code {proc.poll()})")
+        _time.sleep(0.1)
+
+
 def _redis_clear(url: str, prefix: str) -> None:
     """Delete every key under `prefix:` on the Redis at `url` (best effort)."""
     import redis
@@ -113,7 +129,6 @@ def redis_process() -> _Iterator[RedisProcess]:
 def planner_process(env: dict[str, str] | None = None, timeout: float = 60.0) -> _Iterator[str]:
     """Run `dapdee serve planner` as its own process on a free port (settings from `env`, which
     is added to DAPDEE_* variables); yields its base URL, terminates it afterwards."""
-    import httpx
 
     port = free_port()
     full_env = {k: v for k, v in _os.environ.items() if not k.startswith("DAPDEE_")}
@@ -127,16 +142,7 @@ def planner_process(env: dict[str, str] | None = None, timeout: float = 60.0) ->
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = _time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or _time.monotonic() > deadline:
-                raise RuntimeError("planner process did not start")
-            _time.sleep(0.1)
+        wait_until_ready(f"{url}/readyz", proc, timeout, "planner process")
         yield url
     finally:
         proc.terminate()
@@ -168,7 +174,6 @@ def edge_process(
     """Run `dapdee serve edge` as its own process on a free 127.0.0.1 port (`args` added to the
     command line, `env` to a DAPDEE_*-free environment); yields (base URL, process) once
     /v2/health/ready answers 200, and terminates (then kills) it afterwards."""
-    import httpx
 
     port = free_port()
     full_env = {k: v for k, v in _os.environ.items() if not k.startswith("DAPDEE_")}
@@ -182,16 +187,7 @@ def edge_process(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = _time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or _time.monotonic() > deadline:
-                raise RuntimeError(f"edge worker process did not start (exit code {proc.poll()})")
-            _time.sleep(0.1)
+        wait_until_ready(f"{url}/v2/health/ready", proc, timeout, "edge worker process")
         yield url, proc
     finally:
         if proc.poll() is None:
