@@ -1161,7 +1161,8 @@ def targets(res: dict[str, Any], o: Options) -> tuple[list[dict[str, Any]], dict
     if fid["plans"]:
         add(
             "fidelity",
-            f"median |pred - meas| / meas over {fid['plans']} light-load plans (p90 {fid['p90']:.3f})",
+            f"median |pred - meas| / meas over {fid['plans']} sequential plans, light load + sweeps "
+            f"(p90 {fid['p90']:.3f})",
             fid["median"],
             fid["median"] <= 0.15,
             "<= 0.15",
