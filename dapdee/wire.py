@@ -284,7 +284,7 @@ def _decode_tensors(
         if name in out:
             raise WireError(f"tensor {name!r}: duplicate name in {key}")
         dtype = e.get("datatype")
-        if dtype not in DATATYPES:
+        if not isinstance(dtype, str) or dtype not in DATATYPES:
             raise WireError(
                 f"tensor {name!r}: datatype {dtype!r} not supported; use one of {', '.join(DATATYPES)}"
             )

@@ -81,6 +81,25 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, body: dict[str
     return True
 
 
+async def _still_registered(
+    client: httpx.AsyncClient, base: str, model: str, tier: str, with_profile: bool
+) -> bool:
+    """False only when the planner answers that it lacks the model (or this tier's edge
+    profile); errors count as registered (the next heartbeat asks again)."""
+    try:
+        r = await client.get(f"{base}/models/{model}/profiles")
+    except httpx.HTTPError:
+        return True
+    if r.status_code == 404:
+        return False
+    if r.status_code != 200 or not with_profile:
+        return True
+    try:
+        return tier in r.json().get("profiles", {})
+    except (ValueError, AttributeError):
+        return True
+
+
 async def run_registration(state: WorkerState, public_url: str) -> None:
     """Profile (or load) each model's edge timings, register graph and profile with the planner
     until it accepts them, and heartbeat every `heartbeat_s` seconds until cancelled."""
@@ -131,6 +150,12 @@ async def run_registration(state: WorkerState, public_url: str) -> None:
             )
             if hb_ok:
                 reg["heartbeats"] += 1
+            if hb_ok and not pending:
+                # a restarted planner without Redis forgot everything: register again
+                for name, graph in graphs.items():
+                    if not await _still_registered(client, base, name, s.tier, graph.has_timings("edge")):
+                        log.warning("planner %s lost model %s; registering it again", base, name)
+                        pending[name] = graph
             if hb_ok and not pending:
                 delay = 0.5
                 await asyncio.sleep(s.heartbeat_s)

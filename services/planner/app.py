@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -100,6 +101,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(plan.PlanFastPath, fastapi_app=app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)  # outermost
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Any:
+        # 422s raised by the routes (names, cost graphs) use the documented validation shape,
+        # {"detail": [{"type", "loc", "msg"}]}, like FastAPI's own 422s; others keep theirs
+        if exc.status_code == 422 and isinstance(exc.detail, str):
+            body = {"detail": [{"type": "value_error", "loc": ["body"], "msg": exc.detail, "input": None}]}
+            return Response(json.dumps(body), 422, media_type="application/json", headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Any:

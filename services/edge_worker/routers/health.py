@@ -13,12 +13,12 @@ SERVER_NAME = "dapdee-edge"
 SERVER_VERSION = "0.1.0"
 
 
-@router.get("/v2/health/live")
+@router.get("/v2/health/live", response_class=Response)
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/v2/health/ready")
+@router.get("/v2/health/ready", response_class=Response)
 async def ready(request: Request) -> Response:
     state = getattr(request.app.state, "worker", None)
     return Response(status_code=200 if state is not None and state.ready else 503)

@@ -36,7 +36,7 @@ async def model_version_metadata(model: str, version: str, request: Request) -> 
     return JSONResponse(get_model(get_state(request), model).metadata())
 
 
-@router.get("/v2/models/{model}/ready")
+@router.get("/v2/models/{model}/ready", response_class=Response)
 async def model_ready(model: str, request: Request) -> Response:
     state = get_state(request)
     get_model(state, model)
@@ -175,6 +175,8 @@ async def _infer(state: WorkerState, entry: ModelEntry, request: Request, t0: fl
             req = wire.decode_request(body, hlen, s.max_elements)
     except wire.WireError as exc:
         raise ApiError(400, str(exc)) from None
+    except (TypeError, ValueError, RecursionError) as exc:  # a malformed body the codec missed
+        raise ApiError(400, f"malformed request: {type(exc).__name__}: {str(exc)[:200]}") from None
     exit_name = req.parameters.get("exit", entry.graph.exits[-1].name)
     exits = [e.name for e in entry.graph.exits]
     if not isinstance(exit_name, str) or exit_name not in exits:
