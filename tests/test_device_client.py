@@ -233,8 +233,10 @@ def test_rate_change_leads_to_new_plan(stack: Stack) -> None:
 
     recs, c = asyncio.run(run())
     bw_of = {p.id: p.bandwidth_mbps for p in c.plans}
-    low = [r.index for r in recs[6:] if bw_of.get(r.plan_id, 1e9) < 0.5 * 18.88]
-    assert low, (
+    # a plan requested at the dropped bandwidth (past the 20 % drift threshold) is in use within
+    # a few frames; once it runs locally no upload samples follow, so the estimate may stay between
+    low = [r.index for r in recs[6:] if bw_of.get(r.plan_id, 1e9) < 0.8 * recs[5].bandwidth_est_mbps]
+    assert low and low[0] <= 6 + 4, (
         f"no plan at the new bandwidth after the rate change; events: {c.events}; "
         f"frames: {[(r.index, r.where, r.plan_id, r.bandwidth_est_mbps) for r in recs]}; "
         f"plans: {[(p.id, round(p.bandwidth_mbps, 2)) for p in c.plans]}; bw: {list(c.bandwidth.history)[-10:]}"
