@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
 
@@ -66,13 +67,21 @@ class Predicted:
         }
 
 
+def stage_ms(device_sum_ms: Any, sent_bytes: Any, edge_sum_ms: Any, cond: Conditions) -> tuple[Any, Any, Any]:
+    """(device_ms, uplink_ms, edge_ms) under `cond` from zero-load sums. Elementwise, so the
+    plan map's vectorised scans price whole Pareto fronts (numpy arrays) with this same formula."""
+    return (
+        device_sum_ms * (1.0 / (1.0 - cond.device_load)),
+        sent_bytes * (8.0 / (cond.bandwidth_mbps * 1000.0)),
+        edge_sum_ms * (1.0 / (1.0 - cond.edge_load)),
+    )
+
+
 def predict_sums(
     device_sum_ms: float, sent_bytes: int, edge_sum_ms: float, edge_empty: bool, cond: Conditions
 ) -> Predicted:
     """Price a partition from its zero-load sums (Σ device_ms over D, bytes sent, Σ edge_ms over E). O(1)."""
-    device_ms = device_sum_ms / (1.0 - cond.device_load)
-    edge_ms = edge_sum_ms / (1.0 - cond.edge_load)
-    uplink_ms = sent_bytes * 8.0 / (cond.bandwidth_mbps * 1000.0)
+    device_ms, uplink_ms, edge_ms = stage_ms(device_sum_ms, sent_bytes, edge_sum_ms, cond)
     transfer_ms = 0.0 if edge_empty else uplink_ms + cond.rtt_ms
     bottleneck = max(device_ms, uplink_ms, edge_ms)
     return Predicted(

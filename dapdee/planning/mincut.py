@@ -21,7 +21,7 @@ import math
 
 import networkx as nx
 
-from dapdee.costmodel import Conditions
+from dapdee.costmodel import Conditions, stage_ms
 from dapdee.planning.enumerate import ExitStructure
 
 
@@ -81,7 +81,7 @@ def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float)
 
 def latency_weights(cond: Conditions) -> tuple[float, float, float]:
     """(w_dev, w_bytes, w_edge) that make the cut value the latency (without rtt) under `cond`."""
-    return 1.0 / (1.0 - cond.device_load), 8.0 / (cond.bandwidth_mbps * 1000.0), 1.0 / (1.0 - cond.edge_load)
+    return stage_ms(1.0, 1.0, 1.0, cond)
 
 
 def min_latency_mask(st: ExitStructure, cond: Conditions) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dapdee.costgraph import CostGraph
-from dapdee.costmodel import Conditions, Predicted, predict_sums
+from dapdee.costmodel import Conditions, Predicted, predict_sums, stage_ms
 from dapdee.planning.enumerate import (
     ExitStructure,
     enumerate_ideals,
@@ -97,18 +97,15 @@ class CandSet:
 
     def best_latency(self, cond: Conditions) -> int:
         """Index of minimum latency_ms. O(n)."""
-        lat = self.dev * (1.0 / (1.0 - cond.device_load))
-        lat += self.edge * (1.0 / (1.0 - cond.edge_load))
-        lat += self.byts * (8.0 / (cond.bandwidth_mbps * 1000.0))
+        d, u, e = stage_ms(self.dev, self.byts, self.edge, cond)
+        lat = d + u + e
         if cond.rtt_ms:
             lat += self.nonempty * cond.rtt_ms
         return int(lat.argmin())
 
     def best_throughput(self, cond: Conditions) -> int:
         """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms. O(n)."""
-        d = self.dev * (1.0 / (1.0 - cond.device_load))
-        e = self.edge * (1.0 / (1.0 - cond.edge_load))
-        u = self.byts * (8.0 / (cond.bandwidth_mbps * 1000.0))
+        d, u, e = stage_ms(self.dev, self.byts, self.edge, cond)
         bott = np.maximum(np.maximum(d, u), e)
         i = int(bott.argmin())
         tied = bott <= bott[i] * (1.0 + TIE_RTOL)
