@@ -58,15 +58,8 @@ MODELS: dict[str, str] = {
     "resnet18-224": "artifacts/fmnist-resnet18-224",
 }
 DAG_MODELS = ("resnet18", "inception", "resnet18-224")
-PLANNERS = ("device-only", "edge-only", "neurosurgeon", "dads", "edgent", "dapdee")
-LABEL = {
-    "device-only": "Device-Only",
-    "edge-only": "Edge-Only",
-    "neurosurgeon": "Neurosurgeon",
-    "dads": "DADS",
-    "edgent": "Edgent",
-    "dapdee": "DAPDEE",
-}
+from bench.paper_plots import LABEL, PLANNERS  # noqa: E402  (one list of planners and labels)
+
 EXPERIMENTS = ("light", "heavy", "fig6", "fig7", "adapt")
 ACC_CLASS = 0.012  # accuracy loss vs the final exit allowed ("accuracy class")
 CELLS_SCHEMA = 1

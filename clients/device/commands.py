@@ -6,25 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return v
+from dapdee.cli import positive_float, positive_int
 
 
 def _load_arg(text: str) -> float:
@@ -44,8 +26,8 @@ def _accuracy(text: str) -> float:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine")
     p.add_argument("--rtt-ms", type=float, default=10.0, help="added round trip of the emulated network")
-    p.add_argument("--frame-rate", type=_pos_float, help="frames per second to sustain (heavy load: pipelined)")
-    p.add_argument("--latency-budget-ms", type=_pos_float)
+    p.add_argument("--frame-rate", type=positive_float, help="frames per second to sustain (heavy load: pipelined)")
+    p.add_argument("--latency-budget-ms", type=positive_float)
     p.add_argument("--min-accuracy", type=_accuracy)
     p.add_argument("--mode", choices=("auto", "latency", "throughput"), default="auto")
     p.add_argument("--fp16", action="store_true", help="send boundary tensors as FP16")
@@ -78,17 +60,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--network", default=None, help="shape the uplink: CAT1, 3G, 4G, WiFi or Mbit/s (default: no shaping)"
     )
-    r.add_argument("--frames", type=_pos_int, help="number of frames (random inputs, or the first N of --source)")
+    r.add_argument("--frames", type=positive_int, help="number of frames (random inputs, or the first N of --source)")
     r.add_argument("--source", help="dataset of test images, e.g. fashion-mnist (labels give accuracy)")
     r.add_argument("--edge", metavar="URL", help="edge worker URL (default: the one the plan names)")
     r.add_argument("--device-tier", help="name of this device's profile at the planner (default device-kK)")
     r.add_argument("--profile", metavar="JSON", help="device profile file: loaded if present, else measured into it")
     r.add_argument("--token", help="bearer token for planner / edge (default: $DAPDEE_API_TOKEN)")
-    r.add_argument("--plan-max-age-s", type=_pos_float, default=10.0)
-    r.add_argument("--max-inflight", type=_pos_int, default=3, help="frames in flight when pipelining")
+    r.add_argument("--plan-max-age-s", type=positive_float, default=10.0)
+    r.add_argument("--max-inflight", type=positive_int, default=3, help="frames in flight when pipelining")
     r.add_argument(
         "--ready-timeout-s",
-        type=_pos_float,
+        type=positive_float,
         default=30.0,
         help="how long to wait for the edge to register its profile",
     )
@@ -103,7 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     u.add_argument("--artifact", help="artifact to serve (default artifacts/fmnist-resnet18)")
     u.add_argument("--networks", default="CAT1,3G,4G", help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
-    u.add_argument("--frames", type=_pos_int, default=30, help="Fashion-MNIST test images per network")
+    u.add_argument("--frames", type=positive_int, default=30, help="Fashion-MNIST test images per network")
     u.add_argument("--quiet", action="store_true")
     _common(u)
     u.set_defaults(func=cmd_up)

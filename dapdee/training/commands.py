@@ -7,22 +7,14 @@ import json
 import sys
 from typing import Any
 
+from dapdee.cli import positive_int
+
 
 def _weights_arg(text: str) -> list[float]:
     try:
         return [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"exit weights {text!r}: expected numbers like 0.3,0.6,1") from None
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return v
 
 
 def add_commands(sub: Any) -> None:
@@ -35,20 +27,22 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("model", help="zoo:NAME?opt=v (e.g. zoo:resnet18?width=0.25&in_channels=1) or pkg.mod:factory")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist[:DIR] or cifar10:DIR (binary version)")
-    p.add_argument("--epochs", type=_pos_int, default=5)
-    p.add_argument("--batch-size", type=_pos_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (warm-up, then cosine)")
     p.add_argument(
         "--exit-weights", type=_weights_arg, default=None, help="w1,...,wn (default: k/n, rising with depth)"
     )
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=_pos_int, default=None, help="use at most N samples of each split (quick runs)")
-    p.add_argument("--input-size", type=_pos_int, default=32, help="square model input side in pixels")
+    p.add_argument("--limit", type=positive_int, default=None, help="use at most N samples of each split (quick runs)")
+    p.add_argument("--input-size", type=positive_int, default=32, help="square model input side in pixels")
     p.add_argument("--name", default=None, help="model name recorded in the manifest (default: the zoo name)")
     p.add_argument("--notes", default="", help="free text stored in the manifest")
-    p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--stop-after", type=_pos_int, default=None, help="stop after this epoch, keeping the checkpoint")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--stop-after", type=positive_int, default=None, help="stop after this epoch, keeping the checkpoint"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.set_defaults(func=_train)
@@ -57,8 +51,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("artifact", help="artifact directory (weights.safetensors + manifest.json)")
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--split", default="test", choices=("train", "calib", "test"))
-    p.add_argument("--limit", type=_pos_int, default=None, help="default: the manifest's split size")
-    p.add_argument("--threads", type=_pos_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="default: the manifest's split size")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -68,8 +62,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("artifact")
     p.add_argument("--max-accuracy-loss", type=float, default=0.012, help="bound vs the final exit (fraction)")
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
-    p.add_argument("--limit", type=_pos_int, default=None, help="default: the manifest's split sizes")
-    p.add_argument("--threads", type=_pos_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="default: the manifest's split sizes")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument(
         "--z",
         type=float,
