@@ -196,7 +196,7 @@ def main() -> int:
     models_arg = f"{spec}@{artifact}" if artifact else spec
     needed = m.graph.ancestors(m.exit_node("final"))
     part = partition(m.graph, "final", needed[: len(needed) // 2])
-    x = torch.randn(m.input_shape)
+    x = m.example_input()
     names = [u for u, _ in part.transfer]
     with torch.inference_mode():
         out = m.executor.compute({m.input_name: x}, [n for n in names if n != m.input_name])

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = {
@@ -294,19 +295,22 @@ def default_preprocess(dataset: str | DatasetRef, input_shape: tuple[int, ...]) 
     }
 
 
-def preprocess_images(
+def capture_frames(
     images: np.ndarray | torch.Tensor, input_shape: tuple[int, ...], preprocess: dict[str, Any]
 ) -> torch.Tensor:
-    """Turn uint8 images [N,c,h,w] (or [N,h,w]) into float32 model inputs [N,C,H,W] following
-    the recipe of :func:`default_preprocess` (scale, pad or bilinear resize, channel replication,
-    normalisation). O(N·C·H·W)."""
+    """The camera frames a device holds: uint8 images [N,c,h,w] (or [N,h,w]) brought to the
+    model's resolution [N,C,H,W] as uint8 (pad with zeros, or bilinear resize rounded to the
+    nearest level; grayscale replicated to C channels), following the recipe of
+    :func:`default_preprocess`. Scaling and normalisation are left to :class:`FrameNormalize`,
+    the first node of an artifact's graph, so the uplink carries 1 byte per pixel. O(N·C·H·W)."""
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"images: expected [N,C,H,W] or [N,H,W], got shape {list(x.shape)}")
+    if x.dtype != torch.uint8:
+        raise DataError(f"images: expected uint8 pixels, got {x.dtype}")
     _, c, h, w = (int(s) for s in input_shape)
-    x = x.to(torch.float32) * float(preprocess.get("scale", 1 / 255))
     resize = preprocess.get("resize", "none")
     ih, iw = x.shape[-2:]
     if resize == "pad" or (resize == "none" and (ih, iw) != (h, w)):
@@ -315,7 +319,8 @@ def preprocess_images(
         top, left = (h - ih) // 2, (w - iw) // 2
         x = F.pad(x, (left, w - iw - left, top, h - ih - top))
     elif resize == "bilinear":
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.to(torch.float32), size=(h, w), mode="bilinear", align_corners=False)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
     elif resize != "none":
         raise DataError(f"preprocess: unknown resize {resize!r} (expected none, pad or bilinear)")
     if x.shape[1] != c:
@@ -323,9 +328,44 @@ def preprocess_images(
             x = x.expand(-1, c, -1, -1)
         else:
             raise DataError(f"images have {x.shape[1]} channels, the model wants {c}")
-    mean = torch.tensor(preprocess.get("mean", [0.0] * c), dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(preprocess.get("std", [1.0] * c), dtype=torch.float32).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return x.contiguous()
+
+
+class FrameNormalize(nn.Module):
+    """Raw frame -> model input: `(x · scale − mean) / std` per channel, as one affine map
+    `x · gain + shift` on float32. Takes uint8 frames or any tensor of 0..255 pixel levels (the
+    edge worker upcasts wire tensors to float32), so it may run on either side of a cut. O(n)."""
+
+    def __init__(self, scale: float, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or not mean or any(not s > 0 for s in std):
+            raise DataError(f"preprocess: mean {mean} and std {std} must be non-empty, equally long, std > 0")
+        m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+        sd = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        self.register_buffer("gain", (float(scale) / sd).to(torch.float32))
+        self.register_buffer("shift", (-m / sd).to(torch.float32))
+
+    @classmethod
+    def from_recipe(cls, preprocess: dict[str, Any], channels: int) -> FrameNormalize:
+        return cls(
+            float(preprocess.get("scale", 1 / 255)),
+            list(preprocess.get("mean", [0.0] * channels)),
+            list(preprocess.get("std", [1.0] * channels)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.to(torch.float32), self.gain)
+
+
+def preprocess_images(
+    images: np.ndarray | torch.Tensor, input_shape: tuple[int, ...], preprocess: dict[str, Any]
+) -> torch.Tensor:
+    """Turn uint8 images [N,c,h,w] (or [N,h,w]) into float32 model inputs [N,C,H,W]:
+    :func:`capture_frames` then :class:`FrameNormalize` — the same two steps a device and an
+    artifact's graph take, so training, evaluation and serving see identical tensors. O(N·C·H·W)."""
+    frames = capture_frames(images, input_shape, preprocess)
+    with torch.no_grad():  # not inference_mode: training feeds these tensors to autograd
+        return FrameNormalize.from_recipe(preprocess, int(input_shape[1]))(frames).contiguous()
 
 
 def load_split(

@@ -23,11 +23,13 @@ import torch
 from torch import fx, nn
 
 from dapdee.costgraph import CostGraph, Exit, InputSpec, Node
+from dapdee.data import FrameNormalize
 from dapdee.executor import GraphExecutor
 from dapdee.names import MODEL_NAME_RE, ModelError, check_model_name  # noqa: F401 (re-exported)
 from dapdee.zoo import ZOO
 
 MANIFEST = "manifest.json"
+FRAME_NODE = "frame"  # the first node of an artifact's graph: raw uint8 frame -> normalised input
 WEIGHTS = "weights.safetensors"
 
 
@@ -147,17 +149,43 @@ def _flops(node: fx.Node, modules: dict[str, nn.Module], args: tuple, out: Any) 
     return n_out
 
 
+def example_input(
+    input_shape: tuple[int, ...], dtype: str = "float32", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A random graph input: uniform pixel levels for a uint8 frame, standard normal otherwise."""
+    if dtype == "uint8":
+        return torch.randint(0, 256, tuple(input_shape), dtype=torch.uint8, generator=generator)
+    return torch.randn(tuple(input_shape), generator=generator)
+
+
+def _insert_frame_node(gm: fx.GraphModule, frame: nn.Module) -> None:
+    """Make `frame` the graph's first node: every user of the input placeholder reads its output."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return  # trace() reports the arity problem
+    ph = placeholders[0]
+    gm.add_submodule(FRAME_NODE, frame)
+    with gm.graph.inserting_after(ph):
+        node = gm.graph.call_module(FRAME_NODE, (ph,))
+    ph.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    gm.recompile()
+
+
 def trace(
-    module: nn.Module, input_shape: tuple[int, ...], name: str
+    module: nn.Module, input_shape: tuple[int, ...], name: str, frame: nn.Module | None = None
 ) -> tuple[fx.GraphModule, CostGraph, GraphExecutor]:
     """Trace `module` with torch.fx, run it once on a random input of `input_shape` to record
     every node's output size and FLOPs, and return (graph module, cost graph, executor).
-    Timings are left empty (see `dapdee.profiler`). O(one forward pass)."""
+    With `frame` (a :class:`dapdee.data.FrameNormalize`), the graph's input is the raw uint8
+    frame and node `frame` turns it into the float input `module` expects, so a cut before any
+    layer ships 1 byte per pixel. Timings are left empty (see `dapdee.profiler`). O(one forward pass)."""
     check_model_name(name)
     try:
         gm = fx.symbolic_trace(module)
     except Exception as exc:
         raise ModelError(f"torch.fx cannot trace {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if frame is not None:
+        _insert_frame_node(gm, frame)
     gm.eval()
     ex = GraphExecutor(gm)
     if len(ex.placeholders) != 1:
@@ -169,7 +197,7 @@ def trace(
     if not out_nodes or not all(isinstance(n, fx.Node) for n in out_nodes):
         raise ModelError(f"{name}: forward must return a tensor or a tuple of tensors (one per exit)")
     modules = dict(gm.named_modules())
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(input_shape, "uint8" if frame is not None else "float32", torch.Generator().manual_seed(0))
     env: dict[str, Any] = {in_name: x}
     flops: dict[str, int] = {}
     try:
@@ -274,6 +302,10 @@ class LoadedModel:
     def input_name(self) -> str:
         return self.graph.input.name
 
+    def example_input(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random input of the graph's shape and dtype (a uint8 frame for artifacts)."""
+        return example_input(self.input_shape, self.graph.input.dtype, generator)
+
     def exit_node(self, exit_name: str | None = None) -> str:
         return self.graph.exit(exit_name).node
 
@@ -289,9 +321,14 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     weights: str | Path | None = None,
     name: str | None = None,
+    frame_input: bool = True,
 ) -> LoadedModel:
     """Build, optionally load an artifact's weights, and trace. With an artifact, its manifest's
-    spec, input shape, name and exit accuracies are used unless given explicitly."""
+    spec, input shape, name and exit accuracies are used unless given explicitly, and (unless
+    `frame_input` is false) the graph takes the raw uint8 camera frame at the model's resolution,
+    its first node `frame` normalising it as the manifest's `preprocess` says: a camera's frame is
+    1 byte per pixel, so that is what an Edge-Only plan ships. `module` stays the float-input
+    network the artifact was trained as."""
     manifest = None
     if weights is not None:
         manifest = read_manifest(weights)
@@ -307,7 +344,10 @@ def load_model(
     shape = input_shape or default_input_shape(ms)
     if shape is None:
         raise ModelError(f"model spec {spec!r}: give --input-shape (e.g. 1,3,32,32)")
-    gm, graph, ex = trace(module, tuple(shape), check_model_name(name or ms.default_name))
+    frame = None
+    if manifest is not None and frame_input and isinstance(manifest.get("preprocess"), dict):
+        frame = FrameNormalize.from_recipe(manifest["preprocess"], int(shape[1]))
+    gm, graph, ex = trace(module, tuple(shape), check_model_name(name or ms.default_name), frame)
     if manifest is not None:
         acc = {e["name"]: e.get("accuracy") for e in manifest.get("exits", []) if isinstance(e, dict)}
         graph = graph.with_accuracies(acc)

@@ -5,8 +5,8 @@
   sharing one shaper are serialised at the link rate (a shared uplink), and a burst allowance
   of `burst_bytes` may leave at once after an idle period.
 - `NETWORKS`: the uplink rates of DADS Table I (Mbit/s); `parse_network("3G" | "4.5")`.
-- `emulate_slowdown(fn, k)`: run `fn`, then sleep (k - 1) x its measured duration, so a device
-  is emulated K x slower than this machine.
+- `emulate_slowdown(fn, k, clock)`: run `fn`, then sleep (k - 1) x its measured duration (wall
+  time, or the thread's CPU time), so a device is emulated K x slower than this machine.
 
 Pure Python (asyncio + time): no web imports.
 """
@@ -156,14 +156,17 @@ class ShapedUplink:
         return f"uplink {self.rate_mbps:g} Mbit/s, rtt {self.rtt_ms:g} ms"
 
 
-def emulate_slowdown(fn: Callable[[], T], k: float) -> T:
-    """Run `fn()`, then sleep (k - 1) x its duration: the caller sees a device K x slower than
-    this machine (the sleep leaves the CPU free, as a slower chip would not load this one).
-    Blocking: call it from a worker thread in async code."""
+def emulate_slowdown(fn: Callable[[], T], k: float, clock: Callable[[], float] = time.perf_counter) -> T:
+    """Run `fn()`, then sleep (k - 1) x its duration on `clock`: the caller sees a device K x
+    slower than this machine (the sleep leaves the CPU free, as a slower chip would not load
+    this one). With `clock=time.thread_time` (single-threaded compute), only the CPU time `fn`
+    used is stretched; time it spent waiting for the CPU (other threads, other processes on this
+    host) is added once, so a co-located edge worker's work is not counted K times as if it
+    were the device's. Blocking: call it from a worker thread in async code."""
     if not k >= 1.0:
         raise ValueError(f"slowdown: must be >= 1, got {k!r}")
-    t0 = time.perf_counter()
+    t0 = clock()
     out = fn()
     if k > 1.0:
-        time.sleep((k - 1.0) * (time.perf_counter() - t0))
+        time.sleep((k - 1.0) * max(0.0, clock() - t0))
     return out

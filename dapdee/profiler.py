@@ -58,7 +58,7 @@ def profile_model(
     try:
         ex = loaded.executor
         graph = loaded.graph
-        x = torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0))
+        x = loaded.example_input(torch.Generator().manual_seed(0))
         names = [n.name for n in graph.nodes]
         timings: dict[str, float] = {}
         with torch.inference_mode():
@@ -91,12 +91,12 @@ def measure_forward_ms(
     if threads:
         torch.set_num_threads(threads)
     try:
-        x = torch.randn(loaded.input_shape)
+        x = loaded.example_input()
         with torch.inference_mode():
             if via_executor:
                 targets = [e.node for e in loaded.graph.exits]
                 return _median_ms(lambda: loaded.executor.compute({loaded.input_name: x}, targets), repeats, warmup)
-            return _median_ms(lambda: loaded.module(x), repeats, warmup)
+            return _median_ms(lambda: loaded.gm(x), repeats, warmup)
     finally:
         torch.set_num_threads(old)
 

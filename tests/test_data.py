@@ -199,3 +199,33 @@ def test_upsample_and_replicate(tmp_path: Path) -> None:
         D.default_preprocess(f"cifar10:{tmp_path}", (1, 1, 32, 32))
     with pytest.raises(D.DataError, match="larger"):
         D.preprocess_images(np.zeros((1, 1, 40, 40), np.uint8), (1, 1, 32, 32), {"resize": "pad"})
+
+
+def test_frames_are_uint8_at_model_resolution_and_normalise_like_training(tmp_path: Path) -> None:
+    """`capture_frames` is what a device ships (1 byte per pixel); `FrameNormalize`, the first
+    node of an artifact's graph, turns it into exactly the tensor training used, from uint8 or
+    from the float32 pixel levels an edge worker upcasts a UINT8 wire tensor to."""
+    d = write_fake_fmnist(tmp_path / "fm")
+    ds = f"fashion-mnist:{d}"
+    raw, _ = D.load_raw(ds, "test")
+    for shape in ((1, 1, 32, 32), (1, 3, 224, 224)):
+        pre = D.default_preprocess(ds, shape)
+        frames = D.capture_frames(raw, shape, pre)
+        assert frames.dtype == torch.uint8 and tuple(frames.shape) == (10, *shape[1:])
+        norm = D.FrameNormalize.from_recipe(pre, shape[1])
+        x = D.preprocess_images(raw, shape, pre)
+        assert torch.equal(norm(frames), x)
+        assert torch.equal(norm(frames.to(torch.float32)), x)
+    # bilinear upsampling is rounded to the nearest level: within half a level of the exact
+    pre = D.default_preprocess(ds, (1, 1, 224, 224))
+    exact = torch.nn.functional.interpolate(
+        torch.tensor(raw, dtype=torch.float32).reshape(-1, 1, 28, 28),
+        size=(224, 224),
+        mode="bilinear",
+        align_corners=False,
+    )
+    assert (D.capture_frames(raw, (1, 1, 224, 224), pre).to(torch.float32) - exact).abs().max() <= 0.5
+    with pytest.raises(D.DataError, match="uint8"):
+        D.capture_frames(np.zeros((1, 28, 28), np.float32), (1, 1, 32, 32), pre)
+    with pytest.raises(D.DataError, match="std"):
+        D.FrameNormalize(1 / 255, [0.5], [0.0])

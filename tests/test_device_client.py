@@ -305,6 +305,27 @@ def test_pipelined_stream_overlaps_stages_and_answers_every_frame(stack: Stack) 
     assert pipe_wall < 1.05 * seq_wall, f"pipelined {pipe_wall:.2f} s vs sequential {seq_wall:.2f} s"
 
 
+def test_pipelined_stream_senses_a_rate_drop(stack: Stack) -> None:
+    """Heavy load keeps several uploads in flight, so no upload is alone on the link and no idle
+    probe runs; the estimate must still follow the shaped rate from 5.85 down to 1.1 Mbit/s."""
+    frames = list(random_frames(stack.loaded, 40, seed=6))
+
+    async def run() -> tuple[float, float, list[Any]]:
+        async with stack.client(rate_mbps=5.85, rtt_ms=10.0, mode="throughput", max_inflight=4) as c:
+            await _pin(c, _mid_cut_plan(stack, c))
+            assert c.shaper is not None
+            await c.run(frames[:20])
+            before = c.bandwidth.estimate_mbps
+            c.shaper.set_rate(1.1)
+            recs = await c.run(frames[20:])
+            return before, c.bandwidth.estimate_mbps, recs
+
+    before, after, recs = asyncio.run(run())
+    assert all(r.where == "edge" for r in recs)
+    assert abs(before - 5.85) / 5.85 < 0.3, f"estimate {before:.2f} Mbit/s on a 5.85 Mbit/s link"
+    assert abs(after - 1.1) / 1.1 < 0.3, f"estimate {after:.2f} Mbit/s after the drop to 1.1 Mbit/s"
+
+
 def test_fallback_takes_an_earlier_exit_when_the_budget_demands(stack: Stack) -> None:
     c = stack.client(latency_budget_ms=1e6)
     exits = [e.name for e in stack.device_graph.exits]
@@ -351,12 +372,41 @@ def test_sensing_estimators() -> None:
         load_drifted,
     )
 
+    def lone(bw: BandwidthEstimator, nbytes: int, start: float, end: float, server_ms: float, rtt_ms: float):
+        return bw.upload_finished(bw.upload_started(start), nbytes, end, server_ms, rtt_ms)
+
     bw = BandwidthEstimator(prior_mbps=1.0)
-    # 137,500 bytes in 1000 ms of which 0 server and 0 rtt: 1.1 Mbit/s
-    assert bw.observe(137_500, 1000.0, 0.0, 0.0) == pytest.approx(1.1)
+    # a lone upload: 137,500 bytes in 1000 ms of which 0 server and 0 rtt: 1.1 Mbit/s
+    assert lone(bw, 137_500, 0.0, 1.0, 0.0, 0.0) == pytest.approx(1.1)
     assert bw.estimate_mbps == pytest.approx(1.1)
-    assert bw.observe(137_500, 1030.0, 10.0, 20.0) == pytest.approx(1.1)  # net of server time and rtt
-    assert bw.observe(100, 50.0, 0.0, 0.0) is None  # too small to time
+    assert lone(bw, 137_500, 2.0, 3.03, 10.0, 20.0) == pytest.approx(1.1)  # net of server time and rtt
+    assert lone(bw, 100, 4.0, 4.05, 0.0, 0.0) is None  # too small to time
+
+    # a pipelined stream on a 1 Mbit/s link that shares the link between the 4 uploads in flight
+    # (each 2,500 bytes = 20 ms alone, 80 ms shared); a new one starts when a response arrives
+    # (server 5 ms, rtt 20 ms). No upload is ever alone on the link, yet the rate is sensed.
+    bw = BandwidthEstimator(prior_mbps=5.0)
+    after = 0.025  # response arrives this long after the upload's last byte
+    tickets = [(bw.upload_started(10.0 + 0.020 * i), 10.0 + 0.020 * i) for i in range(4)]
+    got = []
+    for i in range(60):
+        ticket, start = tickets.pop(0)
+        done = 10.080 + 0.020 * i  # one upload finishes every 20 ms: the link is never idle
+        tickets.append((bw.upload_started(done + after), done + after))
+        got.append(bw.upload_finished(ticket, 2500, done + after, 5.0, 20.0))
+    got = [x for x in got if x is not None]
+    # the first busy period starts with the pipeline filling (its first upload spans 80 ms alone)
+    assert len(got) >= 4 and got[1:] == pytest.approx([1.0] * (len(got) - 1), rel=0.05)
+    assert bw.estimate_mbps == pytest.approx(1.0, rel=0.1)
+    # uploads finishing out of order are taken in the order they started
+    bw = BandwidthEstimator(prior_mbps=1.0)
+    a, b = bw.upload_started(0.0), bw.upload_started(0.0)
+    assert bw.upload_finished(b, 25_000, 0.2, 0.0, 0.0) is None  # waits for `a`
+    assert bw.upload_finished(a, 25_000, 0.1, 0.0, 0.0) == pytest.approx(2.0)  # 50 kB in 200 ms
+    bw.upload_failed(bw.upload_started(1.0))  # a failed upload releases the ones after it
+    assert lone(bw, 25_000, 5.0, 5.1, 0.0, 0.0) == pytest.approx(2.0)
+    # an idle gap closes a busy period: the next upload is timed from its own start
+    assert lone(bw, 12_500, 9.0, 9.1, 0.0, 0.0) == pytest.approx(1.0)
     rtt = RttEstimator(window=3)
     for v in (30.0, 21.0, 25.0):
         rtt.observe(v)
@@ -399,6 +449,16 @@ def test_unknown_model_fails_with_one_line(stack: Stack, capsys: pytest.CaptureF
     assert rc != 0 and len(err.splitlines()) == 1 and "no model 'nosuchmodel'" in err, err
     rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", "zoo:nosuch", "--quiet"], capsys)
     assert rc != 0 and len(err.splitlines()) == 1 and "unknown zoo model" in err, err
+    # a bare name never makes the device import what the planner's stored graph names, and a
+    # graph taking raw frames needs the artifact (its first node normalises them)
+    from dapdee.models import load_model
+
+    imported = stack.loaded.graph.to_dict() | {"model": "imported", "meta": {"spec": "os.path:join"}}
+    frames = load_model("", weights=REPO / "artifacts" / "fmnist-alexnet", name="framed").graph.to_dict()
+    for name, body, why in (("imported", imported, "would import code"), ("framed", frames, "raw uint8 frames")):
+        assert httpx.put(f"{stack.planner.url}/models/{name}", json=body, timeout=10).status_code < 300
+        rc, err = _cli(["device", "run", "--planner", stack.planner.url, "--model", name, "--quiet"], capsys)
+        assert rc != 0 and len(err.splitlines()) == 1 and why in err, err
 
 
 def test_dapdee_up_runs_within_a_minute() -> None:

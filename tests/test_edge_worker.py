@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -128,6 +129,32 @@ def test_any_cut_any_exit_matches_whole_model(
                     top2[:, 0] - top2[:, 1]
                 ) > 2 * err  # argmax must agree where the margin exceeds the error
                 assert torch.equal(r16.outputs["class"][clear], ref.argmax(1)[clear])
+
+
+def test_raw_uint8_frames_from_any_cut_match_the_local_model() -> None:
+    """A shipped artifact's graph takes the uint8 camera frame: Edge-Only ships it as UINT8 (1
+    byte per pixel; the worker upcasts it and runs node `frame` itself), later cuts ship float
+    tensors, and every cut answers what the whole model answers locally."""
+    from dapdee import data as D
+
+    art = Path(__file__).resolve().parent.parent / "artifacts" / "fmnist-alexnet"
+    m = load_model("", weights=art)
+    edge = load_model("", weights=art)
+    assert m.graph.input.dtype == "uint8" and m.graph.input.bytes == 32 * 32
+    images, labels = D.load_raw("fashion-mnist", "test", 16)
+    frames = D.capture_frames(images, m.input_shape, m.manifest["preprocess"])
+    ref = m.run_exit(frames)
+    assert int((ref.argmax(1) == torch.as_tensor(labels)).sum()) >= 12  # a trained model
+    with serve_app_in_thread(create_app(Settings(), [edge])) as url, httpx.Client(base_url=url, timeout=60) as client:
+        for part in cuts(m, "final"):
+            sent = device_part(m, part, frames)
+            body, headers = wire.encode_request(sent, parameters={"exit": "final"})
+            if not part.device_nodes:
+                assert sent[m.input_name].dtype == torch.uint8
+                assert len(body) < m.graph.input.bytes * len(frames) + 512
+            r = logits_of(client.post(f"/v2/models/{m.name}/infer", content=body, headers=headers))
+            assert torch.allclose(r.outputs["logits"], ref, atol=1e-4, rtol=0), part.transfer
+            assert torch.equal(r.outputs["class"], ref.argmax(1))
 
 
 def test_default_exit_int8_and_all_on_device(worker: httpx.Client, models: dict[str, LoadedModel]) -> None:

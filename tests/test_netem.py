@@ -116,3 +116,24 @@ def test_emulate_slowdown_stretches_duration() -> None:
     assert 0.045 < elapsed < 0.15  # 5 x 10 ms, plus scheduling delay on a busy machine
     with pytest.raises(ValueError):
         emulate_slowdown(work, 0.5)
+
+
+def test_emulate_slowdown_on_cpu_time_adds_waits_once() -> None:
+    """Stretching the thread's CPU time: 10 ms of CPU becomes 50 ms, 20 ms spent waiting
+    (here: sleeping, as a thread does that waits for the CPU or a lock) is not stretched."""
+
+    def work() -> None:
+        t = time.thread_time()
+        while time.thread_time() - t < 0.01:
+            pass
+        time.sleep(0.02)
+
+    t0 = time.perf_counter()
+    emulate_slowdown(work, 5, clock=time.thread_time)
+    elapsed = time.perf_counter() - t0
+    assert 0.065 < elapsed < 0.12, elapsed  # 5 x 10 ms + 20 ms, not 5 x 30 ms
+    from clients.device.bandwidth import ComputeLoadMonitor
+
+    # the load the cost model must see for that frame: 1 - 50 / 70 (stretched CPU / frame)
+    assert ComputeLoadMonitor(stretch=5).observe(0.01, 0.03) == pytest.approx(1 - 50 / 70)
+    assert ComputeLoadMonitor().observe(0.01, 0.03) == pytest.approx(1 - 1 / 3)  # wall-time emulation

@@ -60,6 +60,12 @@ def test_paper_bench_smoke_end_to_end_and_resumable(tmp_path: Path) -> None:
         assert light["dapdee"]["plan"]["predicted"]["latency_ms"] <= (
             light[name]["plan"]["predicted"]["latency_ms"] * (1 + 1e-9)
         )
+    # every planner prices plans with the round trip the device client sensed (the shaped 20 ms
+    # plus the fixed per-request cost its probe pairs measure), not the nominal RTT alone
+    rtt = res["light"][0]["request"]["rtt_ms"]
+    assert 20.0 < rtt < 60.0 and res["heavy"][0]["request"]["rtt_ms"] == rtt
+    # the graph takes raw uint8 frames: an Edge-Only plan ships 1 byte per input pixel
+    assert light["edge-only"]["plan"]["bytes"] == 32 * 32
     assert res["fig6"] and res["fig7"] and res["adaptation"]["frames"]
     md = (tmp_path / "paper.md").read_text()
     assert "K = 10" in md and ("PASS" in md or "FAIL" in md)

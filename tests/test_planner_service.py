@@ -589,3 +589,15 @@ def test_redis_down_at_start(planner_prefix: str) -> None:
             r.close()
     finally:
         rp.stop()
+
+
+def test_planmap_key_names_the_enumeration_cap() -> None:
+    """Replicas with different DAPDEE_PLANMAP_CAP build different plan maps (beyond the cap a
+    map is approximate): they must not read each other's from Redis."""
+    from services.planner.metrics import PlannerMetrics
+    from services.planner.store import Store
+
+    key = ("g", "d", "e")
+    default = Store(Settings(redis_url=None), PlannerMetrics()).k_planmap(key)
+    capped = Store(Settings(redis_url=None, planmap_cap=50), PlannerMetrics()).k_planmap(key)
+    assert default.endswith(":planmap:g:d:e") and capped == default + ":cap50"

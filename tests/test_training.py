@@ -69,8 +69,14 @@ def test_roundtrip_same_logits_and_graph_accuracy(artifact: Path) -> None:
     x, y = D.load_split("fashion-mnist", "test", (1, 1, 32, 32), m["preprocess"], limit=400)
     with torch.inference_mode():
         direct = module.eval()(x)
+    # the graph takes the raw uint8 frame; its first node normalises it exactly as training did
+    assert loaded.graph.input.dtype == "uint8" and loaded.graph.input.bytes == 32 * 32
+    assert loaded.graph.nodes[0].name == "frame" and loaded.graph.nodes[0].out_bytes == 4 * 32 * 32
+    images, _ = D.load_raw("fashion-mnist", "test", 400)
+    frames = D.capture_frames(images, (1, 1, 32, 32), m["preprocess"])
+    assert frames.dtype == torch.uint8
     for i, e in enumerate(loaded.graph.exits):
-        got = loaded.run_exit(x, e.name)
+        got = loaded.run_exit(frames, e.name)
         assert torch.allclose(got, direct[i], atol=1e-5)
         assert int((got.argmax(1) == y).sum()) / 400 == pytest.approx(m["exits"][i]["accuracy"], abs=2 / 400)
 

@@ -1,8 +1,10 @@
 """Sensing on the device: uplink bandwidth, round trip and compute load.
 
-- `BandwidthEstimator`: EWMA of the uplink rate seen by the device's own uploads. A sample is
-  `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt − overhead)`; samples whose
-  upload part is too small to time (under `min_upload_ms`) are ignored. Idle probes are pairs
+- `BandwidthEstimator`: EWMA of the uplink rate seen by the device's own uploads
+  (`upload_started` / `upload_finished`). A lone upload's sample is
+  `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt − overhead)`; overlapping
+  uploads (a pipelined stream) are grouped into busy periods of the link, each one sample, so
+  a stream senses its link too. Samples too short to time (under `min_upload_ms`) are ignored. Idle probes are pairs
   (small, large) whose differences give the rate with the RTT and the fixed per-request cost
   (HTTP, codec, scheduling) cancelled, and measure that fixed `overhead`.
 - `RttEstimator`: windowed minimum of cheap `GET /v2/health/live` round trips (these include the HTTP
@@ -49,21 +51,81 @@ class BandwidthEstimator:
     history: deque[tuple[int, float, float, float, float | None]] = field(
         default_factory=lambda: deque(maxlen=64), init=False
     )  # (bytes, elapsed_ms, server_ms, rtt_ms, sample or None), newest last
+    # the busy period being timed: [link start s, bytes, uploads, most uploads open at once]
+    _train: list[float] | None = field(default=None, init=False, repr=False)
+    # uploads not yet folded in: ticket -> [start s, done s or None, bytes, uploads open at start]
+    _open: dict[int, list] = field(default_factory=dict, init=False, repr=False)
+    _next_ticket: int = field(default=0, init=False, repr=False)
+    _link_free: float = field(default=float("-inf"), init=False, repr=False)  # when the link went idle
 
     def __post_init__(self) -> None:
         self.estimate_mbps = self.prior_mbps
 
-    def observe(self, nbytes: int, elapsed_ms: float, server_ms: float, rtt_ms: float) -> float | None:
-        """Fold in one upload of `nbytes` that took `elapsed_ms` end to end, of which the server
-        reported `server_ms` (queue + compute) and the round trip is `rtt_ms`. Returns the
-        sample (Mbit/s) or None when it was too small to use."""
-        upload_ms = elapsed_ms - server_ms - rtt_ms - self.overhead_ms
-        if nbytes < self.min_bytes or upload_ms < self.min_upload_ms:
-            self.history.append((nbytes, elapsed_ms, server_ms, rtt_ms, None))
+    def upload_started(self, start_s: float) -> int:
+        """Register an upload beginning at `start_s` (seconds, any monotonic clock); returns the
+        ticket to pass to `upload_finished` or `upload_failed`. O(1)."""
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._open[ticket] = [start_s, None, 0, len(self._open) + 1]
+        return ticket
+
+    def upload_failed(self, ticket: int) -> None:
+        """The upload gave no timing (error, timeout): drop it. O(1) amortised."""
+        self._open.pop(ticket, None)
+        self._drain()
+
+    def upload_finished(self, ticket: int, nbytes: int, end_s: float, server_ms: float, rtt_ms: float) -> float | None:
+        """The upload's response came at `end_s`, of which the server reported `server_ms` (queue
+        + compute) and the round trip is `rtt_ms`: its bytes had left the link by
+        `done = end − (server + rtt + overhead)`. Uploads are then taken in the order they
+        started, once every earlier one has finished, and grouped into busy periods of the
+        link ("trains"): an upload that began while an earlier one was still on the link
+        (start < the latest earlier `done`) joins that train, one that began on an idle link
+        starts a new one. A train's bytes over its span is the rate even when uploads overlap
+        (a pipelined stream) and share the link; a lone upload is a train of one, whose sample
+        is `bytes · 8 / (elapsed − server − rtt − overhead)`. A train becomes a sample when the
+        link goes idle, or once it spans `full_weight_ms` and holds twice as many uploads as were
+        ever open at once during it: uploads sharing the link finish unevenly, and a window
+        that short of whole busy periods is off by at most the bytes then in flight. Returns the
+        last sample folded in (Mbit/s), or None. O(1) amortised."""
+        entry = self._open.get(ticket)
+        if entry is None:
             return None
-        sample = nbytes * 8.0 / (upload_ms * 1000.0)
-        self.history.append((nbytes, elapsed_ms, server_ms, rtt_ms, sample))
-        return self._fold(sample, upload_ms)
+        entry[1] = end_s - (server_ms + rtt_ms + self.overhead_ms) / 1000.0
+        entry[2] = nbytes
+        return self._drain()
+
+    def _drain(self) -> float | None:
+        sample = None
+        while self._open:
+            ticket = min(self._open)
+            start_s, done, nbytes, concurrent = self._open[ticket]
+            if done is None:
+                break  # an earlier upload is still open: later ones wait, to be taken in order
+            del self._open[ticket]
+            if self._train is not None and start_s >= self._link_free:
+                sample = self._close_train() or sample
+            if self._train is None:  # on a busy link (a train just closed) its bytes queued from `link_free`
+                self._train = [max(start_s, self._link_free), 0, 0, 1]
+            train = self._train
+            train[1] += nbytes
+            train[2] += 1
+            train[3] = max(train[3], concurrent)
+            self._link_free = max(self._link_free, done)
+            long_enough = (self._link_free - train[0]) * 1000.0 >= self.full_weight_ms
+            if long_enough and train[2] >= (2 * train[3] if train[3] > 1 else 1):
+                sample = self._close_train() or sample
+        return sample
+
+    def _close_train(self) -> float | None:
+        assert self._train is not None
+        (t0, nbytes, _, _), self._train = self._train, None
+        span_ms = (self._link_free - t0) * 1000.0
+        if nbytes < self.min_bytes or span_ms < self.min_upload_ms:
+            return None
+        sample = nbytes * 8.0 / (span_ms * 1000.0)
+        self.history.append((nbytes, span_ms, 0.0, 0.0, sample))
+        return self._fold(sample, span_ms)
 
     def _fold(self, sample: float, upload_ms: float) -> float:
         """Fold one sample in. Short uploads are dominated by timing noise (RTT jitter, HTTP
@@ -193,22 +255,27 @@ class LoadMonitor:
 
 
 class ComputeLoadMonitor:
-    """Compute load seen by the device's own compute: 1 − CPU time / wall time of the device
-    thread while it computes (time lost to other threads and processes), EWMA-smoothed and
-    clamped to [0, MAX_LOAD]. This is exactly the slowdown factor 1/(1 − load) of the cost
-    model, for a device emulated on a shared host. Feed it with `observe(cpu_s, wall_s)`;
-    `calibrate()` runs a short busy loop to take a reading when the device has been idle."""
+    """Compute load seen by the device's own compute: the share of the emulated device's time
+    lost to other threads and processes, EWMA-smoothed and clamped to [0, MAX_LOAD]. This is
+    exactly the slowdown factor 1/(1 − load) of the cost model, for a device emulated on a
+    shared host. With `stretch` = 1 (emulation stretches wall time) it is 1 − CPU time / wall
+    time of the device thread; with `stretch` = K (emulation stretches only CPU time, waits are
+    added once) the device ran K·cpu + (wall − cpu) instead of K·cpu, so it is
+    1 − K·cpu / (K·cpu + wall − cpu). Feed it with `observe(cpu_s, wall_s)`; `calibrate()` runs
+    a short busy loop to take a reading when the device has been idle."""
 
-    def __init__(self, alpha: float = 0.3, min_wall_s: float = 0.0005) -> None:
+    def __init__(self, alpha: float = 0.3, min_wall_s: float = 0.0005, stretch: float = 1.0) -> None:
         self.alpha = alpha
         self.min_wall_s = min_wall_s
+        self.stretch = stretch
         self.load = 0.0
         self.samples = 0
         self.last_sample_at = 0.0
 
     def observe(self, cpu_s: float, wall_s: float) -> float:
         if wall_s >= self.min_wall_s:
-            lost = min(MAX_LOAD, max(0.0, 1.0 - cpu_s / wall_s))
+            busy = self.stretch * cpu_s
+            lost = min(MAX_LOAD, max(0.0, 1.0 - busy / max(busy + wall_s - cpu_s, 1e-12)))
             self.load = lost if self.samples == 0 else self.alpha * lost + (1 - self.alpha) * self.load
             self.samples += 1
             self.last_sample_at = time.monotonic()

@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,6 +285,8 @@ class DeviceClient:
             raise ValueError(f"mode: expected auto, latency or throughput, got {self.cfg.mode!r}")
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        if isinstance(self.load_monitor, ComputeLoadMonitor) and emulation_clock() is time.thread_time:
+            self.load_monitor.stretch = self.cfg.slowdown  # consistent with what the emulation stretches
         self.started_at = time.monotonic()
         self._perf_base = time.perf_counter()  # FrameRecord.started_at is relative to this
         self._http = httpx.AsyncClient(headers=self._headers(), timeout=httpx.Timeout(self.cfg.planner_timeout_s))
@@ -362,6 +364,17 @@ class DeviceClient:
         model_spec = graph.meta.get("spec")
         if not isinstance(model_spec, str) or not model_spec:
             raise ModelError(f"model {spec!r}: the planner's graph does not record its spec; give --model SPEC")
+        if not model_spec.startswith("zoo:"):
+            # whoever can write graphs to the planner must not pick code this device imports
+            raise ModelError(
+                f"model {spec!r}: the planner's graph names spec {model_spec!r}, which would import code "
+                "on this device; give --model SPEC yourself if you trust it"
+            )
+        if graph.input.dtype == "uint8":
+            raise ModelError(
+                f"model {spec!r} takes raw uint8 frames (an artifact's graph): give --weights ARTIFACT, "
+                "the artifact the edge serves"
+            )
         log.warning(
             "model %s: built from the planner's spec %s without --weights: the device part runs "
             "untrained weights (give the artifact the edge serves)",
@@ -597,7 +610,7 @@ class DeviceClient:
         floor = int(2.5 * self.loaded.graph.input.bytes)
         target = int(min(max(self.bandwidth.estimate_mbps * 1000 / 8 * PROBE_MS, floor), 262144))
         node = self._pick_probe_node(target)
-        x = {self.loaded.input_name: torch.zeros(self.loaded.input_shape)}
+        x = {self.loaded.input_name: self.loaded.example_input().zero_()}
         exit_name = self.loaded.graph.exits[0].name
         timeout = max(5.0, self.cfg.timeout_floor_ms / 1000)
         try:
@@ -632,7 +645,7 @@ class DeviceClient:
         observe: bool = True,
     ) -> SendResult:
         """POST one v2 infer request (through the shaper when there is one) and time it; with
-        `observe`, a lone upload is folded into the bandwidth estimate. Raises EdgeFailure."""
+        `observe`, the upload is folded into the bandwidth estimate. Raises EdgeFailure."""
         import httpx
 
         from dapdee import wire
@@ -649,33 +662,41 @@ class DeviceClient:
         self._uploads_active += 1
         overlapped = self._uploads_active > 1
         t0 = time.perf_counter()
-        try:
-            r = await asyncio.wait_for(
-                self._http.post(f"{url}/v2/models/{self.model_name}/infer", content=content, headers=headers),
-                timeout_s,
-            )
-        except asyncio.TimeoutError:
-            raise EdgeFailure(f"timeout after {timeout_s * 1000:.0f} ms") from None
-        except httpx.HTTPError as exc:
-            raise EdgeFailure(type(exc).__name__) from None
-        finally:
-            self._uploads_active -= 1
-            overlapped = overlapped or self._uploads_active > 0
-            self._last_edge_activity = time.monotonic()
-        elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        if r.status_code != 200:
-            raise EdgeFailure(f"HTTP {r.status_code}: {self._detail(r)[:120]}")
-        try:
-            resp = wire.decode_response(r.content, r.headers)
-            logits = resp.outputs["logits"]
-            cls = resp.outputs["class"]
-        except (wire.WireError, KeyError) as exc:
-            raise EdgeFailure(f"bad response: {exc}") from None
-        params = resp.parameters
-        server_ms = float(params.get("queue_ms", 0.0)) + float(params.get("compute_ms", 0.0))
+        # overlapping uploads are timed too: the estimator groups them into busy periods of the link
+        ticket = self.bandwidth.upload_started(t0) if observe else None
         sample = None
-        if not overlapped and observe:
-            sample = self.bandwidth.observe(len(body), elapsed_ms, server_ms, self.rtt.estimate_ms)
+        try:
+            try:
+                r = await asyncio.wait_for(
+                    self._http.post(f"{url}/v2/models/{self.model_name}/infer", content=content, headers=headers),
+                    timeout_s,
+                )
+            except asyncio.TimeoutError:
+                raise EdgeFailure(f"timeout after {timeout_s * 1000:.0f} ms") from None
+            except httpx.HTTPError as exc:
+                raise EdgeFailure(type(exc).__name__) from None
+            finally:
+                self._uploads_active -= 1
+                overlapped = overlapped or self._uploads_active > 0
+                self._last_edge_activity = time.monotonic()
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            if r.status_code != 200:
+                raise EdgeFailure(f"HTTP {r.status_code}: {self._detail(r)[:120]}")
+            try:
+                resp = wire.decode_response(r.content, r.headers)
+                logits = resp.outputs["logits"]
+                cls = resp.outputs["class"]
+            except (wire.WireError, KeyError) as exc:
+                raise EdgeFailure(f"bad response: {exc}") from None
+            params = resp.parameters
+            server_ms = float(params.get("queue_ms", 0.0)) + float(params.get("compute_ms", 0.0))
+            if ticket is not None:
+                end = t0 + elapsed_ms / 1000.0
+                sample = self.bandwidth.upload_finished(ticket, len(body), end, server_ms, self.rtt.estimate_ms)
+                ticket = None
+        finally:
+            if ticket is not None:
+                self.bandwidth.upload_failed(ticket)
         return SendResult(logits, cls, params, sample, len(body), elapsed_ms, server_ms, overlapped)
 
     def _timeout_s(self, plan: Plan) -> float:
@@ -708,7 +729,7 @@ class DeviceClient:
             return out
 
         t0 = time.perf_counter()
-        out = emulate_slowdown(fn, self.cfg.slowdown)
+        out = emulate_slowdown(fn, self.cfg.slowdown, emulation_clock())
         return out, (time.perf_counter() - t0) * 1000.0
 
     async def _on_device(
@@ -958,15 +979,23 @@ class DeviceClient:
                 log.warning("device background task: %s: %s", type(exc).__name__, exc)
 
 
+def emulation_clock() -> Callable[[], float]:
+    """The clock the K x device emulation stretches: the compute thread's CPU time when torch
+    computes on that one thread (waits for the CPU, e.g. for a co-located edge worker or the
+    client's own event loop, are then added once instead of K times), else wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def measure_device_profile(
-    loaded: LoadedModel, slowdown: float, threads: int | None = 1, repeats: int = 10, runs: int = 7
+    loaded: LoadedModel, slowdown: float, threads: int | None = 1, repeats: int = 10, runs: int = 15
 ) -> CostGraph:
     """This device tier's profile: `profile_model(loaded, "device", slowdown=K)` (medians of
     isolated, back-to-back node runs), then calibrated to how the device really runs a frame:
-    the final exit run whole `runs` times through the K x emulation (compute, then sleep), whose
-    median over the summed node medians scales every node (clamped to [0.5, 4]; recorded in
-    the profile's meta as `calibration`). The emulated device idles between frames, so caches
-    are cold and the isolated medians alone under-predict a frame (here by up to ~2x).
+    the final exit run whole `runs` times through the K x emulation (compute, then sleep; after
+    2 unrecorded warm-up runs), whose median over the summed node medians scales every node
+    (clamped to [0.5, 4]; recorded in the profile's meta as `calibration`). The emulated device
+    idles between frames, so caches are cold and the isolated medians alone under-predict a
+    frame (here by up to ~2x).
     O((repeats + runs) x one forward pass)."""
     from dapdee.profiler import profile_model
 
@@ -974,7 +1003,7 @@ def measure_device_profile(
     node = loaded.exit_node(None)
     anc = g.ancestors(node)
     summed = sum(g.node(n).device_ms or 0.0 for n in anc)
-    x = torch.zeros(loaded.input_shape)
+    x = loaded.example_input().zero_()
     ex = loaded.executor
 
     def fn() -> Any:
@@ -982,10 +1011,11 @@ def measure_device_profile(
             return ex.compute({loaded.input_name: x}, [node])
 
     samples = []
-    for _ in range(runs):
+    for i in range(runs + 2):
         t0 = time.perf_counter()
-        emulate_slowdown(fn, slowdown)
-        samples.append((time.perf_counter() - t0) * 1000.0)
+        emulate_slowdown(fn, slowdown, emulation_clock())
+        if i >= 2:  # the first runs pay for lazy initialisation
+            samples.append((time.perf_counter() - t0) * 1000.0)
     if summed <= 0:
         return g
     ratio = min(4.0, max(0.5, statistics.median(samples) / summed))
@@ -1015,20 +1045,21 @@ def random_frames(loaded: LoadedModel, n: int, seed: int = 0) -> Iterator[Frame]
     """`n` seeded random inputs of the model's shape, without labels."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
-        yield torch.randn(loaded.input_shape, generator=g), None
+        yield loaded.example_input(g), None
 
 
 def dataset_frames(loaded: LoadedModel, source: str, n: int | None) -> Iterator[Frame]:
-    """Test-split images of `source` (e.g. `fashion-mnist`), preprocessed as the artifact's
-    manifest says (else the dataset's default recipe), one per frame, with labels."""
+    """Test-split images of `source` (e.g. `fashion-mnist`), one per frame, with labels: the raw
+    uint8 frame at the model's resolution when the graph takes frames (artifacts), else fully
+    preprocessed; either way as the artifact's manifest says (else the dataset's default recipe)."""
     from dapdee import data as D
 
     shape = tuple(loaded.input_shape)
     pre = (loaded.manifest or {}).get("preprocess") or D.default_preprocess(source, shape)
     images, labels = D.load_raw(source, "test", n)
+    prepare = D.capture_frames if loaded.graph.input.dtype == "uint8" else D.preprocess_images
     for i in range(len(labels)):
-        x = D.preprocess_images(images[i : i + 1], shape, pre)
-        yield x, int(labels[i])
+        yield prepare(images[i : i + 1], shape, pre), int(labels[i])
 
 
 # ---- reporting ----------------------------------------------------------------------------

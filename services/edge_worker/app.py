@@ -58,7 +58,7 @@ def _warm_up(models: list[LoadedModel]) -> None:
     """One whole-model run each, so the first request does not pay for lazy initialisation."""
     for m in models:
         with torch.inference_mode():
-            m.module(torch.zeros(m.input_shape))
+            m.gm(m.example_input())
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

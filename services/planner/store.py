@@ -7,7 +7,8 @@ Redis keys (`P` = settings.key_prefix, schema version `v1`):
 - `P:v1:graph:{model}`          cost graph JSON (as PUT)
 - `P:v1:profiles:{model}`       hash  tier -> profile JSON {"kind", "timings_ms", "meta"}
 - `P:v1:planmap:{g}:{d}:{e}`    PlanMap.to_bytes() for graph hash g, device profile hash d and
-                                edge profile hash e (`graph` where the graph's own timings are used)
+                                edge profile hash e (`graph` where the graph's own timings are used);
+                                `…:cap{N}` appended when DAPDEE_PLANMAP_CAP is set
 - `P:v1:workers`                hash  url -> worker JSON with its wall-clock `expires_at`
 - `P:v1:gen`                    counter bumped by every model/profile change; replicas poll it
                                 and reload their cached models when it moves
@@ -173,7 +174,10 @@ class Store:
         return f"{self._p}:profiles:{model}"
 
     def k_planmap(self, key: tuple[str, str, str]) -> str:
-        return f"{self._p}:planmap:{key[0]}:{key[1]}:{key[2]}"
+        # the enumeration cap decides which parts of a plan map are exact: replicas with other
+        # caps must not share one
+        cap = self.settings.planmap_cap
+        return f"{self._p}:planmap:{key[0]}:{key[1]}:{key[2]}" + (f":cap{cap}" if cap is not None else "")
 
     # ---- life cycle --------------------------------------------------------------------
     async def start(self) -> None:
