@@ -27,26 +27,36 @@ def _plt() -> Any:
 
 
 def _bars(cells: list[dict[str, Any]], metric: str, ylabel: str, title: str, path: Path, log: bool) -> None:
-    """Grouped bars: one group per (model, network), one bar per planner. O(cells x planners)."""
+    """Grouped bars, one panel per model (up to 3 per row): one group per network, one bar per
+    planner, so every panel keeps its own scale. O(cells x planners)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(cells)), 4.2))
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    cols = min(3, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows + 0.6), squeeze=False)
     width = 0.8 / len(PLANNERS)
-    for j, p in enumerate(PLANNERS):
-        xs, ys = [], []
-        for i, c in enumerate(cells):
-            v = c["planners"][p].get(metric)
-            if v:
-                xs.append(i + (j - (len(PLANNERS) - 1) / 2) * width)
-                ys.append(v)
-        ax.bar(xs, ys, width, label=LABEL[p])
-    ax.set_xticks(range(len(cells)))
-    ax.set_xticklabels([f"{c['model']}\n{c['network']}" for c in cells], fontsize=8)
-    if log:
-        ax.set_yscale("log")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
+    for ax, model in zip(axes.flat, models):
+        group = [c for c in cells if c["model"] == model]
+        for j, p in enumerate(PLANNERS):
+            xs, ys = [], []
+            for i, c in enumerate(group):
+                v = c["planners"][p].get(metric)
+                if v:
+                    xs.append(i + (j - (len(PLANNERS) - 1) / 2) * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=LABEL[p], color=f"C{j}")
+        ax.set_xticks(range(len(group)))
+        ax.set_xticklabels([c["network"] for c in group], fontsize=8)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in list(axes.flat)[len(models) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(PLANNERS), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
