@@ -35,7 +35,7 @@ def _bars(cells: list[dict[str, Any]], metric: str, ylabel: str, title: str, pat
     rows = -(-len(models) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows + 0.6), squeeze=False)
     width = 0.8 / len(PLANNERS)
-    for ax, model in zip(axes.flat, models):
+    for ax, model in zip(axes.flat, models, strict=False):  # the grid may have spare panels
         group = [c for c in cells if c["model"] == model]
         for j, p in enumerate(PLANNERS):
             xs, ys = [], []
