@@ -841,7 +841,8 @@ class PaperBench:
                 plan = await s.dapdee_plan(m, s.request(m, rate, latency_budget_ms=b))
                 cls = await s.dapdee_plan(
                     m,
-                    s.request(m,
+                    s.request(
+                        m,
                         rate,
                         latency_budget_ms=b,
                         min_accuracy=None if final_acc is None else round(final_acc - ACC_CLASS, 6),
