@@ -254,7 +254,7 @@ def run_up(opts: UpOptions) -> int:
                 if opts.device_load is not None
                 else "share of CPUs used by other processes (/proc/stat); "
                 if opts.load_source == "proc"
-                else "share of the device thread's wall time lost to other work (1 - cpu/wall); "
+                else "share of the emulated device's time lost to other work (see ComputeLoadMonitor); "
             )
             + f"{wall:.1f} s in all"
         )
