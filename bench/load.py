@@ -3,7 +3,7 @@
 The planner (`dapdee serve planner`, in-process store unless --redis-url) and each edge worker
 (`dapdee serve edge --planner ...`, one torch thread, profiled at start-up and registered
 through heartbeats) run as their own processes on free 127.0.0.1 ports. This process runs
-`--clients` device clients (`clients.device.client.DeviceClient`, sharing one loaded model and
+`--clients` device clients (`dapdee.device.client.DeviceClient`, sharing one loaded model and
 one device profile, emulated `--slowdown` K) concurrently on one event loop, each classifying
 `--frames` random frames. Everything stops by itself.
 
@@ -196,7 +196,7 @@ async def run_clients(
 ) -> tuple[list[list[Any]], list[str], float, list[str]]:
     """Run cfg.clients DeviceClients concurrently, cfg.frames random frames each. Returns the
     per-client records, client errors, wall seconds and the clients' notable events."""
-    from clients.device.client import ClientConfig, DeviceClient, random_frames
+    from dapdee.device.client import ClientConfig, DeviceClient, random_frames
 
     async def one(i: int) -> tuple[list[Any], list[str]]:
         c = DeviceClient(

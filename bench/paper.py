@@ -3,7 +3,7 @@
 One command (`python bench/paper.py [--quick]`) starts the planner and one edge worker under
 uvicorn on 127.0.0.1 (in-process store, no Redis), loads the shipped Fashion-MNIST artifacts,
 measures the device tier's profile at slowdown K, registers it with the planner, and then runs
-real Fashion-MNIST test images through the device client (`clients.device.client.DeviceClient`)
+real Fashion-MNIST test images through the device client (`dapdee.device.client.DeviceClient`)
 over a token-bucket-shaped uplink (`dapdee.netem.ShapedUplink`) for:
 
 1. light load (sequential frames): end-to-end latency of Device-Only, Edge-Only, Neurosurgeon,
@@ -61,7 +61,7 @@ DAG_MODELS = ("resnet18", "inception", "resnet18-224")
 # the paper's figure (>= 9.9x over Device-Only at 4G) is for its input size; at camera-frame
 # size the 4G uplink bounds every plan far below it (the line shows that bound), so it informs
 CAMERA_SIZE = ("resnet18-224",)
-from bench.paper_plots import LABEL, PLANNERS  # noqa: E402  (one list of planners and labels)
+from dapdee.bench.paper_plots import LABEL, PLANNERS  # noqa: E402  (one list of planners and labels)
 
 EXPERIMENTS = ("light", "heavy", "fig6", "fig7", "adapt")
 ACC_CLASS = 0.012  # accuracy loss vs the final exit allowed ("accuracy class")
@@ -318,7 +318,7 @@ class System:
 
     @property
     def tier(self) -> str:
-        from clients.device.client import ClientConfig
+        from dapdee.device.client import ClientConfig
 
         return ClientConfig(planner_url="", slowdown=self.o.slowdown).tier
 
@@ -329,14 +329,14 @@ class System:
         the per-request round trip. O(models x profiling)."""
         import httpx
         import torch
+        from dapdee.bench.load import ServiceProcess
+        from dapdee.device.client import dataset_frames
+        from dapdee.device.servers import ServerThread
+        from dapdee.planner.app import create_app as create_planner
+        from dapdee.planner.config import Settings as PlannerSettings
 
-        from bench.load import ServiceProcess
-        from clients.device.client import dataset_frames
-        from clients.device.servers import ServerThread
         from dapdee.costgraph import CostGraph
         from dapdee.models import load_model
-        from services.planner.app import create_app as create_planner
-        from services.planner.config import Settings as PlannerSettings
 
         torch.set_num_threads(1)
         prof_dir = Path(self.o.out) / "profiles"
@@ -413,7 +413,8 @@ class System:
         the fixed per-request cost (HTTP, codec, scheduling) its probe pairs measure, sensed by
         the client's own code on an uplink shaped at the fastest network. Every planner, the
         baselines included, then prices plans with the round trip a frame really pays."""
-        from clients.device.client import ClientConfig, DeviceClient
+        from dapdee.device.client import ClientConfig, DeviceClient
+
         from dapdee.netem import NETWORKS
 
         rate = max(NETWORKS.values())
@@ -439,8 +440,9 @@ class System:
 
     async def merged_profile(self, m: str) -> Any:
         """The planner's merged graph (its own `merged_graph`) from its stored graph + profiles."""
+        from dapdee.planner.store import ModelState, Profile, merged_graph
+
         from dapdee.costgraph import CostGraph
-        from services.planner.store import ModelState, Profile, merged_graph
 
         g = CostGraph.from_dict((await self.http.get(f"/models/{m}")).json())
         profs = (await self.http.get(f"/models/{m}/profiles")).json()["profiles"]
@@ -509,9 +511,8 @@ class System:
         `min_s`: keep streaming past `n` frames until that many seconds have passed (a round of a
         fast plan then still spans enough time to average out scheduler hiccups).
         Returns per-frame measured latencies and aggregates. O(n frames)."""
+        from dapdee.device.client import ClientConfig, DeviceClient, Plan
         from tqdm import tqdm
-
-        from clients.device.client import ClientConfig, DeviceClient, Plan
 
         pred = plan["predicted"]
         # enough frames in flight to fill the 3-stage pipeline (Little's law: latency / bottleneck)
@@ -594,10 +595,10 @@ class System:
 
 def device_profile(loaded: Any, slowdown: float, repeats: int) -> Any:
     """The device tier's profile exactly as the device client measures its own
-    (`clients.device.client.measure_device_profile`: per-node medians at K, calibrated to
+    (`dapdee.device.client.measure_device_profile`: per-node medians at K, calibrated to
     whole-frame runs), else `dapdee.profiler.profile_model` when that client has no such helper."""
     try:
-        from clients.device.client import measure_device_profile
+        from dapdee.device.client import measure_device_profile
     except ImportError:
         from dapdee.profiler import profile_model
 
@@ -916,7 +917,8 @@ class PaperBench:
         )
 
         async def fn(s: System) -> dict[str, Any]:
-            from clients.device.client import ClientConfig, DeviceClient
+            from dapdee.device.client import ClientConfig, DeviceClient
+
             from dapdee.netem import ShapedUplink, parse_network
 
             rates = [(n, parse_network(n).rate_mbps, t) for n, t in phases]
@@ -1472,7 +1474,7 @@ def main(argv: list[str] | None = None) -> int:
     plots: list[str] = []
     if o.plots:
         try:
-            from bench.paper_plots import make_plots
+            from dapdee.bench.paper_plots import make_plots
 
             plots = make_plots(res, out, o.slowdown)
         except Exception as exc:  # plots are a convenience: never lose the numbers

@@ -135,7 +135,7 @@ def run_load(host: str, port: int, reqs: list[bytes], clients: int, seconds: flo
         "warmup": warmup,
     }
     out = subprocess.run(
-        [sys.executable, "-m", "bench.planner_http", "--load-worker"],
+        [sys.executable, "-m", "dapdee.bench.planner_http", "--load-worker"],
         input=json.dumps(job),
         capture_output=True,
         text=True,

@@ -17,9 +17,9 @@ COMMAND_MODULES = (
     "dapdee.commands",  # graph, profile
     "dapdee.planning.commands",  # plan
     "dapdee.training.commands",  # train, eval, calibrate
-    "services.commands",  # serve planner|edge
-    "clients.device.commands",  # device run, up
-    "bench.commands",  # bench ...
+    "dapdee.serve",  # serve planner|edge
+    "dapdee.device.commands",  # device run, up
+    "dapdee.bench.commands",  # bench ...
 )
 
 
@@ -56,8 +56,19 @@ def positive_float(text: str) -> float:
     return v
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject's `version`), or "unknown" from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dapdee")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapdee", description="Edge-device collaborative DNN inference.")
+    parser.add_argument("--version", action="version", version=f"dapdee {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for modname in COMMAND_MODULES:
         try:

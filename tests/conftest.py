@@ -10,8 +10,8 @@ from typing import Any as _Any  # noqa: E402
 def serve_app_in_thread(app: _Any, host: str = "127.0.0.1", timeout: float = 30.0) -> _Iterator[str]:
     """Serve `app` with uvicorn on a free port of `host` in a daemon thread (lifespan on);
     yields the base URL and shuts the server down (running the lifespan's exit) afterwards.
-    The same runner `dapdee up` uses (clients.device.servers.ServerThread)."""
-    from clients.device.servers import ServerThread, bind_free_socket
+    The same runner `dapdee up` uses (dapdee.device.servers.ServerThread)."""
+    from dapdee.device.servers import ServerThread, bind_free_socket
 
     server = ServerThread(app, sock=bind_free_socket(host)).start(timeout)
     try:

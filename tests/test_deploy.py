@@ -100,8 +100,8 @@ def dapdee_container(deploy: dict[str, Any]) -> dict[str, Any] | None:
 
 def settings_classes() -> dict[str, type]:
     """The services' real Settings classes by `dapdee serve` sub-command."""
-    from services.edge_worker.config import Settings as EdgeSettings
-    from services.planner.config import Settings as PlannerSettings
+    from dapdee.edge_worker.config import Settings as EdgeSettings
+    from dapdee.planner.config import Settings as PlannerSettings
 
     return {"planner": PlannerSettings, "edge": EdgeSettings}
 
@@ -172,10 +172,10 @@ def make_app(service: str) -> Any:
     before the lifespan runs)."""
     settings = settings_classes()[service]
     if service == "planner":
-        from services.planner.app import create_app
+        from dapdee.planner.app import create_app
 
         return create_app(settings(redis_url=None))
-    from services.edge_worker.app import create_app as create_edge_app
+    from dapdee.edge_worker.app import create_app as create_edge_app
 
     return create_edge_app(settings(models=EDGE_TEST_SPEC))
 
@@ -344,7 +344,7 @@ def test_hpa_and_pdbs_target_existing_workloads() -> None:
 
 def test_optional_hpa_uses_the_real_inflight_metric() -> None:
     """The custom-metric HPA (k8s/optional) scales on a gauge the edge worker really has."""
-    from services.edge_worker.metrics import EdgeMetrics
+    from dapdee.edge_worker.metrics import EdgeMetrics
 
     gauges = {m.name for m in EdgeMetrics().registry.collect() if m.type == "gauge"}
     deployments = by_kind(k8s_resources(), "Deployment")
@@ -485,7 +485,7 @@ def edge_settings_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str,
 def test_served_models_ship_with_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every model the deployed workers serve is a trained artifact under artifacts/ (copied into
     the image) whose manifest names a model spec the zoo can build."""
-    from services.edge_worker.app import load_models
+    from dapdee.edge_worker.app import load_models
 
     entries = edge_settings_everywhere(monkeypatch)
     assert entries
@@ -712,11 +712,10 @@ def test_dockerfile(monkeypatch: pytest.MonkeyPatch) -> None:
                 assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
     import tomllib
 
-    pkgs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"][
-        "include"
-    ]
-    for pat in pkgs:
-        assert pat.rstrip("*") in copied, f"the image lacks package {pat} that pyproject installs"
+    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"dapdee", *(d.split("/")[0] for d in setuptools_cfg["package-dir"].values())}
+    for top in folders:
+        assert top in copied, f"the image lacks folder {top} that pyproject installs packages from"
     assert "artifacts" in copied
     readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("readme")
     if readme:

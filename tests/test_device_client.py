@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from dapdee.device.client import ClientConfig, DeviceClient, Plan, random_frames
+from dapdee.device.servers import ServerThread, bind_free_socket
 
-from clients.device.client import ClientConfig, DeviceClient, Plan, random_frames
-from clients.device.servers import ServerThread, bind_free_socket
 from dapdee.costmodel import partition
 
 SPEC = "zoo:resnet18?width=0.25&in_channels=1"
@@ -52,8 +52,8 @@ class Stack:
 
 
 def _edge_app(models: list[Any], planner_url: str | None, sock: Any) -> Any:
-    from services.edge_worker.app import create_app
-    from services.edge_worker.config import Settings
+    from dapdee.edge_worker.app import create_app
+    from dapdee.edge_worker.config import Settings
 
     port = sock.getsockname()[1]
     settings = Settings(
@@ -93,10 +93,11 @@ def _write_artifact(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from dapdee.planner.app import create_app as create_planner
+    from dapdee.planner.config import Settings as PlannerSettings
+
     from dapdee.models import load_model
     from dapdee.profiler import profile_model
-    from services.planner.app import create_app as create_planner
-    from services.planner.config import Settings as PlannerSettings
 
     artifact = _write_artifact(tmp_path_factory.mktemp("artifact"))
     global ARTIFACT
@@ -363,7 +364,7 @@ def test_cli_device_run_logs_json_lines(stack: Stack, tmp_path: Path, capsys: py
 
 
 def test_sensing_estimators() -> None:
-    from clients.device.bandwidth import (
+    from dapdee.device.bandwidth import (
         BandwidthEstimator,
         ComputeLoadMonitor,
         LoadMonitor,

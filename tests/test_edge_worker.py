@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from dapdee.edge_worker.app import create_app
+from dapdee.edge_worker.config import Settings
 from fastapi import FastAPI, Request
 
 from dapdee import wire
 from dapdee.costmodel import Partition, partition
 from dapdee.models import LoadedModel, load_model
-from services.edge_worker.app import create_app
-from services.edge_worker.config import Settings
 from tests.conftest import free_port, serve_app_in_thread
 
 ZOO_MODELS = ("alexnet", "vgg16", "resnet18", "inception")
@@ -540,7 +540,7 @@ def test_lifespan_loads_models_from_settings() -> None:
 def test_artifact_spec_pins_options() -> None:
     from pathlib import Path
 
-    from services.edge_worker.app import load_models
+    from dapdee.edge_worker.app import load_models
 
     art = Path(__file__).resolve().parent.parent / "artifacts" / "fmnist-alexnet"
     if not (art / "manifest.json").is_file():

@@ -62,8 +62,8 @@ def _small_graph_json() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def planner_url() -> Iterator[str]:
     """A planner (in-process store) on a free port, holding one model with timings."""
-    from services.planner.app import create_app
-    from services.planner.config import Settings
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
 
     with serve_app_in_thread(create_app(Settings(redis_url=None))) as url:
         r = httpx.put(f"{url}/models/{MODEL}", json=_small_graph_json(), timeout=30)
@@ -74,9 +74,10 @@ def planner_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def edge_url() -> Iterator[str]:
     """An edge worker app (width-0.25 AlexNet) under uvicorn in a thread."""
+    from dapdee.edge_worker.app import create_app
+    from dapdee.edge_worker.config import Settings
+
     from dapdee.models import load_model
-    from services.edge_worker.app import create_app
-    from services.edge_worker.config import Settings
 
     app = create_app(Settings(models=EDGE_SPEC, batch_max=4, max_body_bytes=1 << 20), [load_model(EDGE_SPEC)])
     with serve_app_in_thread(app) as url:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from bench.load import LoadConfig, run_load
+from dapdee.bench.load import LoadConfig, run_load
 
 
 def _check(cfg: LoadConfig) -> dict:

@@ -137,7 +137,7 @@ def test_emulate_slowdown_on_cpu_time_adds_waits_once() -> None:
     # the added sleep is 4 x the CPU time (~40 ms), not 4 x the wall time (>= 120 ms); measured
     # against the work's own clocks, so a loaded host does not move the bounds
     assert 4 * spent["cpu"] - 0.002 <= added < 4 * spent["cpu"] + 0.03, (added, spent)
-    from clients.device.bandwidth import ComputeLoadMonitor
+    from dapdee.device.bandwidth import ComputeLoadMonitor
 
     # the load the cost model must see for that frame: 1 - 50 / 70 (stretched CPU / frame)
     assert ComputeLoadMonitor(stretch=5).observe(0.01, 0.03) == pytest.approx(1 - 50 / 70)

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from dapdee.planner.app import create_app
+from dapdee.planner.config import Settings
 
 from dapdee.cli import main as dapdee_main
 from dapdee.costgraph import CostGraph
-from services.planner.app import create_app
-from services.planner.config import Settings
 from tests.conftest import RedisProcess, planner_process, serve_app_in_thread
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -594,8 +594,8 @@ def test_redis_down_at_start(planner_prefix: str) -> None:
 def test_planmap_key_names_the_enumeration_cap() -> None:
     """Replicas with different DAPDEE_PLANMAP_CAP build different plan maps (beyond the cap a
     map is approximate): they must not read each other's from Redis."""
-    from services.planner.metrics import PlannerMetrics
-    from services.planner.store import Store
+    from dapdee.planner.metrics import PlannerMetrics
+    from dapdee.planner.store import Store
 
     key = ("g", "d", "e")
     default = Store(Settings(redis_url=None), PlannerMetrics()).k_planmap(key)

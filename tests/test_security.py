@@ -43,8 +43,8 @@ def graph_json() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def planner(graph_json: dict[str, Any]) -> Iterator[httpx.Client]:
     """A planner with DAPDEE_API_TOKEN set (in-process store) and a small body limit."""
-    from services.planner.app import create_app
-    from services.planner.config import Settings
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
 
     app = create_app(Settings(redis_url=None, api_token=TOKEN, max_body_bytes=256 * 1024))
     with serve_app_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
@@ -56,9 +56,10 @@ def planner(graph_json: dict[str, Any]) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def edge() -> Iterator[httpx.Client]:
     """An edge worker with an API token."""
+    from dapdee.edge_worker.app import create_app
+    from dapdee.edge_worker.config import Settings
+
     from dapdee.models import load_model
-    from services.edge_worker.app import create_app
-    from services.edge_worker.config import Settings
 
     settings = Settings(models=EDGE_SPEC, api_token=TOKEN, max_body_bytes=1 << 20)
     with serve_app_in_thread(create_app(settings, [load_model(EDGE_SPEC)])) as url:
@@ -156,8 +157,8 @@ def test_edge_infer_needs_the_token(edge: httpx.Client) -> None:
 
 def test_token_comparison_is_constant_time() -> None:
     """Both services compare tokens with hmac.compare_digest, never with == / !=."""
-    from services.edge_worker import deps as edge_deps
-    from services.planner import deps as planner_deps
+    from dapdee.edge_worker import deps as edge_deps
+    from dapdee.planner import deps as planner_deps
 
     for fn in (planner_deps.require_token, edge_deps.check_token):
         src = inspect.getsource(fn)
@@ -258,8 +259,9 @@ def test_edge_unknown_model_names_are_404(edge: httpx.Client) -> None:
 def test_profile_cache_paths_stay_inside_the_cache(tmp_path: Path) -> None:
     """The only place a model name meets the file system (the edge's profile cache) uses names
     that passed check_model_name, so the path never leaves the cache directory."""
+    from dapdee.edge_worker.registration import profile_path
+
     from dapdee.models import check_model_name
-    from services.edge_worker.registration import profile_path
 
     for name in ("resnet18", "vgg16.v2", "a-b_c"):
         p = profile_path(str(tmp_path), check_model_name(name), "edge").resolve()
@@ -344,8 +346,9 @@ def test_token_protected_stack_end_to_end() -> None:
     client with the token streams frames through the edge; one without it is refused (401)."""
     import asyncio
 
-    from bench.load import edge_service, planner_service, wait_registered
-    from clients.device.client import ClientConfig, DeviceClient, PlannerError, random_frames
+    from dapdee.bench.load import edge_service, planner_service, wait_registered
+    from dapdee.device.client import ClientConfig, DeviceClient, PlannerError, random_frames
+
     from dapdee.models import load_model
     from dapdee.profiler import profile_model
 

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from clients.device.bandwidth import (
+from dapdee.device.bandwidth import (
     BandwidthEstimator,
     ComputeLoadMonitor,
     LoadMonitor,
@@ -46,6 +45,7 @@ from clients.device.bandwidth import (
     drifted,
     load_drifted,
 )
+
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.models import LoadedModel, ModelError
 from dapdee.netem import ShapedUplink, emulate_slowdown

@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from clients.device.client import (
+    from dapdee.device.client import (
         ClientConfig,
         DeviceClient,
         dataset_frames,
@@ -105,6 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summarize,
         write_jsonl,
     )
+
     from dapdee.netem import parse_network
 
     if args.slowdown < 1:
@@ -173,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from clients.device.up import UpOptions, run_up
+    from dapdee.device.up import UpOptions, run_up
 
     if args.slowdown < 1:
         raise ValueError(f"--slowdown: must be >= 1, got {args.slowdown:g}")

@@ -89,7 +89,7 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 def row_of(name: str, rate: float | None, client: Any, records: list[Any]) -> dict[str, Any]:
     from collections import Counter
 
-    from clients.device.client import summarize
+    from dapdee.device.client import summarize
 
     s = summarize(records)
     g = client.device_graph
@@ -130,8 +130,7 @@ def run_up(opts: UpOptions) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     t_start = time.monotonic()
     import torch
-
-    from clients.device.client import (
+    from dapdee.device.client import (
         ClientConfig,
         DeviceClient,
         dataset_frames,
@@ -139,14 +138,15 @@ def run_up(opts: UpOptions) -> int:
         random_frames,
         write_jsonl,
     )
-    from clients.device.servers import ServerThread, bind_free_socket
+    from dapdee.device.servers import ServerThread, bind_free_socket
+    from dapdee.edge_worker.app import create_app as create_edge
+    from dapdee.edge_worker.app import load_models
+    from dapdee.edge_worker.config import Settings as EdgeSettings
+    from dapdee.planner.app import create_app as create_planner
+    from dapdee.planner.config import Settings as PlannerSettings
+
     from dapdee.models import load_model
     from dapdee.netem import parse_network
-    from services.edge_worker.app import create_app as create_edge
-    from services.edge_worker.app import load_models
-    from services.edge_worker.config import Settings as EdgeSettings
-    from services.planner.app import create_app as create_planner
-    from services.planner.config import Settings as PlannerSettings
 
     torch.set_num_threads(1)
     nets = [parse_network(n) for n in opts.networks]

@@ -2,7 +2,7 @@
 
 `create_app(settings, models)` builds the app; its lifespan loads the models (unless given),
 starts the batcher's thread pool and the planner registration task, and closes them on
-shutdown. Run it with `dapdee serve edge` or `uvicorn --factory services.edge_worker.app:app_from_env`.
+shutdown. Run it with `dapdee serve edge` or `uvicorn --factory dapdee.edge_worker.app:app_from_env`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ import logging
 from collections.abc import AsyncIterator
 
 import torch
+from dapdee.edge_worker.batching import Batcher
+from dapdee.edge_worker.config import Settings
+from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState
+from dapdee.edge_worker.metrics import EdgeMetrics
+from dapdee.edge_worker.registration import run_registration
+from dapdee.edge_worker.routers import health, v2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
-from services.edge_worker.batching import Batcher
-from services.edge_worker.config import Settings
-from services.edge_worker.deps import ApiError, ModelEntry, WorkerState
-from services.edge_worker.metrics import EdgeMetrics
-from services.edge_worker.registration import run_registration
-from services.edge_worker.routers import health, v2
 
 log = logging.getLogger("dapdee.edge")
 
@@ -141,5 +141,5 @@ def create_app(settings: Settings | None = None, models: list[LoadedModel] | Non
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory services.edge_worker.app:app_from_env` (settings from the env)."""
+    """Factory for `uvicorn --factory dapdee.edge_worker.app:app_from_env` (settings from the env)."""
     return create_app(Settings())

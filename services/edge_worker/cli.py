@@ -34,10 +34,9 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 def _serve_edge(args: argparse.Namespace) -> int:
     import uvicorn
+    from dapdee.edge_worker.app import create_app, load_models
+    from dapdee.edge_worker.config import Settings
     from pydantic import ValidationError
-
-    from services.edge_worker.app import create_app, load_models
-    from services.edge_worker.config import Settings
 
     keys = (
         "models",

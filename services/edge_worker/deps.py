@@ -6,13 +6,13 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
+from dapdee.edge_worker.batching import Batcher
+from dapdee.edge_worker.config import Settings
+from dapdee.edge_worker.metrics import EdgeMetrics
 from fastapi import Request
 
 from dapdee.costgraph import CostGraph
 from dapdee.models import LoadedModel
-from services.edge_worker.batching import Batcher
-from services.edge_worker.config import Settings
-from services.edge_worker.metrics import EdgeMetrics
 
 
 class ApiError(Exception):

@@ -33,10 +33,9 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
     from pydantic import ValidationError
-
-    from services.planner.app import create_app
-    from services.planner.config import Settings
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: expected 1..65535, got {args.port}")
@@ -67,6 +66,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.redis_url is not None:
         os.environ["DAPDEE_REDIS_URL"] = args.redis_url
     uvicorn.run(
-        "services.planner.app:create_app", factory=True, workers=args.workers, lifespan="on", **common
+        "dapdee.planner.app:create_app", factory=True, workers=args.workers, lifespan="on", **common
     )
     return 0

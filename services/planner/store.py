@@ -34,9 +34,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dapdee.planner.config import Settings
+from dapdee.planner.metrics import PlannerMetrics
+
 from dapdee.costgraph import CostGraph, CostGraphError
-from services.planner.config import Settings
-from services.planner.metrics import PlannerMetrics
 
 log = logging.getLogger("dapdee.planner")
 

@@ -11,13 +11,13 @@ import asyncio
 import time
 
 import torch
+from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, check_token, get_model, get_state
+from dapdee.edge_worker.metrics import UNKNOWN
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from dapdee import wire
 from dapdee.executor import MissingInputsError
-from services.edge_worker.deps import ApiError, ModelEntry, WorkerState, check_token, get_model, get_state
-from services.edge_worker.metrics import UNKNOWN
 
 router = APIRouter()
 OUTPUT_NAMES = ("logits", "class")

@@ -6,14 +6,14 @@ import json
 import time
 from typing import Any, Literal
 
+from dapdee.planner.deps import validation_body
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.store import MissingTimings, Store
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dapdee.planning import PlanRequest
-from services.planner.deps import validation_body
-from services.planner.metrics import PlannerMetrics
-from services.planner.store import MissingTimings, Store
 
 router = APIRouter(tags=["plan"])
 

@@ -1,4 +1,5 @@
-"""`dapdee serve planner|edge`: each service registers its own sub-command."""
+"""`dapdee serve planner|edge`: each service registers its own sub-command (imported lazily, so
+the core library never imports a web framework)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import importlib
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a service (planner or edge worker) under uvicorn")
     services = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
-    for modname in ("services.planner.cli", "services.edge_worker.cli"):
+    for modname in ("dapdee.planner.cli", "dapdee.edge_worker.cli"):
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
