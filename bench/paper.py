@@ -329,14 +329,14 @@ class System:
         the per-request round trip. O(models x profiling)."""
         import httpx
         import torch
+
         from dapdee.bench.load import ServiceProcess
+        from dapdee.costgraph import CostGraph
         from dapdee.device.client import dataset_frames
         from dapdee.device.servers import ServerThread
+        from dapdee.models import load_model
         from dapdee.planner.app import create_app as create_planner
         from dapdee.planner.config import Settings as PlannerSettings
-
-        from dapdee.costgraph import CostGraph
-        from dapdee.models import load_model
 
         torch.set_num_threads(1)
         prof_dir = Path(self.o.out) / "profiles"
@@ -414,7 +414,6 @@ class System:
         the client's own code on an uplink shaped at the fastest network. Every planner, the
         baselines included, then prices plans with the round trip a frame really pays."""
         from dapdee.device.client import ClientConfig, DeviceClient
-
         from dapdee.netem import NETWORKS
 
         rate = max(NETWORKS.values())
@@ -440,9 +439,8 @@ class System:
 
     async def merged_profile(self, m: str) -> Any:
         """The planner's merged graph (its own `merged_graph`) from its stored graph + profiles."""
-        from dapdee.planner.store import ModelState, Profile, merged_graph
-
         from dapdee.costgraph import CostGraph
+        from dapdee.planner.store import ModelState, Profile, merged_graph
 
         g = CostGraph.from_dict((await self.http.get(f"/models/{m}")).json())
         profs = (await self.http.get(f"/models/{m}/profiles")).json()["profiles"]
@@ -511,8 +509,9 @@ class System:
         `min_s`: keep streaming past `n` frames until that many seconds have passed (a round of a
         fast plan then still spans enough time to average out scheduler hiccups).
         Returns per-frame measured latencies and aggregates. O(n frames)."""
-        from dapdee.device.client import ClientConfig, DeviceClient, Plan
         from tqdm import tqdm
+
+        from dapdee.device.client import ClientConfig, DeviceClient, Plan
 
         pred = plan["predicted"]
         # enough frames in flight to fill the 3-stage pipeline (Little's law: latency / bottleneck)
@@ -918,7 +917,6 @@ class PaperBench:
 
         async def fn(s: System) -> dict[str, Any]:
             from dapdee.device.client import ClientConfig, DeviceClient
-
             from dapdee.netem import ShapedUplink, parse_network
 
             rates = [(n, parse_network(n).rate_mbps, t) for n, t in phases]

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from dapdee.device.client import ClientConfig, DeviceClient, Plan, random_frames
-from dapdee.device.servers import ServerThread, bind_free_socket
 
 from dapdee.costmodel import partition
+from dapdee.device.client import ClientConfig, DeviceClient, Plan, random_frames
+from dapdee.device.servers import ServerThread, bind_free_socket
 
 SPEC = "zoo:resnet18?width=0.25&in_channels=1"
 K = 10.0
@@ -93,10 +93,9 @@ def _write_artifact(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from dapdee.models import load_model
     from dapdee.planner.app import create_app as create_planner
     from dapdee.planner.config import Settings as PlannerSettings
-
-    from dapdee.models import load_model
     from dapdee.profiler import profile_model
 
     artifact = _write_artifact(tmp_path_factory.mktemp("artifact"))

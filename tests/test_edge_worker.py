@@ -13,12 +13,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from dapdee.edge_worker.app import create_app
-from dapdee.edge_worker.config import Settings
 from fastapi import FastAPI, Request
 
 from dapdee import wire
 from dapdee.costmodel import Partition, partition
+from dapdee.edge_worker.app import create_app
+from dapdee.edge_worker.config import Settings
 from dapdee.models import LoadedModel, load_model
 from tests.conftest import free_port, serve_app_in_thread
 

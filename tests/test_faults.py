@@ -24,9 +24,9 @@ import httpx
 import pytest
 import redis
 import torch
+
 from dapdee.bench.load import ServiceProcess, edge_service, planner_service, wait_registered
 from dapdee.device.client import ClientConfig, DeviceClient, FrameRecord
-
 from tests.conftest import RedisProcess, planner_process, serve_app_in_thread
 
 SPEC = "zoo:alexnet?width=0.25"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from dapdee.bench.load import LoadConfig, run_load
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from dapdee.planner.app import create_app
-from dapdee.planner.config import Settings
 
 from dapdee.cli import main as dapdee_main
 from dapdee.costgraph import CostGraph
+from dapdee.planner.app import create_app
+from dapdee.planner.config import Settings
 from tests.conftest import RedisProcess, planner_process, serve_app_in_thread
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"

@@ -58,7 +58,6 @@ def edge() -> Iterator[httpx.Client]:
     """An edge worker with an API token."""
     from dapdee.edge_worker.app import create_app
     from dapdee.edge_worker.config import Settings
-
     from dapdee.models import load_model
 
     settings = Settings(models=EDGE_SPEC, api_token=TOKEN, max_body_bytes=1 << 20)
@@ -260,7 +259,6 @@ def test_profile_cache_paths_stay_inside_the_cache(tmp_path: Path) -> None:
     """The only place a model name meets the file system (the edge's profile cache) uses names
     that passed check_model_name, so the path never leaves the cache directory."""
     from dapdee.edge_worker.registration import profile_path
-
     from dapdee.models import check_model_name
 
     for name in ("resnet18", "vgg16.v2", "a-b_c"):
@@ -348,7 +346,6 @@ def test_token_protected_stack_end_to_end() -> None:
 
     from dapdee.bench.load import edge_service, planner_service, wait_registered
     from dapdee.device.client import ClientConfig, DeviceClient, PlannerError, random_frames
-
     from dapdee.models import load_model
     from dapdee.profiler import profile_model
 

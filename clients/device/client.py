@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.device.bandwidth import (
     BandwidthEstimator,
     ComputeLoadMonitor,
@@ -45,8 +47,6 @@ from dapdee.device.bandwidth import (
     drifted,
     load_drifted,
 )
-
-from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.models import LoadedModel, ModelError
 from dapdee.netem import ShapedUplink, emulate_slowdown
 

@@ -105,7 +105,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         summarize,
         write_jsonl,
     )
-
     from dapdee.netem import parse_network
 
     if args.slowdown < 1:

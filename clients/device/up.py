@@ -130,6 +130,7 @@ def run_up(opts: UpOptions) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     t_start = time.monotonic()
     import torch
+
     from dapdee.device.client import (
         ClientConfig,
         DeviceClient,
@@ -142,11 +143,10 @@ def run_up(opts: UpOptions) -> int:
     from dapdee.edge_worker.app import create_app as create_edge
     from dapdee.edge_worker.app import load_models
     from dapdee.edge_worker.config import Settings as EdgeSettings
-    from dapdee.planner.app import create_app as create_planner
-    from dapdee.planner.config import Settings as PlannerSettings
-
     from dapdee.models import load_model
     from dapdee.netem import parse_network
+    from dapdee.planner.app import create_app as create_planner
+    from dapdee.planner.config import Settings as PlannerSettings
 
     torch.set_num_threads(1)
     nets = [parse_network(n) for n in opts.networks]

@@ -13,17 +13,17 @@ import logging
 from collections.abc import AsyncIterator
 
 import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.metrics import EdgeMetrics
 from dapdee.edge_worker.registration import run_registration
 from dapdee.edge_worker.routers import health, v2
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
 
 log = logging.getLogger("dapdee.edge")

@@ -34,9 +34,10 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 def _serve_edge(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
+
     from dapdee.edge_worker.app import create_app, load_models
     from dapdee.edge_worker.config import Settings
-    from pydantic import ValidationError
 
     keys = (
         "models",

@@ -6,12 +6,12 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-from dapdee.edge_worker.batching import Batcher
-from dapdee.edge_worker.config import Settings
-from dapdee.edge_worker.metrics import EdgeMetrics
 from fastapi import Request
 
 from dapdee.costgraph import CostGraph
+from dapdee.edge_worker.batching import Batcher
+from dapdee.edge_worker.config import Settings
+from dapdee.edge_worker.metrics import EdgeMetrics
 from dapdee.models import LoadedModel
 
 

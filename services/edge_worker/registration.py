@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from dapdee.edge_worker.deps import ModelEntry, WorkerState
 
 from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.edge_worker.deps import ModelEntry, WorkerState
 
 log = logging.getLogger("dapdee.edge.registration")
 

@@ -7,15 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from dapdee.planner.config import Settings
 from dapdee.planner.deps import validation_body
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.routers import models, ops, plan, workers
 from dapdee.planner.store import Store
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 

@@ -33,9 +33,10 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
+
     from dapdee.planner.app import create_app
     from dapdee.planner.config import Settings
-    from pydantic import ValidationError
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: expected 1..65535, got {args.port}")

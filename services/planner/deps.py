@@ -8,12 +8,12 @@ import math
 from collections.abc import Iterable
 from typing import Annotated, Any
 
-from dapdee.planner.config import Settings
-from dapdee.planner.metrics import PlannerMetrics
-from dapdee.planner.store import Store
 from fastapi import Depends, HTTPException, Request
 
 from dapdee.names import ModelError, check_model_name
+from dapdee.planner.config import Settings
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.store import Store
 
 
 async def get_store(request: Request) -> Store:

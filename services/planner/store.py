@@ -34,10 +34,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.planner.config import Settings
 from dapdee.planner.metrics import PlannerMetrics
-
-from dapdee.costgraph import CostGraph, CostGraphError
 
 log = logging.getLogger("dapdee.planner")
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dapdee.edge_worker.deps import get_state
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dapdee.edge_worker.deps import get_state
 
 router = APIRouter()
 SERVER_NAME = "dapdee-edge"

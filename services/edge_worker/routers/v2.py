@@ -11,12 +11,12 @@ import asyncio
 import time
 
 import torch
-from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, check_token, get_model, get_state
-from dapdee.edge_worker.metrics import UNKNOWN
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from dapdee import wire
+from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, check_token, get_model, get_state
+from dapdee.edge_worker.metrics import UNKNOWN
 from dapdee.executor import MissingInputsError
 
 router = APIRouter()

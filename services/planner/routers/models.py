@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from dapdee.planner.deps import AuthDep, StoreDep, check_name
-from dapdee.planner.store import ModelState, Profile
 from fastapi import APIRouter, Body, HTTPException, Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.planner.deps import AuthDep, StoreDep, check_name
+from dapdee.planner.store import ModelState, Profile
 
 router = APIRouter(prefix="/models", tags=["models"])
 

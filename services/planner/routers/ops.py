@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from dapdee.planner.deps import MetricsDep, StoreDep
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dapdee.planner.deps import MetricsDep, StoreDep
 
 router = APIRouter(tags=["ops"])
 

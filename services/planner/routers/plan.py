@@ -6,13 +6,13 @@ import json
 import time
 from typing import Any, Literal
 
-from dapdee.planner.deps import validation_body
-from dapdee.planner.metrics import PlannerMetrics
-from dapdee.planner.store import MissingTimings, Store
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dapdee.planner.deps import validation_body
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.store import MissingTimings, Store
 from dapdee.planning import PlanRequest
 
 router = APIRouter(tags=["plan"])

@@ -6,10 +6,11 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from dapdee.planner.deps import AuthDep, SettingsDep, StoreDep, check_names
-from dapdee.planner.store import Worker
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
+
+from dapdee.planner.deps import AuthDep, SettingsDep, StoreDep, check_names
+from dapdee.planner.store import Worker
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 

@@ -1,0 +1,190 @@
+"""The request guard: auth, body limits and a concurrency limit, checked before anything is parsed.
+
+`RequestGuard` is the outermost middleware of both services (pure ASGI, installed with
+`app.add_middleware`; it answers nothing itself except refusals). For each HTTP request it:
+
+1. matches the request to the app's route and reads the access the route declares with
+   `security.require` (no declaration: admin-only; FastAPI's own docs routes: public; no route
+   at all: passed on, so the app answers its 404/405);
+2. checks the bearer token: 401 without a known one, 403 for the wrong role;
+3. reads the whole body before the app sees it: 413 past `max_body_bytes` (from
+   Content-Length up front, else counted while streaming), 408 when it takes longer than
+   `body_timeout_s` in all (a slow upload never holds a handler or a compute slot);
+4. holds one of `max_concurrency` slots while the app handles the request: 503 with
+   `Retry-After` when none is free. Public routes (health, metrics) bypass this limit so
+   probes keep answering under overload.
+
+Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
+`{"error": …}` for the edge), and counted through `on_reject(reason)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dapdee.web.security import AUTH_SCOPE_KEY, DEFAULT_ACCESS, PUBLIC, Access, AuthFailure, TokenSet, authorize
+from dapdee.web.security import declared_access as route_access
+
+Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, content type)
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+ACCESS_CACHE_MAX = 4096
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
+
+
+class RequestGuard:
+    """See the module docstring. `routes_app` is the FastAPI app whose routes declare access."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes_app: Any,
+        tokens: TokenSet,
+        render: Render,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        max_concurrency: int,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.routes_app = routes_app
+        self.tokens = tokens
+        self.render = render
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_concurrency = max_concurrency
+        self.on_reject = on_reject
+        self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
+        self._access: dict[tuple[str, str], Access | None] = {}
+        docs = (
+            routes_app.openapi_url,
+            routes_app.docs_url,
+            routes_app.redoc_url,
+            routes_app.swagger_ui_oauth2_redirect_url,
+        )
+        self._public_paths = frozenset(p for p in docs if p)
+
+    def access_for(self, scope: Scope) -> Access | None:
+        """The access of the route `scope` reaches (None: no route). Cached per (method, path),
+        bounded; a miss walks the routes: O(#routes) regex matches."""
+        key = (scope["method"], scope["path"])
+        if key in self._access:
+            return self._access[key]
+        if scope["path"] in self._public_paths:
+            access: Access | None = PUBLIC
+        else:
+            access = None
+            for route in self.routes_app.router.routes:
+                match, _ = route.matches(scope)
+                if match == Match.FULL:
+                    access = route_access(getattr(route, "dependencies", ())) or DEFAULT_ACCESS
+                    break
+        if len(self._access) >= ACCESS_CACHE_MAX:  # paths carry names: keep the cache bounded
+            self._access.clear()
+        self._access[key] = access
+        return access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            access = self.access_for(scope)
+            if access is not None:
+                outcome = authorize(self.tokens, access, _header(scope, b"authorization"))
+                if isinstance(outcome, AuthFailure):
+                    raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
+                scope[AUTH_SCOPE_KEY] = outcome
+            receive = await self._buffered(scope, receive)
+        except _Refusal as refusal:
+            await self._refuse(send, refusal)
+            return
+        if access is None or access.public:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_concurrency:
+            await self._refuse(
+                send,
+                _Refusal(
+                    503,
+                    "overloaded",
+                    f"server busy ({self.max_concurrency} requests in progress); retry",
+                    {"Retry-After": "1"},
+                ),
+            )
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
+        """Read the whole body under the size and time limits and return a `receive` that replays
+        it (later calls reach the client: disconnects stay visible). O(body bytes)."""
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise _Refusal(400, "bad_request", "Content-Length: not a non-negative integer")
+            if int(declared) > self.max_body_bytes:
+                raise _Refusal(413, "too_large", self._too_large(int(declared)))
+        if scope["method"] not in BODY_METHODS and not declared:
+            return receive
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.0)) if left > 0 else None
+            except asyncio.TimeoutError:
+                message = None
+            if message is None:
+                raise _Refusal(408, "timeout", f"request body not received within {self.body_timeout_s:g} s")
+            if message["type"] == "http.disconnect":
+                raise _Refusal(400, "disconnected", "client disconnected while sending the body")
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body_bytes:
+                raise _Refusal(413, "too_large", self._too_large(None))
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replayed
+
+    def _too_large(self, size: int | None) -> str:
+        what = f"request body of {size} bytes" if size is not None else "request body"
+        return f"{what} exceeds the limit of {self.max_body_bytes} bytes"
+
+    async def _refuse(self, send: Send, refusal: _Refusal) -> None:
+        if self.on_reject is not None:
+            self.on_reject(refusal.reason)
+        body, content_type = self.render(refusal.status, refusal.message)
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
+        if refusal.status in (408, 413, 400):  # the rest of the body was not read: do not reuse the connection
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None

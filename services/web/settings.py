@@ -1,0 +1,39 @@
+"""Settings both services read for their security: the role tokens (the same environment names
+for every service, whatever its own prefix) and whether running open beyond loopback is allowed."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings
+
+from dapdee.web.security import TokenSet
+
+
+def _env(name: str) -> AliasChoices:
+    """Read from `DAPDEE_{NAME}` for every service, or from the field name in code."""
+    return AliasChoices(f"DAPDEE_{name.upper()}", name)
+
+
+class SecuritySettings(BaseSettings):
+    """Role tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`;
+    `DAPDEE_API_TOKEN` grants all three) and `DAPDEE_INSECURE`. A service subclasses this;
+    its own settings keep their own prefix."""
+
+    admin_token: SecretStr | None = Field(None, validation_alias=_env("admin_token"))
+    device_token: SecretStr | None = Field(None, validation_alias=_env("device_token"))
+    worker_token: SecretStr | None = Field(None, validation_alias=_env("worker_token"))
+    api_token: SecretStr | None = Field(None, validation_alias=_env("api_token"))
+    insecure: bool = Field(False, validation_alias=_env("insecure"))
+
+    @field_validator("admin_token", "device_token", "worker_token", "api_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    def tokens(self) -> TokenSet:
+        """The configured tokens as a `TokenSet`. O(1)."""
+
+        def raw(s: SecretStr | None) -> str | None:
+            return s.get_secret_value() if s is not None else None
+
+        return TokenSet.of(raw(self.admin_token), raw(self.device_token), raw(self.worker_token), raw(self.api_token))

@@ -1,0 +1,197 @@
+"""The shared request guard (dapdee.web) on a small real app under a real uvicorn server:
+roles before parsing, body size and time limits, the concurrency limit, the exposure rule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from dapdee.device.servers import ServerThread
+from dapdee.web.guard import RequestGuard
+from dapdee.web.security import ADMIN, ANY_ROLE, DEVICE, PUBLIC, TokenSet, check_exposure, require
+
+TOKENS = {"admin": "a" * 24, "device": "d" * 24, "worker": "w" * 24}
+
+
+def _render(status: int, message: str) -> tuple[bytes, str]:
+    return json.dumps({"error": message}).encode(), "application/json"
+
+
+def make_app(tokens: TokenSet, guarded: bool = True, **limits: Any) -> FastAPI:
+    app = FastAPI()
+    app.state.tokens = tokens
+    app.state.parsed = 0
+    app.state.rejected = []
+    app.state.entered = threading.Event()
+    app.state.release = threading.Event()
+
+    @app.get("/health", dependencies=[require(PUBLIC)])
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/things", dependencies=[require(ANY_ROLE)])
+    async def things() -> dict[str, int]:
+        return {"n": 1}
+
+    @app.post("/echo", dependencies=[require(DEVICE)])
+    async def echo(request: Request) -> dict[str, int]:
+        body = await request.json()  # parsed only after the guard let it in
+        app.state.parsed += 1
+        return {"len": len(body)}
+
+    @app.post("/slow", dependencies=[require(DEVICE)])
+    async def slow() -> dict[str, bool]:
+        app.state.entered.set()
+        await asyncio.to_thread(app.state.release.wait, 10)
+        return {"done": True}
+
+    @app.delete("/things/{name}", dependencies=[require(ADMIN)])
+    async def delete(name: str) -> dict[str, str]:
+        return {"deleted": name}
+
+    @app.put("/undeclared")
+    async def undeclared() -> dict[str, bool]:
+        return {"ok": True}
+
+    if guarded:
+        options = {"max_body_bytes": 1000, "body_timeout_s": 0.5, "max_concurrency": 4} | limits
+        app.add_middleware(
+            RequestGuard,
+            routes_app=app,
+            tokens=tokens,
+            render=_render,
+            on_reject=app.state.rejected.append,
+            **options,
+        )
+    return app
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[str, FastAPI]]:
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), max_concurrency=1)
+    with ServerThread(app) as server:
+        yield server.url, app
+
+
+def _auth(role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+
+def test_roles_are_checked_before_the_body_is_parsed(served: tuple[str, FastAPI]) -> None:
+    url, app = served
+    bad_json = b"{not json"
+    r = httpx.post(f"{url}/echo", content=bad_json)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(f"{url}/echo", content=bad_json, headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = httpx.post(f"{url}/echo", content=bad_json, headers=_auth("worker"))
+    assert r.status_code == 403 and "device" in r.json()["error"]
+    assert app.state.parsed == 0
+    assert httpx.post(f"{url}/echo", json=[1, 2, 3], headers=_auth("device")).json() == {"len": 3}
+    assert app.state.parsed == 1
+    assert app.state.rejected == ["unauthenticated", "unauthenticated", "forbidden"]
+
+
+def test_each_route_admits_only_its_roles(served: tuple[str, FastAPI]) -> None:
+    url, _ = served
+    assert httpx.get(f"{url}/health").status_code == 200
+    for role in ("admin", "device", "worker"):
+        assert httpx.get(f"{url}/things", headers=_auth(role)).status_code == 200
+    assert httpx.get(f"{url}/things").status_code == 401
+    assert httpx.delete(f"{url}/things/x", headers=_auth("admin")).status_code == 200
+    assert httpx.delete(f"{url}/things/x", headers=_auth("device")).status_code == 403
+    # a route that declares nothing is admin-only
+    assert httpx.put(f"{url}/undeclared", headers=_auth("device")).status_code == 403
+    assert httpx.put(f"{url}/undeclared", headers=_auth("admin")).status_code == 200
+    # the docs stay public; unknown routes get the app's own 404
+    assert httpx.get(f"{url}/openapi.json").status_code == 200
+    assert httpx.get(f"{url}/nowhere", headers=_auth("device")).status_code == 404
+
+
+def test_body_limits_from_content_length_and_while_streaming(served: tuple[str, FastAPI]) -> None:
+    url, app = served
+    r = httpx.post(f"{url}/echo", content=b"[" + b"1," * 600 + b"1]", headers=_auth("device"))
+    assert r.status_code == 413 and "1000 bytes" in r.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        yield b"["
+        for _ in range(100):
+            yield b"1," * 10
+        yield b"1]"
+
+    r = httpx.post(f"{url}/echo", content=chunks(), headers=_auth("device"))
+    assert r.status_code == 413
+    assert app.state.parsed == 0
+
+
+def test_a_slow_body_gets_408_and_holds_no_slot(served: tuple[str, FastAPI]) -> None:
+    url, app = served
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {TOKENS['device']}\r\nContent-Length: 100\r\n\r\n[1,".encode()
+        )
+        reply = s.recv(4096).decode()  # the guard answers after body_timeout_s (0.5 s)
+    assert reply.startswith("HTTP/1.1 408"), reply
+    # the one slot (max_concurrency=1) is free again
+    assert httpx.post(f"{url}/echo", json=[1], headers=_auth("device")).status_code == 200
+    assert app.state.rejected == ["timeout"]
+
+
+def test_past_the_concurrency_limit_503_with_retry_after_but_health_answers(served: tuple[str, FastAPI]) -> None:
+    url, app = served
+
+    async def scenario() -> tuple[int, int, int, dict[str, str]]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            first = asyncio.create_task(client.post("/slow", headers=_auth("device")))
+            await asyncio.to_thread(app.state.entered.wait, 5)
+            second = await client.post("/echo", json=[1], headers=_auth("device"))
+            health = await client.get("/health")
+            app.state.release.set()
+            done = await first
+            return second.status_code, health.status_code, done.status_code, dict(second.headers)
+
+    busy, health, done, headers = asyncio.run(scenario())
+    assert (busy, health, done) == (503, 200, 200)
+    assert headers["retry-after"] == "1"
+    assert httpx.post(f"{url}/echo", json=[1], headers=_auth("device")).status_code == 200
+
+
+def test_without_the_guard_the_route_dependency_still_checks() -> None:
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"]), guarded=False)
+    with ServerThread(app) as server:
+        assert httpx.post(f"{server.url}/echo", json=[1]).status_code == 401
+        assert httpx.post(f"{server.url}/echo", json=[1], headers=_auth("admin")).status_code == 403
+        assert httpx.post(f"{server.url}/echo", json=[1], headers=_auth("device")).status_code == 200
+        spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert spec["paths"]["/echo"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_an_open_service_admits_everyone_on_loopback_only() -> None:
+    open_tokens = TokenSet.of()
+    assert "OPEN" in (check_exposure("planner", "127.0.0.1", open_tokens, insecure=False) or "")
+    assert "OPEN" in (check_exposure("planner", "::1", open_tokens, insecure=False) or "")
+    with pytest.raises(ValueError, match="--insecure"):
+        check_exposure("planner", "0.0.0.0", open_tokens, insecure=False)
+    with pytest.raises(ValueError, match="not a loopback"):
+        check_exposure("edge", "edge-1.example", open_tokens, insecure=False)
+    assert "--insecure" in (check_exposure("edge", "0.0.0.0", open_tokens, insecure=True) or "")
+    assert check_exposure("edge", "0.0.0.0", TokenSet.of(admin="x"), insecure=False) is None
+    with ServerThread(make_app(open_tokens)) as server:
+        assert httpx.delete(f"{server.url}/things/x").status_code == 200
+
+
+def test_the_fallback_token_grants_every_role_and_comparison_needs_an_exact_match() -> None:
+    tokens = TokenSet.of(all_roles="s" * 20, device="d" * 20)
+    assert tokens.roles_of("s" * 20) == frozenset({"admin", "device", "worker"})
+    assert tokens.roles_of("d" * 20) == frozenset({"device"})
+    assert tokens.roles_of("s" * 19) is None and tokens.roles_of("s" * 21) is None
