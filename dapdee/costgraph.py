@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 SCHEMA_VERSION = 1
+MAX_OVERHEAD_MS = 1e7
 
 
 class CostGraphError(ValueError):
@@ -48,12 +49,35 @@ class Exit:
 
 
 @dataclass(frozen=True)
+class Overheads:
+    """Cost model v2: fixed costs of one request, paid only by partitions that use the edge.
+
+    `device_request_ms`: the device's CPU time to encode a request, send it and decode the answer
+    (not the wire time); `edge_request_ms`: the edge's time for a request outside node compute
+    (HTTP, decode, dispatch, encode). Both zero: the cost model is exactly v1."""
+
+    device_request_ms: float = 0.0
+    edge_request_ms: float = 0.0
+
+    @property
+    def zero(self) -> bool:
+        return self.device_request_ms == 0.0 and self.edge_request_ms == 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"device_request_ms": self.device_request_ms, "edge_request_ms": self.edge_request_ms}
+
+
+NO_OVERHEADS = Overheads()
+
+
+@dataclass(frozen=True)
 class CostGraph:
     model: str
     input: InputSpec
     nodes: tuple[Node, ...]
     exits: tuple[Exit, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    overheads: Overheads = NO_OVERHEADS
 
     # ---- lookups -------------------------------------------------------------------
     def node(self, name: str) -> Node:
@@ -127,6 +151,8 @@ class CostGraph:
             if n.shape is not None:
                 nd["shape"] = list(n.shape)
             d["nodes"].append(nd)
+        if not self.overheads.zero:  # v1 graphs serialise (and hash) exactly as before
+            d["overheads"] = self.overheads.to_dict()
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -211,7 +237,8 @@ class CostGraph:
         meta = d.get("meta") or {}
         if not isinstance(meta, dict):
             raise CostGraphError("meta: expected an object")
-        g = cls(model=model, input=input_spec, nodes=tuple(nodes), exits=tuple(exits), meta=meta)
+        overheads = _overheads(d.get("overheads"))
+        g = cls(model=model, input=input_spec, nodes=tuple(nodes), exits=tuple(exits), meta=meta, overheads=overheads)
         g.validate()
         return g
 
@@ -289,6 +316,15 @@ class CostGraph:
             new_meta[tier] = meta
         return replace(self, nodes=nodes, meta=new_meta)
 
+    def with_overheads(self, device_request_ms: float | None = None, edge_request_ms: float | None = None) -> CostGraph:
+        """A copy with the named per-request overheads replaced (None keeps the current value)."""
+        ov = Overheads(
+            self.overheads.device_request_ms if device_request_ms is None else float(device_request_ms),
+            self.overheads.edge_request_ms if edge_request_ms is None else float(edge_request_ms),
+        )
+        _overheads(ov.to_dict())  # validate
+        return replace(self, overheads=ov)
+
     def with_accuracies(self, acc: dict[str, float | None]) -> CostGraph:
         return replace(self, exits=tuple(replace(e, accuracy=acc.get(e.name, e.accuracy)) for e in self.exits))
 
@@ -296,12 +332,31 @@ class CostGraph:
         """Hash of what must match for two tiers' profiles to be merged: model, input, nodes, exits."""
         d = self.to_dict()
         d.pop("meta", None)
+        d.pop("overheads", None)
         for nd in d["nodes"]:
             nd.pop("device_ms", None)
             nd.pop("edge_ms", None)
         for e in d["exits"]:
             e.pop("accuracy", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _overheads(raw: Any) -> Overheads:
+    """Parse the optional `overheads` object (absent or null: zeros); CostGraphError names the field."""
+    if raw is None:
+        return NO_OVERHEADS
+    if not isinstance(raw, dict):
+        raise CostGraphError("overheads: expected an object")
+    unknown = set(raw) - {"device_request_ms", "edge_request_ms"}
+    if unknown:
+        raise CostGraphError(f"overheads: unknown fields {sorted(unknown)}")
+    values = {}
+    for key in ("device_request_ms", "edge_request_ms"):
+        v = raw.get(key, 0.0)
+        if not _is_num(v) or not math.isfinite(v) or not 0 <= v <= MAX_OVERHEAD_MS:
+            raise CostGraphError(f"overheads.{key}: expected a finite number in [0, {MAX_OVERHEAD_MS:g}], got {v!r}")
+        values[key] = float(v)
+    return Overheads(**values)
 
 
 def _is_int(v: Any) -> bool:

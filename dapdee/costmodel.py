@@ -1,8 +1,11 @@
-"""The cost model of DESIGN.md: what `predicted` in a plan means.
+"""The cost model: what `predicted` in a plan means (docs/DESIGN.md, "Cost model").
 
 Every planner, baseline, service, client and benchmark prices a partition through
-`predict` (from node sets) or `predict_sums` (from the three sums the plan map keeps),
+`Partition.predict` (from node sets) or `predict_sums` (from the three sums the plan map keeps),
 so there is exactly one definition of latency, bottleneck and throughput.
+
+Version 2 adds the graph's per-request `overheads` to the device and edge sums of every
+partition that uses the edge (`request_sums`); with zero overheads it is exactly version 1.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.costgraph import NO_OVERHEADS, CostGraph, CostGraphError, Overheads
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,26 @@ def stage_ms(device_sum_ms: Any, sent_bytes: Any, edge_sum_ms: Any, cond: Condit
     )
 
 
+def request_sums(device_sum_ms: Any, edge_sum_ms: Any, uses_edge: Any, overheads: Overheads) -> tuple[Any, Any]:
+    """(device sum, edge sum) with the v2 per-request overheads added where the partition uses
+    the edge (`uses_edge` a bool, or a 0/1 array for vectorised scans). O(1) elementwise."""
+    return (
+        device_sum_ms + uses_edge * overheads.device_request_ms,
+        edge_sum_ms + uses_edge * overheads.edge_request_ms,
+    )
+
+
 def predict_sums(
-    device_sum_ms: float, sent_bytes: int, edge_sum_ms: float, edge_empty: bool, cond: Conditions
+    device_sum_ms: float,
+    sent_bytes: int,
+    edge_sum_ms: float,
+    edge_empty: bool,
+    cond: Conditions,
+    overheads: Overheads = NO_OVERHEADS,
 ) -> Predicted:
-    """Price a partition from its zero-load sums (Σ device_ms over D, bytes sent, Σ edge_ms over E). O(1)."""
+    """Price a partition from its zero-load sums (Σ device_ms over D, bytes sent, Σ edge_ms over E)
+    and the graph's per-request overheads. O(1)."""
+    device_sum_ms, edge_sum_ms = request_sums(device_sum_ms, edge_sum_ms, 0.0 if edge_empty else 1.0, overheads)
     device_ms, uplink_ms, edge_ms = stage_ms(device_sum_ms, sent_bytes, edge_sum_ms, cond)
     transfer_ms = 0.0 if edge_empty else uplink_ms + cond.rtt_ms
     bottleneck = max(device_ms, uplink_ms, edge_ms)
@@ -106,13 +125,16 @@ class Partition:
     transfer: tuple[tuple[str, int], ...]  # (producer, bytes) sent uplink
     device_sum_ms: float
     edge_sum_ms: float
+    overheads: Overheads = NO_OVERHEADS
 
     @property
     def sent_bytes(self) -> int:
         return sum(b for _, b in self.transfer)
 
     def predict(self, cond: Conditions) -> Predicted:
-        return predict_sums(self.device_sum_ms, self.sent_bytes, self.edge_sum_ms, not self.edge_nodes, cond)
+        return predict_sums(
+            self.device_sum_ms, self.sent_bytes, self.edge_sum_ms, not self.edge_nodes, cond, self.overheads
+        )
 
 
 def partition(graph: CostGraph, exit_name: str | None, device_nodes: Iterable[str]) -> Partition:
@@ -147,4 +169,5 @@ def partition(graph: CostGraph, exit_name: str | None, device_nodes: Iterable[st
         transfer=tuple(transfer),
         device_sum_ms=sum(graph.node(n).device_ms or 0.0 for n in dev),
         edge_sum_ms=sum(graph.node(n).edge_ms or 0.0 for n in edge),
+        overheads=graph.overheads,
     )

@@ -27,7 +27,7 @@ BASELINES: tuple[str, ...] = ("device-only", "edge-only", "neurosurgeon", "dads"
 
 def _mask_choice(st: ExitStructure, mask: int, cond: Conditions) -> Choice:
     d, b, e = st.sums(mask)
-    pred = predict_sums(d, b, e, mask == st.full, cond)
+    pred = predict_sums(d, b, e, mask == st.full, cond, st.overheads)
     return Choice(st.exit_index, pred, lambda: st.lists(mask))
 
 

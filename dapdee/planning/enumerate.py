@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dapdee.costgraph import CostGraph
+from dapdee.costgraph import NO_OVERHEADS, CostGraph, Overheads
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ExitStructure:
     cons_mask: tuple[int, ...]
     uses_input: tuple[bool, ...]
     input_cons_mask: int
+    overheads: Overheads = NO_OVERHEADS  # the graph's per-request costs (cost model v2)
 
     @property
     def m(self) -> int:
@@ -81,6 +82,7 @@ class ExitStructure:
             cons_mask=tuple(sum(1 << c for c in cs) for cs in cons),
             uses_input=tuple(uses_input),
             input_cons_mask=in_mask,
+            overheads=graph.overheads,
         )
 
     # ---- one partition -------------------------------------------------------------------

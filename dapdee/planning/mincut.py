@@ -11,8 +11,10 @@ pinned to the device):
   consumer, so u's tensor is paid once however many edge-side consumers it has.
 
 The minimum cut minimises w_dev·Σ_D device_ms + w_bytes·sent_bytes + w_edge·Σ_E edge_ms over
-all downward-closed D. The round trip `rtt_ms` is paid only when E is non-empty, so the
-latency optimum is the better of the min-cut's D (plus rtt unless D = A(e)) and device-only.
+all downward-closed D. The round trip `rtt_ms` and the v2 per-request overheads are paid only
+when E is non-empty (the same constants for every such D, so they do not move the cut), so the
+latency optimum is the better of the min-cut's D (plus those constants unless D = A(e)) and
+device-only.
 """
 
 from __future__ import annotations
@@ -94,9 +96,9 @@ def min_latency_mask(st: ExitStructure, cond: Conditions) -> int:
     if mask == st.full:
         return mask
     d, b, e = st.sums(mask)
-    cut = predict_sums(d, b, e, False, cond).latency_ms
+    cut = predict_sums(d, b, e, False, cond, st.overheads).latency_ms
     dd, _, _ = st.sums(st.full)
-    local = predict_sums(dd, 0, 0.0, True, cond).latency_ms
+    local = predict_sums(dd, 0, 0.0, True, cond, st.overheads).latency_ms
     return st.full if local <= cut else mask
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dapdee.costgraph import CostGraph
-from dapdee.costmodel import Conditions, Predicted, predict_sums, stage_ms
+from dapdee.costmodel import Conditions, Predicted, predict_sums, request_sums, stage_ms
 from dapdee.planning.enumerate import (
     ExitStructure,
     enumerate_ideals,
@@ -92,12 +92,17 @@ class CandSet:
 
     def predict(self, i: int, cond: Conditions) -> Predicted:
         return predict_sums(
-            self.dev_l[i], self.bytes_l[i], self.edge_l[i], self.masks[i] == self.st.full, cond
+            self.dev_l[i], self.bytes_l[i], self.edge_l[i], self.masks[i] == self.st.full, cond, self.st.overheads
         )
+
+    def stages(self, cond: Conditions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(device_ms, uplink_ms, edge_ms) of every candidate under `cond`, overheads included. O(n)."""
+        dev, edge = request_sums(self.dev, self.edge, self.nonempty, self.st.overheads)
+        return stage_ms(dev, self.byts, edge, cond)
 
     def best_latency(self, cond: Conditions) -> int:
         """Index of minimum latency_ms. O(n)."""
-        d, u, e = stage_ms(self.dev, self.byts, self.edge, cond)
+        d, u, e = self.stages(cond)
         lat = d + u + e
         if cond.rtt_ms:
             lat += self.nonempty * cond.rtt_ms
@@ -105,7 +110,7 @@ class CandSet:
 
     def best_throughput(self, cond: Conditions) -> int:
         """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms. O(n)."""
-        d, u, e = stage_ms(self.dev, self.byts, self.edge, cond)
+        d, u, e = self.stages(cond)
         bott = np.maximum(np.maximum(d, u), e)
         i = int(bott.argmin())
         tied = bott <= bott[i] * (1.0 + TIE_RTOL)
@@ -302,7 +307,7 @@ class PlanMap:
                 st = cs.st
                 mask = min_latency_mask(st, cond)
                 d, b, e = st.sums(mask)
-                p2 = predict_sums(d, b, e, mask == st.full, cond)
+                p2 = predict_sums(d, b, e, mask == st.full, cond, st.overheads)
                 if p2.latency_ms < pred.latency_ms:
                     c = Choice(i, p2, lambda st=st, mask=mask: st.lists(mask))
             cache[key] = c
