@@ -100,18 +100,24 @@ class CandSet:
         dev, edge = request_sums(self.dev, self.edge, self.nonempty, self.st.overheads)
         return stage_ms(dev, self.byts, edge, cond)
 
-    def best_latency(self, cond: Conditions) -> int:
-        """Index of minimum latency_ms. O(n)."""
+    def best_latency(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
+        """Index of minimum latency_ms (among `allowed` candidates, a boolean mask that must
+        admit at least one). O(n)."""
         d, u, e = self.stages(cond)
         lat = d + u + e
         if cond.rtt_ms:
             lat += self.nonempty * cond.rtt_ms
+        if allowed is not None:
+            lat[~allowed] = np.inf
         return int(lat.argmin())
 
-    def best_throughput(self, cond: Conditions) -> int:
-        """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms. O(n)."""
+    def best_throughput(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
+        """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms (among
+        `allowed` candidates, as in `best_latency`). O(n)."""
         d, u, e = self.stages(cond)
         bott = np.maximum(np.maximum(d, u), e)
+        if allowed is not None:
+            bott[~allowed] = np.inf
         i = int(bott.argmin())
         tied = bott <= bott[i] * (1.0 + TIE_RTOL)
         if np.count_nonzero(tied) == 1:
@@ -122,8 +128,10 @@ class CandSet:
         lat[~tied] = np.inf
         return int(lat.argmin())
 
-    def best(self, objective: str, cond: Conditions) -> int:
-        return self.best_latency(cond) if objective == "latency" else self.best_throughput(cond)
+    def best(self, objective: str, cond: Conditions, allowed: np.ndarray | None = None) -> int:
+        if objective == "latency":
+            return self.best_latency(cond, allowed)
+        return self.best_throughput(cond, allowed)
 
 
 def pareto_candset(
