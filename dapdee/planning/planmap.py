@@ -158,12 +158,15 @@ def pareto_candset(
 
 @dataclass
 class Choice:
-    """One exit's selected partition under one objective."""
+    """One exit's selected partition under one objective; with leases also the worker it uses
+    and its zero-load edge cost per frame (`e_i`: Σ_E edge_ms + edge_request_ms, 0 device-only)."""
 
     exit_index: int
     pred: Predicted
     lists: Callable[[], Lists]
     approximate: bool = False
+    worker: str | None = None
+    edge_ms_per_frame: float = 0.0
 
 
 def acc_ok(accuracy: float | None, req: PlanRequest) -> bool:
@@ -334,6 +337,11 @@ class PlanMap:
         return plan_dict(self.graph, self._hash, req, "dapdee", c, mode, met, approx)
 
     # ---- introspection -------------------------------------------------------------------------
+    @property
+    def graph_hash(self) -> str:
+        """Content hash of the graph this map was built from (plan ids derive from it)."""
+        return self._hash
+
     def front_sizes(self) -> dict[str, int]:
         return {cs.st.exit_name: len(cs) for cs in self.cands}
 

@@ -1,0 +1,163 @@
+"""One device's plan on a shared edge: edge load from the other leases, admission, worker choice.
+
+Worker w has a capacity C_w (ms of compute per second, 1000 x its compute slots); the leases
+of the other devices reserve R_w = Σ_{j≠i} f_j·e_j of it, where f_j is a device's frame rate
+and e_j its plan's zero-load edge cost per frame (Σ_E edge_ms + edge_request_ms; 0 for
+Device-Only). Planning device i (frame rate f_i) against w uses
+
+- edge load ℓe = min(0.95, R_w / C_w), unless the request names `edge_load` itself;
+- admission: a plan that uses the edge is admissible only if R_w + f_i·e_i <= ρ_max·C_w
+  (without a frame rate, only if R_w <= ρ_max·C_w); Device-Only always is.
+
+The answer is the inverse search of `planmap.decide` over the union of every worker's
+admissible candidates: for each exit the best candidate over all workers (ties: the less
+loaded worker, then the URL), so it is the plan a brute-force walk over every (worker,
+downward-closed partition) pair gives — exactly optimal for this device given the others.
+Because f_i is fixed by the request, admission is a threshold on each candidate's edge sum,
+and the scan of each plan map stays one vectorised pass per exit and worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from dapdee.costmodel import Conditions
+from dapdee.planning.planmap import CandSet, Choice, PlanMap, decide, plan_dict
+from dapdee.planning.request import PlanRequest
+
+MAX_EDGE_LOAD = 0.95
+DEFAULT_RHO_MAX = 0.9
+
+
+@dataclass(frozen=True)
+class EdgeSlot:
+    """A worker one device may use: its plan map (under that worker tier's edge timings), its
+    capacity and what the other devices' leases reserve on it (ms per second)."""
+
+    url: str
+    planmap: PlanMap
+    capacity_ms_per_s: float
+    reserved_ms_per_s: float
+
+    def edge_load(self) -> float:
+        """ℓe from the other leases: min(0.95, R_w / C_w)."""
+        return min(MAX_EDGE_LOAD, self.reserved_ms_per_s / self.capacity_ms_per_s)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The plan JSON (edge_worker filled), the worker it uses (None: Device-Only), its zero-load
+    edge cost per frame e_i, and the edge load it was priced at."""
+
+    plan: dict[str, Any]
+    worker: str | None
+    edge_ms_per_frame: float
+    edge_load: float
+
+
+def edge_ms_per_frame(cs: CandSet) -> np.ndarray:
+    """Zero-load edge cost per frame of every candidate: Σ_E edge_ms + edge_request_ms where the
+    candidate uses the edge, 0 for Device-Only. O(n)."""
+    return (cs.edge + cs.st.overheads.edge_request_ms) * cs.nonempty
+
+
+def admissible(cs: CandSet, frames_per_s: float | None, slot: EdgeSlot, rho_max: float) -> np.ndarray:
+    """Boolean mask of `cs`'s candidates admissible on `slot` for a device offering
+    `frames_per_s`: Device-Only always; an edge-using candidate iff R_w + f_i·e_i <= ρ_max·C_w
+    (no frame rate: iff R_w <= ρ_max·C_w). O(n)."""
+    limit = rho_max * slot.capacity_ms_per_s
+    if frames_per_s is None:
+        fits = np.full(len(cs), slot.reserved_ms_per_s <= limit)
+    else:
+        fits = slot.reserved_ms_per_s + edge_ms_per_frame(cs) * frames_per_s <= limit
+    return (cs.nonempty == 0) | fits
+
+
+def plan_for_device(
+    slots: Sequence[EdgeSlot],
+    req: PlanRequest,
+    frames_per_s: float | None,
+    rho_max: float = DEFAULT_RHO_MAX,
+    edge_load: float | None = None,
+) -> DevicePlan:
+    """The exact plan for one device over `slots` (at least one), given the other leases (see
+    the module docstring). `edge_load` given: every worker is priced at it instead of its
+    reserved load (admission still applies). Cost: one vectorised scan per (exit consulted,
+    worker) of that exit's Pareto front. Exits beyond the plan map's enumeration cap are
+    scanned over their approximate candidate set, and the plan says `"approximate": true`."""
+    if not slots:
+        raise ValueError("slots: a device needs at least one worker to plan against")
+    if frames_per_s is not None and not frames_per_s > 0:
+        raise ValueError(f"frames_per_s: must be > 0, got {frames_per_s!r}")
+    order = sorted(slots, key=lambda s: (s.edge_load(), s.url))
+    base = req.conditions()
+    loads = {s.url: s.edge_load() if edge_load is None else edge_load for s in order}
+    conds = {s.url: replace(base, edge_load=loads[s.url]) for s in order}
+    masks: dict[tuple[str, int], np.ndarray] = {}
+    cache: dict[tuple[int, str], Choice] = {}
+
+    def get(i: int, objective: str) -> Choice:
+        if (i, objective) not in cache:
+            cache[(i, objective)] = _best_over_workers(order, i, objective, conds, masks, frames_per_s, rho_max)
+        return cache[(i, objective)]
+
+    graph = order[0].planmap.graph
+    accuracies = [e.accuracy for e in graph.exits]
+    choice, mode, met, approx = decide(accuracies, range(len(graph.exits)), get, req)
+    chosen = next((s for s in order if s.url == choice.worker), order[0])
+    priced_at = loads[chosen.url] if choice.worker is not None else 0.0
+    plan = plan_dict(
+        chosen.planmap.graph,
+        chosen.planmap.graph_hash,
+        replace(req, edge_load=priced_at),
+        "dapdee",
+        choice,
+        mode,
+        met,
+        approx,
+    )
+    plan["edge_worker"] = choice.worker
+    return DevicePlan(plan, choice.worker, choice.edge_ms_per_frame, priced_at)
+
+
+def _best_over_workers(
+    order: Sequence[EdgeSlot],
+    i: int,
+    objective: str,
+    conds: dict[str, Conditions],
+    masks: dict[tuple[str, int], np.ndarray],
+    frames_per_s: float | None,
+    rho_max: float,
+) -> Choice:
+    """Exit i's best admissible candidate over every worker under `objective` (latency: lowest
+    latency_ms; throughput: lowest bottleneck_ms, then latency_ms); ties keep the earlier worker
+    of `order`. O(Σ_w front size)."""
+    best: Choice | None = None
+    best_key: tuple[float, ...] = ()
+    for slot in order:
+        cs = slot.planmap.cands[i]
+        key = (slot.url, i)
+        if key not in masks:
+            masks[key] = admissible(cs, frames_per_s, slot, rho_max)
+        cond = conds[slot.url]
+        j = cs.best(objective, cond, masks[key])
+        pred = cs.predict(j, cond)
+        rank = (pred.latency_ms,) if objective == "latency" else (pred.bottleneck_ms, pred.latency_ms)
+        if best is not None and rank >= best_key:
+            continue
+        uses_edge = cs.masks[j] != cs.st.full
+        best = Choice(
+            i,
+            pred,
+            lambda cs=cs, j=j: cs.lists(j),
+            approximate=not cs.exact,
+            worker=slot.url if uses_edge else None,
+            edge_ms_per_frame=float(edge_ms_per_frame(cs)[j]),
+        )
+        best_key = rank
+    assert best is not None
+    return best

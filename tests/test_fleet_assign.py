@@ -1,0 +1,150 @@
+"""One device on a shared edge (dapdee.fleet.assign) against a brute force written from the design:
+every (worker, downward-closed partition) pair priced by the independent oracle, admission and edge
+load from the other leases applied by hand, then the design's walk."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from dapdee.costgraph import CostGraph
+from dapdee.fleet.assign import EdgeSlot, plan_for_device
+from dapdee.planning import PlanMap, PlanRequest
+from tests import oracle
+
+RHO_MAX = 0.9
+
+
+def _with_edge_scale(g: dict[str, Any], scale: float) -> dict[str, Any]:
+    """The graph as a worker tier `scale` x slower than the graph's own edge timings sees it."""
+    return {**g, "nodes": [{**n, "edge_ms": round(n["edge_ms"] * scale, 6)} for n in g["nodes"]]}
+
+
+def _plan_request(req: oracle.Req) -> PlanRequest:
+    c = req.cond
+    return PlanRequest(
+        c.bandwidth_mbps, c.rtt_ms, c.device_load, 0.0, req.latency_budget_ms, req.min_accuracy, req.frame_rate, req.mode
+    )
+
+
+def brute_force(
+    workers: list[tuple[dict[str, Any], float, float]], req: oracle.Req, fps: float
+) -> dict[str, list[oracle.Price]]:
+    """Per exit, every admissible partition on every worker (graph, capacity, reserved by others),
+    priced at that worker's edge load min(0.95, reserved / capacity); Device-Only always."""
+    out: dict[str, list[oracle.Price]] = {}
+    for g, capacity, reserved in workers:
+        cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, min(0.95, reserved / capacity))
+        er = (g.get("overheads") or {}).get("edge_request_ms", 0.0)
+        for e in g["exits"]:
+            for dev in oracle.ideals(g, e["name"]):
+                p = oracle.price(g, e["name"], dev, cond)
+                if p.edge_nodes:
+                    e_i = sum(n["edge_ms"] for n in g["nodes"] if n["name"] in p.edge_nodes) + er
+                    if reserved + fps * e_i > RHO_MAX * capacity:
+                        continue
+                out.setdefault(e["name"], []).append(p)
+    return out
+
+
+def _random_fleet_case(rng: random.Random) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float, float]], float]:
+    g = oracle.random_graph(rng, max_nodes=7)
+    if rng.random() < 0.7:
+        g["overheads"] = {"device_request_ms": round(rng.uniform(0, 3), 4), "edge_request_ms": round(rng.uniform(0, 4), 4)}
+    workers = []
+    for _ in range(rng.randint(1, 3)):
+        capacity = rng.choice([1000.0, 2000.0, 4000.0])
+        reserved = capacity * rng.choice([0.0, rng.uniform(0, 0.95), 0.89, rng.uniform(0.85, 1.2)])
+        workers.append((_with_edge_scale(g, rng.choice([1.0, 0.5, 3.0])), capacity, reserved))
+    fps = round(10 ** rng.uniform(0, 2.3), 4)
+    return g, workers, fps
+
+
+def test_plans_are_the_brute_force_optimum_over_workers_and_partitions() -> None:
+    rng = random.Random(20251202)
+    checked = fragile = 0
+    for case in range(300):
+        g, workers, fps = _random_fleet_case(rng)
+        req = oracle.random_request(rng)
+        slots = [
+            EdgeSlot(f"http://w{k}", PlanMap.build(CostGraph.from_dict(wg)), cap, res)
+            for k, (wg, cap, res) in enumerate(workers)
+        ]
+        got = plan_for_device(slots, _plan_request(req), fps, RHO_MAX)
+        prices = brute_force(workers, req, fps)
+        want = oracle.decide(g, req, prices)
+        # the plan's numbers are the oracle's for its own partition on the worker it names
+        named = next((w for k, w in enumerate(workers) if f"http://w{k}" == got.worker), workers[0])
+        cond = oracle.Cond(
+            req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, got.edge_load
+        )
+        p = oracle.check_consistent(named[0], got.plan, cond)
+        if got.worker is None:
+            assert not p.edge_nodes and got.edge_ms_per_frame == 0.0
+        else:
+            assert p.edge_nodes, case
+            _, capacity, reserved = named
+            assert reserved + fps * got.edge_ms_per_frame <= RHO_MAX * capacity, case
+            assert got.edge_load == pytest.approx(min(0.95, reserved / capacity))
+        if want.fragile:
+            fragile += 1
+            continue
+        assert got.plan["mode"] == want.mode, case
+        assert got.plan["exit"]["name"] == want.exit, (case, got.plan["exit"], want.exit)
+        assert got.plan["constraints_met"] is want.met, case
+        assert oracle.close(getattr(p, want.value_key), want.value), (case, want.value_key, want.value)
+        checked += 1
+    print(f"fleet assign: {checked} cases checked exactly, {fragile} fragile (ties at a threshold)")
+    assert checked >= 250
+
+
+def _chain_graph() -> dict[str, Any]:
+    """x -(1000 B)-> a -(100 B)-> b: device 30 + 30 ms, edge 1 + 1 ms; edge request 3 ms."""
+    return {
+        "model": "m",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
+        "nodes": [
+            {"name": "a", "op": "", "inputs": ["x"], "out_bytes": 100, "device_ms": 30.0, "edge_ms": 1.0},
+            {"name": "b", "op": "", "inputs": ["a"], "out_bytes": 10, "device_ms": 30.0, "edge_ms": 1.0},
+        ],
+        "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
+        "overheads": {"device_request_ms": 0.0, "edge_request_ms": 3.0},
+    }
+
+
+def test_a_full_worker_pushes_the_device_elsewhere_and_then_onto_its_own_cpu() -> None:
+    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
+    # Edge-Only: 0 + (0.8 + 1) + (2 + 3) = 6.8 ms, e_i = 5 ms; at 20 frames/s it books 100 ms/s.
+    roomy = EdgeSlot("http://roomy", pm, 1000.0, 700.0)  # 700 + 100 <= 900: admitted at load 0.7
+    full = EdgeSlot("http://full", pm, 1000.0, 850.0)  # 850 + 100 > 900: only Device-Only
+    got = plan_for_device([full, roomy], req, 20.0)
+    assert got.worker == "http://roomy" and got.plan["edge_worker"] == "http://roomy"
+    assert got.plan["device_nodes"] == [] and got.edge_ms_per_frame == pytest.approx(5.0)
+    # edge_ms = 5 / (1 - 0.7) = 16.67; latency = 0.8 + 1 + 16.67 = 18.47 < Device-Only 60
+    assert got.plan["predicted"]["latency_ms"] == pytest.approx(1.8 + 5.0 / 0.3)
+    got = plan_for_device([full], req, 20.0)
+    assert got.worker is None and got.plan["edge_worker"] is None
+    assert got.plan["device_nodes"] == ["a", "b"] and got.plan["predicted"]["latency_ms"] == pytest.approx(60.0)
+    # a lower frame rate fits on the full worker: 850 + 5 * 10 = 900 <= 900, and at load 0.85
+    # Edge-Only still wins: 1.8 + 5 / 0.15 = 35.1 < 60 (the mid cut: 30 + 1.08 + 4 / 0.15 = 57.7)
+    got = plan_for_device([full], req, 10.0)
+    assert got.worker == "http://full" and got.edge_load == pytest.approx(0.85)
+
+
+def test_an_explicit_edge_load_overrides_the_leases_but_not_admission() -> None:
+    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
+    got = plan_for_device([EdgeSlot("http://w", pm, 1000.0, 700.0)], req, 20.0, edge_load=0.0)
+    assert got.edge_load == 0.0 and got.plan["predicted"]["latency_ms"] == pytest.approx(6.8)
+    got = plan_for_device([EdgeSlot("http://w", pm, 1000.0, 890.0)], req, 20.0, edge_load=0.0)
+    assert got.worker is None
+
+
+def test_without_a_frame_rate_only_a_worker_already_past_the_threshold_is_refused() -> None:
+    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
+    assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.0)], req, None).worker == "http://w"
+    assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.5)], req, None).worker is None

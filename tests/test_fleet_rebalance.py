@@ -1,0 +1,159 @@
+"""Rebalancing one worker's leases (dapdee.fleet.rebalance) against brute force on small fleets: every
+combination of every device's partitions (all exits, all downward-closed sets, priced by the
+independent oracle at zero edge load), the design's lexicographic objective and the capacity."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from math import prod
+from typing import Any
+
+import pytest
+
+from dapdee.costgraph import CostGraph
+from dapdee.fleet.rebalance import Demand, priced, solve
+from dapdee.planning import PlanMap, PlanRequest
+from tests import oracle
+
+RHO_MAX = 0.9
+
+
+def _edge_per_frame(g: dict[str, Any], p: oracle.Price) -> float:
+    if not p.edge_nodes:
+        return 0.0
+    er = (g.get("overheads") or {}).get("edge_request_ms", 0.0)
+    return sum(n["edge_ms"] for n in g["nodes"] if n["name"] in p.edge_nodes) + er
+
+
+def brute_options(g: dict[str, Any], req: oracle.Req, fps: float, objective: str) -> list[tuple[float, tuple]]:
+    """(load, (met, f·accuracy, −f·t)) of every partition of every exit, at zero edge load."""
+    cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, 0.0)
+    out = []
+    for e in g["exits"]:
+        acc = e["accuracy"]
+        for dev in oracle.ideals(g, e["name"]):
+            p = oracle.price(g, e["name"], dev, cond)
+            met = (
+                (req.min_accuracy is None or (acc is not None and acc >= req.min_accuracy))
+                and (req.latency_budget_ms is None or p.latency_ms <= req.latency_budget_ms)
+                and (req.frame_rate is None or p.bottleneck_ms <= 1000 / req.frame_rate)
+            )
+            t = p.latency_ms if objective == "latency" else p.bottleneck_ms
+            out.append((fps * _edge_per_frame(g, p), (int(met), fps * (acc or 0.0), -fps * t)))
+    return out
+
+
+def brute_best(per_device: list[list[tuple[float, tuple]]], limit: float) -> tuple:
+    best = None
+    for combo in itertools.product(*per_device):
+        if sum(c[0] for c in combo) > limit:
+            continue
+        value = (sum(c[1][0] for c in combo), sum(c[1][1] for c in combo), sum(c[1][2] for c in combo))
+        if best is None or value > best:
+            best = value
+    return best
+
+
+def _fleet(rng: random.Random, n: int) -> tuple[list[Demand], list[list[tuple[float, tuple]]]]:
+    demands, brute = [], []
+    for i in range(n):
+        g = oracle.random_graph(rng, max_nodes=5, name=f"m{i}")
+        g["overheads"] = {"device_request_ms": round(rng.uniform(0, 2), 3), "edge_request_ms": round(rng.uniform(0, 4), 3)}
+        fps = rng.choice([5.0, 10.0, 20.0])
+        req = oracle.random_request(rng, mode="latency")
+        req = oracle.Req(
+            oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, 0.0),
+            latency_budget_ms=rng.choice([None, round(rng.uniform(5, 60), 3)]),
+            min_accuracy=req.min_accuracy,
+            frame_rate=fps if rng.random() < 0.5 else None,
+            mode="latency",
+        )
+        objective = rng.choice(["latency", "throughput"])
+        c = req.cond
+        preq = PlanRequest(c.bandwidth_mbps, c.rtt_ms, c.device_load, 0.0, req.latency_budget_ms, req.min_accuracy, req.frame_rate, objective)
+        demands.append(Demand(f"d{i}", fps, PlanMap.build(CostGraph.from_dict(g)), preq, objective))
+        brute.append(brute_options(g, req, fps, objective))
+    return demands, brute
+
+
+def _close(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and oracle.close(a[1], b[1], 1e-9) and oracle.close(a[2], b[2], 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_rebalance_is_the_brute_force_optimum(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    demands, brute = _fleet(rng, n)
+    while n > 2 and prod(len(b) for b in brute) > 300_000:  # keep the brute force to seconds
+        n -= 1
+        demands, brute = demands[:n], brute[:n]
+    capacity = rng.choice([50.0, 150.0, 400.0, 1000.0])
+    sol = solve(demands, capacity, RHO_MAX)
+    want = brute_best(brute, RHO_MAX * capacity)
+    assert sol.exact
+    assert _close(sol.value, want), (sol.value, want)
+    assert sol.load <= RHO_MAX * capacity
+    assert sum(o.load for o in sol.choices) == pytest.approx(sol.load)
+
+
+def _two_node_graph() -> dict[str, Any]:
+    """x -(1000 B)-> a -(100 B)-> b: device 60 + 60 ms, edge 2 + 2 ms; edge request 4 ms."""
+    return {
+        "model": "m",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
+        "nodes": [
+            {"name": "a", "op": "", "inputs": ["x"], "out_bytes": 100, "device_ms": 60.0, "edge_ms": 2.0},
+            {"name": "b", "op": "", "inputs": ["a"], "out_bytes": 10, "device_ms": 60.0, "edge_ms": 2.0},
+        ],
+        "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
+        "overheads": {"device_request_ms": 0.0, "edge_request_ms": 4.0},
+    }
+
+
+def test_the_edge_goes_to_the_device_that_cannot_meet_its_budget_alone() -> None:
+    """Both want 10 frames/s within 200 ms on a 10 Mbit/s link, rtt 5 ms. Device-Only takes
+    120 ms on the idle device (meets) and 120 / (1 - 0.8) = 600 ms on the busy one (misses).
+    Edge-Only: 0.8 + 5 + 8 = 13.8 ms and 8 ms of the worker per frame = 80 ms/s; the mid cut
+    (a on the device) books 6 ms per frame = 60 ms/s and takes 60/(1-ℓd) + 0.08 + 5 + 6 ms.
+    With room for 80 ms/s only one device can use the edge. First come, first served would
+    give it to whoever asked first; the fleet objective gives it to the busy device, the only
+    way both meet their budget."""
+    pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
+    idle = Demand("idle", 10.0, pm, PlanRequest(10.0, 5.0, 0.0, latency_budget_ms=200.0, mode="latency"), "latency")
+    busy = Demand("busy", 10.0, pm, PlanRequest(10.0, 5.0, 0.8, latency_budget_ms=200.0, mode="latency"), "latency")
+    capacity = 80.0 / RHO_MAX
+    for order in ([idle, busy], [busy, idle]):
+        sol = solve(order, capacity, RHO_MAX)
+        picked = {d.device_id: o for d, o in zip(order, sol.choices, strict=True)}
+        assert sol.value[0] == 2, sol.value
+        assert picked["busy"].uses_edge and not picked["idle"].uses_edge
+        # Edge-Only for the busy device beats its mid cut (300 + 11.08 ms) on Σ f·t
+        assert picked["busy"].load == pytest.approx(80.0)
+    # the plan handed out is priced at the load the other chosen devices put on the worker
+    pred = priced(busy, picked["busy"], 0.0, capacity)
+    assert pred.latency_ms == pytest.approx(0.8 + 5 + 8)
+    assert priced(busy, picked["busy"], 40.0, capacity).edge_ms == pytest.approx(8 / (1 - 40 / capacity))
+
+
+def test_identical_devices_share_the_worker_optimally() -> None:
+    """Six copies of one device (the common fleet case: many cameras of one kind): the staircase
+    of sums of identical chains, checked against brute force."""
+    rng = random.Random(99)
+    demands, brute = _fleet(rng, 1)
+    six = [Demand(f"d{i}", demands[0].frames_per_s, demands[0].planmap, demands[0].request, demands[0].objective) for i in range(6)]
+    for capacity in (10.0, 60.0, 200.0):
+        sol = solve(six, capacity, RHO_MAX)
+        assert _close(sol.value, brute_best(brute * 6, RHO_MAX * capacity))
+
+
+def test_past_the_exact_limit_the_answer_says_approximate_and_stays_feasible() -> None:
+    rng = random.Random(7)
+    demands, _ = _fleet(rng, 12)
+    sol = solve(demands, 300.0, RHO_MAX, exact_leases=8)
+    assert not sol.exact and sol.load <= RHO_MAX * 300.0
+    exact = solve(demands, 300.0, RHO_MAX)
+    assert exact.exact and exact.value >= sol.value
+    tight = solve(demands, 300.0, RHO_MAX, max_states=5)
+    assert not tight.exact and tight.load <= RHO_MAX * 300.0 and tight.value <= exact.value
