@@ -25,7 +25,14 @@ def _with_edge_scale(g: dict[str, Any], scale: float) -> dict[str, Any]:
 def _plan_request(req: oracle.Req) -> PlanRequest:
     c = req.cond
     return PlanRequest(
-        c.bandwidth_mbps, c.rtt_ms, c.device_load, 0.0, req.latency_budget_ms, req.min_accuracy, req.frame_rate, req.mode
+        c.bandwidth_mbps,
+        c.rtt_ms,
+        c.device_load,
+        0.0,
+        req.latency_budget_ms,
+        req.min_accuracy,
+        req.frame_rate,
+        req.mode,
     )
 
 
@@ -36,7 +43,9 @@ def brute_force(
     priced at that worker's edge load min(0.95, reserved / capacity); Device-Only always."""
     out: dict[str, list[oracle.Price]] = {}
     for g, capacity, reserved in workers:
-        cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, min(0.95, reserved / capacity))
+        cond = oracle.Cond(
+            req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, min(0.95, reserved / capacity)
+        )
         er = (g.get("overheads") or {}).get("edge_request_ms", 0.0)
         for e in g["exits"]:
             for dev in oracle.ideals(g, e["name"]):
@@ -52,7 +61,10 @@ def brute_force(
 def _random_fleet_case(rng: random.Random) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float, float]], float]:
     g = oracle.random_graph(rng, max_nodes=7)
     if rng.random() < 0.7:
-        g["overheads"] = {"device_request_ms": round(rng.uniform(0, 3), 4), "edge_request_ms": round(rng.uniform(0, 4), 4)}
+        g["overheads"] = {
+            "device_request_ms": round(rng.uniform(0, 3), 4),
+            "edge_request_ms": round(rng.uniform(0, 4), 4),
+        }
     workers = []
     for _ in range(rng.randint(1, 3)):
         capacity = rng.choice([1000.0, 2000.0, 4000.0])
@@ -77,9 +89,7 @@ def test_plans_are_the_brute_force_optimum_over_workers_and_partitions() -> None
         want = oracle.decide(g, req, prices)
         # the plan's numbers are the oracle's for its own partition on the worker it names
         named = next((w for k, w in enumerate(workers) if f"http://w{k}" == got.worker), workers[0])
-        cond = oracle.Cond(
-            req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, got.edge_load
-        )
+        cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, got.edge_load)
         p = oracle.check_consistent(named[0], got.plan, cond)
         if got.worker is None:
             assert not p.edge_nodes and got.edge_ms_per_frame == 0.0

@@ -59,7 +59,10 @@ def _fleet(rng: random.Random, n: int) -> tuple[list[Demand], list[list[tuple[fl
     demands, brute = [], []
     for i in range(n):
         g = oracle.random_graph(rng, max_nodes=5, name=f"m{i}")
-        g["overheads"] = {"device_request_ms": round(rng.uniform(0, 2), 3), "edge_request_ms": round(rng.uniform(0, 4), 3)}
+        g["overheads"] = {
+            "device_request_ms": round(rng.uniform(0, 2), 3),
+            "edge_request_ms": round(rng.uniform(0, 4), 3),
+        }
         fps = rng.choice([5.0, 10.0, 20.0])
         req = oracle.random_request(rng, mode="latency")
         req = oracle.Req(
@@ -71,7 +74,16 @@ def _fleet(rng: random.Random, n: int) -> tuple[list[Demand], list[list[tuple[fl
         )
         objective = rng.choice(["latency", "throughput"])
         c = req.cond
-        preq = PlanRequest(c.bandwidth_mbps, c.rtt_ms, c.device_load, 0.0, req.latency_budget_ms, req.min_accuracy, req.frame_rate, objective)
+        preq = PlanRequest(
+            c.bandwidth_mbps,
+            c.rtt_ms,
+            c.device_load,
+            0.0,
+            req.latency_budget_ms,
+            req.min_accuracy,
+            req.frame_rate,
+            objective,
+        )
         demands.append(Demand(f"d{i}", fps, PlanMap.build(CostGraph.from_dict(g)), preq, objective))
         brute.append(brute_options(g, req, fps, objective))
     return demands, brute
@@ -142,7 +154,10 @@ def test_identical_devices_share_the_worker_optimally() -> None:
     of sums of identical chains, checked against brute force."""
     rng = random.Random(99)
     demands, brute = _fleet(rng, 1)
-    six = [Demand(f"d{i}", demands[0].frames_per_s, demands[0].planmap, demands[0].request, demands[0].objective) for i in range(6)]
+    six = [
+        Demand(f"d{i}", demands[0].frames_per_s, demands[0].planmap, demands[0].request, demands[0].objective)
+        for i in range(6)
+    ]
     for capacity in (10.0, 60.0, 200.0):
         sol = solve(six, capacity, RHO_MAX)
         assert _close(sol.value, brute_best(brute * 6, RHO_MAX * capacity))
