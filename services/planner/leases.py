@@ -1,0 +1,275 @@
+"""Edge leases in Redis, shared by every planner replica, reserved atomically.
+
+A lease says that device `d` offers `f` frames per second to worker `w` with a plan that costs
+`e` ms of the worker per frame, so it reserves `f·e` ms per second of the worker's capacity
+until it expires (`lease_ttl_s` after the last `POST /plan` of that device). Leases survive
+a planner restart and are seen by every replica.
+
+Why Lua and not WATCH: admission is "the others' reservations plus mine stay under ρ_max·C",
+a read of a whole worker's reservations followed by a write. Under WATCH every concurrent
+admission on the same worker would abort and retry (the hot case of a fleet starting at
+once); a Lua script runs atomically inside Redis, reads and writes in one round trip, and
+never retries. The scripts take expiry times from Redis's own clock (`TIME`), so replicas'
+clocks never matter.
+
+Keys (`P` = the planner's key prefix with schema version):
+
+- `P:lease:{device}`        the lease record (JSON), with a TTL
+- `P:leases`                zset device -> expiry (ms, Redis clock): all leases, for the cap
+- `P:lease-worker`          hash device -> worker URL of its reservation (absent: none)
+- `P:wload:{url}`           hash device -> reserved ms per second on that worker
+- `P:wexp:{url}`            zset device -> expiry (ms) of each reservation on that worker
+
+The scripts name some keys they compute from the prefix (a device's previous worker), so
+the planner needs a single Redis instance (not a cluster), as it does for everything else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# Removes expired reservations of one worker, then returns nothing. KEYS: wload, wexp. ARGV: now_ms
+_PURGE = """
+local function purge(wload, wexp, now)
+  local old = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
+  for _, d in ipairs(old) do redis.call('HDEL', wload, d) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', wexp, '-inf', now) end
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function others(wload, device)
+  local sum = 0
+  local all = redis.call('HGETALL', wload)
+  for i = 1, #all, 2 do
+    if all[i] ~= device then sum = sum + tonumber(all[i + 1]) end
+  end
+  return sum
+end
+local function purge_leases(prefix, leases, now)
+  local old = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+  for _, d in ipairs(old) do
+    local w = redis.call('HGET', prefix .. ':lease-worker', d)
+    if w then
+      redis.call('HDEL', prefix .. ':wload:' .. w, d)
+      redis.call('ZREM', prefix .. ':wexp:' .. w, d)
+      redis.call('HDEL', prefix .. ':lease-worker', d)
+    end
+  end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
+end
+"""
+
+# Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
+# none), load, limit, ttl_ms, max_leases, record JSON.
+# Returns {status, others}: status 1 reserved, 0 refused (over the limit), -1 lease cap reached.
+RESERVE = (
+    _PURGE
+    + """
+local prefix, device, worker = ARGV[1], ARGV[2], ARGV[3]
+local load, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_leases = tonumber(ARGV[7])
+local now = now_ms()
+purge_leases(prefix, KEYS[2], now)
+if not redis.call('ZSCORE', KEYS[2], device) and redis.call('ZCARD', KEYS[2]) >= max_leases then
+  return {-1, '0'}
+end
+local sum = 0
+if worker ~= '' then
+  local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
+  purge(wload, wexp, now)
+  sum = others(wload, device)
+  if load > 0 and sum + load > limit then return {0, tostring(sum)} end
+end
+local old = redis.call('HGET', prefix .. ':lease-worker', device)
+if old and old ~= worker then
+  redis.call('HDEL', prefix .. ':wload:' .. old, device)
+  redis.call('ZREM', prefix .. ':wexp:' .. old, device)
+end
+if worker ~= '' and load > 0 then
+  redis.call('HSET', prefix .. ':wload:' .. worker, device, ARGV[4])
+  redis.call('ZADD', prefix .. ':wexp:' .. worker, now + ttl, device)
+  redis.call('HSET', prefix .. ':lease-worker', device, worker)
+else
+  if worker ~= '' then
+    redis.call('HDEL', prefix .. ':wload:' .. worker, device)
+    redis.call('ZREM', prefix .. ':wexp:' .. worker, device)
+  end
+  redis.call('HDEL', prefix .. ':lease-worker', device)
+end
+redis.call('ZADD', KEYS[2], now + ttl, device)
+redis.call('SET', KEYS[1], ARGV[8], 'PX', ttl)
+return {1, tostring(sum)}
+"""
+)
+
+# End a lease. KEYS: lease, leases. ARGV: prefix, device. Returns 1 if there was one.
+RELEASE = """
+local prefix, device = ARGV[1], ARGV[2]
+local w = redis.call('HGET', prefix .. ':lease-worker', device)
+if w then
+  redis.call('HDEL', prefix .. ':wload:' .. w, device)
+  redis.call('ZREM', prefix .. ':wexp:' .. w, device)
+  redis.call('HDEL', prefix .. ':lease-worker', device)
+end
+local had = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], device)
+return had
+"""
+
+# Live reservations of every worker: {url, {device, load, ...}, ...} after purging expired ones.
+# KEYS: leases. ARGV: prefix.
+LOADS = (
+    _PURGE
+    + """
+local prefix = ARGV[1]
+local now = now_ms()
+purge_leases(prefix, KEYS[1], now)
+local out = {}
+local workers = {}
+for _, w in ipairs(redis.call('HVALS', prefix .. ':lease-worker')) do workers[w] = true end
+for w, _ in pairs(workers) do
+  purge(prefix .. ':wload:' .. w, prefix .. ':wexp:' .. w, now)
+  table.insert(out, w)
+  table.insert(out, redis.call('HGETALL', prefix .. ':wload:' .. w))
+end
+return out
+"""
+)
+
+# Apply a rebalance of one worker atomically. KEYS: leases. ARGV: prefix, worker, limit, then
+# triples (device, load, record JSON). Refused (0) when a device's lease is gone or moved to
+# another worker, or when the others' reservations plus the new loads exceed the limit.
+APPLY = (
+    _PURGE
+    + """
+local prefix, worker, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
+local now = now_ms()
+purge_leases(prefix, KEYS[1], now)
+purge(wload, wexp, now)
+local chosen, total = {}, 0
+for i = 4, #ARGV, 3 do
+  local d = ARGV[i]
+  if redis.call('HGET', prefix .. ':lease-worker', d) ~= worker then return 0 end
+  chosen[d] = true
+  total = total + tonumber(ARGV[i + 1])
+end
+local all = redis.call('HGETALL', wload)
+for i = 1, #all, 2 do
+  if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
+end
+if total > limit then return 0 end
+for i = 4, #ARGV, 3 do
+  local d, load = ARGV[i], tonumber(ARGV[i + 1])
+  local key = prefix .. ':lease:' .. d
+  if load > 0 then
+    redis.call('HSET', wload, d, ARGV[i + 1])
+  else
+    redis.call('HDEL', wload, d)
+    redis.call('ZREM', wexp, d)
+    redis.call('HDEL', prefix .. ':lease-worker', d)
+  end
+  redis.call('SET', key, ARGV[i + 2], 'KEEPTTL')
+end
+return 1
+"""
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The outcome of `LeaseBook.reserve`: `status` "reserved" | "refused" | "full" (the lease
+    cap), and what the other devices reserve on the worker (ms per second, Redis's view now)."""
+
+    status: str
+    others_ms_per_s: float
+
+
+class LeaseBook:
+    """Leases in Redis (see the module docstring). `redis` is a `redis.asyncio.Redis`; every method
+    is one round trip (a Lua script or a GET). Errors are Redis's own (the store maps them)."""
+
+    def __init__(self, redis: Any, prefix: str, ttl_s: float, max_leases: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.max_leases = max_leases
+        self.k_leases = f"{prefix}:leases"
+        self._reserve = redis.register_script(RESERVE)
+        self._release = redis.register_script(RELEASE)
+        self._loads = redis.register_script(LOADS)
+        self._apply = redis.register_script(APPLY)
+
+    def k_lease(self, device_id: str) -> str:
+        return f"{self.prefix}:lease:{device_id}"
+
+    async def reserve(
+        self, device_id: str, worker: str | None, load_ms_per_s: float, limit_ms_per_s: float, record: dict[str, Any]
+    ) -> Reservation:
+        """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None or a
+        zero load: hold no reservation) if the other reservations plus it stay <= `limit`, and
+        store `record` with the lease TTL. A device moving to another worker frees the old one.
+        Atomic across replicas. O(reservations on the worker) inside Redis."""
+        status, others = await self._reserve(
+            keys=[self.k_lease(device_id), self.k_leases],
+            args=[
+                self.prefix,
+                device_id,
+                worker or "",
+                repr(float(load_ms_per_s)),
+                repr(float(limit_ms_per_s)),
+                self.ttl_ms,
+                self.max_leases,
+                json.dumps(record, separators=(",", ":"), allow_nan=False),
+            ],
+        )
+        name = {1: "reserved", 0: "refused", -1: "full"}[int(status)]
+        return Reservation(name, float(others))
+
+    async def release(self, device_id: str) -> bool:
+        """End the device's lease (its reservation is freed). False if it had none."""
+        return bool(await self._release(keys=[self.k_lease(device_id), self.k_leases], args=[self.prefix, device_id]))
+
+    async def record(self, device_id: str) -> tuple[dict[str, Any], float] | None:
+        """The device's lease record and seconds until it expires (None: no live lease)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.k_lease(device_id))
+        pipe.pttl(self.k_lease(device_id))
+        raw, pttl = await pipe.execute()
+        if raw is None or pttl is None or pttl < 0:
+            return None
+        return json.loads(raw), pttl / 1000.0
+
+    async def loads(self) -> dict[str, dict[str, float]]:
+        """Every worker's live reservations: url -> {device: ms per second}. Expired ones are
+        dropped first. O(reservations)."""
+        flat = await self._loads(keys=[self.k_leases], args=[self.prefix])
+        out: dict[str, dict[str, float]] = {}
+        for i in range(0, len(flat), 2):
+            url = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
+            pairs = flat[i + 1]
+            out[url] = {_text(pairs[k]): float(pairs[k + 1]) for k in range(0, len(pairs), 2)}
+        return out
+
+    async def count(self) -> int:
+        """Live leases (those not yet purged may count until the next script runs)."""
+        return int(await self.redis.zcard(self.k_leases))
+
+    async def apply(
+        self, worker: str, assignments: dict[str, tuple[float, dict[str, Any]]], limit_ms_per_s: float
+    ) -> bool:
+        """Replace the reservations and records of the devices in `assignments` (device -> (load,
+        record)) on `worker` in one atomic step, if every device still holds a lease there and the
+        worker stays within `limit`. False: refused, nothing changed."""
+        args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s))]
+        for device, (load, record) in assignments.items():
+            args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
+        return bool(await self._apply(keys=[self.k_leases], args=args))
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
