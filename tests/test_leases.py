@@ -139,6 +139,10 @@ def test_a_rebalance_applies_atomically_or_not_at_all(prefix: str) -> None:
         assert await a.apply("http://w", {"d1": (500.0, {"v": 2}), "d2": (0.0, {"v": 2})}, 900.0)
         assert await b.loads() == {"http://w": {"d1": 500.0, "d3": 100.0}}
         assert (await b.record("d2"))[0] == {"v": 2}  # type: ignore[index]
+        # a Device-Only lease may be brought onto the worker, expiring with its lease
+        await b.reserve("d4", None, 0.0, 900.0, {"v": 1})
+        assert await a.apply("http://w", {"d4": (100.0, {"v": 2}), "d1": (400.0, {"v": 3})}, 900.0)
+        assert await b.loads() == {"http://w": {"d1": 400.0, "d3": 100.0, "d4": 100.0}}
         # a device that left the worker meanwhile refuses the whole rebalance
         await b.reserve("d3", "http://other", 50.0, 900.0, {"v": 1})
         assert not await a.apply("http://w", {"d3": (10.0, {"v": 3})}, 900.0)

@@ -141,8 +141,10 @@ return out
 )
 
 # Apply a rebalance of one worker atomically. KEYS: leases. ARGV: prefix, worker, limit, then
-# triples (device, load, record JSON). Refused (0) when a device's lease is gone or moved to
-# another worker, or when the others' reservations plus the new loads exceed the limit.
+# triples (device, load, record JSON). A device may be one reserving on this worker or one whose
+# live lease reserves nothing (Device-Only: the rebalance may bring it onto this worker). Refused
+# (0) when a device's lease is gone or moved to another worker, or when the others' reservations
+# plus the new loads exceed the limit.
 APPLY = (
     _PURGE
     + """
@@ -154,7 +156,9 @@ purge(wload, wexp, now)
 local chosen, total = {}, 0
 for i = 4, #ARGV, 3 do
   local d = ARGV[i]
-  if redis.call('HGET', prefix .. ':lease-worker', d) ~= worker then return 0 end
+  local cur = redis.call('HGET', prefix .. ':lease-worker', d)
+  if cur and cur ~= worker then return 0 end
+  if not cur and redis.call('EXISTS', prefix .. ':lease:' .. d) == 0 then return 0 end
   chosen[d] = true
   total = total + tonumber(ARGV[i + 1])
 end
@@ -168,6 +172,8 @@ for i = 4, #ARGV, 3 do
   local key = prefix .. ':lease:' .. d
   if load > 0 then
     redis.call('HSET', wload, d, ARGV[i + 1])
+    redis.call('ZADD', wexp, redis.call('ZSCORE', KEYS[1], d), d)
+    redis.call('HSET', prefix .. ':lease-worker', d, worker)
   else
     redis.call('HDEL', wload, d)
     redis.call('ZREM', wexp, d)
@@ -263,8 +269,9 @@ class LeaseBook:
         self, worker: str, assignments: dict[str, tuple[float, dict[str, Any]]], limit_ms_per_s: float
     ) -> bool:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
-        record)) on `worker` in one atomic step, if every device still holds a lease there and the
-        worker stays within `limit`. False: refused, nothing changed."""
+        record)) on `worker` in one atomic step, if every device still holds a lease there (or a
+        live lease reserving nothing: it may join) and the worker stays within `limit`. False:
+        refused, nothing changed."""
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s))]
         for device, (load, record) in assignments.items():
             args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
