@@ -8,8 +8,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 APT_PACKAGES := dataset-fashion-mnist prometheus redis-server
 REDIS_PORT ?= 6379
+# The deployment's secrets (role tokens, Redis and Grafana passwords): an env file that docker
+# compose reads (`.env` in this directory is its default) and the Kubernetes Secret is made from.
+# Gitignored; `make secrets` creates it when missing and never changes a value it holds.
+SECRETS_FILE ?= .env
+K8S_NAMESPACE ?= dapdee
 
-.PHONY: setup system-deps redis demo test lint bench clean
+.PHONY: setup system-deps redis demo test lint bench clean secrets compose-up k8s-secret
 
 setup: $(VENV)/.installed
 
@@ -48,6 +53,18 @@ lint: setup
 
 bench: setup
 	$(PY) bench/plan_speed.py
+
+secrets:
+	@python3 deploy/gen_secrets.py $(SECRETS_FILE)
+
+# the compose stack (docs/DEPLOY.md): refuses to start without the secrets, so make them first
+compose-up: secrets
+	docker compose --env-file $(SECRETS_FILE) up --build --detach
+
+# the Kubernetes Secret `dapdee-tokens` from the same file (run before `kubectl apply -k k8s/`)
+k8s-secret: secrets
+	kubectl -n $(K8S_NAMESPACE) create secret generic dapdee-tokens --from-env-file=$(SECRETS_FILE) \
+	  --dry-run=client -o yaml | kubectl apply -f -
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

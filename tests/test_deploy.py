@@ -6,18 +6,18 @@ Kubernetes JSON schemas in strict mode (kubernetes-validate), commands against t
 probe and healthcheck paths against the real FastAPI apps' routes, the Prometheus config with
 `promtool`, and the Grafana dashboard's queries against the metrics that a live planner and
 edge worker (started here on 127.0.0.1) export and against a real Prometheus server scraping
-them. Everything started here is killed at the end.
+them. Everything started here is killed at the end. The variables compose interpolates come
+from a file `make secrets` writes; the secure defaults themselves (secrets, exposure, Redis,
+NetworkPolicy, Pod Security) are checked in tests/test_deploy_security.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -35,136 +35,50 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
-COMPOSE = ROOT / "docker-compose.yml"
+from tests.deploy_files import (
+    DAPDEE_SERVICES,
+    K8S,
+    ROOT,
+    TOKEN_SECRET,
+    Served,
+    by_kind,
+    compose,
+    compose_raw,
+    containers,
+    dapdee_container,
+    env_names,
+    generated_secrets,
+    k8s_container_env,
+    k8s_expand,
+    k8s_resources,
+    kustomization,
+    load_yaml_docs,
+    parse_serve,
+    pod_labels,
+    published_ports,
+    service_env,
+    settings_classes,
+    strip_private,
+    workloads,
+)
+
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROM_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "dapdee.json"
 K8S_VERSION = "1.30.0"
-DAPDEE_SERVICES = {"planner", "edge"}  # `dapdee serve` sub-commands
 EDGE_TEST_SPEC = "zoo:alexnet?width=0.25&in_channels=1"
 BOUNDED_S = 90.0  # every wait in the live tests ends by then
 
 
+@pytest.fixture(scope="module")
+def stack_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The variables compose reads: the env file `make secrets` writes (into a temp dir)."""
+    return generated_secrets(tmp_path_factory.mktemp("secrets"))
+
+
 # ---- helpers --------------------------------------------------------------------------------
-
-
-def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
-    """All non-empty YAML documents of a file. O(file size)."""
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
-
-
-def kustomization() -> dict[str, Any]:
-    return load_yaml_docs(K8S / "kustomization.yaml")[0]
-
-
-def k8s_resources() -> list[dict[str, Any]]:
-    """The objects `kubectl apply -k k8s/` creates (namespace filled in as kustomize does)."""
-    kz = kustomization()
-    out = []
-    for rel in kz["resources"]:
-        for doc in load_yaml_docs(K8S / rel):
-            doc = copy.deepcopy(doc)
-            if doc["kind"] != "Namespace":
-                doc.setdefault("metadata", {}).setdefault("namespace", kz.get("namespace", "default"))
-            doc["_file"] = rel
-            out.append(doc)
-    return out
-
-
-def by_kind(resources: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {r["metadata"]["name"]: r for r in resources if r["kind"] == kind}
-
-
-def strip_private(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if not k.startswith("_")}
-
-
-def containers(deploy: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = deploy["spec"]["template"]["spec"]
-    return list(spec.get("initContainers", [])) + list(spec["containers"])
-
-
-def dapdee_container(deploy: dict[str, Any]) -> dict[str, Any] | None:
-    """The container running our image (args start with a `dapdee serve` sub-command), if any."""
-    for c in deploy["spec"]["template"]["spec"]["containers"]:
-        args = c.get("args") or []
-        if args and args[0] in DAPDEE_SERVICES:
-            return c
-    return None
-
-
-def settings_classes() -> dict[str, type]:
-    """The services' real Settings classes by `dapdee serve` sub-command."""
-    from dapdee.edge_worker.config import Settings as EdgeSettings
-    from dapdee.planner.config import Settings as PlannerSettings
-
-    return {"planner": PlannerSettings, "edge": EdgeSettings}
-
-
-def env_names(settings_cls: type) -> set[str]:
-    """Environment variable names a pydantic-settings class reads (prefix + field, or its alias)."""
-    from pydantic import AliasChoices
-
-    prefix = settings_cls.model_config.get("env_prefix", "")
-    names: set[str] = set()
-    for name, field in settings_cls.model_fields.items():
-        alias = field.validation_alias
-        if alias is None:
-            names.add((prefix + name).upper())
-        elif isinstance(alias, str):
-            names.add(alias.upper())
-        elif isinstance(alias, AliasChoices):
-            names.update(a.upper() for a in alias.choices if isinstance(a, str))
-    return names
-
-
-def instantiate_settings(
-    settings_cls: type, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **overrides: Any
-) -> Any:
-    """Build the Settings from exactly `env` (other DAPDEE_* variables removed), as the app would."""
-    for k in list(os.environ):
-        if k.startswith("DAPDEE_"):
-            monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return settings_cls(**overrides)
-
-
-def parse_serve(argv: list[str]) -> Any:
-    """Parse `dapdee serve ARGV...` with the real parser; fail the test with argparse's message."""
-    from dapdee.cli import build_parser
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(["serve", *argv])
-    except SystemExit:
-        pytest.fail(f"`dapdee serve {shlex.join(argv)}` does not parse: {err.getvalue().strip()}")
-
-
-class Served:
-    """What `dapdee serve ARGV` would run with environment `env`: the service, its settings (the
-    environment, then the command-line flags that name settings fields, as the CLIs apply them),
-    and the address it binds."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-        self.argv = argv
-        self.ns = parse_serve(argv)
-        self.service: str = self.ns.service
-        cls = settings_classes()[self.service]
-        names = env_names(cls)
-        for k in env:
-            if k.startswith("DAPDEE_"):
-                assert k in names, f"env {k} is not a {self.service} setting ({sorted(names)})"
-        overrides = {k: v for k, v in vars(self.ns).items() if k in cls.model_fields and v is not None}
-        self.settings = instantiate_settings(cls, env, monkeypatch, **overrides)
-        self.host = self.ns.host if self.ns.host is not None else self.settings.host
-        self.port = int(self.ns.port if self.ns.port is not None else self.settings.port)
 
 
 def make_app(service: str) -> Any:
@@ -229,7 +143,7 @@ def test_kustomization_lists_every_manifest() -> None:
     namespaces = by_kind(k8s_resources(), "Namespace")
     assert kz["namespace"] in namespaces, "kustomization's namespace is not created by the manifests"
     image_names = {i["name"] for i in kz.get("images", [])}
-    for d in by_kind(k8s_resources(), "Deployment").values():
+    for d in workloads(k8s_resources()).values():
         c = dapdee_container(d)
         if c is not None:
             assert c["image"].split(":")[0] in image_names, f"{c['image']} is not retargetable by kustomize"
@@ -268,13 +182,18 @@ def test_strict_validation_rejects_unknown_fields() -> None:
 
 def test_deployments_services_and_selectors() -> None:
     res = k8s_resources()
-    deployments = by_kind(res, "Deployment")
+    deployments = workloads(res)
     assert {"redis", "planner", "edge-worker"} <= set(deployments)
     assert deployments["planner"]["spec"]["replicas"] >= 2, "planners are stateless: run at least 2"
     for name, d in deployments.items():
         sel = d["spec"]["selector"]["matchLabels"]
-        labels = d["spec"]["template"]["metadata"]["labels"]
-        assert sel.items() <= labels.items(), f"Deployment {name}: selector does not match its pod labels"
+        assert sel.items() <= pod_labels(d).items(), f"{d['kind']} {name}: selector does not match its pod labels"
+        if d["kind"] == "StatefulSet":  # its pods' DNS names come from a headless governing Service
+            gov = by_kind(res, "Service").get(d["spec"]["serviceName"])
+            assert gov is not None and gov["spec"].get("clusterIP") == "None", (
+                f"StatefulSet {name}: serviceName {d['spec']['serviceName']} is not a headless Service"
+            )
+            assert gov["spec"]["selector"].items() <= pod_labels(d).items()
     services = by_kind(res, "Service")
     assert {"redis", "planner", "edge-worker"} <= set(services)
     for name, s in services.items():
@@ -282,10 +201,9 @@ def test_deployments_services_and_selectors() -> None:
         matches = [
             d
             for d in deployments.values()
-            if d["metadata"]["namespace"] == s["metadata"]["namespace"]
-            and sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            if d["metadata"]["namespace"] == s["metadata"]["namespace"] and sel.items() <= pod_labels(d).items()
         ]
-        assert matches, f"Service {name} selects no Deployment's pods ({sel})"
+        assert matches, f"Service {name} selects no workload's pods ({sel})"
         for port in s["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             for d in matches:
@@ -299,13 +217,15 @@ def test_deployments_services_and_selectors() -> None:
 
 def test_hpa_and_pdbs_target_existing_workloads() -> None:
     res = k8s_resources()
-    deployments = by_kind(res, "Deployment")
+    deployments = workloads(res)
     hpas = by_kind(res, "HorizontalPodAutoscaler")
     assert hpas, "no HorizontalPodAutoscaler"
     for name, h in hpas.items():
         assert h["apiVersion"] == "autoscaling/v2"
         ref = h["spec"]["scaleTargetRef"]
-        assert ref["kind"] == "Deployment" and ref["name"] in deployments, f"HPA {name} targets nothing"
+        assert ref["name"] in deployments and ref["kind"] == deployments[ref["name"]]["kind"], (
+            f"HPA {name} targets nothing"
+        )
         target = deployments[ref["name"]]
         assert h["spec"]["minReplicas"] <= h["spec"]["maxReplicas"]
         for m in h["spec"]["metrics"]:
@@ -320,23 +240,17 @@ def test_hpa_and_pdbs_target_existing_workloads() -> None:
     assert any(p["metadata"]["name"] == "edge-worker" for p in pdbs.values()), "no PDB for the edge workers"
     for name, p in pdbs.items():
         sel = p["spec"]["selector"]["matchLabels"]
-        matches = [
-            d
-            for d in deployments.values()
-            if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
-        ]
-        assert len(matches) == 1, f"PDB {name} selects {len(matches)} Deployments"
+        matches = [d for d in deployments.values() if sel.items() <= pod_labels(d).items()]
+        assert len(matches) == 1, f"PDB {name} selects {len(matches)} workloads"
         target = matches[0]["metadata"]["name"]
         scaled = [
             h["spec"].get("minReplicas", 1)
             for h in hpas.values()
             if h["spec"]["scaleTargetRef"]["name"] == target
         ]
-        # with an HPA the Deployment leaves `replicas` to it (kubectl apply would undo scaling)
+        # with an HPA the workload leaves `replicas` to it (kubectl apply would undo scaling)
         if scaled:
-            assert "replicas" not in matches[0]["spec"], (
-                f"Deployment {target}: drop replicas, the HPA owns it"
-            )
+            assert "replicas" not in matches[0]["spec"], f"{target}: drop replicas, the HPA owns it"
         floor = min(scaled) if scaled else matches[0]["spec"].get("replicas", 1)
         if "minAvailable" in p["spec"]:
             assert int(p["spec"]["minAvailable"]) < floor, f"PDB {name} would block every voluntary eviction"
@@ -347,12 +261,13 @@ def test_optional_hpa_uses_the_real_inflight_metric() -> None:
     from dapdee.edge_worker.metrics import EdgeMetrics
 
     gauges = {m.name for m in EdgeMetrics().registry.collect() if m.type == "gauge"}
-    deployments = by_kind(k8s_resources(), "Deployment")
+    deployments = workloads(k8s_resources())
     for path in sorted((K8S / "optional").glob("*.yaml")):
         for doc in load_yaml_docs(path):
             if doc["kind"] != "HorizontalPodAutoscaler":
                 continue
-            assert doc["spec"]["scaleTargetRef"]["name"] in deployments
+            ref = doc["spec"]["scaleTargetRef"]
+            assert ref["name"] in deployments and ref["kind"] == deployments[ref["name"]]["kind"]
             for m in doc["spec"]["metrics"]:
                 if m["type"] == "Pods":
                     assert m["pods"]["metric"]["name"] in gauges, f"{path.name}: unknown metric"
@@ -367,7 +282,7 @@ def test_every_container_has_resources_and_runs_as_non_root() -> None:
                 return float(s[: -len(u)]) * f
         return float(s)
 
-    for name, d in by_kind(k8s_resources(), "Deployment").items():
+    for name, d in workloads(k8s_resources()).items():
         pod = d["spec"]["template"]["spec"]
         assert pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{name}: not runAsNonRoot"
         for c in containers(d):
@@ -384,9 +299,8 @@ def test_every_container_has_resources_and_runs_as_non_root() -> None:
 def test_configmap_and_secret_references_exist() -> None:
     res = k8s_resources()
     cms = by_kind(res, "ConfigMap")
-    secrets = by_kind(res, "Secret")
     used: set[tuple[str, str]] = set()
-    for name, d in by_kind(res, "Deployment").items():
+    for name, d in workloads(res).items():
         for c in containers(d):
             for e in c.get("env", []):
                 vf = e.get("valueFrom", {})
@@ -399,10 +313,6 @@ def test_configmap_and_secret_references_exist() -> None:
                         f"{name}: ConfigMap key {ref['key']} missing"
                     )
                     used.add((ref["name"], ref["key"]))
-                if "secretKeyRef" in vf and vf["secretKeyRef"]["name"] not in secrets:
-                    assert vf["secretKeyRef"].get("optional") is True, (
-                        f"{name}: env {e['name']} needs Secret {vf['secretKeyRef']['name']} (not shipped)"
-                    )
             for ef in c.get("envFrom", []):
                 if "configMapRef" in ef:
                     assert ef["configMapRef"]["name"] in cms
@@ -416,21 +326,6 @@ def test_configmap_and_secret_references_exist() -> None:
     for cm in cms.values():
         for key in cm["data"]:
             assert key in all_env, f"ConfigMap key {key} is not a setting of any service ({sorted(all_env)})"
-
-
-def k8s_container_env(c: dict[str, Any], cms: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """A container's environment with ConfigMap values resolved (Secrets and fieldRefs left out)."""
-    env: dict[str, str] = {}
-    for ef in c.get("envFrom", []):
-        if "configMapRef" in ef:
-            env.update(cms[ef["configMapRef"]["name"]]["data"])
-    for e in c.get("env", []):
-        if "value" in e:
-            env[e["name"]] = e["value"]
-        elif "configMapKeyRef" in e.get("valueFrom", {}):
-            ref = e["valueFrom"]["configMapKeyRef"]
-            env[e["name"]] = cms[ref["name"]]["data"][ref["key"]]
-    return env
 
 
 def check_edge_models(settings: Any, where: str) -> None:
@@ -462,32 +357,34 @@ def check_edge_models(settings: Any, where: str) -> None:
     assert len(names) == len(set(names)), f"{where}: two models share a name: {names}"
 
 
-def edge_settings_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+def edge_settings_everywhere(
+    monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]
+) -> list[tuple[str, Any]]:
     """(where, settings) of every edge worker that compose and k8s would start."""
     out = []
-    for name, s in compose()["services"].items():
+    for name, s in compose(stack_env)["services"].items():
         if "build" in s:
-            env = {k: str(v) for k, v in (s.get("environment") or {}).items()}
-            served = Served(list(s["command"]), env, monkeypatch)
+            served = Served(list(s["command"]), service_env(s), monkeypatch)
             if served.service == "edge":
                 out.append((f"compose {name}", served.settings))
     res = k8s_resources()
     cms = by_kind(res, "ConfigMap")
-    for name, d in by_kind(res, "Deployment").items():
+    for name, d in workloads(res).items():
         c = dapdee_container(d)
         if c is not None:
-            served = Served(list(c["args"]), k8s_container_env(c, cms), monkeypatch)
+            env = k8s_container_env(c, cms, {TOKEN_SECRET: stack_env})
+            served = Served(list(c["args"]), env, monkeypatch)
             if served.service == "edge":
                 out.append((f"k8s {name}", served.settings))
     return out
 
 
-def test_served_models_ship_with_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_served_models_ship_with_the_image(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> None:
     """Every model the deployed workers serve is a trained artifact under artifacts/ (copied into
     the image) whose manifest names a model spec the zoo can build."""
     from dapdee.edge_worker.app import load_models
 
-    entries = edge_settings_everywhere(monkeypatch)
+    entries = edge_settings_everywhere(monkeypatch, stack_env)
     assert entries
     loaded: set[str] = set()
     for where, settings in entries:
@@ -498,16 +395,21 @@ def test_served_models_ship_with_the_image(monkeypatch: pytest.MonkeyPatch) -> N
             loaded.add(settings.models)
 
 
-def test_k8s_containers_run_real_commands_with_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_k8s_containers_run_real_commands_with_real_settings(
+    monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]
+) -> None:
     res = k8s_resources()
     cms = by_kind(res, "ConfigMap")
     seen = set()
-    for name, d in by_kind(res, "Deployment").items():
+    redis_urls = []
+    for name, d in workloads(res).items():
         c = dapdee_container(d)
         if c is None:
             continue
         assert "command" not in c, f"{name}: keep the image's ENTRYPOINT (dapdee serve)"
-        served = Served(list(c["args"]), k8s_container_env(c, cms), monkeypatch)
+        fields = {"metadata.name": f"{name}-0", "metadata.namespace": d["metadata"]["namespace"]}
+        env = k8s_container_env(c, cms, {TOKEN_SECRET: stack_env}, fields)
+        served = Served([k8s_expand(a, env) for a in c["args"]], env, monkeypatch)
         service, port, settings = served.service, served.port, served.settings
         seen.add(service)
         assert any(p["containerPort"] == port for p in c["ports"]), (
@@ -520,6 +422,8 @@ def test_k8s_containers_run_real_commands_with_real_settings(monkeypatch: pytest
                 assert e["name"] in names, (
                     f"{name}: env {e['name']} is not a {service} setting ({sorted(names)})"
                 )
+        if service == "planner":
+            redis_urls.append(settings.redis_url)
         if service == "edge":
             threads = getattr(settings, "threads", None)
             if threads is not None:
@@ -552,18 +456,15 @@ def test_k8s_containers_run_real_commands_with_real_settings(monkeypatch: pytest
     assert planner_url.hostname in services and planner_url.port in [
         p["port"] for p in services["planner"]["spec"]["ports"]
     ]
-    redis_url = urllib.parse.urlsplit(cms["dapdee-config"]["data"]["DAPDEE_REDIS_URL"])
-    assert redis_url.hostname == "redis" and redis_url.port in [
-        p["port"] for p in services["redis"]["spec"]["ports"]
-    ]
+    assert redis_urls
+    for url in redis_urls:
+        redis_url = urllib.parse.urlsplit(url)
+        assert redis_url.hostname == "redis" and redis_url.port in [
+            p["port"] for p in services["redis"]["spec"]["ports"]
+        ]
 
 
 # ---- docker-compose -------------------------------------------------------------------------
-
-
-def compose() -> dict[str, Any]:
-    with open(COMPOSE) as f:
-        return yaml.safe_load(f)
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -590,11 +491,10 @@ def dockerfile_json(instr: str) -> list[str]:
     return json.loads(vals[-1])
 
 
-def compose_port(name: str, monkeypatch: pytest.MonkeyPatch) -> int:
+def compose_port(name: str, monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> int:
     """The port compose service `name` (one of ours) listens on inside its container."""
-    s = compose()["services"][name]
-    env = {k: str(v) for k, v in (s.get("environment") or {}).items()}
-    return Served(list(s["command"]), env, monkeypatch).port
+    s = compose(stack_env)["services"][name]
+    return Served(list(s["command"]), service_env(s), monkeypatch).port
 
 
 COMPOSE_TOP = {"name", "services", "volumes", "networks", "configs", "secrets"}
@@ -617,7 +517,7 @@ COMPOSE_HEALTHCHECK_KEYS = {
 
 def test_compose_file_structure() -> None:
     """The keys compose knows (a typo such as `healtcheck` would be ignored silently by some tools)."""
-    c = compose()
+    c = compose_raw()
     assert {k for k in c if not k.startswith("x-")} <= COMPOSE_TOP
     declared = set(c.get("volumes") or {})
     for name, s in c["services"].items():
@@ -630,14 +530,14 @@ def test_compose_file_structure() -> None:
                 assert (ROOT / src).exists(), f"{name}: mounts {src}, which does not exist"
             else:
                 assert src in declared, f"{name}: named volume {src} is not declared"
-        for p in s.get("ports", []):
-            assert re.fullmatch(r"(\d+:)?\d+", str(p)), f"{name}: port {p!r}"
-    host_ports = [str(p).split(":")[0] for s in c["services"].values() for p in s.get("ports", [])]
+        for _ip, host, container in published_ports(s):
+            assert host.isdigit() and container.isdigit(), f"{name}: port {host}:{container}"
+    host_ports = [(ip, host) for s in c["services"].values() for ip, host, _ in published_ports(s)]
     assert len(host_ports) == len(set(host_ports)), f"host ports used twice: {host_ports}"
 
 
-def test_compose_services_and_healthchecks(monkeypatch: pytest.MonkeyPatch) -> None:
-    c = compose()
+def test_compose_services_and_healthchecks(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> None:
+    c = compose(stack_env)
     svcs = c["services"]
     assert {"redis", "planner", "prometheus", "grafana"} <= set(svcs)
     entrypoint = dockerfile_json("ENTRYPOINT")
@@ -652,13 +552,12 @@ def test_compose_services_and_healthchecks(monkeypatch: pytest.MonkeyPatch) -> N
             continue
         assert (ROOT / s["build"].get("context", ".") / s["build"].get("dockerfile", "Dockerfile")).is_file()
         assert "entrypoint" not in s, f"{name}: keep the image's ENTRYPOINT {entrypoint}"
-        env = {k: str(v) for k, v in (s.get("environment") or {}).items()}
-        served = Served(list(s["command"]), env, monkeypatch)
+        served = Served(list(s["command"]), service_env(s), monkeypatch)
         service, port, settings = served.service, served.port, served.settings
         assert served.host == "0.0.0.0", f"{name}: must bind 0.0.0.0"
         # container ports published map to the port the app listens on
-        for p in s.get("ports", []):
-            assert int(str(p).split(":")[-1]) == port, f"{name}: publishes {p}, app listens on {port}"
+        for _ip, host, container in published_ports(s):
+            assert int(container) == port, f"{name}: publishes {host}:{container}, app listens on {port}"
         # healthcheck: the python urllib one-liner hits a real endpoint on the app's port
         test = " ".join(s["healthcheck"]["test"])
         urls = re.findall(r"https?://[^'\" ]+", test)
@@ -679,7 +578,7 @@ def test_compose_services_and_healthchecks(monkeypatch: pytest.MonkeyPatch) -> N
             assert pl.hostname in svcs and "planner" in svcs[pl.hostname]["command"], (
                 f"{name}: registers with {settings.planner_url}, not the planner service"
             )
-            assert pl.port == compose_port(pl.hostname, monkeypatch)
+            assert pl.port == compose_port(pl.hostname, monkeypatch, stack_env)
     assert len(edges) >= 2 or any(svcs[e].get("deploy", {}).get("replicas", 1) >= 2 for e in edges)
 
 
@@ -735,16 +634,18 @@ def test_prometheus_config_passes_promtool() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_prometheus_scrapes_every_dapdee_service(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prometheus_scrapes_every_dapdee_service(
+    monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]
+) -> None:
     cfg = yaml.safe_load(PROM_CONFIG.read_text())
-    svcs = compose()["services"]
+    svcs = compose(stack_env)["services"]
     targets = {
         t for job in cfg["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]
     }
     for name, s in svcs.items():
         if "build" not in s:
             continue
-        port = compose_port(name, monkeypatch)
+        port = compose_port(name, monkeypatch, stack_env)
         assert f"{name}:{port}" in targets, f"Prometheus does not scrape {name}:{port}"
         path = next(
             j.get("metrics_path", "/metrics")
@@ -758,7 +659,7 @@ def test_prometheus_scrapes_every_dapdee_service(monkeypatch: pytest.MonkeyPatch
 
 
 def test_grafana_provisioning_is_consistent() -> None:
-    svcs = compose()["services"]
+    svcs = compose_raw()["services"]
     mounts = {v.split(":")[0]: v.split(":")[1] for v in svcs["grafana"]["volumes"] if v.startswith("./")}
     for src in mounts:
         assert (ROOT / src).exists(), f"grafana mounts {src}, which does not exist"
@@ -935,7 +836,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         jobs = []
         for job in cfg["scrape_configs"]:
             for sc in job.get("static_configs", []):
-                svc = compose()["services"]
+                svc = compose_raw()["services"]
                 kinds = set()
                 for t in sc["targets"]:
                     host = t.split(":")[0]
@@ -1086,17 +987,15 @@ def test_dashboard_queries_name_only_exported_metrics(live: dict[str, Any]) -> N
 
 
 def test_compose_healthchecks_pass_against_live_services(
-    live: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    live: dict[str, Any], monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]
 ) -> None:
     """The compose healthcheck one-liners of our services, run as written (URL pointed at the
     live process), exit 0."""
-    svcs = compose()["services"]
+    svcs = compose(stack_env)["services"]
     for name, s in svcs.items():
         if "build" not in s:
             continue
-        served = Served(
-            list(s["command"]), {k: str(v) for k, v in (s.get("environment") or {}).items()}, monkeypatch
-        )
+        served = Served(list(s["command"]), service_env(s), monkeypatch)
         test = list(s["healthcheck"]["test"])
         assert test[0] == "CMD" and test[1] in ("python", "python3"), f"{name}: {test}"
         live_url = live[served.service]
@@ -1125,7 +1024,7 @@ def test_prometheus_scrapes_live_services(live: dict[str, Any]) -> None:
         q = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$__range", "5m")
         prom_query(prom, q)  # fails the test, naming the query, unless Prometheus accepts it
     # the compose healthcheck of the Prometheus container hits an endpoint Prometheus serves
-    test = " ".join(compose()["services"]["prometheus"]["healthcheck"]["test"])
+    test = " ".join(compose_raw()["services"]["prometheus"]["healthcheck"]["test"])
     for url in re.findall(r"https?://[^'\" ]+", test):
         status, _ = http("GET", prom + urllib.parse.urlsplit(url).path)
         assert status == 200, f"prometheus healthcheck {url}: {status}"
