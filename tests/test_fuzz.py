@@ -17,7 +17,7 @@ import json
 import os
 import string
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -39,11 +39,7 @@ MODEL = "alexnet"
 CHECKS = [not_a_server_error, response_schema_conformance]
 HEADER_CHARS = string.ascii_letters + string.digits + "-+._"
 RSS_BOUND_KIB = 64 * 1024  # growth allowed over the whole binary fuzzing run (allocator noise)
-FUZZ_COUNTS: dict[str, int] = {}  # cases sent per family (reported at the end of the module)
-
-
-def _count(family: str, n: int = 1) -> None:
-    FUZZ_COUNTS[family] = FUZZ_COUNTS.get(family, 0) + n
+Record = Callable[[str, object], None]  # pytest's record_property: a junit property per test
 
 
 # ---- servers ---------------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def planner_url() -> Iterator[str]:
 
     with serve_app_in_thread(create_app(Settings(redis_url=None))) as url:
         r = httpx.put(f"{url}/models/{MODEL}", json=_small_graph_json(), timeout=30)
-        assert r.status_code == 200, r.text
+        assert r.status_code in (200, 201), r.text
         yield url
 
 
@@ -76,7 +72,6 @@ def edge_url() -> Iterator[str]:
     """An edge worker app (width-0.25 AlexNet) under uvicorn in a thread."""
     from dapdee.edge_worker.app import create_app
     from dapdee.edge_worker.config import Settings
-
     from dapdee.models import load_model
 
     app = create_app(Settings(models=EDGE_SPEC, batch_max=4, max_body_bytes=1 << 20), [load_model(EDGE_SPEC)])
@@ -96,65 +91,110 @@ def _describe(exc: BaseException) -> str:
     return " | ".join(parts) + (f" | {repro}" if repro else "")
 
 
-def fuzz_schema(base_url: str, examples: int) -> tuple[int, list[str]]:
+def fuzz_operation(op: Any, mode: Any, base_url: str, examples: int) -> tuple[int, str | None]:
+    """One operation in one generation mode: (requests sent, failure line or None). Hypothesis
+    raising Unsatisfiable (it found no case to generate) counts as 0 sent, no failure."""
+    sent = 0
+
+    @given(case=op.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+        database=None,
+        derandomize=True,
+    )
+    def run(case: Any) -> None:
+        nonlocal sent
+        sent += 1
+        case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=30)
+
+    try:
+        run()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Unsatisfiable:
+        return sent, None
+    except BaseException as exc:  # hypothesis re-raises the first failing example's error
+        return sent, _describe(exc)
+    return sent, None
+
+
+def fuzz_schema(base_url: str, examples: int) -> tuple[dict[str, int], list[str]]:
     """Run schemathesis over every operation of the OpenAPI document at `base_url`/openapi.json,
     positive and negative generation, `examples` examples each, with the checks not_a_server_error
-    and response_schema_conformance. Returns (requests sent, failures as one line each)."""
+    and response_schema_conformance. Returns (requests sent per "METHOD /path [mode]", failures
+    as one line each)."""
     from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
-    sent = 0
+    counts: dict[str, int] = {}
     failures: list[str] = []
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            key = f"{op.method.upper()} {op.path} [{mode.value}]"
+            counts[key], failure = fuzz_operation(op, mode, base_url, examples)
+            if failure is not None:
+                failures.append(f"{key}: {failure}")
+    return counts, failures
 
-            @given(case=op.as_strategy(generation_mode=mode))
-            @settings(
-                max_examples=examples,
-                deadline=None,
-                suppress_health_check=list(HealthCheck),
-                phases=[Phase.explicit, Phase.generate],
-                database=None,
-                derandomize=True,
-            )
-            def run(case: Any) -> None:
-                nonlocal sent
-                sent += 1
-                case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=30)
 
-            try:
-                run()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Unsatisfiable:  # nothing to negate (no parameters, or only a free-form string)
+def negatable(base_url: str) -> set[str]:
+    """The "METHOD /path [negative]" keys whose operation has something a negative case can break:
+    a request body, or a parameter whose schema is more than a free-form string (a type, bound,
+    pattern or enum). Read from the OpenAPI document directly, not from schemathesis."""
+    doc = httpx.get(f"{base_url}/openapi.json", timeout=30).json()
+    out = set()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", "put", "post", "delete", "patch"):
                 continue
-            except BaseException as exc:  # hypothesis re-raises the first failing example's error
-                failures.append(f"{op.method.upper()} {op.path} [{mode.value}]: {_describe(exc)}")
-    return sent, failures
+            params = [p.get("schema", {}) for p in op.get("parameters", [])]
+            constrained = [
+                sc for sc in params if set(sc) - {"type", "title", "description"} or sc.get("type") != "string"
+            ]
+            if "requestBody" in op or constrained:
+                out.add(f"{method.upper()} {path} [negative]")
+    return out
+
+
+def check_counts(base_url: str, counts: dict[str, int], record: Record) -> None:
+    """Every operation got positive cases, every breakable one negative cases; the counts go to the
+    test's output and its junit properties."""
+    record("fuzz_cases", json.dumps(counts, sort_keys=True))
+    print("fuzz cases per operation and mode:", json.dumps(counts, sort_keys=True, indent=1))
+    assert counts, "no operations fuzzed"
+    zero_positive = [k for k, n in counts.items() if k.endswith("[positive]") and n == 0]
+    assert not zero_positive, f"no positive cases for {zero_positive}"
+    zero_negative = [k for k in negatable(base_url) if counts.get(k, 0) == 0]
+    assert not zero_negative, f"no negative cases for {zero_negative}"
 
 
 # ---- 1. schema fuzzing -----------------------------------------------------------------------
 
 
-def test_planner_schema_fuzz(planner_url: str) -> None:
+def test_planner_schema_fuzz(planner_url: str, record_property: Record) -> None:
     """Planner: no 5xx, every answer matches its documented schema."""
-    sent, failures = fuzz_schema(planner_url, FUZZ_EXAMPLES)
-    _count("schema:planner", sent)
+    counts, failures = fuzz_schema(planner_url, FUZZ_EXAMPLES)
     assert not failures, "\n".join(failures)
+    check_counts(planner_url, counts, record_property)
 
 
-def test_edge_schema_fuzz(edge_url: str) -> None:
+def test_edge_schema_fuzz(edge_url: str, record_property: Record) -> None:
     """Edge worker: no 5xx, every answer matches its documented schema."""
-    sent, failures = fuzz_schema(edge_url, FUZZ_EXAMPLES)
-    _count("schema:edge", sent)
+    counts, failures = fuzz_schema(edge_url, FUZZ_EXAMPLES)
     assert not failures, "\n".join(failures)
+    check_counts(edge_url, counts, record_property)
 
 
 @pytest.mark.slow
-def test_schema_fuzz_heavy(planner_url: str, edge_url: str) -> None:
-    failures = fuzz_schema(planner_url, SLOW_EXAMPLES)[1] + fuzz_schema(edge_url, SLOW_EXAMPLES)[1]
-    assert not failures, "\n".join(failures)
+def test_schema_fuzz_heavy(planner_url: str, edge_url: str, record_property: Record) -> None:
+    for url in (planner_url, edge_url):
+        counts, failures = fuzz_schema(url, SLOW_EXAMPLES)
+        assert not failures, "\n".join(failures)
+        check_counts(url, counts, record_property)
 
 
 # ---- 2. binary payload fuzzing of v2 infer -----------------------------------------------------
@@ -359,7 +399,7 @@ def _raw_http(url: str, head: bytes, body: bytes, timeout: float = 10.0) -> byte
     return b"".join(chunks)
 
 
-def test_oversized_body_refused_up_front(edge_proc: EdgeTarget) -> None:
+def test_oversized_body_refused_up_front(edge_proc: EdgeTarget, record_property: Record) -> None:
     """A Content-Length over the limit is answered 413 before the body is sent; a chunked body
     that grows past the limit is cut off with 413 too."""
     path = edge_proc.infer_path
@@ -372,7 +412,7 @@ def test_oversized_body_refused_up_front(edge_proc: EdgeTarget) -> None:
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
     answer = _raw_http(edge_proc.url, head, chunk * 20)  # 1.25 MiB > the 1 MiB limit
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    _count("binary:oversized", 2)
+    record_property("fuzz_cases", json.dumps({"binary:oversized": 2}))
     assert edge_proc.valid().status_code == 200
 
 
@@ -380,7 +420,7 @@ def _json_raw(text: str) -> tuple[bytes, dict[str, str]]:
     return text.encode(), {"Content-Type": "application/json"}
 
 
-def test_binary_infer_malformed_cases(edge_proc: EdgeTarget) -> None:
+def test_binary_infer_malformed_cases(edge_proc: EdgeTarget, record_property: Record) -> None:
     """Every hand-written malformed request is a 4xx with an `error` message; RSS stays bounded;
     valid requests keep working (checked after each family of traps)."""
     rss0 = proc_rss_kib(edge_proc.pid)
@@ -400,7 +440,9 @@ def test_binary_infer_malformed_cases(edge_proc: EdgeTarget) -> None:
                 ok = False
         if not ok:
             bad.append(f"{label}: HTTP {r.status_code} {r.text[:160]!r}")
-    _count("binary:hand-written", len(cases))
+    record_property("fuzz_cases", json.dumps({"binary:hand-written": len(cases)}))
+    print("hand-written malformed infer requests sent:", len(cases))
+    assert len(cases) >= 130, len(cases)  # 130 hand-written cases now: no family may silently vanish
     v = edge_proc.valid()
     assert v.status_code == 200, v.text
     rss1 = proc_rss_kib(edge_proc.pid)
@@ -408,7 +450,8 @@ def test_binary_infer_malformed_cases(edge_proc: EdgeTarget) -> None:
     assert rss1 - rss0 < RSS_BOUND_KIB, f"worker RSS grew {rss1 - rss0} KiB over {len(cases)} cases"
 
 
-def _fuzz_random(edge_proc: EdgeTarget, examples: int) -> None:
+def _fuzz_random(edge_proc: EdgeTarget, examples: int) -> dict[str, int]:
+    """Three hypothesis families against the worker; returns the cases each sent."""
     statuses: list[int] = []
 
     @given(
@@ -468,26 +511,32 @@ def _fuzz_random(edge_proc: EdgeTarget, examples: int) -> None:
         assert 400 <= r.status_code < 500, (body[:200], r.status_code, r.text[:200])
 
     rss0 = proc_rss_kib(edge_proc.pid)
+    counts: dict[str, int] = {}
     for fn in (random_bytes, mutated_header, random_entries):
         n0 = len(statuses)
         fn()
-        _count(f"binary:{fn.__name__}", len(statuses) - n0)
+        counts[f"binary:{fn.__name__}"] = len(statuses) - n0
         v = edge_proc.valid()
         assert v.status_code == 200, (fn.__name__, v.text)
     rss1 = proc_rss_kib(edge_proc.pid)
     assert rss1 - rss0 < RSS_BOUND_KIB, f"worker RSS grew {rss1 - rss0} KiB over {len(statuses)} random cases"
+    return counts
 
 
-def test_binary_infer_random(edge_proc: EdgeTarget) -> None:
+def _check_random_counts(counts: dict[str, int], examples: int, record: Record) -> None:
+    record("fuzz_cases", json.dumps(counts, sort_keys=True))
+    print("random infer cases per family:", json.dumps(counts, sort_keys=True))
+    # no filters or assumptions: hypothesis runs every example it is asked for (its shrinking
+    # phase may add more when a case fails, which fails the test anyway)
+    assert set(counts) == {"binary:random_bytes", "binary:mutated_header", "binary:random_entries"}
+    assert all(n >= examples for n in counts.values()), counts
+
+
+def test_binary_infer_random(edge_proc: EdgeTarget, record_property: Record) -> None:
     """Hypothesis: random bytes, bit-flipped binary headers, random tensor entries: all 4xx."""
-    _fuzz_random(edge_proc, FUZZ_EXAMPLES * 4)
+    _check_random_counts(_fuzz_random(edge_proc, FUZZ_EXAMPLES * 4), FUZZ_EXAMPLES * 4, record_property)
 
 
 @pytest.mark.slow
-def test_binary_infer_random_heavy(edge_proc: EdgeTarget) -> None:
-    _fuzz_random(edge_proc, SLOW_EXAMPLES * 4)
-
-
-def test_report_fuzz_counts() -> None:
-    """Print how many cases each family sent in this module (shown with -s / in -rA)."""
-    print("fuzz cases sent:", json.dumps(FUZZ_COUNTS, sort_keys=True))
+def test_binary_infer_random_heavy(edge_proc: EdgeTarget, record_property: Record) -> None:
+    _check_random_counts(_fuzz_random(edge_proc, SLOW_EXAMPLES * 4), SLOW_EXAMPLES * 4, record_property)

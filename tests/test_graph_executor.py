@@ -6,6 +6,7 @@ import json
 import random
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def random_cut(graph: CostGraph, exit_name: str, rng: random.Random) -> list[str
 
 def check_random_cuts(m: LoadedModel, n_cuts: int, seed: int) -> None:
     rng = random.Random(seed)
-    x = torch.randn(2, *m.input_shape[1:])
+    x = torch.randn(2, *m.input_shape[1:], generator=torch.Generator().manual_seed(seed))
     with torch.inference_mode():
         reference = m.module(x)
     reference = reference if isinstance(reference, tuple) else (reference,)
@@ -109,7 +110,7 @@ def check_random_cuts(m: LoadedModel, n_cuts: int, seed: int) -> None:
 def test_zoo_split_execution_matches_whole_model(spec: str) -> None:
     m = load_model(spec)
     assert len(m.graph.exits) >= 4 and m.graph.exits[-1].name == "final"
-    check_random_cuts(m, n_cuts=6, seed=hash(spec) % 1000)
+    check_random_cuts(m, n_cuts=6, seed=zlib.crc32(spec.encode()))  # the same cuts in every process
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Joint exit training, artifacts, eval, resume and confidence exits on a tiny real run."""
+"""Joint exit training, artifacts, eval, resume and confidence exits on a tiny real run (the
+dataset-free confidence tests are in tests/test_calibration.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dapdee import data as D
 from dapdee.cli import main
 from dapdee.models import WEIGHTS, ModelError, build_module, load_model, parse_spec, read_manifest
 from dapdee.training import confidence as C
-from dapdee.training.train import TrainConfig, default_exit_weights, evaluate, lr_at, train
+from dapdee.training.train import TrainConfig, default_exit_weights, evaluate, lr_at, predict_logits, train
 
 pytestmark = pytest.mark.skipif(
     not (D.FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -142,19 +143,6 @@ def test_schedule_and_default_weights() -> None:
 # ---- confidence exits ------------------------------------------------------------------------
 
 
-def test_first_confident_exit_rule() -> None:
-    sure = torch.tensor([[10.0, 0, 0]])
-    unsure = torch.tensor([[0.1, 0, 0]])
-    logits = [torch.cat([sure, unsure, unsure]), torch.cat([unsure, sure, unsure]), torch.cat([unsure] * 3)]
-    assert C.first_confident_exit(logits, [0.9, 0.9, None]).tolist() == [0, 1, 2]
-    assert C.first_confident_exit(logits, [None, 0.9]).tolist() == [2, 1, 2]  # exit1 inactive
-    by_name = dict(zip(["exit1", "exit2", "final"], logits, strict=True))
-    assert C.first_confident_exit(by_name, {"exit2": 0.9}).tolist() == [2, 1, 2]
-    assert C.is_confident(sure, 0.9) and not C.is_confident(unsure, 0.9) and not C.is_confident(sure, None)
-    with pytest.raises(ValueError, match="thresholds"):
-        C.first_confident_exit(logits, [0.5])
-
-
 def test_exit_costs_are_ancestor_unions(artifact: Path) -> None:
     g = load_model("", weights=artifact).graph
     costs = C.ExitCosts(g)
@@ -167,30 +155,6 @@ def test_exit_costs_are_ancestor_unions(artifact: Path) -> None:
     assert costs.per_exit([False, True, False])[1] == sum(flops[v] for v in anc[1])
 
 
-def test_calibration_respects_bound_on_synthetic_data() -> None:
-    class G:  # a 3-exit chain: node i costs 10, exit k's ancestors are nodes 0..k
-        exits = [type("E", (), {"name": n, "node": f"n{i}"})() for i, n in enumerate(["exit1", "exit2", "final"])]
-        nodes = [type("N", (), {"name": f"n{i}", "flops": 10})() for i in range(3)]
-
-        @staticmethod
-        def ancestors(node: str) -> list[str]:
-            return [f"n{i}" for i in range(int(node[1:]) + 1)]
-
-    gen = torch.Generator().manual_seed(0)
-    n = 4000
-    conf = torch.rand(3, n, generator=gen)
-    correct = torch.rand(3, n, generator=gen) < torch.stack(
-        [0.5 + 0.5 * conf[0], 0.6 + 0.4 * conf[1], torch.full((n,), 0.95)]
-    )
-    costs = C.ExitCosts(G)
-    ts = C.calibrate_thresholds(conf, correct, costs, 0.02, z=1.0)
-    st = C.policy_stats(conf, correct, ts, costs)
-    assert st["accuracy_loss"] + st["loss_stderr"] <= 0.02 + 1e-9
-    assert st["flops_saved"] > 0 and ts[-1] is None
-    strict = C.calibrate_thresholds(conf, correct, costs, 0.0)
-    assert C.policy_stats(conf, correct, strict, costs)["accuracy_loss"] <= 0
-
-
 def test_calibrate_command_writes_manifest(artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     art = tmp_path / "cal"
     shutil.copytree(artifact, art)
@@ -201,6 +165,18 @@ def test_calibrate_command_writes_manifest(artifact: Path, tmp_path: Path, capsy
     assert rep["calib"]["accuracy_loss"] + 2.5 * rep["calib"]["loss_stderr"] <= 0.05 + 1e-9
     assert sum(rep["test"]["exit_fraction"].values()) == pytest.approx(1.0)
     assert 0 <= rep["test"]["flops_saved"] < 1
+    # the held-out numbers, recomputed from the test split's logits through the run-time rule
+    # (first_confident_exit on logits, not policy_stats on confidences)
+    loaded = load_model("", weights=art)
+    m = read_manifest(art)
+    logits, labels = predict_logits(loaded.module, "fashion-mnist", "test", loaded.input_shape, m["preprocess"], 400)
+    leave = C.first_confident_exit(logits, [rep["thresholds"][e] for e in rep["thresholds"]])
+    right = torch.stack([lg.argmax(1) == labels for lg in logits])
+    accuracy = right.gather(0, leave[None])[0].double().mean().item()
+    loss = right[-1].double().mean().item() - accuracy
+    assert rep["test"]["n"] == 400 and rep["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert rep["test"]["accuracy_loss"] == pytest.approx(loss, abs=1e-12)
+    assert rep["within_bound_on_test"] is (loss <= 0.05)
     m = read_manifest(art)
     assert m["confidence_exits"]["thresholds"] == rep["thresholds"]
     assert C.thresholds_from_manifest(m) == rep["thresholds"]

@@ -143,15 +143,18 @@ def test_header_length_parsing() -> None:
             wire.parse_header_length(bad)
 
 
-def test_codec_is_fast() -> None:
-    """Encode + decode of 1 MB FP32 stays far below the 1368 ms 1 MB takes on a 4G uplink."""
-    t = torch.randn(1 << 18)
+def test_codec_cpu_cost_is_vectorised() -> None:
+    """Encode + decode of 1 MB FP32 costs this thread under 13.68 ms of CPU: 1 % of the 1368 ms
+    1 MB takes on a 4G uplink. Thread CPU time, not wall time, so other processes on a loaded host
+    do not count. The vectorised path measures ~0.3 ms here (bench/codec_speed.py); any Python-level
+    loop over the 262,144 values costs over 50 ns per value, i.e. more than the bound."""
+    t = torch.randn(1 << 18, generator=torch.Generator().manual_seed(0))
     wire.decode_request(*_enc(t))
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for _ in range(20):
         wire.decode_request(*_enc(t))
-    per_mb_ms = (time.perf_counter() - t0) / 20 * 1000
-    assert per_mb_ms < 13.68  # 1 % of the 4G transfer time, with slack for a loaded CI machine
+    per_mb_ms = (time.thread_time() - t0) / 20 * 1000
+    assert per_mb_ms < 13.68, per_mb_ms
 
 
 def _enc(t: torch.Tensor) -> tuple[bytes, int]:

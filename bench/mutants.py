@@ -1,0 +1,354 @@
+"""Does the test suite catch real mistakes? Semantic mutants of the core, one at a time.
+
+Copies the tree to a temporary directory, then for each mutation replaces one exact piece of
+text in one file of the copy (the text must occur exactly once), runs the test files the mutation
+names with this Python against the copy, and restores the file. A mutant is caught when a test
+fails (or errors). Before that: the unmutated copy must pass every named test file, a sanity
+mutant that breaks the core's import must be caught, and the copy's packages must be the ones
+imported (the project is installed editable from its own checkout, so the copy is put first on
+PYTHONPATH and its package-dir mappings are linked in as the installed finder maps them).
+A mutation whose file or text is absent is skipped with a note (e.g. code that has not landed
+yet). Not part of CI: it takes minutes.
+
+    python bench/mutants.py [--only NAME_SUBSTRING] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".ruff_cache", "*.egg-info", "results"
+)
+
+ORACLE = ("tests/test_costmodel_oracle.py",)
+CODEC = ("tests/test_wire_spec.py", "tests/test_wire.py")
+CALIBRATION = ("tests/test_calibration.py",)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """Replace `find` (which must occur exactly once in `path`) by `replace`; run `tests`."""
+
+    name: str
+    path: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "device load factor 1/(1-l) -> 1+l",
+        "dapdee/costmodel.py",
+        "device_sum_ms * (1.0 / (1.0 - cond.device_load)),",
+        "device_sum_ms * (1.0 + cond.device_load),",
+        ORACLE,
+    ),
+    Mutation(
+        "edge load ignored",
+        "dapdee/costmodel.py",
+        "edge_sum_ms * (1.0 / (1.0 - cond.edge_load)),",
+        "edge_sum_ms * 1.0,",
+        ORACLE,
+    ),
+    Mutation(
+        "uplink bytes*8 -> bytes*7",
+        "dapdee/costmodel.py",
+        "sent_bytes * (8.0 / (cond.bandwidth_mbps * 1000.0)),",
+        "sent_bytes * (7.0 / (cond.bandwidth_mbps * 1000.0)),",
+        ORACLE,
+    ),
+    Mutation(
+        "rtt charged when E is empty",
+        "dapdee/costmodel.py",
+        "transfer_ms = 0.0 if edge_empty else uplink_ms + cond.rtt_ms",
+        "transfer_ms = uplink_ms + cond.rtt_ms",
+        ORACLE,
+    ),
+    Mutation(
+        "bottleneck max -> sum (prediction)",
+        "dapdee/costmodel.py",
+        "bottleneck = max(device_ms, uplink_ms, edge_ms)",
+        "bottleneck = device_ms + uplink_ms + edge_ms",
+        ORACLE,
+    ),
+    Mutation(
+        "bottleneck max -> sum (plan-map scan)",
+        "dapdee/planning/planmap.py",
+        "bott = np.maximum(np.maximum(d, u), e)",
+        "bott = d + u + e",
+        ORACLE,
+    ),
+    Mutation(
+        "multi-consumer producer sent per consumer (partition)",
+        "dapdee/costmodel.py",
+        "        if any(c in edge_set for c in consumers.get(u, ())):",
+        "        for _ in [c for c in consumers.get(u, ()) if c in edge_set]:",
+        ORACLE,
+    ),
+    Mutation(
+        "multi-consumer producer sent per consumer (plan map)",
+        "dapdee/planning/planmap.py",
+        "sent += (on[:, i] & np.any(off[:, list(st.cons[i])], axis=1)) * st.out[i]",
+        "sent += on[:, i] * np.sum(off[:, list(st.cons[i])], axis=1) * st.out[i]",
+        ORACLE,
+    ),
+    Mutation(
+        "input bytes not counted (partition)",
+        "dapdee/costmodel.py",
+        "for u in [graph.input.name, *[n for n in needed if n in dev]]:",
+        "for u in [n for n in needed if n in dev]:",
+        ORACLE,
+    ),
+    Mutation(
+        "input bytes not counted (plan map)",
+        "dapdee/planning/planmap.py",
+        "sent += np.any(off[:, users], axis=1) * st.input_bytes",
+        "sent += 0 * st.input_bytes",
+        ORACLE,
+    ),
+    Mutation(
+        "inverse search walks shallow-first",
+        "dapdee/planning/planmap.py",
+        "order = sorted(exit_indices, reverse=True)",
+        "order = sorted(exit_indices)",
+        ORACLE,
+    ),
+    Mutation(
+        "auto switch fps >= rate -> >",
+        "dapdee/planning/planmap.py",
+        "c.pred.throughput_fps >= req.frame_rate:",
+        "c.pred.throughput_fps > req.frame_rate:",
+        ORACLE,
+    ),
+    Mutation(
+        "latency budget met only strictly",
+        "dapdee/planning/planmap.py",
+        "c.pred.latency_ms <= req.latency_budget_ms",
+        "c.pred.latency_ms < req.latency_budget_ms",
+        ORACLE,
+    ),
+    Mutation(
+        "frame rate met only strictly",
+        "dapdee/planning/planmap.py",
+        "c.pred.bottleneck_ms <= 1000.0 / req.frame_rate",
+        "c.pred.bottleneck_ms < 1000.0 / req.frame_rate",
+        ORACLE,
+    ),
+    Mutation(
+        "codec decodes FP32 big-endian",
+        "dapdee/wire.py",
+        '"FP32": (torch.float32, np.dtype("<f4")),',
+        '"FP32": (torch.float32, np.dtype(">f4")),',
+        CODEC,
+    ),
+    Mutation(
+        "codec encodes big-endian",
+        "dapdee/wire.py",
+        'return memoryview(t.numpy()).cast("B")',
+        'return memoryview(t.numpy().byteswap()).cast("B")',
+        CODEC,
+    ),
+    Mutation(
+        "confidence >= -> > (is_confident)",
+        "dapdee/training/confidence.py",
+        "confidence(logits.reshape(-1)).item() >= threshold",
+        "confidence(logits.reshape(-1)).item() > threshold",
+        CALIBRATION,
+    ),
+    Mutation(
+        "confidence >= -> > (first_confident_exit)",
+        "dapdee/training/confidence.py",
+        "(confidence(logits[k].reshape(n, -1)) >= t)",
+        "(confidence(logits[k].reshape(n, -1)) > t)",
+        CALIBRATION,
+    ),
+    Mutation(
+        "confidence >= -> > (calibration's policy_stats)",
+        "dapdee/training/confidence.py",
+        "hit = undecided & (conf[k] >= thresholds[k])",
+        "hit = undecided & (conf[k] > thresholds[k])",
+        CALIBRATION,
+    ),
+    # Lease admission (DESIGN "The shared edge: leases"): an edge plan is admissible only if
+    # Σ f·e <= ρ_max·C. Both the per-request choice and the rebalance keep that limit.
+    Mutation(
+        "lease admission ignores rho_max (assign)",
+        "dapdee/fleet/assign.py",
+        "limit = rho_max * slot.capacity_ms_per_s",
+        "limit = slot.capacity_ms_per_s",
+        ("tests/test_fleet_assign.py",),
+    ),
+    Mutation(
+        "lease admission ignores rho_max (rebalance)",
+        "dapdee/fleet/rebalance.py",
+        "limit = rho_max * capacity_ms_per_s",
+        "limit = capacity_ms_per_s",
+        ("tests/test_fleet_rebalance.py",),
+    ),
+)
+
+SANITY = Mutation(
+    "sanity: the core fails to import",
+    "dapdee/costmodel.py",
+    "from __future__ import annotations\n",
+    "from __future__ import annotations\n\nraise ImportError('bench/mutants.py sanity mutant')\n",
+    ORACLE + CODEC + CALIBRATION,
+)
+
+
+@dataclass
+class Outcome:
+    mutation: Mutation
+    status: str  # caught | SURVIVED | skipped | error
+    detail: str
+    seconds: float
+
+
+def make_copy(dest: Path) -> Path:
+    """Copy the tree and link each package-dir mapping of pyproject.toml into the copy's `dapdee`
+    package (as the installed editable finder maps them), so the copy's code is what is imported."""
+    root = dest / "repo"
+    shutil.copytree(REPO, root, ignore=IGNORE, symlinks=True)
+    section = (root / "pyproject.toml").read_text().split("[tool.setuptools.package-dir]", 1)[-1].split("\n[", 1)[0]
+    for pkg, folder in re.findall(r'^"([\w.]+)"\s*=\s*"([^"]+)"', section, re.M):
+        parts = pkg.split(".")
+        if parts[0] != "dapdee" or len(parts) != 2:
+            continue
+        link = root / "dapdee" / parts[1]
+        if not link.exists():
+            link.symlink_to(root / folder, target_is_directory=True)
+    return root
+
+
+def environment(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_imports(root: Path) -> None:
+    """Refuse to go on unless the core, the services and the tests resolve inside the copy."""
+    code = (
+        "import dapdee.costmodel, dapdee.wire, dapdee.planner.app, dapdee.device.servers, tests.oracle\n"
+        "for m in (dapdee.costmodel, dapdee.wire, dapdee.planner.app, dapdee.device.servers, tests.oracle):\n"
+        "    print(m.__file__)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=environment(root), capture_output=True, text=True, timeout=120
+    )
+    if p.returncode != 0:
+        raise SystemExit(f"cannot import from the copy:\n{p.stderr[-2000:]}")
+    outside = [f for f in p.stdout.split() if not Path(f).resolve().is_relative_to(root.resolve())]
+    if outside:
+        raise SystemExit(f"modules imported from outside the copy {root}: {outside}")
+
+
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), *tests]
+    p = subprocess.run(cmd, cwd=root, env=environment(root), capture_output=True, text=True, timeout=900)
+    return p.returncode, p.stdout + p.stderr
+
+
+def first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" - ")[0][:100]
+    m = re.search(r"^E\s+(.*)$", output, re.M)
+    return m.group(1)[:100] if m else output.strip().splitlines()[-1][:100] if output.strip() else ""
+
+
+def apply(root: Path, mut: Mutation) -> tuple[Path, str] | str:
+    """Patch the copy; returns (file, original text), or why it cannot be applied."""
+    target = root / mut.path
+    if not target.is_file():
+        return f"{mut.path} does not exist"
+    text = target.read_text()
+    n = text.count(mut.find)
+    if n != 1:
+        return f"target text found {n} times in {mut.path} (need exactly 1)"
+    target.write_text(text.replace(mut.find, mut.replace))
+    return target, text
+
+
+def try_mutant(root: Path, mut: Mutation) -> Outcome:
+    t0 = time.monotonic()
+    missing = [t for t in mut.tests if not (root / t.split("::")[0]).is_file()]
+    patched = apply(root, mut)
+    if isinstance(patched, str) or missing:
+        note = patched if isinstance(patched, str) else f"test files missing: {missing}"
+        return Outcome(mut, "skipped", note, 0.0)
+    target, original = patched
+    try:
+        rc, out = run_tests(root, mut.tests)
+    finally:
+        target.write_text(original)
+    dt = time.monotonic() - t0
+    if rc == 0:
+        return Outcome(mut, "SURVIVED", "all named tests passed", dt)
+    if rc == 5:
+        return Outcome(mut, "error", "no tests ran", dt)
+    return Outcome(mut, "caught", first_failure(out), dt)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    w = max(len(o.mutation.name) for o in outcomes)
+    lines = [f"{'mutation':{w}}  {'status':8}  {'s':>5}  {'file':28}  first failure / note"]
+    for o in outcomes:
+        lines.append(f"{o.mutation.name:{w}}  {o.status:8}  {o.seconds:5.1f}  {o.mutation.path:28}  {o.detail}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="run only mutations whose name contains this text")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    args = ap.parse_args()
+    chosen = [m for m in MUTATIONS if args.only in m.name]
+    tmp = Path(tempfile.mkdtemp(prefix="dapdee-mutants-"))
+    try:
+        root = make_copy(tmp)
+        check_imports(root)
+        print(f"copy: {root}\npython: {sys.executable}")
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests if (root / t).is_file()))
+        rc, out = run_tests(root, tests)
+        if rc != 0:
+            print(out[-3000:])
+            raise SystemExit(f"the unmutated copy fails {' '.join(tests)}: fix that first")
+        sanity = try_mutant(root, SANITY)
+        if sanity.status != "caught":
+            raise SystemExit(f"sanity mutant not caught ({sanity.detail}): the copy is not what the tests import")
+        outcomes = [try_mutant(root, m) for m in tqdm(chosen, desc="mutants", unit="mutant")]
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(table([sanity, *outcomes]))
+    ran = [o for o in outcomes if o.status != "skipped"]
+    caught = sum(o.status == "caught" for o in ran)
+    for o in outcomes:
+        if o.status == "skipped":
+            print(f"note: skipped {o.mutation.name!r}: {o.detail}")
+    skipped = len(outcomes) - len(ran)
+    print(f"\ncaught {caught}/{len(ran)}" + (f" ({skipped} skipped)" if skipped else ""))
+    return 0 if caught == len(ran) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
