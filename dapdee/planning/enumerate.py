@@ -6,11 +6,14 @@ A(e)'s nodes in topological order (bit i = i-th node of A(e) runs on the device)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from dapdee.costgraph import NO_OVERHEADS, CostGraph, Overheads
+
+DEADLINE_EVERY = 4096  # enumeration looks at the clock once per this many ideals
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,13 @@ class ExitStructure:
         uses_input = [False] * len(names)
         in_mask = 0
         for i, n in enumerate(names):
+            seen: set[int] = set()
             for u in graph.node(n).inputs:
                 if u == graph.input.name:
                     uses_input[i] = True
                     in_mask |= 1 << i
-                elif local[u] not in preds[i]:
+                elif local[u] not in seen:
+                    seen.add(local[u])
                     preds[i].append(local[u])
                     cons[local[u]].append(i)
         nodes = [graph.node(n) for n in names]
@@ -120,14 +125,17 @@ class ExitStructure:
 
 
 def enumerate_ideals(
-    st: ExitStructure, cap: int
+    st: ExitStructure, cap: int, deadline: float | None = None
 ) -> tuple[list[float], list[int], list[float], list[int]] | None:
     """All downward-closed device sets D of A(e) with their (Σdevice_ms, sent bytes, Σedge_ms over D).
 
     Each ideal is generated exactly once, by adding its nodes in increasing topological index
     (reverse search: a child adds one "available" node after the last one added). Returns
     (device sums, sent bytes, edge sums *of D*, masks), or None as soon as more than `cap`
-    ideals exist. O(#ideals · (width + degree)) time, O(#ideals) memory."""
+    ideals exist, or once `deadline` (a `time.monotonic()` value; checked every
+    `DEADLINE_EVERY` ideals) has passed. A stack frame keeps a reference to its parent's
+    candidate list and materialises its own only when popped, so memory stays O(#ideals + m ·
+    depth) however wide A(e) is. O(#ideals · (width + degree)) time."""
     m = st.m
     dev, edge, out = st.dev, st.edge, st.out
     preds, cons, pmask, cmask = st.preds, st.cons, st.preds_mask, st.cons_mask
@@ -138,10 +146,13 @@ def enumerate_ideals(
     byts: list[int] = [b0]
     eds: list[float] = [0.0]
     masks: list[int] = [0]
-    stack: list[tuple[int, list[int], float, int, float]] = [(0, roots, 0.0, b0, 0.0)]
+    # frame: (device set, parent's candidates, first of them still available, newly available
+    # consumers, Σdevice, bytes, Σedge); its candidate list is sorted(parent[start:] + new)
+    stack: list[tuple[int, list[int], int, list[int], float, int, float]] = [(0, roots, 0, [], 0.0, b0, 0.0)]
     count = 1
     while stack:
-        d_mask, cand, dv, by, ed = stack.pop()
+        d_mask, parent, start, extra, dv, by, ed = stack.pop()
+        cand = sorted(parent[start:] + extra) if extra else parent[start:] if start else parent
         for p, v in enumerate(cand):
             d2 = d_mask | (1 << v)
             nd = dv + dev[v]
@@ -159,12 +170,11 @@ def enumerate_ideals(
             count += 1
             if count > cap:
                 return None
-            rest = cand[p + 1 :]
+            if deadline is not None and not count % DEADLINE_EVERY and time.monotonic() > deadline:
+                return None
             new = [c for c in cons[v] if (pmask[c] & ~d2) == 0]
-            if new:
-                rest = sorted(rest + new)
-            if rest:
-                stack.append((d2, rest, nd, nb, ne))
+            if new or p + 1 < len(cand):
+                stack.append((d2, cand, p + 1, new, nd, nb, ne))
     return devs, byts, eds, masks
 
 
@@ -210,7 +220,7 @@ def prefix_masks(st: ExitStructure) -> list[int]:
 
 def prefix_sums(st: ExitStructure) -> tuple[list[float], list[int], list[float]]:
     """(Σdevice_ms over D, sent bytes, Σedge_ms over E) for each prefix mask of `prefix_masks`,
-    computed incrementally. O(m + E)."""
+    computed incrementally. O(m + E) Python steps plus O(m²) vectorised additions."""
     m = st.m
     devs = [0.0]
     byts = [st.input_bytes if st.input_cons_mask else 0]
@@ -225,11 +235,9 @@ def prefix_sums(st: ExitStructure) -> tuple[list[float], list[int], list[float]]
             nb -= st.input_bytes
         devs.append(devs[-1] + st.dev[v])
         byts.append(nb)
-    # Σ edge over E = suffix sums, accumulated in topological order from each k
-    edges = [0.0] * (m + 1)
-    for k in range(m):
-        s = 0.0
-        for i in range(k, m):
-            s += st.edge[i]
-        edges[k] = s
-    return devs, byts, edges
+    # Σ edge over E = suffix sums, each accumulated in topological order from its k (adding
+    # edge[i] to every k <= i, i ascending, keeps that order: bit-identical to `st.sums`)
+    acc = np.zeros(m + 1)
+    for i in range(m):
+        acc[: i + 1] += st.edge[i]
+    return devs, byts, acc.tolist()

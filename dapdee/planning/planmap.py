@@ -8,13 +8,16 @@ either mode. The device-only partition (E empty, no rtt) is always kept as a can
 
 Where an exit has more than `cap` downward-closed sets, its latency answers come from a
 per-request min-cut (exact) and its throughput answers from a candidate set of prefix splits
-and weight-grid min-cuts (plan says `"approximate": true`).
+and weight-grid min-cuts (plan says `"approximate": true`). A build given a time budget
+(`deadline_s`) treats an exit whose enumeration runs out of time the same way, and computes
+only as many weight-grid min-cuts as the budget leaves room for (prefix splits always).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,6 +274,9 @@ class PlanMap:
     cands: list[CandSet]
     cap: int = DEFAULT_CAP
     _hash: str = field(default="", repr=False)
+    # the build ran out of its time budget: some exit fell back (or kept fewer weight-grid
+    # min-cuts) for lack of time, not because of the cap; never serialised
+    over_budget: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self._hash:
@@ -279,24 +285,40 @@ class PlanMap:
         self._exits = list(range(len(self.graph.exits)))
 
     @classmethod
-    def build(cls, graph: CostGraph, cap: int = DEFAULT_CAP) -> PlanMap:
+    def build(cls, graph: CostGraph, cap: int = DEFAULT_CAP, deadline_s: float | None = None) -> PlanMap:
         """Enumerate each exit's downward-closed partitions (up to `cap`) and keep their Pareto
         front; beyond the cap, keep an approximate candidate set (prefix splits + weight-grid
-        min-cuts) and answer latency requests by min-cut. O(Σ_e #ideals(e) · (width + log #ideals(e)))."""
+        min-cuts) and answer latency requests by min-cut. O(Σ_e #ideals(e) · (width + log #ideals(e))).
+
+        With `deadline_s` (seconds), each remaining exit gets an equal share of the time left:
+        an enumeration that outlives its share falls back like one over the cap, and the
+        fallback's weight-grid min-cuts stop when the next would end past its share (prefix splits
+        are always kept). The build then overruns `deadline_s` by at most about one min-cut
+        plus the Pareto filtering; `over_budget` says whether time cut anything short. Without a
+        deadline the result is exactly the unbudgeted map."""
         graph.validate()
         graph.require_timings()
         if not isinstance(cap, int) or cap < 1:
             raise ValueError(f"cap: must be a positive integer, got {cap!r}")
+        if deadline_s is not None and not deadline_s >= 0:
+            raise ValueError(f"deadline_s: must be >= 0 seconds, got {deadline_s!r}")
+        end = None if deadline_s is None else time.monotonic() + deadline_s
         cands = []
-        for i in range(len(graph.exits)):
+        short = False
+        k = len(graph.exits)
+        for i in range(k):
             st = ExitStructure.build(graph, i)
-            got = enumerate_ideals(st, cap)
+            share = _share(end, k - i)
+            got = enumerate_ideals(st, cap, share)
             if got is not None:
                 devs, byts, eds, masks = got
                 cands.append(pareto_candset(st, masks, (devs, byts, eds), exact=True, count=len(masks)))
-            else:
-                cands.append(_approximate_candset(st))
-        return cls(graph, cands, cap)
+                continue
+            short = short or (share is not None and time.monotonic() >= share)
+            cs, complete = _approximate_candset(st, _share(end, k - i))
+            cands.append(cs)
+            short = short or not complete
+        return cls(graph, cands, cap, over_budget=short)
 
     # ---- requests ---------------------------------------------------------------------------
     def _get(self, cond: Conditions, cache: dict[tuple[int, str], Choice]) -> Callable[[int, str], Choice]:
@@ -468,10 +490,32 @@ def _verify(cs: CandSet, where: str) -> None:
         raise PlanMapError(f"{where}: device_ms/bytes/edge_ms do not match the masks under the graph")
 
 
-def _approximate_candset(st: ExitStructure) -> CandSet:
+def _share(end: float | None, exits_left: int) -> float | None:
+    """The deadline (monotonic) of the next exit: an equal share of the time left until `end`."""
+    if end is None:
+        return None
+    now = time.monotonic()
+    return now + max(0.0, end - now) / exits_left
+
+
+BYTE_GRID = tuple(10.0**k for k in range(-3, 4))
+# grid indices coarse to fine: the middle, the extremes, then between (used when time is short)
+_COARSE_FIRST = (3, 0, 6, 1, 5, 2, 4)
+
+
+def _grid_by_priority() -> list[tuple[int, int]]:
+    """(edge-weight index, byte-weight index) pairs of GRID × BYTE_GRID, coarse to fine."""
+    rank = {ix: r for r, ix in enumerate(_COARSE_FIRST)}
+    pairs = [(a, b) for a in range(len(GRID)) for b in range(len(BYTE_GRID))]
+    return sorted(pairs, key=lambda p: (max(rank[p[0]], rank[p[1]]), rank[p[0]], rank[p[1]]))
+
+
+def _approximate_candset(st: ExitStructure, deadline: float | None = None) -> tuple[CandSet, bool]:
     """Candidates for an exit too large to enumerate: every prefix split of the topological order,
     device-only, edge-only, and min-cuts over a weight grid (device weight 1, edge and transfer
     weights spread over several orders of magnitude), Pareto-filtered. Not exact for throughput.
+    With `deadline` (monotonic), grid points are cut coarse to fine and no cut is started that
+    the last one's duration says would end past it. Returns (candidates, every grid point cut).
     O(m² + |grid| max-flows)."""
     masks = prefix_masks(st)
     devs, byts, edges = prefix_sums(st)
@@ -479,19 +523,28 @@ def _approximate_candset(st: ExitStructure) -> CandSet:
     total_dev = max(sum(st.dev), 1e-300)
     total_edge = max(sum(st.edge), 1e-300)
     max_bytes = max([st.input_bytes, *st.out, 1])
-    for we in GRID:
-        for wb in (10.0**k for k in range(-3, 4)):
-            mask = min_cut_mask(st, 1.0 / total_dev, wb / max_bytes, we / total_edge)
-            if mask not in found:
+    cuts: dict[tuple[int, int], int] = {}
+    last = 0.0
+    for a, b in _grid_by_priority():
+        t0 = time.monotonic()
+        if deadline is not None and t0 + last > deadline:
+            break
+        cuts[(a, b)] = min_cut_mask(st, 1.0 / total_dev, BYTE_GRID[b] / max_bytes, GRID[a] / total_edge)
+        last = time.monotonic() - t0
+    for a in range(len(GRID)):  # the grid's own order: with every point cut, the unbudgeted set
+        for b in range(len(BYTE_GRID)):
+            mask = cuts.get((a, b))
+            if mask is not None and mask not in found:
                 found.add(mask)
                 masks.append(mask)
-                d, b, e = st.sums(mask)
+                d, nb, e = st.sums(mask)
                 devs.append(d)
-                byts.append(b)
+                byts.append(nb)
                 edges.append(e)
     total = sum(st.edge)
     ed_d = [total - e for e in edges]
-    return pareto_candset(st, masks, (devs, byts, ed_d), exact=False, count=None)
+    complete = len(cuts) == len(GRID) * len(BYTE_GRID)
+    return pareto_candset(st, masks, (devs, byts, ed_d), exact=False, count=None), complete
 
 
 def make_plan(graph: CostGraph, req: PlanRequest, cap: int = DEFAULT_CAP) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""What the planner's store raises; the HTTP layer maps each to a status (see each docstring)."""
+
+from __future__ import annotations
+
+
+class RedisUnavailable(Exception):
+    """Redis is disabled, backing off after a failure, or just failed (never reaches a client:
+    the store answers from process memory and queues writes instead)."""
+
+
+class MissingTimings(Exception):
+    """A plan needs timings nobody uploaded; the message says what to upload (HTTP 409)."""
+
+
+class VersionConflict(Exception):
+    """A write based on `expected` found `actual` stored (None: the model does not exist), or lost
+    the race against other replicas' writes too often to be retried (HTTP 409)."""
+
+    def __init__(self, model: str, expected: int | None, actual: int | None) -> None:
+        now = "does not exist" if actual is None else f"is at version {actual}"
+        want = "" if expected is None else f", not {expected}"
+        super().__init__(f"model {model!r} {now}{want}; read it again and retry")
+        self.model = model
+        self.expected = expected
+        self.actual = actual
+
+
+class CapacityExceeded(Exception):
+    """A new stored thing past its count cap: `what` ("models", "profiles", "workers", "pending
+    writes") and the `limit` (HTTP 409). The message says what to do."""
+
+    def __init__(self, what: str, limit: int, detail: str | None = None) -> None:
+        super().__init__(detail or f"the planner holds the maximum of {limit} {what}; delete one first")
+        self.what = what
+        self.limit = limit

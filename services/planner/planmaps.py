@@ -1,0 +1,198 @@
+"""Plan maps of (graph, device timings, edge timings): an in-process LRU, then Redis, then built.
+
+A build runs in a worker thread (never on the event loop), at most DAPDEE_PLANMAP_BUILD_THREADS
+at once, within DAPDEE_PLANMAP_BUILD_BUDGET_S: `PlanMap.build(..., deadline_s=budget)` falls
+back per exit to the min-cut path when enumeration runs out of time (the map is then not exact,
+and throughput plans say `"approximate": true`). Concurrent requests for one map share one build.
+
+What reaches Redis is bounded: a map cut short by the budget, or whose `to_bytes()` exceeds
+DAPDEE_PLANMAP_MAX_BYTES, stays in process memory only (counted in
+`dapdee_planner_planmaps_not_stored_total{reason}`); a stored map expires after
+DAPDEE_PLANMAP_TTL_S, and the `PUT_PLANMAP` script keeps at most DAPDEE_PLANMAP_REDIS_MAX of them
+(the oldest are deleted). The script deletes keys it learns from its index, which a single Redis
+(not a cluster) allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+
+from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.planner.config import Settings
+from dapdee.planner.errors import MissingTimings, RedisUnavailable
+from dapdee.planner.keys import GRAPH_TIMINGS, Keys
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.modelstate import ModelState, Profile
+from dapdee.planner.redis_link import RedisLink
+from dapdee.planning import DEFAULT_CAP, PlanMap
+
+log = logging.getLogger("dapdee.planner")
+
+# KEYS: the map's key, the plan-map index. ARGV: map bytes, ttl ms, count cap. Returns how many
+# of the oldest maps were deleted to keep the cap.
+PUT_PLANMAP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], now, KEYS[1])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if extra > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
+  for _, k in ipairs(old) do redis.call('DEL', k) end
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+  return extra
+end
+return 0
+"""
+
+MapKey = tuple[str, str, str]
+
+
+class PlanMapCache:
+    """The plan maps one replica uses (module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: PlannerMetrics, link: RedisLink, keys: Keys) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.link = link
+        self.keys = keys
+        self.maps: OrderedDict[MapKey, PlanMap] = OrderedDict()
+        self._building: dict[MapKey, asyncio.Future[PlanMap]] = {}
+        self._slots = asyncio.Semaphore(settings.planmap_build_threads)
+        self._hit_memory = metrics.cache_hits.labels("memory")
+
+    def redis_key(self, key: MapKey) -> str:
+        return self.keys.planmap(key, self.settings.planmap_cap)
+
+    async def get(
+        self, name: str, st: ModelState, dev: Profile | None, edge: Profile | None, edge_hint: str = ""
+    ) -> PlanMap:
+        """The plan map of (graph, device timings, edge timings): from the LRU (O(1)), else Redis,
+        else built (once, shared by concurrent callers). Raises MissingTimings when the merged
+        graph lacks a timing."""
+        key = (st.graph_hash, dev.hash if dev else GRAPH_TIMINGS, edge.hash if edge else GRAPH_TIMINGS)
+        pm = self.maps.get(key)
+        if pm is not None:
+            self.maps.move_to_end(key)
+            self._hit_memory.inc()
+            return pm
+        fut = self._building.get(key)
+        if fut is not None:
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                if not fut.cancelled():
+                    raise  # this request itself was cancelled
+                # the request that was building it went away: build it here
+                return await self.get(name, st, dev, edge, edge_hint)
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._building[key] = fut
+        try:
+            pm = await self._load_or_build(key, merged_graph(name, st, dev, edge, edge_hint))
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            self._building.pop(key, None)
+        fut.set_result(pm)
+        self.maps[key] = pm
+        while len(self.maps) > self.settings.planmap_cache_size:
+            self.maps.popitem(last=False)
+        return pm
+
+    async def _load_or_build(self, key: MapKey, graph: CostGraph) -> PlanMap:
+        rkey = self.redis_key(key)
+        try:
+            raw = await self.link.call("get_planmap", lambda r: r.get(rkey))
+        except RedisUnavailable:
+            raw = None
+        if raw is not None:
+            try:
+                pm = await asyncio.to_thread(PlanMap.from_bytes, raw)
+                self.metrics.cache_hits.labels("redis").inc()
+                return pm
+            except Exception as exc:  # a blob from another version, or damaged: rebuild it
+                self.metrics.cache_errors.labels("decode_planmap").inc()
+                log.warning("stored plan map %s unreadable (%s); rebuilding", rkey, exc)
+        self.metrics.cache_misses.inc()
+        pm = await self._build(graph)
+        await self._store(rkey, pm)
+        return pm
+
+    async def _build(self, graph: CostGraph) -> PlanMap:
+        """PlanMap.build in a worker thread under the build budget, at most
+        planmap_build_threads at once (a slot is freed only when its thread ends, even if the
+        request waiting for it went away)."""
+        cap = self.settings.planmap_cap or DEFAULT_CAP
+        budget = self.settings.planmap_build_budget_s
+        await self._slots.acquire()
+        t0 = time.perf_counter()
+        fut = asyncio.get_running_loop().run_in_executor(None, PlanMap.build, graph, cap, budget)
+        fut.add_done_callback(lambda f: self._slots.release())
+        pm = await asyncio.shield(fut)
+        self.metrics.planmap_build_duration.observe(time.perf_counter() - t0)
+        result = "over_budget" if pm.over_budget else ("exact" if pm.exact else "capped")
+        self.metrics.planmap_builds.labels(result).inc()
+        if pm.over_budget:
+            log.warning(
+                "plan map of model %r cut short by the build budget (DAPDEE_PLANMAP_BUILD_BUDGET_S=%g): "
+                "not exact, not stored in redis",
+                graph.model,
+                budget,
+            )
+        return pm
+
+    async def _store(self, rkey: str, pm: PlanMap) -> None:
+        """Store a built map in Redis unless it was cut short by the budget or is over the byte
+        cap (kept in process memory only, counted); best effort."""
+        if not self.link.enabled:
+            return
+        if pm.over_budget:
+            self.metrics.planmaps_not_stored.labels("over_budget").inc()
+            return
+        blob = await asyncio.to_thread(pm.to_bytes)
+        limit = self.settings.planmap_max_bytes
+        if len(blob) > limit:
+            self.metrics.planmaps_not_stored.labels("too_large").inc()
+            log.info("plan map %s: %d bytes, over DAPDEE_PLANMAP_MAX_BYTES=%d; in memory only", rkey, len(blob), limit)
+            return
+        ttl_ms = self.settings.planmap_ttl_s * 1000
+        args = [blob, ttl_ms, self.settings.planmap_redis_max]
+        with contextlib.suppress(RedisUnavailable):
+            await self.link.script("put_planmap", PUT_PLANMAP, [rkey, self.keys.planmaps], args)
+
+
+def merged_graph(
+    name: str, st: ModelState, dev: Profile | None, edge: Profile | None, edge_hint: str = ""
+) -> CostGraph:
+    """The model's cost graph with the device and edge profiles' timings applied (device first),
+    checked to have every timing a plan needs; MissingTimings says what to upload (`edge_hint`
+    adds why no edge profile was used). O(V)."""
+    graph = st.graph
+    try:
+        if dev is not None:
+            graph = graph.with_timings("device", dev.timings_ms, dev.meta or None)
+        if edge is not None:
+            graph = graph.with_timings("edge", edge.timings_ms, edge.meta or None)
+    except CostGraphError as exc:
+        raise MissingTimings(f"model {name!r}: a profile does not fit its cost graph ({exc}); re-upload it") from None
+    for i, n in enumerate(graph.nodes):
+        for kind, prof in (("device", dev), ("edge", edge)):
+            if getattr(n, f"{kind}_ms") is None:
+                src = f"{kind} profile {prof.tier!r}" if prof is not None else "the cost graph"
+                hint = edge_hint if kind == "edge" and prof is None and edge_hint else ""
+                raise MissingTimings(
+                    f"model {name!r}: {src} has no {kind}_ms for node {n.name!r} (nodes[{i}]){hint}; "
+                    f"upload a {kind} profile covering every node: PUT /models/{name}/profiles/{{tier}} "
+                    f'with {{"kind": "{kind}", "timings_ms": {{...}}}}'
+                )
+    return graph

@@ -1,0 +1,126 @@
+"""One planner replica's Redis connection and the rule every Redis call follows.
+
+Every call goes through `RedisLink.call`: a failure is counted under the call's `op`
+(`dapdee_planner_cache_errors_total{op}`), marks Redis down for a back-off period during which
+no call is even tried, and raises `RedisUnavailable`, which the callers turn into "answer from
+process memory" or "queue the write". Short socket timeouts keep a dead Redis from stalling a
+request. Lua scripts run with `EVALSHA` (loaded again after a Redis restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from dapdee.planner.config import Settings
+from dapdee.planner.errors import RedisUnavailable
+from dapdee.planner.metrics import PlannerMetrics
+
+log = logging.getLogger("dapdee.planner")
+
+
+class RedisLink:
+    """The client (None when DAPDEE_REDIS_URL is none), its state (`disabled | up | down`) and
+    the back-off. Create it inside a running event loop (`connect`), `close` it there."""
+
+    def __init__(self, settings: Settings, metrics: PlannerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.client: Any = None
+        self.state = "disabled"
+        self._down_until = 0.0
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """A Redis URL is configured (whether or not Redis answers now)."""
+        return self.client is not None
+
+    def connect(self) -> None:
+        """Create the client when a URL is set (no round trip: the first call connects)."""
+        if not self.settings.redis_url:
+            return
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        t = self.settings.redis_timeout_s
+        self.client = Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=t,
+            socket_connect_timeout=t,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self.state = "up"
+
+    def retry_now(self) -> None:
+        """End the back-off, so the next call tries Redis at once."""
+        self._down_until = 0.0
+
+    async def call(self, op: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run one Redis operation `fn(client)`, or raise RedisUnavailable (disabled, backing
+        off, or failed now: counted under `op`, starts a back-off). O(1) plus the operation."""
+        if self.client is None:
+            raise RedisUnavailable("redis disabled")
+        if time.monotonic() < self._down_until:
+            raise RedisUnavailable("redis down (backing off)")
+        from redis.exceptions import RedisError
+
+        try:
+            res = await fn(self.client)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self.metrics.cache_errors.labels(op).inc()
+            if self.state != "down":
+                log.warning("redis unavailable (%s: %s); serving from the in-process cache", op, exc)
+            self.state = "down"
+            self._down_until = time.monotonic() + self.settings.redis_backoff_s
+            raise RedisUnavailable(str(exc)) from None
+        if self.state == "down":
+            log.warning("redis is back")
+            self.state = "up"
+        return res
+
+    async def check_eviction_policy(self) -> str | None:
+        """Redis's `maxmemory-policy` (None if Redis does not say: down, or CONFIG disabled);
+        logs a WARNING unless it is `noeviction`, the only policy under which stored models,
+        profiles and workers cannot be evicted. Not counted as a failure. One round trip."""
+        if self.client is None:
+            return None
+        from redis.exceptions import RedisError
+
+        try:
+            got = await self.client.config_get("maxmemory-policy")
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return None
+        policy = got.get("maxmemory-policy") if isinstance(got, dict) else None
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        if policy is not None and policy != "noeviction":
+            log.warning(
+                "redis maxmemory-policy is %s: under memory pressure it may evict stored models, profiles "
+                "and workers; run it with maxmemory-policy noeviction (the planner caps what it stores)",
+                policy,
+            )
+        return policy
+
+    async def script(self, op: str, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run the Lua script `source` atomically with `keys` and `args` (through `call`)."""
+        if self.client is None:
+            raise RedisUnavailable("redis disabled")
+        sc = self._scripts.get(source)
+        if sc is None:
+            sc = self._scripts[source] = self.client.register_script(source)
+        return await self.call(op, lambda r: sc(keys=list(keys), args=list(args), client=r))
+
+    async def close(self) -> None:
+        """Close the client (bounded: 2 s)."""
+        if self.client is None:
+            return
+        client, self.client = self.client, None
+        try:
+            await asyncio.wait_for(client.aclose(), 2.0)
+        except Exception as exc:  # closing must never fail a shutdown
+            log.debug("redis client close: %s", exc)

@@ -1,0 +1,220 @@
+"""The edge-worker registry: heartbeats in, live workers out, expiry by Redis's own clock.
+
+In Redis a worker is a member of a sorted set scored with its expiry in ms by Redis's clock
+(`TIME` inside the scripts: now + DAPDEE_WORKER_TTL_S at each heartbeat) plus its last heartbeat
+in a hash; both scripts first drop the expired ones. So expiry never compares the wall clocks of
+replicas. A replica keeps a copy for `pick_worker` (process memory, no I/O) in which each worker
+expires on this replica's monotonic clock at the time left that Redis reported at the last sync.
+A heartbeat made while Redis is unavailable is kept here (until it expires by the monotonic
+clock) and merged with Redis's registry at each sync.
+
+Cap: DAPDEE_MAX_WORKERS live workers; a new worker past it is refused (CapacityExceeded), a
+known one may always refresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from dapdee.planner.config import Settings
+from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
+from dapdee.planner.keys import Keys
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.redis_link import RedisLink
+
+log = logging.getLogger("dapdee.planner")
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, u in ipairs(dead) do redis.call('HDEL', KEYS[2], u) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+"""
+# KEYS: workers:exp, workers:info. ARGV: url, worker JSON, ttl ms, max workers. Returns 1, or 0
+# when a new worker would pass the cap.
+HEARTBEAT = (
+    _NOW_MS
+    + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+)
+# KEYS: workers:exp, workers:info. Returns {now ms, url, expiry ms, JSON, url, expiry ms, JSON, ...}.
+LIVE_WORKERS = (
+    _NOW_MS
+    + """
+local out = {now}
+local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 1, #live, 2 do
+  out[#out + 1] = live[i]
+  out[#out + 1] = live[i + 1]
+  out[#out + 1] = redis.call('HGET', KEYS[2], live[i]) or ''
+end
+return out
+"""
+)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One edge worker as its last heartbeat described it. `expires_in_s`: the seconds it stays
+    live without another heartbeat, as of the answer that carries it (`live_workers`,
+    `pick_worker`): by Redis's clock at the last sync, counted down on this replica's monotonic
+    clock since; 0 in a heartbeat being recorded. Never a wall-clock time."""
+
+    url: str
+    models: tuple[str, ...]
+    tier: str
+    load: float
+    inflight: int
+    queue_depth: int
+    capacity_ms_per_s: float = 1000.0
+    expires_in_s: float = 0.0
+
+    def info_json(self) -> str:
+        """The stored form: the heartbeat without expiry. O(models)."""
+        d = {
+            "url": self.url,
+            "models": list(self.models),
+            "tier": self.tier,
+            "load": self.load,
+            "inflight": self.inflight,
+            "queue_depth": self.queue_depth,
+            "capacity_ms_per_s": self.capacity_ms_per_s,
+        }
+        return json.dumps(d)
+
+    @classmethod
+    def from_info(cls, raw: bytes | str, expires_in_s: float) -> Worker:
+        """Parse `info_json` output (ValueError, KeyError or TypeError if it is not one)."""
+        d = json.loads(raw)
+        return cls(
+            url=str(d["url"]),
+            models=tuple(str(m) for m in d["models"]),
+            tier=str(d["tier"]),
+            load=float(d["load"]),
+            inflight=int(d["inflight"]),
+            queue_depth=int(d["queue_depth"]),
+            capacity_ms_per_s=float(d.get("capacity_ms_per_s", 1000.0)),
+            expires_in_s=expires_in_s,
+        )
+
+
+@dataclass(frozen=True)
+class _Seen:
+    worker: Worker
+    deadline: float  # time.monotonic() of this replica
+    shared: bool  # Redis has this heartbeat
+    at: float  # time.monotonic() when recorded
+
+
+def _order(w: Worker) -> tuple[float, int, str]:
+    return (w.load, w.inflight + w.queue_depth, w.url)
+
+
+class WorkerRegistry:
+    """Live edge workers of the deployment, as this replica last saw them (module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: PlannerMetrics, link: RedisLink, keys: Keys) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.link = link
+        self.keys = keys
+        self._seen: dict[str, _Seen] = {}
+
+    async def heartbeat(self, w: Worker) -> bool:
+        """Record a heartbeat here and in Redis. True if Redis has it; CapacityExceeded for a new
+        worker past DAPDEE_MAX_WORKERS. One round trip."""
+        ttl = self.settings.worker_ttl_s
+        limit = self.settings.max_workers
+        try:
+            args = [w.url, w.info_json(), max(1, round(ttl * 1000)), limit]
+            shared = bool(await self.link.script("heartbeat", HEARTBEAT, self._script_keys(), args))
+            if not shared:
+                raise self._refused()
+        except RedisUnavailable:
+            now = time.monotonic()
+            known = w.url in self._seen and self._seen[w.url].deadline > now
+            if not known and self.count() >= limit:
+                raise self._refused() from None
+            shared = False
+        now = time.monotonic()
+        self._seen[w.url] = _Seen(replace(w, expires_in_s=0.0), now + ttl, shared, now)
+        return shared
+
+    def _refused(self) -> CapacityExceeded:
+        self.metrics.capacity_refusals.labels("workers").inc()
+        limit = self.settings.max_workers
+        return CapacityExceeded(
+            "workers",
+            limit,
+            f"the planner tracks the maximum of {limit} live edge workers; a new worker is admitted "
+            "when one expires (DAPDEE_MAX_WORKERS)",
+        )
+
+    def _script_keys(self) -> list[str]:
+        return [self.keys.workers_exp, self.keys.workers_info]
+
+    async def sync(self) -> None:
+        """Replace this replica's view with Redis's live workers, keeping heartbeats that Redis
+        has not seen (made while it was unavailable, or since this sync began) until they
+        expire here. Raises RedisUnavailable. One round trip, O(workers)."""
+        began = time.monotonic()
+        raw = await self.link.script("workers", LIVE_WORKERS, self._script_keys(), [])
+        now = time.monotonic()
+        redis_now = int(raw[0])
+        fresh: dict[str, _Seen] = {}
+        for i in range(1, len(raw) - 2, 3):
+            left_s = (float(raw[i + 1]) - redis_now) / 1000.0
+            try:
+                w = Worker.from_info(raw[i + 2], 0.0)
+            except (ValueError, KeyError, TypeError):
+                self.metrics.cache_errors.labels("decode_worker").inc()
+                continue
+            fresh[w.url] = _Seen(w, now + left_s, True, now)
+        for url, seen in self._seen.items():
+            if url not in fresh and seen.deadline > now and (not seen.shared or seen.at >= began):
+                fresh[url] = seen
+        self._seen = fresh
+
+    def _alive(self) -> list[_Seen]:
+        now = time.monotonic()
+        if any(s.deadline <= now for s in self._seen.values()):
+            self._seen = {u: s for u, s in self._seen.items() if s.deadline > now}
+        return list(self._seen.values())
+
+    async def live(self) -> list[Worker]:
+        """Live workers (fresh from Redis when reachable), least loaded first, each with its
+        `expires_in_s`. One round trip, O(workers log workers)."""
+        try:
+            await self.sync()
+        except RedisUnavailable:
+            pass
+        now = time.monotonic()
+        out = [replace(s.worker, expires_in_s=round(s.deadline - now, 3)) for s in self._alive()]
+        return sorted(out, key=_order)
+
+    def pick(self, model: str) -> Worker | None:
+        """The least-loaded live worker serving `model` (ties: fewer in flight and queued, then
+        URL). Process memory only. O(workers)."""
+        now = time.monotonic()
+        best: _Seen | None = None
+        for s in self._seen.values():
+            if s.deadline > now and model in s.worker.models:
+                if best is None or _order(s.worker) < _order(best.worker):
+                    best = s
+        if best is None:
+            return None
+        return replace(best.worker, expires_in_s=round(best.deadline - now, 3))
+
+    def count(self) -> int:
+        """Live workers known here. O(workers)."""
+        return len(self._alive())
