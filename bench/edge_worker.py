@@ -67,7 +67,7 @@ def start_worker(
         str(wait_ms),
         "--log-level",
         "warning",
-        "--max-inflight",
+        "--max-concurrency",
         "1024",
         "--threads",
         str(threads),

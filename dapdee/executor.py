@@ -37,15 +37,22 @@ class GraphExecutor:
                 self.nodes[n.name] = n
         self.order = {name: i for i, name in enumerate(self.nodes)}
         self._modules = dict(gm.named_modules())
-        self._plans: dict[tuple[frozenset[str], tuple[str, ...]], list[fx.Node]] = {}
+        self._plans: dict[tuple[frozenset[str], tuple[str, ...]], tuple[list[fx.Node], list[list[str]]]] = {}
 
     def schedule(self, given: Collection[str], targets: Sequence[str]) -> list[fx.Node]:
         """Nodes to run, in topological order, to get `targets` from the values in `given`.
         Raises MissingInputsError naming the unsupplied graph inputs / nodes it would need."""
+        return self._step_plan(given, targets)[0]
+
+    def _step_plan(self, given: Collection[str], targets: Sequence[str]) -> tuple[list[fx.Node], list[list[str]]]:
+        """(schedule, releases): `releases[i]` names the values no step after `i` reads and that
+        are not targets, so they can be dropped once step `i` has run; `releases[-1]` (one entry
+        past the schedule) names given values no step reads. Cached per (given, targets); a miss
+        is O(V + E)."""
         key = (frozenset(given), tuple(targets))
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached
         unknown = [t for t in [*targets, *given] if t not in self.nodes]
         if unknown:
             raise KeyError(f"unknown nodes: {', '.join(unknown)}")
@@ -67,10 +74,11 @@ class GraphExecutor:
         if missing:
             raise MissingInputsError(targets, sorted(set(missing), key=self.order.__getitem__))
         plan = sorted((self.nodes[n] for n in need), key=lambda n: self.order[n.name])
+        result = (plan, _releases(plan, key[0], set(targets)))
         if len(self._plans) > 4096:  # bounded: requests may name arbitrary cuts
             self._plans.clear()
-        self._plans[key] = plan
-        return plan
+        self._plans[key] = result
+        return result
 
     def compute(
         self,
@@ -83,19 +91,27 @@ class GraphExecutor:
         Runs only what the targets need and was not given. With `allowed`, refuses to run any
         node outside it (the device side of a partition). Scalars shipped as 0-d tensors are
         turned back into Python numbers where the traced model produced a number.
+
+        Memory: a value is dropped as soon as the last scheduled step that reads it has run
+        (targets are kept), so what the executor holds at any moment is the live frontier of the
+        schedule, not every intermediate. Time: O(nodes needed) plus the nodes' own work.
         """
         env: dict[str, Any] = {}
         for name, v in given.items():
             if name in self.scalar_nodes and isinstance(v, torch.Tensor):
                 v = v.item()
             env[name] = v
-        plan = self.schedule(env.keys(), targets)
+        plan, releases = self._step_plan(env.keys(), targets)
         if allowed is not None:
             outside = [n.name for n in plan if n.name not in allowed]
             if outside:
                 raise ValueError(f"partition would need nodes outside it: {', '.join(outside[:5])}")
-        for node in plan:
+        for name in releases[-1]:
+            del env[name]
+        for i, node in enumerate(plan):
             env[node.name] = self._run_node(node, env)
+            for name in releases[i]:
+                del env[name]
         return {t: env[t] for t in targets}
 
     def _run_node(self, node: fx.Node, env: dict[str, Any]) -> Any:
@@ -114,3 +130,21 @@ class GraphExecutor:
                 obj = getattr(obj, part)
             return obj
         raise ValueError(f"cannot execute fx node {node.name} of op {node.op}")
+
+
+def _releases(plan: Sequence[fx.Node], given: Collection[str], targets: Collection[str]) -> list[list[str]]:
+    """For each step of `plan`, the values (given or computed, never a target) whose last reader
+    is that step, plus one trailing entry: the given values no step reads. O(plan + its edges)."""
+    last: dict[str, int] = {}
+    for i, node in enumerate(plan):
+        for inp in node.all_input_nodes:
+            last[inp.name] = i
+    releases: list[list[str]] = [[] for _ in range(len(plan) + 1)]
+    for i, node in enumerate(plan):
+        if node.name not in targets and node.name not in last:  # computed, read by nobody
+            releases[i].append(node.name)
+    for name, i in last.items():
+        if name not in targets:
+            releases[i].append(name)
+    releases[-1] = [g for g in given if g not in last and g not in targets]
+    return releases

@@ -3,7 +3,9 @@ binary tensor data extension.
 
 A request or response is a JSON header, optionally followed by raw little-endian tensor bytes
 (`Inference-Header-Content-Length` gives the header's length; each tensor's
-`parameters.binary_data_size` its byte count, in order). Tensors travel as FP32, FP16 or INT8
+`parameters.binary_data_size` its byte count, in order). A requested output comes back binary
+when its `binary_data` parameter says so, else when the request's `binary_data_output` does
+(the keys stock Triton / KServe clients send). Tensors travel as FP32, FP16 or INT8
 (symmetric per-tensor quantisation, `parameters.scale`: value = int8 * scale) to compress the
 uplink; the decoder upcasts request inputs to FP32. Everything is bounded (element counts,
 byte counts) and nothing is ever unpickled. Pure Python + numpy + torch: no web imports.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +43,21 @@ DATATYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 TORCH_TO_V2: dict[torch.dtype, str] = {t: name for name, (t, _) in DATATYPES.items()}
 WIRE_DTYPES = ("FP32", "FP16", "INT8")
 DEFAULT_MAX_ELEMENTS = 1 << 26
+OUTPUT_BINARY_KEY = "binary_data"  # per requested output (Triton / KServe binary tensor extension)
+REQUEST_BINARY_KEY = "binary_data_output"  # request-level default for every output
+# (name, shape, datatype) of one tensor, before its data is read: raises WireError to refuse it
+TensorCheck = Callable[[str, list[int], str], None]
 
 
 class WireError(ValueError):
     """A malformed body or tensor; the message names the tensor and the problem."""
+
+
+class WireLimitError(WireError):
+    """A well-formed body that holds more than the decoder was allowed to accept."""
+
+
+JSON_SEPARATOR_SLACK = 4096  # commas a JSON header may hold besides those between values
 
 
 @dataclass
@@ -129,7 +142,11 @@ def _encode(
             entry["parameters"] = params
         entries.append(entry)
     header[key] = entries
-    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    try:
+        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # NaN or Inf in JSON data: JSON has no spelling for them
+        bad = [e["name"] for e in entries if "data" in e and not all(map(math.isfinite, e["data"]))]
+        raise WireError(f"{key} {', '.join(map(repr, bad)) or '?'}: NaN or Inf cannot be sent as JSON") from None
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)
@@ -154,7 +171,7 @@ def encode_request(
         header["id"] = str(request_id)
     params = dict(parameters or {})
     if binary_output:
-        params["binary_data_output"] = True
+        params[REQUEST_BINARY_KEY] = True
     if params:
         header["parameters"] = params
     body, hlen = _encode(header, "inputs", inputs, wire_dtype, binary)
@@ -192,7 +209,12 @@ def encode_response(
 # ---- decoding -------------------------------------------------------------------------------
 
 
-def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+def _split(
+    body: bytes, header_length: int | None, max_values: int | None = None
+) -> tuple[dict[str, Any], memoryview]:
+    """(JSON header, binary part). With `max_values`, a header with more commas than that many
+    values could hold (flat or nested data) is refused before it is parsed, so parsing never
+    builds more Python objects than a valid request would. O(body bytes)."""
     if not isinstance(body, (bytes, bytearray, memoryview)):
         raise WireError("body: expected bytes")
     view = memoryview(body)
@@ -204,8 +226,11 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
         if header_length > len(view):
             raise WireError(f"{HEADER_LENGTH} {header_length} exceeds the body length {len(view)}")
         head, rest = view[:header_length], view[header_length:]
+    text = bytes(head)
+    if max_values is not None and text.count(b",") > 2 * max_values + JSON_SEPARATOR_SLACK:
+        raise WireLimitError(f"header: holds more than the {max_values} tensor values a request may carry")
     try:
-        header = json.loads(bytes(head))
+        header = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError(f"header: not valid JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -268,6 +293,7 @@ def _decode_tensors(
     key: str,
     upcast: bool,
     check_finite: bool,
+    check: TensorCheck | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(entries, list) or not entries:
         raise WireError(f"{key}: expected a non-empty list of tensors")
@@ -292,14 +318,16 @@ def _decode_tensors(
         shape = e.get("shape")
         if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
             raise WireError(f"tensor {name!r}: shape must be a list of at most 16 non-negative integers")
+        if check is not None:
+            check(name, shape, dtype)
         count = 1
         for s in shape:
             count *= s
             if count > max_elements:
-                raise WireError(f"tensor {name!r}: shape {shape} has more than {max_elements} elements")
+                raise WireLimitError(f"tensor {name!r}: shape {shape} has more than {max_elements} elements")
         total += count
         if total > max_elements:
-            raise WireError(f"{key}: more than {max_elements} elements in all")
+            raise WireLimitError(f"{key}: more than {max_elements} elements in all")
         params = _params(e, f"tensor {name!r}")
         size = params.get("binary_data_size")
         if size is not None:
@@ -355,34 +383,57 @@ def _decode_tensors(
 
 
 def decode_request(
-    body: bytes, header_length: int | None, max_elements: int = DEFAULT_MAX_ELEMENTS
+    body: bytes,
+    header_length: int | None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    check: TensorCheck | None = None,
 ) -> DecodedRequest:
     """Parse a v2 infer request (JSON or binary extension). Inputs come back as float32
-    (INT8/UINT8 times their `scale` when given); NaN/Inf are refused. O(body bytes)."""
-    header, binary = _split(body, header_length)
+    (INT8/UINT8 times their `scale` when given); NaN/Inf are refused. `check(name, shape,
+    datatype)` vets each input before its data is read (a refusal costs no tensor memory).
+    Requested outputs are binary when their `binary_data` parameter says so, else when the
+    request's `binary_data_output` does. O(body bytes)."""
+    header, binary = _split(body, header_length, max_elements)
     rid = header.get("id")
     if rid is not None and not isinstance(rid, str):
         raise WireError("id: expected a string")
     params = _params(header, "request")
-    inputs, dtypes = _decode_tensors(header.get("inputs"), binary, max_elements, "inputs", True, True)
-    binary_output = params.get("binary_data_output", False)
+    inputs, dtypes = _decode_tensors(header.get("inputs"), binary, max_elements, "inputs", True, True, check)
+    binary_output = params.get(REQUEST_BINARY_KEY, False)
     if not isinstance(binary_output, bool):
-        raise WireError("parameters.binary_data_output: expected true or false")
-    outputs: dict[str, bool] | None = None
-    raw_outs = header.get("outputs")
-    if raw_outs is not None:
-        if not isinstance(raw_outs, list) or len(raw_outs) > 64:
-            raise WireError("outputs: expected a list")
-        outputs = {}
-        for i, o in enumerate(raw_outs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise WireError(f"outputs[{i}]: expected an object with a name")
-            ob = _params(o, f"outputs[{i}]").get("binary_data_output", binary_output)
-            if not isinstance(ob, bool):
-                raise WireError(f"outputs[{i}].parameters.binary_data_output: expected true or false")
-            outputs[o["name"]] = ob
+        raise WireError(f"parameters.{REQUEST_BINARY_KEY}: expected true or false")
+    outputs = _requested_outputs(header.get("outputs"), binary_output)
+    if outputs is not None:
         binary_output = binary_output or any(outputs.values())
     return DecodedRequest(rid, params, inputs, binary_output, outputs, dtypes)
+
+
+def _requested_outputs(raw: Any, default_binary: bool) -> dict[str, bool] | None:
+    """The request's `outputs` as name -> binary (None: not given). Per output, `binary_data`
+    (the standard key) overrides the request-level default; `classification` (Triton's
+    classification extension) is not supported. O(#outputs)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) > 64:
+        raise WireError("outputs: expected a list of at most 64 requested outputs")
+    outputs: dict[str, bool] = {}
+    for i, o in enumerate(raw):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise WireError(f"outputs[{i}]: expected an object with a name")
+        p = _params(o, f"outputs[{i}]")
+        if REQUEST_BINARY_KEY in p:
+            raise WireError(
+                f"outputs[{i}].parameters.{REQUEST_BINARY_KEY}: per output the key is "
+                f"{OUTPUT_BINARY_KEY!r} ({REQUEST_BINARY_KEY!r} belongs in the request's parameters)"
+            )
+        ob = p.get(OUTPUT_BINARY_KEY, default_binary)
+        if not isinstance(ob, bool):
+            raise WireError(f"outputs[{i}].parameters.{OUTPUT_BINARY_KEY}: expected true or false")
+        classes = p.get("classification", 0)
+        if classes not in (0, None) or isinstance(classes, bool):
+            raise WireError(f"outputs[{i}].parameters.classification: the classification extension is not supported")
+        outputs[o["name"]] = ob
+    return outputs
 
 
 def decode_response(

@@ -1,22 +1,29 @@
 """The edge worker FastAPI app: Open Inference Protocol v2 REST over the split executor.
 
 `create_app(settings, models)` builds the app; its lifespan loads the models (unless given),
-starts the batcher's thread pool and the planner registration task, and closes them on
-shutdown. Run it with `dapdee serve edge` or `uvicorn --factory dapdee.edge_worker.app:app_from_env`.
+derives each model's request limits, starts the batcher's thread pool and the planner
+registration task, and closes them on shutdown. The shared `AccessLog` is its outermost
+middleware (the request's trace context, one log record per request, refusals included), then
+the shared `RequestGuard`: role tokens, the per-model body limit, the body read timeout and the
+concurrency limit are checked before anything is parsed, and refusals are OIP's `{"error": ...}`. Run it
+with `dapdee serve edge` or `uvicorn --factory dapdee.edge_worker.app:app_from_env`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.config import Settings
@@ -25,8 +32,13 @@ from dapdee.edge_worker.metrics import EdgeMetrics
 from dapdee.edge_worker.registration import run_registration
 from dapdee.edge_worker.routers import health, v2
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
+from dapdee.web.access_log import AccessLog
+from dapdee.web.guard import RequestGuard
+from dapdee.web.otel import Tracing, tracer
 
 log = logging.getLogger("dapdee.edge")
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")  # after any root_path
+OTHER_BODY_BYTES = 64 << 10  # the body limit of any other request (the worker reads no other body)
 
 
 def load_models(settings: Settings) -> list[LoadedModel]:
@@ -65,42 +77,54 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(settings: Settings | None = None, models: list[LoadedModel] | None = None) -> FastAPI:
-    """The worker app. `models` given: serve those; else load `settings.models` at start-up."""
-    settings = settings or Settings()
+def render_error(status: int, message: str) -> tuple[bytes, str]:
+    """OIP's error object for the guard's refusals: `{"error": message}` as JSON."""
+    return json.dumps({"error": message}).encode(), "application/json"
+
+
+def _entries(settings: Settings, loaded: list[LoadedModel]) -> dict[str, ModelEntry]:
+    """Warm each model up and index it with its request limits. Blocking."""
+    _warm_up(loaded)
+    return {m.name: ModelEntry.of(m, settings.max_batch_rows, settings.max_body_bytes) for m in loaded}
+
+
+def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerState:
+    """Metrics (model info filled in) and the batcher for the served models."""
+    metrics = EdgeMetrics()
+
+    def on_batch(model: str, size: int, compute_s: float) -> None:
+        metrics.batch_size.labels(model).observe(size)
+        metrics.compute_duration.labels(model).observe(compute_s)
+
+    s = settings
+    batcher = Batcher(s.batch_max, s.batch_wait_ms, s.max_batch_rows, s.workers, s.slowdown, on_batch)
+    for name, e in entries.items():
+        exits = ",".join(x.name for x in e.graph.exits)
+        shape = "x".join(map(str, e.graph.input.shape))
+        info = {"spec": e.loaded.spec, "exits": exits, "input_shape": shape, "tier": s.tier}
+        metrics.model_info.labels(name).info(info)
+    return WorkerState(settings, entries, batcher, metrics, ready=True)
+
+
+Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
+
+
+def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
+    """Start-up: load (unless given) and index the models, start the batcher and the planner
+    registration; shutdown: not ready, stop registering, drain the batcher."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         loaded = models if models is not None else await asyncio.to_thread(load_models, settings)
-        await asyncio.to_thread(_warm_up, loaded)
-        metrics = EdgeMetrics()
-
-        def on_batch(model: str, size: int, compute_s: float) -> None:
-            metrics.batch_size.labels(model).observe(size)
-            metrics.compute_duration.labels(model).observe(compute_s)
-
-        batcher = Batcher(
-            settings.batch_max, settings.batch_wait_ms, settings.workers, settings.slowdown, on_batch
-        )
-        entries = {m.name: ModelEntry.of(m) for m in loaded}
-        for name, e in entries.items():
-            metrics.model_info.labels(name).info(
-                {
-                    "spec": e.loaded.spec,
-                    "exits": ",".join(x.name for x in e.graph.exits),
-                    "input_shape": "x".join(map(str, e.graph.input.shape)),
-                    "tier": settings.tier,
-                }
-            )
-        state = WorkerState(settings, entries, batcher, metrics, ready=True)
+        state = _worker_state(settings, await asyncio.to_thread(_entries, settings, loaded))
         app.state.worker = state
         task = None
         if settings.planner_url:
             public = settings.public_url or f"http://{settings.host}:{settings.port}"
             task = asyncio.create_task(run_registration(state, public))
-        log.info("edge worker ready: models %s, tier %s", sorted(entries), settings.tier)
+        log.info("edge worker ready: models %s, tier %s", sorted(state.models), settings.tier)
         try:
             yield
         finally:
@@ -109,11 +133,43 @@ def create_app(settings: Settings | None = None, models: list[LoadedModel] | Non
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            await asyncio.to_thread(batcher.close)
+            await asyncio.to_thread(state.batcher.close)
             app.state.worker = None
 
-    app = FastAPI(title="DAPDEE edge worker", version="0.1.0", lifespan=lifespan)
-    app.state.worker = None
+    return lifespan
+
+
+def _install_guard(app: FastAPI, settings: Settings) -> None:
+    """The shared request guard, outermost: roles, the per-model body limit (a model's derived
+    limit on its infer routes, `OTHER_BODY_BYTES` elsewhere), the body read timeout and the
+    concurrency limit, before anything is parsed; refusals counted by reason."""
+
+    def body_limit(scope: Scope) -> int:
+        state: WorkerState | None = app.state.worker
+        m = INFER_PATH.search(scope["path"])
+        entry = state.models.get(m.group(1)) if state is not None and m is not None else None
+        return entry.limits.body_bytes if entry is not None else OTHER_BODY_BYTES
+
+    def on_reject(reason: str) -> None:
+        state: WorkerState | None = app.state.worker
+        if state is not None:
+            state.metrics.rejected.labels(reason).inc()
+
+    app.add_middleware(
+        RequestGuard,
+        routes_app=app,
+        tokens=app.state.tokens,
+        render=render_error,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_concurrency=settings.max_concurrency,
+        on_reject=on_reject,
+        body_limit=body_limit,
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every 4xx/5xx as OIP's `{"error": message}`."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -126,15 +182,28 @@ def create_app(settings: Settings | None = None, models: list[LoadedModel] | Non
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        return _error(
-            422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}"
-        )
+        return _error(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}")
 
+
+def create_app(
+    settings: Settings | None = None, models: list[LoadedModel] | None = None, *, tracing: Tracing | None = None
+) -> FastAPI:
+    """The worker app. `models` given: serve those; else load `settings.models` at start-up.
+    `tracing` (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set) exports a span per request."""
+    settings = settings or Settings()
+    app = FastAPI(title="DAPDEE edge worker", version="0.1.0", lifespan=_lifespan(settings, models))
+    app.state.worker = None
+    app.state.tokens = settings.tokens()
+    app.state.tracing = tracing if tracing is not None else tracer("edge")
+    _install_guard(app, settings)
+    # added after the guard, so it wraps it: refusals are logged and carry the traceparent too
+    app.add_middleware(AccessLog, service="edge", tracing=app.state.tracing)
+    _install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v2.router)
     return app

@@ -4,7 +4,9 @@ event loop, and split back per caller.
 
 A batch closes when it holds `batch_max` requests, or `batch_wait_ms` after its first request
 if a pool thread is free (otherwise it keeps filling until one frees up, so batches grow with
-load). With `batch_max == 1` every request runs alone (no waiting).
+load), or when the next request's rows would take it past `max_rows` rows (that request then
+opens the next batch): no batch ever concatenates more than `max_rows` rows. With
+`batch_max == 1` every request runs alone (no waiting).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class BatchResult:
     output: torch.Tensor
     queue_s: float
     compute_s: float
-    batch_size: int
+    batch_size: int  # requests in the batch
+    batch_rows: int  # rows in the batch
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Batch:
     executor: GraphExecutor
     target: str
     items: list[_Pending] = field(default_factory=list)
+    rows: int = 0
     timer: asyncio.TimerHandle | None = None
     due: bool = False  # its wait is over; dispatch as soon as a thread is free
 
@@ -59,11 +63,13 @@ class Batcher:
         self,
         batch_max: int,
         batch_wait_ms: float,
+        max_rows: int,
         workers: int = 1,
         slowdown: float = 1.0,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.batch_max = batch_max
+        self.max_rows = max_rows
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.workers = workers
         self.slowdown = slowdown
@@ -82,20 +88,27 @@ class Batcher:
     async def submit(
         self, key: BatchKey, executor: GraphExecutor, target: str, inputs: dict[str, torch.Tensor]
     ) -> BatchResult:
-        """Compute `target` for `inputs` (first dim = batch), batched with compatible requests."""
+        """Compute `target` for `inputs` (first dim = rows, at most `max_rows`), batched with
+        compatible requests. Raises ValueError for more rows than a batch may hold."""
         if self._closed:
             raise RuntimeError("worker is shutting down")
         loop = asyncio.get_running_loop()
         rows = next(iter(inputs.values())).shape[0]
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows exceed the batch limit of {self.max_rows}")
         item = _Pending(inputs, rows, loop.create_future())
         self.queued += 1
         batch = self._open.get(key)
+        if batch is not None and batch.rows + rows > self.max_rows:
+            self._flush(key, batch)  # full by rows: it runs now, this request opens the next one
+            batch = None
         if batch is None:
             batch = _Batch(executor, target)
             self._open[key] = batch
             if self.batch_max > 1 and self.batch_wait_s > 0:
                 batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
+        batch.rows += rows
         if len(batch.items) >= self.batch_max or batch.timer is None:
             self._flush(key, batch)
         return await item.future
@@ -115,7 +128,7 @@ class Batcher:
             batch.timer = None
         if not batch.items:
             return
-        items, batch.items = batch.items, []
+        items, batch.items, batch.rows = batch.items, [], 0
         self._active += 1
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self._run, batch.executor, batch.target, items)
@@ -167,11 +180,13 @@ class Batcher:
         if self.on_batch is not None:
             self.on_batch(model, len(items), compute_s)
         start = 0
+        rows = sum(it.rows for it in items)
         for it in items:
             part = out[start : start + it.rows]
             start += it.rows
             if not it.future.done():
-                it.future.set_result(BatchResult(part, max(0.0, t0 - it.t_submit), compute_s, len(items)))
+                queue_s = max(0.0, t0 - it.t_submit)
+                it.future.set_result(BatchResult(part, queue_s, max(0.0, compute_s), len(items), rows))
 
     # ---- load and shutdown ------------------------------------------------------------------
     def load(self) -> float:

@@ -1,12 +1,16 @@
-"""Edge worker settings (environment prefix `DAPDEE_EDGE_`; the API token is `DAPDEE_API_TOKEN`)."""
+"""Edge worker settings: its own fields under the environment prefix `DAPDEE_EDGE_`; the role
+tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`, fallback
+`DAPDEE_API_TOKEN`) and `DAPDEE_INSECURE` are the names every service reads."""
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from dapdee.web.settings import SecuritySettings
 
 
-class Settings(BaseSettings):
+class Settings(SecuritySettings):
     """Everything the worker reads at start-up. `models` is a comma-separated list of
     `SPEC[@ARTIFACT_DIR]` (e.g. `zoo:resnet18@artifacts/fmnist-resnet18,zoo:vgg16?width=0.25`)."""
 
@@ -18,32 +22,31 @@ class Settings(BaseSettings):
     public_url: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    batch_max: int = Field(default=8, ge=1, le=1024)
+    batch_max: int = Field(default=8, ge=1, le=1024, description="most requests per batch")
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
-    max_body_bytes: int = Field(default=64 << 20, ge=1024)
-    max_inflight: int = Field(default=256, ge=1)
-    max_elements: int = Field(default=1 << 24, ge=1)
+    max_batch_rows: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="most rows (first dimension) per request and per batch; with the model's "
+        "largest boundary set it bounds a request's values and body",
+    )
+    max_body_bytes: int = Field(
+        default=16 << 20, ge=1024, description="cap on the body limit derived per model from max_batch_rows"
+    )
+    body_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0, description="whole-body read timeout (408)")
+    max_concurrency: int = Field(
+        default=32, ge=1, le=65536, description="requests handled at once (503 + Retry-After beyond)"
+    )
     workers: int = Field(default=1, ge=1, le=64, description="compute thread pool size")
-    threads: int | None = Field(
-        default=None, ge=1, le=256, description="torch intra-op threads (process-wide)"
-    )
-    slowdown: float = Field(
-        default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)"
-    )
+    threads: int | None = Field(default=None, ge=1, le=256, description="torch intra-op threads (process-wide)")
+    slowdown: float = Field(default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)")
     profile: bool = Field(default=True, description="profile at start-up when registering with a planner")
     profile_repeats: int = Field(default=20, ge=1)
     profile_warmup: int = Field(default=3, ge=0)
-    profile_cache: str | None = Field(
-        default=None, description="directory of cached profiles (read, else written)"
-    )
+    profile_cache: str | None = Field(default=None, description="directory of cached profiles (read, else written)")
     heartbeat_s: float = Field(default=5.0, gt=0.0)
     planner_timeout_s: float = Field(default=5.0, gt=0.0)
-    api_token: SecretStr | None = Field(default=None, validation_alias="DAPDEE_API_TOKEN")
-
-    @field_validator("api_token", mode="before")
-    @classmethod
-    def _empty_token_is_none(cls, v: object) -> object:
-        return None if v == "" else v
 
     def model_entries(self) -> list[tuple[str, str | None]]:
         """`models` as (spec, artifact dir or None) pairs."""

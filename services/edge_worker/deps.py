@@ -1,18 +1,29 @@
-"""Worker state shared by the routers, errors in the `{"error": ...}` shape, and auth."""
+"""Worker state shared by the routers, the served models with their request limits, and errors
+in OIP's `{"error": ...}` shape."""
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from fastapi import Request
 
+from dapdee import wire
+from dapdee.api.oip import ModelMetadata, ModelParameters, TensorMetadata
 from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.config import Settings
+from dapdee.edge_worker.limits import RequestLimits, request_limits
 from dapdee.edge_worker.metrics import EdgeMetrics
 from dapdee.models import LoadedModel
+
+MODEL_VERSION = "1"  # every served model has exactly this version
+INPUTS_NOTE = (
+    "any graph node may be sent as an input (a boundary tensor named by node, first dim = rows, "
+    "per-sample shape = the node's traced shape); the worker computes whatever the exit needs that "
+    "was not sent; request parameter 'exit' picks the exit"
+)
 
 
 class ApiError(Exception):
@@ -28,55 +39,59 @@ class ApiError(Exception):
 
 @dataclass
 class ModelEntry:
-    """A served model: the loaded model, its cost graph (edge timings once profiled) and the
-    per-sample shape of every value a request may send (graph input and tensor nodes)."""
+    """A served model: the loaded model, its cost graph (edge timings once profiled), the
+    per-sample shape of every value a request may send (graph input and tensor nodes), and the
+    request limits derived from them."""
 
     loaded: LoadedModel
     graph: CostGraph
     sample_shapes: dict[str, tuple[int, ...]]
+    limits: RequestLimits
 
     @classmethod
-    def of(cls, loaded: LoadedModel) -> ModelEntry:
+    def of(cls, loaded: LoadedModel, max_rows: int, body_cap: int) -> ModelEntry:
+        """Index `loaded` for requests of at most `max_rows` rows and `body_cap` bytes.
+        O(largest_boundary) (enumerates the model's cuts)."""
         g = loaded.graph
         shapes = {g.input.name: tuple(g.input.shape[1:])}
         for n in g.nodes:
             if n.shape is not None and n.name not in loaded.executor.scalar_nodes:
                 shapes[n.name] = tuple(n.shape[1:])
-        return cls(loaded, g, shapes)
+        return cls(loaded, g, shapes, request_limits(g, shapes, max_rows, body_cap))
 
     @property
     def name(self) -> str:
         return self.loaded.name
 
-    def metadata(self) -> dict[str, Any]:
-        """v2 model metadata: the graph input as the input, logits/class outputs, exits as parameters."""
+    def metadata(self) -> ModelMetadata:
+        """v2 model metadata: the graph input with its real datatype and per-sample shape, the
+        logits/class outputs, the exits and limits as parameters. O(nodes)."""
         g = self.graph
         final = g.node(g.exits[-1].node)
         classes = final.shape[-1] if final.shape else -1
-        return {
-            "name": self.name,
-            "versions": ["1"],
-            "platform": "pytorch",
-            "inputs": [{"name": g.input.name, "datatype": "FP32", "shape": [-1, *g.input.shape[1:]]}],
-            "outputs": [
-                {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-                {"name": "class", "datatype": "INT64", "shape": [-1]},
+        input_type = wire.TORCH_TO_V2.get(getattr(torch, g.input.dtype, torch.float32), "FP32")
+        return ModelMetadata(
+            name=self.name,
+            versions=[MODEL_VERSION],
+            platform="pytorch",
+            inputs=[TensorMetadata(name=g.input.name, datatype=input_type, shape=[-1, *g.input.shape[1:]])],
+            outputs=[
+                TensorMetadata(name="logits", datatype="FP32", shape=[-1, classes]),
+                TensorMetadata(name="class", datatype="INT64", shape=[-1]),
             ],
-            "parameters": {
-                "exits": [e.name for e in g.exits],
-                "exit_nodes": {e.name: e.node for e in g.exits},
-                "exit_accuracy": {e.name: e.accuracy for e in g.exits},
-                "default_exit": g.exits[-1].name,
-                "spec": self.loaded.spec,
-                "inputs_note": (
-                    "any graph node may be sent as an input (a boundary tensor named by node, "
-                    "first dim = batch); the worker computes whatever the exit needs that was not "
-                    "sent; request parameter 'exit' picks the exit"
-                ),
-                "node_count": len(g.nodes),
-                "accepted_datatypes": ["FP32", "FP16", "FP64", "INT8", "UINT8", "INT16", "INT32", "INT64"],
-            },
-        }
+            parameters=ModelParameters(
+                exits=[e.name for e in g.exits],
+                exit_nodes={e.name: e.node for e in g.exits},
+                exit_accuracy={e.name: e.accuracy for e in g.exits},
+                default_exit=g.exits[-1].name,
+                spec=self.loaded.spec,
+                node_count=len(g.nodes),
+                max_batch_rows=self.limits.max_rows,
+                max_body_bytes=self.limits.body_bytes,
+                accepted_datatypes=["FP32", "FP16", "FP64", "INT8", "UINT8", "INT16", "INT32", "INT64"],
+                inputs_note=INPUTS_NOTE,
+            ),
+        )
 
 
 @dataclass
@@ -85,7 +100,7 @@ class WorkerState:
     models: dict[str, ModelEntry]
     batcher: Batcher
     metrics: EdgeMetrics
-    inflight: int = 0
+    inflight: int = 0  # infer requests being handled (metrics and heartbeats)
     ready: bool = False
     registration: dict[str, Any] = field(default_factory=dict)  # planner registration status
 
@@ -97,26 +112,14 @@ def get_state(request: Request) -> WorkerState:
     return state
 
 
-def get_model(state: WorkerState, name: str) -> ModelEntry:
+def get_model(state: WorkerState, name: str, version: str | None = None) -> ModelEntry:
+    """The served model `name` (404 naming it when unknown), at `version` when given (404
+    unless it is the one version every model has)."""
     entry = state.models.get(name)
     if entry is None:
         shown = name if len(name) <= 64 else name[:64] + "..."
         raise ApiError(404, f"unknown model {shown!r}; this worker serves {sorted(state.models)}")
+    if version is not None and version != MODEL_VERSION:
+        shown = version if len(version) <= 32 else version[:32] + "..."
+        raise ApiError(404, f"model {name!r} has no version {shown!r}; its only version is {MODEL_VERSION!r}")
     return entry
-
-
-def check_token(state: WorkerState, request: Request) -> None:
-    """Bearer-token auth when DAPDEE_API_TOKEN is set: 401 without a token, 403 with a wrong one."""
-    token = state.settings.api_token
-    if token is None:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        state.metrics.rejected.labels("unauthenticated").inc()
-        raise ApiError(
-            401, "missing bearer token (Authorization: Bearer TOKEN)", {"WWW-Authenticate": "Bearer"}
-        )
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        state.metrics.rejected.labels("forbidden").inc()
-        raise ApiError(403, "invalid token")

@@ -3,12 +3,18 @@
 Profiles come from a cache file when one matches the model's structure, else from
 `dapdee.profiler.profile_model` (then cached). The planner being away never stops the worker:
 every call is retried with backoff and failures are only logged.
+
+Tokens: registering graphs and profiles is an admin action (`DAPDEE_ADMIN_TOKEN`), heartbeats
+are the worker role's (`DAPDEE_WORKER_TOKEN`); `DAPDEE_API_TOKEN` stands in for either. With
+only a worker token the worker heartbeats and logs that registration needs the admin token;
+with no token at all it talks to an open planner without one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,7 @@ import httpx
 
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.edge_worker.deps import ModelEntry, WorkerState
+from dapdee.web.tracecontext import ainject_traceparent
 
 log = logging.getLogger("dapdee.edge.registration")
 
@@ -59,6 +66,8 @@ def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
 
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
+    """The worker's heartbeat: URL, models, tier, load, queue and its compute capacity
+    (`capacity_ms_per_s`: compute milliseconds it can spend per second, 1000 per pool thread)."""
     return {
         "url": public_url,
         "models": sorted(state.models),
@@ -66,28 +75,63 @@ def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
         "load": state.batcher.load(),
         "inflight": state.inflight,
         "queue_depth": state.batcher.queued,
+        "capacity_ms_per_s": 1000.0 * state.settings.workers,
     }
 
 
-async def _call(client: httpx.AsyncClient, method: str, url: str, body: dict[str, Any]) -> bool:
+@dataclass(frozen=True)
+class PlannerAuth:
+    """The Authorization headers of each kind of planner call (None: the call is not made)."""
+
+    admin: dict[str, str] | None  # PUT models and profiles
+    worker: dict[str, str]  # heartbeats and the reads that check registration
+
+    @classmethod
+    def of(cls, admin: str | None, worker: str | None, any_role: str | None) -> PlannerAuth:
+        """From the configured tokens; an open setup (no token at all) sends none."""
+
+        def bearer(token: str | None) -> dict[str, str]:
+            return {"Authorization": f"Bearer {token}"} if token else {}
+
+        admin, worker = admin or any_role, worker or any_role
+        if not admin and not worker:
+            return cls({}, {})
+        return cls(bearer(admin) if admin else None, bearer(worker or admin))
+
+
+def planner_auth(state: WorkerState) -> PlannerAuth:
+    s = state.settings
+
+    def raw(secret: Any) -> str | None:
+        return secret.get_secret_value() if secret is not None else None
+
+    return PlannerAuth.of(raw(s.admin_token), raw(s.worker_token), raw(s.api_token))
+
+
+async def _call(
+    client: httpx.AsyncClient, method: str, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> bool:
     try:
-        r = await client.request(method, url, json=body)
+        r = await client.request(method, url, json=body, headers=headers)
     except httpx.HTTPError as exc:
         log.warning("planner %s %s failed: %s", method, url, exc.__class__.__name__)
         return False
     if r.status_code >= 300:
-        log.warning("planner %s %s answered %d: %s", method, url, r.status_code, r.text[:200])
+        hint = ""
+        if r.status_code == 422 and "capacity_ms_per_s" in r.text:
+            hint = " (this planner does not know the heartbeat field capacity_ms_per_s yet)"
+        log.warning("planner %s %s answered %d: %s%s", method, url, r.status_code, r.text[:200], hint)
         return False
     return True
 
 
 async def _still_registered(
-    client: httpx.AsyncClient, base: str, model: str, tier: str, with_profile: bool
+    client: httpx.AsyncClient, base: str, model: str, tier: str, with_profile: bool, headers: dict[str, str]
 ) -> bool:
     """False only when the planner answers that it lacks the model (or this tier's edge
     profile); errors count as registered (the next heartbeat asks again)."""
     try:
-        r = await client.get(f"{base}/models/{model}/profiles")
+        r = await client.get(f"{base}/models/{model}/profiles", headers=headers)
     except httpx.HTTPError:
         return True
     if r.status_code == 404:
@@ -100,60 +144,80 @@ async def _still_registered(
         return True
 
 
+async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
+    """Each model's graph with this tier's edge timings (profiled or cached) when profiling is
+    on; a profiling failure registers the graph without timings rather than stopping."""
+    graphs: dict[str, CostGraph] = {}
+    for name, entry in state.models.items():
+        graphs[name] = entry.graph
+        if not state.settings.profile:
+            continue
+        try:
+            graphs[name] = entry.graph = await asyncio.to_thread(profile_entry, state, entry)
+            state.registration["profiled"].append(name)
+        except Exception as exc:  # a profiling failure must not take the worker down
+            why = f"{type(exc).__name__}: {exc}"
+            log.error("model %s: profiling failed (%s); registering without edge timings", name, why)
+    return graphs
+
+
+async def _register(
+    client: httpx.AsyncClient,
+    base: str,
+    state: WorkerState,
+    name: str,
+    graph: CostGraph,
+    public_url: str,
+    headers: dict[str, str],
+) -> bool:
+    """PUT the model's graph, then this tier's edge profile (when timed). True when both took."""
+    tier = state.settings.tier
+    ok = await _call(client, "PUT", f"{base}/models/{name}", graph.to_dict(), headers)
+    if ok and graph.has_timings("edge"):
+        timings = {n.name: n.edge_ms for n in graph.nodes}
+        meta = {**graph.meta.get("edge", {}), "tier": tier, "worker": public_url}
+        body = {"kind": "edge", "timings_ms": timings, "meta": meta}
+        ok = await _call(client, "PUT", f"{base}/models/{name}/profiles/{tier}", body, headers)
+    if ok:
+        log.info("model %s registered with planner %s (tier %s)", name, base, tier)
+    return ok
+
+
 async def run_registration(state: WorkerState, public_url: str) -> None:
     """Profile (or load) each model's edge timings, register graph and profile with the planner
-    until it accepts them, and heartbeat every `heartbeat_s` seconds until cancelled."""
+    until it accepts them (admin token), and heartbeat every `heartbeat_s` seconds (worker
+    token) until cancelled."""
     s = state.settings
     assert s.planner_url is not None
     base = s.planner_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {s.api_token.get_secret_value()}"} if s.api_token else {}
+    auth = planner_auth(state)
     reg = state.registration
     reg.update({"planner": base, "registered": [], "heartbeats": 0, "profiled": []})
-    graphs: dict[str, CostGraph] = {}
-    for name, entry in state.models.items():
-        if s.profile:
-            try:
-                graphs[name] = await asyncio.to_thread(profile_entry, state, entry)
-                entry.graph = graphs[name]
-                reg["profiled"].append(name)
-            except Exception as exc:  # a profiling failure must not take the worker down
-                log.error(
-                    "model %s: profiling failed (%s: %s); registering without edge timings",
-                    name,
-                    type(exc).__name__,
-                    exc,
-                )
-                graphs[name] = entry.graph
-        else:
-            graphs[name] = entry.graph
-    pending = dict(graphs)
+    graphs = await _edge_graphs(state)
+    if auth.admin is None:
+        log.warning(
+            "planner %s: registering models and edge profiles needs DAPDEE_ADMIN_TOKEN; "
+            "heartbeating only (the models must already be on the planner)",
+            base,
+        )
+    pending = dict(graphs) if auth.admin is not None else {}
     delay = 0.5
-    async with httpx.AsyncClient(timeout=s.planner_timeout_s, headers=headers) as client:
+    # each planner call carries a traceparent (a trace of its own: the loop runs outside requests)
+    async with httpx.AsyncClient(timeout=s.planner_timeout_s, event_hooks={"request": [ainject_traceparent]}) as client:
         while True:
             for name, graph in list(pending.items()):
-                ok = await _call(client, "PUT", f"{base}/models/{name}", graph.to_dict())
-                if ok and graph.has_timings("edge"):
-                    timings = {n.name: n.edge_ms for n in graph.nodes}
-                    meta = {**graph.meta.get("edge", {}), "tier": s.tier, "worker": public_url}
-                    ok = await _call(
-                        client,
-                        "PUT",
-                        f"{base}/models/{name}/profiles/{s.tier}",
-                        {"kind": "edge", "timings_ms": timings, "meta": meta},
-                    )
-                if ok:
+                if auth.admin is not None and await _register(client, base, state, name, graph, public_url, auth.admin):
                     pending.pop(name)
                     reg["registered"].append(name)
-                    log.info("model %s registered with planner %s (tier %s)", name, base, s.tier)
-            hb_ok = await _call(
-                client, "POST", f"{base}/workers/heartbeat", heartbeat_body(state, public_url)
-            )
+            body = heartbeat_body(state, public_url)
+            hb_ok = await _call(client, "POST", f"{base}/workers/heartbeat", body, auth.worker)
             if hb_ok:
                 reg["heartbeats"] += 1
-            if hb_ok and not pending:
+            if hb_ok and not pending and auth.admin is not None:
                 # a restarted planner without Redis forgot everything: register again
                 for name, graph in graphs.items():
-                    if not await _still_registered(client, base, name, s.tier, graph.has_timings("edge")):
+                    timed = graph.has_timings("edge")
+                    if not await _still_registered(client, base, name, s.tier, timed, auth.worker):
                         log.warning("planner %s lost model %s; registering it again", base, name)
                         pending[name] = graph
             if hb_ok and not pending:

@@ -7,8 +7,9 @@
    `security.require` (no declaration: admin-only; FastAPI's own docs routes: public; no route
    at all: passed on, so the app answers its 404/405);
 2. checks the bearer token: 401 without a known one, 403 for the wrong role;
-3. reads the whole body before the app sees it: 413 past `max_body_bytes` (from
-   Content-Length up front, else counted while streaming), 408 when it takes longer than
+3. reads the whole body before the app sees it: 413 past `max_body_bytes` (or the tighter
+   per-request limit `body_limit(scope)` gives, e.g. per model; from Content-Length up front,
+   else counted while streaming), 408 when it takes longer than
    `body_timeout_s` in all (a slow upload never holds a handler or a compute slot);
 4. holds one of `max_concurrency` slots while the app handles the request: 503 with
    `Retry-After` when none is free. Public routes (health, metrics) bypass this limit so
@@ -22,10 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.routing import Match
+
+try:  # FastAPI with lazily included routers
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # pragma: no cover - older FastAPI: included routes are plain entries
+    iter_route_contexts = None
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dapdee.web.security import AUTH_SCOPE_KEY, DEFAULT_ACCESS, PUBLIC, Access, AuthFailure, TokenSet, authorize
@@ -55,6 +61,7 @@ class RequestGuard:
         body_timeout_s: float,
         max_concurrency: int,
         on_reject: Callable[[str], None] | None = None,
+        body_limit: Callable[[Scope], int] | None = None,
     ) -> None:
         self.app = app
         self.routes_app = routes_app
@@ -64,6 +71,7 @@ class RequestGuard:
         self.body_timeout_s = body_timeout_s
         self.max_concurrency = max_concurrency
         self.on_reject = on_reject
+        self.body_limit = body_limit
         self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
         self._access: dict[tuple[str, str], Access | None] = {}
         docs = (
@@ -84,7 +92,7 @@ class RequestGuard:
             access: Access | None = PUBLIC
         else:
             access = None
-            for route in self.routes_app.router.routes:
+            for route in _flat_routes(self.routes_app):
                 match, _ = route.matches(scope)
                 if match == Match.FULL:
                     access = route_access(getattr(route, "dependencies", ())) or DEFAULT_ACCESS
@@ -132,12 +140,15 @@ class RequestGuard:
     async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
         """Read the whole body under the size and time limits and return a `receive` that replays
         it (later calls reach the client: disconnects stay visible). O(body bytes)."""
+        limit = self.max_body_bytes
+        if self.body_limit is not None:
+            limit = min(limit, self.body_limit(scope))
         declared = _header(scope, b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise _Refusal(400, "bad_request", "Content-Length: not a non-negative integer")
-            if int(declared) > self.max_body_bytes:
-                raise _Refusal(413, "too_large", self._too_large(int(declared)))
+            if int(declared) > limit:
+                raise _Refusal(413, "too_large", _too_large(int(declared), limit))
         if scope["method"] not in BODY_METHODS and not declared:
             return receive
         chunks: list[bytes] = []
@@ -145,18 +156,15 @@ class RequestGuard:
         deadline = time.monotonic() + self.body_timeout_s
         while True:
             left = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), max(left, 0.0)) if left > 0 else None
-            except asyncio.TimeoutError:
-                message = None
+            message = await _receive_within(receive, left) if left > 0 else None
             if message is None:
                 raise _Refusal(408, "timeout", f"request body not received within {self.body_timeout_s:g} s")
             if message["type"] == "http.disconnect":
                 raise _Refusal(400, "disconnected", "client disconnected while sending the body")
             body = message.get("body", b"")
             size += len(body)
-            if size > self.max_body_bytes:
-                raise _Refusal(413, "too_large", self._too_large(None))
+            if size > limit:
+                raise _Refusal(413, "too_large", _too_large(None, limit))
             chunks.append(body)
             if not message.get("more_body", False):
                 break
@@ -166,10 +174,6 @@ class RequestGuard:
             return replay.pop() if replay else await receive()
 
         return replayed
-
-    def _too_large(self, size: int | None) -> str:
-        what = f"request body of {size} bytes" if size is not None else "request body"
-        return f"{what} exceeds the limit of {self.max_body_bytes} bytes"
 
     async def _refuse(self, send: Send, refusal: _Refusal) -> None:
         if self.on_reject is not None:
@@ -181,6 +185,32 @@ class RequestGuard:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _receive_within(receive: Receive, seconds: float) -> Message | None:
+    """The next ASGI message, or None when none comes within `seconds`. Uses asyncio.timeout
+    where Python has it (3.11+: no task per call, unlike wait_for, which matters per request)."""
+    try:
+        if hasattr(asyncio, "timeout"):
+            async with asyncio.timeout(seconds):
+                return await receive()
+        return await asyncio.wait_for(receive(), seconds)
+    except asyncio.TimeoutError:
+        return None
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    what = f"request body of {size} bytes" if size is not None else "request body"
+    return f"{what} exceeds the limit of {limit} bytes"
+
+
+def _flat_routes(app: Any) -> Iterable[Any]:
+    """The app's routes with included routers expanded: newer FastAPI keeps an included router as
+    one lazy entry, and `iter_route_contexts` yields each of its routes with the include's prefix
+    and dependencies applied (older FastAPI copies them into `app.router.routes`). O(#routes)."""
+    if iter_route_contexts is None:
+        return app.router.routes
+    return iter_route_contexts(app.router.routes)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

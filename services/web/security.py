@@ -13,12 +13,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from fastapi import Depends, HTTPException, Request, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 AUTH_SCOPE_KEY = "dapdee.roles"  # set by the guard: the roles the request's token holds
 
@@ -66,7 +66,7 @@ class AuthFailure:
 class TokenSet:
     """The configured tokens and the roles each grants (a fallback token may grant all three)."""
 
-    grants: tuple[tuple[bytes, frozenset[Role]], ...]
+    grants: tuple[tuple[bytes, frozenset[Role]], ...] = field(repr=False)  # secrets: never in logs
 
     @classmethod
     def of(
@@ -169,13 +169,20 @@ def require(access: Access) -> Any:
 
         public_route.access = access  # type: ignore[attr-defined]
         return Depends(public_route)
-    bearer = HTTPBearer(auto_error=False, description=f"a token of the {access.describe()} role")
+    return Security(_RoleBearer(access))
 
-    async def secured(request: Request, _: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-        await enforce(request, access)
 
-    secured.access = access  # type: ignore[attr-defined]
-    return Depends(secured)
+class _RoleBearer(HTTPBearer):
+    """The route dependency `require` returns for a protected route: a bearer security scheme
+    (so OpenAPI shows it) whose call checks `access` (one dependency, no sub-dependency)."""
+
+    def __init__(self, access: Access) -> None:
+        description = f"a token of the {access.describe()} role"
+        super().__init__(scheme_name="HTTPBearer", auto_error=False, description=description)
+        self.access = access
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        await enforce(request, self.access)
 
 
 def declared_access(dependencies: Iterable[Any]) -> Access | None:
