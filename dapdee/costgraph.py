@@ -14,7 +14,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 SCHEMA_VERSION = 1
-MAX_OVERHEAD_MS = 1e7
+# Bounds on every number of a cost graph, so that every prediction made from it is finite
+# (sums over at most max_nodes nodes, divided by a bandwidth >= 1e-3 Mbit/s, stay far below 1e308).
+MAX_BYTES = 2**40  # node out_bytes, input bytes, shape entries
+MAX_FLOPS = 2**63 - 1
+MAX_MS = 1e7  # node timings and overheads (ms)
 
 
 class CostGraphError(ValueError):
@@ -68,6 +72,86 @@ class Overheads:
 
 
 NO_OVERHEADS = Overheads()
+FRACTION_SUM_TOL = 1e-6  # a planned exit's fractions must sum to 1 within this
+
+
+@dataclass(frozen=True)
+class ExitOutcome:
+    """Progressive inference planned to stop at exit e: `fractions` pairs each active shallower
+    exit k (threshold not null) and e itself with the fraction of frames leaving there (k: the
+    first confident active exit; e: every other frame); `accuracy` of the answers."""
+
+    fractions: tuple[tuple[str, float], ...]
+    accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Progressive:
+    """Calibrated confidence exits (the optional `progressive` field): per exit its max-softmax
+    threshold (None: the exit never answers early) and, per planned exit, the `ExitOutcome`
+    measured on the `split` named. Absent: the graph has no confidence exits."""
+
+    thresholds: tuple[tuple[str, float | None], ...]
+    by_exit: tuple[tuple[str, ExitOutcome], ...]
+    rule: str = "max_softmax"
+    split: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Progressive:
+        """Parse the JSON object (types and ranges; `check` matches it to a graph's exits)."""
+        got = _progressive(raw)
+        if got is None:
+            raise CostGraphError("progressive: expected an object")
+        return got
+
+    def threshold(self, exit_name: str) -> float | None:
+        return dict(self.thresholds).get(exit_name)
+
+    def outcome(self, exit_name: str) -> ExitOutcome:
+        return dict(self.by_exit)[exit_name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "split": self.split,
+            "thresholds": dict(self.thresholds),
+            "by_exit": {e: {"fractions": dict(o.fractions), "accuracy": o.accuracy} for e, o in self.by_exit},
+        }
+
+    def check(self, exit_names: list[str]) -> None:
+        """CostGraphError unless thresholds name known exits and every exit e has an outcome whose
+        fractions name exactly the active exits before e and e, summing to 1. O(exits²)."""
+        unknown = [k for k, _ in self.thresholds if k not in exit_names]
+        if unknown:
+            raise CostGraphError(f"progressive.thresholds: unknown exits {unknown[:5]}")
+        if sorted(e for e, _ in self.by_exit) != sorted(exit_names):
+            raise CostGraphError(f"progressive.by_exit: expected one entry per exit {exit_names}")
+        for i, e in enumerate(exit_names):
+            want = [k for k in exit_names[:i] if self.threshold(k) is not None] + [e]
+            fr = self.outcome(e).fractions
+            if sorted(k for k, _ in fr) != sorted(want):
+                raise CostGraphError(f"progressive.by_exit.{e}.fractions: expected the exits {want}")
+            if abs(math.fsum(q for _, q in fr) - 1.0) > FRACTION_SUM_TOL:
+                raise CostGraphError(f"progressive.by_exit.{e}.fractions: must sum to 1")
+
+
+@dataclass(frozen=True)
+class GraphLimits:
+    """Size caps of one cost graph: nodes, exits and producers per node (in-degree)."""
+
+    max_nodes: int = 4096
+    max_exits: int = 64
+    max_in_degree: int = 256
+
+    def check_counts(self, nodes: int, exits: int) -> None:
+        """CostGraphError when `nodes` or `exits` exceed the caps. O(1)."""
+        if nodes > self.max_nodes:
+            raise CostGraphError(f"nodes: {nodes} nodes exceed the limit of {self.max_nodes}")
+        if exits > self.max_exits:
+            raise CostGraphError(f"exits: {exits} exits exceed the limit of {self.max_exits}")
+
+
+DEFAULT_LIMITS = GraphLimits()
 
 
 @dataclass(frozen=True)
@@ -78,6 +162,7 @@ class CostGraph:
     exits: tuple[Exit, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     overheads: Overheads = NO_OVERHEADS
+    progressive: Progressive | None = None  # calibrated confidence exits (optional)
 
     # ---- lookups -------------------------------------------------------------------
     def node(self, name: str) -> Node:
@@ -153,6 +238,8 @@ class CostGraph:
             d["nodes"].append(nd)
         if not self.overheads.zero:  # v1 graphs serialise (and hash) exactly as before
             d["overheads"] = self.overheads.to_dict()
+        if self.progressive is not None:
+            d["progressive"] = self.progressive.to_dict()
         if self.meta:
             d["meta"] = self.meta
         return d
@@ -166,80 +253,26 @@ class CostGraph:
         return hashlib.sha256(canon.encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, d: Any) -> CostGraph:
-        """Parse and validate (see `validate`); raises CostGraphError naming the bad field."""
+    def from_dict(cls, d: Any, limits: GraphLimits | None = None) -> CostGraph:
+        """Parse and validate (see `validate`, and `check_limits` under `limits`, default
+        `DEFAULT_LIMITS`); raises CostGraphError naming the bad field. O(V + E)."""
         if not isinstance(d, dict):
             raise CostGraphError("cost graph: expected a JSON object")
         model = _req(d, "model", str, "model")
-        inp = _req(d, "input", dict, "input")
-        shape = _req(inp, "shape", list, "input.shape")
-        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise CostGraphError("input.shape: expected a non-empty list of positive integers")
-        in_bytes = inp.get("bytes", 0)
-        if not _is_int(in_bytes) or in_bytes < 0:
-            raise CostGraphError("input.bytes: expected a non-negative integer")
-        input_spec = InputSpec(
-            name=_req(inp, "name", str, "input.name"),
-            shape=tuple(shape),
-            dtype=str(inp.get("dtype", "float32")),
-            bytes=in_bytes,
-        )
+        input_spec = _parse_input(_req(d, "input", dict, "input"))
         raw_nodes = _req(d, "nodes", list, "nodes")
-        nodes = []
-        for i, nd in enumerate(raw_nodes):
-            where = f"nodes[{i}]"
-            if not isinstance(nd, dict):
-                raise CostGraphError(f"{where}: expected an object")
-            name = _req(nd, "name", str, f"{where}.name")
-            where = f"nodes[{i}] ({name})"
-            inputs = _req(nd, "inputs", list, f"{where}.inputs")
-            if not all(isinstance(u, str) for u in inputs):
-                raise CostGraphError(f"{where}.inputs: expected a list of names")
-            out_bytes = _req(nd, "out_bytes", int, f"{where}.out_bytes")
-            flops = nd.get("flops", 0)
-            if not _is_int(flops) or flops < 0:
-                raise CostGraphError(f"{where}.flops: expected a non-negative integer")
-            if out_bytes < 0:
-                raise CostGraphError(f"{where}.out_bytes: must be >= 0")
-            timings = {}
-            for key in ("device_ms", "edge_ms"):
-                v = nd.get(key)
-                if v is not None and (not _is_num(v) or not math.isfinite(v) or v < 0):
-                    raise CostGraphError(f"{where}.{key}: expected a finite number >= 0, got {v!r}")
-                timings[key] = None if v is None else float(v)
-            nshape = nd.get("shape")
-            nodes.append(
-                Node(
-                    name=name,
-                    op=str(nd.get("op", "")),
-                    inputs=tuple(inputs),
-                    out_bytes=out_bytes,
-                    flops=flops,
-                    shape=tuple(nshape) if isinstance(nshape, list) else None,
-                    **timings,
-                )
-            )
         raw_exits = _req(d, "exits", list, "exits")
-        exits = []
-        for i, ed in enumerate(raw_exits):
-            if not isinstance(ed, dict):
-                raise CostGraphError(f"exits[{i}]: expected an object")
-            acc = ed.get("accuracy")
-            if acc is not None and (not _is_num(acc) or not 0.0 <= acc <= 1.0):
-                raise CostGraphError(f"exits[{i}].accuracy: expected null or a number in [0, 1]")
-            exits.append(
-                Exit(
-                    name=_req(ed, "name", str, f"exits[{i}].name"),
-                    node=_req(ed, "node", str, f"exits[{i}].node"),
-                    accuracy=None if acc is None else float(acc),
-                )
-            )
+        (limits or DEFAULT_LIMITS).check_counts(len(raw_nodes), len(raw_exits))
+        nodes = tuple(_parse_node(i, nd) for i, nd in enumerate(raw_nodes))
+        exits = tuple(_parse_exit(i, ed) for i, ed in enumerate(raw_exits))
         meta = d.get("meta") or {}
         if not isinstance(meta, dict):
             raise CostGraphError("meta: expected an object")
         overheads = _overheads(d.get("overheads"))
-        g = cls(model=model, input=input_spec, nodes=tuple(nodes), exits=tuple(exits), meta=meta, overheads=overheads)
+        progressive = _progressive(d.get("progressive"))
+        g = cls(model, input_spec, nodes, exits, meta=meta, overheads=overheads, progressive=progressive)
         g.validate()
+        g.check_limits(limits or DEFAULT_LIMITS)
         return g
 
     @classmethod
@@ -293,6 +326,18 @@ class CostGraph:
             if e.name in names:
                 raise CostGraphError(f"exits[{i}].name: duplicate exit {e.name!r}")
             names.add(e.name)
+        if self.progressive is not None:
+            self.progressive.check([e.name for e in self.exits])
+
+    def check_limits(self, limits: GraphLimits = DEFAULT_LIMITS) -> None:
+        """CostGraphError when the graph exceeds `limits` (nodes, exits, in-degree). O(V)."""
+        limits.check_counts(len(self.nodes), len(self.exits))
+        for i, n in enumerate(self.nodes):
+            if len(n.inputs) > limits.max_in_degree:
+                raise CostGraphError(
+                    f"nodes[{i}] ({n.name}).inputs: {len(n.inputs)} producers exceed the limit of "
+                    f"{limits.max_in_degree}"
+                )
 
     def require_timings(self) -> None:
         """Planning needs both tiers' timings on every node."""
@@ -308,6 +353,8 @@ class CostGraph:
         unknown = set(timings) - {n.name for n in self.nodes}
         if unknown:
             raise CostGraphError(f"timings: unknown nodes {sorted(unknown)[:5]}")
+        for name, v in timings.items():
+            _check_ms(v, f"timings[{name!r}]")
         nodes = tuple(
             replace(n, **{f"{tier}_ms": float(timings[n.name])}) if n.name in timings else n for n in self.nodes
         )
@@ -333,12 +380,83 @@ class CostGraph:
         d = self.to_dict()
         d.pop("meta", None)
         d.pop("overheads", None)
+        d.pop("progressive", None)
         for nd in d["nodes"]:
             nd.pop("device_ms", None)
             nd.pop("edge_ms", None)
         for e in d["exits"]:
             e.pop("accuracy", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _parse_input(inp: dict[str, Any]) -> InputSpec:
+    shape = _req(inp, "shape", list, "input.shape")
+    if not shape or not all(_is_int(s) and 0 < s <= MAX_BYTES for s in shape):
+        raise CostGraphError(f"input.shape: expected a non-empty list of integers in [1, {MAX_BYTES}]")
+    in_bytes = inp.get("bytes", 0)
+    if not _is_int(in_bytes) or not 0 <= in_bytes <= MAX_BYTES:
+        raise CostGraphError(f"input.bytes: expected an integer in [0, {MAX_BYTES}], got {in_bytes!r}")
+    return InputSpec(
+        name=_req(inp, "name", str, "input.name"),
+        shape=tuple(shape),
+        dtype=str(inp.get("dtype", "float32")),
+        bytes=in_bytes,
+    )
+
+
+def _parse_node(i: int, nd: Any) -> Node:
+    """One entry of `nodes`, every number bounded (CostGraphError names the field). O(in-degree)."""
+    if not isinstance(nd, dict):
+        raise CostGraphError(f"nodes[{i}]: expected an object")
+    name = _req(nd, "name", str, f"nodes[{i}].name")
+    where = f"nodes[{i}] ({name})"
+    inputs = _req(nd, "inputs", list, f"{where}.inputs")
+    if not all(isinstance(u, str) for u in inputs):
+        raise CostGraphError(f"{where}.inputs: expected a list of names")
+    out_bytes = _req(nd, "out_bytes", int, f"{where}.out_bytes")
+    if not 0 <= out_bytes <= MAX_BYTES:
+        raise CostGraphError(f"{where}.out_bytes: expected an integer in [0, {MAX_BYTES}], got {out_bytes}")
+    flops = nd.get("flops", 0)
+    if not _is_int(flops) or not 0 <= flops <= MAX_FLOPS:
+        raise CostGraphError(f"{where}.flops: expected an integer in [0, {MAX_FLOPS}]")
+    timings = {}
+    for key in ("device_ms", "edge_ms"):
+        v = nd.get(key)
+        timings[key] = None if v is None else _check_ms(v, f"{where}.{key}")
+    nshape = nd.get("shape")
+    if nshape is not None and (
+        not isinstance(nshape, list) or not all(_is_int(s) and 0 <= s <= MAX_BYTES for s in nshape)
+    ):
+        raise CostGraphError(f"{where}.shape: expected a list of integers in [0, {MAX_BYTES}]")
+    return Node(
+        name=name,
+        op=str(nd.get("op", "")),
+        inputs=tuple(inputs),
+        out_bytes=out_bytes,
+        flops=flops,
+        shape=tuple(nshape) if nshape is not None else None,
+        **timings,
+    )
+
+
+def _parse_exit(i: int, ed: Any) -> Exit:
+    if not isinstance(ed, dict):
+        raise CostGraphError(f"exits[{i}]: expected an object")
+    acc = ed.get("accuracy")
+    if acc is not None and (not _is_num(acc) or not 0.0 <= acc <= 1.0):
+        raise CostGraphError(f"exits[{i}].accuracy: expected null or a number in [0, 1]")
+    return Exit(
+        name=_req(ed, "name", str, f"exits[{i}].name"),
+        node=_req(ed, "node", str, f"exits[{i}].node"),
+        accuracy=None if acc is None else float(acc),
+    )
+
+
+def _check_ms(v: Any, where: str) -> float:
+    """`v` as a float when it is a finite number in [0, MAX_MS], else CostGraphError naming `where`."""
+    if not _is_num(v) or not math.isfinite(v) or not 0 <= v <= MAX_MS:
+        raise CostGraphError(f"{where}: expected a finite number in [0, {MAX_MS:g}], got {v!r}")
+    return float(v)
 
 
 def _overheads(raw: Any) -> Overheads:
@@ -352,11 +470,49 @@ def _overheads(raw: Any) -> Overheads:
         raise CostGraphError(f"overheads: unknown fields {sorted(unknown)}")
     values = {}
     for key in ("device_request_ms", "edge_request_ms"):
-        v = raw.get(key, 0.0)
-        if not _is_num(v) or not math.isfinite(v) or not 0 <= v <= MAX_OVERHEAD_MS:
-            raise CostGraphError(f"overheads.{key}: expected a finite number in [0, {MAX_OVERHEAD_MS:g}], got {v!r}")
-        values[key] = float(v)
+        values[key] = _check_ms(raw.get(key, 0.0), f"overheads.{key}")
     return Overheads(**values)
+
+
+def _progressive(raw: Any) -> Progressive | None:
+    """Parse the optional `progressive` object (absent or null: None); types and ranges only,
+    `Progressive.check` matches it to the exits. CostGraphError names the field. O(exits²)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise CostGraphError("progressive: expected an object")
+    unknown = set(raw) - {"rule", "split", "thresholds", "by_exit"}
+    if unknown:
+        raise CostGraphError(f"progressive: unknown fields {sorted(unknown)}")
+    rule, split = raw.get("rule", "max_softmax"), raw.get("split")
+    if not isinstance(rule, str) or not (split is None or isinstance(split, str)):
+        raise CostGraphError("progressive.rule/split: expected strings")
+    thresholds = _req(raw, "thresholds", dict, "progressive.thresholds")
+    by_exit = _req(raw, "by_exit", dict, "progressive.by_exit")
+    outcomes = []
+    for e, o in by_exit.items():
+        where = f"progressive.by_exit.{e}"
+        fr = _req(o, "fractions", dict, f"{where}.fractions") if isinstance(o, dict) else None
+        if fr is None or set(o) - {"fractions", "accuracy"}:
+            raise CostGraphError(f"{where}: expected an object with fractions and accuracy")
+        fractions = tuple((k, _unit(q, f"{where}.fractions.{k}")) for k, q in fr.items())
+        acc = o.get("accuracy")
+        outcomes.append((e, ExitOutcome(fractions, None if acc is None else _unit(acc, f"{where}.accuracy"))))
+    return Progressive(
+        thresholds=tuple(
+            (k, None if t is None else _unit(t, f"progressive.thresholds.{k}")) for k, t in thresholds.items()
+        ),
+        by_exit=tuple(outcomes),
+        rule=rule,
+        split=split,
+    )
+
+
+def _unit(v: Any, where: str) -> float:
+    """`v` as a float when it is a number in [0, 1], else CostGraphError naming `where`."""
+    if not _is_num(v) or not 0.0 <= v <= 1.0:
+        raise CostGraphError(f"{where}: expected a number in [0, 1], got {v!r}")
+    return float(v)
 
 
 def _is_int(v: Any) -> bool:

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 import torch
 from torch import fx, nn
 
-from dapdee.costgraph import CostGraph, Exit, InputSpec, Node
+from dapdee.costgraph import CostGraph, Exit, InputSpec, Node, Progressive
 from dapdee.data import FrameNormalize
 from dapdee.executor import GraphExecutor
 from dapdee.names import MODEL_NAME_RE, ModelError, check_model_name  # noqa: F401 (re-exported)
@@ -316,6 +316,24 @@ class LoadedModel:
             return self.executor.compute({self.input_name: x}, [node])[node]
 
 
+def progressive_of(manifest: dict[str, Any] | None) -> Progressive | None:
+    """The cost graph's `progressive` field from an artifact manifest: the calibrated thresholds
+    and the per-planned-exit outcomes `dapdee calibrate` recorded on the split the exits'
+    accuracies are measured on (`accuracy_split`). None without such a record. O(exits²)."""
+    ce = (manifest or {}).get("confidence_exits")
+    split = (manifest or {}).get("accuracy_split") or "test"
+    measured = ce.get(split) if isinstance(ce, dict) else None
+    if not isinstance(measured, dict) or "by_exit" not in measured:
+        return None
+    raw = {
+        "rule": ce.get("rule") or "max_softmax",
+        "split": split,
+        "thresholds": ce.get("thresholds"),
+        "by_exit": measured["by_exit"],
+    }
+    return Progressive.from_dict(raw)
+
+
 def load_model(
     spec: str,
     input_shape: tuple[int, ...] | None = None,
@@ -328,7 +346,8 @@ def load_model(
     `frame_input` is false) the graph takes the raw uint8 camera frame at the model's resolution,
     its first node `frame` normalising it as the manifest's `preprocess` says: a camera's frame is
     1 byte per pixel, so that is what an Edge-Only plan ships. `module` stays the float-input
-    network the artifact was trained as."""
+    network the artifact was trained as. The manifest's calibrated confidence exits, when
+    recorded per planned exit, become the graph's `progressive` field (`progressive_of`)."""
     manifest = None
     if weights is not None:
         manifest = read_manifest(weights)
@@ -351,5 +370,8 @@ def load_model(
     if manifest is not None:
         acc = {e["name"]: e.get("accuracy") for e in manifest.get("exits", []) if isinstance(e, dict)}
         graph = graph.with_accuracies(acc)
-    graph = CostGraph(graph.model, graph.input, graph.nodes, graph.exits, meta={"spec": spec})
+    graph = CostGraph(
+        graph.model, graph.input, graph.nodes, graph.exits, meta={"spec": spec}, progressive=progressive_of(manifest)
+    )
+    graph.validate()
     return LoadedModel(graph.model, spec, module, gm, graph, ex, tuple(shape), manifest)

@@ -21,17 +21,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-accuracy", type=float, default=None)
     p.add_argument("--frame-rate", type=float, default=None, help="frames per second to sustain")
     p.add_argument("--mode", choices=MODES, default="auto")
-    p.add_argument(
-        "--baseline", choices=BASELINES, default=None, help="plan with a baseline instead of DAPDEE"
-    )
+    p.add_argument("--baseline", choices=BASELINES, default=None, help="plan with a baseline instead of DAPDEE")
     p.add_argument("--cap", type=int, default=None, help="max downward-closed sets enumerated per exit")
+    p.add_argument(
+        "--confidence-exits",
+        action="store_true",
+        help="price by expected cost under the profile's calibrated confidence exits (its `progressive` field)",
+    )
     p.set_defaults(func=run_plan)
 
 
 def run_plan(args: argparse.Namespace) -> int:
     """Load the profile, validate the request, print the plan JSON. User errors raise ValueError."""
     from dapdee.costgraph import CostGraph
-    from dapdee.planning import DEFAULT_CAP, PlanRequest, baseline_plan, make_plan
+    from dapdee.planning import DEFAULT_CAP, PlanRequest, baseline_plan
+    from dapdee.planning.progressive import plan as progressive_plan
 
     req = PlanRequest(
         bandwidth_mbps=args.bandwidth_mbps,
@@ -42,14 +46,17 @@ def run_plan(args: argparse.Namespace) -> int:
         min_accuracy=args.min_accuracy,
         frame_rate=args.frame_rate,
         mode=args.mode,
+        confidence_exits=args.confidence_exits,
     )
     req.validate()
+    if args.baseline and args.confidence_exits:
+        raise ValueError("--confidence-exits: the baselines plan without confidence exits; drop --baseline")
     graph = CostGraph.load(args.profile)
     graph.require_timings()
     if args.baseline:
         plan = baseline_plan(graph, req, args.baseline)
     else:
-        plan = make_plan(graph, req, args.cap if args.cap is not None else DEFAULT_CAP)
+        plan = progressive_plan(graph, req, args.cap if args.cap is not None else DEFAULT_CAP)
     json.dump(plan, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

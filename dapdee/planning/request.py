@@ -17,7 +17,9 @@ def _is_num(v: object) -> bool:
 @dataclass(frozen=True)
 class PlanRequest:
     """What a device asks for: uplink `bandwidth_mbps`, `rtt_ms`, device and edge load in [0, 1),
-    optional `latency_budget_ms`, `min_accuracy`, `frame_rate`, and `mode` (auto|latency|throughput).
+    optional `latency_budget_ms`, `min_accuracy`, `frame_rate`, `mode` (auto|latency|throughput),
+    and `confidence_exits`: price the plan by its expected cost under the graph's calibrated
+    confidence exits (`dapdee.planning.progressive`).
 
     An exit whose accuracy is unknown (null) never meets a `min_accuracy` requirement."""
 
@@ -29,6 +31,7 @@ class PlanRequest:
     min_accuracy: float | None = None
     frame_rate: float | None = None
     mode: str = "auto"
+    confidence_exits: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field. O(1)."""
@@ -48,14 +51,17 @@ class PlanRequest:
             raise ValueError(f"frame_rate: must be a finite number > 0, got {f!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {'|'.join(MODES)}, got {self.mode!r}")
+        if not isinstance(self.confidence_exits, bool):
+            raise ValueError(f"confidence_exits: expected true or false, got {self.confidence_exits!r}")
 
     def conditions(self) -> Conditions:
         """The cost model's run-time conditions of this request (validated)."""
         return Conditions(self.bandwidth_mbps, self.rtt_ms, self.device_load, self.edge_load)
 
     def key(self) -> tuple:
-        """All fields, in declaration order (for plan ids and caches)."""
-        return (
+        """All fields, in declaration order (for plan ids and caches); `confidence_exits` only
+        when true, so the keys (and plan ids) of ordinary requests are those they always had."""
+        key = (
             self.bandwidth_mbps,
             self.rtt_ms,
             self.device_load,
@@ -65,3 +71,4 @@ class PlanRequest:
             self.frame_rate,
             self.mode,
         )
+        return (*key, "confidence_exits") if self.confidence_exits else key

@@ -16,6 +16,13 @@ then checked on the test split and both are reported.
 Cost of a policy: evaluating exits 1..k (the active ones) and leaving at k costs the FLOPs of
 the union of their ancestor sets in the traced cost graph; "FLOPs saved" is
 1 - E[cost] / FLOPs(ancestors(final exit)).
+
+Progressive inference planned to stop at exit e (what the planner prices with
+`confidence_exits`): the active exits k < e are checked in order and the rest of the frames
+leave at e whatever its own threshold. Its outcome (:func:`by_exit_outcomes`) is the same rule
+truncated at e: a frame whose first confident active exit is k < e leaves at k, every other
+frame at e. `dapdee calibrate` records, on both splits, per planned exit the fraction leaving at
+each active k < e and at e (they sum to 1) and the accuracy of the answers.
 """
 
 from __future__ import annotations
@@ -132,14 +139,7 @@ def policy_stats(
     exit and mean FLOPs of the rule on precomputed confidences `conf` [exits, N] and
     correctness `correct` [exits, N]. O(exits · N)."""
     n_exits, n = conf.shape
-    choice = torch.full((n,), n_exits - 1, dtype=torch.long)
-    undecided = torch.ones(n, dtype=torch.bool)
-    for k in range(n_exits - 1):
-        if thresholds[k] is None:
-            continue
-        hit = undecided & (conf[k] >= thresholds[k])
-        choice[hit] = k
-        undecided &= ~hit
+    choice = _leave(conf, thresholds)
     got = correct.gather(0, choice[None])[0].double()
     diff = correct[-1].double() - got  # paired per-frame loss vs the final exit
     per = costs.per_exit([t is not None for t in thresholds])
@@ -157,6 +157,42 @@ def policy_stats(
         "final_flops": costs.final_flops,
         "flops_saved": 1 - mean_flops / costs.final_flops,
     }
+
+
+def _leave(conf: torch.Tensor, thresholds: Sequence[float | None]) -> torch.Tensor:
+    """The exit each frame leaves at under the rule, from confidences `conf` [exits, N]: the
+    first active exit whose confidence reaches its threshold, else the last. O(exits · N)."""
+    n_exits, n = conf.shape
+    choice = torch.full((n,), n_exits - 1, dtype=torch.long)
+    undecided = torch.ones(n, dtype=torch.bool)
+    for k in range(n_exits - 1):
+        if thresholds[k] is None:
+            continue
+        hit = undecided & (conf[k] >= thresholds[k])
+        choice[hit] = k
+        undecided &= ~hit
+    return choice
+
+
+def by_exit_outcomes(
+    conf: torch.Tensor, correct: torch.Tensor, thresholds: Sequence[float | None], names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per planned exit e (by name): `fractions` {active k < e and e: fraction of frames leaving
+    there} under the rule truncated at e, and `accuracy` of its answers, on confidences `conf`
+    and correctness `correct` [exits, N]. The fractions are counts / N (they sum to 1 up to
+    rounding); the last exit's outcome is the whole rule's. O(exits² · N)."""
+    n_exits, n = conf.shape
+    choice = _leave(conf, thresholds)
+    out: dict[str, dict[str, Any]] = {}
+    for e in range(n_exits):
+        leave = torch.where(choice < e, choice, torch.full_like(choice, e))
+        counts = torch.bincount(leave, minlength=n_exits).tolist()
+        keys = [k for k in range(e) if thresholds[k] is not None] + [e]
+        out[names[e]] = {
+            "fractions": {names[k]: counts[k] / n for k in keys},
+            "accuracy": float(correct.gather(0, leave[None])[0].double().mean()),
+        }
+    return out
 
 
 def calibrate_thresholds(
@@ -264,8 +300,9 @@ def calibrate_artifact(
 ) -> dict[str, Any]:
     """Calibrate max-softmax thresholds on the calibration split, check them on the test split,
     and (with `write`) store them in the manifest under `confidence_exits`. Returns the report:
-    thresholds, per-split accuracy loss, fraction of frames per exit, FLOPs saved. Cost: two
-    inference passes plus the greedy search."""
+    thresholds, per-split accuracy loss, fraction of frames per exit, FLOPs saved, and per split
+    `by_exit` (`by_exit_outcomes`: per planned exit the fractions and accuracy of progressive
+    inference truncated there). Cost: two inference passes plus the greedy search."""
     from dapdee.training.train import write_manifest
 
     if not 0 <= max_accuracy_loss < 1:
@@ -291,6 +328,8 @@ def calibrate_artifact(
     ts = calibrate_thresholds(*data["calib"], costs, max_accuracy_loss, z)
     cal = policy_stats(*data["calib"], ts, costs)
     test = policy_stats(*data["test"], ts, costs)
+    cal["by_exit"] = by_exit_outcomes(*data["calib"], ts, costs.names)
+    test["by_exit"] = by_exit_outcomes(*data["test"], ts, costs.names)
     thresholds = {nm: t for nm, t in zip(costs.names, ts, strict=True)}
     report = {
         "artifact": str(artifact),
