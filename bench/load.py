@@ -114,15 +114,20 @@ def edge_service(
     return ServiceProcess("edge", args + list(extra or []), "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "1"})
 
 
-def wait_registered(planner_url: str, model: str, worker_urls: list[str], timeout_s: float = 60.0) -> None:
-    """Until the planner lists every worker live and has an edge profile for `model`."""
+def wait_registered(
+    planner_url: str, model: str, worker_urls: list[str], timeout_s: float = 60.0, token: str | None = None
+) -> None:
+    """Until the planner lists every worker live and has an edge profile for `model` (reads with
+    `token`, any role's, when the planner has tokens)."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            live = {w["url"] for w in httpx.get(f"{planner_url}/workers", timeout=2).json()["workers"]}
-            r = httpx.get(f"{planner_url}/models/{model}/profiles", timeout=2)
+            workers = httpx.get(f"{planner_url}/workers", timeout=2, headers=headers).json()["workers"]
+            live = {w["url"] for w in workers}
+            r = httpx.get(f"{planner_url}/models/{model}/profiles", timeout=2, headers=headers)
             kinds = {p["kind"] for p in r.json()["profiles"].values()} if r.status_code == 200 else set()
             if set(worker_urls) <= live and "edge" in kinds:
                 return

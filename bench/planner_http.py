@@ -1,7 +1,8 @@
 """Planner HTTP benchmark: closed-loop load on POST /plan vs GET /healthz of the same server.
 
-Starts a planner (`dapdee serve planner`) in a subprocess, uploads a synthetic ResNet-like cost
-graph (residual blocks, so the plan map is a real DAG front), then drives each endpoint with
+Starts a planner (`dapdee serve planner`, with admin and device tokens) in a subprocess, uploads a
+synthetic ResNet-like cost graph (residual blocks, so the plan map is a real DAG front) with the
+admin token, then drives each endpoint (POST /plan with the device token) with
 N concurrent keep-alive clients from a separate load process (asyncio, raw HTTP/1.1: a client
 cheap enough not to be the bottleneck). Prints plans/s and p50/p99 latency of both endpoints,
 their throughput ratio, and PASS/FAIL against the targets (plan ≥ 70 % of healthz throughput,
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -191,8 +193,10 @@ def _clear_prefix(url: str, prefix: str) -> None:
         pass
 
 
-def _http_req(method: str, path: str, host: str, body: bytes | None = None) -> bytes:
+def _http_req(method: str, path: str, host: str, body: bytes | None = None, token: str | None = None) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + (body or b"")
@@ -219,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         args.redis_url = "none" if args.workers == 1 else "redis://127.0.0.1:6379/0"
     host, port = "127.0.0.1", _free_port()
     prefix = f"bench-planner-{os.getpid()}"
-    env = dict(os.environ, DAPDEE_KEY_PREFIX=prefix, PYTHONPATH=str(ROOT))
+    admin, device = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    env = dict(
+        os.environ, DAPDEE_KEY_PREFIX=prefix, PYTHONPATH=str(ROOT), DAPDEE_ADMIN_TOKEN=admin, DAPDEE_DEVICE_TOKEN=device
+    )
     server = subprocess.Popen(
         [
             sys.executable,
@@ -254,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("planner did not start")
             time.sleep(0.1)
         graph = synthetic_graph()
-        r = httpx.put(f"{base}/models/{graph['model']}", json=graph, timeout=60)
+        r = httpx.put(
+            f"{base}/models/{graph['model']}", json=graph, timeout=60, headers={"Authorization": f"Bearer {admin}"}
+        )
         r.raise_for_status()
         plan_reqs = []
         for i, bw in enumerate((0.13, 1.1, 5.85, 18.88, 50.0, 100.0)):
@@ -266,12 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                 "mode": ("auto", "latency", "throughput")[i % 3],
                 "frame_rate": 30.0,
             }
-            plan_reqs.append(_http_req("POST", "/plan", host, json.dumps(body).encode()))
+            plan_reqs.append(_http_req("POST", "/plan", host, json.dumps(body).encode(), token=device))
         # first plan builds the plan map; not part of the measurement
         r = httpx.post(
             f"{base}/plan",
             content=plan_reqs[0].split(b"\r\n\r\n", 1)[1],
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", "Authorization": f"Bearer {device}"},
             timeout=60,
         )
         r.raise_for_status()

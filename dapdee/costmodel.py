@@ -58,14 +58,17 @@ class Predicted:
     sent_bytes: int
 
     def as_dict(self, accuracy: float | None) -> dict[str, float | None]:
-        """The `predicted` object of the plan JSON."""
+        """The `predicted` object of the plan JSON: every number finite; `throughput_fps` is null
+        when it has no finite value: `bottleneck_ms` is 0 (no stage takes any time) or so close
+        to 0 (below ~5.6e-306 ms, subnormal timings) that 1000 / bottleneck_ms overflows."""
+        fps = self.throughput_fps
         return {
             "latency_ms": self.latency_ms,
             "device_ms": self.device_ms,
             "transfer_ms": self.transfer_ms,
             "edge_ms": self.edge_ms,
             "bottleneck_ms": self.bottleneck_ms,
-            "throughput_fps": self.throughput_fps,
+            "throughput_fps": fps if math.isfinite(fps) else None,
             "accuracy": accuracy,
         }
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
+# the same rule as a JSON Schema / OpenAPI pattern (anchored; no '..' anywhere)
+MODEL_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
 class ModelError(ValueError):
@@ -16,7 +18,8 @@ class ModelError(ValueError):
 
 
 def check_model_name(name: str) -> str:
-    """Return `name` if it is a valid model/tier name, else raise ModelError. O(len(name))."""
-    if not isinstance(name, str) or not MODEL_NAME_RE.match(name) or ".." in name:
+    """Return `name` if it is a valid model/tier name, else raise ModelError. The whole string must
+    match (a trailing newline does not pass). O(len(name))."""
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or ".." in name:
         raise ModelError(f"model name {name!r}: use 1-64 letters, digits, '_', '.', '-' (not starting with one)")
     return name

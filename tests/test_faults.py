@@ -145,7 +145,7 @@ def test_redis_outage_during_planning_load(device_model: tuple[Any, Any]) -> Non
     timings = {n["name"]: 2.0 for n in graph["nodes"]}
     try:
         with planner_process(env) as url:
-            assert httpx.put(f"{url}/models/{MODEL}", json=graph, timeout=30).status_code == 200
+            assert httpx.put(f"{url}/models/{MODEL}", json=graph, timeout=30).status_code == 201  # created
             bodies = [
                 {"model": MODEL, "bandwidth_mbps": bw, "rtt_ms": 10.0, "device_load": load}
                 for bw in (0.13, 1.1, 5.85, 18.88)
@@ -164,8 +164,8 @@ def test_redis_outage_during_planning_load(device_model: tuple[Any, Any]) -> Non
                     timeout=10,
                 )
                 r2 = httpx.put(f"{url}/models/m2", json={**graph, "model": "m2"}, timeout=10)
-                assert r1.status_code == 200, r1.text
-                assert r2.status_code == 200 and r2.json()["stored"] == "pending", r2.text
+                assert r1.status_code == 201, r1.text  # created (PUT answers 201 for a new model or tier)
+                assert r2.status_code == 201 and r2.json()["stored"] == "pending", r2.text
                 during = httpx.post(f"{url}/plan", json={**bodies[2], "device_tier": "dev-outage"}, timeout=10)
                 assert during.status_code == 200, during.text
                 assert httpx.get(f"{url}/readyz", timeout=5).json()["redis"] == "down"

@@ -8,9 +8,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-import redis.asyncio as aioredis
 
+from dapdee.planner.config import Settings
 from dapdee.planner.leases import LeaseBook
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.redis_link import RedisLink
 
 URL = "redis://127.0.0.1:6379/0"
 
@@ -29,13 +31,18 @@ def prefix() -> Iterator[str]:
 
 
 async def _books(prefix: str, n: int, ttl_s: float = 30.0, max_leases: int = 1000) -> list[LeaseBook]:
-    """`n` lease books on separate connections: replicas sharing one Redis."""
-    return [LeaseBook(aioredis.from_url(URL), prefix, ttl_s, max_leases) for _ in range(n)]
+    """`n` lease books on separate Redis links: replicas sharing one Redis."""
+    books = []
+    for _ in range(n):
+        link = RedisLink(Settings(redis_url=URL, redis_timeout_s=5.0), PlannerMetrics())
+        link.connect()
+        books.append(LeaseBook(link, prefix, ttl_s, max_leases))
+    return books
 
 
 async def _close(books: list[LeaseBook]) -> None:
     for b in books:
-        await b.redis.aclose()
+        await b.link.close()
 
 
 def run(coro: object) -> object:
@@ -59,6 +66,10 @@ def test_admission_refuses_past_the_limit_and_reports_the_others(prefix: str) ->
         assert await book.loads() == {"http://w": {"a": 500.0, "b": 400.0}}
         record, ttl = await book.record("c")  # type: ignore[misc]
         assert record == {"device_id": "c"} and 0 < ttl <= 30
+        record, others = await book.read("a", ["http://w", "http://none"])
+        assert record == {"device_id": "a"} and others == {"http://w": 400.0, "http://none": 0.0}
+        assert sorted(await book.devices()) == ["a", "b", "c"]
+        assert set(await book.records(["a", "zz"])) == {"a"}
         await _close([book])
 
     run(scenario())

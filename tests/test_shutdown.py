@@ -1,12 +1,17 @@
-"""Graceful shutdown (issue 10): SIGTERM to a `dapdee serve edge` process with infer requests
-in flight drains them — every one completes with 200 — before the process exits (uvicorn's
-graceful shutdown, then the app's lifespan closes the batcher). New connections are refused
-once it stops listening."""
+"""Graceful shutdown: SIGTERM to a `dapdee serve edge` or `dapdee serve planner` process with
+requests in flight drains them (each completes with 200) before the process exits (uvicorn's
+graceful shutdown, then the app's lifespan closes its resources); new connections are refused as
+soon as it stops listening. Exit status: 0, or -SIGTERM when uvicorn re-raises the signal after
+its graceful shutdown (so a supervisor sees why it stopped); both are clean exits."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import socket
+import subprocess
 import time
 
 import httpx
@@ -14,9 +19,12 @@ import torch
 
 from dapdee import wire
 from tests.conftest import edge_process
+from tests.test_planner_api import planner_subprocess, read_answer
+from tests.test_planner_service import toy_graph
 
 SPEC = "zoo:alexnet?width=0.25"
 IN_FLIGHT = 6
+CLEAN_EXIT = (0, -signal.SIGTERM)
 
 
 def _arrived_and_inflight(url: str) -> tuple[float, float]:
@@ -31,7 +39,10 @@ def _arrived_and_inflight(url: str) -> tuple[float, float]:
     return done + inflight, inflight
 
 
-async def _drive(url: str, proc_pid: int) -> tuple[list[int], float, float]:
+async def _drive(url: str, proc: subprocess.Popen) -> tuple[list[int], bool]:
+    """Send IN_FLIGHT infer requests, SIGTERM the worker while some are being computed; the
+    statuses, and whether the process was still running when the first answer came back (it
+    must be: the others were still in flight)."""
     body, headers = wire.encode_request({"x": torch.randn(1, 3, 32, 32)}, parameters={"exit": "final"})
     async with httpx.AsyncClient(timeout=60) as client:
         warm, _ = await asyncio.to_thread(_arrived_and_inflight, url)
@@ -47,14 +58,12 @@ async def _drive(url: str, proc_pid: int) -> tuple[list[int], float, float]:
             assert time.monotonic() < deadline, "requests never reached the worker"
             await asyncio.sleep(0.02)
         assert inflight >= 2, f"only {inflight:g} requests in flight at SIGTERM"
-        t_term = time.monotonic()
-        import os
-
-        os.kill(proc_pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        alive_while_draining = proc.poll() is None
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        t_done = time.monotonic()
     statuses = [r.status_code if isinstance(r, httpx.Response) else -1 for r in results]
-    return statuses, t_term, t_done
+    return statuses, alive_while_draining
 
 
 def test_sigterm_drains_inflight_requests() -> None:
@@ -62,16 +71,45 @@ def test_sigterm_drains_inflight_requests() -> None:
     # take a second or more to drain, so SIGTERM certainly lands while they are in flight
     args = ["--models", SPEC, "--threads", "1", "--workers", "1", "--batch-max", "1", "--slowdown", "150"]
     with edge_process(args) as (url, proc):
-        statuses, t_term, t_done = asyncio.run(_drive(url, proc.pid))
+        statuses, alive_while_draining = asyncio.run(_drive(url, proc))
         rc = proc.wait(30)
-        t_exit = time.monotonic()
         assert statuses == [200] * IN_FLIGHT, statuses
-        # uvicorn re-raises the signal after its graceful shutdown (so a supervisor sees why it
-        # stopped): -SIGTERM is a clean exit here, like 0
-        assert rc in (0, -signal.SIGTERM), f"exit code {rc} after SIGTERM"
-        assert t_exit >= t_done - 0.5  # it exited after answering, not before
+        assert alive_while_draining, "the worker exited while requests were still in flight"
+        assert rc in CLEAN_EXIT, f"exit code {rc} after SIGTERM"
         try:
             httpx.get(f"{url}/v2/health/live", timeout=2)
             raise AssertionError("still accepting connections after exit")
         except httpx.HTTPError:
             pass
+
+
+def test_planner_sigterm_drains_a_request_in_flight() -> None:
+    """A plan request whose body is still arriving at SIGTERM is answered (200, a plan) before the
+    planner exits; meanwhile the process stays up and refuses new connections."""
+    token = "shutdown-test-token"
+    env = {"DAPDEE_REDIS_URL": "none", "DAPDEE_API_TOKEN": token}
+    with planner_subprocess(env) as (url, proc):
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.put(f"{url}/models/toy", json=toy_graph(), headers=auth, timeout=30).status_code == 201
+        body = json.dumps({"model": "toy", "bandwidth_mbps": 1.1, "rtt_ms": 20.0}).encode()
+        head = (
+            f"POST /plan HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(head + body[:10])  # the request is in flight: the planner awaits its body
+            time.sleep(0.5)
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(1.0)
+            assert proc.poll() is None, "the planner exited with a request in flight"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                raise AssertionError("a new connection was accepted after SIGTERM")
+            except ConnectionRefusedError:
+                pass
+            status, _, answer = read_answer(s, [body[10:]])
+        assert status == 200, answer
+        assert json.loads(answer)["model"] == "toy"
+        rc = proc.wait(30)
+        assert rc in CLEAN_EXIT, f"exit code {rc} after SIGTERM"

@@ -1,8 +1,9 @@
 """Planning: which exit and which downward-closed device set, exactly optimal under the cost model.
 
 `PlanMap.build(graph)` precomputes per exit the Pareto front of (Σdevice_ms, sent_bytes,
-Σedge_ms) over downward-closed partitions; `PlanMap.plan(req)` answers a `PlanRequest` with
-the plan JSON of DESIGN.md by scanning it. `baseline_plan` gives the baselines' plans
+Σedge_ms) over downward-closed partitions (`cap` and an optional time budget `deadline_s`
+bound the work: past them an exit falls back to min-cuts); `PlanMap.plan(req)` answers a
+`PlanRequest` with the plan JSON of DESIGN.md by scanning it. `baseline_plan` gives the baselines' plans
 (device-only, edge-only, neurosurgeon, dads, edgent) in the same shape.
 """
 

@@ -1,9 +1,13 @@
-"""`dapdee serve planner`: run the planner under uvicorn."""
+"""`dapdee serve planner`: run the planner under uvicorn (closed unless opened: see `--insecure`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
+
+from dapdee.web.logs import add_log_arguments, configure_logging, logging_config
+from dapdee.web.otel import add_otel_argument
 
 
 def add_serve_command(services: argparse._SubParsersAction) -> None:
@@ -11,8 +15,11 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
     p = services.add_parser(
         "planner",
         help="run the planner service (POST /plan, models, profiles, worker registry)",
-        description="Settings also come from DAPDEE_* environment variables (DAPDEE_REDIS_URL, "
-        "DAPDEE_WORKER_TTL_S, DAPDEE_MAX_BODY_BYTES, DAPDEE_API_TOKEN, DAPDEE_KEY_PREFIX).",
+        description="Settings also come from DAPDEE_* environment variables: the role tokens "
+        "DAPDEE_ADMIN_TOKEN, DAPDEE_DEVICE_TOKEN, DAPDEE_WORKER_TOKEN (DAPDEE_API_TOKEN grants all "
+        "three), DAPDEE_REDIS_URL, DAPDEE_KEY_PREFIX, DAPDEE_WORKER_TTL_S, DAPDEE_WORKER_URL_PATTERN, "
+        "DAPDEE_MAX_BODY_BYTES, DAPDEE_MAX_CONCURRENCY, DAPDEE_PLAN_BUDGET_S, DAPDEE_MAX_NODES. "
+        "Without a token the planner starts only on a loopback address (or with --insecure).",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
@@ -27,46 +34,76 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
         default=1,
         help="uvicorn worker processes (each keeps its own in-process cache; they share Redis)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow running without any token on a non-loopback address (DAPDEE_INSECURE=1)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_log_arguments(p)
+    add_otel_argument(p)
     p.set_defaults(func=_serve)
+
+
+def _settings(overrides: dict[str, Any]) -> Any:
+    """Settings from the environment plus `overrides`; ValueError naming the bad variable."""
+    from pydantic import ValidationError
+
+    from dapdee.planner.config import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:  # a bad DAPDEE_* variable
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]).upper()
+        field = name if name.startswith("DAPDEE_") else f"DAPDEE_{name}"
+        raise ValueError(f"planner settings: {field}: {first['msg']}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
 
     from dapdee.planner.app import create_app
-    from dapdee.planner.config import Settings
+    from dapdee.web.otel import tracer
+    from dapdee.web.security import check_exposure
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: expected 1..65535, got {args.port}")
-    overrides = {}
-    if args.redis_url is not None:
-        overrides["redis_url"] = args.redis_url
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:  # a bad DAPDEE_* variable
-        first = exc.errors()[0]
-        field = "DAPDEE_" + ".".join(str(p) for p in first["loc"]).upper()
-        raise ValueError(f"planner settings: {field}: {first['msg']}") from None
     if args.workers < 1:
         raise ValueError(f"--workers: expected >= 1, got {args.workers}")
+    overrides: dict[str, Any] = {}
+    if args.redis_url is not None:
+        overrides["redis_url"] = args.redis_url
+    if args.insecure:
+        overrides["insecure"] = True
+    settings = _settings(overrides)
+    configure_logging("planner", args.log_format, args.log_level)  # one JSON (or text) line per record on stderr
+    # closed unless opened: no token beyond loopback is refused (exit 2) unless --insecure; the
+    # app itself logs the "runs open" warning at start-up
+    check_exposure("planner", args.host, settings.tokens(), settings.insecure)
     common = {
         "host": args.host,
         "port": args.port,
         "log_level": args.log_level,
-        "access_log": False,
+        "access_log": False,  # the app's AccessLog writes one record per request
+        "log_config": logging_config("planner", args.log_format, args.log_level),  # each worker process too
         "timeout_graceful_shutdown": 10,
     }
     if args.workers == 1:
-        uvicorn.run(create_app(settings), lifespan="on", **common)
+        tracing = tracer("planner", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK
+        try:
+            uvicorn.run(create_app(settings, tracing=tracing), lifespan="on", **common)
+        finally:
+            tracing.shutdown()
         return 0
     if not settings.redis_url:
         raise ValueError("--workers > 1 needs Redis: the worker processes share models through it")
     # several processes: each builds its app from the environment, so pass the overrides there
     if args.redis_url is not None:
         os.environ["DAPDEE_REDIS_URL"] = args.redis_url
-    uvicorn.run(
-        "dapdee.planner.app:create_app", factory=True, workers=args.workers, lifespan="on", **common
-    )
+    if args.insecure:
+        os.environ["DAPDEE_INSECURE"] = "1"
+    if args.otel:  # each process's app turns tracing on from the endpoint variable (OTLP's default port)
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
+    uvicorn.run("dapdee.planner.app:create_app", factory=True, workers=args.workers, lifespan="on", **common)
     return 0

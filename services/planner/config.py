@@ -1,31 +1,64 @@
-"""Planner settings (pydantic-settings, environment prefix `DAPDEE_`)."""
+"""Planner settings (pydantic-settings, environment prefix `DAPDEE_`; the role tokens and
+`DAPDEE_INSECURE` come from the shared `SecuritySettings`)."""
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from dapdee.costgraph import GraphLimits
+from dapdee.web.settings import SecuritySettings
+
+LOOPBACK_WORKER_URLS = r"http://(127\.0\.0\.1|localhost|\[::1\]):[0-9]{1,5}"
 
 
-class Settings(BaseSettings):
+class Settings(SecuritySettings):
     """Everything the planner reads from its environment; `DAPDEE_REDIS_URL=none` (or empty) runs
     in-process only."""
 
     model_config = SettingsConfigDict(env_prefix="DAPDEE_", extra="ignore")
 
+    # ---- HTTP limits (checked before a body is parsed) and planning budget ----
+    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0, description="413 past it")
+    body_timeout_s: float = Field(10.0, gt=0, description="408 when a whole body takes longer")
+    max_concurrency: int = Field(256, ge=1, description="requests handled at once; 503 + Retry-After past it")
+    plan_budget_s: float = Field(1.0, gt=0, description="time for a plan that needs min-cuts; 503 past it")
+    plan_threads: int = Field(2, ge=1, le=64, description="plans needing min-cuts computed at once")
+    # ---- cost-graph caps (422 at PUT past them) ----
+    max_nodes: int = Field(4096, ge=1)
+    max_exits: int = Field(64, ge=1)
+    max_in_degree: int = Field(256, ge=1)
+    # ---- worker registry: heartbeat URLs must fullmatch this (default: loopback only) ----
+    worker_url_pattern: str = LOOPBACK_WORKER_URLS
+
+    # ---- store ----
     redis_url: str | None = "redis://127.0.0.1:6379/0"
     key_prefix: str = Field("dapdee", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     worker_ttl_s: float = Field(10.0, gt=0)
-    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
-    api_token: str | None = None
     # Redis client behaviour: short timeouts so a dead Redis never stalls a request, and a
     # back-off between reconnect attempts.
     redis_timeout_s: float = Field(0.3, gt=0)
     redis_backoff_s: float = Field(1.0, gt=0)
     # How often a replica re-reads the shared generation counter and the worker registry.
     refresh_s: float = Field(1.0, gt=0)
+    # Count caps of what the planner stores (409 past them; a known worker may always refresh).
+    # Redis runs `maxmemory-policy noeviction`: these caps, not evictions, bound its memory.
+    max_models: int = Field(256, ge=1, description="stored models; also the in-process model cache size")
+    max_profiles_per_model: int = Field(32, ge=1)
+    max_workers: int = Field(256, ge=1, description="live edge workers")
+    max_pending_writes: int = Field(1024, ge=1, description="writes queued while Redis is unavailable")
+    # Plan maps: in-process LRU, and in Redis a count cap (oldest dropped), a byte cap per map
+    # (larger maps stay in process memory) and a TTL. Builds run in threads, at most
+    # `planmap_build_threads` at once, each within `planmap_build_budget_s` (then approximate).
     planmap_cache_size: int = Field(64, ge=1)
     planmap_ttl_s: int = Field(7 * 24 * 3600, gt=0)
-    planmap_cap: int | None = None  # enumeration cap handed to PlanMap.build (None: its default)
+    planmap_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    planmap_redis_max: int = Field(256, ge=1)
+    planmap_build_budget_s: float = Field(2.0, gt=0)
+    planmap_build_threads: int = Field(2, ge=1, le=64)
+    planmap_cap: int | None = Field(None, ge=1)  # enumeration cap handed to PlanMap.build (None: its default)
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -34,9 +67,17 @@ class Settings(BaseSettings):
             return None
         return v
 
-    @field_validator("api_token", mode="before")
+    # ---- end store ----
+
+    @field_validator("worker_url_pattern")
     @classmethod
-    def _empty_token(cls, v: object) -> object:
-        if isinstance(v, str) and not v:
-            return None
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
         return v
+
+    def graph_limits(self) -> GraphLimits:
+        """The cost-graph caps as `GraphLimits`. O(1)."""
+        return GraphLimits(self.max_nodes, self.max_exits, self.max_in_degree)

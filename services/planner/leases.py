@@ -106,6 +106,25 @@ return {1, tostring(sum)}
 """
 )
 
+# What planning one device needs, in one round trip: its lease record (or false) and, for each
+# worker named, the reservations of the other devices on it (expired ones dropped first).
+# KEYS: lease, leases. ARGV: prefix, device, worker URLs... Returns {record|false, sum, sum, ...}.
+READ = (
+    _PURGE
+    + """
+local prefix, device = ARGV[1], ARGV[2]
+local now = now_ms()
+purge_leases(prefix, KEYS[2], now)
+local out = {redis.call('GET', KEYS[1])}
+for i = 3, #ARGV do
+  local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
+  purge(wload, wexp, now)
+  out[#out + 1] = tostring(others(wload, device))
+end
+return out
+"""
+)
+
 # End a lease. KEYS: lease, leases. ARGV: prefix, device. Returns 1 if there was one.
 RELEASE = """
 local prefix, device = ARGV[1], ARGV[2]
@@ -196,22 +215,28 @@ class Reservation:
 
 
 class LeaseBook:
-    """Leases in Redis (see the module docstring). `redis` is a `redis.asyncio.Redis`; every method
-    is one round trip (a Lua script or a GET). Errors are Redis's own (the store maps them)."""
+    """Leases in Redis (see the module docstring), through the planner's `RedisLink` (so Redis
+    being away raises RedisUnavailable, counted, like every other Redis call). Every method is
+    one round trip: a Lua script or a pipelined read."""
 
-    def __init__(self, redis: Any, prefix: str, ttl_s: float, max_leases: int) -> None:
-        self.redis = redis
-        self.prefix = prefix
+    def __init__(self, link: Any, base: str, ttl_s: float, max_leases: int) -> None:
+        self.link = link
+        self.prefix = base
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.max_leases = max_leases
-        self.k_leases = f"{prefix}:leases"
-        self._reserve = redis.register_script(RESERVE)
-        self._release = redis.register_script(RELEASE)
-        self._loads = redis.register_script(LOADS)
-        self._apply = redis.register_script(APPLY)
+        self.k_leases = f"{base}:leases"
 
     def k_lease(self, device_id: str) -> str:
         return f"{self.prefix}:lease:{device_id}"
+
+    async def read(self, device_id: str, workers: list[str]) -> tuple[dict[str, Any] | None, dict[str, float]]:
+        """The device's lease record (None: no live lease) and, per worker URL, what the other
+        devices reserve there now (ms per second). O(reservations on those workers) in Redis."""
+        out = await self.link.script(
+            "lease_read", READ, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id, *workers]
+        )
+        record = json.loads(out[0]) if out[0] else None
+        return record, {w: float(v) for w, v in zip(workers, out[1:], strict=True)}
 
     async def reserve(
         self, device_id: str, worker: str | None, load_ms_per_s: float, limit_ms_per_s: float, record: dict[str, Any]
@@ -220,9 +245,11 @@ class LeaseBook:
         zero load: hold no reservation) if the other reservations plus it stay <= `limit`, and
         store `record` with the lease TTL. A device moving to another worker frees the old one.
         Atomic across replicas. O(reservations on the worker) inside Redis."""
-        status, others = await self._reserve(
-            keys=[self.k_lease(device_id), self.k_leases],
-            args=[
+        status, others = await self.link.script(
+            "lease_reserve",
+            RESERVE,
+            [self.k_lease(device_id), self.k_leases],
+            [
                 self.prefix,
                 device_id,
                 worker or "",
@@ -238,32 +265,51 @@ class LeaseBook:
 
     async def release(self, device_id: str) -> bool:
         """End the device's lease (its reservation is freed). False if it had none."""
-        return bool(await self._release(keys=[self.k_lease(device_id), self.k_leases], args=[self.prefix, device_id]))
+        had = await self.link.script(
+            "lease_release", RELEASE, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id]
+        )
+        return bool(had)
 
     async def record(self, device_id: str) -> tuple[dict[str, Any], float] | None:
         """The device's lease record and seconds until it expires (None: no live lease)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self.k_lease(device_id))
-        pipe.pttl(self.k_lease(device_id))
-        raw, pttl = await pipe.execute()
+        key = self.k_lease(device_id)
+
+        async def get(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.pttl(key)
+            return await pipe.execute()
+
+        raw, pttl = await self.link.call("lease_get", get)
         if raw is None or pttl is None or pttl < 0:
             return None
         return json.loads(raw), pttl / 1000.0
 
+    async def records(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The live lease records of `device_ids` (missing ones left out). One round trip."""
+        if not device_ids:
+            return {}
+        raws = await self.link.call("lease_get", lambda r: r.mget([self.k_lease(d) for d in device_ids]))
+        return {d: json.loads(raw) for d, raw in zip(device_ids, raws, strict=True) if raw is not None}
+
+    async def devices(self) -> list[str]:
+        """Every device holding a live (not yet purged) lease. One round trip."""
+        raw = await self.link.call("lease_list", lambda r: r.zrange(self.k_leases, 0, -1))
+        return [_text(d) for d in raw]
+
     async def loads(self) -> dict[str, dict[str, float]]:
         """Every worker's live reservations: url -> {device: ms per second}. Expired ones are
         dropped first. O(reservations)."""
-        flat = await self._loads(keys=[self.k_leases], args=[self.prefix])
+        flat = await self.link.script("lease_loads", LOADS, [self.k_leases], [self.prefix])
         out: dict[str, dict[str, float]] = {}
         for i in range(0, len(flat), 2):
-            url = flat[i].decode() if isinstance(flat[i], bytes) else flat[i]
             pairs = flat[i + 1]
-            out[url] = {_text(pairs[k]): float(pairs[k + 1]) for k in range(0, len(pairs), 2)}
+            out[_text(flat[i])] = {_text(pairs[k]): float(pairs[k + 1]) for k in range(0, len(pairs), 2)}
         return out
 
     async def count(self) -> int:
         """Live leases (those not yet purged may count until the next script runs)."""
-        return int(await self.redis.zcard(self.k_leases))
+        return int(await self.link.call("lease_count", lambda r: r.zcard(self.k_leases)))
 
     async def apply(
         self, worker: str, assignments: dict[str, tuple[float, dict[str, Any]]], limit_ms_per_s: float
@@ -275,7 +321,7 @@ class LeaseBook:
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s))]
         for device, (load, record) in assignments.items():
             args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
-        return bool(await self._apply(keys=[self.k_leases], args=args))
+        return bool(await self.link.script("lease_apply", APPLY, [self.k_leases], args))
 
 
 def _text(v: Any) -> str:

@@ -1,143 +1,192 @@
-"""Models (cost graphs) and their per-tier profiles."""
+"""Models (cost graphs) and their per-tier profiles: reads for any role, writes for admin.
+
+Every model has a `version` (1 when created, +1 with every change of its graph or profiles),
+answered in each reply and as `ETag: "<version>"`; a write sent with `If-Match: "<version>"`
+is refused with 409 when the stored version differs."""
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Path
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Path, Response
 
+from dapdee.api.planner import (
+    CostGraphBody,
+    ModelList,
+    ModelSummary,
+    ModelWritten,
+    Name,
+    ProfileBody,
+    ProfileList,
+    ProfileWritten,
+    StoredProfile,
+    TierTimings,
+)
 from dapdee.costgraph import CostGraph, CostGraphError
-from dapdee.planner.deps import AuthDep, StoreDep, check_name
+from dapdee.planner.deps import IfMatchDep, SettingsDep, StoreDep
+from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import ModelState, Profile
+from dapdee.web.security import ADMIN, ANY_ROLE, require
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-ModelName = Annotated[str, Path(max_length=64, description="model name (letters, digits, _ . -)")]
-TierName = Annotated[str, Path(max_length=64, description="hardware tier name (letters, digits, _ . -)")]
+ModelName = Annotated[Name, Path(description="model name")]
+TierName = Annotated[Name, Path(description="hardware tier name")]
+READ = [require(ANY_ROLE)]
+WRITE = [require(ADMIN)]
+CONFLICT = {409: {"description": "If-Match names another version, or a capacity limit is reached"}}
+NOT_FOUND = {404: {"description": "unknown model (or tier)"}}
 
 
-class ProfileBody(BaseModel):
-    """Measured timings of one tier: `kind` says which column (device_ms or edge_ms) they fill."""
-
-    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
-
-    kind: Literal["device", "edge"]
-    timings_ms: dict[str, Annotated[float, Field(ge=0, le=1e7)]] = Field(max_length=1_000_000)
-    meta: dict[str, Any] = Field(default_factory=dict)
-
-
-def _summary(name: str, st: ModelState) -> dict[str, Any]:
+def _summary(name: str, st: ModelState) -> ModelSummary:
     g = st.graph
-    return {
-        "model": name,
-        "graph_hash": st.graph_hash,
-        "nodes": len(g.nodes),
-        "exits": [e.name for e in g.exits],
-        "timings": {"device": g.has_timings("device"), "edge": g.has_timings("edge")},
-        "profiles": {t: p.kind for t, p in sorted(st.profiles.items())},
-    }
+    return ModelSummary(
+        model=name,
+        version=st.version,
+        graph_hash=st.graph_hash,
+        nodes=len(g.nodes),
+        exits=[e.name for e in g.exits],
+        timings=TierTimings(device=g.has_timings("device"), edge=g.has_timings("edge")),
+        profiles={t: p.kind for t, p in sorted(st.profiles.items())},
+    )
 
 
-async def _model_or_404(store: Any, name: str) -> ModelState:
+def _etag(response: Response, version: int) -> None:
+    response.headers["ETag"] = f'"{version}"'
+
+
+async def _model_or_404(store: StoreDep, name: str) -> ModelState:
     st = await store.get_model(name)
     if st is None:
-        raise HTTPException(404, f"unknown model {name!r}")
+        raise ApiProblem(404, f"unknown model {name!r}; upload its cost graph with PUT /models/{name}")
     return st
 
 
-@router.get("")
-async def list_models(store: StoreDep) -> dict[str, Any]:
+@router.get("", response_model=ModelList, dependencies=READ)
+async def list_models(store: StoreDep) -> ModelList:
     """Every stored model (all replicas' when Redis is reachable) with its profiles."""
     models = await store.list_models()
-    return {"models": [_summary(n, st) for n, st in models.items()]}
+    return ModelList(models=[_summary(n, st) for n, st in models.items()])
 
 
 @router.put(
     "/{model}",
-    dependencies=[AuthDep],
-    responses={422: {"description": "invalid cost graph or name (reason given)"}},
+    response_model=ModelWritten,
+    dependencies=WRITE,
+    responses={201: {"description": "created", "model": ModelWritten}, **CONFLICT},
 )
 async def put_model(
     model: ModelName,
+    body: CostGraphBody,
     store: StoreDep,
-    graph_json: dict[str, Any] = Body(
-        ...,
-        description="a cost graph JSON (DESIGN.md); its `model` must equal the path's",
-        media_type="application/json",
-    ),
-) -> dict[str, Any]:
-    """Store (or replace) a model's cost graph. Profiles survive a replacement with the same
-    nodes and exits; a different structure drops them (listed in the answer)."""
-    await check_name("model", model)
+    settings: SettingsDep,
+    expect: IfMatchDep,
+    response: Response,
+) -> ModelWritten:
+    """Store (201) or replace (200) a model's cost graph; its `model` must equal the path's.
+    Profiles survive a replacement with the same nodes and exits; a different structure drops
+    them (listed in the answer). Size caps: DAPDEE_MAX_NODES, _MAX_EXITS, _MAX_IN_DEGREE."""
+    if body.model != model:
+        detail = f"model: the body names {body.model!r} but the path names {model!r}"
+        raise ApiProblem(422, detail, loc=("body", "model"))
     try:
-        graph = CostGraph.from_dict(graph_json)
+        graph = CostGraph.from_dict(body.model_dump(exclude_unset=True), settings.graph_limits())
     except CostGraphError as exc:
-        raise HTTPException(422, f"cost graph: {exc}") from None
-    if graph.model != model:
-        raise HTTPException(422, f"model: the body names {graph.model!r} but the path names {model!r}")
-    return await store.put_graph(graph)
+        raise ApiProblem(422, f"cost graph: {exc}") from None
+    res = await store.put_graph(graph, expect)
+    response.status_code = 201 if res.created else 200
+    _etag(response, res.state.version)
+    if res.created:
+        response.headers["Location"] = f"/models/{model}"
+    return ModelWritten(
+        model=model,
+        version=res.state.version,
+        graph_hash=res.state.graph_hash,
+        created=res.created,
+        dropped_profiles=res.dropped_profiles,
+        stored=res.stored,
+    )
 
 
-@router.get("/{model}")
-async def get_model(model: ModelName, store: StoreDep) -> dict[str, Any]:
-    """The model's cost graph as stored."""
+@router.get(
+    "/{model}",
+    response_model=CostGraphBody,
+    response_model_exclude_unset=True,
+    dependencies=READ,
+    responses=NOT_FOUND,
+)
+async def get_model(model: ModelName, store: StoreDep, response: Response) -> dict:
+    """The model's cost graph as stored; `ETag: "<version>"`."""
     st = await _model_or_404(store, model)
+    _etag(response, st.version)
     return st.graph.to_dict()
 
 
-@router.delete("/{model}", dependencies=[AuthDep])
-async def delete_model(model: ModelName, store: StoreDep) -> dict[str, Any]:
+@router.delete(
+    "/{model}", status_code=204, response_class=Response, dependencies=WRITE, responses={**NOT_FOUND, **CONFLICT}
+)
+async def delete_model(model: ModelName, store: StoreDep, expect: IfMatchDep) -> Response:
     """Forget a model and its profiles."""
-    if not await store.delete_model(model):
-        raise HTTPException(404, f"unknown model {model!r}")
-    return {"deleted": model}
+    if not await store.delete_model(model, expect):
+        raise ApiProblem(404, f"unknown model {model!r}")
+    return Response(status_code=204)
 
 
-@router.get("/{model}/profiles")
-async def list_profiles(model: ModelName, store: StoreDep) -> dict[str, Any]:
-    """Every uploaded profile of the model, by tier."""
+@router.get("/{model}/profiles", response_model=ProfileList, dependencies=READ, responses=NOT_FOUND)
+async def list_profiles(model: ModelName, store: StoreDep, response: Response) -> ProfileList:
+    """Every uploaded profile of the model, by tier; `ETag: "<version>"`."""
     st = await _model_or_404(store, model)
-    return {"model": model, "profiles": {t: p.to_dict() for t, p in sorted(st.profiles.items())}}
+    _etag(response, st.version)
+    profiles = {t: StoredProfile(**p.to_dict()) for t, p in sorted(st.profiles.items())}
+    return ProfileList(model=model, version=st.version, profiles=profiles)
 
 
-@router.put("/{model}/profiles/{tier}", dependencies=[AuthDep])
-async def put_profile(model: ModelName, tier: TierName, body: ProfileBody, store: StoreDep) -> dict[str, Any]:
-    """Store one tier's measured timings (ms per node, >= 0, nodes of the model's graph)."""
-    await check_name("tier", tier)
+@router.put(
+    "/{model}/profiles/{tier}",
+    response_model=ProfileWritten,
+    dependencies=WRITE,
+    responses={201: {"description": "created", "model": ProfileWritten}, **NOT_FOUND, **CONFLICT},
+)
+async def put_profile(
+    model: ModelName, tier: TierName, body: ProfileBody, store: StoreDep, expect: IfMatchDep, response: Response
+) -> ProfileWritten:
+    """Store (201) or replace (200) one tier's measured timings (ms per node of the model's graph)."""
     st = await _model_or_404(store, model)
     names = {n.name for n in st.graph.nodes}
     unknown = sorted(set(body.timings_ms) - names)
     if unknown:
-        raise HTTPException(422, f"timings_ms: unknown nodes {unknown[:5]} (model {model!r})")
-    try:
-        meta_ok = len(json.dumps(body.meta)) <= 65536
-    except (TypeError, ValueError):
-        meta_ok = False
-    if not meta_ok:
-        raise HTTPException(422, "meta: must be a JSON object of at most 64 KiB")
-    prof = Profile.make(tier, body.kind, {k: float(v) for k, v in body.timings_ms.items()}, body.meta)
-    new = await store.put_profile(model, prof)
-    if new is None:
-        raise HTTPException(404, f"unknown model {model!r}")
-    missing = [n.name for n in new.graph.nodes if n.name not in prof.timings_ms]
-    return {
-        "model": model,
-        "tier": tier,
-        "kind": prof.kind,
-        "profile_hash": prof.hash,
-        "nodes_timed": len(prof.timings_ms),
-        "nodes_missing": missing[:20],
-    }
-
-
-@router.delete("/{model}/profiles/{tier}", dependencies=[AuthDep])
-async def delete_profile(model: ModelName, tier: TierName, store: StoreDep) -> dict[str, Any]:
-    """Forget one tier's profile of the model."""
-    res = await store.delete_profile(model, tier)
+        raise ApiProblem(422, f"timings_ms: unknown nodes {unknown[:5]} (model {model!r})", loc=("body", "timings_ms"))
+    prof = Profile.make(tier, body.kind, dict(body.timings_ms), body.meta)
+    res = await store.put_profile(model, prof, expect)
     if res is None:
-        raise HTTPException(404, f"unknown model {model!r}")
+        raise ApiProblem(404, f"unknown model {model!r}")
+    response.status_code = 201 if res.created else 200
+    _etag(response, res.state.version)
+    missing = [n.name for n in res.state.graph.nodes if n.name not in prof.timings_ms]
+    return ProfileWritten(
+        model=model,
+        tier=tier,
+        kind=prof.kind,
+        version=res.state.version,
+        created=res.created,
+        profile_hash=prof.hash,
+        nodes_timed=len(prof.timings_ms),
+        nodes_missing=missing[:20],
+    )
+
+
+@router.delete(
+    "/{model}/profiles/{tier}",
+    status_code=204,
+    response_class=Response,
+    dependencies=WRITE,
+    responses={**NOT_FOUND, **CONFLICT},
+)
+async def delete_profile(model: ModelName, tier: TierName, store: StoreDep, expect: IfMatchDep) -> Response:
+    """Forget one tier's profile of the model."""
+    res = await store.delete_profile(model, tier, expect)
+    if res is None:
+        raise ApiProblem(404, f"unknown model {model!r}")
     if res is False:
-        raise HTTPException(404, f"model {model!r} has no profile {tier!r}")
-    return {"deleted": f"{model}/{tier}"}
+        raise ApiProblem(404, f"model {model!r} has no profile {tier!r}")
+    return Response(status_code=204)

@@ -1,38 +1,33 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics: public (no token), outside the concurrency limit."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dapdee.api.planner import Health, Readiness
 from dapdee.planner.deps import MetricsDep, StoreDep
+from dapdee.web.security import PUBLIC, require
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], dependencies=[require(PUBLIC)])
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
     """The process is up."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
-@router.get("/readyz")
-async def readyz(store: StoreDep) -> Any:
+@router.get("/readyz", response_model=Readiness, responses={503: {"description": "the store has not started"}})
+async def readyz(store: StoreDep) -> JSONResponse:
     """Ready to plan: the store started. Redis being away does not make the planner unready
     (it plans from its in-process cache); the answer says how Redis is."""
-    body = {
-        "ready": store.started,
-        "redis": store.redis_state,
-        "models": len(store.models),
-        "pending_writes": len(store.pending),
-    }
-    return JSONResponse(body, status_code=200 if store.started else 503)
+    body = Readiness(ready=store.started, redis=store.redis_state, pending_writes=store.pending_count)
+    return JSONResponse(body.model_dump(), status_code=200 if store.started else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response)
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus text exposition of this app's registry."""
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,63 +1,70 @@
-"""Edge-worker registry: heartbeats in, live workers out."""
+"""Edge-worker registry: heartbeats in (worker role), live workers out (any role)."""
 
 from __future__ import annotations
 
-import time
-from typing import Any
+import re
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter
 
-from dapdee.planner.deps import AuthDep, SettingsDep, StoreDep, check_names
+from dapdee.api.planner import HeartbeatAnswer, HeartbeatBody, WorkerInfo, WorkerList
+from dapdee.planner.deps import SettingsDep, StoreDep
+from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import Worker
+from dapdee.web.security import ANY_ROLE, WORKER, require
 
 router = APIRouter(prefix="/workers", tags=["workers"])
 
 
-class Heartbeat(BaseModel):
-    """An edge worker's periodic report; it stays live for DAPDEE_WORKER_TTL_S after it."""
-
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
-
-    url: str = Field(min_length=1, max_length=2048, description="base URL devices reach the worker at")
-    models: list[str] = Field(max_length=1000)
-    tier: str = Field(
-        min_length=1, max_length=64, description="hardware tier: its edge profile times the plan"
-    )
-    load: float = Field(ge=0, lt=1)
-    inflight: int = Field(0, ge=0, le=10**9)
-    queue_depth: int = Field(0, ge=0, le=10**9)
-
-
-@router.post("/heartbeat", dependencies=[AuthDep])
-async def heartbeat(hb: Heartbeat, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
-    """Register or refresh a worker."""
-    parts = urlsplit(hb.url)
+def allowed_url(url: str, pattern: str) -> str:
+    """`url` without a trailing slash when it is an http(s) URL that fullmatches the planner's
+    `worker_url_pattern`, else 422 naming the setting (devices send their frames and token to
+    it). O(len(url))."""
+    url = url.rstrip("/")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise HTTPException(422, f"url: expected an http(s) URL, got {hb.url!r}")
-    await check_names("models", hb.models)
-    await check_names("tier", [hb.tier])
+        raise ApiProblem(422, f"url: expected an http(s) URL, got {url!r}", loc=("body", "url"))
+    if re.fullmatch(pattern, url) is None:
+        raise ApiProblem(
+            422,
+            f"url: {url!r} does not match the planner's worker_url_pattern {pattern!r} "
+            "(set DAPDEE_WORKER_URL_PATTERN to allow it)",
+            loc=("body", "url"),
+        )
+    return url
+
+
+@router.post("/heartbeat", response_model=HeartbeatAnswer, dependencies=[require(WORKER)])
+async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -> HeartbeatAnswer:
+    """Register or refresh a worker; it stays live for DAPDEE_WORKER_TTL_S after this."""
     w = Worker(
-        url=hb.url.rstrip("/"),
+        url=allowed_url(hb.url, settings.worker_url_pattern),
         models=tuple(dict.fromkeys(hb.models)),
         tier=hb.tier,
         load=hb.load,
         inflight=hb.inflight,
         queue_depth=hb.queue_depth,
-        expires_at=time.time() + settings.worker_ttl_s,
+        capacity_ms_per_s=hb.capacity_ms_per_s,
     )
     shared = await store.heartbeat(w)
-    return {"url": w.url, "ttl_s": settings.worker_ttl_s, "shared": shared}
+    return HeartbeatAnswer(url=w.url, ttl_s=settings.worker_ttl_s, shared=shared)
 
 
-@router.get("")
-async def list_workers(store: StoreDep) -> dict[str, Any]:
-    """Live workers, least loaded first."""
-    now = time.time()
-    out = []
-    for w in await store.live_workers():
-        d = w.to_dict()
-        d["expires_in_s"] = round(w.expires_at - now, 3)
-        out.append(d)
-    return {"workers": out}
+@router.get("", response_model=WorkerList, dependencies=[require(ANY_ROLE)])
+async def list_workers(store: StoreDep) -> WorkerList:
+    """Live workers, least loaded first, with the seconds until each expires."""
+    return WorkerList(
+        workers=[
+            WorkerInfo(
+                url=w.url,
+                models=list(w.models),
+                tier=w.tier,
+                load=w.load,
+                inflight=w.inflight,
+                queue_depth=w.queue_depth,
+                capacity_ms_per_s=w.capacity_ms_per_s,
+                expires_in_s=w.expires_in_s,
+            )
+            for w in await store.live_workers()
+        ]
+    )

@@ -1,0 +1,510 @@
+"""The planner's JSON contract as pydantic models: every request body, every answer, the error.
+
+Request models forbid unknown fields (a misspelt `min_acc` is a 422 naming it, not a silently
+ignored requirement), are strict (no "5" for 5, no `true` for 1) and refuse NaN and infinities;
+their bounds are those of docs/DESIGN.md ("Numbers in plans"), so every number a plan is made
+from is finite and so is every number it carries. Answer models describe what the planner
+sends; they ignore fields they do not know, so a client built on them keeps working when the
+planner adds one. Each model carries an example (shown in /docs).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from dapdee.costgraph import MAX_BYTES, MAX_FLOPS, MAX_MS
+from dapdee.names import MODEL_NAME_PATTERN, check_model_name
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+MIN_BANDWIDTH_MBPS = 1e-3
+MAX_BANDWIDTH_MBPS = 1e6
+MAX_RTT_MS = 1e6
+MAX_BUDGET_MS = 1e7
+MAX_FRAME_RATE = 1e5
+MAX_META_BYTES = 65536
+
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=64, json_schema_extra={"pattern": MODEL_NAME_PATTERN}),
+    AfterValidator(check_model_name),
+]
+"""A model or tier name: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit,
+no '..' (names become URL segments and Redis key parts)."""
+
+
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate escape)") from None
+    return value
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8"))
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("must hold only finite numbers and valid Unicode text") from None
+    if size > MAX_META_BYTES:
+        raise ValueError(f"{size} bytes of JSON exceed the limit of {MAX_META_BYTES}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+"""Any string that is valid Unicode (JSON allows lone surrogate escapes; storage does not)."""
+
+Meta = Annotated[dict[str, Any], AfterValidator(_json_object), Field(description="free-form JSON, <= 64 KiB")]
+"""A free-form JSON object: finite numbers, valid Unicode, at most MAX_META_BYTES as JSON."""
+
+
+Ms = Annotated[float, Field(ge=0, le=MAX_MS, description="milliseconds, finite")]
+ByteCount = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+
+
+def _request(example: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra={"examples": [example]})
+
+
+def _answer(example: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra={"examples": [example]})
+
+
+# ---- plan ------------------------------------------------------------------------------------------
+
+PLAN_REQUEST_EXAMPLE = {
+    "model": "resnet18",
+    "bandwidth_mbps": 5.85,
+    "rtt_ms": 20.0,
+    "device_load": 0.3,
+    "device_tier": "phone",
+    "latency_budget_ms": 50.0,
+    "min_accuracy": 0.9,
+    "mode": "auto",
+}
+
+
+class PlanRequestBody(BaseModel):
+    """One device's run-time conditions and requirements (DESIGN.md, "Planning semantics")."""
+
+    model_config = _request(PLAN_REQUEST_EXAMPLE)
+
+    model: Name
+    bandwidth_mbps: float = Field(ge=MIN_BANDWIDTH_MBPS, le=MAX_BANDWIDTH_MBPS, description="uplink Mbit/s")
+    rtt_ms: float = Field(0.0, ge=0, le=MAX_RTT_MS, description="round trip to the edge (ms)")
+    device_load: float = Field(0.0, ge=0, lt=1, description="fraction of the device's compute already busy")
+    device_tier: Name | None = Field(None, description="device profile to time the device part with")
+    edge_load: float | None = Field(None, ge=0, lt=1, description="default: the chosen worker's reported load")
+    latency_budget_ms: float | None = Field(None, gt=0, le=MAX_BUDGET_MS)
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    frame_rate: float | None = Field(None, gt=0, le=MAX_FRAME_RATE, description="frames/s the device offers")
+    mode: Literal["auto", "latency", "throughput"] = "auto"
+
+
+class PlanExit(BaseModel):
+    name: str
+    accuracy: float | None = Field(None, ge=0, le=1)
+
+
+class PlanTransfer(BaseModel):
+    node: str
+    bytes: int = Field(ge=0)
+
+
+class PlanPredicted(BaseModel):
+    """The cost model's prediction for one frame; `throughput_fps` is null when `bottleneck_ms`
+    is 0 (no stage takes any time; or so near 0 that 1000 / bottleneck_ms overflows)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    latency_ms: float = Field(ge=0)
+    device_ms: float = Field(ge=0)
+    transfer_ms: float = Field(ge=0)
+    edge_ms: float = Field(ge=0)
+    bottleneck_ms: float = Field(ge=0)
+    throughput_fps: float | None = Field(gt=0)
+    accuracy: float | None = Field(ge=0, le=1)
+    expected_latency_ms: float | None = Field(
+        None, ge=0, description="with confidence_exits: the latency averaged over where frames leave"
+    )
+
+
+PLAN_EXAMPLE = {
+    "plan_id": "3f2c9a7e51b0d4c8",
+    "model": "resnet18",
+    "mode": "latency",
+    "planner": "dapdee",
+    "exit": {"name": "exit2", "accuracy": 0.921},
+    "device_nodes": ["conv1", "layer1_0_conv1"],
+    "edge_nodes": ["layer1_0_conv2", "fc"],
+    "transfer": [{"node": "layer1_0_conv1", "bytes": 32768}],
+    "predicted": {
+        "latency_ms": 41.2,
+        "device_ms": 20.1,
+        "transfer_ms": 15.0,
+        "edge_ms": 6.1,
+        "bottleneck_ms": 20.1,
+        "throughput_fps": 49.75,
+        "accuracy": 0.921,
+    },
+    "constraints_met": True,
+    "approximate": False,
+    "edge_worker": "http://127.0.0.1:8000",
+}
+
+
+class PlanAnswer(BaseModel):
+    """The plan JSON of DESIGN.md: where to cut, which exit, the prediction, the worker to use."""
+
+    model_config = _answer(PLAN_EXAMPLE)
+
+    plan_id: str
+    model: str
+    mode: Literal["latency", "throughput"]
+    planner: str
+    exit: PlanExit
+    device_nodes: list[str]
+    edge_nodes: list[str]
+    transfer: list[PlanTransfer]
+    predicted: PlanPredicted
+    constraints_met: bool
+    approximate: bool = Field(description="true when a throughput search met an exit too large to enumerate")
+    edge_worker: str | None = Field(description="base URL of the edge worker; null when none serves the model")
+
+
+# ---- cost graphs ------------------------------------------------------------------------------------
+
+
+class InputBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: Text = Field(min_length=1)
+    shape: list[Annotated[int, Field(ge=1, le=MAX_BYTES)]] = Field(min_length=1, description="batch 1 first")
+    dtype: Text = Field("float32", max_length=32)
+    bytes: ByteCount = Field(0, description="bytes sent uplink when the edge consumes the input")
+
+
+class NodeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: Text = Field(min_length=1)
+    op: Text = ""
+    inputs: list[Text] = Field(description="producers: the input's name or earlier nodes' names")
+    out_bytes: ByteCount
+    flops: int = Field(0, ge=0, le=MAX_FLOPS)
+    device_ms: Ms | None = None
+    edge_ms: Ms | None = None
+    shape: list[Annotated[int, Field(ge=0, le=MAX_BYTES)]] | None = None
+
+
+class ExitBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    name: Text = Field(min_length=1)
+    node: Text = Field(min_length=1)
+    accuracy: float | None = Field(None, ge=0, le=1)
+
+
+class OverheadsBody(BaseModel):
+    """Cost model v2: per-request costs paid by every partition that uses the edge."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    device_request_ms: Ms = 0.0
+    edge_request_ms: Ms = 0.0
+
+
+Unit = Annotated[float, Field(ge=0, le=1)]
+
+
+class ExitOutcomeBody(BaseModel):
+    """Where frames planned for one exit leave (calibrated shares per active exit, summing to 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    fractions: dict[Text, Unit]
+    accuracy: Unit | None = None
+
+
+class ProgressiveBody(BaseModel):
+    """Calibrated confidence exits: per exit a max-softmax threshold (null: never early) and, per
+    planned exit, the measured outcome. Matched to the graph's exits when it is stored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    rule: Text = "max_softmax"
+    split: Text | None = None
+    thresholds: dict[Text, Unit | None]
+    by_exit: dict[Text, ExitOutcomeBody]
+
+
+COST_GRAPH_EXAMPLE = {
+    "model": "tiny",
+    "input": {"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32", "bytes": 12288},
+    "nodes": [
+        {
+            "name": "conv1",
+            "op": "conv2d",
+            "inputs": ["x"],
+            "out_bytes": 65536,
+            "flops": 1769472,
+            "device_ms": 1.2,
+            "edge_ms": 0.11,
+        },
+        {
+            "name": "fc",
+            "op": "linear",
+            "inputs": ["conv1"],
+            "out_bytes": 40,
+            "flops": 163840,
+            "device_ms": 0.3,
+            "edge_ms": 0.02,
+        },
+    ],
+    "exits": [{"name": "final", "node": "fc", "accuracy": 0.93}],
+    "overheads": {"device_request_ms": 0.8, "edge_request_ms": 3.1},
+}
+
+
+class CostGraphBody(BaseModel):
+    """A cost graph (DESIGN.md, "Cost graph"): nodes in topological order, exits shallow to deep.
+    Structure rules (unique names, known producers, the planner's size caps) are checked when
+    it is stored and reported as 422 naming the node."""
+
+    model_config = _request(COST_GRAPH_EXAMPLE)
+
+    model: Name
+    input: InputBody
+    nodes: list[NodeBody] = Field(min_length=1)
+    exits: list[ExitBody] = Field(min_length=1)
+    overheads: OverheadsBody | None = None
+    progressive: ProgressiveBody | None = None
+    meta: Meta = Field(default_factory=dict, description="free-form provenance (JSON, <= 64 KiB)")
+
+
+# ---- profiles -----------------------------------------------------------------------------------------
+
+PROFILE_EXAMPLE = {"kind": "device", "timings_ms": {"conv1": 1.31, "fc": 0.29}, "meta": {"hardware": "phone"}}
+
+
+class ProfileBody(BaseModel):
+    """Measured timings of one hardware tier; `kind` says which column (device_ms or edge_ms)
+    they fill. `meta` (at most 64 KiB of JSON) may carry device_request_ms / edge_request_ms."""
+
+    model_config = _request(PROFILE_EXAMPLE)
+
+    kind: Literal["device", "edge"]
+    timings_ms: dict[Text, Ms] = Field(max_length=1_000_000)
+    meta: Meta = Field(default_factory=dict)
+
+
+class StoredProfile(BaseModel):
+    model_config = _answer(PROFILE_EXAMPLE)
+
+    kind: Literal["device", "edge"]
+    timings_ms: dict[str, float]
+    meta: dict[str, Any]
+
+
+class ProfileList(BaseModel):
+    model_config = _answer({"model": "tiny", "version": 3, "profiles": {"phone": PROFILE_EXAMPLE}})
+
+    model: str
+    version: int
+    profiles: dict[str, StoredProfile]
+
+
+class ProfileWritten(BaseModel):
+    """Answer of PUT /models/{model}/profiles/{tier}."""
+
+    model_config = _answer(
+        {
+            "model": "tiny",
+            "tier": "phone",
+            "kind": "device",
+            "version": 3,
+            "created": True,
+            "profile_hash": "9b1c0e...",
+            "nodes_timed": 2,
+            "nodes_missing": [],
+        }
+    )
+
+    model: str
+    tier: str
+    kind: Literal["device", "edge"]
+    version: int
+    created: bool
+    profile_hash: str
+    nodes_timed: int
+    nodes_missing: list[str] = Field(description="nodes the profile does not time (first 20)")
+
+
+# ---- models -----------------------------------------------------------------------------------------
+
+
+class TierTimings(BaseModel):
+    device: bool
+    edge: bool
+
+
+MODEL_SUMMARY_EXAMPLE = {
+    "model": "tiny",
+    "version": 3,
+    "graph_hash": "5d41402abc4b2a76b9719d911017c592",
+    "nodes": 2,
+    "exits": ["final"],
+    "timings": {"device": True, "edge": True},
+    "profiles": {"phone": "device"},
+}
+
+
+class ModelSummary(BaseModel):
+    model_config = _answer(MODEL_SUMMARY_EXAMPLE)
+
+    model: str
+    version: int
+    graph_hash: str
+    nodes: int
+    exits: list[str]
+    timings: TierTimings = Field(description="whether the cost graph itself times every node, per tier")
+    profiles: dict[str, Literal["device", "edge"]] = Field(description="uploaded profiles: tier -> kind")
+
+
+class ModelList(BaseModel):
+    model_config = _answer({"models": [MODEL_SUMMARY_EXAMPLE]})
+
+    models: list[ModelSummary]
+
+
+class ModelWritten(BaseModel):
+    """Answer of PUT /models/{model}: 201 when created, 200 when replaced."""
+
+    model_config = _answer(
+        {
+            "model": "tiny",
+            "version": 4,
+            "graph_hash": "5d41402abc4b2a76b9719d911017c592",
+            "created": False,
+            "dropped_profiles": [],
+            "stored": "redis",
+        }
+    )
+
+    model: str
+    version: int
+    graph_hash: str
+    created: bool
+    dropped_profiles: list[str] = Field(description="profiles dropped because the structure changed")
+    stored: Literal["redis", "pending", "memory"] = Field(
+        description="redis: written; pending: Redis is away, written when it returns; memory: no Redis"
+    )
+
+
+# ---- workers ---------------------------------------------------------------------------------------------
+
+HEARTBEAT_EXAMPLE = {
+    "url": "http://127.0.0.1:8000",
+    "models": ["resnet18"],
+    "tier": "gpu",
+    "load": 0.25,
+    "inflight": 3,
+    "queue_depth": 0,
+    "capacity_ms_per_s": 1000.0,
+}
+
+
+class HeartbeatBody(BaseModel):
+    """An edge worker's periodic report; it stays live for the planner's worker TTL after it.
+    The URL must match the planner's `worker_url_pattern`."""
+
+    model_config = _request(HEARTBEAT_EXAMPLE)
+
+    url: Text = Field(min_length=1, max_length=2048, description="base URL devices reach the worker at")
+    models: list[Name] = Field(max_length=1000)
+    tier: Name = Field(description="hardware tier: its edge profile times the plan")
+    load: float = Field(ge=0, lt=1)
+    inflight: int = Field(0, ge=0, le=10**9)
+    queue_depth: int = Field(0, ge=0, le=10**9)
+    capacity_ms_per_s: float = Field(
+        1000.0, gt=0, le=1e9, description="ms of compute the worker offers per second (its parallelism x 1000)"
+    )
+
+
+class HeartbeatAnswer(BaseModel):
+    model_config = _answer({"url": "http://127.0.0.1:8000", "ttl_s": 10.0, "shared": True})
+
+    url: str
+    ttl_s: float
+    shared: bool = Field(description="true when Redis holds the heartbeat (every replica sees the worker)")
+
+
+class WorkerInfo(BaseModel):
+    model_config = _answer({**HEARTBEAT_EXAMPLE, "expires_in_s": 8.7})
+
+    url: str
+    models: list[str]
+    tier: str
+    load: float
+    inflight: int
+    queue_depth: int
+    capacity_ms_per_s: float = 1000.0
+    expires_in_s: float
+
+
+class WorkerList(BaseModel):
+    model_config = _answer({"workers": [{**HEARTBEAT_EXAMPLE, "expires_in_s": 8.7}]})
+
+    workers: list[WorkerInfo] = Field(description="live workers, least loaded first")
+
+
+# ---- operations -------------------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    model_config = _answer({"status": "ok"})
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    model_config = _answer({"ready": True, "redis": "up", "pending_writes": 0})
+
+    ready: bool
+    redis: str = Field(description="up | down | disabled (down does not make the planner unready)")
+    pending_writes: int = Field(description="changes made while Redis was away, not yet written")
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description='path to the offending value, e.g. ["body", "bandwidth_mbps"]')
+    msg: str
+    type: str
+
+
+PROBLEM_EXAMPLE = {
+    "type": "urn:dapdee:problem:validation",
+    "title": "Unprocessable Content",
+    "status": 422,
+    "detail": "body.min_acc: Extra inputs are not permitted",
+    "errors": [{"loc": ["body", "min_acc"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}],
+}
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: the body of every 4xx/5xx answer (`application/problem+json`).
+    `type` is "about:blank" (then `title` is the HTTP reason phrase) or a URN naming the kind;
+    a 422 lists every invalid field in `errors`."""
+
+    model_config = _answer(PROBLEM_EXAMPLE)
+
+    type: str = "about:blank"
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str
+    errors: list[ValidationIssue] | None = None

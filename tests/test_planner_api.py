@@ -1,0 +1,721 @@
+"""The planner's HTTP contract against real uvicorn servers on 127.0.0.1: roles per route, RFC 9457
+problem documents for every error, typed bodies (unknown fields named), status codes and versions,
+names, cost-graph caps, finite numbers, limits before parsing (memory bounded), /plan as an
+ordinary route, planning off the event loop, the worker URL allow-list and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import select
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from fastapi import Request
+from jsonschema import Draft202012Validator
+
+from dapdee.api.planner import PlanAnswer
+from dapdee.planner.app import create_app
+from dapdee.planner.config import Settings
+from dapdee.planner.deps import get_planning
+from tests.conftest import free_port, proc_rss_kib, serve_app_in_thread, wait_until_ready
+from tests.test_planner_service import toy_graph
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = {"admin": "admin-token-0123456789", "device": "device-token-0123456789", "worker": "worker-token-0123456789"}
+PROBLEM = Draft202012Validator(json.loads((REPO / "docs" / "schemas" / "problem.schema.json").read_text()))
+
+
+def role(name: str | None) -> dict[str, str]:
+    return {} if name is None else {"Authorization": f"Bearer {TOKENS[name]}"}
+
+
+def role_settings(**kw: Any) -> Settings:
+    """In-process planner settings with one token per role."""
+    kw.setdefault("redis_url", None)
+    return Settings(admin_token=TOKENS["admin"], device_token=TOKENS["device"], worker_token=TOKENS["worker"], **kw)
+
+
+@contextmanager
+def served(settings: Settings, guard: bool = True) -> Iterator[tuple[httpx.Client, Any]]:
+    app = create_app(settings, guard=guard)
+    with serve_app_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield c, app
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[httpx.Client]:
+    """A planner with role tokens holding the toy model."""
+    with served(role_settings()) as (c, _):
+        assert c.put("/models/toy", json=toy_graph(), headers=role("admin")).status_code == 201
+        yield c
+
+
+def assert_problem(r: httpx.Response, status: int, *named: str) -> dict[str, Any]:
+    """`r` is a problem document of `status` (valid against docs/schemas/problem.schema.json)
+    whose text names each of `named`."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/problem+json", r.headers
+    doc = r.json()
+    errors = [e.message for e in PROBLEM.iter_errors(doc)]
+    assert not errors, (errors, doc)
+    assert doc["status"] == status
+    for word in named:
+        assert word in r.text, (word, doc)
+    return doc
+
+
+# ---- roles ---------------------------------------------------------------------------------------
+
+
+def _routes() -> list[tuple[str, str, Any, set[str]]]:
+    """(method, path, body, roles that may call it) for every planner route."""
+    beat = {"url": "http://127.0.0.1:9", "models": ["toy"], "tier": "t", "load": 0.1}
+    reads = {"admin", "device", "worker"}
+    return [
+        ("GET", "/models", None, reads),
+        ("GET", "/models/toy", None, reads),
+        ("GET", "/models/toy/profiles", None, reads),
+        ("GET", "/workers", None, reads),
+        ("POST", "/plan", {"model": "toy", "bandwidth_mbps": 1.0}, {"device"}),
+        ("POST", "/workers/heartbeat", beat, {"worker"}),
+        ("PUT", "/models/toy2", toy_graph("toy2"), {"admin"}),
+        ("PUT", "/models/toy2/profiles/p", {"kind": "device", "timings_ms": {"stem": 1.0}}, {"admin"}),
+        ("DELETE", "/models/toy2/profiles/p", None, {"admin"}),
+        ("DELETE", "/models/toy2", None, {"admin"}),
+    ]
+
+
+def test_each_route_admits_exactly_its_roles(api: httpx.Client) -> None:
+    """Reads: any role; /plan: device; heartbeat: worker; writes: admin (not a superuser). No
+    token or an unknown one: 401 with WWW-Authenticate; another role: 403 naming the one needed."""
+    for method, path, body, allowed in _routes():
+        for who in (None, "admin", "device", "worker"):
+            r = api.request(method, path, json=body, headers=role(who))
+            if who is None:
+                assert_problem(r, 401, "bearer token")
+                assert r.headers["www-authenticate"] == "Bearer"
+            elif who in allowed:
+                assert r.status_code < 300, (method, path, who, r.text)
+            else:
+                assert_problem(r, 403, sorted(allowed)[0] if len(allowed) == 1 else "")
+        r = api.request(method, path, json=body, headers={"Authorization": "Bearer not-a-token"})
+        assert_problem(r, 401, "unknown bearer token")
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"):
+        assert api.get(path).status_code == 200, path
+
+
+def test_invalid_json_without_a_token_is_401_not_422(api: httpx.Client) -> None:
+    """Tokens are checked before the body is parsed."""
+    bad = b'{"model": "toy", not json'
+    headers = {"content-type": "application/json"}
+    assert_problem(api.post("/plan", content=bad, headers=headers), 401)
+    assert_problem(api.post("/plan", content=bad, headers={**headers, **role("worker")}), 403, "device")
+    assert_problem(api.post("/plan", content=bad, headers={**headers, **role("device")}), 422, "json")
+    assert_problem(api.put("/models/toy", content=bad, headers=headers), 401)
+
+
+# ---- problem documents ------------------------------------------------------------------------------
+
+
+def test_every_error_is_a_problem_document(api: httpx.Client) -> None:
+    admin = role("admin")
+    assert_problem(api.get("/nowhere", headers=admin), 404, "/nowhere")
+    assert_problem(api.get("/nowhere"), 404)
+    assert_problem(api.delete("/healthz"), 405, "DELETE")
+    assert_problem(api.patch("/models/toy", headers=admin), 405)
+    assert_problem(api.get("/models/ghost", headers=admin), 404, "ghost")
+    assert_problem(api.post("/plan", json={"model": "ghost", "bandwidth_mbps": 1}, headers=role("device")), 404)
+    doc = assert_problem(
+        api.post("/plan", json={"model": "toy", "bandwidth_mbps": 0, "device_load": 2}, headers=role("device")),
+        422,
+        "bandwidth_mbps",
+        "device_load",
+    )
+    assert doc["type"] == "urn:dapdee:problem:validation"
+    assert {tuple(e["loc"]) for e in doc["errors"]} == {("body", "bandwidth_mbps"), ("body", "device_load")}
+    auth = f"Authorization: Bearer {TOKENS['admin']}\r\n"
+    head = f"PUT /models/toy HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {10 << 20}\r\n\r\n".encode()
+    status, headers, body = raw_request(str(api.base_url), head)
+    assert status == 413 and headers["content-type"] == "application/problem+json"
+    assert not list(PROBLEM.iter_errors(json.loads(body)))
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/plan", {"model": "toy", "bandwidth_mbps": 1.0, "min_acc": 0.9}, "min_acc"),
+        ("/models/toy/profiles/p", {"kind": "device", "timings_ms": {}, "hardware": "x"}, "hardware"),
+        ("/workers/heartbeat", {"url": "http://127.0.0.1:9", "models": [], "tier": "t", "load": 0, "cpu": 1}, "cpu"),
+    ],
+)
+def test_unknown_fields_are_named(api: httpx.Client, path: str, body: dict[str, Any], field: str) -> None:
+    who = {"/plan": "device", "/workers/heartbeat": "worker"}.get(path, "admin")
+    method = "POST" if path in ("/plan", "/workers/heartbeat") else "PUT"
+    doc = assert_problem(api.request(method, path, json=body, headers=role(who)), 422, field)
+    assert ["body", field] in [e["loc"] for e in doc["errors"]]
+    assert doc["errors"][0]["type"] == "extra_forbidden"
+
+
+def test_unknown_fields_in_a_cost_graph_are_named(api: httpx.Client) -> None:
+    g = toy_graph("toy3")
+    g["nodes"][2]["device_msec"] = 1.0
+    g["exits"][0]["acc"] = 0.5
+    doc = assert_problem(api.put("/models/toy3", json=g, headers=role("admin")), 422, "device_msec", "acc")
+    assert {tuple(e["loc"]) for e in doc["errors"]} == {
+        ("body", "nodes", 2, "device_msec"),
+        ("body", "exits", 0, "acc"),
+    }
+    assert api.get("/models/toy3", headers=role("admin")).status_code == 404
+
+
+# ---- status codes and versions ------------------------------------------------------------------------
+
+
+def test_created_replaced_deleted_and_versions(api: httpx.Client) -> None:
+    """201 created / 200 replaced / 204 deleted; every change moves the model's version by one
+    (in the answer and the ETag); a write with a stale If-Match is 409 and changes nothing."""
+    admin = role("admin")
+    g = toy_graph("vers")
+    r = api.put("/models/vers", json=g, headers=admin)
+    assert r.status_code == 201 and r.json()["version"] == 1 and r.headers["etag"] == '"1"'
+    assert r.headers["location"] == "/models/vers"
+    r = api.put("/models/vers", json=g, headers=admin)  # the same graph: replaced, nothing changed
+    assert r.status_code == 200 and not r.json()["created"] and r.json()["version"] == 1
+    g["exits"][0]["accuracy"] = 0.7
+    r = api.put("/models/vers", json=g, headers=admin)
+    assert r.status_code == 200 and r.json()["version"] == 2 and r.headers["etag"] == '"2"'
+    assert api.get("/models/vers", headers=admin).headers["etag"] == '"2"'
+    # a stale If-Match changes nothing
+    g2 = {**g, "exits": g["exits"][:1]}
+    doc = assert_problem(api.put("/models/vers", json=g2, headers={**admin, "If-Match": '"1"'}), 409, "version 2")
+    assert doc["type"] == "urn:dapdee:problem:version-conflict"
+    assert len(api.get("/models/vers", headers=admin).json()["exits"]) == 2
+    r = api.put("/models/vers", json=g2, headers={**admin, "If-Match": '"2"'})
+    assert r.status_code == 200 and r.json()["version"] == 3
+    assert_problem(api.put("/models/vers", json=g, headers={**admin, "If-Match": "3"}), 422, "If-Match")
+    # profiles: 201 created, 200 replaced, each change a new version of the model
+    p = {"kind": "device", "timings_ms": {"stem": 1.0}}
+    r = api.put("/models/vers/profiles/phone", json=p, headers=admin)
+    assert r.status_code == 201 and r.json()["version"] == 4 and r.json()["created"] is True
+    p["timings_ms"]["stem"] = 2.0
+    r = api.put("/models/vers/profiles/phone", json=p, headers=admin)
+    assert r.status_code == 200 and r.json()["version"] == 5 and r.json()["created"] is False
+    summary = next(m for m in api.get("/models", headers=admin).json()["models"] if m["model"] == "vers")
+    assert summary["version"] == 5 and summary["profiles"] == {"phone": "device"}
+    listed = api.get("/models/vers/profiles", headers=admin)
+    assert listed.json()["version"] == 5 and listed.headers["etag"] == '"5"'
+    assert listed.json()["profiles"]["phone"]["timings_ms"] == {"stem": 2.0}
+    assert_problem(api.delete("/models/vers/profiles/phone", headers={**admin, "If-Match": '"4"'}), 409)
+    r = api.delete("/models/vers/profiles/phone", headers=admin)
+    assert r.status_code == 204 and r.content == b""
+    assert_problem(api.delete("/models/vers/profiles/phone", headers=admin), 404, "phone")
+    assert_problem(api.delete("/models/vers", headers={**admin, "If-Match": '"1"'}), 409)
+    assert api.delete("/models/vers", headers={**admin, "If-Match": '"6"'}).status_code == 204
+    assert_problem(api.delete("/models/vers", headers=admin), 404, "vers")
+
+
+# ---- names ---------------------------------------------------------------------------------------------
+
+
+def test_names_must_match_as_a_whole(api: httpx.Client) -> None:
+    """A name followed by a newline (`m%0A`) matched `^...$` before; every route refuses it."""
+    admin = role("admin")
+    before = api.get("/models", headers=admin).json()
+    assert_problem(api.put("/models/m%0A", json=toy_graph("m\n"), headers=admin), 422, "model name")
+    assert_problem(api.put("/models/m%0A", json=toy_graph("m"), headers=admin), 422, "path")
+    assert_problem(api.get("/models/m%0A", headers=admin), 422, "model name")
+    assert_problem(api.delete("/models/m%0A", headers=admin), 422, "model name")
+    assert_problem(api.get("/models/toy%0A/profiles", headers=admin), 422, "model name")
+    profile = {"kind": "device", "timings_ms": {}}
+    assert_problem(api.put("/models/toy/profiles/t%0A", json=profile, headers=admin), 422, "tier")
+    plan = {"model": "toy\n", "bandwidth_mbps": 1.0}
+    assert_problem(api.post("/plan", json=plan, headers=role("device")), 422, "model")
+    plan = {"model": "toy", "bandwidth_mbps": 1.0, "device_tier": "a..b"}
+    assert_problem(api.post("/plan", json=plan, headers=role("device")), 422, "device_tier")
+    beat = {"url": "http://127.0.0.1:9", "models": ["toy\n"], "tier": "t", "load": 0.1}
+    assert_problem(api.post("/workers/heartbeat", json=beat, headers=role("worker")), 422, "models")
+    assert api.get("/models", headers=admin).json() == before
+
+
+# ---- cost graphs: caps and bounds ---------------------------------------------------------------------
+
+
+def _mutations() -> list[tuple[str, Any, str]]:
+    """(what, a mutation of the toy graph, a word the 422 must name)."""
+
+    def node(i: int, **kw: Any) -> Any:
+        def f(g: dict[str, Any]) -> None:
+            g["nodes"][i].update(kw)
+
+        return f
+
+    def wide(g: dict[str, Any]) -> None:  # 40 producers into one node (cap 32)
+        g["nodes"][1:1] = [
+            {"name": f"w{i}", "op": "c", "inputs": ["stem"], "out_bytes": 1, "device_ms": 0.1, "edge_ms": 0.1}
+            for i in range(40)
+        ]
+        g["nodes"][41]["inputs"] = [f"w{i}" for i in range(40)]
+
+    def many_nodes(g: dict[str, Any]) -> None:
+        g["nodes"] += [
+            {"name": f"n{i}", "op": "c", "inputs": ["fc"], "out_bytes": 1, "device_ms": 0.1, "edge_ms": 0.1}
+            for i in range(200)
+        ]
+
+    def many_exits(g: dict[str, Any]) -> None:
+        g["exits"] = [{"name": f"e{i}", "node": "fc", "accuracy": None} for i in range(9)]
+
+    return [
+        ("out_bytes 2^63", node(2, out_bytes=2**63), "out_bytes"),
+        ("out_bytes 2^40+1", node(2, out_bytes=2**40 + 1), "out_bytes"),
+        ("flops 2^63", node(2, flops=2**63), "flops"),
+        ("timing 1e308", node(3, device_ms=1e308), "device_ms"),
+        ("timing just over 1e7", node(3, edge_ms=1.0000001e7), "edge_ms"),
+        ("negative bytes", node(0, out_bytes=-1), "out_bytes"),
+        ("float bytes", node(0, out_bytes=1.5), "out_bytes"),
+        ("bool timing", node(0, device_ms=True), "device_ms"),
+        ("node shape", node(0, shape=[2**41]), "shape"),
+        ("input bytes", lambda g: g["input"].update(bytes=2**40 + 1), "bytes"),
+        ("input shape", lambda g: g["input"].update(shape=[0]), "shape"),
+        ("overheads", lambda g: g.update(overheads={"edge_request_ms": 1e308}), "edge_request_ms"),
+        ("accuracy", lambda g: g["exits"][0].update(accuracy=1.5), "accuracy"),
+        ("in-degree", wide, "producers exceed the limit of 32"),
+        ("nodes", many_nodes, "exceed the limit of 100"),
+        ("exits", many_exits, "exceed the limit of 8"),
+        ("meta NaN", lambda g: g.update(meta={"x": math.nan}), "meta"),
+        ("lone surrogate", node(0, op="\ud800"), "op"),
+    ]
+
+
+def test_cost_graph_bounds_are_422_at_put_and_nothing_breaks_later() -> None:
+    """Each out-of-bounds graph is refused when stored (not a 500 at a later /plan: an out_bytes of
+    2^63 used to be stored and make every plan of the model fail); the stored model still plans."""
+    with served(role_settings(max_nodes=100, max_exits=8, max_in_degree=32)) as (c, _):
+        admin, device = role("admin"), role("device")
+        assert c.put("/models/toy", json=toy_graph(), headers=admin).status_code == 201
+        stored = c.get("/models/toy", headers=admin).json()
+        for what, mutate, word in _mutations():
+            g = toy_graph()
+            mutate(g)
+            body = json.dumps(g, allow_nan=True).encode()
+            r = c.put("/models/toy", content=body, headers={**admin, "content-type": "application/json"})
+            assert_problem(r, 422, word)
+            assert c.post("/plan", json={"model": "toy", "bandwidth_mbps": 1.0}, headers=device).status_code == 200, (
+                what
+            )
+        assert c.get("/models/toy", headers=admin).json() == stored
+        assert c.get("/models/toy", headers=admin).headers["etag"] == '"1"'
+
+
+def test_profile_bounds(api: httpx.Client) -> None:
+    admin = role("admin")
+    for body, word in (
+        ({"kind": "device", "timings_ms": {"stem": 1e308}}, "timings_ms"),
+        ({"kind": "device", "timings_ms": {"stem": 1}, "meta": {"pad": "x" * 70000}}, "meta"),
+        ({"kind": "device", "timings_ms": {"stem": "1"}}, "timings_ms"),
+    ):
+        assert_problem(api.put("/models/toy/profiles/big", json=body, headers=admin), 422, word)
+    assert "big" not in api.get("/models/toy/profiles", headers=admin).json()["profiles"]
+
+
+# ---- numbers in plans ------------------------------------------------------------------------------------
+
+
+def extreme_graph(model: str, ms: float, nbytes: int, n: int = 60) -> dict[str, Any]:
+    """A chain of `n` nodes, every timing `ms` and every size `nbytes` (both at a bound), with an
+    exit halfway and one at the end."""
+    nodes = [
+        {
+            "name": f"n{i}",
+            "op": "c",
+            "inputs": [f"n{i - 1}" if i else "x"],
+            "out_bytes": nbytes,
+            "flops": 2**63 - 1,
+            "device_ms": ms,
+            "edge_ms": ms,
+        }
+        for i in range(n)
+    ]
+    exits = [
+        {"name": "half", "node": f"n{n // 2}", "accuracy": 0.5},
+        {"name": "final", "node": f"n{n - 1}", "accuracy": 1.0},
+    ]
+    return {
+        "model": model,
+        "input": {"name": "x", "shape": [1], "bytes": nbytes},
+        "nodes": nodes,
+        "exits": exits,
+        "overheads": {"device_request_ms": ms, "edge_request_ms": ms},
+    }
+
+
+def finite_numbers(doc: Any) -> bool:
+    if isinstance(doc, float):
+        return math.isfinite(doc)
+    if isinstance(doc, dict):
+        return all(finite_numbers(v) for v in doc.values())
+    if isinstance(doc, list):
+        return all(finite_numbers(v) for v in doc)
+    return True
+
+
+def test_plans_at_the_bounds_carry_only_finite_numbers(api: httpx.Client) -> None:
+    admin, device = role("admin"), role("device")
+    assert api.put("/models/huge", json=extreme_graph("huge", 1e7, 2**40), headers=admin).status_code == 201
+    assert api.put("/models/free", json=extreme_graph("free", 0.0, 0), headers=admin).status_code == 201
+    worst = {"bandwidth_mbps": 1e-3, "rtt_ms": 1e6, "device_load": 0.999999, "edge_load": 0.999999}
+    best = {"bandwidth_mbps": 1e6, "latency_budget_ms": 1e7, "frame_rate": 1e5, "min_accuracy": 1.0}
+    for model in ("huge", "free"):
+        for cond in (worst, best):
+            for mode in ("auto", "latency", "throughput"):
+                r = api.post("/plan", json={"model": model, "mode": mode, **cond}, headers=device)
+                assert r.status_code == 200, r.text
+                assert finite_numbers(json.loads(r.text)), r.text  # json.loads accepts NaN/Infinity
+                plan = PlanAnswer.model_validate_json(r.content)
+                if model == "free":  # nothing takes any time: no finite frame rate
+                    assert plan.predicted.bottleneck_ms == 0 and plan.predicted.throughput_fps is None
+                else:
+                    assert plan.predicted.latency_ms > 1e7 and plan.predicted.throughput_fps is not None
+
+
+def test_a_calibrated_graph_round_trips(api: httpx.Client) -> None:
+    """A trained artifact's cost graph (calibrated `progressive` exits, uint8 frame input) is
+    stored and served back unchanged, and plans."""
+    from dapdee.models import load_model
+
+    graph = load_model("", weights=REPO / "artifacts" / "fmnist-resnet18").graph
+    graph = graph.with_timings("device", {n.name: 0.02 + n.flops / 2e7 for n in graph.nodes})
+    graph = graph.with_timings("edge", {n.name: 0.002 + n.flops / 2e8 for n in graph.nodes})
+    doc = graph.to_dict()
+    assert "progressive" in doc
+    r = api.put(f"/models/{graph.model}", json=doc, headers=role("admin"))
+    assert r.status_code == 201, r.text
+    assert api.get(f"/models/{graph.model}", headers=role("device")).json() == doc
+    r = api.post("/plan", json={"model": graph.model, "bandwidth_mbps": 1.1, "rtt_ms": 20.0}, headers=role("device"))
+    assert r.status_code == 200, r.text
+    assert finite_numbers(json.loads(r.text)) and PlanAnswer.model_validate_json(r.content).model == graph.model
+
+
+# ---- limits before parsing ------------------------------------------------------------------------------
+
+
+def raw_request(url: str, head: bytes, chunks: Iterable[bytes] = ()) -> tuple[int, dict[str, str], bytes]:
+    """Send `head`, then `chunks` until the server answers (it may answer before reading them),
+    on a new connection; the answer's status, headers and body."""
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(head)
+        return read_answer(s, chunks)
+
+
+def read_answer(s: socket.socket, chunks: Iterable[bytes] = ()) -> tuple[int, dict[str, str], bytes]:
+    """Send `chunks` on the open connection `s` until the server answers, then read the answer:
+    (status, headers, body)."""
+    for chunk in chunks:
+        if select.select([s], [], [], 0)[0]:
+            break  # answered already
+        try:
+            s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    out = b""
+    while True:
+        head_end = out.find(b"\r\n\r\n")
+        if head_end >= 0 and len(out) - head_end - 4 >= _length(out[:head_end]):
+            break
+        got = s.recv(65536)
+        if not got:
+            break
+        out += got
+    head_text, _, body = out.partition(b"\r\n\r\n")
+    lines = head_text.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+@contextmanager
+def planner_subprocess(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`dapdee serve planner` as its own process on a free port (DAPDEE_* from `env` only);
+    yields (base URL, process) once /readyz answers; terminates it afterwards."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")} | env
+    full_env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "dapdee.cli", "serve", "planner", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(f"{url}/readyz", proc, 60, "planner process")
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def test_a_huge_body_is_refused_before_parsing_and_memory_stays_bounded() -> None:
+    """7.7 MiB of `{},{},…` (millions of objects once parsed): 413 from Content-Length before a
+    byte is read, and 413 after at most 2 MiB when streamed chunked; the process's RSS barely
+    moves and it keeps answering."""
+    env = {"DAPDEE_REDIS_URL": "none", "DAPDEE_DEVICE_TOKEN": TOKENS["device"], "DAPDEE_ADMIN_TOKEN": TOKENS["admin"]}
+    item = b"{},"
+    body = b"[" + item * (int(7.7 * 2**20) // len(item)) + b"{}]"
+    with planner_subprocess(env) as (url, proc):
+        auth = f"Authorization: Bearer {TOKENS['device']}\r\n"
+        warm = f"POST /plan HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 2\r\n\r\n{{}}".encode()
+        assert raw_request(url, warm)[0] == 422
+        rss0 = proc_rss_kib(proc.pid)
+        for _ in range(3):
+            head = f"POST /plan HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(body)}\r\n\r\n".encode()
+            status, headers, _ = raw_request(url, head, (body[i : i + 65536] for i in range(0, len(body), 65536)))
+            assert status == 413 and headers["content-type"] == "application/problem+json"
+            head = f"POST /plan HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n".encode()
+            chunks = (b"%x\r\n%s\r\n" % (65536, body[i : i + 65536]) for i in range(0, len(body), 65536))
+            assert raw_request(url, head, chunks)[0] == 413
+        growth_mib = (proc_rss_kib(proc.pid) - rss0) / 1024
+        assert growth_mib < 24, f"RSS grew by {growth_mib:.1f} MiB"  # parsing it would take hundreds
+        assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+# ---- /plan is an ordinary route ---------------------------------------------------------------------------
+
+
+def test_plan_runs_the_route_dependencies() -> None:
+    """Without the guard, POST /plan's own role dependency refuses a worker token (403) before any
+    other dependency runs; with the right token its dependencies run (a counting override of
+    the planning dependency sees every plan). With the guard, the same counter counts plans too."""
+
+    def counting(calls: list[str]) -> Any:
+        async def store(request: Request) -> Any:
+            calls.append(request.url.path)
+            return request.app.state.planning
+
+        return store
+
+    for guard in (False, True):
+        with served(role_settings(), guard=guard) as (c, app):
+            calls: list[str] = []
+            assert c.put("/models/toy", json=toy_graph(), headers=role("admin")).status_code == 201
+            app.dependency_overrides[get_planning] = counting(calls)
+            body = {"model": "toy", "bandwidth_mbps": 1.0}
+            assert_problem(c.post("/plan", json=body, headers=role("worker")), 403, "device")
+            assert_problem(c.post("/plan", json=body), 401)
+            assert calls == []
+            for _ in range(3):
+                assert c.post("/plan", json=body, headers=role("device")).status_code == 200
+            assert calls == ["/plan"] * 3
+
+
+# ---- planning off the event loop ------------------------------------------------------------------------
+
+
+def parallel_graph(model: str, width: int = 300) -> dict[str, Any]:
+    """A stem, `width` parallel nodes and a join: 2^width partitions, so with a small enumeration
+    cap its plan map is not exact and each latency plan needs a max-flow."""
+    nodes = [{"name": "stem", "op": "c", "inputs": ["x"], "out_bytes": 1000, "device_ms": 1.0, "edge_ms": 0.1}]
+    nodes += [
+        {
+            "name": f"p{i}",
+            "op": "c",
+            "inputs": ["stem"],
+            "out_bytes": 100 + i,
+            "device_ms": 0.1 + 0.001 * i,
+            "edge_ms": 0.01,
+        }
+        for i in range(width)
+    ]
+    nodes.append(
+        {
+            "name": "join",
+            "op": "cat",
+            "inputs": [f"p{i}" for i in range(width)],
+            "out_bytes": 10,
+            "device_ms": 0.5,
+            "edge_ms": 0.05,
+        }
+    )
+    return {
+        "model": model,
+        "input": {"name": "x", "shape": [1, 3], "bytes": 12},
+        "nodes": nodes,
+        "exits": [{"name": "final", "node": "join", "accuracy": 0.9}],
+    }
+
+
+STORM = 80  # min-cut plans sent at once (~20 ms of max-flow each: seconds of work in all)
+PROBE_TIMEOUT_S = 2.0  # generous for a health check; the storm run inline would block longer
+
+
+def test_min_cut_plans_run_off_the_event_loop() -> None:
+    """A storm of plans that each need a max-flow (a 300-wide parallel block over the enumeration
+    cap) runs in the bounded thread pool: meanwhile /healthz and an exact model's plans keep
+    completing, each within a generous timeout that the storm would exceed if it ran on the
+    event loop; every storm request ends 200 or 503 (never hangs); exact plans stay inline."""
+    settings = role_settings(planmap_cap=64, max_in_degree=512, plan_budget_s=30.0, plan_threads=2)
+    with served(settings) as (c, app):
+        admin, device = role("admin"), role("device")
+        assert c.put("/models/wide", json=parallel_graph("wide"), headers=admin).status_code == 201
+        assert c.put("/models/toy", json=toy_graph(), headers=admin).status_code == 201
+        first = c.post("/plan", json={"model": "wide", "bandwidth_mbps": 1.0, "mode": "latency"}, headers=device)
+        assert first.status_code == 200, first.text  # builds the (inexact) plan map
+        assert c.post("/plan", json={"model": "toy", "bandwidth_mbps": 1.0}, headers=device).status_code == 200
+        runner = app.state.plan_runner
+        offloaded0 = runner.offloaded
+
+        async def storm() -> tuple[list[int], int]:
+            async with httpx.AsyncClient(base_url=str(c.base_url), timeout=120, headers=device) as ac:
+                tasks = [
+                    asyncio.create_task(
+                        ac.post("/plan", json={"model": "wide", "bandwidth_mbps": 0.5 + i, "mode": "latency"})
+                    )
+                    for i in range(STORM)
+                ]
+                await asyncio.sleep(0.2)  # the storm's requests are in
+                probes = 0
+                while not all(t.done() for t in tasks):
+                    assert (await ac.get("/healthz", timeout=PROBE_TIMEOUT_S)).status_code == 200
+                    body = {"model": "toy", "bandwidth_mbps": 2.0 + probes}
+                    r = await ac.post("/plan", json=body, timeout=PROBE_TIMEOUT_S)
+                    assert r.status_code == 200, r.text
+                    probes += 1
+                return [(await t).status_code for t in tasks], probes
+
+        statuses, probes = asyncio.run(storm())
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, statuses
+        assert probes >= 2, probes  # health checks and exact plans completed while min-cuts ran
+        offloaded = runner.offloaded - offloaded0
+        assert statuses.count(200) <= offloaded <= STORM, (offloaded, statuses.count(200))
+        for i in range(5):  # exact plan maps answer inline
+            assert c.post("/plan", json={"model": "toy", "bandwidth_mbps": 3.0 + i}, headers=device).status_code == 200
+        assert runner.offloaded - offloaded0 == offloaded
+
+
+def test_a_plan_over_its_budget_is_503_with_retry_after() -> None:
+    settings = role_settings(planmap_cap=64, max_in_degree=512, plan_budget_s=0.001, plan_threads=1)
+    with served(settings) as (c, app):
+        assert c.put("/models/wide", json=parallel_graph("wide", 200), headers=role("admin")).status_code == 201
+        r = c.post("/plan", json={"model": "wide", "bandwidth_mbps": 1.0, "mode": "latency"}, headers=role("device"))
+        doc = assert_problem(r, 503, "budget")
+        assert doc["type"] == "urn:dapdee:problem:plan-budget" and r.headers["retry-after"] == "1"
+        assert app.state.plan_runner.refused >= 1
+        assert c.get("/healthz").status_code == 200
+
+
+# ---- workers -----------------------------------------------------------------------------------------------
+
+
+def test_worker_urls_must_match_the_allow_list(api: httpx.Client) -> None:
+    """Default: loopback http only; a refused heartbeat names the setting and registers nothing."""
+    worker = role("worker")
+    for url in ("http://127.0.0.1:8000", "http://localhost:8001/", "http://[::1]:8002"):
+        beat = {"url": url, "models": ["toy"], "tier": "t", "load": 0.1}
+        assert api.post("/workers/heartbeat", json=beat, headers=worker).status_code == 200, url
+    for url in (
+        "http://10.0.0.7:8000",
+        "http://evil.example:8000",
+        "https://127.0.0.1:8000",
+        "http://127.0.0.1:8000/x",
+        "http://127.0.0.1.evil.example:80",
+        "http://127.0.0.1:8000@evil.example",
+        "ftp://127.0.0.1:21",
+    ):
+        beat = {"url": url, "models": ["toy"], "tier": "t", "load": 0.1}
+        doc = assert_problem(api.post("/workers/heartbeat", json=beat, headers=worker), 422, "url")
+        if url.startswith("http"):
+            assert "worker_url_pattern" in doc["detail"], doc
+    urls = {w["url"] for w in api.get("/workers", headers=worker).json()["workers"]}
+    assert {"http://127.0.0.1:8000", "http://localhost:8001", "http://[::1]:8002"} <= urls
+    assert not any("evil" in u or "10.0.0.7" in u or u.startswith(("https", "ftp")) for u in urls)
+    w = next(w for w in api.get("/workers", headers=worker).json()["workers"] if w["url"].endswith("8000"))
+    assert w["capacity_ms_per_s"] == 1000.0 and 0 < w["expires_in_s"] <= 10
+
+
+def test_a_compose_pattern_admits_its_workers() -> None:
+    with served(role_settings(worker_url_pattern=r"http://edge-[0-9]+:8000")) as (c, _):
+        ok = {"url": "http://edge-1:8000", "models": ["toy"], "tier": "t", "load": 0.1, "capacity_ms_per_s": 4000.0}
+        assert c.post("/workers/heartbeat", json=ok, headers=role("worker")).status_code == 200
+        bad = {**ok, "url": "http://127.0.0.1:8000"}
+        assert_problem(c.post("/workers/heartbeat", json=bad, headers=role("worker")), 422, "worker_url_pattern")
+        assert [w["capacity_ms_per_s"] for w in c.get("/workers", headers=role("device")).json()["workers"]] == [4000.0]
+
+
+# ---- OpenAPI ---------------------------------------------------------------------------------------------------
+
+
+def test_openapi_types_every_body_answer_and_error(api: httpx.Client) -> None:
+    spec = api.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    ref = "#/components/schemas/"
+    assert "application/problem+json" in spec["info"]["description"]
+    ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
+    bodies = {
+        ("POST", "/plan"): "PlanRequestBody",
+        ("PUT", "/models/{model}"): "CostGraphBody",
+        ("PUT", "/models/{model}/profiles/{tier}"): "ProfileBody",
+        ("POST", "/workers/heartbeat"): "HeartbeatBody",
+    }
+    for key, name in bodies.items():
+        schema = ops[key]["requestBody"]["content"]["application/json"]["schema"]
+        target = schema if "$ref" not in schema else schemas[schema["$ref"].removeprefix(ref)]
+        assert target["additionalProperties"] is False and target.get("examples"), (key, name)
+    answers = {
+        ("POST", "/plan"): "PlanAnswer",
+        ("GET", "/models"): "ModelList",
+        ("PUT", "/models/{model}"): "ModelWritten",
+        ("GET", "/models/{model}"): "CostGraphBody",
+        ("GET", "/models/{model}/profiles"): "ProfileList",
+        ("PUT", "/models/{model}/profiles/{tier}"): "ProfileWritten",
+        ("GET", "/workers"): "WorkerList",
+        ("POST", "/workers/heartbeat"): "HeartbeatAnswer",
+    }
+    for key, name in answers.items():
+        ok = ops[key]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": ref + name}, (key, ok)
+        assert schemas[name].get("examples"), name
+    for key, op in ops.items():
+        errors = {code: r for code, r in op["responses"].items() if code[0] in "45"}
+        assert "4XX" in errors and "5XX" in errors, key
+        for r in errors.values():
+            assert r["content"] == {"application/problem+json": {"schema": {"$ref": ref + "Problem"}}}, key
+        public = key[1] in ("/healthz", "/readyz", "/metrics")
+        assert ("security" in op) != public, key
+    assert "HTTPValidationError" not in schemas and "errors" in schemas["Problem"]["properties"]
+    assert ops[("DELETE", "/models/{model}")]["responses"].get("204")
+    assert ops[("PUT", "/models/{model}")]["responses"].get("201")
+
+
+def test_an_open_planner_warns_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="dapdee.planner"):
+        with served(Settings(redis_url=None)) as (c, _):
+            assert c.put("/models/toy", json=toy_graph()).status_code == 201
+    assert any("runs OPEN" in r.getMessage() for r in caplog.records)
+
+
+def test_serve_refuses_an_open_planner_beyond_loopback() -> None:
+    """No token and a non-loopback host: exit 2 before binding, the message names the fix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")} | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "dapdee.cli", "serve", "planner", "--host", "0.0.0.0", "--port", str(free_port())]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "no token is configured" in out.stderr and "--insecure" in out.stderr and "DAPDEE_ADMIN_TOKEN" in out.stderr
