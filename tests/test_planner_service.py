@@ -177,7 +177,9 @@ def test_plans_equal_cli_and_profiles(
             assert r.status_code == 200, r.text
             got = r.json()
             assert got["edge_worker"] == "http://edge-gpu:8000"
-            want_cond = {"edge_load": 0.3, **cond}  # no edge_load: the worker's reported load
+            # no edge_load: the load the other devices' leases put on the worker (none here), not
+            # the worker's self-reported 0.3 (that lags and counts the device's own frames)
+            want_cond = {"edge_load": 0.0, **cond}
             assert without_worker(got) == without_worker(cli_plan(capsys, mpath, want_cond)), cond
         m = c.get("/metrics").text
         assert 'dapdee_planner_plans_total{mode="latency",outcome="ok"}' in m
@@ -340,6 +342,27 @@ def test_in_process_only() -> None:
 # ---- workers ---------------------------------------------------------------------------------------------
 
 
+def test_without_fleet_planning_the_heartbeat_load_prices_plans(
+    planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DAPDEE_FLEET_PLANNING=false: each device against the least-loaded worker's self-reported
+    load, no leases (the behaviour before fleets, kept for comparisons)."""
+    g = toy_graph()
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(g))
+    with planner(planner_prefix, fleet_planning=False) as c:
+        c.put("/models/toy", json=g)
+        assert beat(c, "http://busy:1", ["toy"], "t", 0.7).status_code == 200
+        assert beat(c, "http://idle:1", ["toy"], "t", 0.2).status_code == 200
+        r = c.post("/plan", json={"model": "toy", **CONDITIONS[0]}).json()
+        assert r["edge_worker"] == "http://idle:1" and "lease" not in r
+        assert without_worker(r) == without_worker(cli_plan(capsys, path, {**CONDITIONS[0], "edge_load": 0.2}))
+        leased = {"model": "toy", "device_id": "cam-1", "frame_rate": 5.0, **CONDITIONS[0]}
+        r = c.post("/plan", json=leased)
+        assert r.status_code == 422 and "device_id" in r.json()["detail"]
+
+
+
 def test_worker_choice_and_expiry(
     planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -354,9 +377,11 @@ def test_worker_choice_and_expiry(
         ws = c.get("/workers").json()["workers"]
         assert [w["url"] for w in ws] == ["http://other:1", "http://idle:1", "http://busy:1"]
         r = c.post("/plan", json={"model": "toy", **CONDITIONS[0]}).json()
+        # no leases on either worker: priced at their leased load (0); the lower heartbeat load
+        # breaks the tie between them
         assert r["edge_worker"] == "http://idle:1"
         assert without_worker(r) == without_worker(
-            cli_plan(capsys, path, {**CONDITIONS[0], "edge_load": 0.2})
+            cli_plan(capsys, path, {**CONDITIONS[0], "edge_load": 0.0})
         )
         # explicit edge_load wins over the worker's
         r2 = c.post("/plan", json={"model": "toy", **CONDITIONS[1]}).json()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from dapdee.costgraph import MAX_BYTES, MAX_FLOPS, MAX_MS
 from dapdee.names import MODEL_NAME_PATTERN, check_model_name
@@ -102,6 +102,25 @@ class PlanRequestBody(BaseModel):
     min_accuracy: float | None = Field(None, ge=0, le=1)
     frame_rate: float | None = Field(None, gt=0, le=MAX_FRAME_RATE, description="frames/s the device offers")
     mode: Literal["auto", "latency", "throughput"] = "auto"
+    device_id: Name | None = Field(
+        None, description="names the device: the plan comes with a lease on the edge (needs frame_rate)"
+    )
+    confidence_exits: bool = Field(
+        False, description="plan for calibrated progressive exits (prices predicted.expected_latency_ms)"
+    )
+    baseline: Literal["device-only", "edge-only", "neurosurgeon", "dads", "edgent"] | None = Field(
+        None, description="plan with a baseline planner over the same cost model (for comparisons; no lease)"
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PlanRequestBody:
+        if self.device_id is not None and self.frame_rate is None:
+            raise ValueError("frame_rate: required with device_id (the lease reserves frame_rate x the edge cost)")
+        if self.device_id is not None and (self.baseline is not None or self.confidence_exits):
+            raise ValueError("device_id: a leased plan is DAPDEE's static plan; drop baseline and confidence_exits")
+        if self.baseline is not None and self.confidence_exits:
+            raise ValueError("baseline: baselines do not plan for confidence exits")
+        return self
 
 
 class PlanExit(BaseModel):
@@ -130,6 +149,36 @@ class PlanPredicted(BaseModel):
     expected_latency_ms: float | None = Field(
         None, ge=0, description="with confidence_exits: the latency averaged over where frames leave"
     )
+    expected_bottleneck_ms: float | None = Field(None, ge=0, description="with confidence_exits")
+    expected_throughput_fps: float | None = Field(None, gt=0, description="with confidence_exits")
+
+
+LEASE_EXAMPLE = {
+    "device_id": "cam-17",
+    "model": "resnet18",
+    "worker": "http://127.0.0.1:8000",
+    "frames_per_s": 10.0,
+    "edge_ms_per_frame": 5.6,
+    "expires_in_s": 30.0,
+    "replan_after_s": 5.0,
+    "assigned": False,
+}
+
+
+class LeaseInfo(BaseModel):
+    """A device's lease on the shared edge: it reserves frames_per_s x edge_ms_per_frame ms per
+    second of `worker` (none: Device-Only) until it expires; come back within replan_after_s."""
+
+    model_config = _answer(LEASE_EXAMPLE)
+
+    device_id: str
+    model: str
+    worker: str | None
+    frames_per_s: float = Field(gt=0)
+    edge_ms_per_frame: float = Field(ge=0, description="the plan's zero-load edge cost per frame")
+    expires_in_s: float = Field(ge=0)
+    replan_after_s: float = Field(gt=0)
+    assigned: bool = Field(False, description="the plan comes from a fleet rebalance")
 
 
 PLAN_EXAMPLE = {
@@ -173,6 +222,61 @@ class PlanAnswer(BaseModel):
     constraints_met: bool
     approximate: bool = Field(description="true when a throughput search met an exit too large to enumerate")
     edge_worker: str | None = Field(description="base URL of the edge worker; null when none serves the model")
+    lease: LeaseInfo | None = Field(None, description="with device_id: the lease the plan holds")
+    progressive: dict[str, Any] | None = Field(
+        None, description="with confidence_exits: where each exit head runs and its calibrated share"
+    )
+
+
+class DeviceState(BaseModel):
+    """GET /devices/{device_id}: the device's lease and the plan now assigned to it."""
+
+    model_config = _answer({"device_id": "cam-17", "model": "resnet18", "lease": LEASE_EXAMPLE, "plan": PLAN_EXAMPLE})
+
+    device_id: str
+    model: str
+    lease: LeaseInfo
+    plan: PlanAnswer
+
+
+class OptionValue(BaseModel):
+    """One device's plan as the rebalance values it (priced at zero edge load)."""
+
+    exit: str
+    device_nodes: int
+    edge_ms_per_frame: float
+    met: bool
+    accuracy: float | None
+    objective_ms: float = Field(description="latency_ms or bottleneck_ms, by the device's mode")
+
+
+class FleetTotals(BaseModel):
+    devices_met: int
+    accuracy_frames_per_s: float = Field(description="Σ f_i·accuracy_i")
+    frame_ms_per_s: float = Field(description="Σ f_i·t_i: the fleet's frame time per second")
+    leased_ms_per_s: float
+
+
+class DeviceChange(BaseModel):
+    device_id: str
+    old: OptionValue | None
+    new: OptionValue
+
+
+class WorkerRebalance(BaseModel):
+    worker: str
+    leases: int
+    exact: bool = Field(description="false: more than 64 leases (or the DP's state cap), solved approximately")
+    applied: bool = Field(description="false: leases changed meanwhile; the next period tries again")
+    before: FleetTotals
+    after: FleetTotals
+    devices: list[DeviceChange]
+
+
+class RebalanceAnswer(BaseModel):
+    model_config = _answer({"workers": []})
+
+    workers: list[WorkerRebalance]
 
 
 # ---- cost graphs ------------------------------------------------------------------------------------
@@ -453,6 +557,8 @@ class WorkerInfo(BaseModel):
     queue_depth: int
     capacity_ms_per_s: float = 1000.0
     expires_in_s: float
+    leased_ms_per_s: float = Field(0.0, description="Σ f_j·e_j over the worker's live leases")
+    leases: int = Field(0, description="live leases reserving on the worker")
 
 
 class WorkerList(BaseModel):

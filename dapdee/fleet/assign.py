@@ -11,7 +11,7 @@ Device-Only). Planning device i (frame rate f_i) against w uses
 
 The answer is the inverse search of `planmap.decide` over the union of every worker's
 admissible candidates: for each exit the best candidate over all workers (ties: the less
-loaded worker, then the URL), so it is the plan a brute-force walk over every (worker,
+loaded worker, then the given tie-break, then the URL), so it is the plan a brute-force walk over every (worker,
 downward-closed partition) pair gives — exactly optimal for this device given the others.
 Because f_i is fixed by the request, admission is a threshold on each candidate's edge sum,
 and the scan of each plan map stays one vectorised pass per exit and worker.
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from dapdee.costmodel import Conditions
-from dapdee.planning.planmap import CandSet, Choice, PlanMap, decide, plan_dict
+from dapdee.costmodel import Conditions, Predicted, partition
+from dapdee.planning.planmap import CandSet, Choice, PlanMap, acc_ok, decide, plan_dict
 from dapdee.planning.request import PlanRequest
 
 MAX_EDGE_LOAD = 0.95
@@ -42,6 +42,7 @@ class EdgeSlot:
     planmap: PlanMap
     capacity_ms_per_s: float
     reserved_ms_per_s: float
+    tiebreak: float = 0.0  # between workers of equal lease load, the lower goes first (e.g. its heartbeat load)
 
     def edge_load(self) -> float:
         """ℓe from the other leases: min(0.95, R_w / C_w)."""
@@ -50,8 +51,9 @@ class EdgeSlot:
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """The plan JSON (edge_worker filled), the worker it uses (None: Device-Only), its zero-load
-    edge cost per frame e_i, and the edge load it was priced at."""
+    """The plan JSON (edge_worker filled), the worker it uses (None: Device-Only; the plan's
+    edge_worker then names the least-loaded worker), its zero-load edge cost per frame e_i, and
+    the edge load it was priced at."""
 
     plan: dict[str, Any]
     worker: str | None
@@ -93,7 +95,7 @@ def plan_for_device(
         raise ValueError("slots: a device needs at least one worker to plan against")
     if frames_per_s is not None and not frames_per_s > 0:
         raise ValueError(f"frames_per_s: must be > 0, got {frames_per_s!r}")
-    order = sorted(slots, key=lambda s: (s.edge_load(), s.url))
+    order = sorted(slots, key=lambda s: (s.edge_load(), s.tiebreak, s.url))
     base = req.conditions()
     loads = {s.url: s.edge_load() if edge_load is None else edge_load for s in order}
     conds = {s.url: replace(base, edge_load=loads[s.url]) for s in order}
@@ -108,8 +110,10 @@ def plan_for_device(
     graph = order[0].planmap.graph
     accuracies = [e.accuracy for e in graph.exits]
     choice, mode, met, approx = decide(accuracies, range(len(graph.exits)), get, req)
+    # Device-Only plans still name a worker (the least loaded): the device probes the link to it
+    # and sends there once a re-plan puts work on the edge; the lease reserves nothing there
     chosen = next((s for s in order if s.url == choice.worker), order[0])
-    priced_at = loads[chosen.url] if choice.worker is not None else 0.0
+    priced_at = loads[chosen.url]
     plan = plan_dict(
         chosen.planmap.graph,
         chosen.planmap.graph_hash,
@@ -120,7 +124,7 @@ def plan_for_device(
         met,
         approx,
     )
-    plan["edge_worker"] = choice.worker
+    plan["edge_worker"] = chosen.url
     return DevicePlan(plan, choice.worker, choice.edge_ms_per_frame, priced_at)
 
 
@@ -161,3 +165,36 @@ def _best_over_workers(
         best_key = rank
     assert best is not None
     return best
+
+
+def meets_all(req: PlanRequest, pred: Predicted, accuracy: float | None) -> bool:
+    """Whether a plan meets every requirement the request states (latency budget, frame rate,
+    min_accuracy), whatever its mode: the fleet's notion of a device being served. O(1)."""
+    return (
+        acc_ok(accuracy, req)
+        and (req.latency_budget_ms is None or pred.latency_ms <= req.latency_budget_ms)
+        and (req.frame_rate is None or pred.bottleneck_ms <= 1000.0 / req.frame_rate)
+    )
+
+
+def plan_of(
+    planmap: PlanMap, req: PlanRequest, exit_name: str, device_nodes: Sequence[str], edge_load: float, mode: str
+) -> tuple[dict[str, Any], float]:
+    """The plan JSON of one given partition (a rebalance's assignment, or one handed back to its
+    device) priced at `edge_load`, and its zero-load edge cost per frame e_i. `constraints_met`
+    follows `meets_all`. Raises CostGraphError when the partition no longer fits the graph.
+    O(V + E)."""
+    part = partition(planmap.graph, exit_name, device_nodes)
+    load = edge_load if part.edge_nodes else 0.0
+    cond = replace(req.conditions(), edge_load=load)
+    pred = part.predict(cond)
+    index = next(i for i, e in enumerate(planmap.graph.exits) if e.name == part.exit)
+    accuracy = planmap.graph.exits[index].accuracy
+    lists = (part.device_nodes, part.edge_nodes, part.transfer)
+    choice = Choice(index, pred, lambda: lists)
+    met = meets_all(req, pred, accuracy)
+    plan = plan_dict(
+        planmap.graph, planmap.graph_hash, replace(req, edge_load=load), "dapdee", choice, mode, met, False
+    )
+    e_i = part.edge_sum_ms + planmap.graph.overheads.edge_request_ms if part.edge_nodes else 0.0
+    return plan, e_i

@@ -32,9 +32,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from dapdee.costmodel import Conditions, Predicted
-from dapdee.fleet.assign import MAX_EDGE_LOAD, edge_ms_per_frame
-from dapdee.planning.planmap import CandSet, PlanMap, acc_ok
+from dapdee.costmodel import Conditions, Predicted, partition
+from dapdee.fleet.assign import MAX_EDGE_LOAD, edge_ms_per_frame, meets_all
+from dapdee.planning.planmap import CandSet, PlanMap
 from dapdee.planning.request import PlanRequest
 
 Value = tuple[int, float, float]
@@ -85,15 +85,23 @@ def add(a: Value, b: Value) -> Value:
 
 def option_value(demand: Demand, pred: Predicted, accuracy: float | None) -> Value:
     """(met, f·accuracy, −f·t) of a plan priced at zero edge load. O(1)."""
-    req = demand.request
-    met = (
-        acc_ok(accuracy, req)
-        and (req.latency_budget_ms is None or pred.latency_ms <= req.latency_budget_ms)
-        and (req.frame_rate is None or pred.bottleneck_ms <= 1000.0 / req.frame_rate)
-    )
+    met = meets_all(demand.request, pred, accuracy)
     t = pred.latency_ms if demand.objective == "latency" else pred.bottleneck_ms
     f = demand.frames_per_s
     return (int(met), f * (accuracy or 0.0), -f * t)
+
+
+def current_option(demand: Demand, exit_name: str, device_nodes: Sequence[str]) -> Option:
+    """The option a device holds now (its plan's exit and device nodes), valued like `options`
+    (it need not be on the front). `cand_index` is -1. Raises CostGraphError when the plan no
+    longer fits the graph. O(V + E)."""
+    part = partition(demand.planmap.graph, exit_name, device_nodes)
+    index = next(i for i, e in enumerate(demand.planmap.graph.exits) if e.name == part.exit)
+    pred = part.predict(replace(demand.request.conditions(), edge_load=0.0))
+    uses_edge = bool(part.edge_nodes)
+    e = part.edge_sum_ms + demand.planmap.graph.overheads.edge_request_ms if uses_edge else 0.0
+    accuracy = demand.planmap.graph.exits[index].accuracy
+    return Option(index, -1, uses_edge, demand.frames_per_s * e, option_value(demand, pred, accuracy))
 
 
 def options(demand: Demand) -> list[Option]:
@@ -190,3 +198,9 @@ def priced(demand: Demand, option: Option, others_ms_per_s: float, capacity_ms_p
     load = min(MAX_EDGE_LOAD, others_ms_per_s / capacity_ms_per_s) if option.uses_edge else 0.0
     cond: Conditions = replace(demand.request.conditions(), edge_load=load)
     return cs.predict(option.cand_index, cond)
+
+
+def option_nodes(demand: Demand, option: Option) -> tuple[str, tuple[str, ...]]:
+    """(exit name, device nodes) of an option from `options`."""
+    cs = demand.planmap.cands[option.exit_index]
+    return cs.st.exit_name, cs.lists(option.cand_index)[0]

@@ -14,7 +14,7 @@ from dapdee.planner.config import Settings
 from dapdee.planner.deps import Planning
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.plan_runner import PlanRunner
-from dapdee.planner.routers import models, ops, plan, workers
+from dapdee.planner.routers import devices, fleet, models, ops, plan, workers
 from dapdee.planner.store import CapacityExceeded, MissingTimings, Store, VersionConflict
 from dapdee.web.access_log import AccessLog
 from dapdee.web.guard import RequestGuard
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
     app.state.tokens = tokens
     problems.install(app)
     _store_errors(app)
-    for r in (plan.router, models.router, workers.router, ops.router):
+    for r in (plan.router, models.router, workers.router, devices.router, fleet.router, ops.router):
         app.include_router(r, responses=openapi.ERROR_RESPONSES)
     openapi.install(app)
     if guard:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from dapdee.costgraph import GraphLimits
@@ -68,6 +68,30 @@ class Settings(SecuritySettings):
         return v
 
     # ---- end store ----
+
+    # ---- fleet: leases on the shared edge, admission, rebalancing ----
+    fleet_planning: bool = Field(
+        True,
+        description="plan against the other devices' leases (edge load, admission, worker choice); "
+        "false: each device against the worker's heartbeat load, no leases (the behaviour before fleets)",
+    )
+    rho_max: float = Field(0.9, gt=0, le=1, description="admission: leases may book this share of a worker")
+    lease_ttl_s: float = Field(30.0, gt=0, le=3600)
+    max_leases: int = Field(4096, ge=1, description="live leases (409 past it)")
+    replan_after_s: float = Field(5.0, gt=0, description="leased devices come back this often (<= lease_ttl_s / 2)")
+    lease_drift: float = Field(
+        0.2, gt=0, description="an assigned plan is handed back while bandwidth and rtt moved less than this "
+        "(relative) and device load less than half of it (absolute)"
+    )
+    rebalance_s: float = Field(10.0, ge=0, description="period of the fleet rebalance (0: only on request)")
+
+    @field_validator("replan_after_s")
+    @classmethod
+    def _before_expiry(cls, v: float, info: ValidationInfo) -> float:
+        ttl = info.data.get("lease_ttl_s")
+        if ttl is not None and v > ttl / 2:
+            raise ValueError(f"must be at most lease_ttl_s / 2 = {ttl / 2:g} s, so leases are renewed in time")
+        return v
 
     @field_validator("worker_url_pattern")
     @classmethod

@@ -105,7 +105,59 @@ class PlannerMetrics:
             registry=self.registry,
         )
 
+        # ---- the shared edge (fleet) ----
+        self.admissions = Counter(
+            "dapdee_planner_admissions",
+            "Plan requests by lease outcome: reserved (on a worker), device_only (a lease reserving "
+            "nothing), refused (another replica took the room; re-planned), full (the lease cap), "
+            "unleased (no device_id).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.rebalances = Counter(
+            "dapdee_planner_rebalances",
+            "Fleet rebalances: per worker applied or refused (leases changed meanwhile); per run done or noop.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.leases = Gauge("dapdee_planner_leases", "Live leases (every replica's).", registry=self.registry)
+        self.worker_capacity = Gauge(
+            "dapdee_planner_worker_capacity_ms_per_second",
+            "A live worker's capacity C_w (ms of compute per second) from its heartbeat.",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.worker_leased = Gauge(
+            "dapdee_planner_worker_leased_ms_per_second",
+            "Σ f_j·e_j the live leases reserve on a worker (ms per second).",
+            ["worker"],
+            registry=self.registry,
+        )
+        self.worker_leases = Gauge(
+            "dapdee_planner_worker_leases", "Live leases reserving on a worker.", ["worker"], registry=self.registry
+        )
+        self.redis_up: Gauge | None = None  # only where Redis is configured (see bind_redis)
+
     def bind(self, workers: Callable[[], float], models: Callable[[], float]) -> None:
         """Make the gauges read live values at scrape time. O(1)."""
         self.workers.set_function(workers)
         self.models.set_function(models)
+
+    def bind_redis(self, up: Callable[[], float]) -> None:
+        """`dapdee_planner_redis_up` (1 when the last Redis call worked), exported only by a planner
+        configured with Redis, so one running without it does not look like a Redis outage."""
+        self.redis_up = Gauge(
+            "dapdee_planner_redis_up", "1 while Redis answers, 0 while it is away.", registry=self.registry
+        )
+        self.redis_up.set_function(up)
+
+    def set_fleet(self, leases: int, workers: dict[str, tuple[float, float, int]]) -> None:
+        """Set the fleet gauges: the lease count and, per live worker URL, (capacity, leased ms/s,
+        lease count); workers no longer live are dropped. O(workers)."""
+        self.leases.set(leases)
+        for gauge in (self.worker_capacity, self.worker_leased, self.worker_leases):
+            gauge.clear()
+        for url, (capacity, leased, count) in workers.items():
+            self.worker_capacity.labels(url).set(capacity)
+            self.worker_leased.labels(url).set(leased)
+            self.worker_leases.labels(url).set(count)

@@ -12,6 +12,7 @@ its min-cut and only then frees its slot, so abandoned work never piles up beyon
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,8 +40,13 @@ class PlanRunner:
         O(front) when `pm.exact`, else one max-flow per consulted capped exit, off the loop."""
         if pm.exact:
             return pm.plan(req)
+        return await self.call(pm.plan, req)
+
+    async def call(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """`fn(*args)` in a worker thread under the budget (for plans that may need min-cuts:
+        capped maps, the DADS baseline); PlanOverBudget past it."""
         try:
-            return await asyncio.wait_for(self._in_thread(pm, req), self.budget_s)
+            return await asyncio.wait_for(self._in_thread(fn, *args), self.budget_s)
         except asyncio.TimeoutError:
             self.refused += 1
             raise PlanOverBudget(
@@ -48,10 +54,10 @@ class PlanRunner:
                 "plans are in progress); retry later, or upload a smaller graph"
             ) from None
 
-    async def _in_thread(self, pm: PlanMap, req: PlanRequest) -> dict[str, Any]:
+    async def _in_thread(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         await self._slots.acquire()
         self.offloaded += 1
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, pm.plan, req)
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         fut.add_done_callback(self._done)
         return await asyncio.shield(fut)  # a timed-out request leaves the thread to finish
 

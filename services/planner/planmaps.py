@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.planner.config import Settings
@@ -29,6 +30,7 @@ from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planning import DEFAULT_CAP, PlanMap
+from dapdee.planning.progressive import ProgressiveMap
 
 log = logging.getLogger("dapdee.planner")
 
@@ -51,6 +53,7 @@ return 0
 """
 
 MapKey = tuple[str, str, str]
+PROGRESSIVE = ":progressive"  # appended to a key's edge part for a ProgressiveMap
 
 
 class PlanMapCache:
@@ -70,12 +73,21 @@ class PlanMapCache:
         return self.keys.planmap(key, self.settings.planmap_cap)
 
     async def get(
-        self, name: str, st: ModelState, dev: Profile | None, edge: Profile | None, edge_hint: str = ""
+        self,
+        name: str,
+        st: ModelState,
+        dev: Profile | None,
+        edge: Profile | None,
+        edge_hint: str = "",
+        progressive: bool = False,
     ) -> PlanMap:
         """The plan map of (graph, device timings, edge timings): from the LRU (O(1)), else Redis,
-        else built (once, shared by concurrent callers). Raises MissingTimings when the merged
-        graph lacks a timing."""
-        key = (st.graph_hash, dev.hash if dev else GRAPH_TIMINGS, edge.hash if edge else GRAPH_TIMINGS)
+        else built (once, shared by concurrent callers). `progressive`: the `ProgressiveMap` for
+        confidence exits instead (same caching; its key's edge part ends in `:progressive`).
+        Raises MissingTimings when the merged graph lacks a timing, ValueError when a progressive
+        map is asked for a graph without calibrated confidence exits."""
+        edge_part = (edge.hash if edge else GRAPH_TIMINGS) + (PROGRESSIVE if progressive else "")
+        key = (st.graph_hash, dev.hash if dev else GRAPH_TIMINGS, edge_part)
         pm = self.maps.get(key)
         if pm is not None:
             self.maps.move_to_end(key)
@@ -89,12 +101,18 @@ class PlanMapCache:
                 if not fut.cancelled():
                     raise  # this request itself was cancelled
                 # the request that was building it went away: build it here
-                return await self.get(name, st, dev, edge, edge_hint)
+                return await self.get(name, st, dev, edge, edge_hint, progressive)
         fut = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._building[key] = fut
         try:
-            pm = await self._load_or_build(key, merged_graph(name, st, dev, edge, edge_hint))
+            graph = merged_graph(name, st, dev, edge, edge_hint)
+            if progressive and graph.progressive is None:
+                raise ValueError(
+                    f"confidence_exits: model {name!r} has no calibrated confidence exits (its cost graph "
+                    "carries no `progressive`; calibrate the artifact with `dapdee calibrate` and upload it again)"
+                )
+            pm = await self._load_or_build(key, graph, ProgressiveMap if progressive else PlanMap)
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -109,7 +127,7 @@ class PlanMapCache:
             self.maps.popitem(last=False)
         return pm
 
-    async def _load_or_build(self, key: MapKey, graph: CostGraph) -> PlanMap:
+    async def _load_or_build(self, key: MapKey, graph: CostGraph, kind: Any) -> PlanMap:
         rkey = self.redis_key(key)
         try:
             raw = await self.link.call("get_planmap", lambda r: r.get(rkey))
@@ -117,18 +135,18 @@ class PlanMapCache:
             raw = None
         if raw is not None:
             try:
-                pm = await asyncio.to_thread(PlanMap.from_bytes, raw)
+                pm = await asyncio.to_thread(kind.from_bytes, raw)
                 self.metrics.cache_hits.labels("redis").inc()
                 return pm
             except Exception as exc:  # a blob from another version, or damaged: rebuild it
                 self.metrics.cache_errors.labels("decode_planmap").inc()
                 log.warning("stored plan map %s unreadable (%s); rebuilding", rkey, exc)
         self.metrics.cache_misses.inc()
-        pm = await self._build(graph)
+        pm = await self._build(graph, kind)
         await self._store(rkey, pm)
         return pm
 
-    async def _build(self, graph: CostGraph) -> PlanMap:
+    async def _build(self, graph: CostGraph, kind: Any) -> PlanMap:
         """PlanMap.build in a worker thread under the build budget, at most
         planmap_build_threads at once (a slot is freed only when its thread ends, even if the
         request waiting for it went away)."""
@@ -136,7 +154,7 @@ class PlanMapCache:
         budget = self.settings.planmap_build_budget_s
         await self._slots.acquire()
         t0 = time.perf_counter()
-        fut = asyncio.get_running_loop().run_in_executor(None, PlanMap.build, graph, cap, budget)
+        fut = asyncio.get_running_loop().run_in_executor(None, kind.build, graph, cap, budget)
         fut.add_done_callback(lambda f: self._slots.release())
         pm = await asyncio.shield(fut)
         self.metrics.planmap_build_duration.observe(time.perf_counter() - t0)
@@ -171,6 +189,17 @@ class PlanMapCache:
             await self.link.script("put_planmap", PUT_PLANMAP, [rkey, self.keys.planmaps], args)
 
 
+def _meta_ms(profile: Profile, key: str) -> float | None:
+    """A profile's measured per-request cost (cost model v2) from its `meta`: None when absent
+    (the graph's own `overheads` hold); CostGraphError when it is not a number."""
+    v = profile.meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CostGraphError(f"profile {profile.tier!r}: meta.{key} must be a number of ms, got {v!r}")
+    return float(v)
+
+
 def merged_graph(
     name: str, st: ModelState, dev: Profile | None, edge: Profile | None, edge_hint: str = ""
 ) -> CostGraph:
@@ -181,8 +210,10 @@ def merged_graph(
     try:
         if dev is not None:
             graph = graph.with_timings("device", dev.timings_ms, dev.meta or None)
+            graph = graph.with_overheads(device_request_ms=_meta_ms(dev, "device_request_ms"))
         if edge is not None:
             graph = graph.with_timings("edge", edge.timings_ms, edge.meta or None)
+            graph = graph.with_overheads(edge_request_ms=_meta_ms(edge, "edge_request_ms"))
     except CostGraphError as exc:
         raise MissingTimings(f"model {name!r}: a profile does not fit its cost graph ({exc}); re-upload it") from None
     for i, n in enumerate(graph.nodes):

@@ -24,6 +24,7 @@ from dapdee.costgraph import CostGraph
 from dapdee.planner.catalog import Catalog
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, MissingTimings, RedisUnavailable, VersionConflict
+from dapdee.planner.fleet import Candidate, Fleet
 from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile, PutResult
@@ -68,6 +69,7 @@ class Store:
         self.catalog = Catalog(settings, metrics, self.link, self.keys)
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
+        self.fleet = Fleet(settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers)
         self.started = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -99,9 +101,12 @@ class Store:
         """Create the Redis client (if a URL is set), read the worker registry, start the refresh
         loop. Reads no model: each is read on first use."""
         self.link.connect()
+        if self.link.enabled:
+            self.metrics.bind_redis(lambda: 1.0 if self.link.state == "up" else 0.0)
         await self.link.check_eviction_policy()
         with contextlib.suppress(RedisUnavailable):
             await self.registry.sync()
+        await self.fleet.start()
         self._task = asyncio.create_task(self._loop(), name="dapdee-planner-refresh")
         self.started = True
 
@@ -109,6 +114,7 @@ class Store:
         """Stop the refresh loop (a refresh in progress may finish, bounded), replay queued writes
         (bounded; the rest logged at ERROR and counted as lost), close the client."""
         self._stop.set()
+        await self.fleet.close()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), CLOSE_LOOP_S)
@@ -173,11 +179,18 @@ class Store:
 
     # ---- plan maps ------------------------------------------------------------------------------
     async def planmap(
-        self, name: str, st: ModelState, dev: Profile | None, edge: Profile | None, edge_hint: str = ""
+        self,
+        name: str,
+        st: ModelState,
+        dev: Profile | None,
+        edge: Profile | None,
+        edge_hint: str = "",
+        progressive: bool = False,
     ) -> PlanMap:
-        """The plan map for these timings: cached, stored, or built off the event loop within
-        DAPDEE_PLANMAP_BUILD_BUDGET_S (then possibly not exact). Raises MissingTimings."""
-        return await self.planmaps.get(name, st, dev, edge, edge_hint)
+        """The plan map for these timings (`progressive`: the confidence-exit map): cached, stored,
+        or built off the event loop within DAPDEE_PLANMAP_BUILD_BUDGET_S (then possibly not
+        exact). Raises MissingTimings, or ValueError for a progressive map of an uncalibrated model."""
+        return await self.planmaps.get(name, st, dev, edge, edge_hint, progressive)
 
     # ---- workers ----------------------------------------------------------------------------------
     async def heartbeat(self, worker: Worker) -> bool:
@@ -191,6 +204,43 @@ class Store:
     def pick_worker(self, model: str) -> Worker | None:
         """The least-loaded live worker serving `model`; process memory only."""
         return self.registry.pick(model)
+
+    def serving(self, model: str) -> list[Worker]:
+        """Every live worker serving `model`, least loaded first; process memory only."""
+        return self.registry.serving(model)
+
+    async def candidates(
+        self, name: str, st: ModelState, dev: Profile | None, workers: list[Worker]
+    ) -> list[Candidate]:
+        """The workers a device of this model may use, each with its plan map (its tier's edge
+        profile; the graph's own edge timings where the tier has none). A worker whose timings
+        are missing is left out; MissingTimings when that leaves none. O(workers) map look-ups."""
+        out: list[Candidate] = []
+        missing: MissingTimings | None = None
+        for w in workers:
+            edge = st.profiles.get(w.tier)
+            edge = edge if edge is not None and edge.kind == "edge" else None
+            hint = "" if edge is not None else f" and there is no edge profile for tier {w.tier!r} of worker {w.url}"
+            try:
+                out.append(Candidate(w, await self.planmap(name, st, dev, edge, hint)))
+            except MissingTimings as exc:
+                missing = exc
+        if not out and missing is not None:
+            raise missing
+        return out
+
+    async def candidates_for(self, name: str, device_tier: str | None, workers: list[Worker]) -> list[Candidate]:
+        """`candidates` by model name and device tier ([] when either is gone: a lease outlived them)."""
+        st = await self.get_model(name)
+        if st is None:
+            return []
+        dev = st.profiles.get(device_tier) if device_tier is not None else None
+        if device_tier is not None and (dev is None or dev.kind != "device"):
+            return []
+        try:
+            return await self.candidates(name, st, dev, list(workers))
+        except MissingTimings:
+            return []
 
     def live_worker_count(self) -> int:
         return self.registry.count()

@@ -215,6 +215,16 @@ class WorkerRegistry:
             return None
         return replace(best.worker, expires_in_s=round(best.deadline - now, 3))
 
+    def serving(self, model: str) -> list[Worker]:
+        """Every live worker serving `model`, least loaded first. Process memory only. O(workers)."""
+        now = time.monotonic()
+        live = [
+            replace(s.worker, expires_in_s=round(s.deadline - now, 3))
+            for s in self._seen.values()
+            if s.deadline > now and model in s.worker.models
+        ]
+        return sorted(live, key=_order)
+
     def count(self) -> int:
         """Live workers known here. O(workers)."""
         return len(self._alive())

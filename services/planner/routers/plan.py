@@ -19,7 +19,7 @@ from dapdee.planner.deps import PlanningDep
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
 from dapdee.planner.store import MissingTimings, ModelState, Profile, Store, Worker
-from dapdee.planning import PlanRequest
+from dapdee.planning import PlanRequest, baseline_plan
 from dapdee.web.security import DEVICE, require
 
 router = APIRouter(tags=["plan"])
@@ -80,35 +80,65 @@ async def plan(request: Request, planning: PlanningDep) -> Response:
 
 
 async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> dict[str, Any]:
-    """The plan JSON for a validated request: model, profiles and worker from the store (process
-    memory once cached), the plan map (cached, else built off the loop), then the plan."""
+    """The plan JSON for a validated request: model and profiles from the store (process memory
+    once cached), then by what the request asks — a baseline, a confidence-exit plan, or
+    DAPDEE's plan over the live workers and the other devices' leases (with a lease of its own
+    when it names a device)."""
     st = await store.get_model(body.model)
     if st is None:
         raise ApiProblem(404, f"unknown model {body.model!r}; upload its cost graph with PUT /models/{body.model}")
     st, dev = await _device_profile(store, st, body)
-    worker = store.pick_worker(body.model)
-    edge, hint = _edge_profile(st, worker)
+    if body.device_id is not None and not store.settings.fleet_planning:
+        raise ApiProblem(
+            422, "device_id: leases are off on this planner (DAPDEE_FLEET_PLANNING=false)", loc=("body", "device_id")
+        )
+    workers = store.serving(body.model)
+    if body.baseline is not None or body.confidence_exits or not store.settings.fleet_planning or not workers:
+        return await _single_worker(store, runner, body, st, dev, workers[0] if workers else None)
     try:
-        pm = await store.planmap(body.model, st, dev, edge, hint)
+        candidates = await store.candidates(body.model, st, dev, workers)
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
+    return await store.fleet.plan(body, candidates, body.edge_load)
+
+
+async def _single_worker(
+    store: Store, runner: PlanRunner, body: PlanRequestBody, st: ModelState, dev: Profile | None, worker: Worker | None
+) -> dict[str, Any]:
+    """A plan against one worker (the least loaded; none: the graph's own edge timings): for
+    baselines, confidence exits, a planner without fleet planning (edge load: the worker's
+    heartbeat), or a model no worker serves (then a named device holds a lease on no worker)."""
+    edge, hint = _edge_profile(st, worker)
+    try:
+        pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits)
+    except MissingTimings as exc:
+        raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
+    except ValueError as exc:  # confidence exits for an uncalibrated model
+        raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
+    heartbeat = worker.load if worker is not None and not store.settings.fleet_planning else 0.0
     req = PlanRequest(
         bandwidth_mbps=body.bandwidth_mbps,
         rtt_ms=body.rtt_ms,
         device_load=body.device_load,
-        edge_load=body.edge_load if body.edge_load is not None else (worker.load if worker is not None else 0.0),
+        edge_load=body.edge_load if body.edge_load is not None else heartbeat,
         latency_budget_ms=body.latency_budget_ms,
         min_accuracy=body.min_accuracy,
         frame_rate=body.frame_rate,
         mode=body.mode,
+        confidence_exits=body.confidence_exits,
     )
     try:
-        result = await runner.plan(pm, req)
+        if body.baseline is not None:
+            result = await runner.call(baseline_plan, pm.graph, req, body.baseline)
+        else:
+            result = await runner.plan(pm, req)
     except PlanOverBudget as exc:
         raise ApiProblem(503, str(exc), PLAN_BUDGET, {"Retry-After": "1"}) from None
     except ValueError as exc:  # the request's numbers (bounded above, so not expected)
         raise ApiProblem(422, str(exc)) from None
     result["edge_worker"] = worker.url if worker is not None else None
+    if body.device_id is not None:  # no worker serves the model: a lease reserving nothing
+        result = await store.fleet.lease_without_worker(body, result)
     return result
 
 

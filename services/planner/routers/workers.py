@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from urllib.parse import urlsplit
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter
 
 from dapdee.api.planner import HeartbeatAnswer, HeartbeatBody, WorkerInfo, WorkerList
 from dapdee.planner.deps import SettingsDep, StoreDep
+from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import Worker
 from dapdee.web.security import ANY_ROLE, WORKER, require
@@ -52,9 +54,15 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
 
 @router.get("", response_model=WorkerList, dependencies=[require(ANY_ROLE)])
 async def list_workers(store: StoreDep) -> WorkerList:
-    """Live workers, least loaded first, with the seconds until each expires."""
-    return WorkerList(
-        workers=[
+    """Live workers, least loaded first, with the seconds until each expires and what the live
+    leases reserve on each (`leased_ms_per_s` = Σ f_j·e_j, `leases`)."""
+    workers = await store.live_workers()
+    with contextlib.suppress(RedisUnavailable):
+        await store.fleet.refresh()  # fresh reservations when Redis answers, else the last view
+    out = []
+    for w in workers:
+        leased, count = store.fleet.leased(w.url)
+        out.append(
             WorkerInfo(
                 url=w.url,
                 models=list(w.models),
@@ -64,7 +72,8 @@ async def list_workers(store: StoreDep) -> WorkerList:
                 queue_depth=w.queue_depth,
                 capacity_ms_per_s=w.capacity_ms_per_s,
                 expires_in_s=w.expires_in_s,
+                leased_ms_per_s=leased,
+                leases=count,
             )
-            for w in await store.live_workers()
-        ]
-    )
+        )
+    return WorkerList(workers=out)

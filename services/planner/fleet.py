@@ -1,0 +1,476 @@
+"""The shared edge in the planner: leases, admission, the worker choice, and rebalancing.
+
+`Fleet.plan` answers one `POST /plan` against the other devices' leases with the exact plan of
+`dapdee.fleet.assign` and, for a named device, reserves its lease atomically (`leases.LeaseBook`,
+Lua in Redis). Two round trips to Redis for a named device: one read (its lease and the other
+devices' reservations on the candidate workers, fresh), one reservation. If another replica
+took the capacity meanwhile the reservation is refused with the new figures and the device is
+planned again (at most `RETRIES` times, then Device-Only, always admissible). A request without
+`device_id` reserves nothing and is planned against this replica's view of the reservations
+(refreshed every `refresh_s` and after each reservation here), with no Redis round trip.
+
+A device whose lease carries a plan assigned by a rebalance gets that plan back while its
+conditions have not drifted (`lease_drift`), re-priced at the load the others put on its worker.
+
+`Fleet.rebalance` re-solves every worker's leases (`dapdee.fleet.rebalance.solve`, in a thread)
+together with the live Device-Only leases of models the worker serves, and applies each
+worker's assignment atomically (refused, and left for the next period, if leases changed
+meanwhile). A periodic task runs it every `rebalance_s` on one replica at a time (a Redis lock).
+
+With Redis away, plans come from the last view of the reservations and no lease is stored
+(the answer's lease then says so by `expires_in_s` 0); the planner never fails for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dapdee.costgraph import CostGraphError
+from dapdee.fleet.assign import DevicePlan, EdgeSlot, plan_for_device, plan_of
+from dapdee.fleet.rebalance import Demand, Option, Solution, current_option, option_nodes, solve
+from dapdee.planner.config import Settings
+from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
+from dapdee.planner.keys import Keys
+from dapdee.planner.leases import LeaseBook
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.redis_link import RedisLink
+from dapdee.planner.workers import Worker
+from dapdee.planning import PlanMap, PlanRequest
+
+log = logging.getLogger("dapdee.planner")
+
+RETRIES = 3
+# the request fields a lease record keeps: what the device asked, so a rebalance can re-plan it
+REQUEST_FIELDS = (
+    "bandwidth_mbps",
+    "rtt_ms",
+    "device_load",
+    "device_tier",
+    "latency_budget_ms",
+    "min_accuracy",
+    "frame_rate",
+    "mode",
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A worker a device may use and its plan map (under the worker tier's edge profile)."""
+
+    worker: Worker
+    planmap: PlanMap
+
+
+# (model, device tier, workers) -> the candidates among those workers; [] when the model or a
+# profile is gone
+CandidatesFor = Callable[[str, str | None, Sequence[Worker]], Awaitable[list[Candidate]]]
+LiveWorkers = Callable[[], Awaitable[list[Worker]]]
+
+
+def request_of(fields: dict[str, Any]) -> PlanRequest:
+    """The `PlanRequest` of a lease record's `request` (edge load left 0: the fleet sets it)."""
+    return PlanRequest(
+        bandwidth_mbps=fields["bandwidth_mbps"],
+        rtt_ms=fields.get("rtt_ms", 0.0),
+        device_load=fields.get("device_load", 0.0),
+        latency_budget_ms=fields.get("latency_budget_ms"),
+        min_accuracy=fields.get("min_accuracy"),
+        frame_rate=fields.get("frame_rate"),
+        mode=fields.get("mode", "auto"),
+    )
+
+
+def drifted(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
+    """Whether the device's conditions moved past the re-plan threshold since `old` (relative
+    change of bandwidth or round trip over `threshold`, device load over `threshold / 2`), or its
+    requirements changed at all. O(1)."""
+    for key in ("device_tier", "latency_budget_ms", "min_accuracy", "frame_rate", "mode"):
+        if old.get(key) != new.get(key):
+            return True
+    b0, b1 = old["bandwidth_mbps"], new["bandwidth_mbps"]
+    if abs(b1 - b0) > threshold * b0:
+        return True
+    r0, r1 = old.get("rtt_ms", 0.0), new.get("rtt_ms", 0.0)
+    if abs(r1 - r0) > threshold * max(r0, 1.0):
+        return True
+    return abs(new.get("device_load", 0.0) - old.get("device_load", 0.0)) > threshold / 2
+
+
+class Fleet:
+    """Leases and rebalancing of one planner replica (module docstring). `start()` / `close()`
+    in the app's lifespan. `candidates_for` and `live_workers` come from the store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: PlannerMetrics,
+        link: RedisLink,
+        keys: Keys,
+        candidates_for: CandidatesFor,
+        live_workers: LiveWorkers,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.link = link
+        self.book = LeaseBook(link, keys.base, settings.lease_ttl_s, settings.max_leases)
+        self.candidates_for = candidates_for
+        self.live_workers = live_workers
+        self.k_lock = f"{keys.base}:rebalance-lock"
+        self.reserved: dict[str, dict[str, float]] = {}  # worker -> device -> ms/s, last seen
+        self.lease_count = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Read the reservations once and start the refresh (and rebalance) loop."""
+        with contextlib.suppress(RedisUnavailable):
+            await self.refresh()
+        if self.link.enabled:
+            self._task = asyncio.create_task(self._loop(), name="dapdee-fleet")
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def refresh(self) -> None:
+        """Re-read every worker's reservations and the lease count, and set the fleet gauges
+        (RedisUnavailable passes up). Three round trips."""
+        self.reserved = await self.book.loads()
+        self.lease_count = await self.book.count()
+        workers = await self.live_workers()
+        self.metrics.set_fleet(self.lease_count, {w.url: (w.capacity_ms_per_s, *self.leased(w.url)) for w in workers})
+
+    async def _loop(self) -> None:
+        last_rebalance = time.monotonic()
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.refresh_s)
+                return
+            try:
+                await self.refresh()
+                period = self.settings.rebalance_s
+                if period and time.monotonic() - last_rebalance >= period and self.lease_count:
+                    last_rebalance = time.monotonic()
+                    await self.rebalance_if_leader()
+            except RedisUnavailable:
+                pass
+            except Exception:  # the loop must outlive any surprise
+                log.exception("fleet refresh failed")
+
+    # ---- views ------------------------------------------------------------------------------------
+    def others(self, worker: str, device_id: str | None) -> float:
+        """What the other devices reserve on `worker` (ms/s), from this replica's view. O(leases)."""
+        loads = self.reserved.get(worker, {})
+        return sum(v for d, v in loads.items() if d != device_id)
+
+    def leased(self, worker: str) -> tuple[float, int]:
+        """(Σ f_j·e_j, lease count) on `worker`, from this replica's view."""
+        loads = self.reserved.get(worker, {})
+        return sum(loads.values()), len(loads)
+
+    # ---- planning ---------------------------------------------------------------------------------
+    async def plan(self, body: Any, candidates: Sequence[Candidate], edge_load: float | None) -> dict[str, Any]:
+        """The plan for one request (a validated `PlanRequestBody`) over `candidates` (at least
+        one), with a lease when it names a device. CapacityExceeded past the lease cap."""
+        req = request_of(body.model_dump())
+        if body.device_id is None:
+            slots = self._slots(candidates, None, {})
+            dp = plan_for_device(slots, req, None, self.settings.rho_max, edge_load)
+            self.metrics.admissions.labels("unleased").inc()
+            return dp.plan
+        try:
+            record, fresh = await self.book.read(body.device_id, [c.worker.url for c in candidates])
+        except RedisUnavailable:
+            record, fresh = None, None
+        dp, assigned = self._assigned(record, body, candidates, fresh, req)
+        if dp is None:
+            dp = plan_for_device(
+                self._slots(candidates, body.device_id, fresh), req, body.frame_rate, self.settings.rho_max, edge_load
+            )
+        return await self._lease(body, candidates, req, dp, assigned, fresh, edge_load)
+
+    async def lease_without_worker(self, body: Any, plan: dict[str, Any]) -> dict[str, Any]:
+        """A named device of a model no worker serves: its plan reserves nothing, but the lease is
+        recorded (GET /devices/{id}, the lease count, a later rebalance may bring it onto a worker)."""
+        dp = DevicePlan(plan, None, 0.0, 0.0)
+        return await self._lease(body, [], request_of(body.model_dump()), dp, False, {}, body.edge_load)
+
+    def _slots(
+        self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float] | None
+    ) -> list[EdgeSlot]:
+        out = []
+        for c in candidates:
+            url = c.worker.url
+            others = fresh[url] if fresh is not None and url in fresh else self.others(url, device_id)
+            # ties between equally leased workers: the lower heartbeat load (traffic without leases)
+            tiebreak = c.worker.load + 1e-6 * (c.worker.inflight + c.worker.queue_depth)
+            out.append(EdgeSlot(url, c.planmap, c.worker.capacity_ms_per_s, others, tiebreak))
+        return out
+
+    def _assigned(
+        self,
+        record: dict[str, Any] | None,
+        body: Any,
+        candidates: Sequence[Candidate],
+        fresh: dict[str, float] | None,
+        req: PlanRequest,
+    ) -> tuple[DevicePlan | None, bool]:
+        """The plan a rebalance assigned to this device, re-priced now, when it still applies:
+        same model, conditions not drifted, its worker live. (None, False) otherwise."""
+        if record is None or not record.get("assigned") or record.get("model") != body.model:
+            return None, False
+        if drifted(record["request"], body.model_dump(), self.settings.lease_drift):
+            return None, False
+        worker = record.get("worker")
+        by_url = {c.worker.url: c for c in candidates}
+        if worker is not None and worker not in by_url:
+            return None, False
+        c = by_url[worker] if worker is not None else candidates[0]
+        others = (fresh or {}).get(c.worker.url, self.others(c.worker.url, body.device_id))
+        load = min(0.95, others / c.worker.capacity_ms_per_s)
+        held = record["plan"]
+        try:
+            plan, e_i = plan_of(c.planmap, req, held["exit"]["name"], held["device_nodes"], load, held["mode"])
+        except (CostGraphError, KeyError, StopIteration):
+            return None, False  # the graph changed under the assignment
+        plan["edge_worker"] = worker
+        return DevicePlan(plan, worker, e_i, load if worker is not None else 0.0), True
+
+    async def _lease(
+        self,
+        body: Any,
+        candidates: Sequence[Candidate],
+        req: PlanRequest,
+        dp: DevicePlan,
+        assigned: bool,
+        fresh: dict[str, float] | None,
+        edge_load: float | None,
+    ) -> dict[str, Any]:
+        """Reserve the plan's lease, re-planning when another replica took the room meanwhile.
+        Returns the plan JSON with its `lease`."""
+        capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
+        fresh = dict(fresh or {})
+        stored = False
+        for attempt in range(RETRIES + 1):
+            load = body.frame_rate * dp.edge_ms_per_frame
+            limit = self.settings.rho_max * capacity.get(dp.worker or "", math.inf)
+            record = self._record(body, dp, assigned)
+            try:
+                res = await self.book.reserve(body.device_id, dp.worker, load, limit, record)
+            except RedisUnavailable:
+                break
+            if res.status == "full":
+                self.metrics.admissions.labels("full").inc()
+                raise CapacityExceeded("leases", self.settings.max_leases)
+            if res.status == "reserved":
+                stored = True
+                self._note(body.device_id, dp.worker, load)
+                self.metrics.admissions.labels("device_only" if dp.worker is None else "reserved").inc()
+                break
+            self.metrics.admissions.labels("refused").inc()
+            assert dp.worker is not None
+            fresh[dp.worker] = res.others_ms_per_s
+            assigned = False
+            if attempt == RETRIES - 1:  # give up on the edge: Device-Only is always admissible
+                fresh = {url: math.inf for url in capacity}
+            dp = plan_for_device(
+                self._slots(candidates, body.device_id, fresh), req, body.frame_rate, self.settings.rho_max, edge_load
+            )
+        plan = dict(dp.plan)
+        plan["lease"] = {
+            "device_id": body.device_id,
+            "model": body.model,
+            "worker": dp.worker,
+            "frames_per_s": body.frame_rate,
+            "edge_ms_per_frame": dp.edge_ms_per_frame,
+            "expires_in_s": self.settings.lease_ttl_s if stored else 0.0,
+            "replan_after_s": self.settings.replan_after_s,
+            "assigned": assigned,
+        }
+        return plan
+
+    def _record(self, body: Any, dp: DevicePlan, assigned: bool) -> dict[str, Any]:
+        fields = body.model_dump()
+        return {
+            "device_id": body.device_id,
+            "model": body.model,
+            "device_tier": body.device_tier,
+            "worker": dp.worker,
+            "frames_per_s": body.frame_rate,
+            "edge_ms_per_frame": dp.edge_ms_per_frame,
+            "request": {k: fields.get(k) for k in REQUEST_FIELDS},
+            "plan": dp.plan,
+            "assigned": assigned,
+        }
+
+    def _note(self, device_id: str, worker: str | None, load: float) -> None:
+        """Update this replica's view after its own reservation (the device left any other worker)."""
+        for loads in self.reserved.values():
+            loads.pop(device_id, None)
+        if worker is not None and load > 0:
+            self.reserved.setdefault(worker, {})[device_id] = load
+
+    # ---- devices ------------------------------------------------------------------------------------
+    async def state(self, device_id: str) -> dict[str, Any] | None:
+        """The device's lease and plan (None: no live lease). One round trip."""
+        got = await self.book.record(device_id)
+        if got is None:
+            return None
+        record, ttl = got
+        return {
+            "device_id": device_id,
+            "model": record["model"],
+            "lease": {
+                "device_id": device_id,
+                "model": record["model"],
+                "worker": record.get("worker"),
+                "frames_per_s": record["frames_per_s"],
+                "edge_ms_per_frame": record["edge_ms_per_frame"],
+                "expires_in_s": round(ttl, 3),
+                "replan_after_s": self.settings.replan_after_s,
+                "assigned": bool(record.get("assigned")),
+            },
+            "plan": record["plan"],
+        }
+
+    async def release(self, device_id: str) -> bool:
+        """End the device's lease. False if it had none."""
+        ended = await self.book.release(device_id)
+        self._note(device_id, None, 0.0)
+        return ended
+
+    # ---- rebalancing ---------------------------------------------------------------------------------
+    async def rebalance_if_leader(self) -> dict[str, Any] | None:
+        """Rebalance unless another replica holds the lock (then None)."""
+        ttl_ms = int(max(self.settings.rebalance_s, 1.0) * 1000)
+        got = await self.link.call("rebalance_lock", lambda r: r.set(self.k_lock, b"1", nx=True, px=ttl_ms))
+        if not got:
+            return None
+        try:
+            return await self.rebalance()
+        finally:
+            with contextlib.suppress(RedisUnavailable):
+                await self.link.call("rebalance_lock", lambda r: r.delete(self.k_lock))
+
+    async def rebalance(self, workers: list[Worker] | None = None) -> dict[str, Any]:
+        """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
+        the assignments; the answer lists, per worker, the totals before and after and each device's
+        old and new plan value. RedisUnavailable passes up."""
+        reserved = await self.book.loads()
+        devices = await self.book.devices()
+        records = await self.book.records(devices)
+        workers = workers if workers is not None else await self.live_workers()
+        attached = {d for loads in reserved.values() for d in loads}
+        joiners = {d for d in records if d not in attached and records[d].get("worker") is None}
+        reports = []
+        for w in sorted(workers, key=lambda w: w.url):
+            members = [d for d in reserved.get(w.url, {}) if d in records]
+            candidates = members + sorted(d for d in joiners if records[d]["model"] in w.models)
+            report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
+            if report is not None:
+                reports.append(report)
+                joiners -= {c["device_id"] for c in report["devices"] if c["new"]["edge_ms_per_frame"] > 0}
+        self.metrics.rebalances.labels("noop" if not reports else "done").inc()
+        await self.refresh()
+        return {"workers": reports}
+
+    async def _rebalance_worker(
+        self, w: Worker, device_ids: list[str], records: dict[str, dict[str, Any]], held: dict[str, float]
+    ) -> dict[str, Any] | None:
+        demands, olds = [], []
+        for d in device_ids:
+            demand = await self._demand(w, records[d])
+            if demand is None:
+                continue
+            demands.append(demand)
+            held_plan = records[d]["plan"]
+            try:
+                olds.append(current_option(demand, held_plan["exit"]["name"], held_plan["device_nodes"]))
+            except (CostGraphError, KeyError, StopIteration):
+                olds.append(None)
+        if not demands:
+            return None
+        capacity = w.capacity_ms_per_s
+        sol: Solution = await asyncio.to_thread(solve, demands, capacity, self.settings.rho_max)
+        assignments = {}
+        for demand, opt in zip(demands, sol.choices, strict=True):
+            exit_name, nodes = option_nodes(demand, opt)
+            load = min(0.95, (sol.load - opt.load) / capacity)
+            plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
+            plan["edge_worker"] = w.url if opt.uses_edge else None
+            record = {
+                **records[demand.device_id],
+                "worker": w.url if opt.uses_edge else None,
+                "edge_ms_per_frame": e_i,
+                "plan": plan,
+                "assigned": True,
+            }
+            assignments[demand.device_id] = (opt.load, record)
+        applied = await self.book.apply(w.url, assignments, self.settings.rho_max * capacity)
+        self.metrics.rebalances.labels("applied" if applied else "refused").inc()
+        return _report(w, demands, olds, sol, applied, sum(held.values()))
+
+    async def _demand(self, w: Worker, record: dict[str, Any]) -> Demand | None:
+        """The rebalancer's view of one lease on `w` (None: its model or profiles are gone)."""
+        found = await self.candidates_for(record["model"], record.get("device_tier"), [w])
+        if not found:
+            return None
+        req = request_of(record["request"])
+        objective = record["plan"].get("mode", "latency")
+        return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective)
+
+
+def _option_value(demand: Demand, opt: Option) -> dict[str, Any]:
+    exit_name, nodes = option_nodes(demand, opt) if opt.cand_index >= 0 else (None, ())
+    return {
+        "exit": exit_name or demand.planmap.graph.exits[opt.exit_index].name,
+        "device_nodes": len(nodes),
+        "edge_ms_per_frame": opt.load / demand.frames_per_s,
+        "met": bool(opt.value[0]),
+        "accuracy": demand.planmap.graph.exits[opt.exit_index].accuracy,
+        "objective_ms": -opt.value[2] / demand.frames_per_s,
+    }
+
+
+def _totals(demands: Sequence[Demand], opts: Sequence[Option | None], leased: float) -> dict[str, Any]:
+    have = [o for o in opts if o is not None]
+    return {
+        "devices_met": sum(o.value[0] for o in have),
+        "accuracy_frames_per_s": sum(o.value[1] for o in have),
+        "frame_ms_per_s": -sum(o.value[2] for o in have),
+        "leased_ms_per_s": leased,
+    }
+
+
+def _report(
+    w: Worker, demands: list[Demand], olds: list[Option | None], sol: Solution, applied: bool, held: float
+) -> dict[str, Any]:
+    devices = [
+        {
+            "device_id": d.device_id,
+            "old": _option_value(d, o) if o is not None else None,
+            "new": _option_value(d, n),
+        }
+        for d, o, n in zip(demands, olds, sol.choices, strict=True)
+    ]
+    return {
+        "worker": w.url,
+        "leases": len(demands),
+        "exact": sol.exact,
+        "applied": applied,
+        "before": _totals(demands, olds, held),
+        "after": _totals(demands, list(sol.choices), sol.load),
+        "devices": devices,
+    }

@@ -1,0 +1,34 @@
+"""Devices' leases on the shared edge: read one (any role), end one (the device or an admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from dapdee.api.planner import DeviceState, Name
+from dapdee.planner.deps import StoreDep
+from dapdee.planner.problems import ApiProblem
+from dapdee.web.security import ANY_ROLE, DEVICE_OR_ADMIN, require
+
+router = APIRouter(prefix="/devices", tags=["fleet"])
+
+DeviceId = Annotated[Name, Path(description="the device_id it planned with")]
+
+
+@router.get("/{device_id}", response_model=DeviceState, dependencies=[require(ANY_ROLE)])
+async def get_device(device_id: DeviceId, store: StoreDep) -> DeviceState:
+    """The device's live lease and the plan now assigned to it (by its last POST /plan or by a
+    rebalance since, priced as handed out). 404 when it holds no live lease."""
+    state = await store.fleet.state(device_id)
+    if state is None:
+        raise ApiProblem(404, f"device {device_id!r} holds no live lease")
+    return DeviceState.model_validate(state)
+
+
+@router.delete("/{device_id}", status_code=204, response_class=Response, dependencies=[require(DEVICE_OR_ADMIN)])
+async def delete_device(device_id: DeviceId, store: StoreDep) -> Response:
+    """End the device's lease at once (its reservation on the worker is freed). 404 without one."""
+    if not await store.fleet.release(device_id):
+        raise ApiProblem(404, f"device {device_id!r} holds no live lease")
+    return Response(status_code=204)

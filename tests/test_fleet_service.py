@@ -1,0 +1,238 @@
+"""The shared edge through the planner's HTTP API, against a real Redis: leases in POST /plan,
+GET/DELETE /devices, GET /workers, POST /fleet/rebalance, replicas and restarts, concurrent
+admission, cost model v2 from profile meta, and the bad input the fleet adds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from dapdee.planner.app import create_app
+from dapdee.planner.config import Settings
+from tests import oracle
+from tests.conftest import serve_app_in_thread
+from tests.test_planner_service import ANY_WORKER_URL, AUTH, SHARED_REDIS, TOKEN, beat, planner, wait_for
+
+RHO = 0.9
+
+
+def chain_graph(model: str = "cam") -> dict[str, Any]:
+    """x -(1000 B)-> a -(100 B)-> b, one exit. Device 60 + 60 ms; the graph's own edge timings
+    2 + 2 ms; the edge profile (tier "t") says 2 + 2 ms too; edge request 4 ms (profile meta)."""
+    return {
+        "model": model,
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
+        "nodes": [
+            {"name": "a", "op": "", "inputs": ["x"], "out_bytes": 100, "device_ms": 60.0, "edge_ms": 2.0},
+            {"name": "b", "op": "", "inputs": ["a"], "out_bytes": 10, "device_ms": 60.0, "edge_ms": 2.0},
+        ],
+        "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
+    }
+
+
+def setup_model(c: httpx.Client, capacity: float = 1000.0, workers: tuple[str, ...] = ("http://w1:1",)) -> None:
+    assert c.put("/models/cam", json=chain_graph()).status_code in (200, 201)
+    edge = {"kind": "edge", "timings_ms": {"a": 2.0, "b": 2.0}, "meta": {"edge_request_ms": 4.0}}
+    assert c.put("/models/cam/profiles/t", json=edge).status_code in (200, 201)
+    dev = {"kind": "device", "timings_ms": {"a": 60.0, "b": 60.0}, "meta": {"device_request_ms": 1.0}}
+    assert c.put("/models/cam/profiles/phone", json=dev).status_code in (200, 201)
+    for url in workers:
+        assert beat(c, url, ["cam"], "t", 0.0, capacity_ms_per_s=capacity).status_code == 200
+
+
+def leased(device: str, fps: float = 10.0, **kw: Any) -> dict[str, Any]:
+    body = {"model": "cam", "device_tier": "phone", "bandwidth_mbps": 10.0, "rtt_ms": 5.0, "mode": "latency"}
+    return {**body, "device_id": device, "frame_rate": fps, **kw}
+
+
+def workers(c: httpx.Client) -> dict[str, dict[str, Any]]:
+    return {w["url"]: w for w in c.get("/workers").json()["workers"]}
+
+
+def test_a_lease_reserves_its_edge_cost_and_the_plan_prices_the_v2_overheads(planner_prefix: str) -> None:
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        r = c.post("/plan", json=leased("cam-1"))
+        assert r.status_code == 200, r.text
+        plan = r.json()
+        # Edge-Only with the profiles' overheads: device 1 ms (request), uplink 1000 B at 10 Mbit/s
+        # = 0.8 ms, rtt 5, edge 2 + 2 + 4 = 8 ms: 14.8 ms; Device-Only 120 ms
+        g = {**chain_graph(), "overheads": {"device_request_ms": 1.0, "edge_request_ms": 4.0}}
+        cond = oracle.Cond(10.0, 5.0, 0.0, 0.0)
+        assert plan["device_nodes"] == [] and oracle.check_consistent(g, plan, cond).latency_ms == pytest.approx(14.8)
+        lease = plan["lease"]
+        assert lease["worker"] == plan["edge_worker"] == "http://w1:1"
+        assert lease["edge_ms_per_frame"] == pytest.approx(8.0) and lease["frames_per_s"] == 10.0
+        assert lease["expires_in_s"] > 0 and lease["replan_after_s"] > 0 and lease["assigned"] is False
+        w = workers(c)["http://w1:1"]
+        assert w["leased_ms_per_s"] == pytest.approx(80.0) and w["leases"] == 1
+        state = c.get("/devices/cam-1").json()
+        assert state["lease"]["worker"] == "http://w1:1" and state["plan"]["plan_id"] == plan["plan_id"]
+        # a second device is priced at the load of the first: edge 8 / (1 - 0.08)
+        other = c.post("/plan", json=leased("cam-2")).json()
+        assert other["predicted"]["edge_ms"] == pytest.approx(8.0 / (1 - 80.0 / 1000.0))
+        assert c.delete("/devices/cam-1").status_code == 204
+        assert c.delete("/devices/cam-1").status_code == 404
+        assert c.get("/devices/cam-1").status_code == 404
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)  # cam-2's
+
+
+def test_admission_pushes_devices_onto_their_own_cpu_when_the_worker_is_full(planner_prefix: str) -> None:
+    # capacity 100 ms/s, ρ 0.9: room for one device at 80 ms/s (Edge-Only: 8 ms x 10 frames/s)
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, capacity=100.0)
+        first = c.post("/plan", json=leased("d1")).json()
+        second = c.post("/plan", json=leased("d2")).json()
+        assert first["lease"]["worker"] == "http://w1:1"
+        # the mid cut (a on the device) books 6 ms x 10 = 60 > 90 - 80 too: Device-Only
+        assert second["lease"]["worker"] is None and second["device_nodes"] == ["a", "b"]
+        assert second["edge_worker"] == "http://w1:1"  # the worker to probe, reserving nothing
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)
+        # the first device leaving frees the room
+        assert c.delete("/devices/d1").status_code == 204
+        assert c.post("/plan", json=leased("d2")).json()["lease"]["worker"] == "http://w1:1"
+
+
+def test_leases_are_shared_by_replicas_and_survive_a_restart(planner_prefix: str) -> None:
+    kw = {"rebalance_s": 0, "worker_ttl_s": 120.0}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a)
+        assert a.post("/plan", json=leased("cam-1")).json()["lease"]["worker"] == "http://w1:1"
+        assert b.get("/devices/cam-1").json()["lease"]["edge_ms_per_frame"] == pytest.approx(8.0)
+        assert workers(b)["http://w1:1"]["leases"] == 1
+        # b prices its own devices at a's lease
+        plan = b.post("/plan", json=leased("cam-2")).json()
+        assert plan["predicted"]["edge_ms"] == pytest.approx(8.0 / (1 - 0.08))
+    with planner(planner_prefix, **kw) as again:
+        assert again.get("/devices/cam-1").status_code == 200
+        assert workers(again)["http://w1:1"]["leases"] == 2
+
+
+def test_fifty_devices_leasing_at_once_through_two_replicas_never_overbook(planner_prefix: str) -> None:
+    def settings() -> Settings:
+        return Settings(
+            key_prefix=planner_prefix,
+            redis_url=SHARED_REDIS,
+            api_token=TOKEN,
+            worker_url_pattern=ANY_WORKER_URL,
+            rebalance_s=0,
+        )
+
+    with serve_app_in_thread(create_app(settings())) as u1, serve_app_in_thread(create_app(settings())) as u2:
+        with httpx.Client(base_url=u1, headers=AUTH, timeout=30) as c:
+            setup_model(c, capacity=500.0)  # room for 450 ms/s: 5 devices at 80 ms/s (8 ms x 10)
+
+        async def lease_all() -> list[dict[str, Any]]:
+            async with httpx.AsyncClient(headers=AUTH, timeout=60) as client:
+                rs = await asyncio.gather(
+                    *(client.post(f"{(u1, u2)[i % 2]}/plan", json=leased(f"d{i}")) for i in range(50))
+                )
+            assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200][:2]
+            return [r.json() for r in rs]
+
+        plans = asyncio.run(lease_all())
+        with httpx.Client(base_url=u2, headers=AUTH, timeout=30) as c:
+            booked = workers(c)["http://w1:1"]
+    on_edge = [p for p in plans if p["lease"]["worker"] == "http://w1:1"]
+    reserved = sum(p["lease"]["frames_per_s"] * p["lease"]["edge_ms_per_frame"] for p in on_edge)
+    assert reserved <= RHO * 500.0 + 1e-9
+    assert booked["leases"] == len(on_edge) and booked["leased_ms_per_s"] == pytest.approx(reserved)
+    assert len(on_edge) >= 5  # the room was used (mid cuts may fit a few more)
+
+
+def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_their_plan_back(
+    planner_prefix: str,
+) -> None:
+    """Both want 5 frames/s within 200 ms. Room for one Edge-Only device (40 of 45 ms/s: 8 ms x 5).
+    The idle device asks first and gets the edge, though Device-Only (120 ms, 120 ms a frame <=
+    200) meets its requirements; the busy device (load 0.8: 600 ms on its own CPU, its mid cut
+    316 ms) then misses. The rebalance swaps them: both are served."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, capacity=50.0)
+        idle = leased("idle", fps=5.0, latency_budget_ms=200.0)
+        busy = leased("busy", fps=5.0, latency_budget_ms=200.0, device_load=0.8)
+        assert c.post("/plan", json=idle).json()["lease"]["worker"] == "http://w1:1"
+        before = c.post("/plan", json=busy).json()
+        assert before["lease"]["worker"] is None and before["constraints_met"] is False
+        r = c.post("/fleet/rebalance")
+        assert r.status_code == 200, r.text
+        (report,) = r.json()["workers"]
+        assert report["applied"] and report["exact"]
+        assert (report["before"]["devices_met"], report["after"]["devices_met"]) == (1, 2)
+        assert report["after"]["leased_ms_per_s"] <= RHO * 50.0
+        state = c.get("/devices/busy").json()
+        assert state["lease"]["assigned"] and state["lease"]["worker"] == "http://w1:1"
+        # the devices pick up their assigned plans at their next request
+        got = c.post("/plan", json=busy).json()
+        assert got["lease"]["assigned"] and got["lease"]["worker"] == "http://w1:1" and got["constraints_met"]
+        got = c.post("/plan", json=idle).json()
+        assert got["lease"]["assigned"] and got["lease"]["worker"] is None and got["device_nodes"] == ["a", "b"]
+        # conditions that drifted get a fresh plan instead
+        moved = c.post("/plan", json={**idle, "bandwidth_mbps": 20.0}).json()
+        assert moved["lease"]["assigned"] is False
+
+
+def test_the_fleet_refuses_bad_input_and_changes_nothing(planner_prefix: str) -> None:
+    with planner(planner_prefix, rebalance_s=0, max_leases=2) as c:
+        setup_model(c)
+        r = c.post("/plan", json={k: v for k, v in leased("d0").items() if k != "frame_rate"})
+        assert r.status_code == 422 and "frame_rate" in r.text
+        r = c.post("/plan", json={**leased("d0"), "model": "nope"})
+        assert r.status_code == 404 and "nope" in r.json()["detail"]
+        for bad in (float("inf"), -1.0, 0.0):
+            body = {"url": "http://w1:1", "models": ["cam"], "tier": "t", "load": 0.0, "capacity_ms_per_s": bad}
+            r = c.post("/workers/heartbeat", content=_raw(body), headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and "capacity_ms_per_s" in r.text
+        assert workers(c)["http://w1:1"]["capacity_ms_per_s"] == 1000.0
+        assert c.post("/plan", json=leased("d1")).status_code == 200
+        assert c.post("/plan", json=leased("d2")).status_code == 200
+        r = c.post("/plan", json=leased("d3"))
+        assert r.status_code == 409 and "lease" in r.json()["detail"]
+        assert c.get("/devices/d3").status_code == 404 and workers(c)["http://w1:1"]["leases"] == 2
+        assert c.post("/plan", json=leased("d1")).status_code == 200  # a known device may renew
+        r = c.post("/plan", json={**leased("d1"), "device_id": "bad id!"})
+        assert r.status_code == 422 and "device_id" in r.text
+        r = c.post("/plan", json={**leased("d1"), "baseline": "dads"})
+        assert r.status_code == 422
+    with planner(planner_prefix, rebalance_s=0, api_token=None, device_token="dev-token") as c:
+        r = c.post("/fleet/rebalance", headers={"Authorization": "Bearer dev-token"})
+        assert r.status_code == 403
+
+
+def _raw(body: dict[str, Any]) -> bytes:
+    """JSON with non-finite numbers as Python writes them (Infinity), which strict JSON refuses."""
+    return json.dumps(body).encode()
+
+
+def test_a_model_no_worker_serves_gets_a_lease_on_no_worker(planner_prefix: str) -> None:
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, workers=())
+        plan = c.post("/plan", json=leased("solo")).json()
+        assert plan["edge_worker"] is None and plan["lease"]["worker"] is None
+        assert c.get("/devices/solo").json()["lease"]["edge_ms_per_frame"] == 0.0
+
+
+def test_leases_expire(planner_prefix: str) -> None:
+    with planner(planner_prefix, rebalance_s=0, lease_ttl_s=0.6, replan_after_s=0.3) as c:
+        setup_model(c)
+        assert c.post("/plan", json=leased("short")).json()["lease"]["worker"] == "http://w1:1"
+        assert wait_for(lambda: c.get("/devices/short").status_code == 404, timeout=10)
+        assert workers(c)["http://w1:1"]["leases"] == 0
+
+
+def test_the_periodic_rebalance_runs_on_its_own_and_the_metrics_show_the_fleet(planner_prefix: str) -> None:
+    with planner(planner_prefix, rebalance_s=0.5, refresh_s=0.2) as c:
+        setup_model(c, capacity=50.0)
+        assert c.post("/plan", json=leased("idle", fps=5.0, latency_budget_ms=200.0)).status_code == 200
+        busy = leased("busy", fps=5.0, latency_budget_ms=200.0, device_load=0.8)
+        assert c.post("/plan", json=busy).json()["lease"]["worker"] is None
+        assert wait_for(lambda: c.get("/devices/busy").json()["lease"]["worker"] == "http://w1:1", timeout=15)
+        m = c.get("/metrics").text
+        assert 'dapdee_planner_worker_leased_ms_per_second{worker="http://w1:1"} 40.0' in m
+        assert "dapdee_planner_leases 2.0" in m and "dapdee_planner_redis_up 1.0" in m
+        assert 'dapdee_planner_rebalances_total{result="applied"}' in m
+        assert 'dapdee_planner_admissions_total{result="reserved"} 1.0' in m
