@@ -966,6 +966,11 @@ def exported_series(text: str) -> tuple[set[str], dict[str, set[str]]]:
 
 def test_dashboard_queries_name_only_exported_metrics(live: dict[str, Any]) -> None:
     send_infers(live["edge"], 2)
+    # the per-worker fleet gauges appear at the planner's first refresh after the worker registered
+    deadline = time.monotonic() + 15
+    while b"dapdee_planner_worker_capacity_ms_per_second{" not in http("GET", f"{live['planner']}/metrics")[1]:
+        assert time.monotonic() < deadline, "the planner never exported its per-worker gauges"
+        time.sleep(0.2)
     names: set[str] = set()
     labels: dict[str, set[str]] = {}
     for svc in ("planner", "edge"):

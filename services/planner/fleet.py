@@ -133,8 +133,7 @@ class Fleet:
         """Read the reservations once and start the refresh (and rebalance) loop."""
         with contextlib.suppress(RedisUnavailable):
             await self.refresh()
-        if self.link.enabled:
-            self._task = asyncio.create_task(self._loop(), name="dapdee-fleet")
+        self._task = asyncio.create_task(self._loop(), name="dapdee-fleet")
 
     async def close(self) -> None:
         self._stop.set()
@@ -146,11 +145,14 @@ class Fleet:
 
     async def refresh(self) -> None:
         """Re-read every worker's reservations and the lease count, and set the fleet gauges
-        (RedisUnavailable passes up). Three round trips."""
-        self.reserved = await self.book.loads()
-        self.lease_count = await self.book.count()
-        workers = await self.live_workers()
-        self.metrics.set_fleet(self.lease_count, {w.url: (w.capacity_ms_per_s, *self.leased(w.url)) for w in workers})
+        (from the last view when Redis is away; RedisUnavailable then passes up). Three round trips."""
+        try:
+            self.reserved = await self.book.loads()
+            self.lease_count = await self.book.count()
+        finally:
+            workers = await self.live_workers()
+            leased = {w.url: (w.capacity_ms_per_s, *self.leased(w.url)) for w in workers}
+            self.metrics.set_fleet(self.lease_count, leased)
 
     async def _loop(self) -> None:
         last_rebalance = time.monotonic()
