@@ -95,9 +95,11 @@ def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerS
     def on_batch(model: str, size: int, compute_s: float) -> None:
         metrics.batch_size.labels(model).observe(size)
         metrics.compute_duration.labels(model).observe(compute_s)
+        metrics.compute_busy.inc(compute_s)
 
     s = settings
     batcher = Batcher(s.batch_max, s.batch_wait_ms, s.max_batch_rows, s.workers, s.slowdown, on_batch)
+    metrics.compute_slots.set(s.workers)
     for name, e in entries.items():
         exits = ",".join(x.name for x in e.graph.exits)
         shape = "x".join(map(str, e.graph.input.shape))

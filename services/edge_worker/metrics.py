@@ -64,3 +64,11 @@ class EdgeMetrics:
             ["reason"],
             registry=r,
         )
+        self.compute_busy = Counter(
+            "dapdee_edge_compute_busy_seconds",
+            "Seconds the compute slots spent computing batches (rate / slots = measured utilisation)",
+            registry=r,
+        )
+        self.compute_slots = Gauge(
+            "dapdee_edge_compute_slots", "Compute slots (batches computed at once)", registry=r
+        )

@@ -137,6 +137,10 @@ class PlannerMetrics:
             "dapdee_planner_worker_leases", "Live leases reserving on a worker.", ["worker"], registry=self.registry
         )
         self.redis_up: Gauge | None = None  # only where Redis is configured (see bind_redis)
+        for result in ("reserved", "device_only", "refused", "full", "unleased"):
+            self.admissions.labels(result)  # shown as 0 from the start
+        for result in ("applied", "refused", "done", "noop"):
+            self.rebalances.labels(result)
 
     def bind(self, workers: Callable[[], float], models: Callable[[], float]) -> None:
         """Make the gauges read live values at scrape time. O(1)."""
