@@ -134,20 +134,36 @@ class ResNet18(nn.Module):
 
     stem="cifar" (3x3 conv, for 28-32 px inputs) or "imagenet" (7x7/2 conv + max-pool, for
     camera-size inputs such as 224 px, where mid-network tensors become smaller than the input).
+
+    stem="patch4" (camera frames, built to be partitioned): a 4x4 stride-4 patchify conv, and the
+    stages downsample early (strides 2, 2, 2, 1 instead of 1, 2, 2, 2; the same output stride 32
+    as "imagenet", so 224 px ends at 7x7). Every stage then halves its output tensor (channels x2,
+    area /4), so each boundary up to layer3 is smaller than the one before, while layer4 keeps
+    the 7x7 map and holds the compute a late cut saves the device; `tail` widens layer4 further
+    (channels = 512 · width · tail; default 1, any stem).
     """
 
-    def __init__(self, width: float = 1.0, in_channels: int = 3, num_classes: int = 10, stem: str = "cifar") -> None:
+    STEMS = ("cifar", "imagenet", "patch4")
+
+    def __init__(
+        self, width: float = 1.0, in_channels: int = 3, num_classes: int = 10, stem: str = "cifar", tail: float = 1.0
+    ) -> None:
         super().__init__()
-        chans = [_c(c, width) for c in (64, 128, 256, 512)]
+        if stem not in self.STEMS:
+            raise ValueError(f"stem: expected one of {', '.join(map(repr, self.STEMS))}, got {stem!r}")
+        if not isinstance(tail, (int, float)) or not tail > 0:
+            raise ValueError(f"tail: expected a number > 0 (layer4 width factor), got {tail!r}")
+        chans = [_c(c, width) for c in (64, 128, 256)] + [_c(512, width * tail)]
+        strides = (1, 2, 2, 2)
         if stem == "cifar":
             self.stem = nn.Sequential(*_conv_bn_relu(in_channels, chans[0]))
         elif stem == "imagenet":
             self.stem = nn.Sequential(*_conv_bn_relu(in_channels, chans[0], 7, stride=2), nn.MaxPool2d(3, 2, 1))
         else:
-            raise ValueError(f"stem: expected 'cifar' or 'imagenet', got {stem!r}")
+            self.stem = nn.Sequential(*_conv_bn_relu(in_channels, chans[0], 4, stride=4, padding=0))
+            strides = (2, 2, 2, 1)
         layers, cin = [], chans[0]
-        for i, c in enumerate(chans):
-            stride = 1 if i == 0 else 2
+        for c, stride in zip(chans, strides, strict=True):
             layers.append(nn.Sequential(BasicBlock(cin, c, stride), BasicBlock(c, c, 1)))
             cin = c
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
