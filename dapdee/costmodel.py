@@ -73,14 +73,17 @@ class Predicted:
         }
 
 
+def stage_weights(cond: Conditions) -> tuple[float, float, float]:
+    """The factors that turn zero-load (device ms, bytes sent, edge ms) into stage times under
+    `cond`: 1/(1 − ℓd), 8/(1000·B), 1/(1 − ℓe). O(1)."""
+    return (1.0 / (1.0 - cond.device_load), 8.0 / (cond.bandwidth_mbps * 1000.0), 1.0 / (1.0 - cond.edge_load))
+
+
 def stage_ms(device_sum_ms: Any, sent_bytes: Any, edge_sum_ms: Any, cond: Conditions) -> tuple[Any, Any, Any]:
-    """(device_ms, uplink_ms, edge_ms) under `cond` from zero-load sums. Elementwise, so the
-    plan map's vectorised scans price whole Pareto fronts (numpy arrays) with this same formula."""
-    return (
-        device_sum_ms * (1.0 / (1.0 - cond.device_load)),
-        sent_bytes * (8.0 / (cond.bandwidth_mbps * 1000.0)),
-        edge_sum_ms * (1.0 / (1.0 - cond.edge_load)),
-    )
+    """(device_ms, uplink_ms, edge_ms) under `cond` from zero-load sums. Elementwise, so numpy
+    arrays of sums are priced by this same formula."""
+    wd, wb, we = stage_weights(cond)
+    return device_sum_ms * wd, sent_bytes * wb, edge_sum_ms * we
 
 
 def request_sums(device_sum_ms: Any, edge_sum_ms: Any, uses_edge: Any, overheads: Overheads) -> tuple[Any, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dapdee.costgraph import CostGraph
-from dapdee.costmodel import Conditions, Predicted, predict_sums, request_sums, stage_ms
+from dapdee.costmodel import Conditions, Predicted, predict_sums, request_sums, stage_ms, stage_weights
 from dapdee.planning.enumerate import (
     ExitStructure,
     enumerate_ideals,
@@ -83,6 +83,7 @@ class CandSet:
         self.edge = np.array(self.edge_l, dtype=np.float64)
         self.nonempty = np.array([0.0 if m == full else 1.0 for m in self.masks])
         self._lists: dict[int, Lists] = {}
+        self._matrix: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -100,16 +101,27 @@ class CandSet:
 
     def stages(self, cond: Conditions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(device_ms, uplink_ms, edge_ms) of every candidate under `cond`, overheads included. O(n)."""
-        dev, edge = request_sums(self.dev, self.edge, self.nonempty, self.st.overheads)
-        return stage_ms(dev, self.byts, edge, cond)
+        m = self._costs()
+        return stage_ms(m[:, 0], m[:, 1], m[:, 2], cond)
+
+    def _costs(self) -> np.ndarray:
+        """n x 4 matrix of the zero-load (device ms, bytes, edge ms) with the v2 overheads added
+        where the edge is used, and the 0/1 "uses the edge" column. Built once."""
+        if self._matrix is None:
+            dev, edge = request_sums(self.dev, self.edge, self.nonempty, self.st.overheads)
+            self._matrix = np.ascontiguousarray(np.column_stack([dev, self.byts, edge, self.nonempty]))
+        return self._matrix
+
+    def latencies(self, cond: Conditions) -> np.ndarray:
+        """latency_ms of every candidate: device + uplink + edge stage times plus the round trip
+        where the edge is used, as one matrix-vector product of the costs with the cost model's
+        stage weights. O(n)."""
+        return self._costs() @ _weights(cond)
 
     def best_latency(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
         """Index of minimum latency_ms (among `allowed` candidates, a boolean mask that must
         admit at least one). O(n)."""
-        d, u, e = self.stages(cond)
-        lat = d + u + e
-        if cond.rtt_ms:
-            lat += self.nonempty * cond.rtt_ms
+        lat = self.latencies(cond)
         if allowed is not None:
             lat[~allowed] = np.inf
         return int(lat.argmin())
@@ -117,17 +129,15 @@ class CandSet:
     def best_throughput(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
         """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms (among
         `allowed` candidates, as in `best_latency`). O(n)."""
-        d, u, e = self.stages(cond)
-        bott = np.maximum(np.maximum(d, u), e)
+        w = _weights(cond)
+        bott = (self._costs()[:, :3] * w[:3]).max(axis=1)
         if allowed is not None:
             bott[~allowed] = np.inf
         i = int(bott.argmin())
         tied = bott <= bott[i] * (1.0 + TIE_RTOL)
         if np.count_nonzero(tied) == 1:
             return i
-        lat = d + e + u
-        if cond.rtt_ms:
-            lat += self.nonempty * cond.rtt_ms
+        lat = self.latencies(cond)
         lat[~tied] = np.inf
         return int(lat.argmin())
 
@@ -135,6 +145,17 @@ class CandSet:
         if objective == "latency":
             return self.best_latency(cond, allowed)
         return self.best_throughput(cond, allowed)
+
+
+def _weights(cond: Conditions) -> np.ndarray:
+    """(w_dev, w_bytes, w_edge, rtt) for `cond` as an array (the cost model's `stage_weights`
+    and the round trip), memoised on the conditions object (a request prices every exit with
+    the same one). O(1)."""
+    w = cond.__dict__.get("_scan_weights")
+    if w is None:
+        w = np.array([*stage_weights(cond), cond.rtt_ms])
+        object.__setattr__(cond, "_scan_weights", w)
+    return w
 
 
 def pareto_candset(
@@ -189,7 +210,7 @@ def walk(
     Nothing meets: the best (lowest latency, or lowest bottleneck then latency) among exits
     meeting min_accuracy (else among all), deeper exit on exact ties.
     Returns (choice, constraints_met, approximate-any-consulted). O(#exits) calls of `get`."""
-    order = sorted(exit_indices, reverse=True)
+    order = exit_indices if _descending(exit_indices) else sorted(exit_indices, reverse=True)
     seen: list[Choice] = []
     for i in order:
         c = get(i, objective)
@@ -208,6 +229,10 @@ def walk(
     else:
         best = min(pool, key=lambda c: (c.pred.bottleneck_ms, c.pred.latency_ms, -c.exit_index))
     return best, False, any(s.approximate for s in seen)
+
+
+def _descending(xs: Sequence[int]) -> bool:
+    return all(a > b for a, b in zip(xs, xs[1:], strict=False))
 
 
 def decide(
@@ -229,9 +254,10 @@ def decide(
 
 
 def plan_id(content_hash: str, req: PlanRequest, planner: str) -> str:
-    """Deterministic short id: sha256 over the graph's content hash, the request and the planner."""
-    text = f"{content_hash}|{planner}|{req.key()!r}"  # repr of floats is exact and canonical
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Deterministic short id: a 64-bit BLAKE2b digest of the graph's content hash, the planner
+    and the request (the repr of floats is exact and canonical). O(1)."""
+    text = f"{content_hash}|{planner}|{req.key()!r}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def plan_dict(
@@ -282,7 +308,7 @@ class PlanMap:
         if not self._hash:
             self._hash = self.graph.content_hash()
         self._acc = [e.accuracy for e in self.graph.exits]
-        self._exits = list(range(len(self.graph.exits)))
+        self._exits = list(range(len(self.graph.exits) - 1, -1, -1))  # deepest first: the walk's order
 
     @classmethod
     def build(cls, graph: CostGraph, cap: int = DEFAULT_CAP, deadline_s: float | None = None) -> PlanMap:

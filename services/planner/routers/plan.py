@@ -15,11 +15,13 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 
 from dapdee.api.planner import PLAN_REQUEST_EXAMPLE, PlanAnswer, PlanRequestBody
+from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
 from dapdee.planner.store import MissingTimings, ModelState, Profile, Store, Worker
 from dapdee.planning import PlanRequest, baseline_plan
+from dapdee.web import otel
 from dapdee.web.security import DEVICE, require
 
 router = APIRouter(tags=["plan"])
@@ -58,16 +60,24 @@ def parse_plan_body(raw: bytes) -> PlanRequestBody:
 )
 async def plan(request: Request, planning: PlanningDep) -> Response:
     """Plan for one device: exact under the cost model (else `approximate: true`). Device timings:
-    the `device_tier` profile, else the cost graph's own; edge timings: the chosen worker's tier
-    profile, else the cost graph's own; `edge_load` defaults to the chosen worker's load.
-    A cached exact plan map answers inline in microseconds; a plan that needs min-cuts runs in a
-    thread under the plan budget (503 past it)."""
+    the `device_tier` profile, else the cost graph's own; edge timings: each live worker's tier
+    profile, else the cost graph's own; the edge load (unless the request gives `edge_load`) is
+    what the other devices' leases reserve on a worker, and a `device_id` makes the plan hold a
+    lease of its own (docs/DESIGN.md, "The shared edge"). A cached exact plan map answers inline
+    in microseconds; a plan that needs min-cuts runs in a thread under the plan budget (503 past
+    it)."""
     t0 = time.perf_counter()
     mode, outcome = "auto", "error"
     try:
         body = parse_plan_body(await request.body())
         mode = body.mode
-        result = await _answer(planning.store, planning.runner, body)
+        tracing = otel.recording()  # None unless this request's trace is exported
+        if tracing is None:
+            result = await _answer(planning.store, planning.runner, body)
+        else:
+            with tracing.span(otel.PLANNER, spans.request_attributes(body.model, body.mode)) as span:
+                result = await _answer(planning.store, planning.runner, body)
+                span.set_attributes(spans.plan_attributes(result))
         mode = result["mode"]
         outcome = "ok" if result["constraints_met"] else "constraints_unmet"
         return Response(to_json(result, inf_nan_mode="null"), media_type="application/json")
