@@ -15,6 +15,7 @@ from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from tests import oracle
 from tests.conftest import serve_app_in_thread
+from tests.test_schemas import assert_valid
 from tests.test_planner_service import ANY_WORKER_URL, AUTH, SHARED_REDIS, TOKEN, beat, planner, wait_for
 
 RHO = 0.9
@@ -72,6 +73,8 @@ def test_a_lease_reserves_its_edge_cost_and_the_plan_prices_the_v2_overheads(pla
         assert w["leased_ms_per_s"] == pytest.approx(80.0) and w["leases"] == 1
         state = c.get("/devices/cam-1").json()
         assert state["lease"]["worker"] == "http://w1:1" and state["plan"]["plan_id"] == plan["plan_id"]
+        assert_valid("plan", plan)  # the published schemas describe the real answers
+        assert_valid("lease#/$defs/device", state)
         # a second device is priced at the load of the first: edge 8 / (1 - 0.08)
         other = c.post("/plan", json=leased("cam-2")).json()
         assert other["predicted"]["edge_ms"] == pytest.approx(8.0 / (1 - 80.0 / 1000.0))
@@ -160,6 +163,8 @@ def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_
         assert before["lease"]["worker"] is None and before["constraints_met"] is False
         r = c.post("/fleet/rebalance")
         assert r.status_code == 200, r.text
+        assert_valid("lease#/$defs/rebalance", r.json())
+        assert r.json()["approximate"] is False
         (report,) = r.json()["workers"]
         assert report["applied"] and report["exact"]
         assert (report["before"]["devices_met"], report["after"]["devices_met"]) == (1, 2)

@@ -231,12 +231,15 @@ class PlanAnswer(BaseModel):
 class DeviceState(BaseModel):
     """GET /devices/{device_id}: the device's lease and the plan now assigned to it."""
 
-    model_config = _answer({"device_id": "cam-17", "model": "resnet18", "lease": LEASE_EXAMPLE, "plan": PLAN_EXAMPLE})
+    model_config = _answer(
+        {"device_id": "cam-17", "model": "resnet18", "lease": LEASE_EXAMPLE, "plan": PLAN_EXAMPLE, "assigned": False}
+    )
 
     device_id: str
     model: str
     lease: LeaseInfo
     plan: PlanAnswer
+    assigned: bool = Field(description="the plan was assigned by a fleet rebalance")
 
 
 class OptionValue(BaseModel):
@@ -274,8 +277,9 @@ class WorkerRebalance(BaseModel):
 
 
 class RebalanceAnswer(BaseModel):
-    model_config = _answer({"workers": []})
+    model_config = _answer({"approximate": False, "workers": []})
 
+    approximate: bool = Field(description="true when some worker was solved approximately (over 64 leases)")
     workers: list[WorkerRebalance]
 
 

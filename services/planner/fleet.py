@@ -345,6 +345,7 @@ class Fleet:
                 "assigned": bool(record.get("assigned")),
             },
             "plan": record["plan"],
+            "assigned": bool(record.get("assigned")),
         }
 
     async def release(self, device_id: str) -> bool:
@@ -386,7 +387,7 @@ class Fleet:
                 joiners -= {c["device_id"] for c in report["devices"] if c["new"]["edge_ms_per_frame"] > 0}
         self.metrics.rebalances.labels("noop" if not reports else "done").inc()
         await self.refresh()
-        return {"workers": reports}
+        return {"approximate": any(not r["exact"] for r in reports), "workers": reports}
 
     async def _rebalance_worker(
         self, w: Worker, device_ids: list[str], records: dict[str, dict[str, Any]], held: dict[str, float]

@@ -16,7 +16,9 @@ router = APIRouter(prefix="/devices", tags=["fleet"])
 DeviceId = Annotated[Name, Path(description="the device_id it planned with")]
 
 
-@router.get("/{device_id}", response_model=DeviceState, dependencies=[require(ANY_ROLE)])
+@router.get(
+    "/{device_id}", response_model=DeviceState, response_model_exclude_unset=True, dependencies=[require(ANY_ROLE)]
+)
 async def get_device(device_id: DeviceId, store: StoreDep) -> DeviceState:
     """The device's live lease and the plan now assigned to it (by its last POST /plan or by a
     rebalance since, priced as handed out). 404 when it holds no live lease."""
