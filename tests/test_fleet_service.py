@@ -15,8 +15,8 @@ from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from tests import oracle
 from tests.conftest import serve_app_in_thread
-from tests.test_schemas import assert_valid
 from tests.test_planner_service import ANY_WORKER_URL, AUTH, SHARED_REDIS, TOKEN, beat, planner, wait_for
+from tests.test_schemas import assert_valid
 
 RHO = 0.9
 
