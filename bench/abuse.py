@@ -37,9 +37,12 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from dapdee.bench.load import ServiceProcess, planner_service
+from dapdee.api.planner import PlanRequestBody
+from dapdee.bench.load import planner_service
+from dapdee.client import ApiError, PlannerClient
 from dapdee.costgraph import CostGraph, Exit, InputSpec, Node
 from dapdee.models import load_model
+from dapdee.testing import ServiceProcess
 
 EDGE_SPEC = "zoo:alexnet?width=0.25"
 EDGE_MODEL = "alexnet"
@@ -322,42 +325,48 @@ def normal_graph() -> dict[str, Any]:
     return {**g.to_dict(), "model": "normal"}
 
 
-def _plan_latencies(client: httpx.Client, seconds: float, count: int) -> list[float]:
-    """Latencies of POST /plan on the normal model, one after another, for `seconds` or `count`."""
+def _plan_latencies(client: PlannerClient, seconds: float, count: int) -> list[float]:
+    """Latencies of POST /plan on the normal model, one after another, for `seconds` or `count`
+    (an answer other than a plan raises the SDK's error)."""
     lat: list[float] = []
     t_end = time.monotonic() + seconds
     i = 0
     while time.monotonic() < t_end and len(lat) < count:
         i += 1
         t0 = time.perf_counter()
-        r = client.post("/plan", json={"model": "normal", "bandwidth_mbps": 1.0 + (i % 50)})
+        client.plan(PlanRequestBody(model="normal", bandwidth_mbps=1.0 + (i % 50)))
         lat.append(time.perf_counter() - t0)
-        if r.status_code != 200:
-            raise RuntimeError(f"POST /plan on the normal model: HTTP {r.status_code}: {r.text[:300]}")
     return lat
+
+
+def _pathological_round(client: PlannerClient, name: str, salt: int) -> str:
+    """PUT a pathological graph and plan on it; what happened, e.g. "PUT 201, plan 200"."""
+    try:
+        put = "PUT 201" if client.put_graph(pathological_graph(name, salt=salt)).created else "PUT 200"
+    except ApiError as exc:
+        put = f"PUT {exc.status}"
+    try:
+        client.plan(PlanRequestBody(model=name, bandwidth_mbps=5.0))
+        return f"{put}, plan 200"
+    except ApiError as exc:
+        return f"{put}, plan {exc.status}"
 
 
 def plan_phase(planner: ServiceProcess, token: str, seconds: float) -> bool:
     """Print (c); True when it holds."""
-    auth = {"Authorization": f"Bearer {token}"}
-    with httpx.Client(base_url=planner.url, headers=auth, timeout=60) as c:
-        r = c.put("/models/normal", json=normal_graph())
-        if r.status_code >= 300:
-            raise RuntimeError(f"PUT /models/normal: HTTP {r.status_code}: {r.text[:300]}")
+    with PlannerClient(planner.url, token, timeout=60) as c:
+        c.put_graph(normal_graph())
         _plan_latencies(c, 10, 20)  # builds and caches the normal model's plan map
         idle = _plan_latencies(c, seconds / 2, 400)
         stop = threading.Event()
         patho: Counter = Counter()
 
         def plan_pathological() -> None:
-            with httpx.Client(base_url=planner.url, headers=auth, timeout=120) as pc:
+            with PlannerClient(planner.url, token, timeout=120) as pc:
                 salt = 0
                 while not stop.is_set():
                     salt += 1
-                    name = f"patho{salt % 4}"
-                    put = pc.put(f"/models/{name}", json=pathological_graph(name, salt=salt))
-                    plan = pc.post("/plan", json={"model": name, "bandwidth_mbps": 5.0})
-                    patho[f"PUT {put.status_code}, plan {plan.status_code}"] += 1
+                    patho[_pathological_round(pc, f"patho{salt % 4}", salt)] += 1
 
         worker = threading.Thread(target=plan_pathological, daemon=True)
         worker.start()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,17 +25,13 @@ import httpx
 import torch
 
 from dapdee import wire
+from dapdee.client import infer_call
 from dapdee.costmodel import partition
 from dapdee.models import load_model
+from dapdee.testing import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 UPLINK_4G_MBPS = 5.85
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def default_model() -> tuple[str, str | None]:
@@ -48,44 +42,12 @@ def default_model() -> tuple[str, str | None]:
     return "zoo:resnet18?width=0.5", None
 
 
-def start_worker(
-    models_arg: str, port: int, batch_max: int, wait_ms: float, threads: int
-) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "dapdee.cli",
-        "serve",
-        "edge",
-        "--models",
-        models_arg,
-        "--port",
-        str(port),
-        "--batch-max",
-        str(batch_max),
-        "--batch-wait-ms",
-        str(wait_ms),
-        "--log-level",
-        "warning",
-        "--max-concurrency",
-        "1024",
-        "--threads",
-        str(threads),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("worker did not become ready")
+def edge_worker(models_arg: str, batch_max: int, wait_ms: float, threads: int) -> ServiceProcess:
+    """`dapdee serve edge` for the benchmark (not started): the models, batching, 1024
+    concurrent requests, `threads` torch threads."""
+    args = ["--models", models_arg, "--batch-max", str(batch_max), "--batch-wait-ms", str(wait_ms)]
+    args += ["--max-concurrency", "1024", "--threads", str(threads)]
+    return ServiceProcess("edge", args, "/v2/health/ready")
 
 
 async def _one_client(
@@ -201,7 +163,8 @@ def main() -> int:
     with torch.inference_mode():
         out = m.executor.compute({m.input_name: x}, [n for n in names if n != m.input_name])
     sent = {n: (x if n == m.input_name else out[n]) for n in names}
-    body, headers = wire.encode_request(sent, parameters={"exit": "final"})
+    call = infer_call(m.name, sent, exit="final")
+    body, headers = call.content, dict(call.headers)
     print(
         f"model {m.name} ({models_arg}), cut after {len(part.device_nodes)}/{len(needed)} nodes, "
         f"sends {', '.join(names)} = {len(body)} bytes/request; {args.clients} concurrent clients, "
@@ -213,18 +176,12 @@ def main() -> int:
         ("batching off", 1),
         (f"batching on (max {args.batch_max}, {args.batch_wait_ms} ms)", args.batch_max),
     ):
-        port = free_port()
-        proc = start_worker(models_arg, port, bmax, args.batch_wait_ms, args.threads)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            cpu0 = proc_cpu_s(proc.pid)
-            path = f"/v2/models/{m.name}/infer"
-            r = asyncio.run(load_test(base, path, body, headers, args.clients, args.seconds))
-            r["cpu_ms"] = 1000 * (proc_cpu_s(proc.pid) - cpu0) / r["n"]  # includes the warm-up second
-            r["batch"] = mean_batch(base, m.name)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        with edge_worker(models_arg, bmax, args.batch_wait_ms, args.threads).start(120) as worker:
+            assert worker.proc is not None
+            cpu0 = proc_cpu_s(worker.proc.pid)
+            r = asyncio.run(load_test(worker.url, call.path, body, headers, args.clients, args.seconds))
+            r["cpu_ms"] = 1000 * (proc_cpu_s(worker.proc.pid) - cpu0) / r["n"]  # includes the warm-up second
+            r["batch"] = mean_batch(worker.url, m.name)
         results[bmax] = r
         print(
             f"  {label:38s} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"

@@ -21,84 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from dapdee.testing import ServiceProcess, wait_registered
+
 DEFAULT_SPEC = "zoo:alexnet?width=0.25"
-
-
-def free_port() -> int:
-    """A 127.0.0.1 port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    """One `dapdee serve ...` subprocess on a fixed 127.0.0.1 port, restartable on the same port.
-    `start()` waits until `ready_path` answers 200; `kill()` is SIGKILL, `stop()` SIGTERM."""
-
-    def __init__(self, service: str, args: list[str], ready_path: str, env: dict[str, str] | None = None) -> None:
-        self.service = service
-        self.args = args
-        self.ready_path = ready_path
-        self.port = free_port()
-        self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 90.0) -> ServiceProcess:
-        import httpx
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
-        env.update(self.env)
-        env["PYTHONPATH"] = str(ROOT)
-        cmd = [sys.executable, "-m", "dapdee.cli", "serve", self.service, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd + ["--log-level", "warning", *self.args], cwd=ROOT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.service} exited during start-up ({self.proc.returncode})")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"{self.service} did not become ready in {timeout_s:g} s")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        self._end(signal.SIGKILL)
-
-    def stop(self) -> None:
-        self._end(signal.SIGTERM)
-
-    def _end(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
 
 
 def planner_service(redis_url: str | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
@@ -112,30 +44,6 @@ def edge_service(
     if planner_url:
         args += ["--planner", planner_url]
     return ServiceProcess("edge", args + list(extra or []), "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "1"})
-
-
-def wait_registered(
-    planner_url: str, model: str, worker_urls: list[str], timeout_s: float = 60.0, token: str | None = None
-) -> None:
-    """Until the planner lists every worker live and has an edge profile for `model` (reads with
-    `token`, any role's, when the planner has tokens)."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            workers = httpx.get(f"{planner_url}/workers", timeout=2, headers=headers).json()["workers"]
-            live = {w["url"] for w in workers}
-            r = httpx.get(f"{planner_url}/models/{model}/profiles", timeout=2, headers=headers)
-            kinds = {p["kind"] for p in r.json()["profiles"].values()} if r.status_code == 200 else set()
-            if set(worker_urls) <= live and "edge" in kinds:
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"edge workers {worker_urls} did not register with {planner_url}")
-        time.sleep(0.2)
 
 
 def served_requests(url: str) -> float:

@@ -18,14 +18,17 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from dapdee.api.planner import PlanRequestBody
+from dapdee.client import PlannerClient
+from dapdee.client.planner import healthz_call, plan_call
+from dapdee.client.transport import Call
+from dapdee.testing import ServiceProcess, clear_prefix, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.70
@@ -161,12 +164,6 @@ def _load_worker() -> int:
 # ---- server --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by the process and its live children (uvicorn
     workers); Linux /proc, nan elsewhere."""
@@ -179,27 +176,53 @@ def _cpu_s(pid: int) -> float:
     return total + sum(_cpu_s(int(k)) for k in kids)
 
 
-def _clear_prefix(url: str, prefix: str) -> None:
-    """Remove the benchmark's keys from Redis (best effort)."""
-    import redis
-
-    try:
-        r = redis.Redis.from_url(url, socket_timeout=2)
-        keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
-        if keys:
-            r.delete(*keys)
-        r.close()
-    except redis.RedisError:
-        pass
-
-
-def _http_req(method: str, path: str, host: str, body: bytes | None = None, token: str | None = None) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+def raw_request(call: Call[Any], host: str, token: str | None = None) -> bytes:
+    """The HTTP/1.1 bytes of an SDK call (its path, headers and body as the SDK builds them),
+    for a load generator that writes requests to a socket itself. O(body)."""
+    head = f"{call.method} {call.path} HTTP/1.1\r\nHost: {host}\r\n"
+    headers = dict(call.headers)
     if token is not None:
-        head += f"Authorization: Bearer {token}\r\n"
-    if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    return head.encode() + b"\r\n" + (body or b"")
+        headers["Authorization"] = f"Bearer {token}"
+    if call.content:
+        headers["Content-Length"] = str(len(call.content))
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return head.encode() + b"\r\n" + call.content
+
+
+def plan_bodies(model: str) -> list[PlanRequestBody]:
+    """Six plan requests across uplinks, loads and modes (frame rate 30)."""
+    return [
+        PlanRequestBody(
+            model=model,
+            bandwidth_mbps=bw,
+            rtt_ms=5.0,
+            device_load=0.1 * (i % 3),
+            mode=("auto", "latency", "throughput")[i % 3],
+            frame_rate=30.0,
+        )
+        for i, bw in enumerate((0.13, 1.1, 5.85, 18.88, 50.0, 100.0))
+    ]
+
+
+def _prepare(base: str, host: str, admin: str, device: str) -> tuple[list[bytes], list[bytes]]:
+    """Upload the synthetic graph (admin), plan once (device: builds the plan map, not
+    measured); the raw /plan and /healthz requests of the load."""
+    graph = synthetic_graph()
+    bodies = plan_bodies(graph["model"])
+    with PlannerClient(base, admin, timeout=60) as planner:
+        planner.put_graph(graph)
+    with PlannerClient(base, device, timeout=60) as planner:
+        planner.plan(bodies[0])
+    return [raw_request(plan_call(b), host, device) for b in bodies], [raw_request(healthz_call(), host)]
+
+
+def _measure(pid: int, host: str, port: int, reqs: list[bytes], args: argparse.Namespace) -> dict:
+    """Load on `reqs`; the result with the server's CPU time per request (warm-up included)."""
+    c0 = _cpu_s(pid)
+    res = run_load(host, port, reqs, args.clients, args.seconds, args.warmup)
+    total = res["requests"] / args.seconds * (args.seconds + args.warmup)
+    res["cpu_us"] = 1e6 * (_cpu_s(pid) - c0) / total if total else float("nan")
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,87 +244,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.redis_url is None:
         args.redis_url = "none" if args.workers == 1 else "redis://127.0.0.1:6379/0"
-    host, port = "127.0.0.1", _free_port()
-    prefix = f"bench-planner-{os.getpid()}"
+    prefix = unique_prefix("bench-planner")
     admin, device = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    env = dict(
-        os.environ, DAPDEE_KEY_PREFIX=prefix, PYTHONPATH=str(ROOT), DAPDEE_ADMIN_TOKEN=admin, DAPDEE_DEVICE_TOKEN=device
-    )
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dapdee.cli",
-            "serve",
-            "planner",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--redis-url",
-            args.redis_url,
-            "--workers",
-            str(args.workers),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
+    env = {"DAPDEE_KEY_PREFIX": prefix, "DAPDEE_ADMIN_TOKEN": admin, "DAPDEE_DEVICE_TOKEN": device}
+    server = ServiceProcess("planner", ["--redis-url", args.redis_url, "--workers", str(args.workers)], "/readyz", env)
+    host = "127.0.0.1"
     try:
-        base = f"http://{host}:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("planner did not start")
-            time.sleep(0.1)
-        graph = synthetic_graph()
-        r = httpx.put(
-            f"{base}/models/{graph['model']}", json=graph, timeout=60, headers={"Authorization": f"Bearer {admin}"}
-        )
-        r.raise_for_status()
-        plan_reqs = []
-        for i, bw in enumerate((0.13, 1.1, 5.85, 18.88, 50.0, 100.0)):
-            body = {
-                "model": graph["model"],
-                "bandwidth_mbps": bw,
-                "rtt_ms": 5.0,
-                "device_load": 0.1 * (i % 3),
-                "mode": ("auto", "latency", "throughput")[i % 3],
-                "frame_rate": 30.0,
-            }
-            plan_reqs.append(_http_req("POST", "/plan", host, json.dumps(body).encode(), token=device))
-        # first plan builds the plan map; not part of the measurement
-        r = httpx.post(
-            f"{base}/plan",
-            content=plan_reqs[0].split(b"\r\n\r\n", 1)[1],
-            headers={"content-type": "application/json", "Authorization": f"Bearer {device}"},
-            timeout=60,
-        )
-        r.raise_for_status()
-        health_reqs = [_http_req("GET", "/healthz", host)]
-
-        c0 = _cpu_s(server.pid)
-        health = run_load(host, port, health_reqs, args.clients, args.seconds, args.warmup)
-        c1 = _cpu_s(server.pid)
-        plan = run_load(host, port, plan_reqs, args.clients, args.seconds, args.warmup)
-        c2 = _cpu_s(server.pid)
-        for res, cpu in ((health, c1 - c0), (plan, c2 - c1)):
-            total = res["requests"] / (args.seconds) * (args.seconds + args.warmup)  # incl. warm-up
-            res["cpu_us"] = 1e6 * cpu / total if total else float("nan")
+        server.start(60)
+        assert server.proc is not None
+        plan_reqs, health_reqs = _prepare(server.url, host, admin, device)
+        health = _measure(server.proc.pid, host, server.port, health_reqs, args)
+        plan = _measure(server.proc.pid, host, server.port, plan_reqs, args)
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
         if args.redis_url != "none":
-            _clear_prefix(args.redis_url, prefix)
+            clear_prefix(args.redis_url, prefix)
 
     ratio = plan["rps"] / health["rps"] if health["rps"] else 0.0
     print(

@@ -104,6 +104,12 @@ def default_input_shape(spec: ModelSpec) -> tuple[int, ...] | None:
 # ---- tracing ------------------------------------------------------------------------------
 
 
+def exit_names(n: int) -> list[str]:
+    """The names of an n-output model's exits, shallow -> deep: `exit1 ... exit{n-1}, final`
+    (the one naming rule: tracing, training and calibration use it). O(n)."""
+    return [f"exit{i + 1}" for i in range(n - 1)] + ["final"]
+
+
 def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return type(modules[node.target]).__name__.lower()
@@ -230,12 +236,11 @@ def trace(
                 shape=tuple(v.shape) if isinstance(v, torch.Tensor) else None,
             )
         )
-    exit_names = [f"exit{i + 1}" for i in range(len(out_nodes) - 1)] + ["final"]
     graph = CostGraph(
         model=name,
         input=InputSpec(in_name, tuple(input_shape), str(x.dtype).removeprefix("torch."), _nbytes(x)),
         nodes=tuple(nodes),
-        exits=tuple(Exit(en, n.name) for en, n in zip(exit_names, out_nodes, strict=True)),
+        exits=tuple(Exit(en, n.name) for en, n in zip(exit_names(len(out_nodes)), out_nodes, strict=True)),
     )
     graph.validate()
     return gm, graph, ex

@@ -8,11 +8,13 @@ emulate a device K x slower than this machine; the factor is recorded in the gra
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,11 @@ from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.models import LoadedModel
 
 ProgressFn = Callable[[int, int], None]
+log = logging.getLogger("dapdee.profiler")
+
+
+class ProfileCacheError(ValueError):
+    """A cached profile that cannot stand in for a measurement; the message names the file."""
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
@@ -80,6 +87,56 @@ def profile_model(
         "method": "median of isolated per-node runs, torch.inference_mode, batch of the input shape",
     }
     return graph.with_timings(tier, timings, meta)
+
+
+def read_cached_profile(path: str | Path, graph: CostGraph, tier: str) -> CostGraph:
+    """The profile cached at `path` when it describes `graph` (same structure) and times every
+    node for `tier`; else ProfileCacheError naming the file and why. O(file size)."""
+    try:
+        cached = CostGraph.load(str(path))
+    except CostGraphError as exc:
+        raise ProfileCacheError(f"profile {str(path)!r}: {exc}") from None
+    if cached.structure_key() != graph.structure_key() or not cached.has_timings(tier):
+        raise ProfileCacheError(
+            f"profile {str(path)!r} does not match model {graph.model!r} (other nodes or no {tier}_ms)"
+        )
+    return cached
+
+
+def load_or_measure(
+    loaded: LoadedModel,
+    tier: str,
+    path: str | Path | None,
+    measure: Callable[[], CostGraph] | None = None,
+    *,
+    strict: bool = False,
+) -> CostGraph:
+    """`loaded`'s `tier` profile: the one cached at `path` when it matches the model
+    (`read_cached_profile`), else `measure()` (default `profile_model(loaded, tier)`), then
+    written to `path` (atomically; a failed write is logged, not raised). An unusable cache is
+    measured again with a warning, or with `strict` raises ProfileCacheError. `path` None: no
+    cache. O(file size) from the cache, else the measurement's cost."""
+    if path is not None and Path(path).is_file():
+        try:
+            cached = read_cached_profile(path, loaded.graph, tier)
+            log.info("model %s: %s profile from %s", loaded.name, tier, path)
+            return cached
+        except ProfileCacheError as exc:
+            if strict:
+                raise ProfileCacheError(f"{exc}; delete it to measure again") from None
+            log.warning("%s; measuring again", exc)
+    log.info("model %s: measuring %s timings", loaded.name, tier)
+    graph = measure() if measure is not None else profile_model(loaded, tier)
+    if path is not None:
+        target = Path(path)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            graph.save(str(tmp))
+            tmp.replace(target)
+        except OSError as exc:
+            log.warning("model %s: cannot write profile cache %s: %s", loaded.name, target, exc)
+    return graph
 
 
 def measure_forward_ms(

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from dapdee.device.servers import ServerThread
+from dapdee.testing import ServerThread, free_port
 from dapdee.web.access_log import ACCESS_LOGGER, AccessLog
 from dapdee.web.guard import RequestGuard
 from dapdee.web.logs import configure_logging
@@ -260,9 +259,7 @@ def serve_once(service: str, log_format: str, tmp_path: Path) -> tuple[str, str]
     """Run `dapdee serve SERVICE --log-format F` on a free 127.0.0.1 port, send one request with a
     traceparent, stop it; (its traceparent answer, everything it wrote on stderr)."""
     args, ready, probe = SERVE[service]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAPDEE_", "OTEL_"))}
     env.update({"OMP_NUM_THREADS": "1", "DAPDEE_EDGE_PROFILE_REPEATS": "1", "DAPDEE_EDGE_PROFILE_WARMUP": "0"})
     argv = [sys.executable, "-m", "dapdee.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]

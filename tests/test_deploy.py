@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dapdee.testing import free_port
 from tests.deploy_files import (
     DAPDEE_SERVICES,
     K8S,
@@ -121,12 +122,6 @@ def assert_get_route(service: str, path: str, where: str) -> None:
     if not serves(service, "GET", path):
         known = sorted(_APPS[service].openapi().get("paths", {}))
         pytest.fail(f"{where}: GET {path} is not served by the {service} app (its API: {known})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- Kubernetes -----------------------------------------------------------------------------

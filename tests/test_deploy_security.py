@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from dapdee.testing import free_port
 from tests.deploy_files import (
     COMPOSE,
     K8S,
@@ -309,14 +310,6 @@ def test_redis_requires_a_password_and_never_evicts(stack_env: dict[str, str], m
     k8s_redis = workloads(k8s_resources())["redis"]
     limit = pod_spec(k8s_redis)["containers"][0]["resources"]["limits"]["memory"]
     assert limit.endswith("Mi") and int(limit[:-2]) > int(size.removesuffix("mb")), "memory limit <= maxmemory"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -25,11 +25,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from torch import fx, nn
 
 from dapdee import wire
 from dapdee.api.oip import InferResponse
+from dapdee.client import ApiError, PlannerClient
 from dapdee.costmodel import partition
 from dapdee.edge_worker.app import create_app
 from dapdee.edge_worker.batching import Batcher
@@ -37,8 +38,10 @@ from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.limits import HEADER_BYTES, JSON_VALUE_BYTES
 from dapdee.executor import GraphExecutor
 from dapdee.models import LoadedModel, load_model
+from dapdee.planner.app import create_app as create_planner
+from dapdee.planner.config import Settings as PlannerSettings
+from dapdee.testing import free_port, serve_app_in_thread, wait_until_ready
 from tests import edge_models
-from tests.conftest import free_port, serve_app_in_thread, wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
 EDGE_SPEC = "zoo:alexnet?width=0.25"
@@ -413,26 +416,18 @@ def test_cors_is_off(edge: tuple[httpx.Client, FastAPI]) -> None:
 # ---- registration tokens --------------------------------------------------------------------------
 
 
-def _recording_planner() -> tuple[FastAPI, list[tuple[str, str, str | None, Any]]]:
-    """A stand-in planner that records (method, path, Authorization, body) and accepts all."""
-    calls: list[tuple[str, str, str | None, Any]] = []
-    app = FastAPI()
-
-    @app.api_route("/{path:path}", methods=["GET", "PUT", "POST"])
-    async def record(path: str, request: Request) -> dict[str, Any]:
-        body = await request.json() if request.method != "GET" else None
-        calls.append((request.method, "/" + path, request.headers.get("authorization"), body))
-        return {"ok": True, "profiles": {"edge": {}}}
-
-    return app, calls
-
-
 @pytest.mark.parametrize("with_admin", [True, False])
 def test_registration_uses_the_admin_token_and_heartbeats_the_worker_token(
     alexnet: LoadedModel, with_admin: bool
 ) -> None:
-    planner, calls = _recording_planner()
-    with serve_app_in_thread(planner) as purl:
+    """Against a real planner holding the same role tokens (admin is no superuser there, so a
+    call made with the wrong token is refused and leaves no trace): graph and profile arrive
+    only with the admin token, heartbeats with the worker token either way."""
+    roles = {f"{r}_token": TOKENS[r] for r in ("admin", "device", "worker")}
+    with (
+        serve_app_in_thread(create_planner(PlannerSettings(redis_url=None, **roles))) as purl,
+        PlannerClient(purl, TOKENS["device"]) as reader,
+    ):
         settings = Settings(
             planner_url=purl,
             heartbeat_s=0.1,
@@ -442,20 +437,30 @@ def test_registration_uses_the_admin_token_and_heartbeats_the_worker_token(
             device_token=TOKENS["device"],
             workers=2,
         )
-        with serve_app_in_thread(create_app(settings, [alexnet])):
-            deadline = time.monotonic() + 30
-            while sum(1 for c in calls if c[1] == "/workers/heartbeat") < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-    puts = [c for c in calls if c[0] == "PUT"]
-    beats = [c for c in calls if c[1] == "/workers/heartbeat"]
-    assert len(beats) >= 2
-    assert {c[2] for c in beats} == {f"Bearer {TOKENS['worker']}"}
-    assert beats[0][3]["capacity_ms_per_s"] == 2000.0  # 1000 per compute thread
-    if with_admin:
-        assert [c[1] for c in puts][:1] == [f"/models/{MODEL}"]
-        assert {c[2] for c in puts} == {f"Bearer {TOKENS['admin']}"}
-    else:
-        assert puts == []  # registering needs the admin token: heartbeats only
+        app = create_app(settings, [alexnet])
+        with serve_app_in_thread(app):
+            assert wait_until(lambda: app.state.worker.registration.get("heartbeats", 0) >= 2)
+            (worker,) = reader.workers().workers
+            assert worker.url == f"http://{settings.host}:{settings.port}"  # its public URL
+            assert worker.capacity_ms_per_s == 2000.0  # 1000 per compute thread
+            if with_admin:
+                assert wait_until(lambda: "alexnet" in app.state.worker.registration["registered"])
+                assert reader.get_model(MODEL).graph.structure_key() == alexnet.graph.structure_key()
+            else:
+                with pytest.raises(ApiError) as err:  # registering needs the admin token: heartbeats only
+                    reader.get_model(MODEL)
+                assert err.value.status == 404
+                assert app.state.worker.registration["registered"] == []
+
+
+def wait_until(condition: Any, timeout_s: float = 30.0) -> bool:
+    """Poll `condition()` every 50 ms until true (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # ---- exposure of `dapdee serve edge` ---------------------------------------------------------------

@@ -13,14 +13,17 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from fastapi import FastAPI, Request
 
 from dapdee import wire
+from dapdee.client import PlannerClient
+from dapdee.costgraph import CostGraph
 from dapdee.costmodel import Partition, partition
 from dapdee.edge_worker.app import create_app
 from dapdee.edge_worker.config import Settings
 from dapdee.models import LoadedModel, load_model
-from tests.conftest import free_port, serve_app_in_thread
+from dapdee.planner.app import create_app as create_planner
+from dapdee.planner.config import Settings as PlannerSettings
+from dapdee.testing import free_port, serve_app_in_thread, wait_registered
 
 ZOO_MODELS = ("alexnet", "vgg16", "resnet18", "inception")
 FP16_TOL = 2e-2  # |fp16-sent logits - fp32 logits| <= FP16_TOL * (1 + max|logit|)
@@ -397,50 +400,54 @@ def test_streamed_body_over_limit(worker: httpx.Client) -> None:
 # ---- planner registration ---------------------------------------------------------------------------
 
 
-def fake_planner() -> tuple[FastAPI, list[tuple[str, str, Any]]]:
-    calls: list[tuple[str, str, Any]] = []
-    app = FastAPI()
+def _register_with(planner_url: str, model: LoadedModel, cache: Path) -> dict[str, Any]:
+    """Run a worker (tier cpu-test, public URL http://edge-1:8000, profile cache `cache`) until
+    the planner at `planner_url` holds its model, edge profile and two of its heartbeats;
+    its registration status."""
+    settings = Settings(
+        planner_url=planner_url,
+        tier="cpu-test",
+        public_url="http://edge-1:8000",
+        heartbeat_s=0.2,
+        profile_repeats=1,
+        profile_warmup=0,
+        profile_cache=str(cache),
+    )
+    app = create_app(settings, [model])
+    with serve_app_in_thread(app) as url:
+        wait_registered(planner_url, model.name, ["http://edge-1:8000"], timeout_s=60, tier="cpu-test")
+        deadline = time.monotonic() + 30
+        while app.state.worker.registration["heartbeats"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with httpx.Client(base_url=url) as c:
+            assert c.get("/v2/health/ready").status_code == 200
+        return dict(app.state.worker.registration)
 
-    @app.api_route("/{path:path}", methods=["PUT", "POST"])
-    async def record(path: str, request: Request) -> dict[str, bool]:
-        calls.append((request.method, "/" + path, await request.json()))
-        return {"ok": True}
 
-    return app, calls
-
-
-def test_registers_profile_and_heartbeats(models: dict[str, LoadedModel], tmp_path: Any) -> None:
-    planner, calls = fake_planner()
-    with serve_app_in_thread(planner) as purl:
-        settings = Settings(
-            planner_url=purl,
-            tier="cpu-test",
-            public_url="http://edge-1:8000",
-            heartbeat_s=0.2,
-            profile_repeats=1,
-            profile_warmup=0,
-            profile_cache=str(tmp_path),
-        )
-        app = create_app(settings, [models["alexnet"]])
-        with serve_app_in_thread(app) as url:
-            deadline = time.monotonic() + 30
-            while sum(1 for c in calls if c[1] == "/workers/heartbeat") < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            with httpx.Client(base_url=url) as c:
-                assert c.get("/v2/health/ready").status_code == 200
-    puts = {p: b for meth, p, b in calls if meth == "PUT"}
-    graph = puts["/models/alexnet"]
-    assert graph["model"] == "alexnet" and all(n["edge_ms"] is not None for n in graph["nodes"])
-    prof = puts["/models/alexnet/profiles/cpu-test"]
-    assert prof["kind"] == "edge" and set(prof["timings_ms"]) == {n["name"] for n in graph["nodes"]}
-    assert prof["meta"]["tier"] == "cpu-test"
-    beats = [b for _, p, b in calls if p == "/workers/heartbeat"]
-    assert len(beats) >= 2
-    assert beats[0]["url"] == "http://edge-1:8000" and beats[0]["models"] == ["alexnet"]
-    assert beats[0]["tier"] == "cpu-test" and 0 <= beats[0]["load"] < 1
-    assert beats[0]["inflight"] == 0 and beats[0]["queue_depth"] == 0
-    assert beats[0]["capacity_ms_per_s"] == 1000.0  # one compute thread
-    assert (tmp_path / "alexnet.cpu-test.edge.json").is_file()  # cached for the next start
+def test_registers_profile_and_heartbeats(models: dict[str, LoadedModel], tmp_path: Path) -> None:
+    """Against a real planner: the graph with edge timings, the tier's edge profile (meta names
+    tier and worker) and heartbeats (URL, models, tier, load, capacity) arrive; the measured
+    profile is cached and a restarted worker registers the cached one."""
+    planner_settings = PlannerSettings(redis_url=None, worker_url_pattern=r"http://edge-1:8000")
+    with serve_app_in_thread(create_planner(planner_settings)) as purl, PlannerClient(purl) as planner:
+        status = _register_with(purl, models["alexnet"], tmp_path)
+        assert status["heartbeats"] >= 2 and status["registered"] == ["alexnet"]
+        graph = planner.get_model("alexnet").graph
+        assert all(n.edge_ms is not None for n in graph.nodes)
+        prof = planner.list_profiles("alexnet").profiles["cpu-test"]
+        assert prof.kind == "edge" and set(prof.timings_ms) == {n.name for n in graph.nodes}
+        assert prof.meta["tier"] == "cpu-test" and prof.meta["worker"] == "http://edge-1:8000"
+        (beat,) = planner.workers().workers
+        assert beat.url == "http://edge-1:8000" and beat.models == ["alexnet"]
+        assert beat.tier == "cpu-test" and 0 <= beat.load < 1
+        assert beat.inflight == 0 and beat.queue_depth == 0
+        assert beat.capacity_ms_per_s == 1000.0  # one compute thread
+        cache = tmp_path / "alexnet.cpu-test.edge.json"
+        cached = CostGraph.load(str(cache))  # cached for the next start
+        assert {n.name: n.edge_ms for n in cached.nodes} == prof.timings_ms
+        planner.delete_model("alexnet")
+        _register_with(purl, models["alexnet"], tmp_path)  # the restarted worker reads the cache
+        assert planner.list_profiles("alexnet").profiles["cpu-test"].timings_ms == prof.timings_ms
 
 
 def test_unreachable_planner_never_stops_the_worker(models: dict[str, LoadedModel]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dapdee.device.servers import ServerThread, bind_free_socket
+from dapdee.testing import ServerThread, bind_free_socket
 from tests import oracle
 
 N_GRAPHS = 12

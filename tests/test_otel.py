@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,7 @@ from fastapi import FastAPI
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from dapdee.device.servers import ServerThread
+from dapdee.testing import ServerThread, free_port
 from dapdee.web import otel
 from dapdee.web.access_log import AccessLog
 from dapdee.web.tracecontext import outgoing_headers, parse_traceparent
@@ -267,9 +266,7 @@ def test_the_endpoint_variable_exports_over_otlp_http(monkeypatch: pytest.Monkey
 def test_dapdee_serve_planner_otel_exports_request_spans(tmp_path: Path) -> None:
     """`dapdee serve planner --otel`: each request is a server span of the caller's trace,
     exported to the OTLP endpoint (flushed when the process stops)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with otlp_receiver() as (endpoint, bodies):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DAPDEE_", "OTEL_"))}
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
@@ -305,7 +302,7 @@ OFF_SCRIPT = textwrap.dedent(
     import json, sys
     import httpx
     from fastapi import FastAPI
-    from dapdee.device.servers import ServerThread
+    from dapdee.testing import ServerThread
     from dapdee.web import otel
     from dapdee.web.access_log import AccessLog
 

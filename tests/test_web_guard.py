@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from dapdee.device.servers import ServerThread
+from dapdee.testing import ServerThread
 from dapdee.web.guard import RequestGuard
 from dapdee.web.security import ADMIN, ANY_ROLE, DEVICE, PUBLIC, TokenSet, check_exposure, require
 

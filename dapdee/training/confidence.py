@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from dapdee import data as D
-from dapdee.models import ModelError, read_manifest
+from dapdee.models import ModelError, exit_names, read_manifest
 
 RULE = "max_softmax"
 DEFAULT_Z = 2.5
@@ -74,7 +74,8 @@ def first_confident_exit(
             ts = list(thresholds)
     else:
         logits = list(logits_by_exit)
-        ts = [thresholds.get(n) for n in _names(len(logits))] if isinstance(thresholds, Mapping) else list(thresholds)
+        names = exit_names(len(logits))
+        ts = [thresholds.get(n) for n in names] if isinstance(thresholds, Mapping) else list(thresholds)
     if not logits:
         raise ValueError("first_confident_exit: no exits")
     if len(ts) not in (len(logits), len(logits) - 1):
@@ -90,10 +91,6 @@ def first_confident_exit(
         choice[hit] = k
         undecided &= ~hit
     return choice
-
-
-def _names(n: int) -> list[str]:
-    return [f"exit{i + 1}" for i in range(n - 1)] + ["final"]
 
 
 def thresholds_from_manifest(manifest: Mapping[str, Any]) -> dict[str, float | None]:
@@ -262,7 +259,7 @@ def evaluate_artifact(
     logits, labels = _artifact_logits(loaded, dataset, split, limit)
     names = [e.name for e in loaded.graph.exits]
     if len(names) != len(logits):
-        names = _names(len(logits))
+        names = exit_names(len(logits))
     stored = {e["name"]: e.get("accuracy" if split == "test" else f"{split}_accuracy") for e in m.get("exits", [])}
     exits = []
     worst = 0.0

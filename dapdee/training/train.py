@@ -38,6 +38,7 @@ from dapdee.models import (
     ModelError,
     build_module,
     check_model_name,
+    exit_names,
     parse_spec,
     sha256_file,
 )
@@ -73,11 +74,6 @@ class TrainConfig:
         for k in ("out", "notes", "extra"):
             d.pop(k)
         return d
-
-
-def exit_names(n: int) -> list[str]:
-    """Exit names for an n-output model, shallow -> deep (as `dapdee.models.trace` names them)."""
-    return [f"exit{i + 1}" for i in range(n - 1)] + ["final"]
 
 
 def default_exit_weights(n: int) -> list[float]:
@@ -240,7 +236,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         probe = model_outputs(module, D.preprocess_images(images[:2], input_shape, preprocess))
     n_exits = len(probe)
     if any(p.shape[-1] <= int(labels.max()) for p in probe):
-        raise ModelError(f"model {cfg.model!r} has {probe[0].shape[-1]} classes; the dataset needs 10")
+        raise ModelError(
+            f"model {cfg.model!r} has {probe[0].shape[-1]} classes; the dataset needs {int(labels.max()) + 1} "
+            "(give the model's num_classes option, e.g. zoo:resnet18?num_classes=N)"
+        )
     if cfg.exit_weights is None:
         cfg.exit_weights = default_exit_weights(n_exits)
     if len(cfg.exit_weights) != n_exits or any(w < 0 for w in cfg.exit_weights) or sum(cfg.exit_weights) <= 0:

@@ -1,8 +1,10 @@
 """Registration with the planner: the cost graph, this tier's edge timings, and heartbeats.
 
 Profiles come from a cache file when one matches the model's structure, else from
-`dapdee.profiler.profile_model` (then cached). The planner being away never stops the worker:
-every call is retried with backoff and failures are only logged.
+`dapdee.profiler.profile_model` (then cached): `dapdee.profiler.load_or_measure`. The planner
+being away never stops the worker: every call is retried with backoff and failures are only
+logged. Planner calls go through the SDK (`dapdee.client.AsyncPlannerClient`), each with a
+`traceparent` of its own (the loop runs outside any request).
 
 Tokens: registering graphs and profiles is an admin action (`DAPDEE_ADMIN_TOKEN`), heartbeats
 are the worker role's (`DAPDEE_WORKER_TOKEN`); `DAPDEE_API_TOKEN` stands in for either. With
@@ -13,18 +15,20 @@ with no token at all it talks to an open planner without one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
-
-from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.client import ApiError, AsyncPlannerClient, ClientError
+from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.deps import ModelEntry, WorkerState
-from dapdee.web.tracecontext import ainject_traceparent
+from dapdee.profiler import load_or_measure, profile_model
 
 log = logging.getLogger("dapdee.edge.registration")
+T = TypeVar("T")
 
 
 def profile_path(cache_dir: str, model: str, tier: str) -> Path:
@@ -33,36 +37,18 @@ def profile_path(cache_dir: str, model: str, tier: str) -> Path:
 
 
 def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
-    """The model's graph with `edge_ms` filled: from the cache when it matches, else measured.
-    Runs in a worker thread (blocking). O(repeats x one forward pass) when measuring."""
+    """The model's graph with `edge_ms` filled: from the cache when it matches, else measured
+    (and cached). Runs in a worker thread (blocking). O(repeats x one forward pass) when measuring."""
     s = state.settings
     path = profile_path(s.profile_cache, entry.name, s.tier) if s.profile_cache else None
-    if path is not None and path.is_file():
-        try:
-            cached = CostGraph.load(str(path))
-            if cached.structure_key() == entry.graph.structure_key() and cached.has_timings("edge"):
-                log.info("model %s: edge profile from %s", entry.name, path)
-                return cached
-            log.warning(
-                "model %s: cached profile %s does not match the model; re-profiling", entry.name, path
-            )
-        except CostGraphError as exc:
-            log.warning("model %s: cannot use cached profile: %s", entry.name, exc)
-    from dapdee.profiler import profile_model
 
-    log.info("model %s: profiling edge timings (%d repeats)", entry.name, s.profile_repeats)
-    graph = profile_model(
-        entry.loaded, tier="edge", slowdown=s.slowdown, repeats=s.profile_repeats, warmup=s.profile_warmup
-    )
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            graph.save(str(tmp))
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("model %s: cannot write profile cache %s: %s", entry.name, path, exc)
-    return graph
+    def measure() -> CostGraph:
+        log.info("model %s: profiling edge timings (%d repeats)", entry.name, s.profile_repeats)
+        return profile_model(
+            entry.loaded, tier="edge", slowdown=s.slowdown, repeats=s.profile_repeats, warmup=s.profile_warmup
+        )
+
+    return load_or_measure(entry.loaded, "edge", path, measure)
 
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
@@ -81,22 +67,21 @@ def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PlannerAuth:
-    """The Authorization headers of each kind of planner call (None: the call is not made)."""
+    """The token of each kind of planner call: `admin` for graphs and profiles, `worker` for
+    heartbeats and the reads that check registration (None: no token sent). `register` is false
+    when graphs and profiles must not be uploaded (tokens configured, but no admin one)."""
 
-    admin: dict[str, str] | None  # PUT models and profiles
-    worker: dict[str, str]  # heartbeats and the reads that check registration
+    register: bool
+    admin: str | None
+    worker: str | None
 
     @classmethod
     def of(cls, admin: str | None, worker: str | None, any_role: str | None) -> PlannerAuth:
         """From the configured tokens; an open setup (no token at all) sends none."""
-
-        def bearer(token: str | None) -> dict[str, str]:
-            return {"Authorization": f"Bearer {token}"} if token else {}
-
         admin, worker = admin or any_role, worker or any_role
         if not admin and not worker:
-            return cls({}, {})
-        return cls(bearer(admin) if admin else None, bearer(worker or admin))
+            return cls(True, None, None)
+        return cls(bool(admin), admin, worker or admin)
 
 
 def planner_auth(state: WorkerState) -> PlannerAuth:
@@ -108,40 +93,30 @@ def planner_auth(state: WorkerState) -> PlannerAuth:
     return PlannerAuth.of(raw(s.admin_token), raw(s.worker_token), raw(s.api_token))
 
 
-async def _call(
-    client: httpx.AsyncClient, method: str, url: str, body: dict[str, Any], headers: dict[str, str]
-) -> bool:
+async def _call(what: str, op: Awaitable[T]) -> T | None:
+    """`op`'s result, or None (logged) when the planner refused it or could not be reached."""
     try:
-        r = await client.request(method, url, json=body, headers=headers)
-    except httpx.HTTPError as exc:
-        log.warning("planner %s %s failed: %s", method, url, exc.__class__.__name__)
-        return False
-    if r.status_code >= 300:
+        return await op
+    except ApiError as exc:
         hint = ""
-        if r.status_code == 422 and "capacity_ms_per_s" in r.text:
+        if exc.status == 422 and "capacity_ms_per_s" in exc.body:
             hint = " (this planner does not know the heartbeat field capacity_ms_per_s yet)"
-        log.warning("planner %s %s answered %d: %s%s", method, url, r.status_code, r.text[:200], hint)
-        return False
-    return True
+        log.warning("planner %s answered %d: %s%s", what, exc.status, exc.detail[:200], hint)
+    except ClientError as exc:
+        log.warning("planner %s failed: %s", what, exc)
+    return None
 
 
-async def _still_registered(
-    client: httpx.AsyncClient, base: str, model: str, tier: str, with_profile: bool, headers: dict[str, str]
-) -> bool:
+async def _still_registered(planner: AsyncPlannerClient, model: str, tier: str, with_profile: bool) -> bool:
     """False only when the planner answers that it lacks the model (or this tier's edge
     profile); errors count as registered (the next heartbeat asks again)."""
     try:
-        r = await client.get(f"{base}/models/{model}/profiles", headers=headers)
-    except httpx.HTTPError:
+        profiles = await planner.list_profiles(model)
+    except ApiError as exc:
+        return exc.status != 404
+    except ClientError:
         return True
-    if r.status_code == 404:
-        return False
-    if r.status_code != 200 or not with_profile:
-        return True
-    try:
-        return tier in r.json().get("profiles", {})
-    except (ValueError, AttributeError):
-        return True
+    return not with_profile or tier in profiles.profiles
 
 
 async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
@@ -161,25 +136,15 @@ async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
     return graphs
 
 
-async def _register(
-    client: httpx.AsyncClient,
-    base: str,
-    state: WorkerState,
-    name: str,
-    graph: CostGraph,
-    public_url: str,
-    headers: dict[str, str],
-) -> bool:
+async def _register(planner: AsyncPlannerClient, tier: str, graph: CostGraph, public_url: str) -> bool:
     """PUT the model's graph, then this tier's edge profile (when timed). True when both took."""
-    tier = state.settings.tier
-    ok = await _call(client, "PUT", f"{base}/models/{name}", graph.to_dict(), headers)
+    name = graph.model
+    ok = await _call(f"PUT /models/{name}", planner.put_graph(graph)) is not None
     if ok and graph.has_timings("edge"):
-        timings = {n.name: n.edge_ms for n in graph.nodes}
-        meta = {**graph.meta.get("edge", {}), "tier": tier, "worker": public_url}
-        body = {"kind": "edge", "timings_ms": timings, "meta": meta}
-        ok = await _call(client, "PUT", f"{base}/models/{name}/profiles/{tier}", body, headers)
+        upload = planner.upload_profile(graph, tier, "edge", {"tier": tier, "worker": public_url})
+        ok = await _call(f"PUT /models/{name}/profiles/{tier}", upload) is not None
     if ok:
-        log.info("model %s registered with planner %s (tier %s)", name, base, tier)
+        log.info("model %s registered with planner %s (tier %s)", name, planner.base_url, tier)
     return ok
 
 
@@ -189,40 +154,52 @@ async def run_registration(state: WorkerState, public_url: str) -> None:
     token) until cancelled."""
     s = state.settings
     assert s.planner_url is not None
-    base = s.planner_url.rstrip("/")
     auth = planner_auth(state)
+    async with contextlib.AsyncExitStack() as stack:
+        worker = await stack.enter_async_context(
+            AsyncPlannerClient(s.planner_url, auth.worker, timeout=s.planner_timeout_s)
+        )
+        admin = None
+        if auth.register:
+            admin = await stack.enter_async_context(
+                AsyncPlannerClient(s.planner_url, auth.admin, timeout=s.planner_timeout_s)
+            )
+        await _registration_loop(state, public_url, worker, admin)
+
+
+async def _registration_loop(
+    state: WorkerState, public_url: str, worker: AsyncPlannerClient, admin: AsyncPlannerClient | None
+) -> None:
+    s = state.settings
+    base = worker.base_url
     reg = state.registration
     reg.update({"planner": base, "registered": [], "heartbeats": 0, "profiled": []})
     graphs = await _edge_graphs(state)
-    if auth.admin is None:
+    if admin is None:
         log.warning(
             "planner %s: registering models and edge profiles needs DAPDEE_ADMIN_TOKEN; "
             "heartbeating only (the models must already be on the planner)",
             base,
         )
-    pending = dict(graphs) if auth.admin is not None else {}
+    pending = dict(graphs) if admin is not None else {}
     delay = 0.5
-    # each planner call carries a traceparent (a trace of its own: the loop runs outside requests)
-    async with httpx.AsyncClient(timeout=s.planner_timeout_s, event_hooks={"request": [ainject_traceparent]}) as client:
-        while True:
-            for name, graph in list(pending.items()):
-                if auth.admin is not None and await _register(client, base, state, name, graph, public_url, auth.admin):
-                    pending.pop(name)
-                    reg["registered"].append(name)
-            body = heartbeat_body(state, public_url)
-            hb_ok = await _call(client, "POST", f"{base}/workers/heartbeat", body, auth.worker)
-            if hb_ok:
-                reg["heartbeats"] += 1
-            if hb_ok and not pending and auth.admin is not None:
-                # a restarted planner without Redis forgot everything: register again
-                for name, graph in graphs.items():
-                    timed = graph.has_timings("edge")
-                    if not await _still_registered(client, base, name, s.tier, timed, auth.worker):
-                        log.warning("planner %s lost model %s; registering it again", base, name)
-                        pending[name] = graph
-            if hb_ok and not pending:
-                delay = 0.5
-                await asyncio.sleep(s.heartbeat_s)
-            else:
-                await asyncio.sleep(min(delay, s.heartbeat_s))
-                delay = min(delay * 2, s.heartbeat_s)
+    while True:
+        for name, graph in list(pending.items()):
+            if admin is not None and await _register(admin, s.tier, graph, public_url):
+                pending.pop(name)
+                reg["registered"].append(name)
+        hb_ok = await _call("POST /workers/heartbeat", worker.heartbeat(heartbeat_body(state, public_url))) is not None
+        if hb_ok:
+            reg["heartbeats"] += 1
+        if hb_ok and not pending and admin is not None:
+            # a restarted planner without Redis forgot everything: register again
+            for name, graph in graphs.items():
+                if not await _still_registered(worker, name, s.tier, graph.has_timings("edge")):
+                    log.warning("planner %s lost model %s; registering it again", base, name)
+                    pending[name] = graph
+        if hb_ok and not pending:
+            delay = 0.5
+            await asyncio.sleep(s.heartbeat_s)
+        else:
+            await asyncio.sleep(min(delay, s.heartbeat_s))
+            delay = min(delay * 2, s.heartbeat_s)

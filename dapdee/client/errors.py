@@ -1,0 +1,97 @@
+"""What the SDK raises. Callers branch on the class and its fields, never on message text.
+
+- `ApiError`: the service answered 4xx/5xx. `.status`, `.problem` (the planner's RFC 9457
+  problem document as parsed; for the edge worker's `{"error": message}` body,
+  `{"detail": message}`), `.detail`, `.title`, `.type`, `.errors` (a 422's invalid fields),
+  `.headers` and `.body` (the raw text, bounded).
+- `ProtocolError`: an answer that breaks the contract (a 2xx whose body is not the documented
+  shape, wrong types, negative or non-finite numbers, tensors of an unexpected shape).
+- `TransportError`: no answer (connect error, timeout, a broken connection); `.cause`.
+- `RequestError` (also a ValueError): a request the SDK will not send as given (an invalid
+  name, NaN in a JSON body, a tensor the codec cannot encode, a non-finite timeout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+MAX_BODY_TEXT = 65536  # characters of an error answer kept in `.body`
+
+
+class ClientError(Exception):
+    """Base of every error the SDK raises."""
+
+
+class RequestError(ClientError, ValueError):
+    """A request the SDK refuses to send; the message names the argument and the problem."""
+
+
+class ApiError(ClientError):
+    """A 4xx/5xx answer of the planner or an edge worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        problem: Mapping[str, Any],
+        body: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.status = status
+        self.problem: dict[str, Any] = dict(problem)
+        self.body = body[:MAX_BODY_TEXT]
+        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+        super().__init__(f"{method} {path}: HTTP {status}: {self.detail or self.title or 'no detail'}")
+
+    @property
+    def detail(self) -> str:
+        return str(self.problem.get("detail") or "")
+
+    @property
+    def title(self) -> str:
+        return str(self.problem.get("title") or "")
+
+    @property
+    def type(self) -> str:
+        """The problem type: a URN of the planner's (`urn:dapdee:problem:...`) or about:blank."""
+        return str(self.problem.get("type") or "about:blank")
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """A 422's invalid fields, `[{"loc": [...], "msg", "type"}]` (empty otherwise)."""
+        errors = self.problem.get("errors")
+        return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """The `Retry-After` header in seconds, when the answer has a numeric one."""
+        value = self.headers.get("retry-after", "")
+        return float(value) if value.isdigit() else None
+
+
+class ProtocolError(ClientError):
+    """An answer that is not what the contract says; `.status` is its HTTP status."""
+
+    def __init__(self, method: str, path: str, status: int, detail: str) -> None:
+        self.method = method
+        self.path = path
+        self.status = status
+        self.detail = detail
+        super().__init__(f"{method} {path}: HTTP {status}: answer breaks the contract: {detail}")
+
+
+class TransportError(ClientError):
+    """No answer: the request could not be sent or its answer not read. `.cause` is the
+    underlying exception; `.timeout` says whether a time limit ran out."""
+
+    def __init__(self, method: str, path: str, cause: BaseException, timeout: bool = False) -> None:
+        self.method = method
+        self.path = path
+        self.cause = cause
+        self.timeout = timeout
+        what = "timed out" if timeout else f"{type(cause).__name__}: {cause or 'no answer'}"
+        super().__init__(f"{method} {path}: {what}")

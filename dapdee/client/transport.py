@@ -1,0 +1,335 @@
+"""The SDK's HTTP layer, shared by the planner and edge clients, sync and async.
+
+A client method builds a `Call` (method, path, body bytes, the statuses that are answers and a
+`parse` function: no I/O), and a transport runs it: `SyncTransport` on `httpx.Client`,
+`AsyncTransport` on `httpx.AsyncClient`. Both
+
+- send the bearer token only to their own base URL (relative paths only, redirects never
+  followed), with a finite timeout on every phase (the async form also bounds the whole
+  exchange);
+- carry a W3C `traceparent` on every request: the call's own, else the current context's
+  (`dapdee.web.tracecontext.use`), else a new trace's;
+- read at most `max_response_bytes` of an answer;
+- repeat a call at most once when a kept-alive connection turns out closed (only calls that
+  are safe to repeat: every planner call; never an infer);
+- turn a status outside the call's answers into `ApiError`, an answer `parse` rejects (any
+  ValueError, pydantic's included) into `ProtocolError`, and no answer into `TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel
+from typing_extensions import Self
+
+from dapdee.client.errors import MAX_BODY_TEXT, ApiError, ProtocolError, RequestError, TransportError
+from dapdee.names import ModelError, check_model_name
+from dapdee.web.tracecontext import TRACEPARENT, outgoing_headers, parse_traceparent
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+JSON = "application/json"
+DEFAULT_TIMEOUT_S = 5.0
+MAX_TIMEOUT_S = 86400.0
+DEFAULT_MAX_RESPONSE_BYTES = 32 << 20
+USER_AGENT = "dapdee-sdk/0.1"
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # a closed kept-alive connection
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One HTTP answer as read: status, headers, the whole body and the exchange's wall time."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+    elapsed_ms: float
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request to make and how to read its answer: `parse` turns an answer whose status is
+    in `ok` into the result (raising ValueError when it breaks the contract)."""
+
+    method: str
+    path: str
+    parse: Callable[[Answer], T]
+    content: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ok: frozenset[int] = frozenset({200})
+    retry_stale: bool = True
+    timeout_s: float | None = None
+    traceparent: str | None = None
+
+
+# ---- building calls (pure) ----------------------------------------------------------------------
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` when it is a valid model/tier name (it becomes a URL path segment), else
+    RequestError naming `what`. O(len(value))."""
+    try:
+        return check_model_name(value)
+    except ModelError as exc:
+        raise RequestError(f"{what}: {exc}") from None
+
+
+def check_timeout(value: float, what: str = "timeout") -> float:
+    """A finite timeout in seconds, > 0 and at most a day; else RequestError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{what}: expected a finite number of seconds, got {value!r}")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise RequestError(f"{what}: expected seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
+    return float(value)
+
+
+def check_base_url(url: str) -> str:
+    """An http(s) base URL without query, fragment or credentials, without a trailing slash."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestError(f"base URL: expected http(s)://HOST[:PORT][/PATH], got {url!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise RequestError(f"base URL {url!r}: no query, fragment or credentials (the token goes in `token`)")
+    return url.rstrip("/")
+
+
+def json_content(body: Any, what: str) -> bytes:
+    """`body` as compact JSON bytes; RequestError when it holds NaN, infinities or values JSON
+    cannot spell. O(size)."""
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"{what}: cannot be sent as JSON ({exc})") from None
+
+
+def json_call(method: str, path: str, parse: Callable[[Answer], T], body: Any, **kw: Any) -> Call[T]:
+    """A call with a JSON body."""
+    headers = {"Content-Type": JSON, **kw.pop("headers", {})}
+    return Call(method, path, parse, json_content(body, f"{method} {path} body"), headers, **kw)
+
+
+def trace_headers(traceparent: str | None) -> dict[str, str]:
+    """The trace headers of one request: `traceparent` as given (RequestError when it is not a
+    valid one), else those of the current trace context or of a new trace. O(1)."""
+    if traceparent is None:
+        return outgoing_headers()
+    if parse_traceparent(traceparent) is None:
+        raise RequestError(f"traceparent: not a valid W3C traceparent: {traceparent[:80]!r}")
+    return {TRACEPARENT: traceparent}
+
+
+# ---- reading answers (pure) ---------------------------------------------------------------------
+
+
+def problem_of(answer: Answer) -> dict[str, Any]:
+    """The error document of a 4xx/5xx answer: the planner's problem document as parsed; the
+    edge's `{"error": message}` as `{"detail": message}`; any other body as its text."""
+    try:
+        doc = answer.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        if "detail" not in doc and isinstance(doc.get("error"), str):
+            return {"detail": doc["error"]}
+        return doc
+    return {"detail": answer.content[:500].decode("utf-8", "replace")}
+
+
+def reader(model: type[M]) -> Callable[[Answer], M]:
+    """A `parse` that reads the answer's JSON into `model` (ValidationError when it does not fit)."""
+
+    def parse(answer: Answer) -> M:
+        return model.model_validate_json(answer.content)
+
+    return parse
+
+
+def finish(call: Call[T], answer: Answer) -> T:
+    """The result of `call` from its answer: `parse` for a status in `call.ok`, ApiError for
+    any other, ProtocolError when `parse` rejects the answer."""
+    if answer.status not in call.ok:
+        text = answer.content[:MAX_BODY_TEXT].decode("utf-8", "replace")
+        raise ApiError(call.method, call.path, answer.status, problem_of(answer), text, dict(answer.headers))
+    try:
+        return call.parse(answer)
+    except ValueError as exc:  # pydantic's ValidationError, CostGraphError and WireError included
+        raise ProtocolError(call.method, call.path, answer.status, _short(exc)) from None
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Body:
+    """An answer's body as it streams in, refused past `limit` bytes."""
+
+    def __init__(self, call: Call[Any], status: int, limit: int) -> None:
+        self.call, self.status, self.limit = call, status, limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise ProtocolError(self.call.method, self.call.path, self.status, f"answer over {self.limit} bytes")
+        self.parts.append(chunk)
+
+    def answer(self, headers: httpx.Headers, t0: float) -> Answer:
+        return Answer(self.status, headers, b"".join(self.parts), (time.perf_counter() - t0) * 1000.0)
+
+
+def _no_answer(call: Call[Any], exc: BaseException) -> TransportError:
+    timeout = isinstance(exc, (httpx.TimeoutException, TimeoutError))
+    return TransportError(call.method, call.path, exc, timeout=timeout)
+
+
+# ---- transports ---------------------------------------------------------------------------------
+
+
+def _repeatable(call: Call[Any], streamed: Any, attempt: int, exc: BaseException) -> bool:
+    """Whether to make `call` again after `exc`: once, when a kept-alive connection turned out
+    closed, the call is safe to repeat and its body was not streamed (it cannot be replayed)."""
+    return attempt == 0 and call.retry_stale and streamed is None and isinstance(exc, _STALE)
+
+
+class _Transport:
+    """What both transports hold and check: the base URL, the default headers (token, user
+    agent), the timeout, the answer limit, and the httpx client `_open` makes."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        self.base_url = check_base_url(base_url)
+        self.timeout_s = check_timeout(timeout)
+        if token is not None and (not isinstance(token, str) or not token or not token.isprintable()):
+            raise RequestError("token: expected a non-empty printable string")
+        if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1:
+            raise RequestError(f"max_response_bytes: expected a positive integer, got {max_response_bytes!r}")
+        self.max_response_bytes = max_response_bytes
+        self.default_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        if token:
+            self.default_headers["Authorization"] = f"Bearer {token}"
+        client = {"base_url": self.base_url, "headers": self.default_headers, "follow_redirects": False}
+        self._http = self._open({**client, "transport": transport})
+
+    def _open(self, client_args: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def request_args(self, call: Call[Any], streamed: Any) -> dict[str, Any]:
+        """httpx's request arguments: the call's content, or `streamed` (the same bytes as an
+        iterable, sent with the content's length rather than chunked)."""
+        timeout = check_timeout(call.timeout_s) if call.timeout_s is not None else self.timeout_s
+        headers = {**trace_headers(call.traceparent), **call.headers}
+        if streamed is not None:
+            headers["Content-Length"] = str(len(call.content))
+        return {
+            "method": call.method,
+            "url": call.path,
+            "headers": headers,
+            "timeout": httpx.Timeout(timeout),
+            "content": call.content if streamed is None else streamed,
+        }
+
+    def total_s(self, call: Call[Any]) -> float:
+        return call.timeout_s if call.timeout_s is not None else self.timeout_s
+
+
+class SyncTransport(_Transport):
+    """Runs calls on one `httpx.Client` (connections kept alive). Close it (or use `with`)."""
+
+    _http: httpx.Client
+
+    def _open(self, client_args: dict[str, Any]) -> httpx.Client:
+        return httpx.Client(**client_args)
+
+    def run(self, call: Call[T], body: Iterable[bytes] | None = None) -> T:
+        """Make the call (its content, or `body` streamed instead) and read its result."""
+        for attempt in (0, 1):
+            try:
+                return finish(call, self._exchange(call, body))
+            except httpx.HTTPError as exc:
+                if not _repeatable(call, body, attempt, exc):
+                    raise _no_answer(call, exc) from None
+        raise AssertionError("unreachable")
+
+    def _exchange(self, call: Call[Any], body: Iterable[bytes] | None) -> Answer:
+        request = self._http.build_request(**self.request_args(call, body))
+        t0 = time.perf_counter()
+        response = self._http.send(request, stream=True)
+        try:
+            got = _Body(call, response.status_code, self.max_response_bytes)
+            for chunk in response.iter_bytes():
+                got.add(chunk)
+        finally:
+            response.close()
+        return got.answer(response.headers, t0)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncTransport(_Transport):
+    """Runs calls on one `httpx.AsyncClient`; each exchange is also bounded as a whole by the
+    call's timeout. Close it with `await aclose()` (or use `async with`)."""
+
+    _http: httpx.AsyncClient
+
+    def _open(self, client_args: dict[str, Any]) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**client_args)
+
+    async def run(self, call: Call[T], body: AsyncIterable[bytes] | None = None) -> T:
+        """Make the call (its content, or `body` streamed instead) and read its result."""
+        for attempt in (0, 1):
+            try:
+                return finish(call, await asyncio.wait_for(self._exchange(call, body), self.total_s(call)))
+            except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+                if not _repeatable(call, body, attempt, exc):
+                    raise _no_answer(call, exc) from None
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, call: Call[Any], body: AsyncIterable[bytes] | None) -> Answer:
+        request = self._http.build_request(**self.request_args(call, body))
+        t0 = time.perf_counter()
+        response = await self._http.send(request, stream=True)
+        try:
+            got = _Body(call, response.status_code, self.max_response_bytes)
+            async for chunk in response.aiter_bytes():
+                got.add(chunk)
+        finally:
+            await response.aclose()
+        return got.answer(response.headers, t0)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

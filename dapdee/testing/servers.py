@@ -1,0 +1,82 @@
+"""An ASGI app under a real uvicorn server in a background thread, on a pre-bound socket of a
+free port (no race). Used by `dapdee up`, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from dapdee.testing.ports import bind_free_socket
+
+
+class ServerThread:
+    """`uvicorn.Server` for `app` in a daemon thread. `start()` waits until it serves (lifespan
+    done); `stop()` shuts it down (lifespan shutdown runs) and joins the thread."""
+
+    def __init__(
+        self,
+        app: Any,
+        sock: socket.socket | None = None,
+        log_level: str = "warning",
+        name: str = "server",
+    ) -> None:
+        import uvicorn
+
+        self.sock = sock or bind_free_socket()
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, name=f"uvicorn-{name}", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+
+    def start(self, timeout_s: float = 60.0) -> ServerThread:
+        """Start serving; returns once the lifespan's start-up is done (RuntimeError if the
+        server exits first, TimeoutError after `timeout_s`)."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"server {self.url} exited during start-up: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server {self.url} did not start within {timeout_s:g} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def serve_app_in_thread(app: Any, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free port of `host` in a daemon thread (lifespan on);
+    yields the base URL and shuts the server down (running the lifespan's exit) afterwards."""
+    server = ServerThread(app, sock=bind_free_socket(host)).start(timeout)
+    try:
+        yield server.url
+    finally:
+        server.stop(timeout)
