@@ -326,7 +326,10 @@ class Fleet:
 
     # ---- devices ------------------------------------------------------------------------------------
     async def state(self, device_id: str) -> dict[str, Any] | None:
-        """The device's lease and plan (None: no live lease). One round trip."""
+        """The device's lease and plan (None: no live lease; always None without Redis, where no
+        lease is kept). One round trip. RedisUnavailable while a configured Redis is away."""
+        if not self.link.enabled:
+            return None
         got = await self.book.record(device_id)
         if got is None:
             return None
@@ -349,7 +352,9 @@ class Fleet:
         }
 
     async def release(self, device_id: str) -> bool:
-        """End the device's lease. False if it had none."""
+        """End the device's lease. False if it had none (always, without Redis)."""
+        if not self.link.enabled:
+            return False
         ended = await self.book.release(device_id)
         self._note(device_id, None, 0.0)
         return ended
@@ -370,7 +375,10 @@ class Fleet:
     async def rebalance(self, workers: list[Worker] | None = None) -> dict[str, Any]:
         """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
         the assignments; the answer lists, per worker, the totals before and after and each device's
-        old and new plan value. RedisUnavailable passes up."""
+        old and new plan value (nothing without Redis: no leases are kept). RedisUnavailable
+        passes up."""
+        if not self.link.enabled:
+            return {"approximate": False, "workers": []}
         reserved = await self.book.loads()
         devices = await self.book.devices()
         records = await self.book.records(devices)

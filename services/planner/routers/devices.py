@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Response
 
 from dapdee.api.planner import DeviceState, Name
 from dapdee.planner.deps import StoreDep
+from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.problems import ApiProblem
 from dapdee.web.security import ANY_ROLE, DEVICE_OR_ADMIN, require
 
@@ -21,8 +22,12 @@ DeviceId = Annotated[Name, Path(description="the device_id it planned with")]
 )
 async def get_device(device_id: DeviceId, store: StoreDep) -> DeviceState:
     """The device's live lease and the plan now assigned to it (by its last POST /plan or by a
-    rebalance since, priced as handed out). 404 when it holds no live lease."""
-    state = await store.fleet.state(device_id)
+    rebalance since, priced as handed out). 404 when it holds no live lease; 503 while Redis,
+    where leases live, is unavailable (or the planner runs without it)."""
+    try:
+        state = await store.fleet.state(device_id)
+    except RedisUnavailable:
+        raise _leases_away() from None
     if state is None:
         raise ApiProblem(404, f"device {device_id!r} holds no live lease")
     return DeviceState.model_validate(state)
@@ -31,6 +36,15 @@ async def get_device(device_id: DeviceId, store: StoreDep) -> DeviceState:
 @router.delete("/{device_id}", status_code=204, response_class=Response, dependencies=[require(DEVICE_OR_ADMIN)])
 async def delete_device(device_id: DeviceId, store: StoreDep) -> Response:
     """End the device's lease at once (its reservation on the worker is freed). 404 without one."""
-    if not await store.fleet.release(device_id):
+    try:
+        ended = await store.fleet.release(device_id)
+    except RedisUnavailable:
+        raise _leases_away() from None
+    if not ended:
         raise ApiProblem(404, f"device {device_id!r} holds no live lease")
     return Response(status_code=204)
+
+
+def _leases_away() -> ApiProblem:
+    """503 while Redis (where leases live) is unavailable or not configured."""
+    return ApiProblem(503, "leases live in Redis, which is unavailable here; retry", headers={"Retry-After": "1"})
