@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from dapdee.web.logs import add_log_arguments, configure_logging, logging_config
 from dapdee.web.otel import add_otel_argument
@@ -75,14 +76,26 @@ def _serve_edge(args: argparse.Namespace) -> int:
     from dapdee.edge_worker.app import create_app, load_models
     from dapdee.edge_worker.config import Settings
     from dapdee.web.otel import tracer
+    from dapdee.web.prometheus import MULTIPROC_ENV
     from dapdee.web.security import check_exposure
 
+    if os.environ.get(MULTIPROC_ENV, "").strip():  # one process per pod: see dapdee.edge_worker.metrics
+        raise ValueError(
+            f"{MULTIPROC_ENV} is set, but the edge worker runs as one process with its own metrics "
+            "registry (prometheus_client's multiprocess mode is for `dapdee serve planner --workers N`): "
+            "unset it; scale edge workers out as more pods or processes on their own ports"
+        )
     overrides = {k: getattr(args, k) for k in (*OVERRIDES, "insecure") if getattr(args, k) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if settings.self_url is None:  # where it measures its own per-request cost (request_cost.py)
+        local = settings.host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1")
+        settings = settings.model_copy(
+            update={"self_url": f"http://{'127.0.0.1' if local else settings.host}:{settings.port}"}
+        )
     configure_logging("edge", args.log_format, args.log_level)  # one JSON (or text) line per record on stderr
     warning = check_exposure("edge worker", settings.host, settings.tokens(), settings.insecure)  # ValueError: exit 2
     if warning:

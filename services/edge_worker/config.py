@@ -44,9 +44,18 @@ class Settings(SecuritySettings):
     profile: bool = Field(default=True, description="profile at start-up when registering with a planner")
     profile_repeats: int = Field(default=20, ge=1)
     profile_warmup: int = Field(default=3, ge=0)
+    request_samples: int = Field(
+        default=50, ge=0, le=10_000,
+        description="batch-1 requests the worker sends itself to measure its per-request cost (0: don't)",
+    )
+    self_url: str | None = Field(
+        default=None,
+        description="where the worker reaches its own server for that measurement (`dapdee serve edge` "
+        "sets it from --host/--port; unset: not measured)",
+    )
     profile_cache: str | None = Field(default=None, description="directory of cached profiles (read, else written)")
     heartbeat_s: float = Field(default=5.0, gt=0.0)
-    planner_timeout_s: float = Field(default=5.0, gt=0.0)
+    planner_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
 
     def model_entries(self) -> list[tuple[str, str | None]]:
         """`models` as (spec, artifact dir or None) pairs."""

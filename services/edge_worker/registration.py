@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError
 from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.deps import ModelEntry, WorkerState
+from dapdee.edge_worker.request_cost import measure_request_ms
 from dapdee.profiler import load_or_measure, profile_model
 
 log = logging.getLogger("dapdee.edge.registration")
@@ -120,8 +121,9 @@ async def _still_registered(planner: AsyncPlannerClient, model: str, tier: str, 
 
 
 async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
-    """Each model's graph with this tier's edge timings (profiled or cached) when profiling is
-    on; a profiling failure registers the graph without timings rather than stopping."""
+    """Each model's graph with this tier's edge timings (profiled or cached) and its measured
+    per-request cost (`meta.edge.edge_request_ms`) when profiling is on; a profiling failure
+    registers the graph without timings rather than stopping."""
     graphs: dict[str, CostGraph] = {}
     for name, entry in state.models.items():
         graphs[name] = entry.graph
@@ -133,7 +135,23 @@ async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
         except Exception as exc:  # a profiling failure must not take the worker down
             why = f"{type(exc).__name__}: {exc}"
             log.error("model %s: profiling failed (%s); registering without edge timings", name, why)
+            continue
+        if state.settings.request_samples and state.settings.self_url:
+            graphs[name] = entry.graph = await _with_request_cost(state, entry, state.settings.self_url)
     return graphs
+
+
+async def _with_request_cost(state: WorkerState, entry: ModelEntry, self_url: str) -> CostGraph:
+    """The entry's graph with `meta.edge.edge_request_ms` measured on this worker (unchanged when
+    the measurement fails: the planner then uses the graph's own overheads)."""
+    s = state.settings
+    token = next((t.get_secret_value() for t in (s.device_token, s.api_token) if t is not None), None)
+    ms = await asyncio.to_thread(measure_request_ms, self_url, token, entry, s.request_samples)
+    if ms is None:
+        return entry.graph
+    log.info("model %s: %.3f ms per request outside node compute (cost model v2)", entry.name, ms)
+    edge_meta = {**entry.graph.meta.get("edge", {}), "edge_request_ms": round(ms, 4)}
+    return replace(entry.graph, meta={**entry.graph.meta, "edge": edge_meta})
 
 
 async def _register(planner: AsyncPlannerClient, tier: str, graph: CostGraph, public_url: str) -> bool:
