@@ -3,7 +3,7 @@
 The planner (`dapdee serve planner`, in-process store unless --redis-url) and each edge worker
 (`dapdee serve edge --planner ...`, one torch thread, profiled at start-up and registered
 through heartbeats) run as their own processes on free 127.0.0.1 ports. This process runs
-`--clients` device clients (`dapdee.device.client.DeviceClient`, sharing one loaded model and
+`--clients` device runtimes (`dapdee.device.session.open_device`, sharing one loaded model and
 one device profile, emulated `--slowdown` K) concurrently on one event loop, each classifying
 `--frames` random frames. Everything stops by itself.
 
@@ -107,31 +107,21 @@ class LoadResult:
 async def run_clients(
     cfg: LoadConfig, planner_url: str, loaded: Any, device_graph: Any
 ) -> tuple[list[list[Any]], list[str], float, list[str]]:
-    """Run cfg.clients DeviceClients concurrently, cfg.frames random frames each. Returns the
+    """Run cfg.clients device runtimes concurrently, cfg.frames random frames each. Returns the
     per-client records, client errors, wall seconds and the clients' notable events."""
-    from dapdee.device.client import ClientConfig, DeviceClient, random_frames
+    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
+    from dapdee.device.frames import FrameFormat, random_frames
+    from dapdee.device.session import DeviceSettings, open_device
+
+    runtime = RuntimeConfig(
+        Requirements(mode=cfg.mode), plan_max_age_s=cfg.plan_max_age_s, timeout_floor_ms=cfg.timeout_floor_ms
+    )
+    planner = PlannerConfig(planner_url, default_tier(cfg.slowdown), ready_timeout_s=60.0)
+    settings = DeviceSettings(runtime, planner, cfg.spec, slowdown=cfg.slowdown, device_load=0.0)
 
     async def one(i: int) -> tuple[list[Any], list[str]]:
-        c = DeviceClient(
-            ClientConfig(
-                planner_url=planner_url,
-                model=cfg.spec,
-                slowdown=cfg.slowdown,
-                device_load=0.0,
-                mode=cfg.mode,
-                plan_max_age_s=cfg.plan_max_age_s,
-                timeout_floor_ms=cfg.timeout_floor_ms,
-                ready_timeout_s=60.0,
-                threads=1,
-            ),
-            loaded=loaded,
-            device_graph=device_graph,
-        )
-        await c.start()
-        try:
-            return await c.run(random_frames(loaded, cfg.frames, seed=i)), c.events
-        finally:
-            await c.close()
+        async with open_device(settings, loaded, device_graph) as rt:
+            return await rt.run(random_frames(FrameFormat.of(loaded), cfg.frames, seed=i)), rt.events
 
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one(i) for i in range(cfg.clients)), return_exceptions=True)

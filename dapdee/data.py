@@ -6,6 +6,7 @@ Sources (nothing is downloaded, nothing is unpickled):
   package in ``/usr/share/datasets/fashion-mnist`` (``fashion-mnist:DIR`` reads another dir).
 - ``cifar10:DIR`` — CIFAR-10's *binary* version (``data_batch_{1..5}.bin``, ``test_batch.bin``;
   records of 1 label byte + 3072 pixel bytes, channel-planar RGB 32x32).
+- ``folder:DIR`` — a user's image folder, ``DIR/<class>/<image>`` (see ``dapdee.imagefolder``).
 
 Splits: ``train`` and ``calib`` are carved from the source's training set by a fixed
 permutation (seed ``SPLIT_SEED``, independent of the training seed), so the calibration split
@@ -178,6 +179,9 @@ class DatasetRef:
 
     @property
     def source_shape(self) -> tuple[int, int, int]:
+        if self.kind == "folder":
+            images = _source(self, "test")[0]
+            return tuple(int(s) for s in images.shape[1:])  # type: ignore[return-value]
         return (1, 28, 28) if self.kind == "fashion-mnist" else (3, 32, 32)
 
 
@@ -191,7 +195,11 @@ def parse_dataset(text: str) -> DatasetRef:
         if not directory:
             raise DataError("dataset cifar10 needs a directory: --dataset cifar10:DIR (the binary version)")
         return DatasetRef("cifar10", Path(directory))
-    raise DataError(f"dataset {text!r}: expected fashion-mnist, fashion-mnist:DIR or cifar10:DIR")
+    if kind == "folder":
+        if not directory:
+            raise DataError("dataset folder needs a directory: --dataset folder:DIR (DIR/<class>/<image>)")
+        return DatasetRef("folder", Path(directory))
+    raise DataError(f"dataset {text!r}: expected fashion-mnist, fashion-mnist:DIR, cifar10:DIR or folder:DIR")
 
 
 _RAW_CACHE: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
@@ -206,6 +214,8 @@ def _source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]
             else "pass an existing directory"
         )
         raise DataError(f"{ref.kind}: directory {str(ref.directory)!r} not found; {hint}")
+    if ref.kind == "folder":
+        return _folder_source(ref, source_split)
     if ref.kind == "fashion-mnist":
         files = [_idx_path(ref.directory, stem) for stem in FMNIST_FILES[source_split]]
     else:
@@ -217,6 +227,24 @@ def _source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]
             _RAW_CACHE[key] = read_fashion_mnist(ref.directory, source_split)
         else:
             _RAW_CACHE[key] = read_cifar_bin(files)
+        while len(_RAW_CACHE) > 4:
+            _RAW_CACHE.pop(next(iter(_RAW_CACHE)))
+    return _RAW_CACHE[key]
+
+
+def _folder_source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """An image folder's train or test set, cached per (folder, files' sizes and times)."""
+    from dapdee.imagefolder import IMAGE_SUFFIXES, read_folder_split
+
+    files = sorted(p for p in ref.directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    key = (
+        ref.kind,
+        source_split,
+        str(ref.directory),
+        tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+    )
+    if key not in _RAW_CACHE:
+        _RAW_CACHE[key] = read_folder_split(ref.directory, source_split)[:2]
         while len(_RAW_CACHE) > 4:
             _RAW_CACHE.pop(next(iter(_RAW_CACHE)))
     return _RAW_CACHE[key]
@@ -276,7 +304,12 @@ def default_preprocess(dataset: str | DatasetRef, input_shape: tuple[int, ...]) 
         channels = "replicate"
     else:
         raise DataError(f"{ref.kind} has {sc} channels; a model with {c} input channels cannot use it")
-    mean, std = NORM[ref.kind]
+    if ref.kind == "folder":
+        from dapdee.imagefolder import folder_norm
+
+        mean, std = folder_norm(sc)
+    else:
+        mean, std = NORM[ref.kind]
     if channels == "replicate":
         mean, std = mean * c, std * c
     return {

@@ -1,23 +1,29 @@
-"""Fault injection (issue 10), every component a real process or server on 127.0.0.1:
+"""Fault injection, every component a real process or server on 127.0.0.1:
 
 1. Redis killed and restarted during a planning load (a private redis-server, the planner
    pointed at it): zero failed plans; a profile and a model PUT during the outage are written
    through to Redis once it is back.
-2. An edge worker killed (SIGKILL) during a device stream: zero lost frames (the device client
-   finishes them locally, re-plans, and moves to the surviving worker).
+2. An edge worker killed (SIGKILL) during a device stream: zero lost frames (the device runtime
+   finishes them locally, re-plans, and moves to the surviving worker), every answer the model's.
 3. A worker that answers slowly (a real HTTP proxy written here that answers the device's frames
-   3 s late): every frame still meets the device's latency budget through local fallback.
+   3 s late): those frames time out and are finished on the device, each counted.
 4. The planner restarted (SIGKILL, then started again on the same port): devices keep running
    on their last plan meanwhile and get new plans afterwards; with the in-process store the
    planner forgot everything, so edge workers and devices must register again.
+
+The edge workers serve an artifact written here and the device loads the same one, so every
+answer, from the edge or from a fallback, is checked against the device's copy of the model.
+(Pipelined streams under an edge kill: tests/test_device_runtime.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,22 +31,51 @@ import pytest
 import redis
 import torch
 
-from dapdee.bench.load import ServiceProcess, edge_service, planner_service, wait_registered
-from dapdee.device.client import ClientConfig, DeviceClient, FrameRecord
+from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig
+from dapdee.device.session import DeviceSettings, open_device
+from dapdee.device.types import Frame, FrameRecord
+from dapdee.testing import ServiceProcess, wait_registered
 from tests.conftest import RedisProcess, planner_process, serve_app_in_thread
+from tests.device_stack import ForwardingProxy
 
 SPEC = "zoo:alexnet?width=0.25"
 MODEL = "alexnet"
 K = 100.0  # the device is K x slower: the edge pays off even with a poor uplink estimate
 
 
+def planner_service(redis_url: str | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
+    return ServiceProcess("planner", ["--redis-url", redis_url or "none"], "/readyz", env)
+
+
+def edge_service(models: str, planner_url: str) -> ServiceProcess:
+    args = ["--models", models, "--threads", "1", "--profile-repeats", "3", "--planner", planner_url]
+    return ServiceProcess("edge", args, "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "1"})
+
+
 @pytest.fixture(scope="module")
-def device_model() -> tuple[Any, Any]:
-    """The device's loaded model and its K x device profile (shared by the tests' clients)."""
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded untrained alexnet as an artifact: the edge workers serve it, the device loads it."""
+    from safetensors.torch import save_file
+
+    from dapdee.models import MANIFEST, WEIGHTS, load_model, sha256_file
+
+    directory = tmp_path_factory.mktemp("alexnet")
+    torch.manual_seed(0)
+    m = load_model(SPEC)
+    save_file({k: v.contiguous() for k, v in m.module.state_dict().items()}, str(directory / WEIGHTS))
+    manifest = {"model": SPEC, "name": MODEL, "input_shape": list(m.input_shape)}
+    manifest["weights_sha256"] = sha256_file(directory / WEIGHTS)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def device_model(artifact: Path) -> tuple[Any, Any]:
+    """The device's loaded model and its K x device profile (shared by the tests' devices)."""
     from dapdee.models import load_model
     from dapdee.profiler import profile_model
 
-    loaded = load_model(SPEC)
+    loaded = load_model("", weights=artifact)
     with torch.inference_mode():  # warm every exit path: a cold first run costs K x its stall
         for e in loaded.graph.exits:
             loaded.executor.compute({loaded.input_name: torch.zeros(loaded.input_shape)}, [e.node])
@@ -50,35 +85,38 @@ def device_model() -> tuple[Any, Any]:
     return loaded, dev.with_timings("device", {n.name: n.device_ms * 10 for n in dev.nodes}, None)
 
 
-def _client(planner_url: str, device_model: tuple[Any, Any], **kw: Any) -> DeviceClient:
-    cfg: dict[str, Any] = {
-        "planner_url": planner_url,
-        "model": SPEC,
-        "slowdown": K,
-        "device_load": 0.0,
-        "mode": "latency",
-        "plan_max_age_s": 0.5,
-        "backoff_initial_s": 0.2,
-        "backoff_max_s": 1.0,
-        "threads": 1,
-        "ready_timeout_s": 60.0,
-    }
-    cfg.update(kw)
-    return DeviceClient(ClientConfig(**cfg), loaded=device_model[0], device_graph=device_model[1])
+def _device(planner_url: str, device_model: tuple[Any, Any], edge_url: str | None = None, **kw: Any) -> Any:
+    """A planner-backed device runtime (an async context manager) on the shared model."""
+    req = Requirements(kw.pop("latency_budget_ms", None), None, None, "latency")
+    cfg = RuntimeConfig(
+        req, plan_max_age_s=kw.pop("plan_max_age_s", 0.5), backoff_initial_s=kw.pop("backoff_initial_s", 0.2),
+        backoff_max_s=kw.pop("backoff_max_s", 1.0), timeout_floor_ms=kw.pop("timeout_floor_ms", 1000.0),
+    )  # fmt: skip
+    settings = DeviceSettings(
+        runtime=cfg, planner=PlannerConfig(planner_url, "device-k100", ready_timeout_s=60.0),
+        model=MODEL, slowdown=K, device_load=0.0, edge_url=edge_url, **kw,
+    )  # fmt: skip
+    return open_device(settings, device_model[0], device_model[1])
 
 
-async def paced_frames(loaded: Any, n: int, period_s: float) -> AsyncIterator[tuple[torch.Tensor, None]]:
-    """`n` random frames, one every `period_s` seconds."""
+def _frames(loaded: Any, n: int) -> list[Frame]:
     g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        yield torch.randn(loaded.input_shape, generator=g), None
+    return [Frame(torch.randn(loaded.input_shape, generator=g)) for _ in range(n)]
+
+
+async def paced(frames: list[Frame], period_s: float) -> AsyncIterator[Frame]:
+    """`frames`, one every `period_s` seconds."""
+    for frame in frames:
+        yield frame
         await asyncio.sleep(period_s)
 
 
-def _answered(records: list[FrameRecord], n: int) -> None:
-    assert len(records) == n, f"{n - len(records)} frames lost"
-    assert all(r.pred_class >= 0 for r in records), "a frame without a prediction"
+def _answered(records: list[FrameRecord], frames: list[Frame], loaded: Any) -> None:
+    """Every frame answered, in order, with the model's class at the exit it left at."""
+    assert len(records) == len(frames), f"{len(frames) - len(records)} frames lost"
     assert [r.index for r in records] == sorted(r.index for r in records)
+    for frame, rec in zip(frames, records, strict=True):
+        assert rec.pred_class == int(loaded.run_exit(frame.x, rec.exit).argmax(dim=1)[0]), rec
 
 
 # ---- 1. Redis killed and restarted during a planning load ---------------------------------
@@ -195,12 +233,12 @@ def test_redis_outage_during_planning_load(device_model: tuple[Any, Any]) -> Non
 
 
 @pytest.fixture
-def two_edges() -> Iterator[tuple[ServiceProcess, list[ServiceProcess]]]:
+def two_edges(artifact: Path) -> Iterator[tuple[ServiceProcess, list[ServiceProcess]]]:
     planner = planner_service(env={"DAPDEE_WORKER_TTL_S": "1.5", "DAPDEE_REFRESH_S": "0.2"}).start()
     edges: list[ServiceProcess] = []
     try:
         for _ in range(2):
-            edges.append(edge_service(SPEC, planner.url).start())
+            edges.append(edge_service(f"@{artifact}", planner.url).start())
         wait_registered(planner.url, MODEL, [e.url for e in edges])
         yield planner, edges
     finally:
@@ -213,25 +251,25 @@ def test_edge_worker_killed_mid_stream(
     two_edges: tuple[ServiceProcess, list[ServiceProcess]], device_model: tuple[Any, Any]
 ) -> None:
     planner, edges = two_edges
-    n = 80
+    frames = _frames(device_model[0], 80)
 
     async def go() -> tuple[list[FrameRecord], list[str]]:
         # plans do not age here: the device keeps its worker until that worker fails
-        async with _client(planner.url, device_model, plan_max_age_s=100.0) as c:
+        async with _device(planner.url, device_model, plan_max_age_s=100.0) as rt:
 
             async def killer() -> None:
-                while len(c.records) < 20:
+                while len(rt.records) < 20:
                     await asyncio.sleep(0.01)
-                victim = next(e for e in edges if e.url == c.edge_url)
+                victim = next(e for e in edges if e.url == rt.plan.edge_worker)
                 victim.kill()
 
             k = asyncio.create_task(killer())
-            records = await c.run(paced_frames(device_model[0], n, 0.05))
+            records = await rt.run(paced(frames, 0.05))
             await k
-            return records, c.events
+            return records, rt.events
 
     records, events = asyncio.run(go())
-    _answered(records, n)
+    _answered(records, frames, device_model[0])
     where = "".join(r.where[0] for r in records)
     print("edge killed: where per frame", where, "events", events[-4:])
     assert set(where[:20]) == {"e"}, where
@@ -243,95 +281,58 @@ def test_edge_worker_killed_mid_stream(
 # ---- 3. a worker that answers slowly --------------------------------------------------------
 
 
-class SlowProxy:
-    """An ASGI app forwarding every request to `target`; infer requests that carry a request id
-    (the device's frames, not its id-less bandwidth probes) are answered `delay_s` late, so the
-    device keeps believing in the edge while its frames are stuck there."""
+class SlowProxy(ForwardingProxy):
+    """Forwards to `target`; infer requests that carry a request id (the device's frames, not
+    its id-less bandwidth probes) are answered `delay_s` late, so the device keeps believing in
+    the edge while its frames are stuck there."""
 
     def __init__(self, target: str, delay_s: float) -> None:
-        self.target = target
+        super().__init__(target)
         self.delay_s = delay_s
         self.delayed = 0
-        self._client: httpx.AsyncClient | None = None
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    if self._client is not None:
-                        await self._client.aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if self._client is None:  # one keep-alive client, made on the server's event loop
-            self._client = httpx.AsyncClient(timeout=60)
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        headers = {k.decode(): v.decode() for k, v in scope["headers"] if k.lower() != b"host"}
-        r = await self._client.request(scope["method"], self.target + scope["path"], content=body, headers=headers)
+    async def answer(
+        self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: httpx.Response
+    ) -> tuple[int, dict[str, str], bytes]:
         hlen = int(headers.get("inference-header-content-length", len(body)))
         if scope["path"].endswith("/infer") and b'"id"' in body[:hlen]:
             self.delayed += 1
             await asyncio.sleep(self.delay_s)
-        out = [(k.encode(), v.encode()) for k, v in r.headers.items() if k.lower() != "content-length"]
-        out.append((b"content-length", str(len(r.content)).encode()))
-        await send({"type": "http.response.start", "status": r.status_code, "headers": out})
-        await send({"type": "http.response.body", "body": r.content})
+        return await super().answer(scope, headers, body, response)
 
 
-def test_slow_worker_deadlines_met_by_local_fallback(device_model: tuple[Any, Any]) -> None:
-    """Frames sent to a worker that answers 3 s late time out and finish on the device within
-    the budget (a generous one: the emulated K = 100 slowdown multiplies every scheduling
-    hiccup of this shared machine by 100)."""
+def test_slow_worker_frames_time_out_to_local_fallback(artifact: Path, device_model: tuple[Any, Any]) -> None:
+    """Frames sent to a worker that answers 3 s late time out (the timeout is finite: 3 x the
+    prediction, at least 150 ms) and are finished on the device: every frame the proxy held
+    back is a timed-out fallback, and every answer is the model's."""
     loaded, dev = device_model
-    budget_ms = 1500.0
-    n = 30
+    frames = _frames(loaded, 30)
     planner = planner_service().start()
-    edge = edge_service(SPEC, planner.url).start()
+    edge = edge_service(f"@{artifact}", planner.url).start()
     try:
         wait_registered(planner.url, MODEL, [edge.url])
         proxy = SlowProxy(edge.url, delay_s=3.0)
         with serve_app_in_thread(proxy) as slow_url:
 
             async def go() -> list[FrameRecord]:
-                c = _client(
-                    planner.url,
-                    (loaded, dev),
-                    edge_url=slow_url,
-                    latency_budget_ms=budget_ms,
-                    timeout_floor_ms=150.0,
-                    backoff_initial_s=0.2,
-                    backoff_max_s=0.4,
-                )
-                async with c:
-                    # warm the device thread (its first run pays thread set-up, x K)
-                    x0 = torch.zeros(loaded.input_shape)
-                    await c._on_device({loaded.input_name: x0}, [loaded.exit_node("final")], None)
-                    return await c.run(paced_frames(loaded, n, 0.03))
+                device = _device(
+                    planner.url, (loaded, dev), edge_url=slow_url, latency_budget_ms=1500.0,
+                    timeout_floor_ms=150.0, backoff_initial_s=0.2, backoff_max_s=0.4,
+                )  # fmt: skip
+                async with device as rt:
+                    return await rt.run(paced(frames, 0.03))
 
-            t0 = time.monotonic()
             records = asyncio.run(go())
-            wall = time.monotonic() - t0
     finally:
         edge.kill()
         planner.kill()
-    _answered(records, n)
-    late = [
-        (r.index, r.where, r.exit, round(r.measured_ms), round(r.device_ms), r.error)
-        for r in records
-        if r.measured_ms > budget_ms
-    ]
+    _answered(records, frames, loaded)
     counts = {w: sum(r.where == w for r in records) for w in ("edge", "local", "fallback")}
-    print("slow worker:", counts, "max ms", round(max(r.measured_ms for r in records)), "delayed", proxy.delayed)
-    assert not late, f"frames over the {budget_ms:g} ms budget: {late}"
-    assert proxy.delayed >= 1 and counts["fallback"] >= 1, counts
-    assert wall < 20.0  # waiting out the slow answers would take 3 s per delayed frame
+    timed_out = [r for r in records if r.where == "fallback" and (r.error or "").startswith("timeout")]
+    print("slow worker:", counts, "timed out", len(timed_out), "delayed", proxy.delayed)
+    assert proxy.delayed >= 1 and len(timed_out) == proxy.delayed, (counts, proxy.delayed)
+    # the rest of the fallbacks never reached the worker: it was resting after a timeout
+    assert all(r.error == "edge backing off" for r in records if r.where == "fallback" and r not in timed_out)
 
 
 # ---- 4. the planner restarted -----------------------------------------------------------------
@@ -341,38 +342,39 @@ def _restart_scenario(
     device_model: tuple[Any, Any], planner: ServiceProcess, edges: list[ServiceProcess]
 ) -> tuple[list[FrameRecord], list[Any], float, float]:
     """Stream frames; kill the planner after 15, start it again on the same port after 30."""
-    n = 90
+    frames = _frames(device_model[0], 90)
     marks: dict[str, float] = {}
 
     async def go() -> tuple[list[FrameRecord], list[Any]]:
-        async with _client(planner.url, device_model, plan_max_age_s=0.3) as c:
+        async with _device(planner.url, device_model, plan_max_age_s=0.3) as rt:
 
             async def chaos() -> None:
-                while len(c.records) < 15:
+                while len(rt.records) < 15:
                     await asyncio.sleep(0.01)
                 planner.kill()
                 marks["down"] = time.monotonic()
-                while len(c.records) < 30:
+                while len(rt.records) < 30:
                     await asyncio.sleep(0.01)
                 await asyncio.to_thread(planner.start)
                 marks["up"] = time.monotonic()
 
             t = asyncio.create_task(chaos())
-            records = await c.run(paced_frames(device_model[0], n, 0.05))
+            records = await rt.run(paced(frames, 0.05))
             await t
-            return records, list(c.plans)
+            return records, list(rt.plans)
 
     records, plans = asyncio.run(go())
+    _answered(records, frames, device_model[0])
     return records, plans, marks["down"], marks["up"]
 
 
-def test_planner_restart_with_redis(device_model: tuple[Any, Any]) -> None:
+def test_planner_restart_with_redis(artifact: Path, device_model: tuple[Any, Any]) -> None:
     """Redis-backed planner: after the restart it reloads models and profiles from Redis; the
     device runs on its last plan while it is down and gets fresh plans after."""
     rp = RedisProcess()
     rp.start()
     planner = planner_service(rp.url, env={"DAPDEE_REFRESH_S": "0.2", "DAPDEE_WORKER_TTL_S": "3"}).start()
-    edge = edge_service(SPEC, planner.url).start()
+    edge = edge_service(f"@{artifact}", planner.url).start()
     try:
         wait_registered(planner.url, MODEL, [edge.url])
         records, plans, t_down, t_up = _restart_scenario(device_model, planner, [edge])
@@ -380,7 +382,6 @@ def test_planner_restart_with_redis(device_model: tuple[Any, Any]) -> None:
         edge.kill()
         planner.kill()
         rp.stop()
-    _answered(records, 90)
     where = "".join(r.where[0] for r in records)
     print("planner restart (redis): where per frame", where)
     # the last plan kept working while the planner was away
@@ -389,12 +390,12 @@ def test_planner_restart_with_redis(device_model: tuple[Any, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def in_process_restart(device_model: tuple[Any, Any]) -> dict[str, Any]:
+def in_process_restart(artifact: Path, device_model: tuple[Any, Any]) -> dict[str, Any]:
     """The restart scenario against a planner with the in-process store (it forgets everything):
     frames, plans, restart time and what the planner holds once both registered again (or 10 s
     after the stream ended)."""
     planner = planner_service(env={"DAPDEE_WORKER_TTL_S": "3"}).start()
-    edge = edge_service(SPEC, planner.url).start()
+    edge = edge_service(f"@{artifact}", planner.url).start()
     try:
         wait_registered(planner.url, MODEL, [edge.url])
         records, plans, t_down, t_up = _restart_scenario(device_model, planner, [edge])
@@ -418,7 +419,7 @@ def test_planner_restart_in_process_store_edge_reregisters(in_process_restart: d
     """The device runs on its last plan while the planner is away; the edge worker notices the
     restarted planner forgot its model and registers graph and edge profile again."""
     records = in_process_restart["records"]
-    _answered(records, 90)
+    assert len(records) == 90  # each answer was checked against the model in the scenario
     where = "".join(r.where[0] for r in records)
     print("planner restart (in-process): where per frame", where)
     assert set(where[15:30]) == {"e"}, where  # the last plan kept working while the planner was down

@@ -134,7 +134,7 @@ def test_thread_cpu_clock_does_not_count_waits() -> None:
     t = time.thread_time()
     time.sleep(0.05)
     assert time.thread_time() - t < 0.01
-    from dapdee.device.bandwidth import ComputeLoadMonitor
+    from dapdee.device.sensing import ComputeLoadMonitor
 
     # the load the cost model must see for a frame of 10 ms CPU stretched 5x within 30 ms of wall
     # time: 1 - 50 / 70 (stretched CPU / frame)

@@ -324,7 +324,10 @@ def test_token_protected_stack_end_to_end() -> None:
     import asyncio
 
     from dapdee.bench.load import edge_service, planner_service, wait_registered
-    from dapdee.device.client import ClientConfig, DeviceClient, PlannerError, random_frames
+    from dapdee.device.config import PlannerConfig, RuntimeConfig
+    from dapdee.device.frames import FrameFormat, random_frames
+    from dapdee.device.session import DeviceSettings, open_device
+    from dapdee.device.types import DeviceError
     from dapdee.models import load_model
     from dapdee.profiler import profile_model
 
@@ -340,17 +343,17 @@ def test_token_protected_stack_end_to_end() -> None:
     try:
         wait_registered(planner.url, MODEL, [edge.url], token=TOKEN)
 
-        def client(token: str | None) -> DeviceClient:
-            cfg = ClientConfig(
-                planner_url=planner.url, model=EDGE_SPEC, slowdown=100.0, device_load=0.0, token=token, threads=1
-            )
-            return DeviceClient(cfg, loaded=loaded, device_graph=dev)
+        def device(token: str | None) -> Any:
+            pc = PlannerConfig(planner.url, "device-k100", token=token, admin_token=token)
+            settings = DeviceSettings(RuntimeConfig(), pc, EDGE_SPEC, slowdown=100.0, device_load=0.0)
+            return open_device(settings, loaded, dev)
 
         async def go() -> list[Any]:
-            with pytest.raises(PlannerError, match="401"):
-                await client(None).start()
-            async with client(TOKEN) as c:
-                return await c.run(random_frames(loaded, 8))
+            with pytest.raises(DeviceError, match="401"):
+                async with device(None):
+                    pass
+            async with device(TOKEN) as rt:
+                return await rt.run(random_frames(FrameFormat.of(loaded), 8))
 
         records = asyncio.run(go())
     finally:

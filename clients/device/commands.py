@@ -1,10 +1,16 @@
-"""`dapdee device run` (the device runtime against a planner + edge worker) and `dapdee up`
-(planner + edge worker + device in one process, the README's `make demo`)."""
+"""`dapdee device run` (the device runtime against a planner and edge workers) and `dapdee up`
+(planner + edge worker + device in one process, the README's `make demo`).
+
+Process-wide settings (torch threads, logging, the metrics server) are made here, by the
+command line, never by the library classes it assembles.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
 from dapdee.cli import positive_float, positive_int
 
@@ -23,6 +29,13 @@ def _accuracy(text: str) -> float:
     return v
 
 
+def _port(text: str) -> int:
+    v = positive_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {text!r}")
+    return v
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine")
     p.add_argument("--rtt-ms", type=float, default=10.0, help="added round trip of the emulated network")
@@ -31,54 +44,66 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-accuracy", type=_accuracy)
     p.add_argument("--mode", choices=("auto", "latency", "throughput"), default="auto")
     p.add_argument("--fp16", action="store_true", help="send boundary tensors as FP16")
-    p.add_argument("--device-load", type=_load_arg, help="fixed device load (default: measured from /proc/stat)")
+    p.add_argument("--device-load", type=_load_arg, help="fixed device load (default: measured)")
     p.add_argument(
         "--load-source",
         choices=("proc", "compute"),
         help="how to measure device load: proc = other processes' CPU share (/proc/stat; device run's "
         "default), compute = share of the device thread's wall time lost to other work (up's default)",
     )
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads of the device (default 1)")
     p.add_argument("--log", metavar="FILE", help="write one JSON line per frame")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("device", help="the device runtime")
-    dsub = d.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+def _run_parser(dsub: Any) -> None:
     r = dsub.add_parser(
         "run",
         help="stream frames: plan, run the device part, ship tensors to the edge, fall back locally",
         description="Each record states the shaped uplink rate and the device slowdown K.",
     )
-    r.add_argument("--planner", required=True, metavar="URL", help="planner base URL, e.g. http://127.0.0.1:8100")
-    r.add_argument(
-        "--model",
-        default="",
-        metavar="SPEC_OR_NAME",
-        help="zoo:NAME?opt=v, package.module:factory, or a model name the planner knows",
-    )
+    r.add_argument("--planner", metavar="URL", help="planner base URL, e.g. http://127.0.0.1:8100")
+    r.add_argument("--plan", metavar="JSON", help="a fixed plan (a plan JSON file) instead of a planner; needs --edge")
+    r.add_argument("--model", default="", metavar="SPEC_OR_NAME", help="zoo:NAME?opt=v, pkg.mod:factory or a name")
     r.add_argument("--weights", metavar="ARTIFACT", help="artifact directory (the one the edge serves)")
-    r.add_argument(
-        "--network", default=None, help="shape the uplink: CAT1, 3G, 4G, WiFi or Mbit/s (default: no shaping)"
-    )
+    r.add_argument("--network", default=None, help="shape the uplink: CAT1, 3G, 4G, WiFi or Mbit/s (default: none)")
     r.add_argument("--frames", type=positive_int, help="number of frames (random inputs, or the first N of --source)")
-    r.add_argument("--source", help="dataset of test images, e.g. fashion-mnist (labels give accuracy)")
+    r.add_argument(
+        "--source",
+        help="what to classify: an image folder (DIR/<class>/<image> gives labels), a video file, a camera "
+        "(/dev/videoN), or a dataset's test images (fashion-mnist, cifar10:DIR); default: random inputs",
+    )
     r.add_argument("--edge", metavar="URL", help="edge worker URL (default: the one the plan names)")
     r.add_argument("--device-tier", help="name of this device's profile at the planner (default device-kK)")
+    r.add_argument("--device-id", help="this device's id: its plans hold a lease (needs --frame-rate)")
     r.add_argument("--profile", metavar="JSON", help="device profile file: loaded if present, else measured into it")
-    r.add_argument("--token", help="bearer token for planner / edge (default: $DAPDEE_API_TOKEN)")
+    r.add_argument("--token", help="device token for plans and infer (default $DAPDEE_DEVICE_TOKEN, $DAPDEE_API_TOKEN)")
+    r.add_argument("--admin-token", help="admin token, only to upload the device profile (default $DAPDEE_ADMIN_TOKEN)")
     r.add_argument("--plan-max-age-s", type=positive_float, default=10.0)
     r.add_argument("--max-inflight", type=positive_int, default=3, help="frames in flight when pipelining")
-    r.add_argument(
-        "--ready-timeout-s",
-        type=positive_float,
-        default=30.0,
-        help="how long to wait for the edge to register its profile",
-    )
+    r.add_argument("--ready-timeout-s", type=positive_float, default=30.0, help="wait for the edge to register")
     r.add_argument("--device-only", action="store_true", help="baseline: no planner or edge")
+    r.add_argument(
+        "--confidence-exits",
+        action="store_true",
+        help="plan with the artifact's calibrated confidence exits and stop each frame at the first confident "
+        "head (on the device, or on the edge); needs thresholds (`dapdee calibrate`)",
+    )
+    r.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port")
+    r.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics server (default 127.0.0.1)")
+    r.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="stderr logging")
+    r.add_argument("--log-format", choices=("json", "text"), default="json", help="with --log-level: line format")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    from dapdee.web.otel import add_otel_argument
+
+    add_otel_argument(r)
     _common(r)
     r.set_defaults(func=cmd_run)
 
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("device", help="the device runtime")
+    dsub = d.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    _run_parser(dsub)
     u = sub.add_parser(
         "up",
         help="all in one: planner + edge worker + device on 127.0.0.1 (no Docker, no Redis), emulated networks",
@@ -91,71 +116,124 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=cmd_up)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-    import os
-    import time
+def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    env = os.environ
+    token = args.token or env.get("DAPDEE_DEVICE_TOKEN") or env.get("DAPDEE_API_TOKEN") or None
+    admin = args.admin_token or env.get("DAPDEE_ADMIN_TOKEN") or env.get("DAPDEE_API_TOKEN") or None
+    return token, admin
 
-    from dapdee.device.client import (
-        ClientConfig,
-        DeviceClient,
-        dataset_frames,
-        format_records_table,
-        random_frames,
-        summarize,
-        write_jsonl,
-    )
+
+def settings_of(args: argparse.Namespace) -> Any:
+    """The `DeviceSettings` of `dapdee device run`'s arguments; ValueError naming a bad one."""
+    import json
+
+    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
+    from dapdee.device.session import DeviceSettings
     from dapdee.netem import parse_network
 
     if args.slowdown < 1:
         raise ValueError(f"--slowdown: must be >= 1, got {args.slowdown:g}")
-    net = parse_network(args.network) if args.network else None
     if not args.model and not args.weights:
         raise ValueError("give --model SPEC_OR_NAME or --weights ARTIFACT")
-    cfg = ClientConfig(
-        planner_url=args.planner,
-        model=args.model,
-        weights=args.weights,
-        rate_mbps=net.rate_mbps if net else None,
-        network_name=net.name if net else None,
-        rtt_ms=args.rtt_ms if net else 0.0,
-        slowdown=args.slowdown,
-        latency_budget_ms=args.latency_budget_ms,
-        min_accuracy=args.min_accuracy,
-        frame_rate=args.frame_rate,
-        mode=args.mode,
-        fp16=args.fp16,
-        edge_url=args.edge,
-        device_tier=args.device_tier,
-        device_load=args.device_load,
-        load_source=args.load_source or "proc",
-        profile_path=args.profile,
-        token=args.token or os.environ.get("DAPDEE_API_TOKEN") or None,
-        plan_max_age_s=args.plan_max_age_s,
-        max_inflight=args.max_inflight,
-        ready_timeout_s=args.ready_timeout_s,
-        device_only=args.device_only,
-    )
+    if not (args.planner or args.plan or args.device_only):
+        raise ValueError("give --planner URL, or --plan JSON with --edge URL, or --device-only")
+    if args.plan and not args.edge:
+        raise ValueError("--plan needs --edge URL (the worker that runs the plan's edge part)")
+    if args.confidence_exits and args.device_id:
+        raise ValueError("--confidence-exits: plans made with confidence exits hold no lease; drop --device-id")
+    if args.device_id and not args.frame_rate:
+        raise ValueError("--device-id needs --frame-rate (the lease reserves frame rate x the edge cost)")
+    net = parse_network(args.network) if args.network else None
+    req = Requirements(args.latency_budget_ms, args.min_accuracy, args.frame_rate, args.mode, args.confidence_exits)
+    runtime = RuntimeConfig(req, args.max_inflight, args.fp16, plan_max_age_s=args.plan_max_age_s)
+    token, admin = _tokens(args)
+    planner = None
+    if args.planner and not args.plan:
+        tier = args.device_tier or default_tier(args.slowdown)
+        planner = PlannerConfig(args.planner, tier, token, admin, args.device_id, ready_timeout_s=args.ready_timeout_s)
+    plan_json = None
+    if args.plan:
+        with open(args.plan) as f:
+            plan_json = json.load(f)
+    return DeviceSettings(
+        runtime=runtime, planner=planner, model=args.model, weights=args.weights, slowdown=args.slowdown,
+        rate_mbps=net.rate_mbps if net else None, rtt_ms=args.rtt_ms if net else 0.0,
+        device_load=args.device_load, load_source=args.load_source or "proc", profile_path=args.profile,
+        edge_url=args.edge, plan_json=plan_json, device_only=args.device_only,
+    )  # fmt: skip
 
-    async def main() -> tuple[DeviceClient, list, float]:
-        from tqdm import tqdm
 
-        client = DeviceClient(cfg)
-        async with client:
-            assert client.loaded is not None
-            if args.source:
-                frames = list(dataset_frames(client.loaded, args.source, args.frames))
-            else:
-                frames = list(random_frames(client.loaded, args.frames or 20))
+def _observability(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Logging, metrics server and tracing as the arguments ask: (metrics or None, tracing)."""
+    from dapdee.device.metrics import DeviceMetrics, serve_metrics
+    from dapdee.web.logs import configure_logging
+    from dapdee.web.otel import tracer
+
+    if args.log_level:
+        configure_logging("device", args.log_format, args.log_level)
+    metrics = None
+    if args.metrics_port:
+        metrics = DeviceMetrics()
+        serve_metrics(metrics, args.metrics_port, args.metrics_host)
+    return metrics, tracer("device", args.otel)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from dapdee.device.frames import FrameFormat, open_source, random_frames
+    from dapdee.device.report import jsonl_line, summarize
+    from dapdee.device.session import open_device
+
+    settings = settings_of(args)
+    torch.set_num_threads(args.threads)
+    metrics, tracing = _observability(args)
+    endless = bool(args.source and args.source.startswith("/dev/video") and not args.frames)  # a camera
+
+    async def main(log: Any) -> tuple[Any, list, float, Any]:
+        async with open_device(settings, metrics=metrics, tracing=tracing) as runtime:
+            fmt = FrameFormat.of(runtime.compute.loaded)  # open_device computes with TorchCompute
+            source = open_source(args.source, fmt, args.frames) if args.source else None
+            frames = source if source is not None else random_frames(fmt, args.frames or 20)
             t0 = time.monotonic()
-            with tqdm(total=len(frames), desc="frames", file=sys.stderr, disable=args.quiet, leave=False) as bar:
-                records = await client.run(frames, progress=lambda rec: bar.update(1))
-            return client, records, time.monotonic() - t0
+            with tqdm(total=args.frames, desc="frames", file=sys.stderr, disable=args.quiet, leave=False) as bar:
 
-    client, records, wall = asyncio.run(main())
-    s = summarize(records, wall)
-    link = f"uplink {net} shaped, rtt +{args.rtt_ms:g} ms" if net else "uplink not shaped"
-    print(f"model {client.model_name}; device K={args.slowdown:g}x slower than this machine; {link}; mode {args.mode}")
+                def on_frame(rec: Any) -> None:
+                    bar.update(1)
+                    if log is not None:
+                        log.write(jsonl_line(rec))  # as frames finish: an endless stream logs too
+
+                records = await runtime.run(frames, progress=on_frame, keep=not endless)
+            return runtime, records or list(runtime.records), time.monotonic() - t0, source
+
+    try:
+        with open(args.log, "w") if args.log else contextlib.nullcontext() as log:
+            runtime, records, wall, source = asyncio.run(main(log))
+    finally:
+        tracing.shutdown()
+    _print_run(args, settings, runtime, summarize(records, wall), records, source)
+    return 0
+
+
+def _print_run(args: argparse.Namespace, settings: Any, runtime: Any, s: dict, records: list, source: Any) -> None:
+    from dapdee.device.report import format_records_table
+
+    link = (
+        f"uplink {settings.rate_mbps:g} Mbit/s shaped, rtt +{args.rtt_ms:g} ms"
+        if settings.rate_mbps
+        else "uplink not shaped"
+    )
+    print(
+        f"model {runtime.graph.model}; device K={args.slowdown:g}x slower than this machine; {link}; mode {args.mode}"
+    )
+    if not records:
+        print("no frames")
+        return
     print(format_records_table(records, limit=20))
     acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
     print(
@@ -163,16 +241,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"pred {s['predicted_ms_mean'] or 0:.1f} ms  meas {s['measured_ms_mean']:.1f} ms "
         f"(p50 {s['measured_ms_p50']:.1f}, p95 {s['measured_ms_p95']:.1f})  "
         f"{s['throughput_fps']:.1f} fps  accuracy {acc}  "
-        f"bandwidth est {client.bandwidth.estimate_mbps:.3g} Mbit/s  plans {len(client.plans)}"
+        f"bandwidth est {runtime.sensing.bandwidth_mbps:.3g} Mbit/s  plans {len(runtime.plans)}"
     )
-    for e in client.events[-10:]:
+    if source is not None and source.stats.skipped:
+        print(f"frames skipped by the source: {source.stats.skipped} ({'; '.join(source.stats.reasons[:3])})")
+    for e in runtime.events[-10:]:
         print(f"  {e}")
-    if args.log:
-        write_jsonl(records, args.log)
-    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
     from dapdee.device.up import UpOptions, run_up
 
     if args.slowdown < 1:
@@ -180,6 +261,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     nets = tuple(n.strip() for n in args.networks.split(",") if n.strip())
     if not nets:
         raise ValueError("--networks: give at least one network")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("dapdee.edge", "dapdee.edge.registration", "dapdee.device", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # the demo's table is the output
     return run_up(
         UpOptions(
             artifact=args.artifact,

@@ -1,20 +1,22 @@
-"""`dapdee up`: planner + edge worker + device client in one process on 127.0.0.1.
+"""`dapdee up`: planner + edge worker + device runtime in one process on 127.0.0.1.
 
 No Docker, no Redis: the planner runs with its in-process store, the edge worker serves the
 shipped Fashion-MNIST artifact (or an untrained width-0.25 ResNet-18, with a warning), both
-under uvicorn in threads on free ports. The device client (K x slower than this machine)
-streams real Fashion-MNIST test images over emulated uplinks and a table compares, per
-network, the planner's choice (exit, cut, bytes) and its predicted latency with the measured
-one, and the same for Device-Only.
+under uvicorn in threads on free ports, closed by a random token of this run
+(`secrets.token_urlsafe`) that all three parts share. The device (K x slower than this
+machine) streams real Fashion-MNIST test images over emulated uplinks and a table compares,
+per network, the planner's choice (exit, cut, bytes) and its predicted latency with the
+measured one, and the same for Device-Only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import secrets
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ DEFAULT_ARTIFACT = "artifacts/fmnist-resnet18"
 FALLBACK_SPEC = "zoo:resnet18?width=0.25&in_channels=1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpOptions:
     artifact: str | None = None
     networks: tuple[str, ...] = ("CAT1", "3G", "4G")
@@ -57,99 +59,91 @@ def _row(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
 
+COLUMNS = [
+    ("network", "network"),
+    ("uplink", "Mbit/s"),
+    ("est", "est Mbit/s"),
+    ("load", "dev load"),
+    ("exit", "exit"),
+    ("cut", "cut dev/all"),
+    ("bytes", "bytes/frame"),
+    ("pred", "pred ms"),
+    ("meas", "meas ms"),
+    ("where", "edge/local/fb"),
+    ("fps", "frames/s"),
+    ("acc_exit", "exit acc"),
+    ("acc", "acc frames"),
+]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The demo's comparison table (one row per network condition + Device-Only)."""
-    cols = [
-        ("network", "network"),
-        ("uplink", "Mbit/s"),
-        ("est", "est Mbit/s"),
-        ("load", "dev load"),
-        ("exit", "exit"),
-        ("cut", "cut dev/all"),
-        ("bytes", "bytes/frame"),
-        ("pred", "pred ms"),
-        ("meas", "meas ms"),
-        ("where", "edge/local/fb"),
-        ("fps", "frames/s"),
-        ("acc_exit", "exit acc"),
-        ("acc", "acc frames"),
-    ]
-    body = [[str(r.get(k, "")) for k, _ in cols] for r in rows]
-    head = [h for _, h in cols]
+    body = [[str(r.get(k, "")) for k, _ in COLUMNS] for r in rows]
+    head = [h for _, h in COLUMNS]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     lines = [_row(head, widths), _row(["-" * w for w in widths], widths)]
-    lines += [_row(b, widths) for b in body]
-    return "\n".join(lines)
+    return "\n".join(lines + [_row(b, widths) for b in body])
 
 
 def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def row_of(name: str, rate: float | None, client: Any, records: list[Any]) -> dict[str, Any]:
-    from collections import Counter
-
-    from dapdee.device.client import summarize
+def row_of(name: str, rate: float | None, runtime: Any, records: list[Any], wall_s: float) -> dict[str, Any]:
+    """One table row from a network's records."""
+    from dapdee.device.report import summarize
 
     s = summarize(records)
-    g = client.device_graph
+    g = runtime.graph
     exits = Counter(r.exit for r in records).most_common()
-    main_exit = exits[0][0] if exits else "-"
-    anc = len(g.ancestors(g.exit(main_exit).node)) if exits else 0
+    main_exit = exits[0][0] if exits else None
+    anc = len(g.ancestors(g.exit(main_exit).node)) if main_exit else 0
     where = s.get("where", {})
-    acc_exit = g.exit(main_exit).accuracy if exits else None
+    cut = statistics.median(r.device_nodes for r in records if r.exit == main_exit) if main_exit else None
     return {
         "network": name,
         "uplink": "-" if rate is None else f"{rate:g}",
-        "est": "-" if rate is None else f"{client.bandwidth.estimate_mbps:.3g}",
+        "est": "-" if rate is None else f"{runtime.sensing.bandwidth_mbps:.3g}",
         "load": f"{statistics.fmean(r.device_load or 0.0 for r in records):.2f}" if records else "-",
-        "exit": main_exit + ("" if len(exits) <= 1 else f" (+{len(exits) - 1})"),
-        "cut": f"{statistics.median(r.device_nodes for r in records if r.exit == main_exit):.0f}/{anc}"
-        if exits
-        else "-",
-        "bytes": f"{s['bytes_sent_mean']:.0f}",
-        "pred": _fmt(s["predicted_ms_mean"]),
-        "meas": _fmt(s["measured_ms_mean"]),
+        "exit": (main_exit or "-") + ("" if len(exits) <= 1 else f" (+{len(exits) - 1})"),
+        "cut": "-" if cut is None else f"{cut:.0f}/{anc}",
+        "bytes": f"{s.get('bytes_sent_mean', 0):.0f}",
+        "pred": _fmt(s.get("predicted_ms_mean")),
+        "meas": _fmt(s.get("measured_ms_mean")),
         "where": f"{where.get('edge', 0)}/{where.get('local', 0)}/{where.get('fallback', 0)}",
-        "acc_exit": _fmt(acc_exit, ".3f"),
-        "acc": _fmt(s["accuracy"], ".3f"),
+        "fps": f"{len(records) / wall_s:.1f}" if wall_s > 0 else "-",
+        "acc_exit": _fmt(g.exit(main_exit).accuracy if main_exit else None, ".3f"),
+        "acc": _fmt(s.get("accuracy"), ".3f"),
     }
 
 
-async def _stream(client: Any, frames: list[Any], desc: str, quiet: bool) -> list[Any]:
-    from tqdm import tqdm
+@dataclass
+class Stack:
+    """The demo's planner and edge worker, and the device's model and profile."""
 
-    with tqdm(total=len(frames), desc=desc, file=sys.stderr, disable=quiet, leave=False) as bar:
-        return await client.run(frames, progress=lambda rec: bar.update(1))
+    planner: Any
+    edge: Any
+    served: str
+    spec: str
+    artifact: str | None
+    loaded: Any
+    graph: Any
+    token: str
 
 
-def run_up(opts: UpOptions) -> int:
-    """Start everything, stream the frames per network, print the table, stop everything."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("dapdee.edge", "dapdee.edge.registration", "dapdee.device", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    t_start = time.monotonic()
-    import torch
-
-    from dapdee.device.client import (
-        ClientConfig,
-        DeviceClient,
-        dataset_frames,
-        measure_device_profile,
-        random_frames,
-        write_jsonl,
-    )
-    from dapdee.device.servers import ServerThread, bind_free_socket
+def _start_stack(opts: UpOptions, say: Any) -> Stack:
+    """Planner and edge worker in threads (closed by one random token), the device's model
+    (traced before the edge thread runs modules: fx tracing patches nn.Module process-wide) and
+    its profile."""
+    from dapdee.device.profile import measure_device_profile
     from dapdee.edge_worker.app import create_app as create_edge
     from dapdee.edge_worker.app import load_models
     from dapdee.edge_worker.config import Settings as EdgeSettings
     from dapdee.models import load_model
-    from dapdee.netem import parse_network
     from dapdee.planner.app import create_app as create_planner
     from dapdee.planner.config import Settings as PlannerSettings
+    from dapdee.testing import ServerThread, bind_free_socket
 
-    torch.set_num_threads(1)
-    nets = [parse_network(n) for n in opts.networks]
     artifact = find_artifact(opts.artifact)
     if artifact is None:
         print(
@@ -157,109 +151,117 @@ def run_up(opts: UpOptions) -> int:
             "(accuracies are chance level; train one with `dapdee train`)",
             file=sys.stderr,
         )
-        models_setting = FALLBACK_SPEC
-    else:
-        models_setting = f"@{artifact}"
-    say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-
-    planner = ServerThread(create_planner(PlannerSettings(redis_url=None, worker_ttl_s=10.0)), name="planner")
-    planner.start()
-    edge = None
+    token = secrets.token_urlsafe(24)
+    planner = ServerThread(
+        create_planner(PlannerSettings(redis_url=None, worker_ttl_s=10.0, api_token=token)), name="planner"
+    ).start()
     try:
         sock = bind_free_socket()
         edge_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         es = EdgeSettings(
-            models=models_setting,
-            planner_url=planner.url,
-            public_url=edge_url,
-            port=sock.getsockname()[1],
-            profile_repeats=8,
-            profile_warmup=2,
-            heartbeat_s=1.0,
-            workers=1,
-        )
+            models=f"@{artifact}" if artifact else FALLBACK_SPEC, planner_url=planner.url, public_url=edge_url,
+            port=sock.getsockname()[1], profile_repeats=8, profile_warmup=2, heartbeat_s=1.0, workers=1,
+            api_token=token,
+        )  # fmt: skip
         served = load_models(es)
-        # load (fx-trace) the device's copy before the edge starts running modules in its threads:
-        # torch.fx tracing patches nn.Module.__call__ process-wide
         spec = "" if artifact else FALLBACK_SPEC
         loaded = load_model(spec, weights=artifact)
         if artifact is None:  # untrained: the device holds the edge's (random) weights
             loaded.module.load_state_dict(served[0].module.state_dict())
         edge = ServerThread(create_edge(es, served), sock=sock, name="edge").start()
-        say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
-        say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
-        device_graph = measure_device_profile(loaded, opts.slowdown, threads=1, repeats=8)
-        try:
-            frames = list(dataset_frames(loaded, "fashion-mnist", opts.frames))
-            source = f"{len(frames)} Fashion-MNIST test images"
-        except ValueError as exc:
-            print(f"warning: {exc}; using random inputs", file=sys.stderr)
-            frames = list(random_frames(loaded, opts.frames))
-            source = f"{len(frames)} random inputs (no labels)"
-
-        rows: list[dict[str, Any]] = []
-        all_records: list[Any] = []
-
-        async def one(name: str, rate: float | None, device_only: bool) -> None:
-            cfg = ClientConfig(
-                planner_url=planner.url,
-                model=spec,
-                weights=artifact,
-                rate_mbps=rate,
-                network_name=name,
-                rtt_ms=opts.rtt_ms,
-                slowdown=opts.slowdown,
-                latency_budget_ms=opts.latency_budget_ms,
-                min_accuracy=opts.min_accuracy,
-                frame_rate=opts.frame_rate,
-                mode=opts.mode,
-                fp16=opts.fp16,
-                device_load=opts.device_load,
-                load_source=opts.load_source,
-                device_only=device_only,
-                ready_timeout_s=60.0,
-            )
-            client = DeviceClient(cfg, loaded=loaded, device_graph=device_graph)
-            async with client:
-                t0 = time.perf_counter()
-                records = await _stream(client, frames, name, opts.quiet)
-                wall_s = time.perf_counter() - t0
-            all_records.extend(records)
-            rows.append({**row_of(name, rate, client, records), "fps": f"{len(records) / wall_s:.1f}"})
-
-        async def main() -> None:
-            for net in nets:
-                await one(net.name, net.rate_mbps, False)
-            await one("Device-Only", None, True)
-
-        asyncio.run(main())
-        if opts.log:
-            write_jsonl(all_records, opts.log)
-        wall = time.monotonic() - t_start
-        mode = opts.mode + (f", {opts.frame_rate:g} fps" if opts.frame_rate else "")
-        print(
-            f"DAPDEE all-in-one: {served[0].name} ({'artifact ' + artifact if artifact else 'untrained'}), "
-            f"{source}; device K={opts.slowdown:g}x slower than this machine; "
-            "uplinks shaped by token bucket, "
-            f"rtt {opts.rtt_ms:g} ms; mode {mode}"
-        )
-        print(format_table(rows))
-        print(
-            "exit (+n) = the most used exit, n others too; "
-            "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model); "
-            "meas = measured here (from a frame's start to its answer); frames/s = the stream's rate; "
-            "dev load = "
-            + (
-                f"fixed at {opts.device_load:g}; "
-                if opts.device_load is not None
-                else "share of CPUs used by other processes (/proc/stat); "
-                if opts.load_source == "proc"
-                else "share of the emulated device's time lost to other work (see ComputeLoadMonitor); "
-            )
-            + f"{wall:.1f} s in all"
-        )
-        return 0
-    finally:
-        if edge is not None:
-            edge.stop()
+    except BaseException:
         planner.stop()
+        raise
+    say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
+    say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
+    graph = measure_device_profile(loaded, opts.slowdown, repeats=8)
+    return Stack(planner, edge, served[0].name, spec, artifact, loaded, graph, token)
+
+
+def _frames(loaded: Any, n: int) -> tuple[list[Any], str]:
+    from dapdee.data import DataError
+    from dapdee.device.frames import DatasetSource, FrameFormat, random_frames
+
+    fmt = FrameFormat.of(loaded)
+    try:
+        frames = list(DatasetSource("fashion-mnist", fmt, n))
+        return frames, f"{len(frames)} Fashion-MNIST test images"
+    except DataError as exc:
+        print(f"warning: {exc}; using random inputs", file=sys.stderr)
+        return list(random_frames(fmt, n)), f"{n} random inputs (no labels)"
+
+
+async def _one_network(
+    st: Stack, opts: UpOptions, name: str, rate: float | None, frames: list[Any]
+) -> tuple[dict[str, Any], list[Any]]:
+    """Stream `frames` on one emulated uplink (None: the Device-Only baseline)."""
+    from tqdm import tqdm
+
+    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
+    from dapdee.device.session import DeviceSettings, open_device
+
+    req = Requirements(opts.latency_budget_ms, opts.min_accuracy, opts.frame_rate, opts.mode)
+    planner = PlannerConfig(st.planner.url, default_tier(opts.slowdown), st.token, st.token, ready_timeout_s=60.0)
+    settings = DeviceSettings(
+        runtime=RuntimeConfig(req, fp16=opts.fp16), planner=planner, model=st.spec, weights=st.artifact,
+        slowdown=opts.slowdown, rate_mbps=rate, rtt_ms=opts.rtt_ms, device_load=opts.device_load,
+        load_source=opts.load_source, device_only=rate is None,
+    )  # fmt: skip
+    async with open_device(settings, st.loaded, st.graph) as runtime:
+        t0 = time.perf_counter()
+        with tqdm(total=len(frames), desc=name, file=sys.stderr, disable=opts.quiet, leave=False) as bar:
+            records = await runtime.run(frames, progress=lambda rec: bar.update(1))
+        wall_s = time.perf_counter() - t0
+    return row_of(name, rate, runtime, records, wall_s), records
+
+
+def _footer(opts: UpOptions, wall: float) -> str:
+    if opts.device_load is not None:
+        load = f"fixed at {opts.device_load:g}; "
+    elif opts.load_source == "proc":
+        load = "share of CPUs used by other processes (/proc/stat); "
+    else:
+        load = "share of the emulated device's time lost to other work (see ComputeLoadMonitor); "
+    return (
+        "exit (+n) = the most used exit, n others too; "
+        "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model); "
+        "meas = measured here (from a frame's start to its answer); frames/s = the stream's rate; "
+        f"dev load = {load}{wall:.1f} s in all"
+    )
+
+
+def run_up(opts: UpOptions) -> int:
+    """Start everything, stream the frames per network, print the table, stop everything."""
+    from dapdee.device.report import write_jsonl
+    from dapdee.netem import parse_network
+
+    t_start = time.monotonic()
+    nets = [parse_network(n) for n in opts.networks]
+    say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    st = _start_stack(opts, say)
+    try:
+        frames, source = _frames(st.loaded, opts.frames)
+
+        async def main() -> tuple[list[dict[str, Any]], list[Any]]:
+            rows, records = [], []
+            for name, rate in [(n.name, n.rate_mbps) for n in nets] + [("Device-Only", None)]:
+                row, recs = await _one_network(st, opts, name, rate, frames)
+                rows.append(row)
+                records += recs
+            return rows, records
+
+        rows, records = asyncio.run(main())
+    finally:
+        st.edge.stop()
+        st.planner.stop()
+    if opts.log:
+        write_jsonl(records, opts.log)
+    mode = opts.mode + (f", {opts.frame_rate:g} fps" if opts.frame_rate else "")
+    what = "artifact " + st.artifact if st.artifact else "untrained"
+    print(
+        f"DAPDEE all-in-one: {st.served} ({what}), {source}; device K={opts.slowdown:g}x slower than this machine; "
+        f"uplinks shaped by token bucket, rtt {opts.rtt_ms:g} ms; mode {mode}"
+    )
+    print(format_table(rows))
+    print(_footer(opts, time.monotonic() - t_start))
+    return 0

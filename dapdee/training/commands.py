@@ -26,7 +26,12 @@ def add_commands(sub: Any) -> None:
         "manifest.json to --out. Re-running the same command resumes from OUT/checkpoint.",
     )
     p.add_argument("model", help="zoo:NAME?opt=v (e.g. zoo:resnet18?width=0.25&in_channels=1) or pkg.mod:factory")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist[:DIR] or cifar10:DIR (binary version)")
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist[:DIR], cifar10:DIR (binary version) or folder:DIR (DIR/<class>/<image>, "
+        "your own images; DIR/train and DIR/test are used when both exist)",
+    )
     p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (warm-up, then cosine)")

@@ -15,15 +15,20 @@
   [0, 0.95]. Off Linux it reports 0.
 - `ComputeLoadMonitor`: the alternative for an emulated device on a shared host: the share of
   wall time the device's own compute thread loses (1 − CPU time / wall time).
+- `Sensing`: the three together, as the conditions a plan request states.
 
-All O(1) per sample; no web imports.
+Timings that come from the network (a worker's reported server time) are checked before they
+are used: a value that is not a finite number within the upload's own elapsed time drops the
+sample instead of skewing the estimate. All O(1) per sample; no web imports.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_LOAD = 0.95
@@ -90,6 +95,10 @@ class BandwidthEstimator:
         last sample folded in (Mbit/s), or None. O(1) amortised."""
         entry = self._open.get(ticket)
         if entry is None:
+            return None
+        elapsed_ms = (end_s - entry[0]) * 1000.0
+        if not (_finite(server_ms) and _finite(rtt_ms) and 0.0 <= server_ms <= elapsed_ms and rtt_ms >= 0.0):
+            self.upload_failed(ticket)  # an implausible server time: no sample from this upload
             return None
         entry[1] = end_s - (server_ms + rtt_ms + self.overhead_ms) / 1000.0
         entry[2] = nbytes
@@ -187,7 +196,8 @@ class RttEstimator:
     recent: deque[float] = field(default_factory=deque)
 
     def observe(self, rtt_ms: float) -> None:
-        if rtt_ms < 0:
+        """Fold in one round trip (ms); negative or non-finite values are ignored. O(window)."""
+        if not _finite(rtt_ms) or rtt_ms < 0:
             return
         self.recent.append(rtt_ms)
         while len(self.recent) > self.window:
@@ -198,6 +208,10 @@ class RttEstimator:
 
     def age_s(self) -> float:
         return time.monotonic() - self.last_sample_at if self.samples else float("inf")
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _read_proc_stat() -> tuple[int, int] | None:
@@ -224,20 +238,30 @@ def _own_cpu_s() -> float:
 
 class LoadMonitor:
     """Compute load from other processes: Δ(machine busy − own CPU) / Δ(machine total),
-    smoothed by an EWMA, clamped to [0, MAX_LOAD]. Call `sample()` now and then (≥ 0.2 s apart)."""
+    smoothed by an EWMA, clamped to [0, MAX_LOAD]. Call `sample()` now and then (≥ 0.2 s apart).
+    `read_stat` gives (busy, total) jiffies of the machine (default: /proc/stat) and `own_cpu_s`
+    this process's CPU seconds (default: os.times)."""
 
-    def __init__(self, alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        read_stat: Callable[[], tuple[int, int] | None] = _read_proc_stat,
+        own_cpu_s: Callable[[], float] = _own_cpu_s,
+        clk_tck: int | None = None,
+    ) -> None:
         self.alpha = alpha
-        self.clk_tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.read_stat = read_stat
+        self.own_cpu_s = own_cpu_s
+        self.clk_tck = clk_tck or (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
         self.load = 0.0
         self.samples = 0
-        self._prev = _read_proc_stat()
-        self._prev_own = _own_cpu_s()
+        self._prev = read_stat()
+        self._prev_own = own_cpu_s()
 
     def sample(self) -> float:
         """Update and return the load estimate."""
-        cur = _read_proc_stat()
-        own = _own_cpu_s()
+        cur = self.read_stat()
+        own = self.own_cpu_s()
         if cur is None or self._prev is None:
             self._prev, self._prev_own = cur, own
             return self.load
@@ -304,3 +328,54 @@ def load_drifted(old: float, new: float, threshold: float) -> bool:
     """Device speed 1/(1 − load) changed by more than `threshold` (relative): the cost model
     scales device time by that factor, so this is the drift that matters for a plan."""
     return drifted(1.0 - old, 1.0 - new, threshold)
+
+
+class Sensing:
+    """The device's live view of its conditions: the uplink estimate, the round trip and the
+    compute load (`fixed_load` when given, else the monitor's reading: `proc` = other
+    processes' CPU share, `compute` = the share of the device thread's time lost to other
+    work). `stretch` is the K by which an emulation stretches CPU time (see
+    `ComputeLoadMonitor`). Reading the conditions is O(1)."""
+
+    def __init__(
+        self,
+        prior_mbps: float = 1.0,
+        fixed_load: float | None = None,
+        load_source: str = "proc",
+        stretch: float = 1.0,
+    ) -> None:
+        if load_source not in ("proc", "compute"):
+            raise ValueError(f"load source: expected proc or compute, got {load_source!r}")
+        if fixed_load is not None and not (_finite(fixed_load) and 0.0 <= fixed_load < 1.0):
+            raise ValueError(f"device load: expected a number in [0, 1), got {fixed_load!r}")
+        if not (_finite(prior_mbps) and prior_mbps > 0):
+            raise ValueError(f"bandwidth prior: expected a finite number of Mbit/s > 0, got {prior_mbps!r}")
+        self.bandwidth = BandwidthEstimator(prior_mbps=prior_mbps)
+        self.rtt = RttEstimator()
+        self.fixed_load = fixed_load
+        self.monitor: LoadMonitor | ComputeLoadMonitor | None = None
+        if fixed_load is None:
+            self.monitor = LoadMonitor() if load_source == "proc" else ComputeLoadMonitor(stretch=stretch)
+
+    @property
+    def device_load(self) -> float:
+        """The device's compute load in [0, MAX_LOAD]."""
+        if self.fixed_load is not None:
+            return min(self.fixed_load, MAX_LOAD)
+        assert self.monitor is not None
+        return min(max(self.monitor.load, 0.0), MAX_LOAD)
+
+    @property
+    def bandwidth_mbps(self) -> float:
+        """The uplink estimate (Mbit/s), at least 1e-3 (the smallest a plan request accepts)."""
+        return max(self.bandwidth.estimate_mbps, 1e-3)
+
+    @property
+    def request_rtt_ms(self) -> float:
+        """The round trip an upload pays per request: the network round trip plus the fixed
+        per-request cost (HTTP, codec, scheduling) the probe pairs measure."""
+        return self.rtt.estimate_ms + self.bandwidth.overhead_ms
+
+    def compute_observer(self) -> ComputeLoadMonitor | None:
+        """The monitor the device's own compute must feed (`observe(cpu_s, wall_s)`), if any."""
+        return self.monitor if isinstance(self.monitor, ComputeLoadMonitor) else None

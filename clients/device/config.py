@@ -1,0 +1,139 @@
+"""The device runtime's settings, as frozen dataclasses checked when they are made.
+
+- `Requirements`: what the user asks of every frame (latency budget, accuracy floor, frame
+  rate, planning mode, confidence exits); they go into every plan request and choose the fallback exit.
+- `RuntimeConfig`: how the runtime behaves (frames in flight, edge timeouts and back-off,
+  re-plan rules, probing).
+- `PlannerConfig`: how to reach the planner and what to tell it about this device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dapdee.planning.request import PlanRequest
+
+
+def _positive(name: str, v: float | None, allow_none: bool = True) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Per-frame requirements: `latency_budget_ms` (latency mode, and the fallback's deadline),
+    `min_accuracy` in [0, 1], `frame_rate` (frames/s offered; also turns on pipelining and is
+    the lease's rate), `mode` auto | latency | throughput, `confidence_exits` (plans priced for
+    calibrated confidence exits, and run with them)."""
+
+    latency_budget_ms: float | None = None
+    min_accuracy: float | None = None
+    frame_rate: float | None = None
+    mode: str = "auto"
+    confidence_exits: bool = False
+
+    def __post_init__(self) -> None:
+        """The planner's own rules for these fields (ValueError naming the field)."""
+        PlanRequest(
+            1.0, 0.0, 0.0, 0.0, self.latency_budget_ms, self.min_accuracy, self.frame_rate, self.mode
+        ).check_requirements()
+
+    @property
+    def pipelined(self) -> bool:
+        """Heavy load: frames are pipelined (throughput mode, or a frame rate to sustain)."""
+        return self.mode == "throughput" or self.frame_rate is not None
+
+    def plan_fields(self) -> dict[str, object]:
+        """The requirement fields of a plan request (those that are set)."""
+        out: dict[str, object] = {"mode": self.mode}
+        for key in ("latency_budget_ms", "min_accuracy", "frame_rate"):
+            v = getattr(self, key)
+            if v is not None:
+                out[key] = v
+        if self.confidence_exits:
+            out["confidence_exits"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the runtime behaves. Edge timeouts are `timeout_factor` x the plan's predicted
+    latency, at least `timeout_floor_ms` and at most `timeout_max_ms` (always finite). After an
+    edge failure the worker rests `backoff_initial_s`, doubling up to `backoff_max_s`. A
+    re-plan is asked for when the bandwidth or the device speed 1/(1 − load) drifts by more
+    than `replan_threshold` (relative), after `plan_max_age_s`, after edge trouble, and at the
+    lease's `replan_after_s`; never more often than every `min_replan_s`. Idle links are probed
+    once the last sample is `probe_idle_s` old."""
+
+    requirements: Requirements = field(default_factory=Requirements)
+    max_inflight: int = 3
+    fp16: bool = False
+    timeout_factor: float = 3.0
+    timeout_floor_ms: float = 1000.0
+    timeout_max_ms: float = 60000.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 8.0
+    replan_threshold: float = 0.2
+    plan_max_age_s: float = 10.0
+    min_replan_s: float = 0.2
+    probe_idle_s: float = 1.0
+    rtt_probe_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_inflight, bool) or not isinstance(self.max_inflight, int) or self.max_inflight < 1:
+            raise ValueError(f"max in flight: expected an integer >= 1, got {self.max_inflight!r}")
+        for name in (
+            "timeout_factor",
+            "timeout_floor_ms",
+            "timeout_max_ms",
+            "backoff_initial_s",
+            "backoff_max_s",
+            "replan_threshold",
+            "plan_max_age_s",
+            "min_replan_s",
+            "probe_idle_s",
+            "rtt_probe_every_s",
+        ):
+            _positive(name.replace("_", " "), getattr(self, name), allow_none=False)
+        if self.timeout_floor_ms > self.timeout_max_ms:
+            raise ValueError("timeout floor: must not exceed the timeout maximum")
+
+    def edge_timeout_s(self, predicted_ms: float | None) -> float:
+        """Seconds to wait for an edge answer: factor x prediction within [floor, max]; a
+        missing or non-finite prediction gets the floor. Always finite. O(1)."""
+        pred = predicted_ms if predicted_ms is not None and math.isfinite(predicted_ms) else 0.0
+        return min(max(self.timeout_factor * pred, self.timeout_floor_ms), self.timeout_max_ms) / 1000.0
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """The planner: base `url`, the device `token` (plans, infer), the `admin_token` (only to
+    upload this device's profile or the model's graph), the device profile's `tier` name, the
+    `device_id` whose lease plans create (None: no lease), and timeouts: `timeout_s` per call,
+    `ready_timeout_s` to wait for a model the edge is still registering, `worker_wait_s` to
+    wait for a worker to appear, `workers_refresh_s` between reads of the worker list."""
+
+    url: str
+    tier: str
+    token: str | None = None
+    admin_token: str | None = None
+    device_id: str | None = None
+    timeout_s: float = 5.0
+    ready_timeout_s: float = 60.0
+    worker_wait_s: float = 5.0
+    workers_refresh_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"planner URL {self.url!r} is not valid (expected http://HOST:PORT)")
+        for name in ("timeout_s", "ready_timeout_s", "worker_wait_s", "workers_refresh_s"):
+            _positive(f"planner {name.replace('_', ' ')}", getattr(self, name), allow_none=False)
+
+
+def default_tier(slowdown: float) -> str:
+    """The device profile's default tier name for an emulated slowdown K: `device-k10`,
+    `device-k2_5`."""
+    return f"device-k{slowdown:g}".replace(".", "_")

@@ -1,0 +1,268 @@
+"""Edge access of one device: v2 infer requests through the SDK (`dapdee.client.AsyncEdgeClient`),
+over an optionally shaped uplink, with the answer checked, a finite timeout, the token sent only
+to trusted workers, and a back-off after failures.
+
+- `WorkerTrust`: the worker URLs this device may send its token to: the ones the user named
+  (`--edge`) and the ones the planner lists (`GET /workers`, re-read at most every
+  `refresh_s`, and once more when a plan names a URL not on the list). A URL on neither list is
+  never contacted.
+- `Backoff`: after a failure the worker rests `initial_s`, doubling up to `max_s`; a success
+  resets it.
+- `EdgeLink`: the requests. Every failure (refused, unreachable, timed out, an answer off
+  contract: wrong types, negative or non-finite timings, logits of another shape) is an
+  `EdgeFailure` naming it, which the runtime turns into that frame's local fallback. Each
+  upload feeds the bandwidth estimate (`Sensing`), unless its server time is implausible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dapdee.client import ApiError, AsyncEdgeClient, ClientError, ProtocolError, RequestError, TransportError
+from dapdee.costgraph import CostGraph
+from dapdee.device.sensing import Sensing
+from dapdee.device.types import EdgeAnswer, EdgeFailure
+from dapdee.netem import ShapedUplink
+
+log = logging.getLogger("dapdee.device.edge")
+
+MAX_CLIENTS = 16  # edge clients kept open (one per worker URL)
+MAX_ANSWER_BYTES = 1 << 20  # an infer answer holds one row of logits: far below this
+
+
+@dataclass(frozen=True)
+class WorkerEntry:
+    """A worker the planner lists: its URL and the models it serves."""
+
+    url: str
+    models: tuple[str, ...]
+
+
+Fetch = Callable[[], Awaitable[list[WorkerEntry]]]
+
+
+def normalize_url(url: str) -> str:
+    return url.rstrip("/")
+
+
+class WorkerTrust:
+    """Which worker URLs may receive the device token (see the module docstring). `fetch`
+    reads the planner's worker list (None: only `explicit` URLs are trusted). A failed read
+    keeps the last list. `allows` is O(1) unless it re-reads the list."""
+
+    def __init__(self, fetch: Fetch | None, explicit: Iterable[str] = (), refresh_s: float = 5.0) -> None:
+        self.fetch = fetch
+        self.explicit = frozenset(normalize_url(u) for u in explicit)
+        self.refresh_s = refresh_s
+        self.listed: dict[str, WorkerEntry] = {}
+        self.read_at = -math.inf
+
+    async def refresh(self, force: bool = False, strict: bool = False) -> None:
+        """Re-read the planner's list when it is older than `refresh_s` (or `force`). A failed
+        read keeps the last list; with `strict` (at start-up) a refusal (401, 403) is raised."""
+        now = time.monotonic()
+        if self.fetch is None or (not force and now - self.read_at < self.refresh_s):
+            return
+        self.read_at = now
+        try:
+            entries = await self.fetch()
+        except ClientError as exc:
+            if strict and isinstance(exc, ApiError) and exc.status in (401, 403):
+                raise
+            log.warning("could not read the planner's worker list (%s); keeping the last one", exc)
+            return
+        self.listed = {normalize_url(e.url): e for e in entries}
+
+    async def allows(self, url: str) -> bool:
+        """Whether `url` is named by the user or listed by the planner (the list is re-read,
+        at most every `refresh_s`, when it does not hold `url`)."""
+        url = normalize_url(url)
+        if url in self.explicit or url in self.listed:
+            return True
+        await self.refresh(force=time.monotonic() - self.read_at >= min(self.refresh_s, 1.0))
+        return url in self.listed
+
+    def serving(self, model: str) -> list[str]:
+        """URLs that serve `model`: the user's first, then the planner's listed ones."""
+        listed = [u for u, e in self.listed.items() if model in e.models and u not in self.explicit]
+        return sorted(self.explicit) + listed
+
+
+class Backoff:
+    """Rest after edge failures: `initial_s`, doubling up to `max_s`; reset by a success."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.rest_s = initial_s
+        self.until = 0.0
+
+    def resting(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) < self.until
+
+    def failed(self) -> float:
+        """Start a rest; returns its length (s)."""
+        rest = self.rest_s
+        self.until = time.monotonic() + rest
+        self.rest_s = min(self.rest_s * 2.0, self.max_s)
+        return rest
+
+    def succeeded(self) -> None:
+        self.rest_s = self.initial_s
+
+
+def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
+    if isinstance(exc, ApiError):
+        return EdgeFailure(f"HTTP {exc.status}: {exc.detail[:120]}")
+    if isinstance(exc, ProtocolError):
+        return EdgeFailure(f"bad answer: {exc.detail[:160]}")
+    if isinstance(exc, TransportError):
+        if exc.timeout:
+            return EdgeFailure(f"timeout after {timeout_s * 1000:.0f} ms")
+        return EdgeFailure(f"{type(exc.cause).__name__}: {str(exc.cause)[:80] or 'no answer'}")
+    if isinstance(exc, RequestError):
+        return EdgeFailure(f"request not sent: {exc}")
+    return EdgeFailure(f"{type(exc).__name__}: {exc}")
+
+
+class EdgeLink:
+    """Infer requests to edge workers for model `graph.model` (see the module docstring). One
+    SDK client per worker URL (at most MAX_CLIENTS kept), the token only for trusted URLs.
+    `uploads_active` and `last_activity` tell the sensing loop when the link is idle."""
+
+    def __init__(
+        self,
+        graph: CostGraph,
+        trust: WorkerTrust,
+        sensing: Sensing,
+        token: str | None = None,
+        shaper: ShapedUplink | None = None,
+        fp16: bool = False,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.graph = graph
+        self.trust = trust
+        self.sensing = sensing
+        self.token = token
+        self.shaper = shaper
+        self.wire_dtype = "FP16" if fp16 else "FP32"
+        self.backoff = backoff or Backoff(0.5, 8.0)
+        self.uploads_active = 0
+        self.last_activity = 0.0
+        self._clients: OrderedDict[str, AsyncEdgeClient] = OrderedDict()
+
+    async def _client(self, url: str) -> AsyncEdgeClient:
+        url = normalize_url(url)
+        if not await self.trust.allows(url):
+            raise EdgeFailure(f"worker {url[:80]} is not listed by the planner; not contacted")
+        client = self._clients.get(url)
+        if client is None:
+            try:
+                client = AsyncEdgeClient(url, self.token, max_response_bytes=MAX_ANSWER_BYTES)
+            except RequestError as exc:
+                raise EdgeFailure(f"worker URL {url[:80]!r}: {exc}") from None
+            self._clients[url] = client
+            while len(self._clients) > MAX_CLIENTS:
+                await self._clients.popitem(last=False)[1].aclose()
+        self._clients.move_to_end(url)
+        return client
+
+    def _expected_logits(self, exit_name: str) -> tuple[int, ...] | None:
+        shape = self.graph.node(self.graph.exit(exit_name).node).shape
+        return tuple(shape) if shape else None
+
+    async def infer(
+        self,
+        url: str,
+        inputs: Mapping[str, torch.Tensor],
+        exit_name: str,
+        timeout_s: float,
+        request_id: str | None = None,
+        traceparent: str | None = None,
+        observe: bool = True,
+        confidence: bool = False,
+    ) -> EdgeAnswer:
+        """Send the cut's tensors to `url` for `exit_name` and wait at most `timeout_s` (finite).
+        With `observe`, the upload feeds the bandwidth estimate; with `confidence`, the worker
+        checks its confidence heads and the answer says which exit answered. Raises EdgeFailure."""
+        client = await self._client(url)
+        self.uploads_active += 1
+        overlapped = self.uploads_active > 1
+        t0, c0 = time.perf_counter(), time.thread_time()
+        ticket = self.sensing.bandwidth.upload_started(t0) if observe else None
+        try:
+            res = await client.infer(
+                self.graph.model, inputs, exit=exit_name, wire_dtype=self.wire_dtype, request_id=request_id,
+                timeout=timeout_s, traceparent=traceparent, confidence=confidence,
+                uplink=self.shaper.shaped_body if self.shaper is not None else None,
+            )  # fmt: skip
+        except ClientError as exc:
+            if ticket is not None:
+                self.sensing.bandwidth.upload_failed(ticket)
+            raise _failure(exc, timeout_s) from None
+        finally:
+            self.uploads_active -= 1
+            self.last_activity = time.monotonic()
+        cpu_ms = (time.thread_time() - c0) * 1000.0
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        overlapped = overlapped or self.uploads_active > 0
+        return self._accept(res, exit_name, ticket, t0, elapsed_ms, cpu_ms, overlapped)
+
+    def _accept(
+        self,
+        res: Any,
+        exit_name: str,
+        ticket: int | None,
+        t0: float,
+        elapsed_ms: float,
+        cpu_ms: float,
+        overlapped: bool,
+    ) -> EdgeAnswer:
+        """The checked answer; the upload folded into the bandwidth estimate."""
+        want = self._expected_logits(exit_name)
+        if want is not None and tuple(res.logits.shape) != want:
+            if ticket is not None:
+                self.sensing.bandwidth.upload_failed(ticket)
+            raise EdgeFailure(f"bad answer: logits {list(res.logits.shape)}, expected {list(want)}")
+        server_ms = res.queue_ms + res.compute_ms
+        sample = None
+        if ticket is not None:
+            end = t0 + elapsed_ms / 1000.0
+            rtt = self.sensing.rtt.estimate_ms
+            sample = self.sensing.bandwidth.upload_finished(ticket, res.request_bytes, end, server_ms, rtt)
+        return EdgeAnswer(
+            logits=res.logits,
+            queue_ms=res.queue_ms,
+            compute_ms=res.compute_ms,
+            request_bytes=res.request_bytes,
+            elapsed_ms=elapsed_ms,
+            cpu_ms=cpu_ms,
+            overlapped=overlapped,
+            sample_mbps=sample,
+            exits_taken=res.exits_taken,
+        )
+
+    async def round_trip_ms(self, url: str) -> float | None:
+        """One `GET /v2/health/live` round trip (ms) through the emulated delay, or None when
+        it fails or the worker is not live."""
+        try:
+            client = await self._client(url)
+            t0 = time.perf_counter()
+            if self.shaper is not None:
+                await self.shaper.delay()
+            live = await client.live()
+        except (ClientError, EdgeFailure):
+            return None
+        return (time.perf_counter() - t0) * 1000.0 if live else None
+
+    async def aclose(self) -> None:
+        while self._clients:
+            await self._clients.popitem()[1].aclose()

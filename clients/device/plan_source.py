@@ -1,0 +1,207 @@
+"""Where the runtime's plans come from. Two sources, chosen explicitly:
+
+- `FixedPlanSource`: one plan, never replaced (benchmarks, a pinned cut, `--plan FILE`).
+- `PlannerPlanSource`: `POST /plan` through the SDK (`dapdee.client.AsyncPlannerClient`) with
+  the device's sensed conditions, its requirements, its profile tier and, when it has one, its
+  `device_id` (so the plan carries a lease; the runtime re-plans at the lease's
+  `replan_after_s`). Every answer is checked against the device's cost graph
+  (`plans.plan_from_answer`) before it is used. When the planner cannot be asked,
+  `meanwhile` keeps the current plan while its lease lasts (forever when it has none) and
+  then answers the Device-Only plan, so the device never leans on an edge reservation that
+  has lapsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from dapdee.client import ApiError, AsyncPlannerClient, ClientError, ProtocolError, TransportError
+from dapdee.costgraph import CostGraph
+from dapdee.costmodel import Conditions
+from dapdee.device.config import Requirements
+from dapdee.device.edge import WorkerEntry
+from dapdee.device.plans import device_only_plan, plan_from_answer
+from dapdee.device.types import DeviceError, Plan, PlanError, PlannerUnavailable
+from dapdee.web import otel
+from dapdee.web.otel import NO_TRACING, Tracing
+
+log = logging.getLogger("dapdee.device.plans")
+
+RETRY_S = 0.3  # spacing of first-plan retries while the edge registers
+REREGISTER_SPACING_S = 1.0
+
+
+class PlanSource(Protocol):
+    """What the runtime asks of a plan source. `replans`: whether asking again can give
+    another plan (False: the runtime never re-plans)."""
+
+    replans: bool
+
+    async def first(self, cond: Conditions) -> Plan:
+        """The plan to start with (DeviceError when there cannot be one)."""
+        ...
+
+    async def plan(self, cond: Conditions) -> Plan:
+        """A new plan for `cond`: PlannerUnavailable or PlanError when there is none."""
+        ...
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        """The plan to run while no new one can be had."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class FixedPlanSource:
+    """Always `plan`: no planner, no re-planning."""
+
+    replans = False
+
+    def __init__(self, plan: Plan) -> None:
+        self.fixed = plan
+
+    async def first(self, cond: Conditions) -> Plan:
+        return self.fixed
+
+    async def plan(self, cond: Conditions) -> Plan:
+        return self.fixed
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        return current
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def listed_workers(planner: AsyncPlannerClient) -> list[WorkerEntry]:
+    """The planner's live workers (`GET /workers`): URL and models of each."""
+    listed = await planner.workers()
+    return [WorkerEntry(w.url, tuple(w.models)) for w in listed.workers]
+
+
+def _unavailable(exc: ClientError) -> PlannerUnavailable:
+    if isinstance(exc, ApiError):
+        return PlannerUnavailable(f"POST /plan: HTTP {exc.status}: {exc.detail[:200] or exc.title}", exc.status)
+    return PlannerUnavailable(str(exc)[:240])
+
+
+class PlannerPlanSource:
+    """Plans from the planner (see the module docstring). `reregister` (optional) uploads the
+    device profile again; it is called once when the planner answers 404/409 (it lost the model
+    or this tier's profile, e.g. a restart without Redis), at most every REREGISTER_SPACING_S."""
+
+    replans = True
+
+    def __init__(
+        self,
+        planner: AsyncPlannerClient,
+        graph: CostGraph,
+        requirements: Requirements,
+        tier: str | None = None,
+        device_id: str | None = None,
+        ready_timeout_s: float = 60.0,
+        worker_wait_s: float = 5.0,
+        reregister: Callable[[], Awaitable[None]] | None = None,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
+        if device_id is not None and requirements.frame_rate is None:
+            raise ValueError("a device id (a lease) needs a frame rate: give --frame-rate")
+        self.planner = planner
+        self.graph = graph
+        self.requirements = requirements
+        self.tier = tier
+        self.device_id = device_id
+        self.ready_timeout_s = ready_timeout_s
+        self.worker_wait_s = worker_wait_s
+        self.reregister = reregister
+        self.tracing = tracing
+        self._registered_at = time.monotonic()
+
+    def body(self, cond: Conditions) -> dict[str, Any]:
+        """The plan request for `cond`: the model, the conditions, the tier, the device id and
+        the requirements."""
+        body: dict[str, Any] = {
+            "model": self.graph.model,
+            "bandwidth_mbps": min(max(cond.bandwidth_mbps, 1e-3), 1e6),
+            "rtt_ms": min(cond.rtt_ms, 1e6),
+            "device_load": min(cond.device_load, 0.95),
+        }
+        if self.tier is not None:
+            body["device_tier"] = self.tier
+        if self.device_id is not None:
+            body["device_id"] = self.device_id
+        return body | self.requirements.plan_fields()
+
+    async def _ask(self, cond: Conditions) -> Plan:
+        body = self.body(cond)
+        with self.tracing.span(otel.PLANNER, {otel.ATTR_MODEL: self.graph.model}) as span:
+            try:
+                answer = await self.planner.plan(body)
+            except ProtocolError as exc:
+                raise PlanError(f"planner answer breaks the contract: {exc.detail[:200]}") from None
+            except (ApiError, TransportError) as exc:
+                raise _unavailable(exc) from None
+            plan = plan_from_answer(
+                answer.model_dump(mode="json"), self.graph, body["bandwidth_mbps"], body["device_load"]
+            )
+            span.set_attributes({otel.ATTR_EXIT: plan.exit, otel.ATTR_CUT: plan.cut})
+        return plan
+
+    async def plan(self, cond: Conditions) -> Plan:
+        """POST /plan; on 404/409 the profile is uploaded again (when it can be) and the plan
+        asked for once more. Raises PlannerUnavailable or PlanError."""
+        try:
+            return await self._ask(cond)
+        except PlannerUnavailable as exc:
+            recent = time.monotonic() - self._registered_at < REREGISTER_SPACING_S
+            if exc.status not in (404, 409) or self.reregister is None or recent:
+                raise
+            log.warning("the planner lacks the model or this device's profile (HTTP %s); uploading again", exc.status)
+            self._registered_at = time.monotonic()
+            try:
+                await self.reregister()
+            except (ClientError, DeviceError) as again:
+                raise PlannerUnavailable(f"uploading the device profile again failed: {again}") from None
+            return await self._ask(cond)
+
+    async def first(self, cond: Conditions) -> Plan:
+        """The first plan. A 409 (the edge has not registered its profile yet) or a refused
+        connection is retried until `ready_timeout_s`; a plan naming no worker (one may be
+        registering) for up to `worker_wait_s`. DeviceError when the planner refuses."""
+        start = time.monotonic()
+        while True:
+            try:
+                plan = await self.plan(cond)
+            except PlannerUnavailable as exc:
+                retry = exc.status in (None, 409, 503) and time.monotonic() - start < self.ready_timeout_s
+                if not retry:
+                    raise DeviceError(f"planner {self.planner.base_url}: {exc.reason}") from None
+                await asyncio.sleep(RETRY_S)
+                continue
+            except PlanError as exc:
+                raise DeviceError(f"planner {self.planner.base_url}: {exc}") from None
+            if plan.edge_worker or not plan.uses_edge or time.monotonic() - start > self.worker_wait_s:
+                return plan
+            await asyncio.sleep(RETRY_S)
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        """`current` while its lease lasts (or it has none, or it needs no edge); after the
+        lease's expiry the Device-Only plan."""
+        lease = current.lease
+        if lease is None or not current.uses_edge or now < lease.expires_at:
+            return current
+        return device_only_plan(self.graph, cond)
+
+    async def aclose(self) -> None:
+        """End the lease when the SDK offers `release` (else it lapses at its expiry). The
+        planner client stays open: its owner closes it."""
+        release = getattr(self.planner, "release", None)
+        if self.device_id is not None and release is not None:
+            try:
+                await release(self.device_id)
+            except ClientError as exc:
+                log.info("could not release the lease of %s: %s", self.device_id, exc)

@@ -1,0 +1,198 @@
+"""Keeping the device's view of its link and load fresh.
+
+- `LinkProber`: round-trip probes (`GET /v2/health/live`) and bandwidth probe pairs: two infer
+  requests at the shallowest exit, back to back, a small one (the input alone) and a large one
+  (the input plus a node tensor as filler, sized for about PROBE_MS of upload at the current
+  estimate). Their size difference over their time difference is the uplink rate with the
+  round trip and every fixed per-request cost cancelled (`BandwidthEstimator.observe_pair`).
+  At start-up, with nothing else on the event loop, the probes' CPU time on the device thread
+  (encode, send, decode) is the device's per-request cost: `device_request_ms` of cost model v2.
+- `Sensor`: the background duty, one `tick` at a time: load readings, and probes when the
+  link has been idle long enough (or a big change is suspected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+
+from dapdee.costgraph import CostGraph
+from dapdee.device.config import RuntimeConfig
+from dapdee.device.edge import EdgeLink
+from dapdee.device.sensing import ComputeLoadMonitor, LoadMonitor, Sensing
+from dapdee.device.types import EdgeFailure
+
+log = logging.getLogger("dapdee.device.probe")
+
+PROBE_MS = 100.0  # a probe's size aims at this much upload time (fixed costs then weigh little)
+MAX_FILLER_BYTES = 262144
+PROBE_TIMEOUT_S = 5.0
+
+
+def _zeros(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    return torch.zeros(shape, dtype=getattr(torch, dtype, torch.float32))
+
+
+class LinkProber:
+    """Probes of one device's link to a worker (see the module docstring)."""
+
+    def __init__(self, edge: EdgeLink, graph: CostGraph, sensing: Sensing) -> None:
+        self.edge = edge
+        self.graph = graph
+        self.sensing = sensing
+        self.request_cpu_ms: list[float] = []
+
+    async def measure_rtt(self, url: str, n: int = 3) -> float:
+        """`n` round trips folded into the RTT estimate; returns the estimate (ms)."""
+        for _ in range(n):
+            ms = await self.edge.round_trip_ms(url)
+            if ms is None:
+                break
+            self.sensing.rtt.observe(ms)
+        return self.sensing.rtt.estimate_ms
+
+    def filler(self, target_bytes: int) -> tuple[str, tuple[int, ...]] | None:
+        """The node whose tensor is the largest at most `target_bytes` (float, batch 1)."""
+        best: tuple[str, tuple[int, ...], int] | None = None
+        for n in self.graph.nodes:
+            if not n.shape or n.shape[0] != 1 or n.out_bytes > target_bytes:
+                continue
+            if best is None or n.out_bytes > best[2]:
+                best = (n.name, tuple(n.shape), n.out_bytes)
+        return (best[0], best[1]) if best else None
+
+    async def _send(self, url: str, inputs: dict[str, torch.Tensor]) -> Any:
+        answer = await self.edge.infer(url, inputs, self.graph.exits[0].name, PROBE_TIMEOUT_S, observe=False)
+        self.request_cpu_ms.append(answer.cpu_ms)
+        return answer
+
+    async def probe(self, url: str) -> float | None:
+        """One probe pair; the rate sample (Mbit/s) folded into the estimate, or None. The
+        filler aims at PROBE_MS of upload at the lower of the estimate and the last sample."""
+        inp = self.graph.input
+        x = {inp.name: _zeros(tuple(inp.shape), inp.dtype)}
+        bw = self.sensing.bandwidth
+        # sized from the lower of the estimate and the last sample: after a sudden drop the
+        # estimate still trails far above the link, and a probe sized from it would not finish
+        rate = min(bw.estimate_mbps, bw.last_sample_mbps or bw.estimate_mbps)
+        floor = int(2.5 * inp.bytes)
+        target = int(min(max(rate * 1000 / 8 * PROBE_MS, floor), MAX_FILLER_BYTES))
+        node = self.filler(target)
+        try:
+            if node is None:
+                await self.edge.infer(url, x, self.graph.exits[0].name, PROBE_TIMEOUT_S)
+                return self.sensing.bandwidth.last_sample_mbps
+            small = await self._send(url, x)
+            large = await self._send(url, {**x, node[0]: torch.zeros(node[1])})
+        except EdgeFailure:
+            return None
+        if small.overlapped or large.overlapped:
+            return None
+        return self.sensing.bandwidth.observe_pair(
+            (small.request_bytes, small.elapsed_ms - small.queue_ms - small.compute_ms),
+            (large.request_bytes, large.elapsed_ms - large.queue_ms - large.compute_ms),
+            self.sensing.rtt.estimate_ms,
+        )
+
+    async def startup(self, url: str, rounds: int = 3) -> float | None:
+        """Round trips, then `rounds` probe pairs (the first sized from the prior); returns the
+        median CPU time (ms) of one request on this thread: the device's per-request cost, or
+        None when no probe got an answer. Run it while nothing else uses the event loop."""
+        self.request_cpu_ms.clear()
+        await self.measure_rtt(url)
+        for _ in range(rounds):
+            await self.probe(url)
+        return statistics.median(self.request_cpu_ms) if self.request_cpu_ms else None
+
+
+class Sensor:
+    """The background sensing of a runtime: each `tick` takes a load reading when due and,
+    when the link is idle (no upload for `probe_idle_s`, or a big change suspected), measures
+    the round trip (every `rtt_probe_every_s`) and probes the bandwidth once the last sample is
+    stale. Probes run in a task of their own (a slow link's probe never holds up re-planning)
+    and use at most ~20 % of an idle link. `target()` names the worker to probe (None: none).
+    `spin(fn)` runs `fn` on the compute thread (a compute-load calibration)."""
+
+    def __init__(
+        self,
+        prober: LinkProber | None,
+        sensing: Sensing,
+        config: RuntimeConfig,
+        target: Callable[[], str | None],
+        spin: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.prober = prober
+        self.sensing = sensing
+        self.config = config
+        self.target = target
+        self.spin = spin
+        self.last_load = 0.0
+        self.last_rtt = time.monotonic()
+        self.next_probe = 0.0
+        self._probing: asyncio.Task[None] | None = None
+
+    async def tick(self) -> None:
+        await self._load()
+        if self.prober is not None and (self._probing is None or self._probing.done()):
+            url = self._due()
+            if url is not None:
+                self._probing = asyncio.create_task(self._probe(url))
+
+    async def aclose(self) -> None:
+        """Stop a probe in flight."""
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._probing
+
+    async def _load(self) -> None:
+        now = time.monotonic()
+        mon = self.sensing.monitor
+        if isinstance(mon, LoadMonitor) and now - self.last_load >= 0.5:
+            mon.sample()
+            self.last_load = now
+        elif isinstance(mon, ComputeLoadMonitor) and self.spin is not None:
+            edge_idle = self.prober is None or self.prober.edge.uploads_active == 0  # an in-process edge is load
+            if min(now - mon.last_sample_at, now - self.last_load) > 1.0 and edge_idle:
+                self.last_load = now  # the device computed nothing for a while: take a reading
+                await self.spin(mon.calibrate)
+
+    def _due(self) -> str | None:
+        """The worker to probe now (None: the link is busy, resting, or no worker is known)."""
+        assert self.prober is not None
+        edge, bw = self.prober.edge, self.sensing.bandwidth
+        now = time.monotonic()
+        quiet = now - edge.last_activity > self.config.probe_idle_s
+        if bw.suspect_change and now - edge.last_activity > 0.2:
+            quiet, self.next_probe = True, min(self.next_probe, now)  # no frames confirm a big change
+        url = self.target()
+        if not quiet or edge.uploads_active or url is None or edge.backoff.resting(now):
+            return None
+        return url
+
+    async def _probe(self, url: str) -> None:
+        try:
+            await self._measure(url)
+        except Exception as exc:  # a probe must never stop the sensing; logged, tried again later
+            log.warning("link probe of %s: %s: %s", url, type(exc).__name__, exc)
+
+    async def _measure(self, url: str) -> None:
+        assert self.prober is not None
+        edge, bw = self.prober.edge, self.sensing.bandwidth
+        now = time.monotonic()
+        if now - self.last_rtt > self.config.rtt_probe_every_s or self.sensing.rtt.samples == 0:
+            await self.prober.measure_rtt(url, 1)
+            self.last_rtt = time.monotonic()
+        stale = bw.age_s() > self.config.probe_idle_s or bw.suspect_change
+        if stale and now >= self.next_probe:
+            t0 = time.monotonic()
+            await self.prober.probe(url)
+            edge.last_activity = time.monotonic()
+            self.next_probe = edge.last_activity + 4 * (edge.last_activity - t0)

@@ -1,0 +1,141 @@
+"""Re-planning in the background: frames never wait for it.
+
+`ReplanPolicy.reason` says why the current plan should be replaced (None: it should not):
+edge trouble, the lease's `replan_after_s` reached, the lease expired, the uplink estimate or
+the device speed 1/(1 − load) drifted past the threshold (relative) since the plan was asked
+for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
+`min_replan_s`, and after a failed one waits before the next; a failure keeps the plan the
+source says to run meanwhile (the current one, or Device-Only once its lease lapsed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from dapdee.costmodel import Conditions
+from dapdee.device.config import RuntimeConfig
+from dapdee.device.plan_source import PlanSource
+from dapdee.device.sensing import Sensing, drifted, load_drifted
+from dapdee.device.types import Plan, PlanError, PlannerUnavailable
+
+log = logging.getLogger("dapdee.device.replan")
+
+MAX_EVENTS = 200
+MAX_PLANS = 1000  # plans kept for people and tests (a leased device re-plans every few seconds)
+RETRY_MAX_S = 2.0  # after a failed re-plan, the next one waits min(plan_max_age_s, this)
+
+
+class ReplanPolicy:
+    """Why a plan should be replaced (see the module docstring). Pure; O(1)."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+
+    def reason(self, plan: Plan, sensing: Sensing, now: float, trouble: str | None) -> str | None:
+        c = self.config
+        if trouble is not None:
+            return trouble
+        lease = plan.lease
+        if lease is not None and now >= lease.replan_at:
+            return "lease replan_after_s" if now < lease.expires_at else "lease expired"
+        if drifted(plan.bandwidth_mbps, sensing.bandwidth_mbps, c.replan_threshold):
+            return "bandwidth drift"
+        if load_drifted(plan.device_load, sensing.device_load, c.replan_threshold):
+            return "load drift"
+        if now - plan.requested_at > c.plan_max_age_s:
+            return "plan age"
+        return None
+
+
+def conditions(sensing: Sensing) -> Conditions:
+    """The sensed conditions a plan request states."""
+    return Conditions(sensing.bandwidth_mbps, sensing.request_rtt_ms, sensing.device_load, 0.0)
+
+
+class Replanner:
+    """Keeps `current` fresh from `source` (see the module docstring); `on_plan(plan)` is told
+    of each plan put in use. `events` keeps the last notable happenings for people."""
+
+    def __init__(
+        self,
+        source: PlanSource,
+        sensing: Sensing,
+        config: RuntimeConfig,
+        current: Plan,
+        on_plan: Callable[[Plan], None],
+    ) -> None:
+        self.source = source
+        self.sensing = sensing
+        self.config = config
+        self.policy = ReplanPolicy(config)
+        self.current = current
+        self.on_plan = on_plan
+        self.plans: deque[Plan] = deque([current], maxlen=MAX_PLANS)
+        self.events: deque[str] = deque(maxlen=MAX_EVENTS)
+        self._trouble: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_start = 0.0
+        self._quiet_until = 0.0
+
+    def request(self, reason: str) -> None:
+        """Ask for a re-plan at the next tick (e.g. after edge trouble)."""
+        self._trouble = reason
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def tick(self) -> None:
+        """Start a re-plan when one is due and none is running. O(1)."""
+        if not self.source.replans or self.busy:
+            return
+        now = time.monotonic()
+        if now < self._quiet_until or now - self._last_start < self.config.min_replan_s:
+            return
+        why = self.policy.reason(self.current, self.sensing, now, self._trouble)
+        if why is not None:
+            self._last_start = now
+            self._task = asyncio.create_task(self._replan(why))
+
+    def _use(self, plan: Plan, why: str) -> None:
+        old = self.current
+        self.current = plan
+        self.plans.append(plan)
+        if (old.exit, old.device_nodes, old.edge_worker) != (plan.exit, plan.device_nodes, plan.edge_worker):
+            self.events.append(
+                f"plan {plan.plan_id} ({why}): exit {plan.exit}, {plan.cut} device nodes, "
+                f"bw {plan.bandwidth_mbps:.3g} Mbit/s, load {plan.device_load:.2f}"
+            )
+        self.on_plan(plan)
+
+    async def _replan(self, why: str) -> None:
+        self._trouble = None
+        cond = conditions(self.sensing)
+        try:
+            plan = await self.source.plan(cond)
+        except (PlannerUnavailable, PlanError) as exc:
+            self.events.append(f"re-plan failed ({why}): {exc}")
+            log.warning("re-plan failed (%s): %s", why, exc)
+            self._quiet_until = time.monotonic() + min(self.config.plan_max_age_s, RETRY_MAX_S)
+            meanwhile = self.source.meanwhile(self.current, cond, time.monotonic())
+            if meanwhile is not self.current:
+                self._use(meanwhile, "lease expired during a planner outage")
+            return
+        log.info("re-planned (%s): exit %s, %d device nodes", why, plan.exit, plan.cut)
+        self._use(plan, why)
+
+    async def aclose(self, wait_s: float = 2.0) -> None:
+        """Let a re-plan in flight finish (at most `wait_s`), then stop."""
+        task = self._task
+        if task is None:
+            return
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), wait_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

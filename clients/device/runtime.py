@@ -1,0 +1,401 @@
+"""The device runtime: the frame loop.
+
+`DeviceRuntime` runs each frame with the current plan: the plan's device part on the compute
+backend, the `transfer` tensors to the plan's worker (`EdgeLink`), the exit's logits back. A
+plan without edge nodes runs wholly on the device. When the edge fails, times out, answers
+something off contract, rests after a failure, or no trusted worker is named, the frame is
+finished on the device from the values it already has, at the planned exit or an earlier one
+when the latency budget demands it (`fallback`): no frame is lost. A plan made with confidence
+exits (`Plan.progressive`) runs the device side with its heads (`dapdee.device.progressive`): a
+frame a device head is confident about leaves at once, sending nothing; the others go to the
+edge with `confidence: true` when the edge has heads to check. Under heavy load (a frame
+rate, or throughput mode) frames are pipelined: the device part of frame i+1 overlaps the
+upload of frame i and the edge compute of frame i−1, with at most `max_inflight` in flight.
+
+Readiness: `start()` returns once the first plan is in hand (the profile and link probes come
+before it, from whoever built the parts); `infer` and `run` refuse to run before. In the
+background (`Sensor`, `Replanner`) the runtime keeps its conditions and its plan fresh; frames
+never wait for that. Each frame is one trace (with `--otel`): `device.frame` with
+`device.compute` and `uplink` spans, the edge's spans joined through the `traceparent` sent
+with the infer request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dapdee.costgraph import CostGraph
+from dapdee.device.compute import ComputeBackend
+from dapdee.device.config import RuntimeConfig
+from dapdee.device.edge import EdgeLink
+from dapdee.device.fallback import fallback_exit
+from dapdee.device.metrics import DeviceMetrics
+from dapdee.device.plan_source import PlanSource
+from dapdee.device.probe import Sensor
+from dapdee.device.progressive import device_answer, edge_exit
+from dapdee.device.replanner import Replanner, conditions
+from dapdee.device.report import log_frame
+from dapdee.device.sensing import Sensing
+from dapdee.device.types import EdgeFailure, Frame, FrameRecord, Plan
+from dapdee.web import otel
+from dapdee.web.otel import NO_TRACING, Tracing
+
+log = logging.getLogger("dapdee.device")
+
+TICK_S = 0.05  # background sensing and re-planning period
+MAX_RECORDS = 10_000  # frames kept in `records` (a camera stream runs for ever)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a frame was answered, before it becomes a record."""
+
+    logits: torch.Tensor
+    where: str
+    exit: str
+    device_nodes: int
+    device_ms: float
+    bytes_sent: int = 0
+    edge_queue_ms: float | None = None
+    edge_compute_ms: float | None = None
+    error: str | None = None
+
+
+async def _aiter(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
+    if isinstance(frames, AsyncIterable):
+        async for f in frames:
+            yield f
+    else:
+        for f in frames:
+            yield f
+            await asyncio.sleep(0)
+
+
+class DeviceRuntime:
+    """The frame loop (see the module docstring). Parts are given, not built: `graph` is the
+    device's cost graph (device timings; it checks plans and prices fallbacks), `compute` the
+    backend, `plans` the plan source, `edge` the edge access (None: no edge at all), `sensor`
+    the background sensing (None: none). `slowdown` and `rate_mbps` are stated in every record.
+    Use `async with runtime:` or `start()` / `aclose()`."""
+
+    def __init__(
+        self,
+        graph: CostGraph,
+        compute: ComputeBackend,
+        plans: PlanSource,
+        *,
+        config: RuntimeConfig | None = None,
+        sensing: Sensing | None = None,
+        edge: EdgeLink | None = None,
+        sensor: Sensor | None = None,
+        edge_url: str | None = None,
+        metrics: DeviceMetrics | None = None,
+        tracing: Tracing = NO_TRACING,
+        slowdown: float = 1.0,
+        rate_mbps: float | None = None,
+    ) -> None:
+        self.graph = graph
+        self.compute = compute
+        self.source = plans
+        self.config = config or RuntimeConfig()
+        self.sensing = sensing or Sensing(fixed_load=0.0)
+        self.edge = edge
+        self.sensor = sensor
+        self.edge_url = edge_url.rstrip("/") if edge_url else None
+        self.metrics = metrics
+        self.tracing = tracing
+        self.slowdown = slowdown
+        self.rate_mbps = rate_mbps
+        self.records: deque[FrameRecord] = deque(maxlen=MAX_RECORDS)  # the most recent frames
+        self.replanner: Replanner | None = None
+        self.started_at = time.perf_counter()  # reset by start(); records' `started_at` count from it
+        self._counter = itertools.count()
+        self._bg: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> DeviceRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Get the first plan (frames are refused until then) and start the background."""
+        plan = await self.source.first(conditions(self.sensing))
+        self.replanner = Replanner(self.source, self.sensing, self.config, plan, self._on_plan)
+        self._on_plan(plan)
+        self.started_at = time.perf_counter()
+        self._bg = asyncio.create_task(self._background())
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bg is not None:
+            self._bg.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._bg
+        if self.sensor is not None:
+            await self.sensor.aclose()
+        if self.replanner is not None:
+            await self.replanner.aclose()
+        await self.source.aclose()
+
+    @property
+    def plan(self) -> Plan:
+        if self.replanner is None:
+            raise RuntimeError("the runtime has no plan yet: await start() first")
+        return self.replanner.current
+
+    @property
+    def plans(self) -> list[Plan]:
+        """The plans put in use, oldest first (the most recent ones)."""
+        return list(self.replanner.plans) if self.replanner is not None else []
+
+    @property
+    def events(self) -> list[str]:
+        return list(self.replanner.events) if self.replanner is not None else []
+
+    def _on_plan(self, plan: Plan) -> None:
+        if self.metrics is not None:
+            self.metrics.plan(plan)
+
+    async def _background(self) -> None:
+        """Every TICK_S: sensing, then a re-plan when one is due. Never stops on an error."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                if self.sensor is not None:
+                    await self.sensor.tick()
+                if self.replanner is not None:
+                    self.replanner.tick()
+                if self.metrics is not None:
+                    self.metrics.conditions(self.sensing.bandwidth_mbps, self.sensing.device_load)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # sensing must never stop the frames; it is logged and retried
+                log.warning("device background task: %s: %s", type(exc).__name__, exc)
+
+    # ---- one frame ------------------------------------------------------------------------------
+
+    def _worker(self, plan: Plan) -> str | None:
+        return self.edge_url or plan.edge_worker
+
+    async def _local(self, plan: Plan, x: torch.Tensor) -> Outcome:
+        node = self.graph.exit(plan.exit).node
+        if plan.progressive is not None:
+            _, _, early = await self._device_heads(plan, x, [node])
+            assert early is not None  # with no edge part the planned exit answers on the device
+            return early
+        done = await self.compute.run({self.graph.input.name: x}, [node], set(plan.device_nodes))
+        return Outcome(done.values[node], "local", plan.exit, plan.cut, done.ms)
+
+    async def _device_heads(
+        self, plan: Plan, x: torch.Tensor, targets: list[str]
+    ) -> tuple[dict[str, Any], float, Outcome | None]:
+        """The device side of a plan with confidence exits: (the targets' values, device ms,
+        the frame's outcome when a device head, or the planned exit, answered it)."""
+        sides = plan.progressive
+        assert sides is not None
+        inp = self.graph.input.name
+        done = await self.compute.progressive({inp: x}, sides.device, targets, set(sides.device.nodes))
+        answered = device_answer(done.result, sides)
+        if answered is not None:
+            return {}, done.ms, Outcome(answered[1], "local", answered[0], plan.cut, done.ms)
+        return done.result.values, done.ms, None
+
+    async def _fallback(
+        self, plan: Plan, given: dict[str, Any], t_start: float, reason: str, device_ms: float = 0.0
+    ) -> Outcome:
+        """Finish the frame on the device from `given` (an earlier exit if the budget says so)."""
+        elapsed = (time.perf_counter() - t_start) * 1000.0
+        budget = self.config.requirements.latency_budget_ms
+        exit_name = fallback_exit(self.graph, plan.exit, set(given), elapsed, budget, self.sensing.device_load)
+        node = self.graph.exit(exit_name).node
+        done = await self.compute.run(given, [node])
+        cut = len(self.graph.ancestors(node))
+        return Outcome(done.values[node], "fallback", exit_name, cut, device_ms + done.ms, error=reason)
+
+    async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float) -> Outcome:
+        """Device part, upload, edge answer; a failure on the way is finished locally."""
+        assert self.edge is not None
+        inp = self.graph.input.name
+        targets = [n for n in plan.transfer_nodes if n != inp]
+        values: dict[str, Any] = {}
+        device_ms = 0.0
+        if plan.progressive is not None and (targets or plan.progressive.device.heads):
+            with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
+                values, device_ms, early = await self._device_heads(plan, x, targets)
+            if early is not None:
+                return early
+        elif targets:
+            with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
+                done = await self.compute.run({inp: x}, targets, set(plan.device_nodes))
+            values, device_ms = done.values, done.ms
+        sent = {n: (x if n == inp else values[n]) for n in plan.transfer_nodes}
+        timeout = self.config.edge_timeout_s(plan.predicted_ms)
+        try:
+            with self.tracing.span(otel.UPLINK, {otel.ATTR_EXIT: plan.exit}) as span:
+                traceparent = span.context.traceparent if self.tracing.enabled and span.context else None
+                answer = await self.edge.infer(
+                    url, sent, plan.exit, timeout, str(index), traceparent, confidence=plan.edge_confidence
+                )
+                span.set_attribute(otel.ATTR_BYTES_SENT, answer.request_bytes)
+                taken = edge_exit(plan.progressive, plan.exit, answer.exits_taken)
+        except EdgeFailure as exc:
+            self._edge_failed(exc.reason)
+            return await self._fallback(plan, {inp: x, **values}, t_start, exc.reason, device_ms)
+        self.edge.backoff.succeeded()
+        return Outcome(
+            answer.logits, "edge", taken, plan.cut, device_ms, answer.request_bytes, answer.queue_ms,
+            answer.compute_ms,
+        )  # fmt: skip
+
+    def _edge_failed(self, reason: str) -> None:
+        assert self.edge is not None and self.replanner is not None
+        rest = self.edge.backoff.failed()
+        self.replanner.events.append(f"edge failure ({reason}); local for {rest:.1f} s, asking for a new plan")
+        log.warning("edge failure: %s; backing off %.1f s", reason, rest)
+        self.replanner.request("edge trouble")
+
+    async def _execute(self, plan: Plan, x: torch.Tensor, index: int, t_start: float) -> Outcome:
+        if not plan.uses_edge:
+            return await self._local(plan, x)
+        url = self._worker(plan)
+        if url is None or self.edge is None:
+            assert self.replanner is not None
+            self.replanner.request("no edge worker")
+            return await self._fallback(plan, {self.graph.input.name: x}, t_start, "no edge worker")
+        if self.edge.backoff.resting():
+            return await self._fallback(plan, {self.graph.input.name: x}, t_start, "edge backing off")
+        return await self._split(plan, x, url, index, t_start)
+
+    async def infer(self, frame: Frame) -> FrameRecord:
+        """Classify one frame with the current plan. Never raises for edge trouble."""
+        plan = self.plan
+        index = next(self._counter)
+        t_start = time.perf_counter()
+        attrs = {otel.ATTR_MODEL: self.graph.model, otel.ATTR_CUT: plan.cut, otel.ATTR_PREDICTED_MS: plan.predicted_ms}
+        with self.tracing.span(otel.FRAME, attrs) as span:
+            out = await self._execute(plan, frame.x, index, t_start)
+            rec = self._record(plan, frame, index, t_start, out, span.context)
+            span.set_attributes(
+                {
+                    otel.ATTR_EXIT: rec.exit,
+                    otel.ATTR_WHERE: rec.where,
+                    otel.ATTR_BYTES_SENT: rec.bytes_sent,
+                    otel.ATTR_MEASURED_MS: rec.measured_ms,
+                }
+            )
+        self.records.append(rec)
+        if self.metrics is not None:
+            self.metrics.frame(rec)
+        log_frame(rec)
+        return rec
+
+    def _record(self, plan: Plan, frame: Frame, index: int, t_start: float, out: Outcome, ctx: Any) -> FrameRecord:
+        pred_class = int(torch.as_tensor(out.logits).reshape(1, -1).argmax(dim=1)[0])
+        return FrameRecord(
+            index=index,
+            plan_id=plan.plan_id,
+            exit=out.exit,
+            device_nodes=out.device_nodes,
+            bytes_sent=out.bytes_sent,
+            where=out.where,
+            predicted_ms=plan.predicted_ms,
+            measured_ms=(time.perf_counter() - t_start) * 1000.0,
+            device_ms=out.device_ms,
+            pred_class=pred_class,
+            label=frame.label,
+            correct=None if frame.label is None else pred_class == int(frame.label),
+            edge_queue_ms=out.edge_queue_ms,
+            edge_compute_ms=out.edge_compute_ms,
+            error=out.error,
+            rate_mbps=self.rate_mbps,
+            slowdown=self.slowdown,
+            bandwidth_est_mbps=round(self.sensing.bandwidth_mbps, 4),
+            device_load=round(self.sensing.device_load, 3),
+            started_at=t_start - self.started_at,
+            source=frame.source,
+            trace_id=ctx.trace_id if self.tracing.enabled and ctx is not None else None,
+        )
+
+    # ---- streams --------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        frames: Iterable[Frame] | AsyncIterable[Frame],
+        progress: Callable[[FrameRecord], None] | None = None,
+        keep: bool = True,
+    ) -> list[FrameRecord]:
+        """Classify a stream of frames; the records in frame order (none with `keep` false,
+        for endless sources: `progress`, `records`, metrics and logs still see each frame).
+        Sequential under light load; pipelined under heavy load (at most `max_inflight` in
+        flight, released at the frame rate when one is required)."""
+        self.plan  # noqa: B018 -- refuses before start()
+        if self.config.requirements.pipelined:
+            return await self._pipelined(frames, progress, keep)
+        out = []
+        async for frame in _aiter(frames):
+            rec = await self.infer(frame)
+            if keep:
+                out.append(rec)
+            if progress is not None:
+                progress(rec)
+        return out
+
+    async def _pipelined(
+        self,
+        frames: Iterable[Frame] | AsyncIterable[Frame],
+        progress: Callable[[FrameRecord], None] | None,
+        keep: bool,
+    ) -> list[FrameRecord]:
+        slots = asyncio.Semaphore(self.config.max_inflight)
+        rate = self.config.requirements.frame_rate
+        period = 1.0 / rate if rate else 0.0
+        tasks: list[asyncio.Task[FrameRecord]] = []  # kept (keep), else only those in flight
+        t0 = time.monotonic()
+
+        async def one(frame: Frame) -> FrameRecord:
+            try:
+                rec = await self.infer(frame)
+            finally:
+                slots.release()
+            if progress is not None:
+                progress(rec)
+            return rec
+
+        try:
+            async for i, frame in _enumerate(_aiter(frames)):
+                delay = t0 + i * period - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await slots.acquire()
+                if not keep:  # forget answered frames; a failed one stays, so its error surfaces
+                    tasks = [t for t in tasks if not t.done() or (not t.cancelled() and t.exception())]
+                tasks.append(asyncio.create_task(one(frame)))
+            done = list(await asyncio.gather(*tasks))
+            return done if keep else []
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+async def _enumerate(items: AsyncIterator[Frame]) -> AsyncIterator[tuple[int, Frame]]:
+    i = 0
+    async for item in items:
+        yield i, item
+        i += 1

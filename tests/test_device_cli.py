@@ -1,0 +1,149 @@
+"""`dapdee device run` and `dapdee up` on the real stack: per-frame JSON lines, an image folder
+as the source, a fixed plan from a file instead of a planner, and one-line errors for what a
+user gets wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from dapdee.cli import main
+from dapdee.models import load_model
+from dapdee.testing import bind_free_socket
+from tests.device_stack import SPEC, Stack, open_stack
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
+        yield s
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(args)
+    got = capsys.readouterr()
+    return rc, got.out, got.err.strip()
+
+
+def test_device_run_logs_json_lines(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "frames.jsonl"
+    args = ["device", "run", "--planner", stack.planner.url, "--weights", str(stack.artifact), "--network", "4G"]
+    args += ["--frames", "4", "--log", str(log), "--quiet", "--device-load", "0", "--mode", "latency"]
+    args += ["--profile", str(tmp_path / "device.json")]
+    rc, out, _ = _cli(args, capsys)
+    assert rc == 0
+    assert "K=10" in out and "5.85 Mbit/s" in out
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 4
+    assert {"predicted_ms", "measured_ms", "exit", "device_nodes", "bytes_sent", "where", "pred_class"} <= set(rows[0])
+    assert all(r["rate_mbps"] == 5.85 and r["slowdown"] == 10.0 for r in rows)
+    assert (tmp_path / "device.json").is_file()  # the measured profile is kept for the next run
+
+
+def test_device_run_on_an_image_folder(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Images in class folders are classified with labels (accuracy reported); an unreadable one
+    is skipped and counted."""
+    import av
+
+    for c, level in (("a", 30), ("b", 220)):
+        for i in range(2):
+            path = tmp_path / "pics" / c / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with av.open(str(path), "w", format="image2") as out:
+                stream = out.add_stream("png")
+                stream.width, stream.height, stream.pix_fmt = 28, 28, "rgb24"
+                pixels = np.full((28, 28, 3), level + i, np.uint8)
+                for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+                    out.mux(packet)
+    (tmp_path / "pics" / "b" / "bad.png").write_bytes(b"\x89PNG broken")
+    log = tmp_path / "frames.jsonl"
+    args = ["device", "run", "--planner", stack.planner.url, "--weights", str(stack.artifact), "--quiet"]
+    args += ["--source", str(tmp_path / "pics"), "--log", str(log), "--device-load", "0", "--mode", "latency"]
+    rc, out, _ = _cli(args, capsys)
+    assert rc == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["label"] for r in rows] == [0, 0, 1, 1] and all(r["correct"] is not None for r in rows)
+    assert "accuracy" in out and "frames skipped by the source: 1" in out and "bad.png" in out
+
+
+def test_device_run_with_a_fixed_plan(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--plan FILE --edge URL: no planner at all; the plan's cut is run as given."""
+    plan = stack.mid_cut(stack.edge.url)
+    doc = {
+        "plan_id": "from-file", "model": stack.graph.model, "mode": "latency", "exit": {"name": plan.exit},
+        "device_nodes": list(plan.device_nodes), "edge_nodes": list(plan.edge_nodes),
+        "transfer": [{"node": n, "bytes": b} for n, b in plan.transfer],
+        "predicted": {"latency_ms": 50.0, "bottleneck_ms": 20.0}, "edge_worker": None,
+    }  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    log = tmp_path / "frames.jsonl"
+    args = ["device", "run", "--plan", str(tmp_path / "plan.json"), "--edge", stack.edge.url, "--quiet"]
+    args += ["--weights", str(stack.artifact), "--frames", "3", "--log", str(log), "--device-load", "0"]
+    args += ["--profile", str(tmp_path / "device.json")]
+    rc, _, _ = _cli(args, capsys)
+    assert rc == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["where"], r["plan_id"], r["device_nodes"]) for r in rows] == [("edge", "from-file", plan.cut)] * 3
+
+
+def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    sock = bind_free_socket()  # bound, never listening: connection refused
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        rc, _, err = _cli(["device", "run", "--planner", url, "--model", SPEC, "--frames", "1", "--quiet"], capsys)
+    finally:
+        sock.close()
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot reach the planner" in err, err
+    rc, _, err = _cli(["device", "run", "--planner", "not a url", "--model", SPEC, "--quiet"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "planner" in err, err
+
+
+def test_a_lease_needs_a_frame_rate(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["device", "run", "--planner", stack.planner.url, "--model", SPEC, "--device-id", "cam-1", "--quiet"]
+    rc, _, err = _cli(args, capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "--frame-rate" in err, err
+
+
+def test_unknown_model_fails_with_one_line(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    url = stack.planner.url
+    rc, _, err = _cli(["device", "run", "--planner", url, "--model", "nosuchmodel", "--quiet"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "no model 'nosuchmodel'" in err, err
+    rc, _, err = _cli(["device", "run", "--planner", url, "--model", "zoo:nosuch", "--quiet"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "unknown zoo model" in err, err
+    # a bare name never makes the device import what the planner's stored graph names, and a
+    # graph taking raw frames needs the artifact (its first node normalises them)
+    imported = stack.loaded.graph.to_dict() | {"model": "imported", "meta": {"spec": "os.path:join"}}
+    frames = load_model("", weights=REPO / "artifacts" / "fmnist-alexnet", name="framed").graph.to_dict()
+    for name, body, why in (("imported", imported, "would import code"), ("framed", frames, "raw uint8 frames")):
+        assert httpx.put(f"{url}/models/{name}", json=body, timeout=10).status_code < 300
+        rc, _, err = _cli(["device", "run", "--planner", url, "--model", name, "--quiet"], capsys)
+        assert rc == 2 and len(err.splitlines()) == 1 and why in err, err
+
+
+def test_dapdee_up_runs_the_demo() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dapdee.cli", "up", "--frames", "6", "--quiet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for word in ("CAT1", "3G", "4G", "Device-Only", "K=10", "pred ms", "meas ms"):
+        assert word in out, out
+    device_only = next(line for line in out.splitlines() if line.startswith("Device-Only"))
+    assert "0/6/0" in device_only, device_only  # all 6 frames on the device, none lost

@@ -1,0 +1,165 @@
+"""The device trusts nothing an edge sends, and sends its token only where the planner says:
+
+- a real proxy in front of a real edge worker rewrites answers (a timing that is a string,
+  negative, NaN; logits of another shape; an output missing): each such frame falls back to the
+  device with the right class, the run never aborts, and no such answer moves the bandwidth
+  estimate;
+- real recording servers: the one the planner lists gets the device token, the one it does
+  not list is never contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from dapdee import wire
+from dapdee.client import AsyncPlannerClient
+from dapdee.device.config import Requirements, RuntimeConfig
+from dapdee.device.edge import EdgeLink, WorkerTrust
+from dapdee.device.plan_source import listed_workers
+from dapdee.device.sensing import Sensing
+from dapdee.device.types import EdgeFailure, FrameRecord
+from dapdee.testing import serve_app_in_thread
+from tests.device_stack import ForwardingProxy, Stack, fixed_runtime, open_stack, running
+
+HEADER = wire.HEADER_LENGTH
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
+        yield s
+
+
+def _rewrite(body: bytes, headers: dict[str, str], lie: str) -> tuple[bytes, dict[str, str]]:
+    """The edge's binary answer with one lie told in it."""
+    decoded = wire.decode_response(body, headers)
+    params = dict(decoded.parameters)
+    outputs = dict(decoded.outputs)
+    if lie == "logits 1000 wide":
+        outputs["logits"] = torch.zeros(1, 1000)
+    elif lie == "class missing":
+        del outputs["class"]
+    new_body, new_headers = wire.encode_response(decoded.model_name or "", outputs, request_id=decoded.id,
+                                                 parameters=params, model_version="1")  # fmt: skip
+    if lie.startswith("queue_ms") or lie.startswith("compute_ms"):
+        key, value = {"queue_ms x": ("queue_ms", "x"), "queue_ms -1e9": ("queue_ms", -1e9),
+                      "compute_ms NaN": ("compute_ms", float("nan"))}[lie]  # fmt: skip
+        hlen = int(new_headers[HEADER])
+        head = json.loads(new_body[:hlen])
+        head["parameters"][key] = value
+        text = json.dumps(head).encode()  # NaN spelt as JSON cannot: `NaN`
+        new_body, new_headers[HEADER] = text + new_body[hlen:], str(len(text))
+    return new_body, new_headers
+
+
+class LyingProxy(ForwardingProxy):
+    """Forwards to `target`; the i-th infer answer carries the lie `lies[i % len(lies)]`
+    (`honest` = unchanged)."""
+
+    def __init__(self, target: str, lies: list[str]) -> None:
+        super().__init__(target)
+        self.lies = lies
+        self.told: list[str] = []
+
+    async def answer(
+        self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: httpx.Response
+    ) -> tuple[int, dict[str, str], bytes]:
+        status, out_headers, out = await super().answer(scope, headers, body, response)
+        if scope["path"].endswith("/infer") and status == 200:
+            lie = self.lies[len(self.told) % len(self.lies)]
+            self.told.append(lie)
+            if lie != "honest":
+                out, changed = _rewrite(out, dict(response.headers), lie)
+                out_headers.update({k.lower(): v for k, v in changed.items()})
+        return status, out_headers, out
+
+
+LIES = ["honest", "queue_ms x", "queue_ms -1e9", "compute_ms NaN", "logits 1000 wide", "class missing"]
+
+
+def test_answers_off_contract_become_that_frames_fallback(stack: Stack) -> None:
+    proxy = LyingProxy(stack.edge.url, LIES)
+    frames = stack.frames(2 * len(LIES), seed=11)
+    # no rest after a failure: every frame tries the edge
+    cfg = RuntimeConfig(Requirements(mode="latency"), backoff_initial_s=0.001, backoff_max_s=0.001)
+
+    with serve_app_in_thread(proxy) as url:
+
+        async def go() -> tuple[list[FrameRecord], list[int]]:
+            sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+            async with running(fixed_runtime(stack, stack.mid_cut(url), url, config=cfg, sensing=sensing)) as rt:
+                records, samples = [], []
+                for frame in frames:
+                    await asyncio.sleep(0.01)  # past the (tiny) rest
+                    records.append(await rt.infer(frame))
+                    samples.append(sensing.bandwidth.samples)
+                return records, samples
+
+        records, samples = asyncio.run(go())
+    assert proxy.told == LIES * 2
+    assert len(records) == len(frames)
+    for frame, rec, lie in zip(frames, records, proxy.told, strict=True):
+        assert rec.pred_class == stack.local_class(frame.x, rec.exit), (lie, rec)
+        if lie == "honest":
+            assert rec.where == "edge", (lie, rec.error)
+        else:
+            assert rec.where == "fallback" and rec.error and rec.error.startswith("bad answer"), (lie, rec.error)
+    gained = [b - a for a, b in zip([0, *samples], samples, strict=False)]
+    assert all(g == 0 for g, lie in zip(gained, proxy.told, strict=True) if lie != "honest"), gained
+
+
+class Recorder:
+    """An ASGI app that records each request's path and Authorization header and answers 503."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        auth = dict(scope["headers"]).get(b"authorization")
+        self.requests.append((scope["path"], auth.decode() if auth else None))
+        body = b'{"error": "recorder"}'
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def test_the_token_goes_only_to_workers_the_planner_lists(stack: Stack) -> None:
+    listed, unlisted = Recorder(), Recorder()
+    x = {stack.graph.input.name: stack.loaded.example_input()}
+    with serve_app_in_thread(listed) as listed_url, serve_app_in_thread(unlisted) as unlisted_url:
+        beat = {"url": listed_url, "models": [stack.loaded.name], "tier": "edge", "load": 0.0}
+        assert httpx.post(f"{stack.planner.url}/workers/heartbeat", json=beat, timeout=5).status_code == 200
+
+        async def go() -> list[str]:
+            async with AsyncPlannerClient(stack.planner.url) as planner:
+                trust = WorkerTrust(functools.partial(listed_workers, planner), refresh_s=0.5)
+                edge = EdgeLink(stack.graph, trust, Sensing(fixed_load=0.0), token="device-secret")
+                reasons = []
+                for url in (unlisted_url, listed_url, stack.edge.url):
+                    try:
+                        await edge.infer(url, x, "final", 5.0)
+                        reasons.append("answered")
+                    except EdgeFailure as exc:
+                        reasons.append(exc.reason)
+                await edge.aclose()
+                return reasons
+
+        reasons = asyncio.run(go())
+    assert "not listed by the planner" in reasons[0] and unlisted.requests == []
+    assert reasons[1].startswith("HTTP 503") and reasons[2] == "answered"
+    assert listed.requests == [(f"/v2/models/{stack.loaded.name}/infer", "Bearer device-secret")]

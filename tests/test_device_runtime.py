@@ -1,0 +1,336 @@
+"""The device runtime through real services: a planner and edge workers under uvicorn on
+127.0.0.1 (or as processes), real torch models, shaped loopback uplinks, an emulated K = 10
+device. Every answer is checked against the device's own copy of the model at the exit the
+frame left at. Nothing here asserts on wall-clock ratios: counts, classes and CPU time only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dapdee.device.compute import BoundaryValues, EmulatedCompute
+from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig
+from dapdee.device.frames import random_frames
+from dapdee.device.session import DeviceSettings, open_device
+from dapdee.device.types import FrameRecord
+from dapdee.testing import ServiceProcess
+from tests.conftest import SHARED_REDIS as REDIS
+from tests.device_stack import K, Stack, fixed_runtime, open_stack, running, start_edge
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
+        yield s
+
+
+def _check_answers(stack: Stack, frames: list[Any], records: list[FrameRecord]) -> None:
+    """Every frame answered, in order, with the local model's class at the exit it left at."""
+    assert [r.index for r in records] == sorted(r.index for r in records)
+    assert len(records) == len(frames), f"{len(frames) - len(records)} frames lost"
+    for frame, rec in zip(frames, records, strict=True):
+        assert rec.pred_class == stack.local_class(frame.x, rec.exit), rec
+
+
+def test_fixed_mid_cut_plan_answers_as_the_local_model(stack: Stack) -> None:
+    frames = stack.frames(6, seed=1)
+    plan = stack.mid_cut(stack.edge.url)
+
+    async def go() -> list[FrameRecord]:
+        async with running(fixed_runtime(stack, plan, stack.edge.url, rate_mbps=18.88)) as rt:
+            return await rt.run(frames)
+
+    records = asyncio.run(go())
+    _check_answers(stack, frames, records)
+    for rec in records:
+        assert rec.where == "edge", rec.error
+        assert rec.device_nodes == plan.cut > 0 and rec.bytes_sent > plan.transfer[0][1]  # the tensor + header
+        assert rec.slowdown == K and rec.rate_mbps == 18.88 and rec.plan_id == "test-mid-cut"
+        assert rec.edge_compute_ms is not None and rec.edge_compute_ms >= 0
+
+
+def test_fp16_uplink_halves_bytes_and_keeps_answers(stack: Stack) -> None:
+    frames = stack.frames(4, seed=2)
+    plan = stack.mid_cut(stack.edge.url)
+
+    async def go(fp16: bool) -> list[FrameRecord]:
+        async with running(fixed_runtime(stack, plan, stack.edge.url, fp16=fp16)) as rt:
+            return await rt.run(frames)
+
+    full, half = asyncio.run(go(False)), asyncio.run(go(True))
+    assert all(r.where == "edge" for r in full + half)
+    assert half[0].bytes_sent < 0.6 * full[0].bytes_sent
+    assert sum(a.pred_class == b.pred_class for a, b in zip(full, half, strict=True)) >= len(frames) - 1
+
+
+def _settings(stack: Stack, **kw: Any) -> DeviceSettings:
+    runtime = kw.pop("runtime", RuntimeConfig(Requirements(mode="latency"), plan_max_age_s=100.0))
+    planner = kw.pop("planner", PlannerConfig(stack.planner.url, "device-k10", ready_timeout_s=30.0))
+    base: dict[str, Any] = {"runtime": runtime, "planner": planner, "model": "", "weights": str(stack.artifact)}
+    return DeviceSettings(**{**base, "slowdown": K, "device_load": 0.0, "rate_mbps": 18.88, "rtt_ms": 0.0, **kw})
+
+
+def test_planner_backed_device_publishes_its_profile_and_answers(stack: Stack) -> None:
+    """The session measures the link and its per-request CPU cost before the first plan,
+    publishes the device profile with `meta.device_request_ms`, and every frame is answered."""
+    frames = stack.frames(5, seed=3)
+
+    async def go() -> tuple[list[FrameRecord], Any]:
+        async with open_device(_settings(stack), stack.loaded, stack.graph) as rt:
+            assert rt.plan.origin == "planner" and rt.sensing.rtt.samples > 0  # probed before the first plan
+            return await rt.run(frames), rt.plan
+
+    records, plan = asyncio.run(go())
+    _check_answers(stack, frames, records)
+    assert {r.plan_id for r in records} == {plan.plan_id}
+    profiles = httpx.get(f"{stack.planner.url}/models/{stack.loaded.name}/profiles", timeout=5).json()["profiles"]
+    meta = profiles["device-k10"]["meta"]
+    assert profiles["device-k10"]["kind"] == "device" and meta["slowdown"] == K
+    assert 0 < meta["device_request_ms"] < 1000, meta  # CPU ms of one encode + request + decode
+
+
+def test_a_rate_drop_leads_to_a_plan_at_the_new_bandwidth(stack: Stack) -> None:
+    """WiFi, then the shaped uplink drops ~145x to CAT1 mid-stream: the estimate follows (from
+    the frames' own uploads and idle probes) and a plan asked at the low bandwidth is put in use."""
+    frames = stack.frames(30, seed=4)
+    cfg = RuntimeConfig(Requirements(mode="latency"), plan_max_age_s=100.0, probe_idle_s=0.3)
+
+    async def go() -> tuple[list[FrameRecord], list[Any], float]:
+        async with open_device(_settings(stack, runtime=cfg), stack.loaded, stack.graph) as rt:
+            before = await rt.run(frames[:5])
+            high = rt.plan.bandwidth_mbps
+            assert rt.edge is not None and rt.edge.shaper is not None
+            rt.edge.shaper.set_rate(0.13)
+            after = []
+            for frame in frames[5:]:
+                after.append(await rt.infer(frame))
+                if any(p.bandwidth_mbps < 0.3 * high for p in rt.plans):
+                    break
+                await asyncio.sleep(0.2)  # frame spacing: idle time for probes and the re-plan
+            return before + after, rt.plans, high
+
+    records, plans, high = asyncio.run(go())
+    low = [p for p in plans if p.bandwidth_mbps < 0.3 * high]
+    assert low, f"no plan at the lower bandwidth: {[(p.plan_id, round(p.bandwidth_mbps, 3)) for p in plans]}"
+    _check_answers(stack, frames[: len(records)], records)
+
+
+def test_edge_stopped_mid_stream_loses_no_frame(stack: Stack) -> None:
+    """A private edge worker is stopped after 4 frames: every frame is answered (the rest on the
+    device, from the values it had), with the local model's classes."""
+    edge2 = start_edge(stack.artifact, None, stack.edge_loaded)
+    frames = stack.frames(10, seed=5)
+    cfg = RuntimeConfig(Requirements(mode="latency"), timeout_floor_ms=2000.0)
+
+    async def go() -> tuple[list[FrameRecord], list[str]]:
+        async with running(fixed_runtime(stack, stack.mid_cut(edge2.url), edge2.url, config=cfg)) as rt:
+            records = []
+            for i, frame in enumerate(frames):
+                if i == 4:
+                    await asyncio.to_thread(edge2.stop)
+                records.append(await rt.infer(frame))
+            return records, rt.events
+
+    try:
+        records, events = asyncio.run(go())
+    finally:
+        edge2.stop()
+    _check_answers(stack, frames, records)
+    assert [r.where for r in records[:4]] == ["edge"] * 4
+    assert {r.where for r in records[4:]} == {"fallback"} and all(r.error for r in records[4:])
+    assert any("edge failure" in e for e in events)
+
+
+def _concurrency(records: list[FrameRecord]) -> tuple[int, int]:
+    """(frames that began before the previous one was answered, most frames in flight at once),
+    from the records' own start and end times."""
+    spans = [(r.started_at, r.started_at + r.measured_ms / 1000.0) for r in records]
+    overlaps = sum(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+    return overlaps, max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+
+
+def test_pipelined_stream_overlaps_frames_within_max_inflight(stack: Stack) -> None:
+    """Heavy load: the device part of frame i+1 overlaps the upload of frame i and the edge
+    compute of frame i-1, never more than `max_inflight` frames at once; light load runs one
+    frame at a time. Every answer is the local model's."""
+    frames = stack.frames(9, seed=10)
+    plan = stack.mid_cut(stack.edge.url)
+
+    async def go(mode: str) -> list[FrameRecord]:
+        cfg = RuntimeConfig(Requirements(mode=mode), max_inflight=3)
+        async with running(fixed_runtime(stack, plan, stack.edge.url, rate_mbps=5.85, config=cfg)) as rt:
+            return await rt.run(frames)
+
+    piped, sequential = asyncio.run(go("throughput")), asyncio.run(go("latency"))
+    _check_answers(stack, frames, piped)
+    _check_answers(stack, frames, sequential)
+    assert all(r.where == "edge" for r in piped + sequential)
+    overlaps, most = _concurrency(piped)
+    assert overlaps >= len(frames) // 2 and 2 <= most <= 3, (overlaps, most)
+    assert _concurrency(sequential) == (0, 1)
+
+
+@pytest.fixture
+def edge_process(stack: Stack) -> Iterator[ServiceProcess]:
+    """An edge worker as its own process serving the stack's artifact (no planner)."""
+    proc = ServiceProcess(
+        "edge", ["--models", f"@{stack.artifact}", "--threads", "1", "--profile-repeats", "2"], "/v2/health/ready"
+    )
+    proc.start(120.0)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def test_pipelined_stream_edge_killed_mid_upload_loses_no_frame(stack: Stack, edge_process: ServiceProcess) -> None:
+    """Throughput mode with up to 4 frames in flight over a slow shaped uplink: the edge worker is
+    SIGKILLed while at least two uploads are on the way. No frame is lost, every answer is the
+    local model's, the interrupted frames are finished on the device."""
+    frames = stack.frames(16, seed=6)
+    cfg = RuntimeConfig(Requirements(mode="throughput"), max_inflight=4, timeout_floor_ms=5000.0)
+    url = edge_process.url
+    seen: dict[str, int] = {}
+
+    async def go() -> list[FrameRecord]:
+        async with running(fixed_runtime(stack, stack.mid_cut(url), url, rate_mbps=0.5, config=cfg)) as rt:
+            assert rt.edge is not None
+
+            async def killer() -> None:
+                while not (len(rt.records) >= 3 and rt.edge.uploads_active >= 2):
+                    await asyncio.sleep(0.005)
+                seen["inflight"] = rt.edge.uploads_active
+                edge_process.kill()
+
+            kill = asyncio.create_task(killer())
+            records = await rt.run(frames)
+            await kill
+            return records
+
+    records = asyncio.run(go())
+    _check_answers(stack, frames, records)
+    where = [r.where for r in records]
+    print("pipelined kill: in flight", seen["inflight"], "where", "".join(w[0] for w in where))
+    assert seen["inflight"] >= 2
+    assert where[:3] == ["edge"] * 3 and where.count("fallback") >= seen["inflight"], where
+    assert where[-1] == "fallback"  # nothing answers once the worker is gone
+
+
+def test_emulated_devices_share_one_process_without_computing(stack: Stack) -> None:
+    """Four emulated devices (sleeping their profiled device time, sending real tensors computed
+    once per cut) stream to the real edge from one process: their answers are the model's answer
+    for the one real input, and the thread that runs them uses far less CPU than they sleep."""
+    values = BoundaryValues(stack.loaded)
+    plan = stack.mid_cut(stack.edge.url)
+    expected = stack.local_class(values.x, "final")
+    n, scale = 4, 10.0  # each device 10x slower again than the profile (which is at K = 10)
+    device_ms = scale * sum(stack.graph.node(v).device_ms or 0.0 for v in plan.device_nodes)
+    asleep_ms = device_ms * n * 4
+    values.get(list(plan.transfer_nodes))  # computed once, before the clock starts
+
+    async def one(i: int) -> list[FrameRecord]:
+        rt = fixed_runtime(stack, plan, stack.edge.url, compute=EmulatedCompute(stack.graph, values, scale))
+        async with running(rt):
+            return await rt.run(random_frames(stack.fmt, n, seed=i))
+
+    async def go() -> list[list[FrameRecord]]:
+        return list(await asyncio.gather(*(one(i) for i in range(4))))
+
+    c0 = time.thread_time()
+    results = asyncio.run(go())
+    cpu_ms = (time.thread_time() - c0) * 1000.0
+    records = [r for rs in results for r in rs]
+    assert len(records) == 16 and all(r.where == "edge" and r.pred_class == expected for r in records)
+    assert all(r.device_ms >= 0.99 * device_ms for r in records)  # each slept its emulated time
+    assert cpu_ms < 0.5 * asleep_ms, f"{cpu_ms:.0f} ms of CPU for {asleep_ms:.0f} ms of emulated device time"
+
+
+def test_device_only_session_needs_no_planner(stack: Stack) -> None:
+    frames = stack.frames(3, seed=7)
+
+    async def go() -> list[FrameRecord]:
+        async with open_device(_settings(stack, planner=None, device_only=True), stack.loaded, stack.graph) as rt:
+            return await rt.run(frames)
+
+    records = asyncio.run(go())
+    _check_answers(stack, frames, records)
+    assert {r.where for r in records} == {"local"} and {r.exit for r in records} == {"final"}
+
+
+def test_frames_are_refused_before_the_first_plan(stack: Stack, tmp_path: Path) -> None:
+    rt = fixed_runtime(stack, stack.mid_cut(stack.edge.url), stack.edge.url)
+    with pytest.raises(RuntimeError, match="start"):
+        asyncio.run(rt.infer(stack.frames(1, seed=8)[0]))
+    rt.compute.close()
+
+
+def test_leases_renewed_at_replan_after_s_kept_through_an_outage_then_device_only(stack: Stack) -> None:
+    """A device with an id holds a lease: it plans again at the lease's `replan_after_s`; when
+    the planner goes away it keeps its leased plan until the lease expires, then runs
+    Device-Only. No frame is lost on the way."""
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+    from dapdee.testing import ServerThread, clear_prefix, unique_prefix, wait_registered
+
+    prefix = unique_prefix("device-lease")  # leases live in Redis, shared by planner replicas
+    # no fleet rebalancing: it would hand this device the fastest plan, exit1 on its own CPU
+    settings = Settings(redis_url=REDIS, key_prefix=prefix, lease_ttl_s=2.0, replan_after_s=0.3, rebalance_s=0)
+    planner = ServerThread(create_app(settings)).start()
+    edge = start_edge(stack.artifact, planner.url, stack.edge_loaded)
+    req = Requirements(mode="latency", frame_rate=5.0)
+    cfg = RuntimeConfig(req, replan_threshold=1e6, plan_max_age_s=1e6)  # only the lease asks for plans
+    pool = stack.frames(8, seed=9)
+    # a device 10x slower than its K = 10 profile: the edge wins whatever the sensed round trip
+    slow = stack.graph.with_timings("device", {n.name: 10 * (n.device_ms or 0.0) for n in stack.graph.nodes})
+    used: list[Any] = []
+    marks: dict[str, int] = {}
+
+    async def frame(rt: Any) -> FrameRecord:
+        used.append(pool[len(used) % len(pool)])
+        return await rt.infer(used[-1])
+
+    async def go() -> tuple[list[FrameRecord], list[Any]]:
+        pc = PlannerConfig(planner.url, "device-k10", device_id="cam-1", ready_timeout_s=30.0)
+        async with open_device(_settings(stack, runtime=cfg, planner=pc), stack.loaded, slow) as rt:
+            records = [await frame(rt) for _ in range(3)]
+            give_up = time.monotonic() + 30
+            renewed = len(rt.plans) + 2
+            # renewals at replan_after_s, until two more plans came and the one in use has the edge
+            while not (len(rt.plans) >= renewed and rt.plan.uses_edge) and time.monotonic() < give_up:
+                records.append(await frame(rt))
+                await asyncio.sleep(0.05)
+            assert rt.plan.uses_edge and rt.plan.lease is not None, [(p.cut, p.lease) for p in rt.plans]
+            await asyncio.to_thread(planner.stop)
+            marks["stop"] = len(records)
+            while rt.plan.origin != "device-only" and time.monotonic() < give_up:
+                records.append(await frame(rt))
+                await asyncio.sleep(0.05)
+            plans = [(p.plan_id, p.cut, p.uses_edge, p.bandwidth_mbps, p.lease) for p in rt.plans]
+            assert rt.plan.origin == "device-only", (plans, rt.events)
+            marks["switch"] = len(records)
+            records += [await frame(rt) for _ in range(2)]
+            return records, rt.plans
+
+    try:
+        wait_registered(planner.url, stack.loaded.name, [edge.url])
+        records, plans = asyncio.run(go())
+    finally:
+        edge.stop()
+        planner.stop()
+        clear_prefix(REDIS, prefix)
+    _check_answers(stack, used, records)
+    first, only = plans[0], plans[-1]
+    leased = plans[-2]  # the last plan the planner gave
+    assert first.lease is not None and first.lease.replan_after_s == pytest.approx(0.3)
+    assert leased.uses_edge and leased.lease is not None and leased.lease.received_at > first.lease.received_at
+    assert only.origin == "device-only" and only.requested_at >= leased.lease.expires_at
+    # between the outage and the lease's expiry the device kept its leased plan on the edge
+    kept = records[marks["stop"] : marks["switch"]]
+    assert kept and all(r.plan_id == leased.plan_id and r.where == "edge" for r in kept), kept
+    assert [r.where for r in records[marks["switch"] :]] == ["local", "local"]

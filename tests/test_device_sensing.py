@@ -1,0 +1,137 @@
+"""Device sensing (dapdee.device.sensing): the bandwidth estimator on hand-worked upload timings
+(lone uploads, a pipelined stream sharing the link, uploads finishing out of order), its refusal
+of implausible server times, the round-trip filter, and both load monitors on scripted readings.
+No wall clock enters any assertion."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from dapdee.device.sensing import (
+    MAX_LOAD,
+    BandwidthEstimator,
+    ComputeLoadMonitor,
+    LoadMonitor,
+    RttEstimator,
+    Sensing,
+    drifted,
+    load_drifted,
+)
+
+
+def lone(
+    bw: BandwidthEstimator, nbytes: int, start: float, end: float, server_ms: float, rtt_ms: float
+) -> float | None:
+    return bw.upload_finished(bw.upload_started(start), nbytes, end, server_ms, rtt_ms)
+
+
+def test_lone_uploads_net_of_server_time_and_round_trip() -> None:
+    bw = BandwidthEstimator(prior_mbps=1.0)
+    # 137,500 bytes in 1000 ms with no server time and no rtt: 1.1 Mbit/s
+    assert lone(bw, 137_500, 0.0, 1.0, 0.0, 0.0) == pytest.approx(1.1)
+    assert bw.estimate_mbps == pytest.approx(1.1)
+    assert lone(bw, 137_500, 2.0, 3.03, 10.0, 20.0) == pytest.approx(1.1)  # 1030 ms - 10 - 20
+    assert lone(bw, 100, 4.0, 4.05, 0.0, 0.0) is None  # too small to time
+    assert bw.samples == 2
+
+
+def test_pipelined_stream_is_sensed_as_busy_periods() -> None:
+    """A 1 Mbit/s link shared by 4 uploads in flight (each 2,500 bytes: 20 ms alone, 80 ms
+    shared); a new upload starts when a response arrives (server 5 ms, rtt 20 ms). No upload
+    is ever alone on the link, yet the rate is sensed."""
+    bw = BandwidthEstimator(prior_mbps=5.0)
+    after = 0.025  # the response arrives this long after the upload's last byte
+    tickets = [(bw.upload_started(10.0 + 0.020 * i), 10.0 + 0.020 * i) for i in range(4)]
+    got = []
+    for i in range(60):
+        ticket, _ = tickets.pop(0)
+        done = 10.080 + 0.020 * i  # one upload finishes every 20 ms: the link is never idle
+        tickets.append((bw.upload_started(done + after), done + after))
+        got.append(bw.upload_finished(ticket, 2500, done + after, 5.0, 20.0))
+    samples = [x for x in got if x is not None]
+    # the first busy period starts with the pipeline filling (its first upload spans 80 ms alone)
+    assert len(samples) >= 4 and samples[1:] == pytest.approx([1.0] * (len(samples) - 1), rel=0.05)
+    assert bw.estimate_mbps == pytest.approx(1.0, rel=0.1)
+
+
+def test_out_of_order_failed_and_idle_uploads() -> None:
+    bw = BandwidthEstimator(prior_mbps=1.0)
+    a, b = bw.upload_started(0.0), bw.upload_started(0.0)
+    assert bw.upload_finished(b, 25_000, 0.2, 0.0, 0.0) is None  # waits for `a`
+    assert bw.upload_finished(a, 25_000, 0.1, 0.0, 0.0) == pytest.approx(2.0)  # 50 kB in 200 ms
+    bw.upload_failed(bw.upload_started(1.0))  # a failed upload releases the ones after it
+    assert lone(bw, 25_000, 5.0, 5.1, 0.0, 0.0) == pytest.approx(2.0)
+    assert lone(bw, 12_500, 9.0, 9.1, 0.0, 0.0) == pytest.approx(1.0)  # an idle gap: timed from its own start
+
+
+@pytest.mark.parametrize("server_ms", [-1e9, math.nan, math.inf, 5000.0, "x"])
+def test_an_implausible_server_time_gives_no_sample(server_ms: object) -> None:
+    """A worker's queue/compute time that is negative, not finite, not a number, or longer than
+    the whole upload must not move the estimate (it would skew it by orders of magnitude)."""
+    bw = BandwidthEstimator(prior_mbps=3.0)
+    assert lone(bw, 137_500, 0.0, 1.0, server_ms, 0.0) is None  # type: ignore[arg-type]
+    assert bw.estimate_mbps == 3.0 and bw.samples == 0
+    assert lone(bw, 137_500, 2.0, 3.0, 0.0, 0.0) == pytest.approx(1.1)  # the next good upload counts
+
+
+def test_probe_pair_cancels_fixed_costs() -> None:
+    bw = BandwidthEstimator(prior_mbps=1.0)
+    # 1 Mbit/s, 20 ms round trip, 3 ms fixed per request: 1,000 bytes -> 8 + 20 + 3 ms; 11,000 -> 88 + 23
+    sample = bw.observe_pair((1_000, 31.0), (11_000, 111.0), rtt_ms=20.0)
+    assert sample == pytest.approx(1.0)
+    assert bw.overhead_ms == pytest.approx(3.0)
+    assert bw.observe_pair((1_000, 31.0), (1_200, 40.0), rtt_ms=20.0) is None  # sizes too close
+
+
+def test_round_trip_is_a_windowed_minimum() -> None:
+    rtt = RttEstimator(window=3)
+    for v in (30.0, 21.0, 25.0, -5.0, math.nan):
+        rtt.observe(v)
+    assert rtt.estimate_ms == 21.0 and rtt.samples == 3  # negative and NaN ignored
+    for v in (40.0, 41.0, 42.0):
+        rtt.observe(v)
+    assert rtt.estimate_ms == 40.0  # a lasting change is followed within the window
+
+
+def test_proc_load_monitor_counts_only_other_processes() -> None:
+    """Scripted /proc/stat readings: 1,000 jiffies pass, 600 busy, 200 of them this process's
+    (2 s of CPU at 100 ticks/s): others used 40 %; then others 80 % (EWMA 0.5: 60 %)."""
+    stats = iter([(0, 0), (600, 1000), (1600, 2000)])
+    cpu = iter([0.0, 2.0, 4.0])
+    mon = LoadMonitor(alpha=0.5, read_stat=lambda: next(stats), own_cpu_s=lambda: next(cpu), clk_tck=100)
+    assert mon.sample() == pytest.approx(0.4)
+    assert mon.sample() == pytest.approx(0.6)
+    busy = iter([(0, 0), (1000, 1000)])
+    pegged = LoadMonitor(read_stat=lambda: next(busy), own_cpu_s=lambda: 0.0, clk_tck=100)
+    assert pegged.sample() == MAX_LOAD  # clamped: the cost model needs load < 1
+
+
+def test_compute_load_monitor() -> None:
+    cm = ComputeLoadMonitor()
+    assert cm.observe(0.005, 0.010) == pytest.approx(0.5)  # half the wall time lost to others
+    # emulation stretching CPU 5x: 10 ms CPU in 30 ms wall ran 50 + 20 ms instead of 50
+    assert ComputeLoadMonitor(stretch=5).observe(0.01, 0.03) == pytest.approx(1 - 50 / 70)
+    c0 = time.thread_time()
+    cm.calibrate(busy_s=0.002)
+    assert time.thread_time() - c0 >= 0.002 and cm.samples == 2  # it spun on this thread and took a reading
+
+
+def test_drift_rules() -> None:
+    assert drifted(1.0, 1.25, 0.2) and not drifted(1.0, 1.1, 0.2)
+    assert drifted(0.0, 0.1, 0.2) and not drifted(0.0, 0.0, 0.2)
+    assert load_drifted(0.0, 0.3, 0.2) and not load_drifted(0.0, 0.1, 0.2)
+
+
+def test_sensing_states_plan_conditions() -> None:
+    s = Sensing(prior_mbps=2.0, fixed_load=0.3)
+    assert (s.bandwidth_mbps, s.device_load, s.monitor) == (2.0, 0.3, None)
+    s.rtt.observe(12.0)
+    s.bandwidth.overhead_ms = 3.0
+    assert s.request_rtt_ms == 15.0
+    assert isinstance(Sensing(load_source="compute", stretch=4).compute_observer(), ComputeLoadMonitor)
+    for bad in ({"fixed_load": 1.0}, {"load_source": "gpu"}, {"prior_mbps": math.inf}):
+        with pytest.raises(ValueError):
+            Sensing(**bad)  # type: ignore[arg-type]
