@@ -241,3 +241,21 @@ def test_the_periodic_rebalance_runs_on_its_own_and_the_metrics_show_the_fleet(p
         assert "dapdee_planner_leases 2.0" in m and "dapdee_planner_redis_up 1.0" in m
         assert 'dapdee_planner_rebalances_total{result="applied"}' in m
         assert 'dapdee_planner_admissions_total{result="reserved"} 1.0' in m
+
+
+def test_the_sdk_reads_and_ends_leases_and_rebalances(planner_prefix: str) -> None:
+    from dapdee.client import ApiError, PlannerClient
+
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        with PlannerClient(str(c.base_url), TOKEN) as sdk:
+            plan = sdk.plan(leased("cam-sdk"))
+            assert plan.lease is not None and plan.lease.worker == "http://w1:1"
+            state = sdk.device("cam-sdk")
+            assert state.lease.edge_ms_per_frame == pytest.approx(8.0) and state.plan.plan_id == plan.plan_id
+            report = sdk.rebalance()
+            assert report.workers and report.workers[0].worker == "http://w1:1"
+            sdk.release("cam-sdk")
+            with pytest.raises(ApiError) as err:
+                sdk.device("cam-sdk")
+            assert err.value.status == 404

@@ -53,12 +53,15 @@ def _worker_url(v: Any, where: str) -> str | None:
 
 
 def parse_lease(raw: Any, received_at: float) -> Lease | None:
-    """The plan's `lease` object as a `Lease` (None when absent). PlanError naming the field
+    """The plan's `lease` object as a `Lease` (None when absent, or when it expires at once: the
+    planner kept no lease, e.g. it runs without Redis). PlanError naming the field
     when a number is not finite, negative or over a day, or the worker is not a URL. O(1)."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise PlanError("plan.lease: expected an object")
+    if _number(raw, "expires_in_s", "plan.lease", MAX_LEASE_S) == 0.0:
+        return None  # the planner could not store it (no Redis): the device holds no lease
     return Lease(
         worker=_worker_url(raw.get("worker"), "plan.lease.worker"),
         frames_per_s=_number(raw, "frames_per_s", "plan.lease", 1e5) or 0.0,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from dapdee.api.planner import (
+    DeviceState,
     Health,
     HeartbeatAnswer,
     HeartbeatBody,
@@ -30,6 +31,7 @@ from dapdee.api.planner import (
     ProfileList,
     ProfileWritten,
     Readiness,
+    RebalanceAnswer,
     WorkerList,
 )
 from dapdee.client.errors import RequestError
@@ -176,6 +178,21 @@ def workers_call() -> Call[WorkerList]:
     return Call("GET", "/workers", reader(WorkerList))
 
 
+def device_call(device_id: str) -> Call[DeviceState]:
+    """`GET /devices/{device_id}`: the device's lease and the plan now assigned to it."""
+    return Call("GET", f"/devices/{check_name(device_id, 'device_id')}", reader(DeviceState))
+
+
+def release_call(device_id: str) -> Call[None]:
+    """`DELETE /devices/{device_id}`: end the device's lease (404 when it holds none)."""
+    return Call("DELETE", f"/devices/{check_name(device_id, 'device_id')}", _nothing, ok=NO_CONTENT)
+
+
+def rebalance_call() -> Call[RebalanceAnswer]:
+    """`POST /fleet/rebalance` (admin): re-solve every worker's leases now."""
+    return Call("POST", "/fleet/rebalance", reader(RebalanceAnswer))
+
+
 # ---- clients ----------------------------------------------------------------------------------------
 
 
@@ -229,6 +246,15 @@ class PlannerClient(SyncTransport):
     def workers(self) -> WorkerList:
         return self.run(workers_call())
 
+    def device(self, device_id: str) -> DeviceState:
+        return self.run(device_call(device_id))
+
+    def release(self, device_id: str) -> None:
+        self.run(release_call(device_id))
+
+    def rebalance(self) -> RebalanceAnswer:
+        return self.run(rebalance_call())
+
 
 class AsyncPlannerClient(AsyncTransport):
     """`PlannerClient` for asyncio: the same methods, awaited; `async with` or `await aclose()`."""
@@ -276,3 +302,12 @@ class AsyncPlannerClient(AsyncTransport):
 
     async def workers(self) -> WorkerList:
         return await self.run(workers_call())
+
+    async def device(self, device_id: str) -> DeviceState:
+        return await self.run(device_call(device_id))
+
+    async def release(self, device_id: str) -> None:
+        await self.run(release_call(device_id))
+
+    async def rebalance(self) -> RebalanceAnswer:
+        return await self.run(rebalance_call())
