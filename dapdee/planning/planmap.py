@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dapdee.costgraph import CostGraph
+from dapdee.costgraph import CostGraph, GraphLimits
 from dapdee.costmodel import Conditions, Predicted, predict_sums, request_sums, stage_ms, stage_weights
 from dapdee.planning.enumerate import (
     ExitStructure,
@@ -427,7 +427,7 @@ class PlanMap:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PlanMap:
+    def from_bytes(cls, data: bytes, limits: GraphLimits | None = None) -> PlanMap:
         """Parse `to_bytes` output; PlanMapError (a ValueError) naming the bad field. O(size)."""
         try:
             d = json.loads(data)
@@ -437,7 +437,7 @@ class PlanMap:
             raise PlanMapError("plan map: expected a JSON object")
         if d.get("schema") != MAP_SCHEMA:
             raise PlanMapError(f"schema: expected {MAP_SCHEMA}, got {d.get('schema')!r}")
-        graph = CostGraph.from_dict(d.get("graph"))
+        graph = CostGraph.from_dict(d.get("graph"), limits)
         graph.require_timings()
         h = graph.content_hash()
         if d.get("graph_hash") != h:

@@ -82,7 +82,7 @@ from typing import Any
 
 import numpy as np
 
-from dapdee.costgraph import CostGraph
+from dapdee.costgraph import CostGraph, GraphLimits
 from dapdee.costmodel import Conditions, Predicted, predict_sums, stage_ms
 from dapdee.planning.enumerate import ExitStructure, enumerate_ideals, pareto_indices, prefix_masks
 from dapdee.planning.planmap import (
@@ -537,7 +537,7 @@ class ProgressiveMap:
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ProgressiveMap:
+    def from_bytes(cls, data: bytes, limits: GraphLimits | None = None) -> ProgressiveMap:
         """Parse `to_bytes` output, re-deriving every number from the graph and checking each
         mask is a downward-closed set of its exit; PlanMapError naming the field. O(size · m)."""
         try:
@@ -546,7 +546,7 @@ class ProgressiveMap:
             raise PlanMapError(f"progressive map: not valid JSON ({exc})") from None
         if not isinstance(d, dict) or d.get("schema") != MAP_SCHEMA or d.get("kind") != "progressive":
             raise PlanMapError(f"schema: expected a progressive map of schema {MAP_SCHEMA}")
-        graph = CostGraph.from_dict(d.get("graph"))
+        graph = CostGraph.from_dict(d.get("graph"), limits)
         graph.require_timings()
         require_progressive(graph)
         if d.get("graph_hash") != graph.content_hash():

@@ -2,26 +2,41 @@
 model's limits, batch-compute the exit, and encode `logits` (FP32) and `class` (INT64).
 
 The inputs are boundary tensors named by graph node (first dim = rows); the worker computes
-whatever the requested exit needs that was not sent. Every refusal is an `ApiError` naming the
-problem: 400 malformed, 413 past a limit (rows, values), 422 when the answer would not be finite.
+whatever the requested exit needs that was not sent. With the parameter `confidence: true` it
+also checks the calibrated confidence heads it computes on the way to the exit
+(`dapdee.progressive_run`: the heads the sender did not compute, in exit order) and answers each
+row at its first confident one; `exits_taken` says, per row, which exit answered. Every refusal
+is an `ApiError` naming the problem: 400 malformed (or `confidence` for a model without
+calibrated thresholds), 413 past a limit (rows, values), 422 when the answer would not be finite.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dapdee import wire
 from dapdee.api.oip import InferResponseParameters
+from dapdee.edge_worker.batching import BatchResult
 from dapdee.edge_worker.deps import MODEL_VERSION, ApiError, ModelEntry, WorkerState
-from dapdee.executor import MissingInputsError
+from dapdee.edge_worker.spans import record_infer
+from dapdee.executor import GraphExecutor, MissingInputsError
+from dapdee.progressive_run import SidePart, edge_sides, run_part
+from dapdee.web import otel
 
 OUTPUT_NAMES = ("logits", "class")
 THREAD_DECODE_BYTES = 256 << 10  # decode bigger bodies off the event loop
 EXIT_HEADER = "x-dapdee-exit"  # the exit that answered (a metrics label)
+RUN_CACHE = 1024  # confidence runs kept per model (one per exit and set of input names)
+_RUNS: weakref.WeakKeyDictionary[GraphExecutor, dict[tuple[str, frozenset[str]], ConfidenceRun]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _short(name: str) -> str:
@@ -79,9 +94,7 @@ def requested_exit(entry: ModelEntry, req: wire.DecodedRequest) -> str:
     exit_name = req.parameters.get("exit", entry.graph.exits[-1].name)
     exits = [e.name for e in entry.graph.exits]
     if not isinstance(exit_name, str) or exit_name not in exits:
-        raise ApiError(
-            400, f"parameter exit {str(exit_name)[:64]!r}: unknown exit; model {entry.name!r} has {exits}"
-        )
+        raise ApiError(400, f"parameter exit {str(exit_name)[:64]!r}: unknown exit; model {entry.name!r} has {exits}")
     unknown = [o for o in req.outputs or () if o not in OUTPUT_NAMES]
     if unknown:
         err = ApiError(400, f"outputs: unknown output {_short(unknown[0])!r}; outputs are {list(OUTPUT_NAMES)}")
@@ -130,6 +143,76 @@ def _missing_boundary(entry: ModelEntry, given: set[str], target: str) -> list[s
     ]
 
 
+def requested_confidence(entry: ModelEntry, req: wire.DecodedRequest, exit_name: str) -> bool:
+    """The `confidence` parameter (default false): 400 naming it when it is not a boolean, or
+    when it is true and the model has no calibrated confidence exits. O(1)."""
+    on = req.parameters.get("confidence", False)
+    if not isinstance(on, bool):
+        err = ApiError(400, f"parameter confidence: expected true or false, got {str(on)[:32]!r}")
+        err.exit_label = exit_name
+        raise err
+    if on and entry.graph.progressive is None:
+        err = ApiError(
+            400,
+            f"parameter confidence: model {entry.name!r} has no calibrated confidence exits "
+            "(no thresholds in its artifact; run `dapdee calibrate` on it)",
+        )
+        err.exit_label = exit_name
+        raise err
+    return on
+
+
+@dataclass(frozen=True)
+class ConfidenceRun:
+    """A batch job (the batcher's `compute`) for `confidence: true`: the edge side of the
+    progressive run (`run_part`) from the sent values, answering per row its logits and the
+    index (into `exits`) of the exit that answered."""
+
+    executor: GraphExecutor
+    part: SidePart
+    exit_name: str
+    exits: tuple[str, ...]
+
+    def compute(self, given: Mapping[str, Any], targets: Sequence[str]) -> dict[str, Any]:
+        """{target: (logits [rows, classes], exit index [rows])}, `targets` = the exit's node.
+        Time: the edge side's nodes for the rows still undecided."""
+        node = targets[0]
+        result = run_part(self.executor, given, self.part, [node])
+        taken, logits = result.answers(self.exit_name, node)
+        index = {e: i for i, e in enumerate(self.exits)}
+        return {node: (logits, torch.tensor([index[e] for e in taken], dtype=torch.long))}
+
+
+def confidence_run(entry: ModelEntry, inputs: Mapping[str, torch.Tensor], exit_name: str, node: str) -> ConfidenceRun:
+    """The edge's part for these inputs: the heads of the exit that the sender did not compute
+    (`edge_sides`, from the nodes the worker computes), less any whose nodes the inputs do not
+    determine (a cut planned without confidence exits may not send them). Cached per (executor,
+    exit, input names), at most RUN_CACHE each; a miss is O(#heads · (V + E))."""
+    ex = entry.loaded.executor
+    runs = _RUNS.setdefault(ex, {})
+    key = (exit_name, frozenset(inputs))
+    run = runs.get(key)
+    if run is None:
+        computed = [n.name for n in ex.schedule(list(inputs), [node])]
+        part = edge_sides(entry.graph, exit_name, computed).edge
+        heads = tuple(h for h in part.heads if _determined(ex, inputs, h.node))
+        part = SidePart(part.side, part.nodes, heads)
+        run = ConfidenceRun(ex, part, exit_name, tuple(e.name for e in entry.graph.exits))
+        if len(runs) >= RUN_CACHE:  # bounded: requests may name arbitrary cuts
+            runs.clear()
+        runs[key] = run
+    return run
+
+
+def _determined(ex: GraphExecutor, inputs: Mapping[str, torch.Tensor], node: str) -> bool:
+    """Whether the inputs determine `node`'s value. O(nodes it needs), cached by the executor."""
+    try:
+        ex.schedule(list(inputs), [node])
+    except MissingInputsError:
+        return False
+    return True
+
+
 def answer_tensors(output: torch.Tensor, exit_name: str) -> dict[str, torch.Tensor]:
     """`logits` and `class` (per row, the argmax over the row's values) of an exit's output; 422
     naming the output and rows when the logits are not finite (inputs that drive the model past
@@ -154,15 +237,23 @@ async def run_infer(
     headers. Raises ApiError. O(body bytes) plus the batch's compute."""
     req = await decode(entry, body, headers.get(wire.HEADER_LENGTH))
     exit_name = requested_exit(entry, req)
+    confident = requested_confidence(entry, req, exit_name)
     try:
         node = exit_target(entry, req.inputs, exit_name)
     except ApiError as exc:
         exc.exit_label = exit_name
         raise
-    key = (entry.name, frozenset(req.inputs), exit_name)
-    result = await state.batcher.submit(key, entry.loaded.executor, node, req.inputs)
+    tracing = otel.recording()  # None unless this request's trace is exported
+    submit_ns = time.time_ns() if tracing is not None else 0
+    result = await _submit(state, entry, req.inputs, exit_name, node, confident)
+    if tracing is not None:
+        record_infer(tracing, entry, req.inputs, node, exit_name, len(body), result, submit_ns)
+    output, taken = result.output, None
+    if isinstance(output, tuple):  # a confidence run: (logits, exit index) per row
+        output, index = output
+        taken = [entry.graph.exits[i].name for i in index.tolist()]
     try:
-        outputs = answer_tensors(result.output, exit_name)
+        outputs = answer_tensors(output, exit_name)
     except ApiError as exc:
         exc.exit_label = exit_name
         raise
@@ -178,14 +269,33 @@ async def run_infer(
         server_ms=round(max(0.0, time.perf_counter() - t0) * 1000.0, 4),
         batch_size=result.batch_size,
         batch_rows=result.batch_rows,
+        exits_taken=taken,
     )
     payload, out_headers = wire.encode_response(
         entry.name,
         outputs,
         request_id=req.id,
-        parameters=params.model_dump(),
+        parameters=params.model_dump(exclude_none=True),
         binary=binary,
         model_version=MODEL_VERSION,
     )
     out_headers[EXIT_HEADER] = exit_name
     return payload, out_headers
+
+
+async def _submit(
+    state: WorkerState,
+    entry: ModelEntry,
+    inputs: dict[str, torch.Tensor],
+    exit_name: str,
+    node: str,
+    confident: bool,
+) -> BatchResult:
+    """Hand the request to the batcher: the plain exit, or (`confident`) the confidence run,
+    batched only with requests of the same kind. O(V + E) per head to set up a confidence run."""
+    if not confident:
+        return await state.batcher.submit(
+            (entry.name, frozenset(inputs), exit_name), entry.loaded.executor, node, inputs
+        )
+    job = confidence_run(entry, inputs, exit_name, node)
+    return await state.batcher.submit((entry.name, frozenset(inputs), exit_name, "confidence"), job, node, inputs)

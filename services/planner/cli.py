@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -18,7 +19,8 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
         description="Settings also come from DAPDEE_* environment variables: the role tokens "
         "DAPDEE_ADMIN_TOKEN, DAPDEE_DEVICE_TOKEN, DAPDEE_WORKER_TOKEN (DAPDEE_API_TOKEN grants all "
         "three), DAPDEE_REDIS_URL, DAPDEE_KEY_PREFIX, DAPDEE_WORKER_TTL_S, DAPDEE_WORKER_URL_PATTERN, "
-        "DAPDEE_MAX_BODY_BYTES, DAPDEE_MAX_CONCURRENCY, DAPDEE_PLAN_BUDGET_S, DAPDEE_MAX_NODES. "
+        "DAPDEE_MAX_BODY_BYTES, DAPDEE_MAX_CONCURRENCY, DAPDEE_PLAN_BUDGET_S, DAPDEE_MAX_NODES; "
+        "PROMETHEUS_MULTIPROC_DIR for --workers N (its *.db files are deleted at start). "
         "Without a token the planner starts only on a loopback address (or with --insecure).",
     )
     p.add_argument("--host", default="127.0.0.1")
@@ -32,7 +34,8 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=1,
-        help="uvicorn worker processes (each keeps its own in-process cache; they share Redis)",
+        help="uvicorn worker processes (each keeps its own in-process cache; they share Redis; /metrics "
+        "merges them through PROMETHEUS_MULTIPROC_DIR, a fresh temporary directory unless set)",
     )
     p.add_argument(
         "--insecure",
@@ -65,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from dapdee.planner.app import create_app
     from dapdee.web.otel import tracer
+    from dapdee.web.prometheus import MULTIPROC_ENV, shared_directory
     from dapdee.web.security import check_exposure
 
     if not 0 < args.port < 65536:
@@ -90,12 +94,27 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 10,
     }
     if args.workers == 1:
+        if os.environ.get(MULTIPROC_ENV, "").strip():  # multiprocess mode asked for by hand: start clean
+            shared_directory(os.environ[MULTIPROC_ENV])
         tracing = tracer("planner", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK
         try:
             uvicorn.run(create_app(settings, tracing=tracing), lifespan="on", **common)
         finally:
             tracing.shutdown()
         return 0
+    return _serve_workers(args, settings, common)
+
+
+def _serve_workers(args: argparse.Namespace, settings: Any, common: dict[str, Any]) -> int:
+    """Run `args.workers` uvicorn worker processes. They share Redis and, for /metrics,
+    prometheus_client's multiprocess directory: PROMETHEUS_MULTIPROC_DIR when set (its `*.db`
+    files are deleted first), else a fresh temporary directory removed at exit."""
+    import shutil
+
+    import uvicorn
+
+    from dapdee.web.prometheus import MULTIPROC_ENV, shared_directory
+
     if not settings.redis_url:
         raise ValueError("--workers > 1 needs Redis: the worker processes share models through it")
     # several processes: each builds its app from the environment, so pass the overrides there
@@ -105,5 +124,12 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["DAPDEE_INSECURE"] = "1"
     if args.otel:  # each process's app turns tracing on from the endpoint variable (OTLP's default port)
         os.environ.setdefault("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
-    uvicorn.run("dapdee.planner.app:create_app", factory=True, workers=args.workers, lifespan="on", **common)
+    path, created = shared_directory(os.environ.get(MULTIPROC_ENV))
+    os.environ[MULTIPROC_ENV] = path  # read by prometheus_client when each worker process imports it
+    logging.getLogger("dapdee.planner").info("%d worker processes; metrics shared in %s", args.workers, path)
+    try:
+        uvicorn.run("dapdee.planner.app:create_app", factory=True, workers=args.workers, lifespan="on", **common)
+    finally:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
     return 0

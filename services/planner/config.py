@@ -51,7 +51,8 @@ class Settings(SecuritySettings):
     max_pending_writes: int = Field(1024, ge=1, description="writes queued while Redis is unavailable")
     # Plan maps: in-process LRU, and in Redis a count cap (oldest dropped), a byte cap per map
     # (larger maps stay in process memory) and a TTL. Builds run in threads, at most
-    # `planmap_build_threads` at once, each within `planmap_build_budget_s` (then approximate).
+    # `planmap_build_threads` at once (a map not exact within 0.25 s in a thread is built in one of as
+    # many build processes), each within `planmap_build_budget_s` (then approximate).
     planmap_cache_size: int = Field(64, ge=1)
     planmap_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     planmap_max_bytes: int = Field(8 * 1024 * 1024, ge=1)

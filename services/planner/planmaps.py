@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import time
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
@@ -30,6 +32,7 @@ from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planning import DEFAULT_CAP, PlanMap
+from dapdee.planning.builder import build_serialised
 from dapdee.planning.progressive import ProgressiveMap
 
 log = logging.getLogger("dapdee.planner")
@@ -53,7 +56,12 @@ return 0
 """
 
 MapKey = tuple[str, str, str]
+
+
+class NoConfidenceExits(ValueError):
+    """A confidence-exit plan asked for a model whose graph carries no calibrated exits."""
 PROGRESSIVE = ":progressive"  # appended to a key's edge part for a ProgressiveMap
+FAST_BUILD_S = 0.25  # a build's time in a thread before the rest goes to a build process
 
 
 class PlanMapCache:
@@ -67,6 +75,7 @@ class PlanMapCache:
         self.maps: OrderedDict[MapKey, PlanMap] = OrderedDict()
         self._building: dict[MapKey, asyncio.Future[PlanMap]] = {}
         self._slots = asyncio.Semaphore(settings.planmap_build_threads)
+        self._pool: ProcessPoolExecutor | None = None  # created at the first slow build
         self._hit_memory = metrics.cache_hits.labels("memory")
 
     def redis_key(self, key: MapKey) -> str:
@@ -108,7 +117,7 @@ class PlanMapCache:
         try:
             graph = merged_graph(name, st, dev, edge, edge_hint)
             if progressive and graph.progressive is None:
-                raise ValueError(
+                raise NoConfidenceExits(
                     f"confidence_exits: model {name!r} has no calibrated confidence exits (its cost graph "
                     "carries no `progressive`; calibrate the artifact with `dapdee calibrate` and upload it again)"
                 )
@@ -135,7 +144,7 @@ class PlanMapCache:
             raw = None
         if raw is not None:
             try:
-                pm = await asyncio.to_thread(kind.from_bytes, raw)
+                pm = await asyncio.to_thread(kind.from_bytes, raw, self.settings.graph_limits())
                 self.metrics.cache_hits.labels("redis").inc()
                 return pm
             except Exception as exc:  # a blob from another version, or damaged: rebuild it
@@ -147,16 +156,22 @@ class PlanMapCache:
         return pm
 
     async def _build(self, graph: CostGraph, kind: Any) -> PlanMap:
-        """PlanMap.build in a worker thread under the build budget, at most
-        planmap_build_threads at once (a slot is freed only when its thread ends, even if the
-        request waiting for it went away)."""
+        """The map, built off the event loop within the build budget, at most
+        planmap_build_threads at once (a slot is freed only when its build ends, even if the
+        request waiting for it went away). First in a thread for at most FAST_BUILD_S (most
+        models' maps are exact within milliseconds); a map that is not exact by then is built
+        again in a separate process with the whole budget, so seconds of enumeration and min-cuts
+        never hold this process's interpreter lock (nor trigger its garbage collector)."""
         cap = self.settings.planmap_cap or DEFAULT_CAP
         budget = self.settings.planmap_build_budget_s
         await self._slots.acquire()
         t0 = time.perf_counter()
-        fut = asyncio.get_running_loop().run_in_executor(None, kind.build, graph, cap, budget)
-        fut.add_done_callback(lambda f: self._slots.release())
-        pm = await asyncio.shield(fut)
+        try:
+            pm = await asyncio.shield(self._in_thread(kind, graph, cap, min(budget, FAST_BUILD_S)))
+            if not pm.exact and budget > FAST_BUILD_S:
+                pm = await asyncio.shield(self._in_process(kind, graph, cap, budget))
+        finally:
+            self._slots.release()
         self.metrics.planmap_build_duration.observe(time.perf_counter() - t0)
         result = "over_budget" if pm.over_budget else ("exact" if pm.exact else "capped")
         self.metrics.planmap_builds.labels(result).inc()
@@ -168,6 +183,30 @@ class PlanMapCache:
                 budget,
             )
         return pm
+
+    async def _in_thread(self, kind: Any, graph: CostGraph, cap: int, budget: float) -> PlanMap:
+        return await asyncio.get_running_loop().run_in_executor(None, kind.build, graph, cap, budget)
+
+    async def _in_process(self, kind: Any, graph: CostGraph, cap: int, budget: float) -> PlanMap:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
+            self._pool = ProcessPoolExecutor(self.settings.planmap_build_threads, mp_context=ctx)
+        progressive = kind is not PlanMap
+        loop = asyncio.get_running_loop()
+        lim = self.settings.graph_limits()
+        limits = (lim.max_nodes, lim.max_exits, lim.max_in_degree)
+        blob, short = await loop.run_in_executor(
+            self._pool, build_serialised, graph.to_json(indent=None), cap, budget, progressive, limits
+        )
+        pm = await asyncio.to_thread(kind.from_bytes, blob, lim)
+        pm.over_budget = short
+        return pm
+
+    def close(self) -> None:
+        """Stop the build processes (running builds are abandoned)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     async def _store(self, rkey: str, pm: PlanMap) -> None:
         """Store a built map in Redis unless it was cut short by the budget or is over the byte

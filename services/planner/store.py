@@ -124,6 +124,7 @@ class Store:
                     await asyncio.wait_for(self._task, 1.0)
             self._task = None
         await self.catalog.drain(CLOSE_DRAIN_S)
+        self.planmaps.close()
         await self.link.close()
 
     async def _loop(self) -> None:

@@ -12,10 +12,18 @@ Spans are children of the current W3C context (the request's span, set by the ac
 middleware), so a span's trace id is the request's; inside a span, the span is the current
 context, so log lines and outgoing calls (`tracecontext.outgoing_headers()`) name it.
 
+Inside a span of an enabled `Tracing` (the request's server span, for application code),
+`active()` is that tracing and `recording()` returns it when the span is sampled: a service
+records its own spans through it without holding the app, and with tracing off `recording()`
+is one context-variable read returning None, so a caller builds nothing.
+
 One device frame is one trace: `device.frame` with `device.compute` and `uplink`, the edge's
 HTTP server span under the uplink with `edge.queue` and `edge.compute`, and, when the frame
 asked for a plan, the planner's server span with `planner.plan`. The `ATTR_*` names are the
-attributes those spans carry.
+attributes those spans carry: the planner's span has the model, mode, exit, cut (device
+nodes), predicted latency, transfer bytes and the edge worker chosen; the edge's have the model,
+exit, cut (the device-side nodes the request's tensors imply), the nodes the edge ran, the bytes
+received, batch size and rows, and the measured milliseconds of the queue wait or the compute.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from dapdee.web.tracecontext import (
@@ -54,6 +63,12 @@ ATTR_PREDICTED_MS = "dapdee.predicted_ms"
 ATTR_MEASURED_MS = "dapdee.measured_ms"
 ATTR_WHERE = "dapdee.where"  # edge | local | fallback
 ATTR_BATCH_SIZE = "dapdee.batch_size"
+ATTR_BATCH_ROWS = "dapdee.batch_rows"
+ATTR_MODE = "dapdee.mode"  # latency | throughput
+ATTR_WORKER = "dapdee.worker"  # the edge worker's URL a plan names (its lease's)
+ATTR_TRANSFER_BYTES = "dapdee.transfer_bytes"  # bytes a plan's transfer tensors take
+ATTR_BYTES_RECEIVED = "dapdee.bytes_received"  # infer request body bytes the edge received
+ATTR_EDGE_NODES = "dapdee.edge_nodes"  # nodes the edge ran for the request
 
 
 def requested(explicit: bool | None = None, environ: Mapping[str, str] | None = None) -> bool:
@@ -141,6 +156,22 @@ class Tracing:
 
 
 NO_TRACING = Tracing()
+_ACTIVE: ContextVar[Tracing] = ContextVar("dapdee_tracing", default=NO_TRACING)
+
+
+def active() -> Tracing:
+    """The enabled tracing whose span is current in this task or thread, else `NO_TRACING`. O(1)."""
+    return _ACTIVE.get()
+
+
+def recording() -> Tracing | None:
+    """`active()` when it is enabled and the current span is sampled (its spans are exported),
+    else None: with tracing off, one context-variable read. O(1)."""
+    tracing = _ACTIVE.get()
+    if not tracing.enabled:
+        return None
+    ctx = current()
+    return tracing if ctx is not None and ctx.sampled else None
 
 
 class _OtelSpan:
@@ -217,6 +248,7 @@ class OtelTracing(Tracing):
         from opentelemetry.trace import Status, StatusCode
 
         token = activate(ctx)
+        active_token = _ACTIVE.set(self)
         try:
             yield _OtelSpan(span, ctx)
         except BaseException as exc:
@@ -224,6 +256,7 @@ class OtelTracing(Tracing):
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             raise
         finally:
+            _ACTIVE.reset(active_token)
             deactivate(token)
             span.end()
 

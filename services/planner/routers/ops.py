@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from dapdee.api.planner import Health, Readiness
 from dapdee.planner.deps import MetricsDep, StoreDep
@@ -29,5 +31,7 @@ async def readyz(store: StoreDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(m: MetricsDep) -> Response:
-    """Prometheus text exposition of this app's registry."""
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition: this app's metrics, or under `--workers N` every worker
+    process's merged (read from their files off the event loop)."""
+    body = m.exposition() if m.shared_dir is None else await asyncio.to_thread(m.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

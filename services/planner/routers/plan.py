@@ -18,6 +18,7 @@ from dapdee.api.planner import PLAN_REQUEST_EXAMPLE, PlanAnswer, PlanRequestBody
 from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
+from dapdee.planner.planmaps import NoConfidenceExits
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
 from dapdee.planner.store import MissingTimings, ModelState, Profile, Store, Worker
 from dapdee.planning import PlanRequest, baseline_plan
@@ -123,7 +124,7 @@ async def _single_worker(
         pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits)
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
-    except ValueError as exc:  # confidence exits for an uncalibrated model
+    except NoConfidenceExits as exc:
         raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
     heartbeat = worker.load if worker is not None and not store.settings.fleet_planning else 0.0
     req = PlanRequest(

@@ -1,0 +1,28 @@
+"""Building a plan map in another process (a planner's build pool).
+
+A large graph's plan map takes seconds of pure-Python enumeration and min-cuts, which in a thread
+would hold the planner's interpreter lock and slow every request beside it. A process has its
+own. Only plain data crosses the process boundary: the graph as JSON text, numbers, and the
+map's canonical JSON bytes back (`to_bytes`), which the caller reads with `from_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dapdee.costgraph import CostGraph, GraphLimits
+
+
+def build_serialised(
+    graph_json: str, cap: int, deadline_s: float | None, progressive: bool, limits: tuple[int, int, int]
+) -> tuple[bytes, bool]:
+    """Build the plan map (`progressive`: the confidence-exit map) of the graph in `graph_json`
+    (checked against `limits`: max nodes, exits, in-degree) within `deadline_s`; its
+    `to_bytes()` and whether the budget cut anything short. Cost: that of the build."""
+    from dapdee.planning.planmap import PlanMap
+    from dapdee.planning.progressive import ProgressiveMap
+
+    graph = CostGraph.from_dict(json.loads(graph_json), GraphLimits(*limits))
+    kind = ProgressiveMap if progressive else PlanMap
+    pm = kind.build(graph, cap, deadline_s)
+    return pm.to_bytes(), pm.over_budget
