@@ -210,7 +210,7 @@ def walk(
     Nothing meets: the best (lowest latency, or lowest bottleneck then latency) among exits
     meeting min_accuracy (else among all), deeper exit on exact ties.
     Returns (choice, constraints_met, approximate-any-consulted). O(#exits) calls of `get`."""
-    order = exit_indices if _descending(exit_indices) else sorted(exit_indices, reverse=True)
+    order = sorted(exit_indices, reverse=True)
     seen: list[Choice] = []
     for i in order:
         c = get(i, objective)
@@ -229,10 +229,6 @@ def walk(
     else:
         best = min(pool, key=lambda c: (c.pred.bottleneck_ms, c.pred.latency_ms, -c.exit_index))
     return best, False, any(s.approximate for s in seen)
-
-
-def _descending(xs: Sequence[int]) -> bool:
-    return all(a > b for a, b in zip(xs, xs[1:], strict=False))
 
 
 def decide(

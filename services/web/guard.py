@@ -73,6 +73,7 @@ class RequestGuard:
         self.on_reject = on_reject
         self.body_limit = body_limit
         self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
+        self._watch = _BodyWatch(body_timeout_s)
         self._access: dict[tuple[str, str], Access | None] = {}
         docs = (
             routes_app.openapi_url,
@@ -153,27 +154,38 @@ class RequestGuard:
             return receive
         chunks: list[bytes] = []
         size = 0
-        deadline = time.monotonic() + self.body_timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            message = await _receive_within(receive, left) if left > 0 else None
-            if message is None:
-                raise _Refusal(408, "timeout", f"request body not received within {self.body_timeout_s:g} s")
-            if message["type"] == "http.disconnect":
-                raise _Refusal(400, "disconnected", "client disconnected while sending the body")
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                raise _Refusal(413, "too_large", _too_large(None, limit))
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        task = asyncio.current_task()
+        assert task is not None
+        self._watch.start(task, time.monotonic() + self.body_timeout_s)
+        try:
+            while True:
+                message = await receive()
+                size += self._take(message, chunks, size, limit)
+                if not message.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if not self._watch.timed_out(task):
+                raise
+            raise _Refusal(408, "timeout", f"request body not received within {self.body_timeout_s:g} s") from None
+        finally:
+            self._watch.end(task)
         replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replayed() -> Message:
             return replay.pop() if replay else await receive()
 
         return replayed
+
+    @staticmethod
+    def _take(message: Message, chunks: list[bytes], size: int, limit: int) -> int:
+        """Add one body message's bytes to `chunks` (refusals: disconnect, over `limit`); its size."""
+        if message["type"] == "http.disconnect":
+            raise _Refusal(400, "disconnected", "client disconnected while sending the body")
+        body = message.get("body", b"")
+        if size + len(body) > limit:
+            raise _Refusal(413, "too_large", _too_large(None, limit))
+        chunks.append(body)
+        return len(body)
 
     async def _refuse(self, send: Send, refusal: _Refusal) -> None:
         if self.on_reject is not None:
@@ -187,16 +199,46 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _receive_within(receive: Receive, seconds: float) -> Message | None:
-    """The next ASGI message, or None when none comes within `seconds`. Uses asyncio.timeout
-    where Python has it (3.11+: no task per call, unlike wait_for, which matters per request)."""
-    try:
-        if hasattr(asyncio, "timeout"):
-            async with asyncio.timeout(seconds):
-                return await receive()
-        return await asyncio.wait_for(receive(), seconds)
-    except asyncio.TimeoutError:
-        return None
+class _BodyWatch:
+    """One timer for every body read of a guard (instead of a timer per request): a watchdog task
+    wakes every `tick_s` and cancels the reads past their deadline, remembering which, so the
+    read can answer 408. The watchdog runs while reads happen and stops after a quiet second.
+    Cost per read: two dict operations."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.tick_s = min(0.25, max(timeout_s / 4, 0.01))
+        self.deadlines: dict[asyncio.Task[Any], float] = {}
+        self.expired: set[asyncio.Task[Any]] = set()
+        self.watchdog: asyncio.Task[None] | None = None
+        self.last_read = 0.0
+
+    def start(self, task: asyncio.Task[Any], deadline: float) -> None:
+        self.deadlines[task] = deadline
+        self.last_read = time.monotonic()
+        if self.watchdog is None or self.watchdog.done():
+            self.watchdog = asyncio.get_running_loop().create_task(self._run(), name="dapdee-body-watch")
+
+    def end(self, task: asyncio.Task[Any]) -> None:
+        self.deadlines.pop(task, None)
+
+    def timed_out(self, task: asyncio.Task[Any]) -> bool:
+        """True (once) when the watchdog cancelled `task`'s read; it then takes the cancel back."""
+        if task not in self.expired:
+            return False
+        self.expired.discard(task)
+        if hasattr(task, "uncancel"):  # Python 3.11+: keep the task's cancel count straight
+            task.uncancel()
+        return True
+
+    async def _run(self) -> None:
+        while self.deadlines or time.monotonic() - self.last_read < 1.0:
+            await asyncio.sleep(self.tick_s)
+            now = time.monotonic()
+            for task, deadline in list(self.deadlines.items()):
+                if deadline <= now:
+                    del self.deadlines[task]
+                    self.expired.add(task)
+                    task.cancel()
 
 
 def _too_large(size: int | None, limit: int) -> str:
