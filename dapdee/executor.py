@@ -2,7 +2,10 @@
 
 One executor serves the device (input -> boundary tensors), the edge worker (boundary
 tensors -> exit logits) and whole-model runs, so partial execution is defined once.
-It walks the torch.fx graph directly: only the nodes a request needs are computed.
+It walks the torch.fx graph directly: only the nodes a request needs are computed. A walk
+(`GraphExecutor.walk`) can pause at points of the graph order, hand out values, drop rows of
+the batch and go on, or be abandoned: progressive (confidence) exits run on it
+(`dapdee.progressive_run`).
 """
 
 from __future__ import annotations
@@ -96,23 +99,33 @@ class GraphExecutor:
         (targets are kept), so what the executor holds at any moment is the live frontier of the
         schedule, not every intermediate. Time: O(nodes needed) plus the nodes' own work.
         """
-        env: dict[str, Any] = {}
-        for name, v in given.items():
-            if name in self.scalar_nodes and isinstance(v, torch.Tensor):
-                v = v.item()
-            env[name] = v
+        run = self.walk(given, targets, allowed=allowed)
+        run.run_until(None)
+        return {t: run.value(t) for t in targets}
+
+    def walk(
+        self,
+        given: Mapping[str, Any],
+        targets: Sequence[str],
+        keep: Sequence[str] = (),
+        allowed: Collection[str] | None = None,
+    ) -> Walk:
+        """A pausable run of the schedule that gets `targets` and `keep` from `given` (the
+        schedule of `compute`, in graph order; `keep` values are held like targets until the run
+        is dropped). Nothing runs until `Walk.run_until` is called; a walk that is abandoned
+        never computes the rest. Same errors as `compute`. O(nodes needed) for the schedule
+        (cached)."""
+        return Walk(self, given, [*targets, *keep], allowed)
+
+    def _scheduled(
+        self, env: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None
+    ) -> tuple[list[fx.Node], list[list[str]]]:
         plan, releases = self._step_plan(env.keys(), targets)
         if allowed is not None:
             outside = [n.name for n in plan if n.name not in allowed]
             if outside:
                 raise ValueError(f"partition would need nodes outside it: {', '.join(outside[:5])}")
-        for name in releases[-1]:
-            del env[name]
-        for i, node in enumerate(plan):
-            env[node.name] = self._run_node(node, env)
-            for name in releases[i]:
-                del env[name]
-        return {t: env[t] for t in targets}
+        return plan, releases
 
     def _run_node(self, node: fx.Node, env: dict[str, Any]) -> Any:
         args = fx.node.map_arg(node.args, lambda n: env[n.name])
@@ -130,6 +143,80 @@ class GraphExecutor:
                 obj = getattr(obj, part)
             return obj
         raise ValueError(f"cannot execute fx node {node.name} of op {node.op}")
+
+
+class Walk:
+    """One run of a schedule that can stop at points of the graph order (`run_until`), read
+    values there (`value`), keep only some rows of the batch (`select_rows`), and go on or be
+    dropped. `GraphExecutor.compute` is a walk run to its end. Memory: the schedule's live
+    frontier plus the targets and kept values."""
+
+    def __init__(
+        self, ex: GraphExecutor, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None
+    ) -> None:
+        env: dict[str, Any] = {}
+        for name, v in given.items():
+            if name in ex.scalar_nodes and isinstance(v, torch.Tensor):
+                v = v.item()
+            env[name] = v
+        self._ex = ex
+        self._plan, self._releases = ex._scheduled(env, targets, allowed)
+        self._given = tuple(env)
+        for name in self._releases[-1]:
+            del env[name]
+        self._env = env
+        self._step = 0
+        first = next((v for v in given.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        self.rows: int | None = None if first is None else int(first.shape[0])
+
+    @property
+    def done(self) -> bool:
+        """Whether every scheduled step has run."""
+        return self._step >= len(self._plan)
+
+    def run_until(self, node: str | None) -> None:
+        """Run the remaining steps that come no later than `node` in the graph order (any node
+        or input of the graph, computed here or not; None: every remaining step). O(steps run)
+        plus their work."""
+        limit = None if node is None else self._ex.order[node]
+        plan, releases, env = self._plan, self._releases, self._env
+        while self._step < len(plan):
+            fx_node = plan[self._step]
+            if limit is not None and self._ex.order[fx_node.name] > limit:
+                return
+            env[fx_node.name] = self._ex._run_node(fx_node, env)
+            for name in releases[self._step]:
+                del env[name]
+            self._step += 1
+
+    def value(self, name: str) -> Any:
+        """A value given, computed so far, or kept (KeyError when it is not held)."""
+        return self._env[name]
+
+    def select_rows(self, rows: torch.Tensor) -> bool:
+        """Keep only the batch rows `rows` (indices into the current rows, ascending) of every
+        value held that derives from the given values, so the rest of the walk computes those
+        rows only. Returns False and changes nothing when some such value cannot be cut by rows
+        (not a tensor with the batch first, e.g. a traced `x.shape[0]`); the walk then goes on
+        with every row. O(values held + steps run)."""
+        if self.rows is None:
+            return False
+        batched = set(self._given)
+        for fx_node in self._plan[: self._step]:
+            if any(inp.name in batched for inp in fx_node.all_input_nodes):
+                batched.add(fx_node.name)
+        cut = [name for name in self._env if name in batched]
+        if not all(_row_major(self._env[name], self.rows) for name in cut):
+            return False
+        for name in cut:
+            self._env[name] = self._env[name].index_select(0, rows)
+        self.rows = int(rows.numel())
+        return True
+
+
+def _row_major(v: Any, rows: int) -> bool:
+    """Whether `v` is a tensor whose first dimension is the batch of `rows` rows."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and int(v.shape[0]) == rows
 
 
 def _releases(plan: Sequence[fx.Node], given: Collection[str], targets: Collection[str]) -> list[list[str]]:

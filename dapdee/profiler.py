@@ -13,7 +13,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ def profile_model(
 
 def read_cached_profile(path: str | Path, graph: CostGraph, tier: str) -> CostGraph:
     """The profile cached at `path` when it describes `graph` (same structure) and times every
-    node for `tier`; else ProfileCacheError naming the file and why. O(file size)."""
+    node for `tier`; else ProfileCacheError naming the file and why. The cache holds timings:
+    the exits' accuracies and the calibrated confidence exits are `graph`'s (an artifact
+    calibrated after its profile was cached keeps its thresholds). O(file size)."""
     try:
         cached = CostGraph.load(str(path))
     except CostGraphError as exc:
@@ -100,7 +102,7 @@ def read_cached_profile(path: str | Path, graph: CostGraph, tier: str) -> CostGr
         raise ProfileCacheError(
             f"profile {str(path)!r} does not match model {graph.model!r} (other nodes or no {tier}_ms)"
         )
-    return cached
+    return replace(cached, exits=graph.exits, progressive=graph.progressive)
 
 
 def load_or_measure(

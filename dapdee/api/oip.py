@@ -103,10 +103,13 @@ class RequestedOutput(_Model):
 
 
 class InferParameters(_Model):
-    """Request parameters: `exit` picks the early exit (default: the deepest);
-    `binary_data_output` asks for every output in binary unless an output says otherwise."""
+    """Request parameters: `exit` picks the early exit (default: the deepest); `confidence`
+    turns on the calibrated confidence heads the worker computes on the way to it (a row leaves
+    at the first confident one); `binary_data_output` asks for every output in binary unless an
+    output says otherwise."""
 
     exit: str | None = None
+    confidence: bool | None = None
     binary_data_output: bool | None = None
 
 
@@ -128,6 +131,9 @@ class InferResponseParameters(_Model):
     server_ms: float = Field(ge=0, description="time in the worker from receipt to the answer")
     batch_size: int = Field(ge=1, description="requests in the batch that computed this answer")
     batch_rows: int = Field(ge=1, description="rows in that batch")
+    exits_taken: list[str] | None = Field(
+        None, description="with `confidence`: per row, the exit that answered it (its logits are that row's)"
+    )
 
 
 class ResponseOutput(_Model):

@@ -6,7 +6,8 @@ A batch closes when it holds `batch_max` requests, or `batch_wait_ms` after its 
 if a pool thread is free (otherwise it keeps filling until one frees up, so batches grow with
 load), or when the next request's rows would take it past `max_rows` rows (that request then
 opens the next batch): no batch ever concatenates more than `max_rows` rows. With
-`batch_max == 1` every request runs alone (no waiting).
+`batch_max == 1` every request runs alone (no waiting). A batch's output is a tensor, or a
+tuple of tensors (e.g. logits and the exit that answered each row), split back by rows.
 """
 
 from __future__ import annotations
@@ -14,23 +15,28 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from dapdee.executor import GraphExecutor
+BatchKey = tuple[str, frozenset[str], str] | tuple[str, frozenset[str], str, str]  # model, inputs, exit[, mode]
+Output = torch.Tensor | tuple[torch.Tensor, ...]
 
-BatchKey = tuple[str, frozenset[str], str]
+
+class Computes(Protocol):
+    """What a batch runs: `dapdee.executor.GraphExecutor`, or anything with its `compute`."""
+
+    def compute(self, given: Mapping[str, Any], targets: Sequence[str]) -> Mapping[str, Any]: ...
 
 
 @dataclass
 class BatchResult:
     """One caller's share of a batch."""
 
-    output: torch.Tensor
+    output: Output
     queue_s: float
     compute_s: float
     batch_size: int  # requests in the batch
@@ -47,7 +53,7 @@ class _Pending:
 
 @dataclass
 class _Batch:
-    executor: GraphExecutor
+    executor: Computes
     target: str
     items: list[_Pending] = field(default_factory=list)
     rows: int = 0
@@ -86,7 +92,7 @@ class Batcher:
 
     # ---- submission ------------------------------------------------------------------
     async def submit(
-        self, key: BatchKey, executor: GraphExecutor, target: str, inputs: dict[str, torch.Tensor]
+        self, key: BatchKey, executor: Computes, target: str, inputs: dict[str, torch.Tensor]
     ) -> BatchResult:
         """Compute `target` for `inputs` (first dim = rows, at most `max_rows`), batched with
         compatible requests. Raises ValueError for more rows than a batch may hold."""
@@ -135,9 +141,7 @@ class Batcher:
         fut.add_done_callback(lambda f: self._done(key[0], items, f))
 
     # ---- execution (pool thread) -------------------------------------------------------
-    def _run(
-        self, executor: GraphExecutor, target: str, items: list[_Pending]
-    ) -> tuple[torch.Tensor, float, float]:
+    def _run(self, executor: Computes, target: str, items: list[_Pending]) -> tuple[Output, float, float]:
         t0 = time.perf_counter()
         tid = threading.get_ident()
         with self._lock:
@@ -150,7 +154,8 @@ class Batcher:
                 given = {n: torch.cat([it.inputs[n] for it in items], 0) for n in names}
             with torch.inference_mode():
                 out = executor.compute(given, [target])[target]
-            if not isinstance(out, torch.Tensor):
+            parts = out if isinstance(out, tuple) else (out,)
+            if not all(isinstance(o, torch.Tensor) for o in parts):
                 raise RuntimeError(f"exit node {target} did not produce a tensor")
             compute_s = time.perf_counter() - t0
             if self.slowdown > 1.0:
@@ -182,7 +187,11 @@ class Batcher:
         start = 0
         rows = sum(it.rows for it in items)
         for it in items:
-            part = out[start : start + it.rows]
+            part = (
+                tuple(o[start : start + it.rows] for o in out)
+                if isinstance(out, tuple)
+                else out[start : start + it.rows]
+            )
             start += it.rows
             if not it.future.done():
                 queue_s = max(0.0, t0 - it.t_submit)

@@ -112,7 +112,11 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
 
 @router.post("/v2/models/{model}/infer", **INFER_ROUTE)
 async def infer(model: str, request: Request) -> Response:
-    """Compute the requested exit from the boundary tensors sent (request parameter `exit`)."""
+    """Compute the requested exit from the boundary tensors sent. Request parameters: `exit`
+    (default: the deepest); `confidence: true` also checks the calibrated confidence heads the
+    worker computes on the way to it, each row answering at its first confident head, and the
+    answer's parameters then carry `exits_taken` (per row, the exit that answered; 400 naming
+    `confidence` when the model has no calibrated thresholds)."""
     return await _serve(request, model, None)
 
 
