@@ -8,7 +8,12 @@ cheap enough not to be the bottleneck). Prints plans/s and p50/p99 latency of bo
 their throughput ratio, and PASS/FAIL against the targets (plan ≥ 70 % of healthz throughput,
 plan p99 ≤ 20 ms).
 
-    python bench/planner_http.py [--clients 50] [--seconds 5] [--redis-url none]
+With `--lease`, the same load compares, on one planner with Redis and one live worker (kept
+alive by heartbeats), POST /plan with `device_id` + `frame_rate` (a lease: two Redis round
+trips, a Lua read and a Lua reservation) against the same requests without `device_id`, at one
+client and at `--clients`; target: a leased plan answers in <= 2x the time (p50) of one without.
+
+    python bench/planner_http.py [--clients 50] [--seconds 5] [--redis-url none] [--lease]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,8 @@ from dapdee.testing import ServiceProcess, clear_prefix, unique_prefix
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.70
 TARGET_P99_MS = 20.0
+TARGET_LEASE_X = 2.0
+LEASE_DEVICES = 256  # device ids the leased requests cycle through
 
 
 def synthetic_graph(model: str = "bench_resnet", blocks: int = 8) -> dict[str, Any]:
@@ -225,6 +233,83 @@ def _measure(pid: int, host: str, port: int, reqs: list[bytes], args: argparse.N
     return res
 
 
+# ---- --lease: a leased plan vs the same plan without a device id ------------------------------------
+
+
+def leased(bodies: list[PlanRequestBody], devices: int = LEASE_DEVICES) -> list[PlanRequestBody]:
+    """`bodies` cycled over `devices` device ids, each with its `device_id` (they all carry a
+    frame rate), so the load creates and refreshes that many leases. O(devices)."""
+    return [bodies[i % len(bodies)].model_copy(update={"device_id": f"bench-dev-{i:04d}"}) for i in range(devices)]
+
+
+def _heartbeats(base: str, token: str, model: str, stop: threading.Event) -> None:
+    """Keep one worker live (a heartbeat every second) until `stop`; it is never contacted."""
+    body = {"url": "http://127.0.0.1:9", "models": [model], "tier": "edge", "load": 0.0, "capacity_ms_per_s": 1000.0}
+    with PlannerClient(base, token, timeout=5) as client:
+        while not stop.is_set():
+            client.heartbeat(body)
+            stop.wait(1.0)
+
+
+def _lease_rows(
+    pid: int, host: str, port: int, plain: list[bytes], lease: list[bytes], args: argparse.Namespace
+) -> list[tuple[int, dict, dict]]:
+    """(clients, without device_id, with device_id) at one client and at `--clients`."""
+    rows = []
+    for clients in sorted({1, args.clients}):
+        one = argparse.Namespace(**{**vars(args), "clients": clients})
+        rows.append((clients, _measure(pid, host, port, plain, one), _measure(pid, host, port, lease, one)))
+    return rows
+
+
+def lease_main(args: argparse.Namespace) -> int:
+    """The --lease comparison (module docstring); exit 1 when a target fails."""
+    redis_url = args.redis_url if args.redis_url not in (None, "none") else "redis://127.0.0.1:6379/0"
+    prefix = unique_prefix("bench-lease")
+    admin, device, worker = (secrets.token_urlsafe(24) for _ in range(3))
+    env = {"DAPDEE_KEY_PREFIX": prefix, "DAPDEE_ADMIN_TOKEN": admin, "DAPDEE_DEVICE_TOKEN": device,
+           "DAPDEE_WORKER_TOKEN": worker, "DAPDEE_REBALANCE_S": "0"}  # fmt: skip
+    server = ServiceProcess("planner", ["--redis-url", redis_url, "--workers", str(args.workers)], "/readyz", env)
+    host, stop = "127.0.0.1", threading.Event()
+    try:
+        server.start(60)
+        assert server.proc is not None
+        graph = synthetic_graph()
+        beat = threading.Thread(target=_heartbeats, args=(server.url, worker, graph["model"], stop), daemon=True)
+        beat.start()
+        plain_reqs, _ = _prepare(server.url, host, admin, device)
+        bodies = plan_bodies(graph["model"])
+        with PlannerClient(server.url, device, timeout=60) as planner:
+            if planner.plan(leased(bodies, 1)[0]).lease is None:
+                raise SystemExit("the planner answered a plan with device_id without a lease")
+        lease_reqs = [raw_request(plan_call(b), host, device) for b in leased(bodies)]
+        rows = _lease_rows(server.proc.pid, host, server.port, plain_reqs, lease_reqs, args)
+    finally:
+        stop.set()
+        server.stop()
+        clear_prefix(redis_url, prefix)
+    print(
+        f"planner HTTP benchmark, leases: POST /plan with device_id + frame_rate ({LEASE_DEVICES} devices) vs "
+        f"without device_id; Redis {redis_url}, one live worker, planner workers={args.workers}, "
+        f"{args.seconds:g} s each, cpus={os.cpu_count()}"
+    )
+    ok = True
+    for clients, plain, lease in rows:
+        for name, res in (("without device_id", plain), ("with a lease", lease)):
+            print(
+                f"  {clients:3d} client(s) {name:17s} {res['rps']:6.0f} req/s  p50 {res['p50_ms']:6.2f} ms  "
+                f"p99 {res['p99_ms']:6.2f} ms  server CPU {res['cpu_us']:5.0f} us/req ({res['errors']} errors)"
+            )
+        ratio = lease["p50_ms"] / plain["p50_ms"]
+        passed = ratio <= TARGET_LEASE_X and lease["errors"] == 0 and plain["errors"] == 0
+        ok = ok and passed
+        print(
+            f"  {clients} client(s): leased/plain p50 {ratio:.2f}x (p99 {lease['p99_ms'] / plain['p99_ms']:.2f}x) "
+            f"(target <= {TARGET_LEASE_X:g}x, no errors): {'PASS' if passed else 'FAIL'}"
+        )
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=50)
@@ -237,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         "redis://127.0.0.1:6379/0 for several)",
     )
     ap.add_argument("--workers", type=int, default=1, help="planner worker processes")
+    ap.add_argument("--lease", action="store_true", help="compare POST /plan with and without a lease (Redis)")
     ap.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.load_worker:
         return _load_worker()
+    if args.lease:
+        return lease_main(args)
 
     if args.redis_url is None:
         args.redis_url = "none" if args.workers == 1 else "redis://127.0.0.1:6379/0"

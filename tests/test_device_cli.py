@@ -143,7 +143,12 @@ def test_dapdee_up_runs_the_demo() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    for word in ("CAT1", "3G", "4G", "Device-Only", "K=10", "pred ms", "meas ms"):
+    for word in ("3G", "4G", "WiFi", "Device-Only", "K=30", "pred ms", "meas ms", "why these cuts"):
         assert word in out, out
     device_only = next(line for line in out.splitlines() if line.startswith("Device-Only"))
     assert "0/6/0" in device_only, device_only  # all 6 frames on the device, none lost
+    # the camera-size default cuts mid-network on some uplink, and the reason table prices that cut
+    table = out.split("why these cuts")[0].splitlines()
+    assert any(" mid " in line for line in table if line.startswith(("3G", "4G", "WiFi"))), out
+    reasons = out.split("why these cuts")[1].splitlines()
+    assert sum(line.startswith(("3G", "4G", "WiFi")) for line in reasons) == 3, out

@@ -1,6 +1,7 @@
-"""bench/paper.py end to end at its smallest size (`--smoke`: AlexNet, 4G, 2 frames per plan,
-all six planners, tiny sweeps and adaptation) through the real planner, edge worker and device
-client; then a rerun that must take every cell from the cache."""
+"""bench/paper.py (the package `dapdee.bench.paperbench`) end to end at its smallest size
+(`--smoke`: AlexNet, 4G, 2 frames per plan, all six planners, tiny sweeps, its Fig. 7 on a
+second device tier at K = 30, adaptation) through the real planner and edge worker processes and
+the device runtime; then a rerun that must take every cell from the cache."""
 
 from __future__ import annotations
 
@@ -22,8 +23,77 @@ def _run(out: Path) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=150,
     )
+
+
+def _check_cells(res: dict) -> None:
+    assert len(res["light"]) == 1 and len(res["heavy"]) == 1
+    for kind, metric in (("light", "median_ms"), ("heavy", "throughput_fps")):
+        cell = res[kind][0]
+        assert set(cell["planners"]) == set(PLANNERS)
+        for name in PLANNERS:
+            v = cell["planners"][name]
+            assert v["frames"] >= 1, (kind, name)
+            assert v[metric] is not None and v[metric] > 0, (kind, name)
+            assert v["plan"]["predicted"]["latency_ms"] > 0
+            assert v["where"]["fallback"] == 0, (kind, name, v["errors"])
+            # every plan came from the planner service: the baselines' from POST /plan {"baseline": NAME}
+            assert v["plan"]["planner"] == name
+    # DAPDEE's plan is never predicted worse than a baseline's (exact under the cost model)
+    light, heavy = res["light"][0]["planners"], res["heavy"][0]["planners"]
+    for name in PLANNERS:
+        assert light["dapdee"]["plan"]["predicted"]["latency_ms"] <= light[name]["plan"]["predicted"]["latency_ms"] * (
+            1 + 1e-9
+        )
+        assert heavy["dapdee"]["plan"]["predicted"]["bottleneck_ms"] <= heavy[name]["plan"]["predicted"][
+            "bottleneck_ms"
+        ] * (1 + 1e-9)
+
+
+def _check_v2_and_sweeps(res: dict) -> None:
+    light = res["light"][0]
+    # every planner prices plans with the round trip the device runtime sensed (the shaped 20 ms
+    # plus the fixed per-request cost its probe pairs measure): a lower bound only
+    rtt = light["request"]["rtt_ms"]
+    assert rtt > 20.0 and res["heavy"][0]["request"]["rtt_ms"] == rtt
+    # cost model v2: both per-request costs measured, published and priced (an Edge-Only plan's
+    # device stage is the device's per-request cost alone)
+    ov = light["overheads"]
+    assert ov["device_request_ms"] > 0 and ov["edge_request_ms"] > 0
+    edge_only = light["planners"]["edge-only"]["plan"]
+    assert edge_only["predicted"]["device_ms"] == pytest.approx(ov["device_request_ms"], rel=1e-6)
+    # the graph takes raw uint8 frames: an Edge-Only plan ships 1 byte per input pixel
+    assert edge_only["bytes"] == 32 * 32 and edge_only["kind"] == "edge-only"
+    assert res["fig6"] and res["adaptation"]["frames"]
+    # Fig. 7 on its own device tier (K = 30), with the Device-Only and Edge-Only predictions beside each cut
+    (fig7,) = res["fig7"]
+    assert fig7["slowdown"] == 30.0 and fig7["tier"] == "device-k30"
+    for p in fig7["points"]:
+        assert p["median_ms"] > 0 and p["plan"]["kind"] in ("device-only", "edge-only", "mid")
+        best_baseline = min(p["device_only"]["latency_ms"], p["edge_only"]["latency_ms"])
+        assert p["plan"]["predicted"]["latency_ms"] <= best_baseline * (1 + 1e-9)
+    dev10 = res["light"][0]["planners"]["device-only"]["plan"]["predicted"]["latency_ms"]
+    assert fig7["budget_ms"] > 1.5 * dev10  # the K = 30 device is slower than the K = 10 one
+
+
+def _check_report(doc: dict, md: str) -> None:
+    assert doc["setup"]["slowdown"] == 10.0
+    assert "K = 10" in md and "K = 30" in md
+    # every target has its line, PASS or FAIL as the JSON says, and the tally counts them
+    lines = md.splitlines()
+    assert doc["targets"] and all(t["what"] for t in doc["targets"])
+    for t in doc["targets"]:
+        want = f"{'PASS' if t['pass'] else 'FAIL'}  {t['what']}:"
+        assert any(line.startswith(want) for line in lines), want
+    required = [t for t in doc["targets"] if not t.get("info")]
+    n_pass = sum(bool(t["pass"]) for t in required)
+    assert f"{n_pass} PASS, {len(required) - n_pass} FAIL of the required" in md
+    # fidelity lines: the sequential median and one measured / predicted throughput per heavy plan
+    fid = [t for t in doc["targets"] if t["group"] == "fidelity"]
+    heavy_plans = doc["throughput_fidelity"]["plans"]
+    assert heavy_plans >= 2 and len(fid) == 1 + heavy_plans
+    assert all(t["ratio"] > 0 for t in fid)
 
 
 @pytest.mark.skipif(not (ARTIFACT / "manifest.json").is_file(), reason="artifacts/fmnist-alexnet missing")
@@ -36,51 +106,19 @@ def test_paper_bench_smoke_end_to_end_and_resumable(tmp_path: Path) -> None:
         "paper_cells.json",
         "paper_light_latency.png",
         "paper_heavy_throughput.png",
+        "paper_fig7_bandwidth.png",
         "paper_adaptation.png",
     ):
         assert (tmp_path / name).is_file(), name
     doc = json.loads((tmp_path / "paper.json").read_text())
     res = doc["results"]
-    assert doc["setup"]["slowdown"] == 10.0
-    assert len(res["light"]) == 1 and len(res["heavy"]) == 1
-    for kind, metric in (("light", "median_ms"), ("heavy", "throughput_fps")):
-        cell = res[kind][0]
-        assert set(cell["planners"]) == set(PLANNERS)
-        for name in PLANNERS:
-            v = cell["planners"][name]
-            assert v["frames"] >= 1, (kind, name)
-            assert v[metric] is not None and v[metric] > 0, (kind, name)
-            assert v["plan"]["predicted"]["latency_ms"] > 0
-            assert v["where"]["fallback"] == 0, (kind, name, v["errors"])
-    # DAPDEE's plan is never predicted worse than a baseline's (exact under the cost model)
-    light = res["light"][0]["planners"]
-    for name in PLANNERS:
-        assert light["dapdee"]["plan"]["predicted"]["latency_ms"] <= (
-            light[name]["plan"]["predicted"]["latency_ms"] * (1 + 1e-9)
-        )
-    # every planner prices plans with the round trip the device client sensed (the shaped 20 ms
-    # plus the fixed per-request cost its probe pairs measure), not the nominal RTT alone
-    # (a lower bound only: the shaper adds 20 ms; how much the host adds depends on its load)
-    rtt = res["light"][0]["request"]["rtt_ms"]
-    assert rtt > 20.0 and res["heavy"][0]["request"]["rtt_ms"] == rtt
-    # the graph takes raw uint8 frames: an Edge-Only plan ships 1 byte per input pixel
-    assert light["edge-only"]["plan"]["bytes"] == 32 * 32
-    assert res["fig6"] and res["fig7"] and res["adaptation"]["frames"]
-    md = (tmp_path / "paper.md").read_text()
-    assert "K = 10" in md
-    # every target has its line, PASS or FAIL as the JSON says, and the tally counts them
-    lines = md.splitlines()
-    assert doc["targets"] and all(t["what"] for t in doc["targets"])
-    for t in doc["targets"]:
-        want = f"{'PASS' if t['pass'] else 'FAIL'}  {t['what']}:"
-        assert any(line.startswith(want) for line in lines), want
-    required = [t for t in doc["targets"] if not t.get("info")]
-    n_pass = sum(bool(t["pass"]) for t in required)
-    assert f"{n_pass} PASS, {len(required) - n_pass} FAIL of the required" in md
+    _check_cells(res)
+    _check_v2_and_sweeps(res)
+    _check_report(doc, (tmp_path / "paper.md").read_text())
     cells = json.loads((tmp_path / "paper_cells.json").read_text())["cells"]
     assert len(cells) == doc["cells_measured"] >= 5
 
-    # resumable: everything cached (no cell measured, so no servers started), same numbers
+    # resumable: everything cached (no cell measured, so no services started), same numbers
     p2 = _run(tmp_path)
     assert p2.returncode == 0, p2.stderr[-3000:]
     doc2 = json.loads((tmp_path / "paper.json").read_text())

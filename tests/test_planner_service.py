@@ -307,7 +307,10 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         rz = c.get("/readyz")
         # two writes queued: the graph and the profile
         assert rz.status_code == 200 and rz.json()["redis"] == "down" and rz.json()["pending_writes"] == 2
-        assert c.get("/models/nothere").status_code == 404
+        # a model this replica never cached may exist in Redis: no 5xx, but a 404 that says so
+        for missing in (c.get("/models/nothere"), c.post("/plan", json={"model": "nothere", **CONDITIONS[1]})):
+            assert missing.status_code == 404 and missing.headers["Retry-After"] == "1", missing.text
+            assert "Redis is unavailable" in missing.json()["detail"]
         assert redis_errors(c) > 0
 
         redis_process.start()  # same port, empty (no persistence)

@@ -108,12 +108,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "up",
         help="all in one: planner + edge worker + device on 127.0.0.1 (no Docker, no Redis), emulated networks",
     )
-    u.add_argument("--artifact", help="artifact to serve (default artifacts/fmnist-resnet18)")
-    u.add_argument("--networks", default="CAT1,3G,4G", help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
-    u.add_argument("--frames", type=positive_int, default=30, help="Fashion-MNIST test images per network")
+    from dapdee.device.up import DEFAULT_ARTIFACTS, UpOptions
+
+    u.add_argument("--artifact", help=f"artifact to serve (default {DEFAULT_ARTIFACTS[0]})")
+    u.add_argument("--networks", default=",".join(UpOptions.networks), help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
+    u.add_argument(
+        "--frames", type=positive_int, default=UpOptions.frames, help="Fashion-MNIST test images per network"
+    )
     u.add_argument("--quiet", action="store_true")
     _common(u)
-    u.set_defaults(func=cmd_up)
+    u.set_defaults(func=cmd_up, slowdown=UpOptions.slowdown)  # the camera-size demo's device factor
 
 
 def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:

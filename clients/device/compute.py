@@ -176,7 +176,9 @@ def nodes_to_run(graph: CostGraph, given: Collection[str], targets: Sequence[str
 class EmulatedCompute:
     """The device part emulated: sleeps `scale` x Σ device_ms of the nodes it would run (the
     profile's timings, so a profile measured at K already includes K) and returns the
-    `BoundaryValues`' real tensors. Uses no CPU beyond a timer. O(V + E) per call."""
+    `BoundaryValues`' real tensors. Runs one at a time, as `TorchCompute`'s one compute thread
+    does (a pipelined frame waits for the previous one's device part; the wait is not in `ms`).
+    Uses no CPU beyond a timer. O(V + E) per call."""
 
     def __init__(self, graph: CostGraph, values: BoundaryValues, scale: float = 1.0) -> None:
         if not graph.has_timings("device"):
@@ -186,20 +188,22 @@ class EmulatedCompute:
         self.graph = graph
         self.values = values
         self.scale = float(scale)
+        self._busy = asyncio.Lock()  # the device's one compute thread
 
     async def run(
         self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Computed:
-        t0 = time.perf_counter()
         nodes = nodes_to_run(self.graph, given.keys(), targets)
         if allowed is not None:
             outside = [n for n in nodes if n not in allowed]
             if outside:
                 raise ValueError(f"partition would need nodes outside it: {', '.join(outside[:5])}")
         ms = self.scale * sum(self.graph.node(n).device_ms or 0.0 for n in nodes)
-        await asyncio.sleep(ms / 1000.0)
-        values = self.values.get([t for t in targets])
-        return Computed(values, (time.perf_counter() - t0) * 1000.0)
+        async with self._busy:
+            t0 = time.perf_counter()
+            await asyncio.sleep(ms / 1000.0)
+            values = self.values.get([t for t in targets])
+            return Computed(values, (time.perf_counter() - t0) * 1000.0)
 
     async def progressive(
         self, given: Mapping[str, Any], part: SidePart, targets: Sequence[str], allowed: Collection[str] | None = None

@@ -124,6 +124,7 @@ def plan_from_answer(
         raise PlanError("plan.predicted: expected an object")
     latency = _number(predicted, "latency_ms", "plan.predicted", MAX_PLAN_MS)
     bottleneck = _number(predicted, "bottleneck_ms", "plan.predicted", MAX_PLAN_MS)
+    expected = _number(predicted, "expected_latency_ms", "plan.predicted", MAX_PLAN_MS, optional=True)
     part, sides = _checked_partition(graph, raw)
     now = time.monotonic() if now is None else now
     mode = raw.get("mode")
@@ -145,6 +146,7 @@ def plan_from_answer(
         device_load=device_load,
         lease=parse_lease(raw.get("lease"), now),
         progressive=sides,
+        expected_ms=expected,
     )
 
 

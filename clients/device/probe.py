@@ -5,8 +5,11 @@
   (the input plus a node tensor as filler, sized for about PROBE_MS of upload at the current
   estimate). Their size difference over their time difference is the uplink rate with the
   round trip and every fixed per-request cost cancelled (`BandwidthEstimator.observe_pair`).
-  At start-up, with nothing else on the event loop, the probes' CPU time on the device thread
-  (encode, send, decode) is the device's per-request cost: `device_request_ms` of cost model v2.
+  At start-up, with nothing else on the event loop, the pairs' CPU time on the device thread
+  (encode, send, decode) gives the device's per-request cost, `device_request_ms` of cost model
+  v2: CPU = a + b · bytes fitted through the pair, a is the cost of a request as such; the
+  per-byte part (copying, and an emulated uplink's pacing) runs while the bytes are on the
+  wire and is not a per-request constant.
 - `Sensor`: the background duty, one `tick` at a time: load readings, and probes when the
   link has been idle long enough (or a big change is suspected).
 """
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +38,7 @@ log = logging.getLogger("dapdee.device.probe")
 PROBE_MS = 100.0  # a probe's size aims at this much upload time (fixed costs then weigh little)
 MAX_FILLER_BYTES = 262144
 PROBE_TIMEOUT_S = 5.0
+MAX_CPU_PAIRS = 32
 
 
 def _zeros(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
@@ -47,7 +52,9 @@ class LinkProber:
         self.edge = edge
         self.graph = graph
         self.sensing = sensing
-        self.request_cpu_ms: list[float] = []
+        self.request_cpu_ms: list[float] = []  # the last start-up's per-pair intercepts
+        # the last probe pairs' (small bytes, CPU ms, large bytes, CPU ms)
+        self.cpu_pairs: deque[tuple[int, float, int, float]] = deque(maxlen=MAX_CPU_PAIRS)
 
     async def measure_rtt(self, url: str, n: int = 3) -> float:
         """`n` round trips folded into the RTT estimate; returns the estimate (ms)."""
@@ -69,9 +76,7 @@ class LinkProber:
         return (best[0], best[1]) if best else None
 
     async def _send(self, url: str, inputs: dict[str, torch.Tensor]) -> Any:
-        answer = await self.edge.infer(url, inputs, self.graph.exits[0].name, PROBE_TIMEOUT_S, observe=False)
-        self.request_cpu_ms.append(answer.cpu_ms)
-        return answer
+        return await self.edge.infer(url, inputs, self.graph.exits[0].name, PROBE_TIMEOUT_S, observe=False)
 
     async def probe(self, url: str) -> float | None:
         """One probe pair; the rate sample (Mbit/s) folded into the estimate, or None. The
@@ -95,21 +100,32 @@ class LinkProber:
             return None
         if small.overlapped or large.overlapped:
             return None
+        self.cpu_pairs.append((small.request_bytes, small.cpu_ms, large.request_bytes, large.cpu_ms))
         return self.sensing.bandwidth.observe_pair(
             (small.request_bytes, small.elapsed_ms - small.queue_ms - small.compute_ms),
             (large.request_bytes, large.elapsed_ms - large.queue_ms - large.compute_ms),
             self.sensing.rtt.estimate_ms,
         )
 
+    def request_cost_ms(self) -> float | None:
+        """The device's per-request CPU cost from the probe pairs since start-up: per pair the
+        intercept a of CPU = a + b · bytes (b >= 0, 0 <= a <= the small request's CPU), their
+        median; None without a pair."""
+        self.request_cpu_ms = []
+        for small_b, small_ms, large_b, large_ms in self.cpu_pairs:
+            per_byte = max(0.0, (large_ms - small_ms) / (large_b - small_b)) if large_b > small_b else 0.0
+            self.request_cpu_ms.append(min(small_ms, max(0.0, small_ms - per_byte * small_b)))
+        return statistics.median(self.request_cpu_ms) if self.request_cpu_ms else None
+
     async def startup(self, url: str, rounds: int = 3) -> float | None:
         """Round trips, then `rounds` probe pairs (the first sized from the prior); returns the
-        median CPU time (ms) of one request on this thread: the device's per-request cost, or
-        None when no probe got an answer. Run it while nothing else uses the event loop."""
-        self.request_cpu_ms.clear()
+        device's per-request CPU cost (`request_cost_ms`), or None when no pair was answered.
+        Run it while nothing else uses the event loop."""
+        self.cpu_pairs.clear()
         await self.measure_rtt(url)
         for _ in range(rounds):
             await self.probe(url)
-        return statistics.median(self.request_cpu_ms) if self.request_cpu_ms else None
+        return self.request_cost_ms()
 
 
 class Sensor:

@@ -1,9 +1,10 @@
 """The device's own profile: measured (and calibrated) or loaded, and made known to the planner.
 
 - `measure_device_profile`: `dapdee.profiler.profile_model(loaded, "device", slowdown=K)`
-  (medians of isolated node runs), calibrated to how the device really runs a frame (whole
-  frames through the K x emulation; the emulated device idles between frames, so caches are
-  cold and isolated medians alone under-predict a frame).
+  (medians of isolated node runs), calibrated to how the device really runs a frame (each
+  exit's whole run through the K x emulation; the emulated device idles between frames, so
+  caches are cold and isolated medians alone under-predict a frame, by a per-frame constant
+  as well as a factor).
 - `device_profile`: the profile cached at a path when it matches the model, else measured and
   written there (`dapdee.profiler.load_or_measure`).
 - `publish_profile`: make sure the planner has the model and this tier's device profile. The
@@ -34,42 +35,78 @@ log = logging.getLogger("dapdee.device.profile")
 CALIBRATION_CLAMP = (0.5, 4.0)
 
 
-def _whole_frame_ms(loaded: LoadedModel, slowdown: float, runs: int) -> list[float]:
-    """`runs` whole-frame (final exit) times through the K x emulation, after 2 unrecorded runs."""
-    node = loaded.exit_node(None)
+def _exit_runs_ms(loaded: LoadedModel, slowdown: float, runs: int) -> dict[str, list[float]]:
+    """`runs` times (ms) of each exit's whole device run (every node it needs) through the K x
+    emulation, the exits interleaved round by round (so a drifting host load touches them
+    alike), after 2 unrecorded rounds. O((runs + 2) x one forward per exit)."""
     x = loaded.example_input().zero_()
+    nodes = {e.name: e.node for e in loaded.graph.exits}
+    samples: dict[str, list[float]] = {name: [] for name in nodes}
 
-    def fn() -> Any:
+    def run(node: str) -> Any:
         with torch.inference_mode():
             return loaded.executor.compute({loaded.input_name: x}, [node])
 
-    samples = []
     for i in range(runs + 2):
-        t0 = time.perf_counter()
-        emulate_slowdown(fn, slowdown, emulation_clock())
-        if i >= 2:  # the first runs pay for lazy initialisation
-            samples.append((time.perf_counter() - t0) * 1000.0)
+        for name, node in nodes.items():
+            t0 = time.perf_counter()
+            emulate_slowdown(lambda n=node: run(n), slowdown, emulation_clock())
+            if i >= 2:  # the first rounds pay for lazy initialisation
+                samples[name].append((time.perf_counter() - t0) * 1000.0)
     return samples
 
 
-def measure_device_profile(loaded: LoadedModel, slowdown: float, repeats: int = 10, runs: int = 15) -> CostGraph:
-    """This device's profile at slowdown K: per-node medians (`profile_model`), every node then
-    scaled by the median of `runs` whole-frame runs over the summed node medians of the final
-    exit (clamped to [0.5, 4]; recorded as meta `calibration`). Uses the torch threads as they
-    are set. O((repeats + runs) x one forward pass)."""
+def fit_calibration(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(r, c) of the line T = r·S + c through (summed node medians S, measured run T) points:
+    least squares with c >= 0 (else the line through the origin), one distinct S giving c = 0;
+    an r outside CALIBRATION_CLAMP is clamped and c refitted (>= 0). O(len(points))."""
+    pts = [(s, t) for s, t in points if s > 0]
+    if not pts:
+        return 1.0, 0.0
+    ms, mt = statistics.fmean(s for s, _ in pts), statistics.fmean(t for _, t in pts)
+    var = sum((s - ms) ** 2 for s, _ in pts)
+    if var > 0:
+        r = sum((s - ms) * (t - mt) for s, t in pts) / var
+        c = mt - r * ms
+        if c < 0:  # through the origin
+            r, c = sum(s * t for s, t in pts) / sum(s * s for s, _ in pts), 0.0
+    else:
+        r, c = mt / ms, 0.0
+    lo, hi = CALIBRATION_CLAMP
+    if not lo <= r <= hi:
+        r = min(hi, max(lo, r))
+        c = max(0.0, mt - r * ms)
+    return r, c
+
+
+def measure_device_profile(loaded: LoadedModel, slowdown: float, repeats: int = 10, runs: int = 11) -> CostGraph:
+    """This device's profile at slowdown K: per-node medians (`profile_model`), calibrated to
+    how the device really runs: each exit's whole run through the K x emulation (median of
+    `runs`) against its summed node medians gives a line T = r·S + c (`fit_calibration`);
+    every node is scaled by r and the per-frame constant c (the emulated device idles between
+    frames and starts each one cold) goes to the nodes that read the input (split evenly: every
+    non-empty device part runs them). Recorded as meta `calibration` (r) and
+    `calibration_constant_ms` (c). Uses the torch threads as they are set. O(repeats x one
+    forward pass + runs x one forward per exit)."""
     g = profile_model(loaded, "device", slowdown=slowdown, repeats=repeats, warmup=2)
-    summed = sum(g.node(n).device_ms or 0.0 for n in g.ancestors(loaded.exit_node(None)))
-    if summed <= 0:
-        return g
-    ratio = statistics.median(_whole_frame_ms(loaded, slowdown, runs)) / summed
-    ratio = min(CALIBRATION_CLAMP[1], max(CALIBRATION_CLAMP[0], ratio))
+    runs_ms = _exit_runs_ms(loaded, slowdown, runs)
+    points = [
+        (sum(g.node(n).device_ms or 0.0 for n in g.ancestors(e.node)), statistics.median(runs_ms[e.name]))
+        for e in g.exits
+    ]
+    r, c = fit_calibration(points)
+    sources = [n.name for n in g.nodes if all(u == g.input.name for u in n.inputs)]
+    extra = c / len(sources) if sources else 0.0
     meta = {
         **g.meta.get("device", {}),
-        "calibration": round(ratio, 4),
-        "calibration_method": f"median of {runs} whole-frame runs (final exit) through the K x emulation "
-        "/ sum of isolated node medians; every node scaled by it",
+        "calibration": round(r, 4),
+        "calibration_constant_ms": round(c, 4),
+        "calibration_method": f"median of {runs} runs of each exit through the K x emulation against its sum "
+        "of isolated node medians, fitted as r x sum + c: every node scaled by r, c added to the input's "
+        "consumers",
     }
-    return g.with_timings("device", {n.name: (n.device_ms or 0.0) * ratio for n in g.nodes}, meta)
+    timings = {n.name: (n.device_ms or 0.0) * r + (extra if n.name in sources else 0.0) for n in g.nodes}
+    return g.with_timings("device", timings, meta)
 
 
 def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10) -> CostGraph:

@@ -38,13 +38,16 @@ STEP_FACTOR = 2.0
 @dataclass
 class BandwidthEstimator:
     """EWMA of uplink Mbit/s from upload timings: weight `alpha` on the newest sample, scaled
-    down for uploads shorter than `full_weight_ms` (see `_fold`)."""
+    down for uploads shorter than `full_weight_ms` (see `_fold`). A busy period whose bytes
+    would take less than `min_expected_ms` at the current estimate gives no sample: too small
+    to time against per-request noise, which would be read as a slower link (0: all are used)."""
 
     prior_mbps: float = 1.0
     alpha: float = 0.4
     min_upload_ms: float = 1.0
     min_bytes: int = 512
     full_weight_ms: float = 20.0
+    min_expected_ms: float = 0.0
     estimate_mbps: float = field(init=False)
     overhead_ms: float = field(default=0.0, init=False)  # fixed per-request cost beyond the rtt
     pairs: int = field(default=0, init=False)
@@ -130,7 +133,8 @@ class BandwidthEstimator:
         assert self._train is not None
         (t0, nbytes, _, _), self._train = self._train, None
         span_ms = (self._link_free - t0) * 1000.0
-        if nbytes < self.min_bytes or span_ms < self.min_upload_ms:
+        expected_ms = nbytes * 8.0 / (self.estimate_mbps * 1000.0)
+        if nbytes < self.min_bytes or span_ms < self.min_upload_ms or expected_ms < self.min_expected_ms:
             return None
         sample = nbytes * 8.0 / (span_ms * 1000.0)
         self.history.append((nbytes, span_ms, 0.0, 0.0, sample))
@@ -335,7 +339,9 @@ class Sensing:
     compute load (`fixed_load` when given, else the monitor's reading: `proc` = other
     processes' CPU share, `compute` = the share of the device thread's time lost to other
     work). `stretch` is the K by which an emulation stretches CPU time (see
-    `ComputeLoadMonitor`). Reading the conditions is O(1)."""
+    `ComputeLoadMonitor`). `min_expected_ms`: uploads whose bytes would take less than this at
+    the current estimate give no bandwidth sample (`BandwidthEstimator.min_expected_ms`).
+    Reading the conditions is O(1)."""
 
     def __init__(
         self,
@@ -343,6 +349,7 @@ class Sensing:
         fixed_load: float | None = None,
         load_source: str = "proc",
         stretch: float = 1.0,
+        min_expected_ms: float = 0.0,
     ) -> None:
         if load_source not in ("proc", "compute"):
             raise ValueError(f"load source: expected proc or compute, got {load_source!r}")
@@ -350,7 +357,7 @@ class Sensing:
             raise ValueError(f"device load: expected a number in [0, 1), got {fixed_load!r}")
         if not (_finite(prior_mbps) and prior_mbps > 0):
             raise ValueError(f"bandwidth prior: expected a finite number of Mbit/s > 0, got {prior_mbps!r}")
-        self.bandwidth = BandwidthEstimator(prior_mbps=prior_mbps)
+        self.bandwidth = BandwidthEstimator(prior_mbps=prior_mbps, min_expected_ms=min_expected_ms)
         self.rtt = RttEstimator()
         self.fixed_load = fixed_load
         self.monitor: LoadMonitor | ComputeLoadMonitor | None = None

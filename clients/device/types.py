@@ -71,6 +71,7 @@ class Plan:
     device_load: float
     lease: Lease | None = None
     progressive: Sides | None = None
+    expected_ms: float | None = None  # with confidence exits: the planner's expected latency
 
     @property
     def uses_edge(self) -> bool:

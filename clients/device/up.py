@@ -1,12 +1,16 @@
 """`dapdee up`: planner + edge worker + device runtime in one process on 127.0.0.1.
 
 No Docker, no Redis: the planner runs with its in-process store, the edge worker serves the
-shipped Fashion-MNIST artifact (or an untrained width-0.25 ResNet-18, with a warning), both
-under uvicorn in threads on free ports, closed by a random token of this run
-(`secrets.token_urlsafe`) that all three parts share. The device (K x slower than this
-machine) streams real Fashion-MNIST test images over emulated uplinks and a table compares,
-per network, the planner's choice (exit, cut, bytes) and its predicted latency with the
-measured one, and the same for Device-Only.
+shipped camera-size Fashion-MNIST artifact (224-px ResNet-18; else the 32-px one; else an
+untrained width-0.25 ResNet-18, with a warning), both under uvicorn in threads on free ports,
+closed by a random token of this run (`secrets.token_urlsafe`) that all three parts share. The
+device, K = 30 x slower than this machine (about a Raspberry Pi's gap to an edge server),
+streams real Fashion-MNIST test images over emulated 3G, 4G and WiFi uplinks. One table
+compares, per network, the planner's choice (exit, cut, bytes) and its predicted latency with
+the measured one, and the same for Device-Only; a second gives the cost model's reason for each
+cut: the chosen plan's predicted device, uplink + round trip and edge ms beside the Device-Only
+and Edge-Only predictions under the same sensed conditions. At these defaults the device keeps
+the whole network at 3G, cuts it mid-network at 4G and sends the raw frame at WiFi.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ARTIFACT = "artifacts/fmnist-resnet18"
+DEFAULT_ARTIFACTS = ("artifacts/fmnist-resnet18-224", "artifacts/fmnist-resnet18")
 FALLBACK_SPEC = "zoo:resnet18?width=0.25&in_channels=1"
+PROFILE_RUNS = 5  # whole runs per exit calibrating the device profile (the demo keeps start-up short)
 
 
 @dataclass(frozen=True)
 class UpOptions:
     artifact: str | None = None
-    networks: tuple[str, ...] = ("CAT1", "3G", "4G")
-    frames: int = 30
-    slowdown: float = 10.0
+    networks: tuple[str, ...] = ("3G", "4G", "WiFi")
+    frames: int = 12
+    slowdown: float = 30.0
     rtt_ms: float = 10.0
     mode: str = "auto"
     latency_budget_ms: float | None = None
@@ -45,13 +50,14 @@ class UpOptions:
 
 
 def find_artifact(given: str | None) -> str | None:
-    """The artifact to serve: `given`, else artifacts/fmnist-resnet18 (cwd, then the repo)."""
+    """The artifact to serve: `given`, else the first of DEFAULT_ARTIFACTS found (cwd, then the repo)."""
     if given:
         return given
-    for base in (Path.cwd(), REPO):
-        p = base / DEFAULT_ARTIFACT
-        if (p / "manifest.json").is_file() and (p / "weights.safetensors").is_file():
-            return str(p)
+    for name in DEFAULT_ARTIFACTS:
+        for base in (Path.cwd(), REPO):
+            p = base / name
+            if (p / "manifest.json").is_file() and (p / "weights.safetensors").is_file():
+                return str(p)
     return None
 
 
@@ -66,6 +72,7 @@ COLUMNS = [
     ("load", "dev load"),
     ("exit", "exit"),
     ("cut", "cut dev/all"),
+    ("kind", "cut kind"),
     ("bytes", "bytes/frame"),
     ("pred", "pred ms"),
     ("meas", "meas ms"),
@@ -76,10 +83,24 @@ COLUMNS = [
 ]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The demo's comparison table (one row per network condition + Device-Only)."""
-    body = [[str(r.get(k, "")) for k, _ in COLUMNS] for r in rows]
-    head = [h for _, h in COLUMNS]
+REASON_COLUMNS = [
+    ("network", "network"),
+    ("cut", "chosen cut"),
+    ("after", "sent after"),
+    ("device", "device ms"),
+    ("transfer", "uplink+rtt ms"),
+    ("edge", "edge ms"),
+    ("total", "pred ms"),
+    ("device_only", "Device-Only ms"),
+    ("edge_only", "Edge-Only ms"),
+]
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]] = COLUMNS) -> str:
+    """A table of `rows` under `columns` (key, heading): by default the demo's comparison, one
+    row per network condition + Device-Only."""
+    body = [[str(r.get(k, "")) for k, _ in columns] for r in rows]
+    head = [h for _, h in columns]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     lines = [_row(head, widths), _row(["-" * w for w in widths], widths)]
     return "\n".join(lines + [_row(b, widths) for b in body])
@@ -100,6 +121,7 @@ def row_of(name: str, rate: float | None, runtime: Any, records: list[Any], wall
     anc = len(g.ancestors(g.exit(main_exit).node)) if main_exit else 0
     where = s.get("where", {})
     cut = statistics.median(r.device_nodes for r in records if r.exit == main_exit) if main_exit else None
+    kind = "-" if cut is None else "device-only" if cut >= anc else "edge-only" if cut == 0 else "mid"
     return {
         "network": name,
         "uplink": "-" if rate is None else f"{rate:g}",
@@ -107,6 +129,7 @@ def row_of(name: str, rate: float | None, runtime: Any, records: list[Any], wall
         "load": f"{statistics.fmean(r.device_load or 0.0 for r in records):.2f}" if records else "-",
         "exit": (main_exit or "-") + ("" if len(exits) <= 1 else f" (+{len(exits) - 1})"),
         "cut": "-" if cut is None else f"{cut:.0f}/{anc}",
+        "kind": kind,
         "bytes": f"{s.get('bytes_sent_mean', 0):.0f}",
         "pred": _fmt(s.get("predicted_ms_mean")),
         "meas": _fmt(s.get("measured_ms_mean")),
@@ -147,7 +170,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
     artifact = find_artifact(opts.artifact)
     if artifact is None:
         print(
-            f"warning: {DEFAULT_ARTIFACT} not found; serving an UNTRAINED {FALLBACK_SPEC} "
+            f"warning: none of {', '.join(DEFAULT_ARTIFACTS)} found; serving an UNTRAINED {FALLBACK_SPEC} "
             "(accuracies are chance level; train one with `dapdee train`)",
             file=sys.stderr,
         )
@@ -174,7 +197,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
         raise
     say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
     say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
-    graph = measure_device_profile(loaded, opts.slowdown, repeats=8)
+    graph = measure_device_profile(loaded, opts.slowdown, repeats=8, runs=PROFILE_RUNS)
     return Stack(planner, edge, served[0].name, spec, artifact, loaded, graph, token)
 
 
@@ -191,10 +214,36 @@ def _frames(loaded: Any, n: int) -> tuple[list[Any], str]:
         return list(random_frames(fmt, n)), f"{n} random inputs (no labels)"
 
 
+async def _reason(st: Stack, name: str, runtime: Any) -> dict[str, Any] | None:
+    """The cost model's reason for the runtime's cut: its plan for the conditions it sensed last,
+    re-asked with its stages, beside the Device-Only and Edge-Only plans (POST /plan with
+    `baseline`) for the same conditions. None for a runtime without a planner."""
+    from dapdee.client import AsyncPlannerClient
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.replanner import conditions
+
+    if not isinstance(runtime.source, PlannerPlanSource):
+        return None
+    body = runtime.source.body(conditions(runtime.sensing))
+    async with AsyncPlannerClient(st.planner.url, st.token, timeout=10.0) as planner:
+        chosen = await planner.plan(body)
+        alone = await planner.plan({**body, "baseline": "device-only"})
+        edge = await planner.plan({**body, "baseline": "edge-only"})
+    p, n = chosen.predicted, len(runtime.graph.ancestors(runtime.graph.exit(chosen.exit.name).node))
+    after = ", ".join(t.node for t in chosen.transfer) if chosen.edge_nodes else "-"
+    return {
+        "network": name, "cut": f"{chosen.exit.name} {len(chosen.device_nodes)}/{n}", "after": after,
+        "device": f"{p.device_ms:.1f}", "transfer": f"{p.transfer_ms:.1f}", "edge": f"{p.edge_ms:.1f}",
+        "total": f"{p.latency_ms:.1f}", "device_only": f"{alone.predicted.latency_ms:.1f}",
+        "edge_only": f"{edge.predicted.latency_ms:.1f}",
+    }  # fmt: skip
+
+
 async def _one_network(
     st: Stack, opts: UpOptions, name: str, rate: float | None, frames: list[Any]
-) -> tuple[dict[str, Any], list[Any]]:
-    """Stream `frames` on one emulated uplink (None: the Device-Only baseline)."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[Any]]:
+    """Stream `frames` on one emulated uplink (None: the Device-Only baseline): the table row,
+    the cost model's reason for the cut, the records."""
     from tqdm import tqdm
 
     from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
@@ -212,7 +261,8 @@ async def _one_network(
         with tqdm(total=len(frames), desc=name, file=sys.stderr, disable=opts.quiet, leave=False) as bar:
             records = await runtime.run(frames, progress=lambda rec: bar.update(1))
         wall_s = time.perf_counter() - t0
-    return row_of(name, rate, runtime, records, wall_s), records
+        reason = await _reason(st, name, runtime)
+    return row_of(name, rate, runtime, records, wall_s), reason, records
 
 
 def _footer(opts: UpOptions, wall: float) -> str:
@@ -224,7 +274,8 @@ def _footer(opts: UpOptions, wall: float) -> str:
         load = "share of the emulated device's time lost to other work (see ComputeLoadMonitor); "
     return (
         "exit (+n) = the most used exit, n others too; "
-        "cut = device nodes / nodes the exit needs; pred = planner's predicted latency (cost model); "
+        "cut = device nodes / nodes the exit needs (mid: both sides compute); pred = planner's predicted latency "
+        "(cost model: device + uplink + round trip + edge, with each side's per-request cost); "
         "meas = measured here (from a frame's start to its answer); frames/s = the stream's rate; "
         f"dev load = {load}{wall:.1f} s in all"
     )
@@ -242,15 +293,16 @@ def run_up(opts: UpOptions) -> int:
     try:
         frames, source = _frames(st.loaded, opts.frames)
 
-        async def main() -> tuple[list[dict[str, Any]], list[Any]]:
-            rows, records = [], []
+        async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
+            rows, reasons, records = [], [], []
             for name, rate in [(n.name, n.rate_mbps) for n in nets] + [("Device-Only", None)]:
-                row, recs = await _one_network(st, opts, name, rate, frames)
+                row, reason, recs = await _one_network(st, opts, name, rate, frames)
                 rows.append(row)
+                reasons += [reason] if reason else []
                 records += recs
-            return rows, records
+            return rows, reasons, records
 
-        rows, records = asyncio.run(main())
+        rows, reasons, records = asyncio.run(main())
     finally:
         st.edge.stop()
         st.planner.stop()
@@ -263,5 +315,8 @@ def run_up(opts: UpOptions) -> int:
         f"uplinks shaped by token bucket, rtt {opts.rtt_ms:g} ms; mode {mode}"
     )
     print(format_table(rows))
+    if reasons:
+        print("\nwhy these cuts (the cost model, at each network's last sensed conditions):")
+        print(format_table(reasons, REASON_COLUMNS))
     print(_footer(opts, time.monotonic() - t_start))
     return 0

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError
 from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.deps import ModelEntry, WorkerState
-from dapdee.edge_worker.request_cost import measure_request_ms
+from dapdee.edge_worker.request_cost import calibrated, measure_frame_ms, measure_request_ms
 from dapdee.profiler import load_or_measure, profile_model
 
 log = logging.getLogger("dapdee.edge.registration")
@@ -142,10 +142,15 @@ async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
 
 
 async def _with_request_cost(state: WorkerState, entry: ModelEntry, self_url: str) -> CostGraph:
-    """The entry's graph with `meta.edge.edge_request_ms` measured on this worker (unchanged when
-    the measurement fails: the planner then uses the graph's own overheads)."""
+    """The entry's graph with its edge timings calibrated to the whole frames this worker
+    computes (`calibrated`) and `meta.edge.edge_request_ms` measured on this worker (each left
+    as it was when its measurement fails: the planner then uses the graph's own overheads)."""
     s = state.settings
     token = next((t.get_secret_value() for t in (s.device_token, s.api_token) if t is not None), None)
+    frame_ms = await asyncio.to_thread(measure_frame_ms, self_url, token, entry, s.request_samples)
+    if frame_ms is not None:
+        entry.graph = calibrated(entry.graph, frame_ms)
+        log.info("model %s: %.3f ms of compute per whole frame; profile calibrated", entry.name, frame_ms)
     ms = await asyncio.to_thread(measure_request_ms, self_url, token, entry, s.request_samples)
     if ms is None:
         return entry.graph

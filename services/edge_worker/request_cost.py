@@ -9,21 +9,30 @@ compute, encoding); minus the profiled compute of the node it ran, it is the per
 CPU time, not wall time: it is what one request takes from the worker's capacity, which is
 what the planner books per frame. The worker publishes it in its edge profile's
 `meta.edge_request_ms`, and the planner puts it into the graph it plans on.
+
+The same way, `measure_frame_ms` sends whole frames (the model's input to the final exit) and
+takes the median compute time the worker reports for them: what a frame's nodes take in the
+worker, against which the profile's isolated per-node medians are calibrated (`calibrated`),
+as the device calibrates its own profile to whole frames.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from typing import Any
 
 import torch
 
 from dapdee.client import ClientError, EdgeClient
+from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.deps import ModelEntry
 
 log = logging.getLogger("dapdee.edge.request_cost")
 
 WARMUP = 5
+CALIBRATION_CLAMP = (0.5, 4.0)  # as the device profile's
 
 
 def exit_node_inputs(entry: ModelEntry) -> dict[str, torch.Tensor]:
@@ -57,6 +66,41 @@ def measure_request_ms(url: str, token: str | None, entry: ModelEntry, samples: 
         log.warning("model %s: cannot measure the per-request cost on %s (%s)", entry.name, url, exc)
         return None
     return max(0.0, 1000.0 * server_s / samples - node_ms)
+
+
+def measure_frame_ms(url: str, token: str | None, entry: ModelEntry, samples: int = 50) -> float | None:
+    """The median compute ms the worker reports for a whole frame at batch 1 (the model's input
+    to the final exit, over real HTTP to itself); None when the requests fail. Blocking: run it
+    in a thread. O(samples) requests."""
+    loaded = entry.loaded
+    inputs = {loaded.input_name: loaded.example_input()}
+    exit_name = entry.graph.exits[-1].name
+    try:
+        with EdgeClient(url, token, timeout=30.0) as client:
+            _wait_live(client)
+            for _ in range(WARMUP):
+                client.infer(entry.name, inputs, exit=exit_name)
+            times = [client.infer(entry.name, inputs, exit=exit_name).compute_ms for _ in range(samples)]
+    except ClientError as exc:
+        log.warning("model %s: cannot measure whole-frame compute on %s (%s)", entry.name, url, exc)
+        return None
+    return statistics.median(times)
+
+
+def calibrated(graph: CostGraph, frame_ms: float) -> CostGraph:
+    """`graph` with every node's edge_ms scaled by `frame_ms` / Σ edge_ms over the final exit's
+    nodes (clamped to CALIBRATION_CLAMP; recorded as meta `calibration`). O(V)."""
+    summed = sum(graph.node(n).edge_ms or 0.0 for n in graph.ancestors(graph.exits[-1].node))
+    if summed <= 0:
+        return graph
+    ratio = min(CALIBRATION_CLAMP[1], max(CALIBRATION_CLAMP[0], frame_ms / summed))
+    meta: dict[str, Any] = {
+        **graph.meta.get("edge", {}),
+        "calibration": round(ratio, 4),
+        "calibration_method": "median compute of whole frames (final exit, batch 1) the worker reports over "
+        "HTTP to itself / sum of isolated node medians; every node scaled by it",
+    }
+    return graph.with_timings("edge", {n.name: (n.edge_ms or 0.0) * ratio for n in graph.nodes}, meta)
 
 
 def _wait_live(client: EdgeClient, timeout_s: float = 15.0) -> None:

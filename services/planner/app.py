@@ -12,10 +12,11 @@ from fastapi import FastAPI, Request, Response
 from dapdee.planner import openapi, problems
 from dapdee.planner.config import Settings
 from dapdee.planner.deps import Planning
+from dapdee.planner.errors import CapacityExceeded, MissingTimings, ModelUnreachable, VersionConflict
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.routers import devices, fleet, models, ops, plan, workers
-from dapdee.planner.store import CapacityExceeded, MissingTimings, Store, VersionConflict
+from dapdee.planner.store import Store
 from dapdee.web.access_log import AccessLog
 from dapdee.web.guard import RequestGuard
 from dapdee.web.otel import Tracing, tracer
@@ -85,7 +86,8 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
 
 def _store_errors(app: FastAPI) -> None:
     """The store's refusals as 409 problems (a version conflict, a capacity limit, timings a plan
-    needs that nobody uploaded)."""
+    needs that nobody uploaded), and a 404 with Retry-After for a model that cannot be read while
+    Redis is away (never a 5xx because of Redis)."""
     kinds: tuple[tuple[type[Exception], str], ...] = (
         (VersionConflict, problems.VERSION_CONFLICT),
         (CapacityExceeded, problems.CAPACITY),
@@ -97,3 +99,8 @@ def _store_errors(app: FastAPI) -> None:
             return problems.problem_response(409, str(exc), type_)
 
         app.add_exception_handler(exc_type, handler)
+
+    async def unreachable(request: Request, exc: Any) -> Response:
+        return problems.problem_response(404, str(exc), headers={"Retry-After": "1"})
+
+    app.add_exception_handler(ModelUnreachable, unreachable)

@@ -25,6 +25,7 @@ writes of a replica that dies during an outage are lost (they lived in its memor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import CapacityExceeded, RedisUnavailable, VersionConflict
+from dapdee.planner.errors import CapacityExceeded, ModelUnreachable, RedisUnavailable, VersionConflict
 from dapdee.planner.keys import Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile, PutResult, decode_profiles, parse_graph
@@ -136,8 +137,9 @@ class Catalog:
         return ModelState(graph, h, profiles, version)
 
     async def get(self, name: str) -> ModelState | None:
-        """The cached model, else the stored one (cached from then on), else None. O(1) when
-        cached, else one round trip."""
+        """The cached model, else the stored one (cached from then on), else None. Raises
+        ModelUnreachable when it is not cached and Redis cannot be read. O(1) when cached, else
+        one round trip."""
         st = self.models.get(name)
         if st is not None:
             self.models.move_to_end(name)
@@ -147,7 +149,7 @@ class Catalog:
         try:
             st = await self.fetch(name)
         except RedisUnavailable:
-            return None
+            raise ModelUnreachable(name) from None
         if st is not None and name not in self.models:
             self._remember(name, st)
         return self.models.get(name)
@@ -179,9 +181,10 @@ class Catalog:
         names = {n.decode() for n in stored} | {n for n in self.models if self.outbox.has(n)}
         out = {}
         for name in sorted(names):
-            st = await self.get(name)
-            if st is not None:
-                out[name] = st
+            with contextlib.suppress(ModelUnreachable):  # Redis went away mid-listing
+                st = await self.get(name)
+                if st is not None:
+                    out[name] = st
         return out
 
     # ---- writes ------------------------------------------------------------------------------

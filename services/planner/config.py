@@ -37,9 +37,10 @@ class Settings(SecuritySettings):
     redis_url: str | None = "redis://127.0.0.1:6379/0"
     key_prefix: str = Field("dapdee", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     worker_ttl_s: float = Field(10.0, gt=0)
-    # Redis client behaviour: short timeouts so a dead Redis never stalls a request, and a
-    # back-off between reconnect attempts.
-    redis_timeout_s: float = Field(0.3, gt=0)
+    # Redis client behaviour: a timeout so a hung Redis stalls a request at most this long (a
+    # stopped one refuses at once), and a back-off between reconnect attempts. Not much shorter:
+    # under a burst the event loop may take a few hundred ms to get round to a finished connect.
+    redis_timeout_s: float = Field(1.0, gt=0)
     redis_backoff_s: float = Field(1.0, gt=0)
     # How often a replica re-reads the shared generation counter and the worker registry.
     refresh_s: float = Field(1.0, gt=0)

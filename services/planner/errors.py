@@ -8,6 +8,19 @@ class RedisUnavailable(Exception):
     the store answers from process memory and queues writes instead)."""
 
 
+class ModelUnreachable(Exception):
+    """A model this replica has not cached could not be read because Redis is unavailable. It may
+    exist (another replica stored it), yet the planner never answers 5xx because Redis is away:
+    HTTP 404 whose detail says so, with Retry-After."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"model {model!r} is not in this planner's memory and Redis is unavailable, so it may be stored "
+            "but cannot be read now; retry"
+        )
+        self.model = model
+
+
 class MissingTimings(Exception):
     """A plan needs timings nobody uploaded; the message says what to upload (HTTP 409)."""
 

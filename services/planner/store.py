@@ -23,7 +23,13 @@ import logging
 from dapdee.costgraph import CostGraph
 from dapdee.planner.catalog import Catalog
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import CapacityExceeded, MissingTimings, RedisUnavailable, VersionConflict
+from dapdee.planner.errors import (
+    CapacityExceeded,
+    MissingTimings,
+    ModelUnreachable,
+    RedisUnavailable,
+    VersionConflict,
+)
 from dapdee.planner.fleet import Candidate, Fleet
 from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
@@ -151,7 +157,8 @@ class Store:
 
     # ---- models and profiles (see catalog.Catalog) -----------------------------------------------
     async def get_model(self, name: str) -> ModelState | None:
-        """The model (cached, else read from Redis and cached), or None."""
+        """The model (cached, else read from Redis and cached), or None (ModelUnreachable: not
+        cached and Redis is away)."""
         return await self.catalog.get(name)
 
     async def refresh_model(self, name: str) -> ModelState | None:
@@ -232,7 +239,10 @@ class Store:
 
     async def candidates_for(self, name: str, device_tier: str | None, workers: list[Worker]) -> list[Candidate]:
         """`candidates` by model name and device tier ([] when either is gone: a lease outlived them)."""
-        st = await self.get_model(name)
+        try:
+            st = await self.get_model(name)
+        except ModelUnreachable:
+            return []
         if st is None:
             return []
         dev = st.profiles.get(device_tier) if device_tier is not None else None

@@ -1,0 +1,383 @@
+"""The client side of the fleet benchmark: many emulated devices in one process, on one
+event loop, each the real device runtime (`dapdee.device.runtime.DeviceRuntime` with its real
+edge link, shaped uplink, sensing, probes, plan source and re-planning) with
+`EmulatedCompute`: the device part sleeps the profiled device time x K and sends real tensors
+of the right shapes, so devices take no CPU for compute.
+
+Each device is assembled from the runtime's parts as `dapdee.device.session` assembles one,
+except that its compute is emulated and its profile is not measured per device: the runner
+publishes the tier's profile once (with the `device_request_ms` a real session measured).
+Every device senses its own link at start-up (round trips, probe pairs) and asks for its plans
+at the conditions it senses.
+
+**Camera.** A device's camera releases a frame every 1 / frame_rate s. A frame enters the
+runtime when the pipeline has room: the device's compute is idle (no frame in its device
+part) and fewer than `max_inflight` frames are in flight; otherwise it waits in a one-frame
+buffer, and the next release replaces it (the waiting frame is dropped: it missed its budget).
+A frame's latency runs from its release to its answer, so a wait in the buffer counts.
+
+**Protocol** (`python -m dapdee.bench.fleet_bench.devices`): one JSON job line on stdin
+(`ClientJob`); the process opens its devices and prints `{"ready": n}`; the runner answers
+with `{"go": EPOCH_S}`, the wall-clock start of the cameras; after warm-up + window (+ a drain
+of the frames still in flight) it prints `{"devices": [...]}` (`device_result`) and exits.
+Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dapdee.bench.fleet_bench.scenario import MODELS, DeviceSpec, base_profile, scaled_profile
+from dapdee.bench.fleet_bench.systems import SYSTEMS, plan_source
+from dapdee.client import AsyncPlannerClient
+from dapdee.costgraph import CostGraph
+from dapdee.device.compute import BoundaryValues, Computed, EmulatedCompute, Progressed
+from dapdee.device.config import Requirements, RuntimeConfig
+from dapdee.device.edge import Backoff, EdgeLink, WorkerTrust
+from dapdee.device.plan_source import listed_workers
+from dapdee.device.probe import LinkProber, Sensor
+from dapdee.device.replanner import conditions
+from dapdee.device.runtime import DeviceRuntime
+from dapdee.device.sensing import Sensing
+from dapdee.device.types import Frame, FrameRecord
+from dapdee.netem import ShapedUplink
+from dapdee.progressive_run import SidePart
+
+log = logging.getLogger("dapdee.bench.fleet")
+
+DRAIN_S = 3.0  # after the window, frames still in flight get this long to finish
+# Devices sense their link once, at start-up (round trips and probe pairs, before any load), and
+# keep that view: on this host a loaded worker's HTTP queueing (outside the queue and compute
+# time it reports) is read by the runtime's estimator as a slow uplink (3G devices sensed at
+# 0.05-0.09 Mbit/s instead of 1.1), which re-plans every few seconds. So frame uploads give no
+# bandwidth samples and idle links are not probed again (see the report).
+MIN_EXPECTED_MS = math.inf
+NO_IDLE_PROBES_S = 1e9
+STARTUP_CONCURRENCY = 8  # devices probing their links at once while a process opens its devices
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """What one client process runs: its devices under `system` against the planner."""
+
+    planner_url: str
+    device_token: str
+    system: str
+    model: str
+    k: float
+    tier: str
+    devices: list[DeviceSpec]
+    frame_rate: float
+    budget_ms: float
+    warmup_s: float
+    window_s: float
+    max_inflight: int = 3
+    probe_idle_s: float = NO_IDLE_PROBES_S
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientJob:
+        raw = json.loads(text)
+        raw["devices"] = [DeviceSpec(**d) for d in raw["devices"]]
+        return cls(**raw)
+
+    def runtime_config(self) -> RuntimeConfig:
+        req = Requirements(latency_budget_ms=self.budget_ms, frame_rate=self.frame_rate, mode="auto")
+        return RuntimeConfig(req, max_inflight=self.max_inflight, probe_idle_s=self.probe_idle_s)
+
+
+class DeviceStage:
+    """The device's compute as its camera sees it: the emulated compute, counting the device
+    parts in progress (waiting for the device's one compute thread or running) and setting
+    `changed` whenever one ends. A `ComputeBackend`."""
+
+    def __init__(self, inner: EmulatedCompute, changed: asyncio.Event) -> None:
+        self.inner = inner
+        self.changed = changed
+        self.active = 0
+
+    async def run(
+        self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
+    ) -> Computed:
+        self.active += 1
+        try:
+            return await self.inner.run(given, targets, allowed)
+        finally:
+            self.active -= 1
+            self.changed.set()
+
+    async def progressive(
+        self, given: Mapping[str, Any], part: SidePart, targets: Sequence[str], allowed: Collection[str] | None = None
+    ) -> Progressed:
+        self.active += 1
+        try:
+            return await self.inner.progressive(given, part, targets, allowed)
+        finally:
+            self.active -= 1
+            self.changed.set()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class PlanLog:
+    """The planner client as a device's plan source sees it: every answer's predicted stages
+    are kept by plan id (the runtime's plans carry only the total and the bottleneck)."""
+
+    def __init__(self, client: AsyncPlannerClient) -> None:
+        self.client = client
+        self.base_url = client.base_url
+        self.predicted: dict[str, dict[str, Any]] = {}
+
+    async def plan(self, body: Any) -> Any:
+        answer = await self.client.plan(body)
+        self.predicted[answer.plan_id] = answer.predicted.model_dump(mode="json")
+        return answer
+
+    async def release(self, device_id: str) -> None:
+        await self.client.release(device_id)
+
+
+@dataclass
+class Released:
+    """One released frame: when (monotonic s), and once answered its record and answer time."""
+
+    at: float
+    record: FrameRecord | None = None
+    done_at: float | None = None
+    error: str | None = None
+
+
+class Camera:
+    """Releases frames at `rate` into `runtime` (see the module docstring)."""
+
+    def __init__(self, runtime: DeviceRuntime, stage: DeviceStage, frame: Frame, rate: float, cap: int) -> None:
+        self.runtime = runtime
+        self.stage = stage
+        self.frame = frame
+        self.period = 1.0 / rate
+        self.cap = cap
+        self.wake = stage.changed
+        self.frames: list[Released] = []
+        self.inflight: set[asyncio.Task[None]] = set()
+
+    def _room(self) -> bool:
+        return self.stage.active == 0 and len(self.inflight) < self.cap
+
+    async def _one(self, rel: Released) -> None:
+        try:
+            rel.record = await self.runtime.infer(self.frame)
+        except Exception as exc:  # counted as a missed frame; the camera goes on
+            rel.error = f"{type(exc).__name__}: {exc}"[:200]
+        rel.done_at = time.monotonic()
+        self.wake.set()
+
+    def _admit(self, rel: Released) -> None:
+        task = asyncio.create_task(self._one(rel))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    async def run(self, start: float, end: float) -> None:
+        """Release frames from `start` until `end` (monotonic s); then wait up to DRAIN_S for
+        the frames in flight. O(frames)."""
+        loop = asyncio.get_running_loop()
+        next_at, waiting = start, None
+        while True:
+            now = time.monotonic()
+            while next_at <= now and next_at < end:
+                if waiting is not None:
+                    self.frames.append(waiting)  # replaced in the buffer: dropped
+                waiting, next_at = Released(next_at), next_at + self.period
+            if waiting is not None and self._room():
+                self.frames.append(waiting)
+                self._admit(waiting)
+                waiting = None
+                await asyncio.sleep(0)  # let it reach its device part before the next check
+                continue
+            if next_at >= end and (waiting is None or now > end + DRAIN_S):
+                break
+            timer = loop.call_at(next_at if next_at < end else end + DRAIN_S, self.wake.set)
+            await self.wake.wait()
+            self.wake.clear()
+            timer.cancel()
+        if waiting is not None:
+            self.frames.append(waiting)
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=max(0.1, end + DRAIN_S - time.monotonic()))
+        for task in list(self.inflight):
+            task.cancel()
+
+
+@dataclass
+class Device:
+    spec: DeviceSpec
+    runtime: DeviceRuntime
+    camera: Camera
+    plans: PlanLog
+    opened: list[str] = field(default_factory=list)  # notes from start-up
+
+
+@dataclass
+class Shared:
+    """What a process's devices share: the model's graph at K, the boundary values, the frame,
+    one planner client (device token), the job."""
+
+    job: ClientJob
+    graph: CostGraph
+    values: BoundaryValues
+    frame: Frame
+    planner: AsyncPlannerClient
+
+    @classmethod
+    def open(cls, job: ClientJob) -> Shared:
+        from dapdee.models import load_model
+
+        loaded = load_model("", weights=str(MODELS[job.model]))
+        graph = scaled_profile(base_profile(loaded, job.model), job.k)
+        values = BoundaryValues(loaded)
+        values.get([n.name for n in graph.nodes])  # every boundary value, computed once now
+        planner = AsyncPlannerClient(job.planner_url, job.device_token, timeout=10.0)
+        return cls(job, graph, values, Frame(values.x, source="emulated"), planner)
+
+
+async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
+    """One emulated device, started: its link sensed, its plan source made, its first plan in
+    hand. Raises what the runtime raises when it cannot start (DeviceError, ClientError)."""
+    job, graph = shared.job, shared.graph
+    cfg = job.runtime_config()
+    sensing = Sensing(prior_mbps=spec.rate_mbps, fixed_load=0.0, min_expected_ms=MIN_EXPECTED_MS)
+    trust = WorkerTrust(functools.partial(listed_workers, shared.planner), refresh_s=5.0)
+    edge = EdgeLink(
+        graph, trust, sensing, job.device_token, ShapedUplink(spec.rate_mbps, rtt_ms=spec.rtt_ms),
+        backoff=Backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
+    )  # fmt: skip
+    await trust.refresh(force=True, strict=True)
+    prober = LinkProber(edge, graph, sensing)
+    serving = trust.serving(graph.model)
+    if serving:
+        await prober.startup(serving[0], rounds=2)
+    plans = PlanLog(shared.planner)
+    system = SYSTEMS[job.system]
+    source = await plan_source(system, plans, graph, cfg.requirements, job.tier, spec.device_id, conditions(sensing))
+    stage = DeviceStage(EmulatedCompute(graph, shared.values), asyncio.Event())
+    runtime = DeviceRuntime(
+        graph, stage, source, config=cfg, sensing=sensing, edge=edge, slowdown=job.k, rate_mbps=spec.rate_mbps
+    )
+    if source.replans:
+
+        def target() -> str | None:
+            listed = trust.serving(graph.model)
+            return runtime.plan.edge_worker or (listed[0] if listed else None)
+
+        runtime.sensor = Sensor(prober, sensing, cfg, target)
+    await runtime.start()
+    camera = Camera(runtime, stage, shared.frame, job.frame_rate, cfg.max_inflight)
+    return Device(spec, runtime, camera, plans)
+
+
+def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
+    """One device's run as JSON: its spec; each frame released in the window as
+    `[release s into the window, latency ms or null (dropped / unanswered), predicted ms,
+    where, exit, device ms, edge queue + compute ms or null, plan id, error]`; every plan it put in use
+    as `[s into the window (negative: before), exit, device nodes, worker, plan id]`; the
+    predicted stages of those plans; its last events. O(frames + plans)."""
+    w0, w1 = window
+    frames = []
+    for rel in dev.camera.frames:
+        if not w0 <= rel.at < w1:
+            continue
+        r = rel.record
+        if r is None or rel.done_at is None:
+            frames.append([rel.at - w0, None, None, None, None, None, None, None, rel.error])
+            continue
+        server = None if r.edge_compute_ms is None else (r.edge_queue_ms or 0.0) + r.edge_compute_ms
+        frames.append(
+            [rel.at - w0, (rel.done_at - rel.at) * 1000.0, r.predicted_ms, r.where, r.exit, r.device_ms, server,
+             r.plan_id, r.error]
+        )  # fmt: skip
+    plans = [[p.requested_at - w0, p.exit, p.cut, p.edge_worker, p.plan_id] for p in dev.runtime.plans]
+    used = {p[4] for p in plans} | {f[7] for f in frames if f[7]}
+    return {
+        "spec": asdict(dev.spec),
+        "frames": frames,
+        "plans": plans,
+        "predicted": {pid: dev.plans.predicted[pid] for pid in used if pid in dev.plans.predicted},
+        "sensed": {
+            "bandwidth_mbps": dev.runtime.sensing.bandwidth_mbps,
+            "request_rtt_ms": dev.runtime.sensing.request_rtt_ms,
+            "samples": [[b, round(ms, 2), sample and round(sample, 4)] for b, ms, _, _, sample in
+                        list(dev.runtime.sensing.bandwidth.history)[-8:]],  # fmt: skip
+        },
+        "events": dev.runtime.events[-10:],
+    }
+
+
+async def _open_all(shared: Shared) -> tuple[list[Device], list[str]]:
+    gate = asyncio.Semaphore(STARTUP_CONCURRENCY)
+
+    async def one(spec: DeviceSpec) -> Device:
+        async with gate:
+            return await open_device(spec, shared)
+
+    got = await asyncio.gather(*(one(s) for s in shared.job.devices), return_exceptions=True)
+    devices = [d for d in got if isinstance(d, Device)]
+    errors = [f"{s.device_id}: {type(e).__name__}: {e}" for s, e in zip(shared.job.devices, got, strict=True)
+              if isinstance(e, BaseException)]  # fmt: skip
+    return devices, errors
+
+
+async def _close(devices: list[Device], shared: Shared) -> None:
+    for dev in devices:
+        with contextlib.suppress(Exception):
+            await dev.runtime.aclose()
+            if dev.runtime.edge is not None:
+                await dev.runtime.edge.aclose()
+    await shared.planner.aclose()
+
+
+def _say(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def serve(job: ClientJob) -> None:
+    """The protocol of the module docstring."""
+    shared = Shared.open(job)
+    devices, errors = await _open_all(shared)
+    try:
+        _say({"ready": len(devices), "errors": errors, "pid": os.getpid()})
+        line = await asyncio.to_thread(sys.stdin.readline)
+        go = float(json.loads(line)["go"])
+        start = time.monotonic() + (go - time.time())
+        window = (start + job.warmup_s, start + job.warmup_s + job.window_s)
+        await asyncio.gather(*(d.camera.run(start, window[1]) for d in devices))
+        _say({"devices": [device_result(d, window) for d in devices], "errors": errors})
+    finally:
+        await _close(devices, shared)
+
+
+def main() -> int:
+    import torch
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(1)
+    job = ClientJob.from_json(sys.stdin.readline())
+    asyncio.run(serve(job))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

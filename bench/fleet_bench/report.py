@@ -1,0 +1,253 @@
+"""The fleet benchmark's report: one table row per run, the per-stage prediction table, the
+targets with PASS/FAIL and their ratios, and the plot (goodput and p99 against N, one line per
+system). Pure functions of the runs' summaries (`metrics.summarize`), except `plot`, which
+writes a PNG (matplotlib, Agg backend).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FLEET, INDEPENDENT = "DAPDEE-fleet", "DAPDEE-independent"
+MAIN_K, MAIN_MODEL = 30.0, "resnet18"
+NOISE_Z = 2.0  # "within noise": within 2 standard errors of the difference
+GOODPUT_X_INDEPENDENT, GOODPUT_X_BEST_N16 = 1.5, 1.2
+MAX_PRED_ERR, MAX_UTIL, MAX_CHANGES = 0.10, 0.95, 1.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checked target: `ok` None when the runs it needs are missing."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+    def line(self) -> str:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[self.ok]
+        return f"{verdict}  {self.name}: {self.detail}"
+
+
+def _f(v: Any, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _where(s: dict[str, Any]) -> str:
+    total = sum(s["where"].values()) or 1
+    return "/".join(f"{100 * s['where'].get(w, 0) / total:.0f}" for w in ("edge", "local", "fallback"))
+
+
+COLUMNS = (
+    "system | N | goodput fps (±se) | per device | SLO | p50 ms | p99 ms | dropped | edge/local/fallback % "
+    "| accuracy | worker util | worker CPU | planner CPU | clients CPU | plan changes /dev-min | pred err lat "
+    "| pred err fps"
+)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def run_row(s: dict[str, Any]) -> str:
+    cpu = [_f(s[k], ".2f") for k in ("utilisation", "worker_cpu", "planner_cpu", "clients_cpu")]
+    return " | ".join(
+        [
+            s["system"], str(s["n"]), f"{s['goodput_fps']:.1f} ±{s['goodput_se']:.1f}",
+            f"{s['goodput_per_device']:.2f}", f"{100 * s['slo_attainment']:.0f}%", _f(s["p50_ms"]), _f(s["p99_ms"]),
+            _pct(s["dropped_share"]), _where(s), _f(s["accuracy"], ".4f"), *cpu,
+            _f(s["plan_changes_per_device_min"], ".2f"), _pct(s["pred_err_latency"]), _pct(s["pred_err_throughput"]),
+        ]
+    )  # fmt: skip
+
+
+def groups(summaries: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Runs by (model, K), in the order first seen; each group sorted by N, then system order."""
+    out: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for s in summaries:
+        out.setdefault((s["model"], s["k"]), []).append(s)
+    return out
+
+
+def tables(summaries: Sequence[dict[str, Any]], system_order: Sequence[str]) -> str:
+    """One markdown table per (model, K)."""
+    rank = {name: i for i, name in enumerate(system_order)}
+    parts = []
+    for (model, k), runs in groups(summaries).items():
+        runs = sorted(runs, key=lambda s: (s["n"], rank.get(s["system"], 99)))
+        parts.append(f"### {model}, K = {k:g}\n\n| {COLUMNS} |\n|" + "---|" * len(COLUMNS.split("|")))
+        parts += [f"| {run_row(s)} |" for s in runs]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def stages_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """Per run, medians over the frames the edge answered: predicted device / transfer / edge ms
+    against the measured device compute, edge queue + compute, and link + HTTP."""
+    head = (
+        "| model | K | system | N | edge frames | pred device | pred transfer | pred edge | pred total "
+        "| meas device | meas link+HTTP | meas edge queue+compute | meas total |\n|" + "---|" * 13
+    )
+    rows = [head]
+    for s in summaries:
+        st = s.get("stages") or {}
+        if not st:
+            continue
+        vals = [st.get(f"pred_{k}_ms") for k in ("device", "transfer", "edge", "latency")]
+        vals += [st.get(f"meas_{k}_ms") for k in ("device", "link_http", "edge_server", "latency")]
+        rows.append(
+            f"| {s['model']} | {s['k']:g} | {s['system']} | {s['n']} | {int(st['frames'])} | "
+            + " | ".join(_f(v) for v in vals)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def _find(summaries: Iterable[dict[str, Any]], system: str, n: int, k: float = MAIN_K, model: str = MAIN_MODEL):
+    return next(
+        (s for s in summaries if s["system"] == system and s["n"] == n and s["k"] == k and s["model"] == model), None
+    )
+
+
+def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return NOISE_Z * math.hypot(a["goodput_se"], b["goodput_se"])
+
+
+def _vs_baselines(summaries: Sequence[dict[str, Any]], ns: list[int]) -> list[Target]:
+    out = []
+    for n in ns:
+        f = _find(summaries, FLEET, n)
+        others = [s for s in summaries if s["n"] == n and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
+                  and s["system"] != FLEET]  # fmt: skip
+        name = f"K=30 N={n}: DAPDEE-fleet goodput >= every baseline (within {NOISE_Z:g} SE)"
+        if f is None or not others:
+            out.append(Target(name, None, "runs missing"))
+            continue
+        best = max(others, key=lambda s: s["goodput_fps"])
+        ok = all(f["goodput_fps"] >= s["goodput_fps"] - _noise(f, s) for s in others)
+        ratio = f["goodput_fps"] / best["goodput_fps"] if best["goodput_fps"] else math.inf
+        out.append(Target(name, ok, f"{f['goodput_fps']:.1f} vs best {best['system']} {best['goodput_fps']:.1f} fps "
+                                    f"(ratio {ratio:.2f}, noise ±{_noise(f, best):.1f})"))  # fmt: skip
+    return out
+
+
+def _ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, against: str | None) -> Target:
+    """DAPDEE-fleet's goodput >= factor x `against`'s (None: the best baseline) at K=30, N=n."""
+    f = _find(summaries, FLEET, n)
+    what = against or "the best baseline"
+    name = f"K=30 N={n}: DAPDEE-fleet goodput >= {factor:g}x {what}"
+    if against is None:
+        others = [s for s in summaries if s["n"] == n and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
+                  and s["system"] != FLEET]  # fmt: skip
+        b = max(others, key=lambda s: s["goodput_fps"]) if others else None
+    else:
+        b = _find(summaries, against, n)
+    if f is None or b is None:
+        return Target(name, None, "runs missing")
+    ratio = f["goodput_fps"] / b["goodput_fps"] if b["goodput_fps"] else math.inf
+    return Target(name, ratio >= factor, f"{f['goodput_fps']:.1f} vs {b['system']} {b['goodput_fps']:.1f} fps "
+                                         f"(ratio {ratio:.2f})")  # fmt: skip
+
+
+def _single_device(summaries: Sequence[dict[str, Any]]) -> Target:
+    f, i = _find(summaries, FLEET, 1), _find(summaries, INDEPENDENT, 1)
+    name = f"K=30 N=1: DAPDEE-fleet goodput = DAPDEE-independent (within {NOISE_Z:g} SE)"
+    if f is None or i is None:
+        return Target(name, None, "runs missing")
+    diff = f["goodput_fps"] - i["goodput_fps"]
+    ratio = f["goodput_fps"] / i["goodput_fps"] if i["goodput_fps"] else math.inf
+    return Target(name, abs(diff) <= _noise(f, i), f"{f['goodput_fps']:.2f} vs {i['goodput_fps']:.2f} fps "
+                                                   f"(ratio {ratio:.3f}, noise ±{_noise(f, i):.2f})")  # fmt: skip
+
+
+def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]:
+    fleet = [s for s in summaries if s["system"] == FLEET]
+    if not fleet:
+        return [Target("DAPDEE-fleet runs", None, "none")]
+
+    def where(s: dict[str, Any]) -> str:
+        return f"{s['model']} K={s['k']:g} N={s['n']}"
+
+    booked = [(where(s), s["booked_max"]) for s in fleet if s["booked_max"] is not None]
+    util = [(where(s), s["utilisation"]) for s in fleet]
+    lat = [(where(s), s["pred_err_latency"]) for s in fleet]
+    fps = [(where(s), s["pred_err_throughput"]) for s in fleet]
+    churn = [(where(s), s["plan_changes_per_device_min"]) for s in fleet]
+
+    def worst(pairs: list[tuple[str, float | None]], scale: float = 1.0, unit: str = "") -> str:
+        have = [(w, v) for w, v in pairs if v is not None]
+        if not have:
+            return "no data"
+        w, v = max(have, key=lambda p: p[1])
+        return f"worst {v * scale:.3g}{unit} at {w}; all: " + ", ".join(f"{v * scale:.3g}" for _, v in have)
+
+    def ok(pairs: list[tuple[str, float | None]], limit: float) -> bool | None:
+        have = [v for _, v in pairs if v is not None]
+        return all(v <= limit for v in have) if have else None
+
+    return [
+        Target(f"leases never book a worker past rho_max = {rho_max:g}", ok(booked, rho_max + 1e-9), worst(booked)),
+        Target(f"measured worker utilisation <= {MAX_UTIL:g} (DAPDEE-fleet)", ok(util, MAX_UTIL), worst(util)),
+        Target(f"median latency prediction error <= {MAX_PRED_ERR:.0%} (DAPDEE-fleet, every N)",
+               ok(lat, MAX_PRED_ERR), worst(lat, 100, "%")),
+        Target(f"median throughput prediction error <= {MAX_PRED_ERR:.0%} (DAPDEE-fleet, every N)",
+               ok(fps, MAX_PRED_ERR), worst(fps, 100, "%")),
+        Target(f"steady state: <= {MAX_CHANGES:g} plan change per device-minute (DAPDEE-fleet)",
+               ok(churn, MAX_CHANGES), worst(churn)),
+    ]  # fmt: skip
+
+
+def targets(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]:
+    """Every target of the issue that the runs allow checking (module docstring of fleet.py)."""
+    ns = sorted({s["n"] for s in summaries if s["k"] == MAIN_K and s["model"] == MAIN_MODEL})
+    out = _vs_baselines(summaries, ns)
+    out += [_ratio_target(summaries, n, GOODPUT_X_INDEPENDENT, INDEPENDENT) for n in (32, 64) if n in ns]
+    if 16 in ns:
+        out.append(_ratio_target(summaries, 16, GOODPUT_X_BEST_N16, None))
+    if 1 in ns:
+        out.append(_single_device(summaries))
+    return out + _every_fleet_run(summaries, rho_max)
+
+
+def plot(summaries: Sequence[dict[str, Any]], system_order: Sequence[str], path: Path) -> None:
+    """Goodput (fleet total) and p99 latency against N, one line per system; one row of two
+    panels per (model, K) with more than one N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, runs) for key, runs in groups(summaries).items() if len({s["n"] for s in runs}) > 1]
+    panels = panels or list(groups(summaries).items())
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.8 * len(panels)), squeeze=False)
+    for row, ((model, k), runs) in zip(axes, panels, strict=True):
+        for system in system_order:
+            mine = sorted((s for s in runs if s["system"] == system), key=lambda s: s["n"])
+            if not mine:
+                continue
+            ns = [s["n"] for s in mine]
+            style = {"marker": "o", "linewidth": 2.2 if system == FLEET else 1.2}
+            row[0].errorbar(ns, [s["goodput_fps"] for s in mine], yerr=[NOISE_Z * s["goodput_se"] for s in mine],
+                            label=system, capsize=2, **style)  # fmt: skip
+            row[1].plot(ns, [s["p99_ms"] or math.nan for s in mine], label=system, **style)
+        offered = sorted({(s["n"], s["offered_fps"]) for s in runs})
+        row[0].plot([n for n, _ in offered], [o for _, o in offered], "k:", linewidth=1, label="offered")
+        row[0].set(xscale="log", xlabel="devices N", ylabel="goodput (frames/s within budget)",
+                   title=f"{model}, K = {k:g}: goodput")  # fmt: skip
+        budget = runs[0].get("budget_ms")
+        if budget:
+            row[1].axhline(budget, color="k", linestyle=":", linewidth=1, label="budget")
+        row[1].set(xscale="log", yscale="log", xlabel="devices N", ylabel="p99 latency (ms)",
+                   title=f"{model}, K = {k:g}: p99 latency")  # fmt: skip
+        for ax in row:
+            ax.set_xticks(sorted({s["n"] for s in runs}), [str(n) for n in sorted({s["n"] for s in runs})])
+            ax.grid(True, alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

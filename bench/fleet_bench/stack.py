@@ -1,0 +1,163 @@
+"""The services of the fleet benchmark: a private Redis, one edge worker and a planner, each a
+subprocess on 127.0.0.1 (`dapdee serve ...` through `dapdee.testing.ServiceProcess`), closed
+with random admin, device and worker tokens.
+
+- The edge worker serves every model of the run (`SPEC@ARTIFACT`), with ONE compute slot
+  (`--workers 1`), one torch thread, and no batching (`--batch-max 1`): the issue's "limited
+  to 1 compute slot", and batch 1 is the cost the planner books per frame (`edge_ms_per_frame`
+  = Σ edge_ms + the worker's own measured `edge_request_ms`, both at batch 1), so the leases'
+  arithmetic and the worker's real cost are the same thing. It is started once per benchmark:
+  it profiles its nodes and measures its per-request cost once, before any load.
+- The planner is restarted for every run on the same port with a fresh Redis key prefix (no
+  lease, plan map or profile of an earlier run survives) and the run's settings (fleet
+  planning on or off); the edge worker notices on its next heartbeat (every second) that the
+  planner lost its model and registers it again.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from dapdee.testing import RedisProcess, ServiceProcess, unique_prefix, wait_registered
+
+EDGE_TIER = "edge"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The three role tokens both services read from their environment."""
+
+    admin: str
+    device: str
+    worker: str
+
+    @classmethod
+    def new(cls) -> Tokens:
+        return cls(secrets.token_urlsafe(24), secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+
+    def env(self) -> dict[str, str]:
+        return {
+            "DAPDEE_ADMIN_TOKEN": self.admin,
+            "DAPDEE_DEVICE_TOKEN": self.device,
+            "DAPDEE_WORKER_TOKEN": self.worker,
+        }
+
+
+@dataclass(frozen=True)
+class EdgeCounters:
+    """The worker's cumulative counters at one instant (its /metrics)."""
+
+    busy_s: float  # dapdee_edge_compute_busy_seconds_total
+    slots: float  # dapdee_edge_compute_slots
+    requests: dict[str, float]  # status -> infer requests
+    rejected: dict[str, float]  # reason -> requests refused before decoding
+
+
+def _samples(text: str, name: str) -> list[tuple[str, float]]:
+    """(labels text, value) of every sample of metric `name` in a Prometheus exposition."""
+    out = []
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", text, re.MULTILINE):
+        out.append((m.group(1) or "", float(m.group(2))))
+    return out
+
+
+def _by_label(samples: list[tuple[str, float]], label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for labels, v in samples:
+        m = re.search(rf'{label}="([^"]*)"', labels)
+        key = m.group(1) if m else ""
+        out[key] = out.get(key, 0.0) + v
+    return out
+
+
+def parse_edge_counters(text: str) -> EdgeCounters:
+    """The counters the benchmark reads from a worker's /metrics text."""
+    busy = sum(v for _, v in _samples(text, "dapdee_edge_compute_busy_seconds_total"))
+    slots = sum(v for _, v in _samples(text, "dapdee_edge_compute_slots")) or 1.0
+    requests = _by_label(_samples(text, "dapdee_edge_requests_total"), "status")
+    rejected = _by_label(_samples(text, "dapdee_edge_rejected_total"), "reason")
+    return EdgeCounters(busy, slots, requests, rejected)
+
+
+PLANNER_COUNTERS = (
+    "dapdee_planner_plans_total",
+    "dapdee_planner_planmap_builds_total",
+    "dapdee_planner_rebalances_total",
+)
+
+
+def parse_planner_counters(text: str) -> dict[str, float]:
+    """The planner's totals the benchmark reads (plans answered, plan maps built, rebalances)."""
+    return {name.removeprefix("dapdee_planner_"): sum(v for _, v in _samples(text, name)) for name in PLANNER_COUNTERS}
+
+
+class FleetStack:
+    """Redis + one edge worker (started by `start`) + a planner per run (`use_planner`).
+    A context manager; `stop` ends everything it started."""
+
+    def __init__(
+        self,
+        artifacts: Sequence[Path],
+        profile_repeats: int = 20,
+        request_samples: int = 50,
+        profile_cache: Path | None = None,
+    ) -> None:
+        self.tokens = Tokens.new()
+        self.redis = RedisProcess()
+        self.planner = ServiceProcess("planner", [], "/readyz", {}, log_level="error")
+        models = ",".join(f"@{a}" for a in artifacts)
+        args = ["--models", models, "--workers", "1", "--batch-max", "1", "--threads", "1", "--tier", EDGE_TIER]
+        args += ["--planner", self.planner.url, "--profile-repeats", str(profile_repeats)]
+        if profile_cache is not None:
+            args += ["--profile-cache", str(profile_cache)]
+        env = {"DAPDEE_EDGE_HEARTBEAT_S": "1", "DAPDEE_EDGE_REQUEST_SAMPLES": str(request_samples)}
+        self.edge = ServiceProcess("edge", args, "/v2/health/ready", {**self.tokens.env(), **env}, log_level="error")
+        self.prefix = ""
+
+    def start(self) -> FleetStack:
+        self.redis.start()
+        self.edge.start(180)
+        return self
+
+    def use_planner(self, settings: Mapping[str, str], models: Sequence[str], timeout_s: float = 120.0) -> str:
+        """(Re)start the planner with `settings` (DAPDEE_* variables) and a fresh key prefix, and
+        wait until the edge worker has registered each of `models` with it. Returns its URL."""
+        self.planner.stop()
+        self.prefix = unique_prefix("fleet")
+        self.planner.args = ["--redis-url", self.redis.url]
+        self.planner.env = {**self.tokens.env(), "DAPDEE_KEY_PREFIX": self.prefix, **settings}
+        self.planner.start(90)
+        for m in models:
+            wait_registered(self.planner.url, m, [self.edge.url], timeout_s, self.tokens.admin, EDGE_TIER)
+        return self.planner.url
+
+    def edge_counters(self) -> EdgeCounters:
+        return parse_edge_counters(httpx.get(f"{self.edge.url}/metrics", timeout=5).text)
+
+    def planner_counters(self) -> dict[str, float]:
+        return parse_planner_counters(httpx.get(f"{self.planner.url}/metrics", timeout=5).text)
+
+    def pids(self) -> dict[str, int]:
+        """The service processes' ids (for CPU accounting)."""
+        out = {}
+        for name, proc in (("edge", self.edge.proc), ("planner", self.planner.proc), ("redis", self.redis.proc)):
+            if proc is not None:
+                out[name] = proc.pid
+        return out
+
+    def stop(self) -> None:
+        self.planner.stop()
+        self.edge.stop()
+        self.redis.stop()
+
+    def __enter__(self) -> FleetStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,233 @@
+"""Targets: every line the issue asks for, with its ratio and PASS/FAIL, and the numbers they
+rest on (the noise band from repeated rounds, prediction fidelity).
+
+- light / heavy: DAPDEE against each baseline, latency (<= 1 + band) and throughput (>= 1 − band);
+- speedup: DAPDEE / Device-Only throughput at 4G, >= 9.9 (informational for chains and
+  camera-size inputs, see `options.CAMERA_SIZE`);
+- accuracy: the worst accuracy loss vs the final exit wherever the final exit's class is allowed;
+- adaptation: the live loop per phase against that phase's optimum plan;
+- fidelity: median |predicted − measured| / measured over the sequential plans (<= 0.10), and for
+  heavy load each distinct plan's measured / predicted throughput within [0.8, 1.25];
+- cuts: the camera-size Fig. 7 moves through at least three distinct mid-network cuts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from dapdee.bench.paperbench.options import ACC_CLASS, CAMERA_SIZE, DAG_MODELS, Options
+from dapdee.bench.paperbench.plans import BASELINES, LABEL, PLANNERS
+from dapdee.bench.paperbench.stats import med, pct
+
+FIDELITY_MEDIAN = 0.10
+THROUGHPUT_RATIO = (0.8, 1.25)
+MIN_MID_CUTS = 3
+
+Lines = list[dict[str, Any]]
+
+
+def line(group: str, what: str, ratio: float | None, ok: bool, note: str = "", info: bool = False) -> dict[str, Any]:
+    """One target line; `info`: reported for completeness, required by no target."""
+    return {"group": group, "what": what, "ratio": ratio, "pass": ok, "note": note, "info": info}
+
+
+def first_of_plan(name: str, v: dict[str, Any]) -> bool:
+    """True for the first planner (in PLANNERS order) of those sharing this plan's measurement."""
+    return all(PLANNERS.index(b) > PLANNERS.index(name) for b in v.get("same_plan_as", []))
+
+
+def _spreads(cells: list[dict[str, Any]], field: str) -> list[float]:
+    out = []
+    for cell in cells:
+        for k, v in cell["planners"].items():
+            r = [x for x in v.get(field, []) if x]
+            if first_of_plan(k, v) and not v.get("capped") and len(r) >= 2:
+                out.append(abs(r[0] - r[1]) / statistics.fmean(r[:2]))
+    return out
+
+
+def noise_bands(res: dict[str, Any]) -> dict[str, Any]:
+    """Relative spread |a − b| / mean between two rounds of the same plan, over every measured
+    plan; the band is its 90th percentile (latency from light load, throughput from heavy)."""
+    lat, thr = _spreads(res["light"], "round_median_ms"), _spreads(res["heavy"], "round_throughput_fps")
+    return {"latency_band": pct(lat, 0.9) if lat else 0.1, "throughput_band": pct(thr, 0.9) if thr else 0.1,
+            "latency_samples": len(lat), "throughput_samples": len(thr),
+            "latency_spreads": lat, "throughput_spreads": thr}  # fmt: skip
+
+
+def _versus(cell: dict[str, Any], kind: str, band: float) -> Lines:
+    """DAPDEE against each baseline in one light (latency) or heavy (throughput) cell."""
+    metric, sign = ("median_ms", "latency") if kind == "light" else ("throughput_fps", "throughput")
+    d, out = cell["planners"]["dapdee"], []
+    for b in BASELINES:
+        v = cell["planners"][b]
+        what = f"{kind} {cell['model']} {cell['network']}: DAPDEE/{LABEL[b]} {sign}"
+        if b in d["same_plan_as"]:
+            out.append(line(kind, what, 1.0, True, "same plan"))
+        elif not v[metric]:
+            ok = bool(d[metric]) and (kind == "heavy" or d[metric] <= cell["cap_ms"])
+            out.append(line(kind, what, None, ok, f"{LABEL[b]} capped"))
+        elif not d[metric]:
+            out.append(line(kind, what, None, False, "DAPDEE capped"))
+        elif kind == "light":
+            r = d[metric] / v[metric]
+            out.append(line(kind, what, r, r <= 1 + band, f"<= {1 + band:.3f}"))
+        else:
+            r = d[metric] / v[metric]
+            out.append(line(kind, what, r, r >= 1 - band, f">= {1 - band:.3f}"))
+    return out
+
+
+def _speedups(res: dict[str, Any], o: Options) -> Lines:
+    out = []
+    for cell in res["heavy"]:
+        d, dev = cell["planners"]["dapdee"], cell["planners"]["device-only"]
+        if cell["network"] != "4G" or not (d["throughput_fps"] and dev["throughput_fps"]):
+            continue
+        r = d["throughput_fps"] / dev["throughput_fps"]
+        pr = d["plan"]["predicted"]["throughput_fps"] / dev["plan"]["predicted"]["throughput_fps"]
+        m = cell["model"]
+        scope = (" (chain model: informational)" if m not in DAG_MODELS
+                 else " (camera-size input: informational)" if m in CAMERA_SIZE else "")  # fmt: skip
+        what = f"heavy {m} 4G: DAPDEE/Device-Only throughput (K={o.slowdown:g})"
+        note = f">= 9.9{scope}; the cost model's own ratio for these plans: {pr:.2f}"
+        out.append(line("speedup", what, r, r >= 9.9, note, info=bool(scope)))
+    return out
+
+
+def _accuracy(res: dict[str, Any]) -> Lines:
+    """The worst accuracy loss vs the final exit wherever the budget (or frame rate) allows
+    the final exit's accuracy class."""
+    checks = []
+    for cell in res["fig6"]:
+        fa = cell["final_accuracy"]
+        for p in cell["points"]:
+            if p["class_allowed"] and fa is not None and p["plan"]["exit_accuracy"] is not None:
+                checks.append((f"fig6 {cell['model']} budget {p['budget_ms']:.0f} ms", fa - p["plan"]["exit_accuracy"]))
+    for kind in ("heavy", "light"):
+        for cell in res[kind]:
+            final = cell["planners"]["device-only"]["plan"]["exit_accuracy"]  # the final exit's
+            fa = cell["planners"]["dapdee"]["plan"]["exit_accuracy"]
+            if final is not None and fa is not None:
+                checks.append((f"{kind} {cell['model']} {cell['network']}", final - fa))
+    if not checks:
+        return []
+    worst = max(checks, key=lambda x: x[1])
+    what = f"accuracy loss vs final exit, worst of {len(checks)} plans in the class ({worst[0]})"
+    return [line("accuracy", what, worst[1], worst[1] <= ACC_CLASS + 1e-9, f"<= {ACC_CLASS}")]
+
+
+def _adaptation(ad: dict[str, Any] | None, lb: float, tb: float) -> Lines:
+    out: Lines = []
+    for n, v in (ad or {}).get("per_phase", {}).items():
+        what = f"adaptation {ad['model']} ({ad['mode']}) {n}: DAPDEE"  # type: ignore[index]
+        if ad["mode"] == "latency" and v["median_ms_second_half"] and v["optimum_median_ms"]:  # type: ignore[index]
+            r = v["median_ms_second_half"] / v["optimum_median_ms"]
+            out.append(line("adaptation", f"{what} / optimum plan latency", r, r <= 1 + lb, f"<= {1 + lb:.3f}"))
+        elif v["throughput_fps_second_half"] and v["optimum_throughput_fps"]:
+            r = v["throughput_fps_second_half"] / v["optimum_throughput_fps"]
+            out.append(line("adaptation", f"{what} / optimum plan throughput", r, r >= 1 - tb, f">= {1 - tb:.3f}"))
+    return out
+
+
+def _fidelity_lines(fid: dict[str, Any], tfid: dict[str, Any]) -> Lines:
+    out = []
+    if fid["plans"]:
+        what = (f"median |pred - meas| / meas over {fid['plans']} sequential plans, light load + sweeps "
+                f"(p90 {fid['p90']:.3f})")  # fmt: skip
+        out.append(line("fidelity", what, fid["median"], fid["median"] <= FIDELITY_MEDIAN, f"<= {FIDELITY_MEDIAN}"))
+    lo, hi = THROUGHPUT_RATIO
+    for row in tfid["rows"]:
+        what = f"heavy {row['where']}: measured / predicted throughput"
+        out.append(line("fidelity", what, row["ratio"], lo <= row["ratio"] <= hi, f"in [{lo}, {hi}]"))
+    return out
+
+
+def _cuts(res: dict[str, Any]) -> Lines:
+    """Camera-size Fig. 7 sweeps: the distinct mid-network cuts DAPDEE's measured plans took."""
+    out = []
+    for cell in res["fig7"]:
+        if cell["model"] not in CAMERA_SIZE:
+            continue
+        mids = distinct_mid_cuts(cell)
+        what = f"fig7 {cell['model']} (K={cell['slowdown']:g}): distinct mid-network cuts over the sweep"
+        cuts = ", ".join(f"{c['device_nodes']}/{c['exit_nodes']} nodes, {c['bytes']:,} B" for c in mids)
+        out.append(line("cuts", what, float(len(mids)), len(mids) >= MIN_MID_CUTS, f">= {MIN_MID_CUTS} ({cuts})"))
+    return out
+
+
+def distinct_mid_cuts(cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """The distinct mid-network cuts (device part neither empty nor the whole exit) of a Fig. 7
+    cell's measured points, in sweep order."""
+    seen: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for p in cell["points"]:
+        pl = p["plan"]
+        if pl["kind"] == "mid" and p["median_ms"] is not None:
+            seen.setdefault((pl["exit"], pl["device_nodes"], pl["bytes"]), pl)
+    return list(seen.values())
+
+
+def targets(res: dict[str, Any], o: Options) -> tuple[Lines, dict[str, Any]]:
+    """Every target line, and the numbers behind them (noise bands, both fidelities)."""
+    bands = noise_bands(res)
+    lb, tb = bands["latency_band"], bands["throughput_band"]
+    lines: Lines = []
+    for cell in res["light"]:
+        lines += _versus({**cell, "cap_ms": o.plan_cap_s * 1000}, "light", lb)
+    for cell in res["heavy"]:
+        lines += _versus({**cell, "cap_ms": o.plan_cap_s * 1000}, "heavy", tb)
+    lines += _speedups(res, o) + _accuracy(res) + _adaptation(res.get("adaptation"), lb, tb)
+    fid, tfid = fidelity(res), throughput_fidelity(res)
+    lines += _fidelity_lines(fid, tfid) + _cuts(res)
+    return lines, {**bands, "fidelity": fid, "throughput_fidelity": tfid}
+
+
+def _row(where: str, v: dict[str, Any], pred: dict[str, Any]) -> dict[str, Any]:
+    p = pred["latency_ms"]
+    return {"where": where, "predicted_ms": p, "measured_ms": v["median_ms"],
+            "rel_error": abs(p - v["median_ms"]) / v["median_ms"],
+            "predicted_terms": {k: pred[k] for k in ("device_ms", "transfer_ms", "edge_ms")},
+            "measured_terms": v.get("terms_ms", {})}  # fmt: skip
+
+
+def fidelity(res: dict[str, Any]) -> dict[str, Any]:
+    """Relative error of the predicted latency per measured sequential plan (light load and
+    both sweeps): |pred − median measured| / median measured, with each plan's terms."""
+    rows = []
+    for cell in res["light"]:
+        for k, v in cell["planners"].items():
+            if first_of_plan(k, v) and v["median_ms"]:
+                rows.append(_row(f"light {cell['model']} {cell['network']} {k}", v, v["plan"]["predicted"]))
+    for kind, label in (("fig6", "budget_ms"), ("fig7", "bandwidth_mbps")):
+        for cell in res[kind]:
+            for p in cell["points"]:
+                if p["median_ms"]:
+                    unit = "ms" if kind == "fig6" else "Mbps"
+                    rows.append(_row(f"{kind} {cell['model']} {p[label]:.3g}{unit}", p, p["plan"]["predicted"]))
+    errs = [r["rel_error"] for r in rows]
+    return {"plans": len(rows), "median": med(errs), "p90": pct(errs, 0.9), "rows": rows}
+
+
+def throughput_fidelity(res: dict[str, Any]) -> dict[str, Any]:
+    """Measured / predicted throughput of every distinct heavy-load plan measured, with the
+    predicted stages (device, uplink + rtt, edge) beside the measured per-frame terms."""
+    rows = []
+    for cell in res["heavy"]:
+        for k, v in cell["planners"].items():
+            pred = v["plan"]["predicted"]
+            if first_of_plan(k, v) and v["throughput_fps"] and pred.get("throughput_fps"):
+                rows.append({"where": f"{cell['model']} {cell['network']} {k}",
+                             "measured_fps": v["throughput_fps"], "predicted_fps": pred["throughput_fps"],
+                             "ratio": v["throughput_fps"] / pred["throughput_fps"],
+                             "predicted_terms": {t: pred[t] for t in ("device_ms", "transfer_ms", "edge_ms")},
+                             "measured_terms": v.get("terms_ms", {}), "plan_kind": v["plan"]["kind"]})  # fmt: skip
+    ratios = [r["ratio"] for r in rows]
+    lo, hi = THROUGHPUT_RATIO
+    inside = sum(lo <= x <= hi for x in ratios)
+    return {"plans": len(rows), "inside": inside, "median_ratio": med(ratios), "rows": rows}
+
+
+def format_target(t: dict[str, Any]) -> str:
+    r = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+    return f"{'PASS' if t['pass'] else 'FAIL'}  {t['what']}: {r} {t['note']}".rstrip()

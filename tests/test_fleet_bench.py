@@ -1,0 +1,109 @@
+"""The fleet benchmark's machinery for a few seconds: Redis, a planner and an edge worker as
+real subprocesses, two emulated devices in a real client process (the real device runtime on
+shaped uplinks, leased plans), and the figures computed from the frames they released. Counts,
+bounds and consistency only: no wall-clock ratios. Plus the metrics' arithmetic on frames
+written by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
+from dapdee.bench.fleet_bench.runner import run_scenario
+from dapdee.bench.fleet_bench.scenario import MODELS, Scenario
+from dapdee.bench.fleet_bench.stack import FleetStack
+from dapdee.bench.fleet_bench.systems import PlannerSettings
+from dapdee.testing import RedisProcess
+
+pytestmark = pytest.mark.skipif(not RedisProcess.available(), reason="redis-server is not installed")
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    from dapdee.models import load_model
+
+    loaded = load_model("", weights=str(MODELS["resnet18"]))
+    cache = tmp_path_factory.mktemp("edge-profiles")
+    sc = Scenario("fleet", 2, 30.0, warmup_s=2.0, window_s=4.0)
+    with FleetStack([MODELS["resnet18"]], profile_repeats=2, request_samples=5, profile_cache=cache) as stack:
+        raw = run_scenario(stack, sc, PlannerSettings(), loaded, tmp_path_factory.mktemp("logs"))
+    yield raw, summarize(raw, {"final": 0.93})
+
+
+def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    raw, s = fleet_run
+    assert not raw["errors"] and len(raw["devices"]) == 2
+    for dev in raw["devices"]:
+        assert dev["frames"], dev["spec"]
+        assert dev["plans"] and dev["predicted"]  # plans from the planner, their predictions kept
+        answered = [f for f in dev["frames"] if f[1] is not None]
+        assert answered and all(f[1] > 0 and f[7] in dev["predicted"] for f in answered)
+    # 2 devices x 10 frames/s over a 4 s window: every release counted, answered or dropped
+    assert 60 <= s["released"] <= 100
+    assert 0 < s["goodput_fps"] <= s["answered_fps"] <= s["offered_fps"]
+    assert sum(s["where"].values()) == round(s["answered_fps"] * 4.0)
+    assert 0.0 <= s["utilisation"] <= 1.0 and 0.0 <= s["slo_attainment"] <= 1.0
+    assert s["p50_ms"] is not None and s["p50_ms"] <= s["p99_ms"]
+    assert s["pred_err_latency"] is not None and s["pred_err_latency"] >= 0
+    assert s["clients_cpu"] > 0 and s["worker_cpu"] >= 0
+    # the planner priced the per-request costs it measured (device session, worker)
+    assert s["costs"]["device_request_ms"] > 0 and s["costs"]["edge_request_ms"] > 0
+    # leased devices: the leases' booking was read and stays within rho_max
+    assert s["booked_max"] is not None and 0.0 <= s["booked_max"] <= PlannerSettings().rho_max + 1e-9
+
+
+def test_edge_frames_are_counted_by_the_worker(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    raw, s = fleet_run
+    edge_frames = s["where"].get("edge", 0)
+    served = raw["window"]["edge"]["requests"].get("200", 0.0)
+    if edge_frames:
+        assert served > 0 and raw["window"]["edge"]["busy_s"] > 0
+
+
+def _frame(t: float, lat: float | None, pred: float = 50.0, plan: str = "p") -> list[Any]:
+    """One frame as `devices.device_result` writes it (answered at the edge, 5 ms in the worker)."""
+    return [t, lat, pred if lat is not None else None, "edge", "final", 0.0, 5.0, plan if lat is not None else None]
+
+
+def test_summary_arithmetic_on_frames_written_by_hand() -> None:
+    # device a: 10 frames in 2 s, one late (300 ms), one dropped; device b: 10 on time
+    a = [_frame(0.2 * i, 100.0) for i in range(8)] + [_frame(1.6, 300.0), _frame(1.8, None)]
+    b = [_frame(0.2 * i, 40.0, pred=44.0) for i in range(10)]
+    plans = [[-1.0, "final", 0, "w", "p"], [0.5, "exit3", 56, None, "q"], [1.0, "exit3", 56, None, "q2"]]
+    stages = {"device_ms": 5.0, "transfer_ms": 30.0, "edge_ms": 15.0, "latency_ms": 50.0}
+    predicted = {"p": {**stages, "throughput_fps": 20.0}}
+    raw = {
+        "scenario": {"window_s": 2.0, "budget_ms": 250.0, "frame_rate": 5.0, "n": 2, "k": 30.0, "model": "m"},
+        "system": "S",
+        "window": {"wall_s": 2.0, "edge": {"busy_s": 1.0, "slots": 1.0, "requests": {}, "rejected": {}},
+                   "cpu_per_s": {"edge": 0.5, "client-0": 0.2}, "booked_max": None},  # fmt: skip
+        "devices": [
+            {"frames": a, "plans": plans, "predicted": predicted},
+            {"frames": b, "plans": plans[:1], "predicted": predicted},
+        ],
+        "costs": {},
+        "errors": [],
+    }
+    s = summarize(raw)
+    assert s["released"] == 20 and s["goodput_fps"] == pytest.approx(18 / 2.0)
+    assert s["dropped_share"] == pytest.approx(1 / 20) and s["utilisation"] == pytest.approx(0.5)
+    assert s["slo_attainment"] == pytest.approx(0.5)  # a's p95 is its dropped frame
+    assert s["plan_changes_per_device_min"] == pytest.approx(1 / (2 * 2 / 60))  # one change, in a
+    assert plan_changes(plans, 2.0) == 1  # the re-priced q2 (same exit, cut, worker) is no change
+    # latency errors: 8 frames |50-100|/100, one |50-300|/300, ten |44-40|/40 -> median 0.1
+    assert s["pred_err_latency"] == pytest.approx(0.1)
+    # throughput: each device predicted min(5, 20) = 5 frames/s; a answered 9 / 2 s, b 10 / 2 s
+    assert s["pred_err_throughput"] == pytest.approx(((5 - 4.5) / 4.5 + 0.0) / 2)
+    assert goodput_se(b, 250.0, 2.0) == pytest.approx(0.0)  # 5 good frames in each second
+    # stages over the 19 edge-answered frames: latency 40 (10), 100 (8), 300 (1); queue+compute 5
+    assert s["stages"]["pred_edge_ms"] == 15.0 and s["stages"]["meas_edge_server_ms"] == 5.0
+    assert s["stages"]["meas_latency_ms"] == 40.0 and s["stages"]["meas_link_http_ms"] == 35.0
+
+
+def test_the_bench_package_is_packaged() -> None:
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"dapdee.bench.fleet_bench"' in text
