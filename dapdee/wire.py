@@ -286,6 +286,67 @@ def _json_array(data: Any, name: str, dtype: str, np_dtype: np.dtype, count: int
     return arr.reshape(-1).astype(np_dtype)
 
 
+def _entry_header(e: Any, i: int, key: str, seen: Mapping[str, Any]) -> tuple[str, str, list[int]]:
+    """(name, datatype, shape) of tensor entry `e` (`key[i]`), each checked; WireError naming it."""
+    if not isinstance(e, dict):
+        raise WireError(f"{key}[{i}]: expected an object")
+    name = e.get("name")
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise WireError(f"{key}[{i}].name: expected a non-empty string")
+    if name in seen:
+        raise WireError(f"tensor {name!r}: duplicate name in {key}")
+    dtype = e.get("datatype")
+    if not isinstance(dtype, str) or dtype not in DATATYPES:
+        raise WireError(f"tensor {name!r}: datatype {dtype!r} not supported; use one of {', '.join(DATATYPES)}")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
+        raise WireError(f"tensor {name!r}: shape must be a list of at most 16 non-negative integers")
+    return name, dtype, shape
+
+
+def _element_count(name: str, shape: list[int], max_elements: int) -> int:
+    """Π shape, refused (WireLimitError) as soon as a partial product passes `max_elements`, so
+    a product never grows large."""
+    count = 1
+    for s in shape:
+        count *= s
+        if count > max_elements:
+            raise WireLimitError(f"tensor {name!r}: shape {shape} has more than {max_elements} elements")
+    return count
+
+
+def _binary_values(
+    e: dict[str, Any], name: str, shape: list[int], dtype: str, count: int, size: Any, binary: memoryview, offset: int
+) -> np.ndarray:
+    """The entry's `size` bytes at `offset` of the binary part, checked against its shape and
+    datatype and the bytes left (a view, no copy)."""
+    np_dtype = DATATYPES[dtype][1]
+    if not _is_int(size) or size < 0:
+        raise WireError(f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+    want = count * np_dtype.itemsize
+    if size != want:
+        raise WireError(f"tensor {name!r}: binary_data_size {size} does not match shape {shape} {dtype} ({want} bytes)")
+    if offset + size > len(binary):
+        raise WireError(
+            f"tensor {name!r}: body truncated (needs {size} bytes at offset {offset}, {len(binary) - offset} left)"
+        )
+    if "data" in e:
+        raise WireError(f"tensor {name!r}: both data and binary_data_size given")
+    return np.frombuffer(binary, dtype=np_dtype, count=count, offset=offset)
+
+
+def _checked_scale(params: Mapping[str, Any], name: str, dtype: str) -> float | None:
+    """The entry's `scale` parameter (INT8/UINT8 only, finite, > 0), or None."""
+    scale = params.get("scale")
+    if scale is None:
+        return None
+    if dtype not in ("INT8", "UINT8"):
+        raise WireError(f"tensor {name!r}: parameter scale applies to INT8/UINT8 only, not {dtype}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
 def _decode_tensors(
     entries: Any,
     binary: memoryview,
@@ -295,87 +356,43 @@ def _decode_tensors(
     check_finite: bool,
     check: TensorCheck | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of `key` (a JSON list of v2 tensor entries) with their datatypes; binary data
+    is read from `binary` in entry order and must be used up exactly. Every entry is checked
+    (name, datatype, shape, element limits in all, data size) before anything is allocated.
+    O(total elements)."""
     if not isinstance(entries, list) or not entries:
         raise WireError(f"{key}: expected a non-empty list of tensors")
     out: dict[str, torch.Tensor] = {}
     dtypes: dict[str, str] = {}
-    offset = 0
-    total = 0
+    offset = total = 0
     for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise WireError(f"{key}[{i}]: expected an object")
-        name = e.get("name")
-        if not isinstance(name, str) or not name or len(name) > 256:
-            raise WireError(f"{key}[{i}].name: expected a non-empty string")
-        if name in out:
-            raise WireError(f"tensor {name!r}: duplicate name in {key}")
-        dtype = e.get("datatype")
-        if not isinstance(dtype, str) or dtype not in DATATYPES:
-            raise WireError(
-                f"tensor {name!r}: datatype {dtype!r} not supported; use one of {', '.join(DATATYPES)}"
-            )
-        np_dtype = DATATYPES[dtype][1]
-        shape = e.get("shape")
-        if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
-            raise WireError(f"tensor {name!r}: shape must be a list of at most 16 non-negative integers")
+        name, dtype, shape = _entry_header(e, i, key, out)
         if check is not None:
             check(name, shape, dtype)
-        count = 1
-        for s in shape:
-            count *= s
-            if count > max_elements:
-                raise WireLimitError(f"tensor {name!r}: shape {shape} has more than {max_elements} elements")
+        count = _element_count(name, shape, max_elements)
         total += count
         if total > max_elements:
             raise WireLimitError(f"{key}: more than {max_elements} elements in all")
         params = _params(e, f"tensor {name!r}")
         size = params.get("binary_data_size")
         if size is not None:
-            if not _is_int(size) or size < 0:
-                raise WireError(
-                    f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
-                )
-            want = count * np_dtype.itemsize
-            if size != want:
-                raise WireError(
-                    f"tensor {name!r}: binary_data_size {size} does not match "
-                    f"shape {shape} {dtype} ({want} bytes)"
-                )
-            if offset + size > len(binary):
-                raise WireError(
-                    f"tensor {name!r}: body truncated (needs {size} bytes at offset {offset}, "
-                    f"{len(binary) - offset} left)"
-                )
-            if "data" in e:
-                raise WireError(f"tensor {name!r}: both data and binary_data_size given")
-            arr = np.frombuffer(binary, dtype=np_dtype, count=count, offset=offset)
+            arr = _binary_values(e, name, shape, dtype, count, size, binary, offset)
             offset += size
+        elif "data" not in e:
+            raise WireError(f"tensor {name!r}: no data and no binary_data_size")
         else:
-            if "data" not in e:
-                raise WireError(f"tensor {name!r}: no data and no binary_data_size")
-            arr = _json_array(e["data"], name, dtype, np_dtype, count)
-        scale = params.get("scale")
-        if scale is not None:
-            if dtype not in ("INT8", "UINT8"):
-                raise WireError(f"tensor {name!r}: parameter scale applies to INT8/UINT8 only, not {dtype}")
-            if (
-                not isinstance(scale, (int, float))
-                or isinstance(scale, bool)
-                or not math.isfinite(scale)
-                or scale <= 0
-            ):
-                raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {scale!r}")
+            arr = _json_array(e["data"], name, dtype, DATATYPES[dtype][1], count)
+        scale = _checked_scale(params, name, dtype)
         # numpy, single-threaded: torch's intra-op threads only add latency at these sizes
         if upcast:
             arr = arr.astype(np.float32)  # always a fresh, aligned, writable copy
             if scale is not None:
                 arr *= np.float32(scale)
         else:
-            arr = arr.astype(np_dtype.newbyteorder("="), copy=True)
+            arr = arr.astype(DATATYPES[dtype][1].newbyteorder("="), copy=True)
         if check_finite and arr.dtype.kind == "f" and count and not np.isfinite(arr).all():
             raise WireError(f"tensor {name!r}: contains NaN or Inf")
-        t = torch.from_numpy(arr).reshape(shape)
-        out[name] = t
+        out[name] = torch.from_numpy(arr).reshape(shape)
         dtypes[name] = dtype
     if offset != len(binary):
         raise WireError(f"body: {len(binary) - offset} bytes after the last binary tensor are not described")

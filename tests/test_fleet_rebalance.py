@@ -172,3 +172,22 @@ def test_past_the_exact_limit_the_answer_says_approximate_and_stays_feasible() -
     assert exact.exact and exact.value >= sol.value
     tight = solve(demands, 300.0, RHO_MAX, max_states=5)
     assert not tight.exact and tight.load <= RHO_MAX * 300.0 and tight.value <= exact.value
+
+
+def test_the_work_of_a_big_fleet_stays_bounded() -> None:
+    """Sixty-four devices stay exact while their staircase is small; with a state budget smaller
+    than the staircase (a varied fleet of big graphs outgrows any budget), the solver keeps at
+    most the budget (or one state per bucket), says approximate, and its answer stays feasible
+    and no worse than all devices on Device-Only."""
+    from dapdee.fleet.rebalance import GRID
+
+    rng = random.Random(64)
+    demands, brute = _fleet(rng, 64)
+    full = solve(demands, 300.0, RHO_MAX)
+    assert full.exact and full.load <= RHO_MAX * 300.0 + 1e-9
+    budget = full.states // 3
+    sol = solve(demands, 300.0, RHO_MAX, max_states=budget)
+    assert not sol.exact and sol.states <= max(budget, GRID)
+    assert sol.load <= RHO_MAX * 300.0 + 1e-9 and sol.value <= full.value
+    device_only = tuple(sum(max(v for load, v in opts if load == 0)[k] for opts in brute) for k in range(3))
+    assert sol.value >= device_only

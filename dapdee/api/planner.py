@@ -269,7 +269,7 @@ class DeviceChange(BaseModel):
 class WorkerRebalance(BaseModel):
     worker: str
     leases: int
-    exact: bool = Field(description="false: more than 64 leases (or the DP's state cap), solved approximately")
+    exact: bool = Field(description="false: more than 64 leases or more than 10,000 DP states, solved approximately")
     applied: bool = Field(description="false: leases changed meanwhile; the next period tries again")
     before: FleetTotals
     after: FleetTotals
@@ -279,7 +279,7 @@ class WorkerRebalance(BaseModel):
 class RebalanceAnswer(BaseModel):
     model_config = _answer({"approximate": False, "workers": []})
 
-    approximate: bool = Field(description="true when some worker was solved approximately (over 64 leases)")
+    approximate: bool = Field(description="true when some worker was solved approximately (exact: false)")
     workers: list[WorkerRebalance]
 
 

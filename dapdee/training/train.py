@@ -202,42 +202,57 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
 # ---- training -----------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print) -> dict[str, Any]:
-    """Train `cfg.model` on `cfg.dataset`'s train split with the joint exit loss, evaluate every
-    exit on the test (and calibration) split, and write the artifact to `cfg.out`. Returns the
-    manifest; with `stop_after` = e, stops after epoch e leaving only the checkpoint (returns
-    {"stopped_after": e}). Cost: O(epochs · N_train · (forward + backward)) plus two eval passes."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
+@dataclass
+class _Data:
+    """A run's checked inputs: the spec, the artifact name, the train split and where it goes."""
 
-    t_start = time.time()
+    name: str
+    ref: Any  # dapdee.data.DatasetRef
+    images: Any
+    labels: Any
+    input_shape: tuple[int, ...]
+    preprocess: dict[str, Any]
+    out: Path
+    n_calib: int
+    n_test: int
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+
+def _checked_data(cfg: TrainConfig) -> _Data:
+    """The run's inputs, after checking the options (ValueError naming the bad one)."""
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
         raise ValueError("need --epochs >= 1, --batch-size >= 2 and --lr > 0")
     if cfg.limit is not None and cfg.limit < 2:
         raise ValueError("--limit must be at least 2")
-    ms = parse_spec(cfg.model)
-    name = check_model_name(cfg.name or ms.default_name)
+    spec = parse_spec(cfg.model)  # a bad spec is named before any data is read
+    name = check_model_name(cfg.name or spec.default_name)
     ref = D.parse_dataset(cfg.dataset)
     cfg.dataset = ref.text
     images, labels = D.load_raw(ref, "train", cfg.limit)
     input_shape = input_shape_for(cfg.model, cfg.input_size)
-    preprocess = D.default_preprocess(ref, input_shape)
     out = Path(cfg.out)
-    ckdir = out / CHECKPOINT_DIR
-    if (out / MANIFEST).exists() and not ckdir.exists():
+    if (out / MANIFEST).exists() and not (out / CHECKPOINT_DIR).exists():
         raise ValueError(f"{str(out)!r} already holds a trained artifact; choose another --out or delete it")
-
     n_calib = len(D.load_raw(ref, "calib", cfg.limit)[1])
     n_test = len(D.load_raw(ref, "test", cfg.limit)[1])
+    preprocess = D.default_preprocess(ref, input_shape)
+    return _Data(name, ref, images, labels, input_shape, preprocess, out, n_calib, n_test)
 
+
+def _seeded_module(cfg: TrainConfig, data: _Data) -> tuple[nn.Module, int]:
+    """The seeded module and its number of exits; fills in the default exit weights and checks
+    the classes and the weights against the exits (ModelError / ValueError naming them)."""
     torch.manual_seed(cfg.seed)
-    module = build_module(ms)
+    module = build_module(parse_spec(cfg.model))
     with torch.no_grad():
-        probe = model_outputs(module, D.preprocess_images(images[:2], input_shape, preprocess))
+        probe = model_outputs(module, D.preprocess_images(data.images[:2], data.input_shape, data.preprocess))
     n_exits = len(probe)
-    if any(p.shape[-1] <= int(labels.max()) for p in probe):
+    if any(p.shape[-1] <= int(data.labels.max()) for p in probe):
         raise ModelError(
-            f"model {cfg.model!r} has {probe[0].shape[-1]} classes; the dataset needs {int(labels.max()) + 1} "
+            f"model {cfg.model!r} has {probe[0].shape[-1]} classes; the dataset needs {int(data.labels.max()) + 1} "
             "(give the model's num_classes option, e.g. zoo:resnet18?num_classes=N)"
         )
     if cfg.exit_weights is None:
@@ -247,118 +262,94 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             f"--exit-weights: model {cfg.model!r} has {n_exits} exits, got {len(cfg.exit_weights)} weights "
             "(need one non-negative weight per exit, not all zero)"
         )
-    names = exit_names(n_exits)
+    return module, n_exits
+
+
+def _optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; no weight decay on biases and norm parameters."""
     decay, no_decay = [], []
     for p in module.parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
-    opt = torch.optim.SGD(
+    return torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=True,
     )
-    n = len(labels)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    prior_wall = 0.0
-    if (ckdir / "state.json").exists():
-        state = _load_checkpoint(ckdir, cfg, module, opt)
-        start_epoch, history, prior_wall = (
-            int(state["epoch"]),
-            list(state["history"]),
-            float(state["wall_time_s"]),
-        )
-        log(f"resuming {name} from {ckdir} after epoch {start_epoch}/{cfg.epochs}")
-    t_run = time.time()
-    w = torch.tensor(cfg.exit_weights, dtype=torch.float32)
-    ys = torch.as_tensor(labels)
-    for epoch in range(start_epoch, cfg.epochs):
-        module.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        loss_sum, seen = 0.0, 0
-        correct = [0] * n_exits
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
-            mininterval=2.0,
-            leave=False,
-        )
-        for b in bar:
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            if len(idx) < 2:
-                continue  # batch-norm needs two samples; at most one sample per epoch is skipped
-            x = D.preprocess_images(images[idx.numpy()], input_shape, preprocess)
-            y = ys[idx]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch * steps_per_epoch + b, total_steps, cfg.lr)
-            outs = model_outputs(module, x)
-            losses = torch.stack([F.cross_entropy(o, y) for o in outs])
-            loss = (w * losses).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-            for i, o in enumerate(outs):
-                correct[i] += int((o.argmax(1) == y).sum())
-            if progress:
-                bar.set_postfix_str(
-                    f"loss={loss_sum / seen:.3f} acc=" + "/".join(f"{c / seen:.3f}" for c in correct),
-                    refresh=False,
-                )
-        bar.close()
-        rec = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(1, seen),
-            "train_accuracy": {nm: c / max(1, seen) for nm, c in zip(names, correct, strict=True)},
-        }
-        history.append(rec)
-        log(
-            f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train acc "
-            + " ".join(f"{nm}={a:.4f}" for nm, a in rec["train_accuracy"].items())
-            + f" ({time.time() - t_run:.0f}s)"
-        )
-        wall = prior_wall + time.time() - t_run
-        _save_checkpoint(
-            ckdir,
-            module,
-            opt,
-            {"epoch": epoch + 1, "config": cfg.identity(), "history": history, "wall_time_s": wall},
-        )
-        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
-            log(f"stopped after epoch {epoch + 1}; run the same command again to resume")
-            return {"stopped_after": epoch + 1, "history": history}
 
-    module.eval()
-    test = evaluate(module, ref, "test", input_shape, preprocess, cfg.limit)
-    calib = evaluate(module, ref, "calib", input_shape, preprocess, cfg.limit)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(out / WEIGHTS))
-    wall = prior_wall + time.time() - t_run
-    manifest = {
+
+def _train_epoch(
+    module: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: _Data, epoch: int, progress: bool
+) -> dict[str, Any]:
+    """One epoch of the joint exit loss in the epoch's seeded batch order; its history record
+    (mean loss, train accuracy per exit). O(N_train · (forward + backward))."""
+    from tqdm import tqdm
+
+    module.train()
+    n = len(data.labels)
+    steps = math.ceil(n / cfg.batch_size)
+    w = torch.tensor(cfg.exit_weights, dtype=torch.float32)
+    ys = torch.as_tensor(data.labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    loss_sum, seen, correct = 0.0, 0, [0] * len(w)
+    desc = f"{data.name} epoch {epoch + 1}/{cfg.epochs}"
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2.0, leave=False)
+    for b in bar:
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        if len(idx) < 2:
+            continue  # batch-norm needs two samples; at most one sample per epoch is skipped
+        x = D.preprocess_images(data.images[idx.numpy()], data.input_shape, data.preprocess)
+        y = ys[idx]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch * steps + b, steps * cfg.epochs, cfg.lr)
+        outs = model_outputs(module, x)
+        loss = (w * torch.stack([F.cross_entropy(o, y) for o in outs])).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(y)
+        seen += len(y)
+        for i, o in enumerate(outs):
+            correct[i] += int((o.argmax(1) == y).sum())
+        if progress:
+            acc = "/".join(f"{c / seen:.3f}" for c in correct)
+            bar.set_postfix_str(f"loss={loss_sum / seen:.3f} acc={acc}", refresh=False)
+    bar.close()
+    names = exit_names(len(w))
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_sum / max(1, seen),
+        "train_accuracy": {nm: c / max(1, seen) for nm, c in zip(names, correct, strict=True)},
+    }
+
+
+def _manifest(
+    cfg: TrainConfig, data: _Data, history: list[dict[str, Any]], evals: tuple[dict, dict], times: tuple[float, float]
+) -> dict[str, Any]:
+    """The artifact's manifest: `evals` = (test, calib) evaluations, `times` = (training wall
+    time, total time) in seconds."""
+    test, calib = evals
+    return {
         "format": ARTIFACT_FORMAT,
-        "name": name,
+        "name": data.name,
         "model": cfg.model,
-        "input_shape": list(input_shape),
-        "preprocess": preprocess,
+        "input_shape": list(data.input_shape),
+        "preprocess": data.preprocess,
         "exits": [
             {"name": e["name"], "accuracy": e["accuracy"], "calib_accuracy": c["accuracy"]}
             for e, c in zip(test["exits"], calib["exits"], strict=True)
         ],
         "accuracy_split": "test",
-        "dataset": ref.text,
-        "dataset_kind": ref.kind,
-        "classes": list(D.FMNIST_CLASSES if ref.kind == "fashion-mnist" else D.CIFAR_CLASSES),
+        "dataset": data.ref.text,
+        "dataset_kind": data.ref.kind,
+        "classes": list(D.FMNIST_CLASSES if data.ref.kind == "fashion-mnist" else D.CIFAR_CLASSES),
         "splits": {
-            "train": n,
-            "calib": n_calib,
-            "test": n_test,
+            "train": len(data.labels),
+            "calib": data.n_calib,
+            "test": data.n_test,
             "train_source": "train file minus calib (fixed permutation, split_seed)",
             "calib_source": "held out of the train file, never trained on",
-            "test_source": "t10k" if ref.kind == "fashion-mnist" else "test_batch.bin",
+            "test_source": "t10k" if data.ref.kind == "fashion-mnist" else "test_batch.bin",
             "split_seed": D.SPLIT_SEED,
             "limit": cfg.limit,
         },
@@ -373,19 +364,55 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         },
         "epochs": cfg.epochs,
         "history": history,
-        "weights_sha256": sha256_file(out / WEIGHTS),
-        "wall_time_s": round(wall, 1),
-        "total_time_s": round(time.time() - t_start + prior_wall, 1),
+        "weights_sha256": sha256_file(data.out / WEIGHTS),
+        "wall_time_s": round(times[0], 1),
+        "total_time_s": round(times[1], 1),
+        **({"notes": cfg.notes} if cfg.notes else {}),
     }
-    if cfg.notes:
-        manifest["notes"] = cfg.notes
-    write_manifest(out, manifest)
-    shutil.rmtree(ckdir, ignore_errors=True)
-    log(
-        f"{name}: test accuracy "
-        + " ".join(f"{e['name']}={e['accuracy']:.4f}" for e in manifest["exits"])
-        + f"; wrote {out}"
-    )
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print) -> dict[str, Any]:
+    """Train `cfg.model` on `cfg.dataset`'s train split with the joint exit loss, evaluate every
+    exit on the test (and calibration) split, and write the artifact to `cfg.out`. Returns the
+    manifest; with `stop_after` = e, stops after epoch e leaving only the checkpoint (returns
+    {"stopped_after": e}). Cost: O(epochs · N_train · (forward + backward)) plus two eval passes."""
+    from safetensors.torch import save_file
+
+    t_start = time.time()
+    data = _checked_data(cfg)
+    module, _ = _seeded_module(cfg, data)
+    opt = _optimizer(module, cfg)
+    history: list[dict[str, Any]] = []
+    start_epoch, prior_wall = 0, 0.0
+    if (data.checkpoint / "state.json").exists():
+        state = _load_checkpoint(data.checkpoint, cfg, module, opt)
+        start_epoch, history, prior_wall = int(state["epoch"]), list(state["history"]), float(state["wall_time_s"])
+        log(f"resuming {data.name} from {data.checkpoint} after epoch {start_epoch}/{cfg.epochs}")
+    t_run = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        rec = _train_epoch(module, opt, cfg, data, epoch, progress)
+        history.append(rec)
+        accs = " ".join(f"{nm}={a:.4f}" for nm, a in rec["train_accuracy"].items())
+        log(f"{data.name} epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train acc {accs} "
+            f"({time.time() - t_run:.0f}s)")  # fmt: skip
+        wall = prior_wall + time.time() - t_run
+        state = {"epoch": epoch + 1, "config": cfg.identity(), "history": history, "wall_time_s": wall}
+        _save_checkpoint(data.checkpoint, module, opt, state)
+        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
+            log(f"stopped after epoch {epoch + 1}; run the same command again to resume")
+            return {"stopped_after": epoch + 1, "history": history}
+
+    module.eval()
+    test = evaluate(module, data.ref, "test", data.input_shape, data.preprocess, cfg.limit)
+    calib = evaluate(module, data.ref, "calib", data.input_shape, data.preprocess, cfg.limit)
+    data.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(data.out / WEIGHTS))
+    times = (prior_wall + time.time() - t_run, time.time() - t_start + prior_wall)
+    manifest = _manifest(cfg, data, history, (test, calib), times)
+    write_manifest(data.out, manifest)
+    shutil.rmtree(data.checkpoint, ignore_errors=True)
+    accs = " ".join(f"{e['name']}={e['accuracy']:.4f}" for e in manifest["exits"])
+    log(f"{data.name}: test accuracy {accs}; wrote {data.out}")
     return manifest
 
 
