@@ -305,6 +305,7 @@ class PlanMap:
             self._hash = self.graph.content_hash()
         self._acc = [e.accuracy for e in self.graph.exits]
         self._exits = list(range(len(self.graph.exits) - 1, -1, -1))  # deepest first: the walk's order
+        self._exact = all(cs.exact for cs in self.cands)  # asked on every request
 
     @classmethod
     def build(cls, graph: CostGraph, cap: int = DEFAULT_CAP, deadline_s: float | None = None) -> PlanMap:
@@ -395,7 +396,8 @@ class PlanMap:
 
     @property
     def exact(self) -> bool:
-        return all(cs.exact for cs in self.cands)
+        """Every exit's candidate set is exact (no min-cut is ever needed). O(1)."""
+        return self._exact
 
     # ---- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
