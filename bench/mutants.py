@@ -53,22 +53,22 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "device load factor 1/(1-l) -> 1+l",
         "dapdee/costmodel.py",
-        "device_sum_ms * (1.0 / (1.0 - cond.device_load)),",
-        "device_sum_ms * (1.0 + cond.device_load),",
+        "return (1.0 / (1.0 - cond.device_load), 8.0 /",
+        "return (1.0 + cond.device_load, 8.0 /",
         ORACLE,
     ),
     Mutation(
         "edge load ignored",
         "dapdee/costmodel.py",
-        "edge_sum_ms * (1.0 / (1.0 - cond.edge_load)),",
-        "edge_sum_ms * 1.0,",
+        "1000.0), 1.0 / (1.0 - cond.edge_load))",
+        "1000.0), 1.0)",
         ORACLE,
     ),
     Mutation(
         "uplink bytes*8 -> bytes*7",
         "dapdee/costmodel.py",
-        "sent_bytes * (8.0 / (cond.bandwidth_mbps * 1000.0)),",
-        "sent_bytes * (7.0 / (cond.bandwidth_mbps * 1000.0)),",
+        "8.0 / (cond.bandwidth_mbps * 1000.0)",
+        "7.0 / (cond.bandwidth_mbps * 1000.0)",
         ORACLE,
     ),
     Mutation(
@@ -88,8 +88,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "bottleneck max -> sum (plan-map scan)",
         "dapdee/planning/planmap.py",
-        "bott = np.maximum(np.maximum(d, u), e)",
-        "bott = d + u + e",
+        "bott = (self._costs()[:, :3] * w[:3]).max(axis=1)",
+        "bott = (self._costs()[:, :3] * w[:3]).sum(axis=1)",
         ORACLE,
     ),
     Mutation(

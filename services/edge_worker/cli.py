@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 from dapdee.web.logs import add_log_arguments, configure_logging, logging_config
 from dapdee.web.otel import add_otel_argument
 
 # flag destination -> Settings field (flags override DAPDEE_EDGE_* environment settings)
-GIL_SWITCH_S = 0.0005  # see _serve_edge
 OVERRIDES = (
     "models",
     "tier",
@@ -77,6 +75,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
 
     from dapdee.edge_worker.app import create_app, load_models
     from dapdee.edge_worker.config import Settings
+    from dapdee.web.gil import shorten_switch_interval
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV
     from dapdee.web.security import check_exposure
@@ -103,10 +102,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
     if warning:
         logging.getLogger("dapdee.edge").warning(warning)
     models = load_models(settings)
-    # The compute thread takes the GIL back after every torch op; at the default 5 ms switch
-    # interval it can wait that long behind the event loop's HTTP work for each one (a convoy
-    # that stretches a 3 ms frame several times over when many devices send at once).
-    sys.setswitchinterval(GIL_SWITCH_S)
+    shorten_switch_interval()  # the compute thread and the event loop hand the GIL over quickly
     tracing = tracer("edge", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK
     app = create_app(settings, models, tracing=tracing)
     try:  # uvicorn logs through our handler; the access log is the app's own (AccessLog)

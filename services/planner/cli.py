@@ -67,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dapdee.planner.app import create_app
+    from dapdee.web.gil import shorten_switch_interval
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV, shared_directory
     from dapdee.web.security import check_exposure
@@ -94,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 10,
     }
     if args.workers == 1:
+        shorten_switch_interval()  # min-cut and rebalance threads hand the GIL back quickly (one process)
         if os.environ.get(MULTIPROC_ENV, "").strip():  # multiprocess mode asked for by hand: start clean
             shared_directory(os.environ[MULTIPROC_ENV])
         tracing = tracer("planner", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK
