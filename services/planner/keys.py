@@ -23,7 +23,7 @@ map, TTL DAPDEE_PLANMAP_TTL_S):
 - `P:v1:planmap:{g}:{d}:{e}` PlanMap.to_bytes() for graph hash g, device profile hash d and edge
                              profile hash e (`graph` where the graph's own timings are used);
                              `:cap{N}` appended when DAPDEE_PLANMAP_CAP is set; expires (PX)
-- `P:v1:planmaps`            zset  plan-map key -> when stored (ms, Redis's clock); the oldest
+- `P:v1:planmaps`            zset  plan-map key -> when stored (µs, Redis's clock); the oldest
                              beyond the count cap are deleted with their maps
 """
 

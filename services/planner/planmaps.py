@@ -38,11 +38,14 @@ from dapdee.planning.progressive import ProgressiveMap
 log = logging.getLogger("dapdee.planner")
 
 # KEYS: the map's key, the plan-map index. ARGV: map bytes, ttl ms, count cap. Returns how many
-# of the oldest maps were deleted to keep the cap.
+# of the oldest maps were deleted to keep the cap. Scores are Redis's clock in microseconds, made
+# strictly increasing (two maps stored in the same microsecond would otherwise be ordered by name).
 PUT_PLANMAP = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]))
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if newest[2] and tonumber(newest[2]) >= now then now = tonumber(newest[2]) + 1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]) * 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], now, KEYS[1])
 local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
