@@ -177,6 +177,45 @@ def _insert_frame_node(gm: fx.GraphModule, frame: nn.Module) -> None:
     gm.recompile()
 
 
+def _run_once(
+    ex: GraphExecutor, modules: dict[str, nn.Module], in_name: str, x: torch.Tensor, outputs: list[str]
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every node's value and FLOPs on one run of `x` through the executor. O(one forward pass)."""
+    env: dict[str, Any] = {in_name: x}
+    flops: dict[str, int] = {}
+    with torch.inference_mode():
+        for node in ex.schedule([in_name], outputs):
+            args = fx.node.map_arg(node.args, lambda n: env[n.name])
+            env[node.name] = ex._run_node(node, env)
+            flops[node.name] = _flops(node, modules, args, env[node.name])
+    return env, flops
+
+
+def _cost_nodes(
+    gm: fx.GraphModule, ex: GraphExecutor, modules: dict[str, nn.Module], env: dict[str, Any], flops: dict[str, int]
+) -> list[Node]:
+    """The cost graph's nodes from one recorded run (nodes no output depends on are left out);
+    marks the executor's scalar-valued nodes. O(V + E)."""
+    nodes = []
+    for fxn in gm.graph.nodes:
+        if fxn.op in ("placeholder", "output") or fxn.name not in env:
+            continue  # nodes no output depends on are dead code for every exit
+        v = env[fxn.name]
+        if isinstance(v, (int, float, bool)):
+            ex.scalar_nodes.add(fxn.name)
+        nodes.append(
+            Node(
+                name=fxn.name,
+                op=_op_name(fxn, modules),
+                inputs=tuple(dict.fromkeys(i.name for i in fxn.all_input_nodes)),
+                out_bytes=_nbytes(v),
+                flops=flops.get(fxn.name, 0),
+                shape=tuple(v.shape) if isinstance(v, torch.Tensor) else None,
+            )
+        )
+    return nodes
+
+
 def trace(
     module: nn.Module, input_shape: tuple[int, ...], name: str, frame: nn.Module | None = None
 ) -> tuple[fx.GraphModule, CostGraph, GraphExecutor]:
@@ -204,14 +243,8 @@ def trace(
         raise ModelError(f"{name}: forward must return a tensor or a tuple of tensors (one per exit)")
     modules = dict(gm.named_modules())
     x = example_input(input_shape, "uint8" if frame is not None else "float32", torch.Generator().manual_seed(0))
-    env: dict[str, Any] = {in_name: x}
-    flops: dict[str, int] = {}
     try:
-        with torch.inference_mode():
-            for node in ex.schedule([in_name], [n.name for n in out_nodes]):
-                args = fx.node.map_arg(node.args, lambda n: env[n.name])
-                env[node.name] = ex._run_node(node, env)
-                flops[node.name] = _flops(node, modules, args, env[node.name])
+        env, flops = _run_once(ex, modules, in_name, x, [n.name for n in out_nodes])
     except Exception as exc:
         raise ModelError(
             f"{name} rejects input shape {list(input_shape)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -219,23 +252,7 @@ def trace(
     for n in out_nodes:
         if not isinstance(env[n.name], torch.Tensor):
             raise ModelError(f"{name}: output {n.name} is not a tensor")
-    nodes = []
-    for fxn in gm.graph.nodes:
-        if fxn.op in ("placeholder", "output") or fxn.name not in env:
-            continue  # nodes no output depends on are dead code for every exit
-        v = env[fxn.name]
-        if isinstance(v, (int, float, bool)):
-            ex.scalar_nodes.add(fxn.name)
-        nodes.append(
-            Node(
-                name=fxn.name,
-                op=_op_name(fxn, modules),
-                inputs=tuple(dict.fromkeys(i.name for i in fxn.all_input_nodes)),
-                out_bytes=_nbytes(v),
-                flops=flops.get(fxn.name, 0),
-                shape=tuple(v.shape) if isinstance(v, torch.Tensor) else None,
-            )
-        )
+    nodes = _cost_nodes(gm, ex, modules, env, flops)
     graph = CostGraph(
         model=name,
         input=InputSpec(in_name, tuple(input_shape), str(x.dtype).removeprefix("torch."), _nbytes(x)),

@@ -287,6 +287,16 @@ def evaluate_artifact(
     }
 
 
+def _split_outcomes(
+    loaded: Any, artifact: str | Path, dataset: str, split: str, limit: int | None, exits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, correct) per exit and image of one split, each [exits, N]. O(one inference pass)."""
+    logits, labels = _artifact_logits(loaded, dataset, split, limit)
+    if len(logits) != exits:
+        raise ModelError(f"artifact {str(artifact)!r}: model gives {len(logits)} exits, graph has {exits}")
+    return torch.stack([confidence(lg) for lg in logits]), torch.stack([lg.argmax(1) == labels for lg in logits])
+
+
 def calibrate_artifact(
     artifact: str | Path,
     max_accuracy_loss: float = 0.012,
@@ -311,17 +321,8 @@ def calibrate_artifact(
     dataset = dataset or m.get("dataset") or "fashion-mnist"
     splits = m.get("splits") or {}
     costs = ExitCosts(loaded.graph)
-    data = {}
-    for split in ("calib", "test"):
-        logits, labels = _artifact_logits(loaded, dataset, split, limit or splits.get(split))
-        if len(logits) != len(costs.names):
-            raise ModelError(
-                f"artifact {str(artifact)!r}: model gives {len(logits)} exits, graph has {len(costs.names)}"
-            )
-        data[split] = (
-            torch.stack([confidence(lg) for lg in logits]),
-            torch.stack([lg.argmax(1) == labels for lg in logits]),
-        )
+    data = {split: _split_outcomes(loaded, artifact, dataset, split, limit or splits.get(split), len(costs.names))
+            for split in ("calib", "test")}  # fmt: skip
     ts = calibrate_thresholds(*data["calib"], costs, max_accuracy_loss, z)
     cal = policy_stats(*data["calib"], ts, costs)
     test = policy_stats(*data["test"], ts, costs)

@@ -185,8 +185,10 @@ class PlannerMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self._fleet_metrics()
 
-        # ---- the shared edge (fleet) ----
+    def _fleet_metrics(self) -> None:
+        """The shared edge's metrics: lease admissions, rebalances, per-worker capacity and leases."""
         self.admissions = Counter(
             "dapdee_planner_admissions",
             "Plan requests by lease outcome: reserved (on a worker), device_only (a lease reserving "
