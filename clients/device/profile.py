@@ -1,10 +1,10 @@
 """The device's own profile: measured (and calibrated) or loaded, and made known to the planner.
 
 - `measure_device_profile`: `dapdee.profiler.profile_model(loaded, "device", slowdown=K)`
-  (medians of isolated node runs), calibrated to how the device really runs a frame (each
-  exit's whole run through the K x emulation; the emulated device idles between frames, so
-  caches are cold and isolated medians alone under-predict a frame, by a per-frame constant
-  as well as a factor).
+  (medians of isolated node runs), calibrated to how the device really runs a frame (whole
+  device parts run through the K x emulation; the emulated device idles between frames, so
+  caches are cold and isolated medians alone under-predict a frame, most at its first nodes:
+  `dapdee.calibration`).
 - `device_profile`: the profile cached at a path when it matches the model, else measured and
   written there (`dapdee.profiler.load_or_measure`).
 - `publish_profile`: make sure the planner has the model and this tier's device profile. The
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dapdee.calibration import calibrated_timings, checkpoints, fit_monotone, part_sums
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import emulation_clock
@@ -32,81 +33,52 @@ from dapdee.profiler import load_or_measure, profile_model
 
 log = logging.getLogger("dapdee.device.profile")
 
-CALIBRATION_CLAMP = (0.5, 4.0)
 
-
-def _exit_runs_ms(loaded: LoadedModel, slowdown: float, runs: int) -> dict[str, list[float]]:
-    """`runs` times (ms) of each exit's whole device run (every node it needs) through the K x
-    emulation, the exits interleaved round by round (so a drifting host load touches them
-    alike), after 2 unrecorded rounds. O((runs + 2) x one forward per exit)."""
+def _part_runs_ms(loaded: LoadedModel, nodes: list[str], slowdown: float, runs: int) -> dict[str, list[float]]:
+    """`runs` times (ms) of each node's whole device part (the node and every node it needs)
+    through the K x emulation, the parts interleaved round by round (so a drifting host load
+    touches them alike), after 2 unrecorded rounds. O((runs + 2) x one forward per node)."""
     x = loaded.example_input().zero_()
-    nodes = {e.name: e.node for e in loaded.graph.exits}
-    samples: dict[str, list[float]] = {name: [] for name in nodes}
+    samples: dict[str, list[float]] = {node: [] for node in nodes}
 
     def run(node: str) -> Any:
         with torch.inference_mode():
             return loaded.executor.compute({loaded.input_name: x}, [node])
 
     for i in range(runs + 2):
-        for name, node in nodes.items():
+        for node in nodes:
             t0 = time.perf_counter()
             emulate_slowdown(lambda n=node: run(n), slowdown, emulation_clock())
             if i >= 2:  # the first rounds pay for lazy initialisation
-                samples[name].append((time.perf_counter() - t0) * 1000.0)
+                samples[node].append((time.perf_counter() - t0) * 1000.0)
     return samples
 
 
-def fit_calibration(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(r, c) of the line T = r·S + c through (summed node medians S, measured run T) points:
-    least squares with c >= 0 (else the line through the origin), one distinct S giving c = 0;
-    an r outside CALIBRATION_CLAMP is clamped and c refitted (>= 0). O(len(points))."""
-    pts = [(s, t) for s, t in points if s > 0]
-    if not pts:
-        return 1.0, 0.0
-    ms, mt = statistics.fmean(s for s, _ in pts), statistics.fmean(t for _, t in pts)
-    var = sum((s - ms) ** 2 for s, _ in pts)
-    if var > 0:
-        r = sum((s - ms) * (t - mt) for s, t in pts) / var
-        c = mt - r * ms
-        if c < 0:  # through the origin
-            r, c = sum(s * t for s, t in pts) / sum(s * s for s, _ in pts), 0.0
-    else:
-        r, c = mt / ms, 0.0
-    lo, hi = CALIBRATION_CLAMP
-    if not lo <= r <= hi:
-        r = min(hi, max(lo, r))
-        c = max(0.0, mt - r * ms)
-    return r, c
-
-
-def measure_device_profile(loaded: LoadedModel, slowdown: float, repeats: int = 10, runs: int = 11) -> CostGraph:
+def measure_device_profile(
+    loaded: LoadedModel, slowdown: float, repeats: int = 10, runs: int = 11, max_cuts: int = 8
+) -> CostGraph:
     """This device's profile at slowdown K: per-node medians (`profile_model`), calibrated to
-    how the device really runs: each exit's whole run through the K x emulation (median of
-    `runs`) against its summed node medians gives a line T = r·S + c (`fit_calibration`);
-    every node is scaled by r and the per-frame constant c (the emulated device idles between
-    frames and starts each one cold) goes to the nodes that read the input (split evenly: every
-    non-empty device part runs them). Recorded as meta `calibration` (r) and
-    `calibration_constant_ms` (c). Uses the torch threads as they are set. O(repeats x one
-    forward pass + runs x one forward per exit)."""
+    how the device really runs a frame (`dapdee.calibration`): the whole device parts of every
+    exit and of up to `max_cuts` single-tensor cuts, each run through the K x emulation (median
+    of `runs`), fitted as a non-decreasing piecewise-linear F of their summed node medians, and
+    every node re-priced through F. Recorded as meta `calibration` (F's knots, [S, T] in ms) and
+    `calibration_points` (each measured part: node, S, T). Uses the torch threads as they are
+    set. O(repeats x one forward pass + runs x one forward per measured part)."""
     g = profile_model(loaded, "device", slowdown=slowdown, repeats=repeats, warmup=2)
-    runs_ms = _exit_runs_ms(loaded, slowdown, runs)
-    points = [
-        (sum(g.node(n).device_ms or 0.0 for n in g.ancestors(e.node)), statistics.median(runs_ms[e.name]))
-        for e in g.exits
-    ]
-    r, c = fit_calibration(points)
-    sources = [n.name for n in g.nodes if all(u == g.input.name for u in n.inputs)]
-    extra = c / len(sources) if sources else 0.0
+    nodes = checkpoints(g, max_cuts)
+    runs_ms = _part_runs_ms(loaded, nodes, slowdown, runs)
+    sums = part_sums(g)
+    points = [(sums[v], statistics.median(runs_ms[v])) for v in nodes]
+    fit = fit_monotone(points)
     meta = {
         **g.meta.get("device", {}),
-        "calibration": round(r, 4),
-        "calibration_constant_ms": round(c, 4),
-        "calibration_method": f"median of {runs} runs of each exit through the K x emulation against its sum "
-        "of isolated node medians, fitted as r x sum + c: every node scaled by r, c added to the input's "
-        "consumers",
+        "calibration": fit.to_list(),
+        "calibration_points": [[v, round(s, 4), round(t, 4)] for v, (s, t) in zip(nodes, points, strict=True)],
+        "calibration_method": f"median of {runs} runs through the K x emulation of the device part of every "
+        "exit and single-tensor cut, fitted as a non-decreasing piecewise-linear F of the part's sum of "
+        "isolated node medians; each node priced F(S) - F(S - t) (dapdee.calibration)",
     }
-    timings = {n.name: (n.device_ms or 0.0) * r + (extra if n.name in sources else 0.0) for n in g.nodes}
-    return g.with_timings("device", timings, meta)
+    return g.with_timings("device", calibrated_timings(g, fit), meta)
 
 
 def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10) -> CostGraph:
