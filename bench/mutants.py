@@ -86,11 +86,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         ORACLE,
     ),
     Mutation(
-        "bottleneck max -> sum (plan-map scan)",
+        "bottleneck max -> sum (plan-map scan, small fronts)",
         "dapdee/planning/planmap.py",
-        "bott = (self._costs()[:, :3] * w[:3]).max(axis=1)",
-        "bott = (self._costs()[:, :3] * w[:3]).sum(axis=1)",
+        "max(d * wd, b * wb, e * we) if allowed is None or allowed[i] else np.inf",
+        "(d * wd + b * wb + e * we) if allowed is None or allowed[i] else np.inf",
         ORACLE,
+    ),
+    Mutation(
+        "bottleneck max -> sum (plan-map scan, vectorised)",
+        "dapdee/planning/planmap.py",
+        "bott = np.maximum(np.maximum(d * wd, b * wb), e * we)",
+        "bott = d * wd + b * wb + e * we",
+        ("tests/test_planning.py",),
     ),
     Mutation(
         "multi-consumer producer sent per consumer (partition)",

@@ -4,9 +4,10 @@ Starts a planner (`dapdee serve planner`, with admin and device tokens) in a sub
 synthetic ResNet-like cost graph (residual blocks, so the plan map is a real DAG front) with the
 admin token, then drives each endpoint (POST /plan with the device token) with
 N concurrent keep-alive clients from a separate load process (asyncio, raw HTTP/1.1: a client
-cheap enough not to be the bottleneck). Prints plans/s and p50/p99 latency of both endpoints,
-their throughput ratio, and PASS/FAIL against the targets (plan ≥ 70 % of healthz throughput,
-plan p99 ≤ 20 ms).
+cheap enough not to be the bottleneck), the two endpoints alternating in `--rounds` short
+windows so that a drifting host load touches both alike. Prints plans/s and p50/p99 latency
+of both endpoints, their throughput ratio, and PASS/FAIL against the targets (plan ≥ 70 % of
+healthz throughput, plan p99 ≤ 20 ms).
 
 With `--lease`, the same load compares, on one planner with Redis and one live worker (kept
 alive by heartbeats), POST /plan with `device_id` + `frame_rate` (a lease: two Redis round
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +76,7 @@ def synthetic_graph(model: str = "bench_resnet", blocks: int = 8) -> dict[str, A
         prev = f"b{b}_add"
         if b % 2 == 1 and b < blocks - 1:
             add(f"exit{b // 2 + 1}_fc", [prev], 40, 0.02)
-            exits.append(
-                {"name": f"exit{b // 2 + 1}", "node": f"exit{b // 2 + 1}_fc", "accuracy": 0.8 + 0.02 * b}
-            )
+            exits.append({"name": f"exit{b // 2 + 1}", "node": f"exit{b // 2 + 1}_fc", "accuracy": 0.8 + 0.02 * b})
     add("fc", [prev], 40, 0.02)
     exits.append({"name": "final", "node": "fc", "accuracy": 0.95})
     return {
@@ -90,9 +90,7 @@ def synthetic_graph(model: str = "bench_resnet", blocks: int = 8) -> dict[str, A
 # ---- load process ------------------------------------------------------------------------------
 
 
-async def _client(
-    host: str, port: int, reqs: list[bytes], stop_at: float, lat: list[float], errors: list[int]
-) -> None:
+async def _client(host: str, port: int, reqs: list[bytes], stop_at: float, lat: list[float], errors: list[int]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     i = 0
     try:
@@ -116,36 +114,70 @@ async def _client(
         writer.close()
 
 
-async def _load(host: str, port: int, reqs: list[bytes], clients: int, seconds: float, warmup: float) -> dict:
-    # warm-up (not measured), then the measured window
-    for dur in (warmup, seconds):
-        lat: list[float] = []
-        errors: list[int] = []
-        t0 = time.perf_counter()
-        stop = t0 + dur
-        await asyncio.gather(*(_client(host, port, reqs, stop, lat, errors) for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-    lat.sort()
-    n = len(lat)
-    return {
-        "requests": n,
-        "errors": len(errors),
-        "rps": n / elapsed,
-        "p50_ms": 1000 * lat[n // 2] if n else float("nan"),
-        "p99_ms": 1000 * lat[min(n - 1, int(n * 0.99))] if n else float("nan"),
-    }
+@dataclass
+class _Tally:
+    """One endpoint's measured windows, summed over the rounds."""
+
+    lat: list[float] = field(default_factory=list)
+    errors: list[int] = field(default_factory=list)
+    elapsed: float = 0.0
+    cpu_s: float = 0.0
+
+    def summary(self) -> dict:
+        self.lat.sort()
+        n = len(self.lat)
+        return {
+            "requests": n,
+            "errors": len(self.errors),
+            "rps": n / self.elapsed if self.elapsed else 0.0,
+            "p50_ms": 1000 * self.lat[n // 2] if n else float("nan"),
+            "p99_ms": 1000 * self.lat[min(n - 1, int(n * 0.99))] if n else float("nan"),
+            "cpu_us": 1e6 * self.cpu_s / n if n else float("nan"),
+        }
 
 
-def run_load(host: str, port: int, reqs: list[bytes], clients: int, seconds: float, warmup: float) -> dict:
-    """Closed-loop load from a separate process (this module with --load-worker); returns its
-    throughput and latency summary."""
+async def _window(host: str, port: int, reqs: list[bytes], clients: int, seconds: float, tally: _Tally | None) -> None:
+    """`clients` closed-loop clients for `seconds`; counted into `tally` (None: warm-up)."""
+    scratch = tally if tally is not None else _Tally()
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+    await asyncio.gather(*(_client(host, port, reqs, stop, scratch.lat, scratch.errors) for _ in range(clients)))
+    scratch.elapsed += time.perf_counter() - t0
+
+
+async def _load(
+    host: str, port: int, loads: dict[str, list[bytes]], clients: int, seconds: float, warmup: float, job: dict
+) -> dict[str, dict]:
+    """Each named load warmed up, then measured in `job["rounds"]` windows of seconds / rounds,
+    the loads alternating (ABBA...: a drifting host touches them alike); the server's CPU time
+    (process `job["pid"]`, read from /proc at each window's ends) per answered request."""
+    for reqs in loads.values():
+        await _window(host, port, reqs, clients, warmup, None)
+    rounds = max(1, int(job.get("rounds", 1)))
+    tallies = {name: _Tally() for name in loads}
+    order = list(loads)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            c0 = _cpu_s(job["pid"])
+            await _window(host, port, loads[name], clients, seconds / rounds, tallies[name])
+            tallies[name].cpu_s += _cpu_s(job["pid"]) - c0
+    return {name: t.summary() for name, t in tallies.items()}
+
+
+def run_load(
+    host: str, port: int, pid: int, loads: dict[str, list[bytes]], args: argparse.Namespace
+) -> dict[str, dict]:
+    """Closed-loop load from a separate process (this module with --load-worker): per named
+    load its throughput, latency and the server's CPU per request (`_load`)."""
     job = {
         "host": host,
         "port": port,
-        "reqs": [r.decode("latin-1") for r in reqs],
-        "clients": clients,
-        "seconds": seconds,
-        "warmup": warmup,
+        "pid": pid,
+        "loads": {name: [r.decode("latin-1") for r in reqs] for name, reqs in loads.items()},
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
     }
     out = subprocess.run(
         [sys.executable, "-m", "dapdee.bench.planner_http", "--load-worker"],
@@ -153,7 +185,7 @@ def run_load(host: str, port: int, reqs: list[bytes], clients: int, seconds: flo
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=seconds + warmup + 120,
+        timeout=len(loads) * (args.seconds + args.warmup) + 120,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     if out.returncode != 0:
@@ -163,8 +195,8 @@ def run_load(host: str, port: int, reqs: list[bytes], clients: int, seconds: flo
 
 def _load_worker() -> int:
     job = json.loads(sys.stdin.read())
-    reqs = [r.encode("latin-1") for r in job["reqs"]]
-    res = asyncio.run(_load(job["host"], job["port"], reqs, job["clients"], job["seconds"], job["warmup"]))
+    loads = {name: [r.encode("latin-1") for r in reqs] for name, reqs in job["loads"].items()}
+    res = asyncio.run(_load(job["host"], job["port"], loads, job["clients"], job["seconds"], job["warmup"], job))
     print(json.dumps(res))
     return 0
 
@@ -224,15 +256,6 @@ def _prepare(base: str, host: str, admin: str, device: str) -> tuple[list[bytes]
     return [raw_request(plan_call(b), host, device) for b in bodies], [raw_request(healthz_call(), host)]
 
 
-def _measure(pid: int, host: str, port: int, reqs: list[bytes], args: argparse.Namespace) -> dict:
-    """Load on `reqs`; the result with the server's CPU time per request (warm-up included)."""
-    c0 = _cpu_s(pid)
-    res = run_load(host, port, reqs, args.clients, args.seconds, args.warmup)
-    total = res["requests"] / args.seconds * (args.seconds + args.warmup)
-    res["cpu_us"] = 1e6 * (_cpu_s(pid) - c0) / total if total else float("nan")
-    return res
-
-
 # ---- --lease: a leased plan vs the same plan without a device id ------------------------------------
 
 
@@ -258,7 +281,8 @@ def _lease_rows(
     rows = []
     for clients in sorted({1, args.clients}):
         one = argparse.Namespace(**{**vars(args), "clients": clients})
-        rows.append((clients, _measure(pid, host, port, plain, one), _measure(pid, host, port, lease, one)))
+        res = run_load(host, port, pid, {"plain": plain, "lease": lease}, one)
+        rows.append((clients, res["plain"], res["lease"]))
     return rows
 
 
@@ -315,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per endpoint")
     ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=6, help="measured windows per endpoint, the endpoints alternating")
     ap.add_argument(
         "--redis-url",
         default=None,
@@ -341,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start(60)
         assert server.proc is not None
         plan_reqs, health_reqs = _prepare(server.url, host, admin, device)
-        health = _measure(server.proc.pid, host, server.port, health_reqs, args)
-        plan = _measure(server.proc.pid, host, server.port, plan_reqs, args)
+        res = run_load(host, server.port, server.proc.pid, {"healthz": health_reqs, "plan": plan_reqs}, args)
+        health, plan = res["healthz"], res["plan"]
     finally:
         server.stop()
         if args.redis_url != "none":
@@ -350,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio = plan["rps"] / health["rps"] if health["rps"] else 0.0
     print(
-        f"planner HTTP benchmark: {args.clients} closed-loop clients, {args.seconds:g} s per endpoint, "
+        f"planner HTTP benchmark: {args.clients} closed-loop clients, {args.seconds:g} s per endpoint in "
+        f"{args.rounds} alternating windows, "
         f"planner workers={args.workers} (uvicorn), loopback, cpus={os.cpu_count()}"
     )
     for name, res in (("GET /healthz", health), ("POST /plan", plan)):

@@ -8,6 +8,7 @@ import os
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -404,3 +405,61 @@ def test_cli_bad_input_names_field(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         cli_main(["plan", "--profile", _write(tmp_path, good), "--bandwidth-mbps", "5", "--mode", "fast"])
     assert exc.value.code != 0 and "--mode" in capsys.readouterr().err
+
+
+def _wide_graph(seed: int, branches: int = 5, depth: int = 3) -> CostGraph:
+    """A fork into `branches` chains of `depth` nodes joined again: a front of many candidates."""
+    rng = random.Random(seed)
+    nodes = [{"name": "fork", "inputs": ["x"], "out_bytes": 4000}]
+    ends = []
+    for b in range(branches):
+        prev = "fork"
+        for d in range(depth):
+            name = f"b{b}_{d}"
+            nodes.append({"name": name, "inputs": [prev], "out_bytes": rng.randint(100, 8000)})
+            prev = name
+        ends.append(prev)
+    nodes.append({"name": "join", "inputs": ends, "out_bytes": 40})
+    for n in nodes:
+        n.update(
+            op="conv2d", flops=1, device_ms=round(rng.uniform(0.5, 5.0), 3), edge_ms=round(rng.uniform(0.05, 0.5), 3)
+        )
+    return CostGraph.from_dict(
+        {
+            "model": "wide",
+            "input": {"name": "x", "shape": [1, 3, 8, 8], "bytes": 20000},
+            "nodes": nodes,
+            "exits": [{"name": "final", "node": "join", "accuracy": 0.9}],
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_small_front_scan_matches_the_vectorised_scan(seed: int) -> None:
+    """Fronts up to SMALL_FRONT are scanned in plain Python, larger ones with numpy: on the same
+    candidates both pick the same index (same operations, same order), exact ties included,
+    and the pick is the cost model's optimum (priced independently, per candidate)."""
+    from dapdee.costmodel import Conditions, predict_sums
+    from dapdee.planning.planmap import SMALL_FRONT, _scan_latency, _scan_throughput
+
+    cs = PlanMap.build(_wide_graph(seed)).cands[-1]
+    assert len(cs) > SMALL_FRONT  # the numpy path
+    rows = cs._rows() + cs._rows()[:5]  # exact duplicates: the first must win
+    rng = random.Random(seed)
+    for _ in range(60):
+        cond = Conditions(rng.uniform(0.05, 200), rng.uniform(0, 60), rng.uniform(0, 0.9), rng.uniform(0, 0.9))
+        allowed = np.array([rng.random() < 0.7 for _ in range(len(cs))]) if rng.random() < 0.5 else None
+        if allowed is not None:
+            allowed[rng.randrange(len(cs))] = True
+        for objective, scan in (("latency", _scan_latency), ("throughput", _scan_throughput)):
+            j = cs.best(objective, cond, None if allowed is None else allowed.copy())
+            assert scan(cs._rows(), cond, allowed) == j
+            assert scan(rows, cond, None if allowed is None else np.concatenate([allowed, allowed[:5]])) == j
+            prices = [
+                predict_sums(cs.dev_l[i], cs.bytes_l[i], cs.edge_l[i], cs.masks[i] == cs.st.full, cond, cs.st.overheads)
+                for i in range(len(cs))
+                if allowed is None or allowed[i]
+            ]
+            key = (lambda p: p.latency_ms) if objective == "latency" else (lambda p: p.bottleneck_ms)
+            got = cs.predict(j, cond)
+            assert key(got) <= min(map(key, prices)) * (1 + 1e-9) + 1e-12

@@ -39,6 +39,9 @@ from dapdee.planning.request import PlanRequest
 DEFAULT_CAP = 100_000
 MAP_SCHEMA = 1
 TIE_RTOL = 1e-9
+# fronts up to this many candidates are scanned in plain Python: numpy's fixed cost per call (and
+# its code falling out of the CPU caches between requests) outweighs the loop there
+SMALL_FRONT = 48
 
 Lists = tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, int], ...]]
 
@@ -83,7 +86,8 @@ class CandSet:
         self.edge = np.array(self.edge_l, dtype=np.float64)
         self.nonempty = np.array([0.0 if m == full else 1.0 for m in self.masks])
         self._lists: dict[int, Lists] = {}
-        self._matrix: np.ndarray | None = None
+        self._cols: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._row_list: list[tuple[float, float, float, float]] | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -101,36 +105,49 @@ class CandSet:
 
     def stages(self, cond: Conditions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(device_ms, uplink_ms, edge_ms) of every candidate under `cond`, overheads included. O(n)."""
-        m = self._costs()
-        return stage_ms(m[:, 0], m[:, 1], m[:, 2], cond)
+        d, b, e, _ = self._columns()
+        return stage_ms(d, b, e, cond)
 
-    def _costs(self) -> np.ndarray:
-        """n x 4 matrix of the zero-load (device ms, bytes, edge ms) with the v2 overheads added
-        where the edge is used, and the 0/1 "uses the edge" column. Built once."""
-        if self._matrix is None:
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The zero-load device ms and edge ms with the v2 overheads added where the edge is
+        used, the bytes sent, and the 0/1 "uses the edge" flag, as arrays. Built once."""
+        if self._cols is None:
             dev, edge = request_sums(self.dev, self.edge, self.nonempty, self.st.overheads)
-            self._matrix = np.ascontiguousarray(np.column_stack([dev, self.byts, edge, self.nonempty]))
-        return self._matrix
+            self._cols = (dev, self.byts, edge, self.nonempty)
+        return self._cols
+
+    def _rows(self) -> list[tuple[float, float, float, float]]:
+        """`_columns` as one (device ms, bytes, edge ms, flag) tuple per candidate. Built once."""
+        if self._row_list is None:
+            self._row_list = list(zip(*(c.tolist() for c in self._columns()), strict=True))
+        return self._row_list
 
     def latencies(self, cond: Conditions) -> np.ndarray:
         """latency_ms of every candidate: device + uplink + edge stage times plus the round trip
-        where the edge is used, as one matrix-vector product of the costs with the cost model's
-        stage weights. O(n)."""
-        return self._costs() @ _weights(cond)
+        where the edge is used (the cost model's stage weights applied elementwise, in the
+        order the small-front scan uses). O(n)."""
+        wd, wb, we = stage_weights(cond)
+        d, b, e, f = self._columns()
+        return d * wd + b * wb + e * we + f * cond.rtt_ms
 
     def best_latency(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
-        """Index of minimum latency_ms (among `allowed` candidates, a boolean mask that must
-        admit at least one). O(n)."""
+        """Index of minimum latency_ms, the first on exact ties (among `allowed` candidates, a
+        boolean mask that must admit at least one). O(n)."""
+        if len(self.masks) <= SMALL_FRONT:
+            return _scan_latency(self._rows(), cond, allowed)
         lat = self.latencies(cond)
         if allowed is not None:
             lat[~allowed] = np.inf
         return int(lat.argmin())
 
     def best_throughput(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
-        """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms (among
-        `allowed` candidates, as in `best_latency`). O(n)."""
-        w = _weights(cond)
-        bott = (self._costs()[:, :3] * w[:3]).max(axis=1)
+        """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms, then
+        the first (among `allowed` candidates, as in `best_latency`). O(n)."""
+        if len(self.masks) <= SMALL_FRONT:
+            return _scan_throughput(self._rows(), cond, allowed)
+        wd, wb, we = stage_weights(cond)
+        d, b, e, _ = self._columns()
+        bott = np.maximum(np.maximum(d * wd, b * wb), e * we)
         if allowed is not None:
             bott[~allowed] = np.inf
         i = int(bott.argmin())
@@ -147,15 +164,37 @@ class CandSet:
         return self.best_throughput(cond, allowed)
 
 
-def _weights(cond: Conditions) -> np.ndarray:
-    """(w_dev, w_bytes, w_edge, rtt) for `cond` as an array (the cost model's `stage_weights`
-    and the round trip), memoised on the conditions object (a request prices every exit with
-    the same one). O(1)."""
-    w = cond.__dict__.get("_scan_weights")
-    if w is None:
-        w = np.array([*stage_weights(cond), cond.rtt_ms])
-        object.__setattr__(cond, "_scan_weights", w)
-    return w
+def _scan_latency(rows: list[tuple[float, float, float, float]], cond: Conditions, allowed: Any) -> int:
+    """`CandSet.best_latency` over a small front in plain Python: the same float operations in
+    the same order as the numpy scan, so the same index. O(n)."""
+    wd, wb, we = stage_weights(cond)
+    rtt = cond.rtt_ms
+    best, at = np.inf, -1
+    for i, (d, b, e, f) in enumerate(rows):
+        if allowed is not None and not allowed[i]:
+            continue
+        lat = d * wd + b * wb + e * we + f * rtt
+        if lat < best or at < 0:
+            best, at = lat, i
+    return at
+
+
+def _scan_throughput(rows: list[tuple[float, float, float, float]], cond: Conditions, allowed: Any) -> int:
+    """`CandSet.best_throughput` over a small front in plain Python (as `_scan_latency`). O(n)."""
+    wd, wb, we = stage_weights(cond)
+    rtt = cond.rtt_ms
+    bott = [
+        max(d * wd, b * wb, e * we) if allowed is None or allowed[i] else np.inf
+        for i, (d, b, e, _) in enumerate(rows)
+    ]
+    limit = min(bott) * (1.0 + TIE_RTOL)
+    best, at = np.inf, -1
+    for i, (d, b, e, f) in enumerate(rows):
+        if bott[i] <= limit:
+            lat = d * wd + b * wb + e * we + f * rtt
+            if lat < best or at < 0:
+                best, at = lat, i
+    return at
 
 
 def pareto_candset(
