@@ -10,8 +10,9 @@ of both endpoints, their throughput ratio, and PASS/FAIL against the targets (pl
 healthz throughput, plan p99 ≤ 20 ms).
 
 With `--lease`, the same load compares, on one planner with Redis and one live worker (kept
-alive by heartbeats), POST /plan with `device_id` + `frame_rate` (a lease: two Redis round
-trips, a Lua read and a Lua reservation) against the same requests without `device_id`, at one
+alive by heartbeats), POST /plan with `device_id` + `frame_rate` (a lease: one Lua reservation
+that verifies the planner's view of the leases, a second round trip when that view was out of
+date) against the same requests without `device_id`, at one
 client and at `--clients`; target: a leased plan answers in <= 2x the time (p50) of one without.
 
     python bench/planner_http.py [--clients 50] [--seconds 5] [--redis-url none] [--lease]

@@ -115,6 +115,38 @@ def test_leases_are_shared_by_replicas_and_survive_a_restart(planner_prefix: str
         assert workers(again)["http://w1:1"]["leases"] == 2
 
 
+def _admissions(c: httpx.Client, result: str) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(f'dapdee_planner_admissions_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_leased_plan_is_one_reservation_while_the_view_holds(planner_prefix: str) -> None:
+    """A replica plans against its own view of the leases and reserves with that view verified in
+    the same step: while nobody else changed the leases there is no second round trip (no
+    "stale" admission); a lease another replica made is noticed, adopted and priced."""
+    kw = {"rebalance_s": 0, "refresh_s": 60.0, "worker_ttl_s": 120.0}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a)
+        assert beat(b, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        for _ in range(3):
+            for d in ("d1", "d2"):
+                assert a.post("/plan", json=leased(d)).json()["lease"]["worker"] == "http://w1:1"
+        assert _admissions(a, "stale") == 0 and _admissions(a, "reserved") == 6
+        # b has not seen a's leases: its first reservation finds its view stale and plans again
+        plan = b.post("/plan", json=leased("d3")).json()
+        assert plan["predicted"]["edge_ms"] == pytest.approx(8.0 / (1 - 160.0 / 1000.0))
+        assert _admissions(b, "stale") == 1
+        b.post("/plan", json=leased("d3"))  # the adopted view holds now
+        assert _admissions(b, "stale") == 1 and _admissions(b, "reserved") == 2
+        # and a, whose view lacks d3, notices it once
+        assert a.post("/plan", json=leased("d1")).json()["predicted"]["edge_ms"] == pytest.approx(
+            8.0 / (1 - 160.0 / 1000.0)
+        )
+        assert _admissions(a, "stale") == 1
+
+
 def test_fifty_devices_leasing_at_once_through_two_replicas_never_overbook(planner_prefix: str) -> None:
     def settings() -> Settings:
         return Settings(

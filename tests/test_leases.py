@@ -4,13 +4,14 @@ Redis's clock, moving between workers, releasing, the lease cap, rebalance appli
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from dapdee.planner.config import Settings
-from dapdee.planner.leases import LeaseBook
+from dapdee.planner.leases import LeaseBook, ReservationView, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 
@@ -66,8 +67,19 @@ def test_admission_refuses_past_the_limit_and_reports_the_others(prefix: str) ->
         assert await book.loads() == {"http://w": {"a": 500.0, "b": 400.0}}
         record, ttl = await book.record("c")  # type: ignore[misc]
         assert record == {"device_id": "c"} and 0 < ttl <= 30
-        record, others = await book.read("a", ["http://w", "http://none"])
-        assert record == {"device_id": "a"} and others == {"http://w": 400.0, "http://none": 0.0}
+        # a view that is not Redis's: nothing written, the true figures come back
+        view = View(0, {"http://w": 0.0, "http://none": 0.0})
+        r = await book.reserve("a", "http://w", 450.0, 900.0, {"device_id": "a", "v": 2}, view)
+        assert r.status == "stale" and r.figures is not None
+        assert r.figures.record == {"device_id": "a"} and r.figures.version == 0
+        assert r.figures.loads == {"http://w": {"a": 500.0, "b": 400.0}, "http://none": {}}
+        assert r.figures.others("a") == {"http://w": 400.0, "http://none": 0.0}
+        assert await book.loads() == {"http://w": {"a": 500.0, "b": 400.0}}
+        # the view Redis holds: reserved in the same step
+        view = View(0, {"http://w": 400.0, "http://none": 0.0})
+        r = await book.reserve("a", "http://w", 450.0, 900.0, {"device_id": "a", "v": 2}, view)
+        assert (r.status, r.others_ms_per_s) == ("reserved", 400.0)
+        assert (await book.record("a"))[0] == {"device_id": "a", "v": 2}  # type: ignore[index]
         assert sorted(await book.devices()) == ["a", "b", "c"]
         assert set(await book.records(["a", "zz"])) == {"a"}
         await _close([book])
@@ -160,3 +172,63 @@ def test_a_rebalance_applies_atomically_or_not_at_all(prefix: str) -> None:
         await _close(books)
 
     run(scenario())
+
+
+def test_an_assigned_plan_has_a_version_a_view_must_match(prefix: str) -> None:
+    """A rebalance bumps the device's assigned-plan version: a replica planning with another
+    version gets "stale" with the assigned record; an unassigned refresh drops the version; an
+    assigned one keeps it; release and expiry drop it."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1, ttl_s=1.0)
+        await book.reserve("d", "http://w", 100.0, 900.0, {"assigned": False})
+        assert await book.apply("http://w", {"d": (200.0, {"assigned": True, "v": 2})}, 900.0)
+        r = await book.reserve("d", "http://w", 100.0, 900.0, {"assigned": False}, View(0, {"http://w": 0.0}))
+        assert r.status == "stale" and r.figures is not None
+        assert (r.figures.version, r.figures.record) == (1, {"assigned": True, "v": 2})
+        assert r.figures.loads == {"http://w": {"d": 200.0}}
+        # planning from the assigned record with its version: reserved, the version kept
+        r = await book.reserve("d", "http://w", 200.0, 900.0, {"assigned": True, "v": 3}, View(1, {"http://w": 0.0}))
+        assert r.status == "reserved"
+        assert (await book.reserve("d", "http://w", 200.0, 900.0, {"assigned": True}, View(1, {}))).status == "reserved"
+        assert await book.apply("http://w", {"d": (200.0, {"assigned": True, "v": 4})}, 900.0)
+        assert (await book.reserve("d", "http://w", 1.0, 900.0, {}, View(1, {}))).figures.version == 2  # type: ignore[union-attr]
+        # an unassigned plan written: no version any more
+        assert (await book.reserve("d", "http://w", 1.0, 900.0, {"assigned": False})).status == "reserved"
+        assert (await book.reserve("d", "http://w", 1.0, 900.0, {}, View(0, {}))).status == "reserved"
+        assert await book.apply("http://w", {"d": (5.0, {"assigned": True})}, 900.0)
+        assert await book.release("d")
+        assert (await book.reserve("d", None, 0.0, 900.0, {}, View(0, {}))).status == "reserved"
+        assert await book.apply("http://w", {"d": (5.0, {"assigned": True})}, 900.0)
+        await asyncio.sleep(1.2)  # the lease expires: its version goes with it
+        assert (await book.reserve("d", None, 0.0, 900.0, {}, View(0, {}))).status == "reserved"
+        await _close([book])
+
+    run(scenario())
+
+
+def test_the_reservation_view_matches_summing_over_every_device() -> None:
+    rng = random.Random(7)
+    view = ReservationView()
+    truth: dict[str, dict[str, float]] = {}
+    workers, devices = ["http://a", "http://b", "http://c"], [f"d{i}" for i in range(12)]
+    for step in range(400):
+        if step % 97 == 0:  # a refresh replaces the whole view, an adopted answer some workers
+            truth = {w: {d: rng.uniform(0, 50) for d in rng.sample(devices, 4)} for w in workers}
+            view.replace(truth, every=True)
+        elif step % 31 == 0:
+            truth["http://b"] = {d: rng.uniform(0, 50) for d in rng.sample(devices, 3)}
+            view.replace({"http://b": truth["http://b"]})
+        d, w = rng.choice(devices), rng.choice([*workers, None])
+        load = rng.choice([0.0, rng.uniform(0, 80)])
+        for per in truth.values():
+            per.pop(d, None)
+        if w is not None and load > 0:
+            truth.setdefault(w, {})[d] = load
+        view.set(d, w, load)
+        for url in [*workers, "http://none"]:
+            per = truth.get(url, {})
+            for who in (*devices, None):
+                want = sum(v for k, v in per.items() if k != who)
+                assert view.others(url, who) == pytest.approx(want, abs=1e-9)
+            assert view.leased(url)[1] == len(per)

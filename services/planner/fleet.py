@@ -2,12 +2,15 @@
 
 `Fleet.plan` answers one `POST /plan` against the other devices' leases with the exact plan of
 `dapdee.fleet.assign` and, for a named device, reserves its lease atomically (`leases.LeaseBook`,
-Lua in Redis). Two round trips to Redis for a named device: one read (its lease and the other
-devices' reservations on the candidate workers, fresh), one reservation. If another replica
-took the capacity meanwhile the reservation is refused with the new figures and the device is
-planned again (at most `RETRIES` times, then Device-Only, always admissible). A request without
-`device_id` reserves nothing and is planned against this replica's view of the reservations
-(refreshed every `refresh_s` and after each reservation here), with no Redis round trip.
+Lua in Redis). One round trip while this replica's view is Redis's own: the device is planned
+against the view (per candidate worker what the others reserve, and the version of a plan a
+rebalance assigned it), and the reservation verifies that view in the same atomic step. A stale
+view writes nothing and brings back Redis's figures, which are adopted; the device is planned
+again against them and reserved (two round trips). If another replica took the capacity
+meanwhile the reservation is refused with the new figures and the device is planned again (at
+most `RETRIES` times, then Device-Only, always admissible). A request without `device_id`
+reserves nothing and is planned against this replica's view of the reservations (refreshed
+every `refresh_s` and after each reservation here), with no Redis round trip.
 
 A device whose lease carries a plan assigned by a rebalance gets that plan back while its
 conditions have not drifted (`lease_drift`), re-priced at the load the others put on its worker.
@@ -38,7 +41,7 @@ from dapdee.fleet.rebalance import Demand, Option, Solution, current_option, opt
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
-from dapdee.planner.leases import LeaseBook
+from dapdee.planner.leases import Figures, LeaseBook, ReservationView, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
@@ -123,7 +126,9 @@ class Fleet:
         self.candidates_for = candidates_for
         self.live_workers = live_workers
         self.k_lock = f"{keys.base}:rebalance-lock"
-        self.reserved: dict[str, dict[str, float]] = {}  # worker -> device -> ms/s, last seen
+        self.reserved = ReservationView()  # this replica's view, as last seen
+        # device -> (version, lease record) of the plans a rebalance assigned, as last seen here
+        self.assignments: dict[str, tuple[int, dict[str, Any]]] = {}
         self.lease_count = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -147,7 +152,7 @@ class Fleet:
         """Re-read every worker's reservations and the lease count, and set the fleet gauges
         (from the last view when Redis is away; RedisUnavailable then passes up). Three round trips."""
         try:
-            self.reserved = await self.book.loads()
+            self.reserved.replace(await self.book.loads(), every=True)
             self.lease_count = await self.book.count()
         finally:
             workers = await self.live_workers()
@@ -173,14 +178,12 @@ class Fleet:
 
     # ---- views ------------------------------------------------------------------------------------
     def others(self, worker: str, device_id: str | None) -> float:
-        """What the other devices reserve on `worker` (ms/s), from this replica's view. O(leases)."""
-        loads = self.reserved.get(worker, {})
-        return sum(v for d, v in loads.items() if d != device_id)
+        """What the other devices reserve on `worker` (ms/s), from this replica's view. O(1)."""
+        return self.reserved.others(worker, device_id)
 
     def leased(self, worker: str) -> tuple[float, int]:
-        """(Σ f_j·e_j, lease count) on `worker`, from this replica's view."""
-        loads = self.reserved.get(worker, {})
-        return sum(loads.values()), len(loads)
+        """(Σ f_j·e_j, lease count) on `worker`, from this replica's view. O(1)."""
+        return self.reserved.leased(worker)
 
     # ---- planning ---------------------------------------------------------------------------------
     async def plan(self, body: Any, candidates: Sequence[Candidate], edge_load: float | None) -> dict[str, Any]:
@@ -192,22 +195,33 @@ class Fleet:
             dp = plan_for_device(slots, req, None, self.settings.rho_max, edge_load)
             self.metrics.admissions.labels("unleased").inc()
             return dp.plan
-        try:
-            record, fresh = await self.book.read(body.device_id, [c.worker.url for c in candidates])
-        except RedisUnavailable:
-            record, fresh = None, None
-        dp, assigned = self._assigned(record, body, candidates, fresh, req)
-        if dp is None:
-            dp = plan_for_device(
-                self._slots(candidates, body.device_id, fresh), req, body.frame_rate, self.settings.rho_max, edge_load
-            )
-        return await self._lease(body, candidates, req, dp, assigned, fresh, edge_load)
+        device = body.device_id
+        version, record = self.assignments.get(device, (0, None))
+        view = View(version, {c.worker.url: self.others(c.worker.url, device) for c in candidates})
+        return await self._lease(body, candidates, req, record, view, edge_load)
 
     async def lease_without_worker(self, body: Any, plan: dict[str, Any]) -> dict[str, Any]:
         """A named device of a model no worker serves: its plan reserves nothing, but the lease is
         recorded (GET /devices/{id}, the lease count, a later rebalance may bring it onto a worker)."""
         dp = DevicePlan(plan, None, 0.0, 0.0)
-        return await self._lease(body, [], request_of(body.model_dump()), dp, False, {}, body.edge_load)
+        return await self._reserve(body, [], request_of(body.model_dump()), dp, False, None, {}, body.edge_load)
+
+    def _choose(
+        self,
+        record: dict[str, Any] | None,
+        body: Any,
+        candidates: Sequence[Candidate],
+        others: dict[str, float],
+        req: PlanRequest,
+        edge_load: float | None,
+    ) -> tuple[DevicePlan, bool]:
+        """The device's plan given `others` (per worker, what the other devices reserve): the one
+        a rebalance assigned it while that still applies (`_assigned`), else the exact plan."""
+        dp, assigned = self._assigned(record, body, candidates, others, req)
+        if dp is None:
+            slots = self._slots(candidates, body.device_id, others)
+            dp = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
+        return dp, assigned
 
     def _slots(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float] | None
@@ -255,41 +269,68 @@ class Fleet:
         body: Any,
         candidates: Sequence[Candidate],
         req: PlanRequest,
-        dp: DevicePlan,
-        assigned: bool,
-        fresh: dict[str, float] | None,
+        record: dict[str, Any] | None,
+        view: View,
         edge_load: float | None,
     ) -> dict[str, Any]:
-        """Reserve the plan's lease, re-planning when another replica took the room meanwhile.
+        """Plan the device against this replica's `view` and reserve that plan, the view verified
+        in the same atomic step: one round trip when the view is Redis's own. Returns the plan
+        JSON with its `lease`."""
+        dp, assigned = self._choose(record, body, candidates, view.others, req, edge_load)
+        return await self._reserve(body, candidates, req, dp, assigned, view, dict(view.others), edge_load)
+
+    async def _reserve(
+        self,
+        body: Any,
+        candidates: Sequence[Candidate],
+        req: PlanRequest,
+        dp: DevicePlan,
+        assigned: bool,
+        view: View | None,
+        others: dict[str, float],
+        edge_load: float | None,
+    ) -> dict[str, Any]:
+        """Reserve `dp`'s lease (verifying `view` when given). A stale view: adopt Redis's figures
+        and plan again against them. A refusal (another replica took the room meanwhile): plan
+        again with the new figures, at most `RETRIES` times, then Device-Only (always admissible).
         Returns the plan JSON with its `lease`."""
         capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
-        fresh = dict(fresh or {})
+        version = view.version if view is not None else 0
         stored = False
-        for attempt in range(RETRIES + 1):
+        refusals = 0
+        while True:
             load = body.frame_rate * dp.edge_ms_per_frame
             limit = self.settings.rho_max * capacity.get(dp.worker or "", math.inf)
             record = self._record(body, dp, assigned)
             try:
-                res = await self.book.reserve(body.device_id, dp.worker, load, limit, record)
+                res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view)
             except RedisUnavailable:
                 break
+            if res.status == "stale":
+                assert res.figures is not None
+                self.metrics.admissions.labels("stale").inc()
+                others = self._adopt(res.figures, body.device_id)
+                version, view = res.figures.version, None
+                dp, assigned = self._choose(res.figures.record, body, candidates, others, req, edge_load)
+                continue
             if res.status == "full":
                 self.metrics.admissions.labels("full").inc()
                 raise CapacityExceeded("leases", self.settings.max_leases)
             if res.status == "reserved":
                 stored = True
                 self._note(body.device_id, dp.worker, load)
+                self._remember(body.device_id, record, version)
                 self.metrics.admissions.labels("device_only" if dp.worker is None else "reserved").inc()
                 break
             self.metrics.admissions.labels("refused").inc()
             assert dp.worker is not None
-            fresh[dp.worker] = res.others_ms_per_s
+            others[dp.worker] = res.others_ms_per_s
             assigned = False
-            if attempt == RETRIES - 1:  # give up on the edge: Device-Only is always admissible
-                fresh = {url: math.inf for url in capacity}
-            dp = plan_for_device(
-                self._slots(candidates, body.device_id, fresh), req, body.frame_rate, self.settings.rho_max, edge_load
-            )
+            refusals += 1
+            if refusals == RETRIES:  # give up on the edge: Device-Only is always admissible
+                others = {url: math.inf for url in capacity}
+            slots = self._slots(candidates, body.device_id, others)
+            dp = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
         plan = dict(dp.plan)
         plan["lease"] = {
             "device_id": body.device_id,
@@ -317,12 +358,25 @@ class Fleet:
             "assigned": assigned,
         }
 
+    def _adopt(self, figures: Figures, device_id: str) -> dict[str, float]:
+        """Take Redis's figures as this replica's view of those workers; per worker, what the
+        devices other than `device_id` reserve there."""
+        self.reserved.replace(figures.loads)
+        return figures.others(device_id)
+
+    def _remember(self, device_id: str, record: dict[str, Any], version: int) -> None:
+        """Keep the device's record while it holds a plan a rebalance assigned (with that plan's
+        version), so its next request plans from it without a read; forget it otherwise."""
+        if not record.get("assigned"):
+            self.assignments.pop(device_id, None)
+            return
+        if len(self.assignments) >= self.settings.max_leases:  # leases that expired unseen: start over
+            self.assignments.clear()
+        self.assignments[device_id] = (version, record)
+
     def _note(self, device_id: str, worker: str | None, load: float) -> None:
         """Update this replica's view after its own reservation (the device left any other worker)."""
-        for loads in self.reserved.values():
-            loads.pop(device_id, None)
-        if worker is not None and load > 0:
-            self.reserved.setdefault(worker, {})[device_id] = load
+        self.reserved.set(device_id, worker, load)
 
     # ---- devices ------------------------------------------------------------------------------------
     async def state(self, device_id: str) -> dict[str, Any] | None:
@@ -357,6 +411,7 @@ class Fleet:
             return False
         ended = await self.book.release(device_id)
         self._note(device_id, None, 0.0)
+        self.assignments.pop(device_id, None)
         return ended
 
     # ---- rebalancing ---------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ Keys (`P` = the planner's key prefix with schema version):
 - `P:lease-worker`          hash device -> worker URL of its reservation (absent: none)
 - `P:wload:{url}`           hash device -> reserved ms per second on that worker
 - `P:wexp:{url}`            zset device -> expiry (ms) of each reservation on that worker
+- `P:lease-assigned`        hash device -> version of the plan a rebalance assigned it (absent:
+                            none; each rebalance that assigns it one counts up)
 
 The scripts name some keys they compute from the prefix (a device's previous worker), so
 the planner needs a single Redis instance (not a cluster), as it does for everything else.
@@ -29,6 +31,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import to_json
 
 # Removes expired reservations of one worker, then returns nothing. KEYS: wload, wexp. ARGV: now_ms
 _PURGE = """
@@ -58,14 +62,20 @@ local function purge_leases(prefix, leases, now)
       redis.call('ZREM', prefix .. ':wexp:' .. w, d)
       redis.call('HDEL', prefix .. ':lease-worker', d)
     end
+    redis.call('HDEL', prefix .. ':lease-assigned', d)
   end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
 end
 """
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
-# none), load, limit, ttl_ms, max_leases, record JSON.
-# Returns {status, others}: status 1 reserved, 0 refused (over the limit), -1 lease cap reached.
+# none), load, limit, ttl_ms, max_leases, record JSON, assigned ('1': the record holds a plan a
+# rebalance assigned), then optionally the planner's view to verify: the assigned-plan version it
+# planned with, then (worker URL, the others' reservations there it assumed) pairs.
+# Returns {status, others}: status 1 reserved, 0 refused (over the limit), -1 lease cap reached;
+# or, when the view differs from Redis's (some worker's others differ by more than 1e-6 ms/s, or
+# another version of an assigned plan), nothing is written and the answer is {2, version, record
+# or false, url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
 RESERVE = (
     _PURGE
     + """
@@ -74,6 +84,23 @@ local load, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_leases = tonumber(ARGV[7])
 local now = now_ms()
 purge_leases(prefix, KEYS[2], now)
+if #ARGV >= 10 then
+  local version = tonumber(redis.call('HGET', prefix .. ':lease-assigned', device) or '0')
+  local stale = version ~= tonumber(ARGV[10])
+  for i = 11, #ARGV, 2 do
+    local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
+    purge(wload, wexp, now)
+    if math.abs(others(wload, device) - tonumber(ARGV[i + 1])) > 1e-6 then stale = true end
+  end
+  if stale then
+    local out = {2, tostring(version), redis.call('GET', KEYS[1])}
+    for i = 11, #ARGV, 2 do
+      out[#out + 1] = ARGV[i]
+      out[#out + 1] = redis.call('HGETALL', prefix .. ':wload:' .. ARGV[i])
+    end
+    return out
+  end
+end
 if not redis.call('ZSCORE', KEYS[2], device) and redis.call('ZCARD', KEYS[2]) >= max_leases then
   return {-1, '0'}
 end
@@ -100,28 +127,10 @@ else
   end
   redis.call('HDEL', prefix .. ':lease-worker', device)
 end
+if ARGV[9] ~= '1' then redis.call('HDEL', prefix .. ':lease-assigned', device) end
 redis.call('ZADD', KEYS[2], now + ttl, device)
 redis.call('SET', KEYS[1], ARGV[8], 'PX', ttl)
 return {1, tostring(sum)}
-"""
-)
-
-# What planning one device needs, in one round trip: its lease record (or false) and, for each
-# worker named, the reservations of the other devices on it (expired ones dropped first).
-# KEYS: lease, leases. ARGV: prefix, device, worker URLs... Returns {record|false, sum, sum, ...}.
-READ = (
-    _PURGE
-    + """
-local prefix, device = ARGV[1], ARGV[2]
-local now = now_ms()
-purge_leases(prefix, KEYS[2], now)
-local out = {redis.call('GET', KEYS[1])}
-for i = 3, #ARGV do
-  local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
-  purge(wload, wexp, now)
-  out[#out + 1] = tostring(others(wload, device))
-end
-return out
 """
 )
 
@@ -134,6 +143,7 @@ if w then
   redis.call('ZREM', prefix .. ':wexp:' .. w, device)
   redis.call('HDEL', prefix .. ':lease-worker', device)
 end
+redis.call('HDEL', prefix .. ':lease-assigned', device)
 local had = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], device)
 return had
@@ -199,6 +209,7 @@ for i = 4, #ARGV, 3 do
     redis.call('HDEL', prefix .. ':lease-worker', d)
   end
   redis.call('SET', key, ARGV[i + 2], 'KEEPTTL')
+  redis.call('HINCRBY', prefix .. ':lease-assigned', d, 1)
 end
 return 1
 """
@@ -206,12 +217,75 @@ return 1
 
 
 @dataclass(frozen=True)
+class View:
+    """What a replica planned a device with, for `LeaseBook.reserve` to verify: the version of
+    the device's assigned plan it knew (0: none) and, per candidate worker URL, what it took the
+    other devices to reserve there (ms per second)."""
+
+    version: int
+    others: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Redis's own figures when a `View` was out of date: the device's assigned-plan version, its
+    lease record (None: no live lease), and per worker URL every reservation there (device ->
+    ms per second, the device's own included)."""
+
+    version: int
+    record: dict[str, Any] | None
+    loads: dict[str, dict[str, float]]
+
+    def others(self, device_id: str) -> dict[str, float]:
+        """Per worker, what the devices other than `device_id` reserve there."""
+        return {w: sum(v for d, v in loads.items() if d != device_id) for w, loads in self.loads.items()}
+
+
+class ReservationView:
+    """One replica's view of the reservations: worker URL -> device -> ms per second, with each
+    worker's total kept beside it so that "what the others reserve" is O(1) per request."""
+
+    def __init__(self) -> None:
+        self._loads: dict[str, dict[str, float]] = {}
+        self._totals: dict[str, float] = {}
+
+    def replace(self, loads: dict[str, dict[str, float]], every: bool = False) -> None:
+        """Take `loads` for the workers it names (`every`: as the whole view). O(reservations)."""
+        if every:
+            self._loads, self._totals = {}, {}
+        for url, per_device in loads.items():
+            self._loads[url] = dict(per_device)
+            self._totals[url] = sum(per_device.values())
+
+    def set(self, device_id: str, worker: str | None, load: float) -> None:
+        """The device now reserves `load` on `worker` (None or 0: nothing) and nothing elsewhere.
+        O(workers + reservations on the workers it touches)."""
+        for url, per_device in self._loads.items():
+            if per_device.pop(device_id, None) is not None:
+                self._totals[url] = sum(per_device.values())
+        if worker is not None and load > 0:
+            per_device = self._loads.setdefault(worker, {})
+            per_device[device_id] = load
+            self._totals[worker] = sum(per_device.values())
+
+    def others(self, worker: str, device_id: str | None) -> float:
+        """What the devices other than `device_id` reserve on `worker` (ms/s). O(1)."""
+        return self._totals.get(worker, 0.0) - self._loads.get(worker, {}).get(device_id or "", 0.0)
+
+    def leased(self, worker: str) -> tuple[float, int]:
+        """(Σ f_j·e_j, lease count) on `worker`. O(1)."""
+        return self._totals.get(worker, 0.0), len(self._loads.get(worker, {}))
+
+
+@dataclass(frozen=True)
 class Reservation:
     """The outcome of `LeaseBook.reserve`: `status` "reserved" | "refused" | "full" (the lease
-    cap), and what the other devices reserve on the worker (ms per second, Redis's view now)."""
+    cap) | "stale" (the view to verify was out of date: nothing written, `figures` says what is
+    true), and what the other devices reserve on the worker (ms per second, Redis's view now)."""
 
     status: str
     others_ms_per_s: float
+    figures: Figures | None = None
 
 
 class LeaseBook:
@@ -229,39 +303,41 @@ class LeaseBook:
     def k_lease(self, device_id: str) -> str:
         return f"{self.prefix}:lease:{device_id}"
 
-    async def read(self, device_id: str, workers: list[str]) -> tuple[dict[str, Any] | None, dict[str, float]]:
-        """The device's lease record (None: no live lease) and, per worker URL, what the other
-        devices reserve there now (ms per second). O(reservations on those workers) in Redis."""
-        out = await self.link.script(
-            "lease_read", READ, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id, *workers]
-        )
-        record = json.loads(out[0]) if out[0] else None
-        return record, {w: float(v) for w, v in zip(workers, out[1:], strict=True)}
-
     async def reserve(
-        self, device_id: str, worker: str | None, load_ms_per_s: float, limit_ms_per_s: float, record: dict[str, Any]
+        self,
+        device_id: str,
+        worker: str | None,
+        load_ms_per_s: float,
+        limit_ms_per_s: float,
+        record: dict[str, Any],
+        view: View | None = None,
     ) -> Reservation:
         """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None or a
         zero load: hold no reservation) if the other reservations plus it stay <= `limit`, and
         store `record` with the lease TTL. A device moving to another worker frees the old one.
-        Atomic across replicas. O(reservations on the worker) inside Redis."""
-        status, others = await self.link.script(
-            "lease_reserve",
-            RESERVE,
-            [self.k_lease(device_id), self.k_leases],
-            [
-                self.prefix,
-                device_id,
-                worker or "",
-                repr(float(load_ms_per_s)),
-                repr(float(limit_ms_per_s)),
-                self.ttl_ms,
-                self.max_leases,
-                json.dumps(record, separators=(",", ":"), allow_nan=False),
-            ],
-        )
-        name = {1: "reserved", 0: "refused", -1: "full"}[int(status)]
-        return Reservation(name, float(others))
+        With `view`, first check that it is Redis's own (same assigned-plan version, every named
+        worker's others within 1e-6 ms/s), else write nothing and answer "stale" with the true
+        figures. Atomic across replicas. O(reservations on the workers) inside Redis."""
+        args: list[Any] = [
+            self.prefix,
+            device_id,
+            worker or "",
+            repr(float(load_ms_per_s)),
+            repr(float(limit_ms_per_s)),
+            self.ttl_ms,
+            self.max_leases,
+            to_json(record, inf_nan_mode="null"),  # as the plan answers: a non-finite number is null
+            "1" if record.get("assigned") else "0",
+        ]
+        if view is not None:
+            args.append(view.version)
+            for url, others in view.others.items():
+                args += [url, repr(float(others))]
+        out = await self.link.script("lease_reserve", RESERVE, [self.k_lease(device_id), self.k_leases], args)
+        if int(out[0]) == 2:
+            return Reservation("stale", 0.0, _figures(out))
+        name = {1: "reserved", 0: "refused", -1: "full"}[int(out[0])]
+        return Reservation(name, float(out[1]))
 
     async def release(self, device_id: str) -> bool:
         """End the device's lease (its reservation is freed). False if it had none."""
@@ -322,6 +398,15 @@ class LeaseBook:
         for device, (load, record) in assignments.items():
             args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
         return bool(await self.link.script("lease_apply", APPLY, [self.k_leases], args))
+
+
+def _figures(out: list[Any]) -> Figures:
+    """The "stale" answer of RESERVE: {2, version, record or nil, url, {device, load, ...}, ...}."""
+    loads = {}
+    for i in range(3, len(out), 2):
+        pairs = out[i + 1]
+        loads[_text(out[i])] = {_text(pairs[k]): float(pairs[k + 1]) for k in range(0, len(pairs), 2)}
+    return Figures(int(out[1]), json.loads(out[2]) if out[2] else None, loads)
 
 
 def _text(v: Any) -> str:

@@ -192,8 +192,8 @@ class PlannerMetrics:
         self.admissions = Counter(
             "dapdee_planner_admissions",
             "Plan requests by lease outcome: reserved (on a worker), device_only (a lease reserving "
-            "nothing), refused (another replica took the room; re-planned), full (the lease cap), "
-            "unleased (no device_id).",
+            "nothing), refused (another replica took the room; re-planned), stale (this replica's view of "
+            "the leases was out of date; re-planned against Redis's), full (the lease cap), unleased (no device_id).",
             ["result"],
             registry=self.registry,
         )
