@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from dapdee.edge_worker.batching import Batcher
+from dapdee.edge_worker.capacity import CapacityMeter
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.metrics import EdgeMetrics
@@ -105,7 +106,10 @@ def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerS
         shape = "x".join(map(str, e.graph.input.shape))
         info = {"spec": e.loaded.spec, "exits": exits, "input_shape": shape, "tier": s.tier}
         metrics.model_info.labels(name).info(info)
-    return WorkerState(settings, entries, batcher, metrics, ready=True)
+    meter = CapacityMeter(
+        settings.capacity_window_s, settings.capacity_min_ms, settings.capacity_max_factor, settings.capacity_hysteresis
+    )
+    return WorkerState(settings, entries, batcher, metrics, ready=True, capacity=meter)
 
 
 Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]

@@ -13,6 +13,7 @@ from dapdee import wire
 from dapdee.api.oip import ModelMetadata, ModelParameters, TensorMetadata
 from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.batching import Batcher
+from dapdee.edge_worker.capacity import CapacityMeter
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.limits import RequestLimits, request_limits
 from dapdee.edge_worker.metrics import EdgeMetrics
@@ -47,6 +48,10 @@ class ModelEntry:
     graph: CostGraph
     sample_shapes: dict[str, tuple[int, ...]]
     limits: RequestLimits
+    # (the graph the figures are for, (given names, target) -> profiled compute ms)
+    _compute_ms: tuple[CostGraph | None, dict[tuple[frozenset[str], str], float | None]] = field(
+        default=(None, {}), repr=False
+    )
 
     @classmethod
     def of(cls, loaded: LoadedModel, max_rows: int, body_cap: int) -> ModelEntry:
@@ -62,6 +67,19 @@ class ModelEntry:
     @property
     def name(self) -> str:
         return self.loaded.name
+
+    def compute_ms(self, given: frozenset[str], target: str) -> float | None:
+        """What the graph's edge profile predicts for computing `target` from the values named
+        `given`: Σ edge_ms over the nodes that computation runs (None: the graph has no edge
+        timings there). Cached per (given, target) for the current graph; a miss is O(V + E)."""
+        graph, cache = self._compute_ms
+        if graph is not self.graph:
+            graph, cache = self.graph, {}
+            self._compute_ms = (graph, cache)
+        key = (given, target)
+        if key not in cache:
+            cache[key] = _compute_ms(graph, given, target)
+        return cache[key]
 
     def metadata(self) -> ModelMetadata:
         """v2 model metadata: the graph input with its real datatype and per-sample shape, the
@@ -94,6 +112,22 @@ class ModelEntry:
         )
 
 
+def _compute_ms(graph: CostGraph, given: frozenset[str], target: str) -> float | None:
+    """Σ edge_ms over the nodes needed for `target` that are not given (see `compute_ms`)."""
+    total, seen, stack = 0.0, set(), [target]
+    while stack:
+        name = stack.pop()
+        if name in seen or name in given or name == graph.input.name:
+            continue
+        seen.add(name)
+        node = graph.node(name)
+        if node.edge_ms is None:
+            return None
+        total += node.edge_ms
+        stack.extend(node.inputs)
+    return total
+
+
 @dataclass
 class WorkerState:
     settings: Settings
@@ -101,6 +135,7 @@ class WorkerState:
     batcher: Batcher
     metrics: EdgeMetrics
     inflight: int = 0  # infer requests being handled (metrics and heartbeats)
+    capacity: CapacityMeter = field(default_factory=CapacityMeter)  # heartbeats' capacity_ms_per_s
     ready: bool = False
     registration: dict[str, Any] = field(default_factory=dict)  # planner registration status
 

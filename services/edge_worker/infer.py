@@ -246,6 +246,10 @@ async def run_infer(
     tracing = otel.recording()  # None unless this request's trace is exported
     submit_ns = time.time_ns() if tracing is not None else 0
     result = await _submit(state, entry, req.inputs, exit_name, node, confident)
+    predicted = None if confident else entry.compute_ms(frozenset(req.inputs), node)
+    if predicted is not None:  # this request's share of its batch's compute, against the profile
+        rows = next(iter(req.inputs.values())).shape[0]
+        state.capacity.record(predicted * rows, result.compute_s * 1000.0 * rows / max(1, result.batch_rows))
     if tracing is not None:
         record_infer(tracing, entry, req.inputs, node, exit_name, len(body), result, submit_ns)
     output, taken = result.output, None

@@ -53,8 +53,9 @@ def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
 
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
-    """The worker's heartbeat: URL, models, tier, load, queue and its compute capacity
-    (`capacity_ms_per_s`: compute milliseconds it can spend per second, 1000 per pool thread)."""
+    """The worker's heartbeat: URL, models, tier, load, queue and its capacity
+    (`capacity_ms_per_s`: profiled compute milliseconds it can take per second, 1000 per pool
+    thread divided by the measured slowdown of its compute against its profile, `capacity`)."""
     return {
         "url": public_url,
         "models": sorted(state.models),
@@ -62,7 +63,7 @@ def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
         "load": state.batcher.load(),
         "inflight": state.inflight,
         "queue_depth": state.batcher.queued,
-        "capacity_ms_per_s": 1000.0 * state.settings.workers,
+        "capacity_ms_per_s": round(state.capacity.capacity(1000.0 * state.settings.workers), 3),
     }
 
 
