@@ -50,7 +50,7 @@ class ModelEntry:
     limits: RequestLimits
     # (the graph the figures are for, (given names, target) -> profiled compute ms)
     _compute_ms: tuple[CostGraph | None, dict[tuple[frozenset[str], str], float | None]] = field(
-        default=(None, {}), repr=False
+        default_factory=lambda: (None, {}), repr=False
     )
 
     @classmethod
