@@ -42,3 +42,19 @@ class Gated(nn.Module):
 
 def gated() -> nn.Module:
     return Gated()
+
+
+class Squares(nn.Module):
+    """x·x -> Linear(8, 4): one exit. A finite input of 3e38 overflows x·x to inf, so the logits
+    are never finite, whatever the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * x)
+
+
+def squares() -> nn.Module:
+    return Squares()

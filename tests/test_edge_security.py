@@ -62,7 +62,7 @@ def alexnet() -> LoadedModel:
 @pytest.fixture(scope="module")
 def edge(alexnet: LoadedModel) -> Iterator[tuple[httpx.Client, FastAPI]]:
     """A worker with the three role tokens, ONE concurrency slot, a 1 s body timeout, serving
-    width-0.25 AlexNet and the gated test model."""
+    width-0.25 AlexNet and the gated and squares test models."""
     settings = Settings(
         admin_token=TOKENS["admin"],
         device_token=TOKENS["device"],
@@ -72,7 +72,8 @@ def edge(alexnet: LoadedModel) -> Iterator[tuple[httpx.Client, FastAPI]]:
         batch_max=4,
     )
     gated = load_model("tests.edge_models:gated", input_shape=(1, 8))
-    app = create_app(settings, [alexnet, gated])
+    squares = load_model("tests.edge_models:squares", input_shape=(1, 8))
+    app = create_app(settings, [alexnet, gated, squares])
     with serve_app_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client, app
 
@@ -306,7 +307,7 @@ def test_a_slow_upload_gets_408_and_holds_no_slot(edge: tuple[httpx.Client, Fast
     with socket.create_connection((u.hostname, u.port), timeout=10) as s:
         s.sendall(
             f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKENS['device']}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"in".encode()
+            'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"in'.encode()
         )
         assert _infer(client, "device").status_code == 200  # the one slot is free
         reply = s.recv(4096)
@@ -350,13 +351,14 @@ def test_past_the_concurrency_limit_503_with_retry_after_and_health_answers(
 
 
 def test_non_finite_outputs_are_422_never_500(edge: tuple[httpx.Client, FastAPI]) -> None:
-    """A finite FP32 input of 3e38 drives AlexNet's logits to NaN: JSON or binary, the answer
-    is 422 naming the output, and the worker keeps serving."""
+    """A finite FP32 input of 3e38 overflows the `squares` test model (x·x = inf, whatever its
+    weights) to non-finite logits: JSON or binary, the answer is 422 naming the output, and the
+    worker keeps serving."""
     client, _ = edge
-    x = torch.full((2, 3, 32, 32), 3e38)
+    x = torch.full((2, 8), 3e38)
     for binary in (False, True):
         body, headers = wire.encode_request({"x": x}, binary=binary, binary_output=binary)
-        r = client.post(f"/v2/models/{MODEL}/infer", content=body, headers={**headers, **_auth("device")})
+        r = client.post("/v2/models/squares/infer", content=body, headers={**headers, **_auth("device")})
         assert r.status_code == 422, r.text
         assert "output 'logits'" in r.json()["error"] and "not finite" in r.json()["error"]
     r = _infer(client, "device")
