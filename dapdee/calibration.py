@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from dapdee.costgraph import CostGraph
 
@@ -82,14 +83,17 @@ class MonotoneFit:
             return 0.0
         if not self.knots:
             return s
-        xs = [k[0] for k in self.knots]
-        i = bisect.bisect_left(xs, s)
-        if i == len(xs):
+        i = bisect.bisect_left(self._xs, s)
+        if i == len(self.knots):
             x1, y1 = self.knots[-1]
             return y1 * s / x1
         x1, y1 = self.knots[i]
         x0, y0 = self.knots[i - 1] if i > 0 else (0.0, 0.0)
         return y0 + (y1 - y0) * (s - x0) / (x1 - x0) if x1 > x0 else y1
+
+    @cached_property
+    def _xs(self) -> list[float]:
+        return [k[0] for k in self.knots]
 
     def to_list(self) -> list[list[float]]:
         return [[round(s, 4), round(t, 4)] for s, t in self.knots]
@@ -111,10 +115,13 @@ def fit_monotone(points: Sequence[tuple[float, float]]) -> MonotoneFit:
     return MonotoneFit(tuple((s / n, t / n) for s, t, n in blocks))
 
 
-def calibrated_timings(graph: CostGraph, fit: MonotoneFit, tier: str = "device") -> dict[str, float]:
+def calibrated_timings(
+    graph: CostGraph, fit: MonotoneFit, tier: str = "device", sums: dict[str, float] | None = None
+) -> dict[str, float]:
     """Every node's `{tier}_ms` through F: F(S(v)) − F(S(v) − t(v)) (see the module doc), >= 0
-    since F is non-decreasing. O(V · (V + E))."""
-    sums = part_sums(graph, tier)
+    since F is non-decreasing. `sums`: `part_sums(graph, tier)` when the caller has them.
+    O(V · (V + E)) without `sums`, else O(V log #knots)."""
+    sums = sums if sums is not None else part_sums(graph, tier)
     out = {}
     for n in graph.nodes:
         t = getattr(n, f"{tier}_ms") or 0.0

@@ -73,7 +73,9 @@ def test_admission_refuses_past_the_limit_and_reports_the_others(prefix: str) ->
         assert r.status == "stale" and r.figures is not None
         assert r.figures.record == {"device_id": "a"} and r.figures.version == 0
         assert r.figures.loads == {"http://w": {"a": 500.0, "b": 400.0}, "http://none": {}}
-        assert r.figures.others("a") == {"http://w": 400.0, "http://none": 0.0}
+        adopted = ReservationView()
+        adopted.replace(r.figures.loads)
+        assert (adopted.others("http://w", "a"), adopted.others("http://none", "a")) == (400.0, 0.0)
         assert await book.loads() == {"http://w": {"a": 500.0, "b": 400.0}}
         # the view Redis holds: reserved in the same step
         view = View(0, {"http://w": 400.0, "http://none": 0.0})

@@ -78,7 +78,7 @@ def measure_device_profile(
         "exit and single-tensor cut, fitted as a non-decreasing piecewise-linear F of the part's sum of "
         "isolated node medians; each node priced F(S) - F(S - t) (dapdee.calibration)",
     }
-    return g.with_timings("device", calibrated_timings(g, fit), meta)
+    return g.with_timings("device", calibrated_timings(g, fit, sums=sums), meta)
 
 
 def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10) -> CostGraph:

@@ -245,8 +245,9 @@ async def run_infer(
         raise
     tracing = otel.recording()  # None unless this request's trace is exported
     submit_ns = time.time_ns() if tracing is not None else 0
-    result = await _submit(state, entry, req.inputs, exit_name, node, confident)
-    predicted = None if confident else entry.compute_ms(frozenset(req.inputs), node)
+    given = frozenset(req.inputs)
+    result = await _submit(state, entry, req.inputs, given, exit_name, node, confident)
+    predicted = None if confident else entry.compute_ms(given, node)
     if predicted is not None:  # this request's share of its batch's compute, against the profile
         rows = next(iter(req.inputs.values())).shape[0]
         state.capacity.record(predicted * rows, result.compute_s * 1000.0 * rows / max(1, result.batch_rows))
@@ -291,6 +292,7 @@ async def _submit(
     state: WorkerState,
     entry: ModelEntry,
     inputs: dict[str, torch.Tensor],
+    given: frozenset[str],
     exit_name: str,
     node: str,
     confident: bool,
@@ -298,8 +300,6 @@ async def _submit(
     """Hand the request to the batcher: the plain exit, or (`confident`) the confidence run,
     batched only with requests of the same kind. O(V + E) per head to set up a confidence run."""
     if not confident:
-        return await state.batcher.submit(
-            (entry.name, frozenset(inputs), exit_name), entry.loaded.executor, node, inputs
-        )
+        return await state.batcher.submit((entry.name, given, exit_name), entry.loaded.executor, node, inputs)
     job = confidence_run(entry, inputs, exit_name, node)
-    return await state.batcher.submit((entry.name, frozenset(inputs), exit_name, "confidence"), job, node, inputs)
+    return await state.batcher.submit((entry.name, given, exit_name, "confidence"), job, node, inputs)

@@ -331,6 +331,10 @@ class Fleet:
                 others = {url: math.inf for url in capacity}
             slots = self._slots(candidates, body.device_id, others)
             dp = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
+        return self._answer(body, dp, assigned, stored)
+
+    def _answer(self, body: Any, dp: DevicePlan, assigned: bool, stored: bool) -> dict[str, Any]:
+        """The plan JSON with its `lease` (`expires_in_s` 0 when the lease could not be stored)."""
         plan = dict(dp.plan)
         plan["lease"] = {
             "device_id": body.device_id,
@@ -362,7 +366,7 @@ class Fleet:
         """Take Redis's figures as this replica's view of those workers; per worker, what the
         devices other than `device_id` reserve there."""
         self.reserved.replace(figures.loads)
-        return figures.others(device_id)
+        return {url: self.reserved.others(url, device_id) for url in figures.loads}
 
     def _remember(self, device_id: str, record: dict[str, Any], version: int) -> None:
         """Keep the device's record while it holds a plan a rebalance assigned (with that plan's

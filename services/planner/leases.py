@@ -236,14 +236,11 @@ class Figures:
     record: dict[str, Any] | None
     loads: dict[str, dict[str, float]]
 
-    def others(self, device_id: str) -> dict[str, float]:
-        """Per worker, what the devices other than `device_id` reserve there."""
-        return {w: sum(v for d, v in loads.items() if d != device_id) for w, loads in self.loads.items()}
-
 
 class ReservationView:
     """One replica's view of the reservations: worker URL -> device -> ms per second, with each
-    worker's total kept beside it so that "what the others reserve" is O(1) per request."""
+    worker's total kept beside it so that "what the others reserve" is O(1) per request (totals
+    follow each change; a `replace` sums them afresh, so rounding never builds up for long)."""
 
     def __init__(self) -> None:
         self._loads: dict[str, dict[str, float]] = {}
@@ -259,14 +256,14 @@ class ReservationView:
 
     def set(self, device_id: str, worker: str | None, load: float) -> None:
         """The device now reserves `load` on `worker` (None or 0: nothing) and nothing elsewhere.
-        O(workers + reservations on the workers it touches)."""
+        O(workers)."""
         for url, per_device in self._loads.items():
-            if per_device.pop(device_id, None) is not None:
-                self._totals[url] = sum(per_device.values())
+            old = per_device.pop(device_id, None)
+            if old is not None:
+                self._totals[url] -= old
         if worker is not None and load > 0:
-            per_device = self._loads.setdefault(worker, {})
-            per_device[device_id] = load
-            self._totals[worker] = sum(per_device.values())
+            self._loads.setdefault(worker, {})[device_id] = load
+            self._totals[worker] = self._totals.get(worker, 0.0) + load
 
     def others(self, worker: str, device_id: str | None) -> float:
         """What the devices other than `device_id` reserve on `worker` (ms/s). O(1)."""
