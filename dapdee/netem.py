@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 # Uplink Mbit/s per named network (DADS, Table I).
 NETWORKS: dict[str, float] = {"CAT1": 0.13, "3G": 1.1, "4G": 5.85, "WiFi": 18.88}
-DEFAULT_CHUNK = 1024
+MIN_CHUNK = 1024
+CHUNK_S = 0.005  # a shaped body leaves in chunks of about this much link time (at least MIN_CHUNK bytes)
 CONTINUE_SLACK_S = 0.02
 
 
@@ -135,9 +136,18 @@ class ShapedUplink:
         if self.rtt_ms > 0:
             await asyncio.sleep(self.rtt_ms / 1000.0)
 
-    async def shaped_body(self, body: bytes, chunk: int = DEFAULT_CHUNK, delay: bool = True) -> AsyncIterator[bytes]:
-        """Yield `body` in chunks, each released at the shaped rate (after the RTT delay when
-        `delay`). Use as an httpx request's `content` (with an explicit Content-Length)."""
+    def chunk_bytes(self) -> int:
+        """The default chunk of `shaped_body`: CHUNK_S of link time, at least MIN_CHUNK bytes. A
+        chunk leaves when its last byte would have, so the chunk size changes when the body's
+        bytes are handed on, never when the body is done; larger chunks only save the sender the
+        CPU of waking up per kilobyte (dozens of emulated devices share one process)."""
+        return max(MIN_CHUNK, int(self.rate_bytes_per_s * CHUNK_S))
+
+    async def shaped_body(self, body: bytes, chunk: int | None = None, delay: bool = True) -> AsyncIterator[bytes]:
+        """Yield `body` in chunks (`chunk` bytes; default `chunk_bytes()`), each released at the
+        shaped rate (after the RTT delay when `delay`). Use as an httpx request's `content`
+        (with an explicit Content-Length)."""
+        chunk = self.chunk_bytes() if chunk is None else chunk
         if chunk <= 0:
             raise ValueError("chunk: must be > 0")
         if delay:

@@ -32,7 +32,7 @@ class FakeClock:
 
 def test_the_meter_divides_the_nominal_capacity_by_the_measured_slowdown() -> None:
     clock = FakeClock()
-    m = CapacityMeter(window_s=10.0, min_ms=100.0, max_factor=4.0, clock=clock)
+    m = CapacityMeter(window_s=10.0, min_ms=100.0, max_factor=4.0, raise_after_s=0.0, clock=clock)
     assert m.capacity(1000.0) == 1000.0  # idle: nominal
     for _ in range(9):
         m.record(10.0, 25.0)
@@ -60,6 +60,38 @@ def test_the_meter_divides_the_nominal_capacity_by_the_measured_slowdown() -> No
     assert m.factor() == 1.0
     with pytest.raises(ValueError):
         CapacityMeter(max_factor=0.5)
+    with pytest.raises(ValueError):
+        CapacityMeter(raise_after_s=-1.0)
+
+
+def test_capacity_drops_at_once_and_comes_back_only_after_a_lasting_relief() -> None:
+    clock = FakeClock()
+    m = CapacityMeter(window_s=10.0, min_ms=100.0, max_factor=4.0, hysteresis=0.2, raise_after_s=30.0, clock=clock)
+    for _ in range(10):
+        m.record(10.0, 20.0)
+    assert m.capacity(1000.0) == pytest.approx(500.0)  # slower: down at once
+    clock.t = 11.0
+    for _ in range(10):
+        m.record(10.0, 10.0)  # relief: κ back to 1
+    assert m.capacity(1000.0) == pytest.approx(500.0)  # held
+    clock.t = 30.0
+    for _ in range(10):
+        m.record(10.0, 10.0)
+    assert m.capacity(1000.0) == pytest.approx(500.0)  # 19 s of relief: still held
+    clock.t = 35.0
+    for _ in range(10):
+        m.record(10.0, 22.0)  # slow again, within the band of the advertised 2: the relief ends
+    assert m.factor() == pytest.approx(320.0 / 200.0) and m.capacity(1000.0) == pytest.approx(500.0)
+    clock.t = 46.0
+    for _ in range(10):
+        m.record(10.0, 10.0)
+    assert m.capacity(1000.0) == pytest.approx(500.0)  # a new relief starts here
+    clock.t = 75.0
+    for _ in range(10):
+        m.record(10.0, 10.0)
+    assert m.capacity(1000.0) == pytest.approx(500.0)  # 29 s
+    clock.t = 76.5
+    assert m.capacity(1000.0) == pytest.approx(1000.0)  # 30.5 s of relief: back up
 
 
 @pytest.mark.parametrize("spec", ["zoo:alexnet?width=0.25", "zoo:resnet18?width=0.25"])
@@ -92,7 +124,9 @@ def test_a_worker_slower_than_its_profile_advertises_less() -> None:
     loaded = load_model("zoo:alexnet?width=0.25")
     sock = bind_free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    settings = Settings(capacity_window_s=1.0, capacity_min_ms=0.01, capacity_max_factor=4.0)
+    settings = Settings(
+        capacity_window_s=1.0, capacity_min_ms=0.01, capacity_max_factor=4.0, capacity_raise_after_s=0.5
+    )
     app = create_app(settings, [loaded])
     with ServerThread(app, sock=sock), EdgeClient(url) as edge:
         state = app.state.worker
@@ -109,5 +143,8 @@ def test_a_worker_slower_than_its_profile_advertises_less() -> None:
         time.sleep(1.1)
         for _ in range(3):
             edge.infer("alexnet", {loaded.graph.input.name: x})
-        assert heartbeat_body(state, url)["capacity_ms_per_s"] == 1000.0
+        assert heartbeat_body(state, url)["capacity_ms_per_s"] == pytest.approx(250.0)  # the relief just began
+        time.sleep(0.6)
+        edge.infer("alexnet", {loaded.graph.input.name: x})
+        assert heartbeat_body(state, url)["capacity_ms_per_s"] == 1000.0  # it lasted raise_after_s
         assert httpx.get(f"{url}/v2/health/live").status_code == 200

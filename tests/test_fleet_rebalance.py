@@ -4,7 +4,9 @@ independent oracle at zero edge load), the design's lexicographic objective and 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import random
 from math import prod
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.rebalance import Demand, priced, solve
+from dapdee.fleet.rebalance import Demand, option_nodes, priced, solve
 from dapdee.planning import PlanMap, PlanRequest
 from tests import oracle
 
@@ -27,8 +29,9 @@ def _edge_per_frame(g: dict[str, Any], p: oracle.Price) -> float:
 
 
 def brute_options(g: dict[str, Any], req: oracle.Req, fps: float, objective: str) -> list[tuple[float, tuple]]:
-    """(load, (met, f·accuracy, −f·t)) of every partition of every exit, at zero edge load."""
-    cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, 0.0)
+    """(load, (met, f·accuracy, −f·t)) of every partition of every exit, at edge load ρ_max (the
+    most any feasible assignment puts on the worker)."""
+    cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, RHO_MAX)
     out = []
     for e in g["exits"]:
         acc = e["accuracy"]
@@ -89,6 +92,24 @@ def _fleet(rng: random.Random, n: int) -> tuple[list[Demand], list[list[tuple[fl
     return demands, brute
 
 
+def _held(rng: random.Random, g: dict[str, Any], req: oracle.Req, fps: float, objective: str, margin: float):
+    """A random partition the device holds: (exit, device nodes) and its brute-force option
+    credited margin·f·t in the third component (the oracle's own pricing)."""
+    e = rng.choice(g["exits"])
+    dev = rng.choice(list(oracle.ideals(g, e["name"])))
+    cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, RHO_MAX)
+    p = oracle.price(g, e["name"], dev, cond)
+    acc = e["accuracy"]
+    met = (
+        (req.min_accuracy is None or (acc is not None and acc >= req.min_accuracy))
+        and (req.latency_budget_ms is None or p.latency_ms <= req.latency_budget_ms)
+        and (req.frame_rate is None or p.bottleneck_ms <= 1000 / req.frame_rate)
+    )
+    t = p.latency_ms if objective == "latency" else p.bottleneck_ms
+    value = (int(met), fps * (acc or 0.0), -fps * t * (1 - margin))
+    return (e["name"], tuple(sorted(dev))), (fps * _edge_per_frame(g, p), value)
+
+
 def _close(a: tuple, b: tuple) -> bool:
     return a[0] == b[0] and oracle.close(a[1], b[1], 1e-9) and oracle.close(a[2], b[2], 1e-9)
 
@@ -108,6 +129,58 @@ def test_the_rebalance_is_the_brute_force_optimum(seed: int) -> None:
     assert _close(sol.value, want), (sol.value, want)
     assert sol.load <= RHO_MAX * capacity
     assert sum(o.load for o in sol.choices) == pytest.approx(sol.load)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_with_a_switching_margin_the_rebalance_is_the_credited_brute_force_optimum(seed: int) -> None:
+    """Each device holds a random partition (or none), credited μ·f·t of its own time; the
+    solver's choice is the brute-force optimum of the credited objective, a held choice names
+    the held partition, and the reported value is the plain one."""
+    rng = random.Random(1000 + seed)
+    n = rng.randint(2, 5)
+    margin = rng.choice([0.05, 0.2, 0.6])
+    demands, brute = _fleet(rng, n)
+    while n > 2 and prod(len(b) + 1 for b in brute) > 300_000:
+        n -= 1
+        demands, brute = demands[:n], brute[:n]
+    held, credited = [], []
+    for d, opts in zip(demands, brute, strict=True):
+        if rng.random() < 0.2:
+            held.append(d)
+            credited.append(opts)
+            continue
+        g = json.loads(d.planmap.graph.to_json())
+        r = d.request
+        cond = oracle.Cond(r.bandwidth_mbps, r.rtt_ms, r.device_load, 0.0)
+        req = oracle.Req(cond, r.latency_budget_ms, r.min_accuracy, r.frame_rate, "latency")
+        current, option = _held(rng, g, req, d.frames_per_s, d.objective, margin)
+        held.append(dataclasses.replace(d, current=current))
+        credited.append([*opts, option])
+    capacity = rng.choice([50.0, 150.0, 400.0])
+    sol = solve(held, capacity, RHO_MAX, switch_margin=margin)
+    ranked = tuple(sum(o.ranked[k] for o in sol.choices) for k in range(3))
+    assert _close(ranked, brute_best(credited, RHO_MAX * capacity)), (ranked, brute_best(credited, RHO_MAX * capacity))
+    assert sol.value == tuple(sum(o.value[k] for o in sol.choices) for k in range(3))
+    for d, o in zip(held, sol.choices, strict=True):
+        if o.cand_index < 0:
+            assert d.current is not None and option_nodes(d, o) == (d.current[0], d.current[1])
+            assert o.credit == pytest.approx(-margin * o.value[2])
+
+
+def test_a_held_plan_is_kept_while_within_the_margin() -> None:
+    """One device holds Device-Only (120 ms); Edge-Only, priced at edge load ρ_max = 0.9, takes
+    0.8 + 5 + 8 / (1 − 0.9) = 85.8 ms. Credited μ·120 ms it stays only once
+    120·(1 − μ) <= 85.8, i.e. μ >= 0.285."""
+    pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
+    req = PlanRequest(10.0, 5.0, 0.0, latency_budget_ms=200.0, mode="latency")
+    d = Demand("d", 10.0, pm, req, "latency", current=("final", ("a", "b")))
+    moved = solve([d], 1000.0, RHO_MAX, switch_margin=0.25).choices[0]
+    assert moved.uses_edge and moved.load == pytest.approx(80.0)
+    kept = solve([d], 1000.0, RHO_MAX, switch_margin=0.3).choices[0]
+    assert kept.cand_index == -1 and not kept.uses_edge
+    assert priced(d, kept, 0.0, 1000.0).latency_ms == pytest.approx(120.0)
+    with pytest.raises(ValueError, match="switch_margin"):
+        solve([d], 1000.0, RHO_MAX, switch_margin=1.0)
 
 
 def _two_node_graph() -> dict[str, Any]:
@@ -131,7 +204,8 @@ def test_the_edge_goes_to_the_device_that_cannot_meet_its_budget_alone() -> None
     (a on the device) books 6 ms per frame = 60 ms/s and takes 60/(1-ℓd) + 0.08 + 5 + 6 ms.
     With room for 80 ms/s only one device can use the edge. First come, first served would
     give it to whoever asked first; the fleet objective gives it to the busy device, the only
-    way both meet their budget."""
+    way both meet their budget. (The solver prices edge parts at ℓe = ρ_max = 0.9, ten times
+    the figures above: Edge-Only 85.8 ms, still within the budget, the choice the same.)"""
     pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
     idle = Demand("idle", 10.0, pm, PlanRequest(10.0, 5.0, 0.0, latency_budget_ms=200.0, mode="latency"), "latency")
     busy = Demand("busy", 10.0, pm, PlanRequest(10.0, 5.0, 0.8, latency_budget_ms=200.0, mode="latency"), "latency")

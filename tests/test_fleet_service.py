@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -299,3 +300,48 @@ def test_the_sdk_reads_and_ends_leases_and_rebalances(planner_prefix: str) -> No
             with pytest.raises(ApiError) as err:
                 sdk.device("cam-sdk")
             assert err.value.status == 404
+
+
+def test_a_device_keeps_its_plan_while_the_best_is_within_the_switching_margin(planner_prefix: str) -> None:
+    """One device alone on the worker, 10 frames/s, rtt 5 ms. At 0.13 Mbit/s Edge-Only takes
+    1 + 8/0.13 + 5 + 8 = 75.5 ms and the cut after `a` 60 + 1 + 0.8/0.13 + 5 + 6 = 78.2 ms; at
+    0.12 Mbit/s they take 80.7 and 78.7 ms: the cut is 2.5 % faster, within the 5 % margin, so
+    the device keeps Edge-Only (a planner without a margin moves it); at 0.08 Mbit/s the cut
+    (82 ms against 114) is far better and the device moves."""
+    for margin, moves_at_012 in ((0.05, False), (0.0, True)):
+        with planner(planner_prefix, rebalance_s=0, switch_margin=margin) as c:
+            setup_model(c)
+            first = c.post("/plan", json=leased("s", bandwidth_mbps=0.13)).json()
+            assert first["device_nodes"] == []
+            near = c.post("/plan", json=leased("s", bandwidth_mbps=0.12)).json()
+            assert near["lease"]["assigned"] is False
+            assert near["device_nodes"] == (["a"] if moves_at_012 else [])
+            cut, whole = 60 + 1 + 0.8 / 0.12 + 5 + 6, 1 + 8 / 0.12 + 5 + 8
+            assert near["predicted"]["latency_ms"] == pytest.approx(cut if moves_at_012 else whole)
+            far = c.post("/plan", json=leased("s", bandwidth_mbps=0.08)).json()
+            assert far["device_nodes"] == ["a"]
+            assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(60.0)  # the cut's 6 ms x 10
+            assert c.delete("/devices/s").status_code == 204
+
+
+def test_a_worker_whose_capacity_drops_below_its_leases_is_rebalanced_at_once(planner_prefix: str) -> None:
+    """Five Edge-Only devices book 5 x 80 = 400 ms/s of a 1000 ms/s worker. Its heartbeat then
+    says 300 ms/s (it measured itself slower): the leases book more than ρ_max x 300 = 270, and
+    the planner re-solves the worker at once, long before its (hour-long) period, to within
+    270. Without periodic rebalancing nothing moves."""
+    for period, rebalanced in ((3600.0, True), (0.0, False)):
+        with planner(planner_prefix, rebalance_s=period) as c:
+            setup_model(c)
+            for i in range(5):
+                assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
+            assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)
+            assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
+            if rebalanced:
+                assert wait_for(lambda: workers(c)["http://w1:1"]["leased_ms_per_s"] <= RHO * 300.0, timeout=10)
+                states = [c.get(f"/devices/d{i}").json() for i in range(5)]
+                assert all(s["lease"]["assigned"] for s in states)
+            else:
+                time.sleep(1.5)
+                assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)
+            for i in range(5):
+                assert c.delete(f"/devices/d{i}").status_code == 204

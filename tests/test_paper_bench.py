@@ -124,3 +124,26 @@ def test_paper_bench_smoke_end_to_end_and_resumable(tmp_path: Path) -> None:
     doc2 = json.loads((tmp_path / "paper.json").read_text())
     assert doc2["cells_measured"] == 0 and doc2["cells_cached"] == len(cells)
     assert doc2["results"]["light"] == res["light"]
+
+
+@pytest.mark.parametrize("inflight", [1, 2, 6])
+@pytest.mark.parametrize("clustered", [False, True])
+def test_steady_throughput_counts_no_pipeline_fill(inflight: int, clustered: bool) -> None:
+    """A stream whose link takes T = 0.2 s a frame, `inflight` frames at a time, after a fill of
+    0.5 s: frames either finish one per T (staggered) or, sharing one shaped uplink in turn,
+    `inflight` at once every `inflight` x T (clustered, within a few ms of each other). The
+    true rate is 1/T either way; counting from the first completion would credit a whole
+    cluster to no time (6 in flight, 12 frames: 1.83/T)."""
+    from dapdee.bench.paperbench.stats import steady_throughput
+
+    period, fill, n = 0.2, 0.5, 4 * inflight
+    if clustered:
+        ends = [fill + (i // inflight + 1) * inflight * period + 0.001 * (i % inflight) for i in range(n)]
+    else:
+        ends = [fill + (i + 1) * period for i in range(n)]
+    starts = [0.0] * inflight + ends[: n - inflight]  # each frame starts when one leaves
+    rate = steady_throughput(starts, ends, inflight)
+    assert rate is not None and rate == pytest.approx(1 / period, rel=0.03)
+    # fewer than two pipeline-fulls: all frames over the whole span, fill included
+    short = steady_throughput(starts[:inflight], ends[:inflight], inflight)
+    assert short == pytest.approx(inflight / ends[inflight - 1])

@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-cap-s", type=float, help="wall-clock cap per plan measurement and round")
     p.add_argument("--heavy-factor", type=float, default=20.0)
     p.add_argument("--out", help="output directory (default bench/results, bench/results/quick for --quick)")
-    p.add_argument("--fresh", action="store_true", help="ignore cached cells")
+    p.add_argument("--fresh", action="store_true", help="ignore cached cells and profiles (re-measure both)")
     p.add_argument("--artifact", action="append", default=[], metavar="MODEL=DIR",
                    help="use another artifact directory for a model key (repeatable)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true")

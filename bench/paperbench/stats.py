@@ -24,15 +24,19 @@ def med(xs: Sequence[float]) -> float | None:
 
 
 def steady_throughput(starts: Sequence[float], ends: Sequence[float], inflight: int) -> float | None:
-    """Frames per second of a stream whose frames started at `starts` and finished at `ends` (s):
-    with at least two pipeline-fulls of frames, completions after the first over their span (the
-    pipeline fill is not counted); with fewer, all frames over the time from the first start to
-    the last end. None without frames. O(n log n)."""
+    """Frames per second of a stream whose frames started at `starts` and finished at `ends` (s),
+    at most `inflight` at a time. With at least two pipeline-fulls of frames: the completions
+    after the `inflight`-th over the time from it to the last, so the pipeline fill is not
+    counted whether completions come staggered (one per bottleneck time) or in clusters (frames
+    sharing one shaped uplink advance together and finish together: counting from the first
+    completion would then credit a whole cluster to almost no time). With fewer: all frames
+    over the time from the first start to the last end. None without frames. O(n log n)."""
     if not ends:
         return None
     ends = sorted(ends)
-    if len(ends) >= 2 * inflight and ends[-1] > ends[0]:
-        return (len(ends) - 1) / (ends[-1] - ends[0])
+    k = max(1, inflight)
+    if len(ends) >= 2 * k and ends[-1] > ends[k - 1]:
+        return (len(ends) - k) / (ends[-1] - ends[k - 1])
     first = min(starts)
     return len(ends) / (ends[-1] - first) if ends[-1] > first else None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +56,16 @@ class Services:
         self.planner_proc = ServiceProcess("planner", ["--redis-url", "none"], "/healthz",
                                            {**env, "DAPDEE_WORKER_TTL_S": "30"})  # fmt: skip
         cache = Path(o.out) / "profiles"
+        if o.fresh:  # the host's speed drifts between runs: profiles measured in this run only
+            shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
         args = [
             "--models", ",".join(f"@{o.artifact(m)}" for m in models), "--planner", self.planner_proc.url,
             "--profile-repeats", str(o.profile_repeats), "--profile-cache", str(cache),
             "--workers", "1", "--threads", "1",
+            # batch 1, as the cost model prices a request: a batching worker answers a heavy stream
+            # faster than any plan predicts (AlexNet Edge-Only at 4G: 1.6x), which is not the model's error
+            "--batch-max", "1",
         ]  # fmt: skip
         # its own process, as on its own machine: in the device's process it would share one GIL
         self.edge_proc = ServiceProcess(

@@ -9,9 +9,20 @@ worth the lexicographic value
 
 where met_o says whether the option meets all the device's stated requirements (latency
 budget, frame rate, min_accuracy), and t_o is its objective in the device's mode (latency_ms
-or bottleneck_ms), both priced at zero edge load so the problem separates by device. The
-solution maximises the sum of values — first the number of devices whose requirements are
-met, then Σ f_i·accuracy_i, then −Σ f_i·t_i — subject to Σ load <= ρ_max·C_w.
+or bottleneck_ms), both priced at edge load ℓe = min(0.95, ρ_max): no feasible assignment puts
+more than ρ_max·C_w on the worker, so no device sees more load from the others, an option
+counted as met stays met however the others are assigned, and the problem separates by
+device. (Priced at zero load instead, the solver counted as met the deep cuts whose edge part
+only fits an idle worker, and handed out plans that missed their budgets.) The solution
+maximises the sum of values — first the number of devices whose requirements are met, then
+Σ f_i·accuracy_i, then −Σ f_i·t_i — subject to Σ load <= ρ_max·C_w.
+
+Switching margin μ (`solve(..., switch_margin=μ)`): a device's current plan (`Demand.current`)
+is credited μ·f_i·t of its own time in the third component, so a device moves only where the
+move buys a met requirement, accuracy, or more than μ of its own frame time for the fleet;
+near-ties (neighbouring cuts a few percent apart, which flip with every noisy bandwidth
+estimate) no longer move devices back and forth. The DP is exact for the credited objective;
+μ = 0 is the plain objective. `Solution.value` is the plain value of the options chosen.
 
 Exact method (up to floating-point rounding of the sums): dynamic programming over devices
 with real-valued loads. Each device's options are first reduced to a chain (load ascending,
@@ -35,6 +46,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dapdee.costgraph import CostGraphError
 from dapdee.costmodel import Conditions, Predicted, partition
 from dapdee.fleet.assign import MAX_EDGE_LOAD, edge_ms_per_frame, meets_all
 from dapdee.planning.planmap import CandSet, PlanMap
@@ -58,17 +70,26 @@ class Demand:
     planmap: PlanMap
     request: PlanRequest
     objective: str
+    current: tuple[str, tuple[str, ...]] | None = None  # (exit, device nodes) of the plan it holds
 
 
 @dataclass(frozen=True)
 class Option:
-    """One device's candidate: `planmap.cands[exit_index]` entry `cand_index`."""
+    """One device's candidate: `planmap.cands[exit_index]` entry `cand_index` (-1: the plan the
+    device holds, `Demand.current`). `credit` is added to the third component of `value` in the
+    DP (the switching margin's credit of a held plan)."""
 
     exit_index: int
     cand_index: int
     uses_edge: bool
     load: float  # f_i·e_o, ms per second of the worker
     value: Value
+    credit: float = 0.0
+
+    @property
+    def ranked(self) -> Value:
+        """The value the DP maximises: `value` with the credit added to its third component."""
+        return (self.value[0], self.value[1], self.value[2] + self.credit)
 
 
 @dataclass(frozen=True)
@@ -82,30 +103,35 @@ class Solution:
     states: int  # largest staircase the DP kept (a measure of the work done)
 
 
+def priced_load(rho_max: float) -> float:
+    """The edge load every option is priced at: min(0.95, ρ_max) (module docstring)."""
+    return min(MAX_EDGE_LOAD, rho_max)
+
+
 def option_value(demand: Demand, pred: Predicted, accuracy: float | None) -> Value:
-    """(met, f·accuracy, −f·t) of a plan priced at zero edge load. O(1)."""
+    """(met, f·accuracy, −f·t) of a plan's prediction. O(1)."""
     met = meets_all(demand.request, pred, accuracy)
     t = pred.latency_ms if demand.objective == "latency" else pred.bottleneck_ms
     f = demand.frames_per_s
     return (int(met), f * (accuracy or 0.0), -f * t)
 
 
-def current_option(demand: Demand, exit_name: str, device_nodes: Sequence[str]) -> Option:
+def current_option(demand: Demand, exit_name: str, device_nodes: Sequence[str], edge_load: float) -> Option:
     """The option a device holds now (its plan's exit and device nodes), valued like `options`
-    (it need not be on the front). `cand_index` is -1. Raises CostGraphError when the plan no
-    longer fits the graph. O(V + E)."""
+    at `edge_load` (it need not be on the front). `cand_index` is -1. Raises CostGraphError
+    when the plan no longer fits the graph. O(V + E)."""
     part = partition(demand.planmap.graph, exit_name, device_nodes)
     index = next(i for i, e in enumerate(demand.planmap.graph.exits) if e.name == part.exit)
-    pred = part.predict(replace(demand.request.conditions(), edge_load=0.0))
+    pred = part.predict(replace(demand.request.conditions(), edge_load=edge_load if part.edge_nodes else 0.0))
     uses_edge = bool(part.edge_nodes)
     e = part.edge_sum_ms + demand.planmap.graph.overheads.edge_request_ms if uses_edge else 0.0
     accuracy = demand.planmap.graph.exits[index].accuracy
     return Option(index, -1, uses_edge, demand.frames_per_s * e, option_value(demand, pred, accuracy))
 
 
-def options(demand: Demand) -> list[Option]:
-    """Every candidate of every exit's front, priced at zero edge load. O(Σ_e front_e)."""
-    cond = replace(demand.request.conditions(), edge_load=0.0)
+def options(demand: Demand, edge_load: float) -> list[Option]:
+    """Every candidate of every exit's front, priced at `edge_load`. O(Σ_e front_e)."""
+    cond = replace(demand.request.conditions(), edge_load=edge_load)
     out = []
     for i, cs in enumerate(demand.planmap.cands):
         accuracy = demand.planmap.graph.exits[i].accuracy
@@ -119,12 +145,24 @@ def options(demand: Demand) -> list[Option]:
 def chain(opts: Sequence[Option]) -> list[Option]:
     """The options worth considering: load ascending, value strictly increasing (for equal
     loads the best value; ties keep the deeper exit, then the earlier candidate). O(n log n)."""
-    ranked = sorted(opts, key=lambda o: (o.load, _neg(o.value), -o.exit_index, o.cand_index))
+    ranked = sorted(opts, key=lambda o: (o.load, _neg(o.ranked), -o.exit_index, o.cand_index))
     out: list[Option] = []
     for o in ranked:
-        if not out or o.value > out[-1].value:
+        if not out or o.ranked > out[-1].ranked:
             out.append(o)
     return out
+
+
+def held_option(demand: Demand, switch_margin: float, edge_load: float) -> Option | None:
+    """The device's current plan as an option at `edge_load`, credited μ·f·t (None: no current
+    plan, or one that no longer fits the graph). O(V + E)."""
+    if demand.current is None:
+        return None
+    try:
+        held = current_option(demand, *demand.current, edge_load)
+    except (CostGraphError, KeyError, StopIteration):
+        return None
+    return replace(held, credit=switch_margin * -held.value[2])
 
 
 def _neg(v: Value) -> Value:
@@ -151,13 +189,20 @@ def solve(
     rho_max: float,
     exact_leases: int = EXACT_LEASES,
     max_states: int = MAX_STATES,
+    switch_margin: float = 0.0,
 ) -> Solution:
-    """The best option per device under Σ load <= ρ_max·C (see the module docstring). Device-Only
-    (load 0) is always an option, so a solution always exists. Each DP step is vectorised:
-    O(S·c·log(S·c)) for S states and a chain of c options, S <= `max_states` while exact,
-    <= GRID after."""
+    """The best option per device under Σ load <= ρ_max·C (see the module docstring), each
+    device's current plan credited `switch_margin`. Device-Only (load 0) is always an option,
+    so a solution always exists. Each DP step is vectorised: O(S·c·log(S·c)) for S states and
+    a chain of c options, S <= `max_states` while exact, <= GRID after."""
+    if not 0.0 <= switch_margin < 1.0:
+        raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
     limit = rho_max * capacity_ms_per_s
-    chains = [chain(options(d)) for d in demands]
+    load = priced_load(rho_max)
+    chains = []
+    for d in demands:
+        held = held_option(d, switch_margin, load)
+        chains.append(chain(options(d, load) + ([held] if held is not None else [])))
     exact = len(demands) <= exact_leases
     bucket = None if exact else limit / GRID
     start = np.zeros(1, dtype=np.int64) - 1
@@ -167,7 +212,7 @@ def solve(
         prev = layers[-1]
         loads = prev.load[:, None] + np.array([o.load for o in ch])[None, :]
         si, oi = np.nonzero(loads <= limit)  # state-major, like nested loops over states then options
-        values = prev.value[si] + np.array([o.value for o in ch], dtype=np.float64)[oi]
+        values = prev.value[si] + np.array([o.ranked for o in ch], dtype=np.float64)[oi]
         layer = _staircase(_Layer(loads[si, oi], values, si, oi), bucket)
         if bucket is None and len(layer) > max_states:
             exact, bucket = False, limit / GRID
@@ -180,9 +225,8 @@ def solve(
         picks.append(chains[depth - 1][int(layers[depth].option[k])])
         k = int(layers[depth].parent[k])
     picks.reverse()
-    last = layers[-1]
-    value = tuple(float(v) for v in last.value[-1])
-    return Solution(tuple(picks), float(last.load[-1]), (int(value[0]), value[1], value[2]), exact, widest)
+    value = (sum(o.value[0] for o in picks), sum(o.value[1] for o in picks), sum(o.value[2] for o in picks))
+    return Solution(tuple(picks), float(layers[-1].load[-1]), value, exact, widest)
 
 
 def _value_ranks(values: np.ndarray) -> np.ndarray:
@@ -215,14 +259,19 @@ def _staircase(layer: _Layer, bucket: float | None) -> _Layer:
 
 def priced(demand: Demand, option: Option, others_ms_per_s: float, capacity_ms_per_s: float) -> Predicted:
     """The option's prediction at the edge load the other chosen devices put on the worker
-    (ℓe = min(0.95, others / C)), as the plan handed out states it. O(1)."""
-    cs: CandSet = demand.planmap.cands[option.exit_index]
+    (ℓe = min(0.95, others / C)), as the plan handed out states it. O(V + E)."""
     load = min(MAX_EDGE_LOAD, others_ms_per_s / capacity_ms_per_s) if option.uses_edge else 0.0
     cond: Conditions = replace(demand.request.conditions(), edge_load=load)
+    if option.cand_index < 0:
+        return partition(demand.planmap.graph, *option_nodes(demand, option)).predict(cond)
+    cs: CandSet = demand.planmap.cands[option.exit_index]
     return cs.predict(option.cand_index, cond)
 
 
 def option_nodes(demand: Demand, option: Option) -> tuple[str, tuple[str, ...]]:
-    """(exit name, device nodes) of an option from `options`."""
+    """(exit name, device nodes) of an option: from `options`, or the held plan (index -1)."""
+    if option.cand_index < 0:
+        assert demand.current is not None, "a held option comes from Demand.current"
+        return demand.planmap.graph.exits[option.exit_index].name, tuple(demand.current[1])
     cs = demand.planmap.cands[option.exit_index]
     return cs.st.exit_name, cs.lists(option.cand_index)[0]

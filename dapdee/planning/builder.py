@@ -9,20 +9,24 @@ map's canonical JSON bytes back (`to_bytes`), which the caller reads with `from_
 from __future__ import annotations
 
 import json
+import time
 
 from dapdee.costgraph import CostGraph, GraphLimits
 
 
 def build_serialised(
-    graph_json: str, cap: int, deadline_s: float | None, progressive: bool, limits: tuple[int, int, int]
+    graph_json: str, cap: int, deadline: float | None, progressive: bool, limits: tuple[int, int, int]
 ) -> tuple[bytes, bool]:
     """Build the plan map (`progressive`: the confidence-exit map) of the graph in `graph_json`
-    (checked against `limits`: max nodes, exits, in-degree) within `deadline_s`; its
-    `to_bytes()` and whether the budget cut anything short. Cost: that of the build."""
+    (checked against `limits`: max nodes, exits, in-degree) by `deadline`, a `time.time()`
+    value: wall-clock, so that the time this process took to start and import counts against
+    the caller's budget. Its `to_bytes()` and whether the budget cut anything short. Cost: that
+    of the build."""
     from dapdee.planning.planmap import PlanMap
     from dapdee.planning.progressive import ProgressiveMap
 
     graph = CostGraph.from_dict(json.loads(graph_json), GraphLimits(*limits))
     kind = ProgressiveMap if progressive else PlanMap
+    deadline_s = None if deadline is None else max(0.0, deadline - time.time())
     pm = kind.build(graph, cap, deadline_s)
     return pm.to_bytes(), pm.over_budget

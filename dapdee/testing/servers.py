@@ -57,12 +57,17 @@ class ServerThread:
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Shut the server down and join its thread; RuntimeError if it is still running after
+        `timeout_s` (a lifespan that does not end would otherwise keep serving, and its
+        background tasks running, behind the caller's back)."""
         self.server.should_exit = True
         self.thread.join(timeout_s)
         try:
             self.sock.close()
         except OSError:
             pass
+        if self.thread.is_alive():
+            raise RuntimeError(f"server {self.url} still running {timeout_s:g} s after it was told to stop")
 
     def __enter__(self) -> ServerThread:
         return self.start()

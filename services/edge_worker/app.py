@@ -36,6 +36,7 @@ from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
 from dapdee.web.access_log import AccessLog
 from dapdee.web.guard import RequestGuard
 from dapdee.web.otel import Tracing, tracer
+from dapdee.web.tasks import stop_task
 
 log = logging.getLogger("dapdee.edge")
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")  # after any root_path
@@ -107,7 +108,11 @@ def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerS
         info = {"spec": e.loaded.spec, "exits": exits, "input_shape": shape, "tier": s.tier}
         metrics.model_info.labels(name).info(info)
     meter = CapacityMeter(
-        settings.capacity_window_s, settings.capacity_min_ms, settings.capacity_max_factor, settings.capacity_hysteresis
+        settings.capacity_window_s,
+        settings.capacity_min_ms,
+        settings.capacity_max_factor,
+        settings.capacity_hysteresis,
+        settings.capacity_raise_after_s,
     )
     return WorkerState(settings, entries, batcher, metrics, ready=True, capacity=meter)
 
@@ -136,9 +141,7 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
         finally:
             state.ready = False
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task)
             await asyncio.to_thread(state.batcher.close)
             app.state.worker = None
 

@@ -17,7 +17,12 @@ times out. So the worker compares, request by request, the compute time its slot
   nominal / `max_factor`;
 - the advertised κ changes only when the measured one moves more than `hysteresis` (relative)
   away from it: every change re-prices the worker's leases and may move devices, so the
-  measurement's noise must not.
+  measurement's noise must not;
+- it rises at once (capacity drops: leases must stop over-booking now) but falls back only once
+  the measured κ has stayed below it for `raise_after_s` (capacity comes back slowly). A worker
+  is often slower *because* of the load it carries (its own HTTP work, co-located processes);
+  following the relief at once re-admits the devices that caused the slowdown, and capacity and
+  plans oscillate together.
 
 Cost: O(1) amortised per request; memory O(requests in the window).
 """
@@ -38,16 +43,21 @@ class CapacityMeter:
         min_ms: float = 200.0,
         max_factor: float = 4.0,
         hysteresis: float = 0.2,
+        raise_after_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not window_s > 0 or not min_ms >= 0 or not max_factor >= 1 or not hysteresis >= 0:
-            raise ValueError("window_s > 0, min_ms >= 0, max_factor >= 1 and hysteresis >= 0 are required")
+        if not window_s > 0 or not min_ms >= 0 or not max_factor >= 1 or not hysteresis >= 0 or not raise_after_s >= 0:
+            raise ValueError(
+                "window_s > 0, min_ms >= 0, max_factor >= 1, hysteresis >= 0 and raise_after_s >= 0 are required"
+            )
         self.window_s = window_s
         self.min_ms = min_ms
         self.max_factor = max_factor
         self.hysteresis = hysteresis
+        self.raise_after_s = raise_after_s
         self.clock = clock
         self._advertised = 1.0
+        self._lower_since: float | None = None  # since when the measured κ is below the advertised one
         self._samples: deque[tuple[float, float, float]] = deque()  # (time, predicted ms, actual ms)
         self._predicted = 0.0
         self._actual = 0.0
@@ -71,11 +81,20 @@ class CapacityMeter:
         return min(self.max_factor, max(1.0, self._actual / self._predicted))
 
     def capacity(self, nominal_ms_per_s: float) -> float:
-        """The capacity to advertise: `nominal_ms_per_s / κ`, κ the advertised factor (it follows
-        the measured one when that moved more than `hysteresis` away)."""
-        k = self.factor()
-        if abs(k - self._advertised) > self.hysteresis * self._advertised:
-            self._advertised = k
+        """The capacity to advertise: `nominal_ms_per_s / κ`, κ the advertised factor. It follows
+        a measured κ more than `hysteresis` above it at once, one more than `hysteresis` below
+        it once that has held at every call for `raise_after_s`."""
+        k, now = self.factor(), self.clock()
+        band = self.hysteresis * self._advertised
+        if k > self._advertised + band:
+            self._advertised, self._lower_since = k, None
+        elif k < self._advertised - band:
+            if self._lower_since is None:
+                self._lower_since = now
+            if now - self._lower_since >= self.raise_after_s:
+                self._advertised, self._lower_since = k, None
+        else:
+            self._lower_since = None
         return nominal_ms_per_s / self._advertised
 
     def _expire(self, now: float) -> None:

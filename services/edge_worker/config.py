@@ -64,6 +64,9 @@ class Settings(SecuritySettings):
     capacity_hysteresis: float = Field(
         default=0.2, ge=0.0, description="relative move of the measured slowdown that changes the advertised one"
     )
+    capacity_raise_after_s: float = Field(
+        default=60.0, ge=0.0, description="the advertised capacity rises only after the relief has lasted this long"
+    )
     planner_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
 
     def model_entries(self) -> list[tuple[str, str | None]]:

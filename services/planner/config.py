@@ -82,10 +82,19 @@ class Settings(SecuritySettings):
     max_leases: int = Field(4096, ge=1, description="live leases (409 past it)")
     replan_after_s: float = Field(5.0, gt=0, description="leased devices come back this often (<= lease_ttl_s / 2)")
     lease_drift: float = Field(
-        0.2, gt=0, description="an assigned plan is handed back while bandwidth and rtt moved less than this "
-        "(relative) and device load less than half of it (absolute)"
+        0.2,
+        gt=0,
+        description="an assigned plan is handed back while bandwidth and rtt moved less than this "
+        "(relative) and device load less than half of it (absolute)",
     )
     rebalance_s: float = Field(10.0, ge=0, description="period of the fleet rebalance (0: only on request)")
+    switch_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="a leased device keeps the plan it holds (re-plans and rebalances) unless "
+        "another meets more requirements, is more accurate, or takes less than (1 - this) x the held plan's time",
+    )
 
     @field_validator("replan_after_s")
     @classmethod

@@ -14,11 +14,17 @@ every `refresh_s` and after each reservation here), with no Redis round trip.
 
 A device whose lease carries a plan assigned by a rebalance gets that plan back while its
 conditions have not drifted (`lease_drift`), re-priced at the load the others put on its worker.
+Otherwise it keeps the plan it holds while that is still admissible and within the switching
+margin of the exact plan (`switch_margin` μ: as many requirements met, no less accuracy, and
+its time t·(1 − μ) <= the exact plan's), so near-ties do not move devices back and forth; the
+rebalance credits held plans the same way.
 
 `Fleet.rebalance` re-solves every worker's leases (`dapdee.fleet.rebalance.solve`, in a thread)
 together with the live Device-Only leases of models the worker serves, and applies each
 worker's assignment atomically (refused, and left for the next period, if leases changed
-meanwhile). A periodic task runs it every `rebalance_s` on one replica at a time (a Redis lock).
+meanwhile). A periodic task runs it every `rebalance_s` on one replica at a time (a Redis lock),
+and a heartbeat whose capacity no longer holds the worker's leases within ρ_max (the worker
+measured itself slower) starts one at once (`note_capacity`).
 
 With Redis away, plans come from the last view of the reservations and no lease is stored
 (the answer's lease then says so by `expires_in_s` 0); the planner never fails for it.
@@ -37,7 +43,7 @@ from typing import Any
 
 from dapdee.costgraph import CostGraphError
 from dapdee.fleet.assign import DevicePlan, EdgeSlot, plan_for_device, plan_of
-from dapdee.fleet.rebalance import Demand, Option, Solution, current_option, option_nodes, solve
+from dapdee.fleet.rebalance import Demand, Option, Solution, held_option, option_nodes, priced_load, solve
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
@@ -46,6 +52,7 @@ from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
 from dapdee.planning import PlanMap, PlanRequest
+from dapdee.web.tasks import stop_task
 
 log = logging.getLogger("dapdee.planner")
 
@@ -90,13 +97,32 @@ def request_of(fields: dict[str, Any]) -> PlanRequest:
     )
 
 
+REQUIREMENT_FIELDS = ("device_tier", "latency_budget_ms", "min_accuracy", "frame_rate", "mode")
+
+
+def requirements_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether the device's tier or any requirement differs between two requests. O(1)."""
+    return any(old.get(key) != new.get(key) for key in REQUIREMENT_FIELDS)
+
+
+def within_margin(held: dict[str, Any], best: dict[str, Any], margin: float) -> bool:
+    """Whether a held plan is as good as `best` up to the switching margin: the same resolved
+    mode, its requirements met if `best` meets them, no less accuracy, and its time (latency in
+    latency mode, bottleneck in throughput mode) t·(1 − margin) <= best's. O(1)."""
+    if held["mode"] != best["mode"] or (best["constraints_met"] and not held["constraints_met"]):
+        return False
+    if (held["exit"]["accuracy"] or 0.0) < (best["exit"]["accuracy"] or 0.0):
+        return False
+    key = "latency_ms" if best["mode"] == "latency" else "bottleneck_ms"
+    return held["predicted"][key] * (1.0 - margin) <= best["predicted"][key]
+
+
 def drifted(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
     """Whether the device's conditions moved past the re-plan threshold since `old` (relative
     change of bandwidth or round trip over `threshold`, device load over `threshold / 2`), or its
     requirements changed at all. O(1)."""
-    for key in ("device_tier", "latency_budget_ms", "min_accuracy", "frame_rate", "mode"):
-        if old.get(key) != new.get(key):
-            return True
+    if requirements_changed(old, new):
+        return True
     b0, b1 = old["bandwidth_mbps"], new["bandwidth_mbps"]
     if abs(b1 - b0) > threshold * b0:
         return True
@@ -127,10 +153,11 @@ class Fleet:
         self.live_workers = live_workers
         self.k_lock = f"{keys.base}:rebalance-lock"
         self.reserved = ReservationView()  # this replica's view, as last seen
-        # device -> (version, lease record) of the plans a rebalance assigned, as last seen here
-        self.assignments: dict[str, tuple[int, dict[str, Any]]] = {}
+        # device -> (version of its assigned plan, 0 if none; its lease record), as last seen here
+        self.held: dict[str, tuple[int, dict[str, Any]]] = {}
         self.lease_count = 0
         self._task: asyncio.Task[None] | None = None
+        self._urgent: asyncio.Task[None] | None = None  # a rebalance started by a capacity drop
         self._stop = asyncio.Event()
 
     # ---- life cycle -------------------------------------------------------------------------------
@@ -142,11 +169,29 @@ class Fleet:
 
     async def close(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, self._urgent):
+            if task is not None:
+                await stop_task(task)
+        self._task = self._urgent = None
+
+    def note_capacity(self, url: str, capacity_ms_per_s: float) -> None:
+        """After a heartbeat: when the leases on worker `url` (this replica's view) book more
+        than ρ_max of the capacity it now reports, rebalance at once instead of at the next
+        period (only where rebalancing is periodic; one such rebalance at a time). O(1)."""
+        leased, _ = self.leased(url)
+        if not self.settings.rebalance_s or leased <= self.settings.rho_max * capacity_ms_per_s * (1 + 1e-9):
+            return
+        if self._urgent is None or self._urgent.done():
+            log.info("worker %s: leases book %.0f of %.0f ms/s; rebalancing now", url, leased, capacity_ms_per_s)
+            self._urgent = asyncio.create_task(self._rebalance_now(), name="dapdee-fleet-urgent")
+
+    async def _rebalance_now(self) -> None:
+        try:
+            await self.rebalance_if_leader()
+        except RedisUnavailable:
+            pass
+        except Exception:  # a background task: log, never raise into the loop
+            log.exception("rebalance after a capacity drop failed")
 
     async def refresh(self) -> None:
         """Re-read every worker's reservations and the lease count, and set the fleet gauges
@@ -196,7 +241,7 @@ class Fleet:
             self.metrics.admissions.labels("unleased").inc()
             return dp.plan
         device = body.device_id
-        version, record = self.assignments.get(device, (0, None))
+        version, record = self.held.get(device, (0, None))
         view = View(version, {c.worker.url: self.others(c.worker.url, device) for c in candidates})
         return await self._lease(body, candidates, req, record, view, edge_load)
 
@@ -216,12 +261,19 @@ class Fleet:
         edge_load: float | None,
     ) -> tuple[DevicePlan, bool]:
         """The device's plan given `others` (per worker, what the other devices reserve): the one
-        a rebalance assigned it while that still applies (`_assigned`), else the exact plan."""
-        dp, assigned = self._assigned(record, body, candidates, others, req)
-        if dp is None:
-            slots = self._slots(candidates, body.device_id, others)
-            dp = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
-        return dp, assigned
+        a rebalance assigned it while that still applies, else the plan it holds while within the
+        switching margin of the exact plan (`_kept`), else the exact plan."""
+        if (
+            record is not None
+            and record.get("assigned")
+            and not drifted(record["request"], body.model_dump(), self.settings.lease_drift)
+        ):
+            dp = self._repriced(record, body, candidates, others, req)
+            if dp is not None:
+                return dp, True
+        slots = self._slots(candidates, body.device_id, others)
+        best = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
+        return self._kept(record, body, candidates, others, req, best) or best, False
 
     def _slots(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float] | None
@@ -235,24 +287,22 @@ class Fleet:
             out.append(EdgeSlot(url, c.planmap, c.worker.capacity_ms_per_s, others, tiebreak))
         return out
 
-    def _assigned(
+    def _repriced(
         self,
-        record: dict[str, Any] | None,
+        record: dict[str, Any],
         body: Any,
         candidates: Sequence[Candidate],
         fresh: dict[str, float] | None,
         req: PlanRequest,
-    ) -> tuple[DevicePlan | None, bool]:
-        """The plan a rebalance assigned to this device, re-priced now, when it still applies:
-        same model, conditions not drifted, its worker live. (None, False) otherwise."""
-        if record is None or not record.get("assigned") or record.get("model") != body.model:
-            return None, False
-        if drifted(record["request"], body.model_dump(), self.settings.lease_drift):
-            return None, False
+    ) -> DevicePlan | None:
+        """The plan in the device's lease record re-priced now, at the load the others put on its
+        worker; None when it no longer applies (another model, its worker gone, the graph changed)."""
+        if record.get("model") != body.model:
+            return None
         worker = record.get("worker")
         by_url = {c.worker.url: c for c in candidates}
         if worker is not None and worker not in by_url:
-            return None, False
+            return None
         c = by_url[worker] if worker is not None else candidates[0]
         others = (fresh or {}).get(c.worker.url, self.others(c.worker.url, body.device_id))
         load = min(0.95, others / c.worker.capacity_ms_per_s)
@@ -260,9 +310,35 @@ class Fleet:
         try:
             plan, e_i = plan_of(c.planmap, req, held["exit"]["name"], held["device_nodes"], load, held["mode"])
         except (CostGraphError, KeyError, StopIteration):
-            return None, False  # the graph changed under the assignment
-        plan["edge_worker"] = worker
-        return DevicePlan(plan, worker, e_i, load if worker is not None else 0.0), True
+            return None  # the graph changed under the plan
+        # a Device-Only plan keeps naming the worker it named (the device probes its link there)
+        plan["edge_worker"] = worker if worker is not None else (held.get("edge_worker") or c.worker.url)
+        return DevicePlan(plan, worker, e_i, load if worker is not None else 0.0)
+
+    def _kept(
+        self,
+        record: dict[str, Any] | None,
+        body: Any,
+        candidates: Sequence[Candidate],
+        others: dict[str, float],
+        req: PlanRequest,
+        best: DevicePlan,
+    ) -> DevicePlan | None:
+        """The plan the device holds, re-priced now, when its requirements are unchanged, it is
+        still admissible, and it is within the switching margin of `best` (`within_margin`)."""
+        margin = self.settings.switch_margin
+        if record is None or margin <= 0 or requirements_changed(record["request"], body.model_dump()):
+            return None
+        held = self._repriced(record, body, candidates, others, req)
+        if held is None or not within_margin(held.plan, best.plan, margin):
+            return None
+        if held.worker is None:
+            return held
+        capacity = next(c.worker.capacity_ms_per_s for c in candidates if c.worker.url == held.worker)
+        reserved = others.get(held.worker, self.others(held.worker, body.device_id))
+        if reserved + body.frame_rate * held.edge_ms_per_frame > self.settings.rho_max * capacity:
+            return None
+        return held
 
     async def _lease(
         self,
@@ -369,14 +445,11 @@ class Fleet:
         return {url: self.reserved.others(url, device_id) for url in figures.loads}
 
     def _remember(self, device_id: str, record: dict[str, Any], version: int) -> None:
-        """Keep the device's record while it holds a plan a rebalance assigned (with that plan's
-        version), so its next request plans from it without a read; forget it otherwise."""
-        if not record.get("assigned"):
-            self.assignments.pop(device_id, None)
-            return
-        if len(self.assignments) >= self.settings.max_leases:  # leases that expired unseen: start over
-            self.assignments.clear()
-        self.assignments[device_id] = (version, record)
+        """Keep the device's lease record (with the version of its assigned plan, 0 when it
+        holds none), so its next request plans from it without a read."""
+        if len(self.held) >= self.settings.max_leases:  # leases that expired unseen: start over
+            self.held.clear()
+        self.held[device_id] = (version if record.get("assigned") else 0, record)
 
     def _note(self, device_id: str, worker: str | None, load: float) -> None:
         """Update this replica's view after its own reservation (the device left any other worker)."""
@@ -415,7 +488,7 @@ class Fleet:
             return False
         ended = await self.book.release(device_id)
         self._note(device_id, None, 0.0)
-        self.assignments.pop(device_id, None)
+        self.held.pop(device_id, None)
         return ended
 
     # ---- rebalancing ---------------------------------------------------------------------------------
@@ -465,21 +538,18 @@ class Fleet:
             if demand is None:
                 continue
             demands.append(demand)
-            held_plan = records[d]["plan"]
-            try:
-                olds.append(current_option(demand, held_plan["exit"]["name"], held_plan["device_nodes"]))
-            except (CostGraphError, KeyError, StopIteration):
-                olds.append(None)
+            olds.append(held_option(demand, 0.0, priced_load(self.settings.rho_max)))
         if not demands:
             return None
         capacity = w.capacity_ms_per_s
-        sol: Solution = await asyncio.to_thread(solve, demands, capacity, self.settings.rho_max)
+        margin = self.settings.switch_margin
+        sol: Solution = await asyncio.to_thread(solve, demands, capacity, self.settings.rho_max, switch_margin=margin)
         assignments = {}
         for demand, opt in zip(demands, sol.choices, strict=True):
             exit_name, nodes = option_nodes(demand, opt)
             load = min(0.95, (sol.load - opt.load) / capacity)
             plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
-            plan["edge_worker"] = w.url if opt.uses_edge else None
+            plan["edge_worker"] = w.url  # for a Device-Only plan: where to probe the link
             record = {
                 **records[demand.device_id],
                 "worker": w.url if opt.uses_edge else None,
@@ -498,14 +568,16 @@ class Fleet:
         if not found:
             return None
         req = request_of(record["request"])
-        objective = record["plan"].get("mode", "latency")
-        return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective)
+        held = record["plan"]
+        objective = held.get("mode", "latency")
+        current = (held["exit"]["name"], tuple(held["device_nodes"]))
+        return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
 
 
 def _option_value(demand: Demand, opt: Option) -> dict[str, Any]:
-    exit_name, nodes = option_nodes(demand, opt) if opt.cand_index >= 0 else (None, ())
+    exit_name, nodes = option_nodes(demand, opt)
     return {
-        "exit": exit_name or demand.planmap.graph.exits[opt.exit_index].name,
+        "exit": exit_name,
         "device_nodes": len(nodes),
         "edge_ms_per_frame": opt.load / demand.frames_per_s,
         "met": bool(opt.value[0]),

@@ -163,16 +163,18 @@ class PlanMapCache:
         planmap_build_threads at once (a slot is freed only when its build ends, even if the
         request waiting for it went away). First in a thread for at most FAST_BUILD_S (most
         models' maps are exact within milliseconds); a map that is not exact by then is built
-        again in a separate process with the whole budget, so seconds of enumeration and min-cuts
-        never hold this process's interpreter lock (nor trigger its garbage collector)."""
+        again in a separate process with what is left of the budget (the process's start-up
+        counts against it), so seconds of enumeration and min-cuts never hold this process's
+        interpreter lock (nor trigger its garbage collector)."""
         cap = self.settings.planmap_cap or DEFAULT_CAP
         budget = self.settings.planmap_build_budget_s
         await self._slots.acquire()
         t0 = time.perf_counter()
+        end = time.time() + budget
         try:
             pm = await asyncio.shield(self._in_thread(kind, graph, cap, min(budget, FAST_BUILD_S)))
             if not pm.exact and budget > FAST_BUILD_S:
-                pm = await asyncio.shield(self._in_process(kind, graph, cap, budget))
+                pm = await asyncio.shield(self._in_process(kind, graph, cap, end))
         finally:
             self._slots.release()
         self.metrics.planmap_build_duration.observe(time.perf_counter() - t0)
@@ -190,7 +192,8 @@ class PlanMapCache:
     async def _in_thread(self, kind: Any, graph: CostGraph, cap: int, budget: float) -> PlanMap:
         return await asyncio.get_running_loop().run_in_executor(None, kind.build, graph, cap, budget)
 
-    async def _in_process(self, kind: Any, graph: CostGraph, cap: int, budget: float) -> PlanMap:
+    async def _in_process(self, kind: Any, graph: CostGraph, cap: int, end: float) -> PlanMap:
+        """The map built in the build pool by `end` (a `time.time()` value)."""
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
             self._pool = ProcessPoolExecutor(self.settings.planmap_build_threads, mp_context=ctx)
@@ -199,7 +202,7 @@ class PlanMapCache:
         lim = self.settings.graph_limits()
         limits = (lim.max_nodes, lim.max_exits, lim.max_in_degree)
         blob, short = await loop.run_in_executor(
-            self._pool, build_serialised, graph.to_json(indent=None), cap, budget, progressive, limits
+            self._pool, build_serialised, graph.to_json(indent=None), cap, end, progressive, limits
         )
         pm = await asyncio.to_thread(kind.from_bytes, blob, lim)
         pm.over_budget = short

@@ -49,6 +49,8 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
         capacity_ms_per_s=hb.capacity_ms_per_s,
     )
     shared = await store.heartbeat(w)
+    if settings.fleet_planning:
+        store.fleet.note_capacity(w.url, w.capacity_ms_per_s)
     return HeartbeatAnswer(url=w.url, ttl_s=settings.worker_ttl_s, shared=shared)
 
 
