@@ -263,17 +263,18 @@ class Fleet:
         """The device's plan given `others` (per worker, what the other devices reserve): the one
         a rebalance assigned it while that still applies, else the plan it holds while within the
         switching margin of the exact plan (`_kept`), else the exact plan."""
+        fields = body.model_dump() if record is not None else {}
         if (
             record is not None
             and record.get("assigned")
-            and not drifted(record["request"], body.model_dump(), self.settings.lease_drift)
+            and not drifted(record["request"], fields, self.settings.lease_drift)
         ):
             dp = self._repriced(record, body, candidates, others, req)
             if dp is not None:
                 return dp, True
         slots = self._slots(candidates, body.device_id, others)
         best = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
-        return self._kept(record, body, candidates, others, req, best) or best, False
+        return self._kept(record, fields, body, candidates, others, req, best) or best, False
 
     def _slots(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float] | None
@@ -318,6 +319,7 @@ class Fleet:
     def _kept(
         self,
         record: dict[str, Any] | None,
+        fields: dict[str, Any],
         body: Any,
         candidates: Sequence[Candidate],
         others: dict[str, float],
@@ -325,9 +327,14 @@ class Fleet:
         best: DevicePlan,
     ) -> DevicePlan | None:
         """The plan the device holds, re-priced now, when its requirements are unchanged, it is
-        still admissible, and it is within the switching margin of `best` (`within_margin`)."""
+        still admissible, and it is within the switching margin of `best` (`within_margin`).
+        `fields`: the request's fields. None at once (no re-pricing) when `best` is that plan."""
         margin = self.settings.switch_margin
-        if record is None or margin <= 0 or requirements_changed(record["request"], body.model_dump()):
+        if record is None or margin <= 0 or requirements_changed(record["request"], fields):
+            return None
+        held_plan = record["plan"]
+        same_plan = held_plan["exit"]["name"] == best.plan["exit"]["name"]
+        if same_plan and held_plan["device_nodes"] == best.plan["device_nodes"] and record.get("worker") == best.worker:
             return None
         held = self._repriced(record, body, candidates, others, req)
         if held is None or not within_margin(held.plan, best.plan, margin):
