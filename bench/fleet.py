@@ -5,11 +5,13 @@
     dapdee bench fleet --quick
 
 Redis, the planner and one edge worker (`--workers 1`, batch 1, one torch thread) run as
-`dapdee serve` subprocesses on 127.0.0.1 with tokens (`fleet_bench.stack`). The devices run in
+`dapdee serve` subprocesses on 127.0.0.1 with tokens (`fleet_bench.stack`); the planner at a
+lower CPU priority, as it would have a machine of its own. The devices run in
 separate client processes, at most `--per-process` each, on one event loop per process: each
 is the real device runtime with `EmulatedCompute` (it sleeps the profiled device time x K and
 sends real tensors), its own shaped uplink (3/8 4G, 2/8 WiFi, 2/8 3G, 1/8 CAT1, 20 ms round
-trip) and a camera at 10 frames/s that drops a frame when its pipeline is full. Every device
+trip) and a camera at 10 frames/s, from its own phase (independent cameras are not
+phase-locked), that drops a frame when its pipeline is full. Every device
 wants 10 frames/s within a 250 ms latency budget (the issue's requirements, unchanged).
 
 Systems: DAPDEE-fleet (leases + periodic rebalancing), DAPDEE-independent (the planner with
@@ -54,6 +56,7 @@ from dapdee.bench.fleet_bench.scenario import (  # noqa: E402
     exit_device_ms,
     scaled_profile,
 )  # fmt: skip
+from dapdee.bench.fleet_bench.stack import PLANNER_NICENESS  # noqa: E402
 from dapdee.bench.fleet_bench.systems import SYSTEMS, PlannerSettings  # noqa: E402
 
 QUICK_N, QUICK_K = (1, 16, 64), (30.0,)
@@ -110,8 +113,11 @@ def setup_lines(a: argparse.Namespace, loaded: dict[str, Any], settings: Planner
         f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} at start; {time.strftime('%Y-%m-%d %H:%M')}",
         f"requirements: {FRAME_RATE:g} frames/s per device, latency budget {BUDGET_MS:g} ms (mode auto), unchanged",
         f"uplinks: {mix}; round trip {RTT_MS:g} ms added per request",
-        "edge: one worker, 1 compute slot (--workers 1), batch 1, 1 torch thread; capacity 1000 ms/s",
-        f"planner: rho_max {settings.rho_max:g}, rebalance every {settings.rebalance_s:g} s, replan_after "
+        "edge: one worker, 1 compute slot (--workers 1), batch 1, 1 torch thread; capacity 1000 ms/s nominal, "
+        "divided by the worker's measured slowdown",
+        "cameras: each releases from its own phase (uniform in one period, fixed per device id)",
+        f"planner: nice {PLANNER_NICENESS} (it shares the host with the worker under test), "
+        f"rho_max {settings.rho_max:g}, rebalance every {settings.rebalance_s:g} s, replan_after "
         f"{settings.replan_after_s:g} s, lease ttl {settings.lease_ttl_s:g} s",
         f"runs: warm-up {a.warmup:g} s, window {60 * a.minutes:g} s, <= {a.per_process} devices per client process",
     ]

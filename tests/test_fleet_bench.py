@@ -6,18 +6,20 @@ written by hand."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dapdee.bench.fleet_bench.devices import release_phase
 from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
 from dapdee.bench.fleet_bench.runner import run_scenario
 from dapdee.bench.fleet_bench.scenario import MODELS, Scenario
 from dapdee.bench.fleet_bench.stack import FleetStack
 from dapdee.bench.fleet_bench.systems import PlannerSettings
-from dapdee.testing import RedisProcess
+from dapdee.testing import RedisProcess, ServiceProcess
 
 pytestmark = pytest.mark.skipif(not RedisProcess.available(), reason="redis-server is not installed")
 
@@ -62,6 +64,38 @@ def test_edge_frames_are_counted_by_the_worker(fleet_run: tuple[dict[str, Any], 
     served = raw["window"]["edge"]["requests"].get("200", 0.0)
     if edge_frames:
         assert served > 0 and raw["window"]["edge"]["busy_s"] > 0
+
+
+def test_the_cameras_release_from_their_own_phases(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    """Each device's first release in the window sits at its own phase (fixed by its id) past the
+    common start, not at the start: independent cameras are not phase-locked."""
+    raw, _ = fleet_run
+    sc = raw["scenario"]
+    period = 1.0 / sc["frame_rate"]
+    offsets = []
+    for dev in raw["devices"]:
+        first = dev["frames"][0][0]  # s into the window; the window starts warmup_s after the start
+        expected = (release_phase(dev["spec"]["device_id"], period) - sc["warmup_s"]) % period
+        assert abs(first - expected) < 1e-6 or abs(abs(first - expected) - period) < 1e-6, (first, expected)
+        offsets.append(first)
+    assert abs(offsets[0] - offsets[1]) > 1e-3
+
+
+def test_release_phases_are_fixed_per_device_and_spread_over_the_period() -> None:
+    period = 0.1
+    phases = [release_phase(f"cam-{i:03d}", period) for i in range(64)]
+    assert phases == [release_phase(f"cam-{i:03d}", period) for i in range(64)]
+    assert all(0.0 <= p < period for p in phases) and len(set(phases)) == 64
+    assert max(phases) - min(phases) > 0.8 * period
+    assert sum(p < period / 2 for p in phases) not in (0, 64)
+
+
+def test_a_service_process_runs_at_the_niceness_it_is_given() -> None:
+    """The fleet bench runs its planner at a lower CPU priority than the worker under test."""
+    svc = ServiceProcess("planner", [], "/readyz", {}, niceness=7)
+    with svc.start():
+        assert svc.proc is not None
+        assert os.getpriority(os.PRIO_PROCESS, svc.proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
 
 
 def _frame(t: float, lat: float | None, pred: float = 50.0, plan: str = "p") -> list[Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.rebalance import Demand, option_nodes, priced, solve
+from dapdee.fleet.rebalance import Demand, option_nodes, priced, resolved_objective, solve
 from dapdee.planning import PlanMap, PlanRequest
 from tests import oracle
 
@@ -195,6 +195,18 @@ def _two_node_graph() -> dict[str, Any]:
         "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
         "overheads": {"device_request_ms": 0.0, "edge_request_ms": 4.0},
     }
+
+
+def test_an_auto_device_is_valued_in_the_mode_it_resolves_to_at_the_priced_load() -> None:
+    """20 frames/s (50 ms a frame) at 10 Mbit/s, rtt 5 ms. Edge-Only is the fastest plan at any
+    load; its edge stage takes 8 / (1 − ℓe) ms: 16 ms at ℓe = 0.5, which sustains the rate (auto →
+    latency), 80 ms at ℓe = 0.9, which does not (auto → throughput). Set modes stay as asked."""
+    pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
+    auto = PlanRequest(bandwidth_mbps=10.0, rtt_ms=5.0, frame_rate=20.0, mode="auto")
+    assert resolved_objective(pm, auto, 0.5) == "latency"
+    assert resolved_objective(pm, auto, 0.9) == "throughput"
+    for mode in ("latency", "throughput"):
+        assert resolved_objective(pm, dataclasses.replace(auto, mode=mode), 0.9) == mode
 
 
 def test_the_edge_goes_to_the_device_that_cannot_meet_its_budget_alone() -> None:

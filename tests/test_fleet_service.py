@@ -222,6 +222,35 @@ def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_
         assert moved["lease"]["assigned"] is False
 
 
+def test_a_lease_keeps_the_conditions_it_was_planned_at_until_they_drift(planner_prefix: str) -> None:
+    """Estimates that move less than the drift threshold (20 %) are noise: the assigned plan comes
+    back, and the lease record keeps the conditions that plan was made for, so drift is measured
+    from them. Two steps of +15 % (32 % in all) drift, though neither step does alone."""
+    with planner(planner_prefix, rebalance_s=0, lease_drift=0.2) as c:
+        setup_model(c)
+        body = leased("a", bandwidth_mbps=10.0)
+        assert c.post("/plan", json=body).status_code == 200
+        assert c.post("/fleet/rebalance").status_code == 200
+        step = c.post("/plan", json={**body, "bandwidth_mbps": 11.5}).json()
+        assert step["lease"]["assigned"] is True
+        again = c.post("/plan", json={**body, "bandwidth_mbps": 13.225}).json()
+        assert again["lease"]["assigned"] is False
+
+
+def test_a_rebalance_values_an_auto_device_in_the_mode_of_its_priced_load(planner_prefix: str) -> None:
+    """Alone on the worker at 20 frames/s, the device's auto plan is Edge-Only in latency mode
+    (edge stage 8 ms). The rebalance prices options at ℓe = ρ_max = 0.9, where Edge-Only's edge
+    stage (80 ms) no longer sustains 50 ms a frame: the device is valued, and handed its plan, in
+    throughput mode, whatever mode the plan it held was in."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        first = c.post("/plan", json=leased("auto", fps=20.0, mode="auto")).json()
+        assert first["mode"] == "latency" and first["device_nodes"] == []
+        assert c.post("/fleet/rebalance").status_code == 200
+        state = c.get("/devices/auto").json()
+        assert state["lease"]["assigned"] and state["plan"]["mode"] == "throughput"
+
+
 def test_the_fleet_refuses_bad_input_and_changes_nothing(planner_prefix: str) -> None:
     with planner(planner_prefix, rebalance_s=0, max_leases=2) as c:
         setup_model(c)

@@ -10,7 +10,10 @@ publishes the tier's profile once (with the `device_request_ms` a real session m
 Every device senses its own link at start-up (round trips, probe pairs) and asks for its plans
 at the conditions it senses.
 
-**Camera.** A device's camera releases a frame every 1 / frame_rate s. A frame enters the
+**Camera.** A device's camera releases a frame every 1 / frame_rate s, from its own phase
+(`release_phase`: uniform in one period, fixed by the device id). Independent cameras are not
+phase-locked; cameras that all released at the same instants would queue each burst's frames
+behind one another at the worker, a synchronisation no fleet of independent clocks has. A frame enters the
 runtime when the pipeline has room: the device's compute is idle (no frame in its device
 part) and fewer than `max_inflight` frames are in flight; otherwise it waits in a one-frame
 buffer, and the next release replaces it (the waiting frame is dropped: it missed its budget).
@@ -32,6 +35,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -221,6 +225,12 @@ class Camera:
             task.cancel()
 
 
+def release_phase(device_id: str, period: float) -> float:
+    """When a device's camera first releases a frame after the common start: uniform in
+    [0, period), the same for the same id in every run (a seeded generator). O(1)."""
+    return random.Random(device_id).random() * period
+
+
 @dataclass
 class Device:
     spec: DeviceSpec
@@ -363,7 +373,9 @@ async def serve(job: ClientJob) -> None:
         go = float(json.loads(line)["go"])
         start = time.monotonic() + (go - time.time())
         window = (start + job.warmup_s, start + job.warmup_s + job.window_s)
-        await asyncio.gather(*(d.camera.run(start, window[1]) for d in devices))
+        await asyncio.gather(
+            *(d.camera.run(start + release_phase(d.spec.device_id, d.camera.period), window[1]) for d in devices)
+        )
         _say({"devices": [device_result(d, window) for d in devices], "errors": errors})
     finally:
         await _close(devices, shared)

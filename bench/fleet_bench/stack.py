@@ -27,6 +27,7 @@ import httpx
 from dapdee.testing import RedisProcess, ServiceProcess, unique_prefix, wait_registered
 
 EDGE_TIER = "edge"
+PLANNER_NICENESS = 10  # see FleetStack.__init__
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,10 @@ class FleetStack:
     ) -> None:
         self.tokens = Tokens.new()
         self.redis = RedisProcess()
-        self.planner = ServiceProcess("planner", [], "/readyz", {}, log_level="error")
+        # The planner has a machine of its own in a deployment; here it shares two cores with the
+        # worker under test, so it runs at a lower priority: its rebalance and re-plan bursts must
+        # not slow the worker (whose measured capacity, and so the fleet's plans, would follow).
+        self.planner = ServiceProcess("planner", [], "/readyz", {}, log_level="error", niceness=PLANNER_NICENESS)
         models = ",".join(f"@{a}" for a in artifacts)
         args = ["--models", models, "--workers", "1", "--batch-max", "1", "--threads", "1", "--tier", EDGE_TIER]
         args += ["--planner", self.planner.url, "--profile-repeats", str(profile_repeats)]

@@ -108,6 +108,18 @@ def priced_load(rho_max: float) -> float:
     return min(MAX_EDGE_LOAD, rho_max)
 
 
+def resolved_objective(planmap: PlanMap, request: PlanRequest, rho_max: float) -> str:
+    """The unit of a device's t_i: its mode, with "auto" resolved as the planner resolves it for
+    the device alone at the load options are priced at (`priced_load`): "latency" when that plan
+    sustains the frame rate, else "throughput". (The mode of the plan a device holds was resolved
+    at whatever load the others put on the worker when it asked; like devices then carried
+    different units, and the solver traded the worker's slots between them for it.) O(exits)
+    plan-map scans."""
+    if request.mode in ("latency", "throughput"):
+        return request.mode
+    return str(planmap.plan(replace(request, edge_load=priced_load(rho_max)))["mode"])
+
+
 def option_value(demand: Demand, pred: Predicted, accuracy: float | None) -> Value:
     """(met, f·accuracy, −f·t) of a plan's prediction. O(1)."""
     met = meets_all(demand.request, pred, accuracy)

@@ -48,7 +48,8 @@ class ServiceProcess:
     on a free 127.0.0.1 port chosen once (a restart reuses it). Settings come from `args` and
     `env` (added to a DAPDEE_*-free environment). `start()` waits until `ready_path` answers
     200; `stop()` sends SIGTERM, `kill()` SIGKILL (each escalating to SIGKILL after a wait).
-    A context manager: `with ServiceProcess(...).start() as svc:` stops it at the end."""
+    `niceness` > 0 runs it at that lower CPU priority (`nice -n`). A context manager:
+    `with ServiceProcess(...).start() as svc:` stops it at the end."""
 
     def __init__(
         self,
@@ -57,8 +58,10 @@ class ServiceProcess:
         ready_path: str,
         env: dict[str, str] | None = None,
         log_level: str = "warning",
+        niceness: int = 0,
     ) -> None:
         self.service = service
+        self.niceness = niceness
         self.args = list(args)
         self.ready_path = ready_path
         self.port = free_port()
@@ -73,6 +76,8 @@ class ServiceProcess:
     def command(self) -> list[str]:
         """The command line `start()` runs."""
         cmd = [sys.executable, "-m", "dapdee.cli", "serve", self.service, "--port", str(self.port)]
+        if self.niceness > 0:
+            cmd = ["nice", "-n", str(self.niceness), *cmd]
         return cmd + ["--log-level", self.log_level, *self.args]
 
     def start(self, timeout_s: float = 90.0) -> ServiceProcess:

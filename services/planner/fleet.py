@@ -43,7 +43,16 @@ from typing import Any
 
 from dapdee.costgraph import CostGraphError
 from dapdee.fleet.assign import DevicePlan, EdgeSlot, plan_for_device, plan_of
-from dapdee.fleet.rebalance import Demand, Option, Solution, held_option, option_nodes, priced_load, solve
+from dapdee.fleet.rebalance import (
+    Demand,
+    Option,
+    Solution,
+    held_option,
+    option_nodes,
+    priced_load,
+    resolved_objective,
+    solve,
+)
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
@@ -130,6 +139,22 @@ def drifted(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
     if abs(r1 - r0) > threshold * max(r0, 1.0):
         return True
     return abs(new.get("device_load", 0.0) - old.get("device_load", 0.0)) > threshold / 2
+
+
+CONDITION_FIELDS = ("bandwidth_mbps", "rtt_ms", "device_load")
+
+
+def recorded_request(anchor: dict[str, Any] | None, fields: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """The request a lease record keeps: the new request's fields, except that its conditions
+    stay those of `anchor` (the record's request so far) while they have not drifted past
+    `threshold` (`drifted`). Conditions within the threshold are estimation noise; a rebalance
+    that followed them would trade the worker's slots between like devices at every period,
+    and the drift test of the next request measures from the anchor, so a slow creep is caught.
+    O(1)."""
+    request = {k: fields.get(k) for k in REQUEST_FIELDS}
+    if anchor is not None and not drifted(anchor, request, threshold):
+        request.update({k: anchor[k] for k in CONDITION_FIELDS if k in anchor})
+    return request
 
 
 class Fleet:
@@ -249,7 +274,7 @@ class Fleet:
         """A named device of a model no worker serves: its plan reserves nothing, but the lease is
         recorded (GET /devices/{id}, the lease count, a later rebalance may bring it onto a worker)."""
         dp = DevicePlan(plan, None, 0.0, 0.0)
-        return await self._reserve(body, [], request_of(body.model_dump()), dp, False, None, {}, body.edge_load)
+        return await self._reserve(body, [], request_of(body.model_dump()), dp, False, None, {}, body.edge_load, None)
 
     def _choose(
         self,
@@ -360,7 +385,8 @@ class Fleet:
         in the same atomic step: one round trip when the view is Redis's own. Returns the plan
         JSON with its `lease`."""
         dp, assigned = self._choose(record, body, candidates, view.others, req, edge_load)
-        return await self._reserve(body, candidates, req, dp, assigned, view, dict(view.others), edge_load)
+        anchor = record["request"] if record is not None else None
+        return await self._reserve(body, candidates, req, dp, assigned, view, dict(view.others), edge_load, anchor)
 
     async def _reserve(
         self,
@@ -372,11 +398,13 @@ class Fleet:
         view: View | None,
         others: dict[str, float],
         edge_load: float | None,
+        anchor: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        """Reserve `dp`'s lease (verifying `view` when given). A stale view: adopt Redis's figures
-        and plan again against them. A refusal (another replica took the room meanwhile): plan
-        again with the new figures, at most `RETRIES` times, then Device-Only (always admissible).
-        Returns the plan JSON with its `lease`."""
+        """Reserve `dp`'s lease (verifying `view` when given), its record keeping the conditions
+        of `anchor` (the lease's recorded request) while they hold (`recorded_request`). A stale
+        view: adopt Redis's figures and plan again against them. A refusal (another replica took
+        the room meanwhile): plan again with the new figures, at most `RETRIES` times, then
+        Device-Only (always admissible). Returns the plan JSON with its `lease`."""
         capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
         version = view.version if view is not None else 0
         stored = False
@@ -384,7 +412,7 @@ class Fleet:
         while True:
             load = body.frame_rate * dp.edge_ms_per_frame
             limit = self.settings.rho_max * capacity.get(dp.worker or "", math.inf)
-            record = self._record(body, dp, assigned)
+            record = self._record(body, dp, assigned, anchor)
             try:
                 res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view)
             except RedisUnavailable:
@@ -395,6 +423,7 @@ class Fleet:
                 others = self._adopt(res.figures, body.device_id)
                 version, view = res.figures.version, None
                 dp, assigned = self._choose(res.figures.record, body, candidates, others, req, edge_load)
+                anchor = res.figures.record["request"] if res.figures.record is not None else None
                 continue
             if res.status == "full":
                 self.metrics.admissions.labels("full").inc()
@@ -431,8 +460,7 @@ class Fleet:
         }
         return plan
 
-    def _record(self, body: Any, dp: DevicePlan, assigned: bool) -> dict[str, Any]:
-        fields = body.model_dump()
+    def _record(self, body: Any, dp: DevicePlan, assigned: bool, anchor: dict[str, Any] | None) -> dict[str, Any]:
         return {
             "device_id": body.device_id,
             "model": body.model,
@@ -440,7 +468,7 @@ class Fleet:
             "worker": dp.worker,
             "frames_per_s": body.frame_rate,
             "edge_ms_per_frame": dp.edge_ms_per_frame,
-            "request": {k: fields.get(k) for k in REQUEST_FIELDS},
+            "request": recorded_request(anchor, body.model_dump(), self.settings.lease_drift),
             "plan": dp.plan,
             "assigned": assigned,
         }
@@ -576,7 +604,7 @@ class Fleet:
             return None
         req = request_of(record["request"])
         held = record["plan"]
-        objective = held.get("mode", "latency")
+        objective = resolved_objective(found[0].planmap, req, self.settings.rho_max)
         current = (held["exit"]["name"], tuple(held["device_nodes"]))
         return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
 
