@@ -17,6 +17,7 @@ import pytest
 from dapdee.device.compute import BoundaryValues, EmulatedCompute
 from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig
 from dapdee.device.frames import random_frames
+from dapdee.device.sensing import Sensing
 from dapdee.device.session import DeviceSettings, open_device
 from dapdee.device.types import FrameRecord
 from dapdee.testing import ServiceProcess
@@ -81,18 +82,22 @@ def test_planner_backed_device_publishes_its_profile_and_answers(stack: Stack) -
     publishes the device profile with `meta.device_request_ms`, and every frame is answered."""
     frames = stack.frames(5, seed=3)
 
-    async def go() -> tuple[list[FrameRecord], Any]:
+    async def go() -> tuple[list[FrameRecord], Any, Sensing]:
         async with open_device(_settings(stack), stack.loaded, stack.graph) as rt:
             assert rt.plan.origin == "planner" and rt.sensing.rtt.samples > 0  # probed before the first plan
-            return await rt.run(frames), rt.plan
+            return await rt.run(frames), rt.plan, rt.sensing
 
-    records, plan = asyncio.run(go())
+    records, plan, sensing = asyncio.run(go())
     _check_answers(stack, frames, records)
     assert {r.plan_id for r in records} == {plan.plan_id}
     profiles = httpx.get(f"{stack.planner.url}/models/{stack.loaded.name}/profiles", timeout=5).json()["profiles"]
     meta = profiles["device-k10"]["meta"]
     assert profiles["device-k10"]["kind"] == "device" and meta["slowdown"] == K
     assert 0 < meta["device_request_ms"] < 1000, meta  # CPU ms of one encode + request + decode
+    # the round trip the device states leaves out the CPU cost it published (priced apart)
+    assert sensing.request_cpu_ms == pytest.approx(meta["device_request_ms"], abs=1e-4)
+    stated = sensing.rtt.estimate_ms + sensing.bandwidth.overhead_ms - sensing.request_cpu_ms
+    assert sensing.request_rtt_ms == pytest.approx(max(0.0, stated))
 
 
 def test_a_rate_drop_leads_to_a_plan_at_the_new_bandwidth(stack: Stack) -> None:

@@ -131,6 +131,11 @@ def test_sensing_states_plan_conditions() -> None:
     s.rtt.observe(12.0)
     s.bandwidth.overhead_ms = 3.0
     assert s.request_rtt_ms == 15.0
+    # the device's own CPU per request is priced as device_request_ms, not stated again
+    s.request_cpu_ms = 2.0
+    assert s.request_rtt_ms == 13.0
+    s.request_cpu_ms = 40.0
+    assert s.request_rtt_ms == 0.0
     assert isinstance(Sensing(load_source="compute", stretch=4).compute_observer(), ComputeLoadMonitor)
     for bad in ({"fixed_load": 1.0}, {"load_source": "gpu"}, {"prior_mbps": math.inf}):
         with pytest.raises(ValueError):

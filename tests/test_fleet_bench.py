@@ -58,6 +58,18 @@ def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str
     assert s["booked_max"] is not None and 0.0 <= s["booked_max"] <= PlannerSettings().rho_max + 1e-9
 
 
+def test_every_device_leaves_the_priced_request_cost_out_of_its_round_trip(
+    fleet_run: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    """The planner adds the tier profile's device_request_ms to every edge plan; each device's
+    stated round trip leaves exactly that value out (priced once, not twice)."""
+    raw, s = fleet_run
+    priced = s["costs"]["device_request_ms"]
+    for dev in raw["devices"]:
+        assert dev["sensed"]["request_cpu_ms"] == priced, dev["spec"]
+        assert dev["sensed"]["request_rtt_ms"] >= 0.0
+
+
 def test_edge_frames_are_counted_by_the_worker(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
     raw, s = fleet_run
     edge_frames = s["where"].get("edge", 0)

@@ -68,7 +68,7 @@ DRAIN_S = 3.0  # after the window, frames still in flight get this long to finis
 # bandwidth samples and idle links are not probed again (see the report).
 MIN_EXPECTED_MS = math.inf
 NO_IDLE_PROBES_S = 1e9
-STARTUP_CONCURRENCY = 8  # devices probing their links at once while a process opens its devices
+STARTUP_CONCURRENCY = 1  # a device times its link at start-up alone on its process's event loop (LinkProber.startup)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class ClientJob:
     window_s: float
     max_inflight: int = 3
     probe_idle_s: float = NO_IDLE_PROBES_S
+    device_request_ms: float | None = None  # what the tier's device profile prices per request
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -279,6 +280,11 @@ async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
     serving = trust.serving(graph.model)
     if serving:
         await prober.startup(serving[0], rounds=2)
+    if job.device_request_ms is not None:
+        # the planner prices the tier's value for every device of the tier; a device's own
+        # start-up measurement runs beside other devices' probes on this process's event loop
+        # and would count their CPU as its own
+        sensing.request_cpu_ms = job.device_request_ms
     plans = PlanLog(shared.planner)
     system = SYSTEMS[job.system]
     source = await plan_source(system, plans, graph, cfg.requirements, job.tier, spec.device_id, conditions(sensing))
@@ -328,6 +334,7 @@ def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
         "sensed": {
             "bandwidth_mbps": dev.runtime.sensing.bandwidth_mbps,
             "request_rtt_ms": dev.runtime.sensing.request_rtt_ms,
+            "request_cpu_ms": dev.runtime.sensing.request_cpu_ms,
             "samples": [[b, round(ms, 2), sample and round(sample, 4)] for b, ms, _, _, sample in
                         list(dev.runtime.sensing.bandwidth.history)[-8:]],  # fmt: skip
         },

@@ -191,7 +191,7 @@ def run_scenario(
         for i, group in enumerate(sc.groups()):
             job = ClientJob(
                 url, stack.tokens.device, sc.system, sc.model, sc.k, sc.tier, group, sc.frame_rate, sc.budget_ms,
-                sc.warmup_s, sc.window_s,
+                sc.warmup_s, sc.window_s, device_request_ms=costs["device_request_ms"],
             )  # fmt: skip
             clients.append(ClientProcess(job, log_dir / f"clients-{sc.system}-n{sc.n}-k{sc.k:g}-{sc.model}-{i}.log"))
         ready = [c.message(READY_TIMEOUT_S) for c in clients]

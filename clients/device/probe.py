@@ -52,7 +52,7 @@ class LinkProber:
         self.edge = edge
         self.graph = graph
         self.sensing = sensing
-        self.request_cpu_ms: list[float] = []  # the last start-up's per-pair intercepts
+        self.pair_intercepts_ms: list[float] = []  # the last start-up's per-pair intercepts
         # the last probe pairs' (small bytes, CPU ms, large bytes, CPU ms)
         self.cpu_pairs: deque[tuple[int, float, int, float]] = deque(maxlen=MAX_CPU_PAIRS)
 
@@ -111,21 +111,25 @@ class LinkProber:
         """The device's per-request CPU cost from the probe pairs since start-up: per pair the
         intercept a of CPU = a + b · bytes (b >= 0, 0 <= a <= the small request's CPU), their
         median; None without a pair."""
-        self.request_cpu_ms = []
+        self.pair_intercepts_ms = []
         for small_b, small_ms, large_b, large_ms in self.cpu_pairs:
             per_byte = max(0.0, (large_ms - small_ms) / (large_b - small_b)) if large_b > small_b else 0.0
-            self.request_cpu_ms.append(min(small_ms, max(0.0, small_ms - per_byte * small_b)))
-        return statistics.median(self.request_cpu_ms) if self.request_cpu_ms else None
+            self.pair_intercepts_ms.append(min(small_ms, max(0.0, small_ms - per_byte * small_b)))
+        return statistics.median(self.pair_intercepts_ms) if self.pair_intercepts_ms else None
 
     async def startup(self, url: str, rounds: int = 3) -> float | None:
         """Round trips, then `rounds` probe pairs (the first sized from the prior); returns the
-        device's per-request CPU cost (`request_cost_ms`), or None when no pair was answered.
+        device's per-request CPU cost (`request_cost_ms`), or None when no pair was answered,
+        and keeps it as `sensing.request_cpu_ms` (it is priced apart from the round trip).
         Run it while nothing else uses the event loop."""
         self.cpu_pairs.clear()
         await self.measure_rtt(url)
         for _ in range(rounds):
             await self.probe(url)
-        return self.request_cost_ms()
+        cost = self.request_cost_ms()
+        if cost is not None:
+            self.sensing.request_cpu_ms = cost
+        return cost
 
 
 class Sensor:

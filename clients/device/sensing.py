@@ -360,6 +360,9 @@ class Sensing:
         self.bandwidth = BandwidthEstimator(prior_mbps=prior_mbps, min_expected_ms=min_expected_ms)
         self.rtt = RttEstimator()
         self.fixed_load = fixed_load
+        # the device's own CPU per request (encode, send, decode): the planner prices it as the
+        # profile's device_request_ms, so it is not part of the round trip the device states
+        self.request_cpu_ms = 0.0
         self.monitor: LoadMonitor | ComputeLoadMonitor | None = None
         if fixed_load is None:
             self.monitor = LoadMonitor() if load_source == "proc" else ComputeLoadMonitor(stretch=stretch)
@@ -379,9 +382,11 @@ class Sensing:
 
     @property
     def request_rtt_ms(self) -> float:
-        """The round trip an upload pays per request: the network round trip plus the fixed
-        per-request cost (HTTP, codec, scheduling) the probe pairs measure."""
-        return self.rtt.estimate_ms + self.bandwidth.overhead_ms
+        """The round trip an upload pays per request, as a plan request states it: the network
+        round trip plus the fixed per-request cost (HTTP, codec, scheduling) the probe pairs
+        measure, less the device's own CPU in it (`request_cpu_ms`), which cost model v2 adds
+        as `device_request_ms`: stated here too, it would be paid twice. At least 0."""
+        return max(0.0, self.rtt.estimate_ms + self.bandwidth.overhead_ms - self.request_cpu_ms)
 
     def compute_observer(self) -> ComputeLoadMonitor | None:
         """The monitor the device's own compute must feed (`observe(cpu_s, wall_s)`), if any."""
