@@ -15,6 +15,7 @@ import pytest
 
 from dapdee.bench.fleet_bench.devices import release_phase
 from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
+from dapdee.bench.fleet_bench.report import GOODPUT_X_INDEPENDENT, INDEPENDENT, ratio_target
 from dapdee.bench.fleet_bench.runner import run_scenario
 from dapdee.bench.fleet_bench.scenario import MODELS, Scenario
 from dapdee.bench.fleet_bench.stack import FleetStack
@@ -148,6 +149,20 @@ def test_summary_arithmetic_on_frames_written_by_hand() -> None:
     # stages over the 19 edge-answered frames: latency 40 (10), 100 (8), 300 (1); queue+compute 5
     assert s["stages"]["pred_edge_ms"] == 15.0 and s["stages"]["meas_edge_server_ms"] == 5.0
     assert s["stages"]["meas_latency_ms"] == 40.0 and s["stages"]["meas_link_http_ms"] == 35.0
+
+
+def test_a_ratio_target_states_the_ratio_the_offered_load_allows() -> None:
+    """32 devices offer 320 frames/s: against a baseline at 300, no system can reach more
+    than 320 / 300 = 1.07x, and the target line says so beside the measured ratio."""
+
+    def run(system: str, goodput: float) -> dict[str, Any]:
+        return {"system": system, "n": 32, "k": 30.0, "model": "resnet18", "goodput_fps": goodput,
+                "offered_fps": 320.0}  # fmt: skip
+
+    runs = [run("DAPDEE-fleet", 315.0), run("DAPDEE-independent", 300.0), run("Edge-Only", 250.0)]
+    t = ratio_target(runs, 32, GOODPUT_X_INDEPENDENT, INDEPENDENT)
+    assert t.name == "K=30 N=32: DAPDEE-fleet goodput >= 1.5x DAPDEE-independent" and t.ok is False
+    assert t.detail == "315.0 vs DAPDEE-independent 300.0 fps (ratio 1.05; the 320.0 fps offered allow at most 1.07)"
 
 
 def test_the_bench_package_is_packaged() -> None:

@@ -136,8 +136,10 @@ def _vs_baselines(summaries: Sequence[dict[str, Any]], ns: list[int]) -> list[Ta
     return out
 
 
-def _ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, against: str | None) -> Target:
-    """DAPDEE-fleet's goodput >= factor x `against`'s (None: the best baseline) at K=30, N=n."""
+def ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, against: str | None) -> Target:
+    """DAPDEE-fleet's goodput >= factor x `against`'s (None: the best baseline) at K=30, N=n.
+    The detail also states the ratio the offered load allows: no system delivers more frames
+    than the cameras release, so offered / the baseline's goodput bounds any ratio."""
     f = _find(summaries, FLEET, n)
     what = against or "the best baseline"
     name = f"K=30 N={n}: DAPDEE-fleet goodput >= {factor:g}x {what}"
@@ -150,8 +152,10 @@ def _ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, ag
     if f is None or b is None:
         return Target(name, None, "runs missing")
     ratio = f["goodput_fps"] / b["goodput_fps"] if b["goodput_fps"] else math.inf
+    cap = f["offered_fps"] / b["goodput_fps"] if b["goodput_fps"] else math.inf
     return Target(name, ratio >= factor, f"{f['goodput_fps']:.1f} vs {b['system']} {b['goodput_fps']:.1f} fps "
-                                         f"(ratio {ratio:.2f})")  # fmt: skip
+                                         f"(ratio {ratio:.2f}; the {f['offered_fps']:.1f} fps offered allow at "
+                                         f"most {cap:.2f})")  # fmt: skip
 
 
 def _single_device(summaries: Sequence[dict[str, Any]]) -> Target:
@@ -206,9 +210,9 @@ def targets(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]
     """Every target of the issue that the runs allow checking (module docstring of fleet.py)."""
     ns = sorted({s["n"] for s in summaries if s["k"] == MAIN_K and s["model"] == MAIN_MODEL})
     out = _vs_baselines(summaries, ns)
-    out += [_ratio_target(summaries, n, GOODPUT_X_INDEPENDENT, INDEPENDENT) for n in (32, 64) if n in ns]
+    out += [ratio_target(summaries, n, GOODPUT_X_INDEPENDENT, INDEPENDENT) for n in (32, 64) if n in ns]
     if 16 in ns:
-        out.append(_ratio_target(summaries, 16, GOODPUT_X_BEST_N16, None))
+        out.append(ratio_target(summaries, 16, GOODPUT_X_BEST_N16, None))
     if 1 in ns:
         out.append(_single_device(summaries))
     return out + _every_fleet_run(summaries, rho_max)
