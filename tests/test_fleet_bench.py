@@ -66,9 +66,9 @@ def test_every_device_leaves_the_priced_request_cost_out_of_its_round_trip(
     stated round trip leaves exactly that value out (priced once, not twice)."""
     raw, s = fleet_run
     priced = s["costs"]["device_request_ms"]
+    assert priced is not None and priced > 0
     for dev in raw["devices"]:
         assert dev["sensed"]["request_cpu_ms"] == priced, dev["spec"]
-        assert dev["sensed"]["request_rtt_ms"] >= 0.0
 
 
 def test_edge_frames_are_counted_by_the_worker(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:

@@ -281,9 +281,8 @@ async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
     if serving:
         await prober.startup(serving[0], rounds=2)
     if job.device_request_ms is not None:
-        # the planner prices the tier's value for every device of the tier; a device's own
-        # start-up measurement runs beside other devices' probes on this process's event loop
-        # and would count their CPU as its own
+        # the planner adds the tier profile's value to every device of the tier, so that value
+        # (not this device's own start-up reading of it) is what its round trip must leave out
         sensing.request_cpu_ms = job.device_request_ms
     plans = PlanLog(shared.planner)
     system = SYSTEMS[job.system]
