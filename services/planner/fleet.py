@@ -87,6 +87,21 @@ class Candidate:
     planmap: PlanMap
 
 
+@dataclass(frozen=True)
+class Ask:
+    """One `POST /plan` in the forms the fleet reads: the validated body (`PlanRequestBody`),
+    its fields as a dict (dumped once: the lease record keeps them) and its `PlanRequest`."""
+
+    body: Any
+    fields: dict[str, Any]
+    req: PlanRequest
+
+    @classmethod
+    def of(cls, body: Any) -> Ask:
+        fields = body.model_dump()
+        return cls(body, fields, request_of(fields))
+
+
 # (model, device tier, workers) -> the candidates among those workers; [] when the model or a
 # profile is gone
 CandidatesFor = Callable[[str, str | None, Sequence[Worker]], Awaitable[list[Candidate]]]
@@ -259,47 +274,45 @@ class Fleet:
     async def plan(self, body: Any, candidates: Sequence[Candidate], edge_load: float | None) -> dict[str, Any]:
         """The plan for one request (a validated `PlanRequestBody`) over `candidates` (at least
         one), with a lease when it names a device. CapacityExceeded past the lease cap."""
-        req = request_of(body.model_dump())
+        ask = Ask.of(body)
         if body.device_id is None:
             slots = self._slots(candidates, None, {})
-            dp = plan_for_device(slots, req, None, self.settings.rho_max, edge_load)
+            dp = plan_for_device(slots, ask.req, None, self.settings.rho_max, edge_load)
             self.metrics.admissions.labels("unleased").inc()
             return dp.plan
         device = body.device_id
         version, record = self.held.get(device, (0, None))
         view = View(version, {c.worker.url: self.others(c.worker.url, device) for c in candidates})
-        return await self._lease(body, candidates, req, record, view, edge_load)
+        return await self._lease(ask, candidates, record, view, edge_load)
 
     async def lease_without_worker(self, body: Any, plan: dict[str, Any]) -> dict[str, Any]:
         """A named device of a model no worker serves: its plan reserves nothing, but the lease is
         recorded (GET /devices/{id}, the lease count, a later rebalance may bring it onto a worker)."""
         dp = DevicePlan(plan, None, 0.0, 0.0)
-        return await self._reserve(body, [], request_of(body.model_dump()), dp, False, None, {}, body.edge_load, None)
+        return await self._reserve(Ask.of(body), [], dp, False, None, {}, body.edge_load, None)
 
     def _choose(
         self,
         record: dict[str, Any] | None,
-        body: Any,
+        ask: Ask,
         candidates: Sequence[Candidate],
         others: dict[str, float],
-        req: PlanRequest,
         edge_load: float | None,
     ) -> tuple[DevicePlan, bool]:
         """The device's plan given `others` (per worker, what the other devices reserve): the one
         a rebalance assigned it while that still applies, else the plan it holds while within the
         switching margin of the exact plan (`_kept`), else the exact plan."""
-        fields = body.model_dump() if record is not None else {}
         if (
             record is not None
             and record.get("assigned")
-            and not drifted(record["request"], fields, self.settings.lease_drift)
+            and not drifted(record["request"], ask.fields, self.settings.lease_drift)
         ):
-            dp = self._repriced(record, body, candidates, others, req)
+            dp = self._repriced(record, ask, candidates, others)
             if dp is not None:
                 return dp, True
-        slots = self._slots(candidates, body.device_id, others)
-        best = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
-        return self._kept(record, fields, body, candidates, others, req, best) or best, False
+        slots = self._slots(candidates, ask.body.device_id, others)
+        best = plan_for_device(slots, ask.req, ask.body.frame_rate, self.settings.rho_max, edge_load)
+        return self._kept(record, ask, candidates, others, best) or best, False
 
     def _slots(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float] | None
@@ -316,13 +329,13 @@ class Fleet:
     def _repriced(
         self,
         record: dict[str, Any],
-        body: Any,
+        ask: Ask,
         candidates: Sequence[Candidate],
         fresh: dict[str, float] | None,
-        req: PlanRequest,
     ) -> DevicePlan | None:
         """The plan in the device's lease record re-priced now, at the load the others put on its
         worker; None when it no longer applies (another model, its worker gone, the graph changed)."""
+        body = ask.body
         if record.get("model") != body.model:
             return None
         worker = record.get("worker")
@@ -334,7 +347,7 @@ class Fleet:
         load = min(0.95, others / c.worker.capacity_ms_per_s)
         held = record["plan"]
         try:
-            plan, e_i = plan_of(c.planmap, req, held["exit"]["name"], held["device_nodes"], load, held["mode"])
+            plan, e_i = plan_of(c.planmap, ask.req, held["exit"]["name"], held["device_nodes"], load, held["mode"])
         except (CostGraphError, KeyError, StopIteration):
             return None  # the graph changed under the plan
         # a Device-Only plan keeps naming the worker it named (the device probes its link there)
@@ -344,39 +357,36 @@ class Fleet:
     def _kept(
         self,
         record: dict[str, Any] | None,
-        fields: dict[str, Any],
-        body: Any,
+        ask: Ask,
         candidates: Sequence[Candidate],
         others: dict[str, float],
-        req: PlanRequest,
         best: DevicePlan,
     ) -> DevicePlan | None:
         """The plan the device holds, re-priced now, when its requirements are unchanged, it is
         still admissible, and it is within the switching margin of `best` (`within_margin`).
-        `fields`: the request's fields. None at once (no re-pricing) when `best` is that plan."""
+        None at once (no re-pricing) when `best` is that plan."""
         margin = self.settings.switch_margin
-        if record is None or margin <= 0 or requirements_changed(record["request"], fields):
+        if record is None or margin <= 0 or requirements_changed(record["request"], ask.fields):
             return None
         held_plan = record["plan"]
         same_plan = held_plan["exit"]["name"] == best.plan["exit"]["name"]
         if same_plan and held_plan["device_nodes"] == best.plan["device_nodes"] and record.get("worker") == best.worker:
             return None
-        held = self._repriced(record, body, candidates, others, req)
+        held = self._repriced(record, ask, candidates, others)
         if held is None or not within_margin(held.plan, best.plan, margin):
             return None
         if held.worker is None:
             return held
         capacity = next(c.worker.capacity_ms_per_s for c in candidates if c.worker.url == held.worker)
-        reserved = others.get(held.worker, self.others(held.worker, body.device_id))
-        if reserved + body.frame_rate * held.edge_ms_per_frame > self.settings.rho_max * capacity:
+        reserved = others.get(held.worker, self.others(held.worker, ask.body.device_id))
+        if reserved + ask.body.frame_rate * held.edge_ms_per_frame > self.settings.rho_max * capacity:
             return None
         return held
 
     async def _lease(
         self,
-        body: Any,
+        ask: Ask,
         candidates: Sequence[Candidate],
-        req: PlanRequest,
         record: dict[str, Any] | None,
         view: View,
         edge_load: float | None,
@@ -384,15 +394,14 @@ class Fleet:
         """Plan the device against this replica's `view` and reserve that plan, the view verified
         in the same atomic step: one round trip when the view is Redis's own. Returns the plan
         JSON with its `lease`."""
-        dp, assigned = self._choose(record, body, candidates, view.others, req, edge_load)
+        dp, assigned = self._choose(record, ask, candidates, view.others, edge_load)
         anchor = record["request"] if record is not None else None
-        return await self._reserve(body, candidates, req, dp, assigned, view, dict(view.others), edge_load, anchor)
+        return await self._reserve(ask, candidates, dp, assigned, view, dict(view.others), edge_load, anchor)
 
     async def _reserve(
         self,
-        body: Any,
+        ask: Ask,
         candidates: Sequence[Candidate],
-        req: PlanRequest,
         dp: DevicePlan,
         assigned: bool,
         view: View | None,
@@ -405,6 +414,7 @@ class Fleet:
         view: adopt Redis's figures and plan again against them. A refusal (another replica took
         the room meanwhile): plan again with the new figures, at most `RETRIES` times, then
         Device-Only (always admissible). Returns the plan JSON with its `lease`."""
+        body = ask.body
         capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
         version = view.version if view is not None else 0
         stored = False
@@ -412,7 +422,7 @@ class Fleet:
         while True:
             load = body.frame_rate * dp.edge_ms_per_frame
             limit = self.settings.rho_max * capacity.get(dp.worker or "", math.inf)
-            record = self._record(body, dp, assigned, anchor)
+            record = self._record(ask, dp, assigned, anchor)
             try:
                 res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view)
             except RedisUnavailable:
@@ -422,7 +432,7 @@ class Fleet:
                 self.metrics.admissions.labels("stale").inc()
                 others = self._adopt(res.figures, body.device_id)
                 version, view = res.figures.version, None
-                dp, assigned = self._choose(res.figures.record, body, candidates, others, req, edge_load)
+                dp, assigned = self._choose(res.figures.record, ask, candidates, others, edge_load)
                 anchor = res.figures.record["request"] if res.figures.record is not None else None
                 continue
             if res.status == "full":
@@ -442,7 +452,7 @@ class Fleet:
             if refusals == RETRIES:  # give up on the edge: Device-Only is always admissible
                 others = {url: math.inf for url in capacity}
             slots = self._slots(candidates, body.device_id, others)
-            dp = plan_for_device(slots, req, body.frame_rate, self.settings.rho_max, edge_load)
+            dp = plan_for_device(slots, ask.req, body.frame_rate, self.settings.rho_max, edge_load)
         return self._answer(body, dp, assigned, stored)
 
     def _answer(self, body: Any, dp: DevicePlan, assigned: bool, stored: bool) -> dict[str, Any]:
@@ -460,7 +470,8 @@ class Fleet:
         }
         return plan
 
-    def _record(self, body: Any, dp: DevicePlan, assigned: bool, anchor: dict[str, Any] | None) -> dict[str, Any]:
+    def _record(self, ask: Ask, dp: DevicePlan, assigned: bool, anchor: dict[str, Any] | None) -> dict[str, Any]:
+        body = ask.body
         return {
             "device_id": body.device_id,
             "model": body.model,
@@ -468,7 +479,7 @@ class Fleet:
             "worker": dp.worker,
             "frames_per_s": body.frame_rate,
             "edge_ms_per_frame": dp.edge_ms_per_frame,
-            "request": recorded_request(anchor, body.model_dump(), self.settings.lease_drift),
+            "request": recorded_request(anchor, ask.fields, self.settings.lease_drift),
             "plan": dp.plan,
             "assigned": assigned,
         }
