@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from dapdee.cli import main
+from dapdee.device.up import find_artifact
 from dapdee.models import load_model
 from dapdee.testing import bind_free_socket
 from tests.device_stack import SPEC, Stack, open_stack
@@ -130,11 +132,12 @@ def test_unknown_model_fails_with_one_line(stack: Stack, capsys: pytest.CaptureF
         assert rc == 2 and len(err.splitlines()) == 1 and why in err, err
 
 
-def test_dapdee_up_runs_the_demo() -> None:
+def _up(*extra: str) -> str:
+    """`dapdee up` with `extra` arguments in a subprocess (no DAPDEE_ settings); its stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(
-        [sys.executable, "-m", "dapdee.cli", "up", "--frames", "6", "--quiet"],
+        [sys.executable, "-m", "dapdee.cli", "up", "--quiet", *extra],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -142,7 +145,11 @@ def test_dapdee_up_runs_the_demo() -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
+    return proc.stdout
+
+
+def test_dapdee_up_runs_the_demo() -> None:
+    out = _up("--frames", "6")
     for word in ("3G", "4G", "WiFi", "Device-Only", "K=30", "pred ms", "meas ms", "why these cuts"):
         assert word in out, out
     device_only = next(line for line in out.splitlines() if line.startswith("Device-Only"))
@@ -152,3 +159,22 @@ def test_dapdee_up_runs_the_demo() -> None:
     assert any(" mid " in line for line in table if line.startswith(("3G", "4G", "WiFi"))), out
     reasons = out.split("why these cuts")[1].splitlines()
     assert sum(line.startswith(("3G", "4G", "WiFi")) for line in reasons) == 3, out
+
+
+def test_dapdee_up_with_confidence_exits_counts_the_cut_against_the_plans_exit() -> None:
+    out = _up("--frames", "12", "--networks", "4G", "--confidence-exits")
+    lines = out.splitlines()
+    head = re.split(r"\s{2,}", lines[1].strip())
+    rows = {
+        cells[0]: dict(zip(head, cells, strict=True)) for cells in (re.split(r"\s{2,}", x.strip()) for x in lines[3:5])
+    }
+    assert "confidence exits" in lines[0] and "confidence exits: pred ms" in out, out
+    graph = load_model("", weights=find_artifact(None)).graph
+    final = graph.exits[-1]
+    need = len(graph.ancestors(final.node))
+    # heads answered frames before the plan's exit, yet the cut and the accuracy are the plan's
+    assert rows["4G"]["exit"] != final.name or "(+" in rows["4G"]["exit"], out
+    device_nodes, of = rows["4G"]["cut dev/all"].split("/")
+    assert int(of) == need and 0 <= int(device_nodes) <= need, out
+    assert rows["4G"]["exit acc"] == f"{final.accuracy:.3f}", out
+    assert rows["Device-Only"]["cut dev/all"] == f"{need}/{need}", out

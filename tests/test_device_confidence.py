@@ -131,6 +131,7 @@ def test_frames_leave_at_the_first_confident_head_on_its_side(
     with torch.inference_mode():
         want = run_sides(loaded.executor, sides, loaded.input_name, torch.cat([f.x for f in frames]))
     assert [r.exit for r in records] == want.exits
+    assert {r.plan_exit for r in records} == {plan.exit} == {"final"}  # the plan's exit, whichever head answered
     assert [("edge" if r.where == "edge" else "device") for r in records] == want.sides
     assert [r.pred_class for r in records] == want.logits.argmax(1).tolist()
     assert {"exit1", "exit2", "final"} <= set(want.exits) and all(r.error is None for r in records)

@@ -44,6 +44,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-accuracy", type=_accuracy)
     p.add_argument("--mode", choices=("auto", "latency", "throughput"), default="auto")
     p.add_argument("--fp16", action="store_true", help="send boundary tensors as FP16")
+    p.add_argument(
+        "--confidence-exits",
+        action="store_true",
+        help="plan with the artifact's calibrated confidence exits and stop each frame at the first confident "
+        "head (on the device, or on the edge); needs thresholds (`dapdee calibrate`)",
+    )
     p.add_argument("--device-load", type=_load_arg, help="fixed device load (default: measured)")
     p.add_argument(
         "--load-source",
@@ -82,12 +88,6 @@ def _run_parser(dsub: Any) -> None:
     r.add_argument("--max-inflight", type=positive_int, default=3, help="frames in flight when pipelining")
     r.add_argument("--ready-timeout-s", type=positive_float, default=30.0, help="wait for the edge to register")
     r.add_argument("--device-only", action="store_true", help="baseline: no planner or edge")
-    r.add_argument(
-        "--confidence-exits",
-        action="store_true",
-        help="plan with the artifact's calibrated confidence exits and stop each frame at the first confident "
-        "head (on the device, or on the edge); needs thresholds (`dapdee calibrate`)",
-    )
     r.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port")
     r.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics server (default 127.0.0.1)")
     r.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="stderr logging")
@@ -280,6 +280,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             latency_budget_ms=args.latency_budget_ms,
             min_accuracy=args.min_accuracy,
             frame_rate=args.frame_rate,
+            confidence_exits=args.confidence_exits,
             fp16=args.fp16,
             device_load=args.device_load,
             load_source=args.load_source or "compute",

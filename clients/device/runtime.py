@@ -331,6 +331,7 @@ class DeviceRuntime:
             started_at=t_start - self.started_at,
             source=frame.source,
             trace_id=ctx.trace_id if self.tracing.enabled and ctx is not None else None,
+            plan_exit=plan.exit,
         )
 
     # ---- streams --------------------------------------------------------------------------------

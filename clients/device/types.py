@@ -115,7 +115,8 @@ class FrameRecord:
     """One frame: what was planned and what happened. `where` is `edge` (the edge answered),
     `local` (the plan ran wholly on the device) or `fallback` (the edge part was planned but the
     device finished the frame); `exit` is where the frame left. `started_at` is seconds since
-    the runtime started."""
+    the runtime started. `plan_exit` is the exit the frame's plan targets (with confidence exits
+    a head may answer before it: then `exit` is that head's)."""
 
     index: int
     plan_id: str | None
@@ -139,6 +140,7 @@ class FrameRecord:
     started_at: float = 0.0
     source: str | None = None
     trace_id: str | None = None
+    plan_exit: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -42,6 +42,7 @@ class UpOptions:
     latency_budget_ms: float | None = None
     min_accuracy: float | None = None
     frame_rate: float | None = None
+    confidence_exits: bool = False
     fp16: bool = False
     device_load: float | None = None
     load_source: str = "compute"
@@ -118,9 +119,16 @@ def row_of(name: str, rate: float | None, runtime: Any, records: list[Any], wall
     g = runtime.graph
     exits = Counter(r.exit for r in records).most_common()
     main_exit = exits[0][0] if exits else None
-    anc = len(g.ancestors(g.exit(main_exit).node)) if main_exit else 0
+    # the cut is the plan's: with confidence exits a head may answer before the plan's exit
+    planned = Counter(r.plan_exit or r.exit for r in records).most_common()
+    plan_exit = planned[0][0] if planned else None
+    anc = len(g.ancestors(g.exit(plan_exit).node)) if plan_exit else 0
     where = s.get("where", {})
-    cut = statistics.median(r.device_nodes for r in records if r.exit == main_exit) if main_exit else None
+    cut = (
+        statistics.median(r.device_nodes for r in records if (r.plan_exit or r.exit) == plan_exit)
+        if plan_exit
+        else None
+    )
     kind = "-" if cut is None else "device-only" if cut >= anc else "edge-only" if cut == 0 else "mid"
     return {
         "network": name,
@@ -135,7 +143,7 @@ def row_of(name: str, rate: float | None, runtime: Any, records: list[Any], wall
         "meas": _fmt(s.get("measured_ms_mean")),
         "where": f"{where.get('edge', 0)}/{where.get('local', 0)}/{where.get('fallback', 0)}",
         "fps": f"{len(records) / wall_s:.1f}" if wall_s > 0 else "-",
-        "acc_exit": _fmt(g.exit(main_exit).accuracy if main_exit else None, ".3f"),
+        "acc_exit": _fmt(g.exit(plan_exit).accuracy if plan_exit else None, ".3f"),
         "acc": _fmt(s.get("accuracy"), ".3f"),
     }
 
@@ -217,7 +225,8 @@ def _frames(loaded: Any, n: int) -> tuple[list[Any], str]:
 async def _reason(st: Stack, name: str, runtime: Any) -> dict[str, Any] | None:
     """The cost model's reason for the runtime's cut: its plan for the conditions it sensed last,
     re-asked with its stages, beside the Device-Only and Edge-Only plans (POST /plan with
-    `baseline`) for the same conditions. None for a runtime without a planner."""
+    `baseline`) for the same conditions; baselines plan no confidence exits, so they are asked
+    without them. None for a runtime without a planner."""
     from dapdee.client import AsyncPlannerClient
     from dapdee.device.plan_source import PlannerPlanSource
     from dapdee.device.replanner import conditions
@@ -227,8 +236,9 @@ async def _reason(st: Stack, name: str, runtime: Any) -> dict[str, Any] | None:
     body = runtime.source.body(conditions(runtime.sensing))
     async with AsyncPlannerClient(st.planner.url, st.token, timeout=10.0) as planner:
         chosen = await planner.plan(body)
-        alone = await planner.plan({**body, "baseline": "device-only"})
-        edge = await planner.plan({**body, "baseline": "edge-only"})
+        plain = {k: v for k, v in body.items() if k != "confidence_exits"}
+        alone = await planner.plan({**plain, "baseline": "device-only"})
+        edge = await planner.plan({**plain, "baseline": "edge-only"})
     p, n = chosen.predicted, len(runtime.graph.ancestors(runtime.graph.exit(chosen.exit.name).node))
     after = ", ".join(t.node for t in chosen.transfer) if chosen.edge_nodes else "-"
     return {
@@ -249,7 +259,7 @@ async def _one_network(
     from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
     from dapdee.device.session import DeviceSettings, open_device
 
-    req = Requirements(opts.latency_budget_ms, opts.min_accuracy, opts.frame_rate, opts.mode)
+    req = Requirements(opts.latency_budget_ms, opts.min_accuracy, opts.frame_rate, opts.mode, opts.confidence_exits)
     planner = PlannerConfig(st.planner.url, default_tier(opts.slowdown), st.token, st.token, ready_timeout_s=60.0)
     settings = DeviceSettings(
         runtime=RuntimeConfig(req, fp16=opts.fp16), planner=planner, model=st.spec, weights=st.artifact,
@@ -274,7 +284,8 @@ def _footer(opts: UpOptions, wall: float) -> str:
         load = "share of the emulated device's time lost to other work (see ComputeLoadMonitor); "
     return (
         "exit (+n) = the most used exit, n others too; "
-        "cut = device nodes / nodes the exit needs (mid: both sides compute); pred = planner's predicted latency "
+        "cut = device nodes / nodes the plan's exit needs (mid: both sides compute); "
+        "exit acc = that exit's accuracy; pred = planner's predicted latency "
         "(cost model: device + uplink + round trip + edge, with each side's per-request cost); "
         "meas = measured here (from a frame's start to its answer); frames/s = the stream's rate; "
         f"dev load = {load}{wall:.1f} s in all"
@@ -309,6 +320,7 @@ def run_up(opts: UpOptions) -> int:
     if opts.log:
         write_jsonl(records, opts.log)
     mode = opts.mode + (f", {opts.frame_rate:g} fps" if opts.frame_rate else "")
+    mode += ", confidence exits" if opts.confidence_exits else ""
     what = "artifact " + st.artifact if st.artifact else "untrained"
     print(
         f"DAPDEE all-in-one: {st.served} ({what}), {source}; device K={opts.slowdown:g}x slower than this machine; "
@@ -317,6 +329,11 @@ def run_up(opts: UpOptions) -> int:
     print(format_table(rows))
     if reasons:
         print("\nwhy these cuts (the cost model, at each network's last sensed conditions):")
+        if opts.confidence_exits:
+            print(
+                "(confidence exits: pred ms is a plan's latency when no head answers, a frame a confident head "
+                "answers ends sooner; the baselines plan without them)"
+            )
         print(format_table(reasons, REASON_COLUMNS))
     print(_footer(opts, time.monotonic() - t_start))
     return 0
