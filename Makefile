@@ -50,6 +50,7 @@ test: setup system-deps redis
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	$(PY) bench/plan_speed.py

@@ -50,9 +50,7 @@ def edge_worker(models_arg: str, batch_max: int, wait_ms: float, threads: int) -
     return ServiceProcess("edge", args, "/v2/health/ready")
 
 
-async def _one_client(
-    host: str, port: int, request: bytes, stop: float, lat: list[float], errors: list[int]
-) -> None:
+async def _one_client(host: str, port: int, request: bytes, stop: float, lat: list[float], errors: list[int]) -> None:
     """A keep-alive HTTP/1.1 connection sending `request` back to back until `stop` (a minimal
     wrk-style load generator: the request bytes are built once, so the client costs ~nothing)."""
     reader, writer = await asyncio.open_connection(host, port)
@@ -78,9 +76,7 @@ async def _one_client(
         writer.close()
 
 
-async def load_test(
-    base: str, path: str, body: bytes, headers: dict[str, str], clients: int, seconds: float
-) -> dict:
+async def load_test(base: str, path: str, body: bytes, headers: dict[str, str], clients: int, seconds: float) -> dict:
     """Closed loop: `clients` connections each send a request, wait for the answer, repeat."""
     host, port = base.removeprefix("http://").split(":")
     head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
@@ -120,9 +116,7 @@ def mean_batch(base: str, model: str) -> float:
         for key in ("dapdee_edge_batch_size_sum", "dapdee_edge_batch_size_count"):
             if line.startswith(key + "{") and f'model="{model}"' in line:
                 vals[key] = float(line.rsplit(" ", 1)[1])
-    return vals.get("dapdee_edge_batch_size_sum", 0.0) / max(
-        vals.get("dapdee_edge_batch_size_count", 0.0), 1.0
-    )
+    return vals.get("dapdee_edge_batch_size_sum", 0.0) / max(vals.get("dapdee_edge_batch_size_count", 0.0), 1.0)
 
 
 def codec_ms_per_mb(wire_dtype: str, binary: bool = True, repeats: int = 50) -> float:
@@ -144,9 +138,7 @@ def codec_ms_per_mb(wire_dtype: str, binary: bool = True, repeats: int = 50) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--spec", help="model spec (default: shipped resnet18 artifact, else zoo:resnet18?width=0.5)"
-    )
+    ap.add_argument("--spec", help="model spec (default: shipped resnet18 artifact, else zoo:resnet18?width=0.5)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--batch-max", type=int, default=16)

@@ -78,9 +78,7 @@ def inception_like(modules: int = 18, seed: int = 0) -> CostGraph:
             h = last
             for i in range(4):
                 h = add(f"exit{len(exits) + 1}_{i}", [h], 10 * 4 if i == 3 else 32 * size // (4**i))
-            exits.append(
-                {"name": f"exit{len(exits) + 1}", "node": h, "accuracy": round(0.6 + 0.1 * len(exits), 3)}
-            )
+            exits.append({"name": f"exit{len(exits) + 1}", "node": h, "accuracy": round(0.6 + 0.1 * len(exits), 3)})
     exits[-1]["name"] = "final"
     return CostGraph.from_dict(
         {
@@ -145,9 +143,7 @@ def bench_one(name: str, graph: CostGraph, n_req: int, n_cut: int, seed: int, zo
     print(f"   downward-closed sets per exit: {pm.ideal_counts()}")
     print(f"   Pareto front per exit:         {pm.front_sizes()}")
     print(f"   plan map: {len(data):,} bytes; from_bytes {load_s * 1e3:.1f} ms")
-    print(
-        f"   build      {build_s:8.3f} s    (target <= {TARGET_BUILD_S} s)          {verdict(ok_build, zoo)}"
-    )
+    print(f"   build      {build_s:8.3f} s    (target <= {TARGET_BUILD_S} s)          {verdict(ok_build, zoo)}")
     print(
         f"   plan       median {med:.4f} ms  p99 {p99:.4f} ms  over {n_req} requests  "
         f"(target median <= {TARGET_MEDIAN_MS} ms) {verdict(ok_med, zoo)}"

@@ -209,9 +209,7 @@ def encode_response(
 # ---- decoding -------------------------------------------------------------------------------
 
 
-def _split(
-    body: bytes, header_length: int | None, max_values: int | None = None
-) -> tuple[dict[str, Any], memoryview]:
+def _split(body: bytes, header_length: int | None, max_values: int | None = None) -> tuple[dict[str, Any], memoryview]:
     """(JSON header, binary part). With `max_values`, a header with more commas than that many
     values could hold (flat or nested data) is refused before it is parsed, so parsing never
     builds more Python objects than a valid request would. O(body bytes)."""

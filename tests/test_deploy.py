@@ -168,9 +168,7 @@ def test_strict_validation_rejects_unknown_fields() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     deploy = strip_private(copy.deepcopy(by_kind(k8s_resources(), "Deployment")["planner"]))
     kubernetes_validate.validate(deploy, K8S_VERSION, strict=True)
-    deploy["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {
-        "httpGet": {"path": "/", "port": 1}
-    }
+    deploy["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"httpGet": {"path": "/", "port": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deploy, K8S_VERSION, strict=True)
 
@@ -239,9 +237,7 @@ def test_hpa_and_pdbs_target_existing_workloads() -> None:
         assert len(matches) == 1, f"PDB {name} selects {len(matches)} workloads"
         target = matches[0]["metadata"]["name"]
         scaled = [
-            h["spec"].get("minReplicas", 1)
-            for h in hpas.values()
-            if h["spec"]["scaleTargetRef"]["name"] == target
+            h["spec"].get("minReplicas", 1) for h in hpas.values() if h["spec"]["scaleTargetRef"]["name"] == target
         ]
         # with an HPA the workload leaves `replicas` to it (kubectl apply would undo scaling)
         if scaled:
@@ -301,19 +297,13 @@ def test_configmap_and_secret_references_exist() -> None:
                 vf = e.get("valueFrom", {})
                 if "configMapKeyRef" in vf:
                     ref = vf["configMapKeyRef"]
-                    assert ref["name"] in cms, (
-                        f"{name}: env {e['name']} refers to missing ConfigMap {ref['name']}"
-                    )
-                    assert ref["key"] in cms[ref["name"]]["data"], (
-                        f"{name}: ConfigMap key {ref['key']} missing"
-                    )
+                    assert ref["name"] in cms, f"{name}: env {e['name']} refers to missing ConfigMap {ref['name']}"
+                    assert ref["key"] in cms[ref["name"]]["data"], f"{name}: ConfigMap key {ref['key']} missing"
                     used.add((ref["name"], ref["key"]))
             for ef in c.get("envFrom", []):
                 if "configMapRef" in ef:
                     assert ef["configMapRef"]["name"] in cms
-                    used.update(
-                        (ef["configMapRef"]["name"], k) for k in cms[ef["configMapRef"]["name"]]["data"]
-                    )
+                    used.update((ef["configMapRef"]["name"], k) for k in cms[ef["configMapRef"]["name"]]["data"])
     for cm_name, cm in cms.items():
         for key in cm["data"]:
             assert (cm_name, key) in used, f"ConfigMap {cm_name} key {key} is used by no container"
@@ -352,9 +342,7 @@ def check_edge_models(settings: Any, where: str) -> None:
     assert len(names) == len(set(names)), f"{where}: two models share a name: {names}"
 
 
-def edge_settings_everywhere(
-    monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]
-) -> list[tuple[str, Any]]:
+def edge_settings_everywhere(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> list[tuple[str, Any]]:
     """(where, settings) of every edge worker that compose and k8s would start."""
     out = []
     for name, s in compose(stack_env)["services"].items():
@@ -407,16 +395,12 @@ def test_k8s_containers_run_real_commands_with_real_settings(
         served = Served([k8s_expand(a, env) for a in c["args"]], env, monkeypatch)
         service, port, settings = served.service, served.port, served.settings
         seen.add(service)
-        assert any(p["containerPort"] == port for p in c["ports"]), (
-            f"{name}: serves on {port}, not a containerPort"
-        )
+        assert any(p["containerPort"] == port for p in c["ports"]), f"{name}: serves on {port}, not a containerPort"
         assert served.host == "0.0.0.0", f"{name}: must bind 0.0.0.0 to be reachable"
         names = env_names(settings_classes()[service])
         for e in c.get("env", []):
             if e["name"].startswith("DAPDEE_"):
-                assert e["name"] in names, (
-                    f"{name}: env {e['name']} is not a {service} setting ({sorted(names)})"
-                )
+                assert e["name"] in names, f"{name}: env {e['name']} is not a {service} setting ({sorted(names)})"
         if service == "planner":
             redis_urls.append(settings.redis_url)
         if service == "edge":
@@ -441,9 +425,7 @@ def test_k8s_containers_run_real_commands_with_real_settings(
         ann = d["spec"]["template"]["metadata"].get("annotations", {})
         if ann.get("prometheus.io/scrape") == "true":
             assert int(ann["prometheus.io/port"]) == port
-            assert_get_route(
-                service, ann.get("prometheus.io/path", "/metrics"), f"k8s {name} scrape annotation"
-            )
+            assert_get_route(service, ann.get("prometheus.io/path", "/metrics"), f"k8s {name} scrape annotation")
     assert seen == DAPDEE_SERVICES
     # the edge workers find the planner and Redis through the Services
     services = by_kind(res, "Service")
@@ -589,9 +571,7 @@ def test_dockerfile(monkeypatch: pytest.MonkeyPatch) -> None:
     args = " ".join(rest for i, rest in instrs if i == "ARG")
     assert "download.pytorch.org/whl/cpu" in args, "CPU-only torch index must be a build arg"
     ignored = {
-        ln.strip().rstrip("/")
-        for ln in DOCKERIGNORE.read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
+        ln.strip().rstrip("/") for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")
     }
     copied = set()
     for i, rest in instrs:
@@ -623,20 +603,14 @@ def test_prometheus_config_passes_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus; `make test` does it)")
-    r = subprocess.run(
-        [promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True, timeout=60
-    )
+    r = subprocess.run([promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_prometheus_scrapes_every_dapdee_service(
-    monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]
-) -> None:
+def test_prometheus_scrapes_every_dapdee_service(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> None:
     cfg = yaml.safe_load(PROM_CONFIG.read_text())
     svcs = compose(stack_env)["services"]
-    targets = {
-        t for job in cfg["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]
-    }
+    targets = {t for job in cfg["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]}
     for name, s in svcs.items():
         if "build" not in s:
             continue
@@ -668,9 +642,7 @@ def test_grafana_provisioning_is_consistent() -> None:
     (prov_file,) = (GRAFANA / "provisioning" / "dashboards").glob("*.yml")
     providers = yaml.safe_load(prov_file.read_text())["providers"]
     dash_dir = mounts["./deploy/grafana/dashboards"]
-    assert any(p["options"]["path"] == dash_dir for p in providers), (
-        "dashboard provider path is not the mount"
-    )
+    assert any(p["options"]["path"] == dash_dir for p in providers), "dashboard provider path is not the mount"
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
@@ -1006,9 +978,7 @@ def test_compose_healthchecks_pass_against_live_services(
         assert test[0] == "CMD" and test[1] in ("python", "python3"), f"{name}: {test}"
         live_url = live[served.service]
         argv = [sys.executable, *(a.replace(f"http://127.0.0.1:{served.port}", live_url) for a in test[2:])]
-        assert argv != [sys.executable, *test[2:]], (
-            f"{name}: healthcheck does not target 127.0.0.1:{served.port}"
-        )
+        assert argv != [sys.executable, *test[2:]], f"{name}: healthcheck does not target 127.0.0.1:{served.port}"
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, f"{name}: healthcheck failed: {r.stderr[-500:]}"
 

@@ -108,9 +108,7 @@ def test_health_and_metadata(worker: httpx.Client, models: dict[str, LoadedModel
 
 
 @pytest.mark.parametrize("name", ZOO_MODELS)
-def test_any_cut_any_exit_matches_whole_model(
-    worker: httpx.Client, models: dict[str, LoadedModel], name: str
-) -> None:
+def test_any_cut_any_exit_matches_whole_model(worker: httpx.Client, models: dict[str, LoadedModel], name: str) -> None:
     m = models[name]
     exits = [e.name for e in m.graph.exits]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -128,9 +126,7 @@ def test_any_cut_any_exit_matches_whole_model(
                 err = (r16.outputs["logits"] - ref).abs().max().item()
                 assert err <= FP16_TOL * (1 + ref.abs().max().item()), (exit_name, part.transfer, err)
                 top2 = ref.topk(2, dim=1).values
-                clear = (
-                    top2[:, 0] - top2[:, 1]
-                ) > 2 * err  # argmax must agree where the margin exceeds the error
+                clear = (top2[:, 0] - top2[:, 1]) > 2 * err  # argmax must agree where the margin exceeds the error
                 assert torch.equal(r16.outputs["class"][clear], ref.argmax(1)[clear])
 
 
@@ -261,15 +257,9 @@ def test_metrics_move(worker: httpx.Client) -> None:
     assert infer(worker, "no-such-model", {"x": x}).status_code == 404
     after = worker.get("/metrics").text
     ok = dict(model="vgg16", exit="exit2", status="200")
-    assert (
-        metric(after, "dapdee_edge_requests_total", **ok)
-        == metric(before, "dapdee_edge_requests_total", **ok) + 1
-    )
+    assert metric(after, "dapdee_edge_requests_total", **ok) == metric(before, "dapdee_edge_requests_total", **ok) + 1
     bad = dict(model="vgg16", exit="_unknown", status="400")  # refused while decoding, before the exit is read
-    assert (
-        metric(after, "dapdee_edge_requests_total", **bad)
-        == metric(before, "dapdee_edge_requests_total", **bad) + 1
-    )
+    assert metric(after, "dapdee_edge_requests_total", **bad) == metric(before, "dapdee_edge_requests_total", **bad) + 1
     assert metric(after, "dapdee_edge_requests_total", model="_unknown", status="404") >= 1
     assert "no-such-model" not in after  # unknown names never become label values
     for name in (
@@ -367,9 +357,7 @@ def bad_cases(m: LoadedModel) -> list[tuple[str, bytes, dict[str, str], int, str
     return cases
 
 
-def test_bad_requests_get_4xx_and_worker_keeps_serving(
-    worker: httpx.Client, models: dict[str, LoadedModel]
-) -> None:
+def test_bad_requests_get_4xx_and_worker_keeps_serving(worker: httpx.Client, models: dict[str, LoadedModel]) -> None:
     m = models["resnet18"]
     x = torch.randn(1, 3, 32, 32)
     ref = m.run_exit(x)
@@ -508,9 +496,7 @@ def test_lifespan_loads_models_from_settings() -> None:
         assert md["inputs"][0]["shape"] == [-1, 1, 32, 32]
         body, headers = wire.encode_request({"x": torch.randn(2, 1, 32, 32)}, wire_dtype="INT8")
         r = c.post("/v2/models/alexnet/infer", content=body, headers=headers)
-        assert r.status_code == 200 and wire.decode_response(r.content, r.headers).outputs["class"].shape == (
-            2,
-        )
+        assert r.status_code == 200 and wire.decode_response(r.content, r.headers).outputs["class"].shape == (2,)
 
 
 def test_artifact_spec_pins_options() -> None:

@@ -126,8 +126,12 @@ def test_summary_arithmetic_on_frames_written_by_hand() -> None:
     raw = {
         "scenario": {"window_s": 2.0, "budget_ms": 250.0, "frame_rate": 5.0, "n": 2, "k": 30.0, "model": "m"},
         "system": "S",
-        "window": {"wall_s": 2.0, "edge": {"busy_s": 1.0, "slots": 1.0, "requests": {}, "rejected": {}},
-                   "cpu_per_s": {"edge": 0.5, "client-0": 0.2}, "booked_max": None},  # fmt: skip
+        "window": {
+            "wall_s": 2.0,
+            "edge": {"busy_s": 1.0, "slots": 1.0, "requests": {}, "rejected": {}},
+            "cpu_per_s": {"edge": 0.5, "client-0": 0.2},
+            "booked_max": None,
+        },
         "devices": [
             {"frames": a, "plans": plans, "predicted": predicted},
             {"frames": b, "plans": plans[:1], "predicted": predicted},

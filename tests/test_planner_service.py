@@ -135,9 +135,7 @@ def redis_errors(c: httpx.Client) -> float:
 # ---- plans equal `dapdee plan` -----------------------------------------------------------------
 
 
-def test_plans_equal_cli_and_profiles(
-    planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_plans_equal_cli_and_profiles(planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     g = toy_graph()
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(g))
@@ -163,9 +161,7 @@ def test_plans_equal_cli_and_profiles(
             ).status_code
             == 201
         )
-        assert (
-            c.put("/models/toy/profiles/gpu", json={"kind": "edge", "timings_ms": edge_t}).status_code == 201
-        )
+        assert c.put("/models/toy/profiles/gpu", json={"kind": "edge", "timings_ms": edge_t}).status_code == 201
         profs = c.get("/models/toy/profiles").json()["profiles"]
         assert profs["phone"]["kind"] == "device" and profs["gpu"]["timings_ms"] == edge_t
         assert beat(c, "http://edge-gpu:8000", ["toy"], "gpu", 0.3).status_code == 200
@@ -193,9 +189,7 @@ def test_plans_equal_cli_and_profiles(
         assert c.put("/models/toy", json=g2).json()["dropped_profiles"] == ["gpu", "phone"]
 
 
-def test_zoo_model_plans_equal_cli(
-    planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_zoo_model_plans_equal_cli(planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dapdee.models import load_model
 
     graph = load_model("zoo:resnet18?width=0.25").graph
@@ -204,9 +198,7 @@ def test_zoo_model_plans_equal_cli(
     path = tmp_path / "resnet.json"
     graph.save(str(path))
     with planner(planner_prefix) as c:
-        r = c.put(
-            f"/models/{graph.model}", content=path.read_bytes(), headers={"content-type": "application/json"}
-        )
+        r = c.put(f"/models/{graph.model}", content=path.read_bytes(), headers={"content-type": "application/json"})
         assert r.status_code == 201, r.text
         assert c.get(f"/models/{graph.model}").json() == json.loads(path.read_text())
         for cond in CONDITIONS[:3]:
@@ -240,24 +232,17 @@ def test_two_planner_processes_share_redis(planner_prefix: str) -> None:
             assert pa.json() == pb.json()
         # a profile uploaded through B is used by A at once (device_tier) ...
         t = {n["name"]: n["device_ms"] * 2 for n in g["nodes"]}
-        assert (
-            cb.put("/models/shared/profiles/slow", json={"kind": "device", "timings_ms": t}).status_code
-            == 201
-        )
+        assert cb.put("/models/shared/profiles/slow", json={"kind": "device", "timings_ms": t}).status_code == 201
         pa = ca.post("/plan", json={"model": "shared", "device_tier": "slow", **CONDITIONS[1]})
         pb = cb.post("/plan", json={"model": "shared", "device_tier": "slow", **CONDITIONS[1]})
         assert pa.status_code == 200, pa.text
         assert pa.json() == pb.json()
         # ... and a worker registered with A is seen by B
         assert beat(ca, "http://edge-a:8000", ["shared"], "gpu", 0.1).status_code == 200
-        assert wait_for(
-            lambda: cb.post("/plan", json={"model": "shared", **CONDITIONS[0]}).json()["edge_worker"]
-        )
+        assert wait_for(lambda: cb.post("/plan", json={"model": "shared", **CONDITIONS[0]}).json()["edge_worker"])
         # a model deleted through A disappears from B
         assert ca.delete("/models/shared").status_code == 204
-        assert wait_for(
-            lambda: cb.post("/plan", json={"model": "shared", **CONDITIONS[0]}).status_code == 404
-        )
+        assert wait_for(lambda: cb.post("/plan", json={"model": "shared", **CONDITIONS[0]}).status_code == 404)
         assert ca.put("/models/shared", json=g).status_code == 201
         ca.close()
         cb.close()
@@ -289,19 +274,10 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         r = c.put("/models/during", json=toy_graph("during"))
         assert r.status_code == 201 and r.json()["stored"] == "pending"
         t = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
-        assert (
-            c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": t}).status_code
-            == 201
-        )
-        assert (
-            c.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code
-            == 200
-        )
+        assert c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": t}).status_code == 201
+        assert c.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code == 200
         assert beat(c, "http://edge:1", ["during"], "gpu", 0.2).json()["shared"] is False
-        assert (
-            c.post("/plan", json={"model": "during", **CONDITIONS[1]}).json()["edge_worker"]
-            == "http://edge:1"
-        )
+        assert c.post("/plan", json={"model": "during", **CONDITIONS[1]}).json()["edge_worker"] == "http://edge:1"
         assert {m["model"] for m in c.get("/models").json()["models"]} == {"before", "during"}
         assert c.get("/workers").status_code == 200
         rz = c.get("/readyz")
@@ -329,10 +305,7 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
     # another planner on that Redis sees both models
     with planner(planner_prefix, **kw) as c2:
         assert {m["model"] for m in c2.get("/models").json()["models"]} == {"before", "during"}
-        assert (
-            c2.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code
-            == 200
-        )
+        assert c2.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code == 200
 
 
 def test_in_process_only() -> None:
@@ -365,10 +338,7 @@ def test_without_fleet_planning_the_heartbeat_load_prices_plans(
         assert r.status_code == 422 and "device_id" in r.json()["detail"]
 
 
-
-def test_worker_choice_and_expiry(
-    planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_worker_choice_and_expiry(planner_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     g = toy_graph()
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(g))
@@ -383,17 +353,13 @@ def test_worker_choice_and_expiry(
         # no leases on either worker: priced at their leased load (0); the lower heartbeat load
         # breaks the tie between them
         assert r["edge_worker"] == "http://idle:1"
-        assert without_worker(r) == without_worker(
-            cli_plan(capsys, path, {**CONDITIONS[0], "edge_load": 0.0})
-        )
+        assert without_worker(r) == without_worker(cli_plan(capsys, path, {**CONDITIONS[0], "edge_load": 0.0}))
         # explicit edge_load wins over the worker's
         r2 = c.post("/plan", json={"model": "toy", **CONDITIONS[1]}).json()
         assert without_worker(r2) == without_worker(cli_plan(capsys, path, CONDITIONS[1]))
         # load changes reorder
         beat(c, "http://busy:1", ["toy"], "t", 0.1)
-        assert (
-            c.post("/plan", json={"model": "toy", **CONDITIONS[0]}).json()["edge_worker"] == "http://busy:1"
-        )
+        assert c.post("/plan", json={"model": "toy", **CONDITIONS[0]}).json()["edge_worker"] == "http://busy:1"
         # expiry
         assert wait_for(lambda: c.get("/workers").json()["workers"] == [], timeout=15)
         assert c.post("/plan", json={"model": "toy", **CONDITIONS[0]}).json()["edge_worker"] is None
@@ -425,8 +391,7 @@ def test_worker_choice_and_expiry(
             assert list(bad)[0] in r.text
         r = c.post(
             "/workers/heartbeat",
-            content=b'{"url": "http://w:1", "models": [], "tier": "t", "load": NaN, '
-            b'"inflight": 0, "queue_depth": 0}',
+            content=b'{"url": "http://w:1", "models": [], "tier": "t", "load": NaN, "inflight": 0, "queue_depth": 0}',
             headers={"content-type": "application/json"},
         )
         assert r.status_code == 422 and "load" in r.text
@@ -502,10 +467,7 @@ def test_bad_inputs(planner_prefix: str) -> None:
         bad_name = toy_graph("bad name")
         r = c.put("/models/bad%20name", json=bad_name)
         assert r.status_code == 422 and "model name" in r.text
-        assert (
-            c.put("/models/toy", content=b"{", headers={"content-type": "application/json"}).status_code
-            == 422
-        )
+        assert c.put("/models/toy", content=b"{", headers={"content-type": "application/json"}).status_code == 422
         assert c.put("/models/toy", json=[1, 2]).status_code == 422
 
         # profiles
@@ -525,13 +487,8 @@ def test_bad_inputs(planner_prefix: str) -> None:
             headers={"content-type": "application/json"},
         )
         assert r.status_code == 422 and "timings_ms" in r.text
-        assert (
-            c.put("/models/toy/profiles/bad%20tier", json={"kind": "device", "timings_ms": {}}).status_code
-            == 422
-        )
-        assert (
-            c.put("/models/ghost/profiles/t1", json={"kind": "device", "timings_ms": {}}).status_code == 404
-        )
+        assert c.put("/models/toy/profiles/bad%20tier", json={"kind": "device", "timings_ms": {}}).status_code == 422
+        assert c.put("/models/ghost/profiles/t1", json={"kind": "device", "timings_ms": {}}).status_code == 404
         assert c.get("/models/ghost").status_code == 404
         assert c.get("/models/ghost/profiles").status_code == 404
         assert c.delete("/models/ghost").status_code == 404
@@ -541,9 +498,7 @@ def test_bad_inputs(planner_prefix: str) -> None:
         big = {"model": "toy", "bandwidth_mbps": 1.0, "pad": "x" * 30000}
         r = c.post("/plan", json=big)
         assert r.status_code == 413
-        r = c.put(
-            "/models/toy", content=iter([b'{"model": "toy", "pad": "', b"x" * 15000, b"y" * 15000, b'"}'])
-        )
+        r = c.put("/models/toy", content=iter([b'{"model": "toy", "pad": "', b"x" * 15000, b"y" * 15000, b'"}']))
         assert r.status_code == 413
         chunks = [b'{"model": "toy", "bandwidth_mbps": 1, "pad": "', b"x" * 25000, b'"}']
         assert c.post("/plan", content=iter(chunks)).status_code == 413
@@ -557,9 +512,7 @@ def test_bad_inputs(planner_prefix: str) -> None:
         r = c.post("/plan", json={"model": "toy", "bandwidth_mbps": 1.0, "device_tier": "phone"})
         assert r.status_code == 409 and "phone" in r.text
         t = {n["name"]: 1.0 for n in g["nodes"]}
-        assert (
-            c.put("/models/bare/profiles/phone", json={"kind": "device", "timings_ms": t}).status_code == 201
-        )
+        assert c.put("/models/bare/profiles/phone", json={"kind": "device", "timings_ms": t}).status_code == 201
         r = c.post("/plan", json={"model": "bare", "bandwidth_mbps": 1.0, "device_tier": "phone"})
         assert r.status_code == 409 and "edge_ms" in r.text
         beat(c, "http://w:1", ["bare"], "gpu", 0.1)
@@ -580,9 +533,7 @@ def test_bad_inputs(planner_prefix: str) -> None:
         assert c.get("/healthz").json() == {"status": "ok"}
         assert c.post("/plan", json={"model": "toy", "bandwidth_mbps": 1.0}).status_code == 200
         m = c.get("/metrics").text
-        assert (
-            'outcome="invalid"' in m and 'outcome="unknown_model"' in m and 'outcome="missing_timings"' in m
-        )
+        assert 'outcome="invalid"' in m and 'outcome="unknown_model"' in m and 'outcome="missing_timings"' in m
 
         # deletes
         assert c.delete("/models/bare/profiles/gpu").status_code == 204

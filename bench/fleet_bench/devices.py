@@ -334,8 +334,10 @@ def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
             "bandwidth_mbps": dev.runtime.sensing.bandwidth_mbps,
             "request_rtt_ms": dev.runtime.sensing.request_rtt_ms,
             "request_cpu_ms": dev.runtime.sensing.request_cpu_ms,
-            "samples": [[b, round(ms, 2), sample and round(sample, 4)] for b, ms, _, _, sample in
-                        list(dev.runtime.sensing.bandwidth.history)[-8:]],  # fmt: skip
+            "samples": [
+                [b, round(ms, 2), sample and round(sample, 4)]
+                for b, ms, _, _, sample in list(dev.runtime.sensing.bandwidth.history)[-8:]
+            ],
         },
         "events": dev.runtime.events[-10:],
     }

@@ -73,10 +73,7 @@ class CandSet:
         self.dev_l = [float(x) for x in sums[0]]
         self.bytes_l = [int(x) for x in sums[1]]
         self.edge_l = [float(x) for x in sums[2]]
-        if (
-            not (len(self.dev_l) == len(self.bytes_l) == len(self.edge_l) == len(self.masks))
-            or not self.masks
-        ):
+        if not (len(self.dev_l) == len(self.bytes_l) == len(self.edge_l) == len(self.masks)) or not self.masks:
             raise PlanMapError(f"exit {st.exit_name!r}: candidate arrays are empty or of unequal length")
         self.exact = exact
         self.count = count
@@ -184,8 +181,7 @@ def _scan_throughput(rows: list[tuple[float, float, float, float]], cond: Condit
     wd, wb, we = stage_weights(cond)
     rtt = cond.rtt_ms
     bott = [
-        max(d * wd, b * wb, e * we) if allowed is None or allowed[i] else np.inf
-        for i, (d, b, e, _) in enumerate(rows)
+        max(d * wd, b * wb, e * we) if allowed is None or allowed[i] else np.inf for i, (d, b, e, _) in enumerate(rows)
     ]
     limit = min(bott) * (1.0 + TIE_RTOL)
     best, at = np.inf, -1
@@ -512,9 +508,7 @@ def _bit_matrix(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
     """n × m boolean matrix: row k, column i = node i of A(e) is in masks[k]. O(n · m)."""
     nbytes = (st.m + 7) // 8
     raw = b"".join(x.to_bytes(nbytes, "little") for x in masks)
-    bits = np.unpackbits(
-        np.frombuffer(raw, dtype=np.uint8).reshape(len(masks), nbytes), axis=1, bitorder="little"
-    )
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(len(masks), nbytes), axis=1, bitorder="little")
     return bits[:, : st.m].astype(bool)
 
 

@@ -45,7 +45,9 @@ class Settings(SecuritySettings):
     profile_repeats: int = Field(default=20, ge=1)
     profile_warmup: int = Field(default=3, ge=0)
     request_samples: int = Field(
-        default=50, ge=0, le=10_000,
+        default=50,
+        ge=0,
+        le=10_000,
         description="batch-1 requests the worker sends itself to measure its per-request cost (0: don't)",
     )
     self_url: str | None = Field(

@@ -90,6 +90,4 @@ class EdgeMetrics:
             "Seconds the compute slots spent computing batches (rate / slots = measured utilisation)",
             registry=r,
         )
-        self.compute_slots = Gauge(
-            "dapdee_edge_compute_slots", "Compute slots (batches computed at once)", registry=r
-        )
+        self.compute_slots = Gauge("dapdee_edge_compute_slots", "Compute slots (batches computed at once)", registry=r)

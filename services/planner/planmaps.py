@@ -63,6 +63,8 @@ MapKey = tuple[str, str, str]
 
 class NoConfidenceExits(ValueError):
     """A confidence-exit plan asked for a model whose graph carries no calibrated exits."""
+
+
 PROGRESSIVE = ":progressive"  # appended to a key's edge part for a ProgressiveMap
 FAST_BUILD_S = 0.25  # a build's time in a thread before the rest goes to a build process
 
