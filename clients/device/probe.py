@@ -52,7 +52,6 @@ class LinkProber:
         self.edge = edge
         self.graph = graph
         self.sensing = sensing
-        self.pair_intercepts_ms: list[float] = []  # the last start-up's per-pair intercepts
         # the last probe pairs' (small bytes, CPU ms, large bytes, CPU ms)
         self.cpu_pairs: deque[tuple[int, float, int, float]] = deque(maxlen=MAX_CPU_PAIRS)
 
@@ -111,11 +110,11 @@ class LinkProber:
         """The device's per-request CPU cost from the probe pairs since start-up: per pair the
         intercept a of CPU = a + b · bytes (b >= 0, 0 <= a <= the small request's CPU), their
         median; None without a pair."""
-        self.pair_intercepts_ms = []
+        intercepts = []
         for small_b, small_ms, large_b, large_ms in self.cpu_pairs:
             per_byte = max(0.0, (large_ms - small_ms) / (large_b - small_b)) if large_b > small_b else 0.0
-            self.pair_intercepts_ms.append(min(small_ms, max(0.0, small_ms - per_byte * small_b)))
-        return statistics.median(self.pair_intercepts_ms) if self.pair_intercepts_ms else None
+            intercepts.append(min(small_ms, max(0.0, small_ms - per_byte * small_b)))
+        return statistics.median(intercepts) if intercepts else None
 
     async def startup(self, url: str, rounds: int = 3) -> float | None:
         """Round trips, then `rounds` probe pairs (the first sized from the prior); returns the

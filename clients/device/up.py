@@ -120,15 +120,11 @@ def row_of(name: str, rate: float | None, runtime: Any, records: list[Any], wall
     exits = Counter(r.exit for r in records).most_common()
     main_exit = exits[0][0] if exits else None
     # the cut is the plan's: with confidence exits a head may answer before the plan's exit
-    planned = Counter(r.plan_exit or r.exit for r in records).most_common()
+    planned = Counter(r.plan_exit for r in records).most_common()
     plan_exit = planned[0][0] if planned else None
     anc = len(g.ancestors(g.exit(plan_exit).node)) if plan_exit else 0
     where = s.get("where", {})
-    cut = (
-        statistics.median(r.device_nodes for r in records if (r.plan_exit or r.exit) == plan_exit)
-        if plan_exit
-        else None
-    )
+    cut = statistics.median(r.device_nodes for r in records if r.plan_exit == plan_exit) if plan_exit else None
     kind = "-" if cut is None else "device-only" if cut >= anc else "edge-only" if cut == 0 else "mid"
     return {
         "network": name,
