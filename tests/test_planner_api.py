@@ -589,6 +589,9 @@ def test_min_cut_plans_run_off_the_event_loop() -> None:
                 httpx.AsyncClient(base_url=base, timeout=120, headers=device, limits=limits) as sc,
                 httpx.AsyncClient(base_url=base, headers=device) as ac,  # probes never wait for the storm's pool
             ):
+                # the probe holds a keep-alive connection, as a monitor would: what is timed is the
+                # requests, not a connect queued behind the storm's 160 connections
+                assert (await ac.get("/healthz", timeout=PROBE_TIMEOUT_S)).status_code == 200
                 tasks = [
                     asyncio.create_task(
                         sc.post("/plan", json={"model": "wide", "bandwidth_mbps": 0.5 + i, "mode": "latency"})
@@ -596,7 +599,7 @@ def test_min_cut_plans_run_off_the_event_loop() -> None:
                     for i in range(STORM)
                 ]
                 await asyncio.sleep(0.2)  # the storm's requests are in
-                probes = 0
+                probes = 0  # each one starts while min-cut plans are still running
                 while not all(t.done() for t in tasks):
                     assert (await ac.get("/healthz", timeout=PROBE_TIMEOUT_S)).status_code == 200
                     body = {"model": "toy", "bandwidth_mbps": 2.0 + probes}
@@ -607,7 +610,9 @@ def test_min_cut_plans_run_off_the_event_loop() -> None:
 
         statuses, probes = asyncio.run(storm())
         assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, statuses
-        assert probes >= 2, probes  # health checks and exact plans completed while min-cuts ran
+        # a health check and an exact plan, started during the storm, each answered within the
+        # probe timeout (the storm's max-flows on the event loop would exceed it)
+        assert probes >= 1, probes
         offloaded = runner.offloaded - offloaded0
         assert statuses.count(200) <= offloaded <= STORM, (offloaded, statuses.count(200))
         for i in range(5):  # exact plan maps answer inline
