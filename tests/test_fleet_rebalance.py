@@ -28,6 +28,12 @@ def _edge_per_frame(g: dict[str, Any], p: oracle.Price) -> float:
     return sum(n["edge_ms"] for n in g["nodes"] if n["name"] in p.edge_nodes) + er
 
 
+def _acc_term(fps: float, acc: float | None) -> float:
+    """f·accuracy in the objective's resolution: the nearest multiple of 2⁻²⁰ frames/s, so
+    that equal accuracy totals compare equal in any order of summation."""
+    return round(fps * (acc or 0.0) * 2**20) / 2**20
+
+
 def brute_options(g: dict[str, Any], req: oracle.Req, fps: float, objective: str) -> list[tuple[float, tuple]]:
     """(load, (met, f·accuracy, −f·t)) of every partition of every exit, at edge load ρ_max (the
     most any feasible assignment puts on the worker)."""
@@ -43,7 +49,7 @@ def brute_options(g: dict[str, Any], req: oracle.Req, fps: float, objective: str
                 and (req.frame_rate is None or p.bottleneck_ms <= 1000 / req.frame_rate)
             )
             t = p.latency_ms if objective == "latency" else p.bottleneck_ms
-            out.append((fps * _edge_per_frame(g, p), (int(met), fps * (acc or 0.0), -fps * t)))
+            out.append((fps * _edge_per_frame(g, p), (int(met), _acc_term(fps, acc), -fps * t)))
     return out
 
 
@@ -106,7 +112,7 @@ def _held(rng: random.Random, g: dict[str, Any], req: oracle.Req, fps: float, ob
         and (req.frame_rate is None or p.bottleneck_ms <= 1000 / req.frame_rate)
     )
     t = p.latency_ms if objective == "latency" else p.bottleneck_ms
-    value = (int(met), fps * (acc or 0.0), -fps * t * (1 - margin))
+    value = (int(met), _acc_term(fps, acc), -fps * t * (1 - margin))
     return (e["name"], tuple(sorted(dev))), (fps * _edge_per_frame(g, p), value)
 
 
@@ -277,3 +283,36 @@ def test_the_work_of_a_big_fleet_stays_bounded() -> None:
     assert sol.load <= RHO_MAX * 300.0 + 1e-9 and sol.value <= full.value
     device_only = tuple(sum(max(v for load, v in opts if load == 0)[k] for opts in brute) for k in range(3))
     assert sol.value >= device_only
+
+
+def _like_cameras(n: int) -> list[Demand]:
+    """`n` cameras of one kind, 10 frames/s within 150 ms: an early exit (accuracy 0.9261, 40 ms)
+    meets on the device, the final exit (0.9324) only with its second half on the edge (the
+    device alone takes 160 ms; the cut after a, priced at edge load 0.9, 40 + 0.08 + rtt +
+    (2 + 4) / 0.1 ms, books 60 ms/s). Their round trips differ by a little, as sensed ones do."""
+    g = _two_node_graph()
+    g["nodes"][0]["device_ms"], g["nodes"][1]["device_ms"] = 40.0, 120.0
+    g["exits"] = [
+        {"name": "early", "node": "a", "accuracy": 0.9261},
+        {"name": "final", "node": "b", "accuracy": 0.9324},
+    ]
+    pm = PlanMap.build(CostGraph.from_dict(g))
+    asks = [PlanRequest(10.0, 20.0 + 0.37 * i, latency_budget_ms=150.0, mode="latency") for i in range(n)]
+    return [Demand(f"cam-{i:02d}", 10.0, pm, ask, "latency") for i, ask in enumerate(asks)]
+
+
+@pytest.mark.parametrize("n", [12, 64])
+def test_like_devices_keep_their_plans_when_nothing_changed(n: int) -> None:
+    """Re-solving with every device holding the plan it was just given, nothing else changed,
+    moves no device: the held plans are credited, and the accuracy totals of two sets of like
+    devices compare equal however the DP happened to add them up (summed as plain floats,
+    their last bits decided, and each rebalance swapped devices for nothing)."""
+    demands = _like_cameras(n)
+    for capacity in (100.0, 250.0, 420.0):
+        first = solve(demands, capacity, RHO_MAX, switch_margin=0.05)
+        assert 0 < sum(o.uses_edge for o in first.choices) < n, capacity
+        held = [dataclasses.replace(d, current=option_nodes(d, o)) for d, o in zip(demands, first.choices, strict=True)]
+        for order in (held, held[::-1]):
+            again = solve(order, capacity, RHO_MAX, switch_margin=0.05)
+            moved = [d.device_id for d, o in zip(order, again.choices, strict=True) if option_nodes(d, o) != d.current]
+            assert not moved, (capacity, moved)

@@ -36,8 +36,13 @@ def chain_graph(model: str = "cam") -> dict[str, Any]:
     }
 
 
-def setup_model(c: httpx.Client, capacity: float = 1000.0, workers: tuple[str, ...] = ("http://w1:1",)) -> None:
-    assert c.put("/models/cam", json=chain_graph()).status_code in (200, 201)
+def setup_model(
+    c: httpx.Client,
+    capacity: float = 1000.0,
+    workers: tuple[str, ...] = ("http://w1:1",),
+    graph: dict[str, Any] | None = None,
+) -> None:
+    assert c.put("/models/cam", json=graph or chain_graph()).status_code in (200, 201)
     edge = {"kind": "edge", "timings_ms": {"a": 2.0, "b": 2.0}, "meta": {"edge_request_ms": 4.0}}
     assert c.put("/models/cam/profiles/t", json=edge).status_code in (200, 201)
     dev = {"kind": "device", "timings_ms": {"a": 60.0, "b": 60.0}, "meta": {"device_request_ms": 1.0}}
@@ -220,6 +225,30 @@ def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_
         # conditions that drifted get a fresh plan instead
         moved = c.post("/plan", json={**idle, "bandwidth_mbps": 20.0}).json()
         assert moved["lease"]["assigned"] is False
+
+
+def test_a_second_rebalance_with_nothing_changed_moves_no_device(planner_prefix: str) -> None:
+    """Twenty-four cameras of one kind (round trips a little apart) want 10 frames/s within 150 ms.
+    An early exit (accuracy 0.9261, 60 ms) meets on the device; the final exit (0.9324) takes 120
+    ms a frame there, over the 100 ms of 10 frames/s, so it meets only with its second half on the
+    edge, 60 ms/s a device: the worker (450 of 500 ms/s) takes seven. The
+    rebalance picks seven; re-solved with nothing changed, it keeps them all where they are."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        graph = chain_graph()
+        graph["exits"] = [
+            {"name": "early", "node": "a", "accuracy": 0.9261},
+            {"name": "final", "node": "b", "accuracy": 0.9324},
+        ]
+        setup_model(c, capacity=500.0, graph=graph)
+        for i in range(24):
+            body = leased(f"cam-{i:02d}", rtt_ms=5.0 + 0.37 * i, latency_budget_ms=150.0)
+            assert c.post("/plan", json=body).status_code == 200
+        first = c.post("/fleet/rebalance").json()["workers"][0]
+        assert first["applied"] and sum(d["new"]["edge_ms_per_frame"] > 0 for d in first["devices"]) == 7
+        second = c.post("/fleet/rebalance").json()["workers"][0]
+        moved = [d["device_id"] for d in second["devices"] if d["old"] != d["new"]]
+        assert second["applied"] and not moved, moved
+        assert second["after"]["accuracy_frames_per_s"] == first["after"]["accuracy_frames_per_s"]
 
 
 def test_a_lease_keeps_the_conditions_it_was_planned_at_until_they_drift(planner_prefix: str) -> None:

@@ -8,7 +8,8 @@ worth the lexicographic value
     (met_o, f_i·accuracy_o, −f_i·t_o)
 
 where met_o says whether the option meets all the device's stated requirements (latency
-budget, frame rate, min_accuracy), and t_o is its objective in the device's mode (latency_ms
+budget, frame rate, min_accuracy), f_i·accuracy_o is rounded to a multiple of 2⁻²⁰ so that
+sums of it are exact (`accuracy_term`), and t_o is its objective in the device's mode (latency_ms
 or bottleneck_ms), both priced at edge load ℓe = min(0.95, ρ_max): no feasible assignment puts
 more than ρ_max·C_w on the worker, so no device sees more load from the others, an option
 counted as met stays met however the others are assigned, and the problem separates by
@@ -57,6 +58,7 @@ ZERO: Value = (0, 0.0, 0.0)
 EXACT_LEASES = 64
 MAX_STATES = 10_000
 GRID = 4096
+ACCURACY_QUANTUM = 2.0**-20  # frames/s: the resolution of the accuracy component (`accuracy_term`)
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,21 @@ def resolved_objective(planmap: PlanMap, request: PlanRequest, rho_max: float) -
     return str(planmap.plan(replace(request, edge_load=priced_load(rho_max)))["mode"])
 
 
+def accuracy_term(frames_per_s: float, accuracy: float | None) -> float:
+    """f·accuracy rounded to a multiple of `ACCURACY_QUANTUM` (2⁻²⁰ frames/s). Sums of such
+    numbers are exact in floating point, so two sets of devices with equal accuracy totals
+    compare equal whatever order the DP added them in, and the third component decides between
+    them. (Unrounded, 10 x 0.9261 summed in two orders differs in the last bit, and that bit
+    outranked every held plan's credit: each rebalance swapped like devices for nothing.) O(1)."""
+    return round(frames_per_s * (accuracy or 0.0) / ACCURACY_QUANTUM) * ACCURACY_QUANTUM
+
+
 def option_value(demand: Demand, pred: Predicted, accuracy: float | None) -> Value:
-    """(met, f·accuracy, −f·t) of a plan's prediction. O(1)."""
+    """(met, f·accuracy (`accuracy_term`), −f·t) of a plan's prediction. O(1)."""
     met = meets_all(demand.request, pred, accuracy)
     t = pred.latency_ms if demand.objective == "latency" else pred.bottleneck_ms
     f = demand.frames_per_s
-    return (int(met), f * (accuracy or 0.0), -f * t)
+    return (int(met), accuracy_term(f, accuracy), -f * t)
 
 
 def current_option(demand: Demand, exit_name: str, device_nodes: Sequence[str], edge_load: float) -> Option:

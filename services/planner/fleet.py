@@ -606,6 +606,13 @@ class Fleet:
             assignments[demand.device_id] = (opt.load, record)
         applied = await self.book.apply(w.url, assignments, self.settings.rho_max * capacity)
         self.metrics.rebalances.labels("applied" if applied else "refused").inc()
+        pairs = zip(demands, olds, sol.choices, strict=True)
+        moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
+        log.log(
+            logging.INFO if moved else logging.DEBUG,
+            "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, applied %s",
+            w.url, len(demands), moved, sol.load, capacity, sol.exact, applied,
+        )  # fmt: skip
         return _report(w, demands, olds, sol, applied, sum(held.values()))
 
     async def _demand(self, w: Worker, record: dict[str, Any]) -> Demand | None:
