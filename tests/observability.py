@@ -36,6 +36,7 @@ CATALOGUE: dict[str, Metric] = {
     "dapdee_planner_cache_hits_total": _m("counter", "layer"),
     "dapdee_planner_cache_misses_total": _m("counter"),
     "dapdee_planner_cache_errors_total": _m("counter", "op"),
+    "dapdee_planner_offloaded_plans_total": _m("counter"),
     "dapdee_planner_workers": _m("gauge"),
     "dapdee_planner_models": _m("gauge"),
     "dapdee_planner_redis_up": _m("gauge"),

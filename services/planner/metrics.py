@@ -98,6 +98,12 @@ class PlannerMetrics:
             ["op"],
             registry=self.registry,
         )
+        self.offloaded_plans = Counter(
+            "dapdee_planner_offloaded_plans",
+            "Plans that needed min-cuts (their plan map is not exact) and so ran in a plan thread, off "
+            "the event loop; counted as each starts (one refused past the plan budget once started, too).",
+            registry=self.registry,
+        )
         self.workers = Gauge("dapdee_planner_workers", "Live edge workers known.", registry=self.registry)
         self.models = Gauge(
             "dapdee_planner_models",

@@ -27,12 +27,14 @@ class PlanRunner:
     """Runs `PlanMap.plan` inline when the map is exact, else in a bounded thread pool under a
     time budget. Create and `close()` it inside the app's lifespan (it owns threads)."""
 
-    def __init__(self, threads: int, budget_s: float) -> None:
+    def __init__(self, threads: int, budget_s: float, on_offload: Callable[[], None] | None = None) -> None:
+        """`on_offload()` is called as each plan goes to a thread (the planner counts it in a metric)."""
         self.threads = threads
         self.budget_s = budget_s
+        self._on_offload = on_offload
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dapdee-plan")
         self._slots = asyncio.Semaphore(threads)
-        self.offloaded = 0  # plans computed in a thread (for tests and metrics)
+        self.offloaded = 0  # plans computed in a thread
         self.refused = 0  # plans refused past the budget
 
     async def plan(self, pm: PlanMap, req: PlanRequest) -> dict[str, Any]:
@@ -57,6 +59,8 @@ class PlanRunner:
     async def _in_thread(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         await self._slots.acquire()
         self.offloaded += 1
+        if self._on_offload is not None:
+            self._on_offload()
         fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         fut.add_done_callback(self._done)
         return await asyncio.shield(fut)  # a timed-out request leaves the thread to finish
