@@ -206,6 +206,23 @@ MUTATIONS: tuple[Mutation, ...] = (
         "limit = capacity_ms_per_s",
         ("tests/test_fleet_rebalance.py",),
     ),
+    # Rebalance objective: f·accuracy sums must be exact, or float noise outranks the held plans'
+    # switching credit and like devices swap at every rebalance.
+    Mutation(
+        "rebalance accuracy term unrounded",
+        "dapdee/fleet/rebalance.py",
+        "return round(frames_per_s * (accuracy or 0.0) / ACCURACY_QUANTUM) * ACCURACY_QUANTUM",
+        "return frames_per_s * (accuracy or 0.0)",
+        ("tests/test_fleet_rebalance.py",),
+    ),
+    # Planning off the event loop: a plan that needs min-cuts runs in a plan thread.
+    Mutation(
+        "min-cut plans run on the event loop",
+        "services/planner/plan_runner.py",
+        "fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)",
+        "fut = asyncio.get_running_loop().create_future()\n        fut.set_result(fn(*args))",
+        ("tests/test_planner_api.py",),
+    ),
 )
 
 SANITY = Mutation(
