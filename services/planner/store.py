@@ -35,6 +35,7 @@ from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile, PutResult
 from dapdee.planner.planmaps import PlanMapCache, merged_graph
+from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker, WorkerRegistry
 from dapdee.planning import PlanMap
@@ -76,6 +77,7 @@ class Store:
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
         self.fleet = Fleet(settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers)
+        self.rebalancer = Rebalancer(self.fleet, self.keys)
         self.started = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -113,6 +115,7 @@ class Store:
         with contextlib.suppress(RedisUnavailable):
             await self.registry.sync()
         await self.fleet.start()
+        await self.rebalancer.start()
         self._task = asyncio.create_task(self._loop(), name="dapdee-planner-refresh")
         self.started = True
 
@@ -120,6 +123,7 @@ class Store:
         """Stop the refresh loop (a refresh in progress may finish, bounded), replay queued writes
         (bounded; the rest logged at ERROR and counted as lost), close the client."""
         self._stop.set()
+        await self.rebalancer.close()
         await self.fleet.close()
         if self._task is not None:
             try:

@@ -26,7 +26,7 @@ async def rebalance(store: StoreDep) -> RebalanceAnswer:
     answer says where it was not, and where leases changed meanwhile (not applied). Devices pick
     up their new plans at their next POST /plan."""
     try:
-        return RebalanceAnswer.model_validate(await store.fleet.rebalance())
+        return RebalanceAnswer.model_validate(await store.rebalancer.rebalance())
     except RedisUnavailable:
         detail = "leases live in Redis, which is unavailable; retry"
         raise ApiProblem(503, detail, headers={"Retry-After": "1"}) from None

@@ -50,7 +50,7 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
     )
     shared = await store.heartbeat(w)
     if settings.fleet_planning:
-        store.fleet.note_capacity(w.url, w.capacity_ms_per_s)
+        store.rebalancer.note_capacity(w.url, w.capacity_ms_per_s)
     return HeartbeatAnswer(url=w.url, ttl_s=settings.worker_ttl_s, shared=shared)
 
 

@@ -1,0 +1,230 @@
+"""Rebalancing the shared edge: each worker's leases re-solved together.
+
+`Rebalancer.rebalance` re-solves every worker's leases (`dapdee.fleet.rebalance.solve`, in a
+thread) together with the live Device-Only leases of models the worker serves, and applies each
+worker's assignment atomically (refused, and left for the next period, if leases changed
+meanwhile); devices pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It
+runs on request (`POST /fleet/rebalance`), every `rebalance_s` on one replica at a time (a Redis
+lock), and at once after a heartbeat whose capacity no longer holds the worker's leases within
+ρ_max (the worker measured itself slower; `note_capacity`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from dapdee.fleet.assign import plan_of
+from dapdee.fleet.rebalance import (
+    Demand,
+    Option,
+    Solution,
+    held_option,
+    option_nodes,
+    priced_load,
+    resolved_objective,
+    solve,
+)
+from dapdee.planner.errors import RedisUnavailable
+from dapdee.planner.fleet import Fleet, request_of
+from dapdee.planner.keys import Keys
+from dapdee.planner.workers import Worker
+from dapdee.web.tasks import stop_task
+
+log = logging.getLogger("dapdee.planner")
+
+
+class Rebalancer:
+    """The rebalances of one planner replica over `fleet`'s leases (module docstring). `start()`
+    / `close()` in the app's lifespan, after / before the fleet's."""
+
+    def __init__(self, fleet: Fleet, keys: Keys) -> None:
+        self.fleet = fleet
+        self.settings = fleet.settings
+        self.metrics = fleet.metrics
+        self.k_lock = f"{keys.base}:rebalance-lock"
+        self._task: asyncio.Task[None] | None = None
+        self._urgent: asyncio.Task[None] | None = None  # a rebalance started by a capacity drop
+        self._stop = asyncio.Event()
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the periodic rebalance (none when `rebalance_s` is 0: only on request)."""
+        if self.settings.rebalance_s:
+            self._task = asyncio.create_task(self._loop(), name="dapdee-rebalance")
+
+    async def close(self) -> None:
+        self._stop.set()
+        for task in (self._task, self._urgent):
+            if task is not None:
+                await stop_task(task)
+        self._task = self._urgent = None
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.rebalance_s)
+                return
+            if not self.fleet.lease_count:  # as of the fleet's last refresh
+                continue
+            try:
+                await self.rebalance_if_leader()
+            except RedisUnavailable:
+                pass
+            except Exception:  # the loop must outlive any surprise
+                log.exception("periodic rebalance failed")
+
+    def note_capacity(self, url: str, capacity_ms_per_s: float) -> None:
+        """After a heartbeat: when the leases on worker `url` (this replica's view) book more
+        than ρ_max of the capacity it now reports, rebalance at once instead of at the next
+        period (only where rebalancing is periodic; one such rebalance at a time). O(1)."""
+        leased, _ = self.fleet.leased(url)
+        if not self.settings.rebalance_s or leased <= self.settings.rho_max * capacity_ms_per_s * (1 + 1e-9):
+            return
+        if self._urgent is None or self._urgent.done():
+            log.info("worker %s: leases book %.0f of %.0f ms/s; rebalancing now", url, leased, capacity_ms_per_s)
+            self._urgent = asyncio.create_task(self._rebalance_now(), name="dapdee-rebalance-urgent")
+
+    async def _rebalance_now(self) -> None:
+        try:
+            await self.rebalance_if_leader()
+        except RedisUnavailable:
+            pass
+        except Exception:  # a background task: log, never raise into the loop
+            log.exception("rebalance after a capacity drop failed")
+
+    # ---- rebalancing ------------------------------------------------------------------------------
+    async def rebalance_if_leader(self) -> dict[str, Any] | None:
+        """Rebalance unless another replica holds the lock (then None)."""
+        ttl_ms = int(max(self.settings.rebalance_s, 1.0) * 1000)
+        got = await self.fleet.link.call("rebalance_lock", lambda r: r.set(self.k_lock, b"1", nx=True, px=ttl_ms))
+        if not got:
+            return None
+        try:
+            return await self.rebalance()
+        finally:
+            with contextlib.suppress(RedisUnavailable):
+                await self.fleet.link.call("rebalance_lock", lambda r: r.delete(self.k_lock))
+
+    async def rebalance(self, workers: list[Worker] | None = None) -> dict[str, Any]:
+        """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
+        the assignments; the answer lists, per worker, the totals before and after and each device's
+        old and new plan value (nothing without Redis: no leases are kept). RedisUnavailable
+        passes up."""
+        if not self.fleet.link.enabled:
+            return {"approximate": False, "workers": []}
+        reserved = await self.fleet.book.loads()
+        devices = await self.fleet.book.devices()
+        records = await self.fleet.book.records(devices)
+        workers = workers if workers is not None else await self.fleet.live_workers()
+        attached = {d for loads in reserved.values() for d in loads}
+        joiners = {d for d in records if d not in attached and records[d].get("worker") is None}
+        reports = []
+        for w in sorted(workers, key=lambda w: w.url):
+            members = [d for d in reserved.get(w.url, {}) if d in records]
+            candidates = members + sorted(d for d in joiners if records[d]["model"] in w.models)
+            report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
+            if report is not None:
+                reports.append(report)
+                joiners -= {c["device_id"] for c in report["devices"] if c["new"]["edge_ms_per_frame"] > 0}
+        self.metrics.rebalances.labels("noop" if not reports else "done").inc()
+        await self.fleet.refresh()
+        return {"approximate": any(not r["exact"] for r in reports), "workers": reports}
+
+    async def _rebalance_worker(
+        self, w: Worker, device_ids: list[str], records: dict[str, dict[str, Any]], held: dict[str, float]
+    ) -> dict[str, Any] | None:
+        demands, olds = [], []
+        for d in device_ids:
+            demand = await self._demand(w, records[d])
+            if demand is None:
+                continue
+            demands.append(demand)
+            olds.append(held_option(demand, 0.0, priced_load(self.settings.rho_max)))
+        if not demands:
+            return None
+        capacity = w.capacity_ms_per_s
+        margin = self.settings.switch_margin
+        sol: Solution = await asyncio.to_thread(solve, demands, capacity, self.settings.rho_max, switch_margin=margin)
+        assignments = {}
+        for demand, opt in zip(demands, sol.choices, strict=True):
+            exit_name, nodes = option_nodes(demand, opt)
+            load = min(0.95, (sol.load - opt.load) / capacity)
+            plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
+            plan["edge_worker"] = w.url  # for a Device-Only plan: where to probe the link
+            record = {
+                **records[demand.device_id],
+                "worker": w.url if opt.uses_edge else None,
+                "edge_ms_per_frame": e_i,
+                "plan": plan,
+                "assigned": True,
+            }
+            assignments[demand.device_id] = (opt.load, record)
+        applied = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity)
+        self.metrics.rebalances.labels("applied" if applied else "refused").inc()
+        pairs = zip(demands, olds, sol.choices, strict=True)
+        moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
+        log.log(
+            logging.INFO if moved else logging.DEBUG,
+            "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, applied %s",
+            w.url, len(demands), moved, sol.load, capacity, sol.exact, applied,
+        )  # fmt: skip
+        return _report(w, demands, olds, sol, applied, sum(held.values()))
+
+    async def _demand(self, w: Worker, record: dict[str, Any]) -> Demand | None:
+        """The rebalancer's view of one lease on `w` (None: its model or profiles are gone)."""
+        found = await self.fleet.candidates_for(record["model"], record.get("device_tier"), [w])
+        if not found:
+            return None
+        req = request_of(record["request"])
+        held = record["plan"]
+        objective = resolved_objective(found[0].planmap, req, self.settings.rho_max)
+        current = (held["exit"]["name"], tuple(held["device_nodes"]))
+        return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
+
+
+def _option_value(demand: Demand, opt: Option) -> dict[str, Any]:
+    exit_name, nodes = option_nodes(demand, opt)
+    return {
+        "exit": exit_name,
+        "device_nodes": len(nodes),
+        "edge_ms_per_frame": opt.load / demand.frames_per_s,
+        "met": bool(opt.value[0]),
+        "accuracy": demand.planmap.graph.exits[opt.exit_index].accuracy,
+        "objective_ms": -opt.value[2] / demand.frames_per_s,
+    }
+
+
+def _totals(demands: Sequence[Demand], opts: Sequence[Option | None], leased: float) -> dict[str, Any]:
+    have = [o for o in opts if o is not None]
+    return {
+        "devices_met": sum(o.value[0] for o in have),
+        "accuracy_frames_per_s": sum(o.value[1] for o in have),
+        "frame_ms_per_s": -sum(o.value[2] for o in have),
+        "leased_ms_per_s": leased,
+    }
+
+
+def _report(
+    w: Worker, demands: list[Demand], olds: list[Option | None], sol: Solution, applied: bool, held: float
+) -> dict[str, Any]:
+    devices = [
+        {
+            "device_id": d.device_id,
+            "old": _option_value(d, o) if o is not None else None,
+            "new": _option_value(d, n),
+        }
+        for d, o, n in zip(demands, olds, sol.choices, strict=True)
+    ]
+    return {
+        "worker": w.url,
+        "leases": len(demands),
+        "exact": sol.exact,
+        "applied": applied,
+        "before": _totals(demands, olds, held),
+        "after": _totals(demands, list(sol.choices), sol.load),
+        "devices": devices,
+    }
