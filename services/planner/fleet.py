@@ -46,7 +46,7 @@ from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
 from dapdee.planning import PlanMap, PlanRequest
-from dapdee.web.tasks import stop_task
+from dapdee.web.tasks import run_every, stop_task
 
 log = logging.getLogger("dapdee.planner")
 
@@ -208,16 +208,8 @@ class Fleet:
             self.metrics.set_fleet(self.lease_count, leased)
 
     async def _loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.refresh_s)
-                return
-            try:
-                await self.refresh()
-            except RedisUnavailable:
-                pass
-            except Exception:  # the loop must outlive any surprise
-                log.exception("fleet refresh failed")
+        quiet = (RedisUnavailable,)
+        await run_every(self.settings.refresh_s, self._stop, self.refresh, "fleet refresh", log, quiet)
 
     # ---- views ------------------------------------------------------------------------------------
     def others(self, worker: str, device_id: str | None) -> float:

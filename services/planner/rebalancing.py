@@ -32,7 +32,7 @@ from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.fleet import Fleet, request_of
 from dapdee.planner.keys import Keys
 from dapdee.planner.workers import Worker
-from dapdee.web.tasks import stop_task
+from dapdee.web.tasks import run_every, stop_task
 
 log = logging.getLogger("dapdee.planner")
 
@@ -64,18 +64,12 @@ class Rebalancer:
         self._task = self._urgent = None
 
     async def _loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.settings.rebalance_s)
-                return
-            if not self.fleet.lease_count:  # as of the fleet's last refresh
-                continue
-            try:
-                await self.rebalance_if_leader()
-            except RedisUnavailable:
-                pass
-            except Exception:  # the loop must outlive any surprise
-                log.exception("periodic rebalance failed")
+        quiet = (RedisUnavailable,)
+        await run_every(self.settings.rebalance_s, self._stop, self._periodic, "periodic rebalance", log, quiet)
+
+    async def _periodic(self) -> None:
+        if self.fleet.lease_count:  # as of the fleet's last refresh
+            await self.rebalance_if_leader()
 
     def note_capacity(self, url: str, capacity_ms_per_s: float) -> None:
         """After a heartbeat: when the leases on worker `url` (this replica's view) book more

@@ -39,6 +39,7 @@ from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker, WorkerRegistry
 from dapdee.planning import PlanMap
+from dapdee.web.tasks import run_every
 
 __all__ = [
     "GRAPH_TIMINGS",
@@ -138,16 +139,7 @@ class Store:
         await self.link.close()
 
     async def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.settings.refresh_s)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                await self.sync()
-            except Exception:  # the loop must outlive any surprise
-                log.exception("planner refresh failed")
+        await run_every(self.settings.refresh_s, self._stop, self.sync, "planner refresh", log)
 
     async def sync(self) -> None:
         """One refresh: replay queued writes, follow other replicas' model changes, merge the

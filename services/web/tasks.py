@@ -1,4 +1,4 @@
-"""Stopping a service's background task for sure.
+"""A service's background tasks: one step run on a period, and stopping a task for sure.
 
 `task.cancel()` asks once. A cancellation that lands inside an HTTP connection attempt can come
 back out of the HTTP stack as a connection error instead (anyio's happy-eyeballs connect reports
@@ -11,7 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+
+async def run_every(
+    period_s: float,
+    stop: asyncio.Event,
+    step: Callable[[], Awaitable[object]],
+    what: str,
+    log: logging.Logger,
+    quiet: tuple[type[Exception], ...] = (),
+) -> None:
+    """Await `step()` every `period_s` seconds until `stop` is set (a step in progress finishes
+    first). A step that raises one of `quiet` is skipped silently (an expected outage); any other
+    error is logged as "`what` failed" and the loop goes on: it must outlive any surprise.
+    O(1) per period plus the step."""
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), period_s)
+            return
+        try:
+            await step()
+        except quiet:
+            pass
+        except Exception:
+            log.exception("%s failed", what)
 
 
 async def stop_task(task: asyncio.Task[Any], retry_s: float = 0.5) -> None:
