@@ -34,7 +34,6 @@ class PlanRunner:
         self._on_offload = on_offload
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dapdee-plan")
         self._slots = asyncio.Semaphore(threads)
-        self.offloaded = 0  # plans computed in a thread
         self.refused = 0  # plans refused past the budget
 
     async def plan(self, pm: PlanMap, req: PlanRequest) -> dict[str, Any]:
@@ -58,7 +57,6 @@ class PlanRunner:
 
     async def _in_thread(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         await self._slots.acquire()
-        self.offloaded += 1
         if self._on_offload is not None:
             self._on_offload()
         fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

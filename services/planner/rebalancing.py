@@ -103,7 +103,7 @@ class Rebalancer:
             with contextlib.suppress(RedisUnavailable):
                 await self.fleet.link.call("rebalance_lock", lambda r: r.delete(self.k_lock))
 
-    async def rebalance(self, workers: list[Worker] | None = None) -> dict[str, Any]:
+    async def rebalance(self) -> dict[str, Any]:
         """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
         the assignments; the answer lists, per worker, the totals before and after and each device's
         old and new plan value (nothing without Redis: no leases are kept). RedisUnavailable
@@ -113,7 +113,7 @@ class Rebalancer:
         reserved = await self.fleet.book.loads()
         devices = await self.fleet.book.devices()
         records = await self.fleet.book.records(devices)
-        workers = workers if workers is not None else await self.fleet.live_workers()
+        workers = await self.fleet.live_workers()
         attached = {d for loads in reserved.values() for d in loads}
         joiners = {d for d in records if d not in attached and records[d].get("worker") is None}
         reports = []
