@@ -215,6 +215,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return frames_per_s * (accuracy or 0.0)",
         ("tests/test_fleet_rebalance.py",),
     ),
+    # A worker's reservations stay within ρ_max x the capacity its last heartbeat states, checked
+    # in Redis (a replica's view may be older), and a rebalance that solved for more capacity
+    # than the worker has now solves again.
+    Mutation(
+        "leases ignore the registry's capacity",
+        "services/planner/leases.py",
+        "  return math.min(limit, rho * info.capacity_ms_per_s), string.format",
+        "  return limit, string.format",
+        ("tests/test_leases.py", "tests/test_fleet_service.py"),
+    ),
+    Mutation(
+        "rebalance never solves again for a lower capacity",
+        "services/planner/rebalancing.py",
+        "CAPACITY_RETRIES = 3",
+        "CAPACITY_RETRIES = 1",
+        ("tests/test_fleet_service.py",),
+    ),
+    Mutation(
+        "a rebalance after a capacity drop gives up while the lock is held",
+        "services/planner/rebalancing.py",
+        "                if await self.rebalance_if_leader() is not None:\n                    return",
+        "                await self.rebalance_if_leader()\n                return",
+        ("tests/test_fleet_service.py",),
+    ),
     # Planning off the event loop: a plan that needs min-cuts runs in a plan thread.
     Mutation(
         "min-cut plans run on the event loop",

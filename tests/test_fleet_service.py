@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
+from dapdee.planner.fleet import Fleet
+from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.rebalancing import Rebalancer
+from dapdee.planner.store import Store
+from dapdee.planner.workers import Worker
 from tests import oracle
 from tests.conftest import serve_app_in_thread
 from tests.test_planner_service import ANY_WORKER_URL, AUTH, SHARED_REDIS, TOKEN, beat, planner, wait_for
@@ -403,3 +410,82 @@ def test_a_worker_whose_capacity_drops_below_its_leases_is_rebalanced_at_once(pl
                 assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)
             for i in range(5):
                 assert c.delete(f"/devices/d{i}").status_code == 204
+
+
+def test_a_replica_with_an_old_view_of_a_workers_capacity_admits_only_what_it_has_now(planner_prefix: str) -> None:
+    """b last saw the worker at 1000 ms/s; the worker's next heartbeat, through a, says 50. b
+    plans the device Edge-Only (80 ms/s) from its view; the reservation, checked against the
+    registry inside Redis, is refused and states 50 ms/s; b plans again with it: ρ_max x 50 = 45
+    holds neither Edge-Only nor the mid cut (60), so the device runs on its own CPU."""
+    kw = {"rebalance_s": 0, "refresh_s": 3600.0, "worker_ttl_s": 120.0}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a)
+        assert beat(b, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        assert beat(a, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=50.0).status_code == 200
+        plan = b.post("/plan", json=leased("d1")).json()
+        assert plan["lease"]["worker"] is None and plan["device_nodes"] == ["a", "b"]
+        assert _admissions(b, "refused") == 1  # b's view did offer the edge first
+        assert workers(a)["http://w1:1"]["leased_ms_per_s"] == 0.0
+        # within the capacity now, b's edge plans are admitted as before
+        assert beat(a, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=100.0).status_code == 200
+        assert b.post("/plan", json=leased("d1")).json()["lease"]["worker"] == "http://w1:1"
+        assert workers(a)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)
+
+
+def test_a_rebalance_solved_before_the_worker_measured_itself_slower_is_solved_again(planner_prefix: str) -> None:
+    """Five Edge-Only devices book 5 x 80 = 400 ms/s of a 1000 ms/s worker, whose heartbeat then
+    says 300 ms/s. A rebalance that read the worker before that heartbeat (a solve racing it;
+    here its replica's fleet reads an older copy of the registry) solves for 1000 ms/s and keeps
+    all five on the edge. Redis refuses that apply (400 > ρ_max x 300 = 270) and states 300; the
+    rebalance solves again for 300 and applies the best plans within 270."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        for i in range(5):
+            assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
+        report = asyncio.run(_rebalance_with_an_old_capacity(planner_prefix, 1000.0))
+        (w,) = report["workers"]
+        assert w["applied"] and w["after"]["leased_ms_per_s"] <= RHO * 300.0 + 1e-9
+        # the best within 270: four devices on the edge meet 10 frames/s (three mid cuts at 60 ms/s
+        # and one Edge-Only at 80: 260); the fifth alone (120 ms a frame) cannot
+        assert w["after"]["devices_met"] == 4
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(260.0)
+        assert workers(c)["http://w1:1"]["leases"] == 4
+
+
+async def _rebalance_with_an_old_capacity(prefix: str, capacity: float) -> dict[str, Any]:
+    """One rebalance by a replica on `prefix` whose fleet sees every worker at `capacity`."""
+    settings = Settings(key_prefix=prefix, redis_url=SHARED_REDIS, rebalance_s=0, refresh_s=3600.0)
+    store = Store(settings, PlannerMetrics())
+    await store.start()
+    try:
+
+        async def old_view() -> list[Worker]:
+            return [replace(w, capacity_ms_per_s=capacity) for w in await store.live_workers()]
+
+        fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates_for, old_view)
+        return await Rebalancer(fleet, store.keys).rebalance()
+    finally:
+        await store.close()
+
+
+def test_a_capacity_drop_during_another_rebalance_is_rebalanced_when_the_lock_frees(planner_prefix: str) -> None:
+    """The worker's heartbeat says 300 ms/s under 400 ms/s of leases while another rebalance
+    holds the lock (here: another replica's, set by hand). The planner does not wait for the next
+    heartbeat (none comes) or its hour-long period: it rebalances once the lock is released."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c)
+        for i in range(5):
+            assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
+        r = redis.Redis.from_url(SHARED_REDIS)
+        lock = f"{planner_prefix}:v1:rebalance-lock"
+        try:
+            assert r.set(lock, b"other", nx=True, px=60_000)
+            assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
+            time.sleep(1.0)
+            assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)  # waiting
+            r.delete(lock)
+            assert wait_for(lambda: workers(c)["http://w1:1"]["leased_ms_per_s"] <= RHO * 300.0, timeout=10)
+        finally:
+            r.delete(lock)
+            r.close()

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import pytest
 
 from dapdee.planner.config import Settings
+from dapdee.planner.keys import Keys
 from dapdee.planner.leases import LeaseBook, ReservationView, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
+from dapdee.planner.workers import Worker, WorkerRegistry
 
 URL = "redis://127.0.0.1:6379/0"
 
@@ -32,13 +34,18 @@ def prefix() -> Iterator[str]:
 
 
 async def _books(prefix: str, n: int, ttl_s: float = 30.0, max_leases: int = 1000) -> list[LeaseBook]:
-    """`n` lease books on separate Redis links: replicas sharing one Redis."""
+    """`n` lease books on separate Redis links: replicas sharing one Redis (ρ_max 0.9)."""
     books = []
     for _ in range(n):
         link = RedisLink(Settings(redis_url=URL, redis_timeout_s=5.0), PlannerMetrics())
         link.connect()
-        books.append(LeaseBook(link, prefix, ttl_s, max_leases))
+        books.append(LeaseBook(link, prefix, ttl_s, max_leases, 0.9))
     return books
+
+
+async def _apply(book: LeaseBook, assignments: dict[str, tuple[float, dict]], limit: float = 900.0) -> str:
+    """Apply a rebalance of worker http://w; the outcome's status."""
+    return (await book.apply("http://w", assignments, limit)).status
 
 
 async def _close(books: list[LeaseBook]) -> None:
@@ -158,20 +165,52 @@ def test_a_rebalance_applies_atomically_or_not_at_all(prefix: str) -> None:
         # meanwhile another replica admitted d3
         await b.reserve("d3", "http://w", 100.0, 900.0, {"v": 1})
         # a rebalance computed before d3 wants d1 at 500 and d2 at 350: 500 + 350 + 100 > 900
-        assert not await a.apply("http://w", {"d1": (500.0, {"v": 2}), "d2": (350.0, {"v": 2})}, 900.0)
+        assert await _apply(a, {"d1": (500.0, {"v": 2}), "d2": (350.0, {"v": 2})}) == "over"
         assert (await a.record("d1"))[0] == {"v": 1}  # type: ignore[index]
         # d2 to Device-Only makes room: applied, d2 no longer reserves anything there
-        assert await a.apply("http://w", {"d1": (500.0, {"v": 2}), "d2": (0.0, {"v": 2})}, 900.0)
+        assert await _apply(a, {"d1": (500.0, {"v": 2}), "d2": (0.0, {"v": 2})}) == "applied"
         assert await b.loads() == {"http://w": {"d1": 500.0, "d3": 100.0}}
         assert (await b.record("d2"))[0] == {"v": 2}  # type: ignore[index]
         # a Device-Only lease may be brought onto the worker, expiring with its lease
         await b.reserve("d4", None, 0.0, 900.0, {"v": 1})
-        assert await a.apply("http://w", {"d4": (100.0, {"v": 2}), "d1": (400.0, {"v": 3})}, 900.0)
+        assert await _apply(a, {"d4": (100.0, {"v": 2}), "d1": (400.0, {"v": 3})}) == "applied"
         assert await b.loads() == {"http://w": {"d1": 400.0, "d3": 100.0, "d4": 100.0}}
         # a device that left the worker meanwhile refuses the whole rebalance
         await b.reserve("d3", "http://other", 50.0, 900.0, {"v": 1})
-        assert not await a.apply("http://w", {"d3": (10.0, {"v": 3})}, 900.0)
+        assert await _apply(a, {"d3": (10.0, {"v": 3})}) == "changed"
         await _close(books)
+
+    run(scenario())
+
+
+def test_reservations_stay_within_the_capacity_the_workers_last_heartbeat_states(prefix: str) -> None:
+    """The caller's limit assumes 1000 ms/s; the registry holds the worker's last heartbeat, 100
+    ms/s. Admission and rebalances are checked against ρ_max x 100 = 90 and the refusals say
+    100; a worker the registry does not hold keeps the caller's limit."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        settings = Settings(redis_url=URL, redis_timeout_s=5.0)
+        registry = WorkerRegistry(settings, PlannerMetrics(), book.link, Keys(prefix))
+        assert await registry.heartbeat(Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=100.0))
+        r = await book.reserve("a", "http://w", 80.0, 900.0, {"v": 1})
+        assert (r.status, r.capacity_ms_per_s) == ("reserved", 100.0)
+        r = await book.reserve("b", "http://w", 20.0, 900.0, {"v": 1})
+        assert (r.status, r.others_ms_per_s, r.capacity_ms_per_s) == ("refused", 80.0, 100.0)
+        assert (await book.reserve("b", "http://w", 10.0, 900.0, {"v": 1})).status == "reserved"
+        outcome = await book.apply("http://w", {"a": (81.0, {"v": 2})}, 900.0)
+        assert (outcome.status, outcome.capacity_ms_per_s) == ("over", 100.0)
+        assert await book.loads() == {"http://w": {"a": 80.0, "b": 10.0}}
+        assert await _apply(book, {"a": (60.0, {"v": 2}), "b": (30.0, {"v": 2})}) == "applied"
+        # the caller's own limit still holds where it is the lower one
+        assert (await book.reserve("b", "http://w", 31.0, 85.0, {"v": 3})).status == "refused"
+        # the worker measures itself faster: the new heartbeat's capacity is what counts
+        assert await registry.heartbeat(Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=200.0))
+        assert (await book.reserve("b", "http://w", 100.0, 900.0, {"v": 3})).status == "reserved"
+        # a worker without a heartbeat in the registry: the caller's limit
+        r = await book.reserve("c", "http://unregistered", 500.0, 900.0, {"v": 1})
+        assert (r.status, r.capacity_ms_per_s) == ("reserved", None)
+        await _close([book])
 
     run(scenario())
 
@@ -184,7 +223,7 @@ def test_an_assigned_plan_has_a_version_a_view_must_match(prefix: str) -> None:
     async def scenario() -> None:
         (book,) = await _books(prefix, 1, ttl_s=1.0)
         await book.reserve("d", "http://w", 100.0, 900.0, {"assigned": False})
-        assert await book.apply("http://w", {"d": (200.0, {"assigned": True, "v": 2})}, 900.0)
+        assert await _apply(book, {"d": (200.0, {"assigned": True, "v": 2})}) == "applied"
         r = await book.reserve("d", "http://w", 100.0, 900.0, {"assigned": False}, View(0, {"http://w": 0.0}))
         assert r.status == "stale" and r.figures is not None
         assert (r.figures.version, r.figures.record) == (1, {"assigned": True, "v": 2})
@@ -193,15 +232,15 @@ def test_an_assigned_plan_has_a_version_a_view_must_match(prefix: str) -> None:
         r = await book.reserve("d", "http://w", 200.0, 900.0, {"assigned": True, "v": 3}, View(1, {"http://w": 0.0}))
         assert r.status == "reserved"
         assert (await book.reserve("d", "http://w", 200.0, 900.0, {"assigned": True}, View(1, {}))).status == "reserved"
-        assert await book.apply("http://w", {"d": (200.0, {"assigned": True, "v": 4})}, 900.0)
+        assert await _apply(book, {"d": (200.0, {"assigned": True, "v": 4})}) == "applied"
         assert (await book.reserve("d", "http://w", 1.0, 900.0, {}, View(1, {}))).figures.version == 2  # type: ignore[union-attr]
         # an unassigned plan written: no version any more
         assert (await book.reserve("d", "http://w", 1.0, 900.0, {"assigned": False})).status == "reserved"
         assert (await book.reserve("d", "http://w", 1.0, 900.0, {}, View(0, {}))).status == "reserved"
-        assert await book.apply("http://w", {"d": (5.0, {"assigned": True})}, 900.0)
+        assert await _apply(book, {"d": (5.0, {"assigned": True})}) == "applied"
         assert await book.release("d")
         assert (await book.reserve("d", None, 0.0, 900.0, {}, View(0, {}))).status == "reserved"
-        assert await book.apply("http://w", {"d": (5.0, {"assigned": True})}, 900.0)
+        assert await _apply(book, {"d": (5.0, {"assigned": True})}) == "applied"
         await asyncio.sleep(1.2)  # the lease expires: its version goes with it
         assert (await book.reserve("d", None, 0.0, 900.0, {}, View(0, {}))).status == "reserved"
         await _close([book])

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dapdee.costgraph import CostGraphError
@@ -109,6 +109,17 @@ def request_of(fields: dict[str, Any]) -> PlanRequest:
 REQUIREMENT_FIELDS = ("device_tier", "latency_budget_ms", "min_accuracy", "frame_rate", "mode")
 
 
+def with_capacity(candidates: Sequence[Candidate], url: str, capacity_ms_per_s: float | None) -> list[Candidate]:
+    """`candidates` with worker `url`'s capacity lowered to `capacity_ms_per_s` (the registry's,
+    when below this replica's view). O(candidates)."""
+    out = []
+    for c in candidates:
+        if c.worker.url == url and capacity_ms_per_s is not None and capacity_ms_per_s < c.worker.capacity_ms_per_s:
+            c = replace(c, worker=replace(c.worker, capacity_ms_per_s=capacity_ms_per_s))
+        out.append(c)
+    return out
+
+
 def requirements_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether the device's tier or any requirement differs between two requests. O(1)."""
     return any(old.get(key) != new.get(key) for key in REQUIREMENT_FIELDS)
@@ -173,7 +184,7 @@ class Fleet:
         self.settings = settings
         self.metrics = metrics
         self.link = link
-        self.book = LeaseBook(link, keys.base, settings.lease_ttl_s, settings.max_leases)
+        self.book = LeaseBook(link, keys.base, settings.lease_ttl_s, settings.max_leases, settings.rho_max)
         self.candidates_for = candidates_for
         self.live_workers = live_workers
         self.reserved = ReservationView()  # this replica's view, as last seen
@@ -362,7 +373,8 @@ class Fleet:
         """Reserve `dp`'s lease (verifying `view` when given), its record keeping the conditions
         of `anchor` (the lease's recorded request) while they hold (`recorded_request`). A stale
         view: adopt Redis's figures and plan again against them. A refusal (another replica took
-        the room meanwhile): plan again with the new figures, at most `RETRIES` times, then
+        the room meanwhile, or the worker's last heartbeat states less capacity than this
+        replica's view): plan again with the new figures, at most `RETRIES` times, then
         Device-Only (always admissible). Returns the plan JSON with its `lease`."""
         body = ask.body
         capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
@@ -397,6 +409,8 @@ class Fleet:
             self.metrics.admissions.labels("refused").inc()
             assert dp.worker is not None
             others[dp.worker] = res.others_ms_per_s
+            candidates = with_capacity(candidates, dp.worker, res.capacity_ms_per_s)
+            capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
             assigned = False
             refusals += 1
             if refusals == RETRIES:  # give up on the edge: Device-Only is always admissible

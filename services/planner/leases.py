@@ -22,6 +22,12 @@ Keys (`P` = the planner's key prefix with schema version):
 - `P:lease-assigned`        hash device -> version of the plan a rebalance assigned it (absent:
                             none; each rebalance that assigns it one counts up)
 
+Admission and rebalancing also read `P:workers:info` (the worker registry,
+`dapdee.planner.workers`): a worker's reservations stay within ρ_max × the capacity its last
+heartbeat states, checked inside the same script, so a replica whose view of a worker's capacity
+is older than its last heartbeat (the worker measured itself slower) can neither admit nor apply
+a rebalance past it. The refusal carries the capacity now, to plan again with.
+
 The scripts name some keys they compute from the prefix (a device's previous worker), so
 the planner needs a single Redis instance (not a cluster), as it does for everything else.
 """
@@ -66,13 +72,24 @@ local function purge_leases(prefix, leases, now)
   end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
 end
+-- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
+-- states (the capacity now, whatever this replica saw), and that capacity ('' if unknown).
+local function capped(prefix, worker, limit, rho)
+  local raw = redis.call('HGET', prefix .. ':workers:info', worker)
+  if not raw then return limit, '' end
+  local ok, info = pcall(cjson.decode, raw)
+  if not ok or type(info) ~= 'table' or type(info.capacity_ms_per_s) ~= 'number' then return limit, '' end
+  return math.min(limit, rho * info.capacity_ms_per_s), string.format('%.17g', info.capacity_ms_per_s)
+end
 """
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
 # none), load, limit, ttl_ms, max_leases, record JSON, assigned ('1': the record holds a plan a
-# rebalance assigned), then optionally the planner's view to verify: the assigned-plan version it
+# rebalance assigned), rho_max (the limit is lowered to rho_max x the worker's registered
+# capacity: `capped`), then optionally the planner's view to verify: the assigned-plan version it
 # planned with, then (worker URL, the others' reservations there it assumed) pairs.
-# Returns {status, others}: status 1 reserved, 0 refused (over the limit), -1 lease cap reached;
+# Returns {status, others, capacity}: status 1 reserved, 0 refused (over the limit), -1 lease cap
+# reached; capacity the worker's registered one ('' if unknown or no worker);
 # or, when the view differs from Redis's (some worker's others differ by more than 1e-6 ms/s, or
 # another version of an assigned plan), nothing is written and the answer is {2, version, record
 # or false, url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
@@ -84,17 +101,17 @@ local load, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_leases = tonumber(ARGV[7])
 local now = now_ms()
 purge_leases(prefix, KEYS[2], now)
-if #ARGV >= 10 then
+if #ARGV >= 11 then
   local version = tonumber(redis.call('HGET', prefix .. ':lease-assigned', device) or '0')
-  local stale = version ~= tonumber(ARGV[10])
-  for i = 11, #ARGV, 2 do
+  local stale = version ~= tonumber(ARGV[11])
+  for i = 12, #ARGV, 2 do
     local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
     purge(wload, wexp, now)
     if math.abs(others(wload, device) - tonumber(ARGV[i + 1])) > 1e-6 then stale = true end
   end
   if stale then
     local out = {2, tostring(version), redis.call('GET', KEYS[1])}
-    for i = 11, #ARGV, 2 do
+    for i = 12, #ARGV, 2 do
       out[#out + 1] = ARGV[i]
       out[#out + 1] = redis.call('HGETALL', prefix .. ':wload:' .. ARGV[i])
     end
@@ -104,12 +121,13 @@ end
 if not redis.call('ZSCORE', KEYS[2], device) and redis.call('ZCARD', KEYS[2]) >= max_leases then
   return {-1, '0'}
 end
-local sum = 0
+local sum, capacity = 0, ''
 if worker ~= '' then
   local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
   purge(wload, wexp, now)
   sum = others(wload, device)
-  if load > 0 and sum + load > limit then return {0, tostring(sum)} end
+  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[10]))
+  if load > 0 and sum + load > limit then return {0, tostring(sum), capacity} end
 end
 local old = redis.call('HGET', prefix .. ':lease-worker', device)
 if old and old ~= worker then
@@ -130,7 +148,7 @@ end
 if ARGV[9] ~= '1' then redis.call('HDEL', prefix .. ':lease-assigned', device) end
 redis.call('ZADD', KEYS[2], now + ttl, device)
 redis.call('SET', KEYS[1], ARGV[8], 'PX', ttl)
-return {1, tostring(sum)}
+return {1, tostring(sum), capacity}
 """
 )
 
@@ -169,25 +187,27 @@ return out
 """
 )
 
-# Apply a rebalance of one worker atomically. KEYS: leases. ARGV: prefix, worker, limit, then
-# triples (device, load, record JSON). A device may be one reserving on this worker or one whose
-# live lease reserves nothing (Device-Only: the rebalance may bring it onto this worker). Refused
-# (0) when a device's lease is gone or moved to another worker, or when the others' reservations
-# plus the new loads exceed the limit.
+# Apply a rebalance of one worker atomically. KEYS: leases. ARGV: prefix, worker, limit, rho_max,
+# then triples (device, load, record JSON). A device may be one reserving on this worker or one
+# whose live lease reserves nothing (Device-Only: the rebalance may bring it onto this worker).
+# Returns {status, capacity}: 1 applied; 0 refused, a device's lease is gone or moved to another
+# worker; 2 refused, the others' reservations plus the new loads exceed the limit (lowered to
+# rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
 APPLY = (
     _PURGE
     + """
-local prefix, worker, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local prefix, worker = ARGV[1], ARGV[2]
+local limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
 local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
 local now = now_ms()
 purge_leases(prefix, KEYS[1], now)
 purge(wload, wexp, now)
 local chosen, total = {}, 0
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local d = ARGV[i]
   local cur = redis.call('HGET', prefix .. ':lease-worker', d)
-  if cur and cur ~= worker then return 0 end
-  if not cur and redis.call('EXISTS', prefix .. ':lease:' .. d) == 0 then return 0 end
+  if cur and cur ~= worker then return {0, capacity} end
+  if not cur and redis.call('EXISTS', prefix .. ':lease:' .. d) == 0 then return {0, capacity} end
   chosen[d] = true
   total = total + tonumber(ARGV[i + 1])
 end
@@ -195,8 +215,8 @@ local all = redis.call('HGETALL', wload)
 for i = 1, #all, 2 do
   if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
 end
-if total > limit then return 0 end
-for i = 4, #ARGV, 3 do
+if total > limit then return {2, capacity} end
+for i = 5, #ARGV, 3 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])
   local key = prefix .. ':lease:' .. d
   if load > 0 then
@@ -211,7 +231,7 @@ for i = 4, #ARGV, 3 do
   redis.call('SET', key, ARGV[i + 2], 'KEEPTTL')
   redis.call('HINCRBY', prefix .. ':lease-assigned', d, 1)
 end
-return 1
+return {1, capacity}
 """
 )
 
@@ -278,21 +298,35 @@ class ReservationView:
 class Reservation:
     """The outcome of `LeaseBook.reserve`: `status` "reserved" | "refused" | "full" (the lease
     cap) | "stale" (the view to verify was out of date: nothing written, `figures` says what is
-    true), and what the other devices reserve on the worker (ms per second, Redis's view now)."""
+    true), what the other devices reserve on the worker (ms per second, Redis's view now), and
+    the worker's capacity in the registry (ms per second; None: no worker, or not registered)."""
 
     status: str
     others_ms_per_s: float
     figures: Figures | None = None
+    capacity_ms_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Application:
+    """The outcome of `LeaseBook.apply`: `status` "applied" | "changed" (a device's lease ended
+    or moved meanwhile) | "over" (the worker's reservations would pass the limit); nothing is
+    written unless applied. `capacity_ms_per_s` as in `Reservation`."""
+
+    status: str
+    capacity_ms_per_s: float | None
 
 
 class LeaseBook:
     """Leases in Redis (see the module docstring), through the planner's `RedisLink` (so Redis
     being away raises RedisUnavailable, counted, like every other Redis call). Every method is
-    one round trip: a Lua script or a pipelined read."""
+    one round trip: a Lua script or a pipelined read. `rho_max`: the share of a worker's
+    registered capacity its reservations may take (whatever limit a caller passes)."""
 
-    def __init__(self, link: Any, base: str, ttl_s: float, max_leases: int) -> None:
+    def __init__(self, link: Any, base: str, ttl_s: float, max_leases: int, rho_max: float) -> None:
         self.link = link
         self.prefix = base
+        self.rho_max = rho_max
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.max_leases = max_leases
         self.k_leases = f"{base}:leases"
@@ -310,7 +344,8 @@ class LeaseBook:
         view: View | None = None,
     ) -> Reservation:
         """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None or a
-        zero load: hold no reservation) if the other reservations plus it stay <= `limit`, and
+        zero load: hold no reservation) if the other reservations plus it stay <= `limit` and
+        <= ρ_max × the worker's registered capacity, and
         store `record` with the lease TTL. A device moving to another worker frees the old one.
         With `view`, first check that it is Redis's own (same assigned-plan version, every named
         worker's others within 1e-6 ms/s), else write nothing and answer "stale" with the true
@@ -325,6 +360,7 @@ class LeaseBook:
             self.max_leases,
             to_json(record, inf_nan_mode="null"),  # as the plan answers: a non-finite number is null
             "1" if record.get("assigned") else "0",
+            repr(float(self.rho_max)),
         ]
         if view is not None:
             args.append(view.version)
@@ -334,7 +370,8 @@ class LeaseBook:
         if int(out[0]) == 2:
             return Reservation("stale", 0.0, _figures(out))
         name = {1: "reserved", 0: "refused", -1: "full"}[int(out[0])]
-        return Reservation(name, float(out[1]))
+        capacity = _number(out[2]) if len(out) > 2 else None
+        return Reservation(name, float(out[1]), capacity_ms_per_s=capacity)
 
     async def release(self, device_id: str) -> bool:
         """End the device's lease (its reservation is freed). False if it had none."""
@@ -386,15 +423,17 @@ class LeaseBook:
 
     async def apply(
         self, worker: str, assignments: dict[str, tuple[float, dict[str, Any]]], limit_ms_per_s: float
-    ) -> bool:
+    ) -> Application:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
         record)) on `worker` in one atomic step, if every device still holds a lease there (or a
-        live lease reserving nothing: it may join) and the worker stays within `limit`. False:
-        refused, nothing changed."""
-        args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s))]
+        live lease reserving nothing: it may join) and the worker stays within `limit` and
+        within ρ_max × its registered capacity; else nothing changes."""
+        args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
         for device, (load, record) in assignments.items():
             args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
-        return bool(await self.link.script("lease_apply", APPLY, [self.k_leases], args))
+        out = await self.link.script("lease_apply", APPLY, [self.k_leases], args)
+        status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
+        return Application(status, _number(out[1]))
 
 
 def _figures(out: list[Any]) -> Figures:
@@ -404,6 +443,12 @@ def _figures(out: list[Any]) -> Figures:
         pairs = out[i + 1]
         loads[_text(out[i])] = {_text(pairs[k]): float(pairs[k + 1]) for k in range(0, len(pairs), 2)}
     return Figures(int(out[1]), json.loads(out[2]) if out[2] else None, loads)
+
+
+def _number(v: Any) -> float | None:
+    """A number a script returned as text ('' : none)."""
+    text = _text(v)
+    return float(text) if text else None
 
 
 def _text(v: Any) -> str:

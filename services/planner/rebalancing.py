@@ -2,11 +2,13 @@
 
 `Rebalancer.rebalance` re-solves every worker's leases (`dapdee.fleet.rebalance.solve`, in a
 thread) together with the live Device-Only leases of models the worker serves, and applies each
-worker's assignment atomically (refused, and left for the next period, if leases changed
-meanwhile); devices pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It
-runs on request (`POST /fleet/rebalance`), every `rebalance_s` on one replica at a time (a Redis
-lock), and at once after a heartbeat whose capacity no longer holds the worker's leases within
-ρ_max (the worker measured itself slower; `note_capacity`).
+worker's assignment atomically: refused, and left for the next period, if leases changed
+meanwhile; solved again at once (up to `CAPACITY_RETRIES` solves in all) if the worker's last
+heartbeat states less capacity than the solve had. Devices pick up their assigned plans at their
+next `POST /plan` (`Fleet.plan`). It runs on request (`POST /fleet/rebalance`), every
+`rebalance_s` on one replica at a time (a Redis lock), and at once after a heartbeat whose
+capacity no longer holds the worker's leases within ρ_max (the worker measured itself slower;
+`note_capacity`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +38,12 @@ from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
 
 log = logging.getLogger("dapdee.planner")
+
+# solves of one worker's leases per rebalance when its capacity keeps falling meanwhile
+CAPACITY_RETRIES = 3
+# a rebalance after a capacity drop waits this long at most for a rebalance holding the lock
+URGENT_WAIT_S = 30.0
+LOCK_POLL_S = 0.2
 
 
 class Rebalancer:
@@ -75,16 +84,32 @@ class Rebalancer:
         """After a heartbeat: when the leases on worker `url` (this replica's view) book more
         than ρ_max of the capacity it now reports, rebalance at once instead of at the next
         period (only where rebalancing is periodic; one such rebalance at a time). O(1)."""
-        leased, _ = self.fleet.leased(url)
-        if not self.settings.rebalance_s or leased <= self.settings.rho_max * capacity_ms_per_s * (1 + 1e-9):
+        if not self.settings.rebalance_s or not self._over_booked(url, capacity_ms_per_s):
             return
         if self._urgent is None or self._urgent.done():
+            leased, _ = self.fleet.leased(url)
             log.info("worker %s: leases book %.0f of %.0f ms/s; rebalancing now", url, leased, capacity_ms_per_s)
-            self._urgent = asyncio.create_task(self._rebalance_now(), name="dapdee-rebalance-urgent")
+            self._urgent = asyncio.create_task(self._rebalance_now(url), name="dapdee-rebalance-urgent")
 
-    async def _rebalance_now(self) -> None:
+    def _over_booked(self, url: str, capacity_ms_per_s: float) -> bool:
+        leased, _ = self.fleet.leased(url)
+        return leased > self.settings.rho_max * capacity_ms_per_s * (1 + 1e-9)
+
+    async def _rebalance_now(self, url: str) -> None:
+        """Rebalance once, unless worker `url`'s leases fit its capacity by then (as this replica
+        sees both). While another rebalance holds the lock (a periodic one here, or another
+        replica's), wait for it and look again: it may have solved for the capacity before the
+        drop. Gives up after `URGENT_WAIT_S` (the next heartbeat starts another)."""
+        deadline = time.monotonic() + URGENT_WAIT_S
         try:
-            await self.rebalance_if_leader()
+            while time.monotonic() < deadline:
+                workers = {w.url: w for w in await self.fleet.live_workers()}
+                if url not in workers or not self._over_booked(url, workers[url].capacity_ms_per_s):
+                    return
+                if await self.rebalance_if_leader() is not None:
+                    return
+                await asyncio.sleep(LOCK_POLL_S)
+                await self.fleet.refresh()  # what the lock holder applied
         except RedisUnavailable:
             pass
         except Exception:  # a background task: log, never raise into the loop
@@ -141,32 +166,30 @@ class Rebalancer:
         if not demands:
             return None
         capacity = w.capacity_ms_per_s
-        margin = self.settings.switch_margin
-        sol: Solution = await asyncio.to_thread(solve, demands, capacity, self.settings.rho_max, switch_margin=margin)
-        assignments = {}
-        for demand, opt in zip(demands, sol.choices, strict=True):
-            exit_name, nodes = option_nodes(demand, opt)
-            load = min(0.95, (sol.load - opt.load) / capacity)
-            plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
-            plan["edge_worker"] = w.url  # for a Device-Only plan: where to probe the link
-            record = {
-                **records[demand.device_id],
-                "worker": w.url if opt.uses_edge else None,
-                "edge_ms_per_frame": e_i,
-                "plan": plan,
-                "assigned": True,
-            }
-            assignments[demand.device_id] = (opt.load, record)
-        applied = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity)
+        for _ in range(CAPACITY_RETRIES):
+            sol = await self._solve(demands, capacity)
+            assignments = _assignments(w.url, demands, sol, capacity, records)
+            outcome = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity)
+            now = outcome.capacity_ms_per_s
+            if outcome.status != "over" or now is None or now >= capacity:
+                break
+            log.info("worker %s: capacity fell to %.1f ms/s while its leases were solved; solving again", w.url, now)
+            capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
+        applied = outcome.status == "applied"
         self.metrics.rebalances.labels("applied" if applied else "refused").inc()
         pairs = zip(demands, olds, sol.choices, strict=True)
         moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
         log.log(
             logging.INFO if moved else logging.DEBUG,
-            "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, applied %s",
-            w.url, len(demands), moved, sol.load, capacity, sol.exact, applied,
+            "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, %s",
+            w.url, len(demands), moved, sol.load, capacity, sol.exact, outcome.status,
         )  # fmt: skip
         return _report(w, demands, olds, sol, applied, sum(held.values()))
+
+    async def _solve(self, demands: list[Demand], capacity_ms_per_s: float) -> Solution:
+        """The fleet objective's best choices for `demands` on that capacity, in a thread."""
+        rho, margin = self.settings.rho_max, self.settings.switch_margin
+        return await asyncio.to_thread(solve, demands, capacity_ms_per_s, rho, switch_margin=margin)
 
     async def _demand(self, w: Worker, record: dict[str, Any]) -> Demand | None:
         """The rebalancer's view of one lease on `w` (None: its model or profiles are gone)."""
@@ -178,6 +201,28 @@ class Rebalancer:
         objective = resolved_objective(found[0].planmap, req, self.settings.rho_max)
         current = (held["exit"]["name"], tuple(held["device_nodes"]))
         return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
+
+
+def _assignments(
+    url: str, demands: Sequence[Demand], sol: Solution, capacity: float, records: dict[str, dict[str, Any]]
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Per device, the load and lease record `sol` assigns it on worker `url`, each plan priced
+    at the load the others in `sol` put on the worker. O(devices · plan pricing)."""
+    assignments = {}
+    for demand, opt in zip(demands, sol.choices, strict=True):
+        exit_name, nodes = option_nodes(demand, opt)
+        load = min(0.95, (sol.load - opt.load) / capacity)
+        plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
+        plan["edge_worker"] = url  # for a Device-Only plan: where to probe the link
+        record = {
+            **records[demand.device_id],
+            "worker": url if opt.uses_edge else None,
+            "edge_ms_per_frame": e_i,
+            "plan": plan,
+            "assigned": True,
+        }
+        assignments[demand.device_id] = (opt.load, record)
+    return assignments
 
 
 def _option_value(demand: Demand, opt: Option) -> dict[str, Any]:
