@@ -172,3 +172,18 @@ def test_a_ratio_target_states_the_ratio_the_offered_load_allows() -> None:
 def test_the_bench_package_is_packaged() -> None:
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"dapdee.bench.fleet_bench"' in text
+
+
+def test_an_accuracy_floor_reaches_every_device_of_a_run() -> None:
+    """`--min-accuracy` sets the scenario's floor; the client job that carries it to the device
+    processes (as JSON) hands it to each device runtime's requirements."""
+    from dapdee.bench.fleet import parse, scenarios
+    from dapdee.bench.fleet_bench.devices import ClientJob
+
+    (sc,) = scenarios(parse(["--quick", "--n", "16", "--systems", "fleet", "--min-accuracy", "0.93"]))
+    assert sc.requirements().min_accuracy == 0.93 and sc.requirements().frame_rate == sc.frame_rate
+    job = ClientJob("http://127.0.0.1:1", "t", sc.system, sc.model, sc.k, sc.tier, sc.devices(), sc.frame_rate,
+                    sc.budget_ms, sc.warmup_s, sc.window_s, min_accuracy=sc.min_accuracy)  # fmt: skip
+    assert ClientJob.from_json(job.to_json()).runtime_config().requirements == sc.requirements()
+    (plain,) = scenarios(parse(["--quick", "--n", "16", "--systems", "fleet"]))
+    assert plain.requirements().min_accuracy is None

@@ -89,6 +89,7 @@ class ClientJob:
     max_inflight: int = 3
     probe_idle_s: float = NO_IDLE_PROBES_S
     device_request_ms: float | None = None  # what the tier's device profile prices per request
+    min_accuracy: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -100,7 +101,7 @@ class ClientJob:
         return cls(**raw)
 
     def runtime_config(self) -> RuntimeConfig:
-        req = Requirements(latency_budget_ms=self.budget_ms, frame_rate=self.frame_rate, mode="auto")
+        req = Requirements(self.budget_ms, self.min_accuracy, self.frame_rate, mode="auto")
         return RuntimeConfig(req, max_inflight=self.max_inflight, probe_idle_s=self.probe_idle_s)
 
 

@@ -86,12 +86,12 @@ class ClientProcess:
 def publish_profile(stack: FleetStack, sc: Scenario, loaded: Any, planner_url: str) -> dict[str, float | None]:
     """Publish the tier's device profile through a real device session (module docstring, 2);
     returns the per-request costs the planner now prices: device_request_ms, edge_request_ms."""
-    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig
+    from dapdee.device.config import PlannerConfig, RuntimeConfig
     from dapdee.device.session import DeviceSettings, open_device
     from dapdee.netem import NETWORKS
 
     graph = scaled_profile(base_profile(loaded, sc.model), sc.k)
-    runtime = RuntimeConfig(Requirements(latency_budget_ms=sc.budget_ms, frame_rate=sc.frame_rate))
+    runtime = RuntimeConfig(sc.requirements())
     planner = PlannerConfig(planner_url, sc.tier, token=stack.tokens.device, admin_token=stack.tokens.admin)
     settings = DeviceSettings(
         runtime, planner, "", weights=str(sc.artifact), slowdown=sc.k, rate_mbps=NETWORKS[NETWORK_CYCLE[0]],
@@ -191,7 +191,7 @@ def run_scenario(
         for i, group in enumerate(sc.groups()):
             job = ClientJob(
                 url, stack.tokens.device, sc.system, sc.model, sc.k, sc.tier, group, sc.frame_rate, sc.budget_ms,
-                sc.warmup_s, sc.window_s, device_request_ms=costs["device_request_ms"],
+                sc.warmup_s, sc.window_s, device_request_ms=costs["device_request_ms"], min_accuracy=sc.min_accuracy,
             )  # fmt: skip
             clients.append(ClientProcess(job, log_dir / f"clients-{sc.system}-n{sc.n}-k{sc.k:g}-{sc.model}-{i}.log"))
         ready = [c.message(READY_TIMEOUT_S) for c in clients]

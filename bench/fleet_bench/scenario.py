@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dapdee.costgraph import CostGraph
-from dapdee.device.config import default_tier
+from dapdee.device.config import Requirements, default_tier
 from dapdee.models import LoadedModel
 from dapdee.netem import NETWORKS
 
@@ -60,8 +60,9 @@ def device_specs(n: int, rtt_ms: float = RTT_MS, tag: str = "cam") -> list[Devic
 @dataclass(frozen=True)
 class Scenario:
     """One measured run: `system` (a key of `systems.SYSTEMS`), `n` devices at slowdown `k` on
-    `model` (a key of MODELS); `warmup_s` unmeasured seconds (plans settle), then `window_s`
-    measured ones; at most `per_process` devices per client process."""
+    `model` (a key of MODELS) with the requirements `frame_rate`, `budget_ms` and `min_accuracy`
+    (None: no floor); `warmup_s` unmeasured seconds (plans settle), then `window_s` measured
+    ones; at most `per_process` devices per client process."""
 
     system: str
     n: int
@@ -71,8 +72,13 @@ class Scenario:
     window_s: float = 30.0
     frame_rate: float = FRAME_RATE
     budget_ms: float = BUDGET_MS
+    min_accuracy: float | None = None
     rtt_ms: float = RTT_MS
     per_process: int = 16
+
+    def requirements(self) -> Requirements:
+        """What every device asks for (mode auto)."""
+        return Requirements(self.budget_ms, self.min_accuracy, self.frame_rate, mode="auto")
 
     @property
     def tier(self) -> str:
