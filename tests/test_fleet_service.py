@@ -416,7 +416,8 @@ def test_a_replica_with_an_old_view_of_a_workers_capacity_admits_only_what_it_ha
     """b last saw the worker at 1000 ms/s; the worker's next heartbeat, through a, says 50. b
     plans the device Edge-Only (80 ms/s) from its view; the reservation, checked against the
     registry inside Redis, is refused and states 50 ms/s; b plans again with it: ρ_max x 50 = 45
-    holds neither Edge-Only nor the mid cut (60), so the device runs on its own CPU."""
+    holds neither Edge-Only nor the mid cut (60), so the device runs on its own CPU. b keeps the
+    50 ms/s for its next plans until it syncs the registry."""
     kw = {"rebalance_s": 0, "refresh_s": 3600.0, "worker_ttl_s": 120.0}
     with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
         setup_model(a)
@@ -426,8 +427,13 @@ def test_a_replica_with_an_old_view_of_a_workers_capacity_admits_only_what_it_ha
         assert plan["lease"]["worker"] is None and plan["device_nodes"] == ["a", "b"]
         assert _admissions(b, "refused") == 1  # b's view did offer the edge first
         assert workers(a)["http://w1:1"]["leased_ms_per_s"] == 0.0
-        # within the capacity now, b's edge plans are admitted as before
+        # b keeps what the refusal said: the next device is planned at 50 ms/s, no refused try
+        assert b.post("/plan", json=leased("d2")).json()["lease"]["worker"] is None
+        assert _admissions(b, "refused") == 1
+        # within the capacity now, b's edge plans are admitted as before, once b syncs the
+        # registry (GET /workers reads it)
         assert beat(a, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=100.0).status_code == 200
+        assert workers(b)["http://w1:1"]["capacity_ms_per_s"] == 100.0
         assert b.post("/plan", json=leased("d1")).json()["lease"]["worker"] == "http://w1:1"
         assert workers(a)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)
 

@@ -91,6 +91,8 @@ class Ask:
 # profile is gone
 CandidatesFor = Callable[[str, str | None, Sequence[Worker]], Awaitable[list[Candidate]]]
 LiveWorkers = Callable[[], Awaitable[list[Worker]]]
+# (worker URL, capacity its last heartbeat states) when a reservation found less than this view
+CapacitySeen = Callable[[str, float], None]
 
 
 def request_of(fields: dict[str, Any]) -> PlanRequest:
@@ -170,7 +172,9 @@ def recorded_request(anchor: dict[str, Any] | None, fields: dict[str, Any], thre
 
 class Fleet:
     """Leases and admission of one planner replica (module docstring). `start()` / `close()`
-    in the app's lifespan. `candidates_for` and `live_workers` come from the store."""
+    in the app's lifespan. `candidates_for` and `live_workers` come from the store, and
+    `capacity_seen` (the registry's) hears of a worker's capacity that a reservation found lower
+    than this replica's view."""
 
     def __init__(
         self,
@@ -180,6 +184,7 @@ class Fleet:
         keys: Keys,
         candidates_for: CandidatesFor,
         live_workers: LiveWorkers,
+        capacity_seen: CapacitySeen | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -187,6 +192,7 @@ class Fleet:
         self.book = LeaseBook(link, keys.base, settings.lease_ttl_s, settings.max_leases, settings.rho_max)
         self.candidates_for = candidates_for
         self.live_workers = live_workers
+        self.capacity_seen = capacity_seen
         self.reserved = ReservationView()  # this replica's view, as last seen
         # device -> (version of its assigned plan, 0 if none; its lease record), as last seen here
         self.held: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -410,6 +416,8 @@ class Fleet:
             assert dp.worker is not None
             others[dp.worker] = res.others_ms_per_s
             candidates = with_capacity(candidates, dp.worker, res.capacity_ms_per_s)
+            if self.capacity_seen is not None and res.capacity_ms_per_s is not None:
+                self.capacity_seen(dp.worker, res.capacity_ms_per_s)
             capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
             assigned = False
             refusals += 1

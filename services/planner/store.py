@@ -77,7 +77,8 @@ class Store:
         self.catalog = Catalog(settings, metrics, self.link, self.keys)
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
-        self.fleet = Fleet(settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers)
+        lower = self.registry.lower_capacity
+        self.fleet = Fleet(settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers, lower)
         self.rebalancer = Rebalancer(self.fleet, self.keys)
         self.started = False
         self._task: asyncio.Task[None] | None = None

@@ -225,6 +225,13 @@ class WorkerRegistry:
         ]
         return sorted(live, key=_order)
 
+    def lower_capacity(self, url: str, capacity_ms_per_s: float) -> None:
+        """Redis holds a heartbeat of `url` that states less capacity than this replica's copy
+        (a lease script said so): keep that until the next sync. O(1)."""
+        seen = self._seen.get(url)
+        if seen is not None and capacity_ms_per_s < seen.worker.capacity_ms_per_s:
+            self._seen[url] = replace(seen, worker=replace(seen.worker, capacity_ms_per_s=capacity_ms_per_s))
+
     def count(self) -> int:
         """Live workers known here. O(workers)."""
         return len(self._alive())
