@@ -41,7 +41,7 @@ from dapdee.fleet.assign import DevicePlan, EdgeSlot, plan_for_device, plan_of
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
-from dapdee.planner.leases import Figures, LeaseBook, ReservationView, View
+from dapdee.planner.leases import Figures, LeaseBook, Reservation, ReservationView, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
@@ -111,15 +111,20 @@ def request_of(fields: dict[str, Any]) -> PlanRequest:
 REQUIREMENT_FIELDS = ("device_tier", "latency_budget_ms", "min_accuracy", "frame_rate", "mode")
 
 
-def with_capacity(candidates: Sequence[Candidate], url: str, capacity_ms_per_s: float | None) -> list[Candidate]:
+def with_capacity(candidates: Sequence[Candidate], url: str, capacity_ms_per_s: float) -> list[Candidate]:
     """`candidates` with worker `url`'s capacity lowered to `capacity_ms_per_s` (the registry's,
     when below this replica's view). O(candidates)."""
     out = []
     for c in candidates:
-        if c.worker.url == url and capacity_ms_per_s is not None and capacity_ms_per_s < c.worker.capacity_ms_per_s:
+        if c.worker.url == url and capacity_ms_per_s < c.worker.capacity_ms_per_s:
             c = replace(c, worker=replace(c.worker, capacity_ms_per_s=capacity_ms_per_s))
         out.append(c)
     return out
+
+
+def capacity_of(candidates: Sequence[Candidate], url: str | None) -> float:
+    """Worker `url`'s capacity among `candidates` (ms/s; inf for no worker). O(candidates)."""
+    return next((c.worker.capacity_ms_per_s for c in candidates if c.worker.url == url), math.inf)
 
 
 def requirements_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -383,13 +388,12 @@ class Fleet:
         replica's view): plan again with the new figures, at most `RETRIES` times, then
         Device-Only (always admissible). Returns the plan JSON with its `lease`."""
         body = ask.body
-        capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
         version = view.version if view is not None else 0
         stored = False
         refusals = 0
         while True:
             load = body.frame_rate * dp.edge_ms_per_frame
-            limit = self.settings.rho_max * capacity.get(dp.worker or "", math.inf)
+            limit = self.settings.rho_max * capacity_of(candidates, dp.worker)
             record = self._record(ask, dp, assigned, anchor)
             try:
                 res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view)
@@ -412,20 +416,35 @@ class Fleet:
                 self._remember(body.device_id, record, version)
                 self.metrics.admissions.labels("device_only" if dp.worker is None else "reserved").inc()
                 break
-            self.metrics.admissions.labels("refused").inc()
             assert dp.worker is not None
-            others[dp.worker] = res.others_ms_per_s
-            candidates = with_capacity(candidates, dp.worker, res.capacity_ms_per_s)
-            if self.capacity_seen is not None and res.capacity_ms_per_s is not None:
-                self.capacity_seen(dp.worker, res.capacity_ms_per_s)
-            capacity = {c.worker.url: c.worker.capacity_ms_per_s for c in candidates}
-            assigned = False
-            refusals += 1
-            if refusals == RETRIES:  # give up on the edge: Device-Only is always admissible
-                others = {url: math.inf for url in capacity}
-            slots = self._slots(candidates, body.device_id, others)
-            dp = plan_for_device(slots, ask.req, body.frame_rate, self.settings.rho_max, edge_load)
+            refusals, assigned = refusals + 1, False
+            give_up = refusals == RETRIES
+            candidates, dp = self._after_refusal(ask, candidates, dp.worker, res, others, give_up, edge_load)
         return self._answer(body, dp, assigned, stored)
+
+    def _after_refusal(
+        self,
+        ask: Ask,
+        candidates: Sequence[Candidate],
+        worker: str,
+        res: Reservation,
+        others: dict[str, float],
+        give_up: bool,
+        edge_load: float | None,
+    ) -> tuple[Sequence[Candidate], DevicePlan]:
+        """The device planned again after Redis refused its reservation on `worker`: against the
+        others' reservations and the worker's capacity Redis stated (`others` is updated; the
+        registry hears of the capacity), or Device-Only once `give_up` (always admissible).
+        Returns the candidates as now priced and the plan."""
+        self.metrics.admissions.labels("refused").inc()
+        others[worker] = res.others_ms_per_s
+        if res.capacity_ms_per_s is not None:
+            candidates = with_capacity(candidates, worker, res.capacity_ms_per_s)
+            if self.capacity_seen is not None:
+                self.capacity_seen(worker, res.capacity_ms_per_s)
+        ahead = {c.worker.url: math.inf for c in candidates} if give_up else others
+        slots = self._slots(candidates, ask.body.device_id, ahead)
+        return candidates, plan_for_device(slots, ask.req, ask.body.frame_rate, self.settings.rho_max, edge_load)
 
     def _answer(self, body: Any, dp: DevicePlan, assigned: bool, stored: bool) -> dict[str, Any]:
         """The plan JSON with its `lease` (`expires_in_s` 0 when the lease could not be stored)."""
