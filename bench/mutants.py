@@ -239,6 +239,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "                await self.rebalance_if_leader()\n                return",
         ("tests/test_fleet_service.py",),
     ),
+    # A worker's capacity compares what its requests take (slot + event loop) with what leases
+    # book for them (nodes + request cost), and its own start-up requests do not count.
+    Mutation(
+        "the capacity meter times the compute slot only",
+        "services/edge_worker/app.py",
+        "outside=thread_cpu_clock(),",
+        "outside=None,",
+        ("tests/test_edge_capacity.py",),
+    ),
+    Mutation(
+        "the worker's start-up requests count in its capacity",
+        "services/edge_worker/registration.py",
+        "    state.capacity.reset()",
+        "    pass",
+        ("tests/test_request_cost.py",),
+    ),
     # Planning off the event loop: a plan that needs min-cuts runs in a plan thread.
     Mutation(
         "min-cut plans run on the event loop",

@@ -1,11 +1,16 @@
-"""The edge worker's advertised capacity: the meter's arithmetic on a fake clock, the profiled
-compute of a request checked against the real executor, and a live worker whose compute runs
-slower than its profile advertising less (and its nominal capacity once it does not)."""
+"""The edge worker's advertised capacity: the meter's arithmetic on a fake clock (its event-loop
+CPU clock included), the per-thread CPU clock on real threads, the profiled compute of a request
+checked against the real executor, a live worker whose compute runs slower than its profile
+advertising less (and its nominal capacity once it does not), and a live worker with its own
+measured request cost keeping its nominal capacity under deep-cut requests."""
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -14,11 +19,13 @@ import torch
 from dapdee.calibration import single_tensor_cuts
 from dapdee.client import EdgeClient
 from dapdee.edge_worker.app import create_app
-from dapdee.edge_worker.capacity import CapacityMeter
+from dapdee.edge_worker.capacity import CapacityMeter, thread_cpu_clock
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.deps import ModelEntry
 from dapdee.edge_worker.registration import heartbeat_body
+from dapdee.edge_worker.request_cost import exit_node_inputs, measure_request_ms
 from dapdee.models import load_model
+from dapdee.profiler import profile_model
 from dapdee.testing import ServerThread, bind_free_socket
 
 
@@ -35,26 +42,26 @@ def test_the_meter_divides_the_nominal_capacity_by_the_measured_slowdown() -> No
     m = CapacityMeter(window_s=10.0, min_ms=100.0, max_factor=4.0, raise_after_s=0.0, clock=clock)
     assert m.capacity(1000.0) == 1000.0  # idle: nominal
     for _ in range(9):
-        m.record(10.0, 25.0)
+        m.record(10.0, 0.0, 25.0)
     assert m.factor() == 1.0  # 90 ms predicted < min_ms: not yet a measurement
-    m.record(10.0, 25.0)
+    m.record(10.0, 0.0, 25.0)
     assert m.factor() == pytest.approx(2.5) and m.capacity(1000.0) == pytest.approx(400.0)
-    m.record(10.0, 35.0)
+    m.record(10.0, 0.0, 35.0)
     assert m.factor() == pytest.approx(285.0 / 110.0)  # 2.59: within 20 % of the advertised 2.5
     assert m.capacity(1000.0) == pytest.approx(400.0)
-    m.record(10.0, 100.0)  # one slow request moves the ratio, not to its own 10x
+    m.record(10.0, 0.0, 100.0)  # one slow request moves the ratio, not to its own 10x
     assert m.factor() == pytest.approx(385.0 / 120.0)  # 3.21: more than 20 % away, followed
     assert m.capacity(1000.0) == pytest.approx(1000.0 * 120.0 / 385.0)
-    m.record(math.nan, 1.0)
-    m.record(1.0, -1.0)  # not measurements
+    m.record(math.nan, 0.0, 1.0)
+    m.record(1.0, 0.0, -1.0)  # not measurements
     assert m.factor() == pytest.approx(385.0 / 120.0)
     clock.t = 10.5  # the window moves on: only later requests count
     for _ in range(20):
-        m.record(10.0, 100.0)
+        m.record(10.0, 0.0, 100.0)
     assert m.factor() == 4.0  # clamped
     clock.t = 21.0
     for _ in range(20):
-        m.record(10.0, 4.0)  # faster than profiled (batching): never above nominal
+        m.record(10.0, 0.0, 4.0)  # faster than profiled (batching): never above nominal
     assert m.capacity(1000.0) == 1000.0
     clock.t = 40.0
     assert m.factor() == 1.0
@@ -68,27 +75,27 @@ def test_capacity_drops_at_once_and_comes_back_only_after_a_lasting_relief() -> 
     clock = FakeClock()
     m = CapacityMeter(window_s=10.0, min_ms=100.0, max_factor=4.0, hysteresis=0.2, raise_after_s=30.0, clock=clock)
     for _ in range(10):
-        m.record(10.0, 20.0)
+        m.record(10.0, 0.0, 20.0)
     assert m.capacity(1000.0) == pytest.approx(500.0)  # slower: down at once
     clock.t = 11.0
     for _ in range(10):
-        m.record(10.0, 10.0)  # relief: κ back to 1
+        m.record(10.0, 0.0, 10.0)  # relief: κ back to 1
     assert m.capacity(1000.0) == pytest.approx(500.0)  # held
     clock.t = 30.0
     for _ in range(10):
-        m.record(10.0, 10.0)
+        m.record(10.0, 0.0, 10.0)
     assert m.capacity(1000.0) == pytest.approx(500.0)  # 19 s of relief: still held
     clock.t = 35.0
     for _ in range(10):
-        m.record(10.0, 22.0)  # slow again, within the band of the advertised 2: the relief ends
+        m.record(10.0, 0.0, 22.0)  # slow again, within the band of the advertised 2: the relief ends
     assert m.factor() == pytest.approx(320.0 / 200.0) and m.capacity(1000.0) == pytest.approx(500.0)
     clock.t = 46.0
     for _ in range(10):
-        m.record(10.0, 10.0)
+        m.record(10.0, 0.0, 10.0)
     assert m.capacity(1000.0) == pytest.approx(500.0)  # a new relief starts here
     clock.t = 75.0
     for _ in range(10):
-        m.record(10.0, 10.0)
+        m.record(10.0, 0.0, 10.0)
     assert m.capacity(1000.0) == pytest.approx(500.0)  # 29 s
     clock.t = 76.5
     assert m.capacity(1000.0) == pytest.approx(1000.0)  # 30.5 s of relief: back up
@@ -148,3 +155,99 @@ def test_a_worker_slower_than_its_profile_advertises_less() -> None:
         edge.infer("alexnet", {loaded.graph.input.name: x})
         assert heartbeat_body(state, url)["capacity_ms_per_s"] == 1000.0  # it lasted raise_after_s
         assert httpx.get(f"{url}/v2/health/live").status_code == 200
+
+
+def test_the_event_loops_cpu_is_taken_time_and_the_request_cost_is_priced() -> None:
+    """With the event loop timed, a request is priced at its nodes + the request cost and takes
+    its slot time + the loop's CPU; without, the slot is compared with the nodes alone."""
+    clock, cpu = FakeClock(), FakeClock()  # cpu: the loop thread's CPU seconds
+    m = CapacityMeter(window_s=10.0, min_ms=100.0, raise_after_s=0.0, clock=clock, outside=cpu)
+    slot_only = CapacityMeter(window_s=10.0, min_ms=5.0, raise_after_s=0.0, clock=clock)
+    for _ in range(50):  # a deep cut: 0.2 ms of nodes, 3 ms request cost; slot 1 ms, loop 2.2 ms
+        m.record(0.2, 3.0, 1.0)
+        slot_only.record(0.2, 3.0, 1.0)
+        cpu.t += 0.0022
+    assert m.factor() == pytest.approx(1.0)  # (50 + 110) / (10 + 150): as priced
+    assert slot_only.factor() == 4.0  # 1 ms of slot against 0.2 ms of nodes: 5x, clamped
+    assert m.capacity(1000.0) == 1000.0
+    for _ in range(50):  # the loop now takes 5.2 ms a request: the worker is slower than priced
+        m.record(0.2, 3.0, 1.0)
+        cpu.t += 0.0052
+    assert m.factor() == pytest.approx((100.0 + 110.0 + 260.0) / 320.0)
+    assert m.capacity(1000.0) == pytest.approx(1000.0 * 320.0 / 470.0)
+    cpu.t += 0.1  # loop work between requests (heartbeats, scrapes) is taken too
+    assert m.factor() == pytest.approx(570.0 / 320.0)
+    m.record(1.0, math.nan, 1.0)
+    m.record(1.0, -1.0, 1.0)  # not measurements
+    assert m.factor() == pytest.approx(570.0 / 320.0)
+    # a reading long after the last one counts only the window's share of the loop's CPU
+    clock.t, cpu.t = 100.0, cpu.t + 1.0
+    assert m.factor() == 1.0  # the requests left the window
+    for _ in range(50):
+        m.record(0.2, 3.0, 3.0)
+    assert m.factor() == pytest.approx((150.0 + 100.0) / 160.0)  # 1000 ms x 10 s / 100 s, not 1000 ms
+    m.reset()  # forgets everything, the loop's CPU before it included
+    cpu.t += 5.0
+    assert m.capacity(1000.0) == 1000.0 and m.factor() == 1.0
+
+
+def test_the_thread_cpu_clock_reads_one_threads_cpu_from_another() -> None:
+    import threading
+
+    got: list[Callable[[], float] | None] = []
+    burn, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        got.append(thread_cpu_clock())
+        burn.wait()
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.05:  # 50 ms of CPU
+            pass
+        done.set()
+        time.sleep(0.3)  # asleep: no CPU
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while not got:
+        time.sleep(0.01)
+    clock = got[0]
+    assert clock is not None  # Linux has per-thread CPU clocks
+    before = clock()
+    time.thread_time()
+    x = 0
+    for i in range(200_000):  # this thread's work is not the other thread's
+        x += i
+    assert clock() - before < 0.01
+    burn.set()
+    done.wait()
+    burned = clock() - before
+    assert 0.05 <= burned < 0.09
+    time.sleep(0.2)
+    assert clock() - before - burned < 0.01  # a sleeping thread takes no CPU
+    t.join()
+
+
+def test_a_deep_cut_at_idle_is_not_read_as_a_slowdown() -> None:
+    """A real worker with a real profile and its own measured request cost: requests that run
+    one small node (most of their cost is the request itself) leave the capacity nominal. The
+    slot's time alone against the node's profiled time reads several times slower."""
+    loaded = load_model("zoo:resnet18?width=0.25&in_channels=1")
+    sock = bind_free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = create_app(Settings(capacity_window_s=60.0, capacity_min_ms=1.0), [loaded])
+    with ServerThread(app, sock=sock), EdgeClient(url) as edge:
+        state = app.state.worker
+        entry = state.models[loaded.name]
+        entry.graph = profile_model(loaded, tier="edge", repeats=10)
+        request_ms = measure_request_ms(url, None, entry, samples=50)
+        assert request_ms is not None and request_ms > 0
+        meta = {**entry.graph.meta, "edge": {**entry.graph.meta.get("edge", {}), "edge_request_ms": request_ms}}
+        entry.graph = replace(entry.graph, meta=meta)
+        assert entry.request_ms == request_ms
+        inputs = exit_node_inputs(entry)
+        node_ms = entry.compute_ms(frozenset(inputs), entry.graph.exits[-1].node)
+        state.capacity.reset()
+        slot_ms = [edge.infer(loaded.name, inputs).compute_ms for _ in range(200)]
+        assert statistics.median(slot_ms) > 2.0 * node_ms  # the slot-only ratio that booked requests twice
+        assert state.capacity.factor() < 1.5
+        assert heartbeat_body(state, url)["capacity_ms_per_s"] > 1000.0 / 1.5

@@ -29,6 +29,7 @@ def test_the_worker_measures_and_publishes_its_request_cost_and_plans_pay_it() -
             profile_repeats=1,
             profile_warmup=0,
             request_samples=20,
+            capacity_min_ms=1.0,
         )
         with ServerThread(create_app(settings, [model]), sock=sock):
             wait_registered(purl, "alexnet", [url], timeout_s=90, tier="cpu-test")
@@ -37,6 +38,9 @@ def test_the_worker_measures_and_publishes_its_request_cost_and_plans_pay_it() -
             # an HTTP request through the guard, decode, batcher and encode costs the server CPU
             # time; on any machine it is more than 0.05 ms and far less than a second
             assert 0.05 < cost < 1000.0, meta
+            # its measuring requests, priced before it knew their cost, do not lower its capacity
+            (worker,) = planner.workers().workers
+            assert worker.capacity_ms_per_s == 1000.0
             graph = planner.get_model("alexnet").graph
             planner.put_profile("alexnet", "slow", "device", {n.name: 5.0 for n in graph.nodes})
             body = {"model": "alexnet", "device_tier": "slow", "bandwidth_mbps": 1000.0, "mode": "latency"}

@@ -81,6 +81,16 @@ class ModelEntry:
             cache[key] = _compute_ms(graph, given, target)
         return cache[key]
 
+    @property
+    def request_ms(self) -> float:
+        """The per-request cost a lease books for this model on this worker (cost model v2's
+        `edge_request_ms`): the one the worker measured (its edge profile's meta), else the
+        graph's own `overheads`, as the planner resolves it. O(1)."""
+        measured = self.graph.meta.get("edge", {}).get("edge_request_ms")
+        if isinstance(measured, (int, float)) and not isinstance(measured, bool):
+            return float(measured)
+        return self.graph.overheads.edge_request_ms
+
     def metadata(self) -> ModelMetadata:
         """v2 model metadata: the graph input with its real datatype and per-sample shape, the
         logits/class outputs, the exits and limits as parameters. O(nodes)."""

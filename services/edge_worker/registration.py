@@ -54,8 +54,9 @@ def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
     """The worker's heartbeat: URL, models, tier, load, queue and its capacity
-    (`capacity_ms_per_s`: profiled compute milliseconds it can take per second, 1000 per pool
-    thread divided by the measured slowdown of its compute against its profile, `capacity`)."""
+    (`capacity_ms_per_s`: profiled milliseconds it can take per second, 1000 per pool thread
+    divided by the measured ratio of what its requests take to what they are priced at,
+    `capacity`)."""
     return {
         "url": public_url,
         "models": sorted(state.models),
@@ -199,6 +200,7 @@ async def _registration_loop(
     reg = state.registration
     reg.update({"planner": base, "registered": [], "heartbeats": 0, "profiled": []})
     graphs = await _edge_graphs(state)
+    state.capacity.reset()  # its own measuring requests were priced before it knew their cost
     if admin is None:
         log.warning(
             "planner %s: registering models and edge profiles needs DAPDEE_ADMIN_TOKEN; "
