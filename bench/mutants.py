@@ -255,6 +255,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    pass",
         ("tests/test_request_cost.py",),
     ),
+    Mutation(
+        "a rebalance deletes the lock whoever holds it",
+        "services/planner/rebalancing.py",
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then",
+        "if true then",
+        ("tests/test_fleet_service.py",),
+    ),
     # Planning off the event loop: a plan that needs min-cuts runs in a plan thread.
     Mutation(
         "min-cut plans run on the event loop",

@@ -495,3 +495,33 @@ def test_a_capacity_drop_during_another_rebalance_is_rebalanced_when_the_lock_fr
         finally:
             r.delete(lock)
             r.close()
+
+
+def test_a_rebalance_releases_only_its_own_lock(planner_prefix: str) -> None:
+    """A rebalance that outlived its lock's TTL, while another replica took the lock, leaves
+    that replica's lock in place when it ends; its own it releases."""
+    assert asyncio.run(_lock_holders(planner_prefix)) == [True, False, b"other", None]
+
+
+async def _lock_holders(prefix: str) -> list[Any]:
+    settings = Settings(key_prefix=prefix, redis_url=SHARED_REDIS, rebalance_s=0, refresh_s=3600.0)
+    store = Store(settings, PlannerMetrics())
+    await store.start()
+    r = redis.Redis.from_url(SHARED_REDIS)
+    try:
+        fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates_for, store.live_workers)
+        rebalancer = Rebalancer(fleet, store.keys)
+        token = await rebalancer.acquire_lock()
+        out: list[Any] = [token is not None, await rebalancer.acquire_lock() is not None]
+        r.set(rebalancer.k_lock, b"other", px=60_000)  # its lock expired; another replica's now
+        await rebalancer.release_lock(token or "")
+        out.append(r.get(rebalancer.k_lock))
+        r.delete(rebalancer.k_lock)
+        token = await rebalancer.acquire_lock()
+        await rebalancer.release_lock(token or "")
+        out.append(r.get(rebalancer.k_lock))
+        return out
+    finally:
+        r.delete(f"{prefix}:v1:rebalance-lock")
+        r.close()
+        await store.close()

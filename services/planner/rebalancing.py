@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,14 @@ CAPACITY_RETRIES = 3
 # a rebalance after a capacity drop waits this long at most for a rebalance holding the lock
 URGENT_WAIT_S = 30.0
 LOCK_POLL_S = 0.2
+# releases the rebalance lock only if it still holds this replica's token: a rebalance that
+# outlived the lock's TTL must not delete the lock another replica took since
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class Rebalancer:
@@ -118,15 +127,27 @@ class Rebalancer:
     # ---- rebalancing ------------------------------------------------------------------------------
     async def rebalance_if_leader(self) -> dict[str, Any] | None:
         """Rebalance unless another replica holds the lock (then None)."""
-        ttl_ms = int(max(self.settings.rebalance_s, 1.0) * 1000)
-        got = await self.fleet.link.call("rebalance_lock", lambda r: r.set(self.k_lock, b"1", nx=True, px=ttl_ms))
-        if not got:
+        token = await self.acquire_lock()
+        if token is None:
             return None
         try:
             return await self.rebalance()
         finally:
             with contextlib.suppress(RedisUnavailable):
-                await self.fleet.link.call("rebalance_lock", lambda r: r.delete(self.k_lock))
+                await self.release_lock(token)
+
+    async def acquire_lock(self) -> str | None:
+        """Take the rebalance lock for `max(rebalance_s, 1)` s: its token, or None while another
+        rebalance holds it. RedisUnavailable passes up. One round trip."""
+        ttl_ms = int(max(self.settings.rebalance_s, 1.0) * 1000)
+        token = secrets.token_hex(16)
+        got = await self.fleet.link.call("rebalance_lock", lambda r: r.set(self.k_lock, token, nx=True, px=ttl_ms))
+        return token if got else None
+
+    async def release_lock(self, token: str) -> None:
+        """Release the lock `token` took, unless it expired and another rebalance holds it now
+        (compare-and-delete in one script). RedisUnavailable passes up. One round trip."""
+        await self.fleet.link.script("rebalance_unlock", RELEASE_LOCK, [self.k_lock], [token])
 
     async def rebalance(self) -> dict[str, Any]:
         """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
