@@ -538,7 +538,7 @@ class HeartbeatBody(BaseModel):
     inflight: int = Field(0, ge=0, le=10**9)
     queue_depth: int = Field(0, ge=0, le=10**9)
     capacity_ms_per_s: float = Field(
-        1000.0, gt=0, le=1e9, description="ms of compute the worker offers per second (its parallelism x 1000)"
+        1000.0, gt=0, le=1e9, description="profiled ms it offers per second: 1000 x its compute slots / its slowdown"
     )
 
 
