@@ -239,6 +239,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         "                await self.rebalance_if_leader()\n                return",
         ("tests/test_fleet_service.py",),
     ),
+    # The exact rebalance drops only the states whose LP bound cannot reach a known answer.
+    Mutation(
+        "the rebalance's LP bound undercounts what the other devices add",
+        "dapdee/fleet/bounds.py",
+        "out[:, c] = self.base_value[c] + np.interp(",
+        "out[:, c] = self.base_value[c] + 0.5 * np.interp(",
+        ("tests/test_fleet_bounds.py", "tests/test_fleet_rebalance.py"),
+    ),
+    Mutation(
+        "the rebalance's bounds ignore the room a state leaves",
+        "dapdee/fleet/rebalance.py",
+        "upper = layer.value + rest.upper(limit - layer.load)[:, :3]",
+        "upper = layer.value + rest.upper(limit + 0 * layer.load)[:, :3]",
+        ("tests/test_fleet_bounds.py",),
+    ),
+    Mutation(
+        "the accuracy bound rounds up past a quantum",
+        "dapdee/fleet/rebalance.py",
+        "acc = np.floor((upper[:, 1] + 1e-9) / ACCURACY_QUANTUM)",
+        "acc = np.floor((upper[:, 1] + 1e-6) / ACCURACY_QUANTUM)",
+        ("tests/test_fleet_bounds.py",),
+    ),
     # A worker's capacity compares what its requests take (slot + event loop) with what leases
     # book for them (nodes + request cost), and its own start-up requests do not count.
     Mutation(

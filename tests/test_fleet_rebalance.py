@@ -262,23 +262,26 @@ def test_past_the_exact_limit_the_answer_says_approximate_and_stays_feasible() -
     assert not sol.exact and sol.load <= RHO_MAX * 300.0
     exact = solve(demands, 300.0, RHO_MAX)
     assert exact.exact and exact.value >= sol.value
-    tight = solve(demands, 300.0, RHO_MAX, max_states=5)
+    # a staircase past the state budget (here: every state kept, none dropped by the bounds)
+    tight = solve(demands, 300.0, RHO_MAX, max_states=5, bounded=False)
     assert not tight.exact and tight.load <= RHO_MAX * 300.0 and tight.value <= exact.value
 
 
 def test_the_work_of_a_big_fleet_stays_bounded() -> None:
     """Sixty-four devices stay exact while their staircase is small; with a state budget smaller
-    than the staircase (a varied fleet of big graphs outgrows any budget), the solver keeps at
-    most the budget (or one state per bucket), says approximate, and its answer stays feasible
-    and no worse than all devices on Device-Only."""
+    than the staircase (a varied fleet of big graphs outgrows any budget; here the LP bounds are
+    off, so that every state counts), the solver keeps at most the budget (or one state per
+    bucket), says approximate, and its answer stays feasible and no worse than all devices on
+    Device-Only."""
     from dapdee.fleet.rebalance import GRID
 
     rng = random.Random(64)
     demands, brute = _fleet(rng, 64)
-    full = solve(demands, 300.0, RHO_MAX)
+    full = solve(demands, 300.0, RHO_MAX, bounded=False)
     assert full.exact and full.load <= RHO_MAX * 300.0 + 1e-9
+    assert solve(demands, 300.0, RHO_MAX).value == full.value
     budget = full.states // 3
-    sol = solve(demands, 300.0, RHO_MAX, max_states=budget)
+    sol = solve(demands, 300.0, RHO_MAX, max_states=budget, bounded=False)
     assert not sol.exact and sol.states <= max(budget, GRID)
     assert sol.load <= RHO_MAX * 300.0 + 1e-9 and sol.value <= full.value
     device_only = tuple(sum(max(v for load, v in opts if load == 0)[k] for opts in brute) for k in range(3))
