@@ -250,8 +250,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "the rebalance's bounds ignore the room a state leaves",
         "dapdee/fleet/rebalance.py",
-        "upper = layer.value + rest.upper(limit - layer.load)[:, :3]",
-        "upper = layer.value + rest.upper(limit + 0 * layer.load)[:, :3]",
+        "bound = rest.upper(limit - layer.load)",
+        "bound = rest.upper(limit + 0 * layer.load)",
         ("tests/test_fleet_bounds.py",),
     ),
     Mutation(

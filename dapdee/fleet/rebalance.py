@@ -251,8 +251,11 @@ def solve(
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
     if len(demands) <= exact_leases:
-        bounds = suffix_bounds([[(o.load, o.ranked) for o in ch] for ch in chains], COMPONENTS + TIE_WEIGHTS)
-        found = _dp(chains, limit, None, max_states, (rough.ranked, bounds) if bounded else None)
+        floor = None
+        if bounded:
+            bounds = suffix_bounds([[(o.load, o.ranked) for o in ch] for ch in chains], COMPONENTS + TIE_WEIGHTS)
+            floor = (rough.ranked, bounds)
+        found = _dp(chains, limit, None, max_states, floor)
         if found is not None:
             run, exact = found, True
     by_device = dict(zip(order, run.picks, strict=True))
@@ -320,17 +323,17 @@ def _reaching(layer: _Layer, rest: SuffixBound, limit: float, floor: Value) -> _
     on λ·value (`TIE_WEIGHTS`, bounded after the three components) falls short cannot beat it
     either. The weights make the LP pay for the met devices and the accuracy the floor needs,
     which the third component's bound alone does not. O(n log S)."""
-    upper = layer.value + rest.upper(limit - layer.load)[:, :3]
+    bound = rest.upper(limit - layer.load)  # (n, 3 + len(TIE_WEIGHTS))
+    upper = layer.value + bound[:, :3]
     met = np.floor(upper[:, 0] + 1e-6)
     acc = np.floor((upper[:, 1] + 1e-9) / ACCURACY_QUANTUM) * ACCURACY_QUANTUM  # LP sums err by ~1e-12
     slack = 1e-9 * max(1.0, abs(floor[2]))
     tie = (met == floor[0]) & (acc == floor[1])
     short = upper[:, 2] < floor[2] - slack
-    weighted = rest.upper(limit - layer.load)[:, 3:]
     for j, w in enumerate(TIE_WEIGHTS):
         target = w[0] * floor[0] + w[1] * floor[1] + w[2] * floor[2]
-        bound = layer.value @ np.asarray(w) + weighted[:, j]
-        short |= bound < target - 1e-9 * (abs(w[0] * floor[0]) + abs(w[1] * floor[1]) + abs(floor[2]) + 1.0)
+        margin = 1e-9 * (abs(w[0] * floor[0]) + abs(w[1] * floor[1]) + abs(floor[2]) + 1.0)
+        short |= layer.value @ np.asarray(w) + bound[:, 3 + j] < target - margin
     below = (met < floor[0]) | ((met == floor[0]) & (acc < floor[1])) | (tie & short)
     keep = ~below
     return _Layer(layer.load[keep], layer.value[keep], layer.parent[keep], layer.option[keep])
