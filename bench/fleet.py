@@ -18,7 +18,7 @@ Systems: DAPDEE-fleet (leases + periodic rebalancing), DAPDEE-independent (the p
 `DAPDEE_FLEET_PLANNING=false`, devices without `device_id`), Edge-Only, Device-Only and DADS
 (fixed per-device plans from `POST /plan {"baseline": ...}` at the device's sensed
 conditions). Runs: the fmnist-resnet18 artifact at every N and K, and the 224-px artifact at
-one N (`--n224`, K = 30). Each run: the planner restarted, a warm-up (`--warmup` s, plans
+one N (`--n224`, K = 30). Each run: the planner and the worker restarted, a warm-up (`--warmup` s, plans
 settle), then `--minutes` of measurement.
 
 Prints per run: goodput (frames/s within budget), SLO attainment (devices whose p95 <= budget),
@@ -125,8 +125,9 @@ def setup_lines(a: argparse.Namespace, loaded: dict[str, Any], settings: Planner
         f"requirements: {FRAME_RATE:g} frames/s per device, latency budget {BUDGET_MS:g} ms (mode auto), "
         + ("unchanged" if a.min_accuracy is None else f"and min accuracy {a.min_accuracy:g} (added: {FLOOR_REASON})"),
         f"uplinks: {mix}; round trip {RTT_MS:g} ms added per request",
-        "edge: one worker, 1 compute slot (--workers 1), batch 1, 1 torch thread; capacity 1000 ms/s nominal, "
-        "divided by the worker's measured slowdown",
+        "edge: one worker, 1 compute slot (--workers 1), batch 1, 1 torch thread, restarted for every run; "
+        "capacity 1000 ms/s nominal, divided by κ = what its requests take (compute slot + event-loop CPU) "
+        "over what they are priced at (Σ edge_ms + edge_request_ms)",
         "cameras: each releases from its own phase (uniform in one period, fixed per device id)",
         f"planner: nice {PLANNER_NICENESS} (it shares the host with the worker under test), "
         f"rho_max {settings.rho_max:g}, rebalance every {settings.rebalance_s:g} s, replan_after "
@@ -142,6 +143,12 @@ def setup_lines(a: argparse.Namespace, loaded: dict[str, Any], settings: Planner
                 f"{ms:.1f} ms = {1000 / ms:.1f} frames/s"
             )
     return lines
+
+
+def cost_range(summaries: list[dict[str, Any]], name: str) -> str:
+    """'lo-hi' of a per-request cost over the runs' measurements ('-' when none has it)."""
+    got = [c for s in summaries if (c := s["costs"].get(name)) is not None]
+    return f"{min(got):.2f}-{max(got):.2f}" if got else "-"
 
 
 def run_all(a: argparse.Namespace, settings: PlannerSettings, loaded: dict[str, Any], out: Path) -> list[dict]:
@@ -194,10 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     summaries = run_all(a, settings, loaded, out)
     order = [SYSTEMS[s].label for s in SYSTEMS]
     checked = report.targets(summaries, settings.rho_max)
-    costs = summaries[0]["costs"] if summaries else {}
-    cost_line = (
-        f"per-request costs priced (first run): device_request_ms {costs.get('device_request_ms')} (measured by a "
-        f"device session), edge_request_ms {costs.get('edge_request_ms')} (measured by the worker)"
+    cost_line = "per-request costs priced, range over the runs: " + ", ".join(
+        f"{name} {cost_range(summaries, name)} ({who})"
+        for name, who in (("device_request_ms", "measured by a device session"), ("edge_request_ms", "by the worker"))
     )
     text = "\n\n".join(
         [

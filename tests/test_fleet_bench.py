@@ -57,6 +57,8 @@ def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str
     assert s["costs"]["device_request_ms"] > 0 and s["costs"]["edge_request_ms"] > 0
     # leased devices: the leases' booking was read and stays within rho_max
     assert s["booked_max"] is not None and 0.0 <= s["booked_max"] <= PlannerSettings().rho_max + 1e-9
+    # the capacity the worker advertised in the window: its nominal 1000 ms/s over κ in [1, 4]
+    assert s["capacity_ms_per_s"] is not None and 250.0 <= s["capacity_ms_per_s"] <= 1000.0
 
 
 def test_every_device_leaves_the_priced_request_cost_out_of_its_round_trip(

@@ -9,6 +9,8 @@ number comes from frames that were really released, answered or dropped. Pure fu
 - p50 / p99: latency of the answered frames (release to answer);
 - worker utilisation: compute-busy seconds / (window x slots), from the worker's
   `dapdee_edge_compute_busy_seconds_total`; and the worker process's CPU seconds per second;
+- worker capacity and leases booked: the median capacity the worker advertised (ms/s, its
+  nominal 1000 / κ) and the largest share of it the leases booked, polled in the window;
 - plan changes per device-minute: changes of a device's plan (exit, device part or worker)
   put in use during the window;
 - prediction error, latency: the median over answered frames of |predicted − measured| /
@@ -148,6 +150,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "edge_requests": edge["requests"],
         "edge_rejected": edge["rejected"],
         "booked_max": win["booked_max"],
+        "capacity_ms_per_s": win.get("capacity_ms_per_s"),
         "planner_counts": win.get("planner", {}),
         "plan_changes_per_device_min": changes / (n * window_s / 60.0),
         "pred_err_latency": _median(lat_err),

@@ -45,8 +45,8 @@ def _where(s: dict[str, Any]) -> str:
 
 COLUMNS = (
     "system | N | goodput fps (±se) | per device | SLO | p50 ms | p99 ms | dropped | edge/local/fallback % "
-    "| accuracy | worker util | worker CPU | planner CPU | clients CPU | plan changes /dev-min | pred err lat "
-    "| pred err fps"
+    "| accuracy | worker capacity ms/s | leases booked | worker util | worker CPU | planner CPU | clients CPU "
+    "| plan changes /dev-min | pred err lat | pred err fps"
 )
 
 
@@ -60,7 +60,8 @@ def run_row(s: dict[str, Any]) -> str:
         [
             s["system"], str(s["n"]), f"{s['goodput_fps']:.1f} ±{s['goodput_se']:.1f}",
             f"{s['goodput_per_device']:.2f}", f"{100 * s['slo_attainment']:.0f}%", _f(s["p50_ms"]), _f(s["p99_ms"]),
-            _pct(s["dropped_share"]), _where(s), _f(s["accuracy"], ".4f"), *cpu,
+            _pct(s["dropped_share"]), _where(s), _f(s["accuracy"], ".4f"), _f(s.get("capacity_ms_per_s"), ".0f"),
+            _f(s["booked_max"], ".2f"), *cpu,
             _f(s["plan_changes_per_device_min"], ".2f"), _pct(s["pred_err_latency"]), _pct(s["pred_err_throughput"]),
         ]
     )  # fmt: skip

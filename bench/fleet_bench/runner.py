@@ -1,6 +1,7 @@
 """One fleet run end to end, on a started `FleetStack`:
 
-1. the planner is restarted with the system's settings; the edge worker registers again;
+1. the planner is restarted with the system's settings, then the edge worker, which registers
+   again (`FleetStack.fresh`: no run inherits the state an earlier one left);
 2. the device tier's profile (the K = 1 profile x K) is published by a real device session
    (`dapdee.device.session.open_device` on the same profile, shaped 4G uplink, nothing else
    running), which measures and publishes the device's per-request CPU cost
@@ -9,7 +10,8 @@
    links and get their first plans, then report ready;
 4. all cameras start at one wall-clock instant; after the warm-up the worker's counters and
    every process's CPU time are read, and again at the end of the window; meanwhile the
-   planner's `GET /workers` is polled for what leases book on the worker;
+   planner's `GET /workers` is polled for what leases book on the worker and the capacity it
+   advertises;
 5. each process reports its devices' frames and plans.
 
 The raw result (`run_scenario`) is JSON; `metrics.summarize` turns it into the figures.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import statistics
 import subprocess
 import sys
 import threading
@@ -128,14 +131,17 @@ def _snapshot(stack: FleetStack, clients: list[ClientProcess]) -> Snapshot:
     return Snapshot(stack.edge_counters(), stack.planner_counters(), cpu, time.time())
 
 
-def _booked(planner_url: str, token: str) -> float | None:
-    """The largest share of its capacity that leases book on any worker now (GET /workers)."""
+def _booked(planner_url: str, token: str) -> tuple[float, float] | None:
+    """(the largest share of its capacity that leases book on any worker, the smallest capacity
+    a worker advertises, ms/s) now, from GET /workers; None when no worker is listed."""
     try:
         with PlannerClient(planner_url, token, timeout=2.0) as client:
             workers = client.workers().workers
     except ClientError:
         return None
-    return max((w.leased_ms_per_s / w.capacity_ms_per_s for w in workers), default=0.0)
+    if not workers:
+        return None
+    return max(w.leased_ms_per_s / w.capacity_ms_per_s for w in workers), min(w.capacity_ms_per_s for w in workers)
 
 
 def _wait_until(t: float, every: Callable[[], None] | None = None) -> None:
@@ -160,7 +166,7 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
         c.send(json.dumps({"go": go}))
     _wait_until(go + sc.warmup_s)
     a = _snapshot(stack, clients)
-    booked: list[float] = []
+    booked: list[tuple[float, float]] = []
 
     def poll() -> None:
         b = _booked(url, stack.tokens.admin)
@@ -175,7 +181,9 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
         "edge": _diff(a.edge, b.edge),
         "planner": {k: b.planner[k] - a.planner[k] for k in a.planner},
         "cpu_per_s": {k: (b.cpu[k] - a.cpu[k]) / wall for k in a.cpu},
-        "booked_max": max(booked, default=None),
+        "booked_max": max((b for b, _ in booked), default=None),
+        "capacity_ms_per_s": statistics.median(c for _, c in booked) if booked else None,
+        "booked": booked,
     }
 
 
@@ -184,7 +192,7 @@ def run_scenario(
 ) -> dict[str, Any]:
     """One run (module docstring); the raw result as JSON-able data."""
     system = SYSTEMS[sc.system]
-    url = stack.use_planner(settings.env(system), [loaded.name])
+    url = stack.fresh(settings.env(system), [loaded.name])
     costs = publish_profile(stack, sc, loaded, url)
     clients: list[ClientProcess] = []
     try:

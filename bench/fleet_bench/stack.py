@@ -6,18 +6,23 @@ with random admin, device and worker tokens.
   (`--workers 1`), one torch thread, and no batching (`--batch-max 1`): the issue's "limited
   to 1 compute slot", and batch 1 is the cost the planner books per frame (`edge_ms_per_frame`
   = Σ edge_ms + the worker's own measured `edge_request_ms`, both at batch 1), so the leases'
-  arithmetic and the worker's real cost are the same thing. It is started once per benchmark:
-  it profiles its nodes and measures its per-request cost once, before any load.
-- The planner is restarted for every run on the same port with a fresh Redis key prefix (no
-  lease, plan map or profile of an earlier run survives) and the run's settings (fleet
-  planning on or off); the edge worker notices on its next heartbeat (every second) that the
-  planner lost its model and registers it again.
+  arithmetic and the worker's real cost are the same thing.
+- Both services are restarted for every run (`fresh`), on the same ports, the planner with a
+  fresh Redis key prefix (no lease, plan map or profile of an earlier run survives) and the
+  run's settings (fleet planning on or off). The worker is restarted too because what it
+  measures under load is state: its advertised capacity rises at once when it is overloaded
+  and falls back only after a minute of relief, so a worker kept across runs would start the
+  run after an overloading baseline with a fraction of its capacity. Its node profile is
+  measured once, at the first start, and read from a private cache after that, so every run
+  prices the same nodes; like any worker start, each start calibrates that profile to a whole
+  frame and measures its per-request cost (each run's values are in its result).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +104,9 @@ def parse_planner_counters(text: str) -> dict[str, float]:
 
 
 class FleetStack:
-    """Redis + one edge worker (started by `start`) + a planner per run (`use_planner`).
-    A context manager; `stop` ends everything it started."""
+    """Redis (started by `start`) + a planner and one edge worker per run (`fresh`).
+    A context manager; `stop` ends everything it started. `profile_cache`: where the worker
+    caches its node profile (default: a private temporary folder, removed by `stop`)."""
 
     def __init__(
         self,
@@ -115,28 +121,31 @@ class FleetStack:
         # worker under test, so it runs at a lower priority: its rebalance and re-plan bursts must
         # not slow the worker (whose measured capacity, and so the fleet's plans, would follow).
         self.planner = ServiceProcess("planner", [], "/readyz", {}, log_level="error", niceness=PLANNER_NICENESS)
+        self._own_cache = None if profile_cache is not None else tempfile.TemporaryDirectory(prefix="fleet-edge-")
+        profile_cache = profile_cache if profile_cache is not None else Path(self._own_cache.name)
         models = ",".join(f"@{a}" for a in artifacts)
         args = ["--models", models, "--workers", "1", "--batch-max", "1", "--threads", "1", "--tier", EDGE_TIER]
         args += ["--planner", self.planner.url, "--profile-repeats", str(profile_repeats)]
-        if profile_cache is not None:
-            args += ["--profile-cache", str(profile_cache)]
+        args += ["--profile-cache", str(profile_cache)]
         env = {"DAPDEE_EDGE_HEARTBEAT_S": "1", "DAPDEE_EDGE_REQUEST_SAMPLES": str(request_samples)}
         self.edge = ServiceProcess("edge", args, "/v2/health/ready", {**self.tokens.env(), **env}, log_level="error")
         self.prefix = ""
 
     def start(self) -> FleetStack:
         self.redis.start()
-        self.edge.start(180)
         return self
 
-    def use_planner(self, settings: Mapping[str, str], models: Sequence[str], timeout_s: float = 120.0) -> str:
-        """(Re)start the planner with `settings` (DAPDEE_* variables) and a fresh key prefix, and
-        wait until the edge worker has registered each of `models` with it. Returns its URL."""
+    def fresh(self, settings: Mapping[str, str], models: Sequence[str], timeout_s: float = 180.0) -> str:
+        """(Re)start the planner with `settings` (DAPDEE_* variables) and a fresh key prefix, then
+        the edge worker, and wait until the worker has registered each of `models` with the
+        planner. Returns the planner's URL."""
         self.planner.stop()
+        self.edge.stop()
         self.prefix = unique_prefix("fleet")
         self.planner.args = ["--redis-url", self.redis.url]
         self.planner.env = {**self.tokens.env(), "DAPDEE_KEY_PREFIX": self.prefix, **settings}
         self.planner.start(90)
+        self.edge.start(timeout_s)
         for m in models:
             wait_registered(self.planner.url, m, [self.edge.url], timeout_s, self.tokens.admin, EDGE_TIER)
         return self.planner.url
@@ -159,6 +168,8 @@ class FleetStack:
         self.planner.stop()
         self.edge.stop()
         self.redis.stop()
+        if self._own_cache is not None:
+            self._own_cache.cleanup()
 
     def __enter__(self) -> FleetStack:
         return self.start()
