@@ -266,15 +266,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "the capacity meter times the compute slot only",
         "services/edge_worker/app.py",
-        "outside=thread_demand_clock(),",
+        "outside=thread_cpu_clock(),",
         "outside=None,",
-        ("tests/test_edge_capacity.py",),
-    ),
-    Mutation(
-        "a slot's time waiting for the GIL counts as taken",
-        "services/edge_worker/batching.py",
-        "taken_s = compute_s if demand0 is None or demand1 is None else demand1 - demand0",
-        "taken_s = compute_s",
         ("tests/test_edge_capacity.py",),
     ),
     Mutation(

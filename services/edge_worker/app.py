@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from dapdee.edge_worker.batching import Batcher
-from dapdee.edge_worker.capacity import CapacityMeter, thread_demand_clock
+from dapdee.edge_worker.capacity import CapacityMeter, thread_cpu_clock
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.metrics import EdgeMetrics
@@ -88,7 +88,7 @@ def _entries(settings: Settings, loaded: list[LoadedModel]) -> dict[str, ModelEn
 
 def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerState:
     """Metrics (model info filled in), the batcher and the capacity meter for the served
-    models. Call it on the event loop's thread (the meter reads that thread's CPU demand)."""
+    models. Call it on the event loop's thread (the meter times that thread's CPU)."""
     metrics = EdgeMetrics()
 
     def on_batch(model: str, size: int, compute_s: float) -> None:
@@ -110,7 +110,7 @@ def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerS
         settings.capacity_max_factor,
         settings.capacity_hysteresis,
         settings.capacity_raise_after_s,
-        outside=thread_demand_clock(),  # called from the lifespan: the event loop's thread, where HTTP work runs
+        outside=thread_cpu_clock(),  # called from the lifespan: the event loop's thread, where HTTP work runs
     )
     return WorkerState(settings, entries, batcher, metrics, ready=True, capacity=meter)
 

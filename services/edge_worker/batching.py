@@ -22,8 +22,6 @@ from typing import Any, Protocol
 
 import torch
 
-from dapdee.edge_worker.capacity import thread_demand_s
-
 BatchKey = tuple[str, frozenset[str], str] | tuple[str, frozenset[str], str, str]  # model, inputs, exit[, mode]
 Output = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -40,10 +38,9 @@ class BatchResult:
 
     output: Output
     queue_s: float
-    compute_s: float  # the batch's wall time in its slot
+    compute_s: float
     batch_size: int  # requests in the batch
     batch_rows: int  # rows in the batch
-    taken_s: float  # what the batch took of the CPUs (capacity.thread_demand_s; compute_s where unmeasurable)
 
 
 @dataclass
@@ -144,10 +141,8 @@ class Batcher:
         fut.add_done_callback(lambda f: self._done(key[0], items, f))
 
     # ---- execution (pool thread) -------------------------------------------------------
-    def _run(self, executor: Computes, target: str, items: list[_Pending]) -> tuple[Output, float, float, float]:
-        """(output, start, wall seconds, taken seconds): taken is the thread's CPU demand over
-        the batch (time waiting for the GIL left out) plus the emulated slowdown's sleep."""
-        t0, demand0 = time.perf_counter(), thread_demand_s()
+    def _run(self, executor: Computes, target: str, items: list[_Pending]) -> tuple[Output, float, float]:
+        t0 = time.perf_counter()
         tid = threading.get_ident()
         with self._lock:
             self._running[tid] = t0
@@ -163,13 +158,10 @@ class Batcher:
             if not all(isinstance(o, torch.Tensor) for o in parts):
                 raise RuntimeError(f"exit node {target} did not produce a tensor")
             compute_s = time.perf_counter() - t0
-            demand1 = thread_demand_s()
-            taken_s = compute_s if demand0 is None or demand1 is None else demand1 - demand0
             if self.slowdown > 1.0:
-                pause = compute_s * (self.slowdown - 1.0)
-                time.sleep(pause)
-                compute_s, taken_s = time.perf_counter() - t0, taken_s + pause
-            return out, t0, compute_s, taken_s
+                time.sleep(compute_s * (self.slowdown - 1.0))
+                compute_s = time.perf_counter() - t0
+            return out, t0, compute_s
         finally:
             with self._lock:
                 self._running.pop(tid, None)
@@ -189,7 +181,7 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
-        out, t0, compute_s, taken_s = f.result()
+        out, t0, compute_s = f.result()
         if self.on_batch is not None:
             self.on_batch(model, len(items), compute_s)
         start = 0
@@ -203,9 +195,7 @@ class Batcher:
             start += it.rows
             if not it.future.done():
                 queue_s = max(0.0, t0 - it.t_submit)
-                it.future.set_result(
-                    BatchResult(part, queue_s, max(0.0, compute_s), len(items), rows, max(0.0, taken_s))
-                )
+                it.future.set_result(BatchResult(part, queue_s, max(0.0, compute_s), len(items), rows))
 
     # ---- load and shutdown ------------------------------------------------------------------
     def load(self) -> float:

@@ -10,24 +10,18 @@ priced at, and advertises `nominal / κ`, κ the ratio of the two over recent re
 
 - **Priced** (what the leases book): per answered request, the profile's Σ edge_ms of the nodes
   it ran plus the model's `edge_request_ms`.
-- **Taken**: what the compute slot and the event-loop thread (everything outside the slot:
-  HTTP, decoding, dispatch, encoding) demanded of the CPUs: the time each ran on one or waited
-  in a run queue for one (`thread_demand_s`, Linux schedstat). The slot's share is read per
-  batch, split by rows; the event loop's at each reading of κ (`outside`), since it cannot be
-  split per request. A thread waiting for the GIL or a lock is asleep, so the time one thread
-  waits for the other's work is counted once, in the thread that does it; a wall-clock slot
-  counted it twice (the loop's decoding, and the slot waiting for the GIL meanwhile) and read a
-  busy worker about twice as slow as it was. A slot's emulated slowdown (`--slowdown`) sleeps
-  for compute it stands for, and counts as taken. Where there is no schedstat, the slot's wall
-  time and the loop's CPU time are read instead (`thread_demand_clock`).
+- **Taken**: the compute slot's time for the request (its share of the batch, wall clock, so a
+  slot starved of the CPU or the GIL counts), plus the CPU time of the event-loop thread, where
+  everything outside the slot happens (HTTP, decoding, dispatch, encoding): read from that
+  thread's CPU clock (`outside`) each time κ is read, since it cannot be split per request.
   Comparing like with like matters: a deep cut runs little compute but pays the whole request
   cost, and a slot-only κ (its fixed per-call time against a few microseconds of profiled
   nodes) read 4-8 at idle and booked the request cost that many times over. Where the platform
-  has no per-thread clock at all (`outside` None), the event loop is not timed and κ compares
-  the slot with the profiled compute alone.
+  has no per-thread CPU clock (`outside` None), the event loop is not timed and κ compares the
+  slot with the profiled compute alone.
 - κ is the ratio of sums over the last `window_s` seconds (one slow request does not move it
   much, a sustained slowdown does), and only once they hold at least `min_ms` of priced time
-  (an idle worker advertises its nominal capacity). The event loop's work between requests
+  (an idle worker advertises its nominal capacity). The event loop's CPU between requests
   (heartbeats, metrics scrapes, refused requests) counts as taken: it is capacity the leases
   cannot have.
 - κ is clamped to [1, `max_factor`]: batching or a faster run never advertise more than the
@@ -51,36 +45,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
-
-SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
 
-def schedstat_seconds(path: Path | str) -> float | None:
-    """The seconds a thread has run on a CPU plus waited in a run queue for one, from its
-    schedstat file (`/proc/<pid>/task/<tid>/schedstat`: nanoseconds run, nanoseconds waited,
-    time slices); None when the file cannot be read. O(1)."""
-    try:
-        run_ns, wait_ns = Path(path).read_text().split()[:2]
-        return (int(run_ns) + int(wait_ns)) / 1e9
-    except (OSError, ValueError):
-        return None
-
-
-def thread_demand_s() -> float | None:
-    """The calling thread's CPU demand so far: seconds run plus seconds runnable but waiting for
-    a CPU; None where the platform has no schedstat. Not the time it slept, blocked on a lock
-    or waited for the GIL. O(1): one small file read."""
-    return schedstat_seconds(SCHEDSTAT)
-
-
-def thread_demand_clock() -> Callable[[], float] | None:
-    """The calling thread's CPU demand (`thread_demand_s`) as a function readable from any
-    thread; where there is no schedstat, the thread's CPU clock (run time only); None where
-    there is neither. O(1) per reading."""
-    path = Path(f"/proc/self/task/{threading.get_native_id()}/schedstat")
-    if schedstat_seconds(path) is not None:
-        return lambda: schedstat_seconds(path) or 0.0
+def thread_cpu_clock() -> Callable[[], float] | None:
+    """The calling thread's CPU clock, readable from any thread: a function returning the CPU
+    seconds that thread has used; None where the platform has no per-thread CPU clocks. O(1)."""
     try:
         clock_id = time.pthread_getcpuclockid(threading.get_ident())
         time.clock_gettime(clock_id)
@@ -91,8 +60,8 @@ def thread_demand_clock() -> Callable[[], float] | None:
 
 class CapacityMeter:
     """Measured ratio of taken to priced time over a sliding window (module docstring).
-    `outside`: the event-loop thread's clock of CPU demand in seconds (`thread_demand_clock()`
-    called on that thread), None to time the compute slots only."""
+    `outside`: the event-loop thread's CPU clock in seconds (`thread_cpu_clock()` called on
+    that thread), None to time the compute slots only."""
 
     def __init__(
         self,
@@ -124,8 +93,8 @@ class CapacityMeter:
 
     def record(self, compute_ms: float, request_ms: float, slot_ms: float) -> None:
         """One answered request: the profile's compute ms for its nodes, its share of the
-        per-request cost (`edge_request_ms`), and the slot's ms it took (`BatchResult.taken_s`).
-        The request cost is priced only when the event loop is timed (`outside`)."""
+        per-request cost (`edge_request_ms`), and the slot's ms it took. The request cost is
+        priced only when the event loop is timed (`outside`)."""
         if not (compute_ms >= 0 and request_ms >= 0 and slot_ms >= 0):  # NaN or negative: not a measurement
             return
         priced = compute_ms + (request_ms if self.outside is not None else 0.0)
@@ -133,7 +102,7 @@ class CapacityMeter:
 
     def factor(self) -> float:
         """κ: taken over priced time in the window, clamped to [1, max_factor]; 1 while the
-        window holds less than `min_ms` of priced time. Reads the event loop's clock."""
+        window holds less than `min_ms` of priced time. Reads the event loop's CPU clock."""
         now = self.clock()
         if self.outside is not None:
             cpu_s, elapsed = self.outside(), now - self._outside_at

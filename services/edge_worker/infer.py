@@ -250,7 +250,7 @@ async def run_infer(
     predicted = None if confident else entry.compute_ms(given, node)
     if predicted is not None:  # this request's share of its batch's compute, against its price
         rows = next(iter(req.inputs.values())).shape[0]
-        slot_ms = result.taken_s * 1000.0 * rows / max(1, result.batch_rows)
+        slot_ms = result.compute_s * 1000.0 * rows / max(1, result.batch_rows)
         state.capacity.record(predicted * rows, entry.request_ms, slot_ms)
     if tracing is not None:
         record_infer(tracing, entry, req.inputs, node, exit_name, len(body), result, submit_ns)
