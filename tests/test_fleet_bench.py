@@ -19,14 +19,17 @@ from dapdee.bench.fleet_bench.report import GOODPUT_X_INDEPENDENT, INDEPENDENT, 
 from dapdee.bench.fleet_bench.runner import run_scenario
 from dapdee.bench.fleet_bench.scenario import MODELS, Scenario
 from dapdee.bench.fleet_bench.stack import FleetStack
-from dapdee.bench.fleet_bench.systems import PlannerSettings
+from dapdee.bench.fleet_bench.systems import SYSTEMS, PlannerSettings
 from dapdee.testing import RedisProcess, ServiceProcess
 
 pytestmark = pytest.mark.skipif(not RedisProcess.available(), reason="redis-server is not installed")
 
 
 @pytest.fixture(scope="module")
-def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict]]:
+    """The run's raw result, its summary, and what the next run starts from: the worker's
+    process ids before and after, and its heartbeat as the fresh planner lists it."""
+    from dapdee.client import PlannerClient
     from dapdee.models import load_model
 
     loaded = load_model("", weights=str(MODELS["resnet18"]))
@@ -34,11 +37,33 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
     sc = Scenario("fleet", 2, 30.0, warmup_s=2.0, window_s=4.0)
     with FleetStack([MODELS["resnet18"]], profile_repeats=2, request_samples=5, profile_cache=cache) as stack:
         raw = run_scenario(stack, sc, PlannerSettings(), loaded, tmp_path_factory.mktemp("logs"))
-    yield raw, summarize(raw, {"final": 0.93})
+        pid = stack.edge.proc.pid
+        url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]), [loaded.name])
+        with PlannerClient(url, stack.tokens.admin) as client:
+            workers = client.workers().workers
+        after = {
+            "pids": (pid, stack.edge.proc.pid),
+            "workers": workers,
+            "cached": sorted(p.name for p in cache.iterdir()),
+            "model": loaded.name,
+        }
+    yield raw, summarize(raw, {"final": 0.93}), after
 
 
-def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    raw, s = fleet_run
+def test_every_run_starts_with_a_fresh_worker(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:
+    """The next run's worker is a new process at its nominal capacity with no leases (the run
+    before booked it), its node profile read from the cache the first start wrote."""
+    raw, s, after = fleet_run
+    before, now = after["pids"]
+    assert before != now
+    assert s["booked_max"] is not None and s["booked_max"] > 0  # the run before did book it
+    [worker] = after["workers"]
+    assert worker.capacity_ms_per_s == 1000.0 and worker.leased_ms_per_s == 0.0
+    assert after["cached"] == [f"{after['model']}.edge.edge.json"]
+
+
+def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:
+    raw, s, _ = fleet_run
     assert not raw["errors"] and len(raw["devices"]) == 2
     for dev in raw["devices"]:
         assert dev["frames"], dev["spec"]
@@ -62,29 +87,29 @@ def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str
 
 
 def test_every_device_leaves_the_priced_request_cost_out_of_its_round_trip(
-    fleet_run: tuple[dict[str, Any], dict[str, Any]],
+    fleet_run: tuple[dict[str, Any], dict[str, Any], dict],
 ) -> None:
     """The planner adds the tier profile's device_request_ms to every edge plan; each device's
     stated round trip leaves exactly that value out (priced once, not twice)."""
-    raw, s = fleet_run
+    raw, s, _ = fleet_run
     priced = s["costs"]["device_request_ms"]
     assert priced is not None and priced > 0
     for dev in raw["devices"]:
         assert dev["sensed"]["request_cpu_ms"] == priced, dev["spec"]
 
 
-def test_edge_frames_are_counted_by_the_worker(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
-    raw, s = fleet_run
+def test_edge_frames_are_counted_by_the_worker(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:
+    raw, s, _ = fleet_run
     edge_frames = s["where"].get("edge", 0)
     served = raw["window"]["edge"]["requests"].get("200", 0.0)
     if edge_frames:
         assert served > 0 and raw["window"]["edge"]["busy_s"] > 0
 
 
-def test_the_cameras_release_from_their_own_phases(fleet_run: tuple[dict[str, Any], dict[str, Any]]) -> None:
+def test_the_cameras_release_from_their_own_phases(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:
     """Each device's first release in the window sits at its own phase (fixed by its id) past the
     common start, not at the start: independent cameras are not phase-locked."""
-    raw, _ = fleet_run
+    raw, _, _ = fleet_run
     sc = raw["scenario"]
     period = 1.0 / sc["frame_rate"]
     offsets = []

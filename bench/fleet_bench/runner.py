@@ -183,7 +183,6 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
         "cpu_per_s": {k: (b.cpu[k] - a.cpu[k]) / wall for k in a.cpu},
         "booked_max": max((b for b, _ in booked), default=None),
         "capacity_ms_per_s": statistics.median(c for _, c in booked) if booked else None,
-        "booked": booked,
     }
 
 
