@@ -128,7 +128,8 @@ def setup_lines(a: argparse.Namespace, loaded: dict[str, Any], settings: Planner
         "edge: one worker, 1 compute slot (--workers 1), batch 1, 1 torch thread, restarted for every run; "
         "capacity 1000 ms/s nominal, divided by κ = what its requests take (compute slot + event-loop CPU) "
         "over what they are priced at (Σ edge_ms + edge_request_ms)",
-        "cameras: each releases from its own phase (uniform in one period, fixed per device id)",
+        "cameras: each releases from its own phase (uniform in one period, fixed per device id); "
+        "device parts timed on each device's own clock (the client event loop's delay is not queued on the device)",
         f"planner: nice {PLANNER_NICENESS} (it shares the host with the worker under test), "
         f"rho_max {settings.rho_max:g}, rebalance every {settings.rebalance_s:g} s, replan_after "
         f"{settings.replan_after_s:g} s, lease ttl {settings.lease_ttl_s:g} s",

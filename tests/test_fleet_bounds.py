@@ -12,7 +12,7 @@ import pytest
 
 from dapdee.costgraph import CostGraph
 from dapdee.fleet.bounds import hull_segments, suffix_bounds
-from dapdee.fleet.rebalance import MAX_STATES, Demand, resolved_objective, solve
+from dapdee.fleet.rebalance import Demand, resolved_objective, solve
 from dapdee.models import load_model
 from dapdee.planning import PlanMap, PlanRequest
 
@@ -95,5 +95,8 @@ def test_the_bounds_drop_states_and_keep_the_answer(seed: int) -> None:
         assert bounded.load <= RHO_MAX * capacity + 1e-9
         if capacity > 100.0:
             assert bounded.states * 2 < plain.states, (capacity, bounded.states, plain.states)
-    # with room for most of them, every state is kept past the state budget without the bounds
-    assert plain.states > MAX_STATES and not solve(demands, 1500.0, RHO_MAX, bounded=False).exact
+    # with room for most of them, the plain staircase outgrows a budget the bounded one fits in
+    budget = plain.states - 1
+    assert bounded.states <= budget
+    assert solve(demands, 1500.0, RHO_MAX, max_states=budget).exact
+    assert not solve(demands, 1500.0, RHO_MAX, bounded=False, max_states=budget).exact

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -105,22 +106,48 @@ class ClientJob:
         return RuntimeConfig(req, max_inflight=self.max_inflight, probe_idle_s=self.probe_idle_s)
 
 
+RELEASED_AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("released_at", default=None)
+"""The camera's release time (monotonic s) of the frame whose task reads it, until its first
+device part has begun."""
+
+
 class DeviceStage:
     """The device's compute as its camera sees it: the emulated compute, counting the device
     parts in progress (waiting for the device's one compute thread or running) and setting
-    `changed` whenever one ends. A `ComputeBackend`."""
+    `changed` whenever one ends. A `ComputeBackend`.
+
+    **The device's own clock.** A frame's first device part begins, on the device, when the
+    frame is released or the previous part ends (`free_at`), whichever is later. Sixteen devices
+    share this process's event loop, so the call arrives later than that (the camera's wake-up,
+    the runtime's awaits behind other devices' HTTP work); the part is told how late
+    (`EmulatedCompute`'s `late_s`) and ends on time. The loop's delay still reaches a frame's
+    latency through its timers, but no longer queues the frames after it: a device whose part
+    fills 98 % of the camera period otherwise queued its frames behind the loop's delays,
+    a queue a device with its own CPU would not have. Later parts of the same frame (a local
+    fallback after the edge) begin when called."""
 
     def __init__(self, inner: EmulatedCompute, changed: asyncio.Event) -> None:
         self.inner = inner
         self.changed = changed
         self.active = 0
+        self.free_at = -math.inf  # monotonic s: when the last part began ends on the device's clock
+
+    def _late_s(self, ms: float) -> float:
+        """How long ago the part of `ms` began on the device's clock (0 unless it is its frame's
+        first); books the device until the part's end. O(1)."""
+        now, released = time.monotonic(), RELEASED_AT.get()
+        RELEASED_AT.set(None)
+        start = now if released is None else min(now, max(released, self.free_at))
+        self.free_at = start + ms / 1000.0
+        return now - start
 
     async def run(
         self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Computed:
+        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed))
         self.active += 1
         try:
-            return await self.inner.run(given, targets, allowed)
+            return await self.inner.run(given, targets, allowed, late_s=late)
         finally:
             self.active -= 1
             self.changed.set()
@@ -128,9 +155,10 @@ class DeviceStage:
     async def progressive(
         self, given: Mapping[str, Any], part: SidePart, targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Progressed:
+        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed))
         self.active += 1
         try:
-            return await self.inner.progressive(given, part, targets, allowed)
+            return await self.inner.progressive(given, part, targets, allowed, late_s=late)
         finally:
             self.active -= 1
             self.changed.set()
@@ -184,6 +212,7 @@ class Camera:
         return self.stage.active == 0 and len(self.inflight) < self.cap
 
     async def _one(self, rel: Released) -> None:
+        RELEASED_AT.set(rel.at)  # this task's context: its device part begins on the device's clock
         try:
             rel.record = await self.runtime.infer(self.frame)
         except Exception as exc:  # counted as a missed frame; the camera goes on

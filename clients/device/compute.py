@@ -178,7 +178,13 @@ class EmulatedCompute:
     profile's timings, so a profile measured at K already includes K) and returns the
     `BoundaryValues`' real tensors. Runs one at a time, as `TorchCompute`'s one compute thread
     does (a pipelined frame waits for the previous one's device part; the wait is not in `ms`).
-    Uses no CPU beyond a timer. O(V + E) per call."""
+    Uses no CPU beyond a timer. O(V + E) per call.
+
+    `run(..., late_s=s)`: the part began `s` seconds before the call on the emulated device's
+    own clock. A caller emulating many devices on one event loop passes the time between its
+    device having the frame in hand and this call: that is the loop's delay, not the device's,
+    and charged as device time it would push every later frame back. The sleep is shortened by
+    `s` (never below 0) and `ms` counts it."""
 
     def __init__(self, graph: CostGraph, values: BoundaryValues, scale: float = 1.0) -> None:
         if not graph.has_timings("device"):
@@ -190,26 +196,43 @@ class EmulatedCompute:
         self.scale = float(scale)
         self._busy = asyncio.Lock()  # the device's one compute thread
 
-    async def run(
-        self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
-    ) -> Computed:
-        nodes = nodes_to_run(self.graph, given.keys(), targets)
+    def part_ms(self, given: Collection[str], targets: Sequence[str], allowed: Collection[str] | None = None) -> float:
+        """The emulated ms of the part that computes `targets` from the values named in `given`:
+        `scale` x Σ device_ms of the nodes it runs. ValueError as `nodes_to_run`, or when a node
+        outside `allowed` would have to run. O(V + E)."""
+        nodes = nodes_to_run(self.graph, given, targets)
         if allowed is not None:
             outside = [n for n in nodes if n not in allowed]
             if outside:
                 raise ValueError(f"partition would need nodes outside it: {', '.join(outside[:5])}")
-        ms = self.scale * sum(self.graph.node(n).device_ms or 0.0 for n in nodes)
+        return self.scale * sum(self.graph.node(n).device_ms or 0.0 for n in nodes)
+
+    async def run(
+        self,
+        given: Mapping[str, Any],
+        targets: Sequence[str],
+        allowed: Collection[str] | None = None,
+        *,
+        late_s: float = 0.0,
+    ) -> Computed:
+        ms = self.part_ms(given.keys(), targets, allowed)
         async with self._busy:
-            t0 = time.perf_counter()
-            await asyncio.sleep(ms / 1000.0)
+            t0 = time.perf_counter() - max(0.0, late_s)
+            await asyncio.sleep(max(0.0, t0 + ms / 1000.0 - time.perf_counter()))
             values = self.values.get([t for t in targets])
             return Computed(values, (time.perf_counter() - t0) * 1000.0)
 
     async def progressive(
-        self, given: Mapping[str, Any], part: SidePart, targets: Sequence[str], allowed: Collection[str] | None = None
+        self,
+        given: Mapping[str, Any],
+        part: SidePart,
+        targets: Sequence[str],
+        allowed: Collection[str] | None = None,
+        *,
+        late_s: float = 0.0,
     ) -> Progressed:
         """`run` of the targets: no head answers (the values are not the frame's)."""
-        done = await self.run(given, targets, allowed)
+        done = await self.run(given, targets, allowed, late_s=late_s)
         return Progressed(PartResult(1, (), torch.zeros(1, dtype=torch.long), done.values), done.ms)
 
     def close(self) -> None:

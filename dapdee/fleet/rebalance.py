@@ -66,7 +66,7 @@ from dapdee.planning.request import PlanRequest
 Value = tuple[int, float, float]
 ZERO: Value = (0, 0.0, 0.0)
 EXACT_LEASES = 64
-MAX_STATES = 10_000
+MAX_STATES = 20_000
 GRID = 4096
 TIE_WEIGHTS = ((1e4, 1e4, 1.0),)  # see _reaching
 ACCURACY_QUANTUM = 2.0**-20  # frames/s: the resolution of the accuracy component (`accuracy_term`)
