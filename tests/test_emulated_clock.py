@@ -60,31 +60,37 @@ def test_late_s_shortens_the_sleep_and_counts_in_the_part(emulated: EmulatedComp
 def test_a_frames_first_part_begins_at_its_release_or_the_previous_end(emulated: EmulatedCompute) -> None:
     given, targets = _whole(emulated)
     ms = emulated.part_ms(given, targets)
+    planned = set(nodes_to_run(emulated.graph, given, targets))  # what the runtime passes for a plan's part
     stage = DeviceStage(emulated, asyncio.Event())
 
-    async def frame(released: float | None, parts: int) -> list[float]:
+    async def frame(released: float | None, parts: list[set[str] | None]) -> list[float]:
         RELEASED_AT.set(released)
         ends = []
-        for _ in range(parts):
-            await stage.run(given, targets)
+        for allowed in parts:
+            await stage.run(given, targets, allowed)
             ends.append(stage.free_at)
         return ends
 
     async def go() -> None:
-        # released 0.2 s ago, the device idle: the part began then, and the device is booked until
-        # release + ms; a second part of the same frame (a fallback after the edge) begins when called
+        # released 0.2 s ago, the device idle: the planned part began then, and the device is booked
+        # until release + ms; a second part of the same frame (a fallback after the edge) begins when called
         released = time.monotonic() - 0.2
-        first, second = await asyncio.create_task(frame(released, 2))
+        first, second = await asyncio.create_task(frame(released, [planned, None]))
         assert first == pytest.approx(released + ms / 1000.0, abs=1e-9)
         assert second > first + ms / 1000.0 - 1e-9
         # a frame released while the previous part still ran (on the device's clock) begins at its end
         booked = stage.free_at
-        (third,) = await asyncio.create_task(frame(booked - 0.1, 1))
+        (third,) = await asyncio.create_task(frame(booked - 0.1, [planned]))
         assert third == pytest.approx(booked + ms / 1000.0, abs=1e-9)
+        # a frame whose plan ran nothing on the device (Edge-Only), finished by a fallback after the
+        # edge failed: the fallback waited for the edge, not for the loop, and begins when called
+        before = time.monotonic()
+        (fourth,) = await asyncio.create_task(frame(before - 0.2, [None]))
+        assert fourth >= before + ms / 1000.0
         # a part outside any released frame (no release known) begins when called
         before = time.monotonic()
-        (fourth,) = await asyncio.create_task(frame(None, 1))
-        assert fourth >= before + ms / 1000.0
+        (fifth,) = await asyncio.create_task(frame(None, [planned]))
+        assert fifth >= before + ms / 1000.0
         assert stage.active == 0 and stage.changed.is_set()
 
     asyncio.run(go())

@@ -123,8 +123,10 @@ class DeviceStage:
     (`EmulatedCompute`'s `late_s`) and ends on time. The loop's delay still reaches a frame's
     latency through its timers, but no longer queues the frames after it: a device whose part
     fills 98 % of the camera period otherwise queued its frames behind the loop's delays,
-    a queue a device with its own CPU would not have. Later parts of the same frame (a local
-    fallback after the edge) begin when called."""
+    a queue a device with its own CPU would not have. Only a part of the frame's plan (the
+    runtime names the plan's nodes as `allowed`) begins early; a fallback (a part outside the
+    plan, after the edge failed) and any later part of the frame begin when called: they wait
+    for the edge, not for the loop."""
 
     def __init__(self, inner: EmulatedCompute, changed: asyncio.Event) -> None:
         self.inner = inner
@@ -132,19 +134,19 @@ class DeviceStage:
         self.active = 0
         self.free_at = -math.inf  # monotonic s: when the last part began ends on the device's clock
 
-    def _late_s(self, ms: float) -> float:
+    def _late_s(self, ms: float, planned: bool) -> float:
         """How long ago the part of `ms` began on the device's clock (0 unless it is its frame's
-        first); books the device until the part's end. O(1)."""
+        first and `planned`); books the device until the part's end. O(1)."""
         now, released = time.monotonic(), RELEASED_AT.get()
         RELEASED_AT.set(None)
-        start = now if released is None else min(now, max(released, self.free_at))
+        start = now if released is None or not planned else min(now, max(released, self.free_at))
         self.free_at = start + ms / 1000.0
         return now - start
 
     async def run(
         self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Computed:
-        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed))
+        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed), allowed is not None)
         self.active += 1
         try:
             return await self.inner.run(given, targets, allowed, late_s=late)
@@ -155,7 +157,7 @@ class DeviceStage:
     async def progressive(
         self, given: Mapping[str, Any], part: SidePart, targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Progressed:
-        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed))
+        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed), allowed is not None)
         self.active += 1
         try:
             return await self.inner.progressive(given, part, targets, allowed, late_s=late)
