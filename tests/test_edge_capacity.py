@@ -247,6 +247,11 @@ def test_a_deep_cut_at_idle_is_not_read_as_a_slowdown() -> None:
         node_ms = entry.compute_ms(frozenset(inputs), entry.graph.exits[-1].node)
         state.capacity.reset()
         slot_ms = [edge.infer(loaded.name, inputs).compute_ms for _ in range(200)]
-        assert statistics.median(slot_ms) > 2.0 * node_ms  # the slot-only ratio that booked requests twice
-        assert state.capacity.factor() < 1.5
-        assert heartbeat_body(state, url)["capacity_ms_per_s"] > 1000.0 / 1.5
+        slot_only = statistics.median(slot_ms) / node_ms  # the slot-only ratio that booked requests twice
+        assert slot_only > 2.0
+        # like with like stays near 1; the request cost measured at start-up and the 200 requests
+        # after it each move with the host by tens of percent, so the bound leaves room for that
+        # (a run in CI read 1.53) while staying below what the slot-only ratio reads
+        bound = min(2.0, slot_only)
+        assert state.capacity.factor() < bound, (state.capacity.factor(), slot_only)
+        assert heartbeat_body(state, url)["capacity_ms_per_s"] > 1000.0 / bound
