@@ -1,12 +1,14 @@
-"""The emulated device's own clock: `EmulatedCompute`'s `late_s` and the fleet benchmark's
-`DeviceStage`, which starts a frame's first device part at its release or at the end of the
-previous part, whichever is later, however late the shared event loop gets to it. Real model,
-real sleeps; the assertions are on the device's timeline (exact) and on lower bounds of time
-slept (a loaded host only sleeps longer), and one upper bound with a wide margin."""
+"""The emulated device's own clock: `EmulatedCompute`'s `released_at` and the fleet benchmark's
+`DeviceStage`, which hands a frame's first planned device part its release time, so the part
+begins at the release or at the end of the previous part, whichever is later, however late the
+shared event loop gets to it. Real model, real sleeps; the assertions are on the device's
+timeline (exact) and on lower bounds of time slept (a loaded host only sleeps longer), and one
+upper bound with a wide margin."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterator
 
@@ -39,21 +41,24 @@ def test_part_ms_is_the_scaled_sum_and_names_nodes_outside_the_partition(emulate
         emulated.part_ms(given, targets, allowed=set())
 
 
-def test_late_s_shortens_the_sleep_and_counts_in_the_part(emulated: EmulatedCompute) -> None:
+def test_a_part_released_earlier_ends_on_the_devices_clock(emulated: EmulatedCompute) -> None:
     given, targets = _whole(emulated)
     ms = emulated.part_ms(given, targets)
 
-    async def go(late_s: float) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        done = await emulated.run(given, targets, late_s=late_s)
-        return (time.perf_counter() - t0) * 1000.0, done.ms
+    async def go(released_ago_s: float | None) -> tuple[float, float, float]:
+        t0 = time.monotonic()
+        released = None if released_ago_s is None else t0 - released_ago_s
+        done = await emulated.run(given, targets, released_at=released)
+        return (time.monotonic() - t0) * 1000.0, done.ms, emulated.free_at - (released or t0)
 
-    wall, part = asyncio.run(go(0.0))
-    assert wall >= ms and part >= ms
-    wall, part = asyncio.run(go(0.25))
-    assert part >= ms  # the part still lasts its emulated time on the device's clock
-    assert wall < ms - 100.0, f"slept {wall:.0f} ms of a {ms:.0f} ms part that began 250 ms ago"
-    wall, part = asyncio.run(go(10.0))  # began longer ago than it lasts: no sleep, never negative
+    wall, part, booked = asyncio.run(go(None))  # no release known: it begins when called
+    assert wall >= ms and part >= ms and booked >= ms / 1000.0
+    emulated.free_at = -math.inf  # the device idle
+    wall, part, booked = asyncio.run(go(0.25))
+    assert part >= ms and booked == pytest.approx(ms / 1000.0)  # its emulated time from its release
+    assert wall < ms - 100.0, f"slept {wall:.0f} ms of a {ms:.0f} ms part released 250 ms ago"
+    emulated.free_at = -math.inf
+    wall, part, _ = asyncio.run(go(10.0))  # released longer ago than it lasts: no sleep, never negative
     assert part >= 10_000.0 and wall < ms
 
 
@@ -62,13 +67,14 @@ def test_a_frames_first_part_begins_at_its_release_or_the_previous_end(emulated:
     ms = emulated.part_ms(given, targets)
     planned = set(nodes_to_run(emulated.graph, given, targets))  # what the runtime passes for a plan's part
     stage = DeviceStage(emulated, asyncio.Event())
+    emulated.free_at = -math.inf
 
     async def frame(released: float | None, parts: list[set[str] | None]) -> list[float]:
         RELEASED_AT.set(released)
         ends = []
         for allowed in parts:
             await stage.run(given, targets, allowed)
-            ends.append(stage.free_at)
+            ends.append(emulated.free_at)
         return ends
 
     async def go() -> None:
@@ -79,7 +85,7 @@ def test_a_frames_first_part_begins_at_its_release_or_the_previous_end(emulated:
         assert first == pytest.approx(released + ms / 1000.0, abs=1e-9)
         assert second > first + ms / 1000.0 - 1e-9
         # a frame released while the previous part still ran (on the device's clock) begins at its end
-        booked = stage.free_at
+        booked = emulated.free_at
         (third,) = await asyncio.create_task(frame(booked - 0.1, [planned]))
         assert third == pytest.approx(booked + ms / 1000.0, abs=1e-9)
         # a frame whose plan ran nothing on the device (Edge-Only), finished by a fallback after the

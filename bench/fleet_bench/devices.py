@@ -116,15 +116,15 @@ class DeviceStage:
     parts in progress (waiting for the device's one compute thread or running) and setting
     `changed` whenever one ends. A `ComputeBackend`.
 
-    **The device's own clock.** A frame's first device part begins, on the device, when the
-    frame is released or the previous part ends (`free_at`), whichever is later. Sixteen devices
-    share this process's event loop, so the call arrives later than that (the camera's wake-up,
-    the runtime's awaits behind other devices' HTTP work); the part is told how late
-    (`EmulatedCompute`'s `late_s`) and ends on time. The loop's delay still reaches a frame's
+    **The device's own clock.** A frame's first device part is handed its release time
+    (`RELEASED_AT`), so it begins on the device when the frame is released or the previous part
+    ends, whichever is later (`EmulatedCompute`'s `released_at`). Sixteen devices share this
+    process's event loop, so the call arrives later than that (the camera's wake-up, the
+    runtime's awaits behind other devices' HTTP work). The loop's delay still reaches a frame's
     latency through its timers, but no longer queues the frames after it: a device whose part
-    fills 98 % of the camera period otherwise queued its frames behind the loop's delays,
-    a queue a device with its own CPU would not have. Only a part of the frame's plan (the
-    runtime names the plan's nodes as `allowed`) begins early; a fallback (a part outside the
+    fills 98 % of the camera period otherwise queued its frames behind the loop's delays, a
+    queue a device with its own CPU would not have. Only a part of the frame's plan (the runtime
+    names the plan's nodes as `allowed`) gets the release time; a fallback (a part outside the
     plan, after the edge failed) and any later part of the frame begin when called: they wait
     for the edge, not for the loop."""
 
@@ -132,24 +132,22 @@ class DeviceStage:
         self.inner = inner
         self.changed = changed
         self.active = 0
-        self.free_at = -math.inf  # monotonic s: when the last part began ends on the device's clock
 
-    def _late_s(self, ms: float, planned: bool) -> float:
-        """How long ago the part of `ms` began on the device's clock (0 unless it is its frame's
-        first and `planned`); books the device until the part's end. O(1)."""
-        now, released = time.monotonic(), RELEASED_AT.get()
+    @staticmethod
+    def _released_at(planned: bool) -> float | None:
+        """The frame's release time if this is its first part and `planned`, else None; either
+        way the frame has had its first part. O(1)."""
+        released = RELEASED_AT.get()
         RELEASED_AT.set(None)
-        start = now if released is None or not planned else min(now, max(released, self.free_at))
-        self.free_at = start + ms / 1000.0
-        return now - start
+        return released if planned else None
 
     async def run(
         self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Computed:
-        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed), allowed is not None)
+        released = self._released_at(allowed is not None)
         self.active += 1
         try:
-            return await self.inner.run(given, targets, allowed, late_s=late)
+            return await self.inner.run(given, targets, allowed, released_at=released)
         finally:
             self.active -= 1
             self.changed.set()
@@ -157,10 +155,10 @@ class DeviceStage:
     async def progressive(
         self, given: Mapping[str, Any], part: SidePart, targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Progressed:
-        late = self._late_s(self.inner.part_ms(given.keys(), targets, allowed), allowed is not None)
+        released = self._released_at(allowed is not None)
         self.active += 1
         try:
-            return await self.inner.progressive(given, part, targets, allowed, late_s=late)
+            return await self.inner.progressive(given, part, targets, allowed, released_at=released)
         finally:
             self.active -= 1
             self.changed.set()

@@ -17,6 +17,7 @@ Neither changes process-wide settings (torch threads are the command line's busi
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -180,11 +181,13 @@ class EmulatedCompute:
     does (a pipelined frame waits for the previous one's device part; the wait is not in `ms`).
     Uses no CPU beyond a timer. O(V + E) per call.
 
-    `run(..., late_s=s)`: the part began `s` seconds before the call on the emulated device's
-    own clock. A caller emulating many devices on one event loop passes the time between its
-    device having the frame in hand and this call: that is the loop's delay, not the device's,
-    and charged as device time it would push every later frame back. The sleep is shortened by
-    `s` (never below 0) and `ms` counts it."""
+    **Its own clock.** The device is booked until `free_at` (monotonic s), the end of its last
+    part, as `dapdee.netem.ShapedUplink` books its link. `run(..., released_at=t)`: the frame
+    was in the device's hands at `t`, so the part begins at `t` or when the previous part ends,
+    whichever is later (never after the call), and ends `ms` after that, however late the call
+    came. A caller emulating many devices on one event loop passes it: the loop's delay in
+    getting to a part is not the device's, and charged as device time it would push every later
+    frame back. Without it a part begins when called."""
 
     def __init__(self, graph: CostGraph, values: BoundaryValues, scale: float = 1.0) -> None:
         if not graph.has_timings("device"):
@@ -195,6 +198,7 @@ class EmulatedCompute:
         self.values = values
         self.scale = float(scale)
         self._busy = asyncio.Lock()  # the device's one compute thread
+        self.free_at = -math.inf
 
     def part_ms(self, given: Collection[str], targets: Sequence[str], allowed: Collection[str] | None = None) -> float:
         """The emulated ms of the part that computes `targets` from the values named in `given`:
@@ -213,14 +217,16 @@ class EmulatedCompute:
         targets: Sequence[str],
         allowed: Collection[str] | None = None,
         *,
-        late_s: float = 0.0,
+        released_at: float | None = None,
     ) -> Computed:
         ms = self.part_ms(given.keys(), targets, allowed)
         async with self._busy:
-            t0 = time.perf_counter() - max(0.0, late_s)
-            await asyncio.sleep(max(0.0, t0 + ms / 1000.0 - time.perf_counter()))
+            now = time.monotonic()
+            start = now if released_at is None else min(now, max(released_at, self.free_at))
+            self.free_at = start + ms / 1000.0
+            await asyncio.sleep(max(0.0, self.free_at - time.monotonic()))
             values = self.values.get([t for t in targets])
-            return Computed(values, (time.perf_counter() - t0) * 1000.0)
+            return Computed(values, (time.monotonic() - start) * 1000.0)
 
     async def progressive(
         self,
@@ -229,10 +235,10 @@ class EmulatedCompute:
         targets: Sequence[str],
         allowed: Collection[str] | None = None,
         *,
-        late_s: float = 0.0,
+        released_at: float | None = None,
     ) -> Progressed:
         """`run` of the targets: no head answers (the values are not the frame's)."""
-        done = await self.run(given, targets, allowed, late_s=late_s)
+        done = await self.run(given, targets, allowed, released_at=released_at)
         return Progressed(PartResult(1, (), torch.zeros(1, dtype=torch.long), done.values), done.ms)
 
     def close(self) -> None:
