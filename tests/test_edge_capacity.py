@@ -1,16 +1,19 @@
 """The edge worker's advertised capacity: the meter's arithmetic on a fake clock (its event-loop
 CPU clock included), the per-thread CPU clock on real threads, the profiled compute of a request
 checked against the real executor, a live worker whose compute runs slower than its profile
-advertising less (and its nominal capacity once it does not), and a live worker with its own
-measured request cost keeping its nominal capacity under deep-cut requests."""
+advertising less (and its nominal capacity once it does not), and live workers with their own
+measured request cost keeping their nominal capacity under deep-cut requests and under the
+light, probe-heavy traffic of devices joining."""
 
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import pytest
@@ -237,12 +240,7 @@ def test_a_deep_cut_at_idle_is_not_read_as_a_slowdown() -> None:
     with ServerThread(app, sock=sock), EdgeClient(url) as edge:
         state = app.state.worker
         entry = state.models[loaded.name]
-        entry.graph = profile_model(loaded, tier="edge", repeats=10)
-        request_ms = measure_request_ms(url, None, entry, samples=50)
-        assert request_ms is not None and request_ms > 0
-        meta = {**entry.graph.meta, "edge": {**entry.graph.meta.get("edge", {}), "edge_request_ms": request_ms}}
-        entry.graph = replace(entry.graph, meta=meta)
-        assert entry.request_ms == request_ms
+        _price_requests(state, url, loaded)
         inputs = exit_node_inputs(entry)
         node_ms = entry.compute_ms(frozenset(inputs), entry.graph.exits[-1].node)
         state.capacity.reset()
@@ -255,3 +253,67 @@ def test_a_deep_cut_at_idle_is_not_read_as_a_slowdown() -> None:
         bound = min(2.0, slot_only)
         assert state.capacity.factor() < bound, (state.capacity.factor(), slot_only)
         assert heartbeat_body(state, url)["capacity_ms_per_s"] > 1000.0 / bound
+
+
+def _trickled(body: bytes, chunk: int = 512, gap_s: float = 0.0005) -> Iterator[bytes]:
+    """`body` as a slow uplink delivers it: in small pieces, each its own read on the worker."""
+    for i in range(0, len(body), chunk):
+        yield body[i : i + chunk]
+        time.sleep(gap_s)
+
+
+def _start_up_traffic(url: str, loaded: Any, devices: int, pairs: int) -> None:
+    """What a worker sees while devices join: from each device at once, bandwidth probe pairs
+    at the shallowest exit (the input alone, then with a node tensor of up to 64 KB as filler)
+    arriving through a slow uplink: large bodies, next to no compute."""
+    g = loaded.graph
+    x = {g.input.name: loaded.example_input()}
+    filler = max((n for n in g.nodes if n.shape and n.out_bytes <= 65536), key=lambda n: n.out_bytes)
+    large = {**x, filler.name: torch.zeros(filler.shape)}
+
+    def device() -> None:
+        with EdgeClient(url) as edge:
+            for _ in range(pairs):
+                edge.infer(loaded.name, x, exit=g.exits[0].name, uplink=_trickled)
+                edge.infer(loaded.name, large, exit=g.exits[0].name, uplink=_trickled)
+
+    with ThreadPoolExecutor(devices) as pool:
+        for done in [pool.submit(device) for _ in range(devices)]:
+            done.result()
+
+
+def _price_requests(state: Any, url: str, loaded: Any) -> float:
+    """Give a running worker's model a real edge profile and its measured request cost, as
+    start-up does; the request cost (ms)."""
+    entry = state.models[loaded.name]
+    entry.graph = profile_model(loaded, tier="edge", repeats=10)
+    request_ms = measure_request_ms(url, None, entry, samples=50)
+    assert request_ms is not None and request_ms > 0
+    meta = {**entry.graph.meta, "edge": {**entry.graph.meta.get("edge", {}), "edge_request_ms": request_ms}}
+    entry.graph = replace(entry.graph, meta=meta)
+    assert entry.request_ms == request_ms
+    return request_ms
+
+
+def test_light_start_up_traffic_does_not_set_the_capacity() -> None:
+    """While devices join, a worker's window holds their bandwidth probes: little priced work
+    next to much event-loop work (a large body read in small pieces), a ratio that reads as a
+    slowdown a loaded worker does not have. Two real workers get the same such traffic: one counting from 200 priced ms
+    advertises less than nominal, one at the default (a tenth of a slot over the window) keeps
+    its nominal capacity."""
+    loaded = load_model("zoo:resnet18?width=0.25&in_channels=1")
+    advertised = {}
+    for min_ms in (200.0, Settings().capacity_min_ms):
+        sock = bind_free_socket()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        app = create_app(Settings(capacity_min_ms=min_ms), [loaded])
+        with ServerThread(app, sock=sock):
+            state = app.state.worker
+            _price_requests(state, url, loaded)
+            state.capacity.reset()
+            _start_up_traffic(url, loaded, 4, 25)
+            priced_ms = state.capacity.priced_ms
+            advertised[min_ms] = heartbeat_body(state, url)["capacity_ms_per_s"]
+        assert 200.0 < priced_ms < 2000.0, priced_ms  # the light window the test is about
+    assert advertised[200.0] < 1000.0 / 1.2, advertised
+    assert advertised[2000.0] == 1000.0, advertised

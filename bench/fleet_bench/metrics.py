@@ -11,6 +11,8 @@ number comes from frames that were really released, answered or dropped. Pure fu
   `dapdee_edge_compute_busy_seconds_total`; and the worker process's CPU seconds per second;
 - worker capacity and leases booked: the median capacity the worker advertised (ms/s, its
   nominal 1000 / κ) and the largest share of it the leases booked, polled in the window;
+  `booking_series` keeps every poll from the cameras' start (warm-up included) as (s since
+  the start, booked share, capacity);
 - plan changes per device-minute: changes of a device's plan (exit, device part or worker)
   put in use during the window;
 - prediction error, latency: the median over answered frames of |predicted − measured| /
@@ -151,6 +153,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "edge_rejected": edge["rejected"],
         "booked_max": win["booked_max"],
         "capacity_ms_per_s": win.get("capacity_ms_per_s"),
+        "booking_series": win.get("booking_series", []),
         "planner_counts": win.get("planner", {}),
         "plan_changes_per_device_min": changes / (n * window_s / 60.0),
         "pred_err_latency": _median(lat_err),

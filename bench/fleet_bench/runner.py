@@ -164,18 +164,19 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
     go = time.time() + 1.0
     for c in clients:
         c.send(json.dumps({"go": go}))
-    _wait_until(go + sc.warmup_s)
-    a = _snapshot(stack, clients)
-    booked: list[tuple[float, float]] = []
+    series: list[tuple[float, float, float]] = []  # (s since go, booked share, capacity ms/s)
 
     def poll() -> None:
         b = _booked(url, stack.tokens.admin)
         if b is not None:
-            booked.append(b)
+            series.append((round(time.time() - go, 2), *b))
 
+    _wait_until(go + sc.warmup_s, poll)
+    a = _snapshot(stack, clients)
     _wait_until(go + sc.warmup_s + sc.window_s, poll)
     b = _snapshot(stack, clients)
     wall = b.at - a.at
+    booked = [(s, c) for t, s, c in series if t >= sc.warmup_s]
     return {
         "wall_s": wall,
         "edge": _diff(a.edge, b.edge),
@@ -183,6 +184,7 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
         "cpu_per_s": {k: (b.cpu[k] - a.cpu[k]) / wall for k in a.cpu},
         "booked_max": max((b for b, _ in booked), default=None),
         "capacity_ms_per_s": statistics.median(c for _, c in booked) if booked else None,
+        "booking_series": series,
     }
 
 

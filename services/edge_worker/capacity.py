@@ -21,7 +21,11 @@ priced at, and advertises `nominal / κ`, κ the ratio of the two over recent re
   slot with the profiled compute alone.
 - κ is the ratio of sums over the last `window_s` seconds (one slow request does not move it
   much, a sustained slowdown does), and only once they hold at least `min_ms` of priced time
-  (an idle worker advertises its nominal capacity). The event loop's CPU between requests
+  (an idle worker advertises its nominal capacity). The worker's default is a tenth of one
+  slot over the window: a lighter window is mostly the devices' start-up traffic (bandwidth
+  probes: large bodies, next to no compute, fresh connections), whose event-loop CPU per
+  priced ms is far above a loaded worker's; counted, it read κ ≈ 2.3-2.6 where frames at
+  load read ≈ 1.7, and the slow fall below held that for a minute. The event loop's CPU between requests
   (heartbeats, metrics scrapes, refused requests) counts as taken: it is capacity the leases
   cannot have.
 - κ is clamped to [1, `max_factor`]: batching or a faster run never advertise more than the
@@ -66,7 +70,7 @@ class CapacityMeter:
     def __init__(
         self,
         window_s: float = 20.0,
-        min_ms: float = 200.0,
+        min_ms: float = 2000.0,
         max_factor: float = 4.0,
         hysteresis: float = 0.2,
         raise_after_s: float = 60.0,
@@ -114,6 +118,11 @@ class CapacityMeter:
         if self._priced < max(self.min_ms, 1e-9):
             return 1.0
         return min(self.max_factor, max(1.0, self._taken / self._priced))
+
+    @property
+    def priced_ms(self) -> float:
+        """The priced ms the window holds as of the last reading. O(1)."""
+        return self._priced
 
     def reset(self) -> None:
         """Forget every measurement and advertise the nominal capacity (the worker's own

@@ -59,8 +59,9 @@ class Settings(SecuritySettings):
     heartbeat_s: float = Field(default=5.0, gt=0.0)
     # the heartbeat's capacity_ms_per_s: nominal / (what requests take / what leases book for them)
     capacity_window_s: float = Field(default=20.0, gt=0.0, description="window of the capacity measurement")
+    # a tenth of one slot over the default window: a lighter window is mostly start-up traffic
     capacity_min_ms: float = Field(
-        default=200.0, ge=0.0, description="priced ms (nodes + request cost) the window must hold before it counts"
+        default=2000.0, ge=0.0, description="priced ms (nodes + request cost) the window must hold before it counts"
     )
     capacity_max_factor: float = Field(default=4.0, ge=1.0, description="most the capacity is divided by")
     capacity_hysteresis: float = Field(
