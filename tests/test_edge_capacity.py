@@ -298,9 +298,9 @@ def _price_requests(state: Any, url: str, loaded: Any) -> float:
 def test_light_start_up_traffic_does_not_set_the_capacity() -> None:
     """While devices join, a worker's window holds their bandwidth probes: little priced work
     next to much event-loop work (a large body read in small pieces), a ratio that reads as a
-    slowdown a loaded worker does not have. Two real workers get the same such traffic: one counting from 200 priced ms
-    advertises less than nominal, one at the default (a tenth of a slot over the window) keeps
-    its nominal capacity."""
+    slowdown a loaded worker does not have. Two real workers get the same such traffic: one
+    counting from 200 priced ms advertises less than nominal, one at the default (a tenth of a
+    slot over the window) keeps its nominal capacity."""
     loaded = load_model("zoo:resnet18?width=0.25&in_channels=1")
     advertised = {}
     for min_ms in (200.0, Settings().capacity_min_ms):

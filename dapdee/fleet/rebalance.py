@@ -44,10 +44,10 @@ option first, so the room left is decided early and the bounds prune soon. On 54
 fleets of 16-64 devices this stayed within 20,000 states in all 54, at most 14,049 (the plain
 staircase in 37, up to 158,000; `bench/rebalance_states.py`); the widest took 1.8-1.9 s of
 CPU. Beyond `exact_leases` devices, or if the bounded staircase still outgrows `max_states`,
-the answer is A: states whose loads fall in the
-same 1/GRID of the capacity merged (keeping each bucket's best value, with its real load, so
-every answer stays feasible), reported `exact: False`; at most GRID states per step, so a
-rebalance of 64 leases costs well under a second of CPU.
+the answer is A: states whose loads fall in the same 1/GRID of the capacity merged (keeping
+each bucket's best value, with its real load, so every answer stays feasible), reported
+`exact: False`; at most GRID states per step, so a rebalance of 64 leases costs well under a
+second of CPU.
 """
 
 from __future__ import annotations

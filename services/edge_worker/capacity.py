@@ -25,9 +25,9 @@ priced at, and advertises `nominal / κ`, κ the ratio of the two over recent re
   slot over the window: a lighter window is mostly the devices' start-up traffic (bandwidth
   probes: large bodies, next to no compute, fresh connections), whose event-loop CPU per
   priced ms is far above a loaded worker's; counted, it read κ ≈ 2.3-2.6 where frames at
-  load read ≈ 1.7, and the slow fall below held that for a minute. The event loop's CPU between requests
-  (heartbeats, metrics scrapes, refused requests) counts as taken: it is capacity the leases
-  cannot have.
+  load read ≈ 1.7, and the slow way back (below) held that for a minute. The event loop's
+  CPU between requests (heartbeats, metrics scrapes, refused requests) counts as taken: it
+  is capacity the leases cannot have.
 - κ is clamped to [1, `max_factor`]: batching or a faster run never advertise more than the
   nominal capacity (the conservative side of admission), a pathological run not less than
   nominal / `max_factor`;
