@@ -6,7 +6,8 @@ multiple-choice knapsack twice (`dapdee.fleet.rebalance.solve`): with the bounds
 and without (`bounded=False`, every non-dominated state kept, the DP before the bounds).
 Prints, per case, the widest staircase and the CPU time of each, and checks that both give the
 same value; then how many cases each keeps exact within the default state budget
-(`MAX_STATES`) and the median ratios. Two kinds of fleet:
+(`MAX_STATES`) and the median ratios. Also times what the planner runs, `settle` (up to eight
+solves, one per share of the worker), against one bounded solve. Two kinds of fleet:
 
 - `bench`: the fleet benchmark's cameras (uplinks 4G/WiFi/3G/CAT1 in its proportions, ±15 %,
   20-28 ms round trips, 10 frames/s within 250 ms);
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from dapdee.bench.fleet_bench.scenario import NETWORK_CYCLE, PROFILE_DIR
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.rebalance import MAX_STATES, Demand, resolved_objective, solve
+from dapdee.fleet.rebalance import MAX_STATES, Demand, resolved_objective, settle, solve
 from dapdee.netem import NETWORKS
 from dapdee.planning import PlanMap, PlanRequest
 
@@ -75,8 +76,11 @@ def one_case(demands: list[Demand], capacity: float, cap: int) -> dict[str, obje
     t1 = time.process_time()
     plain = solve(demands, capacity, RHO, max_states=cap, bounded=False)
     t2 = time.process_time()
+    settled = settle(demands, capacity, RHO)
+    t3 = time.process_time()
     return {
         "bounded_states": bounded.states, "bounded_s": t1 - t0, "bounded_exact": bounded.exact,
+        "settled_s": t3 - t2, "settled_share": settled.time_load,
         "plain_states": plain.states if plain.exact else None, "plain_s": t2 - t1,
         "same_value": bounded.exact and plain.exact and bounded.value[:2] == plain.value[:2]
         and abs(bounded.value[2] - plain.value[2]) <= 1e-9 * max(1.0, abs(plain.value[2])),
@@ -86,13 +90,14 @@ def one_case(demands: list[Demand], capacity: float, cap: int) -> dict[str, obje
 
 
 def report(rows: list[dict[str, object]]) -> str:
-    lines = ["| fleet | N | seed | capacity ms/s | states, bounds | states, none | CPU s, bounds | CPU s, none |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| fleet | N | seed | capacity ms/s | states, bounds | states, none | CPU s, bounds | CPU s, none "
+             "| CPU s, settled | settled share |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         plain = r["plain_states"] if r["plain_states"] is not None else "over"
         lines.append(
             f"| {r['kind']} | {r['n']} | {r['seed']} | {r['capacity']:g} | {r['bounded_states']} | {plain} "
-            f"| {r['bounded_s']:.2f} | {r['plain_s']:.2f} |"
+            f"| {r['bounded_s']:.2f} | {r['plain_s']:.2f} | {r['settled_s']:.2f} | {r['settled_share']:.3f} |"
         )
     both = [r for r in rows if r["plain_states"] is not None]
     ratio = statistics.median(r["plain_states"] / r["bounded_states"] for r in both)  # type: ignore[operator]
@@ -100,6 +105,8 @@ def report(rows: list[dict[str, object]]) -> str:
     exact_b = sum(bool(r["bounded_exact_default"]) for r in rows)
     exact_p = sum(bool(r["plain_exact_default"]) for r in rows)
     same = sum(bool(r["same_value"]) for r in both)
+    settled = [r["settled_s"] / max(1e-9, r["bounded_s"]) for r in rows]  # type: ignore[operator]
+    slowest = max(rows, key=lambda r: r["settled_s"])  # type: ignore[arg-type,return-value]
     lines += [
         "",
         f"- exact within the default budget of {MAX_STATES:,} states: with bounds {exact_b} of {len(rows)} cases, "
@@ -107,6 +114,9 @@ def report(rows: list[dict[str, object]]) -> str:
         f"- widest staircase, without / with bounds: median ratio {ratio:.1f}x over the {len(both)} cases both solved",
         f"- CPU, without / with bounds, all cases: {cpu:.1f}x",
         f"- same value with and without bounds: {same} of {len(both)} ({'PASS' if same == len(both) else 'FAIL'})",
+        f"- settled (up to eight shares) / one bounded solve, CPU: median {statistics.median(settled):.1f}x, "
+        f"max {max(settled):.1f}x; slowest settle {slowest['settled_s']:.2f} s ({slowest['kind']}, N = {slowest['n']}, "
+        f"{slowest['capacity']:g} ms/s)",
     ]
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """Rebalancing one worker's leases (dapdee.fleet.rebalance) against brute force on small fleets: every
 combination of every device's partitions (all exits, all downward-closed sets, priced by the
-independent oracle at zero edge load), the design's lexicographic objective and the capacity."""
+independent oracle: the met flag at edge load ρ_max, the time at the solve's time load), the
+design's lexicographic objective and the capacity; and the time load `settle` finds."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.rebalance import Demand, option_nodes, priced, resolved_objective, solve
+from dapdee.fleet.rebalance import SETTLE_LEVELS, Demand, option_nodes, priced, resolved_objective, settle, solve
 from dapdee.planning import PlanMap, PlanRequest
 from tests import oracle
 
@@ -34,23 +35,33 @@ def _acc_term(fps: float, acc: float | None) -> float:
     return round(fps * (acc or 0.0) * 2**20) / 2**20
 
 
-def brute_options(g: dict[str, Any], req: oracle.Req, fps: float, objective: str) -> list[tuple[float, tuple]]:
-    """(load, (met, f·accuracy, −f·t)) of every partition of every exit, at edge load ρ_max (the
-    most any feasible assignment puts on the worker)."""
-    cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, RHO_MAX)
-    out = []
-    for e in g["exits"]:
-        acc = e["accuracy"]
-        for dev in oracle.ideals(g, e["name"]):
-            p = oracle.price(g, e["name"], dev, cond)
-            met = (
-                (req.min_accuracy is None or (acc is not None and acc >= req.min_accuracy))
-                and (req.latency_budget_ms is None or p.latency_ms <= req.latency_budget_ms)
-                and (req.frame_rate is None or p.bottleneck_ms <= 1000 / req.frame_rate)
-            )
-            t = p.latency_ms if objective == "latency" else p.bottleneck_ms
-            out.append((fps * _edge_per_frame(g, p), (int(met), _acc_term(fps, acc), -fps * t)))
-    return out
+def brute_value(
+    g: dict[str, Any], req: oracle.Req, fps: float, objective: str, now_load: float, exit_name: str, dev: Any
+) -> tuple[float, tuple]:
+    """(load, (met, f·accuracy, −f·t)) of one partition: met at edge load ρ_max (the most any
+    feasible assignment puts on the worker), t at `now_load`."""
+    c = req.cond
+    at_most = oracle.price(g, exit_name, dev, oracle.Cond(c.bandwidth_mbps, c.rtt_ms, c.device_load, RHO_MAX))
+    now = oracle.price(g, exit_name, dev, oracle.Cond(c.bandwidth_mbps, c.rtt_ms, c.device_load, now_load))
+    acc = next(e["accuracy"] for e in g["exits"] if e["name"] == exit_name)
+    met = (
+        (req.min_accuracy is None or (acc is not None and acc >= req.min_accuracy))
+        and (req.latency_budget_ms is None or at_most.latency_ms <= req.latency_budget_ms)
+        and (req.frame_rate is None or at_most.bottleneck_ms <= 1000 / req.frame_rate)
+    )
+    t = now.latency_ms if objective == "latency" else now.bottleneck_ms
+    return fps * _edge_per_frame(g, at_most), (int(met), _acc_term(fps, acc), -fps * t)
+
+
+def brute_options(
+    g: dict[str, Any], req: oracle.Req, fps: float, objective: str, now_load: float = RHO_MAX
+) -> list[tuple[float, tuple]]:
+    """`brute_value` of every partition of every exit."""
+    return [
+        brute_value(g, req, fps, objective, now_load, e["name"], dev)
+        for e in g["exits"]
+        for dev in oracle.ideals(g, e["name"])
+    ]
 
 
 def brute_best(per_device: list[list[tuple[float, tuple]]], limit: float) -> tuple:
@@ -64,7 +75,10 @@ def brute_best(per_device: list[list[tuple[float, tuple]]], limit: float) -> tup
     return best
 
 
-def _fleet(rng: random.Random, n: int) -> tuple[list[Demand], list[list[tuple[float, tuple]]]]:
+def _fleet(
+    rng: random.Random, n: int, now_load: float = RHO_MAX
+) -> tuple[list[Demand], list[list[tuple[float, tuple]]]]:
+    """`n` random devices, and each one's brute-force options, times priced at `now_load`."""
     demands, brute = [], []
     for i in range(n):
         g = oracle.random_graph(rng, max_nodes=5, name=f"m{i}")
@@ -94,26 +108,19 @@ def _fleet(rng: random.Random, n: int) -> tuple[list[Demand], list[list[tuple[fl
             objective,
         )
         demands.append(Demand(f"d{i}", fps, PlanMap.build(CostGraph.from_dict(g)), preq, objective))
-        brute.append(brute_options(g, req, fps, objective))
+        brute.append(brute_options(g, req, fps, objective, now_load))
     return demands, brute
 
 
-def _held(rng: random.Random, g: dict[str, Any], req: oracle.Req, fps: float, objective: str, margin: float):
+def _held(
+    rng: random.Random, g: dict[str, Any], req: oracle.Req, d: Demand, now_load: float, margin: float
+) -> tuple[tuple[str, tuple[str, ...]], tuple[float, tuple]]:
     """A random partition the device holds: (exit, device nodes) and its brute-force option
     credited margin·f·t in the third component (the oracle's own pricing)."""
     e = rng.choice(g["exits"])
     dev = rng.choice(list(oracle.ideals(g, e["name"])))
-    cond = oracle.Cond(req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, RHO_MAX)
-    p = oracle.price(g, e["name"], dev, cond)
-    acc = e["accuracy"]
-    met = (
-        (req.min_accuracy is None or (acc is not None and acc >= req.min_accuracy))
-        and (req.latency_budget_ms is None or p.latency_ms <= req.latency_budget_ms)
-        and (req.frame_rate is None or p.bottleneck_ms <= 1000 / req.frame_rate)
-    )
-    t = p.latency_ms if objective == "latency" else p.bottleneck_ms
-    value = (int(met), _acc_term(fps, acc), -fps * t * (1 - margin))
-    return (e["name"], tuple(sorted(dev))), (fps * _edge_per_frame(g, p), value)
+    load, (met, acc, neg_time) = brute_value(g, req, d.frames_per_s, d.objective, now_load, e["name"], dev)
+    return (e["name"], tuple(sorted(dev))), (load, (met, acc, neg_time * (1 - margin)))
 
 
 def _close(a: tuple, b: tuple) -> bool:
@@ -124,12 +131,13 @@ def _close(a: tuple, b: tuple) -> bool:
 def test_the_rebalance_is_the_brute_force_optimum(seed: int) -> None:
     rng = random.Random(seed)
     n = rng.randint(2, 6)
-    demands, brute = _fleet(rng, n)
+    capacity = rng.choice([50.0, 150.0, 400.0, 1000.0])
+    now_load = rng.choice([None, 0.0, rng.uniform(0, RHO_MAX)])
+    demands, brute = _fleet(rng, n, RHO_MAX if now_load is None else now_load)
     while n > 2 and prod(len(b) for b in brute) > 300_000:  # keep the brute force to seconds
         n -= 1
         demands, brute = demands[:n], brute[:n]
-    capacity = rng.choice([50.0, 150.0, 400.0, 1000.0])
-    sol = solve(demands, capacity, RHO_MAX)
+    sol = solve(demands, capacity, RHO_MAX, time_load=now_load)
     want = brute_best(brute, RHO_MAX * capacity)
     assert sol.exact
     assert _close(sol.value, want), (sol.value, want)
@@ -145,7 +153,9 @@ def test_with_a_switching_margin_the_rebalance_is_the_credited_brute_force_optim
     rng = random.Random(1000 + seed)
     n = rng.randint(2, 5)
     margin = rng.choice([0.05, 0.2, 0.6])
-    demands, brute = _fleet(rng, n)
+    capacity = rng.choice([50.0, 150.0, 400.0])
+    now_load = rng.choice([0.0, 0.5, RHO_MAX])
+    demands, brute = _fleet(rng, n, now_load)
     while n > 2 and prod(len(b) + 1 for b in brute) > 300_000:
         n -= 1
         demands, brute = demands[:n], brute[:n]
@@ -159,11 +169,10 @@ def test_with_a_switching_margin_the_rebalance_is_the_credited_brute_force_optim
         r = d.request
         cond = oracle.Cond(r.bandwidth_mbps, r.rtt_ms, r.device_load, 0.0)
         req = oracle.Req(cond, r.latency_budget_ms, r.min_accuracy, r.frame_rate, "latency")
-        current, option = _held(rng, g, req, d.frames_per_s, d.objective, margin)
+        current, option = _held(rng, g, req, d, now_load, margin)
         held.append(dataclasses.replace(d, current=current))
         credited.append([*opts, option])
-    capacity = rng.choice([50.0, 150.0, 400.0])
-    sol = solve(held, capacity, RHO_MAX, switch_margin=margin)
+    sol = solve(held, capacity, RHO_MAX, switch_margin=margin, time_load=now_load)
     ranked = tuple(sum(o.ranked[k] for o in sol.choices) for k in range(3))
     assert _close(ranked, brute_best(credited, RHO_MAX * capacity)), (ranked, brute_best(credited, RHO_MAX * capacity))
     assert sol.value == tuple(sum(o.value[k] for o in sol.choices) for k in range(3))
@@ -319,3 +328,69 @@ def test_like_devices_keep_their_plans_when_nothing_changed(n: int) -> None:
             again = solve(order, capacity, RHO_MAX, switch_margin=0.05)
             moved = [d.device_id for d, o in zip(order, again.choices, strict=True) if option_nodes(d, o) != d.current]
             assert not moved, (capacity, moved)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_settle_is_the_best_over_the_shares_by_brute_force(seed: int) -> None:
+    """For each share s_k = ρ_max·k/8 of the worker: the brute-force optimum within s_k·C with
+    times priced at s_k; the settled answer's value is the best of these, and it books no more
+    than the share its times were priced at."""
+    rng = random.Random(5000 + seed)
+    n = rng.randint(1, 5)
+    capacity = rng.choice([50.0, 150.0, 400.0, 1000.0])
+    demands, brute = _fleet(random.Random(seed), n)
+    while n > 1 and prod(len(b) for b in brute) > 60_000:
+        n -= 1
+    demands = demands[:n]
+    sol = settle(demands, capacity, RHO_MAX)
+    per_share = []
+    for k in range(1, SETTLE_LEVELS + 1):
+        share = RHO_MAX * k / SETTLE_LEVELS
+        _, brute = _fleet(random.Random(seed), n, share)
+        per_share.append(brute_best(brute[:n], share * capacity))
+    assert _close(sol.value, max(per_share)), (sol.value, per_share)
+    assert sol.load <= sol.time_load * capacity * (1 + 1e-9)
+    assert sol.time_load in [pytest.approx(RHO_MAX * k / SETTLE_LEVELS) for k in range(1, SETTLE_LEVELS + 1)]
+
+
+def _fast_cameras(n: int) -> list[Demand]:
+    """`n` cameras that are fast on their own (20 + 20 ms a frame), 10 frames/s within 150 ms,
+    10 Mbit/s, round trips a little apart. Edge-Only takes 0.8 + rtt + 8 / (1 − ℓe) ms and books
+    80 ms/s: faster than the 40 ms on the device only while the worker is lightly loaded."""
+    g = _two_node_graph()
+    g["nodes"][0]["device_ms"], g["nodes"][1]["device_ms"] = 20.0, 20.0
+    pm = PlanMap.build(CostGraph.from_dict(g))
+    asks = [PlanRequest(10.0, 5.0 + 0.01 * i, latency_budget_ms=150.0, mode="latency") for i in range(n)]
+    return [Demand(f"cam-{i:02d}", 10.0, pm, ask, "latency") for i, ask in enumerate(asks)]
+
+
+def test_a_lone_device_keeps_the_edge_plan_that_is_fastest_on_an_idle_worker() -> None:
+    """Alone, Edge-Only books 80 of 1000 ms/s: within the smallest share (0.1125), its time there
+    is 0.8 + 5 + 8 / 0.8875 = 14.8 ms against 40 ms on the device. Priced at ρ_max (85.8 ms) it
+    would have been moved to the slower plan."""
+    (cam,) = _fast_cameras(1)
+    plain = solve([cam], 1000.0, RHO_MAX).choices[0]
+    assert not plain.uses_edge
+    sol = settle([cam], 1000.0, RHO_MAX)
+    assert sol.choices[0].uses_edge and sol.time_load == pytest.approx(RHO_MAX / SETTLE_LEVELS)
+    assert -sol.value[2] / 10.0 == pytest.approx(0.8 + 5.0 + 8.0 / (1 - RHO_MAX / SETTLE_LEVELS))
+
+
+def test_settled_devices_stay_put_where_a_rebalance_at_the_booked_load_swings() -> None:
+    """Sixteen fast cameras on a worker with room for eleven Edge-Only devices. Priced at the
+    load booked before (the others' 0.8 of a full worker), every device is faster on its own CPU;
+    priced at an empty worker, every device that fits goes to the edge: re-solving at the load
+    each answer booked swings the whole fleet on and off the worker. The settled answer puts
+    some devices on the edge, and re-settling with every device holding its plan moves none."""
+    cams = _fast_cameras(16)
+    full = solve(cams, 1000.0, RHO_MAX, time_load=0.0)
+    assert sum(o.uses_edge for o in full.choices) == 11
+    emptied = solve(cams, 1000.0, RHO_MAX, time_load=(full.load - 80.0) / 1000.0)
+    assert not any(o.uses_edge for o in emptied.choices)
+    first = settle(cams, 1000.0, RHO_MAX, switch_margin=0.05)
+    on_edge = sum(o.uses_edge for o in first.choices)
+    assert 0 < on_edge <= 11 and first.load <= first.time_load * 1000.0 + 1e-9
+    held = [dataclasses.replace(d, current=option_nodes(d, o)) for d, o in zip(cams, first.choices, strict=True)]
+    again = settle(held, 1000.0, RHO_MAX, switch_margin=0.05)
+    moved = [d.device_id for d, o in zip(held, again.choices, strict=True) if option_nodes(d, o) != d.current]
+    assert not moved, moved

@@ -273,18 +273,48 @@ def test_a_lease_keeps_the_conditions_it_was_planned_at_until_they_drift(planner
         assert again["lease"]["assigned"] is False
 
 
-def test_a_rebalance_values_an_auto_device_in_the_mode_of_its_priced_load(planner_prefix: str) -> None:
+def test_a_rebalance_values_an_auto_device_in_the_mode_of_the_workers_load(planner_prefix: str) -> None:
     """Alone on the worker at 20 frames/s, the device's auto plan is Edge-Only in latency mode
-    (edge stage 8 ms). The rebalance prices options at ℓe = ρ_max = 0.9, where Edge-Only's edge
-    stage (80 ms) no longer sustains 50 ms a frame: the device is valued, and handed its plan, in
-    throughput mode, whatever mode the plan it held was in."""
+    (edge stage 8 ms). The worker's booking before the rebalance is the device's own 160 ms/s of
+    1000: at ℓe = 0.16 Edge-Only's edge stage (9.5 ms) sustains 50 ms a frame, so the rebalance
+    values the device, and hands it its plan, in latency mode (at ℓe = ρ_max = 0.9 it would be
+    80 ms, throughput mode). No option meets 20 frames/s at ρ_max, so the time decides: Edge-Only,
+    timed at the smallest share of the worker it fits in (0.225 of it: 1 + 0.8 + 5 + 8 / 0.775 ms),
+    and handed out at the load the others book (none): 14.8 ms."""
     with planner(planner_prefix, rebalance_s=0) as c:
         setup_model(c)
         first = c.post("/plan", json=leased("auto", fps=20.0, mode="auto")).json()
         assert first["mode"] == "latency" and first["device_nodes"] == []
-        assert c.post("/fleet/rebalance").status_code == 200
+        r = c.post("/fleet/rebalance")
+        assert r.status_code == 200, r.text
+        (device,) = r.json()["workers"][0]["devices"]
+        assert device["new"]["met"] is False and device["new"]["objective_ms"] == pytest.approx(6.8 + 8 / 0.775)
         state = c.get("/devices/auto").json()
-        assert state["lease"]["assigned"] and state["plan"]["mode"] == "throughput"
+        assert state["lease"]["assigned"] and state["plan"]["mode"] == "latency"
+        assert state["plan"]["device_nodes"] == [] and state["plan"]["predicted"]["latency_ms"] == pytest.approx(14.8)
+
+
+def test_a_rebalance_keeps_a_lone_device_on_the_plan_that_is_fastest_on_an_idle_worker(planner_prefix: str) -> None:
+    """A fast device (20 + 20 ms a frame) alone on the worker at 10 frames/s: Edge-Only takes
+    1 + 0.8 + 5 + 8 = 14.8 ms, its own CPU 1 + 40 = 41 ms; both meet the frame rate even at
+    ℓe = ρ_max (edge stage 80 ms <= 100). The rebalance times Edge-Only at the smallest share of
+    the worker it fits in (its 80 ms/s within 0.1125 of 1000: 6.8 + 8 / 0.8875 = 15.8 ms) and
+    keeps it; timed at ρ_max (86.8 ms) it would have moved the device to its own CPU, 2.8 times
+    slower, to keep a worker nobody else uses free."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        fast = {"kind": "device", "timings_ms": {"a": 20.0, "b": 20.0}, "meta": {"device_request_ms": 1.0}}
+        assert c.put("/models/cam/profiles/phone", json=fast).status_code == 200
+        body = leased("fast", fps=10.0)
+        assert c.post("/plan", json=body).json()["device_nodes"] == []
+        r = c.post("/fleet/rebalance")
+        assert r.status_code == 200, r.text
+        (device,) = r.json()["workers"][0]["devices"]
+        assert device["old"] == device["new"] and device["new"]["device_nodes"] == 0
+        assert device["new"]["met"] and device["new"]["objective_ms"] == pytest.approx(6.8 + 8 / 0.8875)
+        got = c.post("/plan", json=body).json()
+        assert got["lease"]["assigned"] and got["device_nodes"] == [] and got["lease"]["worker"] == "http://w1:1"
+        assert got["predicted"]["latency_ms"] == pytest.approx(14.8)
 
 
 def test_the_fleet_refuses_bad_input_and_changes_nothing(planner_prefix: str) -> None:

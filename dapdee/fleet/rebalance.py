@@ -7,16 +7,26 @@ worth the lexicographic value
 
     (met_o, f_i·accuracy_o, −f_i·t_o)
 
-where met_o says whether the option meets all the device's stated requirements (latency
-budget, frame rate, min_accuracy), f_i·accuracy_o is rounded to a multiple of 2⁻²⁰ so that
-sums of it are exact (`accuracy_term`), and t_o is its objective in the device's mode (latency_ms
-or bottleneck_ms), both priced at edge load ℓe = min(0.95, ρ_max): no feasible assignment puts
-more than ρ_max·C_w on the worker, so no device sees more load from the others, an option
-counted as met stays met however the others are assigned, and the problem separates by
-device. (Priced at zero load instead, the solver counted as met the deep cuts whose edge part
-only fits an idle worker, and handed out plans that missed their budgets.) The solution
-maximises the sum of values — first the number of devices whose requirements are met, then
-Σ f_i·accuracy_i, then −Σ f_i·t_i — subject to Σ load <= ρ_max·C_w.
+where met_o says whether the option meets all the device's stated requirements (latency budget,
+frame rate, min_accuracy), f_i·accuracy_o is rounded to a multiple of 2⁻²⁰ so that sums of it
+are exact (`accuracy_term`), and t_o is its objective in the device's mode (latency_ms or
+bottleneck_ms). met_o is priced at edge load ℓe = min(0.95, ρ_max): no feasible assignment puts
+more than ρ_max·C_w on the worker, so no device sees more load from the others, and an option
+counted as met stays met however the others are assigned. (Priced at zero load instead, the
+solver counted as met the deep cuts whose edge part only fits an idle worker, and handed out
+plans that missed their budgets.) t_o is priced at one time load L for all devices (`solve`'s
+`time_load`; `priced_load` by default). Both loads are fixed while the DP runs, so the problem
+separates by device. The solution maximises the sum of values — first the number of devices
+whose requirements are met, then Σ f_i·accuracy_i, then −Σ f_i·t_i — subject to Σ load <=
+ρ_max·C_w (or a smaller limit).
+
+Time load (`settle`, what the planner runs): solve for each share s = ρ_max·k/8 of the worker
+with Σ load <= s·C_w and L = min(0.95, s), and keep the best answer. Each answer's times are
+then at least what its devices will see from each other, and the best share is close to the load
+the answer books: a lone device on an idle worker keeps the 30 ms Edge plan that, priced at
+ρ_max (50 ms), lost to its 41.7 ms Device-Only plan, and a full worker keeps the devices that,
+priced at the load booked before the rebalance, all left it at one rebalance and all came back
+at the next.
 
 Switching margin μ (`solve(..., switch_margin=μ)`): a device's current plan (`Demand.current`)
 is credited μ·f_i·t of its own time in the third component, so a device moves only where the
@@ -54,6 +64,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +82,7 @@ MAX_STATES = 20_000
 GRID = 4096
 TIE_WEIGHTS = ((1e4, 1e4, 1.0),)  # see _reaching
 ACCURACY_QUANTUM = 2.0**-20  # frames/s: the resolution of the accuracy component (`accuracy_term`)
+SETTLE_LEVELS = 8  # `settle` solves for shares ρ_max/8, 2ρ_max/8, ..., ρ_max of the worker
 
 
 @dataclass(frozen=True)
@@ -115,23 +127,27 @@ class Solution:
     value: Value
     exact: bool
     states: int  # largest staircase the DP kept (a measure of the work done)
+    time_load: float  # the edge load the time terms were priced at
+    ranked: Value  # the value the DP maximised (`value` with the held plans' credit)
 
 
 def priced_load(rho_max: float) -> float:
-    """The edge load every option is priced at: min(0.95, ρ_max) (module docstring)."""
+    """The edge load every option's met flag is priced at: min(0.95, ρ_max) (module docstring)."""
     return min(MAX_EDGE_LOAD, rho_max)
 
 
-def resolved_objective(planmap: PlanMap, request: PlanRequest, rho_max: float) -> str:
+def resolved_objective(planmap: PlanMap, request: PlanRequest, edge_load: float) -> str:
     """The unit of a device's t_i: its mode, with "auto" resolved as the planner resolves it for
-    the device alone at the load options are priced at (`priced_load`): "latency" when that plan
-    sustains the frame rate, else "throughput". (The mode of the plan a device holds was resolved
-    at whatever load the others put on the worker when it asked; like devices then carried
-    different units, and the solver traded the worker's slots between them for it.) O(exits)
-    plan-map scans."""
+    the device alone at `edge_load` ("latency" when that plan sustains the frame rate, else
+    "throughput"). The rebalancer passes every lease of a worker the same load, the worker's
+    booking before the rebalance (at most `priced_load`): a lone device on an idle worker is
+    valued in latency mode, as the planner answered it. (The mode of the plan a device holds was
+    resolved at whatever load the others put on the worker when it asked; like devices then
+    carried different units, and the solver traded the worker's slots between them for it.)
+    O(exits) plan-map scans."""
     if request.mode in ("latency", "throughput"):
         return request.mode
-    return str(planmap.plan(replace(request, edge_load=priced_load(rho_max)))["mode"])
+    return str(planmap.plan(replace(request, edge_load=edge_load))["mode"])
 
 
 def accuracy_term(frames_per_s: float, accuracy: float | None) -> float:
@@ -143,36 +159,46 @@ def accuracy_term(frames_per_s: float, accuracy: float | None) -> float:
     return round(frames_per_s * (accuracy or 0.0) / ACCURACY_QUANTUM) * ACCURACY_QUANTUM
 
 
-def option_value(demand: Demand, pred: Predicted, accuracy: float | None) -> Value:
-    """(met, f·accuracy (`accuracy_term`), −f·t) of a plan's prediction. O(1)."""
-    met = meets_all(demand.request, pred, accuracy)
-    t = pred.latency_ms if demand.objective == "latency" else pred.bottleneck_ms
+def option_value(demand: Demand, at_most: Predicted, now: Predicted, accuracy: float | None) -> Value:
+    """(met, f·accuracy (`accuracy_term`), −f·t) of a plan: met from its prediction at the most
+    load the others can put on the worker (`at_most`), t from its prediction at the load they
+    put on it now (`now`). O(1)."""
+    met = meets_all(demand.request, at_most, accuracy)
+    t = now.latency_ms if demand.objective == "latency" else now.bottleneck_ms
     f = demand.frames_per_s
     return (int(met), accuracy_term(f, accuracy), -f * t)
 
 
-def current_option(demand: Demand, exit_name: str, device_nodes: Sequence[str], edge_load: float) -> Option:
+def current_option(
+    demand: Demand, exit_name: str, device_nodes: Sequence[str], edge_load: float, now_load: float
+) -> Option:
     """The option a device holds now (its plan's exit and device nodes), valued like `options`
-    at `edge_load` (it need not be on the front). `cand_index` is -1. Raises CostGraphError
-    when the plan no longer fits the graph. O(V + E)."""
+    (met at `edge_load`, t at `now_load`; it need not be on the front). `cand_index` is -1.
+    Raises CostGraphError when the plan no longer fits the graph. O(V + E)."""
     part = partition(demand.planmap.graph, exit_name, device_nodes)
     index = next(i for i, e in enumerate(demand.planmap.graph.exits) if e.name == part.exit)
-    pred = part.predict(replace(demand.request.conditions(), edge_load=edge_load if part.edge_nodes else 0.0))
     uses_edge = bool(part.edge_nodes)
+    cond = demand.request.conditions()
+    at_most = part.predict(replace(cond, edge_load=edge_load if uses_edge else 0.0))
+    now = part.predict(replace(cond, edge_load=now_load if uses_edge else 0.0))
     e = part.edge_sum_ms + demand.planmap.graph.overheads.edge_request_ms if uses_edge else 0.0
     accuracy = demand.planmap.graph.exits[index].accuracy
-    return Option(index, -1, uses_edge, demand.frames_per_s * e, option_value(demand, pred, accuracy))
+    return Option(index, -1, uses_edge, demand.frames_per_s * e, option_value(demand, at_most, now, accuracy))
 
 
-def options(demand: Demand, edge_load: float) -> list[Option]:
-    """Every candidate of every exit's front, priced at `edge_load`. O(Σ_e front_e)."""
-    cond = replace(demand.request.conditions(), edge_load=edge_load)
+def options(demand: Demand, edge_load: float, now_load: float) -> list[Option]:
+    """Every candidate of every exit's front, its met flag priced at `edge_load` and its time at
+    `now_load`. O(Σ_e front_e)."""
+    cond = demand.request.conditions()
+    at_most_cond, now_cond = replace(cond, edge_load=edge_load), replace(cond, edge_load=now_load)
     out = []
     for i, cs in enumerate(demand.planmap.cands):
         accuracy = demand.planmap.graph.exits[i].accuracy
         loads = edge_ms_per_frame(cs) * demand.frames_per_s
         for j in range(len(cs)):
-            value = option_value(demand, cs.predict(j, cond), accuracy)
+            at_most = cs.predict(j, at_most_cond)
+            now = at_most if now_load == edge_load else cs.predict(j, now_cond)
+            value = option_value(demand, at_most, now, accuracy)
             out.append(Option(i, j, cs.masks[j] != cs.st.full, float(loads[j]), value))
     return out
 
@@ -188,13 +214,13 @@ def chain(opts: Sequence[Option]) -> list[Option]:
     return out
 
 
-def held_option(demand: Demand, switch_margin: float, edge_load: float) -> Option | None:
-    """The device's current plan as an option at `edge_load`, credited μ·f·t (None: no current
-    plan, or one that no longer fits the graph). O(V + E)."""
+def held_option(demand: Demand, switch_margin: float, edge_load: float, now_load: float) -> Option | None:
+    """The device's current plan as an option (met at `edge_load`, t at `now_load`), credited
+    μ·f·t (None: no current plan, or one that no longer fits the graph). O(V + E)."""
     if demand.current is None:
         return None
     try:
-        held = current_option(demand, *demand.current, edge_load)
+        held = current_option(demand, *demand.current, edge_load, now_load)
     except (CostGraphError, KeyError, StopIteration):
         return None
     return replace(held, credit=switch_margin * -held.value[2])
@@ -226,9 +252,12 @@ def solve(
     max_states: int = MAX_STATES,
     switch_margin: float = 0.0,
     bounded: bool = True,
+    time_load: float | None = None,
+    limit_ms_per_s: float | None = None,
 ) -> Solution:
-    """The best option per device under Σ load <= ρ_max·C (see the module docstring), each
-    device's current plan credited `switch_margin`. Device-Only (load 0) is always an option,
+    """The best option per device under Σ load <= `limit_ms_per_s` (None: ρ_max·C; see the
+    module docstring), each device's current plan credited `switch_margin`, times priced at edge
+    load `time_load` (None: `priced_load`, like the met flags). Device-Only (load 0) is always an option,
     so a solution always exists. First the bucketed DP (at most GRID states a step) gives a
     feasible answer; then, for at most `exact_leases` devices, the exact DP keeps only the states
     whose LP bound (`dapdee.fleet.bounds`; `bounded` false: every state, for comparison) still
@@ -237,12 +266,13 @@ def solve(
     of c options."""
     if not 0.0 <= switch_margin < 1.0:
         raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
-    limit = rho_max * capacity_ms_per_s
+    limit = rho_max * capacity_ms_per_s if limit_ms_per_s is None else limit_ms_per_s
     load = priced_load(rho_max)
+    now = load if time_load is None else time_load
     chains = []
     for d in demands:
-        held = held_option(d, switch_margin, load)
-        chains.append(chain(options(d, load) + ([held] if held is not None else [])))
+        held = held_option(d, switch_margin, load, now)
+        chains.append(chain(options(d, load, now) + ([held] if held is not None else [])))
     # devices with the heaviest options first: their choices decide most of the room left, so
     # the bounds on the rest prune soonest (measured: several times fewer states than in the
     # given order on varied fleets)
@@ -262,7 +292,41 @@ def solve(
     by_device = dict(zip(order, run.picks, strict=True))
     picks = tuple(by_device[i] for i in range(len(order)))
     value = (sum(o.value[0] for o in picks), sum(o.value[1] for o in picks), sum(o.value[2] for o in picks))
-    return Solution(picks, run.load, value, exact, run.states)
+    ranked = (sum(o.ranked[0] for o in picks), sum(o.ranked[1] for o in picks), sum(o.ranked[2] for o in picks))
+    return Solution(picks, run.load, value, exact, run.states, now, ranked)
+
+
+def settle(
+    demands: Sequence[Demand],
+    capacity_ms_per_s: float,
+    rho_max: float,
+    levels: int = SETTLE_LEVELS,
+    **solve_kw: Any,
+) -> Solution:
+    """The best of up to `levels` solves that each price the times at the load they may book:
+    for the share s_k = ρ_max·k/levels of the worker, `solve` with Σ load <= s_k·C and times
+    priced at min(0.95, s_k), so every answer's times are at least what its devices will see from
+    each other. The answer is the one of highest (credited) value. The top share is the plain
+    ρ_max solve, so no answer meets fewer requirements or less accuracy; shares are tried
+    downwards and the search stops at the first that meets fewer or less (a smaller share only
+    shrinks the choice, so every share below it would too). A single time load is either too
+    high for a light worker (priced at ρ_max, a lone device on an idle worker counted its 30 ms
+    Edge plan as 50 ms and was moved to its 41.7 ms Device-Only plan) or unstable (priced at the
+    load booked before the rebalance, a full worker's devices all left it, and the next
+    rebalance sent them all back). O(levels) calls of `solve`, the cheaper the smaller the share."""
+    best: Solution | None = None
+    for k in range(levels, 0, -1):
+        share = rho_max * k / levels
+        sol = solve(
+            demands, capacity_ms_per_s, rho_max, time_load=min(MAX_EDGE_LOAD, share),
+            limit_ms_per_s=share * capacity_ms_per_s, **solve_kw,
+        )  # fmt: skip
+        if best is not None and sol.ranked[:2] < best.ranked[:2]:
+            break
+        if best is None or sol.ranked > best.ranked:
+            best = sol
+    assert best is not None, "levels >= 1"
+    return best
 
 
 @dataclass(frozen=True)

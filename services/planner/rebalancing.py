@@ -1,6 +1,6 @@
 """Rebalancing the shared edge: each worker's leases re-solved together.
 
-`Rebalancer.rebalance` re-solves every worker's leases (`dapdee.fleet.rebalance.solve`, in a
+`Rebalancer.rebalance` re-solves every worker's leases (`dapdee.fleet.rebalance.settle`, in a
 thread) together with the live Device-Only leases of models the worker serves, and applies each
 worker's assignment atomically: refused, and left for the next period, if leases changed
 meanwhile; solved again at once (up to `CAPACITY_RETRIES` solves in all) if the worker's last
@@ -30,7 +30,7 @@ from dapdee.fleet.rebalance import (
     option_nodes,
     priced_load,
     resolved_objective,
-    solve,
+    settle,
 )
 from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.fleet import Fleet, request_of
@@ -177,16 +177,15 @@ class Rebalancer:
     async def _rebalance_worker(
         self, w: Worker, device_ids: list[str], records: dict[str, dict[str, Any]], held: dict[str, float]
     ) -> dict[str, Any] | None:
-        demands, olds = [], []
+        capacity, rho = w.capacity_ms_per_s, self.settings.rho_max
+        booked = min(priced_load(rho), sum(held.values()) / capacity)
+        demands = []
         for d in device_ids:
-            demand = await self._demand(w, records[d])
-            if demand is None:
-                continue
-            demands.append(demand)
-            olds.append(held_option(demand, 0.0, priced_load(self.settings.rho_max)))
+            demand = await self._demand(w, records[d], booked)
+            if demand is not None:
+                demands.append(demand)
         if not demands:
             return None
-        capacity = w.capacity_ms_per_s
         for _ in range(CAPACITY_RETRIES):
             sol = await self._solve(demands, capacity)
             assignments = _assignments(w.url, demands, sol, capacity, records)
@@ -198,6 +197,7 @@ class Rebalancer:
             capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
         applied = outcome.status == "applied"
         self.metrics.rebalances.labels("applied" if applied else "refused").inc()
+        olds = [held_option(d, 0.0, priced_load(rho), sol.time_load) for d in demands]
         pairs = zip(demands, olds, sol.choices, strict=True)
         moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
         log.log(
@@ -208,18 +208,20 @@ class Rebalancer:
         return _report(w, demands, olds, sol, applied, sum(held.values()))
 
     async def _solve(self, demands: list[Demand], capacity_ms_per_s: float) -> Solution:
-        """The fleet objective's best choices for `demands` on that capacity, in a thread."""
+        """The fleet objective's best choices for `demands` on that capacity, times priced at no
+        less than the load they put on the worker (`settle`), in a thread."""
         rho, margin = self.settings.rho_max, self.settings.switch_margin
-        return await asyncio.to_thread(solve, demands, capacity_ms_per_s, rho, switch_margin=margin)
+        return await asyncio.to_thread(settle, demands, capacity_ms_per_s, rho, switch_margin=margin)
 
-    async def _demand(self, w: Worker, record: dict[str, Any]) -> Demand | None:
-        """The rebalancer's view of one lease on `w` (None: its model or profiles are gone)."""
+    async def _demand(self, w: Worker, record: dict[str, Any], booked: float) -> Demand | None:
+        """The rebalancer's view of one lease on `w`, "auto" resolved at `booked`, the load the
+        worker's leases book now (None: its model or profiles are gone)."""
         found = await self.fleet.candidates_for(record["model"], record.get("device_tier"), [w])
         if not found:
             return None
         req = request_of(record["request"])
         held = record["plan"]
-        objective = resolved_objective(found[0].planmap, req, self.settings.rho_max)
+        objective = resolved_objective(found[0].planmap, req, booked)
         current = (held["exit"]["name"], tuple(held["device_nodes"]))
         return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
 
