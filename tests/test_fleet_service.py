@@ -220,6 +220,10 @@ def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_
         assert r.json()["approximate"] is False
         (report,) = r.json()["workers"]
         assert report["applied"] and report["exact"]
+        assert report["time_load"] == pytest.approx(RHO)  # 40 of 50 ms/s: above the next share, 7/8 of 0.9
+        busy_new = next(d["new"] for d in report["devices"] if d["device_id"] == "busy")
+        # Edge-Only timed at time_load: request 1 ms on a CPU 0.8 busy, uplink 0.8, rtt 5, edge 8 ms
+        assert busy_new["objective_ms"] == pytest.approx(1 / 0.2 + 0.8 + 5 + 8 / (1 - RHO))
         assert (report["before"]["devices_met"], report["after"]["devices_met"]) == (1, 2)
         assert report["after"]["leased_ms_per_s"] <= RHO * 50.0
         state = c.get("/devices/busy").json()
@@ -289,6 +293,7 @@ def test_a_rebalance_values_an_auto_device_in_the_mode_of_the_workers_load(plann
         assert r.status_code == 200, r.text
         (device,) = r.json()["workers"][0]["devices"]
         assert device["new"]["met"] is False and device["new"]["objective_ms"] == pytest.approx(6.8 + 8 / 0.775)
+        assert r.json()["workers"][0]["time_load"] == pytest.approx(0.225)
         state = c.get("/devices/auto").json()
         assert state["lease"]["assigned"] and state["plan"]["mode"] == "latency"
         assert state["plan"]["device_nodes"] == [] and state["plan"]["predicted"]["latency_ms"] == pytest.approx(14.8)
@@ -312,6 +317,7 @@ def test_a_rebalance_keeps_a_lone_device_on_the_plan_that_is_fastest_on_an_idle_
         (device,) = r.json()["workers"][0]["devices"]
         assert device["old"] == device["new"] and device["new"]["device_nodes"] == 0
         assert device["new"]["met"] and device["new"]["objective_ms"] == pytest.approx(6.8 + 8 / 0.8875)
+        assert r.json()["workers"][0]["time_load"] == pytest.approx(0.1125)
         got = c.post("/plan", json=body).json()
         assert got["lease"]["assigned"] and got["device_nodes"] == [] and got["lease"]["worker"] == "http://w1:1"
         assert got["predicted"]["latency_ms"] == pytest.approx(14.8)

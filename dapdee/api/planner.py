@@ -243,7 +243,8 @@ class DeviceState(BaseModel):
 
 
 class OptionValue(BaseModel):
-    """One device's plan as the rebalance values it (priced at zero edge load)."""
+    """One device's plan as the rebalance values it: `met` priced at edge load min(0.95, ρ_max),
+    `objective_ms` at its worker's `time_load`, without the switching credit."""
 
     exit: str
     device_nodes: int
@@ -269,7 +270,13 @@ class DeviceChange(BaseModel):
 class WorkerRebalance(BaseModel):
     worker: str
     leases: int
-    exact: bool = Field(description="false: more than 64 leases or more than 10,000 DP states, solved approximately")
+    exact: bool = Field(description="false: more than 64 leases or more than 20,000 DP states, solved approximately")
+    time_load: float = Field(
+        ge=0.0,
+        le=0.95,
+        description="the edge load the objective_ms values are priced at: the share ρ_max·k/8 of the worker the "
+        "chosen plans were solved within (they book at most that share)",
+    )
     applied: bool = Field(description="false: leases changed meanwhile; the next period tries again")
     before: FleetTotals
     after: FleetTotals

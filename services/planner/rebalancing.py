@@ -285,6 +285,7 @@ def _report(
         "worker": w.url,
         "leases": len(demands),
         "exact": sol.exact,
+        "time_load": sol.time_load,
         "applied": applied,
         "before": _totals(demands, olds, held),
         "after": _totals(demands, list(sol.choices), sol.load),
