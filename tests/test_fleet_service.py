@@ -220,7 +220,7 @@ def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_
         assert r.json()["approximate"] is False
         (report,) = r.json()["workers"]
         assert report["applied"] and report["exact"]
-        assert report["time_load"] == pytest.approx(RHO)  # 40 of 50 ms/s: above the next share, 7/8 of 0.9
+        assert report["time_load"] == pytest.approx(RHO)  # 40 ms/s: above the next share down, 0.7875 of 50
         busy_new = next(d["new"] for d in report["devices"] if d["device_id"] == "busy")
         # Edge-Only timed at time_load: request 1 ms on a CPU 0.8 busy, uplink 0.8, rtt 5, edge 8 ms
         assert busy_new["objective_ms"] == pytest.approx(1 / 0.2 + 0.8 + 5 + 8 / (1 - RHO))
