@@ -126,7 +126,8 @@ def setup_lines(a: argparse.Namespace, loaded: dict[str, Any], settings: Planner
         + ("unchanged" if a.min_accuracy is None else f"and min accuracy {a.min_accuracy:g} (added: {FLOOR_REASON})"),
         f"uplinks: {mix}; round trip {RTT_MS:g} ms added per request",
         "edge: one worker, 1 compute slot (--workers 1), batch 1, 1 torch thread, restarted for every run; "
-        "capacity 1000 ms/s nominal, divided by κ = what its requests take (compute slot + event-loop CPU) "
+        "capacity 1000 ms/s nominal (the edge load ℓe is taken over it); admission books at most rho_max of it "
+        "divided by κ = what its requests take (compute slot + event-loop CPU) "
         "over what they are priced at (Σ edge_ms + edge_request_ms)",
         "cameras: each releases from its own phase (uniform in one period, fixed per device id); "
         "device parts timed on each device's own clock (the client event loop's delay is not queued on the device)",

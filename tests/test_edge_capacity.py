@@ -147,7 +147,9 @@ def test_a_worker_slower_than_its_profile_advertises_less() -> None:
         x = loaded.example_input()
         for _ in range(5):
             edge.infer("alexnet", {loaded.graph.input.name: x})
-        assert heartbeat_body(state, url)["capacity_ms_per_s"] == pytest.approx(250.0)  # clamped at 4x
+        beat = heartbeat_body(state, url)
+        assert beat["capacity_ms_per_s"] == pytest.approx(250.0)  # clamped at 4x
+        assert beat["nominal_ms_per_s"] == 1000.0  # what the edge load is taken over stays
         # a profile that says a node takes a second: faster than profiled, nominal again
         entry.graph = loaded.graph.with_timings("edge", {n.name: 1000.0 for n in loaded.graph.nodes})
         time.sleep(1.1)
@@ -299,10 +301,12 @@ def test_light_start_up_traffic_does_not_set_the_capacity() -> None:
     """While devices join, a worker's window holds their bandwidth probes: little priced work
     next to much event-loop work (a large body read in small pieces), a ratio that reads as a
     slowdown a loaded worker does not have. Two real workers get the same such traffic: one
-    counting from 200 priced ms advertises less than nominal, one at the default (a tenth of a
-    slot over the window) keeps its nominal capacity."""
+    counting from 200 priced ms measures a slowdown (how large depends on the host and on what
+    else runs: 2.3-2.6 on one host, once within the 20 % hysteresis band in a full suite), one at
+    the default (a tenth of a slot over the window) measures none and keeps its nominal
+    capacity."""
     loaded = load_model("zoo:resnet18?width=0.25&in_channels=1")
-    advertised = {}
+    measured, advertised = {}, {}
     for min_ms in (200.0, Settings().capacity_min_ms):
         sock = bind_free_socket()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -313,7 +317,8 @@ def test_light_start_up_traffic_does_not_set_the_capacity() -> None:
             state.capacity.reset()
             _start_up_traffic(url, loaded, 4, 25)
             priced_ms = state.capacity.priced_ms
+            measured[min_ms] = state.capacity.factor()
             advertised[min_ms] = heartbeat_body(state, url)["capacity_ms_per_s"]
         assert 200.0 < priced_ms < 2000.0, priced_ms  # the light window the test is about
-    assert advertised[200.0] < 1000.0 / 1.2, advertised
-    assert advertised[2000.0] == 1000.0, advertised
+    assert measured[200.0] > 1.0, measured
+    assert measured[2000.0] == 1.0 and advertised[2000.0] == 1000.0, (measured, advertised)

@@ -36,15 +36,17 @@ def _plan_request(req: oracle.Req) -> PlanRequest:
     )
 
 
-def brute_force(
-    workers: list[tuple[dict[str, Any], float, float]], req: oracle.Req, fps: float
-) -> dict[str, list[oracle.Price]]:
-    """Per exit, every admissible partition on every worker (graph, capacity, reserved by others),
-    priced at that worker's edge load min(0.95, reserved / capacity); Device-Only always."""
+Worker = tuple[dict[str, Any], float, float, float]  # graph, capacity, reserved by others, nominal
+
+
+def brute_force(workers: list[Worker], req: oracle.Req, fps: float) -> dict[str, list[oracle.Price]]:
+    """Per exit, every admissible partition on every worker (graph, capacity, reserved by others,
+    nominal capacity), priced at that worker's edge load min(0.95, reserved / nominal);
+    admissible: reserved + fps·e_i <= ρ_max·capacity; Device-Only always."""
     out: dict[str, list[oracle.Price]] = {}
-    for g, capacity, reserved in workers:
+    for g, capacity, reserved, nominal in workers:
         cond = oracle.Cond(
-            req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, min(0.95, reserved / capacity)
+            req.cond.bandwidth_mbps, req.cond.rtt_ms, req.cond.device_load, min(0.95, reserved / nominal)
         )
         er = (g.get("overheads") or {}).get("edge_request_ms", 0.0)
         for e in g["exits"]:
@@ -58,7 +60,7 @@ def brute_force(
     return out
 
 
-def _random_fleet_case(rng: random.Random) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float, float]], float]:
+def _random_fleet_case(rng: random.Random) -> tuple[dict[str, Any], list[Worker], float]:
     g = oracle.random_graph(rng, max_nodes=7)
     if rng.random() < 0.7:
         g["overheads"] = {
@@ -67,9 +69,10 @@ def _random_fleet_case(rng: random.Random) -> tuple[dict[str, Any], list[tuple[d
         }
     workers = []
     for _ in range(rng.randint(1, 3)):
-        capacity = rng.choice([1000.0, 2000.0, 4000.0])
+        nominal = rng.choice([1000.0, 2000.0, 4000.0])
+        capacity = nominal / rng.choice([1.0, 1.0, 1.3, 1.9])  # a measured slowdown κ lowers admission only
         reserved = capacity * rng.choice([0.0, rng.uniform(0, 0.95), 0.89, rng.uniform(0.85, 1.2)])
-        workers.append((_with_edge_scale(g, rng.choice([1.0, 0.5, 3.0])), capacity, reserved))
+        workers.append((_with_edge_scale(g, rng.choice([1.0, 0.5, 3.0])), capacity, reserved, nominal))
     fps = round(10 ** rng.uniform(0, 2.3), 4)
     return g, workers, fps
 
@@ -81,8 +84,8 @@ def test_plans_are_the_brute_force_optimum_over_workers_and_partitions() -> None
         g, workers, fps = _random_fleet_case(rng)
         req = oracle.random_request(rng)
         slots = [
-            EdgeSlot(f"http://w{k}", PlanMap.build(CostGraph.from_dict(wg)), cap, res)
-            for k, (wg, cap, res) in enumerate(workers)
+            EdgeSlot(f"http://w{k}", PlanMap.build(CostGraph.from_dict(wg)), cap, res, nominal_ms_per_s=nom)
+            for k, (wg, cap, res, nom) in enumerate(workers)
         ]
         got = plan_for_device(slots, _plan_request(req), fps, RHO_MAX)
         prices = brute_force(workers, req, fps)
@@ -96,9 +99,9 @@ def test_plans_are_the_brute_force_optimum_over_workers_and_partitions() -> None
             assert not p.edge_nodes and got.edge_ms_per_frame == 0.0
         else:
             assert p.edge_nodes, case
-            _, capacity, reserved = named
+            _, capacity, reserved, _ = named
             assert reserved + fps * got.edge_ms_per_frame <= RHO_MAX * capacity, case
-        assert got.edge_load == pytest.approx(min(0.95, named[2] / named[1]))
+        assert got.edge_load == pytest.approx(min(0.95, named[2] / named[3]))
         if want.fragile:
             fragile += 1
             continue
@@ -159,3 +162,16 @@ def test_without_a_frame_rate_only_a_worker_already_past_the_threshold_is_refuse
     req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
     assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.0)], req, None).worker == "http://w"
     assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.5)], req, None).worker is None
+
+
+def test_a_slowdown_lowers_admission_but_not_the_edge_load() -> None:
+    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
+    # nominal 1000 ms/s, κ = 2: the leases may book 0.9 x 500 = 450 ms/s; others reserve 300
+    slow = EdgeSlot("http://w", pm, 500.0, 300.0, nominal_ms_per_s=1000.0)
+    got = plan_for_device([slow], req, 20.0)  # 300 + 5 x 20 = 400 <= 450: admitted
+    # priced at ℓe = 300 / 1000 = 0.3 (over the capacity it would be 0.6): 1.8 + 5 / 0.7
+    assert got.worker == "http://w" and got.edge_load == pytest.approx(0.3)
+    assert got.plan["predicted"]["latency_ms"] == pytest.approx(1.8 + 5.0 / 0.7)
+    got = plan_for_device([slow], req, 40.0)  # 300 + 5 x 40 = 500 > 450: Device-Only
+    assert got.worker is None

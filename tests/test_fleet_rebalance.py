@@ -36,12 +36,20 @@ def _acc_term(fps: float, acc: float | None) -> float:
 
 
 def brute_value(
-    g: dict[str, Any], req: oracle.Req, fps: float, objective: str, now_load: float, exit_name: str, dev: Any
+    g: dict[str, Any],
+    req: oracle.Req,
+    fps: float,
+    objective: str,
+    now_load: float,
+    exit_name: str,
+    dev: Any,
+    met_load: float = RHO_MAX,
 ) -> tuple[float, tuple]:
-    """(load, (met, f·accuracy, −f·t)) of one partition: met at edge load ρ_max (the most any
-    feasible assignment puts on the worker), t at `now_load`."""
+    """(load, (met, f·accuracy, −f·t)) of one partition: met at edge load `met_load` (ρ_max: the
+    most any feasible assignment puts on a worker whose capacity is its nominal one), t at
+    `now_load`."""
     c = req.cond
-    at_most = oracle.price(g, exit_name, dev, oracle.Cond(c.bandwidth_mbps, c.rtt_ms, c.device_load, RHO_MAX))
+    at_most = oracle.price(g, exit_name, dev, oracle.Cond(c.bandwidth_mbps, c.rtt_ms, c.device_load, met_load))
     now = oracle.price(g, exit_name, dev, oracle.Cond(c.bandwidth_mbps, c.rtt_ms, c.device_load, now_load))
     acc = next(e["accuracy"] for e in g["exits"] if e["name"] == exit_name)
     met = (
@@ -54,11 +62,11 @@ def brute_value(
 
 
 def brute_options(
-    g: dict[str, Any], req: oracle.Req, fps: float, objective: str, now_load: float = RHO_MAX
+    g: dict[str, Any], req: oracle.Req, fps: float, objective: str, now_load: float = RHO_MAX, met_load: float = RHO_MAX
 ) -> list[tuple[float, tuple]]:
     """`brute_value` of every partition of every exit."""
     return [
-        brute_value(g, req, fps, objective, now_load, e["name"], dev)
+        brute_value(g, req, fps, objective, now_load, e["name"], dev, met_load)
         for e in g["exits"]
         for dev in oracle.ideals(g, e["name"])
     ]
@@ -76,9 +84,10 @@ def brute_best(per_device: list[list[tuple[float, tuple]]], limit: float) -> tup
 
 
 def _fleet(
-    rng: random.Random, n: int, now_load: float = RHO_MAX
+    rng: random.Random, n: int, now_load: float = RHO_MAX, met_load: float = RHO_MAX
 ) -> tuple[list[Demand], list[list[tuple[float, tuple]]]]:
-    """`n` random devices, and each one's brute-force options, times priced at `now_load`."""
+    """`n` random devices, and each one's brute-force options, times priced at `now_load`, met
+    flags at `met_load`."""
     demands, brute = [], []
     for i in range(n):
         g = oracle.random_graph(rng, max_nodes=5, name=f"m{i}")
@@ -108,7 +117,7 @@ def _fleet(
             objective,
         )
         demands.append(Demand(f"d{i}", fps, PlanMap.build(CostGraph.from_dict(g)), preq, objective))
-        brute.append(brute_options(g, req, fps, objective, now_load))
+        brute.append(brute_options(g, req, fps, objective, now_load, met_load))
     return demands, brute
 
 
@@ -351,6 +360,30 @@ def test_settle_is_the_best_over_the_shares_by_brute_force(seed: int) -> None:
     assert _close(sol.value, max(per_share)), (sol.value, per_share)
     assert sol.load <= sol.time_load * capacity * (1 + 1e-9)
     assert sol.time_load in [pytest.approx(RHO_MAX * k / SETTLE_LEVELS) for k in range(1, SETTLE_LEVELS + 1)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_slowdown_prices_the_loads_over_the_nominal_capacity_by_brute_force(seed: int) -> None:
+    """A worker measured κ times slower than its nominal capacity N admits C = N/κ: the met flags
+    are priced at ρ_max·C/N (the most the others can book, over N), and for each share s_k the
+    times at s_k·C/N within s_k·C; the settled answer is the best of these brute-force optima."""
+    rng = random.Random(7000 + seed)
+    n = rng.randint(1, 4)
+    capacity = rng.choice([50.0, 150.0, 400.0])
+    kappa = rng.choice([1.3, 1.9, 3.0])
+    demands, brute = _fleet(random.Random(seed), n)
+    while n > 1 and prod(len(b) for b in brute) > 60_000:
+        n -= 1
+    demands = demands[:n]
+    sol = settle(demands, capacity, RHO_MAX, nominal_ms_per_s=capacity * kappa)
+    per_share = []
+    for k in range(1, SETTLE_LEVELS + 1):
+        share = RHO_MAX * k / SETTLE_LEVELS
+        _, brute = _fleet(random.Random(seed), n, share / kappa, RHO_MAX / kappa)
+        per_share.append(brute_best(brute[:n], share * capacity))
+    assert _close(sol.value, max(per_share)), (sol.value, per_share)
+    assert sol.load <= RHO_MAX * capacity * (1 + 1e-9)
+    assert sol.time_load in [pytest.approx(RHO_MAX * k / SETTLE_LEVELS / kappa) for k in range(1, SETTLE_LEVELS + 1)]
 
 
 def _fast_cameras(n: int) -> list[Demand]:

@@ -425,6 +425,43 @@ def test_a_device_keeps_its_plan_while_the_best_is_within_the_switching_margin(p
             assert c.delete("/devices/s").status_code == 204
 
 
+def test_a_slowdown_limits_admission_while_the_edge_load_is_taken_over_the_nominal_capacity(
+    planner_prefix: str,
+) -> None:
+    """A worker that measured itself twice as slow as profiled: nominal 1000 ms/s, capacity 500.
+    Five Edge-Only devices book 5 x 80 = 400 <= 0.9 x 500; a sixth would book 480 (or 460 with
+    its mid cut) and runs on its own CPU. Each plan is priced at the others' load over the
+    nominal capacity (edge 8 / (1 - others / 1000)), before and after a rebalance, whose time
+    load is at most 0.9 x 500 / 1000."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, capacity=500.0)
+        r = beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=500.0, nominal_ms_per_s=1000.0)
+        assert r.status_code == 200
+        w = workers(c)["http://w1:1"]
+        assert w["capacity_ms_per_s"] == 500.0 and w["nominal_ms_per_s"] == 1000.0
+        for i in range(5):
+            plan = c.post("/plan", json=leased(f"d{i}")).json()
+            assert plan["lease"]["worker"] == "http://w1:1" and plan["device_nodes"] == []
+            assert plan["predicted"]["edge_ms"] == pytest.approx(8.0 / (1 - 80.0 * i / 1000.0))
+        plan = c.post("/plan", json=leased("d5")).json()
+        assert plan["lease"]["worker"] is None and plan["predicted"]["edge_ms"] == 0.0
+        answer = c.post("/fleet/rebalance").json()
+        (report,) = answer["workers"]
+        assert 0 < report["time_load"] <= RHO * 500.0 / 1000.0 + 1e-9
+        assert report["after"]["leased_ms_per_s"] <= RHO * 500.0 + 1e-9
+        booked = workers(c)["http://w1:1"]["leased_ms_per_s"]
+        for i in range(6):
+            state = c.get(f"/devices/d{i}").json()
+            if state["lease"]["worker"] is not None and state["plan"]["device_nodes"] == []:
+                want = 8.0 / (1 - (booked - 80.0) / 1000.0)
+                assert state["plan"]["predicted"]["edge_ms"] == pytest.approx(want), i
+        body = {"url": "http://w1:1", "models": ["cam"], "tier": "t", "load": 0.0}
+        for bad in ({"capacity_ms_per_s": 600.0, "nominal_ms_per_s": 500.0}, {"nominal_ms_per_s": -1.0}):
+            r = c.post("/workers/heartbeat", json={**body, **bad})
+            assert r.status_code == 422 and "nominal_ms_per_s" in r.text, r.text
+        assert workers(c)["http://w1:1"]["nominal_ms_per_s"] == 1000.0
+
+
 def test_a_worker_whose_capacity_drops_below_its_leases_is_rebalanced_at_once(planner_prefix: str) -> None:
     """Five Edge-Only devices book 5 x 80 = 400 ms/s of a 1000 ms/s worker. Its heartbeat then
     says 300 ms/s (it measured itself slower): the leases book more than ρ_max x 300 = 270, and

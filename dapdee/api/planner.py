@@ -243,8 +243,9 @@ class DeviceState(BaseModel):
 
 
 class OptionValue(BaseModel):
-    """One device's plan as the rebalance values it: `met` priced at edge load min(0.95, ρ_max),
-    `objective_ms` at its worker's `time_load`, without the switching credit."""
+    """One device's plan as the rebalance values it: `met` priced at edge load
+    min(0.95, ρ_max·C_w/N_w) (capacity over nominal capacity), `objective_ms` at its worker's
+    `time_load`, without the switching credit."""
 
     exit: str
     device_nodes: int
@@ -274,8 +275,8 @@ class WorkerRebalance(BaseModel):
     time_load: float = Field(
         ge=0.0,
         le=0.95,
-        description="the edge load the objective_ms values are priced at: the share ρ_max·k/8 of the worker the "
-        "chosen plans were solved within (they book at most that share)",
+        description="the edge load the objective_ms values are priced at: the share ρ_max·k/8 of the worker's "
+        "capacity the chosen plans were solved within (they book at most that share), times capacity / nominal",
     )
     applied: bool = Field(description="false: leases changed meanwhile; the next period tries again")
     before: FleetTotals
@@ -528,7 +529,8 @@ HEARTBEAT_EXAMPLE = {
     "load": 0.25,
     "inflight": 3,
     "queue_depth": 0,
-    "capacity_ms_per_s": 1000.0,
+    "capacity_ms_per_s": 800.0,
+    "nominal_ms_per_s": 1000.0,
 }
 
 
@@ -545,8 +547,26 @@ class HeartbeatBody(BaseModel):
     inflight: int = Field(0, ge=0, le=10**9)
     queue_depth: int = Field(0, ge=0, le=10**9)
     capacity_ms_per_s: float = Field(
-        1000.0, gt=0, le=1e9, description="profiled ms it offers per second: 1000 x its compute slots / its slowdown"
+        1000.0,
+        gt=0,
+        le=1e9,
+        description="profiled ms per second the leases may book: 1000 x its compute slots / its measured slowdown",
     )
+    nominal_ms_per_s: float | None = Field(
+        None,
+        gt=0,
+        le=1e9,
+        description="1000 x its compute slots: the capacity the edge load ℓe is taken over (absent: capacity_ms_per_s)",
+    )
+
+    @model_validator(mode="after")
+    def _nominal_holds_capacity(self) -> HeartbeatBody:
+        if self.nominal_ms_per_s is not None and self.nominal_ms_per_s < self.capacity_ms_per_s:
+            raise ValueError(
+                f"nominal_ms_per_s: {self.nominal_ms_per_s} is below capacity_ms_per_s {self.capacity_ms_per_s} "
+                "(a measured slowdown only lowers the capacity)"
+            )
+        return self
 
 
 class HeartbeatAnswer(BaseModel):
@@ -566,7 +586,8 @@ class WorkerInfo(BaseModel):
     load: float
     inflight: int
     queue_depth: int
-    capacity_ms_per_s: float = 1000.0
+    capacity_ms_per_s: float = Field(1000.0, description="what the leases may book (ms/s): ρ_max of it at most")
+    nominal_ms_per_s: float = Field(1000.0, description="1000 x its compute slots: ℓe = others' leases / this")
     expires_in_s: float
     leased_ms_per_s: float = Field(0.0, description="Σ f_j·e_j over the worker's live leases")
     leases: int = Field(0, description="live leases reserving on the worker")

@@ -1,13 +1,19 @@
 """One device's plan on a shared edge: edge load from the other leases, admission, worker choice.
 
-Worker w has a capacity C_w (ms of compute per second, 1000 x its compute slots); the leases
-of the other devices reserve R_w = Σ_{j≠i} f_j·e_j of it, where f_j is a device's frame rate
-and e_j its plan's zero-load edge cost per frame (Σ_E edge_ms + edge_request_ms; 0 for
-Device-Only). Planning device i (frame rate f_i) against w uses
+Worker w has a nominal capacity N_w (ms of compute per second, 1000 x its compute slots) and
+an admission capacity C_w <= N_w (N_w over the slowdown κ >= 1 the worker measures under load:
+what its requests really take against what they are priced at); the leases of the other
+devices reserve R_w = Σ_{j≠i} f_j·e_j, where f_j is a device's frame rate and e_j its plan's
+zero-load edge cost per frame (Σ_E edge_ms + edge_request_ms; 0 for Device-Only). Planning
+device i (frame rate f_i) against w uses
 
-- edge load ℓe = min(0.95, R_w / C_w), unless the request names `edge_load` itself;
+- edge load ℓe = min(0.95, R_w / N_w) (`edge_load_of`), unless the request names `edge_load`
+  itself: the share of the worker's compute slots the others keep busy, which is what a
+  request waits behind. (Taken over C_w instead, ℓe read 0.85 where the slot was 0.51 busy,
+  and plans were priced at several times the edge wait they met.)
 - admission: a plan that uses the edge is admissible only if R_w + f_i·e_i <= ρ_max·C_w
-  (without a frame rate, only if R_w <= ρ_max·C_w); Device-Only always is.
+  (without a frame rate, only if R_w <= ρ_max·C_w); Device-Only always is. κ lowers what the
+  leases may book, not what they are priced at.
 
 The answer is the inverse search of `planmap.decide` over the union of every worker's
 admissible candidates: for each exit the best candidate over all workers (ties: the less
@@ -40,13 +46,20 @@ class EdgeSlot:
 
     url: str
     planmap: PlanMap
-    capacity_ms_per_s: float
+    capacity_ms_per_s: float  # C_w: what admission lets the leases book
     reserved_ms_per_s: float
     tiebreak: float = 0.0  # between workers of equal lease load, the lower goes first (e.g. its heartbeat load)
+    nominal_ms_per_s: float | None = None  # N_w, ℓe's denominator; None: C_w
 
     def edge_load(self) -> float:
-        """ℓe from the other leases: min(0.95, R_w / C_w)."""
-        return min(MAX_EDGE_LOAD, self.reserved_ms_per_s / self.capacity_ms_per_s)
+        """ℓe from the other leases: min(0.95, R_w / N_w)."""
+        return edge_load_of(self.reserved_ms_per_s, self.nominal_ms_per_s or self.capacity_ms_per_s)
+
+
+def edge_load_of(others_ms_per_s: float, nominal_ms_per_s: float) -> float:
+    """ℓe = min(0.95, R / N): the edge load the other leases' R ms/s put on a worker of nominal
+    capacity N ms/s (1000 x its compute slots). O(1)."""
+    return min(MAX_EDGE_LOAD, others_ms_per_s / nominal_ms_per_s)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ worth the lexicographic value
 where met_o says whether the option meets all the device's stated requirements (latency budget,
 frame rate, min_accuracy), f_i·accuracy_o is rounded to a multiple of 2⁻²⁰ so that sums of it
 are exact (`accuracy_term`), and t_o is its objective in the device's mode (latency_ms or
-bottleneck_ms). met_o is priced at edge load ℓe = min(0.95, ρ_max): no feasible assignment puts
-more than ρ_max·C_w on the worker, so no device sees more load from the others, and an option
+bottleneck_ms). met_o is priced at edge load ℓe = min(0.95, ρ_max·C_w/N_w): no feasible
+assignment puts more than ρ_max·C_w on the worker, so no device sees more load from the others
+(ℓe is taken over the nominal capacity N_w >= C_w, `dapdee.fleet.assign`), and an option
 counted as met stays met however the others are assigned. (Priced at zero load instead, the
 solver counted as met the deep cuts whose edge part only fits an idle worker, and handed out
 plans that missed their budgets.) t_o is priced at one time load L for all devices (`solve`'s
@@ -21,7 +22,7 @@ whose requirements are met, then Σ f_i·accuracy_i, then −Σ f_i·t_i — sub
 ρ_max·C_w (or a smaller limit).
 
 Time load (`settle`, what the planner runs): solve for each share s = ρ_max·k/8 of the worker
-with Σ load <= s·C_w and L = min(0.95, s), and keep the best answer. Each answer's times are
+with Σ load <= s·C_w and L = min(0.95, s·C_w/N_w), and keep the best answer. Each answer's times are
 then at least what its devices will see from each other, and the best share is close to the load
 the answer books: a lone device on an idle worker keeps the 30 ms Edge plan that, priced at
 ρ_max (50 ms), lost to its 41.7 ms Device-Only plan, and a full worker keeps the devices that,
@@ -70,7 +71,7 @@ import numpy as np
 
 from dapdee.costgraph import CostGraphError
 from dapdee.costmodel import Conditions, Predicted, partition
-from dapdee.fleet.assign import MAX_EDGE_LOAD, edge_ms_per_frame, meets_all
+from dapdee.fleet.assign import MAX_EDGE_LOAD, edge_load_of, edge_ms_per_frame, meets_all
 from dapdee.fleet.bounds import COMPONENTS, SuffixBound, suffix_bounds
 from dapdee.planning.planmap import CandSet, PlanMap
 from dapdee.planning.request import PlanRequest
@@ -131,9 +132,10 @@ class Solution:
     ranked: Value  # the value the DP maximised (`value` with the held plans' credit)
 
 
-def priced_load(rho_max: float) -> float:
-    """The edge load every option's met flag is priced at: min(0.95, ρ_max) (module docstring)."""
-    return min(MAX_EDGE_LOAD, rho_max)
+def priced_load(rho_max: float, capacity_ms_per_s: float = 1.0, nominal_ms_per_s: float | None = None) -> float:
+    """The edge load every option's met flag is priced at: min(0.95, ρ_max·C/N), the most the
+    leases may book over the nominal capacity (N None: C; module docstring). O(1)."""
+    return min(MAX_EDGE_LOAD, rho_max * capacity_ms_per_s / (nominal_ms_per_s or capacity_ms_per_s))
 
 
 def resolved_objective(planmap: PlanMap, request: PlanRequest, edge_load: float) -> str:
@@ -254,10 +256,12 @@ def solve(
     bounded: bool = True,
     time_load: float | None = None,
     limit_ms_per_s: float | None = None,
+    nominal_ms_per_s: float | None = None,
 ) -> Solution:
     """The best option per device under Σ load <= `limit_ms_per_s` (None: ρ_max·C; see the
-    module docstring), each device's current plan credited `switch_margin`, times priced at edge
-    load `time_load` (None: `priced_load`, like the met flags). Device-Only (load 0) is always an option,
+    module docstring), each device's current plan credited `switch_margin`, met flags priced at
+    `priced_load` (N: `nominal_ms_per_s`, None: C), times at edge load `time_load` (None: the
+    same). Device-Only (load 0) is always an option,
     so a solution always exists. First the bucketed DP (at most GRID states a step) gives a
     feasible answer; then, for at most `exact_leases` devices, the exact DP keeps only the states
     whose LP bound (`dapdee.fleet.bounds`; `bounded` false: every state, for comparison) still
@@ -267,7 +271,7 @@ def solve(
     if not 0.0 <= switch_margin < 1.0:
         raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
     limit = rho_max * capacity_ms_per_s if limit_ms_per_s is None else limit_ms_per_s
-    load = priced_load(rho_max)
+    load = priced_load(rho_max, capacity_ms_per_s, nominal_ms_per_s)
     now = load if time_load is None else time_load
     chains = []
     for d in demands:
@@ -301,25 +305,27 @@ def settle(
     capacity_ms_per_s: float,
     rho_max: float,
     levels: int = SETTLE_LEVELS,
+    nominal_ms_per_s: float | None = None,
     **solve_kw: Any,
 ) -> Solution:
     """The best of up to `levels` solves that each price the times at the load they may book:
     for the share s_k = ρ_max·k/levels of the worker, `solve` with Σ load <= s_k·C and times
-    priced at min(0.95, s_k), so every answer's times are at least what its devices will see from
-    each other. The answer is the one of highest (credited) value. The top share is the plain
-    ρ_max solve, so no answer meets fewer requirements or less accuracy; shares are tried
-    downwards and the search stops at the first that meets fewer or less (a smaller share only
-    shrinks the choice, so every share below it would too). A single time load is either too
-    high for a light worker (priced at ρ_max, a lone device on an idle worker counted its 30 ms
-    Edge plan as 50 ms and was moved to its 41.7 ms Device-Only plan) or unstable (priced at the
-    load booked before the rebalance, a full worker's devices all left it, and the next
-    rebalance sent them all back). O(levels) calls of `solve`, the cheaper the smaller the share."""
+    priced at min(0.95, s_k·C/N) (N: `nominal_ms_per_s`, None: C), so every answer's times are
+    at least what its devices will see from each other. The answer is the one of highest
+    (credited) value. The top share is the plain ρ_max solve, so no answer meets fewer
+    requirements or less accuracy; shares are tried downwards and the search stops at the first
+    that meets fewer or less (a smaller share only shrinks the choice, so every share below it
+    would too). A single time load is either too high for a light worker (priced at ρ_max, a
+    lone device on an idle worker counted its 30 ms Edge plan as 50 ms and was moved to its 41.7
+    ms Device-Only plan) or unstable (priced at the load booked before the rebalance, a full
+    worker's devices all left it, and the next rebalance sent them all back). O(levels) calls of
+    `solve`, the cheaper the smaller the share."""
     best: Solution | None = None
     for k in range(levels, 0, -1):
         share = rho_max * k / levels
         sol = solve(
-            demands, capacity_ms_per_s, rho_max, time_load=min(MAX_EDGE_LOAD, share),
-            limit_ms_per_s=share * capacity_ms_per_s, **solve_kw,
+            demands, capacity_ms_per_s, rho_max, time_load=priced_load(share, capacity_ms_per_s, nominal_ms_per_s),
+            limit_ms_per_s=share * capacity_ms_per_s, nominal_ms_per_s=nominal_ms_per_s, **solve_kw,
         )  # fmt: skip
         if best is not None and sol.ranked[:2] < best.ranked[:2]:
             break
@@ -432,10 +438,11 @@ def _staircase(layer: _Layer, bucket: float | None) -> _Layer:
     return _Layer(layer.load[keep], layer.value[keep], layer.parent[keep], layer.option[keep])
 
 
-def priced(demand: Demand, option: Option, others_ms_per_s: float, capacity_ms_per_s: float) -> Predicted:
+def priced(demand: Demand, option: Option, others_ms_per_s: float, nominal_ms_per_s: float) -> Predicted:
     """The option's prediction at the edge load the other chosen devices put on the worker
-    (ℓe = min(0.95, others / C)), as the plan handed out states it. O(V + E)."""
-    load = min(MAX_EDGE_LOAD, others_ms_per_s / capacity_ms_per_s) if option.uses_edge else 0.0
+    (ℓe = min(0.95, others / N), N its nominal capacity), as the plan handed out states it.
+    O(V + E)."""
+    load = edge_load_of(others_ms_per_s, nominal_ms_per_s) if option.uses_edge else 0.0
     cond: Conditions = replace(demand.request.conditions(), edge_load=load)
     if option.cand_index < 0:
         return partition(demand.planmap.graph, *option_nodes(demand, option)).predict(cond)

@@ -53,10 +53,11 @@ def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
 
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
-    """The worker's heartbeat: URL, models, tier, load, queue and its capacity
-    (`capacity_ms_per_s`: profiled milliseconds it can take per second, 1000 per pool thread
-    divided by the measured ratio of what its requests take to what they are priced at,
-    `capacity`)."""
+    """The worker's heartbeat: URL, models, tier, load, queue and its capacities:
+    `nominal_ms_per_s` (1000 per pool thread) and `capacity_ms_per_s` (profiled milliseconds
+    the leases may book per second: the nominal one divided by the measured ratio of what its
+    requests take to what they are priced at, `capacity`)."""
+    nominal = 1000.0 * state.settings.workers
     return {
         "url": public_url,
         "models": sorted(state.models),
@@ -64,7 +65,8 @@ def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
         "load": state.batcher.load(),
         "inflight": state.inflight,
         "queue_depth": state.batcher.queued,
-        "capacity_ms_per_s": round(state.capacity.capacity(1000.0 * state.settings.workers), 3),
+        "capacity_ms_per_s": round(state.capacity.capacity(nominal), 3),
+        "nominal_ms_per_s": nominal,
     }
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dapdee.costgraph import CostGraphError
-from dapdee.fleet.assign import DevicePlan, EdgeSlot, plan_for_device, plan_of
+from dapdee.fleet.assign import DevicePlan, EdgeSlot, edge_load_of, plan_for_device, plan_of
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
@@ -295,7 +295,7 @@ class Fleet:
             others = fresh[url] if fresh is not None and url in fresh else self.others(url, device_id)
             # ties between equally leased workers: the lower heartbeat load (traffic without leases)
             tiebreak = c.worker.load + 1e-6 * (c.worker.inflight + c.worker.queue_depth)
-            out.append(EdgeSlot(url, c.planmap, c.worker.capacity_ms_per_s, others, tiebreak))
+            out.append(EdgeSlot(url, c.planmap, c.worker.capacity_ms_per_s, others, tiebreak, c.worker.nominal))
         return out
 
     def _repriced(
@@ -316,7 +316,7 @@ class Fleet:
             return None
         c = by_url[worker] if worker is not None else candidates[0]
         others = (fresh or {}).get(c.worker.url, self.others(c.worker.url, body.device_id))
-        load = min(0.95, others / c.worker.capacity_ms_per_s)
+        load = edge_load_of(others, c.worker.nominal)
         held = record["plan"]
         try:
             plan, e_i = plan_of(c.planmap, ask.req, held["exit"]["name"], held["device_nodes"], load, held["mode"])

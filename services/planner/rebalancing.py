@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from dapdee.fleet.assign import plan_of
+from dapdee.fleet.assign import edge_load_of, plan_of
 from dapdee.fleet.rebalance import (
     Demand,
     Option,
@@ -177,8 +177,8 @@ class Rebalancer:
     async def _rebalance_worker(
         self, w: Worker, device_ids: list[str], records: dict[str, dict[str, Any]], held: dict[str, float]
     ) -> dict[str, Any] | None:
-        capacity, rho = w.capacity_ms_per_s, self.settings.rho_max
-        booked = min(priced_load(rho), sum(held.values()) / capacity)
+        capacity, nominal, rho = w.capacity_ms_per_s, w.nominal, self.settings.rho_max
+        booked = min(priced_load(rho, capacity, nominal), edge_load_of(sum(held.values()), nominal))
         demands = []
         for d in device_ids:
             demand = await self._demand(w, records[d], booked)
@@ -187,8 +187,8 @@ class Rebalancer:
         if not demands:
             return None
         for _ in range(CAPACITY_RETRIES):
-            sol = await self._solve(demands, capacity)
-            assignments = _assignments(w.url, demands, sol, capacity, records)
+            sol = await self._solve(demands, capacity, nominal)
+            assignments = _assignments(w.url, demands, sol, nominal, records)
             outcome = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity)
             now = outcome.capacity_ms_per_s
             if outcome.status != "over" or now is None or now >= capacity:
@@ -197,7 +197,7 @@ class Rebalancer:
             capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
         applied = outcome.status == "applied"
         self.metrics.rebalances.labels("applied" if applied else "refused").inc()
-        olds = [held_option(d, 0.0, priced_load(rho), sol.time_load) for d in demands]
+        olds = [held_option(d, 0.0, priced_load(rho, capacity, nominal), sol.time_load) for d in demands]
         pairs = zip(demands, olds, sol.choices, strict=True)
         moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
         log.log(
@@ -207,11 +207,14 @@ class Rebalancer:
         )  # fmt: skip
         return _report(w, demands, olds, sol, applied, sum(held.values()))
 
-    async def _solve(self, demands: list[Demand], capacity_ms_per_s: float) -> Solution:
+    async def _solve(self, demands: list[Demand], capacity_ms_per_s: float, nominal_ms_per_s: float) -> Solution:
         """The fleet objective's best choices for `demands` on that capacity, times priced at no
-        less than the load they put on the worker (`settle`), in a thread."""
+        less than the load they put on the worker (`settle`; ℓe over `nominal_ms_per_s`), in a
+        thread."""
         rho, margin = self.settings.rho_max, self.settings.switch_margin
-        return await asyncio.to_thread(settle, demands, capacity_ms_per_s, rho, switch_margin=margin)
+        return await asyncio.to_thread(
+            settle, demands, capacity_ms_per_s, rho, nominal_ms_per_s=nominal_ms_per_s, switch_margin=margin
+        )
 
     async def _demand(self, w: Worker, record: dict[str, Any], booked: float) -> Demand | None:
         """The rebalancer's view of one lease on `w`, "auto" resolved at `booked`, the load the
@@ -227,14 +230,15 @@ class Rebalancer:
 
 
 def _assignments(
-    url: str, demands: Sequence[Demand], sol: Solution, capacity: float, records: dict[str, dict[str, Any]]
+    url: str, demands: Sequence[Demand], sol: Solution, nominal: float, records: dict[str, dict[str, Any]]
 ) -> dict[str, tuple[float, dict[str, Any]]]:
     """Per device, the load and lease record `sol` assigns it on worker `url`, each plan priced
-    at the load the others in `sol` put on the worker. O(devices · plan pricing)."""
+    at the load the others in `sol` put on the worker (over its `nominal` capacity). O(devices ·
+    plan pricing)."""
     assignments = {}
     for demand, opt in zip(demands, sol.choices, strict=True):
         exit_name, nodes = option_nodes(demand, opt)
-        load = min(0.95, (sol.load - opt.load) / capacity)
+        load = edge_load_of(sol.load - opt.load, nominal)
         plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
         plan["edge_worker"] = url  # for a Device-Only plan: where to probe the link
         record = {

@@ -78,6 +78,12 @@ class Worker:
     queue_depth: int
     capacity_ms_per_s: float = 1000.0
     expires_in_s: float = 0.0
+    nominal_ms_per_s: float | None = None  # None: a heartbeat without it (then capacity_ms_per_s)
+
+    @property
+    def nominal(self) -> float:
+        """The nominal capacity ℓe is taken over (ms/s): the heartbeat's, else its capacity."""
+        return self.nominal_ms_per_s or self.capacity_ms_per_s
 
     def info_json(self) -> str:
         """The stored form: the heartbeat without expiry. O(models)."""
@@ -89,6 +95,7 @@ class Worker:
             "inflight": self.inflight,
             "queue_depth": self.queue_depth,
             "capacity_ms_per_s": self.capacity_ms_per_s,
+            "nominal_ms_per_s": self.nominal_ms_per_s,
         }
         return json.dumps(d)
 
@@ -105,6 +112,7 @@ class Worker:
             queue_depth=int(d["queue_depth"]),
             capacity_ms_per_s=float(d.get("capacity_ms_per_s", 1000.0)),
             expires_in_s=expires_in_s,
+            nominal_ms_per_s=None if d.get("nominal_ms_per_s") is None else float(d["nominal_ms_per_s"]),
         )
 
 

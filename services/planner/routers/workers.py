@@ -47,6 +47,7 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
         inflight=hb.inflight,
         queue_depth=hb.queue_depth,
         capacity_ms_per_s=hb.capacity_ms_per_s,
+        nominal_ms_per_s=hb.nominal_ms_per_s,
     )
     shared = await store.heartbeat(w)
     if settings.fleet_planning:
@@ -73,6 +74,7 @@ async def list_workers(store: StoreDep) -> WorkerList:
                 inflight=w.inflight,
                 queue_depth=w.queue_depth,
                 capacity_ms_per_s=w.capacity_ms_per_s,
+                nominal_ms_per_s=w.nominal,
                 expires_in_s=w.expires_in_s,
                 leased_ms_per_s=leased,
                 leases=count,
