@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dapdee.bench.paperbench.scoring import adaptation_lines
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACT = REPO / "artifacts" / "fmnist-alexnet"
 PLANNERS = ("device-only", "edge-only", "neurosurgeon", "dads", "edgent", "dapdee")
@@ -147,3 +149,24 @@ def test_steady_throughput_counts_no_pipeline_fill(inflight: int, clustered: boo
     # fewer than two pipeline-fulls: all frames over the whole span, fill included
     short = steady_throughput(starts[:inflight], ends[:inflight], inflight)
     assert short == pytest.approx(inflight / ends[inflight - 1])
+
+
+def test_adaptation_is_scored_against_the_optimum_at_the_same_frames_in_flight() -> None:
+    """The required line divides the live stream's throughput by the optimum plan's at the live
+    runtime's window; the optimum with its pipeline filled gives an informational line only."""
+    phase = {
+        "median_ms_second_half": 29.6,
+        "throughput_fps_second_half": 264.2,
+        "optimum_median_ms": 37.0,
+        "optimum_throughput_fps": 257.5,
+        "optimum_filled_throughput_fps": 388.2,
+    }
+    lines = adaptation_lines({"model": "alexnet", "mode": "throughput", "per_phase": {"4G": phase}}, 0.1, 0.1)
+    (required,) = [t for t in lines if not t["info"]]
+    (info,) = [t for t in lines if t["info"]]
+    assert required["ratio"] == pytest.approx(264.2 / 257.5) and required["pass"]
+    assert info["ratio"] == pytest.approx(264.2 / 388.2) and not info["pass"]
+    slow = {**phase, "throughput_fps_second_half": 200.0}
+    ad = {"model": "alexnet", "mode": "throughput", "per_phase": {"4G": slow}}
+    (required,) = [t for t in adaptation_lines(ad, 0.1, 0.1) if not t["info"]]
+    assert not required["pass"]  # 200 / 257.5 = 0.78 < 0.9

@@ -42,7 +42,8 @@ class Run:
     seconds. `frame_rate` given: a pipelined stream offered at that rate (heavy load), else
     sequential frames. `min_s`: keep streaming past `n` frames until that many seconds passed
     (a round of a fast plan then spans enough time to average out scheduler hiccups). `offset`
-    picks the first test frame; `warmup` runs one unrecorded frame first."""
+    picks the first test frame; `warmup` runs one unrecorded frame first; `inflight` fixes the
+    frames in flight (None: `inflight_for`)."""
 
     rate: float
     n: int
@@ -52,6 +53,7 @@ class Run:
     warmup: bool = True
     min_s: float = 0.0
     desc: str = ""
+    inflight: int | None = None
 
 
 def inflight_for(plan: dict[str, Any], run: Run, base: int) -> int:
@@ -148,7 +150,7 @@ async def run_fixed_plan(system: System, dev: Device, plan: dict[str, Any], run:
     """Run `plan` as `run` says on a fresh runtime of device `dev`; the round's numbers
     (`summarize`). O(frames)."""
     frames = system.frames[dev.model]
-    inflight = inflight_for(plan, run, system.o.max_inflight)
+    inflight = run.inflight or inflight_for(plan, run, system.o.max_inflight)
     n, capped = frame_budget(plan, run, inflight)
     state = {"capped": capped}
     async with fixed_runtime(system, dev, plan, run, inflight) as rt:

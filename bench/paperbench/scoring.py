@@ -118,7 +118,9 @@ def _accuracy(res: dict[str, Any]) -> Lines:
     return [line("accuracy", what, worst[1], worst[1] <= ACC_CLASS + 1e-9, f"<= {ACC_CLASS}")]
 
 
-def _adaptation(ad: dict[str, Any] | None, lb: float, tb: float) -> Lines:
+def adaptation_lines(ad: dict[str, Any] | None, lb: float, tb: float) -> Lines:
+    """The adaptation target lines: per phase, the live stream against the optimum plan at the same
+    frames in flight (required) and, in throughput mode, with its pipeline filled (informational)."""
     out: Lines = []
     for n, v in (ad or {}).get("per_phase", {}).items():
         what = f"adaptation {ad['model']} ({ad['mode']}) {n}: DAPDEE"  # type: ignore[index]
@@ -127,7 +129,13 @@ def _adaptation(ad: dict[str, Any] | None, lb: float, tb: float) -> Lines:
             out.append(line("adaptation", f"{what} / optimum plan latency", r, r <= 1 + lb, f"<= {1 + lb:.3f}"))
         elif v["throughput_fps_second_half"] and v["optimum_throughput_fps"]:
             r = v["throughput_fps_second_half"] / v["optimum_throughput_fps"]
-            out.append(line("adaptation", f"{what} / optimum plan throughput", r, r >= 1 - tb, f">= {1 - tb:.3f}"))
+            what_t = f"{what} / optimum plan throughput (same frames in flight)"
+            out.append(line("adaptation", what_t, r, r >= 1 - tb, f">= {1 - tb:.3f}"))
+            if filled := v.get("optimum_filled_throughput_fps"):
+                r = v["throughput_fps_second_half"] / filled
+                note = f">= {1 - tb:.3f} (informational: the optimum with its pipeline filled, up to 32 in flight)"
+                out.append(line("adaptation", f"{what} / optimum plan throughput, pipeline filled", r, r >= 1 - tb,
+                                note, info=True))  # fmt: skip
     return out
 
 
@@ -177,7 +185,7 @@ def targets(res: dict[str, Any], o: Options) -> tuple[Lines, dict[str, Any]]:
         lines += _versus({**cell, "cap_ms": o.plan_cap_s * 1000}, "light", lb)
     for cell in res["heavy"]:
         lines += _versus({**cell, "cap_ms": o.plan_cap_s * 1000}, "heavy", tb)
-    lines += _speedups(res, o) + _accuracy(res) + _adaptation(res.get("adaptation"), lb, tb)
+    lines += _speedups(res, o) + _accuracy(res) + adaptation_lines(res.get("adaptation"), lb, tb)
     fid, tfid = fidelity(res), throughput_fidelity(res)
     lines += _fidelity_lines(fid, tfid) + _cuts(res)
     return lines, {**bands, "fidelity": fid, "throughput_fidelity": tfid}
