@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dapdee.bench.paperbench.experiments import Bench, measure_one
 from dapdee.bench.paperbench.measure import Run
+from dapdee.bench.paperbench.options import Options
 from dapdee.bench.paperbench.plans import plan_key, plan_summary
 from dapdee.bench.paperbench.stats import med
 from dapdee.bench.paperbench.systems import Device, System
@@ -53,9 +54,9 @@ async def choose(s: System, candidates: list[str], rates: list[Phase], mode: str
     return best
 
 
-def runtime_inflight(s: System) -> int:
+def runtime_inflight(o: Options) -> int:
     """Frames the live runtime keeps in flight under heavy load."""
-    return 2 * s.o.max_inflight
+    return 2 * o.max_inflight
 
 
 async def optima(s: System, dev: Device, plans: dict[str, dict], rates: list[Phase], pipelined: bool) -> dict:
@@ -65,7 +66,7 @@ async def optima(s: System, dev: Device, plans: dict[str, dict], rates: list[Pha
     for n, r, _ in rates:
         frames = max(s.o.fig_frames, 8 if pipelined else 1)
         run = Run(r, frames, s.o.plan_cap_s, frame_rate=1e4 if pipelined else None, desc=f"adapt opt {n}",
-                  inflight=runtime_inflight(s) if pipelined else None)  # fmt: skip
+                  inflight=runtime_inflight(s.o) if pipelined else None)  # fmt: skip
         meas = await measure_one(s, dev, plans[n], run)
         filled = await measure_one(s, dev, plans[n], replace(run, inflight=None)) if pipelined else None
         out[n] = {"plan": plan_summary(plans[n], s.graphs[dev.model]), "median_ms": meas["median_ms"],
@@ -79,7 +80,7 @@ def settings(s: System, dev: Device, mode: str, rate: float) -> DeviceSettings:
     """A live device of the services: planner-backed, re-planning every 2 s at most, probing an
     idle link after 0.5 s, its uplink shaped at `rate` to begin with."""
     o, svc = s.o, s.services
-    runtime = RuntimeConfig(Requirements(mode=mode), runtime_inflight(s), plan_max_age_s=2.0, probe_idle_s=0.5)
+    runtime = RuntimeConfig(Requirements(mode=mode), runtime_inflight(o), plan_max_age_s=2.0, probe_idle_s=0.5)
     return DeviceSettings(
         runtime=runtime, planner=PlannerConfig(svc.planner_url, dev.tier, svc.token, svc.token),
         model=dev.model, slowdown=dev.slowdown, rate_mbps=rate, rtt_ms=o.rtt_ms, device_load=0.0,
@@ -150,7 +151,7 @@ async def adaptation(b: Bench, candidates: list[str]) -> dict[str, Any]:
     """The adaptation cell (see the module docstring)."""
     o, phases = b.o, b.o.adapt_phases
     key = b.key("adapt", ",".join(candidates), ",".join(f"{n}:{t:g}" for n, t in phases))
-    key += f"|inflight{2 * o.max_inflight}+filled" + ("" if o.adapt_mode == "auto" else f"|{o.adapt_mode}")
+    key += f"|inflight{runtime_inflight(o)}+filled" + ("" if o.adapt_mode == "auto" else f"|{o.adapt_mode}")
 
     async def fn(s: System) -> dict[str, Any]:
         rates = [(n, parse_network(n).rate_mbps, t) for n, t in phases]

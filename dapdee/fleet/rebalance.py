@@ -71,7 +71,7 @@ import numpy as np
 
 from dapdee.costgraph import CostGraphError
 from dapdee.costmodel import Conditions, Predicted, partition
-from dapdee.fleet.assign import MAX_EDGE_LOAD, edge_load_of, edge_ms_per_frame, meets_all
+from dapdee.fleet.assign import edge_load_of, edge_ms_per_frame, meets_all
 from dapdee.fleet.bounds import COMPONENTS, SuffixBound, suffix_bounds
 from dapdee.planning.planmap import CandSet, PlanMap
 from dapdee.planning.request import PlanRequest
@@ -135,7 +135,7 @@ class Solution:
 def priced_load(rho_max: float, capacity_ms_per_s: float = 1.0, nominal_ms_per_s: float | None = None) -> float:
     """The edge load every option's met flag is priced at: min(0.95, ρ_max·C/N), the most the
     leases may book over the nominal capacity (N None: C; module docstring). O(1)."""
-    return min(MAX_EDGE_LOAD, rho_max * capacity_ms_per_s / (nominal_ms_per_s or capacity_ms_per_s))
+    return edge_load_of(rho_max * capacity_ms_per_s, nominal_ms_per_s or capacity_ms_per_s)
 
 
 def resolved_objective(planmap: PlanMap, request: PlanRequest, edge_load: float) -> str:
