@@ -294,6 +294,23 @@ def decide(g: Graph, req: Req, prices: dict[str, list[Price]] | None = None) -> 
 # ---- random graphs and requests (seeded, deterministic) ----------------------------------------
 
 
+def chain_graph(device_ms: float, edge_ms: float, edge_request_ms: float) -> Graph:
+    """x -(1000 B)-> a -(100 B)-> b, one exit at b (accuracy 0.9): each node takes `device_ms` on
+    the device and `edge_ms` on the edge, and a request costs the edge `edge_request_ms`."""
+
+    def node(name: str, inp: str, out_bytes: int) -> dict[str, Any]:
+        timings = {"device_ms": device_ms, "edge_ms": edge_ms}
+        return {"name": name, "op": "", "inputs": [inp], "out_bytes": out_bytes, **timings}
+
+    return {
+        "model": "m",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
+        "nodes": [node("a", "x", 100), node("b", "a", 10)],
+        "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
+        "overheads": {"device_request_ms": 0.0, "edge_request_ms": edge_request_ms},
+    }
+
+
 def random_graph(rng: random.Random, max_nodes: int = 8, name: str = "rand") -> Graph:
     """A small DAG: each node consumes 1-3 earlier producers (the input included), positive
     timings, byte counts from 0 to 60 kB, 1-3 exits with accuracies rising with depth (or null)."""

@@ -114,22 +114,8 @@ def test_plans_are_the_brute_force_optimum_over_workers_and_partitions() -> None
     assert checked >= 250
 
 
-def _chain_graph() -> dict[str, Any]:
-    """x -(1000 B)-> a -(100 B)-> b: device 30 + 30 ms, edge 1 + 1 ms; edge request 3 ms."""
-    return {
-        "model": "m",
-        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
-        "nodes": [
-            {"name": "a", "op": "", "inputs": ["x"], "out_bytes": 100, "device_ms": 30.0, "edge_ms": 1.0},
-            {"name": "b", "op": "", "inputs": ["a"], "out_bytes": 10, "device_ms": 30.0, "edge_ms": 1.0},
-        ],
-        "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
-        "overheads": {"device_request_ms": 0.0, "edge_request_ms": 3.0},
-    }
-
-
 def test_a_full_worker_pushes_the_device_elsewhere_and_then_onto_its_own_cpu() -> None:
-    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(30.0, 1.0, 3.0)))
     req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
     # Edge-Only: 0 + (0.8 + 1) + (2 + 3) = 6.8 ms, e_i = 5 ms; at 20 frames/s it books 100 ms/s.
     roomy = EdgeSlot("http://roomy", pm, 1000.0, 700.0)  # 700 + 100 <= 900: admitted at load 0.7
@@ -149,7 +135,7 @@ def test_a_full_worker_pushes_the_device_elsewhere_and_then_onto_its_own_cpu() -
 
 
 def test_an_explicit_edge_load_overrides_the_leases_but_not_admission() -> None:
-    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(30.0, 1.0, 3.0)))
     req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
     got = plan_for_device([EdgeSlot("http://w", pm, 1000.0, 700.0)], req, 20.0, edge_load=0.0)
     assert got.edge_load == 0.0 and got.plan["predicted"]["latency_ms"] == pytest.approx(6.8)
@@ -158,14 +144,14 @@ def test_an_explicit_edge_load_overrides_the_leases_but_not_admission() -> None:
 
 
 def test_without_a_frame_rate_only_a_worker_already_past_the_threshold_is_refused() -> None:
-    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(30.0, 1.0, 3.0)))
     req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
     assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.0)], req, None).worker == "http://w"
     assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.5)], req, None).worker is None
 
 
 def test_a_slowdown_lowers_admission_but_not_the_edge_load() -> None:
-    pm = PlanMap.build(CostGraph.from_dict(_chain_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(30.0, 1.0, 3.0)))
     req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
     # nominal 1000 ms/s, κ = 2: the leases may book 0.9 x 500 = 450 ms/s; others reserve 300
     slow = EdgeSlot("http://w", pm, 500.0, 300.0, nominal_ms_per_s=1000.0)

@@ -214,3 +214,24 @@ def test_an_accuracy_floor_reaches_every_device_of_a_run() -> None:
     assert ClientJob.from_json(job.to_json()).runtime_config().requirements == sc.requirements()
     (plain,) = scenarios(parse(["--quick", "--n", "16", "--systems", "fleet"]))
     assert plain.requirements().min_accuracy is None
+
+
+def test_a_frame_rate_other_than_the_issues_needs_a_reason_and_reaches_every_device(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--frame-rate` changes what every camera offers and every device asks for; without
+    `--reason` the command refuses it, naming the option, and the report's setup line states
+    both rates and the reason."""
+    from dapdee.bench.fleet import parse, requirements_line, scenarios
+    from dapdee.bench.fleet_bench.scenario import FRAME_RATE
+
+    with pytest.raises(SystemExit) as refused:
+        parse(["--quick", "--frame-rate", "20"])
+    assert refused.value.code == 2 and "--frame-rate" in capsys.readouterr().err
+    a = parse(["--quick", "--n", "16", "--systems", "fleet", "--frame-rate", "20", "--reason", "a probe"])
+    (sc,) = scenarios(a)
+    assert sc.frame_rate == 20.0 and sc.requirements().frame_rate == 20.0
+    assert requirements_line(a).startswith("requirements: 20 frames/s per device (changed from 10: a probe)")
+    plain_args = parse(["--quick", "--n", "16", "--systems", "fleet"])
+    (plain,) = scenarios(plain_args)
+    assert plain.frame_rate == FRAME_RATE == 10.0 and "changed from" not in requirements_line(plain_args)

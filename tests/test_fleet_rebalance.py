@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.rebalance import SETTLE_LEVELS, Demand, option_nodes, priced, resolved_objective, settle, solve
+from dapdee.fleet.assign import edge_load_of, plan_of
+from dapdee.fleet.rebalance import SETTLE_LEVELS, Demand, Option, option_nodes, resolved_objective, settle, solve
 from dapdee.planning import PlanMap, PlanRequest
 from tests import oracle
 
@@ -195,37 +196,31 @@ def test_a_held_plan_is_kept_while_within_the_margin() -> None:
     """One device holds Device-Only (120 ms); Edge-Only, priced at edge load ρ_max = 0.9, takes
     0.8 + 5 + 8 / (1 − 0.9) = 85.8 ms. Credited μ·120 ms it stays only once
     120·(1 − μ) <= 85.8, i.e. μ >= 0.285."""
-    pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(60.0, 2.0, 4.0)))
     req = PlanRequest(10.0, 5.0, 0.0, latency_budget_ms=200.0, mode="latency")
     d = Demand("d", 10.0, pm, req, "latency", current=("final", ("a", "b")))
     moved = solve([d], 1000.0, RHO_MAX, switch_margin=0.25).choices[0]
     assert moved.uses_edge and moved.load == pytest.approx(80.0)
     kept = solve([d], 1000.0, RHO_MAX, switch_margin=0.3).choices[0]
     assert kept.cand_index == -1 and not kept.uses_edge
-    assert priced(d, kept, 0.0, 1000.0).latency_ms == pytest.approx(120.0)
+    assert handed_out(d, kept, 0.0, 1000.0)["latency_ms"] == pytest.approx(120.0)
     with pytest.raises(ValueError, match="switch_margin"):
         solve([d], 1000.0, RHO_MAX, switch_margin=1.0)
 
 
-def _two_node_graph() -> dict[str, Any]:
-    """x -(1000 B)-> a -(100 B)-> b: device 60 + 60 ms, edge 2 + 2 ms; edge request 4 ms."""
-    return {
-        "model": "m",
-        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
-        "nodes": [
-            {"name": "a", "op": "", "inputs": ["x"], "out_bytes": 100, "device_ms": 60.0, "edge_ms": 2.0},
-            {"name": "b", "op": "", "inputs": ["a"], "out_bytes": 10, "device_ms": 60.0, "edge_ms": 2.0},
-        ],
-        "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
-        "overheads": {"device_request_ms": 0.0, "edge_request_ms": 4.0},
-    }
+def handed_out(demand: Demand, option: Option, others_ms_per_s: float, nominal_ms_per_s: float) -> dict[str, Any]:
+    """The predicted stages of the plan the planner hands out for `option` (`plan_of`, as the
+    rebalance's assignments price it) when the other devices book `others_ms_per_s`."""
+    load = edge_load_of(others_ms_per_s, nominal_ms_per_s)
+    plan, _ = plan_of(demand.planmap, demand.request, *option_nodes(demand, option), load, demand.objective)
+    return plan["predicted"]
 
 
 def test_an_auto_device_is_valued_in_the_mode_it_resolves_to_at_the_priced_load() -> None:
     """20 frames/s (50 ms a frame) at 10 Mbit/s, rtt 5 ms. Edge-Only is the fastest plan at any
     load; its edge stage takes 8 / (1 − ℓe) ms: 16 ms at ℓe = 0.5, which sustains the rate (auto →
     latency), 80 ms at ℓe = 0.9, which does not (auto → throughput). Set modes stay as asked."""
-    pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(60.0, 2.0, 4.0)))
     auto = PlanRequest(bandwidth_mbps=10.0, rtt_ms=5.0, frame_rate=20.0, mode="auto")
     assert resolved_objective(pm, auto, 0.5) == "latency"
     assert resolved_objective(pm, auto, 0.9) == "throughput"
@@ -242,7 +237,7 @@ def test_the_edge_goes_to_the_device_that_cannot_meet_its_budget_alone() -> None
     give it to whoever asked first; the fleet objective gives it to the busy device, the only
     way both meet their budget. (The solver prices edge parts at ℓe = ρ_max = 0.9, ten times
     the figures above: Edge-Only 85.8 ms, still within the budget, the choice the same.)"""
-    pm = PlanMap.build(CostGraph.from_dict(_two_node_graph()))
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(60.0, 2.0, 4.0)))
     idle = Demand("idle", 10.0, pm, PlanRequest(10.0, 5.0, 0.0, latency_budget_ms=200.0, mode="latency"), "latency")
     busy = Demand("busy", 10.0, pm, PlanRequest(10.0, 5.0, 0.8, latency_budget_ms=200.0, mode="latency"), "latency")
     capacity = 80.0 / RHO_MAX
@@ -254,9 +249,9 @@ def test_the_edge_goes_to_the_device_that_cannot_meet_its_budget_alone() -> None
         # Edge-Only for the busy device beats its mid cut (300 + 11.08 ms) on Σ f·t
         assert picked["busy"].load == pytest.approx(80.0)
     # the plan handed out is priced at the load the other chosen devices put on the worker
-    pred = priced(busy, picked["busy"], 0.0, capacity)
-    assert pred.latency_ms == pytest.approx(0.8 + 5 + 8)
-    assert priced(busy, picked["busy"], 40.0, capacity).edge_ms == pytest.approx(8 / (1 - 40 / capacity))
+    pred = handed_out(busy, picked["busy"], 0.0, capacity)
+    assert pred["latency_ms"] == pytest.approx(0.8 + 5 + 8)
+    assert handed_out(busy, picked["busy"], 40.0, capacity)["edge_ms"] == pytest.approx(8 / (1 - 40 / capacity))
 
 
 def test_identical_devices_share_the_worker_optimally() -> None:
@@ -311,7 +306,7 @@ def _like_cameras(n: int) -> list[Demand]:
     meets on the device, the final exit (0.9324) only with its second half on the edge (the
     device alone takes 160 ms; the cut after a, priced at edge load 0.9, 40 + 0.08 + rtt +
     (2 + 4) / 0.1 ms, books 60 ms/s). Their round trips differ by a little, as sensed ones do."""
-    g = _two_node_graph()
+    g = oracle.chain_graph(60.0, 2.0, 4.0)
     g["nodes"][0]["device_ms"], g["nodes"][1]["device_ms"] = 40.0, 120.0
     g["exits"] = [
         {"name": "early", "node": "a", "accuracy": 0.9261},
@@ -390,7 +385,7 @@ def _fast_cameras(n: int) -> list[Demand]:
     """`n` cameras that are fast on their own (20 + 20 ms a frame), 10 frames/s within 150 ms,
     10 Mbit/s, round trips a little apart. Edge-Only takes 0.8 + rtt + 8 / (1 − ℓe) ms and books
     80 ms/s: faster than the 40 ms on the device only while the worker is lightly loaded."""
-    g = _two_node_graph()
+    g = oracle.chain_graph(60.0, 2.0, 4.0)
     g["nodes"][0]["device_ms"], g["nodes"][1]["device_ms"] = 20.0, 20.0
     pm = PlanMap.build(CostGraph.from_dict(g))
     asks = [PlanRequest(10.0, 5.0 + 0.01 * i, latency_budget_ms=150.0, mode="latency") for i in range(n)]

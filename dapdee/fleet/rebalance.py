@@ -70,10 +70,10 @@ from typing import Any
 import numpy as np
 
 from dapdee.costgraph import CostGraphError
-from dapdee.costmodel import Conditions, Predicted, partition
+from dapdee.costmodel import Predicted, partition
 from dapdee.fleet.assign import edge_load_of, edge_ms_per_frame, meets_all
 from dapdee.fleet.bounds import COMPONENTS, SuffixBound, suffix_bounds
-from dapdee.planning.planmap import CandSet, PlanMap
+from dapdee.planning.planmap import PlanMap
 from dapdee.planning.request import PlanRequest
 
 Value = tuple[int, float, float]
@@ -436,18 +436,6 @@ def _staircase(layer: _Layer, bucket: float | None) -> _Layer:
         b = np.floor(layer.load[keep] / bucket)
         keep = keep[np.append(b[1:] != b[:-1], True)]
     return _Layer(layer.load[keep], layer.value[keep], layer.parent[keep], layer.option[keep])
-
-
-def priced(demand: Demand, option: Option, others_ms_per_s: float, nominal_ms_per_s: float) -> Predicted:
-    """The option's prediction at the edge load the other chosen devices put on the worker
-    (ℓe = min(0.95, others / N), N its nominal capacity), as the plan handed out states it.
-    O(V + E)."""
-    load = edge_load_of(others_ms_per_s, nominal_ms_per_s) if option.uses_edge else 0.0
-    cond: Conditions = replace(demand.request.conditions(), edge_load=load)
-    if option.cand_index < 0:
-        return partition(demand.planmap.graph, *option_nodes(demand, option)).predict(cond)
-    cs: CandSet = demand.planmap.cands[option.exit_index]
-    return cs.predict(option.cand_index, cond)
 
 
 def option_nodes(demand: Demand, option: Option) -> tuple[str, tuple[str, ...]]:
