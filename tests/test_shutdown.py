@@ -7,11 +7,13 @@ its graceful shutdown (so a supervisor sees why it stopped); both are clean exit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -113,3 +115,60 @@ def test_planner_sigterm_drains_a_request_in_flight() -> None:
         assert json.loads(answer)["model"] == "toy"
         rc = proc.wait(30)
         assert rc in CLEAN_EXIT, f"exit code {rc} after SIGTERM"
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (read from /proc, no signal sent)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_planner_leaves_no_plan_map_build_process_behind() -> None:
+    """A plan map that takes seconds is built in a separate process. SIGKILL the planner while it
+    builds (no shutdown runs): the build process ends within seconds instead of waiting forever
+    on its task queue."""
+    from tests.test_planner_store import wide_graph
+
+    token = "orphan-test-token"
+    env = {"DAPDEE_REDIS_URL": "none", "DAPDEE_API_TOKEN": token, "DAPDEE_PLANMAP_BUILD_BUDGET_S": "60"}
+    auth = {"Authorization": f"Bearer {token}"}
+    with planner_subprocess(env) as (url, proc):
+        graph = json.loads(wide_graph().to_json())
+        assert httpx.put(f"{url}/models/wide", json=graph, headers=auth, timeout=30).status_code == 201
+
+        def ask() -> None:  # answered never: the planner dies while it builds the map
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"{url}/plan", json={"model": "wide", "bandwidth_mbps": 5.0}, headers=auth, timeout=30)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        deadline = time.monotonic() + 20
+        while not (builders := _children(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert builders, "no build process started"
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in builders) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [p for p in builders if _alive(p)]
+        for p in left:  # do not leave them behind either way
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"build processes {left} outlived the planner"
+        asking.join(5)

@@ -4,11 +4,17 @@ A large graph's plan map takes seconds of pure-Python enumeration and min-cuts, 
 would hold the planner's interpreter lock and slow every request beside it. A process has its
 own. Only plain data crosses the process boundary: the graph as JSON text, numbers, and the
 map's canonical JSON bytes back (`to_bytes`), which the caller reads with `from_bytes`.
+
+A build process ends with the planner that started it (`exit_with_parent`, the pool's
+initializer): a pool worker otherwise outlives a planner killed without a shutdown (SIGKILL, the
+OOM killer), blocked forever on its task queue, whose write end it holds itself.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 
 from dapdee.costgraph import CostGraph, GraphLimits
@@ -30,3 +36,16 @@ def build_serialised(
     deadline_s = None if deadline is None else max(0.0, deadline - time.time())
     pm = kind.build(graph, cap, deadline_s)
     return pm.to_bytes(), pm.over_budget
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """A build pool's initializer, run in each build process: a daemon thread that ends this
+    process (`os._exit`) once its parent is no longer `parent_pid` (it died and the process was
+    re-parented). Its cost: one `getppid` per `poll_s` seconds."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +33,7 @@ from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planning import DEFAULT_CAP, PlanMap
-from dapdee.planning.builder import build_serialised
+from dapdee.planning.builder import build_serialised, exit_with_parent
 from dapdee.planning.progressive import ProgressiveMap
 
 log = logging.getLogger("dapdee.planner")
@@ -198,7 +199,8 @@ class PlanMapCache:
         """The map built in the build pool by `end` (a `time.time()` value)."""
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
-            self._pool = ProcessPoolExecutor(self.settings.planmap_build_threads, mp_context=ctx)
+            n, end_with_us = self.settings.planmap_build_threads, (os.getpid(),)
+            self._pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=exit_with_parent, initargs=end_with_us)
         progressive = kind is not PlanMap
         loop = asyncio.get_running_loop()
         lim = self.settings.graph_limits()
