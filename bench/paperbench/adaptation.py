@@ -5,7 +5,7 @@ compared per phase with that phase's optimum plan measured as a fixed plan.
 In throughput mode the optimum plan is measured twice: with the live runtime's frames in flight
 (`runtime_inflight`, what the target compares against: the experiment asks whether the loop
 finds and switches to the right plans, and the window is a setting both then share), and with
-the pipeline filled (`measure.inflight_for`, up to 32 in flight; reported for information). The
+the pipeline filled (`measure.inflight_for`, up to `MAX_INFLIGHT` in flight; reported for information). The
 live runtime keeps a fixed window: one as deep as a fast plan's pipeline leaves that many
 frames queued on the link when it slows down (an A/B in the results: medians of 600-690 ms
 after a fall to CAT1, against 175 ms with 8)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dapdee.bench.paperbench.options import MAX_INFLIGHT
 from dapdee.bench.paperbench.stats import med, pct, steady_throughput
 from dapdee.bench.paperbench.systems import Device, System
 from dapdee.costmodel import Conditions
@@ -32,8 +33,6 @@ from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import Frame, FrameRecord
 from dapdee.netem import ShapedUplink
-
-MAX_INFLIGHT = 32
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ DAG_MODELS = ("resnet18", "inception", "resnet18-224")
 CAMERA_SIZE = ("resnet18-224",)
 EXPERIMENTS = ("light", "heavy", "fig6", "fig7", "adapt")
 ACC_CLASS = 0.012  # accuracy loss vs the final exit allowed ("accuracy class")
+MAX_INFLIGHT = 32  # frames in flight to fill a plan's pipeline under heavy load, at most
 FULL_FIG7 = [0.1, 0.13, 0.3, 0.6, 1.1, 2.5, 5.85, 10.0, 18.88, 20.0]
 CAMERA_K = 30.0  # the camera-size models' Fig. 7 device factor (about a Raspberry Pi's gap to an edge server)
 

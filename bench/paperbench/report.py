@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dapdee.bench.paperbench.options import Options
+from dapdee.bench.paperbench.options import MAX_INFLIGHT, Options
 from dapdee.bench.paperbench.plans import LABEL, PLANNERS
 from dapdee.bench.paperbench.scoring import THROUGHPUT_RATIO, format_target
 
@@ -193,7 +193,7 @@ def _adaptation(ad: dict[str, Any] | None) -> Md:
                   f"{_f(v.get('optimum_filled_throughput_fps'))} | {_f(v['optimum_predicted_ms'])} |")  # fmt: skip
     note = (
         "The optimum plan runs as a fixed plan with the live runtime's frames in flight (the target's "
-        "comparison), and again with its pipeline filled (up to 32 in flight; informational)."
+        f"comparison), and again with its pipeline filled (up to {MAX_INFLIGHT} in flight; informational)."
     )
     return md + ["", note, ""]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from dapdee.bench.paperbench.options import ACC_CLASS, CAMERA_SIZE, DAG_MODELS, Options
+from dapdee.bench.paperbench.options import ACC_CLASS, CAMERA_SIZE, DAG_MODELS, MAX_INFLIGHT, Options
 from dapdee.bench.paperbench.plans import BASELINES, LABEL, PLANNERS
 from dapdee.bench.paperbench.stats import med, pct
 
@@ -133,7 +133,8 @@ def adaptation_lines(ad: dict[str, Any] | None, lb: float, tb: float) -> Lines:
             out.append(line("adaptation", what_t, r, r >= 1 - tb, f">= {1 - tb:.3f}"))
             if filled := v.get("optimum_filled_throughput_fps"):
                 r = v["throughput_fps_second_half"] / filled
-                note = f">= {1 - tb:.3f} (informational: the optimum with its pipeline filled, up to 32 in flight)"
+                filled_what = f"the optimum with its pipeline filled, up to {MAX_INFLIGHT} in flight"
+                note = f">= {1 - tb:.3f} (informational: {filled_what})"
                 out.append(line("adaptation", f"{what} / optimum plan throughput, pipeline filled", r, r >= 1 - tb,
                                 note, info=True))  # fmt: skip
     return out
