@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -462,11 +463,15 @@ def test_a_slowdown_limits_admission_while_the_edge_load_is_taken_over_the_nomin
         assert workers(c)["http://w1:1"]["nominal_ms_per_s"] == 1000.0
 
 
-def test_a_worker_whose_capacity_drops_below_its_leases_is_rebalanced_at_once(planner_prefix: str) -> None:
+def test_a_worker_whose_capacity_drops_below_its_leases_is_registered_with_its_leases_resolved(
+    planner_prefix: str,
+) -> None:
     """Five Edge-Only devices book 5 x 80 = 400 ms/s of a 1000 ms/s worker. Its heartbeat then
-    says 300 ms/s (it measured itself slower): the leases book more than ρ_max x 300 = 270, and
-    the planner re-solves the worker at once, long before its (hour-long) period, to within
-    270. Without periodic rebalancing nothing moves."""
+    says 300 ms/s (it measured itself slower): the leases book more than ρ_max x 300 = 270, so
+    the planner re-solves them for 300 and registers the heartbeat with their new plans in one
+    step. When the heartbeat's answer arrives the registry already states 300 ms/s and the leases
+    book at most 270 of it, long before the (hour-long) period. Without periodic rebalancing
+    the heartbeat is registered as it is and nothing moves."""
     for period, rebalanced in ((3600.0, True), (0.0, False)):
         with planner(planner_prefix, rebalance_s=period) as c:
             setup_model(c)
@@ -474,15 +479,89 @@ def test_a_worker_whose_capacity_drops_below_its_leases_is_rebalanced_at_once(pl
                 assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
             assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)
             assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
+            w = workers(c)["http://w1:1"]
+            assert w["capacity_ms_per_s"] == 300.0
             if rebalanced:
-                assert wait_for(lambda: workers(c)["http://w1:1"]["leased_ms_per_s"] <= RHO * 300.0, timeout=10)
+                assert w["leased_ms_per_s"] <= RHO * 300.0 + 1e-9
                 states = [c.get(f"/devices/d{i}").json() for i in range(5)]
                 assert all(s["lease"]["assigned"] for s in states)
+                assert _rebalances(c, "shed") == 1 and _rebalances(c, "forced") == 0
             else:
                 time.sleep(1.5)
                 assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)
+                assert _rebalances(c, "shed") == 0 and _rebalances(c, "forced") == 0
             for i in range(5):
                 assert c.delete(f"/devices/d{i}").status_code == 204
+
+
+def test_a_heartbeat_whose_leases_cannot_be_resolved_is_still_registered(planner_prefix: str) -> None:
+    """Five devices book 400 ms/s of the worker, and their model is deleted: the planner can no
+    longer price their plans. The worker's heartbeat at 300 ms/s is still answered and
+    registered (as it is: counted as forced), and the rebalance after a capacity drop follows."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c)
+        for i in range(5):
+            assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
+        assert c.delete("/models/cam").status_code == 204
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
+        w = workers(c)["http://w1:1"]
+        assert w["capacity_ms_per_s"] == 300.0 and w["leased_ms_per_s"] == pytest.approx(400.0)
+        assert _rebalances(c, "forced") == 1 and _rebalances(c, "shed") == 0
+
+
+def _rebalances(c: httpx.Client, result: str) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(f'dapdee_planner_rebalances_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_no_moment_shows_the_leases_past_rho_max_of_the_registered_capacity(planner_prefix: str) -> None:
+    """Two replicas on one Redis: devices keep leasing through b while the worker's heartbeats,
+    through a, state 1000 and then 300 or 200 ms/s in turn. A watcher reads the worker's
+    reservations and its registered capacity in one Redis transaction, as fast as it can: no
+    reading shows the reservations past ρ_max of the capacity, and every drop was registered
+    with the leases re-solved for it."""
+    stop = threading.Event()
+    readings: list[tuple[float, float]] = []
+    r = redis.Redis.from_url(SHARED_REDIS)
+    base = f"{planner_prefix}:v1"
+
+    def watch() -> None:
+        while not stop.is_set():
+            pipe = r.pipeline(transaction=True)
+            pipe.hvals(f"{base}:wload:http://w1:1")
+            pipe.hget(f"{base}:workers:info", "http://w1:1")
+            loads, info = pipe.execute()
+            if info is not None:
+                readings.append((sum(float(v) for v in loads), json.loads(info)["capacity_ms_per_s"]))
+
+    kw = {"rebalance_s": 3600.0, "refresh_s": 0.2}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for k, drop in enumerate((300.0, 200.0, 300.0)):
+                assert beat(a, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+                assert workers(b)["http://w1:1"]["capacity_ms_per_s"] == 1000.0  # b synced the registry
+                devices = [leased(f"d{k}-{i}", bandwidth_mbps=1.0 + i) for i in range(8)]
+                for body in devices:
+                    assert b.post("/plan", json=body).status_code == 200
+                assert workers(b)["http://w1:1"]["leased_ms_per_s"] > RHO * drop  # the drop overbooks
+                assert beat(a, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=drop).status_code == 200
+                for body in devices:  # devices plan again against the capacity now
+                    assert b.post("/plan", json=body).status_code == 200
+        finally:
+            stop.set()
+            watcher.join()
+            r.close()
+        sheds = (_rebalances(a, "shed"), _rebalances(a, "forced"))
+    assert len(readings) > 100
+    over = [(load, cap) for load, cap in readings if load > RHO * cap + 1e-6]
+    assert not over, over[:5]
+    assert min(cap for _, cap in readings) == 200.0  # the drops were read
+    assert sheds == (3, 0)
 
 
 def test_a_replica_with_an_old_view_of_a_workers_capacity_admits_only_what_it_has_now(planner_prefix: str) -> None:
@@ -548,10 +627,11 @@ async def _rebalance_with_an_old_capacity(prefix: str, capacity: float) -> dict[
         await store.close()
 
 
-def test_a_capacity_drop_during_another_rebalance_is_rebalanced_when_the_lock_frees(planner_prefix: str) -> None:
+def test_a_capacity_drop_during_another_rebalance_is_resolved_at_once(planner_prefix: str) -> None:
     """The worker's heartbeat says 300 ms/s under 400 ms/s of leases while another rebalance
-    holds the lock (here: another replica's, set by hand). The planner does not wait for the next
-    heartbeat (none comes) or its hour-long period: it rebalances once the lock is released."""
+    holds the lock (here: another replica's, set by hand). Re-solving the worker for the
+    heartbeat takes no lock (its apply is checked in Redis), so the heartbeat is registered
+    with the leases within ρ_max x 300 at once."""
     with planner(planner_prefix, rebalance_s=3600.0) as c:
         setup_model(c)
         for i in range(5):
@@ -561,13 +641,60 @@ def test_a_capacity_drop_during_another_rebalance_is_rebalanced_when_the_lock_fr
         try:
             assert r.set(lock, b"other", nx=True, px=60_000)
             assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
-            time.sleep(1.0)
-            assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(400.0)  # waiting
-            r.delete(lock)
-            assert wait_for(lambda: workers(c)["http://w1:1"]["leased_ms_per_s"] <= RHO * 300.0, timeout=10)
+            w = workers(c)["http://w1:1"]
+            assert w["capacity_ms_per_s"] == 300.0 and w["leased_ms_per_s"] <= RHO * 300.0 + 1e-9
+            assert r.get(lock) == b"other"
         finally:
             r.delete(lock)
             r.close()
+
+
+def test_a_capacity_drop_registered_as_it_is_is_rebalanced_when_the_lock_frees(planner_prefix: str) -> None:
+    """A heartbeat of 300 ms/s under 400 ms/s of leases was registered as it is (what happens when
+    its leases cannot be re-solved with it), while another rebalance holds the lock. The
+    rebalance after the drop waits for the lock, not for the next heartbeat or the hour-long
+    period, and brings the leases within ρ_max x 300 once the lock is released."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c)
+        for i in range(5):
+            assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
+        r = redis.Redis.from_url(SHARED_REDIS)
+        lock = f"{planner_prefix}:v1:rebalance-lock"
+        try:
+            assert r.set(lock, b"other", nx=True, px=60_000)
+            waiting, after = asyncio.run(_drop_registered_as_it_is(planner_prefix, r, lock))
+            assert waiting == pytest.approx(400.0)
+            assert after <= RHO * 300.0 + 1e-9
+        finally:
+            r.delete(lock)
+            r.close()
+
+
+async def _drop_registered_as_it_is(prefix: str, r: redis.Redis, lock: str) -> tuple[float, float]:
+    """On a replica of `prefix`: register w1's heartbeat at 300 ms/s unchecked, start the rebalance
+    after a capacity drop, and read the worker's leases 1 s later; then release `lock` and read
+    them once they fit (within 10 s)."""
+    settings = Settings(key_prefix=prefix, redis_url=SHARED_REDIS, rebalance_s=3600.0, refresh_s=3600.0)
+    store = Store(settings, PlannerMetrics())
+    await store.start()
+    try:
+        w = Worker("http://w1:1", ("cam",), "t", 0.0, 0, 0, capacity_ms_per_s=300.0)
+        assert await store.registry.heartbeat(w)  # no ρ_max: unchecked
+        await store.fleet.refresh()
+        store.rebalancer.note_capacity(w.url, w.capacity_ms_per_s)
+        await asyncio.sleep(1.0)
+        await store.fleet.refresh()
+        waiting = store.fleet.leased(w.url)[0]
+        r.delete(lock)
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            await store.fleet.refresh()
+            if store.fleet.leased(w.url)[0] <= RHO * 300.0 + 1e-9:
+                break
+            await asyncio.sleep(0.1)
+        return waiting, store.fleet.leased(w.url)[0]
+    finally:
+        await store.close()
 
 
 def test_a_rebalance_releases_only_its_own_lock(planner_prefix: str) -> None:

@@ -7,15 +7,16 @@ import asyncio
 import random
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 from dapdee.planner.config import Settings
 from dapdee.planner.keys import Keys
-from dapdee.planner.leases import LeaseBook, ReservationView, View
+from dapdee.planner.leases import Heartbeat, LeaseBook, ReservationView, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
-from dapdee.planner.workers import Worker, WorkerRegistry
+from dapdee.planner.workers import CapacityBelowLeases, Worker, WorkerRegistry
 
 URL = "redis://127.0.0.1:6379/0"
 
@@ -210,6 +211,47 @@ def test_reservations_stay_within_the_capacity_the_workers_last_heartbeat_states
         # a worker without a heartbeat in the registry: the caller's limit
         r = await book.reserve("c", "http://unregistered", 500.0, 900.0, {"v": 1})
         assert (r.status, r.capacity_ms_per_s) == ("reserved", None)
+        await _close([book])
+
+    run(scenario())
+
+
+def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fits_it(prefix: str) -> None:
+    """Two devices reserve 400 ms/s of a 1000 ms/s worker. Checked against ρ_max = 0.9, the
+    registry refuses a heartbeat at 300 ms/s (nothing recorded) and records one at 500. A
+    rebalance applied with the 300 ms/s heartbeat registers both in one step when its loads fit
+    ρ_max x 300 = 270, and neither when they do not; it is refused for a worker the registry
+    does not hold. Unchecked, a heartbeat is recorded whatever the leases book."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        settings = Settings(redis_url=URL, redis_timeout_s=5.0)
+        registry = WorkerRegistry(settings, PlannerMetrics(), book.link, Keys(prefix))
+
+        async def registered() -> tuple[float, dict]:
+            (w,) = await registry.live()
+            return w.capacity_ms_per_s, await book.loads()
+
+        fast = Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=1000.0)
+        slow = replace(fast, capacity_ms_per_s=300.0)
+        assert await registry.heartbeat(fast, 0.9)
+        for d in "ab":
+            assert (await book.reserve(d, "http://w", 200.0, 900.0, {"v": 1})).status == "reserved"
+        with pytest.raises(CapacityBelowLeases):
+            await registry.heartbeat(slow, 0.9)
+        assert await registered() == (1000.0, {"http://w": {"a": 200.0, "b": 200.0}})
+        assert await registry.heartbeat(replace(fast, capacity_ms_per_s=500.0), 0.9)  # 400 <= 450
+        hb = Heartbeat(slow.info_json(), 300.0, registry.ttl_ms)
+        over = await book.apply("http://w", {"a": (200.0, {"v": 2}), "b": (100.0, {"v": 2})}, 900.0, hb)
+        assert (over.status, over.capacity_ms_per_s) == ("over", 300.0)
+        assert await registered() == (500.0, {"http://w": {"a": 200.0, "b": 200.0}})
+        fits = await book.apply("http://w", {"a": (200.0, {"v": 2}), "b": (0.0, {"v": 2})}, 900.0, hb)
+        assert fits.status == "applied"
+        assert await registered() == (300.0, {"http://w": {"a": 200.0}})
+        elsewhere = Heartbeat(replace(slow, url="http://x").info_json(), 300.0, registry.ttl_ms)
+        assert (await book.apply("http://x", {}, 900.0, elsewhere)).status == "changed"
+        assert await registry.heartbeat(replace(fast, capacity_ms_per_s=10.0))
+        assert (await registered())[0] == 10.0
         await _close([book])
 
     run(scenario())

@@ -26,7 +26,11 @@ Admission and rebalancing also read `P:workers:info` (the worker registry,
 `dapdee.planner.workers`): a worker's reservations stay within ρ_max × the capacity its last
 heartbeat states, checked inside the same script, so a replica whose view of a worker's capacity
 is older than its last heartbeat (the worker measured itself slower) can neither admit nor apply
-a rebalance past it. The refusal carries the capacity now, to plan again with.
+a rebalance past it. The refusal carries the capacity now, to plan again with. The apply script
+can also register the worker's heartbeat with the rebalance (a capacity drop: the registry
+refuses a capacity its reservations book past ρ_max of, `dapdee.planner.workers`). So, where
+rebalancing is periodic, each write to either side is checked against the other; the one
+exception is the planner's fallback when a capacity drop cannot be re-solved (`Store.heartbeat`).
 
 The scripts name some keys they compute from the prefix (a device's previous worker), so
 the planner needs a single Redis instance (not a cluster), as it does for everything else.
@@ -81,7 +85,18 @@ local function capped(prefix, worker, limit, rho)
   if not ok or type(info) ~= 'table' or type(info.capacity_ms_per_s) ~= 'number' then return limit, '' end
   return math.min(limit, rho * info.capacity_ms_per_s), string.format('%.17g', info.capacity_ms_per_s)
 end
+-- What the live reservations on a worker book in all (ms/s), expired ones dropped first.
+local function booked(prefix, worker, now)
+  local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
+  purge(wload, wexp, now)
+  local sum = 0
+  for _, v in ipairs(redis.call('HVALS', wload)) do sum = sum + tonumber(v) end
+  return sum
+end
 """
+# The Lua functions above, for the registry's heartbeat script (`dapdee.planner.workers`), which
+# refuses a capacity that the worker's live reservations book past rho_max of (`booked`).
+LEASE_FUNCTIONS = _PURGE
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
 # none), load, limit, ttl_ms, max_leases, record JSON, assigned ('1': the record holds a plan a
@@ -187,23 +202,35 @@ return out
 """
 )
 
-# Apply a rebalance of one worker atomically. KEYS: leases. ARGV: prefix, worker, limit, rho_max,
-# then triples (device, load, record JSON). A device may be one reserving on this worker or one
-# whose live lease reserves nothing (Device-Only: the rebalance may bring it onto this worker).
-# Returns {status, capacity}: 1 applied; 0 refused, a device's lease is gone or moved to another
-# worker; 2 refused, the others' reservations plus the new loads exceed the limit (lowered to
-# rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
+# Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
+# limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans),
+# its capacity, its TTL in ms, then triples (device, load, record JSON). A device may be one
+# reserving on this worker or one whose live lease reserves nothing (Device-Only: the rebalance
+# may bring it onto this worker). With a heartbeat, the limit is lowered to rho_max x the
+# heartbeat's capacity instead of the registered one, and the heartbeat is registered with the
+# plans (the worker must be live in the registry). Returns {status, capacity}: 1 applied; 0
+# refused, a device's lease is gone or moved to another worker (or, with a heartbeat, the worker
+# is not live); 2 refused, the others' reservations plus the new loads exceed the limit (lowered
+# to rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
 APPLY = (
     _PURGE
     + """
 local prefix, worker = ARGV[1], ARGV[2]
-local limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
 local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
 local now = now_ms()
+local limit, capacity
+if ARGV[5] ~= '' then
+  local expiry = redis.call('ZSCORE', KEYS[2], worker)
+  if not expiry or tonumber(expiry) <= now then return {0, ''} end
+  capacity = ARGV[6]
+  limit = math.min(tonumber(ARGV[3]), tonumber(ARGV[4]) * tonumber(capacity))
+else
+  limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
+end
 purge_leases(prefix, KEYS[1], now)
 purge(wload, wexp, now)
 local chosen, total = {}, 0
-for i = 5, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   local d = ARGV[i]
   local cur = redis.call('HGET', prefix .. ':lease-worker', d)
   if cur and cur ~= worker then return {0, capacity} end
@@ -216,7 +243,11 @@ for i = 1, #all, 2 do
   if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
 end
 if total > limit then return {2, capacity} end
-for i = 5, #ARGV, 3 do
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), worker)
+  redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
+end
+for i = 8, #ARGV, 3 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])
   local key = prefix .. ':lease:' .. d
   if load > 0 then
@@ -234,6 +265,17 @@ end
 return {1, capacity}
 """
 )
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's heartbeat for `LeaseBook.apply` to register with a rebalance of its leases: its
+    stored form (`Worker.info_json`), the capacity it states (ms/s) and how long it keeps the
+    worker live (ms)."""
+
+    info_json: str
+    capacity_ms_per_s: float
+    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -422,16 +464,26 @@ class LeaseBook:
         return int(await self.link.call("lease_count", lambda r: r.zcard(self.k_leases)))
 
     async def apply(
-        self, worker: str, assignments: dict[str, tuple[float, dict[str, Any]]], limit_ms_per_s: float
+        self,
+        worker: str,
+        assignments: dict[str, tuple[float, dict[str, Any]]],
+        limit_ms_per_s: float,
+        heartbeat: Heartbeat | None = None,
     ) -> Application:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
         record)) on `worker` in one atomic step, if every device still holds a lease there (or a
         live lease reserving nothing: it may join) and the worker stays within `limit` and
-        within ρ_max × its registered capacity; else nothing changes."""
+        within ρ_max × its registered capacity; else nothing changes. With `heartbeat`: within
+        ρ_max × the heartbeat's capacity instead, and the heartbeat is registered in the same
+        step (refused, "changed", when the worker is not live in the registry). One round trip,
+        O(reservations on the worker) inside Redis."""
+        hb = heartbeat
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
+        args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms] if hb is not None else ["", "", 0]
         for device, (load, record) in assignments.items():
             args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
-        out = await self.link.script("lease_apply", APPLY, [self.k_leases], args)
+        keys = [self.k_leases, f"{self.prefix}:workers:exp"]
+        out = await self.link.script("lease_apply", APPLY, keys, args)
         status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
         return Application(status, _number(out[1]))
 

@@ -205,7 +205,9 @@ class PlannerMetrics:
         )
         self.rebalances = Counter(
             "dapdee_planner_rebalances",
-            "Fleet rebalances: per worker applied or refused (leases changed meanwhile); per run done or noop.",
+            "Fleet rebalances: per worker applied or refused (leases changed meanwhile); per run done or noop; "
+            "per heartbeat whose capacity the leases overbook, shed (re-solved and registered with it), "
+            "shed_refused (a try refused: leases changed meanwhile) or forced (registered over its leases).",
             ["result"],
             registry=self.registry,
         )
@@ -228,7 +230,7 @@ class PlannerMetrics:
         self.redis_up: Gauge | None = None  # only where Redis is configured (see bind_redis)
         for result in ("reserved", "device_only", "refused", "full", "unleased"):
             self.admissions.labels(result)  # shown as 0 from the start
-        for result in ("applied", "refused", "done", "noop"):
+        for result in ("applied", "refused", "done", "noop", "shed", "shed_refused", "forced"):
             self.rebalances.labels(result)
 
     def bind(self, workers: Callable[[], float], models: Callable[[], float]) -> None:

@@ -6,9 +6,13 @@ worker's assignment atomically: refused, and left for the next period, if leases
 meanwhile; solved again at once (up to `CAPACITY_RETRIES` solves in all) if the worker's last
 heartbeat states less capacity than the solve had. Devices pick up their assigned plans at their
 next `POST /plan` (`Fleet.plan`). It runs on request (`POST /fleet/rebalance`), every
-`rebalance_s` on one replica at a time (a Redis lock), and at once after a heartbeat whose
-capacity no longer holds the worker's leases within ρ_max (the worker measured itself slower;
-`note_capacity`).
+`rebalance_s` on one replica at a time (a Redis lock), and for a heartbeat whose capacity no
+longer holds the worker's leases within ρ_max (the worker measured itself slower): `shed`
+re-solves that worker's leases for the new capacity and registers the heartbeat with the new
+plans in one atomic step, so no moment shows the leases past ρ_max of the capacity registered.
+It needs no lock (the step is checked in Redis). Only when that fails (the worker's leases
+changed meanwhile, each of `CAPACITY_RETRIES` times) is the heartbeat registered as it is, and a
+rebalance follows at once (`note_capacity`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dapdee.fleet.rebalance import (
 from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.fleet import Fleet, request_of
 from dapdee.planner.keys import Keys
+from dapdee.planner.leases import Heartbeat
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
 
@@ -124,6 +129,26 @@ class Rebalancer:
         except Exception:  # a background task: log, never raise into the loop
             log.exception("rebalance after a capacity drop failed")
 
+    async def shed(self, w: Worker, ttl_ms: int) -> bool:
+        """Heartbeat `w` states a capacity that its worker's leases book past ρ_max of (the registry
+        refused it): re-solve those leases for it and apply their plans together with the
+        heartbeat (live for `ttl_ms`), all or nothing. True when applied; False when the leases
+        changed meanwhile `CAPACITY_RETRIES` times, or none of them can be priced (nothing
+        written: the caller registers the heartbeat as it is). RedisUnavailable passes up. Per
+        try: three round trips, the demands and one `settle`."""
+        heartbeat = Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms)
+        for _ in range(CAPACITY_RETRIES):
+            held = (await self.fleet.book.loads()).get(w.url, {})
+            records = await self.fleet.book.records(list(held))
+            members = [d for d in held if d in records]
+            report = await self._rebalance_worker(w, members, records, held, heartbeat)
+            if report is None:
+                break
+            if report["applied"]:
+                await self.fleet.refresh()
+                return True
+        return False
+
     # ---- rebalancing ------------------------------------------------------------------------------
     async def rebalance_if_leader(self) -> dict[str, Any] | None:
         """Rebalance unless another replica holds the lock (then None)."""
@@ -175,7 +200,12 @@ class Rebalancer:
         return {"approximate": any(not r["exact"] for r in reports), "workers": reports}
 
     async def _rebalance_worker(
-        self, w: Worker, device_ids: list[str], records: dict[str, dict[str, Any]], held: dict[str, float]
+        self,
+        w: Worker,
+        device_ids: list[str],
+        records: dict[str, dict[str, Any]],
+        held: dict[str, float],
+        heartbeat: Heartbeat | None = None,
     ) -> dict[str, Any] | None:
         capacity, nominal, rho = w.capacity_ms_per_s, w.nominal, self.settings.rho_max
         booked = min(priced_load(rho, capacity, nominal), edge_load_of(sum(held.values()), nominal))
@@ -189,14 +219,14 @@ class Rebalancer:
         for _ in range(CAPACITY_RETRIES):
             sol = await self._solve(demands, capacity, nominal)
             assignments = _assignments(w.url, demands, sol, nominal, records)
-            outcome = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity)
+            outcome = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity, heartbeat)
             now = outcome.capacity_ms_per_s
             if outcome.status != "over" or now is None or now >= capacity:
                 break
             log.info("worker %s: capacity fell to %.1f ms/s while its leases were solved; solving again", w.url, now)
             capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
         applied = outcome.status == "applied"
-        self.metrics.rebalances.labels("applied" if applied else "refused").inc()
+        self.metrics.rebalances.labels(_outcome(applied, heartbeat is not None)).inc()
         olds = [held_option(d, 0.0, priced_load(rho, capacity, nominal), sol.time_load) for d in demands]
         pairs = zip(demands, olds, sol.choices, strict=True)
         moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
@@ -227,6 +257,14 @@ class Rebalancer:
         objective = resolved_objective(found[0].planmap, req, booked)
         current = (held["exit"]["name"], tuple(held["device_nodes"]))
         return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
+
+
+def _outcome(applied: bool, shed: bool) -> str:
+    """The `dapdee_planner_rebalances_total` result of one worker's apply (`shed`: with its
+    heartbeat)."""
+    if shed:
+        return "shed" if applied else "shed_refused"
+    return "applied" if applied else "refused"
 
 
 def _assignments(

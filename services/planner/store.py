@@ -37,7 +37,7 @@ from dapdee.planner.modelstate import ModelState, Profile, PutResult
 from dapdee.planner.planmaps import PlanMapCache, merged_graph
 from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.redis_link import RedisLink
-from dapdee.planner.workers import Worker, WorkerRegistry
+from dapdee.planner.workers import CapacityBelowLeases, Worker, WorkerRegistry
 from dapdee.planning import PlanMap
 from dapdee.web.tasks import run_every
 
@@ -199,7 +199,27 @@ class Store:
 
     # ---- workers ----------------------------------------------------------------------------------
     async def heartbeat(self, worker: Worker) -> bool:
-        """Record a heartbeat; True if Redis has it (CapacityExceeded for a new worker past the cap)."""
+        """Record a heartbeat; True if Redis has it (CapacityExceeded for a new worker past the cap).
+        Where rebalancing is periodic, a heartbeat whose capacity the worker's leases book past
+        ρ_max of is recorded together with those leases re-solved for it (`Rebalancer.shed`);
+        failing that, as it is (counted as `forced`), and the rebalance after a capacity drop
+        follows (`Rebalancer.note_capacity`, called by the route)."""
+        rho = self.settings.rho_max if self.settings.fleet_planning and self.settings.rebalance_s else None
+        try:
+            return await self.registry.heartbeat(worker, rho)
+        except CapacityBelowLeases:
+            pass
+        try:
+            if await self.rebalancer.shed(worker, self.registry.ttl_ms):
+                self.registry.noted(worker, shared=True)
+                return True
+        except RedisUnavailable:
+            pass
+        except Exception:  # the heartbeat must still be recorded
+            log.exception("worker %s: re-solving its leases for the capacity it states failed", worker.url)
+        self.metrics.rebalances.labels("forced").inc()
+        log.warning("worker %s: %.1f ms/s registered over its leases (not re-solved with it)", worker.url,
+                    worker.capacity_ms_per_s)  # fmt: skip
         return await self.registry.heartbeat(worker)
 
     async def live_workers(self) -> list[Worker]:

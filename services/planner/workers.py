@@ -10,6 +10,12 @@ clock) and merged with Redis's registry at each sync.
 
 Cap: DAPDEE_MAX_WORKERS live workers; a new worker past it is refused (CapacityExceeded), a
 known one may always refresh.
+
+Capacity and leases: asked to (`rho_max`), the heartbeat script refuses a known worker's
+heartbeat whose `capacity_ms_per_s` its live lease reservations book past ρ_max of
+(CapacityBelowLeases), so the registry never states less capacity than the leases hold. The
+caller re-solves the leases for it and registers the heartbeat with them in one step
+(`dapdee.planner.leases.LeaseBook.apply`), or registers it as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, replace
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
+from dapdee.planner.leases import LEASE_FUNCTIONS
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 
@@ -34,13 +41,21 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, u in ipairs(dead) do redis.call('HDEL', KEYS[2], u) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 """
-# KEYS: workers:exp, workers:info. ARGV: url, worker JSON, ttl ms, max workers. Returns 1, or 0
-# when a new worker would pass the cap.
+# KEYS: workers:exp, workers:info. ARGV: url, worker JSON, ttl ms, max workers, then optionally
+# the lease key prefix, rho_max and the heartbeat's capacity. Returns 1, or 0 when a new worker
+# would pass the cap, or 2 (nothing written) when the worker is live and its lease reservations
+# book more than rho_max x that capacity.
 HEARTBEAT = (
-    _NOW_MS
+    LEASE_FUNCTIONS
+    + _NOW_MS
     + """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
   return 0
+end
+if known and #ARGV >= 7 then
+  local limit = tonumber(ARGV[6]) * tonumber(ARGV[7])
+  if booked(ARGV[5], ARGV[1], now) > limit * (1 + 1e-9) then return 2 end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -61,6 +76,16 @@ end
 return out
 """
 )
+
+
+class CapacityBelowLeases(Exception):
+    """A heartbeat refused because the worker's live leases book more than ρ_max of the capacity
+    it states (`WorkerRegistry.heartbeat` with `rho_max`); nothing was recorded."""
+
+    def __init__(self, url: str, capacity_ms_per_s: float) -> None:
+        super().__init__(f"worker {url}: its leases book more than rho_max of {capacity_ms_per_s:g} ms/s")
+        self.url = url
+        self.capacity_ms_per_s = capacity_ms_per_s
 
 
 @dataclass(frozen=True)
@@ -138,14 +163,20 @@ class WorkerRegistry:
         self.keys = keys
         self._seen: dict[str, _Seen] = {}
 
-    async def heartbeat(self, w: Worker) -> bool:
+    async def heartbeat(self, w: Worker, rho_max: float | None = None) -> bool:
         """Record a heartbeat here and in Redis. True if Redis has it; CapacityExceeded for a new
-        worker past DAPDEE_MAX_WORKERS. One round trip."""
-        ttl = self.settings.worker_ttl_s
+        worker past DAPDEE_MAX_WORKERS; with `rho_max`, CapacityBelowLeases (nothing recorded)
+        when Redis holds lease reservations on the worker past `rho_max` × its capacity. One round
+        trip, O(reservations on the worker) inside Redis."""
         limit = self.settings.max_workers
         try:
-            args = [w.url, w.info_json(), max(1, round(ttl * 1000)), limit]
-            shared = bool(await self.link.script("heartbeat", HEARTBEAT, self._script_keys(), args))
+            args: list[object] = [w.url, w.info_json(), self.ttl_ms, limit]
+            if rho_max is not None:
+                args += [self.keys.base, repr(float(rho_max)), repr(float(w.capacity_ms_per_s))]
+            answer = int(await self.link.script("heartbeat", HEARTBEAT, self._script_keys(), args))
+            if answer == 2:
+                raise CapacityBelowLeases(w.url, w.capacity_ms_per_s)
+            shared = bool(answer)
             if not shared:
                 raise self._refused()
         except RedisUnavailable:
@@ -154,9 +185,19 @@ class WorkerRegistry:
             if not known and self.count() >= limit:
                 raise self._refused() from None
             shared = False
-        now = time.monotonic()
-        self._seen[w.url] = _Seen(replace(w, expires_in_s=0.0), now + ttl, shared, now)
+        self.noted(w, shared)
         return shared
+
+    @property
+    def ttl_ms(self) -> int:
+        """How long a heartbeat keeps its worker live, in ms (DAPDEE_WORKER_TTL_S)."""
+        return max(1, round(self.settings.worker_ttl_s * 1000))
+
+    def noted(self, w: Worker, shared: bool) -> None:
+        """Keep heartbeat `w` in this replica's copy (`shared`: Redis has it too; recorded there
+        by `heartbeat` or with a rebalance of its leases). O(1)."""
+        now = time.monotonic()
+        self._seen[w.url] = _Seen(replace(w, expires_in_s=0.0), now + self.settings.worker_ttl_s, shared, now)
 
     def _refused(self) -> CapacityExceeded:
         self.metrics.capacity_refusals.labels("workers").inc()
