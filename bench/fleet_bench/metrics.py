@@ -155,6 +155,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "capacity_ms_per_s": win.get("capacity_ms_per_s"),
         "booking_series": win.get("booking_series", []),
         "planner_counts": win.get("planner", {}),
+        "planner_run_counts": win.get("planner_run", {}),
         "plan_changes_per_device_min": changes / (n * window_s / 60.0),
         "pred_err_latency": _median(lat_err),
         "pred_err_throughput": _median(fps_err),

@@ -181,6 +181,7 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
         "wall_s": wall,
         "edge": _diff(a.edge, b.edge),
         "planner": {k: b.planner[k] - a.planner[k] for k in a.planner},
+        "planner_run": b.planner,  # since the planner started with the run: warm-up included
         "cpu_per_s": {k: (b.cpu[k] - a.cpu[k]) / wall for k in a.cpu},
         "booked_max": max((b for b, _ in booked), default=None),
         "capacity_ms_per_s": statistics.median(c for _, c in booked) if booked else None,

@@ -98,9 +98,17 @@ PLANNER_COUNTERS = (
 )
 
 
+# results of dapdee_planner_rebalances_total for a heartbeat whose capacity the leases overbook
+CAPACITY_DROPS = ("shed", "forced")
+
+
 def parse_planner_counters(text: str) -> dict[str, float]:
-    """The planner's totals the benchmark reads (plans answered, plan maps built, rebalances)."""
-    return {name.removeprefix("dapdee_planner_"): sum(v for _, v in _samples(text, name)) for name in PLANNER_COUNTERS}
+    """The planner's totals the benchmark reads (plans answered, plan maps built, rebalances;
+    capacity drops registered with their leases re-solved, `drops_shed`, or over them,
+    `drops_forced`)."""
+    out = {name.removeprefix("dapdee_planner_"): sum(v for _, v in _samples(text, name)) for name in PLANNER_COUNTERS}
+    by_result = _by_label(_samples(text, "dapdee_planner_rebalances_total"), "result")
+    return out | {f"drops_{r}": by_result.get(r, 0.0) for r in CAPACITY_DROPS}
 
 
 class FleetStack:

@@ -71,6 +71,7 @@ class Rebalancer:
         self.k_lock = f"{keys.base}:rebalance-lock"
         self._task: asyncio.Task[None] | None = None
         self._urgent: asyncio.Task[None] | None = None  # a rebalance started by a capacity drop
+        self._shedding: dict[str, asyncio.Lock] = {}  # worker URL -> held while `shed` runs for it
         self._stop = asyncio.Event()
 
     # ---- life cycle -------------------------------------------------------------------------------
@@ -129,13 +130,23 @@ class Rebalancer:
         except Exception:  # a background task: log, never raise into the loop
             log.exception("rebalance after a capacity drop failed")
 
-    async def shed(self, w: Worker, ttl_ms: int) -> bool:
+    async def shed(self, w: Worker, ttl_ms: int) -> bool | None:
         """Heartbeat `w` states a capacity that its worker's leases book past ρ_max of (the registry
         refused it): re-solve those leases for it and apply their plans together with the
         heartbeat (live for `ttl_ms`), all or nothing. True when applied; False when the leases
         changed meanwhile `CAPACITY_RETRIES` times, or none of them can be priced (nothing
-        written: the caller registers the heartbeat as it is). RedisUnavailable passes up. Per
-        try: three round trips, the demands and one `settle`."""
+        written: the caller registers the heartbeat as it is); None when this replica was
+        already doing so for the worker (a heartbeat sent again after a timeout): it waited for
+        that, and the caller checks its heartbeat again. RedisUnavailable passes up. Per try:
+        three round trips, the demands and one `settle`."""
+        lock = self._shedding.setdefault(w.url, asyncio.Lock())
+        if lock.locked():
+            async with lock:
+                return None
+        async with lock:
+            return await self._shed(w, ttl_ms)
+
+    async def _shed(self, w: Worker, ttl_ms: int) -> bool:
         heartbeat = Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms)
         for _ in range(CAPACITY_RETRIES):
             held = (await self.fleet.book.loads()).get(w.url, {})

@@ -205,22 +205,31 @@ class Store:
         failing that, as it is (counted as `forced`), and the rebalance after a capacity drop
         follows (`Rebalancer.note_capacity`, called by the route)."""
         rho = self.settings.rho_max if self.settings.fleet_planning and self.settings.rebalance_s else None
-        try:
-            return await self.registry.heartbeat(worker, rho)
-        except CapacityBelowLeases:
-            pass
-        try:
-            if await self.rebalancer.shed(worker, self.registry.ttl_ms):
+        for _ in range(2):  # again once after waiting for another re-solve of this worker
+            try:
+                return await self.registry.heartbeat(worker, rho)
+            except CapacityBelowLeases:
+                pass
+            shed = await self._shed(worker)
+            if shed:
                 self.registry.noted(worker, shared=True)
                 return True
-        except RedisUnavailable:
-            pass
-        except Exception:  # the heartbeat must still be recorded
-            log.exception("worker %s: re-solving its leases for the capacity it states failed", worker.url)
+            if shed is False:
+                break
         self.metrics.rebalances.labels("forced").inc()
         log.warning("worker %s: %.1f ms/s registered over its leases (not re-solved with it)", worker.url,
                     worker.capacity_ms_per_s)  # fmt: skip
         return await self.registry.heartbeat(worker)
+
+    async def _shed(self, worker: Worker) -> bool | None:
+        """`Rebalancer.shed`, with any failure a False (the heartbeat is still recorded)."""
+        try:
+            return await self.rebalancer.shed(worker, self.registry.ttl_ms)
+        except RedisUnavailable:
+            return False
+        except Exception:
+            log.exception("worker %s: re-solving its leases for the capacity it states failed", worker.url)
+            return False
 
     async def live_workers(self) -> list[Worker]:
         """Live workers, least loaded first, each with `expires_in_s`."""
