@@ -129,11 +129,20 @@ def test_leases_are_shared_by_replicas_and_survive_a_restart(planner_prefix: str
         assert workers(again)["http://w1:1"]["leases"] == 2
 
 
-def _admissions(c: httpx.Client, result: str) -> float:
+def _counted(c: httpx.Client, metric: str, result: str) -> float:
+    """The planner's `dapdee_planner_{metric}_total{result=...}` now (0 when absent)."""
     for line in c.get("/metrics").text.splitlines():
-        if line.startswith(f'dapdee_planner_admissions_total{{result="{result}"}}'):
+        if line.startswith(f'dapdee_planner_{metric}_total{{result="{result}"}}'):
             return float(line.split()[-1])
     return 0.0
+
+
+def _admissions(c: httpx.Client, result: str) -> float:
+    return _counted(c, "admissions", result)
+
+
+def _rebalances(c: httpx.Client, result: str) -> float:
+    return _counted(c, "rebalances", result)
 
 
 def test_a_leased_plan_is_one_reservation_while_the_view_holds(planner_prefix: str) -> None:
@@ -507,13 +516,6 @@ def test_a_heartbeat_whose_leases_cannot_be_resolved_is_still_registered(planner
         w = workers(c)["http://w1:1"]
         assert w["capacity_ms_per_s"] == 300.0 and w["leased_ms_per_s"] == pytest.approx(400.0)
         assert _rebalances(c, "forced") == 1 and _rebalances(c, "shed") == 0
-
-
-def _rebalances(c: httpx.Client, result: str) -> float:
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith(f'dapdee_planner_rebalances_total{{result="{result}"}}'):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_no_moment_shows_the_leases_past_rho_max_of_the_registered_capacity(planner_prefix: str) -> None:
