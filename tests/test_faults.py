@@ -91,6 +91,7 @@ def _device(planner_url: str, device_model: tuple[Any, Any], edge_url: str | Non
     cfg = RuntimeConfig(
         req, plan_max_age_s=kw.pop("plan_max_age_s", 0.5), backoff_initial_s=kw.pop("backoff_initial_s", 0.2),
         backoff_max_s=kw.pop("backoff_max_s", 1.0), timeout_floor_ms=kw.pop("timeout_floor_ms", 1000.0),
+        replan_threshold=kw.pop("replan_threshold", 0.2),
     )  # fmt: skip
     settings = DeviceSettings(
         runtime=cfg, planner=PlannerConfig(planner_url, "device-k100", ready_timeout_s=60.0),
@@ -234,7 +235,9 @@ def test_redis_outage_during_planning_load(device_model: tuple[Any, Any]) -> Non
 
 @pytest.fixture
 def two_edges(artifact: Path) -> Iterator[tuple[ServiceProcess, list[ServiceProcess]]]:
-    planner = planner_service(env={"DAPDEE_WORKER_TTL_S": "1.5", "DAPDEE_REFRESH_S": "0.2"}).start()
+    # leased devices come back only after the run (15 s), so no re-plan but the kill's moves them
+    env = {"DAPDEE_WORKER_TTL_S": "1.5", "DAPDEE_REFRESH_S": "0.2", "DAPDEE_REPLAN_AFTER_S": "15"}
+    planner = planner_service(env=env).start()
     edges: list[ServiceProcess] = []
     try:
         for _ in range(2):
@@ -254,8 +257,10 @@ def test_edge_worker_killed_mid_stream(
     frames = _frames(device_model[0], 80)
 
     async def go() -> tuple[list[FrameRecord], list[str]]:
-        # plans do not age here: the device keeps its worker until that worker fails
-        async with _device(planner.url, device_model, plan_max_age_s=100.0) as rt:
+        # plans neither age nor follow a bandwidth drift here: the device keeps its worker until
+        # that worker fails (a drift re-plan right after the kill could move it first: no frame
+        # would fail)
+        async with _device(planner.url, device_model, plan_max_age_s=100.0, replan_threshold=1e9) as rt:
 
             async def killer() -> None:
                 while len(rt.records) < 20:
