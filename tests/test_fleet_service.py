@@ -5,9 +5,11 @@ admission, cost model v2 from profile meta, and the bad input the fleet adds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -665,18 +667,27 @@ def test_a_capacity_drop_during_another_rebalance_is_resolved_at_once(planner_pr
     holds the lock (here: another replica's, set by hand). Re-solving the worker for the
     heartbeat takes no lock (its apply is checked in Redis), so the heartbeat is registered
     with the leases within ρ_max x 300 at once."""
-    with planner(planner_prefix, rebalance_s=3600.0) as c:
+    with _five_leases_under_another_replicas_lock(planner_prefix) as (c, r, _):
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
+        w = workers(c)["http://w1:1"]
+        assert w["capacity_ms_per_s"] == 300.0 and w["leased_ms_per_s"] <= RHO * 300.0 + 1e-9
+        assert r.get(f"{planner_prefix}:v1:rebalance-lock") == b"other"
+
+
+@contextlib.contextmanager
+def _five_leases_under_another_replicas_lock(prefix: str) -> Iterator[tuple[httpx.Client, redis.Redis, str]]:
+    """A planner on `prefix` (an hour-long rebalance period) whose worker w1 holds five Edge-Only
+    leases (400 of 1000 ms/s), with the rebalance lock held by another replica (set by hand):
+    the client, a Redis client and the lock's key. The lock is removed afterwards."""
+    with planner(prefix, rebalance_s=3600.0) as c:
         setup_model(c)
         for i in range(5):
             assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
         r = redis.Redis.from_url(SHARED_REDIS)
-        lock = f"{planner_prefix}:v1:rebalance-lock"
+        lock = f"{prefix}:v1:rebalance-lock"
         try:
             assert r.set(lock, b"other", nx=True, px=60_000)
-            assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
-            w = workers(c)["http://w1:1"]
-            assert w["capacity_ms_per_s"] == 300.0 and w["leased_ms_per_s"] <= RHO * 300.0 + 1e-9
-            assert r.get(lock) == b"other"
+            yield c, r, lock
         finally:
             r.delete(lock)
             r.close()
@@ -687,20 +698,10 @@ def test_a_capacity_drop_registered_as_it_is_is_rebalanced_when_the_lock_frees(p
     its leases cannot be re-solved with it), while another rebalance holds the lock. The
     rebalance after the drop waits for the lock, not for the next heartbeat or the hour-long
     period, and brings the leases within ρ_max x 300 once the lock is released."""
-    with planner(planner_prefix, rebalance_s=3600.0) as c:
-        setup_model(c)
-        for i in range(5):
-            assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
-        r = redis.Redis.from_url(SHARED_REDIS)
-        lock = f"{planner_prefix}:v1:rebalance-lock"
-        try:
-            assert r.set(lock, b"other", nx=True, px=60_000)
-            waiting, after = asyncio.run(_drop_registered_as_it_is(planner_prefix, r, lock))
-            assert waiting == pytest.approx(400.0)
-            assert after <= RHO * 300.0 + 1e-9
-        finally:
-            r.delete(lock)
-            r.close()
+    with _five_leases_under_another_replicas_lock(planner_prefix) as (_, r, lock):
+        waiting, after = asyncio.run(_drop_registered_as_it_is(planner_prefix, r, lock))
+        assert waiting == pytest.approx(400.0)
+        assert after <= RHO * 300.0 + 1e-9
 
 
 async def _drop_registered_as_it_is(prefix: str, r: redis.Redis, lock: str) -> tuple[float, float]:
