@@ -44,8 +44,10 @@ from typing import Any
 
 from pydantic_core import to_json
 
-# Removes expired reservations of one worker, then returns nothing. KEYS: wload, wexp. ARGV: now_ms
-_PURGE = """
+# The Lua functions the lease scripts share (and the registry's heartbeat script,
+# `dapdee.planner.workers`, for `booked`): purging expired reservations, Redis's clock, the others'
+# reservations, the limit a worker's registered capacity sets, what a worker's reservations book.
+LEASE_FUNCTIONS = """
 local function purge(wload, wexp, now)
   local old = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
   for _, d in ipairs(old) do redis.call('HDEL', wload, d) end
@@ -94,9 +96,6 @@ local function booked(prefix, worker, now)
   return sum
 end
 """
-# The Lua functions above, for the registry's heartbeat script (`dapdee.planner.workers`), which
-# refuses a capacity that the worker's live reservations book past rho_max of (`booked`).
-LEASE_FUNCTIONS = _PURGE
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
 # none), load, limit, ttl_ms, max_leases, record JSON, assigned ('1': the record holds a plan a
@@ -109,7 +108,7 @@ LEASE_FUNCTIONS = _PURGE
 # another version of an assigned plan), nothing is written and the answer is {2, version, record
 # or false, url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
 RESERVE = (
-    _PURGE
+    LEASE_FUNCTIONS
     + """
 local prefix, device, worker = ARGV[1], ARGV[2], ARGV[3]
 local load, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -185,7 +184,7 @@ return had
 # Live reservations of every worker: {url, {device, load, ...}, ...} after purging expired ones.
 # KEYS: leases. ARGV: prefix.
 LOADS = (
-    _PURGE
+    LEASE_FUNCTIONS
     + """
 local prefix = ARGV[1]
 local now = now_ms()
@@ -213,7 +212,7 @@ return out
 # is not live); 2 refused, the others' reservations plus the new loads exceed the limit (lowered
 # to rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
 APPLY = (
-    _PURGE
+    LEASE_FUNCTIONS
     + """
 local prefix, worker = ARGV[1], ARGV[2]
 local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker

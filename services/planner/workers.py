@@ -84,8 +84,6 @@ class CapacityBelowLeases(Exception):
 
     def __init__(self, url: str, capacity_ms_per_s: float) -> None:
         super().__init__(f"worker {url}: its leases book more than rho_max of {capacity_ms_per_s:g} ms/s")
-        self.url = url
-        self.capacity_ms_per_s = capacity_ms_per_s
 
 
 @dataclass(frozen=True)
