@@ -357,6 +357,34 @@ def test_settle_is_the_best_over_the_shares_by_brute_force(seed: int) -> None:
     assert sol.time_load in [pytest.approx(RHO_MAX * k / SETTLE_LEVELS) for k in range(1, SETTLE_LEVELS + 1)]
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_settle_fits_the_devices_around_the_load_kept_by_others_by_brute_force(seed: int) -> None:
+    """Leases outside the solve (ones the planner cannot price) keep K of the worker: for each
+    share s_k that K does not fill on its own, the brute-force optimum within s_k·C − K with
+    times priced at s_k; the settled answer's value is the best of these, and with K it books
+    no more than the share its times were priced at. K past ρ_max·C leaves the devices nothing
+    to book."""
+    rng = random.Random(9000 + seed)
+    n = rng.randint(1, 5)
+    capacity = rng.choice([50.0, 150.0, 400.0, 1000.0])
+    kept = RHO_MAX * capacity * rng.choice([0.1, 0.3, 0.55, 0.8])
+    demands, brute = _fleet(random.Random(seed), n)
+    while n > 1 and prod(len(b) for b in brute) > 60_000:
+        n -= 1
+    demands = demands[:n]
+    sol = settle(demands, capacity, RHO_MAX, kept_ms_per_s=kept)
+    per_share = []
+    for k in range(1, SETTLE_LEVELS + 1):
+        share = RHO_MAX * k / SETTLE_LEVELS
+        if share * capacity >= kept:
+            _, brute = _fleet(random.Random(seed), n, share)
+            per_share.append(brute_best(brute[:n], share * capacity - kept))
+    assert _close(sol.value, max(per_share)), (sol.value, per_share)
+    assert sol.load + kept <= sol.time_load * capacity * (1 + 1e-9)
+    over = settle(demands, capacity, RHO_MAX, kept_ms_per_s=1.2 * RHO_MAX * capacity)
+    assert over.load == 0.0
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_a_slowdown_prices_the_loads_over_the_nominal_capacity_by_brute_force(seed: int) -> None:
     """A worker measured κ times slower than its nominal capacity N admits C = N/κ: the met flags

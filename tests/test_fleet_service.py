@@ -520,6 +520,39 @@ def test_a_heartbeat_whose_leases_cannot_be_resolved_is_still_registered(planner
         assert _rebalances(c, "forced") == 1 and _rebalances(c, "shed") == 0
 
 
+def test_leases_that_cannot_be_priced_keep_their_booking_and_the_others_fit_around_them(
+    planner_prefix: str,
+) -> None:
+    """Two devices of a second model book 160 ms/s of the worker, five of "cam" 400, and the
+    second model is deleted: the planner can no longer price its two leases. The worker's
+    heartbeat at 400 ms/s (ρ_max x 400 = 360) is registered with the five re-solved within the
+    200 the two leave, and a rebalance on request fits them there too: applied, with the two
+    leases left as they were."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c)
+        assert c.put("/models/cam2", json=chain_graph("cam2")).status_code == 201
+        for tier in ("t", "phone"):
+            profile = c.get("/models/cam/profiles").json()["profiles"][tier]
+            assert c.put(f"/models/cam2/profiles/{tier}", json=profile).status_code == 201
+        assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        for i in range(2):
+            assert c.post("/plan", json=leased(f"x{i}", model="cam2")).json()["lease"]["worker"] == "http://w1:1"
+        for i in range(5):
+            assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(560.0)
+        assert c.delete("/models/cam2").status_code == 204
+        assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=400.0).status_code == 200
+        w = workers(c)["http://w1:1"]
+        assert w["capacity_ms_per_s"] == 400.0 and w["leased_ms_per_s"] <= RHO * 400.0 + 1e-9
+        assert _rebalances(c, "shed") == 1 and _rebalances(c, "forced") == 0
+        kept = [c.get(f"/devices/x{i}").json()["lease"] for i in range(2)]
+        assert all(k["worker"] == "http://w1:1" and not k["assigned"] for k in kept)
+        (report,) = c.post("/fleet/rebalance").json()["workers"]
+        assert report["applied"] and report["leases"] == 5
+        assert 160.0 < report["after"]["leased_ms_per_s"] <= RHO * 400.0 + 1e-9
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(report["after"]["leased_ms_per_s"])
+
+
 def test_no_moment_shows_the_leases_past_rho_max_of_the_registered_capacity(planner_prefix: str) -> None:
     """Two replicas on one Redis: devices keep leasing through b while the worker's heartbeats,
     through a, state 1000 and then 300 or 200 ms/s in turn. A watcher reads the worker's

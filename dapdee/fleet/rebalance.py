@@ -27,7 +27,8 @@ then at least what its devices will see from each other, and the best share is c
 the answer books: a lone device on an idle worker keeps the 30 ms Edge plan that, priced at
 ρ_max (50 ms), lost to its 41.7 ms Device-Only plan, and a full worker keeps the devices that,
 priced at the load booked before the rebalance, all left it at one rebalance and all came back
-at the next.
+at the next. Leases the caller cannot price (their model or profiles gone) keep what they book,
+K: each share's limit is then s·C_w − K.
 
 Switching margin μ (`solve(..., switch_margin=μ)`): a device's current plan (`Demand.current`)
 is credited μ·f_i·t of its own time in the third component, so a device moves only where the
@@ -306,26 +307,32 @@ def settle(
     rho_max: float,
     levels: int = SETTLE_LEVELS,
     nominal_ms_per_s: float | None = None,
+    kept_ms_per_s: float = 0.0,
     **solve_kw: Any,
 ) -> Solution:
     """The best of up to `levels` solves that each price the times at the load they may book:
-    for the share s_k = ρ_max·k/levels of the worker, `solve` with Σ load <= s_k·C and times
-    priced at min(0.95, s_k·C/N) (N: `nominal_ms_per_s`, None: C), so every answer's times are
-    at least what its devices will see from each other. The answer is the one of highest
-    (credited) value. The top share is the plain ρ_max solve, so no answer meets fewer
-    requirements or less accuracy; shares are tried downwards and the search stops at the first
-    that meets fewer or less (a smaller share only shrinks the choice, so every share below it
-    would too). A single time load is either too high for a light worker (priced at ρ_max, a
-    lone device on an idle worker counted its 30 ms Edge plan as 50 ms and was moved to its 41.7
-    ms Device-Only plan) or unstable (priced at the load booked before the rebalance, a full
-    worker's devices all left it, and the next rebalance sent them all back). O(levels) calls of
-    `solve`, the cheaper the smaller the share."""
+    for the share s_k = ρ_max·k/levels of the worker, `solve` with Σ load <= s_k·C − K and times
+    priced at min(0.95, s_k·C/N) (N: `nominal_ms_per_s`, None: C; K: `kept_ms_per_s`, what
+    leases outside `demands` book and keep, e.g. those the caller cannot price), so every
+    answer's times are at least what its devices will see from each other. The answer is the
+    one of highest (credited) value. The top share is the plain ρ_max solve (within
+    max(0, ρ_max·C − K)), so no answer meets fewer requirements or less accuracy; shares are
+    tried downwards and the search stops at the first that meets fewer or less (a smaller share
+    only shrinks the choice, so every share below it would too), or that K alone fills. A single
+    time load is either too high for a light worker (priced at ρ_max, a lone device on an idle
+    worker counted its 30 ms Edge plan as 50 ms and was moved to its 41.7 ms Device-Only plan)
+    or unstable (priced at the load booked before the rebalance, a full worker's devices all
+    left it, and the next rebalance sent them all back). O(levels) calls of `solve`, the
+    cheaper the smaller the share."""
     best: Solution | None = None
     for k in range(levels, 0, -1):
         share = rho_max * k / levels
+        room = share * capacity_ms_per_s - kept_ms_per_s
+        if best is not None and room < 0:
+            break
         sol = solve(
             demands, capacity_ms_per_s, rho_max, time_load=priced_load(share, capacity_ms_per_s, nominal_ms_per_s),
-            limit_ms_per_s=share * capacity_ms_per_s, nominal_ms_per_s=nominal_ms_per_s, **solve_kw,
+            limit_ms_per_s=max(0.0, room), nominal_ms_per_s=nominal_ms_per_s, **solve_kw,
         )  # fmt: skip
         if best is not None and sol.ranked[:2] < best.ranked[:2]:
             break

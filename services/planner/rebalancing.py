@@ -4,11 +4,12 @@
 thread) together with the live Device-Only leases of models the worker serves, and applies each
 worker's assignment atomically: refused, and left for the next period, if leases changed
 meanwhile; solved again at once (up to `CAPACITY_RETRIES` solves in all) if the worker's last
-heartbeat states less capacity than the solve had. Devices pick up their assigned plans at their
-next `POST /plan` (`Fleet.plan`). It runs on request (`POST /fleet/rebalance`), every
-`rebalance_s` on one replica at a time (a Redis lock), and for a heartbeat whose capacity no
-longer holds the worker's leases within ρ_max (the worker measured itself slower): `shed`
-re-solves that worker's leases for the new capacity and registers the heartbeat with the new
+heartbeat states less capacity than the solve had. Leases the replica cannot price (their model
+or profiles gone) keep what they book, and the others are solved within what is left. Devices
+pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It runs on request
+(`POST /fleet/rebalance`), every `rebalance_s` on one replica at a time (a Redis lock), and for
+a heartbeat whose capacity no longer holds the worker's leases within ρ_max (the worker measured
+itself slower): `shed` re-solves that worker's leases for the new capacity and registers the heartbeat with the new
 plans in one atomic step, so no moment shows the leases past ρ_max of the capacity registered.
 It needs no lock (the step is checked in Redis). Only when that fails (the worker's leases
 changed meanwhile, each of `CAPACITY_RETRIES` times) is the heartbeat registered as it is, and a
@@ -227,9 +228,13 @@ class Rebalancer:
                 demands.append(demand)
         if not demands:
             return None
+        # leases on the worker this replica cannot price (their model or profiles gone) keep
+        # their booking, and the others are solved within what it leaves
+        priced = {d.device_id for d in demands}
+        kept = sum(load for d, load in held.items() if d in records and d not in priced)
         for _ in range(CAPACITY_RETRIES):
-            sol = await self._solve(demands, capacity, nominal)
-            assignments = _assignments(w.url, demands, sol, nominal, records)
+            sol = await self._solve(demands, capacity, nominal, kept)
+            assignments = _assignments(w.url, demands, sol, nominal, records, kept)
             outcome = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity, heartbeat)
             now = outcome.capacity_ms_per_s
             if outcome.status != "over" or now is None or now >= capacity:
@@ -246,16 +251,19 @@ class Rebalancer:
             "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, %s",
             w.url, len(demands), moved, sol.load, capacity, sol.exact, outcome.status,
         )  # fmt: skip
-        return _report(w, demands, olds, sol, applied, sum(held.values()))
+        return _report(w, demands, olds, sol, applied, sum(held.values()), kept)
 
-    async def _solve(self, demands: list[Demand], capacity_ms_per_s: float, nominal_ms_per_s: float) -> Solution:
-        """The fleet objective's best choices for `demands` on that capacity, times priced at no
-        less than the load they put on the worker (`settle`; ℓe over `nominal_ms_per_s`), in a
-        thread."""
+    async def _solve(
+        self, demands: list[Demand], capacity_ms_per_s: float, nominal_ms_per_s: float, kept_ms_per_s: float
+    ) -> Solution:
+        """The fleet objective's best choices for `demands` on that capacity, next to the
+        `kept_ms_per_s` other leases book, times priced at no less than the load they put on the
+        worker (`settle`; ℓe over `nominal_ms_per_s`), in a thread."""
         rho, margin = self.settings.rho_max, self.settings.switch_margin
         return await asyncio.to_thread(
-            settle, demands, capacity_ms_per_s, rho, nominal_ms_per_s=nominal_ms_per_s, switch_margin=margin
-        )
+            settle, demands, capacity_ms_per_s, rho, nominal_ms_per_s=nominal_ms_per_s, kept_ms_per_s=kept_ms_per_s,
+            switch_margin=margin,
+        )  # fmt: skip
 
     async def _demand(self, w: Worker, record: dict[str, Any], booked: float) -> Demand | None:
         """The rebalancer's view of one lease on `w`, "auto" resolved at `booked`, the load the
@@ -279,15 +287,20 @@ def _outcome(applied: bool, shed: bool) -> str:
 
 
 def _assignments(
-    url: str, demands: Sequence[Demand], sol: Solution, nominal: float, records: dict[str, dict[str, Any]]
+    url: str,
+    demands: Sequence[Demand],
+    sol: Solution,
+    nominal: float,
+    records: dict[str, dict[str, Any]],
+    kept: float,
 ) -> dict[str, tuple[float, dict[str, Any]]]:
     """Per device, the load and lease record `sol` assigns it on worker `url`, each plan priced
-    at the load the others in `sol` put on the worker (over its `nominal` capacity). O(devices ·
-    plan pricing)."""
+    at the load the others put on the worker: the rest of `sol` and the `kept` leases outside it
+    (over its `nominal` capacity). O(devices · plan pricing)."""
     assignments = {}
     for demand, opt in zip(demands, sol.choices, strict=True):
         exit_name, nodes = option_nodes(demand, opt)
-        load = edge_load_of(sol.load - opt.load, nominal)
+        load = edge_load_of(sol.load + kept - opt.load, nominal)
         plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
         plan["edge_worker"] = url  # for a Device-Only plan: where to probe the link
         record = {
@@ -324,7 +337,7 @@ def _totals(demands: Sequence[Demand], opts: Sequence[Option | None], leased: fl
 
 
 def _report(
-    w: Worker, demands: list[Demand], olds: list[Option | None], sol: Solution, applied: bool, held: float
+    w: Worker, demands: list[Demand], olds: list[Option | None], sol: Solution, applied: bool, held: float, kept: float
 ) -> dict[str, Any]:
     devices = [
         {
@@ -341,6 +354,6 @@ def _report(
         "time_load": sol.time_load,
         "applied": applied,
         "before": _totals(demands, olds, held),
-        "after": _totals(demands, list(sol.choices), sol.load),
+        "after": _totals(demands, list(sol.choices), sol.load + kept),
         "devices": devices,
     }
