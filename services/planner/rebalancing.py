@@ -9,11 +9,11 @@ or profiles gone) keep what they book, and the others are solved within what is 
 pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It runs on request
 (`POST /fleet/rebalance`), every `rebalance_s` on one replica at a time (a Redis lock), and for
 a heartbeat whose capacity no longer holds the worker's leases within ρ_max (the worker measured
-itself slower): `shed` re-solves that worker's leases for the new capacity and registers the heartbeat with the new
-plans in one atomic step, so no moment shows the leases past ρ_max of the capacity registered.
-It needs no lock (the step is checked in Redis). Only when that fails (the worker's leases
-changed meanwhile, each of `CAPACITY_RETRIES` times) is the heartbeat registered as it is, and a
-rebalance follows at once (`note_capacity`).
+itself slower): `shed` re-solves that worker's leases for the new capacity and registers the
+heartbeat with the new plans in one atomic step, so no moment shows the leases past ρ_max of the
+capacity registered. It needs no lock (the step is checked in Redis). Only when that fails (the
+worker's leases changed meanwhile, each of `CAPACITY_RETRIES` times) is the heartbeat registered
+as it is, and a rebalance follows at once (`note_capacity`).
 """
 
 from __future__ import annotations
