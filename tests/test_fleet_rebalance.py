@@ -280,6 +280,38 @@ def test_past_the_exact_limit_the_answer_says_approximate_and_stays_feasible() -
     assert not tight.exact and tight.load <= RHO_MAX * 300.0 and tight.value <= exact.value
 
 
+def _node(name: str, inp: str, out_bytes: int, device_ms: float, edge_ms: float) -> dict[str, Any]:
+    return {"name": name, "op": "", "inputs": [inp], "out_bytes": out_bytes, "device_ms": device_ms, "edge_ms": edge_ms}
+
+
+def _chain_demand(name: str, nodes: list[dict[str, Any]]) -> Demand:
+    """A device at 100 frames/s with a 150 ms budget on a chain of `nodes` (no overheads)."""
+    g = {
+        "model": name,
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 1000},
+        "nodes": nodes,
+        "exits": [{"name": "final", "node": nodes[-1]["name"], "accuracy": 0.9}],
+    }
+    req = PlanRequest(10.0, 0.0, 0.0, latency_budget_ms=150.0, mode="latency")
+    return Demand(name, 100.0, PlanMap.build(CostGraph.from_dict(g)), req, "latency")
+
+
+def test_settle_is_exact_only_if_every_share_it_solved_was() -> None:
+    """Both devices meet their budget only together on the top share (A on device up to b, 450
+    ms/s, and B on the edge, 449.995: 899.995 of 900). Past its state budget the top share is
+    bucketed, takes A's 450.01 option of the same bucket, and meets one device; the shares
+    below are solved exactly and one of them wins with one device met. That answer is not
+    exact, and says so."""
+    a = _chain_demand(
+        "A", [_node("a", "x", 60000, 1.0, 4.0), _node("b", "a", 100, 50.0, 1e-4), _node("c", "b", 10, 100.0, 4.5)]
+    )
+    b = _chain_demand("B", [_node("p", "x", 10, 200.0, 4.49995)])
+    full = settle([a, b], 1000.0, 0.9)
+    assert full.exact and full.value[0] == 2
+    tight = settle([a, b], 1000.0, 0.9, max_states=3, bounded=False)
+    assert tight.value[0] == 1 and not tight.exact
+
+
 def test_the_work_of_a_big_fleet_stays_bounded() -> None:
     """Sixty-four devices stay exact while their staircase is small; with a state budget smaller
     than the staircase (a varied fleet of big graphs outgrows any budget; here the LP bounds are

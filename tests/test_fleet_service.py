@@ -289,6 +289,31 @@ def test_a_lease_keeps_the_conditions_it_was_planned_at_until_they_drift(planner
         assert again["lease"]["assigned"] is False
 
 
+def test_a_device_asking_through_two_replicas_is_planned_from_the_record_redis_holds(planner_prefix: str) -> None:
+    """Replicas take turns answering a device. Each plans it from the lease record Redis holds,
+    not from its own older copy: the recorded conditions stay anchored while within the drift
+    threshold (20 %), whichever replica answers, and a creep past it is caught. A replica seeing
+    another's record says so once ("stale") and then plans in one round trip."""
+    kw = {"rebalance_s": 0, "refresh_s": 60.0, "worker_ttl_s": 120.0, "lease_drift": 0.2}
+    r = redis.Redis.from_url(SHARED_REDIS)
+
+    def recorded() -> float:
+        return json.loads(r.get(f"{planner_prefix}:v1:lease:cam-1"))["request"]["bandwidth_mbps"]
+
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a)
+        assert beat(b, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        steps = [(a, 10.0, 10.0), (a, 11.0, 10.0), (b, 11.0, 10.0), (a, 11.5, 10.0), (b, 12.5, 12.5), (a, 14.0, 12.5)]
+        for replica, reported, kept in steps:
+            assert replica.post("/plan", json=leased("cam-1", bandwidth_mbps=reported)).status_code == 200
+            assert recorded() == kept, (reported, kept)
+        stale = _admissions(a, "stale") + _admissions(b, "stale")
+        assert b.post("/plan", json=leased("cam-1", bandwidth_mbps=13.0)).status_code == 200
+        assert b.post("/plan", json=leased("cam-1", bandwidth_mbps=13.0)).status_code == 200
+        assert _admissions(a, "stale") + _admissions(b, "stale") == stale + 1
+    r.close()
+
+
 def test_a_rebalance_values_an_auto_device_in_the_mode_of_the_workers_load(planner_prefix: str) -> None:
     """Alone on the worker at 20 frames/s, the device's auto plan is Edge-Only in latency mode
     (edge stage 8 ms). The worker's booking before the rebalance is the device's own 160 ms/s of

@@ -4,12 +4,15 @@ Redis's clock, moving between workers, releasing, the lease cap, rebalance appli
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+import redis
 
 from dapdee.planner.config import Settings
 from dapdee.planner.keys import Keys
@@ -44,9 +47,20 @@ async def _books(prefix: str, n: int, ttl_s: float = 30.0, max_leases: int = 100
     return books
 
 
+def _tag(record: dict) -> str:
+    """The SHA-1 of a record as the planner stores it (compact JSON), computed here."""
+    return hashlib.sha1(json.dumps(record, separators=(",", ":")).encode()).hexdigest()
+
+
+async def _tagged(book: LeaseBook, assignments: dict[str, tuple[float, dict]]) -> dict[str, tuple[float, dict, str]]:
+    """`assignments` with the tag of each device's record as Redis holds it now ('' for none)."""
+    now = await book.records(list(assignments))
+    return {d: (load, rec, now[d].tag if d in now else "") for d, (load, rec) in assignments.items()}
+
+
 async def _apply(book: LeaseBook, assignments: dict[str, tuple[float, dict]], limit: float = 900.0) -> str:
-    """Apply a rebalance of worker http://w; the outcome's status."""
-    return (await book.apply("http://w", assignments, limit)).status
+    """Apply a rebalance of worker http://w over the records Redis holds now; the outcome's status."""
+    return (await book.apply("http://w", await _tagged(book, assignments), limit)).status
 
 
 async def _close(books: list[LeaseBook]) -> None:
@@ -76,19 +90,19 @@ def test_admission_refuses_past_the_limit_and_reports_the_others(prefix: str) ->
         record, ttl = await book.record("c")  # type: ignore[misc]
         assert record == {"device_id": "c"} and 0 < ttl <= 30
         # a view that is not Redis's: nothing written, the true figures come back
-        view = View(0, {"http://w": 0.0, "http://none": 0.0})
+        view = View(_tag({"device_id": "a"}), {"http://w": 0.0, "http://none": 0.0})
         r = await book.reserve("a", "http://w", 450.0, 900.0, {"device_id": "a", "v": 2}, view)
-        assert r.status == "stale" and r.figures is not None
-        assert r.figures.record == {"device_id": "a"} and r.figures.version == 0
+        assert r.status == "stale" and r.figures is not None and r.figures.record is not None
+        assert r.figures.record.fields == {"device_id": "a"} and r.figures.record.tag == _tag({"device_id": "a"})
         assert r.figures.loads == {"http://w": {"a": 500.0, "b": 400.0}, "http://none": {}}
         adopted = ReservationView()
         adopted.replace(r.figures.loads)
         assert (adopted.others("http://w", "a"), adopted.others("http://none", "a")) == (400.0, 0.0)
         assert await book.loads() == {"http://w": {"a": 500.0, "b": 400.0}}
         # the view Redis holds: reserved in the same step
-        view = View(0, {"http://w": 400.0, "http://none": 0.0})
+        view = View(_tag({"device_id": "a"}), {"http://w": 400.0, "http://none": 0.0})
         r = await book.reserve("a", "http://w", 450.0, 900.0, {"device_id": "a", "v": 2}, view)
-        assert (r.status, r.others_ms_per_s) == ("reserved", 400.0)
+        assert (r.status, r.others_ms_per_s, r.tag) == ("reserved", 400.0, _tag({"device_id": "a", "v": 2}))
         assert (await book.record("a"))[0] == {"device_id": "a", "v": 2}  # type: ignore[index]
         assert sorted(await book.devices()) == ["a", "b", "c"]
         assert set(await book.records(["a", "zz"])) == {"a"}
@@ -199,7 +213,7 @@ def test_reservations_stay_within_the_capacity_the_workers_last_heartbeat_states
         r = await book.reserve("b", "http://w", 20.0, 900.0, {"v": 1})
         assert (r.status, r.others_ms_per_s, r.capacity_ms_per_s) == ("refused", 80.0, 100.0)
         assert (await book.reserve("b", "http://w", 10.0, 900.0, {"v": 1})).status == "reserved"
-        outcome = await book.apply("http://w", {"a": (81.0, {"v": 2})}, 900.0)
+        outcome = await book.apply("http://w", await _tagged(book, {"a": (81.0, {"v": 2})}), 900.0)
         assert (outcome.status, outcome.capacity_ms_per_s) == ("over", 100.0)
         assert await book.loads() == {"http://w": {"a": 80.0, "b": 10.0}}
         assert await _apply(book, {"a": (60.0, {"v": 2}), "b": (30.0, {"v": 2})}) == "applied"
@@ -242,10 +256,14 @@ def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fi
         assert await registered() == (1000.0, {"http://w": {"a": 200.0, "b": 200.0}})
         assert await registry.heartbeat(replace(fast, capacity_ms_per_s=500.0), 0.9)  # 400 <= 450
         hb = Heartbeat(slow.info_json(), 300.0, registry.ttl_ms)
-        over = await book.apply("http://w", {"a": (200.0, {"v": 2}), "b": (100.0, {"v": 2})}, 900.0, hb)
+        over = await book.apply(
+            "http://w", await _tagged(book, {"a": (200.0, {"v": 2}), "b": (100.0, {"v": 2})}), 900.0, hb
+        )
         assert (over.status, over.capacity_ms_per_s) == ("over", 300.0)
         assert await registered() == (500.0, {"http://w": {"a": 200.0, "b": 200.0}})
-        fits = await book.apply("http://w", {"a": (200.0, {"v": 2}), "b": (0.0, {"v": 2})}, 900.0, hb)
+        fits = await book.apply(
+            "http://w", await _tagged(book, {"a": (200.0, {"v": 2}), "b": (0.0, {"v": 2})}), 900.0, hb
+        )
         assert fits.status == "applied"
         assert await registered() == (300.0, {"http://w": {"a": 200.0}})
         elsewhere = Heartbeat(replace(slow, url="http://x").info_json(), 300.0, registry.ttl_ms)
@@ -257,34 +275,93 @@ def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fi
     run(scenario())
 
 
-def test_an_assigned_plan_has_a_version_a_view_must_match(prefix: str) -> None:
-    """A rebalance bumps the device's assigned-plan version: a replica planning with another
-    version gets "stale" with the assigned record; an unassigned refresh drops the version; an
-    assigned one keeps it; release and expiry drop it."""
+def test_a_view_and_a_rebalance_must_name_the_record_redis_holds(prefix: str) -> None:
+    """A record is known by its tag (SHA-1 of the stored text, computed here independently). A
+    replica planning from another record than Redis's gets "stale" with Redis's record; a
+    rebalance computed from a record its device replaced meanwhile (a new frame rate, a move to
+    Device-Only) is refused as a whole and writes nothing; expiry takes the tag along."""
 
     async def scenario() -> None:
-        (book,) = await _books(prefix, 1, ttl_s=1.0)
-        await book.reserve("d", "http://w", 100.0, 900.0, {"assigned": False})
-        assert await _apply(book, {"d": (200.0, {"assigned": True, "v": 2})}) == "applied"
-        r = await book.reserve("d", "http://w", 100.0, 900.0, {"assigned": False}, View(0, {"http://w": 0.0}))
-        assert r.status == "stale" and r.figures is not None
-        assert (r.figures.version, r.figures.record) == (1, {"assigned": True, "v": 2})
+        a, b = await _books(prefix, 2, ttl_s=1.0)
+        first = {"fps": 10}
+        assert (await a.reserve("d", "http://w", 100.0, 900.0, first)).tag == _tag(first)
+        assert await _apply(a, {"d": (200.0, {"v": 2})}) == "applied"
+        # replica b still plans from the record it wrote before the rebalance
+        r = await b.reserve("d", "http://w", 100.0, 900.0, {"fps": 11}, View(_tag(first), {"http://w": 0.0}))
+        assert r.status == "stale" and r.figures is not None and r.figures.record is not None
+        assert (r.figures.record.fields, r.figures.record.tag) == ({"v": 2}, _tag({"v": 2}))
         assert r.figures.loads == {"http://w": {"d": 200.0}}
-        # planning from the assigned record with its version: reserved, the version kept
-        r = await book.reserve("d", "http://w", 200.0, 900.0, {"assigned": True, "v": 3}, View(1, {"http://w": 0.0}))
-        assert r.status == "reserved"
-        assert (await book.reserve("d", "http://w", 200.0, 900.0, {"assigned": True}, View(1, {}))).status == "reserved"
-        assert await _apply(book, {"d": (200.0, {"assigned": True, "v": 4})}) == "applied"
-        assert (await book.reserve("d", "http://w", 1.0, 900.0, {}, View(1, {}))).figures.version == 2  # type: ignore[union-attr]
-        # an unassigned plan written: no version any more
-        assert (await book.reserve("d", "http://w", 1.0, 900.0, {"assigned": False})).status == "reserved"
-        assert (await book.reserve("d", "http://w", 1.0, 900.0, {}, View(0, {}))).status == "reserved"
-        assert await _apply(book, {"d": (5.0, {"assigned": True})}) == "applied"
-        assert await book.release("d")
-        assert (await book.reserve("d", None, 0.0, 900.0, {}, View(0, {}))).status == "reserved"
-        assert await _apply(book, {"d": (5.0, {"assigned": True})}) == "applied"
-        await asyncio.sleep(1.2)  # the lease expires: its version goes with it
-        assert (await book.reserve("d", None, 0.0, 900.0, {}, View(0, {}))).status == "reserved"
+        assert (await b.reserve("d", "http://w", 200.0, 900.0, {"v": 3}, View(_tag({"v": 2}), {}))).status == "reserved"
+        # a rebalance read {"v": 3}; meanwhile the device asks for 30 frames/s: the apply is refused
+        read = await a.records(["d"])
+        assert await b.reserve("d", "http://w", 600.0, 900.0, {"fps": 30}) == await b.reserve(
+            "d", "http://w", 600.0, 900.0, {"fps": 30}
+        )
+        stale = {"d": (200.0, {"v": 4}, read["d"].tag)}
+        assert (await a.apply("http://w", stale, 900.0)).status == "changed"
+        assert await a.loads() == {"http://w": {"d": 600.0}}
+        assert (await a.record("d"))[0] == {"fps": 30}  # type: ignore[index]
+        # ... or moves to Device-Only: the rebalance may not bring it back with the record it read
+        read = await a.records(["d"])
+        await b.reserve("d", None, 0.0, 900.0, {"solo": True})
+        assert (await a.apply("http://w", {"d": (50.0, {"v": 5}, read["d"].tag)}, 900.0)).status == "changed"
+        assert (await a.loads()).get("http://w", {}) == {}
+        assert (await a.record("d"))[0] == {"solo": True}  # type: ignore[index]
+        # the lease expires: no record, so no tag; a view naming the old one is stale
+        await asyncio.sleep(1.2)
+        r = await a.reserve("d", None, 0.0, 900.0, {}, View(_tag({"solo": True}), {}))
+        assert r.status == "stale" and r.figures is not None and r.figures.record is None
+        assert (await a.reserve("d", None, 0.0, 900.0, {}, View("", {}))).status == "reserved"
+        await _close([a, b])
+
+    run(scenario())
+
+
+def test_a_lease_record_expires_with_its_reservation_and_an_apply_checks_before_it_writes(prefix: str) -> None:
+    """The record and its entry in the lease index expire at the same instant, after a reserve and
+    after an apply (never a record without expiry). An apply naming a device whose index entry is
+    gone while its record is still readable (the instant they expire) is refused before it
+    writes anything: earlier devices in the same apply are not written either."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        raw = redis.Redis.from_url(URL)
+        for d in ("d1", "d2"):
+            assert (await book.reserve(d, "http://w", 100.0, 900.0, {"v": 1})).status == "reserved"
+
+        def same_expiry(d: str) -> bool:
+            return raw.pexpiretime(f"{prefix}:lease:{d}") == int(raw.zscore(f"{prefix}:leases", d))
+
+        assert same_expiry("d1") and same_expiry("d2")
+        assert await _apply(book, {"d1": (150.0, {"v": 2})}) == "applied"
+        assert same_expiry("d1") and raw.pexpiretime(f"{prefix}:lease:d1") > 0
+        tagged = await _tagged(book, {"d1": (300.0, {"v": 3}), "d2": (300.0, {"v": 3})})
+        raw.zrem(f"{prefix}:leases", "d2")  # the index entry is purged a moment before the record
+        assert (await book.apply("http://w", tagged, 900.0)).status == "changed"
+        assert await book.loads() == {"http://w": {"d1": 150.0, "d2": 100.0}}
+        assert (await book.record("d1"))[0] == {"v": 2}  # type: ignore[index]
+        raw.close()
+        await _close([book])
+
+    run(scenario())
+
+
+def test_limits_allow_for_float_summation_order_and_refusals_state_the_exact_others(prefix: str) -> None:
+    """0.1 + 0.2 + 0.3 is 0.6000000000000001 in floating point (0.3 + 0.2 + 0.1 is 0.6): within a
+    0.6 limit up to the summation order, so admitted; anything really over it is refused. A refusal states the
+    others' reservations to the last bit (the caller plans again against that figure)."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        for d, load in (("a", 0.1), ("b", 0.2)):
+            assert (await book.reserve(d, "http://w", load, 0.6, {})).status == "reserved"
+        assert 0.1 + 0.2 + 0.3 > 0.6 and 0.2 + 0.1 + 0.3 > 0.6
+        assert (await book.reserve("c", "http://w", 0.3 + 1e-6, 0.6, {})).status == "refused"
+        assert (await book.reserve("c", "http://w", 0.3, 0.6, {})).status == "reserved"
+        odd = 123.45678901234432
+        assert (await book.reserve("e", "http://x", odd, 900.0, {})).status == "reserved"
+        r = await book.reserve("f", "http://x", 900.0, 900.0, {})
+        assert (r.status, r.others_ms_per_s) == ("refused", odd)
         await _close([book])
 
     run(scenario())

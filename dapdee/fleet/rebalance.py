@@ -283,7 +283,7 @@ def solve(
     # given order on varied fleets)
     order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
     chains = [chains[i] for i in order]
-    rough = _dp(chains, limit, limit / GRID)
+    rough = _dp(chains, limit, limit / GRID if limit > 0 else None)  # limit 0: zero loads only
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
     if len(demands) <= exact_leases:
@@ -322,9 +322,12 @@ def settle(
     time load is either too high for a light worker (priced at ρ_max, a lone device on an idle
     worker counted its 30 ms Edge plan as 50 ms and was moved to its 41.7 ms Device-Only plan)
     or unstable (priced at the load booked before the rebalance, a full worker's devices all
-    left it, and the next rebalance sent them all back). O(levels) calls of `solve`, the
-    cheaper the smaller the share."""
+    left it, and the next rebalance sent them all back). The answer is exact only if every share
+    solved was (an approximate top share may meet fewer requirements than the ρ_max problem
+    allows, and a lower share then win). O(levels) calls of `solve`, the cheaper the smaller
+    the share."""
     best: Solution | None = None
+    exact = True
     for k in range(levels, 0, -1):
         share = rho_max * k / levels
         room = share * capacity_ms_per_s - kept_ms_per_s
@@ -334,12 +337,13 @@ def settle(
             demands, capacity_ms_per_s, rho_max, time_load=priced_load(share, capacity_ms_per_s, nominal_ms_per_s),
             limit_ms_per_s=max(0.0, room), nominal_ms_per_s=nominal_ms_per_s, **solve_kw,
         )  # fmt: skip
+        exact = exact and sol.exact
         if best is not None and sol.ranked[:2] < best.ranked[:2]:
             break
         if best is None or sol.ranked > best.ranked:
             best = sol
     assert best is not None, "levels >= 1"
-    return best
+    return replace(best, exact=exact)
 
 
 @dataclass(frozen=True)

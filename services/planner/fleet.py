@@ -3,8 +3,9 @@
 `Fleet.plan` answers one `POST /plan` against the other devices' leases with the exact plan of
 `dapdee.fleet.assign` and, for a named device, reserves its lease atomically (`leases.LeaseBook`,
 Lua in Redis). One round trip while this replica's view is Redis's own: the device is planned
-against the view (per candidate worker what the others reserve, and the version of a plan a
-rebalance assigned it), and the reservation verifies that view in the same atomic step. A stale
+against the view (per candidate worker what the others reserve, and the device's lease record
+as this replica last wrote or read it), and the reservation verifies that view in the same
+atomic step (the record by its tag: a rebalance or another replica may have replaced it). A stale
 view writes nothing and brings back Redis's figures, which are adopted; the device is planned
 again against them and reserved (two round trips). If another replica took the capacity
 meanwhile the reservation is refused with the new figures and the device is planned again (at
@@ -199,8 +200,8 @@ class Fleet:
         self.live_workers = live_workers
         self.capacity_seen = capacity_seen
         self.reserved = ReservationView()  # this replica's view, as last seen
-        # device -> (version of its assigned plan, 0 if none; its lease record), as last seen here
-        self.held: dict[str, tuple[int, dict[str, Any]]] = {}
+        # device -> (the tag of its lease record, the record), as last written or read here
+        self.held: dict[str, tuple[str, dict[str, Any]]] = {}
         self.lease_count = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -253,8 +254,8 @@ class Fleet:
             self.metrics.admissions.labels("unleased").inc()
             return dp.plan
         device = body.device_id
-        version, record = self.held.get(device, (0, None))
-        view = View(version, {c.worker.url: self.others(c.worker.url, device) for c in candidates})
+        tag, record = self.held.get(device, ("", None))
+        view = View(tag, {c.worker.url: self.others(c.worker.url, device) for c in candidates})
         return await self._lease(ask, candidates, record, view, edge_load)
 
     async def lease_without_worker(self, body: Any, plan: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +389,6 @@ class Fleet:
         replica's view): plan again with the new figures, at most `RETRIES` times, then
         Device-Only (always admissible). Returns the plan JSON with its `lease`."""
         body = ask.body
-        version = view.version if view is not None else 0
         stored = False
         refusals = 0
         while True:
@@ -403,9 +403,9 @@ class Fleet:
                 assert res.figures is not None
                 self.metrics.admissions.labels("stale").inc()
                 others = self._adopt(res.figures, body.device_id)
-                version, view = res.figures.version, None
-                dp, assigned = self._choose(res.figures.record, ask, candidates, others, edge_load)
-                anchor = res.figures.record["request"] if res.figures.record is not None else None
+                view, held = None, res.figures.record.fields if res.figures.record is not None else None
+                dp, assigned = self._choose(held, ask, candidates, others, edge_load)
+                anchor = held["request"] if held is not None else None
                 continue
             if res.status == "full":
                 self.metrics.admissions.labels("full").inc()
@@ -413,12 +413,12 @@ class Fleet:
             if res.status == "reserved":
                 stored = True
                 self._note(body.device_id, dp.worker, load)
-                self._remember(body.device_id, record, version)
+                self._remember(body.device_id, record, res.tag)
                 self.metrics.admissions.labels("device_only" if dp.worker is None else "reserved").inc()
                 break
             assert dp.worker is not None
             refusals, assigned = refusals + 1, False
-            give_up = refusals == RETRIES
+            give_up = refusals >= RETRIES
             candidates, dp = self._after_refusal(ask, candidates, dp.worker, res, others, give_up, edge_load)
         return self._answer(body, dp, assigned, stored)
 
@@ -481,12 +481,12 @@ class Fleet:
         self.reserved.replace(figures.loads)
         return {url: self.reserved.others(url, device_id) for url in figures.loads}
 
-    def _remember(self, device_id: str, record: dict[str, Any], version: int) -> None:
-        """Keep the device's lease record (with the version of its assigned plan, 0 when it
-        holds none), so its next request plans from it without a read."""
+    def _remember(self, device_id: str, record: dict[str, Any], tag: str) -> None:
+        """Keep the device's lease record as stored (with its tag), so its next request plans
+        from it without a read."""
         if len(self.held) >= self.settings.max_leases:  # leases that expired unseen: start over
             self.held.clear()
-        self.held[device_id] = (version if record.get("assigned") else 0, record)
+        self.held[device_id] = (tag, record)
 
     def _note(self, device_id: str, worker: str | None, load: float) -> None:
         """Update this replica's view after its own reservation (the device left any other worker)."""

@@ -19,8 +19,6 @@ Keys (`P` = the planner's key prefix with schema version):
 - `P:lease-worker`          hash device -> worker URL of its reservation (absent: none)
 - `P:wload:{url}`           hash device -> reserved ms per second on that worker
 - `P:wexp:{url}`            zset device -> expiry (ms) of each reservation on that worker
-- `P:lease-assigned`        hash device -> version of the plan a rebalance assigned it (absent:
-                            none; each rebalance that assigns it one counts up)
 
 Admission and rebalancing also read `P:workers:info` (the worker registry,
 `dapdee.planner.workers`): a worker's reservations stay within ρ_max × the capacity its last
@@ -32,12 +30,20 @@ refuses a capacity its reservations book past ρ_max of, `dapdee.planner.workers
 rebalancing is periodic, each write to either side is checked against the other; the one
 exception is the planner's fallback when a capacity drop cannot be re-solved (`Store.heartbeat`).
 
+A lease record is known by its tag, the SHA-1 of its stored text (`record_tag`). A write that
+depends on a record a replica read names the tag it read, and the script writes nothing when
+the record is another by now: a rebalance's apply, computed from the records of a few seconds
+before, must not write back a record its device has replaced meanwhile (a new frame rate, or a
+move to Device-Only), and a replica plans a device from the record Redis holds, not from its own
+older copy (`View`). The record and its entry in `P:leases` expire at the same instant (`PXAT`).
+
 The scripts name some keys they compute from the prefix (a device's previous worker), so
 the planner needs a single Redis instance (not a cluster), as it does for everything else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +51,9 @@ from typing import Any
 from pydantic_core import to_json
 
 # The Lua functions the lease scripts share (and the registry's heartbeat script,
-# `dapdee.planner.workers`, for `booked`): purging expired reservations, Redis's clock, the others'
-# reservations, the limit a worker's registered capacity sets, what a worker's reservations book.
+# `dapdee.planner.workers`, for `booked` and `over`): purging expired reservations, Redis's
+# clock, the others' reservations, the limit a worker's registered capacity sets, whether a
+# total passes a limit, what a worker's reservations book.
 LEASE_FUNCTIONS = """
 local function purge(wload, wexp, now)
   local old = redis.call('ZRANGEBYSCORE', wexp, '-inf', now)
@@ -74,7 +81,6 @@ local function purge_leases(prefix, leases, now)
       redis.call('ZREM', prefix .. ':wexp:' .. w, d)
       redis.call('HDEL', prefix .. ':lease-worker', d)
     end
-    redis.call('HDEL', prefix .. ':lease-assigned', d)
   end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
 end
@@ -87,6 +93,11 @@ local function capped(prefix, worker, limit, rho)
   if not ok or type(info) ~= 'table' or type(info.capacity_ms_per_s) ~= 'number' then return limit, '' end
   return math.min(limit, rho * info.capacity_ms_per_s), string.format('%.17g', info.capacity_ms_per_s)
 end
+-- Whether reservations totalling `total` pass `limit`, by more than float summation order can
+-- (a solver or a replica adds the same loads in another order than Redis does).
+local function over(total, limit)
+  return total > limit * (1 + 1e-9)
+end
 -- What the live reservations on a worker book in all (ms/s), expired ones dropped first.
 local function booked(prefix, worker, now)
   local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
@@ -98,15 +109,15 @@ end
 """
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
-# none), load, limit, ttl_ms, max_leases, record JSON, assigned ('1': the record holds a plan a
-# rebalance assigned), rho_max (the limit is lowered to rho_max x the worker's registered
-# capacity: `capped`), then optionally the planner's view to verify: the assigned-plan version it
-# planned with, then (worker URL, the others' reservations there it assumed) pairs.
+# none), load, limit, ttl_ms, max_leases, record JSON, rho_max (the limit is lowered to rho_max x
+# the worker's registered capacity: `capped`), then optionally the planner's view to verify: the
+# tag of the device's record it planned from ('' = none), then (worker URL, the others'
+# reservations there it assumed) pairs.
 # Returns {status, others, capacity}: status 1 reserved, 0 refused (over the limit), -1 lease cap
 # reached; capacity the worker's registered one ('' if unknown or no worker);
 # or, when the view differs from Redis's (some worker's others differ by more than 1e-6 ms/s, or
-# another version of an assigned plan), nothing is written and the answer is {2, version, record
-# or false, url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
+# the device's record is another), nothing is written and the answer is {2, record or false,
+# url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
 RESERVE = (
     LEASE_FUNCTIONS
     + """
@@ -115,17 +126,17 @@ local load, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_leases = tonumber(ARGV[7])
 local now = now_ms()
 purge_leases(prefix, KEYS[2], now)
-if #ARGV >= 11 then
-  local version = tonumber(redis.call('HGET', prefix .. ':lease-assigned', device) or '0')
-  local stale = version ~= tonumber(ARGV[11])
-  for i = 12, #ARGV, 2 do
+if #ARGV >= 10 then
+  local raw = redis.call('GET', KEYS[1])
+  local stale = (raw and redis.sha1hex(raw) or '') ~= ARGV[10]
+  for i = 11, #ARGV, 2 do
     local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
     purge(wload, wexp, now)
     if math.abs(others(wload, device) - tonumber(ARGV[i + 1])) > 1e-6 then stale = true end
   end
   if stale then
-    local out = {2, tostring(version), redis.call('GET', KEYS[1])}
-    for i = 12, #ARGV, 2 do
+    local out = {2, raw}
+    for i = 11, #ARGV, 2 do
       out[#out + 1] = ARGV[i]
       out[#out + 1] = redis.call('HGETALL', prefix .. ':wload:' .. ARGV[i])
     end
@@ -140,8 +151,8 @@ if worker ~= '' then
   local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
   purge(wload, wexp, now)
   sum = others(wload, device)
-  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[10]))
-  if load > 0 and sum + load > limit then return {0, tostring(sum), capacity} end
+  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]))
+  if load > 0 and over(sum + load, limit) then return {0, string.format('%.17g', sum), capacity} end
 end
 local old = redis.call('HGET', prefix .. ':lease-worker', device)
 if old and old ~= worker then
@@ -159,10 +170,9 @@ else
   end
   redis.call('HDEL', prefix .. ':lease-worker', device)
 end
-if ARGV[9] ~= '1' then redis.call('HDEL', prefix .. ':lease-assigned', device) end
 redis.call('ZADD', KEYS[2], now + ttl, device)
-redis.call('SET', KEYS[1], ARGV[8], 'PX', ttl)
-return {1, tostring(sum), capacity}
+redis.call('SET', KEYS[1], ARGV[8], 'PXAT', now + ttl)
+return {1, string.format('%.17g', sum), capacity}
 """
 )
 
@@ -175,7 +185,6 @@ if w then
   redis.call('ZREM', prefix .. ':wexp:' .. w, device)
   redis.call('HDEL', prefix .. ':lease-worker', device)
 end
-redis.call('HDEL', prefix .. ':lease-assigned', device)
 local had = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], device)
 return had
@@ -203,14 +212,15 @@ return out
 
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
 # limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans),
-# its capacity, its TTL in ms, then triples (device, load, record JSON). A device may be one
-# reserving on this worker or one whose live lease reserves nothing (Device-Only: the rebalance
-# may bring it onto this worker). With a heartbeat, the limit is lowered to rho_max x the
-# heartbeat's capacity instead of the registered one, and the heartbeat is registered with the
-# plans (the worker must be live in the registry). Returns {status, capacity}: 1 applied; 0
-# refused, a device's lease is gone or moved to another worker (or, with a heartbeat, the worker
-# is not live); 2 refused, the others' reservations plus the new loads exceed the limit (lowered
-# to rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
+# its capacity, its TTL in ms, then quadruples (device, load, record JSON, the tag of the record
+# it replaces). A device may be one reserving on this worker or one whose live lease reserves
+# nothing (Device-Only: the rebalance may bring it onto this worker). With a heartbeat, the
+# limit is lowered to rho_max x the heartbeat's capacity instead of the registered one, and the
+# heartbeat is registered with the plans (the worker must be live in the registry). Every check
+# comes before the first write. Returns {status, capacity}: 1 applied; 0 refused, a device's
+# lease is gone, moved to another worker or holds another record (or, with a heartbeat, the
+# worker is not live); 2 refused, the others' reservations plus the new loads exceed the limit
+# (lowered to rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
 APPLY = (
     LEASE_FUNCTIONS
     + """
@@ -228,12 +238,14 @@ else
 end
 purge_leases(prefix, KEYS[1], now)
 purge(wload, wexp, now)
-local chosen, total = {}, 0
-for i = 8, #ARGV, 3 do
+local chosen, expiry, total = {}, {}, 0
+for i = 8, #ARGV, 4 do
   local d = ARGV[i]
   local cur = redis.call('HGET', prefix .. ':lease-worker', d)
   if cur and cur ~= worker then return {0, capacity} end
-  if not cur and redis.call('EXISTS', prefix .. ':lease:' .. d) == 0 then return {0, capacity} end
+  local raw = redis.call('GET', prefix .. ':lease:' .. d)
+  expiry[d] = redis.call('ZSCORE', KEYS[1], d)
+  if not raw or not expiry[d] or redis.sha1hex(raw) ~= ARGV[i + 3] then return {0, capacity} end
   chosen[d] = true
   total = total + tonumber(ARGV[i + 1])
 end
@@ -241,25 +253,23 @@ local all = redis.call('HGETALL', wload)
 for i = 1, #all, 2 do
   if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
 end
-if total > limit then return {2, capacity} end
+if over(total, limit) then return {2, capacity} end
 if ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), worker)
   redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
 end
-for i = 8, #ARGV, 3 do
+for i = 8, #ARGV, 4 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])
-  local key = prefix .. ':lease:' .. d
   if load > 0 then
     redis.call('HSET', wload, d, ARGV[i + 1])
-    redis.call('ZADD', wexp, redis.call('ZSCORE', KEYS[1], d), d)
+    redis.call('ZADD', wexp, expiry[d], d)
     redis.call('HSET', prefix .. ':lease-worker', d, worker)
   else
     redis.call('HDEL', wload, d)
     redis.call('ZREM', wexp, d)
     redis.call('HDEL', prefix .. ':lease-worker', d)
   end
-  redis.call('SET', key, ARGV[i + 2], 'KEEPTTL')
-  redis.call('HINCRBY', prefix .. ':lease-assigned', d, 1)
+  redis.call('SET', prefix .. ':lease:' .. d, ARGV[i + 2], 'PXAT', math.floor(tonumber(expiry[d])))
 end
 return {1, capacity}
 """
@@ -277,24 +287,37 @@ class Heartbeat:
     ttl_ms: int
 
 
+def record_tag(text: str | bytes) -> str:
+    """The tag of a lease record's stored text: its SHA-1 in hex, as Redis's `redis.sha1hex`
+    computes it inside the scripts. O(len(text))."""
+    return hashlib.sha1(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A lease record as Redis holds it: its fields and its tag (`record_tag`)."""
+
+    fields: dict[str, Any]
+    tag: str
+
+
 @dataclass(frozen=True)
 class View:
-    """What a replica planned a device with, for `LeaseBook.reserve` to verify: the version of
-    the device's assigned plan it knew (0: none) and, per candidate worker URL, what it took the
-    other devices to reserve there (ms per second)."""
+    """What a replica planned a device with, for `LeaseBook.reserve` to verify: the tag of the
+    device's lease record it planned from ('': none) and, per candidate worker URL, what it
+    took the other devices to reserve there (ms per second)."""
 
-    version: int
+    tag: str
     others: dict[str, float]
 
 
 @dataclass(frozen=True)
 class Figures:
-    """Redis's own figures when a `View` was out of date: the device's assigned-plan version, its
-    lease record (None: no live lease), and per worker URL every reservation there (device ->
-    ms per second, the device's own included)."""
+    """Redis's own figures when a `View` was out of date: the device's lease record (None: no
+    live lease) and per worker URL every reservation there (device -> ms per second, the
+    device's own included)."""
 
-    version: int
-    record: dict[str, Any] | None
+    record: StoredRecord | None
     loads: dict[str, dict[str, float]]
 
 
@@ -339,19 +362,21 @@ class ReservationView:
 class Reservation:
     """The outcome of `LeaseBook.reserve`: `status` "reserved" | "refused" | "full" (the lease
     cap) | "stale" (the view to verify was out of date: nothing written, `figures` says what is
-    true), what the other devices reserve on the worker (ms per second, Redis's view now), and
-    the worker's capacity in the registry (ms per second; None: no worker, or not registered)."""
+    true), what the other devices reserve on the worker (ms per second, Redis's view now), the
+    worker's capacity in the registry (ms per second; None: no worker, or not registered), and
+    the tag of the record stored ('' unless reserved)."""
 
     status: str
     others_ms_per_s: float
     figures: Figures | None = None
     capacity_ms_per_s: float | None = None
+    tag: str = ""
 
 
 @dataclass(frozen=True)
 class Application:
-    """The outcome of `LeaseBook.apply`: `status` "applied" | "changed" (a device's lease ended
-    or moved meanwhile) | "over" (the worker's reservations would pass the limit); nothing is
+    """The outcome of `LeaseBook.apply`: `status` "applied" | "changed" (a device's lease ended,
+    moved or was replaced meanwhile) | "over" (the worker's reservations would pass the limit); nothing is
     written unless applied. `capacity_ms_per_s` as in `Reservation`."""
 
     status: str
@@ -388,9 +413,11 @@ class LeaseBook:
         zero load: hold no reservation) if the other reservations plus it stay <= `limit` and
         <= ρ_max × the worker's registered capacity, and
         store `record` with the lease TTL. A device moving to another worker frees the old one.
-        With `view`, first check that it is Redis's own (same assigned-plan version, every named
-        worker's others within 1e-6 ms/s), else write nothing and answer "stale" with the true
-        figures. Atomic across replicas. O(reservations on the workers) inside Redis."""
+        With `view`, first check that it is Redis's own (the device's record has the view's tag,
+        every named worker's others are within 1e-6 ms/s), else write nothing and answer "stale"
+        with the true figures. Atomic across replicas. O(reservations on the workers) inside
+        Redis."""
+        text = to_json(record, inf_nan_mode="null")  # as the plan answers: a non-finite number is null
         args: list[Any] = [
             self.prefix,
             device_id,
@@ -399,12 +426,11 @@ class LeaseBook:
             repr(float(limit_ms_per_s)),
             self.ttl_ms,
             self.max_leases,
-            to_json(record, inf_nan_mode="null"),  # as the plan answers: a non-finite number is null
-            "1" if record.get("assigned") else "0",
+            text,
             repr(float(self.rho_max)),
         ]
         if view is not None:
-            args.append(view.version)
+            args.append(view.tag)
             for url, others in view.others.items():
                 args += [url, repr(float(others))]
         out = await self.link.script("lease_reserve", RESERVE, [self.k_lease(device_id), self.k_leases], args)
@@ -412,7 +438,8 @@ class LeaseBook:
             return Reservation("stale", 0.0, _figures(out))
         name = {1: "reserved", 0: "refused", -1: "full"}[int(out[0])]
         capacity = _number(out[2]) if len(out) > 2 else None
-        return Reservation(name, float(out[1]), capacity_ms_per_s=capacity)
+        tag = record_tag(text) if name == "reserved" else ""
+        return Reservation(name, float(out[1]), capacity_ms_per_s=capacity, tag=tag)
 
     async def release(self, device_id: str) -> bool:
         """End the device's lease (its reservation is freed). False if it had none."""
@@ -436,12 +463,12 @@ class LeaseBook:
             return None
         return json.loads(raw), pttl / 1000.0
 
-    async def records(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def records(self, device_ids: list[str]) -> dict[str, StoredRecord]:
         """The live lease records of `device_ids` (missing ones left out). One round trip."""
         if not device_ids:
             return {}
         raws = await self.link.call("lease_get", lambda r: r.mget([self.k_lease(d) for d in device_ids]))
-        return {d: json.loads(raw) for d, raw in zip(device_ids, raws, strict=True) if raw is not None}
+        return {d: _stored(raw) for d, raw in zip(device_ids, raws, strict=True) if raw is not None}
 
     async def devices(self) -> list[str]:
         """Every device holding a live (not yet purged) lease. One round trip."""
@@ -465,13 +492,14 @@ class LeaseBook:
     async def apply(
         self,
         worker: str,
-        assignments: dict[str, tuple[float, dict[str, Any]]],
+        assignments: dict[str, tuple[float, dict[str, Any], str]],
         limit_ms_per_s: float,
         heartbeat: Heartbeat | None = None,
     ) -> Application:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
-        record)) on `worker` in one atomic step, if every device still holds a lease there (or a
-        live lease reserving nothing: it may join) and the worker stays within `limit` and
+        record, the tag of the record it replaces)) on `worker` in one atomic step, if every
+        device still holds a lease there (or a live lease reserving nothing: it may join) with
+        that record, and the worker stays within `limit` and
         within ρ_max × its registered capacity; else nothing changes. With `heartbeat`: within
         ρ_max × the heartbeat's capacity instead, and the heartbeat is registered in the same
         step (refused, "changed", when the worker is not live in the registry). One round trip,
@@ -479,21 +507,25 @@ class LeaseBook:
         hb = heartbeat
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
         args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms] if hb is not None else ["", "", 0]
-        for device, (load, record) in assignments.items():
-            args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False)]
+        for device, (load, record, tag) in assignments.items():
+            args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False), tag]
         keys = [self.k_leases, f"{self.prefix}:workers:exp"]
         out = await self.link.script("lease_apply", APPLY, keys, args)
         status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
         return Application(status, _number(out[1]))
 
 
+def _stored(raw: str | bytes) -> StoredRecord:
+    return StoredRecord(json.loads(raw), record_tag(raw))
+
+
 def _figures(out: list[Any]) -> Figures:
-    """The "stale" answer of RESERVE: {2, version, record or nil, url, {device, load, ...}, ...}."""
+    """The "stale" answer of RESERVE: {2, record or nil, url, {device, load, ...}, ...}."""
     loads = {}
-    for i in range(3, len(out), 2):
+    for i in range(2, len(out), 2):
         pairs = out[i + 1]
         loads[_text(out[i])] = {_text(pairs[k]): float(pairs[k + 1]) for k in range(0, len(pairs), 2)}
-    return Figures(int(out[1]), json.loads(out[2]) if out[2] else None, loads)
+    return Figures(_stored(out[1]) if out[1] else None, loads)
 
 
 def _number(v: Any) -> float | None:

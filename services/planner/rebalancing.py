@@ -40,7 +40,7 @@ from dapdee.fleet.rebalance import (
 from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.fleet import Fleet, request_of
 from dapdee.planner.keys import Keys
-from dapdee.planner.leases import Heartbeat
+from dapdee.planner.leases import Heartbeat, StoredRecord
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
 
@@ -198,11 +198,11 @@ class Rebalancer:
         records = await self.fleet.book.records(devices)
         workers = await self.fleet.live_workers()
         attached = {d for loads in reserved.values() for d in loads}
-        joiners = {d for d in records if d not in attached and records[d].get("worker") is None}
+        joiners = {d for d in records if d not in attached and records[d].fields.get("worker") is None}
         reports = []
         for w in sorted(workers, key=lambda w: w.url):
             members = [d for d in reserved.get(w.url, {}) if d in records]
-            candidates = members + sorted(d for d in joiners if records[d]["model"] in w.models)
+            candidates = members + sorted(d for d in joiners if records[d].fields["model"] in w.models)
             report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
             if report is not None:
                 reports.append(report)
@@ -215,7 +215,7 @@ class Rebalancer:
         self,
         w: Worker,
         device_ids: list[str],
-        records: dict[str, dict[str, Any]],
+        records: dict[str, StoredRecord],
         held: dict[str, float],
         heartbeat: Heartbeat | None = None,
     ) -> dict[str, Any] | None:
@@ -223,7 +223,7 @@ class Rebalancer:
         booked = min(priced_load(rho, capacity, nominal), edge_load_of(sum(held.values()), nominal))
         demands = []
         for d in device_ids:
-            demand = await self._demand(w, records[d], booked)
+            demand = await self._demand(w, records[d].fields, booked)
             if demand is not None:
                 demands.append(demand)
         if not demands:
@@ -291,26 +291,28 @@ def _assignments(
     demands: Sequence[Demand],
     sol: Solution,
     nominal: float,
-    records: dict[str, dict[str, Any]],
+    records: dict[str, StoredRecord],
     kept: float,
-) -> dict[str, tuple[float, dict[str, Any]]]:
-    """Per device, the load and lease record `sol` assigns it on worker `url`, each plan priced
-    at the load the others put on the worker: the rest of `sol` and the `kept` leases outside it
-    (over its `nominal` capacity). O(devices · plan pricing)."""
+) -> dict[str, tuple[float, dict[str, Any], str]]:
+    """Per device, the load and lease record `sol` assigns it on worker `url` (with the tag of
+    the record it replaces), each plan priced at the load the others put on the worker: the rest
+    of `sol` and the `kept` leases outside it (over its `nominal` capacity). O(devices · plan
+    pricing)."""
     assignments = {}
     for demand, opt in zip(demands, sol.choices, strict=True):
         exit_name, nodes = option_nodes(demand, opt)
         load = edge_load_of(sol.load + kept - opt.load, nominal)
         plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
         plan["edge_worker"] = url  # for a Device-Only plan: where to probe the link
+        held = records[demand.device_id]
         record = {
-            **records[demand.device_id],
+            **held.fields,
             "worker": url if opt.uses_edge else None,
             "edge_ms_per_frame": e_i,
             "plan": plan,
             "assigned": True,
         }
-        assignments[demand.device_id] = (opt.load, record)
+        assignments[demand.device_id] = (opt.load, record, held.tag)
     return assignments
 
 

@@ -55,7 +55,7 @@ if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
 end
 if known and #ARGV >= 7 then
   local limit = tonumber(ARGV[6]) * tonumber(ARGV[7])
-  if booked(ARGV[5], ARGV[1], now) > limit * (1 + 1e-9) then return 2 end
+  if over(booked(ARGV[5], ARGV[1], now), limit) then return 2 end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
