@@ -19,6 +19,10 @@ SCHEMA_VERSION = 1
 MAX_BYTES = 2**40  # node out_bytes, input bytes, shape entries
 MAX_FLOPS = 2**63 - 1
 MAX_MS = 1e7  # node timings and overheads (ms)
+# the input tensor's element types (torch names) a graph may declare: what the wire codec carries
+INPUT_DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int16", "int32", "int64")
+# a profile's `meta` keys that carry cost model v2's per-request costs (ms)
+OVERHEAD_KEYS = ("device_request_ms", "edge_request_ms")
 
 
 class CostGraphError(ValueError):
@@ -396,12 +400,10 @@ def _parse_input(inp: dict[str, Any]) -> InputSpec:
     in_bytes = inp.get("bytes", 0)
     if not _is_int(in_bytes) or not 0 <= in_bytes <= MAX_BYTES:
         raise CostGraphError(f"input.bytes: expected an integer in [0, {MAX_BYTES}], got {in_bytes!r}")
-    return InputSpec(
-        name=_req(inp, "name", str, "input.name"),
-        shape=tuple(shape),
-        dtype=str(inp.get("dtype", "float32")),
-        bytes=in_bytes,
-    )
+    dtype = inp.get("dtype", "float32")
+    if dtype not in INPUT_DTYPES:
+        raise CostGraphError(f"input.dtype: expected one of {', '.join(INPUT_DTYPES)}, got {dtype!r}")
+    return InputSpec(name=_req(inp, "name", str, "input.name"), shape=tuple(shape), dtype=dtype, bytes=in_bytes)
 
 
 def _parse_node(i: int, nd: Any) -> Node:
@@ -465,11 +467,11 @@ def _overheads(raw: Any) -> Overheads:
         return NO_OVERHEADS
     if not isinstance(raw, dict):
         raise CostGraphError("overheads: expected an object")
-    unknown = set(raw) - {"device_request_ms", "edge_request_ms"}
+    unknown = set(raw) - set(OVERHEAD_KEYS)
     if unknown:
         raise CostGraphError(f"overheads: unknown fields {sorted(unknown)}")
     values = {}
-    for key in ("device_request_ms", "edge_request_ms"):
+    for key in OVERHEAD_KEYS:
         values[key] = _check_ms(raw.get(key, 0.0), f"overheads.{key}")
     return Overheads(**values)
 

@@ -2,7 +2,10 @@
 
 `cut()` closes every proxied connection and answers new ones by closing them at once (the
 client sees a dropped connection, as in a network partition); `restore()` forwards again.
-It counts the bytes Redis sent through it (`bytes_down`). Runs in the test's event loop."""
+It counts the bytes Redis sent through it (`bytes_down`). `hold_next_reply()` keeps the next
+reply Redis sends (on whichever connection) until `release()`, while other connections flow: a
+slow answer, for tests of what changes while a read is on its way. Runs in the test's event
+loop."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ class RedisProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._hold = False
+        self._released = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -54,6 +59,9 @@ class RedisProxy:
             while data := await reader.read(65536):
                 if count:
                     self.bytes_down += len(data)
+                    if self._hold:
+                        self._hold = False
+                        await self._released.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError, asyncio.CancelledError):
@@ -70,6 +78,14 @@ class RedisProxy:
 
     def restore(self) -> None:
         self.is_cut = False
+
+    def hold_next_reply(self) -> None:
+        """Keep the next reply Redis sends until `release()`."""
+        self._released.clear()
+        self._hold = True
+
+    def release(self) -> None:
+        self._released.set()
 
     async def close(self) -> None:
         self.cut()

@@ -283,8 +283,15 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         rz = c.get("/readyz")
         # two writes queued: the graph and the profile
         assert rz.status_code == 200 and rz.json()["redis"] == "down" and rz.json()["pending_writes"] == 2
-        # a model this replica never cached may exist in Redis: no 5xx, but a 404 that says so
-        for missing in (c.get("/models/nothere"), c.post("/plan", json={"model": "nothere", **CONDITIONS[1]})):
+        # a model this replica never cached may exist in Redis: no 5xx, but a 404 that says so,
+        # for reads and for changes (a change is not queued: "unknown" would be a guess)
+        for missing in (
+            c.get("/models/nothere"),
+            c.post("/plan", json={"model": "nothere", **CONDITIONS[1]}),
+            c.delete("/models/nothere"),
+            c.delete("/models/nothere/profiles/phone"),
+            c.put("/models/nothere/profiles/phone", json={"kind": "device", "timings_ms": {}}),
+        ):
             assert missing.status_code == 404 and missing.headers["Retry-After"] == "1", missing.text
             assert "Redis is unavailable" in missing.json()["detail"]
         assert redis_errors(c) > 0
@@ -541,6 +548,32 @@ def test_bad_inputs(planner_prefix: str) -> None:
         assert c.delete("/models/bare").status_code == 204
         assert c.get("/models/bare").status_code == 404
         assert [m["model"] for m in c.get("/models").json()["models"]] == ["toy"]
+
+
+def test_uploads_are_checked_where_they_arrive(planner_prefix: str) -> None:
+    """What a plan would trip over later is refused at upload, naming the field: a profile's
+    per-request cost that is not a number of ms, an input dtype the wire cannot carry; and an
+    If-Match whose digits are not ASCII ('²' passes str.isdigit). Nothing stored changes."""
+    with planner(planner_prefix) as c:
+        assert c.put("/models/toy", json=toy_graph()).status_code == 201
+        stored = c.get("/models/toy").json()
+        t = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
+        for key in ("device_request_ms", "edge_request_ms"):
+            for bad in ("fast", -3, 1e300, True, None):
+                body = {"kind": "edge", "timings_ms": t, "meta": {key: bad}}
+                r = c.put("/models/toy/profiles/t1", json=body)
+                if bad is None:  # absent in effect: the graph's own overheads hold
+                    assert r.status_code in (200, 201), r.text
+                    continue
+                assert r.status_code == 422 and f"meta.{key}" in r.text, (bad, r.text)
+        graph = toy_graph()
+        graph["input"]["dtype"] = "banana"
+        r = c.put("/models/toy", json=graph)
+        assert r.status_code == 422 and "dtype" in r.text, r.text
+        r = c.put("/models/toy", json=toy_graph(), headers={"If-Match": b'"\xb2"'})
+        assert r.status_code == 422 and "If-Match" in r.text, r.text
+        assert c.get("/models/toy").json() == stored
+        assert c.post("/plan", json={"model": "toy", "bandwidth_mbps": 1.0}).status_code == 200
 
 
 def test_tokens_docs_metrics(planner_prefix: str) -> None:

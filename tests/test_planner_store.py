@@ -299,6 +299,74 @@ def test_redis_that_lost_its_state_gets_models_back(planner_prefix: str) -> None
     asyncio.run(go())
 
 
+def test_every_replica_writes_its_models_back_whoever_writes_to_the_empty_redis_first(planner_prefix: str) -> None:
+    """Redis loses its state. Replica a holds m1, b holds m2; a PUT of another model lands first
+    and a writes back before b looks: b still writes m2 back (the epoch told it, not an empty
+    model list). A write back cut short by an outage is done at the next refresh."""
+
+    async def go() -> None:
+        s = settings(planner_prefix, refresh_s=3600)  # refreshes driven here
+        async with running(s) as a, running(s) as b, proxied(planner_prefix, refresh_s=3600) as (c, proxy):
+            for store, name in ((a, "m1"), (b, "m2"), (c, "m3")):
+                await store.put_graph(chain_graph(name))
+            r = raw_redis()
+            r.delete(*r.keys(f"{planner_prefix}:*"))  # as after a restart without persistence
+            await a.put_graph(chain_graph("other"))
+            await a.sync()
+            await b.sync()
+            stored = {k.decode() for k in r.hkeys(f"{planner_prefix}:v1:models")}
+            assert stored == {"m1", "m2", "other"}
+            assert (await a.get_model("m2")) is not None and (await b.get_model("m1")) is not None
+            proxy.cut()
+            await c.sync()  # Redis away: nothing written back yet
+            proxy.restore()
+            c.link.retry_now()
+            await c.sync()
+            assert "m3" in {k.decode() for k in r.hkeys(f"{planner_prefix}:v1:models")}
+            r.close()
+
+    asyncio.run(go())
+
+
+def test_a_read_on_its_way_while_the_model_changes_is_answered_but_not_cached(planner_prefix: str) -> None:
+    """a reads m while b deletes it and a's refresh sees that: the read answers what it read, but
+    a does not keep it (else a would serve the deleted model until some other write). Likewise a
+    re-read (`refresh_model`) on its way while b adds a profile does not replace the newer state
+    the refresh cached."""
+
+    async def go() -> None:
+        async with (
+            running(settings(planner_prefix, refresh_s=3600)) as b,
+            proxied(planner_prefix, refresh_s=3600) as (
+                a,
+                proxy,
+            ),
+        ):
+            g = chain_graph("m")
+            await b.put_graph(g)
+            proxy.hold_next_reply()
+            read = asyncio.create_task(a.get_model("m"))
+            await asyncio.sleep(0.1)
+            assert await b.delete_model("m")
+            await a.sync()  # on another connection: sees the delete
+            proxy.release()
+            assert (await read) is not None  # what it read
+            assert await a.get_model("m") is None and "m" not in a.models
+            await b.put_graph(g)
+            await a.sync()
+            assert (await a.get_model("m")).version == 1  # type: ignore[union-attr]
+            proxy.hold_next_reply()
+            again = asyncio.create_task(a.refresh_model("m"))
+            await asyncio.sleep(0.1)
+            await b.put_profile("m", device_profile(g, "phone"))
+            await a.sync()
+            proxy.release()
+            await again
+            assert a.models["m"].version == 2 and set(a.models["m"].profiles) == {"phone"}
+
+    asyncio.run(go())
+
+
 # ---- workers ---------------------------------------------------------------------------------------
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dapdee.costgraph import MAX_BYTES, MAX_FLOPS, MAX_MS
+from dapdee.costgraph import INPUT_DTYPES, MAX_BYTES, MAX_FLOPS, MAX_MS, OVERHEAD_KEYS
 from dapdee.names import MODEL_NAME_PATTERN, check_model_name
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -299,7 +299,7 @@ class InputBody(BaseModel):
 
     name: Text = Field(min_length=1)
     shape: list[Annotated[int, Field(ge=1, le=MAX_BYTES)]] = Field(min_length=1, description="batch 1 first")
-    dtype: Text = Field("float32", max_length=32)
+    dtype: Literal[INPUT_DTYPES] = "float32"  # type: ignore[valid-type]
     bytes: ByteCount = Field(0, description="bytes sent uplink when the edge consumes the input")
 
 
@@ -415,6 +415,17 @@ class ProfileBody(BaseModel):
     kind: Literal["device", "edge"]
     timings_ms: dict[Text, Ms] = Field(max_length=1_000_000)
     meta: Meta = Field(default_factory=dict)
+
+    @field_validator("meta")
+    @classmethod
+    def _request_costs_are_ms(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """The per-request costs a profile may carry (cost model v2) are milliseconds: checked
+        here, where they are uploaded, not first where a plan uses them."""
+        for key in OVERHEAD_KEYS:
+            v = meta.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_MS):
+                raise ValueError(f"meta.{key}: expected a finite number of ms in [0, {MAX_MS:g}], got {v!r}")
+        return meta
 
 
 class StoredProfile(BaseModel):

@@ -14,8 +14,14 @@ counted in `dapdee_planner_write_conflicts_total`, logged at WARNING with the mo
 versions, and the model is reloaded from Redis — a newer write is never overwritten. Later
 queued writes of that model are conflicts too (they built on the one not applied).
 
-If Redis comes back empty (restarted without persistence), the replica writes back every model
-it holds (queued changes included) where no other replica did so first.
+If Redis comes back empty (restarted without persistence, or flushed), the replica writes back
+every model it holds (queued changes included) where no other replica did so first. Redis's loss
+is told by the epoch key (`Keys.epoch`), not by the model list being empty: another replica's
+write back, or any PUT, may land first. A write back cut short is taken up again at the next
+refresh until every model has been sent.
+
+A read that was on its way while the models changed (a write through this replica, or a refresh
+that saw another replica's) is answered but not cached: it may be older than what changed.
 
 `close` replays what it can within a bounded time; a queued write still unwritten then is
 logged at ERROR and counted in `dapdee_planner_writes_lost_total`, never dropped silently. Queued
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -69,6 +76,8 @@ class Catalog:
         self.outbox = Outbox(settings.max_pending_writes)
         self._lock = asyncio.Lock()
         self._gen: bytes | None = None
+        self._epoch: bytes | None = None  # the epoch of Redis's state this replica last synced with
+        self._changes = 0  # counts changes to the models seen here (reads in flight check it)
         # models Redis lists but this replica cannot read (graph missing or unreadable, e.g. over
         # lowered graph limits): (version, hash), so a PUT can replace and a DELETE remove them
         self._broken: dict[str, tuple[int, str]] = {}
@@ -83,6 +92,11 @@ class Catalog:
         return len(self.outbox) + len(self._to_reload)
 
     # ---- the cache ---------------------------------------------------------------------------
+    def _changed(self) -> None:
+        """A model changed (a write here, or one another replica made, seen by a refresh): a read
+        in flight may be older, so it is not cached (`get`, `refresh`)."""
+        self._changes += 1
+
     def _remember(self, name: str, st: ModelState) -> None:
         """Cache `st`, evicting the least recently used models with nothing queued. O(1) amortised."""
         self.models[name] = st
@@ -146,24 +160,28 @@ class Catalog:
             return st
         if not self.link.enabled or self.outbox.has(name):
             return None
+        seen = self._changes
         try:
             st = await self.fetch(name)
         except RedisUnavailable:
             raise ModelUnreachable(name) from None
-        if st is not None and name not in self.models:
+        if self._changes != seen or name in self.models:  # the models changed during the read
+            return self.models.get(name, st)
+        if st is not None:
             self._remember(name, st)
-        return self.models.get(name)
+        return st
 
     async def refresh(self, name: str) -> ModelState | None:
         """Re-read one model from Redis now (None if Redis cannot say or the model is gone
         there). Models with queued changes answer from the cache."""
         if self.outbox.has(name) or not self.link.enabled:
             return self.models.get(name)
+        seen = self._changes
         try:
             st = await self.fetch(name)
         except RedisUnavailable:
             return None
-        if self.outbox.has(name):  # a write queued while we read
+        if self.outbox.has(name) or self._changes != seen:  # a write or a refresh during the read
             return self.models.get(name)
         if st is None:
             self._forget(name)
@@ -289,11 +307,14 @@ class Catalog:
         """Decide a write with `plan` on the freshest state this replica can read and apply it:
         through the script when Redis is up (retried on a lost race), else to the cache and the
         outbox. Returns (planned, stored) with planned None when `plan` says the model is
-        unknown. Raises VersionConflict, CapacityExceeded."""
+        unknown. Raises VersionConflict, CapacityExceeded, and ModelUnreachable for a change to a
+        model this replica neither holds nor can read (Redis away)."""
         version = 0
         async with self._lock:
             for _ in range(WRITE_ATTEMPTS):
                 cur, online = await self._current(name)
+                if not online and cur is None and not creates and self.link.enabled and not self.outbox.has(name):
+                    raise ModelUnreachable(name)  # Redis may hold it: "unknown" would be a guess
                 if expect is not None and (cur is not None or creates):
                     actual = cur.version if cur is not None else None
                     if actual != expect:
@@ -334,6 +355,7 @@ class Catalog:
     def _queue(self, planned: Planned) -> str:
         """Apply a write to the cache; queue it when Redis is configured. Returns the stored word."""
         assert planned.op is not None
+        self._changed()
         stored = "memory"
         if self.link.enabled:
             try:
@@ -352,6 +374,7 @@ class Catalog:
         """Cache the state Redis holds after an applied write: the planned state when Redis
         reports the version it implies, else (another replica's write landed in between) the
         model read again. O(1), or one round trip."""
+        self._changed()
         if planned.after is None or version == 0:
             self._forget(name)
             return planned
@@ -374,26 +397,46 @@ class Catalog:
 
     # ---- the refresh loop's part ------------------------------------------------------------
     async def sync(self) -> None:
-        """One refresh: write this replica's models back if Redis lost its state, replay queued
-        writes, and re-read cached models whose version moved (the shared generation counter
-        moved). Raises RedisUnavailable (queued writes stay queued). O(cached models) plus one
-        round trip per queued write and per changed model."""
+        """One refresh: write this replica's models back if Redis lost its state (its epoch is not
+        the one this replica last synced with), replay queued writes, and re-read cached models
+        whose version moved (the shared generation counter moved). Raises RedisUnavailable
+        (queued writes stay queued; a write back cut short is done again). O(cached models) plus
+        one round trip per queued write and per changed model."""
         async with self._lock:
+            epoch = await self._epoch_now()
             gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
-            if gen is None and self.models:
+            # before the first sync: only an empty Redis tells
+            lost = epoch != self._epoch if self._epoch is not None else gen is None
+            if lost and self.models:
                 await self._restore_all()
+                gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
+            self._epoch = epoch
             if self.outbox:
                 await self._replay()
                 gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
             if gen != self._gen:
+                self._changed()
                 await self._reload_changed()
                 self._gen = gen
 
+    async def _epoch_now(self) -> bytes:
+        """The epoch of Redis's state, set to a new random token where there is none. One round
+        trip (SET NX and GET in one MULTI)."""
+        token = secrets.token_hex(16)
+
+        async def f(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=True)
+            pipe.set(self.keys.epoch, token, nx=True)
+            pipe.get(self.keys.epoch)
+            return await pipe.execute()
+
+        return (await self.link.call("epoch", f))[1]
+
     async def _restore_all(self) -> None:
-        """Redis holds no planner state (restarted without persistence, or flushed): write back
-        each model this replica holds, queued changes included, unless another replica already
-        did. One round trip per model."""
-        log.warning("redis holds no planner state; writing back the %d models this replica holds", len(self.models))
+        """Redis lost the planner's state (restarted without persistence, or flushed): write back
+        each model this replica holds, queued changes included, where Redis does not hold it
+        (another replica wrote it back, or it was created anew). One round trip per model."""
+        log.warning("redis lost the planner's state; writing back the %d models this replica holds", len(self.models))
         for name, st in list(self.models.items()):
             op = Op(
                 "restore",

@@ -57,7 +57,8 @@ async def expected_version(
     if if_match is None or if_match.strip() == "*":
         return None
     text = if_match.strip()
-    if len(text) >= 3 and text[0] == text[-1] == '"' and text[1:-1].isdigit():
+    digits = text[1:-1]
+    if len(text) >= 3 and text[0] == text[-1] == '"' and digits.isascii() and digits.isdigit():  # not '²'
         return int(text[1:-1])
     raise ApiProblem(
         422, f'If-Match: expected "<version>" (an ETag of this API) or *, got {if_match!r}', loc=("header", "If-Match")

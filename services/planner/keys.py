@@ -11,6 +11,10 @@ DAPDEE_MAX_MODELS, profiles per model DAPDEE_MAX_PROFILES_PER_MODEL):
 - `P:v1:graph:{model}`       string cost graph JSON (as PUT)
 - `P:v1:profiles:{model}`    hash  tier -> profile JSON {"kind", "timings_ms", "meta"}
 - `P:v1:gen`                 counter bumped by every model or profile change; replicas poll it
+- `P:v1:epoch`               string a random token, set by the first replica to find none: a
+                                   Redis that lost the planner's state (restarted without
+                                   persistence, flushed) holds none or another, and every replica
+                                   then writes back the models it holds
 
 Workers (count cap DAPDEE_MAX_WORKERS; expiry by Redis's own clock, `TIME` inside the scripts):
 
@@ -60,6 +64,10 @@ class Keys:
     @property
     def gen(self) -> str:
         return f"{self.base}:gen"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.base}:epoch"
 
     def graph(self, model: str) -> str:
         return f"{self.base}:graph:{model}"

@@ -108,14 +108,13 @@ class Store:
 
     # ---- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Create the Redis client (if a URL is set), read the worker registry, start the refresh
-        loop. Reads no model: each is read on first use."""
+        """Create the Redis client (if a URL is set), read the worker registry and the epoch of
+        Redis's state, start the refresh loop. Reads no model: each is read on first use."""
         self.link.connect()
         if self.link.enabled:
             self.metrics.bind_redis(lambda: 1.0 if self.link.state == "up" else 0.0)
         await self.link.check_eviction_policy()
-        with contextlib.suppress(RedisUnavailable):
-            await self.registry.sync()
+        await self.sync()
         await self.fleet.start()
         await self.rebalancer.start()
         self._task = asyncio.create_task(self._loop(), name="dapdee-planner-refresh")
