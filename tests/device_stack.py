@@ -6,6 +6,7 @@ answer can be checked against the local model. Plus the helpers that build runti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -201,3 +202,21 @@ class ForwardingProxy:
         raw = [(k.encode(), v.encode()) for k, v in out_headers.items()] + [(b"content-length", str(len(out)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": out})
+
+
+class HangingProxy(ForwardingProxy):
+    """A ForwardingProxy that, while `hanging` is set, accepts each request and answers nothing
+    (a planner stuck behind a load balancer) until `hanging` is cleared; `held` counts the
+    requests it held. Polled, so any thread may set it."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.hanging = False
+        self.held = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and self.hanging:
+            self.held += 1
+            while self.hanging:
+                await asyncio.sleep(0.01)
+        return await super().__call__(scope, receive, send)

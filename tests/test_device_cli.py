@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -78,8 +79,8 @@ def test_device_run_on_an_image_folder(stack: Stack, tmp_path: Path, capsys: pyt
     assert "accuracy" in out and "frames skipped by the source: 1" in out and "bad.png" in out
 
 
-def test_device_run_with_a_fixed_plan(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--plan FILE --edge URL: no planner at all; the plan's cut is run as given."""
+def _plan_file(stack: Stack, path: Path) -> Any:
+    """The stack's mid cut written to `path` as a plan JSON (no worker named); the plan."""
     plan = stack.mid_cut(stack.edge.url)
     doc = {
         "plan_id": "from-file", "model": stack.graph.model, "mode": "latency", "exit": {"name": plan.exit},
@@ -87,7 +88,13 @@ def test_device_run_with_a_fixed_plan(stack: Stack, tmp_path: Path, capsys: pyte
         "transfer": [{"node": n, "bytes": b} for n, b in plan.transfer],
         "predicted": {"latency_ms": 50.0, "bottleneck_ms": 20.0}, "edge_worker": None,
     }  # fmt: skip
-    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc))
+    return plan
+
+
+def test_device_run_with_a_fixed_plan(stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--plan FILE --edge URL: no planner at all; the plan's cut is run as given."""
+    plan = _plan_file(stack, tmp_path / "plan.json")
     log = tmp_path / "frames.jsonl"
     args = ["device", "run", "--plan", str(tmp_path / "plan.json"), "--edge", stack.edge.url, "--quiet"]
     args += ["--weights", str(stack.artifact), "--frames", "3", "--log", str(log), "--device-load", "0"]
@@ -108,6 +115,33 @@ def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str])
     assert rc == 2 and len(err.splitlines()) == 1 and "cannot reach the planner" in err, err
     rc, _, err = _cli(["device", "run", "--planner", "not a url", "--model", SPEC, "--quiet"], capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "planner" in err, err
+
+
+@pytest.mark.parametrize("bad", ["notaurl", "ftp://127.0.0.1:8000", "http://"])
+def test_a_bad_edge_url_fails_with_one_line_naming_edge(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    """A fixed plan with an --edge that is no http(s) URL is refused before any frame runs (it
+    would run every frame as a fallback and exit 0)."""
+    _plan_file(stack, tmp_path / "plan.json")
+    log = tmp_path / "frames.jsonl"
+    args = ["device", "run", "--plan", str(tmp_path / "plan.json"), "--edge", bad, "--quiet", "--frames", "2"]
+    args += ["--weights", str(stack.artifact), "--device-load", "0", "--log", str(log)]
+    rc, out, err = _cli(args, capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "--edge" in err and repr(bad) in err, (rc, err)
+    assert out == "" and not log.exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0.5"])
+@pytest.mark.parametrize("command", ["device", "up"])
+def test_a_bad_slowdown_fails_with_one_line_naming_it(
+    command: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--slowdown must be a finite K >= 1, for `device run` and `dapdee up` alike."""
+    first = ["device", "run", "--device-only", "--model", SPEC] if command == "device" else ["up", "--networks", "4G"]
+    rc, out, err = _cli([*first, "--slowdown", value, "--frames", "1", "--quiet"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and "--slowdown" in err, (rc, err)
+    assert out == ""
 
 
 def test_a_lease_needs_a_frame_rate(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,8 @@
   negative, NaN; logits of another shape; an output missing): each such frame falls back to the
   device with the right class, the run never aborts, and no such answer moves the bandwidth
   estimate;
+- a probe pair whose worker states a queue time longer than the upload itself gives no
+  bandwidth sample (as a lone upload with it gives none);
 - real recording servers: the one the planner lists gets the device token, the one it does
   not list is never contacted.
 """
@@ -25,8 +27,10 @@ from dapdee.client import AsyncPlannerClient
 from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device.edge import EdgeLink, WorkerTrust
 from dapdee.device.plan_source import listed_workers
+from dapdee.device.probe import LinkProber
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeFailure, FrameRecord
+from dapdee.netem import ShapedUplink
 from dapdee.testing import serve_app_in_thread
 from tests.device_stack import ForwardingProxy, Stack, fixed_runtime, open_stack, running
 
@@ -52,7 +56,8 @@ def _rewrite(body: bytes, headers: dict[str, str], lie: str) -> tuple[bytes, dic
                                                  parameters=params, model_version="1")  # fmt: skip
     if lie.startswith("queue_ms") or lie.startswith("compute_ms"):
         key, value = {"queue_ms x": ("queue_ms", "x"), "queue_ms -1e9": ("queue_ms", -1e9),
-                      "compute_ms NaN": ("compute_ms", float("nan"))}[lie]  # fmt: skip
+                      "compute_ms NaN": ("compute_ms", float("nan")),
+                      "queue_ms 60000": ("queue_ms", 60000.0)}[lie]  # fmt: skip
         hlen = int(new_headers[HEADER])
         head = json.loads(new_body[:hlen])
         head["parameters"][key] = value
@@ -163,3 +168,59 @@ def test_the_token_goes_only_to_workers_the_planner_lists(stack: Stack) -> None:
     assert "not listed by the planner" in reasons[0] and unlisted.requests == []
     assert reasons[1].startswith("HTTP 503") and reasons[2] == "answered"
     assert listed.requests == [(f"/v2/models/{stack.loaded.name}/infer", "Bearer device-secret")]
+
+
+def test_a_frame_cancelled_mid_upload_leaves_no_open_bandwidth_ticket(stack: Stack) -> None:
+    """A frame cancelled while its tensors are on a shaped 2 Mbit/s uplink (a caller's deadline,
+    or a pipelined stream cancelling its frames in flight) drops its upload from the bandwidth
+    estimator: the uploads after it become samples, the estimate moves from the 8 Mbit/s prior
+    towards the link, and no upload is left open."""
+    url = stack.edge.url
+    frames = stack.frames(7, seed=12)
+
+    async def go() -> tuple[list[FrameRecord], Sensing, int]:
+        sensing = Sensing(prior_mbps=8.0, fixed_load=0.0)
+        async with running(fixed_runtime(stack, stack.mid_cut(url), url, rate_mbps=2.0, sensing=sensing)) as rt:
+            assert rt.edge is not None
+            task = asyncio.create_task(rt.infer(frames[0]))
+            while rt.edge.uploads_active == 0:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            before = sensing.bandwidth.samples
+            records = [await rt.infer(frame) for frame in frames[1:]]
+            return records, sensing, sensing.bandwidth.samples - before
+
+    records, sensing, gained = asyncio.run(go())
+    assert [r.where for r in records] == ["edge"] * len(records), [r.error for r in records]
+    assert gained >= len(records) - 1, gained
+    assert sensing.bandwidth.open_uploads == 0
+    assert sensing.bandwidth.estimate_mbps < 5.0  # moved from the 8 Mbit/s prior towards the 2 Mbit/s link
+
+
+def test_a_probe_pair_with_a_server_time_beyond_its_upload_gives_no_sample(stack: Stack) -> None:
+    """The small upload of a probe pair comes back saying it queued 60 s, longer than the whole
+    upload took: the pair is dropped (the estimate stays at the prior, no pair counted); the
+    next, honest pair over the same shaped 10 Mbit/s link is a sample."""
+    lies = ["queue_ms 60000", "honest", "honest", "honest"]  # the first pair's small upload lies
+    proxy = LyingProxy(stack.edge.url, lies)
+
+    with serve_app_in_thread(proxy) as url:
+
+        async def go() -> tuple[float | None, float, int, float | None]:
+            sensing = Sensing(prior_mbps=10.0, fixed_load=0.0)
+            edge = EdgeLink(stack.graph, WorkerTrust(None, [url]), sensing, shaper=ShapedUplink(10.0))
+            prober = LinkProber(edge, stack.graph, sensing)
+            try:
+                lied = await prober.probe(url)
+                estimate, pairs = sensing.bandwidth.estimate_mbps, sensing.bandwidth.pairs
+                return lied, estimate, pairs, await prober.probe(url)
+            finally:
+                await edge.aclose()
+
+        lied, estimate, pairs, honest = asyncio.run(go())
+    assert proxy.told == lies
+    assert lied is None and estimate == 10.0 and pairs == 0, (lied, estimate, pairs)
+    assert honest is not None and honest > 0.0

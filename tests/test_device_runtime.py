@@ -22,7 +22,7 @@ from dapdee.device.session import DeviceSettings, open_device
 from dapdee.device.types import FrameRecord
 from dapdee.testing import ServiceProcess
 from tests.conftest import SHARED_REDIS as REDIS
-from tests.device_stack import K, Stack, fixed_runtime, open_stack, running, start_edge
+from tests.device_stack import HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +338,62 @@ def test_leases_renewed_at_replan_after_s_kept_through_an_outage_then_device_onl
     kept = records[marks["stop"] : marks["switch"]]
     assert kept and all(r.plan_id == leased.plan_id and r.where == "edge" for r in kept), kept
     assert [r.where for r in records[marks["switch"] :]] == ["local", "local"]
+
+
+def test_lease_expiry_is_honoured_while_a_replan_hangs(stack: Stack) -> None:
+    """The planner stops answering (accepts, never answers: a re-plan waits the SDK's 5 s
+    timeout, far past the 2 s lease). Until the lease's expiry the device keeps its leased plan
+    on the edge; no frame that starts after the expiry goes to the edge: it runs Device-Only at
+    once, the re-plan still in flight."""
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+    from dapdee.testing import ServerThread, clear_prefix, unique_prefix, wait_registered
+
+    prefix = unique_prefix("device-lease-hang")
+    settings = Settings(redis_url=REDIS, key_prefix=prefix, lease_ttl_s=2.0, replan_after_s=0.3, rebalance_s=0)
+    planner = ServerThread(create_app(settings)).start()
+    edge = start_edge(stack.artifact, planner.url, stack.edge_loaded)
+    proxy = HangingProxy(planner.url)
+    front = ServerThread(proxy, name="hanging-proxy").start()
+    cfg = RuntimeConfig(Requirements(mode="latency", frame_rate=5.0), replan_threshold=1e6, plan_max_age_s=1e6)
+    pool = stack.frames(4, seed=11)
+    slow = stack.graph.with_timings("device", {n.name: 10 * (n.device_ms or 0.0) for n in stack.graph.nodes})
+
+    async def go() -> tuple[Any, list[tuple[float, FrameRecord]]]:
+        pc = PlannerConfig(front.url, "device-k10", device_id="cam-hang", ready_timeout_s=30.0)  # timeout_s 5
+        async with open_device(_settings(stack, runtime=cfg, planner=pc), stack.loaded, slow) as rt:
+            give_up = time.monotonic() + 30
+            while not (rt.plan.uses_edge and rt.plan.lease) and time.monotonic() < give_up:
+                await rt.infer(pool[0])
+                await asyncio.sleep(0.05)
+            renewals = len(rt.plans)
+            while len(rt.plans) == renewals and time.monotonic() < give_up:
+                await asyncio.sleep(0.01)  # a fresh renewal: the next re-plan is 0.3 s away
+            leased = rt.plan
+            assert leased.uses_edge and leased.lease is not None, [(p.cut, p.lease) for p in rt.plans]
+            proxy.hanging = True
+            frames: list[tuple[float, FrameRecord]] = []
+            while time.monotonic() < leased.lease.expires_at + 1.5:
+                t0 = time.monotonic()
+                frames.append((t0, await rt.infer(pool[len(frames) % len(pool)])))
+                await asyncio.sleep(0.05)
+            proxy.hanging = False
+            return leased, frames
+
+    try:
+        wait_registered(planner.url, stack.loaded.name, [edge.url])
+        leased, frames = asyncio.run(go())
+    finally:
+        proxy.hanging = False
+        front.stop()
+        edge.stop()
+        planner.stop()
+        clear_prefix(REDIS, prefix)
+    expires = leased.lease.expires_at
+    assert proxy.held >= 1  # a re-plan was held unanswered when the lease lapsed
+    before = [rec for t0, rec in frames if t0 < expires - 0.05]
+    after = [(round(t0 - expires, 3), rec.where, rec.plan_id) for t0, rec in frames if t0 > expires + 0.02]
+    assert before and all(r.plan_id == leased.plan_id and r.where == "edge" for r in before), before
+    assert len(after) >= 5, after
+    late = [a for a in after if a[1] != "local"]
+    assert not late, f"frames started after the lease's expiry (s after, where, plan): {late}"

@@ -8,6 +8,7 @@ command line, never by the library classes it assembles.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -27,6 +28,13 @@ def _accuracy(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"expected an accuracy in [0, 1], got {text!r}")
     return v
+
+
+def check_slowdown(slowdown: float) -> None:
+    """ValueError naming --slowdown unless it is a finite number >= 1 (K: the device is K x
+    slower than this machine)."""
+    if not (math.isfinite(slowdown) and slowdown >= 1):
+        raise ValueError(f"--slowdown: expected a finite number >= 1, got {slowdown!r}")
 
 
 def _port(text: str) -> int:
@@ -131,12 +139,13 @@ def settings_of(args: argparse.Namespace) -> Any:
     """The `DeviceSettings` of `dapdee device run`'s arguments; ValueError naming a bad one."""
     import json
 
-    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
+    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, check_url, default_tier
     from dapdee.device.session import DeviceSettings
     from dapdee.netem import parse_network
 
-    if args.slowdown < 1:
-        raise ValueError(f"--slowdown: must be >= 1, got {args.slowdown:g}")
+    check_slowdown(args.slowdown)
+    if args.edge is not None:
+        check_url("--edge", args.edge)
     if not args.model and not args.weights:
         raise ValueError("give --model SPEC_OR_NAME or --weights ARTIFACT")
     if not (args.planner or args.plan or args.device_only):
@@ -260,8 +269,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from dapdee.device.up import UpOptions, run_up
 
-    if args.slowdown < 1:
-        raise ValueError(f"--slowdown: must be >= 1, got {args.slowdown:g}")
+    check_slowdown(args.slowdown)
     nets = tuple(n.strip() for n in args.networks.split(",") if n.strip())
     if not nets:
         raise ValueError("--networks: give at least one network")

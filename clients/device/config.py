@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dapdee.client import RequestError
+from dapdee.client.transport import check_base_url
 from dapdee.planning.request import PlanRequest
 
 
@@ -20,6 +22,15 @@ def _positive(name: str, v: float | None, allow_none: bool = True) -> None:
         return
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+
+
+def check_url(what: str, url: str) -> None:
+    """ValueError naming `what` unless `url` is a base URL the SDK takes
+    (http(s)://HOST[:PORT][/PATH], no query, fragment or credentials: `check_base_url`)."""
+    try:
+        check_base_url(url)
+    except RequestError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -127,8 +138,7 @@ class PlannerConfig:
     workers_refresh_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"planner URL {self.url!r} is not valid (expected http://HOST:PORT)")
+        check_url("planner URL", self.url)
         for name in ("timeout_s", "ready_timeout_s", "worker_wait_s", "workers_refresh_s"):
             _positive(f"planner {name.replace('_', ' ')}", getattr(self, name), allow_none=False)
 

@@ -204,10 +204,12 @@ class EdgeLink:
                 timeout=timeout_s, traceparent=traceparent, confidence=confidence,
                 uplink=self.shaper.shaped_body if self.shaper is not None else None,
             )  # fmt: skip
-        except ClientError as exc:
+        except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
             if ticket is not None:
                 self.sensing.bandwidth.upload_failed(ticket)
-            raise _failure(exc, timeout_s) from None
+            if isinstance(exc, ClientError):
+                raise _failure(exc, timeout_s) from None
+            raise
         finally:
             self.uploads_active -= 1
             self.last_activity = time.monotonic()

@@ -5,10 +5,11 @@
   the device's sensed conditions, its requirements, its profile tier and, when it has one, its
   `device_id` (so the plan carries a lease; the runtime re-plans at the lease's
   `replan_after_s`). Every answer is checked against the device's cost graph
-  (`plans.plan_from_answer`) before it is used. When the planner cannot be asked,
-  `meanwhile` keeps the current plan while its lease lasts (forever when it has none) and
-  then answers the Device-Only plan, so the device never leans on an edge reservation that
-  has lapsed.
+  (`plans.plan_from_answer`) before it is used. While no new plan is in hand (the planner
+  cannot be asked, or a re-plan is still waiting for its answer), `meanwhile` keeps the
+  current plan while its lease lasts (forever when it has none) and then answers the
+  Device-Only plan; the runtime asks it on every tick and every frame, so the device never
+  leans on an edge reservation that has lapsed.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from dapdee.costgraph import CostGraph
 from dapdee.device.config import RuntimeConfig
 from dapdee.device.edge import EdgeLink
 from dapdee.device.sensing import ComputeLoadMonitor, LoadMonitor, Sensing
-from dapdee.device.types import EdgeFailure
+from dapdee.device.types import EdgeAnswer, EdgeFailure
 
 log = logging.getLogger("dapdee.device.probe")
 
@@ -43,6 +43,16 @@ MAX_CPU_PAIRS = 32
 
 def _zeros(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
     return torch.zeros(shape, dtype=getattr(torch, dtype, torch.float32))
+
+
+def _upload_ms(answer: EdgeAnswer) -> float | None:
+    """The answer's time less the worker's queue and compute time (what the request spent on
+    the link and in fixed costs); None when the worker's time is not within 0..elapsed (as for
+    a lone upload, `BandwidthEstimator.upload_finished`: such a pair gives no sample)."""
+    server_ms = answer.queue_ms + answer.compute_ms
+    if not 0.0 <= server_ms <= answer.elapsed_ms:
+        return None
+    return answer.elapsed_ms - server_ms
 
 
 class LinkProber:
@@ -74,12 +84,14 @@ class LinkProber:
                 best = (n.name, tuple(n.shape), n.out_bytes)
         return (best[0], best[1]) if best else None
 
-    async def _send(self, url: str, inputs: dict[str, torch.Tensor]) -> Any:
+    async def _send(self, url: str, inputs: dict[str, torch.Tensor]) -> EdgeAnswer:
         return await self.edge.infer(url, inputs, self.graph.exits[0].name, PROBE_TIMEOUT_S, observe=False)
 
     async def probe(self, url: str) -> float | None:
-        """One probe pair; the rate sample (Mbit/s) folded into the estimate, or None. The
-        filler aims at PROBE_MS of upload at the lower of the estimate and the last sample."""
+        """One probe pair; the rate sample (Mbit/s) folded into the estimate, or None (a probe
+        failed, overlapped another upload, or its worker stated a queue + compute time outside
+        0..its elapsed time). The filler aims at PROBE_MS of upload at the lower of the estimate
+        and the last sample."""
         inp = self.graph.input
         x = {inp.name: _zeros(tuple(inp.shape), inp.dtype)}
         bw = self.sensing.bandwidth
@@ -97,13 +109,12 @@ class LinkProber:
             large = await self._send(url, {**x, node[0]: torch.zeros(node[1])})
         except EdgeFailure:
             return None
-        if small.overlapped or large.overlapped:
+        small_ms, large_ms = _upload_ms(small), _upload_ms(large)
+        if small.overlapped or large.overlapped or small_ms is None or large_ms is None:
             return None
         self.cpu_pairs.append((small.request_bytes, small.cpu_ms, large.request_bytes, large.cpu_ms))
         return self.sensing.bandwidth.observe_pair(
-            (small.request_bytes, small.elapsed_ms - small.queue_ms - small.compute_ms),
-            (large.request_bytes, large.elapsed_ms - large.queue_ms - large.compute_ms),
-            self.sensing.rtt.estimate_ms,
+            (small.request_bytes, small_ms), (large.request_bytes, large_ms), self.sensing.rtt.estimate_ms
         )
 
     def request_cost_ms(self) -> float | None:

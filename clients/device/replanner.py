@@ -4,8 +4,10 @@
 edge trouble, the lease's `replan_after_s` reached, the lease expired, the uplink estimate or
 the device speed 1/(1 − load) drifted past the threshold (relative) since the plan was asked
 for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
-`min_replan_s`, and after a failed one waits before the next; a failure keeps the plan the
-source says to run meanwhile (the current one, or Device-Only once its lease lapsed).
+`min_replan_s`, and after a failed one waits before the next; a failure keeps the current plan.
+`Replanner.in_force` honours the lease on every tick and every frame, whether or not a re-plan
+is in flight (a hanging planner holds one for its whole timeout): once the current plan's lease
+has lapsed, the plan the source says to run meanwhile (Device-Only) is put in use at once.
 """
 
 from __future__ import annotations
@@ -90,8 +92,21 @@ class Replanner:
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def in_force(self) -> Plan:
+        """The plan to run now: `current`, unless its lease has lapsed; then the source's plan
+        for meanwhile (Device-Only), put in use here, re-plan in flight or not, and a re-plan
+        asked for (the Device-Only plan holds no lease that would ask). O(1) while the lease
+        lasts."""
+        meanwhile = self.source.meanwhile(self.current, conditions(self.sensing), time.monotonic())
+        if meanwhile is not self.current:
+            self._use(meanwhile, "lease expired")
+            self.request("lease expired")
+        return self.current
+
     def tick(self) -> None:
-        """Start a re-plan when one is due and none is running. O(1)."""
+        """Honour the lease (`in_force`), then start a re-plan when one is due and none is
+        running. O(1)."""
+        self.in_force()
         if not self.source.replans or self.busy:
             return
         now = time.monotonic()
@@ -122,9 +137,6 @@ class Replanner:
             self.events.append(f"re-plan failed ({why}): {exc}")
             log.warning("re-plan failed (%s): %s", why, exc)
             self._quiet_until = time.monotonic() + min(self.config.plan_max_age_s, RETRY_MAX_S)
-            meanwhile = self.source.meanwhile(self.current, cond, time.monotonic())
-            if meanwhile is not self.current:
-                self._use(meanwhile, "lease expired during a planner outage")
             return
         log.info("re-planned (%s): exit %s, %d device nodes", why, plan.exit, plan.cut)
         self._use(plan, why)

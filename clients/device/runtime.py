@@ -156,9 +156,11 @@ class DeviceRuntime:
 
     @property
     def plan(self) -> Plan:
+        """The plan in use now: Device-Only once the current plan's lease has lapsed
+        (`Replanner.in_force`), even while a re-plan is in flight."""
         if self.replanner is None:
             raise RuntimeError("the runtime has no plan yet: await start() first")
-        return self.replanner.current
+        return self.replanner.in_force()
 
     @property
     def plans(self) -> list[Plan]:

@@ -77,6 +77,11 @@ class BandwidthEstimator:
         self._open[ticket] = [start_s, None, 0, len(self._open) + 1]
         return ticket
 
+    @property
+    def open_uploads(self) -> int:
+        """Uploads started and not yet folded in or dropped."""
+        return len(self._open)
+
     def upload_failed(self, ticket: int) -> None:
         """The upload gave no timing (error, timeout): drop it. O(1) amortised."""
         self._open.pop(ticket, None)

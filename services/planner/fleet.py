@@ -403,7 +403,8 @@ class Fleet:
                 assert res.figures is not None
                 self.metrics.admissions.labels("stale").inc()
                 others = self._adopt(res.figures, body.device_id)
-                view, held = None, res.figures.record.fields if res.figures.record is not None else None
+                view = None  # the figures adopted are Redis's: the next reservation checks admission only
+                held = res.figures.record.fields if res.figures.record is not None else None
                 dp, assigned = self._choose(held, ask, candidates, others, edge_load)
                 anchor = held["request"] if held is not None else None
                 continue
