@@ -274,14 +274,26 @@ def _json_array(data: Any, name: str, dtype: str, np_dtype: np.dtype, count: int
     if arr.dtype.kind not in "biuf":
         raise WireError(f"tensor {name!r}: data must be numbers, got {arr.dtype.kind!r} values")
     if np_dtype.kind in "iu":
-        if arr.dtype.kind == "f":
-            if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-                raise WireError(f"tensor {name!r}: {dtype} data must be integers")
-        info = np.iinfo(np_dtype)
-        lo, hi = arr.min(), arr.max()
-        if lo < info.min or hi > info.max:
-            raise WireError(f"tensor {name!r}: values out of {dtype} range [{info.min}, {info.max}]")
+        _check_integer_values(arr, name, dtype, np_dtype)
     return arr.reshape(-1).astype(np_dtype)
+
+
+def _check_integer_values(arr: np.ndarray, name: str, dtype: str, np_dtype: np.dtype) -> None:
+    """WireError naming the tensor unless every value of `arr` (numbers) casts to the integer
+    `np_dtype` exactly: floats must be finite integers, and all in range. Floats are compared
+    with float bounds, the top one max + 1 (a power of two, exact as a float): max itself may
+    round up to it (float(2**63 - 1) == 2**63), so `hi <= max` would pass 2**63, which wraps to
+    -2**63 on the cast. O(n)."""
+    info = np.iinfo(np_dtype)
+    lo, hi = arr.min(), arr.max()
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise WireError(f"tensor {name!r}: {dtype} data must be integers")
+        in_range = float(lo) >= float(info.min) and float(hi) < float(info.max + 1)
+    else:
+        in_range = lo >= info.min and hi <= info.max
+    if not in_range:
+        raise WireError(f"tensor {name!r}: values out of {dtype} range [{info.min}, {info.max}]")
 
 
 def _entry_header(e: Any, i: int, key: str, seen: Mapping[str, Any]) -> tuple[str, str, list[int]]:
@@ -340,9 +352,17 @@ def _checked_scale(params: Mapping[str, Any], name: str, dtype: str) -> float | 
         return None
     if dtype not in ("INT8", "UINT8"):
         raise WireError(f"tensor {name!r}: parameter scale applies to INT8/UINT8 only, not {dtype}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-        raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {scale!r}")
-    return float(scale)
+    value = math.nan
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        try:
+            value = float(scale)
+        except OverflowError:  # a JSON integer of hundreds of digits: no float holds it
+            value = math.inf
+    if not math.isfinite(value) or value <= 0:
+        shown = repr(scale)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {shown}")
+    return value
 
 
 def _decode_tensors(
@@ -463,9 +483,10 @@ def decode_response(
     outputs, dtypes = _decode_tensors(header.get("outputs"), binary, max_elements, "outputs", False, False)
     for name, t in outputs.items():
         if dtypes[name] == "INT8":
-            scale = _params(next(e for e in header["outputs"] if e["name"] == name), name).get("scale")
+            entry = next(e for e in header["outputs"] if e["name"] == name)
+            scale = _checked_scale(_params(entry, f"tensor {name!r}"), name, "INT8")
             if scale is not None:
-                outputs[name] = t.to(torch.float32) * float(scale)
+                outputs[name] = t.to(torch.float32) * scale
     rid = header.get("id")
     params = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
     return DecodedResponse(rid if isinstance(rid, str) else None, params, outputs, header.get("model_name"))

@@ -295,6 +295,12 @@ def _x(shape: list[int], size: int | None = None, name: str = "x", dtype: str = 
     }
 
 
+def _json_x(dtype: str, data: list[Any], **params: Any) -> bytes:
+    """A JSON infer body with one input `x` of shape [1, 3, 32, 32]: `dtype`, `data`, `params`."""
+    entry = {"name": "x", "shape": [1, 3, 32, 32], "datatype": dtype, "data": data, "parameters": params}
+    return json.dumps({"inputs": [entry]}).encode()
+
+
 def bad_cases(m: LoadedModel) -> list[tuple[str, bytes, dict[str, str], int, str]]:
     """(case, body, headers, status, text the error must contain) for resnet18 at width 0.25."""
     x = torch.randn(1, 3, 32, 32)
@@ -349,6 +355,8 @@ def bad_cases(m: LoadedModel) -> list[tuple[str, bytes, dict[str, str], int, str
             "duplicate",
         ),
         ("non-object header", *_raw([1, 2]), 400, "JSON object"),  # type: ignore[arg-type]
+        ("scale no float holds", _json_x("INT8", [1] * 3072, scale=10**400), {}, 400, "tensor 'x': scale"),
+        ("int64 2**63 as a float", _json_x("INT64", [2.0**63] * 3072), {}, 400, "tensor 'x': values out of INT64"),
         ("not json", b"\xff\xfe garbage", {}, 400, "JSON"),
         ("header length > body", good[:10], {wire.HEADER_LENGTH: "1000"}, 400, "exceeds"),
         ("header length not a number", good, {wire.HEADER_LENGTH: "ten"}, 400, wire.HEADER_LENGTH),

@@ -7,6 +7,7 @@ import math
 import struct
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,6 +124,12 @@ BAD = [
         "scale",
     ),
     ("scale on fp32", lambda: _binary({"inputs": [_t(binary_data_size=8, scale=2.0)]}, b"\0" * 8), "scale"),
+    (  # no float holds it: float() raises OverflowError, which is no ValueError
+        "scale of 401 digits",
+        lambda: _binary({"inputs": [_t(dtype="INT8", binary_data_size=2, scale=10**400)]}, b"\1\2"),
+        "scale must be a finite number",
+    ),
+    ("int64 2**63 as a float", lambda: _j({"inputs": [_t(dtype="INT64") | {"data": [2.0**63, 1]}]}), "INT64 range"),
     ("id not string", lambda: _j({"id": 5, "inputs": [_t() | {"data": [1, 2]}]}), "id"),
     ("params not object", lambda: _j({"parameters": [], "inputs": [_t() | {"data": [1, 2]}]}), "parameters"),
 ]
@@ -134,6 +141,43 @@ def test_malformed_requests_are_refused(case: tuple) -> None:
     body, hlen = make()
     with pytest.raises(wire.WireError, match=match):
         wire.decode_request(body, hlen, 1 << 20)
+
+
+INTEGER_TYPES = ["INT8", "UINT8", "INT16", "INT32", "INT64"]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_TYPES)
+def test_integer_data_is_range_checked_exactly_as_ints_and_as_floats(dtype: str) -> None:
+    """JSON data of an integer datatype, as integer or float literals: the first value past
+    either end is refused naming the tensor and the range, and the last values inside decode
+    unchanged. For INT64 the float just past the top is 2**63 == float(2**63 - 1): compared as
+    float64 against the max it passes, and the cast wraps it to -2**63."""
+    info = np.iinfo(wire.DATATYPES[dtype][1])
+    step = max(1.0, 2.0 ** (info.bits - 53))  # the float spacing just inside the range's ends
+    out_of_range = f"tensor 'x': values out of {dtype} range"
+    not_numbers = "tensor 'x': data must be numbers"  # integers past INT64: numpy makes an object array
+    past = [
+        (info.max + 1, f"{out_of_range}|{not_numbers}"),
+        (info.min - 1, f"{out_of_range}|{not_numbers}"),
+        (float(info.max + 1), out_of_range),
+        (float(info.min) - step, out_of_range),
+    ]
+    for value, message in past:
+        body = json.dumps({"inputs": [_t(dtype=dtype, shape=[1, 1]) | {"data": [value]}]}).encode()
+        with pytest.raises(wire.WireError, match=message):
+            wire.decode_request(body, None)
+    inside = [float(info.max + 1) - step, float(info.min)]
+    body = json.dumps({"inputs": [_t(dtype=dtype) | {"data": inside}]}).encode()
+    got = wire.decode_request(body, None).inputs["x"]
+    assert got.tolist() == [[float(np.float32(v)) for v in inside]]
+
+
+def test_a_response_scale_no_float_holds_is_a_wire_error() -> None:
+    body = json.dumps(
+        {"outputs": [_t(name="logits", dtype="INT8") | {"data": [1, 2], "parameters": {"scale": 10**400}}]}
+    ).encode()
+    with pytest.raises(wire.WireError, match="tensor 'logits': scale must be a finite number"):
+        wire.decode_response(body, {})
 
 
 def test_header_length_parsing() -> None:

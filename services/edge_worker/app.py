@@ -112,7 +112,8 @@ def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerS
         settings.capacity_raise_after_s,
         outside=thread_cpu_clock(),  # called from the lifespan: the event loop's thread, where HTTP work runs
     )
-    return WorkerState(settings, entries, batcher, metrics, ready=True, capacity=meter)
+    profiling = settings.planner_url is not None  # the registration task profiles first
+    return WorkerState(settings, entries, batcher, metrics, ready=True, profiling=profiling, capacity=meter)
 
 
 Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
@@ -120,7 +121,8 @@ Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 
 def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
     """Start-up: load (unless given) and index the models, start the batcher and the planner
-    registration; shutdown: not ready, stop registering, drain the batcher."""
+    registration (ready once it has profiled the models); shutdown: not ready, stop
+    registering, drain the batcher."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,7 +135,12 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
         if settings.planner_url:
             public = settings.public_url or f"http://{settings.host}:{settings.port}"
             task = asyncio.create_task(run_registration(state, public))
-        log.info("edge worker ready: models %s, tier %s", sorted(state.models), settings.tier)
+        log.info(
+            "edge worker %s: models %s, tier %s",
+            "up, ready once profiled" if state.profiling else "ready",
+            sorted(state.models),
+            settings.tier,
+        )
         try:
             yield
         finally:

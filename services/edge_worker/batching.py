@@ -6,8 +6,9 @@ A batch closes when it holds `batch_max` requests, or `batch_wait_ms` after its 
 if a pool thread is free (otherwise it keeps filling until one frees up, so batches grow with
 load), or when the next request's rows would take it past `max_rows` rows (that request then
 opens the next batch): no batch ever concatenates more than `max_rows` rows. With
-`batch_max == 1` every request runs alone (no waiting). A batch's output is a tensor, or a
-tuple of tensors (e.g. logits and the exit that answered each row), split back by rows.
+`batch_max == 1` or `batch_wait_ms == 0` every request runs alone, as it arrives. A batch's
+output is a tensor, or a tuple of tensors (e.g. logits and the exit that answered each row),
+split back by rows.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Batcher:
         self.batch_max = batch_max
         self.max_rows = max_rows
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.immediate = batch_max == 1 or self.batch_wait_s <= 0  # every request runs as it arrives
         self.workers = workers
         self.slowdown = slowdown
         self.on_batch = on_batch  # (model, batch size, compute seconds), called on the loop
@@ -111,13 +113,21 @@ class Batcher:
         if batch is None:
             batch = _Batch(executor, target)
             self._open[key] = batch
-            if self.batch_max > 1 and self.batch_wait_s > 0:
+            if not self.immediate:
                 batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
         batch.rows += rows
-        if len(batch.items) >= self.batch_max or batch.timer is None:
+        if self._closes(batch):
             self._flush(key, batch)
         return await item.future
+
+    def _closes(self, batch: _Batch) -> bool:
+        """Whether `batch`, a request just added, runs now: without batching, when it is full,
+        or when its wait is over and a pool thread is free (a due batch whose threads are all
+        busy keeps filling until one frees up; `_done` dispatches it then). O(1)."""
+        if self.immediate or len(batch.items) >= self.batch_max:
+            return True
+        return batch.due and self._active < self.workers
 
     def _due(self, key: BatchKey, batch: _Batch) -> None:
         batch.timer = None

@@ -4,9 +4,10 @@ tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`, fall
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from dapdee.client.transport import check_base_url
 from dapdee.web.settings import SecuritySettings
 
 
@@ -18,7 +19,9 @@ class Settings(SecuritySettings):
 
     models: str = "zoo:resnet18"
     tier: str = Field(default="edge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    planner_url: str | None = None
+    planner_url: str | None = Field(
+        default=None, description="planner base URL to register with, http(s)://HOST[:PORT][/PATH] (unset: none)"
+    )
     public_url: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -71,6 +74,14 @@ class Settings(SecuritySettings):
         default=60.0, ge=0.0, description="the advertised capacity rises only after the relief has lasted this long"
     )
     planner_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+
+    @field_validator("planner_url")
+    @classmethod
+    def _planner_base_url(cls, v: str | None) -> str | None:
+        """The planner URL as the SDK takes it (`check_base_url`: http(s) with a host, no
+        query, fragment or credentials; trailing slash dropped), so a bad one fails at start-up
+        rather than in the registration task; empty means none."""
+        return check_base_url(v) if v else None
 
     def model_entries(self) -> list[tuple[str, str | None]]:
         """`models` as (spec, artifact dir or None) pairs."""

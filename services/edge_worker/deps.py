@@ -146,8 +146,14 @@ class WorkerState:
     metrics: EdgeMetrics
     inflight: int = 0  # infer requests being handled (metrics and heartbeats)
     capacity: CapacityMeter = field(default_factory=CapacityMeter)  # heartbeats' capacity_ms_per_s
-    ready: bool = False
+    ready: bool = False  # models loaded and not draining
+    profiling: bool = False  # registering with a planner, and the edge timings not settled yet
     registration: dict[str, Any] = field(default_factory=dict)  # planner registration status
+
+    def is_ready(self) -> bool:
+        """Ready for traffic (the v2 readiness answers): every model loaded, not draining, and,
+        when registering with a planner, the models profiled (or their profiling given up)."""
+        return self.ready and not self.profiling
 
 
 def get_state(request: Request) -> WorkerState:

@@ -85,7 +85,7 @@ async def decode(entry: ModelEntry, body: bytes, header_length: str | None) -> w
         raise ApiError(413, str(exc)) from None
     except wire.WireError as exc:
         raise ApiError(400, str(exc)) from None
-    except (TypeError, ValueError, RecursionError) as exc:  # a malformed body the codec missed
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # a malformed body the codec missed
         raise ApiError(400, f"malformed request: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 

@@ -1,10 +1,12 @@
 """Registration with the planner: the cost graph, this tier's edge timings, and heartbeats.
 
 Profiles come from a cache file when one matches the model's structure, else from
-`dapdee.profiler.profile_model` (then cached): `dapdee.profiler.load_or_measure`. The planner
-being away never stops the worker: every call is retried with backoff and failures are only
-logged. Planner calls go through the SDK (`dapdee.client.AsyncPlannerClient`), each with a
-`traceparent` of its own (the loop runs outside any request).
+`dapdee.profiler.profile_model` (then cached): `dapdee.profiler.load_or_measure`; the worker
+answers ready only once that is done. The planner being away never stops the worker: every
+call is retried with backoff and failures are only logged, and a round that fails in any other
+way is logged with its traceback and retried the same. Planner calls go through the SDK
+(`dapdee.client.AsyncPlannerClient`), each with a `traceparent` of its own (the loop runs
+outside any request).
 
 Tokens: registering graphs and profiles is an admin action (`DAPDEE_ADMIN_TOKEN`), heartbeats
 are the worker role's (`DAPDEE_WORKER_TOKEN`); `DAPDEE_API_TOKEN` stands in for either. With
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,7 @@ from dapdee.profiler import load_or_measure, profile_model
 
 log = logging.getLogger("dapdee.edge.registration")
 T = TypeVar("T")
+RETRY_FIRST_S = 0.5  # first back-off after a failed round (doubling up to heartbeat_s)
 
 
 def profile_path(cache_dir: str, model: str, tier: str) -> Path:
@@ -141,7 +144,10 @@ async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
             log.error("model %s: profiling failed (%s); registering without edge timings", name, why)
             continue
         if state.settings.request_samples and state.settings.self_url:
-            graphs[name] = entry.graph = await _with_request_cost(state, entry, state.settings.self_url)
+            try:
+                graphs[name] = entry.graph = await _with_request_cost(state, entry, state.settings.self_url)
+            except Exception:  # nor may measuring its request cost: the profile goes uncalibrated
+                log.exception("model %s: measuring the per-request cost failed; registering the profile as is", name)
     return graphs
 
 
@@ -176,58 +182,98 @@ async def _register(planner: AsyncPlannerClient, tier: str, graph: CostGraph, pu
 
 
 async def run_registration(state: WorkerState, public_url: str) -> None:
-    """Profile (or load) each model's edge timings, register graph and profile with the planner
-    until it accepts them (admin token), and heartbeat every `heartbeat_s` seconds (worker
-    token) until cancelled."""
+    """Profile (or load) each model's edge timings (the worker is not ready until then), then
+    register graph and profile with the planner until it accepts them (admin token) and
+    heartbeat every `heartbeat_s` seconds (worker token), until cancelled. Nothing else ends
+    it: a round that fails, whatever the error, is logged and retried with back-off."""
     s = state.settings
     assert s.planner_url is not None
-    auth = planner_auth(state)
-    async with contextlib.AsyncExitStack() as stack:
-        worker = await stack.enter_async_context(
-            AsyncPlannerClient(s.planner_url, auth.worker, timeout=s.planner_timeout_s)
-        )
-        admin = None
-        if auth.register:
-            admin = await stack.enter_async_context(
-                AsyncPlannerClient(s.planner_url, auth.admin, timeout=s.planner_timeout_s)
-            )
-        await _registration_loop(state, public_url, worker, admin)
-
-
-async def _registration_loop(
-    state: WorkerState, public_url: str, worker: AsyncPlannerClient, admin: AsyncPlannerClient | None
-) -> None:
-    s = state.settings
-    base = worker.base_url
-    reg = state.registration
-    reg.update({"planner": base, "registered": [], "heartbeats": 0, "profiled": []})
-    graphs = await _edge_graphs(state)
+    state.registration.update({"planner": s.planner_url, "registered": [], "heartbeats": 0, "profiled": []})
+    try:
+        graphs = await _edge_graphs(state)
+    finally:
+        state.profiling = False  # profiled, or registering without timings: ready either way
     state.capacity.reset()  # its own measuring requests were priced before it knew their cost
-    if admin is None:
-        log.warning(
-            "planner %s: registering models and edge profiles needs DAPDEE_ADMIN_TOKEN; "
-            "heartbeating only (the models must already be on the planner)",
-            base,
-        )
-    pending = dict(graphs) if admin is not None else {}
-    delay = 0.5
+    async with _Registrar(state, public_url, graphs) as registrar:
+        await _rounds(registrar.round, s.heartbeat_s, f"planner {s.planner_url}: registration round")
+
+
+async def _rounds(step: Callable[[], Awaitable[bool]], period_s: float, what: str) -> None:
+    """Await `step()` until cancelled: `period_s` after a round that succeeded (True), else after
+    a back-off of RETRY_FIRST_S doubling up to `period_s`. A round that raises is logged as
+    "`what` failed", with its traceback, and counts as failed: the loop must outlive any
+    surprise (as `dapdee.web.tasks.run_every` does, with back-off instead of a fixed period).
+    O(1) per round plus the step."""
+    delay = RETRY_FIRST_S
     while True:
-        for name, graph in list(pending.items()):
-            if admin is not None and await _register(admin, s.tier, graph, public_url):
-                pending.pop(name)
+        try:
+            ok = await step()
+        except Exception:
+            log.exception("%s failed; retrying in %.1f s", what, min(delay, period_s))
+            ok = False
+        if ok:
+            delay = RETRY_FIRST_S
+            await asyncio.sleep(period_s)
+        else:
+            await asyncio.sleep(min(delay, period_s))
+            delay = min(delay * 2, period_s)
+
+
+class _Registrar:
+    """The planner side of `run_registration`: its SDK clients (opened by the first round that
+    gets that far, closed on exit) and the graphs the planner does not hold yet."""
+
+    def __init__(self, state: WorkerState, public_url: str, graphs: dict[str, CostGraph]) -> None:
+        self.state, self.public_url, self.graphs = state, public_url, graphs
+        self.auth = planner_auth(state)
+        self.pending = dict(graphs) if self.auth.register else {}
+        self.worker: AsyncPlannerClient | None = None  # heartbeats and registration checks
+        self.admin: AsyncPlannerClient | None = None  # graphs and profiles
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> _Registrar:
+        if not self.auth.register:
+            log.warning(
+                "planner %s: registering models and edge profiles needs DAPDEE_ADMIN_TOKEN; "
+                "heartbeating only (the models must already be on the planner)",
+                self.state.settings.planner_url,
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _open(self) -> AsyncPlannerClient:
+        """The worker-token client, and the admin one when registering; each opened once.
+        Raises RequestError for a token or setting the SDK refuses."""
+        s = self.state.settings
+        assert s.planner_url is not None
+        if self.worker is None:
+            client = AsyncPlannerClient(s.planner_url, self.auth.worker, timeout=s.planner_timeout_s)
+            self.worker = await self._stack.enter_async_context(client)
+        if self.auth.register and self.admin is None:
+            client = AsyncPlannerClient(s.planner_url, self.auth.admin, timeout=s.planner_timeout_s)
+            self.admin = await self._stack.enter_async_context(client)
+        return self.worker
+
+    async def round(self) -> bool:
+        """Register the pending graphs, heartbeat, and once the heartbeat is taken with nothing
+        pending, check that the planner still holds every model (a restarted planner without
+        Redis forgot them: they are pending again). True when all of that took; planner
+        refusals and outages are logged by `_call`, anything else raises."""
+        worker = await self._open()
+        s, reg = self.state.settings, self.state.registration
+        for name, graph in list(self.pending.items()):
+            if self.admin is not None and await _register(self.admin, s.tier, graph, self.public_url):
+                self.pending.pop(name)
                 reg["registered"].append(name)
-        hb_ok = await _call("POST /workers/heartbeat", worker.heartbeat(heartbeat_body(state, public_url))) is not None
+        beat = heartbeat_body(self.state, self.public_url)
+        hb_ok = await _call("POST /workers/heartbeat", worker.heartbeat(beat)) is not None
         if hb_ok:
             reg["heartbeats"] += 1
-        if hb_ok and not pending and admin is not None:
-            # a restarted planner without Redis forgot everything: register again
-            for name, graph in graphs.items():
+        if hb_ok and not self.pending and self.admin is not None:
+            for name, graph in self.graphs.items():
                 if not await _still_registered(worker, name, s.tier, graph.has_timings("edge")):
-                    log.warning("planner %s lost model %s; registering it again", base, name)
-                    pending[name] = graph
-        if hb_ok and not pending:
-            delay = 0.5
-            await asyncio.sleep(s.heartbeat_s)
-        else:
-            await asyncio.sleep(min(delay, s.heartbeat_s))
-            delay = min(delay * 2, s.heartbeat_s)
+                    log.warning("planner %s lost model %s; registering it again", worker.base_url, name)
+                    self.pending[name] = graph
+        return hb_ok and not self.pending

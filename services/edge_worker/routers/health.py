@@ -36,9 +36,10 @@ async def live() -> Response:
 
 @router.get("/v2/health/ready", response_class=Response, responses=HEALTH_RESPONSES, dependencies=[require(PUBLIC)])
 async def ready(request: Request) -> Response:
-    """Every model is loaded and the worker is not draining (Kubernetes readinessProbe)."""
+    """Every model is loaded (and profiled, when registering with a planner) and the worker is
+    not draining (Kubernetes readinessProbe)."""
     state = getattr(request.app.state, "worker", None)
-    return health_status(state is not None and state.ready)
+    return health_status(state is not None and state.is_ready())
 
 
 @router.get("/v2", response_model=ServerMetadata, responses=ERRORS, dependencies=[require(ANY_ROLE)])

@@ -91,10 +91,11 @@ async def model_version_metadata(model: str, version: str, request: Request) -> 
     dependencies=[require(ANY_ROLE)],
 )
 async def model_ready(model: str, request: Request) -> Response:
-    """200 when the model is ready for inference, 400 when not (404: unknown model)."""
+    """200 when the model is ready for inference, 400 when not (the worker is not ready: still
+    profiling for the planner, or draining; 404: unknown model)."""
     state = get_state(request)
     get_model(state, model)
-    return health_status(state.ready)
+    return health_status(state.is_ready())
 
 
 @router.get(
@@ -107,7 +108,7 @@ async def model_version_ready(model: str, version: str, request: Request) -> Res
     """`GET /v2/models/{model}/ready` of one version."""
     state = get_state(request)
     get_model(state, model, version)
-    return health_status(state.ready)
+    return health_status(state.is_ready())
 
 
 @router.post("/v2/models/{model}/infer", **INFER_ROUTE)

@@ -1,0 +1,74 @@
+"""The edge worker's dynamic batcher under load, with a real torch model: the gated test model
+(`tests.edge_models:gated`) holds the one pool thread at its gate, so the test decides when the
+thread frees up without any timing assumption about the compute itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from dapdee.edge_worker.batching import Batcher, BatchResult
+from dapdee.models import LoadedModel, load_model
+from tests import edge_models
+
+WAIT_MS = 5.0
+ARRIVAL_S = 3 * WAIT_MS / 1000.0  # each request arrives after the open batch's wait is over
+
+
+@pytest.fixture(scope="module")
+def gated() -> LoadedModel:
+    return load_model("tests.edge_models:gated", input_shape=(1, 8))
+
+
+async def _while_busy(m: LoadedModel, batch_max: int, wait_ms: float, n: int) -> tuple[list[BatchResult], int]:
+    """Submit request 0, hold it at the gate on the only pool thread, then submit requests
+    1..n-1 one by one, `ARRIVAL_S` apart; open the gate once all have arrived. Each caller's
+    result, and the batches still open just before the gate opened."""
+    batcher = Batcher(batch_max, wait_ms, max_rows=64, workers=1)
+    key = (m.name, frozenset({m.input_name}), "final")
+    target = m.exit_node()
+
+    def submit(i: int) -> asyncio.Task[BatchResult]:
+        x = torch.full((1, 8), float(i))
+        return asyncio.create_task(batcher.submit(key, m.executor, target, {m.input_name: x}))
+
+    edge_models.ENTERED.clear()
+    edge_models.GATE.clear()
+    try:
+        tasks = [submit(0)]
+        assert await asyncio.to_thread(edge_models.ENTERED.wait, 30.0)  # request 0 holds the thread
+        for i in range(1, n):
+            await asyncio.sleep(ARRIVAL_S)  # timers run in deadline order: the open batch is due by now
+            tasks.append(submit(i))
+        await asyncio.sleep(ARRIVAL_S)
+        open_batches = batcher.stats()["open_batches"]
+    finally:
+        edge_models.GATE.set()
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 30.0)), open_batches
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize(
+    ("batch_max", "wait_ms", "sizes", "still_open"),
+    [
+        (8, WAIT_MS, [1, 4, 4, 4, 4], 1),  # due, no thread free: one batch keeps filling
+        (3, WAIT_MS, [1, 3, 3, 3, 1], 1),  # a full batch runs at once (queued); the next one fills
+        (8, 0.0, [1, 1, 1, 1, 1], 0),  # no wait configured: every request runs as it arrives
+    ],
+)
+def test_a_due_batch_keeps_filling_until_a_thread_frees_up(
+    gated: LoadedModel, batch_max: int, wait_ms: float, sizes: list[int], still_open: int
+) -> None:
+    """While the only pool thread is busy, requests arriving after a batch's wait is over join
+    that batch (up to `batch_max` requests) instead of each arrival dispatching it, so batches
+    grow with load; every caller still gets its own rows back."""
+    results, open_batches = asyncio.run(_while_busy(gated, batch_max, wait_ms, len(sizes)))
+    assert [r.batch_size for r in results] == sizes
+    assert open_batches == still_open
+    for i, r in enumerate(results):
+        assert isinstance(r.output, torch.Tensor)
+        assert torch.allclose(r.output, gated.run_exit(torch.full((1, 8), float(i))), atol=1e-6), i
