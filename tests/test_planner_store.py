@@ -18,6 +18,7 @@ import redis
 
 from dapdee.costgraph import CostGraph
 from dapdee.planner.config import Settings
+from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.store import CapacityExceeded, Profile, Store, VersionConflict, Worker
 from dapdee.planning import PlanRequest
@@ -363,6 +364,27 @@ def test_a_read_on_its_way_while_the_model_changes_is_answered_but_not_cached(pl
             proxy.release()
             await again
             assert a.models["m"].version == 2 and set(a.models["m"].profiles) == {"phone"}
+
+    asyncio.run(go())
+
+
+def test_a_failing_script_is_an_error_not_an_outage(planner_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A Lua script that Redis runs and that raises is a bug: the call fails (counted under its
+    op), logged at ERROR, and the link stays up, so the next call goes through at once. A
+    refused connection is an outage: the link is down and backs off."""
+
+    async def go() -> None:
+        async with running(settings(planner_prefix, redis_backoff_s=30.0)) as store:
+            link = store.link
+            with caplog.at_level(logging.ERROR, logger="dapdee.planner"), pytest.raises(RedisUnavailable):
+                await link.script("broken", "local x = nil; return x.y", [], [])
+            assert link.state == "up" and "redis script broken failed" in caplog.text
+            assert sample(store, "dapdee_planner_cache_errors_total", op="broken") == 1
+            assert await link.call("ping", lambda r: r.ping())
+        async with running(settings(planner_prefix, url="redis://127.0.0.1:1/0", redis_backoff_s=30.0)) as store:
+            with pytest.raises(RedisUnavailable):
+                await store.link.call("ping", lambda r: r.ping())
+            assert store.link.state == "down"
 
     asyncio.run(go())
 

@@ -4,7 +4,9 @@ Every call goes through `RedisLink.call`: a failure is counted under the call's 
 (`dapdee_planner_cache_errors_total{op}`), marks Redis down for a back-off period during which
 no call is even tried, and raises `RedisUnavailable`, which the callers turn into "answer from
 process memory" or "queue the write". Short socket timeouts keep a dead Redis from stalling a
-request. Lua scripts run with `EVALSHA` (loaded again after a Redis restart)."""
+request. Lua scripts run with `EVALSHA` (loaded again after a Redis restart). A script that
+Redis ran and that failed (a bug, not an outage) is counted and raised the same way but logged
+at ERROR and leaves the link up: it must not page as "Redis down" nor stop every other call."""
 
 from __future__ import annotations
 
@@ -73,6 +75,9 @@ class RedisLink:
             res = await fn(self.client)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self.metrics.cache_errors.labels(op).inc()
+            if _script_failed(exc):
+                log.error("redis script %s failed: %s", op, exc)
+                raise RedisUnavailable(str(exc)) from None
             if self.state != "down":
                 log.warning("redis unavailable (%s: %s); serving from the in-process cache", op, exc)
             self.state = "down"
@@ -124,3 +129,12 @@ class RedisLink:
             await asyncio.wait_for(client.aclose(), 2.0)
         except Exception as exc:  # closing must never fail a shutdown
             log.debug("redis client close: %s", exc)
+
+
+def _script_failed(exc: BaseException) -> bool:
+    """Whether Redis ran a Lua script and it raised (Redis 7 says `user_script:<line>` or `Error
+    running script`), as opposed to Redis not answering or refusing work (OOM, READONLY, BUSY)."""
+    from redis.exceptions import ResponseError
+
+    text = str(exc)
+    return isinstance(exc, ResponseError) and ("user_script:" in text or "Error running script" in text)
