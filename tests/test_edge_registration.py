@@ -95,6 +95,8 @@ def test_a_planner_url_the_sdk_cannot_use_is_refused_at_start_up(capsys: Any) ->
     for bad in ("127.0.0.1:8080", "ftp://planner:8080", "http://user:pw@planner:8080"):
         with pytest.raises(ValidationError, match="planner_url"):
             Settings(planner_url=bad)
+        with pytest.raises(ValidationError, match="public_url"):  # where devices reach it
+            Settings(public_url=bad)
     assert Settings(planner_url="http://planner:8080/").planner_url == "http://planner:8080"
     assert Settings(planner_url="").planner_url is None
     from dapdee.cli import main

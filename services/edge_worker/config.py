@@ -75,12 +75,13 @@ class Settings(SecuritySettings):
     )
     planner_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
 
-    @field_validator("planner_url")
+    @field_validator("planner_url", "public_url")
     @classmethod
-    def _planner_base_url(cls, v: str | None) -> str | None:
-        """The planner URL as the SDK takes it (`check_base_url`: http(s) with a host, no
-        query, fragment or credentials; trailing slash dropped), so a bad one fails at start-up
-        rather than in the registration task; empty means none."""
+    def _base_url(cls, v: str | None) -> str | None:
+        """The planner URL, and the URL devices reach this worker at, as the SDK takes them
+        (`check_base_url`: http(s) with a host, no query, fragment or credentials; trailing
+        slash dropped), so a bad one fails at start-up rather than in the registration task or
+        on every device; empty means none."""
         return check_base_url(v) if v else None
 
     def model_entries(self) -> list[tuple[str, str | None]]:
