@@ -456,7 +456,7 @@ def _parse_exit(i: int, ed: Any) -> Exit:
 
 def _check_ms(v: Any, where: str) -> float:
     """`v` as a float when it is a finite number in [0, MAX_MS], else CostGraphError naming `where`."""
-    if not _is_num(v) or not math.isfinite(v) or not 0 <= v <= MAX_MS:
+    if not is_finite_number(v) or not 0 <= v <= MAX_MS:
         raise CostGraphError(f"{where}: expected a finite number in [0, {MAX_MS:g}], got {v!r}")
     return float(v)
 
@@ -523,6 +523,18 @@ def _is_int(v: Any) -> bool:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_finite_number(v: Any) -> bool:
+    """Whether `v` is an int or float (not a bool) that a float holds finitely: an integer of
+    hundreds of digits (JSON allows it) is not, and must not reach `math.isfinite`, which raises
+    OverflowError for it. O(digits)."""
+    if not _is_num(v):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _req(d: dict, key: str, typ: type, where: str) -> Any:

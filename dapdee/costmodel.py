@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from dapdee.costgraph import NO_OVERHEADS, CostGraph, CostGraphError, Overheads
+from dapdee.costgraph import NO_OVERHEADS, CostGraph, CostGraphError, Overheads, is_finite_number
 
 
 @dataclass(frozen=True)
@@ -33,17 +33,13 @@ class Conditions:
 
 def check_conditions(bandwidth_mbps: float, rtt_ms: float, device_load: float, edge_load: float) -> None:
     """Raise ValueError naming the first out-of-range field."""
-    if not _finite(bandwidth_mbps) or bandwidth_mbps <= 0:
+    if not is_finite_number(bandwidth_mbps) or bandwidth_mbps <= 0:
         raise ValueError(f"bandwidth_mbps: must be a finite number > 0, got {bandwidth_mbps!r}")
-    if not _finite(rtt_ms) or rtt_ms < 0:
+    if not is_finite_number(rtt_ms) or rtt_ms < 0:
         raise ValueError(f"rtt_ms: must be a finite number >= 0, got {rtt_ms!r}")
     for name, v in (("device_load", device_load), ("edge_load", edge_load)):
-        if not _finite(v) or not 0.0 <= v < 1.0:
+        if not is_finite_number(v) or not 0.0 <= v < 1.0:
             raise ValueError(f"{name}: must be in [0, 1), got {v!r}")
-
-
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -173,7 +169,9 @@ def partition(graph: CostGraph, exit_name: str | None, device_nodes: Iterable[st
         device_nodes=tuple(n for n in needed if n in dev),
         edge_nodes=tuple(edge),
         transfer=tuple(transfer),
-        device_sum_ms=sum(graph.node(n).device_ms or 0.0 for n in dev),
+        # in topological order (as the plan map sums): a set's order follows string hashing,
+        # so replicas would disagree in the last bit
+        device_sum_ms=sum(graph.node(n).device_ms or 0.0 for n in needed if n in dev),
         edge_sum_ms=sum(graph.node(n).edge_ms or 0.0 for n in edge),
         overheads=graph.overheads,
     )

@@ -5,6 +5,7 @@ load from the other leases applied by hand, then the design's walk."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -161,3 +162,54 @@ def test_a_slowdown_lowers_admission_but_not_the_edge_load() -> None:
     assert got.plan["predicted"]["latency_ms"] == pytest.approx(1.8 + 5.0 / 0.7)
     got = plan_for_device([slow], req, 40.0)  # 300 + 5 x 40 = 500 > 450: Device-Only
     assert got.worker is None
+
+
+def test_latency_plans_past_the_enumeration_cap_are_the_brute_force_optimum() -> None:
+    """On plan maps capped at one candidate per exit (DAPDEE_PLANMAP_CAP: the enumeration is cut
+    short), a latency-mode plan is still the brute-force optimum over every (worker, partition)
+    pair, as `PlanMap.plan` makes it by the min-cut, and says `approximate: false`; unless the
+    min-cut partition does not fit some worker's admission, where the plan must say
+    `approximate: true`. (Before, the capped candidate set alone was scanned and every latency
+    plan on a capped map said approximate.)"""
+    rng = random.Random(25)
+    exact = 0
+    for case in range(200):
+        g, workers, fps = _random_fleet_case(rng)
+        req = replace(oracle.random_request(rng, mode="latency"), frame_rate=None)
+        slots = [
+            EdgeSlot(f"http://w{k}", PlanMap.build(CostGraph.from_dict(wg), cap=1), cap, res, nominal_ms_per_s=nom)
+            for k, (wg, cap, res, nom) in enumerate(workers)
+        ]
+        got = plan_for_device(slots, _plan_request(req), fps, RHO_MAX)
+        want = oracle.decide(g, req, brute_force(workers, req, fps))
+        if got.plan["approximate"] or want.fragile:
+            continue
+        assert (got.plan["exit"]["name"], got.plan["constraints_met"]) == (want.exit, want.met), case
+        assert oracle.close(got.plan["predicted"]["latency_ms"], want.value), (case, want.value)
+        exact += 1
+    assert exact >= 150, exact
+
+
+def test_a_throughput_tie_is_judged_over_all_workers_at_once() -> None:
+    """Bottlenecks within a relative 1e-9 of the lowest are tied and the lower latency wins, over
+    every (worker, partition) pair at once (as within one plan map): worker a's best is 9.9999999999
+    ms a frame in 14.9999999999 ms, worker b's 10.0 in 11.0, so b's is the plan. (Compared exactly
+    across workers, a's won.) The numbers: 5 input bytes at 1 ms a byte; a runs node b in just under
+    10 ms, b runs node a's 100 ms on the edge or 10 on the device."""
+
+    def graph(edge_a: float, edge_b: float) -> CostGraph:
+        nodes = [
+            {"name": "a", "inputs": ["x"], "out_bytes": 0, "device_ms": 10.0, "edge_ms": edge_a},
+            {"name": "b", "inputs": ["a"], "out_bytes": 1, "device_ms": 100.0, "edge_ms": edge_b},
+        ]
+        g = {"model": "m", "input": {"name": "x", "shape": [1], "bytes": 5}, "nodes": nodes}
+        return CostGraph.from_dict({**g, "exits": [{"name": "final", "node": "b", "accuracy": 0.9}]})
+
+    a = EdgeSlot("http://a", PlanMap.build(graph(0.0, 10.0 * (1 - 1e-11))), 1e9, 0.0, 0.0, 1e9)
+    b = EdgeSlot("http://b", PlanMap.build(graph(100.0, 1.0)), 1e9, 0.0, 0.0, 1e9)
+    req = PlanRequest(bandwidth_mbps=0.008, rtt_ms=0.0, mode="throughput")
+    alone = plan_for_device([a], req, None).plan["predicted"]
+    assert alone["bottleneck_ms"] < 10.0 and alone["latency_ms"] > 14.9
+    both = plan_for_device([a, b], req, None).plan
+    assert (both["edge_worker"], both["device_nodes"]) == ("http://b", ["a"])
+    assert (both["predicted"]["bottleneck_ms"], both["predicted"]["latency_ms"]) == (10.0, 11.0)

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from dapdee.costmodel import Conditions, Predicted, partition
-from dapdee.planning.planmap import CandSet, Choice, PlanMap, acc_ok, decide, plan_dict
+from dapdee.costmodel import Conditions, Predicted, partition, predict_sums
+from dapdee.planning.mincut import min_latency_mask
+from dapdee.planning.planmap import TIE_RTOL, CandSet, Choice, PlanMap, acc_ok, decide, plan_dict
 from dapdee.planning.request import PlanRequest
 
 MAX_EDGE_LOAD = 0.95
@@ -103,7 +104,8 @@ def plan_for_device(
     the module docstring). `edge_load` given: every worker is priced at it instead of its
     reserved load (admission still applies). Cost: one vectorised scan per (exit consulted,
     worker) of that exit's Pareto front. Exits beyond the plan map's enumeration cap are
-    scanned over their approximate candidate set, and the plan says `"approximate": true`."""
+    scanned over their approximate candidate set: a latency answer is then made exact by the
+    min-cut (where that partition is admissible), a throughput one says `"approximate": true`."""
     if not slots:
         raise ValueError("slots: a device needs at least one worker to plan against")
     if frames_per_s is not None and not frames_per_s > 0:
@@ -150,34 +152,78 @@ def _best_over_workers(
     frames_per_s: float | None,
     rho_max: float,
 ) -> Choice:
-    """Exit i's best admissible candidate over every worker under `objective` (latency: lowest
-    latency_ms; throughput: lowest bottleneck_ms, then latency_ms); ties keep the earlier worker
-    of `order`. O(Σ_w front size)."""
-    best: Choice | None = None
-    best_key: tuple[float, ...] = ()
+    """Exit i's best admissible candidate over every worker under `objective`, as a brute force
+    over every (worker, partition) pair ranks them (latency: lowest latency_ms; throughput:
+    lowest bottleneck_ms, and within a relative TIE_RTOL of the lowest over all workers, lowest
+    latency_ms); ties keep the earlier worker of `order`. O(Σ_w front size), and a min-cut per
+    worker for latency on an exit past the enumeration cap."""
+    picks = []
     for slot in order:
-        cs = slot.planmap.cands[i]
         key = (slot.url, i)
         if key not in masks:
-            masks[key] = admissible(cs, frames_per_s, slot, rho_max)
-        cond = conds[slot.url]
-        j = cs.best(objective, cond, masks[key])
-        pred = cs.predict(j, cond)
-        rank = (pred.latency_ms,) if objective == "latency" else (pred.bottleneck_ms, pred.latency_ms)
-        if best is not None and rank >= best_key:
-            continue
-        uses_edge = cs.masks[j] != cs.st.full
-        best = Choice(
-            i,
-            pred,
-            lambda cs=cs, j=j: cs.lists(j),
-            approximate=not cs.exact,
-            worker=slot.url if uses_edge else None,
-            edge_ms_per_frame=float(edge_ms_per_frame(cs)[j]),
-        )
-        best_key = rank
-    assert best is not None
-    return best
+            masks[key] = admissible(slot.planmap.cands[i], frames_per_s, slot, rho_max)
+        picks.append(_worker_best(slot, i, objective, conds[slot.url], masks[key], frames_per_s, rho_max))
+    if objective == "throughput":
+        limit = min(c.pred.bottleneck_ms for c in picks) * (1.0 + TIE_RTOL)
+        tied = [k for k, c in enumerate(picks) if c.pred.bottleneck_ms <= limit]
+        if len(tied) == 1:
+            return picks[tied[0]]
+        # each worker's own tie band may differ from the one over all workers
+        picks = [_within(order[k], i, conds[order[k].url], masks[(order[k].url, i)], limit) for k in tied]
+    return min(picks, key=lambda c: c.pred.latency_ms)  # min keeps the first of equals
+
+
+def _worker_best(
+    slot: EdgeSlot,
+    i: int,
+    objective: str,
+    cond: Conditions,
+    allowed: np.ndarray,
+    frames_per_s: float | None,
+    rho_max: float,
+) -> Choice:
+    """Exit i's best admissible candidate on one worker. On an exit past the enumeration cap a
+    latency answer is made exact as `PlanMap` makes it, by the min-cut over every partition,
+    when that partition is admissible here (else the candidate set's best, `approximate`)."""
+    cs = slot.planmap.cands[i]
+    j = cs.best(objective, cond, allowed)
+    best = _choice(slot, cs, i, j, cs.predict(j, cond), approximate=not cs.exact)
+    if objective != "latency" or cs.exact:
+        return best
+    st = cs.st
+    mask = min_latency_mask(st, cond)
+    d, b, e = st.sums(mask)
+    uses_edge = mask != st.full
+    pred = predict_sums(d, b, e, not uses_edge, cond, st.overheads)
+    e_i = e + st.overheads.edge_request_ms if uses_edge else 0.0
+    limit = rho_max * slot.capacity_ms_per_s
+    fits = not uses_edge or slot.reserved_ms_per_s + (frames_per_s or 0.0) * e_i <= limit
+    if not fits:
+        return best  # the unconstrained optimum is not admissible here: the scan's best, approximate
+    if pred.latency_ms < best.pred.latency_ms:
+        lists = lambda st=st, mask=mask: st.lists(mask)  # noqa: E731
+        return Choice(i, pred, lists, False, slot.url if uses_edge else None, e_i)
+    return replace(best, approximate=False)
+
+
+def _within(slot: EdgeSlot, i: int, cond: Conditions, allowed: np.ndarray, limit: float) -> Choice:
+    """Exit i's admissible candidate on one worker of lowest latency_ms among those whose
+    bottleneck_ms is within `limit` (the throughput tie band over all workers). O(front)."""
+    cs = slot.planmap.cands[i]
+    j = cs.best_latency(cond, allowed & (cs.bottlenecks(cond) <= limit))
+    return _choice(slot, cs, i, j, cs.predict(j, cond), approximate=not cs.exact)
+
+
+def _choice(slot: EdgeSlot, cs: CandSet, i: int, j: int, pred: Predicted, approximate: bool) -> Choice:
+    uses_edge = cs.masks[j] != cs.st.full
+    return Choice(
+        i,
+        pred,
+        lambda cs=cs, j=j: cs.lists(j),
+        approximate=approximate,
+        worker=slot.url if uses_edge else None,
+        edge_ms_per_frame=float(edge_ms_per_frame(cs)[j]),
+    )
 
 
 def meets_all(req: PlanRequest, pred: Predicted, accuracy: float | None) -> bool:

@@ -120,12 +120,13 @@ class CandSet:
         return self._row_list
 
     def latencies(self, cond: Conditions) -> np.ndarray:
-        """latency_ms of every candidate: device + uplink + edge stage times plus the round trip
-        where the edge is used (the cost model's stage weights applied elementwise, in the
-        order the small-front scan uses). O(n)."""
+        """latency_ms of every candidate: device + (uplink + round trip where the edge is used)
+        + edge stage times, the cost model's stage weights applied elementwise and added in
+        `costmodel.predict_sums`' order (as the small-front scan does): another order differs in
+        the last bit, and a budget equal to the best latency was then missed. O(n)."""
         wd, wb, we = stage_weights(cond)
         d, b, e, f = self._columns()
-        return d * wd + b * wb + e * we + f * cond.rtt_ms
+        return d * wd + (b * wb + f * cond.rtt_ms) + e * we
 
     def best_latency(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
         """Index of minimum latency_ms, the first on exact ties (among `allowed` candidates, a
@@ -137,14 +138,19 @@ class CandSet:
             lat[~allowed] = np.inf
         return int(lat.argmin())
 
+    def bottlenecks(self, cond: Conditions) -> np.ndarray:
+        """bottleneck_ms of every candidate: the slowest of its device, uplink and edge stages.
+        O(n)."""
+        wd, wb, we = stage_weights(cond)
+        d, b, e, _ = self._columns()
+        return np.maximum(np.maximum(d * wd, b * wb), e * we)
+
     def best_throughput(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
         """Index of minimum bottleneck_ms, ties (relative 1e-9) broken by lower latency_ms, then
         the first (among `allowed` candidates, as in `best_latency`). O(n)."""
         if len(self.masks) <= SMALL_FRONT:
             return _scan_throughput(self._rows(), cond, allowed)
-        wd, wb, we = stage_weights(cond)
-        d, b, e, _ = self._columns()
-        bott = np.maximum(np.maximum(d * wd, b * wb), e * we)
+        bott = self.bottlenecks(cond)
         if allowed is not None:
             bott[~allowed] = np.inf
         i = int(bott.argmin())
@@ -170,7 +176,7 @@ def _scan_latency(rows: list[tuple[float, float, float, float]], cond: Condition
     for i, (d, b, e, f) in enumerate(rows):
         if allowed is not None and not allowed[i]:
             continue
-        lat = d * wd + b * wb + e * we + f * rtt
+        lat = d * wd + (b * wb + f * rtt) + e * we
         if lat < best or at < 0:
             best, at = lat, i
     return at
@@ -187,7 +193,7 @@ def _scan_throughput(rows: list[tuple[float, float, float, float]], cond: Condit
     best, at = np.inf, -1
     for i, (d, b, e, f) in enumerate(rows):
         if bott[i] <= limit:
-            lat = d * wd + b * wb + e * we + f * rtt
+            lat = d * wd + (b * wb + f * rtt) + e * we
             if lat < best or at < 0:
                 best, at = lat, i
     return at

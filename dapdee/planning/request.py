@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from dapdee.costgraph import is_finite_number
 from dapdee.costmodel import Conditions, check_conditions
 
 MODES = ("auto", "latency", "throughput")
@@ -41,13 +41,13 @@ class PlanRequest:
     def check_requirements(self) -> None:
         """Validate the fields other than the run-time conditions (ValueError naming the field)."""
         b = self.latency_budget_ms
-        if b is not None and (not _is_num(b) or not math.isfinite(b) or b <= 0):
+        if b is not None and (not is_finite_number(b) or b <= 0):
             raise ValueError(f"latency_budget_ms: must be a finite number > 0, got {b!r}")
         a = self.min_accuracy
         if a is not None and (not _is_num(a) or not 0.0 <= a <= 1.0):
             raise ValueError(f"min_accuracy: must be a number in [0, 1], got {a!r}")
         f = self.frame_rate
-        if f is not None and (not _is_num(f) or not math.isfinite(f) or f <= 0):
+        if f is not None and (not is_finite_number(f) or f <= 0):
             raise ValueError(f"frame_rate: must be a finite number > 0, got {f!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {'|'.join(MODES)}, got {self.mode!r}")
