@@ -39,6 +39,10 @@ class GraphExecutor:
             if n.op != "output":
                 self.nodes[n.name] = n
         self.order = {name: i for i, name in enumerate(self.nodes)}
+        # the batch data: the inputs and the nodes that depend on them (per-row values, or a number
+        # read off them such as `x.shape[0]`); parameters, buffers and what is computed from them
+        # alone are not, whatever their first dimension
+        self.batch_nodes = _input_dependent(gm.graph)
         self._modules = dict(gm.named_modules())
         self._plans: dict[tuple[frozenset[str], tuple[str, ...]], tuple[list[fx.Node], list[list[str]]]] = {}
 
@@ -161,12 +165,13 @@ class Walk:
             env[name] = v
         self._ex = ex
         self._plan, self._releases = ex._scheduled(env, targets, allowed)
-        self._given = tuple(env)
         for name in self._releases[-1]:
             del env[name]
         self._env = env
         self._step = 0
-        first = next((v for v in given.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        first = next(
+            (v for k, v in given.items() if k in ex.batch_nodes and isinstance(v, torch.Tensor) and v.dim() > 0), None
+        )
         self.rows: int | None = None if first is None else int(first.shape[0])
 
     @property
@@ -195,18 +200,15 @@ class Walk:
 
     def select_rows(self, rows: torch.Tensor) -> bool:
         """Keep only the batch rows `rows` (indices into the current rows, ascending) of every
-        value held that derives from the given values, so the rest of the walk computes those
-        rows only. Returns False and changes nothing when some such value cannot be cut by rows
-        (not a tensor with the batch first, e.g. a traced `x.shape[0]`); the walk then goes on
-        with every row. O(values held + steps run)."""
+        value held that is batch data (`GraphExecutor.batch_nodes`: it depends on the graph
+        input; a parameter is left whole), so the rest of the walk computes those rows only.
+        Returns False and changes nothing when some such value cannot be cut by rows (not a
+        tensor with the batch first, e.g. a traced `x.shape[0]`); the walk then goes on with
+        every row. O(values held)."""
         if self.rows is None:
             return False
-        batched = set(self._given)
-        for fx_node in self._plan[: self._step]:
-            if any(inp.name in batched for inp in fx_node.all_input_nodes):
-                batched.add(fx_node.name)
-        cut = [name for name in self._env if name in batched]
-        if not all(_row_major(self._env[name], self.rows) for name in cut):
+        cut = [name for name in self._env if name in self._ex.batch_nodes]
+        if not all(row_major(self._env[name], self.rows) for name in cut):
             return False
         for name in cut:
             self._env[name] = self._env[name].index_select(0, rows)
@@ -214,7 +216,17 @@ class Walk:
         return True
 
 
-def _row_major(v: Any, rows: int) -> bool:
+def _input_dependent(graph: fx.Graph) -> frozenset[str]:
+    """The names of the graph's placeholders and of every node that reads one of them, directly
+    or through other nodes (the graph is in topological order). O(V + E)."""
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or (node.op != "output" and any(inp.name in found for inp in node.all_input_nodes)):
+            found.add(node.name)
+    return frozenset(found)
+
+
+def row_major(v: Any, rows: int) -> bool:
     """Whether `v` is a tensor whose first dimension is the batch of `rows` rows."""
     return isinstance(v, torch.Tensor) and v.dim() > 0 and int(v.shape[0]) == rows
 

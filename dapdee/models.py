@@ -31,6 +31,7 @@ from dapdee.zoo import ZOO
 MANIFEST = "manifest.json"
 FRAME_NODE = "frame"  # the first node of an artifact's graph: raw uint8 frame -> normalised input
 WEIGHTS = "weights.safetensors"
+FACTOR_OPTIONS = ("width", "tail")  # zoo options that scale channel counts: finite numbers > 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ def _parse_value(v: str) -> Any:
 
 
 def parse_spec(spec: str) -> ModelSpec:
+    """The parsed MODEL argument (see the module doc); ModelError naming the problem for an
+    empty spec, an unknown zoo model, a channel factor (`width`, `tail`) that is not a finite
+    number > 0, or a spec of neither form. O(len(spec))."""
     if not isinstance(spec, str) or not spec:
         raise ModelError("model spec: empty")
     if spec.startswith("zoo:"):
@@ -62,6 +66,10 @@ def parse_spec(spec: str) -> ModelSpec:
         if name not in ZOO:
             raise ModelError(f"model spec {spec!r}: unknown zoo model {name!r}; zoo has {', '.join(sorted(ZOO))}")
         opts = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True, strict_parsing=False)}
+        for key in FACTOR_OPTIONS:
+            v = opts.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ModelError(f"model spec {spec!r}: bad options ({key}: expected a finite number > 0, got {v!r})")
         return ModelSpec(spec, "zoo", name, opts)
     if spec.count(":") != 1:
         raise ModelError(f"model spec {spec!r}: expected zoo:NAME or package.module:factory")
@@ -74,7 +82,8 @@ def build_module(spec: ModelSpec) -> nn.Module:
         try:
             module = ZOO[spec.target](**spec.options)
         except (TypeError, ValueError) as exc:
-            raise ModelError(f"model spec {spec.spec!r}: bad options ({exc})") from None
+            reason = str(exc).partition("\n")[0]  # one line: torch's messages carry a C++ trace
+            raise ModelError(f"model spec {spec.spec!r}: bad options ({reason})") from None
     else:
         mod_name, fn_name = spec.target.split(":")
         try:
@@ -164,8 +173,16 @@ def example_input(
     return torch.randn(tuple(input_shape), generator=generator)
 
 
-def _insert_frame_node(gm: fx.GraphModule, frame: nn.Module) -> None:
-    """Make `frame` the graph's first node: every user of the input placeholder reads its output."""
+def _insert_frame_node(gm: fx.GraphModule, frame: nn.Module, name: str) -> None:
+    """Make `frame` the graph's first node, named `frame` (FRAME_NODE): every user of the input
+    placeholder reads its output. ModelError naming the clash when model `name`'s traced graph
+    already has a node or an attribute of that name (it would be replaced or renamed)."""
+    clash = hasattr(gm, FRAME_NODE) or any(n.name == FRAME_NODE for n in gm.graph.nodes)
+    if clash:
+        raise ModelError(
+            f"{name}: the model has its own {FRAME_NODE!r} (a submodule, attribute or traced node of that "
+            f"name); a graph taking the raw frame names its normalising first node {FRAME_NODE!r}: rename the model's"
+        )
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         return  # trace() reports the arity problem
@@ -230,7 +247,7 @@ def trace(
     except Exception as exc:
         raise ModelError(f"torch.fx cannot trace {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if frame is not None:
-        _insert_frame_node(gm, frame)
+        _insert_frame_node(gm, frame, name)
     gm.eval()
     ex = GraphExecutor(gm)
     if len(ex.placeholders) != 1:

@@ -89,11 +89,26 @@ def profile_model(
     return graph.with_timings(tier, timings, meta)
 
 
-def read_cached_profile(path: str | Path, graph: CostGraph, tier: str) -> CostGraph:
+class ProfileSettingsError(ProfileCacheError):
+    """A cached profile of the model measured under other settings (slowdown, threads) than
+    asked: stale, not broken; the message names the file and the setting."""
+
+
+def read_cached_profile(
+    path: str | Path,
+    graph: CostGraph,
+    tier: str,
+    *,
+    slowdown: float | None = None,
+    threads: int | None = None,
+) -> CostGraph:
     """The profile cached at `path` when it describes `graph` (same structure) and times every
-    node for `tier`; else ProfileCacheError naming the file and why. The cache holds timings:
-    the exits' accuracies and the calibrated confidence exits are `graph`'s (an artifact
-    calibrated after its profile was cached keeps its thresholds). O(file size)."""
+    node for `tier`; else ProfileCacheError naming the file and why. With `slowdown` (and
+    `threads`), the profile's recorded `meta.<tier>` settings must be those
+    (ProfileSettingsError naming the setting otherwise; a setting the file does not record is
+    not checked). The cache holds timings: the exits' accuracies and the calibrated confidence
+    exits are `graph`'s (an artifact calibrated after its profile was cached keeps its
+    thresholds). O(file size)."""
     try:
         cached = CostGraph.load(str(path))
     except CostGraphError as exc:
@@ -102,6 +117,12 @@ def read_cached_profile(path: str | Path, graph: CostGraph, tier: str) -> CostGr
         raise ProfileCacheError(
             f"profile {str(path)!r} does not match model {graph.model!r} (other nodes or no {tier}_ms)"
         )
+    recorded = cached.meta.get(tier)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for key, want in (("slowdown", slowdown), ("threads", threads)):
+        have = recorded.get(key)
+        if want is not None and have is not None and have != want:
+            raise ProfileSettingsError(f"profile {str(path)!r} was measured at {key} {have!r}, not {want!r}")
     return replace(cached, exits=graph.exits, progressive=graph.progressive)
 
 
@@ -112,23 +133,32 @@ def load_or_measure(
     measure: Callable[[], CostGraph] | None = None,
     *,
     strict: bool = False,
+    slowdown: float | None = None,
+    threads: int | None = None,
 ) -> CostGraph:
-    """`loaded`'s `tier` profile: the one cached at `path` when it matches the model
-    (`read_cached_profile`), else `measure()` (default `profile_model(loaded, tier)`), then
-    written to `path` (atomically; a failed write is logged, not raised). An unusable cache is
-    measured again with a warning, or with `strict` raises ProfileCacheError. `path` None: no
-    cache. O(file size) from the cache, else the measurement's cost."""
+    """`loaded`'s `tier` profile: the one cached at `path` when it matches the model and the
+    settings asked (`read_cached_profile` with `slowdown`, `threads`), else `measure()`
+    (default `profile_model(loaded, tier)` at those settings), then written to `path`
+    (atomically; a failed write is logged, not raised). An unusable cache is measured again
+    with a warning, or with `strict` raises ProfileCacheError; a cache of the model measured
+    under other settings is always measured again (with a warning) and replaced. `path` None:
+    no cache. O(file size) from the cache, else the measurement's cost."""
     if path is not None and Path(path).is_file():
         try:
-            cached = read_cached_profile(path, loaded.graph, tier)
+            cached = read_cached_profile(path, loaded.graph, tier, slowdown=slowdown, threads=threads)
             log.info("model %s: %s profile from %s", loaded.name, tier, path)
             return cached
+        except ProfileSettingsError as exc:
+            log.warning("%s; measuring again", exc)
         except ProfileCacheError as exc:
             if strict:
                 raise ProfileCacheError(f"{exc}; delete it to measure again") from None
             log.warning("%s; measuring again", exc)
     log.info("model %s: measuring %s timings", loaded.name, tier)
-    graph = measure() if measure is not None else profile_model(loaded, tier)
+    if measure is None:
+        graph = profile_model(loaded, tier, slowdown=1.0 if slowdown is None else slowdown, threads=threads)
+    else:
+        graph = measure()
     if path is not None:
         target = Path(path)
         try:

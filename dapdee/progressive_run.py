@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from dapdee.costgraph import CostGraph
-from dapdee.executor import GraphExecutor
+from dapdee.executor import GraphExecutor, row_major
 from dapdee.planning.progressive import HeadStructure, _check_columns, require_progressive
 from dapdee.training.confidence import confidence
 
@@ -179,18 +179,27 @@ class Leave:
 @dataclass(frozen=True)
 class PartResult:
     """One side's progressive run over a batch of `rows` rows: the rows each head answered (in
-    check order), the rows no head answered (`rest`, ascending) and, for those rows, the values
-    of the targets asked for."""
+    check order), the rows no head answered (`rest`, ascending) and the values of the targets
+    asked for. Those values are for the rows `rest`, or, when `held` is set, for the rows
+    `held` (ascending, a superset of `rest`): every row the walk held at its end, when rows that
+    left could not be dropped from it and a target cannot be cut by rows (a number such as a
+    traced `x.shape[0]` counts the rows held)."""
 
     rows: int
     left: tuple[Leave, ...]
     rest: torch.Tensor
     values: dict[str, Any]
+    held: torch.Tensor | None = None
 
     @property
     def answered(self) -> bool:
         """Whether a head answered every row."""
         return self.rest.numel() == 0
+
+    def rest_of_held(self) -> torch.Tensor | None:
+        """The positions of the `rest` rows among the `held` rows (None when `held` is not set).
+        O(rows · log rows)."""
+        return None if self.held is None else torch.searchsorted(self.held, self.rest)
 
     def answers(self, exit_name: str, exit_node: str) -> tuple[list[str], torch.Tensor]:
         """Per row, the exit that answered and its logits ([rows, classes]), the rows no head
@@ -199,7 +208,9 @@ class PartResult:
         exits = [exit_name] * self.rows
         parts = [(lv.rows, lv.logits) for lv in self.left]
         if self.rest.numel():
-            parts.append((self.rest, self.values[exit_node]))
+            rest_logits = self.values[exit_node]
+            pick = self.rest_of_held()
+            parts.append((self.rest, rest_logits if pick is None else rest_logits.index_select(0, pick)))
         first = parts[0][1]
         logits = torch.empty((self.rows, *first.shape[1:]), dtype=first.dtype)
         for rows, lg in parts:
@@ -219,16 +230,17 @@ def run_part(
 ) -> PartResult:
     """Run one side of a progressive plan on the batch in `given` (first dimension = rows):
     compute in graph order, check each head of `part` at its point, let the confident rows leave
-    there and go on with the others only; the rows no head answered get the values of `targets`.
-    With `allowed`, refuses (ValueError) to compute a node outside it. Call under
-    `torch.inference_mode`. Time: the side's nodes for the rows still in the walk, plus
-    O(rows · classes) per head; nothing after the point where the last row left is computed."""
+    there and go on with the others only; the rows no head answered get the values of `targets`
+    (see `PartResult` for when those cover more rows). With `allowed`, refuses (ValueError) to
+    compute a node outside it. Call under `torch.inference_mode`. Time: the side's nodes for the
+    rows still in the walk, plus O(rows · classes) per head; nothing after the point where the
+    last row left is computed."""
     walk = executor.walk(given, targets, keep=[h.node for h in part.heads], allowed=allowed)
-    n = walk.rows or 1
+    n = 1 if walk.rows is None else walk.rows
     alive = list(range(n))  # the batch row of each row in the walk
     pending = [True] * n  # per row of the walk: no head answered it yet
     left: list[Leave] = []
-    for head in part.heads:  # bookkeeping in Python lists: few small tensor ops per check
+    for head in part.heads if n else ():  # bookkeeping in Python lists: few small tensor ops per check
         walk.run_until(head.after)
         logits = walk.value(head.node)
         confident = (confidence(logits.reshape(len(alive), -1)) >= head.threshold).tolist()
@@ -246,16 +258,15 @@ def run_part(
             alive, pending = [alive[i] for i in keep], [True] * len(keep)
     walk.run_until(None)
     rest = [i for i, p in enumerate(pending) if p]
-    values = {t: _rows(walk.value(t), rest, len(alive)) for t in targets}
-    return PartResult(n, tuple(left), torch.tensor([alive[i] for i in rest], dtype=torch.long), values)
-
-
-def _rows(v: Any, rest: list[int], rows: int) -> Any:
-    """`v` restricted to the walk rows `rest` (unchanged when that is every row or `v` is not a
-    tensor of those rows)."""
-    if len(rest) == rows or not (isinstance(v, torch.Tensor) and v.dim() > 0 and int(v.shape[0]) == rows):
-        return v
-    return v.index_select(0, torch.tensor(rest))
+    values = {t: walk.value(t) for t in targets}
+    held = None
+    if len(rest) < len(alive):  # rows left that the walk could not drop
+        batch = [t for t in targets if t in executor.batch_nodes]
+        if all(row_major(values[t], len(alive)) for t in batch):
+            values.update({t: values[t].index_select(0, torch.tensor(rest)) for t in batch})
+        else:
+            held = torch.tensor(alive, dtype=torch.long)
+    return PartResult(n, tuple(left), torch.tensor([alive[i] for i in rest], dtype=torch.long), values, held)
 
 
 @dataclass(frozen=True)
@@ -275,9 +286,13 @@ def run_sides(executor: GraphExecutor, sides: Sides, input_name: str, x: torch.T
     under `torch.inference_mode`. Time: both sides' nodes for the rows that reach them."""
     dev = run_part(executor, {input_name: x}, sides.device, sides.device_targets, allowed=set(sides.device.nodes))
     if sides.uses_edge and dev.rest.numel():
-        sent = {n: (x[dev.rest] if n == input_name else dev.values[n]) for n in sides.transfer}
+        rows = dev.rest if dev.held is None else dev.held  # the rows the sent values are for
+        sent = {n: (x[rows] if n == input_name else dev.values[n]) for n in sides.transfer}
         edge = run_part(executor, sent, sides.edge, [sides.exit_node], allowed=set(sides.edge.nodes))
         edge_exits, edge_logits = edge.answers(sides.exit, sides.exit_node)
+        pick = dev.rest_of_held()
+        if pick is not None:  # the edge ran every row the device held: keep the rows that went on
+            edge_exits, edge_logits = [edge_exits[i] for i in pick.tolist()], edge_logits.index_select(0, pick)
         rest = PartResult(len(x), dev.left, dev.rest, {sides.exit_node: edge_logits})
         exits, logits = rest.answers(sides.exit, sides.exit_node)
         for row, e in zip(dev.rest.tolist(), edge_exits, strict=True):

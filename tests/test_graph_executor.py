@@ -16,6 +16,7 @@ from torch import nn
 from dapdee.cli import main as cli_main
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.costmodel import partition
+from dapdee.data import FrameNormalize
 from dapdee.models import LoadedModel, ModelError, load_model, trace
 
 ZOO_SPECS = [
@@ -181,6 +182,66 @@ def test_graph_cli_bad_inputs(argv: list[str], needle: str, capsys: pytest.Captu
     assert cli_main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("dapdee: error:") and needle in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "option"),
+    [
+        ("zoo:alexnet?width=inf", "width"),
+        ("zoo:alexnet?width=1e400", "width"),
+        ("zoo:alexnet?width=nan", "width"),
+        ("zoo:alexnet?width=0", "width"),
+        ("zoo:vgg16?width=-0.5", "width"),
+        ("zoo:resnet18?width=0.25&tail=inf", "tail"),
+    ],
+)
+def test_graph_cli_channel_factors_must_be_finite_and_positive(
+    spec: str, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`width` / `tail` of a zoo spec: exit 2 and one line naming the option, never a traceback."""
+    assert cli_main(["graph", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dapdee: error:") and f"{option}: expected a finite number > 0" in err and "\n" not in err
+
+
+class OwnFrame(nn.Module):
+    """A model with its own layer named `frame`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frame = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.frame(x).mean((2, 3)))
+
+
+class FrameArgument(nn.Module):
+    """A model whose input is called `frame` (the traced placeholder's name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(frame).mean((2, 3)))
+
+
+@pytest.mark.parametrize("factory", [OwnFrame, FrameArgument])
+def test_raw_frame_input_refuses_a_model_with_its_own_frame(factory: type[nn.Module]) -> None:
+    """The raw-frame input's first node is `frame`: a model that already has that name is
+    refused (naming the clash) rather than having its own `frame` replaced or renamed; traced
+    without the raw-frame input it runs as it is."""
+    torch.manual_seed(0)
+    m = factory().eval()
+    fr = FrameNormalize(1 / 255, [0.5] * 3, [0.25] * 3)
+    with pytest.raises(ModelError, match="own 'frame'"):
+        trace(m, (1, 3, 8, 8), "own", fr)
+    _, g, ex = trace(m, (1, 3, 8, 8), "own")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(ex.compute({g.input.name: x}, [g.exits[-1].node])[g.exits[-1].node], m(x))
 
 
 class Untraceable(nn.Module):

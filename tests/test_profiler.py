@@ -7,7 +7,14 @@ import pytest
 from dapdee.cli import main as cli_main
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.models import load_model
-from dapdee.profiler import FlopsPredictor, merge_profiles, profile_model
+from dapdee.profiler import (
+    FlopsPredictor,
+    ProfileCacheError,
+    load_or_measure,
+    merge_profiles,
+    profile_model,
+    read_cached_profile,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +45,29 @@ def test_slowdown_multiplies_every_measurement(resnet) -> None:
     assert all(n.device_ms >= 10.0 for n in g.nodes), min(n.device_ms for n in g.nodes)
     with pytest.raises(ValueError, match="slowdown"):
         profile_model(resnet, "device", slowdown=0.5, repeats=1, warmup=0)
+
+
+def test_cached_profile_of_other_settings_is_measured_again(resnet, tmp_path) -> None:
+    """A cache measured at slowdown 1 is used at slowdown 1, never published as slowdown 10:
+    there it is measured again (even `strict`, which refuses only unusable files) and the file
+    replaced; recorded threads are compared too."""
+    path = tmp_path / "device.json"
+    k1 = profile_model(resnet, "device", slowdown=1.0, threads=1, repeats=1, warmup=0)
+    k1.save(str(path))
+    measured: list[float] = []
+
+    def measure(k: float) -> CostGraph:
+        measured.append(k)
+        return profile_model(resnet, "device", slowdown=k, threads=1, repeats=1, warmup=0)
+
+    same = load_or_measure(resnet, "device", path, lambda: measure(1.0), strict=True, slowdown=1.0, threads=1)
+    assert measured == [] and [n.device_ms for n in same.nodes] == [n.device_ms for n in k1.nodes]
+    k10 = load_or_measure(resnet, "device", path, lambda: measure(10.0), strict=True, slowdown=10.0, threads=1)
+    assert measured == [10.0] and k10.meta["device"]["slowdown"] == 10.0
+    assert CostGraph.load(str(path)).meta["device"]["slowdown"] == 10.0
+    with pytest.raises(ProfileCacheError, match="threads 1, not 2"):
+        read_cached_profile(path, resnet.graph, "device", slowdown=10.0, threads=2)
+    assert read_cached_profile(path, resnet.graph, "device").meta["device"]["slowdown"] == 10.0  # nothing asked
 
 
 def test_merge_refuses_different_graphs(resnet, tmp_path) -> None:

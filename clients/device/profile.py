@@ -84,9 +84,8 @@ def measure_device_profile(
 def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10) -> CostGraph:
     """The profile cached at `path` when it matches the model (ValueError naming the file when
     it does not), else measured (`measure_device_profile`) and written there."""
-    return load_or_measure(
-        loaded, "device", path, lambda: measure_device_profile(loaded, slowdown, repeats), strict=True
-    )
+    measure = lambda: measure_device_profile(loaded, slowdown, repeats)  # noqa: E731
+    return load_or_measure(loaded, "device", path, measure, strict=True, slowdown=slowdown)
 
 
 async def _ensure_model(planner: AsyncPlannerClient, admin: AsyncPlannerClient | None, graph: CostGraph) -> None:

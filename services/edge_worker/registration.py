@@ -52,7 +52,7 @@ def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
             entry.loaded, tier="edge", slowdown=s.slowdown, repeats=s.profile_repeats, warmup=s.profile_warmup
         )
 
-    return load_or_measure(entry.loaded, "edge", path, measure)
+    return load_or_measure(entry.loaded, "edge", path, measure, slowdown=s.slowdown)
 
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
