@@ -6,15 +6,17 @@ the edge worker refuses prometheus_client's multiprocess mode (one process per p
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from dapdee.client import EdgeClient, PlannerClient
 from dapdee.edge_worker.app import create_app as create_edge
@@ -25,7 +27,7 @@ from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
 from dapdee.planner.metrics import BUILD_BUCKETS, PLAN_BUCKETS, PlannerMetrics
 from dapdee.testing import ServerThread
-from dapdee.web.prometheus import MULTIPROC_ENV, multiprocess_dir, remove_dead, shared_directory
+from dapdee.web.prometheus import MULTIPROC_ENV, SharedExposition, multiprocess_dir, remove_dead, shared_directory
 from tests.metrics_scrape import check_histogram, parse, tiny_graph, value
 
 RUNTIME = ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "python_info")
@@ -137,6 +139,149 @@ def test_remove_dead_drops_only_the_live_gauges_of_exited_processes(tmp_path: Pa
     assert remove_dead(str(tmp_path)) == [gone.pid]
     left = sorted(os.listdir(tmp_path))
     assert left == sorted([f"counter_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db", f"gauge_max_{gone.pid}.db"])
+
+
+# a process of multiprocess mode writing live gauges of every merge and a counter, then exiting
+_WRITER = """
+from prometheus_client import Counter, Gauge
+Counter("dapdee_test_requests", "requests").inc(3)
+for mode in ("livesum", "livemax", "livemin"):
+    Gauge(f"dapdee_test_{mode}", mode, multiprocess_mode=mode).set(7)
+"""
+PID_MAX_LIMIT = 1 << 22  # Linux: no pid reaches this
+
+
+def test_concurrent_scrapes_remove_a_dead_process_s_files_without_failing(tmp_path: Path) -> None:
+    """Two processes answering two scrapes at once after a worker process died: both remove the
+    dead process's live-gauge files; the one that finds a file already gone goes on (it used to
+    raise FileNotFoundError: /metrics 500). Real files of a real exited process, copied under
+    more dead pids so that the two removals overlap."""
+    env = {**os.environ, MULTIPROC_ENV: str(tmp_path)}
+    gone = subprocess.run([sys.executable, "-c", _WRITER], env=env, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 0 and gone.stderr == "", gone.stderr
+    written = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    live = [n for n in written if n.startswith("gauge_live")]
+    assert len(live) == 3 and len(written) == 4, sorted(written)
+    own = tmp_path / f"gauge_livesum_{os.getpid()}.db"  # a live process's file: kept
+    own.write_bytes(written[live[0]])
+    scrapes = [SharedExposition(str(tmp_path), CollectorRegistry(), ()) for _ in range(2)]
+    for round_ in range(100):
+        for i in range(40):
+            for name in live:
+                pid = name[: -len(".db")].rsplit("_", 1)[1]
+                (tmp_path / name.replace(f"_{pid}.db", f"_{PID_MAX_LIMIT + i}.db")).write_bytes(written[name])
+        errors, texts = _render_at_once(scrapes)
+        assert not errors, f"round {round_}: {errors!r}"
+        assert sorted(os.listdir(tmp_path)) == sorted([f"counter_{gone_pid(written)}.db", own.name])
+        for text in texts:
+            assert value(parse(text.decode()), "dapdee_test_requests_total") == 3
+
+
+def _render_at_once(scrapes: list[SharedExposition]) -> tuple[list[Exception], list[bytes]]:
+    """Render every one of `scrapes` at once, each in its own thread: what each raised, and
+    the texts rendered."""
+    barrier = threading.Barrier(len(scrapes))
+    errors: list[Exception] = []
+    texts: list[bytes] = []
+
+    def scrape(shared: SharedExposition) -> None:
+        barrier.wait()
+        try:
+            texts.append(shared.render())
+        except Exception as e:  # what /metrics would have answered 500 for
+            errors.append(e)
+
+    threads = [threading.Thread(target=scrape, args=(shared,)) for shared in scrapes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return errors, texts
+
+
+def gone_pid(written: dict[str, bytes]) -> int:
+    """The pid of the exited writer process, read from its counter file's name."""
+    (name,) = [n for n in written if n.startswith("counter_")]
+    return int(name[: -len(".db")].rsplit("_", 1)[1])
+
+
+WORKER_FAMILIES = (
+    "dapdee_planner_worker_capacity_ms_per_second",
+    "dapdee_planner_worker_leased_ms_per_second",
+    "dapdee_planner_worker_leases",
+)
+# a planner process of multiprocess mode: its fleet gauges as the worker set changes, and
+# (argv[1] == "race") scrapes rendered while another thread keeps refreshing the fleet;
+# argv[2:]: the per-worker families
+_FLEET = """
+import json, sys, threading, warnings
+if sys.argv[1] == "race":
+    warnings.simplefilter("ignore")  # the race alone: the warnings are the other test's
+from dapdee.planner.metrics import PlannerMetrics
+FAMILIES = sys.argv[2:]
+live = {"http://edge-a:8000": (1000.0, 400.0, 2), "http://edge-b:8000": (600.0, 100.0, 1)}
+with_gone = {**live, "http://edge-gone:8000": (800.0, 0.0, 0)}
+m = PlannerMetrics()
+m.bind(lambda: 2, lambda: 1)
+m.set_fleet(3, with_gone)
+if sys.argv[1] == "race":
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    stop = threading.Event()
+    def refresh():
+        while not stop.is_set():
+            m.set_fleet(3, with_gone)
+            m.set_fleet(2, live)
+    refresher = threading.Thread(target=refresh)
+    refresher.start()
+    bad = 0
+    for _ in range(1500):
+        lines = m.exposition().decode().splitlines()
+        for name in FAMILIES:
+            series = [l for l in lines if l.startswith(name + "{")]
+            bad += not all(any(url in l for l in series) for url in live) or len(series) not in (2, 3)
+    stop.set()
+    refresher.join()
+    print(json.dumps({"bad": bad}))
+else:
+    m.set_fleet(2, live)
+    print(json.dumps({"text": m.exposition().decode()}))
+"""
+
+
+def _planner_process(tmp_path: Path, mode: str) -> dict[str, Any]:
+    """Run `_FLEET` in `mode` in a fresh planner process of multiprocess mode (files under
+    `tmp_path`, Python's default warning filters); what it printed. Asserts it exited cleanly
+    with nothing on stderr: no warning (prometheus_client's `clear()` and `remove()` warn in
+    multiprocess mode), which would land in the planner's JSON log stream as raw text."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # Python's default filters
+    env[MULTIPROC_ENV] = str(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", _FLEET, mode, *WORKER_FAMILIES], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_set_fleet_drops_gone_workers_without_warnings_in_multiprocess_mode(tmp_path: Path) -> None:
+    """Under --workers N, a fleet refresh with a changed worker set: the gone worker's series
+    are no longer exported, the live workers' are, with their new values, and prometheus_client
+    warns nothing (its `clear()` and `remove()` warn in multiprocess mode)."""
+    out = _planner_process(tmp_path, "change")
+    s = parse(out["text"])
+    for name in WORKER_FAMILIES:
+        assert sorted(labels["worker"] for labels, _ in s[name]) == ["http://edge-a:8000", "http://edge-b:8000"]
+    assert value(s, "dapdee_planner_worker_leased_ms_per_second", worker="http://edge-a:8000") == 400
+    assert value(s, "dapdee_planner_worker_leases", worker="http://edge-b:8000") == 1
+    assert value(s, "dapdee_planner_worker_capacity_ms_per_second", worker="http://edge-b:8000") == 600
+    assert value(s, "dapdee_planner_leases") == 2
+
+
+def test_a_scrape_during_set_fleet_always_sees_the_live_workers(tmp_path: Path) -> None:
+    """Under --workers N /metrics renders in a thread while the event loop refreshes the fleet:
+    1,500 renders against a thread that keeps changing the worker set (threads switched as
+    often as possible) each show both live workers in all three per-worker families."""
+    out = _planner_process(tmp_path, "race")
+    assert out["bad"] == 0, f"{out['bad']} family renders missed a live worker"
 
 
 def test_edge_worker_refuses_multiprocess_mode(tmp_path: Path) -> None:

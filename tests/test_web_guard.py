@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -195,3 +196,91 @@ def test_the_fallback_token_grants_every_role_and_comparison_needs_an_exact_matc
     assert tokens.roles_of("s" * 20) == frozenset({"admin", "device", "worker"})
     assert tokens.roles_of("d" * 20) == frozenset({"device"})
     assert tokens.roles_of("s" * 19) is None and tokens.roles_of("s" * 21) is None
+
+
+def _closed_within(s: socket.socket, seconds: float) -> float | None:
+    """Keep streaming chunks of an endless chunked body on `s` and watch for the server closing
+    the connection: the seconds it took (None: still open after `seconds`)."""
+    s.setblocking(False)
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            s.sendall(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            if s.recv(4096) == b"":
+                return time.monotonic() - start
+        except BlockingIOError:
+            pass  # nothing to read yet (or the send buffer is full): still open
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return None
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+@pytest.mark.parametrize(("role", "status"), [(None, 401), ("worker", 403)])
+def test_an_auth_refusal_closes_the_connection_while_the_client_streams(
+    http: str, role: str | None, status: int
+) -> None:
+    """401/403 are answered before the body is read: with `Connection: close` the server drops
+    the connection at once, instead of keeping it and discarding an endless body with no time
+    limit (body_timeout_s covers only a body the guard reads)."""
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), body_timeout_s=0.5)
+    server = ServerThread(app)
+    server.server.config.http = http
+    auth = f"Authorization: Bearer {TOKENS[role]}\r\n" if role else ""
+    with server, socket.create_connection((server.host, server.port), timeout=5) as s:
+        s.sendall(f"POST /echo HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n".encode())
+        head = s.recv(4096).decode("latin-1").lower()
+        assert head.startswith(f"http/1.1 {status}"), head
+        took = _closed_within(s, 2.0)  # 4x body_timeout_s
+    assert took is not None and took < 1.0, f"the connection stayed open ({took} s; None: past 2 s) while streaming"
+    assert "connection: close" in head, head
+    assert app.state.parsed == 0
+
+
+def test_a_503_after_the_body_was_read_keeps_the_connection(served: tuple[str, FastAPI]) -> None:
+    """Only refusals sent before the body was read close the connection: the 503 (the body was
+    read first) does not, and an auth refusal of a fully sent body still does."""
+    url, app = served
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            first = asyncio.create_task(client.post("/slow", headers=_auth("device")))
+            await asyncio.to_thread(app.state.entered.wait, 5)
+            busy = await client.post("/echo", json=[1], headers=_auth("device"))
+            refused = await client.post("/echo", json=[1])
+            app.state.release.set()
+            await first
+            return busy, refused
+
+    busy, refused = asyncio.run(scenario())
+    assert busy.status_code == 503 and "connection" not in busy.headers
+    assert refused.status_code == 401 and refused.headers["connection"] == "close"
+
+
+def test_a_non_ascii_digit_content_length_is_a_400_not_a_crash() -> None:
+    """'²' (latin-1 0xB2) passes str.isdigit() but not int(): refused as a bad request at the ASGI
+    level (uvicorn rejects it before the app; other servers and transports may not)."""
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"[1]", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for declared in (b"\xb2", b"1\xb9", b"\xb3\xb2"):  # latin-1 superscript digits: ², 1¹, ³²
+        sent.clear()
+        headers = [(b"authorization", f"Bearer {TOKENS['device']}".encode()), (b"content-length", declared)]
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/echo", "raw_path": b"/echo", "query_string": b"", "root_path": "", "headers": headers,
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        asyncio.run(app(scope, receive, send))
+        start = sent[0]
+        assert start["type"] == "http.response.start" and start["status"] == 400, (declared, start)
+        assert (b"connection", b"close") in start["headers"]
+        assert "Content-Length" in json.loads(sent[1]["body"])["error"]
+    assert app.state.parsed == 0 and app.state.rejected == ["bad_request"] * 3

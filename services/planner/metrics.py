@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from dapdee.web.prometheus import RuntimeMirror, SharedExposition, add_runtime_collectors, multiprocess_dir
 
@@ -59,6 +60,16 @@ VIEW_GAUGES = frozenset(
         "dapdee_planner_worker_leases",
         "dapdee_planner_redis_up",
     }
+)
+
+# the per-worker fleet gauges (name, help), exported by `WorkerGauges`
+WORKER_GAUGES = (
+    (
+        "dapdee_planner_worker_capacity_ms_per_second",
+        "A live worker's capacity C_w (ms of compute per second) from its heartbeat.",
+    ),
+    ("dapdee_planner_worker_leased_ms_per_second", "Σ f_j·e_j the live leases reserve on a worker (ms per second)."),
+    ("dapdee_planner_worker_leases", "Live leases reserving on a worker."),
 )
 
 
@@ -212,21 +223,9 @@ class PlannerMetrics:
             registry=self.registry,
         )
         self.leases = Gauge("dapdee_planner_leases", "Live leases (every replica's).", registry=self.registry)
-        self.worker_capacity = Gauge(
-            "dapdee_planner_worker_capacity_ms_per_second",
-            "A live worker's capacity C_w (ms of compute per second) from its heartbeat.",
-            ["worker"],
-            registry=self.registry,
-        )
-        self.worker_leased = Gauge(
-            "dapdee_planner_worker_leased_ms_per_second",
-            "Σ f_j·e_j the live leases reserve on a worker (ms per second).",
-            ["worker"],
-            registry=self.registry,
-        )
-        self.worker_leases = Gauge(
-            "dapdee_planner_worker_leases", "Live leases reserving on a worker.", ["worker"], registry=self.registry
-        )
+        # the per-worker gauges: one snapshot, replaced whole by `set_fleet`
+        self.worker_gauges = WorkerGauges()
+        self.registry.register(self.worker_gauges)
         self.redis_up: Gauge | None = None  # only where Redis is configured (see bind_redis)
         for result in ("reserved", "device_only", "refused", "full", "unleased"):
             self.admissions.labels(result)  # shown as 0 from the start
@@ -248,13 +247,39 @@ class PlannerMetrics:
 
     def set_fleet(self, leases: int, workers: dict[str, tuple[float, float, int]]) -> None:
         """Set the fleet gauges: the lease count and, per live worker URL, (capacity, leased ms/s,
-        lease count); workers no longer live are dropped. O(workers). Called on every fleet refresh,
-        in every process, which is also when a process writes its own gauges (`sync`)."""
+        lease count); workers no longer live are dropped. A scrape at the same time (under
+        --workers N /metrics renders in a thread) sees the worker series before or after, never a
+        mix or a gap. O(workers). Called on every fleet refresh, in every process, which is also
+        when a process writes its own gauges (`sync`)."""
         self.sync()
         self.leases.set(leases)
-        for gauge in (self.worker_capacity, self.worker_leased, self.worker_leases):
-            gauge.clear()
-        for url, (capacity, leased, count) in workers.items():
-            self.worker_capacity.labels(url).set(capacity)
-            self.worker_leased.labels(url).set(leased)
-            self.worker_leases.labels(url).set(count)
+        self.worker_gauges.set(workers)
+
+
+class WorkerGauges:
+    """The per-worker fleet gauges (`WORKER_GAUGES`, label `worker`), exported from one snapshot
+    of {worker URL: (capacity, leased ms/s, lease count)} that `set` replaces whole (one reference
+    assignment: atomic for a scrape in another thread). A custom collector rather than labelled
+    `Gauge`s: dropping a worker needs no `clear()` or `remove()` (both warn on stderr in
+    prometheus_client's multiprocess mode, and clear-then-set leaves a gap a scrape can fall
+    into), and, these being view gauges, nothing is written to the shared files."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, tuple[float, float, int]] = {}
+
+    def set(self, workers: dict[str, tuple[float, float, int]]) -> None:
+        """Export `workers` from now on (a copy); workers not in it are no longer exported. O(workers)."""
+        self._workers = dict(workers)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        """The three families, without samples (for the registry's name check)."""
+        return [GaugeMetricFamily(name, doc, labels=["worker"]) for name, doc in WORKER_GAUGES]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        """The three families with one sample per worker of the current snapshot. O(workers)."""
+        workers = self._workers  # one snapshot for all three families
+        families = self.describe()
+        for url, row in workers.items():
+            for family, sample in zip(families, row, strict=True):
+                family.add_metric([url], float(sample))
+        return families

@@ -16,7 +16,10 @@
    probes keep answering under overload.
 
 Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
-`{"error": …}` for the edge), and counted through `on_reject(reason)`.
+`{"error": …}` for the edge), and counted through `on_reject(reason)`. Every refusal sent
+before the body was fully read (401, 403, 400, 408, 413) carries `Connection: close`, so the
+server drops the connection instead of reading and discarding the rest of the body, which no
+time limit would bound; a 503 (body already read) keeps the connection.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        original = receive
         try:
             access = self.access_for(scope)
             if access is not None:
@@ -115,8 +119,8 @@ class RequestGuard:
                     raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
                 scope[AUTH_SCOPE_KEY] = outcome
             receive = await self._buffered(scope, receive)
-        except _Refusal as refusal:
-            await self._refuse(send, refusal)
+        except _Refusal as refusal:  # answered before the body was read (or while reading it)
+            await self._refuse(send, refusal, close=True)
             return
         if access is None or access.public:
             await self.app(scope, receive, send)
@@ -130,6 +134,7 @@ class RequestGuard:
                     f"server busy ({self.max_concurrency} requests in progress); retry",
                     {"Retry-After": "1"},
                 ),
+                close=_unread_body(scope, receive, original),
             )
             return
         self.active += 1
@@ -146,7 +151,7 @@ class RequestGuard:
             limit = min(limit, self.body_limit(scope))
         declared = _header(scope, b"content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):  # '²'.isdigit(), but int('²') fails
                 raise _Refusal(400, "bad_request", "Content-Length: not a non-negative integer")
             if int(declared) > limit:
                 raise _Refusal(413, "too_large", _too_large(int(declared), limit))
@@ -187,13 +192,17 @@ class RequestGuard:
         chunks.append(body)
         return len(body)
 
-    async def _refuse(self, send: Send, refusal: _Refusal) -> None:
+    async def _refuse(self, send: Send, refusal: _Refusal, close: bool) -> None:
+        """Send `refusal` as the whole response, rendered by the service. `close`: the body was
+        not (fully) read, so the response carries `Connection: close`: the server then drops the
+        connection instead of reading and discarding whatever the client still sends (an endless
+        body, unauthenticated and past every time limit, on a kept-alive connection)."""
         if self.on_reject is not None:
             self.on_reject(refusal.reason)
         body, content_type = self.render(refusal.status, refusal.message)
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
-        if refusal.status in (408, 413, 400):  # the rest of the body was not read: do not reuse the connection
+        if close:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -253,6 +262,13 @@ def _flat_routes(app: Any) -> Iterable[Any]:
     if iter_route_contexts is None:
         return app.router.routes
     return iter_route_contexts(app.router.routes)
+
+
+def _unread_body(scope: Scope, receive: Receive, original: Receive) -> bool:
+    """Whether a body may still be on the connection: the guard passed the request on unread
+    (`receive` is still the server's `original`: a method without a body and without a
+    Content-Length) and it declares a chunked body (Transfer-Encoding)."""
+    return receive is original and _header(scope, b"transfer-encoding") is not None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

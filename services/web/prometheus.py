@@ -35,6 +35,7 @@ The directory must hold no earlier run's files when the first process starts
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import tempfile
@@ -44,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, values
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -106,15 +107,18 @@ def _alive(pid: int) -> bool:
 
 def remove_dead(path: str) -> list[int]:
     """Remove the live-mode gauge files of processes that no longer exist (so `livesum` and the
-    like count live processes only); the pids removed. Counter and histogram files stay: their
-    counts are part of the totals. O(files)."""
-    dead: set[int] = set()
+    like count live processes only); the pids whose files were found dead. Counter and histogram
+    files stay: their counts are part of the totals. Safe to run concurrently (two processes
+    answering two scrapes at once): a file another call removed first is skipped. O(files)."""
+    dead: dict[int, list[str]] = {}
     for name in glob.glob(os.path.join(path, "gauge_live*_*.db")):
         pid = os.path.basename(name)[: -len(".db")].rsplit("_", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            dead.add(int(pid))
-    for pid in dead:
-        mark_process_dead(pid, path)
+        if pid.isascii() and pid.isdigit() and (int(pid) in dead or not _alive(int(pid))):
+            dead.setdefault(int(pid), []).append(name)
+    for names in dead.values():
+        for name in names:  # prometheus_client's mark_process_dead, but tolerating a file already gone
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name)
     return sorted(dead)
 
 
