@@ -42,7 +42,9 @@ def _bearer(token: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def models() -> dict[str, LoadedModel]:
     frame = load_model("", weights=ART)  # takes the raw uint8 frame
-    zoo = load_model(ZOO_SPEC)
+    with torch.random.fork_rng():  # fixed random weights, whatever ran before in this process
+        torch.manual_seed(0)
+        zoo = load_model(ZOO_SPEC)
     return {frame.name: frame, zoo.name: zoo}
 
 
