@@ -82,7 +82,10 @@ def _rows(inputs: Mapping[str, torch.Tensor]) -> int:
         raise RequestError(f"input {bad!r}: expected a tensor with a batch dimension")
     if len(set(rows.values())) != 1:
         raise RequestError(f"inputs: every tensor needs the same number of rows, got {rows}")
-    return next(iter(rows.values()))
+    count = next(iter(rows.values()))
+    if count < 1:
+        raise RequestError(f"inputs: expected at least 1 row, got {count}")
+    return count
 
 
 class InferOptions(TypedDict, total=False):
@@ -182,15 +185,16 @@ def _outputs(outputs: Mapping[str, torch.Tensor], rows: int) -> tuple[torch.Tens
     if missing:
         raise ValueError(f"outputs: {missing} missing (got {sorted(outputs)})")
     logits, classes = outputs["logits"], outputs["class"]
-    if not logits.is_floating_point() or logits.dim() < 2 or logits.shape[0] != rows or logits[0].numel() < 1:
+    classes_per_row = logits.shape[1:].numel()
+    if not logits.is_floating_point() or logits.dim() < 2 or logits.shape[0] != rows or classes_per_row < 1:
         got = f"{logits.dtype} {list(logits.shape)}"
         raise ValueError(f"output 'logits': expected floating [{rows}, classes], got {got}")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("output 'logits': holds NaN or Inf")
     if classes.dtype != torch.int64 or tuple(classes.shape) != (rows,):
         raise ValueError(f"output 'class': expected INT64 [{rows}], got {classes.dtype} {list(classes.shape)}")
-    if rows and not (0 <= int(classes.min()) and int(classes.max()) < logits[0].numel()):
-        raise ValueError(f"output 'class': indices outside [0, {logits[0].numel()})")
+    if classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < classes_per_row):
+        raise ValueError(f"output 'class': indices outside [0, {classes_per_row})")
     return logits.to(torch.float32), classes
 
 

@@ -1,14 +1,16 @@
 """What the SDK raises. Callers branch on the class and its fields, never on message text.
 
-- `ApiError`: the service answered 4xx/5xx. `.status`, `.problem` (the planner's RFC 9457
-  problem document as parsed; for the edge worker's `{"error": message}` body,
-  `{"detail": message}`), `.detail`, `.title`, `.type`, `.errors` (a 422's invalid fields),
-  `.headers` and `.body` (the raw text, bounded).
-- `ProtocolError`: an answer that breaks the contract (a 2xx whose body is not the documented
-  shape, wrong types, negative or non-finite numbers, tensors of an unexpected shape).
+- `ApiError`: the service answered 4xx/5xx (or a 3xx: redirects are never followed).
+  `.status`, `.problem` (the planner's RFC 9457 problem document as parsed; for the edge
+  worker's `{"error": message}` body, `{"detail": message}`), `.detail`, `.title`, `.type`,
+  `.errors` (a 422's invalid fields), `.headers` and `.body` (the raw text, bounded).
+- `ProtocolError`: an answer that breaks the contract (a 2xx the call does not expect, a 2xx
+  whose body is not the documented shape, JSON nested too deep, wrong types, negative or
+  non-finite numbers, tensors of an unexpected shape).
 - `TransportError`: no answer (connect error, timeout, a broken connection); `.cause`.
 - `RequestError` (also a ValueError): a request the SDK will not send as given (an invalid
-  name, NaN in a JSON body, a tensor the codec cannot encode, a non-finite timeout).
+  name, base URL, token or header, NaN in a JSON body, a tensor the codec cannot encode, a
+  non-finite timeout).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class ApiError(ClientError):
     def retry_after_s(self) -> float | None:
         """The `Retry-After` header in seconds, when the answer has a numeric one."""
         value = self.headers.get("retry-after", "")
-        return float(value) if value.isdigit() else None
+        return float(value) if value.isascii() and value.isdigit() else None
 
 
 class ProtocolError(ClientError):

@@ -35,7 +35,16 @@ from dapdee.api.planner import (
     WorkerList,
 )
 from dapdee.client.errors import RequestError
-from dapdee.client.transport import Answer, AsyncTransport, Call, SyncTransport, check_name, json_call, reader
+from dapdee.client.transport import (
+    Answer,
+    AsyncTransport,
+    Call,
+    SyncTransport,
+    api_error,
+    check_name,
+    json_call,
+    reader,
+)
 from dapdee.costgraph import CostGraph
 
 Kind = Literal["device", "edge"]
@@ -117,9 +126,21 @@ def healthz_call() -> Call[Health]:
     return Call("GET", "/healthz", reader(Health))
 
 
+def _readiness(answer: Answer) -> Readiness:
+    """A 200's Readiness (ValueError when it does not fit); a 503's when it is one, else the
+    503 is an ApiError like any other (e.g. a proxy's HTML page)."""
+    if answer.status != 503:
+        return Readiness.model_validate_json(answer.content)
+    try:
+        return Readiness.model_validate_json(answer.content)
+    except ValueError:
+        raise api_error("GET", "/readyz", answer) from None
+
+
 def readyz_call() -> Call[Readiness]:
-    """`GET /readyz`: 503 (not started yet) answers a Readiness too, with `ready` false."""
-    return Call("GET", "/readyz", reader(Readiness), ok=frozenset({200, 503}))
+    """`GET /readyz`: 503 (not started yet) answers a Readiness too, with `ready` false; a 503
+    whose body is not one is an ApiError."""
+    return Call("GET", "/readyz", _readiness, ok=frozenset({200, 503}))
 
 
 def list_models_call() -> Call[ModelList]:

@@ -12,8 +12,10 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
 - read at most `max_response_bytes` of an answer;
 - repeat a call at most once when a kept-alive connection turns out closed (only calls that
   are safe to repeat: every planner call; never an infer);
-- turn a status outside the call's answers into `ApiError`, an answer `parse` rejects (any
-  ValueError, pydantic's included) into `ProtocolError`, and no answer into `TransportError`.
+- turn a 3xx/4xx/5xx status outside the call's answers into `ApiError`, a 1xx/2xx one and an
+  answer `parse` rejects (any ValueError, pydantic's included, or JSON nested too deep) into
+  `ProtocolError`, and no answer into `TransportError`;
+- check the base URL, token and extra headers when built (`RequestError` naming the problem).
 """
 
 from __future__ import annotations
@@ -55,7 +57,11 @@ class Answer:
     elapsed_ms: float
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        """The body as JSON; ValueError when it is not JSON or nests too deep to read."""
+        try:
+            return json.loads(self.content)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
 
 
 @dataclass(frozen=True)
@@ -95,14 +101,68 @@ def check_timeout(value: float, what: str = "timeout") -> float:
     return float(value)
 
 
+def _unsafe_char(text: str) -> str | None:
+    """The first whitespace or control character of `text`, else None. O(len(text))."""
+    return next((c for c in text if c.isspace() or not c.isprintable()), None)
+
+
 def check_base_url(url: str) -> str:
-    """An http(s) base URL without query, fragment or credentials, without a trailing slash."""
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RequestError(f"base URL: expected http(s)://HOST[:PORT][/PATH], got {url!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise RequestError(f"base URL {url!r}: no query, fragment or credentials (the token goes in `token`)")
+    """An http(s) base URL without query, fragment or credentials, without a trailing slash:
+    no `?` or `#` at all (not even an empty query), no whitespace or control characters, a
+    valid port; RequestError naming the problem otherwise. O(len(url))."""
+    expected = f"base URL: expected http(s)://HOST[:PORT][/PATH], got {url!r}"
+    if not isinstance(url, str):
+        raise RequestError(expected)
+    bad = _unsafe_char(url)
+    if bad is not None:
+        raise RequestError(f"base URL {url!r}: holds whitespace or a control character ({bad!r})")
+    if "?" in url or "#" in url:
+        raise RequestError(f"base URL {url!r}: no query or fragment (no '?' or '#')")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in [0, 65535]
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise RequestError(f"base URL {url!r}: {_short(exc, 200)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RequestError(expected)
+    if parts.username or parts.password:
+        raise RequestError(f"base URL {url!r}: no credentials (the token goes in `token`)")
     return url.rstrip("/")
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def check_token(token: str | None) -> str | None:
+    """A bearer token: a non-empty string of printable ASCII without surrounding whitespace
+    (None: no token); RequestError naming the problem otherwise. O(len(token))."""
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token:
+        raise RequestError("token: expected a non-empty string")
+    if not token.isascii() or not token.isprintable():
+        raise RequestError("token: expected printable ASCII characters only")
+    if token != token.strip():
+        raise RequestError("token: has leading or trailing whitespace")
+    return token
+
+
+def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Extra request headers: names HTTP tokens, values printable ASCII without surrounding
+    whitespace; RequestError naming the header otherwise. O(total size)."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise RequestError(f"headers: expected a mapping of name -> value, got {type(headers).__name__}")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name or not set(name) <= _TOKEN_CHARS:
+            raise RequestError(f"headers: invalid header name {name!r}")
+        if not isinstance(value, str) or not value.isascii() or not value.isprintable():
+            raise RequestError(f"header {name!r}: expected a string of printable ASCII characters")
+        if value != value.strip():
+            raise RequestError(f"header {name!r}: has leading or trailing whitespace")
+    return dict(headers)
 
 
 def json_content(body: Any, what: str) -> bytes:
@@ -156,15 +216,26 @@ def reader(model: type[M]) -> Callable[[Answer], M]:
     return parse
 
 
+def api_error(method: str, path: str, answer: Answer) -> ApiError:
+    """The ApiError of an error answer: its status, problem document, text and headers."""
+    text = answer.content[:MAX_BODY_TEXT].decode("utf-8", "replace")
+    return ApiError(method, path, answer.status, problem_of(answer), text, dict(answer.headers))
+
+
 def finish(call: Call[T], answer: Answer) -> T:
-    """The result of `call` from its answer: `parse` for a status in `call.ok`, ApiError for
-    any other, ProtocolError when `parse` rejects the answer."""
+    """The result of `call` from its answer: `parse` for a status in `call.ok`; for any other,
+    ProtocolError when it is a 1xx/2xx (not an error, but not an answer the call has) and
+    ApiError otherwise (4xx/5xx, and a 3xx: redirects are never followed); ProtocolError when
+    `parse` rejects the answer."""
     if answer.status not in call.ok:
-        text = answer.content[:MAX_BODY_TEXT].decode("utf-8", "replace")
-        raise ApiError(call.method, call.path, answer.status, problem_of(answer), text, dict(answer.headers))
+        if answer.status < 300:
+            expected = ", ".join(str(s) for s in sorted(call.ok))
+            detail = f"unexpected status {answer.status} (expected {expected})"
+            raise ProtocolError(call.method, call.path, answer.status, detail)
+        raise api_error(call.method, call.path, answer)
     try:
         return call.parse(answer)
-    except ValueError as exc:  # pydantic's ValidationError, CostGraphError and WireError included
+    except (ValueError, RecursionError) as exc:  # pydantic's ValidationError, CostGraphError, WireError
         raise ProtocolError(call.method, call.path, answer.status, _short(exc)) from None
 
 
@@ -221,12 +292,12 @@ class _Transport:
     ) -> None:
         self.base_url = check_base_url(base_url)
         self.timeout_s = check_timeout(timeout)
-        if token is not None and (not isinstance(token, str) or not token or not token.isprintable()):
-            raise RequestError("token: expected a non-empty printable string")
+        token = check_token(token)
+        extra_headers = check_headers(headers)
         if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1:
             raise RequestError(f"max_response_bytes: expected a positive integer, got {max_response_bytes!r}")
         self.max_response_bytes = max_response_bytes
-        self.default_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        self.default_headers = {"User-Agent": USER_AGENT, **extra_headers}
         if token:
             self.default_headers["Authorization"] = f"Bearer {token}"
         client = {"base_url": self.base_url, "headers": self.default_headers, "follow_redirects": False}

@@ -1,0 +1,218 @@
+"""The SDK's error classes at the edges of the contract, sync and async alike, against a stand-in
+HTTP server on 127.0.0.1 sending the bytes a broken service or proxy might: JSON nested too deep,
+a non-numeric `Retry-After`, an HTML 503 on `/readyz`, a 200 where 204 is the answer, a 0-row
+infer. Base URLs, tokens and headers the SDK must refuse are RequestErrors when the client is
+built, before anything is sent."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from dapdee.client import (
+    ApiError,
+    AsyncEdgeClient,
+    AsyncPlannerClient,
+    EdgeClient,
+    PlannerClient,
+    ProtocolError,
+    RequestError,
+)
+from dapdee.testing import serve_app_in_thread
+from tests.standin import Standin
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+Sync = type[PlannerClient] | type[EdgeClient]
+Async = type[AsyncPlannerClient] | type[AsyncEdgeClient]
+
+
+@pytest.fixture(scope="module")
+def standin_url() -> Iterator[tuple[Standin, str]]:
+    standin = Standin()
+    with serve_app_in_thread(standin.app) as base:
+        yield standin, base
+
+
+def raised_both(sync: Sync, aio: Async, base: str, method: str, *args: Any, **kw: Any) -> list[BaseException]:
+    """What `method(*args, **kw)` raises on the sync client and on the async one (each must
+    raise something)."""
+    got: list[BaseException] = []
+    with sync(base) as client:
+        try:
+            getattr(client, method)(*args, **kw)
+        except BaseException as exc:  # noqa: BLE001 - the test judges the class
+            got.append(exc)
+
+    async def run() -> None:
+        async with aio(base) as client:
+            await getattr(client, method)(*args, **kw)
+
+    try:
+        asyncio.run(run())
+    except BaseException as exc:  # noqa: BLE001 - the test judges the class
+        got.append(exc)
+    assert len(got) == 2, f"{method}: expected both clients to raise, got {got}"
+    return got
+
+
+def planner_raises(base: str, method: str, *args: Any) -> list[BaseException]:
+    return raised_both(PlannerClient, AsyncPlannerClient, base, method, *args)
+
+
+# ---- 1. JSON nested too deep ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_json_nested_too_deep_is_a_protocol_or_api_error(standin_url: tuple[Standin, str], status: int) -> None:
+    standin, base = standin_url
+    standin.answer(DEEP, status, etag='"1"')
+    for method, args in (("get_model", ("m1",)), ("healthz", ()), ("list_models", ())):
+        for exc in planner_raises(base, method, *args):
+            want = ProtocolError if status == 200 else ApiError
+            assert isinstance(exc, want), f"{method} {status}: {exc!r}"
+            assert exc.status == status
+            if isinstance(exc, ApiError):
+                assert exc.detail.startswith("[[[")  # the body as text, not a parse
+
+
+# ---- 2. Retry-After that is not ASCII digits ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("header", "seconds"), [("\xb2", None), ("7", 7.0), ("1.5", None), ("soon", None)])
+def test_retry_after_is_read_only_from_ascii_digits(
+    standin_url: tuple[Standin, str], header: str, seconds: float | None
+) -> None:
+    standin, base = standin_url
+    standin.answer(b"{}", 503, retry_after=header)
+    for exc in planner_raises(base, "healthz"):
+        assert isinstance(exc, ApiError) and exc.status == 503
+        assert exc.headers["retry-after"] == header
+        assert exc.retry_after_s == seconds
+
+
+# ---- 3. tokens and headers ------------------------------------------------------------------------
+
+
+BAD_TOKENS = ["t\xf6k", "abc ", " abc", "a\xa0b", "a\u2028b", "a\tb", ""]
+BAD_HEADERS: list[dict[str, str]] = [{"X-A": "\xe9"}, {"X-A": " v"}, {"X-A": "v\r\nX-B: 1"}, {"X A": "v"}, {"": "v"}]
+
+
+@pytest.mark.parametrize("cls", [PlannerClient, AsyncPlannerClient, EdgeClient, AsyncEdgeClient])
+def test_bad_tokens_and_headers_are_refused_when_built(
+    cls: Callable[..., Any], standin_url: tuple[Standin, str]
+) -> None:
+    standin, base = standin_url
+    standin.requests.clear()
+    for token in BAD_TOKENS:
+        with pytest.raises(RequestError, match="token"):
+            cls(base, token)
+    for headers in BAD_HEADERS:
+        with pytest.raises(RequestError, match="header"):
+            cls(base, headers=headers)
+    assert standin.requests == []
+
+
+def test_a_good_token_and_headers_travel(standin_url: tuple[Standin, str]) -> None:
+    standin, base = standin_url
+    standin.answer(b'{"status": "ok"}')
+    standin.requests.clear()
+    with PlannerClient(base, "tok-1.2_3~", headers={"X-Tenant": "a b"}) as c:
+        c.healthz()
+    assert standin.requests[-1].headers["authorization"] == "Bearer tok-1.2_3~"
+    assert standin.requests[-1].headers["x-tenant"] == "a b"
+
+
+# ---- 4. base URLs ---------------------------------------------------------------------------------
+
+
+BAD_URLS = [
+    "http://127.0.0.1:1/?",
+    "http://127.0.0.1:1/#",
+    "http://127.0.0.1:1/p?a=1",
+    "http://127.0.0.1:notaport",
+    "http://127.0.0.1:99999",
+    "http://[::1",
+    "http://127.0.0.1:1\n",
+    "http://127.0.0.1:1/pre fix",
+    "http://127.0.0.1:1/\x00",
+    " http://127.0.0.1:1",
+    "ftp://127.0.0.1",
+    "http://u:p@127.0.0.1:1",
+    "http:///p",
+]
+
+
+@pytest.mark.parametrize("cls", [PlannerClient, AsyncPlannerClient, EdgeClient, AsyncEdgeClient])
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_bad_base_urls_are_request_errors(cls: Callable[..., Any], url: str) -> None:
+    with pytest.raises(RequestError, match="base URL"):
+        cls(url)
+
+
+def test_a_base_url_with_a_path_prefix_is_kept(standin_url: tuple[Standin, str]) -> None:
+    standin, base = standin_url
+    standin.answer(b'{"status": "ok"}')
+    with PlannerClient(base + "/prefix/") as c:
+        c.healthz()
+    assert standin.requests[-1].path == "/prefix/healthz"
+
+
+# ---- 5. 0-row infer --------------------------------------------------------------------------------
+
+
+def test_zero_row_inputs_are_refused_before_sending(standin_url: tuple[Standin, str]) -> None:
+    standin, base = standin_url
+    standin.requests.clear()
+    for inputs in ({"x": torch.zeros(0, 4)}, {"x": torch.zeros(0, 3, 8, 8), "y": torch.zeros(0)}):
+        for exc in raised_both(EdgeClient, AsyncEdgeClient, base, "infer", "m", inputs, exit="final"):
+            assert isinstance(exc, RequestError) and "row" in str(exc)
+    assert standin.requests == []
+
+
+# ---- 6. readyz 503 that is not a Readiness -----------------------------------------------------------
+
+
+def test_readyz_503_from_a_proxy_is_an_api_error(standin_url: tuple[Standin, str]) -> None:
+    standin, base = standin_url
+    standin.answer(b"<html>bad gateway</html>", 503, content_type="text/html")
+    for exc in planner_raises(base, "readyz"):
+        assert isinstance(exc, ApiError) and exc.status == 503
+        assert exc.body == "<html>bad gateway</html>" and "bad gateway" in exc.detail
+    standin.answer(b'{"ready": 3}', 200)  # a 200 off the contract stays a ProtocolError
+    for exc in planner_raises(base, "readyz"):
+        assert isinstance(exc, ProtocolError) and exc.status == 200
+
+
+def test_readyz_503_readiness_is_an_answer(standin_url: tuple[Standin, str]) -> None:
+    standin, base = standin_url
+    standin.answer(b'{"ready": false, "redis": "down", "pending_writes": 2}', 503)
+    with PlannerClient(base) as c:
+        ready = c.readyz()
+
+    async def aio() -> Any:
+        async with AsyncPlannerClient(base) as ac:
+            return await ac.readyz()
+
+    assert ready == asyncio.run(aio())
+    assert ready.ready is False and ready.pending_writes == 2
+
+
+# ---- 7. an unexpected 2xx ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "method", "args"), [(200, "release", ("d1",)), (202, "healthz", ())])
+def test_an_unexpected_2xx_is_a_protocol_error(
+    standin_url: tuple[Standin, str], status: int, method: str, args: tuple[str, ...]
+) -> None:
+    standin, base = standin_url
+    standin.answer(b"{}", status)
+    for exc in planner_raises(base, method, *args):
+        assert isinstance(exc, ProtocolError) and not isinstance(exc, ApiError)
+        assert exc.status == status and "unexpected status" in exc.detail
+    standin.answer(b'{"detail": "no live lease"}', 404)  # an error status stays an ApiError
+    for exc in planner_raises(base, "release", "d1"):
+        assert isinstance(exc, ApiError) and exc.status == 404 and exc.detail == "no live lease"
