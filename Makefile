@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; this machine has it on local disk. Users elsewhere may override,
 # e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
 TORCH_SPEC ?= torch==2.13.0
-APT_PACKAGES := dataset-fashion-mnist prometheus redis-server
+# what `make demo` and `make test` need from apt (installed when missing): the demo only the
+# dataset (it needs no Redis), the tests also promtool (alert rules) and a Redis server
+DEMO_APT := dataset-fashion-mnist
+TEST_APT := dataset-fashion-mnist prometheus redis-server
 REDIS_PORT ?= 6379
 # The deployment's secrets (role tokens, Redis and Grafana passwords): an env file that docker
 # compose reads (`.env` in this directory is its default) and the Kubernetes Secret is made from.
@@ -14,7 +17,7 @@ REDIS_PORT ?= 6379
 SECRETS_FILE ?= .env
 K8S_NAMESPACE ?= dapdee
 
-.PHONY: setup system-deps redis demo test lint bench clean secrets compose-up k8s-secret
+.PHONY: setup system-deps demo-deps redis demo test lint bench clean secrets compose-up k8s-secret
 
 setup: $(VENV)/.installed
 
@@ -25,16 +28,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-system-deps:
-	@missing=""; \
-	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
-	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+# $(call apt_deps,PACKAGES): install those of PACKAGES whose file or command is missing
+apt_deps = missing=""; \
+	for p in $(1); do \
+	  case $$p in \
+	    dataset-fashion-mnist) [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] ;; \
+	    prometheus) command -v promtool >/dev/null ;; \
+	    redis-server) command -v redis-server >/dev/null ;; \
+	  esac || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
 	  || { echo "could not apt-get install:$$missing (run as root or install them by hand)"; exit 1; }; \
 	fi
+
+system-deps:
+	@$(call apt_deps,$(TEST_APT))
+
+demo-deps:
+	@$(call apt_deps,$(DEMO_APT))
 
 redis: system-deps
 	@redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 || { \
@@ -42,7 +55,7 @@ redis: system-deps
 	  redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null; \
 	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.3; done; }
 
-demo: setup system-deps
+demo: setup demo-deps
 	$(VENV)/bin/dapdee up
 
 test: setup system-deps redis

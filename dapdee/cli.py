@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+MAX_THREADS = 256  # torch threads a command may ask for
 COMMAND_MODULES = (
     "dapdee.commands",  # graph, profile
     "dapdee.planning.commands",  # plan
@@ -42,6 +43,23 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """argparse type: a number of torch threads, 1 to MAX_THREADS (torch refuses fewer, and a
+    huge count crashes the process)."""
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {text!r}")
+    return v
+
+
+def slowdown(text: str) -> float:
+    """argparse type: a device slowdown K, a finite number >= 1."""
+    v = positive_float(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}")
     return v
 
 

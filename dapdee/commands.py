@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dapdee.costgraph import CostGraph
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -24,16 +28,17 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
     return load_model(args.model or "", input_shape=args.input_shape, weights=args.weights, name=args.name)
 
 
-def _write(text: str, out: str | None) -> None:
+def _write(graph: CostGraph, out: str | None) -> None:
+    """The graph's JSON to `out` (atomically: a failed write leaves the file as it was), else
+    to stdout."""
     if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        graph.save(out)
     else:
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(graph.to_json() + "\n")
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    _write(_load(args).graph.to_json(), args.out)
+    _write(_load(args).graph, args.out)
     return 0
 
 
@@ -46,7 +51,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if args.model or args.weights:
             raise ValueError("--merge takes two profile files and no MODEL")
         merged = merge_profiles(CostGraph.load(args.merge[0]), CostGraph.load(args.merge[1]))
-        _write(merged.to_json(), args.out)
+        _write(merged, args.out)
         return 0
     if not args.tier:
         raise ValueError("--tier device|edge is required (or use --merge DEVICE.json EDGE.json)")
@@ -64,11 +69,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             progress=lambda i, n: bar.update(1),
         )
-    _write(graph.to_json(), args.out)
+    _write(graph, args.out)
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from dapdee.cli import slowdown, thread_count
+
     g = sub.add_parser("graph", help="write a model's cost graph JSON (DESIGN.md format)")
     _model_args(g)
     g.set_defaults(func=cmd_graph)
@@ -76,8 +83,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure per-node latency into a cost graph, or merge two tiers")
     _model_args(p)
     p.add_argument("--tier", choices=("device", "edge"))
-    p.add_argument("--slowdown", type=float, default=1.0, help="emulate a device K x slower than this machine")
-    p.add_argument("--threads", type=int, default=1, help="torch threads while measuring (default 1)")
+    p.add_argument("--slowdown", type=slowdown, default=1.0, help="emulate a device K x slower than this machine")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch threads while measuring (default 1)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--merge", nargs=2, metavar=("DEVICE_JSON", "EDGE_JSON"), help="combine two tiers' profiles")
     p.set_defaults(func=cmd_profile)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -283,21 +284,30 @@ class CostGraph:
     def from_json(cls, text: str | bytes) -> CostGraph:
         try:
             d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CostGraphError(f"cost graph: not valid JSON ({exc})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # nested past the stack: not a graph
+            raise CostGraphError(f"cost graph: not valid JSON ({str(exc)[:200]})") from None
         return cls.from_dict(d)
 
     @classmethod
     def load(cls, path: str) -> CostGraph:
+        """The cost graph in file `path`; CostGraphError naming the file (and the field)."""
         try:
             with open(path, "rb") as f:
-                return cls.from_json(f.read())
+                text = f.read()
         except OSError as exc:
             raise CostGraphError(f"cannot read cost graph {path!r}: {exc.strerror}") from None
+        try:
+            return cls.from_json(text)
+        except CostGraphError as exc:
+            raise CostGraphError(f"{path}: {exc}") from None
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            f.write(self.to_json())
+        """Write the graph's JSON to `path` atomically (a temporary file renamed over it): a
+        failed write leaves what was there."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:

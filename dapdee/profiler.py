@@ -163,9 +163,7 @@ def load_or_measure(
         target = Path(path)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            graph.save(str(tmp))
-            tmp.replace(target)
+            graph.save(str(target))  # atomic
         except OSError as exc:
             log.warning("model %s: cannot write profile cache %s: %s", loaded.name, target, exc)
     return graph

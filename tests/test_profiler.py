@@ -112,7 +112,9 @@ def test_profile_cli(tmp_path, capsys) -> None:
     assert g.has_timings("device") and g.meta["device"]["slowdown"] == 4.0
     assert cli_main(["profile", "zoo:alexnet?width=0.25"]) == 2
     assert "--tier" in capsys.readouterr().err
-    assert cli_main(["profile", "zoo:alexnet?width=0.25", "--tier", "device", "--slowdown", "0.5"]) == 2
+    with pytest.raises(SystemExit) as exc:  # refused by the option's type, before any model loads
+        cli_main(["profile", "zoo:alexnet?width=0.25", "--tier", "device", "--slowdown", "0.5"])
+    assert exc.value.code == 2 and "--slowdown" in capsys.readouterr().err
 
 
 def test_flops_predictor_recovers_linear_costs_and_transfers() -> None:

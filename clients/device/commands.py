@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from dapdee.cli import positive_float, positive_int
+from dapdee.cli import positive_float, positive_int, thread_count
 
 
 def _load_arg(text: str) -> float:
@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how to measure device load: proc = other processes' CPU share (/proc/stat; device run's "
         "default), compute = share of the device thread's wall time lost to other work (up's default)",
     )
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads of the device (default 1)")
+    p.add_argument("--threads", type=thread_count, default=1, help="torch CPU threads of the device (default 1)")
     p.add_argument("--log", metavar="FILE", help="write one JSON line per frame")
 
 

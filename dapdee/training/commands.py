@@ -7,14 +7,17 @@ import json
 import sys
 from typing import Any
 
-from dapdee.cli import positive_int
+from dapdee.cli import positive_float, positive_int
 
 
 def _weights_arg(text: str) -> list[float]:
     try:
-        return [float(s) for s in text.split(",") if s.strip()]
+        weights = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"exit weights {text!r}: expected numbers like 0.3,0.6,1") from None
+    if not all(0 <= w < float("inf") for w in weights):  # nan fails this too: it would train to NaN
+        raise argparse.ArgumentTypeError(f"exit weights {text!r}: expected finite numbers >= 0")
+    return weights
 
 
 def add_commands(sub: Any) -> None:
@@ -34,7 +37,7 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (warm-up, then cosine)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="peak SGD learning rate (warm-up, then cosine)")
     p.add_argument(
         "--exit-weights", type=_weights_arg, default=None, help="w1,...,wn (default: k/n, rising with depth)"
     )

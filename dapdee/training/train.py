@@ -406,7 +406,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     test = evaluate(module, data.ref, "test", data.input_shape, data.preprocess, cfg.limit)
     calib = evaluate(module, data.ref, "calib", data.input_shape, data.preprocess, cfg.limit)
     data.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(data.out / WEIGHTS))
+    weights = data.out / WEIGHTS  # written then renamed: a failed write leaves the artifact as it was
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(weights) + ".tmp")
+    os.replace(str(weights) + ".tmp", weights)
     times = (prior_wall + time.time() - t_run, time.time() - t_start + prior_wall)
     manifest = _manifest(cfg, data, history, (test, calib), times)
     write_manifest(data.out, manifest)

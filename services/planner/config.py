@@ -18,7 +18,8 @@ class Settings(SecuritySettings):
     """Everything the planner reads from its environment; `DAPDEE_REDIS_URL=none` (or empty) runs
     in-process only."""
 
-    model_config = SettingsConfigDict(env_prefix="DAPDEE_", extra="ignore")
+    # no infinite settings: `inf` seconds or ms/s pass every lower bound, then break at run time
+    model_config = SettingsConfigDict(env_prefix="DAPDEE_", extra="ignore", allow_inf_nan=False)
 
     # ---- HTTP limits (checked before a body is parsed) and planning budget ----
     max_body_bytes: int = Field(2 * 1024 * 1024, gt=0, description="413 past it")
@@ -65,8 +66,12 @@ class Settings(SecuritySettings):
     @field_validator("redis_url", mode="before")
     @classmethod
     def _none_url(cls, v: object) -> object:
+        """None for "", "none" or null; else a URL redis-py takes (redis://, rediss:// or
+        unix://), refused here rather than when the store first connects."""
         if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none")):
             return None
+        if isinstance(v, str) and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://, rediss:// or unix:// (or none), got {v[:80]!r}")
         return v
 
     # ---- end store ----
