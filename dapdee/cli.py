@@ -55,11 +55,20 @@ def thread_count(text: str) -> int:
     return v
 
 
+def check_slowdown(slowdown: float) -> None:
+    """ValueError naming --slowdown unless it is a finite number >= 1 (K: the device is K x
+    slower than this machine)."""
+    if not 1 <= slowdown < float("inf"):  # nan fails this too
+        raise ValueError(f"--slowdown: expected a finite number >= 1, got {slowdown!r}")
+
+
 def slowdown(text: str) -> float:
-    """argparse type: a device slowdown K, a finite number >= 1."""
-    v = positive_float(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}")
+    """argparse type: a device slowdown K (`check_slowdown`)."""
+    try:
+        v = float(text)
+        check_slowdown(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}") from None
     return v
 
 

@@ -8,12 +8,11 @@ command line, never by the library classes it assembles.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Any
 
-from dapdee.cli import positive_float, positive_int, thread_count
+from dapdee.cli import check_slowdown, positive_float, positive_int, thread_count
 
 
 def _load_arg(text: str) -> float:
@@ -28,13 +27,6 @@ def _accuracy(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"expected an accuracy in [0, 1], got {text!r}")
     return v
-
-
-def check_slowdown(slowdown: float) -> None:
-    """ValueError naming --slowdown unless it is a finite number >= 1 (K: the device is K x
-    slower than this machine)."""
-    if not (math.isfinite(slowdown) and slowdown >= 1):
-        raise ValueError(f"--slowdown: expected a finite number >= 1, got {slowdown!r}")
 
 
 def _port(text: str) -> int:

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from dapdee.costmodel import Conditions, Predicted, partition, predict_sums
+from dapdee.costmodel import Conditions, Predicted, partition
 from dapdee.planning.mincut import min_latency_mask
-from dapdee.planning.planmap import TIE_RTOL, CandSet, Choice, PlanMap, acc_ok, decide, plan_dict
+from dapdee.planning.planmap import TIE_RTOL, CandSet, Choice, PlanMap, acc_ok, decide, mask_choice, plan_dict
 from dapdee.planning.request import PlanRequest
 
 MAX_EDGE_LOAD = 0.95
@@ -85,12 +85,15 @@ def admissible(cs: CandSet, frames_per_s: float | None, slot: EdgeSlot, rho_max:
     """Boolean mask of `cs`'s candidates admissible on `slot` for a device offering
     `frames_per_s`: Device-Only always; an edge-using candidate iff R_w + f_i·e_i <= ρ_max·C_w
     (no frame rate: iff R_w <= ρ_max·C_w). O(n)."""
-    limit = rho_max * slot.capacity_ms_per_s
-    if frames_per_s is None:
-        fits = np.full(len(cs), slot.reserved_ms_per_s <= limit)
-    else:
-        fits = slot.reserved_ms_per_s + edge_ms_per_frame(cs) * frames_per_s <= limit
-    return (cs.nonempty == 0) | fits
+    return (cs.nonempty == 0) | fits(slot, frames_per_s, edge_ms_per_frame(cs), rho_max)
+
+
+def fits(slot: EdgeSlot, frames_per_s: float | None, e_i: Any, rho_max: float) -> Any:
+    """The admission test of an edge-using plan of zero-load edge cost `e_i` per frame (a
+    number, or an array elementwise): R_w + f_i·e_i <= ρ_max·C_w; without a frame rate,
+    R_w <= ρ_max·C_w. O(1) elementwise."""
+    f = 0.0 if frames_per_s is None else frames_per_s
+    return slot.reserved_ms_per_s + f * e_i <= rho_max * slot.capacity_ms_per_s
 
 
 def plan_for_device(
@@ -192,17 +195,13 @@ def _worker_best(
         return best
     st = cs.st
     mask = min_latency_mask(st, cond)
-    d, b, e = st.sums(mask)
+    exact = mask_choice(st, mask, cond)
     uses_edge = mask != st.full
-    pred = predict_sums(d, b, e, not uses_edge, cond, st.overheads)
-    e_i = e + st.overheads.edge_request_ms if uses_edge else 0.0
-    limit = rho_max * slot.capacity_ms_per_s
-    fits = not uses_edge or slot.reserved_ms_per_s + (frames_per_s or 0.0) * e_i <= limit
-    if not fits:
+    e_i = st.sums(mask)[2] + st.overheads.edge_request_ms if uses_edge else 0.0
+    if uses_edge and not fits(slot, frames_per_s, e_i, rho_max):
         return best  # the unconstrained optimum is not admissible here: the scan's best, approximate
-    if pred.latency_ms < best.pred.latency_ms:
-        lists = lambda st=st, mask=mask: st.lists(mask)  # noqa: E731
-        return Choice(i, pred, lists, False, slot.url if uses_edge else None, e_i)
+    if exact.pred.latency_ms < best.pred.latency_ms:
+        return replace(exact, worker=slot.url if uses_edge else None, edge_ms_per_frame=e_i)
     return replace(best, approximate=False)
 
 

@@ -16,19 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from dapdee.costgraph import CostGraph
-from dapdee.costmodel import Conditions, predict_sums
+from dapdee.costmodel import Conditions
 from dapdee.planning.enumerate import ExitStructure, prefix_masks, prefix_sums
 from dapdee.planning.mincut import min_latency_mask, weight_grid_masks
-from dapdee.planning.planmap import CandSet, Choice, decide, plan_dict
+from dapdee.planning.planmap import CandSet, Choice, decide, mask_choice, plan_dict
 from dapdee.planning.request import PlanRequest
 
 BASELINES: tuple[str, ...] = ("device-only", "edge-only", "neurosurgeon", "dads", "edgent")
-
-
-def _mask_choice(st: ExitStructure, mask: int, cond: Conditions) -> Choice:
-    d, b, e = st.sums(mask)
-    pred = predict_sums(d, b, e, mask == st.full, cond, st.overheads)
-    return Choice(st.exit_index, pred, lambda: st.lists(mask))
 
 
 def _cand_choice(cs: CandSet, objective: str, cond: Conditions) -> Choice:
@@ -63,15 +57,15 @@ def baseline_plan(graph: CostGraph, req: PlanRequest, name: str) -> dict[str, An
             return cache[key]
         st = structure(i)
         if name == "device-only":
-            c = _mask_choice(st, st.full, cond)
+            c = mask_choice(st, st.full, cond)
         elif name == "edge-only":
-            c = _mask_choice(st, 0, cond)
+            c = mask_choice(st, 0, cond)
         elif name in ("neurosurgeon", "edgent"):
             if i not in prefixes:
                 prefixes[i] = CandSet(st, prefix_masks(st), prefix_sums(st))
             c = _cand_choice(prefixes[i], objective, cond)
         elif objective == "latency":  # dads
-            c = _mask_choice(st, min_latency_mask(st, cond), cond)
+            c = mask_choice(st, min_latency_mask(st, cond), cond)
         else:
             masks = sorted(weight_grid_masks(st, cond))
             c = _cand_choice(CandSet(st, masks), "throughput", cond)

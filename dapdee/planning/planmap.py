@@ -234,6 +234,14 @@ class Choice:
     edge_ms_per_frame: float = 0.0
 
 
+def mask_choice(st: ExitStructure, mask: int, cond: Conditions) -> Choice:
+    """The choice of one device set `mask` of the exit's A(exit), priced under `cond` (the
+    min-cut's answer, or a baseline's). O(m + E)."""
+    d, b, e = st.sums(mask)
+    pred = predict_sums(d, b, e, mask == st.full, cond, st.overheads)
+    return Choice(st.exit_index, pred, lambda: st.lists(mask))
+
+
 def acc_ok(accuracy: float | None, req: PlanRequest) -> bool:
     """min_accuracy semantics: an exit of unknown (null) accuracy never meets a set minimum."""
     return req.min_accuracy is None or (accuracy is not None and accuracy >= req.min_accuracy)
@@ -401,12 +409,9 @@ class PlanMap:
                 approximate=objective == "throughput" and not cs.exact,
             )
             if objective == "latency" and not cs.exact:
-                st = cs.st
-                mask = min_latency_mask(st, cond)
-                d, b, e = st.sums(mask)
-                p2 = predict_sums(d, b, e, mask == st.full, cond, st.overheads)
-                if p2.latency_ms < pred.latency_ms:
-                    c = Choice(i, p2, lambda st=st, mask=mask: st.lists(mask))
+                exact = mask_choice(cs.st, min_latency_mask(cs.st, cond), cond)
+                if exact.pred.latency_ms < pred.latency_ms:
+                    c = exact
             cache[key] = c
             return c
 
