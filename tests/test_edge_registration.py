@@ -106,6 +106,29 @@ def test_a_planner_url_the_sdk_cannot_use_is_refused_at_start_up(capsys: Any) ->
     assert "planner_url" in err and "127.0.0.1:8080" in err
 
 
+def test_a_registering_worker_must_know_the_url_it_advertises(capsys: pytest.CaptureFixture[str]) -> None:
+    """Port 0 is picked at bind time, after start-up, and a wildcard host is no address a device
+    can reach: a worker with a planner used to register http://127.0.0.1:0 or
+    http://0.0.0.0:PORT. Now either is refused at start-up (exit 2, naming the setting), a
+    wildcard host is fine with a public URL, and a worker without a planner may use both."""
+    with pytest.raises(ValidationError, match="port: 0"):
+        Settings(planner_url="http://planner:8080", port=0)
+    with pytest.raises(ValidationError, match="port: 0"):  # it also measures its request cost there
+        Settings(planner_url="http://planner:8080", port=0, public_url="http://edge-1:8000")
+    for host in ("0.0.0.0", "::"):
+        with pytest.raises(ValidationError, match="public_url: needed with host"):
+            Settings(planner_url="http://planner:8080", host=host)
+        assert Settings(planner_url="http://planner:8080", host=host, public_url="http://edge-1:8000").host == host
+    assert Settings(port=0, host="0.0.0.0").port == 0  # nothing registered: nothing advertised
+    from dapdee.cli import main
+
+    assert main(["serve", "edge", "--planner", "http://127.0.0.1:8080", "--models", EDGE_SPEC, "--port", "0"]) == 2
+    assert "edge worker settings: port: 0" in capsys.readouterr().err
+    argv = ["serve", "edge", "--planner", "http://127.0.0.1:8080", "--models", EDGE_SPEC, "--batch-max", "0"]
+    assert main(argv) == 2
+    assert "batch_max (DAPDEE_EDGE_BATCH_MAX)" in capsys.readouterr().err
+
+
 def test_a_round_failing_unexpectedly_is_logged_and_retried(
     alexnet: LoadedModel, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -90,8 +90,11 @@ def _serve_edge(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        first = exc.errors()[0]  # named as the field and its environment variable (a flag sets the same field)
+        field = ".".join(map(str, first["loc"]))
+        msg = first["msg"].removeprefix("Value error, ")
+        where = f"{field} (DAPDEE_EDGE_{field.upper()}): " if field else ""
+        raise ValueError(f"edge worker settings: {where}{msg}") from None
     if settings.self_url is None:  # where it measures its own per-request cost (request_cost.py)
         local = settings.host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1")
         settings = settings.model_copy(

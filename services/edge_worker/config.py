@@ -4,11 +4,13 @@ tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`, fall
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from dapdee.client.transport import check_base_url
 from dapdee.web.settings import SecuritySettings
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # bind every interface: no address to advertise
 
 
 class Settings(SecuritySettings):
@@ -86,6 +88,23 @@ class Settings(SecuritySettings):
         slash dropped), so a bad one fails at start-up rather than in the registration task or
         on every device; empty means none."""
         return check_base_url(v) if v else None
+
+    @model_validator(mode="after")
+    def _advertised(self) -> Settings:
+        """A worker that registers must know the URL it tells the planner: port 0 (a free port
+        picked at bind time, after start-up) is never known to it, and a wildcard host (0.0.0.0,
+        ::) is no address a device can reach, so such a worker needs `public_url`; port 0 is
+        refused outright, as the worker also measures its own request cost through that port."""
+        if self.planner_url is None:
+            return self
+        if self.port == 0:
+            raise ValueError("port: 0 (a free port picked at bind time) cannot be registered with a planner; give a fixed port")
+        if self.public_url is None and self.host in WILDCARD_HOSTS:
+            raise ValueError(
+                f"public_url: needed with host {self.host!r}, which is no address a device can reach "
+                "(the worker registers http://HOST:PORT otherwise)"
+            )
+        return self
 
     def model_entries(self) -> list[tuple[str, str | None]]:
         """`models` as (spec, artifact dir or None) pairs."""
