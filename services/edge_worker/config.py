@@ -98,7 +98,9 @@ class Settings(SecuritySettings):
         if self.planner_url is None:
             return self
         if self.port == 0:
-            raise ValueError("port: 0 (a free port picked at bind time) cannot be registered with a planner; give a fixed port")
+            raise ValueError(
+                "port: 0 (a free port picked at bind time) cannot be registered with a planner; give a fixed port"
+            )
         if self.public_url is None and self.host in WILDCARD_HOSTS:
             raise ValueError(
                 f"public_url: needed with host {self.host!r}, which is no address a device can reach "
