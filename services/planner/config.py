@@ -59,6 +59,9 @@ class Settings(SecuritySettings):
     planmap_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     planmap_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
     planmap_redis_max: int = Field(256, ge=1)
+    planmap_memory_share: float = Field(
+        0.5, gt=0, le=1, description="stored maps' bytes stay within this share of Redis's maxmemory (when set)"
+    )
     planmap_build_budget_s: float = Field(2.0, gt=0)
     planmap_build_threads: int = Field(2, ge=1, le=64)
     planmap_cap: int | None = Field(None, ge=1)  # enumeration cap handed to PlanMap.build (None: its default)

@@ -192,7 +192,8 @@ class PlannerMetrics:
         self.planmaps_not_stored = Counter(
             "dapdee_planner_planmaps_not_stored",
             "Plan maps kept in process memory only (reason: too_large, over DAPDEE_PLANMAP_MAX_BYTES; "
-            "over_budget, cut short by the build budget).",
+            "over_budget, cut short by the build budget; redis_memory, larger than "
+            "DAPDEE_PLANMAP_MEMORY_SHARE of Redis's maxmemory).",
             ["reason"],
             registry=self.registry,
         )

@@ -9,8 +9,10 @@ What reaches Redis is bounded: a map cut short by the budget, or whose `to_bytes
 DAPDEE_PLANMAP_MAX_BYTES, stays in process memory only (counted in
 `dapdee_planner_planmaps_not_stored_total{reason}`); a stored map expires after
 DAPDEE_PLANMAP_TTL_S, and the `PUT_PLANMAP` script keeps at most DAPDEE_PLANMAP_REDIS_MAX of them
-(the oldest are deleted). The script deletes keys it learns from its index, which a single Redis
-(not a cluster) allows.
+(the oldest are deleted) and, under a Redis `maxmemory`, within DAPDEE_PLANMAP_MEMORY_SHARE of
+it in bytes (the oldest deleted to make room; a map larger than the share alone is not stored,
+reason `redis_memory`), so maps never take the room of the models, profiles, workers and leases. The
+script deletes keys it learns from its index, which a single Redis (not a cluster) allows.
 """
 
 from __future__ import annotations
@@ -38,15 +40,40 @@ from dapdee.planning.progressive import ProgressiveMap
 
 log = logging.getLogger("dapdee.planner")
 
-# KEYS: the map's key, the plan-map index. ARGV: map bytes, ttl ms, count cap. Returns how many
-# of the oldest maps were deleted to keep the cap. Scores are Redis's clock in microseconds, made
-# strictly increasing (two maps stored in the same microsecond would otherwise be ordered by name).
+# KEYS: the map's key, the plan-map index. ARGV: map bytes, ttl ms, count cap, memory share.
+# Returns how many of the oldest maps were deleted (to keep the count cap, or to make room), or
+# -1 when the map was not stored. Under Redis's `maxmemory` (when set) the stored maps' bytes
+# stay within `share` of it: the oldest maps are deleted to make room, and a map larger than
+# that share alone is not stored (nothing deleted). Plan maps are a cache (rebuilt on demand);
+# the rest of maxmemory stays for models, profiles, workers and leases, whose writes
+# `noeviction` would otherwise refuse once maps filled it. O(stored maps) under a maxmemory.
+# Scores are Redis's clock in microseconds, made strictly increasing (two maps stored in the same
+# microsecond would otherwise be ordered by name).
 PUT_PLANMAP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 if newest[2] and tonumber(newest[2]) >= now then now = tonumber(newest[2]) + 1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[2]) * 1000)
+local dropped = 0
+local size = #ARGV[1]
+local maxmemory = tonumber(string.match(redis.call('INFO', 'memory'), 'maxmemory:(%d+)')) or 0
+if maxmemory > 0 then
+  local budget = maxmemory * tonumber(ARGV[4])
+  if size > budget then return -1 end
+  local maps = redis.call('ZRANGE', KEYS[2], 0, -1)
+  local total = size
+  for _, k in ipairs(maps) do if k ~= KEYS[1] then total = total + redis.call('STRLEN', k) end end
+  for _, k in ipairs(maps) do
+    if total <= budget then break end
+    if k ~= KEYS[1] then
+      total = total - redis.call('STRLEN', k)
+      redis.call('DEL', k)
+      redis.call('ZREM', KEYS[2], k)
+      dropped = dropped + 1
+    end
+  end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], now, KEYS[1])
 local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
@@ -54,9 +81,9 @@ if extra > 0 then
   local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
   for _, k in ipairs(old) do redis.call('DEL', k) end
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
-  return extra
+  return dropped + extra
 end
-return 0
+return dropped
 """
 
 MapKey = tuple[str, str, str]
@@ -233,9 +260,16 @@ class PlanMapCache:
             log.info("plan map %s: %d bytes, over DAPDEE_PLANMAP_MAX_BYTES=%d; in memory only", rkey, len(blob), limit)
             return
         ttl_ms = self.settings.planmap_ttl_s * 1000
-        args = [blob, ttl_ms, self.settings.planmap_redis_max]
+        args = [blob, ttl_ms, self.settings.planmap_redis_max, repr(self.settings.planmap_memory_share)]
         with contextlib.suppress(RedisUnavailable):
-            await self.link.script("put_planmap", PUT_PLANMAP, [rkey, self.keys.planmaps], args)
+            dropped = await self.link.script("put_planmap", PUT_PLANMAP, [rkey, self.keys.planmaps], args)
+            if int(dropped) < 0:
+                self.metrics.planmaps_not_stored.labels("redis_memory").inc()
+                log.info(
+                    "plan map %s: %d bytes, over DAPDEE_PLANMAP_MEMORY_SHARE of Redis's maxmemory; in memory only",
+                    rkey,
+                    len(blob),
+                )
 
 
 def _meta_ms(profile: Profile, key: str) -> float | None:
