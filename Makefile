@@ -22,6 +22,7 @@ K8S_NAMESPACE ?= dapdee
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@$(call apt_deps,python3-venv)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
@@ -35,6 +36,7 @@ apt_deps = missing=""; \
 	    dataset-fashion-mnist) [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] ;; \
 	    prometheus) command -v promtool >/dev/null ;; \
 	    redis-server) command -v redis-server >/dev/null ;; \
+	    python3-venv) python3 -c "import ensurepip" 2>/dev/null ;; \
 	  esac || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -75,8 +77,10 @@ secrets:
 compose-up: secrets
 	docker compose --env-file $(SECRETS_FILE) up --build --detach
 
-# the Kubernetes Secret `dapdee-tokens` from the same file (run before `kubectl apply -k k8s/`)
+# the Kubernetes Secret `dapdee-tokens` from the same file (run before `kubectl apply -k k8s/`;
+# it creates the namespace when missing, which `kubectl apply -k k8s/` then labels)
 k8s-secret: secrets
+	kubectl create namespace $(K8S_NAMESPACE) --dry-run=client -o yaml | kubectl apply -f -
 	kubectl -n $(K8S_NAMESPACE) create secret generic dapdee-tokens --from-env-file=$(SECRETS_FILE) \
 	  --dry-run=client -o yaml | kubectl apply -f -
 

@@ -513,6 +513,21 @@ def test_compose_file_structure() -> None:
     assert len(host_ports) == len(set(host_ports)), f"host ports used twice: {host_ports}"
 
 
+def test_planner_grace_period_covers_its_shutdown() -> None:
+    """A stopped planner waits for requests in progress, then replays writes queued while Redis
+    was away and closes Redis; compose's 10 s grace (equal to the first step alone) killed it
+    before the replay, losing those writes. Both deployments now give it the sum."""
+    from dapdee.planner.cli import GRACEFUL_SHUTDOWN_S
+    from dapdee.planner.redis_link import REDIS_CLOSE_S
+    from dapdee.planner.store import CLOSE_DRAIN_S
+
+    need = GRACEFUL_SHUTDOWN_S + CLOSE_DRAIN_S + REDIS_CLOSE_S
+    compose = compose_raw()["services"]["planner"]["stop_grace_period"]
+    assert compose.endswith("s") and float(compose[:-1]) >= need, (compose, need)
+    pod = workloads(k8s_resources())["planner"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= need, (pod["terminationGracePeriodSeconds"], need)
+
+
 def test_compose_services_and_healthchecks(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> None:
     c = compose(stack_env)
     svcs = c["services"]

@@ -10,6 +10,10 @@ from typing import Any
 from dapdee.web.logs import add_log_arguments, configure_logging, logging_config
 from dapdee.web.otel import add_otel_argument
 
+# uvicorn's wait for requests in progress at shutdown; then the lifespan replays queued writes
+# (CLOSE_DRAIN_S) and closes Redis (REDIS_CLOSE_S): a deployment's grace period must cover all three
+GRACEFUL_SHUTDOWN_S = 10
+
 
 def add_serve_command(services: argparse._SubParsersAction) -> None:
     """Register `planner` under `dapdee serve`."""
@@ -92,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "access_log": False,  # the app's AccessLog writes one record per request
         "log_config": logging_config("planner", args.log_format, args.log_level),  # each worker process too
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
     }
     if args.workers == 1:
         shorten_switch_interval()  # min-cut and rebalance threads hand the GIL back quickly (one process)

@@ -22,6 +22,8 @@ from dapdee.planner.metrics import PlannerMetrics
 
 log = logging.getLogger("dapdee.planner")
 
+REDIS_CLOSE_S = 2.0  # closing the client at shutdown waits at most this
+
 
 class RedisLink:
     """The client (None when DAPDEE_REDIS_URL is none), its state (`disabled | up | down`) and
@@ -121,12 +123,12 @@ class RedisLink:
         return await self.call(op, lambda r: sc(keys=list(keys), args=list(args), client=r))
 
     async def close(self) -> None:
-        """Close the client (bounded: 2 s)."""
+        """Close the client (bounded: REDIS_CLOSE_S)."""
         if self.client is None:
             return
         client, self.client = self.client, None
         try:
-            await asyncio.wait_for(client.aclose(), 2.0)
+            await asyncio.wait_for(client.aclose(), REDIS_CLOSE_S)
         except Exception as exc:  # closing must never fail a shutdown
             log.debug("redis client close: %s", exc)
 
