@@ -3,9 +3,11 @@
 
 `CATALOGUE` is the metric contract of the services: each metric as Prometheus sees it (counters
 with `_total`, histograms by their base name) with its type and label names. `exported_by_code()`
-reads what the services' metric classes really register; `known_metrics()` is the union, and
-`test_catalogue_matches_the_code` (in test_dashboard) fails when the code and the contract
-disagree on a metric both name.
+reads what the services' metric classes really register, label names read from the collectors
+themselves (not from the samples they hold, which a labelled metric has none of until first
+used); `known_metrics()` is that, the code's view: what Prometheus will scrape.
+`test_catalogue_matches_the_code` (in test_dashboard) fails when a catalogue entry is not
+exported by the code (renamed or removed) or when the two disagree on its type or labels.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ import importlib
 import inspect
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 
 @dataclass(frozen=True)
@@ -67,38 +73,106 @@ CATALOGUE: dict[str, Metric] = {
 }
 # labels Prometheus adds to every scraped series (the compose config's `service` target label too)
 TARGET_LABELS = frozenset({"job", "instance", "service"})
-METRIC_MODULES = ("dapdee.planner.metrics", "dapdee.edge_worker.metrics", "dapdee.device.metrics")
+# each metric module -> the service that serves it on /metrics (the `service` label its scrape
+# job gives its targets in deploy/prometheus/prometheus.yml)
+SERVICE_OF_MODULE = {
+    "dapdee.planner.metrics": "planner",
+    "dapdee.edge_worker.metrics": "edge",
+    "dapdee.device.metrics": "device",
+}
+METRIC_MODULES = tuple(SERVICE_OF_MODULE)
 _SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("",), "gauge": ("",), "info": ("",)}
 
 
-def exported_by_code() -> dict[str, Metric]:
-    """The metrics the services' metric classes register (each `*Metrics` class of the metric
-    modules that exist, built with no arguments), labels read from the samples they hold."""
-    out: dict[str, Metric] = {}
-    for module_name in METRIC_MODULES:
+@dataclass(frozen=True)
+class LazyMetrics:
+    """Metrics a `*Metrics` class registers only when one of its methods is called, not in its
+    constructor: `exported_by_code()` calls `method(*args)` on the fresh instance so that they are
+    read from the code too. `names` are what the call registers; `test_lazy_metrics_are_what_their_
+    call_registers` checks that they are absent before the call and present after it."""
+
+    module: str
+    cls: str
+    method: str
+    args: tuple[Any, ...]
+    names: frozenset[str]
+
+
+LAZY: tuple[LazyMetrics, ...] = (
+    # dapdee_planner_redis_up: registered by `PlannerMetrics.bind_redis`, which the planner's
+    # store (services/planner/store.py) calls only when Redis is configured, so that a planner
+    # running without Redis does not look like one whose Redis is down. Verified: the only
+    # metric of the three services registered outside a constructor.
+    LazyMetrics(
+        "dapdee.planner.metrics", "PlannerMetrics", "bind_redis", (lambda: 1.0,), frozenset({"dapdee_planner_redis_up"})
+    ),
+)
+
+
+def _collectors(registry: CollectorRegistry) -> list[Any]:
+    """The collectors registered to `registry` (prometheus_client has no public way to list them)."""
+    return list(registry._collector_to_names)  # noqa: SLF001
+
+
+def _families(collector: Any) -> Iterator[tuple[str, str, frozenset[str]]]:
+    """(family name, type, label names) of what `collector` exports, the label names read from
+    the collector, not from samples: a labelled metric wrapper's `_labelnames`; a custom
+    collector's families as its `describe()` builds them (`GaugeMetricFamily(..., labels=[...])`
+    keeps them), or, for a family built without `labels=`, the labels of its samples."""
+    if isinstance(collector, MetricWrapperBase):
+        labels = frozenset(collector._labelnames)  # noqa: SLF001
+        for family in collector.describe():
+            if family.type == "info":  # an info metric's own keys are labels of its one sample
+                labels |= {k for fam in collector.collect() for s in fam.samples for k in s.labels}
+            yield family.name, family.type, labels
+        return
+    describe: Callable[[], Any] | None = getattr(collector, "describe", None)
+    for family in describe() if describe is not None else collector.collect():
+        names = getattr(family, "_labelnames", None)
+        if names is None:
+            names = {k for s in family.samples for k in s.labels} - {"le", "quantile"}
+        yield family.name, family.type, frozenset(names)
+
+
+def exported_by_service(lazy: bool = True) -> dict[str, dict[str, Metric]]:
+    """service -> the metrics its metric classes register (each `*Metrics` class of the metric
+    modules that exist, built with no arguments; with `lazy`, the `LAZY` calls made too)."""
+    out: dict[str, dict[str, Metric]] = {}
+    for module_name, service in SERVICE_OF_MODULE.items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name != module_name:
                 raise
             continue
+        metrics = out.setdefault(service, {})
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ != module_name or not cls.__name__.endswith("Metrics"):
                 continue
-            registry = getattr(cls(), "registry", None)
+            instance = cls()
+            registry = getattr(instance, "registry", None)
             if registry is None:
                 continue
-            for family in registry.collect():
-                name = family.name + ("_total" if family.type == "counter" else "")
-                name = name + ("_info" if family.type == "info" else "")
-                labels = {k for s in family.samples for k in s.labels} - {"le", "quantile"}
-                out[name] = Metric(family.type, frozenset(labels))
+            if lazy:
+                for entry in LAZY:
+                    if (entry.module, entry.cls) == (module_name, cls.__name__):
+                        getattr(instance, entry.method)(*entry.args)
+            for collector in _collectors(registry):
+                for family, kind, labels in _families(collector):
+                    name = family + ("_total" if kind == "counter" else "") + ("_info" if kind == "info" else "")
+                    metrics[name] = Metric(kind, labels)
     return out
 
 
+def exported_by_code(lazy: bool = True) -> dict[str, Metric]:
+    """Every service's metrics (`exported_by_service`) in one mapping."""
+    return {name: m for metrics in exported_by_service(lazy).values() for name, m in metrics.items()}
+
+
 def known_metrics() -> dict[str, Metric]:
-    """The catalogue, and what the code registers beyond it."""
-    return {**exported_by_code(), **CATALOGUE}
+    """The metrics a query may read: what the code exports (the catalogue must agree with it:
+    `test_catalogue_matches_the_code`), never a catalogue entry the code has lost."""
+    return exported_by_code()
 
 
 def series_names(metrics: dict[str, Metric]) -> dict[str, str]:

@@ -15,6 +15,7 @@ import yaml
 
 from tests.observability import (
     CATALOGUE,
+    LAZY,
     allowed_labels,
     exported_by_code,
     known_metrics,
@@ -178,13 +179,38 @@ def test_the_fleet_row_shows_the_fleet() -> None:
 
 
 def test_catalogue_matches_the_code() -> None:
-    """Where the code and the metric contract both name a metric, they agree on its type and
-    labels (labels read from the samples the code holds at start)."""
-    for name, m in exported_by_code().items():
-        if name not in CATALOGUE:
-            continue
-        want = CATALOGUE[name]
+    """Every metric of the contract is exported by the code (a renamed or removed metric fails
+    here, not silently in Grafana), as the same type with the same label names, read from the
+    code's collectors (so a labelled metric that holds no sample at start is checked too)."""
+    code = exported_by_code()
+    missing = sorted(set(CATALOGUE) - set(code))
+    assert not missing, f"in the metric contract (tests/observability.py) but not exported by the code: {missing}"
+    for name, want in CATALOGUE.items():
+        m = code[name]
         kind = "gauge" if m.kind == "info" else m.kind  # an info metric is a constant-1 gauge
         assert kind == want.kind, f"{name}: the code has a {m.kind}, the contract a {want.kind}"
-        if m.labels:
-            assert m.labels == want.labels, f"{name}: labels {sorted(m.labels)}, the contract {sorted(want.labels)}"
+        assert m.labels == want.labels, (
+            f"{name}: labels {sorted(m.labels)} in the code, the contract {sorted(want.labels)}"
+        )
+
+
+def test_lazy_metrics_are_what_their_call_registers() -> None:
+    """The metrics `LAZY` lists are not registered by their class's constructor, are by the
+    listed call, and that call registers nothing else: a lazy metric renamed in the code, or an
+    entry whose call no longer registers it, fails here."""
+    eager, everything = exported_by_code(lazy=False), exported_by_code(lazy=True)
+    listed = set().union(*(entry.names for entry in LAZY))
+    added = set(everything) - set(eager)
+    assert added == listed, f"the LAZY calls register {sorted(added)}, LAZY lists {sorted(listed)}"
+    assert not listed & set(eager)
+
+
+def test_the_label_check_sees_labels_without_samples() -> None:
+    """Negative control: a labelled metric that holds no sample yet (the planner's per-worker
+    gauges before the first fleet refresh, the edge's request counter before the first request)
+    still has its label names, so a query grouping by a renamed label is refused."""
+    code = exported_by_code()
+    assert code["dapdee_planner_worker_leased_ms_per_second"].labels == {"worker"}
+    assert code["dapdee_edge_requests_total"].labels == {"model", "exit", "status"}
+    expr = "sum by (url) (dapdee_planner_worker_leased_ms_per_second)"
+    assert "url" not in allowed_labels(expr, known_metrics())
