@@ -23,7 +23,8 @@ conditions). Runs: the fmnist-resnet18 artifact at every N and K, and the 224-px
 one N (`--n224`, K = 30). Each run: the planner and the worker restarted, a warm-up (`--warmup` s, plans
 settle), then `--minutes` of measurement.
 
-Prints per run: goodput (frames/s within budget), SLO attainment (devices whose p95 <= budget),
+Prints per run: goodput (frames/s within budget), SLO attainment (devices whose p95 <= budget,
+of the scenario's N: a device that failed to open misses it, and the run says how many failed),
 p50/p99, worker utilisation (compute-busy seconds) and CPU, the client processes' CPU, plan
 changes per device-minute, the median |predicted − measured| / measured latency per frame and
 throughput per device; the per-stage prediction table; the targets with PASS/FAIL and ratios.
@@ -200,7 +201,9 @@ def run_all(a: argparse.Namespace, settings: PlannerSettings, loaded: dict[str, 
             summaries.append(s)
             tqdm.write(f"{sc.label():38s} goodput {s['goodput_fps']:6.1f} fps  SLO {100 * s['slo_attainment']:3.0f}%  "
                        f"p99 {report._f(s['p99_ms']):>7} ms  util {s['utilisation']:.2f}  "
-                       f"clients CPU {s['clients_cpu']:.2f}")  # fmt: skip
+                       f"clients CPU {s['clients_cpu']:.2f}  failed devices {report.failed_devices(s)}")  # fmt: skip
+            for line in report.failure_lines([s]):
+                tqdm.write(line)
             out.with_suffix(".json").write_text(json.dumps({"runs": summaries}, indent=1))
     return summaries
 
@@ -226,9 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{name} {cost_range(summaries, name)} ({who})"
         for name, who in (("device_request_ms", "measured by a device session"), ("edge_request_ms", "by the worker"))
     )
+    failures = report.failure_lines(summaries)
     text = "\n\n".join(
         [
             "# Fleet benchmark\n\n" + "\n".join(f"- {line}" for line in [*setup, cost_line]),
+            *(["## Devices that failed to open\n\n```\n" + "\n".join(failures) + "\n```"] if failures else []),
             "## Runs\n\n" + report.tables(summaries, order),
             "## Predicted vs measured stages (medians over edge-answered frames)\n\n" + report.stages_table(summaries),
             "## Targets\n\n```\n" + "\n".join(t.line() for t in checked) + "\n```",

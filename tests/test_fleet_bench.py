@@ -70,6 +70,10 @@ def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str
         assert dev["plans"] and dev["predicted"]  # plans from the planner, their predictions kept
         answered = [f for f in dev["frames"] if f[1] is not None]
         assert answered and all(f[1] > 0 and f[7] in dev["predicted"] for f in answered)
+        # each answered frame's wait before the device took it: recorded, within its latency
+        assert all(f[9] is not None and 0 <= f[9] <= f[1] for f in answered)
+        assert all(isinstance(p[2], str) and p[2].split(":")[0].isdigit() for p in dev["plans"])  # the device part
+    assert s["failed_devices"] == 0
     # 2 devices x 10 frames/s over a 4 s window: every release counted, answered or dropped
     assert 60 <= s["released"] <= 100
     assert 0 < s["goodput_fps"] <= s["answered_fps"] <= s["offered_fps"]
@@ -139,8 +143,11 @@ def test_a_service_process_runs_at_the_niceness_it_is_given() -> None:
 
 
 def _frame(t: float, lat: float | None, pred: float = 50.0, plan: str = "p") -> list[Any]:
-    """One frame as `devices.device_result` writes it (answered at the edge, 5 ms in the worker)."""
-    return [t, lat, pred if lat is not None else None, "edge", "final", 0.0, 5.0, plan if lat is not None else None]
+    """One frame as `devices.device_result` writes it (answered at the edge, 5 ms in the worker,
+    no wait before the device took it)."""
+    if lat is None:
+        return [t, None, None, None, None, None, None, None, None, None]
+    return [t, lat, pred, "edge", "final", 0.0, 5.0, plan, None, 0.0]
 
 
 def test_summary_arithmetic_on_frames_written_by_hand() -> None:
@@ -180,6 +187,7 @@ def test_summary_arithmetic_on_frames_written_by_hand() -> None:
     # stages over the 19 edge-answered frames: latency 40 (10), 100 (8), 300 (1); queue+compute 5
     assert s["stages"]["pred_edge_ms"] == 15.0 and s["stages"]["meas_edge_server_ms"] == 5.0
     assert s["stages"]["meas_latency_ms"] == 40.0 and s["stages"]["meas_link_http_ms"] == 35.0
+    assert s["stages"]["meas_wait_ms"] == 0.0 and s["failed_devices"] == 0
 
 
 def test_a_ratio_target_states_the_ratio_the_offered_load_allows() -> None:

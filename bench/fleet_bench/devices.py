@@ -17,7 +17,10 @@ behind one another at the worker, a synchronisation no fleet of independent cloc
 runtime when the pipeline has room: the device's compute is idle (no frame in its device
 part) and fewer than `max_inflight` frames are in flight; otherwise it waits in a one-frame
 buffer, and the next release replaces it (the waiting frame is dropped: it missed its budget).
-A frame's latency runs from its release to its answer, so a wait in the buffer counts.
+A frame that finishes leaves the frames in flight before it wakes the camera, so a waiting frame
+takes a freed slot at once. A frame's latency runs from its release to its answer, so a wait in
+the buffer counts; on the device's clock (`DeviceStage`) a frame that waited for a slot enters
+the device when the slot freed, not at its release.
 
 **Protocol** (`python -m dapdee.bench.fleet_bench.devices`): one JSON job line on stdin
 (`ClientJob`); the process opens its devices and prints `{"ready": n}`; the runner answers
@@ -32,6 +35,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -55,7 +59,7 @@ from dapdee.device.probe import LinkProber, Sensor
 from dapdee.device.replanner import conditions
 from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
-from dapdee.device.types import Frame, FrameRecord
+from dapdee.device.types import Frame, FrameRecord, Plan
 from dapdee.netem import ShapedUplink
 from dapdee.progressive_run import SidePart
 
@@ -107,8 +111,12 @@ class ClientJob:
 
 
 RELEASED_AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("released_at", default=None)
-"""The camera's release time (monotonic s) of the frame whose task reads it, until its first
-device part has begun."""
+"""When the frame whose task reads it entered the device (monotonic s): its release, or later
+when it waited in the camera's buffer for a slot of `max_inflight`; until its first device part
+has begun."""
+CAMERA_FRAME: contextvars.ContextVar[Released | None] = contextvars.ContextVar("camera_frame", default=None)
+"""The camera's record of the frame whose task reads it: its first planned device part notes
+there when it began on the device's clock (`Released.device_start`)."""
 
 
 class DeviceStage:
@@ -141,13 +149,23 @@ class DeviceStage:
         RELEASED_AT.set(None)
         return released if planned else None
 
+    @staticmethod
+    def _began(released: float | None, ms: float) -> None:
+        """Note on the camera's frame (if any) when its first planned part began on the device's
+        clock: `ms` (the part's wall time, from its begin on that clock) before now. O(1)."""
+        frame = CAMERA_FRAME.get()
+        if released is not None and frame is not None and frame.device_start is None:
+            frame.device_start = time.monotonic() - ms / 1000.0
+
     async def run(
         self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None
     ) -> Computed:
         released = self._released_at(allowed is not None)
         self.active += 1
         try:
-            return await self.inner.run(given, targets, allowed, released_at=released)
+            done = await self.inner.run(given, targets, allowed, released_at=released)
+            self._began(released, done.ms)
+            return done
         finally:
             self.active -= 1
             self.changed.set()
@@ -158,7 +176,9 @@ class DeviceStage:
         released = self._released_at(allowed is not None)
         self.active += 1
         try:
-            return await self.inner.progressive(given, part, targets, allowed, released_at=released)
+            done = await self.inner.progressive(given, part, targets, allowed, released_at=released)
+            self._began(released, done.ms)
+            return done
         finally:
             self.active -= 1
             self.changed.set()
@@ -187,12 +207,25 @@ class PlanLog:
 
 @dataclass
 class Released:
-    """One released frame: when (monotonic s), and once answered its record and answer time."""
+    """One released frame: when (monotonic s); once admitted, when the camera handed it to the
+    runtime (`admitted`), when it entered the device on the device's clock (`entered`: its
+    release, or when a slot freed if it waited for one) and, if a device part of its plan ran,
+    when the first began on that clock (`device_start`); once answered its record and answer
+    time."""
 
     at: float
     record: FrameRecord | None = None
     done_at: float | None = None
     error: str | None = None
+    admitted: float | None = None
+    entered: float | None = None
+    device_start: float | None = None
+
+    def wait_s(self) -> float | None:
+        """How long the frame waited before the device (or, with no device part, the runtime)
+        took it: in the camera's buffer, and for the previous frame's device part. O(1)."""
+        began = self.device_start if self.device_start is not None else self.admitted
+        return None if began is None else max(0.0, began - self.at)
 
 
 class Camera:
@@ -207,23 +240,38 @@ class Camera:
         self.wake = stage.changed
         self.frames: list[Released] = []
         self.inflight: set[asyncio.Task[None]] = set()
+        self.slot_at = -math.inf  # when the frames in flight last fell below the cap (monotonic s)
 
     def _room(self) -> bool:
         return self.stage.active == 0 and len(self.inflight) < self.cap
 
     async def _one(self, rel: Released) -> None:
-        RELEASED_AT.set(rel.at)  # this task's context: its device part begins on the device's clock
+        # this task's context: its device part begins on the device's clock
+        RELEASED_AT.set(rel.at if rel.entered is None else rel.entered)
+        CAMERA_FRAME.set(rel)
         try:
             rel.record = await self.runtime.infer(self.frame)
         except Exception as exc:  # counted as a missed frame; the camera goes on
             rel.error = f"{type(exc).__name__}: {exc}"[:200]
         rel.done_at = time.monotonic()
-        self.wake.set()
+        self._leave(asyncio.current_task(), rel.done_at)
+        self.wake.set()  # after leaving: the camera it wakes sees the slot this frame freed
+
+    def _leave(self, task: asyncio.Task[Any] | None, at: float) -> None:
+        """`task` is no longer in flight (at `at`, monotonic s). Idempotent. O(1)."""
+        if task in self.inflight:
+            if len(self.inflight) >= self.cap:
+                self.slot_at = at
+            self.inflight.discard(task)
 
     def _admit(self, rel: Released) -> None:
+        rel.admitted = time.monotonic()
+        # the frame entered the device when released, or when a slot freed if it waited for one
+        # (its compute being idle, the device's clock adds any wait for the previous part)
+        rel.entered = max(rel.at, self.slot_at)
         task = asyncio.create_task(self._one(rel))
         self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
+        task.add_done_callback(lambda t: self._leave(t, time.monotonic()))  # cancelled: never reached _leave
 
     async def run(self, start: float, end: float) -> None:
         """Release frames from `start` until `end` (monotonic s); then wait up to DRAIN_S for
@@ -333,12 +381,31 @@ async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
     return Device(spec, runtime, camera, plans)
 
 
+def device_part(nodes: Sequence[str]) -> str:
+    """A plan's device part as JSON: `"<node count>:<digest of the node names>"`, so two parts
+    of the same size but different nodes differ. O(nodes)."""
+    digest = hashlib.sha1("\n".join(nodes).encode()).hexdigest()[:10]
+    return f"{len(nodes)}:{digest}"
+
+
+def plan_prediction(plan: Plan) -> dict[str, Any]:
+    """What the runtime's own plan predicts (for plans the planner never priced, e.g. the
+    Device-Only plan a lapsed lease puts in use): latency, bottleneck and throughput
+    1000 / bottleneck (null when the bottleneck is not positive). O(1)."""
+    fps = 1000.0 / plan.bottleneck_ms if plan.bottleneck_ms > 0 else None
+    return {"latency_ms": plan.predicted_ms, "bottleneck_ms": plan.bottleneck_ms, "throughput_fps": fps,
+            "origin": plan.origin}  # fmt: skip
+
+
 def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
     """One device's run as JSON: its spec; each frame released in the window as
     `[release s into the window, latency ms or null (dropped / unanswered), predicted ms,
-    where, exit, device ms, edge queue + compute ms or null, plan id, error]`; every plan it put in use
-    as `[s into the window (negative: before), exit, device nodes, worker, plan id]`; the
-    predicted stages of those plans; its last events. O(frames + plans)."""
+    where, exit, device ms, edge queue + compute ms or null, plan id, error, wait ms or null]`
+    (wait: from its release until its first device part began on the device's clock, or with
+    none until the camera handed it to the runtime); every plan it put in use as
+    `[s into the window (negative: before), exit, device part (`device_part`), worker, plan id]`;
+    the predicted stages of those plans (the planner's answer; for a plan the planner never
+    priced, the runtime's own prediction, `plan_prediction`); its last events. O(frames + plans)."""
     w0, w1 = window
     frames = []
     for rel in dev.camera.frames:
@@ -346,20 +413,25 @@ def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
             continue
         r = rel.record
         if r is None or rel.done_at is None:
-            frames.append([rel.at - w0, None, None, None, None, None, None, None, rel.error])
+            frames.append([rel.at - w0, None, None, None, None, None, None, None, rel.error, None])
             continue
         server = None if r.edge_compute_ms is None else (r.edge_queue_ms or 0.0) + r.edge_compute_ms
+        wait = rel.wait_s()
         frames.append(
             [rel.at - w0, (rel.done_at - rel.at) * 1000.0, r.predicted_ms, r.where, r.exit, r.device_ms, server,
-             r.plan_id, r.error]
+             r.plan_id, r.error, None if wait is None else wait * 1000.0]
         )  # fmt: skip
-    plans = [[p.requested_at - w0, p.exit, p.cut, p.edge_worker, p.plan_id] for p in dev.runtime.plans]
+    runtime_plans = list(dev.runtime.plans)
+    plans = [[p.requested_at - w0, p.exit, device_part(p.device_nodes), p.edge_worker, p.plan_id]
+             for p in runtime_plans]  # fmt: skip
     used = {p[4] for p in plans} | {f[7] for f in frames if f[7]}
+    predicted = {pid: plan_prediction(p) for p in runtime_plans if (pid := p.plan_id) in used}
+    predicted |= {pid: dev.plans.predicted[pid] for pid in used if pid in dev.plans.predicted}
     return {
         "spec": asdict(dev.spec),
         "frames": frames,
         "plans": plans,
-        "predicted": {pid: dev.plans.predicted[pid] for pid in used if pid in dev.plans.predicted},
+        "predicted": predicted,
         "sensed": {
             "bandwidth_mbps": dev.runtime.sensing.bandwidth_mbps,
             "request_rtt_ms": dev.runtime.sensing.request_rtt_ms,

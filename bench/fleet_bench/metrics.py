@@ -2,10 +2,14 @@
 number comes from frames that were really released, answered or dropped. Pure functions.
 
 - goodput: frames/s, over the whole fleet, answered within the latency budget (a dropped or
-  unanswered frame missed it); `offered` is the frames/s released; `goodput_se` its standard
-  error from the per-second counts of the window (the noise the comparisons allow);
-- SLO attainment: the share of devices whose p95 latency is within the budget, dropped frames
-  counted as infinitely late;
+  unanswered frame missed it); `offered` is the frames/s the scenario's N cameras release;
+  `goodput_se` its standard error from the per-second counts of the window (the noise the
+  comparisons allow; the window's last partial second counts for its length);
+- failed devices: a device of the scenario that did not open (`errors`) is still one of its N:
+  it misses the SLO, and the frames its camera would have released (frame rate x window) count
+  as offered and dropped; `failed_devices` says how many;
+- SLO attainment: the share of the scenario's N devices whose p95 latency is within the budget,
+  dropped frames counted as infinitely late;
 - p50 / p99: latency of the answered frames (release to answer);
 - worker utilisation: compute-busy seconds / (window x slots), from the worker's
   `dapdee_edge_compute_busy_seconds_total`; and the worker process's CPU seconds per second;
@@ -13,17 +17,20 @@ number comes from frames that were really released, answered or dropped. Pure fu
   nominal 1000 / κ) and the largest share of it the leases booked, polled in the window;
   `booking_series` keeps every poll from the cameras' start (warm-up included) as (s since
   the start, booked share, capacity);
-- plan changes per device-minute: changes of a device's plan (exit, device part or worker)
-  put in use during the window;
+- plan changes per device-minute: changes of a device's plan (exit, device part: its set of
+  nodes, or worker) put in use during the window, per device that ran;
 - prediction error, latency: the median over answered frames of |predicted − measured| /
   measured, predicted = the latency of the plan the frame ran (as the planner priced it: for a
   leased plan, at the load the other leases put on the worker), measured = release to answer;
 - prediction error, throughput: the median over devices of |predicted − measured| / measured,
-  predicted = min(frame rate, the throughput of the plan most of its frames ran), measured =
-  its answered frames per second;
+  predicted = min(frame rate, the throughput of the plan most of its frames ran: the planner's,
+  or for a plan the runtime priced itself, e.g. Device-Only after a lease lapsed, 1000 /
+  its bottleneck), measured = its answered frames per second (a device whose plan has no
+  prediction is left out);
 - stages (frames that went to the edge): median predicted device / transfer / edge ms next to
-  the measured device compute, edge queue + compute, and the rest (uplink, round trip and both
-  sides' HTTP work: latency − device − edge queue − edge compute).
+  the measured wait before the device took the frame (camera buffer, previous frame's device
+  part), device compute, edge queue + compute, and the rest (uplink, round trip and both sides'
+  HTTP work: latency − wait − device − edge queue − edge compute).
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-# frame fields (devices.device_result)
-T, LAT, PRED, WHERE, EXIT, DEV, SERVER, PLAN = range(8)
+# frame fields (devices.device_result); WAIT is absent from results written before it was recorded
+T, LAT, PRED, WHERE, EXIT, DEV, SERVER, PLAN, ERROR, WAIT = range(10)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -51,10 +58,11 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def plan_changes(plans: Sequence[Sequence[Any]], window_s: float) -> int:
-    """Changes of plan (exit, device nodes, worker) put in use within [0, window_s). O(plans)."""
+    """Changes of plan (exit, device part, worker) put in use within [0, window_s); the device
+    part as `devices.device_part` writes it (its nodes, not only their count). O(plans)."""
     changes, last = 0, None
-    for t, exit_name, cut, worker, _ in sorted(plans, key=lambda p: p[0]):
-        key = (exit_name, cut, worker)
+    for t, exit_name, part, worker, _ in sorted(plans, key=lambda p: p[0]):
+        key = (exit_name, tuple(part) if isinstance(part, list) else part, worker)
         if last is not None and key != last and 0 <= t < window_s:
             changes += 1
         last = key
@@ -66,36 +74,70 @@ def _device_throughput_error(dev: dict[str, Any], frame_rate: float, window_s: f
     if not answered:
         return None
     main_plan = Counter(f[PLAN] for f in answered).most_common(1)[0][0]
-    pred = dev["predicted"].get(main_plan, {})
+    pred = dev["predicted"].get(main_plan)
+    if pred is None:
+        return None  # a plan nobody priced: no prediction to compare
     fps = pred.get("throughput_fps")
-    predicted = frame_rate if fps is None else min(frame_rate, float(fps))
+    if fps is None and pred.get("bottleneck_ms"):
+        fps = 1000.0 / pred["bottleneck_ms"]
+    if fps is None:
+        return None
+    predicted = min(frame_rate, float(fps))
     measured = len(answered) / window_s
     return abs(predicted - measured) / measured
 
 
 def _stages(frames: list[list[Any]], devices: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Median predicted and measured stage times of the frames answered by the edge."""
+    """Median predicted and measured stage times of the frames answered by the edge. The rest
+    (link + HTTP) leaves out the frame's wait before the device took it; frames without a
+    recorded wait (results written before it was) give no wait and no rest."""
     pred_of = {pid: p for d in devices for pid, p in d["predicted"].items()}
     edge = [f for f in frames if f[WHERE] == "edge" and f[SERVER] is not None and f[PLAN] in pred_of]
     if not edge:
         return {}
     out: dict[str, float | None] = {"frames": float(len(edge))}
     for key in ("device_ms", "transfer_ms", "edge_ms", "latency_ms"):
-        out[f"pred_{key}"] = _median([pred_of[f[PLAN]][key] for f in edge])
+        out[f"pred_{key}"] = _median([v for f in edge if (v := pred_of[f[PLAN]].get(key)) is not None])
+    waited = [f for f in edge if len(f) > WAIT and f[WAIT] is not None]
+    out["meas_wait_ms"] = _median([f[WAIT] for f in waited])
     out["meas_device_ms"] = _median([f[DEV] for f in edge])
     out["meas_edge_server_ms"] = _median([f[SERVER] for f in edge])
-    out["meas_link_http_ms"] = _median([f[LAT] - f[DEV] - f[SERVER] for f in edge])
+    out["meas_link_http_ms"] = _median([f[LAT] - f[WAIT] - f[DEV] - f[SERVER] for f in waited])
     out["meas_latency_ms"] = _median([f[LAT] for f in edge])
     return out
 
 
 def goodput_se(frames: Sequence[Sequence[Any]], budget_ms: float, window_s: float) -> float:
-    """Standard error of the goodput (frames/s) from its per-second counts. O(frames)."""
-    bins = [0] * max(1, int(window_s))
+    """Standard error of the goodput (frames/s over [0, window_s)) from its per-second counts.
+
+    Bins of 1 s; the window's last partial second is a bin of its own length, or, when shorter
+    than half a second, joins the bin before it (a sliver's count would be all quantisation).
+    A bin of length l_i with c_i good frames has rate r_i = c_i / l_i and, as counts of a
+    stationary process, variance s^2 / l_i: so s^2 = sum l_i (r_i - G)^2 / (k - 1) with G the
+    goodput (= sum c_i / W), and SE(G) = sqrt(s^2 / W). With whole seconds this is the sample
+    standard deviation of the per-second counts over sqrt(k). 0 for fewer than 2 bins.
+    O(frames + window_s)."""
+    if not window_s > 0:
+        return 0.0
+    whole = int(window_s)
+    tail = window_s - whole
+    edges = [float(i) for i in range(whole + 1)]  # bin i is [edges[i], edges[i + 1])
+    if tail > 0:
+        if tail >= 0.5 or whole == 0:
+            edges.append(window_s)
+        else:
+            edges[-1] = window_s
+    k = len(edges) - 1
+    if k < 2:
+        return 0.0
+    counts = [0] * k
     for f in frames:
-        if f[LAT] is not None and f[LAT] <= budget_ms and 0 <= f[T] < len(bins):
-            bins[int(f[T])] += 1
-    return statistics.stdev(bins) / math.sqrt(len(bins)) if len(bins) > 1 else 0.0
+        if f[LAT] is not None and f[LAT] <= budget_ms and 0 <= f[T] < window_s:
+            counts[min(int(f[T]), k - 1)] += 1
+    lengths = [edges[i + 1] - edges[i] for i in range(k)]
+    g = sum(counts) / window_s
+    s2 = sum(length * (c / length - g) ** 2 for c, length in zip(counts, lengths, strict=True)) / (k - 1)
+    return math.sqrt(s2 / window_s)
 
 
 def _device_ok(dev: dict[str, Any], budget_ms: float) -> bool:
@@ -110,7 +152,10 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
     sc, win = raw["scenario"], raw["window"]
     window_s, budget = sc["window_s"], sc["budget_ms"]
     devices = raw["devices"]
+    n = max(1, sc["n"], len(devices))  # the scenario's devices, those that failed to open included
+    failed = n - len(devices)
     frames = [f for d in devices for f in d["frames"]]
+    offered = len(frames) + failed * sc["frame_rate"] * window_s  # a failed camera's frames: all dropped
     answered = [f for f in frames if f[LAT] is not None]
     good = sum(1 for f in answered if f[LAT] <= budget)
     lat = [f[LAT] for f in answered]
@@ -119,7 +164,6 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
     cpu = win["cpu_per_s"]
     clients_cpu = [v for k, v in cpu.items() if k.startswith("client-")]
     edge = win["edge"]
-    n = max(1, len(devices))
     acc = [accuracy[f[EXIT]] for f in answered if accuracy and f[EXIT] in accuracy]
     changes = sum(plan_changes(d["plans"], window_s) for d in devices)
     return {
@@ -131,13 +175,14 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "frame_rate": sc["frame_rate"],
         "window_s": window_s,
         "devices": len(devices),
+        "failed_devices": failed,
         "released": len(frames),
-        "offered_fps": len(frames) / window_s,
+        "offered_fps": offered / window_s,
         "goodput_fps": good / window_s,
         "goodput_se": goodput_se(frames, budget, window_s),
         "goodput_per_device": good / window_s / n,
         "answered_fps": len(answered) / window_s,
-        "dropped_share": 1 - len(answered) / len(frames) if frames else None,
+        "dropped_share": 1 - len(answered) / offered if offered else None,
         "slo_attainment": sum(_device_ok(d, budget) for d in devices) / n,
         "p50_ms": percentile(lat, 0.5),
         "p99_ms": percentile(lat, 0.99),
@@ -156,7 +201,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "booking_series": win.get("booking_series", []),
         "planner_counts": win.get("planner", {}),
         "planner_run_counts": win.get("planner_run", {}),
-        "plan_changes_per_device_min": changes / (n * window_s / 60.0),
+        "plan_changes_per_device_min": changes / (max(1, len(devices)) * window_s / 60.0),
         "pred_err_latency": _median(lat_err),
         "pred_err_throughput": _median(fps_err),
         "stages": _stages(frames, devices),

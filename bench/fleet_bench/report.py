@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 FLEET, INDEPENDENT = "DAPDEE-fleet", "DAPDEE-independent"
+BASELINE_LABELS = ("DAPDEE-independent", "Edge-Only", "Device-Only", "DADS")  # systems.SYSTEMS but the fleet
 MAIN_K, MAIN_MODEL = 30.0, "resnet18"
 NOISE_Z = 2.0  # "within noise": within 2 standard errors of the difference
 GOODPUT_X_INDEPENDENT, GOODPUT_X_BEST_N16 = 1.5, 1.2
@@ -44,7 +45,8 @@ def _where(s: dict[str, Any]) -> str:
 
 
 COLUMNS = (
-    "system | N | goodput fps (±se) | per device | SLO | p50 ms | p99 ms | dropped | edge/local/fallback % "
+    "system | N | failed devices | goodput fps (±se) | per device | SLO | p50 ms | p99 ms | dropped "
+    "| edge/local/fallback % "
     "| accuracy | worker capacity ms/s | leases booked | worker util | worker CPU | planner CPU | clients CPU "
     "| plan changes /dev-min | pred err lat | pred err fps"
 )
@@ -54,11 +56,34 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def failed_devices(s: dict[str, Any]) -> int:
+    """How many of the run's N devices did not open (summaries written before the count was
+    kept: N − the devices that reported). O(1)."""
+    got = s.get("failed_devices")
+    return int(got) if got is not None else max(0, s["n"] - s.get("devices", s["n"]))
+
+
+def failure_lines(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """One warning per run in which devices failed to open: how many of N, and the first errors."""
+    out = []
+    for s in summaries:
+        failed = failed_devices(s)
+        if failed:
+            errors = "; ".join(str(e) for e in s.get("errors", [])[:3])
+            out.append(
+                f"WARNING {s['system']} {s['model']} K={s['k']:g} N={s['n']}: {failed} of {s['n']} devices failed "
+                f"to open (counted as SLO misses whose frames were all dropped)" + (f": {errors}" if errors else "")
+            )
+    return out
+
+
 def run_row(s: dict[str, Any]) -> str:
     cpu = [_f(s[k], ".2f") for k in ("utilisation", "worker_cpu", "planner_cpu", "clients_cpu")]
+    failed = failed_devices(s)
     return " | ".join(
         [
-            s["system"], str(s["n"]), f"{s['goodput_fps']:.1f} ±{s['goodput_se']:.1f}",
+            s["system"], str(s["n"]), f"**{failed}**" if failed else "0",
+            f"{s['goodput_fps']:.1f} ±{s['goodput_se']:.1f}",
             f"{s['goodput_per_device']:.2f}", f"{100 * s['slo_attainment']:.0f}%", _f(s["p50_ms"]), _f(s["p99_ms"]),
             _pct(s["dropped_share"]), _where(s), _f(s["accuracy"], ".4f"), _f(s.get("capacity_ms_per_s"), ".0f"),
             _f(s["booked_max"], ".2f"), *cpu,
@@ -89,10 +114,12 @@ def tables(summaries: Sequence[dict[str, Any]], system_order: Sequence[str]) -> 
 
 def stages_table(summaries: Sequence[dict[str, Any]]) -> str:
     """Per run, medians over the frames the edge answered: predicted device / transfer / edge ms
-    against the measured device compute, edge queue + compute, and link + HTTP."""
+    against the measured wait before the device took the frame (camera buffer, previous frame's
+    device part), device compute, link + HTTP (the rest: latency − wait − device − edge queue +
+    compute), edge queue + compute."""
     head = (
         "| model | K | system | N | edge frames | pred device | pred transfer | pred edge | pred total "
-        "| meas device | meas link+HTTP | meas edge queue+compute | meas total |\n|" + "---|" * 13
+        "| meas buffer wait | meas device | meas link+HTTP | meas edge queue+compute | meas total |\n|" + "---|" * 14
     )
     rows = [head]
     for s in summaries:
@@ -100,7 +127,7 @@ def stages_table(summaries: Sequence[dict[str, Any]]) -> str:
         if not st:
             continue
         vals = [st.get(f"pred_{k}_ms") for k in ("device", "transfer", "edge", "latency")]
-        vals += [st.get(f"meas_{k}_ms") for k in ("device", "link_http", "edge_server", "latency")]
+        vals += [st.get(f"meas_{k}_ms") for k in ("wait", "device", "link_http", "edge_server", "latency")]
         rows.append(
             f"| {s['model']} | {s['k']:g} | {s['system']} | {s['n']} | {int(st['frames'])} | "
             + " | ".join(_f(v) for v in vals)
@@ -125,15 +152,18 @@ def _vs_baselines(summaries: Sequence[dict[str, Any]], ns: list[int]) -> list[Ta
         f = _find(summaries, FLEET, n)
         others = [s for s in summaries if s["n"] == n and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
                   and s["system"] != FLEET]  # fmt: skip
-        name = f"K=30 N={n}: DAPDEE-fleet goodput >= every baseline (within {NOISE_Z:g} SE)"
+        name = f"K=30 N={n}: DAPDEE-fleet goodput >= every baseline run (within {NOISE_Z:g} SE)"
         if f is None or not others:
             out.append(Target(name, None, "runs missing"))
             continue
         best = max(others, key=lambda s: s["goodput_fps"])
         ok = all(f["goodput_fps"] >= s["goodput_fps"] - _noise(f, s) for s in others)
         ratio = f["goodput_fps"] / best["goodput_fps"] if best["goodput_fps"] else math.inf
+        ran = [s["system"] for s in others]
+        missing = [b for b in BASELINE_LABELS if b not in ran]
+        compared = f"; compared with {', '.join(ran)}" + (f" (not run: {', '.join(missing)})" if missing else "")
         out.append(Target(name, ok, f"{f['goodput_fps']:.1f} vs best {best['system']} {best['goodput_fps']:.1f} fps "
-                                    f"(ratio {ratio:.2f}, noise ±{_noise(f, best):.1f})"))  # fmt: skip
+                                    f"(ratio {ratio:.2f}, noise ±{_noise(f, best):.1f}){compared}"))  # fmt: skip
     return out
 
 

@@ -1,0 +1,306 @@
+"""The fleet benchmark's camera and figures without a stack: the real `Camera` (and
+`DeviceStage`) driven by a fake runtime on real timers, `device_result` on a fake device, and
+`metrics.summarize` / `report` on raw results written by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import types
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from dapdee.bench.fleet_bench import report
+from dapdee.bench.fleet_bench.devices import Camera, DeviceStage, Released, device_result
+from dapdee.bench.fleet_bench.metrics import _device_throughput_error, goodput_se, plan_changes, summarize
+from dapdee.bench.fleet_bench.scenario import DeviceSpec
+from dapdee.bench.fleet_bench.systems import SYSTEMS
+from dapdee.device.compute import Computed
+from dapdee.device.types import Plan
+
+RATE, CAP = 10.0, 3
+
+
+class _Stage:
+    """A device stage whose compute is never busy (an Edge-Only device)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.changed = asyncio.Event()
+
+
+class _EdgeRuntime:
+    """Every frame takes `service_s` away from the device (uplink + edge)."""
+
+    def __init__(self, service_s: float) -> None:
+        self.service_s = service_s
+
+    async def infer(self, frame: Any) -> Any:
+        await asyncio.sleep(self.service_s)
+        return types.SimpleNamespace()
+
+
+async def _camera_run(camera: Camera, run_s: float) -> None:
+    t0 = time.monotonic() + 0.05
+    await camera.run(t0, t0 + run_s)
+
+
+def test_a_slot_freed_while_a_frame_waits_takes_that_frame() -> None:
+    """Cap 3, 350 ms per frame, 10 frames/s: the cap binds, and a frame that finishes frees its
+    slot for the frame waiting in the buffer at once. No waiting frame is replaced by the next
+    release while a slot has been free for a while (20 ms of slack for the event loop), and
+    the camera answers what cap / service time allow (8.6 frames/s; it answered 7.5 when the
+    freed slot was seen only at the next release)."""
+    run_s, service_s = 6.0, 0.35
+    camera = Camera(_EdgeRuntime(service_s), _Stage(), None, RATE, CAP)  # type: ignore[arg-type]
+    asyncio.run(_camera_run(camera, run_s))
+    released = [r for r in camera.frames if r.at < camera.frames[0].at + run_s]
+    answered = [r for r in released if r.done_at is not None]
+    dropped = [r for r in released if r.done_at is None]
+    period = 1.0 / RATE
+    missed = [
+        (round(d.at, 3), round(a.done_at - d.at, 3))
+        for d in dropped
+        for a in answered
+        if d.at < a.done_at < d.at + period - 0.02  # a slot freed while d waited, and d was replaced
+    ]
+    assert not missed, f"frames dropped although a slot had freed (release, s until it freed): {missed}"
+    assert len(released) >= 59
+    assert len(answered) >= math.floor(CAP / service_s * run_s) - 1, (len(answered), len(released))
+    assert all(r.wait_s() is not None and r.wait_s() >= 0 for r in answered)
+
+
+class _ClockCompute:
+    """`EmulatedCompute`'s clock without a model: one part at a time, a part released at `t`
+    begins at max(t, the previous part's end) (never after the call) and lasts `part_s`."""
+
+    def __init__(self, part_s: float) -> None:
+        self.part_s = part_s
+        self.free_at = -math.inf
+        self._busy = asyncio.Lock()
+
+    async def run(
+        self, given: Mapping[str, Any], targets: Sequence[str], allowed: Collection[str] | None = None, *,
+        released_at: float | None = None,
+    ) -> Computed:  # fmt: skip
+        async with self._busy:
+            now = time.monotonic()
+            start = now if released_at is None else min(now, max(released_at, self.free_at))
+            self.free_at = start + self.part_s
+            await asyncio.sleep(max(0.0, self.free_at - time.monotonic()))
+            return Computed({}, (time.monotonic() - start) * 1000.0)
+
+
+class _SplitRuntime:
+    """A device part of the plan (`stage.run` with the plan's nodes), then `edge_s` at the edge."""
+
+    def __init__(self, stage: DeviceStage, edge_s: float) -> None:
+        self.stage = stage
+        self.edge_s = edge_s
+
+    async def infer(self, frame: Any) -> Any:
+        await self.stage.run({"x": None}, ["cut"], {"cut"})
+        await asyncio.sleep(self.edge_s)
+        return types.SimpleNamespace()
+
+
+def test_a_frame_that_waited_for_a_slot_enters_the_device_when_the_slot_freed() -> None:
+    """A split plan (50 ms on the device, 400 ms after it) at 10 frames/s with cap 3: frames
+    wait in the buffer for a slot. On the device's clock a frame's device part begins when it
+    entered the device (the slot freed), not at its release: the device never holds more than
+    `max_inflight` frames (from its part's begin to its answer), and each frame's recorded wait
+    runs from its release to that begin."""
+    part_s, edge_s = 0.05, 0.4
+    stage = DeviceStage(_ClockCompute(part_s), asyncio.Event())  # type: ignore[arg-type]
+    camera = Camera(_SplitRuntime(stage, edge_s), stage, None, RATE, CAP)  # type: ignore[arg-type]
+    asyncio.run(_camera_run(camera, 4.0))
+    answered = [r for r in camera.frames if r.done_at is not None]
+    assert len(answered) >= 20 and all(r.device_start is not None for r in answered)
+    assert sum(r.admitted - r.at > 0.02 for r in answered) >= len(answered) // 4, "the cap seldom bound"
+    events = sorted([(r.device_start, 1) for r in answered] + [(r.done_at, -1) for r in answered])
+    held = peak = 0
+    for _, step in events:  # at equal times an answer (-1) sorts before a begin (+1)
+        held += step
+        peak = max(peak, held)
+    assert peak <= CAP, f"the device held {peak} frames at once on its clock (cap {CAP})"
+    for r in answered:
+        assert r.device_start >= r.entered - 1e-9 and r.wait_s() == pytest.approx(r.device_start - r.at)
+
+
+def _plan(pid: str, nodes: tuple[str, ...], t: float, bottleneck_ms: float = 1.0, origin: str = "planner") -> Plan:
+    return Plan(
+        plan_id=pid, model="m", mode="latency", exit="final", accuracy=None, device_nodes=nodes, edge_nodes=("fc",),
+        transfer=(), predicted_ms=bottleneck_ms + 30.0, bottleneck_ms=bottleneck_ms,
+        edge_worker=None if origin == "device-only" else "http://w", origin=origin, requested_at=t,
+        bandwidth_mbps=1.0, device_load=0.0,
+    )  # fmt: skip
+
+
+def _fake_device(plans: list[Plan], frames: list[Released], predicted: dict[str, Any]) -> Any:
+    """What `device_result` reads of a device."""
+    sensing = types.SimpleNamespace(bandwidth_mbps=1.0, request_rtt_ms=1.0, request_cpu_ms=1.0,
+                                    bandwidth=types.SimpleNamespace(history=[]))  # fmt: skip
+    return types.SimpleNamespace(
+        spec=DeviceSpec("cam-000", "4g", 10.0, 20.0),
+        camera=types.SimpleNamespace(frames=frames),
+        runtime=types.SimpleNamespace(plans=plans, sensing=sensing, events=[]),
+        plans=types.SimpleNamespace(predicted=predicted),
+    )
+
+
+def test_plans_with_device_parts_of_one_size_but_other_nodes_are_a_change() -> None:
+    """resnet18 has branches: two device parts of 6 nodes (the conv path or the shortcut) are
+    two plans; going a -> b -> a in the window is two changes. A re-priced plan with the same
+    part is none."""
+    prefix = ("x", "conv1", "bn1", "relu", "relu_3")
+    w0 = 100.0
+    plans = [
+        _plan("a", (*prefix, "layer2_0_conv1"), w0 - 5),
+        _plan("b", (*prefix, "layer2_0_shortcut_0"), w0 + 5),
+        _plan("a", (*prefix, "layer2_0_conv1"), w0 + 10),
+        _plan("a2", (*prefix, "layer2_0_conv1"), w0 + 15),
+    ]
+    res = device_result(_fake_device(plans, [], {}), (w0, w0 + 20))
+    assert [p[2] for p in res["plans"]][0] != res["plans"][1][2]  # same size, other nodes
+    assert res["plans"][0][2] == res["plans"][2][2] == res["plans"][3][2]
+    assert plan_changes(res["plans"], 20.0) == 2
+
+
+def test_a_plan_the_planner_never_priced_is_judged_by_its_own_throughput() -> None:
+    """A device whose lease lapsed ran the runtime's own Device-Only plan (`device-only`, not
+    in the planner's answers): device_result exports that plan's prediction (1000 / its 122 ms
+    bottleneck = 8.2 frames/s), and the throughput error compares against it, not against the
+    frame rate."""
+    w0 = 50.0
+    local = _plan("device-only", ("x", "conv1", "fc"), w0 - 1, bottleneck_ms=1000 / 8.2, origin="device-only")
+    frames = []
+    for k in range(164):  # 8.2 frames/s over the 20 s window, all answered locally
+        rec = types.SimpleNamespace(
+            edge_compute_ms=None, edge_queue_ms=None, predicted_ms=local.predicted_ms, where="local", exit="final",
+            device_ms=122.0, plan_id="device-only", error=None,
+        )  # fmt: skip
+        at = w0 + k / 8.2
+        rel = Released(at, rec, at + 0.17)  # type: ignore[arg-type]
+        rel.admitted = rel.device_start = at
+        frames.append(rel)
+    res = device_result(_fake_device([local], frames, {}), (w0, w0 + 20))
+    assert res["predicted"]["device-only"]["throughput_fps"] == pytest.approx(8.2)
+    assert _device_throughput_error(res, 10.0, 20.0) == pytest.approx(0.0, abs=1e-9)
+    # the planner's own answer wins for a plan it priced
+    res = device_result(_fake_device([local], frames, {"device-only": {"throughput_fps": 4.1}}), (w0, w0 + 20))
+    assert res["predicted"]["device-only"] == {"throughput_fps": 4.1}
+    assert _device_throughput_error({"frames": res["frames"], "predicted": {}}, 10.0, 20.0) is None
+
+
+def _perfect_device(i: int, window_s: float) -> dict[str, Any]:
+    frames = [[k / RATE, 50.0, 45.0, "edge", "final", 0.0, 5.0, "p1", None, 0.0] for k in range(int(window_s * RATE))]
+    return {"spec": {"device_id": f"cam-{i:03d}"}, "frames": frames, "plans": [[-10.0, "final", "0:x", "w", "p1"]],
+            "predicted": {"p1": {"throughput_fps": 20.0, "device_ms": 0, "transfer_ms": 30, "edge_ms": 5,
+                                 "latency_ms": 45}}}  # fmt: skip
+
+
+def _raw(devices: list[dict[str, Any]], n: int, window_s: float, errors: list[str]) -> dict[str, Any]:
+    return {
+        "scenario": {
+            "window_s": window_s,
+            "budget_ms": 250.0,
+            "frame_rate": RATE,
+            "n": n,
+            "k": 30.0,
+            "model": "resnet18",
+        },  # fmt: skip
+        "system": "Edge-Only",
+        "window": {
+            "cpu_per_s": {},
+            "edge": {"busy_s": 1.0, "slots": 1.0, "requests": {}, "rejected": {}},
+            "wall_s": window_s,
+            "booked_max": None,
+        },  # fmt: skip
+        "devices": devices,
+        "costs": {},
+        "errors": errors,
+    }
+
+
+def test_a_device_that_failed_to_open_counts_as_a_miss_whose_frames_were_dropped() -> None:
+    """N = 4, three perfect devices, one that never opened: 3 of 4 meet the SLO, 30 good
+    frames/s over 4 devices, 40 frames/s offered (10 by the missing camera), 25 % dropped; the
+    row and a warning line say a device failed."""
+    w = 20.0
+    s = summarize(_raw([_perfect_device(i, w) for i in range(3)], 4, w, ["cam-003: DeviceError: planner refused"]))
+    assert s["slo_attainment"] == pytest.approx(0.75)
+    assert s["goodput_fps"] == pytest.approx(30.0) and s["goodput_per_device"] == pytest.approx(7.5)
+    assert s["offered_fps"] == pytest.approx(40.0) and s["dropped_share"] == pytest.approx(0.25)
+    assert s["n"] == 4 and s["devices"] == 3 and s["failed_devices"] == 1
+    assert s["plan_changes_per_device_min"] == 0.0
+    cells = [c.strip() for c in report.run_row({**s, "accuracy": None}).split("|")]
+    columns = [c.strip() for c in report.COLUMNS.split("|")]
+    assert len(cells) == len(columns) and cells[columns.index("failed devices")] == "**1**"
+    (line,) = report.failure_lines([s])
+    assert line.startswith("WARNING Edge-Only resnet18 K=30 N=4: 1 of 4 devices failed to open") and "cam-003" in line
+    ok = summarize(_raw([_perfect_device(i, w) for i in range(4)], 4, w, []))
+    assert ok["failed_devices"] == 0 and ok["slo_attainment"] == 1.0 and report.failure_lines([ok]) == []
+    old = {k: v for k, v in s.items() if k != "failed_devices"}  # a summary written before the count was kept
+    assert report.failed_devices(old) == 1
+
+
+def test_goodput_se_counts_the_windows_last_partial_second() -> None:
+    """A 20.4 s window: 10 good frames in every second of [0, 20), none in [20, 20.4). The tail
+    (shorter than half a second) joins the last bin: 19 bins of 10 frames in 1 s, one of 10 in
+    1.4 s. G = 200 / 20.4; s^2 = (19 (10 - G)^2 + 1.4 (10 / 1.4 - G)^2) / 19; SE = sqrt(s^2 / 20.4)
+    = 0.1657 (it was 0: the tail never reached a bin)."""
+    frames = [[k / 10, 50.0] + [None] * 6 for k in range(200)]
+    frames += [[20.0 + k / 10, None] + [None] * 6 for k in range(4)]
+    g = 200 / 20.4
+    s2 = (19 * (10 - g) ** 2 + 1.4 * (10 / 1.4 - g) ** 2) / 19
+    assert goodput_se(frames, 250.0, 20.4) == pytest.approx(math.sqrt(s2 / 20.4)) == pytest.approx(0.16572, abs=1e-5)
+    # a tail of half a second or more is a bin of its own, its rate scaled by its length
+    frames = [[k / 10, 50.0] + [None] * 6 for k in range(200)] + [[20.0 + k / 10, None] + [None] * 6 for k in range(6)]
+    g = 200 / 20.6
+    s2 = (20 * (10 - g) ** 2 + 0.6 * (0 - g) ** 2) / 20
+    assert goodput_se(frames, 250.0, 20.6) == pytest.approx(math.sqrt(s2 / 20.6))
+    # whole seconds: the sample standard deviation of the per-second counts over sqrt(k)
+    counts = [5, 7, 6, 9]
+    frames = [[i + j / 10, 10.0] + [None] * 6 for i, c in enumerate(counts) for j in range(c)]
+    sd = math.sqrt(sum((c - 6.75) ** 2 for c in counts) / 3)
+    assert goodput_se(frames, 250.0, 4.0) == pytest.approx(sd / 2)
+
+
+def test_the_stage_table_keeps_the_buffer_wait_out_of_link_and_http() -> None:
+    """A split frame released at 0 that waited 60 ms for the previous frame's device part, ran
+    90 ms on the device, 40 ms uplink + HTTP and 10 ms at the edge: latency 200 ms; the table
+    shows the 60 ms wait and 40 ms link + HTTP (it showed 100 ms link + HTTP)."""
+    frame = [0.0, 200.0, 150.0, "edge", "final", 90.0, 10.0, "p", None, 60.0]
+    dev = {"frames": [frame], "plans": [], "predicted": {"p": {"device_ms": 90, "transfer_ms": 40, "edge_ms": 10,
+                                                               "latency_ms": 140}}}  # fmt: skip
+    raw = _raw([dev], 1, 1.0, [])
+    st = summarize(raw)["stages"]
+    assert st["meas_link_http_ms"] == 40.0 and st["meas_wait_ms"] == 60.0
+    assert st["meas_device_ms"] == 90.0 and st["meas_edge_server_ms"] == 10.0 and st["meas_latency_ms"] == 200.0
+    table = report.stages_table([{**summarize(raw), "model": "m"}])
+    head, _, row = table.splitlines()
+    names = [c.strip() for c in head.strip("|").split("|")]
+    values = dict(zip(names, [c.strip() for c in row.strip("|").split("|")], strict=True))
+    assert values["meas buffer wait"] == "60.0" and values["meas link+HTTP"] == "40.0"
+    # a frame written before the wait was recorded gives no wait and no rest (not a rest with it)
+    old = {**dev, "frames": [frame[:9]]}
+    st = summarize(_raw([old], 1, 1.0, []))["stages"]
+    assert st["meas_wait_ms"] is None and st["meas_link_http_ms"] is None and st["meas_latency_ms"] == 200.0
+
+
+def test_the_target_against_every_baseline_names_the_baselines_it_compared() -> None:
+    def run(system: str, goodput: float) -> dict[str, Any]:
+        return {"system": system, "n": 16, "k": 30.0, "model": "resnet18", "goodput_fps": goodput,
+                "goodput_se": 1.0, "offered_fps": 160.0}  # fmt: skip
+
+    runs = [run("DAPDEE-fleet", 150.0), run("Edge-Only", 100.0), run("DADS", 120.0)]
+    (t,) = report._vs_baselines(runs, [16])
+    assert t.ok is True and "every baseline run" in t.name
+    assert t.detail.endswith("; compared with Edge-Only, DADS (not run: DAPDEE-independent, Device-Only)")
+    runs += [run("DAPDEE-independent", 110.0), run("Device-Only", 50.0)]
+    (t,) = report._vs_baselines(runs, [16])
+    assert "not run" not in t.detail and "compared with Edge-Only, DADS, DAPDEE-independent, Device-Only" in t.detail
+    assert set(report.BASELINE_LABELS) == {s.label for s in SYSTEMS.values()} - {report.FLEET}
