@@ -11,6 +11,9 @@ Sources (nothing is downloaded, nothing is unpickled):
 Splits: ``train`` and ``calib`` are carved from the source's training set by a fixed
 permutation (seed ``SPLIT_SEED``, independent of the training seed), so the calibration split
 is never trained on; ``test`` is the source's test set (t10k / test_batch), never trained on.
+A folder's test set, whose files come in class order, is put through a fixed permutation too
+(seed ``TEST_SEED``), so that a ``limit`` samples every class; the built-in datasets' test
+sets keep their own order.
 
 Preprocessing (:func:`preprocess_images`) is described by a JSON-able dict stored in every
 artifact's manifest, so training, ``eval``, ``calibrate`` and the device client turn raw
@@ -41,6 +44,7 @@ CIFAR_TEST = ("test_batch.bin",)
 CIFAR_RECORD = 1 + 3 * 32 * 32
 SPLITS = ("train", "calib", "test")
 SPLIT_SEED = 20250291
+TEST_SEED = SPLIT_SEED + 1  # the fixed order of a folder's test set
 CALIB_SIZE = 5000
 NORM = {
     "fashion-mnist": ([0.2860], [0.3530]),
@@ -258,14 +262,25 @@ def split_indices(n_train_source: int, split: str) -> np.ndarray:
     return perm[n_train_source - n_cal :] if split == "calib" else perm[: n_train_source - n_cal]
 
 
+def shuffled_test_order(ref: DatasetRef, n: int) -> np.ndarray | None:
+    """The order of the source's test set: a fixed permutation (seed TEST_SEED) of a folder's
+    `n` class-ordered test images, None (the file's own order) for a built-in dataset. O(n)."""
+    return np.random.default_rng(TEST_SEED).permutation(n) if ref.kind == "folder" else None
+
+
 def load_raw(dataset: str | DatasetRef, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N,C,h,w], int64 labels [N]) of one split ('train' | 'calib' | 'test'),
-    the first `limit` samples when given. O(dataset file size) the first time, then cached."""
+    the first `limit` samples when given (a folder's test set in `shuffled_test_order`).
+    O(dataset file size) the first time, then cached."""
     ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)
     if split not in SPLITS:
         raise DataError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if split == "test":
         images, labels = _source(ref, "test")
+        order = shuffled_test_order(ref, len(labels))
+        if order is not None:
+            order = order[:limit]
+            return images[order], labels[order]
     else:
         images, labels = _source(ref, "train")
         idx = split_indices(len(labels), split)
@@ -275,6 +290,41 @@ def load_raw(dataset: str | DatasetRef, split: str, limit: int | None = None) ->
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images, labels
+
+
+def class_names(dataset: str | DatasetRef) -> tuple[str, ...]:
+    """The names of the dataset's classes, by label: a folder's class folders (sorted by name),
+    else the built-in dataset's. O(files) for a folder, O(1) otherwise."""
+    ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)
+    if ref.kind == "folder":
+        from dapdee.imagefolder import folder_classes
+
+        return folder_classes(ref.directory)
+    return FMNIST_CLASSES if ref.kind == "fashion-mnist" else CIFAR_CLASSES
+
+
+def split_sources(dataset: str | DatasetRef) -> dict[str, str]:
+    """Where each split's samples come from, in words (an artifact manifest's `splits`):
+    `train_source`, `calib_source`, `test_source`. O(1)."""
+    ref = dataset if isinstance(dataset, DatasetRef) else parse_dataset(dataset)
+    if ref.kind != "folder":
+        return {
+            "train_source": "train file minus calib (fixed permutation, split_seed)",
+            "calib_source": "held out of the train file, never trained on",
+            "test_source": "t10k" if ref.kind == "fashion-mnist" else "test_batch.bin",
+        }
+    from dapdee.imagefolder import TEST_EVERY, has_split_folders
+
+    if has_split_folders(ref.directory):
+        train, test = f"{ref.directory / 'train'}", f"{ref.directory / 'test'}"
+    else:
+        train = f"{ref.directory}: the images not in test"
+        test = f"{ref.directory}: 1 in {TEST_EVERY} images (fixed permutation, split_seed)"
+    return {
+        "train_source": f"{train} minus calib (fixed permutation, split_seed)",
+        "calib_source": "held out of the training images, never trained on",
+        "test_source": f"{test}, in a fixed order (permutation, seed split_seed + 1), never trained on",
+    }
 
 
 # ---- preprocessing ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Layout: `DIR/<class>/**/*.png|jpg|…` (labelled: a class's label is its folder'
 class folders sorted by name, as torchvision's ImageFolder does), or images directly in `DIR`
 (unlabelled). For training, `DIR/train/<class>/…` and `DIR/test/<class>/…` are used as the
 train and test sets when both exist; otherwise a fixed permutation puts every fifth image of
-`DIR` into the test set.
+`DIR` into the test set. A device given such a `DIR` classifies `DIR/test` (`device_folder`).
 
 Images are decoded with PyAV (FFmpeg; the same library reads videos and cameras), never
 unpickled. Every failure is a `DataError` naming the file or folder. Nothing is downloaded.
@@ -127,9 +127,31 @@ def _split_items(folder: ImageFolder, source_split: str) -> list[tuple[Path, int
     return [item for i, item in enumerate(folder.items) if (i in test) == want_test]
 
 
+def has_split_folders(root: str | Path) -> bool:
+    """Does `root` hold the split layout, `root/train/<class>/…` and `root/test/<class>/…`
+    (both folders present)? O(1)."""
+    root = Path(root)
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def folder_classes(root: str | Path) -> tuple[str, ...]:
+    """The class names (labels' order) training on `--dataset folder:root` uses: the class
+    folders of `root/train` in the split layout, else of `root`. DataError as for
+    `read_folder_split`. O(files)."""
+    return _split_source(Path(root), "train")[0].classes
+
+
+def device_folder(root: str | Path) -> ImageFolder:
+    """The folder a device classifies for `--source root`: `root/test` in the split layout
+    (`has_split_folders`; its class folders must be train/'s, so labels mean what training
+    meant), else `root` itself, every image. DataError as for `scan_image_folder`. O(files)."""
+    root = Path(root)
+    return _split_source(root, "test")[0] if has_split_folders(root) else scan_image_folder(root)
+
+
 def _split_source(root: Path, source_split: str) -> tuple[ImageFolder, list[tuple[Path, int | None]], Path]:
     """(the folder the split's classes come from, the split's items, the reference image)."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    if has_split_folders(root):
         train, test = scan_image_folder(root / "train"), scan_image_folder(root / "test")
         if train.classes != test.classes:
             raise DataError(f"image folder {str(root)!r}: train/ and test/ hold different class folders")

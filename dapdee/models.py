@@ -291,7 +291,108 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _is_shape(v: Any, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(_is_count(x, 1) for x in v)
+
+
+def _is_unit(v: Any) -> bool:
+    return _is_number(v) and 0 <= v <= 1
+
+
+def _manifest_field(obj: dict[str, Any], key: str, ok: Any, want: str, where: str, prefix: str = "") -> None:
+    """ModelError `where: field PREFIXkey: expected WANT, got V` unless `obj[key]` is absent,
+    null, or passes `ok`. O(size of the field)."""
+    v = obj.get(key)
+    if v is not None and not ok(v):
+        text = json.dumps(v)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise ModelError(f"{where}: field {prefix}{key}: expected {want}, got {text}")
+
+
+def _check_preprocess(pre: Any, where: str) -> None:
+    """ModelError naming the bad field of a manifest's `preprocess` recipe. O(channels)."""
+    if not isinstance(pre, dict):
+        raise ModelError(f"{where}: field preprocess: expected an object")
+    checks = (
+        ("scale", lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        ("mean", lambda v: isinstance(v, list) and v and all(_is_number(x) for x in v), "a list of numbers"),
+        ("std", lambda v: isinstance(v, list) and v and all(_is_number(x) and x > 0 for x in v), "numbers > 0"),
+        ("resize", lambda v: v in ("none", "pad", "bilinear"), "none, pad or bilinear"),
+        ("channels", lambda v: v in ("as-is", "replicate"), "as-is or replicate"),
+        ("source_shape", lambda v: _is_shape(v, 3), "3 positive integers [C, H, W]"),
+    )
+    for key, ok, want in checks:
+        _manifest_field(pre, key, ok, want, where, "preprocess.")
+    if isinstance(pre.get("mean"), list) and isinstance(pre.get("std"), list) and len(pre["mean"]) != len(pre["std"]):
+        raise ModelError(f"{where}: field preprocess: mean and std have different lengths")
+
+
+def _check_exits(exits: Any, where: str) -> None:
+    """ModelError naming the bad entry of a manifest's `exits` list. O(exits)."""
+    if not isinstance(exits, list):
+        raise ModelError(f"{where}: field exits: expected a list of {{name, accuracy}} objects")
+    for i, e in enumerate(exits):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+            raise ModelError(f"{where}: field exits[{i}]: expected an object with a name (a string)")
+        for key in ("accuracy", "calib_accuracy", "train_accuracy"):
+            _manifest_field(e, key, _is_unit, "null or a number in [0, 1]", where, f"exits[{i}].")
+
+
+def _check_confidence_exits(ce: Any, where: str) -> None:
+    """ModelError naming the bad field of a manifest's `confidence_exits` (`dapdee calibrate`'s
+    record; `progressive_of` checks its per-exit outcomes). O(exits)."""
+    if not isinstance(ce, dict):
+        raise ModelError(f"{where}: field confidence_exits: expected an object")
+    ts = ce.get("thresholds")
+    if ts is not None and not isinstance(ts, dict):
+        raise ModelError(f"{where}: field confidence_exits.thresholds: expected an object")
+    for k, t in (ts or {}).items():
+        if t is not None and not _is_unit(t):
+            raise ModelError(f"{where}: field confidence_exits.thresholds.{k}: expected null or a number in [0, 1]")
+    for split in ("calib", "test"):
+        _manifest_field(ce, split, lambda v: isinstance(v, dict), "an object", where, "confidence_exits.")
+        by_exit = f"confidence_exits.{split}."
+        _manifest_field(ce.get(split) or {}, "by_exit", lambda v: isinstance(v, dict), "an object", where, by_exit)
+
+
+def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """`manifest` when its fields have the types and ranges the loaders read (model a spec
+    string; optional name, dataset; input_shape 4 positive integers; preprocess; exits a list of
+    {name, accuracy null or in [0, 1]}; splits an object of sample counts; accuracy_split;
+    confidence_exits); else ModelError `where: field F: ...` naming the field. O(size)."""
+    if not isinstance(manifest, dict) or "model" not in manifest:
+        raise ModelError(f"{where} has no 'model' field")
+    if not isinstance(manifest["model"], str) or not manifest["model"]:
+        raise ModelError(f"{where}: field model: expected a model spec string, got {json.dumps(manifest['model'])}")
+    for key in ("name", "dataset", "weights_sha256"):
+        _manifest_field(manifest, key, lambda v: isinstance(v, str), "a string", where)
+    _manifest_field(manifest, "input_shape", lambda v: _is_shape(v, 4), "4 positive integers [1, C, H, W]", where)
+    _manifest_field(
+        manifest, "accuracy_split", lambda v: v in ("train", "calib", "test"), "train, calib or test", where
+    )
+    _manifest_field(manifest, "splits", lambda v: isinstance(v, dict), "an object", where)
+    for split in ("train", "calib", "test"):
+        _manifest_field(manifest.get("splits") or {}, split, lambda v: _is_count(v, 0), "a count", where, "splits.")
+    if manifest.get("preprocess") is not None:
+        _check_preprocess(manifest["preprocess"], where)
+    if manifest.get("exits") is not None:
+        _check_exits(manifest["exits"], where)
+    if manifest.get("confidence_exits") is not None:
+        _check_confidence_exits(manifest["confidence_exits"], where)
+    return manifest
+
+
 def read_manifest(artifact: str | Path) -> dict[str, Any]:
+    """The artifact's manifest.json, checked (`check_manifest`): ModelError naming the file, or
+    the field that a loader could not use. O(size)."""
     path = Path(artifact)
     mpath = path / MANIFEST
     if not mpath.is_file():
@@ -300,9 +401,7 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except ValueError as exc:
         raise ModelError(f"artifact {str(path)!r}: {MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or "model" not in manifest:
-        raise ModelError(f"artifact {str(path)!r}: {MANIFEST} has no 'model' field")
-    return manifest
+    return check_manifest(manifest, f"artifact {str(path)!r}: {MANIFEST}")
 
 
 def load_weights(module: nn.Module, artifact: str | Path, manifest: dict[str, Any]) -> None:
@@ -370,7 +469,10 @@ def progressive_of(manifest: dict[str, Any] | None) -> Progressive | None:
         "thresholds": ce.get("thresholds"),
         "by_exit": measured["by_exit"],
     }
-    return Progressive.from_dict(raw)
+    try:
+        return Progressive.from_dict(raw)
+    except ValueError as exc:  # CostGraphError names the field under `progressive`
+        raise ModelError(f"{MANIFEST}: field confidence_exits ({split} split): {exc}") from None
 
 
 def load_model(
@@ -407,7 +509,7 @@ def load_model(
         frame = FrameNormalize.from_recipe(manifest["preprocess"], int(shape[1]))
     gm, graph, ex = trace(module, tuple(shape), check_model_name(name or ms.default_name), frame)
     if manifest is not None:
-        acc = {e["name"]: e.get("accuracy") for e in manifest.get("exits", []) if isinstance(e, dict)}
+        acc = {e["name"]: e.get("accuracy") for e in manifest.get("exits") or [] if isinstance(e, dict)}
         graph = graph.with_accuracies(acc)
     graph = CostGraph(
         graph.model, graph.input, graph.nodes, graph.exits, meta={"spec": spec}, progressive=progressive_of(manifest)

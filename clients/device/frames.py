@@ -28,7 +28,7 @@ import torch
 from dapdee import data as D
 from dapdee.data import DataError
 from dapdee.device.types import Frame
-from dapdee.imagefolder import decode_image, folder_norm, image_tensor, scan_image_folder
+from dapdee.imagefolder import decode_image, device_folder, folder_norm, image_tensor, resize_to, to_channels
 from dapdee.models import LoadedModel, example_input
 
 log = logging.getLogger("dapdee.device.frames")
@@ -65,6 +65,20 @@ class FrameFormat:
     @classmethod
     def of(cls, loaded: LoadedModel) -> FrameFormat:
         return cls(tuple(loaded.input_shape), loaded.graph.input.dtype, (loaded.manifest or {}).get("preprocess"))
+
+    def capture(self, image: np.ndarray) -> torch.Tensor:
+        """A decoded image uint8 [H, W, c] as the raw uint8 frame [1, C, H', W'] at the model's
+        resolution. With a training recipe that records its `source_shape` [c0, h0, w0], the way
+        training read its dataset: channels converted and resized to the source shape (as
+        `read_folder_split` does), then the recipe's `capture_frames` (zero-pad or resize,
+        grayscale replicated), so the device's frame of an image is the training frame of that
+        image. Without one: channels converted, bilinear resize (`image_tensor`). O(pixels)."""
+        source = (self.preprocess or {}).get("source_shape")
+        if not source:
+            return image_tensor(image, self.shape)
+        c, h, w = (int(s) for s in source)
+        raw = resize_to(to_channels(image, c), h, w)[None]
+        return D.capture_frames(raw, self.shape, self.preprocess or {})
 
     def prepare(self, frame: torch.Tensor) -> torch.Tensor:
         """A raw uint8 frame [1, C, H, W] at the model's resolution as the model's input. O(pixels)."""
@@ -107,11 +121,13 @@ class DatasetSource:
 
 class ImageFolderSource:
     """The images of a folder (`DIR/<class>/<image>` labelled, or loose images unlabelled), in
-    class then path order, the first `limit`. An image that cannot be decoded is skipped and
-    counted (its name in `stats.reasons`). Opening scans the folder: O(files)."""
+    class then path order, the first `limit`; of `DIR/test` when DIR has training's split layout
+    (`DIR/train/<class>`, `DIR/test/<class>`). Each is brought to the model's input as training
+    did (`FrameFormat.capture`). An image that cannot be decoded is skipped and counted (its
+    name in `stats.reasons`). Opening scans the folder: O(files)."""
 
     def __init__(self, root: str | Path, fmt: FrameFormat, limit: int | None = None) -> None:
-        self.folder = scan_image_folder(root)
+        self.folder = device_folder(root)
         self.fmt = fmt
         self.limit = limit
         self.stats = FrameStats()
@@ -130,7 +146,7 @@ class ImageFolderSource:
                 self.stats.skip(str(exc))
                 continue
             self.stats.decoded += 1
-            yield Frame(self.fmt.prepare(image_tensor(image, self.fmt.shape)), label, str(path))
+            yield Frame(self.fmt.prepare(self.fmt.capture(image)), label, str(path))
 
 
 class VideoSource:
@@ -193,7 +209,7 @@ class VideoSource:
                 if self.limit is not None and self.stats.decoded >= self.limit:
                     return
                 self.stats.decoded += 1
-                yield Frame(self.fmt.prepare(image_tensor(image, self.fmt.shape)), None, f"video:{self.stats.decoded}")
+                yield Frame(self.fmt.prepare(self.fmt.capture(image)), None, f"video:{self.stats.decoded}")
             missing = (self.stream.frames or 0) - self.stats.decoded - self.stats.skipped
             if missing > 0 and self.limit is None:
                 self.stats.skip(f"video {self.location!r} ended {missing} frames before its declared length", missing)

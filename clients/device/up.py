@@ -5,7 +5,8 @@ shipped camera-size Fashion-MNIST artifact (224-px ResNet-18; else the 32-px one
 untrained width-0.25 ResNet-18, with a warning), both under uvicorn in threads on free ports,
 closed by a random token of this run (`secrets.token_urlsafe`) that all three parts share. The
 device, K = 30 x slower than this machine (about a Raspberry Pi's gap to an edge server),
-streams real Fashion-MNIST test images over emulated 3G, 4G and WiFi uplinks. One table
+streams real test images of the artifact's dataset (its manifest's `dataset`: Fashion-MNIST for
+the shipped artifacts) over emulated 3G, 4G and WiFi uplinks. One table
 compares, per network, the planner's choice (exit, cut, bytes) and its predicted latency with
 the measured one, and the same for Device-Only; a second gives the cost model's reason for each
 cut: the chosen plan's predicted device, uplink + round trip and edge ms beside the Device-Only
@@ -16,6 +17,8 @@ the whole network at 3G, cuts it mid-network at 4G and sends the raw frame at Wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
 import statistics
 import sys
@@ -23,7 +26,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+log = logging.getLogger("dapdee.device.up")
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACTS = ("artifacts/fmnist-resnet18-224", "artifacts/fmnist-resnet18")
@@ -158,10 +163,24 @@ class Stack:
     token: str
 
 
+def _stop_servers(*servers: Any) -> BaseException | None:
+    """Stop every server in order, each even when an earlier one failed to stop; the first
+    error (logged too), or None. O(servers)."""
+    first: BaseException | None = None
+    for server in servers:
+        try:
+            server.stop()
+        except BaseException as exc:  # a Ctrl-C while stopping one still stops the rest
+            log.error("stopping %s failed: %s", getattr(server, "url", server), exc)
+            first = first or exc
+    return first
+
+
 def _start_stack(opts: UpOptions, say: Any) -> Stack:
     """Planner and edge worker in threads (closed by one random token), the device's model
     (traced before the edge thread runs modules: fx tracing patches nn.Module process-wide) and
-    its profile."""
+    its profile. Any failure (or Ctrl-C) on the way stops the servers already started before
+    it propagates."""
     from dapdee.device.profile import measure_device_profile
     from dapdee.edge_worker.app import create_app as create_edge
     from dapdee.edge_worker.app import load_models
@@ -179,10 +198,12 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
             file=sys.stderr,
         )
     token = secrets.token_urlsafe(24)
-    planner = ServerThread(
-        create_planner(PlannerSettings(redis_url=None, worker_ttl_s=10.0, api_token=token)), name="planner"
-    ).start()
+    started: list[Any] = []  # stopped last-started first
     try:
+        planner = ServerThread(
+            create_planner(PlannerSettings(redis_url=None, worker_ttl_s=10.0, api_token=token)), name="planner"
+        ).start()
+        started.insert(0, planner)
         sock = bind_free_socket()
         edge_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         es = EdgeSettings(
@@ -196,23 +217,31 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
         if artifact is None:  # untrained: the device holds the edge's (random) weights
             loaded.module.load_state_dict(served[0].module.state_dict())
         edge = ServerThread(create_edge(es, served), sock=sock, name="edge").start()
+        started.insert(0, edge)
+        say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
+        say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
+        graph = measure_device_profile(loaded, opts.slowdown, repeats=8, runs=PROFILE_RUNS)
     except BaseException:
-        planner.stop()
+        _stop_servers(*started)  # the start-up's error is the one to report
         raise
-    say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
-    say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
-    graph = measure_device_profile(loaded, opts.slowdown, repeats=8, runs=PROFILE_RUNS)
     return Stack(planner, edge, served[0].name, spec, artifact, loaded, graph, token)
 
 
 def _frames(loaded: Any, n: int) -> tuple[list[Any], str]:
+    """`n` labelled test images of the dataset the model's artifact was trained on (its
+    manifest's `dataset`; Fashion-MNIST without one), prepared as its manifest says, and their
+    description; seeded random inputs (with a warning) when the dataset cannot be read."""
     from dapdee.data import DataError
     from dapdee.device.frames import DatasetSource, FrameFormat, random_frames
 
     fmt = FrameFormat.of(loaded)
+    dataset = (loaded.manifest or {}).get("dataset") or "fashion-mnist"
     try:
-        frames = list(DatasetSource("fashion-mnist", fmt, n))
-        return frames, f"{len(frames)} Fashion-MNIST test images"
+        source = DatasetSource(dataset, fmt, n)
+        frames = list(source)
+        if source.ref.text == "fashion-mnist":
+            return frames, f"{len(frames)} Fashion-MNIST test images"
+        return frames, source.describe()
     except DataError as exc:
         print(f"warning: {exc}; using random inputs", file=sys.stderr)
         return list(random_frames(fmt, n)), f"{n} random inputs (no labels)"
@@ -271,6 +300,23 @@ async def _one_network(
     return row_of(name, rate, runtime, records, wall_s), reason, records
 
 
+def _open_log(path: str) -> IO[str]:
+    """The --log file, opened for writing (truncated); ValueError naming --log when it cannot
+    be, so the demo does not run only to lose its records. O(1)."""
+    try:
+        return open(path, "w")  # the caller's with-block closes it
+    except OSError as exc:
+        raise ValueError(f"--log {path!r}: cannot write the file ({exc.strerror or exc})") from None
+
+
+def _write_log(log_file: IO[str] | None, records: list[Any]) -> None:
+    """One JSON line per frame record to the open --log file (none without one). O(records)."""
+    from dapdee.device.report import jsonl_line
+
+    if log_file is not None:
+        log_file.writelines(jsonl_line(r) for r in records)
+
+
 def _footer(opts: UpOptions, wall: float) -> str:
     if opts.device_load is not None:
         load = f"fixed at {opts.device_load:g}; "
@@ -288,15 +334,10 @@ def _footer(opts: UpOptions, wall: float) -> str:
     )
 
 
-def run_up(opts: UpOptions) -> int:
-    """Start everything, stream the frames per network, print the table, stop everything."""
-    from dapdee.device.report import write_jsonl
-    from dapdee.netem import parse_network
-
-    t_start = time.monotonic()
-    nets = [parse_network(n) for n in opts.networks]
-    say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    st = _start_stack(opts, say)
+def _run_networks(st: Stack, opts: UpOptions, nets: list[Any]) -> tuple[list[Any], list[Any], list[Any], str]:
+    """Stream the frames on every network, then the Device-Only baseline, and stop the servers
+    (the edge, then the planner, each even when another failed to stop; the first error wins):
+    the table rows, the cut reasons, the frame records and the frames' description."""
     try:
         frames, source = _frames(st.loaded, opts.frames)
 
@@ -310,11 +351,27 @@ def run_up(opts: UpOptions) -> int:
             return rows, reasons, records
 
         rows, reasons, records = asyncio.run(main())
-    finally:
-        st.edge.stop()
-        st.planner.stop()
-    if opts.log:
-        write_jsonl(records, opts.log)
+    except BaseException:
+        _stop_servers(st.edge, st.planner)
+        raise
+    error = _stop_servers(st.edge, st.planner)
+    if error is not None:
+        raise error
+    return rows, reasons, records, source
+
+
+def run_up(opts: UpOptions) -> int:
+    """Start everything, stream the frames per network, print the table, stop everything. The
+    --log file is opened first: one that cannot be written is an error before anything starts."""
+    from dapdee.netem import parse_network
+
+    t_start = time.monotonic()
+    nets = [parse_network(n) for n in opts.networks]
+    say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    with _open_log(opts.log) if opts.log else contextlib.nullcontext() as log_file:
+        st = _start_stack(opts, say)
+        rows, reasons, records, source = _run_networks(st, opts, nets)
+        _write_log(log_file, records)
     mode = opts.mode + (f", {opts.frame_rate:g} fps" if opts.frame_rate else "")
     mode += ", confidence exits" if opts.confidence_exits else ""
     what = "artifact " + st.artifact if st.artifact else "untrained"

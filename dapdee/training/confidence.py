@@ -260,7 +260,7 @@ def evaluate_artifact(
     names = [e.name for e in loaded.graph.exits]
     if len(names) != len(logits):
         names = exit_names(len(logits))
-    stored = {e["name"]: e.get("accuracy" if split == "test" else f"{split}_accuracy") for e in m.get("exits", [])}
+    stored = {e["name"]: e.get("accuracy" if split == "test" else f"{split}_accuracy") for e in m.get("exits") or []}
     exits = []
     worst = 0.0
     for nm, lg in zip(names, logits, strict=True):

@@ -7,10 +7,13 @@ Artifact directory written by :func:`train` (read by :func:`dapdee.models.load_m
   (test split) accuracy, dataset, split sizes, training config, history, weights sha256,
   wall time.
 
-While training, ``OUT/checkpoint/`` holds the last finished epoch (``state.safetensors``: model
-weights and optimizer momentum; ``state.json``: epoch, config, history). Re-running the same
-command resumes after that epoch and ends with the same weights as an uninterrupted run
-(the batch order of epoch e depends only on (seed, e); the learning rate only on the step).
+While training, ``OUT/checkpoint/`` holds the last finished epoch (``state-E.safetensors``:
+model weights and optimizer momentum after epoch E; ``state.json``: epoch, config, history and
+the name and sha256 of that weights file, replaced only after the file is complete, so the pair
+is consistent whenever a write fails). Re-running the same command resumes after that epoch and
+ends with the same weights as an uninterrupted run (the batch order of epoch e depends only on
+(seed, e); the learning rate only on the step). A run whose loss or weights stop being finite
+(too high a learning rate) stops with an error naming the epoch; nothing non-finite is written.
 
 Default exit weights rise with depth, w_n = n / N for N exits (the final exit counts most, so
 the backbone's own accuracy is not traded away for the shallow heads').
@@ -97,11 +100,32 @@ def lr_at(step: int, total: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def input_shape_for(spec: str, input_size: int) -> tuple[int, int, int, int]:
-    """[1, C, S, S] with C the spec's in_channels option (default 3)."""
+def input_shape_for(spec: str, input_size: int, channels: int = 3) -> tuple[int, int, int, int]:
+    """[1, C, S, S]: C is a zoo spec's in_channels option (default 3), `channels` for a
+    `pkg.mod:factory` spec (whose module says what it takes; see `module_channels`)."""
     ms = parse_spec(spec)
-    c = int(ms.options.get("in_channels", 3)) if ms.kind == "zoo" else 3
+    c = int(ms.options.get("in_channels", 3)) if ms.kind == "zoo" else int(channels)
     return (1, c, int(input_size), int(input_size))
+
+
+def module_channels(module: nn.Module) -> int | None:
+    """The input channels of the module's first convolution (registration order), or None
+    without one. O(modules)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+    return None
+
+
+def check_finite(module: nn.Module, what: str) -> None:
+    """ValueError naming the first tensor of the module's state dict (weights, batch-norm
+    statistics) that holds NaN or inf: the run diverged, `what` is not written. O(parameters)."""
+    for k, v in module.state_dict().items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(
+                f"training diverged: {k} holds NaN or inf, so {what} is not written; lower --lr "
+                "(or --weight-decay) and train again (another --out, or delete its checkpoint directory)"
+            )
 
 
 @torch.inference_mode()
@@ -160,6 +184,9 @@ def evaluate(
 
 
 def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Store weights + momentum of epoch `state["epoch"]` in a new file, then (atomically)
+    `state.json` naming it and its sha256, then delete the older weights: a failure at any
+    step leaves a `state.json` whose weights file is intact. O(parameters)."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
@@ -168,11 +195,15 @@ def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer,
         if buf is not None:
             tensors[f"opt.{i}"] = buf.detach().contiguous().clone()
     ckdir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(ckdir / "state.safetensors.tmp"))
-    os.replace(ckdir / "state.safetensors.tmp", ckdir / "state.safetensors")
-    state = {**state, "weights_sha256": sha256_file(ckdir / "state.safetensors")}
+    name = f"state-{int(state['epoch'])}.safetensors"
+    save_file(tensors, str(ckdir / (name + ".tmp")))
+    os.replace(ckdir / (name + ".tmp"), ckdir / name)
+    state = {**state, "weights_file": name, "weights_sha256": sha256_file(ckdir / name)}
     (ckdir / "state.json.tmp").write_text(json.dumps(state, indent=1))
     os.replace(ckdir / "state.json.tmp", ckdir / "state.json")
+    for old in ckdir.glob("state*.safetensors*"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -188,9 +219,14 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
             f"checkpoint in {str(ckdir)!r} was written by a different run (differs in {', '.join(diff)}); "
             "use the same options, another --out, or delete the checkpoint"
         )
-    wpath = ckdir / "state.safetensors"
+    wname = state.get("weights_file", "state.safetensors")  # checkpoints before weights_file: one fixed name
+    if not isinstance(wname, str) or Path(wname).name != wname or not wname.endswith(".safetensors"):
+        raise ValueError(
+            f"checkpoint {str(ckdir)!r}: state.json names a bad weights_file {wname!r}; delete the directory"
+        )
+    wpath = ckdir / wname
     if not wpath.is_file() or sha256_file(wpath) != state.get("weights_sha256"):
-        raise ValueError(f"checkpoint {str(ckdir)!r}: state.safetensors missing or does not match state.json")
+        raise ValueError(f"checkpoint {str(ckdir)!r}: {wname} missing or does not match state.json")
     tensors = load_file(str(wpath))
     module.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -221,34 +257,93 @@ class _Data:
         return self.out / CHECKPOINT_DIR
 
 
-def _checked_data(cfg: TrainConfig) -> _Data:
-    """The run's inputs, after checking the options (ValueError naming the bad one)."""
-    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
-        raise ValueError("need --epochs >= 1, --batch-size >= 2 and --lr > 0")
+def _check_options(cfg: TrainConfig) -> None:
+    """ValueError naming the first numeric option out of range."""
+    if cfg.epochs < 1 or cfg.batch_size < 2 or not 0 < cfg.lr < math.inf:  # nan fails the lr test too
+        raise ValueError("need --epochs >= 1, --batch-size >= 2 and a finite --lr > 0")
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise ValueError(f"--weight-decay: expected a finite number >= 0, got {cfg.weight_decay!r}")
     if cfg.limit is not None and cfg.limit < 2:
         raise ValueError("--limit must be at least 2")
+
+
+def _check_split_sizes(ref: D.DatasetRef, sizes: dict[str, int]) -> None:
+    """DataError naming the splits too small to train (< 2 samples) or evaluate on (empty)."""
+    small = [k for k, n in sizes.items() if n < (2 if k == "train" else 1)]
+    if not small:
+        return
+    hint = {
+        "train": "training needs at least 2 images",
+        "calib": f"calib holds 1 in 10 of the training images (at most {D.CALIB_SIZE}): give at least 10",
+        "test": "give test images (DIR/test/<class>/..., else 1 in 5 images of DIR is a test image)",
+    }
+    counts = ", ".join(f"{k} {n}" for k, n in sizes.items())
+    raise D.DataError(
+        f"dataset {ref.text!r} is too small: the {' and '.join(small)} split would be "
+        f"{'empty' if all(sizes[k] == 0 for k in small) else 'too small'} ({counts}); "
+        + "; ".join(hint[k] for k in small)
+    )
+
+
+def _checked_data(cfg: TrainConfig) -> _Data:
+    """The run's inputs, after checking the options (ValueError naming the bad one) and that
+    every split has data (DataError), before any training. The input channels of a
+    `pkg.mod:factory` model are the dataset's here (`_seeded_module` may correct them)."""
+    _check_options(cfg)
     spec = parse_spec(cfg.model)  # a bad spec is named before any data is read
     name = check_model_name(cfg.name or spec.default_name)
     ref = D.parse_dataset(cfg.dataset)
     cfg.dataset = ref.text
     images, labels = D.load_raw(ref, "train", cfg.limit)
-    input_shape = input_shape_for(cfg.model, cfg.input_size)
+    input_shape = input_shape_for(cfg.model, cfg.input_size, ref.source_shape[0])
     out = Path(cfg.out)
     if (out / MANIFEST).exists() and not (out / CHECKPOINT_DIR).exists():
         raise ValueError(f"{str(out)!r} already holds a trained artifact; choose another --out or delete it")
     n_calib = len(D.load_raw(ref, "calib", cfg.limit)[1])
     n_test = len(D.load_raw(ref, "test", cfg.limit)[1])
+    _check_split_sizes(ref, {"train": len(labels), "calib": n_calib, "test": n_test})
     preprocess = D.default_preprocess(ref, input_shape)
     return _Data(name, ref, images, labels, input_shape, preprocess, out, n_calib, n_test)
 
 
+def _prepare_out(out: Path) -> None:
+    """Create the artifact directory `out` (and its parents) now, so that an --out that cannot
+    hold the artifact is named before any training: ValueError naming --out. O(depth)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r}: cannot create the directory ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: the directory is not writable")
+
+
 def _seeded_module(cfg: TrainConfig, data: _Data) -> tuple[nn.Module, int]:
     """The seeded module and its number of exits; fills in the default exit weights and checks
-    the classes and the weights against the exits (ModelError / ValueError naming them)."""
+    the classes and the weights against the exits (ModelError / ValueError naming them). A
+    `pkg.mod:factory` module's first convolution sets `data`'s input channels (a grayscale
+    dataset is replicated for an RGB model); a module that fails on a probe batch is a
+    ModelError saying so."""
     torch.manual_seed(cfg.seed)
-    module = build_module(parse_spec(cfg.model))
-    with torch.no_grad():
-        probe = model_outputs(module, D.preprocess_images(data.images[:2], data.input_shape, data.preprocess))
+    spec = parse_spec(cfg.model)
+    module = build_module(spec)
+    channels = module_channels(module) if spec.kind == "import" else None
+    if channels is not None and channels != data.input_shape[1]:  # e.g. an RGB factory on grayscale images
+        data.input_shape = (1, channels, *data.input_shape[2:])
+        data.preprocess = D.default_preprocess(data.ref, data.input_shape)
+    x = D.preprocess_images(data.images[:2], data.input_shape, data.preprocess)
+    try:
+        with torch.no_grad():
+            probe = model_outputs(module, x)
+        if not probe or not all(isinstance(p, torch.Tensor) and p.ndim == 2 for p in probe):
+            raise TypeError("expected [N, classes] logits, or a tuple of them (one per exit)")
+    except Exception as exc:
+        reason = str(exc).strip().partition("\n")[0]  # one line: torch's messages carry a C++ trace
+        raise ModelError(
+            f"model {cfg.model!r} cannot run on input {list(data.input_shape)} (the dataset's images at "
+            f"--input-size {cfg.input_size}): {type(exc).__name__}: {reason}"
+        ) from None
     n_exits = len(probe)
     if any(p.shape[-1] <= int(data.labels.max()) for p in probe):
         raise ModelError(
@@ -282,7 +377,8 @@ def _train_epoch(
     module: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, data: _Data, epoch: int, progress: bool
 ) -> dict[str, Any]:
     """One epoch of the joint exit loss in the epoch's seeded batch order; its history record
-    (mean loss, train accuracy per exit). O(N_train · (forward + backward))."""
+    (mean loss, train accuracy per exit). ValueError as soon as a batch's loss is not finite
+    (the run diverged). O(N_train · (forward + backward))."""
     from tqdm import tqdm
 
     module.train()
@@ -304,10 +400,18 @@ def _train_epoch(
             g["lr"] = lr_at(epoch * steps + b, steps * cfg.epochs, cfg.lr)
         outs = model_outputs(module, x)
         loss = (w * torch.stack([F.cross_entropy(o, y) for o in outs])).sum()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            bar.close()
+            raise ValueError(
+                f"training diverged: the loss is {value} in epoch {epoch + 1}, step {b + 1}/{steps}; nothing of "
+                f"this epoch is saved; lower --lr (or --weight-decay) and train again (another --out, or delete "
+                f"{str(data.checkpoint)!r})"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += float(loss.detach()) * len(y)
+        loss_sum += value * len(y)
         seen += len(y)
         for i, o in enumerate(outs):
             correct[i] += int((o.argmax(1) == y).sum())
@@ -342,14 +446,12 @@ def _manifest(
         "accuracy_split": "test",
         "dataset": data.ref.text,
         "dataset_kind": data.ref.kind,
-        "classes": list(D.FMNIST_CLASSES if data.ref.kind == "fashion-mnist" else D.CIFAR_CLASSES),
+        "classes": list(D.class_names(data.ref)),
         "splits": {
             "train": len(data.labels),
             "calib": data.n_calib,
             "test": data.n_test,
-            "train_source": "train file minus calib (fixed permutation, split_seed)",
-            "calib_source": "held out of the train file, never trained on",
-            "test_source": "t10k" if data.ref.kind == "fashion-mnist" else "test_batch.bin",
+            **D.split_sources(data.ref),
             "split_seed": D.SPLIT_SEED,
             "limit": cfg.limit,
         },
@@ -381,6 +483,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     t_start = time.time()
     data = _checked_data(cfg)
     module, _ = _seeded_module(cfg, data)
+    _prepare_out(data.out)
     opt = _optimizer(module, cfg)
     history: list[dict[str, Any]] = []
     start_epoch, prior_wall = 0, 0.0
@@ -397,6 +500,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             f"({time.time() - t_run:.0f}s)")  # fmt: skip
         wall = prior_wall + time.time() - t_run
         state = {"epoch": epoch + 1, "config": cfg.identity(), "history": history, "wall_time_s": wall}
+        check_finite(module, f"the checkpoint of epoch {epoch + 1}")
         _save_checkpoint(data.checkpoint, module, opt, state)
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
             log(f"stopped after epoch {epoch + 1}; run the same command again to resume")
@@ -405,6 +509,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     module.eval()
     test = evaluate(module, data.ref, "test", data.input_shape, data.preprocess, cfg.limit)
     calib = evaluate(module, data.ref, "calib", data.input_shape, data.preprocess, cfg.limit)
+    check_finite(module, "the artifact")
     data.out.mkdir(parents=True, exist_ok=True)
     weights = data.out / WEIGHTS  # written then renamed: a failed write leaves the artifact as it was
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(weights) + ".tmp")

@@ -1,0 +1,188 @@
+"""`dapdee up`: the planner and edge server threads stop on any start-up failure (profiling
+included) and in order at the end even when one fails to stop; a --log that cannot be written
+is an error before anything starts; the frames are the artifact's own dataset's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from dapdee import data as D
+from dapdee.device import up
+from dapdee.models import MANIFEST, WEIGHTS, load_model, sha256_file
+
+SPEC = "zoo:alexnet?width=0.0625&in_channels=1&num_classes=3"
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """`pixels` (uint8 [H, W] grayscale) as a PNG, encoded with PyAV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], "gray"
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="gray")
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+
+
+def write_artifact(directory: Path, **manifest: Any) -> Path:
+    """weights.safetensors + manifest.json of a seeded untrained model (extra manifest fields)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    m = load_model(SPEC)
+    save_file({k: v.contiguous() for k, v in m.module.state_dict().items()}, str(directory / WEIGHTS))
+    doc = {"model": SPEC, "name": "tinyalex", "input_shape": list(m.input_shape), **manifest}
+    doc["weights_sha256"] = sha256_file(directory / WEIGHTS)
+    (directory / MANIFEST).write_text(json.dumps(doc))
+    return directory
+
+
+class FakeServer:
+    """A server whose stop() is recorded (and raises `error` when given)."""
+
+    def __init__(self, name: str, stops: list[str], error: BaseException | None = None) -> None:
+        self.name, self.stops, self.error, self.url = name, stops, error, f"http://{name}"
+
+    def stop(self) -> None:
+        self.stops.append(self.name)
+        if self.error is not None:
+            raise self.error
+
+
+def fake_stack(edge_error: BaseException | None, stops: list[str]) -> up.Stack:
+    edge = FakeServer("edge", stops, edge_error)
+    return up.Stack(FakeServer("planner", stops), edge, "m", "", None, None, None, "t")
+
+
+# ---- 9: stopping --------------------------------------------------------------------------------
+
+
+def test_profiling_failure_stops_planner_and_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dapdee.device.profile as profile
+    import dapdee.testing as testing
+
+    servers: list[Any] = []
+
+    class Recorded(testing.ServerThread):
+        def start(self, *a: Any, **k: Any) -> Any:
+            servers.append(self)
+            return super().start(*a, **k)
+
+    def interrupted(*a: Any, **k: Any) -> Any:
+        raise KeyboardInterrupt  # Ctrl-C during 'device: profiling ...'
+
+    monkeypatch.setattr(testing, "ServerThread", Recorded)
+    monkeypatch.setattr(profile, "measure_device_profile", interrupted)
+    art = write_artifact(tmp_path / "art")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            up.run_up(up.UpOptions(artifact=str(art), networks=("WiFi",), frames=1, slowdown=1.0, quiet=True))
+        assert [s.thread.name for s in servers] == ["uvicorn-planner", "uvicorn-edge"]
+        assert not any(s.thread.is_alive() for s in servers)
+    finally:
+        for s in servers:
+            if s.thread.is_alive():
+                s.stop()
+
+
+def test_a_failing_edge_stop_still_stops_the_planner_and_keeps_the_first_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stops: list[str] = []
+    monkeypatch.setattr(up, "_start_stack", lambda opts, say: fake_stack(OSError("edge stuck"), stops))
+
+    def boom(*a: Any) -> Any:
+        raise RuntimeError("frames failed")
+
+    monkeypatch.setattr(up, "_frames", boom)
+    with pytest.raises(RuntimeError, match="frames failed"):
+        up.run_up(up.UpOptions(networks=("WiFi",), quiet=True))
+    assert stops == ["edge", "planner"]
+
+
+def test_after_a_clean_run_a_failing_edge_stop_is_raised_after_the_planner_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stops: list[str] = []
+    monkeypatch.setattr(up, "_start_stack", lambda opts, say: fake_stack(OSError("edge stuck"), stops))
+    monkeypatch.setattr(up, "_frames", lambda loaded, n: ([], "no frames"))
+
+    async def one_network(*a: Any) -> tuple[dict[str, Any], None, list[Any]]:
+        return {}, None, []
+
+    monkeypatch.setattr(up, "_one_network", one_network)
+    with pytest.raises(OSError, match="edge stuck"):
+        up.run_up(up.UpOptions(networks=("WiFi",), quiet=True))
+    assert stops == ["edge", "planner"]
+
+
+# ---- 10: --log --------------------------------------------------------------------------------------
+
+
+def test_an_unwritable_log_fails_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def started(*a: Any) -> Any:
+        raise AssertionError("the stack was started")
+
+    monkeypatch.setattr(up, "_start_stack", started)
+    with pytest.raises(ValueError, match="--log .*missing"):
+        up.run_up(up.UpOptions(networks=("WiFi",), quiet=True, log=str(tmp_path / "missing" / "f.jsonl")))
+
+
+def test_the_log_gets_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Record:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def as_dict(self) -> dict[str, int]:
+            return {"frame": self.i}
+
+    stops: list[str] = []
+    monkeypatch.setattr(up, "_start_stack", lambda opts, say: fake_stack(None, stops))
+    monkeypatch.setattr(up, "_frames", lambda loaded, n: ([], "no frames"))
+
+    async def one_network(st: Any, opts: Any, name: str, *a: Any) -> tuple[dict[str, Any], None, list[Any]]:
+        return {"network": name}, None, [Record(len(name))]
+
+    monkeypatch.setattr(up, "_one_network", one_network)
+    log = tmp_path / "frames.jsonl"
+    assert up.run_up(up.UpOptions(networks=("WiFi",), quiet=True, log=str(log))) == 0
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"frame": 4}, {"frame": 11}]
+    assert "DAPDEE all-in-one" in capsys.readouterr().out and stops == ["edge", "planner"]
+
+
+# ---- 11: the artifact's dataset -------------------------------------------------------------------
+
+
+def test_up_streams_the_artifacts_own_dataset(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    root = tmp_path / "shapes"
+    for k, c in enumerate(("a", "b", "c")):
+        for i in range(5):
+            write_png(root / c / f"{i}.png", np.clip(rng.normal(40 + 80 * k, 10, (28, 28)), 0, 255).astype(np.uint8))
+    ref = D.parse_dataset(f"folder:{root}")
+    pre = D.default_preprocess(ref, (1, 1, 32, 32))
+    art = write_artifact(tmp_path / "art", dataset=ref.text, preprocess=pre)
+    loaded = load_model("", weights=art)
+    frames, desc = up._frames(loaded, 3)
+    images, labels = D.load_raw(ref, "test", 3)
+    assert [f.label for f in frames] == labels.tolist() and str(root) in desc
+    want = D.capture_frames(images, (1, 1, 32, 32), pre)
+    assert all(torch.equal(f.x[0], x) for f, x in zip(frames, want, strict=True))
+
+
+@pytest.mark.skipif(not (D.FMNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(), reason="no Fashion-MNIST")
+def test_up_streams_fashion_mnist_for_an_artifact_without_a_dataset(tmp_path: Path) -> None:
+    loaded = load_model("", weights=write_artifact(tmp_path / "art"))
+    frames, desc = up._frames(loaded, 4)
+    assert desc == "4 Fashion-MNIST test images"
+    assert [f.label for f in frames] == D.load_raw("fashion-mnist", "test", 4)[1].tolist()
