@@ -113,7 +113,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--artifact", help=f"artifact to serve (default {DEFAULT_ARTIFACTS[0]})")
     u.add_argument("--networks", default=",".join(UpOptions.networks), help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
     u.add_argument(
-        "--frames", type=positive_int, default=UpOptions.frames, help="Fashion-MNIST test images per network"
+        "--frames", type=positive_int, default=UpOptions.frames, help="test images per network (the artifact's dataset)"
     )
     u.add_argument("--quiet", action="store_true")
     _common(u)
