@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -25,21 +24,10 @@ from dapdee.cli import build_parser, main
 from dapdee.models import MANIFEST, WEIGHTS, ModelError, read_manifest
 from dapdee.training import train as T
 from dapdee.training.train import TrainConfig, train
+from tests.images import write_png
 
 SPEC = "zoo:alexnet?width=0.0625&in_channels=1&num_classes=3"
 QUIET = {"progress": False, "log": lambda s: None}
-
-
-def write_png(path: Path, pixels: np.ndarray) -> None:
-    """`pixels` (uint8 [H, W] grayscale or [H, W, 3] RGB) as a PNG, encoded with PyAV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = "gray" if pixels.ndim == 2 else "rgb24"
-    with av.open(str(path), "w", format="image2") as out:
-        stream = out.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], fmt
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format=fmt)
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            out.mux(packet)
 
 
 def make_folder(root: Path, classes: tuple[str, ...], per_class: int, size: int = 12) -> Path:

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -16,19 +15,9 @@ import torch
 from dapdee import data as D
 from dapdee.device import up
 from dapdee.models import MANIFEST, WEIGHTS, load_model, sha256_file
+from tests.images import write_png
 
 SPEC = "zoo:alexnet?width=0.0625&in_channels=1&num_classes=3"
-
-
-def write_png(path: Path, pixels: np.ndarray) -> None:
-    """`pixels` (uint8 [H, W] grayscale) as a PNG, encoded with PyAV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format="image2") as out:
-        stream = out.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = pixels.shape[1], pixels.shape[0], "gray"
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="gray")
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            out.mux(packet)
 
 
 def write_artifact(directory: Path, **manifest: Any) -> Path:
