@@ -133,13 +133,14 @@ class Rebalancer:
 
     async def shed(self, w: Worker, ttl_ms: int) -> bool | None:
         """Heartbeat `w` states a capacity that its worker's leases book past ρ_max of (the registry
-        refused it): re-solve those leases for it and apply their plans together with the
-        heartbeat (live for `ttl_ms`), all or nothing. True when applied; False when the leases
-        changed meanwhile `CAPACITY_RETRIES` times, or none of them can be priced (nothing
-        written: the caller registers the heartbeat as it is); None when this replica was
-        already doing so for the worker (a heartbeat sent again after a timeout): it waited for
-        that, and the caller checks its heartbeat again. RedisUnavailable passes up. Per try:
-        three round trips, the demands and one `settle`."""
+        refused it): re-solve those leases for it, with the Device-Only leases of models it
+        serves as a rebalance does (solved without them, the next rebalance moved those again),
+        and apply their plans together with the heartbeat (live for `ttl_ms`), all or nothing.
+        True when applied; False when the leases changed meanwhile `CAPACITY_RETRIES` times, or
+        none of them can be priced (nothing written: the caller registers the heartbeat as it
+        is); None when this replica was already doing so for the worker (a heartbeat sent again
+        after a timeout): it waited for that, and the caller checks its heartbeat again.
+        RedisUnavailable passes up. Per try: four round trips, the demands and one `settle`."""
         lock = self._shedding.setdefault(w.url, asyncio.Lock())
         if lock.locked():
             async with lock:
@@ -150,10 +151,11 @@ class Rebalancer:
     async def _shed(self, w: Worker, ttl_ms: int) -> bool:
         heartbeat = Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms)
         for _ in range(CAPACITY_RETRIES):
-            held = (await self.fleet.book.loads()).get(w.url, {})
-            records = await self.fleet.book.records(list(held))
-            members = [d for d in held if d in records]
-            report = await self._rebalance_worker(w, members, records, held, heartbeat)
+            reserved = await self.fleet.book.loads()
+            records = await self.fleet.book.records(await self.fleet.book.devices())
+            held = reserved.get(w.url, {})
+            candidates = _candidates(w, reserved, records, _joiners(reserved, records))
+            report = await self._rebalance_worker(w, candidates, records, held, heartbeat)
             if report is None:
                 break
             if report["applied"]:
@@ -197,12 +199,10 @@ class Rebalancer:
         devices = await self.fleet.book.devices()
         records = await self.fleet.book.records(devices)
         workers = await self.fleet.live_workers()
-        attached = {d for loads in reserved.values() for d in loads}
-        joiners = {d for d in records if d not in attached and records[d].fields.get("worker") is None}
+        joiners = _joiners(reserved, records)
         reports = []
         for w in sorted(workers, key=lambda w: w.url):
-            members = [d for d in reserved.get(w.url, {}) if d in records]
-            candidates = members + sorted(d for d in joiners if records[d].fields["model"] in w.models)
+            candidates = _candidates(w, reserved, records, joiners)
             report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
             if report is not None:
                 reports.append(report)
@@ -276,6 +276,21 @@ class Rebalancer:
         objective = resolved_objective(found[0].planmap, req, booked)
         current = (held["exit"]["name"], tuple(held["device_nodes"]))
         return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
+
+
+def _joiners(reserved: dict[str, dict[str, float]], records: dict[str, StoredRecord]) -> set[str]:
+    """The devices whose lease holds no worker (Device-Only), which a worker's solve may take in."""
+    attached = {d for loads in reserved.values() for d in loads}
+    return {d for d in records if d not in attached and records[d].fields.get("worker") is None}
+
+
+def _candidates(
+    w: Worker, reserved: dict[str, dict[str, float]], records: dict[str, StoredRecord], joiners: set[str]
+) -> list[str]:
+    """The leases a solve of worker `w` chooses for: those on it, then the `joiners` of models it
+    serves. O(leases)."""
+    members = [d for d in reserved.get(w.url, {}) if d in records]
+    return members + sorted(d for d in joiners if records[d].fields["model"] in w.models)
 
 
 def _outcome(applied: bool, shed: bool) -> str:
