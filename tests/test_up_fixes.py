@@ -175,3 +175,20 @@ def test_up_streams_fashion_mnist_for_an_artifact_without_a_dataset(tmp_path: Pa
     frames, desc = up._frames(loaded, 4)
     assert desc == "4 Fashion-MNIST test images"
     assert [f.label for f in frames] == D.load_raw("fashion-mnist", "test", 4)[1].tolist()
+
+
+@pytest.mark.parametrize("command", [["up"], ["device", "run", "--planner", "http://127.0.0.1:1"]])
+def test_a_bad_rtt_is_refused_when_the_arguments_are_read(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--rtt-ms -5` (or nan, inf) used to be refused only after `dapdee up` had started and
+    profiled its stack; the argument parser refuses it now (exit 2, naming the option), and 0
+    is a valid round trip."""
+    from dapdee.cli import build_parser
+
+    for bad in ("-5", "nan", "inf", "ten"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args([*command, "--rtt-ms", bad])
+        assert exc.value.code == 2
+        assert "--rtt-ms" in capsys.readouterr().err
+    assert build_parser().parse_args([*command, "--rtt-ms", "0"]).rtt_ms == 0.0

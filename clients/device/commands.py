@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from dapdee.cli import check_slowdown, positive_float, positive_int, thread_count
+from dapdee.cli import check_slowdown, non_negative_float, positive_float, positive_int, thread_count
 
 
 def _load_arg(text: str) -> float:
@@ -38,7 +38,7 @@ def _port(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine")
-    p.add_argument("--rtt-ms", type=float, default=10.0, help="added round trip of the emulated network")
+    p.add_argument("--rtt-ms", type=non_negative_float, default=10.0, help="added round trip of the emulated network")
     p.add_argument("--frame-rate", type=positive_float, help="frames per second to sustain (heavy load: pipelined)")
     p.add_argument("--latency-budget-ms", type=positive_float)
     p.add_argument("--min-accuracy", type=_accuracy)
