@@ -146,6 +146,28 @@ def _device_ok(dev: dict[str, Any], budget_ms: float) -> bool:
     return p95 is not None and p95 <= budget_ms
 
 
+def _window_figures(win: dict[str, Any]) -> dict[str, Any]:
+    """What the services did in the window: the worker's utilisation and requests, each
+    process's CPU (cores), the bookings and the planner's counters. O(processes + polls)."""
+    cpu = win["cpu_per_s"]
+    clients_cpu = [v for k, v in cpu.items() if k.startswith("client-")]
+    edge = win["edge"]
+    return {
+        "utilisation": edge["busy_s"] / (win["wall_s"] * edge["slots"]),
+        "worker_cpu": cpu.get("edge"),
+        "planner_cpu": cpu.get("planner"),
+        "clients_cpu": sum(clients_cpu),
+        "client_cpu_max": max(clients_cpu, default=None),
+        "edge_requests": edge["requests"],
+        "edge_rejected": edge["rejected"],
+        "booked_max": win["booked_max"],
+        "capacity_ms_per_s": win.get("capacity_ms_per_s"),
+        "booking_series": win.get("booking_series", []),
+        "planner_counts": win.get("planner", {}),
+        "planner_run_counts": win.get("planner_run", {}),
+    }
+
+
 def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> dict[str, Any]:
     """The run's figures (module docstring); `accuracy` maps exit names to held-out accuracy
     (for the mean accuracy of the answered frames). O(frames log frames)."""
@@ -161,9 +183,6 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
     lat = [f[LAT] for f in answered]
     lat_err = [abs(f[PRED] - f[LAT]) / f[LAT] for f in answered if f[PRED] is not None and f[LAT] > 0]
     fps_err = [e for d in devices if (e := _device_throughput_error(d, sc["frame_rate"], window_s)) is not None]
-    cpu = win["cpu_per_s"]
-    clients_cpu = [v for k, v in cpu.items() if k.startswith("client-")]
-    edge = win["edge"]
     acc = [accuracy[f[EXIT]] for f in answered if accuracy and f[EXIT] in accuracy]
     changes = sum(plan_changes(d["plans"], window_s) for d in devices)
     return {
@@ -189,18 +208,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "where": dict(Counter(f[WHERE] for f in answered)),
         "exits": dict(Counter(f[EXIT] for f in answered)),
         "accuracy": statistics.fmean(acc) if acc else None,
-        "utilisation": edge["busy_s"] / (win["wall_s"] * edge["slots"]),
-        "worker_cpu": cpu.get("edge"),
-        "planner_cpu": cpu.get("planner"),
-        "clients_cpu": sum(clients_cpu),
-        "client_cpu_max": max(clients_cpu, default=None),
-        "edge_requests": edge["requests"],
-        "edge_rejected": edge["rejected"],
-        "booked_max": win["booked_max"],
-        "capacity_ms_per_s": win.get("capacity_ms_per_s"),
-        "booking_series": win.get("booking_series", []),
-        "planner_counts": win.get("planner", {}),
-        "planner_run_counts": win.get("planner_run", {}),
+        **_window_figures(win),
         "plan_changes_per_device_min": changes / (max(1, len(devices)) * window_s / 60.0),
         "pred_err_latency": _median(lat_err),
         "pred_err_throughput": _median(fps_err),

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from dapdee.cli import positive_float, positive_int, thread_count
+from dapdee.cli import non_negative_float, positive_float, positive_int, thread_count
 
 
 def _weights_arg(text: str) -> list[float]:
@@ -18,17 +18,6 @@ def _weights_arg(text: str) -> list[float]:
     if not all(0 <= w < float("inf") for w in weights):  # nan fails this too: it would train to NaN
         raise argparse.ArgumentTypeError(f"exit weights {text!r}: expected finite numbers >= 0")
     return weights
-
-
-def _weight_decay(text: str) -> float:
-    """argparse type: a finite weight decay >= 0 (nan or inf would train to NaN)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= v < float("inf"):  # nan fails this too
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
 
 
 def add_commands(sub: Any) -> None:
@@ -52,7 +41,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--exit-weights", type=_weights_arg, default=None, help="w1,...,wn (default: k/n, rising with depth)"
     )
-    p.add_argument("--weight-decay", type=_weight_decay, default=5e-4, help="SGD L2 weight decay (finite, >= 0)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="SGD L2 weight decay (finite, >= 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=positive_int, default=None, help="use at most N samples of each split (quick runs)")
     p.add_argument("--input-size", type=positive_int, default=32, help="square model input side in pixels")
