@@ -106,7 +106,7 @@ class PlanMapCache:
         self.link = link
         self.keys = keys
         self.maps: OrderedDict[MapKey, PlanMap] = OrderedDict()
-        self._building: dict[MapKey, asyncio.Future[PlanMap]] = {}
+        self._building: dict[MapKey, asyncio.Task[PlanMap]] = {}
         self._slots = asyncio.Semaphore(settings.planmap_build_threads)
         self._pool: ProcessPoolExecutor | None = None  # created at the first slow build
         self._hit_memory = metrics.cache_hits.labels("memory")
@@ -135,39 +135,32 @@ class PlanMapCache:
             self.maps.move_to_end(key)
             self._hit_memory.inc()
             return pm
-        fut = self._building.get(key)
-        if fut is not None:
-            try:
-                return await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                if not fut.cancelled():
-                    raise  # this request itself was cancelled
-                # the request that was building it went away: build it here
-                return await self.get(name, st, dev, edge, edge_hint, progressive)
-        fut = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._building[key] = fut
-        try:
+        task = self._building.get(key)
+        if task is None:
             graph = merged_graph(name, st, dev, edge, edge_hint)
             if progressive and graph.progressive is None:
                 raise NoConfidenceExits(
                     f"confidence_exits: model {name!r} has no calibrated confidence exits (its cost graph "
                     "carries no `progressive`; calibrate the artifact with `dapdee calibrate` and upload it again)"
                 )
-            pm = await self._load_or_build(key, graph, ProgressiveMap if progressive else PlanMap)
-        except asyncio.CancelledError:
-            fut.cancel()
-            raise
-        except Exception as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            self._building.pop(key, None)
-        fut.set_result(pm)
-        self.maps[key] = pm
+            kind = ProgressiveMap if progressive else PlanMap
+            task = asyncio.create_task(self._load_or_build(key, graph, kind), name=f"dapdee-planmap-{name}")
+            self._building[key] = task
+            task.add_done_callback(lambda t: self._built(key, t))
+        # the build is the cache's, not the request's: a request that goes away (a client gone, a
+        # timeout) leaves it running, so its map is still cached and its slot held until it ends
+        return await asyncio.shield(task)
+
+    def _built(self, key: MapKey, task: asyncio.Task[PlanMap]) -> None:
+        """A build task ended: keep its map in the LRU (evicting the least recently used past
+        DAPDEE_PLANMAP_CACHE_SIZE). O(1) amortised."""
+        if self._building.get(key) is task:
+            del self._building[key]
+        if task.cancelled() or task.exception() is not None:  # its callers got the exception
+            return
+        self.maps[key] = task.result()
         while len(self.maps) > self.settings.planmap_cache_size:
             self.maps.popitem(last=False)
-        return pm
 
     async def _load_or_build(self, key: MapKey, graph: CostGraph, kind: Any) -> PlanMap:
         rkey = self.redis_key(key)
@@ -190,8 +183,8 @@ class PlanMapCache:
 
     async def _build(self, graph: CostGraph, kind: Any) -> PlanMap:
         """The map, built off the event loop within the build budget, at most
-        planmap_build_threads at once (a slot is freed only when its build ends, even if the
-        request waiting for it went away). First in a thread for at most FAST_BUILD_S (most
+        planmap_build_threads at once (the build is a task of the cache, `get`: a slot is freed
+        when its build ends, whoever still waits for it). First in a thread for at most FAST_BUILD_S (most
         models' maps are exact within milliseconds); a map that is not exact by then is built
         again in a separate process with what is left of the budget (the process's start-up
         counts against it), so seconds of enumeration and min-cuts never hold this process's
@@ -202,9 +195,9 @@ class PlanMapCache:
         t0 = time.perf_counter()
         end = time.time() + budget
         try:
-            pm = await asyncio.shield(self._in_thread(kind, graph, cap, min(budget, FAST_BUILD_S)))
+            pm = await self._in_thread(kind, graph, cap, min(budget, FAST_BUILD_S))
             if not pm.exact and budget > FAST_BUILD_S:
-                pm = await asyncio.shield(self._in_process(kind, graph, cap, end))
+                pm = await self._in_process(kind, graph, cap, end)
         finally:
             self._slots.release()
         self.metrics.planmap_build_duration.observe(time.perf_counter() - t0)
@@ -240,7 +233,9 @@ class PlanMapCache:
         return pm
 
     def close(self) -> None:
-        """Stop the build processes (running builds are abandoned)."""
+        """Stop the build processes and tasks (running builds are abandoned)."""
+        for task in self._building.values():
+            task.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

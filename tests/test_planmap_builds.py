@@ -1,0 +1,65 @@
+"""A plan-map build belongs to the planner's cache, not to the request that started it: against
+the real Redis at 127.0.0.1:6379 (a unique key prefix per test), a request cancelled during a
+build leaves the build running, its map cached and its build slot held until it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dapdee.planning import PlanRequest
+from tests.test_planner_store import running, sample, settings, wide_graph
+
+BUDGET_S = 1.5  # the wide graph's build is cut short by it (unbudgeted it takes 10-20 s)
+
+
+def test_a_cancelled_request_leaves_its_build_to_finish_and_be_cached(planner_prefix: str) -> None:
+    """The only request for a map is cancelled 0.3 s into its build. The build still ends (one
+    build counted) and its map is cached in memory: the next request is a memory hit answered
+    at once, not a second build of the budget's length."""
+
+    async def go() -> None:
+        async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
+            st = (await s.put_graph(wide_graph())).state
+            first = asyncio.create_task(s.planmap("wide", st, None, None))
+            await asyncio.sleep(0.3)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            deadline = time.monotonic() + BUDGET_S + 30.0
+            while sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") < 1:
+                assert time.monotonic() < deadline, "the build of the cancelled request never ended"
+                await asyncio.sleep(0.05)
+            hits = sample(s, "dapdee_planner_cache_hits_total", layer="memory")
+            t0 = time.monotonic()
+            pm = await s.planmap("wide", st, None, None)
+            assert time.monotonic() - t0 < 0.2
+            assert sample(s, "dapdee_planner_cache_hits_total", layer="memory") == hits + 1
+            assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 1
+            assert pm.plan(PlanRequest(bandwidth_mbps=5.0))["exit"]["name"]
+
+    asyncio.run(go())
+
+
+def test_a_request_cancelled_while_another_waits_does_not_start_a_second_build(planner_prefix: str) -> None:
+    """Two requests for one map; the one that started the build is cancelled. The other gets the
+    map of that same build: one look-up missed the caches (one build started), one build ended."""
+
+    async def go() -> None:
+        async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
+            st = (await s.put_graph(wide_graph())).state
+            first = asyncio.create_task(s.planmap("wide", st, None, None))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(s.planmap("wide", st, None, None))
+            await asyncio.sleep(0.3)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            pm = await second
+            assert pm.over_budget
+            assert sample(s, "dapdee_planner_cache_misses_total") == 1
+            assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 1
+
+    asyncio.run(go())
