@@ -38,9 +38,10 @@ from dapdee.fleet.rebalance import (
     settle,
 )
 from dapdee.planner.errors import RedisUnavailable
-from dapdee.planner.fleet import Fleet, request_of
+from dapdee.planner.fleet import Fleet
 from dapdee.planner.keys import Keys
 from dapdee.planner.leases import Heartbeat, StoredRecord
+from dapdee.planner.plan_choice import request_of
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
 

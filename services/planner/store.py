@@ -1,9 +1,10 @@
 """The planner's state, shared by every replica through Redis (key layout: `dapdee.planner.keys`),
 behind per-replica caches. `Store` wires the parts together and runs the refresh loop:
 
-- `catalog.Catalog`: models and profiles, read lazily (start-up loads none), a bounded LRU,
-  versioned writes (a Lua compare-and-set on each model's version), and the queue of writes
-  made while Redis is unavailable, replayed only where their base version is still current.
+- `model_cache.ModelCache`: models and profiles, read lazily (start-up loads none), a bounded LRU.
+- `model_writes.ModelWriter`: versioned writes (a Lua compare-and-set on each model's version),
+  and the queue of writes made while Redis is unavailable, replayed only where their base
+  version is still current.
 - `workers.WorkerRegistry`: heartbeats and live workers; expiry by Redis's clock.
 - `planmaps.PlanMapCache`: plan maps, built off the event loop under a time budget, bounded in
   Redis by count, bytes and TTL.
@@ -21,7 +22,6 @@ import contextlib
 import logging
 
 from dapdee.costgraph import CostGraph
-from dapdee.planner.catalog import Catalog
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import (
     CapacityExceeded,
@@ -30,14 +30,18 @@ from dapdee.planner.errors import (
     RedisUnavailable,
     VersionConflict,
 )
-from dapdee.planner.fleet import Candidate, Fleet
+from dapdee.planner.fleet import Fleet
 from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.model_cache import ModelCache
+from dapdee.planner.model_writes import ModelWriter
 from dapdee.planner.modelstate import ModelState, Profile, PutResult
+from dapdee.planner.plan_choice import Candidate
 from dapdee.planner.planmaps import PlanMapCache, merged_graph
 from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import CapacityBelowLeases, Worker, WorkerRegistry
+from dapdee.planner.writes import Outbox
 from dapdee.planning import PlanMap
 from dapdee.web.tasks import run_every
 
@@ -74,7 +78,9 @@ class Store:
         self.metrics = metrics
         self.keys = Keys.for_prefix(settings.key_prefix)
         self.link = RedisLink(settings, metrics)
-        self.catalog = Catalog(settings, metrics, self.link, self.keys)
+        outbox = Outbox(settings.max_pending_writes)  # writes made while Redis is unavailable
+        self.model_cache = ModelCache(settings, metrics, self.link, self.keys, outbox.has)
+        self.model_writer = ModelWriter(settings, metrics, self.link, self.keys, self.model_cache, outbox)
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
         lower = self.registry.lower_capacity
@@ -83,7 +89,7 @@ class Store:
         self.started = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        metrics.pending_writes.set_function(lambda: self.catalog.pending_count)
+        metrics.pending_writes.set_function(lambda: self.model_writer.pending_count)
 
     # ---- state the HTTP layer reads ------------------------------------------------------------
     @property
@@ -95,12 +101,12 @@ class Store:
     def pending_count(self) -> int:
         """Writes queued while Redis is unavailable (a model whose replayed writes are not yet
         re-read from Redis counts as one more)."""
-        return self.catalog.pending_count
+        return self.model_writer.pending_count
 
     @property
     def models(self) -> dict[str, ModelState]:
         """The models cached in this replica (an LRU; not every stored model)."""
-        return self.catalog.models
+        return self.model_cache.models
 
     def k_planmap(self, key: tuple[str, str, str]) -> str:
         """The Redis key of the plan map of (graph hash, device hash, edge hash)."""
@@ -134,7 +140,7 @@ class Store:
                 with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(self._task, 1.0)
             self._task = None
-        await self.catalog.drain(CLOSE_DRAIN_S)
+        await self.model_writer.drain(CLOSE_DRAIN_S)
         self.planmaps.close()
         await self.link.close()
 
@@ -147,39 +153,39 @@ class Store:
         if not self.link.enabled:
             return
         with contextlib.suppress(RedisUnavailable):
-            await self.catalog.sync()
+            await self.model_writer.sync()
         with contextlib.suppress(RedisUnavailable):
             await self.registry.sync()
 
-    # ---- models and profiles (see catalog.Catalog) -----------------------------------------------
+    # ---- models and profiles (see model_cache, model_writes) -----------------------------------
     async def get_model(self, name: str) -> ModelState | None:
         """The model (cached, else read from Redis and cached), or None (ModelUnreachable: not
         cached and Redis is away)."""
-        return await self.catalog.get(name)
+        return await self.model_cache.get(name)
 
     async def refresh_model(self, name: str) -> ModelState | None:
         """The model re-read from Redis now (None if Redis cannot say or it is gone there)."""
-        return await self.catalog.refresh(name)
+        return await self.model_cache.refresh(name)
 
     async def list_models(self) -> dict[str, ModelState]:
         """Every stored model (at most DAPDEE_MAX_MODELS), or the cached ones while Redis is away."""
-        return await self.catalog.list_all()
+        return await self.model_cache.list_all()
 
     async def put_graph(self, graph: CostGraph, expect_version: int | None = None) -> PutResult:
         """Store a model's cost graph (VersionConflict, CapacityExceeded)."""
-        return await self.catalog.put_graph(graph, expect_version)
+        return await self.model_writer.put_graph(graph, expect_version)
 
     async def delete_model(self, name: str, expect_version: int | None = None) -> bool:
         """Forget a model and its profiles; False if unknown (VersionConflict)."""
-        return await self.catalog.delete_model(name, expect_version)
+        return await self.model_writer.delete_model(name, expect_version)
 
     async def put_profile(self, name: str, profile: Profile, expect_version: int | None = None) -> PutResult | None:
         """Store one tier's profile; None if the model is unknown (VersionConflict, CapacityExceeded)."""
-        return await self.catalog.put_profile(name, profile, expect_version)
+        return await self.model_writer.put_profile(name, profile, expect_version)
 
     async def delete_profile(self, name: str, tier: str, expect_version: int | None = None) -> bool | None:
         """Forget one profile: None if the model is unknown, False if the tier is (VersionConflict)."""
-        return await self.catalog.delete_profile(name, tier, expect_version)
+        return await self.model_writer.delete_profile(name, tier, expect_version)
 
     # ---- plan maps ------------------------------------------------------------------------------
     async def planmap(

@@ -1,5 +1,4 @@
-"""Models and profiles: Redis is the truth, shared by every replica; each replica keeps a bounded
-LRU of the models it uses (at most DAPDEE_MAX_MODELS) and reads a model on first use.
+"""Writing models and profiles, and the outbox of writes made while Redis is unavailable.
 
 Writes (put_graph, delete_model, put_profile, delete_profile) read the model fresh from Redis,
 check `expect_version` (If-Match), and apply one `writes.Op` through the `WRITE_MODEL` script,
@@ -20,31 +19,28 @@ is told by the epoch key (`Keys.epoch`), not by the model list being empty: anot
 write back, or any PUT, may land first. A write back cut short is taken up again at the next
 refresh until every model has been sent.
 
-A read that was on its way while the models changed (a write through this replica, or a refresh
-that saw another replica's) is answered but not cached: it may be older than what changed.
-
-`close` replays what it can within a bounded time; a queued write still unwritten then is
-logged at ERROR and counted in `dapdee_planner_writes_lost_total`, never dropped silently. Queued
-writes of a replica that dies during an outage are lost (they lived in its memory only).
+`drain` (at close) replays what it can within a bounded time; a queued write still unwritten
+then is logged at ERROR and counted in `dapdee_planner_writes_lost_total`, never dropped
+silently. Queued writes of a replica that dies during an outage are lost (they lived in its
+memory only).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.costgraph import CostGraph
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, ModelUnreachable, RedisUnavailable, VersionConflict
 from dapdee.planner.keys import Keys
 from dapdee.planner.metrics import PlannerMetrics
-from dapdee.planner.modelstate import ModelState, Profile, PutResult, decode_profiles, parse_graph
+from dapdee.planner.model_cache import ModelCache
+from dapdee.planner.modelstate import ModelState, Profile, PutResult
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.writes import WRITE_MODEL, Op, Outbox
 
@@ -64,23 +60,30 @@ class Planned:
     dropped: tuple[str, ...] = ()
 
 
-class Catalog:
-    """The models of one replica: LRU cache, versioned writes, outage queue (module docstring)."""
+class ModelWriter:
+    """Versioned writes of one replica's models and profiles, and the outbox of those made while
+    Redis is unavailable: queued, replayed, or written back after Redis lost its state (module
+    docstring). Keeps `cache` up to date with what it writes; `sync` also has `cache` follow
+    other replicas' writes."""
 
-    def __init__(self, settings: Settings, metrics: PlannerMetrics, link: RedisLink, keys: Keys) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: PlannerMetrics,
+        link: RedisLink,
+        keys: Keys,
+        cache: ModelCache,
+        outbox: Outbox,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.link = link
         self.keys = keys
-        self.models: OrderedDict[str, ModelState] = OrderedDict()
-        self.outbox = Outbox(settings.max_pending_writes)
+        self.cache = cache
+        self.outbox = outbox
         self._lock = asyncio.Lock()
         self._gen: bytes | None = None
         self._epoch: bytes | None = None  # the epoch of Redis's state this replica last synced with
-        self._changes = 0  # counts changes to the models seen here (reads in flight check it)
-        # models Redis lists but this replica cannot read (graph missing or unreadable, e.g. over
-        # lowered graph limits): (version, hash), so a PUT can replace and a DELETE remove them
-        self._broken: dict[str, tuple[int, str]] = {}
         # replay state that survives a replay cut short: models a queued write of which was not
         # applied (their later queued writes are conflicts too), models to re-read from Redis
         self._failed: set[str] = set()
@@ -91,120 +94,6 @@ class Catalog:
         """Queued writes, plus models whose replayed writes still wait to be re-read."""
         return len(self.outbox) + len(self._to_reload)
 
-    # ---- the cache ---------------------------------------------------------------------------
-    def _changed(self) -> None:
-        """A model changed (a write here, or one another replica made, seen by a refresh): a read
-        in flight may be older, so it is not cached (`get`, `refresh`)."""
-        self._changes += 1
-
-    def _remember(self, name: str, st: ModelState) -> None:
-        """Cache `st`, evicting the least recently used models with nothing queued. O(1) amortised."""
-        self.models[name] = st
-        self.models.move_to_end(name)
-        if len(self.models) > self.settings.max_models:
-            for old in list(self.models):
-                if len(self.models) <= self.settings.max_models:
-                    break
-                if old != name and not self.outbox.has(old):
-                    del self.models[old]
-
-    def _forget(self, name: str) -> None:
-        self.models.pop(name, None)
-
-    # ---- reads -------------------------------------------------------------------------------
-    async def fetch(self, name: str) -> ModelState | None:
-        """The model as Redis holds it now (None: absent or unreadable), read in one MULTI (a
-        consistent snapshot); reuses the cached parsed graph when its hash is unchanged. Raises
-        RedisUnavailable. One round trip plus O(size) decoding."""
-        k = self.keys
-
-        async def f(r: Any) -> list[Any]:
-            pipe = r.pipeline(transaction=True)
-            pipe.hget(k.models, name)
-            pipe.hget(k.versions, name)
-            pipe.get(k.graph(name))
-            pipe.hgetall(k.profiles(name))
-            return await pipe.execute()
-
-        h_b, v_b, raw_graph, raw_profiles = await self.link.call("load_model", f)
-        self._broken.pop(name, None)
-        if h_b is None:
-            return None
-        h = h_b.decode()
-        version = int(v_b) if v_b else 1
-        old = self.models.get(name)
-        if old is not None and old.graph_hash == h:
-            graph = old.graph
-        else:
-            try:
-                if raw_graph is None:
-                    raise CostGraphError("the graph key is missing")
-                graph = await parse_graph(raw_graph, self.settings.graph_limits())
-            except CostGraphError as exc:
-                self.metrics.cache_errors.labels("decode_graph").inc()
-                log.warning("stored cost graph %r unreadable (%s): a PUT replaces it, a DELETE removes it", name, exc)
-                self._broken[name] = (version, h)
-                return None
-        profiles, bad = decode_profiles(name, raw_profiles)
-        if bad:
-            self.metrics.cache_errors.labels("decode_profile").inc(bad)
-        return ModelState(graph, h, profiles, version)
-
-    async def get(self, name: str) -> ModelState | None:
-        """The cached model, else the stored one (cached from then on), else None. Raises
-        ModelUnreachable when it is not cached and Redis cannot be read. O(1) when cached, else
-        one round trip."""
-        st = self.models.get(name)
-        if st is not None:
-            self.models.move_to_end(name)
-            return st
-        if not self.link.enabled or self.outbox.has(name):
-            return None
-        seen = self._changes
-        try:
-            st = await self.fetch(name)
-        except RedisUnavailable:
-            raise ModelUnreachable(name) from None
-        if self._changes != seen or name in self.models:  # the models changed during the read
-            return self.models.get(name, st)
-        if st is not None:
-            self._remember(name, st)
-        return st
-
-    async def refresh(self, name: str) -> ModelState | None:
-        """Re-read one model from Redis now (None if Redis cannot say or the model is gone
-        there). Models with queued changes answer from the cache."""
-        if self.outbox.has(name) or not self.link.enabled:
-            return self.models.get(name)
-        seen = self._changes
-        try:
-            st = await self.fetch(name)
-        except RedisUnavailable:
-            return None
-        if self.outbox.has(name) or self._changes != seen:  # a write or a refresh during the read
-            return self.models.get(name)
-        if st is None:
-            self._forget(name)
-        else:
-            self._remember(name, st)
-        return st
-
-    async def list_all(self) -> dict[str, ModelState]:
-        """Every model: Redis's list when reachable (other replicas' models too; each read and
-        cached on first use), else the cache. O(models) round trips at most."""
-        try:
-            stored = await self.link.call("list_models", lambda r: r.hkeys(self.keys.models))
-        except RedisUnavailable:
-            return dict(sorted(self.models.items()))
-        names = {n.decode() for n in stored} | {n for n in self.models if self.outbox.has(n)}
-        out = {}
-        for name in sorted(names):
-            with contextlib.suppress(ModelUnreachable):  # Redis went away mid-listing
-                st = await self.get(name)
-                if st is not None:
-                    out[name] = st
-        return out
-
     # ---- writes ------------------------------------------------------------------------------
     async def put_graph(self, graph: CostGraph, expect_version: int | None = None) -> PutResult:
         """Store a model's cost graph. Profiles survive when the structure (nodes, exits) is
@@ -214,10 +103,11 @@ class Catalog:
         h = graph.content_hash()
         text = graph.to_json(indent=None)
         skey = graph.structure_key()
+        unreadable = self.cache.unreadable
 
         def plan(cur: ModelState | None) -> Planned:
-            if cur is None and name in self._broken:  # replace what cannot be read
-                v, old_h = self._broken[name]
+            if cur is None and name in unreadable:  # replace what cannot be read
+                v, old_h = unreadable[name]
                 op = Op("put_graph", name, v, old_h, h, text, drop_profiles=True)
                 return Planned(op, ModelState(graph, h, {}, v + 1))
             if cur is None:
@@ -234,11 +124,12 @@ class Catalog:
         return PutResult(planned.after, planned.created, list(planned.dropped), stored)
 
     async def delete_model(self, name: str, expect_version: int | None = None) -> bool:
-        """Forget a model and its profiles. False if it was unknown."""
+        """Forget a model and its profiles. False if it was unknown. One or two round trips."""
+        unreadable = self.cache.unreadable
 
         def plan(cur: ModelState | None) -> Planned | None:
-            if cur is None and name in self._broken:
-                return Planned(Op("delete_model", name, *self._broken[name]), None)
+            if cur is None and name in unreadable:
+                return Planned(Op("delete_model", name, *unreadable[name]), None)
             if cur is None:
                 return None
             return Planned(Op("delete_model", name, cur.version, cur.graph_hash), None)
@@ -271,7 +162,8 @@ class Catalog:
         return PutResult(planned.after, planned.created, [], stored)
 
     async def delete_profile(self, name: str, tier: str, expect_version: int | None = None) -> bool | None:
-        """Forget one profile: None if the model is unknown, False if the tier is."""
+        """Forget one profile: None if the model is unknown, False if the tier is. One or two
+        round trips."""
         absent = Planned(None, None)
 
         def plan(cur: ModelState | None) -> Planned | None:
@@ -289,6 +181,8 @@ class Catalog:
         return planned is not absent
 
     def _refused(self, what: str, model: str) -> CapacityExceeded:
+        """The CapacityExceeded for a write refused at the cap `what` ("models" or "profiles"),
+        counted in `capacity_refusals`."""
         self.metrics.capacity_refusals.labels(what).inc()
         if what == "profiles":
             limit = self.settings.max_profiles_per_model
@@ -323,7 +217,7 @@ class Catalog:
                 if planned is None or planned.op is None:
                     return planned, self._mode(online)
                 if not online:
-                    if planned.created and creates and len(self.models) >= self.settings.max_models:
+                    if planned.created and creates and len(self.cache.models) >= self.settings.max_models:
                         raise self._refused("models", name)  # without Redis: the models held here
                     return planned, self._queue(planned)
                 op = planned.op if expect is not None else replace(planned.op, check="graph")
@@ -341,21 +235,22 @@ class Catalog:
 
     async def _current(self, name: str) -> tuple[ModelState | None, bool]:
         """(state, online): fresh from Redis when it is reachable and nothing of `name` is
-        queued, else the cached state (offline)."""
+        queued, else the cached state (offline). One round trip at most."""
         if self.link.enabled and not self.outbox.has(name):
             try:
-                return await self.fetch(name), True
+                return await self.cache.fetch(name), True
             except RedisUnavailable:
                 pass
-        return self.models.get(name), False
+        return self.cache.models.get(name), False
 
     def _mode(self, online: bool) -> str:
+        """The stored word of a write that changed nothing: redis, pending or memory."""
         return "redis" if online else ("pending" if self.link.enabled else "memory")
 
     def _queue(self, planned: Planned) -> str:
         """Apply a write to the cache; queue it when Redis is configured. Returns the stored word."""
         assert planned.op is not None
-        self._changed()
+        self.cache.changed()
         stored = "memory"
         if self.link.enabled:
             try:
@@ -365,31 +260,32 @@ class Catalog:
                 raise
             stored = "pending"
         if planned.after is None:
-            self._forget(planned.op.model)
+            self.cache.forget(planned.op.model)
         else:
-            self._remember(planned.op.model, planned.after)
+            self.cache.remember(planned.op.model, planned.after)
         return stored
 
     async def _settle(self, name: str, planned: Planned, version: int, h: str) -> Planned:
         """Cache the state Redis holds after an applied write: the planned state when Redis
         reports the version it implies, else (another replica's write landed in between) the
         model read again. O(1), or one round trip."""
-        self._changed()
+        self.cache.changed()
         if planned.after is None or version == 0:
-            self._forget(name)
+            self.cache.forget(name)
             return planned
         after = replace(planned.after, version=version, graph_hash=h or planned.after.graph_hash)
         if version != planned.after.version:
             try:
-                after = await self.fetch(name) or after
+                after = await self.cache.fetch(name) or after
             except RedisUnavailable:
-                self._forget(name)
+                self.cache.forget(name)
                 return replace(planned, after=after)
-        self._remember(name, after)
+        self.cache.remember(name, after)
         return replace(planned, after=after)
 
     async def _send(self, op: Op) -> tuple[str, int, str]:
-        """Run `op` through WRITE_MODEL: (status, version, graph hash). Raises RedisUnavailable."""
+        """Run `op` through WRITE_MODEL: (status, version, graph hash). Raises RedisUnavailable.
+        One round trip."""
         args = op.script_args(self.settings.max_models, self.settings.max_profiles_per_model)
         res = await self.link.script(op.kind, WRITE_MODEL, op.script_keys(self.keys), args)
         status, version, h = res
@@ -407,7 +303,7 @@ class Catalog:
             gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
             # before the first sync: only an empty Redis tells
             lost = epoch != self._epoch if self._epoch is not None else gen is None
-            if lost and self.models:
+            if lost and self.cache.models:
                 await self._restore_all()
                 gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
             self._epoch = epoch
@@ -415,8 +311,8 @@ class Catalog:
                 await self._replay()
                 gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
             if gen != self._gen:
-                self._changed()
-                await self._reload_changed()
+                self.cache.changed()
+                await self.cache.reload_changed()
                 self._gen = gen
 
     async def _epoch_now(self) -> bytes:
@@ -436,8 +332,9 @@ class Catalog:
         """Redis lost the planner's state (restarted without persistence, or flushed): write back
         each model this replica holds, queued changes included, where Redis does not hold it
         (another replica wrote it back, or it was created anew). One round trip per model."""
-        log.warning("redis lost the planner's state; writing back the %d models this replica holds", len(self.models))
-        for name, st in list(self.models.items()):
+        models = self.cache.models
+        log.warning("redis lost the planner's state; writing back the %d models this replica holds", len(models))
+        for name, st in list(models.items()):
             op = Op(
                 "restore",
                 name,
@@ -459,7 +356,8 @@ class Catalog:
         """Replay queued writes oldest first; a write whose base is no longer stored (or that hits
         a cap) is a conflict, and so is every later queued write of that model. Then the models
         touched are reloaded from Redis (until then they count as pending). Raises
-        RedisUnavailable (the rest stays queued, and the next replay goes on where this stopped)."""
+        RedisUnavailable (the rest stays queued, and the next replay goes on where this stopped).
+        One round trip per queued write and per model touched."""
         n = conflicts = 0
         while self.outbox:
             op = self.outbox.first()
@@ -479,14 +377,16 @@ class Catalog:
                 conflicts += 1
         for name in sorted(self._to_reload):
             if not self.outbox.has(name):
-                st = await self.fetch(name)
-                self._forget(name) if st is None else self._remember(name, st)
+                st = await self.cache.fetch(name)
+                self.cache.forget(name) if st is None else self.cache.remember(name, st)
                 self._to_reload.discard(name)
                 self._failed.discard(name)
         level = logging.WARNING if conflicts else logging.INFO
         log.log(level, "replayed %d queued writes to redis (%d not applied)", n, conflicts)
 
     def _conflict(self, op: Op, reason: str, stored_version: int | None) -> None:
+        """Count and log (WARNING) a queued write not applied: `reason` is "version" or
+        "capacity"; `stored_version` None means an earlier queued write of the model failed."""
         self.metrics.write_conflicts.labels(reason).inc()
         if reason == "capacity":
             why = "its cap was reached meanwhile"
@@ -502,31 +402,6 @@ class Catalog:
             op.base_version,
             why,
         )
-
-    async def _reload_changed(self) -> None:
-        """Re-read the cached models (nothing queued) whose stored version or hash differs from
-        the cached one; drop those gone from Redis. One round trip plus one per changed model."""
-        names = [n for n in self.models if not self.outbox.has(n)]
-        if not names:
-            return
-        k = self.keys
-
-        async def f(r: Any) -> list[Any]:
-            pipe = r.pipeline(transaction=True)
-            pipe.hmget(k.models, names)
-            pipe.hmget(k.versions, names)
-            return await pipe.execute()
-
-        hashes, versions = await self.link.call("versions", f)
-        for name, h, v in zip(names, hashes, versions, strict=True):
-            st = self.models.get(name)
-            if st is None:
-                continue
-            if h is None:
-                self._forget(name)
-            elif (int(v) if v else 1) != st.version or h.decode() != st.graph_hash:
-                new = await self.fetch(name)
-                self._forget(name) if new is None else self._remember(name, new)
 
     async def drain(self, timeout_s: float) -> None:
         """At shutdown: one last refresh (replaying queued writes) within `timeout_s`; every queued
@@ -551,4 +426,5 @@ class Catalog:
 
 
 def _text(v: Any) -> str:
+    """A Redis reply value (bytes or other) as text."""
     return v.decode() if isinstance(v, bytes) else str(v)
