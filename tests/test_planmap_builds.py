@@ -17,8 +17,8 @@ BUDGET_S = 1.5  # the wide graph's build is cut short by it (unbudgeted it takes
 
 def test_a_cancelled_request_leaves_its_build_to_finish_and_be_cached(planner_prefix: str) -> None:
     """The only request for a map is cancelled 0.3 s into its build. The build still ends (one
-    build counted) and its map is cached in memory: the next request is a memory hit answered
-    at once, not a second build of the budget's length."""
+    build counted) and its map is kept: the next request is answered at once, not by a second
+    build of the budget's length."""
 
     async def go() -> None:
         async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
@@ -32,11 +32,11 @@ def test_a_cancelled_request_leaves_its_build_to_finish_and_be_cached(planner_pr
             while sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") < 1:
                 assert time.monotonic() < deadline, "the build of the cancelled request never ended"
                 await asyncio.sleep(0.05)
-            hits = sample(s, "dapdee_planner_cache_hits_total", layer="memory")
             t0 = time.monotonic()
             pm = await s.planmap("wide", st, None, None)
             assert time.monotonic() - t0 < 0.2
-            assert sample(s, "dapdee_planner_cache_hits_total", layer="memory") == hits + 1
+            # answered by the first build (cached, or just ending): no second look-up missed
+            assert sample(s, "dapdee_planner_cache_misses_total") == 1
             assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 1
             assert pm.plan(PlanRequest(bandwidth_mbps=5.0))["exit"]["name"]
 
