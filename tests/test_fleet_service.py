@@ -400,6 +400,28 @@ def test_a_model_no_worker_serves_gets_a_lease_on_no_worker(planner_prefix: str)
         assert c.get("/devices/solo").json()["lease"]["edge_ms_per_frame"] == 0.0
 
 
+def test_deleting_a_model_ends_its_leases_and_frees_what_they_booked(planner_prefix: str) -> None:
+    """Two devices of "cam2" and one of "cam" lease the worker; DELETE /models/cam2 ends the two
+    leases at once (GET /devices 404, the worker's booking down to the "cam" device's 80 ms/s)
+    and leaves the other; the deleted model's devices then get 404 from POST /plan."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        assert c.put("/models/cam2", json=chain_graph("cam2")).status_code == 201
+        for tier in ("t", "phone"):
+            profile = c.get("/models/cam/profiles").json()["profiles"][tier]
+            assert c.put(f"/models/cam2/profiles/{tier}", json=profile).status_code == 201
+        assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        for device, model in (("x0", "cam2"), ("x1", "cam2"), ("d0", "cam")):
+            assert c.post("/plan", json=leased(device, model=model)).json()["lease"]["worker"] == "http://w1:1"
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(240.0)
+        assert c.delete("/models/cam2").status_code == 204
+        assert [c.get(f"/devices/{d}").status_code for d in ("x0", "x1", "d0")] == [404, 404, 200]
+        w = workers(c)["http://w1:1"]
+        assert w["leases"] == 1 and w["leased_ms_per_s"] == pytest.approx(80.0)
+        assert c.post("/plan", json=leased("x0", model="cam2")).status_code == 404
+        assert "dapdee_planner_leases 1.0" in c.get("/metrics").text
+
+
 def test_leases_expire(planner_prefix: str) -> None:
     with planner(planner_prefix, rebalance_s=0, lease_ttl_s=0.6, replan_after_s=0.3) as c:
         setup_model(c)
@@ -552,14 +574,14 @@ def test_a_capacity_drop_re_solves_the_device_only_leases_with_the_worker_s(plan
 
 
 def test_a_heartbeat_whose_leases_cannot_be_resolved_is_still_registered(planner_prefix: str) -> None:
-    """Five devices book 400 ms/s of the worker, and their model is deleted: the planner can no
-    longer price their plans. The worker's heartbeat at 300 ms/s is still answered and
+    """Five devices book 400 ms/s of the worker, and their device profile is deleted: the planner
+    can no longer price their plans. The worker's heartbeat at 300 ms/s is still answered and
     registered (as it is: counted as forced), and the rebalance after a capacity drop follows."""
     with planner(planner_prefix, rebalance_s=3600.0) as c:
         setup_model(c)
         for i in range(5):
             assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
-        assert c.delete("/models/cam").status_code == 204
+        assert c.delete("/models/cam/profiles/phone").status_code == 204
         assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=300.0).status_code == 200
         w = workers(c)["http://w1:1"]
         assert w["capacity_ms_per_s"] == 300.0 and w["leased_ms_per_s"] == pytest.approx(400.0)
@@ -570,7 +592,7 @@ def test_leases_that_cannot_be_priced_keep_their_booking_and_the_others_fit_arou
     planner_prefix: str,
 ) -> None:
     """Two devices of a second model book 160 ms/s of the worker, five of "cam" 400, and the
-    second model is deleted: the planner can no longer price its two leases. The worker's
+    second model's device profile is deleted: the planner can no longer price its two leases. The worker's
     heartbeat at 400 ms/s (ρ_max x 400 = 360) is registered with the five re-solved within the
     200 the two leave, and a rebalance on request fits them there too: applied, with the two
     leases left as they were."""
@@ -586,7 +608,7 @@ def test_leases_that_cannot_be_priced_keep_their_booking_and_the_others_fit_arou
         for i in range(5):
             assert c.post("/plan", json=leased(f"d{i}")).json()["lease"]["worker"] == "http://w1:1"
         assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(560.0)
-        assert c.delete("/models/cam2").status_code == 204
+        assert c.delete("/models/cam2/profiles/phone").status_code == 204
         assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=400.0).status_code == 200
         w = workers(c)["http://w1:1"]
         assert w["capacity_ms_per_s"] == 400.0 and w["leased_ms_per_s"] <= RHO * 400.0 + 1e-9

@@ -158,6 +158,24 @@ def test_moving_to_another_worker_frees_the_old_one_and_release_ends_the_lease(p
     run(scenario())
 
 
+def test_a_release_naming_a_tag_ends_only_the_record_of_that_tag(prefix: str) -> None:
+    """Ending a lease read earlier (its tag computed here from the stored JSON): refused, with its
+    reservation kept, once the device wrote another record; ended while the record is that one."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        await book.reserve("a", "http://w", 300.0, 900.0, {"model": "old"})
+        read = _tag({"model": "old"})
+        await book.reserve("a", "http://w", 200.0, 900.0, {"model": "new"})
+        assert await book.release("a", read) is False
+        assert (await book.loads())["http://w"] == {"a": 200.0}
+        assert await book.release("a", _tag({"model": "new"})) is True
+        assert await book.record("a") is None and not (await book.loads()).get("http://w")
+        await _close([book])
+
+    run(scenario())
+
+
 def test_the_lease_cap_refuses_new_devices_but_refreshes_known_ones(prefix: str) -> None:
     async def scenario() -> None:
         (book,) = await _books(prefix, 1, max_leases=2)

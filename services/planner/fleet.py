@@ -318,3 +318,20 @@ class Fleet:
         ended = await self.book.release(device_id)
         self.view.forget(device_id)
         return ended
+
+    async def end_model(self, model: str) -> int:
+        """End every lease of `model` (it was deleted), so what they reserved is free at once
+        rather than at their expiry. A record replaced since it was read (its device leased
+        again, maybe for another model) is left alone. Returns how many ended (0 without Redis;
+        RedisUnavailable passes up). Three round trips, one per lease ended and a refresh."""
+        if not self.link.enabled:
+            return 0
+        records = await self.book.records(await self.book.devices())
+        ended = 0
+        for device, rec in records.items():
+            if rec.fields.get("model") == model and await self.book.release(device, rec.tag):
+                self.view.forget(device)
+                ended += 1
+        if ended:
+            await self.refresh()
+        return ended

@@ -176,9 +176,14 @@ return {1, string.format('%.17g', sum), capacity}
 """
 )
 
-# End a lease. KEYS: lease, leases. ARGV: prefix, device. Returns 1 if there was one.
+# End a lease. KEYS: lease, leases. ARGV: prefix, device, tag ('' = any record; else only the
+# record of that tag: it was not replaced since it was read). Returns 1 if one ended.
 RELEASE = """
-local prefix, device = ARGV[1], ARGV[2]
+local prefix, device, tag = ARGV[1], ARGV[2], ARGV[3]
+if tag ~= '' then
+  local raw = redis.call('GET', KEYS[1])
+  if not raw or redis.sha1hex(raw) ~= tag then return 0 end
+end
 local w = redis.call('HGET', prefix .. ':lease-worker', device)
 if w then
   redis.call('HDEL', prefix .. ':wload:' .. w, device)
@@ -441,10 +446,11 @@ class LeaseBook:
         tag = record_tag(text) if name == "reserved" else ""
         return Reservation(name, float(out[1]), capacity_ms_per_s=capacity, tag=tag)
 
-    async def release(self, device_id: str) -> bool:
-        """End the device's lease (its reservation is freed). False if it had none."""
+    async def release(self, device_id: str, tag: str = "") -> bool:
+        """End the device's lease (its reservation is freed). With `tag`: only while its record
+        is still the one of that tag (`record_tag`). False if nothing ended. One round trip."""
         had = await self.link.script(
-            "lease_release", RELEASE, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id]
+            "lease_release", RELEASE, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id, tag]
         )
         return bool(had)
 

@@ -176,8 +176,14 @@ class Store:
         return await self.model_writer.put_graph(graph, expect_version)
 
     async def delete_model(self, name: str, expect_version: int | None = None) -> bool:
-        """Forget a model and its profiles; False if unknown (VersionConflict)."""
-        return await self.model_writer.delete_model(name, expect_version)
+        """Forget a model and its profiles, and end its leases (`Fleet.end_model`; with Redis
+        away they run out at their expiry); False if unknown (VersionConflict)."""
+        if not await self.model_writer.delete_model(name, expect_version):
+            return False
+        with contextlib.suppress(RedisUnavailable):
+            if ended := await self.fleet.end_model(name):
+                log.info("model %r deleted: %d lease(s) of it ended", name, ended)
+        return True
 
     async def put_profile(self, name: str, profile: Profile, expect_version: int | None = None) -> PutResult | None:
         """Store one tier's profile; None if the model is unknown (VersionConflict, CapacityExceeded)."""

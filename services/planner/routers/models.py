@@ -126,7 +126,7 @@ async def get_model(model: ModelName, store: StoreDep, response: Response) -> di
     "/{model}", status_code=204, response_class=Response, dependencies=WRITE, responses={**NOT_FOUND, **CONFLICT}
 )
 async def delete_model(model: ModelName, store: StoreDep, expect: IfMatchDep) -> Response:
-    """Forget a model and its profiles."""
+    """Forget a model and its profiles, and end its devices' leases."""
     if not await store.delete_model(model, expect):
         raise ApiProblem(404, f"unknown model {model!r}")
     return Response(status_code=204)
