@@ -61,6 +61,17 @@ def setup_model(
         assert beat(c, url, ["cam"], "t", 0.0, capacity_ms_per_s=capacity).status_code == 200
 
 
+def setup_two_models(c: httpx.Client) -> None:
+    """`setup_model`, a second model "cam2" with the same graph and profiles, and worker
+    http://w1:1 (1000 ms/s) serving both."""
+    setup_model(c)
+    assert c.put("/models/cam2", json=chain_graph("cam2")).status_code == 201
+    for tier in ("t", "phone"):
+        profile = c.get("/models/cam/profiles").json()["profiles"][tier]
+        assert c.put(f"/models/cam2/profiles/{tier}", json=profile).status_code == 201
+    assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+
+
 def leased(device: str, fps: float = 10.0, **kw: Any) -> dict[str, Any]:
     body = {"model": "cam", "device_tier": "phone", "bandwidth_mbps": 10.0, "rtt_ms": 5.0, "mode": "latency"}
     return {**body, "device_id": device, "frame_rate": fps, **kw}
@@ -405,12 +416,7 @@ def test_deleting_a_model_ends_its_leases_and_frees_what_they_booked(planner_pre
     leases at once (GET /devices 404, the worker's booking down to the "cam" device's 80 ms/s)
     and leaves the other; the deleted model's devices then get 404 from POST /plan."""
     with planner(planner_prefix, rebalance_s=0) as c:
-        setup_model(c)
-        assert c.put("/models/cam2", json=chain_graph("cam2")).status_code == 201
-        for tier in ("t", "phone"):
-            profile = c.get("/models/cam/profiles").json()["profiles"][tier]
-            assert c.put(f"/models/cam2/profiles/{tier}", json=profile).status_code == 201
-        assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        setup_two_models(c)
         for device, model in (("x0", "cam2"), ("x1", "cam2"), ("d0", "cam")):
             assert c.post("/plan", json=leased(device, model=model)).json()["lease"]["worker"] == "http://w1:1"
         assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(240.0)
@@ -597,12 +603,7 @@ def test_leases_that_cannot_be_priced_keep_their_booking_and_the_others_fit_arou
     200 the two leave, and a rebalance on request fits them there too: applied, with the two
     leases left as they were."""
     with planner(planner_prefix, rebalance_s=3600.0) as c:
-        setup_model(c)
-        assert c.put("/models/cam2", json=chain_graph("cam2")).status_code == 201
-        for tier in ("t", "phone"):
-            profile = c.get("/models/cam/profiles").json()["profiles"][tier]
-            assert c.put(f"/models/cam2/profiles/{tier}", json=profile).status_code == 201
-        assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        setup_two_models(c)
         for i in range(2):
             assert c.post("/plan", json=leased(f"x{i}", model="cam2")).json()["lease"]["worker"] == "http://w1:1"
         for i in range(5):
