@@ -158,19 +158,29 @@ def test_moving_to_another_worker_frees_the_old_one_and_release_ends_the_lease(p
     run(scenario())
 
 
-def test_a_release_naming_a_tag_ends_only_the_record_of_that_tag(prefix: str) -> None:
-    """Ending a lease read earlier (its tag computed here from the stored JSON): refused, with its
-    reservation kept, once the device wrote another record; ended while the record is that one."""
+def test_ending_a_deleted_models_leases_ends_those_and_only_while_it_is_deleted(prefix: str) -> None:
+    """`end_model` ends the leases whose record names the model (the one a rebalance rewrote
+    too, an unreadable record is skipped), frees their reservations and keeps the others; while
+    the registry holds the model again (created anew), it ends nothing."""
 
     async def scenario() -> None:
         (book,) = await _books(prefix, 1)
-        await book.reserve("a", "http://w", 300.0, 900.0, {"model": "old"})
-        read = _tag({"model": "old"})
-        await book.reserve("a", "http://w", 200.0, 900.0, {"model": "new"})
-        assert await book.release("a", read) is False
-        assert (await book.loads())["http://w"] == {"a": 200.0}
-        assert await book.release("a", _tag({"model": "new"})) is True
-        assert await book.record("a") is None and not (await book.loads()).get("http://w")
+        models = f"{prefix}:models"
+        await book.reserve("a", "http://w", 100.0, 900.0, {"model": "gone"})
+        await book.reserve("b", "http://w", 200.0, 900.0, {"model": "kept"})
+        await book.reserve("c", None, 0.0, 900.0, {"model": "gone"})
+        assert (await _apply(book, {"a": (150.0, {"model": "gone", "assigned": True})})) == "applied"
+        await book.reserve("d", "http://w", 50.0, 900.0, {"model": "gone"})
+        raw = redis.Redis.from_url(URL)
+        raw.set(book.k_lease("d"), b"{not json", keepttl=True)
+        raw.hset(models, "gone", "1")
+        assert await book.end_model("gone", models) == []
+        raw.hdel(models, "gone")
+        assert sorted(await book.end_model("gone", models)) == ["a", "c"]
+        assert await book.record("a") is None and await book.record("c") is None
+        assert (await book.loads())["http://w"] == {"b": 200.0, "d": 50.0}
+        assert sorted(await book.devices()) == ["b", "d"]
+        raw.close()
         await _close([book])
 
     run(scenario())

@@ -108,6 +108,7 @@ class Fleet:
         self.settings = settings
         self.metrics = metrics
         self.link = link
+        self.keys = keys
         self.book = LeaseBook(link, keys.base, settings.lease_ttl_s, settings.max_leases, settings.rho_max)
         self.candidates_for = candidates_for
         self.live_workers = live_workers
@@ -320,18 +321,16 @@ class Fleet:
         return ended
 
     async def end_model(self, model: str) -> int:
-        """End every lease of `model` (it was deleted), so what they reserved is free at once
-        rather than at their expiry. A record replaced since it was read (its device leased
-        again, maybe for another model) is left alone. Returns how many ended (0 without Redis;
-        RedisUnavailable passes up). Three round trips, one per lease ended and a refresh."""
+        """End every lease of `model` (deleted), so what they reserved is free at once rather
+        than at their expiry: one atomic step in Redis (`LeaseBook.end_model`), so a rebalance
+        applying meanwhile either rewrote the record first (it still names the model: ended) or
+        is refused after; nothing ends if the model was created again meanwhile. Returns how many
+        ended (0 without Redis; RedisUnavailable passes up). One round trip, and a refresh."""
         if not self.link.enabled:
             return 0
-        records = await self.book.records(await self.book.devices())
-        ended = 0
-        for device, rec in records.items():
-            if rec.fields.get("model") == model and await self.book.release(device, rec.tag):
-                self.view.forget(device)
-                ended += 1
+        ended = await self.book.end_model(model, self.keys.models)
+        for device in ended:
+            self.view.forget(device)
         if ended:
             await self.refresh()
-        return ended
+        return len(ended)

@@ -98,6 +98,18 @@ end
 local function over(total, limit)
   return total > limit * (1 + 1e-9)
 end
+-- End a device's lease: its reservation, its record and its entry in the lease index.
+local function end_lease(prefix, device, lease_key, leases)
+  local w = redis.call('HGET', prefix .. ':lease-worker', device)
+  if w then
+    redis.call('HDEL', prefix .. ':wload:' .. w, device)
+    redis.call('ZREM', prefix .. ':wexp:' .. w, device)
+    redis.call('HDEL', prefix .. ':lease-worker', device)
+  end
+  local had = redis.call('DEL', lease_key)
+  redis.call('ZREM', leases, device)
+  return had
+end
 -- What the live reservations on a worker book in all (ms/s), expired ones dropped first.
 local function booked(prefix, worker, now)
   local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
@@ -176,24 +188,37 @@ return {1, string.format('%.17g', sum), capacity}
 """
 )
 
-# End a lease. KEYS: lease, leases. ARGV: prefix, device, tag ('' = any record; else only the
-# record of that tag: it was not replaced since it was read). Returns 1 if one ended.
-RELEASE = """
-local prefix, device, tag = ARGV[1], ARGV[2], ARGV[3]
-if tag ~= '' then
-  local raw = redis.call('GET', KEYS[1])
-  if not raw or redis.sha1hex(raw) ~= tag then return 0 end
-end
-local w = redis.call('HGET', prefix .. ':lease-worker', device)
-if w then
-  redis.call('HDEL', prefix .. ':wload:' .. w, device)
-  redis.call('ZREM', prefix .. ':wexp:' .. w, device)
-  redis.call('HDEL', prefix .. ':lease-worker', device)
-end
-local had = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], device)
-return had
+# End a lease. KEYS: lease, leases. ARGV: prefix, device. Returns 1 if there was one.
+RELEASE = (
+    LEASE_FUNCTIONS
+    + """
+return end_lease(ARGV[1], ARGV[2], KEYS[1], KEYS[2])
 """
+)
+
+# End every lease of a deleted model. KEYS: leases, models (the model registry). ARGV: prefix,
+# model. Nothing ends while the model exists (created again since the delete: its leases are
+# valid). Returns the devices whose lease ended.
+END_MODEL = (
+    LEASE_FUNCTIONS
+    + """
+local prefix, model = ARGV[1], ARGV[2]
+if redis.call('HEXISTS', KEYS[2], model) == 1 then return {} end
+local ended = {}
+for _, device in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = prefix .. ':lease:' .. device
+  local raw = redis.call('GET', key)
+  if raw then
+    local ok, rec = pcall(cjson.decode, raw)
+    if ok and type(rec) == 'table' and rec.model == model then
+      end_lease(prefix, device, key, KEYS[1])
+      ended[#ended + 1] = device
+    end
+  end
+end
+return ended
+"""
+)
 
 # Live reservations of every worker: {url, {device, load, ...}, ...} after purging expired ones.
 # KEYS: leases. ARGV: prefix.
@@ -446,13 +471,19 @@ class LeaseBook:
         tag = record_tag(text) if name == "reserved" else ""
         return Reservation(name, float(out[1]), capacity_ms_per_s=capacity, tag=tag)
 
-    async def release(self, device_id: str, tag: str = "") -> bool:
-        """End the device's lease (its reservation is freed). With `tag`: only while its record
-        is still the one of that tag (`record_tag`). False if nothing ended. One round trip."""
+    async def release(self, device_id: str) -> bool:
+        """End the device's lease (its reservation is freed). False if it had none."""
         had = await self.link.script(
-            "lease_release", RELEASE, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id, tag]
+            "lease_release", RELEASE, [self.k_lease(device_id), self.k_leases], [self.prefix, device_id]
         )
         return bool(had)
+
+    async def end_model(self, model: str, models_key: str) -> list[str]:
+        """End every lease of `model`, deleted from the registry hash `models_key`, in one atomic
+        step (none while the model exists again); the devices whose lease ended. One round trip,
+        O(leases) JSON decodes inside Redis (at most `max_leases`)."""
+        out = await self.link.script("lease_end_model", END_MODEL, [self.k_leases, models_key], [self.prefix, model])
+        return [_text(d) for d in out]
 
     async def record(self, device_id: str) -> tuple[dict[str, Any], float] | None:
         """The device's lease record and seconds until it expires (None: no live lease)."""
