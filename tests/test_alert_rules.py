@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dapdee.testing import end_process
 from tests.deploy_files import compose_raw
 from tests.observability import (
     allowed_labels,
@@ -374,11 +375,6 @@ def test_prometheus_scrapes_a_device_listed_in_a_targets_file(tmp_path: Path) ->
             assert r["metric"]["job"] == "device" and r["metric"]["service"] == "device"
             assert r["metric"]["instance"] == f"127.0.0.1:{device_port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        end_process(proc, wait_s=15)
         server.shutdown()
         server.server_close()

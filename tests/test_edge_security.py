@@ -40,7 +40,7 @@ from dapdee.executor import GraphExecutor
 from dapdee.models import LoadedModel, load_model
 from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
-from dapdee.testing import free_port, serve_app_in_thread, wait_until_ready
+from dapdee.testing import end_process, free_port, serve_app_in_thread, wait_until_ready
 from tests import edge_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -509,5 +509,4 @@ def test_serve_runs_open_on_loopback_only_with_a_warning(tmp_path: Path) -> None
         r = httpx.post(f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", content=body, headers=headers)
         assert r.status_code == 200  # open: no token needed
     finally:
-        proc.terminate()
-        proc.wait(15)
+        end_process(proc, wait_s=15)

@@ -30,6 +30,7 @@ from dapdee.api.planner import PlanAnswer
 from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.planner.deps import get_planning
+from dapdee.testing import end_process
 from tests.conftest import free_port, proc_rss_kib, serve_app_in_thread, wait_until_ready
 from tests.metrics_scrape import parse, value
 from tests.test_planner_service import toy_graph
@@ -468,13 +469,7 @@ def planner_subprocess(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Po
         wait_until_ready(f"{url}/readyz", proc, 60, "planner process")
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        end_process(proc, wait_s=15)
 
 
 def test_a_huge_body_is_refused_before_parsing_and_memory_stays_bounded() -> None:

@@ -43,6 +43,18 @@ def service_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+def end_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 20.0) -> None:
+    """Send `sig` to a running `proc` and wait up to `wait_s` for it to exit; killed past that
+    (a process that ignores its signal must not outlive a test)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class ServiceProcess:
     """One `python -m dapdee.cli serve SERVICE --port PORT --log-level LEVEL ARGS...` process
     on a free 127.0.0.1 port chosen once (a restart reuses it). Settings come from `args` and
@@ -97,15 +109,8 @@ class ServiceProcess:
         self._end(signal.SIGTERM)
 
     def _end(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            end_process(self.proc, sig)
         self.proc = None
 
     def __enter__(self) -> ServiceProcess:
