@@ -73,7 +73,8 @@ class Requirements:
 class RuntimeConfig:
     """How the runtime behaves. Edge timeouts are `timeout_factor` x the plan's predicted
     latency, at least `timeout_floor_ms` and at most `timeout_max_ms` (always finite). After an
-    edge failure the worker rests `backoff_initial_s`, doubling up to `backoff_max_s`. A
+    edge failure the worker rests `backoff_initial_s`, doubling up to `backoff_max_s`, and at
+    least the worker's `Retry-After` (`dapdee.device.edge.Backoff`). A
     re-plan is asked for when the bandwidth or the device speed 1/(1 − load) drifts by more
     than `replan_threshold` (relative), after `plan_max_age_s`, after edge trouble, and at the
     lease's `replan_after_s`; never more often than every `min_replan_s`. Idle links are probed

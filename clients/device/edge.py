@@ -6,8 +6,10 @@ to trusted workers, and a back-off after failures.
   (`--edge`) and the ones the planner lists (`GET /workers`, re-read at most every
   `refresh_s`, and once more when a plan names a URL not on the list). A URL on neither list is
   never contacted.
-- `Backoff`: after a failure the worker rests `initial_s`, doubling up to `max_s`; a success
-  resets it.
+- `Backoff`: after a failure the worker rests `initial_s`, doubling up to `max_s`, and at
+  least the `Retry-After` the worker answered with (up to `max_s`); a success resets it. One
+  outage doubles it once: the failures of frames already under way when a rest began (with
+  `max_inflight` frames in flight, they all fail together) do not double it again.
 - `EdgeLink`: the requests. Every failure (refused, unreachable, timed out, an answer off
   contract: wrong types, negative or non-finite timings, logits of another shape) is an
   `EdgeFailure` naming it, which the runtime turns into that frame's local fallback. Each
@@ -97,31 +99,56 @@ class WorkerTrust:
 
 
 class Backoff:
-    """Rest after edge failures: `initial_s`, doubling up to `max_s`; reset by a success."""
+    """Rest after edge failures: `initial_s`, doubling up to `max_s`, at least the worker's
+    `Retry-After` (bounded by `max_s`); reset by a success. `rests` counts the rests begun: a
+    frame reads it when it starts and reports its failure with it, which doubles the rest only
+    when no rest began since (else it is the same outage, already counted). O(1)."""
 
     def __init__(self, initial_s: float, max_s: float) -> None:
         self.initial_s = initial_s
         self.max_s = max_s
         self.rest_s = initial_s
         self.until = 0.0
+        self.rests = 0
 
     def resting(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.until
 
-    def failed(self) -> float:
-        """Start a rest; returns its length (s)."""
-        rest = self.rest_s
-        self.until = time.monotonic() + rest
-        self.rest_s = min(self.rest_s * 2.0, self.max_s)
+    def failed(self, since: int | None = None, retry_after_s: float | None = None) -> float:
+        """Note a failed request of a frame that started when `rests` was `since` (None: a
+        fresh one); returns how long the device now rests (s, from now). A fresh failure begins
+        a rest of the current length, or the worker's `retry_after_s` when longer (at most
+        `max_s`), and doubles the next; a failure of a frame under way when a rest began only
+        makes the rest reach `retry_after_s`: with several frames in flight, one outage fails
+        them all, and doubling per frame would rest 2 s after a 0.5 s blip. O(1)."""
+        now = time.monotonic()
+        floor = min(max(retry_after_s or 0.0, 0.0), self.max_s)  # the worker knows when it can take more
+        if since is not None and since < self.rests:
+            rest = max(self.until - now, floor, 0.0)
+        else:
+            rest = max(self.rest_s, floor)
+            self.rest_s = min(self.rest_s * 2.0, self.max_s)
+            self.rests += 1
+        self.until = max(self.until, now + rest)
         return rest
 
     def succeeded(self) -> None:
         self.rest_s = self.initial_s
 
 
+class EdgeRefusal(EdgeFailure):
+    """An edge failure the worker answered with an HTTP error (e.g. 503 while it is starting
+    or past its concurrency); `retry_after_s` is the answer's numeric `Retry-After` (None: it
+    had none), which the back-off honours."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
 def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
     if isinstance(exc, ApiError):
-        return EdgeFailure(f"HTTP {exc.status}: {exc.detail[:120]}")
+        return EdgeRefusal(f"HTTP {exc.status}: {exc.detail[:120]}", exc.retry_after_s)
     if isinstance(exc, ProtocolError):
         return EdgeFailure(f"bad answer: {exc.detail[:160]}")
     if isinstance(exc, TransportError):

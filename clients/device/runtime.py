@@ -37,7 +37,7 @@ import torch
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import ComputeBackend
 from dapdee.device.config import RuntimeConfig
-from dapdee.device.edge import EdgeLink
+from dapdee.device.edge import EdgeLink, EdgeRefusal
 from dapdee.device.fallback import fallback_exit
 from dapdee.device.metrics import DeviceMetrics
 from dapdee.device.plan_source import PlanSource
@@ -225,14 +225,16 @@ class DeviceRuntime:
         """Finish the frame on the device from `given` (an earlier exit if the budget says so)."""
         elapsed = (time.perf_counter() - t_start) * 1000.0
         budget = self.config.requirements.latency_budget_ms
+        # priced from the very values it then runs from: what `compute.run(given, ...)` runs
         exit_name = fallback_exit(self.graph, plan.exit, set(given), elapsed, budget, self.sensing.device_load)
         node = self.graph.exit(exit_name).node
         done = await self.compute.run(given, [node])
         cut = len(self.graph.ancestors(node))
         return Outcome(done.values[node], "fallback", exit_name, cut, device_ms + done.ms, error=reason)
 
-    async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float) -> Outcome:
-        """Device part, upload, edge answer; a failure on the way is finished locally."""
+    async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float, since: int) -> Outcome:
+        """Device part, upload, edge answer; a failure on the way is finished locally (`since`:
+        the back-off's `rests` when the frame started, so one outage doubles the rest once)."""
         assert self.edge is not None
         inp = self.graph.input.name
         targets = [n for n in plan.transfer_nodes if n != inp]
@@ -258,7 +260,7 @@ class DeviceRuntime:
                 span.set_attribute(otel.ATTR_BYTES_SENT, answer.request_bytes)
                 taken = edge_exit(plan.progressive, plan.exit, answer.exits_taken)
         except EdgeFailure as exc:
-            self._edge_failed(exc.reason)
+            self._edge_failed(exc, since)
             return await self._fallback(plan, {inp: x, **values}, t_start, exc.reason, device_ms)
         self.edge.backoff.succeeded()
         return Outcome(
@@ -266,11 +268,14 @@ class DeviceRuntime:
             answer.compute_ms,
         )  # fmt: skip
 
-    def _edge_failed(self, reason: str) -> None:
+    def _edge_failed(self, exc: EdgeFailure, since: int) -> None:
+        """Rest the edge (`Backoff.failed`: at least the worker's Retry-After, doubled only by
+        the first failure of an outage) and ask for a new plan. O(1)."""
         assert self.edge is not None and self.replanner is not None
-        rest = self.edge.backoff.failed()
-        self.replanner.events.append(f"edge failure ({reason}); local for {rest:.1f} s, asking for a new plan")
-        log.warning("edge failure: %s; backing off %.1f s", reason, rest)
+        retry_after = exc.retry_after_s if isinstance(exc, EdgeRefusal) else None
+        rest = self.edge.backoff.failed(since, retry_after)
+        self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, asking for a new plan")
+        log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
         self.replanner.request("edge trouble")
 
     async def _execute(self, plan: Plan, x: torch.Tensor, index: int, t_start: float) -> Outcome:
@@ -283,7 +288,7 @@ class DeviceRuntime:
             return await self._fallback(plan, {self.graph.input.name: x}, t_start, "no edge worker")
         if self.edge.backoff.resting():
             return await self._fallback(plan, {self.graph.input.name: x}, t_start, "edge backing off")
-        return await self._split(plan, x, url, index, t_start)
+        return await self._split(plan, x, url, index, t_start, self.edge.backoff.rests)
 
     async def infer(self, frame: Frame) -> FrameRecord:
         """Classify one frame with the current plan. Never raises for edge trouble."""
