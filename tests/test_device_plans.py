@@ -196,6 +196,22 @@ def test_during_an_outage_a_lease_is_kept_until_it_expires_then_device_only() ->
     assert body["frame_rate"] == 10.0 and body["device_tier"] == "phone"
 
 
+def test_a_lease_the_planner_could_not_store_is_renewed_but_never_lapses() -> None:
+    """`expires_in_s` 0 (the planner's Redis was away): the device holds no reservation, so the
+    plan never turns Device-Only because of it, but it asks again at `replan_after_s`."""
+    source = PlannerPlanSource(None, G, Requirements(frame_rate=10.0), "phone", "cam-7")  # type: ignore[arg-type]
+    plan = plan_from_answer(_with(("lease", "expires_in_s"), 0.0), G, 8.0, 0.2, now=100.0)
+    lease = plan.lease
+    assert lease is not None and not lease.stored and lease.expires_at == math.inf and lease.replan_at == 110.0
+    assert source.meanwhile(plan, COND, 1e9) is plan
+    policy, s = ReplanPolicy(RuntimeConfig(plan_max_age_s=1e6)), Sensing(prior_mbps=8.0, fixed_load=0.2)
+    assert policy.reason(plan, s, 109.9, None) is None
+    assert policy.reason(plan, s, 110.0, None) == "lease not stored"
+    stored = plan_from_answer(ANSWER, G, 8.0, 0.2, now=100.0)
+    assert stored.lease is not None and stored.lease.stored
+    assert policy.reason(stored, s, 110.0, None) == "lease replan_after_s"
+
+
 def test_emulated_compute_runs_what_the_cut_needs() -> None:
     assert nodes_to_run(G, {"x"}, ["pool1"]) == ["conv1", "pool1"]
     assert nodes_to_run(G, {"x", "pool1"}, ["fc"]) == ["branch_a", "branch_b", "add", "fc"]

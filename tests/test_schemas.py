@@ -319,6 +319,42 @@ def test_lease_mutations_fail_naming_the_field() -> None:
     assert_invalid_at("lease", {**good, "device_id": "a/b"}, "device_id")
 
 
+def test_the_sdk_lease_model_accepts_the_leases_the_schema_accepts() -> None:
+    """`dapdee.api.planner.LeaseInfo`, which the SDK checks a plan's lease with, agrees with
+    lease.schema.json on which fields must be there and on every number's bounds: a lease the
+    schema allows (`replan_after_s` 0, `expires_in_s` 0, no `device_id` or `model`) is never a
+    ProtocolError in the SDK, and one it refuses is one. (Answer models, this one included, do
+    not check name or URL patterns and read JSON laxly, e.g. "1" as 1.0: the device checks the
+    worker URL and the numbers itself, `dapdee.device.plans.parse_lease`.)"""
+    from pydantic import ValidationError as ModelError
+
+    from dapdee.api.planner import LeaseInfo
+
+    good = {
+        "device_id": "cam-7",
+        "model": "tiny",
+        "worker": "http://edge-1:8000",
+        "frames_per_s": 10.0,
+        "edge_ms_per_frame": 3.0,
+        "expires_in_s": 30.0,
+        "replan_after_s": 5.0,
+        "assigned": False,
+    }
+    docs = [good, {**good, "worker": None}] + [{k: v for k, v in good.items() if k != gone} for gone in good]
+    for key in ("frames_per_s", "edge_ms_per_frame", "expires_in_s", "replan_after_s"):
+        docs += [{**good, key: v} for v in (0, 0.0, 1e-9, -1e-9, -1.0)]
+    verdicts = []
+    for doc in docs:
+        try:
+            LeaseInfo.model_validate(doc)
+            accepted = True
+        except ModelError:
+            accepted = False
+        verdicts.append((not errors("lease", doc), accepted))
+        assert verdicts[-1] in ((True, True), (False, False)), (doc, "(schema allows it, SDK accepts it)", verdicts[-1])
+    assert (True, True) in verdicts and (False, False) in verdicts
+
+
 def test_problem_mutations_fail_naming_the_field() -> None:
     good = {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "unknown model 'x'"}
     assert_valid("problem", good)

@@ -7,9 +7,10 @@
   `replan_after_s`). Every answer is checked against the device's cost graph
   (`plans.plan_from_answer`) before it is used. While no new plan is in hand (the planner
   cannot be asked, or a re-plan is still waiting for its answer), `meanwhile` keeps the
-  current plan while its lease lasts (forever when it has none) and then answers the
-  Device-Only plan; the runtime asks it on every tick and every frame, so the device never
-  leans on an edge reservation that has lapsed.
+  current plan while its lease lasts (forever when it has none, or the planner could not
+  store it: `expires_in_s` 0) and then answers the Device-Only plan; the runtime asks it on
+  every tick and every frame, so the device never leans on an edge reservation that has
+  lapsed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from dapdee.web.otel import NO_TRACING, Tracing
 log = logging.getLogger("dapdee.device.plans")
 
 RETRY_S = 0.3  # spacing of first-plan retries while the edge registers
+RETRY_AFTER_MAX_S = 5.0  # a first-plan retry waits the answer's Retry-After, at most this
 REREGISTER_SPACING_S = 1.0
+TRANSIENT = (None, 409, 503)  # no answer, timings not registered yet, busy: worth asking again
 
 
 class PlanSource(Protocol):
@@ -85,15 +88,35 @@ async def listed_workers(planner: AsyncPlannerClient) -> list[WorkerEntry]:
 
 
 def _unavailable(exc: ClientError) -> PlannerUnavailable:
+    """The SDK error as PlannerUnavailable, with the answer's status and Retry-After. O(1)."""
     if isinstance(exc, ApiError):
-        return PlannerUnavailable(f"POST /plan: HTTP {exc.status}: {exc.detail[:200] or exc.title}", exc.status)
+        reason = f"POST /plan: HTTP {exc.status}: {exc.detail[:200] or exc.title}"
+        return PlannerUnavailable(reason, exc.status, exc.retry_after_s)
     return PlannerUnavailable(str(exc)[:240])
+
+
+def transient(exc: PlannerUnavailable) -> bool:
+    """Whether asking again soon may give a plan: no answer, a 409 or 503, or any answer with
+    `Retry-After` (e.g. the 404 of a replica that cannot read the model while Redis is away:
+    the model may exist, DESIGN §9). O(1)."""
+    return exc.status in TRANSIENT or exc.retry_after_s is not None
+
+
+def _retry_delay(exc: PlannerUnavailable, left_s: float) -> float:
+    """How long to wait before the next first-plan attempt: the answer's Retry-After (at most
+    RETRY_AFTER_MAX_S) or RETRY_S, never past the start-up deadline `left_s` away. O(1)."""
+    wait = RETRY_S if exc.retry_after_s is None else max(RETRY_S, min(exc.retry_after_s, RETRY_AFTER_MAX_S))
+    return max(0.0, min(wait, left_s))
 
 
 class PlannerPlanSource:
     """Plans from the planner (see the module docstring). `reregister` (optional) uploads the
-    device profile again; it is called once when the planner answers 404/409 (it lost the model
-    or this tier's profile, e.g. a restart without Redis), at most every REREGISTER_SPACING_S."""
+    device profile again; it is called once when the planner answers 404/409 without
+    `Retry-After` (it lost the model or this tier's profile, e.g. a restart without Redis), at
+    most every REREGISTER_SPACING_S. A 404 with `Retry-After` is a replica that cannot read the
+    model while Redis is away: the model may well exist, so it is asked again later, never
+    uploaded again (with an admin token that would queue the device's graph over the stored
+    one)."""
 
     replans = True
 
@@ -138,8 +161,12 @@ class PlannerPlanSource:
         return body | self.requirements.plan_fields()
 
     async def _ask(self, cond: Conditions) -> Plan:
+        """One POST /plan for `cond`, checked against the graph. Raises PlannerUnavailable or
+        PlanError. O(V + E) beyond the request."""
         body = self.body(cond)
         with self.tracing.span(otel.PLANNER, {otel.ATTR_MODEL: self.graph.model}) as span:
+            # the planner starts the lease's TTL before it answers: count it from the request
+            sent = time.monotonic()
             try:
                 answer = await self.planner.plan(body)
             except ProtocolError as exc:
@@ -147,19 +174,20 @@ class PlannerPlanSource:
             except (ApiError, TransportError) as exc:
                 raise _unavailable(exc) from None
             plan = plan_from_answer(
-                answer.model_dump(mode="json"), self.graph, body["bandwidth_mbps"], body["device_load"]
+                answer.model_dump(mode="json"), self.graph, body["bandwidth_mbps"], body["device_load"], now=sent
             )
             span.set_attributes({otel.ATTR_EXIT: plan.exit, otel.ATTR_CUT: plan.cut})
         return plan
 
     async def plan(self, cond: Conditions) -> Plan:
-        """POST /plan; on 404/409 the profile is uploaded again (when it can be) and the plan
-        asked for once more. Raises PlannerUnavailable or PlanError."""
+        """POST /plan; on a 404/409 without Retry-After the profile is uploaded again (when it
+        can be) and the plan asked for once more. Raises PlannerUnavailable or PlanError."""
         try:
             return await self._ask(cond)
         except PlannerUnavailable as exc:
             recent = time.monotonic() - self._registered_at < REREGISTER_SPACING_S
-            if exc.status not in (404, 409) or self.reregister is None or recent:
+            lost = exc.status in (404, 409) and exc.retry_after_s is None  # else: ask again later
+            if not lost or self.reregister is None or recent:
                 raise
             log.warning("the planner lacks the model or this device's profile (HTTP %s); uploading again", exc.status)
             self._registered_at = time.monotonic()
@@ -170,18 +198,20 @@ class PlannerPlanSource:
             return await self._ask(cond)
 
     async def first(self, cond: Conditions) -> Plan:
-        """The first plan. A 409 (the edge has not registered its profile yet) or a refused
-        connection is retried until `ready_timeout_s`; a plan naming no worker (one may be
-        registering) for up to `worker_wait_s`. DeviceError when the planner refuses."""
+        """The first plan. A transient refusal (`transient`: a 409 while the edge has not
+        registered its profile yet, a refused connection, a 503, a 404 with Retry-After while
+        the planner's Redis is away) is retried until `ready_timeout_s`; a plan naming no worker
+        (one may be registering) for up to `worker_wait_s`. DeviceError when the planner
+        refuses."""
         start = time.monotonic()
         while True:
             try:
                 plan = await self.plan(cond)
             except PlannerUnavailable as exc:
-                retry = exc.status in (None, 409, 503) and time.monotonic() - start < self.ready_timeout_s
-                if not retry:
+                left = self.ready_timeout_s - (time.monotonic() - start)
+                if not transient(exc) or left <= 0:
                     raise DeviceError(f"planner {self.planner.base_url}: {exc.reason}") from None
-                await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(_retry_delay(exc, left))
                 continue
             except PlanError as exc:
                 raise DeviceError(f"planner {self.planner.base_url}: {exc}") from None
@@ -190,8 +220,8 @@ class PlannerPlanSource:
             await asyncio.sleep(RETRY_S)
 
     def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
-        """`current` while its lease lasts (or it has none, or it needs no edge); after the
-        lease's expiry the Device-Only plan."""
+        """`current` while its lease lasts (or it has none, or the planner stored none, or it
+        needs no edge); after the lease's expiry the Device-Only plan. O(1)."""
         lease = current.lease
         if lease is None or not current.uses_edge or now < lease.expires_at:
             return current

@@ -52,23 +52,25 @@ def _worker_url(v: Any, where: str) -> str | None:
     return v.rstrip("/")
 
 
-def parse_lease(raw: Any, received_at: float) -> Lease | None:
-    """The plan's `lease` object as a `Lease` (None when absent, or when it expires at once: the
-    planner kept no lease, e.g. it runs without Redis). PlanError naming the field
-    when a number is not finite, negative or over a day, or the worker is not a URL. O(1)."""
+def parse_lease(raw: Any, asked_at: float) -> Lease | None:
+    """The plan's `lease` object as a `Lease` counted from `asked_at` (when the plan request was
+    sent: see `Lease`), None when absent. `expires_in_s` 0 means the planner could not store the
+    lease (it runs without Redis, or Redis is away): a `Lease` with `stored` False, which holds
+    no reservation but keeps `replan_after_s`. PlanError naming the field when a number is not
+    finite, negative or over a day, or the worker is not a URL. O(1)."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise PlanError("plan.lease: expected an object")
-    if _number(raw, "expires_in_s", "plan.lease", MAX_LEASE_S) == 0.0:
-        return None  # the planner could not store it (no Redis): the device holds no lease
+    expires = _number(raw, "expires_in_s", "plan.lease", MAX_LEASE_S) or 0.0
     return Lease(
         worker=_worker_url(raw.get("worker"), "plan.lease.worker"),
         frames_per_s=_number(raw, "frames_per_s", "plan.lease", 1e5) or 0.0,
         edge_ms_per_frame=_number(raw, "edge_ms_per_frame", "plan.lease", MAX_PLAN_MS) or 0.0,
-        expires_in_s=_number(raw, "expires_in_s", "plan.lease", MAX_LEASE_S) or 0.0,
+        expires_in_s=expires,
         replan_after_s=_number(raw, "replan_after_s", "plan.lease", MAX_LEASE_S) or 0.0,
-        received_at=received_at,
+        received_at=asked_at,
+        stored=expires > 0.0,
     )
 
 
@@ -110,8 +112,10 @@ def plan_from_answer(
     """A planner answer (the plan JSON of DESIGN §3.3, as a mapping) checked against `graph`
     (the device's cost graph of the same model): model name, exit, a downward-closed device
     set, the edge set and transfer this cut implies, finite non-negative predictions (at most
-    MAX_PLAN_MS), a URL or null as worker, and the lease. Raises PlanError naming the first
-    bad field. O(V + E)."""
+    MAX_PLAN_MS), a URL or null as worker, and the lease. `now`: when the plan was asked for
+    (default: now); the plan's age and its lease count from it, so a caller passes the time it
+    sent the request (the planner starts the lease before it answers). Raises PlanError naming
+    the first bad field. O(V + E)."""
     if not isinstance(raw, Mapping):
         raise PlanError("plan: expected a JSON object")
     if raw.get("model") != graph.model:

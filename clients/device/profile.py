@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 import time
@@ -26,12 +27,15 @@ from dapdee.calibration import calibrated_timings, checkpoints, fit_monotone, pa
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import emulation_clock
+from dapdee.device.plan_source import RETRY_AFTER_MAX_S, RETRY_S
 from dapdee.device.types import DeviceError
 from dapdee.models import LoadedModel
 from dapdee.netem import emulate_slowdown
 from dapdee.profiler import load_or_measure, profile_model
 
 log = logging.getLogger("dapdee.device.profile")
+
+MODEL_WAIT_S = 30.0  # how long a device waits for a planner that cannot read its model now
 
 
 def _part_runs_ms(loaded: LoadedModel, nodes: list[str], slowdown: float, runs: int) -> dict[str, list[float]]:
@@ -88,12 +92,34 @@ def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None
     return load_or_measure(loaded, "device", path, measure, strict=True, slowdown=slowdown)
 
 
+async def _stored_model(planner: AsyncPlannerClient, name: str, wait_s: float = MODEL_WAIT_S) -> Any:
+    """GET /models/{name}, asked again while the planner answers 404 with `Retry-After` (a
+    replica that cannot read the model while its Redis is away: the model may exist, so it must
+    not be uploaded), waiting the Retry-After (at most RETRY_AFTER_MAX_S) up to `wait_s` in all;
+    ApiError otherwise, or once `wait_s` is spent."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await planner.get_model(name)
+        except ApiError as exc:
+            left = deadline - time.monotonic()
+            if exc.status != 404 or exc.retry_after_s is None or left <= 0:
+                raise
+            log.info("planner cannot read model %r now (%s); asking again", name, exc.detail)
+            await asyncio.sleep(min(max(exc.retry_after_s, RETRY_S), RETRY_AFTER_MAX_S, left))
+
+
 async def _ensure_model(planner: AsyncPlannerClient, admin: AsyncPlannerClient | None, graph: CostGraph) -> None:
     """The planner holds `graph`'s model with the same structure (uploaded with admin rights
-    when it has none)."""
+    when it has none; a 404 with `Retry-After` is waited out, `_stored_model`)."""
     try:
-        stored = await planner.get_model(graph.model)
+        stored = await _stored_model(planner, graph.model)
     except ApiError as exc:
+        if exc.status == 404 and exc.retry_after_s is not None:
+            raise DeviceError(
+                f"planner: GET /models/{graph.model}: it could not read the model for {MODEL_WAIT_S:g} s "
+                f"(HTTP 404 with Retry-After: {exc.detail})"
+            ) from None
         if exc.status != 404:
             raise DeviceError(f"planner: GET /models/{graph.model}: HTTP {exc.status}: {exc.detail}") from None
         if admin is None:

@@ -1,7 +1,9 @@
 """Re-planning in the background: frames never wait for it.
 
 `ReplanPolicy.reason` says why the current plan should be replaced (None: it should not):
-edge trouble, the lease's `replan_after_s` reached, the lease expired, the uplink estimate or
+edge trouble, the lease's `replan_after_s` reached (also for a lease the planner could not
+store, so the device holds a stored one soon after the planner's Redis is back; 0 means at
+once, so the device re-plans every `min_replan_s`), the lease expired, the uplink estimate or
 the device speed 1/(1 − load) drifted past the threshold (relative) since the plan was asked
 for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
 `min_replan_s`, and after a failed one waits before the next; a failure keeps the current plan.
@@ -39,11 +41,14 @@ class ReplanPolicy:
         self.config = config
 
     def reason(self, plan: Plan, sensing: Sensing, now: float, trouble: str | None) -> str | None:
+        """Why `plan` should be replaced at monotonic time `now`, or None. O(1)."""
         c = self.config
         if trouble is not None:
             return trouble
         lease = plan.lease
         if lease is not None and now >= lease.replan_at:
+            if not lease.stored:
+                return "lease not stored"  # the planner's Redis was away: ask for a stored one
             return "lease replan_after_s" if now < lease.expires_at else "lease expired"
         if drifted(plan.bandwidth_mbps, sensing.bandwidth_mbps, c.replan_threshold):
             return "bandwidth drift"

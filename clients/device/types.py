@@ -3,6 +3,7 @@ records and the errors that stay inside the runtime. Frozen dataclasses, no I/O.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +27,22 @@ class Frame:
 
 @dataclass(frozen=True)
 class Lease:
-    """A device's reservation of edge compute as its plan states it (DESIGN §3.4), with the
-    monotonic time it was received: it lapses at `expires_at` and should be renewed by a new
-    plan request at `replan_at`."""
+    """A device's reservation of edge compute as its plan states it (DESIGN §3.4). It lapses at
+    `expires_at` and should be renewed by a new plan request at `replan_at`.
+
+    `received_at` is the monotonic time the lease is counted from: when the plan request was
+    sent, not when its answer was read. The planner starts the lease's TTL when it stores the
+    lease, before it answers, so counting from the answer would make the device believe its
+    lease lasts longer than it does by the answer's latency; counting from the request is the
+    safe bound (the device may give up the edge a little early, never late).
+
+    `stored` is False when the planner could not store the lease (`expires_in_s` 0: it runs
+    without Redis, or Redis is away): the device then holds no reservation, so nothing lapses
+    (`expires_at` is infinite and the plan is kept as a plan without a lease is), but it still
+    asks again after `replan_after_s`, so it holds a stored lease soon after Redis is back.
+
+    `replan_after_s` 0 (the schema allows it) asks for a plan again at once: the re-planner
+    then re-plans at its minimum interval, `RuntimeConfig.min_replan_s`."""
 
     worker: str | None
     frames_per_s: float
@@ -36,13 +50,19 @@ class Lease:
     expires_in_s: float
     replan_after_s: float
     received_at: float
+    stored: bool = True
 
     @property
     def expires_at(self) -> float:
-        return self.received_at + self.expires_in_s
+        """When the reservation lapses (monotonic s); infinite when none was stored. O(1)."""
+        return self.received_at + self.expires_in_s if self.stored else math.inf
 
     @property
     def replan_at(self) -> float:
+        """When to ask for a plan again (monotonic s): after `replan_after_s`, and for a stored
+        lease no later than its expiry. O(1)."""
+        if not self.stored:
+            return self.received_at + self.replan_after_s
         return self.received_at + min(self.replan_after_s, self.expires_in_s)
 
 
@@ -164,12 +184,16 @@ class PlanError(ValueError):
 
 
 class PlannerUnavailable(Exception):
-    """The planner could not be asked (unreachable, timed out, 5xx); `reason` says which."""
+    """The planner could not be asked or gave no plan (unreachable, timed out, an error status);
+    `reason` says which, `status` is the HTTP status (None: no answer) and `retry_after_s` the
+    answer's `Retry-After` in seconds (None when it had none): a planner marks an answer it
+    expects to change soon with it, e.g. a 404 while Redis is away (DESIGN §9)."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class DeviceError(ValueError):

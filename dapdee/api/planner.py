@@ -167,17 +167,20 @@ LEASE_EXAMPLE = {
 
 class LeaseInfo(BaseModel):
     """A device's lease on the shared edge: it reserves frames_per_s x edge_ms_per_frame ms per
-    second of `worker` (none: Device-Only) until it expires; come back within replan_after_s."""
+    second of `worker` (none: Device-Only) until it expires; come back within replan_after_s.
+    Its bounds are lease.schema.json's: `device_id` and `model` optional (the planner always
+    sends them), `expires_in_s` 0 when the lease could not be stored (Redis away) and
+    `replan_after_s` 0 allowed (ask again at once)."""
 
     model_config = _answer(LEASE_EXAMPLE)
 
-    device_id: str
-    model: str
+    device_id: str | None = None
+    model: str | None = None
     worker: str | None
     frames_per_s: float = Field(gt=0)
     edge_ms_per_frame: float = Field(ge=0, description="the plan's zero-load edge cost per frame")
-    expires_in_s: float = Field(ge=0)
-    replan_after_s: float = Field(gt=0)
+    expires_in_s: float = Field(ge=0, description="0: the lease was not stored (the planner's Redis is away)")
+    replan_after_s: float = Field(ge=0)
     assigned: bool = Field(False, description="the plan comes from a fleet rebalance")
 
 
