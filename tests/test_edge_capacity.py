@@ -250,9 +250,10 @@ def test_a_deep_cut_at_idle_is_not_read_as_a_slowdown() -> None:
         slot_only = statistics.median(slot_ms) / node_ms  # the slot-only ratio that booked requests twice
         assert slot_only > 2.0
         # like with like stays near 1; the request cost measured at start-up and the 200 requests
-        # after it each move with the host by tens of percent, so the bound leaves room for that
-        # (a run in CI read 1.53) while staying below what the slot-only ratio reads
-        bound = min(2.0, slot_only)
+        # after it each move with the host by tens of percent (a run in CI read 1.53, one in a
+        # loaded full suite 2.28 against a slot-only 18.2), so the bound leaves room for that
+        # while staying well below what the slot-only ratio reads
+        bound = min(slot_only, max(2.0, slot_only / 3))
         assert state.capacity.factor() < bound, (state.capacity.factor(), slot_only)
         assert heartbeat_body(state, url)["capacity_ms_per_s"] > 1000.0 / bound
 
