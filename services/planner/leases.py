@@ -72,16 +72,18 @@ local function others(wload, device)
   end
   return sum
 end
+-- Free the device's reservation (if it holds one) on the worker it names.
+local function free_reservation(prefix, device)
+  local w = redis.call('HGET', prefix .. ':lease-worker', device)
+  if w then
+    redis.call('HDEL', prefix .. ':wload:' .. w, device)
+    redis.call('ZREM', prefix .. ':wexp:' .. w, device)
+    redis.call('HDEL', prefix .. ':lease-worker', device)
+  end
+end
 local function purge_leases(prefix, leases, now)
   local old = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
-  for _, d in ipairs(old) do
-    local w = redis.call('HGET', prefix .. ':lease-worker', d)
-    if w then
-      redis.call('HDEL', prefix .. ':wload:' .. w, d)
-      redis.call('ZREM', prefix .. ':wexp:' .. w, d)
-      redis.call('HDEL', prefix .. ':lease-worker', d)
-    end
-  end
+  for _, d in ipairs(old) do free_reservation(prefix, d) end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
 end
 -- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
@@ -100,12 +102,7 @@ local function over(total, limit)
 end
 -- End a device's lease: its reservation, its record and its entry in the lease index.
 local function end_lease(prefix, device, lease_key, leases)
-  local w = redis.call('HGET', prefix .. ':lease-worker', device)
-  if w then
-    redis.call('HDEL', prefix .. ':wload:' .. w, device)
-    redis.call('ZREM', prefix .. ':wexp:' .. w, device)
-    redis.call('HDEL', prefix .. ':lease-worker', device)
-  end
+  free_reservation(prefix, device)
   local had = redis.call('DEL', lease_key)
   redis.call('ZREM', leases, device)
   return had
