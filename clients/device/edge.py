@@ -114,16 +114,16 @@ class Backoff:
     def resting(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.until
 
-    def failed(self, since: int | None = None, retry_after_s: float | None = None) -> float:
-        """Note a failed request of a frame that started when `rests` was `since` (None: a
-        fresh one); returns how long the device now rests (s, from now). A fresh failure begins
-        a rest of the current length, or the worker's `retry_after_s` when longer (at most
-        `max_s`), and doubles the next; a failure of a frame under way when a rest began only
-        makes the rest reach `retry_after_s`: with several frames in flight, one outage fails
-        them all, and doubling per frame would rest 2 s after a 0.5 s blip. O(1)."""
+    def failed(self, since: int, retry_after_s: float | None = None) -> float:
+        """Note a failed request of a frame that started when `rests` was `since`; returns how
+        long the device now rests (s, from now). A fresh failure begins a rest of the current
+        length, or the worker's `retry_after_s` when longer (at most `max_s`), and doubles the
+        next; a failure of a frame under way when a rest began only makes the rest reach
+        `retry_after_s`: with several frames in flight, one outage fails them all, and doubling
+        per frame would rest 2 s after a 0.5 s blip. O(1)."""
         now = time.monotonic()
         floor = min(max(retry_after_s or 0.0, 0.0), self.max_s)  # the worker knows when it can take more
-        if since is not None and since < self.rests:
+        if since < self.rests:
             rest = max(self.until - now, floor, 0.0)
         else:
             rest = max(self.rest_s, floor)
@@ -136,19 +136,9 @@ class Backoff:
         self.rest_s = self.initial_s
 
 
-class EdgeRefusal(EdgeFailure):
-    """An edge failure the worker answered with an HTTP error (e.g. 503 while it is starting
-    or past its concurrency); `retry_after_s` is the answer's numeric `Retry-After` (None: it
-    had none), which the back-off honours."""
-
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
-
-
 def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
     if isinstance(exc, ApiError):
-        return EdgeRefusal(f"HTTP {exc.status}: {exc.detail[:120]}", exc.retry_after_s)
+        return EdgeFailure(f"HTTP {exc.status}: {exc.detail[:120]}", exc.retry_after_s)
     if isinstance(exc, ProtocolError):
         return EdgeFailure(f"bad answer: {exc.detail[:160]}")
     if isinstance(exc, TransportError):

@@ -102,10 +102,11 @@ def transient(exc: PlannerUnavailable) -> bool:
     return exc.status in TRANSIENT or exc.retry_after_s is not None
 
 
-def _retry_delay(exc: PlannerUnavailable, left_s: float) -> float:
-    """How long to wait before the next first-plan attempt: the answer's Retry-After (at most
-    RETRY_AFTER_MAX_S) or RETRY_S, never past the start-up deadline `left_s` away. O(1)."""
-    wait = RETRY_S if exc.retry_after_s is None else max(RETRY_S, min(exc.retry_after_s, RETRY_AFTER_MAX_S))
+def retry_delay(retry_after_s: float | None, left_s: float) -> float:
+    """How long to wait before asking the planner again at start-up: the answer's Retry-After
+    (at least RETRY_S, at most RETRY_AFTER_MAX_S) or RETRY_S, never past a deadline `left_s`
+    away. O(1)."""
+    wait = RETRY_S if retry_after_s is None else max(RETRY_S, min(retry_after_s, RETRY_AFTER_MAX_S))
     return max(0.0, min(wait, left_s))
 
 
@@ -211,7 +212,7 @@ class PlannerPlanSource:
                 left = self.ready_timeout_s - (time.monotonic() - start)
                 if not transient(exc) or left <= 0:
                     raise DeviceError(f"planner {self.planner.base_url}: {exc.reason}") from None
-                await asyncio.sleep(_retry_delay(exc, left))
+                await asyncio.sleep(retry_delay(exc.retry_after_s, left))
                 continue
             except PlanError as exc:
                 raise DeviceError(f"planner {self.planner.base_url}: {exc}") from None

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from dapdee.calibration import calibrated_timings, checkpoints, fit_monotone, part_sums
-from dapdee.client import ApiError, AsyncPlannerClient, ClientError
+from dapdee.client import ApiError, AsyncPlannerClient, ClientError, StoredGraph
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import emulation_clock
-from dapdee.device.plan_source import RETRY_AFTER_MAX_S, RETRY_S
+from dapdee.device.plan_source import retry_delay
 from dapdee.device.types import DeviceError
 from dapdee.models import LoadedModel
 from dapdee.netem import emulate_slowdown
@@ -92,10 +92,10 @@ def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None
     return load_or_measure(loaded, "device", path, measure, strict=True, slowdown=slowdown)
 
 
-async def _stored_model(planner: AsyncPlannerClient, name: str, wait_s: float = MODEL_WAIT_S) -> Any:
+async def _stored_model(planner: AsyncPlannerClient, name: str, wait_s: float = MODEL_WAIT_S) -> StoredGraph:
     """GET /models/{name}, asked again while the planner answers 404 with `Retry-After` (a
     replica that cannot read the model while its Redis is away: the model may exist, so it must
-    not be uploaded), waiting the Retry-After (at most RETRY_AFTER_MAX_S) up to `wait_s` in all;
+    not be uploaded), waiting as the first plan does (`retry_delay`) up to `wait_s` in all;
     ApiError otherwise, or once `wait_s` is spent."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -106,7 +106,7 @@ async def _stored_model(planner: AsyncPlannerClient, name: str, wait_s: float = 
             if exc.status != 404 or exc.retry_after_s is None or left <= 0:
                 raise
             log.info("planner cannot read model %r now (%s); asking again", name, exc.detail)
-            await asyncio.sleep(min(max(exc.retry_after_s, RETRY_S), RETRY_AFTER_MAX_S, left))
+            await asyncio.sleep(retry_delay(exc.retry_after_s, left))
 
 
 async def _ensure_model(planner: AsyncPlannerClient, admin: AsyncPlannerClient | None, graph: CostGraph) -> None:

@@ -37,7 +37,7 @@ import torch
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import ComputeBackend
 from dapdee.device.config import RuntimeConfig
-from dapdee.device.edge import EdgeLink, EdgeRefusal
+from dapdee.device.edge import EdgeLink
 from dapdee.device.fallback import fallback_exit
 from dapdee.device.metrics import DeviceMetrics
 from dapdee.device.plan_source import PlanSource
@@ -272,8 +272,7 @@ class DeviceRuntime:
         """Rest the edge (`Backoff.failed`: at least the worker's Retry-After, doubled only by
         the first failure of an outage) and ask for a new plan. O(1)."""
         assert self.edge is not None and self.replanner is not None
-        retry_after = exc.retry_after_s if isinstance(exc, EdgeRefusal) else None
-        rest = self.edge.backoff.failed(since, retry_after)
+        rest = self.edge.backoff.failed(since, exc.retry_after_s)
         self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, asking for a new plan")
         log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
         self.replanner.request("edge trouble")

@@ -170,11 +170,13 @@ class FrameRecord:
 
 class EdgeFailure(Exception):
     """One edge request failed (refused, unreachable, timed out, or answered something the
-    device does not accept); `reason` is short and names the problem."""
+    device does not accept); `reason` is short and names the problem, `retry_after_s` is the
+    numeric `Retry-After` of an HTTP error answer (None: none), which the back-off honours."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
 
 class PlanError(ValueError):
