@@ -47,15 +47,34 @@ async def _books(prefix: str, n: int, ttl_s: float = 30.0, max_leases: int = 100
     return books
 
 
+def _basis(record: dict) -> str:
+    """The SHA-1 of what a rebalance solves a lease from, computed here: the device, model, tier,
+    frame rate, request and worker, and the plan's exit and cut (canonical JSON)."""
+    keys = ("device_id", "model", "device_tier", "frames_per_s", "request", "worker")
+    plan = record.get("plan") or {}
+    inputs = {k: record.get(k) for k in keys} | {
+        "plan": [(plan.get("exit") or {}).get("name"), plan.get("device_nodes")]
+    }
+    return hashlib.sha1(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _tag(record: dict) -> str:
-    """The SHA-1 of a record as the planner stores it (compact JSON), computed here."""
-    return hashlib.sha1(json.dumps(record, separators=(",", ":")).encode()).hexdigest()
+    """The SHA-1 of a record as the planner stores it (compact JSON, its basis first), computed here."""
+    text = json.dumps({"basis": _basis(record), **record}, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _lease(fps: float = 10.0, exit_name: str = "exit3", nodes: tuple[str, ...] = ("a", "b"), **more: object) -> dict:
+    """A lease record of device d on http://w shaped as the planner writes it."""
+    plan = {"exit": {"name": exit_name}, "device_nodes": list(nodes), "predicted_latency_ms": 50.0}
+    record = {"device_id": "d", "model": "m", "device_tier": None, "worker": "http://w", "frames_per_s": fps}
+    return record | {"request": {"frame_rate": fps, "bandwidth_mbps": 10.0}, "plan": plan} | more
 
 
 async def _tagged(book: LeaseBook, assignments: dict[str, tuple[float, dict]]) -> dict[str, tuple[float, dict, str]]:
-    """`assignments` with the tag of each device's record as Redis holds it now ('' for none)."""
+    """`assignments` with the basis of each device's record as Redis holds it now ('' for none)."""
     now = await book.records(list(assignments))
-    return {d: (load, rec, now[d].tag if d in now else "") for d, (load, rec) in assignments.items()}
+    return {d: (load, rec, now[d].basis if d in now else "") for d, (load, rec) in assignments.items()}
 
 
 async def _apply(book: LeaseBook, assignments: dict[str, tuple[float, dict]], limit: float = 900.0) -> str:
@@ -303,41 +322,53 @@ def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fi
     run(scenario())
 
 
-def test_a_view_and_a_rebalance_must_name_the_record_redis_holds(prefix: str) -> None:
-    """A record is known by its tag (SHA-1 of the stored text, computed here independently). A
-    replica planning from another record than Redis's gets "stale" with Redis's record; a
-    rebalance computed from a record its device replaced meanwhile (a new frame rate, a move to
-    Device-Only) is refused as a whole and writes nothing; expiry takes the tag along."""
+def test_a_view_names_the_record_redis_holds_and_a_rebalance_its_basis(prefix: str) -> None:
+    """A record is known by its tag (SHA-1 of the stored text) and its basis (SHA-1 of what a
+    rebalance solves it from), both computed here independently. A replica planning from another
+    record than Redis's gets "stale" with Redis's record. A rebalance computed from a record its
+    device replaced meanwhile (a new frame rate, another plan, a move to Device-Only) is refused
+    as a whole and writes nothing; one whose device only re-priced the same plan applies.
+    Expiry takes the record along."""
 
     async def scenario() -> None:
         a, b = await _books(prefix, 2, ttl_s=1.0)
-        first = {"fps": 10}
+        first = _lease()
         assert (await a.reserve("d", "http://w", 100.0, 900.0, first)).tag == _tag(first)
-        assert await _apply(a, {"d": (200.0, {"v": 2})}) == "applied"
+        assert (await a.records(["d"]))["d"].basis == _basis(first)
+        assigned = _lease(exit_name="exit4", assigned=True)
+        assert await _apply(a, {"d": (200.0, assigned)}) == "applied"
         # replica b still plans from the record it wrote before the rebalance
-        r = await b.reserve("d", "http://w", 100.0, 900.0, {"fps": 11}, View(_tag(first), {"http://w": 0.0}))
+        r = await b.reserve("d", "http://w", 100.0, 900.0, _lease(11.0), View(_tag(first), {"http://w": 0.0}))
         assert r.status == "stale" and r.figures is not None and r.figures.record is not None
-        assert (r.figures.record.fields, r.figures.record.tag) == ({"v": 2}, _tag({"v": 2}))
+        assert (r.figures.record.fields, r.figures.record.tag) == (assigned, _tag(assigned))
         assert r.figures.loads == {"http://w": {"d": 200.0}}
-        assert (await b.reserve("d", "http://w", 200.0, 900.0, {"v": 3}, View(_tag({"v": 2}), {}))).status == "reserved"
-        # a rebalance read {"v": 3}; meanwhile the device asks for 30 frames/s: the apply is refused
+        again = _lease(exit_name="exit4", assigned=True, v=3)
+        assert (await b.reserve("d", "http://w", 200.0, 900.0, again, View(_tag(assigned), {}))).status == "reserved"
+        # a rebalance read that record; meanwhile the device re-plans the same plan at another
+        # price: the solve's inputs are unchanged, so the apply goes through
         read = await a.records(["d"])
-        assert await b.reserve("d", "http://w", 600.0, 900.0, {"fps": 30}) == await b.reserve(
-            "d", "http://w", 600.0, 900.0, {"fps": 30}
-        )
-        stale = {"d": (200.0, {"v": 4}, read["d"].tag)}
-        assert (await a.apply("http://w", stale, 900.0)).status == "changed"
-        assert await a.loads() == {"http://w": {"d": 600.0}}
-        assert (await a.record("d"))[0] == {"fps": 30}  # type: ignore[index]
-        # ... or moves to Device-Only: the rebalance may not bring it back with the record it read
-        read = await a.records(["d"])
-        await b.reserve("d", None, 0.0, 900.0, {"solo": True})
-        assert (await a.apply("http://w", {"d": (50.0, {"v": 5}, read["d"].tag)}, 900.0)).status == "changed"
-        assert (await a.loads()).get("http://w", {}) == {}
-        assert (await a.record("d"))[0] == {"solo": True}  # type: ignore[index]
+        repriced = again | {"plan": again["plan"] | {"predicted_latency_ms": 61.0}, "edge_ms_per_frame": 9.0}
+        assert (await b.reserve("d", "http://w", 210.0, 900.0, repriced)).status == "reserved"
+        assert _tag(repriced) != read["d"].tag and _basis(repriced) == read["d"].basis
+        assert (
+            await a.apply("http://w", {"d": (190.0, _lease(exit_name="exit2"), read["d"].basis)}, 900.0)
+        ).status == "applied"
+        assert await a.loads() == {"http://w": {"d": 190.0}}
+        # ... but not once it asks for 30 frames/s, takes another plan, or moves to Device-Only
+        for replaced, worker, load in (
+            (_lease(30.0, exit_name="exit2"), "http://w", 600.0),
+            (_lease(exit_name="exit1"), "http://w", 150.0),
+            (_lease(exit_name="exit2", worker=None), None, 0.0),
+        ):
+            read = await a.records(["d"])
+            assert (await b.reserve("d", worker, load, 900.0, replaced)).status == "reserved"
+            stale = {"d": (50.0, _lease(exit_name="exit3"), read["d"].basis)}
+            assert (await a.apply("http://w", stale, 900.0)).status == "changed"
+            assert (await a.loads()).get("http://w", {}) == ({"d": load} if load else {})
+            assert (await a.record("d"))[0] == replaced  # type: ignore[index]
         # the lease expires: no record, so no tag; a view naming the old one is stale
         await asyncio.sleep(1.2)
-        r = await a.reserve("d", None, 0.0, 900.0, {}, View(_tag({"solo": True}), {}))
+        r = await a.reserve("d", None, 0.0, 900.0, {}, View(_tag(_lease(worker=None)), {}))
         assert r.status == "stale" and r.figures is not None and r.figures.record is None
         assert (await a.reserve("d", None, 0.0, 900.0, {}, View("", {}))).status == "reserved"
         await _close([a, b])

@@ -30,12 +30,19 @@ refuses a capacity its reservations book past ρ_max of, `dapdee.planner.workers
 rebalancing is periodic, each write to either side is checked against the other; the one
 exception is the planner's fallback when a capacity drop cannot be re-solved (`Store.heartbeat`).
 
-A lease record is known by its tag, the SHA-1 of its stored text (`record_tag`). A write that
-depends on a record a replica read names the tag it read, and the script writes nothing when
-the record is another by now: a rebalance's apply, computed from the records of a few seconds
-before, must not write back a record its device has replaced meanwhile (a new frame rate, or a
-move to Device-Only), and a replica plans a device from the record Redis holds, not from its own
-older copy (`View`). The record and its entry in `P:leases` expire at the same instant (`PXAT`).
+A lease record is known by its tag, the SHA-1 of its stored text (`record_tag`), and by its
+basis, the SHA-1 of what a rebalance solves the lease from (`record_basis`: the device, model,
+tier, frame rate, recorded request, worker and the plan's exit and cut, not its predictions),
+which the stored text carries as its first field (`record_text`) so that a script reads it
+without decoding the JSON. A write that depends on a record a replica read names what it read,
+and the script writes nothing when that is another by now. A replica plans a device from the
+record Redis holds, not from its own older copy (`View`, by tag: any change matters there). A
+rebalance's apply, computed from the records of a few seconds before, must not write back a
+record its device has replaced meanwhile (a new frame rate, another plan, a move to
+Device-Only), but a re-plan that only re-priced the same plan (its predictions follow the
+load) leaves the solve's inputs as they were, so the apply names bases: compared by tag, each
+wave of re-plans refused the rebalances computed before it. The record and its entry in
+`P:leases` expire at the same instant (`PXAT`).
 
 The scripts name some keys they compute from the prefix (a device's previous worker), so
 the planner needs a single Redis instance (not a cluster), as it does for everything else.
@@ -71,6 +78,10 @@ local function others(wload, device)
     if all[i] ~= device then sum = sum + tonumber(all[i + 1]) end
   end
   return sum
+end
+-- The basis a lease record's text starts with (`record_text`); '' for a text without one.
+local function basis(raw)
+  return string.match(raw, '^{"basis":"(%x+)"') or ''
 end
 -- Free the device's reservation (if it holds one) on the worker it names.
 local function free_reservation(prefix, device)
@@ -239,13 +250,13 @@ return out
 
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
 # limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans),
-# its capacity, its TTL in ms, then quadruples (device, load, record JSON, the tag of the record
-# it replaces). A device may be one reserving on this worker or one whose live lease reserves
+# its capacity, its TTL in ms, then quadruples (device, load, record JSON, the basis of the
+# record it replaces). A device may be one reserving on this worker or one whose live lease reserves
 # nothing (Device-Only: the rebalance may bring it onto this worker). With a heartbeat, the
 # limit is lowered to rho_max x the heartbeat's capacity instead of the registered one, and the
 # heartbeat is registered with the plans (the worker must be live in the registry). Every check
 # comes before the first write. Returns {status, capacity}: 1 applied; 0 refused, a device's
-# lease is gone, moved to another worker or holds another record (or, with a heartbeat, the
+# lease is gone, moved to another worker or holds a record of another basis (or, with a heartbeat, the
 # worker is not live); 2 refused, the others' reservations plus the new loads exceed the limit
 # (lowered to rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
 APPLY = (
@@ -272,7 +283,7 @@ for i = 8, #ARGV, 4 do
   if cur and cur ~= worker then return {0, capacity} end
   local raw = redis.call('GET', prefix .. ':lease:' .. d)
   expiry[d] = redis.call('ZSCORE', KEYS[1], d)
-  if not raw or not expiry[d] or redis.sha1hex(raw) ~= ARGV[i + 3] then return {0, capacity} end
+  if not raw or not expiry[d] or basis(raw) ~= ARGV[i + 3] then return {0, capacity} end
   chosen[d] = true
   total = total + tonumber(ARGV[i + 1])
 end
@@ -314,6 +325,29 @@ class Heartbeat:
     ttl_ms: int
 
 
+BASIS_FIELDS = ("device_id", "model", "device_tier", "frames_per_s", "request", "worker")
+
+
+def record_basis(record: dict[str, Any]) -> str:
+    """The basis of a lease record: the SHA-1 (hex) of the canonical JSON of what a rebalance
+    solves the lease from (`BASIS_FIELDS` and the plan's exit name and device nodes), so two
+    records that differ only in predictions, `edge_ms_per_frame` or `assigned` share it.
+    O(len(record))."""
+    plan = record.get("plan") or {}
+    exit_name = (plan.get("exit") or {}).get("name")
+    basis = {k: record.get(k) for k in BASIS_FIELDS} | {"plan": [exit_name, plan.get("device_nodes")]}
+    text = json.dumps(basis, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """A lease record's stored text: compact JSON whose first field is its `basis`
+    (`record_basis`, recomputed: a `basis` in `record` is replaced), a non-finite number as null
+    (as the plan answers). O(len(record))."""
+    fields = {k: v for k, v in record.items() if k != "basis"}
+    return to_json({"basis": record_basis(fields), **fields}, inf_nan_mode="null").decode()
+
+
 def record_tag(text: str | bytes) -> str:
     """The tag of a lease record's stored text: its SHA-1 in hex, as Redis's `redis.sha1hex`
     computes it inside the scripts. O(len(text))."""
@@ -322,10 +356,12 @@ def record_tag(text: str | bytes) -> str:
 
 @dataclass(frozen=True)
 class StoredRecord:
-    """A lease record as Redis holds it: its fields and its tag (`record_tag`)."""
+    """A lease record as Redis holds it: its fields (without the basis), its tag (`record_tag`)
+    and its basis (`record_basis`; '' for a text without one)."""
 
     fields: dict[str, Any]
     tag: str
+    basis: str = ""
 
 
 @dataclass(frozen=True)
@@ -444,7 +480,7 @@ class LeaseBook:
         every named worker's others are within 1e-6 ms/s), else write nothing and answer "stale"
         with the true figures. Atomic across replicas. O(reservations on the workers) inside
         Redis."""
-        text = to_json(record, inf_nan_mode="null")  # as the plan answers: a non-finite number is null
+        text = record_text(record)
         args: list[Any] = [
             self.prefix,
             device_id,
@@ -495,7 +531,7 @@ class LeaseBook:
         raw, pttl = await self.link.call("lease_get", get)
         if raw is None or pttl is None or pttl < 0:
             return None
-        return json.loads(raw), pttl / 1000.0
+        return _stored(raw).fields, pttl / 1000.0
 
     async def records(self, device_ids: list[str]) -> dict[str, StoredRecord]:
         """The live lease records of `device_ids` (missing ones left out). One round trip."""
@@ -531,9 +567,9 @@ class LeaseBook:
         heartbeat: Heartbeat | None = None,
     ) -> Application:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
-        record, the tag of the record it replaces)) on `worker` in one atomic step, if every
+        record, the basis of the record it replaces)) on `worker` in one atomic step, if every
         device still holds a lease there (or a live lease reserving nothing: it may join) with
-        that record, and the worker stays within `limit` and
+        a record of that basis (`record_basis`), and the worker stays within `limit` and
         within ρ_max × its registered capacity; else nothing changes. With `heartbeat`: within
         ρ_max × the heartbeat's capacity instead, and the heartbeat is registered in the same
         step (refused, "changed", when the worker is not live in the registry). One round trip,
@@ -541,8 +577,8 @@ class LeaseBook:
         hb = heartbeat
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
         args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms] if hb is not None else ["", "", 0]
-        for device, (load, record, tag) in assignments.items():
-            args += [device, repr(float(load)), json.dumps(record, separators=(",", ":"), allow_nan=False), tag]
+        for device, (load, record, basis) in assignments.items():
+            args += [device, repr(float(load)), record_text(record), basis]
         keys = [self.k_leases, f"{self.prefix}:workers:exp"]
         out = await self.link.script("lease_apply", APPLY, keys, args)
         status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
@@ -550,7 +586,8 @@ class LeaseBook:
 
 
 def _stored(raw: str | bytes) -> StoredRecord:
-    return StoredRecord(json.loads(raw), record_tag(raw))
+    fields = json.loads(raw)
+    return StoredRecord(fields, record_tag(raw), str(fields.pop("basis", "")))
 
 
 def _figures(out: list[Any]) -> Figures:

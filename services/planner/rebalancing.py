@@ -310,7 +310,7 @@ def _assignments(
     records: dict[str, StoredRecord],
     kept: float,
 ) -> dict[str, tuple[float, dict[str, Any], str]]:
-    """Per device, the load and lease record `sol` assigns it on worker `url` (with the tag of
+    """Per device, the load and lease record `sol` assigns it on worker `url` (with the basis of
     the record it replaces), each plan priced at the load the others put on the worker: the rest
     of `sol` and the `kept` leases outside it (over its `nominal` capacity). O(devices · plan
     pricing)."""
@@ -328,7 +328,7 @@ def _assignments(
             "plan": plan,
             "assigned": True,
         }
-        assignments[demand.device_id] = (opt.load, record, held.tag)
+        assignments[demand.device_id] = (opt.load, record, held.basis)
     return assignments
 
 
