@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from torch import nn
 
 from dapdee.edge_worker.app import create_app
@@ -132,11 +132,13 @@ def test_a_registering_worker_must_know_the_url_it_advertises(capsys: pytest.Cap
 def test_a_round_failing_unexpectedly_is_logged_and_retried(
     alexnet: LoadedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A worker token the SDK refuses (a trailing newline, as a secret file often has) makes
+    """A worker token the SDK refuses (a trailing newline, as a secret file often has) made
     opening the planner client raise RequestError, which no planner call expects: the task used
     to end there without a word and never heartbeat. Now each round logs the error with its
-    traceback and is retried with back-off, and the worker keeps serving."""
-    settings = Settings(planner_url=_unreachable_planner(), worker_token="wrk-token\n", profile=False, heartbeat_s=0.1)
+    traceback and is retried with back-off, and the worker keeps serving. (The settings refuse
+    such a token at load now; it is set past them here to make every round fail unexpectedly.)"""
+    settings = Settings(planner_url=_unreachable_planner(), profile=False, heartbeat_s=0.1)
+    settings = settings.model_copy(update={"worker_token": SecretStr("wrk-token\n")})
     caplog.set_level(logging.WARNING, logger=REGISTRATION_LOG)
     app = create_app(settings, [alexnet])
 

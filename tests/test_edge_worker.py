@@ -466,10 +466,10 @@ def test_unreachable_planner_never_stops_the_worker(models: dict[str, LoadedMode
 def test_settings_from_env_and_cli_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DAPDEE_EDGE_MODELS", "zoo:resnet18@artifacts/x, zoo:vgg16?width=0.25")
     monkeypatch.setenv("DAPDEE_EDGE_BATCH_MAX", "16")
-    monkeypatch.setenv("DAPDEE_API_TOKEN", "tok")
+    monkeypatch.setenv("DAPDEE_API_TOKEN", "tok-0123456789abcdef")
     s = Settings()
     assert s.model_entries() == [("zoo:resnet18", "artifacts/x"), ("zoo:vgg16?width=0.25", None)]
-    assert s.batch_max == 16 and s.api_token is not None and s.api_token.get_secret_value() == "tok"
+    assert s.batch_max == 16 and s.api_token is not None and s.api_token.get_secret_value() == "tok-0123456789abcdef"
     from dapdee.cli import build_parser
 
     args = build_parser().parse_args(

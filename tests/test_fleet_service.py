@@ -393,8 +393,8 @@ def test_the_fleet_refuses_bad_input_and_changes_nothing(planner_prefix: str) ->
         assert r.status_code == 422 and "device_id" in r.text
         r = c.post("/plan", json={**leased("d1"), "baseline": "dads"})
         assert r.status_code == 422
-    with planner(planner_prefix, rebalance_s=0, api_token=None, device_token="dev-token") as c:
-        r = c.post("/fleet/rebalance", headers={"Authorization": "Bearer dev-token"})
+    with planner(planner_prefix, rebalance_s=0, api_token=None, device_token="dev-token-0123456789") as c:
+        r = c.post("/fleet/rebalance", headers={"Authorization": "Bearer dev-token-0123456789"})
         assert r.status_code == 403
 
 

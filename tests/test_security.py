@@ -159,6 +159,79 @@ def test_token_comparison_is_constant_time() -> None:
     assert tokens.roles_of("a" * 20) == {"admin"} and tokens.roles_of("a" * 19 + "b") is None
 
 
+# ---- token settings ----------------------------------------------------------------------
+
+SECRET_PART = "Zq9-secret-part"  # in every refused token below: no error may repeat it
+UNSENDABLE_TOKENS = {
+    "trailing newline": SECRET_PART + "-abcdef\n",
+    "leading space": " " + SECRET_PART + "-abcdef",
+    "inner space": SECRET_PART + " abcdef",
+    "tab": SECRET_PART + "\tabcdef",
+    "header injection": SECRET_PART + "\r\nX-Role: admin",
+    "NUL": SECRET_PART + "\x00abcdef",
+    "DEL": SECRET_PART + "\x7fabcdef",
+    "non-ASCII": SECRET_PART + "-t\u00f6ken",
+    "no-break space": SECRET_PART + "\u00a0abcdef",
+    "line separator": SECRET_PART + "\u2028abcdef",
+    "too short": SECRET_PART[:15],
+}
+VISIBLE_ASCII = "".join(chr(c) for c in range(0x21, 0x7F))  # "!" .. "~": every character a token may hold
+
+
+@pytest.mark.parametrize("case", sorted(UNSENDABLE_TOKENS))
+def test_role_tokens_that_cannot_be_sent_in_a_header_are_refused_at_load(case: str) -> None:
+    """A role token with whitespace, control or non-ASCII characters (none of which a client can
+    send in an Authorization header and the guard match), or shorter than 16 characters, is
+    refused when the settings load, naming the variable and never repeating the secret; for
+    every role and both services."""
+    from pydantic import ValidationError
+
+    from dapdee.edge_worker.config import Settings as EdgeSettings
+    from dapdee.planner.config import Settings as PlannerSettings
+
+    token = UNSENDABLE_TOKENS[case]
+    for field in ("admin_token", "device_token", "worker_token", "api_token"):
+        variable = f"DAPDEE_{field.upper()}"
+        for cls, extra in ((PlannerSettings, {"redis_url": None}), (EdgeSettings, {})):
+            with pytest.raises(ValidationError) as refused:
+                cls(**extra, **{field: token})
+            (error,) = refused.value.errors()
+            assert error["loc"] == (field,) and f"the token in {variable} " in error["msg"], error["msg"]
+            assert SECRET_PART not in str(refused.value) and SECRET_PART not in error["msg"], str(refused.value)
+
+
+def test_a_token_from_the_environment_is_refused_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The usual mistake, a secret file's trailing newline in DAPDEE_WORKER_TOKEN, stops the
+    edge worker (whose own variables are DAPDEE_EDGE_*) with the variable's name."""
+    from pydantic import ValidationError
+
+    from dapdee.edge_worker.config import Settings as EdgeSettings
+
+    monkeypatch.setenv("DAPDEE_WORKER_TOKEN", UNSENDABLE_TOKENS["trailing newline"])
+    with pytest.raises(ValidationError, match="the token in DAPDEE_WORKER_TOKEN has .*trailing") as refused:
+        EdgeSettings()
+    assert SECRET_PART not in str(refused.value) and "DAPDEE_EDGE_WORKER_TOKEN" not in str(refused.value)
+
+
+def test_a_token_of_any_visible_ascii_is_accepted_and_matched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every visible ASCII character may be in a token, and 16 of them are enough: the
+    settings take such tokens, and a real planner matches them in the Authorization header
+    (and nothing shorter or longer); an empty variable means no token."""
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+
+    assert Settings(redis_url=None, admin_token="a" * 16).admin_token is not None
+    monkeypatch.setenv("DAPDEE_DEVICE_TOKEN", "")
+    monkeypatch.setenv("DAPDEE_API_TOKEN", VISIBLE_ASCII)
+    settings = Settings(redis_url=None)
+    assert settings.device_token is None and settings.api_token is not None
+    assert settings.api_token.get_secret_value() == VISIBLE_ASCII
+    with serve_app_in_thread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=10) as c:
+        assert c.get("/models", headers=_auth(VISIBLE_ASCII)).status_code == 200
+        assert c.get("/models", headers=_auth(VISIBLE_ASCII[:-1])).status_code == 401
+        assert c.get("/models", headers=_auth(VISIBLE_ASCII + "!")).status_code == 401
+
+
 # ---- body size limits --------------------------------------------------------------------
 
 

@@ -177,6 +177,7 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
         max_concurrency=settings.max_concurrency,
+        max_buffered_bytes=settings.max_buffered_bytes,
         on_reject=on_reject,
         body_limit=body_limit,
     )

@@ -4,10 +4,11 @@ tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`, fall
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from dapdee.client.transport import check_base_url
+from dapdee.web.guard import check_buffered_bytes
 from dapdee.web.settings import SecuritySettings
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # bind every interface: no address to advertise
@@ -46,6 +47,12 @@ class Settings(SecuritySettings):
     max_concurrency: int = Field(
         default=32, ge=1, le=65536, description="requests handled at once (503 + Retry-After beyond)"
     )
+    max_buffered_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="request body bytes held at once across requests (being received or handled); "
+        "503 + Retry-After beyond (unset: max_body_bytes x min(max_concurrency + 1, 4))",
+    )
     workers: int = Field(default=1, ge=1, le=64, description="compute thread pool size")
     threads: int | None = Field(default=None, ge=1, le=256, description="torch intra-op threads (process-wide)")
     slowdown: float = Field(default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)")
@@ -79,6 +86,12 @@ class Settings(SecuritySettings):
         default=60.0, ge=0.0, description="the advertised capacity rises only after the relief has lasted this long"
     )
     planner_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+
+    @field_validator("max_buffered_bytes")
+    @classmethod
+    def _holds_a_body(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """At least `max_body_bytes`: a body within the limit must fit the buffer."""
+        return check_buffered_bytes(v, info.data.get("max_body_bytes"))
 
     @field_validator("planner_url", "public_url")
     @classmethod

@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
             max_body_bytes=settings.max_body_bytes,
             body_timeout_s=settings.body_timeout_s,
             max_concurrency=settings.max_concurrency,
+            max_buffered_bytes=settings.max_buffered_bytes,
         )
     # the access log wraps the guard (added after it): refusals are logged and carry the traceparent;
     # `tracing` (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set) exports a span per request

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from dapdee.costgraph import GraphLimits
+from dapdee.web.guard import check_buffered_bytes
 from dapdee.web.settings import SecuritySettings
 
 LOOPBACK_WORKER_URLS = r"http://(127\.0\.0\.1|localhost|\[::1\]):[0-9]{1,5}"
@@ -25,6 +26,12 @@ class Settings(SecuritySettings):
     max_body_bytes: int = Field(2 * 1024 * 1024, gt=0, description="413 past it")
     body_timeout_s: float = Field(10.0, gt=0, description="408 when a whole body takes longer")
     max_concurrency: int = Field(256, ge=1, description="requests handled at once; 503 + Retry-After past it")
+    max_buffered_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="request body bytes held at once across requests (being received or handled); "
+        "503 + Retry-After past it (unset: max_body_bytes x min(max_concurrency + 1, 4))",
+    )
     plan_budget_s: float = Field(1.0, gt=0, description="time for a plan that needs min-cuts; 503 past it")
     plan_threads: int = Field(2, ge=1, le=64, description="plans needing min-cuts computed at once")
     # ---- cost-graph caps (422 at PUT past them) ----
@@ -111,6 +118,12 @@ class Settings(SecuritySettings):
         if ttl is not None and v > ttl / 2:
             raise ValueError(f"must be at most lease_ttl_s / 2 = {ttl / 2:g} s, so leases are renewed in time")
         return v
+
+    @field_validator("max_buffered_bytes")
+    @classmethod
+    def _holds_a_body(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """At least `max_body_bytes`: a body within the limit must fit the buffer."""
+        return check_buffered_bytes(v, info.data.get("max_body_bytes"))
 
     @field_validator("worker_url_pattern")
     @classmethod

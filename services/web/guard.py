@@ -1,4 +1,4 @@
-"""The request guard: auth, body limits and a concurrency limit, checked before anything is parsed.
+"""The request guard: auth, body and buffer limits and a concurrency limit, checked before anything is parsed.
 
 `RequestGuard` is the outermost middleware of both services (pure ASGI, installed with
 `app.add_middleware`; it answers nothing itself except refusals). For each HTTP request it:
@@ -10,16 +10,23 @@
 3. reads the whole body before the app sees it: 413 past `max_body_bytes` (or the tighter
    per-request limit `body_limit(scope)` gives, e.g. per model; from Content-Length up front,
    else counted while streaming), 408 when it takes longer than
-   `body_timeout_s` in all (a slow upload never holds a handler or a compute slot);
+   `body_timeout_s` in all (a slow upload never holds a handler or a compute slot). The body
+   bytes all requests hold at once stay within `max_buffered_bytes` (default: a few times
+   `max_body_bytes`, see `default_buffered_bytes`): a request's bytes count from the moment
+   they are announced (Content-Length, reserved up front) or arrive (counted per chunk) until
+   the request ends, however it ends; one that would pass the bound gets 503 with
+   `Retry-After` (so many slow uploads at once cannot hold many times `max_body_bytes` of
+   memory while none of them holds a slot yet);
 4. holds one of `max_concurrency` slots while the app handles the request: 503 with
    `Retry-After` when none is free. Public routes (health, metrics) bypass this limit so
    probes keep answering under overload.
 
 Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
 `{"error": …}` for the edge), and counted through `on_reject(reason)`. Every refusal sent
-before the body was fully read (401, 403, 400, 408, 413) carries `Connection: close`, so the
-server drops the connection instead of reading and discarding the rest of the body, which no
-time limit would bound; a 503 (body already read) keeps the connection.
+before the body was fully read (401, 403, 400, 408, 413, and the 503 of a full buffer) carries
+`Connection: close`, so the server drops the connection instead of reading and discarding the
+rest of the body, which no time limit would bound; the 503 of no free slot (body already read)
+keeps the connection.
 """
 
 from __future__ import annotations
@@ -43,6 +50,27 @@ from dapdee.web.security import declared_access as route_access
 Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, content type)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ACCESS_CACHE_MAX = 4096
+BUFFERED_BODIES = 4  # the default buffer bound holds at most this many bodies of the largest size
+
+
+def default_buffered_bytes(max_body_bytes: int, max_concurrency: int) -> int:
+    """The default bound on the body bytes all requests hold at once: room for one largest body
+    per slot plus one being received, at most `BUFFERED_BODIES` of them. O(1)."""
+    return max_body_bytes * min(max_concurrency + 1, BUFFERED_BODIES)
+
+
+def check_buffered_bytes(max_buffered_bytes: int | None, max_body_bytes: int | None) -> int | None:
+    """`max_buffered_bytes` when it can hold one body of `max_body_bytes` (None: the default,
+    which always can; `max_body_bytes` None: not known, so not checked); ValueError otherwise,
+    since a body past it could never be received. O(1)."""
+    if max_buffered_bytes is None or max_body_bytes is None:
+        return max_buffered_bytes
+    if max_buffered_bytes < max_body_bytes:
+        raise ValueError(
+            f"max_buffered_bytes ({max_buffered_bytes}) must be at least max_body_bytes ({max_body_bytes}), "
+            "or a body within the limit could never be received"
+        )
+    return max_buffered_bytes
 
 
 class _Refusal(Exception):
@@ -65,7 +93,12 @@ class RequestGuard:
         max_concurrency: int,
         on_reject: Callable[[str], None] | None = None,
         body_limit: Callable[[Scope], int] | None = None,
+        max_buffered_bytes: int | None = None,
     ) -> None:
+        check_buffered_bytes(max_buffered_bytes, max_body_bytes)
+        buffered = max_buffered_bytes
+        if buffered is None:
+            buffered = default_buffered_bytes(max_body_bytes, max_concurrency)
         self.app = app
         self.routes_app = routes_app
         self.tokens = tokens
@@ -76,6 +109,7 @@ class RequestGuard:
         self.on_reject = on_reject
         self.body_limit = body_limit
         self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
+        self.buffer = _BodyBuffer(buffered)
         self._watch = _BodyWatch(body_timeout_s)
         self._access: dict[tuple[str, str], Access | None] = {}
         docs = (
@@ -107,9 +141,20 @@ class RequestGuard:
         return access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Guard one HTTP request (other scopes pass through); the body bytes it held go back to
+        the buffer however it ends. O(body bytes) on top of the app."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        hold = _Hold(self.buffer)
+        try:
+            await self._guarded(scope, receive, send, hold)
+        finally:  # however the request ends: answered, refused, failed, cancelled
+            hold.release()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, hold: _Hold) -> None:
+        """The checks of the module docstring, in order, then the app; the body's bytes are
+        counted in `hold`."""
         original = receive
         try:
             access = self.access_for(scope)
@@ -118,7 +163,7 @@ class RequestGuard:
                 if isinstance(outcome, AuthFailure):
                     raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
                 scope[AUTH_SCOPE_KEY] = outcome
-            receive = await self._buffered(scope, receive)
+            receive = await self._buffered(scope, receive, hold)
         except _Refusal as refusal:  # answered before the body was read (or while reading it)
             await self._refuse(send, refusal, close=True)
             return
@@ -143,9 +188,10 @@ class RequestGuard:
         finally:
             self.active -= 1
 
-    async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
-        """Read the whole body under the size and time limits and return a `receive` that replays
-        it (later calls reach the client: disconnects stay visible). O(body bytes)."""
+    async def _buffered(self, scope: Scope, receive: Receive, hold: _Hold) -> Receive:
+        """Read the whole body under the size, buffer and time limits and return a `receive` that
+        replays it (later calls reach the client: disconnects stay visible); `hold` counts its
+        bytes (a declared Content-Length up front). O(body bytes)."""
         limit = self.max_body_bytes
         if self.body_limit is not None:
             limit = min(limit, self.body_limit(scope))
@@ -155,6 +201,7 @@ class RequestGuard:
                 raise _Refusal(400, "bad_request", "Content-Length: not a non-negative integer")
             if int(declared) > limit:
                 raise _Refusal(413, "too_large", _too_large(int(declared), limit))
+            hold.cover(int(declared))
         if scope["method"] not in BODY_METHODS and not declared:
             return receive
         chunks: list[bytes] = []
@@ -165,7 +212,7 @@ class RequestGuard:
         try:
             while True:
                 message = await receive()
-                size += self._take(message, chunks, size, limit)
+                size += self._take(message, chunks, size, limit, hold)
                 if not message.get("more_body", False):
                     break
         except asyncio.CancelledError:
@@ -182,13 +229,15 @@ class RequestGuard:
         return replayed
 
     @staticmethod
-    def _take(message: Message, chunks: list[bytes], size: int, limit: int) -> int:
-        """Add one body message's bytes to `chunks` (refusals: disconnect, over `limit`); its size."""
+    def _take(message: Message, chunks: list[bytes], size: int, limit: int, hold: _Hold) -> int:
+        """Add one body message's bytes to `chunks`, counted in `hold` (refusals: disconnect,
+        over `limit`, buffer full); its size. O(1)."""
         if message["type"] == "http.disconnect":
             raise _Refusal(400, "disconnected", "client disconnected while sending the body")
         body = message.get("body", b"")
         if size + len(body) > limit:
             raise _Refusal(413, "too_large", _too_large(None, limit))
+        hold.cover(size + len(body))
         chunks.append(body)
         return len(body)
 
@@ -206,6 +255,47 @@ class RequestGuard:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class _BodyBuffer:
+    """The body bytes all requests of a guard hold at once, within `limit` (event-loop confined:
+    no lock needed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
+class _Hold:
+    """The bytes one request holds in a `_BodyBuffer`; `release` gives them all back."""
+
+    __slots__ = ("buffer", "bytes")
+
+    def __init__(self, buffer: _BodyBuffer) -> None:
+        self.buffer = buffer
+        self.bytes = 0
+
+    def cover(self, size: int) -> None:
+        """Hold at least `size` bytes: take the missing ones from the buffer, or refuse with 503
+        when that would pass its limit (the request's bytes held so far stay held until
+        `release`). O(1)."""
+        more = size - self.bytes
+        if more <= 0:
+            return
+        if self.buffer.held + more > self.buffer.limit:
+            raise _Refusal(
+                503,
+                "overloaded",
+                f"server busy (request bodies in progress fill the {self.buffer.limit}-byte buffer); retry",
+                {"Retry-After": "1"},
+            )
+        self.buffer.held += more
+        self.bytes = size
+
+    def release(self) -> None:
+        """Give every byte held back to the buffer (idempotent). O(1)."""
+        self.buffer.held -= self.bytes
+        self.bytes = 0
 
 
 class _BodyWatch:

@@ -21,6 +21,7 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPBearer
 
 AUTH_SCOPE_KEY = "dapdee.roles"  # set by the guard: the roles the request's token holds
+MIN_TOKEN_CHARS = 16  # a configured token's least length (generated ones: 43, `deploy/gen_secrets.py`)
 
 
 class Role(str, Enum):
@@ -96,6 +97,27 @@ class TokenSet:
                 roles |= granted
                 matched = True
         return roles if matched else None
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot be a configured bearer token (None: it can), without repeating it.
+    A token travels in an `Authorization` header: only visible ASCII (letters, digits,
+    punctuation) can arrive intact and be matched; whitespace, control characters (a trailing
+    newline from a secret file) or non-ASCII ones never match, or smuggle header syntax.
+    O(len(token))."""
+    for i, ch in enumerate(token):
+        if "!" <= ch <= "~":
+            continue
+        if ch.isspace():
+            what = "whitespace" if 0 < i < len(token) - 1 else "leading or trailing whitespace (a trailing newline?)"
+        elif not ch.isascii():
+            what = "a non-ASCII character"
+        else:
+            what = "a control character"
+        return f"has {what}; only visible ASCII characters (letters, digits, punctuation) can be sent in a header"
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"has {len(token)} characters, fewer than the {MIN_TOKEN_CHARS} a token needs"
+    return None
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -3,10 +3,10 @@ for every service, whatever its own prefix) and whether running open beyond loop
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dapdee.web.security import TokenSet
+from dapdee.web.security import TokenSet, token_problem
 
 
 def _env(name: str) -> AliasChoices:
@@ -17,7 +17,11 @@ def _env(name: str) -> AliasChoices:
 class SecuritySettings(BaseSettings):
     """Role tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`;
     `DAPDEE_API_TOKEN` grants all three) and `DAPDEE_INSECURE`. A service subclasses this;
-    its own settings keep their own prefix."""
+    its own settings keep their own prefix. A token must be at least `MIN_TOKEN_CHARS` visible
+    ASCII characters (see `token_problem`); an empty one is none. No settings error repeats the
+    value it refuses (it may be a secret); subclasses inherit that."""
+
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
 
     admin_token: SecretStr | None = Field(None, validation_alias=_env("admin_token"))
     device_token: SecretStr | None = Field(None, validation_alias=_env("device_token"))
@@ -29,6 +33,18 @@ class SecuritySettings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("admin_token", "device_token", "worker_token", "api_token")
+    @classmethod
+    def _sendable(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """A token a client can send in a header and the guard can match; ValueError naming
+        its environment variable (never the value) otherwise. O(len(token))."""
+        if v is None:
+            return None
+        problem = token_problem(v.get_secret_value())
+        if problem is not None:
+            raise ValueError(f"the token in DAPDEE_{str(info.field_name).upper()} {problem}")
+        return v
 
     def tokens(self) -> TokenSet:
         """The configured tokens as a `TokenSet`. O(1)."""
