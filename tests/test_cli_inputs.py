@@ -91,3 +91,33 @@ def test_infinite_settings_and_a_redis_url_without_a_scheme_are_refused() -> Non
             timeout=60,
         )
         assert run.returncode == 2 and var in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "var", "value", "field"),
+    [
+        (["up"], "DAPDEE_RHO_MAX", "abc", "rho_max"),  # the all-in-one demo builds both services' settings
+        (["up"], "DAPDEE_EDGE_BATCH_MAX", "0", "batch_max"),
+        (["serve", "planner", "--port", "1"], "DAPDEE_PLANMAP_CAP", "-3", "planmap_cap"),
+        (["serve", "edge", "--port", "1", "--models", MODEL], "DAPDEE_WORKER_TOKEN", "too short", "worker_token"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_its_variable_and_never_its_value(
+    command: list[str], var: str, value: str, field: str
+) -> None:
+    """A refused `DAPDEE_*` variable: exit 2 and one line `dapdee: error: <service> settings:
+    <field> (<VARIABLE>): <reason>` (pydantic's own error spanned four lines and named only the
+    field; a token is read from `DAPDEE_*_TOKEN` whatever the service's prefix), which never
+    repeats the value (it may be a secret)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("dapdee")), *command],
+        env={**env, var: value},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("dapdee: error: ") and f"{field} ({var}): " in lines[0], lines[0]
+    assert value not in lines[0].split(f"({var}): ", 1)[1], lines[0]

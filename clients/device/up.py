@@ -189,6 +189,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
     from dapdee.planner.app import create_app as create_planner
     from dapdee.planner.config import Settings as PlannerSettings
     from dapdee.testing import ServerThread, bind_free_socket
+    from dapdee.web.settings_load import load_settings
 
     artifact = find_artifact(opts.artifact)
     if artifact is None:
@@ -200,15 +201,14 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
     token = secrets.token_urlsafe(24)
     started: list[Any] = []  # stopped last-started first
     try:
-        planner = ServerThread(
-            create_planner(PlannerSettings(redis_url=None, worker_ttl_s=10.0, api_token=token)), name="planner"
-        ).start()
+        ps = load_settings(PlannerSettings, "planner settings", redis_url=None, worker_ttl_s=10.0, api_token=token)
+        planner = ServerThread(create_planner(ps), name="planner").start()
         started.insert(0, planner)
         sock = bind_free_socket()
         edge_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        es = EdgeSettings(
-            models=f"@{artifact}" if artifact else FALLBACK_SPEC, planner_url=planner.url, public_url=edge_url,
-            port=sock.getsockname()[1], profile_repeats=8, profile_warmup=2, heartbeat_s=1.0, workers=1,
+        es = load_settings(
+            EdgeSettings, "edge worker settings", models=f"@{artifact}" if artifact else FALLBACK_SPEC,
+            planner_url=planner.url, public_url=edge_url, port=sock.getsockname()[1], profile_repeats=8, profile_warmup=2, heartbeat_s=1.0, workers=1,
             api_token=token,
         )  # fmt: skip
         served = load_models(es)

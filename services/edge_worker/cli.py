@@ -71,7 +71,6 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 def _serve_edge(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
 
     from dapdee.edge_worker.app import create_app, load_models
     from dapdee.edge_worker.config import Settings
@@ -79,6 +78,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV
     from dapdee.web.security import check_exposure
+    from dapdee.web.settings_load import load_settings
 
     if os.environ.get(MULTIPROC_ENV, "").strip():  # one process per pod: see dapdee.edge_worker.metrics
         raise ValueError(
@@ -87,14 +87,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
             "unset it; scale edge workers out as more pods or processes on their own ports"
         )
     overrides = {k: getattr(args, k) for k in (*OVERRIDES, "insecure") if getattr(args, k) is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]  # named as the field and its environment variable (a flag sets the same field)
-        field = ".".join(map(str, first["loc"]))
-        msg = first["msg"].removeprefix("Value error, ")
-        where = f"{field} (DAPDEE_EDGE_{field.upper()}): " if field else ""
-        raise ValueError(f"edge worker settings: {where}{msg}") from None
+    settings = load_settings(Settings, "edge worker settings", **overrides)  # a flag sets the same field
     if settings.self_url is None:  # where it measures its own per-request cost (request_cost.py)
         local = settings.host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1")
         settings = settings.model_copy(

@@ -54,17 +54,10 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 def _settings(overrides: dict[str, Any]) -> Any:
     """Settings from the environment plus `overrides`; ValueError naming the bad variable."""
-    from pydantic import ValidationError
-
     from dapdee.planner.config import Settings
+    from dapdee.web.settings_load import load_settings
 
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:  # a bad DAPDEE_* variable
-        first = exc.errors()[0]
-        name = ".".join(str(p) for p in first["loc"]).upper()
-        field = name if name.startswith("DAPDEE_") else f"DAPDEE_{name}"
-        raise ValueError(f"planner settings: {field}: {first['msg']}") from None
+    return load_settings(Settings, "planner settings", **overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:
