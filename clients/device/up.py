@@ -208,8 +208,8 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
         edge_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         es = load_settings(
             EdgeSettings, "edge worker settings", models=f"@{artifact}" if artifact else FALLBACK_SPEC,
-            planner_url=planner.url, public_url=edge_url, port=sock.getsockname()[1], profile_repeats=8, profile_warmup=2, heartbeat_s=1.0, workers=1,
-            api_token=token,
+            planner_url=planner.url, public_url=edge_url, port=sock.getsockname()[1], profile_repeats=8,
+            profile_warmup=2, heartbeat_s=1.0, workers=1, api_token=token,
         )  # fmt: skip
         served = load_models(es)
         spec = "" if artifact else FALLBACK_SPEC
