@@ -1,13 +1,15 @@
 """The SDK's error classes at the edges of the contract, sync and async alike, against a stand-in
 HTTP server on 127.0.0.1 sending the bytes a broken service or proxy might: JSON nested too deep,
-a non-numeric `Retry-After`, an HTML 503 on `/readyz`, a 200 where 204 is the answer, a 0-row
-infer. Base URLs, tokens and headers the SDK must refuse are RequestErrors when the client is
-built, before anything is sent."""
+a non-numeric `Retry-After` (an HTTP-date one reads as seconds from now), an HTML 503 on
+`/readyz`, a 200 where 204 is the answer, a 0-row infer. Base URLs, tokens and headers the SDK
+must refuse are RequestErrors when the client is built, before anything is sent."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
+from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from dapdee.client import (
     ProtocolError,
     RequestError,
 )
+from dapdee.client.errors import retry_after_seconds
 from dapdee.testing import serve_app_in_thread
 from tests.standin import Standin
 
@@ -92,6 +95,36 @@ def test_retry_after_is_read_only_from_ascii_digits(
         assert isinstance(exc, ApiError) and exc.status == 503
         assert exc.headers["retry-after"] == header
         assert exc.retry_after_s == seconds
+
+
+def test_retry_after_http_date_is_seconds_from_now(standin_url: tuple[Standin, str]) -> None:
+    """RFC 9110 allows an HTTP-date: it reads as the seconds until then, 0 once it has passed."""
+    standin, base = standin_url
+    for ahead, low, high in ((30.0, 25.0, 30.0), (-30.0, 0.0, 0.0)):
+        standin.answer(b"{}", 503, retry_after=formatdate(time.time() + ahead, usegmt=True))
+        for exc in planner_raises(base, "healthz"):
+            assert isinstance(exc, ApiError) and exc.retry_after_s is not None
+            assert low <= exc.retry_after_s <= high, (ahead, exc.retry_after_s)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 10.0),  # IMF-fixdate
+        ("Sunday, 06-Nov-94 08:49:37 GMT", 10.0),  # the obsolete RFC 850 form
+        ("Sun Nov  6 08:49:37 1994", 10.0),  # asctime, no zone: GMT
+        ("Sun, 06 Nov 1994 08:49:27 GMT", 0.0),
+        ("Sun, 06 Nov 1994 08:49:17 GMT", 0.0),  # passed: no wait, never negative
+        ("Sun, 36 Nov 1994 08:49:37 GMT", None),
+        ("Sun, 06 Nov 1994", None),
+        ("soon", None),
+        ("12s", None),
+        ("", None),
+    ],
+)
+def test_retry_after_seconds_reads_delay_seconds_and_http_dates(header: str, seconds: float | None) -> None:
+    now = 784111777.0 - 10.0  # 10 s before Sun, 06 Nov 1994 08:49:37 GMT
+    assert retry_after_seconds(header, now=now) == seconds
 
 
 # ---- 3. tokens and headers ------------------------------------------------------------------------

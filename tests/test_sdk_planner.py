@@ -3,7 +3,8 @@ planner (uvicorn on 127.0.0.1, the shared Redis under a key prefix of its own, o
 role): every method round-trips; every error carries its status and problem document (401,
 403, 404, 409 on a stale If-Match, 422 naming a misspelt field); requests the SDK must not send
 never leave it; answers off the contract, answers too large, redirects, dead and silent
-servers are ProtocolError / ApiError / TransportError; trace context travels."""
+servers are ProtocolError / ApiError / TransportError; a lease is held to lease.schema.json;
+trace context travels."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 
 from dapdee.api.planner import HeartbeatBody, PlanAnswer, PlanRequestBody
 from dapdee.client import (
@@ -40,6 +42,12 @@ REPO = Path(__file__).resolve().parent.parent
 REDIS = "redis://127.0.0.1:6379/0"
 TOKENS = {"admin": "sdk-admin-" + "a" * 16, "device": "sdk-device-" + "d" * 16, "worker": "sdk-worker-" + "w" * 16}
 PROBLEM = Draft202012Validator(json.loads((REPO / "docs" / "schemas" / "problem.schema.json").read_text()))
+SCHEMAS = {
+    n: json.loads((REPO / "docs" / "schemas" / f"{n}.schema.json").read_text()) for n in ("cost-graph", "plan", "lease")
+}
+REGISTRY = Registry().with_resources((f"{n}.schema.json", Resource.from_contents(d)) for n, d in SCHEMAS.items())
+LEASE = Draft202012Validator({"$ref": "lease.schema.json"}, registry=REGISTRY)
+DEVICE = Draft202012Validator({"$ref": "lease.schema.json#/$defs/device"}, registry=REGISTRY)
 VERSION_CONFLICT = "urn:dapdee:problem:version-conflict"
 VALIDATION = "urn:dapdee:problem:validation"
 
@@ -248,6 +256,102 @@ def test_answers_off_contract_are_protocol_errors() -> None:
         standin.answer(b"<html>bad gateway</html>", 502, content_type="text/html")
         err2 = api_error(c.list_models)
         assert err2.status == 502 and "bad gateway" in err2.detail and err2.body == "<html>bad gateway</html>"
+
+
+GOOD_LEASE = {
+    "device_id": "cam-7",
+    "model": "tiny",
+    "worker": "http://edge-1:8000",
+    "frames_per_s": 10.0,
+    "edge_ms_per_frame": 3.0,
+    "expires_in_s": 30.0,
+    "replan_after_s": 5.0,
+    "assigned": False,
+}
+GONE = object()  # a field left out
+# (field, value): the good lease with `field` set to `value`, or left out (GONE)
+LEASE_CHANGES: list[tuple[str, Any]] = [
+    *[(name, GONE) for name in ("device_id", "model", "assigned", "frames_per_s")],
+    ("worker", None),
+    ("worker", "https://edge-1.example/prefix"),
+    ("expires_in_s", 0),
+    ("replan_after_s", 0.0),
+    ("device_id", "a.b_c-9"),
+    ("device_id", "d" * 64),
+    ("device_id", "null"),
+    *[("device_id", v) for v in (None, "a/b", "..", "a..b", "-a", "", "d" * 65, 7)],
+    *[("model", v) for v in (None, "x y", ".m")],
+    *[("worker", v) for v in ("edge-1:8000", "http://a b", "ftp://e:1", "http://", "http://e:1\t", 8000)],
+    *[("frames_per_s", v) for v in ("10", True, 0, -1.0, None)],
+    ("edge_ms_per_frame", 0),
+    *[("assigned", v) for v in (1, "true")],
+]
+
+
+def changed(doc: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
+    """`doc` with `field` set to `value`, or left out when `value` is GONE."""
+    if value is GONE:
+        return {k: v for k, v in doc.items() if k != field}
+    return {**doc, field: value}
+
+
+def plan_or_error(c: PlannerClient, standin: Standin, plan: dict[str, Any]) -> Any:
+    """`c.plan(...)` answered `plan` by the stand-in: the answer, or the ProtocolError."""
+    standin.answer(json.dumps(plan))
+    try:
+        return c.plan({"model": "m", "bandwidth_mbps": 1.0, "device_id": "cam-7"})
+    except ProtocolError as exc:
+        return exc
+
+
+def test_a_plans_lease_is_refused_exactly_when_the_lease_schema_refuses_it() -> None:
+    """lease.schema.json and the SDK agree on every lease below: names and the worker URL
+    checked against the schema's patterns, a name present as null refused, JSON types strict;
+    a refusal names the field. (Unknown fields stay ignored, as in every answer model; a name or
+    URL ending in a newline is refused, as JSON Schema's ECMA-262 `$` refuses it, although
+    Python's `re.search` reading of the pattern lets it through.)"""
+    standin = Standin()
+    good_plan = PlanAnswer.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
+    verdicts = []
+    with serve_app_in_thread(standin.app) as base, PlannerClient(base) as c:
+        for field, value in LEASE_CHANGES:
+            lease = changed(GOOD_LEASE, field, value)
+            got = plan_or_error(c, standin, {**good_plan, "lease": lease})
+            verdicts.append((LEASE.is_valid(lease), not isinstance(got, ProtocolError)))
+            assert verdicts[-1][0] == verdicts[-1][1], (field, value, got)
+            if isinstance(got, ProtocolError):
+                assert field in got.detail, (field, got.detail)
+            else:
+                assert got.lease is not None
+        assert {v for v, _ in verdicts} == {True, False}
+        for lease in ({**GOOD_LEASE, "worker": "http://edge-1:8000\n"}, {**GOOD_LEASE, "device_id": "cam-7\n"}):
+            assert isinstance(plan_or_error(c, standin, {**good_plan, "lease": lease}), ProtocolError)
+        got = plan_or_error(c, standin, {**good_plan, "lease": {**GOOD_LEASE, "surprise": 1}})
+        assert not isinstance(got, ProtocolError) and not LEASE.is_valid({**GOOD_LEASE, "surprise": 1})
+
+
+def test_a_devices_state_is_refused_exactly_when_the_schema_refuses_it() -> None:
+    """`GET /devices/{id}`: the device's names and its lease, as lease.schema.json's
+    `$defs/device` has them."""
+    standin = Standin()
+    good_plan = PlanAnswer.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
+    good = {"device_id": "cam-7", "model": "tiny", "lease": GOOD_LEASE, "plan": good_plan, "assigned": False}
+    docs = [
+        good,
+        {**good, "device_id": "a/b"},
+        {**good, "model": None},
+        {**good, "lease": {**GOOD_LEASE, "device_id": None}},
+        {**good, "lease": {**GOOD_LEASE, "worker": "edge-1:8000"}},
+        {**good, "lease": {**GOOD_LEASE, "replan_after_s": "5"}},
+    ]
+    with serve_app_in_thread(standin.app) as base, PlannerClient(base) as c:
+        for doc in docs:
+            standin.answer(json.dumps(doc))
+            try:
+                accepted = c.device("cam-7").lease.device_id == "cam-7"
+            except ProtocolError:
+                accepted = False
+            assert accepted == DEVICE.is_valid(doc), doc
 
 
 def test_redirects_are_not_followed_and_the_token_stays_home() -> None:

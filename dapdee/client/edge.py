@@ -135,7 +135,7 @@ def infer_call(model: str, inputs: Mapping[str, torch.Tensor], **options: Unpack
         expect.read,
         content,
         headers,
-        retry_stale=False,
+        idempotent=False,  # a POST: never repeated after a broken connection (the worker may have run it)
         timeout_s=None if timeout is None else check_timeout(timeout),
         traceparent=options.get("traceparent"),
     )
@@ -244,7 +244,7 @@ class EdgeClient(SyncTransport):
     ) -> InferResult:
         """Infer an exit from a cut's tensors `inputs` (`infer_call`; `options`: `InferOptions`).
         `uplink(body)` may stream the body instead (e.g. through a shaped link). The timeout
-        bounds each phase of the exchange."""
+        bounds the whole exchange, upload included (`dapdee.client.transport`)."""
         call = infer_call(model, inputs, **options)
         return self.run(call, None if uplink is None else uplink(call.content))
 
@@ -263,7 +263,7 @@ class EdgeClient(SyncTransport):
 
 
 class AsyncEdgeClient(AsyncTransport):
-    """`EdgeClient` for asyncio; `timeout` also bounds each exchange as a whole."""
+    """`EdgeClient` for asyncio; `timeout` bounds each exchange as a whole, as in `EdgeClient`."""
 
     async def infer(
         self,

@@ -15,10 +15,32 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 MAX_BODY_TEXT = 65536  # characters of an error answer kept in `.body`
+
+
+def retry_after_seconds(value: str, now: float | None = None) -> float | None:
+    """A `Retry-After` value (RFC 9110 §10.2.3) in seconds: delay-seconds (ASCII digits) as
+    they are, an HTTP-date as the seconds from `now` (a `time.time()`; default the present)
+    until then, 0 for a date already past; None for anything else. A date without a zone
+    (`-0000`) is read as UTC, as HTTP-dates are. O(len(value))."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # Python 3.10 answers None rather than raising for some garbage
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class ClientError(Exception):
@@ -70,9 +92,8 @@ class ApiError(ClientError):
 
     @property
     def retry_after_s(self) -> float | None:
-        """The `Retry-After` header in seconds, when the answer has a numeric one."""
-        value = self.headers.get("retry-after", "")
-        return float(value) if value.isascii() and value.isdigit() else None
+        """The `Retry-After` header in seconds (`retry_after_seconds`), None without a valid one."""
+        return retry_after_seconds(self.headers.get("retry-after", ""))
 
 
 class ProtocolError(ClientError):

@@ -5,13 +5,27 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
 `AsyncTransport` on `httpx.AsyncClient`. Both
 
 - send the bearer token only to their own base URL (relative paths only, redirects never
-  followed), with a finite timeout on every phase (the async form also bounds the whole
-  exchange);
+  followed);
+- bound each call as a whole by its timeout (the call's, else the client's): the answer must be
+  complete, its last byte read, within that many seconds of the call's start, a repeat
+  included, else `TransportError` with `.timeout` true. A server that drip-feeds its answer
+  cannot stretch a call past it. The async transport cancels the exchange at the deadline; the
+  sync one cuts every wait on the network (connect, TLS, each write and read) to the time left
+  (`dapdee.client.deadline`; with a `transport` of the caller's, the time left is checked as
+  each piece of the answer arrives, and one wait may run its full timeout past it). httpx's
+  per-phase timeouts are the call's timeout too, cut to the time left;
 - carry a W3C `traceparent` on every request: the call's own, else the current context's
   (`dapdee.web.tracecontext.use`), else a new trace's;
 - read at most `max_response_bytes` of an answer;
-- repeat a call at most once when a kept-alive connection turns out closed (only calls that
-  are safe to repeat: every planner call; never an infer);
+- repeat a call at most once, and only when that cannot apply it twice (as urllib3 does): after
+  `httpx.ConnectError` (no connection, so nothing was sent) any call; after a connection
+  broken once the request may have gone out (`RemoteProtocolError`, `ReadError`,
+  `WriteError`: typically a kept-alive connection the server had closed, but possibly after
+  the server acted on the request) only a call that is idempotent, by its method (GET, HEAD,
+  PUT, DELETE, OPTIONS, TRACE: RFC 9110 §9.2.2) or because its builder says so
+  (`Call.idempotent`: `POST /plan`, whose repeat renews the same per-device lease). Never a
+  POST otherwise (an infer, a heartbeat, a rebalance), never a call whose body was streamed
+  (it cannot be replayed), never once the deadline has passed;
 - turn a 3xx/4xx/5xx status outside the call's answers into `ApiError`, a 1xx/2xx one and an
   answer `parse` rejects (any ValueError, pydantic's included, or JSON nested too deep) into
   `ProtocolError`, and no answer into `TransportError`;
@@ -33,6 +47,7 @@ import httpx
 from pydantic import BaseModel
 from typing_extensions import Self
 
+from dapdee.client.deadline import deadline_transport, within
 from dapdee.client.errors import MAX_BODY_TEXT, ApiError, ProtocolError, RequestError, TransportError
 from dapdee.names import ModelError, check_model_name
 from dapdee.web.tracecontext import TRACEPARENT, outgoing_headers, parse_traceparent
@@ -44,7 +59,9 @@ DEFAULT_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 86400.0
 DEFAULT_MAX_RESPONSE_BYTES = 32 << 20
 USER_AGENT = "dapdee-sdk/0.1"
-_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)  # a closed kept-alive connection
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.2
+# a connection broken after the request may have been sent (a kept-alive one the server closed)
+_BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,9 @@ class Answer:
 @dataclass(frozen=True)
 class Call(Generic[T]):
     """One request to make and how to read its answer: `parse` turns an answer whose status is
-    in `ok` into the result (raising ValueError when it breaks the contract)."""
+    in `ok` into the result (raising ValueError when it breaks the contract). `idempotent`:
+    whether sending it twice has the effect of sending it once (None: as its method says,
+    `IDEMPOTENT_METHODS`); only such a call is repeated after a broken connection."""
 
     method: str
     path: str
@@ -75,9 +94,14 @@ class Call(Generic[T]):
     content: bytes = b""
     headers: Mapping[str, str] = field(default_factory=dict)
     ok: frozenset[int] = frozenset({200})
-    retry_stale: bool = True
+    idempotent: bool | None = None
     timeout_s: float | None = None
     traceparent: str | None = None
+
+    @property
+    def is_idempotent(self) -> bool:
+        """`idempotent` when set, else whether the method is one of `IDEMPOTENT_METHODS`. O(1)."""
+        return self.method.upper() in IDEMPOTENT_METHODS if self.idempotent is None else self.idempotent
 
 
 # ---- building calls (pure) ----------------------------------------------------------------------
@@ -245,14 +269,18 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 
 
 class _Body:
-    """An answer's body as it streams in, refused past `limit` bytes."""
+    """An answer's body as it streams in, refused past `limit` bytes and once the call's
+    `deadline` (a `time.monotonic()` instant) has passed (`httpx.ReadTimeout`)."""
 
-    def __init__(self, call: Call[Any], status: int, limit: int) -> None:
-        self.call, self.status, self.limit = call, status, limit
+    def __init__(self, call: Call[Any], status: int, limit: int, deadline: float) -> None:
+        self.call, self.status, self.limit, self.deadline = call, status, limit, deadline
         self.parts: list[bytes] = []
         self.size = 0
 
     def add(self, chunk: bytes) -> None:
+        """Keep `chunk`. O(1) (amortised)."""
+        if time.monotonic() >= self.deadline:
+            raise httpx.ReadTimeout("the call's timeout ran out while the answer arrived")
         self.size += len(chunk)
         if self.size > self.limit:
             raise ProtocolError(self.call.method, self.call.path, self.status, f"answer over {self.limit} bytes")
@@ -270,10 +298,15 @@ def _no_answer(call: Call[Any], exc: BaseException) -> TransportError:
 # ---- transports ---------------------------------------------------------------------------------
 
 
-def _repeatable(call: Call[Any], streamed: Any, attempt: int, exc: BaseException) -> bool:
-    """Whether to make `call` again after `exc`: once, when a kept-alive connection turned out
-    closed, the call is safe to repeat and its body was not streamed (it cannot be replayed)."""
-    return attempt == 0 and call.retry_stale and streamed is None and isinstance(exc, _STALE)
+def _repeatable(call: Call[Any], streamed: Any, attempt: int, exc: BaseException, deadline: float) -> bool:
+    """Whether to make `call` again after `exc` (the module's rule): only after the first
+    attempt, with time left and a body that was not streamed; then after a connect error (the
+    request was not sent), or after a broken connection when the call is idempotent. O(1)."""
+    if attempt != 0 or streamed is not None or time.monotonic() >= deadline:
+        return False
+    if isinstance(exc, httpx.ConnectError):
+        return True
+    return isinstance(exc, _BROKEN) and call.is_idempotent
 
 
 class _Transport:
@@ -306,10 +339,11 @@ class _Transport:
     def _open(self, client_args: dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    def request_args(self, call: Call[Any], streamed: Any) -> dict[str, Any]:
+    def request_args(self, call: Call[Any], streamed: Any, deadline: float) -> dict[str, Any]:
         """httpx's request arguments: the call's content, or `streamed` (the same bytes as an
-        iterable, sent with the content's length rather than chunked)."""
-        timeout = check_timeout(call.timeout_s) if call.timeout_s is not None else self.timeout_s
+        iterable, sent with the content's length rather than chunked); every phase's timeout the
+        call's, cut to the time left before `deadline`."""
+        timeout = max(min(self.total_s(call), deadline - time.monotonic()), 1e-3)
         headers = {**trace_headers(call.traceparent), **call.headers}
         if streamed is not None:
             headers["Content-Length"] = str(len(call.content))
@@ -322,33 +356,40 @@ class _Transport:
         }
 
     def total_s(self, call: Call[Any]) -> float:
-        return call.timeout_s if call.timeout_s is not None else self.timeout_s
+        """The seconds `call` may take as a whole: its own timeout, else the client's."""
+        return check_timeout(call.timeout_s) if call.timeout_s is not None else self.timeout_s
 
 
 class SyncTransport(_Transport):
-    """Runs calls on one `httpx.Client` (connections kept alive). Close it (or use `with`)."""
+    """Runs calls on one `httpx.Client` (connections kept alive), each cut off at its deadline
+    (`dapdee.client.deadline`). Close it (or use `with`)."""
 
     _http: httpx.Client
 
     def _open(self, client_args: dict[str, Any]) -> httpx.Client:
+        if client_args.get("transport") is None:
+            client_args = {**client_args, "transport": deadline_transport()}
         return httpx.Client(**client_args)
 
     def run(self, call: Call[T], body: Iterable[bytes] | None = None) -> T:
-        """Make the call (its content, or `body` streamed instead) and read its result."""
-        for attempt in (0, 1):
-            try:
-                return finish(call, self._exchange(call, body))
-            except httpx.HTTPError as exc:
-                if not _repeatable(call, body, attempt, exc):
-                    raise _no_answer(call, exc) from None
+        """Make the call (its content, or `body` streamed instead) and read its result, all
+        within the call's timeout."""
+        deadline = time.monotonic() + self.total_s(call)
+        with within(deadline):
+            for attempt in (0, 1):
+                try:
+                    return finish(call, self._exchange(call, body, deadline))
+                except httpx.HTTPError as exc:
+                    if not _repeatable(call, body, attempt, exc, deadline):
+                        raise _no_answer(call, exc) from None
         raise AssertionError("unreachable")
 
-    def _exchange(self, call: Call[Any], body: Iterable[bytes] | None) -> Answer:
-        request = self._http.build_request(**self.request_args(call, body))
+    def _exchange(self, call: Call[Any], body: Iterable[bytes] | None, deadline: float) -> Answer:
+        request = self._http.build_request(**self.request_args(call, body, deadline))
         t0 = time.perf_counter()
         response = self._http.send(request, stream=True)
         try:
-            got = _Body(call, response.status_code, self.max_response_bytes)
+            got = _Body(call, response.status_code, self.max_response_bytes, deadline)
             for chunk in response.iter_bytes():
                 got.add(chunk)
         finally:
@@ -366,8 +407,8 @@ class SyncTransport(_Transport):
 
 
 class AsyncTransport(_Transport):
-    """Runs calls on one `httpx.AsyncClient`; each exchange is also bounded as a whole by the
-    call's timeout. Close it with `await aclose()` (or use `async with`)."""
+    """Runs calls on one `httpx.AsyncClient`, each cancelled at its deadline. Close it with
+    `await aclose()` (or use `async with`)."""
 
     _http: httpx.AsyncClient
 
@@ -375,21 +416,24 @@ class AsyncTransport(_Transport):
         return httpx.AsyncClient(**client_args)
 
     async def run(self, call: Call[T], body: AsyncIterable[bytes] | None = None) -> T:
-        """Make the call (its content, or `body` streamed instead) and read its result."""
+        """Make the call (its content, or `body` streamed instead) and read its result, all
+        within the call's timeout."""
+        deadline = time.monotonic() + self.total_s(call)
         for attempt in (0, 1):
             try:
-                return finish(call, await asyncio.wait_for(self._exchange(call, body), self.total_s(call)))
+                left = deadline - time.monotonic()
+                return finish(call, await asyncio.wait_for(self._exchange(call, body, deadline), left))
             except (httpx.HTTPError, asyncio.TimeoutError) as exc:
-                if not _repeatable(call, body, attempt, exc):
+                if not _repeatable(call, body, attempt, exc, deadline):
                     raise _no_answer(call, exc) from None
         raise AssertionError("unreachable")
 
-    async def _exchange(self, call: Call[Any], body: AsyncIterable[bytes] | None) -> Answer:
-        request = self._http.build_request(**self.request_args(call, body))
+    async def _exchange(self, call: Call[Any], body: AsyncIterable[bytes] | None, deadline: float) -> Answer:
+        request = self._http.build_request(**self.request_args(call, body, deadline))
         t0 = time.perf_counter()
         response = await self._http.send(request, stream=True)
         try:
-            got = _Body(call, response.status_code, self.max_response_bytes)
+            got = _Body(call, response.status_code, self.max_response_bytes, deadline)
             async for chunk in response.aiter_bytes():
                 got.add(chunk)
         finally:

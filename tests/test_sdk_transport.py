@@ -1,0 +1,286 @@
+"""The SDK's transport against raw HTTP servers on 127.0.0.1 that misbehave on cue, sync and
+async alike: a call is repeated after a broken connection only when repeating it cannot apply it
+twice (idempotent methods, `POST /plan`; never a rebalance, a heartbeat or an infer), and a
+call's timeout bounds the whole exchange, so a server that drip-feeds its answer (headers or
+body) or drips and then stalls cannot stretch a call past it."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from dapdee.client import AsyncEdgeClient, AsyncPlannerClient, EdgeClient, PlannerClient, TransportError
+from dapdee.client.transport import Call, _repeatable
+from dapdee.testing import bind_free_socket
+
+Handler = Callable[[socket.socket], None]
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """Read one request (head and `Content-Length` body) from `conn`; its request line (empty
+    when the client closed first)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head.split(b"\r\n", 1)[0]
+
+
+class RawServer:
+    """A raw TCP server on 127.0.0.1 running `handler(conn)` for each connection in a thread of
+    its own; `url` is its base URL."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    def __enter__(self) -> str:
+        self.sock = bind_free_socket()
+        self.sock.listen(16)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+            except OSError:  # the client gave up
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+
+
+def run_both(
+    make: Callable[[str], Any], amake: Callable[[str], Any], url: str, call: Callable[[Any], Any]
+) -> list[Any]:
+    """`call(client)` on a sync client `make(url)` and then on an async one `amake(url)` (its
+    result awaited): what each returned or raised."""
+    got: list[Any] = []
+    with make(url) as client:
+        try:
+            got.append(call(client))
+        except Exception as exc:  # noqa: BLE001 - the test judges it
+            got.append(exc)
+
+    async def aio() -> Any:
+        async with amake(url) as client:
+            result = call(client)
+            return await result if inspect.isawaitable(result) else result
+
+    try:
+        got.append(asyncio.run(aio()))
+    except Exception as exc:  # noqa: BLE001 - the test judges it
+        got.append(exc)
+    return got
+
+
+# ---- repeating a call after a broken connection -----------------------------------------------------
+
+PLANNER_CALLS: list[tuple[str, Callable[[Any], Any], int]] = [
+    ("POST /fleet/rebalance", lambda c: c.rebalance(), 1),
+    ("POST /workers/heartbeat", lambda c: c.heartbeat({"url": "http://e:1", "models": ["m"]}), 1),
+    ("POST /plan", lambda c: c.plan({"model": "m", "bandwidth_mbps": 1.0, "device_id": "cam-1"}), 2),
+    ("PUT /models/m", lambda c: c.put_graph({"model": "m", "nodes": []}), 2),
+    ("PUT /models/m/profiles/p", lambda c: c.put_profile("m", "p", "device", {"a": 1.0}, if_version=3), 2),
+    ("GET /models", lambda c: c.list_models(), 2),
+    ("DELETE /devices/cam-1", lambda c: c.release("cam-1"), 2),
+]
+
+
+@pytest.mark.parametrize(("route", "call", "sent"), PLANNER_CALLS, ids=[c[0] for c in PLANNER_CALLS])
+def test_only_calls_safe_to_repeat_are_repeated_after_a_broken_connection(
+    route: str, call: Callable[[Any], Any], sent: int
+) -> None:
+    """Every connection is closed unanswered once a whole request has arrived (the server may
+    have acted on it): a POST is sent once, an idempotent call (and `POST /plan`) twice; either
+    way no answer is a TransportError."""
+    seen: list[str] = []
+
+    def drop(conn: socket.socket) -> None:
+        seen.append(read_request(conn).decode())
+
+    with RawServer(drop) as url:
+        for got in run_both(PlannerClient, AsyncPlannerClient, url, call):
+            assert isinstance(got, TransportError) and not got.timeout, got
+            assert isinstance(got.cause, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError))
+    method, path = route.split(" ")
+    assert seen == [f"{method} {path} HTTP/1.1"] * (2 * sent)  # the sync client's, then the async one's
+
+
+def test_an_infer_is_never_repeated() -> None:
+    seen: list[bytes] = []
+
+    def drop(conn: socket.socket) -> None:
+        seen.append(read_request(conn))
+
+    with RawServer(drop) as url:
+        call = lambda c: c.infer("m", {"x": torch.zeros(1, 4)})  # noqa: E731
+        for got in run_both(EdgeClient, AsyncEdgeClient, url, call):
+            assert isinstance(got, TransportError), got
+    assert seen == [b"POST /v2/models/m/infer HTTP/1.1"] * 2
+
+
+def test_a_call_that_was_never_sent_may_be_repeated() -> None:
+    """The rule itself: a connect error (nothing sent) allows a repeat of any call whose body
+    was not streamed; a broken connection only of an idempotent one; never a second repeat."""
+    post = Call("POST", "/fleet/rebalance", lambda a: None)
+    plan = Call("POST", "/plan", lambda a: None, idempotent=True)
+    get = Call("GET", "/models", lambda a: None)
+    later = time.monotonic() + 60.0
+    connect, broken = httpx.ConnectError("refused"), httpx.RemoteProtocolError("closed")
+    assert _repeatable(post, None, 0, connect, later)
+    assert not _repeatable(post, None, 0, broken, later)
+    assert _repeatable(plan, None, 0, broken, later) and _repeatable(get, None, 0, broken, later)
+    assert not _repeatable(get, None, 1, broken, later)  # once at most
+    assert not _repeatable(get, [b"streamed"], 0, connect, later)  # a streamed body cannot be replayed
+    assert not _repeatable(get, None, 0, broken, time.monotonic() - 1.0)  # no time left
+    assert not Call("GET", "/x", lambda a: None, idempotent=False).is_idempotent
+
+
+# ---- one deadline for the whole exchange ------------------------------------------------------------
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+GAP_S = 0.05
+
+
+def health_answer(pad: int) -> tuple[bytes, bytes]:
+    """A Health answer's head and body, the body padded with `pad` spaces."""
+    body = b'{"status": "ok"' + b" " * pad + b"}"
+    return HEAD % len(body), body
+
+
+def dripping(part: str, stall_after_s: float | None = None) -> Handler:
+    """A handler answering a Health one byte every GAP_S: from its first byte (`part`
+    "headers") or after sending the head at once ("body"); with `stall_after_s`, it stops
+    sending after that many seconds of dripping and holds the connection silent for 10 s."""
+
+    def serve(conn: socket.socket) -> None:
+        read_request(conn)
+        head, body = health_answer(200)
+        slow = head + body if part == "headers" else body
+        if part == "body":
+            conn.sendall(head)
+        t0 = time.monotonic()
+        for byte in slow:
+            if stall_after_s is not None and time.monotonic() - t0 > stall_after_s:
+                time.sleep(10.0)
+                return
+            time.sleep(GAP_S)
+            conn.sendall(bytes([byte]))
+
+    return serve
+
+
+def call_timed(sync: bool, url: str, timeout: float) -> tuple[Any, float]:
+    """`healthz` on a sync (`sync`) or async planner client with `timeout`: what it gave
+    (result or exception) and the seconds it took."""
+
+    async def aio() -> Any:
+        async with AsyncPlannerClient(url, timeout=timeout) as ac:
+            return await ac.healthz()
+
+    t0 = time.monotonic()
+    try:
+        if sync:
+            with PlannerClient(url, timeout=timeout) as c:
+                result: Any = c.healthz()
+        else:
+            result = asyncio.run(aio())
+    except TransportError as exc:
+        result = exc
+    return result, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_drip_fed_answer_cannot_stretch_a_call_past_its_timeout(sync: bool, part: str) -> None:
+    """The answer would take ~12 s at one byte per GAP_S, each byte well inside the per-read
+    timeout: the call gives up at its timeout, headers or body alike."""
+    with RawServer(dripping(part)) as url:
+        got, took = call_timed(sync, url, timeout=0.6)
+    assert isinstance(got, TransportError) and got.timeout, got
+    assert 0.55 <= took < 1.5, took
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_a_stall_after_dripping_ends_at_the_deadline_not_a_read_timeout_later(sync: bool) -> None:
+    """Bytes drip for 0.8 s, then nothing: the read waiting then is cut to the time the call
+    has left (it would end at 0.8 + 1.0 s if each read had the whole timeout)."""
+    with RawServer(dripping("body", stall_after_s=0.8)) as url:
+        got, took = call_timed(sync, url, timeout=1.0)
+    assert isinstance(got, TransportError) and got.timeout, got
+    assert 0.95 <= took < 1.6, took
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_a_slow_answer_within_the_timeout_arrives_and_the_connection_is_reused(sync: bool) -> None:
+    """Dripping for ~0.6 s inside a 3 s timeout is an answer; the kept-alive connection then
+    serves a second call, under a deadline of its own."""
+    connections: list[int] = []
+
+    def serve(conn: socket.socket) -> None:
+        connections.append(1)
+        head, body = health_answer(10)
+        while read_request(conn):
+            conn.sendall(head)
+            for byte in body:
+                time.sleep(GAP_S / 2)
+                conn.sendall(bytes([byte]))
+
+    async def aio(url: str) -> list[Any]:
+        async with AsyncPlannerClient(url, timeout=3.0) as ac:
+            return [await ac.healthz(), await ac.healthz()]
+
+    with RawServer(serve) as url:
+        if sync:
+            with PlannerClient(url, timeout=3.0) as c:
+                answers = [c.healthz(), c.healthz()]
+        else:
+            answers = asyncio.run(aio(url))
+    assert [a.status for a in answers] == ["ok", "ok"] and connections == [1]
+
+
+def test_a_callers_transport_still_bounds_a_drip_fed_body() -> None:
+    """With a transport of the caller's (no deadline on its reads), the time left is checked as
+    each piece of the body arrives."""
+    with RawServer(dripping("body")) as url:
+        t0 = time.monotonic()
+        with (
+            PlannerClient(url, timeout=0.6, transport=httpx.HTTPTransport()) as c,
+            pytest.raises(TransportError) as err,
+        ):
+            c.healthz()
+    assert err.value.timeout and 0.55 <= time.monotonic() - t0 < 1.5
