@@ -305,7 +305,7 @@ def plan_or_error(c: PlannerClient, standin: Standin, plan: dict[str, Any]) -> A
 
 
 def test_a_plans_lease_is_refused_exactly_when_the_lease_schema_refuses_it() -> None:
-    """lease.schema.json and the SDK agree on every lease below: names and the worker URL
+    """lease.schema.json and the SDK (`LeaseInfo`) agree on every lease below: names and the worker URL
     checked against the schema's patterns, a name present as null refused, JSON types strict;
     a refusal names the field. (Unknown fields stay ignored, as in every answer model; a name or
     URL ending in a newline is refused, as JSON Schema's ECMA-262 `$` refuses it, although

@@ -165,18 +165,26 @@ LEASE_EXAMPLE = {
 }
 
 
+WorkerUrl = Annotated[str, Field(pattern=r"^https?://\S+$")]
+"""A worker's base URL as a lease names it: http(s), no whitespace (`$` is the end of the text:
+no trailing newline either, as JSON Schema reads the pattern)."""
+
+
 class LeaseInfo(BaseModel):
     """A device's lease on the shared edge: it reserves frames_per_s x edge_ms_per_frame ms per
     second of `worker` (none: Device-Only) until it expires; come back within replan_after_s.
-    Its bounds are lease.schema.json's: `device_id` and `model` optional (the planner always
-    sends them), `expires_in_s` 0 when the lease could not be stored (Redis away) and
-    `replan_after_s` 0 allowed (ask again at once)."""
+    Its bounds are lease.schema.json's: `device_id` and `model` names, each optional but never
+    null (the planner always sends them), `worker` null or a URL, numbers JSON numbers and
+    `assigned` a JSON boolean (strict), `expires_in_s` 0 when the lease could not be stored
+    (Redis away) and `replan_after_s` 0 allowed (ask again at once). Unknown fields are ignored
+    as in every answer model."""
 
-    model_config = _answer(LEASE_EXAMPLE)
+    model_config = ConfigDict(**_answer(LEASE_EXAMPLE), strict=True)
 
-    device_id: str | None = None
-    model: str | None = None
-    worker: str | None
+    # a default None is not validated: absent reads as None, an explicit null is refused
+    device_id: Name = None  # type: ignore[assignment]
+    model: Name = None  # type: ignore[assignment]
+    worker: WorkerUrl | None
     frames_per_s: float = Field(gt=0)
     edge_ms_per_frame: float = Field(ge=0, description="the plan's zero-load edge cost per frame")
     expires_in_s: float = Field(ge=0, description="0: the lease was not stored (the planner's Redis is away)")
@@ -238,8 +246,8 @@ class DeviceState(BaseModel):
         {"device_id": "cam-17", "model": "resnet18", "lease": LEASE_EXAMPLE, "plan": PLAN_EXAMPLE, "assigned": False}
     )
 
-    device_id: str
-    model: str
+    device_id: Name
+    model: Name
     lease: LeaseInfo
     plan: PlanAnswer
     assigned: bool = Field(description="the plan was assigned by a fleet rebalance")

@@ -7,11 +7,10 @@ half-read dict. Request bodies may be the typed models (`PlanRequestBody`, `Hear
 fields set are sent) or plain mappings (sent as given: the planner judges them, and a misspelt
 field comes back as an `ApiError` 422 naming it). Lease routes are not covered yet.
 
-A plan's `lease` and `GET /devices/{id}`'s answer are held to lease.schema.json where the
-answer models read laxly (`check_lease`): names and the worker URL must match the schema's
-patterns, a name is a string when present (never null), numbers are JSON numbers and
-`assigned` a JSON boolean. Unknown fields are ignored there as in every answer model, so a
-planner that adds one keeps its clients.
+A plan's `lease` and `GET /devices/{id}`'s answer are held to lease.schema.json by their
+models (`LeaseInfo`, `DeviceState`: names and the worker URL match the schema's patterns, a
+name is never null, the lease's types are strict). Unknown fields are ignored there as in every
+answer model, so a planner that adds one keeps its clients.
 
 `upload_profile` is the one place a profile body is built from a profiled cost graph.
 """
@@ -30,7 +29,6 @@ from dapdee.api.planner import (
     Health,
     HeartbeatAnswer,
     HeartbeatBody,
-    LeaseInfo,
     ModelList,
     ModelWritten,
     PlanAnswer,
@@ -53,7 +51,6 @@ from dapdee.client.transport import (
     reader,
 )
 from dapdee.costgraph import CostGraph
-from dapdee.names import ModelError, check_model_name
 
 Kind = Literal["device", "edge"]
 GraphBody = CostGraph | BaseModel | Mapping[str, Any]  # a CostGraph, a CostGraphBody or its JSON
@@ -63,9 +60,6 @@ Version = int | None  # a model version an If-Match write expects (None: uncondi
 WRITTEN = frozenset({200, 201})  # replaced, created
 NO_CONTENT = frozenset({204})
 _ETAG = re.compile(r'(?:W/)?"([0-9]{1,18})"')
-# lease.schema.json's worker pattern `^https?://[^\s]+$`, read as JSON Schema reads it (ECMA-262:
-# `$` is the end of the string, so no trailing newline either)
-_WORKER_URL = re.compile(r"https?://\S+")
 
 
 @dataclass(frozen=True)
@@ -131,50 +125,6 @@ def profile_body(graph: CostGraph, kind: Kind, meta: Meta = None) -> dict[str, A
     measured = graph.meta.get(kind)
     merged = {**(measured if isinstance(measured, dict) else {}), **(meta or {})}
     return {"kind": kind, "timings_ms": timings, "meta": merged}
-
-
-def _check_names(doc: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
-    """ValueError naming the field when one of `keys` is in `doc` but not a model/device name
-    (`null` included: the schema allows a name or no field at all). O(sum of lengths)."""
-    for key in keys:
-        if key in doc:
-            try:
-                check_model_name(doc[key])
-            except ModelError:
-                got = repr(doc[key])[:80]
-                raise ValueError(f"{where}{key} {got}: expected a name (the field may be absent, never null)") from None
-
-
-def check_lease(doc: Any, where: str = "lease.") -> LeaseInfo:
-    """The lease `doc` (its JSON, as parsed) as a LeaseInfo when lease.schema.json allows it,
-    else ValueError naming the field (prefixed `where`): its JSON types strictly (a number is a
-    JSON number, `assigned` a boolean; pydantic's error names the field), `device_id` and
-    `model` names when present, `worker` null or an http(s) URL without whitespace. Unknown
-    fields are ignored. O(size of doc)."""
-    lease = LeaseInfo.model_validate(doc, strict=True)
-    _check_names(doc, ("device_id", "model"), where)
-    worker = doc.get("worker")
-    if worker is not None and not _WORKER_URL.fullmatch(worker):
-        raise ValueError(f"{where}worker {worker[:120]!r}: expected null or an http(s) URL without whitespace")
-    return lease
-
-
-def _plan(answer: Answer) -> PlanAnswer:
-    """A plan answer; its lease, when it has one, also checked by `check_lease`."""
-    plan = PlanAnswer.model_validate_json(answer.content)
-    if plan.lease is not None:
-        check_lease(answer.json()["lease"])
-    return plan
-
-
-def _device_state(answer: Answer) -> DeviceState:
-    """`GET /devices/{id}`'s answer; its names and lease also checked as lease.schema.json's
-    `$defs/device` has them."""
-    state = DeviceState.model_validate_json(answer.content)
-    doc = answer.json()
-    _check_names(doc, ("device_id", "model"), "")
-    check_lease(doc["lease"])
-    return state
 
 
 def healthz_call() -> Call[Health]:
@@ -247,7 +197,7 @@ def plan_call(body: PlanRequestBody | Mapping[str, Any], traceparent: str | None
     changes nothing on the planner; with one, the device's lease is one record keyed by the
     device (its reservation replaced, never added to), so a repeat renews the same lease."""
     body_json = as_body(body, "PlanRequestBody")
-    return json_call("POST", "/plan", _plan, body_json, traceparent=traceparent, idempotent=True)
+    return json_call("POST", "/plan", reader(PlanAnswer), body_json, traceparent=traceparent, idempotent=True)
 
 
 def heartbeat_call(body: HeartbeatBody | Mapping[str, Any]) -> Call[HeartbeatAnswer]:
@@ -263,7 +213,7 @@ def workers_call() -> Call[WorkerList]:
 
 def device_call(device_id: str) -> Call[DeviceState]:
     """`GET /devices/{device_id}`: the device's lease and the plan now assigned to it."""
-    return Call("GET", f"/devices/{check_name(device_id, 'device_id')}", _device_state)
+    return Call("GET", f"/devices/{check_name(device_id, 'device_id')}", reader(DeviceState))
 
 
 def release_call(device_id: str) -> Call[None]:
