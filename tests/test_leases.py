@@ -48,14 +48,14 @@ async def _books(prefix: str, n: int, ttl_s: float = 30.0, max_leases: int = 100
 
 
 def _basis(record: dict) -> str:
-    """The SHA-1 of what a rebalance solves a lease from, computed here: the device, model, tier,
-    frame rate, request and worker, and the plan's exit and cut (canonical JSON)."""
-    keys = ("device_id", "model", "device_tier", "frames_per_s", "request", "worker")
+    """The SHA-1 of what a rebalance solves a lease from, computed here: the compact JSON array
+    of the device, model, tier, frame rate and worker, the request's pairs sorted by key, the
+    plan's exit and its device nodes."""
     plan = record.get("plan") or {}
-    inputs = {k: record.get(k) for k in keys} | {
-        "plan": [(plan.get("exit") or {}).get("name"), plan.get("device_nodes")]
-    }
-    return hashlib.sha1(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    inputs = [record.get(k) for k in ("device_id", "model", "device_tier", "frames_per_s", "worker")]
+    inputs += [sorted(record["request"].items()) if "request" in record else None]
+    inputs += [(plan.get("exit") or {}).get("name"), plan.get("device_nodes")]
+    return hashlib.sha1(json.dumps(inputs, separators=(",", ":")).encode()).hexdigest()
 
 
 def _tag(record: dict) -> str:

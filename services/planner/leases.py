@@ -325,19 +325,20 @@ class Heartbeat:
     ttl_ms: int
 
 
-BASIS_FIELDS = ("device_id", "model", "device_tier", "frames_per_s", "request", "worker")
+BASIS_FIELDS = ("device_id", "model", "device_tier", "frames_per_s", "worker")
 
 
 def record_basis(record: dict[str, Any]) -> str:
-    """The basis of a lease record: the SHA-1 (hex) of the canonical JSON of what a rebalance
-    solves the lease from (`BASIS_FIELDS` and the plan's exit name and device nodes), so two
-    records that differ only in predictions, `edge_ms_per_frame` or `assigned` share it.
-    O(len(record))."""
+    """The basis of a lease record: the SHA-1 (hex) of the compact JSON array of what a
+    rebalance solves the lease from, `BASIS_FIELDS`' values, then the recorded request's (key,
+    value) pairs sorted by key, the plan's exit name and its device nodes; so two records that
+    differ only in predictions, `edge_ms_per_frame` or `assigned` share it. O(len(record))."""
     plan = record.get("plan") or {}
-    exit_name = (plan.get("exit") or {}).get("name")
-    basis = {k: record.get(k) for k in BASIS_FIELDS} | {"plan": [exit_name, plan.get("device_nodes")]}
-    text = json.dumps(basis, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(text.encode()).hexdigest()
+    request = record.get("request")
+    basis = [record.get(k) for k in BASIS_FIELDS]
+    basis += [sorted(request.items()) if isinstance(request, dict) else request]
+    basis += [(plan.get("exit") or {}).get("name"), plan.get("device_nodes")]
+    return hashlib.sha1(to_json(basis, inf_nan_mode="null")).hexdigest()
 
 
 def record_text(record: dict[str, Any]) -> str:
