@@ -31,7 +31,11 @@ from dapdee.zoo import ZOO
 MANIFEST = "manifest.json"
 FRAME_NODE = "frame"  # the first node of an artifact's graph: raw uint8 frame -> normalised input
 WEIGHTS = "weights.safetensors"
-FACTOR_OPTIONS = ("width", "tail")  # zoo options that scale channel counts: finite numbers > 0
+FACTOR_OPTIONS = ("width", "tail")  # zoo options that scale channel counts: finite numbers in (0, MAX_FACTOR]
+# 4x the reference channel counts is already a 150M-parameter ResNet-18; past it a typo
+# (width=100) would allocate gigabytes before anything could say why
+MAX_FACTOR = 4.0
+COUNT_OPTIONS = {"in_channels": (1, 64), "num_classes": (2, 10_000)}  # zoo options that are counts: int bounds
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,27 @@ def _parse_value(v: str) -> Any:
     return v
 
 
+def _zoo_option_problem(opts: dict[str, Any]) -> str | None:
+    """What is wrong with a zoo spec's channel factors or counts ("option: expected ..."), or
+    None. O(options)."""
+    for key in FACTOR_OPTIONS:
+        v = opts.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            return f"{key}: expected a finite number > 0, got {v!r}"
+        if v is not None and v > MAX_FACTOR:
+            return f"{key}: expected a factor of at most {MAX_FACTOR:g}, got {v!r}"
+    for key, (low, high) in COUNT_OPTIONS.items():
+        v = opts.get(key)
+        if v is not None and not (isinstance(v, int) and low <= v <= high):
+            return f"{key}: expected an integer in [{low}, {high}], got {v!r}"
+    return None
+
+
 def parse_spec(spec: str) -> ModelSpec:
     """The parsed MODEL argument (see the module doc); ModelError naming the problem for an
     empty spec, an unknown zoo model, a channel factor (`width`, `tail`) that is not a finite
-    number > 0, or a spec of neither form. O(len(spec))."""
+    number in (0, MAX_FACTOR], a count (`in_channels`, `num_classes`) that is not an integer
+    within `COUNT_OPTIONS`' bounds, or a spec of neither form. O(len(spec))."""
     if not isinstance(spec, str) or not spec:
         raise ModelError("model spec: empty")
     if spec.startswith("zoo:"):
@@ -66,10 +87,9 @@ def parse_spec(spec: str) -> ModelSpec:
         if name not in ZOO:
             raise ModelError(f"model spec {spec!r}: unknown zoo model {name!r}; zoo has {', '.join(sorted(ZOO))}")
         opts = {k: _parse_value(v) for k, v in parse_qsl(query, keep_blank_values=True, strict_parsing=False)}
-        for key in FACTOR_OPTIONS:
-            v = opts.get(key)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ModelError(f"model spec {spec!r}: bad options ({key}: expected a finite number > 0, got {v!r})")
+        problem = _zoo_option_problem(opts)
+        if problem:
+            raise ModelError(f"model spec {spec!r}: bad options ({problem})")
         return ModelSpec(spec, "zoo", name, opts)
     if spec.count(":") != 1:
         raise ModelError(f"model spec {spec!r}: expected zoo:NAME or package.module:factory")

@@ -193,15 +193,29 @@ def test_graph_cli_bad_inputs(argv: list[str], needle: str, capsys: pytest.Captu
         ("zoo:alexnet?width=0", "width"),
         ("zoo:vgg16?width=-0.5", "width"),
         ("zoo:resnet18?width=0.25&tail=inf", "tail"),
+        ("zoo:resnet18?width=1000", "width"),  # allocated gigabytes before failing
+        ("zoo:resnet18?width=0.25&tail=4.5", "tail"),
+        ("zoo:alexnet?width=0.25&in_channels=0", "in_channels"),
+        ("zoo:alexnet?width=0.25&in_channels=100000", "in_channels"),
+        ("zoo:alexnet?width=0.25&in_channels=1.5", "in_channels"),
+        ("zoo:vgg16?width=0.25&num_classes=1", "num_classes"),
+        ("zoo:vgg16?width=0.25&num_classes=1000000000", "num_classes"),
     ],
 )
-def test_graph_cli_channel_factors_must_be_finite_and_positive(
+def test_graph_cli_channel_factors_and_counts_must_be_in_bounds(
     spec: str, option: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`width` / `tail` of a zoo spec: exit 2 and one line naming the option, never a traceback."""
+    """`width` / `tail` (finite, > 0, at most 4) and `in_channels` / `num_classes` (integers in
+    bounds) of a zoo spec: exit 2 and one line naming the option, never a traceback (a width of
+    1000 used to allocate gigabytes of weights first)."""
     assert cli_main(["graph", spec]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("dapdee: error:") and f"{option}: expected a finite number > 0" in err and "\n" not in err
+    assert err.startswith("dapdee: error:") and f"({option}: expected" in err and "\n" not in err
+
+
+def test_graph_cli_takes_zoo_options_at_their_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["graph", "zoo:alexnet?width=0.125&in_channels=64&num_classes=2"]) == 0
+    assert cli_main(["graph", "zoo:resnet18?width=0.0625&tail=4"]) == 0
 
 
 class OwnFrame(nn.Module):
