@@ -320,26 +320,16 @@ def test_lease_mutations_fail_naming_the_field() -> None:
 
 
 def test_the_sdk_lease_model_accepts_the_leases_the_schema_accepts() -> None:
-    """`dapdee.api.planner.LeaseInfo`, which the SDK checks a plan's lease with, agrees with
-    lease.schema.json on which fields must be there and on every number's bounds: a lease the
-    schema allows (`replan_after_s` 0, `expires_in_s` 0, no `device_id` or `model`) is never a
-    ProtocolError in the SDK, and one it refuses is one. (Answer models, this one included, do
-    not check name or URL patterns and read JSON laxly, e.g. "1" as 1.0: the device checks the
-    worker URL and the numbers itself, `dapdee.device.plans.parse_lease`.)"""
+    """`dapdee.api.planner.LeaseInfo`, which the planner answers with and the SDK reads a plan's
+    lease with, agrees with lease.schema.json on which fields must be there and on every number's
+    bounds: a lease the schema allows (`replan_after_s` 0, `expires_in_s` 0, no `device_id` or
+    `model`) is never refused, and one it refuses is. (Names, the worker URL and JSON types:
+    `tests/test_sdk_planner.py`, through the SDK.)"""
     from pydantic import ValidationError as ModelError
 
-    from dapdee.api.planner import LeaseInfo
+    from dapdee.api.planner import LEASE_EXAMPLE, LeaseInfo
 
-    good = {
-        "device_id": "cam-7",
-        "model": "tiny",
-        "worker": "http://edge-1:8000",
-        "frames_per_s": 10.0,
-        "edge_ms_per_frame": 3.0,
-        "expires_in_s": 30.0,
-        "replan_after_s": 5.0,
-        "assigned": False,
-    }
+    good = dict(LEASE_EXAMPLE)
     docs = [good, {**good, "worker": None}] + [{k: v for k, v in good.items() if k != gone} for gone in good]
     for key in ("frames_per_s", "edge_ms_per_frame", "expires_in_s", "replan_after_s"):
         docs += [{**good, key: v} for v in (0, 0.0, 1e-9, -1e-9, -1.0)]
