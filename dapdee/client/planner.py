@@ -1,11 +1,12 @@
-"""The planner's client: graphs, profiles, plans and workers, typed with `dapdee.api.planner`.
+"""The planner's client: graphs, profiles, plans, workers and leases (a device's state, its
+release, a fleet rebalance), typed with `dapdee.api.planner`.
 
 `PlannerClient` (sync) and `AsyncPlannerClient` (async) have the same methods, one per route;
 each builds its request with a function below (pure, shared by both) and reads the answer into
 the route's answer model, so an answer that breaks the contract is a `ProtocolError`, never a
 half-read dict. Request bodies may be the typed models (`PlanRequestBody`, `HeartbeatBody`; the
 fields set are sent) or plain mappings (sent as given: the planner judges them, and a misspelt
-field comes back as an `ApiError` 422 naming it). Lease routes are not covered yet.
+field comes back as an `ApiError` 422 naming it).
 
 A plan's `lease` and `GET /devices/{id}`'s answer are held to lease.schema.json by their
 models (`LeaseInfo`, `DeviceState`: names and the worker URL match the schema's patterns, a
