@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,14 +32,21 @@ class ProfileCacheError(ValueError):
     """A cached profile that cannot stand in for a measurement; the message names the file."""
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
+class ProfileStopped(Exception):
+    """Profiling was asked to stop (its `stop` event was set) before it finished."""
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, stop: threading.Event | None = None) -> float:
+    """Median wall ms of `fn()` over `repeats` runs after `warmup` unmeasured ones; raises
+    ProfileStopped as soon as `stop` is set (checked before every run). O(warmup + repeats) runs."""
     samples = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if stop is not None and stop.is_set():
+            raise ProfileStopped("profiling stopped")
         t0 = time.perf_counter()
         fn()
-        samples.append((time.perf_counter() - t0) * 1000.0)
+        if i >= warmup:
+            samples.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(samples)
 
 
@@ -50,9 +58,11 @@ def profile_model(
     repeats: int = 20,
     warmup: int = 3,
     progress: ProgressFn | None = None,
+    stop: threading.Event | None = None,
 ) -> CostGraph:
     """Median latency (ms) of each node run alone, times `slowdown`, as the `tier` timings of
-    `loaded.graph`. Cost: (warmup + repeats) x one forward pass, plus one forward to collect inputs."""
+    `loaded.graph`. Setting `stop` (from another thread) ends it with ProfileStopped before the
+    next node run. Cost: (warmup + repeats) x one forward pass, plus one forward to collect inputs."""
     if tier not in ("device", "edge"):
         raise ValueError(f"tier: expected 'device' or 'edge', got {tier!r}")
     if not slowdown >= 1.0:
@@ -72,7 +82,7 @@ def profile_model(
             env = {loaded.input_name: x, **ex.compute({loaded.input_name: x}, names)}
             for i, name in enumerate(names):
                 node: fx.Node = ex.nodes[name]
-                timings[name] = slowdown * _median_ms(lambda n=node: ex._run_node(n, env), repeats, warmup)
+                timings[name] = slowdown * _median_ms(lambda n=node: ex._run_node(n, env), repeats, warmup, stop)
                 if progress:
                     progress(i + 1, len(names))
     finally:

@@ -5,8 +5,9 @@ derives each model's request limits, starts the batcher's thread pool and the pl
 registration task, and closes them on shutdown. The shared `AccessLog` is its outermost
 middleware (the request's trace context, one log record per request, refusals included), then
 the shared `RequestGuard`: role tokens, the per-model body limit, the body read timeout and the
-concurrency limit are checked before anything is parsed, and refusals are OIP's `{"error": ...}`. Run it
-with `dapdee serve edge` or `uvicorn --factory dapdee.edge_worker.app:app_from_env`.
+concurrency limit are checked before anything is parsed (an infer to a model the worker does not
+serve is a 404 before its body is read), and refusals are OIP's `{"error": ...}`. Run it with
+`dapdee serve edge` or `uvicorn --factory dapdee.edge_worker.app:app_from_env`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from starlette.types import Scope
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.capacity import CapacityMeter, thread_cpu_clock
 from dapdee.edge_worker.config import Settings
-from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState
-from dapdee.edge_worker.metrics import EdgeMetrics
+from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, get_model
+from dapdee.edge_worker.metrics import UNKNOWN, EdgeMetrics
 from dapdee.edge_worker.registration import run_registration
 from dapdee.edge_worker.routers import health, v2
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
@@ -133,8 +134,7 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
         app.state.worker = state
         task = None
         if settings.planner_url:
-            public = settings.public_url or f"http://{settings.host}:{settings.port}"
-            task = asyncio.create_task(run_registration(state, public))
+            task = asyncio.create_task(run_registration(state, settings.advertised_url()))
         log.info(
             "edge worker %s: models %s, tier %s",
             "up, ready once profiled" if state.profiling else "ready",
@@ -154,15 +154,29 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
 
 
 def _install_guard(app: FastAPI, settings: Settings) -> None:
-    """The shared request guard, outermost: roles, the per-model body limit (a model's derived
-    limit on its infer routes, `OTHER_BODY_BYTES` elsewhere), the body read timeout and the
-    concurrency limit, before anything is parsed; refusals counted by reason."""
+    """The shared request guard, outermost: roles, an infer to a model the worker does not serve
+    (404 before its body is read: it has no body limit of its own, and `OTHER_BODY_BYTES` would
+    answer a real tensor 413), the per-model body limit (a model's derived limit on its infer
+    routes, `OTHER_BODY_BYTES` elsewhere), the body read timeout and the concurrency limit,
+    before anything is parsed; refusals counted by reason (`not_found`: that 404)."""
 
     def body_limit(scope: Scope) -> int:
         state: WorkerState | None = app.state.worker
         m = INFER_PATH.search(scope["path"])
         entry = state.models.get(m.group(1)) if state is not None and m is not None else None
         return entry.limits.body_bytes if entry is not None else OTHER_BODY_BYTES
+
+    def unknown_model(scope: Scope) -> tuple[int, str, str] | None:
+        state: WorkerState | None = app.state.worker
+        m = INFER_PATH.search(scope["path"]) if scope["method"] == "POST" else None
+        if state is None or m is None or m.group(1) in state.models:
+            return None
+        try:
+            get_model(state, m.group(1))
+        except ApiError as exc:  # counted as the route counts an unknown model's request
+            state.metrics.requests.labels(UNKNOWN, UNKNOWN, str(exc.status)).inc()
+            return exc.status, "not_found", exc.message
+        return None
 
     def on_reject(reason: str) -> None:
         state: WorkerState | None = app.state.worker
@@ -180,6 +194,7 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         max_buffered_bytes=settings.max_buffered_bytes,
         on_reject=on_reject,
         body_limit=body_limit,
+        before_body=unknown_model,
     )
 
 

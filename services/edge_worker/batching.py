@@ -8,7 +8,9 @@ load), or when the next request's rows would take it past `max_rows` rows (that 
 opens the next batch): no batch ever concatenates more than `max_rows` rows. With
 `batch_max == 1` or `batch_wait_ms == 0` every request runs alone, as it arrives. A batch's
 output is a tensor, or a tuple of tensors (e.g. logits and the exit that answered each row),
-split back by rows.
+split back by rows. A batch of several requests that fails as a whole (one request's data makes
+the model raise, or its output is not rows first) is computed again request by request, so each
+request gets its own answer or its own error.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 BatchKey = tuple[str, frozenset[str], str] | tuple[str, frozenset[str], str, str]  # model, inputs, exit[, mode]
 Output = torch.Tensor | tuple[torch.Tensor, ...]
+Outcome = Output | Exception  # one request's share of a batch, or why computing it failed
 
 
 class Computes(Protocol):
@@ -151,27 +154,27 @@ class Batcher:
         fut.add_done_callback(lambda f: self._done(key[0], items, f))
 
     # ---- execution (pool thread) -------------------------------------------------------
-    def _run(self, executor: Computes, target: str, items: list[_Pending]) -> tuple[Output, float, float]:
+    def _run(self, executor: Computes, target: str, items: list[_Pending]) -> tuple[list[Outcome], float, float]:
+        """One batch on a pool thread: (each request's outcome, start time, compute seconds).
+        A batch of several requests that fails as a whole is computed again request by request,
+        so a request whose data makes the model fail fails alone. O(the batch's compute), twice
+        when it falls back."""
         t0 = time.perf_counter()
         tid = threading.get_ident()
         with self._lock:
             self._running[tid] = t0
         try:
-            names = list(items[0].inputs)
-            if len(items) == 1:
-                given = items[0].inputs
-            else:
-                given = {n: torch.cat([it.inputs[n] for it in items], 0) for n in names}
-            with torch.inference_mode():
-                out = executor.compute(given, [target])[target]
-            parts = out if isinstance(out, tuple) else (out,)
-            if not all(isinstance(o, torch.Tensor) for o in parts):
-                raise RuntimeError(f"exit node {target} did not produce a tensor")
+            try:
+                outcomes: list[Outcome] = _split(_compute(executor, target, _stacked(items)), items)
+            except Exception:
+                if len(items) == 1:
+                    raise
+                outcomes = [_alone(executor, target, it) for it in items]
             compute_s = time.perf_counter() - t0
             if self.slowdown > 1.0:
                 time.sleep(compute_s * (self.slowdown - 1.0))
                 compute_s = time.perf_counter() - t0
-            return out, t0, compute_s
+            return outcomes, t0, compute_s
         finally:
             with self._lock:
                 self._running.pop(tid, None)
@@ -191,21 +194,18 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(exc)
             return
-        out, t0, compute_s = f.result()
+        outcomes, t0, compute_s = f.result()
         if self.on_batch is not None:
             self.on_batch(model, len(items), compute_s)
-        start = 0
         rows = sum(it.rows for it in items)
-        for it in items:
-            part = (
-                tuple(o[start : start + it.rows] for o in out)
-                if isinstance(out, tuple)
-                else out[start : start + it.rows]
-            )
-            start += it.rows
-            if not it.future.done():
+        for it, outcome in zip(items, outcomes, strict=True):
+            if it.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                it.future.set_exception(outcome)
+            else:
                 queue_s = max(0.0, t0 - it.t_submit)
-                it.future.set_result(BatchResult(part, queue_s, max(0.0, compute_s), len(items), rows))
+                it.future.set_result(BatchResult(outcome, queue_s, max(0.0, compute_s), len(items), rows))
 
     # ---- load and shutdown ------------------------------------------------------------------
     def load(self) -> float:
@@ -234,3 +234,48 @@ class Batcher:
                     it.future.set_exception(RuntimeError("worker is shutting down"))
             self._open.pop(key, None)
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stacked(items: Sequence[_Pending]) -> dict[str, torch.Tensor]:
+    """The batch's inputs: each input name's tensors concatenated on dim 0, in item order (the
+    items share their input names: they share a batch key). O(the batch's values)."""
+    if len(items) == 1:
+        return items[0].inputs
+    return {n: torch.cat([it.inputs[n] for it in items], 0) for n in items[0].inputs}
+
+
+def _compute(executor: Computes, target: str, given: Mapping[str, torch.Tensor]) -> Output:
+    """`target` computed from `given` under inference mode: a tensor or a tuple of tensors
+    (RuntimeError otherwise). O(the nodes it needs)."""
+    with torch.inference_mode():
+        out = executor.compute(given, [target])[target]
+    parts = out if isinstance(out, tuple) else (out,)
+    if not all(isinstance(o, torch.Tensor) for o in parts):
+        raise RuntimeError(f"exit node {target} did not produce a tensor")
+    return out
+
+
+def _split(out: Output, items: Sequence[_Pending]) -> list[Output]:
+    """Each item's rows of a batch's output, in item order (views). ValueError when an output of
+    a batch of several requests does not have the batch's rows first. O(items)."""
+    if len(items) == 1:
+        return [out]
+    parts = out if isinstance(out, tuple) else (out,)
+    rows = sum(it.rows for it in items)
+    if not all(o.dim() > 0 and o.shape[0] == rows for o in parts):
+        raise ValueError(f"a batch output is not {rows} rows first: {[list(o.shape) for o in parts]}")
+    shares: list[Output] = []
+    start = 0
+    for it in items:
+        end = start + it.rows
+        shares.append(tuple(o[start:end] for o in parts) if isinstance(out, tuple) else out[start:end])
+        start = end
+    return shares
+
+
+def _alone(executor: Computes, target: str, item: _Pending) -> Outcome:
+    """One request computed on its own: its output, or the exception computing it raised."""
+    try:
+        return _compute(executor, target, item.inputs)
+    except Exception as exc:  # this request's failure: handed to its caller alone
+        return exc

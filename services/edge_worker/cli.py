@@ -73,7 +73,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dapdee.edge_worker.app import create_app, load_models
-    from dapdee.edge_worker.config import Settings
+    from dapdee.edge_worker.config import Settings, self_url_for
     from dapdee.web.gil import shorten_switch_interval
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV
@@ -89,10 +89,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in (*OVERRIDES, "insecure") if getattr(args, k) is not None}
     settings = load_settings(Settings, "edge worker settings", **overrides)  # a flag sets the same field
     if settings.self_url is None:  # where it measures its own per-request cost (request_cost.py)
-        local = settings.host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1")
-        settings = settings.model_copy(
-            update={"self_url": f"http://{'127.0.0.1' if local else settings.host}:{settings.port}"}
-        )
+        settings = settings.model_copy(update={"self_url": self_url_for(settings.host, settings.port)})
     configure_logging("edge", args.log_format, args.log_level)  # one JSON (or text) line per record on stderr
     warning = check_exposure("edge worker", settings.host, settings.tokens(), settings.insecure)  # ValueError: exit 2
     if warning:

@@ -12,6 +12,28 @@ from dapdee.web.guard import check_buffered_bytes
 from dapdee.web.settings import SecuritySettings
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # bind every interface: no address to advertise
+LOOPBACK_V4 = ("0.0.0.0", "127.0.0.1", "localhost", "")  # the worker reaches itself at 127.0.0.1
+LOOPBACK_V6 = ("::", "::1")  # ... and at [::1] (reachable whether or not "::" is dual-stack)
+
+
+def http_url(host: str, port: int) -> str:
+    """`http://HOST:PORT`, an IPv6 literal in brackets (`::1` -> `http://[::1]:8000`; a host
+    already bracketed stays so), checked as the SDK takes base URLs (`check_base_url`: a
+    RequestError, a ValueError, naming the URL otherwise). O(len(host))."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return check_base_url(f"http://[{bare}]:{port}" if ":" in bare else f"http://{bare}:{port}")
+
+
+def self_url_for(host: str, port: int) -> str:
+    """Where a worker bound to `host`:`port` reaches its own server: loopback for a wildcard or
+    loopback host (`http://127.0.0.1:PORT` for IPv4 ones, `http://[::1]:PORT` for IPv6 ones),
+    else the host itself (`http_url`). O(len(host))."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if bare in LOOPBACK_V4:
+        return http_url("127.0.0.1", port)
+    if bare in LOOPBACK_V6:
+        return http_url("::1", port)
+    return http_url(bare, port)
 
 
 class Settings(SecuritySettings):
@@ -93,13 +115,13 @@ class Settings(SecuritySettings):
         """At least `max_body_bytes`: a body within the limit must fit the buffer."""
         return check_buffered_bytes(v, info.data.get("max_body_bytes"))
 
-    @field_validator("planner_url", "public_url")
+    @field_validator("planner_url", "public_url", "self_url")
     @classmethod
     def _base_url(cls, v: str | None) -> str | None:
-        """The planner URL, and the URL devices reach this worker at, as the SDK takes them
-        (`check_base_url`: http(s) with a host, no query, fragment or credentials; trailing
-        slash dropped), so a bad one fails at start-up rather than in the registration task or
-        on every device; empty means none."""
+        """The planner URL, the URL devices reach this worker at and the one it reaches itself
+        at, as the SDK takes them (`check_base_url`: http(s) with a host, no query, fragment or
+        credentials; trailing slash dropped), so a bad one fails at start-up rather than in the
+        registration task or on every device; empty means none."""
         return check_base_url(v) if v else None
 
     @model_validator(mode="after")
@@ -107,7 +129,8 @@ class Settings(SecuritySettings):
         """A worker that registers must know the URL it tells the planner: port 0 (a free port
         picked at bind time, after start-up) is never known to it, and a wildcard host (0.0.0.0,
         ::) is no address a device can reach, so such a worker needs `public_url`; port 0 is
-        refused outright, as the worker also measures its own request cost through that port."""
+        refused outright, as the worker also measures its own request cost through that port. The
+        URL it advertises without `public_url` is `advertised_url()`, checked here."""
         if self.planner_url is None:
             return self
         if self.port == 0:
@@ -119,7 +142,17 @@ class Settings(SecuritySettings):
                 f"public_url: needed with host {self.host!r}, which is no address a device can reach "
                 "(the worker registers http://HOST:PORT otherwise)"
             )
+        if self.public_url is None:
+            try:
+                http_url(self.host, self.port)
+            except ValueError as exc:
+                raise ValueError(f"host: {self.host!r} gives no URL to advertise ({exc}); give public_url") from None
         return self
+
+    def advertised_url(self) -> str:
+        """The URL the worker registers with the planner: `public_url`, else
+        `http://HOST:PORT` (`http_url`: an IPv6 literal host bracketed). O(len(host))."""
+        return self.public_url or http_url(self.host, self.port)
 
     def model_entries(self) -> list[tuple[str, str | None]]:
         """`models` as (spec, artifact dir or None) pairs."""

@@ -3,6 +3,7 @@ in OIP's `{"error": ...}` shape."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,13 @@ from dapdee.edge_worker.metrics import EdgeMetrics
 from dapdee.models import LoadedModel
 
 MODEL_VERSION = "1"  # every served model has exactly this version
+COMPUTE_CACHE = 4096  # compute-ms predictions kept per model (requests may name arbitrary cuts)
 INPUTS_NOTE = (
     "any graph node may be sent as an input (a boundary tensor named by node, first dim = rows, "
     "per-sample shape = the node's traced shape); the worker computes whatever the exit needs that "
-    "was not sent; request parameter 'exit' picks the exit"
+    "was not sent; a node computed from the model's parameters alone (no batch dimension) may be "
+    "sent at its whole traced shape, and is then ignored: the worker computes it itself; request "
+    "parameter 'exit' picks the exit"
 )
 
 
@@ -41,28 +45,36 @@ class ApiError(Exception):
 @dataclass
 class ModelEntry:
     """A served model: the loaded model, its cost graph (edge timings once profiled), the
-    per-sample shape of every value a request may send (graph input and tensor nodes), and the
-    request limits derived from them."""
+    per-sample shape of every batch value a request may send (graph input and tensor nodes that
+    depend on it), the whole shape of every tensor node computed from the model's parameters
+    alone (`fixed_shapes`: no batch dimension; sent or not, the worker computes it itself), and
+    the request limits derived from them."""
 
     loaded: LoadedModel
     graph: CostGraph
     sample_shapes: dict[str, tuple[int, ...]]
     limits: RequestLimits
-    # (the graph the figures are for, (given names, target) -> profiled compute ms)
-    _compute_ms: tuple[CostGraph | None, dict[tuple[frozenset[str], str], float | None]] = field(
-        default_factory=lambda: (None, {}), repr=False
+    fixed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # (the graph the figures are for, (given names, target) -> profiled compute ms, least recent first)
+    _compute_ms: tuple[CostGraph | None, OrderedDict[tuple[frozenset[str], str], float | None]] = field(
+        default_factory=lambda: (None, OrderedDict()), repr=False
     )
 
     @classmethod
     def of(cls, loaded: LoadedModel, max_rows: int, body_cap: int) -> ModelEntry:
         """Index `loaded` for requests of at most `max_rows` rows and `body_cap` bytes.
         O(largest_boundary) (enumerates the model's cuts)."""
-        g = loaded.graph
+        g, ex = loaded.graph, loaded.executor
         shapes = {g.input.name: tuple(g.input.shape[1:])}
+        fixed: dict[str, tuple[int, ...]] = {}
         for n in g.nodes:
-            if n.shape is not None and n.name not in loaded.executor.scalar_nodes:
+            if n.shape is None or n.name in ex.scalar_nodes:
+                continue
+            if n.name in ex.batch_nodes:
                 shapes[n.name] = tuple(n.shape[1:])
-        return cls(loaded, g, shapes, request_limits(g, shapes, max_rows, body_cap))
+            else:  # a parameter, or computed from parameters alone: the same for every row
+                fixed[n.name] = tuple(n.shape)
+        return cls(loaded, g, shapes, request_limits(g, shapes, max_rows, body_cap, fixed), fixed)
 
     @property
     def name(self) -> str:
@@ -71,15 +83,20 @@ class ModelEntry:
     def compute_ms(self, given: frozenset[str], target: str) -> float | None:
         """What the graph's edge profile predicts for computing `target` from the values named
         `given`: Σ edge_ms over the nodes that computation runs (None: the graph has no edge
-        timings there). Cached per (given, target) for the current graph; a miss is O(V + E)."""
+        timings there). Cached per (given, target) for the current graph, the COMPUTE_CACHE most
+        recently used kept; a hit is O(1), a miss O(V + E)."""
         graph, cache = self._compute_ms
         if graph is not self.graph:
-            graph, cache = self.graph, {}
+            graph, cache = self.graph, OrderedDict()
             self._compute_ms = (graph, cache)
         key = (given, target)
-        if key not in cache:
-            cache[key] = _compute_ms(graph, given, target)
-        return cache[key]
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = cache[key] = _compute_ms(graph, given, target)
+        if len(cache) > COMPUTE_CACHE:  # bounded: requests may name arbitrary cuts
+            cache.popitem(last=False)
+        return value
 
     @property
     def request_ms(self) -> float:

@@ -2,11 +2,13 @@
 model's limits, batch-compute the exit, and encode `logits` (FP32) and `class` (INT64).
 
 The inputs are boundary tensors named by graph node (first dim = rows); the worker computes
-whatever the requested exit needs that was not sent. With the parameter `confidence: true` it
-also checks the calibrated confidence heads it computes on the way to the exit
-(`dapdee.progressive_run`: the heads the sender did not compute, in exit order) and answers each
-row at its first confident one; `exits_taken` says, per row, which exit answered. Every refusal
-is an `ApiError` naming the problem: 400 malformed (or `confidence` for a model without
+whatever the requested exit needs that was not sent. A value computed from the model's
+parameters alone (e.g. a `get_attr` node a cut sends on) has no rows: it may be sent at its
+whole traced shape, and is then dropped, the worker computing its own. With the parameter
+`confidence: true` it also checks the calibrated confidence heads it computes on the way to the
+exit (`dapdee.progressive_run`: the heads the sender did not compute, in exit order) and answers
+each row at its first confident one; `exits_taken` says, per row, which exit answered. Every
+refusal is an `ApiError` naming the problem: 400 malformed (or `confidence` for a model without
 calibrated thresholds), 413 past a limit (rows, values), 422 when the answer would not be finite.
 """
 
@@ -45,12 +47,22 @@ def _short(name: str) -> str:
 
 def tensor_check(entry: ModelEntry) -> wire.TensorCheck:
     """A per-request check for `wire.decode_request`: every input names a sendable value of the
-    model, has its traced per-sample shape, at least 1 and at most `max_batch_rows` rows, and
-    as many rows as the other inputs. Runs before any tensor data is read. O(1) per input."""
+    model; a batch value has its traced per-sample shape, at least 1 and at most
+    `max_batch_rows` rows, and as many rows as the other batch values; a value computed from
+    the parameters alone has its whole traced shape (no rows). Runs before any tensor data is
+    read. O(1) per input."""
     rows_seen: list[int] = []
     max_rows = entry.limits.max_rows
 
     def check(name: str, shape: list[int], datatype: str) -> None:
+        fixed = entry.fixed_shapes.get(name)
+        if fixed is not None:
+            if tuple(shape) != fixed:
+                raise wire.WireError(
+                    f"input {name!r}: wrong shape; expected {list(fixed)} (computed from the model's "
+                    f"parameters alone: one value for every row, no batch dimension), got {shape}"
+                )
+            return
         expected = entry.sample_shapes.get(name)
         if expected is None:
             if name in entry.loaded.executor.nodes:
@@ -101,6 +113,20 @@ def requested_exit(entry: ModelEntry, req: wire.DecodedRequest) -> str:
         err.exit_label = exit_name
         raise err
     return exit_name
+
+
+def batch_inputs(entry: ModelEntry, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs that are batch data: values computed from the model's parameters alone are
+    dropped (the worker computes its own; they are never concatenated across a batch). 400 when
+    nothing is left. O(inputs)."""
+    batch = {name: t for name, t in inputs.items() if name not in entry.fixed_shapes}
+    if not batch:
+        raise ApiError(
+            400,
+            f"inputs: only values computed from the model's parameters ({', '.join(map(_short, inputs))}); "
+            "send the graph input or the boundary tensors of a cut",
+        )
+    return batch
 
 
 def exit_target(entry: ModelEntry, inputs: Mapping[str, torch.Tensor], exit_name: str) -> str:
@@ -239,21 +265,22 @@ async def run_infer(
     exit_name = requested_exit(entry, req)
     confident = requested_confidence(entry, req, exit_name)
     try:
-        node = exit_target(entry, req.inputs, exit_name)
+        inputs = batch_inputs(entry, req.inputs)
+        node = exit_target(entry, inputs, exit_name)
     except ApiError as exc:
         exc.exit_label = exit_name
         raise
     tracing = otel.recording()  # None unless this request's trace is exported
     submit_ns = time.time_ns() if tracing is not None else 0
-    given = frozenset(req.inputs)
-    result = await _submit(state, entry, req.inputs, given, exit_name, node, confident)
+    given = frozenset(inputs)
+    result = await _submit(state, entry, inputs, given, exit_name, node, confident)
     predicted = None if confident else entry.compute_ms(given, node)
     if predicted is not None:  # this request's share of its batch's compute, against its price
-        rows = next(iter(req.inputs.values())).shape[0]
+        rows = next(iter(inputs.values())).shape[0]
         slot_ms = result.compute_s * 1000.0 * rows / max(1, result.batch_rows)
         state.capacity.record(predicted * rows, entry.request_ms, slot_ms)
     if tracing is not None:
-        record_infer(tracing, entry, req.inputs, node, exit_name, len(body), result, submit_ns)
+        record_infer(tracing, entry, inputs, node, exit_name, len(body), result, submit_ns)
     output, taken = result.output, None
     if isinstance(output, tuple):  # a confidence run: (logits, exit index) per row
         output, index = output

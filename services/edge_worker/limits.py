@@ -4,8 +4,10 @@ A valid infer request sends the boundary tensors of one cut (or the graph input)
 `max_batch_rows` rows, each tensor at its node's traced per-sample shape. So the most values a
 valid request carries is `max_batch_rows` x the model's largest boundary set (in values per
 row), and its body is at most that many values in the most verbose encoding the worker accepts
-(JSON text) plus a header allowance. The worker refuses anything larger before parsing it, which
-bounds what one request can make the worker allocate.
+(JSON text) plus a header allowance. A value computed from the model's parameters alone (no
+batch dimension) may also be sent, once, at its whole shape: those add their values once, not
+per row. The worker refuses anything larger before parsing it, which bounds what one request can
+make the worker allocate.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ class RequestLimits:
     max_rows: int  # first dimension of every input (= the batch)
     row_values: int  # values per row of the largest boundary set
     body_bytes: int  # the request body, in bytes
+    fixed_values: int = 0  # values of every parameter-only value, each sent at most once
 
     @property
     def max_values(self) -> int:
         """The most tensor values (elements) a valid request carries."""
-        return self.max_rows * self.row_values
+        return self.max_rows * self.row_values + self.fixed_values
 
 
 def largest_boundary(graph: CostGraph, row_values: Mapping[str, int]) -> int:
@@ -61,11 +64,17 @@ def largest_boundary(graph: CostGraph, row_values: Mapping[str, int]) -> int:
 
 
 def request_limits(
-    graph: CostGraph, sample_shapes: Mapping[str, tuple[int, ...]], max_rows: int, body_cap: int
+    graph: CostGraph,
+    sample_shapes: Mapping[str, tuple[int, ...]],
+    max_rows: int,
+    body_cap: int,
+    fixed_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> RequestLimits:
-    """The limits of one model: `max_rows` rows of its largest boundary set, and the body that
-    carries them as JSON text, capped at `body_cap` bytes. O(largest_boundary)."""
+    """The limits of one model: `max_rows` rows of its largest boundary set plus every
+    parameter-only value of `fixed_shapes` (whole shapes, no rows), and the body that carries
+    them as JSON text, capped at `body_cap` bytes. O(largest_boundary)."""
     row_values = {name: math.prod(shape) for name, shape in sample_shapes.items()}
     per_row = max(1, largest_boundary(graph, row_values))
-    body = HEADER_BYTES + max_rows * per_row * JSON_VALUE_BYTES
-    return RequestLimits(max_rows, per_row, min(body_cap, body))
+    fixed = sum(math.prod(shape) for shape in (fixed_shapes or {}).values())
+    body = HEADER_BYTES + (max_rows * per_row + fixed) * JSON_VALUE_BYTES
+    return RequestLimits(max_rows, per_row, min(body_cap, body), fixed)

@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+import torch
 
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError
 from dapdee.costgraph import CostGraph
@@ -40,19 +43,29 @@ def profile_path(cache_dir: str, model: str, tier: str) -> Path:
     return Path(cache_dir) / f"{model}.{tier}.edge.json"
 
 
-def profile_entry(state: WorkerState, entry: ModelEntry) -> CostGraph:
-    """The model's graph with `edge_ms` filled: from the cache when it matches, else measured
-    (and cached). Runs in a worker thread (blocking). O(repeats x one forward pass) when measuring."""
+def profile_entry(state: WorkerState, entry: ModelEntry, stop: threading.Event | None = None) -> CostGraph:
+    """The model's graph with `edge_ms` filled: from the cache when it was measured for this
+    model at the worker's slowdown and thread count (`settings.threads`, else torch's current
+    one: what the worker computes with), else measured at those (and cached). Setting `stop`
+    ends a measurement with ProfileStopped before its next node run. Runs in a worker thread
+    (blocking). O(repeats x one forward pass) when measuring."""
     s = state.settings
     path = profile_path(s.profile_cache, entry.name, s.tier) if s.profile_cache else None
+    threads = s.threads or torch.get_num_threads()
 
     def measure() -> CostGraph:
-        log.info("model %s: profiling edge timings (%d repeats)", entry.name, s.profile_repeats)
+        log.info("model %s: profiling edge timings (%d repeats, %d threads)", entry.name, s.profile_repeats, threads)
         return profile_model(
-            entry.loaded, tier="edge", slowdown=s.slowdown, repeats=s.profile_repeats, warmup=s.profile_warmup
+            entry.loaded,
+            tier="edge",
+            slowdown=s.slowdown,
+            threads=threads,
+            repeats=s.profile_repeats,
+            warmup=s.profile_warmup,
+            stop=stop,
         )
 
-    return load_or_measure(entry.loaded, "edge", path, measure, slowdown=s.slowdown)
+    return load_or_measure(entry.loaded, "edge", path, measure, slowdown=s.slowdown, threads=threads)
 
 
 def heartbeat_body(state: WorkerState, public_url: str) -> dict[str, Any]:
@@ -127,17 +140,30 @@ async def _still_registered(planner: AsyncPlannerClient, model: str, tier: str, 
     return not with_profile or tier in profiles.profiles
 
 
+async def stoppable(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args, stop)` in a worker thread, `stop` a fresh threading.Event set as soon as the
+    await ends, however: when the awaiting task is cancelled (shutdown), `fn` sees it at its next
+    check and returns, so the thread does not run on (the event loop's shutdown waits for it).
+    O(1) plus `fn`."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(fn, *args, stop)
+    finally:
+        stop.set()
+
+
 async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
     """Each model's graph with this tier's edge timings (profiled or cached) and its measured
     per-request cost (`meta.edge.edge_request_ms`) when profiling is on; a profiling failure
-    registers the graph without timings rather than stopping."""
+    registers the graph without timings rather than stopping. Cancelling it stops the
+    measurement in progress (`stoppable`)."""
     graphs: dict[str, CostGraph] = {}
     for name, entry in state.models.items():
         graphs[name] = entry.graph
         if not state.settings.profile:
             continue
         try:
-            graphs[name] = entry.graph = await asyncio.to_thread(profile_entry, state, entry)
+            graphs[name] = entry.graph = await stoppable(profile_entry, state, entry)
             state.registration["profiled"].append(name)
         except Exception as exc:  # a profiling failure must not take the worker down
             why = f"{type(exc).__name__}: {exc}"
@@ -157,11 +183,11 @@ async def _with_request_cost(state: WorkerState, entry: ModelEntry, self_url: st
     as it was when its measurement fails: the planner then uses the graph's own overheads)."""
     s = state.settings
     token = next((t.get_secret_value() for t in (s.device_token, s.api_token) if t is not None), None)
-    frame_ms = await asyncio.to_thread(measure_frame_ms, self_url, token, entry, s.request_samples)
+    frame_ms = await stoppable(measure_frame_ms, self_url, token, entry, s.request_samples)
     if frame_ms is not None:
         entry.graph = calibrated(entry.graph, frame_ms)
         log.info("model %s: %.3f ms of compute per whole frame; profile calibrated", entry.name, frame_ms)
-    ms = await asyncio.to_thread(measure_request_ms, self_url, token, entry, s.request_samples)
+    ms = await stoppable(measure_request_ms, self_url, token, entry, s.request_samples)
     if ms is None:
         return entry.graph
     log.info("model %s: %.3f ms per request outside node compute (cost model v2)", entry.name, ms)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -46,43 +47,67 @@ def exit_node_inputs(entry: ModelEntry) -> dict[str, torch.Tensor]:
     return {name: v for name, v in values.items() if isinstance(v, torch.Tensor)}
 
 
-def measure_request_ms(url: str, token: str | None, entry: ModelEntry, samples: int = 50) -> float | None:
+class Stopped(Exception):
+    """The measurement was asked to stop (its `stop` event was set)."""
+
+
+def _go_on(stop: threading.Event | None) -> None:
+    """Raise Stopped when `stop` is set. O(1)."""
+    if stop is not None and stop.is_set():
+        raise Stopped
+
+
+def measure_request_ms(
+    url: str, token: str | None, entry: ModelEntry, samples: int = 50, stop: threading.Event | None = None
+) -> float | None:
     """The worker's CPU milliseconds per batch-1 request outside node compute (see the module
-    docstring); None when the requests fail (e.g. no device token to call itself with).
-    Blocking: run it in a thread. O(samples) requests."""
+    docstring); None when the requests fail (e.g. no device token to call itself with) or when
+    `stop` is set (checked before every request). Blocking: run it in a thread. O(samples)
+    requests."""
     inputs = exit_node_inputs(entry)
     exit_name = entry.graph.exits[-1].name
     node_ms = entry.graph.node(entry.graph.exits[-1].node).edge_ms or 0.0
     try:
         with EdgeClient(url, token, timeout=30.0) as client:
-            _wait_live(client)
+            _wait_live(client, stop=stop)
             for _ in range(WARMUP):
+                _go_on(stop)
                 client.infer(entry.name, inputs, exit=exit_name)
             process0, thread0 = time.process_time(), time.thread_time()
             for _ in range(samples):
+                _go_on(stop)
                 client.infer(entry.name, inputs, exit=exit_name)
             server_s = (time.process_time() - process0) - (time.thread_time() - thread0)
     except ClientError as exc:
         log.warning("model %s: cannot measure the per-request cost on %s (%s)", entry.name, url, exc)
         return None
+    except Stopped:
+        return None
     return max(0.0, 1000.0 * server_s / samples - node_ms)
 
 
-def measure_frame_ms(url: str, token: str | None, entry: ModelEntry, samples: int = 50) -> float | None:
+def measure_frame_ms(
+    url: str, token: str | None, entry: ModelEntry, samples: int = 50, stop: threading.Event | None = None
+) -> float | None:
     """The median compute ms the worker reports for a whole frame at batch 1 (the model's input
-    to the final exit, over real HTTP to itself); None when the requests fail. Blocking: run it
-    in a thread. O(samples) requests."""
+    to the final exit, over real HTTP to itself); None when the requests fail or when `stop` is
+    set (checked before every request). Blocking: run it in a thread. O(samples) requests."""
     loaded = entry.loaded
     inputs = {loaded.input_name: loaded.example_input()}
     exit_name = entry.graph.exits[-1].name
     try:
         with EdgeClient(url, token, timeout=30.0) as client:
-            _wait_live(client)
-            for _ in range(WARMUP):
-                client.infer(entry.name, inputs, exit=exit_name)
-            times = [client.infer(entry.name, inputs, exit=exit_name).compute_ms for _ in range(samples)]
+            _wait_live(client, stop=stop)
+            times = []
+            for i in range(WARMUP + samples):
+                _go_on(stop)
+                ms = client.infer(entry.name, inputs, exit=exit_name).compute_ms
+                if i >= WARMUP:
+                    times.append(ms)
     except ClientError as exc:
         log.warning("model %s: cannot measure whole-frame compute on %s (%s)", entry.name, url, exc)
+        return None
+    except Stopped:
         return None
     return statistics.median(times)
 
@@ -103,10 +128,12 @@ def calibrated(graph: CostGraph, frame_ms: float) -> CostGraph:
     return graph.with_timings("edge", {n.name: (n.edge_ms or 0.0) * ratio for n in graph.nodes}, meta)
 
 
-def _wait_live(client: EdgeClient, timeout_s: float = 15.0) -> None:
-    """Wait until the worker's own server answers (registration starts while it starts up)."""
+def _wait_live(client: EdgeClient, timeout_s: float = 15.0, stop: threading.Event | None = None) -> None:
+    """Wait until the worker's own server answers (registration starts while it starts up);
+    Stopped as soon as `stop` is set."""
     deadline = time.monotonic() + timeout_s
     while True:
+        _go_on(stop)
         try:
             if client.live():
                 return

@@ -2,7 +2,8 @@
 without `/versions/{version}` (every model has version "1"; another version is 404).
 
 Infer needs the device role; metadata and readiness any role (see the security model). The
-request guard has already checked the token and read the body under the model's size limit.
+request guard has already checked the token and read the body under the model's size limit (an
+infer to a model the worker does not serve is answered 404 before that, by the guard: app.py).
 """
 
 from __future__ import annotations
