@@ -211,6 +211,16 @@ class CostGraph:
                     stack.append(u)
         return [n.name for n in self.nodes if n.name in keep]
 
+    def input_dependent(self) -> frozenset[str]:
+        """The nodes whose value depends on the graph input (per-frame data); the others are
+        computed from parameters alone (e.g. a traced `get_attr`), the same for every frame, so
+        the edge computes them itself and a device never sends them. O(V + E)."""
+        data = {self.input.name}
+        for n in self.nodes:  # topological order
+            if any(u in data for u in n.inputs):
+                data.add(n.name)
+        return frozenset(data - {self.input.name})
+
     def has_timings(self, tier: str) -> bool:
         attr = f"{tier}_ms"
         return all(getattr(n, attr) is not None for n in self.nodes)

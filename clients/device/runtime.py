@@ -105,6 +105,7 @@ class DeviceRuntime:
         rate_mbps: float | None = None,
     ) -> None:
         self.graph = graph
+        self.frame_data = graph.input_dependent() | {graph.input.name}  # what a split sends the edge
         self.compute = compute
         self.source = plans
         self.config = config or RuntimeConfig()
@@ -237,7 +238,10 @@ class DeviceRuntime:
         the back-off's `rests` when the frame started, so one outage doubles the rest once)."""
         assert self.edge is not None
         inp = self.graph.input.name
-        targets = [n for n in plan.transfer_nodes if n != inp]
+        # values computed from parameters alone are the same for every frame: the edge computes
+        # them itself, and they carry no batch dimension to send
+        sent_nodes = [n for n in plan.transfer_nodes if n in self.frame_data]
+        targets = [n for n in sent_nodes if n != inp]
         values: dict[str, Any] = {}
         device_ms = 0.0
         if plan.progressive is not None and (targets or plan.progressive.device.heads):
@@ -249,7 +253,7 @@ class DeviceRuntime:
             with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
                 done = await self.compute.run({inp: x}, targets, set(plan.device_nodes))
             values, device_ms = done.values, done.ms
-        sent = {n: (x if n == inp else values[n]) for n in plan.transfer_nodes}
+        sent = {n: (x if n == inp else values[n]) for n in sent_nodes}
         timeout = self.config.edge_timeout_s(plan.predicted_ms)
         try:
             with self.tracing.span(otel.UPLINK, {otel.ATTR_EXIT: plan.exit}) as span:

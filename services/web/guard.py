@@ -6,7 +6,10 @@
 1. matches the request to the app's route and reads the access the route declares with
    `security.require` (no declaration: admin-only; FastAPI's own docs routes: public; no route
    at all: passed on, so the app answers its 404/405);
-2. checks the bearer token: 401 without a known one, 403 for the wrong role;
+2. checks the bearer token: 401 without a known one, 403 for the wrong role; then, for an
+   authorised request, the service's own check of its target (`before_body(scope)`, e.g. the
+   edge's 404 for an infer to a model it does not serve, which has no body limit of its own),
+   before any of the body is read;
 3. reads the whole body before the app sees it: 413 past `max_body_bytes` (or the tighter
    per-request limit `body_limit(scope)` gives, e.g. per model; from Content-Length up front,
    else counted while streaming), 408 when it takes longer than
@@ -23,7 +26,7 @@
 
 Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
 `{"error": …}` for the edge), and counted through `on_reject(reason)`. Every refusal sent
-before the body was fully read (401, 403, 400, 408, 413, and the 503 of a full buffer) carries
+before the body was fully read (401, 403, `before_body`'s, 400, 408, 413, and the 503 of a full buffer) carries
 `Connection: close`, so the server drops the connection instead of reading and discarding the
 rest of the body, which no time limit would bound; the 503 of no free slot (body already read)
 keeps the connection.
@@ -48,6 +51,9 @@ from dapdee.web.security import AUTH_SCOPE_KEY, DEFAULT_ACCESS, PUBLIC, Access, 
 from dapdee.web.security import declared_access as route_access
 
 Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, content type)
+# a check of an authorised request's target before its body is read: (status, reason, message)
+# refuses it, None lets it through
+BeforeBody = Callable[[Scope], "tuple[int, str, str] | None"]
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ACCESS_CACHE_MAX = 4096
 BUFFERED_BODIES = 4  # the default buffer bound holds at most this many bodies of the largest size
@@ -94,6 +100,7 @@ class RequestGuard:
         on_reject: Callable[[str], None] | None = None,
         body_limit: Callable[[Scope], int] | None = None,
         max_buffered_bytes: int | None = None,
+        before_body: BeforeBody | None = None,
     ) -> None:
         check_buffered_bytes(max_buffered_bytes, max_body_bytes)
         buffered = max_buffered_bytes
@@ -108,6 +115,7 @@ class RequestGuard:
         self.max_concurrency = max_concurrency
         self.on_reject = on_reject
         self.body_limit = body_limit
+        self.before_body = before_body
         self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
         self.buffer = _BodyBuffer(buffered)
         self._watch = _BodyWatch(body_timeout_s)
@@ -163,6 +171,9 @@ class RequestGuard:
                 if isinstance(outcome, AuthFailure):
                     raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
                 scope[AUTH_SCOPE_KEY] = outcome
+            early = self.before_body(scope) if self.before_body is not None else None
+            if early is not None:
+                raise _Refusal(*early)
             receive = await self._buffered(scope, receive, hold)
         except _Refusal as refusal:  # answered before the body was read (or while reading it)
             await self._refuse(send, refusal, close=True)
