@@ -312,6 +312,43 @@ def test_settle_is_exact_only_if_every_share_it_solved_was() -> None:
     assert tight.value[0] == 1 and not tight.exact
 
 
+def _parallel_branches() -> CostGraph:
+    """Five branches of x joined by one node: 2^5 downward-closed sets for the final exit, past
+    an enumeration cap of 4."""
+    branches = [(5.0, 9.0, 20000), (40.0, 1.0, 1000), (20.0, 9.0, 100), (40.0, 2.0, 1000), (40.0, 9.0, 100)]
+    nodes = [_node(f"b{i}", "x", b, d, e) for i, (d, e, b) in enumerate(branches)]
+    join = {"name": "j", "op": "add", "inputs": [n["name"] for n in nodes], "out_bytes": 10}
+    nodes.append(join | {"device_ms": 1.0, "edge_ms": 0.5})
+    return CostGraph.from_dict(
+        {
+            "model": "par",
+            "input": {"name": "x", "shape": [1], "dtype": "float32", "bytes": 4000},
+            "nodes": nodes,
+            "exits": [{"name": "final", "node": "j", "accuracy": 0.9}],
+        }
+    )
+
+
+def test_a_plan_map_past_its_cap_makes_the_answer_approximate() -> None:
+    """A capped map's options are a candidate set, not every partition: here it misses the
+    optimum (the full map's answer is faster), so a solve over it must not say exact."""
+    req = PlanRequest(bandwidth_mbps=20.0, rtt_ms=2.0, mode="latency")
+    full, capped = PlanMap.build(_parallel_branches()), PlanMap.build(_parallel_branches(), cap=4)
+    assert full.exact and not capped.exact
+    best = settle([Demand("d", 10.0, full, req, "latency")], 30.0, RHO_MAX)
+    rough = settle([Demand("d", 10.0, capped, req, "latency")], 30.0, RHO_MAX)
+    assert best.exact and best.value > rough.value
+    assert not rough.exact and not solve([Demand("d", 10.0, capped, req, "latency")], 30.0, RHO_MAX).exact
+
+
+def test_a_worker_of_no_capacity_takes_no_load_and_does_not_crash() -> None:
+    rng = random.Random(3)
+    demands, _ = _fleet(rng, 3)
+    for sol in (solve(demands, 0.0, RHO_MAX), settle(demands, 0.0, RHO_MAX)):
+        assert sol.load == 0.0 and all(o.load == 0.0 for o in sol.choices)
+    assert edge_load_of(0.0, 0.0) == 0.0 and edge_load_of(1.0, 0.0) == 0.95
+
+
 def test_the_work_of_a_big_fleet_stays_bounded() -> None:
     """Sixty-four devices stay exact while their staircase is small; with a state budget smaller
     than the staircase (a varied fleet of big graphs outgrows any budget; here the LP bounds are

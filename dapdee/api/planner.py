@@ -281,8 +281,11 @@ class DeviceChange(BaseModel):
 
 class WorkerRebalance(BaseModel):
     worker: str
-    leases: int
-    exact: bool = Field(description="false: more than 64 leases or more than 20,000 DP states, solved approximately")
+    leases: int = Field(description="the leases solved: the worker's own and the Device-Only leases it may take in")
+    exact: bool = Field(
+        description="false: more than 64 leases, more than 20,000 DP states, or a plan map that is not exact "
+        "(solved approximately)"
+    )
     time_load: float = Field(
         ge=0.0,
         le=0.95,

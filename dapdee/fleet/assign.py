@@ -59,7 +59,10 @@ class EdgeSlot:
 
 def edge_load_of(others_ms_per_s: float, nominal_ms_per_s: float) -> float:
     """ℓe = min(0.95, R / N): the edge load the other leases' R ms/s put on a worker of nominal
-    capacity N ms/s (1000 x its compute slots). O(1)."""
+    capacity N ms/s (1000 x its compute slots); a worker of no capacity is idle while nothing
+    is booked on it and full otherwise. O(1)."""
+    if nominal_ms_per_s <= 0:
+        return 0.0 if others_ms_per_s <= 0 else MAX_EDGE_LOAD
     return min(MAX_EDGE_LOAD, others_ms_per_s / nominal_ms_per_s)
 
 
@@ -236,12 +239,18 @@ def meets_all(req: PlanRequest, pred: Predicted, accuracy: float | None) -> bool
 
 
 def plan_of(
-    planmap: PlanMap, req: PlanRequest, exit_name: str, device_nodes: Sequence[str], edge_load: float, mode: str
+    planmap: PlanMap,
+    req: PlanRequest,
+    exit_name: str,
+    device_nodes: Sequence[str],
+    edge_load: float,
+    mode: str,
+    approximate: bool = False,
 ) -> tuple[dict[str, Any], float]:
     """The plan JSON of one given partition (a rebalance's assignment, or one handed back to its
     device) priced at `edge_load`, and its zero-load edge cost per frame e_i. `constraints_met`
-    follows `meets_all`. Raises CostGraphError when the partition no longer fits the graph.
-    O(V + E)."""
+    follows `meets_all`; `approximate` is the plan's (the solve that chose it was not exact).
+    Raises CostGraphError when the partition no longer fits the graph. O(V + E)."""
     part = partition(planmap.graph, exit_name, device_nodes)
     load = edge_load if part.edge_nodes else 0.0
     cond = replace(req.conditions(), edge_load=load)
@@ -252,7 +261,7 @@ def plan_of(
     choice = Choice(index, pred, lambda: lists)
     met = meets_all(req, pred, accuracy)
     plan = plan_dict(
-        planmap.graph, planmap.graph_hash, replace(req, edge_load=load), "dapdee", choice, mode, met, False
+        planmap.graph, planmap.graph_hash, replace(req, edge_load=load), "dapdee", choice, mode, met, approximate
     )
     e_i = part.edge_sum_ms + planmap.graph.overheads.edge_request_ms if part.edge_nodes else 0.0
     return plan, e_i

@@ -268,7 +268,9 @@ def solve(
     whose LP bound (`dapdee.fleet.bounds`; `bounded` false: every state, for comparison) still
     reaches that answer's value, and gives up (answering the bucketed one, `exact` false) past
     `max_states` states. Each DP step is vectorised: O(S·c·log(S·c)) for S states and a chain
-    of c options."""
+    of c options. `exact` is also false when a device's plan map is not (an exit past the
+    enumeration cap, or a build cut short: its options are a candidate set, not every
+    partition)."""
     if not 0.0 <= switch_margin < 1.0:
         raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
     limit = rho_max * capacity_ms_per_s if limit_ms_per_s is None else limit_ms_per_s
@@ -286,6 +288,7 @@ def solve(
     rough = _dp(chains, limit, limit / GRID if limit > 0 else None)  # limit 0: zero loads only
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
+    maps_exact = all(d.planmap.exact for d in demands)
     if len(demands) <= exact_leases:
         floor = None
         if bounded:
@@ -293,7 +296,7 @@ def solve(
             floor = (rough.ranked, bounds)
         found = _dp(chains, limit, None, max_states, floor)
         if found is not None:
-            run, exact = found, True
+            run, exact = found, maps_exact
     by_device = dict(zip(order, run.picks, strict=True))
     picks = tuple(by_device[i] for i in range(len(order)))
     value = (sum(o.value[0] for o in picks), sum(o.value[1] for o in picks), sum(o.value[2] for o in picks))

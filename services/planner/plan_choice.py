@@ -132,7 +132,8 @@ def repriced(
     load = edge_load_of(others[c.worker.url], c.worker.nominal)
     held = record["plan"]
     try:
-        plan, e_i = plan_of(c.planmap, ask.req, held["exit"]["name"], held["device_nodes"], load, held["mode"])
+        name, nodes, approximate = held["exit"]["name"], held["device_nodes"], bool(held.get("approximate"))
+        plan, e_i = plan_of(c.planmap, ask.req, name, nodes, load, held["mode"], approximate)
     except (CostGraphError, KeyError, StopIteration):
         return None  # the graph changed under the plan
     # a Device-Only plan keeps naming the worker it named (the device probes its link there)

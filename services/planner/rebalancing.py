@@ -207,7 +207,8 @@ class Rebalancer:
             report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
             if report is not None:
                 reports.append(report)
-                joiners -= {c["device_id"] for c in report["devices"] if c["new"]["edge_ms_per_frame"] > 0}
+                if report["applied"]:  # a refused apply moved nobody: its joiners may join another worker
+                    joiners -= {c["device_id"] for c in report["devices"] if c["new"]["edge_ms_per_frame"] > 0}
         self.metrics.rebalances.labels("noop" if not reports else "done").inc()
         await self.fleet.refresh()
         return {"approximate": any(not r["exact"] for r in reports), "workers": reports}
@@ -318,7 +319,7 @@ def _assignments(
     for demand, opt in zip(demands, sol.choices, strict=True):
         exit_name, nodes = option_nodes(demand, opt)
         load = edge_load_of(sol.load + kept - opt.load, nominal)
-        plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective)
+        plan, e_i = plan_of(demand.planmap, demand.request, exit_name, nodes, load, demand.objective, not sol.exact)
         plan["edge_worker"] = url  # for a Device-Only plan: where to probe the link
         held = records[demand.device_id]
         record = {
