@@ -49,10 +49,10 @@ async def _books(prefix: str, n: int, ttl_s: float = 30.0, max_leases: int = 100
 
 def _basis(record: dict) -> str:
     """The SHA-1 of what a rebalance solves a lease from, computed here: the compact JSON array
-    of the device, model, tier, frame rate and worker, the request's pairs sorted by key, the
-    plan's exit and its device nodes."""
+    of the device, model, tier, frame rate, worker and graph hash, the request's pairs sorted
+    by key, the plan's exit and its device nodes."""
     plan = record.get("plan") or {}
-    inputs = [record.get(k) for k in ("device_id", "model", "device_tier", "frames_per_s", "worker")]
+    inputs = [record.get(k) for k in ("device_id", "model", "device_tier", "frames_per_s", "worker", "graph_hash")]
     inputs += [sorted(record["request"].items()) if "request" in record else None]
     inputs += [(plan.get("exit") or {}).get("name"), plan.get("device_nodes")]
     return hashlib.sha1(json.dumps(inputs, separators=(",", ":")).encode()).hexdigest()
@@ -68,6 +68,7 @@ def _lease(fps: float = 10.0, exit_name: str = "exit3", nodes: tuple[str, ...] =
     """A lease record of device d on http://w shaped as the planner writes it."""
     plan = {"exit": {"name": exit_name}, "device_nodes": list(nodes), "predicted_latency_ms": 50.0}
     record = {"device_id": "d", "model": "m", "device_tier": None, "worker": "http://w", "frames_per_s": fps}
+    record |= {"graph_hash": "g1"}
     return record | {"request": {"frame_rate": fps, "bandwidth_mbps": 10.0}, "plan": plan} | more
 
 
@@ -354,10 +355,12 @@ def test_a_view_names_the_record_redis_holds_and_a_rebalance_its_basis(prefix: s
             await a.apply("http://w", {"d": (190.0, _lease(exit_name="exit2"), read["d"].basis)}, 900.0)
         ).status == "applied"
         assert await a.loads() == {"http://w": {"d": 190.0}}
-        # ... but not once it asks for 30 frames/s, takes another plan, or moves to Device-Only
+        # ... but not once it asks for 30 frames/s, takes another plan, is planned on another
+        # graph (a new version, new timings), or moves to Device-Only
         for replaced, worker, load in (
             (_lease(30.0, exit_name="exit2"), "http://w", 600.0),
             (_lease(exit_name="exit1"), "http://w", 150.0),
+            (_lease(exit_name="exit1", graph_hash="g2"), "http://w", 150.0),
             (_lease(exit_name="exit2", worker=None), None, 0.0),
         ):
             read = await a.records(["d"])

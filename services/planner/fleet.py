@@ -201,7 +201,7 @@ class Fleet:
         while True:
             load = body.frame_rate * dp.edge_ms_per_frame
             limit = self.settings.rho_max * capacity_of(candidates, dp.worker)
-            record = self._record(ask, dp, assigned, anchor)
+            record = self._record(ask, candidates, dp, assigned, anchor)
             try:
                 res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view)
             except RedisUnavailable:
@@ -270,9 +270,19 @@ class Fleet:
         }
         return plan
 
-    def _record(self, ask: Ask, dp: DevicePlan, assigned: bool, anchor: dict[str, Any] | None) -> dict[str, Any]:
-        """The lease record `dp` is reserved with. O(1)."""
+    def _record(
+        self,
+        ask: Ask,
+        candidates: Sequence[Candidate],
+        dp: DevicePlan,
+        assigned: bool,
+        anchor: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The lease record `dp` is reserved with, naming the content hash of the graph it was
+        planned on (its worker's plan map: the graph, its device and edge timings; None without
+        candidates). O(candidates)."""
         body = ask.body
+        maps = [c.planmap for c in candidates if c.worker.url == dp.worker] or [c.planmap for c in candidates[:1]]
         return {
             "device_id": body.device_id,
             "model": body.model,
@@ -283,6 +293,7 @@ class Fleet:
             "request": recorded_request(anchor, ask.fields, self.settings.lease_drift),
             "plan": dp.plan,
             "assigned": assigned,
+            "graph_hash": maps[0].graph_hash if maps else None,
         }
 
     # ---- devices ------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ exception is the planner's fallback when a capacity drop cannot be re-solved (`S
 
 A lease record is known by its tag, the SHA-1 of its stored text (`record_tag`), and by its
 basis, the SHA-1 of what a rebalance solves the lease from (`record_basis`: the device, model,
-tier, frame rate, recorded request, worker and the plan's exit and cut, not its predictions),
+tier, frame rate, recorded request, worker, the content hash of the graph it was planned on
+(its timings included) and the plan's exit and cut, not its predictions),
 which the stored text carries as its first field (`record_text`) so that a script reads it
 without decoding the JSON. A write that depends on a record a replica read names what it read,
 and the script writes nothing when that is another by now. A replica plans a device from the
@@ -325,7 +326,7 @@ class Heartbeat:
     ttl_ms: int
 
 
-BASIS_FIELDS = ("device_id", "model", "device_tier", "frames_per_s", "worker")
+BASIS_FIELDS = ("device_id", "model", "device_tier", "frames_per_s", "worker", "graph_hash")
 
 
 def record_basis(record: dict[str, Any]) -> str:

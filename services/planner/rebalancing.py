@@ -328,6 +328,7 @@ def _assignments(
             "edge_ms_per_frame": e_i,
             "plan": plan,
             "assigned": True,
+            "graph_hash": demand.planmap.graph_hash,
         }
         assignments[demand.device_id] = (opt.load, record, held.basis)
     return assignments
