@@ -99,6 +99,7 @@ def test_infinite_settings_and_a_redis_url_without_a_scheme_are_refused() -> Non
         (["up"], "DAPDEE_RHO_MAX", "abc", "rho_max"),  # the all-in-one demo builds both services' settings
         (["up"], "DAPDEE_EDGE_BATCH_MAX", "0", "batch_max"),
         (["serve", "planner", "--port", "1"], "DAPDEE_PLANMAP_CAP", "-3", "planmap_cap"),
+        (["serve", "planner", "--port", "1"], "DAPDEE_REDIS_URL", "redis:/u:hunter2@r:6379", "redis_url"),
         (["serve", "edge", "--port", "1", "--models", MODEL], "DAPDEE_WORKER_TOKEN", "too short", "worker_token"),
     ],
 )

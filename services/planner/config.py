@@ -77,11 +77,12 @@ class Settings(SecuritySettings):
     @classmethod
     def _none_url(cls, v: object) -> object:
         """None for "", "none" or null; else a URL redis-py takes (redis://, rediss:// or
-        unix://), refused here rather than when the store first connects."""
+        unix://), refused here rather than when the store first connects (the value is not
+        repeated: a URL may hold a password)."""
         if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none")):
             return None
         if isinstance(v, str) and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected redis://, rediss:// or unix:// (or none), got {v[:80]!r}")
+            raise ValueError("expected a URL starting redis://, rediss:// or unix:// (or none)")
         return v
 
     # ---- end store ----
