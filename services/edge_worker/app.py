@@ -29,7 +29,7 @@ from starlette.types import Scope
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.capacity import CapacityMeter, thread_cpu_clock
 from dapdee.edge_worker.config import Settings
-from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, get_model
+from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, unknown_model
 from dapdee.edge_worker.metrics import UNKNOWN, EdgeMetrics
 from dapdee.edge_worker.registration import run_registration
 from dapdee.edge_worker.routers import health, v2
@@ -166,17 +166,14 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         entry = state.models.get(m.group(1)) if state is not None and m is not None else None
         return entry.limits.body_bytes if entry is not None else OTHER_BODY_BYTES
 
-    def unknown_model(scope: Scope) -> tuple[int, str, str] | None:
+    def unserved(scope: Scope) -> tuple[int, str, str] | None:
         state: WorkerState | None = app.state.worker
         m = INFER_PATH.search(scope["path"]) if scope["method"] == "POST" else None
         if state is None or m is None or m.group(1) in state.models:
             return None
-        try:
-            get_model(state, m.group(1))
-        except ApiError as exc:  # counted as the route counts an unknown model's request
-            state.metrics.requests.labels(UNKNOWN, UNKNOWN, str(exc.status)).inc()
-            return exc.status, "not_found", exc.message
-        return None
+        exc = unknown_model(state, m.group(1))
+        state.metrics.requests.labels(UNKNOWN, UNKNOWN, str(exc.status)).inc()  # as the route counts it
+        return exc.status, "not_found", exc.message
 
     def on_reject(reason: str) -> None:
         state: WorkerState | None = app.state.worker
@@ -194,7 +191,7 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         max_buffered_bytes=settings.max_buffered_bytes,
         on_reject=on_reject,
         body_limit=body_limit,
-        before_body=unknown_model,
+        before_body=unserved,
     )
 
 

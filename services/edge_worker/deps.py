@@ -180,13 +180,18 @@ def get_state(request: Request) -> WorkerState:
     return state
 
 
+def unknown_model(state: WorkerState, name: str) -> ApiError:
+    """The 404 for a model `name` the worker does not serve, naming those it does. O(models)."""
+    shown = name if len(name) <= 64 else name[:64] + "..."
+    return ApiError(404, f"unknown model {shown!r}; this worker serves {sorted(state.models)}")
+
+
 def get_model(state: WorkerState, name: str, version: str | None = None) -> ModelEntry:
     """The served model `name` (404 naming it when unknown), at `version` when given (404
     unless it is the one version every model has)."""
     entry = state.models.get(name)
     if entry is None:
-        shown = name if len(name) <= 64 else name[:64] + "..."
-        raise ApiError(404, f"unknown model {shown!r}; this worker serves {sorted(state.models)}")
+        raise unknown_model(state, name)
     if version is not None and version != MODEL_VERSION:
         shown = version if len(version) <= 32 else version[:32] + "..."
         raise ApiError(404, f"model {name!r} has no version {shown!r}; its only version is {MODEL_VERSION!r}")

@@ -282,7 +282,7 @@ class Fleet:
         planned on (its worker's plan map: the graph, its device and edge timings; None without
         candidates). O(candidates)."""
         body = ask.body
-        maps = [c.planmap for c in candidates if c.worker.url == dp.worker] or [c.planmap for c in candidates[:1]]
+        planned_on = next((c for c in candidates if c.worker.url == dp.worker), candidates[0] if candidates else None)
         return {
             "device_id": body.device_id,
             "model": body.model,
@@ -293,7 +293,7 @@ class Fleet:
             "request": recorded_request(anchor, ask.fields, self.settings.lease_drift),
             "plan": dp.plan,
             "assigned": assigned,
-            "graph_hash": maps[0].graph_hash if maps else None,
+            "graph_hash": planned_on.planmap.graph_hash if planned_on is not None else None,
         }
 
     # ---- devices ------------------------------------------------------------------------------------

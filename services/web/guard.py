@@ -171,9 +171,10 @@ class RequestGuard:
                 if isinstance(outcome, AuthFailure):
                     raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
                 scope[AUTH_SCOPE_KEY] = outcome
-            early = self.before_body(scope) if self.before_body is not None else None
-            if early is not None:
-                raise _Refusal(*early)
+                # only a caller the route lets in learns what the service's own check says
+                early = self.before_body(scope) if self.before_body is not None else None
+                if early is not None:
+                    raise _Refusal(*early)
             receive = await self._buffered(scope, receive, hold)
         except _Refusal as refusal:  # answered before the body was read (or while reading it)
             await self._refuse(send, refusal, close=True)
