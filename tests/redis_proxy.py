@@ -4,8 +4,9 @@
 client sees a dropped connection, as in a network partition); `restore()` forwards again.
 It counts the bytes Redis sent through it (`bytes_down`). `hold_next_reply()` keeps the next
 reply Redis sends (on whichever connection) until `release()`, while other connections flow: a
-slow answer, for tests of what changes while a read is on its way. Runs in the test's event
-loop."""
+slow answer, for tests of what changes while a read is on its way. `cut_at(marker)` cuts the
+link when the next request holding `marker` passes (dropped unanswered): an outage in the middle
+of a sequence of calls. Runs in the test's event loop."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class RedisProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._hold = False
         self._released = asyncio.Event()
+        self._cut_marker: bytes | None = None
 
     @property
     def url(self) -> str:
@@ -57,6 +59,10 @@ class RedisProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
         try:
             while data := await reader.read(65536):
+                if not count and self._cut_marker is not None and self._cut_marker in data:
+                    self._cut_marker = None
+                    self.cut()
+                    return
                 if count:
                     self.bytes_down += len(data)
                     if self._hold:
@@ -75,6 +81,11 @@ class RedisProxy:
         for w in list(self._writers):
             w.close()
         self._writers.clear()
+
+    def cut_at(self, marker: bytes) -> None:
+        """Cut (as `cut`) when the next request holding `marker` comes through, before it reaches
+        Redis."""
+        self._cut_marker = marker
 
     def restore(self) -> None:
         self.is_cut = False

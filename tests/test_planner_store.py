@@ -330,6 +330,85 @@ def test_every_replica_writes_its_models_back_whoever_writes_to_the_empty_redis_
     asyncio.run(go())
 
 
+def test_a_model_deleted_and_created_again_elsewhere_is_read_again(planner_prefix: str) -> None:
+    """b deletes m and creates it again with the same graph and another profile: the version
+    (restarted at 1) and the graph hash come back to what a caches, so a tells the change by the
+    last write's id, and serves b's profile after a refresh."""
+
+    async def go() -> None:
+        s = settings(planner_prefix, refresh_s=3600)  # refreshes driven here
+        async with running(s) as a, running(s) as b:
+            g = chain_graph("m")
+            await a.put_graph(g)
+            await a.put_profile("m", device_profile(g, "phone", 2.0))
+            await b.get_model("m")
+            assert await b.delete_model("m")
+            await b.put_graph(g)
+            await b.put_profile("m", device_profile(g, "phone", 9.0))
+            await a.sync()
+            mine, stored = await a.get_model("m"), await b.refresh_model("m")
+            assert mine is not None and stored is not None and mine.version == stored.version == 2
+            assert mine.profiles["phone"].timings_ms == stored.profiles["phone"].timings_ms
+            assert mine.profiles["phone"].timings_ms["n0"] == 9.0
+
+    asyncio.run(go())
+
+
+def test_a_redis_that_lost_its_state_is_read_again_though_its_counter_comes_back(planner_prefix: str) -> None:
+    """Redis loses its state and b creates m anew (another graph): the shared generation counter
+    restarts and comes back to the value a last saw; a re-reads its models all the same."""
+
+    async def go() -> None:
+        s = settings(planner_prefix, refresh_s=3600)
+        async with running(s) as a, running(s) as b:
+            await a.put_graph(chain_graph("m", scale=1.0))
+            await a.sync()
+            r = raw_redis()
+            gen = r.get(f"{planner_prefix}:v1:gen")
+            r.delete(*r.keys(f"{planner_prefix}:*"))  # as after a restart without persistence
+            await b.put_graph(chain_graph("m", scale=5.0))
+            assert r.get(f"{planner_prefix}:v1:gen") == gen
+            r.close()
+            await a.sync()
+            mine = await a.get_model("m")
+            assert mine is not None and mine.graph.nodes[0].device_ms == 5.0
+
+    asyncio.run(go())
+
+
+def test_a_replayed_model_whose_read_back_failed_is_read_at_the_next_refresh(planner_prefix: str) -> None:
+    """a's queued profile write is a conflict on replay (b wrote the tier meanwhile), and Redis
+    goes away again just as a reads the model back: the next refresh reads it (a serves b's
+    profile, nothing stays pending), although the queue is empty by then."""
+
+    async def go() -> None:
+        async with (
+            running(settings(planner_prefix, refresh_s=3600)) as b,
+            proxied(planner_prefix, refresh_s=3600) as (
+                a,
+                proxy,
+            ),
+        ):
+            g = chain_graph("m")
+            await b.put_graph(g)
+            await a.get_model("m")
+            proxy.cut()
+            mine = await a.put_profile("m", device_profile(g, "phone", 2.0))
+            assert mine is not None and mine.stored == "pending"
+            await b.put_profile("m", device_profile(g, "phone", 9.0))
+            proxy.restore()
+            a.link.retry_now()
+            proxy.cut_at(b"HGETALL")  # the read back after the replay: the profiles hash
+            await a.sync()
+            assert a.redis_state == "down" and proxy.is_cut
+            assert len(a.model_writer.outbox) == 0 and a.pending_count == 1
+            await reconnect(a, proxy)
+            st = await a.get_model("m")
+            assert st is not None and st.profiles["phone"].timings_ms["n0"] == 9.0
+
+    asyncio.run(go())
+
+
 def test_a_read_on_its_way_while_the_model_changes_is_answered_but_not_cached(planner_prefix: str) -> None:
     """a reads m while b deletes it and a's refresh sees that: the read answers what it read, but
     a does not keep it (else a would serve the deleted model until some other write). Likewise a

@@ -84,11 +84,12 @@ class ModelCache:
             pipe = r.pipeline(transaction=True)
             pipe.hget(k.models, name)
             pipe.hget(k.versions, name)
+            pipe.hget(k.lastop, name)
             pipe.get(k.graph(name))
             pipe.hgetall(k.profiles(name))
             return await pipe.execute()
 
-        h_b, v_b, raw_graph, raw_profiles = await self.link.call("load_model", f)
+        h_b, v_b, op_b, raw_graph, raw_profiles = await self.link.call("load_model", f)
         self.unreadable.pop(name, None)
         if h_b is None:
             return None
@@ -110,7 +111,7 @@ class ModelCache:
         profiles, bad = decode_profiles(name, raw_profiles)
         if bad:
             self.metrics.cache_errors.labels("decode_profile").inc(bad)
-        return ModelState(graph, h, profiles, version)
+        return ModelState(graph, h, profiles, version, op_b.decode() if op_b else "")
 
     async def get(self, name: str) -> ModelState | None:
         """The cached model, else the stored one (cached from then on), else None. Raises
@@ -168,9 +169,10 @@ class ModelCache:
         return out
 
     async def reload_changed(self) -> None:
-        """Re-read the cached models (nothing queued) whose stored version or hash differs from
-        the cached one; drop those gone from Redis. Raises RedisUnavailable. One round trip plus
-        one per changed model."""
+        """Re-read the cached models (nothing queued) whose stored version, hash or last write
+        differs from the cached one (a model deleted and created again restarts at version 1,
+        maybe with the same graph); drop those gone from Redis. Raises RedisUnavailable. One
+        round trip plus one per changed model."""
         names = [n for n in self.models if not self.queued(n)]
         if not names:
             return
@@ -180,15 +182,20 @@ class ModelCache:
             pipe = r.pipeline(transaction=True)
             pipe.hmget(k.models, names)
             pipe.hmget(k.versions, names)
+            pipe.hmget(k.lastop, names)
             return await pipe.execute()
 
-        hashes, versions = await self.link.call("versions", f)
-        for name, h, v in zip(names, hashes, versions, strict=True):
+        hashes, versions, ops = await self.link.call("versions", f)
+        for name, h, v, op in zip(names, hashes, versions, ops, strict=True):
             st = self.models.get(name)
             if st is None:
                 continue
             if h is None:
                 self.forget(name)
-            elif (int(v) if v else 1) != st.version or h.decode() != st.graph_hash:
+            elif ((int(v) if v else 1), h.decode(), op.decode() if op else "") != (
+                st.version,
+                st.graph_hash,
+                st.last_op,
+            ):
                 new = await self.fetch(name)
                 self.forget(name) if new is None else self.remember(name, new)

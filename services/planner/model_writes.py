@@ -273,7 +273,10 @@ class ModelWriter:
         if planned.after is None or version == 0:
             self.cache.forget(name)
             return planned
-        after = replace(planned.after, version=version, graph_hash=h or planned.after.graph_hash)
+        assert planned.op is not None
+        after = replace(
+            planned.after, version=version, graph_hash=h or planned.after.graph_hash, last_op=planned.op.op_id
+        )
         if version != planned.after.version:
             try:
                 after = await self.cache.fetch(name) or after
@@ -294,10 +297,12 @@ class ModelWriter:
     # ---- the refresh loop's part ------------------------------------------------------------
     async def sync(self) -> None:
         """One refresh: write this replica's models back if Redis lost its state (its epoch is not
-        the one this replica last synced with), replay queued writes, and re-read cached models
-        whose version moved (the shared generation counter moved). Raises RedisUnavailable
-        (queued writes stay queued; a write back cut short is done again). O(cached models) plus
-        one round trip per queued write and per changed model."""
+        the one this replica last synced with), replay queued writes, re-read the models a replay
+        touched, and re-read cached models that changed in Redis (when the shared generation
+        counter moved, or Redis lost its state: the counter restarts then, and may come back to
+        the value last seen). Raises RedisUnavailable (queued writes stay queued, models still to
+        re-read stay pending; a write back cut short is done again). O(cached models) plus one
+        round trip per queued write and per changed model."""
         async with self._lock:
             epoch = await self._epoch_now()
             gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
@@ -310,7 +315,9 @@ class ModelWriter:
             if self.outbox:
                 await self._replay()
                 gen = await self.link.call("gen", lambda r: r.get(self.keys.gen))
-            if gen != self._gen:
+            if self._to_reload:
+                await self._reread_replayed()
+            if lost or gen != self._gen:
                 self.cache.changed()
                 await self.cache.reload_changed()
                 self._gen = gen
@@ -354,10 +361,10 @@ class ModelWriter:
 
     async def _replay(self) -> None:
         """Replay queued writes oldest first; a write whose base is no longer stored (or that hits
-        a cap) is a conflict, and so is every later queued write of that model. Then the models
-        touched are reloaded from Redis (until then they count as pending). Raises
-        RedisUnavailable (the rest stays queued, and the next replay goes on where this stopped).
-        One round trip per queued write and per model touched."""
+        a cap) is a conflict, and so is every later queued write of that model. The models
+        touched are to be re-read from Redis (`_reread_replayed`; until then they count as
+        pending). Raises RedisUnavailable (the rest stays queued, and the next replay goes on
+        where this stopped). One round trip per queued write."""
         n = conflicts = 0
         while self.outbox:
             op = self.outbox.first()
@@ -375,14 +382,19 @@ class ModelWriter:
                 self._failed.add(op.model)
                 self._conflict(op, "version" if status == "conflict" else "capacity", version)
                 conflicts += 1
+        level = logging.WARNING if conflicts else logging.INFO
+        log.log(level, "replayed %d queued writes to redis (%d not applied)", n, conflicts)
+
+    async def _reread_replayed(self) -> None:
+        """Re-read from Redis each model a replay touched (none of its writes queued any more):
+        what Redis holds replaces what this replica applied to its cache. Raises
+        RedisUnavailable (the rest are re-read at the next refresh). One round trip per model."""
         for name in sorted(self._to_reload):
             if not self.outbox.has(name):
                 st = await self.cache.fetch(name)
                 self.cache.forget(name) if st is None else self.cache.remember(name, st)
                 self._to_reload.discard(name)
                 self._failed.discard(name)
-        level = logging.WARNING if conflicts else logging.INFO
-        log.log(level, "replayed %d queued writes to redis (%d not applied)", n, conflicts)
 
     def _conflict(self, op: Op, reason: str, stored_version: int | None) -> None:
         """Count and log (WARNING) a queued write not applied: `reason` is "version" or

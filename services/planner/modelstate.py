@@ -65,12 +65,15 @@ class Profile:
 class ModelState:
     """A model's cost graph (as PUT), its content hash, its uploaded profiles by tier and its
     version (1 when created, +1 with every change of the graph or a profile; shared by all
-    replicas through Redis)."""
+    replicas through Redis), and the id of the last write Redis applied to it ('' when not
+    known). Versions restart at 1 when a model is deleted and created again, so a replica tells
+    its cached state from the stored one by all three of version, hash and that id."""
 
     graph: CostGraph
     graph_hash: str
     profiles: dict[str, Profile]
     version: int = 1
+    last_op: str = ""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ graph or profiles), in answers and as `ETag: "<version>"`. Writes may send
 model or profile, 200 when it replaced it; `DELETE` answers 204.
 
 **Limits.** Bodies over `DAPDEE_MAX_BODY_BYTES` (2 MiB): 413; bodies slower than
-`DAPDEE_BODY_TIMEOUT_S`: 408; more than `DAPDEE_MAX_CONCURRENCY` requests at once: 503 with
+`DAPDEE_BODY_TIMEOUT_S`: 408; more than `DAPDEE_MAX_CONCURRENCY` requests at once, or bodies
+in flight past `DAPDEE_MAX_BUFFERED_BYTES` in all (default: a few bodies' worth): 503 with
 `Retry-After`. Cost graphs: at most `DAPDEE_MAX_NODES` nodes, `DAPDEE_MAX_EXITS` exits,
 `DAPDEE_MAX_IN_DEGREE` producers per node, byte counts <= 2^40, timings finite and <= 1e7 ms.
 A plan that needs min-cuts (a graph too large to enumerate) gets `DAPDEE_PLAN_BUDGET_S`: 503
