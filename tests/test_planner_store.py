@@ -330,6 +330,34 @@ def test_every_replica_writes_its_models_back_whoever_writes_to_the_empty_redis_
     asyncio.run(go())
 
 
+def test_a_live_write_whose_round_trip_failed_replays_with_the_live_check(planner_prefix: str) -> None:
+    """a's PUT of profile x (no If-Match) is lost on its way to Redis and queued; b then writes
+    profile y. On replay x still applies, as it would have live (it checks the graph, not the
+    version: b changed another tier), and no conflict is counted."""
+
+    async def go() -> None:
+        async with (
+            running(settings(planner_prefix, refresh_s=3600)) as b,
+            proxied(planner_prefix, refresh_s=3600) as (
+                a,
+                proxy,
+            ),
+        ):
+            g = chain_graph("m")
+            await b.put_graph(g)
+            await a.get_model("m")
+            proxy.cut_at(b"EVALSHA")  # the write itself, after a's fresh read of the model
+            mine = await a.put_profile("m", device_profile(g, "x"))
+            assert mine is not None and mine.stored == "pending"
+            await b.put_profile("m", device_profile(g, "y"))
+            await reconnect(a, proxy)
+            st = await b.refresh_model("m")
+            assert st is not None and set(st.profiles) == {"x", "y"} and st.version == 3
+            assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
+
+    asyncio.run(go())
+
+
 def test_a_model_deleted_and_created_again_elsewhere_is_read_again(planner_prefix: str) -> None:
     """b deletes m and creates it again with the same graph and another profile: the version
     (restarted at 1) and the graph hash come back to what a caches, so a tells the change by the

@@ -224,7 +224,7 @@ class ModelWriter:
                 try:
                     status, version, h = await self._send(op)
                 except RedisUnavailable:  # maybe applied: the op id tells on replay
-                    return planned, self._queue(planned)
+                    return planned, self._queue(replace(planned, op=op))  # decided on a fresh read: same check
                 if status in ("ok", "applied", "gone"):
                     return await self._settle(name, planned, version, h), "redis"
                 if status == "capacity":

@@ -11,11 +11,13 @@ reached), which the replay of queued writes reports.
 
 Every operation carries its base: the version (0: the model did not exist) and graph hash the
 replica saw when it made the change. The script applies it only if Redis still holds exactly
-that base (`check="version"`: writes with If-Match, and every queued write); the graph hash
-guards against a model deleted and created again, whose versions restart at 1. A live write
-without If-Match checks only the base graph hash (`check="graph"`): it changes one thing that
-was decided on that graph (a profile field, the graph itself), so concurrent writes of other
-profiles by other replicas all apply instead of retrying each other.
+that base (`check="version"`: writes with If-Match, and writes queued while Redis was away,
+decided on the cached state); the graph hash guards against a model deleted and created again,
+whose versions restart at 1. A live write without If-Match checks only the base graph hash
+(`check="graph"`): it changes one thing that was decided on that graph (a profile field, the
+graph itself), so concurrent writes of other profiles by other replicas all apply instead of
+retrying each other. It keeps that check when its round trip fails and it is queued: it was
+decided on a fresh read all the same.
 
 Each operation has a random id, stored as the model's last applied write, so a replica whose
 reply was lost (a timeout after Redis applied the write) recognises its own write instead of
