@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from dapdee.testing import ServerThread, free_port
 from dapdee.web.access_log import ACCESS_LOGGER, AccessLog
@@ -68,6 +68,14 @@ def make_app(service: str, downstream: str | None = None) -> FastAPI:
     @app.get("/boom", dependencies=[require(PUBLIC)])
     async def boom() -> None:
         raise RuntimeError("boom")
+
+    @app.get("/busy", dependencies=[require(PUBLIC)])
+    async def busy() -> Response:
+        return Response(status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/broken", dependencies=[require(PUBLIC)])
+    async def broken() -> Response:
+        return Response(status_code=502)
 
     app.add_middleware(
         RequestGuard,
@@ -182,6 +190,14 @@ def test_an_exception_is_logged_as_an_error_500(log_to: Any, server: str) -> Non
     assert httpx.get(f"{server}/boom").status_code == 500
     (line,) = access_lines(stream)
     assert (line["status"], line["level"], line["error"]) == (500, "error", "RuntimeError")
+
+
+def test_a_503_is_a_warning_and_another_5xx_an_error(log_to: Any, server: str) -> None:
+    """A 503 tells the caller to retry (load shed, a budget passed): a warning, not an error."""
+    stream = log_to("json")
+    assert httpx.get(f"{server}/busy").status_code == 503
+    assert httpx.get(f"{server}/broken").status_code == 502
+    assert [(line["status"], line["level"]) for line in access_lines(stream)] == [(503, "warning"), (502, "error")]
 
 
 def test_an_outgoing_call_joins_the_trace(log_to: Any) -> None:

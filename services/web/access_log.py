@@ -12,7 +12,9 @@ itself). For each HTTP request it:
 4. at the end, writes one record to the `dapdee.access` logger: `method`, `path` (as sent, still
    percent-encoded), `route` (the matched route's template), `status`, `duration_ms`, `client`,
    `bytes_in`, `bytes_out`, `service`, `trace_id`, `span_id`, `parent_id` (the caller's span).
-   Level INFO, ERROR for a 5xx or an exception; nothing is built when the logger is off.
+   Level INFO; WARNING for a 503 (the service sheds load or ran past a budget: the caller is
+   told to retry, nothing failed); ERROR for another 5xx or an exception. Nothing is built
+   when the logger is off.
 
 With tracing on, it also exports the pending spans when the app's lifespan shuts down.
 
@@ -117,7 +119,11 @@ class AccessLog:
         self, scope: Scope, ctx: TraceContext, exchange: _Exchange, duration_ms: float, failure: BaseException | None
     ) -> None:
         """Write the request's record (nothing when the logger is off at its level). O(1)."""
-        level = logging.ERROR if failure is not None or exchange.status >= 500 else logging.INFO
+        level = logging.INFO
+        if failure is not None or (exchange.status >= 500 and exchange.status != 503):
+            level = logging.ERROR
+        elif exchange.status == 503:
+            level = logging.WARNING
         if not self.logger.isEnabledFor(level):
             return
         path = _logged_path(scope)
