@@ -190,6 +190,14 @@ async def proxied(prefix: str, **kw: Any) -> AsyncIterator[tuple[Store, RedisPro
         await proxy.close()
 
 
+@asynccontextmanager
+async def two_replicas(prefix: str) -> AsyncIterator[tuple[Store, RedisProxy, Store]]:
+    """(a, a's proxy, b): two stores on one Redis, a's link through a proxy the test can cut;
+    refreshes are the test's to run."""
+    async with running(settings(prefix, refresh_s=3600)) as b, proxied(prefix, refresh_s=3600) as (a, proxy):
+        yield a, proxy, b
+
+
 async def reconnect(store: Store, proxy: RedisProxy) -> None:
     """Restore the link and run refreshes until the store has replayed its queue."""
     proxy.restore()
@@ -336,13 +344,7 @@ def test_a_live_write_whose_round_trip_failed_replays_with_the_live_check(planne
     version: b changed another tier), and no conflict is counted."""
 
     async def go() -> None:
-        async with (
-            running(settings(planner_prefix, refresh_s=3600)) as b,
-            proxied(planner_prefix, refresh_s=3600) as (
-                a,
-                proxy,
-            ),
-        ):
+        async with two_replicas(planner_prefix) as (a, proxy, b):
             g = chain_graph("m")
             await b.put_graph(g)
             await a.get_model("m")
@@ -410,13 +412,7 @@ def test_a_replayed_model_whose_read_back_failed_is_read_at_the_next_refresh(pla
     profile, nothing stays pending), although the queue is empty by then."""
 
     async def go() -> None:
-        async with (
-            running(settings(planner_prefix, refresh_s=3600)) as b,
-            proxied(planner_prefix, refresh_s=3600) as (
-                a,
-                proxy,
-            ),
-        ):
+        async with two_replicas(planner_prefix) as (a, proxy, b):
             g = chain_graph("m")
             await b.put_graph(g)
             await a.get_model("m")
@@ -444,13 +440,7 @@ def test_a_read_on_its_way_while_the_model_changes_is_answered_but_not_cached(pl
     the refresh cached."""
 
     async def go() -> None:
-        async with (
-            running(settings(planner_prefix, refresh_s=3600)) as b,
-            proxied(planner_prefix, refresh_s=3600) as (
-                a,
-                proxy,
-            ),
-        ):
+        async with two_replicas(planner_prefix) as (a, proxy, b):
             g = chain_graph("m")
             await b.put_graph(g)
             proxy.hold_next_reply()
