@@ -398,6 +398,25 @@ def test_the_fleet_refuses_bad_input_and_changes_nothing(planner_prefix: str) ->
         assert r.status_code == 403
 
 
+def test_what_the_others_reserve_never_reads_below_zero(planner_prefix: str) -> None:
+    """Two devices reserve 80.8 and 26.4 ms/s (10.1 and 3.3 frames/s at 8 ms a frame); when the
+    second leaves, 80.8 + 26.4 - 26.4 is not 80.8 in floating point, and the replica's view
+    (not refreshed here) must not hand the first a negative edge load: every plan answers 200,
+    leased or not, and the worker shows exactly nothing booked once both left."""
+    with planner(planner_prefix, rebalance_s=0, refresh_s=60) as c:
+        setup_model(c)
+        assert c.post("/plan", json=leased("A", fps=10.1)).status_code == 200
+        assert c.post("/plan", json=leased("B", fps=3.3)).status_code == 200
+        assert c.delete("/devices/B").status_code == 204
+        r = c.post("/plan", json=leased("A", fps=10.1))
+        assert r.status_code == 200, r.text
+        assert c.delete("/devices/A").status_code == 204
+        r = c.post("/plan", json={k: v for k, v in leased("X").items() if k != "device_id"})
+        assert r.status_code == 200, r.text
+        w = workers(c)["http://w1:1"]
+        assert (w["leases"], w["leased_ms_per_s"]) == (0, 0.0)
+
+
 def _raw(body: dict[str, Any]) -> bytes:
     """JSON with non-finite numbers as Python writes them (Infinity), which strict JSON refuses."""
     return json.dumps(body).encode()

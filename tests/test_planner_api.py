@@ -689,6 +689,18 @@ def test_worker_urls_must_match_the_allow_list(api: httpx.Client) -> None:
     assert w["capacity_ms_per_s"] == 1000.0 and 0 < w["expires_in_s"] <= 10
 
 
+def test_a_malformed_worker_url_is_a_422_naming_it(api: httpx.Client) -> None:
+    """URLs the parser itself refuses (an unclosed or non-IP bracketed host, a port out of
+    range) are a 422 on `url`, whatever the allow-list; nothing is registered."""
+    worker = role("worker")
+    for url in ("http://[::1", "http://[zz]:8000", "http://[::1]:99999", "http://127.0.0.1:port"):
+        beat = {"url": url, "models": ["toy"], "tier": "t", "load": 0.1}
+        doc = assert_problem(api.post("/workers/heartbeat", json=beat, headers=worker), 422, "url")
+        assert "not a valid URL" in doc["detail"], doc
+    urls = {w["url"] for w in api.get("/workers", headers=worker).json()["workers"]}
+    assert not any("99999" in u or "zz" in u or "port" in u for u in urls)
+
+
 def test_a_compose_pattern_admits_its_workers() -> None:
     with served(role_settings(worker_url_pattern=r"http://edge-[0-9]+:8000")) as (c, _):
         ok = {"url": "http://edge-1:8000", "models": ["toy"], "tier": "t", "load": 0.1, "capacity_ms_per_s": 4000.0}

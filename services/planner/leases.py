@@ -389,7 +389,10 @@ class Figures:
 class ReservationView:
     """One replica's view of the reservations: worker URL -> device -> ms per second, with each
     worker's total kept beside it so that "what the others reserve" is O(1) per request (totals
-    follow each change; a `replace` sums them afresh, so rounding never builds up for long)."""
+    follow each change; a `replace` sums them afresh, so rounding never builds up for long).
+    Subtracting a load can leave a total a rounding error below what remains (80.8 + 26.4 −
+    80.8 is not 26.4), so a worker without reservations totals exactly 0 and what the others
+    reserve is never below 0."""
 
     def __init__(self) -> None:
         self._loads: dict[str, dict[str, float]] = {}
@@ -409,18 +412,18 @@ class ReservationView:
         for url, per_device in self._loads.items():
             old = per_device.pop(device_id, None)
             if old is not None:
-                self._totals[url] -= old
+                self._totals[url] = self._totals[url] - old if per_device else 0.0
         if worker is not None and load > 0:
             self._loads.setdefault(worker, {})[device_id] = load
             self._totals[worker] = self._totals.get(worker, 0.0) + load
 
     def others(self, worker: str, device_id: str | None) -> float:
         """What the devices other than `device_id` reserve on `worker` (ms/s). O(1)."""
-        return self._totals.get(worker, 0.0) - self._loads.get(worker, {}).get(device_id or "", 0.0)
+        return max(0.0, self._totals.get(worker, 0.0) - self._loads.get(worker, {}).get(device_id or "", 0.0))
 
     def leased(self, worker: str) -> tuple[float, int]:
         """(Σ f_j·e_j, lease count) on `worker`. O(1)."""
-        return self._totals.get(worker, 0.0), len(self._loads.get(worker, {}))
+        return max(0.0, self._totals.get(worker, 0.0)), len(self._loads.get(worker, {}))
 
 
 @dataclass(frozen=True)

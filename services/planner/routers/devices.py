@@ -22,8 +22,9 @@ DeviceId = Annotated[Name, Path(description="the device_id it planned with")]
 )
 async def get_device(device_id: DeviceId, store: StoreDep) -> DeviceState:
     """The device's live lease and the plan now assigned to it (by its last POST /plan or by a
-    rebalance since, priced as handed out). 404 when it holds no live lease; 503 while Redis,
-    where leases live, is unavailable (or the planner runs without it)."""
+    rebalance since, priced as handed out). 404 when it holds no live lease (always, on a
+    planner without Redis: it keeps no leases); 503 while Redis, where leases live, is
+    unavailable."""
     try:
         state = await store.fleet.state(device_id)
     except RedisUnavailable:
@@ -35,7 +36,8 @@ async def get_device(device_id: DeviceId, store: StoreDep) -> DeviceState:
 
 @router.delete("/{device_id}", status_code=204, response_class=Response, dependencies=[require(DEVICE_OR_ADMIN)])
 async def delete_device(device_id: DeviceId, store: StoreDep) -> Response:
-    """End the device's lease at once (its reservation on the worker is freed). 404 without one."""
+    """End the device's lease at once (its reservation on the worker is freed). 404 without one
+    (always, on a planner without Redis); 503 while Redis is unavailable."""
     try:
         ended = await store.fleet.release(device_id)
     except RedisUnavailable:
@@ -46,5 +48,5 @@ async def delete_device(device_id: DeviceId, store: StoreDep) -> Response:
 
 
 def _leases_away() -> ApiProblem:
-    """503 while Redis (where leases live) is unavailable or not configured."""
+    """503 while Redis (where leases live) is unavailable."""
     return ApiProblem(503, "leases live in Redis, which is unavailable here; retry", headers={"Retry-After": "1"})

@@ -23,7 +23,11 @@ def allowed_url(url: str, pattern: str) -> str:
     `worker_url_pattern`, else 422 naming the setting (devices send their frames and token to
     it). O(len(url))."""
     url = url.rstrip("/")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range
+    except ValueError as exc:  # e.g. an unclosed or non-IP bracketed host
+        raise ApiProblem(422, f"url: not a valid URL ({exc})", loc=("body", "url")) from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ApiProblem(422, f"url: expected an http(s) URL, got {url!r}", loc=("body", "url"))
     if re.fullmatch(pattern, url) is None:
