@@ -29,6 +29,15 @@ p50/p99, worker utilisation (compute-busy seconds) and CPU, the client processes
 changes per device-minute, the median |predicted − measured| / measured latency per frame and
 throughput per device; the per-stage prediction table; the targets with PASS/FAIL and ratios.
 Writes OUT.md, OUT.json and OUT.png (goodput and p99 against N, one line per system).
+
+How the targets read the runs (`fleet_bench.report`): "within noise" is within 2 standard
+errors of the goodput difference (from per-second counts within each run), or 1 % of the
+offered load if that is more, since one run per cell cannot measure the spread between runs
+(committed runs of the same code differ by several per cent at N >= 32); the bookings are read
+at every poll from the cameras' start, and a capacity drop the planner had to register over the
+leases fails the target; utilisation is the busier of the compute slot and the worker's CPU;
+the throughput error scores only devices whose plan predicts less than the frame rate (where
+the camera sets the rate it is 0 by construction).
 """
 
 from __future__ import annotations

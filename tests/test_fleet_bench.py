@@ -156,7 +156,7 @@ def test_summary_arithmetic_on_frames_written_by_hand() -> None:
     b = [_frame(0.2 * i, 40.0, pred=44.0) for i in range(10)]
     plans = [[-1.0, "final", 0, "w", "p"], [0.5, "exit3", 56, None, "q"], [1.0, "exit3", 56, None, "q2"]]
     stages = {"device_ms": 5.0, "transfer_ms": 30.0, "edge_ms": 15.0, "latency_ms": 50.0}
-    predicted = {"p": {**stages, "throughput_fps": 20.0}}
+    predicted = {"p": {**stages, "throughput_fps": 4.0}}  # below the 5 frames/s the cameras offer
     raw = {
         "scenario": {"window_s": 2.0, "budget_ms": 250.0, "frame_rate": 5.0, "n": 2, "k": 30.0, "model": "m"},
         "system": "S",
@@ -181,8 +181,14 @@ def test_summary_arithmetic_on_frames_written_by_hand() -> None:
     assert plan_changes(plans, 2.0) == 1  # the re-priced q2 (same exit, cut, worker) is no change
     # latency errors: 8 frames |50-100|/100, one |50-300|/300, ten |44-40|/40 -> median 0.1
     assert s["pred_err_latency"] == pytest.approx(0.1)
-    # throughput: each device predicted min(5, 20) = 5 frames/s; a answered 9 / 2 s, b 10 / 2 s
-    assert s["pred_err_throughput"] == pytest.approx(((5 - 4.5) / 4.5 + 0.0) / 2)
+    # throughput: each device's plan predicts 4 frames/s; a answered 9 / 2 s, b 10 / 2 s
+    assert s["pred_err_throughput"] == pytest.approx(((4.5 - 4) / 4.5 + (5 - 4) / 5) / 2)
+    assert s["pred_err_throughput_devices"] == 2
+    # a plan predicting at least the offered 5 frames/s is not scored: the camera sets the rate
+    for dev in raw["devices"]:
+        dev["predicted"] = {"p": {**stages, "throughput_fps": 5.0}}
+    s = summarize(raw)
+    assert s["pred_err_throughput"] is None and s["pred_err_throughput_devices"] == 0
     assert goodput_se(b, 250.0, 2.0) == pytest.approx(0.0)  # 5 good frames in each second
     # stages over the 19 edge-answered frames: latency 40 (10), 100 (8), 300 (1); queue+compute 5
     assert s["stages"]["pred_edge_ms"] == 15.0 and s["stages"]["meas_edge_server_ms"] == 5.0

@@ -291,6 +291,47 @@ def test_the_stage_table_keeps_the_buffer_wait_out_of_link_and_http() -> None:
     assert st["meas_wait_ms"] is None and st["meas_link_http_ms"] is None and st["meas_latency_ms"] == 200.0
 
 
+def test_within_noise_allows_at_least_a_share_of_the_offered_load() -> None:
+    """Standard errors of 0 (every frame good in every second) do not make "within noise" mean
+    exact equality: one late frame in 20 s (0.05 frames/s) stays within 1 % of the offer, and
+    a difference past both the floor and 2 SE does not."""
+
+    def run(system: str, goodput: float, se: float = 0.0) -> dict[str, Any]:
+        return {"system": system, "n": 1, "k": 30.0, "model": "resnet18", "goodput_fps": goodput,
+                "goodput_se": se, "offered_fps": 10.0}  # fmt: skip
+
+    assert report._single_device([run("DAPDEE-fleet", 9.95), run("DAPDEE-independent", 10.0)]).ok is True
+    assert report._single_device([run("DAPDEE-fleet", 9.8), run("DAPDEE-independent", 10.0)]).ok is False
+    assert report._single_device([run("DAPDEE-fleet", 9.8, 0.1), run("DAPDEE-independent", 10.0)]).ok is True
+    assert report._noise(run("a", 0.0, 3.0), run("b", 0.0, 4.0)) == pytest.approx(10.0)  # 2 x hypot(3, 4)
+
+
+def _fleet_run(**kw: Any) -> dict[str, Any]:
+    base = {"system": "DAPDEE-fleet", "n": 64, "k": 10.0, "model": "resnet18", "booked_max": 0.85,
+            "booking_series": [[0.0, 0.2, 1000.0], [10.0, 0.85, 1000.0]], "planner_run_counts": {},
+            "utilisation": 0.5, "worker_cpu": 0.6, "edge_rejected": {}, "pred_err_latency": 0.05,
+            "pred_err_throughput": None, "pred_err_throughput_devices": 0,
+            "plan_changes_per_device_min": 0.0}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_the_booking_target_reads_every_poll_and_fails_on_a_drop_registered_over_the_leases() -> None:
+    """A poll of the warm-up past rho_max fails the target though the window's polls stay within
+    it, and so does a capacity drop the planner registered over the leases (`drops_forced`),
+    which polls 2 s apart may not see."""
+    (booking, util, _, fps, _) = report._every_fleet_run([_fleet_run()], 0.9)
+    assert booking.ok is True and util.ok is True and "0.6" in util.detail  # the worker's CPU, the busier
+    assert fps.ok is None  # no device whose plan bounds its rate: nothing to score
+    early = _fleet_run(booking_series=[[-5.0, 0.97, 600.0], [10.0, 0.85, 1000.0]])
+    assert report._every_fleet_run([early], 0.9)[0].ok is False
+    forced = _fleet_run(planner_run_counts={"drops_forced": 1.0, "drops_shed": 2.0})
+    t = report._every_fleet_run([forced], 0.9)[0]
+    assert t.ok is False and "over the leases 1 (resnet18 K=10 N=64: 1)" in t.detail
+    busy = _fleet_run(utilisation=0.5, worker_cpu=0.97, edge_rejected={"overloaded": 12.0})
+    t = report._every_fleet_run([busy], 0.9)[1]
+    assert t.ok is False and "resnet18 K=10 N=64: 12" in t.detail
+
+
 def test_the_target_against_every_baseline_names_the_baselines_it_compared() -> None:
     def run(system: str, goodput: float) -> dict[str, Any]:
         return {"system": system, "n": 16, "k": 30.0, "model": "resnet18", "goodput_fps": goodput,

@@ -23,10 +23,12 @@ number comes from frames that were really released, answered or dropped. Pure fu
   measured, predicted = the latency of the plan the frame ran (as the planner priced it: for a
   leased plan, at the load the other leases put on the worker), measured = release to answer;
 - prediction error, throughput: the median over devices of |predicted − measured| / measured,
-  predicted = min(frame rate, the throughput of the plan most of its frames ran: the planner's,
-  or for a plan the runtime priced itself, e.g. Device-Only after a lease lapsed, 1000 /
-  its bottleneck), measured = its answered frames per second (a device whose plan has no
-  prediction is left out);
+  predicted = the throughput of the plan most of its frames ran (the planner's, or for a plan
+  the runtime priced itself, e.g. Device-Only after a lease lapsed, 1000 / its bottleneck),
+  measured = its answered frames per second; only devices whose plan predicts less than the
+  frame rate count (`pred_err_throughput_devices` says how many): where it predicts more, the
+  camera sets the rate and the error would be 0 by construction (a device whose plan has no
+  prediction is left out too);
 - stages (frames that went to the edge): median predicted device / transfer / edge ms next to
   the measured wait before the device took the frame (camera buffer, previous frame's device
   part), device compute, edge queue + compute, and the rest (uplink, round trip and both sides'
@@ -70,6 +72,8 @@ def plan_changes(plans: Sequence[Sequence[Any]], window_s: float) -> int:
 
 
 def _device_throughput_error(dev: dict[str, Any], frame_rate: float, window_s: float) -> float | None:
+    """|predicted − measured| / measured frames/s of one device (module docstring); None when
+    its main plan has no prediction or predicts at least the frame rate. O(frames)."""
     answered = [f for f in dev["frames"] if f[LAT] is not None]
     if not answered:
         return None
@@ -80,9 +84,9 @@ def _device_throughput_error(dev: dict[str, Any], frame_rate: float, window_s: f
     fps = pred.get("throughput_fps")
     if fps is None and pred.get("bottleneck_ms"):
         fps = 1000.0 / pred["bottleneck_ms"]
-    if fps is None:
+    if fps is None or float(fps) >= frame_rate:
         return None
-    predicted = min(frame_rate, float(fps))
+    predicted = float(fps)
     measured = len(answered) / window_s
     return abs(predicted - measured) / measured
 
@@ -212,6 +216,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
         "plan_changes_per_device_min": changes / (max(1, len(devices)) * window_s / 60.0),
         "pred_err_latency": _median(lat_err),
         "pred_err_throughput": _median(fps_err),
+        "pred_err_throughput_devices": len(fps_err),
         "stages": _stages(frames, devices),
         "costs": raw["costs"],
         "errors": raw["errors"],
