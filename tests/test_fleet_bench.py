@@ -36,7 +36,8 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
     cache = tmp_path_factory.mktemp("edge-profiles")
     sc = Scenario("fleet", 2, 30.0, warmup_s=2.0, window_s=4.0)
     with FleetStack([MODELS["resnet18"]], profile_repeats=2, request_samples=5, profile_cache=cache) as stack:
-        raw = run_scenario(stack, sc, PlannerSettings(), loaded, tmp_path_factory.mktemp("logs"))
+        logs = tmp_path_factory.mktemp("logs")
+        raw = run_scenario(stack, sc, PlannerSettings(), loaded, logs)
         pid = stack.edge.proc.pid
         url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]), [loaded.name])
         with PlannerClient(url, stack.tokens.admin) as client:
@@ -46,6 +47,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
             "workers": workers,
             "cached": sorted(p.name for p in cache.iterdir()),
             "model": loaded.name,
+            "planner_log": (logs / f"planner-fleet-n2-k30-{loaded.name}.log").read_text(),
         }
     yield raw, summarize(raw, {"final": 0.93}), after
 
@@ -60,6 +62,8 @@ def test_every_run_starts_with_a_fresh_worker(fleet_run: tuple[dict[str, Any], d
     [worker] = after["workers"]
     assert worker.capacity_ms_per_s == 1000.0 and worker.leased_ms_per_s == 0.0
     assert after["cached"] == [f"{after['model']}.edge.edge.json"]
+    # the run's planner log is kept, at INFO: its requests (and what rebalances did) can be read back
+    assert "POST /plan 200" in after["planner_log"]
 
 
 def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:

@@ -194,7 +194,8 @@ def run_scenario(
 ) -> dict[str, Any]:
     """One run (module docstring); the raw result as JSON-able data."""
     system = SYSTEMS[sc.system]
-    url = stack.fresh(settings.env(system), [loaded.name])
+    run = f"{sc.system}-n{sc.n}-k{sc.k:g}-{sc.model}"
+    url = stack.fresh(settings.env(system), [loaded.name], log_file=log_dir / f"planner-{run}.log")
     costs = publish_profile(stack, sc, loaded, url)
     clients: list[ClientProcess] = []
     try:
@@ -203,7 +204,7 @@ def run_scenario(
                 url, stack.tokens.device, sc.system, sc.model, sc.k, sc.tier, group, sc.frame_rate, sc.budget_ms,
                 sc.warmup_s, sc.window_s, device_request_ms=costs["device_request_ms"], min_accuracy=sc.min_accuracy,
             )  # fmt: skip
-            clients.append(ClientProcess(job, log_dir / f"clients-{sc.system}-n{sc.n}-k{sc.k:g}-{sc.model}-{i}.log"))
+            clients.append(ClientProcess(job, log_dir / f"clients-{run}-{i}.log"))
         ready = [c.message(READY_TIMEOUT_S) for c in clients]
         window = _measure(stack, sc, clients, url)
         done = [c.message(sc.window_s + DRAIN_S + 60.0) for c in clients]

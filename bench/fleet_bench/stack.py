@@ -143,12 +143,18 @@ class FleetStack:
         self.redis.start()
         return self
 
-    def fresh(self, settings: Mapping[str, str], models: Sequence[str], timeout_s: float = 180.0) -> str:
+    def fresh(
+        self, settings: Mapping[str, str], models: Sequence[str], timeout_s: float = 180.0, log_file: Path | None = None
+    ) -> str:
         """(Re)start the planner with `settings` (DAPDEE_* variables) and a fresh key prefix, then
         the edge worker, and wait until the worker has registered each of `models` with the
-        planner. Returns the planner's URL."""
+        planner. `log_file`: the planner's log, at INFO (what each rebalance and capacity drop
+        did); without one it logs errors only, to this process's standard error. Returns the
+        planner's URL."""
         self.planner.stop()
         self.edge.stop()
+        self.planner.log_file = log_file
+        self.planner.log_level = "info" if log_file is not None else "error"
         self.prefix = unique_prefix("fleet")
         self.planner.args = ["--redis-url", self.redis.url]
         self.planner.env = {**self.tokens.env(), "DAPDEE_KEY_PREFIX": self.prefix, **settings}

@@ -60,8 +60,9 @@ class ServiceProcess:
     on a free 127.0.0.1 port chosen once (a restart reuses it). Settings come from `args` and
     `env` (added to a DAPDEE_*-free environment). `start()` waits until `ready_path` answers
     200; `stop()` sends SIGTERM, `kill()` SIGKILL (each escalating to SIGKILL after a wait).
-    `niceness` > 0 runs it at that lower CPU priority (`nice -n`). A context manager:
-    `with ServiceProcess(...).start() as svc:` stops it at the end."""
+    `niceness` > 0 runs it at that lower CPU priority (`nice -n`); `log_file` (set before
+    `start`) receives its standard error, appended (default: this process's). A context
+    manager: `with ServiceProcess(...).start() as svc:` stops it at the end."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class ServiceProcess:
         self.port = free_port()
         self.env = dict(env or {})
         self.log_level = log_level
+        self.log_file: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +96,11 @@ class ServiceProcess:
 
     def start(self, timeout_s: float = 90.0) -> ServiceProcess:
         """Start the process and wait until it is ready (killed again when it is not)."""
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=service_env(self.env))
+        if self.log_file is None:
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=service_env(self.env))
+        else:
+            with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
+                self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=service_env(self.env), stderr=log)
         try:
             wait_until_ready(self.url + self.ready_path, self.proc, timeout_s, f"{self.service} process")
         except BaseException:
