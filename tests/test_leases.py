@@ -246,6 +246,35 @@ def test_a_rebalance_applies_atomically_or_not_at_all(prefix: str) -> None:
     run(scenario())
 
 
+def test_a_partial_apply_leaves_a_device_that_changed_as_it_is_and_counts_what_it_reserves(prefix: str) -> None:
+    """A rebalance solved d1, d2 and d3 on http://w; meanwhile d2 re-planned (a record of another
+    basis, at 300 ms/s) and d3 moved elsewhere. All or nothing refuses; partial applies d1's
+    plan, leaves d2's reservation and record as they are (they count with the others': 500 +
+    300 fits 900, 700 + 300 does not) and names both it left."""
+    first, solved_plan, replanned = _lease(exit_name="exit1"), _lease(exit_name="exit2"), _lease(exit_name="exit3")
+
+    async def scenario() -> None:
+        books = await _books(prefix, 2)
+        a, b = books
+        for d in ("d1", "d2", "d3"):
+            await a.reserve(d, "http://w", 200.0, 900.0, first)
+        solved = await _tagged(a, {d: (load, solved_plan) for d, load in (("d1", 500.0), ("d2", 100.0), ("d3", 100.0))})
+        await b.reserve("d2", "http://w", 300.0, 900.0, replanned)  # re-planned meanwhile
+        await b.reserve("d3", "http://other", 50.0, 900.0, replanned)  # moved meanwhile
+        assert (await a.apply("http://w", solved, 900.0)).status == "changed"
+        too_much = {**solved, "d1": (700.0, solved_plan, solved["d1"][2])}
+        over = await a.apply("http://w", too_much, 900.0, partial=True)
+        assert over.status == "over" and (await a.record("d1"))[0] == first  # type: ignore[index]
+        done = await a.apply("http://w", solved, 900.0, partial=True)
+        assert done.status == "applied" and set(done.left) == {"d2", "d3"}
+        assert await b.loads() == {"http://w": {"d1": 500.0, "d2": 300.0}, "http://other": {"d3": 50.0}}
+        held = [(await b.record(d))[0] for d in ("d1", "d2", "d3")]  # type: ignore[index]
+        assert held == [solved_plan, replanned, replanned]
+        await _close(books)
+
+    run(scenario())
+
+
 def test_reservations_stay_within_the_capacity_the_workers_last_heartbeat_states(prefix: str) -> None:
     """The caller's limit assumes 1000 ms/s; the registry holds the worker's last heartbeat, 100
     ms/s. Admission and rebalances are checked against ρ_max x 100 = 90 and the refusals say

@@ -251,15 +251,18 @@ return out
 
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
 # limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans),
-# its capacity, its TTL in ms, then quadruples (device, load, record JSON, the basis of the
-# record it replaces). A device may be one reserving on this worker or one whose live lease reserves
-# nothing (Device-Only: the rebalance may bring it onto this worker). With a heartbeat, the
-# limit is lowered to rho_max x the heartbeat's capacity instead of the registered one, and the
-# heartbeat is registered with the plans (the worker must be live in the registry). Every check
-# comes before the first write. Returns {status, capacity}: 1 applied; 0 refused, a device's
-# lease is gone, moved to another worker or holds a record of another basis (or, with a heartbeat, the
-# worker is not live); 2 refused, the others' reservations plus the new loads exceed the limit
-# (lowered to rho_max x the worker's registered capacity: `capped`); capacity as in RESERVE.
+# its capacity, its TTL in ms, partial ('1' or ''), then quadruples (device, load, record JSON,
+# the basis of the record it replaces). A device may be one reserving on this worker or one
+# whose live lease reserves nothing (Device-Only: the rebalance may bring it onto this worker).
+# With a heartbeat, the limit is lowered to rho_max x the heartbeat's capacity instead of the
+# registered one, and the heartbeat is registered with the plans (the worker must be live in the
+# registry). A device whose lease is gone, moved to another worker or holds a record of another
+# basis refuses the whole apply, or with partial is left as it is (what it reserves here counts
+# with the others'). Every check comes before the first write. Returns {status, capacity, left
+# devices...}: 1 applied (left: those partial left as they are); 0 refused, such a device (or,
+# with a heartbeat, the worker is not live); 2 refused, the others' reservations plus the new
+# loads exceed the limit (lowered to rho_max x the worker's registered capacity: `capped`);
+# capacity as in RESERVE.
 APPLY = (
     LEASE_FUNCTIONS
     + """
@@ -277,16 +280,20 @@ else
 end
 purge_leases(prefix, KEYS[1], now)
 purge(wload, wexp, now)
-local chosen, expiry, total = {}, {}, 0
-for i = 8, #ARGV, 4 do
+local partial = ARGV[8] == '1'
+local chosen, expiry, total, left = {}, {}, 0, {}
+for i = 9, #ARGV, 4 do
   local d = ARGV[i]
   local cur = redis.call('HGET', prefix .. ':lease-worker', d)
-  if cur and cur ~= worker then return {0, capacity} end
   local raw = redis.call('GET', prefix .. ':lease:' .. d)
-  expiry[d] = redis.call('ZSCORE', KEYS[1], d)
-  if not raw or not expiry[d] or basis(raw) ~= ARGV[i + 3] then return {0, capacity} end
-  chosen[d] = true
-  total = total + tonumber(ARGV[i + 1])
+  local exp = redis.call('ZSCORE', KEYS[1], d)
+  if (cur and cur ~= worker) or not raw or not exp or basis(raw) ~= ARGV[i + 3] then
+    if not partial then return {0, capacity} end
+    left[#left + 1] = d
+  else
+    chosen[d], expiry[d] = true, exp
+    total = total + tonumber(ARGV[i + 1])
+  end
 end
 local all = redis.call('HGETALL', wload)
 for i = 1, #all, 2 do
@@ -297,20 +304,24 @@ if ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), worker)
   redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
 end
-for i = 8, #ARGV, 4 do
+for i = 9, #ARGV, 4 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])
-  if load > 0 then
-    redis.call('HSET', wload, d, ARGV[i + 1])
-    redis.call('ZADD', wexp, expiry[d], d)
-    redis.call('HSET', prefix .. ':lease-worker', d, worker)
-  else
-    redis.call('HDEL', wload, d)
-    redis.call('ZREM', wexp, d)
-    redis.call('HDEL', prefix .. ':lease-worker', d)
+  if chosen[d] then
+    if load > 0 then
+      redis.call('HSET', wload, d, ARGV[i + 1])
+      redis.call('ZADD', wexp, expiry[d], d)
+      redis.call('HSET', prefix .. ':lease-worker', d, worker)
+    else
+      redis.call('HDEL', wload, d)
+      redis.call('ZREM', wexp, d)
+      redis.call('HDEL', prefix .. ':lease-worker', d)
+    end
+    redis.call('SET', prefix .. ':lease:' .. d, ARGV[i + 2], 'PXAT', math.floor(tonumber(expiry[d])))
   end
-  redis.call('SET', prefix .. ':lease:' .. d, ARGV[i + 2], 'PXAT', math.floor(tonumber(expiry[d])))
 end
-return {1, capacity}
+local out = {1, capacity}
+for _, d in ipairs(left) do out[#out + 1] = d end
+return out
 """
 )
 
@@ -445,10 +456,12 @@ class Reservation:
 class Application:
     """The outcome of `LeaseBook.apply`: `status` "applied" | "changed" (a device's lease ended,
     moved or was replaced meanwhile) | "over" (the worker's reservations would pass the limit); nothing is
-    written unless applied. `capacity_ms_per_s` as in `Reservation`."""
+    written unless applied. `capacity_ms_per_s` as in `Reservation`; `left`: the devices a
+    partial apply left as they were."""
 
     status: str
     capacity_ms_per_s: float | None
+    left: tuple[str, ...] = ()
 
 
 class LeaseBook:
@@ -570,24 +583,28 @@ class LeaseBook:
         assignments: dict[str, tuple[float, dict[str, Any], str]],
         limit_ms_per_s: float,
         heartbeat: Heartbeat | None = None,
+        partial: bool = False,
     ) -> Application:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
         record, the basis of the record it replaces)) on `worker` in one atomic step, if every
         device still holds a lease there (or a live lease reserving nothing: it may join) with
         a record of that basis (`record_basis`), and the worker stays within `limit` and
-        within ρ_max × its registered capacity; else nothing changes. With `heartbeat`: within
-        ρ_max × the heartbeat's capacity instead, and the heartbeat is registered in the same
-        step (refused, "changed", when the worker is not live in the registry). One round trip,
-        O(reservations on the worker) inside Redis."""
+        within ρ_max × its registered capacity; else nothing changes. `partial`: a device whose
+        lease changed meanwhile is left as it is (what it reserves on `worker` counts with the
+        others') instead of refusing the whole apply. With `heartbeat`: within ρ_max × the
+        heartbeat's capacity instead, and the heartbeat is registered in the same step (refused,
+        "changed", when the worker is not live in the registry). One round trip, O(reservations
+        on the worker) inside Redis."""
         hb = heartbeat
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
         args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms] if hb is not None else ["", "", 0]
+        args.append("1" if partial else "")
         for device, (load, record, basis) in assignments.items():
             args += [device, repr(float(load)), record_text(record), basis]
         keys = [self.k_leases, f"{self.prefix}:workers:exp"]
         out = await self.link.script("lease_apply", APPLY, keys, args)
         status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
-        return Application(status, _number(out[1]))
+        return Application(status, _number(out[1]), tuple(_text(d) for d in out[2:]))
 
 
 def _stored(raw: str | bytes) -> StoredRecord:

@@ -11,9 +11,12 @@ pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It runs 
 a heartbeat whose capacity no longer holds the worker's leases within ρ_max (the worker measured
 itself slower): `shed` re-solves that worker's leases for the new capacity and registers the
 heartbeat with the new plans in one atomic step, so no moment shows the leases past ρ_max of the
-capacity registered. It needs no lock (the step is checked in Redis). Only when that fails (the
-worker's leases changed meanwhile, each of `CAPACITY_RETRIES` times) is the heartbeat registered
-as it is, and a rebalance follows at once (`note_capacity`).
+capacity registered. It needs no lock (the step is checked in Redis). Its apply is partial: a
+device that re-planned while the leases were solved keeps the plan it got (what it reserves
+counts with the others'), since devices re-plan every few seconds and an all-or-nothing apply
+over a large fleet would rarely find every lease as it was read. Only when that fails (the
+leases still book past ρ_max of the new capacity, each of `CAPACITY_RETRIES` times) is the
+heartbeat registered as it is, and a rebalance follows at once (`note_capacity`).
 """
 
 from __future__ import annotations
@@ -136,11 +139,13 @@ class Rebalancer:
         """Heartbeat `w` states a capacity that its worker's leases book past ρ_max of (the registry
         refused it): re-solve those leases for it, with the Device-Only leases of models it
         serves as a rebalance does (solved without them, the next rebalance moved those again),
-        and apply their plans together with the heartbeat (live for `ttl_ms`), all or nothing.
-        True when applied; False when the leases changed meanwhile `CAPACITY_RETRIES` times, or
-        none of them can be priced (nothing written: the caller registers the heartbeat as it
-        is); None when this replica was already doing so for the worker (a heartbeat sent again
-        after a timeout): it waited for that, and the caller checks its heartbeat again.
+        and apply their plans together with the heartbeat (live for `ttl_ms`) in one step, a
+        device that re-planned meanwhile left on the plan it got (a partial apply). True when
+        applied; False when each of `CAPACITY_RETRIES` tries found the leases past ρ_max of the
+        capacity all the same (or the worker no longer live), or none of them can be priced
+        (nothing written: the caller registers the heartbeat as it is); None when this replica
+        was already doing so for the worker (a heartbeat sent again after a timeout): it waited
+        for that, and the caller checks its heartbeat again.
         RedisUnavailable passes up. Per try: four round trips, the demands and one `settle`."""
         lock = self._shedding.setdefault(w.url, asyncio.Lock())
         if lock.locked():
@@ -237,7 +242,8 @@ class Rebalancer:
         for _ in range(CAPACITY_RETRIES):
             sol = await self._solve(demands, capacity, nominal, kept)
             assignments = _assignments(w.url, demands, sol, nominal, records, kept)
-            outcome = await self.fleet.book.apply(w.url, assignments, self.settings.rho_max * capacity, heartbeat)
+            limit = self.settings.rho_max * capacity
+            outcome = await self.fleet.book.apply(w.url, assignments, limit, heartbeat, partial=heartbeat is not None)
             now = outcome.capacity_ms_per_s
             if outcome.status != "over" or now is None or now >= capacity:
                 break
@@ -249,9 +255,10 @@ class Rebalancer:
         pairs = zip(demands, olds, sol.choices, strict=True)
         moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
         log.log(
-            logging.INFO if moved else logging.DEBUG,
-            "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, %s",
+            logging.INFO if moved or outcome.left else logging.DEBUG,
+            "rebalance of %s: %d leases, %d moved, %.1f of %.1f ms/s booked, exact %s, %s%s",
             w.url, len(demands), moved, sol.load, capacity, sol.exact, outcome.status,
+            f" ({len(outcome.left)} left as they were: they re-planned meanwhile)" if outcome.left else "",
         )  # fmt: skip
         return _report(w, demands, olds, sol, applied, sum(held.values()), kept)
 
