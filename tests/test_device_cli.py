@@ -105,6 +105,34 @@ def test_device_run_with_a_fixed_plan(stack: Stack, tmp_path: Path, capsys: pyte
     assert [(r["where"], r["plan_id"], r["device_nodes"]) for r in rows] == [("edge", "from-file", plan.cut)] * 3
 
 
+def test_a_fixed_plan_sends_the_token_to_its_worker(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--plan FILE --edge URL --token T, the worker requiring T: no planner is given, yet the
+    token goes with every infer request, so the frames are answered by the edge (not refused
+    with 401 and finished on the device)."""
+    from dapdee.edge_worker.app import create_app
+    from dapdee.edge_worker.config import Settings
+    from dapdee.testing import ServerThread
+
+    token = "fixed-plan-device-token-0123456789"
+    sock = bind_free_socket()
+    es = Settings(models=f"@{stack.artifact}", port=sock.getsockname()[1], workers=1, api_token=token)
+    edge = ServerThread(create_app(es, [stack.edge_loaded]), sock=sock, name="edge-token").start()
+    try:
+        _plan_file(stack, tmp_path / "plan.json")
+        log = tmp_path / "frames.jsonl"
+        args = ["device", "run", "--plan", str(tmp_path / "plan.json"), "--edge", edge.url, "--token", token]
+        args += ["--weights", str(stack.artifact), "--frames", "2", "--log", str(log), "--device-load", "0"]
+        args += ["--profile", str(tmp_path / "device.json"), "--quiet"]
+        rc, _, _ = _cli(args, capsys)
+    finally:
+        edge.stop()
+    assert rc == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["where"], r["error"]) for r in rows] == [("edge", None)] * 2
+
+
 def test_bad_planner_url_fails_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     sock = bind_free_socket()  # bound, never listening: connection refused
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

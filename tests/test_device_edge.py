@@ -57,7 +57,7 @@ def _rewrite(body: bytes, headers: dict[str, str], lie: str) -> tuple[bytes, dic
     if lie.startswith("queue_ms") or lie.startswith("compute_ms"):
         key, value = {"queue_ms x": ("queue_ms", "x"), "queue_ms -1e9": ("queue_ms", -1e9),
                       "compute_ms NaN": ("compute_ms", float("nan")),
-                      "queue_ms 60000": ("queue_ms", 60000.0)}[lie]  # fmt: skip
+                      "queue_ms 60000": ("queue_ms", 60000.0), "queue_ms 400": ("queue_ms", 400.0)}[lie]  # fmt: skip
         hlen = int(new_headers[HEADER])
         head = json.loads(new_body[:hlen])
         head["parameters"][key] = value
@@ -224,3 +224,72 @@ def test_a_probe_pair_with_a_server_time_beyond_its_upload_gives_no_sample(stack
     assert proxy.told == lies
     assert lied is None and estimate == 10.0 and pairs == 0, (lied, estimate, pairs)
     assert honest is not None and honest > 0.0
+
+
+def test_an_upload_timing_out_alone_on_a_slow_link_bounds_the_estimate(stack: Stack) -> None:
+    """The link drops far below the estimate (5 Mbit/s believed, 0.02 Mbit/s real): the input's
+    4 KB need 1.6 s, more than the 0.5 s timeout, so the upload gives no timing, yet the timeout
+    itself proves the link carries at most about 4 KB / 0.5 s: the estimate falls to that
+    bound (instead of staying at 5 Mbit/s while every upload times out)."""
+
+    async def go() -> tuple[str, float, bool]:
+        sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [stack.edge.url]), sensing, shaper=ShapedUplink(0.02))
+        x = stack.frames(1, seed=4)[0].x
+        try:
+            with pytest.raises(EdgeFailure) as failed:
+                await edge.infer(stack.edge.url, {stack.graph.input.name: x}, "final", 0.5)
+            return failed.value.reason, sensing.bandwidth.estimate_mbps, sensing.bandwidth.suspect_change
+        finally:
+            await edge.aclose()
+
+    reason, estimate, suspect = asyncio.run(go())
+    assert reason.startswith("timeout"), reason
+    bound = stack.graph.input.bytes * 8 / 0.5e6  # 0.066 Mbit/s: the bytes over the whole wait
+    assert 0.02 <= estimate <= 1.5 * bound, estimate
+    assert suspect  # a step down: the idle link is probed soon
+
+
+def test_a_timeout_after_the_worker_reported_a_long_queue_leaves_the_estimate(stack: Stack) -> None:
+    """The worker's last answer spent 400 ms in its queue: a later upload timing out after 0.5 s
+    may have waited on the worker, not the link, so it bounds nothing (the estimate stays)."""
+    proxy = LyingProxy(stack.edge.url, ["queue_ms 400"])
+
+    with serve_app_in_thread(proxy) as url:
+
+        async def go() -> float:
+            sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+            edge = EdgeLink(stack.graph, WorkerTrust(None, [url]), sensing, shaper=ShapedUplink(0.02))
+            x = {stack.graph.input.name: stack.frames(1, seed=4)[0].x}
+            try:
+                await edge.infer(url, x, "final", 10.0, observe=False)  # answered, "queued 400 ms"
+                with pytest.raises(EdgeFailure):
+                    await edge.infer(url, x, "final", 0.5)
+                return sensing.bandwidth.estimate_mbps
+            finally:
+                await edge.aclose()
+
+        assert asyncio.run(go()) == 5.0
+    assert proxy.told == ["queue_ms 400"]
+
+
+def test_after_a_failed_probe_a_slow_link_is_still_measured(stack: Stack) -> None:
+    """An idle link dropped to 0.05 Mbit/s while the estimate says 5: the probe pair does not
+    finish within the probe timeout (0.5 s; the input alone takes ~0.7 s). The next probe is
+    the input alone with a longer timeout, so it finishes and the estimate reaches the link
+    (where a pair sized from a stale estimate would time out for ever)."""
+
+    async def go() -> tuple[list[float | None], float]:
+        sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+        url = stack.edge.url
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [url]), sensing, shaper=ShapedUplink(0.05))
+        prober = LinkProber(edge, stack.graph, sensing, timeout_s=0.5)
+        try:
+            samples = [await prober.probe(url) for _ in range(2)]
+            return samples, sensing.bandwidth.estimate_mbps
+        finally:
+            await edge.aclose()
+
+    samples, estimate = asyncio.run(go())
+    assert samples[0] is None and samples[1] is not None, samples
+    assert 0.025 <= samples[1] <= 0.1 and 0.025 <= estimate <= 0.1, (samples, estimate)

@@ -4,7 +4,9 @@ is held ~1 s before it runs), and the device runtime on an Edge-Only plan:
 
 - a worker at its concurrency limit answers 503 with `Retry-After: 1`: the device rests that
   second (its own back-off would rest 50 ms), bounded by its back-off maximum;
-- three frames in flight time out together (one outage): the rest doubles once, not three times.
+- three frames in flight time out together (one outage): the rest doubles once, not three times;
+- each worker rests on its own: a plan moved to a healthy worker does not wait out the rest of
+  the one that failed.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from dapdee.device.plan_source import FixedPlanSource
 from dapdee.device.plans import fixed_plan
 from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
-from dapdee.device.types import Frame, FrameRecord
+from dapdee.device.types import Frame, FrameRecord, Plan
 from dapdee.models import LoadedModel, load_model
 from dapdee.profiler import profile_model
 from dapdee.testing import ServerThread, bind_free_socket
-from tests.device_stack import K, write_artifact
+from tests.device_stack import K, start_edge, write_artifact
 
 BATCH_WAIT_MS = 1000.0  # the worker holds a lone request this long (its batch window)
 
@@ -144,7 +146,7 @@ def test_frames_in_flight_failing_in_one_outage_double_the_rest_once(
             await rt.start()
             assert rt.edge is not None
             records = await rt.run(frames(loaded, 3))
-            return records, rt.edge.backoff, rt.events
+            return records, rt.edge.backoff_of(url), rt.events
         finally:
             await close(rt)
 
@@ -157,3 +159,81 @@ def test_frames_in_flight_failing_in_one_outage_double_the_rest_once(
     assert len(failures) == 3 and "local for 0.2 s" in failures[0], failures
     assert backoff.rest_s == pytest.approx(0.4), (backoff.rest_s, failures)
     assert backoff.rests == 1
+
+
+class MovingPlans:
+    """A plan source that starts on `first` and answers every re-plan with `then` (what a
+    planner does when a worker dies and another serves the model)."""
+
+    replans = True
+
+    def __init__(self, first: Plan, then: Plan) -> None:
+        self.first_plan, self.then = first, then
+
+    async def first(self, cond: Conditions) -> Plan:
+        return self.first_plan
+
+    async def plan(self, cond: Conditions) -> Plan:
+        return self.then
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        return current
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_plan_moving_to_another_worker_does_not_wait_out_the_failed_one_s_rest(
+    artifact: Path, device: tuple[LoadedModel, CostGraph]
+) -> None:
+    """Worker A refuses connections: the device rests A for 5 s and asks for a new plan, which
+    names the healthy worker B. B's frames go to B at once: A's rest is A's alone."""
+    loaded, graph = device
+    cfg = RuntimeConfig(Requirements(mode="latency"), backoff_initial_s=5.0, backoff_max_s=8.0)
+    dead = bind_free_socket()  # bound, never listening: connection refused
+    a = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    worker_b = start_edge(artifact, None, load_model("", weights=artifact))
+    b = worker_b.url
+
+    async def go() -> tuple[FrameRecord, FrameRecord, list[str]]:
+        sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        edge = EdgeLink(graph, WorkerTrust(None, [a, b]), sensing, backoff=backoff)
+        plans = MovingPlans(*(fixed_plan(graph, "final", [], u, Conditions(5.0), f"edge-only-{u}") for u in (a, b)))
+        rt = DeviceRuntime(graph, TorchCompute(loaded, K), plans, config=cfg, sensing=sensing, edge=edge, slowdown=K)
+        x = frames(loaded, 1)[0]
+        try:
+            await rt.start()
+            on_a = await rt.infer(x)
+            for _ in range(100):  # the re-plan the failure asked for (background, every 50 ms)
+                if rt.plan.edge_worker == b:
+                    break
+                await asyncio.sleep(0.05)
+            return on_a, await rt.infer(x), rt.events
+        finally:
+            await close(rt)
+
+    try:
+        on_a, on_b, events = asyncio.run(go())
+    finally:
+        worker_b.stop()
+        dead.close()
+    assert on_a.where == "fallback" and "Connect" in (on_a.error or ""), on_a.error
+    assert any(e.startswith("edge failure") and "local for 5.0 s" in e for e in events), events
+    assert (on_b.where, on_b.error, on_b.plan_id) == ("edge", None, f"edge-only-{b}")
+
+
+def test_only_the_most_recently_used_workers_back_offs_are_kept(device: tuple[LoadedModel, CostGraph]) -> None:
+    """Workers come and go: a device keeps at most MAX_BACKOFFS back-offs, forgetting the least
+    recently used first (a forgotten worker is contacted again as a fresh one)."""
+    from dapdee.device.edge import MAX_BACKOFFS
+
+    _, graph = device
+    edge = EdgeLink(graph, WorkerTrust(None), Sensing(fixed_load=0.0), backoff=Backoff(60.0, 60.0))
+    urls = [f"http://10.0.0.{i}:8000" for i in range(MAX_BACKOFFS + 1)]
+    edge.backoff_of(urls[0]).failed(0)
+    edge.backoff_of(urls[1]).failed(0)
+    edge.backoff_of(urls[0])  # used again: now the most recent of the two
+    for url in urls[2:]:
+        edge.backoff_of(url)
+    assert edge.resting(urls[0]) and not edge.resting(urls[1])

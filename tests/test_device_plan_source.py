@@ -333,3 +333,61 @@ def test_a_device_starts_on_every_lease_the_schema_allows(change: dict[str, Any]
     assert first.lease.stored == (lease["expires_in_s"] > 0)
     if lease["replan_after_s"] == 0:
         assert 5 <= replans <= 12, replans  # about 1 s / min_replan_s
+
+
+class Outage(ForwardingProxy):
+    """Forwards to the planner, or, while `down` is set, answers every request 503 itself (a
+    planner outage behind a load balancer). Polled, so any thread may set it."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.down = False
+
+    async def answer(self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: Any) -> Any:
+        if self.down:
+            problem = {"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": "outage"}
+            return 503, {"content-type": "application/problem+json"}, json.dumps(problem).encode()
+        return await super().answer(scope, headers, body, response)
+
+
+def test_a_device_left_device_only_by_an_outage_replans_soon_after_the_planner_is_back(
+    planner_prefix: str,
+) -> None:
+    """A leased device (lease 1 s, renewed every 0.3 s) loses its planner: the renewals fail,
+    the lease lapses and the device runs Device-Only (which holds no lease of its own). The
+    re-plan the lapse asks for fails too; that failure must not drop the reason, or the device
+    would wait for the plan's age (`plan_max_age_s`, 10 s) once the planner is back. It asks
+    again after the short quiet time of a failed re-plan."""
+
+    async def go(url: str) -> tuple[float, list[str]]:
+        outage = Outage(url)
+        front = ServerThread(outage, name="outage")
+        await asyncio.to_thread(front.start)
+        try:
+            async with AsyncPlannerClient(front.url, TOKEN, timeout=5.0) as client:
+                await client.put_graph(G)
+                cfg = RuntimeConfig(Requirements(frame_rate=10.0), replan_threshold=1e6)  # plan_max_age_s 10
+                source = PlannerPlanSource(client, G, cfg.requirements, device_id="cam-outage", worker_wait_s=0.1)
+                first = await source.first(COND)
+                rp = Replanner(source, Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0), cfg, first, no_plan)
+                outage.down = True
+                deadline = time.monotonic() + 8.0
+                while not any(e.startswith("re-plan failed (lease expired)") for e in rp.events):
+                    assert time.monotonic() < deadline, list(rp.events)
+                    rp.tick()
+                    await asyncio.sleep(0.05)
+                assert rp.in_force().origin == "device-only"
+                outage.down = False
+                back = time.monotonic()
+                while rp.in_force().origin != "planner" and time.monotonic() - back < 8.0:
+                    rp.tick()
+                    await asyncio.sleep(0.05)
+                await rp.aclose()
+                return time.monotonic() - back, list(rp.events)
+        finally:
+            await asyncio.to_thread(front.stop)
+
+    with planner(planner_prefix, lease_ttl_s=1.0, replan_after_s=0.3) as c:
+        waited, events = asyncio.run(go(str(c.base_url).rstrip("/")))
+    # the retry follows a failed re-plan by min(plan_max_age_s, RETRY_MAX_S) = 2 s; the plan's age would be 10 s
+    assert waited < 5.0, (waited, events)

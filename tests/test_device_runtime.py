@@ -22,7 +22,7 @@ from dapdee.device.session import DeviceSettings, open_device
 from dapdee.device.types import FrameRecord
 from dapdee.testing import ServiceProcess
 from tests.conftest import SHARED_REDIS as REDIS
-from tests.device_stack import HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
+from tests.device_stack import ForwardingProxy, HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
 
 
 @pytest.fixture(scope="module")
@@ -397,3 +397,61 @@ def test_lease_expiry_is_honoured_while_a_replan_hangs(stack: Stack) -> None:
     assert len(after) >= 5, after
     late = [a for a in after if a[1] != "local"]
     assert not late, f"frames started after the lease's expiry (s after, where, plan): {late}"
+
+
+class CountingProxy(ForwardingProxy):
+    """Forwards to the planner and counts the POST /plan requests it sees."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.plans = 0
+
+    async def answer(self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: Any) -> Any:
+        self.plans += scope["method"] == "POST" and scope["path"] == "/plan"
+        return await super().answer(scope, headers, body, response)
+
+
+def test_a_plan_naming_no_worker_is_asked_again_with_a_back_off(stack: Stack) -> None:
+    """A planner with the model's edge timings but no live worker answers an Edge-Only plan
+    with `edge_worker: null`. The device finishes its frames locally and asks again, but spaced
+    by its back-off (0.5 s doubling), not every `min_replan_s` (0.2 s) for as long as frames
+    flow: about 4 plan requests in 4 s of frames, not 20."""
+    from dapdee.client import AsyncPlannerClient
+    from dapdee.device.compute import TorchCompute
+    from dapdee.device.edge import EdgeLink, WorkerTrust
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.runtime import DeviceRuntime
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+    from dapdee.testing import ServerThread, serve_app_in_thread
+
+    graph = stack.graph.with_timings("edge", {n.name: 0.01 for n in stack.graph.nodes})
+    frames = stack.frames(1, seed=5)
+
+    async def go(url: str) -> tuple[int, list[FrameRecord]]:
+        counting = CountingProxy(url)
+        front = ServerThread(counting, name="counting")
+        await asyncio.to_thread(front.start)
+        try:
+            async with AsyncPlannerClient(front.url) as client:
+                await client.put_graph(graph)
+                cfg = RuntimeConfig(Requirements(mode="latency"), replan_threshold=1e6, plan_max_age_s=1e6)
+                sensing = Sensing(prior_mbps=8.0, fixed_load=0.0)
+                source = PlannerPlanSource(client, stack.graph, cfg.requirements, worker_wait_s=0.1)
+                edge = EdgeLink(stack.graph, WorkerTrust(None), sensing)
+                rt = DeviceRuntime(stack.graph, TorchCompute(stack.loaded, K), source, config=cfg, sensing=sensing,
+                                   edge=edge, slowdown=K)  # fmt: skip
+                async with running(rt):
+                    assert rt.plan.uses_edge and rt.plan.edge_worker is None
+                    asked, t0, records = counting.plans, time.monotonic(), []
+                    while time.monotonic() - t0 < 4.0:
+                        records.append(await rt.infer(frames[0]))
+                        await asyncio.sleep(0.05)
+                    return counting.plans - asked, records
+        finally:
+            await asyncio.to_thread(front.stop)
+
+    with serve_app_in_thread(create_app(Settings(redis_url=None))) as url:
+        asked, records = asyncio.run(go(url))
+    assert len(records) >= 10 and {(r.where, r.error) for r in records} == {("fallback", "no edge worker")}
+    assert 2 <= asked <= 7, asked  # at 0, 0.5, 1.5 and 3.5 s; every 0.2 s would be about 20

@@ -164,7 +164,7 @@ def settings_of(args: argparse.Namespace) -> Any:
         runtime=runtime, planner=planner, model=args.model, weights=args.weights, slowdown=args.slowdown,
         rate_mbps=net.rate_mbps if net else None, rtt_ms=args.rtt_ms if net else 0.0,
         device_load=args.device_load, load_source=args.load_source or "proc", profile_path=args.profile,
-        edge_url=args.edge, plan_json=plan_json, device_only=args.device_only,
+        edge_url=args.edge, plan_json=plan_json, device_only=args.device_only, token=token,
     )  # fmt: skip
 
 

@@ -9,11 +9,14 @@ to trusted workers, and a back-off after failures.
 - `Backoff`: after a failure the worker rests `initial_s`, doubling up to `max_s`, and at
   least the `Retry-After` the worker answered with (up to `max_s`); a success resets it. One
   outage doubles it once: the failures of frames already under way when a rest began (with
-  `max_inflight` frames in flight, they all fail together) do not double it again.
+  `max_inflight` frames in flight, they all fail together) do not double it again. Each worker
+  URL has its own (`EdgeLink.backoff_of`): a plan that moves to another worker does not wait
+  out the rest of the one that failed.
 - `EdgeLink`: the requests. Every failure (refused, unreachable, timed out, an answer off
   contract: wrong types, negative or non-finite timings, logits of another shape) is an
   `EdgeFailure` naming it, which the runtime turns into that frame's local fallback. Each
-  upload feeds the bandwidth estimate (`Sensing`), unless its server time is implausible.
+  upload feeds the bandwidth estimate (`Sensing`), unless its server time is implausible; one
+  that times out alone on the link lowers it to the rate its bytes prove (a censored sample).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import torch
 
 from dapdee.client import ApiError, AsyncEdgeClient, ClientError, ProtocolError, RequestError, TransportError
@@ -37,6 +41,7 @@ from dapdee.netem import ShapedUplink
 log = logging.getLogger("dapdee.device.edge")
 
 MAX_CLIENTS = 16  # edge clients kept open (one per worker URL)
+MAX_BACKOFFS = 64  # workers' back-offs kept (workers come and go): the least recently used go first
 MAX_ANSWER_BYTES = 1 << 20  # an infer answer holds one row of logits: far below this
 
 
@@ -150,9 +155,18 @@ def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
     return EdgeFailure(f"{type(exc).__name__}: {exc}")
 
 
+def _sent_and_timed_out(exc: BaseException) -> bool:
+    """Whether `exc` is a timeout of a request whose sending had begun (not of the connection
+    or the client's pool: then no byte was on the link)."""
+    if not isinstance(exc, TransportError) or not exc.timeout:
+        return False
+    return not isinstance(exc.cause, (httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
 class EdgeLink:
     """Infer requests to edge workers for model `graph.model` (see the module docstring). One
-    SDK client per worker URL (at most MAX_CLIENTS kept), the token only for trusted URLs.
+    SDK client per worker URL (at most MAX_CLIENTS kept), the token only for trusted URLs, and
+    one back-off per worker URL (`backoff_of`; `backoff` gives their `initial_s` and `max_s`).
     `uploads_active` and `last_activity` tell the sensing loop when the link is idle."""
 
     def __init__(
@@ -171,10 +185,30 @@ class EdgeLink:
         self.token = token
         self.shaper = shaper
         self.wire_dtype = "FP16" if fp16 else "FP32"
-        self.backoff = backoff or Backoff(0.5, 8.0)
+        rests = backoff or Backoff(0.5, 8.0)
+        self.backoff_initial_s, self.backoff_max_s = rests.initial_s, rests.max_s
+        self._backoffs: OrderedDict[str, Backoff] = OrderedDict()
         self.uploads_active = 0
         self.last_activity = 0.0
+        self.last_server_ms = 0.0  # queue + compute of the last answer (a busy worker times out too)
         self._clients: OrderedDict[str, AsyncEdgeClient] = OrderedDict()
+
+    def backoff_of(self, url: str) -> Backoff:
+        """The back-off of worker `url` (a fresh one for a worker not seen, or forgotten: at
+        most MAX_BACKOFFS are kept, the least recently used dropped first). O(1)."""
+        url = normalize_url(url)
+        backoff = self._backoffs.get(url)
+        if backoff is None:
+            backoff = self._backoffs[url] = Backoff(self.backoff_initial_s, self.backoff_max_s)
+            while len(self._backoffs) > MAX_BACKOFFS:
+                self._backoffs.popitem(last=False)
+        self._backoffs.move_to_end(url)
+        return backoff
+
+    def resting(self, url: str, now: float | None = None) -> bool:
+        """Whether worker `url` rests after a failure (keeps no back-off for it). O(1)."""
+        backoff = self._backoffs.get(normalize_url(url))
+        return backoff is not None and backoff.resting(now)
 
     async def _client(self, url: str) -> AsyncEdgeClient:
         url = normalize_url(url)
@@ -208,8 +242,9 @@ class EdgeLink:
         confidence: bool = False,
     ) -> EdgeAnswer:
         """Send the cut's tensors to `url` for `exit_name` and wait at most `timeout_s` (finite).
-        With `observe`, the upload feeds the bandwidth estimate; with `confidence`, the worker
-        checks its confidence heads and the answer says which exit answered. Raises EdgeFailure."""
+        With `observe`, the upload feeds the bandwidth estimate; a timeout of a request alone on
+        the link bounds it in any case (`_censor`). With `confidence`, the worker checks its
+        confidence heads and the answer says which exit answered. Raises EdgeFailure."""
         client = await self._client(url)
         self.uploads_active += 1
         overlapped = self.uploads_active > 1
@@ -224,6 +259,8 @@ class EdgeLink:
         except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
             if ticket is not None:
                 self.sensing.bandwidth.upload_failed(ticket)
+            if _sent_and_timed_out(exc) and not overlapped and self.uploads_active == 1:
+                self._censor(inputs, t0)
             if isinstance(exc, ClientError):
                 raise _failure(exc, timeout_s) from None
             raise
@@ -234,6 +271,26 @@ class EdgeLink:
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         overlapped = overlapped or self.uploads_active > 0
         return self._accept(res, exit_name, ticket, t0, elapsed_ms, cpu_ms, overlapped)
+
+    def _censor(self, inputs: Mapping[str, torch.Tensor], t0: float) -> None:
+        """A request alone on the link timed out: the link is at most as fast as its tensors'
+        bytes over the time waited (`BandwidthEstimator.censor`). Without this a link far
+        slower than the estimate would give no sample at all: every upload would time out.
+        Not when the worker's last answer spent half that time or more in its queue and
+        compute: the wait may have been the worker's, and the link fast."""
+        nbytes = sum(t.numel() * self._wire_itemsize(t) for t in inputs.values())
+        waited_ms = (time.perf_counter() - t0) * 1000.0
+        if self.last_server_ms * 2.0 >= waited_ms:
+            return
+        bound = self.sensing.bandwidth.censor(nbytes, waited_ms, self.sensing.rtt.estimate_ms)
+        if bound is not None:
+            log.info("upload of %d bytes timed out after %.0f ms: uplink at most %.3g Mbit/s", nbytes, waited_ms, bound)
+
+    def _wire_itemsize(self, t: torch.Tensor) -> int:
+        """Bytes per element of `t` on the wire (floats travel as `wire_dtype`)."""
+        if t.is_floating_point():
+            return 2 if self.wire_dtype == "FP16" else 4
+        return t.element_size()
 
     def _accept(
         self,
@@ -252,6 +309,7 @@ class EdgeLink:
                 self.sensing.bandwidth.upload_failed(ticket)
             raise EdgeFailure(f"bad answer: logits {list(res.logits.shape)}, expected {list(want)}")
         server_ms = res.queue_ms + res.compute_ms
+        self.last_server_ms = server_ms
         sample = None
         if ticket is not None:
             end = t0 + elapsed_ms / 1000.0

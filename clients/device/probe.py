@@ -9,7 +9,8 @@
   (encode, send, decode) gives the device's per-request cost, `device_request_ms` of cost model
   v2: CPU = a + b · bytes fitted through the pair, a is the cost of a request as such; the
   per-byte part (copying, and an emulated uplink's pacing) runs while the bytes are on the
-  wire and is not a per-request constant.
+  wire and is not a per-request constant. After a failed probe (a link too slow for the pair
+  to finish in time), the next is the input alone, a lone upload with a longer timeout.
 - `Sensor`: the background duty, one `tick` at a time: load readings, and probes when the
   link has been idle long enough (or a big change is suspected).
 """
@@ -38,6 +39,7 @@ log = logging.getLogger("dapdee.device.probe")
 PROBE_MS = 100.0  # a probe's size aims at this much upload time (fixed costs then weigh little)
 MAX_FILLER_BYTES = 262144
 PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_MAX_S = 60.0  # a lone probe after failures waits at most this (a very slow link)
 MAX_CPU_PAIRS = 32
 
 
@@ -56,12 +58,15 @@ def _upload_ms(answer: EdgeAnswer) -> float | None:
 
 
 class LinkProber:
-    """Probes of one device's link to a worker (see the module docstring)."""
+    """Probes of one device's link to a worker (see the module docstring); `timeout_s` bounds
+    each probe request (until probes fail: `probe`)."""
 
-    def __init__(self, edge: EdgeLink, graph: CostGraph, sensing: Sensing) -> None:
+    def __init__(self, edge: EdgeLink, graph: CostGraph, sensing: Sensing, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         self.edge = edge
         self.graph = graph
         self.sensing = sensing
+        self.timeout_s = timeout_s  # a probe request's timeout (a lone probe after failures: longer)
+        self.failures = 0  # failed probes in a row
         # the last probe pairs' (small bytes, CPU ms, large bytes, CPU ms)
         self.cpu_pairs: deque[tuple[int, float, int, float]] = deque(maxlen=MAX_CPU_PAIRS)
 
@@ -85,13 +90,17 @@ class LinkProber:
         return (best[0], best[1]) if best else None
 
     async def _send(self, url: str, inputs: dict[str, torch.Tensor]) -> EdgeAnswer:
-        return await self.edge.infer(url, inputs, self.graph.exits[0].name, PROBE_TIMEOUT_S, observe=False)
+        return await self.edge.infer(url, inputs, self.graph.exits[0].name, self.timeout_s, observe=False)
 
     async def probe(self, url: str) -> float | None:
-        """One probe pair; the rate sample (Mbit/s) folded into the estimate, or None (a probe
+        """One probe; the rate sample (Mbit/s) folded into the estimate, or None (a probe
         failed, overlapped another upload, or its worker stated a queue + compute time outside
-        0..its elapsed time). The filler aims at PROBE_MS of upload at the lower of the estimate
-        and the last sample."""
+        0..its elapsed time). Normally a pair whose filler aims at PROBE_MS of upload at the
+        lower of the estimate and the last sample; after a failed probe, the smallest probe
+        there is, the input alone, timed as a lone upload, with `timeout_s` doubled per failure
+        in a row and at least 3x the input's upload at the estimate (at most PROBE_TIMEOUT_MAX_S):
+        a link too slow for the pair is still measured. A timed-out probe, alone on the link,
+        still bounds the estimate (`EdgeLink.infer`)."""
         inp = self.graph.input
         x = {inp.name: _zeros(tuple(inp.shape), inp.dtype)}
         bw = self.sensing.bandwidth
@@ -102,13 +111,27 @@ class LinkProber:
         target = int(min(max(rate * 1000 / 8 * PROBE_MS, floor), MAX_FILLER_BYTES))
         node = self.filler(target)
         try:
-            if node is None:
-                await self.edge.infer(url, x, self.graph.exits[0].name, PROBE_TIMEOUT_S)
-                return self.sensing.bandwidth.last_sample_mbps
-            small = await self._send(url, x)
-            large = await self._send(url, {**x, node[0]: torch.zeros(node[1])})
+            if node is None or self.failures:
+                sample = await self._lone(url, x, rate)
+            else:
+                sample = await self._pair(url, x, node)
         except EdgeFailure:
+            self.failures += 1
             return None
+        self.failures = 0
+        return sample
+
+    async def _lone(self, url: str, x: dict[str, torch.Tensor], rate_mbps: float) -> float | None:
+        """The input alone as a lone upload (`observe`): its sample, or None."""
+        upload_s = self.graph.input.bytes * 8 / (rate_mbps * 1e6)
+        timeout = min(PROBE_TIMEOUT_MAX_S, max(self.timeout_s * 2.0**self.failures, 3.0 * upload_s))
+        answer = await self.edge.infer(url, x, self.graph.exits[0].name, timeout)
+        return answer.sample_mbps
+
+    async def _pair(self, url: str, x: dict[str, torch.Tensor], node: tuple[str, tuple[int, ...]]) -> float | None:
+        """A small and a large upload back to back: their rate sample, or None."""
+        small = await self._send(url, x)
+        large = await self._send(url, {**x, node[0]: torch.zeros(node[1])})
         small_ms, large_ms = _upload_ms(small), _upload_ms(large)
         if small.overlapped or large.overlapped or small_ms is None or large_ms is None:
             return None
@@ -203,7 +226,7 @@ class Sensor:
         if bw.suspect_change and now - edge.last_activity > 0.2:
             quiet, self.next_probe = True, min(self.next_probe, now)  # no frames confirm a big change
         url = self.target()
-        if not quiet or edge.uploads_active or url is None or edge.backoff.resting(now):
+        if not quiet or edge.uploads_active or url is None or edge.resting(url, now):
             return None
         return url
 

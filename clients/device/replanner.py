@@ -6,7 +6,8 @@ store, so the device holds a stored one soon after the planner's Redis is back; 
 once, so the device re-plans every `min_replan_s`), the lease expired, the uplink estimate or
 the device speed 1/(1 − load) drifted past the threshold (relative) since the plan was asked
 for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
-`min_replan_s`, and after a failed one waits before the next; a failure keeps the current plan.
+`min_replan_s`, and after a failed one waits before the next; a failure keeps the current plan
+and the trouble that asked for it (edge trouble, a lapsed lease), so it is asked again then.
 `Replanner.in_force` honours the lease on every tick and every frame, whether or not a re-plan
 is in flight (a hanging planner holds one for its whole timeout): once the current plan's lease
 has lapsed, the plan the source says to run meanwhile (Device-Only) is put in use at once.
@@ -117,10 +118,12 @@ class Replanner:
         now = time.monotonic()
         if now < self._quiet_until or now - self._last_start < self.config.min_replan_s:
             return
-        why = self.policy.reason(self.current, self.sensing, now, self._trouble)
+        trouble = self._trouble
+        why = self.policy.reason(self.current, self.sensing, now, trouble)
         if why is not None:
             self._last_start = now
-            self._task = asyncio.create_task(self._replan(why))
+            self._trouble = None  # a request arriving while this re-plan runs asks again
+            self._task = asyncio.create_task(self._replan(why, trouble))
 
     def _use(self, plan: Plan, why: str) -> None:
         old = self.current
@@ -133,8 +136,10 @@ class Replanner:
             )
         self.on_plan(plan)
 
-    async def _replan(self, why: str) -> None:
-        self._trouble = None
+    async def _replan(self, why: str, trouble: str | None) -> None:
+        """Ask the source for a plan and put it in use; on failure keep the current plan and
+        the `trouble` that asked for this one, so it is asked again after the quiet time (not
+        only at the plan's age: a Device-Only plan after a lapsed lease holds no lease to ask)."""
         cond = conditions(self.sensing)
         try:
             plan = await self.source.plan(cond)
@@ -142,6 +147,8 @@ class Replanner:
             self.events.append(f"re-plan failed ({why}): {exc}")
             log.warning("re-plan failed (%s): %s", why, exc)
             self._quiet_until = time.monotonic() + min(self.config.plan_max_age_s, RETRY_MAX_S)
+            if self._trouble is None:
+                self._trouble = trouble
             return
         log.info("re-planned (%s): exit %s, %d device nodes", why, plan.exit, plan.cut)
         self._use(plan, why)

@@ -5,7 +5,9 @@ backend, the `transfer` tensors to the plan's worker (`EdgeLink`), the exit's lo
 plan without edge nodes runs wholly on the device. When the edge fails, times out, answers
 something off contract, rests after a failure, or no trusted worker is named, the frame is
 finished on the device from the values it already has, at the planned exit or an earlier one
-when the latency budget demands it (`fallback`): no frame is lost. A plan made with confidence
+when the latency budget demands it (`fallback`): no frame is lost. A plan naming no worker asks
+for a new plan, spaced by a back-off (the planner names none while no live worker serves the
+model). A plan made with confidence
 exits (`Plan.progressive`) runs the device side with its heads (`dapdee.device.progressive`): a
 frame a device head is confident about leaves at once, sending nothing; the others go to the
 edge with `confidence: true` when the edge has heads to check. Under heavy load (a frame
@@ -37,7 +39,7 @@ import torch
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import ComputeBackend
 from dapdee.device.config import RuntimeConfig
-from dapdee.device.edge import EdgeLink
+from dapdee.device.edge import Backoff, EdgeLink
 from dapdee.device.fallback import fallback_exit
 from dapdee.device.metrics import DeviceMetrics
 from dapdee.device.plan_source import PlanSource
@@ -121,6 +123,7 @@ class DeviceRuntime:
         self.replanner: Replanner | None = None
         self.started_at = time.perf_counter()  # reset by start(); records' `started_at` count from it
         self._counter = itertools.count()
+        self._no_worker = self._worker_wait()  # spaces the re-plans asked for while no worker is named
         self._bg: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -173,8 +176,14 @@ class DeviceRuntime:
         return list(self.replanner.events) if self.replanner is not None else []
 
     def _on_plan(self, plan: Plan) -> None:
+        if plan.edge_worker is not None:
+            self._no_worker = self._worker_wait()
         if self.metrics is not None:
             self.metrics.plan(plan)
+
+    def _worker_wait(self) -> Backoff:
+        """A fresh back-off for the re-plans asked for while no worker is named."""
+        return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
 
     async def _background(self) -> None:
         """Every TICK_S: sensing, then a re-plan when one is due. Never stops on an error."""
@@ -235,7 +244,7 @@ class DeviceRuntime:
 
     async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float, since: int) -> Outcome:
         """Device part, upload, edge answer; a failure on the way is finished locally (`since`:
-        the back-off's `rests` when the frame started, so one outage doubles the rest once)."""
+        the worker's back-off's `rests` when the frame started, so one outage doubles it once)."""
         assert self.edge is not None
         inp = self.graph.input.name
         # values computed from parameters alone are the same for every frame: the edge computes
@@ -264,34 +273,45 @@ class DeviceRuntime:
                 span.set_attribute(otel.ATTR_BYTES_SENT, answer.request_bytes)
                 taken = edge_exit(plan.progressive, plan.exit, answer.exits_taken)
         except EdgeFailure as exc:
-            self._edge_failed(exc, since)
+            self._edge_failed(exc, url, since)
             return await self._fallback(plan, {inp: x, **values}, t_start, exc.reason, device_ms)
-        self.edge.backoff.succeeded()
+        self.edge.backoff_of(url).succeeded()
         return Outcome(
             answer.logits, "edge", taken, plan.cut, device_ms, answer.request_bytes, answer.queue_ms,
             answer.compute_ms,
         )  # fmt: skip
 
-    def _edge_failed(self, exc: EdgeFailure, since: int) -> None:
-        """Rest the edge (`Backoff.failed`: at least the worker's Retry-After, doubled only by
+    def _edge_failed(self, exc: EdgeFailure, url: str, since: int) -> None:
+        """Rest worker `url` (its `Backoff.failed`: at least its Retry-After, doubled only by
         the first failure of an outage) and ask for a new plan. O(1)."""
         assert self.edge is not None and self.replanner is not None
-        rest = self.edge.backoff.failed(since, exc.retry_after_s)
+        rest = self.edge.backoff_of(url).failed(since, exc.retry_after_s)
         self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, asking for a new plan")
         log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
         self.replanner.request("edge trouble")
+
+    def _ask_for_worker(self) -> None:
+        """Ask for a plan naming a worker, at most once per rest of a back-off (`backoff_initial_s`
+        doubling up to `backoff_max_s`, reset by a plan that names one): while no live worker
+        serves the model the planner answers `edge_worker: null` again, and asking every
+        `min_replan_s` for as long as frames flow would only load it. O(1)."""
+        assert self.replanner is not None
+        if self._no_worker.resting():
+            return
+        self._no_worker.failed(self._no_worker.rests)
+        self.replanner.request("no edge worker")
 
     async def _execute(self, plan: Plan, x: torch.Tensor, index: int, t_start: float) -> Outcome:
         if not plan.uses_edge:
             return await self._local(plan, x)
         url = self._worker(plan)
         if url is None or self.edge is None:
-            assert self.replanner is not None
-            self.replanner.request("no edge worker")
+            self._ask_for_worker()
             return await self._fallback(plan, {self.graph.input.name: x}, t_start, "no edge worker")
-        if self.edge.backoff.resting():
+        backoff = self.edge.backoff_of(url)  # the rest of this worker: another's failures do not hold it
+        if backoff.resting():
             return await self._fallback(plan, {self.graph.input.name: x}, t_start, "edge backing off")
-        return await self._split(plan, x, url, index, t_start, self.edge.backoff.rests)
+        return await self._split(plan, x, url, index, t_start, backoff.rests)
 
     async def infer(self, frame: Frame) -> FrameRecord:
         """Classify one frame with the current plan. Never raises for edge trouble."""

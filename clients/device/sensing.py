@@ -4,7 +4,8 @@
   (`upload_started` / `upload_finished`). A lone upload's sample is
   `bytes · 8 / (elapsed − server queue_ms − server compute_ms − rtt − overhead)`; overlapping
   uploads (a pipelined stream) are grouped into busy periods of the link, each one sample, so
-  a stream senses its link too. Samples too short to time (under `min_upload_ms`) are ignored. Idle probes are pairs
+  a stream senses its link too. Samples too short to time (under `min_upload_ms`) are ignored.
+  An upload that timed out alone on the link bounds the rate (`censor`). Idle probes are pairs
   (small, large) whose differences give the rate with the RTT and the fixed per-request cost
   (HTTP, codec, scheduling) cancelled, and measure that fixed `overhead`.
 - `RttEstimator`: windowed minimum of cheap `GET /v2/health/live` round trips (these include the HTTP
@@ -164,6 +165,25 @@ class BandwidthEstimator:
         self.last_sample_at = time.monotonic()
         self.last_sample_mbps = sample
         return sample
+
+    def censor(self, nbytes: int, waited_ms: float, rtt_ms: float) -> float | None:
+        """An upload of `nbytes`, alone on the link, got no answer within `waited_ms`: its bytes
+        took longer than what is left after the round trip and the fixed per-request cost, so
+        the link is at most bytes · 8 / (waited − rtt − overhead) Mbit/s. The estimate is
+        lowered to that bound, never raised; a bound below 1/STEP_FACTOR of the estimate marks
+        a step down (`suspect_change`: a probe soon). Returns the bound, or None when it says
+        nothing new (no time left after the fixed costs, too few bytes, not below the
+        estimate: the worker, not the link, may have been slow). O(1)."""
+        left_ms = waited_ms - max(rtt_ms, 0.0) - self.overhead_ms
+        if not (_finite(left_ms) and left_ms > 0.0) or nbytes < self.min_bytes:
+            return None
+        bound = nbytes * 8.0 / (left_ms * 1000.0)
+        if bound >= self.estimate_mbps:
+            return None
+        self.step_dir = -1 if bound * STEP_FACTOR < self.estimate_mbps else self.step_dir
+        self.estimate_mbps = bound
+        self.history.append((nbytes, waited_ms, 0.0, rtt_ms, bound))
+        return bound
 
     def observe_pair(self, small: tuple[int, float], large: tuple[int, float], rtt_ms: float) -> float | None:
         """Fold in two back-to-back uploads, each (bytes, elapsed − server ms): the rate is

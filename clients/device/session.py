@@ -56,7 +56,8 @@ class DeviceSettings:
     `rate_mbps` shapes the uplink (None: a real network) with `rtt_ms` added per request;
     `slowdown` is the emulated K. `device_load` fixes the load (None: measured, `load_source`
     proc | compute). `profile_path` caches the device profile. `device_only`: the Device-Only
-    baseline (no planner, no edge)."""
+    baseline (no planner, no edge). `token`: the device token the edge workers get (None: the
+    planner's `token`, if any), with or without a planner."""
 
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     planner: PlannerConfig | None = None
@@ -74,6 +75,7 @@ class DeviceSettings:
     device_only: bool = False
     bandwidth_prior_mbps: float = 1.0
     probe_rounds: int = 3
+    token: str | None = None
 
 
 async def _model_from_planner(planner: AsyncPlannerClient, name: str) -> LoadedModel:
@@ -173,7 +175,8 @@ def _clients(cfg: PlannerConfig, parts: _Parts) -> AsyncPlannerClient:
 
 def _edge(s: DeviceSettings, graph: CostGraph, trust: WorkerTrust, sensing: Sensing) -> EdgeLink:
     shaper = ShapedUplink(s.rate_mbps, rtt_ms=s.rtt_ms) if s.rate_mbps is not None else None
-    token = s.planner.token if s.planner is not None else None
+    # a fixed plan (--plan) has no planner, yet its worker may still ask for the device token
+    token = s.token if s.token is not None else s.planner.token if s.planner is not None else None
     backoff = Backoff(s.runtime.backoff_initial_s, s.runtime.backoff_max_s)
     return EdgeLink(graph, trust, sensing, token, shaper, s.runtime.fp16, backoff)
 
