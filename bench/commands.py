@@ -21,8 +21,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.argv = [str(BENCH_DIR / f"{args.name}.py"), *args.args]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as exc:  # argparse inside the script
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except SystemExit as exc:  # argparse inside the script (it printed its usage), or a message
+        if isinstance(exc.code, str):
+            raise ValueError(exc.code) from None  # printed as one `dapdee: error:` line, exit 2
+        return int(exc.code or 0)
     return 0
 
 

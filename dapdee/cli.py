@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 MAX_THREADS = 256  # torch threads a command may ask for
+MAX_INPUT_ELEMENTS = 1 << 28  # an example input of more (1 GiB of float32) is a typo, not a model
+MAX_SLOWDOWN = 1e4  # K: a device this much slower than the host is not a device any more
 COMMAND_MODULES = (
     "dapdee.commands",  # graph, profile
     "dapdee.planning.commands",  # plan
@@ -32,6 +35,8 @@ def shape_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"input shape {text!r}: expected integers like 1,3,32,32") from None
     if not shape or any(s <= 0 for s in shape):
         raise argparse.ArgumentTypeError(f"input shape {text!r}: dimensions must be positive")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise argparse.ArgumentTypeError(f"input shape {text!r}: more than {MAX_INPUT_ELEMENTS} elements")
     return shape
 
 
@@ -56,10 +61,10 @@ def thread_count(text: str) -> int:
 
 
 def check_slowdown(slowdown: float) -> None:
-    """ValueError naming --slowdown unless it is a finite number >= 1 (K: the device is K x
-    slower than this machine)."""
-    if not 1 <= slowdown < float("inf"):  # nan fails this too
-        raise ValueError(f"--slowdown: expected a finite number >= 1, got {slowdown!r}")
+    """ValueError naming --slowdown unless it is a number in [1, MAX_SLOWDOWN] (K: the device is
+    K x slower than this machine)."""
+    if not 1 <= slowdown <= MAX_SLOWDOWN:  # nan fails this too
+        raise ValueError(f"--slowdown: expected a number in [1, {MAX_SLOWDOWN:g}], got {slowdown!r}")
 
 
 def slowdown(text: str) -> float:
@@ -68,7 +73,7 @@ def slowdown(text: str) -> float:
         v = float(text)
         check_slowdown(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in [1, {MAX_SLOWDOWN:g}], got {text!r}") from None
     return v
 
 
@@ -81,6 +86,22 @@ def positive_float(text: str) -> float:
     if not 0 < v < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return v
+
+
+def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] (`low_open`: in (low, high])."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < v if low_open else low <= v) or not v <= high:  # nan fails too
+            span = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
+        return v
+
+    return parse
 
 
 def non_negative_float(text: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,18 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
     return load_model(args.model or "", input_shape=args.input_shape, weights=args.weights, name=args.name)
 
 
+def _check_out(out: str | None) -> None:
+    """ValueError naming --out when it cannot be a file to write (a folder, or in a folder that
+    does not exist), checked before any model is loaded or measured."""
+    if not out:
+        return
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r}: is a folder; name the file to write")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out!r}: the folder {folder!r} does not exist")
+
+
 def _write(graph: CostGraph, out: str | None) -> None:
     """The graph's JSON to `out` (atomically: a failed write leaves the file as it was), else
     to stdout."""
@@ -38,6 +51,7 @@ def _write(graph: CostGraph, out: str | None) -> None:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
+    _check_out(args.out)
     _write(_load(args).graph, args.out)
     return 0
 
@@ -45,6 +59,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from dapdee.costgraph import CostGraph
 
+    _check_out(args.out)
     if args.merge:
         from dapdee.profiler import merge_profiles
 
@@ -74,7 +89,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from dapdee.cli import slowdown, thread_count
+    from dapdee.cli import positive_int, slowdown, thread_count
 
     g = sub.add_parser("graph", help="write a model's cost graph JSON (DESIGN.md format)")
     _model_args(g)
@@ -85,6 +100,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tier", choices=("device", "edge"))
     p.add_argument("--slowdown", type=slowdown, default=1.0, help="emulate a device K x slower than this machine")
     p.add_argument("--threads", type=thread_count, default=1, help="torch threads while measuring (default 1)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=positive_int, default=20, help="timed runs per node (default 20)")
     p.add_argument("--merge", nargs=2, metavar=("DEVICE_JSON", "EDGE_JSON"), help="combine two tiers' profiles")
     p.set_defaults(func=cmd_profile)

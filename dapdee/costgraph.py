@@ -7,10 +7,12 @@ torch, so hand-written JSON plans exactly like a traced model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -312,12 +314,21 @@ class CostGraph:
             raise CostGraphError(f"{path}: {exc}") from None
 
     def save(self, path: str) -> None:
-        """Write the graph's JSON to `path` atomically (a temporary file renamed over it): a
-        failed write leaves what was there."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        """Write the graph's JSON to `path` atomically (a temporary file of a unique name in the
+        same folder, renamed over it): a failed write leaves what was there and no temporary
+        file, and raises OSError naming `path`."""
+        folder = os.path.dirname(os.path.abspath(path))
+        tmp = None
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".costgraph-", suffix=".tmp", delete=False) as f:
+                tmp = f.name
+                f.write(self.to_json() + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise OSError(f"cannot write cost graph {path!r}: {exc.strerror or exc}") from None
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:

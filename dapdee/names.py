@@ -17,9 +17,10 @@ class ModelError(ValueError):
     """A model spec, artifact, name or input shape that cannot be used; the message says why."""
 
 
-def check_model_name(name: str) -> str:
-    """Return `name` if it is a valid model/tier name, else raise ModelError. The whole string must
-    match (a trailing newline does not pass). O(len(name))."""
+def check_model_name(name: str, what: str = "model name") -> str:
+    """Return `name` if it is a valid model/tier name, else raise ModelError naming it as `what`
+    (e.g. "--device-id"). The whole string must match (a trailing newline does not pass).
+    O(len(name))."""
     if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or ".." in name:
-        raise ModelError(f"model name {name!r}: use 1-64 letters, digits, '_', '.', '-' (not starting with one)")
+        raise ModelError(f"{what} {name!r}: use 1-64 letters, digits, '_', '.', '-' (not starting with one)")
     return name

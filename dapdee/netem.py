@@ -20,10 +20,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from dapdee.planning.request import MAX_BANDWIDTH_MBPS, MIN_BANDWIDTH_MBPS
+
 T = TypeVar("T")
 
 # Uplink Mbit/s per named network (DADS, Table I).
 NETWORKS: dict[str, float] = {"CAT1": 0.13, "3G": 1.1, "4G": 5.85, "WiFi": 18.88}
+# an emulated uplink is one a planning request may state, so it can be planned for (a slower
+# one would hold a frame for hours)
+MIN_RATE_MBPS, MAX_RATE_MBPS = MIN_BANDWIDTH_MBPS, MAX_BANDWIDTH_MBPS
 MIN_CHUNK = 1024
 CHUNK_S = 0.005  # a shaped body leaves in chunks of about this much link time (at least MIN_CHUNK bytes)
 CONTINUE_SLACK_S = 0.02
@@ -60,8 +65,8 @@ def parse_network(text: str | float) -> Network:
                 f"network {text!r}: expected one of {', '.join(NETWORKS)} or an uplink rate in Mbit/s (e.g. 4.5)"
             ) from None
         name = f"{rate:g}Mbps"
-    if not math.isfinite(rate) or rate <= 0:
-        raise ValueError(f"network {text!r}: the uplink rate must be a finite number of Mbit/s > 0")
+    if not MIN_RATE_MBPS <= rate <= MAX_RATE_MBPS:  # nan fails too
+        raise ValueError(f"network {text!r}: the uplink rate must be in [{MIN_RATE_MBPS:g}, {MAX_RATE_MBPS:g}] Mbit/s")
     return Network(name, rate)
 
 

@@ -3,8 +3,10 @@ files written so that a failed write leaves what was there."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,16 @@ MODEL = "zoo:resnet18?width=0.125"
         (["profile", MODEL, "--tier", "device", "--slowdown", "0.5"], "--slowdown"),
         (["train", MODEL, "--out", "unused", "--lr", "nan"], "--lr"),  # trained to NaN weights, exit 0
         (["train", MODEL, "--out", "unused", "--exit-weights", "nan,1"], "--exit-weights"),
+        # a traceback from the allocator, and numbers that hung the emulator or priced infinities
+        (["graph", MODEL, "--input-shape", "1,3,200000,200000"], "--input-shape"),
+        (["train", MODEL, "--out", "unused", "--input-size", "400000"], "--input-size"),
+        (["profile", MODEL, "--tier", "device", "--slowdown", "1e300"], "--slowdown"),
+        (["profile", MODEL, "--tier", "device", "--repeats", "0"], "--repeats"),
+        (["plan", "--profile", "unused", "--bandwidth-mbps", "1e-320"], "--bandwidth-mbps"),
+        (["plan", "--profile", "unused", "--bandwidth-mbps", "1", "--rtt-ms", "1e308"], "--rtt-ms"),
+        (["device", "run", "--weights", "unused", "--device-only", "--rtt-ms", "1e300"], "--rtt-ms"),
+        (["device", "run", "--weights", "unused", "--device-only", "--frame-rate", "1e9"], "--frame-rate"),
+        (["up", "--rtt-ms", "1e300"], "--rtt-ms"),
     ],
 )
 def test_bad_numbers_exit_2_naming_the_option(args: list[str], needle: str, capsys: pytest.CaptureFixture) -> None:
@@ -51,22 +63,46 @@ def test_a_bad_cost_graph_file_is_named_and_nested_json_is_no_traceback(
         assert str(path) in err and needle in err and "Traceback" not in err, err
 
 
+TINY_GRAPH = {
+    "model": "m",
+    "input": {"name": "x", "shape": [1], "bytes": 4},
+    "nodes": [{"name": "a", "inputs": ["x"], "out_bytes": 4, "device_ms": 1.0, "edge_ms": 1.0}],
+    "exits": [{"name": "final", "node": "a"}],
+}
+# saves TINY_GRAPH over argv[1] with the process's file size limit at 64 bytes: the write fails
+# (EFBIG) part-way, as on a full disk
+SAVE_PAST_THE_SIZE_LIMIT = """
+import json, resource, signal, sys
+from dapdee.costgraph import CostGraph
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+try:
+    CostGraph.from_dict(json.loads(sys.argv[2])).save(sys.argv[1])
+except OSError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
 def test_a_cost_graph_write_that_fails_leaves_the_file_as_it_was(tmp_path: Path) -> None:
-    graph = CostGraph.from_dict(
-        {
-            "model": "m",
-            "input": {"name": "x", "shape": [1], "bytes": 4},
-            "nodes": [{"name": "a", "inputs": ["x"], "out_bytes": 4, "device_ms": 1.0, "edge_ms": 1.0}],
-            "exits": [{"name": "final", "node": "a"}],
-        }
-    )
+    """A write that fails part-way (the file size limit, as on a full disk) leaves the file as it
+    was and no temporary file, and says which file; so does a target that is a folder."""
+    graph = CostGraph.from_dict(TINY_GRAPH)
     path = tmp_path / "g.json"
+    path.write_text("{}")  # shorter than the new graph: a write past 64 bytes fails
+    run = subprocess.run(
+        [sys.executable, "-c", SAVE_PAST_THE_SIZE_LIMIT, str(path), json.dumps(TINY_GRAPH)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 3 and str(path) in run.stdout, (run.stdout, run.stderr)
+    assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(OSError, match="folder"):
+        graph.save(str(folder))
+    assert folder.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "g.json"]
     graph.save(str(path))
-    before = path.read_bytes()
-    os.mkdir(f"{path}.tmp")  # the temporary file cannot be written
-    with pytest.raises(OSError):
-        graph.save(str(path))
-    assert path.read_bytes() == before and CostGraph.load(str(path)).to_dict() == graph.to_dict()
+    assert CostGraph.load(str(path)).to_dict() == graph.to_dict()
     with pytest.raises(CostGraphError, match="g.json"):
         (tmp_path / "g.json").write_text("[1, 2")
         CostGraph.load(str(path))
@@ -122,3 +158,63 @@ def test_a_bad_setting_is_one_line_naming_its_variable_and_never_its_value(
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert lines[0].startswith("dapdee: error: ") and f"{field} ({var}): " in lines[0], lines[0]
     assert value not in lines[0].split(f"({var}): ", 1)[1], lines[0]
+
+
+def _dapdee(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`dapdee ARGS` in a subprocess without DAPDEE_* or OTEL_* variables (plus `env`)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DAPDEE_", "OTEL_"))}
+    exe = str(Path(sys.executable).with_name("dapdee"))
+    return subprocess.run([exe, *args], env={**base, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+def _one_error_line(run: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("dapdee: error: "), run.stderr
+    return lines[0]
+
+
+def test_a_service_whose_port_is_taken_or_whose_otlp_endpoint_is_no_url_exits_with_one_line() -> None:
+    """A taken port was uvicorn's start-up, bind error and shut-down (exit 3); a bad OTLP
+    endpoint started and failed at every export."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = _one_error_line(_dapdee(["serve", "planner", "--port", port, "--redis-url", "none"]))
+        assert f"--port {port}" in line, line
+        line = _one_error_line(_dapdee(["serve", "edge", "--port", port, "--models", MODEL]))
+        assert f"--port {port}" in line, line
+    bad = {"OTEL_EXPORTER_OTLP_ENDPOINT": "notaurl"}
+    line = _one_error_line(_dapdee(["serve", "planner", "--port", port, "--redis-url", "none"], bad))
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in line, line
+
+
+def test_device_inputs_are_named_before_anything_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A plan file that is no JSON, a metrics port that is taken, a device id or tier that is no
+    name, an uplink slower than a plan request may state: one line naming the option (the model
+    is never loaded: --weights names nothing)."""
+    bad_plan = tmp_path / "plan.json"
+    bad_plan.write_text('{"exit": ')
+    run = ["device", "run", "--weights", str(tmp_path / "none")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (["--plan", str(bad_plan), "--edge", "http://127.0.0.1:1"], f"--plan {str(bad_plan)!r}: not a JSON plan"),
+            (["--device-only", "--metrics-port", port], f"--metrics-port: cannot serve on 127.0.0.1:{port}"),
+            (["--planner", "http://127.0.0.1:1", "--device-id", "../bad id", "--frame-rate", "10"], "--device-id"),
+            (["--planner", "http://127.0.0.1:1", "--device-tier", "../x"], "--device-tier '../x'"),
+            (["--device-only", "--network", "1e-300"], "network '1e-300'"),
+        ]
+        for more, needle in cases:
+            assert main([*run, *more]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and needle in err[0] and "model name" not in err[0], (more, err)
+
+
+def test_a_benchmark_refusing_its_arguments_says_why(capsys: pytest.CaptureFixture) -> None:
+    """A benchmark script that stops with a message (not argparse's usage) exited 2 silently."""
+    assert main(["bench", "paper", "--networks", "5G"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("dapdee: error: ") and "5G" in err[-1], err

@@ -8,11 +8,16 @@ command line, never by the library classes it assembles.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
 
-from dapdee.cli import check_slowdown, non_negative_float, positive_float, positive_int, thread_count
+from dapdee.cli import check_slowdown, float_in, positive_float, positive_int, slowdown, thread_count
+from dapdee.names import check_model_name
+from dapdee.planning.request import MAX_BUDGET_MS, MAX_FRAME_RATE
+
+MAX_EMULATED_RTT_MS = 60000.0  # the emulator waits this per request: more would only hang the run
 
 
 def _load_arg(text: str) -> float:
@@ -37,10 +42,14 @@ def _port(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine")
-    p.add_argument("--rtt-ms", type=non_negative_float, default=10.0, help="added round trip of the emulated network")
-    p.add_argument("--frame-rate", type=positive_float, help="frames per second to sustain (heavy load: pipelined)")
-    p.add_argument("--latency-budget-ms", type=positive_float)
+    p.add_argument("--slowdown", type=slowdown, default=10.0, help="K: the device is K x slower than this machine")
+    rtt = float_in(0.0, MAX_EMULATED_RTT_MS)
+    p.add_argument("--rtt-ms", type=rtt, default=10.0, help="added round trip of the emulated network (ms)")
+    p.add_argument(
+        "--frame-rate", type=float_in(0.0, MAX_FRAME_RATE, low_open=True),
+        help="frames per second to sustain (heavy load: pipelined)",
+    )  # fmt: skip
+    p.add_argument("--latency-budget-ms", type=float_in(0.0, MAX_BUDGET_MS, low_open=True))
     p.add_argument("--min-accuracy", type=_accuracy)
     p.add_argument("--mode", choices=("auto", "latency", "throughput"), default="auto")
     p.add_argument("--fp16", action="store_true", help="send boundary tensors as FP16")
@@ -129,8 +138,6 @@ def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def settings_of(args: argparse.Namespace) -> Any:
     """The `DeviceSettings` of `dapdee device run`'s arguments; ValueError naming a bad one."""
-    import json
-
     from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, check_url, default_tier
     from dapdee.device.session import DeviceSettings
     from dapdee.netem import parse_network
@@ -148,6 +155,9 @@ def settings_of(args: argparse.Namespace) -> Any:
         raise ValueError("--confidence-exits: plans made with confidence exits hold no lease; drop --device-id")
     if args.device_id and not args.frame_rate:
         raise ValueError("--device-id needs --frame-rate (the lease reserves frame rate x the edge cost)")
+    for flag, name in (("--device-id", args.device_id), ("--device-tier", args.device_tier)):
+        if name is not None:
+            check_model_name(name, flag)
     net = parse_network(args.network) if args.network else None
     req = Requirements(args.latency_budget_ms, args.min_accuracy, args.frame_rate, args.mode, args.confidence_exits)
     runtime = RuntimeConfig(req, args.max_inflight, args.fp16, plan_max_age_s=args.plan_max_age_s)
@@ -156,16 +166,24 @@ def settings_of(args: argparse.Namespace) -> Any:
     if args.planner and not args.plan:
         tier = args.device_tier or default_tier(args.slowdown)
         planner = PlannerConfig(args.planner, tier, token, admin, args.device_id, ready_timeout_s=args.ready_timeout_s)
-    plan_json = None
-    if args.plan:
-        with open(args.plan) as f:
-            plan_json = json.load(f)
+    plan_json = _plan_file(args.plan) if args.plan else None
     return DeviceSettings(
         runtime=runtime, planner=planner, model=args.model, weights=args.weights, slowdown=args.slowdown,
         rate_mbps=net.rate_mbps if net else None, rtt_ms=args.rtt_ms if net else 0.0,
         device_load=args.device_load, load_source=args.load_source or "proc", profile_path=args.profile,
         edge_url=args.edge, plan_json=plan_json, device_only=args.device_only, token=token,
     )  # fmt: skip
+
+
+def _plan_file(path: str) -> Any:
+    """The JSON of the `--plan` file; ValueError naming it when it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ValueError(f"--plan {path!r}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not text
+        raise ValueError(f"--plan {path!r}: not a JSON plan ({exc})") from None
 
 
 def _observability(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -179,7 +197,11 @@ def _observability(args: argparse.Namespace) -> tuple[Any, Any]:
     metrics = None
     if args.metrics_port:
         metrics = DeviceMetrics()
-        serve_metrics(metrics, args.metrics_port, args.metrics_host)
+        try:
+            serve_metrics(metrics, args.metrics_port, args.metrics_host)
+        except OSError as exc:  # the port taken, or a host that does not resolve
+            where = f"{args.metrics_host}:{args.metrics_port}"
+            raise ValueError(f"--metrics-port: cannot serve on {where} ({exc.strerror or exc})") from None
     return metrics, tracer("device", args.otel)
 
 

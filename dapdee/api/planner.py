@@ -17,13 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from dapdee.costgraph import INPUT_DTYPES, MAX_BYTES, MAX_FLOPS, MAX_MS, OVERHEAD_KEYS
 from dapdee.names import MODEL_NAME_PATTERN, check_model_name
+from dapdee.planning.request import MAX_BANDWIDTH_MBPS, MAX_BUDGET_MS, MAX_FRAME_RATE, MAX_RTT_MS, MIN_BANDWIDTH_MBPS
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-MIN_BANDWIDTH_MBPS = 1e-3
-MAX_BANDWIDTH_MBPS = 1e6
-MAX_RTT_MS = 1e6
-MAX_BUDGET_MS = 1e7
-MAX_FRAME_RATE = 1e5
 MAX_META_BYTES = 65536
 
 

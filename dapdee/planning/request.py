@@ -8,6 +8,14 @@ from dapdee.costgraph import is_finite_number
 from dapdee.costmodel import Conditions, check_conditions
 
 MODES = ("auto", "latency", "throughput")
+# what a request may state (the planner's API and the command line check these; the cost model
+# itself takes any finite numbers): beyond them a number is a typo, and a plan priced on it
+# holds no meaning (an uplink of 1e-320 Mbit/s makes every transfer infinite)
+MIN_BANDWIDTH_MBPS = 1e-3
+MAX_BANDWIDTH_MBPS = 1e6
+MAX_RTT_MS = 1e6
+MAX_BUDGET_MS = 1e7
+MAX_FRAME_RATE = 1e5
 
 
 def _is_num(v: object) -> bool:

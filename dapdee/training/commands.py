@@ -9,6 +9,16 @@ from typing import Any
 
 from dapdee.cli import non_negative_float, positive_float, positive_int, thread_count
 
+MAX_INPUT_SIDE = 4096  # pixels: a bigger square input is a typo (its batches would not fit in memory)
+
+
+def input_side(text: str) -> int:
+    """argparse type: a square input side in pixels, 1 to MAX_INPUT_SIDE."""
+    v = positive_int(text)
+    if v > MAX_INPUT_SIDE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_INPUT_SIDE} pixels, got {text!r}")
+    return v
+
 
 def _weights_arg(text: str) -> list[float]:
     try:
@@ -44,7 +54,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="SGD L2 weight decay (finite, >= 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=positive_int, default=None, help="use at most N samples of each split (quick runs)")
-    p.add_argument("--input-size", type=positive_int, default=32, help="square model input side in pixels")
+    p.add_argument("--input-size", type=input_side, default=32, help="square model input side in pixels (<= 4096)")
     p.add_argument("--name", default=None, help="model name recorded in the manifest (default: the zoo name)")
     p.add_argument("--notes", default="", help="free text stored in the manifest")
     p.add_argument("--threads", type=thread_count, default=None, help="torch CPU threads (default: torch's)")

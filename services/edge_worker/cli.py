@@ -75,6 +75,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
     from dapdee.edge_worker.app import create_app, load_models
     from dapdee.edge_worker.config import Settings, self_url_for
     from dapdee.web.gil import shorten_switch_interval
+    from dapdee.web.listen import check_listen
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV
     from dapdee.web.security import check_exposure
@@ -94,6 +95,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
     warning = check_exposure("edge worker", settings.host, settings.tokens(), settings.insecure)  # ValueError: exit 2
     if warning:
         logging.getLogger("dapdee.edge").warning(warning)
+    check_listen(settings.host, settings.port)  # before the models load
     models = load_models(settings)
     shorten_switch_interval()  # the compute thread and the event loop hand the GIL over quickly
     tracing = tracer("edge", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK

@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from dapdee.planner.app import create_app
     from dapdee.web.gil import shorten_switch_interval
+    from dapdee.web.listen import check_listen
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV, shared_directory
     from dapdee.web.security import check_exposure
@@ -83,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     # closed unless opened: no token beyond loopback is refused (exit 2) unless --insecure; the
     # app itself logs the "runs open" warning at start-up
     check_exposure("planner", args.host, settings.tokens(), settings.insecure)
+    check_listen(args.host, args.port)
     common = {
         "host": args.host,
         "port": args.port,

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import urlsplit
 
 from dapdee.web.tracecontext import (
     KNOWN_FLAGS,
@@ -305,11 +306,30 @@ def add_otel_argument(parser: Any) -> None:
     )
 
 
+def check_endpoints(environ: Mapping[str, str] | None = None) -> None:
+    """ValueError naming the variable when an OTLP endpoint variable that is set is not an
+    http(s) URL with a host (the exporter would only fail at each export, much later). O(1)."""
+    env = os.environ if environ is None else environ
+    for name in ENDPOINT_ENV:
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name}: expected an http(s) URL such as http://collector:4318, got {value!r}")
+
+
 def tracer(service: str, enabled: bool | None = None, exporter: Any = None) -> Tracing:
     """The tracing of `service`: `OtelTracing` when `requested(enabled)`, else `NO_TRACING`
-    (nothing imported, nothing started). ValueError when asked for but the SDK is missing."""
+    (nothing imported, nothing started). ValueError when asked for but the SDK is missing, or
+    an endpoint variable is not a URL (`check_endpoints`)."""
     if not requested(enabled):
         return NO_TRACING
+    check_endpoints()
     try:
         return OtelTracing(service, exporter)
     except ImportError as exc:
