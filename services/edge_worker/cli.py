@@ -93,9 +93,9 @@ def _serve_edge(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"self_url": self_url_for(settings.host, settings.port)})
     configure_logging("edge", args.log_format, args.log_level)  # one JSON (or text) line per record on stderr
     warning = check_exposure("edge worker", settings.host, settings.tokens(), settings.insecure)  # ValueError: exit 2
+    check_listen(settings.host, settings.port)  # before the models load
     if warning:
         logging.getLogger("dapdee.edge").warning(warning)
-    check_listen(settings.host, settings.port)  # before the models load
     models = load_models(settings)
     shorten_switch_interval()  # the compute thread and the event loop hand the GIL over quickly
     tracing = tracer("edge", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK
