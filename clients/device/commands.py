@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from dapdee.cli import check_slowdown, float_in, positive_float, positive_int, slowdown, thread_count
+from dapdee.cli import check_slowdown, float_in, positive_float, positive_int, thread_count
 from dapdee.names import check_model_name
 from dapdee.planning.request import MAX_BUDGET_MS, MAX_FRAME_RATE
 
@@ -42,7 +42,8 @@ def _port(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slowdown", type=slowdown, default=10.0, help="K: the device is K x slower than this machine")
+    # checked by `check_slowdown` when the command runs: one line naming it, as for `dapdee up`
+    p.add_argument("--slowdown", type=float, default=10.0, help="K: the device is K x slower than this machine")
     rtt = float_in(0.0, MAX_EMULATED_RTT_MS)
     p.add_argument("--rtt-ms", type=rtt, default=10.0, help="added round trip of the emulated network (ms)")
     p.add_argument(
