@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ from dapdee.device.types import EdgeFailure, FrameRecord
 from dapdee.netem import ShapedUplink
 from dapdee.testing import serve_app_in_thread
 from tests.device_stack import ForwardingProxy, Stack, fixed_runtime, open_stack, running
+from tests.standin import Standin
 
 HEADER = wire.HEADER_LENGTH
 
@@ -293,3 +295,29 @@ def test_after_a_failed_probe_a_slow_link_is_still_measured(stack: Stack) -> Non
     samples, estimate = asyncio.run(go())
     assert samples[0] is None and samples[1] is not None, samples
     assert 0.025 <= samples[1] <= 0.1 and 0.025 <= estimate <= 0.1, (samples, estimate)
+
+
+def test_a_busy_workers_retry_after_rests_it_and_is_no_sign_of_a_slow_link(stack: Stack) -> None:
+    """A worker answers a probe 503 with `Retry-After: 3`: the device rests it about 3 s (the
+    sensing loop probes no worker that rests, and frames skip it), and the next probe is a pair
+    again, not the lone upload that follows a link too slow for a pair."""
+    standin = Standin()
+    busy = {"error": "busy"}
+    standin.answer(json.dumps(busy), status=503, retry_after="3")
+
+    async def go(url: str) -> tuple[float | None, bool, float, int]:
+        sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [url]), sensing)
+        prober = LinkProber(edge, stack.graph, sensing)
+        try:
+            t0 = time.monotonic()
+            sample = await prober.probe(url)
+            return sample, edge.resting(url, t0 + 2.5), edge.backoff_of(url).until - t0, prober.failures
+        finally:
+            await edge.aclose()
+
+    with serve_app_in_thread(standin.app) as url:
+        sample, resting, until, failures = asyncio.run(go(url))
+    assert sample is None and len(standin.requests) == 1
+    assert resting and 2.9 <= until <= 3.5, until
+    assert failures == 0

@@ -335,6 +335,38 @@ def test_a_device_starts_on_every_lease_the_schema_allows(change: dict[str, Any]
         assert 5 <= replans <= 12, replans  # about 1 s / min_replan_s
 
 
+def test_a_failed_replan_waits_the_planners_retry_after() -> None:
+    """The planner answers the re-plans of a device that must re-plan at once (`replan_after_s`
+    0) with 503 and `Retry-After: 4`: the next re-plan waits those 4 s, not the 2 s a failure
+    waits by itself, and then asks again."""
+    standin = Standin()
+    standin.answer(answer_bytes({**ANSWER, "lease": {**ANSWER["lease"], "replan_after_s": 0.0}}))
+    busy = {"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": "busy"}
+
+    async def go(url: str) -> list[float]:
+        cfg = RuntimeConfig(Requirements(frame_rate=10.0), replan_threshold=1e6, plan_max_age_s=1e6, min_replan_s=0.1)
+        async with AsyncPlannerClient(url) as client:
+            source = PlannerPlanSource(client, G, cfg.requirements, device_id="cam-7", ready_timeout_s=0.5)
+            first = await source.first(COND)
+            standin.answer(json.dumps(busy), status=503, retry_after="4")
+            asked, seen = [], len(standin.requests)
+            rp = Replanner(source, Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0), cfg, first, no_plan)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5.0:
+                rp.tick()
+                await asyncio.sleep(0.01)
+                if len(standin.requests) > seen:
+                    asked.append(time.monotonic())
+                    seen = len(standin.requests)
+            await rp.aclose()
+            return asked
+
+    with serve_app_in_thread(standin.app) as url:
+        asked = asyncio.run(go(url))
+    assert len(asked) == 2, asked  # the first re-plan, and one more after the Retry-After
+    assert asked[1] - asked[0] >= 3.9, asked
+
+
 class Outage(ForwardingProxy):
     """Forwards to the planner, or, while `down` is set, answers every request 503 itself (a
     planner outage behind a load balancer). Polled, so any thread may set it."""

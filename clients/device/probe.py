@@ -100,7 +100,9 @@ class LinkProber:
         there is, the input alone, timed as a lone upload, with `timeout_s` doubled per failure
         in a row and at least 3x the input's upload at the estimate (at most PROBE_TIMEOUT_MAX_S):
         a link too slow for the pair is still measured. A timed-out probe, alone on the link,
-        still bounds the estimate (`EdgeLink.infer`)."""
+        still bounds the estimate (`EdgeLink.infer`). An answer with `Retry-After` (a busy
+        worker) is no sign of a slow link: the worker rests (`EdgeLink.backoff_of`), so neither
+        probes (`Sensor`) nor frames go to it before then."""
         inp = self.graph.input
         x = {inp.name: _zeros(tuple(inp.shape), inp.dtype)}
         bw = self.sensing.bandwidth
@@ -115,8 +117,12 @@ class LinkProber:
                 sample = await self._lone(url, x, rate)
             else:
                 sample = await self._pair(url, x, node)
-        except EdgeFailure:
-            self.failures += 1
+        except EdgeFailure as exc:
+            if exc.retry_after_s is None:
+                self.failures += 1
+            else:  # a busy worker, not a slow link: it is left alone (probes and frames) that long
+                backoff = self.edge.backoff_of(url)
+                backoff.failed(backoff.rests, exc.retry_after_s)
             return None
         self.failures = 0
         return sample

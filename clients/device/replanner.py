@@ -6,7 +6,8 @@ store, so the device holds a stored one soon after the planner's Redis is back; 
 once, so the device re-plans every `min_replan_s`), the lease expired, the uplink estimate or
 the device speed 1/(1 − load) drifted past the threshold (relative) since the plan was asked
 for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
-`min_replan_s`, and after a failed one waits before the next; a failure keeps the current plan
+`min_replan_s`, and after a failed one waits before the next (longer when the planner's
+`Retry-After` says so); a failure keeps the current plan
 and the trouble that asked for it (edge trouble, a lapsed lease), so it is asked again then.
 `Replanner.in_force` honours the lease on every tick and every frame, whether or not a re-plan
 is in flight (a hanging planner holds one for its whole timeout): once the current plan's lease
@@ -24,7 +25,7 @@ from collections.abc import Callable
 
 from dapdee.costmodel import Conditions
 from dapdee.device.config import RuntimeConfig
-from dapdee.device.plan_source import PlanSource
+from dapdee.device.plan_source import RETRY_AFTER_MAX_S, PlanSource
 from dapdee.device.sensing import Sensing, drifted, load_drifted
 from dapdee.device.types import Plan, PlanError, PlannerUnavailable
 
@@ -58,6 +59,15 @@ class ReplanPolicy:
         if now - plan.requested_at > c.plan_max_age_s:
             return "plan age"
         return None
+
+
+def quiet_after_failure(exc: PlannerUnavailable | PlanError, plan_max_age_s: float) -> float:
+    """How long a failed re-plan holds off the next (s): min(`plan_max_age_s`, RETRY_MAX_S), or
+    the planner's `Retry-After` when longer (at most RETRY_AFTER_MAX_S, as at start-up: a
+    lapsed lease runs Device-Only meanwhile, so the device must not wait on a proxy's hour)."""
+    quiet = min(plan_max_age_s, RETRY_MAX_S)
+    retry_after = exc.retry_after_s if isinstance(exc, PlannerUnavailable) else None
+    return max(quiet, min(retry_after, RETRY_AFTER_MAX_S)) if retry_after is not None else quiet
 
 
 def conditions(sensing: Sensing) -> Conditions:
@@ -146,7 +156,7 @@ class Replanner:
         except (PlannerUnavailable, PlanError) as exc:
             self.events.append(f"re-plan failed ({why}): {exc}")
             log.warning("re-plan failed (%s): %s", why, exc)
-            self._quiet_until = time.monotonic() + min(self.config.plan_max_age_s, RETRY_MAX_S)
+            self._quiet_until = time.monotonic() + quiet_after_failure(exc, self.config.plan_max_age_s)
             if self._trouble is None:
                 self._trouble = trouble
             return
