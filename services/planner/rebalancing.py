@@ -76,7 +76,7 @@ class Rebalancer:
         self.k_lock = f"{keys.base}:rebalance-lock"
         self._task: asyncio.Task[None] | None = None
         self._urgent: asyncio.Task[None] | None = None  # a rebalance started by a capacity drop
-        self._shedding: dict[str, asyncio.Lock] = {}  # worker URL -> held while `shed` runs for it
+        self._shedding: dict[str, asyncio.Future[None]] = {}  # worker URL -> done when its `shed` ends
         self._stop = asyncio.Event()
 
     # ---- life cycle -------------------------------------------------------------------------------
@@ -147,12 +147,16 @@ class Rebalancer:
         was already doing so for the worker (a heartbeat sent again after a timeout): it waited
         for that, and the caller checks its heartbeat again.
         RedisUnavailable passes up. Per try: four round trips, the demands and one `settle`."""
-        lock = self._shedding.setdefault(w.url, asyncio.Lock())
-        if lock.locked():
-            async with lock:
-                return None
-        async with lock:
+        running = self._shedding.get(w.url)
+        if running is not None:
+            await asyncio.shield(running)  # the waiter's cancellation must not end the shed's
+            return None
+        done = self._shedding[w.url] = asyncio.get_running_loop().create_future()
+        try:
             return await self._shed(w, ttl_ms)
+        finally:  # no entry outlives its shed: workers come and go (new URLs), the map stays small
+            del self._shedding[w.url]
+            done.set_result(None)
 
     async def _shed(self, w: Worker, ttl_ms: int) -> bool:
         heartbeat = Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms)
