@@ -81,11 +81,22 @@ class DecodedResponse:
 # ---- encoding -------------------------------------------------------------------------------
 
 
+FP16_MAX = 65504.0  # the largest finite half-precision value
+
+
+def _abs_max(a: np.ndarray) -> float:
+    """max |a| (0 for an empty array; NaN or inf when `a` holds them). O(n)."""
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
 def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Symmetric per-tensor int8 quantisation: (q, scale) with t ~= q * scale. O(n)."""
+    """Symmetric per-tensor int8 quantisation: (q, scale) with t ~= q * scale; WireError when `t`
+    holds NaN or Inf (int8 cannot carry them: they would arrive as ordinary numbers). O(n)."""
     a = t.detach().cpu().to(torch.float32).numpy()
-    amax = float(np.abs(a).max()) if a.size else 0.0
-    scale = amax / 127.0 if amax > 0 and math.isfinite(amax) else 1.0
+    amax = _abs_max(a)
+    if not math.isfinite(amax):
+        raise WireError("holds NaN or Inf, which INT8 cannot carry")
+    scale = amax / 127.0 if amax > 0 else 1.0
     q = np.clip(np.rint(a / np.float32(scale)), -127, 127).astype(np.int8)
     return torch.from_numpy(q), scale
 
@@ -102,7 +113,11 @@ def _to_wire(t: torch.Tensor, wire_dtype: str) -> tuple[torch.Tensor, str, dict[
     if wire_dtype == "FP32":
         return t.to(torch.float32).contiguous(), "FP32", {}
     if wire_dtype == "FP16":  # numpy: no intra-op thread start-up on small tensors
-        return torch.from_numpy(t.contiguous().to(torch.float32).numpy().astype(np.float16)), "FP16", {}
+        a = t.contiguous().to(torch.float32).numpy()
+        amax = _abs_max(a)
+        if math.isfinite(amax) and amax > FP16_MAX:  # would arrive as Inf, refused as if sent so
+            raise WireError(f"holds {amax:.6g}, beyond FP16's range (±{FP16_MAX:g}); send it as FP32")
+        return torch.from_numpy(a.astype(np.float16)), "FP16", {}
     if wire_dtype == "INT8":
         q, scale = quantize_int8(t)
         return q.contiguous(), "INT8", {"scale": scale}
@@ -129,7 +144,10 @@ def _encode(
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise WireError(f"{key} {name!r}: expected a tensor, got {type(t).__name__}")
-        w, dtype, params = _to_wire(t, wire_dtype)
+        try:
+            w, dtype, params = _to_wire(t, wire_dtype)
+        except WireError as exc:
+            raise WireError(f"{key} {name!r}: {exc}") from None
         entry: dict[str, Any] = {"name": name, "shape": list(w.shape), "datatype": dtype}
         as_binary = binary.get(name, False) if isinstance(binary, Mapping) else binary
         if as_binary:

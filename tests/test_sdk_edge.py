@@ -141,7 +141,14 @@ def test_edge_errors_carry_status_and_message(url: str, model: LoadedModel) -> N
         ):
             with pytest.raises(RequestError):
                 bad()
+        # INT8 cannot carry NaN or Inf (they would arrive as ordinary numbers); FP16 makes Inf of 1e5
+        for value, wire_dtype, binary in ((math.nan, "INT8", True), (math.inf, "INT8", False), (1e5, "FP16", True)):
+            with pytest.raises(RequestError, match=f"inputs 'x': .*{wire_dtype}"):
+                edge.infer(MODEL, {"x": torch.full_like(x, value)}, wire_dtype=wire_dtype, binary=binary)
         assert edge.live()  # still serving
+    with EdgeClient(url, TOKENS["device"]) as edge:
+        err = public_error(edge.infer, MODEL, {"x": torch.full_like(x, float("nan"))}, wire_dtype="FP16")
+        assert err.status == 400 and "NaN or Inf" in err.detail  # FP16 carries NaN: the worker refuses it
 
 
 # ---- answers off the contract ----------------------------------------------------------------------
@@ -171,6 +178,12 @@ OFF_CONTRACT: dict[str, dict[str, Any]] = {
     "two rows for one": {"logits": torch.zeros(2, 10), "cls": torch.zeros(2, dtype=torch.int64)},
     "1-D logits": {"logits": torch.zeros(10)},
     "integer logits": {"logits": torch.zeros(1, 10, dtype=torch.int64)},
+    "FP64 logits beyond FP32": {  # finite as sent, Inf as the FP32 the client returns
+        "outputs": [
+            {"name": "logits", "shape": [1, 10], "datatype": "FP64", "data": [1e300] * 10},
+            {"name": "class", "shape": [1], "datatype": "INT64", "data": [0]},
+        ]
+    },
     "class out of range": {"cls": torch.tensor([10])},
     "class as floats": {"cls": torch.zeros(1)},
     "another model": {"model_name": "vgg16"},

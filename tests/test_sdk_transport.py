@@ -19,7 +19,15 @@ import httpx
 import pytest
 import torch
 
-from dapdee.client import AsyncEdgeClient, AsyncPlannerClient, EdgeClient, PlannerClient, TransportError
+from dapdee.client import (
+    AsyncEdgeClient,
+    AsyncPlannerClient,
+    EdgeClient,
+    PlannerClient,
+    ProtocolError,
+    RequestError,
+    TransportError,
+)
 from dapdee.client.transport import Call, _repeatable
 from dapdee.testing import bind_free_socket
 
@@ -284,3 +292,50 @@ def test_a_callers_transport_still_bounds_a_drip_fed_body() -> None:
         ):
             c.healthz()
     assert err.value.timeout and 0.55 <= time.monotonic() - t0 < 1.5
+
+
+# ---- content codings and closed clients ----------------------------------------------------------
+
+
+def test_an_encoded_answer_is_refused_unread_and_identity_is_asked_for() -> None:
+    """The client asks for `Accept-Encoding: identity`; a server that gzips anyway (here 64 MiB
+    of JSON in 64 KB on the wire) is refused by its header alone, before a decompressor could
+    blow it up past `max_response_bytes`: ProtocolError naming the coding, sync and async."""
+    import gzip
+
+    body = gzip.compress(b'{"status":"ok","pad":"' + b" " * (64 << 20) + b'"}', compresslevel=1)
+    asked: list[bytes] = []
+
+    def serve(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        asked.append(data.split(b"\r\n\r\n")[0])
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        conn.sendall(head.encode() + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+    with RawServer(serve) as url:
+        got = run_both(PlannerClient, AsyncPlannerClient, url, lambda c: c.healthz())
+    for err in got:
+        assert isinstance(err, ProtocolError) and "Content-Encoding 'gzip'" in err.detail, err
+    assert len(asked) == 2 and all(b"\r\naccept-encoding: identity" in h.lower() for h in asked), asked
+
+
+def test_a_call_on_a_closed_client_is_a_request_error() -> None:
+    """After `close()` / `aclose()` a call raises the SDK's RequestError (httpx's own is a bare
+    RuntimeError, which no caller of the SDK catches)."""
+
+    def closed_call(c: Any) -> Any:
+        if isinstance(c, AsyncPlannerClient):
+
+            async def go() -> Any:
+                await c.aclose()
+                return await c.healthz()
+
+            return go()
+        c.close()
+        return c.healthz()
+
+    got = run_both(PlannerClient, AsyncPlannerClient, "http://127.0.0.1:9", closed_call)
+    for err in got:
+        assert isinstance(err, RequestError) and "closed" in str(err), err

@@ -189,13 +189,14 @@ def _outputs(outputs: Mapping[str, torch.Tensor], rows: int) -> tuple[torch.Tens
     if not logits.is_floating_point() or logits.dim() < 2 or logits.shape[0] != rows or classes_per_row < 1:
         got = f"{logits.dtype} {list(logits.shape)}"
         raise ValueError(f"output 'logits': expected floating [{rows}, classes], got {got}")
+    logits = logits.to(torch.float32)  # checked as returned: an FP64 1e300 is Inf as FP32
     if not bool(torch.isfinite(logits).all()):
-        raise ValueError("output 'logits': holds NaN or Inf")
+        raise ValueError("output 'logits': holds NaN or Inf (as FP32)")
     if classes.dtype != torch.int64 or tuple(classes.shape) != (rows,):
         raise ValueError(f"output 'class': expected INT64 [{rows}], got {classes.dtype} {list(classes.shape)}")
     if classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < classes_per_row):
         raise ValueError(f"output 'class': indices outside [0, {classes_per_row})")
-    return logits.to(torch.float32), classes
+    return logits, classes
 
 
 def _exits_taken(parameters: Mapping[str, Any], rows: int) -> tuple[str, ...]:

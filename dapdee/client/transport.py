@@ -16,6 +16,9 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
   per-phase timeouts are the call's timeout too, cut to the time left;
 - carry a W3C `traceparent` on every request: the call's own, else the current context's
   (`dapdee.web.tracecontext.use`), else a new trace's;
+- ask for answers without a content coding (`Accept-Encoding: identity`), read them as they
+  come off the wire, and refuse one that is encoded anyway (`ProtocolError`): a decompressor
+  would turn a few hundred bytes into gigabytes before `max_response_bytes` could count them;
 - read at most `max_response_bytes` of an answer;
 - repeat a call at most once, and only when that cannot apply it twice (as urllib3 does): after
   `httpx.ConnectError` (no connection, so nothing was sent) any call; after a connection
@@ -29,7 +32,8 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
 - turn a 3xx/4xx/5xx status outside the call's answers into `ApiError`, a 1xx/2xx one and an
   answer `parse` rejects (any ValueError, pydantic's included, or JSON nested too deep) into
   `ProtocolError`, and no answer into `TransportError`;
-- check the base URL, token and extra headers when built (`RequestError` naming the problem).
+- check the base URL, token and extra headers when built (`RequestError` naming the problem),
+  and refuse a call on a closed client (`RequestError`).
 """
 
 from __future__ import annotations
@@ -269,11 +273,16 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 
 
 class _Body:
-    """An answer's body as it streams in, refused past `limit` bytes and once the call's
-    `deadline` (a `time.monotonic()` instant) has passed (`httpx.ReadTimeout`)."""
+    """An answer's body as it streams in, refused when it has a content coding, past `limit`
+    bytes, and once the call's `deadline` (a `time.monotonic()` instant) has passed
+    (`httpx.ReadTimeout`)."""
 
-    def __init__(self, call: Call[Any], status: int, limit: int, deadline: float) -> None:
-        self.call, self.status, self.limit, self.deadline = call, status, limit, deadline
+    def __init__(self, call: Call[Any], response: httpx.Response, limit: int, deadline: float) -> None:
+        self.call, self.status, self.limit, self.deadline = call, response.status_code, limit, deadline
+        coding = response.headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            detail = f"answer has Content-Encoding {coding[:40]!r}; this client asks for identity"
+            raise ProtocolError(call.method, call.path, self.status, detail)
         self.parts: list[bytes] = []
         self.size = 0
 
@@ -330,7 +339,7 @@ class _Transport:
         if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1:
             raise RequestError(f"max_response_bytes: expected a positive integer, got {max_response_bytes!r}")
         self.max_response_bytes = max_response_bytes
-        self.default_headers = {"User-Agent": USER_AGENT, **extra_headers}
+        self.default_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra_headers}
         if token:
             self.default_headers["Authorization"] = f"Bearer {token}"
         client = {"base_url": self.base_url, "headers": self.default_headers, "follow_redirects": False}
@@ -355,6 +364,11 @@ class _Transport:
             "content": call.content if streamed is None else streamed,
         }
 
+    def _check_open(self, call: Call[Any]) -> None:
+        """RequestError when the client has been closed (httpx would raise a bare RuntimeError)."""
+        if self._http.is_closed:
+            raise RequestError(f"{call.method} {call.path}: the client is closed")
+
     def total_s(self, call: Call[Any]) -> float:
         """The seconds `call` may take as a whole: its own timeout, else the client's."""
         return check_timeout(call.timeout_s) if call.timeout_s is not None else self.timeout_s
@@ -374,6 +388,7 @@ class SyncTransport(_Transport):
     def run(self, call: Call[T], body: Iterable[bytes] | None = None) -> T:
         """Make the call (its content, or `body` streamed instead) and read its result, all
         within the call's timeout."""
+        self._check_open(call)
         deadline = time.monotonic() + self.total_s(call)
         with within(deadline):
             for attempt in (0, 1):
@@ -389,8 +404,8 @@ class SyncTransport(_Transport):
         t0 = time.perf_counter()
         response = self._http.send(request, stream=True)
         try:
-            got = _Body(call, response.status_code, self.max_response_bytes, deadline)
-            for chunk in response.iter_bytes():
+            got = _Body(call, response, self.max_response_bytes, deadline)
+            for chunk in response.iter_raw():
                 got.add(chunk)
         finally:
             response.close()
@@ -418,6 +433,7 @@ class AsyncTransport(_Transport):
     async def run(self, call: Call[T], body: AsyncIterable[bytes] | None = None) -> T:
         """Make the call (its content, or `body` streamed instead) and read its result, all
         within the call's timeout."""
+        self._check_open(call)
         deadline = time.monotonic() + self.total_s(call)
         for attempt in (0, 1):
             try:
@@ -433,8 +449,8 @@ class AsyncTransport(_Transport):
         t0 = time.perf_counter()
         response = await self._http.send(request, stream=True)
         try:
-            got = _Body(call, response.status_code, self.max_response_bytes, deadline)
-            async for chunk in response.aiter_bytes():
+            got = _Body(call, response, self.max_response_bytes, deadline)
+            async for chunk in response.aiter_raw():
                 got.add(chunk)
         finally:
             await response.aclose()
