@@ -160,6 +160,26 @@ def test_tokens_and_sizes_are_checked_before_the_body_is_parsed(edge: tuple[http
     assert _metric(client, "dapdee_edge_rejected_total", reason="unauthenticated") == refused + 1
 
 
+def test_a_request_no_route_takes_is_answered_without_its_body_being_read(edge: tuple[httpx.Client, FastAPI]) -> None:
+    """Without a token, requests that only look like an infer (another method, a path under a
+    prefix) announce a 200 KB body (over the 64 KiB of other paths, within the model's limit)
+    and send none of it: each is answered 404/405 at once with `Connection: close`, rather than
+    holding a share of the body buffer while its body trickles in (it used to wait for the body,
+    then answer 408)."""
+    client, _ = edge
+    url = str(client.base_url)
+    for method, path, status in (
+        ("PUT", f"/v2/models/{MODEL}/infer", b"405"),
+        ("GET", f"/v2/models/{MODEL}/infer", b"405"),
+        ("POST", f"/x/v2/models/{MODEL}/infer", b"404"),
+    ):
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {200_000}\r\n\r\n".encode()
+        reply = _answer_to_head(url, head)
+        assert reply.startswith(b"HTTP/1.1 " + status), (method, path, reply[:200])
+        assert b"\r\nconnection: close\r\n" in reply.lower(), (method, path, reply[:300])
+    assert _infer(client, "device").status_code == 200
+
+
 # ---- limits derived from the model -------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from dapdee.web.otel import Tracing, tracer
 from dapdee.web.tasks import stop_task
 
 log = logging.getLogger("dapdee.edge")
-INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")  # after any root_path
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")  # the route path (after root_path)
 OTHER_BODY_BYTES = 64 << 10  # the body limit of any other request (the worker reads no other body)
 
 
@@ -153,6 +153,16 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
     return lifespan
 
 
+def infer_model(scope: Scope) -> str | None:
+    """The model a request names when it is a POST to an infer route (its path after any
+    `root_path`), else None: only those get a model's body limit. O(len(path))."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    m = INFER_PATH.fullmatch(path) if scope["method"] == "POST" else None
+    return m.group(1) if m is not None else None
+
+
 def _install_guard(app: FastAPI, settings: Settings) -> None:
     """The shared request guard, outermost: roles, an infer to a model the worker does not serve
     (404 before its body is read: it has no body limit of its own, and `OTHER_BODY_BYTES` would
@@ -162,16 +172,16 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
 
     def body_limit(scope: Scope) -> int:
         state: WorkerState | None = app.state.worker
-        m = INFER_PATH.search(scope["path"])
-        entry = state.models.get(m.group(1)) if state is not None and m is not None else None
+        model = infer_model(scope)
+        entry = state.models.get(model) if state is not None and model is not None else None
         return entry.limits.body_bytes if entry is not None else OTHER_BODY_BYTES
 
     def unserved(scope: Scope) -> tuple[int, str, str] | None:
         state: WorkerState | None = app.state.worker
-        m = INFER_PATH.search(scope["path"]) if scope["method"] == "POST" else None
-        if state is None or m is None or m.group(1) in state.models:
+        model = infer_model(scope)
+        if state is None or model is None or model in state.models:
             return None
-        exc = unknown_model(state, m.group(1))
+        exc = unknown_model(state, model)
         state.metrics.requests.labels(UNKNOWN, UNKNOWN, str(exc.status)).inc()  # as the route counts it
         return exc.status, "not_found", exc.message
 

@@ -5,7 +5,9 @@
 
 1. matches the request to the app's route and reads the access the route declares with
    `security.require` (no declaration: admin-only; FastAPI's own docs routes: public; no route
-   at all: passed on, so the app answers its 404/405);
+   at all: passed on unread, so the app answers its 404/405 without the body ever being
+   buffered, and with `Connection: close` when a body may follow: a request no route takes
+   holds no buffer and no connection);
 2. checks the bearer token: 401 without a known one, 403 for the wrong role; then, for an
    authorised request, the service's own check of its target (`before_body(scope)`, e.g. the
    edge's 404 for an infer to a model it does not serve, which has no body limit of its own),
@@ -164,22 +166,24 @@ class RequestGuard:
         """The checks of the module docstring, in order, then the app; the body's bytes are
         counted in `hold`."""
         original = receive
+        access = self.access_for(scope)
+        if access is None:  # no route: the app's 404/405 needs no body
+            await self.app(scope, receive, _closing(send) if _may_have_body(scope) else send)
+            return
         try:
-            access = self.access_for(scope)
-            if access is not None:
-                outcome = authorize(self.tokens, access, _header(scope, b"authorization"))
-                if isinstance(outcome, AuthFailure):
-                    raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
-                scope[AUTH_SCOPE_KEY] = outcome
-                # only a caller the route lets in learns what the service's own check says
-                early = self.before_body(scope) if self.before_body is not None else None
-                if early is not None:
-                    raise _Refusal(*early)
+            outcome = authorize(self.tokens, access, _header(scope, b"authorization"))
+            if isinstance(outcome, AuthFailure):
+                raise _Refusal(outcome.status, outcome.reason, outcome.message, outcome.headers)
+            scope[AUTH_SCOPE_KEY] = outcome
+            # only a caller the route lets in learns what the service's own check says
+            early = self.before_body(scope) if self.before_body is not None else None
+            if early is not None:
+                raise _Refusal(*early)
             receive = await self._buffered(scope, receive, hold)
         except _Refusal as refusal:  # answered before the body was read (or while reading it)
             await self._refuse(send, refusal, close=True)
             return
-        if access is None or access.public:
+        if access.public:
             await self.app(scope, receive, send)
             return
         if self.active >= self.max_concurrency:
@@ -364,6 +368,25 @@ def _flat_routes(app: Any) -> Iterable[Any]:
     if iter_route_contexts is None:
         return app.router.routes
     return iter_route_contexts(app.router.routes)
+
+
+def _may_have_body(scope: Scope) -> bool:
+    """Whether the request declares a body: a non-zero Content-Length, or Transfer-Encoding."""
+    length = _header(scope, b"content-length")
+    return (length is not None and length.strip() not in ("", "0")) or _header(scope, b"transfer-encoding") is not None
+
+
+def _closing(send: Send) -> Send:
+    """`send` with `Connection: close` added to the response head, so that the server drops the
+    connection after the answer instead of reading and discarding a body no one reads."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing
 
 
 def _unread_body(scope: Scope, receive: Receive, original: Receive) -> bool:
