@@ -137,3 +137,33 @@ def test_bad_confidence_requests_are_refused_and_the_worker_stays_up(
     body, headers = wire.encode_request({resnet.graph.input.name: frames[:1]}, parameters={"confidence": "yes"})
     r = httpx.post(f"{url}/v2/models/{resnet.name}/infer", content=body, headers=headers, timeout=60)
     assert r.status_code == 400 and "confidence" in r.json()["error"]
+
+
+def test_a_confidence_request_is_priced_at_the_nodes_each_row_ran(resnet: LoadedModel, frames: torch.Tensor) -> None:
+    """The worker's capacity meter prices a confidence request as the walk ran it: per row, the
+    edge side's nodes (the planner's split, in the cost graph's order) up to where the head it
+    left at is checked, all of them for a row no head answered; plus the request cost. (It used
+    to price none of it, while its event-loop time still counted as taken: κ rose, capacity
+    fell.) Edge timings 1, 2, 3, ... ms per node make every node's share visible."""
+    g = resnet.graph.with_timings("edge", {n.name: float(i + 1) for i, n in enumerate(resnet.graph.nodes)})
+    sides = split_cut(resnet)
+    sent = sent_values(resnet, sides, frames[:48])
+    want_exits, _ = reference(resnet, sides, sent)
+    app = create_app(Settings(batch_max=1, max_batch_rows=64), [resnet])
+    with serve_app_in_thread(app) as base:
+        state = app.state.worker
+        entry = state.models[resnet.name]
+        entry.graph = g
+        before = state.capacity.priced_ms
+        with EdgeClient(base, timeout=60) as edge:
+            got = edge.infer(resnet.name, sent, exit="final", confidence=True)
+        priced = state.capacity.priced_ms - before
+    assert list(got.exits_taken or ()) == want_exits and len(set(want_exits)) >= 3
+    order = {n.name: i for i, n in enumerate(g.nodes)}
+    checked_at = {h.exit: order[h.after] for h in sides.edge.heads}
+
+    def row_ms(exit_name: str) -> float:
+        limit = checked_at.get(exit_name, len(order))
+        return sum(g.node(n).edge_ms or 0.0 for n in sides.edge.nodes if order[n] <= limit)
+
+    assert priced == pytest.approx(sum(row_ms(e) for e in want_exits) + entry.request_ms)

@@ -9,7 +9,8 @@ queues and times out. So the worker compares what its requests really took with 
 priced at, and advertises `nominal / κ`, κ the ratio of the two over recent requests:
 
 - **Priced** (what the leases book): per answered request, the profile's Σ edge_ms of the nodes
-  it ran plus the model's `edge_request_ms`.
+  it ran plus the model's `edge_request_ms` (a confidence request: per row, the nodes the walk
+  ran while the row was in it).
 - **Taken**: the compute slot's time for the request (its share of the batch, wall clock, so a
   slot starved of the CPU or the GIL counts), plus the CPU time of the event-loop thread, where
   everything outside the slot happens (HTTP, decoding, dispatch, encoding): read from that

@@ -230,6 +230,34 @@ def confidence_run(entry: ModelEntry, inputs: Mapping[str, torch.Tensor], exit_n
     return run
 
 
+def confidence_price_ms(
+    entry: ModelEntry, run: ConfidenceRun, given: frozenset[str], node: str, taken: Sequence[str]
+) -> float | None:
+    """What the profile prices a confidence run's rows at: per row, Σ edge_ms over the nodes the
+    walk ran while the row was in it, the edge side's schedule up to the point where the head it
+    left at is checked (all of it for a row no head answered, `taken` its planned exit); None
+    when the graph has no edge timings there. O(schedule · distinct exits taken)."""
+    graph = entry.graph
+    schedule = [n.name for n in run.executor.schedule(given, [node, *(h.node for h in run.part.heads)])]
+    order = run.executor.order
+    after = {h.exit: order[h.after] for h in run.part.heads}
+    price: dict[str, float] = {}
+    for exit_name in set(taken):
+        limit = after.get(exit_name)
+        total = 0.0
+        for name in schedule:
+            if limit is not None and order[name] > limit:
+                break
+            if name == graph.input.name:
+                continue
+            cost = graph.node(name).edge_ms
+            if cost is None:
+                return None
+            total += cost
+        price[exit_name] = total
+    return sum(price[e] for e in taken)
+
+
 def _determined(ex: GraphExecutor, inputs: Mapping[str, torch.Tensor], node: str) -> bool:
     """Whether the inputs determine `node`'s value. O(nodes it needs), cached by the executor."""
     try:
@@ -274,17 +302,21 @@ async def run_infer(
     submit_ns = time.time_ns() if tracing is not None else 0
     given = frozenset(inputs)
     result = await _submit(state, entry, inputs, given, exit_name, node, confident)
-    predicted = None if confident else entry.compute_ms(given, node)
-    if predicted is not None:  # this request's share of its batch's compute, against its price
-        rows = next(iter(inputs.values())).shape[0]
-        slot_ms = result.compute_s * 1000.0 * rows / max(1, result.batch_rows)
-        state.capacity.record(predicted * rows, entry.request_ms, slot_ms)
-    if tracing is not None:
-        record_infer(tracing, entry, inputs, node, exit_name, len(body), result, submit_ns)
     output, taken = result.output, None
     if isinstance(output, tuple):  # a confidence run: (logits, exit index) per row
         output, index = output
         taken = [entry.graph.exits[i].name for i in index.tolist()]
+    rows = next(iter(inputs.values())).shape[0]
+    if taken is None:
+        predicted = entry.compute_ms(given, node)
+        predicted = None if predicted is None else predicted * rows
+    else:
+        predicted = confidence_price_ms(entry, confidence_run(entry, inputs, exit_name, node), given, node, taken)
+    if predicted is not None:  # this request's share of its batch's compute, against its price
+        slot_ms = result.compute_s * 1000.0 * rows / max(1, result.batch_rows)
+        state.capacity.record(predicted, entry.request_ms, slot_ms)
+    if tracing is not None:
+        record_infer(tracing, entry, inputs, node, exit_name, len(body), result, submit_ns)
     try:
         outputs = answer_tensors(output, exit_name)
     except ApiError as exc:
