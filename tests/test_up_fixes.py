@@ -192,3 +192,26 @@ def test_a_bad_rtt_is_refused_when_the_arguments_are_read(
         assert exc.value.code == 2
         assert "--rtt-ms" in capsys.readouterr().err
     assert build_parser().parse_args([*command, "--rtt-ms", "0"]).rtt_ms == 0.0
+
+
+# ---- the demo's edge worker prices its requests ------------------------------------------------------
+
+
+def test_the_demos_edge_worker_measures_its_per_request_cost() -> None:
+    """`dapdee up`'s edge worker measures its own per-request cost, as `dapdee serve edge` does,
+    so the demo's plans price each edge request (cost model v2) instead of charging 0 ms: the
+    edge profile the planner holds states `edge_request_ms` > 0."""
+    import httpx
+
+    from dapdee.testing import wait_registered
+
+    st = up._start_stack(up.UpOptions(quiet=True), lambda *a: None)
+    try:
+        edge_url = str(st.edge.url)
+        wait_registered(st.planner.url, st.served, [edge_url], 120, st.token)
+        auth = {"Authorization": f"Bearer {st.token}"}
+        profiles = httpx.get(f"{st.planner.url}/models/{st.served}/profiles", headers=auth, timeout=10).json()
+    finally:
+        up._stop_servers(st.edge, st.planner)
+    meta = profiles["profiles"]["edge"]["meta"]
+    assert isinstance(meta.get("edge_request_ms"), float) and meta["edge_request_ms"] > 0, meta

@@ -210,6 +210,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
             EdgeSettings, "edge worker settings", models=f"@{artifact}" if artifact else FALLBACK_SPEC,
             planner_url=planner.url, public_url=edge_url, port=sock.getsockname()[1], profile_repeats=8,
             profile_warmup=2, heartbeat_s=1.0, workers=1, api_token=token,
+            self_url=edge_url,  # it measures its own per-request cost there, as `dapdee serve edge` does
         )  # fmt: skip
         served = load_models(es)
         spec = "" if artifact else FALLBACK_SPEC
