@@ -72,3 +72,58 @@ def test_a_due_batch_keeps_filling_until_a_thread_frees_up(
     for i, r in enumerate(results):
         assert isinstance(r.output, torch.Tensor)
         assert torch.allclose(r.output, gated.run_exit(torch.full((1, 8), float(i))), atol=1e-6), i
+
+
+def test_the_queue_depth_counts_the_requests_waiting_for_a_batch(gated: LoadedModel) -> None:
+    """Request 0 fills a batch by rows, so request 1 sends it to the only thread (held there at
+    the gate) and waits in the next batch, with requests 2 and 3. The queue depth a heartbeat
+    reports is the requests waiting: 1, then 3; not the one running (it is counted in flight
+    already), and none once the batcher has closed."""
+    batcher = Batcher(8, 10_000.0, max_rows=4, workers=1)  # the wait never ends a batch here
+    key = (gated.name, frozenset({gated.input_name}), "final")
+
+    async def go() -> list[int]:
+        def submit(i: int, rows: int = 1) -> asyncio.Task[BatchResult]:
+            x = torch.full((rows, 8), float(i))
+            return asyncio.create_task(batcher.submit(key, gated.executor, gated.exit_node(), {gated.input_name: x}))
+
+        edge_models.ENTERED.clear()
+        edge_models.GATE.clear()
+        try:
+            first = submit(0, rows=4)
+            await asyncio.sleep(0)
+            rest = [submit(1)]
+            assert await asyncio.to_thread(edge_models.ENTERED.wait, 30.0)  # request 0 holds the thread
+            depths = [batcher.stats()["queue_depth"]]
+            rest += [submit(2), submit(3)]
+            await asyncio.sleep(0.05)
+            depths.append(batcher.stats()["queue_depth"])
+        finally:
+            edge_models.GATE.set()
+        await asyncio.wait_for(first, 30.0)
+        await batcher.aclose()  # fails the open batch, which would wait 10 s
+        await asyncio.gather(*rest, return_exceptions=True)
+        return [*depths, batcher.stats()["queue_depth"]]
+
+    assert asyncio.run(go()) == [1, 3, 0]
+
+
+def test_closing_fails_the_open_batches_on_the_event_loop() -> None:
+    """Closing with requests waiting in an open batch fails each of them at once with "worker is
+    shutting down", on the event loop: under asyncio's debug mode, which refuses a future
+    resolved from another thread, nothing else is raised."""
+    m = load_model("tests.edge_models:squares", input_shape=(1, 8))
+    batcher = Batcher(8, 10_000.0, max_rows=64, workers=1)
+    key = (m.name, frozenset({m.input_name}), "final")
+
+    async def go() -> list[BaseException | BatchResult]:
+        jobs = [
+            asyncio.create_task(batcher.submit(key, m.executor, m.exit_node(), {m.input_name: torch.randn(1, 8)}))
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(batcher.aclose(), 10.0)
+        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 1.0)
+
+    got = asyncio.run(go(), debug=True)
+    assert all(isinstance(g, RuntimeError) and "shutting down" in str(g) for g in got), got

@@ -147,7 +147,7 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
             state.ready = False
             if task is not None:
                 await stop_task(task)
-            await asyncio.to_thread(state.batcher.close)
+            await state.batcher.aclose()
             app.state.worker = None
 
     return lifespan

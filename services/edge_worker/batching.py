@@ -91,7 +91,7 @@ class Batcher:
         self._busy_s = 0.0  # completed compute seconds
         self._running: dict[int, float] = {}  # thread id -> start time of the batch it runs
         self._last_load = (time.perf_counter(), 0.0)
-        self.queued = 0  # requests waiting for a batch to start
+        self.queued = 0  # requests in open batches: waiting for their batch to start
         self._active = 0  # batches handed to the pool and not finished
         self._closed = False
 
@@ -148,6 +148,7 @@ class Batcher:
         if not batch.items:
             return
         items, batch.items, batch.rows = batch.items, [], 0
+        self.queued -= len(items)
         self._active += 1
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self._run, batch.executor, batch.target, items)
@@ -181,7 +182,6 @@ class Batcher:
                 self._busy_s += time.perf_counter() - t0
 
     def _done(self, model: str, items: list[_Pending], f: asyncio.Future) -> None:
-        self.queued -= len(items)
         self._active -= 1
         for key, batch in list(self._open.items()):  # batches whose wait ended while all threads were busy
             if self._active >= self.workers:
@@ -224,7 +224,9 @@ class Batcher:
         return {"queue_depth": self.queued, "open_batches": len(self._open)}
 
     def close(self) -> None:
-        """Refuse new work, flush open batches, and stop the pool (waiting for running batches)."""
+        """Refuse new work, fail the requests of open batches, and stop the pool without waiting
+        for running batches (they finish; their requests get their answers). Call it on the
+        event loop: it resolves the requests' futures and cancels timers, which are the loop's."""
         self._closed = True
         for key, batch in list(self._open.items()):
             if batch.timer is not None:
@@ -232,8 +234,14 @@ class Batcher:
             for it in batch.items:
                 if not it.future.done():
                     it.future.set_exception(RuntimeError("worker is shutting down"))
+            self.queued -= len(batch.items)
             self._open.pop(key, None)
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """`close`, then wait (off the loop) for the batches still running."""
+        self.close()
+        await asyncio.to_thread(self.pool.shutdown, wait=True)
 
 
 def _stacked(items: Sequence[_Pending]) -> dict[str, torch.Tensor]:
