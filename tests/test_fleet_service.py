@@ -881,3 +881,24 @@ async def _lock_holders(prefix: str) -> list[Any]:
         r.delete(f"{prefix}:v1:rebalance-lock")
         r.close()
         await store.close()
+
+
+def test_a_device_only_lease_two_workers_solve_does_not_refuse_the_second_apply(planner_prefix: str) -> None:
+    """Two workers of different tiers serve the model; one device is Device-Only (its uplink too
+    slow for any edge plan to meet its frame rate). A rebalance solves it with each worker's leases in turn: the first
+    worker's apply rewrites its record (that worker's graph, so another basis), and the second
+    worker's apply, checked against the records as read at the start, refused everything it
+    had solved. Both applies land now, and the lease stays Device-Only."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c, workers=())
+        fast = {"kind": "edge", "timings_ms": {"a": 1.0, "b": 1.0}, "meta": {"edge_request_ms": 4.0}}
+        assert c.put("/models/cam/profiles/t2", json=fast).status_code in (200, 201)
+        # w1 sorts first by URL but is listed after w2 (busier), so the lease is first planned on w2's graph
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
+        assert beat(c, "http://w2:1", ["cam"], "t2", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        assert c.post("/plan", json=leased("j", bandwidth_mbps=0.001)).json()["lease"]["worker"] is None
+        reports = c.post("/fleet/rebalance").json()["workers"]
+        assert [r["worker"] for r in reports] == ["http://w1:1", "http://w2:1"], reports
+        assert all(r["applied"] for r in reports), reports
+        assert c.get("/devices/j").json()["lease"]["worker"] is None
+        assert c.delete("/devices/j").status_code == 204

@@ -217,10 +217,23 @@ class Rebalancer:
             if report is not None:
                 reports.append(report)
                 if report["applied"]:  # a refused apply moved nobody: its joiners may join another worker
+                    solved = {c["device_id"] for c in report["devices"]}
                     joiners -= {c["device_id"] for c in report["devices"] if c["new"]["edge_ms_per_frame"] > 0}
+                    joiners = await self._reread(joiners & solved, joiners, records)
         self.metrics.rebalances.labels("noop" if not reports else "done").inc()
         await self.fleet.refresh()
         return {"approximate": any(not r["exact"] for r in reports), "workers": reports}
+
+    async def _reread(self, rewritten: set[str], joiners: set[str], records: dict[str, StoredRecord]) -> set[str]:
+        """After an apply rewrote the records of the Device-Only `rewritten` (left Device-Only, on
+        that worker's graph: another basis), read them again, so the next worker's apply checks
+        them as they are now instead of refusing everything it solved. Returns the joiners
+        without those whose lease ended meanwhile. One round trip (none when nothing was)."""
+        if not rewritten:
+            return joiners
+        fresh = await self.fleet.book.records(sorted(rewritten))
+        records.update(fresh)
+        return joiners - (rewritten - fresh.keys())
 
     async def _rebalance_worker(
         self,
