@@ -902,3 +902,18 @@ def test_a_device_only_lease_two_workers_solve_does_not_refuse_the_second_apply(
         assert all(r["applied"] for r in reports), reports
         assert c.get("/devices/j").json()["lease"]["worker"] is None
         assert c.delete("/devices/j").status_code == 204
+
+
+def test_a_lease_of_a_model_its_worker_stopped_serving_is_not_solved_onto_it(planner_prefix: str) -> None:
+    """A device leases w1 for model cam; w1's heartbeats then list another model only. A
+    rebalance does not plan the lease onto w1 again (the worker would refuse its frames): it is
+    in no report, and its booking stays until its device plans again."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c)
+        assert c.put("/models/cam2", json=chain_graph("cam2")).status_code in (200, 201)
+        assert c.post("/plan", json=leased("d")).json()["lease"]["worker"] == "http://w1:1"
+        assert beat(c, "http://w1:1", ["cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        reports = c.post("/fleet/rebalance").json()["workers"]
+        assert not any(d["device_id"] == "d" for r in reports for d in r["devices"]), reports
+        assert not c.get("/devices/d").json()["lease"]["assigned"]
+        assert c.delete("/devices/d").status_code == 204

@@ -313,9 +313,10 @@ def _joiners(reserved: dict[str, dict[str, float]], records: dict[str, StoredRec
 def _candidates(
     w: Worker, reserved: dict[str, dict[str, float]], records: dict[str, StoredRecord], joiners: set[str]
 ) -> list[str]:
-    """The leases a solve of worker `w` chooses for: those on it, then the `joiners` of models it
-    serves. O(leases)."""
-    members = [d for d in reserved.get(w.url, {}) if d in records]
+    """The leases a solve of worker `w` chooses for: those on it of models it serves (one of a
+    model it stopped serving keeps its booking until its device plans again: the worker would
+    refuse its frames), then the `joiners` of models it serves. O(leases)."""
+    members = [d for d in reserved.get(w.url, {}) if d in records and records[d].fields["model"] in w.models]
     return members + sorted(d for d in joiners if records[d].fields["model"] in w.models)
 
 
