@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig
 from dapdee.device.frames import random_frames
 from dapdee.device.sensing import Sensing
 from dapdee.device.session import DeviceSettings, open_device
-from dapdee.device.types import FrameRecord
+from dapdee.device.types import Frame, FrameRecord
 from dapdee.testing import ServiceProcess
 from tests.conftest import SHARED_REDIS as REDIS
 from tests.device_stack import ForwardingProxy, HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
@@ -455,3 +455,29 @@ def test_a_plan_naming_no_worker_is_asked_again_with_a_back_off(stack: Stack) ->
         asked, records = asyncio.run(go(url))
     assert len(records) >= 10 and {(r.where, r.error) for r in records} == {("fallback", "no edge worker")}
     assert 2 <= asked <= 7, asked  # at 0, 0.5, 1.5 and 3.5 s; every 0.2 s would be about 20
+
+
+def test_an_endless_pipelined_stream_ends_when_a_frame_fails(stack: Stack) -> None:
+    """An endless source, records not kept (`keep=False`, as `dapdee device run` streams a
+    camera), and a `progress` that fails at the third frame (stdout closed under it): the run
+    raises that error within a few frames, instead of keeping the failed task and streaming on."""
+    frame = stack.frames(1, seed=3)[0]
+    cfg = RuntimeConfig(Requirements(mode="throughput"), max_inflight=2)
+    shown: list[FrameRecord] = []
+
+    def progress(rec: FrameRecord) -> None:
+        if len(shown) == 2:
+            raise BrokenPipeError("stdout closed")
+        shown.append(rec)
+
+    async def endless() -> AsyncIterator[Frame]:
+        while True:
+            yield frame
+
+    async def go() -> int:
+        async with running(fixed_runtime(stack, stack.mid_cut(stack.edge.url), stack.edge.url, config=cfg)) as rt:
+            with pytest.raises(BrokenPipeError):
+                await asyncio.wait_for(rt.run(endless(), progress, keep=False), 30.0)
+            return len(rt.records)
+
+    assert asyncio.run(go()) <= 2 + 2 * cfg.max_inflight

@@ -415,14 +415,23 @@ class DeviceRuntime:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await slots.acquire()
-                if not keep:  # forget answered frames; a failed one stays, so its error surfaces
-                    tasks = [t for t in tasks if not t.done() or (not t.cancelled() and t.exception())]
+                _raise_failed(tasks)  # a failed frame (e.g. `progress` writing to a closed pipe) ends the stream now
+                if not keep:  # forget answered frames
+                    tasks = [t for t in tasks if not t.done()]
                 tasks.append(asyncio.create_task(one(frame)))
             done = list(await asyncio.gather(*tasks))
             return done if keep else []
         finally:
             for t in tasks:
                 t.cancel()
+
+
+def _raise_failed(tasks: list[asyncio.Task[FrameRecord]]) -> None:
+    """Raise the error of the first frame task that failed (an endless stream would otherwise
+    never reach the `gather` that reports it). O(tasks)."""
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
 
 
 async def _enumerate(items: AsyncIterator[Frame]) -> AsyncIterator[tuple[int, Frame]]:
