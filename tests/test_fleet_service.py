@@ -388,6 +388,10 @@ def test_the_fleet_refuses_bad_input_and_changes_nothing(planner_prefix: str) ->
         r = c.post("/plan", json=leased("d3"))
         assert r.status_code == 409 and "lease" in r.json()["detail"]
         assert c.get("/devices/d3").status_code == 404 and workers(c)["http://w1:1"]["leases"] == 2
+        # counted as the refusal it is (an alert names it), not as an internal error
+        metrics = c.get("/metrics").text
+        assert 'dapdee_planner_plans_total{mode="latency",outcome="lease_cap"} 1.0' in metrics
+        assert 'outcome="error"' not in metrics
         assert c.post("/plan", json=leased("d1")).status_code == 200  # a known device may renew
         r = c.post("/plan", json={**leased("d1"), "device_id": "bad id!"})
         assert r.status_code == 422 and "device_id" in r.text

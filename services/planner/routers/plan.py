@@ -17,6 +17,7 @@ from pydantic_core import to_json
 from dapdee.api.planner import PLAN_REQUEST_EXAMPLE, PlanAnswer, PlanRequestBody
 from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
+from dapdee.planner.errors import CapacityExceeded, ModelUnreachable
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.planmaps import NoConfidenceExits
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
@@ -185,8 +186,15 @@ def _edge_profile(st: ModelState, worker: Worker | None) -> tuple[Profile | None
 
 
 def _outcome(exc: Exception) -> str:
-    """The metrics label of a failed plan request."""
+    """The metrics label of a failed plan request, as it was answered: the store's refusals by
+    their type (the app answers them, `dapdee.planner.app`), the route's own by status."""
     if isinstance(exc, RequestValidationError):
         return "invalid"
+    if isinstance(exc, CapacityExceeded):
+        return "lease_cap"  # 409: the planner holds DAPDEE_MAX_LEASES leases
+    if isinstance(exc, ModelUnreachable):
+        return "unavailable"  # 404 + Retry-After: the model cannot be read while Redis is away
+    if isinstance(exc, MissingTimings):
+        return "missing_timings"
     status = getattr(exc, "status_code", 500)
     return {404: "unknown_model", 409: "missing_timings", 422: "invalid", 503: "over_budget"}.get(status, "error")
