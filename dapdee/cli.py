@@ -14,8 +14,9 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from dapdee.names import MAX_INPUT_ELEMENTS
+
 MAX_THREADS = 256  # torch threads a command may ask for
-MAX_INPUT_ELEMENTS = 1 << 28  # an example input of more (1 GiB of float32) is a typo, not a model
 MAX_SLOWDOWN = 1e4  # K: a device this much slower than the host is not a device any more
 COMMAND_MODULES = (
     "dapdee.commands",  # graph, profile

@@ -12,9 +12,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from dapdee.names import ModelError, check_model_name
 
 SCHEMA_VERSION = 1
 # Bounds on every number of a cost graph, so that every prediction made from it is finite
@@ -272,19 +275,31 @@ class CostGraph:
     @classmethod
     def from_dict(cls, d: Any, limits: GraphLimits | None = None) -> CostGraph:
         """Parse and validate (see `validate`, and `check_limits` under `limits`, default
-        `DEFAULT_LIMITS`); raises CostGraphError naming the bad field. O(V + E)."""
+        `DEFAULT_LIMITS`); raises CostGraphError naming the bad field, among them a `model` that
+        is not a model name (`check_model_name`), a `meta` that is neither an object nor null,
+        and an exit with fields other than name, node and accuracy. O(V + E)."""
         if not isinstance(d, dict):
             raise CostGraphError("cost graph: expected a JSON object")
         model = _req(d, "model", str, "model")
+        try:
+            check_model_name(model)
+        except ModelError:
+            shown = repr(model[:40]) + ("..." if len(model) > 40 else "")
+            raise CostGraphError(
+                f"model: expected a model name (1-64 letters, digits, '_', '.', '-', starting with a letter or "
+                f"digit, no '..'), got {shown}"
+            ) from None
         input_spec = _parse_input(_req(d, "input", dict, "input"))
         raw_nodes = _req(d, "nodes", list, "nodes")
         raw_exits = _req(d, "exits", list, "exits")
         (limits or DEFAULT_LIMITS).check_counts(len(raw_nodes), len(raw_exits))
         nodes = tuple(_parse_node(i, nd) for i, nd in enumerate(raw_nodes))
         exits = tuple(_parse_exit(i, ed) for i, ed in enumerate(raw_exits))
-        meta = d.get("meta") or {}
+        meta = d.get("meta")
+        if meta is None:  # absent or null: no provenance
+            meta = {}
         if not isinstance(meta, dict):
-            raise CostGraphError("meta: expected an object")
+            raise CostGraphError(f"meta: expected an object, got {type(meta).__name__}")
         overheads = _overheads(d.get("overheads"))
         progressive = _progressive(d.get("progressive"))
         g = cls(model, input_spec, nodes, exits, meta=meta, overheads=overheads, progressive=progressive)
@@ -316,13 +331,18 @@ class CostGraph:
     def save(self, path: str) -> None:
         """Write the graph's JSON to `path` atomically (a temporary file of a unique name in the
         same folder, renamed over it): a failed write leaves what was there and no temporary
-        file, and raises OSError naming `path`."""
+        file, and raises OSError naming `path`. The file gets the mode a plain open() would give
+        it: the replaced file's, else 0o666 less the umask."""
         folder = os.path.dirname(os.path.abspath(path))
         tmp = None
         try:
-            with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".costgraph-", suffix=".tmp", delete=False) as f:
-                tmp = f.name
+            tmp, fd = _create_beside(folder)
+            with open(fd, "w") as f:
                 f.write(self.to_json() + "\n")
+            with contextlib.suppress(FileNotFoundError):
+                old = os.stat(path)
+                if stat.S_ISREG(old.st_mode):
+                    os.chmod(tmp, stat.S_IMODE(old.st_mode))
             os.replace(tmp, path)
         except OSError as exc:
             if tmp is not None:
@@ -424,6 +444,18 @@ class CostGraph:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def _create_beside(folder: str) -> tuple[str, int]:
+    """(path, descriptor open for writing) of a new empty file of a unique name in `folder`,
+    created with mode 0o666 less the umask, as open() creates a file (tempfile's are 0o600).
+    Raises OSError. O(1) expected."""
+    while True:
+        tmp = os.path.join(folder, f".costgraph-{secrets.token_hex(8)}.tmp")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue  # 64 random bits taken: try another name
+
+
 def _parse_input(inp: dict[str, Any]) -> InputSpec:
     shape = _req(inp, "shape", list, "input.shape")
     if not shape or not all(_is_int(s) and 0 < s <= MAX_BYTES for s in shape):
@@ -472,9 +504,19 @@ def _parse_node(i: int, nd: Any) -> Node:
     )
 
 
+EXIT_FIELDS = ("name", "node", "accuracy")
+
+
 def _parse_exit(i: int, ed: Any) -> Exit:
+    """One entry of `exits`: name, node and accuracy (null or in [0, 1]), nothing else (a
+    calibrated confidence exit is described by the graph's `progressive` field, not per exit);
+    CostGraphError naming the field. O(fields)."""
     if not isinstance(ed, dict):
         raise CostGraphError(f"exits[{i}]: expected an object")
+    unknown = sorted(str(k) for k in ed if k not in EXIT_FIELDS)
+    if unknown:
+        hint = "; calibrated confidence exits are the graph's `progressive` field" if "confidence" in unknown else ""
+        raise CostGraphError(f"exits[{i}]: unknown fields {unknown[:5]} (expected {', '.join(EXIT_FIELDS)}){hint}")
     acc = ed.get("accuracy")
     if acc is not None and (not _is_num(acc) or not 0.0 <= acc <= 1.0):
         raise CostGraphError(f"exits[{i}].accuracy: expected null or a number in [0, 1]")

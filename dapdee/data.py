@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dapdee.costgraph import is_finite_number
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -127,17 +129,22 @@ def _idx_path(directory: Path, stem: str) -> Path:
 
 def read_fashion_mnist(directory: str | Path, source_split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N,1,28,28], labels int64 [N]) of Fashion-MNIST's 'train' or 'test' file pair.
-    O(file size)."""
+    DataError naming the file unless the images are uint8 [N,H,W] and the labels one integer
+    (IDX integer type) in 0-9 per image. O(file size)."""
     directory = Path(directory)
     img_stem, lab_stem = FMNIST_FILES[source_split]
     images = read_idx(_idx_path(directory, img_stem))
-    labels = read_idx(_idx_path(directory, lab_stem))
+    lab_path = _idx_path(directory, lab_stem)
+    labels = read_idx(lab_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"Fashion-MNIST {img_stem}: expected uint8 [N,H,W] images, got {images.dtype} {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"Fashion-MNIST {lab_stem}: {labels.shape} labels for {len(images)} images")
-    if labels.size and int(labels.max()) >= 10:
-        raise DataError(f"Fashion-MNIST {lab_stem}: label {int(labels.max())} out of range 0-9")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"Fashion-MNIST {str(lab_path)!r}: expected integer labels, got {labels.dtype}")
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < 10:
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(f"Fashion-MNIST {str(lab_path)!r}: label {bad} out of range 0-9")
     return images[:, None, :, :], labels.astype(np.int64)
 
 
@@ -414,6 +421,15 @@ def capture_frames(
     return x.contiguous()
 
 
+def _brief(v: Any) -> str:
+    """`v` for a message: its repr cut to 60 characters (a type name when it has none). O(size)."""
+    try:
+        text = "null" if v is None else repr(v)
+    except ValueError:  # an int past Python's str() digit limit
+        text = f"a {type(v).__name__} too long to show"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class FrameNormalize(nn.Module):
     """Raw frame -> model input: `(x · scale − mean) / std` per channel, as one affine map
     `x · gain + shift` on float32. Takes uint8 frames or any tensor of 0..255 pixel levels (the
@@ -430,11 +446,24 @@ class FrameNormalize(nn.Module):
 
     @classmethod
     def from_recipe(cls, preprocess: dict[str, Any], channels: int) -> FrameNormalize:
-        return cls(
-            float(preprocess.get("scale", 1 / 255)),
-            list(preprocess.get("mean", [0.0] * channels)),
-            list(preprocess.get("std", [1.0] * channels)),
-        )
+        """The normalisation of a `preprocess` recipe for a model of `channels` input channels:
+        `scale` (absent: 1/255), `mean` and `std` (absent: 0 and 1 per channel; one value, or one
+        per channel). A field that is present must hold such a value: null or a mean/std of
+        another length is a DataError naming the field. O(channels)."""
+        scale = preprocess.get("scale", 1 / 255)
+        if not is_finite_number(scale) or not scale > 0:
+            raise DataError(f"preprocess.scale: expected a finite number > 0, got {_brief(scale)}")
+        stats = {"mean": preprocess.get("mean", [0.0] * channels), "std": preprocess.get("std", [1.0] * channels)}
+        for key, values in stats.items():
+            if not isinstance(values, (list, tuple)) or not all(is_finite_number(v) for v in values):
+                raise DataError(f"preprocess.{key}: expected a list of finite numbers, got {_brief(values)}")
+            if len(values) not in (1, channels):
+                want = "1" if channels == 1 else f"1 or {channels}"
+                raise DataError(
+                    f"preprocess.{key}: {len(values)} values for a model of {channels} input channel(s) "
+                    f"(expected {want})"
+                )
+        return cls(float(scale), list(stats["mean"]), list(stats["std"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, x.to(torch.float32), self.gain)

@@ -25,6 +25,9 @@ from dapdee.data import DataError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MAX_PIXELS = 1 << 26  # a larger image is refused (64 Mpixel)
 MAX_IMAGES = 1_000_000
+# a split is held in memory at the reference image's size (N x C x h x w bytes): past this, the
+# folder's images are too large for what a model reads, and should be shrunk before training
+MAX_FOLDER_BYTES = 1 << 32  # 4 GiB
 TEST_EVERY = 5  # without train/ and test/ folders, 1 image in 5 is a test image
 SPLIT_SEED = 20250291
 
@@ -161,18 +164,29 @@ def _split_source(root: Path, source_split: str) -> tuple[ImageFolder, list[tupl
     return folder, _split_items(folder, source_split), folder.items[0][0]
 
 
-def read_folder_split(root: str | Path, source_split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def read_folder_split(
+    root: str | Path, source_split: str, max_bytes: int = MAX_FOLDER_BYTES
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """(uint8 images [N, C, h, w], int64 labels [N], class names) of a labelled folder's 'train'
     or 'test' set (see the module docstring). Every image is brought to the channel count and
     size (height, width) of the reference image (the first of train/, else of the folder), so
-    both sets have one shape. DataError for an unlabelled folder, an unreadable image (named),
-    or train/ and test/ folders whose classes differ. O(total pixels)."""
+    both sets have one shape. The split is held at that size, so it is a DataError naming the
+    folder when it would take more than `max_bytes` (checked before any other image is read);
+    also for an unlabelled folder, an unreadable image (named), or train/ and test/ folders whose
+    classes differ. O(total pixels)."""
     root = Path(root)
     folder, items, reference = _split_source(root, source_split)
     if not folder.labelled:
         raise DataError(f"image folder {str(root)!r}: training needs class folders (DIR/<class>/<image>)")
     ref = decode_image(reference)
     (h, w), channels = ref.shape[:2], ref.shape[2]
+    need = len(items) * channels * h * w
+    if need > max_bytes:
+        raise DataError(
+            f"image folder {str(root)!r}: its {source_split} set is {len(items)} images of {channels}x{h}x{w} "
+            f"(the size of {reference.name}), {need / 2**30:.1f} GiB held in memory, over the limit of "
+            f"{max_bytes / 2**30:g} GiB; shrink the images (a model's input is far smaller) or use fewer"
+        )
     images = np.zeros((len(items), channels, h, w), np.uint8)
     for i, (path, _) in enumerate(items):
         images[i] = resize_to(to_channels(decode_image(path), channels), h, w)

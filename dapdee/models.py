@@ -4,7 +4,8 @@ traced fx graph, its split executor and its cost graph.
 A MODEL argument is `zoo:NAME` with options as a query string (`zoo:vgg16?width=0.25&in_channels=1`)
 or `package.module:factory` (any importable callable returning an `nn.Module`, called with
 no arguments). An artifact directory (`weights.safetensors` + `manifest.json`) pins the spec,
-the input shape and the exits' held-out accuracies.
+the input shape and the exits' held-out accuracies. A manifest's spec is data, not code: it is
+built only when it is a `zoo:` spec, or when the caller names that same spec itself.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from urllib.parse import parse_qsl
 import torch
 from torch import fx, nn
 
-from dapdee.costgraph import CostGraph, Exit, InputSpec, Node, Progressive
-from dapdee.data import FrameNormalize
+from dapdee.costgraph import CostGraph, CostGraphError, Exit, InputSpec, Node, Progressive, is_finite_number
+from dapdee.data import DataError, FrameNormalize
 from dapdee.executor import GraphExecutor
-from dapdee.names import MODEL_NAME_RE, ModelError, check_model_name  # noqa: F401 (re-exported)
+from dapdee.names import MAX_INPUT_ELEMENTS, MODEL_NAME_RE, ModelError, check_model_name  # noqa: F401 (re-exported)
 from dapdee.zoo import ZOO
 
 MANIFEST = "manifest.json"
@@ -64,7 +65,7 @@ def _zoo_option_problem(opts: dict[str, Any]) -> str | None:
     None. O(options)."""
     for key in FACTOR_OPTIONS:
         v = opts.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+        if v is not None and not (is_finite_number(v) and v > 0):
             return f"{key}: expected a finite number > 0, got {v!r}"
         if v is not None and v > MAX_FACTOR:
             return f"{key}: expected a factor of at most {MAX_FACTOR:g}, got {v!r}"
@@ -193,6 +194,19 @@ def example_input(
     return torch.randn(tuple(input_shape), generator=generator)
 
 
+def check_input_shape(shape: Any, where: str) -> tuple[int, ...]:
+    """`shape` as a tuple when it is a model input shape: positive integers, the first (the
+    batch) 1, at most MAX_INPUT_ELEMENTS elements in all (an example input is allocated at it);
+    else ModelError `where: ...` saying which rule it breaks. O(len(shape))."""
+    if not isinstance(shape, (list, tuple)) or not shape or not all(_is_count(s, 1) for s in shape):
+        raise ModelError(f"{where}: expected positive integers [1, C, H, W], got {_short(shape)}")
+    if shape[0] != 1:
+        raise ModelError(f"{where}: the batch (first) dimension must be 1, got {_short(list(shape))}")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ModelError(f"{where}: {_short(list(shape))} has more than {MAX_INPUT_ELEMENTS} elements")
+    return tuple(int(s) for s in shape)
+
+
 def _insert_frame_node(gm: fx.GraphModule, frame: nn.Module, name: str) -> None:
     """Make `frame` the graph's first node, named `frame` (FRAME_NODE): every user of the input
     placeholder reads its output. ModelError naming the clash when model `name`'s traced graph
@@ -262,6 +276,7 @@ def trace(
     frame and node `frame` turns it into the float input `module` expects, so a cut before any
     layer ships 1 byte per pixel. Timings are left empty (see `dapdee.profiler`). O(one forward pass)."""
     check_model_name(name)
+    input_shape = check_input_shape(input_shape, f"{name}: input shape")
     try:
         gm = fx.symbolic_trace(module)
     except Exception as exc:
@@ -279,8 +294,8 @@ def trace(
     if not out_nodes or not all(isinstance(n, fx.Node) for n in out_nodes):
         raise ModelError(f"{name}: forward must return a tensor or a tuple of tensors (one per exit)")
     modules = dict(gm.named_modules())
-    x = example_input(input_shape, "uint8" if frame is not None else "float32", torch.Generator().manual_seed(0))
     try:
+        x = example_input(input_shape, "uint8" if frame is not None else "float32", torch.Generator().manual_seed(0))
         env, flops = _run_once(ex, modules, in_name, x, [n.name for n in out_nodes])
     except Exception as exc:
         raise ModelError(
@@ -312,11 +327,24 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """Whether `v` is a finite int or float (not a bool; an int too large for a float is not)."""
+    return is_finite_number(v)
 
 
 def _is_count(v: Any, least: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _short(v: Any) -> str:
+    """`v` as JSON (else repr) for a message, cut to 80 characters. O(size of v)."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):  # not JSON-able, or an int past Python's str() digit limit
+        try:
+            text = repr(v)
+        except ValueError:
+            text = f"a {type(v).__name__} too long to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_shape(v: Any, n: int) -> bool:
@@ -332,13 +360,13 @@ def _manifest_field(obj: dict[str, Any], key: str, ok: Any, want: str, where: st
     null, or passes `ok`. O(size of the field)."""
     v = obj.get(key)
     if v is not None and not ok(v):
-        text = json.dumps(v)
-        text = text if len(text) <= 80 else text[:77] + "..."
-        raise ModelError(f"{where}: field {prefix}{key}: expected {want}, got {text}")
+        raise ModelError(f"{where}: field {prefix}{key}: expected {want}, got {_short(v)}")
 
 
 def _check_preprocess(pre: Any, where: str) -> None:
-    """ModelError naming the bad field of a manifest's `preprocess` recipe. O(channels)."""
+    """ModelError naming the bad field of a manifest's `preprocess` recipe. A field that is
+    absent takes its default (`FrameNormalize.from_recipe`, `capture_frames`); one that is null
+    is refused like any other bad value. O(channels)."""
     if not isinstance(pre, dict):
         raise ModelError(f"{where}: field preprocess: expected an object")
     checks = (
@@ -350,6 +378,8 @@ def _check_preprocess(pre: Any, where: str) -> None:
         ("source_shape", lambda v: _is_shape(v, 3), "3 positive integers [C, H, W]"),
     )
     for key, ok, want in checks:
+        if key in pre and pre[key] is None:
+            raise ModelError(f"{where}: field preprocess.{key}: expected {want}, got null (leave it out: the default)")
         _manifest_field(pre, key, ok, want, where, "preprocess.")
     if isinstance(pre.get("mean"), list) and isinstance(pre.get("std"), list) and len(pre["mean"]) != len(pre["std"]):
         raise ModelError(f"{where}: field preprocess: mean and std have different lengths")
@@ -387,7 +417,8 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     """`manifest` when its fields have the types and ranges the loaders read (model a spec
     string; optional name, dataset; input_shape 4 positive integers; preprocess; exits a list of
     {name, accuracy null or in [0, 1]}; splits an object of sample counts; accuracy_split;
-    confidence_exits); else ModelError `where: field F: ...` naming the field. O(size)."""
+    confidence_exits); else ModelError `where: field F: ...` naming the field. O(size).
+    The input shape is also held to `check_input_shape` (batch 1, bounded size)."""
     if not isinstance(manifest, dict) or "model" not in manifest:
         raise ModelError(f"{where} has no 'model' field")
     if not isinstance(manifest["model"], str) or not manifest["model"]:
@@ -395,6 +426,8 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     for key in ("name", "dataset", "weights_sha256"):
         _manifest_field(manifest, key, lambda v: isinstance(v, str), "a string", where)
     _manifest_field(manifest, "input_shape", lambda v: _is_shape(v, 4), "4 positive integers [1, C, H, W]", where)
+    if manifest.get("input_shape") is not None:
+        check_input_shape(manifest["input_shape"], f"{where}: field input_shape")
     _manifest_field(
         manifest, "accuracy_split", lambda v: v in ("train", "calib", "test"), "train, calib or test", where
     )
@@ -419,8 +452,9 @@ def read_manifest(artifact: str | Path) -> dict[str, Any]:
         raise ModelError(f"artifact {str(path)!r}: no {MANIFEST} (expected a directory written by `dapdee train`)")
     try:
         manifest = json.loads(mpath.read_text())
-    except ValueError as exc:
-        raise ModelError(f"artifact {str(path)!r}: {MANIFEST} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
+        reason = str(exc)[:200]
+        raise ModelError(f"artifact {str(path)!r}: {MANIFEST} is not valid JSON ({reason})") from None
     return check_manifest(manifest, f"artifact {str(path)!r}: {MANIFEST}")
 
 
@@ -474,10 +508,11 @@ class LoadedModel:
             return self.executor.compute({self.input_name: x}, [node])[node]
 
 
-def progressive_of(manifest: dict[str, Any] | None) -> Progressive | None:
+def progressive_of(manifest: dict[str, Any] | None, where: str = MANIFEST) -> Progressive | None:
     """The cost graph's `progressive` field from an artifact manifest: the calibrated thresholds
     and the per-planned-exit outcomes `dapdee calibrate` recorded on the split the exits'
-    accuracies are measured on (`accuracy_split`). None without such a record. O(exits²)."""
+    accuracies are measured on (`accuracy_split`). None without such a record; ModelError
+    `where: field confidence_exits ...` when it is malformed. O(exits²)."""
     ce = (manifest or {}).get("confidence_exits")
     split = (manifest or {}).get("accuracy_split") or "test"
     measured = ce.get(split) if isinstance(ce, dict) else None
@@ -492,7 +527,36 @@ def progressive_of(manifest: dict[str, Any] | None) -> Progressive | None:
     try:
         return Progressive.from_dict(raw)
     except ValueError as exc:  # CostGraphError names the field under `progressive`
-        raise ModelError(f"{MANIFEST}: field confidence_exits ({split} split): {exc}") from None
+        raise ModelError(f"{where}: field confidence_exits ({split} split): {exc}") from None
+
+
+def _artifact_spec(manifest: dict[str, Any], spec: str, artifact: str | Path) -> str:
+    """The spec to build an artifact's model from: the caller's `spec` when given (it must be
+    the manifest's), else the manifest's `model`, which must then be a `zoo:` spec: a
+    `package.module:factory` spec would import a module and call a function that the
+    manifest's writer chose, so it is built only when the caller names it too. ModelError
+    naming the manifest otherwise. O(len(spec))."""
+    trained = manifest["model"]
+    if spec:
+        if trained != spec:
+            raise ModelError(f"artifact {str(artifact)!r} was trained for {trained!r}, not {spec!r}")
+        return spec
+    if not trained.startswith("zoo:"):
+        raise ModelError(
+            f"artifact {str(artifact)!r}: {MANIFEST}: field model: {trained!r} is not a zoo: spec; building it "
+            "would import and run code that the file names, so it is only built when you name that spec yourself "
+            "(--model)"
+        )
+    return trained
+
+
+def _frame_of(manifest: dict[str, Any], shape: tuple[int, ...], where: str) -> FrameNormalize:
+    """The artifact graph's first node, from the manifest's `preprocess` recipe, for a model of
+    input `shape`; ModelError naming the manifest's field when the recipe cannot serve it."""
+    try:
+        return FrameNormalize.from_recipe(manifest["preprocess"], int(shape[1]) if len(shape) > 1 else 1)
+    except DataError as exc:
+        raise ModelError(f"{where}: field {exc}") from None
 
 
 def load_model(
@@ -503,21 +567,25 @@ def load_model(
     frame_input: bool = True,
 ) -> LoadedModel:
     """Build, optionally load an artifact's weights, and trace. With an artifact, its manifest's
-    spec, input shape, name and exit accuracies are used unless given explicitly, and (unless
-    `frame_input` is false) the graph takes the raw uint8 camera frame at the model's resolution,
-    its first node `frame` normalising it as the manifest's `preprocess` says: a camera's frame is
-    1 byte per pixel, so that is what an Edge-Only plan ships. `module` stays the float-input
-    network the artifact was trained as. The manifest's calibrated confidence exits, when
-    recorded per planned exit, become the graph's `progressive` field (`progressive_of`)."""
+    spec, input shape, name and exit accuracies are used unless given explicitly (the manifest's
+    spec only when it is a `zoo:` spec, `_artifact_spec`), and (unless `frame_input` is false)
+    the graph takes the raw uint8 camera frame at the model's resolution, its first node `frame`
+    normalising it as the manifest's `preprocess` says: a camera's frame is 1 byte per pixel, so
+    that is what an Edge-Only plan ships. `module` stays the float-input network the artifact was
+    trained as. The manifest's calibrated confidence exits, when recorded per planned exit, become
+    the graph's `progressive` field (`progressive_of`). The input shape must pass
+    `check_input_shape`. ModelError naming the spec, artifact or field otherwise."""
     manifest = None
+    where = ""
     if weights is not None:
         manifest = read_manifest(weights)
-        if spec and manifest["model"] != spec:
-            raise ModelError(f"artifact {str(weights)!r} was trained for {manifest['model']!r}, not {spec!r}")
-        spec = manifest["model"]
+        where = f"artifact {str(weights)!r}: {MANIFEST}"
+        spec = _artifact_spec(manifest, spec, weights)
         input_shape = input_shape or tuple(manifest.get("input_shape") or ()) or None
         name = name or manifest.get("name")
     ms = parse_spec(spec)
+    if input_shape is not None:
+        check_input_shape(input_shape, "input shape")
     module = build_module(ms)
     if manifest is not None:
         load_weights(module, weights, manifest)
@@ -526,13 +594,15 @@ def load_model(
         raise ModelError(f"model spec {spec!r}: give --input-shape (e.g. 1,3,32,32)")
     frame = None
     if manifest is not None and frame_input and isinstance(manifest.get("preprocess"), dict):
-        frame = FrameNormalize.from_recipe(manifest["preprocess"], int(shape[1]))
+        frame = _frame_of(manifest, tuple(shape), where)
     gm, graph, ex = trace(module, tuple(shape), check_model_name(name or ms.default_name), frame)
     if manifest is not None:
         acc = {e["name"]: e.get("accuracy") for e in manifest.get("exits") or [] if isinstance(e, dict)}
         graph = graph.with_accuracies(acc)
-    graph = CostGraph(
-        graph.model, graph.input, graph.nodes, graph.exits, meta={"spec": spec}, progressive=progressive_of(manifest)
-    )
-    graph.validate()
+    progressive = progressive_of(manifest, where or MANIFEST)
+    graph = CostGraph(graph.model, graph.input, graph.nodes, graph.exits, meta={"spec": spec}, progressive=progressive)
+    try:
+        graph.validate()
+    except CostGraphError as exc:  # the calibrated record does not match the traced exits
+        raise ModelError(f"{where or MANIFEST}: field confidence_exits: {exc}") from None
     return LoadedModel(graph.model, spec, module, gm, graph, ex, tuple(shape), manifest)

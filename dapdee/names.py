@@ -1,4 +1,5 @@
-"""Model and tier names: the one validation rule, importable without torch.
+"""Model and tier names (the one validation rule) and the bound on a model's input size,
+importable without torch.
 
 Names travel in URLs and Redis keys and name cache files, so they are restricted to
 1-64 characters of letters, digits, '_', '.', '-' (not starting with a punctuation mark).
@@ -11,6 +12,9 @@ import re
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # use with fullmatch
 # the same rule as a JSON Schema / OpenAPI pattern (anchored; no '..' anywhere)
 MODEL_NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+MAX_INPUT_ELEMENTS = 1 << 28  # an example input of more (1 GiB of float32) is a typo, not a model
 
 
 class ModelError(ValueError):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from dapdee import data as D
-from dapdee.models import ModelError, exit_names, read_manifest
+from dapdee.models import ModelError, exit_names
 
 RULE = "max_softmax"
 DEFAULT_Z = 2.5
@@ -239,10 +239,10 @@ def _artifact_logits(
 
 
 def _load(artifact: str | Path) -> Any:
+    """The artifact's model as its manifest builds it (only a `zoo:` spec: `load_model`)."""
     from dapdee.models import load_model
 
-    manifest = read_manifest(artifact)
-    return load_model(manifest["model"], weights=artifact)
+    return load_model("", weights=artifact)
 
 
 def evaluate_artifact(

@@ -56,8 +56,9 @@ def load_models(settings: Settings) -> list[LoadedModel]:
             manifest = read_manifest(artifact)
             given = parse_spec(spec) if spec else None
             trained = parse_spec(manifest["model"])
-            if given is not None and not given.options and (given.kind, given.target) == (trained.kind, trained.target):
-                spec = ""  # `zoo:resnet18@dir`: the artifact pins the options
+            same = given is not None and (given.kind, given.target) == (trained.kind, trained.target)
+            if same and given.kind == "zoo" and not given.options:
+                spec = ""  # `zoo:resnet18@dir`: the artifact pins the options (an import spec stays named)
             loaded = load_model(spec, weights=artifact)
         if any(m.name == loaded.name for m in out):
             raise ValueError(f"models: two models are named {loaded.name!r}")
