@@ -20,6 +20,7 @@ from typing import Any
 from dapdee.names import ModelError, check_model_name
 
 SCHEMA_VERSION = 1
+CONFIDENCE_RULE = "max_softmax"  # a row leaves at a head whose max softmax probability reaches its threshold
 # Bounds on every number of a cost graph, so that every prediction made from it is finite
 # (sums over at most max_nodes nodes, divided by a bandwidth >= 1e-3 Mbit/s, stay far below 1e308).
 MAX_BYTES = 2**40  # node out_bytes, input bytes, shape entries
@@ -103,7 +104,7 @@ class Progressive:
 
     thresholds: tuple[tuple[str, float | None], ...]
     by_exit: tuple[tuple[str, ExitOutcome], ...]
-    rule: str = "max_softmax"
+    rule: str = "max_softmax"  # CONFIDENCE_RULE, the one rule there is
     split: str | None = None
 
     @classmethod
@@ -559,9 +560,11 @@ def _progressive(raw: Any) -> Progressive | None:
     unknown = set(raw) - {"rule", "split", "thresholds", "by_exit"}
     if unknown:
         raise CostGraphError(f"progressive: unknown fields {sorted(unknown)}")
-    rule, split = raw.get("rule", "max_softmax"), raw.get("split")
+    rule, split = raw.get("rule", CONFIDENCE_RULE), raw.get("split")
     if not isinstance(rule, str) or not (split is None or isinstance(split, str)):
         raise CostGraphError("progressive.rule/split: expected strings")
+    if rule != CONFIDENCE_RULE:  # the thresholds mean nothing under another rule
+        raise CostGraphError(f"progressive.rule: only {CONFIDENCE_RULE!r} is implemented, got {rule[:40]!r}")
     thresholds = _req(raw, "thresholds", dict, "progressive.thresholds")
     by_exit = _req(raw, "by_exit", dict, "progressive.by_exit")
     outcomes = []

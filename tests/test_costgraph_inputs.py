@@ -93,3 +93,24 @@ def test_save_gives_the_mode_open_would(tmp_path: Path, umask_022: None) -> None
     assert stat.S_IMODE(old.stat().st_mode) == 0o640
     assert CostGraph.load(str(old)) == g
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "old.json"]  # no temporary left
+
+
+def test_a_progressive_rule_other_than_max_softmax_is_refused() -> None:
+    """The thresholds are max-softmax thresholds; a graph naming another rule (which nothing
+    implements) would be run under max-softmax all the same. The library, the planner's API and
+    the schema refuse it alike."""
+    from dapdee.api.planner import ProgressiveBody
+
+    by_exit = {
+        "exit1": {"fractions": {"exit1": 1.0}, "accuracy": 0.5},
+        "final": {"fractions": {"exit1": 0.5, "final": 0.5}, "accuracy": 0.9},
+    }
+    progressive = {"rule": "entropy", "thresholds": {"exit1": 0.9, "final": None}, "by_exit": by_exit}
+    with pytest.raises(CostGraphError, match=r"^progressive\.rule: only 'max_softmax'"):
+        CostGraph.from_dict(graph(progressive=progressive))
+    with pytest.raises(ValueError, match="rule"):
+        ProgressiveBody.model_validate(progressive)
+    schema = json.loads((ROOT / "docs" / "schemas" / "cost-graph.schema.json").read_text())
+    assert schema["properties"]["progressive"]["properties"]["rule"]["enum"] == ["max_softmax"]
+    ok = {**progressive, "rule": "max_softmax"}
+    assert CostGraph.from_dict(graph(progressive=ok)).progressive is not None

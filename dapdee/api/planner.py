@@ -361,7 +361,7 @@ class ProgressiveBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    rule: Text = "max_softmax"
+    rule: Literal["max_softmax"] = "max_softmax"  # the one rule implemented
     split: Text | None = None
     thresholds: dict[Text, Unit | None]
     by_exit: dict[Text, ExitOutcomeBody]
