@@ -236,25 +236,22 @@ def confidence_price_ms(
     """What the profile prices a confidence run's rows at: per row, Σ edge_ms over the nodes the
     walk ran while the row was in it, the edge side's schedule up to the point where the head it
     left at is checked (all of it for a row no head answered, `taken` its planned exit); None
-    when the graph has no edge timings there. O(schedule · distinct exits taken)."""
+    when the graph has no edge timings there. One pass over the schedule: O(schedule + rows)."""
     graph = entry.graph
-    schedule = [n.name for n in run.executor.schedule(given, [node, *(h.node for h in run.part.heads)])]
     order = run.executor.order
-    after = {h.exit: order[h.after] for h in run.part.heads}
+    checks = sorted(((order[h.after], h.exit) for h in run.part.heads), reverse=True)  # next check last
     price: dict[str, float] = {}
-    for exit_name in set(taken):
-        limit = after.get(exit_name)
-        total = 0.0
-        for name in schedule:
-            if limit is not None and order[name] > limit:
-                break
-            if name == graph.input.name:
-                continue
-            cost = graph.node(name).edge_ms
+    total = 0.0
+    for step in run.executor.schedule(given, [node, *(h.node for h in run.part.heads)]):
+        while checks and checks[-1][0] < order[step.name]:  # the walk checks that head before this step
+            price[checks.pop()[1]] = total
+        if step.name != graph.input.name:
+            cost = graph.node(step.name).edge_ms
             if cost is None:
                 return None
             total += cost
-        price[exit_name] = total
+    price.update({exit_name: total for _, exit_name in checks})
+    price[run.exit_name] = total
     return sum(price[e] for e in taken)
 
 
@@ -284,6 +281,31 @@ def answer_tensors(output: torch.Tensor, exit_name: str) -> dict[str, torch.Tens
     return {"logits": logits, "class": logits.reshape(len(logits), -1).argmax(dim=1)}
 
 
+def _record_price(
+    state: WorkerState,
+    entry: ModelEntry,
+    inputs: dict[str, torch.Tensor],
+    node: str,
+    exit_name: str,
+    taken: list[str] | None,
+    result: BatchResult,
+) -> None:
+    """Tell the capacity meter what this request is priced at (the profile's compute for its
+    rows: `compute_ms`, or per row for a confidence run, `confidence_price_ms`) against its
+    share of its batch's slot time; nothing where the graph has no edge timings. O(1) cached,
+    O(schedule) for a confidence run."""
+    given = frozenset(inputs)
+    rows = next(iter(inputs.values())).shape[0]
+    if taken is None:
+        per_row = entry.compute_ms(given, node)
+        predicted = None if per_row is None else per_row * rows
+    else:
+        predicted = confidence_price_ms(entry, confidence_run(entry, inputs, exit_name, node), given, node, taken)
+    if predicted is not None:
+        slot_ms = result.compute_s * 1000.0 * rows / max(1, result.batch_rows)
+        state.capacity.record(predicted, entry.request_ms, slot_ms)
+
+
 async def run_infer(
     state: WorkerState, entry: ModelEntry, body: bytes, headers: Mapping[str, str], t0: float
 ) -> tuple[bytes, dict[str, str]]:
@@ -306,15 +328,7 @@ async def run_infer(
     if isinstance(output, tuple):  # a confidence run: (logits, exit index) per row
         output, index = output
         taken = [entry.graph.exits[i].name for i in index.tolist()]
-    rows = next(iter(inputs.values())).shape[0]
-    if taken is None:
-        predicted = entry.compute_ms(given, node)
-        predicted = None if predicted is None else predicted * rows
-    else:
-        predicted = confidence_price_ms(entry, confidence_run(entry, inputs, exit_name, node), given, node, taken)
-    if predicted is not None:  # this request's share of its batch's compute, against its price
-        slot_ms = result.compute_s * 1000.0 * rows / max(1, result.batch_rows)
-        state.capacity.record(predicted, entry.request_ms, slot_ms)
+    _record_price(state, entry, inputs, node, exit_name, taken, result)
     if tracing is not None:
         record_infer(tracing, entry, inputs, node, exit_name, len(body), result, submit_ns)
     try:
