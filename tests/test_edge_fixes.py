@@ -1,6 +1,6 @@
 """Edge worker fixes, against real uvicorn servers on 127.0.0.1 and real torch models:
 parameter-only values a cut sends (fx `get_attr` nodes) are no batch data, a request whose data
-fails inside a batch fails alone, the compute-ms cache is bounded, profiling stops at shutdown,
+fails inside a batch fails alone (its compute time still reported), the compute-ms cache is bounded, profiling stops at shutdown,
 a cached profile is reused only at the worker's thread count, IPv6 hosts give bracketed URLs, and
 an infer to an unknown model is 404 before its body is read."""
 
@@ -211,6 +211,26 @@ def test_parameter_values_are_checked_against_their_whole_shape(scaled_model: Lo
     wrong, alone = asyncio.run(go())
     assert wrong.status_code == 400 and "'gain': wrong shape; expected [4, 1, 1]" in wrong.json()["error"]
     assert alone.status_code == 400 and "boundary tensors" in alone.json()["error"]
+
+
+def test_a_failed_batch_reports_its_compute_time() -> None:
+    """A request that fails alone still spent compute: the batch is reported (the callback that
+    feeds the compute-busy counter and histogram), and the caller gets the model's error."""
+    m = load_model("tests.test_edge_fixes:picky", input_shape=(1, 8))
+    reported: list[tuple[str, int, float]] = []
+
+    async def go() -> BaseException | object:
+        batcher = Batcher(1, 0.0, max_rows=16, on_batch=lambda *a: reported.append(a))
+        key = (m.name, frozenset({m.input_name}), "final")
+        try:
+            job = batcher.submit(key, m.executor, m.exit_node(), {m.input_name: torch.full((1, 8), POISON)})
+            return (await asyncio.wait_for(asyncio.gather(job, return_exceptions=True), 30))[0]
+        finally:
+            batcher.close()
+
+    failed = asyncio.run(go())
+    assert isinstance(failed, ValueError) and "poisoned" in str(failed)
+    assert len(reported) == 1 and reported[0][:2] == (m.name, 1) and reported[0][2] > 0
 
 
 def test_a_request_that_fails_in_a_batch_fails_alone() -> None:

@@ -158,7 +158,8 @@ class Batcher:
     def _run(self, executor: Computes, target: str, items: list[_Pending]) -> tuple[list[Outcome], float, float]:
         """One batch on a pool thread: (each request's outcome, start time, compute seconds).
         A batch of several requests that fails as a whole is computed again request by request,
-        so a request whose data makes the model fail fails alone. O(the batch's compute), twice
+        so a request whose data makes the model fail fails alone; a failed request's outcome is
+        its exception, so its compute time is still reported. O(the batch's compute), twice
         when it falls back."""
         t0 = time.perf_counter()
         tid = threading.get_ident()
@@ -167,10 +168,8 @@ class Batcher:
         try:
             try:
                 outcomes: list[Outcome] = _split(_compute(executor, target, _stacked(items)), items)
-            except Exception:
-                if len(items) == 1:
-                    raise
-                outcomes = [_alone(executor, target, it) for it in items]
+            except Exception as exc:
+                outcomes = [exc] if len(items) == 1 else [_alone(executor, target, it) for it in items]
             compute_s = time.perf_counter() - t0
             if self.slowdown > 1.0:
                 time.sleep(compute_s * (self.slowdown - 1.0))
