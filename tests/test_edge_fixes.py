@@ -1,8 +1,9 @@
 """Edge worker fixes, against real uvicorn servers on 127.0.0.1 and real torch models:
 parameter-only values a cut sends (fx `get_attr` nodes) are no batch data, a request whose data
-fails inside a batch fails alone (its compute time still reported), the compute-ms cache is bounded, profiling stops at shutdown,
-a cached profile is reused only at the worker's thread count, IPv6 hosts give bracketed URLs, and
-an infer to an unknown model is 404 before its body is read."""
+fails inside a batch fails alone (its compute time still reported), the compute-ms cache is
+bounded, profiling stops at shutdown, a cached profile is reused only at the worker's thread
+count, IPv6 hosts give bracketed URLs, and an infer to an unknown model is 404 before its body
+is read."""
 
 from __future__ import annotations
 

@@ -58,6 +58,19 @@ def test_planner_scrape_after_known_traffic() -> None:
     assert value(s, "python_gc_collections_total", generation="0") > 0
 
 
+def test_error_series_are_zero_before_the_first_error() -> None:
+    """A fresh planner and edge show each error outcome and refusal reason at 0, so an error
+    rate sees its first error as a step (a series that appears mid-window hides it)."""
+    planner = parse(PlannerMetrics().exposition().decode())
+    for mode in ("auto", "latency", "throughput"):
+        for outcome in ("invalid", "unknown_model", "over_budget", "lease_cap", "unavailable", "error"):
+            assert value(planner, "dapdee_planner_plans_total", mode=mode, outcome=outcome) == 0, (mode, outcome)
+    assert value(planner, "dapdee_planner_plans_total", mode="throughput", outcome="constraints_unmet") == 0
+    edge = parse(generate_latest(EdgeMetrics().registry).decode())
+    for reason in ("unauthenticated", "forbidden", "not_found", "too_large", "timeout", "overloaded"):
+        assert value(edge, "dapdee_edge_rejected_total", reason=reason) == 0, reason
+
+
 def test_each_app_has_its_own_runtime_collectors() -> None:
     """Two planners' and an edge's metrics in one process: created without a clash, each
     exposition with the process_* / python_gc_* / python_info series once."""

@@ -27,6 +27,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from dapdee.web.prometheus import add_runtime_collectors
 
 UNKNOWN = "_unknown"
+# the `reason` label of dapdee_edge_rejected_total: the request guard's refusals
+REJECT_REASONS = (
+    "unauthenticated",
+    "forbidden",
+    "not_found",
+    "too_large",
+    "timeout",
+    "bad_request",
+    "disconnected",
+    "overloaded",
+)
 TIME_BUCKETS = (
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
@@ -85,6 +96,8 @@ class EdgeMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)  # shown as 0 from the start
         self.compute_busy = Counter(
             "dapdee_edge_compute_busy_seconds",
             "Seconds the compute slots spent computing batches (rate / slots = measured utilisation)",

@@ -51,6 +51,9 @@ PLAN_BUCKETS = (
 )  # fmt: skip
 BUILD_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # gauges of state read from Redis: under --workers N, the answering process's values
+# the `outcome` label of dapdee_planner_plans_total: an answer (ok, constraints_unmet) or an error
+PLAN_ANSWERS = ("ok", "constraints_unmet")
+PLAN_ERRORS = ("invalid", "unknown_model", "missing_timings", "over_budget", "lease_cap", "unavailable", "error")
 VIEW_GAUGES = frozenset(
     {
         "dapdee_planner_workers",
@@ -123,9 +126,15 @@ class PlannerMetrics:
             multiprocess_mode="livemax",
         )
         self._store_metrics()
-        # pre-create the common label sets so they show as 0 from the start
+        # pre-create the label sets so they show as 0 from the start (an error rate's first
+        # error is then a step of `rate`, not a series appearing): answers name the mode used,
+        # errors the mode asked for
         for mode in ("latency", "throughput"):
-            self.plans.labels(mode, "ok")
+            for outcome in PLAN_ANSWERS:
+                self.plans.labels(mode, outcome)
+        for mode in ("auto", "latency", "throughput"):
+            for outcome in PLAN_ERRORS:
+                self.plans.labels(mode, outcome)
         for layer in ("memory", "redis"):
             self.cache_hits.labels(layer)
         for reason in ("version", "capacity"):
