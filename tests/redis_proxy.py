@@ -4,7 +4,9 @@
 client sees a dropped connection, as in a network partition); `restore()` forwards again.
 It counts the bytes Redis sent through it (`bytes_down`). `hold_next_reply()` keeps the next
 reply Redis sends (on whichever connection) until `release()`, while other connections flow: a
-slow answer, for tests of what changes while a read is on its way. `cut_at(marker)` cuts the
+slow answer, for tests of what changes while a read is on its way; `hold_reply_to(marker)` holds
+the reply to the next request holding `marker` (Redis has run it: a reply that comes too late).
+`cut_at(marker)` cuts the
 link when the next request holding `marker` passes (dropped unanswered): an outage in the middle
 of a sequence of calls. Runs in the test's event loop."""
 
@@ -28,6 +30,7 @@ class RedisProxy:
         self._hold = False
         self._released = asyncio.Event()
         self._cut_marker: bytes | None = None
+        self._hold_marker: bytes | None = None
 
     @property
     def url(self) -> str:
@@ -63,6 +66,9 @@ class RedisProxy:
                     self._cut_marker = None
                     self.cut()
                     return
+                if not count and self._hold_marker is not None and self._hold_marker in data:
+                    self._hold_marker = None
+                    self.hold_next_reply()
                 if count:
                     self.bytes_down += len(data)
                     if self._hold:
@@ -94,6 +100,11 @@ class RedisProxy:
         """Keep the next reply Redis sends until `release()`."""
         self._released.clear()
         self._hold = True
+
+    def hold_reply_to(self, marker: bytes) -> None:
+        """Keep the reply to the next request holding `marker` (as `hold_next_reply`, once that
+        request has gone through to Redis) until `release()`."""
+        self._hold_marker = marker
 
     def release(self) -> None:
         self._released.set()

@@ -360,6 +360,44 @@ def test_a_live_write_whose_round_trip_failed_replays_with_the_live_check(planne
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("write", ["put_profile", "delete_model"])
+def test_a_write_whose_reply_came_too_late_is_not_applied_again_over_newer_writes(
+    planner_prefix: str, write: str
+) -> None:
+    """Redis applies a's write but the reply comes after a's timeout, so a queues it; b then
+    writes on top (the same tier again; or the model created again, as a re-registering worker
+    does). On replay a recognises its own write among the model's recent ones: b's newer write
+    stays, and nothing counts as a conflict."""
+
+    async def go() -> None:
+        g = chain_graph("m")
+        async with (
+            running(settings(planner_prefix, refresh_s=3600)) as b,
+            proxied(planner_prefix, refresh_s=3600, redis_timeout_s=0.3) as (a, proxy),
+        ):
+            await b.put_graph(g)
+            await b.put_profile("m", device_profile(g, "phone", 1.0))
+            await a.get_model("m")
+            proxy.hold_reply_to(write.encode())  # in the script's arguments: a's write, once sent
+            if write == "put_profile":
+                mine = await a.put_profile("m", device_profile(g, "phone", 2.0))
+                assert mine is not None and mine.stored == "pending"
+                await b.put_profile("m", device_profile(g, "phone", 9.0))
+            else:
+                assert await a.delete_model("m") and a.pending_count == 1
+                assert (await b.refresh_model("m")) is None  # a's delete was applied
+                await b.put_graph(g)
+                await b.put_profile("m", device_profile(g, "phone", 9.0))
+            proxy.release()
+            await reconnect(a, proxy)
+            stored, mine = await b.refresh_model("m"), await a.get_model("m")
+            assert stored is not None and stored.profiles["phone"].timings_ms["n0"] == 9.0
+            assert mine is not None and mine.profiles["phone"].timings_ms["n0"] == 9.0
+            assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
+
+    asyncio.run(go())
+
+
 def test_a_model_deleted_and_created_again_elsewhere_is_read_again(planner_prefix: str) -> None:
     """b deletes m and creates it again with the same graph and another profile: the version
     (restarted at 1) and the graph hash come back to what a caches, so a tells the change by the

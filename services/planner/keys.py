@@ -6,8 +6,10 @@ DAPDEE_MAX_MODELS, profiles per model DAPDEE_MAX_PROFILES_PER_MODEL):
 - `P:v1:models`              hash  model -> content hash of its cost graph (the model list)
 - `P:v1:versions`            hash  model -> version (1 when created, +1 per change; a model
                                    stored before versions existed counts as version 1)
-- `P:v1:lastop`              hash  model -> id of the last write applied to it (lets a replica
-                                   whose reply was lost tell its own write from another's)
+- `P:v1:lastop`              hash  model -> ids of the last 16 writes applied to it, newest
+                                   first, space-separated (lets a replica whose reply was lost
+                                   tell its own write from another's); kept when the model is
+                                   deleted, so one field per model name ever written
 - `P:v1:graph:{model}`       string cost graph JSON (as PUT)
 - `P:v1:profiles:{model}`    hash  tier -> profile JSON {"kind", "timings_ms", "meta"}
 - `P:v1:gen`                 counter bumped by every model or profile change; replicas poll it

@@ -111,7 +111,7 @@ class ModelCache:
         profiles, bad = decode_profiles(name, raw_profiles)
         if bad:
             self.metrics.cache_errors.labels("decode_profile").inc(bad)
-        return ModelState(graph, h, profiles, version, op_b.decode() if op_b else "")
+        return ModelState(graph, h, profiles, version, last_op(op_b))
 
     async def get(self, name: str) -> ModelState | None:
         """The cached model, else the stored one (cached from then on), else None. Raises
@@ -192,10 +192,16 @@ class ModelCache:
                 continue
             if h is None:
                 self.forget(name)
-            elif ((int(v) if v else 1), h.decode(), op.decode() if op else "") != (
+            elif ((int(v) if v else 1), h.decode(), last_op(op)) != (
                 st.version,
                 st.graph_hash,
                 st.last_op,
             ):
                 new = await self.fetch(name)
                 self.forget(name) if new is None else self.remember(name, new)
+
+
+def last_op(raw: bytes | None) -> str:
+    """The id of the last write applied to a model, from its stored recent op ids (newest
+    first, space-separated; `writes.WRITE_MODEL`). O(len(raw))."""
+    return raw.decode().split(" ", 1)[0] if raw else ""

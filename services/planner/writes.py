@@ -19,9 +19,12 @@ graph itself), so concurrent writes of other profiles by other replicas all appl
 retrying each other. It keeps that check when its round trip fails and it is queued: it was
 decided on a fresh read all the same.
 
-Each operation has a random id, stored as the model's last applied write, so a replica whose
-reply was lost (a timeout after Redis applied the write) recognises its own write instead of
-counting a conflict.
+Each operation has a random id, and Redis keeps the ids of a model's last `RECENT_OPS`
+operations (newest first; a delete keeps them too). A replica whose reply was lost (a timeout
+after Redis applied the write) recognises its own write on replay, even after other replicas'
+writes landed on top of it: else a queued write checked by graph would be applied a second time
+over those newer writes (or a replayed delete would remove the model another replica created
+again since).
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from dataclasses import dataclass, field
 from dapdee.planner.errors import CapacityExceeded
 from dapdee.planner.keys import Keys
 
+RECENT_OPS = 16  # op ids remembered per model: far more writes than land while one reply is late
+
 # KEYS: models, versions, lastop, gen, graph:{m}, profiles:{m}
 # ARGV: model, op id, kind, base version, base hash, new hash, payload, tier, drop profiles
 #       ("1" or ""), max models, max profiles, restore version, check ("version": the base
 #       version and hash must be stored; "graph": the base graph hash), then tier/JSON pairs
-# Returns {status, version, graph hash}; status: ok | applied (this op id was already applied) |
+# Returns {status, version, graph hash}; status: ok | applied (this op id is among the model's
+# last RECENT_OPS applied, kept in KEYS[3] as space-separated ids, newest first) |
 # conflict (another base is stored) | capacity (a cap is reached) | present (restore: the model
 # exists) | gone (delete: the model is already gone).
 WRITE_MODEL = """
@@ -50,13 +56,26 @@ if h then
 else
   h = ''
 end
-if cur > 0 and redis.call('HGET', KEYS[3], name) == opid then
+local ops = redis.call('HGET', KEYS[3], name) or ''
+if string.find(' ' .. ops .. ' ', ' ' .. opid .. ' ', 1, true) then
   return {'applied', cur, h}
+end
+local function remember()
+  local keep = {opid}
+  for id in string.gmatch(ops, '%S+') do
+    if #keep >= RECENT_OPS then break end
+    keep[#keep + 1] = id
+  end
+  redis.call('HSET', KEYS[3], name, table.concat(keep, ' '))
+end
+local function unchanged()
+  remember()  -- a replay of it must not apply it over later writes
+  return {'ok', cur, h}
 end
 local function bump(newh)
   local v = cur + 1
   redis.call('HSET', KEYS[2], name, v)
-  redis.call('HSET', KEYS[3], name, opid)
+  remember()
   redis.call('INCR', KEYS[4])
   return {'ok', v, newh}
 end
@@ -68,7 +87,7 @@ if kind == 'restore' then
   redis.call('DEL', KEYS[6])
   for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', KEYS[2], name, ARGV[12])
-  redis.call('HSET', KEYS[3], name, opid)
+  remember()
   redis.call('INCR', KEYS[4])
   return {'ok', tonumber(ARGV[12]), ARGV[6]}
 end
@@ -84,7 +103,7 @@ if stale then
 end
 if kind == 'put_graph' then
   if cur == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[10]) then return {'capacity', 0, ''} end
-  if cur > 0 and h == ARGV[6] and ARGV[9] == '' then return {'ok', cur, h} end
+  if cur > 0 and h == ARGV[6] and ARGV[9] == '' then return unchanged() end
   redis.call('SET', KEYS[5], ARGV[7])
   redis.call('HSET', KEYS[1], name, ARGV[6])
   if ARGV[9] ~= '' then redis.call('DEL', KEYS[6]) end
@@ -93,21 +112,21 @@ elseif kind == 'delete_model' then
   redis.call('DEL', KEYS[5], KEYS[6])
   redis.call('HDEL', KEYS[1], name)
   redis.call('HDEL', KEYS[2], name)
-  redis.call('HDEL', KEYS[3], name)
+  remember()  -- kept: a model created again must not be deleted by a replay of this delete
   redis.call('INCR', KEYS[4])
   return {'ok', 0, ''}
 elseif kind == 'put_profile' then
   local old = redis.call('HGET', KEYS[6], ARGV[8])
-  if old == ARGV[7] then return {'ok', cur, h} end
+  if old == ARGV[7] then return unchanged() end
   if not old and redis.call('HLEN', KEYS[6]) >= tonumber(ARGV[11]) then return {'capacity', cur, h} end
   redis.call('HSET', KEYS[6], ARGV[8], ARGV[7])
   return bump(h)
 elseif kind == 'delete_profile' then
-  if redis.call('HDEL', KEYS[6], ARGV[8]) == 0 then return {'ok', cur, h} end
+  if redis.call('HDEL', KEYS[6], ARGV[8]) == 0 then return unchanged() end
   return bump(h)
 end
 return redis.error_reply('unknown write kind ' .. kind)
-"""
+""".replace("RECENT_OPS", str(RECENT_OPS))
 
 
 @dataclass(frozen=True)
