@@ -10,7 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 # dataset (it needs no Redis), the tests also promtool (alert rules) and a Redis server
 DEMO_APT := dataset-fashion-mnist
 TEST_APT := dataset-fashion-mnist prometheus redis-server
-REDIS_PORT ?= 6379
+# the Redis the tests use (tests/conftest.py names it): fixed, not a knob
+REDIS_PORT := 6379
 # The deployment's secrets (role tokens, Redis and Grafana passwords): an env file that docker
 # compose reads (`.env` in this directory is its default) and the Kubernetes Secret is made from.
 # Gitignored; `make secrets` creates it when missing and never changes a value it holds.

@@ -186,6 +186,19 @@ def test_compose_publishes_nothing_beyond_loopback() -> None:
     ]
 
 
+def test_compose_lets_only_the_planner_reach_redis() -> None:
+    """Redis shares a network with the planner alone, and that network has no route out; a
+    service that names no network is on `default` (compose's rule)."""
+    raw = compose_raw()
+    nets = {name: set(s.get("networks", ["default"])) for name, s in raw["services"].items()}
+    assert nets["redis"] and "default" not in nets["redis"], nets["redis"]
+    sharing = {name for name, n in nets.items() if name != "redis" and n & nets["redis"]}
+    assert sharing == {"planner"}, sharing
+    for net in nets["redis"]:
+        assert raw["networks"][net].get("internal") is True, f"{net}: not internal"
+    assert "default" in nets["planner"], "the workers and devices reach the planner on default"
+
+
 def test_compose_services_get_the_role_tokens(monkeypatch: pytest.MonkeyPatch, stack_env: dict[str, str]) -> None:
     raw = compose_raw()["services"]
     svcs = compose(stack_env)["services"]
