@@ -294,6 +294,31 @@ def test_a_callers_transport_still_bounds_a_drip_fed_body() -> None:
     assert err.value.timeout and 0.55 <= time.monotonic() - t0 < 1.5
 
 
+def test_both_clients_use_the_environments_proxy_under_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set, sync and async clients alike send their calls to the proxy (a raw
+    server on 127.0.0.1, standing in for one; the service's own port is closed), and a proxy
+    that drip-feeds the answer still cannot stretch a sync call past its timeout."""
+    lines: list[bytes] = []
+
+    def proxy(conn: socket.socket) -> None:
+        lines.append(read_request(conn))
+        head, body = health_answer(0)
+        conn.sendall(head + body)
+
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    service = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    with RawServer(proxy) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        got = run_both(PlannerClient, AsyncPlannerClient, service, lambda c: c.healthz())
+    assert [getattr(g, "status", g) for g in got] == ["ok", "ok"]
+    assert lines == [b"GET http://127.0.0.1:9/healthz HTTP/1.1"] * 2
+    with RawServer(dripping("body")) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        got_late, took = call_timed(True, service, timeout=0.6)
+    assert isinstance(got_late, TransportError) and got_late.timeout and took < 1.5, (got_late, took)
+
+
 # ---- content codings and closed clients ----------------------------------------------------------
 
 

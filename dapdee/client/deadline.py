@@ -101,14 +101,17 @@ class DeadlineBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
-def deadline_transport() -> httpx.HTTPTransport:
-    """httpx's default blocking transport, its connection pool on a `DeadlineBackend`. httpx
-    takes no network backend, so this sets the pool's (an httpcore attribute); where a later
-    httpx or httpcore has none, the transport is returned as it is and the deadline is only
-    checked as answer bytes arrive (`transport._Body`). O(1)."""
-    transport = httpx.HTTPTransport()
-    pool = getattr(transport, "_pool", None)
-    backend = getattr(pool, "_network_backend", None)
-    if isinstance(backend, httpcore.NetworkBackend):
-        pool._network_backend = DeadlineBackend(backend)  # type: ignore[union-attr]
-    return transport
+def with_deadlines(client: httpx.Client) -> httpx.Client:
+    """`client` with every connection pool it made on a `DeadlineBackend`: its default transport's
+    and those of the proxies it mounted from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY,
+    NO_PROXY, as httpx reads them for a client given no transport). httpx takes no network
+    backend, so this sets each pool's (httpx and httpcore attributes); where a later httpx or
+    httpcore has none, the pool is left as it is and the deadline is only checked as answer bytes
+    arrive (`transport._Body`). O(mounts)."""
+    transports = [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if isinstance(backend, httpcore.NetworkBackend) and not isinstance(backend, DeadlineBackend):
+            pool._network_backend = DeadlineBackend(backend)  # type: ignore[union-attr]
+    return client

@@ -51,7 +51,7 @@ import httpx
 from pydantic import BaseModel
 from typing_extensions import Self
 
-from dapdee.client.deadline import deadline_transport, within
+from dapdee.client.deadline import with_deadlines, within
 from dapdee.client.errors import MAX_BODY_TEXT, ApiError, ProtocolError, RequestError, TransportError
 from dapdee.names import ModelError, check_model_name
 from dapdee.web.tracecontext import TRACEPARENT, outgoing_headers, parse_traceparent
@@ -381,8 +381,8 @@ class SyncTransport(_Transport):
     _http: httpx.Client
 
     def _open(self, client_args: dict[str, Any]) -> httpx.Client:
-        if client_args.get("transport") is None:
-            client_args = {**client_args, "transport": deadline_transport()}
+        if client_args.get("transport") is None:  # httpx's own, proxies from the environment included
+            return with_deadlines(httpx.Client(**client_args))
         return httpx.Client(**client_args)
 
     def run(self, call: Call[T], body: Iterable[bytes] | None = None) -> T:
