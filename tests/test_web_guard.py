@@ -238,6 +238,33 @@ def test_an_auth_refusal_closes_the_connection_while_the_client_streams(
     assert app.state.parsed == 0
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+@pytest.mark.parametrize(
+    ("method", "path", "role"),
+    [("GET", "/health", None), ("GET", "/things", "device"), ("DELETE", "/things/x", "admin")],
+)
+def test_a_chunked_body_the_guard_does_not_read_closes_the_connection(
+    http: str, method: str, path: str, role: str | None
+) -> None:
+    """A GET or DELETE (no body read by the guard) that declares a chunked body is passed on
+    unread, so no body_timeout_s bounds it: its answer carries `Connection: close` and the server
+    drops the connection, instead of discarding an endless body on a kept-alive connection (on a
+    public route, without any token)."""
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), body_timeout_s=0.5)
+    server = ServerThread(app)
+    server.server.config.http = http
+    auth = f"Authorization: Bearer {TOKENS[role]}\r\n" if role else ""
+    with server, socket.create_connection((server.host, server.port), timeout=5) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n".encode())
+        s.sendall(b"10\r\n" + b"x" * 16 + b"\r\n")
+        head = s.recv(4096).decode("latin-1").lower()
+        assert head.startswith("http/1.1 200"), head
+        took = _closed_within(s, 3.0)  # 6x body_timeout_s
+    assert "connection: close" in head, head
+    assert took is not None and took < 1.5, f"the connection stayed open ({took} s; None: past 3 s) while streaming"
+    assert app.state.rejected == []
+
+
 def test_a_503_after_the_body_was_read_keeps_the_connection(served: tuple[str, FastAPI]) -> None:
     """Only refusals sent before the body was read close the connection: the 503 (the body was
     read first) does not, and an auth refusal of a fully sent body still does."""

@@ -21,7 +21,12 @@
    they are announced (Content-Length, reserved up front) or arrive (counted per chunk) until
    the request ends, however it ends; one that would pass the bound gets 503 with
    `Retry-After` (so many slow uploads at once cannot hold many times `max_body_bytes` of
-   memory while none of them holds a slot yet);
+   memory while none of them holds a slot yet).
+   A method the guard reads no body of (GET, DELETE, ...: outside `BODY_METHODS`) without a
+   Content-Length is passed on unread; when it declares a chunked body (Transfer-Encoding)
+   anyway, its answer, whatever it is, carries `Connection: close`, like a request no route
+   takes: the server then drops the connection instead of reading and discarding a body no time
+   limit bounds (an endless one would hold the connection forever, even on a public route);
 4. holds one of `max_concurrency` slots while the app handles the request: 503 with
    `Retry-After` when none is free. Public routes (health, metrics) bypass this limit so
    probes keep answering under overload.
@@ -183,6 +188,9 @@ class RequestGuard:
         except _Refusal as refusal:  # answered before the body was read (or while reading it)
             await self._refuse(send, refusal, close=True)
             return
+        unread = _unread_body(scope, receive, original)
+        if unread:  # a chunked body the guard does not read: no time limit would bound it
+            send = _closing(send)
         if access.public:
             await self.app(scope, receive, send)
             return
@@ -195,7 +203,7 @@ class RequestGuard:
                     f"server busy ({self.max_concurrency} requests in progress); retry",
                     {"Retry-After": "1"},
                 ),
-                close=_unread_body(scope, receive, original),
+                close=unread,
             )
             return
         self.active += 1
@@ -392,7 +400,8 @@ def _closing(send: Send) -> Send:
 def _unread_body(scope: Scope, receive: Receive, original: Receive) -> bool:
     """Whether a body may still be on the connection: the guard passed the request on unread
     (`receive` is still the server's `original`: a method without a body and without a
-    Content-Length) and it declares a chunked body (Transfer-Encoding)."""
+    Content-Length) and it declares a chunked body (Transfer-Encoding). Its answer must then
+    carry `Connection: close`. O(#headers)."""
     return receive is original and _header(scope, b"transfer-encoding") is not None
 
 

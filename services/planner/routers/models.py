@@ -24,11 +24,12 @@ from dapdee.api.planner import (
 )
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.planner.deps import IfMatchDep, SettingsDep, StoreDep
+from dapdee.planner.json_body import PydanticJsonRoute
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import ModelState, Profile
 from dapdee.web.security import ADMIN, ANY_ROLE, require
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=PydanticJsonRoute)
 
 ModelName = Annotated[Name, Path(description="model name")]
 TierName = Annotated[Name, Path(description="hardware tier name")]

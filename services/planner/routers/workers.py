@@ -11,11 +11,12 @@ from fastapi import APIRouter
 from dapdee.api.planner import HeartbeatAnswer, HeartbeatBody, WorkerInfo, WorkerList
 from dapdee.planner.deps import SettingsDep, StoreDep
 from dapdee.planner.errors import RedisUnavailable
+from dapdee.planner.json_body import PydanticJsonRoute
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import Worker
 from dapdee.web.security import ANY_ROLE, WORKER, require
 
-router = APIRouter(prefix="/workers", tags=["workers"])
+router = APIRouter(prefix="/workers", tags=["workers"], route_class=PydanticJsonRoute)
 
 
 def allowed_url(url: str, pattern: str) -> str:

@@ -1,0 +1,52 @@
+"""Typed JSON bodies parsed by pydantic-core, as POST /plan's body is.
+
+A route of a router made with `route_class=PydanticJsonRoute` keeps its typed body parameter
+(validated, and documented in OpenAPI, by FastAPI as usual), but its JSON is parsed by
+pydantic-core's parser instead of Python's `json`. That parser bounds nesting (at most 200
+levels) without recursion, so a body nested thousands of levels deep is a 422 naming the body,
+like every other invalid body, instead of FastAPI's generic 400 ("There was an error parsing the
+body") for Python's RecursionError. Any JSON it cannot parse is the same 422, with the reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic_core import from_json
+
+from dapdee.planner.problems import ApiProblem
+
+
+class PydanticJsonRequest(Request):
+    """A request whose `json()` is parsed by pydantic-core."""
+
+    _parsed: Any
+
+    async def json(self) -> Any:
+        """The body as JSON (parsed once, then cached): NaN and ±Infinity allowed as by Python's
+        `json`; not JSON, or nested past pydantic-core's depth limit: `ApiProblem` 422 at
+        `("body",)`, which FastAPI passes to the app's problem handler. O(len(body))."""
+        if not hasattr(self, "_parsed"):
+            body = await self.body()
+            try:
+                self._parsed = from_json(body)
+            except ValueError as exc:  # also the depth limit: "recursion limit exceeded at ..."
+                raise ApiProblem(422, f"body: Invalid JSON: {exc}", loc=("body",)) from None
+        return self._parsed
+
+
+class PydanticJsonRoute(APIRoute):
+    """An `APIRoute` whose handler sees a `PydanticJsonRequest` (FastAPI's documented way to use
+    a custom request class); everything else is FastAPI's own handling."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """FastAPI's handler of this route, given the request as a `PydanticJsonRequest`. O(1)
+        per request on top of FastAPI's handler."""
+        handler = super().get_route_handler()
+
+        async def parsed_by_pydantic_core(request: Request) -> Response:
+            return await handler(PydanticJsonRequest(request.scope, request.receive))
+
+        return parsed_by_pydantic_core
