@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.assign import EdgeSlot, plan_for_device
+from dapdee.fleet.assign import EdgeSlot, plan_for_device, plan_of
 from dapdee.planning import PlanMap, PlanRequest
 from tests import oracle
 
@@ -113,6 +113,33 @@ def test_plans_are_the_brute_force_optimum_over_workers_and_partitions() -> None
         checked += 1
     print(f"fleet assign: {checked} cases checked exactly, {fragile} fragile (ties at a threshold)")
     assert checked >= 250
+
+
+def test_a_plan_handed_out_by_name_says_what_the_librarys_plan_says() -> None:
+    """A partition the planner hands out by name (a rebalance's assignment, a held plan:
+    `plan_of`) is the library's plan of that partition: the same plan id, mode, prediction and
+    `constraints_met` (judged in the plan's mode), on random graphs and requests."""
+    rng = random.Random(11)
+    met_in_mode_only = 0
+    for _ in range(400):
+        g = oracle.random_graph(rng, max_nodes=6)
+        req = _plan_request(oracle.random_request(rng))
+        pm = PlanMap.build(CostGraph.from_dict(g))
+        lib = pm.plan(req)
+        plan, _ = plan_of(pm, req, lib["exit"]["name"], lib["device_nodes"], req.edge_load, lib["mode"])
+        assert (plan["plan_id"], plan["mode"], plan["constraints_met"]) == (
+            lib["plan_id"],
+            lib["mode"],
+            lib["constraints_met"],
+        ), (g, req)
+        assert plan["predicted"] == pytest.approx(lib["predicted"])
+        pred = plan["predicted"]
+        if lib["mode"] == "latency":
+            misses_other = req.frame_rate is not None and pred["bottleneck_ms"] > 1000.0 / req.frame_rate
+        else:
+            misses_other = req.latency_budget_ms is not None and pred["latency_ms"] > req.latency_budget_ms
+        met_in_mode_only += lib["constraints_met"] and misses_other
+    assert met_in_mode_only > 0  # plans met in their mode that miss the other mode's requirement
 
 
 def test_a_full_worker_pushes_the_device_elsewhere_and_then_onto_its_own_cpu() -> None:

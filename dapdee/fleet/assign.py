@@ -33,7 +33,7 @@ import numpy as np
 
 from dapdee.costmodel import Conditions, Predicted, partition
 from dapdee.planning.mincut import min_latency_mask
-from dapdee.planning.planmap import TIE_RTOL, CandSet, Choice, PlanMap, acc_ok, decide, mask_choice, plan_dict
+from dapdee.planning.planmap import TIE_RTOL, CandSet, Choice, PlanMap, acc_ok, decide, mask_choice, meets, plan_dict
 from dapdee.planning.request import PlanRequest
 
 MAX_EDGE_LOAD = 0.95
@@ -249,7 +249,10 @@ def plan_of(
 ) -> tuple[dict[str, Any], float]:
     """The plan JSON of one given partition (a rebalance's assignment, or one handed back to its
     device) priced at `edge_load`, and its zero-load edge cost per frame e_i. `constraints_met`
-    follows `meets_all`; `approximate` is the plan's (the solve that chose it was not exact).
+    is the library's for a plan in `mode` (`planmap.meets`: the other mode's requirement is not
+    its to meet), so the same plan says the same whoever hands it out; the rebalance's count of
+    devices served is `meets_all`'s. `approximate` is the plan's (the solve that chose it was not
+    exact).
     Raises CostGraphError when the partition no longer fits the graph. O(V + E)."""
     part = partition(planmap.graph, exit_name, device_nodes)
     load = edge_load if part.edge_nodes else 0.0
@@ -259,7 +262,7 @@ def plan_of(
     accuracy = planmap.graph.exits[index].accuracy
     lists = (part.device_nodes, part.edge_nodes, part.transfer)
     choice = Choice(index, pred, lambda: lists)
-    met = meets_all(req, pred, accuracy)
+    met = meets(accuracy, req, pred, mode)
     plan = plan_dict(
         planmap.graph, planmap.graph_hash, replace(req, edge_load=load), "dapdee", choice, mode, met, approximate
     )

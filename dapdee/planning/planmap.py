@@ -247,6 +247,17 @@ def acc_ok(accuracy: float | None, req: PlanRequest) -> bool:
     return req.min_accuracy is None or (accuracy is not None and accuracy >= req.min_accuracy)
 
 
+def meets(accuracy: float | None, req: PlanRequest, pred: Predicted, objective: str) -> bool:
+    """A plan's `constraints_met` in `objective`'s mode: min_accuracy, and the latency budget
+    (latency) or the frame rate (throughput); the other mode's requirement is not its to meet.
+    O(1)."""
+    if not acc_ok(accuracy, req):
+        return False
+    if objective == "latency":
+        return req.latency_budget_ms is None or pred.latency_ms <= req.latency_budget_ms
+    return req.frame_rate is None or pred.bottleneck_ms <= 1000.0 / req.frame_rate
+
+
 def walk(
     accuracies: Sequence[float | None],
     exit_indices: Sequence[int],
@@ -264,13 +275,7 @@ def walk(
     for i in order:
         c = get(i, objective)
         seen.append(c)
-        if not acc_ok(accuracies[i], req):
-            continue
-        if objective == "latency":
-            ok = req.latency_budget_ms is None or c.pred.latency_ms <= req.latency_budget_ms
-        else:
-            ok = req.frame_rate is None or c.pred.bottleneck_ms <= 1000.0 / req.frame_rate
-        if ok:
+        if meets(accuracies[i], req, c.pred, objective):
             return c, True, any(s.approximate for s in seen)
     pool = [c for c in seen if acc_ok(accuracies[c.exit_index], req)] or seen
     if objective == "latency":
