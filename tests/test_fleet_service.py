@@ -123,6 +123,13 @@ def test_admission_pushes_devices_onto_their_own_cpu_when_the_worker_is_full(pla
         assert second["lease"]["worker"] is None and second["device_nodes"] == ["a", "b"]
         assert second["edge_worker"] == "http://w1:1"  # the worker to probe, reserving nothing
         assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)
+        # a request without device_id is admitted at its frame_rate too (it reserves nothing)
+        unleased = {k: v for k, v in leased("d3").items() if k != "device_id"}
+        assert c.post("/plan", json=unleased).json()["device_nodes"] == ["a", "b"]
+        # without a frame_rate, the edge is admissible while the leases stay within ρ_max·C_w
+        del unleased["frame_rate"]
+        assert c.post("/plan", json=unleased).json()["device_nodes"] == []
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)
         # the first device leaving frees the room
         assert c.delete("/devices/d1").status_code == 204
         assert c.post("/plan", json=leased("d2")).json()["lease"]["worker"] == "http://w1:1"
