@@ -73,12 +73,31 @@ def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float)
             g.add_edge(u, v)  # no capacity attribute: infinite for networkx
         else:
             g.add_edge(u, v, capacity=c)
-    _, (source_side, _) = nx.minimum_cut(g, src, sink)
     mask = 0
-    for v in source_side:
+    for v in _source_side(g, src, sink):
         if v < m:
             mask |= 1 << v
     return mask
+
+
+def _source_side(g: nx.DiGraph, src: int, sink: int) -> set[int]:
+    """The source side of a minimum `src`-`sink` cut of `g`: the nodes reachable from `src` over
+    edges with residual capacity left. networkx's `minimum_cut` counts an edge as saturated only
+    when its float flow equals its capacity exactly, so an edge left a few ulps short of (or
+    over) its capacity by preflow-push's arithmetic would move nodes across the cut and its value
+    off the minimum; here a residual within a relative 1e-12 (of the flow's value and the edge's
+    capacity) counts as none, so the cut's value is the flow's up to that tolerance per edge.
+    One preflow-push max-flow: O(V^2 · sqrt(E)) worst case, plus O(V + E)."""
+    residual = nx.algorithms.flow.preflow_push(g, src, sink)
+    scale = 1.0 + residual.graph["flow_value"]
+    seen, stack = {src}, [src]
+    while stack:
+        u = stack.pop()
+        for v, attr in residual[u].items():
+            if v not in seen and attr["capacity"] - attr["flow"] > 1e-12 * (scale + abs(attr["capacity"])):
+                seen.add(v)
+                stack.append(v)
+    return seen
 
 
 def latency_weights(cond: Conditions) -> tuple[float, float, float]:
