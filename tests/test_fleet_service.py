@@ -262,6 +262,10 @@ def test_a_rebalance_gives_the_edge_to_the_device_that_needs_it_and_devices_get_
         # the devices pick up their assigned plans at their next request
         got = c.post("/plan", json=busy).json()
         assert got["lease"]["assigned"] and got["lease"]["worker"] == "http://w1:1" and got["constraints_met"]
+        assert got["predicted"]["latency_ms"] == pytest.approx(1 / 0.2 + 0.8 + 5 + 8)  # ℓe 0: idle books nothing
+        # an explicit edge_load prices the assigned plan, as it prices an exact one: 8 / (1 - 0.5)
+        got = c.post("/plan", json={**busy, "edge_load": 0.5}).json()
+        assert got["lease"]["assigned"] and got["predicted"]["latency_ms"] == pytest.approx(1 / 0.2 + 0.8 + 5 + 16)
         got = c.post("/plan", json=idle).json()
         assert got["lease"]["assigned"] and got["lease"]["worker"] is None and got["device_nodes"] == ["a", "b"]
         # conditions that drifted get a fresh plan instead

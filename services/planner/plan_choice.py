@@ -117,9 +117,11 @@ def repriced(
     ask: Ask,
     candidates: Sequence[Candidate],
     others: Mapping[str, float],
+    edge_load: float | None = None,
 ) -> DevicePlan | None:
     """The plan in the device's lease record re-priced now, at the load the others put on its
-    worker (`others`, by worker URL, naming every candidate); None when it no longer applies
+    worker (`others`, by worker URL, naming every candidate), or at the request's explicit
+    `edge_load`, which overrides it as it does for the exact plan; None when it no longer applies
     (another model, its worker gone, the graph changed). O(V + E) (`plan_of`)."""
     body = ask.body
     if record.get("model") != body.model:
@@ -129,7 +131,7 @@ def repriced(
     if worker is not None and worker not in by_url:
         return None
     c = by_url[worker] if worker is not None else candidates[0]
-    load = edge_load_of(others[c.worker.url], c.worker.nominal)
+    load = edge_load if edge_load is not None else edge_load_of(others[c.worker.url], c.worker.nominal)
     held = record["plan"]
     try:
         name, nodes, approximate = held["exit"]["name"], held["device_nodes"], bool(held.get("approximate"))
@@ -169,11 +171,11 @@ class PlanChooser:
             and record.get("assigned")
             and not drifted(record["request"], ask.fields, self.lease_drift)
         ):
-            dp = repriced(record, ask, candidates, others)
+            dp = repriced(record, ask, candidates, others, edge_load)
             if dp is not None:
                 return dp, True
         best = self.exact(candidates, ask.req, ask.body.frame_rate, others, edge_load)
-        return self.kept(record, ask, candidates, others, best) or best, False
+        return self.kept(record, ask, candidates, others, best, edge_load) or best, False
 
     def exact(
         self,
@@ -194,8 +196,10 @@ class PlanChooser:
         candidates: Sequence[Candidate],
         others: Mapping[str, float],
         best: DevicePlan,
+        edge_load: float | None = None,
     ) -> DevicePlan | None:
-        """The plan the device holds, re-priced now, when its requirements are unchanged, it is
+        """The plan the device holds, re-priced now (`repriced`: at the request's `edge_load` when
+        it gives one, as `best` is), when its requirements are unchanged, it is
         still admissible, and it is within the switching margin of `best` (`within_margin`).
         None at once (no re-pricing) when `best` is that plan. O(V + E) (one re-pricing)."""
         margin = self.switch_margin
@@ -205,7 +209,7 @@ class PlanChooser:
         same_plan = held_plan["exit"]["name"] == best.plan["exit"]["name"]
         if same_plan and held_plan["device_nodes"] == best.plan["device_nodes"] and record.get("worker") == best.worker:
             return None
-        held = repriced(record, ask, candidates, others)
+        held = repriced(record, ask, candidates, others, edge_load)
         if held is None or not within_margin(held.plan, best.plan, margin):
             return None
         if held.worker is None:
