@@ -122,7 +122,10 @@ PLANNER_CALLS: list[tuple[str, Callable[[Any], Any], int]] = [
     ("POST /workers/heartbeat", lambda c: c.heartbeat({"url": "http://e:1", "models": ["m"]}), 1),
     ("POST /plan", lambda c: c.plan({"model": "m", "bandwidth_mbps": 1.0, "device_id": "cam-1"}), 2),
     ("PUT /models/m", lambda c: c.put_graph({"model": "m", "nodes": []}), 2),
-    ("PUT /models/m/profiles/p", lambda c: c.put_profile("m", "p", "device", {"a": 1.0}, if_version=3), 2),
+    ("PUT /models/m/profiles/p", lambda c: c.put_profile("m", "p", "device", {"a": 1.0}), 2),
+    # conditional: a repeat of one that was applied would be refused (409) as a lost race
+    ("PUT /models/m/profiles/q", lambda c: c.put_profile("m", "q", "device", {"a": 1.0}, if_version=3), 1),
+    ("DELETE /models/m", lambda c: c.delete_model("m", if_version=3), 1),
     ("GET /models", lambda c: c.list_models(), 2),
     ("DELETE /devices/cam-1", lambda c: c.release("cam-1"), 2),
 ]
@@ -133,8 +136,8 @@ def test_only_calls_safe_to_repeat_are_repeated_after_a_broken_connection(
     route: str, call: Callable[[Any], Any], sent: int
 ) -> None:
     """Every connection is closed unanswered once a whole request has arrived (the server may
-    have acted on it): a POST is sent once, an idempotent call (and `POST /plan`) twice; either
-    way no answer is a TransportError."""
+    have acted on it): a POST or a conditional write is sent once, an idempotent call (and
+    `POST /plan`) twice; either way no answer is a TransportError."""
     seen: list[str] = []
 
     def drop(conn: socket.socket) -> None:

@@ -90,7 +90,9 @@ class Call(Generic[T]):
     """One request to make and how to read its answer: `parse` turns an answer whose status is
     in `ok` into the result (raising ValueError when it breaks the contract). `idempotent`:
     whether sending it twice has the effect of sending it once (None: as its method says,
-    `IDEMPOTENT_METHODS`); only such a call is repeated after a broken connection."""
+    `IDEMPOTENT_METHODS`, unless it is conditional); only such a call is repeated after a broken
+    connection. A conditional write (`If-Match`) is not: if the first one was applied, the repeat
+    would be refused (409) as if another write had come between, though none did."""
 
     method: str
     path: str
@@ -104,8 +106,12 @@ class Call(Generic[T]):
 
     @property
     def is_idempotent(self) -> bool:
-        """`idempotent` when set, else whether the method is one of `IDEMPOTENT_METHODS`. O(1)."""
-        return self.method.upper() in IDEMPOTENT_METHODS if self.idempotent is None else self.idempotent
+        """`idempotent` when set, else whether the method is one of `IDEMPOTENT_METHODS` and the
+        call carries no `If-Match`. O(#headers)."""
+        if self.idempotent is not None:
+            return self.idempotent
+        conditional = any(k.lower() == "if-match" for k in self.headers)
+        return self.method.upper() in IDEMPOTENT_METHODS and not conditional
 
 
 # ---- building calls (pure) ----------------------------------------------------------------------
