@@ -107,14 +107,16 @@ def fixed_runtime(
     compute: Any = None,
     sensing: Sensing | None = None,
     runtime_kw: dict[str, Any] | None = None,
+    trust: WorkerTrust | None = None,
     **edge_kw: Any,
 ) -> DeviceRuntime:
-    """A runtime on a fixed plan: the user named worker `url` (trusted), real torch compute at K
-    (or `compute`), an uplink shaped at `rate_mbps` (None: not shaped); `runtime_kw` go to the
-    runtime (metrics, tracing), the rest to the edge access."""
+    """A runtime on a fixed plan: the user named worker `url` (trusted; with `trust`, only
+    what that trusts), real torch compute at K (or `compute`), an uplink shaped at `rate_mbps`
+    (None: not shaped); `runtime_kw` go to the runtime (metrics, tracing), the rest to the edge
+    access."""
     config = config or RuntimeConfig()
     sensing = sensing or Sensing(prior_mbps=rate_mbps or 5.0, fixed_load=0.0)
-    trust = WorkerTrust(None, [url] if url else [])
+    trust = trust or WorkerTrust(None, [url] if url else [])
     shaper = ShapedUplink(rate_mbps) if rate_mbps else None
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
     edge = EdgeLink(stack.graph, trust, sensing, shaper=shaper, backoff=backoff, **edge_kw)

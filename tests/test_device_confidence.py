@@ -5,6 +5,8 @@ Fashion-MNIST test frames.
 - A plan with heads on both sides (exit1 on the device, exit2 and exit3 on the edge): every
   frame leaves where the core run of both sides (`run_sides`) says, on that side, with its
   class; the per-frame log record names the exit and the side.
+- Without an edge to send to (its worker rests, or the plan names none) the device heads
+  still answer the frames they are confident about; only the others fall back.
 - A plan answer whose heads or transfer are not the device's split of the cut is refused.
 - `--confidence-exits` through a planner: the plan carries its heads and frames leave early.
 - Thresholds missing while confidence exits are asked for: a one-line error naming the flag.
@@ -138,6 +140,48 @@ def test_frames_leave_at_the_first_confident_head_on_its_side(
     assert all(r.bytes_sent == 0 for r in records if r.exit == "exit1")  # left on the device: nothing sent
     logged = [(rec.exit, rec.side) for rec in caplog.records if hasattr(rec, "side")]
     assert logged == list(zip(want.exits, want.sides, strict=True))
+
+
+@pytest.mark.parametrize("edge_state", ["resting", "no worker"])
+def test_without_an_edge_the_device_heads_still_answer(
+    loaded: LoadedModel, graph: CostGraph, frames: list[Frame], edge_state: str
+) -> None:
+    """The plan's worker rests after a failure (or the plan names none): a frame the device's
+    exit1 head is confident about still leaves there, on the device, as in a split; only the
+    others fall back, from the values the device part computed, naming why."""
+    part, sides = mid_cut(graph)
+    worker = "http://127.0.0.1:9" if edge_state == "resting" else None  # never contacted: it rests
+    plan = plan_from_answer({**answer(graph, part, sides), "edge_worker": worker}, graph, 18.88, 0.0)
+    sensing = Sensing(prior_mbps=18.88, fixed_load=0.0)
+    edge = EdgeLink(graph, WorkerTrust(None, [worker] if worker else []), sensing, backoff=Backoff(600.0, 600.0))
+    if worker is not None:
+        edge.backoff_of(worker).failed(0)  # the worker failed just before: it rests 600 s
+    runtime = DeviceRuntime(
+        graph, TorchCompute(loaded, K), FixedPlanSource(plan), sensing=sensing, edge=edge, slowdown=K
+    )
+
+    async def go() -> list[Any]:
+        await runtime.start()
+        try:
+            return await runtime.run(frames)
+        finally:
+            await runtime.aclose()
+            await edge.aclose()
+            runtime.compute.close()
+
+    records = asyncio.run(go())
+    with torch.inference_mode():
+        want = run_sides(loaded.executor, sides, loaded.input_name, torch.cat([f.x for f in frames]))
+    on_device = [i for i, side in enumerate(want.sides) if side == "device"]
+    assert on_device, "no frame for the device head: the test checks nothing"
+    reason = "edge backing off" if worker else "no edge worker"
+    for i, (rec, frame) in enumerate(zip(records, frames, strict=True)):
+        if i in on_device:
+            assert (rec.where, rec.exit, rec.error) == ("local", want.exits[i], None), (i, rec)
+            assert rec.pred_class == int(want.logits[i].argmax())
+        else:
+            assert (rec.where, rec.error) == ("fallback", reason), (i, rec)
+            assert rec.pred_class == int(loaded.run_exit(frame.x, rec.exit).argmax(dim=1)[0])
 
 
 def test_answers_off_the_devices_split_are_refused(graph: CostGraph) -> None:

@@ -7,7 +7,8 @@
 - a probe pair whose worker states a queue time longer than the upload itself gives no
   bandwidth sample (as a lone upload with it gives none);
 - real recording servers: the one the planner lists gets the device token, the one it does
-  not list is never contacted.
+  not list is never contacted, and is not rested for it (the planner's list failed, not it);
+- pipelined frames to a worker not yet read from the planner's list wait for the read under way.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch
 
 from dapdee import wire
 from dapdee.client import AsyncPlannerClient
+from dapdee.costmodel import Conditions
 from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device.edge import EdgeLink, WorkerTrust
 from dapdee.device.plan_source import listed_workers
+from dapdee.device.plans import fixed_plan
 from dapdee.device.probe import LinkProber
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeFailure, FrameRecord
@@ -170,6 +173,50 @@ def test_the_token_goes_only_to_workers_the_planner_lists(stack: Stack) -> None:
     assert "not listed by the planner" in reasons[0] and unlisted.requests == []
     assert reasons[1].startswith("HTTP 503") and reasons[2] == "answered"
     assert listed.requests == [(f"/v2/models/{stack.loaded.name}/infer", "Bearer device-secret")]
+
+
+def test_pipelined_frames_wait_for_the_list_read_under_way(stack: Stack) -> None:
+    """Three frames in flight to a worker the planner lists but the device has not read yet:
+    the first reads the planner's list; the others wait for that read instead of finding the
+    worker not (yet) listed. Every frame is answered by the worker, which never rests."""
+    url = stack.edge.url
+    plan = fixed_plan(stack.graph, "final", [], url, Conditions(5.0), "test-edge-only")
+    config = RuntimeConfig(Requirements(mode="throughput"), max_inflight=3)
+
+    async def go() -> tuple[list[FrameRecord], int]:
+        async with AsyncPlannerClient(stack.planner.url) as planner:
+            trust = WorkerTrust(functools.partial(listed_workers, planner), refresh_s=5.0)
+            async with running(fixed_runtime(stack, plan, url, config=config, trust=trust)) as rt:
+                assert rt.edge is not None
+                records = await rt.run(stack.frames(6, seed=21))
+                return records, rt.edge.backoff_of(url).rests
+
+    records, rests = asyncio.run(go())
+    assert [r.where for r in records] == ["edge"] * 6, [r.error for r in records]
+    assert rests == 0
+
+
+def test_a_worker_the_planner_does_not_list_is_not_rested(stack: Stack) -> None:
+    """A plan names a worker the planner does not list: each frame falls back without
+    contacting it and asks for a new plan, but the worker is not rested (the planner's list
+    failed, not the worker): the next frame still asks the list, not the back-off."""
+    unlisted = Recorder()
+    with serve_app_in_thread(unlisted) as url:
+        plan = fixed_plan(stack.graph, "final", [], url, Conditions(5.0), "test-unlisted")
+
+        async def go() -> tuple[list[FrameRecord], bool, int, list[str]]:
+            async with AsyncPlannerClient(stack.planner.url) as planner:
+                trust = WorkerTrust(functools.partial(listed_workers, planner), refresh_s=5.0)
+                async with running(fixed_runtime(stack, plan, url, trust=trust)) as rt:
+                    assert rt.edge is not None
+                    records = [await rt.infer(frame) for frame in stack.frames(2, seed=22)]
+                    return records, rt.edge.resting(url), rt.edge.backoff_of(url).rests, rt.events
+
+        records, resting, rests, events = asyncio.run(go())
+    assert [r.where for r in records] == ["fallback"] * 2
+    assert all(r.error is not None and "not listed by the planner" in r.error for r in records), records
+    assert not resting and rests == 0 and unlisted.requests == []
+    assert len(events) == 2 and all("asking for a new plan" in e for e in events), events
 
 
 def test_a_frame_cancelled_mid_upload_leaves_no_open_bandwidth_ticket(stack: Stack) -> None:

@@ -2,7 +2,8 @@
 TCP proxy that cuts the planner's Redis link): the transient 404 of a replica whose Redis is
 away is retried, never answered by uploading the model again; a lease the planner could not
 store is still renewed at `replan_after_s`, so a stored one follows soon after Redis returns;
-a lease is counted from when the plan was asked for, never past the planner's own expiry; and
+a lease is counted from when the plan was asked for, never past the planner's own expiry; a
+lease lapsing while its renewal is in flight asks for no second plan once the renewal lands; and
 the leases the contract allows (`replan_after_s` 0, no `device_id`) start a device."""
 
 from __future__ import annotations
@@ -284,6 +285,45 @@ def test_a_lease_ends_on_the_device_no_later_than_on_the_planner(planner_prefix:
     # the planner's expiry lies in [before + left, after + left] (+ 1 ms of PTTL rounding)
     assert lease.expires_at <= after + left + 0.002, (lease.expires_at - (after + left), after - before)
     assert lease.expires_at >= before + left - delay_s - 1.0  # counted from the request, not earlier
+
+
+def test_a_lease_lapsing_while_its_renewal_is_in_flight_asks_no_second_plan() -> None:
+    """Every answer takes 1 s to reach the device. Its first lease (1.5 s, renew after 0.5 s)
+    is due for renewal when it arrives and lapses while that renewal is in flight: the device
+    runs Device-Only meanwhile. The renewal then brings a fresh lease (30 s, renew after 20 s),
+    which answers the lapse: no further POST /plan follows it."""
+    standin = Standin()
+    lease = {**ANSWER["lease"], "expires_in_s": 1.5, "replan_after_s": 0.5}
+    standin.answer(answer_bytes({**ANSWER, "lease": lease}))
+    renewed = {**ANSWER["lease"], "expires_in_s": 30.0, "replan_after_s": 20.0}
+
+    async def go(url: str) -> tuple[list[Plan], int]:
+        cfg = RuntimeConfig(Requirements(frame_rate=10.0), replan_threshold=1e6, plan_max_age_s=1e6, min_replan_s=0.1)
+        async with AsyncPlannerClient(url, timeout=10.0) as client:
+            source = PlannerPlanSource(client, G, cfg.requirements, device_id="cam-7")
+            first = await source.plan(COND)
+            standin.answer(answer_bytes({**ANSWER, "lease": renewed}))
+            rp = Replanner(source, Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0), cfg, first, no_plan)
+            deadline = time.monotonic() + 10.0
+            while rp.current.lease is None or rp.current.lease.expires_in_s != 30.0:  # the renewal lands
+                assert time.monotonic() < deadline, list(rp.events)
+                rp.tick()
+                await asyncio.sleep(0.01)
+            landed = time.monotonic()
+            while time.monotonic() - landed < 1.5:  # a second request would be sent at once
+                rp.tick()
+                await asyncio.sleep(0.01)
+            await rp.aclose()
+            return list(rp.plans), sum(r.method == "POST" and r.path == "/plan" for r in standin.requests)
+
+    with serve_app_in_thread(standin.app) as target:
+        front = ServerThread(SlowAnswers(target, 1.0), name="slow-answers").start()
+        try:
+            plans, asked = asyncio.run(go(front.url))
+        finally:
+            front.stop()
+    assert [p.origin for p in plans] == ["planner", "device-only", "planner"], plans  # lapsed while in flight
+    assert asked == 2, asked  # the first plan and its renewal
 
 
 # ---- leases the contract allows ----------------------------------------------------------------

@@ -6,6 +6,7 @@ frame left at. Nothing here asserts on wall-clock ratios: counts, classes and CP
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,12 +15,16 @@ from typing import Any
 import httpx
 import pytest
 
-from dapdee.device.compute import BoundaryValues, EmulatedCompute
+from dapdee.costmodel import Conditions
+from dapdee.device.compute import BoundaryValues, EmulatedCompute, TorchCompute
 from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig
 from dapdee.device.frames import random_frames
+from dapdee.device.plan_source import FixedPlanSource
+from dapdee.device.probe import Sensor
+from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
 from dapdee.device.session import DeviceSettings, open_device
-from dapdee.device.types import Frame, FrameRecord
+from dapdee.device.types import Frame, FrameRecord, Plan
 from dapdee.testing import ServiceProcess
 from tests.conftest import SHARED_REDIS as REDIS
 from tests.device_stack import ForwardingProxy, HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
@@ -272,6 +277,56 @@ def test_frames_are_refused_before_the_first_plan(stack: Stack, tmp_path: Path) 
     with pytest.raises(RuntimeError, match="start"):
         asyncio.run(rt.infer(stack.frames(1, seed=8)[0]))
     rt.compute.close()
+
+
+class CountedChecks(FixedPlanSource):
+    """A fixed plan whose lease checks are counted: `meanwhile` is asked by the re-planner's
+    `in_force`, once per background tick (and per frame; here no frame runs)."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan)
+        self.checks = 0
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        self.checks += 1
+        return super().meanwhile(current, cond, now)
+
+
+def test_a_load_reading_queued_behind_a_long_frame_holds_up_no_replan(stack: Stack) -> None:
+    """Load measured on the compute thread (`load_source` compute): the sensing's calibration
+    queues on the device's one compute thread, held here by a long job (a gate standing for a
+    long frame). The background loop goes on ticking the re-planner (which renews leases)
+    meanwhile, and the calibration still runs once the thread is free."""
+    sensing = Sensing(prior_mbps=5.0, load_source="compute")
+    mon = sensing.compute_observer()
+    assert mon is not None
+    compute = TorchCompute(stack.loaded, K, observer=mon)
+    source = CountedChecks(stack.mid_cut(None))
+    sensor = Sensor(None, sensing, RuntimeConfig(), lambda: None, compute.spin)
+    gate = threading.Event()
+
+    async def go() -> tuple[int, int, int]:
+        runtime = DeviceRuntime(stack.graph, compute, source, sensing=sensing, sensor=sensor, slowdown=K)
+        async with running(runtime):
+            held = asyncio.ensure_future(compute.spin(gate.wait))
+            await asyncio.sleep(0)  # the compute thread is busy before the first background tick
+            try:
+                deadline = time.monotonic() + 10.0
+                while source.checks < 10:  # about 0.5 s of ticks; none while a tick waits for the thread
+                    assert time.monotonic() < deadline, f"{source.checks} re-planner ticks in 10 s"
+                    await asyncio.sleep(0.05)
+                checks, queued = source.checks, mon.samples
+            finally:
+                gate.set()
+            await held
+            deadline = time.monotonic() + 10.0
+            while mon.samples == queued:
+                assert time.monotonic() < deadline, "no load reading after the compute thread was free"
+                await asyncio.sleep(0.05)
+            return checks, queued, mon.samples
+
+    checks, queued, samples = asyncio.run(go())
+    assert checks >= 10 and queued == 0 and samples >= 1, (checks, queued, samples)
 
 
 def test_leases_renewed_at_replan_after_s_kept_through_an_outage_then_device_only(stack: Stack) -> None:

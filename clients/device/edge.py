@@ -4,8 +4,9 @@ to trusted workers, and a back-off after failures.
 
 - `WorkerTrust`: the worker URLs this device may send its token to: the ones the user named
   (`--edge`) and the ones the planner lists (`GET /workers`, re-read at most every
-  `refresh_s`, and once more when a plan names a URL not on the list). A URL on neither list is
-  never contacted.
+  `refresh_s`, and once more when a plan names a URL not on the list; one read at a time,
+  which concurrent frames wait for). A URL on neither list is never contacted; a frame that
+  finds its worker not listed falls back without resting the worker (`EdgeFailure.worker_fault`).
 - `Backoff`: after a failure the worker rests `initial_s`, doubling up to `max_s`, and at
   least the `Retry-After` the worker answered with (up to `max_s`); a success resets it. One
   outage doubles it once: the failures of frames already under way when a rest began (with
@@ -21,6 +22,7 @@ to trusted workers, and a back-off after failures.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -63,34 +65,46 @@ def normalize_url(url: str) -> str:
 class WorkerTrust:
     """Which worker URLs may receive the device token (see the module docstring). `fetch`
     reads the planner's worker list (None: only `explicit` URLs are trusted). A failed read
-    keeps the last list. `allows` is O(1) unless it re-reads the list."""
+    keeps the last list. One read at a time: callers that ask while one is under way wait for
+    it and use its list (pipelined frames to a worker just listed are not refused while the
+    first of them reads). `allows` is O(1) unless it re-reads the list."""
 
     def __init__(self, fetch: Fetch | None, explicit: Iterable[str] = (), refresh_s: float = 5.0) -> None:
         self.fetch = fetch
         self.explicit = frozenset(normalize_url(u) for u in explicit)
         self.refresh_s = refresh_s
         self.listed: dict[str, WorkerEntry] = {}
-        self.read_at = -math.inf
+        self.read_at = -math.inf  # when the last read ended (answered or failed)
+        self._reading = asyncio.Lock()
 
     async def refresh(self, force: bool = False, strict: bool = False) -> None:
-        """Re-read the planner's list when it is older than `refresh_s` (or `force`). A failed
-        read keeps the last list; with `strict` (at start-up) a refusal (401, 403) is raised."""
-        now = time.monotonic()
-        if self.fetch is None or (not force and now - self.read_at < self.refresh_s):
+        """Re-read the planner's list when it is older than `refresh_s` (or `force`); when a
+        read is under way, wait for it instead and keep its list. A failed read keeps the last
+        list; with `strict` (at start-up) a refusal (401, 403) is raised. Cost: one GET
+        /workers at most."""
+        if self.fetch is None:
             return
-        self.read_at = now
-        try:
-            entries = await self.fetch()
-        except ClientError as exc:
-            if strict and isinstance(exc, ApiError) and exc.status in (401, 403):
-                raise
-            log.warning("could not read the planner's worker list (%s); keeping the last one", exc)
-            return
-        self.listed = {normalize_url(e.url): e for e in entries}
+        seen = self.read_at
+        async with self._reading:
+            if self.read_at != seen:  # a read ended while this one waited: its list is as new
+                return
+            if not force and time.monotonic() - self.read_at < self.refresh_s:
+                return
+            try:
+                entries = await self.fetch()
+            except ClientError as exc:
+                self.read_at = time.monotonic()  # a failed read spaces the next one too
+                if strict and isinstance(exc, ApiError) and exc.status in (401, 403):
+                    raise
+                log.warning("could not read the planner's worker list (%s); keeping the last one", exc)
+                return
+            self.listed = {normalize_url(e.url): e for e in entries}
+            self.read_at = time.monotonic()
 
     async def allows(self, url: str) -> bool:
         """Whether `url` is named by the user or listed by the planner (the list is re-read,
-        at most every `refresh_s`, when it does not hold `url`)."""
+        at most every `refresh_s`, and at most every second when it does not hold `url`; a
+        read under way is waited for)."""
         url = normalize_url(url)
         if url in self.explicit or url in self.listed:
             return True
@@ -213,7 +227,7 @@ class EdgeLink:
     async def _client(self, url: str) -> AsyncEdgeClient:
         url = normalize_url(url)
         if not await self.trust.allows(url):
-            raise EdgeFailure(f"worker {url[:80]} is not listed by the planner; not contacted")
+            raise EdgeFailure(f"worker {url[:80]} is not listed by the planner; not contacted", worker_fault=False)
         client = self._clients.get(url)
         if client is None:
             try:

@@ -12,7 +12,8 @@
   wire and is not a per-request constant. After a failed probe (a link too slow for the pair
   to finish in time), the next is the input alone, a lone upload with a longer timeout.
 - `Sensor`: the background duty, one `tick` at a time: load readings, and probes when the
-  link has been idle long enough (or a big change is suspected).
+  link has been idle long enough (or a big change is suspected). A tick never waits for
+  either: probes and compute-load calibrations run as tasks of their own.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class LinkProber:
             else:
                 sample = await self._pair(url, x, node)
         except EdgeFailure as exc:
+            if not exc.worker_fault:  # not listed by the planner: never contacted, no sign of the link
+                return None
             if exc.retry_after_s is None:
                 self.failures += 1
             else:  # a busy worker, not a slow link: it is left alone (probes and frames) that long
@@ -177,7 +180,10 @@ class Sensor:
     the round trip (every `rtt_probe_every_s`) and probes the bandwidth once the last sample is
     stale. Probes run in a task of their own (a slow link's probe never holds up re-planning)
     and use at most ~20 % of an idle link. `target()` names the worker to probe (None: none).
-    `spin(fn)` runs `fn` on the compute thread (a compute-load calibration)."""
+    `spin(fn)` runs `fn` on the compute thread (a compute-load calibration); it too runs in a
+    task of its own, at most one at a time: queued on that one thread behind a frame being
+    computed, it would otherwise hold up every tick (and the lease renewals after it) until
+    the frame is done."""
 
     def __init__(
         self,
@@ -196,22 +202,30 @@ class Sensor:
         self.last_rtt = time.monotonic()
         self.next_probe = 0.0
         self._probing: asyncio.Task[None] | None = None
+        self._calibrating: asyncio.Task[None] | None = None
 
     async def tick(self) -> None:
-        await self._load()
+        """Take a load reading when due and start a probe when due; waits for neither (each
+        runs in a task of its own). O(1)."""
+        self._load()
         if self.prober is not None and (self._probing is None or self._probing.done()):
             url = self._due()
             if url is not None:
                 self._probing = asyncio.create_task(self._probe(url))
 
     async def aclose(self) -> None:
-        """Stop a probe in flight."""
-        if self._probing is not None:
-            self._probing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._probing
+        """Stop a probe or a calibration in flight (a calibration already running on the
+        compute thread finishes there; its reading is dropped)."""
+        for task in (self._probing, self._calibrating):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
-    async def _load(self) -> None:
+    def _load(self) -> None:
+        """Take a load reading when due: a `proc` sample every 0.5 s, or, for `compute`, a
+        calibration started on the compute thread after 1 s without a computed frame (not
+        awaited: it queues behind whatever that thread is computing). O(1)."""
         now = time.monotonic()
         mon = self.sensing.monitor
         if isinstance(mon, LoadMonitor) and now - self.last_load >= 0.5:
@@ -219,9 +233,17 @@ class Sensor:
             self.last_load = now
         elif isinstance(mon, ComputeLoadMonitor) and self.spin is not None:
             edge_idle = self.prober is None or self.prober.edge.uploads_active == 0  # an in-process edge is load
-            if min(now - mon.last_sample_at, now - self.last_load) > 1.0 and edge_idle:
+            idle = min(now - mon.last_sample_at, now - self.last_load) > 1.0
+            if idle and edge_idle and (self._calibrating is None or self._calibrating.done()):
                 self.last_load = now  # the device computed nothing for a while: take a reading
-                await self.spin(mon.calibrate)
+                self._calibrating = asyncio.create_task(self._calibrate(self.spin, mon))
+
+    async def _calibrate(self, spin: Callable[[Callable[[], Any]], Awaitable[Any]], mon: ComputeLoadMonitor) -> None:
+        """One calibration of `mon` on the compute thread (`spin`); a failure is logged."""
+        try:
+            await spin(mon.calibrate)
+        except Exception as exc:  # a calibration must never stop the sensing; logged, tried again later
+            log.warning("compute-load calibration: %s: %s", type(exc).__name__, exc)
 
     def _due(self) -> str | None:
         """The worker to probe now (None: the link is busy, resting, or no worker is known)."""

@@ -8,7 +8,9 @@ the device speed 1/(1 − load) drifted past the threshold (relative) since the 
 for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
 `min_replan_s`, and after a failed one waits before the next (longer when the planner's
 `Retry-After` says so); a failure keeps the current plan
-and the trouble that asked for it (edge trouble, a lapsed lease), so it is asked again then.
+and the trouble that asked for it (edge trouble, a lapsed lease), so it is asked again then;
+a success answers a lapse of the lease that came while it ran (its plan replaces the lapsed one),
+so no second request follows for it.
 `Replanner.in_force` honours the lease on every tick and every frame, whether or not a re-plan
 is in flight (a hanging planner holds one for its whole timeout): once the current plan's lease
 has lapsed, the plan the source says to run meanwhile (Device-Only) is put in use at once.
@@ -34,6 +36,7 @@ log = logging.getLogger("dapdee.device.replan")
 MAX_EVENTS = 200
 MAX_PLANS = 1000  # plans kept for people and tests (a leased device re-plans every few seconds)
 RETRY_MAX_S = 2.0  # after a failed re-plan, the next one waits min(plan_max_age_s, this)
+LEASE_EXPIRED = "lease expired"  # the reason a lapsed lease asks for a plan
 
 
 class ReplanPolicy:
@@ -51,7 +54,7 @@ class ReplanPolicy:
         if lease is not None and now >= lease.replan_at:
             if not lease.stored:
                 return "lease not stored"  # the planner's Redis was away: ask for a stored one
-            return "lease replan_after_s" if now < lease.expires_at else "lease expired"
+            return "lease replan_after_s" if now < lease.expires_at else LEASE_EXPIRED
         if drifted(plan.bandwidth_mbps, sensing.bandwidth_mbps, c.replan_threshold):
             return "bandwidth drift"
         if load_drifted(plan.device_load, sensing.device_load, c.replan_threshold):
@@ -115,8 +118,8 @@ class Replanner:
         lasts."""
         meanwhile = self.source.meanwhile(self.current, conditions(self.sensing), time.monotonic())
         if meanwhile is not self.current:
-            self._use(meanwhile, "lease expired")
-            self.request("lease expired")
+            self._use(meanwhile, LEASE_EXPIRED)
+            self.request(LEASE_EXPIRED)
         return self.current
 
     def tick(self) -> None:
@@ -149,7 +152,10 @@ class Replanner:
     async def _replan(self, why: str, trouble: str | None) -> None:
         """Ask the source for a plan and put it in use; on failure keep the current plan and
         the `trouble` that asked for this one, so it is asked again after the quiet time (not
-        only at the plan's age: a Device-Only plan after a lapsed lease holds no lease to ask)."""
+        only at the plan's age: a Device-Only plan after a lapsed lease holds no lease to ask).
+        On success a "lease expired" request that `in_force` made meanwhile is dropped: the new
+        plan replaces the lapsed one (should it lapse too, `in_force` asks again). O(1) plus
+        the plan request."""
         cond = conditions(self.sensing)
         try:
             plan = await self.source.plan(cond)
@@ -161,6 +167,8 @@ class Replanner:
                 self._trouble = trouble
             return
         log.info("re-planned (%s): exit %s, %d device nodes", why, plan.exit, plan.cut)
+        if self._trouble == LEASE_EXPIRED:  # the lease lapsed while this re-plan ran: its plan replaces it
+            self._trouble = None
         self._use(plan, why)
 
     async def aclose(self, wait_s: float = 2.0) -> None:

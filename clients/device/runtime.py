@@ -186,7 +186,9 @@ class DeviceRuntime:
         return Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
 
     async def _background(self) -> None:
-        """Every TICK_S: sensing, then a re-plan when one is due. Never stops on an error."""
+        """Every TICK_S: sensing (which starts its probes and load readings as tasks of their
+        own, so a reading queued behind a long frame holds up no lease renewal), then a re-plan
+        when one is due. Never stops on an error."""
         while True:
             await asyncio.sleep(TICK_S)
             try:
@@ -242,26 +244,45 @@ class DeviceRuntime:
         cut = len(self.graph.ancestors(node))
         return Outcome(done.values[node], "fallback", exit_name, cut, device_ms + done.ms, error=reason)
 
+    async def _device_part(self, plan: Plan, x: torch.Tensor) -> tuple[dict[str, Any], float, Outcome | None]:
+        """The device part of a split plan: (the values of the tensors it sends, device ms, the
+        frame's outcome when a device confidence head answered it). Values computed from
+        parameters alone are left out: the edge computes them itself, and they carry no batch
+        dimension to send. Cost: the device part's compute (to the first confident head)."""
+        inp = self.graph.input.name
+        targets = [n for n in plan.transfer_nodes if n in self.frame_data and n != inp]
+        if plan.progressive is not None and (targets or plan.progressive.device.heads):
+            with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
+                return await self._device_heads(plan, x, targets)
+        if not targets:
+            return {}, 0.0, None
+        with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
+            done = await self.compute.run({inp: x}, targets, set(plan.device_nodes))
+        return done.values, done.ms, None
+
+    async def _without_edge(self, plan: Plan, x: torch.Tensor, t_start: float, reason: str) -> Outcome:
+        """A split frame with no edge to send to (`reason`: none named, or it rests): its
+        device confidence heads first when the plan has some (a confident head answers it as
+        in a split, `where` local), else the local fallback, from the values the device part
+        computed when it ran. Cost: at most the device part, then the fallback's compute."""
+        inp = self.graph.input.name
+        if plan.progressive is None or not plan.progressive.device.heads:
+            return await self._fallback(plan, {inp: x}, t_start, reason)
+        values, device_ms, early = await self._device_part(plan, x)
+        if early is not None:
+            return early
+        return await self._fallback(plan, {inp: x, **values}, t_start, reason, device_ms)
+
     async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float, since: int) -> Outcome:
         """Device part, upload, edge answer; a failure on the way is finished locally (`since`:
         the worker's back-off's `rests` when the frame started, so one outage doubles it once)."""
         assert self.edge is not None
         inp = self.graph.input.name
-        # values computed from parameters alone are the same for every frame: the edge computes
-        # them itself, and they carry no batch dimension to send
+        # values computed from parameters alone are the same for every frame (`_device_part`)
         sent_nodes = [n for n in plan.transfer_nodes if n in self.frame_data]
-        targets = [n for n in sent_nodes if n != inp]
-        values: dict[str, Any] = {}
-        device_ms = 0.0
-        if plan.progressive is not None and (targets or plan.progressive.device.heads):
-            with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
-                values, device_ms, early = await self._device_heads(plan, x, targets)
-            if early is not None:
-                return early
-        elif targets:
-            with self.tracing.span(otel.DEVICE_COMPUTE, {otel.ATTR_CUT: plan.cut}):
-                done = await self.compute.run({inp: x}, targets, set(plan.device_nodes))
-            values, device_ms = done.values, done.ms
+        values, device_ms, early = await self._device_part(plan, x)
+        if early is not None:
+            return early
         sent = {n: (x if n == inp else values[n]) for n in sent_nodes}
         timeout = self.config.edge_timeout_s(plan.predicted_ms)
         try:
@@ -283,11 +304,17 @@ class DeviceRuntime:
 
     def _edge_failed(self, exc: EdgeFailure, url: str, since: int) -> None:
         """Rest worker `url` (its `Backoff.failed`: at least its Retry-After, doubled only by
-        the first failure of an outage) and ask for a new plan. O(1)."""
+        the first failure of an outage) and ask for a new plan. A worker the planner does not
+        list (`exc.worker_fault` false) was never contacted and is not rested: only a new plan
+        is asked for. O(1)."""
         assert self.edge is not None and self.replanner is not None
-        rest = self.edge.backoff_of(url).failed(since, exc.retry_after_s)
-        self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, asking for a new plan")
-        log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
+        if not exc.worker_fault:
+            self.replanner.events.append(f"edge refused ({exc.reason}); asking for a new plan")
+            log.warning("edge refused: %s", exc.reason)
+        else:
+            rest = self.edge.backoff_of(url).failed(since, exc.retry_after_s)
+            self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, asking for a new plan")
+            log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
         self.replanner.request("edge trouble")
 
     def _ask_for_worker(self) -> None:
@@ -307,10 +334,10 @@ class DeviceRuntime:
         url = self._worker(plan)
         if url is None or self.edge is None:
             self._ask_for_worker()
-            return await self._fallback(plan, {self.graph.input.name: x}, t_start, "no edge worker")
+            return await self._without_edge(plan, x, t_start, "no edge worker")
         backoff = self.edge.backoff_of(url)  # the rest of this worker: another's failures do not hold it
         if backoff.resting():
-            return await self._fallback(plan, {self.graph.input.name: x}, t_start, "edge backing off")
+            return await self._without_edge(plan, x, t_start, "edge backing off")
         return await self._split(plan, x, url, index, t_start, backoff.rests)
 
     async def infer(self, frame: Frame) -> FrameRecord:

@@ -171,12 +171,15 @@ class FrameRecord:
 class EdgeFailure(Exception):
     """One edge request failed (refused, unreachable, timed out, or answered something the
     device does not accept); `reason` is short and names the problem, `retry_after_s` is the
-    numeric `Retry-After` of an HTTP error answer (None: none), which the back-off honours."""
+    numeric `Retry-After` of an HTTP error answer (None: none), which the back-off honours.
+    `worker_fault` is False when the worker was never contacted because the planner does not
+    list it: the planner's list failed, not the worker, so the worker is not rested for it."""
 
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after_s: float | None = None, worker_fault: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.worker_fault = worker_fault
 
 
 class PlanError(ValueError):
