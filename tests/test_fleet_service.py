@@ -463,6 +463,23 @@ def test_deleting_a_model_ends_its_leases_and_frees_what_they_booked(planner_pre
         assert "dapdee_planner_leases 1.0" in c.get("/metrics").text
 
 
+def test_a_replica_that_still_caches_a_deleted_model_admits_no_lease_of_it(planner_prefix: str) -> None:
+    """b deletes the model while a still caches it (a's next refresh is an hour away), as when a
+    plan request is under way while the delete lands: a still plans, but its reservation finds
+    the model gone from the registry and writes nothing, so no lease outlives the delete (its
+    device gets 404), and a lease of a model that exists is still admitted after it."""
+    kw = {"rebalance_s": 0, "refresh_s": 3600.0}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_two_models(a)
+        assert a.post("/plan", json=leased("d0", model="cam2")).status_code == 200  # a caches cam2
+        assert b.delete("/models/cam2").status_code == 204
+        r = a.post("/plan", json=leased("d1", model="cam2"))
+        assert r.status_code == 404 and "cam2" in r.json()["detail"], r.text
+        assert b.get("/devices/d1").status_code == 404 and b.get("/devices/d0").status_code == 404
+        assert workers(b)["http://w1:1"]["leased_ms_per_s"] == 0.0
+        assert a.post("/plan", json=leased("d2")).json()["lease"]["worker"] == "http://w1:1"
+
+
 def test_leases_expire(planner_prefix: str) -> None:
     with planner(planner_prefix, rebalance_s=0, lease_ttl_s=0.6, replan_after_s=0.3) as c:
         setup_model(c)

@@ -92,6 +92,29 @@ def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def test_a_lease_of_a_model_the_registry_lacks_is_not_written(prefix: str) -> None:
+    """With the model named, a reservation (with or without a view to verify) writes nothing
+    while the model is not in the registry hash ("gone": deleted as the request was planned);
+    once it is, the same reservation is granted. Without the model named, nothing is checked."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        r = redis.Redis.from_url(URL)
+        view = View("", {"http://w": 0.0})
+        for v in (None, view):
+            got = await book.reserve("a", "http://w", 500.0, 900.0, {"device_id": "a"}, v, model="m")
+            assert got.status == "gone"
+        assert await book.loads() == {} and await book.devices() == [] and await book.record("a") is None
+        r.hset(book.k_models, "m", "hash")
+        got = await book.reserve("a", "http://w", 500.0, 900.0, {"device_id": "a"}, view, model="m")
+        assert got.status == "reserved" and await book.loads() == {"http://w": {"a": 500.0}}
+        assert (await book.reserve("b", None, 0.0, 900.0, {"device_id": "b"}, model="")).status == "reserved"
+        r.close()
+        await _close([book])
+
+    run(scenario())
+
+
 def test_admission_refuses_past_the_limit_and_reports_the_others(prefix: str) -> None:
     async def scenario() -> None:
         (book,) = await _books(prefix, 1)

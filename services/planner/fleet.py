@@ -36,6 +36,7 @@ from dapdee.planner.lease_view import LeaseView, LiveWorkers
 from dapdee.planner.leases import LeaseBook, Reservation, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.plan_choice import Ask, Candidate, PlanChooser, drifted
+from dapdee.planner.problems import ApiProblem
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
 
@@ -93,7 +94,9 @@ class Fleet:
     """Leases and admission of one planner replica (module docstring). `start()` / `close()`
     in the app's lifespan. `candidates_for` and `live_workers` come from the store, and
     `capacity_seen` (the registry's) hears of a worker's capacity that a reservation found lower
-    than this replica's view."""
+    than this replica's view. `queued(model)` says whether this replica holds writes of a model
+    that Redis has not had yet (its registry may lack the model: a lease of it is not checked
+    against the registry then)."""
 
     def __init__(
         self,
@@ -104,6 +107,7 @@ class Fleet:
         candidates_for: CandidatesFor,
         live_workers: LiveWorkers,
         capacity_seen: CapacitySeen | None = None,
+        queued: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -113,6 +117,7 @@ class Fleet:
         self.candidates_for = candidates_for
         self.live_workers = live_workers
         self.capacity_seen = capacity_seen
+        self.queued = queued
         self.view = LeaseView(self.book, metrics, live_workers, settings.refresh_s, settings.max_leases)
         self.chooser = PlanChooser(settings.rho_max, settings.switch_margin, settings.lease_drift)
 
@@ -203,10 +208,13 @@ class Fleet:
             load = body.frame_rate * dp.edge_ms_per_frame
             limit = self.settings.rho_max * capacity_of(candidates, dp.worker)
             record = self._record(ask, candidates, dp, assigned, anchor)
+            model = "" if self.queued is not None and self.queued(body.model) else body.model
             try:
-                res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view)
+                res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view, model)
             except RedisUnavailable:
                 break
+            if res.status == "gone":  # deleted while this request was planned: no lease outlives it
+                raise ApiProblem(404, f"unknown model {body.model!r}: it was deleted")
             if res.status == "stale":
                 assert res.figures is not None
                 self.metrics.admissions.labels("stale").inc()

@@ -129,13 +129,16 @@ local function booked(prefix, worker, now)
 end
 """
 
-# Reserve (or refresh) a device's lease. KEYS: lease, leases. ARGV: prefix, device, worker ('' =
-# none), load, limit, ttl_ms, max_leases, record JSON, rho_max (the limit is lowered to rho_max x
-# the worker's registered capacity: `capped`), then optionally the planner's view to verify: the
-# tag of the device's record it planned from ('' = none), then (worker URL, the others'
-# reservations there it assumed) pairs.
+# Reserve (or refresh) a device's lease. KEYS: lease, leases, models (the model registry hash).
+# ARGV: prefix, device, worker ('' = none), load, limit, ttl_ms, max_leases, record JSON, rho_max
+# (the limit is lowered to rho_max x the worker's registered capacity: `capped`), the model the
+# lease is of ('' = not checked), then optionally the planner's view to verify: the tag of the
+# device's record it planned from ('' = none), then (worker URL, the others' reservations there
+# it assumed) pairs.
 # Returns {status, others, capacity}: status 1 reserved, 0 refused (over the limit), -1 lease cap
-# reached; capacity the worker's registered one ('' if unknown or no worker);
+# reached, -2 the model is not in the registry (deleted while the request was planned: END_MODEL
+# has run or will find nothing of this lease); capacity the worker's registered one ('' if
+# unknown or no worker);
 # or, when the view differs from Redis's (some worker's others differ by more than 1e-6 ms/s, or
 # the device's record is another), nothing is written and the answer is {2, record or false,
 # url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
@@ -147,17 +150,18 @@ local load, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local max_leases = tonumber(ARGV[7])
 local now = now_ms()
 purge_leases(prefix, KEYS[2], now)
-if #ARGV >= 10 then
+if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[10]) == 0 then return {-2, '0'} end
+if #ARGV >= 11 then
   local raw = redis.call('GET', KEYS[1])
-  local stale = (raw and redis.sha1hex(raw) or '') ~= ARGV[10]
-  for i = 11, #ARGV, 2 do
+  local stale = (raw and redis.sha1hex(raw) or '') ~= ARGV[11]
+  for i = 12, #ARGV, 2 do
     local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
     purge(wload, wexp, now)
     if math.abs(others(wload, device) - tonumber(ARGV[i + 1])) > 1e-6 then stale = true end
   end
   if stale then
     local out = {2, raw}
-    for i = 11, #ARGV, 2 do
+    for i = 12, #ARGV, 2 do
       out[#out + 1] = ARGV[i]
       out[#out + 1] = redis.call('HGETALL', prefix .. ':wload:' .. ARGV[i])
     end
@@ -441,9 +445,10 @@ class ReservationView:
 class Reservation:
     """The outcome of `LeaseBook.reserve`: `status` "reserved" | "refused" | "full" (the lease
     cap) | "stale" (the view to verify was out of date: nothing written, `figures` says what is
-    true), what the other devices reserve on the worker (ms per second, Redis's view now), the
-    worker's capacity in the registry (ms per second; None: no worker, or not registered), and
-    the tag of the record stored ('' unless reserved)."""
+    true) | "gone" (the model is not in the registry: nothing written); what the other devices
+    reserve on the worker (ms per second, Redis's view now); the worker's capacity in the
+    registry (ms per second; None: no worker, or not registered); and the tag of the record
+    stored ('' unless reserved)."""
 
     status: str
     others_ms_per_s: float
@@ -473,6 +478,7 @@ class LeaseBook:
     def __init__(self, link: Any, base: str, ttl_s: float, max_leases: int, rho_max: float) -> None:
         self.link = link
         self.prefix = base
+        self.k_models = f"{base}:models"  # the model registry (`Keys.models`)
         self.rho_max = rho_max
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.max_leases = max_leases
@@ -489,11 +495,14 @@ class LeaseBook:
         limit_ms_per_s: float,
         record: dict[str, Any],
         view: View | None = None,
+        model: str = "",
     ) -> Reservation:
         """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None or a
         zero load: hold no reservation) if the other reservations plus it stay <= `limit` and
         <= ρ_max × the worker's registered capacity, and
         store `record` with the lease TTL. A device moving to another worker frees the old one.
+        With `model`, nothing is written when that model is not in the registry ("gone": it was
+        deleted while the request was planned, and its leases have ended or are ending).
         With `view`, first check that it is Redis's own (the device's record has the view's tag,
         every named worker's others are within 1e-6 ms/s), else write nothing and answer "stale"
         with the true figures. Atomic across replicas. O(reservations on the workers) inside
@@ -509,15 +518,17 @@ class LeaseBook:
             self.max_leases,
             text,
             repr(float(self.rho_max)),
+            model,
         ]
         if view is not None:
             args.append(view.tag)
             for url, others in view.others.items():
                 args += [url, repr(float(others))]
-        out = await self.link.script("lease_reserve", RESERVE, [self.k_lease(device_id), self.k_leases], args)
+        keys = [self.k_lease(device_id), self.k_leases, self.k_models]
+        out = await self.link.script("lease_reserve", RESERVE, keys, args)
         if int(out[0]) == 2:
             return Reservation("stale", 0.0, _figures(out))
-        name = {1: "reserved", 0: "refused", -1: "full"}[int(out[0])]
+        name = {1: "reserved", 0: "refused", -1: "full", -2: "gone"}[int(out[0])]
         capacity = _number(out[2]) if len(out) > 2 else None
         tag = record_tag(text) if name == "reserved" else ""
         return Reservation(name, float(out[1]), capacity_ms_per_s=capacity, tag=tag)

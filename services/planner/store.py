@@ -84,7 +84,9 @@ class Store:
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
         lower = self.registry.lower_capacity
-        self.fleet = Fleet(settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers, lower)
+        self.fleet = Fleet(
+            settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers, lower, outbox.has
+        )
         self.rebalancer = Rebalancer(self.fleet, self.keys)
         self.started = False
         self._task: asyncio.Task[None] | None = None
