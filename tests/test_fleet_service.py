@@ -481,9 +481,12 @@ def test_a_replica_that_still_caches_a_deleted_model_admits_no_lease_of_it(plann
 
 
 def test_leases_expire(planner_prefix: str) -> None:
-    with planner(planner_prefix, rebalance_s=0, lease_ttl_s=0.6, replan_after_s=0.3) as c:
+    with planner(planner_prefix, rebalance_s=0, lease_ttl_s=2.0, replan_after_s=1.0) as c:
         setup_model(c)
         assert c.post("/plan", json=leased("short")).json()["lease"]["worker"] == "http://w1:1"
+        time.sleep(1.2)  # less than 1 s left: GET /devices says to re-plan by the expiry, not later
+        lease = c.get("/devices/short").json()["lease"]
+        assert lease["replan_after_s"] <= lease["expires_in_s"] < 1.0, lease
         assert wait_for(lambda: c.get("/devices/short").status_code == 404, timeout=10)
         assert workers(c)["http://w1:1"]["leases"] == 0
 

@@ -325,7 +325,7 @@ class Fleet:
                 "frames_per_s": record["frames_per_s"],
                 "edge_ms_per_frame": record["edge_ms_per_frame"],
                 "expires_in_s": round(ttl, 3),
-                "replan_after_s": self.settings.replan_after_s,
+                "replan_after_s": min(self.settings.replan_after_s, round(ttl, 3)),  # never past the expiry
                 "assigned": bool(record.get("assigned")),
             },
             "plan": record["plan"],
