@@ -919,6 +919,24 @@ async def _lock_holders(prefix: str) -> list[Any]:
         await store.close()
 
 
+def test_a_requested_rebalance_waits_for_the_one_that_holds_the_lock(planner_prefix: str) -> None:
+    """Another replica's rebalance holds the lock (for 1.5 s more): POST /fleet/rebalance runs
+    only once the lock is free, one rebalance at a time as the periodic ones, and then applies."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c)
+        assert c.post("/plan", json=leased("d1")).status_code == 200
+        r = redis.Redis.from_url(SHARED_REDIS)
+        try:
+            r.set(f"{planner_prefix}:v1:rebalance-lock", b"another-replica", px=1500)
+            t0 = time.monotonic()
+            got = c.post("/fleet/rebalance")
+            waited = time.monotonic() - t0
+        finally:
+            r.close()
+        assert got.status_code == 200 and got.json()["workers"][0]["applied"], got.text
+        assert waited >= 1.0, waited
+
+
 def test_a_device_only_lease_two_workers_solve_does_not_refuse_the_second_apply(planner_prefix: str) -> None:
     """Two workers of different tiers serve the model; one device is Device-Only (its uplink too
     slow for any edge plan to meet its frame rate). A rebalance solves it with each worker's leases in turn: the first

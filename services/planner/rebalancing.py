@@ -185,6 +185,20 @@ class Rebalancer:
             with contextlib.suppress(RedisUnavailable):
                 await self.release_lock(token)
 
+    async def rebalance_on_request(self, wait_s: float = URGENT_WAIT_S) -> dict[str, Any] | None:
+        """`POST /fleet/rebalance`: a rebalance under the lock, as the periodic ones (one replica
+        at a time); while another rebalance holds it, wait for it (polling every `LOCK_POLL_S`)
+        and then rebalance. None when the lock stayed taken for `wait_s`. Without Redis: the
+        empty answer at once (no leases are kept). RedisUnavailable passes up."""
+        if not self.fleet.link.enabled:
+            return await self.rebalance()
+        deadline = time.monotonic() + wait_s
+        while True:
+            got = await self.rebalance_if_leader()
+            if got is not None or time.monotonic() >= deadline:
+                return got
+            await asyncio.sleep(LOCK_POLL_S)
+
     async def acquire_lock(self) -> str | None:
         """Take the rebalance lock for `max(rebalance_s, 1)` s: its token, or None while another
         rebalance holds it. RedisUnavailable passes up. One round trip."""
