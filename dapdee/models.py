@@ -228,6 +228,40 @@ def _insert_frame_node(gm: fx.GraphModule, frame: nn.Module, name: str) -> None:
     gm.recompile()
 
 
+def _mutates_its_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether `node` changes its first argument in place: a module built with `inplace=True`,
+    a call given `inplace=True`, or a torch in-place function or method (`relu_`, `add_`). fx
+    traces `a += b` as an out-of-place `add`. O(1)."""
+    if node.op == "call_module":
+        return getattr(modules[str(node.target)], "inplace", False) is True
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    elif node.op == "call_method":
+        name = str(node.target)
+    else:
+        return False
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _refuse_shared_in_place(gm: fx.GraphModule, modules: dict[str, nn.Module], name: str) -> None:
+    """ModelError for a node that changes a tensor in place while another node reads it too: a
+    cut between the two would run the in-place node on the device before that tensor is sent,
+    and the edge would compute on the changed values (a whole run reads them in program order).
+    O(V + E)."""
+    for node in gm.graph.nodes:
+        if not node.args or not isinstance(node.args[0], fx.Node) or not _mutates_its_input(node, modules):
+            continue
+        src = node.args[0]
+        others = sorted(u.name for u in src.users if u is not node)
+        if others:
+            raise ModelError(
+                f"{name}: node {node.name} changes {src.name} in place, which {others[0]} also reads; a cut "
+                "between them would send the changed values: use the out-of-place op (e.g. inplace=False)"
+            )
+
+
 def _run_once(
     ex: GraphExecutor, modules: dict[str, nn.Module], in_name: str, x: torch.Tensor, outputs: list[str]
 ) -> tuple[dict[str, Any], dict[str, int]]:
@@ -294,6 +328,7 @@ def trace(
     if not out_nodes or not all(isinstance(n, fx.Node) for n in out_nodes):
         raise ModelError(f"{name}: forward must return a tensor or a tuple of tensors (one per exit)")
     modules = dict(gm.named_modules())
+    _refuse_shared_in_place(gm, modules, name)
     try:
         x = example_input(input_shape, "uint8" if frame is not None else "float32", torch.Generator().manual_seed(0))
         env, flops = _run_once(ex, modules, in_name, x, [n.name for n in out_nodes])

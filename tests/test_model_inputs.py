@@ -200,3 +200,69 @@ def test_an_image_folder_held_past_the_memory_limit_is_refused(tmp_path: Path) -
     with pytest.raises(DataError, match=rf"{root.name}.*over the limit"):
         imagefolder.read_folder_split(root, "train", max_bytes=images.nbytes - 1)
     assert imagefolder.read_folder_split(root, "test", max_bytes=images.nbytes - 1)[0].shape == (2, 3, 64, 48)
+
+
+# ---- in-place ops a cut would break -------------------------------------------------------------
+
+
+class SharedInPlace(torch.nn.Module):
+    """conv -> (conv2 reads it; then relu_ changes it in place) -> add: a split that runs relu_
+    on the device before conv's value is sent gives the edge's conv2 the changed values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        c = self.conv2(a)
+        b = torch.relu_(a)
+        return (b + c).mean((2, 3))
+
+
+class ResidualInPlace(torch.nn.Module):
+    """torchvision's pattern: ReLU(inplace=True) of a tensor nothing else reads, `out += x`
+    (which fx traces as an out-of-place add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv(x))
+        out = self.conv2(x)
+        out += x
+        return self.relu(out).mean((2, 3))
+
+
+def shared_in_place() -> torch.nn.Module:
+    return SharedInPlace()
+
+
+def residual_in_place() -> torch.nn.Module:
+    return ResidualInPlace()
+
+
+def test_an_in_place_op_on_a_tensor_another_node_reads_is_refused_at_trace() -> None:
+    """Refused naming both nodes (silently wrong answers from some cuts otherwise); the
+    torchvision residual pattern, whose in-place ops touch tensors nothing else reads, loads and
+    every cut of it reproduces the whole model."""
+    with pytest.raises(ModelError, match=r"relu_ changes conv in place, which conv2 also reads"):
+        load_model("tests.test_model_inputs:shared_in_place", input_shape=(1, 3, 8, 8))
+    m = load_model("tests.test_model_inputs:residual_in_place", input_shape=(1, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    exit_node = m.exit_node()
+    with torch.inference_mode():
+        whole = m.module(x.clone())
+        names = [n.name for n in m.graph.nodes]
+        for k in range(len(names) + 1):  # the graph is a chain here: each prefix is a device part
+            device = set(names[:k])
+            edge = set(names[k:])
+            sent = {m.input_name: x.clone()}
+            needed = sorted({i for n in m.graph.nodes if n.name in edge for i in n.inputs if i in device})
+            sent.update(m.executor.compute({m.input_name: x.clone()}, needed, allowed=device) if needed else {})
+            out = m.executor.compute(sent, [exit_node], allowed=edge)[exit_node] if edge else None
+            assert out is None or torch.allclose(out, whole, atol=1e-6), k
