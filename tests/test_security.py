@@ -196,7 +196,7 @@ def test_role_tokens_that_cannot_be_sent_in_a_header_are_refused_at_load(case: s
             with pytest.raises(ValidationError) as refused:
                 cls(**extra, **{field: token})
             (error,) = refused.value.errors()
-            assert error["loc"] == (field,) and f"the token in {variable} " in error["msg"], error["msg"]
+            assert error["loc"] == (variable,) and f"the token in {variable} " in error["msg"], error["msg"]
             assert SECRET_PART not in str(refused.value) and SECRET_PART not in error["msg"], str(refused.value)
 
 
@@ -211,6 +211,26 @@ def test_a_token_from_the_environment_is_refused_naming_its_variable(monkeypatch
     with pytest.raises(ValidationError, match="the token in DAPDEE_WORKER_TOKEN has .*trailing") as refused:
         EdgeSettings()
     assert SECRET_PART not in str(refused.value) and "DAPDEE_EDGE_WORKER_TOKEN" not in str(refused.value)
+
+
+def test_only_the_dapdee_names_of_the_security_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generic `INSECURE=1` or `API_TOKEN` in the environment (another program's) neither opens
+    a service nor gives it a token; `DAPDEE_INSECURE` and `DAPDEE_API_TOKEN` do, and code may
+    still pass the fields by name."""
+    from dapdee.edge_worker.config import Settings as EdgeSettings
+    from dapdee.planner.config import Settings
+
+    for name in ("INSECURE", "API_TOKEN", "ADMIN_TOKEN", "DEVICE_TOKEN", "WORKER_TOKEN"):
+        monkeypatch.setenv(name, "1" if name == "INSECURE" else VISIBLE_ASCII)
+    for cls in (Settings, EdgeSettings):
+        got = cls()
+        assert not got.insecure, cls
+        assert not any(getattr(got, f) for f in ("api_token", "admin_token", "device_token", "worker_token"))
+    monkeypatch.setenv("DAPDEE_INSECURE", "1")
+    monkeypatch.setenv("DAPDEE_API_TOKEN", VISIBLE_ASCII)
+    got = Settings()
+    assert got.insecure and got.api_token is not None and got.api_token.get_secret_value() == VISIBLE_ASCII
+    assert Settings(insecure=False, api_token=None).insecure is False
 
 
 def test_a_token_of_any_visible_ascii_is_accepted_and_matched(monkeypatch: pytest.MonkeyPatch) -> None:

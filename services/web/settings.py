@@ -3,15 +3,20 @@ for every service, whatever its own prefix) and whether running open beyond loop
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dapdee.web.security import TokenSet, token_problem
 
+SECURITY_FIELDS = ("admin_token", "device_token", "worker_token", "api_token", "insecure")
 
-def _env(name: str) -> AliasChoices:
-    """Read from `DAPDEE_{NAME}` for every service, or from the field name in code."""
-    return AliasChoices(f"DAPDEE_{name.upper()}", name)
+
+def _env(name: str) -> str:
+    """The one environment name of a security field, `DAPDEE_{NAME}`, for every service. (Not
+    also the bare field name: a stray `INSECURE=1` or `API_TOKEN` must not open a service.)"""
+    return f"DAPDEE_{name.upper()}"
 
 
 class SecuritySettings(BaseSettings):
@@ -45,6 +50,16 @@ class SecuritySettings(BaseSettings):
         if problem is not None:
             raise ValueError(f"the token in DAPDEE_{str(info.field_name).upper()} {problem}")
         return v
+
+    def __init__(self, **values: Any) -> None:
+        """Settings from the environment, overridden by `values`, which may name a security
+        field by its field name (`insecure=True`, as the command line and tests do): mapped to its
+        environment name here, since pydantic-settings would read the bare field name from the
+        environment too if the model allowed it by name."""
+        for name in SECURITY_FIELDS:
+            if name in values:
+                values[_env(name)] = values.pop(name)
+        super().__init__(**values)
 
     def tokens(self) -> TokenSet:
         """The configured tokens as a `TokenSet`. O(1)."""
