@@ -256,6 +256,10 @@ def test_plan_id_deterministic_and_request_sensitive() -> None:
     r = PlanRequest(bandwidth_mbps=5.0)
     assert make_plan(g, r)["plan_id"] == make_plan(g, r)["plan_id"]
     assert make_plan(g, r)["plan_id"] != make_plan(g, replace(r, rtt_ms=1.0))["plan_id"]
+    # equal inputs, equal ids: an int is the float it equals
+    ints = PlanRequest(bandwidth_mbps=5, rtt_ms=0, latency_budget_ms=40, frame_rate=10)  # type: ignore[arg-type]
+    floats = PlanRequest(bandwidth_mbps=5.0, rtt_ms=0.0, latency_budget_ms=40.0, frame_rate=10.0)
+    assert make_plan(g, ints)["plan_id"] == make_plan(g, floats)["plan_id"]
 
 
 def test_null_accuracy_never_meets_min_accuracy() -> None:

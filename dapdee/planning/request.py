@@ -67,9 +67,10 @@ class PlanRequest:
         return Conditions(self.bandwidth_mbps, self.rtt_ms, self.device_load, self.edge_load)
 
     def key(self) -> tuple:
-        """All fields, in declaration order (for plan ids and caches); `confidence_exits` only
-        when true, so the keys (and plan ids) of ordinary requests are those they always had."""
-        key = (
+        """All fields, in declaration order (for plan ids and caches), numbers as floats (so `8`
+        and `8.0` give one plan id, as the service's parsed floats always did); `confidence_exits`
+        only when true, so the keys (and plan ids) of ordinary requests are those they always had."""
+        numbers = (
             self.bandwidth_mbps,
             self.rtt_ms,
             self.device_load,
@@ -77,6 +78,6 @@ class PlanRequest:
             self.latency_budget_ms,
             self.min_accuracy,
             self.frame_rate,
-            self.mode,
         )
+        key = (*(None if v is None else float(v) for v in numbers), self.mode)
         return (*key, "confidence_exits") if self.confidence_exits else key
