@@ -19,6 +19,8 @@ from dapdee.cli import main as cli_main
 from dapdee.costgraph import CostGraph
 from dapdee.costmodel import partition
 from dapdee.planning import MODES, PlanMap, PlanMapError, PlanRequest, make_plan
+from dapdee.planning.enumerate import ExitStructure
+from dapdee.planning.mincut import min_cut_mask
 from tests import oracle
 
 EXAMPLES = int(os.environ.get("DAPDEE_HYPOTHESIS_EXAMPLES", "60"))
@@ -550,3 +552,46 @@ def test_a_latency_min_cut_with_a_float_saturated_edge_is_the_optimum() -> None:
     assert plan["approximate"] is False
     oracle.check_plan(g, plan, req)
     assert sorted(plan["device_nodes"]) == ["n0", "n2"]  # 11.247 ms; {n0} alone is 11.710 ms
+
+
+def test_a_min_cut_with_zero_cost_nodes_completes_and_is_the_optimum() -> None:
+    """A graph with zero timings and zero-byte tensors (found by a random search) on which
+    preflow-push's second phase (turning the preflow into a flow) raised inside networkx at the
+    weights (0.5, 0.001, 2); the cut is read after its first phase. At every weight of a grid,
+    each exit's min-cut has the weighted cost of the best downward-closed set, enumerated
+    (Σ device_ms, bytes sent and Σ edge_ms from the oracle's pricing)."""
+    nodes = [
+        ("n0", ["x"], 56770, 0.0, 0.0),
+        ("n1", ["x"], 0, 0.0, 4.566457),
+        ("n2", ["x", "n0", "n1"], 23344, 5.573553, 0.0),
+        ("n3", ["x"], 0, 11.558386, 4.154598),
+        ("n4", ["n3", "n2"], 0, 18.773923, 1.899108),
+        ("n5", ["n0", "n2"], 50147, 0.0, 4.846911),
+        ("n6", ["n3", "n5"], 22920, 0.0, 2.63007),
+    ]
+    g = {
+        "model": "zeros",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 59918},
+        "nodes": [
+            {"name": n, "op": "op", "inputs": i, "out_bytes": b, "device_ms": d, "edge_ms": e}
+            for n, i, b, d, e in nodes
+        ],
+        "exits": [
+            {"name": "e0", "node": "n2", "accuracy": 0.5107},
+            {"name": "e1", "node": "n3", "accuracy": 0.6614},
+            {"name": "e2", "node": "n5", "accuracy": None},
+        ],
+    }
+    cg = CostGraph.from_dict(g)
+    free = oracle.Cond(1.0, 0.0, 0.0, 0.0)  # no load: the oracle's device and edge ms are the sums
+    for k, ex in enumerate(g["exits"]):
+        st = ExitStructure.build(cg, k)
+        parts = [oracle.price(g, ex["name"], d, free) for d in oracle.ideals(g, ex["name"])]
+        for w in ((0.5, 0.001, 2.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (2.0, 1e-4, 0.25)):
+
+            def cost(p: oracle.Price, w: tuple[float, float, float] = w) -> float:
+                return w[0] * p.device_ms + w[1] * p.sent_bytes + w[2] * p.edge_ms
+
+            mask = min_cut_mask(st, *w)
+            chosen = oracle.price(g, ex["name"], {st.nodes[i] for i in range(st.m) if mask >> i & 1}, free)
+            assert cost(chosen) <= min(map(cost, parts)) * (1 + 1e-9) + 1e-12, (ex["name"], w)

@@ -81,23 +81,24 @@ def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float)
 
 
 def _source_side(g: nx.DiGraph, src: int, sink: int) -> set[int]:
-    """The source side of a minimum `src`-`sink` cut of `g`: the nodes reachable from `src` over
-    edges with residual capacity left. networkx's `minimum_cut` counts an edge as saturated only
-    when its float flow equals its capacity exactly, so an edge left a few ulps short of (or
-    over) its capacity by preflow-push's arithmetic would move nodes across the cut and its value
-    off the minimum; here a residual within a relative 1e-12 (of the flow's value and the edge's
-    capacity) counts as none, so the cut's value is the flow's up to that tolerance per edge.
-    One preflow-push max-flow: O(V^2 · sqrt(E)) worst case, plus O(V + E)."""
-    residual = nx.algorithms.flow.preflow_push(g, src, sink)
+    """The source side of a minimum `src`-`sink` cut of `g`: every node that cannot reach `sink`
+    over edges with residual capacity left, after preflow-push's first phase (a maximum
+    preflow, which is what networkx's own `minimum_cut` reads too). networkx counts an edge as
+    saturated only when its float flow equals its capacity exactly, so an edge left a few ulps
+    short by the arithmetic moved nodes across the cut and its value off the minimum; here a
+    residual within a relative 1e-12 (of the flow's value and the edge's capacity) counts as
+    none, so the cut's value is the flow's up to that tolerance per edge. One preflow-push:
+    O(V^2 · sqrt(E)) worst case, plus O(V + E)."""
+    residual = nx.algorithms.flow.preflow_push(g, src, sink, value_only=True)
     scale = 1.0 + residual.graph["flow_value"]
-    seen, stack = {src}, [src]
+    reaches, stack = {sink}, [sink]
     while stack:
-        u = stack.pop()
-        for v, attr in residual[u].items():
-            if v not in seen and attr["capacity"] - attr["flow"] > 1e-12 * (scale + abs(attr["capacity"])):
-                seen.add(v)
-                stack.append(v)
-    return seen
+        v = stack.pop()
+        for u, attr in residual.pred[v].items():
+            if u not in reaches and attr["capacity"] - attr["flow"] > 1e-12 * (scale + abs(attr["capacity"])):
+                reaches.add(u)
+                stack.append(u)
+    return set(residual) - reaches
 
 
 def latency_weights(cond: Conditions) -> tuple[float, float, float]:
