@@ -119,17 +119,8 @@ def test_frames_leave_at_the_first_confident_head_on_its_side(
         graph, TorchCompute(loaded, K), FixedPlanSource(plan), sensing=sensing, edge=edge, edge_url=edge_url, slowdown=K
     )
 
-    async def go() -> list[Any]:
-        await runtime.start()
-        try:
-            return await runtime.run(frames)
-        finally:
-            await runtime.aclose()
-            await edge.aclose()
-            runtime.compute.close()
-
     with caplog.at_level(logging.INFO, logger="dapdee.device.frame"):
-        records = asyncio.run(go())
+        records = asyncio.run(run_frames(runtime, edge, frames))
     with torch.inference_mode():
         want = run_sides(loaded.executor, sides, loaded.input_name, torch.cat([f.x for f in frames]))
     assert [r.exit for r in records] == want.exits
@@ -140,6 +131,17 @@ def test_frames_leave_at_the_first_confident_head_on_its_side(
     assert all(r.bytes_sent == 0 for r in records if r.exit == "exit1")  # left on the device: nothing sent
     logged = [(rec.exit, rec.side) for rec in caplog.records if hasattr(rec, "side")]
     assert logged == list(zip(want.exits, want.sides, strict=True))
+
+
+async def run_frames(runtime: DeviceRuntime, edge: EdgeLink, frames: list[Frame]) -> list[Any]:
+    """`frames` through a started `runtime`, which is then closed with its edge link and compute."""
+    await runtime.start()
+    try:
+        return await runtime.run(frames)
+    finally:
+        await runtime.aclose()
+        await edge.aclose()
+        runtime.compute.close()
 
 
 @pytest.mark.parametrize("edge_state", ["resting", "no worker"])
@@ -160,16 +162,7 @@ def test_without_an_edge_the_device_heads_still_answer(
         graph, TorchCompute(loaded, K), FixedPlanSource(plan), sensing=sensing, edge=edge, slowdown=K
     )
 
-    async def go() -> list[Any]:
-        await runtime.start()
-        try:
-            return await runtime.run(frames)
-        finally:
-            await runtime.aclose()
-            await edge.aclose()
-            runtime.compute.close()
-
-    records = asyncio.run(go())
+    records = asyncio.run(run_frames(runtime, edge, frames))
     with torch.inference_mode():
         want = run_sides(loaded.executor, sides, loaded.input_name, torch.cat([f.x for f in frames]))
     on_device = [i for i, side in enumerate(want.sides) if side == "device"]

@@ -198,6 +198,23 @@ def test_the_fallback_token_grants_every_role_and_comparison_needs_an_exact_matc
     assert tokens.roles_of("s" * 19) is None and tokens.roles_of("s" * 21) is None
 
 
+def _streamed(
+    http: str, request: str, role: str | None, first: bytes, wait_s: float
+) -> tuple[FastAPI, str, float | None]:
+    """`request` ("METHOD /path") with `role`'s token and an endless chunked body (`first`, then
+    `_closed_within`'s chunks) to a guarded app (body_timeout_s 0.5) on a real server speaking
+    `http`: (the app, the answer's head in lower case, the seconds until the server closed the
+    connection, None when it was still open after `wait_s`)."""
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), body_timeout_s=0.5)
+    server = ServerThread(app)
+    server.server.config.http = http
+    auth = f"Authorization: Bearer {TOKENS[role]}\r\n" if role else ""
+    with server, socket.create_connection((server.host, server.port), timeout=5) as s:
+        s.sendall(f"{request} HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n".encode() + first)
+        head = s.recv(4096).decode("latin-1").lower()
+        return app, head, _closed_within(s, wait_s)
+
+
 def _closed_within(s: socket.socket, seconds: float) -> float | None:
     """Keep streaming chunks of an endless chunked body on `s` and watch for the server closing
     the connection: the seconds it took (None: still open after `seconds`)."""
@@ -224,15 +241,8 @@ def test_an_auth_refusal_closes_the_connection_while_the_client_streams(
     """401/403 are answered before the body is read: with `Connection: close` the server drops
     the connection at once, instead of keeping it and discarding an endless body with no time
     limit (body_timeout_s covers only a body the guard reads)."""
-    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), body_timeout_s=0.5)
-    server = ServerThread(app)
-    server.server.config.http = http
-    auth = f"Authorization: Bearer {TOKENS[role]}\r\n" if role else ""
-    with server, socket.create_connection((server.host, server.port), timeout=5) as s:
-        s.sendall(f"POST /echo HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n".encode())
-        head = s.recv(4096).decode("latin-1").lower()
-        assert head.startswith(f"http/1.1 {status}"), head
-        took = _closed_within(s, 2.0)  # 4x body_timeout_s
+    app, head, took = _streamed(http, "POST /echo", role, b"", 2.0)  # 4x body_timeout_s
+    assert head.startswith(f"http/1.1 {status}"), head
     assert took is not None and took < 1.0, f"the connection stayed open ({took} s; None: past 2 s) while streaming"
     assert "connection: close" in head, head
     assert app.state.parsed == 0
@@ -250,16 +260,8 @@ def test_a_chunked_body_the_guard_does_not_read_closes_the_connection(
     unread, so no body_timeout_s bounds it: its answer carries `Connection: close` and the server
     drops the connection, instead of discarding an endless body on a kept-alive connection (on a
     public route, without any token)."""
-    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), body_timeout_s=0.5)
-    server = ServerThread(app)
-    server.server.config.http = http
-    auth = f"Authorization: Bearer {TOKENS[role]}\r\n" if role else ""
-    with server, socket.create_connection((server.host, server.port), timeout=5) as s:
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n".encode())
-        s.sendall(b"10\r\n" + b"x" * 16 + b"\r\n")
-        head = s.recv(4096).decode("latin-1").lower()
-        assert head.startswith("http/1.1 200"), head
-        took = _closed_within(s, 3.0)  # 6x body_timeout_s
+    app, head, took = _streamed(http, f"{method} {path}", role, b"10\r\n" + b"x" * 16 + b"\r\n", 3.0)
+    assert head.startswith("http/1.1 200"), head
     assert "connection: close" in head, head
     assert took is not None and took < 1.5, f"the connection stayed open ({took} s; None: past 3 s) while streaming"
     assert app.state.rejected == []
