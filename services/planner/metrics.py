@@ -126,19 +126,7 @@ class PlannerMetrics:
             multiprocess_mode="livemax",
         )
         self._store_metrics()
-        # pre-create the label sets so they show as 0 from the start (an error rate's first
-        # error is then a step of `rate`, not a series appearing): answers name the mode used,
-        # errors the mode asked for
-        for mode in ("latency", "throughput"):
-            for outcome in PLAN_ANSWERS:
-                self.plans.labels(mode, outcome)
-        for mode in ("auto", "latency", "throughput"):
-            for outcome in PLAN_ERRORS:
-                self.plans.labels(mode, outcome)
-        for layer in ("memory", "redis"):
-            self.cache_hits.labels(layer)
-        for reason in ("version", "capacity"):
-            self.write_conflicts.labels(reason)
+        self._zero_series()
         self._mirror: RuntimeMirror | None = None
         self._shared: SharedExposition | None = None
         if self.shared_dir is None:
@@ -164,6 +152,21 @@ class PlannerMetrics:
             (family,) = gauge.collect()  # the bound function's value (see `bind`, the store)
             gauge.set(family.samples[0].value)
         self._mirror.sync()
+
+    def _zero_series(self) -> None:
+        """Create the known label sets so they show as 0 from the start (an error rate's first
+        error is then a step of `rate`, not a series appearing): answers name the mode used,
+        errors the mode asked for. O(modes × outcomes)."""
+        for mode in ("latency", "throughput"):
+            for outcome in PLAN_ANSWERS:
+                self.plans.labels(mode, outcome)
+        for mode in ("auto", "latency", "throughput"):
+            for outcome in PLAN_ERRORS:
+                self.plans.labels(mode, outcome)
+        for layer in ("memory", "redis"):
+            self.cache_hits.labels(layer)
+        for reason in ("version", "capacity"):
+            self.write_conflicts.labels(reason)
 
     def _store_metrics(self) -> None:
         """The store's consistency, capacity and plan-map build metrics."""
