@@ -558,8 +558,7 @@ def test_a_min_cut_with_zero_cost_nodes_completes_and_is_the_optimum() -> None:
     """A graph with zero timings and zero-byte tensors (found by a random search) on which
     preflow-push's second phase (turning the preflow into a flow) raised inside networkx at the
     weights (0.5, 0.001, 2); the cut is read after its first phase. At every weight of a grid,
-    each exit's min-cut has the weighted cost of the best downward-closed set, enumerated
-    (Σ device_ms, bytes sent and Σ edge_ms from the oracle's pricing)."""
+    each exit's min-cut is the best downward-closed set."""
     nodes = [
         ("n0", ["x"], 56770, 0.0, 0.0),
         ("n1", ["x"], 0, 0.0, 4.566457),
@@ -582,12 +581,46 @@ def test_a_min_cut_with_zero_cost_nodes_completes_and_is_the_optimum() -> None:
             {"name": "e2", "node": "n5", "accuracy": None},
         ],
     }
+    weights = ((0.5, 0.001, 2.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (2.0, 1e-4, 0.25))
+    assert_min_cuts_optimal(g, weights)
+
+
+def test_a_min_cut_of_timings_far_apart_completes_and_is_the_optimum() -> None:
+    """Timings from 3e-10 to 9e5 ms (found by a random search): preflow-push's first phase
+    raised inside networkx (a node left with excess and no residual edge); Edmonds-Karp gives
+    the flow then, and the cut is still the best downward-closed set."""
+    e = 1e-10
+    nodes = [
+        ("n0", ["x"], 0, 6.88 * e, 0.0),
+        ("n1", ["n0", "x"], 44845, 691114.6510938677, 0.0),
+        ("n2", ["x", "n0"], 57729, 0.0, 773019.7823139887),
+        ("n3", ["n2", "n0"], 0, 587031.8428251663, 13.398485),
+        ("n4", ["n2", "n0", "n1"], 0, 2.93 * e, 9.51974),
+        ("n5", ["x", "n1"], 32928, 2.64 * e, 881556.672404353),
+        ("n6", ["n5", "n2", "n0"], 58651, 5.83 * e, 0.0),
+        ("n7", ["n4", "n0", "x"], 0, 12.498335, 19026.67919317269),
+    ]
+    g = {
+        "model": "far",
+        "input": {"name": "x", "shape": [1], "dtype": "float32", "bytes": 1708},
+        "nodes": [
+            {"name": n, "op": "op", "inputs": i, "out_bytes": b, "device_ms": d, "edge_ms": e}
+            for n, i, b, d, e in nodes
+        ],
+        "exits": [{"name": "e", "node": "n7", "accuracy": 0.5}],
+    }
+    assert_min_cuts_optimal(g, ((0.16847119400320487, 0.0008082039794386062, 2.237922019087388), (1.0, 1.0, 1.0)))
+
+
+def assert_min_cuts_optimal(g: dict, weights: tuple[tuple[float, float, float], ...]) -> None:
+    """At each of `weights`, each exit's min-cut has the weighted cost of the best downward-closed
+    set, enumerated (Σ device_ms, bytes sent and Σ edge_ms from the oracle's pricing)."""
     cg = CostGraph.from_dict(g)
     free = oracle.Cond(1.0, 0.0, 0.0, 0.0)  # no load: the oracle's device and edge ms are the sums
     for k, ex in enumerate(g["exits"]):
         st = ExitStructure.build(cg, k)
         parts = [oracle.price(g, ex["name"], d, free) for d in oracle.ideals(g, ex["name"])]
-        for w in ((0.5, 0.001, 2.0), (1.0, 1.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (2.0, 1e-4, 0.25)):
+        for w in weights:
 
             def cost(p: oracle.Price, w: tuple[float, float, float] = w) -> float:
                 return w[0] * p.device_ms + w[1] * p.sent_bytes + w[2] * p.edge_ms

@@ -87,9 +87,14 @@ def _source_side(g: nx.DiGraph, src: int, sink: int) -> set[int]:
     saturated only when its float flow equals its capacity exactly, so an edge left a few ulps
     short by the arithmetic moved nodes across the cut and its value off the minimum; here a
     residual within a relative 1e-12 (of the flow's value and the edge's capacity) counts as
-    none, so the cut's value is the flow's up to that tolerance per edge. One preflow-push:
-    O(V^2 · sqrt(E)) worst case, plus O(V + E)."""
-    residual = nx.algorithms.flow.preflow_push(g, src, sink, value_only=True)
+    none, so the cut's value is the flow's up to that tolerance per edge. Where preflow-push's
+    float arithmetic fails inside networkx (timings 15 orders of magnitude apart can leave a node
+    with excess and no residual edge), Edmonds-Karp's augmenting paths give the flow instead.
+    One preflow-push: O(V^2 · sqrt(E)) worst case (Edmonds-Karp: O(V · E^2)), plus O(V + E)."""
+    try:
+        residual = nx.algorithms.flow.preflow_push(g, src, sink, value_only=True)
+    except (ValueError, KeyError):
+        residual = nx.algorithms.flow.edmonds_karp(g, src, sink)
     scale = 1.0 + residual.graph["flow_value"]
     reaches, stack = {sink}, [sink]
     while stack:
