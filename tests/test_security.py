@@ -214,14 +214,16 @@ def test_a_token_from_the_environment_is_refused_naming_its_variable(monkeypatch
 
 
 def test_only_the_dapdee_names_of_the_security_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A generic `INSECURE=1` or `API_TOKEN` in the environment (another program's) neither opens
-    a service nor gives it a token; `DAPDEE_INSECURE` and `DAPDEE_API_TOKEN` do, and code may
-    still pass the fields by name."""
+    """A generic `INSECURE=1` or `API_TOKEN` in the environment (another program's), or one under
+    the edge's own prefix (`DAPDEE_EDGE_INSECURE`), neither opens a service nor gives it a
+    token; `DAPDEE_INSECURE` and `DAPDEE_API_TOKEN` do, and code may still pass the fields by
+    name."""
     from dapdee.edge_worker.config import Settings as EdgeSettings
     from dapdee.planner.config import Settings
 
     for name in ("INSECURE", "API_TOKEN", "ADMIN_TOKEN", "DEVICE_TOKEN", "WORKER_TOKEN"):
-        monkeypatch.setenv(name, "1" if name == "INSECURE" else VISIBLE_ASCII)
+        for prefix in ("", "DAPDEE_EDGE_"):  # nor the edge's own prefix: the names are shared
+            monkeypatch.setenv(prefix + name, "1" if name == "INSECURE" else VISIBLE_ASCII)
     for cls in (Settings, EdgeSettings):
         got = cls()
         assert not got.insecure, cls

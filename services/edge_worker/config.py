@@ -41,9 +41,7 @@ class Settings(SecuritySettings):
     `SPEC[@ARTIFACT_DIR]` (e.g. `zoo:resnet18@artifacts/fmnist-resnet18,zoo:vgg16?width=0.25`)."""
 
     # no infinite settings: an `inf` slowdown or period passes every lower bound, then breaks at run time
-    model_config = SettingsConfigDict(
-        env_prefix="DAPDEE_EDGE_", populate_by_name=True, extra="ignore", allow_inf_nan=False
-    )
+    model_config = SettingsConfigDict(env_prefix="DAPDEE_EDGE_", extra="ignore", allow_inf_nan=False)
 
     models: str = "zoo:resnet18"
     tier: str = Field(default="edge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
