@@ -213,8 +213,8 @@ class Fleet:
                 res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view, model)
             except RedisUnavailable:
                 break
-            if res.status == "gone":  # deleted while this request was planned: no lease outlives it
-                raise ApiProblem(404, f"unknown model {body.model!r}: it was deleted")
+            if res.status == "gone":  # no lease outlives a delete; Retry-After: Redis may have lost it
+                raise ApiProblem(404, _gone(body.model), headers={"Retry-After": "1"})
             if res.status == "stale":
                 assert res.figures is not None
                 self.metrics.admissions.labels("stale").inc()
@@ -354,3 +354,13 @@ class Fleet:
         if ended:
             await self.refresh()
         return len(ended)
+
+
+def _gone(model: str) -> str:
+    """The detail of a lease refused because `model` is not in Redis's model registry: deleted
+    while the request was planned, or Redis lost its state (this replica writes its models back
+    at its next refresh, so the device is told to retry rather than that the model is unknown)."""
+    return (
+        f"model {model!r} is not in the planner's model registry: deleted, or Redis lost its state and "
+        "the planner is writing it back; retry"
+    )
