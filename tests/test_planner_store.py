@@ -398,6 +398,29 @@ def test_a_write_whose_reply_came_too_late_is_not_applied_again_over_newer_write
     asyncio.run(go())
 
 
+def test_the_write_ids_of_deleted_models_expire(planner_prefix: str) -> None:
+    """A deleted model's recent write ids leave the per-model hash for a key of their own with a
+    time limit, so models created and deleted by the hundred leave nothing behind for good."""
+
+    async def go() -> None:
+        async with running(settings(planner_prefix, refresh_s=3600)) as a:
+            for i in range(20):
+                assert (await a.put_graph(chain_graph(f"m{i}"))).created
+                assert await a.delete_model(f"m{i}")
+            r = raw_redis()
+            try:
+                assert r.hlen(f"{planner_prefix}:v1:lastop") == 0
+                ttls = [r.pttl(f"{planner_prefix}:v1:deleted-ops:m{i}") for i in range(20)]
+                assert all(0 < t <= 24 * 3600 * 1000 for t in ttls), ttls
+                await a.put_graph(chain_graph("m0"))  # created again: its ids are the model's once more
+                assert r.exists(f"{planner_prefix}:v1:deleted-ops:m0") == 0
+                assert len(r.hget(f"{planner_prefix}:v1:lastop", "m0").split()) == 3  # type: ignore[union-attr]
+            finally:
+                r.close()
+
+    asyncio.run(go())
+
+
 def test_a_model_deleted_and_created_again_elsewhere_is_read_again(planner_prefix: str) -> None:
     """b deletes m and creates it again with the same graph and another profile: the version
     (restarted at 1) and the graph hash come back to what a caches, so a tells the change by the

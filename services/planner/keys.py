@@ -8,8 +8,9 @@ DAPDEE_MAX_MODELS, profiles per model DAPDEE_MAX_PROFILES_PER_MODEL):
                                    stored before versions existed counts as version 1)
 - `P:v1:lastop`              hash  model -> ids of the last 16 writes applied to it, newest
                                    first, space-separated (lets a replica whose reply was lost
-                                   tell its own write from another's); kept when the model is
-                                   deleted, so one field per model name ever written
+                                   tell its own write from another's)
+- `P:v1:deleted-ops:{model}` string a deleted model's last write ids, for a day (TTL): a model
+                                   created again meanwhile is not deleted by a replay
 - `P:v1:graph:{model}`       string cost graph JSON (as PUT)
 - `P:v1:profiles:{model}`    hash  tier -> profile JSON {"kind", "timings_ms", "meta"}
 - `P:v1:gen`                 counter bumped by every model or profile change; replicas poll it
@@ -76,6 +77,9 @@ class Keys:
 
     def profiles(self, model: str) -> str:
         return f"{self.base}:profiles:{model}"
+
+    def deleted_ops(self, model: str) -> str:
+        return f"{self.base}:deleted-ops:{model}"
 
     @property
     def workers_exp(self) -> str:

@@ -38,13 +38,17 @@ from dapdee.planner.errors import CapacityExceeded
 from dapdee.planner.keys import Keys
 
 RECENT_OPS = 16  # op ids remembered per model: far more writes than land while one reply is late
+# how long a deleted model's op ids are kept (a queued write of it replays within an outage's
+# length; past this its replay may apply again, as before the ids were kept at all)
+DELETED_OPS_TTL_MS = 24 * 3600 * 1000
 
-# KEYS: models, versions, lastop, gen, graph:{m}, profiles:{m}
+# KEYS: models, versions, lastop, gen, graph:{m}, profiles:{m}, deleted-ops:{m}
 # ARGV: model, op id, kind, base version, base hash, new hash, payload, tier, drop profiles
 #       ("1" or ""), max models, max profiles, restore version, check ("version": the base
 #       version and hash must be stored; "graph": the base graph hash), then tier/JSON pairs
 # Returns {status, version, graph hash}; status: ok | applied (this op id is among the model's
-# last RECENT_OPS applied, kept in KEYS[3] as space-separated ids, newest first) |
+# last RECENT_OPS applied, kept in KEYS[3] as space-separated ids, newest first; a deleted
+# model's in KEYS[7] for DELETED_OPS_TTL_MS) |
 # conflict (another base is stored) | capacity (a cap is reached) | present (restore: the model
 # exists) | gone (delete: the model is already gone).
 WRITE_MODEL = """
@@ -56,17 +60,21 @@ if h then
 else
   h = ''
 end
-local ops = redis.call('HGET', KEYS[3], name) or ''
+local ops = redis.call('HGET', KEYS[3], name) or redis.call('GET', KEYS[7]) or ''
 if string.find(' ' .. ops .. ' ', ' ' .. opid .. ' ', 1, true) then
   return {'applied', cur, h}
 end
-local function remember()
+local function recent()
   local keep = {opid}
   for id in string.gmatch(ops, '%S+') do
     if #keep >= RECENT_OPS then break end
     keep[#keep + 1] = id
   end
-  redis.call('HSET', KEYS[3], name, table.concat(keep, ' '))
+  return table.concat(keep, ' ')
+end
+local function remember()
+  redis.call('HSET', KEYS[3], name, recent())
+  redis.call('DEL', KEYS[7])
 end
 local function unchanged()
   remember()  -- a replay of it must not apply it over later writes
@@ -112,7 +120,9 @@ elseif kind == 'delete_model' then
   redis.call('DEL', KEYS[5], KEYS[6])
   redis.call('HDEL', KEYS[1], name)
   redis.call('HDEL', KEYS[2], name)
-  remember()  -- kept: a model created again must not be deleted by a replay of this delete
+  redis.call('HDEL', KEYS[3], name)
+  -- kept a while: a model created again must not be deleted by a replay of this delete
+  redis.call('SET', KEYS[7], recent(), 'PX', DELETED_OPS_TTL_MS)
   redis.call('INCR', KEYS[4])
   return {'ok', 0, ''}
 elseif kind == 'put_profile' then
@@ -126,7 +136,7 @@ elseif kind == 'delete_profile' then
   return bump(h)
 end
 return redis.error_reply('unknown write kind ' .. kind)
-""".replace("RECENT_OPS", str(RECENT_OPS))
+""".replace("RECENT_OPS", str(RECENT_OPS)).replace("DELETED_OPS_TTL_MS", str(DELETED_OPS_TTL_MS))
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,8 @@ class Op:
         return f"{self.kind} {self.tier!r}" if self.tier else self.kind
 
     def script_keys(self, keys: Keys) -> list[str]:
-        return [keys.models, keys.versions, keys.lastop, keys.gen, keys.graph(self.model), keys.profiles(self.model)]
+        m = self.model
+        return [keys.models, keys.versions, keys.lastop, keys.gen, keys.graph(m), keys.profiles(m), keys.deleted_ops(m)]
 
     def script_args(self, max_models: int, max_profiles: int) -> list[str | int]:
         args: list[str | int] = [
