@@ -285,6 +285,7 @@ def _record_price(
     state: WorkerState,
     entry: ModelEntry,
     inputs: dict[str, torch.Tensor],
+    given: frozenset[str],
     node: str,
     exit_name: str,
     taken: list[str] | None,
@@ -294,7 +295,6 @@ def _record_price(
     rows: `compute_ms`, or per row for a confidence run, `confidence_price_ms`) against its
     share of its batch's slot time; nothing where the graph has no edge timings. O(1) cached,
     O(schedule) for a confidence run."""
-    given = frozenset(inputs)
     rows = next(iter(inputs.values())).shape[0]
     if taken is None:
         per_row = entry.compute_ms(given, node)
@@ -328,7 +328,7 @@ async def run_infer(
     if isinstance(output, tuple):  # a confidence run: (logits, exit index) per row
         output, index = output
         taken = [entry.graph.exits[i].name for i in index.tolist()]
-    _record_price(state, entry, inputs, node, exit_name, taken, result)
+    _record_price(state, entry, inputs, given, node, exit_name, taken, result)
     if tracing is not None:
         record_infer(tracing, entry, inputs, node, exit_name, len(body), result, submit_ns)
     try:

@@ -156,8 +156,7 @@ class Fleet:
         one), with a lease when it names a device. CapacityExceeded past the lease cap."""
         ask = Ask.of(body)
         if body.device_id is None:  # reserves nothing: its frame_rate is a requirement, not a booking
-            others = self._others(candidates, None, {})
-            dp = self.chooser.exact(candidates, ask.req, None, others, edge_load)
+            dp = self.chooser.exact(candidates, ask.req, None, self._others(candidates, None, {}), edge_load)
             self.metrics.admissions.labels("unleased").inc()
             return dp.plan
         view, record = self.view.as_seen(body.device_id, (c.worker.url for c in candidates))
