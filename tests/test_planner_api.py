@@ -129,6 +129,26 @@ def test_invalid_json_without_a_token_is_401_not_422(api: httpx.Client) -> None:
     assert_problem(api.put("/models/toy", content=bad, headers=headers), 401)
 
 
+def test_a_body_that_is_not_json_gets_the_same_error_on_every_route(api: httpx.Client) -> None:
+    """POST /plan parses its body in its own pass; the other typed-body routes through
+    FastAPI. A body that is not JSON is the same 422 on each: one `json_invalid` error at the
+    body, with the parser's reason."""
+    bad = b'{"model": "toy", not json'
+    json_type = {"content-type": "application/json"}
+    seen = []
+    for method, path, who in (
+        ("POST", "/plan", "device"),
+        ("PUT", "/models/toy2", "admin"),
+        ("PUT", "/models/toy/profiles/p", "admin"),
+        ("POST", "/workers/heartbeat", "worker"),
+    ):
+        doc = assert_problem(api.request(method, path, content=bad, headers={**json_type, **role(who)}), 422, "JSON")
+        seen.append((doc["detail"], doc["errors"]))
+    assert seen[0][1] == [{"loc": ["body"], "msg": seen[0][1][0]["msg"], "type": "json_invalid"}], seen[0]
+    assert all(s == seen[0] for s in seen), seen
+    assert api.get("/models/toy2", headers=role("admin")).status_code == 404
+
+
 # ---- problem documents ------------------------------------------------------------------------------
 
 

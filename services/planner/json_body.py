@@ -27,13 +27,16 @@ class PydanticJsonRequest(Request):
     async def json(self) -> Any:
         """The body as JSON (parsed once, then cached): NaN and ±Infinity allowed as by Python's
         `json`; not JSON, or nested past pydantic-core's depth limit: `ApiProblem` 422 at
-        `("body",)`, which FastAPI passes to the app's problem handler. O(len(body))."""
+        `("body",)` with the error POST /plan gives (type `json_invalid`), which FastAPI passes to
+        the app's problem handler. O(len(body))."""
         if not hasattr(self, "_parsed"):
             body = await self.body()
             try:
                 self._parsed = from_json(body)
             except ValueError as exc:  # also the depth limit: "recursion limit exceeded at ..."
-                raise ApiProblem(422, f"body: Invalid JSON: {exc}", loc=("body",)) from None
+                msg = f"Invalid JSON: {exc}"  # as POST /plan's parser words it
+                errors = [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]
+                raise ApiProblem(422, f"body: {msg}", loc=("body",), errors=errors) from None
         return self._parsed
 
 

@@ -39,7 +39,8 @@ TITLES = {
 class ApiProblem(StarletteHTTPException):
     """An error a route answers with: status, detail naming the problem, an optional problem
     type URN (default about:blank) and headers. A 422 names where the bad value was (`loc`,
-    e.g. ("body", "nodes")) and is answered like every other validation error."""
+    e.g. ("body", "nodes")) and is answered like every other validation error: its `errors`
+    are one `value_error` at `loc` whose message is the detail, unless `errors` gives them."""
 
     def __init__(
         self,
@@ -48,10 +49,12 @@ class ApiProblem(StarletteHTTPException):
         type_: str = "about:blank",
         headers: Mapping[str, str] | None = None,
         loc: tuple[str | int, ...] = ("body",),
+        errors: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(status, detail, dict(headers) if headers else None)
         self.type = type_
         self.loc = loc
+        self.errors = errors
 
 
 def problem_bytes(
@@ -103,8 +106,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         detail = str(exc.detail)
         if exc.status_code == 422:
-            loc = getattr(exc, "loc", ("body",))
-            return problem_response(422, detail, VALIDATION, [{"loc": [*loc], "msg": detail, "type": "value_error"}])
+            errors = getattr(exc, "errors", None)
+            if errors is None:
+                errors = [{"loc": [*getattr(exc, "loc", ("body",))], "msg": detail, "type": "value_error"}]
+            return problem_response(422, detail, VALIDATION, errors)
         if detail == _reason(exc.status_code):  # Starlette's own 404/405: say what was asked
             detail = f"{detail}: {request.method} {request.url.path}"
         return problem_response(exc.status_code, detail, getattr(exc, "type", "about:blank"), headers=exc.headers)
