@@ -22,9 +22,11 @@ from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.planner.fleet import Fleet
 from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.plan_choice import request_of
 from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.store import Store
 from dapdee.planner.workers import Worker
+from dapdee.planning.planmap import plan_id
 from tests import oracle
 from tests.conftest import serve_app_in_thread
 from tests.test_planner_service import ANY_WORKER_URL, AUTH, SHARED_REDIS, TOKEN, beat, planner, wait_for
@@ -971,3 +973,26 @@ def test_a_lease_of_a_model_its_worker_stopped_serving_is_not_solved_onto_it(pla
         assert not any(d["device_id"] == "d" for r in reports for d in r["devices"]), reports
         assert not c.get("/devices/d").json()["lease"]["assigned"]
         assert c.delete("/devices/d").status_code == 204
+
+
+def test_a_device_only_lease_record_names_the_graph_its_plan_was_planned_on(planner_prefix: str) -> None:
+    """Two workers of different tiers (so different graphs to plan on). Device k leases the faster
+    worker w2, whose heartbeat load is the lower; Device-Only device j is then planned on the
+    worker with the fewer leases, w1, and its plan names w1. Its lease record must name w1's
+    graph (the one its plan id was computed from), not that of the worker listed first by
+    heartbeat load (w2): a rebalance compares records by that basis."""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c, workers=())
+        fast = {"kind": "edge", "timings_ms": {"a": 1.0, "b": 1.0}, "meta": {"edge_request_ms": 4.0}}
+        assert c.put("/models/cam/profiles/t2", json=fast).status_code in (200, 201)
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
+        assert beat(c, "http://w2:1", ["cam"], "t2", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        assert c.post("/plan", json=leased("k")).json()["lease"]["worker"] == "http://w2:1"
+        body = leased("j", bandwidth_mbps=0.001)
+        plan = c.post("/plan", json=body).json()
+        assert plan["lease"]["worker"] is None and plan["edge_worker"] == "http://w1:1", plan
+        r = redis.Redis.from_url(SHARED_REDIS)
+        records = {d: json.loads(r.get(f"{planner_prefix}:v1:lease:{d}")) for d in ("j", "k")}
+        request = request_of({k: v for k, v in body.items() if k != "device_id"})
+        assert plan_id(records["j"]["graph_hash"], request, "dapdee") == plan["plan_id"]
+        assert records["j"]["graph_hash"] != records["k"]["graph_hash"]  # k's is w2's graph

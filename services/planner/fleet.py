@@ -287,10 +287,11 @@ class Fleet:
         anchor: dict[str, Any] | None,
     ) -> dict[str, Any]:
         """The lease record `dp` is reserved with, naming the content hash of the graph it was
-        planned on (its worker's plan map: the graph, its device and edge timings; None without
-        candidates). O(candidates)."""
+        planned on (the plan map of its worker, or for Device-Only of the worker its plan names:
+        the graph, its device and edge timings; None without candidates). O(candidates)."""
         body = ask.body
-        planned_on = next((c for c in candidates if c.worker.url == dp.worker), candidates[0] if candidates else None)
+        url = dp.worker if dp.worker is not None else dp.plan.get("edge_worker")
+        planned_on = next((c for c in candidates if c.worker.url == url), candidates[0] if candidates else None)
         return {
             "device_id": body.device_id,
             "model": body.model,
