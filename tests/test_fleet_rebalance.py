@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import random
+import warnings
 from math import prod
 from typing import Any
 
@@ -347,6 +348,11 @@ def test_a_worker_of_no_capacity_takes_no_load_and_does_not_crash() -> None:
     for sol in (solve(demands, 0.0, RHO_MAX), settle(demands, 0.0, RHO_MAX)):
         assert sol.load == 0.0 and all(o.load == 0.0 for o in sol.choices)
     assert edge_load_of(0.0, 0.0) == 0.0 and edge_load_of(1.0, 0.0) == 0.95
+    # the least positive capacity: its bucket of load (limit / GRID) rounds to zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sol in (solve(demands, 5e-324, RHO_MAX), settle(demands, 5e-324, RHO_MAX)):
+            assert sol.load == 0.0 and all(o.load == 0.0 for o in sol.choices)
 
 
 def test_the_work_of_a_big_fleet_stays_bounded() -> None:

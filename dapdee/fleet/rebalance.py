@@ -285,7 +285,8 @@ def solve(
     # given order on varied fleets)
     order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
     chains = [chains[i] for i in order]
-    rough = _dp(chains, limit, limit / GRID if limit > 0 else None)  # limit 0: zero loads only
+    bucket = limit / GRID
+    rough = _dp(chains, limit, bucket if bucket > 0 else None)  # limit 0 (or one GRID rounds to 0): zero loads only
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
     maps_exact = all(d.planmap.exact for d in demands)
