@@ -8,6 +8,7 @@
   bandwidth sample (as a lone upload with it gives none);
 - real recording servers: the one the planner lists gets the device token, the one it does
   not list is never contacted, and is not rested for it (the planner's list failed, not it);
+- a frame whose upload failed records the bytes that left the device (`bytes_sent`);
 - pipelined frames to a worker not yet read from the planner's list wait for the read under way.
 """
 
@@ -35,8 +36,8 @@ from dapdee.device.probe import LinkProber
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeFailure, FrameRecord
 from dapdee.netem import ShapedUplink
-from dapdee.testing import serve_app_in_thread
-from tests.device_stack import ForwardingProxy, Stack, fixed_runtime, open_stack, running
+from dapdee.testing import bind_free_socket, serve_app_in_thread
+from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, open_stack, running
 from tests.standin import Standin
 
 HEADER = wire.HEADER_LENGTH
@@ -117,14 +118,52 @@ def test_answers_off_contract_become_that_frames_fallback(stack: Stack) -> None:
         records, samples = asyncio.run(go())
     assert proxy.told == LIES * 2
     assert len(records) == len(frames)
+    whole = records[0].bytes_sent  # an honest answer's request
     for frame, rec, lie in zip(frames, records, proxy.told, strict=True):
         assert rec.pred_class == stack.local_class(frame.x, rec.exit), (lie, rec)
         if lie == "honest":
             assert rec.where == "edge", (lie, rec.error)
         else:
             assert rec.where == "fallback" and rec.error and rec.error.startswith("bad answer"), (lie, rec.error)
+        assert whole <= rec.bytes_sent <= whole + 1, (lie, rec.bytes_sent, whole)  # sent whole (ids "0" to "11")
     gained = [b - a for a, b in zip([0, *samples], samples, strict=False)]
     assert all(g == 0 for g, lie in zip(gained, proxy.told, strict=True) if lie != "honest"), gained
+
+
+def test_a_failed_upload_records_the_bytes_that_left_the_device(stack: Stack) -> None:
+    """`bytes_sent` counts what a frame put on its uplink, answered or not. Edge-Only frames
+    (the input, ~4 KB), timeout 0.5 s: answered, the whole request; timed out on a 0.02 Mbit/s
+    link, the part the link had carried (1 KB of the shaper's chunks: the next one was due
+    after the timeout); timed out on a fast link at a worker that never answers, the whole
+    request; refused a connection, nothing."""
+    cfg = RuntimeConfig(Requirements(mode="latency"), timeout_floor_ms=500.0, timeout_factor=0.001)
+    frame = stack.frames(1, seed=23)[0]
+    proxy = HangingProxy(stack.edge.url)
+    proxy.hanging = True
+    closed = bind_free_socket()  # bound, never listening: connection refused
+
+    async def one(url: str, rate_mbps: float | None) -> FrameRecord:
+        plan = fixed_plan(stack.graph, "final", [], url, Conditions(5.0), "test-edge-only")
+        async with running(fixed_runtime(stack, plan, url, rate_mbps=rate_mbps, config=cfg)) as rt:
+            return await rt.infer(frame)
+
+    try:
+        with serve_app_in_thread(proxy) as hanging:
+            answered = asyncio.run(one(stack.edge.url, None))
+            cut_off = asyncio.run(one(stack.edge.url, 0.02))
+            unanswered = asyncio.run(one(hanging, None))
+            proxy.hanging = False
+        refused = asyncio.run(one(f"http://127.0.0.1:{closed.getsockname()[1]}", None))
+    finally:
+        proxy.hanging = False
+        closed.close()
+    whole = answered.bytes_sent
+    assert answered.where == "edge" and whole > stack.graph.input.bytes, (answered.error, whole)
+    for rec in (cut_off, unanswered):
+        assert (rec.where, rec.error) == ("fallback", "timeout after 500 ms"), rec
+    assert 0 < cut_off.bytes_sent < whole, (cut_off.bytes_sent, whole)
+    assert unanswered.bytes_sent == whole
+    assert refused.where == "fallback" and "Connect" in (refused.error or "") and refused.bytes_sent == 0, refused
 
 
 class Recorder:

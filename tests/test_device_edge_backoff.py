@@ -5,6 +5,7 @@ is held ~1 s before it runs), and the device runtime on an Edge-Only plan:
 - a worker at its concurrency limit answers 503 with `Retry-After: 1`: the device rests that
   second (its own back-off would rest 50 ms), bounded by its back-off maximum;
 - three frames in flight time out together (one outage): the rest doubles once, not three times;
+- a frame under way when a rest began, answered late, leaves the doubling that rest set;
 - each worker rests on its own: a plan moved to a healthy worker does not wait out the rest of
   the one that failed.
 """
@@ -91,6 +92,11 @@ def frames(loaded: LoadedModel, n: int) -> list[Frame]:
     return [Frame(loaded.example_input(torch.Generator().manual_seed(i))) for i in range(n)]
 
 
+def ended(rec: FrameRecord) -> float:
+    """When the frame was answered (s since the runtime started)."""
+    return rec.started_at + rec.measured_ms / 1000.0
+
+
 @pytest.mark.parametrize(("max_s", "rest_s"), [(8.0, 1.0), (0.5, 0.5)])
 def test_a_busy_worker_s_retry_after_sets_the_rest(
     artifact: Path, device: tuple[LoadedModel, CostGraph], max_s: float, rest_s: float
@@ -159,6 +165,46 @@ def test_frames_in_flight_failing_in_one_outage_double_the_rest_once(
     assert len(failures) == 3 and "local for 0.2 s" in failures[0], failures
     assert backoff.rest_s == pytest.approx(0.4), (backoff.rest_s, failures)
     assert backoff.rests == 1
+
+
+def test_a_late_answer_of_a_frame_under_way_keeps_the_outage_s_doubling(
+    artifact: Path, device: tuple[LoadedModel, CostGraph]
+) -> None:
+    """Two pipelined Edge-Only frames reach a worker with one slot together: the one in the
+    slot waits out the one-second batch window, the other is refused (503 + Retry-After) and
+    begins a rest, doubling the next one (0.2 s to 0.4 s). The answer of the first comes after
+    that rest began, from a frame started before it: the doubling stays. A frame started once
+    the rest is over, and answered, resets it to 0.2 s."""
+    loaded, _ = device
+    cfg = RuntimeConfig(
+        Requirements(mode="throughput"), max_inflight=2, timeout_floor_ms=5000.0, backoff_initial_s=0.2,
+        backoff_max_s=8.0,
+    )  # fmt: skip
+
+    async def go(url: str) -> tuple[list[FrameRecord], float, int, FrameRecord, float]:
+        rt = edge_only(device, url, cfg)
+        try:
+            await rt.start()
+            assert rt.edge is not None
+            records = await rt.run(frames(loaded, 2))
+            backoff = rt.edge.backoff_of(url)
+            after_outage, rests = backoff.rest_s, backoff.rests
+            while rt.edge.resting(url):
+                await asyncio.sleep(0.05)
+            later = await rt.infer(frames(loaded, 1)[0])
+            return records, after_outage, rests, later, backoff.rest_s
+        finally:
+            await close(rt)
+
+    with edge_worker(artifact, max_concurrency=1) as url:
+        records, after_outage, rests, later, reset = asyncio.run(go(url))
+    answered = [r for r in records if r.where == "edge"]
+    refused = [r for r in records if r.where == "fallback"]
+    assert len(answered) == 1 and len(refused) == 1, [(r.where, r.error) for r in records]
+    assert refused[0].error and refused[0].error.startswith("HTTP 503"), refused[0].error
+    assert ended(answered[0]) > ended(refused[0])  # the batch window held the answer ~1 s
+    assert rests == 1 and after_outage == pytest.approx(0.4), (rests, after_outage)
+    assert later.where == "edge" and reset == pytest.approx(0.2), (later.where, later.error, reset)
 
 
 class MovingPlans:

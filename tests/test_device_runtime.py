@@ -6,6 +6,7 @@ frame left at. Nothing here asserts on wall-clock ratios: counts, classes and CP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,7 @@ from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
 from dapdee.device.session import DeviceSettings, open_device
 from dapdee.device.types import Frame, FrameRecord, Plan
-from dapdee.testing import ServiceProcess
+from dapdee.testing import ServerThread, ServiceProcess
 from tests.conftest import SHARED_REDIS as REDIS
 from tests.device_stack import ForwardingProxy, HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
 
@@ -395,27 +396,44 @@ def test_leases_renewed_at_replan_after_s_kept_through_an_outage_then_device_onl
     assert [r.where for r in records[marks["switch"] :]] == ["local", "local"]
 
 
+@contextlib.contextmanager
+def hanging_leases(stack: Stack, name: str, lease_ttl_s: float) -> Iterator[tuple[ServerThread, HangingProxy, str]]:
+    """A planner holding leases in Redis (`lease_ttl_s`, renewed every 0.3 s; no fleet
+    rebalancing), an edge worker registered with it, and a `HangingProxy` in front of the
+    planner: yields (the edge server, the proxy, the proxy's URL). All stopped, and the
+    leases removed, afterwards."""
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+    from dapdee.testing import clear_prefix, unique_prefix, wait_registered
+
+    prefix = unique_prefix(name)
+    settings = Settings(redis_url=REDIS, key_prefix=prefix, lease_ttl_s=lease_ttl_s, replan_after_s=0.3, rebalance_s=0)
+    planner = ServerThread(create_app(settings)).start()
+    edge = start_edge(stack.artifact, planner.url, stack.edge_loaded)
+    proxy = HangingProxy(planner.url)
+    front = ServerThread(proxy, name="hanging-proxy").start()
+    try:
+        wait_registered(planner.url, stack.loaded.name, [edge.url])
+        yield edge, proxy, front.url
+    finally:
+        proxy.hanging = False
+        front.stop()
+        edge.stop()
+        planner.stop()
+        clear_prefix(REDIS, prefix)
+
+
 def test_lease_expiry_is_honoured_while_a_replan_hangs(stack: Stack) -> None:
     """The planner stops answering (accepts, never answers: a re-plan waits the SDK's 5 s
     timeout, far past the 2 s lease). Until the lease's expiry the device keeps its leased plan
     on the edge; no frame that starts after the expiry goes to the edge: it runs Device-Only at
     once, the re-plan still in flight."""
-    from dapdee.planner.app import create_app
-    from dapdee.planner.config import Settings
-    from dapdee.testing import ServerThread, clear_prefix, unique_prefix, wait_registered
-
-    prefix = unique_prefix("device-lease-hang")
-    settings = Settings(redis_url=REDIS, key_prefix=prefix, lease_ttl_s=2.0, replan_after_s=0.3, rebalance_s=0)
-    planner = ServerThread(create_app(settings)).start()
-    edge = start_edge(stack.artifact, planner.url, stack.edge_loaded)
-    proxy = HangingProxy(planner.url)
-    front = ServerThread(proxy, name="hanging-proxy").start()
     cfg = RuntimeConfig(Requirements(mode="latency", frame_rate=5.0), replan_threshold=1e6, plan_max_age_s=1e6)
     pool = stack.frames(4, seed=11)
     slow = stack.graph.with_timings("device", {n.name: 10 * (n.device_ms or 0.0) for n in stack.graph.nodes})
 
-    async def go() -> tuple[Any, list[tuple[float, FrameRecord]]]:
-        pc = PlannerConfig(front.url, "device-k10", device_id="cam-hang", ready_timeout_s=30.0)  # timeout_s 5
+    async def go(proxy: HangingProxy, front: str) -> tuple[Any, list[tuple[float, FrameRecord]]]:
+        pc = PlannerConfig(front, "device-k10", device_id="cam-hang", ready_timeout_s=30.0)  # timeout_s 5
         async with open_device(_settings(stack, runtime=cfg, planner=pc), stack.loaded, slow) as rt:
             give_up = time.monotonic() + 30
             while not (rt.plan.uses_edge and rt.plan.lease) and time.monotonic() < give_up:
@@ -435,15 +453,8 @@ def test_lease_expiry_is_honoured_while_a_replan_hangs(stack: Stack) -> None:
             proxy.hanging = False
             return leased, frames
 
-    try:
-        wait_registered(planner.url, stack.loaded.name, [edge.url])
-        leased, frames = asyncio.run(go())
-    finally:
-        proxy.hanging = False
-        front.stop()
-        edge.stop()
-        planner.stop()
-        clear_prefix(REDIS, prefix)
+    with hanging_leases(stack, "device-lease-hang", 2.0) as (_, proxy, front):
+        leased, frames = asyncio.run(go(proxy, front))
     expires = leased.lease.expires_at
     assert proxy.held >= 1  # a re-plan was held unanswered when the lease lapsed
     before = [rec for t0, rec in frames if t0 < expires - 0.05]
@@ -452,6 +463,61 @@ def test_lease_expiry_is_honoured_while_a_replan_hangs(stack: Stack) -> None:
     assert len(after) >= 5, after
     late = [a for a in after if a[1] != "local"]
     assert not late, f"frames started after the lease's expiry (s after, where, plan): {late}"
+
+
+def test_a_frame_whose_lease_lapses_during_its_device_part_sends_nothing(stack: Stack) -> None:
+    """The planner stops answering (accepts, never answers) right after the device got its
+    leased split plan (3 s lease). The device part, emulated, takes about a second. A frame
+    started at once goes to the edge; a frame started half its device part before the lease's
+    expiry has its tensors ready after it: it sends nothing on the lapsed lease and is finished
+    on the device ("lease expired"), and Device-Only is in force."""
+    from dapdee.client import AsyncPlannerClient
+    from dapdee.device.edge import EdgeLink, WorkerTrust
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.profile import publish_profile
+    from dapdee.netem import ShapedUplink
+
+    # throughput at 1.1 Mbit/s: the planner splits after the pool (a long device part, 512 bytes sent)
+    cfg = RuntimeConfig(Requirements(mode="throughput", frame_rate=5.0), replan_threshold=1e6, plan_max_age_s=1e6)
+    frame = stack.frames(1, seed=13)[0]
+    whole_ms = sum(n.device_ms or 0.0 for n in stack.graph.nodes)
+    compute = EmulatedCompute(stack.graph, BoundaryValues(stack.loaded), scale=1000.0 / whole_ms)  # model: 1 s
+
+    async def go(
+        edge: str, proxy: HangingProxy, front: str
+    ) -> tuple[Plan, float, FrameRecord, float, FrameRecord, Plan]:
+        async with AsyncPlannerClient(front) as client:
+            await publish_profile(client, client, stack.graph, "device-k10", {"tier": "device-k10", "slowdown": K})
+            source = PlannerPlanSource(client, stack.graph, cfg.requirements, "device-k10", device_id="cam-lapse")
+            sensing = Sensing(prior_mbps=1.1, fixed_load=0.0)
+            link = EdgeLink(stack.graph, WorkerTrust(None, [edge]), sensing, shaper=ShapedUplink(1.1))
+            rt = DeviceRuntime(stack.graph, compute, source, config=cfg, sensing=sensing, edge=link, slowdown=K)
+            async with running(rt):
+                proxy.hanging = True  # the renewals (every 0.3 s) hang: the first lease is the last
+                leased = rt.plan
+                assert leased.cut > 0 and leased.edge_worker and leased.lease is not None, leased
+                sent = [n for n in leased.transfer_nodes if n != stack.graph.input.name]
+                part_s = compute.part_ms([stack.graph.input.name], sent) / 1000.0
+                first = await rt.infer(frame)
+                await asyncio.sleep(max(0.0, leased.lease.expires_at - part_s / 2 - time.monotonic()))
+                t0 = time.monotonic()
+                late = await rt.infer(frame)
+                after = rt.plan
+                proxy.hanging = False  # the lease's release on the way out gets through
+                return leased, part_s, first, t0, late, after
+
+    with hanging_leases(stack, "device-lease-upload", 3.0) as (edge, proxy, front):
+        leased, part_s, first, t0, late, after = asyncio.run(go(edge.url, proxy, front))
+    assert leased.lease is not None
+    expires = leased.lease.expires_at
+    assert 0.3 <= part_s <= 1.0, part_s
+    assert (first.plan_id, first.where) == (leased.plan_id, "edge"), first.error
+    # the late frame started on the lease; its device part ended after the expiry
+    assert t0 < expires - 0.1 and t0 + part_s > expires + 0.1, (t0 - expires, part_s)
+    assert late.plan_id == leased.plan_id and late.device_ms >= 0.9 * part_s * 1000, late
+    assert (late.where, late.error, late.bytes_sent) == ("fallback", "lease expired", 0), late
+    assert late.exit == leased.exit and after.origin == "device-only"
+    assert proxy.held >= 1  # a renewal was held unanswered
 
 
 class CountingProxy(ForwardingProxy):
@@ -510,6 +576,59 @@ def test_a_plan_naming_no_worker_is_asked_again_with_a_back_off(stack: Stack) ->
         asked, records = asyncio.run(go(url))
     assert len(records) >= 10 and {(r.where, r.error) for r in records} == {("fallback", "no edge worker")}
     assert 2 <= asked <= 7, asked  # at 0, 0.5, 1.5 and 3.5 s; every 0.2 s would be about 20
+
+
+def test_frames_in_flight_failing_in_one_outage_ask_for_one_plan(stack: Stack) -> None:
+    """The worker stops answering (a proxy in front of it holds every request). Three pipelined
+    frames, released 0.25 s apart, time out one after another (0.6 s each, so each failure
+    comes more than `min_replan_s` after the one before). They are one outage: the device asks
+    the planner for one new plan, not one per failed frame, and the frames after them (the
+    worker rests 5 s) ask for none."""
+    from dapdee.client import AsyncPlannerClient
+    from dapdee.device.edge import Backoff, EdgeLink, WorkerTrust
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.profile import publish_profile
+    from dapdee.testing import ServerThread
+
+    tier = "device-outage"
+    cfg = RuntimeConfig(
+        Requirements(mode="throughput", frame_rate=4.0), max_inflight=3, timeout_floor_ms=600.0, timeout_factor=0.001,
+        backoff_initial_s=5.0, replan_threshold=1e6, plan_max_age_s=1e6,
+    )  # fmt: skip
+    held = HangingProxy(stack.edge.url)
+    held.hanging = True
+    counting = CountingProxy(stack.planner.url)
+    frames = stack.frames(5, seed=14)
+
+    async def go(worker: str, planner_url: str) -> tuple[int, list[FrameRecord], list[str]]:
+        async with AsyncPlannerClient(planner_url) as client:
+            await publish_profile(client, client, stack.graph, tier, {"tier": tier, "slowdown": K})
+            source = PlannerPlanSource(client, stack.graph, cfg.requirements, tier)
+            sensing = Sensing(prior_mbps=1.1, fixed_load=0.0)
+            backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+            edge = EdgeLink(stack.graph, WorkerTrust(None, [worker]), sensing, backoff=backoff)
+            rt = DeviceRuntime(stack.graph, TorchCompute(stack.loaded, K), source, config=cfg, sensing=sensing,
+                               edge=edge, edge_url=worker, slowdown=K)  # fmt: skip
+            async with running(rt):
+                assert rt.plan.uses_edge, rt.plan
+                asked = counting.plans
+                records = await rt.run(frames)
+                await asyncio.sleep(0.6)  # a re-plan asked for by the last failure has started and landed
+                return counting.plans - asked, records, rt.events
+
+    worker, front = ServerThread(held, name="held-edge").start(), ServerThread(counting, name="counting").start()
+    try:
+        asked, records, events = asyncio.run(go(worker.url, front.url))
+    finally:
+        held.hanging = False
+        front.stop()
+        worker.stop()
+    _check_answers(stack, frames, records)
+    timed_out = [r for r in records if r.error == "timeout after 600 ms"]
+    assert len(timed_out) == 3 and all(r.index < 3 for r in timed_out), [(r.where, r.error) for r in records]
+    failures = [e for e in events if e.startswith("edge failure")]
+    assert len(failures) == 3 and "asking for a new plan" in failures[0], failures
+    assert asked == 1, (asked, events)
 
 
 def test_an_endless_pipelined_stream_ends_when_a_frame_fails(stack: Stack) -> None:

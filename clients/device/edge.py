@@ -8,16 +8,18 @@ to trusted workers, and a back-off after failures.
   which concurrent frames wait for). A URL on neither list is never contacted; a frame that
   finds its worker not listed falls back without resting the worker (`EdgeFailure.worker_fault`).
 - `Backoff`: after a failure the worker rests `initial_s`, doubling up to `max_s`, and at
-  least the `Retry-After` the worker answered with (up to `max_s`); a success resets it. One
-  outage doubles it once: the failures of frames already under way when a rest began (with
-  `max_inflight` frames in flight, they all fail together) do not double it again. Each worker
-  URL has its own (`EdgeLink.backoff_of`): a plan that moves to another worker does not wait
-  out the rest of the one that failed.
+  least the `Retry-After` the worker answered with (up to `max_s`); a success of a frame that
+  started after the last rest began resets it. One outage doubles it once: the failures of
+  frames already under way when a rest began (with `max_inflight` frames in flight, they all
+  fail together) do not double it again, and the late success of such a frame does not undo
+  the doubling. Each worker URL has its own (`EdgeLink.backoff_of`): a plan that moves to
+  another worker does not wait out the rest of the one that failed.
 - `EdgeLink`: the requests. Every failure (refused, unreachable, timed out, an answer off
   contract: wrong types, negative or non-finite timings, logits of another shape) is an
-  `EdgeFailure` naming it, which the runtime turns into that frame's local fallback. Each
-  upload feeds the bandwidth estimate (`Sensing`), unless its server time is implausible; one
-  that times out alone on the link lowers it to the rate its bytes prove (a censored sample).
+  `EdgeFailure` naming it and the bytes of the request that left the device (`Upload.sent`),
+  which the runtime turns into that frame's local fallback. Each upload feeds the bandwidth
+  estimate (`Sensing`), unless its server time is implausible; one that times out alone on
+  the link lowers it to the rate its bytes prove (a censored sample).
 """
 
 from __future__ import annotations
@@ -27,14 +29,22 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import torch
 
-from dapdee.client import ApiError, AsyncEdgeClient, ClientError, ProtocolError, RequestError, TransportError
+from dapdee.client import (
+    ApiError,
+    AsyncEdgeClient,
+    ClientError,
+    ProtocolError,
+    RequestError,
+    TransportError,
+    infer_call,
+)
 from dapdee.costgraph import CostGraph
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeAnswer, EdgeFailure
@@ -120,8 +130,10 @@ class WorkerTrust:
 class Backoff:
     """Rest after edge failures: `initial_s`, doubling up to `max_s`, at least the worker's
     `Retry-After` (bounded by `max_s`); reset by a success. `rests` counts the rests begun: a
-    frame reads it when it starts and reports its failure with it, which doubles the rest only
-    when no rest began since (else it is the same outage, already counted). O(1)."""
+    frame reads it when it starts and reports its outcome with it. A failure doubles the rest
+    only when no rest began since (else it is the same outage, already counted); a success
+    resets it only then too (a frame under way when a rest began proves nothing about the
+    worker after that failure). O(1)."""
 
     def __init__(self, initial_s: float, max_s: float) -> None:
         self.initial_s = initial_s
@@ -133,6 +145,11 @@ class Backoff:
     def resting(self, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) < self.until
 
+    def began_since(self, since: int) -> bool:
+        """Whether a rest began after a frame that read `rests` as `since` started: its
+        failure is then part of an outage already counted. O(1)."""
+        return since < self.rests
+
     def failed(self, since: int, retry_after_s: float | None = None) -> float:
         """Note a failed request of a frame that started when `rests` was `since`; returns how
         long the device now rests (s, from now). A fresh failure begins a rest of the current
@@ -142,7 +159,7 @@ class Backoff:
         per frame would rest 2 s after a 0.5 s blip. O(1)."""
         now = time.monotonic()
         floor = min(max(retry_after_s or 0.0, 0.0), self.max_s)  # the worker knows when it can take more
-        if since < self.rests:
+        if self.began_since(since):
             rest = max(self.until - now, floor, 0.0)
         else:
             rest = max(self.rest_s, floor)
@@ -151,8 +168,12 @@ class Backoff:
         self.until = max(self.until, now + rest)
         return rest
 
-    def succeeded(self) -> None:
-        self.rest_s = self.initial_s
+    def succeeded(self, since: int) -> None:
+        """Note an answered request of a frame that started when `rests` was `since`: the rest
+        goes back to `initial_s` unless a rest began after the frame started (a slow frame
+        answered late in an outage leaves the doubling that the outage's failures set). O(1)."""
+        if not self.began_since(since):
+            self.rest_s = self.initial_s
 
 
 def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
@@ -169,12 +190,51 @@ def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
     return EdgeFailure(f"{type(exc).__name__}: {exc}")
 
 
+def _connected(exc: TransportError) -> bool:
+    """Whether the request that failed with `exc` had its connection (not refused, nor timed
+    out connecting or waiting for the client's pool: then no byte was on the link). O(1)."""
+    return not isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
 def _sent_and_timed_out(exc: BaseException) -> bool:
-    """Whether `exc` is a timeout of a request whose sending had begun (not of the connection
-    or the client's pool: then no byte was on the link)."""
-    if not isinstance(exc, TransportError) or not exc.timeout:
-        return False
-    return not isinstance(exc.cause, (httpx.ConnectTimeout, httpx.PoolTimeout))
+    """Whether `exc` is a timeout of a request whose sending had begun."""
+    return isinstance(exc, TransportError) and exc.timeout and _connected(exc)
+
+
+class Upload:
+    """One infer request's body on its way to a worker: its size, and over a shaped uplink the
+    bytes the shaper has released to the connection (each chunk counted once the connection
+    has taken it)."""
+
+    def __init__(self, shaper: ShapedUplink | None) -> None:
+        self.shaper = shaper
+        self.size = 0
+        self.released = 0
+
+    def body(self, content: bytes) -> AsyncIterator[bytes] | None:
+        """What the request sends for `content`: the shaped, counted chunks; None without a
+        shaper (the content is sent as it is). O(1)."""
+        self.size = len(content)
+        return None if self.shaper is None else self._paced(content)
+
+    async def _paced(self, content: bytes) -> AsyncIterator[bytes]:
+        assert self.shaper is not None
+        async for chunk in self.shaper.shaped_body(content):
+            yield chunk
+            self.released += len(chunk)
+
+    def sent(self, exc: BaseException) -> int:
+        """The body's bytes that left the device before `exc` ended the request (a failed
+        frame's `bytes_sent`: what it put on the uplink, answered or not). Over a shaped uplink,
+        those the shaper released (part of the body when the upload was cut off); otherwise the
+        whole body once the request had its connection (the body is written at once: the device
+        cannot tell how much of it the network carried), and none when it never connected or
+        was never made. O(1)."""
+        if self.shaper is not None:
+            return self.released
+        if isinstance(exc, (ApiError, ProtocolError)):
+            return self.size
+        return self.size if isinstance(exc, TransportError) and _connected(exc) else 0
 
 
 class EdgeLink:
@@ -258,25 +318,29 @@ class EdgeLink:
         """Send the cut's tensors to `url` for `exit_name` and wait at most `timeout_s` (finite).
         With `observe`, the upload feeds the bandwidth estimate; a timeout of a request alone on
         the link bounds it in any case (`_censor`). With `confidence`, the worker checks its
-        confidence heads and the answer says which exit answered. Raises EdgeFailure."""
+        confidence heads and the answer says which exit answered. Raises EdgeFailure, whose
+        `bytes_sent` are the request's bytes that left the device (`Upload.sent`)."""
         client = await self._client(url)
         self.uploads_active += 1
         overlapped = self.uploads_active > 1
         t0, c0 = time.perf_counter(), time.thread_time()
         ticket = self.sensing.bandwidth.upload_started(t0) if observe else None
+        upload = Upload(self.shaper)
         try:
-            res = await client.infer(
+            call = infer_call(
                 self.graph.model, inputs, exit=exit_name, wire_dtype=self.wire_dtype, request_id=request_id,
                 timeout=timeout_s, traceparent=traceparent, confidence=confidence,
-                uplink=self.shaper.shaped_body if self.shaper is not None else None,
             )  # fmt: skip
+            res = await client.run(call, upload.body(call.content))
         except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
             if ticket is not None:
                 self.sensing.bandwidth.upload_failed(ticket)
             if _sent_and_timed_out(exc) and not overlapped and self.uploads_active == 1:
                 self._censor(inputs, t0)
             if isinstance(exc, ClientError):
-                raise _failure(exc, timeout_s) from None
+                failure = _failure(exc, timeout_s)
+                failure.bytes_sent = upload.sent(exc)
+                raise failure from None
             raise
         finally:
             self.uploads_active -= 1
@@ -321,7 +385,8 @@ class EdgeLink:
         if want is not None and tuple(res.logits.shape) != want:
             if ticket is not None:
                 self.sensing.bandwidth.upload_failed(ticket)
-            raise EdgeFailure(f"bad answer: logits {list(res.logits.shape)}, expected {list(want)}")
+            shape = f"logits {list(res.logits.shape)}, expected {list(want)}"
+            raise EdgeFailure(f"bad answer: {shape}", bytes_sent=res.request_bytes)
         server_ms = res.queue_ms + res.compute_ms
         self.last_server_ms = server_ms
         sample = None

@@ -5,9 +5,13 @@ backend, the `transfer` tensors to the plan's worker (`EdgeLink`), the exit's lo
 plan without edge nodes runs wholly on the device. When the edge fails, times out, answers
 something off contract, rests after a failure, or no trusted worker is named, the frame is
 finished on the device from the values it already has, at the planned exit or an earlier one
-when the latency budget demands it (`fallback`): no frame is lost. A plan naming no worker asks
-for a new plan, spaced by a back-off (the planner names none while no live worker serves the
-model). A plan made with confidence
+when the latency budget demands it (`fallback`): no frame is lost. One outage of a worker (the
+failures of the frames in flight when it began) asks for one new plan. A frame whose plan's
+lease lapsed while its device part ran (a pipelined frame may wait for the compute thread) is
+finished on the device too, sending nothing: the lease is checked again when the tensors are
+ready to go, unless a renewed plan in force sends to the same worker. A plan naming no worker
+asks for a new plan, spaced by a back-off (the planner names none while no live worker serves
+the model). A plan made with confidence
 exits (`Plan.progressive`) runs the device side with its heads (`dapdee.device.progressive`): a
 frame a device head is confident about leaves at once, sending nothing; the others go to the
 edge with `confidence: true` when the edge has heads to check. Under heavy load (a frame
@@ -31,7 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,7 +49,7 @@ from dapdee.device.metrics import DeviceMetrics
 from dapdee.device.plan_source import PlanSource
 from dapdee.device.probe import Sensor
 from dapdee.device.progressive import device_answer, edge_exit
-from dapdee.device.replanner import Replanner, conditions
+from dapdee.device.replanner import LEASE_EXPIRED, Replanner, conditions
 from dapdee.device.report import log_frame
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeFailure, Frame, FrameRecord, Plan
@@ -273,9 +277,20 @@ class DeviceRuntime:
             return early
         return await self._fallback(plan, {inp: x, **values}, t_start, reason, device_ms)
 
+    def _may_send(self, plan: Plan, url: str) -> bool:
+        """Whether a frame of `plan` may send to worker `url` now: the plan's lease has not
+        lapsed (its source would still run it, `PlanSource.meanwhile`), or the plan in force now
+        (a renewal) sends to the same worker. O(1) while the lease lasts."""
+        if self.source.meanwhile(plan, conditions(self.sensing), time.monotonic()) is plan:
+            return True
+        in_force = self.plan  # Device-Only, and a re-plan asked for, when no renewal came
+        return in_force.uses_edge and self._worker(in_force) == url
+
     async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float, since: int) -> Outcome:
-        """Device part, upload, edge answer; a failure on the way is finished locally (`since`:
-        the worker's back-off's `rests` when the frame started, so one outage doubles it once)."""
+        """Device part, upload, edge answer; a failure on the way, or a lease that lapsed while
+        the device part ran (`_may_send`), is finished locally (`since`: the worker's back-off's
+        `rests` when the frame started, so one outage doubles it once and a late answer does
+        not undo that). A failed upload's outcome counts the bytes that left (`bytes_sent`)."""
         assert self.edge is not None
         inp = self.graph.input.name
         # values computed from parameters alone are the same for every frame (`_device_part`)
@@ -283,8 +298,11 @@ class DeviceRuntime:
         values, device_ms, early = await self._device_part(plan, x)
         if early is not None:
             return early
+        if not self._may_send(plan, url):
+            return await self._fallback(plan, {inp: x, **values}, t_start, LEASE_EXPIRED, device_ms)
         sent = {n: (x if n == inp else values[n]) for n in sent_nodes}
         timeout = self.config.edge_timeout_s(plan.predicted_ms)
+        answer = None
         try:
             with self.tracing.span(otel.UPLINK, {otel.ATTR_EXIT: plan.exit}) as span:
                 traceparent = span.context.traceparent if self.tracing.enabled and span.context else None
@@ -295,8 +313,9 @@ class DeviceRuntime:
                 taken = edge_exit(plan.progressive, plan.exit, answer.exits_taken)
         except EdgeFailure as exc:
             self._edge_failed(exc, url, since)
-            return await self._fallback(plan, {inp: x, **values}, t_start, exc.reason, device_ms)
-        self.edge.backoff_of(url).succeeded()
+            out = await self._fallback(plan, {inp: x, **values}, t_start, exc.reason, device_ms)
+            return replace(out, bytes_sent=exc.bytes_sent if answer is None else answer.request_bytes)
+        self.edge.backoff_of(url).succeeded(since)
         return Outcome(
             answer.logits, "edge", taken, plan.cut, device_ms, answer.request_bytes, answer.queue_ms,
             answer.compute_ms,
@@ -304,18 +323,24 @@ class DeviceRuntime:
 
     def _edge_failed(self, exc: EdgeFailure, url: str, since: int) -> None:
         """Rest worker `url` (its `Backoff.failed`: at least its Retry-After, doubled only by
-        the first failure of an outage) and ask for a new plan. A worker the planner does not
-        list (`exc.worker_fault` false) was never contacted and is not rested: only a new plan
-        is asked for. O(1)."""
+        the first failure of an outage) and ask for a new plan, once per outage: the failures
+        of frames in flight when its rest began (`Backoff.began_since`) ask for none, the first
+        one's request covers them. A worker the planner does not list (`exc.worker_fault`
+        false) was never contacted and is not rested: only a new plan is asked for. O(1)."""
         assert self.edge is not None and self.replanner is not None
         if not exc.worker_fault:
             self.replanner.events.append(f"edge refused ({exc.reason}); asking for a new plan")
             log.warning("edge refused: %s", exc.reason)
-        else:
-            rest = self.edge.backoff_of(url).failed(since, exc.retry_after_s)
-            self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, asking for a new plan")
-            log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
-        self.replanner.request("edge trouble")
+            self.replanner.request("edge trouble")
+            return
+        backoff = self.edge.backoff_of(url)
+        counted = backoff.began_since(since)  # this outage already asked for a plan
+        rest = backoff.failed(since, exc.retry_after_s)
+        asked = "a new plan already asked for" if counted else "asking for a new plan"
+        self.replanner.events.append(f"edge failure ({exc.reason}); local for {rest:.1f} s, {asked}")
+        log.warning("edge failure: %s; backing off %.1f s", exc.reason, rest)
+        if not counted:
+            self.replanner.request("edge trouble")
 
     def _ask_for_worker(self) -> None:
         """Ask for a plan naming a worker, at most once per rest of a back-off (`backoff_initial_s`

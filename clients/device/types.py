@@ -136,7 +136,9 @@ class FrameRecord:
     `local` (the plan ran wholly on the device) or `fallback` (the edge part was planned but the
     device finished the frame); `exit` is where the frame left. `started_at` is seconds since
     the runtime started. `plan_exit` is the exit the frame's plan targets (with confidence exits
-    a head may answer before it: then `exit` is that head's)."""
+    a head may answer before it: then `exit` is that head's). `bytes_sent` counts the request
+    bytes the frame put on the uplink: the whole request when the edge answered, the part that
+    left before a failed upload ended (`EdgeFailure.bytes_sent`), 0 when none was sent."""
 
     index: int
     plan_id: str | None
@@ -173,13 +175,18 @@ class EdgeFailure(Exception):
     device does not accept); `reason` is short and names the problem, `retry_after_s` is the
     numeric `Retry-After` of an HTTP error answer (None: none), which the back-off honours.
     `worker_fault` is False when the worker was never contacted because the planner does not
-    list it: the planner's list failed, not the worker, so the worker is not rested for it."""
+    list it: the planner's list failed, not the worker, so the worker is not rested for it.
+    `bytes_sent` counts the request's bytes that left the device before it failed (0 when it
+    never left: refused, not contacted, not made), recorded as the frame's `bytes_sent`."""
 
-    def __init__(self, reason: str, retry_after_s: float | None = None, worker_fault: bool = True) -> None:
+    def __init__(
+        self, reason: str, retry_after_s: float | None = None, worker_fault: bool = True, bytes_sent: int = 0
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.worker_fault = worker_fault
+        self.bytes_sent = bytes_sent
 
 
 class PlanError(ValueError):
