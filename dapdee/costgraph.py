@@ -54,6 +54,9 @@ class Node:
     device_ms: float | None = None
     edge_ms: float | None = None
     shape: tuple[int, ...] | None = None  # output shape (batch 1); informative, not required
+    # False: the value cannot cross the network (not a tensor: a Python number such as a traced
+    # `x.size(0)`, a torch.Size, a tuple); a plan never has it computed on the device and read on the edge
+    sendable: bool = True
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,8 @@ class CostGraph:
             }
             if n.shape is not None:
                 nd["shape"] = list(n.shape)
+            if not n.sendable:  # written only when false: graphs without such nodes serialise (and hash) as before
+                nd["sendable"] = False
             d["nodes"].append(nd)
         if not self.overheads.zero:  # v1 graphs serialise (and hash) exactly as before
             d["overheads"] = self.overheads.to_dict()
@@ -471,7 +476,8 @@ def _parse_input(inp: dict[str, Any]) -> InputSpec:
 
 
 def _parse_node(i: int, nd: Any) -> Node:
-    """One entry of `nodes`, every number bounded (CostGraphError names the field). O(in-degree)."""
+    """One entry of `nodes`, every number bounded and `sendable` (absent: true) a boolean;
+    CostGraphError names the field. O(in-degree)."""
     if not isinstance(nd, dict):
         raise CostGraphError(f"nodes[{i}]: expected an object")
     name = _req(nd, "name", str, f"nodes[{i}].name")
@@ -494,6 +500,9 @@ def _parse_node(i: int, nd: Any) -> Node:
         not isinstance(nshape, list) or not all(_is_int(s) and 0 <= s <= MAX_BYTES for s in nshape)
     ):
         raise CostGraphError(f"{where}.shape: expected a list of integers in [0, {MAX_BYTES}]")
+    sendable = nd.get("sendable", True)
+    if not isinstance(sendable, bool):
+        raise CostGraphError(f"{where}.sendable: expected true or false, got {repr(sendable)[:40]}")
     return Node(
         name=name,
         op=str(nd.get("op", "")),
@@ -501,6 +510,7 @@ def _parse_node(i: int, nd: Any) -> Node:
         out_bytes=out_bytes,
         flops=flops,
         shape=tuple(nshape) if nshape is not None else None,
+        sendable=sendable,
         **timings,
     )
 

@@ -6,6 +6,12 @@ so there is exactly one definition of latency, bottleneck and throughput.
 
 Version 2 adds the graph's per-request `overheads` to the device and edge sums of every
 partition that uses the edge (`request_sums`); with zero overheads it is exactly version 1.
+
+A node of `sendable: false` (a value that is not a tensor) cannot cross the uplink: a
+partition with such a node on the device and one of its consumers on the edge is infeasible,
+its sent bytes infinite (`predict_sums` then gives infinite latency and bottleneck, so no
+planner picks it: the device-only and edge-only partitions are always feasible). `partition`
+refuses to build one, as it refuses a set that is not downward closed.
 """
 
 from __future__ import annotations
@@ -141,8 +147,10 @@ class Partition:
 
 def partition(graph: CostGraph, exit_name: str | None, device_nodes: Iterable[str]) -> Partition:
     """Build the partition of A(exit) whose device side is `device_nodes` (the rest of A(exit)
-    runs on the edge). Raises CostGraphError if the set is not downward closed or names nodes
-    outside A(exit). O(V + E)."""
+    runs on the edge). Raises CostGraphError if the set is not downward closed, names nodes
+    outside A(exit), or is infeasible: a node of `sendable: false` on the device with a consumer
+    on the edge (its value would have to cross, which the cost model prices at infinite bytes;
+    a partition is only built for plans, whose numbers are finite). O(V + E)."""
     ex = graph.exit(exit_name)
     needed = graph.ancestors(ex.node)
     needed_set = set(needed)
@@ -162,8 +170,15 @@ def partition(graph: CostGraph, exit_name: str | None, device_nodes: Iterable[st
     transfer = []
     consumers = graph.consumers()
     for u in [graph.input.name, *[n for n in needed if n in dev]]:
-        if any(c in edge_set for c in consumers.get(u, ())):
-            transfer.append((u, graph.input.bytes if u == graph.input.name else graph.node(u).out_bytes))
+        readers = [c for c in consumers.get(u, ()) if c in edge_set]
+        if not readers:
+            continue
+        if u != graph.input.name and not graph.node(u).sendable:
+            raise CostGraphError(
+                f"device_nodes: infeasible ({u!r} is not sendable, a value that cannot cross the network, and "
+                f"edge node {readers[0]!r} reads it; run both on the same side)"
+            )
+        transfer.append((u, graph.input.bytes if u == graph.input.name else graph.node(u).out_bytes))
     return Partition(
         exit=ex.name,
         device_nodes=tuple(n for n in needed if n in dev),

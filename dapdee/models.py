@@ -280,7 +280,10 @@ def _cost_nodes(
     gm: fx.GraphModule, ex: GraphExecutor, modules: dict[str, nn.Module], env: dict[str, Any], flops: dict[str, int]
 ) -> list[Node]:
     """The cost graph's nodes from one recorded run (nodes no output depends on are left out);
-    marks the executor's scalar-valued nodes. O(V + E)."""
+    marks the executor's scalar-valued nodes. A node whose value is not a tensor (a Python
+    number such as `x.size(0)`, a torch.Size, a tuple) is `sendable=False`: the wire carries
+    tensors only, and a number read off the batch (its size) would be wrong in the edge's
+    batches, so a plan keeps it on the side that reads it. O(V + E)."""
     nodes = []
     for fxn in gm.graph.nodes:
         if fxn.op in ("placeholder", "output") or fxn.name not in env:
@@ -296,6 +299,7 @@ def _cost_nodes(
                 out_bytes=_nbytes(v),
                 flops=flops.get(fxn.name, 0),
                 shape=tuple(v.shape) if isinstance(v, torch.Tensor) else None,
+                sendable=isinstance(v, torch.Tensor),
             )
         )
     return nodes

@@ -12,7 +12,9 @@ overheads dr, er that apply only when E is not empty:
 
     device_ms   = (Σ_D device_ms + [E≠∅]·dr) / (1 − ld)
     edge_ms     = (Σ_E edge_ms   + [E≠∅]·er) / (1 − le)
-    sent_bytes  = Σ out_bytes(u), u ∈ D ∪ {input} with a consumer in E (each producer once)
+    sent_bytes  = Σ out_bytes(u), u ∈ D ∪ {input} with a consumer in E (each producer once);
+                  ∞ when such a u is a node of "sendable": false (its value cannot cross: the
+                  partition is infeasible, and never optimal since device-only is finite)
     uplink_ms   = sent_bytes · 8 / (B · 1000)
     transfer_ms = 0 if E = ∅ else uplink_ms + rtt
     latency_ms  = device_ms + transfer_ms + edge_ms
@@ -82,7 +84,7 @@ class Price:
     transfer: dict[str, int] = field(hash=False)  # producer -> bytes sent uplink
     device_ms: float
     edge_ms: float
-    sent_bytes: int
+    sent_bytes: float  # an int, or inf for an infeasible partition
     uplink_ms: float
     transfer_ms: float
     latency_ms: float
@@ -181,7 +183,9 @@ def price(
                 transfer[u] = g["input"]["bytes"]
             elif u in dev:
                 transfer[u] = nodes[u]["out_bytes"]
-    sent = sum(transfer.values())
+    sent: float = sum(transfer.values())
+    if any(u != inp and nodes[u].get("sendable", True) is False for u in transfer):
+        sent = math.inf  # a value that cannot cross: infeasible
     uplink_ms = sent * 8 / (cond.bandwidth_mbps * 1000)
     transfer_ms = uplink_ms + cond.rtt_ms if uses_edge else 0.0
     bottleneck = max(device_ms, uplink_ms, edge_ms)
@@ -238,6 +242,8 @@ def _acc_ok(acc: float | None, req: Req) -> bool:
 
 
 def _near(a: float, b: float) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):  # an infeasible (infinite) price is near nothing finite
+        return a == b
     return abs(a - b) <= FRAGILE_RTOL * max(1.0, abs(a), abs(b))
 
 
@@ -311,9 +317,11 @@ def chain_graph(device_ms: float, edge_ms: float, edge_request_ms: float) -> Gra
     }
 
 
-def random_graph(rng: random.Random, max_nodes: int = 8, name: str = "rand") -> Graph:
+def random_graph(rng: random.Random, max_nodes: int = 8, name: str = "rand", unsendable: float = 0.0) -> Graph:
     """A small DAG: each node consumes 1-3 earlier producers (the input included), positive
-    timings, byte counts from 0 to 60 kB, 1-3 exits with accuracies rising with depth (or null)."""
+    timings, byte counts from 0 to 60 kB, 1-3 exits with accuracies rising with depth (or null);
+    each node is `"sendable": false` with probability `unsendable` (0: the field is absent and
+    the random stream is the one it always was)."""
     n = rng.randint(1, max_nodes)
     nodes = []
     for i in range(n):
@@ -329,6 +337,9 @@ def random_graph(rng: random.Random, max_nodes: int = 8, name: str = "rand") -> 
                 "edge_ms": round(rng.uniform(0.01, 5.0), 6),
             }
         )
+    for nd in nodes:
+        if unsendable and rng.random() < unsendable:
+            nd["sendable"] = False
     picks = sorted(rng.sample(range(n), rng.randint(1, min(3, n))))
     exits = []
     for j, i in enumerate(picks):
@@ -378,6 +389,8 @@ def check_consistent(g: Graph, plan: dict[str, Any], cond: Cond) -> Price:
     assert set(dev) | set(plan["edge_nodes"]) == set(needed(g, ex)), plan["edge_nodes"]
     assert not set(dev) & set(plan["edge_nodes"])
     p = price(g, ex, set(dev), cond)
+    unsendable = {n["name"] for n in g["nodes"] if n.get("sendable", True) is False}
+    assert not unsendable & {t["node"] for t in plan["transfer"]}, ("an unsendable value crosses", plan["transfer"])
     got = {t["node"]: t["bytes"] for t in plan["transfer"]}
     assert len(got) == len(plan["transfer"]) and got == p.transfer, (got, p.transfer)
     for k in PREDICTED_KEYS:

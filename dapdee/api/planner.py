@@ -324,6 +324,11 @@ class NodeBody(BaseModel):
     device_ms: Ms | None = None
     edge_ms: Ms | None = None
     shape: list[Annotated[int, Field(ge=0, le=MAX_BYTES)]] | None = None
+    sendable: bool = Field(
+        True,
+        description="false: the value cannot cross the network (not a tensor, e.g. a traced x.size(0)); "
+        "no plan computes it on the device for an edge-side consumer",
+    )
 
 
 class ExitBody(BaseModel):

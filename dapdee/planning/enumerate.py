@@ -2,10 +2,19 @@
 
 A partition of A(e) is identified by its device set D, stored as a Python int bit mask over
 A(e)'s nodes in topological order (bit i = i-th node of A(e) runs on the device).
+
+A device set is *feasible* when no node of `sendable: false` in D has a consumer in E (its
+value would have to cross the uplink; the cost model prices that at infinite bytes). Such a
+node and its consumers in A(e) are then on the same side: D ∋ u implies its consumers are in
+D, and downward closure gives the converse. The enumeration walks every downward-closed set
+(the feasible ones are not closed under its single-node steps) and `feasible_ideals` keeps the
+feasible ones; prefix splits are filtered the same way; the device-only and edge-only sets are
+always feasible (the input is always sendable).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,7 +31,8 @@ class ExitStructure:
 
     `preds[i]`/`cons[i]`: local producers / consumers of node i inside A(e);
     `preds_mask`, `cons_mask`: the same as bit masks; `uses_input[i]`: i consumes the input;
-    `input_cons_mask`: the input's consumers in A(e)."""
+    `input_cons_mask`: the input's consumers in A(e); `unsendable`: the local indices of the
+    nodes of `sendable: false` that have a consumer in A(e) (empty for most graphs)."""
 
     exit_name: str
     exit_index: int
@@ -40,6 +50,7 @@ class ExitStructure:
     uses_input: tuple[bool, ...]
     input_cons_mask: int
     overheads: Overheads = NO_OVERHEADS  # the graph's per-request costs (cost model v2)
+    unsendable: tuple[int, ...] = ()
 
     @property
     def m(self) -> int:
@@ -88,6 +99,7 @@ class ExitStructure:
             uses_input=tuple(uses_input),
             input_cons_mask=in_mask,
             overheads=graph.overheads,
+            unsendable=tuple(i for i, n in enumerate(nodes) if not n.sendable and cons[i]),
         )
 
     # ---- one partition -------------------------------------------------------------------
@@ -95,9 +107,15 @@ class ExitStructure:
         """True if the device set `mask` is downward closed. O(m)."""
         return all(not (mask >> i) & 1 or (self.preds_mask[i] & ~mask) == 0 for i in range(self.m))
 
-    def sums(self, mask: int) -> tuple[float, int, float]:
+    def feasible(self, mask: int) -> bool:
+        """True unless a node of `sendable: false` in the device set `mask` has a consumer
+        outside it (see the module doc). O(#unsendable)."""
+        return all(not (mask >> i) & 1 or (self.cons_mask[i] & ~mask) == 0 for i in self.unsendable)
+
+    def sums(self, mask: int) -> tuple[float, int | float, float]:
         """(Σ device_ms over D, sent bytes, Σ edge_ms over E) at zero load, sums in topological
-        order (the same numbers `costmodel.partition` gives). O(m + E)."""
+        order (the same numbers `costmodel.partition` gives); the bytes are infinite for an
+        infeasible `mask` (the cost model's price of a value that cannot cross). O(m + E)."""
         dev = 0.0
         edge = 0.0
         sent = self.input_bytes if (self.input_cons_mask & ~mask) else 0
@@ -108,7 +126,7 @@ class ExitStructure:
                     sent += self.out[i]
             else:
                 edge += self.edge[i]
-        return dev, sent, edge
+        return dev, sent if self.feasible(mask) else math.inf, edge
 
     def lists(self, mask: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, int], ...]]:
         """(device nodes, edge nodes, transfer [(producer, bytes)]) of the device set `mask`, in
@@ -178,6 +196,18 @@ def enumerate_ideals(
     return devs, byts, eds, masks
 
 
+def feasible_ideals(
+    st: ExitStructure, found: tuple[list[float], list[int], list[float], list[int]]
+) -> tuple[list[float], list[int], list[float], list[int]]:
+    """`enumerate_ideals`' lists restricted to the feasible device sets (unchanged, not copied,
+    when A(e) has no unsendable node with a consumer). O(#ideals · #unsendable)."""
+    if not st.unsendable:
+        return found
+    devs, byts, eds, masks = found
+    keep = [k for k, m in enumerate(masks) if st.feasible(m)]
+    return [devs[k] for k in keep], [byts[k] for k in keep], [eds[k] for k in keep], [masks[k] for k in keep]
+
+
 def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[int]:
     """Indices of the points not weakly dominated in (dev, sent, edge) (of equal points, one is
     kept). Points are scanned in lexicographic (dev, sent, edge) order; a point is dominated iff a
@@ -213,14 +243,16 @@ def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[
 
 
 def prefix_masks(st: ExitStructure) -> list[int]:
-    """Device sets D = the first k nodes of A(e)'s topological order, k = 0..m (the single-split
-    partitions Neurosurgeon and Edgent consider; each prefix is downward closed). O(m)."""
-    return [(1 << k) - 1 for k in range(st.m + 1)]
+    """Device sets D = the first k nodes of A(e)'s topological order, k = 0..m, that are feasible
+    (the single-split partitions Neurosurgeon and Edgent consider; each prefix is downward
+    closed; k = 0 and k = m are always feasible). O(m · #unsendable)."""
+    return [mask for mask in ((1 << k) - 1 for k in range(st.m + 1)) if st.feasible(mask)]
 
 
 def prefix_sums(st: ExitStructure) -> tuple[list[float], list[int], list[float]]:
-    """(Σdevice_ms over D, sent bytes, Σedge_ms over E) for each prefix mask of `prefix_masks`,
-    computed incrementally. O(m + E) Python steps plus O(m²) vectorised additions."""
+    """(Σdevice_ms over D, sent bytes, Σedge_ms over E) for each prefix mask of `prefix_masks`
+    (the feasible prefixes), computed incrementally over every prefix. O(m + E) Python steps
+    plus O(m²) vectorised additions."""
     m = st.m
     devs = [0.0]
     byts = [st.input_bytes if st.input_cons_mask else 0]
@@ -240,4 +272,8 @@ def prefix_sums(st: ExitStructure) -> tuple[list[float], list[int], list[float]]
     acc = np.zeros(m + 1)
     for i in range(m):
         acc[: i + 1] += st.edge[i]
-    return devs, byts, acc.tolist()
+    eds = acc.tolist()
+    if not st.unsendable:
+        return devs, byts, eds
+    keep = [k for k in range(m + 1) if st.feasible((1 << k) - 1)]
+    return [devs[k] for k in keep], [byts[k] for k in keep], [eds[k] for k in keep]

@@ -8,10 +8,13 @@ pinned to the device):
 - consumer -> producer, infinite               (D must be downward closed)
 - producer u with one consumer c in A(e): u -> c, capacity w_bytes · out_bytes(u);
   with several: u -> helper_u (w_bytes · out_bytes(u)) and helper_u -> c (infinite) for each
-  consumer, so u's tensor is paid once however many edge-side consumers it has.
+  consumer, so u's tensor is paid once however many edge-side consumers it has;
+- a producer u of `sendable: false`: u -> c, infinite, for each consumer c (its value would
+  cost infinite bytes to send), so a finite cut keeps u's consumers on the device with u; the
+  edge-only cut is always finite (the input is sendable), so the minimum is a feasible set.
 
 The minimum cut minimises w_dev·Σ_D device_ms + w_bytes·sent_bytes + w_edge·Σ_E edge_ms over
-all downward-closed D. The round trip `rtt_ms` and the v2 per-request overheads are paid only
+all feasible downward-closed D. The round trip `rtt_ms` and the v2 per-request overheads are paid only
 when E is non-empty (the same constants for every such D, so they do not move the cut), so the
 latency optimum is the better of the min-cut's D (plus those constants unless D = A(e)) and
 device-only.
@@ -29,8 +32,8 @@ from dapdee.planning.enumerate import ExitStructure
 
 def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float) -> int:
     """Device-set mask minimising w_dev·Σdevice_ms(D) + w_bytes·sent_bytes(D) + w_edge·Σedge_ms(E)
-    over downward-closed D ⊆ A(e). One networkx max-flow (preflow-push) on m + helpers + 2
-    nodes: O(V'^2 · sqrt(E')) worst case."""
+    over feasible downward-closed D ⊆ A(e) (see the module doc). One networkx max-flow
+    (preflow-push) on m + helpers + 2 nodes: O(V'^2 · sqrt(E')) worst case."""
     # the argmin is invariant to scaling the weights: normalise so no capacity overflows
     ws = (w_dev, w_bytes, w_edge)
     top = max(ws)
@@ -55,10 +58,14 @@ def min_cut_mask(st: ExitStructure, w_dev: float, w_bytes: float, w_edge: float)
         for u in st.preds[i]:
             caps[(i, u)] = math.inf
         producers.append((i, st.out[i], st.cons[i]))
+    blocked = set(st.unsendable)
     for u, nbytes, consumers in producers:
         if not consumers:
             continue
-        if len(consumers) == 1:
+        if u in blocked:
+            for c in consumers:
+                caps[(u, c)] = math.inf
+        elif len(consumers) == 1:
             add(u, consumers[0], w_bytes * nbytes)
         else:
             h = nxt

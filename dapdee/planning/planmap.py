@@ -4,7 +4,9 @@ downward-closed partitions of A(e); a request is a vectorised scan of those smal
 Why it is exact: under the cost model every partition's device_ms, uplink_ms and edge_ms are
 the three sums scaled by 1/(1−ℓd), 8/(1000·B) and 1/(1−ℓe), so latency_ms (E non-empty) and
 bottleneck_ms are monotone in the sums; a dominated partition is never strictly better in
-either mode. The device-only partition (E empty, no rtt) is always kept as a candidate.
+either mode. The device-only partition (E empty, no rtt) is always kept as a candidate. Only
+feasible partitions are candidates (no value of `sendable: false` crosses the cut; the cost
+model prices one that does at infinite bytes, so it can never be optimal).
 
 Where an exit has more than `cap` downward-closed sets, its latency answers come from a
 per-request min-cut (exact) and its throughput answers from a candidate set of prefix splits
@@ -29,6 +31,7 @@ from dapdee.costmodel import Conditions, Predicted, predict_sums, request_sums, 
 from dapdee.planning.enumerate import (
     ExitStructure,
     enumerate_ideals,
+    feasible_ideals,
     pareto_indices,
     prefix_masks,
     prefix_sums,
@@ -363,9 +366,10 @@ class PlanMap:
 
     @classmethod
     def build(cls, graph: CostGraph, cap: int = DEFAULT_CAP, deadline_s: float | None = None) -> PlanMap:
-        """Enumerate each exit's downward-closed partitions (up to `cap`) and keep their Pareto
-        front; beyond the cap, keep an approximate candidate set (prefix splits + weight-grid
-        min-cuts) and answer latency requests by min-cut. O(Σ_e #ideals(e) · (width + log #ideals(e))).
+        """Enumerate each exit's downward-closed partitions (up to `cap`, infeasible ones counted)
+        and keep the Pareto front of the feasible ones; beyond the cap, keep an approximate
+        candidate set (prefix splits + weight-grid min-cuts) and answer latency requests by
+        min-cut. O(Σ_e #ideals(e) · (width + log #ideals(e))).
 
         With `deadline_s` (seconds), each remaining exit gets an equal share of the time left:
         an enumeration that outlives its share falls back like one over the cap, and the
@@ -388,8 +392,8 @@ class PlanMap:
             share = _share(end, k - i)
             got = enumerate_ideals(st, cap, share)
             if got is not None:
-                devs, byts, eds, masks = got
-                cands.append(pareto_candset(st, masks, (devs, byts, eds), exact=True, count=len(masks)))
+                devs, byts, eds, masks = feasible_ideals(st, got)
+                cands.append(pareto_candset(st, masks, (devs, byts, eds), exact=True, count=len(got[3])))
                 continue
             short = short or (share is not None and time.monotonic() >= share)
             cs, complete = _approximate_candset(st, _share(end, k - i))
@@ -442,7 +446,8 @@ class PlanMap:
         return {cs.st.exit_name: len(cs) for cs in self.cands}
 
     def ideal_counts(self) -> dict[str, int | None]:
-        """Number of downward-closed partitions per exit (None: more than the cap)."""
+        """Number of downward-closed partitions per exit, feasible or not (what the cap bounds;
+        None: more than the cap)."""
         return {cs.st.exit_name: cs.count for cs in self.cands}
 
     @property
@@ -549,8 +554,8 @@ def mask_sums(st: ExitStructure, masks: Sequence[int]) -> tuple[list[float], lis
 
 
 def _verify(cs: CandSet, where: str) -> None:
-    """Check a deserialised candidate set against its exit: every mask a downward-closed subset
-    of A(e), sums equal to the cost model's. Vectorised over candidates: O(n · (m + E))."""
+    """Check a deserialised candidate set against its exit: every mask a feasible downward-closed
+    subset of A(e), sums equal to the cost model's. Vectorised over candidates: O(n · (m + E))."""
     st = cs.st
     if any(x < 0 or x > st.full for x in cs.masks):
         raise PlanMapError(f"{where}.masks: not subsets of the exit's nodes")
@@ -559,6 +564,9 @@ def _verify(cs: CandSet, where: str) -> None:
     cons = [i for i in range(st.m) for _ in st.preds[i]]
     if prod and bool(np.any(on[:, cons] & ~on[:, prod])):
         raise PlanMapError(f"{where}.masks: not downward-closed device sets of the exit")
+    for u in st.unsendable:
+        if bool(np.any(on[:, u] & ~on[:, list(st.cons[u])].all(axis=1))):
+            raise PlanMapError(f"{where}.masks: node {st.nodes[u]!r} is not sendable but would cross to the edge")
     if mask_sums(st, cs.masks) != (cs.dev_l, cs.bytes_l, cs.edge_l):
         raise PlanMapError(f"{where}: device_ms/bytes/edge_ms do not match the masks under the graph")
 

@@ -131,7 +131,8 @@ class Head:
 class HeadStructure:
     """A planned exit e with its heads: the trunk `st` (A(e)) and the union U = A(e) ∪ heads in
     graph order (`names`), per column device/edge ms and out_bytes, consumers inside U, the
-    trunk's columns, and the outcome (q_e, accuracy)."""
+    trunk's columns, the outcome (q_e, accuracy), and the columns of `sendable: false`
+    (`unsendable`: values that may never be sent)."""
 
     st: ExitStructure
     heads: tuple[Head, ...]
@@ -144,6 +145,7 @@ class HeadStructure:
     cons: tuple[tuple[int, ...], ...]
     input_cons: tuple[int, ...]
     trunk_cols: np.ndarray
+    unsendable: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, graph: CostGraph, exit_index: int) -> HeadStructure:
@@ -191,6 +193,7 @@ class HeadStructure:
             cons=tuple(tuple(c) for c in cons),
             input_cons=tuple(input_cons),
             trunk_cols=np.array([col[v] for v in st.nodes], dtype=np.int64),
+            unsendable=tuple(i for i, n in enumerate(nodes) if not n.sendable),
         )
 
     # ---- sides and transfers of many device sets at once --------------------------------------
@@ -222,6 +225,17 @@ class HeadStructure:
         for i, h in enumerate(self.heads):  # an edge head's logits computed on the device
             sent[:, h.check] |= dev_in[:, h.check] & (p <= i)
         return p, dev_in, edge_in, sent
+
+    def feasible(self, masks: Sequence[int]) -> np.ndarray:
+        """Per device set, whether it sends no value of `sendable: false` (one computed on the
+        device that an edge-side node reads, or the logits of an edge head). All true without
+        such columns. O(n · (|U| + E_U)) numpy work in blocks of CHUNK_CELLS cells."""
+        if not self.unsendable:
+            return np.ones(len(masks), dtype=bool)
+        rows = max(1, CHUNK_CELLS // max(1, len(self.names)))
+        cols = list(self.unsendable)
+        parts = [~self.sides(masks[i : i + rows])[3][:, cols].any(axis=1) for i in range(0, len(masks), rows)]
+        return np.concatenate(parts) if parts else np.ones(0, dtype=bool)
 
     def input_sent(self, edge_in: np.ndarray) -> np.ndarray:
         """Whether the input goes uplink, per row of `edge_in`. O(n · |input consumers|)."""
@@ -338,7 +352,10 @@ class ProgressiveCands:
 
     @classmethod
     def front(cls, hs: HeadStructure, masks: Sequence[int], exact: bool, count: int | None) -> ProgressiveCands:
-        """The Pareto-optimal subset (`pareto4`) of `masks`, in increasing size. O(n log n + front²)."""
+        """The Pareto-optimal subset (`pareto4`) of the feasible `masks` (`HeadStructure.feasible`:
+        the device-only set always is), in increasing size. O(n log n + front²)."""
+        if hs.unsendable:
+            masks = [m for m, ok in zip(masks, hs.feasible(masks).tolist(), strict=True) if ok]
         sums = expected_sums(hs, masks)
         keep = sorted(pareto4(sums), key=lambda i: (masks[i].bit_count(), masks[i]))
         return cls(hs, [masks[i] for i in keep], exact, count, sums.take(keep))
@@ -574,6 +591,8 @@ def _read_exit(graph: CostGraph, i: int, ed: Any) -> ProgressiveCands:
         raise PlanMapError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
     if not masks or any(m < 0 or m > hs.st.full or not hs.st.is_closed(m) for m in masks):
         raise PlanMapError(f"{where}.masks: not downward-closed device sets of the exit")
+    if not hs.feasible(masks).all():
+        raise PlanMapError(f"{where}.masks: a device set sends a value that is not sendable")
     return ProgressiveCands(hs, masks, exact, count)
 
 
