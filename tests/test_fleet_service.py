@@ -996,3 +996,53 @@ def test_a_device_only_lease_record_names_the_graph_its_plan_was_planned_on(plan
         request = request_of({k: v for k, v in body.items() if k != "device_id"})
         assert plan_id(records["j"]["graph_hash"], request, "dapdee") == plan["plan_id"]
         assert records["j"]["graph_hash"] != records["k"]["graph_hash"]  # k's is w2's graph
+
+
+def _with_confidence_exits(g: dict[str, Any]) -> dict[str, Any]:
+    """`g` (chain_graph) with an early exit head h1 on node a and calibrated confidence exits."""
+    head = {"name": "h1", "op": "", "inputs": ["a"], "out_bytes": 10, "device_ms": 1.0, "edge_ms": 0.1}
+    by_exit = {
+        "exit1": {"fractions": {"exit1": 1.0}, "accuracy": 0.8},
+        "final": {"fractions": {"exit1": 0.4, "final": 0.6}, "accuracy": 0.9},
+    }
+    return {
+        **g,
+        "nodes": [g["nodes"][0], head, *g["nodes"][1:]],
+        "exits": [{"name": "exit1", "node": "h1", "accuracy": 0.8}, *g["exits"]],
+        "progressive": {
+            "rule": "max_softmax",
+            "split": "test",
+            "thresholds": {"exit1": 0.9, "final": None},
+            "by_exit": by_exit,
+        },
+    }
+
+
+def test_baselines_and_confidence_exit_plans_are_priced_at_the_load_the_leases_put_on_the_worker(
+    planner_prefix: str,
+) -> None:
+    """Plans against one worker (a baseline, confidence exits) hold no lease, but the worker they
+    send to is as busy as the leases make it: without `edge_load` they are priced at ℓe = the
+    leases' reservations / the nominal capacity (here 800 / 1000), exactly as with that load
+    given, and not as on an idle worker; of several workers, on the one the leases load least."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, graph=_with_confidence_exits(chain_graph()))
+        lease = c.post("/plan", json=leased("busy", fps=100.0)).json()["lease"]
+        assert lease["worker"] == "http://w1:1" and lease["frames_per_s"] * lease["edge_ms_per_frame"] == pytest.approx(
+            800.0
+        )
+        unleased = {k: v for k, v in leased("x").items() if k not in ("device_id", "frame_rate")}
+        for extra in ({"baseline": "edge-only"}, {"baseline": "dads"}, {"confidence_exits": True}):
+            plans = [
+                c.post("/plan", json={**unleased, **extra, **load}).json()
+                for load in ({}, {"edge_load": 0.8}, {"edge_load": 0.0})
+            ]
+            implicit, busy, idle = (p["predicted"] for p in plans)
+            assert plans[0]["edge_worker"] == "http://w1:1", plans[0]
+            assert implicit == busy and implicit != idle, (extra, implicit, idle)
+        edge_only = c.post("/plan", json={**unleased, "baseline": "edge-only"}).json()["predicted"]
+        assert edge_only["edge_ms"] == pytest.approx(8.0 / (1 - 0.8))  # (2 + 2 + 4 ms) at ℓe 0.8
+        # a second worker, busier by heartbeat but holding no lease: the one the leases load least
+        assert beat(c, "http://w2:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
+        plan = c.post("/plan", json={**unleased, "baseline": "edge-only"}).json()
+        assert plan["edge_worker"] == "http://w2:1" and plan["predicted"]["edge_ms"] == pytest.approx(8.0)

@@ -8,8 +8,8 @@ differ.
 - DAPDEE-independent: `DAPDEE_FLEET_PLANNING=false` (each device planned against the worker's
   heartbeat load); devices ask without `device_id` and re-plan on drift, plan age, edge trouble.
 - Edge-Only, Device-Only, DADS: one `POST /plan {"baseline": ...}` at the device's sensed
-  conditions at start-up, then that plan, fixed (baselines hold no lease and are priced at zero
-  edge load; the planner runs with fleet planning on, unused by them).
+  conditions at start-up, then that plan, fixed (baselines hold no lease and are priced at the
+  edge load the leases put on the worker, zero here: no device of these systems holds one).
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from dapdee.fleet.assign import DevicePlan
+from dapdee.fleet.assign import DevicePlan, edge_load_of
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
 from dapdee.planner.lease_view import LeaseView, LiveWorkers
 from dapdee.planner.leases import LeaseBook, Reservation, View
 from dapdee.planner.metrics import PlannerMetrics
-from dapdee.planner.plan_choice import Ask, Candidate, PlanChooser, drifted
+from dapdee.planner.plan_choice import Ask, Candidate, PlanChooser, drifted, tiebreak
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
@@ -142,6 +142,15 @@ class Fleet:
     def leased(self, worker: str) -> tuple[float, int]:
         """(Σ f_j·e_j, lease count) on `worker`, from this replica's view. O(1)."""
         return self.view.leased(worker)
+
+    def least_leased(self, workers: Sequence[Worker]) -> tuple[Worker, float]:
+        """Of `workers` (at least one), the one the leases load least and that edge load
+        ℓe = min(0.95, Σ f_j·e_j / N_w) (`edge_load_of`, from this replica's view); ties as
+        `dapdee.fleet.assign.plan_for_device` orders workers (`tiebreak`, then the URL). What a
+        plan against one worker (a baseline, confidence exits) is priced at. O(workers)."""
+        loads = {w.url: edge_load_of(self.leased(w.url)[0], w.nominal) for w in workers}
+        best = min(workers, key=lambda w: (loads[w.url], tiebreak(w), w.url))
+        return best, loads[best.url]
 
     def _others(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float]

@@ -100,16 +100,26 @@ def drifted(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
     return abs(new.get("device_load", 0.0) - old.get("device_load", 0.0)) > threshold / 2
 
 
+def tiebreak(worker: Worker) -> float:
+    """What orders equally leased workers: the lower heartbeat load (traffic without leases),
+    then the fewer requests in flight and queued. O(1)."""
+    return worker.load + 1e-6 * (worker.inflight + worker.queue_depth)
+
+
 def slots_of(candidates: Sequence[Candidate], others: Mapping[str, float]) -> list[EdgeSlot]:
     """The edge slots a device is planned over: per candidate its plan map, capacity and what
     the other devices reserve there (`others`, by worker URL, naming every candidate). O(candidates)."""
-    out = []
-    for c in candidates:
-        url = c.worker.url
-        # ties between equally leased workers: the lower heartbeat load (traffic without leases)
-        tiebreak = c.worker.load + 1e-6 * (c.worker.inflight + c.worker.queue_depth)
-        out.append(EdgeSlot(url, c.planmap, c.worker.capacity_ms_per_s, others[url], tiebreak, c.worker.nominal))
-    return out
+    return [
+        EdgeSlot(
+            c.worker.url,
+            c.planmap,
+            c.worker.capacity_ms_per_s,
+            others[c.worker.url],
+            tiebreak(c.worker),
+            c.worker.nominal,
+        )
+        for c in candidates
+    ]
 
 
 def repriced(

@@ -106,7 +106,7 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
         )
     workers = store.serving(body.model)
     if body.baseline is not None or body.confidence_exits or not store.settings.fleet_planning or not workers:
-        return await _single_worker(store, runner, body, st, dev, workers[0] if workers else None)
+        return await _single_worker(store, runner, body, st, dev, workers)
     try:
         candidates = await store.candidates(body.model, st, dev, workers)
     except MissingTimings as exc:
@@ -115,11 +115,12 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
 
 
 async def _single_worker(
-    store: Store, runner: PlanRunner, body: PlanRequestBody, st: ModelState, dev: Profile | None, worker: Worker | None
+    store: Store, runner: PlanRunner, body: PlanRequestBody, st: ModelState, dev: Profile | None, workers: list[Worker]
 ) -> dict[str, Any]:
-    """A plan against one worker (the least loaded; none: the graph's own edge timings): for
-    baselines, confidence exits, a planner without fleet planning (edge load: the worker's
-    heartbeat), or a model no worker serves (then a named device holds a lease on no worker)."""
+    """A plan against one worker (`_priced_worker`; none: the graph's own edge timings): for
+    baselines, confidence exits, a planner without fleet planning, or a model no worker serves
+    (then a named device holds a lease on no worker)."""
+    worker, edge_load = _priced_worker(store, body, workers)
     edge, hint = _edge_profile(st, worker)
     try:
         pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits)
@@ -127,12 +128,11 @@ async def _single_worker(
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     except NoConfidenceExits as exc:
         raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
-    heartbeat = worker.load if worker is not None and not store.settings.fleet_planning else 0.0
     req = PlanRequest(
         bandwidth_mbps=body.bandwidth_mbps,
         rtt_ms=body.rtt_ms,
         device_load=body.device_load,
-        edge_load=body.edge_load if body.edge_load is not None else heartbeat,
+        edge_load=edge_load,
         latency_budget_ms=body.latency_budget_ms,
         min_accuracy=body.min_accuracy,
         frame_rate=body.frame_rate,
@@ -152,6 +152,21 @@ async def _single_worker(
     if body.device_id is not None:  # no worker serves the model: a lease reserving nothing
         result = await store.fleet.lease_without_worker(body, result)
     return result
+
+
+def _priced_worker(store: Store, body: PlanRequestBody, workers: list[Worker]) -> tuple[Worker | None, float]:
+    """The worker a plan against one worker uses and the edge load it is priced at (the
+    request's `edge_load` when it gives one): with fleet planning, the worker the other devices'
+    leases load least and that load ℓe, as a DAPDEE plan is priced (such a plan holds no lease
+    and takes no admission test); without, the least loaded worker by heartbeat and its
+    heartbeat load; no worker: 0. O(workers)."""
+    if not workers:
+        worker, load = None, 0.0
+    elif store.settings.fleet_planning:
+        worker, load = store.fleet.least_leased(workers)
+    else:
+        worker, load = workers[0], workers[0].load
+    return worker, body.edge_load if body.edge_load is not None else load
 
 
 async def _device_profile(store: Store, st: ModelState, body: PlanRequestBody) -> tuple[ModelState, Profile | None]:
