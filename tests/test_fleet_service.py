@@ -75,6 +75,16 @@ def setup_two_models(c: httpx.Client) -> None:
     assert beat(c, "http://w1:1", ["cam", "cam2"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
 
 
+def setup_two_tiers(c: httpx.Client) -> None:
+    """`setup_model` without a worker, an edge profile of tier t2 (faster than t), and two
+    workers: http://w1:1 of tier t (heartbeat load 0.5) and http://w2:1 of tier t2 (load 0)."""
+    setup_model(c, workers=())
+    fast = {"kind": "edge", "timings_ms": {"a": 1.0, "b": 1.0}, "meta": {"edge_request_ms": 4.0}}
+    assert c.put("/models/cam/profiles/t2", json=fast).status_code in (200, 201)
+    assert beat(c, "http://w1:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
+    assert beat(c, "http://w2:1", ["cam"], "t2", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+
+
 def leased(device: str, fps: float = 10.0, **kw: Any) -> dict[str, Any]:
     body = {"model": "cam", "device_tier": "phone", "bandwidth_mbps": 10.0, "rtt_ms": 5.0, "mode": "latency"}
     return {**body, "device_id": device, "frame_rate": fps, **kw}
@@ -946,12 +956,8 @@ def test_a_device_only_lease_two_workers_solve_does_not_refuse_the_second_apply(
     worker's apply, checked against the records as read at the start, refused everything it
     had solved. Both applies land now, and the lease stays Device-Only."""
     with planner(planner_prefix, rebalance_s=3600.0) as c:
-        setup_model(c, workers=())
-        fast = {"kind": "edge", "timings_ms": {"a": 1.0, "b": 1.0}, "meta": {"edge_request_ms": 4.0}}
-        assert c.put("/models/cam/profiles/t2", json=fast).status_code in (200, 201)
         # w1 sorts first by URL but is listed after w2 (busier), so the lease is first planned on w2's graph
-        assert beat(c, "http://w1:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
-        assert beat(c, "http://w2:1", ["cam"], "t2", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        setup_two_tiers(c)
         assert c.post("/plan", json=leased("j", bandwidth_mbps=0.001)).json()["lease"]["worker"] is None
         reports = c.post("/fleet/rebalance").json()["workers"]
         assert [r["worker"] for r in reports] == ["http://w1:1", "http://w2:1"], reports
@@ -982,11 +988,7 @@ def test_a_device_only_lease_record_names_the_graph_its_plan_was_planned_on(plan
     graph (the one its plan id was computed from), not that of the worker listed first by
     heartbeat load (w2): a rebalance compares records by that basis."""
     with planner(planner_prefix, rebalance_s=3600.0) as c:
-        setup_model(c, workers=())
-        fast = {"kind": "edge", "timings_ms": {"a": 1.0, "b": 1.0}, "meta": {"edge_request_ms": 4.0}}
-        assert c.put("/models/cam/profiles/t2", json=fast).status_code in (200, 201)
-        assert beat(c, "http://w1:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
-        assert beat(c, "http://w2:1", ["cam"], "t2", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        setup_two_tiers(c)
         assert c.post("/plan", json=leased("k")).json()["lease"]["worker"] == "http://w2:1"
         body = leased("j", bandwidth_mbps=0.001)
         plan = c.post("/plan", json=body).json()
