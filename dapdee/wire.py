@@ -265,12 +265,15 @@ def parse_header_length(value: str | None) -> int | None:
 
 
 def _params(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The `parameters` object of a request, tensor or requested output (null or absent: empty)
+    without its null values: a parameter that is null takes its default, as an absent one does
+    (the edge's OpenAPI schema admits null for every request and output parameter). O(#parameters)."""
     p = d.get("parameters", {})
     if p is None:
         return {}
     if not isinstance(p, dict):
         raise WireError(f"{where}.parameters: expected an object")
-    return p
+    return {k: v for k, v in p.items() if v is not None}
 
 
 def _is_int(v: Any) -> bool:

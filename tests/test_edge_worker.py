@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dapdee import wire
+from dapdee.api.oip import InferRequest
 from dapdee.client import PlannerClient
 from dapdee.costgraph import CostGraph
 from dapdee.costmodel import Partition, partition
@@ -202,6 +203,27 @@ def test_requested_outputs_and_id_echo(worker: httpx.Client) -> None:
     header["outputs"] = [{"name": "logits", "parameters": {"binary_data_output": True}}]
     r = worker.post("/v2/models/alexnet/infer", json=header)
     assert r.status_code == 400 and "'binary_data'" in r.json()["error"]
+
+
+def test_null_parameters_mean_their_defaults(worker: httpx.Client) -> None:
+    """Every optional parameter the OpenAPI schema lets be null (`InferRequest`): null is the
+    default, as absent is: the deepest exit, no confidence heads, JSON outputs."""
+    x = torch.randn(2, 3, 32, 32)
+    plain = {"inputs": [{"name": "x", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": x.flatten().tolist()}]}
+    nulls = {
+        **plain,
+        "parameters": {"exit": None, "confidence": None, "binary_data_output": None},
+        "outputs": [{"name": "logits", "parameters": {"binary_data": None, "classification": None}}, {"name": "class"}],
+    }
+    InferRequest.model_validate(nulls)
+    want = worker.post("/v2/models/alexnet/infer", json=plain)
+    got = worker.post("/v2/models/alexnet/infer", json=nulls)
+    assert want.status_code == 200 and got.status_code == 200, got.text
+    assert got.headers["content-type"].startswith("application/json")
+    assert got.json()["parameters"]["exit"] == "final" and "exits_taken" not in got.json()["parameters"]
+    assert {o["name"]: o["data"] for o in got.json()["outputs"]} == {
+        o["name"]: o["data"] for o in want.json()["outputs"]
+    }
 
 
 def _json_header(r: httpx.Response) -> dict[str, Any]:

@@ -203,6 +203,67 @@ def test_unknown_fields_in_a_cost_graph_are_named(api: httpx.Client) -> None:
     assert api.get("/models/toy3", headers=role("admin")).status_code == 404
 
 
+LEASED = {"model": "toy", "bandwidth_mbps": 1.0, "device_id": "cam-1", "frame_rate": 10.0}
+
+
+@pytest.mark.parametrize(
+    "method, path, body, errors",
+    [
+        ("POST", "/plan", {**LEASED, "frame_rate": None}, {("body", "frame_rate"): "device_id"}),
+        ("POST", "/plan", {**LEASED, "confidence_exits": True}, {("body", "confidence_exits"): "device_id"}),
+        ("POST", "/plan", {**LEASED, "baseline": "dads"}, {("body", "baseline"): "device_id"}),
+        (
+            "POST",
+            "/plan",
+            {**LEASED, "frame_rate": None, "baseline": "dads", "confidence_exits": True},
+            {
+                ("body", "frame_rate"): "device_id",
+                ("body", "baseline"): "device_id",
+                ("body", "confidence_exits"): "device_id",
+            },
+        ),
+        (
+            "POST",
+            "/plan",
+            {"model": "toy", "bandwidth_mbps": 1.0, "baseline": "dads", "confidence_exits": True},
+            {("body", "baseline"): "confidence exits"},
+        ),
+        (
+            "POST",
+            "/workers/heartbeat",
+            {
+                "url": "http://127.0.0.1:9",
+                "models": [],
+                "tier": "t",
+                "load": 0,
+                "capacity_ms_per_s": 600.0,
+                "nominal_ms_per_s": 500.0,
+            },
+            {("body", "nominal_ms_per_s"): "capacity_ms_per_s"},
+        ),
+        (
+            "PUT",
+            "/models/toy/profiles/p",
+            {"kind": "device", "timings_ms": {}, "meta": {"device_request_ms": 1.0, "edge_request_ms": -1}},
+            {("body", "meta", "edge_request_ms"): "meta.edge_request_ms"},
+        ),
+    ],
+)
+def test_checks_across_fields_name_the_field_to_change(
+    api: httpx.Client, method: str, path: str, body: dict[str, Any], errors: dict[tuple[str, ...], str]
+) -> None:
+    """A check that reads several fields reports, like any other, the path to the field to
+    change (POST /plan validates its own body; the other routes through FastAPI), with a message
+    naming the field it conflicts with; the detail names the first."""
+    who = {"/plan": "device", "/workers/heartbeat": "worker"}.get(path, "admin")
+    body = {k: v for k, v in body.items() if v is not None}
+    doc = assert_problem(api.request(method, path, json=body, headers=role(who)), 422)
+    assert {tuple(e["loc"]): e["type"] for e in doc["errors"]} == dict.fromkeys(errors, "value_error"), doc
+    for e in doc["errors"]:
+        assert e["loc"][-1] in e["msg"] and errors[tuple(e["loc"])] in e["msg"], e
+    assert doc["detail"].startswith(".".join(doc["errors"][0]["loc"]) + ": "), doc
+
+
 # ---- status codes and versions ------------------------------------------------------------------------
 
 
@@ -815,6 +876,28 @@ def test_openapi_types_every_body_answer_and_error(api: httpx.Client) -> None:
     assert "HTTPValidationError" not in schemas and "errors" in schemas["Problem"]["properties"]
     assert ops[("DELETE", "/models/{model}")]["responses"].get("204")
     assert ops[("PUT", "/models/{model}")]["responses"].get("201")
+
+
+@pytest.mark.parametrize("fleet", [True, False])
+def test_the_edge_load_a_plan_is_priced_at_is_the_one_described(fleet: bool) -> None:
+    """Without `edge_load` a plan is priced at the default the field's description states: with
+    fleet planning, the load the other devices' leases put on the worker (none here: 0, whatever
+    its heartbeat says); with DAPDEE_FLEET_PLANNING=false, the worker's heartbeat load."""
+    with served(role_settings(fleet_planning=fleet)) as (c, _):
+        spec = c.get("/openapi.json").json()["paths"]["/plan"]["post"]["requestBody"]["content"]
+        described = spec["application/json"]["schema"]["properties"]["edge_load"]["description"]
+        assert "leases" in described and "nominal_ms_per_s" in described, described
+        assert "DAPDEE_FLEET_PLANNING=false" in described and "heartbeat load" in described, described
+        assert c.put("/models/toy", json=toy_graph(), headers=role("admin")).status_code == 201
+        beat = {"url": "http://127.0.0.1:9", "models": ["toy"], "tier": "t", "load": 0.5}
+        assert c.post("/workers/heartbeat", json=beat, headers=role("worker")).status_code == 200
+        body = {"model": "toy", "bandwidth_mbps": 1000.0, "mode": "latency"}
+        implicit, given = (
+            c.post("/plan", json={**body, **load}, headers=role("device")).json()
+            for load in ({}, {"edge_load": 0.0 if fleet else 0.5})
+        )
+        assert implicit["edge_worker"] == "http://127.0.0.1:9" and implicit["edge_nodes"], implicit
+        assert implicit["predicted"] == given["predicted"], (implicit, given)
 
 
 def test_an_open_planner_warns_at_start_up(caplog: pytest.LogCaptureFixture) -> None:

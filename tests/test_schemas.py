@@ -345,6 +345,29 @@ def test_the_sdk_lease_model_accepts_the_leases_the_schema_accepts() -> None:
     assert (True, True) in verdicts and (False, False) in verdicts
 
 
+def test_the_sdk_plan_model_declares_every_field_the_plan_schema_lists() -> None:
+    """`dapdee.api.planner.PlanAnswer`, which the planner answers with and the SDK reads plans
+    with, ignores fields it does not declare: it declares every property plan.schema.json lists,
+    at the top and in `predicted` (all six `expected_*` of a confidence-exit plan), `exit` and
+    `transfer`, and none the schema does not list."""
+    from pydantic import BaseModel
+
+    from dapdee.api.planner import PlanAnswer, PlanExit, PlanPredicted, PlanTransfer
+
+    props = SCHEMAS["plan"]["properties"]
+    pairs: list[tuple[dict[str, Any], type[BaseModel]]] = [
+        (props, PlanAnswer),
+        (props["predicted"]["properties"], PlanPredicted),
+        (props["exit"]["properties"], PlanExit),
+        (props["transfer"]["items"]["properties"], PlanTransfer),
+    ]
+    for schema_props, model in pairs:
+        assert set(model.model_fields) == set(schema_props), (
+            model.__name__,
+            set(schema_props) ^ set(model.model_fields),
+        )
+
+
 def test_problem_mutations_fail_naming_the_field() -> None:
     good = {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "unknown model 'x'"}
     assert_valid("problem", good)

@@ -150,6 +150,32 @@ def test_plan_heartbeat_and_workers_round_trip(url: str) -> None:
         admin.delete_model("sdk_plan")
 
 
+def test_a_confidence_exit_plan_keeps_every_expected_number(url: str) -> None:
+    """A plan for calibrated confidence exits reads back with all six `expected_*` numbers of
+    its prediction (DESIGN.md, the plan answer), as the planner sent them."""
+    progressive = {
+        "rule": "max_softmax",
+        "thresholds": {"exit1": 0.9, "final": None},
+        "by_exit": {
+            "exit1": {"fractions": {"exit1": 1.0}, "accuracy": 0.81},
+            "final": {"fractions": {"exit1": 0.4, "final": 0.6}, "accuracy": 0.88},
+        },
+    }
+    body = {"model": "sdk_conf", "bandwidth_mbps": 5.85, "rtt_ms": 10.0, "confidence_exits": True}
+    with client(url, "admin") as admin, client(url, "device") as device:
+        admin.put_graph({**toy_graph("sdk_conf"), "progressive": progressive})
+        typed = device.plan(body)
+        raw = httpx.post(f"{url}/plan", json=body, headers=_bearer("device"))
+        admin.delete_model("sdk_conf")
+    assert raw.status_code == 200, raw.text
+    sent = raw.json()["predicted"]
+    assert {k for k in sent if k.startswith("expected_")} == {
+        f"expected_{k}"
+        for k in ("latency_ms", "device_ms", "transfer_ms", "edge_ms", "bottleneck_ms", "throughput_fps")
+    }
+    assert typed.predicted.model_dump(exclude_unset=True) == sent
+
+
 def _bearer(role: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[role]}"}
 

@@ -102,8 +102,8 @@ class RequestInput(_Model):
 
 
 class RequestedOutputParameters(_Model):
-    """Per-output parameters: `binary_data` (binary tensor extension) and `classification`
-    (not supported: 0 or absent)."""
+    """Per-output parameters: `binary_data` (binary tensor extension; null or absent: the
+    request's `binary_data_output`) and `classification` (not supported: 0, null or absent)."""
 
     binary_data: bool | None = None
     classification: int | None = None
@@ -118,7 +118,7 @@ class InferParameters(_Model):
     """Request parameters: `exit` picks the early exit (default: the deepest); `confidence`
     turns on the calibrated confidence heads the worker computes on the way to it (a row leaves
     at the first confident one); `binary_data_output` asks for every output in binary unless an
-    output says otherwise."""
+    output says otherwise. A null parameter takes its default, as an absent one does."""
 
     exit: str | None = None
     confidence: bool | None = None

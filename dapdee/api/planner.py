@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails
 
 from dapdee.costgraph import INPUT_DTYPES, MAX_BYTES, MAX_FLOPS, MAX_MS, OVERHEAD_KEYS
 from dapdee.names import MODEL_NAME_PATTERN, check_model_name
@@ -61,6 +62,17 @@ Ms = Annotated[float, Field(ge=0, le=MAX_MS, description="milliseconds, finite")
 ByteCount = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 
 
+def _invalid(model: str, errors: list[tuple[tuple[str, ...], str, Any]]) -> ValidationError:
+    """A ValidationError of `model` holding one `value_error` per (path, message, value). Raised
+    from a validator, pydantic keeps each error's path, placed under where the validator runs (a
+    model validator: the model; a field validator: the field), so a check that reads several
+    fields reports the field to change, as a single-field check does."""
+    line_errors: list[InitErrorDetails] = [
+        {"type": "value_error", "loc": loc, "input": v, "ctx": {"error": msg}} for loc, msg, v in errors
+    ]
+    return ValidationError.from_exception_data(model, line_errors)
+
+
 def _request(example: dict[str, Any]) -> ConfigDict:
     return ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, json_schema_extra={"examples": [example]})
 
@@ -93,7 +105,14 @@ class PlanRequestBody(BaseModel):
     rtt_ms: float = Field(0.0, ge=0, le=MAX_RTT_MS, description="round trip to the edge (ms)")
     device_load: float = Field(0.0, ge=0, lt=1, description="fraction of the device's compute already busy")
     device_tier: Name | None = Field(None, description="device profile to time the device part with")
-    edge_load: float | None = Field(None, ge=0, lt=1, description="default: the chosen worker's reported load")
+    edge_load: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="ℓe; default: the load the other devices' leases put on the chosen worker, "
+        "min(0.95, their reserved ms/s / its nominal_ms_per_s); with fleet planning off "
+        "(DAPDEE_FLEET_PLANNING=false), the chosen worker's heartbeat load",
+    )
     latency_budget_ms: float | None = Field(None, gt=0, le=MAX_BUDGET_MS)
     min_accuracy: float | None = Field(None, ge=0, le=1)
     frame_rate: float | None = Field(None, gt=0, le=MAX_FRAME_RATE, description="frames/s the device offers")
@@ -110,13 +129,30 @@ class PlanRequestBody(BaseModel):
 
     @model_validator(mode="after")
     def _combinations(self) -> PlanRequestBody:
-        if self.device_id is not None and self.frame_rate is None:
-            raise ValueError("frame_rate: required with device_id (the lease reserves frame_rate x the edge cost)")
-        if self.device_id is not None and (self.baseline is not None or self.confidence_exits):
-            raise ValueError("device_id: a leased plan is DAPDEE's static plan; drop baseline and confidence_exits")
-        if self.baseline is not None and self.confidence_exits:
-            raise ValueError("baseline: baselines do not plan for confidence exits")
-        return self
+        """The fields that must or must not come together (`_combination_errors`), each refusal
+        at the field to change. O(1)."""
+        if self.device_id is None:
+            if self.baseline is None or not self.confidence_exits:
+                return self
+        elif self.frame_rate is not None and self.baseline is None and not self.confidence_exits:
+            return self
+        raise _invalid(type(self).__name__, self._combination_errors())
+
+    def _combination_errors(self) -> list[tuple[tuple[str, ...], str, Any]]:
+        """(path, message, value) per combination refused: `device_id` needs `frame_rate`; a
+        leased plan (`device_id`) takes neither `baseline` nor `confidence_exits`; a baseline
+        does not plan for confidence exits. O(1)."""
+        if self.device_id is None:
+            return [(("baseline",), "baseline: baselines do not plan for confidence exits", self.baseline)]
+        errors: list[tuple[tuple[str, ...], str, Any]] = []
+        if self.frame_rate is None:
+            msg = "frame_rate: required with device_id (the lease reserves frame_rate x the edge cost)"
+            errors.append((("frame_rate",), msg, None))
+        for name, value in (("baseline", self.baseline), ("confidence_exits", self.confidence_exits)):
+            if value not in (None, False):
+                msg = f"{name}: not with device_id (a leased plan is DAPDEE's static plan); drop {name} or device_id"
+                errors.append(((name,), msg, value))
+        return errors
 
 
 class PlanExit(BaseModel):
@@ -145,6 +181,9 @@ class PlanPredicted(BaseModel):
     expected_latency_ms: float | None = Field(
         None, ge=0, description="with confidence_exits: the latency averaged over where frames leave"
     )
+    expected_device_ms: float | None = Field(None, ge=0, description="with confidence_exits")
+    expected_transfer_ms: float | None = Field(None, ge=0, description="with confidence_exits")
+    expected_edge_ms: float | None = Field(None, ge=0, description="with confidence_exits")
     expected_bottleneck_ms: float | None = Field(None, ge=0, description="with confidence_exits")
     expected_throughput_fps: float | None = Field(None, gt=0, description="with confidence_exits")
 
@@ -439,7 +478,8 @@ class ProfileBody(BaseModel):
         for key in OVERHEAD_KEYS:
             v = meta.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_MS):
-                raise ValueError(f"meta.{key}: expected a finite number of ms in [0, {MAX_MS:g}], got {v!r}")
+                msg = f"meta.{key}: expected a finite number of ms in [0, {MAX_MS:g}], got {v!r}"
+                raise _invalid(cls.__name__, [((key,), msg, v)])
         return meta
 
 
@@ -587,11 +627,14 @@ class HeartbeatBody(BaseModel):
 
     @model_validator(mode="after")
     def _nominal_holds_capacity(self) -> HeartbeatBody:
+        """`nominal_ms_per_s`, when given, is at least `capacity_ms_per_s`; a refusal is at
+        `nominal_ms_per_s`. O(1)."""
         if self.nominal_ms_per_s is not None and self.nominal_ms_per_s < self.capacity_ms_per_s:
-            raise ValueError(
+            msg = (
                 f"nominal_ms_per_s: {self.nominal_ms_per_s} is below capacity_ms_per_s {self.capacity_ms_per_s} "
                 "(a measured slowdown only lowers the capacity)"
             )
+            raise _invalid(type(self).__name__, [(("nominal_ms_per_s",), msg, self.nominal_ms_per_s)])
         return self
 
 
