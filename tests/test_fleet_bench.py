@@ -7,6 +7,7 @@ written by hand."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from dapdee.bench.fleet_bench.devices import release_phase
 from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
 from dapdee.bench.fleet_bench.report import GOODPUT_X_INDEPENDENT, INDEPENDENT, ratio_target
 from dapdee.bench.fleet_bench.runner import run_scenario
-from dapdee.bench.fleet_bench.scenario import MODELS, Scenario
-from dapdee.bench.fleet_bench.stack import FleetStack
+from dapdee.bench.fleet_bench.scenario import MODELS, NETWORK_CYCLE, Scenario
+from dapdee.bench.fleet_bench.stack import EDGE_TIER, FleetStack
 from dapdee.bench.fleet_bench.systems import SYSTEMS, PlannerSettings
 from dapdee.testing import RedisProcess, ServiceProcess
 
@@ -39,7 +40,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
         logs = tmp_path_factory.mktemp("logs")
         raw = run_scenario(stack, sc, PlannerSettings(), loaded, logs)
         pid = stack.edge.proc.pid
-        url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]), [loaded.name])
+        url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]))
         with PlannerClient(url, stack.tokens.admin) as client:
             workers = client.workers().workers
         after = {
@@ -64,6 +65,46 @@ def test_every_run_starts_with_a_fresh_worker(fleet_run: tuple[dict[str, Any], d
     assert after["cached"] == [f"{after['model']}.edge.edge.json"]
     # the run's planner log is kept, at INFO: its requests (and what rebalances did) can be read back
     assert "POST /plan 200" in after["planner_log"]
+
+
+def test_every_worker_start_of_a_stack_registers_the_price_the_first_one_measured() -> None:
+    """Two consecutive worker starts of one stack register the same edge profile with their
+    planners: the calibrated timings and meta (`calibration`, `edge_request_ms`) the first
+    start measured. The second sends itself no request (it measures nothing), and it prices its
+    own requests for its capacity meter with the graph it registers."""
+    from dapdee.client import PlannerClient
+    from dapdee.models import load_model
+
+    model = load_model("", weights=str(MODELS["resnet18"])).name
+    registered = []
+    with FleetStack([MODELS["resnet18"]], profile_repeats=1, request_samples=3) as stack:
+        for _ in range(2):
+            url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]))
+            with PlannerClient(url, stack.tokens.admin) as client:
+                registered.append(client.list_profiles(model).profiles[EDGE_TIER])
+        served = stack.edge_counters().requests
+    first, second = registered
+    assert first.meta.get("calibration") is not None and first.meta.get("edge_request_ms") is not None
+    assert second.timings_ms == first.timings_ms and second.meta == first.meta
+    assert sum(served.values()) == 0  # the second worker measured neither frames nor its request cost
+
+
+def test_client_processes_get_contiguous_devices_of_every_network() -> None:
+    """The devices are split over client processes in order, as evenly as `per_process` allows;
+    every process of 8 or more devices runs every network, one of a multiple of 8 devices
+    (the benchmark's N = 16, 32, 64 at 16 per process) the whole cycle's proportions."""
+    for per_process in (1, 3, 5, 8, 12, 16, 22):
+        for n in (1, 8, 16, 32, 40, 64):
+            sc = Scenario("fleet", n, 30.0, per_process=per_process)
+            groups = sc.groups()
+            sizes = [len(g) for g in groups]
+            assert [d for g in groups for d in g] == sc.devices(), (n, per_process)
+            assert len(groups) == -(-n // per_process) and max(sizes) <= per_process and max(sizes) - min(sizes) <= 1
+            for g in groups:
+                networks = Counter(d.network for d in g)
+                assert len(g) < 8 or set(networks) == set(NETWORK_CYCLE), (n, per_process, networks)
+                assert len(g) % 8 or networks == Counter(NETWORK_CYCLE * (len(g) // 8)), (n, per_process, networks)
+    assert [len(g) for g in Scenario("fleet", 64, 30.0).groups()] == [16] * 4
 
 
 def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:

@@ -1,7 +1,9 @@
 """One fleet run end to end, on a started `FleetStack`:
 
 1. the planner is restarted with the system's settings, then the edge worker, which registers
-   again (`FleetStack.fresh`: no run inherits the state an earlier one left);
+   again (`FleetStack.fresh`: no run inherits the state an earlier one left) with the edge
+   profile the invocation's first worker start calibrated and priced (the same in every run;
+   the result's `costs` record it: `edge_calibration`, `edge_request_ms`, `edge_ms_final`);
 2. the device tier's profile (the K = 1 profile x K) is published by a real device session
    (`dapdee.device.session.open_device` on the same profile, shaped 4G uplink, nothing else
    running), which measures and publishes the device's per-request CPU cost
@@ -88,7 +90,9 @@ class ClientProcess:
 
 def publish_profile(stack: FleetStack, sc: Scenario, loaded: Any, planner_url: str) -> dict[str, float | None]:
     """Publish the tier's device profile through a real device session (module docstring, 2);
-    returns the per-request costs the planner now prices: device_request_ms, edge_request_ms."""
+    returns what the planner now prices: the per-request costs device_request_ms and
+    edge_request_ms, the edge profile's `calibration` (its timings' factor to whole frames) and
+    `edge_ms_final` (Σ edge_ms over the final exit's nodes)."""
     from dapdee.device.config import PlannerConfig, RuntimeConfig
     from dapdee.device.session import DeviceSettings, open_device
     from dapdee.netem import NETWORKS
@@ -111,6 +115,7 @@ def publish_profile(stack: FleetStack, sc: Scenario, loaded: Any, planner_url: s
     return {
         "device_request_ms": profiles[sc.tier].meta.get("device_request_ms"),
         "edge_request_ms": profiles[EDGE_TIER].meta.get("edge_request_ms"),
+        "edge_calibration": profiles[EDGE_TIER].meta.get("calibration"),
         "edge_ms_final": sum(profiles[EDGE_TIER].timings_ms[n] for n in graph.ancestors(graph.exits[-1].node)),
     }
 
@@ -195,7 +200,7 @@ def run_scenario(
     """One run (module docstring); the raw result as JSON-able data."""
     system = SYSTEMS[sc.system]
     run = f"{sc.system}-n{sc.n}-k{sc.k:g}-{sc.model}"
-    url = stack.fresh(settings.env(system), [loaded.name], log_file=log_dir / f"planner-{run}.log")
+    url = stack.fresh(settings.env(system), log_file=log_dir / f"planner-{run}.log")
     costs = publish_profile(stack, sc, loaded, url)
     clients: list[ClientProcess] = []
     try:

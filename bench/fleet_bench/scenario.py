@@ -19,6 +19,7 @@ about half as long: the profile would no longer be what a slow device's frames t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from dapdee.costgraph import CostGraph
@@ -92,10 +93,17 @@ class Scenario:
         return device_specs(self.n, self.rtt_ms)
 
     def groups(self) -> list[list[DeviceSpec]]:
-        """The devices split over client processes, as evenly as `per_process` allows."""
+        """The devices split over client processes in contiguous runs of device ids, as evenly as
+        `per_process` allows (sizes differ by at most one). Contiguous, not strided: 8
+        consecutive devices are one whole NETWORK_CYCLE, so a process of 8 or more devices holds
+        every network, and one of a multiple of 8 (N = 16, 32, 64 at 16 per process) the run's
+        proportions exactly; a stride dividing the cycle would give each process one or two
+        networks, so the processes' event-loop delays would differ by network. O(n)."""
         specs = self.devices()
         parts = -(-len(specs) // self.per_process)
-        return [specs[i::parts] for i in range(parts)]
+        size, extra = divmod(len(specs), max(parts, 1))
+        bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+        return [specs[a:b] for a, b in pairwise(bounds)]
 
     def label(self) -> str:
         return f"{self.system} N={self.n} K={self.k:g} {self.model}"

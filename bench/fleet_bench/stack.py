@@ -12,10 +12,17 @@ with random admin, device and worker tokens.
   run's settings (fleet planning on or off). The worker is restarted too because what it
   measures under load is state: its advertised capacity rises at once when it is overloaded
   and falls back only after a minute of relief, so a worker kept across runs would start the
-  run after an overloading baseline with a fraction of its capacity. Its node profile is
-  measured once, at the first start, and read from a private cache after that, so every run
-  prices the same nodes; like any worker start, each start calibrates that profile to a whole
-  frame and measures its per-request cost (each run's values are in its result).
+  run after an overloading baseline with a fraction of its capacity.
+- Its price is measured once per `FleetStack` (one benchmark invocation), not per run: the
+  first start profiles the nodes (or reads them from `profile_cache`), calibrates them to
+  whole frames and measures its per-request cost, as any worker start does; the edge profile
+  it registers with the planner (calibrated `edge_ms`, `meta` with `calibration` and
+  `edge_request_ms`) is then written to a private profile cache that every later start reads,
+  with no request samples (`DAPDEE_EDGE_REQUEST_SAMPLES=0`: no re-calibration, no re-measured
+  request cost). Every run's planner therefore plans and books with the same edge price, and
+  every run's worker prices its requests for its capacity meter (κ) with it (re-measured at
+  each start, it would be a per-run draw that only the systems planning with it, fleet and
+  independent, pay). Each run's result records the price it ran with (runner.py).
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from pathlib import Path
 
 import httpx
 
+from dapdee.api.planner import StoredProfile
+from dapdee.client import EdgeClient, PlannerClient
+from dapdee.costgraph import CostGraph
+from dapdee.edge_worker.registration import profile_path
 from dapdee.testing import RedisProcess, ServiceProcess, unique_prefix, wait_registered
 
 EDGE_TIER = "edge"
@@ -113,8 +124,10 @@ def parse_planner_counters(text: str) -> dict[str, float]:
 
 class FleetStack:
     """Redis (started by `start`) + a planner and one edge worker per run (`fresh`).
-    A context manager; `stop` ends everything it started. `profile_cache`: where the worker
-    caches its node profile (default: a private temporary folder, removed by `stop`)."""
+    A context manager; `stop` ends everything it started. `profile_cache`: where the first
+    worker start reads or caches its node profile (default: a private temporary folder, removed
+    by `stop`); the calibrated profile later starts read is always private (module docstring).
+    `edge_profiles`: each model's edge profile as the first start registered it (None before)."""
 
     def __init__(
         self,
@@ -129,13 +142,18 @@ class FleetStack:
         # worker under test, so it runs at a lower priority: its rebalance and re-plan bursts must
         # not slow the worker (whose measured capacity, and so the fleet's plans, would follow).
         self.planner = ServiceProcess("planner", [], "/readyz", {}, log_level="error", niceness=PLANNER_NICENESS)
-        self._own_cache = None if profile_cache is not None else tempfile.TemporaryDirectory(prefix="fleet-edge-")
-        profile_cache = profile_cache if profile_cache is not None else Path(self._own_cache.name)
+        self._private = tempfile.TemporaryDirectory(prefix="fleet-edge-")
+        self.profile_cache = profile_cache if profile_cache is not None else Path(self._private.name) / "nodes"
+        self.calibrated_cache = Path(self._private.name) / "calibrated"
+        self.edge_profiles: dict[str, StoredProfile] | None = None
         models = ",".join(f"@{a}" for a in artifacts)
         args = ["--models", models, "--workers", "1", "--batch-max", "1", "--threads", "1", "--tier", EDGE_TIER]
         args += ["--planner", self.planner.url, "--profile-repeats", str(profile_repeats)]
-        args += ["--profile-cache", str(profile_cache)]
-        env = {"DAPDEE_EDGE_HEARTBEAT_S": "1", "DAPDEE_EDGE_REQUEST_SAMPLES": str(request_samples)}
+        env = {
+            "DAPDEE_EDGE_HEARTBEAT_S": "1",
+            "DAPDEE_EDGE_REQUEST_SAMPLES": str(request_samples),
+            "DAPDEE_EDGE_PROFILE_CACHE": str(self.profile_cache),
+        }
         self.edge = ServiceProcess("edge", args, "/v2/health/ready", {**self.tokens.env(), **env}, log_level="error")
         self.prefix = ""
 
@@ -143,14 +161,13 @@ class FleetStack:
         self.redis.start()
         return self
 
-    def fresh(
-        self, settings: Mapping[str, str], models: Sequence[str], timeout_s: float = 180.0, log_file: Path | None = None
-    ) -> str:
+    def fresh(self, settings: Mapping[str, str], timeout_s: float = 180.0, log_file: Path | None = None) -> str:
         """(Re)start the planner with `settings` (DAPDEE_* variables) and a fresh key prefix, then
-        the edge worker, and wait until the worker has registered each of `models` with the
-        planner. `log_file`: the planner's log, at INFO (what each rebalance and capacity drop
-        did); without one it logs errors only, to this process's standard error. Returns the
-        planner's URL."""
+        the edge worker, and wait until the worker has registered every model it serves with the
+        planner; after the first start, keep the edge profiles it registered for every later one
+        (`keep_calibration`). `log_file`: the planner's log, at INFO (what each rebalance and
+        capacity drop did); without one it logs errors only, to this process's standard error.
+        Returns the planner's URL."""
         self.planner.stop()
         self.edge.stop()
         self.planner.log_file = log_file
@@ -160,9 +177,30 @@ class FleetStack:
         self.planner.env = {**self.tokens.env(), "DAPDEE_KEY_PREFIX": self.prefix, **settings}
         self.planner.start(90)
         self.edge.start(timeout_s)
-        for m in models:
+        with EdgeClient(self.edge.url, self.tokens.admin) as edge:
+            served = edge.server_metadata().models
+        for m in served:
             wait_registered(self.planner.url, m, [self.edge.url], timeout_s, self.tokens.admin, EDGE_TIER)
+        if self.edge_profiles is None:
+            self.edge_profiles = self.keep_calibration(served)
         return self.planner.url
+
+    def keep_calibration(self, models: Sequence[str]) -> dict[str, StoredProfile]:
+        """Each model's edge profile as the running worker registered it (calibrated `edge_ms`,
+        `meta` with `calibration` and `edge_request_ms`), written into the worker's cached node
+        profile (same nodes, so the cache is valid for the same settings) in the private
+        `calibrated_cache`; later starts read that cache and measure no request samples, so they
+        register, and price their own requests with, exactly these timings and meta. O(nodes)."""
+        with PlannerClient(self.planner.url, self.tokens.admin) as planner:
+            profiles = {m: planner.list_profiles(m).profiles[EDGE_TIER] for m in models}
+        self.calibrated_cache.mkdir(parents=True, exist_ok=True)
+        for m, p in profiles.items():
+            nodes = CostGraph.load(str(profile_path(str(self.profile_cache), m, EDGE_TIER)))
+            nodes.with_timings("edge", p.timings_ms, p.meta).save(
+                str(profile_path(str(self.calibrated_cache), m, EDGE_TIER))
+            )
+        self.edge.env |= {"DAPDEE_EDGE_PROFILE_CACHE": str(self.calibrated_cache), "DAPDEE_EDGE_REQUEST_SAMPLES": "0"}
+        return profiles
 
     def edge_counters(self) -> EdgeCounters:
         return parse_edge_counters(httpx.get(f"{self.edge.url}/metrics", timeout=5).text)
@@ -182,8 +220,7 @@ class FleetStack:
         self.planner.stop()
         self.edge.stop()
         self.redis.stop()
-        if self._own_cache is not None:
-            self._own_cache.cleanup()
+        self._private.cleanup()
 
     def __enter__(self) -> FleetStack:
         return self.start()
