@@ -25,15 +25,23 @@ settle), then `--minutes` of measurement.
 
 Prints per run: goodput (frames/s within budget), SLO attainment (devices whose p95 <= budget,
 of the scenario's N: a device that failed to open misses it, and the run says how many failed),
-p50/p99, worker utilisation (compute-busy seconds) and CPU, the client processes' CPU, plan
-changes per device-minute, the median |predicted − measured| / measured latency per frame and
-throughput per device; the per-stage prediction table; the targets with PASS/FAIL and ratios.
-Writes OUT.md, OUT.json and OUT.png (goodput and p99 against N, one line per system).
+p50/p99 over every frame offered (a dropped frame as infinitely late, as the SLO counts it: a
+p99 on a dropped frame prints as "∞" with the share dropped), worker utilisation (compute-busy
+seconds) and CPU, the client processes' CPU, plan changes per device-minute (in the order each
+device put its plans in use), the median |predicted − measured| / measured latency per frame
+and throughput per device; the per-stage prediction table; the targets with PASS/FAIL and
+ratios, then an informational WARN when a run's clients + worker + planner used more than 0.8
+of the host's cores (the clients may starve the worker under test).
+Writes OUT.md, OUT.json (an infinite p99 as `Infinity`, which `json` reads back) and OUT.png
+(goodput and p99 against N, one line per system; an infinite p99 as a triangle at the top).
 
-How the targets read the runs (`fleet_bench.report`): "within noise" is within 2 standard
-errors of the goodput difference (from per-second counts within each run), or 1 % of the
-offered load if that is more, since one run per cell cannot measure the spread between runs
-(committed runs of the same code differ by several per cent at N >= 32); the bookings are read
+How the targets read the runs (`fleet_bench.report`): DAPDEE-fleet's goodput is compared with
+every baseline at every N of every (model, K) run, the ratio targets at K = 30 (against a
+baseline goodput of 0 a ratio target passes only if the fleet's is above 0); "within noise" is
+within 2 standard errors of the goodput difference (batch means over blocks of about 5 s
+within each run, since shortfalls come in episodes of seconds), or 1 % of the offered load if
+that is more, since one run per cell cannot measure the spread between runs (committed runs of
+the same code differ by several per cent at N >= 32); the bookings are read
 at every poll from the cameras' start, and a capacity drop the planner had to register over the
 leases fails the target; utilisation is the busier of the compute slot and the worker's CPU;
 the throughput error scores only devices whose plan predicts less than the frame rate (where

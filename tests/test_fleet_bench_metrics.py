@@ -5,16 +5,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import types
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dapdee.bench.fleet_bench import report
-from dapdee.bench.fleet_bench.devices import Camera, DeviceStage, Released, device_result
+from dapdee.bench.fleet_bench.devices import Camera, DeviceStage, PlanUse, Released, device_result
 from dapdee.bench.fleet_bench.metrics import _device_throughput_error, goodput_se, plan_changes, summarize
 from dapdee.bench.fleet_bench.scenario import DeviceSpec
 from dapdee.bench.fleet_bench.systems import SYSTEMS
@@ -139,8 +141,13 @@ def _plan(pid: str, nodes: tuple[str, ...], t: float, bottleneck_ms: float = 1.0
     )  # fmt: skip
 
 
-def _fake_device(plans: list[Plan], frames: list[Released], predicted: dict[str, Any]) -> Any:
-    """What `device_result` reads of a device."""
+def _fake_device(
+    plans: list[Plan], frames: list[Released], predicted: dict[str, Any], used_at: list[float] | None = None
+) -> Any:
+    """What `device_result` reads of a device: `plans` put in use in this order, at `used_at`
+    (monotonic s; by default at their request times)."""
+    uses = PlanUse()
+    uses.used = list(zip(used_at or [p.requested_at for p in plans], plans, strict=True))
     sensing = types.SimpleNamespace(bandwidth_mbps=1.0, request_rtt_ms=1.0, request_cpu_ms=1.0,
                                     bandwidth=types.SimpleNamespace(history=[]))  # fmt: skip
     return types.SimpleNamespace(
@@ -148,6 +155,7 @@ def _fake_device(plans: list[Plan], frames: list[Released], predicted: dict[str,
         camera=types.SimpleNamespace(frames=frames),
         runtime=types.SimpleNamespace(plans=plans, sensing=sensing, events=[]),
         plans=types.SimpleNamespace(predicted=predicted),
+        uses=uses,
     )
 
 
@@ -247,26 +255,25 @@ def test_a_device_that_failed_to_open_counts_as_a_miss_whose_frames_were_dropped
     assert report.failed_devices(old) == 1
 
 
-def test_goodput_se_counts_the_windows_last_partial_second() -> None:
-    """A 20.4 s window: 10 good frames in every second of [0, 20), none in [20, 20.4). The tail
-    (shorter than half a second) joins the last bin: 19 bins of 10 frames in 1 s, one of 10 in
-    1.4 s. G = 200 / 20.4; s^2 = (19 (10 - G)^2 + 1.4 (10 / 1.4 - G)^2) / 19; SE = sqrt(s^2 / 20.4)
-    = 0.1657 (it was 0: the tail never reached a bin)."""
-    frames = [[k / 10, 50.0] + [None] * 6 for k in range(200)]
-    frames += [[20.0 + k / 10, None] + [None] * 6 for k in range(4)]
-    g = 200 / 20.4
-    s2 = (19 * (10 - g) ** 2 + 1.4 * (10 / 1.4 - g) ** 2) / 19
-    assert goodput_se(frames, 250.0, 20.4) == pytest.approx(math.sqrt(s2 / 20.4)) == pytest.approx(0.16572, abs=1e-5)
-    # a tail of half a second or more is a bin of its own, its rate scaled by its length
-    frames = [[k / 10, 50.0] + [None] * 6 for k in range(200)] + [[20.0 + k / 10, None] + [None] * 6 for k in range(6)]
-    g = 200 / 20.6
-    s2 = (20 * (10 - g) ** 2 + 0.6 * (0 - g) ** 2) / 20
-    assert goodput_se(frames, 250.0, 20.6) == pytest.approx(math.sqrt(s2 / 20.6))
-    # whole seconds: the sample standard deviation of the per-second counts over sqrt(k)
-    counts = [5, 7, 6, 9]
-    frames = [[i + j / 10, 10.0] + [None] * 6 for i, c in enumerate(counts) for j in range(c)]
-    sd = math.sqrt(sum((c - 6.75) ** 2 for c in counts) / 3)
-    assert goodput_se(frames, 250.0, 4.0) == pytest.approx(sd / 2)
+def _good(counts: Sequence[int]) -> list[list[Any]]:
+    """Frames answered in 10 ms, `counts[i]` of them spread over second i."""
+    return [[i + j / c, 10.0] + [None] * 8 for i, c in enumerate(counts) for j in range(c)]
+
+
+def test_goodput_se_comes_from_blocks_of_seconds_not_per_second_counts() -> None:
+    """Shortfalls in episodes of 5 s (20 s window: 10 good frames/s, none in [0, 5) and
+    [10, 15)): per-second counts read as independent give SE = sd(0 x 10, 10 x 10) / sqrt(20) =
+    1.15 frames/s, a third of the spread such episodes give the goodput; batch means over 4
+    blocks of 5 s give sd(0, 10, 0, 10) / sqrt(4) = 2.89."""
+    counts = [0] * 5 + [10] * 5 + [0] * 5 + [10] * 5
+    assert goodput_se(_good(counts), 250.0, 20.0) == pytest.approx(math.sqrt(100 / 3) / 2)
+    # 20.4 s: 4 blocks of 5.1 s; a frame late for its budget is not good
+    frames = _good([10] * 20) + [[20.2, 300.0] + [None] * 8]
+    rates = [51 / 5.1, 51 / 5.1, 51 / 5.1, 47 / 5.1]
+    g = sum(rates) / 4
+    assert goodput_se(frames, 250.0, 20.4) == pytest.approx(math.sqrt(sum((r - g) ** 2 for r in rates) / 3 / 4))
+    # a window under 2 blocks still gives 2 blocks; an even goodput gives 0
+    assert goodput_se(_good([5, 5]), 250.0, 2.0) == 0.0 and goodput_se([], 250.0, 0.0) == 0.0
 
 
 def test_the_stage_table_keeps_the_buffer_wait_out_of_link_and_http() -> None:
@@ -338,10 +345,116 @@ def test_the_target_against_every_baseline_names_the_baselines_it_compared() -> 
                 "goodput_se": 1.0, "offered_fps": 160.0}  # fmt: skip
 
     runs = [run("DAPDEE-fleet", 150.0), run("Edge-Only", 100.0), run("DADS", 120.0)]
-    (t,) = report._vs_baselines(runs, [16])
+    (t,) = report._vs_baselines(runs)
     assert t.ok is True and "every baseline run" in t.name
     assert t.detail.endswith("; compared with Edge-Only, DADS (not run: DAPDEE-independent, Device-Only)")
     runs += [run("DAPDEE-independent", 110.0), run("Device-Only", 50.0)]
-    (t,) = report._vs_baselines(runs, [16])
+    (t,) = report._vs_baselines(runs)
     assert "not run" not in t.detail and "compared with Edge-Only, DADS, DAPDEE-independent, Device-Only" in t.detail
     assert set(report.BASELINE_LABELS) == {s.label for s in SYSTEMS.values()} - {report.FLEET}
+
+
+def _dropping_device(window_s: float = 20.4) -> dict[str, Any]:
+    """A Device-Only-like device at 10 frames/s: every 6th frame dropped in the camera buffer
+    (17 %), the others answered in 150..210 ms, within the 250 ms budget."""
+    frames = [[k / RATE, None if k % 6 == 5 else 150.0 + (k % 7) * 10.0, 122.0, "local", "final", 122.0, None, "p",
+               None, 0.0] for k in range(int(window_s * RATE))]  # fmt: skip
+    return {"spec": {"device_id": "cam-000"}, "frames": frames, "plans": [], "predicted": {}}
+
+
+def test_p99_counts_dropped_frames_as_infinitely_late_and_the_report_shows_a_miss(tmp_path: Path) -> None:
+    """17 % of the frames dropped: p99 over every frame offered is infinite (it was 210 ms over
+    the answered frames, within the budget, while the SLO counted the drops as misses); p50
+    stays finite. The table prints "∞" with the share dropped, the plot marks the N instead of
+    plotting a value, the summary survives JSON, and a summary written when p99 left the drops
+    out reads as infinite too."""
+    s = summarize(_raw([_dropping_device()], 1, 20.4, []))
+    assert s["slo_attainment"] == 0.0 and s["p99_ms"] == math.inf and s["p50_ms"] == 190.0
+    back = json.loads(json.dumps(s))
+    assert back["p99_ms"] == math.inf and report.latency_ms(back, "p99_ms") == math.inf
+    cells = dict(zip([c.strip() for c in report.COLUMNS.split("|")],
+                     [c.strip() for c in report.run_row({**s, "accuracy": None}).split("|")], strict=True))  # fmt: skip
+    assert cells["p99 ms"] == "∞ (16.7% dropped)" and cells["p50 ms"] == "190.0"
+    old = {**s, "p99_ms": 210.0}  # written before: over the answered frames only
+    assert report.latency_ms(old, "p99_ms") == math.inf and report.latency_ms(old, "p50_ms") == 190.0
+    ok = summarize(_raw([_perfect_device(0, 20.0)], 1, 20.0, []))
+    assert ok["p99_ms"] == 50.0 and report.p99_points([{**s, "n": 16}, {**ok, "n": 1}]) == ([(1, 50.0)], [16])
+    report.plot([{**s, "n": 16}, {**ok, "n": 1}], ["Edge-Only"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    # a device that failed to open: its camera's frames count as dropped in the percentiles too
+    half = summarize(_raw([_perfect_device(0, 20.0)], 2, 20.0, ["cam-001: refused"]))
+    assert half["p50_ms"] == 50.0 and half["p99_ms"] == math.inf
+
+
+def _goodput_run(system: str, n: int, goodput: float, k: float = 30.0, model: str = "resnet18") -> dict[str, Any]:
+    return {"system": system, "n": n, "k": k, "model": model, "goodput_fps": goodput, "goodput_se": 0.0,
+            "offered_fps": 10.0 * n}  # fmt: skip
+
+
+def test_a_ratio_target_against_a_goodput_of_zero_passes_only_when_the_fleet_delivers() -> None:
+    """A broken cell where every system delivered nothing: the ratio is n/a and the 1.5x target
+    fails (it passed on a ratio of inf); a fleet that delivers something against a baseline of
+    0 passes, its ratio inf."""
+    runs = [_goodput_run("DAPDEE-fleet", 32, 0.0), _goodput_run("DAPDEE-independent", 32, 0.0)]
+    for against in ("DAPDEE-independent", None):
+        t = report.ratio_target(runs, 32, 1.5, against)
+        assert t.ok is False and "ratio n/a" in t.detail, t.line()
+    runs = [_goodput_run("DAPDEE-fleet", 64, 0.05), _goodput_run("DAPDEE-independent", 64, 0.0)]
+    t = report.ratio_target(runs, 64, 1.5, "DAPDEE-independent")
+    assert t.ok is True and "ratio inf" in t.detail and "allow at most inf" in t.detail
+    assert report._single_device([_goodput_run("DAPDEE-fleet", 1, 0.0),
+                                  _goodput_run("DAPDEE-independent", 1, 0.0)]).detail.startswith(
+        "0.00 vs 0.00 fps (ratio n/a")  # fmt: skip
+
+
+def test_the_fleet_is_compared_with_every_baseline_at_every_k_and_model_run() -> None:
+    """Runs at K = 10 and of the 224-px model are judged too: the fleet below Edge-Only (100 vs
+    160 frames/s) fails there; the ratio targets stay at K = 30."""
+    runs = [_goodput_run("DAPDEE-fleet", 16, 100.0, k=10.0), _goodput_run("Edge-Only", 16, 160.0, k=10.0),
+            _goodput_run("DAPDEE-fleet", 16, 160.0, model="resnet18-224"),
+            _goodput_run("Edge-Only", 16, 150.0, model="resnet18-224")]  # fmt: skip
+    fleet_only = {"utilisation": 0.0, "booked_max": None, "pred_err_latency": None, "pred_err_throughput": None,
+                  "plan_changes_per_device_min": 0.0}  # fmt: skip
+    got = {t.name: t for t in report.targets([{**r, **fleet_only} for r in runs], 0.9) if "every baseline" in t.name}
+    assert got["K=10 N=16: DAPDEE-fleet goodput >= every baseline run (within noise)"].ok is False
+    assert got["resnet18-224 K=30 N=16: DAPDEE-fleet goodput >= every baseline run (within noise)"].ok is True
+    assert len(got) == 2
+    # the ratio targets (K = 30, resnet18) have no runs to judge: none is made
+    assert not [t for t in report.targets([{**r, **fleet_only} for r in runs], 0.9) if t.name.startswith("K=30")]
+
+
+def test_clients_worker_and_planner_cpu_past_the_hosts_share_warn_without_failing() -> None:
+    """K=30 N=64 on 2 cores: clients 1.02 + worker 0.65 + planner 0.08 = 1.75 > 0.8 x 2: a WARN
+    line naming the run and its figures, not a FAIL (ok stays None); 1.2 of 2 is within."""
+
+    def run(clients: float, n: int, host: int | None = 2) -> dict[str, Any]:
+        return {"system": "Edge-Only", "n": n, "k": 30.0, "model": "resnet18", "clients_cpu": clients,
+                "worker_cpu": 0.65, "planner_cpu": 0.08, "host_cores": host}  # fmt: skip
+
+    t = report.host_cpu_check([run(0.47, 16), run(1.02, 64)])
+    assert t.ok is None and t.warning is True and t.line().startswith("WARN  host CPU")
+    assert "1 run(s) over: Edge-Only K=30 N=64: clients 1.02 + worker 0.65 + planner 0.08 = 1.75 of 2 cores" in t.detail
+    t = report.host_cpu_check([run(0.47, 16)])
+    assert t.warning is False and t.line().startswith("INFO  ") and "busiest Edge-Only K=30 N=16" in t.detail
+    # no host_cores recorded: the cores given (else this host's)
+    assert report.host_cpu_check([run(1.02, 64, None)], cores=4).warning is False
+    assert report.targets([run(1.02, 64)], 0.9)[-1].warning is True
+
+
+def test_plan_changes_follow_the_order_the_device_put_its_plans_in_use() -> None:
+    """A renewal of the leased plan A asked at 9.5 s and answered at 10.2 s, after the lease
+    lapsed at 10.0 s and the runtime put its Device-Only plan D in use: in use A -> D -> A, two
+    changes (sorted by request time, A -> A -> D read as one). `device_result` writes when each
+    plan was put in use."""
+    w0 = 100.0
+    lease = _plan("a", ("x", "conv1"), w0 - 30)
+    local = _plan("device-only", ("x", "conv1", "fc"), w0 + 10.0, origin="device-only")
+    renewal = _plan("a2", ("x", "conv1"), w0 + 9.5)
+    res = device_result(_fake_device([lease, local, renewal], [], {}, [w0 - 30, w0 + 10.0, w0 + 10.2]), (w0, w0 + 20))
+    assert [p[4] for p in res["plans"]] == ["a", "device-only", "a2"]
+    assert [p[5] for p in res["plans"]] == pytest.approx([-30.0, 10.0, 10.2])
+    assert plan_changes(res["plans"], 20.4) == 2
+    # plans written before the use time was recorded: in their order, at the latest request so far
+    assert plan_changes([p[:5] for p in res["plans"]], 20.4) == 2
+    # a change back that the device made after the window is none of the window's
+    assert plan_changes(res["plans"], 10.1) == 1

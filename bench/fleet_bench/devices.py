@@ -54,6 +54,7 @@ from dapdee.costgraph import CostGraph
 from dapdee.device.compute import BoundaryValues, Computed, EmulatedCompute, Progressed
 from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device.edge import Backoff, EdgeLink, WorkerTrust
+from dapdee.device.metrics import DeviceMetrics
 from dapdee.device.plan_source import listed_workers
 from dapdee.device.probe import LinkProber, Sensor
 from dapdee.device.replanner import conditions
@@ -205,6 +206,22 @@ class PlanLog:
         await self.client.release(device_id)
 
 
+class PlanUse(DeviceMetrics):
+    """A device runtime's metrics (`DeviceRuntime(metrics=...)`, in their own registry) that also
+    keep when the runtime put each plan in use (monotonic s), in the order of use: the runtime
+    reports its first plan and every plan its re-planner uses, the Device-Only plan a lapsed
+    lease puts in use included. The runtime's `plans` keep the order but only the request
+    times. O(1) per report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: list[tuple[float, Plan]] = []
+
+    def plan(self, plan: Plan) -> None:
+        super().plan(plan)
+        self.used.append((time.monotonic(), plan))
+
+
 @dataclass
 class Released:
     """One released frame: when (monotonic s); once admitted, when the camera handed it to the
@@ -316,6 +333,7 @@ class Device:
     runtime: DeviceRuntime
     camera: Camera
     plans: PlanLog
+    uses: PlanUse
     opened: list[str] = field(default_factory=list)  # notes from start-up
 
 
@@ -366,9 +384,11 @@ async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
     system = SYSTEMS[job.system]
     source = await plan_source(system, plans, graph, cfg.requirements, job.tier, spec.device_id, conditions(sensing))
     stage = DeviceStage(EmulatedCompute(graph, shared.values), asyncio.Event())
+    uses = PlanUse()
     runtime = DeviceRuntime(
-        graph, stage, source, config=cfg, sensing=sensing, edge=edge, slowdown=job.k, rate_mbps=spec.rate_mbps
-    )
+        graph, stage, source, config=cfg, sensing=sensing, edge=edge, slowdown=job.k, rate_mbps=spec.rate_mbps,
+        metrics=uses,
+    )  # fmt: skip
     if source.replans:
 
         def target() -> str | None:
@@ -378,7 +398,7 @@ async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
         runtime.sensor = Sensor(prober, sensing, cfg, target)
     await runtime.start()
     camera = Camera(runtime, stage, shared.frame, job.frame_rate, cfg.max_inflight)
-    return Device(spec, runtime, camera, plans)
+    return Device(spec, runtime, camera, plans, uses)
 
 
 def device_part(nodes: Sequence[str]) -> str:
@@ -402,8 +422,9 @@ def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
     `[release s into the window, latency ms or null (dropped / unanswered), predicted ms,
     where, exit, device ms, edge queue + compute ms or null, plan id, error, wait ms or null]`
     (wait: from its release until its first device part began on the device's clock, or with
-    none until the camera handed it to the runtime); every plan it put in use as
-    `[s into the window (negative: before), exit, device part (`device_part`), worker, plan id]`;
+    none until the camera handed it to the runtime); every plan it put in use, in the order of
+    use (`PlanUse`), as `[s into the window (negative: before) when it was requested, exit,
+    device part (`device_part`), worker, plan id, s into the window when it was put in use]`;
     the predicted stages of those plans (the planner's answer; for a plan the planner never
     priced, the runtime's own prediction, `plan_prediction`); its last events. O(frames + plans)."""
     w0, w1 = window
@@ -421,9 +442,9 @@ def device_result(dev: Device, window: tuple[float, float]) -> dict[str, Any]:
             [rel.at - w0, (rel.done_at - rel.at) * 1000.0, r.predicted_ms, r.where, r.exit, r.device_ms, server,
              r.plan_id, r.error, None if wait is None else wait * 1000.0]
         )  # fmt: skip
-    runtime_plans = list(dev.runtime.plans)
-    plans = [[p.requested_at - w0, p.exit, device_part(p.device_nodes), p.edge_worker, p.plan_id]
-             for p in runtime_plans]  # fmt: skip
+    runtime_plans = [p for _, p in dev.uses.used]
+    plans = [[p.requested_at - w0, p.exit, device_part(p.device_nodes), p.edge_worker, p.plan_id, at - w0]
+             for at, p in dev.uses.used]  # fmt: skip
     used = {p[4] for p in plans} | {f[7] for f in frames if f[7]}
     predicted = {pid: plan_prediction(p) for p in runtime_plans if (pid := p.plan_id) in used}
     predicted |= {pid: dev.plans.predicted[pid] for pid in used if pid in dev.plans.predicted}

@@ -3,22 +3,28 @@ number comes from frames that were really released, answered or dropped. Pure fu
 
 - goodput: frames/s, over the whole fleet, answered within the latency budget (a dropped or
   unanswered frame missed it); `offered` is the frames/s the scenario's N cameras release;
-  `goodput_se` its standard error from the per-second counts of the window (the noise the
-  comparisons allow; the window's last partial second counts for its length);
+  `goodput_se` its standard error by batch means over blocks of about BLOCK_S seconds (the
+  noise the comparisons allow: shortfalls come in episodes of seconds, back-off rests,
+  re-plans, capacity drops, so per-second counts are not independent);
 - failed devices: a device of the scenario that did not open (`errors`) is still one of its N:
   it misses the SLO, and the frames its camera would have released (frame rate x window) count
   as offered and dropped; `failed_devices` says how many;
 - SLO attainment: the share of the scenario's N devices whose p95 latency is within the budget,
   dropped frames counted as infinitely late;
-- p50 / p99: latency of the answered frames (release to answer);
+- p50 / p99: latency (release to answer) over every frame offered in the window, a dropped or
+  unanswered frame (and each frame a failed device's camera would have released) as +inf, as
+  the SLO counts it: a system that drops more than 1 % of its frames has an infinite p99
+  (`math.inf`; `json` writes it as `Infinity` and reads it back);
 - worker utilisation: compute-busy seconds / (window x slots), from the worker's
-  `dapdee_edge_compute_busy_seconds_total`; and the worker process's CPU seconds per second;
+  `dapdee_edge_compute_busy_seconds_total`; and the worker, planner and client processes' CPU
+  seconds per second (cores);
 - worker capacity and leases booked: the median capacity the worker advertised (ms/s, its
   nominal 1000 / κ) and the largest share of it the leases booked, polled in the window;
   `booking_series` keeps every poll from the cameras' start (warm-up included) as (s since
   the start, booked share, capacity);
 - plan changes per device-minute: changes of a device's plan (exit, device part: its set of
-  nodes, or worker) put in use during the window, per device that ran;
+  nodes, or worker) put in use during the window, in the order the device put them in use, per
+  device that ran;
 - prediction error, latency: the median over answered frames of |predicted − measured| /
   measured, predicted = the latency of the plan the frame ran (as the planner priced it: for a
   leased plan, at the load the other leases put on the worker), measured = release to answer;
@@ -45,14 +51,21 @@ from typing import Any
 
 # frame fields (devices.device_result); WAIT is absent from results written before it was recorded
 T, LAT, PRED, WHERE, EXIT, DEV, SERVER, PLAN, ERROR, WAIT = range(10)
+# plan fields (devices.device_result); USED is absent from results written before it was recorded
+REQUESTED, USED = 0, 5
+BLOCK_S = 5.0  # goodput_se: the batch-means block length (s), longer than a typical shortfall episode
+
+
+def rank(q: float, n: int) -> int:
+    """The 0-based index of the q-quantile (0..1) by nearest rank among n > 0 sorted values. O(1)."""
+    return min(n - 1, max(0, math.ceil(q * n) - 1))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-quantile (0..1) by nearest rank; None for no values. O(n log n)."""
     if not values:
         return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+    return sorted(values)[rank(q, len(values))]
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -60,12 +73,18 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 def plan_changes(plans: Sequence[Sequence[Any]], window_s: float) -> int:
-    """Changes of plan (exit, device part, worker) put in use within [0, window_s); the device
-    part as `devices.device_part` writes it (its nodes, not only their count). O(plans)."""
-    changes, last = 0, None
-    for t, exit_name, part, worker, _ in sorted(plans, key=lambda p: p[0]):
-        key = (exit_name, tuple(part) if isinstance(part, list) else part, worker)
-        if last is not None and key != last and 0 <= t < window_s:
+    """Changes of plan (exit, device part, worker) put in use within [0, window_s), in the order
+    the device put the plans in use (the order of `plans`, as `devices.device_result` writes
+    them), not the order they were asked for: a renewal asked before a lease lapsed and answered
+    after the device switched to its own plan is a change back. The device part as
+    `devices.device_part` writes it (its nodes, not only their count). A plan's time is when it
+    was put in use (`USED`); results written before that was recorded give the latest request
+    time so far, a lower bound of it. O(plans)."""
+    changes, last, used = 0, None, -math.inf
+    for p in plans:
+        used = p[USED] if len(p) > USED and p[USED] is not None else max(used, p[REQUESTED])
+        key = (p[1], tuple(p[2]) if isinstance(p[2], list) else p[2], p[3])
+        if last is not None and key != last and 0 <= used < window_s:
             changes += 1
         last = key
     return changes
@@ -112,47 +131,43 @@ def _stages(frames: list[list[Any]], devices: Sequence[dict[str, Any]]) -> dict[
 
 
 def goodput_se(frames: Sequence[Sequence[Any]], budget_ms: float, window_s: float) -> float:
-    """Standard error of the goodput (frames/s over [0, window_s)) from its per-second counts.
+    """Standard error of the goodput (frames/s over [0, window_s)) by batch means.
 
-    Bins of 1 s; the window's last partial second is a bin of its own length, or, when shorter
-    than half a second, joins the bin before it (a sliver's count would be all quantisation).
-    A bin of length l_i with c_i good frames has rate r_i = c_i / l_i and, as counts of a
-    stationary process, variance s^2 / l_i: so s^2 = sum l_i (r_i - G)^2 / (k - 1) with G the
-    goodput (= sum c_i / W), and SE(G) = sqrt(s^2 / W). With whole seconds this is the sample
-    standard deviation of the per-second counts over sqrt(k). 0 for fewer than 2 bins.
-    O(frames + window_s)."""
+    The window is cut into k = max(2, round(window_s / BLOCK_S)) blocks of equal length
+    L = window_s / k (about BLOCK_S s each); block i with c_i good frames has the rate
+    r_i = c_i / L, the goodput G is their mean, and SE(G) = sd(r_1..r_k) / sqrt(k) (sample
+    standard deviation, k - 1 degrees of freedom). Blocks of seconds keep a shortfall episode
+    (a back-off rest, a re-plan, a capacity drop) within one block, so the blocks' rates are
+    close to independent where per-second counts are not (those understate the noise of
+    episodic shortfalls by about the square root of the episodes' length in seconds). With few blocks the estimate is
+    itself noisy (a 20 s window gives 4 blocks, 3 degrees of freedom); `report._noise` floors
+    the noise it allows. 0 for an empty window. O(frames + k)."""
     if not window_s > 0:
         return 0.0
-    whole = int(window_s)
-    tail = window_s - whole
-    edges = [float(i) for i in range(whole + 1)]  # bin i is [edges[i], edges[i + 1])
-    if tail > 0:
-        if tail >= 0.5 or whole == 0:
-            edges.append(window_s)
-        else:
-            edges[-1] = window_s
-    k = len(edges) - 1
-    if k < 2:
-        return 0.0
+    k = max(2, round(window_s / BLOCK_S))
+    length = window_s / k
     counts = [0] * k
     for f in frames:
         if f[LAT] is not None and f[LAT] <= budget_ms and 0 <= f[T] < window_s:
-            counts[min(int(f[T]), k - 1)] += 1
-    lengths = [edges[i + 1] - edges[i] for i in range(k)]
-    g = sum(counts) / window_s
-    s2 = sum(length * (c / length - g) ** 2 for c, length in zip(counts, lengths, strict=True)) / (k - 1)
-    return math.sqrt(s2 / window_s)
+            counts[min(int(f[T] / length), k - 1)] += 1
+    return statistics.stdev(c / length for c in counts) / math.sqrt(k)
+
+
+def latencies(frames: Sequence[Sequence[Any]], missing: int = 0) -> list[float]:
+    """Every frame's latency (ms), a dropped or unanswered frame as +inf, and `missing` more
+    frames as +inf (those a failed device's camera would have released). O(frames + missing)."""
+    return [math.inf if f[LAT] is None else f[LAT] for f in frames] + [math.inf] * missing
 
 
 def _device_ok(dev: dict[str, Any], budget_ms: float) -> bool:
-    lat = [math.inf if f[LAT] is None else f[LAT] for f in dev["frames"]]
-    p95 = percentile(lat, 0.95)
+    p95 = percentile(latencies(dev["frames"]), 0.95)
     return p95 is not None and p95 <= budget_ms
 
 
 def _window_figures(win: dict[str, Any]) -> dict[str, Any]:
     """What the services did in the window: the worker's utilisation and requests, each
-    process's CPU (cores), the bookings and the planner's counters. O(processes + polls)."""
+    process's CPU (cores) and the host's cores (`host_cores`, None where the raw result has
+    none), the bookings and the planner's counters. O(processes + polls)."""
     cpu = win["cpu_per_s"]
     clients_cpu = [v for k, v in cpu.items() if k.startswith("client-")]
     edge = win["edge"]
@@ -162,6 +177,7 @@ def _window_figures(win: dict[str, Any]) -> dict[str, Any]:
         "planner_cpu": cpu.get("planner"),
         "clients_cpu": sum(clients_cpu),
         "client_cpu_max": max(clients_cpu, default=None),
+        "host_cores": win.get("host_cores"),
         "edge_requests": edge["requests"],
         "edge_rejected": edge["rejected"],
         "booked_max": win["booked_max"],
@@ -184,7 +200,7 @@ def summarize(raw: dict[str, Any], accuracy: dict[str, float] | None = None) -> 
     offered = len(frames) + failed * sc["frame_rate"] * window_s  # a failed camera's frames: all dropped
     answered = [f for f in frames if f[LAT] is not None]
     good = sum(1 for f in answered if f[LAT] <= budget)
-    lat = [f[LAT] for f in answered]
+    lat = latencies(frames, round(offered) - len(frames))
     lat_err = [abs(f[PRED] - f[LAT]) / f[LAT] for f in answered if f[PRED] is not None and f[LAT] > 0]
     fps_err = [e for d in devices if (e := _device_throughput_error(d, sc["frame_rate"], window_s)) is not None]
     acc = [accuracy[f[EXIT]] for f in answered if accuracy and f[EXIT] in accuracy]

@@ -1,39 +1,52 @@
 """The fleet benchmark's report: one table row per run, the per-stage prediction table, the
-targets with PASS/FAIL and their ratios, and the plot (goodput and p99 against N, one line per
-system). Pure functions of the runs' summaries (`metrics.summarize`), except `plot`, which
-writes a PNG (matplotlib, Agg backend).
+targets with PASS/FAIL and their ratios, an informational check of the host's CPU, and the plot
+(goodput and p99 against N, one line per system). Pure functions of the runs' summaries
+(`metrics.summarize`), except `plot`, which writes a PNG (matplotlib, Agg backend).
+
+A p50 / p99 that falls on a dropped frame is infinite (`latency_ms`): the table prints it as
+"∞" with the share of frames dropped, and the plot marks it at the top of its panel.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dapdee.bench.fleet_bench.metrics import rank
+
 FLEET, INDEPENDENT = "DAPDEE-fleet", "DAPDEE-independent"
 BASELINE_LABELS = ("DAPDEE-independent", "Edge-Only", "Device-Only", "DADS")  # systems.SYSTEMS but the fleet
 MAIN_K, MAIN_MODEL = 30.0, "resnet18"
 NOISE_Z = 2.0  # "within noise": within 2 standard errors of the difference...
-# ...or this share of the offered load, whichever is more: the standard errors come from
-# per-second counts within one run and miss the spread between runs (one late frame in a run
-# without another would otherwise be "outside the noise")
+# ...or this share of the offered load, whichever is more: the standard errors come from blocks
+# of seconds within one run (batch means) and miss the spread between runs (one late frame in a
+# run without another would otherwise be "outside the noise")
 NOISE_FLOOR = 0.01
 GOODPUT_X_INDEPENDENT, GOODPUT_X_BEST_N16 = 1.5, 1.2
 MAX_PRED_ERR, MAX_UTIL, MAX_CHANGES = 0.10, 0.95, 1.0
+MAX_HOST_CPU = 0.8  # clients + worker + planner CPU above this share of the host's cores: a warning
 
 
 @dataclass(frozen=True)
 class Target:
-    """One checked target: `ok` None when the runs it needs are missing."""
+    """One checked target: `ok` None when the runs it needs are missing. An informational check
+    has `warning` set (True: it warns, its line says WARN; False: INFO) and `ok` None, so it
+    fails no run."""
 
     name: str
     ok: bool | None
     detail: str
+    warning: bool | None = None
 
     def line(self) -> str:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[self.ok]
+        if self.warning is not None:
+            verdict = "WARN" if self.warning else "INFO"
+        else:
+            verdict = {True: "PASS", False: "FAIL", None: "n/a "}[self.ok]
         return f"{verdict}  {self.name}: {self.detail}"
 
 
@@ -58,6 +71,32 @@ COLUMNS = (
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def latency_ms(s: dict[str, Any], key: str) -> float | None:
+    """The run's `p50_ms` / `p99_ms` over every frame offered, a dropped one as +inf. Summaries
+    written when the percentiles left the dropped frames out are read as the newer ones: +inf
+    where the dropped frames reach the percentile's rank, else the stored value (over the
+    answered frames, close to the newer one then). O(1)."""
+    v = s.get(key)
+    offered = round(s.get("offered_fps", 0.0) * s.get("window_s", 0.0))
+    if v is None or math.isinf(v) or offered <= 0 or s.get("answered_fps") is None:
+        return v
+    q = {"p50_ms": 0.5, "p99_ms": 0.99}[key]
+    return math.inf if round(s["answered_fps"] * s["window_s"]) <= rank(q, offered) else v
+
+
+def _latency_cell(s: dict[str, Any], key: str) -> str:
+    """A latency percentile, or for one that fell on a dropped frame "∞" and the share dropped."""
+    v = latency_ms(s, key)
+    return f"∞ ({_pct(s.get('dropped_share'))} dropped)" if v is not None and math.isinf(v) else _f(v)
+
+
+def _ratio(a: float, b: float, spec: str = ".2f") -> str:
+    """a / b as text: "inf" for a > 0 over 0, "n/a" for 0 over 0. O(1)."""
+    if b:
+        return format(a / b, spec)
+    return "inf" if a > 0 else "n/a"
 
 
 def failed_devices(s: dict[str, Any]) -> int:
@@ -88,7 +127,8 @@ def run_row(s: dict[str, Any]) -> str:
         [
             s["system"], str(s["n"]), f"**{failed}**" if failed else "0",
             f"{s['goodput_fps']:.1f} ±{s['goodput_se']:.1f}",
-            f"{s['goodput_per_device']:.2f}", f"{100 * s['slo_attainment']:.0f}%", _f(s["p50_ms"]), _f(s["p99_ms"]),
+            f"{s['goodput_per_device']:.2f}", f"{100 * s['slo_attainment']:.0f}%", _latency_cell(s, "p50_ms"),
+            _latency_cell(s, "p99_ms"),
             _pct(s["dropped_share"]), _where(s), _f(s["accuracy"], ".4f"), _f(s.get("capacity_ms_per_s"), ".0f"),
             _f(s["booked_max"], ".2f"), *cpu,
             _f(s["plan_changes_per_device_min"], ".2f"), _pct(s["pred_err_latency"]), _pct(s["pred_err_throughput"]),
@@ -153,47 +193,58 @@ def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
     return max(NOISE_Z * math.hypot(a["goodput_se"], b["goodput_se"]), floor)
 
 
-def _vs_baselines(summaries: Sequence[dict[str, Any]], ns: list[int]) -> list[Target]:
+def _cell(model: str, k: float, n: int) -> str:
+    """A cell's name in target lines: "K=30 N=16" for the main model, else the model first."""
+    return f"K={k:g} N={n}" if model == MAIN_MODEL else f"{model} K={k:g} N={n}"
+
+
+def _baselines(summaries: Sequence[dict[str, Any]], n: int, k: float, model: str) -> list[dict[str, Any]]:
+    """The runs of the cell (model, K, N) other than DAPDEE-fleet's."""
+    return [s for s in summaries if s["n"] == n and s["k"] == k and s["model"] == model and s["system"] != FLEET]
+
+
+def _vs_baselines(summaries: Sequence[dict[str, Any]]) -> list[Target]:
+    """DAPDEE-fleet's goodput >= every baseline run's within noise, at every N of every
+    (model, K) the runs cover. O(runs^2)."""
     out = []
-    for n in ns:
-        f = _find(summaries, FLEET, n)
-        others = [s for s in summaries if s["n"] == n and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
-                  and s["system"] != FLEET]  # fmt: skip
-        name = f"K=30 N={n}: DAPDEE-fleet goodput >= every baseline run (within noise)"
-        if f is None or not others:
-            out.append(Target(name, None, "runs missing"))
-            continue
-        best = max(others, key=lambda s: s["goodput_fps"])
-        ok = all(f["goodput_fps"] >= s["goodput_fps"] - _noise(f, s) for s in others)
-        ratio = f["goodput_fps"] / best["goodput_fps"] if best["goodput_fps"] else math.inf
-        ran = [s["system"] for s in others]
-        missing = [b for b in BASELINE_LABELS if b not in ran]
-        compared = f"; compared with {', '.join(ran)}" + (f" (not run: {', '.join(missing)})" if missing else "")
-        out.append(Target(name, ok, f"{f['goodput_fps']:.1f} vs best {best['system']} {best['goodput_fps']:.1f} fps "
-                                    f"(ratio {ratio:.2f}, noise ±{_noise(f, best):.1f}){compared}"))  # fmt: skip
+    for (model, k), runs in groups(summaries).items():
+        for n in sorted({s["n"] for s in runs}):
+            f, others = _find(runs, FLEET, n, k, model), _baselines(runs, n, k, model)
+            name = f"{_cell(model, k, n)}: DAPDEE-fleet goodput >= every baseline run (within noise)"
+            if f is None or not others:
+                out.append(Target(name, None, "runs missing"))
+                continue
+            best = max(others, key=lambda s: s["goodput_fps"])
+            ok = all(f["goodput_fps"] >= s["goodput_fps"] - _noise(f, s) for s in others)
+            ran = [s["system"] for s in others]
+            missing = [b for b in BASELINE_LABELS if b not in ran]
+            compared = f"; compared with {', '.join(ran)}" + (f" (not run: {', '.join(missing)})" if missing else "")
+            out.append(Target(name, ok, f"{f['goodput_fps']:.1f} vs best {best['system']} {best['goodput_fps']:.1f} "
+                                        f"fps (ratio {_ratio(f['goodput_fps'], best['goodput_fps'])}, noise "
+                                        f"±{_noise(f, best):.1f}){compared}"))  # fmt: skip
     return out
 
 
 def ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, against: str | None) -> Target:
-    """DAPDEE-fleet's goodput >= factor x `against`'s (None: the best baseline) at K=30, N=n.
-    The detail also states the ratio the offered load allows: no system delivers more frames
-    than the cameras release, so offered / the baseline's goodput bounds any ratio."""
+    """DAPDEE-fleet's goodput >= factor x `against`'s (None: the best baseline) at K=30, N=n;
+    against a goodput of 0 it passes only where DAPDEE-fleet's is above 0. The detail also
+    states the ratio the offered load allows: no system delivers more frames than the cameras
+    release, so offered / the baseline's goodput bounds any ratio."""
     f = _find(summaries, FLEET, n)
     what = against or "the best baseline"
     name = f"K=30 N={n}: DAPDEE-fleet goodput >= {factor:g}x {what}"
     if against is None:
-        others = [s for s in summaries if s["n"] == n and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
-                  and s["system"] != FLEET]  # fmt: skip
+        others = _baselines(summaries, n, MAIN_K, MAIN_MODEL)
         b = max(others, key=lambda s: s["goodput_fps"]) if others else None
     else:
         b = _find(summaries, against, n)
     if f is None or b is None:
         return Target(name, None, "runs missing")
-    ratio = f["goodput_fps"] / b["goodput_fps"] if b["goodput_fps"] else math.inf
-    cap = f["offered_fps"] / b["goodput_fps"] if b["goodput_fps"] else math.inf
-    return Target(name, ratio >= factor, f"{f['goodput_fps']:.1f} vs {b['system']} {b['goodput_fps']:.1f} fps "
-                                         f"(ratio {ratio:.2f}; the {f['offered_fps']:.1f} fps offered allow at "
-                                         f"most {cap:.2f})")  # fmt: skip
+    fleet, base = f["goodput_fps"], b["goodput_fps"]
+    ok = fleet >= factor * base if base else fleet > 0
+    cap = _ratio(f["offered_fps"], base)
+    return Target(name, ok, f"{fleet:.1f} vs {b['system']} {base:.1f} fps (ratio {_ratio(fleet, base)}; the "
+                            f"{f['offered_fps']:.1f} fps offered allow at most {cap})")  # fmt: skip
 
 
 def _single_device(summaries: Sequence[dict[str, Any]]) -> Target:
@@ -202,9 +253,9 @@ def _single_device(summaries: Sequence[dict[str, Any]]) -> Target:
     if f is None or i is None:
         return Target(name, None, "runs missing")
     diff = f["goodput_fps"] - i["goodput_fps"]
-    ratio = f["goodput_fps"] / i["goodput_fps"] if i["goodput_fps"] else math.inf
+    ratio = _ratio(f["goodput_fps"], i["goodput_fps"], ".3f")
     return Target(name, abs(diff) <= _noise(f, i), f"{f['goodput_fps']:.2f} vs {i['goodput_fps']:.2f} fps "
-                                                   f"(ratio {ratio:.3f}, noise ±{_noise(f, i):.2f})")  # fmt: skip
+                                                   f"(ratio {ratio}, noise ±{_noise(f, i):.2f})")  # fmt: skip
 
 
 def booked_peak(s: dict[str, Any]) -> float | None:
@@ -284,21 +335,75 @@ def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> lis
     ]  # fmt: skip
 
 
+def host_cpu_check(summaries: Sequence[dict[str, Any]], cores: int | None = None) -> Target:
+    """Informational: the client processes + the worker + the planner used at most MAX_HOST_CPU of
+    the host's cores in every run (the summary's `host_cores`, else `cores`, else this host's);
+    past that the clients may starve the worker under test. Warns naming each such run and its
+    figures. O(runs)."""
+    name = f"host CPU: clients + worker + planner <= {MAX_HOST_CPU:g} x the host's cores (informational)"
+    rows = []  # (share of the host's cores, the run and its figures)
+    for s in summaries:
+        parts = [s.get("clients_cpu"), s.get("worker_cpu"), s.get("planner_cpu")]
+        if any(v is None or math.isnan(v) for v in parts):
+            continue
+        host = s.get("host_cores") or cores or os.cpu_count() or 1
+        rows.append((sum(parts) / host, f"{s['system']} {_cell(s['model'], s['k'], s['n'])}: clients {parts[0]:.2f} "
+                                        f"+ worker {parts[1]:.2f} + planner {parts[2]:.2f} = {sum(parts):.2f} of "
+                                        f"{host:g} cores"))  # fmt: skip
+    over = [text for share, text in rows if share > MAX_HOST_CPU]
+    if over:
+        return Target(name, None, f"{len(over)} run(s) over: " + "; ".join(over), warning=True)
+    busiest = max(rows, default=None)
+    detail = f"every run within; busiest {busiest[1]}" if busiest else "no run recorded its processes' CPU"
+    return Target(name, None, detail, warning=False)
+
+
 def targets(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]:
-    """Every target of the issue that the runs allow checking (module docstring of fleet.py)."""
+    """Every target of the issue that the runs allow checking (module docstring of fleet.py),
+    then the informational host CPU check."""
     ns = sorted({s["n"] for s in summaries if s["k"] == MAIN_K and s["model"] == MAIN_MODEL})
-    out = _vs_baselines(summaries, ns)
+    out = _vs_baselines(summaries)
     out += [ratio_target(summaries, n, GOODPUT_X_INDEPENDENT, INDEPENDENT) for n in (32, 64) if n in ns]
     if 16 in ns:
         out.append(ratio_target(summaries, 16, GOODPUT_X_BEST_N16, None))
     if 1 in ns:
         out.append(_single_device(summaries))
-    return out + _every_fleet_run(summaries, rho_max)
+    return out + _every_fleet_run(summaries, rho_max) + [host_cpu_check(summaries)]
+
+
+def p99_points(runs: Sequence[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[int]]:
+    """One system's p99 against N for the plot: (N, p99 ms) where it is finite, and the Ns where
+    it fell on a dropped frame (infinite: marked, not plotted as a value); runs with no p99 are
+    left out. O(runs)."""
+    finite, missed = [], []
+    for s in runs:
+        v = latency_ms(s, "p99_ms")
+        if v is not None and math.isinf(v):
+            missed.append(s["n"])
+        elif v is not None:
+            finite.append((s["n"], v))
+    return finite, missed
+
+
+def _plot_p99(ax: Any, runs: Sequence[dict[str, Any]], label: str, style: dict[str, Any], slot: int) -> bool:
+    """One system's p99 line; an infinite p99 as an open triangle in the band at the top of the
+    panel, `slot` rows down (one row per system, so they do not hide one another). Whether it
+    marked one. O(runs)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    finite, missed = p99_points(runs)
+    (line,) = ax.plot([n for n, _ in finite], [v for _, v in finite], label=label, **style)
+    if missed:
+        band = blended_transform_factory(ax.transData, ax.transAxes)  # x in N, y in the panel's height
+        ax.plot(missed, [0.96 - 0.04 * slot] * len(missed), marker="^", linestyle="none", markersize=8,
+                markerfacecolor="none", color=line.get_color(), transform=band)  # fmt: skip
+    return bool(missed)
 
 
 def plot(summaries: Sequence[dict[str, Any]], system_order: Sequence[str], path: Path) -> None:
     """Goodput (fleet total) and p99 latency against N, one line per system; one row of two
-    panels per (model, K) with more than one N."""
+    panels per (model, K) with more than one N. A p99 that fell on a dropped frame (infinite)
+    is an open triangle at the top of its panel, in the system's colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,6 +413,7 @@ def plot(summaries: Sequence[dict[str, Any]], system_order: Sequence[str], path:
     panels = panels or list(groups(summaries).items())
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.8 * len(panels)), squeeze=False)
     for row, ((model, k), runs) in zip(axes, panels, strict=True):
+        marked = False
         for system in system_order:
             mine = sorted((s for s in runs if s["system"] == system), key=lambda s: s["n"])
             if not mine:
@@ -316,7 +422,7 @@ def plot(summaries: Sequence[dict[str, Any]], system_order: Sequence[str], path:
             style = {"marker": "o", "linewidth": 2.2 if system == FLEET else 1.2}
             row[0].errorbar(ns, [s["goodput_fps"] for s in mine], yerr=[NOISE_Z * s["goodput_se"] for s in mine],
                             label=system, capsize=2, **style)  # fmt: skip
-            row[1].plot(ns, [s["p99_ms"] or math.nan for s in mine], label=system, **style)
+            marked |= _plot_p99(row[1], mine, system, style, system_order.index(system))
         offered = sorted({(s["n"], s["offered_fps"]) for s in runs})
         row[0].plot([n for n, _ in offered], [o for _, o in offered], "k:", linewidth=1, label="offered")
         row[0].set(xscale="log", xlabel="devices N", ylabel="goodput (frames/s within budget)",
@@ -325,7 +431,11 @@ def plot(summaries: Sequence[dict[str, Any]], system_order: Sequence[str], path:
         if budget:
             row[1].axhline(budget, color="k", linestyle=":", linewidth=1, label="budget")
         row[1].set(xscale="log", yscale="log", xlabel="devices N", ylabel="p99 latency (ms)",
-                   title=f"{model}, K = {k:g}: p99 latency")  # fmt: skip
+                   title=f"{model}, K = {k:g}: p99 latency" + (" (△: ∞, dropped frames)" if marked
+                                                                else ""))  # fmt: skip
+        if marked:  # the values keep to the lower 3/4 of the panel, the triangles to the band above
+            lo, hi = row[1].get_ylim()
+            row[1].set_ylim(lo, hi * (hi / lo) ** (1 / 3))
         for ax in row:
             ax.set_xticks(sorted({s["n"] for s in runs}), [str(n) for n in sorted({s["n"] for s in runs})])
             ax.grid(True, alpha=0.3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -188,6 +189,7 @@ def _measure(stack: FleetStack, sc: Scenario, clients: list[ClientProcess], url:
         "planner": {k: b.planner[k] - a.planner[k] for k in a.planner},
         "planner_run": b.planner,  # since the planner started with the run: warm-up included
         "cpu_per_s": {k: (b.cpu[k] - a.cpu[k]) / wall for k in a.cpu},
+        "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "booked_max": max((b for b, _ in booked), default=None),
         "capacity_ms_per_s": statistics.median(c for _, c in booked) if booked else None,
         "booking_series": series,
