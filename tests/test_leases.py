@@ -154,6 +154,33 @@ def test_admission_refuses_past_the_limit_and_reports_the_others(prefix: str) ->
     run(scenario())
 
 
+def test_admission_through_a_verified_view_counts_the_others_on_the_worker_it_verified(prefix: str) -> None:
+    """A view Redis holds is verified and admitted in one step: the others' sum read while
+    verifying is the one admission adds to (a refusal states it, a device's own reservation is
+    never among its others), and a worker the view does not name is read for admission."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        for device, load in (("a", 500.0), ("b", 380.0)):
+            assert (await book.reserve(device, "http://w", load, 900.0, {"device_id": device})).status == "reserved"
+        assert (await book.reserve("x", "http://v", 70.0, 900.0, {"device_id": "x"})).status == "reserved"
+        # 500 + 380 + 30 > 900: refused, the others as verified
+        r = await book.reserve("c", "http://w", 30.0, 900.0, {"device_id": "c"}, View("", {"http://w": 880.0}))
+        assert (r.status, r.others_ms_per_s) == ("refused", 880.0)
+        # b grows by 15 on top of the others (500): 895 <= 900, reserved
+        r = await book.reserve(
+            "b", "http://w", 395.0, 900.0, {"device_id": "b"}, View(_tag({"device_id": "b"}), {"http://w": 500.0})
+        )
+        assert (r.status, r.others_ms_per_s) == ("reserved", 500.0)
+        # the view names w only; admission on v reads v (70 + 835 > 900: refused)
+        r = await book.reserve("c", "http://v", 835.0, 900.0, {"device_id": "c"}, View("", {"http://w": 895.0}))
+        assert (r.status, r.others_ms_per_s) == ("refused", 70.0)
+        assert await book.loads() == {"http://w": {"a": 500.0, "b": 395.0}, "http://v": {"x": 70.0}}
+        await _close([book])
+
+    run(scenario())
+
+
 def test_fifty_devices_leasing_at_once_from_two_replicas_never_overbook(prefix: str) -> None:
     async def scenario() -> None:
         books = await _books(prefix, 2)

@@ -151,13 +151,15 @@ local max_leases = tonumber(ARGV[7])
 local now = now_ms()
 purge_leases(prefix, KEYS[2], now)
 if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[10]) == 0 then return {-2, '0'} end
+local seen = {}  -- worker -> the others' reservations there, read while verifying the view
 if #ARGV >= 11 then
   local raw = redis.call('GET', KEYS[1])
   local stale = (raw and redis.sha1hex(raw) or '') ~= ARGV[11]
   for i = 12, #ARGV, 2 do
     local wload, wexp = prefix .. ':wload:' .. ARGV[i], prefix .. ':wexp:' .. ARGV[i]
     purge(wload, wexp, now)
-    if math.abs(others(wload, device) - tonumber(ARGV[i + 1])) > 1e-6 then stale = true end
+    seen[ARGV[i]] = others(wload, device)
+    if math.abs(seen[ARGV[i]] - tonumber(ARGV[i + 1])) > 1e-6 then stale = true end
   end
   if stale then
     local out = {2, raw}
@@ -173,9 +175,12 @@ if not redis.call('ZSCORE', KEYS[2], device) and redis.call('ZCARD', KEYS[2]) >=
 end
 local sum, capacity = 0, ''
 if worker ~= '' then
-  local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
-  purge(wload, wexp, now)
-  sum = others(wload, device)
+  sum = seen[worker]  -- nothing was written since: no need to read the worker's hash again
+  if sum == nil then
+    local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
+    purge(wload, wexp, now)
+    sum = others(wload, device)
+  end
   limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]))
   if load > 0 and over(sum + load, limit) then return {0, string.format('%.17g', sum), capacity} end
 end
