@@ -166,8 +166,9 @@ def _device_ok(dev: dict[str, Any], budget_ms: float) -> bool:
 
 def _window_figures(win: dict[str, Any]) -> dict[str, Any]:
     """What the services did in the window: the worker's utilisation and requests, each
-    process's CPU (cores) and the host's cores (`host_cores`, None where the raw result has
-    none), the bookings and the planner's counters. O(processes + polls)."""
+    process's CPU (cores; Redis's too, the bench's own server) and the host's cores
+    (`host_cores`, None where the raw result has none), the bookings and the planner's counters.
+    O(processes + polls)."""
     cpu = win["cpu_per_s"]
     clients_cpu = [v for k, v in cpu.items() if k.startswith("client-")]
     edge = win["edge"]
@@ -175,6 +176,7 @@ def _window_figures(win: dict[str, Any]) -> dict[str, Any]:
         "utilisation": edge["busy_s"] / (win["wall_s"] * edge["slots"]),
         "worker_cpu": cpu.get("edge"),
         "planner_cpu": cpu.get("planner"),
+        "redis_cpu": cpu.get("redis"),
         "clients_cpu": sum(clients_cpu),
         "client_cpu_max": max(clients_cpu, default=None),
         "host_cores": win.get("host_cores"),
