@@ -27,12 +27,12 @@ Prints per run: goodput (frames/s within budget), SLO attainment (devices whose 
 of the scenario's N: a device that failed to open misses it, and the run says how many failed),
 p50/p99 over every frame offered (a dropped frame as infinitely late, as the SLO counts it: a
 p99 on a dropped frame prints as "∞" with the share dropped), worker utilisation (compute-busy
-seconds) and CPU, the planner's, Redis's and the client processes' CPU, plan changes per device-
-minute (in the order each device put its plans in use), the median |predicted − measured| /
-measured latency per frame and throughput per device; the per-stage prediction table; the
-targets with PASS/FAIL and ratios, then an informational WARN when a run's clients + worker +
-planner + Redis used more than 0.8
-of the host's cores (the clients may starve the worker under test).
+seconds) and CPU, the planner's, Redis's and the client processes' CPU, plan changes per
+device-minute (in the order each device put its plans in use), the median |predicted −
+measured| / measured latency per frame and throughput per device; the per-stage prediction
+table; the targets with PASS/FAIL and ratios, then an informational WARN when a run's clients
++ worker + planner + Redis used more than 0.8 of the host's cores (the clients may starve the
+worker under test).
 Writes OUT.md, OUT.json (an infinite p99 as `Infinity`, which `json` reads back) and OUT.png
 (goodput and p99 against N, one line per system; an infinite p99 as a triangle at the top).
 
