@@ -127,3 +127,43 @@ def test_closing_fails_the_open_batches_on_the_event_loop() -> None:
 
     got = asyncio.run(go(), debug=True)
     assert all(isinstance(g, RuntimeError) and "shutting down" in str(g) for g in got), got
+
+
+def test_ready_batches_run_oldest_first_so_a_rare_key_is_never_overtaken_by_full_batches(gated: LoadedModel) -> None:
+    """While request 0 holds the only thread, one request of a rarely used key (another exit)
+    becomes due, then four requests of the busy key fill two batches of `batch_max` 2. Once the
+    thread frees up the rare batch runs first, its request being the oldest waiting: a full
+    batch is not handed to the pool ahead of it (it used to be, so under a steady stream of full
+    batches the rare request waited for as long as the stream lasted). Meanwhile the queue
+    depth a heartbeat reports counts all five waiting requests, the full batches' included."""
+    started: list[int] = []  # batch sizes, in the order the only thread ran them
+    batcher = Batcher(2, WAIT_MS, max_rows=64, workers=1, on_batch=lambda _m, size, _s: started.append(size))
+    busy = (gated.name, frozenset({gated.input_name}), "final")
+    rare = (gated.name, frozenset({gated.input_name}), "exit1")
+
+    async def go() -> tuple[int, list[BatchResult]]:
+        def submit(key: tuple[str, frozenset[str], str], i: int) -> asyncio.Task[BatchResult]:
+            x = torch.full((1, 8), float(i))
+            return asyncio.create_task(batcher.submit(key, gated.executor, gated.exit_node(), {gated.input_name: x}))
+
+        edge_models.ENTERED.clear()
+        edge_models.GATE.clear()
+        try:
+            tasks = [submit(busy, 0)]
+            assert await asyncio.to_thread(edge_models.ENTERED.wait, 30.0)  # request 0 holds the thread
+            tasks.append(submit(rare, 1))
+            await asyncio.sleep(ARRIVAL_S)  # the rare batch is due by now, the thread still busy
+            tasks += [submit(busy, i) for i in range(2, 6)]
+            await asyncio.sleep(ARRIVAL_S)
+            depth = batcher.stats()["queue_depth"]
+        finally:
+            edge_models.GATE.set()
+        try:
+            return depth, list(await asyncio.wait_for(asyncio.gather(*tasks), 30.0))
+        finally:
+            await batcher.aclose()
+
+    depth, results = asyncio.run(go())
+    assert depth == 5
+    assert started == [1, 1, 2, 2]  # request 0, the rare request, then the two full batches
+    assert [r.batch_size for r in results] == [1, 1, 2, 2, 2, 2]

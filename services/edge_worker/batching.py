@@ -2,11 +2,13 @@
 stacked on dim 0 into one `GraphExecutor.compute` call, run on a bounded thread pool off the
 event loop, and split back per caller.
 
-A batch closes when it holds `batch_max` requests, or `batch_wait_ms` after its first request
-if a pool thread is free (otherwise it keeps filling until one frees up, so batches grow with
-load), or when the next request's rows would take it past `max_rows` rows (that request then
-opens the next batch): no batch ever concatenates more than `max_rows` rows. With
-`batch_max == 1` or `batch_wait_ms == 0` every request runs alone, as it arrives. A batch's
+A batch is ready to run when it holds `batch_max` requests, when the next request's rows would
+take it past `max_rows` rows (that request then opens the next batch: no batch ever concatenates
+more than `max_rows` rows), or `batch_wait_ms` after its first request. Ready batches wait for a
+pool thread in the order of their first request, oldest first, whatever their key: a batch of a
+rarely used cut or exit is never overtaken by the full batches of a busy one. A due batch keeps
+filling while it waits (up to its limits), so batches grow with load. With `batch_max == 1` or
+`batch_wait_ms == 0` every request is ready alone, as it arrives. A batch's
 output is a tensor, or a tuple of tensors (e.g. logits and the exit that answered each row),
 split back by rows. A batch of several requests that fails as a whole (one request's data makes
 the model raise, or its output is not rows first) is computed again request by request, so each
@@ -16,6 +18,8 @@ request gets its own answer or its own error.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +66,7 @@ class _Batch:
     items: list[_Pending] = field(default_factory=list)
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
-    due: bool = False  # its wait is over; dispatch as soon as a thread is free
+    ready: bool = False  # full or due: in the ready queue, runs when a thread is free and it is first
 
 
 class Batcher:
@@ -86,12 +90,15 @@ class Batcher:
         self.slowdown = slowdown
         self.on_batch = on_batch  # (model, batch size, compute seconds), called on the loop
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dapdee-edge")
-        self._open: dict[BatchKey, _Batch] = {}
+        self._open: dict[BatchKey, _Batch] = {}  # batches that still take requests (due ones included)
+        # ready batches: (their first request's submit time, a tie-break, key, batch), a heap
+        self._ready: list[tuple[float, int, BatchKey, _Batch]] = []
+        self._order = itertools.count()
         self._lock = threading.Lock()
         self._busy_s = 0.0  # completed compute seconds
         self._running: dict[int, float] = {}  # thread id -> start time of the batch it runs
         self._last_load = (time.perf_counter(), 0.0)
-        self.queued = 0  # requests in open batches: waiting for their batch to start
+        self.queued = 0  # requests waiting for their batch to start (open or ready)
         self._active = 0  # batches handed to the pool and not finished
         self._closed = False
 
@@ -111,7 +118,7 @@ class Batcher:
         self.queued += 1
         batch = self._open.get(key)
         if batch is not None and batch.rows + rows > self.max_rows:
-            self._flush(key, batch)  # full by rows: it runs now, this request opens the next one
+            self._seal(key, batch)  # full by rows: ready, this request opens the next one
             batch = None
         if batch is None:
             batch = _Batch(executor, target)
@@ -120,33 +127,43 @@ class Batcher:
                 batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
         batch.rows += rows
-        if self._closes(batch):
-            self._flush(key, batch)
+        if self.immediate or len(batch.items) >= self.batch_max:
+            self._seal(key, batch)
         return await item.future
 
-    def _closes(self, batch: _Batch) -> bool:
-        """Whether `batch`, a request just added, runs now: without batching, when it is full,
-        or when its wait is over and a pool thread is free (a due batch whose threads are all
-        busy keeps filling until one frees up; `_done` dispatches it then). O(1)."""
-        if self.immediate or len(batch.items) >= self.batch_max:
-            return True
-        return batch.due and self._active < self.workers
-
-    def _due(self, key: BatchKey, batch: _Batch) -> None:
-        batch.timer = None
-        if self._active < self.workers:
-            self._flush(key, batch)
-        else:
-            batch.due = True
-
-    def _flush(self, key: BatchKey, batch: _Batch) -> None:
+    def _seal(self, key: BatchKey, batch: _Batch) -> None:
+        """`batch` (full) takes no more requests and is ready to run. O(log ready)."""
         if self._open.get(key) is batch:
             del self._open[key]
+        self._make_ready(key, batch)
+
+    def _due(self, key: BatchKey, batch: _Batch) -> None:
+        """`batch`'s wait is over: ready to run; it keeps taking requests until it runs."""
+        batch.timer = None
+        self._make_ready(key, batch)
+
+    def _make_ready(self, key: BatchKey, batch: _Batch) -> None:
+        """Queue `batch` (once) by its first request's submit time, then start what may start.
+        O(log ready)."""
         if batch.timer is not None:
             batch.timer.cancel()
             batch.timer = None
-        if not batch.items:
-            return
+        if not batch.ready:
+            batch.ready = True
+            heapq.heappush(self._ready, (batch.items[0].t_submit, next(self._order), key, batch))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand ready batches to the pool, oldest first request first, while a thread is free
+        (so no batch waits in the pool's own queue, behind batches that were ready after it).
+        O(log ready) per batch started."""
+        while self._active < self.workers and self._ready:
+            _, _, key, batch = heapq.heappop(self._ready)
+            if self._open.get(key) is batch:
+                del self._open[key]  # a due batch: closed to requests now that it runs
+            self._start(key, batch)
+
+    def _start(self, key: BatchKey, batch: _Batch) -> None:
         items, batch.items, batch.rows = batch.items, [], 0
         self.queued -= len(items)
         self._active += 1
@@ -182,11 +199,7 @@ class Batcher:
 
     def _done(self, model: str, items: list[_Pending], f: asyncio.Future) -> None:
         self._active -= 1
-        for key, batch in list(self._open.items()):  # batches whose wait ended while all threads were busy
-            if self._active >= self.workers:
-                break
-            if batch.due:
-                self._flush(key, batch)
+        self._dispatch()
         exc = RuntimeError("worker is shutting down") if f.cancelled() else f.exception()
         if exc is not None:
             for it in items:
@@ -220,21 +233,25 @@ class Batcher:
         return min(0.99, max(0.0, (busy - last_busy) / span))
 
     def stats(self) -> dict[str, Any]:
-        return {"queue_depth": self.queued, "open_batches": len(self._open)}
+        return {"queue_depth": self.queued, "open_batches": len(self._open), "ready_batches": len(self._ready)}
 
     def close(self) -> None:
-        """Refuse new work, fail the requests of open batches, and stop the pool without waiting
-        for running batches (they finish; their requests get their answers). Call it on the
-        event loop: it resolves the requests' futures and cancels timers, which are the loop's."""
+        """Refuse new work, fail the requests of batches not yet started (open or ready), and stop
+        the pool without waiting for running batches (they finish; their requests get their
+        answers). Call it on the event loop: it resolves the requests' futures and cancels
+        timers, which are the loop's."""
         self._closed = True
-        for key, batch in list(self._open.items()):
+        waiting = {id(b): b for b in self._open.values()} | {id(e[3]): e[3] for e in self._ready}
+        self._open.clear()
+        self._ready.clear()
+        for batch in waiting.values():
             if batch.timer is not None:
                 batch.timer.cancel()
             for it in batch.items:
                 if not it.future.done():
                     it.future.set_exception(RuntimeError("worker is shutting down"))
             self.queued -= len(batch.items)
-            self._open.pop(key, None)
+            batch.items = []
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def aclose(self) -> None:
