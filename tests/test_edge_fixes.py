@@ -334,6 +334,17 @@ def test_an_ipv6_host_is_advertised_bracketed() -> None:
             assert [w.url for w in planner.workers().workers] == [f"http://[::1]:{port}"]
 
 
+@pytest.mark.parametrize("tier", ["gpu..a100", "-gpu", "gpu/a100", "g" * 65, "gpu\n"])
+def test_a_tier_the_planner_would_refuse_is_refused_at_start_up(tier: str) -> None:
+    """The worker's tier names its profile (a URL segment and Redis key part at the planner):
+    one the planner's name rule refuses ("..", a leading '-', a '/', 65 characters, a newline)
+    is refused by the worker's settings, naming `tier`, rather than passing at start-up and
+    failing every heartbeat after it; a valid one passes."""
+    with pytest.raises(ValueError, match="tier"):
+        Settings(models="", tier=tier)
+    assert Settings(models="", tier="gpu.a100-x_2").tier == "gpu.a100-x_2"
+
+
 def test_an_infer_to_an_unknown_model_is_404_before_its_body() -> None:
     """A mistyped model with a real tensor (1 MiB) is 404 naming the served models, with
     Connection: close; without the device role the guard's 401/403 come first."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from dapdee.api.planner import Name
 from dapdee.client.transport import check_base_url
 from dapdee.web.guard import check_buffered_bytes
 from dapdee.web.settings import SecuritySettings
@@ -44,7 +45,7 @@ class Settings(SecuritySettings):
     model_config = SettingsConfigDict(env_prefix="DAPDEE_EDGE_", extra="ignore", allow_inf_nan=False)
 
     models: str = "zoo:resnet18"
-    tier: str = Field(default="edge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    tier: Name = Field(default="edge", description="the profile tier it registers (a model-name-like name)")
     planner_url: str | None = Field(
         default=None, description="planner base URL to register with, http(s)://HOST[:PORT][/PATH] (unset: none)"
     )
