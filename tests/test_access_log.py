@@ -215,7 +215,8 @@ def test_an_outgoing_call_joins_the_trace(log_to: Any) -> None:
 
 
 def test_client_hooks_carry_the_current_context(log_to: Any, server: str) -> None:
-    """httpx event hooks put the current context on every request (a new trace outside one)."""
+    """httpx event hooks put the current context on every request; outside one, none (the
+    server starts a trace of its own, with no parent)."""
     stream = log_to("json")
     ctx = TraceContext.root()
 
@@ -227,11 +228,13 @@ def test_client_hooks_carry_the_current_context(log_to: Any, server: str) -> Non
         with use(ctx):
             client.get(f"{server}/health")
             asyncio.run(async_call())
-        client.get(f"{server}/health")  # no context: a trace of its own
+        no_context = client.get(f"{server}/health")  # no context: no header, a trace of the server's
         client.get(f"{server}/health", headers={"traceparent": CALLER})  # an explicit header wins
     lines = access_lines(stream)
     assert [(line["trace_id"], line["parent_id"]) for line in lines[:2]] == [(ctx.trace_id, ctx.span_id)] * 2
-    assert lines[2]["trace_id"] != ctx.trace_id and lines[2]["parent_id"] is not None
+    assert "traceparent" not in no_context.request.headers
+    assert lines[2]["trace_id"] != ctx.trace_id and lines[2]["parent_id"] is None
+    assert no_context.headers["traceparent"].split("-")[1] == lines[2]["trace_id"]  # the answer names it
     assert (lines[3]["trace_id"], lines[3]["parent_id"]) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,7 +28,8 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
     """A planner app for `settings` (default: from the environment). Its lifespan starts the
     store and the plan runner and closes them on shutdown. `guard=False` leaves out the request
     guard (body limits, concurrency limit, early auth), for mounting behind another gateway:
-    every route's own dependency still checks its roles."""
+    every route's own dependency still checks its roles. The guard's refusals are counted in
+    `dapdee_planner_rejected_total` by reason."""
     settings = settings or Settings()
     metrics = PlannerMetrics()
     tokens = settings.tokens()
@@ -77,12 +78,22 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
             body_timeout_s=settings.body_timeout_s,
             max_concurrency=settings.max_concurrency,
             max_buffered_bytes=settings.max_buffered_bytes,
+            on_reject=_count_refusal(metrics),
         )
     # the access log wraps the guard (added after it): refusals are logged and carry the traceparent;
     # `tracing` (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set) exports a span per request
     app.state.tracing = tracing if tracing is not None else tracer("planner")
     app.add_middleware(AccessLog, service="planner", tracing=app.state.tracing)
     return app
+
+
+def _count_refusal(metrics: PlannerMetrics) -> Callable[[str], None]:
+    """The guard's `on_reject`: count one refusal of `reason` in `metrics.rejected`. O(1)."""
+
+    def on_reject(reason: str) -> None:
+        metrics.rejected.labels(reason).inc()
+
+    return on_reject
 
 
 def _store_errors(app: FastAPI) -> None:

@@ -54,6 +54,11 @@ BUILD_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 # the `outcome` label of dapdee_planner_plans_total: an answer (ok, constraints_unmet) or an error
 PLAN_ANSWERS = ("ok", "constraints_unmet")
 PLAN_ERRORS = ("invalid", "unknown_model", "missing_timings", "over_budget", "lease_cap", "unavailable", "error")
+# the `reason` label of dapdee_planner_rejected_total: the request guard's refusals (the planner
+# has no check of its own before the body, so no `not_found`, unlike the edge)
+REJECT_REASONS = ("unauthenticated", "forbidden", "too_large", "timeout", "bad_request", "disconnected", "overloaded")
+# the `result` label of dapdee_planner_admissions_total
+ADMISSION_RESULTS = ("reserved", "device_only", "refused", "stale", "full", "unleased")
 VIEW_GAUGES = frozenset(
     {
         "dapdee_planner_workers",
@@ -118,6 +123,13 @@ class PlannerMetrics:
             "the event loop; counted as each starts (one refused past the plan budget once started, too).",
             registry=self.registry,
         )
+        self.rejected = Counter(
+            "dapdee_planner_rejected",
+            "Requests the request guard refused before any route ran (401, 403, 400, 408, 413, 503), "
+            "on every route (POST /plan, heartbeats, uploads), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.workers = Gauge("dapdee_planner_workers", "Live edge workers known.", registry=self.registry)
         self.models = Gauge(
             "dapdee_planner_models",
@@ -156,7 +168,7 @@ class PlannerMetrics:
     def _zero_series(self) -> None:
         """Create the known label sets so they show as 0 from the start (an error rate's first
         error is then a step of `rate`, not a series appearing): answers name the mode used,
-        errors the mode asked for. O(modes × outcomes)."""
+        errors the mode asked for; the guard's refusals by reason. O(modes × outcomes)."""
         for mode in ("latency", "throughput"):
             for outcome in PLAN_ANSWERS:
                 self.plans.labels(mode, outcome)
@@ -167,6 +179,8 @@ class PlannerMetrics:
             self.cache_hits.labels(layer)
         for reason in ("version", "capacity"):
             self.write_conflicts.labels(reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
 
     def _store_metrics(self) -> None:
         """The store's consistency, capacity and plan-map build metrics."""
@@ -240,7 +254,7 @@ class PlannerMetrics:
         self.worker_gauges = WorkerGauges()
         self.registry.register(self.worker_gauges)
         self.redis_up: Gauge | None = None  # only where Redis is configured (see bind_redis)
-        for result in ("reserved", "device_only", "refused", "full", "unleased"):
+        for result in ADMISSION_RESULTS:
             self.admissions.labels(result)  # shown as 0 from the start
         for result in ("applied", "refused", "done", "noop", "shed", "shed_refused", "forced"):
             self.rebalances.labels(result)

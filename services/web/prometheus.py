@@ -149,6 +149,10 @@ class RuntimeMirror:
                         self._set(family)
 
     def _count(self, family: Metric) -> None:
+        """Advance the shared counter of each `_total` sample of `family` by what it counted
+        since the last sync; a series is created the first time it is seen, even at 0 (e.g.
+        `python_gc_objects_uncollectable_total`, which stays 0 in a healthy process, is
+        exported as in one process). O(samples)."""
         for s in family.samples:
             if not s.name.endswith("_total"):
                 continue
@@ -156,11 +160,12 @@ class RuntimeMirror:
             if counter is None:
                 counter = Counter(family.name, family.documentation, sorted(s.labels), registry=None)
                 self._counters[family.name] = counter
+            series = counter.labels(**s.labels) if s.labels else counter  # labels(): the series exists
             key = (family.name, tuple(sorted(s.labels.items())))
             delta = s.value - self._last.get(key, 0.0)
             self._last[key] = s.value
             if delta > 0:
-                (counter.labels(**s.labels) if s.labels else counter).inc(delta)
+                series.inc(delta)
 
     def _set(self, family: Metric) -> None:
         gauge = self._gauges.get(family.name)

@@ -9,7 +9,10 @@ unchanged (bounded to 512 characters, else dropped).
 
 The context of the request being handled lives in a `ContextVar` (`current()`); the services'
 access-log middleware sets it, application code reads it, and outgoing calls carry it with
-`outgoing_headers()`. Everything here is pure and O(header length).
+`outgoing_headers()`. A call made outside any context (a device without tracing, an edge
+worker's heartbeat loop) carries no `traceparent`: the callee starts the trace, and its head
+sampler (e.g. `parentbased_traceidratio`) decides whether it is recorded, rather than following
+a sampled flag that no recorded span stands behind. Everything here is pure and O(header length).
 """
 
 from __future__ import annotations
@@ -158,9 +161,14 @@ def use(ctx: TraceContext | None) -> Iterator[TraceContext | None]:
 
 def outgoing_headers(ctx: TraceContext | None = None) -> dict[str, str]:
     """The headers an outgoing call carries so the callee joins the trace: `traceparent` naming
-    `ctx` (default: the current context; with none, the root of a new trace) and `tracestate`
-    when there is one. O(1)."""
-    ctx = ctx or _CURRENT.get() or TraceContext.root()
+    `ctx` (default: the current context) and `tracestate` when there is one. With no context,
+    none: a caller outside any trace has no span to be the callee's parent, so the callee starts
+    the trace and its own sampler decides whether to record it (a made-up parent would have to
+    claim a sampling decision nobody took). The callee's response `traceparent` names that
+    trace. O(1)."""
+    ctx = ctx or _CURRENT.get()
+    if ctx is None:
+        return {}
     headers = {TRACEPARENT: ctx.traceparent}
     if ctx.tracestate:
         headers[TRACESTATE] = ctx.tracestate
@@ -169,7 +177,8 @@ def outgoing_headers(ctx: TraceContext | None = None) -> dict[str, str]:
 
 def inject_traceparent(request: Any) -> None:
     """An httpx request event hook (`httpx.Client(event_hooks={"request": [inject_traceparent]})`):
-    each request carries `outgoing_headers()` unless it sets a `traceparent` itself. O(1)."""
+    each request carries `outgoing_headers()` (nothing outside a context) unless it sets a
+    `traceparent` itself. O(1)."""
     if TRACEPARENT not in request.headers:
         request.headers.update(outgoing_headers())
 
