@@ -5,8 +5,8 @@ Profiles come from a cache file when one matches the model's structure, else fro
 answers ready only once that is done. The planner being away never stops the worker: every
 call is retried with backoff and failures are only logged, and a round that fails in any other
 way is logged with its traceback and retried the same. Planner calls go through the SDK
-(`dapdee.client.AsyncPlannerClient`), each with a `traceparent` of its own (the loop runs
-outside any request).
+(`dapdee.client.AsyncPlannerClient`), without a `traceparent` (the loop runs outside any
+request: the planner starts each call's trace, and its sampler decides whether to record it).
 
 Tokens: registering graphs and profiles is an admin action (`DAPDEE_ADMIN_TOKEN`), heartbeats
 are the worker role's (`DAPDEE_WORKER_TOKEN`); `DAPDEE_API_TOKEN` stands in for either. With
