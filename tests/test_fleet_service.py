@@ -457,6 +457,55 @@ def test_a_model_no_worker_serves_gets_a_lease_on_no_worker(planner_prefix: str)
         assert c.get("/devices/solo").json()["lease"]["edge_ms_per_frame"] == 0.0
 
 
+def test_an_edge_plan_leased_on_no_worker_is_admitted_and_booked_once_a_worker_serves_the_model(
+    planner_prefix: str,
+) -> None:
+    """A device leased while no worker serves the model gets Edge-Only on the graph's own edge
+    timings, booked nowhere. Once a worker (100 ms/s, room for 90) serves it, the same request
+    (the held plan would be within the switching margin) gets a plan admitted and booked there:
+    Edge-Only, 8 ms x 10 frames/s = 80 ms/s on the worker. A second device then fits in what is
+    left; the held plan used to come back unbooked, naming the worker, so both sent 80 ms/s to it."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, workers=())
+        early = c.post("/plan", json=leased("early")).json()
+        assert early["edge_nodes"] == ["a", "b"] and early["lease"]["worker"] is None
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=100.0).status_code == 200
+        again = c.post("/plan", json=leased("early")).json()
+        assert again["edge_nodes"] == ["a", "b"] and again["lease"]["worker"] == again["edge_worker"] == "http://w1:1"
+        assert again["lease"]["edge_ms_per_frame"] == pytest.approx(8.0)
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == pytest.approx(80.0)
+        late = c.post("/plan", json=leased("late")).json()
+        assert late["lease"]["worker"] is None or late["lease"]["edge_ms_per_frame"] * 10.0 <= 10.0 + 1e-9
+        for plan in (again, late):  # every plan that sends work to the worker books it
+            assert not plan["edge_nodes"] or plan["lease"]["worker"] == "http://w1:1"
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] <= 90.0 + 1e-9
+
+
+def test_a_device_only_plan_handed_back_names_a_live_worker(planner_prefix: str) -> None:
+    """A Device-Only plan assigned by a rebalance is handed back while the device's conditions
+    hold; it names the worker the device probes its link to. When that worker expires (only the
+    other keeps beating), the plan handed back names the live one, not the expired one."""
+    with planner(planner_prefix, rebalance_s=0, worker_ttl_s=1.0, refresh_s=0.2) as c:
+        setup_model(c, workers=("http://w1:1", "http://w2:1"))
+        slow = leased("d", bandwidth_mbps=0.001)  # an uplink too slow for any edge plan
+        assert c.post("/plan", json=slow).json()["edge_nodes"] == []
+        assert c.post("/fleet/rebalance").status_code == 200
+        held = c.post("/plan", json=slow).json()
+        assert held["edge_nodes"] == [] and held["lease"]["assigned"] is True
+        named = held["edge_worker"]
+        alive = "http://w1:1" if named == "http://w2:1" else "http://w2:1"
+
+        def only_alive_listed() -> bool:
+            assert beat(c, alive, ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+            return list(workers(c)) == [alive]
+
+        assert wait_for(only_alive_listed, timeout=10.0, step=0.2)
+        time.sleep(0.5)  # the planner's view of the live workers refreshes every 0.2 s
+        again = c.post("/plan", json=slow).json()
+        assert again["edge_nodes"] == [] and again["lease"]["assigned"] is True
+        assert again["edge_worker"] == alive
+
+
 def test_deleting_a_model_ends_its_leases_and_frees_what_they_booked(planner_prefix: str) -> None:
     """Two devices of "cam2" and one of "cam" lease the worker; DELETE /models/cam2 ends the two
     leases at once (GET /devices 404, the worker's booking down to the "cam" device's 80 ms/s)

@@ -122,6 +122,16 @@ def slots_of(candidates: Sequence[Candidate], others: Mapping[str, float]) -> li
     ]
 
 
+def least_loaded(candidates: Sequence[Candidate], others: Mapping[str, float]) -> Candidate:
+    """Of `candidates` (at least one), the one the others' reservations load least (`others`, by
+    worker URL, naming every candidate), ties as `plan_for_device` orders workers (`tiebreak`,
+    then the URL): the worker a Device-Only plan names. O(candidates)."""
+    return min(
+        candidates,
+        key=lambda c: (edge_load_of(others[c.worker.url], c.worker.nominal), tiebreak(c.worker), c.worker.url),
+    )
+
+
 def repriced(
     record: dict[str, Any],
     ask: Ask,
@@ -132,24 +142,32 @@ def repriced(
     """The plan in the device's lease record re-priced now, at the load the others put on its
     worker (`others`, by worker URL, naming every candidate), or at the request's explicit
     `edge_load`, which overrides it as it does for the exact plan; None when it no longer applies
-    (another model, its worker gone, the graph changed). O(V + E) (`plan_of`)."""
+    (another model, its worker gone, the graph changed, or an edge plan the device was given
+    while no worker served the model: it reserves nothing, so handing it back now would send
+    work to a worker without booking it). A Device-Only plan keeps naming the worker it named
+    while that one is a candidate (the device probes its link there), else the least loaded.
+    O(V + E) (`plan_of`)."""
     body = ask.body
     if record.get("model") != body.model:
         return None
     worker = record.get("worker")
-    by_url = {c.worker.url: c for c in candidates}
-    if worker is not None and worker not in by_url:
-        return None
-    c = by_url[worker] if worker is not None else candidates[0]
-    load = edge_load if edge_load is not None else edge_load_of(others[c.worker.url], c.worker.nominal)
     held = record["plan"]
+    by_url = {c.worker.url: c for c in candidates}
+    if worker is not None:
+        if worker not in by_url:
+            return None
+        c = by_url[worker]
+    elif held.get("edge_nodes"):
+        return None
+    else:
+        c = by_url.get(held.get("edge_worker") or "") or least_loaded(candidates, others)
+    load = edge_load if edge_load is not None else edge_load_of(others[c.worker.url], c.worker.nominal)
     try:
         name, nodes, approximate = held["exit"]["name"], held["device_nodes"], bool(held.get("approximate"))
         plan, e_i = plan_of(c.planmap, ask.req, name, nodes, load, held["mode"], approximate)
     except (CostGraphError, KeyError, StopIteration):
         return None  # the graph changed under the plan
-    # a Device-Only plan keeps naming the worker it named (the device probes its link there)
-    plan["edge_worker"] = worker if worker is not None else (held.get("edge_worker") or c.worker.url)
+    plan["edge_worker"] = c.worker.url
     return DevicePlan(plan, worker, e_i, load if worker is not None else 0.0)
 
 
