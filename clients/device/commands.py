@@ -244,7 +244,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             runtime, records, wall, source = asyncio.run(main(log))
     finally:
         tracing.shutdown()
-    _print_run(args, settings, runtime, summarize(records, wall), records, source)
+    # an endless stream keeps only the last frames: the frame count and throughput are the run's
+    _print_run(args, settings, runtime, summarize(records, wall, frames=runtime.frames_done), records, source)
     return 0
 
 
@@ -271,6 +272,8 @@ def _print_run(args: argparse.Namespace, settings: Any, runtime: Any, s: dict, r
         f"{s['throughput_fps']:.1f} fps  accuracy {acc}  "
         f"bandwidth est {runtime.sensing.bandwidth_mbps:.3g} Mbit/s  plans {len(runtime.plans)}"
     )
+    if s["frames_summarised"] < s["frames"]:
+        print(f"latencies, places, exits and accuracy over the last {s['frames_summarised']} frames")
     if source is not None and source.stats.skipped:
         print(f"frames skipped by the source: {source.stats.skipped} ({'; '.join(source.stats.reasons[:3])})")
     for e in runtime.events[-10:]:

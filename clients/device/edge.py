@@ -192,7 +192,9 @@ def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
 
 def _connected(exc: TransportError) -> bool:
     """Whether the request that failed with `exc` had its connection (not refused, nor timed
-    out connecting or waiting for the client's pool: then no byte was on the link). O(1)."""
+    out connecting or waiting for the client's pool: then no byte was on the link; the SDK
+    reports a call's timeout that ran out before the request began to go out as one of
+    these). O(1)."""
     return not isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 

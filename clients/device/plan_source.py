@@ -21,7 +21,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import httpx
+
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError, ProtocolError, TransportError
+from dapdee.client.transport import DEFAULT_TIMEOUT_S
 from dapdee.costgraph import CostGraph
 from dapdee.costmodel import Conditions
 from dapdee.device.config import Requirements
@@ -145,6 +148,7 @@ class PlannerPlanSource:
         self.reregister = reregister
         self.tracing = tracing
         self._registered_at = time.monotonic()
+        self.landing_until = 0.0  # a POST /plan cut off unanswered may reach the planner until then
 
     def body(self, cond: Conditions) -> dict[str, Any]:
         """The plan request for `cond`: the model, the conditions, the tier, the device id and
@@ -173,7 +177,12 @@ class PlannerPlanSource:
             except ProtocolError as exc:
                 raise PlanError(f"planner answer breaks the contract: {exc.detail[:200]}") from None
             except (ApiError, TransportError) as exc:
+                if isinstance(exc, TransportError) and _may_have_left(exc):
+                    self._unanswered(sent)
                 raise _unavailable(exc) from None
+            except asyncio.CancelledError:  # the re-planner stops at close: the request may be on its way
+                self._unanswered(sent)
+                raise
             plan = plan_from_answer(
                 answer.model_dump(mode="json"), self.graph, body["bandwidth_mbps"], body["device_load"], now=sent
             )
@@ -228,12 +237,37 @@ class PlannerPlanSource:
             return current
         return device_only_plan(self.graph, cond)
 
+    def _unanswered(self, sent: float) -> None:
+        """Note a POST /plan sent at `sent` that ended without an answer (cancelled, or its
+        connection lost after it may have gone out): the planner may still act on it, storing a
+        lease, until the call's own deadline (the planner client's `timeout_s`). O(1)."""
+        timeout_s = getattr(self.planner, "timeout_s", DEFAULT_TIMEOUT_S)
+        self.landing_until = max(self.landing_until, sent + timeout_s)
+
     async def aclose(self) -> None:
-        """End the lease when the SDK offers `release` (else it lapses at its expiry). The
-        planner client stays open: its owner closes it."""
+        """End the lease when the SDK offers `release` (else it lapses at its expiry). A POST
+        /plan cut off without an answer (a renewal the re-planner cancelled at close) could
+        reach the planner after the release and store a lease for a device that has gone: the
+        release waits for that request's deadline first (`landing_until`: at most the planner
+        client's `timeout_s` after it was sent). A planner that acts on a request after the
+        device's deadline for it is not covered: that lease lapses at its expiry. The planner
+        client stays open: its owner closes it."""
         release = getattr(self.planner, "release", None)
-        if self.device_id is not None and release is not None:
-            try:
-                await release(self.device_id)
-            except ClientError as exc:
-                log.info("could not release the lease of %s: %s", self.device_id, exc)
+        if self.device_id is None or release is None:
+            return
+        wait_s = self.landing_until - time.monotonic()
+        if wait_s > 0:
+            log.info(
+                "releasing the lease of %s in %.1f s, after a cut-off plan request's deadline", self.device_id, wait_s
+            )
+            await asyncio.sleep(wait_s)
+        try:
+            await release(self.device_id)
+        except ClientError as exc:
+            log.info("could not release the lease of %s: %s", self.device_id, exc)
+
+
+def _may_have_left(exc: TransportError) -> bool:
+    """Whether the request that failed with `exc` may have reached the server: not when it
+    never had a connection (refused, or timed out connecting or waiting for one). O(1)."""
+    return not isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))

@@ -172,7 +172,9 @@ class Replanner:
         self._use(plan, why)
 
     async def aclose(self, wait_s: float = 2.0) -> None:
-        """Let a re-plan in flight finish (at most `wait_s`), then stop."""
+        """Let a re-plan in flight finish (at most `wait_s`), then cancel it. A plan request
+        so cut off may still reach the planner: the source's `aclose` (which releases the
+        lease) waits for its deadline first (`PlannerPlanSource.aclose`)."""
         task = self._task
         if task is None:
             return

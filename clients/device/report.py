@@ -16,16 +16,21 @@ from dapdee.device.types import FrameRecord
 frame_log = logging.getLogger("dapdee.device.frame")
 
 
-def summarize(records: Sequence[FrameRecord], wall_s: float | None = None) -> dict[str, Any]:
+def summarize(records: Sequence[FrameRecord], wall_s: float | None = None, frames: int | None = None) -> dict[str, Any]:
     """Aggregates of a run: counts by place and exit, mean / p50 / p95 latencies, bytes, cut,
-    accuracy over labelled frames, and frames/s over `wall_s`. O(n log n)."""
+    accuracy over labelled frames, and frames/s over `wall_s`. `frames`: the run's frame count
+    when `records` hold only its last frames (a stream that keeps none, whose runtime keeps the
+    most recent `MAX_RECORDS`): `frames` and the throughput then count the whole run, and
+    `frames_summarised` says how many records the other aggregates cover. O(n log n)."""
+    total = len(records) if frames is None else max(frames, len(records))
     if not records:
-        return {"frames": 0}
+        return {"frames": total}
     meas = [r.measured_ms for r in records]
     pred = [r.predicted_ms for r in records if r.predicted_ms is not None]
     labelled = [r for r in records if r.correct is not None]
     out: dict[str, Any] = {
-        "frames": len(records),
+        "frames": total,
+        "frames_summarised": len(records),
         "where": dict(Counter(r.where for r in records)),
         "exits": dict(Counter(r.exit for r in records)),
         "predicted_ms_mean": statistics.fmean(pred) if pred else None,
@@ -39,7 +44,7 @@ def summarize(records: Sequence[FrameRecord], wall_s: float | None = None) -> di
         "slowdown": records[-1].slowdown,
     }
     if wall_s:
-        out["throughput_fps"] = len(records) / wall_s
+        out["throughput_fps"] = total / wall_s
     return out
 
 

@@ -34,7 +34,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -77,14 +77,49 @@ class Outcome:
     error: str | None = None
 
 
+_END = object()  # what `next` answers once a frame source is exhausted
+
+
 async def _aiter(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
+    """The frames of `frames`, in order, without blocking the event loop: an async source as it
+    is; a list or tuple on the loop (indexing never blocks); any other iterable (an image
+    folder decoding JPEGs, a video, a camera's blocking read) one `next` at a time on a worker
+    thread (`_read_off_loop`), so frames in flight finish while the next one is read. O(1) per
+    frame beyond the source's own read."""
     if isinstance(frames, AsyncIterable):
         async for f in frames:
             yield f
-    else:
+    elif isinstance(frames, (list, tuple)):
         for f in frames:
             yield f
             await asyncio.sleep(0)
+    else:
+        async for f in _read_off_loop(iter(frames)):
+            yield f
+
+
+async def _read_off_loop(it: Iterator[Frame]) -> AsyncIterator[Frame]:
+    """The items of `it`, each read by `next` on the loop's default executor (one read at a
+    time, so in order). When the stream stops early, `it` is closed (a generator's `close`,
+    which releases a camera or a file): at once, or, when a read is still under way on its
+    thread (the consumer was cancelled meanwhile), as soon as that read ends."""
+    loop = asyncio.get_running_loop()
+    read: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            read = loop.run_in_executor(None, next, it, _END)
+            frame = await asyncio.shield(read)
+            read = None
+            if frame is _END:
+                return
+            yield frame
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            if read is None or read.done():
+                close()
+            else:  # a generator cannot be closed while it runs on another thread
+                read.add_done_callback(lambda _: close())
 
 
 class DeviceRuntime:
@@ -92,6 +127,7 @@ class DeviceRuntime:
     device's cost graph (device timings; it checks plans and prices fallbacks), `compute` the
     backend, `plans` the plan source, `edge` the edge access (None: no edge at all), `sensor`
     the background sensing (None: none). `slowdown` and `rate_mbps` are stated in every record.
+    `records` keeps the last `max_records` frames; `frames_done` counts every frame answered.
     Use `async with runtime:` or `start()` / `aclose()`."""
 
     def __init__(
@@ -109,6 +145,7 @@ class DeviceRuntime:
         tracing: Tracing = NO_TRACING,
         slowdown: float = 1.0,
         rate_mbps: float | None = None,
+        max_records: int = MAX_RECORDS,
     ) -> None:
         self.graph = graph
         self.frame_data = graph.input_dependent() | {graph.input.name}  # what a split sends the edge
@@ -123,7 +160,8 @@ class DeviceRuntime:
         self.tracing = tracing
         self.slowdown = slowdown
         self.rate_mbps = rate_mbps
-        self.records: deque[FrameRecord] = deque(maxlen=MAX_RECORDS)  # the most recent frames
+        self.records: deque[FrameRecord] = deque(maxlen=max_records)  # the most recent frames
+        self.frames_done = 0  # frames answered since the runtime was made (`records` keeps the last)
         self.replanner: Replanner | None = None
         self.started_at = time.perf_counter()  # reset by start(); records' `started_at` count from it
         self._counter = itertools.count()
@@ -383,6 +421,7 @@ class DeviceRuntime:
                 }
             )
         self.records.append(rec)
+        self.frames_done += 1
         if self.metrics is not None:
             self.metrics.frame(rec)
         log_frame(rec)
@@ -446,10 +485,15 @@ class DeviceRuntime:
         progress: Callable[[FrameRecord], None] | None,
         keep: bool,
     ) -> list[FrameRecord]:
+        """Frames released at the frame rate (none: as fast as slots free up), at most
+        `max_inflight` in flight; the records in frame order (with `keep`). A frame that failed
+        ends the stream at the next release (`_raise_failed` over the frames in flight, so each
+        release costs O(max_inflight), however long the stream)."""
         slots = asyncio.Semaphore(self.config.max_inflight)
         rate = self.config.requirements.frame_rate
         period = 1.0 / rate if rate else 0.0
-        tasks: list[asyncio.Task[FrameRecord]] = []  # kept (keep), else only those in flight
+        kept: list[asyncio.Task[FrameRecord]] = []  # every frame's task, in order (keep only)
+        inflight: set[asyncio.Task[FrameRecord]] = set()  # running, or failed and not yet raised
         t0 = time.monotonic()
 
         async def one(frame: Frame) -> FrameRecord:
@@ -461,26 +505,34 @@ class DeviceRuntime:
                 progress(rec)
             return rec
 
+        def answered(task: asyncio.Task[FrameRecord]) -> None:
+            if task.cancelled() or task.exception() is None:  # a failed one stays for `_raise_failed`
+                inflight.discard(task)
+
         try:
             async for i, frame in _enumerate(_aiter(frames)):
                 delay = t0 + i * period - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await slots.acquire()
-                _raise_failed(tasks)  # a failed frame (e.g. `progress` writing to a closed pipe) ends the stream now
-                if not keep:  # forget answered frames
-                    tasks = [t for t in tasks if not t.done()]
-                tasks.append(asyncio.create_task(one(frame)))
-            done = list(await asyncio.gather(*tasks))
-            return done if keep else []
+                _raise_failed(inflight)  # a failed frame (e.g. `progress` writing to a closed pipe) ends the stream now
+                task = asyncio.create_task(one(frame))
+                task.add_done_callback(answered)
+                inflight.add(task)
+                if keep:
+                    kept.append(task)
+            if not keep:
+                await asyncio.gather(*inflight)
+                return []
+            return list(await asyncio.gather(*kept))
         finally:
-            for t in tasks:
+            for t in list(inflight):
                 t.cancel()
 
 
-def _raise_failed(tasks: list[asyncio.Task[FrameRecord]]) -> None:
-    """Raise the error of the first frame task that failed (an endless stream would otherwise
-    never reach the `gather` that reports it). O(tasks)."""
+def _raise_failed(tasks: Iterable[asyncio.Task[FrameRecord]]) -> None:
+    """Raise the error of a frame task that failed (an endless stream would otherwise never
+    reach the `gather` that reports it). O(tasks)."""
     for t in tasks:
         if t.done() and not t.cancelled() and t.exception() is not None:
             raise t.exception()  # type: ignore[misc]

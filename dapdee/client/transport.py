@@ -13,9 +13,14 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
   sync one cuts every wait on the network (connect, TLS, each write and read) to the time left
   (`dapdee.client.deadline`; with a `transport` of the caller's, the time left is checked as
   each piece of the answer arrives, and one wait may run its full timeout past it). httpx's
-  per-phase timeouts are the call's timeout too, cut to the time left;
-- carry a W3C `traceparent` on every request: the call's own, else the current context's
-  (`dapdee.web.tracecontext.use`), else a new trace's;
+  per-phase timeouts are the call's timeout too, cut to the time left. A deadline that comes
+  before the request began to go out (no connection yet, or none free in the pool) is
+  `httpx.ConnectTimeout` / `httpx.PoolTimeout` as the cause, async as sync, so a caller can
+  tell that nothing was sent (the async transport learns how far the exchange got from
+  httpcore's `trace` extension: with a `transport` of the caller's that is not
+  `httpx.AsyncHTTPTransport`, a deadline is always taken as hit after sending began);
+- carry a W3C `traceparent`: the call's own, else the current context's
+  (`dapdee.web.tracecontext.use`), else none (the server starts the trace; its sampler decides);
 - ask for answers without a content coding (`Accept-Encoding: identity`), read them as they
   come off the wire, and refuse one that is encoded anyway (`ProtocolError`): a decompressor
   would turn a few hundred bytes into gigabytes before `max_response_bytes` could count them;
@@ -216,7 +221,7 @@ def json_call(method: str, path: str, parse: Callable[[Answer], T], body: Any, *
 
 def trace_headers(traceparent: str | None) -> dict[str, str]:
     """The trace headers of one request: `traceparent` as given (RequestError when it is not a
-    valid one), else those of the current trace context or of a new trace. O(1)."""
+    valid one), else those of the current trace context, else none. O(1)."""
     if traceparent is None:
         return outgoing_headers()
     if parse_traceparent(traceparent) is None:
@@ -306,8 +311,37 @@ class _Body:
 
 
 def _no_answer(call: Call[Any], exc: BaseException) -> TransportError:
-    timeout = isinstance(exc, (httpx.TimeoutException, TimeoutError))
+    """The TransportError of a call that got no answer because of `exc`; `.timeout` for httpx's
+    timeouts and the call's own deadline (`asyncio.TimeoutError`, not the builtin one before
+    Python 3.11). O(1)."""
+    timeout = isinstance(exc, (httpx.TimeoutException, TimeoutError, asyncio.TimeoutError))
     return TransportError(call.method, call.path, exc, timeout=timeout)
+
+
+class _Progress:
+    """How far one async exchange got, from httpcore's `trace` extension (awaited with each
+    event's name): whether any connection work was under way (opening one, or using a pooled
+    one) and whether the request began to go out (its headers being written). O(1) per event."""
+
+    def __init__(self) -> None:
+        self.connecting = False
+        self.sending = False
+
+    async def __call__(self, event: str, info: Mapping[str, Any]) -> None:
+        if event.endswith(".send_request_headers.started"):
+            self.sending = True
+        else:
+            self.connecting = True
+
+    def unsent_timeout(self) -> httpx.TimeoutException | None:
+        """What a deadline hit now is, when the request had not begun to go out: ConnectTimeout
+        while a connection was being made, PoolTimeout while none had been handed out yet;
+        None once sending began."""
+        if self.sending:
+            return None
+        if self.connecting:
+            return httpx.ConnectTimeout("the call's timeout ran out before a connection was made")
+        return httpx.PoolTimeout("the call's timeout ran out waiting for a connection")
 
 
 # ---- transports ---------------------------------------------------------------------------------
@@ -348,6 +382,8 @@ class _Transport:
         self.default_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra_headers}
         if token:
             self.default_headers["Authorization"] = f"Bearer {token}"
+        # httpx's own transport (httpcore underneath) reports its progress to a `trace` extension
+        self.traced = transport is None or isinstance(transport, (httpx.HTTPTransport, httpx.AsyncHTTPTransport))
         client = {"base_url": self.base_url, "headers": self.default_headers, "follow_redirects": False}
         self._http = self._open({**client, "transport": transport})
 
@@ -442,16 +478,31 @@ class AsyncTransport(_Transport):
         self._check_open(call)
         deadline = time.monotonic() + self.total_s(call)
         for attempt in (0, 1):
+            progress = _Progress()
             try:
                 left = deadline - time.monotonic()
-                return finish(call, await asyncio.wait_for(self._exchange(call, body, deadline), left))
+                return finish(call, await asyncio.wait_for(self._exchange(call, body, deadline, progress), left))
             except (httpx.HTTPError, asyncio.TimeoutError) as exc:
                 if not _repeatable(call, body, attempt, exc, deadline):
-                    raise _no_answer(call, exc) from None
+                    raise _no_answer(call, self._cause(exc, progress)) from None
         raise AssertionError("unreachable")
 
-    async def _exchange(self, call: Call[Any], body: AsyncIterable[bytes] | None, deadline: float) -> Answer:
-        request = self._http.build_request(**self.request_args(call, body, deadline))
+    def _cause(self, exc: BaseException, progress: _Progress) -> BaseException:
+        """The cause to report for `exc`: the call's deadline (`asyncio.wait_for` cancels the
+        exchange before httpx's own phase timeouts, which end at the same instant, can fire)
+        hit before the request began to go out is the httpx timeout of that phase
+        (`_Progress.unsent_timeout`), as the sync transport reports it; else `exc`. O(1)."""
+        if not isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or not self.traced:
+            return exc
+        return progress.unsent_timeout() or exc
+
+    async def _exchange(
+        self, call: Call[Any], body: AsyncIterable[bytes] | None, deadline: float, progress: _Progress
+    ) -> Answer:
+        args = self.request_args(call, body, deadline)
+        if self.traced:
+            args["extensions"] = {"trace": progress}
+        request = self._http.build_request(**args)
         t0 = time.perf_counter()
         response = await self._http.send(request, stream=True)
         try:
