@@ -740,6 +740,40 @@ def test_min_cut_plans_run_off_the_event_loop() -> None:
         assert offloaded() - offloaded0 == during
 
 
+def test_fleet_plans_over_a_capped_plan_map_run_under_the_plan_budget() -> None:
+    """With a live worker serving the model, `POST /plan` takes the fleet's plan choice (per
+    worker, a min-cut for a latency plan over a capped map). It runs on the plan threads under
+    the plan budget like a plan without a worker: past a budget of 1 ms it is refused with the
+    plan-budget 503, with and without a device id, and an exact model's plan still answers
+    inline (not offloaded). (On the event loop the min-cut took its ~0.3 s there,
+    every other request waiting, and answered 200 past the budget.)"""
+    env = {f"DAPDEE_{r.upper()}_TOKEN": TOKENS[r] for r in TOKENS} | {
+        "DAPDEE_REDIS_URL": "",
+        "DAPDEE_PLANMAP_CAP": "64",
+        "DAPDEE_MAX_IN_DEGREE": "4096",
+        "DAPDEE_PLAN_BUDGET_S": "0.001",
+        "DAPDEE_WORKER_URL_PATTERN": "http://w[0-9]:1",
+        "DAPDEE_REBALANCE_S": "0",
+    }
+    with planner_subprocess(env) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
+        admin, device, worker = role("admin"), role("device"), role("worker")
+        assert c.put("/models/wide", json=parallel_graph("wide", STORM_WIDTH), headers=admin).status_code == 201
+        assert c.put("/models/toy", json=toy_graph(), headers=admin).status_code == 201
+        beat = {"url": "http://w1:1", "models": ["wide", "toy"], "tier": "edge", "load": 0.0}
+        assert c.post("/workers/heartbeat", json=beat, headers=worker).status_code == 200
+        body = {"model": "wide", "bandwidth_mbps": 1.0, "mode": "latency"}
+        c.post("/plan", json=body, headers=device)  # builds the (inexact) plan map, answered or refused
+        for extra in ({}, {"device_id": "cam-1", "frame_rate": 10.0}):
+            r = c.post("/plan", json={**body, "bandwidth_mbps": 2.0, **extra}, headers=device)
+            assert r.status_code == 503, r.text[:300]
+            assert r.json()["type"] == "urn:dapdee:problem:plan-budget" and r.headers["retry-after"] == "1"
+        offloaded = value(parse(c.get("/metrics").text), "dapdee_planner_offloaded_plans_total")
+        assert offloaded >= 1  # the budget may end before a thread takes the plan up
+        toy = c.post("/plan", json={"model": "toy", "bandwidth_mbps": 1.0}, headers=device)
+        assert toy.status_code == 200 and toy.json()["edge_worker"] == "http://w1:1"
+        assert value(parse(c.get("/metrics").text), "dapdee_planner_offloaded_plans_total") == offloaded
+
+
 def _timed_plan(c: httpx.Client, body: dict[str, Any]) -> float:
     """Seconds one plan request took, alone (asserting it answered 200)."""
     t0 = time.perf_counter()

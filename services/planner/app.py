@@ -41,8 +41,8 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
                 "planner runs OPEN: no token is configured (DAPDEE_ADMIN_TOKEN, DAPDEE_DEVICE_TOKEN, "
                 "DAPDEE_WORKER_TOKEN or DAPDEE_API_TOKEN), so every route is callable without one"
             )
-        store = Store(settings, metrics)
         runner = PlanRunner(settings.plan_threads, settings.plan_budget_s, metrics.offloaded_plans.inc)
+        store = Store(settings, metrics, runner)
         app.state.store, app.state.plan_runner = store, runner
         app.state.planning = Planning(store, metrics, runner)
         metrics.bind(lambda: store.live_worker_count(), lambda: len(store.models))

@@ -19,6 +19,11 @@ re-plan it and its next request can tell whether its conditions drifted.
 
 With Redis away, plans come from the last view of the reservations and no lease is stored
 (the answer's lease then says so by `expires_in_s` 0); the planner never fails for it.
+
+A plan choice over exact plan maps is a scan of small fronts and runs inline; over a capped map
+(an exit past the enumeration cap) a latency answer takes a min-cut per worker, so it runs on
+the plan runner's threads under the plan budget, as a single-worker plan does
+(`dapdee.planner.plan_runner`: PlanOverBudget past it).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from dapdee.fleet.assign import DevicePlan, edge_load_of
 from dapdee.planner.config import Settings
@@ -36,11 +41,13 @@ from dapdee.planner.lease_view import LeaseView, LiveWorkers
 from dapdee.planner.leases import LeaseBook, Reservation, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.plan_choice import Ask, Candidate, PlanChooser, drifted, tiebreak
+from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import Worker
 
 RETRIES = 3
+T = TypeVar("T")
 # the request fields a lease record keeps: what the device asked, so a rebalance can re-plan it
 REQUEST_FIELDS = (
     "bandwidth_mbps",
@@ -96,7 +103,8 @@ class Fleet:
     `capacity_seen` (the registry's) hears of a worker's capacity that a reservation found lower
     than this replica's view. `queued(model)` says whether this replica holds writes of a model
     that Redis has not had yet (its registry may lack the model: a lease of it is not checked
-    against the registry then)."""
+    against the registry then). `runner` computes plan choices over capped plan maps off the
+    event loop (None: inline, for callers without one)."""
 
     def __init__(
         self,
@@ -108,6 +116,7 @@ class Fleet:
         live_workers: LiveWorkers,
         capacity_seen: CapacitySeen | None = None,
         queued: Callable[[str], bool] | None = None,
+        runner: PlanRunner | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -118,6 +127,7 @@ class Fleet:
         self.live_workers = live_workers
         self.capacity_seen = capacity_seen
         self.queued = queued
+        self.runner = runner
         self.view = LeaseView(self.book, metrics, live_workers, settings.refresh_s, settings.max_leases)
         self.chooser = PlanChooser(settings.rho_max, settings.switch_margin, settings.lease_drift)
 
@@ -159,13 +169,21 @@ class Fleet:
         figure where it names the worker, else this replica's view's. O(candidates)."""
         return self.view.others_on((c.worker.url for c in candidates), device_id, fresh)
 
+    async def _chosen(self, candidates: Sequence[Candidate], fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, a plan choice over `candidates`: inline when every plan map is exact,
+        else on the runner's threads under the plan budget (PlanOverBudget past it). O(fn)."""
+        if self.runner is None or all(c.planmap.exact for c in candidates):
+            return fn(*args)
+        return await self.runner.call(fn, *args)
+
     # ---- planning ---------------------------------------------------------------------------------
     async def plan(self, body: Any, candidates: Sequence[Candidate], edge_load: float | None) -> dict[str, Any]:
         """The plan for one request (a validated `PlanRequestBody`) over `candidates` (at least
         one), with a lease when it names a device. CapacityExceeded past the lease cap."""
         ask = Ask.of(body)
         if body.device_id is None:  # reserves nothing: its frame_rate is a requirement, not a booking
-            dp = self.chooser.exact(candidates, ask.req, None, self._others(candidates, None, {}), edge_load)
+            others = self._others(candidates, None, {})
+            dp = await self._chosen(candidates, self.chooser.exact, candidates, ask.req, None, others, edge_load)
             self.metrics.admissions.labels("unleased").inc()
             return dp.plan
         view, record = self.view.as_seen(body.device_id, (c.worker.url for c in candidates))
@@ -188,7 +206,9 @@ class Fleet:
         """Plan the device against this replica's `view` and reserve that plan, the view verified
         in the same atomic step: one round trip when the view is Redis's own. Returns the plan
         JSON with its `lease`."""
-        dp, assigned = self.chooser.choose(record, ask, candidates, view.others, edge_load)
+        dp, assigned = await self._chosen(
+            candidates, self.chooser.choose, record, ask, candidates, view.others, edge_load
+        )
         anchor = record["request"] if record is not None else None
         return await self._reserve(ask, candidates, dp, assigned, view, dict(view.others), edge_load, anchor)
 
@@ -230,7 +250,9 @@ class Fleet:
                 view = None  # the figures adopted are Redis's: the next reservation checks admission only
                 held = res.figures.record.fields if res.figures.record is not None else None
                 fresh = self._others(candidates, body.device_id, others)
-                dp, assigned = self.chooser.choose(held, ask, candidates, fresh, edge_load)
+                dp, assigned = await self._chosen(
+                    candidates, self.chooser.choose, held, ask, candidates, fresh, edge_load
+                )
                 anchor = held["request"] if held is not None else None
                 continue
             if res.status == "full":
@@ -245,10 +267,10 @@ class Fleet:
             assert dp.worker is not None
             refusals, assigned = refusals + 1, False
             give_up = refusals >= RETRIES
-            candidates, dp = self._after_refusal(ask, candidates, dp.worker, res, others, give_up, edge_load)
+            candidates, dp = await self._after_refusal(ask, candidates, dp.worker, res, others, give_up, edge_load)
         return self._answer(body, dp, assigned, stored)
 
-    def _after_refusal(
+    async def _after_refusal(
         self,
         ask: Ask,
         candidates: Sequence[Candidate],
@@ -270,7 +292,10 @@ class Fleet:
                 self.capacity_seen(worker, res.capacity_ms_per_s)
         ahead = {c.worker.url: math.inf for c in candidates} if give_up else others
         fresh = self._others(candidates, ask.body.device_id, ahead)
-        return candidates, self.chooser.exact(candidates, ask.req, ask.body.frame_rate, fresh, edge_load)
+        dp = await self._chosen(
+            candidates, self.chooser.exact, candidates, ask.req, ask.body.frame_rate, fresh, edge_load
+        )
+        return candidates, dp
 
     def _answer(self, body: Any, dp: DevicePlan, assigned: bool, stored: bool) -> dict[str, Any]:
         """The plan JSON with its `lease` (`expires_in_s` 0 when the lease could not be stored)."""

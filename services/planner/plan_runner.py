@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from dapdee.planning import PlanMap, PlanRequest
+
+T = TypeVar("T")
 
 
 class PlanOverBudget(Exception):
@@ -43,9 +45,10 @@ class PlanRunner:
             return pm.plan(req)
         return await self.call(pm.plan, req)
 
-    async def call(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker thread under the budget (for plans that may need min-cuts:
-        capped maps, the DADS baseline); PlanOverBudget past it."""
+        capped maps, the DADS baseline, a fleet plan choice over a capped map); PlanOverBudget
+        past it."""
         try:
             return await asyncio.wait_for(self._in_thread(fn, *args), self.budget_s)
         except asyncio.TimeoutError:
@@ -55,7 +58,7 @@ class PlanRunner:
                 "plans are in progress); retry later, or upload a smaller graph"
             ) from None
 
-    async def _in_thread(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         await self._slots.acquire()
         if self._on_offload is not None:
             self._on_offload()

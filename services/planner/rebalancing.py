@@ -313,9 +313,13 @@ class Rebalancer:
             return None
         req = request_of(record["request"])
         held = record["plan"]
-        objective = resolved_objective(found[0].planmap, req, booked)
+        pm = found[0].planmap
+        if pm.exact:
+            objective = resolved_objective(pm, req, booked)
+        else:  # "auto" over a capped map may take min-cuts: off the event loop, as the solve is
+            objective = await asyncio.to_thread(resolved_objective, pm, req, booked)
         current = (held["exit"]["name"], tuple(held["device_nodes"]))
-        return Demand(record["device_id"], float(record["frames_per_s"]), found[0].planmap, req, objective, current)
+        return Demand(record["device_id"], float(record["frames_per_s"]), pm, req, objective, current)
 
 
 def _joiners(reserved: dict[str, dict[str, float]], records: dict[str, StoredRecord]) -> set[str]:

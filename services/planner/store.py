@@ -37,6 +37,7 @@ from dapdee.planner.model_cache import ModelCache
 from dapdee.planner.model_writes import ModelWriter
 from dapdee.planner.modelstate import ModelState, Profile, PutResult
 from dapdee.planner.plan_choice import Candidate
+from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.planmaps import PlanMapCache, merged_graph
 from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.redis_link import RedisLink
@@ -73,7 +74,9 @@ class Store:
     the loop, replays queued writes within a bounded time, logging any it could not write,
     closes the client)."""
 
-    def __init__(self, settings: Settings, metrics: PlannerMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: PlannerMetrics, runner: PlanRunner | None = None) -> None:
+        """`runner` computes fleet plan choices over capped plan maps off the event loop (None:
+        inline)."""
         self.settings = settings
         self.metrics = metrics
         self.keys = Keys.for_prefix(settings.key_prefix)
@@ -85,7 +88,7 @@ class Store:
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
         lower = self.registry.lower_capacity
         self.fleet = Fleet(
-            settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers, lower, outbox.has
+            settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers, lower, outbox.has, runner
         )
         self.rebalancer = Rebalancer(self.fleet, self.keys)
         self.started = False

@@ -111,7 +111,10 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
         candidates = await store.candidates(body.model, st, dev, workers)
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
-    return await store.fleet.plan(body, candidates, body.edge_load)
+    try:
+        return await store.fleet.plan(body, candidates, body.edge_load)
+    except PlanOverBudget as exc:  # a choice over a capped plan map: min-cuts past the budget
+        raise ApiProblem(503, str(exc), PLAN_BUDGET, {"Retry-After": "1"}) from None
 
 
 async def _single_worker(
