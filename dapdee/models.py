@@ -110,7 +110,10 @@ def build_module(spec: ModelSpec) -> nn.Module:
         try:
             mod = importlib.import_module(mod_name)
         except Exception as exc:  # any import-time failure is the user's module's
-            raise ModelError(f"model spec {spec.spec!r}: cannot import {mod_name!r} ({exc})") from None
+            raise ModelError(
+                f"model spec {spec.spec!r}: cannot import {mod_name!r} ({exc}); a module of your own must be "
+                "importable: installed, or its directory on PYTHONPATH"
+            ) from None
         factory = getattr(mod, fn_name, None)
         if factory is None:
             raise ModelError(f"model spec {spec.spec!r}: module {mod_name!r} has no attribute {fn_name!r}")

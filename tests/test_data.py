@@ -66,9 +66,16 @@ def test_idx_corrupt_headers_fail_clearly(tmp_path: Path, mutate, message: str) 
 
 
 def test_idx_corrupt_gzip(tmp_path: Path) -> None:
+    """A truncated stream and a damaged deflate stream (bytes flipped inside it: zlib's own
+    error, not an OSError) are both a DataError naming the file."""
     p = tmp_path / "x.gz"
     p.write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x02ab")[:-6])
     with pytest.raises(D.DataError, match="corrupt gzip"):
+        D.read_idx(p)
+    raw = bytearray(gzip.compress((np.arange(4096) % 7).astype(np.uint8).tobytes()))
+    raw[12] ^= 0xFF  # the first byte of the deflate data: "invalid distance too far back"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(D.DataError, match="x.gz.*corrupt gzip"):
         D.read_idx(p)
 
 

@@ -167,7 +167,7 @@ def test_missing_inputs_named() -> None:
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["graph", "no_such_pkg.mod:factory"], "cannot import"),
+        (["graph", "no_such_pkg.mod:factory"], "its directory on PYTHONPATH"),
         (["graph", "tests.test_graph_executor:nope"], "has no attribute"),
         (["graph", "tests.test_graph_executor:not_a_module"], "not an nn.Module"),
         (["graph", "tests.test_graph_executor:ZOO_SPECS"], "not callable"),
