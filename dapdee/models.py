@@ -587,7 +587,7 @@ def _artifact_spec(manifest: dict[str, Any], spec: str, artifact: str | Path) ->
         raise ModelError(
             f"artifact {str(artifact)!r}: {MANIFEST}: field model: {trained!r} is not a zoo: spec; building it "
             "would import and run code that the file names, so it is only built when you name that spec yourself "
-            "(--model)"
+            "(--model; the edge worker's --models takes SPEC@ARTIFACT)"
         )
     return trained
 

@@ -282,6 +282,25 @@ def test_a_factory_model_that_fails_on_the_input_is_a_model_error(
     assert "cannot run on input" in err and "Traceback" not in err
 
 
+def test_eval_and_calibrate_take_the_factory_spec_an_artifact_was_trained_from(
+    folder: Path, tmp_path: Path, factories: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An artifact trained from a `package.module:factory` spec is built only when its spec is
+    named: `eval` and `calibrate` take it with --model (they had no such flag, so such an
+    artifact could never be evaluated or calibrated); without it they exit 2 naming --model."""
+    out = tmp_path / "gray"
+    train(cfg(folder, out, model=f"{factories}:gray"), **QUIET)
+    assert main(["eval", str(out)]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", str(out), "--model", f"{factories}:gray"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [e["name"] for e in got["exits"]] == ["final"]
+    assert main(["calibrate", str(out), "--dry-run"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["calibrate", str(out), "--dry-run", "--model", f"{factories}:gray"]) == 0
+    assert json.loads(capsys.readouterr().out)["within_bound_on_test"] is True
+
+
 # ---- 8: malformed manifests ------------------------------------------------------------------------
 
 BAD_MANIFESTS: dict[str, tuple[str, Any, str]] = {  # case: (top-level key, value, field named)

@@ -121,6 +121,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from dapdee.device.up import DEFAULT_ARTIFACTS, UpOptions
 
     u.add_argument("--artifact", help=f"artifact to serve (default {DEFAULT_ARTIFACTS[0]})")
+    u.add_argument(
+        "--model",
+        default="",
+        help="the model spec the artifact's weights belong to; needed when its manifest names a "
+        "package.module:factory spec (only zoo: specs are built from a manifest alone)",
+    )
     u.add_argument("--networks", default=",".join(UpOptions.networks), help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
     u.add_argument(
         "--frames", type=positive_int, default=UpOptions.frames, help="test images per network (the artifact's dataset)"
@@ -298,6 +304,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(
         UpOptions(
             artifact=args.artifact,
+            model=args.model,
             networks=nets,
             frames=args.frames,
             slowdown=args.slowdown,

@@ -39,6 +39,7 @@ PROFILE_RUNS = 5  # whole runs per exit calibrating the device profile (the demo
 @dataclass(frozen=True)
 class UpOptions:
     artifact: str | None = None
+    model: str = ""  # the spec the artifact's weights belong to ("": the manifest's zoo: spec)
     networks: tuple[str, ...] = ("3G", "4G", "WiFi")
     frames: int = 12
     slowdown: float = 30.0
@@ -207,13 +208,13 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
         sock = bind_free_socket()
         edge_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         es = load_settings(
-            EdgeSettings, "edge worker settings", models=f"@{artifact}" if artifact else FALLBACK_SPEC,
+            EdgeSettings, "edge worker settings", models=f"{opts.model}@{artifact}" if artifact else FALLBACK_SPEC,
             planner_url=planner.url, public_url=edge_url, port=sock.getsockname()[1], profile_repeats=8,
             profile_warmup=2, heartbeat_s=1.0, workers=1, api_token=token,
             self_url=edge_url,  # it measures its own per-request cost there, as `dapdee serve edge` does
         )  # fmt: skip
         served = load_models(es)
-        spec = "" if artifact else FALLBACK_SPEC
+        spec = opts.model if artifact else FALLBACK_SPEC
         loaded = load_model(spec, weights=artifact)
         if artifact is None:  # untrained: the device holds the edge's (random) weights
             loaded.module.load_state_dict(served[0].module.state_dict())

@@ -67,6 +67,12 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("eval", help="recompute an artifact's per-exit accuracy from its weights (JSON)")
     p.add_argument("artifact", help="artifact directory (weights.safetensors + manifest.json)")
+    p.add_argument(
+        "--model",
+        default="",
+        help="the model spec the artifact's weights belong to; needed when its manifest names a "
+        "package.module:factory spec (only zoo: specs are built from a manifest alone)",
+    )
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--split", default="test", choices=("train", "calib", "test"))
     p.add_argument("--limit", type=positive_int, default=None, help="default: the manifest's split size")
@@ -78,6 +84,12 @@ def add_commands(sub: Any) -> None:
         help="pick confidence-exit thresholds within an accuracy-loss bound; store them in the manifest",
     )
     p.add_argument("artifact")
+    p.add_argument(
+        "--model",
+        default="",
+        help="the model spec the artifact's weights belong to; needed when its manifest names a "
+        "package.module:factory spec (only zoo: specs are built from a manifest alone)",
+    )
     p.add_argument("--max-accuracy-loss", type=float, default=0.012, help="bound vs the final exit (fraction)")
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--limit", type=positive_int, default=None, help="default: the manifest's split sizes")
@@ -134,7 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
     _threads(args.threads)
     from dapdee.training.confidence import evaluate_artifact
 
-    print(json.dumps(evaluate_artifact(args.artifact, args.dataset, args.split, args.limit), indent=2))
+    print(json.dumps(evaluate_artifact(args.artifact, args.dataset, args.split, args.limit, args.model), indent=2))
     return 0
 
 
@@ -149,6 +161,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         limit=args.limit,
         write=not args.dry_run,
         z=args.z,
+        model=args.model,
     )
     print(json.dumps(res, indent=2))
     return 0

@@ -238,20 +238,23 @@ def _artifact_logits(
     return predict_logits(loaded.module, dataset, split, loaded.input_shape, pre, limit)
 
 
-def _load(artifact: str | Path) -> Any:
-    """The artifact's model as its manifest builds it (only a `zoo:` spec: `load_model`)."""
+def _load(artifact: str | Path, model: str = "") -> Any:
+    """The artifact's model: built from `model` when given (the spec its weights belong to; a
+    `package.module:factory` spec must be named), else as its manifest builds it (only a `zoo:`
+    spec: `load_model`)."""
     from dapdee.models import load_model
 
-    return load_model("", weights=artifact)
+    return load_model(model, weights=artifact)
 
 
 def evaluate_artifact(
-    artifact: str | Path, dataset: str | None = None, split: str = "test", limit: int | None = None
+    artifact: str | Path, dataset: str | None = None, split: str = "test", limit: int | None = None, model: str = ""
 ) -> dict[str, Any]:
     """Per-exit accuracy of an artifact recomputed from its weights alone (manifest preprocessing;
     default dataset and sample count: the manifest's), compared with the manifest's accuracies
-    (agreement: within 2 samples, allowing for a thread-count-dependent argmax tie). O(N · forward)."""
-    loaded = _load(artifact)
+    (agreement: within 2 samples, allowing for a thread-count-dependent argmax tie); `model` as
+    `_load` takes it. O(N · forward)."""
+    loaded = _load(artifact, model)
     m = loaded.manifest
     dataset = dataset or m.get("dataset") or "fashion-mnist"
     if limit is None:
@@ -304,19 +307,21 @@ def calibrate_artifact(
     limit: int | None = None,
     write: bool = True,
     z: float = DEFAULT_Z,
+    model: str = "",
 ) -> dict[str, Any]:
     """Calibrate max-softmax thresholds on the calibration split, check them on the test split,
     and (with `write`) store them in the manifest under `confidence_exits`. Returns the report:
     thresholds, per-split accuracy loss, fraction of frames per exit, FLOPs saved, and per split
     `by_exit` (`by_exit_outcomes`: per planned exit the fractions and accuracy of progressive
-    inference truncated there). Cost: two inference passes plus the greedy search."""
+    inference truncated there); `model` as `_load` takes it. Cost: two inference passes plus the
+    greedy search."""
     from dapdee.training.train import write_manifest
 
     if not 0 <= max_accuracy_loss < 1:
         raise ValueError(f"--max-accuracy-loss {max_accuracy_loss}: expected a fraction in [0, 1)")
     if not 0 <= z <= 10:
         raise ValueError(f"--z {z}: expected a number of standard errors in [0, 10]")
-    loaded = _load(artifact)
+    loaded = _load(artifact, model)
     m = loaded.manifest
     dataset = dataset or m.get("dataset") or "fashion-mnist"
     splits = m.get("splits") or {}
