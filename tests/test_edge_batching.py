@@ -129,15 +129,27 @@ def test_closing_fails_the_open_batches_on_the_event_loop() -> None:
     assert all(isinstance(g, RuntimeError) and "shutting down" in str(g) for g in got), got
 
 
-def test_ready_batches_run_oldest_first_so_a_rare_key_is_never_overtaken_by_full_batches(gated: LoadedModel) -> None:
+@pytest.mark.parametrize(
+    ("starve_ms", "order"),
+    [
+        (10_000.0, [1, 2, 2, 1]),  # the rare batch has not waited long: full batches first
+        (20.0, [1, 1, 2, 2]),  # it has waited past the bound (>= 30 ms here): it runs first
+    ],
+)
+def test_full_batches_run_first_until_a_due_batch_has_waited_the_starvation_bound(
+    gated: LoadedModel, starve_ms: float, order: list[int]
+) -> None:
     """While request 0 holds the only thread, one request of a rarely used key (another exit)
-    becomes due, then four requests of the busy key fill two batches of `batch_max` 2. Once the
-    thread frees up the rare batch runs first, its request being the oldest waiting: a full
-    batch is not handed to the pool ahead of it (it used to be, so under a steady stream of full
-    batches the rare request waited for as long as the stream lasted). Meanwhile the queue
-    depth a heartbeat reports counts all five waiting requests, the full batches' included."""
+    becomes due, then four requests of the busy key fill two batches of `batch_max` 2. When the
+    thread frees up it takes full batches first (the worker's most efficient work), unless the
+    rare batch's request has waited `starve_ms`: then that one first (a full batch used to go
+    to the pool's queue at once, so under a steady stream of them the rare request waited for
+    as long as the stream lasted). Meanwhile the queue depth a heartbeat reports counts all five
+    waiting requests, the full batches' included."""
     started: list[int] = []  # batch sizes, in the order the only thread ran them
-    batcher = Batcher(2, WAIT_MS, max_rows=64, workers=1, on_batch=lambda _m, size, _s: started.append(size))
+    batcher = Batcher(
+        2, WAIT_MS, max_rows=64, workers=1, on_batch=lambda _m, size, _s: started.append(size), starve_ms=starve_ms
+    )
     busy = (gated.name, frozenset({gated.input_name}), "final")
     rare = (gated.name, frozenset({gated.input_name}), "exit1")
 
@@ -165,5 +177,5 @@ def test_ready_batches_run_oldest_first_so_a_rare_key_is_never_overtaken_by_full
 
     depth, results = asyncio.run(go())
     assert depth == 5
-    assert started == [1, 1, 2, 2]  # request 0, the rare request, then the two full batches
+    assert started == order
     assert [r.batch_size for r in results] == [1, 1, 2, 2, 2, 2]

@@ -2,13 +2,16 @@
 stacked on dim 0 into one `GraphExecutor.compute` call, run on a bounded thread pool off the
 event loop, and split back per caller.
 
-A batch is ready to run when it holds `batch_max` requests, when the next request's rows would
-take it past `max_rows` rows (that request then opens the next batch: no batch ever concatenates
-more than `max_rows` rows), or `batch_wait_ms` after its first request. Ready batches wait for a
-pool thread in the order of their first request, oldest first, whatever their key: a batch of a
-rarely used cut or exit is never overtaken by the full batches of a busy one. A due batch keeps
-filling while it waits (up to its limits), so batches grow with load. With `batch_max == 1` or
-`batch_wait_ms == 0` every request is ready alone, as it arrives. A batch's
+A batch is full when it holds `batch_max` requests, or when the next request's rows would take it
+past `max_rows` rows (that request then opens the next batch: no batch ever concatenates more than
+`max_rows` rows); it is due `batch_wait_ms` after its first request. When a pool thread is free it
+takes, in this order: a due batch whose first request has waited `starve_ms` (oldest first), a
+full batch (in the order they filled), a due batch (oldest first). Full batches first keep a busy
+worker computing its largest batches (a compute slot's time per request falls with the batch),
+and a due batch keeps filling while it waits, so batches grow with load; the starvation bound
+keeps a rarely used cut or exit from waiting behind a busy one's stream of full batches for as
+long as the stream lasts. With `batch_max == 1` or `batch_wait_ms == 0` every request is full
+alone, as it arrives. A batch's
 output is a tensor, or a tuple of tensors (e.g. logits and the exit that answered each row),
 split back by rows. A batch of several requests that fails as a whole (one request's data makes
 the model raise, or its output is not rows first) is computed again request by request, so each
@@ -22,6 +25,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +35,9 @@ import torch
 
 BatchKey = tuple[str, frozenset[str], str] | tuple[str, frozenset[str], str, str]  # model, inputs, exit[, mode]
 Output = torch.Tensor | tuple[torch.Tensor, ...]
+# a due batch whose first request has waited this long runs before full batches: long enough that a
+# busy worker keeps computing full batches, short next to a frame's latency budget (hundreds of ms)
+STARVE_MS = 100.0
 Outcome = Output | Exception  # one request's share of a batch, or why computing it failed
 
 
@@ -66,7 +73,7 @@ class _Batch:
     items: list[_Pending] = field(default_factory=list)
     rows: int = 0
     timer: asyncio.TimerHandle | None = None
-    ready: bool = False  # full or due: in the ready queue, runs when a thread is free and it is first
+    state: str = "open"  # open -> due (waits, still filling) / full (waits, closed) -> started
 
 
 class Batcher:
@@ -81,24 +88,28 @@ class Batcher:
         workers: int = 1,
         slowdown: float = 1.0,
         on_batch: Callable[[str, int, float], None] | None = None,
+        starve_ms: float = STARVE_MS,
     ) -> None:
         self.batch_max = batch_max
         self.max_rows = max_rows
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.starve_s = starve_ms / 1000.0
         self.immediate = batch_max == 1 or self.batch_wait_s <= 0  # every request runs as it arrives
         self.workers = workers
         self.slowdown = slowdown
         self.on_batch = on_batch  # (model, batch size, compute seconds), called on the loop
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dapdee-edge")
         self._open: dict[BatchKey, _Batch] = {}  # batches that still take requests (due ones included)
-        # ready batches: (their first request's submit time, a tie-break, key, batch), a heap
-        self._ready: list[tuple[float, int, BatchKey, _Batch]] = []
+        self._full: deque[tuple[BatchKey, _Batch]] = deque()  # full batches, in the order they filled
+        # due batches: (their first request's submit time, a tie-break, key, batch), a heap; an
+        # entry whose batch filled up or started since is skipped
+        self._due_heap: list[tuple[float, int, BatchKey, _Batch]] = []
         self._order = itertools.count()
         self._lock = threading.Lock()
         self._busy_s = 0.0  # completed compute seconds
         self._running: dict[int, float] = {}  # thread id -> start time of the batch it runs
         self._last_load = (time.perf_counter(), 0.0)
-        self.queued = 0  # requests waiting for their batch to start (open or ready)
+        self.queued = 0  # requests waiting for their batch to start (open, due or full)
         self._active = 0  # batches handed to the pool and not finished
         self._closed = False
 
@@ -132,38 +143,58 @@ class Batcher:
         return await item.future
 
     def _seal(self, key: BatchKey, batch: _Batch) -> None:
-        """`batch` (full) takes no more requests and is ready to run. O(log ready)."""
+        """`batch` is full: it takes no more requests and waits behind the full batches before
+        it (a due one leaves the due batches). O(1)."""
         if self._open.get(key) is batch:
             del self._open[key]
-        self._make_ready(key, batch)
-
-    def _due(self, key: BatchKey, batch: _Batch) -> None:
-        """`batch`'s wait is over: ready to run; it keeps taking requests until it runs."""
-        batch.timer = None
-        self._make_ready(key, batch)
-
-    def _make_ready(self, key: BatchKey, batch: _Batch) -> None:
-        """Queue `batch` (once) by its first request's submit time, then start what may start.
-        O(log ready)."""
         if batch.timer is not None:
             batch.timer.cancel()
             batch.timer = None
-        if not batch.ready:
-            batch.ready = True
-            heapq.heappush(self._ready, (batch.items[0].t_submit, next(self._order), key, batch))
+        batch.state = "full"
+        self._full.append((key, batch))
         self._dispatch()
 
+    def _due(self, key: BatchKey, batch: _Batch) -> None:
+        """`batch`'s wait is over: it runs when a thread is free and no full batch waits (or
+        once it has waited `starve_ms`); it keeps taking requests until then. O(log due)."""
+        batch.timer = None
+        batch.state = "due"
+        heapq.heappush(self._due_heap, (batch.items[0].t_submit, next(self._order), key, batch))
+        self._dispatch()
+
+    def _oldest_due(self) -> tuple[float, BatchKey, _Batch] | None:
+        """The due batch whose first request is oldest, and that request's submit time (entries
+        of batches that filled up or started since are dropped). O(log due) amortised."""
+        while self._due_heap:
+            t, _, key, batch = self._due_heap[0]
+            if batch.state == "due":
+                return t, key, batch
+            heapq.heappop(self._due_heap)
+        return None
+
+    def _next(self) -> tuple[BatchKey, _Batch] | None:
+        """The batch a free thread takes (module docstring): a starving due batch, else the first
+        full batch, else the oldest due batch; None when none waits. O(log due)."""
+        oldest = self._oldest_due()
+        if oldest is not None and (not self._full or time.perf_counter() - oldest[0] >= self.starve_s):
+            heapq.heappop(self._due_heap)
+            return oldest[1], oldest[2]
+        return self._full.popleft() if self._full else None
+
     def _dispatch(self) -> None:
-        """Hand ready batches to the pool, oldest first request first, while a thread is free
-        (so no batch waits in the pool's own queue, behind batches that were ready after it).
-        O(log ready) per batch started."""
-        while self._active < self.workers and self._ready:
-            _, _, key, batch = heapq.heappop(self._ready)
+        """Hand waiting batches to the pool while a thread is free (`_next` picks), so no batch
+        waits in the pool's own queue, where nothing could pass it. O(log due) per batch."""
+        while self._active < self.workers:
+            got = self._next()
+            if got is None:
+                return
+            key, batch = got
             if self._open.get(key) is batch:
                 del self._open[key]  # a due batch: closed to requests now that it runs
             self._start(key, batch)
 
     def _start(self, key: BatchKey, batch: _Batch) -> None:
+        batch.state = "started"
         items, batch.items, batch.rows = batch.items, [], 0
         self.queued -= len(items)
         self._active += 1
@@ -233,7 +264,7 @@ class Batcher:
         return min(0.99, max(0.0, (busy - last_busy) / span))
 
     def stats(self) -> dict[str, Any]:
-        return {"queue_depth": self.queued, "open_batches": len(self._open), "ready_batches": len(self._ready)}
+        return {"queue_depth": self.queued, "open_batches": len(self._open), "full_batches": len(self._full)}
 
     def close(self) -> None:
         """Refuse new work, fail the requests of batches not yet started (open or ready), and stop
@@ -241,9 +272,10 @@ class Batcher:
         answers). Call it on the event loop: it resolves the requests' futures and cancels
         timers, which are the loop's."""
         self._closed = True
-        waiting = {id(b): b for b in self._open.values()} | {id(e[3]): e[3] for e in self._ready}
+        waiting = {id(b): b for b in self._open.values()} | {id(b): b for _, b in self._full}
         self._open.clear()
-        self._ready.clear()
+        self._full.clear()
+        self._due_heap.clear()
         for batch in waiting.values():
             if batch.timer is not None:
                 batch.timer.cancel()
