@@ -290,6 +290,11 @@ def test_from_bytes_rejects_garbage() -> None:
     d["schema"] = 99
     with pytest.raises(PlanMapError, match="schema"):
         PlanMap.from_bytes(json.dumps(d).encode())
+    for field, bad in (("device_ms", None), ("bytes", [1])):  # sums that are not numbers
+        d = json.loads(pm.to_bytes())
+        d["exits"][0][field] = [bad] * len(d["exits"][0]["masks"])
+        with pytest.raises(PlanMapError, match=r"exits\[0\]: malformed"):
+            PlanMap.from_bytes(json.dumps(d).encode())
 
 
 def test_request_validation_names_fields() -> None:

@@ -449,6 +449,31 @@ def test_without_heads_progressive_is_the_ordinary_plan() -> None:
             assert pr[key] == pytest.approx(pp[key], rel=1e-9)
 
 
+def test_device_only_wins_an_exact_latency_tie_as_in_the_ordinary_plan() -> None:
+    """One node of 2 ms on either side, nothing sent, no round trip: Device-Only and Edge-Only
+    tie exactly at 2 ms. In latency mode Device-Only wins the tie (the ordinary plan's rule), so
+    the confidence-exit plan keeps the node on the device as the ordinary plan does (its front
+    listed Device-Only last, and the first of equals was Edge-Only)."""
+    g = {
+        "model": "tie",
+        "input": {"name": "x", "shape": [1, 3], "bytes": 0},
+        "nodes": [{"name": "a", "inputs": ["x"], "out_bytes": 40, "device_ms": 2.0, "edge_ms": 2.0}],
+        "exits": [{"name": "final", "node": "a", "accuracy": 0.9}],
+        "progressive": {
+            "rule": "max_softmax",
+            "split": "test",
+            "thresholds": {"final": None},
+            "by_exit": {"final": {"fractions": {"final": 1.0}, "accuracy": 0.9}},
+        },
+    }
+    graph = CostGraph.from_dict(g)
+    req = PlanRequest(bandwidth_mbps=8.0, rtt_ms=0.0, mode="latency")
+    plain = make_plan(graph, req)
+    prog = ProgressiveMap.build(graph).plan(replace(req, confidence_exits=True))
+    assert plain["device_nodes"] == prog["device_nodes"] == ["a"]
+    assert prog["predicted"]["latency_ms"] == pytest.approx(2.0)
+
+
 # ---- approximate beyond the cap, serialisation, requests -----------------------------------------------
 
 

@@ -517,9 +517,9 @@ class PlanMap:
                 count = ed["count"]
                 if not isinstance(exact, bool) or not (count is None or isinstance(count, int)):
                     raise TypeError("flags")
+                cs = CandSet(st, masks, sums, exact=exact, count=count)  # TypeError on non-numeric sums
             except (KeyError, TypeError, ValueError) as exc:
                 raise PlanMapError(f"{where}: malformed ({type(exc).__name__}: {exc})") from None
-            cs = CandSet(st, masks, sums, exact=exact, count=count)
             _verify(cs, where)
             cands.append(cs)
         return cls(graph, cands, cap, h)

@@ -353,11 +353,14 @@ class ProgressiveCands:
     @classmethod
     def front(cls, hs: HeadStructure, masks: Sequence[int], exact: bool, count: int | None) -> ProgressiveCands:
         """The Pareto-optimal subset (`pareto4`) of the feasible `masks` (`HeadStructure.feasible`:
-        the device-only set always is), in increasing size. O(n log n + front²)."""
+        the device-only set always is): the device-only set first, the rest in increasing size,
+        so that `best` (the first of equals) gives Device-Only an exact latency tie, as the
+        ordinary plan does. O(n log n + front²)."""
         if hs.unsendable:
             masks = [m for m, ok in zip(masks, hs.feasible(masks).tolist(), strict=True) if ok]
         sums = expected_sums(hs, masks)
-        keep = sorted(pareto4(sums), key=lambda i: (masks[i].bit_count(), masks[i]))
+        full = hs.st.full
+        keep = sorted(pareto4(sums), key=lambda i: (masks[i] != full, masks[i].bit_count(), masks[i]))
         return cls(hs, [masks[i] for i in keep], exact, count, sums.take(keep))
 
     def __len__(self) -> int:
