@@ -168,11 +168,15 @@ def open_stack(directory: Path, **edge_kw: Any) -> Iterator[Stack]:
 
 class ForwardingProxy:
     """An ASGI app forwarding every request to `target` (one keep-alive client, made on the
-    server's loop). Subclasses change what comes back by overriding `answer`."""
+    server's loop). Subclasses delay a request by overriding `before_forward` and change what
+    comes back by overriding `answer`."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self._client: httpx.AsyncClient | None = None
+
+    async def before_forward(self, scope: dict[str, Any]) -> None:
+        """Called once a request's body has arrived, before it is forwarded; default: nothing."""
 
     async def answer(
         self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: httpx.Response
@@ -198,12 +202,14 @@ class ForwardingProxy:
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
+        await self.before_forward(scope)
         headers = {k.decode(): v.decode() for k, v in scope["headers"] if k.lower() != b"host"}
         r = await self._client.request(scope["method"], self.target + scope["path"], content=body, headers=headers)
         status, out_headers, out = await self.answer(scope, headers, body, r)
         raw = [(k.encode(), v.encode()) for k, v in out_headers.items()] + [(b"content-length", str(len(out)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": out})
+        with contextlib.suppress(Exception):  # the client may have gone meanwhile
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": out})
 
 
 class HangingProxy(ForwardingProxy):

@@ -281,25 +281,16 @@ class HeldRenewals(ForwardingProxy):
         self.hold_s = 0.0
         self.forwarded = 0
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        held = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/plan" and self.hold_s > 0
-        if not held:
-            return await super().__call__(scope, receive, send)
-        self._client = self._client or httpx.AsyncClient(timeout=60)
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        await asyncio.sleep(self.hold_s)
-        headers = {k.decode(): v.decode() for k, v in scope["headers"] if k.lower() != b"host"}
-        r = await self._client.post(self.target + "/plan", content=body, headers=headers)
-        self.forwarded += 1
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(r.content)).encode())]
-        with contextlib.suppress(Exception):  # the device may have gone
-            await send({"type": "http.response.start", "status": r.status_code, "headers": raw})
-            await send({"type": "http.response.body", "body": r.content})
+    async def before_forward(self, scope: dict[str, Any]) -> None:
+        if scope["method"] == "POST" and scope["path"] == "/plan" and self.hold_s > 0:
+            scope["held"] = True
+            await asyncio.sleep(self.hold_s)
+
+    async def answer(
+        self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: httpx.Response
+    ) -> tuple[int, dict[str, str], bytes]:
+        self.forwarded += bool(scope.get("held"))
+        return await super().answer(scope, headers, body, response)
 
 
 def test_a_renewal_cut_off_at_close_does_not_revive_the_released_lease(planner_prefix: str) -> None:
