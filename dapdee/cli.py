@@ -18,6 +18,10 @@ from dapdee.names import MAX_INPUT_ELEMENTS
 
 MAX_THREADS = 256  # torch threads a command may ask for
 MAX_SLOWDOWN = 1e4  # K: a device this much slower than the host is not a device any more
+ARTIFACT_MODEL_HELP = (  # --model of the commands that load an artifact (a manifest alone builds zoo: specs only)
+    "the model spec the artifact's weights belong to; needed when its manifest names a "
+    "package.module:factory spec (only zoo: specs are built from a manifest alone)"
+)
 COMMAND_MODULES = (
     "dapdee.commands",  # graph, profile
     "dapdee.planning.commands",  # plan

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from dapdee.cli import check_slowdown, float_in, positive_float, positive_int, thread_count
+from dapdee.cli import ARTIFACT_MODEL_HELP, check_slowdown, float_in, positive_float, positive_int, thread_count
 from dapdee.names import check_model_name
 from dapdee.planning.request import MAX_BUDGET_MS, MAX_FRAME_RATE
 
@@ -121,12 +121,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from dapdee.device.up import DEFAULT_ARTIFACTS, UpOptions
 
     u.add_argument("--artifact", help=f"artifact to serve (default {DEFAULT_ARTIFACTS[0]})")
-    u.add_argument(
-        "--model",
-        default="",
-        help="the model spec the artifact's weights belong to; needed when its manifest names a "
-        "package.module:factory spec (only zoo: specs are built from a manifest alone)",
-    )
+    u.add_argument("--model", default="", help=ARTIFACT_MODEL_HELP)
     u.add_argument("--networks", default=",".join(UpOptions.networks), help="comma-separated CAT1,3G,4G,WiFi or Mbit/s")
     u.add_argument(
         "--frames", type=positive_int, default=UpOptions.frames, help="test images per network (the artifact's dataset)"

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from dapdee.cli import non_negative_float, positive_float, positive_int, thread_count
+from dapdee.cli import ARTIFACT_MODEL_HELP, non_negative_float, positive_float, positive_int, thread_count
 
 MAX_INPUT_SIDE = 4096  # pixels: a bigger square input is a typo (its batches would not fit in memory)
 
@@ -32,6 +32,12 @@ def _weights_arg(text: str) -> list[float]:
 
 def add_commands(sub: Any) -> None:
     """Register train, eval and calibrate on the `dapdee` subparsers."""
+    _add_train(sub)
+    _add_eval(sub)
+    _add_calibrate(sub)
+
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="jointly train a model's exits (BranchyNet loss) and write an artifact",
@@ -65,31 +71,25 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.set_defaults(func=_train)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="recompute an artifact's per-exit accuracy from its weights (JSON)")
     p.add_argument("artifact", help="artifact directory (weights.safetensors + manifest.json)")
-    p.add_argument(
-        "--model",
-        default="",
-        help="the model spec the artifact's weights belong to; needed when its manifest names a "
-        "package.module:factory spec (only zoo: specs are built from a manifest alone)",
-    )
+    p.add_argument("--model", default="", help=ARTIFACT_MODEL_HELP)
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--split", default="test", choices=("train", "calib", "test"))
     p.add_argument("--limit", type=positive_int, default=None, help="default: the manifest's split size")
     p.add_argument("--threads", type=thread_count, default=None)
     p.set_defaults(func=_eval)
 
+
+def _add_calibrate(sub: Any) -> None:
     p = sub.add_parser(
         "calibrate",
         help="pick confidence-exit thresholds within an accuracy-loss bound; store them in the manifest",
     )
     p.add_argument("artifact")
-    p.add_argument(
-        "--model",
-        default="",
-        help="the model spec the artifact's weights belong to; needed when its manifest names a "
-        "package.module:factory spec (only zoo: specs are built from a manifest alone)",
-    )
+    p.add_argument("--model", default="", help=ARTIFACT_MODEL_HELP)
     p.add_argument("--max-accuracy-loss", type=float, default=0.012, help="bound vs the final exit (fraction)")
     p.add_argument("--dataset", default=None, help="default: the manifest's dataset")
     p.add_argument("--limit", type=positive_int, default=None, help="default: the manifest's split sizes")
