@@ -246,7 +246,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         tracing.shutdown()
     # an endless stream keeps only the last frames: the frame count and throughput are the run's
-    _print_run(args, settings, runtime, summarize(records, wall, frames=runtime.frames_done), records, source)
+    summary = summarize(records, wall, frames=runtime.frames_done if endless else None)
+    _print_run(args, settings, runtime, summary, records, source)
     return 0
 
 
