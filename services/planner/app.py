@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -69,17 +69,7 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
         app.include_router(r, responses=openapi.ERROR_RESPONSES)
     openapi.install(app)
     if guard:
-        app.add_middleware(
-            RequestGuard,
-            routes_app=app,
-            tokens=tokens,
-            render=problems.render_refusal,
-            max_body_bytes=settings.max_body_bytes,
-            body_timeout_s=settings.body_timeout_s,
-            max_concurrency=settings.max_concurrency,
-            max_buffered_bytes=settings.max_buffered_bytes,
-            on_reject=_count_refusal(metrics),
-        )
+        _install_guard(app, settings, metrics)
     # the access log wraps the guard (added after it): refusals are logged and carry the traceparent;
     # `tracing` (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set) exports a span per request
     app.state.tracing = tracing if tracing is not None else tracer("planner")
@@ -87,13 +77,20 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
     return app
 
 
-def _count_refusal(metrics: PlannerMetrics) -> Callable[[str], None]:
-    """The guard's `on_reject`: count one refusal of `reason` in `metrics.rejected`. O(1)."""
-
-    def on_reject(reason: str) -> None:
-        metrics.rejected.labels(reason).inc()
-
-    return on_reject
+def _install_guard(app: FastAPI, settings: Settings, metrics: PlannerMetrics) -> None:
+    """The request guard in front of the routes (body limits, concurrency limit, early auth by
+    `app.state.tokens`); each refusal is counted in `metrics.rejected` by reason. O(1)."""
+    app.add_middleware(
+        RequestGuard,
+        routes_app=app,
+        tokens=app.state.tokens,
+        render=problems.render_refusal,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_concurrency=settings.max_concurrency,
+        max_buffered_bytes=settings.max_buffered_bytes,
+        on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
+    )
 
 
 def _store_errors(app: FastAPI) -> None:

@@ -139,6 +139,12 @@ class PlannerMetrics:
         )
         self._store_metrics()
         self._zero_series()
+        self._runtime_metrics()
+
+    def _runtime_metrics(self) -> None:
+        """The process's own metrics (CPU, memory, GC): collected from this process, or, with
+        several processes (`shared_dir`), mirrored into the shared files with every process's
+        series merged at exposition."""
         self._mirror: RuntimeMirror | None = None
         self._shared: SharedExposition | None = None
         if self.shared_dir is None:
