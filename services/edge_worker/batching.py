@@ -11,11 +11,10 @@ worker computing its largest batches (a compute slot's time per request falls wi
 and a due batch keeps filling while it waits, so batches grow with load; the starvation bound
 keeps a rarely used cut or exit from waiting behind a busy one's stream of full batches for as
 long as the stream lasts. With `batch_max == 1` or `batch_wait_ms == 0` every request is full
-alone, as it arrives. A batch's
-output is a tensor, or a tuple of tensors (e.g. logits and the exit that answered each row),
-split back by rows. A batch of several requests that fails as a whole (one request's data makes
-the model raise, or its output is not rows first) is computed again request by request, so each
-request gets its own answer or its own error.
+alone, as it arrives. A batch's output is a tensor, or a tuple of tensors (e.g. logits and the
+exit that answered each row), split back by rows. A batch of several requests that fails as a
+whole (one request's data makes the model raise, or its output is not rows first) is computed
+again request by request, so each request gets its own answer or its own error.
 """
 
 from __future__ import annotations
@@ -267,7 +266,7 @@ class Batcher:
         return {"queue_depth": self.queued, "open_batches": len(self._open), "full_batches": len(self._full)}
 
     def close(self) -> None:
-        """Refuse new work, fail the requests of batches not yet started (open or ready), and stop
+        """Refuse new work, fail the requests of batches not yet started (open, due or full), and stop
         the pool without waiting for running batches (they finish; their requests get their
         answers). Call it on the event loop: it resolves the requests' futures and cancels
         timers, which are the loop's."""

@@ -33,14 +33,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from dapdee.fleet.assign import DevicePlan, edge_load_of
+from dapdee.fleet.assign import DevicePlan
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import CapacityExceeded, RedisUnavailable
 from dapdee.planner.keys import Keys
 from dapdee.planner.lease_view import LeaseView, LiveWorkers
 from dapdee.planner.leases import LeaseBook, Reservation, View
 from dapdee.planner.metrics import PlannerMetrics
-from dapdee.planner.plan_choice import Ask, Candidate, PlanChooser, drifted, tiebreak
+from dapdee.planner.plan_choice import Ask, Candidate, PlanChooser, drifted, load_order
 from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.redis_link import RedisLink
@@ -155,12 +155,12 @@ class Fleet:
 
     def least_leased(self, workers: Sequence[Worker]) -> tuple[Worker, float]:
         """Of `workers` (at least one), the one the leases load least and that edge load
-        ℓe = min(0.95, Σ f_j·e_j / N_w) (`edge_load_of`, from this replica's view); ties as
-        `dapdee.fleet.assign.plan_for_device` orders workers (`tiebreak`, then the URL). What a
-        plan against one worker (a baseline, confidence exits) is priced at. O(workers)."""
-        loads = {w.url: edge_load_of(self.leased(w.url)[0], w.nominal) for w in workers}
-        best = min(workers, key=lambda w: (loads[w.url], tiebreak(w), w.url))
-        return best, loads[best.url]
+        ℓe = min(0.95, Σ f_j·e_j / N_w), from this replica's view, ranked by `load_order` (as
+        `dapdee.fleet.assign.plan_for_device` orders workers). What a plan against one worker (a
+        baseline, confidence exits) is priced at. O(workers)."""
+        order = {w.url: load_order(w, self.leased(w.url)[0]) for w in workers}
+        best = min(workers, key=lambda w: order[w.url])
+        return best, order[best.url][0]
 
     def _others(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float]
@@ -172,9 +172,8 @@ class Fleet:
     async def _chosen(self, candidates: Sequence[Candidate], fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)`, a plan choice over `candidates`: inline when every plan map is exact,
         else on the runner's threads under the plan budget (PlanOverBudget past it). O(fn)."""
-        if self.runner is None or all(c.planmap.exact for c in candidates):
-            return fn(*args)
-        return await self.runner.call(fn, *args)
+        exact = all(c.planmap.exact for c in candidates)
+        return fn(*args) if self.runner is None else await self.runner.run(exact, fn, *args)
 
     # ---- planning ---------------------------------------------------------------------------------
     async def plan(self, body: Any, candidates: Sequence[Candidate], edge_load: float | None) -> dict[str, Any]:

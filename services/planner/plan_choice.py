@@ -122,14 +122,17 @@ def slots_of(candidates: Sequence[Candidate], others: Mapping[str, float]) -> li
     ]
 
 
+def load_order(worker: Worker, reserved_ms_per_s: float) -> tuple[float, float, str]:
+    """How workers rank for a device, least loaded first, as `plan_for_device` orders them: the
+    edge load ℓe the others' reservations put on `worker` (`edge_load_of`), then `tiebreak`,
+    then the URL. O(1)."""
+    return edge_load_of(reserved_ms_per_s, worker.nominal), tiebreak(worker), worker.url
+
+
 def least_loaded(candidates: Sequence[Candidate], others: Mapping[str, float]) -> Candidate:
-    """Of `candidates` (at least one), the one the others' reservations load least (`others`, by
-    worker URL, naming every candidate), ties as `plan_for_device` orders workers (`tiebreak`,
-    then the URL): the worker a Device-Only plan names. O(candidates)."""
-    return min(
-        candidates,
-        key=lambda c: (edge_load_of(others[c.worker.url], c.worker.nominal), tiebreak(c.worker), c.worker.url),
-    )
+    """Of `candidates` (at least one), the first by `load_order` (`others`, by worker URL, naming
+    every candidate): the worker a Device-Only plan names. O(candidates)."""
+    return min(candidates, key=lambda c: load_order(c.worker, others[c.worker.url]))
 
 
 def repriced(

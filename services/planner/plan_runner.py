@@ -41,9 +41,12 @@ class PlanRunner:
     async def plan(self, pm: PlanMap, req: PlanRequest) -> dict[str, Any]:
         """The plan JSON for `req`; raises ValueError (bad request field) or PlanOverBudget. Inline
         O(front) when `pm.exact`, else one max-flow per consulted capped exit, off the loop."""
-        if pm.exact:
-            return pm.plan(req)
-        return await self.call(pm.plan, req)
+        return await self.run(pm.exact, pm.plan, req)
+
+    async def run(self, exact: bool, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, a plan over plan maps that are all `exact` (a scan of small fronts: inline)
+        or not (it may take min-cuts: `call`, off the loop under the budget)."""
+        return fn(*args) if exact else await self.call(fn, *args)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker thread under the budget (for plans that may need min-cuts:
