@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from dapdee.bench.fleet_bench.devices import release_phase
 from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
@@ -39,12 +40,15 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
     with FleetStack([MODELS["resnet18"]], profile_repeats=2, request_samples=5, profile_cache=cache) as stack:
         logs = tmp_path_factory.mktemp("logs")
         raw = run_scenario(stack, sc, PlannerSettings(), loaded, logs)
+        with redis.Redis.from_url(stack.redis.url) as r:
+            scripts_run = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
         pid = stack.edge.proc.pid
         url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]))
         with PlannerClient(url, stack.tokens.admin) as client:
             workers = client.workers().workers
         after = {
             "pids": (pid, stack.edge.proc.pid),
+            "scripts_run": scripts_run,
             "workers": workers,
             "cached": sorted(p.name for p in cache.iterdir()),
             "model": loaded.name,
@@ -108,7 +112,7 @@ def test_client_processes_get_contiguous_devices_of_every_network() -> None:
 
 
 def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str, Any], dict]) -> None:
-    raw, s, _ = fleet_run
+    raw, s, after = fleet_run
     assert not raw["errors"] and len(raw["devices"]) == 2
     for dev in raw["devices"]:
         assert dev["frames"], dev["spec"]
@@ -126,9 +130,9 @@ def test_metrics_come_from_real_frames(fleet_run: tuple[dict[str, Any], dict[str
     assert 0.0 <= s["utilisation"] <= 1.0 and 0.0 <= s["slo_attainment"] <= 1.0
     assert s["p50_ms"] is not None and s["p50_ms"] <= s["p99_ms"]
     assert s["pred_err_latency"] is not None and s["pred_err_latency"] >= 0
-    assert (
-        s["clients_cpu"] > 0 and s["worker_cpu"] >= 0 and s["redis_cpu"] > 0
-    )  # the bench's own Redis served the leases
+    # CPU from /proc in clock ticks: Redis's share of a 4 s window can round to 0
+    assert s["clients_cpu"] > 0 and s["worker_cpu"] >= 0 and s["redis_cpu"] >= 0
+    assert after["scripts_run"] > 0  # the bench's own Redis booked the leases (Lua scripts)
     # the planner priced the per-request costs it measured (device session, worker)
     assert s["costs"]["device_request_ms"] > 0 and s["costs"]["edge_request_ms"] > 0
     # leased devices: the leases' booking was read and stays within rho_max
