@@ -86,9 +86,10 @@ def decode_image(path: str | Path) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"image {str(path)!r}: no picture in the file")
-            frame = next(container.decode(video=0))
-            if frame.width * frame.height > MAX_PIXELS:
-                raise DataError(f"image {str(path)!r}: {frame.width}x{frame.height} is over {MAX_PIXELS} pixels")
+            stream = container.streams.video[0]
+            _check_pixels(path, stream.width, stream.height)  # the header's size: before decoding allocates it
+            frame = next(container.decode(stream))
+            _check_pixels(path, frame.width, frame.height)
             if frame.format.name.startswith(("gray", "ya")):
                 return frame.to_ndarray(format="gray")[:, :, None]
             return frame.to_ndarray(format="rgb24")
@@ -96,6 +97,12 @@ def decode_image(path: str | Path) -> np.ndarray:
         raise
     except (av.FFmpegError, OSError, StopIteration, ValueError, IndexError) as exc:
         raise DataError(f"image {str(path)!r}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """DataError when a `width` x `height` picture is over MAX_PIXELS (0 x 0: not known yet)."""
+    if width * height > MAX_PIXELS:
+        raise DataError(f"image {str(path)!r}: {width}x{height} is over {MAX_PIXELS} pixels")
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -105,6 +105,25 @@ def test_bad_folders_are_clear_errors(tmp_path: Path, folder: Path) -> None:
         open_source(str(tmp_path / "missing"), RAW)
 
 
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A PNG whose header states 9000x9000 pixels (81 M, over the 64 M cap) and carries a few
+    rows: refused by its stated size, before a decoder allocates the 243 MB picture (a decoder
+    that ran first would fail on the missing rows instead)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    side = 9000
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    rows = zlib.compress(b"\x00" * (3 * side + 1) * 4)
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"huge\.png.*9000x9000 is over 67108864 pixels"):
+        decode_image(path)
+
+
 def test_video_frames_in_order(tmp_path: Path) -> None:
     path = tmp_path / "clip.mp4"
     levels = _video(path, 12)
