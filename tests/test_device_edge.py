@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -235,10 +236,11 @@ def test_pipelined_frames_wait_for_the_list_read_under_way(stack: Stack) -> None
     assert rests == 0
 
 
-def test_a_worker_the_planner_does_not_list_is_not_rested(stack: Stack) -> None:
+def test_a_worker_the_planner_does_not_list_is_not_rested(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     """A plan names a worker the planner does not list: each frame falls back without
     contacting it and asks for a new plan, but the worker is not rested (the planner's list
-    failed, not the worker): the next frame still asks the list, not the back-off."""
+    failed, not the worker): the next frame still asks the list, not the back-off. Told once
+    (an event, a warning) while that request for a plan waits, not once per frame."""
     unlisted = Recorder()
     with serve_app_in_thread(unlisted) as url:
         plan = fixed_plan(stack.graph, "final", [], url, Conditions(5.0), "test-unlisted")
@@ -248,14 +250,16 @@ def test_a_worker_the_planner_does_not_list_is_not_rested(stack: Stack) -> None:
                 trust = WorkerTrust(functools.partial(listed_workers, planner), refresh_s=5.0)
                 async with running(fixed_runtime(stack, plan, url, trust=trust)) as rt:
                     assert rt.edge is not None
-                    records = [await rt.infer(frame) for frame in stack.frames(2, seed=22)]
+                    records = [await rt.infer(frame) for frame in stack.frames(4, seed=22)]
                     return records, rt.edge.resting(url), rt.edge.backoff_of(url).rests, rt.events
 
-        records, resting, rests, events = asyncio.run(go())
-    assert [r.where for r in records] == ["fallback"] * 2
+        with caplog.at_level(logging.WARNING):
+            records, resting, rests, events = asyncio.run(go())
+    assert [r.where for r in records] == ["fallback"] * 4
     assert all(r.error is not None and "not listed by the planner" in r.error for r in records), records
     assert not resting and rests == 0 and unlisted.requests == []
-    assert len(events) == 2 and all("asking for a new plan" in e for e in events), events
+    assert len(events) == 1 and "asking for a new plan" in events[0], events
+    assert [r.getMessage() for r in caplog.records].count(f"edge refused: {records[0].error}") == 1, caplog.text
 
 
 def test_a_frame_cancelled_mid_upload_leaves_no_open_bandwidth_ticket(stack: Stack) -> None:

@@ -103,9 +103,12 @@ class Replanner:
         self._last_start = 0.0
         self._quiet_until = 0.0
 
-    def request(self, reason: str) -> None:
-        """Ask for a re-plan at the next tick (e.g. after edge trouble)."""
+    def request(self, reason: str) -> bool:
+        """Ask for a re-plan at the next tick (e.g. after edge trouble). Whether this asks anew:
+        False while an earlier request still waits for its re-plan to start."""
+        anew = self._trouble is None
         self._trouble = reason
+        return anew
 
     @property
     def busy(self) -> bool:

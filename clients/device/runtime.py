@@ -366,10 +366,10 @@ class DeviceRuntime:
         one's request covers them. A worker the planner does not list (`exc.worker_fault`
         false) was never contacted and is not rested: only a new plan is asked for. O(1)."""
         assert self.edge is not None and self.replanner is not None
-        if not exc.worker_fault:
-            self.replanner.events.append(f"edge refused ({exc.reason}); asking for a new plan")
-            log.warning("edge refused: %s", exc.reason)
-            self.replanner.request("edge trouble")
+        if not exc.worker_fault:  # told once per request for a plan, not once per frame
+            if self.replanner.request("edge trouble"):
+                self.replanner.events.append(f"edge refused ({exc.reason}); asking for a new plan")
+                log.warning("edge refused: %s", exc.reason)
             return
         backoff = self.edge.backoff_of(url)
         counted = backoff.began_since(since)  # this outage already asked for a plan
