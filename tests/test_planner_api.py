@@ -31,7 +31,7 @@ from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.planner.deps import get_planning
 from dapdee.testing import end_process
-from tests.conftest import free_port, proc_rss_kib, serve_app_in_thread, wait_until_ready
+from tests.conftest import SHARED_REDIS, free_port, proc_rss_kib, serve_app_in_thread, wait_until_ready
 from tests.metrics_scrape import parse, value
 from tests.test_planner_service import toy_graph
 
@@ -311,6 +311,38 @@ def test_created_replaced_deleted_and_versions(api: httpx.Client) -> None:
 
 
 # ---- names ---------------------------------------------------------------------------------------------
+
+
+def renamed(graph: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """`graph` with every node's name (and the inputs and exits naming it) suffixed."""
+    new = {n["name"]: n["name"] + suffix for n in graph["nodes"]}
+    nodes = [{**n, "name": new[n["name"]], "inputs": [new.get(i, i) for i in n["inputs"]]} for n in graph["nodes"]]
+    return {**graph, "nodes": nodes, "exits": [{**e, "node": new[e["node"]]} for e in graph["exits"]]}
+
+
+def test_a_profile_is_checked_against_the_stored_graph_not_a_replicas_cache(planner_prefix: str) -> None:
+    """Replica b caches the toy graph; replica a replaces it with one whose nodes are renamed.
+    Before b refreshes, a profile b receives is checked against the graph its write finds in
+    Redis: one for the new graph is stored (201), one for the old graph is 422 naming
+    timings_ms, as on a (not a 409 that would send the client to read and retry)."""
+    admin = role("admin")
+    kw = {"redis_url": SHARED_REDIS, "key_prefix": planner_prefix, "refresh_s": 3600.0}
+    with served(role_settings(**kw)) as (a, _), served(role_settings(**kw)) as (b, _):
+        old, new = toy_graph(), renamed(toy_graph(), "_v2")
+        assert a.put("/models/toy", json=old, headers=admin).status_code == 201
+        assert b.get("/models/toy", headers=admin).json()["nodes"][0]["name"] == "stem"  # cached by b
+        assert a.put("/models/toy", json=new, headers=admin).status_code == 200
+
+        def profile(graph: dict[str, Any]) -> dict[str, Any]:
+            return {"kind": "device", "timings_ms": {n["name"]: 1.0 for n in graph["nodes"]}}
+
+        r = b.put("/models/toy/profiles/phone", json=profile(new), headers=admin)
+        assert r.status_code == 201, r.text
+        for replica in (b, a):
+            assert_problem(replica.put("/models/toy/profiles/tab", json=profile(old), headers=admin), 422, "timings_ms")
+    with served(role_settings(**kw)) as (fresh, _):  # what Redis holds
+        stored = fresh.get("/models/toy/profiles", headers=admin).json()
+        assert sorted(stored["profiles"]) == ["phone"] and stored["version"] == 3
 
 
 def test_names_must_match_as_a_whole(api: httpx.Client) -> None:

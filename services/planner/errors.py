@@ -38,6 +38,16 @@ class VersionConflict(Exception):
         self.actual = actual
 
 
+class UnknownNodes(Exception):
+    """A profile names nodes that the model's graph, as stored when the write is made, lacks:
+    `nodes` (sorted; HTTP 422 on `timings_ms`)."""
+
+    def __init__(self, model: str, nodes: list[str]) -> None:
+        super().__init__(f"timings_ms: unknown nodes {nodes[:5]} (model {model!r})")
+        self.model = model
+        self.nodes = nodes
+
+
 class CapacityExceeded(Exception):
     """A new stored thing past its count cap: `what` ("models", "profiles", "workers", "pending
     writes") and the `limit` (HTTP 409). The message says what to do."""

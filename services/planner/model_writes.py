@@ -36,7 +36,13 @@ from typing import Any
 
 from dapdee.costgraph import CostGraph
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import CapacityExceeded, ModelUnreachable, RedisUnavailable, VersionConflict
+from dapdee.planner.errors import (
+    CapacityExceeded,
+    ModelUnreachable,
+    RedisUnavailable,
+    UnknownNodes,
+    VersionConflict,
+)
 from dapdee.planner.keys import Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.model_cache import ModelCache
@@ -138,8 +144,9 @@ class ModelWriter:
         return planned is not None
 
     async def put_profile(self, name: str, prof: Profile, expect_version: int | None = None) -> PutResult | None:
-        """Store one tier's profile of a model (None if the model is unknown). Only that field
-        of the profiles hash is written. O(profile size) plus one or two round trips."""
+        """Store one tier's profile of a model (None if the model is unknown; UnknownNodes when
+        it times nodes the graph, as stored now, lacks). Only that field of the profiles hash is
+        written. O(profile size) plus one or two round trips."""
         text = prof.to_json()
 
         def plan(cur: ModelState | None) -> Planned | None:
@@ -148,8 +155,9 @@ class ModelWriter:
             old = cur.profiles.get(prof.tier)
             if old is not None and old.hash == prof.hash:
                 return Planned(None, cur)
-            if not set(prof.timings_ms) <= {n.name for n in cur.graph.nodes}:
-                raise VersionConflict(name, expect_version, cur.version)  # the graph changed under it
+            unknown = sorted(set(prof.timings_ms) - {n.name for n in cur.graph.nodes})
+            if unknown:  # checked here, on the state written over: another replica may have changed the graph
+                raise UnknownNodes(name, unknown)
             if old is None and len(cur.profiles) >= self.settings.max_profiles_per_model:
                 raise self._refused("profiles", name)
             after = ModelState(cur.graph, cur.graph_hash, {**cur.profiles, prof.tier: prof}, cur.version + 1)

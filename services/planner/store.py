@@ -191,7 +191,8 @@ class Store:
         return True
 
     async def put_profile(self, name: str, profile: Profile, expect_version: int | None = None) -> PutResult | None:
-        """Store one tier's profile; None if the model is unknown (VersionConflict, CapacityExceeded)."""
+        """Store one tier's profile; None if the model is unknown (VersionConflict, CapacityExceeded,
+        UnknownNodes)."""
         return await self.model_writer.put_profile(name, profile, expect_version)
 
     async def delete_profile(self, name: str, tier: str, expect_version: int | None = None) -> bool | None:

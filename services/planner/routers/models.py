@@ -24,6 +24,7 @@ from dapdee.api.planner import (
 )
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.planner.deps import IfMatchDep, SettingsDep, StoreDep
+from dapdee.planner.errors import UnknownNodes
 from dapdee.planner.json_body import PydanticJsonRoute
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import ModelState, Profile
@@ -152,13 +153,11 @@ async def put_profile(
     model: ModelName, tier: TierName, body: ProfileBody, store: StoreDep, expect: IfMatchDep, response: Response
 ) -> ProfileWritten:
     """Store (201) or replace (200) one tier's measured timings (ms per node of the model's graph)."""
-    st = await _model_or_404(store, model)
-    names = {n.name for n in st.graph.nodes}
-    unknown = sorted(set(body.timings_ms) - names)
-    if unknown:
-        raise ApiProblem(422, f"timings_ms: unknown nodes {unknown[:5]} (model {model!r})", loc=("body", "timings_ms"))
     prof = Profile.make(tier, body.kind, dict(body.timings_ms), body.meta)
-    res = await store.put_profile(model, prof, expect)
+    try:  # the node names are checked against the graph the write finds, not this replica's cache
+        res = await store.put_profile(model, prof, expect)
+    except UnknownNodes as exc:
+        raise ApiProblem(422, str(exc), loc=("body", "timings_ms")) from None
     if res is None:
         raise ApiProblem(404, f"unknown model {model!r}")
     response.status_code = 201 if res.created else 200
