@@ -82,11 +82,23 @@ class DecodedResponse:
 
 
 FP16_MAX = 65504.0  # the largest finite half-precision value
+FP32_MAX = float(np.finfo(np.float32).max)  # the largest finite single-precision value
 
 
 def _abs_max(a: np.ndarray) -> float:
     """max |a| (0 for an empty array; NaN or inf when `a` holds them). O(n)."""
     return float(np.abs(a).max()) if a.size else 0.0
+
+
+def _within(a: np.ndarray, wire: str) -> None:
+    """WireError when `a` holds a finite value beyond the range of `wire` ("FP16" or "FP32"): it
+    would arrive as Inf, refused as if sent so (NaN and Inf themselves go on, refused where
+    decoded); the message names the narrowest datatype that holds it. O(n)."""
+    amax = _abs_max(a)
+    limit = FP16_MAX if wire == "FP16" else FP32_MAX
+    if math.isfinite(amax) and amax > limit:
+        instead = "FP32" if amax <= FP32_MAX else "FP64"
+        raise WireError(f"holds {amax:.6g}, beyond {wire}'s range (±{limit:g}); send it as {instead}")
 
 
 def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -111,12 +123,13 @@ def _to_wire(t: torch.Tensor, wire_dtype: str) -> tuple[torch.Tensor, str, dict[
             raise WireError(f"tensor dtype {t.dtype} cannot be sent")
         return t.contiguous(), TORCH_TO_V2[t.dtype], {}
     if wire_dtype == "FP32":
+        if t.dtype == torch.float64:
+            _within(t.contiguous().numpy(), "FP32")
         return t.to(torch.float32).contiguous(), "FP32", {}
     if wire_dtype == "FP16":  # numpy: no intra-op thread start-up on small tensors
-        a = t.contiguous().to(torch.float32).numpy()
-        amax = _abs_max(a)
-        if math.isfinite(amax) and amax > FP16_MAX:  # would arrive as Inf, refused as if sent so
-            raise WireError(f"holds {amax:.6g}, beyond FP16's range (±{FP16_MAX:g}); send it as FP32")
+        # the range is checked on the values as they are: float64 past float32's would be Inf first
+        a = t.contiguous().numpy() if t.dtype == torch.float64 else t.contiguous().to(torch.float32).numpy()
+        _within(a, "FP16")
         return torch.from_numpy(a.astype(np.float16)), "FP16", {}
     if wire_dtype == "INT8":
         q, scale = quantize_int8(t)
@@ -259,7 +272,7 @@ def parse_header_length(value: str | None) -> int | None:
     if value is None:
         return None
     v = value.strip()
-    if not v.isdigit() or len(v) > 18:
+    if not (v.isascii() and v.isdigit()) or len(v) > 18:  # str.isdigit admits '²' and '١'
         raise WireError(f"{HEADER_LENGTH}: expected a non-negative integer, got {value[:40]!r}")
     return int(v)
 
@@ -336,13 +349,15 @@ def _entry_header(e: Any, i: int, key: str, seen: Mapping[str, Any]) -> tuple[st
 
 
 def _element_count(name: str, shape: list[int], max_elements: int) -> int:
-    """Π shape, refused (WireLimitError) as soon as a partial product passes `max_elements`, so
-    a product never grows large."""
+    """Π shape, refused (WireLimitError) as soon as a partial product or one dimension passes
+    `max_elements`, so a product never grows large. O(len(shape))."""
     count = 1
     for s in shape:
         count *= s
         if count > max_elements:
             raise WireLimitError(f"tensor {name!r}: shape {shape} has more than {max_elements} elements")
+        if s > max_elements:  # after a 0, which keeps the product 0: reshape needs int64 sizes
+            raise WireLimitError(f"tensor {name!r}: shape {shape} has a dimension over {max_elements}")
     return count
 
 

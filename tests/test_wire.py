@@ -100,6 +100,11 @@ BAD = [
         lambda: _binary({"inputs": [_t(shape=[2**40, 2**40], binary_data_size=0)]}, b""),
         "more than",
     ),
+    (  # a 0 keeps the product 0, yet no tensor has a dimension past int64
+        "huge dim after a zero",
+        lambda: _binary({"inputs": [_t(shape=[1, 0, 2**63], binary_data_size=0)]}, b""),
+        "dimension over",
+    ),
     (
         "duplicate names",
         lambda: _binary({"inputs": [_t(binary_data_size=8), _t(binary_data_size=8)]}, b"\0" * 16),
@@ -182,9 +187,31 @@ def test_a_response_scale_no_float_holds_is_a_wire_error() -> None:
 
 def test_header_length_parsing() -> None:
     assert wire.parse_header_length(None) is None and wire.parse_header_length(" 12 ") == 12
-    for bad in ("-1", "abc", "1e3", "9" * 40):
+    for bad in ("-1", "abc", "1e3", "9" * 40, "\u00b2", "14\u00b9", "\u0661\u0662"):  # digits, not ASCII
         with pytest.raises(wire.WireError):
             wire.parse_header_length(bad)
+
+
+def test_a_response_dimension_past_int64_after_a_zero_is_a_wire_error() -> None:
+    body = json.dumps({"outputs": [_t(name="logits", shape=[1, 0, 2**63]) | {"data": []}]}).encode()
+    with pytest.raises(wire.WireError, match=r"tensor 'logits': shape \[1, 0, 9223372036854775808\] has a dimension"):
+        wire.decode_response(body, {})
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_float64_values_past_the_wire_range_are_refused_before_a_cast_makes_them_inf(binary: bool) -> None:
+    """A float64 tensor is range-checked as float64: 1e39 is beyond FP32 too (a cast to float32
+    first would make it Inf, which the FP16 check let through); 7e4 is beyond FP16 only."""
+    cases = [("FP16", 7e4, "FP16's range.*send it as FP32"), ("FP16", 1e39, "FP16's range.*send it as FP64"),
+             ("FP32", 1e39, "FP32's range.*send it as FP64")]  # fmt: skip
+    for wire_dtype, value, match in cases:
+        with pytest.raises(wire.WireError, match=match):
+            wire.encode_request(
+                {"x": torch.tensor([[value, 1.0]], dtype=torch.float64)}, binary=binary, wire_dtype=wire_dtype
+            )
+    x = torch.tensor([[-3e38, 6e4]], dtype=torch.float64)  # inside: sent
+    assert _rt({"x": x[:, 1:]}, binary=binary, wire_dtype="FP16").inputs["x"].item() == 60000.0
+    assert _rt({"x": x[:, :1]}, binary=binary, wire_dtype="FP32").inputs["x"].item() == float(np.float32(-3e38))
 
 
 def test_codec_cpu_cost_is_vectorised() -> None:
