@@ -108,7 +108,9 @@ def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     amax = _abs_max(a)
     if not math.isfinite(amax):
         raise WireError("holds NaN or Inf, which INT8 cannot carry")
-    scale = amax / 127.0 if amax > 0 else 1.0
+    scale = float(np.float32(amax / 127.0))  # the scale sent is the one divided by
+    if scale == 0.0:  # all zeros, or so small that the scale underflows float32: zeros are sent
+        scale = 1.0
     q = np.clip(np.rint(a / np.float32(scale)), -127, 127).astype(np.int8)
     return torch.from_numpy(q), scale
 

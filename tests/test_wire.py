@@ -6,6 +6,7 @@ import json
 import math
 import struct
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -212,6 +213,14 @@ def test_float64_values_past_the_wire_range_are_refused_before_a_cast_makes_them
     x = torch.tensor([[-3e38, 6e4]], dtype=torch.float64)  # inside: sent
     assert _rt({"x": x[:, 1:]}, binary=binary, wire_dtype="FP16").inputs["x"].item() == 60000.0
     assert _rt({"x": x[:, :1]}, binary=binary, wire_dtype="FP32").inputs["x"].item() == float(np.float32(-3e38))
+
+
+def test_int8_of_values_whose_scale_underflows_float32_sends_zeros_without_warnings() -> None:
+    x = torch.tensor([[1.4e-45, -1.4e-45]])  # float32's smallest subnormal: / 127 underflows to 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's divide-by-zero / invalid-cast RuntimeWarnings
+        q, scale = wire.quantize_int8(x)
+    assert q.tolist() == [[0, 0]] and scale == 1.0
 
 
 def test_codec_cpu_cost_is_vectorised() -> None:
