@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
@@ -181,6 +182,17 @@ def test_a_request_no_route_takes_is_answered_without_its_body_being_read(edge: 
 
 
 # ---- limits derived from the model -------------------------------------------------------------
+
+
+def test_the_json_value_bound_covers_every_float64_spelling() -> None:
+    """JSON_VALUE_BYTES bounds what one value takes in a JSON body: the longest shortest-repr of
+    a float64 (an FP64 tensor's data) plus the ", " separator; random bit patterns and the
+    longest known spellings."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 2**64, 200_000, dtype=np.uint64).view(np.float64)
+    values = [float(v) for v in values[np.isfinite(values)]] + [-2.2250738585072014e-308, -1.7976931348623157e308]
+    longest = max(len(json.dumps(v)) for v in values)
+    assert longest == 24 and longest + len(", ") <= JSON_VALUE_BYTES
 
 
 def test_body_limit_is_derived_from_rows_and_the_largest_boundary(

@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from dapdee.costgraph import CostGraph
 from dapdee.planning.enumerate import ExitStructure, enumerate_ideals
 
-# The longest JSON spelling of a float32 value (its float64 repr: sign, 17 digits, point,
-# exponent, e.g. "-1.1754943508222875e-38") plus the ", " separator.
-JSON_VALUE_BYTES = 25
+# The longest JSON spelling of a float value (shortest repr of a float64, as a client sends FP64:
+# sign, 17 digits, point, three-digit exponent, e.g. "-2.2250738585072014e-308") plus ", ".
+JSON_VALUE_BYTES = 26
 HEADER_BYTES = 64 << 10  # names, shapes, datatypes and parameters of the JSON header
 IDEAL_CAP = 200_000  # cuts enumerated per exit before falling back to a cruder bound
 
