@@ -189,3 +189,20 @@ def test_errors_reach_the_client_with_their_status(
         classify = [httpclient.InferRequestedOutput("class", class_count=3)]
         client.infer(m.name, [x], outputs=classify, headers=_bearer(DEVICE_TOKEN))
     assert _status(exc) == "400" and "classification" in exc.value.message()
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_is_415_naming_the_coding(
+    served: tuple[Any, FastAPI, str], models: dict[str, LoadedModel], algorithm: str
+) -> None:
+    """tritonclient's request compression: refused with 415 naming Content-Encoding (bodies are
+    taken uncompressed), not a 400 about JSON; the same request uncompressed is answered."""
+    client, _, _ = served
+    m = _frame_model(models)
+    frames = torch.zeros((1, *m.input_shape[1:]), dtype=torch.uint8)
+    inp = httpclient.InferInput(m.input_name, list(frames.shape), "UINT8")
+    inp.set_data_from_numpy(frames.numpy())
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer(m.name, [inp], headers=_bearer(DEVICE_TOKEN), request_compression_algorithm=algorithm)
+    assert _status(exc) == "415" and f"Content-Encoding '{algorithm}'" in exc.value.message()
+    assert client.infer(m.name, [inp], headers=_bearer(DEVICE_TOKEN)).as_numpy("class").shape == (1,)

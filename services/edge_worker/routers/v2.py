@@ -63,7 +63,7 @@ INFER_ROUTE: dict[str, Any] = {
             "description": "the exit's logits and class (binary outputs follow the JSON header)",
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
-        **{status: ERROR for status in (400, 401, 403, 404, 408, 413, 422, 503)},
+        **{status: ERROR for status in (400, 401, 403, 404, 408, 413, 415, 422, 503)},
     },
 }
 
