@@ -412,6 +412,8 @@ class ModelWriter:
             why = "its cap was reached meanwhile"
         elif stored_version is None:
             why = "an earlier queued write of this model was not applied"
+        elif op.base_version == 0:  # queued as a create of a model this replica could not read
+            why = f"Redis holds version {stored_version} (stored before the outage, or by another replica meanwhile)"
         else:
             why = f"Redis holds version {stored_version} (written by another replica meanwhile)"
         log.warning(
