@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,24 +283,56 @@ def _booking_target(fleet: Sequence[dict[str, Any]], rho_max: float, where: Call
     forced = [(where(s), n) for s in fleet if (n := s.get("planner_run_counts", {}).get("drops_forced", 0.0))]
     shed = sum(s.get("planner_run_counts", {}).get("drops_shed", 0.0) for s in fleet)
     have = [v for _, v in booked if v is not None]
-    ok = (all(v <= rho_max + 1e-9 for v in have) and not forced) if have else None
+    ok = False if forced else (all(v <= rho_max + 1e-9 for v in have) if have else None)
     note = (
         f"; capacity drops registered with the leases re-solved {shed:g}, over the leases {sum(n for _, n in forced):g}"
     )
     if forced:
         note += " (" + ", ".join(f"{w}: {n:g}" for w, n in forced) + ")"
-    return Target(f"leases never book a worker past rho_max = {rho_max:g}", ok, _worst(booked) + note)
+    no_poll = {w: "no booking poll succeeded" for w, v in booked if v is None}
+    return Target(f"leases never book a worker past rho_max = {rho_max:g}", ok, _worst(booked, why=no_poll) + note)
 
 
-def _worst(pairs: list[tuple[str, float | None]], scale: float = 1.0, unit: str = "") -> str:
+def _worst(
+    pairs: list[tuple[str, float | None]], scale: float = 1.0, unit: str = "", why: Mapping[str, str] | None = None
+) -> str:
+    """The largest value (x `scale`, with `unit`) and the run it is at, then every value; then
+    each run without a value, with `why` it has none (by the run's name; else "no value")."""
     have = [(w, v) for w, v in pairs if v is not None]
-    if not have:
-        return "no data"
-    w, v = max(have, key=lambda p: p[1])
-    return f"worst {v * scale:.3g}{unit} at {w}; all: " + ", ".join(f"{v * scale:.3g}" for _, v in have)
+    text = "no data"
+    if have:
+        w, v = max(have, key=lambda p: p[1])
+        text = f"worst {v * scale:.3g}{unit} at {w}; all: " + ", ".join(f"{v * scale:.3g}" for _, v in have)
+    gaps = [w for w, v in pairs if v is None]
+    if gaps:
+        text += "; " + ", ".join(f"{(why or {}).get(w, 'no value')} at {w}" for w in gaps)
+    return text
+
+
+def _within(pairs: list[tuple[str, float | None]], limit: float) -> bool | None:
+    """Whether every run's value is at most `limit`: False as soon as a run has no value (a run
+    the target cannot vouch for fails it), None when there are no runs. O(runs)."""
+    if any(v is None for _, v in pairs):
+        return False
+    return all(v is not None and v <= limit for _, v in pairs) if pairs else None
+
+
+def _no_value(s: dict[str, Any]) -> str:
+    """Why a fleet run has no per-run figure: no frame answered, or (frames answered) none
+    recorded. O(1)."""
+    return "no answered frames" if s.get("answered_fps") == 0 else "no value"
+
+
+def _scored_fps(s: dict[str, Any]) -> bool:
+    """Whether a run counts in the throughput prediction target: it recorded which devices a plan
+    bounds (older summaries did not: not comparable), and it has an error or answered nothing (a
+    run whose answered devices all ran at the camera's rate has nothing to score). O(1)."""
+    return "pred_err_throughput_devices" in s and (s["pred_err_throughput"] is not None or s.get("answered_fps") == 0)
 
 
 def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]:
+    """The targets every DAPDEE-fleet run must meet (bookings, worker utilisation, both
+    prediction errors, plan churn); a run without a figure fails the figure's target, by name."""
     fleet = [s for s in summaries if s["system"] == FLEET]
     if not fleet:
         return [Target("DAPDEE-fleet runs", None, "none")]
@@ -308,31 +340,26 @@ def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> lis
     def where(s: dict[str, Any]) -> str:
         return f"{s['model']} K={s['k']:g} N={s['n']}"
 
+    why = {where(s): _no_value(s) for s in fleet}
     util = [(where(s), busy_share(s)) for s in fleet]
     shed = [(where(s), n) for s in fleet if (n := sum((s.get("edge_rejected") or {}).values()))]
     lat = [(where(s), s["pred_err_latency"]) for s in fleet]
-    # runs written before only plan-bound devices were scored have no count: not comparable
-    fps = [(where(s), s["pred_err_throughput"]) for s in fleet if "pred_err_throughput_devices" in s]
+    fps = [(where(s), s["pred_err_throughput"]) for s in fleet if _scored_fps(s)]
     scored = sum(s.get("pred_err_throughput_devices", 0) for s in fleet)
     churn = [(where(s), s["plan_changes_per_device_min"]) for s in fleet]
-
-    def ok(pairs: list[tuple[str, float | None]], limit: float) -> bool | None:
-        have = [v for _, v in pairs if v is not None]
-        return all(v <= limit for v in have) if have else None
-
     shed_note = "; requests the worker shed (503): " + (", ".join(f"{w}: {n:g}" for w, n in shed) if shed else "none")
     fps_note = (f"; {scored} device(s) whose plan predicts less than the frame rate (elsewhere the camera "
                 "sets the rate)") if fps else "; no run recorded which devices a plan bounds"  # fmt: skip
     return [
         _booking_target(fleet, rho_max, where),
         Target(f"measured worker utilisation <= {MAX_UTIL:g} (DAPDEE-fleet; the busier of the compute slot "
-               "and the worker's CPU)", ok(util, MAX_UTIL), _worst(util) + shed_note),
+               "and the worker's CPU)", _within(util, MAX_UTIL), _worst(util, why=why) + shed_note),
         Target(f"median latency prediction error <= {MAX_PRED_ERR:.0%} (DAPDEE-fleet, every N)",
-               ok(lat, MAX_PRED_ERR), _worst(lat, 100, "%")),
+               _within(lat, MAX_PRED_ERR), _worst(lat, 100, "%", why)),
         Target(f"median throughput prediction error <= {MAX_PRED_ERR:.0%} (DAPDEE-fleet, every N)",
-               ok(fps, MAX_PRED_ERR), _worst(fps, 100, "%") + fps_note),
+               _within(fps, MAX_PRED_ERR), _worst(fps, 100, "%", why) + fps_note),
         Target(f"steady state: <= {MAX_CHANGES:g} plan change per device-minute (DAPDEE-fleet)",
-               ok(churn, MAX_CHANGES), _worst(churn)),
+               _within(churn, MAX_CHANGES), _worst(churn, why=why)),
     ]  # fmt: skip
 
 

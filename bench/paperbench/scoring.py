@@ -79,21 +79,29 @@ def _versus(cell: dict[str, Any], kind: str, band: float) -> Lines:
     return out
 
 
+def _speedup_line(cell: dict[str, Any], o: Options) -> dict[str, Any]:
+    """The 4G speedup line of one heavy cell: DAPDEE / Device-Only measured throughput, >= 9.9
+    (informational for chain and camera-size models); a FAIL with no ratio when either of the two
+    throughputs was not measured (capped), naming which."""
+    d, dev = cell["planners"]["dapdee"], cell["planners"]["device-only"]
+    m = cell["model"]
+    scope = (" (chain model: informational)" if m not in DAG_MODELS
+             else " (camera-size input: informational)" if m in CAMERA_SIZE else "")  # fmt: skip
+    what = f"heavy {m} 4G: DAPDEE/Device-Only throughput (K={o.slowdown:g})"
+    missing = [name for name, v in (("DAPDEE", d), ("Device-Only", dev)) if not v["throughput_fps"]]
+    if missing:
+        note = f">= 9.9{scope}; not measured: {' and '.join(missing)} heavy throughput (capped or not run)"
+        return line("speedup", what, None, False, note, info=bool(scope))
+    r = d["throughput_fps"] / dev["throughput_fps"]
+    pd, pdev = d["plan"]["predicted"].get("throughput_fps"), dev["plan"]["predicted"].get("throughput_fps")
+    own = f"{pd / pdev:.2f}" if pd and pdev else "-"
+    note = f">= 9.9{scope}; the cost model's own ratio for these plans: {own}"
+    return line("speedup", what, r, r >= 9.9, note, info=bool(scope))
+
+
 def _speedups(res: dict[str, Any], o: Options) -> Lines:
-    out = []
-    for cell in res["heavy"]:
-        d, dev = cell["planners"]["dapdee"], cell["planners"]["device-only"]
-        if cell["network"] != "4G" or not (d["throughput_fps"] and dev["throughput_fps"]):
-            continue
-        r = d["throughput_fps"] / dev["throughput_fps"]
-        pr = d["plan"]["predicted"]["throughput_fps"] / dev["plan"]["predicted"]["throughput_fps"]
-        m = cell["model"]
-        scope = (" (chain model: informational)" if m not in DAG_MODELS
-                 else " (camera-size input: informational)" if m in CAMERA_SIZE else "")  # fmt: skip
-        what = f"heavy {m} 4G: DAPDEE/Device-Only throughput (K={o.slowdown:g})"
-        note = f">= 9.9{scope}; the cost model's own ratio for these plans: {pr:.2f}"
-        out.append(line("speedup", what, r, r >= 9.9, note, info=bool(scope)))
-    return out
+    """One speedup line per heavy cell at 4G (`_speedup_line`), measured or not."""
+    return [_speedup_line(cell, o) for cell in res["heavy"] if cell["network"] == "4G"]
 
 
 def _accuracy(res: dict[str, Any]) -> Lines:
@@ -118,25 +126,58 @@ def _accuracy(res: dict[str, Any]) -> Lines:
     return [line("accuracy", what, worst[1], worst[1] <= ACC_CLASS + 1e-9, f"<= {ACC_CLASS}")]
 
 
+def _adapt_latency(what: str, v: dict[str, Any], lb: float) -> dict[str, Any]:
+    """A latency-mode phase's line: the live stream's second-half median / the optimum plan's
+    median, <= 1 + lb; a FAIL with no ratio when either median is missing (no frame started in
+    the second half, or the optimum plan not measured)."""
+    live, opt, what = v["median_ms_second_half"], v["optimum_median_ms"], f"{what} / optimum plan latency"
+    need = f"<= {1 + lb:.3f}"
+    if live is None:
+        return line("adaptation", what, None, False, f"{need}; no frame started in the phase's second half")
+    if not opt:
+        return line("adaptation", what, None, False, f"{need}; the optimum plan was not measured (capped or not run)")
+    r = live / opt
+    return line("adaptation", what, r, r <= 1 + lb, need)
+
+
+def _adapt_rate(what: str, live: float | None, opt: float | None, tb: float, note: str, info: bool) -> dict[str, Any]:
+    """One throughput-mode adaptation line: the live stream's second-half frames/s / the optimum
+    plan's, >= 1 − tb. A live rate of 0 (a stalled phase) gives ratio 0; a missing live rate (a
+    phase of no length) or a missing optimum gives a FAIL with no ratio."""
+    if live is None:
+        return line("adaptation", what, None, False, f"{note}; no second half measured", info=info)
+    if not opt:
+        return line("adaptation", what, None, False, f"{note}; the optimum plan was not measured", info=info)
+    stalled = "" if live else "; no frame completed in the phase's second half"
+    return line("adaptation", what, live / opt, live / opt >= 1 - tb, note + stalled, info=info)
+
+
+def _adapt_throughput(what: str, v: dict[str, Any], tb: float) -> Lines:
+    """A throughput-mode phase's lines: against the optimum plan at the live runtime's frames in
+    flight (required) and with its pipeline filled (informational; absent from results written
+    before it was measured)."""
+    live, need = v["throughput_fps_second_half"], f">= {1 - tb:.3f}"
+    out = [_adapt_rate(f"{what} / optimum plan throughput (same frames in flight)", live,
+                       v["optimum_throughput_fps"], tb, need, False)]  # fmt: skip
+    if "optimum_filled_throughput_fps" in v:
+        filled_what = f"the optimum with its pipeline filled, up to {MAX_INFLIGHT} in flight"
+        out.append(_adapt_rate(f"{what} / optimum plan throughput, pipeline filled", live,
+                               v["optimum_filled_throughput_fps"], tb, f"{need} (informational: {filled_what})",
+                               True))  # fmt: skip
+    return out
+
+
 def adaptation_lines(ad: dict[str, Any] | None, lb: float, tb: float) -> Lines:
-    """The adaptation target lines: per phase, the live stream against the optimum plan at the same
-    frames in flight (required) and, in throughput mode, with its pipeline filled (informational)."""
+    """The adaptation target lines: per phase, chosen by the cell's mode alone, the live stream
+    against the optimum plan (latency; or throughput at the same frames in flight, required, and
+    with its pipeline filled, informational). A phase whose live or optimum value is missing or
+    zero still gets its lines, failing, so a stalled phase is never left out of the tally."""
+    if not ad:
+        return []
     out: Lines = []
-    for n, v in (ad or {}).get("per_phase", {}).items():
-        what = f"adaptation {ad['model']} ({ad['mode']}) {n}: DAPDEE"  # type: ignore[index]
-        if ad["mode"] == "latency" and v["median_ms_second_half"] and v["optimum_median_ms"]:  # type: ignore[index]
-            r = v["median_ms_second_half"] / v["optimum_median_ms"]
-            out.append(line("adaptation", f"{what} / optimum plan latency", r, r <= 1 + lb, f"<= {1 + lb:.3f}"))
-        elif v["throughput_fps_second_half"] and v["optimum_throughput_fps"]:
-            r = v["throughput_fps_second_half"] / v["optimum_throughput_fps"]
-            what_t = f"{what} / optimum plan throughput (same frames in flight)"
-            out.append(line("adaptation", what_t, r, r >= 1 - tb, f">= {1 - tb:.3f}"))
-            if filled := v.get("optimum_filled_throughput_fps"):
-                r = v["throughput_fps_second_half"] / filled
-                filled_what = f"the optimum with its pipeline filled, up to {MAX_INFLIGHT} in flight"
-                note = f">= {1 - tb:.3f} (informational: {filled_what})"
-                out.append(line("adaptation", f"{what} / optimum plan throughput, pipeline filled", r, r >= 1 - tb,
-                                note, info=True))  # fmt: skip
+    for n, v in ad.get("per_phase", {}).items():
+        what = f"adaptation {ad['model']} ({ad['mode']}) {n}: DAPDEE"
+        out += [_adapt_latency(what, v, lb)] if ad["mode"] == "latency" else _adapt_throughput(what, v, tb)
     return out
 
 

@@ -1,0 +1,170 @@
+"""The benchmarks' reporting on hand-written inputs: a phase, a cell or a run without a measured
+value still gets its target line, failing and saying why, and the tallies count what they name.
+No benchmark, service or model runs here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dapdee.bench.fleet_bench import report as fleet_report
+from dapdee.bench.paperbench.adaptation import adaptation
+from dapdee.bench.paperbench.experiments import Bench
+from dapdee.bench.paperbench.options import Options, build_options
+from dapdee.bench.paperbench.report import _targets
+from dapdee.bench.paperbench.scoring import _speedups, adaptation_lines, format_target
+
+PHASE = {
+    "median_ms_second_half": 29.6,
+    "throughput_fps_second_half": 264.2,
+    "optimum_median_ms": 37.0,
+    "optimum_throughput_fps": 257.5,
+    "optimum_filled_throughput_fps": 388.2,
+}
+
+
+def _adapt(mode: str, **phases: dict[str, Any]) -> dict[str, Any]:
+    """An adaptation cell of AlexNet in `mode` with the given phases (name -> figures)."""
+    return {"model": "alexnet", "mode": mode, "per_phase": phases}
+
+
+def _required(lines: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    """The required (non-informational) lines of one phase."""
+    return [t for t in lines if not t["info"] and f") {phase}: " in t["what"]]
+
+
+def test_a_stalled_throughput_phase_fails_with_ratio_zero() -> None:
+    """Throughput mode: a phase in which no frame completed in the second half (0 frames/s)
+    gets its required line, FAIL with ratio 0, so the tally cannot read all PASS."""
+    stalled = {**PHASE, "throughput_fps_second_half": 0.0}
+    lines = adaptation_lines(_adapt("throughput", **{"4G": PHASE, "CAT1": stalled}), 0.1, 0.1)
+    (cat1,) = _required(lines, "CAT1")
+    assert cat1["pass"] is False and cat1["ratio"] == 0.0
+    assert "no frame completed" in cat1["note"]
+    assert [t["pass"] for t in _required(lines, "4G")] == [True]
+
+
+def test_a_latency_phase_is_judged_on_latency_even_when_its_median_is_missing() -> None:
+    """Latency mode: no frame started in the phase's second half (median None) gives a FAIL
+    latency line with no ratio, never a throughput line, however many frames finished there."""
+    stalled = {**PHASE, "median_ms_second_half": None, "throughput_fps_second_half": 2.0,
+               "optimum_throughput_fps": 2.1}  # fmt: skip
+    lines = adaptation_lines(_adapt("latency", **{"4G": PHASE, "CAT1": stalled}), 0.1, 0.1)
+    assert len(lines) == 2
+    (cat1,) = _required(lines, "CAT1")
+    assert cat1["what"].endswith("/ optimum plan latency") and cat1["ratio"] is None and cat1["pass"] is False
+    assert "no frame started" in format_target(cat1)
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_a_phase_whose_optimum_was_not_measured_is_a_counted_fail(mode: str) -> None:
+    """An optimum plan that was not measured (capped: median and rate None) leaves the phase's
+    required line in place, FAIL with no ratio."""
+    capped = {**PHASE, "optimum_median_ms": None, "optimum_throughput_fps": None}
+    (line,) = _required(adaptation_lines(_adapt(mode, **{"3G": capped}), 0.1, 0.1), "3G")
+    assert line["pass"] is False and line["ratio"] is None and "not measured" in line["note"]
+
+
+def _planner(tput: float | None, pred: float) -> dict[str, Any]:
+    """A heavy-load planner entry: measured and predicted throughput."""
+    return {"throughput_fps": tput, "plan": {"predicted": {"throughput_fps": pred}}}
+
+
+def _heavy(network: str, dapdee: float | None, device_only: float | None) -> dict[str, Any]:
+    """A heavy-load ResNet-18 cell with DAPDEE's and Device-Only's measured throughputs."""
+    return {"model": "resnet18", "network": network,
+            "planners": {"dapdee": _planner(dapdee, 120.0), "device-only": _planner(device_only, 8.0)}}  # fmt: skip
+
+
+@pytest.mark.parametrize(("dapdee", "device_only", "named"), [(None, 8.0, "DAPDEE"), (50.0, None, "Device-Only")])
+def test_the_4g_speedup_line_stays_when_a_throughput_is_missing(
+    dapdee: float | None, device_only: float | None, named: str
+) -> None:
+    """A 4G heavy cell whose DAPDEE or Device-Only throughput was not measured still has its
+    speedup line, FAIL, naming which was not measured; cells at other networks have none."""
+    res = {"heavy": [_heavy("4G", dapdee, device_only), _heavy("3G", 50.0, 8.0)]}
+    (line,) = _speedups(res, build_options([]))
+    assert line["pass"] is False and line["ratio"] is None and line["info"] is False
+    assert f"not measured: {named} heavy throughput" in line["note"]
+
+
+def test_the_tally_counts_only_speedup_lines_as_short_of_9_9x() -> None:
+    """A failing informational adaptation line (the optimum with its pipeline filled) is not
+    reported as a speedup line short of 9.9x; it is counted on its own."""
+    lines = adaptation_lines(_adapt("throughput", **{"4G": PHASE}), 0.1, 0.1)  # the filled line fails: 0.68
+    tally = _targets(lines)[-2]
+    assert "0 informational speedup line(s) short of 9.9x" in tally
+    assert "1 other informational line(s) failing" in tally
+    chain = {**_heavy("4G", 50.0, 8.0), "model": "alexnet"}  # a chain model: informational, 6.25x
+    tally = _targets(lines + _speedups({"heavy": [chain]}, build_options([])))[-2]
+    assert "1 informational speedup line(s) short of 9.9x, 1 other informational line(s) failing" in tally
+
+
+class _KeyOnly(Bench):
+    """A bench that records the cache key each cell asks for and measures nothing."""
+
+    def __init__(self, o: Options) -> None:
+        super().__init__(o)
+        self.keys: list[str] = []
+
+    async def cell(self, key: str, fn: Callable[[Any], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        self.keys.append(key)
+        return {}
+
+
+def _adapt_key(out: Path, *argv: str, **fields: Any) -> str:
+    """The adaptation cell's cache key under the command line `argv`, with `fields` of the
+    options set to other values."""
+    b = _KeyOnly(replace(build_options(["--out", str(out), *argv]), **fields))
+    asyncio.run(adaptation(b, ["alexnet"]))
+    (key,) = b.keys
+    return key
+
+
+def test_the_adaptation_cell_key_holds_the_optimum_frames_and_probe_rounds(tmp_path: Path) -> None:
+    """Each phase's optimum plan is measured with `fig_frames` frames and the live device probes
+    its link `probe_rounds` times: another value of either is another cell."""
+    base = _adapt_key(tmp_path)
+    assert _adapt_key(tmp_path, "--fig-frames", "20") != base
+    assert _adapt_key(tmp_path, "--smoke") != _adapt_key(tmp_path, "--smoke", "--fig-frames", "2")  # smoke: 1
+    assert _adapt_key(tmp_path, probe_rounds=3) != base
+
+
+def _fleet_run(n: int, **kw: Any) -> dict[str, Any]:
+    """A DAPDEE-fleet run's summary at resnet18 K=30 with every figure within its target."""
+    base = {"system": "DAPDEE-fleet", "n": n, "k": 30.0, "model": "resnet18", "booked_max": 0.5,
+            "booking_series": [[20.0, 0.5, 1000.0]], "planner_run_counts": {}, "utilisation": 0.5,
+            "worker_cpu": 0.6, "edge_rejected": {}, "answered_fps": 160.0, "pred_err_latency": 0.05,
+            "pred_err_throughput": 0.04, "pred_err_throughput_devices": 3,
+            "plan_changes_per_device_min": 0.0}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_a_fleet_run_with_no_answered_frames_fails_the_every_n_targets_by_name() -> None:
+    """A run in which no frame was answered has no prediction errors: the latency and
+    throughput prediction targets FAIL and name it, though the other run is within them."""
+    silent = _fleet_run(64, answered_fps=0.0, pred_err_latency=None, pred_err_throughput=None,
+                        pred_err_throughput_devices=0)  # fmt: skip
+    got = {t.name: t for t in fleet_report._every_fleet_run([_fleet_run(16), silent], 0.9)}
+    for what in ("latency", "throughput"):
+        t = got[f"median {what} prediction error <= 10% (DAPDEE-fleet, every N)"]
+        assert t.ok is False and "no answered frames at resnet18 K=30 N=64" in t.detail, t.line()
+    # a run whose devices all ran at the camera's rate has no throughput error to score: not a failure
+    camera = _fleet_run(32, pred_err_throughput=None, pred_err_throughput_devices=0)
+    t = fleet_report._every_fleet_run([_fleet_run(16), camera], 0.9)[3]
+    assert t.ok is True and "N=32" not in t.detail
+
+
+def test_a_capacity_drop_over_the_leases_fails_the_booking_target_without_a_poll() -> None:
+    """No booking poll succeeded (no series, no peak), but the planner registered a capacity
+    drop over the leases: the target FAILs (not n/a), and the detail names the run unpolled."""
+    run = _fleet_run(16, booked_max=None, booking_series=[], planner_run_counts={"drops_forced": 2.0})
+    t = fleet_report._every_fleet_run([run], 0.9)[0]
+    assert t.ok is False and t.line().startswith("FAIL  leases never book")
+    assert "no booking poll succeeded at resnet18 K=30 N=16" in t.detail
+    assert fleet_report._every_fleet_run([{**run, "planner_run_counts": {}}], 0.9)[0].ok is None
