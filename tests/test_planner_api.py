@@ -6,6 +6,7 @@ ordinary route, planning off the event loop, the worker URL allow-list and the O
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import os
@@ -147,6 +148,20 @@ def test_a_body_that_is_not_json_gets_the_same_error_on_every_route(api: httpx.C
     assert seen[0][1] == [{"loc": ["body"], "msg": seen[0][1][0]["msg"], "type": "json_invalid"}], seen[0]
     assert all(s == seen[0] for s in seen), seen
     assert api.get("/models/toy2", headers=role("admin")).status_code == 404
+
+
+def test_a_compressed_body_is_415_naming_the_coding_on_every_route(api: httpx.Client) -> None:
+    """A gzip body (a valid plan request once inflated) is refused before it is read: 415 naming
+    Content-Encoding, `Accept-Encoding: identity`, nothing stored; the same body sent as is works."""
+    body = json.dumps({"model": "toy", "bandwidth_mbps": 5.0}).encode()
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    for method, path, who in (("POST", "/plan", "device"), ("PUT", "/models/toy3", "admin")):
+        r = api.request(method, path, content=gzip.compress(body), headers={**headers, **role(who)})
+        assert_problem(r, 415, "Content-Encoding 'gzip'")
+        assert r.headers["accept-encoding"] == "identity"
+    assert api.get("/models/toy3", headers=role("admin")).status_code == 404
+    ok = api.post("/plan", content=body, headers={"content-type": "application/json", **role("device")})
+    assert ok.status_code == 200, ok.text
 
 
 # ---- problem documents ------------------------------------------------------------------------------

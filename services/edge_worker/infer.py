@@ -85,18 +85,6 @@ def tensor_check(entry: ModelEntry) -> wire.TensorCheck:
     return check
 
 
-def identity_only(coding: str | None) -> None:
-    """415 naming `Content-Encoding` unless the body is sent as is (absent or identity): a
-    compressed body (a v2 client's gzip or deflate request compression) is refused rather than
-    inflated past the body limit its compressed size passed. O(1)."""
-    if coding is not None and coding.strip().lower() not in ("", "identity"):
-        raise ApiError(
-            415,
-            f"Content-Encoding {coding[:40]!r}: request bodies are taken uncompressed; send it without a coding",
-            {"Accept-Encoding": "identity"},
-        )
-
-
 async def decode(entry: ModelEntry, body: bytes, header_length: str | None) -> wire.DecodedRequest:
     """The request, vetted by `tensor_check` and bounded by the model's value limit; off the event
     loop for big bodies. 413 past a limit, 400 for anything malformed. O(body bytes)."""
@@ -323,7 +311,6 @@ async def run_infer(
 ) -> tuple[bytes, dict[str, str]]:
     """Answer one infer request received at `t0` (perf_counter): the response's body and
     headers. Raises ApiError. O(body bytes) plus the batch's compute."""
-    identity_only(headers.get("content-encoding"))
     req = await decode(entry, body, headers.get(wire.HEADER_LENGTH))
     exit_name = requested_exit(entry, req)
     confident = requested_confidence(entry, req, exit_name)

@@ -125,7 +125,7 @@ class PlannerMetrics:
         )
         self.rejected = Counter(
             "dapdee_planner_rejected",
-            "Requests the request guard refused before any route ran (401, 403, 400, 408, 413, 503), "
+            "Requests the request guard refused before any route ran (401, 403, 400, 408, 413, 415, 503), "
             "on every route (POST /plan, heartbeats, uploads), by reason.",
             ["reason"],
             registry=self.registry,

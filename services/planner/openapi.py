@@ -31,7 +31,8 @@ graph or profiles), in answers and as `ETag: "<version>"`. Writes may send
 `If-Match: "<version>"`: 409 when the model has moved on. `PUT` answers 201 when it created the
 model or profile, 200 when it replaced it; `DELETE` answers 204.
 
-**Limits.** Bodies over `DAPDEE_MAX_BODY_BYTES` (2 MiB): 413; bodies slower than
+**Limits.** Bodies over `DAPDEE_MAX_BODY_BYTES` (2 MiB): 413; bodies with a `Content-Encoding`
+other than identity: 415; bodies slower than
 `DAPDEE_BODY_TIMEOUT_S`: 408; more than `DAPDEE_MAX_CONCURRENCY` requests at once, or bodies
 in flight past `DAPDEE_MAX_BUFFERED_BYTES` in all (default: a few bodies' worth): 503 with
 `Retry-After`. Cost graphs: at most `DAPDEE_MAX_NODES` nodes, `DAPDEE_MAX_EXITS` exits,

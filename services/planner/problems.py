@@ -2,7 +2,7 @@
 
 `{"type", "title", "status", "detail"}` as `application/problem+json`, plus `errors`
 (`[{"loc", "msg", "type"}]`) on validation failures. The same rendering serves the request
-guard's refusals (401/403/408/413/503 before a body is parsed), FastAPI's and Starlette's own
+guard's refusals (401/403/408/413/415/503 before a body is parsed), FastAPI's and Starlette's own
 errors (404 unknown route, 405, 422), the routes' `ApiProblem`s and unexpected exceptions (500).
 """
 

@@ -19,7 +19,7 @@ itself). For each HTTP request it:
 With tracing on, it also exports the pending spans when the app's lifespan shuts down.
 
 Installed outside the request guard (added after it, so it wraps it), it logs the guard's
-refusals (401, 403, 408, 413, 503) too, and its duration includes reading the body. Cost per
+refusals (401, 403, 408, 413, 415, 503) too, and its duration includes reading the body. Cost per
 request: a header scan, 8 random bytes, two clock reads and the log record: O(#headers).
 """
 

@@ -12,7 +12,9 @@
    authorised request, the service's own check of its target (`before_body(scope)`, e.g. the
    edge's 404 for an infer to a model it does not serve, which has no body limit of its own),
    before any of the body is read;
-3. reads the whole body before the app sees it: 413 past `max_body_bytes` (or the tighter
+3. reads the whole body before the app sees it: 415 (counted as bad_request) for a body sent
+   with a `Content-Encoding` other than identity (bodies are taken uncompressed, so the limits
+   bound what the app decodes); 413 past `max_body_bytes` (or the tighter
    per-request limit `body_limit(scope)` gives, e.g. per model; from Content-Length up front,
    else counted while streaming), 408 when it takes longer than
    `body_timeout_s` in all (a slow upload never holds a handler or a compute slot). The body
@@ -33,7 +35,7 @@
 
 Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
 `{"error": …}` for the edge), and counted through `on_reject(reason)`. Every refusal sent
-before the body was fully read (401, 403, `before_body`'s, 400, 408, 413, and the 503 of a full buffer) carries
+before the body was fully read (401, 403, `before_body`'s, 400, 408, 413, 415, and the 503 of a full buffer) carries
 `Connection: close`, so the server drops the connection instead of reading and discarding the
 rest of the body, which no time limit would bound; the 503 of no free slot (body already read)
 keeps the connection.
@@ -216,6 +218,15 @@ class RequestGuard:
         """Read the whole body under the size, buffer and time limits and return a `receive` that
         replays it (later calls reach the client: disconnects stay visible); `hold` counts its
         bytes (a declared Content-Length up front). O(body bytes)."""
+        coding = _header(scope, b"content-encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity") and _may_have_body(scope):
+            # taken uncompressed: the size limit must bound what is decoded, not what is sent
+            raise _Refusal(
+                415,
+                "bad_request",
+                f"Content-Encoding {coding[:40]!r}: request bodies are taken uncompressed; send it without a coding",
+                {"Accept-Encoding": "identity"},
+            )
         limit = self.max_body_bytes
         if self.body_limit is not None:
             limit = min(limit, self.body_limit(scope))
