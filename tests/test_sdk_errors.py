@@ -186,6 +186,18 @@ def test_bad_base_urls_are_request_errors(cls: Callable[..., Any], url: str) -> 
         cls(url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://admin:S3cret@127.0.0.1:1", "http://admin:S3cret@127.0.0.1:99999", "ftp://admin:S3cret@h",
+     "http://admin:S3cret@h/pre fix"],
+)  # fmt: skip
+def test_a_refused_base_url_never_repeats_its_password(url: str) -> None:
+    """However the URL is refused, the message masks its user info."""
+    with pytest.raises(RequestError, match=r"base URL.*\*\*\*@") as exc:
+        PlannerClient(url)
+    assert "S3cret" not in str(exc.value) and "admin" not in str(exc.value)
+
+
 def test_a_base_url_with_a_path_prefix_is_kept(standin_url: tuple[Standin, str]) -> None:
     standin, base = standin_url
     standin.answer(b'{"status": "ok"}')

@@ -148,7 +148,25 @@ def _unsafe_char(text: str) -> str | None:
 def check_base_url(url: str) -> str:
     """An http(s) base URL without query, fragment or credentials, without a trailing slash:
     no `?` or `#` at all (not even an empty query), no whitespace or control characters, a
-    valid port; RequestError naming the problem otherwise. O(len(url))."""
+    valid port; RequestError naming the problem otherwise, the URL's user info (it may hold a
+    password) masked wherever the message repeats it. O(len(url))."""
+    try:
+        return _checked_base_url(url)
+    except RequestError as exc:
+        info = _user_info(url) if isinstance(url, str) else ""
+        if not info:
+            raise
+        raise RequestError(str(exc).replace(info + "@", "***@")) from None
+
+
+def _user_info(url: str) -> str:
+    """The user info of `url` (what precedes the last '@' of its authority), '' without one."""
+    rest = url.partition("://")[2] or url
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    return rest[: max(rest.rfind("@", 0, end), 0)]
+
+
+def _checked_base_url(url: str) -> str:
     expected = f"base URL: expected http(s)://HOST[:PORT][/PATH], got {url!r}"
     if not isinstance(url, str):
         raise RequestError(expected)
