@@ -35,6 +35,7 @@ from dapdee.testing import end_process
 from tests.conftest import SHARED_REDIS, free_port, proc_rss_kib, serve_app_in_thread, wait_until_ready
 from tests.metrics_scrape import parse, value
 from tests.test_planner_service import toy_graph
+from tests.test_planning_budget import deep_graph
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = {"admin": "admin-token-0123456789", "device": "device-token-0123456789", "worker": "worker-token-0123456789"}
@@ -162,6 +163,21 @@ def test_a_compressed_body_is_415_naming_the_coding_on_every_route(api: httpx.Cl
     assert api.get("/models/toy3", headers=role("admin")).status_code == 404
     ok = api.post("/plan", content=body, headers={"content-type": "application/json", **role("device")})
     assert ok.status_code == 200, ok.text
+
+
+def test_a_plan_waits_for_a_map_build_no_longer_than_its_budgets() -> None:
+    """The first plan of a graph whose map takes seconds to build (past its own budget) is a
+    503 plan-budget with Retry-After once the build budget plus the plan budget have passed;
+    the build goes on, and the planner keeps answering."""
+    with served(role_settings(planmap_build_budget_s=0.3, plan_budget_s=0.2)) as (c, _):
+        assert c.put("/models/deep", json=deep_graph("deep"), headers=role("admin")).status_code == 201
+        t0 = time.perf_counter()
+        r = c.post("/plan", json={"model": "deep", "bandwidth_mbps": 5.0}, headers=role("device"))
+        waited = time.perf_counter() - t0
+        doc = assert_problem(r, 503, "still being built after 0.5 s")
+        assert doc["type"] == "urn:dapdee:problem:plan-budget" and r.headers["retry-after"] == "1"
+        assert waited < 0.5 + 2.0, waited  # the budgets, plus scheduling on a loaded host
+        assert c.get("/healthz").status_code == 200
 
 
 # ---- problem documents ------------------------------------------------------------------------------

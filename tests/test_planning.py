@@ -633,3 +633,47 @@ def assert_min_cuts_optimal(g: dict, weights: tuple[tuple[float, float, float], 
             mask = min_cut_mask(st, *w)
             chosen = oracle.price(g, ex["name"], {st.nodes[i] for i in range(st.m) if mask >> i & 1}, free)
             assert cost(chosen) <= min(map(cost, parts)) * (1 + 1e-9) + 1e-12, (ex["name"], w)
+
+
+def _wide_random_dag(rng: random.Random, n: int) -> CostGraph:
+    """`n` nodes, each reading the one before it and up to 3 earlier nodes anywhere before that
+    (so consumer and producer sets span several 64-bit words), some the input too; exits at a
+    third, two thirds and the end."""
+    nodes = []
+    for i in range(n):
+        earlier = sorted({i - 1, *rng.sample(range(i), min(i, rng.randint(0, 3)))}) if i else []
+        inputs = [f"n{j}" for j in earlier] if i and rng.random() > 0.1 else ["x", *(f"n{j}" for j in earlier)]
+        nodes.append({"name": f"n{i}", "op": "conv2d", "inputs": inputs, "out_bytes": rng.randint(1, 1 << 20),
+                      "device_ms": rng.uniform(0.01, 5.0), "edge_ms": rng.uniform(0.001, 0.5)})  # fmt: skip
+    exits = [{"name": f"e{k}", "node": f"n{(k + 1) * n // 3 - 1}"} for k in range(3)]
+    return CostGraph.from_dict({"model": "wide", "input": {"name": "x", "shape": [1, 8], "bytes": 4096},
+                                "nodes": nodes, "exits": exits})  # fmt: skip
+
+
+def test_vectorised_sums_equal_the_cost_model_on_graphs_wider_than_a_word() -> None:
+    """The plan map's vectorised sums (bit masks in 64-bit words) equal `costmodel.partition`'s
+    for random downward-closed device sets of 150-node DAGs: bytes exactly, time sums bit for
+    bit; and a stored map whose mask drops a producer in another word is refused."""
+    from dapdee.planning.planmap import mask_sums
+
+    rng = random.Random(7)
+    for _ in range(4):
+        g = _wide_random_dag(rng, 150)
+        for i, ex in enumerate(g.exits):
+            st_ = ExitStructure.build(g, i)
+            masks = [0, st_.full]
+            for _ in range(40):  # a random set closed downward
+                seed = {st_.nodes[j] for j in range(st_.m) if rng.random() < rng.random()}
+                closed = set().union(*(g.ancestors(s) for s in seed)) if seed else set()
+                masks.append(sum(1 << j for j, name in enumerate(st_.nodes) if name in closed))
+            dev, sent, edge = mask_sums(st_, masks)
+            for k, mask in enumerate(masks):
+                p = partition(g, ex.name, [st_.nodes[j] for j in range(st_.m) if mask >> j & 1])
+                assert (dev[k], sent[k], edge[k]) == (p.device_sum_ms, p.sent_bytes, p.edge_sum_ms), (i, k)
+    d = json.loads(PlanMap.build(g, cap=50).to_bytes())
+    last, st_ = d["exits"][-1], ExitStructure.build(g, len(g.exits) - 1)
+    k = last["masks"].index(format(st_.full, "x"))  # device-only: every node on the device
+    low = next(j for j in range(64) if any(c >= 64 for c in st_.cons[j]))
+    last["masks"][k] = format(st_.full & ~(1 << low), "x")  # a producer in word 0 gone, its consumer in word 1 kept
+    with pytest.raises(PlanMapError, match="not downward-closed"):
+        PlanMap.from_bytes(json.dumps(d).encode())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 import tracemalloc
+from typing import Any
 
 import pytest
 
@@ -47,11 +48,12 @@ def test_enumeration_gives_up_at_its_deadline() -> None:
     assert enumerate_ideals(small, 10**6, deadline=0.0) == enumerate_ideals(small, 10**6)
 
 
-def test_zero_budget_keeps_every_prefix_split() -> None:
-    """Out of time before any min-cut: the candidates are the Pareto front of the prefix splits,
-    so each prefix split is weakly dominated by a kept candidate; plans say approximate."""
-    g = wide_graph(300, fan=100)
-    pm = PlanMap.build(g, deadline_s=0.0)
+def test_an_exit_out_of_time_keeps_every_prefix_split() -> None:
+    """Out of time during its enumeration, before any min-cut: the candidates are the Pareto
+    front of the prefix splits, so each prefix split is weakly dominated by a kept candidate;
+    plans say approximate."""
+    g = wide_graph(300, fan=100)  # 2^300 ideals: the enumeration runs out of its 0.3 s
+    pm = PlanMap.build(g, deadline_s=0.3)
     assert pm.over_budget and not pm.exact
     cs = pm.cands[0]
     devs, byts, edges = prefix_sums(cs.st)
@@ -61,6 +63,45 @@ def test_zero_budget_keeps_every_prefix_split() -> None:
     assert plan["approximate"] is True
     latency = pm.plan(PlanRequest(bandwidth_mbps=2.0, mode="latency"))  # latency: exact min-cut
     assert latency["approximate"] is False
+
+
+def test_an_exit_reached_after_the_deadline_keeps_device_only_and_edge_only() -> None:
+    """With no time left when an exit's turn comes, it gets Device-Only and Edge-Only alone
+    (no prefix splits: their Pareto filtering costs O(m · (m + E)) on a large exit, and every
+    exit left would pay it past the deadline); its throughput plans say approximate, its latency
+    plans are still exact (a min-cut per request), as for any capped exit."""
+    g = wide_graph(300, fan=100)
+    pm = PlanMap.build(g, deadline_s=0.0)
+    assert pm.over_budget and not pm.exact
+    assert [sorted(cs.masks) for cs in pm.cands] == [[0, cs.st.full] for cs in pm.cands]
+    assert pm.plan(PlanRequest(bandwidth_mbps=2.0, mode="throughput"))["approximate"] is True
+    unbudgeted = PlanMap.build(g, cap=10)  # capped: its latency answer is the exact min-cut
+    req = PlanRequest(bandwidth_mbps=2.0, mode="latency")
+    assert pm.plan(req)["approximate"] is False and pm.plan(req)["device_nodes"] == unbudgeted.plan(req)["device_nodes"]
+
+
+def deep_graph(model: str, n: int = 2048, fan: int = 30, exits: int = 64) -> dict[str, Any]:
+    """A chain of `n` nodes, each also reading the `fan` nodes before it, with `exits` exits:
+    within the planner's default caps, yet each exit's front holds all its prefix splits and
+    indexing the exits alone takes seconds."""
+    nodes = [
+        {"name": f"n{i}", "op": "conv2d", "inputs": [f"n{j}" for j in range(max(0, i - fan), i)] or ["x"],
+         "out_bytes": 4, "device_ms": 1.0, "edge_ms": 0.1}
+        for i in range(n)
+    ]  # fmt: skip
+    ends = [{"name": f"e{k}", "node": f"n{(k + 1) * n // exits - 1}"} for k in range(exits)]
+    return {"model": model, "input": {"name": "x", "shape": [1, 4], "bytes": 16}, "nodes": nodes, "exits": ends}
+
+
+def test_the_exits_after_the_deadline_take_device_only_and_edge_only() -> None:
+    """With a 0.2 s deadline the exits of `deep_graph` reached after it take device-only and
+    edge-only (unbudgeted, the build takes seconds), and the map still plans."""
+    pm = PlanMap.build(CostGraph.from_dict(deep_graph("deep")), deadline_s=0.2)
+    sizes = [len(cs) for cs in pm.cands]
+    assert pm.over_budget and sizes[0] > 2 and sum(k == 2 for k in sizes) >= len(sizes) // 2, sizes
+    k = sizes.index(2)
+    assert sorted(pm.cands[k].masks) == [0, pm.cands[k].st.full]
+    assert pm.plan(PlanRequest(bandwidth_mbps=2.0, mode="throughput"))["approximate"] is True
 
 
 def test_prefix_sums_match_the_cost_model_bit_for_bit() -> None:

@@ -374,9 +374,11 @@ class PlanMap:
         With `deadline_s` (seconds), each remaining exit gets an equal share of the time left:
         an enumeration that outlives its share falls back like one over the cap, and the
         fallback's weight-grid min-cuts stop when the next would end past its share (prefix splits
-        are always kept). The build then overruns `deadline_s` by at most about one min-cut
-        plus the Pareto filtering; `over_budget` says whether time cut anything short. Without a
-        deadline the result is exactly the unbudgeted map."""
+        are always kept); an exit reached after `deadline_s` gets only device-only and edge-only.
+        The build then overruns `deadline_s` by about one exit's prefix splits and Pareto
+        filtering plus, for each exit left, the O(V + E) indexing of its sub-graph; `over_budget`
+        says whether time cut anything short. Without a deadline the result is exactly the
+        unbudgeted map."""
         graph.validate()
         graph.require_timings()
         if not isinstance(cap, int) or cap < 1:
@@ -389,6 +391,10 @@ class PlanMap:
         k = len(graph.exits)
         for i in range(k):
             st = ExitStructure.build(graph, i)
+            if _past(end):  # no time left for this exit: device-only and edge-only
+                cands.append(CandSet(st, ends_only(st), exact=False))
+                short = True
+                continue
             share = _share(end, k - i)
             got = enumerate_ideals(st, cap, share)
             if got is not None:
@@ -533,42 +539,79 @@ def _bit_matrix(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
     return bits[:, : st.m].astype(bool)
 
 
+def _words(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
+    """n × W matrix of uint64: row k holds masks[k] as little-endian 64-bit words (node i of A(e)
+    is bit i % 64 of word i // 64). O(n · m / 64)."""
+    nw = max(1, (st.m + 63) // 64)
+    raw = b"".join(x.to_bytes(nw * 8, "little") for x in masks)
+    return np.frombuffer(raw, dtype="<u8").reshape(len(masks), nw)
+
+
+def _all_in(words: np.ndarray, related: Sequence[int], m: int) -> np.ndarray:
+    """n × m boolean matrix: row k, column i = every node of the bit mask `related[i]` is in the
+    k-th mask of `words` (`_words`); true where `related[i]` is 0. Word by word, over the nodes
+    whose related set touches that word: O(n · Σ_i #words of related[i]) numpy work (at most
+    n · (m + E)), O(n · m) memory, O(W) Python steps."""
+    nw = words.shape[1]
+    rel = np.frombuffer(b"".join(r.to_bytes(nw * 8, "little") for r in related), dtype="<u8").reshape(m, nw)
+    out = np.ones((words.shape[0], m), dtype=bool)
+    for w in range(nw):
+        nodes = np.flatnonzero(rel[:, w])
+        if nodes.size:
+            bits = rel[nodes, w]
+            out[:, nodes] &= (words[:, w, None] & bits) == bits
+    return out
+
+
 def mask_sums(st: ExitStructure, masks: Sequence[int]) -> tuple[list[float], list[int], list[float]]:
     """`st.sums` for many masks at once, vectorised over masks; the float sums are accumulated in
-    topological order, so the results are bit-identical to `st.sums`. O(n · (m + E)) numpy work."""
-    on = _bit_matrix(st, masks)
-    off = ~on
+    topological order, so the results are bit-identical to `st.sums`; a node is sent when it is
+    in the mask and a consumer is not (`_all_in`). O(n · (m + E)) numpy work, O(n · m) memory."""
+    on, words = _bit_matrix(st, masks), _words(st, masks)
     n = len(masks)
     dev = np.zeros(n)
     edge = np.zeros(n)
     sent = np.zeros(n, dtype=np.int64)
     if st.input_cons_mask:
-        users = [i for i in range(st.m) if st.uses_input[i]]
-        sent += np.any(off[:, users], axis=1) * st.input_bytes
+        sent += ~_all_in(words, [st.input_cons_mask], 1)[:, 0] * st.input_bytes
+    crossing = on & ~_all_in(words, st.cons_mask, st.m)
     for i in range(st.m):
         dev += on[:, i] * st.dev[i]
-        edge += off[:, i] * st.edge[i]
-        if st.cons[i]:
-            sent += (on[:, i] & np.any(off[:, list(st.cons[i])], axis=1)) * st.out[i]
+        edge += ~on[:, i] * st.edge[i]
+        if st.cons_mask[i]:
+            sent += crossing[:, i] * st.out[i]
     return dev.tolist(), sent.tolist(), edge.tolist()
 
 
 def _verify(cs: CandSet, where: str) -> None:
     """Check a deserialised candidate set against its exit: every mask a feasible downward-closed
-    subset of A(e), sums equal to the cost model's. Vectorised over candidates: O(n · (m + E))."""
+    subset of A(e), sums equal to the cost model's. Vectorised over candidates: O(n · (m + E))
+    numpy work, O(n · m) memory."""
     st = cs.st
     if any(x < 0 or x > st.full for x in cs.masks):
         raise PlanMapError(f"{where}.masks: not subsets of the exit's nodes")
     on = _bit_matrix(st, cs.masks)
-    prod = [u for i in range(st.m) for u in st.preds[i]]
-    cons = [i for i in range(st.m) for _ in st.preds[i]]
-    if prod and bool(np.any(on[:, cons] & ~on[:, prod])):
+    words = _words(st, cs.masks)
+    if bool(np.any(on & ~_all_in(words, st.preds_mask, st.m))):
         raise PlanMapError(f"{where}.masks: not downward-closed device sets of the exit")
-    for u in st.unsendable:
-        if bool(np.any(on[:, u] & ~on[:, list(st.cons[u])].all(axis=1))):
-            raise PlanMapError(f"{where}.masks: node {st.nodes[u]!r} is not sendable but would cross to the edge")
+    if st.unsendable:
+        crossing = on & ~_all_in(words, st.cons_mask, st.m)
+        for u in st.unsendable:
+            if bool(np.any(crossing[:, u])):
+                raise PlanMapError(f"{where}.masks: node {st.nodes[u]!r} is not sendable but would cross to the edge")
     if mask_sums(st, cs.masks) != (cs.dev_l, cs.bytes_l, cs.edge_l):
         raise PlanMapError(f"{where}: device_ms/bytes/edge_ms do not match the masks under the graph")
+
+
+def _past(end: float | None) -> bool:
+    """Whether the deadline `end` (monotonic; None: none) has passed."""
+    return end is not None and time.monotonic() >= end
+
+
+def ends_only(st: ExitStructure) -> list[int]:
+    """The device sets of an exit given no time: device-only and edge-only (both always
+    feasible)."""
+    return [st.full, 0]
 
 
 def _share(end: float | None, exits_left: int) -> float | None:

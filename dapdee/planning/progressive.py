@@ -92,8 +92,10 @@ from dapdee.planning.planmap import (
     PlanMapError,
     _approximate_candset,
     _bit_matrix,
+    _past,
     _share,
     decide,
+    ends_only,
     make_plan,
     plan_dict,
 )
@@ -466,6 +468,10 @@ class ProgressiveMap:
         cands, short, k = [], False, len(graph.exits)
         for i in range(k):
             hs = HeadStructure.build(graph, i)
+            if _past(end):  # no time left for this exit (as in `PlanMap.build`)
+                cands.append(ProgressiveCands.front(hs, ends_only(hs.st), False, None))
+                short = True
+                continue
             share = _share(end, k - i)
             got = enumerate_ideals(hs.st, cap, share)
             if got is not None:

@@ -6,8 +6,10 @@ bytes; FastAPI's own body handling would parse the JSON twice."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +29,7 @@ from dapdee.web import otel
 from dapdee.web.security import DEVICE, require
 
 router = APIRouter(tags=["plan"])
+T = TypeVar("T")
 
 REQUEST_BODY = {
     "requestBody": {
@@ -108,7 +111,7 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
     if body.baseline is not None or body.confidence_exits or not store.settings.fleet_planning or not workers:
         return await _single_worker(store, runner, body, st, dev, workers)
     try:
-        candidates = await store.candidates(body.model, st, dev, workers)
+        candidates = await _maps_in_time(store, body.model, store.candidates(body.model, st, dev, workers))
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     try:
@@ -126,7 +129,9 @@ async def _single_worker(
     worker, edge_load = _priced_worker(store, body, workers)
     edge, hint = _edge_profile(st, worker)
     try:
-        pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits)
+        pm = await _maps_in_time(
+            store, body.model, store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits)
+        )
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     except NoConfidenceExits as exc:
@@ -155,6 +160,19 @@ async def _single_worker(
     if body.device_id is not None:  # no worker serves the model: a lease reserving nothing
         result = await store.fleet.lease_without_worker(body, result)
     return result
+
+
+async def _maps_in_time(store: Store, model: str, maps: Awaitable[T]) -> T:
+    """`maps` (plan maps from memory, Redis, or built), or 503 PLAN_BUDGET with Retry-After once
+    it takes longer than a map's build budget plus a plan's: a build may overrun its own budget
+    (the indexing of a very large graph), and a request must not wait for it. The build goes on
+    (it is the cache's, not the request's) and a retry finds its map."""
+    limit = store.settings.planmap_build_budget_s + store.settings.plan_budget_s
+    try:
+        return await asyncio.wait_for(maps, limit)
+    except asyncio.TimeoutError:
+        detail = f"the plan map of model {model!r} is still being built after {limit:g} s; retry"
+        raise ApiProblem(503, detail, PLAN_BUDGET, {"Retry-After": "1"}) from None
 
 
 def _priced_worker(store: Store, body: PlanRequestBody, workers: list[Worker]) -> tuple[Worker | None, float]:
