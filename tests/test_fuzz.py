@@ -416,6 +416,17 @@ def test_oversized_body_refused_up_front(edge_proc: EdgeTarget, record_property:
     assert edge_proc.valid().status_code == 200
 
 
+def test_a_request_head_over_its_limit_is_431_before_the_guard(edge_proc: EdgeTarget) -> None:
+    """The worker's HTTP protocol bounds the head (dapdee.web.http_head): 431 for a header past
+    MAX_HEAD_BYTES, and the worker keeps serving."""
+    from dapdee.web.http_head import MAX_HEAD_BYTES
+
+    head = f"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * MAX_HEAD_BYTES}\r\n\r\n".encode()
+    answer = _raw_http(edge_proc.url, head, b"")
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert edge_proc.valid().status_code == 200
+
+
 def _json_raw(text: str) -> tuple[bytes, dict[str, str]]:
     return text.encode(), {"Content-Type": "application/json"}
 

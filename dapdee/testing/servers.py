@@ -23,12 +23,17 @@ class ServerThread:
         sock: socket.socket | None = None,
         log_level: str = "warning",
         name: str = "server",
+        http: Any = "auto",
     ) -> None:
+        """`http`: uvicorn's HTTP protocol (a name, or a class such as the services'
+        `dapdee.web.http_head.BoundedHeadProtocol`)."""
         import uvicorn
 
         self.sock = sock or bind_free_socket()
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=2, http=http
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{name}", daemon=True)
         self.error: BaseException | None = None

@@ -1,0 +1,103 @@
+"""Limits on the request head, which the request guard cannot set: it runs once the head is complete.
+
+uvicorn's httptools protocol collects the request line and headers without a size limit, and a
+new connection that sends nothing, or its head a byte at a time, has no timeout (uvicorn arms
+its keep-alive timer only after a response). `BoundedHeadProtocol` adds both:
+
+- a head (request line and headers) over `max_head_bytes` is answered 431 with
+  `Connection: close`, before more of it is kept;
+- a head not complete within `head_timeout_s` of the connection's start (of the request's first
+  byte on a kept-alive connection) closes the connection, with 408 when part of it arrived.
+
+Both services hand it to uvicorn (`http=BoundedHeadProtocol`); it is importable by name, so
+several worker processes use it too. The body's limits stay the guard's (`dapdee.web.guard`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 << 10  # request line and headers: a token, a trace context and the usual few
+HEAD_TIMEOUT_S = 10.0
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol with a bounded request head (module docstring).
+    Costs O(1) per parser callback on top of uvicorn's."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    head_timeout_s = HEAD_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_bytes = 0
+        self._head_started = False
+        self._head_too_large = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes, self._head_started = 0, True
+        self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._head_started = False
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error; a head over the limit (raised from a parser
+        callback, which the parser reports as an error) gets 431 instead."""
+        if self._head_too_large:
+            self._close_with(431, f"request head over {self.max_head_bytes} bytes")
+        else:
+            super().send_400_response(msg)
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.max_head_bytes:
+            self._head_too_large = True
+            raise ValueError("request head too large")  # stops the parser: send_400_response follows
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return  # closed already, or a request in progress (its head was complete)
+        if self._head_started:
+            self._close_with(408, f"request head not received within {self.head_timeout_s:g} s")
+        else:
+            self.transport.close()
+
+    def _close_with(self, status: int, message: str) -> None:
+        """Answer `status` with a plain-text `message` and close the connection."""
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        body = message.encode("ascii")
+        head: list[Any] = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+        head += [b"content-type: text/plain; charset=utf-8\r\n", b"content-length: %d\r\n" % len(body)]
+        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
+        self.transport.close()
