@@ -21,6 +21,11 @@ class ModelUnreachable(Exception):
         self.model = model
 
 
+class MapBuildPending(Exception):
+    """A plan map still being built when the request that needs it may wait no longer (HTTP 503
+    plan-budget with Retry-After); the build goes on, and a retry finds its map."""
+
+
 class MissingTimings(Exception):
     """A plan needs timings nobody uploaded; the message says what to upload (HTTP 409)."""
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import MissingTimings, RedisUnavailable
+from dapdee.planner.errors import MapBuildPending, MissingTimings, RedisUnavailable
 from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.modelstate import ModelState, Profile
@@ -122,12 +122,15 @@ class PlanMapCache:
         edge: Profile | None,
         edge_hint: str = "",
         progressive: bool = False,
+        until: float | None = None,
     ) -> PlanMap:
         """The plan map of (graph, device timings, edge timings): from the LRU (O(1)), else Redis,
         else built (once, shared by concurrent callers). `progressive`: the `ProgressiveMap` for
         confidence exits instead (same caching; its key's edge part ends in `:progressive`).
-        Raises MissingTimings when the merged graph lacks a timing, ValueError when a progressive
-        map is asked for a graph without calibrated confidence exits."""
+        `until` (a `time.monotonic()` value): wait for a map not in memory no longer than that
+        (MapBuildPending; the build goes on). Raises MissingTimings when the merged graph lacks a
+        timing, ValueError when a progressive map is asked for a graph without calibrated
+        confidence exits."""
         edge_part = (edge.hash if edge else GRAPH_TIMINGS) + (PROGRESSIVE if progressive else "")
         key = (st.graph_hash, dev.hash if dev else GRAPH_TIMINGS, edge_part)
         pm = self.maps.get(key)
@@ -149,7 +152,12 @@ class PlanMapCache:
             task.add_done_callback(lambda t: self._built(key, t))
         # the build is the cache's, not the request's: a request that goes away (a client gone, a
         # timeout) leaves it running, so its map is still cached and its slot held until it ends
-        return await asyncio.shield(task)
+        if until is None:
+            return await asyncio.shield(task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, until - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise MapBuildPending(f"the plan map of model {name!r} is still being built; retry") from None
 
     def _built(self, key: MapKey, task: asyncio.Task[PlanMap]) -> None:
         """A build task ended: keep its map in the LRU (evicting the least recently used past

@@ -208,11 +208,13 @@ class Store:
         edge: Profile | None,
         edge_hint: str = "",
         progressive: bool = False,
+        until: float | None = None,
     ) -> PlanMap:
         """The plan map for these timings (`progressive`: the confidence-exit map): cached, stored,
         or built off the event loop within DAPDEE_PLANMAP_BUILD_BUDGET_S (then possibly not
-        exact). Raises MissingTimings, or ValueError for a progressive map of an uncalibrated model."""
-        return await self.planmaps.get(name, st, dev, edge, edge_hint, progressive)
+        exact), waited for until `until` (monotonic; MapBuildPending past it). Raises
+        MissingTimings, or ValueError for a progressive map of an uncalibrated model."""
+        return await self.planmaps.get(name, st, dev, edge, edge_hint, progressive, until)
 
     # ---- workers ----------------------------------------------------------------------------------
     async def heartbeat(self, worker: Worker) -> bool:
@@ -261,11 +263,12 @@ class Store:
         return self.registry.serving(model)
 
     async def candidates(
-        self, name: str, st: ModelState, dev: Profile | None, workers: list[Worker]
+        self, name: str, st: ModelState, dev: Profile | None, workers: list[Worker], until: float | None = None
     ) -> list[Candidate]:
         """The workers a device of this model may use, each with its plan map (its tier's edge
-        profile; the graph's own edge timings where the tier has none). A worker whose timings
-        are missing is left out; MissingTimings when that leaves none. O(workers) map look-ups."""
+        profile; the graph's own edge timings where the tier has none), maps waited for until
+        `until` (`planmap`). A worker whose timings are missing is left out; MissingTimings when
+        that leaves none. O(workers) map look-ups."""
         out: list[Candidate] = []
         missing: MissingTimings | None = None
         for w in workers:
@@ -273,7 +276,7 @@ class Store:
             edge = edge if edge is not None and edge.kind == "edge" else None
             hint = "" if edge is not None else f" and there is no edge profile for tier {w.tier!r} of worker {w.url}"
             try:
-                out.append(Candidate(w, await self.planmap(name, st, dev, edge, hint)))
+                out.append(Candidate(w, await self.planmap(name, st, dev, edge, hint, until=until)))
             except MissingTimings as exc:
                 missing = exc
         if not out and missing is not None:

@@ -6,10 +6,8 @@ bytes; FastAPI's own body handling would parse the JSON twice."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +17,7 @@ from pydantic_core import to_json
 from dapdee.api.planner import PLAN_REQUEST_EXAMPLE, PlanAnswer, PlanRequestBody
 from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
-from dapdee.planner.errors import CapacityExceeded, ModelUnreachable
+from dapdee.planner.errors import CapacityExceeded, MapBuildPending, ModelUnreachable
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.planmaps import NoConfidenceExits
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
@@ -29,7 +27,6 @@ from dapdee.web import otel
 from dapdee.web.security import DEVICE, require
 
 router = APIRouter(tags=["plan"])
-T = TypeVar("T")
 
 REQUEST_BODY = {
     "requestBody": {
@@ -86,6 +83,9 @@ async def plan(request: Request, planning: PlanningDep) -> Response:
         mode = result["mode"]
         outcome = "ok" if result["constraints_met"] else "constraints_unmet"
         return Response(to_json(result, inf_nan_mode="null"), media_type="application/json")
+    except MapBuildPending as exc:  # waited for a plan map as long as a request may (`_map_deadline`)
+        outcome = "over_budget"
+        raise ApiProblem(503, str(exc), PLAN_BUDGET, {"Retry-After": "1"}) from None
     except Exception as exc:
         outcome = _outcome(exc)
         raise
@@ -111,7 +111,7 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
     if body.baseline is not None or body.confidence_exits or not store.settings.fleet_planning or not workers:
         return await _single_worker(store, runner, body, st, dev, workers)
     try:
-        candidates = await _maps_in_time(store, body.model, store.candidates(body.model, st, dev, workers))
+        candidates = await store.candidates(body.model, st, dev, workers, _map_deadline(store))
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     try:
@@ -129,9 +129,8 @@ async def _single_worker(
     worker, edge_load = _priced_worker(store, body, workers)
     edge, hint = _edge_profile(st, worker)
     try:
-        pm = await _maps_in_time(
-            store, body.model, store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits)
-        )
+        until = _map_deadline(store)
+        pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits, until=until)
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     except NoConfidenceExits as exc:
@@ -162,17 +161,11 @@ async def _single_worker(
     return result
 
 
-async def _maps_in_time(store: Store, model: str, maps: Awaitable[T]) -> T:
-    """`maps` (plan maps from memory, Redis, or built), or 503 PLAN_BUDGET with Retry-After once
-    it takes longer than a map's build budget plus a plan's: a build may overrun its own budget
-    (the indexing of a very large graph), and a request must not wait for it. The build goes on
-    (it is the cache's, not the request's) and a retry finds its map."""
-    limit = store.settings.planmap_build_budget_s + store.settings.plan_budget_s
-    try:
-        return await asyncio.wait_for(maps, limit)
-    except asyncio.TimeoutError:
-        detail = f"the plan map of model {model!r} is still being built after {limit:g} s; retry"
-        raise ApiProblem(503, detail, PLAN_BUDGET, {"Retry-After": "1"}) from None
+def _map_deadline(store: Store) -> float:
+    """How long a request waits for a plan map not in memory (a `time.monotonic()` value): a
+    map's build budget plus a plan's, since a build may overrun its own (the indexing of a very
+    large graph) and a request must not wait for it (MapBuildPending: 503)."""
+    return time.monotonic() + store.settings.planmap_build_budget_s + store.settings.plan_budget_s
 
 
 def _priced_worker(store: Store, body: PlanRequestBody, workers: list[Worker]) -> tuple[Worker | None, float]:
