@@ -911,14 +911,19 @@ def test_worker_urls_must_match_the_allow_list(api: httpx.Client) -> None:
 
 def test_a_malformed_worker_url_is_a_422_naming_it(api: httpx.Client) -> None:
     """URLs the parser itself refuses (an unclosed or non-IP bracketed host, a port out of
-    range) are a 422 on `url`, whatever the allow-list; nothing is registered."""
+    range), and ports written so that one worker could have two URLs (0, leading zeros), are a
+    422 on `url`, whatever the allow-list; nothing is registered."""
     worker = role("worker")
     for url in ("http://[::1", "http://[zz]:8000", "http://[::1]:99999", "http://127.0.0.1:port"):
         beat = {"url": url, "models": ["toy"], "tier": "t", "load": 0.1}
         doc = assert_problem(api.post("/workers/heartbeat", json=beat, headers=worker), 422, "url")
         assert "not a valid URL" in doc["detail"], doc
+    for url in ("http://127.0.0.1:0", "http://127.0.0.1:08000", "http://[::1]:00080"):  # one worker, one URL
+        beat = {"url": url, "models": ["toy"], "tier": "t", "load": 0.1}
+        doc = assert_problem(api.post("/workers/heartbeat", json=beat, headers=worker), 422, "url")
+        assert "without leading zeros" in doc["detail"], doc
     urls = {w["url"] for w in api.get("/workers", headers=worker).json()["workers"]}
-    assert not any("99999" in u or "zz" in u or "port" in u for u in urls)
+    assert not any("99999" in u or "zz" in u or "port" in u or ":0" in u for u in urls)
 
 
 def test_a_compose_pattern_admits_its_workers() -> None:

@@ -20,17 +20,21 @@ router = APIRouter(prefix="/workers", tags=["workers"], route_class=PydanticJson
 
 
 def allowed_url(url: str, pattern: str) -> str:
-    """`url` without a trailing slash when it is an http(s) URL that fullmatches the planner's
-    `worker_url_pattern`, else 422 naming the setting (devices send their frames and token to
+    """`url` without a trailing slash when it is an http(s) URL, its port (if any) written as one
+    URL per worker (1..65535, no leading zeros), that fullmatches the planner's
+    `worker_url_pattern`, else 422 naming the problem (devices send their frames and token to
     it). O(len(url))."""
     url = url.rstrip("/")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a port out of range
+        port = parts.port  # raises for a port out of range
     except ValueError as exc:  # e.g. an unclosed or non-IP bracketed host
         raise ApiProblem(422, f"url: not a valid URL ({exc})", loc=("body", "url")) from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ApiProblem(422, f"url: expected an http(s) URL, got {url!r}", loc=("body", "url"))
+    if port is not None and (port == 0 or parts.netloc.rsplit(":", 1)[1] != str(port)):
+        # one worker, one URL: ":080" and ":80" would register it twice, its capacity counted twice
+        raise ApiProblem(422, f"url: port must be 1..65535 without leading zeros, got {url!r}", loc=("body", "url"))
     if re.fullmatch(pattern, url) is None:
         raise ApiProblem(
             422,
