@@ -63,3 +63,26 @@ def test_a_request_cancelled_while_another_waits_does_not_start_a_second_build(p
             assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 1
 
     asyncio.run(go())
+
+
+def test_the_maps_in_process_memory_are_bounded_in_estimated_bytes(planner_prefix: str) -> None:
+    """With room for about two maps' estimated bytes, the third map built evicts the least
+    recently used; with room for none, the newest map still stays (alone)."""
+    from dapdee.planner.planmaps import approx_bytes
+    from dapdee.planning import PlanMap
+    from tests.test_planner_store import chain_graph
+
+    one = approx_bytes(PlanMap.build(chain_graph("m0", n=40)))
+
+    async def built(cap: int) -> list[str]:
+        async with running(settings(planner_prefix, None, planmap_cache_bytes=cap)) as s:
+            hashes = {}
+            for name in ("m0", "m1", "m2"):
+                st = (await s.put_graph(chain_graph(name, n=40))).state
+                hashes[st.graph_hash] = name
+                await s.planmap(name, st, None, None)
+            assert all(approx_bytes(pm) == one for pm in s.planmaps.maps.values())
+            return [hashes[key[0]] for key in s.planmaps.maps]
+
+    assert one > 40 * (5 + 150) and asyncio.run(built(int(2.5 * one))) == ["m1", "m2"]
+    assert asyncio.run(built(1)) == ["m2"]

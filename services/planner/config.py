@@ -63,6 +63,8 @@ class Settings(SecuritySettings):
     # `planmap_build_threads` at once (a map not exact within 0.25 s in a thread is built in one of as
     # many build processes), each within `planmap_build_budget_s` (then approximate).
     planmap_cache_size: int = Field(64, ge=1)
+    # the in-process maps' estimated bytes (`planmaps.approx_bytes`); the newest map is kept even alone past it
+    planmap_cache_bytes: int = Field(512 * 1024 * 1024, ge=1)
     planmap_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     planmap_max_bytes: int = Field(8 * 1024 * 1024, ge=1)
     planmap_redis_max: int = Field(256, ge=1)

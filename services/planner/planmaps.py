@@ -5,8 +5,10 @@ at once, within DAPDEE_PLANMAP_BUILD_BUDGET_S: `PlanMap.build(..., deadline_s=bu
 back per exit to the min-cut path when enumeration runs out of time (the map is then not exact,
 and throughput plans say `"approximate": true`). Concurrent requests for one map share one build.
 
-What reaches Redis is bounded: a map cut short by the budget, or whose `to_bytes()` exceeds
-DAPDEE_PLANMAP_MAX_BYTES, stays in process memory only (counted in
+In process memory the LRU holds at most DAPDEE_PLANMAP_CACHE_SIZE maps and about
+DAPDEE_PLANMAP_CACHE_BYTES of them (`approx_bytes`). What reaches Redis is bounded: a map cut
+short by the budget, or whose `to_bytes()` exceeds DAPDEE_PLANMAP_MAX_BYTES, stays in process
+memory only (counted in
 `dapdee_planner_planmaps_not_stored_total{reason}`); a stored map expires after
 DAPDEE_PLANMAP_TTL_S, and the `PUT_PLANMAP` script keeps at most DAPDEE_PLANMAP_REDIS_MAX of them
 (the oldest are deleted) and, under a Redis `maxmemory`, within DAPDEE_PLANMAP_MEMORY_SHARE of
@@ -97,6 +99,13 @@ PROGRESSIVE = ":progressive"  # appended to a key's edge part for a ProgressiveM
 FAST_BUILD_S = 0.25  # a build's time in a thread before the rest goes to a build process
 
 
+def approx_bytes(pm: PlanMap) -> int:
+    """An estimate of the memory a plan map holds, the part that grows with a large graph: per
+    candidate device set, its bit mask (a bit per node of its exit: the device-only set, always a
+    candidate, is the widest) and ~150 bytes of sums and references. O(candidates)."""
+    return sum(len(c.masks) * (max(c.masks).bit_length() // 8 + 150) for c in pm.cands)
+
+
 class PlanMapCache:
     """The plan maps one replica uses (module docstring)."""
 
@@ -106,6 +115,7 @@ class PlanMapCache:
         self.link = link
         self.keys = keys
         self.maps: OrderedDict[MapKey, PlanMap] = OrderedDict()
+        self._bytes: dict[MapKey, int] = {}  # approx_bytes of each map in `maps`
         self._building: dict[MapKey, asyncio.Task[PlanMap]] = {}
         self._slots = asyncio.Semaphore(settings.planmap_build_threads)
         self._pool: ProcessPoolExecutor | None = None  # created at the first slow build
@@ -160,15 +170,21 @@ class PlanMapCache:
             raise MapBuildPending(f"the plan map of model {name!r} is still being built; retry") from None
 
     def _built(self, key: MapKey, task: asyncio.Task[PlanMap]) -> None:
-        """A build task ended: keep its map in the LRU (evicting the least recently used past
-        DAPDEE_PLANMAP_CACHE_SIZE). O(1) amortised."""
+        """A build task ended: keep its map in the LRU, evicting the least recently used past
+        DAPDEE_PLANMAP_CACHE_SIZE maps or DAPDEE_PLANMAP_CACHE_BYTES estimated bytes (the newest
+        map stays, even alone past it). O(cache size) per build."""
         if self._building.get(key) is task:
             del self._building[key]
         if task.cancelled() or task.exception() is not None:  # its callers got the exception
             return
         self.maps[key] = task.result()
-        while len(self.maps) > self.settings.planmap_cache_size:
-            self.maps.popitem(last=False)
+        self._bytes[key] = approx_bytes(task.result())
+        while len(self.maps) > 1 and (
+            len(self.maps) > self.settings.planmap_cache_size
+            or sum(self._bytes.values()) > self.settings.planmap_cache_bytes
+        ):
+            oldest, _ = self.maps.popitem(last=False)
+            del self._bytes[oldest]
 
     async def _load_or_build(self, key: MapKey, graph: CostGraph, kind: Any) -> PlanMap:
         rkey = self.redis_key(key)
