@@ -178,6 +178,22 @@ def test_without_a_frame_rate_only_a_worker_already_past_the_threshold_is_refuse
     assert plan_for_device([EdgeSlot("http://w", pm, 1000.0, 900.5)], req, None).worker is None
 
 
+def test_a_plan_that_fills_a_worker_exactly_is_admitted_whatever_the_rounding() -> None:
+    """Four leases of 850 ms/s in all sum to 850.0000000000001 in this order, so Edge-Only at 10
+    frames/s (e_i = 5 ms: 50 ms/s) books 900.0000000000001 against the limit 0.9 x 1000 = 900:
+    refused by an exact comparison. Like the lease scripts, the planner allows a relative 1e-9,
+    and no more: 1 ppm over is refused."""
+    pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(30.0, 1.0, 3.0)))
+    req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")
+    others = sum([276.5, 269.2, 201.1, 103.2])
+    assert others + 50.0 > RHO_MAX * 1000.0  # the rounding this test is about
+    got = plan_for_device([EdgeSlot("http://w", pm, 1000.0, others)], req, 10.0)
+    assert got.worker == "http://w" and got.plan["device_nodes"] == [], got.plan["device_nodes"]
+    # the cheapest edge plan (b on the edge: e_i = 1 + 3 = 4 ms, 40 ms/s) 1 ppm past the limit
+    over = plan_for_device([EdgeSlot("http://w", pm, 1000.0, 860.0 * (1 + 1e-6))], req, 10.0)
+    assert over.worker is None
+
+
 def test_a_slowdown_lowers_admission_but_not_the_edge_load() -> None:
     pm = PlanMap.build(CostGraph.from_dict(oracle.chain_graph(30.0, 1.0, 3.0)))
     req = PlanRequest(bandwidth_mbps=10.0, rtt_ms=1.0, mode="latency")

@@ -91,12 +91,22 @@ def admissible(cs: CandSet, frames_per_s: float | None, slot: EdgeSlot, rho_max:
     return (cs.nonempty == 0) | fits(slot, frames_per_s, edge_ms_per_frame(cs), rho_max)
 
 
+ADMIT_RTOL = 1e-9  # the lease scripts' tolerance: the same loads summed in another order differ in their last bits
+
+
+def within_limit(total: Any, limit: Any) -> Any:
+    """Whether reservations `total` stay within `limit` (ms/s; numbers or arrays elementwise),
+    allowing a relative ADMIT_RTOL as every admission check does (the lease scripts' `over`),
+    so a plan that fills a worker exactly is not refused for a rounding. O(1) elementwise."""
+    return total <= limit * (1.0 + ADMIT_RTOL)
+
+
 def fits(slot: EdgeSlot, frames_per_s: float | None, e_i: Any, rho_max: float) -> Any:
     """The admission test of an edge-using plan of zero-load edge cost `e_i` per frame (a
-    number, or an array elementwise): R_w + f_i·e_i <= ρ_max·C_w; without a frame rate,
-    R_w <= ρ_max·C_w. O(1) elementwise."""
+    number, or an array elementwise): R_w + f_i·e_i <= ρ_max·C_w (`within_limit`); without a
+    frame rate, R_w <= ρ_max·C_w. O(1) elementwise."""
     f = 0.0 if frames_per_s is None else frames_per_s
-    return slot.reserved_ms_per_s + f * e_i <= rho_max * slot.capacity_ms_per_s
+    return within_limit(slot.reserved_ms_per_s + f * e_i, rho_max * slot.capacity_ms_per_s)
 
 
 def plan_for_device(

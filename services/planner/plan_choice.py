@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dapdee.costgraph import CostGraphError
-from dapdee.fleet.assign import DevicePlan, EdgeSlot, edge_load_of, plan_for_device, plan_of
+from dapdee.fleet.assign import DevicePlan, EdgeSlot, edge_load_of, plan_for_device, plan_of, within_limit
 from dapdee.planner.workers import Worker
 from dapdee.planning import PlanMap, PlanRequest
 
@@ -247,6 +247,6 @@ class PlanChooser:
             return held
         capacity = next(c.worker.capacity_ms_per_s for c in candidates if c.worker.url == held.worker)
         reserved = others[held.worker]
-        if reserved + ask.body.frame_rate * held.edge_ms_per_frame > self.rho_max * capacity:
+        if not within_limit(reserved + ask.body.frame_rate * held.edge_ms_per_frame, self.rho_max * capacity):
             return None
         return held
