@@ -531,20 +531,26 @@ class PlanMap:
         return cls(graph, cands, cap, h)
 
 
-def _bit_matrix(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
-    """n × m boolean matrix: row k, column i = node i of A(e) is in masks[k]. O(n · m)."""
-    nbytes = (st.m + 7) // 8
-    raw = b"".join(x.to_bytes(nbytes, "little") for x in masks)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8).reshape(len(masks), nbytes), axis=1, bitorder="little")
-    return bits[:, : st.m].astype(bool)
+def _as_words(values: Sequence[int], nw: int) -> np.ndarray:
+    """len(values) × `nw` matrix of uint64: row k holds the bit mask values[k] as little-endian
+    64-bit words (bit i is bit i % 64 of word i // 64). O(len(values) · nw)."""
+    raw = b"".join(x.to_bytes(nw * 8, "little") for x in values)
+    return np.frombuffer(raw, dtype="<u8").reshape(len(values), nw)
 
 
 def _words(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
-    """n × W matrix of uint64: row k holds masks[k] as little-endian 64-bit words (node i of A(e)
-    is bit i % 64 of word i // 64). O(n · m / 64)."""
-    nw = max(1, (st.m + 63) // 64)
-    raw = b"".join(x.to_bytes(nw * 8, "little") for x in masks)
-    return np.frombuffer(raw, dtype="<u8").reshape(len(masks), nw)
+    """The device sets `masks` of A(e) as n × W words (`_as_words`, W = ⌈m / 64⌉). O(n · m / 64)."""
+    return _as_words(masks, max(1, (st.m + 63) // 64))
+
+
+def _bits(words: np.ndarray, m: int) -> np.ndarray:
+    """n × m boolean matrix of `_words` output: row k, column i = node i is in the k-th mask. O(n · m)."""
+    return np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :m].astype(bool)
+
+
+def _bit_matrix(st: ExitStructure, masks: Sequence[int]) -> np.ndarray:
+    """n × m boolean matrix: row k, column i = node i of A(e) is in masks[k]. O(n · m)."""
+    return _bits(_words(st, masks), st.m)
 
 
 def _all_in(words: np.ndarray, related: Sequence[int], m: int) -> np.ndarray:
@@ -552,8 +558,8 @@ def _all_in(words: np.ndarray, related: Sequence[int], m: int) -> np.ndarray:
     k-th mask of `words` (`_words`); true where `related[i]` is 0. Word by word, over the nodes
     whose related set touches that word: O(n · Σ_i #words of related[i]) numpy work (at most
     n · (m + E)), O(n · m) memory, O(W) Python steps."""
+    rel = _as_words(related, words.shape[1])
     nw = words.shape[1]
-    rel = np.frombuffer(b"".join(r.to_bytes(nw * 8, "little") for r in related), dtype="<u8").reshape(m, nw)
     out = np.ones((words.shape[0], m), dtype=bool)
     for w in range(nw):
         nodes = np.flatnonzero(rel[:, w])
@@ -567,14 +573,22 @@ def mask_sums(st: ExitStructure, masks: Sequence[int]) -> tuple[list[float], lis
     """`st.sums` for many masks at once, vectorised over masks; the float sums are accumulated in
     topological order, so the results are bit-identical to `st.sums`; a node is sent when it is
     in the mask and a consumer is not (`_all_in`). O(n · (m + E)) numpy work, O(n · m) memory."""
-    on, words = _bit_matrix(st, masks), _words(st, masks)
-    n = len(masks)
+    words = _words(st, masks)
+    on = _bits(words, st.m)
+    return _sums(st, words, on, on & ~_all_in(words, st.cons_mask, st.m))
+
+
+def _sums(
+    st: ExitStructure, words: np.ndarray, on: np.ndarray, crossing: np.ndarray
+) -> tuple[list[float], list[int], list[float]]:
+    """`mask_sums` from the masks' words, bit matrix and crossing nodes (in the mask, a consumer
+    not). O(n · m) numpy work."""
+    n = len(on)
     dev = np.zeros(n)
     edge = np.zeros(n)
     sent = np.zeros(n, dtype=np.int64)
     if st.input_cons_mask:
         sent += ~_all_in(words, [st.input_cons_mask], 1)[:, 0] * st.input_bytes
-    crossing = on & ~_all_in(words, st.cons_mask, st.m)
     for i in range(st.m):
         dev += on[:, i] * st.dev[i]
         edge += ~on[:, i] * st.edge[i]
@@ -590,16 +604,15 @@ def _verify(cs: CandSet, where: str) -> None:
     st = cs.st
     if any(x < 0 or x > st.full for x in cs.masks):
         raise PlanMapError(f"{where}.masks: not subsets of the exit's nodes")
-    on = _bit_matrix(st, cs.masks)
     words = _words(st, cs.masks)
+    on = _bits(words, st.m)
     if bool(np.any(on & ~_all_in(words, st.preds_mask, st.m))):
         raise PlanMapError(f"{where}.masks: not downward-closed device sets of the exit")
-    if st.unsendable:
-        crossing = on & ~_all_in(words, st.cons_mask, st.m)
-        for u in st.unsendable:
-            if bool(np.any(crossing[:, u])):
-                raise PlanMapError(f"{where}.masks: node {st.nodes[u]!r} is not sendable but would cross to the edge")
-    if mask_sums(st, cs.masks) != (cs.dev_l, cs.bytes_l, cs.edge_l):
+    crossing = on & ~_all_in(words, st.cons_mask, st.m)
+    for u in st.unsendable:
+        if bool(np.any(crossing[:, u])):
+            raise PlanMapError(f"{where}.masks: node {st.nodes[u]!r} is not sendable but would cross to the edge")
+    if _sums(st, words, on, crossing) != (cs.dev_l, cs.bytes_l, cs.edge_l):
         raise PlanMapError(f"{where}: device_ms/bytes/edge_ms do not match the masks under the graph")
 
 
