@@ -295,14 +295,19 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _json_array(data: Any, name: str, dtype: str, np_dtype: np.dtype, count: int) -> np.ndarray:
-    """JSON `data` (flat or nested numbers) as a flat numpy array of `np_dtype`. O(count)."""
+def _json_array(data: Any, name: str, dtype: str, np_dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    """JSON `data` as a flat numpy array of `np_dtype`: flat (row-major), or nested exactly as
+    `shape` (OIP v2 allows both; nesting that disagrees with the shape is refused, not
+    flattened). O(elements)."""
     if not isinstance(data, list):
         raise WireError(f"tensor {name!r}: data must be a list")
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
         raise WireError(f"tensor {name!r}: data is ragged or not numeric") from None
+    count = math.prod(shape)
+    if arr.ndim > 1 and list(arr.shape) != shape:
+        raise WireError(f"tensor {name!r}: data is nested as {list(arr.shape)}, shape is {shape}")
     if arr.size != count:
         raise WireError(f"tensor {name!r}: data has {arr.size} elements, shape needs {count}")
     if count == 0:
@@ -437,7 +442,7 @@ def _decode_tensors(
         elif "data" not in e:
             raise WireError(f"tensor {name!r}: no data and no binary_data_size")
         else:
-            arr = _json_array(e["data"], name, dtype, DATATYPES[dtype][1], count)
+            arr = _json_array(e["data"], name, dtype, DATATYPES[dtype][1], shape)
         scale = _checked_scale(params, name, dtype)
         # numpy, single-threaded: torch's intra-op threads only add latency at these sizes
         if upcast:

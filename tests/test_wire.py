@@ -116,6 +116,12 @@ BAD = [
     ("no data", lambda: _j({"inputs": [_t()]}), "no data"),
     ("short data", lambda: _j({"inputs": [_t() | {"data": [1.0]}]}), "1 elements"),
     ("ragged data", lambda: _j({"inputs": [_t() | {"data": [[1.0], [1.0, 2.0]]}]}), "ragged"),
+    (  # the right count, nested as another shape: flattening it would reorder the values
+        "nested as the transpose",
+        lambda: _j({"inputs": [_t(shape=[2, 3]) | {"data": [[1, 2], [3, 4], [5, 6]]}]}),
+        r"nested as \[3, 2\], shape is \[2, 3\]",
+    ),
+    ("nested too deep", lambda: _j({"inputs": [_t() | {"data": [[[1.0, 2.0]]]}]}), "nested as"),
     ("string data", lambda: _j({"inputs": [_t() | {"data": ["1", "2"]}]}), "numbers"),
     ("int8 range", lambda: _j({"inputs": [_t(dtype="INT8") | {"data": [1, 300]}]}), "range"),
     ("nan", lambda: _binary({"inputs": [_t(binary_data_size=8)]}, struct.pack("<2f", 1.0, math.nan)), "NaN"),
@@ -139,6 +145,15 @@ BAD = [
     ("id not string", lambda: _j({"id": 5, "inputs": [_t() | {"data": [1, 2]}]}), "id"),
     ("params not object", lambda: _j({"parameters": [], "inputs": [_t() | {"data": [1, 2]}]}), "parameters"),
 ]
+
+
+def test_json_data_may_be_flat_or_nested_as_its_shape() -> None:
+    """OIP v2 JSON data: row-major flat, or nested exactly as the shape; both decode alike."""
+    values = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    flat = [v for row in values for v in row]
+    for data in (values, flat):
+        body, hlen = _j({"inputs": [_t(shape=[2, 3]) | {"data": data}]})
+        assert wire.decode_request(body, hlen, 1 << 20).inputs["x"].tolist() == values
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
