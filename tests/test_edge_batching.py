@@ -9,8 +9,11 @@ import asyncio
 import pytest
 import torch
 
-from dapdee.edge_worker.batching import Batcher, BatchResult
+from dapdee.edge_worker.app import _worker_state
+from dapdee.edge_worker.batching import STARVE_MS, Batcher, BatchResult
+from dapdee.edge_worker.config import Settings
 from dapdee.models import LoadedModel, load_model
+from dapdee.web.settings_load import load_settings
 from tests import edge_models
 
 WAIT_MS = 5.0
@@ -179,3 +182,18 @@ def test_full_batches_run_first_until_a_due_batch_has_waited_the_starvation_boun
     assert depth == 5
     assert started == order
     assert [r.batch_size for r in results] == [1, 1, 2, 2, 2, 2]
+
+
+def test_the_starvation_bound_is_the_workers_batch_starve_ms_setting() -> None:
+    """The worker's `batch_starve_ms` setting (DAPDEE_EDGE_BATCH_STARVE_MS) is the bound of the
+    batcher it builds (the ordering the bound decides is the test above); a bound of 0 is refused
+    naming the setting."""
+    for value, want_s in ((20.0, 0.020), (None, STARVE_MS / 1000)):
+        settings = load_settings(Settings, "edge settings", **({} if value is None else {"batch_starve_ms": value}))
+        state = _worker_state(settings, {})
+        try:
+            assert state.batcher.starve_s == pytest.approx(want_s)
+        finally:
+            asyncio.run(state.batcher.aclose())
+    with pytest.raises(ValueError, match="batch_starve_ms"):
+        load_settings(Settings, "edge settings", batch_starve_ms=0.0)

@@ -99,7 +99,9 @@ def _worker_state(settings: Settings, entries: dict[str, ModelEntry]) -> WorkerS
         metrics.compute_busy.inc(compute_s)
 
     s = settings
-    batcher = Batcher(s.batch_max, s.batch_wait_ms, s.max_batch_rows, s.workers, s.slowdown, on_batch)
+    batcher = Batcher(
+        s.batch_max, s.batch_wait_ms, s.max_batch_rows, s.workers, s.slowdown, on_batch, starve_ms=s.batch_starve_ms
+    )
     metrics.compute_slots.set(s.workers)
     for name, e in entries.items():
         exits = ",".join(x.name for x in e.graph.exits)

@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from dapdee.api.planner import Name
 from dapdee.client.transport import check_base_url
+from dapdee.edge_worker.batching import STARVE_MS
 from dapdee.web.guard import check_buffered_bytes
 from dapdee.web.settings import SecuritySettings
 
@@ -54,6 +55,12 @@ class Settings(SecuritySettings):
     port: int = Field(default=8000, ge=0, le=65535)
     batch_max: int = Field(default=8, ge=1, le=1024, description="most requests per batch")
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    batch_starve_ms: float = Field(
+        default=STARVE_MS,
+        gt=0.0,
+        le=60_000.0,
+        description="a due batch whose first request has waited this long is taken before full batches",
+    )
     max_batch_rows: int = Field(
         default=16,
         ge=1,
