@@ -23,6 +23,7 @@ uint8 images into tensors the same way.
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import zlib
 from collections.abc import Iterator
@@ -422,13 +423,16 @@ def capture_frames(
     return x.contiguous()
 
 
-def _brief(v: Any) -> str:
-    """`v` for a message: its repr cut to 60 characters (a type name when it has none). O(size)."""
+def shown(v: Any) -> str:
+    """`v` for an error message: as JSON (else its repr), cut to 80 characters. O(size of v)."""
     try:
-        text = "null" if v is None else repr(v)
-    except ValueError:  # an int past Python's str() digit limit
-        text = f"a {type(v).__name__} too long to show"
-    return text if len(text) <= 60 else text[:57] + "..."
+        text = json.dumps(v)
+    except (TypeError, ValueError):  # not JSON-able, or an int past Python's str() digit limit
+        try:
+            text = repr(v)
+        except ValueError:
+            text = f"a {type(v).__name__} too long to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class FrameNormalize(nn.Module):
@@ -453,11 +457,11 @@ class FrameNormalize(nn.Module):
         another length is a DataError naming the field. O(channels)."""
         scale = preprocess.get("scale", 1 / 255)
         if not is_finite_number(scale) or not scale > 0:
-            raise DataError(f"preprocess.scale: expected a finite number > 0, got {_brief(scale)}")
+            raise DataError(f"preprocess.scale: expected a finite number > 0, got {shown(scale)}")
         stats = {"mean": preprocess.get("mean", [0.0] * channels), "std": preprocess.get("std", [1.0] * channels)}
         for key, values in stats.items():
             if not isinstance(values, (list, tuple)) or not all(is_finite_number(v) for v in values):
-                raise DataError(f"preprocess.{key}: expected a list of finite numbers, got {_brief(values)}")
+                raise DataError(f"preprocess.{key}: expected a list of finite numbers, got {shown(values)}")
             if len(values) not in (1, channels):
                 want = "1" if channels == 1 else f"1 or {channels}"
                 raise DataError(

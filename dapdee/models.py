@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from dapdee.costgraph import CostGraph, CostGraphError, Exit, InputSpec, Node, Progressive, is_finite_number
-from dapdee.data import DataError, FrameNormalize
+from dapdee.data import DataError, FrameNormalize, shown
 from dapdee.executor import GraphExecutor
 from dapdee.names import MAX_INPUT_ELEMENTS, MODEL_NAME_RE, ModelError, check_model_name  # noqa: F401 (re-exported)
 from dapdee.zoo import ZOO
@@ -202,11 +202,11 @@ def check_input_shape(shape: Any, where: str) -> tuple[int, ...]:
     batch) 1, at most MAX_INPUT_ELEMENTS elements in all (an example input is allocated at it);
     else ModelError `where: ...` saying which rule it breaks. O(len(shape))."""
     if not isinstance(shape, (list, tuple)) or not shape or not all(_is_count(s, 1) for s in shape):
-        raise ModelError(f"{where}: expected positive integers [1, C, H, W], got {_short(shape)}")
+        raise ModelError(f"{where}: expected positive integers [1, C, H, W], got {shown(shape)}")
     if shape[0] != 1:
-        raise ModelError(f"{where}: the batch (first) dimension must be 1, got {_short(list(shape))}")
+        raise ModelError(f"{where}: the batch (first) dimension must be 1, got {shown(list(shape))}")
     if math.prod(shape) > MAX_INPUT_ELEMENTS:
-        raise ModelError(f"{where}: {_short(list(shape))} has more than {MAX_INPUT_ELEMENTS} elements")
+        raise ModelError(f"{where}: {shown(list(shape))} has more than {MAX_INPUT_ELEMENTS} elements")
     return tuple(int(s) for s in shape)
 
 
@@ -377,18 +377,6 @@ def _is_count(v: Any, least: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
-def _short(v: Any) -> str:
-    """`v` as JSON (else repr) for a message, cut to 80 characters. O(size of v)."""
-    try:
-        text = json.dumps(v)
-    except (TypeError, ValueError):  # not JSON-able, or an int past Python's str() digit limit
-        try:
-            text = repr(v)
-        except ValueError:
-            text = f"a {type(v).__name__} too long to show"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _is_shape(v: Any, n: int) -> bool:
     return isinstance(v, list) and len(v) == n and all(_is_count(x, 1) for x in v)
 
@@ -402,7 +390,7 @@ def _manifest_field(obj: dict[str, Any], key: str, ok: Any, want: str, where: st
     null, or passes `ok`. O(size of the field)."""
     v = obj.get(key)
     if v is not None and not ok(v):
-        raise ModelError(f"{where}: field {prefix}{key}: expected {want}, got {_short(v)}")
+        raise ModelError(f"{where}: field {prefix}{key}: expected {want}, got {shown(v)}")
 
 
 def _check_preprocess(pre: Any, where: str) -> None:
