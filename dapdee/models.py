@@ -500,11 +500,27 @@ def load_weights(module: nn.Module, artifact: str | Path, manifest: dict[str, An
         raise ModelError(f"artifact {str(artifact)!r}: {WEIGHTS} does not match the manifest's sha256")
     try:
         state = load_file(str(wpath))
+        _check_weights(state, module.state_dict())
         module.load_state_dict(state, strict=True)
     except Exception as exc:
         raise ModelError(
             f"artifact {str(artifact)!r} does not fit model {manifest.get('model')!r}: {str(exc).splitlines()[0]}"
         ) from None
+
+
+def _check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first tensor of `state` whose dtype differs from the module's
+    (`load_state_dict` would cast it silently: float16 weights are not the model that was
+    profiled) or, floating, that holds NaN or an infinity (a diverged run's weights answer
+    garbage without an error). Names are `load_state_dict`'s to check. O(weights)."""
+    for name, t in state.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        if t.dtype != want.dtype:
+            raise ValueError(f"weight {name!r} is {t.dtype}, the model's is {want.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"weight {name!r} holds NaN or an infinity")
 
 
 @dataclass

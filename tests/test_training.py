@@ -111,6 +111,49 @@ def test_resume_matches_uninterrupted(artifact: Path, tmp_path: Path) -> None:
         train(tiny_config(out), progress=False, log=lambda s: None)
 
 
+def _with_weights(artifact: Path, directory: Path, change: Any) -> Path:
+    """A copy of `artifact` whose weights `change(state)` edited; the manifest's sha256 matches
+    them (a re-exported artifact, not a corrupted file)."""
+    from safetensors.torch import load_file, save_file
+
+    from dapdee.models import MANIFEST, sha256_file
+
+    shutil.copytree(artifact, directory)
+    state = load_file(str(directory / WEIGHTS))
+    change(state)
+    save_file(state, str(directory / WEIGHTS))
+    manifest = read_manifest(directory)
+    manifest["weights_sha256"] = sha256_file(directory / WEIGHTS)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    return directory
+
+
+def test_weights_of_another_dtype_or_not_finite_are_refused_naming_the_tensor(artifact: Path, tmp_path: Path) -> None:
+    """load_state_dict would cast float16 weights and take NaN ones without a word; loading
+    names the tensor instead. The unchanged copy loads (the helper itself breaks nothing)."""
+    first = next(iter(_float_weights(artifact)))
+
+    def half(state: dict[str, torch.Tensor]) -> None:
+        state[first] = state[first].half()
+
+    def nan(state: dict[str, torch.Tensor]) -> None:
+        state[first] = state[first].clone()
+        state[first].view(-1)[0] = float("nan")
+
+    load_model("", weights=_with_weights(artifact, tmp_path / "same", lambda state: None))
+    with pytest.raises(ModelError, match=f"weight '{first}' is torch.float16, the model's is torch.float32"):
+        load_model("", weights=_with_weights(artifact, tmp_path / "half", half))
+    with pytest.raises(ModelError, match=f"weight '{first}' holds NaN or an infinity"):
+        load_model("", weights=_with_weights(artifact, tmp_path / "nan", nan))
+
+
+def _float_weights(artifact: Path) -> dict[str, torch.Tensor]:
+    """The floating tensors of an artifact's weights, by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(artifact / WEIGHTS)).items() if v.is_floating_point()}
+
+
 def test_bad_inputs(artifact: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="trained for"):
         load_model("zoo:alexnet?width=0.25&in_channels=1", weights=artifact)
