@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
-from dapdee.fleet.assign import edge_load_of, plan_of
+from dapdee.fleet.assign import edge_load_of, plan_of, within_limit
 from dapdee.fleet.rebalance import SETTLE_LEVELS, Demand, Option, option_nodes, resolved_objective, settle, solve
 from dapdee.planning import PlanMap, PlanRequest
 from tests import oracle
@@ -525,3 +525,17 @@ def test_settled_devices_stay_put_where_a_rebalance_at_the_booked_load_swings() 
     again = settle(held, 1000.0, RHO_MAX, switch_margin=0.05)
     moved = [d.device_id for d, o in zip(held, again.choices, strict=True) if option_nodes(d, o) != d.current]
     assert not moved, moved
+
+
+def test_a_worker_filled_exactly_keeps_both_devices_as_admission_does() -> None:
+    """Two devices that miss their budget without the edge book 0.1 and 0.2 ms/s (10 frames/s
+    × 0.01 and 0.02 ms) of a 0.3 ms/s limit. Summed in floating point that is
+    0.30000000000000004: admission (`within_limit`, the lease scripts' relative 1e-9) admits
+    both, and the rebalance must keep both rather than drop one for a rounding."""
+    demands = []
+    for name, edge_ms in (("a", 0.01), ("b", 0.02)):
+        d = _chain_demand(name, [_node("n", "x", 10, 500.0, edge_ms)])
+        demands.append(dataclasses.replace(d, frames_per_s=10.0))
+    assert 0.1 + 0.2 > 0.3 and within_limit(0.1 + 0.2, 0.3)
+    sol = solve(demands, 1000.0, RHO_MAX, limit_ms_per_s=0.3)
+    assert sol.value[0] == 2 and all(o.uses_edge for o in sol.choices), sol

@@ -72,7 +72,7 @@ import numpy as np
 
 from dapdee.costgraph import CostGraphError
 from dapdee.costmodel import Predicted, partition
-from dapdee.fleet.assign import edge_load_of, edge_ms_per_frame, meets_all
+from dapdee.fleet.assign import ADMIT_RTOL, edge_load_of, edge_ms_per_frame, meets_all
 from dapdee.fleet.bounds import COMPONENTS, SuffixBound, suffix_bounds
 from dapdee.planning.planmap import PlanMap
 from dapdee.planning.request import PlanRequest
@@ -259,11 +259,11 @@ def solve(
     limit_ms_per_s: float | None = None,
     nominal_ms_per_s: float | None = None,
 ) -> Solution:
-    """The best option per device under Σ load <= `limit_ms_per_s` (None: ρ_max·C; see the
-    module docstring), each device's current plan credited `switch_margin`, met flags priced at
-    `priced_load` (N: `nominal_ms_per_s`, None: C), times at edge load `time_load` (None: the
-    same). Device-Only (load 0) is always an option,
-    so a solution always exists. First the bucketed DP (at most GRID states a step) gives a
+    """The best option per device under Σ load <= `limit_ms_per_s` (None: ρ_max·C; within the
+    lease scripts' relative ADMIT_RTOL; see the module docstring), each device's current plan
+    credited `switch_margin`, met flags priced at `priced_load` (N: `nominal_ms_per_s`, None:
+    C), times at edge load `time_load` (None: the same). Device-Only (load 0) is always an
+    option, so a solution always exists. First the bucketed DP (at most GRID states a step) gives a
     feasible answer; then, for at most `exact_leases` devices, the exact DP keeps only the states
     whose LP bound (`dapdee.fleet.bounds`; `bounded` false: every state, for comparison) still
     reaches that answer's value, and gives up (answering the bucketed one, `exact` false) past
@@ -273,7 +273,11 @@ def solve(
     partition)."""
     if not 0.0 <= switch_margin < 1.0:
         raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
-    limit = rho_max * capacity_ms_per_s if limit_ms_per_s is None else limit_ms_per_s
+    # the lease scripts admit a sum up to a relative ADMIT_RTOL past the limit (`within_limit`),
+    # and so does the DP: else a worker that admission filled exactly would look overbooked here
+    # and lose a device at the next rebalance
+    stated = rho_max * capacity_ms_per_s if limit_ms_per_s is None else limit_ms_per_s
+    limit = stated * (1.0 + ADMIT_RTOL)
     load = priced_load(rho_max, capacity_ms_per_s, nominal_ms_per_s)
     now = load if time_load is None else time_load
     chains = []
@@ -285,7 +289,7 @@ def solve(
     # given order on varied fleets)
     order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
     chains = [chains[i] for i in order]
-    bucket = limit / GRID
+    bucket = stated / GRID
     rough = _dp(chains, limit, bucket if bucket > 0 else None)  # limit 0 (or one GRID rounds to 0): zero loads only
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
