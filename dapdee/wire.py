@@ -517,17 +517,18 @@ def _requested_outputs(raw: Any, default_binary: bool) -> dict[str, bool] | None
 def decode_response(
     body: bytes, headers: Mapping[str, str], max_elements: int = DEFAULT_MAX_ELEMENTS
 ) -> DecodedResponse:
-    """Parse a v2 infer response; tensors keep their wire dtype (INT8 with a scale is
-    dequantised to float32). An `{"error": ...}` body raises WireError with its message."""
+    """Parse a v2 infer response; tensors keep their wire dtype (INT8 or UINT8 with a scale is
+    dequantised to float32, as requests are). An `{"error": ...}` body raises WireError with
+    its message."""
     lower = {k.lower(): v for k, v in headers.items()}
     header, binary = _split(body, parse_header_length(lower.get(HEADER_LENGTH.lower())))
     if "outputs" not in header and isinstance(header.get("error"), str):
         raise WireError(f"server error: {header['error']}")
     outputs, dtypes = _decode_tensors(header.get("outputs"), binary, max_elements, "outputs", False, False)
     for name, t in outputs.items():
-        if dtypes[name] == "INT8":
+        if dtypes[name] in ("INT8", "UINT8"):
             entry = next(e for e in header["outputs"] if e["name"] == name)
-            scale = _checked_scale(_params(entry, f"tensor {name!r}"), name, "INT8")
+            scale = _checked_scale(_params(entry, f"tensor {name!r}"), name, dtypes[name])
             if scale is not None:
                 outputs[name] = t.to(torch.float32) * scale
     rid = header.get("id")

@@ -201,6 +201,17 @@ def test_a_response_scale_no_float_holds_is_a_wire_error() -> None:
         wire.decode_response(body, {})
 
 
+@pytest.mark.parametrize("dtype", ["INT8", "UINT8"])
+def test_a_response_with_a_scale_is_dequantised_as_a_request_is(dtype: str) -> None:
+    """value = integer x scale, for both 8-bit types (a UINT8 scale used to be checked, then
+    dropped: the caller got the raw integers)."""
+    entry = _t(name="logits", dtype=dtype) | {"data": [3, 4], "parameters": {"scale": 0.5}}
+    got = wire.decode_response(json.dumps({"outputs": [entry]}).encode(), {}).outputs["logits"]
+    assert got.dtype == torch.float32 and got.tolist() == [[1.5, 2.0]]
+    req = wire.decode_request(json.dumps({"inputs": [entry | {"name": "x"}]}).encode(), None).inputs["x"]
+    assert req.tolist() == got.tolist()
+
+
 def test_header_length_parsing() -> None:
     assert wire.parse_header_length(None) is None and wire.parse_header_length(" 12 ") == 12
     for bad in ("-1", "abc", "1e3", "9" * 40, "\u00b2", "14\u00b9", "\u0661\u0662"):  # digits, not ASCII
