@@ -170,3 +170,18 @@ def test_adaptation_is_scored_against_the_optimum_at_the_same_frames_in_flight()
     ad = {"model": "alexnet", "mode": "throughput", "per_phase": {"4G": slow}}
     (required,) = [t for t in adaptation_lines(ad, 0.1, 0.1) if not t["info"]]
     assert not required["pass"]  # 200 / 257.5 = 0.78 < 0.9
+
+
+def test_a_cell_key_tells_profiling_repeats_and_probe_rounds_apart(tmp_path: Path) -> None:
+    """The presets differ in how often they profile and probe: a cell measured with one must not
+    be a cache hit for another (it was, but for adaptation's)."""
+    from dataclasses import replace
+
+    from dapdee.bench.paperbench.experiments import KEY_PARTS_AT, Bench
+    from dapdee.bench.paperbench.options import smoke_options
+
+    base = replace(smoke_options(), out=str(tmp_path))
+    variants = [base, replace(base, profile_repeats=base.profile_repeats + 1), replace(base, probe_rounds=9)]
+    keys = [Bench(o).key("light", "alexnet", "n2x1") for o in variants]
+    assert len(set(keys)) == 3, keys
+    assert all(k.split("|")[KEY_PARTS_AT] == "n2x1" for k in keys)

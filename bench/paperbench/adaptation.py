@@ -150,10 +150,9 @@ def per_phase(rows: list[dict[str, Any]], rates: list[Phase], optimum: dict[str,
 async def adaptation(b: Bench, candidates: list[str]) -> dict[str, Any]:
     """The adaptation cell (see the module docstring). Its key holds everything it measures
     with beyond `Bench.key`'s: the phases, the frames each phase's optimum plan is measured with
-    (`fig_frames`), the live device's probe rounds, its frames in flight and the mode."""
+    (`fig_frames`), the live device's frames in flight and the mode."""
     o, phases = b.o, b.o.adapt_phases
-    key = b.key("adapt", ",".join(candidates), ",".join(f"{n}:{t:g}" for n, t in phases), f"n{o.fig_frames}",
-                f"probe{o.probe_rounds}")  # fmt: skip
+    key = b.key("adapt", ",".join(candidates), ",".join(f"{n}:{t:g}" for n, t in phases), f"n{o.fig_frames}")
     key += f"|inflight{runtime_inflight(o)}+filled" + ("" if o.adapt_mode == "auto" else f"|{o.adapt_mode}")
 
     async def fn(s: System) -> dict[str, Any]:

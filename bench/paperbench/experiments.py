@@ -27,6 +27,8 @@ from dapdee.bench.paperbench.stats import merge_rounds, skipped_measurement
 from dapdee.bench.paperbench.systems import Device, System, say
 from dapdee.netem import parse_network
 
+KEY_PARTS_AT = 7  # where a cell key's own parts start (after kind ... probe rounds)
+
 
 class Bench:
     """The cell cache and the system (started only when a cell must be measured)."""
@@ -50,15 +52,16 @@ class Bench:
             await self.sys.stop()
 
     def key(self, kind: str, m: str, *parts: Any, slowdown: float | None = None) -> str:
-        """The cache key of a cell: kind, model, artifact, K, RTT, the cell's parts, the cap."""
+        """The cache key of a cell: kind, model, artifact, K, RTT, the profiling repeats and the
+        live device's probe rounds (the presets differ in both), the cell's parts, the cap."""
         o = self.o
         k = o.slowdown if slowdown is None else slowdown
-        return "|".join([kind, m, self.ids.get(m, ""), f"K{k:g}", f"rtt{o.rtt_ms:g}", *map(str, parts),
-                         f"cap{o.plan_cap_s:g}"])  # fmt: skip
+        return "|".join([kind, m, self.ids.get(m, ""), f"K{k:g}", f"rtt{o.rtt_ms:g}", f"rep{o.profile_repeats}",
+                         f"probe{o.probe_rounds}", *map(str, parts), f"cap{o.plan_cap_s:g}"])  # fmt: skip
 
     async def cell(self, key: str, fn: Callable[[System], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The cached result of cell `key`, else `await fn(system)` (then cached)."""
-        label = " ".join(key.split("|")[:2] + key.split("|")[5:-1])
+        label = " ".join(key.split("|")[:2] + key.split("|")[KEY_PARTS_AT:-1])
         hit = self.cache.get(key)
         if hit is not None:
             say(self.o, f"[cached] {label}")
