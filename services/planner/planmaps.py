@@ -100,10 +100,20 @@ FAST_BUILD_S = 0.25  # a build's time in a thread before the rest goes to a buil
 
 
 def approx_bytes(pm: PlanMap) -> int:
-    """An estimate of the memory a plan map holds, the part that grows with a large graph: per
-    candidate device set, its bit mask (a bit per node of its exit: the device-only set, always a
-    candidate, is the widest) and ~150 bytes of sums and references. O(candidates)."""
-    return sum(len(c.masks) * (max(c.masks).bit_length() // 8 + 150) for c in pm.cands)
+    """An estimate of the memory a plan map holds, the part that grows with a large graph. Per
+    exit, its indexed sub-graph: the producer and consumer bit masks of each node (a bit per
+    node of the exit), 16 bytes per edge of the two adjacency tuples and ~250 bytes per node
+    of per-node tuples. Per candidate device set, its bit mask (the device-only set, always a
+    candidate, is the widest) and ~150 bytes of sums and references. Within ~15 % of what
+    tracemalloc counts for a map of random DAGs of 200-3,000 nodes. O(V + E + candidates) per
+    exit."""
+    total = 0
+    for c in pm.cands:
+        st = c.st
+        masks = sum(x.bit_length() // 8 + 28 for x in (*st.preds_mask, *st.cons_mask))
+        total += masks + 16 * sum(len(p) for p in st.preds) + 250 * st.m
+        total += len(c.masks) * (max(c.masks).bit_length() // 8 + 150)
+    return total
 
 
 class PlanMapCache:
