@@ -647,3 +647,41 @@ def test_shipped_artifacts_record_per_exit_outcomes(name: str) -> None:
     prog = progressive_of(m)
     assert prog is not None and prog.split == m["accuracy_split"] == "test"
     assert dict(prog.thresholds) == ce["thresholds"]
+
+
+def test_device_only_keeps_an_exact_expected_latency_tie() -> None:
+    """Graph order a, h, b, c; the head `early` at h reads a, threshold 0, so every frame
+    leaves there (q_early = 1). Device-Only and the split D = {a} both cost a + h = 6 ms
+    expected (h runs on the device either way); worst case Device-Only 16 ms, the split
+    6 + 3.2 (4,000 B at 10 Mbit/s) + 5 ms rtt + 2 ms of edge = 16.2 ms. In latency mode
+    Device-Only wins an exact tie (as the ordinary plan does); it used to be dropped from the
+    front as the split's equal, and the plan sent frames nowhere but named a worker."""
+
+    def node(name: str, inputs: list[str], dev: float, edge: float, out: int = 4000) -> dict[str, Any]:
+        return {"name": name, "op": "x", "inputs": inputs, "out_bytes": out, "device_ms": dev, "edge_ms": edge}
+
+    g = {
+        "model": "m",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 10000},
+        "nodes": [
+            node("a", ["x"], 5, 1),
+            node("h", ["a"], 1, 0.1, 40),
+            node("b", ["a"], 5, 1),
+            node("c", ["b"], 5, 1, 40),
+        ],
+        "exits": [{"name": "early", "node": "h", "accuracy": 0.7}, {"name": "final", "node": "c", "accuracy": 0.9}],
+        "progressive": {
+            "thresholds": {"early": 0.0},
+            "by_exit": {
+                "early": {"fractions": {"early": 1.0}, "accuracy": 0.7},
+                "final": {"fractions": {"early": 1.0, "final": 0.0}, "accuracy": 0.7},
+            },
+        },
+    }
+    pm = ProgressiveMap.build(CostGraph.from_dict(g))
+    assert pm.cands[1].masks[0] == pm.cands[1].hs.st.full  # Device-Only is in the final exit's front
+    for bw, rtt in ((10.0, 5.0), (1.0, 50.0)):
+        p = pm.plan(PlanRequest(bandwidth_mbps=bw, rtt_ms=rtt, confidence_exits=True, mode="latency"))
+        assert p["exit"]["name"] == "final" and p["edge_nodes"] == [], p
+        assert p["predicted"]["expected_latency_ms"] == pytest.approx(6.0)
+        assert p["predicted"]["latency_ms"] == pytest.approx(16.0)

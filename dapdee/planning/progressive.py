@@ -360,8 +360,12 @@ class ProgressiveCands:
         ordinary plan does. O(n log n + front²)."""
         if hs.unsendable:
             masks = [m for m, ok in zip(masks, hs.feasible(masks).tolist(), strict=True) if ok]
-        sums = expected_sums(hs, masks)
         full = hs.st.full
+        # of equal points pareto4 keeps the first (its sorts are stable): the device-only set
+        # first, so that a split priced exactly like it (every frame leaving at a head before
+        # the cut) does not push it out of the front
+        masks = sorted(masks, key=lambda m: m != full)
+        sums = expected_sums(hs, masks)
         keep = sorted(pareto4(sums), key=lambda i: (masks[i] != full, masks[i].bit_count(), masks[i]))
         return cls(hs, [masks[i] for i in keep], exact, count, sums.take(keep))
 
