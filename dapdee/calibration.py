@@ -24,6 +24,8 @@ With one measured point this is the earlier scale-only calibration (F a line thr
 from __future__ import annotations
 
 import bisect
+import itertools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -101,12 +103,14 @@ class MonotoneFit:
 
 def fit_monotone(points: Sequence[tuple[float, float]]) -> MonotoneFit:
     """The least-squares non-decreasing fit of T over S (pool-adjacent-violators on the points
-    sorted by S; points with S <= 0 ignored), pooled blocks placed at their mean (S, T), then
-    joined by lines through the origin first. No points: the identity. O(n log n)."""
-    pts = sorted((float(s), float(t)) for s, t in points if s > 0)
+    sorted by S, the points of one S pooled from the start, since a function has one value
+    there; points with S <= 0 ignored), pooled blocks placed at their mean (S, T), then joined
+    by lines through the origin first. No points: the identity. O(n log n)."""
+    pts = sorted((float(s), max(float(t), 0.0)) for s, t in points if s > 0)
     blocks: list[list[float]] = []  # [sum S, sum T, count]
-    for s, t in pts:
-        blocks.append([s, max(t, 0.0), 1.0])
+    for s, same in itertools.groupby(pts, key=operator.itemgetter(0)):
+        ts = [t for _, t in same]
+        blocks.append([s * len(ts), sum(ts), float(len(ts))])
         while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] > blocks[-1][1] / blocks[-1][2]:
             s2, t2, n2 = blocks.pop()
             blocks[-1][0] += s2

@@ -31,6 +31,17 @@ def test_first_confident_exit_rule() -> None:
         C.first_confident_exit(logits, [0.5])
 
 
+@pytest.mark.parametrize("t", [0.7, 0.9999])
+def test_is_confident_rounds_the_threshold_as_the_run_time_rule_does(t: float) -> None:
+    """A frame whose float32 confidence is float32(t), just below t itself: every use of the
+    rule compares float32 tensors (the threshold rounded to float32) and lets it leave;
+    `is_confident` compared in float64 and kept it."""
+    logits = torch.tensor([[math.log(t), math.log(1 - t)]])
+    assert C.confidence(logits).item() < t
+    leaves = C.first_confident_exit([logits, logits], [t, None]).tolist() == [0]
+    assert leaves and C.is_confident(logits, t)
+
+
 def test_threshold_is_inclusive() -> None:
     """A frame whose max-softmax equals the threshold leaves. Equal logits give exactly 1/k:
     softmax([0, 0, 0, 0]) = 0.25 and softmax([0, 0]) = 0.5 in binary floating point."""

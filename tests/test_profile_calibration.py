@@ -52,6 +52,29 @@ def test_fit_matches_isotonic_regression(seed: int) -> None:
     assert fit(0.0) == 0.0 and all(fit(a) <= fit(b) + 1e-12 for a, b in zip(range(120), range(1, 121), strict=True))
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_points_of_one_s_get_one_value_the_least_squares_one(seed: int) -> None:
+    """Repeated S values (a 0 ms node between two checkpoints gives two measurements of one S):
+    the fit is the least-squares non-decreasing *function*, one value per S, by the min-max
+    formula over the groups of equal S (the mean over groups j..k weighs each point once).
+    It used to keep each point apart, sorted by T: a jump at that S, twice the error."""
+    rng = random.Random(1000 + seed)
+    xs = [rng.randint(1, 6) for _ in range(rng.randint(2, 12))]
+    ys = [rng.uniform(0, 50) for _ in xs]
+    fit = fit_monotone(list(zip(xs, ys, strict=True)))
+    groups = [[y for x, y in zip(xs, ys, strict=True) if x == s] for s in sorted(set(xs))]
+
+    def mean(j: int, k: int) -> float:
+        pts = [y for g in groups[j : k + 1] for y in g]
+        return sum(pts) / len(pts)
+
+    n = len(groups)
+    want = [max(min(mean(j, k) for k in range(i, n)) for j in range(i + 1)) for i in range(n)]
+    knot_s = [s for s, _ in fit.knots]
+    assert all(a < b for a, b in zip(knot_s, knot_s[1:], strict=False)), fit.knots  # no jump
+    assert sorted({round(v, 9) for v in want}) == sorted({round(t, 9) for _, t in fit.knots})
+
+
 def test_fit_edge_cases() -> None:
     assert fit_monotone([])(7.0) == 7.0  # no points: identity
     one = fit_monotone([(10.0, 25.0)])  # one point: a line through the origin (scale only)

@@ -54,7 +54,8 @@ def is_confident(logits: torch.Tensor, threshold: float | None) -> bool:
     `None` means the exit is inactive (never answers). O(classes)."""
     if threshold is None:
         return False
-    return bool(confidence(logits.reshape(-1)).item() >= threshold)
+    # compared as a tensor, as every other use of the rule does (the threshold as float32)
+    return bool((confidence(logits.reshape(-1)) >= threshold).item())
 
 
 def first_confident_exit(
