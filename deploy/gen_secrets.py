@@ -38,15 +38,21 @@ def random_value() -> str:
 
 
 def read_names(text: str) -> dict[str, str]:
-    """`NAME=value` pairs of an env file (comments, blank lines and an `export ` prefix skipped).
-    O(len(text))."""
+    """`NAME=value` pairs of an env file (comments and blank lines skipped). ValueError for a line
+    that `kubectl create secret --from-env-file` refuses though compose takes it: an `export `
+    prefix, or a name set twice. O(len(text))."""
     out: dict[str, str] = {}
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
-        name, _, value = line.removeprefix("export ").partition("=")
-        out[name.strip()] = value.strip()
+        name, _, value = line.partition("=")
+        name = name.strip()
+        if name.startswith("export "):
+            raise ValueError(f"line {number}: {name!r}: drop the `export ` (kubectl takes no such key)")
+        if name in out:
+            raise ValueError(f"line {number}: {name} is set twice (kubectl refuses a repeated key)")
+        out[name] = value.strip()
     return out
 
 
@@ -61,7 +67,8 @@ def create(path: Path) -> str:
 
 def complete(path: Path) -> str:
     """Append the names an existing secrets file lacks, keeping every value it has; the message to
-    print. Raises ValueError when it sets one of NAMES to an empty value."""
+    print. Raises ValueError when it sets one of NAMES to an empty or not URL-safe value, or has
+    a line kubectl refuses (`read_names`)."""
     text = path.read_text()
     have = read_names(text)
     empty = [n for n in NAMES if n in have and not have[n]]

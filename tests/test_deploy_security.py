@@ -137,6 +137,16 @@ def test_make_secrets_never_overwrites(tmp_path: Path) -> None:
     r = make_secrets(unsafe)
     assert r.returncode != 0 and "DAPDEE_REDIS_PASSWORD" in r.stderr, r.stdout + r.stderr
     assert unsafe.read_text() == "DAPDEE_REDIS_PASSWORD=pa$$ word\n"
+    # and lines compose takes but `kubectl create secret --from-env-file` refuses (make k8s-secret)
+    for name, text, why in (
+        ("export.env", "export DAPDEE_ADMIN_TOKEN=my-own-admin-token-that-stays\n", "export"),
+        ("twice.env", "DAPDEE_ADMIN_TOKEN=first-value-of-the-token\nDAPDEE_ADMIN_TOKEN=second-one-x\n", "twice"),
+    ):
+        bad = tmp_path / name
+        bad.write_text(text)
+        r = make_secrets(bad)
+        assert r.returncode != 0 and "DAPDEE_ADMIN_TOKEN" in r.stderr and why in r.stderr, r.stdout + r.stderr
+        assert bad.read_text() == text
 
 
 def test_secrets_file_is_never_committed_nor_in_the_image() -> None:
