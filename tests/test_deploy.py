@@ -208,6 +208,16 @@ def test_deployments_services_and_selectors() -> None:
                 assert ok, f"Service {name}: targetPort {target!r} is not a port of {d['metadata']['name']}"
 
 
+def test_the_single_redis_is_replaced_never_doubled() -> None:
+    """One Redis holds the leases, models and registry: a rolling update (the Deployment default,
+    surge 1) would make a new, empty one ready behind the Service while the old one still
+    serves, and planners would split their state between the two. Recreate stops the old
+    one first."""
+    redis = workloads(k8s_resources())["redis"]
+    assert redis["kind"] == "Deployment" and redis["spec"]["replicas"] == 1
+    assert redis["spec"].get("strategy", {}).get("type") == "Recreate", redis["spec"].get("strategy")
+
+
 def test_hpa_and_pdbs_target_existing_workloads() -> None:
     res = k8s_resources()
     deployments = workloads(res)
