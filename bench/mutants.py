@@ -95,22 +95,23 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "bottleneck max -> sum (plan-map scan, vectorised)",
         "dapdee/planning/planmap.py",
-        "bott = np.maximum(np.maximum(d * wd, b * wb), e * we)",
-        "bott = d * wd + b * wb + e * we",
+        "return np.maximum(np.maximum(d * wd, b * wb), e * we)",
+        "return d * wd + b * wb + e * we",
         ("tests/test_planning.py",),
     ),
     Mutation(
         "multi-consumer producer sent per consumer (partition)",
         "dapdee/costmodel.py",
-        "        if any(c in edge_set for c in consumers.get(u, ())):",
-        "        for _ in [c for c in consumers.get(u, ()) if c in edge_set]:",
+        "transfer.append((u, graph.input.bytes if u == graph.input.name else graph.node(u).out_bytes))",
+        "transfer.extend([(u, graph.input.bytes if u == graph.input.name else graph.node(u).out_bytes)]"
+        " * len(readers))",
         ORACLE,
     ),
     Mutation(
         "multi-consumer producer sent per consumer (plan map)",
         "dapdee/planning/planmap.py",
-        "sent += (on[:, i] & np.any(off[:, list(st.cons[i])], axis=1)) * st.out[i]",
-        "sent += on[:, i] * np.sum(off[:, list(st.cons[i])], axis=1) * st.out[i]",
+        "sent += crossing[:, i] * st.out[i]",
+        "sent += on[:, i] * sum(~on[:, c] for c in st.cons[i]) * st.out[i]",
         ORACLE,
     ),
     Mutation(
@@ -123,7 +124,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "input bytes not counted (plan map)",
         "dapdee/planning/planmap.py",
-        "sent += np.any(off[:, users], axis=1) * st.input_bytes",
+        "sent += ~_all_in(words, [st.input_cons_mask], 1)[:, 0] * st.input_bytes",
         "sent += 0 * st.input_bytes",
         ORACLE,
     ),
@@ -144,15 +145,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "latency budget met only strictly",
         "dapdee/planning/planmap.py",
-        "c.pred.latency_ms <= req.latency_budget_ms",
-        "c.pred.latency_ms < req.latency_budget_ms",
+        "pred.latency_ms <= req.latency_budget_ms",
+        "pred.latency_ms < req.latency_budget_ms",
         ORACLE,
     ),
     Mutation(
         "frame rate met only strictly",
         "dapdee/planning/planmap.py",
-        "c.pred.bottleneck_ms <= 1000.0 / req.frame_rate",
-        "c.pred.bottleneck_ms < 1000.0 / req.frame_rate",
+        "pred.bottleneck_ms <= 1000.0 / req.frame_rate",
+        "pred.bottleneck_ms < 1000.0 / req.frame_rate",
         ORACLE,
     ),
     Mutation(
@@ -172,8 +173,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "confidence >= -> > (is_confident)",
         "dapdee/training/confidence.py",
-        "confidence(logits.reshape(-1)).item() >= threshold",
-        "confidence(logits.reshape(-1)).item() > threshold",
+        "(confidence(logits.reshape(-1)) >= threshold)",
+        "(confidence(logits.reshape(-1)) > threshold)",
         CALIBRATION,
     ),
     Mutation(
@@ -195,15 +196,15 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "lease admission ignores rho_max (assign)",
         "dapdee/fleet/assign.py",
-        "limit = rho_max * slot.capacity_ms_per_s",
-        "limit = slot.capacity_ms_per_s",
+        "f * e_i, rho_max * slot.capacity_ms_per_s)",
+        "f * e_i, slot.capacity_ms_per_s)",
         ("tests/test_fleet_assign.py",),
     ),
     Mutation(
         "lease admission ignores rho_max (rebalance)",
         "dapdee/fleet/rebalance.py",
-        "limit = rho_max * capacity_ms_per_s",
-        "limit = capacity_ms_per_s",
+        "stated = rho_max * capacity_ms_per_s if",
+        "stated = capacity_ms_per_s if",
         ("tests/test_fleet_rebalance.py",),
     ),
     # Rebalance objective: f·accuracy sums must be exact, or float noise outranks the held plans'
