@@ -95,6 +95,10 @@ def test_the_bounds_drop_states_and_keep_the_answer(seed: int) -> None:
         assert bounded.load <= RHO_MAX * capacity + 1e-9
         if capacity > 100.0:
             assert bounded.states * 2 < plain.states, (capacity, bounded.states, plain.states)
+    # with room for every device's best option the first (bucketed) answer is the optimum, and the
+    # bounds, rounded no further up than sums can reach, leave only its own path (one state);
+    # rounding the accuracy bound up one quantum more kept 866-12,993 states here
+    assert bounded.states <= 2, bounded.states
     # with room for most of them, the plain staircase outgrows a budget the bounded one fits in
     budget = plain.states - 1
     assert bounded.states <= budget
