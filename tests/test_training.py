@@ -154,6 +154,48 @@ def _float_weights(artifact: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(artifact / WEIGHTS)).items() if v.is_floating_point()}
 
 
+class _DropoutNet(torch.nn.Module):
+    """A tiny classifier with dropout: its training draws from torch's global random state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(4)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.flatten(self.pool(torch.relu(self.conv(x))), 1)))
+
+
+def dropout_net() -> torch.nn.Module:
+    return _DropoutNet()
+
+
+def test_a_resumed_run_of_a_model_with_dropout_matches_the_uninterrupted_one(tmp_path: Path) -> None:
+    """The checkpoint keeps torch's random state, so epoch 2's dropout masks are the ones the
+    uninterrupted run drew (before, the resume re-seeded: other masks, other weights)."""
+    cfg = {"model": "tests.test_training:dropout_net", "limit": 200, "name": "tiny-dropout"}
+    whole = train(tiny_config(tmp_path / "whole", **cfg), progress=False, log=lambda s: None)
+    train(tiny_config(tmp_path / "cut", **cfg), progress=False, stop_after=1, log=lambda s: None)
+    resumed = train(tiny_config(tmp_path / "cut", **cfg), progress=False, log=lambda s: None)
+    assert resumed["history"] == whole["history"]
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("[]", "expected an object, got list"), ("null", "got NoneType"), ('{"epoch": 1}', "history"),
+     ('{"epoch": "x", "history": [], "wall_time_s": 1}', "epoch")],
+)  # fmt: skip
+def test_a_checkpoint_state_json_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path, text: str, why: str) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(out, limit=100, epochs=2), progress=False, stop_after=1, log=lambda s: None)
+    (out / "checkpoint" / "state.json").write_text(text)
+    with pytest.raises(ValueError, match=f"unreadable state.json \\(.*{why}.*\\); delete the directory"):
+        train(tiny_config(out, limit=100, epochs=2), progress=False, log=lambda s: None)
+
+
 def test_bad_inputs(artifact: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="trained for"):
         load_model("zoo:alexnet?width=0.25&in_channels=1", weights=artifact)

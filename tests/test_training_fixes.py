@@ -131,6 +131,19 @@ def test_cli_diverging_run_exits_2(folder: Path, tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "o" / WEIGHTS).exists()
 
 
+@pytest.mark.parametrize("seed", ["184467440737096", "18446744073709551615", "-1"])
+def test_cli_seed_past_the_range_exits_2_naming_it_before_anything_is_written(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: str
+) -> None:
+    """A seed whose per-epoch seeds would overflow torch's int64 (it did at the first epoch, with
+    "Overflow when unpacking long long" and an empty --out left behind)."""
+    out = tmp_path / "o"
+    args = ["train", SPEC, "--dataset", f"folder:{folder}", "--epochs", "1", "--seed", seed]
+    assert main([*args, "--no-progress", "--out", str(out)]) == 2
+    assert f"--seed: expected an integer in 0..{T.MAX_SEED}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ---- 5, 6: checked before the first epoch ---------------------------------------------------------
 
 

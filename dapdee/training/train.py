@@ -47,6 +47,8 @@ from dapdee.models import (
 )
 
 CHECKPOINT_DIR = "checkpoint"
+MAX_SEED = 2**40 - 1  # the per-epoch seeds derived from it stay within torch's int64
+RNG_KEY = "rng.cpu"  # torch's global random state in a checkpoint's weights file
 ARTIFACT_FORMAT = "dapdee-artifact/1"
 EVAL_BATCH = 256
 
@@ -184,12 +186,14 @@ def evaluate(
 
 
 def _save_checkpoint(ckdir: Path, module: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Store weights + momentum of epoch `state["epoch"]` in a new file, then (atomically)
-    `state.json` naming it and its sha256, then delete the older weights: a failure at any
-    step leaves a `state.json` whose weights file is intact. O(parameters)."""
+    """Store weights + momentum of epoch `state["epoch"]` and torch's global random state (a
+    model's dropout draws from it: a resumed run must go on with the same draws) in a new file,
+    then (atomically) `state.json` naming it and its sha256, then delete the older weights: a
+    failure at any step leaves a `state.json` whose weights file is intact. O(parameters)."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    tensors[RNG_KEY] = torch.get_rng_state()
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
@@ -213,6 +217,9 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
         state = json.loads((ckdir / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory") from None
+    bad = _state_problem(state)
+    if bad:
+        raise ValueError(f"checkpoint {str(ckdir)!r}: unreadable state.json ({bad}); delete the directory")
     if state.get("config") != cfg.identity():
         diff = sorted(k for k in cfg.identity() if state.get("config", {}).get(k) != cfg.identity()[k])
         raise ValueError(
@@ -232,7 +239,20 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         if f"opt.{i}" in tensors:
             opt.state[p]["momentum_buffer"] = tensors[f"opt.{i}"].clone()
+    if RNG_KEY in tensors:  # checkpoints before it: the draws of a model with dropout differ
+        torch.set_rng_state(tensors[RNG_KEY])
     return state
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with a parsed `state.json` (None: an object with the int `epoch`, list
+    `history` and number `wall_time_s` a resume reads). O(1)."""
+    if not isinstance(state, dict):
+        return f"expected an object, got {type(state).__name__}"
+    for key, kind in (("epoch", int), ("history", list), ("wall_time_s", (int, float))):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"{key}: missing or not {'a number' if key == 'wall_time_s' else kind.__name__}"
+    return None
 
 
 # ---- training -----------------------------------------------------------------------------
@@ -265,6 +285,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"--weight-decay: expected a finite number >= 0, got {cfg.weight_decay!r}")
     if cfg.limit is not None and cfg.limit < 2:
         raise ValueError("--limit must be at least 2")
+    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed <= MAX_SEED:  # epoch e's batch order: seed·100003 + e
+        raise ValueError(f"--seed: expected an integer in 0..{MAX_SEED}, got {cfg.seed!r}")
 
 
 def _check_split_sizes(ref: D.DatasetRef, sizes: dict[str, int]) -> None:
