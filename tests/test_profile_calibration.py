@@ -4,7 +4,9 @@ worked out by hand, and a real model's measured, calibrated profile."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +132,24 @@ def test_measured_profile_is_calibrated_to_whole_runs() -> None:
     for node, s, _ in points:  # a measured part is priced near F at its isolated sum (approx. on branches)
         priced = sum(ms[u] or 0.0 for u in g.ancestors(node))
         assert priced == pytest.approx(fit(s), rel=0.25)
+
+
+def test_a_cached_device_profile_of_another_thread_count_is_measured_again(tmp_path: Path) -> None:
+    """DESIGN: a cached profile is reused only at the slowdown and thread count asked for.
+    `dapdee device run --threads N` sets torch's threads before asking for its profile; one
+    cached at another count used to be taken as it was."""
+    from dapdee.device.profile import device_profile
+
+    loaded = load_model("zoo:resnet18?width=0.25")
+    path = tmp_path / "device.json"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert device_profile(loaded, 1.0, path, repeats=1).meta["device"]["threads"] == 1
+        torch.set_num_threads(2)
+        again = device_profile(loaded, 1.0, path, repeats=1)
+        assert again.meta["device"]["threads"] == 2
+        assert json.loads(path.read_text())["meta"]["device"]["threads"] == 2  # replaced
+        assert device_profile(loaded, 1.0, path, repeats=1).meta == again.meta  # and reused at 2
+    finally:
+        torch.set_num_threads(before)

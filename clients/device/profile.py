@@ -87,9 +87,11 @@ def measure_device_profile(
 
 def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10) -> CostGraph:
     """The profile cached at `path` when it matches the model (ValueError naming the file when
-    it does not), else measured (`measure_device_profile`) and written there."""
+    it does not) and was measured at this slowdown and torch's thread count now, else measured
+    (`measure_device_profile`) and written there."""
     measure = lambda: measure_device_profile(loaded, slowdown, repeats)  # noqa: E731
-    return load_or_measure(loaded, "device", path, measure, strict=True, slowdown=slowdown)
+    threads = torch.get_num_threads()
+    return load_or_measure(loaded, "device", path, measure, strict=True, slowdown=slowdown, threads=threads)
 
 
 async def _stored_model(planner: AsyncPlannerClient, name: str, wait_s: float = MODEL_WAIT_S) -> StoredGraph:
