@@ -58,3 +58,20 @@ class Squares(nn.Module):
 
 def squares() -> nn.Module:
     return Squares()
+
+
+class HeavyHead(nn.Module):
+    """Linear(64, 4096) -> ReLU -> Linear(4096, 4096): one exit whose node is a few ms of compute,
+    far more than a request's own cost (the request-cost measurement subtracts it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 4096)
+        self.fc2 = nn.Linear(4096, 4096)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def heavy_head() -> nn.Module:
+    return HeavyHead()

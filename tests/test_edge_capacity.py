@@ -327,3 +327,25 @@ def test_light_start_up_traffic_does_not_set_the_capacity() -> None:
         assert 200.0 < priced_ms < 2000.0, priced_ms  # the light window the test is about
     assert measured[200.0] > 1.0, measured
     assert measured[2000.0] == 1.0 and advertised[2000.0] == 1000.0, (measured, advertised)
+
+
+def test_the_request_cost_of_a_slowed_down_worker_is_its_own_cpu_not_its_stretched_compute() -> None:
+    """A worker emulating a K x slower edge sleeps the rest of each compute (no CPU), and its
+    profile says K x the node's time: the measurement subtracts that / K, so the request cost
+    it finds is about the unslowed worker's. Subtracting the stretched time read 0 at K = 4 on
+    a model whose exit node is a few ms."""
+    found, node_ms = {}, {}
+    for k in (1.0, 4.0):
+        loaded = load_model("tests.edge_models:heavy_head", input_shape=(1, 64))
+        sock = bind_free_socket()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        app = create_app(Settings(slowdown=k, workers=1), [loaded])
+        with ServerThread(app, sock=sock):
+            entry = app.state.worker.models[loaded.name]
+            entry.graph = profile_model(loaded, tier="edge", slowdown=k, repeats=10)
+            node_ms[k] = entry.graph.node(entry.graph.exits[-1].node).edge_ms
+            found[k] = measure_request_ms(url, None, entry, samples=40, slowdown=k)
+        assert found[k] is not None
+    # the case: the stretched node outweighs all the CPU a request takes, node included
+    assert node_ms[4.0] > found[1.0] + node_ms[4.0] / 4, (node_ms, found)
+    assert found[4.0] > 0.0 and 0.33 < found[4.0] / found[1.0] < 3.0, found

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -187,7 +188,8 @@ async def _with_request_cost(state: WorkerState, entry: ModelEntry, self_url: st
     if frame_ms is not None:
         entry.graph = calibrated(entry.graph, frame_ms)
         log.info("model %s: %.3f ms of compute per whole frame; profile calibrated", entry.name, frame_ms)
-    ms = await stoppable(measure_request_ms, self_url, token, entry, s.request_samples)
+    measure = functools.partial(measure_request_ms, slowdown=s.slowdown)
+    ms = await stoppable(measure, self_url, token, entry, s.request_samples)
     if ms is None:
         return entry.graph
     log.info("model %s: %.3f ms per request outside node compute (cost model v2)", entry.name, ms)

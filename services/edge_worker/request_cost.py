@@ -6,6 +6,8 @@ the exit node's own inputs as the cut, so that node compute is one small node. T
 process's CPU time over those requests, minus the CPU time of the client thread that sends
 them, is what the server spent (HTTP, the guard, decoding, dispatch to the batcher, the
 compute, encoding); minus the profiled compute of the node it ran, it is the per-request cost.
+(A worker emulating a K x slower edge sleeps the rest of each compute, which takes no CPU: the
+node's own CPU is its profiled time / K.)
 CPU time, not wall time: it is what one request takes from the worker's capacity, which is
 what the planner books per frame. The worker publishes it in its edge profile's
 `meta.edge_request_ms`, and the planner puts it into the graph it plans on.
@@ -58,15 +60,20 @@ def _go_on(stop: threading.Event | None) -> None:
 
 
 def measure_request_ms(
-    url: str, token: str | None, entry: ModelEntry, samples: int = 50, stop: threading.Event | None = None
+    url: str,
+    token: str | None,
+    entry: ModelEntry,
+    samples: int = 50,
+    stop: threading.Event | None = None,
+    slowdown: float = 1.0,
 ) -> float | None:
     """The worker's CPU milliseconds per batch-1 request outside node compute (see the module
-    docstring); None when the requests fail (e.g. no device token to call itself with) or when
-    `stop` is set (checked before every request). Blocking: run it in a thread. O(samples)
-    requests."""
+    docstring; `slowdown`: the worker's K, by which its profile's times are stretched); None
+    when the requests fail (e.g. no device token to call itself with) or when `stop` is set
+    (checked before every request). Blocking: run it in a thread. O(samples) requests."""
     inputs = exit_node_inputs(entry)
     exit_name = entry.graph.exits[-1].name
-    node_ms = entry.graph.node(entry.graph.exits[-1].node).edge_ms or 0.0
+    node_ms = (entry.graph.node(entry.graph.exits[-1].node).edge_ms or 0.0) / slowdown
     try:
         with EdgeClient(url, token, timeout=30.0) as client:
             _wait_live(client, stop=stop)
