@@ -199,7 +199,8 @@ def measure_forward_ms(
 
 
 def merge_profiles(device: CostGraph, edge: CostGraph) -> CostGraph:
-    """Device timings from `device`, edge timings from `edge`; refuses graphs of different
+    """Device timings and `device_request_ms` from `device`, edge timings and
+    `edge_request_ms` from `edge` (each tier's own measurements); refuses graphs of different
     models, shapes or structure. O(V)."""
     if device.model != edge.model:
         raise CostGraphError(f"merge: different models ({device.model!r} vs {edge.model!r})")
@@ -212,7 +213,7 @@ def merge_profiles(device: CostGraph, edge: CostGraph) -> CostGraph:
     if not edge.has_timings("edge"):
         raise CostGraphError("merge: the second profile has no edge_ms timings")
     merged = device.with_timings("edge", {n.name: n.edge_ms for n in edge.nodes}, edge.meta.get("edge"))
-    return merged
+    return merged.with_overheads(edge_request_ms=edge.overheads.edge_request_ms)
 
 
 @dataclass

@@ -33,6 +33,9 @@ def test_profile_fills_tier_and_records_slowdown(resnet) -> None:
     merged = merge_profiles(dev, edge)
     merged.require_timings()
     assert CostGraph.from_json(merged.to_json()) == merged
+    # each tier's per-request cost comes from its own profile (the edge's used to be dropped)
+    both = merge_profiles(dev.with_overheads(2.5, 9.0), edge.with_overheads(8.0, 1.25))
+    assert (both.overheads.device_request_ms, both.overheads.edge_request_ms) == (2.5, 1.25)
 
 
 def test_slowdown_multiplies_every_measurement(resnet) -> None:
