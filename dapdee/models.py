@@ -584,9 +584,9 @@ def _artifact_spec(manifest: dict[str, Any], spec: str, artifact: str | Path) ->
     naming the manifest otherwise. O(len(spec))."""
     trained = manifest["model"]
     if spec:
-        if trained != spec:
+        if not _same_model(trained, spec):
             raise ModelError(f"artifact {str(artifact)!r} was trained for {trained!r}, not {spec!r}")
-        return spec
+        return trained  # one spelling per artifact
     if not trained.startswith("zoo:"):
         raise ModelError(
             f"artifact {str(artifact)!r}: {MANIFEST}: field model: {trained!r} is not a zoo: spec; building it "
@@ -594,6 +594,19 @@ def _artifact_spec(manifest: dict[str, Any], spec: str, artifact: str | Path) ->
             "(--model; the edge worker's --models takes SPEC@ARTIFACT)"
         )
     return trained
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two specs build the same model: equal, or the same zoo model and options written
+    in another order or number format (`width=0.5&in_channels=1` is `in_channels=1&width=.5`).
+    O(len(a) + len(b))."""
+    if a == b:
+        return True
+    try:
+        pa, pb = parse_spec(a), parse_spec(b)
+    except ModelError:
+        return False
+    return (pa.kind, pa.target, pa.options) == (pb.kind, pb.target, pb.options)
 
 
 def _frame_of(manifest: dict[str, Any], shape: tuple[int, ...], where: str) -> FrameNormalize:

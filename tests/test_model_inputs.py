@@ -88,6 +88,11 @@ def test_a_zoo_manifest_still_loads_alone_and_a_different_spec_is_refused(tmp_pa
     assert load_model("", weights=ALEXNET).spec == "zoo:alexnet?width=0.5&in_channels=1"
     with pytest.raises(ModelError, match="trained for"):
         load_model("zoo:alexnet?width=0.25&in_channels=1", weights=ALEXNET)
+    # the same model spelt another way (options reordered, another number format) is its own
+    again = load_model("zoo:alexnet?in_channels=1&width=.50", weights=ALEXNET)
+    assert again.spec == "zoo:alexnet?width=0.5&in_channels=1"
+    with pytest.raises(ModelError, match="trained for"):
+        load_model("zoo:alexnet?in_channels=1", weights=ALEXNET)  # the default width is another model
 
 
 # ---- numbers and shapes --------------------------------------------------------------------------
