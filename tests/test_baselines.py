@@ -268,3 +268,28 @@ def test_capped_plan_maps_on_zoo(zoo, model: str) -> None:
     # aside, measured 36 on each model. (On these synthetic timings the best prefix split is often
     # optimal; tests/test_planning.py checks the bounds where they differ.)
     assert bounded >= 30, bounded
+
+
+def test_device_only_wins_an_exact_latency_tie_in_every_baseline() -> None:
+    """Chain x -> a -> b: Device-Only 2 + 2 = 4 ms; Edge-Only sends the 1,000-byte input at 8 Mbit/s
+    (1 ms, rtt 0) and computes 1.5 + 1.5 ms: 4 ms, an exact tie in binary floating point. DESIGN:
+    in latency mode Device-Only wins an exact tie, in every planner (the single-split baselines
+    scanned Edge-Only first and kept it)."""
+    node = {"op": "conv", "flops": 1, "device_ms": 2.0, "edge_ms": 1.5}
+    g = CostGraph.from_dict(
+        {
+            "model": "tie",
+            "input": {"name": "x", "shape": [1], "dtype": "float32", "bytes": 1000},
+            "nodes": [
+                node | {"name": "a", "inputs": ["x"], "out_bytes": 100000},
+                node | {"name": "b", "inputs": ["a"], "out_bytes": 10},
+            ],
+            "exits": [{"name": "final", "node": "b", "accuracy": 0.9}],
+        }
+    )
+    req = PlanRequest(bandwidth_mbps=8.0, rtt_ms=0.0, mode="latency")
+    plans = {name: baseline_plan(g, req, name) for name in BASELINES} | {"dapdee": PlanMap.build(g).plan(req)}
+    for name, p in plans.items():
+        assert p["predicted"]["latency_ms"] == 4.0, name
+        if name != "edge-only":
+            assert p["device_nodes"] == ["a", "b"] and p["edge_nodes"] == [], (name, p["device_nodes"])
