@@ -61,9 +61,12 @@ def test_out_of_order_failed_and_idle_uploads() -> None:
     bw = BandwidthEstimator(prior_mbps=1.0)
     a, b = bw.upload_started(0.0), bw.upload_started(0.0)
     assert bw.upload_finished(b, 25_000, 0.2, 0.0, 0.0) is None  # waits for `a`
-    assert bw.upload_finished(a, 25_000, 0.1, 0.0, 0.0) == pytest.approx(2.0)  # 50 kB in 200 ms
-    bw.upload_failed(bw.upload_started(1.0))  # a failed upload releases the ones after it
+    # the two shared the link: their busy period is timed whole, once the link has gone idle
+    assert bw.upload_finished(a, 25_000, 0.1, 0.0, 0.0) is None
+    bw.upload_failed(bw.upload_started(1.0))  # failed alone on an idle link: it releases the ones after it
     assert lone(bw, 25_000, 5.0, 5.1, 0.0, 0.0) == pytest.approx(2.0)
+    assert [h[0] for h in bw.history] == [50_000, 25_000]  # 50 kB in 200 ms, then 25 kB in 100 ms
+    assert [h[1] for h in bw.history] == pytest.approx([200.0, 100.0])
     assert lone(bw, 12_500, 9.0, 9.1, 0.0, 0.0) == pytest.approx(1.0)  # an idle gap: timed from its own start
 
 
@@ -123,6 +126,56 @@ def test_drift_rules() -> None:
     assert drifted(1.0, 1.25, 0.2) and not drifted(1.0, 1.1, 0.2)
     assert drifted(0.0, 0.1, 0.2) and not drifted(0.0, 0.0, 0.2)
     assert load_drifted(0.0, 0.3, 0.2) and not load_drifted(0.0, 0.1, 0.2)
+    # exactly 20 % is not "more than 20 %", whichever way the floats round (3 -> 2.4 and a load
+    # 0.2 -> 0.36, i.e. 1 - load 0.8 -> 0.64, used to re-plan; 10 -> 12 did not)
+    for old, new in ((10.0, 12.0), (10.0, 8.0), (3.0, 2.4), (3.0, 3.6)):
+        assert not drifted(old, new, 0.2) and drifted(old, new * 1.001 if new > old else new * 0.999, 0.2)
+    assert not load_drifted(0.2, 0.36, 0.2) and load_drifted(0.2, 0.37, 0.2)
+
+
+def test_overlapping_uploads_are_timed_as_one_busy_period() -> None:
+    """Pairs of 100 kB uploads 10 ms apart on an 8 Mbit/s link, one pair every 250 ms: the two
+    share the link, so the first finishes at 190 ms and the second at 200 ms. Each pair is one
+    busy period, 200 kB in 200 ms = 8 Mbit/s. The count of uploads sharing the link used to be
+    taken at each start only: the first upload closed its period alone (100 kB in 190 ms,
+    4.2 Mbit/s) and the second made one of its own (100 kB in 10 ms, 80 Mbit/s)."""
+    bw = BandwidthEstimator(prior_mbps=8.0)
+    for k in range(6):
+        t = 0.25 * k
+        a, b = bw.upload_started(t), bw.upload_started(t + 0.01)
+        bw.upload_finished(a, 100_000, t + 0.19, 0.0, 0.0)
+        bw.upload_finished(b, 100_000, t + 0.20, 0.0, 0.0)
+    assert len(bw.history) == 5 and all(h[0] == 200_000 for h in bw.history), list(bw.history)
+    assert [h[4] for h in bw.history] == pytest.approx([8.0] * 5)
+    assert bw.estimate_mbps == pytest.approx(8.0)
+
+
+def test_a_failed_upload_that_shared_the_link_gives_its_busy_period_no_sample() -> None:
+    """Two 100 kB uploads 1 ms apart on an 8 Mbit/s link; the first fails after its bytes went
+    out (a worker error). The answered one's 100 kB over the shared 200 ms would read 4 Mbit/s:
+    its period gives no sample. A later upload alone on the link is timed as ever."""
+    bw = BandwidthEstimator(prior_mbps=8.0)
+    a, b = bw.upload_started(0.0), bw.upload_started(0.001)
+    bw.upload_failed(a)
+    assert bw.upload_finished(b, 100_000, 0.2, 0.0, 0.0) is None
+    assert lone(bw, 100_000, 1.0, 1.1, 0.0, 0.0) == pytest.approx(8.0)
+    assert [h[4] for h in bw.history] == pytest.approx([8.0]) and bw.estimate_mbps == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("new_mbps", [4.9, 4.0, 3.5])
+def test_two_samples_off_by_more_than_the_step_factor_are_believed(new_mbps: float) -> None:
+    """A link that drops from 10 to below 5 Mbit/s: the second sample off by more than 2x the
+    same way is believed at once, judged against the estimate before the first (which the first
+    sample had already pulled down: drops between 2x and 2.67x were not believed)."""
+    bw = BandwidthEstimator(prior_mbps=10.0)
+    assert lone(bw, 125_000, 0.0, 0.1, 0.0, 0.0) == pytest.approx(10.0)
+    start = 1.0
+    for _ in range(2):
+        ms = 125_000 * 8.0 / (new_mbps * 1000.0)
+        lone(bw, 125_000, start, start + ms / 1000.0, 0.0, 0.0)
+        start += 1.0
+    assert bw.estimate_mbps == pytest.approx(new_mbps)
+    assert not bw.suspect_change
 
 
 def test_sensing_states_plan_conditions() -> None:

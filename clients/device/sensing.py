@@ -54,17 +54,20 @@ class BandwidthEstimator:
     pairs: int = field(default=0, init=False)
     weight_sum: float = field(default=0.0, init=False)
     step_dir: int = field(default=0, init=False)  # direction of the last sample's big deviation
+    step_base: float = field(default=0.0, init=False)  # the estimate that deviation was judged against
     samples: int = field(default=0, init=False)
     last_sample_at: float = field(default=0.0, init=False)
     last_sample_mbps: float | None = field(default=None, init=False)
     history: deque[tuple[int, float, float, float, float | None]] = field(
         default_factory=lambda: deque(maxlen=64), init=False
     )  # (bytes, elapsed_ms, server_ms, rtt_ms, sample or None), newest last
-    # the busy period being timed: [link start s, bytes, uploads, most uploads open at once]
+    # the busy period being timed: [link start s, bytes, uploads, most uploads open at once,
+    # 1 when a failed upload shared the link with it (no sample)]
     _train: list[float] | None = field(default=None, init=False, repr=False)
-    # uploads not yet folded in: ticket -> [start s, done s or None, bytes, uploads open at start]
+    # uploads not yet folded in: ticket -> [start s, done s or None, bytes, most uploads open with it]
     _open: dict[int, list] = field(default_factory=dict, init=False, repr=False)
     _next_ticket: int = field(default=0, init=False, repr=False)
+    _tainted_through: int = field(default=-1, init=False, repr=False)  # uploads up to it shared a failed one's link
     _link_free: float = field(default=float("-inf"), init=False, repr=False)  # when the link went idle
 
     def __post_init__(self) -> None:
@@ -75,7 +78,13 @@ class BandwidthEstimator:
         ticket to pass to `upload_finished` or `upload_failed`. O(1)."""
         ticket = self._next_ticket
         self._next_ticket += 1
-        self._open[ticket] = [start_s, None, 0, len(self._open) + 1]
+        self._open[ticket] = [start_s, None, 0, 1]
+        # every upload open now shares the link with this one: each counts it (a count taken only
+        # at an upload's start missed the uploads that began after it, and closed its busy period
+        # as if it had been alone: half the rate, then a tiny period of a huge one)
+        n = len(self._open)
+        for entry in self._open.values():
+            entry[3] = max(entry[3], n)
         return ticket
 
     @property
@@ -84,8 +93,16 @@ class BandwidthEstimator:
         return len(self._open)
 
     def upload_failed(self, ticket: int) -> None:
-        """The upload gave no timing (error, timeout): drop it. O(1) amortised."""
-        self._open.pop(ticket, None)
+        """The upload gave no timing (error, timeout): drop it. Its bytes may have been on the
+        link all the same: when it shared the link (other uploads open, or a busy period still
+        on the link at its start), the busy periods of the uploads it shared it with give no
+        sample (their bytes over their span would read a slower link). O(uploads open)."""
+        entry = self._open.pop(ticket, None)
+        if entry is not None:
+            if self._open:
+                self._tainted_through = max(self._tainted_through, max(self._open))
+            if self._train is not None and entry[0] < self._link_free:
+                self._train[4] = 1
         self._drain()
 
     def upload_finished(self, ticket: int, nbytes: int, end_s: float, server_ms: float, rtt_ms: float) -> float | None:
@@ -124,11 +141,13 @@ class BandwidthEstimator:
             if self._train is not None and start_s >= self._link_free:
                 sample = self._close_train() or sample
             if self._train is None:  # on a busy link (a train just closed) its bytes queued from `link_free`
-                self._train = [max(start_s, self._link_free), 0, 0, 1]
+                self._train = [max(start_s, self._link_free), 0, 0, 1, 0]
             train = self._train
             train[1] += nbytes
             train[2] += 1
             train[3] = max(train[3], concurrent)
+            if ticket <= self._tainted_through:
+                train[4] = 1
             self._link_free = max(self._link_free, done)
             long_enough = (self._link_free - train[0]) * 1000.0 >= self.full_weight_ms
             if long_enough and train[2] >= (2 * train[3] if train[3] > 1 else 1):
@@ -137,10 +156,11 @@ class BandwidthEstimator:
 
     def _close_train(self) -> float | None:
         assert self._train is not None
-        (t0, nbytes, _, _), self._train = self._train, None
+        (t0, nbytes, _, _, tainted), self._train = self._train, None
         span_ms = (self._link_free - t0) * 1000.0
         expected_ms = nbytes * 8.0 / (self.estimate_mbps * 1000.0)
-        if nbytes < self.min_bytes or span_ms < self.min_upload_ms or expected_ms < self.min_expected_ms:
+        too_small = nbytes < self.min_bytes or span_ms < self.min_upload_ms or expected_ms < self.min_expected_ms
+        if tainted or too_small:
             return None
         sample = nbytes * 8.0 / (span_ms * 1000.0)
         self.history.append((nbytes, span_ms, 0.0, 0.0, sample))
@@ -153,12 +173,16 @@ class BandwidthEstimator:
         w = min(1.0, upload_ms / self.full_weight_ms)
         a = max(self.alpha * w, w / (self.weight_sum + w))
         # a step change: two samples in a row off by more than STEP_FACTOR the same way are
-        # believed at once (one alone may be a timing spike; `suspect_change` asks for a probe)
-        ratio = sample / self.estimate_mbps if self.estimate_mbps > 0 else 1.0
+        # believed at once (one alone may be a timing spike; `suspect_change` asks for a probe);
+        # the second is judged against the estimate before the first, which the first moved
+        base = self.step_base if self.step_dir else self.estimate_mbps
+        ratio = sample / base if base > 0 else 1.0
         step = 1 if ratio > STEP_FACTOR else -1 if ratio < 1.0 / STEP_FACTOR else 0
-        if step and step == self.step_dir:
+        believed = step != 0 and step == self.step_dir
+        if believed:
             a = max(a, w)
-        self.step_dir = step
+        self.step_dir = 0 if believed else step
+        self.step_base = base
         self.estimate_mbps = a * sample + (1 - a) * self.estimate_mbps
         self.weight_sum = min(self.weight_sum + w, 1e6)
         self.samples += 1
@@ -180,7 +204,8 @@ class BandwidthEstimator:
         bound = nbytes * 8.0 / (left_ms * 1000.0)
         if bound >= self.estimate_mbps:
             return None
-        self.step_dir = -1 if bound * STEP_FACTOR < self.estimate_mbps else self.step_dir
+        if bound * STEP_FACTOR < self.estimate_mbps:
+            self.step_dir, self.step_base = -1, self.estimate_mbps
         self.estimate_mbps = bound
         self.history.append((nbytes, waited_ms, 0.0, rtt_ms, bound))
         return bound
@@ -347,10 +372,12 @@ class ComputeLoadMonitor:
 
 
 def drifted(old: float, new: float, threshold: float) -> bool:
-    """Relative change |new/old − 1| > threshold (old ≤ 0 counts as drifted when new > 0)."""
+    """Relative change |new − old| > threshold · old (old ≤ 0 counts as drifted when new > 0);
+    a change of exactly `threshold` is not drifted whatever the float rounding of the two values
+    (a relative 1e-9 of slack: 3 -> 2.4 and 10 -> 12 are both 20 %, and both stay)."""
     if old <= 0:
         return new > 0
-    return abs(new / old - 1.0) > threshold
+    return abs(new - old) > threshold * old * (1.0 + 1e-9)
 
 
 def load_drifted(old: float, new: float, threshold: float) -> bool:
