@@ -166,8 +166,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "codec encodes big-endian",
         "dapdee/wire.py",
-        'return memoryview(t.numpy()).cast("B")',
-        'return memoryview(t.numpy().byteswap()).cast("B")',
+        'return memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B")',
+        'return memoryview(a.astype(a.dtype.newbyteorder(">"), copy=False)).cast("B")',
         CODEC,
     ),
     Mutation(

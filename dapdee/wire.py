@@ -142,9 +142,16 @@ def _to_wire(t: torch.Tensor, wire_dtype: str) -> tuple[torch.Tensor, str, dict[
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    if t.dtype == torch.float16:  # numpy has float16, but go through int16 to be dtype-agnostic
-        return memoryview(t.view(torch.int16).numpy()).cast("B")
-    return memoryview(t.numpy()).cast("B")
+    """A contiguous tensor's values as the binary extension's little-endian bytes. O(1) on a
+    little-endian host (a view), O(n) on a big-endian one (swapped)."""
+    # numpy has float16, but go through int16 to be dtype-agnostic
+    return little_endian_bytes(t.view(torch.int16).numpy() if t.dtype == torch.float16 else t.numpy())
+
+
+def little_endian_bytes(a: np.ndarray) -> memoryview:
+    """The bytes of contiguous `a` in little-endian order, whatever its own or the host's byte
+    order (no copy when they are little-endian already). O(1) or O(n)."""
+    return memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B")
 
 
 def _encode(

@@ -212,6 +212,17 @@ def test_a_response_with_a_scale_is_dequantised_as_a_request_is(dtype: str) -> N
     assert req.tolist() == got.tolist()
 
 
+@pytest.mark.parametrize("order", ["<", ">", "="])
+def test_binary_data_is_little_endian_whatever_the_arrays_byte_order(order: str) -> None:
+    """The binary extension is little-endian: an array in big-endian order (what a big-endian
+    host's tensors are) is swapped; a little-endian one is sent as it is, without a copy."""
+    for dtype, values in (("f4", [1.5, -2.0]), ("i8", [1, -(2**40)]), ("f2", [0.5, 3.0]), ("i2", [7, -3])):
+        a = np.array(values, dtype=np.dtype(dtype).newbyteorder(order))
+        assert bytes(wire.little_endian_bytes(a)) == np.array(values, dtype="<" + dtype).tobytes()
+    native = np.arange(4, dtype="<f4")
+    assert np.shares_memory(np.frombuffer(wire.little_endian_bytes(native), dtype="<f4"), native)
+
+
 def test_header_length_parsing() -> None:
     assert wire.parse_header_length(None) is None and wire.parse_header_length(" 12 ") == 12
     for bad in ("-1", "abc", "1e3", "9" * 40, "\u00b2", "14\u00b9", "\u0661\u0662"):  # digits, not ASCII
