@@ -126,6 +126,7 @@ class PlanMapCache:
         self.keys = keys
         self.maps: OrderedDict[MapKey, PlanMap] = OrderedDict()
         self._bytes: dict[MapKey, int] = {}  # approx_bytes of each map in `maps`
+        self._held_bytes = 0  # their sum
         self._building: dict[MapKey, asyncio.Task[PlanMap]] = {}
         self._slots = asyncio.Semaphore(settings.planmap_build_threads)
         self._pool: ProcessPoolExecutor | None = None  # created at the first slow build
@@ -182,19 +183,20 @@ class PlanMapCache:
     def _built(self, key: MapKey, task: asyncio.Task[PlanMap]) -> None:
         """A build task ended: keep its map in the LRU, evicting the least recently used past
         DAPDEE_PLANMAP_CACHE_SIZE maps or DAPDEE_PLANMAP_CACHE_BYTES estimated bytes (the newest
-        map stays, even alone past it). O(cache size) per build."""
+        map stays, even alone past it). O(1) amortised, plus `approx_bytes` of the new map."""
         if self._building.get(key) is task:
             del self._building[key]
         if task.cancelled() or task.exception() is not None:  # its callers got the exception
             return
         self.maps[key] = task.result()
-        self._bytes[key] = approx_bytes(task.result())
+        size = approx_bytes(task.result())
+        self._held_bytes += size - self._bytes.get(key, 0)
+        self._bytes[key] = size
         while len(self.maps) > 1 and (
-            len(self.maps) > self.settings.planmap_cache_size
-            or sum(self._bytes.values()) > self.settings.planmap_cache_bytes
+            len(self.maps) > self.settings.planmap_cache_size or self._held_bytes > self.settings.planmap_cache_bytes
         ):
             oldest, _ = self.maps.popitem(last=False)
-            del self._bytes[oldest]
+            self._held_bytes -= self._bytes.pop(oldest)
 
     async def _load_or_build(self, key: MapKey, graph: CostGraph, kind: Any) -> PlanMap:
         rkey = self.redis_key(key)
