@@ -62,7 +62,7 @@ def baseline_plan(graph: CostGraph, req: PlanRequest, name: str) -> dict[str, An
             c = mask_choice(st, 0, cond)
         elif name in ("neurosurgeon", "edgent"):
             if i not in prefixes:
-                prefixes[i] = _device_only_first(st)
+                prefixes[i] = CandSet(st, prefix_masks(st), prefix_sums(st))
             c = _cand_choice(prefixes[i], objective, cond)
         elif objective == "latency":  # dads
             c = mask_choice(st, min_latency_mask(st, cond), cond)
@@ -75,17 +75,3 @@ def baseline_plan(graph: CostGraph, req: PlanRequest, name: str) -> dict[str, An
     acc = [e.accuracy for e in graph.exits]
     c, mode, met, _ = decide(acc, exit_indices, get, req)
     return plan_dict(graph, graph.content_hash(), req, name, c, mode, met, False)
-
-
-def _device_only_first(st: ExitStructure) -> CandSet:
-    """The single-split candidates of Neurosurgeon and Edgent (`prefix_masks`), Device-Only (the
-    last prefix, always feasible) moved first: the scans keep the first of equals, and in
-    latency mode Device-Only wins an exact tie, as it does in every planner. O(m + E)."""
-    masks = prefix_masks(st)
-    sums = prefix_sums(st)
-    assert masks[-1] == st.full
-
-    def first(xs: list[Any]) -> list[Any]:
-        return [xs[-1], *xs[:-1]]
-
-    return CandSet(st, first(masks), (first(list(sums[0])), first(list(sums[1])), first(list(sums[2]))))

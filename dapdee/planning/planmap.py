@@ -59,7 +59,9 @@ class PlanMapError(ValueError):
 class CandSet:
     """Candidate device sets of one exit with their zero-load sums as numpy arrays.
 
-    Pricing a request is O(n) numpy work; node lists per candidate are built once on demand."""
+    Pricing a request is O(n) numpy work; node lists per candidate are built once on demand.
+    The device-only set, when given, is always the first candidate: every scan keeps the first
+    of equals, so it wins an exact latency tie (DESIGN §5.2) whoever built the set."""
 
     def __init__(
         self,
@@ -73,6 +75,10 @@ class CandSet:
         self.masks = list(masks)
         if sums is None:
             sums = mask_sums(st, self.masks)
+        if self.masks and self.masks[0] != st.full and st.full in self.masks:
+            order = _device_only_first(self.masks.index(st.full), len(self.masks))
+            self.masks = [self.masks[i] for i in order]
+            sums = ([sums[0][i] for i in order], [sums[1][i] for i in order], [sums[2][i] for i in order])
         self.dev_l = [float(x) for x in sums[0]]
         self.bytes_l = [int(x) for x in sums[1]]
         self.edge_l = [float(x) for x in sums[2]]
@@ -200,6 +206,11 @@ def _scan_throughput(rows: list[tuple[float, float, float, float]], cond: Condit
             if lat < best or at < 0:
                 best, at = lat, i
     return at
+
+
+def _device_only_first(k: int, n: int) -> list[int]:
+    """Indices 0..n-1 with index k moved first, the others in order. O(n)."""
+    return [k, *range(k), *range(k + 1, n)]
 
 
 def pareto_candset(
