@@ -5,12 +5,19 @@ build leaves the build running, its map cached and its build slot held until it 
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import time
+import tracemalloc
+from typing import Any
 
 import pytest
 
-from dapdee.planning import PlanRequest
-from tests.test_planner_store import running, sample, settings, wide_graph
+from dapdee.costgraph import CostGraph
+from dapdee.planner.planmaps import PROGRESSIVE, approx_bytes
+from dapdee.planning import PlanMap, PlanRequest
+from dapdee.planning.progressive import ProgressiveMap
+from tests.test_planner_store import chain_graph, running, sample, settings, wide_graph
 
 BUDGET_S = 1.5  # the wide graph's build is cut short by it (unbudgeted it takes 10-20 s)
 
@@ -68,10 +75,6 @@ def test_a_request_cancelled_while_another_waits_does_not_start_a_second_build(p
 def test_the_maps_in_process_memory_are_bounded_in_estimated_bytes(planner_prefix: str) -> None:
     """With room for about two maps' estimated bytes, the third map built evicts the least
     recently used; with room for none, the newest map still stays (alone)."""
-    from dapdee.planner.planmaps import approx_bytes
-    from dapdee.planning import PlanMap
-    from tests.test_planner_store import chain_graph
-
     one = approx_bytes(PlanMap.build(chain_graph("m0", n=40)))
 
     async def built(cap: int) -> list[str]:
@@ -88,34 +91,75 @@ def test_the_maps_in_process_memory_are_bounded_in_estimated_bytes(planner_prefi
     assert asyncio.run(built(1)) == ["m2"]
 
 
-def test_a_maps_estimated_bytes_are_near_what_it_holds() -> None:
-    """`approx_bytes` against tracemalloc's count of a map's allocations, on a random DAG of 800
-    nodes each reading up to 10 of the 10 before it, 8 exits: within 25 % either way. (Counting
-    candidates alone, it said a quarter of what the exits' indexed sub-graphs hold.)"""
-    import gc
-    import random
-    import tracemalloc
-
-    from dapdee.costgraph import CostGraph
-    from dapdee.planner.planmaps import approx_bytes
-    from dapdee.planning import PlanMap
-
+def random_dag(n: int, width: int, exits: int = 8, progressive: bool = False) -> CostGraph:
+    """A random DAG of `n` nodes each reading up to `width` of the `width` before it, `exits`
+    exits spread evenly; `progressive`: every exit but the last a confidence exit (threshold
+    0.8), frames leaving evenly at each."""
     rng = random.Random(1)
     nodes = []
-    for i in range(800):
-        ins = ["x"] if i == 0 else [f"n{j}" for j in sorted(rng.sample(range(max(0, i - 10), i), min(i, 10)))]
-        node = {"name": f"n{i}", "op": "", "inputs": ins, "out_bytes": 1000 + i, "device_ms": 1.0, "edge_ms": 0.1}
-        nodes.append(node)
-    exits = [{"name": f"e{k}", "node": f"n{(k + 1) * 100 - 1}", "accuracy": 0.5 + k / 100} for k in range(8)]
-    shape = {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 4000}
-    graph = CostGraph.from_dict({"model": "m", "input": shape, "nodes": nodes, "exits": exits})
-    PlanMap.build(graph)  # first use: the allocations that stay (caches, imports) are not the map's
+    for i in range(n):
+        ins = ["x"] if i == 0 else [f"n{j}" for j in sorted(rng.sample(range(max(0, i - width), i), min(i, width)))]
+        nodes.append(
+            {"name": f"n{i}", "op": "", "inputs": ins, "out_bytes": 1000 + i, "device_ms": 1.0, "edge_ms": 0.1}
+        )
+    step = n // exits
+    names = [f"e{k}" for k in range(exits)]
+    graph: dict[str, Any] = {
+        "model": "m",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 4000},
+        "nodes": nodes,
+        "exits": [
+            {"name": e, "node": f"n{(k + 1) * step - 1}", "accuracy": 0.5 + k / 100} for k, e in enumerate(names)
+        ],
+    }
+    if progressive:
+        thresholds: dict[str, float | None] = {e: 0.8 for e in names[:-1]} | {names[-1]: None}
+        by_exit = {
+            e: {"fractions": {k: 1 / (i + 1) for k in names[: i + 1]}, "accuracy": 0.9} for i, e in enumerate(names)
+        }
+        graph["progressive"] = {"rule": "max_softmax", "split": "test", "thresholds": thresholds, "by_exit": by_exit}
+    return CostGraph.from_dict(graph)
+
+
+@pytest.mark.parametrize("kind", [PlanMap, ProgressiveMap])
+@pytest.mark.parametrize(("n", "width"), [(800, 10), (400, 2)])
+def test_a_maps_estimated_bytes_are_near_what_it_holds(kind: type, n: int, width: int) -> None:
+    """`approx_bytes` against tracemalloc's count of a map's allocations (a plan map, and a
+    confidence-exit map, which indexes its heads too), on random DAGs of 8 exits: within 25 %
+    either way. (Counting candidates alone, it said a quarter of what the exits' indexed
+    sub-graphs hold; it could not size a confidence-exit map at all.)"""
+    graph = random_dag(n, width, progressive=kind is ProgressiveMap)
+    kind.build(graph)  # first use: the allocations that stay (caches, imports) are not the map's
     gc.collect()
     tracemalloc.start()
     try:
-        pm = PlanMap.build(graph)
+        pm = kind.build(graph)
         gc.collect()
         held = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
     assert 0.8 <= approx_bytes(pm) / held <= 1.25, (approx_bytes(pm), held)
+
+
+def test_a_confidence_exit_map_is_counted_and_evicted_like_any_other(planner_prefix: str) -> None:
+    """The cache holds a confidence-exit map (P bytes) and then two plan maps (c bytes each,
+    c < P) with room for P + c: each is counted in the cache's bytes, so the third map built
+    evicts the least recently used, the confidence-exit map. (The cache once failed to size a
+    confidence-exit map: it stayed uncounted, and evictions broke.)"""
+    calibrated = random_dag(120, 3, exits=4, progressive=True)
+    p, c = approx_bytes(ProgressiveMap.build(calibrated)), approx_bytes(PlanMap.build(chain_graph("m1", n=120)))
+    assert p > c
+
+    async def go() -> list[tuple[str, bool]]:
+        async with running(settings(planner_prefix, None, planmap_cache_bytes=p + c)) as s:
+            names = {}
+            st = (await s.put_graph(calibrated)).state
+            names[st.graph_hash] = "m"
+            assert isinstance(await s.planmap("m", st, None, None, progressive=True), ProgressiveMap)
+            for name in ("m1", "m2"):
+                st = (await s.put_graph(chain_graph(name, n=120))).state
+                names[st.graph_hash] = name
+                await s.planmap(name, st, None, None)
+            return [(names[key[0]], key[2].endswith(PROGRESSIVE)) for key in s.planmaps.maps]
+
+    assert asyncio.run(go()) == [("m1", False), ("m2", False)]

@@ -38,6 +38,7 @@ from dapdee.planner.modelstate import ModelState, Profile
 from dapdee.planner.redis_link import RedisLink
 from dapdee.planning import DEFAULT_CAP, PlanMap
 from dapdee.planning.builder import build_serialised, exit_with_parent
+from dapdee.planning.enumerate import ExitStructure
 from dapdee.planning.progressive import ProgressiveMap
 
 log = logging.getLogger("dapdee.planner")
@@ -99,21 +100,33 @@ PROGRESSIVE = ":progressive"  # appended to a key's edge part for a ProgressiveM
 FAST_BUILD_S = 0.25  # a build's time in a thread before the rest goes to a build process
 
 
-def approx_bytes(pm: PlanMap) -> int:
+def approx_bytes(pm: PlanMap | ProgressiveMap) -> int:
     """An estimate of the memory a plan map holds, the part that grows with a large graph. Per
-    exit, its indexed sub-graph: the producer and consumer bit masks of each node (a bit per
-    node of the exit), 16 bytes per edge of the two adjacency tuples and ~250 bytes per node
-    of per-node tuples. Per candidate device set, its bit mask (the device-only set, always a
-    candidate, is the widest) and ~150 bytes of sums and references. Within ~15 % of what
-    tracemalloc counts for a map of random DAGs of 200-3,000 nodes. O(V + E + candidates) per
-    exit."""
+    exit, its indexed sub-graph (`_indexed_bytes`) and per candidate device set its bit mask
+    (the device-only set, always a candidate, is the widest) and ~150 bytes of sums and
+    references. A confidence-exit map's exit also indexes its heads (~250 bytes per extra
+    node, 16 per consumer entry, 24 per column of times and sizes), and each candidate carries
+    eight sums (~100 bytes with its references). Within ~15 % of what tracemalloc counts for
+    either kind of map of random DAGs of 100-3,000 nodes. O(V + E + candidates) per exit."""
     total = 0
+    if isinstance(pm, ProgressiveMap):
+        for c in pm.cands:
+            hs = c.hs
+            total += _indexed_bytes(hs.st) + 250 * (len(hs.names) - hs.st.m)
+            total += 16 * sum(len(x) for x in hs.cons) + 24 * len(hs.names)
+            total += len(c.masks) * (max(c.masks).bit_length() // 8 + 100)
+        return total
     for c in pm.cands:
-        st = c.st
-        masks = sum(x.bit_length() // 8 + 28 for x in (*st.preds_mask, *st.cons_mask))
-        total += masks + 16 * sum(len(p) for p in st.preds) + 250 * st.m
-        total += len(c.masks) * (max(c.masks).bit_length() // 8 + 150)
+        total += _indexed_bytes(c.st) + len(c.masks) * (max(c.masks).bit_length() // 8 + 150)
     return total
+
+
+def _indexed_bytes(st: ExitStructure) -> int:
+    """An exit's indexed sub-graph: the producer and consumer bit masks of each node (a bit per
+    node of the exit), 16 bytes per edge of the two adjacency tuples and ~250 bytes per node of
+    per-node tuples. O(V + E) of the exit."""
+    masks = sum(x.bit_length() // 8 + 28 for x in (*st.preds_mask, *st.cons_mask))
+    return masks + 16 * sum(len(p) for p in st.preds) + 250 * st.m
 
 
 class PlanMapCache:
@@ -188,8 +201,8 @@ class PlanMapCache:
             del self._building[key]
         if task.cancelled() or task.exception() is not None:  # its callers got the exception
             return
-        self.maps[key] = task.result()
         size = approx_bytes(task.result())
+        self.maps[key] = task.result()
         self._held_bytes += size - self._bytes.get(key, 0)
         self._bytes[key] = size
         while len(self.maps) > 1 and (
