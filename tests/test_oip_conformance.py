@@ -206,3 +206,37 @@ def test_a_compressed_request_is_415_naming_the_coding(
         client.infer(m.name, [inp], headers=_bearer(DEVICE_TOKEN), request_compression_algorithm=algorithm)
     assert _status(exc) == "415" and f"Content-Encoding '{algorithm}'" in exc.value.message()
     assert client.infer(m.name, [inp], headers=_bearer(DEVICE_TOKEN)).as_numpy("class").shape == (1,)
+
+
+def test_the_openapi_document_declares_every_error_each_route_answers(
+    served: tuple[Any, FastAPI, str], models: dict[str, LoadedModel]
+) -> None:
+    """Every operation declares the `4XX` and `5XX` ranges and types every error body as OIP's
+    `{"error": ...}` (no FastAPI `HTTPValidationError`); and what the request guard answers on
+    GET routes (a body over the limit, a compressed body) is a declared status with such a body.
+    (The GET routes once declared only their own codes: the guard's 413 and 415 were not.)"""
+    import jsonschema
+
+    _, _, url = served
+    spec = httpx.get(f"{url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            errors = {code: r for code, r in op["responses"].items() if code[0] in "45"}
+            assert "4XX" in errors and "5XX" in errors, (method, path)
+            assert all(r.get("content", error_ref) == error_ref for r in errors.values()), (method, path)
+    name = _frame_model(models).name
+    auth = _bearer(READER_TOKEN)
+    for path, item in spec["paths"].items():
+        if "get" not in item:
+            continue
+        target = url + path.replace("{model}", name).replace("{version}", "1")
+        for headers in ({"Content-Length": str(300_000)}, {"Content-Encoding": "gzip", "Content-Length": "3"}):
+            body = b"x" * int(headers["Content-Length"])
+            answer = httpx.request("GET", target, headers={**auth, **headers}, content=body)
+            declared = item["get"]["responses"]
+            assert str(answer.status_code) in declared or f"{answer.status_code // 100}XX" in declared, (path, answer)
+            assert answer.status_code in (413, 415), (path, answer.status_code)
+            jsonschema.validate(answer.json(), schemas["ErrorResponse"])

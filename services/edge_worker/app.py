@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
+from dapdee.edge_worker import openapi
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.capacity import CapacityMeter, thread_cpu_clock
 from dapdee.edge_worker.config import Settings
@@ -246,6 +247,7 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v2.router)
+    openapi.install(app)
     return app
 
 
