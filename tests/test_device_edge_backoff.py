@@ -283,3 +283,24 @@ def test_only_the_most_recently_used_workers_back_offs_are_kept(device: tuple[Lo
     for url in urls[2:]:
         edge.backoff_of(url)
     assert edge.resting(urls[0]) and not edge.resting(urls[1])
+
+
+def test_the_workers_a_plan_request_avoids_are_those_resting_the_most_recently_used_first(
+    device: tuple[LoadedModel, CostGraph],
+) -> None:
+    """`resting_urls` (a plan request's `avoid_workers`): the workers resting now, the most
+    recently used first, at most MAX_AVOIDED_WORKERS (the planner's limit); a worker whose rest
+    ended, or that never failed, is not named."""
+    from dapdee.api.planner import MAX_AVOIDED_WORKERS
+
+    _, graph = device
+    edge = EdgeLink(graph, WorkerTrust(None), Sensing(fixed_load=0.0), backoff=Backoff(60.0, 60.0))
+    urls = [f"http://10.0.0.{i}:8000/" for i in range(MAX_AVOIDED_WORKERS + 2)]
+    for url in urls:
+        edge.backoff_of(url).failed(0)
+    edge.backoff_of("http://10.0.0.200:8000")  # seen, never failed
+    edge.backoff_of(urls[0])  # used again: the most recent
+    expected = [urls[0].rstrip("/")] + [u.rstrip("/") for u in reversed(urls[1:])]
+    assert edge.resting_urls() == expected[:MAX_AVOIDED_WORKERS]
+    later = edge.backoff_of(urls[0]).until + 1.0
+    assert edge.resting_urls(now=later) == []

@@ -655,3 +655,58 @@ def test_an_endless_pipelined_stream_ends_when_a_frame_fails(stack: Stack) -> No
             return len(rt.records)
 
     assert asyncio.run(go()) <= 2 + 2 * cfg.max_inflight
+
+
+def _planner_with_a_dead_worker(stack: Stack, url: str) -> tuple[str, str]:
+    """Into the planner at `url`: the stack's model and edge profile, plus a faster edge tier;
+    the stack's worker heartbeats (idle) at its own tier, and a worker that nothing answers at
+    (http://127.0.0.1:1, connection refused) at the faster one, busier by its heartbeat so that
+    it is listed second (the device probes the first listed) but planned first (the leases, not
+    the heartbeat load, price the edge). Returns (dead URL, live URL)."""
+    from dapdee.client import PlannerClient
+
+    dead, name = "http://127.0.0.1:1", stack.loaded.name
+    with PlannerClient(stack.planner.url) as source, PlannerClient(url) as planner:
+        planner.put_graph(source.get_model(name).graph)
+        (live,) = [w for w in source.workers().workers if w.url == stack.edge.url]
+        edge = source.list_profiles(name).profiles[live.tier]
+        planner.put_profile(name, live.tier, "edge", edge.timings_ms, edge.meta)
+        fast = {n: ms / 10 for n, ms in edge.timings_ms.items()}
+        planner.put_profile(name, "fast", "edge", fast, edge.meta)
+        for worker, tier, load in ((stack.edge.url, live.tier, 0.0), (dead, "fast", 0.5)):
+            planner.heartbeat({"url": worker, "models": [name], "tier": tier, "load": load})
+    return dead, stack.edge.url
+
+
+def test_a_worker_the_device_cannot_reach_is_avoided_at_the_next_plan(stack: Stack) -> None:
+    """The planner lists two workers: one that heartbeats but that nothing answers at (a wrong
+    advertised URL), on a faster tier, so the first plan names it, and the stack's worker. The
+    first frame sent there is refused and finished locally; the re-plan it asks for names that
+    worker in `avoid_workers` (it rests for 30 s), the plan moves to the live worker, and the
+    frames after it are answered by the edge. (Before, the planner handed the same worker back
+    at every re-plan, and every frame fell back.)"""
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+    from dapdee.testing import serve_app_in_thread
+
+    frame = stack.frames(1, seed=21)[0]
+    cfg = RuntimeConfig(Requirements(mode="latency"), plan_max_age_s=100.0, backoff_initial_s=30.0)
+
+    async def go(url: str) -> tuple[list[FrameRecord], Plan, Plan]:
+        settings = _settings(stack, runtime=cfg, planner=PlannerConfig(url, "device-k10", ready_timeout_s=30.0))
+        async with open_device(settings, stack.loaded, stack.graph) as rt:
+            first, records = rt.plan, []
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 10.0 and sum(r.where == "edge" for r in records) < 3:
+                records.append(await rt.infer(frame))
+                await asyncio.sleep(0.05)
+            return records, first, rt.plan
+
+    with serve_app_in_thread(create_app(Settings(redis_url=None, worker_ttl_s=120.0))) as url:
+        dead, live = _planner_with_a_dead_worker(stack, url)
+        records, first, last = asyncio.run(go(url))
+    assert first.uses_edge and first.edge_worker == dead, first
+    assert last.edge_worker == live, last
+    assert records[0].where == "fallback", records[0]
+    assert [r.where for r in records[-3:]] == ["edge"] * 3, [(r.where, r.error) for r in records]
+    assert sum(r.where == "fallback" for r in records) <= 3, [(r.where, r.error) for r in records]

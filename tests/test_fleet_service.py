@@ -1097,3 +1097,50 @@ def test_baselines_and_confidence_exit_plans_are_priced_at_the_load_the_leases_p
         assert beat(c, "http://w2:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
         plan = c.post("/plan", json={**unleased, "baseline": "edge-only"}).json()
         assert plan["edge_worker"] == "http://w2:1" and plan["predicted"]["edge_ms"] == pytest.approx(8.0)
+
+
+def test_a_device_avoiding_a_worker_is_planned_on_another_and_its_lease_moves(planner_prefix: str) -> None:
+    """Two idle workers serve the model (w1 first by URL). A device that names w1 in
+    `avoid_workers` (with a trailing '/': the same worker) is planned and leased on w2, and its
+    reservation leaves w1; a plan without a lease, and a baseline, avoid it too. A request that
+    avoids every live worker is planned as if it avoided none. A malformed list is a 422 naming
+    it, and nothing stored changes."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, workers=("http://w1:1", "http://w2:1"))
+        assert c.post("/plan", json=leased("d")).json()["lease"]["worker"] == "http://w1:1"
+        plan = c.post("/plan", json=leased("d", avoid_workers=["http://w1:1/"])).json()
+        assert plan["lease"]["worker"] == plan["edge_worker"] == "http://w2:1"
+        booked = {url: w["leased_ms_per_s"] for url, w in workers(c).items()}
+        assert booked == {"http://w1:1": 0.0, "http://w2:1": pytest.approx(80.0)}
+        unleased = {k: v for k, v in leased("x").items() if k != "device_id"}
+        assert (
+            c.post("/plan", json={**unleased, "avoid_workers": ["http://w2:1"]}).json()["edge_worker"] == "http://w1:1"
+        )
+        baseline = {**unleased, "baseline": "edge-only", "avoid_workers": ["http://w1:1"]}
+        assert c.post("/plan", json=baseline).json()["edge_worker"] == "http://w2:1"
+        both = {**unleased, "avoid_workers": ["http://w1:1", "http://w2:1"]}
+        assert c.post("/plan", json=both).json() == c.post("/plan", json=unleased).json()
+        for bad, field in ((["ftp://w1:1"], "avoid_workers"), ([f"http://w{i}:1" for i in range(17)], "avoid_workers")):
+            r = c.post("/plan", json=leased("d", avoid_workers=bad))
+            assert r.status_code == 422 and field in r.text, r.text
+        assert c.get("/devices/d").json()["plan"]["plan_id"] == plan["plan_id"]
+        assert {url: w["leased_ms_per_s"] for url, w in workers(c).items()} == booked
+
+
+def test_a_rebalance_does_not_bring_a_device_onto_a_worker_it_avoids(planner_prefix: str) -> None:
+    """w1 has room; w2 (10 ms/s) admits no edge plan. A device avoiding w1 is planned on w2:
+    Device-Only. A rebalance leaves it off w1 (it solves it with w2's leases only), and its next
+    request keeps it there. (Before, the rebalance took the Device-Only lease onto w1, where the
+    device had failed.)"""
+    with planner(planner_prefix, rebalance_s=3600.0) as c:
+        setup_model(c, workers=("http://w1:1",))
+        assert beat(c, "http://w2:1", ["cam"], "t", 0.0, capacity_ms_per_s=10.0).status_code == 200
+        avoiding = leased("j", avoid_workers=["http://w1:1"])
+        plan = c.post("/plan", json=avoiding).json()
+        assert plan["lease"]["worker"] is None and plan["edge_worker"] == "http://w2:1"
+        reports = {r["worker"]: r for r in c.post("/fleet/rebalance").json()["workers"]}
+        assert all(d["device_id"] != "j" for d in reports.get("http://w1:1", {"devices": []})["devices"]), reports
+        assert c.get("/devices/j").json()["lease"]["worker"] is None
+        assert c.post("/plan", json=avoiding).json()["lease"]["worker"] is None
+        # without the list it is brought onto w1 (the worker with room) as before
+        assert c.post("/plan", json=leased("j")).json()["lease"]["worker"] == "http://w1:1"

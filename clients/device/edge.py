@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import torch
 
+from dapdee.api.planner import MAX_AVOIDED_WORKERS
 from dapdee.client import (
     ApiError,
     AsyncEdgeClient,
@@ -285,6 +286,15 @@ class EdgeLink:
         """Whether worker `url` rests after a failure (keeps no back-off for it). O(1)."""
         backoff = self._backoffs.get(normalize_url(url))
         return backoff is not None and backoff.resting(now)
+
+    def resting_urls(self, now: float | None = None) -> list[str]:
+        """The workers resting after failures now, the most recently used first, at most
+        MAX_AVOIDED_WORKERS: the ones a plan request asks the planner to avoid (a worker that
+        heartbeats but that this device cannot use would otherwise be handed back at every
+        re-plan). O(back-offs kept)."""
+        now = time.monotonic() if now is None else now
+        resting = [url for url, b in reversed(self._backoffs.items()) if b.resting(now)]
+        return resting[:MAX_AVOIDED_WORKERS]
 
     async def _client(self, url: str) -> AsyncEdgeClient:
         url = normalize_url(url)

@@ -2,10 +2,11 @@
 
 - `FixedPlanSource`: one plan, never replaced (benchmarks, a pinned cut, `--plan FILE`).
 - `PlannerPlanSource`: `POST /plan` through the SDK (`dapdee.client.AsyncPlannerClient`) with
-  the device's sensed conditions, its requirements, its profile tier and, when it has one, its
+  the device's sensed conditions, its requirements, its profile tier, when it has one its
   `device_id` (so the plan carries a lease; the runtime re-plans at the lease's
-  `replan_after_s`). Every answer is checked against the device's cost graph
-  (`plans.plan_from_answer`) before it is used. While no new plan is in hand (the planner
+  `replan_after_s`), and the workers it rests after failures as `avoid_workers` (so a worker
+  that heartbeats but that this device cannot use is not handed back to it). Every answer is
+  checked against the device's cost graph (`plans.plan_from_answer`) before it is used. While no new plan is in hand (the planner
   cannot be asked, or a re-plan is still waiting for its answer), `meanwhile` keeps the
   current plan while its lease lasts (forever when it has none, or the planner could not
   store it: `expires_in_s` 0) and then answers the Device-Only plan; the runtime asks it on
@@ -114,8 +115,9 @@ def retry_delay(retry_after_s: float | None, left_s: float) -> float:
 
 
 class PlannerPlanSource:
-    """Plans from the planner (see the module docstring). `reregister` (optional) uploads the
-    device profile again; it is called once when the planner answers 404/409 without
+    """Plans from the planner (see the module docstring). `avoid` (optional) names the workers
+    each request asks the planner to avoid. `reregister` (optional) uploads the device profile
+    again; it is called once when the planner answers 404/409 without
     `Retry-After` (it lost the model or this tier's profile, e.g. a restart without Redis), at
     most every REREGISTER_SPACING_S. A 404 with `Retry-After` is a replica that cannot read the
     model while Redis is away: the model may well exist, so it is asked again later, never
@@ -135,6 +137,7 @@ class PlannerPlanSource:
         worker_wait_s: float = 5.0,
         reregister: Callable[[], Awaitable[None]] | None = None,
         tracing: Tracing = NO_TRACING,
+        avoid: Callable[[], list[str]] | None = None,
     ) -> None:
         if device_id is not None and requirements.frame_rate is None:
             raise ValueError("a device id (a lease) needs a frame rate: give --frame-rate")
@@ -147,12 +150,13 @@ class PlannerPlanSource:
         self.worker_wait_s = worker_wait_s
         self.reregister = reregister
         self.tracing = tracing
+        self.avoid = avoid
         self._registered_at = time.monotonic()
         self.landing_until = 0.0  # a POST /plan cut off unanswered may reach the planner until then
 
     def body(self, cond: Conditions) -> dict[str, Any]:
-        """The plan request for `cond`: the model, the conditions, the tier, the device id and
-        the requirements."""
+        """The plan request for `cond`: the model, the conditions, the tier, the device id, the
+        requirements and the workers to avoid (`avoid()`, those resting after failures)."""
         body: dict[str, Any] = {
             "model": self.graph.model,
             "bandwidth_mbps": min(max(cond.bandwidth_mbps, 1e-3), 1e6),
@@ -163,6 +167,9 @@ class PlannerPlanSource:
             body["device_tier"] = self.tier
         if self.device_id is not None:
             body["device_id"] = self.device_id
+        avoid = self.avoid() if self.avoid is not None else []
+        if avoid:
+            body["avoid_workers"] = avoid
         return body | self.requirements.plan_fields()
 
     async def _ask(self, cond: Conditions) -> Plan:

@@ -204,7 +204,7 @@ async def _source(
     await publish()
     source = PlannerPlanSource(
         parts.planner, graph, s.runtime.requirements, cfg.tier, cfg.device_id, cfg.ready_timeout_s,
-        cfg.worker_wait_s, reregister=publish, tracing=tracing,
+        cfg.worker_wait_s, reregister=publish, tracing=tracing, avoid=parts.edge.resting_urls,
     )  # fmt: skip
     return source, request_ms
 

@@ -95,6 +95,12 @@ PLAN_REQUEST_EXAMPLE = {
 }
 
 
+MAX_AVOIDED_WORKERS = 16
+AvoidedWorker = Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://\S+$")]
+"""A worker URL in a plan request's `avoid_workers`: http(s), no whitespace, as the planner names
+workers (a trailing '/' is not told apart)."""
+
+
 class PlanRequestBody(BaseModel):
     """One device's run-time conditions and requirements (DESIGN.md, "Planning semantics")."""
 
@@ -125,6 +131,14 @@ class PlanRequestBody(BaseModel):
     )
     baseline: Literal["device-only", "edge-only", "neurosurgeon", "dads", "edgent"] | None = Field(
         None, description="plan with a baseline planner over the same cost model (for comparisons; no lease)"
+    )
+    avoid_workers: list[AvoidedWorker] = Field(
+        default_factory=list,
+        max_length=MAX_AVOIDED_WORKERS,
+        description="workers this device could not use lately (its requests there were refused, went "
+        "unanswered or failed): the plan takes another live worker serving the model when there is one "
+        "(every live one avoided: the list is ignored); a lease keeps the list, so a rebalance does not "
+        "bring the device onto them either",
     )
 
     @model_validator(mode="after")

@@ -58,6 +58,7 @@ REQUEST_FIELDS = (
     "min_accuracy",
     "frame_rate",
     "mode",
+    "avoid_workers",
 )
 CONDITION_FIELDS = ("bandwidth_mbps", "rtt_ms", "device_load")
 

@@ -18,7 +18,7 @@ The reservations come in as figures: nothing here reads Redis or counts metrics
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +69,12 @@ def request_of(fields: dict[str, Any]) -> PlanRequest:
 
 
 def requirements_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether the device's tier or any requirement differs between two requests. O(1)."""
-    return any(old.get(key) != new.get(key) for key in REQUIREMENT_FIELDS)
+    """Whether the device's tier, any requirement or the workers it avoids (a plan assigned
+    while it avoided one is not the best once it does not) differ between two requests.
+    O(1) plus the avoided lists."""
+    if any(old.get(key) != new.get(key) for key in REQUIREMENT_FIELDS):
+        return True
+    return (old.get("avoid_workers") or []) != (new.get("avoid_workers") or [])
 
 
 def within_margin(held: dict[str, Any], best: dict[str, Any], margin: float) -> bool:
@@ -98,6 +102,20 @@ def drifted(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
     if abs(r1 - r0) > threshold * max(r0, 1.0):
         return True
     return abs(new.get("device_load", 0.0) - old.get("device_load", 0.0)) > threshold / 2
+
+
+def usable(workers: Sequence[Worker], avoid: Iterable[str]) -> tuple[list[Worker], list[str]]:
+    """`workers` without those a device asked to avoid (URLs compared without a trailing '/'),
+    or all of them when it avoids every one (the device's own back-off then decides when it
+    tries a worker again; a plan naming none would only idle the edge); and the URLs of those
+    left out, sorted, as the workers name themselves (what a lease records). O(workers + avoid)."""
+    avoided = {url.rstrip("/") for url in avoid}
+    if not avoided:
+        return list(workers), []
+    kept = [w for w in workers if w.url.rstrip("/") not in avoided]
+    if not kept:
+        return list(workers), []
+    return kept, sorted(w.url for w in workers if w.url.rstrip("/") in avoided)
 
 
 def tiebreak(worker: Worker) -> float:

@@ -44,7 +44,7 @@ from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.fleet import Fleet
 from dapdee.planner.keys import Keys
 from dapdee.planner.leases import Heartbeat, StoredRecord
-from dapdee.planner.plan_choice import request_of
+from dapdee.planner.plan_choice import request_of, usable
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
 
@@ -146,7 +146,8 @@ class Rebalancer:
         (nothing written: the caller registers the heartbeat as it is); None when this replica
         was already doing so for the worker (a heartbeat sent again after a timeout): it waited
         for that, and the caller checks its heartbeat again.
-        RedisUnavailable passes up. Per try: four round trips, the demands and one `settle`."""
+        RedisUnavailable passes up. One round trip (the live workers), then per try: four round
+        trips, the demands and one `settle`."""
         running = self._shedding.get(w.url)
         if running is not None:
             await asyncio.shield(running)  # the waiter's cancellation must not end the shed's
@@ -160,11 +161,12 @@ class Rebalancer:
 
     async def _shed(self, w: Worker, ttl_ms: int) -> bool:
         heartbeat = Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms)
+        workers = await self.fleet.live_workers()
         for _ in range(CAPACITY_RETRIES):
             reserved = await self.fleet.book.loads()
             records = await self.fleet.book.records(await self.fleet.book.devices())
             held = reserved.get(w.url, {})
-            candidates = _candidates(w, reserved, records, _joiners(reserved, records))
+            candidates = _candidates(w, reserved, records, _joiners(reserved, records), workers)
             report = await self._rebalance_worker(w, candidates, records, held, heartbeat)
             if report is None:
                 break
@@ -226,7 +228,7 @@ class Rebalancer:
         joiners = _joiners(reserved, records)
         reports = []
         for w in sorted(workers, key=lambda w: w.url):
-            candidates = _candidates(w, reserved, records, joiners)
+            candidates = _candidates(w, reserved, records, joiners, workers)
             report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
             if report is not None:
                 reports.append(report)
@@ -329,13 +331,34 @@ def _joiners(reserved: dict[str, dict[str, float]], records: dict[str, StoredRec
 
 
 def _candidates(
-    w: Worker, reserved: dict[str, dict[str, float]], records: dict[str, StoredRecord], joiners: set[str]
+    w: Worker,
+    reserved: dict[str, dict[str, float]],
+    records: dict[str, StoredRecord],
+    joiners: set[str],
+    workers: Sequence[Worker],
 ) -> list[str]:
     """The leases a solve of worker `w` chooses for: those on it of models it serves (one of a
     model it stopped serving keeps its booking until its device plans again: the worker would
-    refuse its frames), then the `joiners` of models it serves. O(leases)."""
+    refuse its frames), then the `joiners` that may join it (`_may_join`, among the live
+    `workers`). O(leases · workers)."""
     members = [d for d in reserved.get(w.url, {}) if d in records and records[d].fields["model"] in w.models]
-    return members + sorted(d for d in joiners if records[d].fields["model"] in w.models)
+    return members + sorted(d for d in joiners if _may_join(w, records[d].fields, workers))
+
+
+def _may_join(w: Worker, record: dict[str, Any], workers: Sequence[Worker]) -> bool:
+    """Whether a Device-Only lease may be brought onto worker `w`: `w` serves its model and its
+    device did not ask to avoid it (`usable` over the live `workers` serving the model, as its
+    own request is planned). O(workers)."""
+    model = record["model"]
+    if model not in w.models:
+        return False
+    request = record.get("request")
+    avoid = request.get("avoid_workers") if isinstance(request, dict) else None
+    if not avoid:
+        return True
+    serving = [x for x in workers if model in x.models and x.url != w.url] + [w]
+    kept, _ = usable(serving, avoid)
+    return any(x.url == w.url for x in kept)
 
 
 def _outcome(applied: bool, shed: bool) -> str:

@@ -18,6 +18,7 @@ from dapdee.api.planner import PLAN_REQUEST_EXAMPLE, PlanAnswer, PlanRequestBody
 from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
 from dapdee.planner.errors import CapacityExceeded, MapBuildPending, ModelUnreachable
+from dapdee.planner.plan_choice import usable
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.planmaps import NoConfidenceExits
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
@@ -98,7 +99,7 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
     """The plan JSON for a validated request: model and profiles from the store (process memory
     once cached), then by what the request asks — a baseline, a confidence-exit plan, or
     DAPDEE's plan over the live workers and the other devices' leases (with a lease of its own
-    when it names a device)."""
+    when it names a device); over the workers it does not ask to avoid (`usable`)."""
     st = await store.get_model(body.model)
     if st is None:
         raise ApiProblem(404, f"unknown model {body.model!r}; upload its cost graph with PUT /models/{body.model}")
@@ -107,7 +108,9 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
         raise ApiProblem(
             422, "device_id: leases are off on this planner (DAPDEE_FLEET_PLANNING=false)", loc=("body", "device_id")
         )
-    workers = store.serving(body.model)
+    workers, avoided = usable(store.serving(body.model), body.avoid_workers)
+    if avoided != body.avoid_workers:  # a lease records the workers actually left out
+        body = body.model_copy(update={"avoid_workers": avoided})
     if body.baseline is not None or body.confidence_exits or not store.settings.fleet_planning or not workers:
         return await _single_worker(store, runner, body, st, dev, workers)
     try:
