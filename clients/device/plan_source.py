@@ -6,12 +6,12 @@
   `device_id` (so the plan carries a lease; the runtime re-plans at the lease's
   `replan_after_s`), and the workers it rests after failures as `avoid_workers` (so a worker
   that heartbeats but that this device cannot use is not handed back to it). Every answer is
-  checked against the device's cost graph (`plans.plan_from_answer`) before it is used. While no new plan is in hand (the planner
-  cannot be asked, or a re-plan is still waiting for its answer), `meanwhile` keeps the
-  current plan while its lease lasts (forever when it has none, or the planner could not
-  store it: `expires_in_s` 0) and then answers the Device-Only plan; the runtime asks it on
-  every tick and every frame, so the device never leans on an edge reservation that has
-  lapsed.
+  checked against the device's cost graph (`plans.plan_from_answer`) before it is used. While
+  no new plan is in hand (the planner cannot be asked, or a re-plan is still waiting for its
+  answer), `meanwhile` keeps the current plan while its lease lasts (forever when it has none,
+  or the planner could not store it: `expires_in_s` 0) and then answers the Device-Only plan;
+  the runtime asks it on every tick and every frame, so the device never leans on an edge
+  reservation that has lapsed.
 """
 
 from __future__ import annotations
