@@ -539,3 +539,104 @@ def test_a_worker_filled_exactly_keeps_both_devices_as_admission_does() -> None:
     assert 0.1 + 0.2 > 0.3 and within_limit(0.1 + 0.2, 0.3)
     sol = solve(demands, 1000.0, RHO_MAX, limit_ms_per_s=0.3)
     assert sol.value[0] == 2 and all(o.uses_edge for o in sol.choices), sol
+
+
+def _priced_one_by_one(demand: Demand, edge_load: float, now_load: float) -> list[Option]:
+    """Every candidate of every exit's front as an Option, each priced alone by
+    `CandSet.predict` (`costmodel.predict_sums`) and valued by `meets_all`: what `options` priced
+    candidate by candidate before it priced each exit at once."""
+    from dapdee.fleet.assign import edge_ms_per_frame, meets_all
+    from dapdee.fleet.rebalance import accuracy_term
+
+    cond = demand.request.conditions()
+    at_most_cond, now_cond = (
+        dataclasses.replace(cond, edge_load=edge_load),
+        dataclasses.replace(cond, edge_load=now_load),
+    )
+    f, out = demand.frames_per_s, []
+    for i, cs in enumerate(demand.planmap.cands):
+        accuracy = demand.planmap.graph.exits[i].accuracy
+        loads = edge_ms_per_frame(cs) * f
+        for j in range(len(cs)):
+            at_most, now = cs.predict(j, at_most_cond), cs.predict(j, now_cond)
+            t = now.latency_ms if demand.objective == "latency" else now.bottleneck_ms
+            value = (int(meets_all(demand.request, at_most, accuracy)), accuracy_term(f, accuracy), -f * t)
+            out.append(Option(i, j, cs.masks[j] != cs.st.full, float(loads[j]), value))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_options_priced_per_exit_give_the_chain_of_every_candidate_priced_alone(seed: int) -> None:
+    """`options(...)` is exactly (every field, every bit) `chain` over every candidate priced one
+    by one, and so is `chain` of it with the held plan added, on random graphs, requests and
+    loads, with budgets set at a candidate's own latency (met by a hair's breadth), graphs with
+    twin branches and exits sharing a node (equal values, so the tie-breaks decide)."""
+    from dapdee.fleet.rebalance import chain, held_option, options
+
+    rng = random.Random(seed)
+    g = oracle.random_graph(rng, max_nodes=7, name=f"m{seed}")
+    if rng.random() < 0.3:  # twins: equal sums, equal values
+        twin = dict(g["nodes"][0], name="twin")
+        g["nodes"].append(twin)
+    if rng.random() < 0.3:  # a second exit at an exit's node, as accurate: equal options of two exits
+        g["exits"].insert(0, dict(g["exits"][0], name="same"))
+    if rng.random() < 0.5:
+        g["overheads"] = {"device_request_ms": rng.choice([0.0, 1.5]), "edge_request_ms": rng.choice([0.0, 3.0])}
+    pm = PlanMap.build(CostGraph.from_dict(g))
+    objective = rng.choice(["latency", "throughput"])
+    edge_load, now_load = rng.choice([0.0, 0.3, 0.9]), rng.choice([0.0, 0.45, 0.9])
+    probe = PlanRequest(rng.uniform(0.1, 50.0), rng.uniform(0, 20), rng.choice([0.0, 0.5]), 0.0, mode=objective)
+    cs = rng.choice(pm.cands)
+    hair = cs.predict(rng.randrange(len(cs)), dataclasses.replace(probe.conditions(), edge_load=edge_load))
+    req = dataclasses.replace(
+        probe,
+        latency_budget_ms=rng.choice([None, hair.latency_ms, rng.uniform(1, 60)]),
+        min_accuracy=rng.choice([None, 0.55, 0.7]),
+        frame_rate=rng.choice([None, 1000.0 / hair.bottleneck_ms if hair.bottleneck_ms > 0 else None, 10.0]),
+    )
+    e = rng.randrange(len(pm.cands))
+    current = (pm.graph.exits[e].name, pm.cands[e].lists(rng.randrange(len(pm.cands[e])))[0])
+    demand = Demand("d", rng.choice([1.0, 10.0, 30.0]), pm, req, objective, current)
+    held = held_option(demand, 0.05, edge_load, now_load)
+    assert held is not None
+    alone = _priced_one_by_one(demand, edge_load, now_load)
+    assert options(demand, edge_load, now_load) == chain(alone)
+    assert chain([*options(demand, edge_load, now_load), held]) == chain([*alone, held])
+
+
+def test_a_solve_past_its_deadline_stops_and_one_within_it_is_unchanged() -> None:
+    """`settle` with a deadline already past raises SolveOverBudget (no share solved: nothing to
+    answer with); with one far off it answers as without one."""
+    import time
+
+    from dapdee.fleet.rebalance import SolveOverBudget
+
+    demands, _ = _fleet(random.Random(5), 4)
+    with pytest.raises(SolveOverBudget):
+        settle(demands, 300.0, RHO_MAX, deadline=time.monotonic() - 1.0)
+    assert settle(demands, 300.0, RHO_MAX, deadline=time.monotonic() + 600.0) == settle(demands, 300.0, RHO_MAX)
+
+
+def test_a_64_exit_fleet_is_priced_per_exit_at_once() -> None:
+    """64 exits on one node of a 100-node chain (each front 100 candidates), 12 devices: the
+    options of a device are the chain of its 6,464 candidates (`options` keeps only those), and
+    settle answers exactly; priced candidate by candidate this took seconds per device."""
+    from dapdee.fleet.rebalance import chain, options
+
+    nodes = [_node(f"n{i}", f"n{i - 1}" if i else "x", 100, 1.0, 0.5) for i in range(100)]
+    g = {
+        "model": "wide-exits",
+        "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 100},
+        "nodes": nodes,
+        "exits": [{"name": f"e{k}", "node": "n99", "accuracy": k / 63} for k in range(64)],
+    }
+    pm = PlanMap.build(CostGraph.from_dict(g))
+    demands = [
+        Demand(f"d{i}", 1.0, pm, PlanRequest(bandwidth_mbps=1.0 + i, frame_rate=1.0, mode="latency"), "latency")
+        for i in range(12)
+    ]
+    assert sum(len(cs) for cs in pm.cands) > 6000
+    for d in demands[:2]:
+        kept = options(d, 0.9, 0.9)
+        assert kept == chain(kept) and len(kept) < 200
+    assert settle(demands, 1000.0, RHO_MAX).exact

@@ -1144,3 +1144,20 @@ def test_a_rebalance_does_not_bring_a_device_onto_a_worker_it_avoids(planner_pre
         assert c.post("/plan", json=avoiding).json()["lease"]["worker"] is None
         # without the list it is brought onto w1 (the worker with room) as before
         assert c.post("/plan", json=leased("j")).json()["lease"]["worker"] == "http://w1:1"
+
+
+def test_a_worker_whose_solve_runs_past_the_budget_is_left_as_it_was_and_named(planner_prefix: str) -> None:
+    """With a rebalance budget shorter than any solve, POST /fleet/rebalance answers at once:
+    the worker is named in `over_budget`, has no report, its leases keep what they booked, and
+    the metric counts it."""
+    with planner(planner_prefix, rebalance_s=3600.0, rebalance_budget_s=1e-9) as c:
+        setup_model(c)
+        for i in range(3):
+            assert c.post("/plan", json=leased(f"d{i}")).status_code == 200
+        before = workers(c)["http://w1:1"]["leased_ms_per_s"]
+        answer = c.post("/fleet/rebalance").json()
+        assert_valid("lease#/$defs/rebalance", answer)
+        assert answer["over_budget"] == ["http://w1:1"] and answer["workers"] == [], answer
+        assert workers(c)["http://w1:1"]["leased_ms_per_s"] == before
+        assert not c.get("/devices/d0").json()["lease"]["assigned"]
+        assert _rebalances(c, "over_budget") == 1

@@ -352,6 +352,10 @@ class RebalanceAnswer(BaseModel):
 
     approximate: bool = Field(description="true when some worker was solved approximately (exact: false)")
     workers: list[WorkerRebalance]
+    over_budget: list[str] = Field(
+        default_factory=list,
+        description="workers whose solve ran past DAPDEE_REBALANCE_BUDGET_S: left as they were (not in `workers`)",
+    )
 
 
 # ---- cost graphs ------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ second of CPU.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -74,7 +75,7 @@ from dapdee.costgraph import CostGraphError
 from dapdee.costmodel import Predicted, partition
 from dapdee.fleet.assign import ADMIT_RTOL, edge_load_of, edge_ms_per_frame, meets_all
 from dapdee.fleet.bounds import COMPONENTS, SuffixBound, suffix_bounds
-from dapdee.planning.planmap import PlanMap
+from dapdee.planning.planmap import PlanMap, acc_ok
 from dapdee.planning.request import PlanRequest
 
 Value = tuple[int, float, float]
@@ -85,6 +86,16 @@ GRID = 4096
 TIE_WEIGHTS = ((1e4, 1e4, 1.0),)  # see _reaching
 ACCURACY_QUANTUM = 2.0**-20  # frames/s: the resolution of the accuracy component (`accuracy_term`)
 SETTLE_LEVELS = 8  # `settle` solves for shares ρ_max/8, 2ρ_max/8, ..., ρ_max of the worker
+
+
+class SolveOverBudget(Exception):
+    """A solve that ran past its `deadline` (`solve`, `settle`)."""
+
+
+def _in_time(deadline: float | None) -> None:
+    """SolveOverBudget once `time.monotonic()` is past `deadline` (None: no deadline). O(1)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise SolveOverBudget("the rebalance solve ran past its time budget")
 
 
 @dataclass(frozen=True)
@@ -190,20 +201,57 @@ def current_option(
 
 
 def options(demand: Demand, edge_load: float, now_load: float) -> list[Option]:
-    """Every candidate of every exit's front, its met flag priced at `edge_load` and its time at
-    `now_load`. O(Σ_e front_e)."""
+    """The candidates of the device's exits' fronts that `chain` keeps, in its order: its met
+    flag priced at `edge_load` and its time at `now_load`, each exit's priced at once
+    (`CandSet.latencies` / `bottlenecks`, the same floating-point operations as
+    `costmodel.predict_sums`), the chain taken over them all at once (`_records`). Every other
+    candidate has a value no better than one of no more load before it, so `chain` over these
+    and any other options (the held plan) is `chain` over every candidate and those options.
+    O(n log n) numpy work for n candidates, plus an Option per kept one."""
     cond = demand.request.conditions()
     at_most_cond, now_cond = replace(cond, edge_load=edge_load), replace(cond, edge_load=now_load)
-    out = []
+    req, f = demand.request, demand.frames_per_s
+    cols: list[list[np.ndarray]] = [[], [], [], [], []]  # load, met, accuracy term, −f·t, exit
     for i, cs in enumerate(demand.planmap.cands):
         accuracy = demand.planmap.graph.exits[i].accuracy
-        loads = edge_ms_per_frame(cs) * demand.frames_per_s
-        for j in range(len(cs)):
-            at_most = cs.predict(j, at_most_cond)
-            now = at_most if now_load == edge_load else cs.predict(j, now_cond)
-            value = option_value(demand, at_most, now, accuracy)
-            out.append(Option(i, j, cs.masks[j] != cs.st.full, float(loads[j]), value))
+        met = np.full(len(cs), acc_ok(accuracy, req))
+        if req.latency_budget_ms is not None:
+            met &= cs.latencies(at_most_cond) <= req.latency_budget_ms
+        if req.frame_rate is not None:
+            met &= cs.bottlenecks(at_most_cond) <= 1000.0 / req.frame_rate
+        now = now_cond if now_load != edge_load else at_most_cond
+        t = cs.latencies(now) if demand.objective == "latency" else cs.bottlenecks(now)
+        for col, x in zip(cols, (edge_ms_per_frame(cs) * f, met, np.full(len(cs), accuracy_term(f, accuracy)),
+                                 -f * t, np.full(len(cs), i)), strict=True):  # fmt: skip
+            col.append(x)
+    load, met, acc, neg_t, exit_index = (np.concatenate(c) for c in cols)
+    cand_index = np.concatenate([np.arange(len(cs)) for cs in demand.planmap.cands])
+    out = []
+    for k in _records(load, met, acc, neg_t, exit_index, cand_index):
+        cs = demand.planmap.cands[int(exit_index[k])]
+        j = int(cand_index[k])
+        value = (int(met[k]), float(acc[k]), float(neg_t[k]))
+        out.append(Option(int(exit_index[k]), j, cs.masks[j] != cs.st.full, float(load[k]), value))
     return out
+
+
+def _records(
+    load: np.ndarray, met: np.ndarray, acc: np.ndarray, neg_t: np.ndarray, exit_index: np.ndarray, cand: np.ndarray
+) -> np.ndarray:
+    """The positions `chain` keeps, in its order (load ascending, value (met, accuracy, −f·t)
+    descending, the deeper exit, the earlier candidate): those whose value is strictly above
+    every earlier one's. Values are ranked densely (equal values, equal ranks), so that is a
+    rank above the running maximum of the ranks before. O(n log n)."""
+    by_value = np.lexsort((neg_t, acc, met))
+    v = (met[by_value], acc[by_value], neg_t[by_value])
+    new = np.ones(len(load), dtype=bool)
+    new[1:] = (v[0][1:] != v[0][:-1]) | (v[1][1:] != v[1][:-1]) | (v[2][1:] != v[2][:-1])
+    rank = np.empty(len(load), dtype=np.int64)
+    rank[by_value] = np.cumsum(new)
+    order = np.lexsort((cand, -exit_index, -rank, load))
+    ranks = rank[order]
+    earlier = np.concatenate(([0], np.maximum.accumulate(ranks)[:-1]))
+    return order[ranks > earlier]
 
 
 def chain(opts: Sequence[Option]) -> list[Option]:
@@ -258,6 +306,7 @@ def solve(
     time_load: float | None = None,
     limit_ms_per_s: float | None = None,
     nominal_ms_per_s: float | None = None,
+    deadline: float | None = None,
 ) -> Solution:
     """The best option per device under Σ load <= `limit_ms_per_s` (None: ρ_max·C; within the
     lease scripts' relative ADMIT_RTOL; see the module docstring), each device's current plan
@@ -270,7 +319,8 @@ def solve(
     `max_states` states. Each DP step is vectorised: O(S·c·log(S·c)) for S states and a chain
     of c options. `exact` is also false when a device's plan map is not (an exit past the
     enumeration cap, or a build cut short: its options are a candidate set, not every
-    partition)."""
+    partition). SolveOverBudget once `time.monotonic()` passes `deadline` (checked per device
+    priced and per DP step)."""
     if not 0.0 <= switch_margin < 1.0:
         raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
     # the lease scripts admit a sum up to a relative ADMIT_RTOL past the limit (`within_limit`),
@@ -284,13 +334,15 @@ def solve(
     for d in demands:
         held = held_option(d, switch_margin, load, now)
         chains.append(chain(options(d, load, now) + ([held] if held is not None else [])))
+        _in_time(deadline)
     # devices with the heaviest options first: their choices decide most of the room left, so
     # the bounds on the rest prune soonest (measured: several times fewer states than in the
     # given order on varied fleets)
     order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
     chains = [chains[i] for i in order]
     bucket = stated / GRID
-    rough = _dp(chains, limit, bucket if bucket > 0 else None)  # limit 0 (or one GRID rounds to 0): zero loads only
+    # limit 0 (or one GRID rounds to 0): zero loads only
+    rough = _dp(chains, limit, bucket if bucket > 0 else None, deadline=deadline)
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
     maps_exact = all(d.planmap.exact for d in demands)
@@ -299,7 +351,7 @@ def solve(
         if bounded:
             bounds = suffix_bounds([[(o.load, o.ranked) for o in ch] for ch in chains], COMPONENTS + TIE_WEIGHTS)
             floor = (rough.ranked, bounds)
-        found = _dp(chains, limit, None, max_states, floor)
+        found = _dp(chains, limit, None, max_states, floor, deadline)
         if found is not None:
             run, exact = found, maps_exact
     by_device = dict(zip(order, run.picks, strict=True))
@@ -316,6 +368,7 @@ def settle(
     levels: int = SETTLE_LEVELS,
     nominal_ms_per_s: float | None = None,
     kept_ms_per_s: float = 0.0,
+    deadline: float | None = None,
     **solve_kw: Any,
 ) -> Solution:
     """The best of up to `levels` solves that each price the times at the load they may book:
@@ -332,8 +385,9 @@ def settle(
     or unstable (priced at the load booked before the rebalance, a full worker's devices all
     left it, and the next rebalance sent them all back). The answer is exact only if every share
     solved was (an approximate top share may meet fewer requirements than the ρ_max problem
-    allows, and a lower share then win). O(levels) calls of `solve`, the cheaper the smaller
-    the share."""
+    allows, and a lower share then win). Past `deadline` (a `time.monotonic()` value) the
+    search stops: with the top share solved, its best so far is the answer, `exact` false;
+    before, SolveOverBudget. O(levels) calls of `solve`, the cheaper the smaller the share."""
     best: Solution | None = None
     exact = True
     for k in range(levels, 0, -1):
@@ -341,10 +395,16 @@ def settle(
         room = share * capacity_ms_per_s - kept_ms_per_s
         if best is not None and room < 0:
             break
-        sol = solve(
-            demands, capacity_ms_per_s, rho_max, time_load=priced_load(share, capacity_ms_per_s, nominal_ms_per_s),
-            limit_ms_per_s=max(0.0, room), nominal_ms_per_s=nominal_ms_per_s, **solve_kw,
-        )  # fmt: skip
+        try:
+            sol = solve(
+                demands, capacity_ms_per_s, rho_max, time_load=priced_load(share, capacity_ms_per_s, nominal_ms_per_s),
+                limit_ms_per_s=max(0.0, room), nominal_ms_per_s=nominal_ms_per_s, deadline=deadline, **solve_kw,
+            )  # fmt: skip
+        except SolveOverBudget:
+            if best is None:
+                raise
+            exact = False
+            break
         exact = exact and sol.exact
         if best is not None and sol.ranked[:2] < best.ranked[:2]:
             break
@@ -371,14 +431,17 @@ def _dp(
     bucket: float | None,
     max_states: int | None = None,
     floor: tuple[Value, Sequence[SuffixBound]] | None = None,
+    deadline: float | None = None,
 ) -> _Run | None:
     """The DP over devices: the staircase after each one (one state per `bucket` of load when
     given), without the states whose bound cannot reach `floor`'s value (a known answer's, with
-    the bounds of each suffix of devices). None when a staircase outgrows `max_states`."""
+    the bounds of each suffix of devices). None when a staircase outgrows `max_states`;
+    SolveOverBudget past `deadline`."""
     start = np.zeros(1, dtype=np.int64) - 1
     layers = [_Layer(np.zeros(1), np.zeros((1, 3)), start, start)]
     widest = 1
     for k, ch in enumerate(chains):
+        _in_time(deadline)
         prev = layers[-1]
         loads = prev.load[:, None] + np.array([o.load for o in ch])[None, :]
         si, oi = np.nonzero(loads <= limit)  # state-major, like nested loops over states then options

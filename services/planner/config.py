@@ -106,6 +106,12 @@ class Settings(SecuritySettings):
         "(relative) and device load less than half of it (absolute)",
     )
     rebalance_s: float = Field(10.0, ge=0, description="period of the fleet rebalance (0: only on request)")
+    rebalance_budget_s: float = Field(
+        10.0,
+        gt=0,
+        description="time for the solve of one worker's leases in a rebalance: past it the worker is left as "
+        "it was (named in the answer's over_budget), or answered with the best share solved by then",
+    )
     switch_margin: float = Field(
         0.05,
         ge=0,

@@ -251,7 +251,8 @@ class PlannerMetrics:
             "dapdee_planner_rebalances",
             "Fleet rebalances: per worker applied or refused (leases changed meanwhile); per run done or noop; "
             "per heartbeat whose capacity the leases overbook, shed (re-solved and registered with it), "
-            "shed_refused (a try refused: leases changed meanwhile) or forced (registered over its leases).",
+            "shed_refused (a try refused: leases changed meanwhile) or forced (registered over its leases); "
+            "over_budget: a worker's solve ran past DAPDEE_REBALANCE_BUDGET_S (left as it was).",
             ["result"],
             registry=self.registry,
         )
@@ -262,7 +263,7 @@ class PlannerMetrics:
         self.redis_up: Gauge | None = None  # only where Redis is configured (see bind_redis)
         for result in ADMISSION_RESULTS:
             self.admissions.labels(result)  # shown as 0 from the start
-        for result in ("applied", "refused", "done", "noop", "shed", "shed_refused", "forced"):
+        for result in ("applied", "refused", "done", "noop", "shed", "shed_refused", "forced", "over_budget"):
             self.rebalances.labels(result)
 
     def bind(self, workers: Callable[[], float], models: Callable[[], float]) -> None:

@@ -34,6 +34,7 @@ from dapdee.fleet.rebalance import (
     Demand,
     Option,
     Solution,
+    SolveOverBudget,
     held_option,
     option_nodes,
     priced_load,
@@ -167,7 +168,11 @@ class Rebalancer:
             records = await self.fleet.book.records(await self.fleet.book.devices())
             held = reserved.get(w.url, {})
             candidates = _candidates(w, reserved, records, _joiners(reserved, records), workers)
-            report = await self._rebalance_worker(w, candidates, records, held, heartbeat)
+            try:
+                report = await self._rebalance_worker(w, candidates, records, held, heartbeat)
+            except SolveOverBudget:
+                self._over_budget(w, len(candidates))
+                break
             if report is None:
                 break
             if report["applied"]:
@@ -217,19 +222,24 @@ class Rebalancer:
     async def rebalance(self) -> dict[str, Any]:
         """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
         the assignments; the answer lists, per worker, the totals before and after and each device's
-        old and new plan value (nothing without Redis: no leases are kept). RedisUnavailable
-        passes up."""
+        old and new plan value, and the workers whose solve ran past `rebalance_budget_s` (left as
+        they were; nothing without Redis: no leases are kept). RedisUnavailable passes up."""
         if not self.fleet.link.enabled:
-            return {"approximate": False, "workers": []}
+            return {"approximate": False, "workers": [], "over_budget": []}
         reserved = await self.fleet.book.loads()
         devices = await self.fleet.book.devices()
         records = await self.fleet.book.records(devices)
         workers = await self.fleet.live_workers()
         joiners = _joiners(reserved, records)
-        reports = []
+        reports, over_budget = [], []
         for w in sorted(workers, key=lambda w: w.url):
             candidates = _candidates(w, reserved, records, joiners, workers)
-            report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
+            try:
+                report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
+            except SolveOverBudget:
+                self._over_budget(w, len(candidates))
+                over_budget.append(w.url)
+                continue
             if report is not None:
                 reports.append(report)
                 if report["applied"]:  # a refused apply moved nobody: its joiners may join another worker
@@ -238,7 +248,15 @@ class Rebalancer:
                     joiners = await self._reread(joiners & solved, joiners, records)
         self.metrics.rebalances.labels("noop" if not reports else "done").inc()
         await self.fleet.refresh()
-        return {"approximate": any(not r["exact"] for r in reports), "workers": reports}
+        return {"approximate": any(not r["exact"] for r in reports), "workers": reports, "over_budget": over_budget}
+
+    def _over_budget(self, w: Worker, leases: int) -> None:
+        """Count and log a worker whose solve ran past `rebalance_budget_s` (left as it was)."""
+        self.metrics.rebalances.labels("over_budget").inc()
+        log.warning(
+            "rebalance of %s: solving %d leases took longer than %g s (DAPDEE_REBALANCE_BUDGET_S); left as it was",
+            w.url, leases, self.settings.rebalance_budget_s,
+        )  # fmt: skip
 
     async def _reread(self, rewritten: set[str], joiners: set[str], records: dict[str, StoredRecord]) -> set[str]:
         """After an apply rewrote the records of the Device-Only `rewritten` (left Device-Only, on
@@ -300,11 +318,13 @@ class Rebalancer:
     ) -> Solution:
         """The fleet objective's best choices for `demands` on that capacity, next to the
         `kept_ms_per_s` other leases book, times priced at no less than the load they put on the
-        worker (`settle`; ℓe over `nominal_ms_per_s`), in a thread."""
+        worker (`settle`; ℓe over `nominal_ms_per_s`), in a thread, within `rebalance_budget_s`
+        (SolveOverBudget past it)."""
         rho, margin = self.settings.rho_max, self.settings.switch_margin
+        deadline = time.monotonic() + self.settings.rebalance_budget_s
         return await asyncio.to_thread(
             settle, demands, capacity_ms_per_s, rho, nominal_ms_per_s=nominal_ms_per_s, kept_ms_per_s=kept_ms_per_s,
-            switch_margin=margin,
+            switch_margin=margin, deadline=deadline,
         )  # fmt: skip
 
     async def _demand(self, w: Worker, record: dict[str, Any], booked: float) -> Demand | None:
