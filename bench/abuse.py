@@ -12,8 +12,9 @@ printed beside the limit that holds it (measured and compared in the same run).
 The flood runs in its own process, for --minutes, on a bounded number of connections to each
 server, every request on a fresh connection: bodies declared or streamed past the body limit,
 slow uploads (a few bytes every 250 ms through raw sockets), huge row counts and a JSON body
-holding a million values (edge), a graph of 100k nodes (planner), and requests with wrong
-tokens. Both servers run as subprocesses on 127.0.0.1 with a random token (DAPDEE_API_TOKEN,
+holding a million values (edge), a graph of 100k nodes and a valid 1.9 MB graph (1,300 nodes of
+up to 200 inputs, 64 exits: parsed, validated and hashed at every upload; planner), and requests
+with wrong tokens. Both servers run as subprocesses on 127.0.0.1 with a random token (DAPDEE_API_TOKEN,
 which grants every role); all traffic stays on 127.0.0.1.
 
 Usage: python bench/abuse.py [--minutes 5]   (or: dapdee bench abuse --minutes 1)
@@ -129,9 +130,9 @@ def _attacks(target: dict[str, Any]) -> dict[str, tuple[int, Any]]:
         "slow upload": (SLOW_CONNECTIONS, slow_upload),
         "wrong token": (FAST_CONNECTIONS, wrong_token),
     }
-    for name, (h_method, h_path, body, extra) in target["huge"].items():
+    for name, (h_method, h_path, body, extra, connections) in target["huge"].items():
         head = _head(h_method, h_path, token, f"Content-Length: {len(body)}\r\n{extra}")
-        attacks[name] = (FAST_CONNECTIONS, lambda head=head, body=body: (head, [body]))
+        attacks[name] = (connections, lambda head=head, body=body: (head, [body]))
     return attacks
 
 
@@ -217,15 +218,38 @@ def flood_targets(planner: ServiceProcess, edge: ServiceProcess, token: str, edg
         {"name": f"n{i}", "op": "relu", "inputs": [f"n{i - 1}" if i else "x"], "out_bytes": 4} for i in range(N_BIG)
     ]
     big_graph = json.dumps({"model": "huge", "input": {"name": "x", "shape": [1, 1]}, "nodes": chain}).encode()
+    dense = json.dumps(dense_graph("dense"), separators=(",", ":")).encode()
+    json_type = "Content-Type: application/json\r\n"
     infer = f"/v2/models/{EDGE_MODEL}/infer"
     rows_extra = f"Inference-Header-Content-Length: {len(rows_head)}\r\n"
-    edge_huge = {"1e9 rows": ("POST", infer, rows_head, rows_extra), "1M-value JSON": ("POST", infer, bomb, "")}
+    edge_huge = {
+        "1e9 rows": ("POST", infer, rows_head, rows_extra, FAST_CONNECTIONS),
+        "1M-value JSON": ("POST", infer, bomb, "", FAST_CONNECTIONS),
+    }
     return [
         {"name": "edge", "token": token, "port": edge.port, "method": "POST", "path": infer, "limit": edge_limit,
          "huge": edge_huge},
         {"name": "planner", "token": token, "port": planner.port, "method": "POST", "path": "/plan",
-         "limit": 16 << 20, "huge": {"100k-node graph": ("PUT", "/models/huge", big_graph, "")}},
+         "limit": 16 << 20, "huge": {"100k-node graph": ("PUT", "/models/huge", big_graph, "", FAST_CONNECTIONS),
+                                     "1.9 MB graph": ("PUT", "/models/dense", dense, json_type, 1)}},
     ]  # fmt: skip
+
+
+def dense_graph(name: str, nodes: int = 1300, fan_in: int = 200, exits: int = 64) -> dict[str, Any]:
+    """A valid cost graph just under the planner's 2 MiB body limit: `nodes` nodes each reading
+    up to `fan_in` of those before it, `exits` exits spread over them. What a large upload costs
+    the planner (parse, validation, hashing) is what it must do off its event loop. O(nodes ·
+    fan_in)."""
+    body = [
+        {"name": f"n{i}", "op": "conv", "inputs": [f"n{j}" for j in range(max(0, i - fan_in), i)] or ["x"],
+         "out_bytes": 1000 + i, "device_ms": 1.0 + i % 7, "edge_ms": 0.1 + i % 5}
+        for i in range(nodes)
+    ]  # fmt: skip
+    step = nodes // exits
+    heads = [{"name": f"e{k}", "node": f"n{(k + 1) * step - 1}", "accuracy": 0.5 + k / 200} for k in range(exits)]
+    graph = {"model": name, "input": {"name": "x", "shape": [1, 4], "bytes": 16}, "nodes": body, "exits": heads}
+    assert len(json.dumps(graph, separators=(",", ":"))) < 2 << 20, "over the planner's default body limit"
+    return graph
 
 
 def run_flood(edge: ServiceProcess, targets: list[dict[str, Any]], seconds: float) -> tuple[dict[str, Any], float]:

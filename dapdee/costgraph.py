@@ -274,9 +274,14 @@ class CostGraph:
         return json.dumps(self.to_dict(), indent=indent)
 
     def content_hash(self) -> str:
-        """sha256 of the canonical JSON; changes whenever anything the planner reads changes."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()
+        """sha256 of the canonical JSON; changes whenever anything the planner reads changes.
+        O(V + E) the first time, then cached on the graph (it is frozen)."""
+        cached = self.__dict__.get("_content_hash")
+        if cached is None:
+            canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            cached = hashlib.sha256(canon.encode()).hexdigest()
+            object.__setattr__(self, "_content_hash", cached)
+        return cached
 
     @classmethod
     def from_dict(cls, d: Any, limits: GraphLimits | None = None) -> CostGraph:
@@ -437,7 +442,15 @@ class CostGraph:
         return replace(self, exits=tuple(replace(e, accuracy=acc.get(e.name, e.accuracy)) for e in self.exits))
 
     def structure_key(self) -> str:
-        """Hash of what must match for two tiers' profiles to be merged: model, input, nodes, exits."""
+        """Hash of what must match for two tiers' profiles to be merged: model, input, nodes, exits.
+        O(V + E) the first time, then cached on the graph (it is frozen)."""
+        cached = self.__dict__.get("_structure_key")
+        if cached is None:
+            cached = self._structure_key()
+            object.__setattr__(self, "_structure_key", cached)
+        return cached
+
+    def _structure_key(self) -> str:
         d = self.to_dict()
         d.pop("meta", None)
         d.pop("overheads", None)

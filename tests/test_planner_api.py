@@ -1016,3 +1016,28 @@ def test_serve_refuses_an_open_planner_beyond_loopback() -> None:
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert "no token is configured" in out.stderr and "--insecure" in out.stderr and "DAPDEE_ADMIN_TOKEN" in out.stderr
+
+
+def test_a_large_graph_upload_is_checked_as_a_small_one(api: httpx.Client) -> None:
+    """A PUT body past PARSE_INLINE_BYTES (parsed off the event loop) answers as a small one:
+    201 stored and readable; a bad field a 422 naming it (its `loc` under `body`); a body naming
+    another model, or not JSON, a 422 too; and what was stored is unchanged by the refusals."""
+    from dapdee.planner.modelstate import PARSE_INLINE_BYTES
+
+    nodes = [{"name": f"n{i}", "op": "conv", "inputs": [f"n{i - 1}" if i else "x"], "out_bytes": 1000 + i,
+              "device_ms": 1.0, "edge_ms": 0.1} for i in range(1200)]  # fmt: skip
+    graph = {"model": "big", "input": {"name": "x", "shape": [1, 4], "bytes": 16}, "nodes": nodes,
+             "exits": [{"name": "final", "node": "n1199", "accuracy": 0.9}]}  # fmt: skip
+    assert len(json.dumps(graph)) > PARSE_INLINE_BYTES
+    admin = role("admin")
+    assert api.put("/models/big", json=graph, headers=admin).status_code == 201
+    bad = json.loads(json.dumps(graph))
+    bad["nodes"][700]["device_ms"] = -1.0
+    doc = assert_problem(api.put("/models/big", json=bad, headers=admin), 422, "device_ms")
+    assert ["body", "nodes", 700, "device_ms"] in [e["loc"] for e in doc["errors"]], doc
+    assert_problem(api.put("/models/big", json={**graph, "model": "other"}, headers=admin), 422, "model")
+    raw = json.dumps(graph).encode()[:-1]
+    assert_problem(api.put("/models/big", content=raw, headers={**admin, "Content-Type": "application/json"}), 422)
+    stored = api.get("/models/big", headers=admin)
+    assert stored.headers["ETag"] == '"1"' and stored.json()["nodes"][700]["device_ms"] == 1.0
+    assert api.delete("/models/big", headers=admin).status_code == 204

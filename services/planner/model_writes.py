@@ -53,6 +53,13 @@ from dapdee.planner.writes import WRITE_MODEL, Op, Outbox
 log = logging.getLogger("dapdee.planner")
 
 WRITE_ATTEMPTS = 5  # a write that keeps losing races to other replicas gives up (409)
+INLINE_GRAPH_SIZE = 2048  # nodes + edges: a larger graph is hashed and encoded in a worker thread
+
+
+def _digests(graph: CostGraph) -> tuple[str, str, str]:
+    """(content hash, stored JSON text, structure key) of `graph`; the hash and key stay cached
+    on it, so the state written keeps them. O(V + E)."""
+    return graph.content_hash(), graph.to_json(indent=None), graph.structure_key()
 
 
 @dataclass(frozen=True)
@@ -104,11 +111,13 @@ class ModelWriter:
     async def put_graph(self, graph: CostGraph, expect_version: int | None = None) -> PutResult:
         """Store a model's cost graph. Profiles survive when the structure (nodes, exits) is
         unchanged, else they are dropped (they describe other nodes). An identical graph changes
-        nothing (same version). O(graph size) plus one or two round trips."""
+        nothing (same version). O(graph size) (in a worker thread past INLINE_GRAPH_SIZE) plus
+        one or two round trips."""
         name = graph.model
-        h = graph.content_hash()
-        text = graph.to_json(indent=None)
-        skey = graph.structure_key()
+        if len(graph.nodes) + sum(len(n.inputs) for n in graph.nodes) > INLINE_GRAPH_SIZE:
+            h, text, skey = await asyncio.to_thread(_digests, graph)
+        else:
+            h, text, skey = _digests(graph)
         unreadable = self.cache.unreadable
 
         def plan(cur: ModelState | None) -> Planned:

@@ -91,7 +91,8 @@ class PutResult:
 
 async def parse_graph(raw: bytes, limits: GraphLimits) -> CostGraph:
     """A stored cost graph, parsed and checked against `limits` (CostGraphError if it is not
-    one); graphs over PARSE_INLINE_BYTES are parsed in a worker thread. O(size)."""
+    one); graphs over PARSE_INLINE_BYTES are parsed in a worker thread, which also computes their
+    structure key (cached on the graph: a write of the model compares it). O(size)."""
 
     def parse() -> CostGraph:
         try:
@@ -100,8 +101,13 @@ async def parse_graph(raw: bytes, limits: GraphLimits) -> CostGraph:
             raise CostGraphError(f"cost graph: not valid JSON ({exc})") from None
         return CostGraph.from_dict(d, limits)
 
+    def parse_large() -> CostGraph:
+        graph = parse()
+        graph.structure_key()
+        return graph
+
     if len(raw) > PARSE_INLINE_BYTES:
-        return await asyncio.to_thread(parse)
+        return await asyncio.to_thread(parse_large)
     return parse()
 
 

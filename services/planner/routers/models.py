@@ -6,9 +6,10 @@ is refused with 409 when the stored version differs."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from dapdee.api.planner import (
     CostGraphBody,
@@ -22,10 +23,11 @@ from dapdee.api.planner import (
     StoredProfile,
     TierTimings,
 )
-from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.costgraph import CostGraph, CostGraphError, GraphLimits
 from dapdee.planner.deps import IfMatchDep, SettingsDep, StoreDep
 from dapdee.planner.errors import UnknownNodes
-from dapdee.planner.json_body import PydanticJsonRoute
+from dapdee.planner.json_body import PydanticJsonRoute, validated
+from dapdee.planner.modelstate import PARSE_INLINE_BYTES
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import ModelState, Profile
 from dapdee.web.security import ADMIN, ANY_ROLE, require
@@ -71,15 +73,28 @@ async def list_models(store: StoreDep) -> ModelList:
     return ModelList(models=[_summary(n, st) for n, st in models.items()])
 
 
+GRAPH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CostGraphBody"}}},
+    }
+}
+
+
 @router.put(
     "/{model}",
     response_model=ModelWritten,
     dependencies=WRITE,
-    responses={201: {"description": "created", "model": ModelWritten}, **CONFLICT},
+    openapi_extra=GRAPH_BODY,
+    responses={
+        201: {"description": "created", "model": ModelWritten},
+        422: {"description": "a field missing, unknown or out of range (named in `errors`)"},
+        **CONFLICT,
+    },
 )
 async def put_model(
     model: ModelName,
-    body: CostGraphBody,
+    request: Request,
     store: StoreDep,
     settings: SettingsDep,
     expect: IfMatchDep,
@@ -87,14 +102,15 @@ async def put_model(
 ) -> ModelWritten:
     """Store (201) or replace (200) a model's cost graph; its `model` must equal the path's.
     Profiles survive a replacement with the same nodes and exits; a different structure drops
-    them (listed in the answer). Size caps: DAPDEE_MAX_NODES, _MAX_EXITS, _MAX_IN_DEGREE."""
-    if body.model != model:
-        detail = f"model: the body names {body.model!r} but the path names {model!r}"
-        raise ApiProblem(422, detail, loc=("body", "model"))
-    try:
-        graph = CostGraph.from_dict(body.model_dump(exclude_unset=True), settings.graph_limits())
-    except CostGraphError as exc:
-        raise ApiProblem(422, f"cost graph: {exc}") from None
+    them (listed in the answer). Size caps: DAPDEE_MAX_NODES, _MAX_EXITS, _MAX_IN_DEGREE. A body
+    over PARSE_INLINE_BYTES is parsed and validated in a worker thread (a 2 MB graph takes
+    about 0.1 s of CPU, which the event loop must not hold)."""
+    raw = await request.body()
+    limits = settings.graph_limits()
+    if len(raw) > PARSE_INLINE_BYTES:
+        graph = await asyncio.to_thread(_graph_of, raw, model, limits)
+    else:
+        graph = _graph_of(raw, model, limits)
     res = await store.put_graph(graph, expect)
     response.status_code = 201 if res.created else 200
     _etag(response, res.state.version)
@@ -108,6 +124,20 @@ async def put_model(
         dropped_profiles=res.dropped_profiles,
         stored=res.stored,
     )
+
+
+def _graph_of(raw: bytes, model: str, limits: GraphLimits) -> CostGraph:
+    """The cost graph a PUT body holds (`CostGraphBody`, naming `model`), checked against
+    `limits`; 422 naming the bad field. O(len(raw))."""
+    body = validated(CostGraphBody, raw)
+    if body.model != model:
+        detail = f"model: the body names {body.model!r} but the path names {model!r}"
+        raise ApiProblem(422, detail, loc=("body", "model"))
+    try:
+        graph = CostGraph.from_dict(body.model_dump(exclude_unset=True), limits)
+    except CostGraphError as exc:
+        raise ApiProblem(422, f"cost graph: {exc}") from None
+    return graph
 
 
 @router.get(

@@ -11,13 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from pydantic_core import to_json
 
 from dapdee.api.planner import PLAN_REQUEST_EXAMPLE, PlanAnswer, PlanRequestBody
 from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
 from dapdee.planner.errors import CapacityExceeded, MapBuildPending, ModelUnreachable
+from dapdee.planner.json_body import validated
 from dapdee.planner.plan_choice import usable
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.planmaps import NoConfidenceExits
@@ -37,16 +37,6 @@ REQUEST_BODY = {
         },
     }
 }
-
-
-def parse_plan_body(raw: bytes) -> PlanRequestBody:
-    """Validate a raw POST /plan body (JSON parse and field checks in one pass); a
-    RequestValidationError names every bad field under `body`. O(len(raw))."""
-    try:
-        return PlanRequestBody.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
 
 
 @router.post(
@@ -72,7 +62,7 @@ async def plan(request: Request, planning: PlanningDep) -> Response:
     t0 = time.perf_counter()
     mode, outcome = "auto", "error"
     try:
-        body = parse_plan_body(await request.body())
+        body = validated(PlanRequestBody, await request.body())
         mode = body.mode
         tracing = otel.recording()  # None unless this request's trace is exported
         if tracing is None:
