@@ -330,16 +330,7 @@ def solve(
     limit = stated * (1.0 + ADMIT_RTOL)
     load = priced_load(rho_max, capacity_ms_per_s, nominal_ms_per_s)
     now = load if time_load is None else time_load
-    chains = []
-    for d in demands:
-        held = held_option(d, switch_margin, load, now)
-        chains.append(chain(options(d, load, now) + ([held] if held is not None else [])))
-        _in_time(deadline)
-    # devices with the heaviest options first: their choices decide most of the room left, so
-    # the bounds on the rest prune soonest (measured: several times fewer states than in the
-    # given order on varied fleets)
-    order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
-    chains = [chains[i] for i in order]
+    order, chains = _heaviest_first(demands, switch_margin, load, now, deadline)
     bucket = stated / GRID
     # limit 0 (or one GRID rounds to 0): zero loads only
     rough = _dp(chains, limit, bucket if bucket > 0 else None, deadline=deadline)
@@ -412,6 +403,22 @@ def settle(
             best = sol
     assert best is not None, "levels >= 1"
     return replace(best, exact=exact)
+
+
+def _heaviest_first(
+    demands: Sequence[Demand], switch_margin: float, met_load: float, time_load: float, deadline: float | None
+) -> tuple[list[int], list[list[Option]]]:
+    """Each device's chain (its options and held plan, `chain`) and the device order the DP
+    takes them in: the heaviest option first, since those choices decide most of the room left,
+    so the bounds on the rest prune soonest (measured: several times fewer states than in the
+    given order on varied fleets). SolveOverBudget past `deadline`. O(Σ options log)."""
+    chains = []
+    for d in demands:
+        held = held_option(d, switch_margin, met_load, time_load)
+        chains.append(chain(options(d, met_load, time_load) + ([held] if held is not None else [])))
+        _in_time(deadline)
+    order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
+    return order, [chains[i] for i in order]
 
 
 @dataclass(frozen=True)
