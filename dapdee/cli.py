@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """A command stopped by SIGTERM after closing what it holds (exit 143, as the signal's own)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -153,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dapdee: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"dapdee: {exc}", file=sys.stderr)
+        return 143
     except (ValueError, OSError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"dapdee: error: {msg}", file=sys.stderr)
@@ -161,4 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m dapdee.cli` runs this file as `__main__`, a second copy of the module: run the
+    # imported one, so that the exceptions commands raise (`Terminated`) are the ones caught
+    from dapdee.cli import main as imported_main
+
+    sys.exit(imported_main())

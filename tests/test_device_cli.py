@@ -240,3 +240,47 @@ def test_dapdee_up_with_confidence_exits_counts_the_cut_against_the_plans_exit()
     assert int(of) == need and 0 <= int(device_nodes) <= need, out
     assert rows["4G"]["exit acc"] == f"{final.accuracy:.3f}", out
     assert rows["Device-Only"]["cut dev/all"] == f"{need}/{need}", out
+
+
+@pytest.mark.parametrize("after_s", [0.0, 7.0])
+def test_sigterm_ends_a_device_run_releasing_its_lease(planner_prefix: str, tmp_path: Path, after_s: float) -> None:
+    """`dapdee device run` with a lease, stopped by SIGTERM (a container's stop, systemd) as soon
+    as its first plan took the lease (still starting: it waits for a worker) or `after_s` later
+    (streaming frames): it closes as Ctrl-C does, so its lease ends at once (GET /devices/{id}
+    is 404) instead of holding its reservation until it expires (30 s), and it exits 143 naming
+    the signal. (SIGTERM killed it outright; and a device stopped while starting never released
+    the lease its first plan took, whatever stopped it.)"""
+    import signal
+    import time
+
+    from dapdee.testing.processes import end_process
+    from tests.test_planner_service import TOKEN, planner, wait_for
+
+    graph = load_model(SPEC).graph  # with edge timings (no worker profiles the edge here)
+    graph = graph.with_timings("edge", {n.name: 0.1 for n in graph.nodes})
+    graph = graph.with_timings("device", {n.name: 1.0 for n in graph.nodes})
+    log = tmp_path / "stderr.txt"
+    with planner(planner_prefix, lease_ttl_s=30.0) as c, log.open("wb") as err_file:
+        assert c.put(f"/models/{graph.model}", json=graph.to_dict()).status_code == 201
+        args = ["device", "run", "--planner", str(c.base_url).rstrip("/"), "--token", TOKEN,
+                "--admin-token", TOKEN, "--model", SPEC, "--device-id", "cam-term", "--frame-rate", "2",
+                "--frames", "100000", "--quiet", "--log-level", "info", "--log-format", "text"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DAPDEE_")}
+        proc = subprocess.Popen([sys.executable, "-m", "dapdee.cli", *args], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err_file)  # fmt: skip
+        try:
+            wait_for(lambda: proc.poll() is not None or c.get("/devices/cam-term").status_code == 200, 90.0, 0.1)
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert c.get("/devices/cam-term").status_code == 200, "no lease within 90 s"
+            time.sleep(after_s)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            rc = proc.wait(timeout=30)
+            closed_s = time.monotonic() - t0
+        finally:
+            end_process(proc)
+        gone = c.get("/devices/cam-term").status_code
+    err = log.read_text()
+    assert rc == 143 and "terminated (SIGTERM)" in err, (rc, err[-2000:])
+    assert gone == 404, f"the lease outlived its device: {err[-3000:]}"
+    assert closed_s < 15.0, closed_s

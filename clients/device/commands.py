@@ -8,16 +8,28 @@ command line, never by the library classes it assembles.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import signal
 import sys
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from dapdee.cli import ARTIFACT_MODEL_HELP, check_slowdown, float_in, positive_float, positive_int, thread_count
+from dapdee.cli import (
+    ARTIFACT_MODEL_HELP,
+    Terminated,
+    check_slowdown,
+    float_in,
+    positive_float,
+    positive_int,
+    thread_count,
+)
 from dapdee.names import check_model_name
 from dapdee.planning.request import MAX_BUDGET_MS, MAX_FRAME_RATE
 
 MAX_EMULATED_RTT_MS = 60000.0  # the emulator waits this per request: more would only hang the run
+T = TypeVar("T")
 
 
 def _load_arg(text: str) -> float:
@@ -207,8 +219,36 @@ def _observability(args: argparse.Namespace) -> tuple[Any, Any]:
     return metrics, tracer("device", args.otel)
 
 
+async def until_terminated(coro: Coroutine[Any, Any, T]) -> T:
+    """`coro`, ended by SIGTERM as Ctrl-C ends it: cancelled, so its `async with` blocks close
+    (the device releases its lease at once instead of leaving it to expire), then `Terminated`
+    (exit 143). A container's stop and systemd send SIGTERM. Where the loop cannot take signal
+    handlers (not the main thread, Windows), SIGTERM keeps its default."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return await coro
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("terminated (SIGTERM)") from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
     import contextlib
     import time
 
@@ -242,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         with open(args.log, "w") if args.log else contextlib.nullcontext() as log:
-            runtime, records, wall, source = asyncio.run(main(log))
+            runtime, records, wall, source = asyncio.run(until_terminated(main(log)))
     finally:
         tracing.shutdown()
     # an endless stream keeps only the last frames: the frame count and throughput are the run's

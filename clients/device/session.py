@@ -269,7 +269,11 @@ async def _start(
     elif sensing.monitor is not None:
         runtime.sensor = Sensor(None, sensing, s.runtime, lambda: None, parts.compute.spin)
     await _first_load_reading(sensing, parts.compute)
-    await runtime.start()
+    try:
+        await runtime.start()
+    except BaseException:  # cut short (Ctrl-C, SIGTERM, no plan): the lease a first plan took ends now
+        await runtime.aclose()
+        raise
     return runtime
 
 
