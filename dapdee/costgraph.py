@@ -479,6 +479,8 @@ def _parse_input(inp: dict[str, Any]) -> InputSpec:
     shape = _req(inp, "shape", list, "input.shape")
     if not shape or not all(_is_int(s) and 0 < s <= MAX_BYTES for s in shape):
         raise CostGraphError(f"input.shape: expected a non-empty list of integers in [1, {MAX_BYTES}]")
+    if shape[0] != 1:  # the shape of one frame: batch first, and a cost graph prices one frame
+        raise CostGraphError(f"input.shape: the first entry is the batch and must be 1, got {shape[0]}")
     in_bytes = inp.get("bytes", 0)
     if not _is_int(in_bytes) or not 0 <= in_bytes <= MAX_BYTES:
         raise CostGraphError(f"input.bytes: expected an integer in [0, {MAX_BYTES}], got {in_bytes!r}")

@@ -1,6 +1,6 @@
 """`CostGraph.from_dict` holds a graph to DESIGN §3.1 and its schema: the model is a model name,
-`meta` an object (or null), an exit has only name, node and accuracy; `save` gives the file the
-mode a plain open() would."""
+`meta` an object (or null), the input shape a frame's (batch 1 first), an exit has only name,
+node and accuracy; `save` gives the file the mode a plain open() would."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ def test_a_meta_that_is_not_an_object_is_refused(meta: Any) -> None:
 def test_absent_or_null_meta_is_empty_and_an_object_is_kept() -> None:
     assert CostGraph.from_dict(TINY).meta == {} and CostGraph.from_dict(graph(meta=None)).meta == {}
     assert CostGraph.from_dict(graph(meta={"spec": "zoo:alexnet"})).meta == {"spec": "zoo:alexnet"}
+
+
+@pytest.mark.parametrize("shape", [[2, 4], [8], [3, 1, 4]])
+def test_an_input_shape_whose_batch_is_not_1_is_refused(shape: list[int]) -> None:
+    """A cost graph prices one frame: its input shape is a frame's, batch first."""
+    with pytest.raises(CostGraphError, match=r"^input.shape: the first entry is the batch and must be 1"):
+        CostGraph.from_dict(graph(input={"name": "x", "shape": shape}))
+    assert CostGraph.from_dict(graph(input={"name": "x", "shape": [1]})).input.shape == (1,)
 
 
 def test_a_per_exit_confidence_is_refused_pointing_at_progressive() -> None:

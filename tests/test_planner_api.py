@@ -436,6 +436,7 @@ def _mutations() -> list[tuple[str, Any, str]]:
         ("node shape", node(0, shape=[2**41]), "shape"),
         ("input bytes", lambda g: g["input"].update(bytes=2**40 + 1), "bytes"),
         ("input shape", lambda g: g["input"].update(shape=[0]), "shape"),
+        ("input batch", lambda g: g["input"].update(shape=[2, 3, 32, 32]), "batch and must be 1"),
         ("overheads", lambda g: g.update(overheads={"edge_request_ms": 1e308}), "edge_request_ms"),
         ("accuracy", lambda g: g["exits"][0].update(accuracy=1.5), "accuracy"),
         ("in-degree", wide, "producers exceed the limit of 32"),

@@ -264,6 +264,9 @@ def test_cost_graph_mutations_fail_naming_the_field() -> None:
     d["overheads"] = {"edge_request_ms": -3.0}
     assert_invalid_at("cost-graph", d, "edge_request_ms")
     d = _graph_doc()
+    d["input"]["shape"] = [2, *d["input"]["shape"][1:]]  # a frame's shape: batch 1 first
+    assert_invalid_at("cost-graph", d, "shape")
+    d = _graph_doc()
     d["nodes"][1]["colour"] = "red"
     assert_invalid_at("cost-graph", d, "colour")
     d = _graph_doc()

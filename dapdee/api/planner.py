@@ -369,6 +369,13 @@ class InputBody(BaseModel):
     dtype: Literal[INPUT_DTYPES] = "float32"  # type: ignore[valid-type]
     bytes: ByteCount = Field(0, description="bytes sent uplink when the edge consumes the input")
 
+    @field_validator("shape")
+    @classmethod
+    def _batch_one(cls, shape: list[int]) -> list[int]:
+        if shape and shape[0] != 1:  # the shape of one frame, as the cost graph prices one frame
+            raise ValueError(f"the first entry is the batch and must be 1, got {shape[0]}")
+        return shape
+
 
 class NodeBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
