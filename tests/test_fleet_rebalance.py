@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from dapdee.costgraph import CostGraph
+from dapdee.costmodel import Predicted
 from dapdee.fleet.assign import edge_load_of, plan_of, within_limit
 from dapdee.fleet.rebalance import SETTLE_LEVELS, Demand, Option, option_nodes, resolved_objective, settle, solve
 from dapdee.planning import PlanMap, PlanRequest
@@ -543,10 +544,20 @@ def test_a_worker_filled_exactly_keeps_both_devices_as_admission_does() -> None:
 
 def _priced_one_by_one(demand: Demand, edge_load: float, now_load: float) -> list[Option]:
     """Every candidate of every exit's front as an Option, each priced alone by
-    `CandSet.predict` (`costmodel.predict_sums`) and valued by `meets_all`: what `options` priced
-    candidate by candidate before it priced each exit at once."""
-    from dapdee.fleet.assign import edge_ms_per_frame, meets_all
+    `CandSet.predict` (`costmodel.predict_sums`) and valued by the fleet's rule, spelt here on
+    its own (DESIGN: met = accuracy, latency budget and frame rate all met): what `options`
+    priced candidate by candidate before it priced each exit at once."""
+    from dapdee.fleet.assign import edge_ms_per_frame
     from dapdee.fleet.rebalance import accuracy_term
+
+    req = demand.request
+
+    def met(pred: Predicted, accuracy: float | None) -> bool:
+        return (
+            (req.min_accuracy is None or (accuracy is not None and accuracy >= req.min_accuracy))
+            and (req.latency_budget_ms is None or pred.latency_ms <= req.latency_budget_ms)
+            and (req.frame_rate is None or pred.bottleneck_ms <= 1000.0 / req.frame_rate)
+        )
 
     cond = demand.request.conditions()
     at_most_cond, now_cond = (
@@ -560,7 +571,7 @@ def _priced_one_by_one(demand: Demand, edge_load: float, now_load: float) -> lis
         for j in range(len(cs)):
             at_most, now = cs.predict(j, at_most_cond), cs.predict(j, now_cond)
             t = now.latency_ms if demand.objective == "latency" else now.bottleneck_ms
-            value = (int(meets_all(demand.request, at_most, accuracy)), accuracy_term(f, accuracy), -f * t)
+            value = (int(met(at_most, accuracy)), accuracy_term(f, accuracy), -f * t)
             out.append(Option(i, j, cs.masks[j] != cs.st.full, float(loads[j]), value))
     return out
 

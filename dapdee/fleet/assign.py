@@ -36,6 +36,9 @@ from dapdee.planning.mincut import min_latency_mask
 from dapdee.planning.planmap import TIE_RTOL, CandSet, Choice, PlanMap, acc_ok, decide, mask_choice, meets, plan_dict
 from dapdee.planning.request import PlanRequest
 
+Timing = float | np.ndarray  # one plan's predicted ms, or an array of them (one per plan)
+Met = bool | np.ndarray
+
 MAX_EDGE_LOAD = 0.95
 DEFAULT_RHO_MAX = 0.9
 
@@ -238,14 +241,18 @@ def _choice(slot: EdgeSlot, cs: CandSet, i: int, j: int, pred: Predicted, approx
     )
 
 
-def meets_all(req: PlanRequest, pred: Predicted, accuracy: float | None) -> bool:
-    """Whether a plan meets every requirement the request states (latency budget, frame rate,
-    min_accuracy), whatever its mode: the fleet's notion of a device being served. O(1)."""
-    return (
-        acc_ok(accuracy, req)
-        and (req.latency_budget_ms is None or pred.latency_ms <= req.latency_budget_ms)
-        and (req.frame_rate is None or pred.bottleneck_ms <= 1000.0 / req.frame_rate)
-    )
+def meets_all(req: PlanRequest, latency_ms: Timing, bottleneck_ms: Timing, accuracy: float | None) -> Met:
+    """Whether a plan of `accuracy` predicted at `latency_ms` and `bottleneck_ms` meets every
+    requirement the request states (latency budget, frame rate, min_accuracy), whatever its
+    mode: the fleet's notion of a device being served. Elementwise when the timings are arrays
+    (one plan per entry; a bool when the request states neither a budget nor a frame rate).
+    O(1) per plan."""
+    met: Met = acc_ok(accuracy, req)
+    if req.latency_budget_ms is not None:
+        met = met & (latency_ms <= req.latency_budget_ms)
+    if req.frame_rate is not None:
+        met = met & (bottleneck_ms <= 1000.0 / req.frame_rate)
+    return met
 
 
 def plan_of(

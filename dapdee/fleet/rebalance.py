@@ -75,7 +75,7 @@ from dapdee.costgraph import CostGraphError
 from dapdee.costmodel import Predicted, partition
 from dapdee.fleet.assign import ADMIT_RTOL, edge_load_of, edge_ms_per_frame, meets_all
 from dapdee.fleet.bounds import COMPONENTS, SuffixBound, suffix_bounds
-from dapdee.planning.planmap import PlanMap, acc_ok
+from dapdee.planning.planmap import PlanMap
 from dapdee.planning.request import PlanRequest
 
 Value = tuple[int, float, float]
@@ -177,7 +177,7 @@ def option_value(demand: Demand, at_most: Predicted, now: Predicted, accuracy: f
     """(met, f·accuracy (`accuracy_term`), −f·t) of a plan: met from its prediction at the most
     load the others can put on the worker (`at_most`), t from its prediction at the load they
     put on it now (`now`). O(1)."""
-    met = meets_all(demand.request, at_most, accuracy)
+    met = meets_all(demand.request, at_most.latency_ms, at_most.bottleneck_ms, accuracy)
     t = now.latency_ms if demand.objective == "latency" else now.bottleneck_ms
     f = demand.frames_per_s
     return (int(met), accuracy_term(f, accuracy), -f * t)
@@ -214,13 +214,12 @@ def options(demand: Demand, edge_load: float, now_load: float) -> list[Option]:
     cols: list[list[np.ndarray]] = [[], [], [], [], []]  # load, met, accuracy term, −f·t, exit
     for i, cs in enumerate(demand.planmap.cands):
         accuracy = demand.planmap.graph.exits[i].accuracy
-        met = np.full(len(cs), acc_ok(accuracy, req))
-        if req.latency_budget_ms is not None:
-            met &= cs.latencies(at_most_cond) <= req.latency_budget_ms
-        if req.frame_rate is not None:
-            met &= cs.bottlenecks(at_most_cond) <= 1000.0 / req.frame_rate
-        now = now_cond if now_load != edge_load else at_most_cond
-        t = cs.latencies(now) if demand.objective == "latency" else cs.bottlenecks(now)
+        latency, bottleneck = cs.latencies(at_most_cond), cs.bottlenecks(at_most_cond)
+        met = np.broadcast_to(meets_all(req, latency, bottleneck, accuracy), len(cs))
+        if demand.objective == "latency":
+            t = cs.latencies(now_cond) if now_load != edge_load else latency
+        else:
+            t = cs.bottlenecks(now_cond) if now_load != edge_load else bottleneck
         for col, x in zip(cols, (edge_ms_per_frame(cs) * f, met, np.full(len(cs), accuracy_term(f, accuracy)),
                                  -f * t, np.full(len(cs), i)), strict=True):  # fmt: skip
             col.append(x)
