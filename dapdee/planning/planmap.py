@@ -214,22 +214,32 @@ def _device_only_first(k: int, n: int) -> list[int]:
 
 
 def pareto_candset(
-    st: ExitStructure, masks: list[int], sums: tuple[list, list, list], exact: bool, count: int | None
+    st: ExitStructure,
+    masks: list[int],
+    exact: bool,
+    count: int | None,
+    sums: tuple[Sequence[float], Sequence[int], Sequence[float]] | None = None,
 ) -> CandSet:
-    """The Pareto-optimal subset of candidates (device-only always kept), sums recomputed in
-    topological order. O(n · front)."""
-    dev, byts, ed_d = sums
+    """Device-Only plus the Pareto-optimal subset of the other device sets in `masks` (of equal
+    sums, the first), compared on `sums`: each mask's Σ_D device_ms, sent bytes and Σ_E edge_ms
+    as `st.sums` gives them (None: `mask_sums`). O(n log n) for the filter."""
+    if sums is None:
+        sums = mask_sums(st, masks)
+    dev, byts, edge = sums
     full = st.full
-    others = [i for i, m in enumerate(masks) if m != full]
-    keep_masks = [full]
+    others = [k for k, m in enumerate(masks) if m != full]
+    chosen, rows = [full], [st.sums(full)]
     if others:
-        total_edge = sum(st.edge)
-        dv = np.array([dev[i] for i in others])
-        by = np.array([byts[i] for i in others], dtype=np.int64)
-        eg = np.array([total_edge - ed_d[i] for i in others])
-        keep = pareto_indices(dv, by, eg)
-        keep_masks += sorted((masks[others[k]] for k in keep), key=lambda m: (m.bit_count(), m))
-    return CandSet(st, keep_masks, exact=exact, count=count)
+        keep = pareto_indices(
+            np.array([dev[k] for k in others]),
+            np.array([byts[k] for k in others], dtype=np.int64),
+            np.array([edge[k] for k in others]),
+        )
+        picked = sorted((others[k] for k in keep), key=lambda k: (masks[k].bit_count(), masks[k]))
+        chosen += [masks[k] for k in picked]
+        rows += [(dev[k], byts[k], edge[k]) for k in picked]
+    cols = ([r[0] for r in rows], [int(r[1]) for r in rows], [r[2] for r in rows])
+    return CandSet(st, chosen, cols, exact=exact, count=count)
 
 
 # ---- choices, the deepest-first walk and the plan JSON ------------------------------------------
@@ -409,8 +419,9 @@ class PlanMap:
             share = _share(end, k - i)
             got = enumerate_ideals(st, cap, share)
             if got is not None:
-                devs, byts, eds, masks = feasible_ideals(st, got)
-                cands.append(pareto_candset(st, masks, (devs, byts, eds), exact=True, count=len(got[3])))
+                devs, byts, masks = feasible_ideals(st, got)
+                sums = (devs, byts, edge_sums(st, masks))
+                cands.append(pareto_candset(st, masks, exact=True, count=len(got[2]), sums=sums))
                 continue
             short = short or (share is not None and time.monotonic() >= share)
             cs, complete = _approximate_candset(st, _share(end, k - i))
@@ -589,6 +600,21 @@ def mask_sums(st: ExitStructure, masks: Sequence[int]) -> tuple[list[float], lis
     return _sums(st, words, on, on & ~_all_in(words, st.cons_mask, st.m))
 
 
+def edge_sums(st: ExitStructure, masks: Sequence[int]) -> list[float]:
+    """Σ_E edge_ms of each device set in `masks` (`st.sums`' third sum, bit for bit: added node
+    by node in topological order), vectorised over masks. O(n · m) numpy work and memory."""
+    return _edge_sums(st, _bit_matrix(st, masks)).tolist()
+
+
+def _edge_sums(st: ExitStructure, on: np.ndarray) -> np.ndarray:
+    """Σ_E edge_ms per row of the n × m bit matrix `on`, in topological order. O(n · m)."""
+    off = np.ascontiguousarray(~on.T)  # a row per node: each step reads contiguous memory
+    edge = np.zeros(len(on))
+    for i in range(st.m):
+        edge += off[i] * st.edge[i]
+    return edge
+
+
 def _sums(
     st: ExitStructure, words: np.ndarray, on: np.ndarray, crossing: np.ndarray
 ) -> tuple[list[float], list[int], list[float]]:
@@ -596,16 +622,14 @@ def _sums(
     not). O(n · m) numpy work."""
     n = len(on)
     dev = np.zeros(n)
-    edge = np.zeros(n)
     sent = np.zeros(n, dtype=np.int64)
     if st.input_cons_mask:
         sent += ~_all_in(words, [st.input_cons_mask], 1)[:, 0] * st.input_bytes
     for i in range(st.m):
         dev += on[:, i] * st.dev[i]
-        edge += ~on[:, i] * st.edge[i]
         if st.cons_mask[i]:
             sent += crossing[:, i] * st.out[i]
-    return dev.tolist(), sent.tolist(), edge.tolist()
+    return dev.tolist(), sent.tolist(), _edge_sums(st, on).tolist()
 
 
 def _verify(cs: CandSet, where: str) -> None:
@@ -689,10 +713,8 @@ def _approximate_candset(st: ExitStructure, deadline: float | None = None) -> tu
                 devs.append(d)
                 byts.append(nb)
                 edges.append(e)
-    total = sum(st.edge)
-    ed_d = [total - e for e in edges]
     complete = len(cuts) == len(GRID) * len(BYTE_GRID)
-    return pareto_candset(st, masks, (devs, byts, ed_d), exact=False, count=None), complete
+    return pareto_candset(st, masks, exact=False, count=None, sums=(devs, byts, edges)), complete
 
 
 def make_plan(graph: CostGraph, req: PlanRequest, cap: int = DEFAULT_CAP) -> dict[str, Any]:
