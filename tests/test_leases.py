@@ -533,3 +533,26 @@ def test_the_reservation_view_matches_summing_over_every_device() -> None:
                 want = sum(v for k, v in per.items() if k != who)
                 assert view.others(url, who) == pytest.approx(want, abs=1e-9)
             assert view.leased(url)[1] == len(per)
+
+
+def test_the_view_keeps_the_records_of_devices_that_renew_when_expired_ones_fill_it(prefix: str) -> None:
+    """Past `max_leases` records, the view drops the one remembered longest ago: a device that
+    renews keeps its record (and plans without a read), where clearing every record at the cap
+    sent each live device back through a read and a stale re-plan."""
+    from dapdee.planner.lease_view import LeaseView
+
+    async def no_workers() -> list[Worker]:
+        return []
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        view = LeaseView(book, PlannerMetrics(), no_workers, refresh_s=1.0, max_leases=4)
+        for i in range(4):
+            view.remember(f"d{i}", _lease(), f"tag{i}")
+        view.remember("d0", _lease(fps=5.0), "tag0b")  # d0 renews
+        view.remember("d4", _lease(), "tag4")  # d1 is now the oldest: it goes
+        assert list(view.held) == ["d2", "d3", "d0", "d4"]
+        assert view.as_seen("d0", [])[0].tag == "tag0b" and view.as_seen("d1", [])[1] is None
+        await _close([book])
+
+    run(scenario())

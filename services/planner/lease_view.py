@@ -117,9 +117,12 @@ class LeaseView:
 
     def remember(self, device_id: str, record: dict[str, Any], tag: str) -> None:
         """Keep the device's lease record as stored (with its tag), so its next request plans
-        from it without a read. O(1) (amortised)."""
-        if len(self.held) >= self.max_leases:  # leases that expired unseen: start over
-            self.held.clear()
+        from it without a read. Past `max_leases` records the one remembered longest ago goes
+        (a lease that expired unseen, most likely; a live device renews its own every re-plan,
+        so it stays). O(1)."""
+        self.held.pop(device_id, None)  # to the end: the dict's order is the order remembered
+        if len(self.held) >= self.max_leases:
+            del self.held[next(iter(self.held))]
         self.held[device_id] = (tag, record)
 
     def forget(self, device_id: str) -> None:
