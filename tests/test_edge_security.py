@@ -480,6 +480,10 @@ def test_registration_uses_the_admin_token_and_heartbeats_the_worker_token(
             if with_admin:
                 assert wait_until(lambda: "alexnet" in app.state.worker.registration["registered"])
                 assert reader.get_model(MODEL).graph.structure_key() == alexnet.graph.structure_key()
+                with PlannerClient(purl, TOKENS["admin"]) as admin:  # the planner loses the model
+                    admin.delete_model(MODEL)
+                assert wait_until(lambda: MODEL in {m.model for m in reader.list_models().models})
+                assert app.state.worker.registration["registered"] == ["alexnet"]  # listed once
             else:
                 with pytest.raises(ApiError) as err:  # registering needs the admin token: heartbeats only
                     reader.get_model(MODEL)

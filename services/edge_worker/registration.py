@@ -294,7 +294,8 @@ class _Registrar:
         for name, graph in list(self.pending.items()):
             if self.admin is not None and await _register(self.admin, s.tier, graph, self.public_url):
                 self.pending.pop(name)
-                reg["registered"].append(name)
+                if name not in reg["registered"]:  # registered again: a planner lost it
+                    reg["registered"].append(name)
         beat = heartbeat_body(self.state, self.public_url)
         hb_ok = await _call("POST /workers/heartbeat", worker.heartbeat(beat)) is not None
         if hb_ok:
