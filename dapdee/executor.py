@@ -16,6 +16,12 @@ from typing import Any
 import torch
 from torch import fx
 
+from dapdee.bounded_cache import BoundedCache
+
+# names the step-plan cache holds at most (given, targets, schedule and releases; ~20 bytes
+# each, so ~10 MB): requests may name arbitrary cuts
+PLAN_CACHE_NAMES = 1 << 19
+
 
 class MissingInputsError(ValueError):
     """The given boundary values do not determine the requested outputs."""
@@ -28,7 +34,7 @@ class MissingInputsError(ValueError):
 class GraphExecutor:
     """Executes fx graph nodes by name. `compute` is O(nodes needed) after a cached O(V + E) walk."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, plan_cache_names: int = PLAN_CACHE_NAMES) -> None:
         self.gm = gm
         self.nodes: dict[str, fx.Node] = {}
         self.placeholders: list[str] = []
@@ -44,7 +50,9 @@ class GraphExecutor:
         # alone are not, whatever their first dimension
         self.batch_nodes = _input_dependent(gm.graph)
         self._modules = dict(gm.named_modules())
-        self._plans: dict[tuple[frozenset[str], tuple[str, ...]], tuple[list[fx.Node], list[list[str]]]] = {}
+        self._plans: BoundedCache[tuple[frozenset[str], tuple[str, ...]], tuple[list[fx.Node], list[list[str]]]] = (
+            BoundedCache(plan_cache_names)
+        )
 
     def schedule(self, given: Collection[str], targets: Sequence[str]) -> list[fx.Node]:
         """Nodes to run, in topological order, to get `targets` from the values in `given`.
@@ -54,8 +62,8 @@ class GraphExecutor:
     def _step_plan(self, given: Collection[str], targets: Sequence[str]) -> tuple[list[fx.Node], list[list[str]]]:
         """(schedule, releases): `releases[i]` names the values no step after `i` reads and that
         are not targets, so they can be dropped once step `i` has run; `releases[-1]` (one entry
-        past the schedule) names given values no step reads. Cached per (given, targets); a miss
-        is O(V + E)."""
+        past the schedule) names given values no step reads. Cached per (given, targets), the
+        most recently used within `plan_cache_names` names; a miss is O(V + E)."""
         key = (frozenset(given), tuple(targets))
         cached = self._plans.get(key)
         if cached is not None:
@@ -82,9 +90,8 @@ class GraphExecutor:
             raise MissingInputsError(targets, sorted(set(missing), key=self.order.__getitem__))
         plan = sorted((self.nodes[n] for n in need), key=lambda n: self.order[n.name])
         result = (plan, _releases(plan, key[0], set(targets)))
-        if len(self._plans) > 4096:  # bounded: requests may name arbitrary cuts
-            self._plans.clear()
-        self._plans[key] = result
+        names = len(key[0]) + len(key[1]) + len(plan) + sum(len(r) for r in result[1])
+        self._plans.put(key, result, names)
         return result
 
     def compute(

@@ -3,7 +3,6 @@ in OIP's `{"error": ...}` shape."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +11,7 @@ from fastapi import Request
 
 from dapdee import wire
 from dapdee.api.oip import ModelMetadata, ModelParameters, TensorMetadata
+from dapdee.bounded_cache import BoundedCache
 from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.capacity import CapacityMeter
@@ -21,7 +21,9 @@ from dapdee.edge_worker.metrics import EdgeMetrics
 from dapdee.models import LoadedModel
 
 MODEL_VERSION = "1"  # every served model has exactly this version
-COMPUTE_CACHE = 4096  # compute-ms predictions kept per model (requests may name arbitrary cuts)
+# names the compute-ms predictions of one model hold at most (each: the given names and the
+# target): requests may name arbitrary cuts
+COMPUTE_CACHE_NAMES = 1 << 18
 INPUTS_NOTE = (
     "any graph node may be sent as an input (a boundary tensor named by node, first dim = rows, "
     "per-sample shape = the node's traced shape); the worker computes whatever the exit needs that "
@@ -55,9 +57,9 @@ class ModelEntry:
     sample_shapes: dict[str, tuple[int, ...]]
     limits: RequestLimits
     fixed_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # (the graph the figures are for, (given names, target) -> profiled compute ms, least recent first)
-    _compute_ms: tuple[CostGraph | None, OrderedDict[tuple[frozenset[str], str], float | None]] = field(
-        default_factory=lambda: (None, OrderedDict()), repr=False
+    # (the graph the figures are for, (given names, target) -> profiled compute ms)
+    _compute_ms: tuple[CostGraph | None, BoundedCache[tuple[frozenset[str], str], tuple[float | None]]] = field(
+        default_factory=lambda: (None, BoundedCache(COMPUTE_CACHE_NAMES)), repr=False
     )
 
     @classmethod
@@ -83,20 +85,18 @@ class ModelEntry:
     def compute_ms(self, given: frozenset[str], target: str) -> float | None:
         """What the graph's edge profile predicts for computing `target` from the values named
         `given`: Σ edge_ms over the nodes that computation runs (None: the graph has no edge
-        timings there). Cached per (given, target) for the current graph, the COMPUTE_CACHE most
-        recently used kept; a hit is O(1), a miss O(V + E)."""
+        timings there). Cached per (given, target) for the current graph, the most recently used
+        within COMPUTE_CACHE_NAMES names; a hit is O(1), a miss O(V + E)."""
         graph, cache = self._compute_ms
         if graph is not self.graph:
-            graph, cache = self.graph, OrderedDict()
+            graph, cache = self.graph, BoundedCache(COMPUTE_CACHE_NAMES)
             self._compute_ms = (graph, cache)
         key = (given, target)
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        value = cache[key] = _compute_ms(graph, given, target)
-        if len(cache) > COMPUTE_CACHE:  # bounded: requests may name arbitrary cuts
-            cache.popitem(last=False)
-        return value
+        held = cache.get(key)  # (figure,): a figure may be None
+        if held is None:
+            held = (_compute_ms(graph, given, target),)
+            cache.put(key, held, len(given) + 1)
+        return held[0]
 
     @property
     def request_ms(self) -> float:

@@ -25,6 +25,7 @@ import torch
 
 from dapdee import wire
 from dapdee.api.oip import InferResponseParameters
+from dapdee.bounded_cache import BoundedCache
 from dapdee.edge_worker.batching import BatchResult
 from dapdee.edge_worker.deps import MODEL_VERSION, ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.spans import record_infer
@@ -35,8 +36,10 @@ from dapdee.web import otel
 OUTPUT_NAMES = ("logits", "class")
 THREAD_DECODE_BYTES = 256 << 10  # decode bigger bodies off the event loop
 EXIT_HEADER = "x-dapdee-exit"  # the exit that answered (a metrics label)
-RUN_CACHE = 1024  # confidence runs kept per model (one per exit and set of input names)
-_RUNS: weakref.WeakKeyDictionary[GraphExecutor, dict[tuple[str, frozenset[str]], ConfidenceRun]] = (
+# names the confidence runs of one model hold at most (input names and the edge side's nodes;
+# one run per exit and set of input names): requests may name arbitrary cuts
+RUN_CACHE_NAMES = 1 << 18
+_RUNS: weakref.WeakKeyDictionary[GraphExecutor, BoundedCache[tuple[str, frozenset[str]], ConfidenceRun]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -213,9 +216,10 @@ def confidence_run(entry: ModelEntry, inputs: Mapping[str, torch.Tensor], exit_n
     """The edge's part for these inputs: the heads of the exit that the sender did not compute
     (`edge_sides`, from the nodes the worker computes), less any whose nodes the inputs do not
     determine (a cut planned without confidence exits may not send them). Cached per (executor,
-    exit, input names), at most RUN_CACHE each; a miss is O(#heads · (V + E))."""
+    exit, input names), the most recently used within RUN_CACHE_NAMES names per executor; a miss
+    is O(#heads · (V + E))."""
     ex = entry.loaded.executor
-    runs = _RUNS.setdefault(ex, {})
+    runs = _RUNS.setdefault(ex, BoundedCache(RUN_CACHE_NAMES))
     key = (exit_name, frozenset(inputs))
     run = runs.get(key)
     if run is None:
@@ -224,9 +228,7 @@ def confidence_run(entry: ModelEntry, inputs: Mapping[str, torch.Tensor], exit_n
         heads = tuple(h for h in part.heads if _determined(ex, inputs, h.node))
         part = SidePart(part.side, part.nodes, heads)
         run = ConfidenceRun(ex, part, exit_name, tuple(e.name for e in entry.graph.exits))
-        if len(runs) >= RUN_CACHE:  # bounded: requests may name arbitrary cuts
-            runs.clear()
-        runs[key] = run
+        runs.put(key, run, len(key[1]) + len(part.nodes) + len(part.heads) + 1)
     return run
 
 
