@@ -52,7 +52,7 @@ CATALOGUE: dict[str, Metric] = {
     "dapdee_planner_worker_leases": _m("gauge", "worker"),
     "dapdee_planner_rebalances_total": _m("counter", "result"),
     "dapdee_planner_admissions_total": _m("counter", "result"),
-    "dapdee_planner_rejected_total": _m("counter", "reason"),
+    "dapdee_planner_rejected_total": _m("counter", "route", "reason"),
     # edge worker
     "dapdee_edge_requests_total": _m("counter", "model", "exit", "status"),
     "dapdee_edge_request_duration_seconds": _m("histogram", "model"),

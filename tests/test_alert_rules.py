@@ -83,12 +83,13 @@ def test_promtool_test_rules() -> None:
 
 def test_promtool_test_rules_catches_a_broken_rule(tmp_path: Path) -> None:
     """Negative control: the unit tests fail when a rule changes (the plan error rate counting
-    constraints_unmet as an error, or no longer counting the request guard's refusals, the Redis
-    alert waiting 5 minutes instead of 1, the leased saturation back at `> 0.9`, which admission
-    never lets a worker reach, or strictly over 85%)."""
+    constraints_unmet as an error, no longer counting the request guard's refusals or counting
+    them on every route, the Redis alert waiting 5 minutes instead of 1, the leased saturation
+    back at `> 0.9`, which admission never lets a worker reach, or strictly over 85%)."""
     for old, new in (
         ('outcome!~"ok|constraints_unmet"', 'outcome!="ok"'),
-        ("+ sum by (job) (rate(dapdee_planner_rejected_total[5m]))", ""),
+        ('+ sum by (job) (rate(dapdee_planner_rejected_total{route="/plan"}[5m]))', ""),
+        ('dapdee_planner_rejected_total{route="/plan"}', "dapdee_planner_rejected_total"),
         ("for: 1m", "for: 5m"),
         (">= 0.85", "> 0.9"),
         (">= 0.85", "> 0.85"),

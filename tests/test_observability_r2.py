@@ -51,9 +51,10 @@ def scrape(url: str) -> Samples:
     return parse(r.text)
 
 
-def rejected(samples: Samples) -> dict[str, float]:
-    """reason -> dapdee_planner_rejected_total of a scrape."""
-    return {labels["reason"]: v for labels, v in samples.get("dapdee_planner_rejected_total", [])}
+def rejected(samples: Samples, route: str = "/plan") -> dict[str, float]:
+    """reason -> dapdee_planner_rejected_total of a scrape, on `route` (a path template)."""
+    got = samples.get("dapdee_planner_rejected_total", [])
+    return {labels["reason"]: v for labels, v in got if labels["route"] == route}
 
 
 @pytest.fixture
@@ -102,13 +103,15 @@ def _bearer(token: str) -> dict[str, str]:
 
 
 def test_the_planner_counts_its_guards_refusals_by_reason(guarded_planner: str) -> None:
-    """Every guard reason is exported at 0 before any request; then 2 x 401, 1 x 403, 1 x 413,
-    one 503 (buffer full) and one 408 (a body too slow), all on POST /plan, are counted under
-    their reasons, the others stay 0, and none of them is a plan outcome (they never reached
-    the route)."""
+    """Every guard reason of the plan route is exported at 0 before any request; then 2 x 401,
+    1 x 403, 1 x 413, one 503 (buffer full) and one 408 (a body too slow), all on POST /plan,
+    are counted under their reasons, the others stay 0, and none of them is a plan outcome
+    (they never reached the route); a refused heartbeat counts under its own route, not the
+    plan route's (which the plan error alert reads)."""
     url = guarded_planner
     before = scrape(url)
     assert rejected(before) == dict.fromkeys(GUARD_REASONS, 0.0)
+    assert httpx.post(f"{url}/workers/heartbeat", json={}, headers=_bearer(DEVICE)).status_code == 403
     body = {"model": "m", "bandwidth_mbps": 1.0}
     assert httpx.post(f"{url}/plan", json=body).status_code == 401
     assert httpx.post(f"{url}/plan", json=body, headers=_bearer("x" * 24)).status_code == 401
@@ -127,6 +130,7 @@ def test_the_planner_counts_its_guards_refusals_by_reason(guarded_planner: str) 
     want = dict.fromkeys(GUARD_REASONS, 0.0)
     want.update(unauthenticated=2.0, forbidden=1.0, too_large=1.0, overloaded=1.0, timeout=1.0)
     assert rejected(after) == want
+    assert rejected(after, "/workers/heartbeat") == {"forbidden": 1.0}
     for labels, v in after["dapdee_planner_plans_total"]:
         if labels["outcome"] != "unknown_model":  # the 503 loop's tries before the buffer filled
             assert v == 0, labels

@@ -30,7 +30,8 @@ def make_app(tokens: TokenSet, guarded: bool = True, **limits: Any) -> FastAPI:
     app = FastAPI()
     app.state.tokens = tokens
     app.state.parsed = 0
-    app.state.rejected = []
+    app.state.rejected = []  # reasons, in order
+    app.state.refused_routes = []  # their routes' path templates
     app.state.entered = threading.Event()
     app.state.release = threading.Event()
 
@@ -69,7 +70,7 @@ def make_app(tokens: TokenSet, guarded: bool = True, **limits: Any) -> FastAPI:
             routes_app=app,
             tokens=tokens,
             render=_render,
-            on_reject=app.state.rejected.append,
+            on_reject=lambda reason, route: (app.state.rejected.append(reason), app.state.refused_routes.append(route)),
             **options,
         )
     return app
@@ -98,6 +99,7 @@ def test_roles_are_checked_before_the_body_is_parsed(served: tuple[str, FastAPI]
     assert httpx.post(f"{url}/echo", json=[1, 2, 3], headers=_auth("device")).json() == {"len": 3}
     assert app.state.parsed == 1
     assert app.state.rejected == ["unauthenticated", "unauthenticated", "forbidden"]
+    assert app.state.refused_routes == ["/echo"] * 3
 
 
 def test_each_route_admits_only_its_roles(served: tuple[str, FastAPI]) -> None:

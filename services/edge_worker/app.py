@@ -189,7 +189,7 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         state.metrics.requests.labels(UNKNOWN, UNKNOWN, str(exc.status)).inc()  # as the route counts it
         return exc.status, "not_found", exc.message
 
-    def on_reject(reason: str) -> None:
+    def on_reject(reason: str, route: str) -> None:  # by reason only: infer is nearly every request
         state: WorkerState | None = app.state.worker
         if state is not None:
             state.metrics.rejected.labels(reason).inc()

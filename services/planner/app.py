@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
     store and the plan runner and closes them on shutdown. `guard=False` leaves out the request
     guard (body limits, concurrency limit, early auth), for mounting behind another gateway:
     every route's own dependency still checks its roles. The guard's refusals are counted in
-    `dapdee_planner_rejected_total` by reason."""
+    `dapdee_planner_rejected_total` by route and reason."""
     settings = settings or Settings()
     metrics = PlannerMetrics()
     tokens = settings.tokens()
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
 
 def _install_guard(app: FastAPI, settings: Settings, metrics: PlannerMetrics) -> None:
     """The request guard in front of the routes (body limits, concurrency limit, early auth by
-    `app.state.tokens`); each refusal is counted in `metrics.rejected` by reason. O(1)."""
+    `app.state.tokens`); each refusal is counted in `metrics.rejected` by route and reason. O(1)."""
     app.add_middleware(
         RequestGuard,
         routes_app=app,
@@ -89,7 +89,7 @@ def _install_guard(app: FastAPI, settings: Settings, metrics: PlannerMetrics) ->
         body_timeout_s=settings.body_timeout_s,
         max_concurrency=settings.max_concurrency,
         max_buffered_bytes=settings.max_buffered_bytes,
-        on_reject=lambda reason: metrics.rejected.labels(reason).inc(),
+        on_reject=lambda reason, route: metrics.rejected.labels(route, reason).inc(),
     )
 
 

@@ -126,8 +126,8 @@ class PlannerMetrics:
         self.rejected = Counter(
             "dapdee_planner_rejected",
             "Requests the request guard refused before any route ran (401, 403, 400, 408, 413, 415, 503), "
-            "on every route (POST /plan, heartbeats, uploads), by reason.",
-            ["reason"],
+            "by route (its path template: /plan, /workers/heartbeat, /models/{model}, ...) and reason.",
+            ["route", "reason"],
             registry=self.registry,
         )
         self.workers = Gauge("dapdee_planner_workers", "Live edge workers known.", registry=self.registry)
@@ -185,8 +185,8 @@ class PlannerMetrics:
             self.cache_hits.labels(layer)
         for reason in ("version", "capacity"):
             self.write_conflicts.labels(reason)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
+        for reason in REJECT_REASONS:  # the plan route's, which the plan error alert reads
+            self.rejected.labels("/plan", reason)
 
     def _store_metrics(self) -> None:
         """The store's consistency, capacity and plan-map build metrics."""

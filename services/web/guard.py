@@ -34,7 +34,8 @@
    probes keep answering under overload.
 
 Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
-`{"error": …}` for the edge), and counted through `on_reject(reason)`. Every refusal sent
+`{"error": …}` for the edge), and counted through `on_reject(reason, route)` (the route's path
+template, such as `/models/{model}`). Every refusal sent
 before the body was fully read (401, 403, `before_body`'s, 400, 408, 413, 415, and the 503 of a full buffer) carries
 `Connection: close`, so the server drops the connection instead of reading and discarding the
 rest of the body, which no time limit would bound; the 503 of no free slot (body already read)
@@ -46,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.routing import Match
 
@@ -56,6 +57,7 @@ except ImportError:  # pragma: no cover - older FastAPI: included routes are pla
     iter_route_contexts = None
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dapdee.bounded_cache import BoundedCache
 from dapdee.web.security import AUTH_SCOPE_KEY, DEFAULT_ACCESS, PUBLIC, Access, AuthFailure, TokenSet, authorize
 from dapdee.web.security import declared_access as route_access
 
@@ -64,7 +66,7 @@ Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, 
 # refuses it, None lets it through
 BeforeBody = Callable[[Scope], "tuple[int, str, str] | None"]
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-ACCESS_CACHE_MAX = 4096
+ACCESS_CACHE_MAX = 4096  # (method, path) pairs whose route is cached
 BUFFERED_BODIES = 4  # the default buffer bound holds at most this many bodies of the largest size
 
 
@@ -88,6 +90,17 @@ def check_buffered_bytes(max_buffered_bytes: int | None, max_body_bytes: int | N
     return max_buffered_bytes
 
 
+class RouteAccess(NamedTuple):
+    """The route a request reaches: its path template (`/models/{model}`) and declared access
+    (None, and no template: no route takes the request)."""
+
+    access: Access | None
+    route: str
+
+
+NO_ROUTE = RouteAccess(None, "")
+
+
 class _Refusal(Exception):
     def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -106,7 +119,7 @@ class RequestGuard:
         max_body_bytes: int,
         body_timeout_s: float,
         max_concurrency: int,
-        on_reject: Callable[[str], None] | None = None,
+        on_reject: Callable[[str, str], None] | None = None,
         body_limit: Callable[[Scope], int] | None = None,
         max_buffered_bytes: int | None = None,
         before_body: BeforeBody | None = None,
@@ -128,7 +141,7 @@ class RequestGuard:
         self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
         self.buffer = _BodyBuffer(buffered)
         self._watch = _BodyWatch(body_timeout_s)
-        self._access: dict[tuple[str, str], Access | None] = {}
+        self._access: BoundedCache[tuple[str, str], RouteAccess] = BoundedCache(ACCESS_CACHE_MAX)
         docs = (
             routes_app.openapi_url,
             routes_app.docs_url,
@@ -137,25 +150,26 @@ class RequestGuard:
         )
         self._public_paths = frozenset(p for p in docs if p)
 
-    def access_for(self, scope: Scope) -> Access | None:
-        """The access of the route `scope` reaches (None: no route). Cached per (method, path),
-        bounded; a miss walks the routes: O(#routes) regex matches."""
+    def route_for(self, scope: Scope) -> RouteAccess:
+        """The route `scope` reaches, with its access (`NO_ROUTE`: none). Cached per (method,
+        path), the ACCESS_CACHE_MAX most recently used (paths carry names); a miss walks the
+        routes: O(#routes) regex matches."""
         key = (scope["method"], scope["path"])
-        if key in self._access:
-            return self._access[key]
+        found = self._access.get(key)
+        if found is not None:
+            return found
+        found = NO_ROUTE
         if scope["path"] in self._public_paths:
-            access: Access | None = PUBLIC
+            found = RouteAccess(PUBLIC, scope["path"])
         else:
-            access = None
             for route in _flat_routes(self.routes_app):
                 match, _ = route.matches(scope)
                 if match == Match.FULL:
                     access = route_access(getattr(route, "dependencies", ())) or DEFAULT_ACCESS
+                    found = RouteAccess(access, getattr(route, "path", ""))
                     break
-        if len(self._access) >= ACCESS_CACHE_MAX:  # paths carry names: keep the cache bounded
-            self._access.clear()
-        self._access[key] = access
-        return access
+        self._access.put(key, found, 1)
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Guard one HTTP request (other scopes pass through); the body bytes it held go back to
@@ -173,7 +187,7 @@ class RequestGuard:
         """The checks of the module docstring, in order, then the app; the body's bytes are
         counted in `hold`."""
         original = receive
-        access = self.access_for(scope)
+        access, route = self.route_for(scope)
         if access is None:  # no route: the app's 404/405 needs no body
             await self.app(scope, receive, _closing(send) if _may_have_body(scope) else send)
             return
@@ -188,7 +202,7 @@ class RequestGuard:
                 raise _Refusal(*early)
             receive = await self._buffered(scope, receive, hold)
         except _Refusal as refusal:  # answered before the body was read (or while reading it)
-            await self._refuse(send, refusal, close=True)
+            await self._refuse(send, refusal, route, close=True)
             return
         unread = _unread_body(scope, receive, original)
         if unread:  # a chunked body the guard does not read: no time limit would bound it
@@ -205,6 +219,7 @@ class RequestGuard:
                     f"server busy ({self.max_concurrency} requests in progress); retry",
                     {"Retry-After": "1"},
                 ),
+                route,
                 close=unread,
             )
             return
@@ -276,13 +291,13 @@ class RequestGuard:
         chunks.append(body)
         return len(body)
 
-    async def _refuse(self, send: Send, refusal: _Refusal, close: bool) -> None:
+    async def _refuse(self, send: Send, refusal: _Refusal, route: str, close: bool) -> None:
         """Send `refusal` as the whole response, rendered by the service. `close`: the body was
         not (fully) read, so the response carries `Connection: close`: the server then drops the
         connection instead of reading and discarding whatever the client still sends (an endless
         body, unauthenticated and past every time limit, on a kept-alive connection)."""
         if self.on_reject is not None:
-            self.on_reject(refusal.reason)
+            self.on_reject(refusal.reason, route)
         body, content_type = self.render(refusal.status, refusal.message)
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in refusal.headers.items()]
