@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import multiprocessing
+import os
 import random
+import signal
 import time
 import tracemalloc
 from typing import Any
@@ -70,6 +74,41 @@ def test_a_request_cancelled_while_another_waits_does_not_start_a_second_build(p
             assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 1
 
     asyncio.run(go())
+
+
+def test_a_build_process_that_dies_leaves_the_map_cut_short_and_the_next_build_a_new_process(
+    planner_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The build process is killed (as the OOM killer would) while it builds: the request gets
+    the thread's map, cut short (not an error), and the next map is built in a new process
+    (before, the broken pool failed every later build that needed a process with a 500)."""
+
+    async def build_process(other_than: set[int]) -> multiprocessing.Process:
+        deadline = time.monotonic() + 20
+        while not (new := [p for p in multiprocessing.active_children() if p.pid not in other_than]):
+            assert time.monotonic() < deadline, "no build process started"
+            await asyncio.sleep(0.05)
+        return new[0]
+
+    async def go() -> None:
+        async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
+            before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+            st = (await s.put_graph(wide_graph())).state
+            first = asyncio.create_task(s.planmap("wide", st, None, None))
+            builder = await build_process(before)
+            await asyncio.sleep(0.2)
+            os.kill(builder.pid, signal.SIGKILL)
+            pm = await first
+            assert pm.over_budget and pm.plan(PlanRequest(bandwidth_mbps=5.0, mode="throughput"))["approximate"]
+            st = (await s.put_graph(wide_graph(width=1999))).state
+            second = asyncio.create_task(s.planmap("wide", st, None, None))
+            assert (await build_process(before | {builder.pid})).pid != builder.pid
+            assert (await second).plan(PlanRequest(bandwidth_mbps=5.0))["exit"]["name"]
+            assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 2
+
+    with caplog.at_level(logging.ERROR, logger="dapdee.planner"):
+        asyncio.run(go())
+    assert sum("a build process died" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_the_maps_in_process_memory_are_bounded_in_estimated_bytes(planner_prefix: str) -> None:

@@ -27,6 +27,7 @@ import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
@@ -246,7 +247,7 @@ class PlanMapCache:
         try:
             pm = await self._in_thread(kind, graph, cap, min(budget, FAST_BUILD_S))
             if not pm.exact and budget > FAST_BUILD_S:
-                pm = await self._in_process(kind, graph, cap, end)
+                pm = await self._in_process_or_cut(kind, graph, cap, end, pm)
         finally:
             self._slots.release()
         self.metrics.planmap_build_duration.observe(time.perf_counter() - t0)
@@ -263,6 +264,24 @@ class PlanMapCache:
 
     async def _in_thread(self, kind: Any, graph: CostGraph, cap: int, budget: float) -> PlanMap:
         return await asyncio.get_running_loop().run_in_executor(None, kind.build, graph, cap, budget)
+
+    async def _in_process_or_cut(self, kind: Any, graph: CostGraph, cap: int, end: float, cut: PlanMap) -> PlanMap:
+        """`_in_process`'s map; if a build process died (the OOM killer, most likely), `cut` (the
+        thread's map) as a build cut short by its budget (approximate, not stored in Redis), and
+        the broken pool is dropped, so the next build starts a new one."""
+        try:
+            return await self._in_process(kind, graph, cap, end)
+        except BrokenProcessPool as exc:
+            log.error("plan map of model %r: a build process died (%s); serving the map cut short", graph.model, exc)
+            self._drop_pool()
+            cut.over_budget = True
+            return cut
+
+    def _drop_pool(self) -> None:
+        """Stop the build processes (running builds are abandoned); a later build starts new ones."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     async def _in_process(self, kind: Any, graph: CostGraph, cap: int, end: float) -> PlanMap:
         """The map built in the build pool by `end` (a `time.time()` value)."""
@@ -285,9 +304,7 @@ class PlanMapCache:
         """Stop the build processes and tasks (running builds are abandoned)."""
         for task in self._building.values():
             task.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._drop_pool()
 
     async def _store(self, rkey: str, pm: PlanMap) -> None:
         """Store a built map in Redis unless it was cut short by the budget or is over the byte
