@@ -359,10 +359,11 @@ def test_reservations_stay_within_the_capacity_the_workers_last_heartbeat_states
 
 def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fits_it(prefix: str) -> None:
     """Two devices reserve 400 ms/s of a 1000 ms/s worker. Checked against ρ_max = 0.9, the
-    registry refuses a heartbeat at 300 ms/s (nothing recorded) and records one at 500. A
-    rebalance applied with the 300 ms/s heartbeat registers both in one step when its loads fit
-    ρ_max x 300 = 270, and neither when they do not; it is refused for a worker the registry
-    does not hold. Unchecked, a heartbeat is recorded whatever the leases book."""
+    registry refuses a heartbeat at 300 ms/s (nothing recorded). A rebalance applied with it
+    registers both in one step when its loads fit ρ_max x 300 = 270, and neither when they do
+    not; it is refused for a worker the registry does not hold, and keeps a heartbeat registered
+    after the refusal (newer: 500 ms/s, and the limit is its). Unchecked, a heartbeat is
+    recorded whatever the leases book."""
 
     async def scenario() -> None:
         (book,) = await _books(prefix, 1)
@@ -378,23 +379,29 @@ def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fi
         assert await registry.heartbeat(fast, 0.9)
         for d in "ab":
             assert (await book.reserve(d, "http://w", 200.0, 900.0, {"v": 1})).status == "reserved"
-        with pytest.raises(CapacityBelowLeases):
+        with pytest.raises(CapacityBelowLeases) as refused:
             await registry.heartbeat(slow, 0.9)
         assert await registered() == (1000.0, {"http://w": {"a": 200.0, "b": 200.0}})
-        assert await registry.heartbeat(replace(fast, capacity_ms_per_s=500.0), 0.9)  # 400 <= 450
-        hb = Heartbeat(slow.info_json(), 300.0, registry.ttl_ms)
+        hb = Heartbeat(slow.info_json(), 300.0, registry.ttl_ms, refused.value.refused_at_ms)
         over = await book.apply(
             "http://w", await _tagged(book, {"a": (200.0, {"v": 2}), "b": (100.0, {"v": 2})}), 900.0, hb
         )
         assert (over.status, over.capacity_ms_per_s) == ("over", 300.0)
-        assert await registered() == (500.0, {"http://w": {"a": 200.0, "b": 200.0}})
+        assert await registered() == (1000.0, {"http://w": {"a": 200.0, "b": 200.0}})
         fits = await book.apply(
             "http://w", await _tagged(book, {"a": (200.0, {"v": 2}), "b": (0.0, {"v": 2})}), 900.0, hb
         )
         assert fits.status == "applied"
         assert await registered() == (300.0, {"http://w": {"a": 200.0}})
-        elsewhere = Heartbeat(replace(slow, url="http://x").info_json(), 300.0, registry.ttl_ms)
+        elsewhere = Heartbeat(replace(slow, url="http://x").info_json(), 300.0, registry.ttl_ms, 0)
         assert (await book.apply("http://x", {}, 900.0, elsewhere)).status == "changed"
+        # a heartbeat registered after the refusal is newer: a late apply of the refused one keeps
+        # it (a re-solve that outlived the worker's next heartbeat), and its capacity counts
+        await asyncio.sleep(0.01)  # a later millisecond of Redis's clock
+        assert await registry.heartbeat(replace(fast, capacity_ms_per_s=500.0), 0.9)  # 200 <= 450
+        late = await book.apply("http://w", await _tagged(book, {"a": (400.0, {"v": 3})}), 900.0, hb)
+        assert (late.status, late.capacity_ms_per_s) == ("applied", 500.0)
+        assert await registered() == (500.0, {"http://w": {"a": 400.0}})
         assert await registry.heartbeat(replace(fast, capacity_ms_per_s=10.0))
         assert (await registered())[0] == 10.0
         await _close([book])

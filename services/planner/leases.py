@@ -260,12 +260,14 @@ return out
 
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
 # limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans),
-# its capacity, its TTL in ms, partial ('1' or ''), then quadruples (device, load, record JSON,
-# the basis of the record it replaces). A device may be one reserving on this worker or one
-# whose live lease reserves nothing (Device-Only: the rebalance may bring it onto this worker).
-# With a heartbeat, the limit is lowered to rho_max x the heartbeat's capacity instead of the
-# registered one, and the heartbeat is registered with the plans (the worker must be live in the
-# registry). A device whose lease is gone, moved to another worker or holds a record of another
+# its capacity, its TTL in ms, Redis's time (ms) when the registry refused it, partial ('1' or
+# ''), then quadruples (device, load, record JSON, the basis of the record it replaces). A device
+# may be one reserving on this worker or one whose live lease reserves nothing (Device-Only: the
+# rebalance may bring it onto this worker). With a heartbeat, the limit is lowered to rho_max x
+# the heartbeat's capacity instead of the registered one, and the heartbeat is registered with
+# the plans (the worker must be live in the registry); unless a heartbeat registered after that
+# refusal (expiring later than its time + TTL) is there: that newer one is kept, and the limit
+# is the registered capacity's. A device whose lease is gone, moved to another worker or holds a record of another
 # basis refuses the whole apply, or with partial is left as it is (what it reserves here counts
 # with the others'). Every check comes before the first write. Returns {status, capacity, left
 # devices...}: 1 applied (left: those partial left as they are); 0 refused, such a device (or,
@@ -279,19 +281,25 @@ local prefix, worker = ARGV[1], ARGV[2]
 local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
 local now = now_ms()
 local limit, capacity
-if ARGV[5] ~= '' then
+local register = ARGV[5] ~= ''
+if register then
   local expiry = redis.call('ZSCORE', KEYS[2], worker)
   if not expiry or tonumber(expiry) <= now then return {0, ''} end
-  capacity = ARGV[6]
-  limit = math.min(tonumber(ARGV[3]), tonumber(ARGV[4]) * tonumber(capacity))
-else
+  if tonumber(expiry) > tonumber(ARGV[8]) + tonumber(ARGV[7]) then
+    register = false  -- a newer heartbeat is registered: it stays, with its capacity
+  else
+    capacity = ARGV[6]
+    limit = math.min(tonumber(ARGV[3]), tonumber(ARGV[4]) * tonumber(capacity))
+  end
+end
+if not register then
   limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
 end
 purge_leases(prefix, KEYS[1], now)
 purge(wload, wexp, now)
-local partial = ARGV[8] == '1'
+local partial = ARGV[9] == '1'
 local chosen, expiry, total, left = {}, {}, 0, {}
-for i = 9, #ARGV, 4 do
+for i = 10, #ARGV, 4 do
   local d = ARGV[i]
   local cur = redis.call('HGET', prefix .. ':lease-worker', d)
   local raw = redis.call('GET', prefix .. ':lease:' .. d)
@@ -309,11 +317,11 @@ for i = 1, #all, 2 do
   if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
 end
 if over(total, limit) then return {2, capacity} end
-if ARGV[5] ~= '' then
+if register then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), worker)
   redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
 end
-for i = 9, #ARGV, 4 do
+for i = 10, #ARGV, 4 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])
   if chosen[d] then
     if load > 0 then
@@ -338,12 +346,14 @@ return out
 @dataclass(frozen=True)
 class Heartbeat:
     """A worker's heartbeat for `LeaseBook.apply` to register with a rebalance of its leases: its
-    stored form (`Worker.info_json`), the capacity it states (ms/s) and how long it keeps the
-    worker live (ms)."""
+    stored form (`Worker.info_json`), the capacity it states (ms/s), how long it keeps the worker
+    live (ms) and Redis's time when the registry refused it (`CapacityBelowLeases`): a heartbeat
+    registered after that is newer, and the apply keeps it."""
 
     info_json: str
     capacity_ms_per_s: float
     ttl_ms: int
+    refused_at_ms: int
 
 
 BASIS_FIELDS = ("device_id", "model", "device_tier", "frames_per_s", "worker", "graph_hash")
@@ -609,11 +619,12 @@ class LeaseBook:
         lease changed meanwhile is left as it is (what it reserves on `worker` counts with the
         others') instead of refusing the whole apply. With `heartbeat`: within ρ_max × the
         heartbeat's capacity instead, and the heartbeat is registered in the same step (refused,
-        "changed", when the worker is not live in the registry). One round trip, O(reservations
+        "changed", when the worker is not live in the registry), unless a heartbeat registered
+        since it was refused is there: that newer one stays, and counts. One round trip, O(reservations
         on the worker) inside Redis."""
         hb = heartbeat
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
-        args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms] if hb is not None else ["", "", 0]
+        args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms, hb.refused_at_ms] if hb else ["", "", 0, 0]
         args.append("1" if partial else "")
         for device, (load, record, basis) in assignments.items():
             args += [device, repr(float(load)), record_text(record), basis]

@@ -136,12 +136,14 @@ class Rebalancer:
         except Exception:  # a background task: log, never raise into the loop
             log.exception("rebalance after a capacity drop failed")
 
-    async def shed(self, w: Worker, ttl_ms: int) -> bool | None:
+    async def shed(self, w: Worker, ttl_ms: int, refused_at_ms: int) -> bool | None:
         """Heartbeat `w` states a capacity that its worker's leases book past ρ_max of (the registry
         refused it): re-solve those leases for it, with the Device-Only leases of models it
         serves as a rebalance does (solved without them, the next rebalance moved those again),
-        and apply their plans together with the heartbeat (live for `ttl_ms`) in one step, a
-        device that re-planned meanwhile left on the plan it got (a partial apply). True when
+        and apply their plans together with the heartbeat (live for `ttl_ms`; a heartbeat the
+        registry took after `refused_at_ms`, Redis's time of the refusal, is newer and stays) in
+        one step, a device that re-planned meanwhile left on the plan it got (a partial apply).
+        True when
         applied; False when each of `CAPACITY_RETRIES` tries found the leases past ρ_max of the
         capacity all the same (or the worker no longer live), or none of them can be priced
         (nothing written: the caller registers the heartbeat as it is); None when this replica
@@ -155,13 +157,12 @@ class Rebalancer:
             return None
         done = self._shedding[w.url] = asyncio.get_running_loop().create_future()
         try:
-            return await self._shed(w, ttl_ms)
+            return await self._shed(w, Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms, refused_at_ms))
         finally:  # no entry outlives its shed: workers come and go (new URLs), the map stays small
             del self._shedding[w.url]
             done.set_result(None)
 
-    async def _shed(self, w: Worker, ttl_ms: int) -> bool:
-        heartbeat = Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms)
+    async def _shed(self, w: Worker, heartbeat: Heartbeat) -> bool:
         workers = await self.fleet.live_workers()
         for _ in range(CAPACITY_RETRIES):
             reserved = await self.fleet.book.loads()

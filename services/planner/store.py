@@ -227,9 +227,9 @@ class Store:
         for _ in range(2):  # again once after waiting for another re-solve of this worker
             try:
                 return await self.registry.heartbeat(worker, rho)
-            except CapacityBelowLeases:
-                pass
-            shed = await self._shed(worker)
+            except CapacityBelowLeases as refused:
+                refused_at_ms = refused.refused_at_ms
+            shed = await self._shed(worker, refused_at_ms)
             if shed:
                 self.registry.noted(worker, shared=True)
                 return True
@@ -240,10 +240,10 @@ class Store:
                     worker.capacity_ms_per_s)  # fmt: skip
         return await self.registry.heartbeat(worker)
 
-    async def _shed(self, worker: Worker) -> bool | None:
+    async def _shed(self, worker: Worker, refused_at_ms: int) -> bool | None:
         """`Rebalancer.shed`, with any failure a False (the heartbeat is still recorded)."""
         try:
-            return await self.rebalancer.shed(worker, self.registry.ttl_ms)
+            return await self.rebalancer.shed(worker, self.registry.ttl_ms, refused_at_ms)
         except RedisUnavailable:
             return False
         except Exception:

@@ -42,24 +42,24 @@ for _, u in ipairs(dead) do redis.call('HDEL', KEYS[2], u) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 """
 # KEYS: workers:exp, workers:info. ARGV: url, worker JSON, ttl ms, max workers, then optionally
-# the lease key prefix, rho_max and the heartbeat's capacity. Returns 1, or 0 when a new worker
-# would pass the cap, or 2 (nothing written) when the worker is live and its lease reservations
-# book more than rho_max x that capacity.
+# the lease key prefix, rho_max and the heartbeat's capacity. Returns {1}, or {0} when a new
+# worker would pass the cap, or {2, now ms} (nothing written) when the worker is live and its
+# lease reservations book more than rho_max x that capacity.
 HEARTBEAT = (
     LEASE_FUNCTIONS
     + _NOW_MS
     + """
 local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return 0
+  return {0}
 end
 if known and #ARGV >= 7 then
   local limit = tonumber(ARGV[6]) * tonumber(ARGV[7])
-  if over(booked(ARGV[5], ARGV[1], now), limit) then return 2 end
+  if over(booked(ARGV[5], ARGV[1], now), limit) then return {2, now} end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
+return {1}
 """
 )
 # KEYS: workers:exp, workers:info. Returns {now ms, url, expiry ms, JSON, url, expiry ms, JSON, ...}.
@@ -80,10 +80,12 @@ return out
 
 class CapacityBelowLeases(Exception):
     """A heartbeat refused because the worker's live leases book more than ρ_max of the capacity
-    it states (`WorkerRegistry.heartbeat` with `rho_max`); nothing was recorded."""
+    it states (`WorkerRegistry.heartbeat` with `rho_max`); nothing was recorded. `refused_at_ms`:
+    Redis's time then (a heartbeat registered later is newer than this one)."""
 
-    def __init__(self, url: str, capacity_ms_per_s: float) -> None:
+    def __init__(self, url: str, capacity_ms_per_s: float, refused_at_ms: int) -> None:
         super().__init__(f"worker {url}: its leases book more than rho_max of {capacity_ms_per_s:g} ms/s")
+        self.refused_at_ms = refused_at_ms
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,10 @@ class WorkerRegistry:
             args: list[object] = [w.url, w.info_json(), self.ttl_ms, limit]
             if rho_max is not None:
                 args += [self.keys.base, repr(float(rho_max)), repr(float(w.capacity_ms_per_s))]
-            answer = int(await self.link.script("heartbeat", HEARTBEAT, self._script_keys(), args))
-            if answer == 2:
-                raise CapacityBelowLeases(w.url, w.capacity_ms_per_s)
-            shared = bool(answer)
+            answer = await self.link.script("heartbeat", HEARTBEAT, self._script_keys(), args)
+            if int(answer[0]) == 2:
+                raise CapacityBelowLeases(w.url, w.capacity_ms_per_s, int(answer[1]))
+            shared = bool(int(answer[0]))
             if not shared:
                 raise self._refused()
         except RedisUnavailable:
