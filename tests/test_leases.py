@@ -563,3 +563,47 @@ def test_the_view_keeps_the_records_of_devices_that_renew_when_expired_ones_fill
         await _close([book])
 
     run(scenario())
+
+
+def test_a_whole_view_read_keeps_the_reservations_made_while_it_was_in_flight() -> None:
+    """A refresh's answer may have been read by Redis before a reservation this replica made
+    while waiting for it: `replace` with the read's mark makes those `set`s again on top, so
+    the view does not forget them until the next refresh; a `set` with no read in flight is
+    not kept, and a read that ended leaves nothing to replay."""
+    view = ReservationView()
+    view.set("a", "http://w", 42.0)
+    mark = view.read_started()
+    view.set("b", "http://w", 42.0)  # reserved while the read was in flight
+    view.replace({"http://w": {"a": 42.0}}, every=True, mark=mark)  # read before b's reservation
+    view.read_ended()
+    assert view.leased("http://w") == (84.0, 2)
+    view.replace({"http://w": {"a": 42.0}}, every=True)  # the next refresh: b's lease ended
+    assert view.leased("http://w") == (42.0, 1)
+    mark = view.read_started()
+    view.set("a", None, 0.0)  # released while a read was in flight
+    view.replace({"http://w": {"a": 42.0}, "http://v": {"c": 5.0}}, every=True, mark=mark)
+    view.read_ended()
+    assert view.leased("http://w") == (0.0, 0) and view.leased("http://v") == (5.0, 1)
+
+
+def test_a_registry_sync_keeps_a_heartbeat_noted_while_it_read(prefix: str) -> None:
+    """A heartbeat noted while a sync's read is in flight is kept over the copy in the read's
+    answer, which Redis may have read before it (a worker that just began serving a model was
+    forgotten until the next sync, and a device planning that model got no worker)."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        settings = Settings(redis_url=URL, redis_timeout_s=5.0)
+        registry = WorkerRegistry(settings, PlannerMetrics(), book.link, Keys(prefix))
+        old = Worker("http://w", ("m1",), "t", 0.0, 0, 0, capacity_ms_per_s=1000.0)
+        assert await registry.heartbeat(old)
+        syncing = asyncio.create_task(registry.sync())
+        await asyncio.sleep(0)  # the sync has sent its read
+        registry.noted(replace(old, models=("m1", "m2")), shared=True)  # registered meanwhile
+        await syncing
+        assert [w.url for w in registry.serving("m2")] == ["http://w"]
+        await registry.sync()  # a sync that began after it: Redis's copy (old here) holds
+        assert registry.serving("m2") == []
+        await _close([book])
+
+    run(scenario())

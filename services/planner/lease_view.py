@@ -70,12 +70,21 @@ class LeaseView:
         """Re-read every worker's reservations and the lease count, and set the fleet gauges
         (from the last view when Redis is away; RedisUnavailable then passes up). Three round trips."""
         try:
-            self.reserved.replace(await self.book.loads(), every=True)
+            await self._read_loads()
             self.lease_count = await self.book.count()
         finally:
             workers = await self.live_workers()
             leased = {w.url: (w.capacity_ms_per_s, *self.leased(w.url)) for w in workers}
             self.metrics.set_fleet(self.lease_count, leased)
+
+    async def _read_loads(self) -> None:
+        """Take Redis's reservations as the view, with the reservations this replica made while
+        they were read made again on top (the answer may have been read before them)."""
+        mark = self.reserved.read_started()
+        try:
+            self.reserved.replace(await self.book.loads(), every=True, mark=mark)
+        finally:
+            self.reserved.read_ended()
 
     async def _loop(self) -> None:
         """`refresh` every `refresh_s` until `close` (Redis away: quietly, the view as last seen)."""

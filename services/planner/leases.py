@@ -427,18 +427,41 @@ class ReservationView:
     def __init__(self) -> None:
         self._loads: dict[str, dict[str, float]] = {}
         self._totals: dict[str, float] = {}
+        self._reads = 0  # reads of Redis's figures in flight (`read_started`)
+        self._since: list[tuple[str, str | None, float]] = []  # `set`s made while any is
 
-    def replace(self, loads: dict[str, dict[str, float]], every: bool = False) -> None:
-        """Take `loads` for the workers it names (`every`: as the whole view). O(reservations)."""
+    def read_started(self) -> int:
+        """Note that a read of Redis's figures was sent; the mark to hand `replace` with its
+        answer (or to `read_ended` if it fails). O(1)."""
+        self._reads += 1
+        return len(self._since)
+
+    def read_ended(self) -> None:
+        """A read noted by `read_started` is over (answered and replaced, or failed). O(1)."""
+        self._reads -= 1
+        if not self._reads:
+            self._since.clear()
+
+    def replace(self, loads: dict[str, dict[str, float]], every: bool = False, mark: int | None = None) -> None:
+        """Take `loads` for the workers it names (`every`: as the whole view). With `mark` (a
+        read's, `read_started`), the `set`s made since that read was sent are made again on
+        top: its answer may have been read before them. O(reservations + those sets)."""
         if every:
             self._loads, self._totals = {}, {}
         for url, per_device in loads.items():
             self._loads[url] = dict(per_device)
             self._totals[url] = sum(per_device.values())
+        for change in self._since[mark:] if mark is not None else ():
+            self._set(*change)
 
     def set(self, device_id: str, worker: str | None, load: float) -> None:
         """The device now reserves `load` on `worker` (None or 0: nothing) and nothing elsewhere.
         O(workers)."""
+        if self._reads:
+            self._since.append((device_id, worker, load))
+        self._set(device_id, worker, load)
+
+    def _set(self, device_id: str, worker: str | None, load: float) -> None:
         for url, per_device in self._loads.items():
             old = per_device.pop(device_id, None)
             if old is not None:

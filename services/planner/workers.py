@@ -214,8 +214,9 @@ class WorkerRegistry:
 
     async def sync(self) -> None:
         """Replace this replica's view with Redis's live workers, keeping heartbeats that Redis
-        has not seen (made while it was unavailable, or since this sync began) until they
-        expire here. Raises RedisUnavailable. One round trip, O(workers)."""
+        has not seen (made while it was unavailable) until they expire here, and those noted
+        since this sync began whatever Redis's answer says (it may have been read before them).
+        Raises RedisUnavailable. One round trip, O(workers)."""
         began = time.monotonic()
         raw = await self.link.script("workers", LIVE_WORKERS, self._script_keys(), [])
         now = time.monotonic()
@@ -230,7 +231,7 @@ class WorkerRegistry:
                 continue
             fresh[w.url] = _Seen(w, now + left_s, True, now)
         for url, seen in self._seen.items():
-            if url not in fresh and seen.deadline > now and (not seen.shared or seen.at >= began):
+            if seen.deadline > now and (seen.at >= began or (url not in fresh and not seen.shared)):
                 fresh[url] = seen
         self._seen = fresh
 
