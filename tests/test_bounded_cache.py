@@ -4,6 +4,9 @@ executor's step plans held within their budget however many cuts requests name."
 from __future__ import annotations
 
 import random
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -67,3 +70,40 @@ def test_the_executors_step_plans_stay_within_their_budget_and_answer_as_a_fresh
     x = torch.randn(1, *m.input_shape[1:])
     with torch.inference_mode():
         assert torch.equal(small.compute({m.input_name: x}, [ex.node])[ex.node], m.module(x)[-1])
+
+
+def test_threads_sharing_the_cache_neither_fail_nor_lose_its_room() -> None:
+    """The executor's cache is used by the event loop and the compute threads at once. Threads
+    getting and putting at random (evictions all the time) raise nothing, and afterwards the
+    whole budget is still usable: `budget` new entries of cost 1 are all held. Unlocked, a get
+    raced an eviction (KeyError), and lost updates to the total shrank the room until every
+    miss failed."""
+    budget = 60
+    cache: BoundedCache[int, int] = BoundedCache(budget)
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 1.5
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                key = rng.randrange(200)
+                if cache.get(key) is None:
+                    cache.put(key, key, rng.randint(1, 9))
+        except BaseException as exc:  # noqa: BLE001 - any error fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads hand over often (the services run at 0.5 ms)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+    for key in range(1000, 1000 + budget):
+        cache.put(key, key, 1)
+    assert cache.total == budget and all(cache.get(k) == k for k in range(1000, 1000 + budget))
