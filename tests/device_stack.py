@@ -31,6 +31,7 @@ from dapdee.device.types import Frame, Plan
 from dapdee.models import LoadedModel
 from dapdee.netem import ShapedUplink
 from dapdee.testing import ServerThread, bind_free_socket, wait_registered
+from tests.conftest import SHARED_REDIS as REDIS
 
 SPEC = "zoo:resnet18?width=0.25&in_channels=1"
 K = 10.0
@@ -228,3 +229,32 @@ class HangingProxy(ForwardingProxy):
             while self.hanging:
                 await asyncio.sleep(0.01)
         return await super().__call__(scope, receive, send)
+
+
+@contextlib.contextmanager
+def hanging_leases(
+    stack: Stack, name: str, lease_ttl_s: float, proxy_type: type[HangingProxy] = HangingProxy
+) -> Iterator[tuple[ServerThread, HangingProxy, str]]:
+    """A planner holding leases in Redis (`lease_ttl_s`, renewed every 0.3 s; no fleet
+    rebalancing), an edge worker registered with it, and a `proxy_type` in front of the
+    planner: yields (the edge server, the proxy, the proxy's URL). All stopped, and the
+    leases removed, afterwards."""
+    from dapdee.planner.app import create_app
+    from dapdee.planner.config import Settings
+    from dapdee.testing import clear_prefix, unique_prefix
+
+    prefix = unique_prefix(name)
+    settings = Settings(redis_url=REDIS, key_prefix=prefix, lease_ttl_s=lease_ttl_s, replan_after_s=0.3, rebalance_s=0)
+    planner = ServerThread(create_app(settings)).start()
+    edge = start_edge(stack.artifact, planner.url, stack.edge_loaded)
+    proxy = proxy_type(planner.url)
+    front = ServerThread(proxy, name="hanging-proxy").start()
+    try:
+        wait_registered(planner.url, stack.loaded.name, [edge.url])
+        yield edge, proxy, front.url
+    finally:
+        proxy.hanging = False
+        front.stop()
+        edge.stop()
+        planner.stop()
+        clear_prefix(REDIS, prefix)

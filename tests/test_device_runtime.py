@@ -6,7 +6,6 @@ frame left at. Nothing here asserts on wall-clock ratios: counts, classes and CP
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +27,17 @@ from dapdee.device.session import DeviceSettings, open_device
 from dapdee.device.types import Frame, FrameRecord, Plan
 from dapdee.testing import ServerThread, ServiceProcess
 from tests.conftest import SHARED_REDIS as REDIS
-from tests.device_stack import ForwardingProxy, HangingProxy, K, Stack, fixed_runtime, open_stack, running, start_edge
+from tests.device_stack import (
+    ForwardingProxy,
+    HangingProxy,
+    K,
+    Stack,
+    fixed_runtime,
+    hanging_leases,
+    open_stack,
+    running,
+    start_edge,
+)
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +345,7 @@ def test_leases_renewed_at_replan_after_s_kept_through_an_outage_then_device_onl
     Device-Only. No frame is lost on the way."""
     from dapdee.planner.app import create_app
     from dapdee.planner.config import Settings
-    from dapdee.testing import ServerThread, clear_prefix, unique_prefix, wait_registered
+    from dapdee.testing import clear_prefix, unique_prefix, wait_registered
 
     prefix = unique_prefix("device-lease")  # leases live in Redis, shared by planner replicas
     # no fleet rebalancing: it would hand this device the fastest plan, exit1 on its own CPU
@@ -394,33 +403,6 @@ def test_leases_renewed_at_replan_after_s_kept_through_an_outage_then_device_onl
     kept = records[marks["stop"] : marks["switch"]]
     assert kept and all(r.plan_id == leased.plan_id and r.where == "edge" for r in kept), kept
     assert [r.where for r in records[marks["switch"] :]] == ["local", "local"]
-
-
-@contextlib.contextmanager
-def hanging_leases(stack: Stack, name: str, lease_ttl_s: float) -> Iterator[tuple[ServerThread, HangingProxy, str]]:
-    """A planner holding leases in Redis (`lease_ttl_s`, renewed every 0.3 s; no fleet
-    rebalancing), an edge worker registered with it, and a `HangingProxy` in front of the
-    planner: yields (the edge server, the proxy, the proxy's URL). All stopped, and the
-    leases removed, afterwards."""
-    from dapdee.planner.app import create_app
-    from dapdee.planner.config import Settings
-    from dapdee.testing import clear_prefix, unique_prefix, wait_registered
-
-    prefix = unique_prefix(name)
-    settings = Settings(redis_url=REDIS, key_prefix=prefix, lease_ttl_s=lease_ttl_s, replan_after_s=0.3, rebalance_s=0)
-    planner = ServerThread(create_app(settings)).start()
-    edge = start_edge(stack.artifact, planner.url, stack.edge_loaded)
-    proxy = HangingProxy(planner.url)
-    front = ServerThread(proxy, name="hanging-proxy").start()
-    try:
-        wait_registered(planner.url, stack.loaded.name, [edge.url])
-        yield edge, proxy, front.url
-    finally:
-        proxy.hanging = False
-        front.stop()
-        edge.stop()
-        planner.stop()
-        clear_prefix(REDIS, prefix)
 
 
 def test_lease_expiry_is_honoured_while_a_replan_hangs(stack: Stack) -> None:
@@ -544,7 +526,7 @@ def test_a_plan_naming_no_worker_is_asked_again_with_a_back_off(stack: Stack) ->
     from dapdee.device.runtime import DeviceRuntime
     from dapdee.planner.app import create_app
     from dapdee.planner.config import Settings
-    from dapdee.testing import ServerThread, serve_app_in_thread
+    from dapdee.testing import serve_app_in_thread
 
     graph = stack.graph.with_timings("edge", {n.name: 0.01 for n in stack.graph.nodes})
     frames = stack.frames(1, seed=5)
@@ -588,7 +570,6 @@ def test_frames_in_flight_failing_in_one_outage_ask_for_one_plan(stack: Stack) -
     from dapdee.device.edge import Backoff, EdgeLink, WorkerTrust
     from dapdee.device.plan_source import PlannerPlanSource
     from dapdee.device.profile import publish_profile
-    from dapdee.testing import ServerThread
 
     tier = "device-outage"
     cfg = RuntimeConfig(

@@ -9,7 +9,10 @@ when the latency budget demands it (`fallback`): no frame is lost. One outage of
 failures of the frames in flight when it began) asks for one new plan. A frame whose plan's
 lease lapsed while its device part ran (a pipelined frame may wait for the compute thread) is
 finished on the device too, sending nothing: the lease is checked again when the tensors are
-ready to go, unless a renewed plan in force sends to the same worker. A plan naming no worker
+ready to go, unless a renewed plan in force sends to the same worker; so is one whose worker
+began a rest meanwhile (another frame's failure, a Retry-After), one whose plan was replaced by
+one booked on another worker, and one still running when the runtime closed (its lease is
+released then). A plan naming no worker
 asks for a new plan, spaced by a back-off (the planner names none while no live worker serves
 the model). A plan made with confidence
 exits (`Plan.progressive`) runs the device side with its heads (`dapdee.device.progressive`): a
@@ -19,7 +22,9 @@ rate, or throughput mode) frames are pipelined: the device part of frame i+1 ove
 upload of frame i and the edge compute of frame i−1, with at most `max_inflight` in flight.
 
 Readiness: `start()` returns once the first plan is in hand (the profile and link probes come
-before it, from whoever built the parts); `infer` and `run` refuse to run before. In the
+before it, from whoever built the parts); `infer` and `run` refuse to run before, and after
+`aclose()` (a start that `aclose` overtakes releases the lease its plan took and raises
+`DeviceClosed`). In the
 background (`Sensor`, `Replanner`) the runtime keeps its conditions and its plan fresh; frames
 never wait for that. Each frame is one trace (with `--otel`): `device.frame` with
 `device.compute` and `uplink` spans, the edge's spans joined through the `traceparent` sent
@@ -52,9 +57,14 @@ from dapdee.device.progressive import device_answer, edge_exit
 from dapdee.device.replanner import LEASE_EXPIRED, Replanner, conditions
 from dapdee.device.report import log_frame
 from dapdee.device.sensing import Sensing
-from dapdee.device.types import EdgeFailure, Frame, FrameRecord, Plan
+from dapdee.device.types import DeviceClosed, EdgeFailure, Frame, FrameRecord, Plan
 from dapdee.web import otel
 from dapdee.web.otel import NO_TRACING, Tracing
+
+# why a frame whose tensors were ready went no further than the device (its record's `error`)
+BACKING_OFF = "edge backing off"
+CLOSED = "runtime closed"
+REPLANNED = "re-planned onto another worker"
 
 log = logging.getLogger("dapdee.device")
 
@@ -179,8 +189,15 @@ class DeviceRuntime:
         await self.aclose()
 
     async def start(self) -> None:
-        """Get the first plan (frames are refused until then) and start the background."""
+        """Get the first plan (frames are refused until then) and start the background.
+        DeviceClosed when `aclose` came first, or while the first plan was asked for: then the
+        lease that plan took (after `aclose` released the device's) is released again."""
+        if self._closed:
+            raise DeviceClosed("the device runtime is closed")
         plan = await self.source.first(conditions(self.sensing))
+        if self._closed:
+            await self.source.aclose()
+            raise DeviceClosed("the device runtime was closed while it started")
         self.replanner = Replanner(self.source, self.sensing, self.config, plan, self._on_plan)
         self._on_plan(plan)
         self.started_at = time.perf_counter()
@@ -315,18 +332,25 @@ class DeviceRuntime:
             return early
         return await self._fallback(plan, {inp: x, **values}, t_start, reason, device_ms)
 
-    def _may_send(self, plan: Plan, url: str) -> bool:
-        """Whether a frame of `plan` may send to worker `url` now: the plan's lease has not
-        lapsed (its source would still run it, `PlanSource.meanwhile`), or the plan in force now
-        (a renewal) sends to the same worker. O(1) while the lease lasts."""
-        if self.source.meanwhile(plan, conditions(self.sensing), time.monotonic()) is plan:
-            return True
-        in_force = self.plan  # Device-Only, and a re-plan asked for, when no renewal came
-        return in_force.uses_edge and self._worker(in_force) == url
+    def _refusal(self, plan: Plan, url: str) -> str | None:
+        """Why a frame of `plan` whose tensors are ready may not go to worker `url` now (None:
+        it may): the runtime closed (the lease is released); the worker rests (another frame's
+        failure or a Retry-After since this frame started); the booking is not there: the plan
+        in force now (`plan` itself while its lease lasts, a renewal, or Device-Only once the
+        lease lapsed with no renewal) does not send to `url`. O(1)."""
+        assert self.edge is not None
+        if self._closed:
+            return CLOSED
+        if self.edge.backoff_of(url).resting():
+            return BACKING_OFF
+        in_force = self.plan
+        if in_force is plan or (in_force.uses_edge and self._worker(in_force) == url):
+            return None
+        return REPLANNED if in_force.uses_edge else LEASE_EXPIRED
 
     async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float, since: int) -> Outcome:
-        """Device part, upload, edge answer; a failure on the way, or a lease that lapsed while
-        the device part ran (`_may_send`), is finished locally (`since`: the worker's back-off's
+        """Device part, upload, edge answer; a failure on the way, or a frame that may no longer
+        send when its device part is done (`_refusal`), is finished locally (`since`: the worker's back-off's
         `rests` when the frame started, so one outage doubles it once and a late answer does
         not undo that). A failed upload's outcome counts the bytes that left (`bytes_sent`)."""
         assert self.edge is not None
@@ -336,8 +360,9 @@ class DeviceRuntime:
         values, device_ms, early = await self._device_part(plan, x)
         if early is not None:
             return early
-        if not self._may_send(plan, url):
-            return await self._fallback(plan, {inp: x, **values}, t_start, LEASE_EXPIRED, device_ms)
+        refused = self._refusal(plan, url)
+        if refused is not None:
+            return await self._fallback(plan, {inp: x, **values}, t_start, refused, device_ms)
         sent = {n: (x if n == inp else values[n]) for n in sent_nodes}
         timeout = self.config.edge_timeout_s(plan.predicted_ms)
         answer = None
@@ -400,11 +425,14 @@ class DeviceRuntime:
             return await self._without_edge(plan, x, t_start, "no edge worker")
         backoff = self.edge.backoff_of(url)  # the rest of this worker: another's failures do not hold it
         if backoff.resting():
-            return await self._without_edge(plan, x, t_start, "edge backing off")
+            return await self._without_edge(plan, x, t_start, BACKING_OFF)
         return await self._split(plan, x, url, index, t_start, backoff.rests)
 
     async def infer(self, frame: Frame) -> FrameRecord:
-        """Classify one frame with the current plan. Never raises for edge trouble."""
+        """Classify one frame with the current plan. Never raises for edge trouble; DeviceClosed
+        after `aclose`."""
+        if self._closed:
+            raise DeviceClosed("the device runtime is closed")
         plan = self.plan
         index = next(self._counter)
         t_start = time.perf_counter()

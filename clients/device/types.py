@@ -208,6 +208,10 @@ class PlannerUnavailable(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DeviceClosed(RuntimeError):
+    """The device runtime was closed (`aclose`): it starts nothing and takes no more frames."""
+
+
 class DeviceError(ValueError):
     """A start-up problem the user must fix (a planner that refuses, a missing profile, a bad
     source); the message is one line naming it."""

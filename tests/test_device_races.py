@@ -1,0 +1,204 @@
+"""The device runtime when things happen while a frame or a start waits: a close that overtakes
+start() or frames in flight, a worker that begins a rest, a re-plan onto another worker, each
+through real services (planner, edge worker under uvicorn on 127.0.0.1, real torch models),
+the device's compute emulated so that a device part takes a known half second or so."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dapdee.costmodel import Conditions
+from dapdee.device.compute import BoundaryValues, EmulatedCompute
+from dapdee.device.config import Requirements, RuntimeConfig
+from dapdee.device.runtime import BACKING_OFF, CLOSED, REPLANNED, DeviceRuntime
+from dapdee.device.sensing import Sensing
+from dapdee.device.types import DeviceClosed, Plan
+from dapdee.testing import ServerThread
+from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, hanging_leases, open_stack, running
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
+        yield s
+
+
+def _slow_compute(stack: Stack) -> EmulatedCompute:
+    """The device's compute emulated at one second for the whole model (a mid cut: about half)."""
+    whole_ms = sum(n.device_ms or 0.0 for n in stack.graph.nodes)
+    return EmulatedCompute(stack.graph, BoundaryValues(stack.loaded), scale=1000.0 / whole_ms)
+
+
+class InferCounter(ForwardingProxy):
+    """Forwards to an edge worker and counts the infer requests that reach it; with `refuse`
+    set, answers the first one itself with 503 and `Retry-After: 4` (a worker shedding load)."""
+
+    def __init__(self, target: str, refuse: bool = False) -> None:
+        super().__init__(target)
+        self.refuse = refuse
+        self.infers = 0
+
+    async def answer(self, scope: dict[str, Any], headers: dict[str, str], body: bytes, response: Any) -> Any:
+        if scope["path"].endswith("/infer"):
+            self.infers += 1
+            if self.refuse and self.infers == 1:
+                return 503, {"retry-after": "4", "content-type": "application/json"}, b'{"error": "busy"}'
+        return await super().answer(scope, headers, body, response)
+
+
+class PlanHolder(HangingProxy):
+    """A planner front that, while `hanging`, holds only POST /plan (a slow plan answer): the
+    lease release (DELETE /devices/{id}) goes through."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/plan":
+            return await ForwardingProxy.__call__(self, scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
+def test_a_close_that_overtakes_start_releases_the_lease_its_first_plan_took(stack: Stack) -> None:
+    """aclose() from another task while start() waits for its first (leased) plan: the close
+    releases the device's lease at once, then the plan answer lands and its lease is stored.
+    start() then releases that one too and raises DeviceClosed; no lease is left and no
+    renewal follows (before, start() went on and renewed the lease for as long as the process
+    lived)."""
+    from dapdee.client import AsyncPlannerClient, PlannerClient
+    from dapdee.client.errors import ApiError
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.profile import publish_profile
+
+    cfg = RuntimeConfig(Requirements(mode="throughput", frame_rate=5.0))
+
+    async def go(front: str) -> None:
+        async with AsyncPlannerClient(front) as client:
+            await publish_profile(client, client, stack.graph, "device-race", {"tier": "device-race"})
+            source = PlannerPlanSource(client, stack.graph, cfg.requirements, "device-race", device_id="cam-race")
+            rt = DeviceRuntime(stack.graph, _slow_compute(stack), source, config=cfg, sensing=Sensing(prior_mbps=5.0))
+            proxy.hanging = True
+            starting = asyncio.create_task(rt.start())
+            while proxy.held < 1:  # the first POST /plan is held
+                await asyncio.sleep(0.01)
+            await rt.aclose()  # released: there is no lease yet
+            proxy.hanging = False  # the plan answer lands, and with it a stored lease
+            with pytest.raises(DeviceClosed, match="closed while it started"):
+                await starting
+            with pytest.raises(DeviceClosed):
+                await rt.start()
+
+    with hanging_leases(stack, "device-start-close", 30.0, PlanHolder) as (_, proxy, front):
+        asyncio.run(go(front))
+        time.sleep(0.7)  # a renewal (every 0.3 s) would have landed by now
+        with PlannerClient(front) as planner, pytest.raises(ApiError) as gone:
+            planner.device("cam-race")
+        assert gone.value.status == 404, gone.value
+
+
+def test_frames_are_refused_after_close_and_one_in_its_device_part_sends_nothing(stack: Stack) -> None:
+    """A frame in its device part when the runtime closes is finished on the device ("runtime
+    closed"), sending nothing (its lease is released at close); a frame after the close is
+    refused with DeviceClosed, not run on a plan nobody holds."""
+    counter = InferCounter(stack.edge.url)
+    frame = stack.frames(1, seed=21)[0]
+
+    async def go(url: str) -> Any:
+        rt = fixed_runtime(stack, stack.mid_cut(url), url, compute=_slow_compute(stack))
+        async with running(rt):
+            in_flight = asyncio.create_task(rt.infer(frame))
+            await asyncio.sleep(0.15)  # in its device part (about half a second)
+            await rt.aclose()
+            rec = await in_flight
+            with pytest.raises(DeviceClosed):
+                await rt.infer(frame)
+        return rec
+
+    front = ServerThread(counter, name="infer-counter").start()
+    try:
+        rec = asyncio.run(go(front.url))
+    finally:
+        front.stop()
+    assert (rec.where, rec.error) == ("fallback", CLOSED), rec
+    assert rec.pred_class == stack.local_class(frame.x, rec.exit)
+    assert counter.infers == 0
+
+
+def test_a_frame_whose_worker_begins_a_rest_during_its_device_part_sends_nothing(stack: Stack) -> None:
+    """Pipelined frames on a mid cut; the worker answers the first upload with 503 and
+    Retry-After 4 s. The frames whose device parts ran meanwhile (they passed the rest check
+    before it began) are finished on the device when their tensors are ready ("edge backing
+    off"): the worker, which asked for 4 s of quiet, sees no other request (before, up to
+    max_inflight - 1 more)."""
+    counter = InferCounter(stack.edge.url, refuse=True)
+    frames = stack.frames(4, seed=22)
+    cfg = RuntimeConfig(Requirements(mode="throughput", frame_rate=20.0), max_inflight=3, plan_max_age_s=1e6)
+
+    async def go(url: str) -> Any:
+        rt = fixed_runtime(stack, stack.mid_cut(url), url, config=cfg, compute=_slow_compute(stack))
+        async with running(rt):
+            return await rt.run(frames)
+
+    front = ServerThread(counter, name="infer-counter").start()
+    try:
+        records = asyncio.run(go(front.url))
+    finally:
+        front.stop()
+    assert counter.infers == 1, [(r.where, r.error) for r in records]
+    assert records[0].where == "fallback" and all(r.error == BACKING_OFF for r in records[1:]), records
+    assert all(r.pred_class == stack.local_class(f.x, r.exit) for f, r in zip(frames, records, strict=True))
+
+
+class Switching:
+    """A plan source (`PlanSource`) standing in for a planner that moves the device: its first
+    plan sends to `first`, every later one (each re-plan) to `then`."""
+
+    replans = True
+
+    def __init__(self, first: Plan, then: Plan) -> None:
+        self.first_plan, self.then = first, then
+
+    async def first(self, cond: Conditions) -> Plan:
+        return self.first_plan
+
+    async def plan(self, cond: Conditions) -> Plan:
+        return self.then
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        return current
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_frame_whose_plan_moved_to_another_worker_during_its_device_part_sends_nothing(stack: Stack) -> None:
+    """A re-plan moves the device to another worker (its booking with it) while a frame of the
+    old plan runs its device part: that frame is finished on the device ("re-planned onto
+    another worker") rather than sent to the old worker, where nothing is booked for it now;
+    the next frame goes to the new worker."""
+    old, new = InferCounter(stack.edge.url), InferCounter(stack.edge.url)
+    frames = stack.frames(2, seed=23)
+    cfg = RuntimeConfig(plan_max_age_s=0.2, min_replan_s=0.05)
+
+    async def go(old_url: str, new_url: str) -> list[Any]:
+        from dapdee.device.edge import EdgeLink, WorkerTrust
+
+        first, then = stack.mid_cut(old_url), stack.mid_cut(new_url)
+        sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [old_url, new_url]), sensing)
+        rt = DeviceRuntime(stack.graph, _slow_compute(stack), Switching(first, then), config=cfg, sensing=sensing,
+                           edge=edge)  # fmt: skip
+        async with running(rt):
+            return [await rt.infer(f) for f in frames]
+
+    fronts = [ServerThread(p, name="infer-counter").start() for p in (old, new)]
+    try:
+        records = asyncio.run(go(fronts[0].url, fronts[1].url))
+    finally:
+        for f in fronts:
+            f.stop()
+    assert (records[0].where, records[0].error) == ("fallback", REPLANNED), records[0]
+    assert records[1].where == "edge" and (old.infers, new.infers) == (0, 1), records
+    assert all(r.pred_class == stack.local_class(f.x, r.exit) for f, r in zip(frames, records, strict=True))
