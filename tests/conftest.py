@@ -21,6 +21,16 @@ from dapdee.testing import (  # noqa: F401 (re-exported for the test modules)
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
+@_pytest.fixture(scope="module")
+def stack(tmp_path_factory: _pytest.TempPathFactory) -> _Iterator[_Any]:
+    """The device tests' stack (`tests.device_stack.open_stack`: an artifact, a planner and a
+    registered edge worker under uvicorn), one per test module."""
+    from tests.device_stack import open_stack
+
+    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
+        yield s
+
+
 @_pytest.fixture
 def planner_prefix() -> _Iterator[str]:
     """A unique DAPDEE_KEY_PREFIX; its keys on the shared Redis (127.0.0.1:6379) are removed after."""

@@ -258,3 +258,25 @@ def hanging_leases(
         edge.stop()
         planner.stop()
         clear_prefix(REDIS, prefix)
+
+
+class MovingPlans:
+    """A plan source that starts on `first` and answers every re-plan with `then` (what a
+    planner does when a worker dies and another serves the model)."""
+
+    replans = True
+
+    def __init__(self, first: Plan, then: Plan) -> None:
+        self.first_plan, self.then = first, then
+
+    async def first(self, cond: Conditions) -> Plan:
+        return self.first_plan
+
+    async def plan(self, cond: Conditions) -> Plan:
+        return self.then
+
+    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
+        return current
+
+    async def aclose(self) -> None:
+        return None

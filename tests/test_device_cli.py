@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,9 @@ from dapdee.cli import main
 from dapdee.device.up import find_artifact
 from dapdee.models import load_model
 from dapdee.testing import bind_free_socket
-from tests.device_stack import SPEC, Stack, open_stack
+from tests.device_stack import SPEC, Stack
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
-        yield s
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -19,7 +19,6 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -38,16 +37,10 @@ from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeFailure, FrameRecord
 from dapdee.netem import ShapedUplink
 from dapdee.testing import bind_free_socket, serve_app_in_thread
-from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, open_stack, running
+from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, running
 from tests.standin import Standin
 
 HEADER = wire.HEADER_LENGTH
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
-        yield s
 
 
 def _rewrite(body: bytes, headers: dict[str, str], lie: str) -> tuple[bytes, dict[str, str]]:

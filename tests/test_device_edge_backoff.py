@@ -29,11 +29,11 @@ from dapdee.device.plan_source import FixedPlanSource
 from dapdee.device.plans import fixed_plan
 from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
-from dapdee.device.types import Frame, FrameRecord, Plan
+from dapdee.device.types import Frame, FrameRecord
 from dapdee.models import LoadedModel, load_model
 from dapdee.profiler import profile_model
 from dapdee.testing import ServerThread, bind_free_socket
-from tests.device_stack import K, start_edge, write_artifact
+from tests.device_stack import K, MovingPlans, start_edge, write_artifact
 
 BATCH_WAIT_MS = 1000.0  # the worker holds a lone request this long (its batch window)
 
@@ -205,28 +205,6 @@ def test_a_late_answer_of_a_frame_under_way_keeps_the_outage_s_doubling(
     assert ended(answered[0]) > ended(refused[0])  # the batch window held the answer ~1 s
     assert rests == 1 and after_outage == pytest.approx(0.4), (rests, after_outage)
     assert later.where == "edge" and reset == pytest.approx(0.2), (later.where, later.error, reset)
-
-
-class MovingPlans:
-    """A plan source that starts on `first` and answers every re-plan with `then` (what a
-    planner does when a worker dies and another serves the model)."""
-
-    replans = True
-
-    def __init__(self, first: Plan, then: Plan) -> None:
-        self.first_plan, self.then = first, then
-
-    async def first(self, cond: Conditions) -> Plan:
-        return self.first_plan
-
-    async def plan(self, cond: Conditions) -> Plan:
-        return self.then
-
-    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
-        return current
-
-    async def aclose(self) -> None:
-        return None
 
 
 def test_a_plan_moving_to_another_worker_does_not_wait_out_the_failed_one_s_rest(

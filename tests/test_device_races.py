@@ -7,25 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from dapdee.costmodel import Conditions
 from dapdee.device.compute import BoundaryValues, EmulatedCompute
 from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device.runtime import BACKING_OFF, CLOSED, REPLANNED, DeviceRuntime
 from dapdee.device.sensing import Sensing
-from dapdee.device.types import DeviceClosed, Plan
+from dapdee.device.types import DeviceClosed
 from dapdee.testing import ServerThread
-from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, hanging_leases, open_stack, running
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
-        yield s
+from tests.device_stack import (
+    ForwardingProxy,
+    HangingProxy,
+    MovingPlans,
+    Stack,
+    fixed_runtime,
+    hanging_leases,
+    running,
+)
 
 
 def _slow_compute(stack: Stack) -> EmulatedCompute:
@@ -151,28 +151,6 @@ def test_a_frame_whose_worker_begins_a_rest_during_its_device_part_sends_nothing
     assert all(r.pred_class == stack.local_class(f.x, r.exit) for f, r in zip(frames, records, strict=True))
 
 
-class Switching:
-    """A plan source (`PlanSource`) standing in for a planner that moves the device: its first
-    plan sends to `first`, every later one (each re-plan) to `then`."""
-
-    replans = True
-
-    def __init__(self, first: Plan, then: Plan) -> None:
-        self.first_plan, self.then = first, then
-
-    async def first(self, cond: Conditions) -> Plan:
-        return self.first_plan
-
-    async def plan(self, cond: Conditions) -> Plan:
-        return self.then
-
-    def meanwhile(self, current: Plan, cond: Conditions, now: float) -> Plan:
-        return current
-
-    async def aclose(self) -> None:
-        return None
-
-
 def test_a_frame_whose_plan_moved_to_another_worker_during_its_device_part_sends_nothing(stack: Stack) -> None:
     """A re-plan moves the device to another worker (its booking with it) while a frame of the
     old plan runs its device part: that frame is finished on the device ("re-planned onto
@@ -188,7 +166,7 @@ def test_a_frame_whose_plan_moved_to_another_worker_during_its_device_part_sends
         first, then = stack.mid_cut(old_url), stack.mid_cut(new_url)
         sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
         edge = EdgeLink(stack.graph, WorkerTrust(None, [old_url, new_url]), sensing)
-        rt = DeviceRuntime(stack.graph, _slow_compute(stack), Switching(first, then), config=cfg, sensing=sensing,
+        rt = DeviceRuntime(stack.graph, _slow_compute(stack), MovingPlans(first, then), config=cfg, sensing=sensing,
                            edge=edge)  # fmt: skip
         async with running(rt):
             return [await rt.infer(f) for f in frames]

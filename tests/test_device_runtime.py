@@ -34,16 +34,9 @@ from tests.device_stack import (
     Stack,
     fixed_runtime,
     hanging_leases,
-    open_stack,
     running,
     start_edge,
 )
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with open_stack(tmp_path_factory.mktemp("artifact")) as s:
-        yield s
 
 
 def _check_answers(stack: Stack, frames: list[Any], records: list[FrameRecord]) -> None:
