@@ -84,7 +84,7 @@ def closed_sets(graph: CostGraph, exit_index: int) -> list[frozenset[str]]:
     st = HeadStructure.build(graph, exit_index).st
     got = enumerate_ideals(st, 100_000)
     assert got is not None
-    return [frozenset(st.lists(m)[0]) for m in got[2]]
+    return [frozenset(st.lists(m)[0]) for m in got[3]]
 
 
 # ---- the sides ----------------------------------------------------------------------------------

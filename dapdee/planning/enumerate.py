@@ -144,37 +144,37 @@ class ExitStructure:
 
 def enumerate_ideals(
     st: ExitStructure, cap: int, deadline: float | None = None
-) -> tuple[list[float], list[int], list[int]] | None:
-    """All downward-closed device sets D of A(e), with their Σ device_ms over D and sent bytes.
+) -> tuple[list[float], list[int], list[float], list[int]] | None:
+    """All downward-closed device sets D of A(e) with their (Σdevice_ms, sent bytes, Σedge_ms over D).
 
     Each ideal is generated exactly once, by adding its nodes in increasing topological index
     (reverse search: a child adds one "available" node after the last one added). Returns
-    (device sums, sent bytes, masks), or None as soon as more than `cap` ideals exist, or once
-    `deadline` (a `time.monotonic()` value; checked every `DEADLINE_EVERY` ideals) has passed.
-    A set's nodes are added in increasing topological index, so its device sum is `st.sums`'
-    bit for bit; Σ_E edge_ms is left to `planmap.edge_sums` (as the total minus a Σ over D it
-    would cancel the small terms beside a large one). A stack frame keeps a reference to its
-    parent's candidate list and materialises its own only when popped, so memory stays
-    O(#ideals + m · depth) however wide A(e) is. O(#ideals · (width + degree)) time."""
+    (device sums, sent bytes, edge sums *of D*, masks), or None as soon as more than `cap`
+    ideals exist, or once `deadline` (a `time.monotonic()` value; checked every
+    `DEADLINE_EVERY` ideals) has passed. A stack frame keeps a reference to its parent's
+    candidate list and materialises its own only when popped, so memory stays O(#ideals + m ·
+    depth) however wide A(e) is. O(#ideals · (width + degree)) time."""
     m = st.m
-    dev, out = st.dev, st.out
+    dev, edge, out = st.dev, st.edge, st.out
     preds, cons, pmask, cmask = st.preds, st.cons, st.preds_mask, st.cons_mask
     uses_input, in_mask, in_bytes = st.uses_input, st.input_cons_mask, st.input_bytes
     roots = [i for i in range(m) if pmask[i] == 0]
     b0 = in_bytes if in_mask else 0
     devs: list[float] = [0.0]
     byts: list[int] = [b0]
+    eds: list[float] = [0.0]
     masks: list[int] = [0]
     # frame: (device set, parent's candidates, first of them still available, newly available
-    # consumers, Σdevice, bytes); its candidate list is sorted(parent[start:] + new)
-    stack: list[tuple[int, list[int], int, list[int], float, int]] = [(0, roots, 0, [], 0.0, b0)]
+    # consumers, Σdevice, bytes, Σedge); its candidate list is sorted(parent[start:] + new)
+    stack: list[tuple[int, list[int], int, list[int], float, int, float]] = [(0, roots, 0, [], 0.0, b0, 0.0)]
     count = 1
     while stack:
-        d_mask, parent, start, extra, dv, by = stack.pop()
+        d_mask, parent, start, extra, dv, by, ed = stack.pop()
         cand = sorted(parent[start:] + extra) if extra else parent[start:] if start else parent
         for p, v in enumerate(cand):
             d2 = d_mask | (1 << v)
             nd = dv + dev[v]
+            ne = ed + edge[v]
             nb = by + out[v] if cmask[v] else by
             for u in preds[v]:
                 if (cmask[u] & ~d2) == 0:
@@ -183,6 +183,7 @@ def enumerate_ideals(
                 nb -= in_bytes
             devs.append(nd)
             byts.append(nb)
+            eds.append(ne)
             masks.append(d2)
             count += 1
             if count > cap:
@@ -191,36 +192,45 @@ def enumerate_ideals(
                 return None
             new = [c for c in cons[v] if (pmask[c] & ~d2) == 0]
             if new or p + 1 < len(cand):
-                stack.append((d2, cand, p + 1, new, nd, nb))
-    return devs, byts, masks
+                stack.append((d2, cand, p + 1, new, nd, nb, ne))
+    return devs, byts, eds, masks
 
 
 def feasible_ideals(
-    st: ExitStructure, found: tuple[list[float], list[int], list[int]]
-) -> tuple[list[float], list[int], list[int]]:
+    st: ExitStructure, found: tuple[list[float], list[int], list[float], list[int]]
+) -> tuple[list[float], list[int], list[float], list[int]]:
     """`enumerate_ideals`' lists restricted to the feasible device sets (unchanged, not copied,
     when A(e) has no unsendable node with a consumer). O(#ideals · #unsendable)."""
     if not st.unsendable:
         return found
-    devs, byts, masks = found
+    devs, byts, eds, masks = found
     keep = [k for k, m in enumerate(masks) if st.feasible(m)]
-    return [devs[k] for k in keep], [byts[k] for k in keep], [masks[k] for k in keep]
+    return [devs[k] for k in keep], [byts[k] for k in keep], [eds[k] for k in keep], [masks[k] for k in keep]
 
 
 def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[int]:
-    """Indices of the points not weakly dominated in (dev, sent, edge) (of equal points, one is
-    kept). Points are scanned in lexicographic (dev, sent, edge) order; a point is dominated iff a
-    kept point has sent <= its sent and edge <= its edge, answered by a prefix-minimum Fenwick
-    tree over the ranks of `sent`. O(n log n)."""
+    """Indices of the points not weakly dominated in (dev, sent, edge) (of equal points, the
+    first is kept). `pareto_scan` without slack. O(n log n)."""
+    return pareto_scan(dev, sent, edge, 0.0)[0]
+
+
+def pareto_scan(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray, slack: float) -> tuple[list[int], list[int]]:
+    """(kept, near): the indices of the points not weakly dominated in (dev, sent, edge) (of
+    equal points, the first is kept), and of the dropped points whose edge a dominating point's
+    is within `slack` below (dropped by a margin an error of `slack` / 2 in `edge` could undo).
+    Points are scanned in lexicographic (dev, sent, edge) order, ties in index order; a point is
+    dominated iff a kept point has sent <= its sent and edge <= its edge, answered by a
+    prefix-minimum Fenwick tree over the ranks of `sent`. O(n log n)."""
     n = len(dev)
     if n == 0:
-        return []
+        return [], []
     order = np.lexsort((edge, sent, dev)).tolist()
     ranks = np.searchsorted(np.unique(sent), sent).tolist()  # 0-based rank of each point's sent
     size = max(ranks) + 1
     tree = [float("inf")] * (size + 1)
     edge_l = edge.tolist()
     keep: list[int] = []
+    near: list[int] = []
     for j in order:
         e = edge_l[j]
         r = ranks[j] + 1
@@ -231,6 +241,8 @@ def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[
                 best = tree[i]
             i -= i & -i
         if best <= e:
+            if best > e - slack:
+                near.append(j)
             continue
         keep.append(j)
         i = r
@@ -238,7 +250,7 @@ def pareto_indices(dev: np.ndarray, sent: np.ndarray, edge: np.ndarray) -> list[
             if e < tree[i]:
                 tree[i] = e
             i += i & -i
-    return keep
+    return keep, near
 
 
 def prefix_masks(st: ExitStructure) -> list[int]:

@@ -33,6 +33,7 @@ from dapdee.planning.enumerate import (
     enumerate_ideals,
     feasible_ideals,
     pareto_indices,
+    pareto_scan,
     prefix_masks,
     prefix_sums,
 )
@@ -216,30 +217,42 @@ def _device_only_first(k: int, n: int) -> list[int]:
 def pareto_candset(
     st: ExitStructure,
     masks: list[int],
+    sums: tuple[Sequence[float], Sequence[int], Sequence[float]],
     exact: bool,
     count: int | None,
-    sums: tuple[Sequence[float], Sequence[int], Sequence[float]] | None = None,
 ) -> CandSet:
-    """Device-Only plus the Pareto-optimal subset of the other device sets in `masks` (of equal
-    sums, the first), compared on `sums`: each mask's Σ_D device_ms, sent bytes and Σ_E edge_ms
-    as `st.sums` gives them (None: `mask_sums`). O(n log n) for the filter."""
-    if sums is None:
-        sums = mask_sums(st, masks)
-    dev, byts, edge = sums
+    """Device-Only plus the Pareto front, in (Σ_D device_ms, bytes, Σ_E edge_ms), of the other
+    device sets in `masks`, one per equal sums (the first): the brute force's front, bit for bit.
+    `sums`: each mask's Σ_D device_ms and bytes as `st.sums` gives them, and its Σ_E within
+    `edge_error(st)` of `st.sums`' (the enumeration's is the exit's total minus Σ_D edge_ms,
+    cheap, but it cancels small terms beside a large one). A first pass filters on `sums`; the
+    points it keeps, and those it drops by a margin that error could undo, are priced node by
+    node (`mask_sums`, as the brute force adds them) and filtered again. O(n log n), plus
+    O(k · (m + E)) numpy work for the k points of the second pass (about the front)."""
     full = st.full
     others = [k for k, m in enumerate(masks) if m != full]
     chosen, rows = [full], [st.sums(full)]
     if others:
-        keep = pareto_indices(
-            np.array([dev[k] for k in others]),
-            np.array([byts[k] for k in others], dtype=np.int64),
-            np.array([edge[k] for k in others]),
-        )
-        picked = sorted((others[k] for k in keep), key=lambda k: (masks[k].bit_count(), masks[k]))
-        chosen += [masks[k] for k in picked]
-        rows += [(dev[k], byts[k], edge[k]) for k in picked]
+        first = [np.array([col[k] for k in others], dtype=t) for col, t in zip(sums, _SUM_TYPES, strict=True)]
+        kept, near = pareto_scan(*first, 2 * edge_error(st))
+        second = [masks[others[k]] for k in sorted(kept + near)]  # enumeration order: the first of equals
+        priced = mask_sums(st, second)
+        front = pareto_indices(*(np.array(col, dtype=t) for col, t in zip(priced, _SUM_TYPES, strict=True)))
+        front.sort(key=lambda i: (second[i].bit_count(), second[i]))
+        chosen += [second[i] for i in front]
+        rows += [(priced[0][i], priced[1][i], priced[2][i]) for i in front]
     cols = ([r[0] for r in rows], [int(r[1]) for r in rows], [r[2] for r in rows])
     return CandSet(st, chosen, cols, exact=exact, count=count)
+
+
+_SUM_TYPES = (np.float64, np.int64, np.float64)
+
+
+def edge_error(st: ExitStructure) -> float:
+    """A bound on how far the exit's total edge_ms minus a Σ_D edge_ms (each summed in
+    topological order) can be from Σ_E summed node by node: each of the three float sums of at
+    most m terms errs by at most m units of 2⁻⁵³ of the total, the subtraction by one. O(m)."""
+    return (3 * st.m + 1) * 2.0**-53 * sum(st.edge)
 
 
 # ---- choices, the deepest-first walk and the plan JSON ------------------------------------------
@@ -419,9 +432,10 @@ class PlanMap:
             share = _share(end, k - i)
             got = enumerate_ideals(st, cap, share)
             if got is not None:
-                devs, byts, masks = feasible_ideals(st, got)
-                sums = (devs, byts, edge_sums(st, masks))
-                cands.append(pareto_candset(st, masks, exact=True, count=len(got[2]), sums=sums))
+                devs, byts, eds, masks = feasible_ideals(st, got)
+                total = sum(st.edge)
+                sums = (devs, byts, [total - e for e in eds])  # Σ_E estimated: `pareto_candset` checks it
+                cands.append(pareto_candset(st, masks, sums, exact=True, count=len(got[3])))
                 continue
             short = short or (share is not None and time.monotonic() >= share)
             cs, complete = _approximate_candset(st, _share(end, k - i))
@@ -600,21 +614,6 @@ def mask_sums(st: ExitStructure, masks: Sequence[int]) -> tuple[list[float], lis
     return _sums(st, words, on, on & ~_all_in(words, st.cons_mask, st.m))
 
 
-def edge_sums(st: ExitStructure, masks: Sequence[int]) -> list[float]:
-    """Σ_E edge_ms of each device set in `masks` (`st.sums`' third sum, bit for bit: added node
-    by node in topological order), vectorised over masks. O(n · m) numpy work and memory."""
-    return _edge_sums(st, _bit_matrix(st, masks)).tolist()
-
-
-def _edge_sums(st: ExitStructure, on: np.ndarray) -> np.ndarray:
-    """Σ_E edge_ms per row of the n × m bit matrix `on`, in topological order. O(n · m)."""
-    off = np.ascontiguousarray(~on.T)  # a row per node: each step reads contiguous memory
-    edge = np.zeros(len(on))
-    for i in range(st.m):
-        edge += off[i] * st.edge[i]
-    return edge
-
-
 def _sums(
     st: ExitStructure, words: np.ndarray, on: np.ndarray, crossing: np.ndarray
 ) -> tuple[list[float], list[int], list[float]]:
@@ -622,14 +621,16 @@ def _sums(
     not). O(n · m) numpy work."""
     n = len(on)
     dev = np.zeros(n)
+    edge = np.zeros(n)
     sent = np.zeros(n, dtype=np.int64)
     if st.input_cons_mask:
         sent += ~_all_in(words, [st.input_cons_mask], 1)[:, 0] * st.input_bytes
     for i in range(st.m):
         dev += on[:, i] * st.dev[i]
+        edge += ~on[:, i] * st.edge[i]
         if st.cons_mask[i]:
             sent += crossing[:, i] * st.out[i]
-    return dev.tolist(), sent.tolist(), _edge_sums(st, on).tolist()
+    return dev.tolist(), sent.tolist(), edge.tolist()
 
 
 def _verify(cs: CandSet, where: str) -> None:
@@ -714,7 +715,7 @@ def _approximate_candset(st: ExitStructure, deadline: float | None = None) -> tu
                 byts.append(nb)
                 edges.append(e)
     complete = len(cuts) == len(GRID) * len(BYTE_GRID)
-    return pareto_candset(st, masks, exact=False, count=None, sums=(devs, byts, edges)), complete
+    return pareto_candset(st, masks, (devs, byts, edges), exact=False, count=None), complete
 
 
 def make_plan(graph: CostGraph, req: PlanRequest, cap: int = DEFAULT_CAP) -> dict[str, Any]:

@@ -479,7 +479,7 @@ class ProgressiveMap:
             share = _share(end, k - i)
             got = enumerate_ideals(hs.st, cap, share)
             if got is not None:
-                cands.append(ProgressiveCands.front(hs, got[2], True, len(got[2])))
+                cands.append(ProgressiveCands.front(hs, got[3], True, len(got[3])))
                 continue
             short = short or (share is not None and time.monotonic() >= share)
             approx, complete = _approximate_candset(hs.st, _share(end, k - i))
