@@ -153,10 +153,24 @@ def test_a_good_token_and_headers_travel(standin_url: tuple[Standin, str]) -> No
     standin, base = standin_url
     standin.answer(b'{"status": "ok"}')
     standin.requests.clear()
-    with PlannerClient(base, "tok-1.2_3~", headers={"X-Tenant": "a b"}) as c:
+    with PlannerClient(base, "tok-1.2_3~", headers={"X-Tenant": "a b", "user-agent": "cam/2"}) as c:
         c.healthz()
     assert standin.requests[-1].headers["authorization"] == "Bearer tok-1.2_3~"
     assert standin.requests[-1].headers["x-tenant"] == "a b"
+    assert standin.requests[-1].headers["user-agent"] == "cam/2"  # replaced, whatever its case
+
+
+def test_headers_that_would_clash_with_the_clients_own_are_refused() -> None:
+    """Header names are case-insensitive: an `authorization` header beside a token was sent as a
+    second Authorization, and an `Accept-Encoding` replaced identity, so every compressed
+    answer was then refused."""
+    with pytest.raises(RequestError, match="'Authorization'"):
+        PlannerClient("http://127.0.0.1:9", "tok-1.2_3~", headers={"authorization": "Bearer other"})
+    for cls in (PlannerClient, EdgeClient):
+        with pytest.raises(RequestError, match="'Accept-Encoding'"):
+            cls("http://127.0.0.1:9", headers={"accept-encoding": "gzip"})
+    with PlannerClient("http://127.0.0.1:9", headers={"Authorization": "Bearer own"}) as c:  # no token: the header
+        assert c.default_headers["Authorization"] == "Bearer own"
 
 
 # ---- 4. base URLs ---------------------------------------------------------------------------------

@@ -367,3 +367,66 @@ def test_a_call_on_a_closed_client_is_a_request_error() -> None:
     got = run_both(PlannerClient, AsyncPlannerClient, "http://127.0.0.1:9", closed_call)
     for err in got:
         assert isinstance(err, RequestError) and "closed" in str(err), err
+
+
+def slow_reader(conn: socket.socket) -> None:
+    """Reads whatever comes in 16 KiB every 10 ms (about 1.6 MB/s), never answering."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    while conn.recv(16384):
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_a_large_body_read_slowly_cannot_stretch_a_call_past_its_timeout(sync: bool) -> None:
+    """A 16 MiB infer body to a server reading about 1.6 MB/s (10 s for all of it): the call
+    gives up at its timeout, sync as async (the sync one wrote the body as one buffer, each
+    partial send with the whole timeout again: it ran until the upload ended)."""
+    x = torch.zeros(1, 4 << 20)  # 16 MiB of FP32
+
+    async def aio(url: str) -> Any:
+        async with AsyncEdgeClient(url, timeout=1.5) as ac:
+            return await ac.infer("m", {"x": x})
+
+    with RawServer(slow_reader) as url:
+        t0 = time.monotonic()
+        try:
+            if sync:
+                with EdgeClient(url, timeout=1.5) as c:
+                    got: Any = c.infer("m", {"x": x})
+            else:
+                got = asyncio.run(aio(url))
+        except TransportError as exc:
+            got = exc
+        took = time.monotonic() - t0
+    assert isinstance(got, TransportError) and got.timeout, got
+    assert 1.4 <= took < 2.5, took
+
+
+def test_a_repeated_delete_answered_404_succeeds_and_a_first_404_does_not() -> None:
+    """The first DELETE's connection breaks once the request is in (the planner may have acted
+    on it); the repeat is answered 404 (the lease or model is gone: that first attempt ended
+    it): the call succeeds, sync and async. A DELETE answered 404 at its first attempt is still
+    an ApiError 404."""
+    from dapdee.client import ApiError
+
+    problem = b'{"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no live lease"}'
+    gone = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/problem+json\r\nContent-Length: %d\r\n\r\n%s"
+    seen: list[bytes] = []
+
+    def drop_then_404(conn: socket.socket) -> None:
+        seen.append(read_request(conn))
+        if len(seen) % 2 == 0:  # each client's repeat
+            conn.sendall(gone % (len(problem), problem))
+
+    with RawServer(drop_then_404) as url:
+        assert run_both(PlannerClient, AsyncPlannerClient, url, lambda c: c.release("cam-1")) == [None, None]
+        assert run_both(PlannerClient, AsyncPlannerClient, url, lambda c: c.delete_model("m")) == [None, None]
+    assert len(seen) == 8
+
+    def answer_404(conn: socket.socket) -> None:
+        read_request(conn)
+        conn.sendall(gone % (len(problem), problem))
+
+    with RawServer(answer_404) as url:
+        for got in run_both(PlannerClient, AsyncPlannerClient, url, lambda c: c.release("cam-1")):
+            assert isinstance(got, ApiError) and got.status == 404, got

@@ -6,8 +6,9 @@ just before every read would run out would hold a blocking call for as long as i
 async transport cancels the exchange at its deadline (`asyncio.wait_for`); a blocking read
 cannot be cancelled, so the sync transport gives each one no longer than the call has left:
 `DeadlineBackend` wraps httpcore's network backend, and its streams cut the timeout of every
-connect, TLS handshake, read and write to the deadline `within` holds for the current call (a
-context variable: per thread, so one client may serve several threads). A wait that would
+connect, TLS handshake, read and write (a large body in 64 KiB slices) to the deadline
+`within` holds for the current call (a context variable: per thread, so one client may serve
+several threads). A wait that would
 start at or after the deadline raises httpcore's timeout of that phase at once, which httpx
 reports as its own (`httpx.ReadTimeout`, ...).
 """
@@ -25,6 +26,7 @@ import httpcore
 import httpx
 
 _DEADLINE: ContextVar[float | None] = ContextVar("dapdee_client_deadline", default=None)
+WRITE_SLICE = 64 << 10  # a body is written in slices of this many bytes, each cut to the time left
 
 
 @contextlib.contextmanager
@@ -59,7 +61,12 @@ class DeadlineStream(httpcore.NetworkStream):
         return self._stream.read(max_bytes, cut(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, cut(timeout, httpcore.WriteTimeout))
+        """`buffer` written in slices, each with the time left: httpcore's stream gives every
+        partial send of one write the whole timeout, so a reader slow enough kept a large body
+        going long past the deadline."""
+        view = memoryview(buffer)
+        for start in range(0, max(len(view), 1), WRITE_SLICE):
+            self._stream.write(bytes(view[start : start + WRITE_SLICE]), cut(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self._stream.close()

@@ -33,12 +33,14 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
   PUT, DELETE, OPTIONS, TRACE: RFC 9110 §9.2.2) or because its builder says so
   (`Call.idempotent`: `POST /plan`, whose repeat renews the same per-device lease). Never a
   POST otherwise (an infer, a heartbeat, a rebalance), never a call whose body was streamed
-  (it cannot be replayed), never once the deadline has passed;
+  (it cannot be replayed), never once the deadline has passed; a repeated DELETE answered 404
+  succeeds (the first attempt, whose answer the broken connection lost, deleted it);
 - turn a 3xx/4xx/5xx status outside the call's answers into `ApiError`, a 1xx/2xx one and an
   answer `parse` rejects (any ValueError, pydantic's included, or JSON nested too deep) into
   `ProtocolError`, and no answer into `TransportError`;
-- check the base URL, token and extra headers when built (`RequestError` naming the problem),
-  and refuse a call on a closed client (`RequestError`).
+- check the base URL, token and extra headers when built (`RequestError` naming the problem:
+  an extra header may replace the User-Agent, not ask for a content coding nor give a second
+  Authorization), and refuse a call on a closed client (`RequestError`).
 """
 
 from __future__ import annotations
@@ -279,11 +281,14 @@ def api_error(method: str, path: str, answer: Answer) -> ApiError:
     return ApiError(method, path, answer.status, problem_of(answer), text, dict(answer.headers))
 
 
-def finish(call: Call[T], answer: Answer) -> T:
+def finish(call: Call[T], answer: Answer, repeat: bool = False) -> T:
     """The result of `call` from its answer: `parse` for a status in `call.ok`; for any other,
     ProtocolError when it is a 1xx/2xx (not an error, but not an answer the call has) and
     ApiError otherwise (4xx/5xx, and a 3xx: redirects are never followed); ProtocolError when
-    `parse` rejects the answer."""
+    `parse` rejects the answer. A `repeat` of a DELETE answered 404 is the call's first answer
+    without a body: the attempt before, whose answer was lost, deleted it."""
+    if repeat and call.method == "DELETE" and answer.status == 404:
+        answer = Answer(min(call.ok), answer.headers, b"", answer.elapsed_ms)
     if answer.status not in call.ok:
         if answer.status < 300:
             expected = ", ".join(str(s) for s in sorted(call.ok))
@@ -394,10 +399,16 @@ class _Transport:
         self.timeout_s = check_timeout(timeout)
         token = check_token(token)
         extra_headers = check_headers(headers)
+        named = {name.lower() for name in extra_headers}  # header names are case-insensitive
+        if "accept-encoding" in named:
+            raise RequestError("header 'Accept-Encoding': the SDK's own (answers are read without a content coding)")
+        if token and "authorization" in named:
+            raise RequestError("header 'Authorization': the token is given already (`token`)")
         if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1:
             raise RequestError(f"max_response_bytes: expected a positive integer, got {max_response_bytes!r}")
         self.max_response_bytes = max_response_bytes
-        self.default_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra_headers}
+        ours = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        self.default_headers = {**{k: v for k, v in ours.items() if k.lower() not in named}, **extra_headers}
         if token:
             self.default_headers["Authorization"] = f"Bearer {token}"
         # httpx's own transport (httpcore underneath) reports its progress to a `trace` extension
@@ -453,7 +464,7 @@ class SyncTransport(_Transport):
         with within(deadline):
             for attempt in (0, 1):
                 try:
-                    return finish(call, self._exchange(call, body, deadline))
+                    return finish(call, self._exchange(call, body, deadline), repeat=attempt > 0)
                 except httpx.HTTPError as exc:
                     if not _repeatable(call, body, attempt, exc, deadline):
                         raise _no_answer(call, exc) from None
@@ -499,7 +510,8 @@ class AsyncTransport(_Transport):
             progress = _Progress()
             try:
                 left = deadline - time.monotonic()
-                return finish(call, await asyncio.wait_for(self._exchange(call, body, deadline, progress), left))
+                answer = await asyncio.wait_for(self._exchange(call, body, deadline, progress), left)
+                return finish(call, answer, repeat=attempt > 0)
             except (httpx.HTTPError, asyncio.TimeoutError) as exc:
                 if not _repeatable(call, body, attempt, exc, deadline):
                     raise _no_answer(call, self._cause(exc, progress)) from None
