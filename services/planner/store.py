@@ -230,8 +230,11 @@ class Store:
             except CapacityBelowLeases as refused:
                 refused_at_ms = refused.refused_at_ms
             shed = await self._shed(worker, refused_at_ms)
-            if shed:
-                self.registry.noted(worker, shared=True)
+            if shed:  # registered with its leases, or kept out by a newer heartbeat: read which
+                try:
+                    await self.registry.sync()
+                except RedisUnavailable:
+                    self.registry.noted(worker, shared=True)
                 return True
             if shed is False:
                 break
