@@ -49,7 +49,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -381,6 +381,18 @@ def _repeatable(call: Call[Any], streamed: Any, attempt: int, exc: BaseException
     return isinstance(exc, _BROKEN) and call.is_idempotent
 
 
+async def _within(exchange: Coroutine[Any, Any, T], seconds: float) -> T:
+    """`exchange` awaited for at most `seconds` (TimeoutError past them). `asyncio.timeout` where
+    Python has it (3.11+): `asyncio.wait_for` before 3.12 returns the result of an awaitable
+    that completes as its caller is cancelled, so the caller's cancellation is lost (a device's
+    SIGTERM or close, most often while an answer arrives)."""
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(exchange, seconds)
+    async with timeout(seconds):
+        return await exchange
+
+
 class _Transport:
     """What both transports hold and check: the base URL, the default headers (token, user
     agent), the timeout, the answer limit, and the httpx client `_open` makes."""
@@ -510,7 +522,7 @@ class AsyncTransport(_Transport):
             progress = _Progress()
             try:
                 left = deadline - time.monotonic()
-                answer = await asyncio.wait_for(self._exchange(call, body, deadline, progress), left)
+                answer = await _within(self._exchange(call, body, deadline, progress), left)
                 return finish(call, answer, repeat=attempt > 0)
             except (httpx.HTTPError, asyncio.TimeoutError) as exc:
                 if not _repeatable(call, body, attempt, exc, deadline):
@@ -518,7 +530,7 @@ class AsyncTransport(_Transport):
         raise AssertionError("unreachable")
 
     def _cause(self, exc: BaseException, progress: _Progress) -> BaseException:
-        """The cause to report for `exc`: the call's deadline (`asyncio.wait_for` cancels the
+        """The cause to report for `exc`: the call's deadline (`_within` cancels the
         exchange before httpx's own phase timeouts, which end at the same instant, can fire)
         hit before the request began to go out is the httpx timeout of that phase
         (`_Progress.unsent_timeout`), as the sync transport reports it; else `exc`. O(1)."""
