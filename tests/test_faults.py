@@ -307,7 +307,7 @@ class SlowProxy(ForwardingProxy):
 
 
 def test_slow_worker_frames_time_out_to_local_fallback(artifact: Path, device_model: tuple[Any, Any]) -> None:
-    """Frames sent to a worker that answers 3 s late time out (the timeout is finite: 3 x the
+    """Frames sent to a worker that answers 6 s late time out (the timeout is finite: 3 x the
     prediction, at least 150 ms) and are finished on the device: every frame the proxy held
     back is a timed-out fallback, and every answer is the model's."""
     loaded, dev = device_model
@@ -316,7 +316,7 @@ def test_slow_worker_frames_time_out_to_local_fallback(artifact: Path, device_mo
     edge = edge_service(f"@{artifact}", planner.url).start()
     try:
         wait_registered(planner.url, MODEL, [edge.url])
-        proxy = SlowProxy(edge.url, delay_s=3.0)
+        proxy = SlowProxy(edge.url, delay_s=6.0)  # past any frame's timeout (3 x its prediction), loaded host too
         with serve_app_in_thread(proxy) as slow_url:
 
             async def go() -> list[FrameRecord]:
