@@ -219,7 +219,9 @@ def confidence_run(entry: ModelEntry, inputs: Mapping[str, torch.Tensor], exit_n
     exit, input names), the most recently used within RUN_CACHE_NAMES names per executor; a miss
     is O(#heads · (V + E))."""
     ex = entry.loaded.executor
-    runs = _RUNS.setdefault(ex, BoundedCache(RUN_CACHE_NAMES))
+    runs = _RUNS.get(ex)
+    if runs is None:  # once per executor, not a cache built per request
+        runs = _RUNS[ex] = BoundedCache(RUN_CACHE_NAMES)
     key = (exit_name, frozenset(inputs))
     run = runs.get(key)
     if run is None:
