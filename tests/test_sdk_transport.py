@@ -467,3 +467,27 @@ def test_a_cancelled_async_call_never_returns_an_answer() -> None:
     with serve_app_in_thread(create_app(Settings(redis_url=None))) as url:
         lost, landed = asyncio.run(go(url))
     assert landed >= 50 and lost == 0, (lost, landed)
+
+
+def test_an_async_client_used_in_a_second_event_loop_is_a_request_error() -> None:
+    """An async client's pooled connections belong to the event loop that opened them: a call
+    from another loop (a second `asyncio.run`) raises the SDK's RequestError naming the cause
+    (httpx's own is a bare RuntimeError once the first loop has closed), and sends nothing."""
+    asked: list[bytes] = []
+
+    def keep_alive(conn: socket.socket) -> None:
+        body = b'{"status":"ok"}'
+        while head := read_request(conn):
+            asked.append(head)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    with RawServer(keep_alive) as url:
+        client = AsyncPlannerClient(url)
+        first = asyncio.run(client.healthz())
+        with pytest.raises(RequestError, match="event loop") as err:
+            asyncio.run(client.healthz())
+    assert first is not None and len(asked) == 1, asked
+    assert "one client per event loop" in str(err.value), err.value

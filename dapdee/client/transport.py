@@ -509,6 +509,7 @@ class AsyncTransport(_Transport):
     `await aclose()` (or use `async with`)."""
 
     _http: httpx.AsyncClient
+    _loop: asyncio.AbstractEventLoop | None = None  # the event loop of the first call
 
     def _open(self, client_args: dict[str, Any]) -> httpx.AsyncClient:
         return httpx.AsyncClient(**client_args)
@@ -517,6 +518,7 @@ class AsyncTransport(_Transport):
         """Make the call (its content, or `body` streamed instead) and read its result, all
         within the call's timeout."""
         self._check_open(call)
+        self._check_loop(call)
         deadline = time.monotonic() + self.total_s(call)
         for attempt in (0, 1):
             progress = _Progress()
@@ -528,6 +530,19 @@ class AsyncTransport(_Transport):
                 if not _repeatable(call, body, attempt, exc, deadline):
                     raise _no_answer(call, self._cause(exc, progress)) from None
         raise AssertionError("unreachable")
+
+    def _check_loop(self, call: Call[Any]) -> None:
+        """RequestError when called from another event loop than the first call's: the pooled
+        connections belong to that loop (httpx would raise a bare RuntimeError once it has
+        closed, e.g. a second `asyncio.run`). O(1)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RequestError(
+                f"{call.method} {call.path}: this client was first used in another event loop, which "
+                "holds its connections; make one client per event loop"
+            )
 
     def _cause(self, exc: BaseException, progress: _Progress) -> BaseException:
         """The cause to report for `exc`: the call's deadline (`_within` cancels the
