@@ -349,3 +349,40 @@ def test_the_request_cost_of_a_slowed_down_worker_is_its_own_cpu_not_its_stretch
     # the case: the stretched node outweighs all the CPU a request takes, node included
     assert node_ms[4.0] > found[1.0] + node_ms[4.0] / 4, (node_ms, found)
     assert found[4.0] > 0.0 and 0.33 < found[4.0] / found[1.0] < 3.0, found
+
+
+def test_a_big_body_decoded_in_a_thread_is_taken_time() -> None:
+    """A body over THREAD_DECODE_BYTES is decoded in a thread, whose CPU the event loop's clock
+    does not see: the meter counts it as taken (a malformed one too); a small body, decoded on
+    the event loop, is not counted twice."""
+    import asyncio
+
+    from dapdee import wire
+    from dapdee.edge_worker.deps import ApiError
+    from dapdee.edge_worker.infer import THREAD_DECODE_BYTES, decode
+
+    loaded = load_model("zoo:alexnet?width=0.25")
+    app = create_app(Settings(max_batch_rows=32), [loaded])
+    with ServerThread(app, sock=bind_free_socket()):
+        entry = app.state.worker.models["alexnet"]
+    x = loaded.example_input()
+    big, headers = wire.encode_request({loaded.graph.input.name: x.repeat(32, 1, 1, 1)})
+    small, small_headers = wire.encode_request({loaded.graph.input.name: x})
+    assert len(big) > THREAD_DECODE_BYTES > len(small), (len(big), len(small))
+
+    def meter() -> CapacityMeter:
+        m = CapacityMeter(window_s=60.0, min_ms=0.0, clock=FakeClock(), outside=lambda: 0.0)
+        m.record(1.0, 0.0, 1.0)  # priced 1 ms, taken 1 ms: κ = 1 until something else is taken
+        return m
+
+    on_loop = meter()
+    asyncio.run(decode(entry, small, small_headers.get(wire.HEADER_LENGTH), on_loop))
+    assert on_loop.factor() == 1.0
+    in_thread = meter()
+    got = asyncio.run(decode(entry, big, headers.get(wire.HEADER_LENGTH), in_thread))
+    assert next(iter(got.inputs.values())).shape[0] == 32
+    assert in_thread.factor() > 1.0  # (1 ms + the decode's CPU) / 1 ms
+    refused = meter()
+    with pytest.raises(ApiError):
+        asyncio.run(decode(entry, big[:-4], headers.get(wire.HEADER_LENGTH), refused))
+    assert refused.factor() > 1.0

@@ -14,7 +14,9 @@ priced at, and advertises `nominal / κ`, κ the ratio of the two over recent re
 - **Taken**: the compute slot's time for the request (its share of the batch, wall clock, so a
   slot starved of the CPU or the GIL counts), plus the CPU time of the event-loop thread, where
   everything outside the slot happens (HTTP, decoding, dispatch, encoding): read from that
-  thread's CPU clock (`outside`) each time κ is read, since it cannot be split per request.
+  thread's CPU clock (`outside`) each time κ is read, since it cannot be split per request;
+  plus the CPU time of a big body's decoding, which runs in a thread of its own
+  (`record_outside`).
   Comparing like with like matters: a deep cut runs little compute but pays the whole request
   cost, and a slot-only κ (its fixed per-call time against a few microseconds of profiled
   nodes) read 4-8 at idle and booked the request cost that many times over. Where the platform
@@ -104,6 +106,13 @@ class CapacityMeter:
             return
         priced = compute_ms + (request_ms if self.outside is not None else 0.0)
         self._add(self.clock(), priced, slot_ms)
+
+    def record_outside(self, cpu_ms: float) -> None:
+        """CPU ms the worker spent on requests in a thread of its own (a big body decoded off
+        the event loop), which neither the slot's time nor the event loop's clock sees: counted
+        as taken, like the event loop's CPU, when the event loop is timed (`outside`). O(1)."""
+        if self.outside is not None and cpu_ms > 0:
+            self._add(self.clock(), 0.0, cpu_ms)
 
     def factor(self) -> float:
         """κ: taken over priced time in the window, clamped to [1, max_factor]; 1 while the

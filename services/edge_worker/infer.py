@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,12 +27,14 @@ from dapdee import wire
 from dapdee.api.oip import InferResponseParameters
 from dapdee.bounded_cache import BoundedCache
 from dapdee.edge_worker.batching import BatchResult
+from dapdee.edge_worker.capacity import CapacityMeter
 from dapdee.edge_worker.deps import MODEL_VERSION, ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.spans import record_infer
 from dapdee.executor import GraphExecutor, MissingInputsError
 from dapdee.progressive_run import SidePart, edge_sides, run_part
 from dapdee.web import otel
 
+T = TypeVar("T")
 OUTPUT_NAMES = ("logits", "class")
 THREAD_DECODE_BYTES = 256 << 10  # decode bigger bodies off the event loop
 EXIT_HEADER = "x-dapdee-exit"  # the exit that answered (a metrics label)
@@ -88,13 +90,16 @@ def tensor_check(entry: ModelEntry) -> wire.TensorCheck:
     return check
 
 
-async def decode(entry: ModelEntry, body: bytes, header_length: str | None) -> wire.DecodedRequest:
+async def decode(
+    entry: ModelEntry, body: bytes, header_length: str | None, meter: CapacityMeter
+) -> wire.DecodedRequest:
     """The request, vetted by `tensor_check` and bounded by the model's value limit; off the event
-    loop for big bodies. 413 past a limit, 400 for anything malformed. O(body bytes)."""
+    loop for big bodies, whose decoding CPU `meter` counts (the event loop's clock does not see
+    it). 413 past a limit, 400 for anything malformed. O(body bytes)."""
     try:
         args = (body, wire.parse_header_length(header_length), entry.limits.max_values, tensor_check(entry))
         if len(body) > THREAD_DECODE_BYTES:
-            return await asyncio.to_thread(wire.decode_request, *args)
+            return await _in_thread_timed(meter, wire.decode_request, *args)
         return wire.decode_request(*args)
     except wire.WireLimitError as exc:
         raise ApiError(413, str(exc)) from None
@@ -102,6 +107,23 @@ async def decode(entry: ModelEntry, body: bytes, header_length: str | None) -> w
         raise ApiError(400, str(exc)) from None
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # a malformed body the codec missed
         raise ApiError(400, f"malformed request: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+async def _in_thread_timed(meter: CapacityMeter, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a thread, its CPU time (refused or not) recorded on `meter`. O(fn)."""
+    spent = [0.0]
+
+    def timed() -> T:
+        start = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            spent[0] = time.thread_time() - start
+
+    try:
+        return await asyncio.to_thread(timed)
+    finally:
+        meter.record_outside(spent[0] * 1000.0)
 
 
 def requested_exit(entry: ModelEntry, req: wire.DecodedRequest) -> str:
@@ -315,7 +337,7 @@ async def run_infer(
 ) -> tuple[bytes, dict[str, str]]:
     """Answer one infer request received at `t0` (perf_counter): the response's body and
     headers. Raises ApiError. O(body bytes) plus the batch's compute."""
-    req = await decode(entry, body, headers.get(wire.HEADER_LENGTH))
+    req = await decode(entry, body, headers.get(wire.HEADER_LENGTH), state.capacity)
     exit_name = requested_exit(entry, req)
     confident = requested_confidence(entry, req, exit_name)
     try:
