@@ -7,6 +7,7 @@ written by hand."""
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,3 +301,56 @@ def test_a_frame_rate_other_than_the_issues_needs_a_reason_and_reaches_every_dev
     plain_args = parse(["--quick", "--n", "16", "--systems", "fleet"])
     (plain,) = scenarios(plain_args)
     assert plain.frame_rate == FRAME_RATE == 10.0 and "changed from" not in requirements_line(plain_args)
+
+
+def test_the_224px_runs_may_keep_their_own_frame_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--frame-rate-224` sets the 224-px runs' rate alone (default: `--frame-rate`); a rate
+    other than the issue's needs `--reason` there too, and the setup line states both rates."""
+    from dapdee.bench.fleet import parse, requirements_line, scenarios
+
+    with pytest.raises(SystemExit) as refused:
+        parse(["--quick", "--n224", "16", "--frame-rate-224", "16"])
+    assert refused.value.code == 2 and "--frame-rate-224" in capsys.readouterr().err
+    args = ["--quick", "--n", "16", "--systems", "fleet", "--n224", "16", "--frame-rate", "16", "--reason", "why"]
+    a = parse([*args, "--frame-rate-224", "10"])
+    small, big = scenarios(a)
+    assert (small.model, small.frame_rate, big.model, big.frame_rate) == ("resnet18", 16.0, "resnet18-224", 10.0)
+    assert big.k == 30.0 and big.n == 16 and big.requirements().frame_rate == 10.0
+    line = requirements_line(a)
+    assert line.startswith("requirements: 16 frames/s per device (10 with the 224-px model) (changed from 10: why)")
+    same = scenarios(parse(args))
+    assert [s.frame_rate for s in same] == [16.0, 16.0] and "224-px" not in requirements_line(parse(args))
+
+
+def test_a_baselines_plan_request_is_asked_again_while_the_planner_refuses_it_for_now() -> None:
+    """A baseline device asks for its one plan again after a transient refusal (a 503 while
+    the planner's min-cut threads are busy), as the device runtime's first plan does; a refusal
+    that is not transient, or one that outlasts the timeout, is raised."""
+    import asyncio
+
+    from dapdee.bench.fleet_bench.systems import _baseline_answer
+    from dapdee.client import ApiError
+
+    class Planner:
+        """Answers `plan` with the refusals queued, then "planned"."""
+
+        def __init__(self, *statuses: int) -> None:
+            self.statuses, self.asked = list(statuses), 0
+
+        async def plan(self, body: dict[str, Any]) -> str:
+            self.asked += 1
+            if self.statuses:
+                raise ApiError("POST", "/plan", self.statuses.pop(0), {"detail": "refused"})
+            return "planned"
+
+    busy = Planner(503, 503)
+    assert asyncio.run(_baseline_answer(busy, {})) == "planned" and busy.asked == 3
+    bad = Planner(400)
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(_baseline_answer(bad, {}))
+    assert refused.value.status == 400 and bad.asked == 1
+    overloaded = Planner(*[503] * 100)
+    t0 = time.monotonic()
+    with pytest.raises(ApiError):
+        asyncio.run(_baseline_answer(overloaded, {}, timeout_s=0.5))
+    assert 2 <= overloaded.asked <= 4 and time.monotonic() - t0 < 2.0
