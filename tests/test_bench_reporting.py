@@ -5,6 +5,9 @@ No benchmark, service or model runs here."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 from dapdee.bench.fleet_bench import report as fleet_report
 from dapdee.bench.paperbench.adaptation import adaptation
 from dapdee.bench.paperbench.experiments import Bench
-from dapdee.bench.paperbench.options import Options, build_options
+from dapdee.bench.paperbench.options import Options, build_options, cpu_split
 from dapdee.bench.paperbench.report import _targets
 from dapdee.bench.paperbench.scoring import _speedups, adaptation_lines, format_target
 
@@ -133,6 +136,42 @@ def test_the_adaptation_cell_key_holds_the_optimum_frames_and_probe_rounds(tmp_p
     assert _adapt_key(tmp_path, "--fig-frames", "20") != base
     assert _adapt_key(tmp_path, "--smoke") != _adapt_key(tmp_path, "--smoke", "--fig-frames", "2")  # smoke: 1
     assert _adapt_key(tmp_path, probe_rounds=3) != base
+    # a cell measured with the edge worker on a CPU of its own is not one measured sharing them
+    assert _adapt_key(tmp_path, cpu_split=((1,), (0,))) != _adapt_key(tmp_path, cpu_split=None)
+
+
+def test_the_edge_worker_gets_a_cpu_of_its_own_unless_told_otherwise(tmp_path: Path) -> None:
+    """The split covers this process's CPUs, one for the worker and the rest for the others,
+    disjoint; `--no-pin` (or a single CPU) shares them."""
+    cpus = os.sched_getaffinity(0)
+    split = cpu_split()
+    if len(cpus) < 2:
+        assert split is None
+    else:
+        assert split is not None
+        edge, rest = map(set, split)
+        assert len(edge) == 1 and edge | rest == cpus and not edge & rest
+    assert build_options(["--out", str(tmp_path)]).cpu_split == split
+    assert build_options(["--out", str(tmp_path), "--no-pin"]).cpu_split is None
+
+
+def test_keep_to_moves_every_thread_already_running_and_those_started_later() -> None:
+    """In a process of its own (it changes the whole process): a thread started before the call
+    and one started after both end up on the one CPU given."""
+    cpu = min(os.sched_getaffinity(0))
+    code = f"""
+import os, threading
+from dapdee.bench.paperbench.cli import keep_to
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()
+keep_to(({cpu},))
+threading.Thread(target=stop.wait, daemon=True).start()
+masks = [os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task")]
+print(len(masks), sorted({{c for m in masks for c in m}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    threads, seen = out.stdout.split(" ", 1)
+    assert int(threads) >= 3 and seen.strip() == f"[{cpu}]", out.stdout
 
 
 def _fleet_run(n: int, **kw: Any) -> dict[str, Any]:

@@ -194,6 +194,17 @@ def test_a_service_process_runs_at_the_niceness_it_is_given() -> None:
         assert os.getpriority(os.PRIO_PROCESS, svc.proc.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
 
 
+def test_a_service_process_and_all_its_threads_run_on_the_cpus_it_is_given() -> None:
+    """The paper bench keeps its edge worker on a CPU of its own: every thread of the served
+    process (uvicorn's, torch's) carries the mask, read back from /proc."""
+    cpu = max(os.sched_getaffinity(0))
+    with ServiceProcess("planner", [], "/readyz", {}, cpus=str(cpu)).start() as svc:
+        assert svc.proc is not None
+        tasks = Path(f"/proc/{svc.proc.pid}/task")
+        masks = {tid.name: os.sched_getaffinity(int(tid.name)) for tid in tasks.iterdir()}
+    assert len(masks) >= 2 and set(map(frozenset, masks.values())) == {frozenset({cpu})}, masks
+
+
 def _frame(t: float, lat: float | None, pred: float = 50.0, plan: str = "p") -> list[Any]:
     """One frame as `devices.device_result` writes it (answered at the edge, 5 ms in the worker,
     no wait before the device took it)."""

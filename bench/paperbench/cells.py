@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 # 3: device runtime package, services as subprocesses, baselines from POST /plan, cost model v2
-CELLS_SCHEMA = 3
+# 4: the edge worker on a CPU of its own (`--no-pin`: shared, keyed "pin0")
+CELLS_SCHEMA = 4
 
 
 class CellCache:

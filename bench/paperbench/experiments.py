@@ -27,7 +27,7 @@ from dapdee.bench.paperbench.stats import merge_rounds, skipped_measurement
 from dapdee.bench.paperbench.systems import Device, System, say
 from dapdee.netem import parse_network
 
-KEY_PARTS_AT = 7  # where a cell key's own parts start (after kind ... probe rounds)
+KEY_PARTS_AT = 8  # where a cell key's own parts start (after kind ... probe rounds, CPU pinning)
 
 
 class Bench:
@@ -53,11 +53,13 @@ class Bench:
 
     def key(self, kind: str, m: str, *parts: Any, slowdown: float | None = None) -> str:
         """The cache key of a cell: kind, model, artifact, K, RTT, the profiling repeats and the
-        live device's probe rounds (the presets differ in both), the cell's parts, the cap."""
+        live device's probe rounds (the presets differ in both), the CPU pinning, the cell's
+        parts, the cap."""
         o = self.o
         k = o.slowdown if slowdown is None else slowdown
         return "|".join([kind, m, self.ids.get(m, ""), f"K{k:g}", f"rtt{o.rtt_ms:g}", f"rep{o.profile_repeats}",
-                         f"probe{o.probe_rounds}", *map(str, parts), f"cap{o.plan_cap_s:g}"])  # fmt: skip
+                         f"probe{o.probe_rounds}", f"pin{int(o.cpu_split is not None)}", *map(str, parts),
+                         f"cap{o.plan_cap_s:g}"])  # fmt: skip
 
     async def cell(self, key: str, fn: Callable[[System], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The cached result of cell `key`, else `await fn(system)` (then cached)."""

@@ -22,6 +22,14 @@ def _fig7_k(o: Options) -> str:
     return own or f"every model at K = {o.slowdown:g}"
 
 
+def _cpus(o: Options) -> str:
+    if o.cpu_split is None:
+        return "The edge worker, the device and the planner share every CPU of the host."
+    edge, rest = (", ".join(map(str, c)) for c in o.cpu_split)
+    return (f"The edge worker runs on CPU {edge}, the device (its compute, uplink shaping and HTTP) and the "
+            f"planner on CPU {rest}, as on machines of their own.")  # fmt: skip
+
+
 def _setup(o: Options, info: dict[str, Any], cmd: str) -> Md:
     return [
         "# DAPDEE paper evaluation (measured)",
@@ -38,7 +46,7 @@ def _setup(o: Options, info: dict[str, Any], cmd: str) -> Md:
         f"{o.heavy_factor:g} x Device-Only's predicted rate, at least {o.max_inflight} in flight (more when the "
         "plan's predicted latency / bottleneck needs more to fill the pipeline, at most 32); every plan's "
         f"measurement capped at {o.plan_cap_s:g} s per round (capped cells say so; a plan predicted slower than "
-        "the cap per frame is not run). Planners with identical plans share one measurement.",
+        "the cap per frame is not run). Planners with identical plans share one measurement. " + _cpus(o),
         "",
         "Noise band (90th percentile of the relative spread between the two rounds of the same plan): "
         f"latency ±{info['latency_band'] * 100:.1f} % ({info['latency_samples']} plans), throughput "

@@ -48,13 +48,15 @@ def say(o: Options, *a: Any) -> None:
 
 
 class Services:
-    """Planner and edge worker as `dapdee serve` subprocesses sharing one random token."""
+    """Planner and edge worker as `dapdee serve` subprocesses sharing one random token; with
+    `o.cpu_split`, the worker on its CPUs and the planner on the others."""
 
     def __init__(self, o: Options, models: list[str]) -> None:
         self.token = secrets.token_urlsafe(24)
         env = {"DAPDEE_API_TOKEN": self.token}
+        edge_cpus, rest_cpus = (",".join(map(str, c)) for c in o.cpu_split) if o.cpu_split else (None, None)
         self.planner_proc = ServiceProcess("planner", ["--redis-url", "none"], "/healthz",
-                                           {**env, "DAPDEE_WORKER_TTL_S": "30"})  # fmt: skip
+                                           {**env, "DAPDEE_WORKER_TTL_S": "30"}, cpus=rest_cpus)  # fmt: skip
         cache = Path(o.out) / "profiles"
         if o.fresh:  # the host's speed drifts between runs: profiles measured in this run only
             shutil.rmtree(cache, ignore_errors=True)
@@ -69,7 +71,11 @@ class Services:
         ]  # fmt: skip
         # its own process, as on its own machine: in the device's process it would share one GIL
         self.edge_proc = ServiceProcess(
-            "edge", args, "/v2/health/live", {**env, "DAPDEE_EDGE_HEARTBEAT_S": "1", "DAPDEE_EDGE_PROFILE_WARMUP": "2"}
+            "edge",
+            args,
+            "/v2/health/live",
+            {**env, "DAPDEE_EDGE_HEARTBEAT_S": "1", "DAPDEE_EDGE_PROFILE_WARMUP": "2"},
+            cpus=edge_cpus,
         )
         self.models = models
         self.planner: AsyncPlannerClient | None = None

@@ -60,7 +60,8 @@ class ServiceProcess:
     on a free 127.0.0.1 port chosen once (a restart reuses it). Settings come from `args` and
     `env` (added to a DAPDEE_*-free environment). `start()` waits until `ready_path` answers
     200; `stop()` sends SIGTERM, `kill()` SIGKILL (each escalating to SIGKILL after a wait).
-    `niceness` > 0 runs it at that lower CPU priority (`nice -n`); `log_file` (set before
+    `niceness` > 0 runs it at that lower CPU priority (`nice -n`); `cpus` (a `taskset -c` list such
+    as "1" or "0-2") keeps it and its threads on those CPUs; `log_file` (set before
     `start`) receives its standard error, appended (default: this process's). A context
     manager: `with ServiceProcess(...).start() as svc:` stops it at the end."""
 
@@ -72,9 +73,11 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
         log_level: str = "warning",
         niceness: int = 0,
+        cpus: str | None = None,
     ) -> None:
         self.service = service
         self.niceness = niceness
+        self.cpus = cpus
         self.args = list(args)
         self.ready_path = ready_path
         self.port = free_port()
@@ -92,6 +95,8 @@ class ServiceProcess:
         cmd = [sys.executable, "-m", "dapdee.cli", "serve", self.service, "--port", str(self.port)]
         if self.niceness > 0:
             cmd = ["nice", "-n", str(self.niceness), *cmd]
+        if self.cpus is not None:  # set before exec, so every thread the service starts inherits it
+            cmd = ["taskset", "-c", self.cpus, *cmd]
         return cmd + ["--log-level", self.log_level, *self.args]
 
     def start(self, timeout_s: float = 90.0) -> ServiceProcess:
