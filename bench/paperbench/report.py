@@ -24,10 +24,10 @@ def _fig7_k(o: Options) -> str:
 
 def _cpus(o: Options) -> str:
     if o.cpu_split is None:
-        return "The edge worker, the device and the planner share every CPU of the host."
+        return "The edge worker, the device and the planner share every CPU of the host (`--no-pin`)."
     edge, rest = (", ".join(map(str, c)) for c in o.cpu_split)
-    return (f"The edge worker runs on CPU {edge}, the device (its compute, uplink shaping and HTTP) and the "
-            f"planner on CPU {rest}, as on machines of their own.")  # fmt: skip
+    return (f"The edge worker runs on CPU {edge}, the device (its compute, uplink shaping and HTTP) on CPU "
+            f"{rest}, as on machines of their own; the planner, idle while a plan is measured, on any.")  # fmt: skip
 
 
 def _setup(o: Options, info: dict[str, Any], cmd: str) -> Md:
