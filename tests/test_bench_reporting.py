@@ -20,7 +20,13 @@ from dapdee.bench.paperbench.adaptation import adaptation
 from dapdee.bench.paperbench.experiments import Bench
 from dapdee.bench.paperbench.options import Options, build_options, cpu_split
 from dapdee.bench.paperbench.report import _targets
-from dapdee.bench.paperbench.scoring import _speedups, adaptation_lines, format_target
+from dapdee.bench.paperbench.scoring import (
+    _fidelity_lines,
+    _speedups,
+    adaptation_lines,
+    format_target,
+    throughput_fidelity,
+)
 
 PHASE = {
     "median_ms_second_half": 29.6,
@@ -207,3 +213,23 @@ def test_a_capacity_drop_over_the_leases_fails_the_booking_target_without_a_poll
     assert t.ok is False and t.line().startswith("FAIL  leases never book")
     assert "no booking poll succeeded at resnet18 K=30 N=16" in t.detail
     assert fleet_report._every_fleet_run([{**run, "planner_run_counts": {}}], 0.9)[0].ok is None
+
+
+def _heavy_stream(fps: float, frames: int, fell_back: int) -> dict[str, Any]:
+    """One planner's heavy-load result as the bench writes it: an Edge-Only plan predicted at
+    0.1 frames/s, measured at `fps`, `fell_back` of its `frames` answered by the device."""
+    stages = {"device_ms": 3.5, "transfer_ms": 9285.0, "edge_ms": 7.4, "throughput_fps": 0.1}
+    return {"plan": {"predicted": stages, "kind": "edge-only"}, "throughput_fps": fps, "frames": frames,
+            "where": {"edge": frames - fell_back, "local": 0, "fallback": fell_back}, "same_plan_as": []}  # fmt: skip
+
+
+def test_a_heavy_stream_that_only_fell_back_says_it_measured_the_fallback() -> None:
+    """Every frame of the 224-px Edge-Only stream at CAT1 fell back to the device (the worker's
+    body timeout): its fidelity line still fails, and says the plan itself never ran."""
+    res = {"heavy": [{"model": "m", "network": "CAT1", "planners": {
+        "edge-only": _heavy_stream(0.6, 14, 14), "neurosurgeon": _heavy_stream(0.11, 10, 2)}}]}  # fmt: skip
+    lines = {t["what"]: t for t in _fidelity_lines({"plans": 0}, throughput_fidelity(res))}
+    all_back = lines["heavy m CAT1 edge-only: measured / predicted throughput"]
+    assert not all_back["pass"] and "all 14 frames fell back to the device" in all_back["note"]
+    some_back = lines["heavy m CAT1 neurosurgeon: measured / predicted throughput"]
+    assert some_back["pass"] and some_back["note"].endswith("; 2 of 10 frames fell back to the device")

@@ -190,8 +190,19 @@ def _fidelity_lines(fid: dict[str, Any], tfid: dict[str, Any]) -> Lines:
     lo, hi = THROUGHPUT_RATIO
     for row in tfid["rows"]:
         what = f"heavy {row['where']}: measured / predicted throughput"
-        out.append(line("fidelity", what, row["ratio"], lo <= row["ratio"] <= hi, f"in [{lo}, {hi}]"))
+        out.append(line("fidelity", what, row["ratio"], lo <= row["ratio"] <= hi, f"in [{lo}, {hi}]" + _fell_back(row)))
     return out
+
+
+def _fell_back(row: dict[str, Any]) -> str:
+    """A fidelity row's note on frames that fell back to the device: a stream whose every frame
+    did measured the fallback, not the plan (rows written before it was recorded: none). O(1)."""
+    n, frames = row.get("fell_back", 0), row.get("frames", 0)
+    if not n:
+        return ""
+    if n == frames:
+        return f"; all {n} frames fell back to the device, so this measures the fallback, not the plan"
+    return f"; {n} of {frames} frames fell back to the device"
 
 
 def _cuts(res: dict[str, Any]) -> Lines:
@@ -271,7 +282,8 @@ def throughput_fidelity(res: dict[str, Any]) -> dict[str, Any]:
                              "measured_fps": v["throughput_fps"], "predicted_fps": pred["throughput_fps"],
                              "ratio": v["throughput_fps"] / pred["throughput_fps"],
                              "predicted_terms": {t: pred[t] for t in ("device_ms", "transfer_ms", "edge_ms")},
-                             "measured_terms": v.get("terms_ms", {}), "plan_kind": v["plan"]["kind"]})  # fmt: skip
+                             "measured_terms": v.get("terms_ms", {}), "plan_kind": v["plan"]["kind"],
+                             "frames": v["frames"], "fell_back": v["where"]["fallback"]})  # fmt: skip
     ratios = [r["ratio"] for r in rows]
     lo, hi = THROUGHPUT_RATIO
     inside = sum(lo <= x <= hi for x in ratios)
