@@ -97,8 +97,7 @@ def cpu_split() -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     worker, the others for the emulated device (its compute, uplink shaping and HTTP), as if each
     had a machine of its own; None with fewer than 2 CPUs. On a shared 2-core host a fast
     stream's device client and worker otherwise take turns on both cores, and the stream runs at
-    the pace of the shared CPU, which no cost model of two machines prices (Edge-Only AlexNet at
-    4G: 0.70x its prediction). O(CPUs)."""
+    the pace of the shared CPU, which no cost model of two machines prices. O(CPUs)."""
     cpus = sorted(os.sched_getaffinity(0))
     return ((cpus[-1],), tuple(cpus[:-1])) if len(cpus) >= 2 else None
 
