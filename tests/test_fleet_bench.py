@@ -6,6 +6,7 @@ written by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
@@ -15,12 +16,13 @@ from typing import Any
 
 import pytest
 import redis
+import torch
 
 from dapdee.bench.fleet_bench.devices import release_phase
 from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
 from dapdee.bench.fleet_bench.report import GOODPUT_X_INDEPENDENT, INDEPENDENT, ratio_target
 from dapdee.bench.fleet_bench.runner import run_scenario
-from dapdee.bench.fleet_bench.scenario import MODELS, NETWORK_CYCLE, Scenario
+from dapdee.bench.fleet_bench.scenario import MODELS, NETWORK_CYCLE, Scenario, profile_path
 from dapdee.bench.fleet_bench.stack import EDGE_TIER, FleetStack
 from dapdee.bench.fleet_bench.systems import SYSTEMS, PlannerSettings
 from dapdee.testing import RedisProcess, ServiceProcess
@@ -38,7 +40,16 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
     loaded = load_model("", weights=str(MODELS["resnet18"]))
     cache = tmp_path_factory.mktemp("edge-profiles")
     sc = Scenario("fleet", 2, 30.0, warmup_s=2.0, window_s=4.0)
-    with FleetStack([MODELS["resnet18"]], profile_repeats=2, request_samples=5, profile_cache=cache) as stack:
+    committed = profile_path("resnet18").read_bytes()
+    threads = torch.get_num_threads()
+    # as bench/fleet.py runs: one torch thread, so the committed device profile (measured at one
+    # thread) is read, not measured again over it
+    torch.set_num_threads(1)
+    with contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
+        stack = restore.enter_context(
+            FleetStack([MODELS["resnet18"]], profile_repeats=2, request_samples=5, profile_cache=cache)
+        )
         logs = tmp_path_factory.mktemp("logs")
         raw = run_scenario(stack, sc, PlannerSettings(), loaded, logs)
         with redis.Redis.from_url(stack.redis.url) as r:
@@ -55,6 +66,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
             "model": loaded.name,
             "planner_log": (logs / f"planner-fleet-n2-k30-{loaded.name}.log").read_text(),
         }
+    after["committed_profile_kept"] = profile_path("resnet18").read_bytes() == committed
     yield raw, summarize(raw, {"final": 0.93}), after
 
 
@@ -68,6 +80,7 @@ def test_every_run_starts_with_a_fresh_worker(fleet_run: tuple[dict[str, Any], d
     [worker] = after["workers"]
     assert worker.capacity_ms_per_s == 1000.0 and worker.leased_ms_per_s == 0.0
     assert after["cached"] == [f"{after['model']}.edge.edge.json"]
+    assert after["committed_profile_kept"]  # the run read bench/results' device profile, never rewrote it
     # the run's planner log is kept, at INFO: its requests (and what rebalances did) can be read back
     assert "POST /plan 200" in after["planner_log"]
 

@@ -19,13 +19,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dapdee.client import ApiError
+from dapdee.client import ApiError, TransportError
 from dapdee.costgraph import CostGraph
 from dapdee.costmodel import Conditions
 from dapdee.device.config import Requirements
-from dapdee.device.plan_source import FixedPlanSource, PlannerPlanSource, PlanSource, retry_delay, transient
+from dapdee.device.plan_source import (
+    FixedPlanSource,
+    PlannerPlanSource,
+    PlanSource,
+    retry_delay,
+    transient,
+    unavailable,
+)
 from dapdee.device.plans import plan_from_answer
-from dapdee.device.types import PlannerUnavailable
 
 
 @dataclass(frozen=True)
@@ -98,15 +104,15 @@ async def plan_source(
 
 async def _baseline_answer(planner: Any, body: dict[str, Any], timeout_s: float = 60.0) -> Any:
     """The planner's answer to a baseline's plan request, asked again while the planner refuses
-    it for now (`transient`: e.g. a 503 while its min-cut threads are busy, as when 64 DADS
-    devices start at once), as the device runtime asks for its first plan; the refusal once
-    `timeout_s` has passed. O(attempts)."""
+    it for now or does not answer (`transient`: e.g. a 503 while its min-cut threads are busy,
+    as when 64 DADS devices start at once), as the device runtime asks for its first plan; the
+    refusal once `timeout_s` has passed. O(attempts)."""
     start = time.monotonic()
     while True:
         try:
             return await planner.plan(body)
-        except ApiError as exc:
-            left = timeout_s - (time.monotonic() - start)
-            if not transient(PlannerUnavailable(exc.detail, exc.status, exc.retry_after_s)) or left <= 0:
+        except (ApiError, TransportError) as exc:  # as the runtime's own plan request (`unavailable`)
+            refused, left = unavailable(exc), timeout_s - (time.monotonic() - start)
+            if not transient(refused) or left <= 0:
                 raise
-            await asyncio.sleep(retry_delay(exc.retry_after_s, left))
+            await asyncio.sleep(retry_delay(refused.retry_after_s, left))

@@ -91,7 +91,7 @@ async def listed_workers(planner: AsyncPlannerClient) -> list[WorkerEntry]:
     return [WorkerEntry(w.url, tuple(w.models)) for w in listed.workers]
 
 
-def _unavailable(exc: ClientError) -> PlannerUnavailable:
+def unavailable(exc: ClientError) -> PlannerUnavailable:
     """The SDK error as PlannerUnavailable, with the answer's status and Retry-After. O(1)."""
     if isinstance(exc, ApiError):
         reason = f"POST /plan: HTTP {exc.status}: {exc.detail[:200] or exc.title}"
@@ -186,7 +186,7 @@ class PlannerPlanSource:
             except (ApiError, TransportError) as exc:
                 if isinstance(exc, TransportError) and _may_have_left(exc):
                     self._unanswered(sent)
-                raise _unavailable(exc) from None
+                raise unavailable(exc) from None
             except asyncio.CancelledError:  # the re-planner stops at close: the request may be on its way
                 self._unanswered(sent)
                 raise
