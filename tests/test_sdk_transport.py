@@ -284,6 +284,46 @@ def test_a_slow_answer_within_the_timeout_arrives_and_the_connection_is_reused(s
     assert [a.status for a in answers] == ["ok", "ok"] and connections == [1]
 
 
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_more_calls_in_flight_than_httpx_keeps_by_default_reuse_their_connections(sync: bool) -> None:
+    """Rounds of 30 concurrent calls on one client (a device's pipelined stream holds up to 32
+    frames in flight) open at most 30 connections in all: each is kept alive for the next
+    round, not closed when released and opened again (one TCP handshake and one new server
+    connection per call)."""
+    inflight, rounds = 30, 6
+    connections: list[int] = []
+
+    def serve(conn: socket.socket) -> None:
+        connections.append(1)
+        head, body = health_answer(10)
+        while read_request(conn):
+            time.sleep(0.02)  # the calls of a round overlap
+            conn.sendall(head + body)
+
+    async def aio(url: str) -> list[Any]:
+        async with AsyncPlannerClient(url, timeout=10.0) as ac:
+            answers = []
+            for _ in range(rounds):
+                answers += await asyncio.gather(*(ac.healthz() for _ in range(inflight)))
+            return answers
+
+    def threads(url: str) -> list[Any]:
+        with PlannerClient(url, timeout=10.0) as c:
+            answers: list[Any] = []
+            for _ in range(rounds):
+                workers = [threading.Thread(target=lambda: answers.append(c.healthz())) for _ in range(inflight)]
+                for t in workers:
+                    t.start()
+                for t in workers:
+                    t.join()
+            return answers
+
+    with RawServer(serve) as url:
+        answers = threads(url) if sync else asyncio.run(aio(url))
+    assert len(answers) == inflight * rounds and all(a.status == "ok" for a in answers)
+    assert inflight // 2 < len(connections) <= inflight, len(connections)
+
+
 def test_a_callers_transport_still_bounds_a_drip_fed_body() -> None:
     """With a transport of the caller's (no deadline on its reads), the time left is checked as
     each piece of the body arrives."""

@@ -71,6 +71,11 @@ MAX_TIMEOUT_S = 86400.0
 DEFAULT_MAX_RESPONSE_BYTES = 32 << 20
 USER_AGENT = "dapdee-sdk/0.1"
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.2
+# As many connections kept alive as open: httpcore (1.0.x) closes an idle connection whenever
+# the pool holds more than `max_keepalive_connections` connections in all, idle or not, so with
+# httpx's default (20 kept of 100) a client with more than 20 calls in flight reconnected for
+# almost every call (a device's pipelined stream; each reconnect costs the server a connection).
+POOL_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100)
 # a connection broken after the request may have been sent (a kept-alive one the server closed)
 _BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
@@ -425,7 +430,12 @@ class _Transport:
             self.default_headers["Authorization"] = f"Bearer {token}"
         # httpx's own transport (httpcore underneath) reports its progress to a `trace` extension
         self.traced = transport is None or isinstance(transport, (httpx.HTTPTransport, httpx.AsyncHTTPTransport))
-        client = {"base_url": self.base_url, "headers": self.default_headers, "follow_redirects": False}
+        client = {
+            "base_url": self.base_url,
+            "headers": self.default_headers,
+            "follow_redirects": False,
+            "limits": POOL_LIMITS,  # httpx's own transport only: a caller's brings its own pool
+        }
         self._http = self._open({**client, "transport": transport})
 
     def _open(self, client_args: dict[str, Any]) -> Any:
