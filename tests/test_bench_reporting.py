@@ -27,6 +27,7 @@ from dapdee.bench.paperbench.scoring import (
     format_target,
     throughput_fidelity,
 )
+from dapdee.bench.paperbench.systems import Services
 
 PHASE = {
     "median_ms_second_half": 29.6,
@@ -159,6 +160,18 @@ def test_the_edge_worker_gets_a_cpu_of_its_own_unless_told_otherwise(tmp_path: P
         assert len(edge) == 1 and edge | rest == cpus and not edge & rest
     assert build_options(["--out", str(tmp_path)]).cpu_split == split
     assert build_options(["--out", str(tmp_path), "--no-pin"]).cpu_split is None
+
+
+def test_the_worker_gets_its_cpu_and_the_planner_every_cpu_not_the_devices(tmp_path: Path) -> None:
+    """With the CPUs split, the worker's command keeps it on its CPU and the planner's gives it
+    every CPU back (started from the bench's process, it would inherit the device's); shared,
+    neither is pinned. Nothing is started."""
+    split = replace(build_options(["--out", str(tmp_path)]), cpu_split=((2,), (0, 1)))
+    svc = Services(split, ["alexnet"])
+    assert svc.edge_proc.command()[:3] == ["taskset", "-c", "2"]
+    assert svc.planner_proc.command()[:3] == ["taskset", "-c", "0,1,2"]
+    shared = Services(replace(split, cpu_split=None), ["alexnet"])
+    assert "taskset" not in shared.edge_proc.command() + shared.planner_proc.command()
 
 
 def test_keep_to_moves_every_thread_already_running_and_those_started_later() -> None:

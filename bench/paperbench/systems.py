@@ -54,12 +54,16 @@ class Services:
     def __init__(self, o: Options, models: list[str]) -> None:
         self.token = secrets.token_urlsafe(24)
         env = {"DAPDEE_API_TOKEN": self.token}
-        edge_cpus = ",".join(map(str, o.cpu_split[0])) if o.cpu_split else None
-        # The planner works between measurements only, so it keeps every CPU (its plan-map builds run
-        # in processes of their own). Its plan budget is a service's guard, not under test here: the
-        # DADS baseline's min-cuts on Inception take over the default 1 s on this host.
+        edge_cpus = every_cpu = None
+        if o.cpu_split:
+            edge_cpus = ",".join(map(str, o.cpu_split[0]))
+            every_cpu = ",".join(map(str, sorted(o.cpu_split[0] + o.cpu_split[1])))
+        # The planner works between measurements only, so it gets every CPU back (it would inherit
+        # this process's, the device's; its plan-map builds run in processes of their own). Its plan
+        # budget is a service's guard, not under test here: the DADS baseline's min-cuts on
+        # Inception take over the default 1 s on this host.
         planner_env = {**env, "DAPDEE_WORKER_TTL_S": "30", "DAPDEE_PLAN_BUDGET_S": "60"}
-        self.planner_proc = ServiceProcess("planner", ["--redis-url", "none"], "/healthz", planner_env)
+        self.planner_proc = ServiceProcess("planner", ["--redis-url", "none"], "/healthz", planner_env, cpus=every_cpu)
         cache = Path(o.out) / "profiles"
         if o.fresh:  # the host's speed drifts between runs: profiles measured in this run only
             shutil.rmtree(cache, ignore_errors=True)
