@@ -52,21 +52,33 @@ def write_artifact(directory: Path) -> Path:
     return directory
 
 
-def edge_app(artifact: Path, planner_url: str | None, sock: Any, models: list[LoadedModel], **kw: Any) -> Any:
+def edge_app(
+    artifact: Path,
+    planner_url: str | None,
+    sock: Any,
+    models: list[LoadedModel],
+    settings_kw: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Any:
+    """An edge worker app serving `artifact` on `sock`; `settings_kw` override its settings,
+    `kw` go to `create_app`."""
     from dapdee.edge_worker.app import create_app
     from dapdee.edge_worker.config import Settings
 
     port = sock.getsockname()[1]
     settings = Settings(
         models=f"@{artifact}", planner_url=planner_url, public_url=f"http://127.0.0.1:{port}", port=port,
-        profile_repeats=3, profile_warmup=1, heartbeat_s=1.0, workers=1,
+        profile_repeats=3, profile_warmup=1, heartbeat_s=1.0, workers=1, **(settings_kw or {}),
     )  # fmt: skip
     return create_app(settings, models, **kw)
 
 
-def start_edge(artifact: Path, planner_url: str | None, loaded: LoadedModel, **kw: Any) -> ServerThread:
+def start_edge(
+    artifact: Path, planner_url: str | None, loaded: LoadedModel, settings_kw: dict[str, Any] | None = None, **kw: Any
+) -> ServerThread:
     sock = bind_free_socket()
-    return ServerThread(edge_app(artifact, planner_url, sock, [loaded], **kw), sock=sock, name="edge").start()
+    app = edge_app(artifact, planner_url, sock, [loaded], settings_kw, **kw)
+    return ServerThread(app, sock=sock, name="edge").start()
 
 
 @dataclass

@@ -9,7 +9,9 @@
 - real recording servers: the one the planner lists gets the device token, the one it does
   not list is never contacted, and is not rested for it (the planner's list failed, not it);
 - a frame whose upload failed records the bytes that left the device (`bytes_sent`);
-- pipelined frames to a worker not yet read from the planner's list wait for the read under way.
+- pipelined frames to a worker not yet read from the planner's list wait for the read under way;
+- frames in flight take a slow uplink in turn, so each body reaches a worker within its body
+  timeout (sharing the link, every one would take as long as all of them together).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeFailure, FrameRecord
 from dapdee.netem import ShapedUplink
 from dapdee.testing import bind_free_socket, serve_app_in_thread
-from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, running
+from tests.device_stack import ForwardingProxy, HangingProxy, Stack, fixed_runtime, running, start_edge
 from tests.standin import Standin
 
 HEADER = wire.HEADER_LENGTH
@@ -404,3 +406,65 @@ def test_a_busy_workers_retry_after_rests_it_and_is_no_sign_of_a_slow_link(stack
     assert sample is None and len(standin.requests) == 1
     assert resting and 2.9 <= until <= 3.5, until
     assert failures == 0
+
+
+def test_frames_in_flight_take_a_slow_uplink_in_turn_each_within_the_workers_body_timeout(stack: Stack) -> None:
+    """Four frames in flight on a 0.064 Mbit/s uplink, to a worker that reads a body for at
+    most 1.2 s. One input's bytes take about 0.5 s of link; four bodies sharing the link would
+    each take about 2 s and all be refused (408). Taken in turn, every frame is answered, the
+    first after about one body's time, in the order they were sent."""
+    rate = 0.064
+    body_s = stack.graph.input.bytes * 8 / (rate * 1e6)
+    assert 0.3 < body_s < 0.8, body_s  # the input is a few kB: 4 bodies > 1.2 s > 1 body
+    frames = stack.frames(4, seed=31)
+    worker = start_edge(stack.artifact, None, stack.edge_loaded, settings_kw={"body_timeout_s": 1.2})
+
+    async def go() -> list[tuple[int, float]]:
+        sensing = Sensing(prior_mbps=rate, fixed_load=0.0)
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [worker.url]), sensing, shaper=ShapedUplink(rate))
+        done: list[tuple[int, float]] = []
+        t0 = time.monotonic()
+
+        async def one(i: int) -> None:
+            await edge.infer(worker.url, {stack.graph.input.name: frames[i].x}, "final", 10.0)
+            done.append((i, time.monotonic() - t0))
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(len(frames))))
+        finally:
+            await edge.aclose()
+        return done
+
+    try:
+        done = asyncio.run(go())
+    finally:
+        worker.stop()
+    assert [i for i, _ in done] == [0, 1, 2, 3], done
+    assert done[0][1] < 2 * body_s, (done, body_s)  # shared, the first would finish after ~4 bodies
+    assert done[-1][1] >= 3.5 * body_s, (done, body_s)  # and the link's rate still holds
+
+
+def test_a_frame_whose_turn_on_the_uplink_comes_too_late_fails_sending_nothing(stack: Stack) -> None:
+    """A frame with a 0.2 s timeout waits behind a body that holds a 0.064 Mbit/s uplink for
+    about 0.5 s: it fails naming the wait, with no byte sent and the worker not at fault (it was
+    never contacted), and the frame ahead of it is still answered."""
+    rate = 0.064
+    frames = stack.frames(2, seed=32)
+    name = stack.graph.input.name
+
+    async def go() -> tuple[EdgeFailure, int]:
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [stack.edge.url]), Sensing(rate, fixed_load=0.0),
+                        shaper=ShapedUplink(rate))  # fmt: skip
+        try:
+            ahead = asyncio.create_task(edge.infer(stack.edge.url, {name: frames[0].x}, "final", 10.0))
+            await asyncio.sleep(0.05)
+            with pytest.raises(EdgeFailure) as late:
+                await edge.infer(stack.edge.url, {name: frames[1].x}, "final", 0.2)
+            return late.value, (await ahead).logits.shape[0]
+        finally:
+            await edge.aclose()
+
+    late, rows = asyncio.run(go())
+    assert "waiting for the uplink" in late.reason, late.reason
+    assert late.bytes_sent == 0 and not late.worker_fault
+    assert rows == 1

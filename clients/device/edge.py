@@ -30,7 +30,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -207,24 +207,61 @@ def _sent_and_timed_out(exc: BaseException) -> bool:
 class Upload:
     """One infer request's body on its way to a worker: its size, and over a shaped uplink the
     bytes the shaper has released to the connection (each chunk counted once the connection
-    has taken it)."""
+    has taken it).
 
-    def __init__(self, shaper: ShapedUplink | None) -> None:
+    The device's uplink carries one body at a time, in the order frames asked for it (`link`,
+    a lock shared by the device's uploads): bodies sharing a link all finish late, each taking
+    as long as all of them together, so a slow link with several frames in flight would
+    deliver none within a worker's body timeout, while one at a time delivers them at the
+    link's rate, in turn. The body holds the link from its turn (`take_turn`) until its last
+    byte has been handed to the connection, not while it waits for the answer, so the next
+    body follows at once. Over a real network the last write returns once the kernel has the
+    bytes, so the turn passes a socket buffer early."""
+
+    def __init__(self, shaper: ShapedUplink | None, link: asyncio.Lock) -> None:
         self.shaper = shaper
+        self.link = link
+        self.holding = False
         self.size = 0
         self.released = 0
 
-    def body(self, content: bytes) -> AsyncIterator[bytes] | None:
-        """What the request sends for `content`: the shaped, counted chunks; None without a
-        shaper (the content is sent as it is). O(1)."""
-        self.size = len(content)
-        return None if self.shaper is None else self._paced(content)
+    async def take_turn(self, timeout_s: float) -> None:
+        """Wait for the uplink: the emulated round trip first (propagation, which holds no
+        link), then for the bodies ahead of this one. EdgeFailure (nothing sent, the worker not
+        at fault) when that takes more than `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self.shaper is not None:
+                    await self.shaper.delay()
+                await self.link.acquire()
+                self.holding = True
+        except TimeoutError:
+            reason = f"timeout after {timeout_s * 1000:.0f} ms waiting for the uplink; nothing sent"
+            raise EdgeFailure(reason, worker_fault=False) from None
 
-    async def _paced(self, content: bytes) -> AsyncIterator[bytes]:
-        assert self.shaper is not None
-        async for chunk in self.shaper.shaped_body(content):
-            yield chunk
-            self.released += len(chunk)
+    def release(self) -> None:
+        """Hand the uplink to the next body (once; a no-op when not holding it). O(1)."""
+        if self.holding:
+            self.holding = False
+            self.link.release()
+
+    def body(self, content: bytes) -> AsyncIterator[bytes]:
+        """What the request streams for `content`: over a shaped uplink its chunks at the
+        link's rate (counted), else the content at once; the link is released after the last
+        byte. O(1)."""
+        self.size = len(content)
+        return self._sent(content)
+
+    async def _sent(self, content: bytes) -> AsyncIterator[bytes]:
+        try:
+            if self.shaper is None:
+                yield content
+                return
+            async for chunk in self.shaper.shaped_body(content, delay=False):
+                yield chunk
+                self.released += len(chunk)
+        finally:
+            self.release()
 
     def sent(self, exc: BaseException) -> int:
         """The body's bytes that left the device before `exc` ended the request (a failed
@@ -269,6 +306,7 @@ class EdgeLink:
         self.last_activity = 0.0
         self.last_server_ms = 0.0  # queue + compute of the last answer (a busy worker times out too)
         self._clients: OrderedDict[str, AsyncEdgeClient] = OrderedDict()
+        self._uplink = asyncio.Lock()  # one body on the uplink at a time (`Upload`)
 
     def backoff_of(self, url: str) -> Backoff:
         """The back-off of worker `url` (a fresh one for a worker not seen, or forgotten: at
@@ -327,7 +365,8 @@ class EdgeLink:
         observe: bool = True,
         confidence: bool = False,
     ) -> EdgeAnswer:
-        """Send the cut's tensors to `url` for `exit_name` and wait at most `timeout_s` (finite).
+        """Send the cut's tensors to `url` for `exit_name` and wait at most `timeout_s` (finite),
+        the wait for the uplink's turn (`Upload`) included.
         With `observe`, the upload feeds the bandwidth estimate; a timeout of a request alone on
         the link bounds it in any case (`_censor`). With `confidence`, the worker checks its
         confidence heads and the answer says which exit answered. Raises EdgeFailure, whose
@@ -337,13 +376,16 @@ class EdgeLink:
         overlapped = self.uploads_active > 1
         t0, c0 = time.perf_counter(), time.thread_time()
         ticket = self.sensing.bandwidth.upload_started(t0) if observe else None
-        upload = Upload(self.shaper)
+        deadline = time.monotonic() + timeout_s
+        upload = Upload(self.shaper, self._uplink)
         try:
             call = infer_call(
                 self.graph.model, inputs, exit=exit_name, wire_dtype=self.wire_dtype, request_id=request_id,
                 timeout=timeout_s, traceparent=traceparent, confidence=confidence,
             )  # fmt: skip
-            res = await client.run(call, upload.body(call.content))
+            await upload.take_turn(timeout_s)
+            left_s = max(deadline - time.monotonic(), 1e-3)  # the turn's wait counts against the timeout
+            res = await client.run(replace(call, timeout_s=left_s), upload.body(call.content))
         except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
             if ticket is not None:
                 self.sensing.bandwidth.upload_failed(ticket)
@@ -355,6 +397,7 @@ class EdgeLink:
                 raise failure from None
             raise
         finally:
+            upload.release()
             self.uploads_active -= 1
             self.last_activity = time.monotonic()
         cpu_ms = (time.thread_time() - c0) * 1000.0
