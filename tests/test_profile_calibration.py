@@ -134,6 +134,22 @@ def test_measured_profile_is_calibrated_to_whole_runs() -> None:
         assert priced == pytest.approx(fit(s), rel=0.25)
 
 
+def test_of_several_passes_the_profile_kept_is_the_median_one() -> None:
+    """Three whole passes: the profile returned is one of them, the one whose node timings sum
+    to the median of the three sums (a pass caught in a slow or fast spell of the host is not
+    kept), with its calibration and every pass's sum in its meta; no pass at all is refused."""
+    torch.set_num_threads(1)
+    loaded = load_model("zoo:resnet18?width=0.25")
+    g = measure_device_profile(loaded, slowdown=1.0, repeats=2, runs=3, max_cuts=4, passes=3, pause_s=0.0)
+    meta = g.meta["device"]
+    totals = meta["pass_totals_ms"]
+    assert meta["passes"] == 3 and len(totals) == 3 and meta["calibration"]
+    kept = sum(n.device_ms or 0.0 for n in g.nodes)
+    assert kept == pytest.approx(sorted(totals)[1], abs=1e-3), (kept, totals)
+    with pytest.raises(ValueError, match="passes"):
+        measure_device_profile(loaded, slowdown=1.0, repeats=1, runs=1, passes=0)
+
+
 def test_a_cached_device_profile_of_another_thread_count_is_measured_again(tmp_path: Path) -> None:
     """DESIGN: a cached profile is reused only at the slowdown and thread count asked for.
     `dapdee device run --threads N` sets torch's threads before asking for its profile; one

@@ -52,14 +52,14 @@ class Bench:
             await self.sys.stop()
 
     def key(self, kind: str, m: str, *parts: Any, slowdown: float | None = None) -> str:
-        """The cache key of a cell: kind, model, artifact, K, RTT, the profiling repeats and the
+        """The cache key of a cell: kind, model, artifact, K, RTT, the profiling repeats and passes and the
         live device's probe rounds (the presets differ in both), the CPU pinning, the cell's
         parts, the cap."""
         o = self.o
         k = o.slowdown if slowdown is None else slowdown
-        return "|".join([kind, m, self.ids.get(m, ""), f"K{k:g}", f"rtt{o.rtt_ms:g}", f"rep{o.profile_repeats}",
-                         f"probe{o.probe_rounds}", f"pin{int(o.cpu_split is not None)}", *map(str, parts),
-                         f"cap{o.plan_cap_s:g}"])  # fmt: skip
+        return "|".join([kind, m, self.ids.get(m, ""), f"K{k:g}", f"rtt{o.rtt_ms:g}",
+                         f"rep{o.profile_repeats}x{o.profile_passes}", f"probe{o.probe_rounds}",
+                         f"pin{int(o.cpu_split is not None)}", *map(str, parts), f"cap{o.plan_cap_s:g}"])  # fmt: skip
 
     async def cell(self, key: str, fn: Callable[[System], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """The cached result of cell `key`, else `await fn(system)` (then cached)."""

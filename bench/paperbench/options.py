@@ -69,6 +69,7 @@ class Options:
     only: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
     adapt_phases: list[tuple[str, float]] = field(default_factory=list)
     profile_repeats: int = 7
+    profile_passes: int = 5  # whole device profiles, 1 s apart; the median one is kept
     probe_rounds: int = 6
     out: str = "bench/results"
     fresh: bool = False
@@ -117,6 +118,7 @@ def smoke_options() -> Options:
         fig_frames=1,
         adapt_phases=[("4G", 1.5), ("CAT1", 1.5), ("3G", 1.5)],
         profile_repeats=3,
+        profile_passes=1,
         probe_rounds=3,
         variant="smoke",
     )
@@ -137,6 +139,7 @@ def quick_options() -> Options:
         fig_frames=3,
         adapt_phases=[("4G", 8.0), ("CAT1", 8.0), ("3G", 8.0)],
         profile_repeats=5,
+        profile_passes=3,
         variant="quick",
     )
 

@@ -38,7 +38,9 @@ def _setup(o: Options, info: dict[str, Any], cmd: str) -> Md:
         "slower than this machine, 1 torch thread); Figure 7: " + _fig7_k(o) + "; "
         f"added RTT {o.rtt_ms:g} ms; uplinks shaped by token bucket on 127.0.0.1 (CAT1 0.13, 3G 1.1, 4G 5.85, "
         "WiFi 18.88 Mbit/s). Planner and edge worker as `dapdee serve` processes over HTTP; the device runtime "
-        "(`dapdee.device`) with the shaped uplink, its own published profile (with its per-request cost) and the "
+        "(`dapdee.device`) with the shaped uplink, its own published profile (the median of "
+        f"{o.profile_passes} whole profiles 1 s apart, {o.profile_repeats} runs per node; with its per-request "
+        "cost) and the "
         'round trip it senses in every plan request; baselines from `POST /plan {"baseline": NAME}` over the '
         "same merged profiles; real Fashion-MNIST test images; shipped artifacts. "
         f"Light load: {o.light_frames} frames per plan in {o.rounds} interleaved rounds; heavy load: "

@@ -131,15 +131,15 @@ class Device:
 
 
 def _profile(o: Options, loaded: LoadedModel, slowdown: float) -> CostGraph:
-    """The device profile at `slowdown`, cached under OUT/profiles (re-measured when the cache
-    no longer matches the model)."""
+    """The device profile at `slowdown` (the median of `profile_passes` passes), cached under
+    OUT/profiles (re-measured when the cache no longer matches the model)."""
     path = Path(o.out) / "profiles" / f"{loaded.name}.{default_tier(slowdown)}.device.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return device_profile(loaded, slowdown, path, o.profile_repeats)
+        return device_profile(loaded, slowdown, path, o.profile_repeats, o.profile_passes)
     except ValueError:  # a stale cache (another artifact): measure again
         path.unlink(missing_ok=True)
-        return device_profile(loaded, slowdown, path, o.profile_repeats)
+        return device_profile(loaded, slowdown, path, o.profile_repeats, o.profile_passes)
 
 
 class System:

@@ -4,7 +4,7 @@
   (medians of isolated node runs), calibrated to how the device really runs a frame (whole
   device parts run through the K x emulation; the emulated device idles between frames, so
   caches are cold and isolated medians alone under-predict a frame, most at its first nodes:
-  `dapdee.calibration`).
+  `dapdee.calibration`); with several passes spread in time, the median one.
 - `device_profile`: the profile cached at a path when it matches the model, else measured and
   written there (`dapdee.profiler.load_or_measure`).
 - `publish_profile`: make sure the planner has the model and this tier's device profile. The
@@ -59,9 +59,37 @@ def _part_runs_ms(loaded: LoadedModel, nodes: list[str], slowdown: float, runs: 
 
 
 def measure_device_profile(
-    loaded: LoadedModel, slowdown: float, repeats: int = 10, runs: int = 11, max_cuts: int = 8
+    loaded: LoadedModel,
+    slowdown: float,
+    repeats: int = 10,
+    runs: int = 11,
+    max_cuts: int = 8,
+    passes: int = 1,
+    pause_s: float = 1.0,
 ) -> CostGraph:
-    """This device's profile at slowdown K: per-node medians (`profile_model`), calibrated to
+    """This device's profile at slowdown K: `passes` whole profiles (`_measure_pass`), `pause_s`
+    apart, of which the one whose node timings sum to the median is kept (meta `passes` and
+    `pass_totals_ms`, every pass's sum, when more than one). On a host whose speed drifts (a
+    shared VM here moved a third within seconds) one pass may be caught in a slow or a fast
+    spell; the median pass is the host's typical speed, and stays one real measurement,
+    consistent with its calibration meta. O(passes x one pass + (passes − 1) x pause_s)."""
+    if passes < 1:
+        raise ValueError(f"passes: must be >= 1, got {passes!r}")
+    graphs = []
+    for i in range(passes):
+        if i:
+            time.sleep(pause_s)
+        graphs.append(_measure_pass(loaded, slowdown, repeats, runs, max_cuts))
+    if passes == 1:
+        return graphs[0]
+    totals = [sum(n.device_ms or 0.0 for n in g.nodes) for g in graphs]
+    kept = graphs[sorted(range(passes), key=totals.__getitem__)[passes // 2]]
+    meta = {**kept.meta.get("device", {}), "passes": passes, "pass_totals_ms": [round(t, 4) for t in totals]}
+    return kept.with_timings("device", {n.name: n.device_ms or 0.0 for n in kept.nodes}, meta)
+
+
+def _measure_pass(loaded: LoadedModel, slowdown: float, repeats: int, runs: int, max_cuts: int) -> CostGraph:
+    """One pass of the profile at slowdown K: per-node medians (`profile_model`), calibrated to
     how the device really runs a frame (`dapdee.calibration`): the whole device parts of every
     exit and of up to `max_cuts` single-tensor cuts, each run through the K x emulation (median
     of `runs`), fitted as a non-decreasing piecewise-linear F of their summed node medians, and
@@ -85,11 +113,13 @@ def measure_device_profile(
     return g.with_timings("device", calibrated_timings(g, fit, sums=sums), meta)
 
 
-def device_profile(loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10) -> CostGraph:
+def device_profile(
+    loaded: LoadedModel, slowdown: float, path: str | Path | None, repeats: int = 10, passes: int = 1
+) -> CostGraph:
     """The profile cached at `path` when it matches the model (ValueError naming the file when
     it does not) and was measured at this slowdown and torch's thread count now, else measured
-    (`measure_device_profile`) and written there."""
-    measure = lambda: measure_device_profile(loaded, slowdown, repeats)  # noqa: E731
+    (`measure_device_profile`, `passes` of it) and written there."""
+    measure = lambda: measure_device_profile(loaded, slowdown, repeats, passes=passes)  # noqa: E731
     threads = torch.get_num_threads()
     return load_or_measure(loaded, "device", path, measure, strict=True, slowdown=slowdown, threads=threads)
 
