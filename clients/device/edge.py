@@ -209,14 +209,16 @@ class Upload:
     bytes the shaper has released to the connection (each chunk counted once the connection
     has taken it).
 
-    The device's uplink carries one body at a time, in the order frames asked for it (`link`,
-    a lock shared by the device's uploads): bodies sharing a link all finish late, each taking
-    as long as all of them together, so a slow link with several frames in flight would
-    deliver none within a worker's body timeout, while one at a time delivers them at the
-    link's rate, in turn. The body holds the link from its turn (`take_turn`) until its last
-    byte has been handed to the connection, not while it waits for the answer, so the next
-    body follows at once. Over a real network the last write returns once the kernel has the
-    bytes, so the turn passes a socket buffer early."""
+    A shaped uplink (the device paces its own bytes) carries one body at a time, in the order
+    frames asked for it (`link`, a lock shared by the device's uploads): bodies sharing a link
+    all finish late, each taking as long as all of them together, so a slow link with several
+    frames in flight would deliver none within a worker's body timeout, while one at a time
+    delivers them at the link's rate, in turn. The body holds the link from its turn
+    (`take_turn`) until its last chunk has been handed to the connection, not while it waits
+    for the answer, so the next body follows at once. Without a shaper the body goes to the
+    kernel at once (a socket buffer takes it before its bytes leave, so a turn would pass
+    early and order nothing) and the network shares the link; the content is then sent as it
+    is, which keeps the SDK's repeat of a request that never connected."""
 
     def __init__(self, shaper: ShapedUplink | None, link: asyncio.Lock) -> None:
         self.shaper = shaper
@@ -226,13 +228,15 @@ class Upload:
         self.released = 0
 
     async def take_turn(self, timeout_s: float) -> None:
-        """Wait for the uplink: the emulated round trip first (propagation, which holds no
-        link), then for the bodies ahead of this one. EdgeFailure (nothing sent, the worker not
-        at fault) when that takes more than `timeout_s`."""
+        """Over a shaped uplink, wait for it: the emulated round trip first (propagation, which
+        holds no link), then for the bodies ahead of this one. EdgeFailure (nothing sent, the
+        worker not at fault) when that takes more than `timeout_s`. Without a shaper, nothing
+        to wait for."""
+        if self.shaper is None:
+            return
         try:
             async with asyncio.timeout(timeout_s):
-                if self.shaper is not None:
-                    await self.shaper.delay()
+                await self.shaper.delay()
                 await self.link.acquire()
                 self.holding = True
         except TimeoutError:
@@ -245,18 +249,16 @@ class Upload:
             self.holding = False
             self.link.release()
 
-    def body(self, content: bytes) -> AsyncIterator[bytes]:
-        """What the request streams for `content`: over a shaped uplink its chunks at the
-        link's rate (counted), else the content at once; the link is released after the last
-        byte. O(1)."""
+    def body(self, content: bytes) -> AsyncIterator[bytes] | None:
+        """What the request sends for `content`: over a shaped uplink its chunks at the link's
+        rate (counted; the link released after the last), else None (the content as it is).
+        O(1)."""
         self.size = len(content)
-        return self._sent(content)
+        return None if self.shaper is None else self._paced(content)
 
-    async def _sent(self, content: bytes) -> AsyncIterator[bytes]:
+    async def _paced(self, content: bytes) -> AsyncIterator[bytes]:
+        assert self.shaper is not None
         try:
-            if self.shaper is None:
-                yield content
-                return
             async for chunk in self.shaper.shaped_body(content, delay=False):
                 yield chunk
                 self.released += len(chunk)
