@@ -19,7 +19,8 @@ to trusted workers, and a back-off after failures.
   `EdgeFailure` naming it and the bytes of the request that left the device (`Upload.sent`),
   which the runtime turns into that frame's local fallback. Each upload feeds the bandwidth
   estimate (`Sensing`), unless its server time is implausible; one that times out alone on
-  the link lowers it to the rate its bytes prove (a censored sample).
+  the link lowers it to the rate its bytes prove (a censored sample). A shaped uplink carries
+  one request body at a time, in frame order (`Upload`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def measure_device_profile(
     totals = [sum(n.device_ms or 0.0 for n in g.nodes) for g in graphs]
     kept = graphs[sorted(range(passes), key=totals.__getitem__)[passes // 2]]
     meta = {**kept.meta.get("device", {}), "passes": passes, "pass_totals_ms": [round(t, 4) for t in totals]}
-    return kept.with_timings("device", {n.name: n.device_ms or 0.0 for n in kept.nodes}, meta)
+    return replace(kept, meta={**kept.meta, "device": meta})
 
 
 def _measure_pass(loaded: LoadedModel, slowdown: float, repeats: int, runs: int, max_cuts: int) -> CostGraph:
