@@ -214,7 +214,7 @@ def run_all(a: argparse.Namespace, settings: PlannerSettings, loaded: dict[str, 
     raw_dir = RESULTS / "tmp" / "fleet_raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     summaries: list[dict[str, Any]] = []
-    with FleetStack([MODELS[m] for m in loaded]) as stack:
+    with FleetStack([MODELS[m] for m in loaded], request_passes=3) as stack:
         for sc in (bar := tqdm(todo, desc="fleet runs", unit="run")):
             key = json.dumps([asdict(sc), asdict(settings)], sort_keys=True)
             if key in previous:

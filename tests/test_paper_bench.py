@@ -63,6 +63,8 @@ def _check_v2_and_sweeps(res: dict) -> None:
     # device stage is the device's per-request cost alone)
     ov = light["overheads"]
     assert ov["device_request_ms"] > 0 and ov["edge_request_ms"] > 0
+    # and the worker's calibration of its timings to whole frames, within its clamp
+    assert 0.5 <= ov["edge_calibration"]["calibration"] <= 4.0, ov
     edge_only = light["planners"]["edge-only"]["plan"]
     assert edge_only["predicted"]["device_ms"] == pytest.approx(ov["device_request_ms"], rel=1e-6)
     # the graph takes raw uint8 frames: an Edge-Only plan ships 1 byte per input pixel
@@ -82,6 +84,7 @@ def _check_v2_and_sweeps(res: dict) -> None:
 def _check_report(doc: dict, md: str) -> None:
     assert doc["setup"]["slowdown"] == 10.0
     assert "K = 10" in md and "K = 30" in md
+    assert "edge calibration x" in md
     # every target has its line, PASS or FAIL as the JSON says, and the tally counts them
     lines = md.splitlines()
     assert doc["targets"] and all(t["what"] for t in doc["targets"])

@@ -127,7 +127,9 @@ class FleetStack:
     A context manager; `stop` ends everything it started. `profile_cache`: where the first
     worker start reads or caches its node profile (default: a private temporary folder, removed
     by `stop`); the calibrated profile later starts read is always private (module docstring).
-    `edge_profiles`: each model's edge profile as the first start registered it (None before)."""
+    `edge_profiles`: each model's edge profile as the first start registered it (None before).
+    `request_passes`: bursts behind the worker's whole-frame calibration and request cost (the
+    median of each is kept)."""
 
     def __init__(
         self,
@@ -135,6 +137,7 @@ class FleetStack:
         profile_repeats: int = 20,
         request_samples: int = 50,
         profile_cache: Path | None = None,
+        request_passes: int = 1,
     ) -> None:
         self.tokens = Tokens.new()
         self.redis = RedisProcess()
@@ -152,6 +155,7 @@ class FleetStack:
         env = {
             "DAPDEE_EDGE_HEARTBEAT_S": "1",
             "DAPDEE_EDGE_REQUEST_SAMPLES": str(request_samples),
+            "DAPDEE_EDGE_REQUEST_PASSES": str(request_passes),
             "DAPDEE_EDGE_PROFILE_CACHE": str(self.profile_cache),
         }
         self.edge = ServiceProcess("edge", args, "/v2/health/ready", {**self.tokens.env(), **env}, log_level="error")

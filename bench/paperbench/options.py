@@ -69,7 +69,7 @@ class Options:
     only: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
     adapt_phases: list[tuple[str, float]] = field(default_factory=list)
     profile_repeats: int = 7
-    profile_passes: int = 5  # whole device profiles, 1 s apart; the median one is kept
+    profile_passes: int = 5  # whole device profiles 1 s apart, and the worker's start-up bursts: median kept
     probe_rounds: int = 6
     out: str = "bench/results"
     fresh: bool = False

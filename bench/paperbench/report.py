@@ -37,7 +37,9 @@ def _setup(o: Options, info: dict[str, Any], cmd: str) -> Md:
         f"Command: `{cmd}` (variant: {o.variant}). Device slowdown **K = {o.slowdown:g}** (the device is K x "
         "slower than this machine, 1 torch thread); Figure 7: " + _fig7_k(o) + "; "
         f"added RTT {o.rtt_ms:g} ms; uplinks shaped by token bucket on 127.0.0.1 (CAT1 0.13, 3G 1.1, 4G 5.85, "
-        "WiFi 18.88 Mbit/s). Planner and edge worker as `dapdee serve` processes over HTTP; the device runtime "
+        "WiFi 18.88 Mbit/s). Planner and edge worker as `dapdee serve` processes over HTTP (the worker calibrates "
+        f"its profile to whole frames and measures its per-request cost at start-up, each the median of "
+        f"{o.profile_passes} bursts); the device runtime "
         "(`dapdee.device`) with the shaped uplink, its own published profile (the median of "
         f"{o.profile_passes} whole profiles 1 s apart, {o.profile_repeats} runs per node; with its per-request "
         "cost) and the "
@@ -66,11 +68,23 @@ def _devices(res: dict[str, Any]) -> Md:
     if not seen:
         return []
     each = [f"{m} ({tier}): round trip {rtt:.1f} ms, device {_f(ov['device_request_ms'], '.2f')} ms, "
-            f"edge {_f(ov['edge_request_ms'], '.2f')} ms" for (m, tier), (rtt, ov) in seen.items()]  # fmt: skip
+            f"edge {_f(ov['edge_request_ms'], '.2f')} ms{_edge_calibration(ov)}"
+            for (m, tier), (rtt, ov) in seen.items()]  # fmt: skip
     return ["What each device stated and the planner priced (cost model v2): the round trip in every plan request "
             "(the device runtime's RTT estimate + the fixed per-request cost its probe pairs measure) and the "
             "per-request costs, the device's (measured by the runtime at start-up) and the edge's (measured by the "
             "worker): " + "; ".join(each) + ".", ""]  # fmt: skip
+
+
+def _edge_calibration(overheads: dict[str, Any]) -> str:
+    """The edge's calibration to whole frames as the report prints it after its request cost
+    (its ratio, and the whole-frame bursts when there were several); "" for a cell written
+    before the bench recorded it."""
+    cal = overheads.get("edge_calibration") or {}
+    if cal.get("calibration") is None:
+        return ""
+    bursts = cal.get("frame_ms_passes")
+    return f" (edge calibration x{cal['calibration']:.3f}" + (f"; whole-frame bursts {bursts} ms)" if bursts else ")")
 
 
 def _light(res: dict[str, Any]) -> Md:

@@ -71,6 +71,7 @@ class Services:
         args = [
             "--models", ",".join(f"@{o.artifact(m)}" for m in models), "--planner", self.planner_proc.url,
             "--profile-repeats", str(o.profile_repeats), "--profile-cache", str(cache),
+            "--request-passes", str(o.profile_passes),
             "--workers", "1", "--threads", "1",
             # batch 1, as the cost model prices a request: a batching worker answers a heavy stream
             # faster than any plan predicts (AlexNet Edge-Only at 4G: 1.6x), which is not the model's error
@@ -123,11 +124,15 @@ class Device:
     request_rtt_ms: float  # the round trip the device runtime states in its plan requests
     device_request_ms: float | None  # the per-request CPU cost it published (cost model v2)
     edge_request_ms: float | None  # the edge worker's, from its published profile
+    # its whole-frame calibration: ratio and the bursts behind it and behind edge_request_ms
+    edge_calibration: dict[str, Any]
 
     @property
-    def overheads(self) -> dict[str, float | None]:
-        """Cost model v2's per-request costs the planner prices for this device and the edge."""
-        return {"device_request_ms": self.device_request_ms, "edge_request_ms": self.edge_request_ms}
+    def overheads(self) -> dict[str, Any]:
+        """Cost model v2's per-request costs the planner prices for this device and the edge,
+        and the edge's calibration to whole frames (`edge_calibration`)."""
+        return {"device_request_ms": self.device_request_ms, "edge_request_ms": self.edge_request_ms,
+                "edge_calibration": self.edge_calibration}  # fmt: skip
 
 
 def _profile(o: Options, loaded: LoadedModel, slowdown: float) -> CostGraph:
@@ -204,9 +209,11 @@ class System:
             rtt = runtime.sensing.request_rtt_ms
         profiles = (await self.planner.list_profiles(m)).profiles
         mine, edge = profiles[tier].meta or {}, profiles["edge"].meta or {}
+        calibration = {key: edge.get(key) for key in ("calibration", "frame_ms_passes", "edge_request_ms_passes")}
         return Device(
-            m, k, self.loaded[m], graph, tier, rtt, mine.get("device_request_ms"), edge.get("edge_request_ms")
-        )
+            m, k, self.loaded[m], graph, tier, rtt, mine.get("device_request_ms"), edge.get("edge_request_ms"),
+            calibration,
+        )  # fmt: skip
 
     # ---- plans ------------------------------------------------------------------------------------
 

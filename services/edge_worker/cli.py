@@ -25,6 +25,7 @@ OVERRIDES = (
     "slowdown",
     "profile_cache",
     "profile_repeats",
+    "request_passes",
     "max_concurrency",
     "max_body_bytes",
     "body_timeout_s",
@@ -54,6 +55,11 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
     p.add_argument("--slowdown", type=float, help="emulate an edge K x slower than this machine")
     p.add_argument("--profile-cache", help="directory of cached edge profiles")
     p.add_argument("--profile-repeats", type=int, help="repeats per node when profiling")
+    p.add_argument(
+        "--request-passes",
+        type=int,
+        help="bursts behind the start-up whole-frame calibration and request cost (median kept; default 1)",
+    )
     p.add_argument("--max-concurrency", type=int, help="requests handled at once (503 + Retry-After beyond)")
     p.add_argument("--max-body-bytes", type=int, help="cap on each model's derived body limit")
     p.add_argument("--body-timeout-s", type=float, help="whole-body read timeout in seconds (408 beyond)")

@@ -93,6 +93,15 @@ class Settings(SecuritySettings):
         le=10_000,
         description="batch-1 requests the worker sends itself to measure its per-request cost (0: don't)",
     )
+    # the host's speed drifts for seconds to minutes: one burst can price every frame from a slow spell
+    request_passes: int = Field(
+        default=1,
+        ge=1,
+        le=20,
+        description="bursts of request_samples behind the whole-frame calibration and the request cost, "
+        "request_pass_pause_s apart; the median burst of each is kept",
+    )
+    request_pass_pause_s: float = Field(default=1.0, ge=0.0, le=60.0, description="pause between those bursts")
     self_url: str | None = Field(
         default=None,
         description="where the worker reaches its own server for that measurement (`dapdee serve edge` "

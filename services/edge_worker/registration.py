@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import statistics
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -180,21 +181,46 @@ async def _edge_graphs(state: WorkerState) -> dict[str, CostGraph]:
 
 async def _with_request_cost(state: WorkerState, entry: ModelEntry, self_url: str) -> CostGraph:
     """The entry's graph with its edge timings calibrated to the whole frames this worker
-    computes (`calibrated`) and `meta.edge.edge_request_ms` measured on this worker (each left
-    as it was when its measurement fails: the planner then uses the graph's own overheads)."""
+    computes (`calibrated`) and `meta.edge.edge_request_ms` measured on this worker, each the
+    median of `request_passes` bursts (`median_of_passes`; each left as it was when its measurement
+    fails: the planner then uses the graph's own overheads)."""
     s = state.settings
     token = next((t.get_secret_value() for t in (s.device_token, s.api_token) if t is not None), None)
-    frame_ms = await stoppable(measure_frame_ms, self_url, token, entry, s.request_samples)
+    frame = functools.partial(measure_frame_ms, self_url, token, entry, s.request_samples)
+    frame_ms, frame_passes = await median_of_passes(frame, s.request_passes, s.request_pass_pause_s)
     if frame_ms is not None:
         entry.graph = calibrated(entry.graph, frame_ms)
-        log.info("model %s: %.3f ms of compute per whole frame; profile calibrated", entry.name, frame_ms)
-    measure = functools.partial(measure_request_ms, slowdown=s.slowdown)
-    ms = await stoppable(measure, self_url, token, entry, s.request_samples)
+        log.info("model %s: %.3f ms of compute per whole frame (passes %s); profile calibrated",
+                 entry.name, frame_ms, frame_passes)  # fmt: skip
+    # after the calibration: it subtracts the exit node's calibrated time from each request's
+    request = functools.partial(measure_request_ms, self_url, token, entry, s.request_samples, slowdown=s.slowdown)
+    ms, request_passes = await median_of_passes(request, s.request_passes, s.request_pass_pause_s)
     if ms is None:
         return entry.graph
-    log.info("model %s: %.3f ms per request outside node compute (cost model v2)", entry.name, ms)
+    log.info("model %s: %.3f ms per request outside node compute (cost model v2; passes %s)",
+             entry.name, ms, request_passes)  # fmt: skip
     edge_meta = {**entry.graph.meta.get("edge", {}), "edge_request_ms": round(ms, 4)}
+    if s.request_passes > 1:
+        edge_meta |= {"request_passes": s.request_passes, "frame_ms_passes": frame_passes,
+                      "edge_request_ms_passes": request_passes}  # fmt: skip
     return replace(entry.graph, meta={**entry.graph.meta, "edge": edge_meta})
+
+
+async def median_of_passes(
+    measure: Callable[..., float | None], passes: int, pause_s: float
+) -> tuple[float | None, list[float]]:
+    """The median (the lower of two middles: a value one pass measured) of `passes` runs of
+    `measure(stop)` in a worker thread, `pause_s` apart, over those that measured something,
+    and those values rounded (in pass order); None when none did. A pass that fails (None) is
+    not repeated. O(passes x one measurement + (passes − 1) x pause_s)."""
+    found: list[float] = []
+    for i in range(passes):
+        if i:
+            await asyncio.sleep(pause_s)
+        value = await stoppable(measure)
+        if value is not None:
+            found.append(value)
+    return (statistics.median_low(found) if found else None), [round(v, 4) for v in found]
 
 
 async def _register(planner: AsyncPlannerClient, tier: str, graph: CostGraph, public_url: str) -> bool:
