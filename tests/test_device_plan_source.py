@@ -326,6 +326,43 @@ def test_a_lease_lapsing_while_its_renewal_is_in_flight_asks_no_second_plan() ->
     assert asked == 2, asked  # the first plan and its renewal
 
 
+def test_edge_trouble_reported_while_a_renewal_is_in_flight_still_asks_once_its_lease_lapses_meanwhile() -> None:
+    """As above, but the device reports edge trouble just after the renewal is sent, before its
+    lease lapses: the lapse must not take the place of that request. The renewal answers the
+    lapse, and one more POST /plan follows for the trouble."""
+    standin = Standin()
+    lease = {**ANSWER["lease"], "expires_in_s": 1.5, "replan_after_s": 0.5}
+    standin.answer(answer_bytes({**ANSWER, "lease": lease}))
+    renewed = {**ANSWER["lease"], "expires_in_s": 30.0, "replan_after_s": 20.0}
+
+    async def go(url: str) -> tuple[list[Plan], int]:
+        cfg = RuntimeConfig(Requirements(frame_rate=10.0), replan_threshold=1e6, plan_max_age_s=1e6, min_replan_s=0.1)
+        async with AsyncPlannerClient(url, timeout=10.0) as client:
+            source = PlannerPlanSource(client, G, cfg.requirements, device_id="cam-7")
+            first = await source.plan(COND)
+            standin.answer(answer_bytes({**ANSWER, "lease": renewed}))
+            rp = Replanner(source, Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0), cfg, first, no_plan)
+            while not rp.busy:  # the renewal is sent
+                rp.tick()
+                await asyncio.sleep(0.01)
+            assert rp.request("edge trouble")
+            deadline = time.monotonic() + 10.0
+            while len(rp.plans) < 4 and time.monotonic() < deadline:  # lapse, renewal, the trouble's plan
+                rp.tick()
+                await asyncio.sleep(0.01)
+            await rp.aclose()
+            return list(rp.plans), sum(r.method == "POST" and r.path == "/plan" for r in standin.requests)
+
+    with serve_app_in_thread(standin.app) as target:
+        front = ServerThread(SlowAnswers(target, 1.0), name="slow-answers").start()
+        try:
+            plans, asked = asyncio.run(go(front.url))
+        finally:
+            front.stop()
+    assert [p.origin for p in plans] == ["planner", "device-only", "planner", "planner"], plans
+    assert asked == 3, asked  # the first plan, its renewal, and the plan the trouble asked for
+
+
 # ---- leases the contract allows ----------------------------------------------------------------
 
 

@@ -409,6 +409,39 @@ def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fi
     run(scenario())
 
 
+def test_of_two_refused_heartbeats_applied_in_either_order_the_later_ones_capacity_stays(prefix: str) -> None:
+    """Two heartbeats of one worker are refused in turn (300, then 250 ms/s, below what its
+    leases book), as two replicas would each take one. Each replica's re-solve is applied with
+    its heartbeat: whichever order the applies come in, the later heartbeat's capacity is the
+    one registered at the end (the earlier one, applied last, must not bring back its own)."""
+
+    async def scenario(later_first: bool) -> None:
+        (book,) = await _books(f"{prefix}:{later_first}", 1)
+        registry = WorkerRegistry(
+            Settings(redis_url=URL, redis_timeout_s=5.0), PlannerMetrics(), book.link, Keys(f"{prefix}:{later_first}")
+        )
+        fast = Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=1000.0)
+        assert await registry.heartbeat(fast, 0.9)
+        assert (await book.reserve("a", "http://w", 400.0, 900.0, {"v": 1})).status == "reserved"
+        beats = []
+        for capacity in (300.0, 250.0):
+            await asyncio.sleep(0.01)  # a later millisecond of Redis's clock
+            with pytest.raises(CapacityBelowLeases) as refused:
+                await registry.heartbeat(replace(fast, capacity_ms_per_s=capacity), 0.9)
+            info = replace(fast, capacity_ms_per_s=capacity).info_json()
+            beats.append(Heartbeat(info, capacity, registry.ttl_ms, refused.value.refused_at_ms))
+        for version, hb in enumerate(reversed(beats) if later_first else beats, start=2):
+            await asyncio.sleep(0.01)
+            outcome = await book.apply("http://w", await _tagged(book, {"a": (100.0, {"v": version})}), 900.0, hb)
+            assert outcome.status == "applied", outcome
+        (w,) = await registry.live()
+        assert w.capacity_ms_per_s == 250.0
+        await _close([book])
+
+    run(scenario(later_first=False))
+    run(scenario(later_first=True))
+
+
 def test_a_view_names_the_record_redis_holds_and_a_rebalance_its_basis(prefix: str) -> None:
     """A record is known by its tag (SHA-1 of the stored text) and its basis (SHA-1 of what a
     rebalance solves it from), both computed here independently. A replica planning from another

@@ -105,9 +105,12 @@ class Replanner:
 
     def request(self, reason: str) -> bool:
         """Ask for a re-plan at the next tick (e.g. after edge trouble). Whether this asks anew:
-        False while an earlier request still waits for its re-plan to start."""
+        False while an earlier request still waits for its re-plan to start. A lapsed lease's
+        request never replaces another reason: a re-plan in flight answers the lapse (its plan
+        replaces the lapsed one) but not the other trouble, which must still ask."""
         anew = self._trouble is None
-        self._trouble = reason
+        if anew or self._trouble == LEASE_EXPIRED:
+            self._trouble = reason
         return anew
 
     @property

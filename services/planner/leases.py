@@ -259,21 +259,22 @@ return out
 )
 
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
-# limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans),
-# its capacity, its TTL in ms, Redis's time (ms) when the registry refused it, partial ('1' or
-# ''), then quadruples (device, load, record JSON, the basis of the record it replaces). A device
-# may be one reserving on this worker or one whose live lease reserves nothing (Device-Only: the
+# limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans), its
+# capacity, its TTL in ms, Redis's time (ms) when the registry refused it, partial ('1' or ''),
+# then quadruples (device, load, record JSON, the basis of the record it replaces). A device may
+# be one reserving on this worker or one whose live lease reserves nothing (Device-Only: the
 # rebalance may bring it onto this worker). With a heartbeat, the limit is lowered to rho_max x
-# the heartbeat's capacity instead of the registered one, and the heartbeat is registered with
-# the plans (the worker must be live in the registry); unless a heartbeat registered after that
-# refusal (expiring later than its time + TTL) is there: that newer one is kept, and the limit
-# is the registered capacity's. A device whose lease is gone, moved to another worker or holds a record of another
-# basis refuses the whole apply, or with partial is left as it is (what it reserves here counts
-# with the others'). Every check comes before the first write. Returns {status, capacity, left
-# devices...}: 1 applied (left: those partial left as they are); 0 refused, such a device (or,
-# with a heartbeat, the worker is not live); 2 refused, the others' reservations plus the new
-# loads exceed the limit (lowered to rho_max x the worker's registered capacity: `capped`);
-# capacity as in RESERVE.
+# the heartbeat's capacity instead of the registered one, and the heartbeat is registered with the
+# plans (the worker must be live in the registry), expiring its TTL after that refusal (in the
+# future: a registered heartbeat expires later than now); unless a heartbeat that arrived after
+# that refusal (expiring later than its time + TTL) is there: that newer one is kept, and the
+# limit is the registered capacity's. A device whose lease is gone, moved to another worker or
+# holds a record of another basis refuses the whole apply, or with partial is left as it is (what
+# it reserves here counts with the others'). Every check comes before the first write. Returns
+# {status, capacity, left devices...}: 1 applied (left: those partial left as they are); 0
+# refused, such a device (or, with a heartbeat, the worker is not live); 2 refused, the others'
+# reservations plus the new loads exceed the limit (lowered to rho_max x the worker's registered
+# capacity: `capped`); capacity as in RESERVE.
 APPLY = (
     LEASE_FUNCTIONS
     + """
@@ -318,7 +319,9 @@ for i = 1, #all, 2 do
 end
 if over(total, limit) then return {2, capacity} end
 if register then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), worker)
+  -- expiring as of its arrival, not of this apply: a heartbeat refused later but applied earlier
+  -- (another replica's re-solve) is then still seen as the newer one, and its capacity stays
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[8]) + tonumber(ARGV[7]), worker)
   redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
 end
 for i = 10, #ARGV, 4 do
@@ -348,7 +351,8 @@ class Heartbeat:
     """A worker's heartbeat for `LeaseBook.apply` to register with a rebalance of its leases: its
     stored form (`Worker.info_json`), the capacity it states (ms/s), how long it keeps the worker
     live (ms) and Redis's time when the registry refused it (`CapacityBelowLeases`): a heartbeat
-    registered after that is newer, and the apply keeps it."""
+    that arrived after that is newer, and the apply keeps it. Registered, it expires `ttl_ms`
+    after that refusal, so that an older one applied later does not count as newer."""
 
     info_json: str
     capacity_ms_per_s: float
