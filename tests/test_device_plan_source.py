@@ -287,11 +287,11 @@ def test_a_lease_ends_on_the_device_no_later_than_on_the_planner(planner_prefix:
     assert lease.expires_at >= before + left - delay_s - 1.0  # counted from the request, not earlier
 
 
-def test_a_lease_lapsing_while_its_renewal_is_in_flight_asks_no_second_plan() -> None:
+def renewal_in_flight_when_the_lease_lapses(drive: Callable[[Replanner], Awaitable[None]]) -> tuple[list[Plan], int]:
     """Every answer takes 1 s to reach the device. Its first lease (1.5 s, renew after 0.5 s)
-    is due for renewal when it arrives and lapses while that renewal is in flight: the device
-    runs Device-Only meanwhile. The renewal then brings a fresh lease (30 s, renew after 20 s),
-    which answers the lapse: no further POST /plan follows it."""
+    is due for renewal when it arrives and lapses while that renewal is in flight; the renewal
+    brings a fresh lease (30 s, renew after 20 s), as does any later plan. `drive(replanner)`
+    ticks it; then: the plans it put in use and the POST /plan requests the planner got."""
     standin = Standin()
     lease = {**ANSWER["lease"], "expires_in_s": 1.5, "replan_after_s": 0.5}
     standin.answer(answer_bytes({**ANSWER, "lease": lease}))
@@ -304,24 +304,37 @@ def test_a_lease_lapsing_while_its_renewal_is_in_flight_asks_no_second_plan() ->
             first = await source.plan(COND)
             standin.answer(answer_bytes({**ANSWER, "lease": renewed}))
             rp = Replanner(source, Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0), cfg, first, no_plan)
-            deadline = time.monotonic() + 10.0
-            while rp.current.lease is None or rp.current.lease.expires_in_s != 30.0:  # the renewal lands
-                assert time.monotonic() < deadline, list(rp.events)
-                rp.tick()
-                await asyncio.sleep(0.01)
-            landed = time.monotonic()
-            while time.monotonic() - landed < 1.5:  # a second request would be sent at once
-                rp.tick()
-                await asyncio.sleep(0.01)
+            await drive(rp)
             await rp.aclose()
             return list(rp.plans), sum(r.method == "POST" and r.path == "/plan" for r in standin.requests)
 
     with serve_app_in_thread(standin.app) as target:
         front = ServerThread(SlowAnswers(target, 1.0), name="slow-answers").start()
         try:
-            plans, asked = asyncio.run(go(front.url))
+            return asyncio.run(go(front.url))
         finally:
             front.stop()
+
+
+async def tick_until(rp: Replanner, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Tick `rp` every 10 ms until `done()` (AssertionError, with its events, after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, list(rp.events)
+        rp.tick()
+        await asyncio.sleep(0.01)
+
+
+def test_a_lease_lapsing_while_its_renewal_is_in_flight_asks_no_second_plan() -> None:
+    """The device runs Device-Only once its lease lapses, its renewal in flight. The renewal
+    answers the lapse: no further POST /plan follows it."""
+
+    async def drive(rp: Replanner) -> None:
+        await tick_until(rp, lambda: rp.current.lease is not None and rp.current.lease.expires_in_s == 30.0)
+        landed = time.monotonic()
+        await tick_until(rp, lambda: time.monotonic() - landed >= 1.5)  # a second request would go at once
+
+    plans, asked = renewal_in_flight_when_the_lease_lapses(drive)
     assert [p.origin for p in plans] == ["planner", "device-only", "planner"], plans  # lapsed while in flight
     assert asked == 2, asked  # the first plan and its renewal
 
@@ -330,35 +343,13 @@ def test_edge_trouble_reported_while_a_renewal_is_in_flight_still_asks_once_its_
     """As above, but the device reports edge trouble just after the renewal is sent, before its
     lease lapses: the lapse must not take the place of that request. The renewal answers the
     lapse, and one more POST /plan follows for the trouble."""
-    standin = Standin()
-    lease = {**ANSWER["lease"], "expires_in_s": 1.5, "replan_after_s": 0.5}
-    standin.answer(answer_bytes({**ANSWER, "lease": lease}))
-    renewed = {**ANSWER["lease"], "expires_in_s": 30.0, "replan_after_s": 20.0}
 
-    async def go(url: str) -> tuple[list[Plan], int]:
-        cfg = RuntimeConfig(Requirements(frame_rate=10.0), replan_threshold=1e6, plan_max_age_s=1e6, min_replan_s=0.1)
-        async with AsyncPlannerClient(url, timeout=10.0) as client:
-            source = PlannerPlanSource(client, G, cfg.requirements, device_id="cam-7")
-            first = await source.plan(COND)
-            standin.answer(answer_bytes({**ANSWER, "lease": renewed}))
-            rp = Replanner(source, Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0), cfg, first, no_plan)
-            while not rp.busy:  # the renewal is sent
-                rp.tick()
-                await asyncio.sleep(0.01)
-            assert rp.request("edge trouble")
-            deadline = time.monotonic() + 10.0
-            while len(rp.plans) < 4 and time.monotonic() < deadline:  # lapse, renewal, the trouble's plan
-                rp.tick()
-                await asyncio.sleep(0.01)
-            await rp.aclose()
-            return list(rp.plans), sum(r.method == "POST" and r.path == "/plan" for r in standin.requests)
+    async def drive(rp: Replanner) -> None:
+        await tick_until(rp, lambda: rp.busy)  # the renewal is sent
+        assert rp.request("edge trouble")
+        await tick_until(rp, lambda: len(rp.plans) >= 4)  # the lapse, the renewal, the trouble's plan
 
-    with serve_app_in_thread(standin.app) as target:
-        front = ServerThread(SlowAnswers(target, 1.0), name="slow-answers").start()
-        try:
-            plans, asked = asyncio.run(go(front.url))
-        finally:
-            front.stop()
+    plans, asked = renewal_in_flight_when_the_lease_lapses(drive)
     assert [p.origin for p in plans] == ["planner", "device-only", "planner", "planner"], plans
     assert asked == 3, asked  # the first plan, its renewal, and the plan the trouble asked for
 
