@@ -4,8 +4,10 @@ device parts run locally with the split executor, boundary tensors sent over the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from dapdee.edge_worker.config import Settings
 from dapdee.models import LoadedModel, load_model
 from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
-from dapdee.testing import free_port, serve_app_in_thread, wait_registered
+from dapdee.testing import ServerThread, free_port, serve_app_in_thread, wait_registered
 
 ZOO_MODELS = ("alexnet", "vgg16", "resnet18", "inception")
 FP16_TOL = 2e-2  # |fp16-sent logits - fp32 logits| <= FP16_TOL * (1 + max|logit|)
@@ -269,6 +271,44 @@ def test_concurrent_requests_are_batched_and_answered_individually(
         before, "dapdee_edge_batch_size_sum", model="resnet18"
     )
     assert requests_in_batches == n
+
+
+def test_a_request_cancelled_by_a_shutdown_past_its_grace_is_counted_499_not_500() -> None:
+    """A request still computing (about 4 s: an edge emulated that much slower) when the server
+    shuts down past its grace period (2 s here) has its handler cancelled. Nothing was answered:
+    it is counted with status 499, not as a server error (500)."""
+    model = load_model("zoo:alexnet?width=0.25")
+    x = model.example_input()
+    node = model.graph.exits[-1].node
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.executor.compute({model.input_name: x}, [node])
+        times.append((time.perf_counter() - t0) * 1000.0)
+    app = create_app(Settings(slowdown=4000.0 / min(times)), [model])
+    server = ServerThread(app).start()
+    state = app.state.worker
+    body, headers = wire.encode_request({model.input_name: x})
+
+    def send() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the server goes away without an answer
+            httpx.post(f"{server.url}/v2/models/{model.name}/infer", content=body, headers=headers, timeout=60)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 30.0
+    while state.inflight < 1:
+        assert time.monotonic() < deadline, "the request never reached the handler"
+        time.sleep(0.01)
+    server.stop(timeout_s=60.0)
+    sender.join(60.0)
+
+    def counted(status: str) -> float | None:
+        labels = {"model": model.name, "exit": "_unknown", "status": status}
+        return state.metrics.registry.get_sample_value("dapdee_edge_requests_total", labels)
+
+    assert counted("499") == 1.0 and counted("500") is None
 
 
 def test_metrics_move(worker: httpx.Client) -> None:

@@ -8,7 +8,10 @@ prometheus_client's multiprocess mode; `dapdee serve edge` refuses to start when
 
 Labels are bounded: model names and exits come only from the loaded models; anything else
 is counted under `_unknown`. `model` is the model's name as in Triton's metrics (every model has
-the one version "1", so there is no `version` label); `status` is the HTTP status code.
+the one version "1", so there is no `version` label); `status` is the HTTP status code, or 499
+(`CANCELLED_STATUS`, nginx's "client closed request") for a request whose handler was cancelled
+before it answered (the server shut down past its grace period): nothing was answered, and
+counted as 500 it would read as a server error in every error-rate alert.
 
 **Buckets**, fitted to what was measured on this project's 2-core CPU machine with the shipped
 FMNIST artifacts (one torch thread): compute of a whole model takes 3-10 ms at batch 1 and
@@ -27,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from dapdee.web.prometheus import add_runtime_collectors
 
 UNKNOWN = "_unknown"
+CANCELLED_STATUS = 499  # a handler cancelled before it answered (module docstring)
 # the `reason` label of dapdee_edge_rejected_total: the request guard's refusals
 REJECT_REASONS = (
     "unauthenticated",

@@ -8,6 +8,7 @@ infer to a model the worker does not serve is answered 404 before that, by the g
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from dapdee.api.oip import ErrorResponse, InferRequest, InferResponse, ModelMetadata
 from dapdee.edge_worker.deps import ApiError, get_model, get_state
 from dapdee.edge_worker.infer import EXIT_HEADER, run_infer
-from dapdee.edge_worker.metrics import UNKNOWN
+from dapdee.edge_worker.metrics import CANCELLED_STATUS, UNKNOWN
 from dapdee.edge_worker.routers.health import HEALTH_RESPONSES, health_status
 from dapdee.web.security import ANY_ROLE, DEVICE, require
 
@@ -129,7 +130,8 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
 
 
 async def _serve(request: Request, model: str, version: str | None) -> Response:
-    """Run one infer request and count it (requests by model, exit and status; duration)."""
+    """Run one infer request and count it (requests by model, exit and status, CANCELLED_STATUS
+    for a handler cancelled before it answered; duration)."""
     t0 = time.perf_counter()
     state = get_state(request)
     label_model, label_exit, status = UNKNOWN, UNKNOWN, 500
@@ -146,6 +148,9 @@ async def _serve(request: Request, model: str, version: str | None) -> Response:
     except ApiError as exc:
         status = exc.status
         label_exit = exc.exit_label or label_exit
+        raise
+    except asyncio.CancelledError:  # no answer went out (a shutdown past its grace): not a server error
+        status = CANCELLED_STATUS
         raise
     finally:
         state.inflight -= 1
