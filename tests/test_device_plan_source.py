@@ -354,6 +354,24 @@ def test_edge_trouble_reported_while_a_renewal_is_in_flight_still_asks_once_its_
     assert asked == 3, asked  # the first plan, its renewal, and the plan the trouble asked for
 
 
+def test_closing_the_replanner_passes_its_callers_cancellation_on_and_stops_the_replan() -> None:
+    """A close waiting for the renewal in flight (it may take 5 s) is itself cancelled, as a
+    shutdown's timeout would: the close ends cancelled at once, and the renewal is stopped
+    first, not left running."""
+
+    async def drive(rp: Replanner) -> None:
+        await tick_until(rp, lambda: rp.busy)  # the renewal is sent
+        closing = asyncio.create_task(rp.aclose(wait_s=5.0))
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        t0 = time.monotonic()
+        await asyncio.wait({closing}, timeout=3.0)
+        assert closing.cancelled(), "the close swallowed its caller's cancellation"
+        assert time.monotonic() - t0 < 1.0 and not rp.busy
+
+    renewal_in_flight_when_the_lease_lapses(drive)
+
+
 # ---- leases the contract allows ----------------------------------------------------------------
 
 

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import statistics
 import time
@@ -34,6 +33,7 @@ from dapdee.device.config import RuntimeConfig
 from dapdee.device.edge import EdgeLink
 from dapdee.device.sensing import ComputeLoadMonitor, LoadMonitor, Sensing
 from dapdee.device.types import EdgeAnswer, EdgeFailure
+from dapdee.web.tasks import stop_task
 
 log = logging.getLogger("dapdee.device.probe")
 
@@ -218,9 +218,7 @@ class Sensor:
         compute thread finishes there; its reading is dropped)."""
         for task in (self._probing, self._calibrating):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await stop_task(task)
 
     def _load(self) -> None:
         """Take a load reading when due: a `proc` sample every 0.5 s, or, for `compute`, a

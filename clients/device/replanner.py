@@ -19,7 +19,6 @@ has lapsed, the plan the source says to run meanwhile (Device-Only) is put in us
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -30,6 +29,7 @@ from dapdee.device.config import RuntimeConfig
 from dapdee.device.plan_source import RETRY_AFTER_MAX_S, PlanSource
 from dapdee.device.sensing import Sensing, drifted, load_drifted
 from dapdee.device.types import Plan, PlanError, PlannerUnavailable
+from dapdee.web.tasks import finish_or_stop
 
 log = logging.getLogger("dapdee.device.replan")
 
@@ -181,11 +181,5 @@ class Replanner:
         """Let a re-plan in flight finish (at most `wait_s`), then cancel it. A plan request
         so cut off may still reach the planner: the source's `aclose` (which releases the
         lease) waits for its deadline first (`PlannerPlanSource.aclose`)."""
-        task = self._task
-        if task is None:
-            return
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(task), wait_s)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if self._task is not None:
+            await finish_or_stop(self._task, wait_s)

@@ -34,7 +34,6 @@ with the infer request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -60,6 +59,7 @@ from dapdee.device.sensing import Sensing
 from dapdee.device.types import DeviceClosed, EdgeFailure, Frame, FrameRecord, Plan
 from dapdee.web import otel
 from dapdee.web.otel import NO_TRACING, Tracing
+from dapdee.web.tasks import stop_task
 
 # why a frame whose tensors were ready went no further than the device (its record's `error`)
 BACKING_OFF = "edge backing off"
@@ -208,9 +208,7 @@ class DeviceRuntime:
             return
         self._closed = True
         if self._bg is not None:
-            self._bg.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._bg
+            await stop_task(self._bg)
         if self.sensor is not None:
             await self.sensor.aclose()
         if self.replanner is not None:

@@ -44,7 +44,7 @@ from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.workers import CapacityBelowLeases, Worker, WorkerRegistry
 from dapdee.planner.writes import Outbox
 from dapdee.planning import PlanMap
-from dapdee.web.tasks import run_every
+from dapdee.web.tasks import finish_or_stop, run_every
 
 __all__ = [
     "GRAPH_TIMINGS",
@@ -138,12 +138,7 @@ class Store:
         await self.rebalancer.close()
         await self.fleet.close()
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_LOOP_S)
-            except (asyncio.TimeoutError, Exception):
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(self._task, 1.0)
+            await finish_or_stop(self._task, CLOSE_LOOP_S)
             self._task = None
         await self.model_writer.drain(CLOSE_DRAIN_S)
         self.planmaps.close()

@@ -5,6 +5,11 @@ back out of the HTTP stack as a connection error instead (anyio's happy-eyeballs
 "All connection attempts failed"), and a loop that retries on connection errors then runs on:
 the lifespan that awaited it never ends, and the task heartbeats to nowhere for the rest of the
 process's life. `stop_task` cancels until the task has ended.
+
+Neither swallows its caller's own cancellation: they wait with `asyncio.wait`, which never
+raises the awaited task's outcome, where `task.cancel(); with suppress(CancelledError): await
+task` cannot tell the task's CancelledError from one meant for the caller, and so ends the
+caller's cancellation (a shutdown's, a timeout's) there.
 """
 
 from __future__ import annotations
@@ -49,3 +54,13 @@ async def stop_task(task: asyncio.Task[Any], retry_s: float = 0.5) -> None:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         task.result()
+
+
+async def finish_or_stop(task: asyncio.Task[Any], wait_s: float, retry_s: float = 0.5) -> None:
+    """Let `task` run on for at most `wait_s` seconds, then `stop_task` it; its result or error
+    is consumed. Cancelled meanwhile, it stops `task` too before the cancellation goes on.
+    Cost: at most `wait_s`, plus `stop_task`."""
+    try:
+        await asyncio.wait({task}, timeout=wait_s)
+    finally:
+        await stop_task(task, retry_s)
