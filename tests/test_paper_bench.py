@@ -42,6 +42,11 @@ def _check_cells(res: dict) -> None:
             assert v["where"]["fallback"] == 0, (kind, name, v["errors"])
             # every plan came from the planner service: the baselines' from POST /plan {"baseline": NAME}
             assert v["plan"]["planner"] == name
+            # each process's CPU a frame took over the rounds: the device's always some (it runs the
+            # requests, when not the compute); the edge worker's read at /proc's tick resolution
+            terms = v["terms_ms"]
+            assert terms["device_cpu_ms"] > 0, (kind, name, terms)
+            assert terms["edge_cpu_ms"] is not None and terms["edge_cpu_ms"] >= 0, (kind, name, terms)
     # DAPDEE's plan is never predicted worse than a baseline's (exact under the cost model)
     light, heavy = res["light"][0]["planners"], res["heavy"][0]["planners"]
     for name in PLANNERS:
@@ -85,6 +90,7 @@ def _check_report(doc: dict, md: str) -> None:
     assert doc["setup"]["slowdown"] == 10.0
     assert "K = 10" in md and "K = 30" in md
     assert "edge calibration x" in md
+    assert "| CPU ms per frame: device / edge |" in md
     # every target has its line, PASS or FAIL as the JSON says, and the tally counts them
     lines = md.splitlines()
     assert doc["targets"] and all(t["what"] for t in doc["targets"])

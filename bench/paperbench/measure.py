@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dapdee.bench.edge_worker import proc_cpu_s
 from dapdee.bench.paperbench.options import MAX_INFLIGHT
 from dapdee.bench.paperbench.stats import med, pct, steady_throughput
 from dapdee.bench.paperbench.systems import Device, System
@@ -115,9 +116,13 @@ async def _frames(frames: list[Frame], run: Run, n: int, state: dict[str, bool])
         i += 1
 
 
-def summarize(records: list[FrameRecord], n: int, capped: bool, inflight: int, wall_s: float) -> dict[str, Any]:
+def summarize(
+    records: list[FrameRecord], n: int, capped: bool, inflight: int, wall_s: float, cpu_s: tuple[float, float]
+) -> dict[str, Any]:
     """One round's numbers: per-frame latencies, median, p90, steady-state throughput, where
-    frames finished, errors, accuracy on labelled frames, exits taken. O(frames)."""
+    frames finished, errors, accuracy on labelled frames, exits taken, and the CPU ms per frame
+    of the device's and the edge worker's processes over the round (`cpu_s`: their CPU seconds).
+    O(frames)."""
     meas = [r.measured_ms for r in records]
     starts = [r.started_at for r in records]
     ends = [r.started_at + r.measured_ms / 1000.0 for r in records]
@@ -142,6 +147,9 @@ def summarize(records: list[FrameRecord], n: int, capped: bool, inflight: int, w
         "device_ms": med([r.device_ms for r in records]),
         "edge_compute_ms": med([r.edge_compute_ms for r in edge if r.edge_compute_ms is not None]),
         "edge_queue_ms": med([r.edge_queue_ms for r in edge if r.edge_queue_ms is not None]),
+        # what a frame took of each process's CPU: the cost model's per-request costs at work
+        "device_cpu_ms": 1000.0 * cpu_s[0] / len(records) if records else None,
+        "edge_cpu_ms": 1000.0 * cpu_s[1] / len(records) if records and math.isfinite(cpu_s[1]) else None,
     }
 
 
@@ -155,8 +163,10 @@ async def run_fixed_plan(system: System, dev: Device, plan: dict[str, Any], run:
     async with fixed_runtime(system, dev, plan, run, inflight) as rt:
         if run.warmup and plan["predicted"]["latency_ms"] < run.cap_s * 1000 / 5:
             await rt.infer(frames[(run.offset + len(frames) - 1) % len(frames)])
-        t0 = time.monotonic()
+        edge_pid = system.services.edge_pid
+        t0, device0, edge0 = time.monotonic(), time.process_time(), proc_cpu_s(edge_pid)
         with tqdm(total=n, desc=run.desc[:40], file=sys.stderr, leave=False, disable=system.o.quiet) as bar:
             records = await rt.run(_frames(frames, run, n, state), progress=lambda r: bar.update(1))
         wall = time.monotonic() - t0
-    return summarize(records, n, state["capped"], inflight, wall)
+        cpu_s = (time.process_time() - device0, proc_cpu_s(edge_pid) - edge0)
+    return summarize(records, n, state["capped"], inflight, wall, cpu_s)

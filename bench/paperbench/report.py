@@ -186,15 +186,19 @@ def _fidelity(info: dict[str, Any]) -> Md:
           *[_worst(r) for r in sorted(fid["rows"], key=lambda r: -r["rel_error"])[:WORST]], "",
           f"Throughput (heavy load): {tf['inside']} of {tf['plans']} distinct plans measure within "
           f"[{lo}, {hi}] x their predicted rate (median ratio {_f(tf['median_ratio'], '.3f')}). Per plan, the "
-          "predicted stages (device / transfer / edge ms) and the measured per-frame terms (device compute incl. "
-          "the emulation, the edge's reported compute and queue ms):", "",
+          "predicted stages (device / transfer / edge ms), the measured per-frame terms (device compute incl. "
+          "the emulation, the edge's reported compute and queue ms), and the CPU ms a frame took of the device's "
+          "process (its compute without the emulation's sleep, the requests, the bench's bookkeeping) and of the "
+          "edge worker's (priced as its edge stage):", "",
           "| plan | kind | pred fps | meas fps | meas / pred | pred device / transfer / edge ms "
-          "| meas device / edge compute / edge queue ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| meas device / edge compute / edge queue ms | CPU ms per frame: device / edge |",
+          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in tf["rows"]:
         m = r["measured_terms"]
         meas = " / ".join(_f(m.get(k)) for k in ("device_ms", "edge_compute_ms", "edge_queue_ms"))
+        cpu = " / ".join(_f(m.get(k)) for k in ("device_cpu_ms", "edge_cpu_ms"))
         md.append(f"| {r['where']} | {r['plan_kind']} | {r['predicted_fps']:.1f} | {r['measured_fps']:.1f} | "
-                  f"{r['ratio']:.3f} | {_terms(r['predicted_terms'])} | {meas} |")  # fmt: skip
+                  f"{r['ratio']:.3f} | {_terms(r['predicted_terms'])} | {meas} | {cpu} |")  # fmt: skip
     return md + [""]
 
 

@@ -7,7 +7,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-TERMS = ("device_ms", "edge_compute_ms", "edge_queue_ms")  # per-frame medians a round records
+# per-frame terms a round records: medians of its frames, and each process's CPU per frame
+TERMS = ("device_ms", "edge_compute_ms", "edge_queue_ms", "device_cpu_ms", "edge_cpu_ms")
 
 
 def pct(xs: Sequence[float], q: float) -> float | None:

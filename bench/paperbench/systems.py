@@ -96,6 +96,12 @@ class Services:
     def edge_url(self) -> str:
         return self.edge_proc.url
 
+    @property
+    def edge_pid(self) -> int:
+        """The edge worker's process id (`taskset` execs into the service: the same process)."""
+        assert self.edge_proc.proc is not None, "the edge worker has not been started"
+        return self.edge_proc.proc.pid
+
     async def start(self) -> None:
         """Start both, then wait until the edge worker has registered every model with its
         profile (it profiles them first). O(models x profiling)."""
