@@ -28,7 +28,7 @@ T = TypeVar("T")
 NETWORKS: dict[str, float] = {"CAT1": 0.13, "3G": 1.1, "4G": 5.85, "WiFi": 18.88}
 MIN_CHUNK = 1024
 CHUNK_S = 0.005  # a shaped body leaves in chunks of about this much link time (at least MIN_CHUNK bytes)
-CONTINUE_SLACK_S = 0.02
+CONTINUE_SLACK_S = 0.02  # a sender's late wake-up, within a busy period of the link, not counted as idle
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,15 @@ class ShapedUplink:
         CPU of waking up per kilobyte (dozens of emulated devices share one process)."""
         return max(MIN_CHUNK, int(self.rate_bytes_per_s * CHUNK_S))
 
-    async def shaped_body(self, body: bytes, chunk: int | None = None, delay: bool = True) -> AsyncIterator[bytes]:
+    async def shaped_body(
+        self, body: bytes, chunk: int | None = None, delay: bool = True, queued: bool = False
+    ) -> AsyncIterator[bytes]:
         """Yield `body` in chunks (`chunk` bytes; default `chunk_bytes()`), each released at the
-        shaped rate (after the RTT delay when `delay`). Use as an httpx request's `content`
-        (with an explicit Content-Length)."""
+        shaped rate (after the RTT delay when `delay`). `queued`: the body waited for the link
+        behind another one, so its first chunk, like every later one, continues the link's busy
+        period (`reserve`'s `continuing`): a link with a queue does not idle between bodies
+        while the sender hands the next one on. Use as an httpx request's `content` (with an
+        explicit Content-Length)."""
         chunk = self.chunk_bytes() if chunk is None else chunk
         if chunk <= 0:
             raise ValueError("chunk: must be > 0")
@@ -160,7 +165,7 @@ class ShapedUplink:
         view = memoryview(body)
         for i in range(0, len(view), chunk):
             part = view[i : i + chunk]
-            await self.pace(len(part), continuing=i > 0)
+            await self.pace(len(part), continuing=queued or i > 0)
             yield bytes(part)
 
     def transfer_ms(self, nbytes: int) -> float:

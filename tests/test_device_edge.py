@@ -11,7 +11,9 @@
 - a frame whose upload failed records the bytes that left the device (`bytes_sent`);
 - pipelined frames to a worker not yet read from the planner's list wait for the read under way;
 - frames in flight take a slow uplink in turn, so each body reaches a worker within its body
-  timeout (sharing the link, every one would take as long as all of them together).
+  timeout (sharing the link, every one would take as long as all of them together), and a body
+  that waited for its turn is booked from where the one before it ended: a late hand-over
+  does not idle the link.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dapdee import wire
 from dapdee.client import AsyncPlannerClient
 from dapdee.costmodel import Conditions
 from dapdee.device.config import Requirements, RuntimeConfig
-from dapdee.device.edge import EdgeLink, WorkerTrust
+from dapdee.device.edge import EdgeLink, Upload, WorkerTrust
 from dapdee.device.plan_source import listed_workers
 from dapdee.device.plans import fixed_plan
 from dapdee.device.probe import LinkProber
@@ -442,6 +444,45 @@ def test_frames_in_flight_take_a_slow_uplink_in_turn_each_within_the_workers_bod
     assert [i for i, _ in done] == [0, 1, 2, 3], done
     assert done[0][1] < 2 * body_s, (done, body_s)  # shared, the first would finish after ~4 bodies
     assert done[-1][1] >= 3.5 * body_s, (done, body_s)  # and the link's rate still holds
+
+
+def test_a_body_that_waited_for_its_turn_is_booked_from_where_the_one_ahead_ended() -> None:
+    """Two 20 kB bodies on a 1 MB/s uplink already booked 50 ms ahead; the second waits for its
+    turn, and the first hands the link over 5 ms late (a busy event loop's wake-up). The link's
+    booking ends at exactly 50 + 20 + 20 ms after that first booking: the second body paced on
+    from the first one's end. (Booked from its own late start, it would end 5 ms later or more:
+    on a fast stream that gap came on every body.) The bookkeeping is read from the shaper
+    (`reserve(0)`: how long the link is still booked), and the one wall-clock reading that
+    enters brackets a call that does not wait."""
+    rate = 1_000_000  # bytes/s
+    size = 20_000
+
+    async def go() -> tuple[float, float, float, bool, bool]:
+        shaper = ShapedUplink(rate * 8 / 1e6, burst_bytes=0)
+        link = asyncio.Lock()
+        ahead, behind = Upload(shaper, link), Upload(shaper, link)
+        t_a = time.monotonic()
+        shaper.reserve(50_000)  # the link is busy for 50 ms from t in [t_a, t_b]
+        t_b = time.monotonic()
+        await ahead.take_turn(5.0)
+        turn = asyncio.create_task(behind.take_turn(5.0))
+        await asyncio.sleep(0)  # it now waits for the link
+        chunks = ahead.body(b"a" * size).__aiter__()
+        sent = 0
+        while sent < size:
+            sent += len(await chunks.__anext__())
+        await asyncio.sleep(0.005)  # the late hand-over
+        with pytest.raises(StopAsyncIteration):
+            await chunks.__anext__()  # its body is done: the link passes on
+        await turn
+        assert sent == size and [len(c) async for c in behind.body(b"b" * size)] != []
+        t_c = time.monotonic()
+        return t_a, t_b, t_c + shaper.reserve(0), ahead.queued, behind.queued
+
+    t_a, t_b, booked_until, ahead_queued, behind_queued = asyncio.run(go())
+    assert not ahead_queued and behind_queued
+    end = (50_000 + 2 * size) / rate
+    assert t_a + end - 1e-3 <= booked_until <= t_b + end + 1e-3, (booked_until - t_a, end)
 
 
 def test_a_frame_whose_turn_on_the_uplink_comes_too_late_fails_sending_nothing(stack: Stack) -> None:
