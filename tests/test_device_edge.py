@@ -447,42 +447,45 @@ def test_frames_in_flight_take_a_slow_uplink_in_turn_each_within_the_workers_bod
 
 
 def test_a_body_that_waited_for_its_turn_is_booked_from_where_the_one_ahead_ended() -> None:
-    """Two 20 kB bodies on a 1 MB/s uplink already booked 50 ms ahead; the second waits for its
-    turn, and the first hands the link over 5 ms late (a busy event loop's wake-up). The link's
-    booking ends at exactly 50 + 20 + 20 ms after that first booking: the second body paced on
-    from the first one's end. (Booked from its own late start, it would end 5 ms later or more:
-    on a fast stream that gap came on every body.) The bookkeeping is read from the shaper
-    (`reserve(0)`: how long the link is still booked), and the one wall-clock reading that
-    enters brackets a call that does not wait."""
-    rate = 1_000_000  # bytes/s
-    size = 20_000
+    """Two one-chunk bodies (1,024 bytes: 20 ms each) on a 51.2 kB/s uplink already booked 50 ms
+    ahead; the second waits for its turn, and the first hands the link over 2 ms late (a busy
+    event loop's wake-up). The second body's chunk is booked to end exactly 50 + 20 + 20 ms
+    after that first booking: it paced on from the first one's end. (Booked from its own late
+    start, it would end 2 ms later or more: on a fast stream that gap came on every body.) The
+    booking is read from the shaper (`reserve(0)`: how long the link is still booked) while the
+    chunk still waits to leave, and the wall-clock readings that enter bracket calls that do
+    not wait."""
+    rate = 51_200  # bytes/s: a chunk is MIN_CHUNK (1,024 bytes), 20 ms of link
 
     async def go() -> tuple[float, float, float, bool, bool]:
         shaper = ShapedUplink(rate * 8 / 1e6, burst_bytes=0)
         link = asyncio.Lock()
         ahead, behind = Upload(shaper, link), Upload(shaper, link)
+        assert shaper.chunk_bytes() == 1024
         t_a = time.monotonic()
-        shaper.reserve(50_000)  # the link is busy for 50 ms from t in [t_a, t_b]
+        shaper.reserve(2_560)  # the link is busy for 50 ms from t in [t_a, t_b]
         t_b = time.monotonic()
         await ahead.take_turn(5.0)
         turn = asyncio.create_task(behind.take_turn(5.0))
         await asyncio.sleep(0)  # it now waits for the link
-        chunks = ahead.body(b"a" * size).__aiter__()
-        sent = 0
-        while sent < size:
-            sent += len(await chunks.__anext__())
-        await asyncio.sleep(0.005)  # the late hand-over
+        chunks = ahead.body(b"a" * 1024).__aiter__()
+        assert len(await chunks.__anext__()) == 1024
+        await asyncio.sleep(0.002)  # the late hand-over
         with pytest.raises(StopAsyncIteration):
             await chunks.__anext__()  # its body is done: the link passes on
         await turn
-        assert sent == size and [len(c) async for c in behind.body(b"b" * size)] != []
+        leaving = asyncio.create_task(behind.body(b"b" * 1024).__aiter__().__anext__())
+        while shaper.bytes_sent < 2_560 + 2 * 1024:  # until its chunk is booked
+            await asyncio.sleep(0)
         t_c = time.monotonic()
-        return t_a, t_b, t_c + shaper.reserve(0), ahead.queued, behind.queued
+        booked_until = t_c + shaper.reserve(0)
+        assert len(await leaving) == 1024
+        return t_a, t_b, booked_until, ahead.queued, behind.queued
 
     t_a, t_b, booked_until, ahead_queued, behind_queued = asyncio.run(go())
     assert not ahead_queued and behind_queued
-    end = (50_000 + 2 * size) / rate
-    assert t_a + end - 1e-3 <= booked_until <= t_b + end + 1e-3, (booked_until - t_a, end)
+    end = (2_560 + 2 * 1024) / rate
+    assert t_a + end - 5e-4 <= booked_until <= t_b + end + 5e-4, (booked_until - t_a, end)
 
 
 def test_a_frame_whose_turn_on_the_uplink_comes_too_late_fails_sending_nothing(stack: Stack) -> None:
