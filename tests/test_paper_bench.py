@@ -40,6 +40,14 @@ def _check_cells(res: dict) -> None:
             assert v[metric] is not None and v[metric] > 0, (kind, name)
             assert v["plan"]["predicted"]["latency_ms"] > 0
             assert v["where"]["fallback"] == 0, (kind, name, v["errors"])
+            # the smoke variant's tie-break ratio is 1: a third round whenever the first two differ,
+            # and a heavy plan's throughput is then the middle round's
+            field = "round_median_ms" if kind == "light" else "round_throughput_fps"
+            first, second, *third = v[field]
+            assert len(third) == (first != second), (kind, name, v[field])
+            if kind == "heavy":
+                want = sorted(v[field])[1] if third else (first + second) / 2
+                assert v["throughput_fps"] == pytest.approx(want), (name, v[field])
             # every plan came from the planner service: the baselines' from POST /plan {"baseline": NAME}
             assert v["plan"]["planner"] == name
             # each process's CPU a frame took over the rounds: the device's always some (it runs the

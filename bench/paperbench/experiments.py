@@ -8,7 +8,8 @@
    latency; a model may be swept at its own device factor K (`fig7_k`: the camera-size ones at 30).
 
 Planners whose plans are identical (same exit, same device set) share one measurement; each
-distinct plan is measured in `rounds` interleaved rounds (their spread is the noise band).
+distinct plan is measured in `rounds` interleaved rounds (their spread is the noise band), and a
+plan whose rounds disagree by more than `tiebreak_ratio` in one more (the median round counts).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dapdee.bench.paperbench.cells import CellCache
 from dapdee.bench.paperbench.measure import Run, run_fixed_plan
 from dapdee.bench.paperbench.options import ACC_CLASS, Options, artifact_id, available_models
 from dapdee.bench.paperbench.plans import PLANNERS, plan_key, plan_summary
-from dapdee.bench.paperbench.stats import merge_rounds, skipped_measurement
+from dapdee.bench.paperbench.stats import merge_rounds, rounds_disagree, skipped_measurement
 from dapdee.bench.paperbench.systems import Device, System, say
 from dapdee.netem import parse_network
 
@@ -85,23 +86,33 @@ async def measure_one(s: System, dev: Device, plan: dict[str, Any], run: Run) ->
 
 async def measure_plans(s: System, dev: Device, plans: dict[str, dict[str, Any]], run: Run) -> dict[str, Any]:
     """Each distinct plan of `plans` measured in `rounds` interleaved rounds of `run.n / rounds`
-    frames; per planner its plan's summary, the planners sharing it, and the pooled numbers."""
+    frames, and one tie-break round after them for a plan whose rounds disagree by more than
+    `tiebreak_ratio` (throughput under a frame rate, else the median latency: `merge_rounds`
+    takes the median round); per planner its plan's summary, the planners sharing it, and the
+    pooled numbers."""
     o = s.o
     distinct: dict[str, dict[str, Any]] = {}
     for name in PLANNERS:
         distinct.setdefault(plan_key(plans[name]), plans[name])
     per_round = max(1, math.ceil(run.n / o.rounds))
     rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in distinct}
-    skipped: dict[str, dict[str, Any]] = {}
+    skipped = {k: skipped_measurement(p["predicted"]["latency_ms"], o.plan_cap_s) for k, p in distinct.items()
+               if p["predicted"]["latency_ms"] > o.plan_cap_s * 1000}  # fmt: skip
+
+    async def one_round(k: str, r: int) -> None:
+        plan = distinct[k]
+        desc = f"{run.desc} {plan.get('planner') or 'dapdee'} r{r + 1}"
+        rounds[k].append(await run_fixed_plan(s, dev, plan, replace(run, n=per_round, offset=r * per_round,
+                                                                    desc=desc)))  # fmt: skip
+
+    measured = [k for k in distinct if k not in skipped]
     for r in range(o.rounds):
-        for k, plan in distinct.items():
-            pred = plan["predicted"]["latency_ms"]
-            if pred > o.plan_cap_s * 1000:
-                skipped[k] = skipped_measurement(pred, o.plan_cap_s)
-                continue
-            desc = f"{run.desc} {plan.get('planner') or 'dapdee'} r{r + 1}"
-            rounds[k].append(await run_fixed_plan(s, dev, plan, replace(run, n=per_round, offset=r * per_round,
-                                                                        desc=desc)))  # fmt: skip
+        for k in measured:
+            await one_round(k, r)
+    metric = "throughput_fps" if run.frame_rate else "median_ms"
+    for k in measured:
+        if rounds_disagree([x[metric] for x in rounds[k]], o.tiebreak_ratio):
+            await one_round(k, o.rounds)
     meas = {k: skipped.get(k) or merge_rounds(v) for k, v in rounds.items()}
     out: dict[str, Any] = {}
     for name in PLANNERS:
@@ -120,7 +131,7 @@ def class_floor(s: System, m: str) -> float | None:
 async def light(b: Bench, m: str, net: str) -> dict[str, Any]:
     """Light load at network `net`: every planner's latency-mode plan, measured sequentially."""
     o, rate = b.o, parse_network(net).rate_mbps
-    key = b.key("light", m, net, f"n{o.light_frames}x{o.rounds}")
+    key = b.key("light", m, net, f"n{o.light_frames}x{o.rounds}", f"tb{o.tiebreak_ratio:g}")
 
     async def fn(s: System) -> dict[str, Any]:
         dev = await s.device(m)
@@ -139,7 +150,7 @@ async def heavy(b: Bench, m: str, net: str) -> dict[str, Any]:
     `heavy_factor` x Device-Only's predicted rate, within the final exit's accuracy class."""
     o, rate = b.o, parse_network(net).rate_mbps
     key = b.key("heavy", m, net, f"n{o.heavy_frames}x{o.rounds}", f"min{o.heavy_min_s:g}s",
-                f"f{o.heavy_factor:g}", f"inflight{o.max_inflight}+fill2x")  # fmt: skip
+                f"f{o.heavy_factor:g}", f"inflight{o.max_inflight}+fill2x", f"tb{o.tiebreak_ratio:g}")  # fmt: skip
 
     async def fn(s: System) -> dict[str, Any]:
         dev = await s.device(m)

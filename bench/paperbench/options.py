@@ -54,6 +54,9 @@ class Options:
     heavy_frames: int = 60
     heavy_min_s: float = 2.0  # a heavy-load round streams for at least this long
     rounds: int = 2
+    # rounds of one plan whose throughputs (heavy) or medians (light) differ by more than this
+    # factor get one tie-break round, and the plan's number is the median of its rounds
+    tiebreak_ratio: float = 1.2
     plan_cap_s: float = 30.0  # wall-clock cap of one plan's measurement in one round
     heavy_factor: float = 20.0  # offered frame rate = factor x Device-Only's predicted fps
     max_inflight: int = 4
@@ -120,6 +123,7 @@ def smoke_options() -> Options:
         profile_repeats=3,
         profile_passes=1,
         probe_rounds=3,
+        tiebreak_ratio=1.0,  # every plan whose rounds differ at all gets its tie-break round
         variant="smoke",
     )
 

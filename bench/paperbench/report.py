@@ -50,7 +50,9 @@ def _setup(o: Options, info: dict[str, Any], cmd: str) -> Md:
         f"{o.heavy_factor:g} x Device-Only's predicted rate, at least {o.max_inflight} in flight (more when the "
         "plan's predicted latency / bottleneck needs more to fill the pipeline, at most 32); every plan's "
         f"measurement capped at {o.plan_cap_s:g} s per round (capped cells say so; a plan predicted slower than "
-        "the cap per frame is not run). Planners with identical plans share one measurement. " + _cpus(o),
+        "the cap per frame is not run). Planners with identical plans share one measurement. A plan whose "
+        f"rounds disagree by more than {o.tiebreak_ratio:g}x (heavy: throughput; light: median latency) gets "
+        "one tie-break round, and its throughput is the median round's. " + _cpus(o),
         "",
         "Noise band (90th percentile of the relative spread between the two rounds of the same plan): "
         f"latency ±{info['latency_band'] * 100:.1f} % ({info['latency_samples']} plans), throughput "

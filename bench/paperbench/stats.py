@@ -42,9 +42,18 @@ def steady_throughput(starts: Sequence[float], ends: Sequence[float], inflight: 
     return len(ends) / (ends[-1] - first) if ends[-1] > first else None
 
 
+def rounds_disagree(values: Sequence[float | None], ratio: float) -> bool:
+    """Whether a plan's per-round numbers (None: a round without one) differ by more than the
+    factor `ratio`: the largest over the smallest. O(n)."""
+    xs = [x for x in values if x]
+    return len(xs) >= 2 and max(xs) > ratio * min(xs)
+
+
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pool repeated measurements of one plan; per-round medians and throughputs kept for the
-    noise band. O(frames)."""
+    """Pool repeated measurements of one plan: the frames' latencies pooled, the throughput the
+    median of the rounds' (two rounds: their mean; a tie-break third: the middle one, so one
+    round caught in a slow spell of the host does not decide it); per-round medians and
+    throughputs kept for the noise band. O(frames)."""
     meas = [x for r in rounds for x in r["measured_ms"]]
     tputs = [r["throughput_fps"] for r in rounds if r["throughput_fps"]]
     correct = sum(r["correct"] for r in rounds)
@@ -55,7 +64,7 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "capped": any(r["capped"] for r in rounds),
         "median_ms": med(meas),
         "p90_ms": pct(meas, 0.9),
-        "throughput_fps": statistics.fmean(tputs) if tputs else None,
+        "throughput_fps": statistics.median(tputs) if tputs else None,
         "round_median_ms": [r["median_ms"] for r in rounds],
         "round_throughput_fps": [r["throughput_fps"] for r in rounds],
         "where": {w: sum(r["where"][w] for r in rounds) for w in ("edge", "local", "fallback")},
