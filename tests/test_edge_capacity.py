@@ -7,6 +7,7 @@ light, probe-heavy traffic of devices joining."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -332,23 +333,36 @@ def test_light_start_up_traffic_does_not_set_the_capacity() -> None:
 def test_the_request_cost_of_a_slowed_down_worker_is_its_own_cpu_not_its_stretched_compute() -> None:
     """A worker emulating a K x slower edge sleeps the rest of each compute (no CPU), and its
     profile says K x the node's time: the measurement subtracts that / K, so the request cost
-    it finds is about the unslowed worker's. Subtracting the stretched time read 0 at K = 4 on
-    a model whose exit node is a few ms."""
-    found, node_ms = {}, {}
-    for k in (1.0, 4.0):
-        loaded = load_model("tests.edge_models:heavy_head", input_shape=(1, 64))
-        sock = bind_free_socket()
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        app = create_app(Settings(slowdown=k, workers=1), [loaded])
-        with ServerThread(app, sock=sock):
-            entry = app.state.worker.models[loaded.name]
-            entry.graph = profile_model(loaded, tier="edge", slowdown=k, repeats=10)
-            node_ms[k] = entry.graph.node(entry.graph.exits[-1].node).edge_ms
-            found[k] = measure_request_ms(url, None, entry, samples=40, slowdown=k)
-        assert found[k] is not None
-    # the case: the stretched node outweighs all the CPU a request takes, node included
-    assert node_ms[4.0] > found[1.0] + node_ms[4.0] / 4, (node_ms, found)
-    assert found[4.0] > 0.0 and 0.33 < found[4.0] / found[1.0] < 3.0, found
+    it finds is its HTTP work's CPU. Subtracting the stretched time read 0 at K = 4 on a model
+    whose exit node is a few ms. Here K = 10, and the case is checked on the run's own numbers:
+    the stretched node outweighs all the CPU a request took, node included, so the old
+    subtraction would have read 0. (A comparison with the same worker at K = 1 was dropped: on
+    a host with steal the K = 1 value, a difference of two noisy ms-sized times, read 0.25-7.2
+    ms.) Torch on one thread, as the benches run the worker, each value the median of three."""
+    with contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(1)
+        found, node_ms = _request_cost_at(10.0)
+    server_ms = found + node_ms / 10  # the worker's CPU per request, its node included
+    assert node_ms > server_ms, (node_ms, found)
+    # an HTTP request through the worker's stack takes more than 0.1 ms of CPU on any host
+    assert found > 0.1, (node_ms, found)
+
+
+def _request_cost_at(k: float) -> tuple[float, float]:
+    """(the request cost a worker at slowdown K measures on itself, the median of three; its
+    profiled exit node's ms) for the heavy-head model."""
+    loaded = load_model("tests.edge_models:heavy_head", input_shape=(1, 64))
+    sock = bind_free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = create_app(Settings(slowdown=k, workers=1), [loaded])
+    with ServerThread(app, sock=sock):
+        entry = app.state.worker.models[loaded.name]
+        entry.graph = profile_model(loaded, tier="edge", slowdown=k, repeats=10)
+        node_ms = entry.graph.node(entry.graph.exits[-1].node).edge_ms
+        runs = [measure_request_ms(url, None, entry, samples=40, slowdown=k) for _ in range(3)]
+    assert None not in runs and node_ms is not None, (runs, node_ms)
+    return statistics.median(runs), node_ms
 
 
 def test_a_big_body_decoded_in_a_thread_is_taken_time() -> None:
