@@ -222,7 +222,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "leases ignore the registry's capacity",
         "services/planner/leases.py",
-        "  return math.min(limit, rho * info.capacity_ms_per_s), string.format",
+        "  return math.min(limit, rho * capacity), string.format",
         "  return limit, string.format",
         ("tests/test_leases.py", "tests/test_fleet_service.py"),
     ),
@@ -232,6 +232,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         "CAPACITY_RETRIES = 3",
         "CAPACITY_RETRIES = 1",
         ("tests/test_fleet_service.py",),
+    ),
+    # A heartbeat refused for its capacity keeps its worker live and leaves that capacity
+    # pending: admission books within it, and only its re-solve applies.
+    Mutation(
+        "a refused heartbeat lets its worker expire",
+        "services/planner/workers.py",
+        "    if tonumber(known) < now + ttl then redis.call('ZADD', KEYS[1], now + ttl, url) end\n",
+        "",
+        ("tests/test_leases.py",),
+    ),
+    Mutation(
+        "admission ignores a refused capacity pending",
+        "services/planner/leases.py",
+        "  if pending and (not capacity or pending.capacity < capacity) then capacity = pending.capacity end",
+        "",
+        ("tests/test_leases.py",),
+    ),
+    Mutation(
+        "a rebalance applies over a capacity drop being re-solved",
+        "services/planner/leases.py",
+        "  return {0, capacity}  -- solved for a capacity",
+        "  local _ = {0, capacity}  -- solved for a capacity",
+        ("tests/test_leases.py",),
     ),
     Mutation(
         "a rebalance after a capacity drop gives up while the lock is held",

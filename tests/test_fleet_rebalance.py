@@ -615,17 +615,25 @@ def test_the_options_priced_per_exit_give_the_chain_of_every_candidate_priced_al
     assert chain([*options(demand, edge_load, now_load), held]) == chain([*alone, held])
 
 
-def test_a_solve_past_its_deadline_stops_and_one_within_it_is_unchanged() -> None:
+def test_a_solve_past_its_deadline_or_stopped_stops_and_one_within_it_is_unchanged() -> None:
     """`settle` with a deadline already past raises SolveOverBudget (no share solved: nothing to
-    answer with); with one far off it answers as without one."""
+    answer with); with its stop set, SolveStopped, deadline or not; with a deadline far off and
+    a stop not set it answers as without either."""
+    import threading
     import time
 
-    from dapdee.fleet.rebalance import SolveOverBudget
+    from dapdee.fleet.rebalance import SolveOverBudget, SolveStopped
 
     demands, _ = _fleet(random.Random(5), 4)
     with pytest.raises(SolveOverBudget):
         settle(demands, 300.0, RHO_MAX, deadline=time.monotonic() - 1.0)
-    assert settle(demands, 300.0, RHO_MAX, deadline=time.monotonic() + 600.0) == settle(demands, 300.0, RHO_MAX)
+    stopped = threading.Event()
+    stopped.set()
+    for deadline in (None, time.monotonic() + 600.0):
+        with pytest.raises(SolveStopped):
+            settle(demands, 300.0, RHO_MAX, deadline=deadline, stop=stopped)
+    free = settle(demands, 300.0, RHO_MAX, deadline=time.monotonic() + 600.0, stop=threading.Event())
+    assert free == settle(demands, 300.0, RHO_MAX)
 
 
 def test_a_64_exit_fleet_is_priced_per_exit_at_once() -> None:

@@ -409,6 +409,44 @@ def test_a_capacity_below_the_leases_is_registered_only_with_a_rebalance_that_fi
     run(scenario())
 
 
+def test_a_refused_heartbeat_keeps_its_worker_live_and_its_capacity_pending_until_registered(prefix: str) -> None:
+    """Two devices reserve 400 ms/s of a 1000 ms/s worker whose heartbeats live 0.6 s. A
+    heartbeat at 300 ms/s is refused 0.3 s later; 0.4 s after that (past the registered
+    heartbeat's expiry) the worker is still live, registered at 1000 ms/s. Meanwhile the
+    capacity refused counts: a device re-planning is booked within ρ_max x 300 (refused, told
+    300), and a rebalance solved for 1000 ms/s does not apply. The refused heartbeat's re-solve
+    registers it with its leases; after that, rebalances apply again."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        settings = Settings(redis_url=URL, redis_timeout_s=5.0, worker_ttl_s=0.6)
+        registry = WorkerRegistry(settings, PlannerMetrics(), book.link, Keys(prefix))
+        fast = Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=1000.0)
+        slow = replace(fast, capacity_ms_per_s=300.0)
+        assert await registry.heartbeat(fast, 0.9)
+        for d in "ab":
+            assert (await book.reserve(d, "http://w", 200.0, 900.0, {"v": 1})).status == "reserved"
+        await asyncio.sleep(0.3)
+        with pytest.raises(CapacityBelowLeases) as refused:
+            await registry.heartbeat(slow, 0.9)
+        await asyncio.sleep(0.4)
+        assert [w.capacity_ms_per_s for w in await registry.live()] == [1000.0]
+        joining = await book.reserve("c", "http://w", 10.0, 900.0, {"v": 1})
+        assert (joining.status, joining.capacity_ms_per_s) == ("refused", 300.0)
+        stale = await book.apply("http://w", await _tagged(book, {"a": (300.0, {"v": 2})}), 900.0)
+        assert stale.status == "changed"
+        hb = Heartbeat(slow.info_json(), 300.0, registry.ttl_ms, refused.value.refused_at_ms)
+        resolved = await _tagged(book, {"a": (200.0, {"v": 2}), "b": (0.0, {"v": 2})})
+        assert (await book.apply("http://w", resolved, 900.0, hb, partial=True)).status == "applied"
+        assert [w.capacity_ms_per_s for w in await registry.live()] == [300.0]
+        again = await _tagged(book, {"a": (250.0, {"v": 3})})
+        assert (await book.apply("http://w", again, 900.0)).status == "applied"
+        assert await book.loads() == {"http://w": {"a": 250.0}}
+        await _close([book])
+
+    run(scenario())
+
+
 def test_of_two_refused_heartbeats_applied_in_either_order_the_later_ones_capacity_stays(prefix: str) -> None:
     """Two heartbeats of one worker are refused in turn (300, then 250 ms/s, below what its
     leases book), as two replicas would each take one. Each replica's re-solve is applied with

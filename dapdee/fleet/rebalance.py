@@ -64,6 +64,7 @@ second of CPU.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -92,10 +93,24 @@ class SolveOverBudget(Exception):
     """A solve that ran past its `deadline` (`solve`, `settle`)."""
 
 
-def _in_time(deadline: float | None) -> None:
-    """SolveOverBudget once `time.monotonic()` is past `deadline` (None: no deadline). O(1)."""
-    if deadline is not None and time.monotonic() > deadline:
-        raise SolveOverBudget("the rebalance solve ran past its time budget")
+class SolveStopped(Exception):
+    """A solve whose `stop` was set (`solve`, `settle`): its caller no longer wants the answer."""
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """When a solve gives up: once `stop` is set, or past `deadline` (a `time.monotonic()`
+    value); None: never."""
+
+    deadline: float | None = None
+    stop: threading.Event | None = None
+
+    def check(self) -> None:
+        """SolveStopped once `stop` is set, SolveOverBudget past `deadline`. O(1)."""
+        if self.stop is not None and self.stop.is_set():
+            raise SolveStopped("the rebalance solve was stopped: its answer is no longer wanted")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise SolveOverBudget("the rebalance solve ran past its time budget")
 
 
 @dataclass(frozen=True)
@@ -306,6 +321,7 @@ def solve(
     limit_ms_per_s: float | None = None,
     nominal_ms_per_s: float | None = None,
     deadline: float | None = None,
+    stop: threading.Event | None = None,
 ) -> Solution:
     """The best option per device under Σ load <= `limit_ms_per_s` (None: ρ_max·C; within the
     lease scripts' relative ADMIT_RTOL; see the module docstring), each device's current plan
@@ -318,8 +334,8 @@ def solve(
     `max_states` states. Each DP step is vectorised: O(S·c·log(S·c)) for S states and a chain
     of c options. `exact` is also false when a device's plan map is not (an exit past the
     enumeration cap, or a build cut short: its options are a candidate set, not every
-    partition). SolveOverBudget once `time.monotonic()` passes `deadline` (checked per device
-    priced and per DP step)."""
+    partition). SolveOverBudget once `time.monotonic()` passes `deadline`, SolveStopped once
+    `stop` is set (each checked per device priced and per DP step)."""
     if not 0.0 <= switch_margin < 1.0:
         raise ValueError(f"switch_margin: must be in [0, 1), got {switch_margin!r}")
     # the lease scripts admit a sum up to a relative ADMIT_RTOL past the limit (`within_limit`),
@@ -329,10 +345,11 @@ def solve(
     limit = stated * (1.0 + ADMIT_RTOL)
     load = priced_load(rho_max, capacity_ms_per_s, nominal_ms_per_s)
     now = load if time_load is None else time_load
-    order, chains = _heaviest_first(demands, switch_margin, load, now, deadline)
+    budget = _Budget(deadline, stop)
+    order, chains = _heaviest_first(demands, switch_margin, load, now, budget)
     bucket = stated / GRID
     # limit 0 (or one GRID rounds to 0): zero loads only
-    rough = _dp(chains, limit, bucket if bucket > 0 else None, deadline=deadline)
+    rough = _dp(chains, limit, bucket if bucket > 0 else None, budget=budget)
     assert rough is not None  # bucketed: never over a state budget
     run, exact = rough, False
     maps_exact = all(d.planmap.exact for d in demands)
@@ -341,7 +358,7 @@ def solve(
         if bounded:
             bounds = suffix_bounds([[(o.load, o.ranked) for o in ch] for ch in chains], COMPONENTS + TIE_WEIGHTS)
             floor = (rough.ranked, bounds)
-        found = _dp(chains, limit, None, max_states, floor, deadline)
+        found = _dp(chains, limit, None, max_states, floor, budget)
         if found is not None:
             run, exact = found, maps_exact
     by_device = dict(zip(order, run.picks, strict=True))
@@ -359,6 +376,7 @@ def settle(
     nominal_ms_per_s: float | None = None,
     kept_ms_per_s: float = 0.0,
     deadline: float | None = None,
+    stop: threading.Event | None = None,
     **solve_kw: Any,
 ) -> Solution:
     """The best of up to `levels` solves that each price the times at the load they may book:
@@ -377,7 +395,8 @@ def settle(
     solved was (an approximate top share may meet fewer requirements than the ρ_max problem
     allows, and a lower share then win). Past `deadline` (a `time.monotonic()` value) the
     search stops: with the top share solved, its best so far is the answer, `exact` false;
-    before, SolveOverBudget. O(levels) calls of `solve`, the cheaper the smaller the share."""
+    before, SolveOverBudget. Once `stop` is set (another thread's), SolveStopped, whatever was
+    solved. O(levels) calls of `solve`, the cheaper the smaller the share."""
     best: Solution | None = None
     exact = True
     for k in range(levels, 0, -1):
@@ -388,7 +407,8 @@ def settle(
         try:
             sol = solve(
                 demands, capacity_ms_per_s, rho_max, time_load=priced_load(share, capacity_ms_per_s, nominal_ms_per_s),
-                limit_ms_per_s=max(0.0, room), nominal_ms_per_s=nominal_ms_per_s, deadline=deadline, **solve_kw,
+                limit_ms_per_s=max(0.0, room), nominal_ms_per_s=nominal_ms_per_s, deadline=deadline, stop=stop,
+                **solve_kw,
             )  # fmt: skip
         except SolveOverBudget:
             if best is None:
@@ -405,17 +425,17 @@ def settle(
 
 
 def _heaviest_first(
-    demands: Sequence[Demand], switch_margin: float, met_load: float, time_load: float, deadline: float | None
+    demands: Sequence[Demand], switch_margin: float, met_load: float, time_load: float, budget: _Budget
 ) -> tuple[list[int], list[list[Option]]]:
     """Each device's chain (its options and held plan, `chain`) and the device order the DP
     takes them in: the heaviest option first, since those choices decide most of the room left,
     so the bounds on the rest prune soonest (measured: several times fewer states than in the
-    given order on varied fleets). SolveOverBudget past `deadline`. O(Σ options log)."""
+    given order on varied fleets). Checks `budget` per device. O(Σ options log)."""
     chains = []
     for d in demands:
         held = held_option(d, switch_margin, met_load, time_load)
         chains.append(chain(options(d, met_load, time_load) + ([held] if held is not None else [])))
-        _in_time(deadline)
+        budget.check()
     order = sorted(range(len(chains)), key=lambda i: (-chains[i][-1].load, i))
     return order, [chains[i] for i in order]
 
@@ -437,17 +457,17 @@ def _dp(
     bucket: float | None,
     max_states: int | None = None,
     floor: tuple[Value, Sequence[SuffixBound]] | None = None,
-    deadline: float | None = None,
+    budget: _Budget = _Budget(),
 ) -> _Run | None:
     """The DP over devices: the staircase after each one (one state per `bucket` of load when
     given), without the states whose bound cannot reach `floor`'s value (a known answer's, with
     the bounds of each suffix of devices). None when a staircase outgrows `max_states`;
-    SolveOverBudget past `deadline`."""
+    checks `budget` per step."""
     start = np.zeros(1, dtype=np.int64) - 1
     layers = [_Layer(np.zeros(1), np.zeros((1, 3)), start, start)]
     widest = 1
     for k, ch in enumerate(chains):
-        _in_time(deadline)
+        budget.check()
         prev = layers[-1]
         loads = prev.load[:, None] + np.array([o.load for o in ch])[None, :]
         si, oi = np.nonzero(loads <= limit)  # state-major, like nested loops over states then options

@@ -23,6 +23,10 @@ Workers (count cap DAPDEE_MAX_WORKERS; expiry by Redis's own clock, `TIME` insid
 
 - `P:v1:workers:exp`         zset  worker URL -> expiry, ms since the epoch by Redis's clock
 - `P:v1:workers:info`        hash  worker URL -> worker JSON (its last heartbeat)
+- `P:v1:workers:refused`     hash  worker URL -> {"at", "capacity"}: Redis's time (ms) and the
+                                   capacity of its last heartbeat refused for stating less
+                                   capacity than its leases hold, while that heartbeat's
+                                   re-solve is pending (removed when one is registered)
 
 Plan maps (a cache: count cap DAPDEE_PLANMAP_REDIS_MAX, byte cap DAPDEE_PLANMAP_MAX_BYTES per
 map, TTL DAPDEE_PLANMAP_TTL_S):
@@ -88,6 +92,10 @@ class Keys:
     @property
     def workers_info(self) -> str:
         return f"{self.base}:workers:info"
+
+    @property
+    def workers_refused(self) -> str:
+        return f"{self.base}:workers:refused"
 
     @property
     def planmaps(self) -> str:

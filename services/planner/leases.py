@@ -26,7 +26,10 @@ heartbeat states, checked inside the same script, so a replica whose view of a w
 is older than its last heartbeat (the worker measured itself slower) can neither admit nor apply
 a rebalance past it. The refusal carries the capacity now, to plan again with. The apply script
 can also register the worker's heartbeat with the rebalance (a capacity drop: the registry
-refuses a capacity its reservations book past ρ_max of, `dapdee.planner.workers`). So, where
+refuses a capacity its reservations book past ρ_max of, `dapdee.planner.workers`). Until then
+that capacity is pending (`P:workers:refused`): admission books within ρ_max of it too (a device
+that re-plans meanwhile is not booked against a capacity the worker no longer has), and no other
+rebalance of the worker applies (it solved for the capacity before). So, where
 rebalancing is periodic, each write to either side is checked against the other; the one
 exception is the planner's fallback when a capacity drop cannot be re-solved (`Store.heartbeat`).
 
@@ -98,14 +101,31 @@ local function purge_leases(prefix, leases, now)
   for _, d in ipairs(old) do free_reservation(prefix, d) end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
 end
+-- The worker's refused heartbeat whose re-solve is pending (`dapdee.planner.workers`), a table
+-- {at = Redis ms, capacity = ms/s}, or nil.
+local function refusal(prefix, worker)
+  local raw = redis.call('HGET', prefix .. ':workers:refused', worker)
+  if not raw then return nil end
+  local ok, r = pcall(cjson.decode, raw)
+  if not ok or type(r) ~= 'table' or type(r.at) ~= 'number' or type(r.capacity) ~= 'number' then return nil end
+  return r
+end
 -- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
--- states (the capacity now, whatever this replica saw), and that capacity ('' if unknown).
+-- states (the capacity now, whatever this replica saw), or a refused one pending if that is
+-- less, and that capacity ('' if unknown).
 local function capped(prefix, worker, limit, rho)
+  local capacity
   local raw = redis.call('HGET', prefix .. ':workers:info', worker)
-  if not raw then return limit, '' end
-  local ok, info = pcall(cjson.decode, raw)
-  if not ok or type(info) ~= 'table' or type(info.capacity_ms_per_s) ~= 'number' then return limit, '' end
-  return math.min(limit, rho * info.capacity_ms_per_s), string.format('%.17g', info.capacity_ms_per_s)
+  if raw then
+    local ok, info = pcall(cjson.decode, raw)
+    if ok and type(info) == 'table' and type(info.capacity_ms_per_s) == 'number' then
+      capacity = info.capacity_ms_per_s
+    end
+  end
+  local pending = refusal(prefix, worker)
+  if pending and (not capacity or pending.capacity < capacity) then capacity = pending.capacity end
+  if not capacity then return limit, '' end
+  return math.min(limit, rho * capacity), string.format('%.17g', capacity)
 end
 -- Whether reservations totalling `total` pass `limit`, by more than float summation order can
 -- (a solver or a replica adds the same loads in another order than Redis does).
@@ -131,14 +151,13 @@ end
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases, models (the model registry hash).
 # ARGV: prefix, device, worker ('' = none), load, limit, ttl_ms, max_leases, record JSON, rho_max
-# (the limit is lowered to rho_max x the worker's registered capacity: `capped`), the model the
+# (the limit is lowered to rho_max x the worker's capacity, registered or pending: `capped`), the model the
 # lease is of ('' = not checked), then optionally the planner's view to verify: the tag of the
 # device's record it planned from ('' = none), then (worker URL, the others' reservations there
 # it assumed) pairs.
 # Returns {status, others, capacity}: status 1 reserved, 0 refused (over the limit), -1 lease cap
 # reached, -2 the model is not in the registry (deleted while the request was planned: END_MODEL
-# has run or will find nothing of this lease); capacity the worker's registered one ('' if
-# unknown or no worker);
+# has run or will find nothing of this lease); capacity `capped`'s ('' if unknown or no worker);
 # or, when the view differs from Redis's (some worker's others differ by more than 1e-6 ms/s, or
 # the device's record is another), nothing is written and the answer is {2, record or false,
 # url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
@@ -259,42 +278,45 @@ return out
 )
 
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
-# limit, rho_max, heartbeat ('' = none: the worker's worker JSON to register with the plans), its
+# limit, rho_max, then a heartbeat to register with it ('' = none): its worker JSON, its
 # capacity, its TTL in ms, Redis's time (ms) when the registry refused it, partial ('1' or ''),
 # then quadruples (device, load, record JSON, the basis of the record it replaces). A device may
 # be one reserving on this worker or one whose live lease reserves nothing (Device-Only: the
-# rebalance may bring it onto this worker). With a heartbeat, the limit is lowered to rho_max x
-# the heartbeat's capacity instead of the registered one, and the heartbeat is registered with the
-# plans (the worker must be live in the registry), expiring its TTL after that refusal (in the
-# future: a registered heartbeat expires later than now); unless a heartbeat that arrived after
-# that refusal (expiring later than its time + TTL) is there: that newer one is kept, and the
-# limit is the registered capacity's. A device whose lease is gone, moved to another worker or
-# holds a record of another basis refuses the whole apply, or with partial is left as it is (what
-# it reserves here counts with the others'). Every check comes before the first write. Returns
-# {status, capacity, left devices...}: 1 applied (left: those partial left as they are); 0
-# refused, such a device (or, with a heartbeat, the worker is not live); 2 refused, the others'
-# reservations plus the new loads exceed the limit (lowered to rho_max x the worker's registered
-# capacity: `capped`); capacity as in RESERVE.
+# rebalance may bring it onto this worker). With a heartbeat whose refusal is the one pending
+# (`refusal`), the limit is lowered to rho_max x the heartbeat's capacity instead of the
+# registered one, and the heartbeat is registered with the plans (the worker must be live in
+# the registry), expiring its TTL after that refusal at the earliest. With another heartbeat
+# (one registered since: none pending; or one refused since) it is not registered, and the
+# limit is `capped`'s. Without a heartbeat, a refusal pending refuses the apply (solved for a
+# capacity the worker no longer states; the refused heartbeat's re-solve applies). A device
+# whose lease is gone, moved to another worker or holds a record of another basis refuses the
+# whole apply, or with partial is left as it is (what it reserves here counts with the others').
+# Every check comes before the first write. Returns {status, capacity, left devices...}: 1
+# applied, 2 refused (the others' reservations plus the new loads exceed the limit), left: those
+# partial left as they are; 0 refused, such a device, a refusal pending (or, with a heartbeat,
+# the worker is not live); capacity as in RESERVE.
 APPLY = (
     LEASE_FUNCTIONS
     + """
 local prefix, worker = ARGV[1], ARGV[2]
 local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
 local now = now_ms()
-local limit, capacity
+local limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
+local pending = refusal(prefix, worker)
 local register = ARGV[5] ~= ''
 if register then
   local expiry = redis.call('ZSCORE', KEYS[2], worker)
   if not expiry or tonumber(expiry) <= now then return {0, ''} end
-  if tonumber(expiry) > tonumber(ARGV[8]) + tonumber(ARGV[7]) then
-    register = false  -- a newer heartbeat is registered: it stays, with its capacity
-  else
+  -- only the re-solve of the refusal pending may register its heartbeat: without one, a newer
+  -- heartbeat was registered (it stays, with its capacity); with another, a newer one was
+  -- refused (its re-solve registers it, and its capacity is the limit here)
+  register = pending ~= nil and pending.at == tonumber(ARGV[8])
+  if register then
     capacity = ARGV[6]
     limit = math.min(tonumber(ARGV[3]), tonumber(ARGV[4]) * tonumber(capacity))
   end
-end
-if not register then
-  limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
+elseif pending then
+  return {0, capacity}  -- solved for a capacity the worker no longer states; its re-solve applies
 end
 purge_leases(prefix, KEYS[1], now)
 purge(wload, wexp, now)
@@ -317,12 +339,18 @@ local all = redis.call('HGETALL', wload)
 for i = 1, #all, 2 do
   if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
 end
-if over(total, limit) then return {2, capacity} end
+if over(total, limit) then
+  local out = {2, capacity}
+  for _, d in ipairs(left) do out[#out + 1] = d end
+  return out
+end
 if register then
-  -- expiring as of its arrival, not of this apply: a heartbeat refused later but applied earlier
-  -- (another replica's re-solve) is then still seen as the newer one, and its capacity stays
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[8]) + tonumber(ARGV[7]), worker)
+  -- live until its arrival + ttl at least (its refusal kept the worker live that long)
+  if tonumber(redis.call('ZSCORE', KEYS[2], worker)) < tonumber(ARGV[8]) + tonumber(ARGV[7]) then
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[8]) + tonumber(ARGV[7]), worker)
+  end
   redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
+  redis.call('HDEL', prefix .. ':workers:refused', worker)
 end
 for i = 10, #ARGV, 4 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])
@@ -489,7 +517,8 @@ class Reservation:
     cap) | "stale" (the view to verify was out of date: nothing written, `figures` says what is
     true) | "gone" (the model is not in the registry: nothing written); what the other devices
     reserve on the worker (ms per second, Redis's view now); the worker's capacity in the
-    registry (ms per second; None: no worker, or not registered); and the tag of the record
+    registry, or a refused one pending if less (ms per second; None: no worker, or not
+    registered); and the tag of the record
     stored ('' unless reserved)."""
 
     status: str
@@ -502,9 +531,10 @@ class Reservation:
 @dataclass(frozen=True)
 class Application:
     """The outcome of `LeaseBook.apply`: `status` "applied" | "changed" (a device's lease ended,
-    moved or was replaced meanwhile) | "over" (the worker's reservations would pass the limit); nothing is
-    written unless applied. `capacity_ms_per_s` as in `Reservation`; `left`: the devices a
-    partial apply left as they were."""
+    moved or was replaced meanwhile, or the worker's capacity is being re-solved) | "over" (the
+    worker's reservations would pass the limit); nothing is written unless applied.
+    `capacity_ms_per_s` as in `Reservation`; `left`: the devices a partial apply left (or
+    would have left) as they were."""
 
     status: str
     capacity_ms_per_s: float | None
@@ -541,7 +571,7 @@ class LeaseBook:
     ) -> Reservation:
         """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None or a
         zero load: hold no reservation) if the other reservations plus it stay <= `limit` and
-        <= ρ_max × the worker's registered capacity, and
+        <= ρ_max × the worker's registered capacity (or a refused one pending, if less), and
         store `record` with the lease TTL. A device moving to another worker frees the old one.
         With `model`, nothing is written when that model is not in the registry ("gone": it was
         deleted while the request was planned, and its leases have ended or are ending).
@@ -642,13 +672,15 @@ class LeaseBook:
         record, the basis of the record it replaces)) on `worker` in one atomic step, if every
         device still holds a lease there (or a live lease reserving nothing: it may join) with
         a record of that basis (`record_basis`), and the worker stays within `limit` and
-        within ρ_max × its registered capacity; else nothing changes. `partial`: a device whose
-        lease changed meanwhile is left as it is (what it reserves on `worker` counts with the
-        others') instead of refusing the whole apply. With `heartbeat`: within ρ_max × the
-        heartbeat's capacity instead, and the heartbeat is registered in the same step (refused,
-        "changed", when the worker is not live in the registry), unless a heartbeat registered
-        since it was refused is there: that newer one stays, and counts. One round trip, O(reservations
-        on the worker) inside Redis."""
+        within ρ_max × its registered capacity (or a refused one pending, if less); else nothing
+        changes. `partial`: a device whose lease changed meanwhile is left as it is (what it
+        reserves on `worker` counts with the others') instead of refusing the whole apply.
+        Without `heartbeat`, a refused heartbeat of the worker pending refuses it ("changed":
+        solved for a capacity the worker no longer states). With the `heartbeat` whose refusal
+        is pending: within ρ_max × its capacity instead, and it is registered in the same step
+        (refused, "changed", when the worker is not live in the registry); with one registered
+        or refused since, that newer one stays, and counts. One round trip, O(reservations on
+        the worker) inside Redis."""
         hb = heartbeat
         args: list[Any] = [self.prefix, worker, repr(float(limit_ms_per_s)), repr(float(self.rho_max))]
         args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms, hb.refused_at_ms] if hb else ["", "", 0, 0]

@@ -11,10 +11,13 @@ pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It runs 
 a heartbeat whose capacity no longer holds the worker's leases within ρ_max (the worker measured
 itself slower): `shed` re-solves that worker's leases for the new capacity and registers the
 heartbeat with the new plans in one atomic step, so no moment shows the leases past ρ_max of the
-capacity registered. It needs no lock (the step is checked in Redis). Its apply is partial: a
-device that re-planned while the leases were solved keeps the plan it got (what it reserves
-counts with the others'), since devices re-plan every few seconds and an all-or-nothing apply
-over a large fleet would rarely find every lease as it was read. Only when that fails (the
+capacity registered. It needs no lock (the step is checked in Redis): while it runs, the
+refused capacity is pending there, so admissions book within it and no other rebalance of the
+worker applies (solved for the capacity before, its apply would leave the re-solve's reads
+stale). Its apply is partial: a device that re-planned while the leases were solved keeps the
+plan it got (what it reserves counts with the others'), since devices re-plan every few seconds
+and an all-or-nothing apply over a large fleet would rarely find every lease as it was read.
+Only when that fails (the
 leases still book past ρ_max of the new capacity, each of `CAPACITY_RETRIES` times) is the
 heartbeat registered as it is, and a rebalance follows at once (`note_capacity`).
 """
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +39,7 @@ from dapdee.fleet.rebalance import (
     Option,
     Solution,
     SolveOverBudget,
+    SolveStopped,
     held_option,
     option_nodes,
     priced_load,
@@ -78,6 +83,8 @@ class Rebalancer:
         self._task: asyncio.Task[None] | None = None
         self._urgent: asyncio.Task[None] | None = None  # a rebalance started by a capacity drop
         self._shedding: dict[str, asyncio.Future[None]] = {}  # worker URL -> done when its `shed` ends
+        # worker URL -> the stop of a rebalance's solve running for it (a `shed` sets it)
+        self._solving: dict[str, threading.Event] = {}
         self._stop = asyncio.Event()
 
     # ---- life cycle -------------------------------------------------------------------------------
@@ -143,8 +150,8 @@ class Rebalancer:
         and apply their plans together with the heartbeat (live for `ttl_ms`; a heartbeat the
         registry took after `refused_at_ms`, Redis's time of the refusal, is newer and stays) in
         one step, a device that re-planned meanwhile left on the plan it got (a partial apply).
-        True when
-        applied; False when each of `CAPACITY_RETRIES` tries found the leases past ρ_max of the
+        A rebalance's solve of the worker running here stops (solved for the capacity before).
+        True when applied; False when each of `CAPACITY_RETRIES` tries found the leases past ρ_max of the
         capacity all the same (or the worker no longer live), or none of them can be priced
         (nothing written: the caller registers the heartbeat as it is); None when this replica
         was already doing so for the worker (a heartbeat sent again after a timeout): it waited
@@ -156,6 +163,8 @@ class Rebalancer:
             await asyncio.shield(running)  # the waiter's cancellation must not end the shed's
             return None
         done = self._shedding[w.url] = asyncio.get_running_loop().create_future()
+        if (solving := self._solving.get(w.url)) is not None:
+            solving.set()  # solved for the capacity before: its apply would be refused anyway
         try:
             return await self._shed(w, Heartbeat(w.info_json(), w.capacity_ms_per_s, ttl_ms, refused_at_ms))
         finally:  # no entry outlives its shed: workers come and go (new URLs), the map stays small
@@ -224,7 +233,8 @@ class Rebalancer:
         """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
         the assignments; the answer lists, per worker, the totals before and after and each device's
         old and new plan value, and the workers whose solve ran past `rebalance_budget_s` (left as
-        they were; nothing without Redis: no leases are kept). RedisUnavailable passes up."""
+        they were; nothing without Redis: no leases are kept). A worker whose capacity drop is
+        being re-solved here (`shed`) is left to that. RedisUnavailable passes up."""
         if not self.fleet.link.enabled:
             return {"approximate": False, "workers": [], "over_budget": []}
         reserved = await self.fleet.book.loads()
@@ -234,12 +244,17 @@ class Rebalancer:
         joiners = _joiners(reserved, records)
         reports, over_budget = [], []
         for w in sorted(workers, key=lambda w: w.url):
+            if w.url in self._shedding:
+                continue
             candidates = _candidates(w, reserved, records, joiners, workers)
             try:
                 report = await self._rebalance_worker(w, candidates, records, reserved.get(w.url, {}))
             except SolveOverBudget:
                 self._over_budget(w, len(candidates))
                 over_budget.append(w.url)
+                continue
+            except SolveStopped:
+                log.info("rebalance of %s: stopped for the re-solve of its capacity drop", w.url)
                 continue
             if report is not None:
                 reports.append(report)
@@ -291,8 +306,29 @@ class Rebalancer:
         # their booking, and the others are solved within what it leaves
         priced = {d.device_id for d in demands}
         kept = sum(load for d, load in held.items() if d in records and d not in priced)
+        stop = None if heartbeat is not None else self._solving.setdefault(w.url, threading.Event())
+        try:
+            return await self._solved(w, demands, records, held, kept, heartbeat, stop)
+        finally:
+            if stop is not None and self._solving.get(w.url) is stop:
+                del self._solving[w.url]
+
+    async def _solved(
+        self,
+        w: Worker,
+        demands: list[Demand],
+        records: dict[str, StoredRecord],
+        held: dict[str, float],
+        kept: float,
+        heartbeat: Heartbeat | None,
+        stop: threading.Event | None,
+    ) -> dict[str, Any]:
+        """Solve `demands` on `w` and apply the answer (with `heartbeat`: registering it), solving
+        again at once while the capacity the apply finds is lower than the one solved for (up to
+        `CAPACITY_RETRIES` solves); the report. SolveStopped once `stop` is set."""
+        capacity, nominal, rho = w.capacity_ms_per_s, w.nominal, self.settings.rho_max
         for _ in range(CAPACITY_RETRIES):
-            sol = await self._solve(demands, capacity, nominal, kept)
+            sol = await self._solve(demands, capacity, nominal, kept, stop)
             assignments = _assignments(w.url, demands, sol, nominal, records, kept)
             limit = self.settings.rho_max * capacity
             outcome = await self.fleet.book.apply(w.url, assignments, limit, heartbeat, partial=heartbeat is not None)
@@ -315,17 +351,22 @@ class Rebalancer:
         return _report(w, demands, olds, sol, applied, sum(held.values()), kept)
 
     async def _solve(
-        self, demands: list[Demand], capacity_ms_per_s: float, nominal_ms_per_s: float, kept_ms_per_s: float
+        self,
+        demands: list[Demand],
+        capacity_ms_per_s: float,
+        nominal_ms_per_s: float,
+        kept_ms_per_s: float,
+        stop: threading.Event | None = None,
     ) -> Solution:
         """The fleet objective's best choices for `demands` on that capacity, next to the
         `kept_ms_per_s` other leases book, times priced at no less than the load they put on the
         worker (`settle`; ℓe over `nominal_ms_per_s`), in a thread, within `rebalance_budget_s`
-        (SolveOverBudget past it)."""
+        (SolveOverBudget past it; SolveStopped once `stop` is set)."""
         rho, margin = self.settings.rho_max, self.settings.switch_margin
         deadline = time.monotonic() + self.settings.rebalance_budget_s
         return await asyncio.to_thread(
             settle, demands, capacity_ms_per_s, rho, nominal_ms_per_s=nominal_ms_per_s, kept_ms_per_s=kept_ms_per_s,
-            switch_margin=margin, deadline=deadline,
+            switch_margin=margin, deadline=deadline, stop=stop,
         )  # fmt: skip
 
     async def _demand(self, w: Worker, record: dict[str, Any], booked: float) -> Demand | None:

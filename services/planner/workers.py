@@ -15,7 +15,11 @@ Capacity and leases: asked to (`rho_max`), the heartbeat script refuses a known 
 heartbeat whose `capacity_ms_per_s` its live lease reservations book past ρ_max of
 (CapacityBelowLeases), so the registry never states less capacity than the leases hold. The
 caller re-solves the leases for it and registers the heartbeat with them in one step
-(`dapdee.planner.leases.LeaseBook.apply`), or registers it as it is.
+(`dapdee.planner.leases.LeaseBook.apply`), or registers it as it is. A refused heartbeat still
+keeps its worker live (the worker is there: a re-solve may outlast the TTL of its last
+registered heartbeat, and the worker must not drop out of the registry meanwhile) and leaves the
+capacity it states pending (`P:workers:refused`): until a heartbeat of the worker is registered,
+admission books within ρ_max of that capacity, and only that heartbeat's re-solve may apply.
 """
 
 from __future__ import annotations
@@ -38,31 +42,42 @@ _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, u in ipairs(dead) do redis.call('HDEL', KEYS[2], u) end
+for _, u in ipairs(dead) do
+  redis.call('HDEL', KEYS[2], u)
+  redis.call('HDEL', KEYS[3], u)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 """
-# KEYS: workers:exp, workers:info. ARGV: url, worker JSON, ttl ms, max workers, then optionally
-# the lease key prefix, rho_max and the heartbeat's capacity. Returns {1}, or {0} when a new
-# worker would pass the cap, or {2, now ms} (nothing written) when the worker is live and its
-# lease reservations book more than rho_max x that capacity.
+# KEYS: workers:exp, workers:info, workers:refused. ARGV: url, worker JSON, ttl ms, max workers,
+# then optionally the lease key prefix, rho_max and the heartbeat's capacity. Returns {1}, or {0}
+# when a new worker would pass the cap, or {2, now ms} when the worker is live and its lease
+# reservations book more than rho_max x that capacity: then only the worker's expiry moves (to
+# now + ttl) and the capacity is left pending in workers:refused.
 HEARTBEAT = (
     LEASE_FUNCTIONS
     + _NOW_MS
     + """
-local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local url, ttl = ARGV[1], tonumber(ARGV[3])
+local known = redis.call('ZSCORE', KEYS[1], url)
 if not known and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
   return {0}
 end
 if known and #ARGV >= 7 then
   local limit = tonumber(ARGV[6]) * tonumber(ARGV[7])
-  if over(booked(ARGV[5], ARGV[1], now), limit) then return {2, now} end
+  if over(booked(ARGV[5], url, now), limit) then
+    if tonumber(known) < now + ttl then redis.call('ZADD', KEYS[1], now + ttl, url) end
+    redis.call('HSET', KEYS[3], url, cjson.encode({at = now, capacity = tonumber(ARGV[7])}))
+    return {2, now}
+  end
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, url)
+redis.call('HSET', KEYS[2], url, ARGV[2])
+redis.call('HDEL', KEYS[3], url)
 return {1}
 """
 )
-# KEYS: workers:exp, workers:info. Returns {now ms, url, expiry ms, JSON, url, expiry ms, JSON, ...}.
+# KEYS: workers:exp, workers:info, workers:refused. Returns {now ms, url, expiry ms, JSON, url,
+# expiry ms, JSON, ...}.
 LIVE_WORKERS = (
     _NOW_MS
     + """
@@ -80,8 +95,9 @@ return out
 
 class CapacityBelowLeases(Exception):
     """A heartbeat refused because the worker's live leases book more than ρ_max of the capacity
-    it states (`WorkerRegistry.heartbeat` with `rho_max`); nothing was recorded. `refused_at_ms`:
-    Redis's time then (a heartbeat registered later is newer than this one)."""
+    it states (`WorkerRegistry.heartbeat` with `rho_max`); its capacity was not registered, only
+    left pending, and the worker kept live (module docstring). `refused_at_ms`: Redis's time
+    then, which names the pending refusal (a heartbeat registered or refused later is newer)."""
 
     def __init__(self, url: str, capacity_ms_per_s: float, refused_at_ms: int) -> None:
         super().__init__(f"worker {url}: its leases book more than rho_max of {capacity_ms_per_s:g} ms/s")
@@ -165,9 +181,10 @@ class WorkerRegistry:
 
     async def heartbeat(self, w: Worker, rho_max: float | None = None) -> bool:
         """Record a heartbeat here and in Redis. True if Redis has it; CapacityExceeded for a new
-        worker past DAPDEE_MAX_WORKERS; with `rho_max`, CapacityBelowLeases (nothing recorded)
-        when Redis holds lease reservations on the worker past `rho_max` × its capacity. One round
-        trip, O(reservations on the worker) inside Redis."""
+        worker past DAPDEE_MAX_WORKERS; with `rho_max`, CapacityBelowLeases when Redis holds lease
+        reservations on the worker past `rho_max` × its capacity (the capacity left pending, the
+        worker kept live with the heartbeat registered before, here too). One round trip,
+        O(reservations on the worker) inside Redis."""
         limit = self.settings.max_workers
         try:
             args: list[object] = [w.url, w.info_json(), self.ttl_ms, limit]
@@ -175,6 +192,7 @@ class WorkerRegistry:
                 args += [self.keys.base, repr(float(rho_max)), repr(float(w.capacity_ms_per_s))]
             answer = await self.link.script("heartbeat", HEARTBEAT, self._script_keys(), args)
             if int(answer[0]) == 2:
+                self._kept_live(w.url)
                 raise CapacityBelowLeases(w.url, w.capacity_ms_per_s, int(answer[1]))
             shared = bool(int(answer[0]))
             if not shared:
@@ -199,6 +217,13 @@ class WorkerRegistry:
         now = time.monotonic()
         self._seen[w.url] = _Seen(replace(w, expires_in_s=0.0), now + self.settings.worker_ttl_s, shared, now)
 
+    def _kept_live(self, url: str) -> None:
+        """A heartbeat of `url` was refused for its capacity: Redis kept the worker live with the
+        heartbeat registered before; so does this copy. O(1)."""
+        seen = self._seen.get(url)
+        if seen is not None:
+            self._seen[url] = replace(seen, deadline=time.monotonic() + self.settings.worker_ttl_s)
+
     def _refused(self) -> CapacityExceeded:
         self.metrics.capacity_refusals.labels("workers").inc()
         limit = self.settings.max_workers
@@ -210,7 +235,7 @@ class WorkerRegistry:
         )
 
     def _script_keys(self) -> list[str]:
-        return [self.keys.workers_exp, self.keys.workers_info]
+        return [self.keys.workers_exp, self.keys.workers_info, self.keys.workers_refused]
 
     async def sync(self) -> None:
         """Replace this replica's view with Redis's live workers, keeping heartbeats that Redis
