@@ -30,7 +30,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dapdee.fleet.assign import edge_load_of, plan_of
@@ -306,37 +306,18 @@ class Rebalancer:
         # their booking, and the others are solved within what it leaves
         priced = {d.device_id for d in demands}
         kept = sum(load for d, load in held.items() if d in records and d not in priced)
-        stop = None if heartbeat is not None else self._solving.setdefault(w.url, threading.Event())
-        try:
-            return await self._solved(w, demands, records, held, kept, heartbeat, stop)
-        finally:
-            if stop is not None and self._solving.get(w.url) is stop:
-                del self._solving[w.url]
-
-    async def _solved(
-        self,
-        w: Worker,
-        demands: list[Demand],
-        records: dict[str, StoredRecord],
-        held: dict[str, float],
-        kept: float,
-        heartbeat: Heartbeat | None,
-        stop: threading.Event | None,
-    ) -> dict[str, Any]:
-        """Solve `demands` on `w` and apply the answer (with `heartbeat`: registering it), solving
-        again at once while the capacity the apply finds is lower than the one solved for (up to
-        `CAPACITY_RETRIES` solves); the report. SolveStopped once `stop` is set."""
-        capacity, nominal, rho = w.capacity_ms_per_s, w.nominal, self.settings.rho_max
-        for _ in range(CAPACITY_RETRIES):
-            sol = await self._solve(demands, capacity, nominal, kept, stop)
-            assignments = _assignments(w.url, demands, sol, nominal, records, kept)
-            limit = self.settings.rho_max * capacity
-            outcome = await self.fleet.book.apply(w.url, assignments, limit, heartbeat, partial=heartbeat is not None)
-            now = outcome.capacity_ms_per_s
-            if outcome.status != "over" or now is None or now >= capacity:
-                break
-            log.info("worker %s: capacity fell to %.1f ms/s while its leases were solved; solving again", w.url, now)
-            capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
+        with self._stoppable(w.url, heartbeat is not None) as stop:
+            for _ in range(CAPACITY_RETRIES):
+                sol = await self._solve(demands, capacity, nominal, kept, stop)
+                assignments = _assignments(w.url, demands, sol, nominal, records, kept)
+                limit, shed = self.settings.rho_max * capacity, heartbeat is not None
+                outcome = await self.fleet.book.apply(w.url, assignments, limit, heartbeat, partial=shed)
+                now = outcome.capacity_ms_per_s
+                if outcome.status != "over" or now is None or now >= capacity:
+                    break
+                log.info("worker %s: capacity fell to %.1f ms/s while its leases were solved; solving again",
+                         w.url, now)  # fmt: skip
+                capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
         applied = outcome.status == "applied"
         self.metrics.rebalances.labels(_outcome(applied, heartbeat is not None)).inc()
         olds = [held_option(d, 0.0, priced_load(rho, capacity, nominal), sol.time_load) for d in demands]
@@ -349,6 +330,20 @@ class Rebalancer:
             f" ({len(outcome.left)} left as they were: they re-planned meanwhile)" if outcome.left else "",
         )  # fmt: skip
         return _report(w, demands, olds, sol, applied, sum(held.values()), kept)
+
+    @contextlib.contextmanager
+    def _stoppable(self, url: str, shed: bool) -> Iterator[threading.Event | None]:
+        """The stop of a rebalance's solve of worker `url`, kept while it runs for a `shed` of
+        the worker to set (None for a shed's own solve). O(1)."""
+        if shed:
+            yield None
+            return
+        stop = self._solving.setdefault(url, threading.Event())
+        try:
+            yield stop
+        finally:
+            if self._solving.get(url) is stop:
+                del self._solving[url]
 
     async def _solve(
         self,
