@@ -111,9 +111,9 @@ local function refusal(prefix, worker)
   return r
 end
 -- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
--- states (the capacity now, whatever this replica saw), or a refused one pending if that is
--- less, and that capacity ('' if unknown).
-local function capped(prefix, worker, limit, rho)
+-- states (the capacity now, whatever this replica saw), or the refused one `pending` (`refusal`)
+-- if that is less, and that capacity ('' if unknown).
+local function capped(prefix, worker, limit, rho, pending)
   local capacity
   local raw = redis.call('HGET', prefix .. ':workers:info', worker)
   if raw then
@@ -122,7 +122,6 @@ local function capped(prefix, worker, limit, rho)
       capacity = info.capacity_ms_per_s
     end
   end
-  local pending = refusal(prefix, worker)
   if pending and (not capacity or pending.capacity < capacity) then capacity = pending.capacity end
   if not capacity then return limit, '' end
   return math.min(limit, rho * capacity), string.format('%.17g', capacity)
@@ -200,7 +199,7 @@ if worker ~= '' then
     purge(wload, wexp, now)
     sum = others(wload, device)
   end
-  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]))
+  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]), refusal(prefix, worker))
   if load > 0 and over(sum + load, limit) then return {0, string.format('%.17g', sum), capacity} end
 end
 local old = redis.call('HGET', prefix .. ':lease-worker', device)
@@ -301,8 +300,8 @@ APPLY = (
 local prefix, worker = ARGV[1], ARGV[2]
 local wload, wexp = prefix .. ':wload:' .. worker, prefix .. ':wexp:' .. worker
 local now = now_ms()
-local limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]))
 local pending = refusal(prefix, worker)
+local limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]), pending)
 local register = ARGV[5] ~= ''
 if register then
   local expiry = redis.call('ZSCORE', KEYS[2], worker)
