@@ -226,6 +226,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         "  return limit, string.format",
         ("tests/test_leases.py", "tests/test_fleet_service.py"),
     ),
+    # Admission reads a worker's total kept beside its reservations: every write keeps it.
+    Mutation(
+        "a freed reservation stays in its worker's total",
+        "services/planner/leases.py",
+        "local sum = tonumber(t) + (load and tonumber(load) or 0) - (old and tonumber(old) or 0)",
+        "local sum = tonumber(t) + (load and tonumber(load) or 0)",
+        ("tests/test_leases.py",),
+    ),
+    Mutation(
+        "expired reservations stay in their worker's total",
+        "services/planner/leases.py",
+        "  redis.call('DEL', prefix .. ':wsum:' .. worker)\nend",
+        "end",
+        ("tests/test_leases.py",),
+    ),
+    Mutation(
+        "a worker's total is never summed again",
+        "services/planner/leases.py",
+        "if t[1] and tonumber(t[2]) < RESUM then",
+        "if t[1] then",
+        ("tests/test_leases.py",),
+    ),
     Mutation(
         "rebalance never solves again for a lower capacity",
         "services/planner/rebalancing.py",

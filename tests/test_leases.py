@@ -586,6 +586,103 @@ def test_limits_allow_for_float_summation_order_and_refusals_state_the_exact_oth
     run(scenario())
 
 
+async def _others_seen(book: LeaseBook, worker: str) -> float:
+    """What admission on `worker` counts as the others' reservations: a device holding no lease
+    asks for more than any limit and is refused with that figure (nothing is written)."""
+    res = await book.reserve("probe", worker, 1e12, 1e9, {})
+    assert res.status == "refused"
+    return res.others_ms_per_s
+
+
+def test_admission_counts_exactly_what_the_reservations_book_after_any_writes(prefix: str) -> None:
+    """Random reserves, moves, Device-Only leases, releases, rebalances and expiries on two
+    workers, checked after each step against a dict of the reservations kept here: the others'
+    figure admission uses on each worker (the total Redis keeps beside the reservations) is
+    their sum, and the reservations read back are that dict."""
+    rng = random.Random(11)
+    workers, devices = ["http://w1", "http://w2"], [f"d{i}" for i in range(8)]
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        (brief,) = await _books(prefix, 1, ttl_s=0.25)  # leases that expire mid-run, by Redis's clock
+        truth: dict[str, dict[str, float]] = {w: {} for w in workers}
+        short: set[str] = set()
+        for step in range(240):
+            d, w, op = rng.choice(devices), rng.choice(workers), rng.random()
+            load = rng.choice([0.0, rng.uniform(0.1, 120.0)])
+            if step == 160:
+                await asyncio.sleep(0.4)
+                for per in truth.values():
+                    for gone in short & set(per):
+                        del per[gone]
+                short.clear()
+            if op < 0.5:
+                via = brief if step < 120 and rng.random() < 0.3 else book
+                target = rng.choice([w, None])
+                assert (await via.reserve(d, target, load, 1e9, {"v": step})).status == "reserved"
+                for per in truth.values():
+                    per.pop(d, None)
+                if target is not None and load > 0:
+                    truth[target][d] = load
+                (short.add if via is brief else short.discard)(d)
+            elif op < 0.65:
+                await book.release(d)
+                for per in truth.values():
+                    per.pop(d, None)
+            else:
+                mine = [x for x in truth[w] if x not in short]
+                picked = {x: (rng.choice([0.0, rng.uniform(0.1, 120.0)]), {"v": -step}) for x in mine[:3]}
+                assert (await book.apply(w, await _tagged(book, picked), 1e9)).status == "applied"
+                for x, (new, _) in picked.items():
+                    truth[w].pop(x, None)
+                    if new > 0:
+                        truth[w][x] = new
+            for url in workers:
+                assert await _others_seen(book, url) == pytest.approx(sum(truth[url].values()), abs=1e-9)
+            assert {u: v for u, v in (await book.loads()).items() if v} == {u: v for u, v in truth.items() if v}
+        await _close([book, brief])
+
+    run(scenario())
+
+
+def test_a_workers_kept_total_is_summed_from_its_reservations_again_after_many_writes(prefix: str) -> None:
+    """The total kept beside a worker's reservations is only a running sum: after enough
+    writes it is summed from the reservations again, so a total gone wrong in Redis (written
+    here) heals within that many writes, and one that is lost is summed at the next read. A
+    reservation that expired leaves it, also when the worker's heartbeat (which reads that
+    worker's reservations only) is what finds it expired."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        (brief,) = await _books(prefix, 1, ttl_s=0.25)
+        registry = WorkerRegistry(Settings(redis_url=URL), PlannerMetrics(), book.link, Keys(prefix))
+        r = redis.Redis.from_url(URL)
+        worker = Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=1000.0)
+        assert await registry.heartbeat(worker, rho_max=0.9)
+        for d, load in (("a", 100.0), ("b", 50.0)):
+            assert (await book.reserve(d, "http://w", load, 900.0, {})).status == "reserved"
+        assert (await brief.reserve("c", "http://w", 200.0, 900.0, {})).status == "reserved"
+        assert await _others_seen(book, "http://w") == 350.0
+        await asyncio.sleep(0.4)
+        assert await registry.heartbeat(worker, rho_max=0.9)
+        assert await _others_seen(book, "http://w") == 150.0
+        total_key = f"{prefix}:wsum:http://w"
+        r.delete(total_key)
+        assert await _others_seen(book, "http://w") == 150.0
+        r.hset(total_key, mapping={"total": "7", "writes": "5"})
+        assert await _others_seen(book, "http://w") == 7.0  # the running sum is what admission reads
+        writes = 5
+        while await _others_seen(book, "http://w") != 150.0:
+            assert (await book.reserve("a", "http://w", 100.0, 900.0, {})).status == "reserved"
+            writes += 1
+            assert writes <= 1000
+        assert writes == 1000
+        r.close()
+        await _close([book])
+
+    run(scenario())
+
+
 def test_the_reservation_view_matches_summing_over_every_device() -> None:
     rng = random.Random(7)
     view = ReservationView()

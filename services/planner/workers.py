@@ -184,7 +184,8 @@ class WorkerRegistry:
         worker past DAPDEE_MAX_WORKERS; with `rho_max`, CapacityBelowLeases when Redis holds lease
         reservations on the worker past `rho_max` × its capacity (the capacity left pending, the
         worker kept live with the heartbeat registered before, here too). One round trip,
-        O(reservations on the worker) inside Redis."""
+        O(1) inside Redis (O(reservations on the worker) when one has expired: its total is
+        summed again)."""
         limit = self.settings.max_workers
         try:
             args: list[object] = [w.url, w.info_json(), self.ttl_ms, limit]
