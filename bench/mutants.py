@@ -230,8 +230,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "a freed reservation stays in its worker's total",
         "services/planner/leases.py",
-        "local sum = tonumber(t) + (load and tonumber(load) or 0) - (old and tonumber(old) or 0)",
-        "local sum = tonumber(t) + (load and tonumber(load) or 0)",
+        "local delta = (load and tonumber(load) or 0) - (old and tonumber(old) or 0)",
+        "local delta = load and tonumber(load) or 0",
         ("tests/test_leases.py",),
     ),
     Mutation(

@@ -101,10 +101,10 @@ local function set_reservation(prefix, worker, device, load, expiry)
     redis.call('DEL', k)
     return
   end
-  local t = redis.call('HGET', k, 'total')
-  if t then
-    local sum = tonumber(t) + (load and tonumber(load) or 0) - (old and tonumber(old) or 0)
-    redis.call('HSET', k, 'total', string.format('%.17g', sum))
+  local delta = (load and tonumber(load) or 0) - (old and tonumber(old) or 0)
+  local t = delta ~= 0 and redis.call('HGET', k, 'total')
+  if t then  -- (a renewal at the same load, the common write, leaves the total as it is)
+    redis.call('HSET', k, 'total', string.format('%.17g', tonumber(t) + delta))
     redis.call('HINCRBY', k, 'writes', 1)
   end
 end
