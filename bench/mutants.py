@@ -249,6 +249,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_leases.py",),
     ),
     Mutation(
+        "a worker without reservations keeps a total",
+        "services/planner/leases.py",
+        "  if #vals > 0 then  -- a worker without reservations keeps no total",
+        "  if true then  -- a worker without reservations keeps no total",
+        ("tests/test_leases.py",),
+    ),
+    Mutation(
         "rebalance never solves again for a lower capacity",
         "services/planner/rebalancing.py",
         "CAPACITY_RETRIES = 3",

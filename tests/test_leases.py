@@ -678,6 +678,10 @@ def test_a_workers_kept_total_is_summed_from_its_reservations_again_after_many_w
             writes += 1
             assert writes <= 1000
         assert writes == 1000
+        for d in ("a", "b", "probe"):
+            await book.release(d)
+        assert await _others_seen(book, "http://w") == 0.0
+        assert not r.exists(total_key)  # a worker left without reservations keeps no total
         r.close()
         await _close([book, brief])
 

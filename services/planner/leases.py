@@ -77,9 +77,11 @@ local function total(prefix, worker)
   local k = prefix .. ':wsum:' .. worker
   local t = redis.call('HMGET', k, 'total', 'writes')
   if t[1] and tonumber(t[2]) < RESUM then return tonumber(t[1]) end
-  local sum = 0
-  for _, v in ipairs(redis.call('HVALS', prefix .. ':wload:' .. worker)) do sum = sum + tonumber(v) end
-  redis.call('HSET', k, 'total', string.format('%.17g', sum), 'writes', 0)
+  local sum, vals = 0, redis.call('HVALS', prefix .. ':wload:' .. worker)
+  for _, v in ipairs(vals) do sum = sum + tonumber(v) end
+  if #vals > 0 then  -- a worker without reservations keeps no total (no key per URL ever asked)
+    redis.call('HSET', k, 'total', string.format('%.17g', sum), 'writes', 0)
+  end
   return sum
 end
 -- Set the device's reservation on the worker to `load` (a numeric string) until `expiry`
