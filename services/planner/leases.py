@@ -348,7 +348,7 @@ end
 purge_leases(prefix, KEYS[1], now)
 purge(prefix, worker, now)
 local partial = ARGV[9] == '1'
-local chosen, expiry, total, left = {}, {}, 0, {}
+local chosen, expiry, sum, left = {}, {}, 0, {}
 for i = 10, #ARGV, 4 do
   local d = ARGV[i]
   local cur = redis.call('HGET', prefix .. ':lease-worker', d)
@@ -359,14 +359,14 @@ for i = 10, #ARGV, 4 do
     left[#left + 1] = d
   else
     chosen[d], expiry[d] = true, exp
-    total = total + tonumber(ARGV[i + 1])
+    sum = sum + tonumber(ARGV[i + 1])
   end
 end
 local all = redis.call('HGETALL', wload)
 for i = 1, #all, 2 do
-  if not chosen[all[i]] then total = total + tonumber(all[i + 1]) end
+  if not chosen[all[i]] then sum = sum + tonumber(all[i + 1]) end
 end
-if over(total, limit) then
+if over(sum, limit) then
   local out = {2, capacity}
   for _, d in ipairs(left) do out[#out + 1] = d end
   return out
