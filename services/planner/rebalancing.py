@@ -306,11 +306,12 @@ class Rebalancer:
         # their booking, and the others are solved within what it leaves
         priced = {d.device_id for d in demands}
         kept = sum(load for d, load in held.items() if d in records and d not in priced)
-        with self._stoppable(w.url, heartbeat is not None) as stop:
+        shed = heartbeat is not None  # a capacity drop's re-solve: partial apply, never stopped
+        with self._stoppable(w.url, shed) as stop:
             for _ in range(CAPACITY_RETRIES):
                 sol = await self._solve(demands, capacity, nominal, kept, stop)
                 assignments = _assignments(w.url, demands, sol, nominal, records, kept)
-                limit, shed = self.settings.rho_max * capacity, heartbeat is not None
+                limit = self.settings.rho_max * capacity
                 outcome = await self.fleet.book.apply(w.url, assignments, limit, heartbeat, partial=shed)
                 now = outcome.capacity_ms_per_s
                 if outcome.status != "over" or now is None or now >= capacity:
@@ -319,7 +320,7 @@ class Rebalancer:
                          w.url, now)  # fmt: skip
                 capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
         applied = outcome.status == "applied"
-        self.metrics.rebalances.labels(_outcome(applied, heartbeat is not None)).inc()
+        self.metrics.rebalances.labels(_outcome(applied, shed)).inc()
         olds = [held_option(d, 0.0, priced_load(rho, capacity, nominal), sol.time_load) for d in demands]
         pairs = zip(demands, olds, sol.choices, strict=True)
         moved = sum(o is None or option_nodes(d, o) != option_nodes(d, n) for d, o, n in pairs)
