@@ -337,6 +337,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if true then",
         ("tests/test_fleet_service.py",),
     ),
+    # The device's per-request CPU: a busy burst next to the probe pairs.
+    Mutation(
+        "the busy burst's CPU is not divided among its requests",
+        "clients/device/probe.py",
+        "return max(0.0, (cpu_ms - per_byte * sum(sizes)) / len(sizes))",
+        "return max(0.0, cpu_ms - per_byte * sum(sizes))",
+        ("tests/test_device_request_cost.py",),
+    ),
+    Mutation(
+        "start-up keeps the probe pairs' figure over a busy burst's lower one",
+        "clients/device/probe.py",
+        "cost = min((c for c in costs if c is not None), default=None)",
+        "cost = next((c for c in costs if c is not None), None)",
+        ("tests/test_device_request_cost.py",),
+    ),
+    Mutation(
+        "a failed burst request leaves the others sending",
+        "services/web/tasks.py",
+        "            if not task.done():\n                await stop_task(task, retry_s)",
+        "            pass",
+        ("tests/test_web_tasks.py", "tests/test_device_request_cost.py"),
+    ),
     # Planning off the event loop: a plan that needs min-cuts runs in a plan thread.
     Mutation(
         "min-cut plans run on the event loop",

@@ -2,16 +2,17 @@
 retry loop does when the cancel lands inside a connection attempt that reports it as a
 connection error) all the same, and a well-behaved one at the first cancel; `run_every` runs a
 step on its period, outlives the step's errors (logging all but the quiet ones) and ends on
-its stop event."""
+its stop event; `all_or_stop` waits for every task, and the first failure stops the others."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
-from dapdee.web.tasks import run_every, stop_task
+from dapdee.web.tasks import all_or_stop, run_every, stop_task
 
 
 def test_a_task_that_swallows_a_cancel_is_stopped_all_the_same() -> None:
@@ -87,3 +88,39 @@ def test_run_every_outlives_its_steps_errors_and_ends_on_stop(caplog: pytest.Log
     logged = [r for r in caplog.records if r.name == "test.run_every"]
     assert [r.getMessage() for r in logged] == ["the test step failed"]
     assert logged[0].exc_info is not None and logged[0].exc_info[0] is ValueError
+
+
+def test_all_or_stop_waits_for_all_and_the_first_failure_stops_the_rest() -> None:
+    """Three tasks that end: all ran to the end. One that fails while two still sleep: its
+    error is raised at once (not after the sleepers' 30 s), and the sleepers were stopped, where
+    `asyncio.gather` would leave them running on."""
+
+    async def go() -> tuple[list[int], float, list[str]]:
+        ended: list[int] = []
+        stopped: list[str] = []
+
+        async def quick(i: int) -> None:
+            await asyncio.sleep(0.01 * i)
+            ended.append(i)
+
+        async def sleeper(name: str) -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                stopped.append(name)
+                raise
+
+        async def failing() -> None:
+            await asyncio.sleep(0.02)
+            raise ValueError("the second request failed")
+
+        await all_or_stop(quick(i) for i in range(3))
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="second request"):
+            await all_or_stop([sleeper("a"), failing(), sleeper("b")])
+        return sorted(ended), time.monotonic() - t0, sorted(stopped)
+
+    ended, waited_s, stopped = asyncio.run(go())
+    assert ended == [0, 1, 2]
+    assert waited_s < 5.0
+    assert stopped == ["a", "b"]

@@ -375,7 +375,9 @@ async def open_device(spec: DeviceSpec, shared: Shared) -> Device:
     prober = LinkProber(edge, graph, sensing)
     serving = trust.serving(graph.model)
     if serving:
-        await prober.startup(serving[0], rounds=2)
+        # no burst: the tier profile's figure (below) is what every device's round trip leaves
+        # out, and 64 bursts at once would only load the worker during start-up
+        await prober.startup(serving[0], rounds=2, burst=0)
     if job.device_request_ms is not None:
         # the planner adds the tier profile's value to every device of the tier, so that value
         # (not this device's own start-up reading of it) is what its round trip must leave out

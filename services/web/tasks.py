@@ -1,4 +1,5 @@
-"""A service's background tasks: one step run on a period, and stopping a task for sure.
+"""A service's background tasks: one step run on a period, stopping a task for sure, and
+running several at once where the first failure stops the rest.
 
 `task.cancel()` asks once. A cancellation that lands inside an HTTP connection attempt can come
 back out of the HTTP stack as a connection error instead (anyio's happy-eyeballs connect reports
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 
@@ -64,3 +65,19 @@ async def finish_or_stop(task: asyncio.Task[Any], wait_s: float, retry_s: float 
         await asyncio.wait({task}, timeout=wait_s)
     finally:
         await stop_task(task, retry_s)
+
+
+async def all_or_stop(coros: Iterable[Coroutine[Any, Any, Any]], retry_s: float = 0.5) -> None:
+    """Run `coros` as tasks at once until all have ended; the first to raise stops the others
+    (`stop_task`), then its error is raised (`asyncio.gather` would leave them running on).
+    Cancelled meanwhile, it stops them all before the cancellation goes on. O(tasks)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                await stop_task(task, retry_s)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
