@@ -11,9 +11,12 @@
   part (copying, and an emulated uplink's pacing) runs while the bytes are on the wire and is
   not a per-request constant. A request costs a busy thread less than an idle one (measured
   here: 1.2-1.4 ms with eight in flight against 2.2-3 ms alone, a 1 KB input over an emulated
-  4G or WiFi link: warm caches, one loop wake-up serving several requests), and the cost
-  matters where the device stage bounds a stream, where the thread is busy; so a short burst
-  of small requests kept in flight measures it too, and the lower figure is used
+  4G or WiFi link: warm caches, one loop wake-up serving several requests). Where the device
+  stage is mostly this cost (little or no device compute, a fast stream), the stage runs at
+  the busy figure, and the idle one would price it up to twice too slow; where the stage is
+  mostly compute, the thread sending the request idles between frames and pays the idle
+  figure, about 1 ms more, a few percent of such a stage. So a short burst of small
+  requests kept in flight measures it too, and the lower figure is used
   (`busy_request_cost_ms`). Light-load latency does not move with it: the fixed cost the
   device states with its round trip is the pairs' measured wall time less this figure. After
   a failed probe (a link too slow for the pair to finish in time), the next is the input
