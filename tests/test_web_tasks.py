@@ -91,9 +91,9 @@ def test_run_every_outlives_its_steps_errors_and_ends_on_stop(caplog: pytest.Log
 
 
 def test_all_or_stop_waits_for_all_and_the_first_failure_stops_the_rest() -> None:
-    """Three tasks that end: all ran to the end. One that fails while two still sleep: its
-    error is raised at once (not after the sleepers' 30 s), and the sleepers were stopped, where
-    `asyncio.gather` would leave them running on."""
+    """No task: it returns. Three tasks that end: all ran to the end. One that fails while two
+    still sleep: its error is raised at once (not after the sleepers' 30 s), and the sleepers
+    were stopped, where `asyncio.gather` would leave them running on."""
 
     async def go() -> tuple[list[int], float, list[str]]:
         ended: list[int] = []
@@ -114,6 +114,7 @@ def test_all_or_stop_waits_for_all_and_the_first_failure_stops_the_rest() -> Non
             await asyncio.sleep(0.02)
             raise ValueError("the second request failed")
 
+        await all_or_stop([])  # nothing to run: returns (asyncio.wait would refuse an empty set)
         await all_or_stop(quick(i) for i in range(3))
         t0 = time.monotonic()
         with pytest.raises(ValueError, match="second request"):

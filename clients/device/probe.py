@@ -54,7 +54,7 @@ PROBE_TIMEOUT_MAX_S = 60.0  # a lone probe after failures waits at most this (a 
 MAX_CPU_PAIRS = 32
 BUSY_DEPTH = 8  # requests kept in flight while a busy thread's per-request CPU is measured
 BUSY_REQUESTS = 32  # requests measured (after BUSY_DEPTH unmeasured ones, which warm the path up)
-BUSY_BUDGET_S = 1.0  # the measured burst stops after this long (on a slow link)
+BUSY_BUDGET_S = 1.0  # the whole burst's time (none when the link could not carry it in this)
 
 
 def _zeros(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
@@ -180,15 +180,15 @@ class LinkProber:
     async def busy_request_cost_ms(
         self, url: str, count: int = BUSY_REQUESTS, depth: int = BUSY_DEPTH, budget_s: float = BUSY_BUDGET_S
     ) -> float | None:
-        """The device's CPU per request while its thread is kept busy, as in a stream its device
-        stage bounds: `depth` unmeasured requests (they open the connections and warm the code
-        path), then up to `count` small ones (the input alone, at the shallowest exit) kept
-        `depth` in flight, all within `budget_s`; the event-loop thread's CPU time over the
-        measured ones divided by their number, less their per-byte part (the pairs' median
-        b · bytes), at least 0. None when fewer than `depth` were measured or one failed, and
-        without a request when the uplink estimate could not carry them all within `budget_s`
-        (a link that slow never keeps the thread busy). Run it while nothing else uses the
-        event loop. At most `count + depth` requests."""
+        """The device's CPU per request while its thread is kept busy, as in a fast stream whose
+        device stage is mostly this cost: `depth` unmeasured requests (they open the connections
+        and warm the code path), then up to `count` small ones (the input alone, at the
+        shallowest exit) kept `depth` in flight, all within `budget_s`; the event-loop thread's
+        CPU time over the measured ones divided by their number, less their per-byte part (the
+        pairs' median b · bytes), at least 0. None when fewer than `depth` were measured or one
+        failed, and without a request when the uplink estimate could not carry them all within
+        `budget_s` (a link that slow never keeps the thread busy). Run it while nothing else
+        uses the event loop. At most `count + depth` requests."""
         inp = self.graph.input
         if (count + depth) * inp.bytes * 8.0 / (self.sensing.bandwidth_mbps * 1e6) > budget_s:
             return None

@@ -69,9 +69,12 @@ async def finish_or_stop(task: asyncio.Task[Any], wait_s: float, retry_s: float 
 
 async def all_or_stop(coros: Iterable[Coroutine[Any, Any, Any]], retry_s: float = 0.5) -> None:
     """Run `coros` as tasks at once until all have ended; the first to raise stops the others
-    (`stop_task`), then its error is raised (`asyncio.gather` would leave them running on).
-    Cancelled meanwhile, it stops them all before the cancellation goes on. O(tasks)."""
+    (`stop_task`), then the error of one that failed is raised (`asyncio.gather` would leave
+    the others running on). Cancelled meanwhile, it stops them all before the cancellation
+    goes on. O(tasks)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
