@@ -2,7 +2,8 @@
 127.0.0.1 and real torch models: a planner URL the SDK cannot use is refused by the settings
 (and `dapdee serve edge` exits 2 naming it), a registration round that fails with an error the
 planner calls do not expect is logged and retried rather than ending the task, and the worker
-answers ready only once the registration task has profiled its models."""
+answers ready only once the registration task has profiled its models; at shutdown it tells the
+planner it is leaving."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from torch import nn
 from dapdee.edge_worker.app import create_app
 from dapdee.edge_worker.config import Settings
 from dapdee.models import LoadedModel, load_model
-from dapdee.testing import free_port, serve_app_in_thread
+from dapdee.testing import ServiceProcess, free_port, serve_app_in_thread
+from tests.conftest import SHARED_REDIS
 
 EDGE_SPEC = "zoo:alexnet?width=0.25"
 REGISTRATION_LOG = "dapdee.edge.registration"
@@ -193,3 +195,52 @@ def test_ready_only_once_the_models_are_profiled() -> None:
             assert app.state.worker.models["held"].graph.has_timings("edge")
     finally:
         HOLD.opened.set()
+
+
+def _worker_row(planner: str, url: str) -> dict[str, Any] | None:
+    rows = httpx.get(f"{planner}/workers", timeout=10).json()["workers"]
+    return next((w for w in rows if w["url"] == url), None)
+
+
+def test_a_stopping_worker_tells_the_planner_it_is_leaving(planner_prefix: str) -> None:
+    """A worker stopped by SIGTERM (a rolling update's) stayed in the planner's plans until its
+    last heartbeat's TTL ran out: devices were sent to a closed port for up to DAPDEE_WORKER_TTL_S
+    (60 s here). Now its shutdown sends one last heartbeat listing no model, so once it has
+    exited the planner it heartbeats to lists it serving nothing, so does a second replica on the
+    same Redis within its refresh, and a device's next plan names no worker and its lease books
+    none. Planners and worker are `dapdee serve` processes; the device is the SDK."""
+    from dapdee.client import PlannerClient
+    from dapdee.testing.registration import registered
+
+    env = {"DAPDEE_WORKER_TTL_S": "60", "DAPDEE_REFRESH_S": "0.2", "DAPDEE_KEY_PREFIX": planner_prefix}
+    planner = ServiceProcess("planner", ["--redis-url", SHARED_REDIS], "/readyz", env)
+    replica = ServiceProcess("planner", ["--redis-url", SHARED_REDIS], "/readyz", env)
+    with planner.start(60), replica.start(60):
+        args = ["--models", EDGE_SPEC, "--threads", "1", "--profile-repeats", "2", "--planner", planner.url]
+        args += ["--request-passes", "1"]
+        edge_env = {"DAPDEE_EDGE_HEARTBEAT_S": "0.5", "DAPDEE_EDGE_REQUEST_SAMPLES": "5"}
+        edge = ServiceProcess("edge", args, "/v2/health/ready", edge_env)
+        with edge.start(120), PlannerClient(planner.url, timeout=30) as sdk:
+            deadline = time.monotonic() + 60
+            while (row := _worker_row(replica.url, edge.url)) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert row is not None and row["models"] == ["alexnet"], row
+            names = [n["name"] for n in httpx.get(f"{planner.url}/models/alexnet", timeout=10).json()["nodes"]]
+            sdk.put_profile("alexnet", "dev", "device", {n: 50.0 for n in names})  # slow: the edge pays off
+            body = {"model": "alexnet", "device_tier": "dev", "bandwidth_mbps": 100.0, "rtt_ms": 5.0}
+            body |= {"device_id": "cam-1", "frame_rate": 5.0}
+            before = sdk.plan(body)
+            assert before.edge_worker == edge.url and before.lease is not None
+            assert before.lease.worker == edge.url
+        # the worker has exited: well inside its heartbeat's 60 s
+        row = _worker_row(planner.url, edge.url)
+        assert row is not None and row["models"] == [], row
+        deadline = time.monotonic() + 5
+        while (row := _worker_row(replica.url, edge.url)) and row["models"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert row is not None and row["models"] == [], row
+        for url in (planner.url, replica.url):
+            with PlannerClient(url, timeout=30) as sdk:
+                assert not registered(sdk, "alexnet", [edge.url])  # what benches wait for after a restart
+                after = sdk.plan(body)
+            assert after.edge_worker is None and after.lease is not None and after.lease.worker is None

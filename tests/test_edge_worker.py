@@ -458,10 +458,10 @@ def test_streamed_body_over_limit(worker: httpx.Client) -> None:
 # ---- planner registration ---------------------------------------------------------------------------
 
 
-def _register_with(planner_url: str, model: LoadedModel, cache: Path) -> dict[str, Any]:
+def _register_with(planner_url: str, model: LoadedModel, cache: Path) -> tuple[dict[str, Any], Any]:
     """Run a worker (tier cpu-test, public URL http://edge-1:8000, profile cache `cache`) until
-    the planner at `planner_url` holds its model, edge profile and two of its heartbeats;
-    its registration status."""
+    the planner at `planner_url` holds its model, edge profile and two of its heartbeats; its
+    registration status, and the planner's worker list read before the worker stopped."""
     settings = Settings(
         planner_url=planner_url,
         tier="cpu-test",
@@ -479,7 +479,9 @@ def _register_with(planner_url: str, model: LoadedModel, cache: Path) -> dict[st
             time.sleep(0.05)
         with httpx.Client(base_url=url) as c:
             assert c.get("/v2/health/ready").status_code == 200
-        return dict(app.state.worker.registration)
+        with PlannerClient(planner_url) as planner:
+            live = planner.workers().workers
+        return dict(app.state.worker.registration), live
 
 
 def test_registers_profile_and_heartbeats(models: dict[str, LoadedModel], tmp_path: Path) -> None:
@@ -488,18 +490,20 @@ def test_registers_profile_and_heartbeats(models: dict[str, LoadedModel], tmp_pa
     profile is cached and a restarted worker registers the cached one."""
     planner_settings = PlannerSettings(redis_url=None, worker_url_pattern=r"http://edge-1:8000")
     with serve_app_in_thread(create_planner(planner_settings)) as purl, PlannerClient(purl) as planner:
-        status = _register_with(purl, models["alexnet"], tmp_path)
+        status, live = _register_with(purl, models["alexnet"], tmp_path)
         assert status["heartbeats"] >= 2 and status["registered"] == ["alexnet"]
         graph = planner.get_model("alexnet").graph
         assert all(n.edge_ms is not None for n in graph.nodes)
         prof = planner.list_profiles("alexnet").profiles["cpu-test"]
         assert prof.kind == "edge" and set(prof.timings_ms) == {n.name for n in graph.nodes}
         assert prof.meta["tier"] == "cpu-test" and prof.meta["worker"] == "http://edge-1:8000"
-        (beat,) = planner.workers().workers
+        (beat,) = live
         assert beat.url == "http://edge-1:8000" and beat.models == ["alexnet"]
         assert beat.tier == "cpu-test" and 0 <= beat.load < 1
         assert beat.inflight == 0 and beat.queue_depth == 0
         assert beat.capacity_ms_per_s == 1000.0  # one compute thread
+        (left,) = planner.workers().workers  # the stopped worker's last heartbeat serves nothing
+        assert left.url == beat.url and left.models == []
         cache = tmp_path / "alexnet.cpu-test.edge.json"
         cached = CostGraph.load(str(cache))  # cached for the next start
         assert {n.name: n.edge_ms for n in cached.nodes} == prof.timings_ms

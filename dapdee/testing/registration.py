@@ -8,10 +8,12 @@ from dapdee.client import ClientError, PlannerClient
 
 
 def registered(planner: PlannerClient, model: str, worker_urls: list[str], tier: str | None = None) -> bool:
-    """Whether the planner lists every worker in `worker_urls` live and holds an edge profile
-    of `model` (of `tier` when given). False while the model is unknown or the planner is away."""
+    """Whether the planner lists every worker in `worker_urls` live and serving `model` (a
+    worker restarted under its URL is listed serving nothing after its predecessor's departing
+    heartbeat, until its own first one) and holds an edge profile of `model` (of `tier` when
+    given). False while the model is unknown or the planner is away."""
     try:
-        live = {w.url for w in planner.workers().workers}
+        live = {w.url for w in planner.workers().workers if model in w.models}
         profiles = planner.list_profiles(model).profiles
     except ClientError:
         return False

@@ -32,7 +32,7 @@ from dapdee.edge_worker.capacity import CapacityMeter, thread_cpu_clock
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.deps import ApiError, ModelEntry, WorkerState, unknown_model
 from dapdee.edge_worker.metrics import UNKNOWN, EdgeMetrics
-from dapdee.edge_worker.registration import run_registration
+from dapdee.edge_worker.registration import announce_departure, run_registration
 from dapdee.edge_worker.routers import health, v2
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
 from dapdee.web.access_log import AccessLog
@@ -127,7 +127,8 @@ Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
     """Start-up: load (unless given) and index the models, start the batcher and the planner
     registration (ready once it has profiled the models); shutdown: not ready, stop
-    registering, drain the batcher."""
+    registering, tell the planner the worker is leaving (`announce_departure`), drain the
+    batcher."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -151,6 +152,7 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
             state.ready = False
             if task is not None:
                 await stop_task(task)
+                await announce_departure(state, settings.advertised_url())
             await state.batcher.aclose()
             app.state.worker = None
 

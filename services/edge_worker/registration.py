@@ -38,6 +38,7 @@ from dapdee.profiler import load_or_measure, profile_model
 log = logging.getLogger("dapdee.edge.registration")
 T = TypeVar("T")
 RETRY_FIRST_S = 0.5  # first back-off after a failed round (doubling up to heartbeat_s)
+LEAVE_TIMEOUT_S = 2.0  # the departing heartbeat at shutdown waits at most this
 
 
 def profile_path(cache_dir: str, model: str, tier: str) -> Path:
@@ -250,6 +251,26 @@ async def run_registration(state: WorkerState, public_url: str) -> None:
     state.capacity.reset()  # its own measuring requests were priced before it knew their cost
     async with _Registrar(state, public_url, graphs) as registrar:
         await _rounds(registrar.round, s.heartbeat_s, f"planner {s.planner_url}: registration round")
+
+
+async def announce_departure(state: WorkerState, public_url: str) -> bool:
+    """At shutdown, one last heartbeat that lists no model: the planner then plans no device onto
+    this worker, and devices leasing it move off at their next plan, where it would otherwise
+    keep sending them here until its last heartbeat's TTL ran out. A heartbeat, not a call of
+    its own: a planner of any version takes it, and a worker that starts again under the same
+    URL is back with its next heartbeat. Sent only once the worker has heartbeated; it waits at
+    most LEAVE_TIMEOUT_S (the planner timeout when shorter), and a failure is logged and leaves
+    the TTL to end the worker. True when the planner took it. One request."""
+    s = state.settings
+    if s.planner_url is None or not state.registration.get("heartbeats"):
+        return False
+    beat = {**heartbeat_body(state, public_url), "models": []}
+    timeout = min(s.planner_timeout_s, LEAVE_TIMEOUT_S)
+    async with AsyncPlannerClient(s.planner_url, planner_auth(state).worker, timeout=timeout) as planner:
+        took = await _call("POST /workers/heartbeat (leaving)", planner.heartbeat(beat)) is not None
+    if took:
+        log.info("planner %s: told it this worker is leaving", s.planner_url)
+    return took
 
 
 async def _rounds(step: Callable[[], Awaitable[bool]], period_s: float, what: str) -> None:
