@@ -246,3 +246,30 @@ def test_a_heavy_stream_that_only_fell_back_says_it_measured_the_fallback() -> N
     assert not all_back["pass"] and "all 14 frames fell back to the device" in all_back["note"]
     some_back = lines["heavy m CAT1 neurosurgeon: measured / predicted throughput"]
     assert some_back["pass"] and some_back["note"].endswith("; 2 of 10 frames fell back to the device")
+
+
+def _bound_stream(stages: dict[str, float], measured_fps: float) -> dict[str, Any]:
+    """A heavy-load result with the predicted stages `stages` measured at `measured_fps`."""
+    return {"plan": {"predicted": stages, "kind": "mid"}, "throughput_fps": measured_fps, "frames": 60,
+            "where": {"edge": 60, "local": 0, "fallback": 0}, "same_plan_as": []}  # fmt: skip
+
+
+def test_heavy_plans_are_grouped_by_the_stage_that_bounds_their_predicted_rate() -> None:
+    """Each heavy plan is filed under the stage whose predicted time is its predicted frame
+    period: device, edge, or else the link (whose time the terms do not show alone: transfer
+    adds the round trip); each group counts its plans inside the band and its median ratio."""
+    stages = {
+        "device-bound": {"device_ms": 40.0, "transfer_ms": 30.0, "edge_ms": 3.0, "throughput_fps": 25.0},
+        "edge-bound": {"device_ms": 1.5, "transfer_ms": 25.0, "edge_ms": 4.0, "throughput_fps": 250.0},
+        "link-bound": {"device_ms": 1.5, "transfer_ms": 31.4, "edge_ms": 3.0, "throughput_fps": 134.3},
+    }
+    res = {"heavy": [{"model": "m", "network": "4G", "planners": {
+        "device-bound": _bound_stream(stages["device-bound"], 26.0),
+        "edge-bound": _bound_stream(stages["edge-bound"], 190.0),
+        "link-bound": _bound_stream(stages["link-bound"], 115.2)}}]}  # fmt: skip
+    tf = throughput_fidelity(res)
+    assert {r["where"].split()[-1]: r["bottleneck"] for r in tf["rows"]} == {
+        "device-bound": "device", "edge-bound": "edge", "link-bound": "link"}  # fmt: skip
+    assert tf["by_bottleneck"]["edge"] == {"plans": 1, "inside": 0, "median_ratio": 0.76}
+    assert tf["by_bottleneck"]["device"]["inside"] == 1 and tf["by_bottleneck"]["link"]["inside"] == 1
+    assert abs(tf["by_bottleneck"]["link"]["median_ratio"] - 115.2 / 134.3) < 1e-9

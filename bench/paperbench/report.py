@@ -187,21 +187,34 @@ def _fidelity(info: dict[str, Any]) -> Md:
           "| meas device / edge compute / edge queue / rest ms |", "|---|---|---|---|---|---|",
           *[_worst(r) for r in sorted(fid["rows"], key=lambda r: -r["rel_error"])[:WORST]], "",
           f"Throughput (heavy load): {tf['inside']} of {tf['plans']} distinct plans measure within "
-          f"[{lo}, {hi}] x their predicted rate (median ratio {_f(tf['median_ratio'], '.3f')}). Per plan, the "
+          f"[{lo}, {hi}] x their predicted rate (median ratio {_f(tf['median_ratio'], '.3f')}); by the stage "
+          "that bounds the predicted rate: " + _by_bottleneck(tf.get("by_bottleneck", {})) + ". Per plan, the "
           "predicted stages (device / transfer / edge ms), the measured per-frame terms (device compute incl. "
           "the emulation, the edge's reported compute and queue ms), and the CPU ms a frame took of the device's "
           "process (its compute without the emulation's sleep, the requests, the bench's bookkeeping) and of the "
           "edge worker's (priced as its edge stage):", "",
-          "| plan | kind | pred fps | meas fps | meas / pred | pred device / transfer / edge ms "
+          "| plan | kind | bound by | pred fps | meas fps | meas / pred | pred device / transfer / edge ms "
           "| meas device / edge compute / edge queue ms | CPU ms per frame: device / edge |",
-          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in tf["rows"]:
         m = r["measured_terms"]
         meas = " / ".join(_f(m.get(k)) for k in ("device_ms", "edge_compute_ms", "edge_queue_ms"))
         cpu = " / ".join(_f(m.get(k)) for k in ("device_cpu_ms", "edge_cpu_ms"))
-        md.append(f"| {r['where']} | {r['plan_kind']} | {r['predicted_fps']:.1f} | {r['measured_fps']:.1f} | "
-                  f"{r['ratio']:.3f} | {_terms(r['predicted_terms'])} | {meas} | {cpu} |")  # fmt: skip
+        rates = f"{r['predicted_fps']:.1f} | {r['measured_fps']:.1f} | {r['ratio']:.3f}"
+        md.append(f"| {r['where']} | {r['plan_kind']} | {r.get('bottleneck', '-')} | {rates} | "
+                  f"{_terms(r['predicted_terms'])} | {meas} | {cpu} |")  # fmt: skip
     return md + [""]
+
+
+def _by_bottleneck(stages: dict[str, dict[str, Any]]) -> str:
+    """'device 31 plans, 31 inside, median 1.023; ...' (a link-bound plan pays the unpriced OIP
+    header); '-' for results written before the breakdown."""
+    parts = [
+        f"{stage} {s['plans']} plans, {s['inside']} inside, median {_f(s['median_ratio'], '.3f')}"
+        + (" (the OIP v2 header each request sends is not priced)" if stage == "link" else "")
+        for stage, s in stages.items()
+    ]
+    return "; ".join(parts) or "-"
 
 
 def _adaptation(ad: dict[str, Any] | None) -> Md:
