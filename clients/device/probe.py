@@ -197,7 +197,8 @@ class LinkProber:
         try:
             await all_or_stop(self._send(url, x) for _ in range(depth))
             c0 = time.thread_time()
-            started, sizes = 0, list[int]()
+            started = 0
+            sizes: list[int] = []  # request bytes of the measured requests
 
             async def keep_sending() -> None:
                 nonlocal started
