@@ -293,6 +293,36 @@ class HeldRenewals(ForwardingProxy):
         return await super().answer(scope, headers, body, response)
 
 
+def test_a_replan_that_fails_unexpectedly_is_told_and_waits_before_the_next(planner_prefix: str) -> None:
+    """The planner client is closed under a leased device's re-planner, so its renewals fail
+    with the SDK's RequestError, which the plan source does not expect. Each failure is told in
+    `events` and the next re-plan waits the quiet time (min(plan_max_age_s, 2 s) = 1 s), as
+    after a planner outage; before, each failed task ended silently ("Task exception was never
+    retrieved") and the renewal was started again every `min_replan_s`."""
+
+    async def go(url: str) -> list[str]:
+        async with AsyncPlannerClient(url, TOKEN, timeout=4.0) as client:
+            await client.put_graph(G)
+            cfg = RuntimeConfig(Requirements(frame_rate=10.0), replan_threshold=1e6, plan_max_age_s=1.0,
+                                min_replan_s=0.05)  # fmt: skip
+            source = PlannerPlanSource(client, G, cfg.requirements, device_id="cam-broken", worker_wait_s=0.1)
+            first = await source.first(COND)
+        sensing = Sensing(prior_mbps=COND.bandwidth_mbps, fixed_load=0.0)
+        rp = Replanner(source, sensing, cfg, first, lambda plan: None)
+        end = time.monotonic() + 1.6
+        while time.monotonic() < end:  # renewals due from replan_after_s (0.1 s) on
+            rp.tick()
+            await asyncio.sleep(0.02)
+        await rp.aclose(wait_s=0.3)
+        return list(rp.events)
+
+    with planner(planner_prefix, lease_ttl_s=30.0, replan_after_s=0.1) as c:
+        events = asyncio.run(go(str(c.base_url).rstrip("/")))
+    failed = [e for e in events if e.startswith("re-plan failed (lease replan_after_s)")]
+    assert 1 <= len(failed) <= 2, events  # at 0.1 s, then not before 1.1 s
+    assert all("closed" in e for e in failed), failed
+
+
 def test_a_renewal_cut_off_at_close_does_not_revive_the_released_lease(planner_prefix: str) -> None:
     """The device closes while its lease renewal is held 1.5 s on the way to the planner: the
     re-planner gives it 0.3 s and cancels it, but the planner still gets it later. The release

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from dapdee.costmodel import Conditions
 from dapdee.device.compute import BoundaryValues, EmulatedCompute
 from dapdee.device.config import Requirements, RuntimeConfig
-from dapdee.device.runtime import BACKING_OFF, CLOSED, REPLANNED, DeviceRuntime
+from dapdee.device.plans import device_only_plan
+from dapdee.device.replanner import LEASE_EXPIRED
+from dapdee.device.runtime import BACKING_OFF, CLOSED, REPLANNED, REPLANNED_LOCAL, DeviceRuntime
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import DeviceClosed
 from dapdee.testing import ServerThread
@@ -179,4 +183,35 @@ def test_a_frame_whose_plan_moved_to_another_worker_during_its_device_part_sends
             f.stop()
     assert (records[0].where, records[0].error) == ("fallback", REPLANNED), records[0]
     assert records[1].where == "edge" and (old.infers, new.infers) == (0, 1), records
+    assert all(r.pred_class == stack.local_class(f.x, r.exit) for f, r in zip(frames, records, strict=True))
+
+
+def test_a_frame_whose_new_plan_runs_on_the_device_is_not_called_a_lapsed_lease(stack: Stack) -> None:
+    """A re-plan hands the device a Device-Only plan (the planner's answer, its lease live) while
+    a frame of the old split runs its device part: that frame is finished on the device and its
+    record says it was re-planned to run there, not that a lease lapsed; the next frame runs
+    locally and nothing reaches the worker."""
+    counter = InferCounter(stack.edge.url)
+    frames = stack.frames(2, seed=24)
+    cfg = RuntimeConfig(plan_max_age_s=0.2, min_replan_s=0.05)
+    local = replace(device_only_plan(stack.graph, Conditions(5.0)), plan_id="planner-device-only", origin="planner")
+
+    async def go(url: str) -> list[Any]:
+        from dapdee.device.edge import EdgeLink, WorkerTrust
+
+        sensing = Sensing(prior_mbps=5.0, fixed_load=0.0)
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [url]), sensing)
+        rt = DeviceRuntime(stack.graph, _slow_compute(stack), MovingPlans(stack.mid_cut(url), local), config=cfg,
+                           sensing=sensing, edge=edge)  # fmt: skip
+        async with running(rt):
+            return [await rt.infer(f) for f in frames]
+
+    front = ServerThread(counter, name="infer-counter").start()
+    try:
+        records = asyncio.run(go(front.url))
+    finally:
+        front.stop()
+    assert (records[0].where, records[0].error) == ("fallback", REPLANNED_LOCAL), records[0]
+    assert records[0].error != LEASE_EXPIRED
+    assert records[1].where == "local" and counter.infers == 0, records
     assert all(r.pred_class == stack.local_class(f.x, r.exit) for f, r in zip(frames, records, strict=True))

@@ -7,10 +7,10 @@ once, so the device re-plans every `min_replan_s`), the lease expired, the uplin
 the device speed 1/(1 − load) drifted past the threshold (relative) since the plan was asked
 for, or the plan aged. `Replanner.tick` starts at most one re-plan at a time, at most every
 `min_replan_s`, and after a failed one waits before the next (longer when the planner's
-`Retry-After` says so); a failure keeps the current plan
-and the trouble that asked for it (edge trouble, a lapsed lease), so it is asked again then;
-a success answers a lapse of the lease that came while it ran (its plan replaces the lapsed one),
-so no second request follows for it.
+`Retry-After` says so); a failure (any error of the source's, an unexpected one logged with
+its traceback) keeps the current plan and the trouble that asked for it (edge trouble, a
+lapsed lease), so it is asked again then; a success answers a lapse of the lease that came
+while it ran (its plan replaces the lapsed one), so no second request follows for it.
 `Replanner.in_force` honours the lease on every tick and every frame, whether or not a re-plan
 is in flight (a hanging planner holds one for its whole timeout): once the current plan's lease
 has lapsed, the plan the source says to run meanwhile (Device-Only) is put in use at once.
@@ -64,7 +64,7 @@ class ReplanPolicy:
         return None
 
 
-def quiet_after_failure(exc: PlannerUnavailable | PlanError, plan_max_age_s: float) -> float:
+def quiet_after_failure(exc: Exception, plan_max_age_s: float) -> float:
     """How long a failed re-plan holds off the next (s): min(`plan_max_age_s`, RETRY_MAX_S), or
     the planner's `Retry-After` when longer (at most RETRY_AFTER_MAX_S, as at start-up: a
     lapsed lease runs Device-Only meanwhile, so the device must not wait on a proxy's hour)."""
@@ -166,16 +166,25 @@ class Replanner:
         try:
             plan = await self.source.plan(cond)
         except (PlannerUnavailable, PlanError) as exc:
-            self.events.append(f"re-plan failed ({why}): {exc}")
             log.warning("re-plan failed (%s): %s", why, exc)
-            self._quiet_until = time.monotonic() + quiet_after_failure(exc, self.config.plan_max_age_s)
-            if self._trouble is None:
-                self._trouble = trouble
+            self._failed(why, trouble, exc)
+            return
+        except Exception as exc:  # a bug on the way must not end re-planning, nor make it spin
+            log.exception("re-plan failed unexpectedly (%s)", why)
+            self._failed(why, trouble, exc)
             return
         log.info("re-planned (%s): exit %s, %d device nodes", why, plan.exit, plan.cut)
         if self._trouble == LEASE_EXPIRED:  # the lease lapsed while this re-plan ran: its plan replaces it
             self._trouble = None
         self._use(plan, why)
+
+    def _failed(self, why: str, trouble: str | None, exc: Exception) -> None:
+        """A re-plan that failed: told in `events`, the next one held off for the quiet time
+        (`quiet_after_failure`), and the `trouble` that asked for it kept so it asks again."""
+        self.events.append(f"re-plan failed ({why}): {exc}")
+        self._quiet_until = time.monotonic() + quiet_after_failure(exc, self.config.plan_max_age_s)
+        if self._trouble is None:
+            self._trouble = trouble
 
     async def aclose(self, wait_s: float = 2.0) -> None:
         """Let a re-plan in flight finish (at most `wait_s`), then cancel it. A plan request

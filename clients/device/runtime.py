@@ -65,6 +65,7 @@ from dapdee.web.tasks import stop_task
 BACKING_OFF = "edge backing off"
 CLOSED = "runtime closed"
 REPLANNED = "re-planned onto another worker"
+REPLANNED_LOCAL = "re-planned to run on the device"  # a new plan that sends nothing
 
 log = logging.getLogger("dapdee.device")
 
@@ -335,7 +336,7 @@ class DeviceRuntime:
         it may): the runtime closed (the lease is released); the worker rests (another frame's
         failure or a Retry-After since this frame started); the booking is not there: the plan
         in force now (`plan` itself while its lease lasts, a renewal, or Device-Only once the
-        lease lapsed with no renewal) does not send to `url`. O(1)."""
+        lease lapsed with no renewal, or a new plan that sends nothing) does not send to `url`. O(1)."""
         assert self.edge is not None
         if self._closed:
             return CLOSED
@@ -344,7 +345,10 @@ class DeviceRuntime:
         in_force = self.plan
         if in_force is plan or (in_force.uses_edge and self._worker(in_force) == url):
             return None
-        return REPLANNED if in_force.uses_edge else LEASE_EXPIRED
+        if in_force.uses_edge:
+            return REPLANNED
+        # Device-Only in force: the stand-in for a lapsed lease, or a planner's answer
+        return LEASE_EXPIRED if in_force.origin == "device-only" else REPLANNED_LOCAL
 
     async def _split(self, plan: Plan, x: torch.Tensor, url: str, index: int, t_start: float, since: int) -> Outcome:
         """Device part, upload, edge answer; a failure on the way, or a frame that may no longer
