@@ -105,6 +105,37 @@ def test_capacity_drops_at_once_and_comes_back_only_after_a_lasting_relief() -> 
     assert m.capacity(1000.0) == pytest.approx(1000.0)  # 30.5 s of relief: back up
 
 
+def test_an_advertised_factor_within_the_band_of_1_comes_back_to_nominal() -> None:
+    """κ advertised at 1.22 (just above the band of 1, so taken at once) or at 1.1 (reached from
+    2 on a lighter load) lies under 1 + hysteresis: no measured κ, clamped at 1, is more than
+    the band below it. An idle worker (κ 1) still gets its nominal capacity back after
+    `raise_after_s` of relief; before, it advertised 820 or 909 of 1000 ms/s for good."""
+    clock = FakeClock()
+    m = CapacityMeter(window_s=10.0, min_ms=100.0, max_factor=4.0, hysteresis=0.2, raise_after_s=30.0, clock=clock)
+    for _ in range(10):
+        m.record(10.0, 0.0, 12.2)
+    assert m.capacity(1000.0) == pytest.approx(1000.0 / 1.22)  # slower: down at once
+    for t in (11.0, 25.0, 40.0):  # idle: the window empties, κ reads 1
+        clock.t = t
+        assert m.factor() == 1.0 and m.capacity(1000.0) == pytest.approx(1000.0 / 1.22)  # held < 30 s
+    clock.t = 41.5
+    assert m.capacity(1000.0) == pytest.approx(1000.0)  # 30.5 s of relief: back to nominal
+    for _ in range(10):
+        m.record(10.0, 0.0, 20.0)
+    assert m.capacity(1000.0) == pytest.approx(500.0)
+    clock.t = 52.0
+    for t in (52.0, 70.0, 82.5):  # a lighter load, κ 1.1, for 30.5 s: down to 1.1
+        clock.t = t
+        for _ in range(10):
+            m.record(10.0, 0.0, 11.0)
+        got = m.capacity(1000.0)
+    assert got == pytest.approx(1000.0 / 1.1)
+    clock.t = 95.0  # then idle
+    assert m.capacity(1000.0) == pytest.approx(1000.0 / 1.1)
+    clock.t = 126.0
+    assert m.capacity(1000.0) == pytest.approx(1000.0)
+
+
 @pytest.mark.parametrize("spec", ["zoo:alexnet?width=0.25", "zoo:resnet18?width=0.25"])
 def test_a_requests_profiled_compute_is_what_the_executor_runs(spec: str) -> None:
     """For every single-tensor cut given, the nodes summed are exactly the nodes the executor

@@ -38,7 +38,10 @@ priced at, and advertises `nominal / κ`, κ the ratio of the two over recent re
   away from it: every change re-prices the worker's leases and may move devices, so the
   measurement's noise must not;
 - it rises at once (capacity drops: leases must stop over-booking now) but falls back only once
-  the measured κ has stayed below it for `raise_after_s` (capacity comes back slowly). A worker
+  the measured κ has stayed below it for `raise_after_s` (capacity comes back slowly); a
+  measured κ of 1 counts as below it whatever the band (an advertised κ under 1 + `hysteresis`
+  would otherwise never come back to 1, and the worker would advertise less than its nominal
+  capacity for good). A worker
   is often slower *because* of the load it carries (its own HTTP work, co-located processes);
   following the relief at once re-admits the devices that caused the slowdown, and capacity and
   plans oscillate together.
@@ -152,12 +155,14 @@ class CapacityMeter:
     def capacity(self, nominal_ms_per_s: float) -> float:
         """The capacity to advertise: `nominal_ms_per_s / κ`, κ the advertised factor. It follows
         a measured κ more than `hysteresis` above it at once, one more than `hysteresis` below
-        it once that has held at every call for `raise_after_s`."""
+        it (or at 1, the floor) once that has held at every call for `raise_after_s`."""
         k, now = self.factor(), self.clock()
         band = self.hysteresis * self._advertised
         if k > self._advertised + band:
             self._advertised, self._lower_since = k, None
-        elif k < self._advertised - band:
+        elif k < self._advertised - band or k <= 1.0 < self._advertised:
+            # κ at its floor counts as below the band, which under 1 + hysteresis reaches below 1:
+            # a worker back at its nominal speed gets its nominal capacity back
             if self._lower_since is None:
                 self._lower_since = now
             if now - self._lower_since >= self.raise_after_s:
