@@ -219,13 +219,34 @@ def test_a_fleet_run_with_no_answered_frames_fails_the_every_n_targets_by_name()
 
 
 def test_a_capacity_drop_over_the_leases_fails_the_booking_target_without_a_poll() -> None:
-    """No booking poll succeeded (no series, no peak), but the planner registered a capacity
-    drop over the leases: the target FAILs (not n/a), and the detail names the run unpolled."""
+    """No booking poll succeeded (no series, no peak), and the planner registered a capacity
+    drop over the leases: the target FAILs, and the detail names the run unpolled; without the
+    drop it FAILs too (a run the target cannot vouch for)."""
     run = _fleet_run(16, booked_max=None, booking_series=[], planner_run_counts={"drops_forced": 2.0})
     t = fleet_report._every_fleet_run([run], 0.9)[0]
     assert t.ok is False and t.line().startswith("FAIL  leases never book")
     assert "no booking poll succeeded at resnet18 K=30 N=16" in t.detail
-    assert fleet_report._every_fleet_run([{**run, "planner_run_counts": {}}], 0.9)[0].ok is None
+    unpolled = {**run, "planner_run_counts": {}}
+    assert fleet_report._every_fleet_run([unpolled], 0.9)[0].ok is False
+
+
+def test_a_fleet_run_no_booking_poll_of_which_succeeded_fails_the_booking_target() -> None:
+    """One fleet run was polled (within rho_max), the other never: the target cannot vouch for
+    the second, so it FAILs and names it (before, the polled run alone passed it)."""
+    unpolled = _fleet_run(32, booked_max=None, booking_series=[])
+    t = fleet_report._every_fleet_run([_fleet_run(16), unpolled], 0.9)[0]
+    assert t.ok is False and "no booking poll succeeded at resnet18 K=30 N=32" in t.detail, t.line()
+    assert fleet_report._every_fleet_run([_fleet_run(16), _fleet_run(32)], 0.9)[0].ok is True
+
+
+def test_fleet_runs_whose_plans_all_meet_the_frame_rate_say_so_in_the_throughput_target() -> None:
+    """Every fleet run recorded which devices a plan bounds, and none is: the throughput target
+    has nothing to score (n/a) and says 0 such devices, not that no run recorded them."""
+    camera = [_fleet_run(n, pred_err_throughput=None, pred_err_throughput_devices=0) for n in (16, 32)]
+    t = fleet_report._every_fleet_run(camera, 0.9)[3]
+    assert t.ok is None and "0 device(s) whose plan predicts less than the frame rate" in t.detail, t.line()
+    older = [{k: v for k, v in r.items() if k != "pred_err_throughput_devices"} for r in camera]
+    assert "no run recorded which devices a plan bounds" in fleet_report._every_fleet_run(older, 0.9)[3].detail
 
 
 def _heavy_stream(fps: float, frames: int, fell_back: int) -> dict[str, Any]:

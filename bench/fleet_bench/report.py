@@ -275,15 +275,15 @@ def busy_share(s: dict[str, Any]) -> float:
 
 
 def _booking_target(fleet: Sequence[dict[str, Any]], rho_max: float, where: Callable[[dict[str, Any]], str]) -> Target:
-    """Leases never book past rho_max: at every poll of every fleet run (warm-up included), and
-    no capacity drop registered over the leases (`drops_forced`: the planner could not re-solve
-    them in time, so they booked past rho_max of the capacity registered until the next
-    rebalance; polls 2 s apart could miss it)."""
+    """Leases never book past rho_max: at every poll of every fleet run (warm-up included; a run
+    no poll of which succeeded fails it, by name), and no capacity drop registered over the
+    leases (`drops_forced`: the planner could not re-solve them in time, so they booked past
+    rho_max of the capacity registered until the next rebalance; polls 2 s apart could miss
+    it)."""
     booked = [(where(s), booked_peak(s)) for s in fleet]
     forced = [(where(s), n) for s in fleet if (n := s.get("planner_run_counts", {}).get("drops_forced", 0.0))]
     shed = sum(s.get("planner_run_counts", {}).get("drops_shed", 0.0) for s in fleet)
-    have = [v for _, v in booked if v is not None]
-    ok = False if forced else (all(v <= rho_max + 1e-9 for v in have) if have else None)
+    ok = False if forced else _within(booked, rho_max + 1e-9)  # an unpolled run fails it too
     note = (
         f"; capacity drops registered with the leases re-solved {shed:g}, over the leases {sum(n for _, n in forced):g}"
     )
@@ -345,11 +345,11 @@ def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> lis
     shed = [(where(s), n) for s in fleet if (n := sum((s.get("edge_rejected") or {}).values()))]
     lat = [(where(s), s["pred_err_latency"]) for s in fleet]
     fps = [(where(s), s["pred_err_throughput"]) for s in fleet if _scored_fps(s)]
-    scored = sum(s.get("pred_err_throughput_devices", 0) for s in fleet)
+    recorded = [s["pred_err_throughput_devices"] for s in fleet if "pred_err_throughput_devices" in s]
     churn = [(where(s), s["plan_changes_per_device_min"]) for s in fleet]
     shed_note = "; requests the worker shed (503): " + (", ".join(f"{w}: {n:g}" for w, n in shed) if shed else "none")
-    fps_note = (f"; {scored} device(s) whose plan predicts less than the frame rate (elsewhere the camera "
-                "sets the rate)") if fps else "; no run recorded which devices a plan bounds"  # fmt: skip
+    fps_note = (f"; {sum(recorded)} device(s) whose plan predicts less than the frame rate (elsewhere the "
+                "camera sets the rate)") if recorded else "; no run recorded which devices a plan bounds"  # fmt: skip
     return [
         _booking_target(fleet, rho_max, where),
         Target(f"measured worker utilisation <= {MAX_UTIL:g} (DAPDEE-fleet; the busier of the compute slot "
