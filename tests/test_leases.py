@@ -447,6 +447,50 @@ def test_a_refused_heartbeat_keeps_its_worker_live_and_its_capacity_pending_unti
     run(scenario())
 
 
+def test_a_refused_heartbeat_registered_as_it_is_never_overwrites_a_newer_one(prefix: str) -> None:
+    """The fallback when a refused heartbeat's leases cannot be re-solved: the heartbeat is
+    registered as it is, but only while its refusal is still the one pending and its worker live.
+    A heartbeat registered since (the worker leaving: no models) stays; of two refused in turn,
+    the earlier one is not registered and the later one is, and stays live until its arrival +
+    TTL; a worker that expired meanwhile is not brought back. Before, the fallback wrote the
+    old heartbeat over all three (a departed worker served its model again, a newer capacity
+    drop was lost, an expired worker came back for a whole TTL)."""
+
+    async def scenario() -> None:
+        (book,) = await _books(prefix, 1)
+        settings = Settings(redis_url=URL, redis_timeout_s=5.0, worker_ttl_s=0.5)
+        registry = WorkerRegistry(settings, PlannerMetrics(), book.link, Keys(prefix))
+        fast = Worker("http://w", ("m",), "t", 0.0, 0, 0, capacity_ms_per_s=1000.0)
+
+        async def refused_at(capacity: float) -> int:
+            await asyncio.sleep(0.01)  # a later millisecond of Redis's clock
+            with pytest.raises(CapacityBelowLeases) as refused:
+                await registry.heartbeat(replace(fast, capacity_ms_per_s=capacity), 0.9)
+            return refused.value.refused_at_ms
+
+        assert await registry.heartbeat(fast, 0.9)
+        assert (await book.reserve("a", "http://w", 400.0, 900.0, {"v": 1})).status == "reserved"
+        at = await refused_at(300.0)
+        leaving = replace(fast, models=())
+        assert await registry.heartbeat(leaving, 0.9)  # newer: registered, the refusal ends
+        assert not await registry.register_refused(replace(fast, capacity_ms_per_s=300.0), at)
+        assert [(w.models, w.capacity_ms_per_s) for w in await registry.live()] == [((), 1000.0)]
+
+        first, second = await refused_at(300.0), await refused_at(250.0)
+        assert not await registry.register_refused(replace(fast, capacity_ms_per_s=300.0), first)
+        assert await registry.register_refused(replace(fast, capacity_ms_per_s=250.0), second)
+        (w,) = await registry.live()
+        assert w.capacity_ms_per_s == 250.0 and 0.3 < w.expires_in_s <= 0.5
+
+        at = await refused_at(200.0)
+        await asyncio.sleep(0.7)  # past the refusal's arrival + TTL: the worker expired
+        assert not await registry.register_refused(replace(fast, capacity_ms_per_s=200.0), at)
+        assert await registry.live() == []
+        await _close([book])
+
+    run(scenario())
+
+
 def test_of_two_refused_heartbeats_applied_in_either_order_the_later_ones_capacity_stays(prefix: str) -> None:
     """Two heartbeats of one worker are refused in turn (300, then 250 ms/s, below what its
     leases book), as two replicas would each take one. Each replica's re-solve is applied with

@@ -216,8 +216,9 @@ class Store:
         """Record a heartbeat; True if Redis has it (CapacityExceeded for a new worker past the cap).
         Where rebalancing is periodic, a heartbeat whose capacity the worker's leases book past
         ρ_max of is recorded together with those leases re-solved for it (`Rebalancer.shed`);
-        failing that, as it is (counted as `forced`), and the rebalance after a capacity drop
-        follows (`Rebalancer.note_capacity`, called by the route)."""
+        failing that, as it is (counted as `forced`) unless a newer heartbeat stands by then
+        (`_register_refused`), and the rebalance after a capacity drop follows
+        (`Rebalancer.note_capacity`, called by the route)."""
         rho = self.settings.rho_max if self.settings.fleet_planning and self.settings.rebalance_s else None
         for _ in range(2):  # again once after waiting for another re-solve of this worker
             try:
@@ -233,10 +234,26 @@ class Store:
                 return True
             if shed is False:
                 break
+        return await self._register_refused(worker, refused_at_ms)
+
+    async def _register_refused(self, worker: Worker, refused_at_ms: int) -> bool:
+        """The refused heartbeat registered as it is, over its leases (counted as `forced`),
+        unless a heartbeat registered or refused since is newer or the worker expired meanwhile:
+        then this replica reads what the registry holds instead. True if Redis holds the outcome
+        (without Redis the heartbeat is kept here, as any heartbeat then is)."""
+        try:
+            registered = await self.registry.register_refused(worker, refused_at_ms)
+            if not registered:
+                log.info("worker %s: a newer heartbeat stands; the refused one is not registered", worker.url)
+                await self.registry.sync()
+                return True
+        except RedisUnavailable:
+            self.registry.noted(worker, shared=False)
+            return False
         self.metrics.rebalances.labels("forced").inc()
         log.warning("worker %s: %.1f ms/s registered over its leases (not re-solved with it)", worker.url,
                     worker.capacity_ms_per_s)  # fmt: skip
-        return await self.registry.heartbeat(worker)
+        return True
 
     async def _shed(self, worker: Worker, refused_at_ms: int) -> bool | None:
         """`Rebalancer.shed`, with any failure a False (the heartbeat is still recorded)."""
