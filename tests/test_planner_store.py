@@ -827,7 +827,9 @@ def test_planmap_build_budget_keeps_the_loop_free(planner_prefix: str) -> None:
 
 def test_unreadable_stored_model_can_be_replaced_or_deleted(planner_prefix: str) -> None:
     """A stored graph this replica cannot read (damaged, or over lowered graph limits) reads as
-    absent, and a PUT replaces it (its profiles dropped) or a DELETE removes it."""
+    absent, and a PUT replaces it (its profiles dropped) or a DELETE removes it; If-Match holds
+    against the version stored (before, a DELETE with any If-Match removed it, and a PUT with
+    the right one was refused)."""
 
     async def go() -> None:
         async with running(settings(planner_prefix)) as s:
@@ -840,10 +842,15 @@ def test_unreadable_stored_model_can_be_replaced_or_deleted(planner_prefix: str)
                 r.set(f"{planner_prefix}:v1:graph:{name}", b"{not json")
                 s.models.pop(name)
             assert await s.get_model("m") is None and await s.get_model("d") is None
-            res = await s.put_graph(g)
+            # If-Match holds against the version stored: a wrong one changes nothing
+            for write in (s.put_graph(g, expect_version=1), s.delete_model("d", expect_version=999)):
+                with pytest.raises(VersionConflict):
+                    await write
+            assert r.hget(f"{planner_prefix}:v1:models", "d") is not None
+            res = await s.put_graph(g, expect_version=2)
             assert (res.created, res.state.version, res.state.profiles) == (False, 3, {})
             assert not r.exists(f"{planner_prefix}:v1:profiles:m")
-            assert await s.delete_model("d")
+            assert await s.delete_model("d", expect_version=1)
             assert r.hget(f"{planner_prefix}:v1:models", "d") is None
             assert sample(s, "dapdee_planner_cache_errors_total", op="decode_graph") >= 2
 

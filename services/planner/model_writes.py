@@ -226,8 +226,10 @@ class ModelWriter:
                 cur, online = await self._current(name)
                 if not online and cur is None and not creates and self.link.enabled and not self.outbox.has(name):
                     raise ModelUnreachable(name)  # Redis may hold it: "unknown" would be a guess
-                if expect is not None and (cur is not None or creates):
-                    actual = cur.version if cur is not None else None
+                unreadable = self.cache.unreadable.get(name) if cur is None else None
+                if expect is not None and (cur is not None or creates or unreadable is not None):
+                    # a model stored but unreadable here has a version too: If-Match holds for it
+                    actual = cur.version if cur is not None else (unreadable[0] if unreadable else None)
                     if actual != expect:
                         raise VersionConflict(name, expect, actual)
                 planned = plan(cur)
