@@ -339,6 +339,32 @@ def test_an_upload_timing_out_alone_on_a_slow_link_bounds_the_estimate(stack: St
     assert suspect  # a step down: the idle link is probed soon
 
 
+def test_a_frame_that_shares_the_link_with_a_probe_gives_no_sample(stack: Stack) -> None:
+    """A probe (an unobserved upload, timed by its caller) is on a 0.1 Mbit/s link when a frame
+    starts: the frame's body waits for the probe's to leave, so its own timing would read the
+    link about half as fast as it is. It gives no sample; a frame alone on the link gives one.
+    Before, the probe's bytes were invisible to the estimate and the frame's slow sample
+    counted."""
+
+    async def go() -> tuple[float | None, float | None, int]:
+        sensing = Sensing(prior_mbps=0.1, fixed_load=0.0)
+        edge = EdgeLink(stack.graph, WorkerTrust(None, [stack.edge.url]), sensing, shaper=ShapedUplink(0.1))
+        x = {stack.graph.input.name: stack.frames(1, seed=5)[0].x}
+        try:
+            probe = asyncio.create_task(edge.infer(stack.edge.url, x, "final", 10.0, observe=False))
+            await asyncio.sleep(0.01)
+            shared = await edge.infer(stack.edge.url, x, "final", 10.0)
+            await probe
+            alone = await edge.infer(stack.edge.url, x, "final", 10.0)
+            return shared.sample_mbps, alone.sample_mbps, sensing.bandwidth.samples
+        finally:
+            await edge.aclose()
+
+    shared, alone, samples = asyncio.run(go())
+    assert shared is None and samples == 1, (shared, samples)
+    assert alone is not None and 0.05 < alone <= 0.11, alone
+
+
 def test_a_timeout_after_the_worker_reported_a_long_queue_leaves_the_estimate(stack: Stack) -> None:
     """The worker's last answer spent 400 ms in its queue: a later upload timing out after 0.5 s
     may have waited on the worker, not the link, so it bounds nothing (the estimate stays)."""

@@ -61,9 +61,9 @@ def test_out_of_order_failed_and_idle_uploads() -> None:
     bw = BandwidthEstimator(prior_mbps=1.0)
     a, b = bw.upload_started(0.0), bw.upload_started(0.0)
     assert bw.upload_finished(b, 25_000, 0.2, 0.0, 0.0) is None  # waits for `a`
-    # the two shared the link: their busy period is timed whole, once the link has gone idle
-    assert bw.upload_finished(a, 25_000, 0.1, 0.0, 0.0) is None
-    bw.upload_failed(bw.upload_started(1.0))  # failed alone on an idle link: it releases the ones after it
+    # the two shared the link: their busy period is timed whole once both are in (the link idle)
+    assert bw.upload_finished(a, 25_000, 0.1, 0.0, 0.0) == pytest.approx(2.0)
+    bw.upload_failed(bw.upload_started(1.0))  # failed alone on an idle link: no sample, nothing held back
     assert lone(bw, 25_000, 5.0, 5.1, 0.0, 0.0) == pytest.approx(2.0)
     assert [h[0] for h in bw.history] == [50_000, 25_000]  # 50 kB in 200 ms, then 25 kB in 100 ms
     assert [h[1] for h in bw.history] == pytest.approx([200.0, 100.0])
@@ -145,8 +145,9 @@ def test_overlapping_uploads_are_timed_as_one_busy_period() -> None:
         a, b = bw.upload_started(t), bw.upload_started(t + 0.01)
         bw.upload_finished(a, 100_000, t + 0.19, 0.0, 0.0)
         bw.upload_finished(b, 100_000, t + 0.20, 0.0, 0.0)
-    assert len(bw.history) == 5 and all(h[0] == 200_000 for h in bw.history), list(bw.history)
-    assert [h[4] for h in bw.history] == pytest.approx([8.0] * 5)
+    # each pair's period is folded in as its second upload ends (the link idle), the last one too
+    assert len(bw.history) == 6 and all(h[0] == 200_000 for h in bw.history), list(bw.history)
+    assert [h[4] for h in bw.history] == pytest.approx([8.0] * 6)
     assert bw.estimate_mbps == pytest.approx(8.0)
 
 
@@ -177,3 +178,49 @@ def test_sensing_states_plan_conditions() -> None:
     for bad in ({"fixed_load": 1.0}, {"load_source": "gpu"}, {"prior_mbps": math.inf}):
         with pytest.raises(ValueError):
             Sensing(**bad)  # type: ignore[arg-type]
+
+
+def test_the_rest_of_a_busy_period_closed_mid_way_gives_no_sample_over_a_short_span() -> None:
+    """Five uploads overlap on an 8 Mbit/s link that they share fairly: 115 kB from 4 to 119 ms,
+    8 Mbit/s. The period is closed mid-way (75 kB over 99 ms); the uploads after that sent most
+    of their bytes before it, so the rest, 40 kB over 16 ms, would read 20 Mbit/s: it gives no
+    sample (before, it did, and the estimate rose to 12). A later lone upload is timed as ever."""
+    bw = BandwidthEstimator(prior_mbps=8.0)
+    ups = [(0.004, 10_000, 0.017), (0.011, 5_000, 0.020), (0.018, 20_000, 0.049), (0.029, 40_000, 0.103),
+           (0.055, 40_000, 0.119)]  # fmt: skip
+    starts = [(s, 0, i) for i, (s, _, _) in enumerate(ups)]
+    ends = [(done, 1, i) for i, (_, _, done) in enumerate(ups)]
+    tickets: dict[int, int] = {}
+    for t, ended, i in sorted(starts + ends, key=lambda e: (e[0], -e[1])):
+        if ended:
+            bw.upload_finished(tickets[i], ups[i][1], t, 0.0, 0.0)
+        else:
+            tickets[i] = bw.upload_started(t)
+    assert lone(bw, 10_000, 1.0, 1.01, 0.0, 0.0) == pytest.approx(8.0)
+    assert [h[0] for h in bw.history] == [75_000, 10_000]
+    assert max(h[4] for h in bw.history) <= 8.0 + 1e-9 and bw.estimate_mbps < 8.0
+
+
+def test_a_short_lone_upload_is_folded_in_when_it_ends() -> None:
+    """A 10 kB upload in 8 ms (10 Mbit/s, shorter than `full_weight_ms`) is a sample when it
+    ends; three probe pairs at 1 Mbit/s follow, then a frame a minute later: the estimate ends at
+    1, in the order the samples came. Before, the short upload waited for the next one to begin
+    and was folded in after the pairs, as if new (the estimate ended at 1.86)."""
+    bw = BandwidthEstimator(prior_mbps=1.0)
+    assert lone(bw, 10_000, 0.0, 0.008, 0.0, 0.0) == pytest.approx(10.0)
+    for _ in range(3):
+        assert bw.observe_pair((1_000, 28.0), (11_000, 108.0), rtt_ms=20.0) == pytest.approx(1.0)
+    assert lone(bw, 10_000, 60.0, 60.08, 0.0, 0.0) == pytest.approx(1.0)
+    assert [h[4] for h in bw.history] == pytest.approx([10.0, 1.0, 1.0, 1.0, 1.0])
+    assert bw.estimate_mbps == pytest.approx(1.0)
+
+
+def test_proc_load_monitor_follows_counters_that_went_back() -> None:
+    """The machine's counters went back (a counter reset, a restored /proc/stat): the readings
+    after it are measured from the new counters, so the load follows the 80 % the others use.
+    Before, every later reading was compared with the counters before the reset: frozen at 0.1."""
+    stats = iter([(100_000, 1_000_000), (100_100, 1_001_000)] + [(800 * k, 1000 * k) for k in range(1, 12)])
+    mon = LoadMonitor(alpha=0.5, read_stat=lambda: next(stats), own_cpu_s=lambda: 0.0, clk_tck=100)
+    loads = [mon.sample() for _ in range(12)]
+    assert loads[:2] == pytest.approx([0.1, 0.1])  # the reading that went back changes nothing
+    assert loads[2] == pytest.approx(0.45) and loads[-1] == pytest.approx(0.8, abs=0.01)

@@ -376,15 +376,18 @@ class EdgeLink:
     ) -> EdgeAnswer:
         """Send the cut's tensors to `url` for `exit_name` and wait at most `timeout_s` (finite),
         the wait for the uplink's turn (`Upload`) included.
-        With `observe`, the upload feeds the bandwidth estimate; a timeout of a request alone on
-        the link bounds it in any case (`_censor`). With `confidence`, the worker checks its
+        With `observe`, the upload feeds the bandwidth estimate; without (a probe, timed by its
+        caller), the uploads that share the link with it give no sample; a timeout of a request
+        alone on the link bounds it in any case (`_censor`). With `confidence`, the worker checks its
         confidence heads and the answer says which exit answered. Raises EdgeFailure, whose
         `bytes_sent` are the request's bytes that left the device (`Upload.sent`)."""
         client = await self._client(url)
         self.uploads_active += 1
         overlapped = self.uploads_active > 1
         t0, c0 = time.perf_counter(), time.thread_time()
-        ticket = self.sensing.bandwidth.upload_started(t0) if observe else None
+        # an unobserved upload (a probe) takes a ticket too: its bytes share the link with the
+        # frames that start meanwhile, whose timings then give no sample (`upload_failed`)
+        ticket = self.sensing.bandwidth.upload_started(t0)
         deadline = time.monotonic() + timeout_s
         upload = Upload(self.shaper, self._uplink)
         try:
@@ -396,8 +399,7 @@ class EdgeLink:
             left_s = max(deadline - time.monotonic(), 1e-3)  # the turn's wait counts against the timeout
             res = await client.run(replace(call, timeout_s=left_s), upload.body(call.content))
         except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
-            if ticket is not None:
-                self.sensing.bandwidth.upload_failed(ticket)
+            self.sensing.bandwidth.upload_failed(ticket)
             if _sent_and_timed_out(exc) and not overlapped and self.uploads_active == 1:
                 self._censor(inputs, t0)
             if isinstance(exc, ClientError):
@@ -412,7 +414,7 @@ class EdgeLink:
         cpu_ms = (time.thread_time() - c0) * 1000.0
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         overlapped = overlapped or self.uploads_active > 0
-        return self._accept(res, exit_name, ticket, t0, elapsed_ms, cpu_ms, overlapped)
+        return self._accept(res, exit_name, ticket, observe, t0, elapsed_ms, cpu_ms, overlapped)
 
     def _censor(self, inputs: Mapping[str, torch.Tensor], t0: float) -> None:
         """A request alone on the link timed out: the link is at most as fast as its tensors'
@@ -438,26 +440,29 @@ class EdgeLink:
         self,
         res: Any,
         exit_name: str,
-        ticket: int | None,
+        ticket: int,
+        observe: bool,
         t0: float,
         elapsed_ms: float,
         cpu_ms: float,
         overlapped: bool,
     ) -> EdgeAnswer:
-        """The checked answer; the upload folded into the bandwidth estimate."""
+        """The checked answer; the upload (`ticket`) folded into the bandwidth estimate when
+        `observe`, else dropped from it as giving no timing."""
         want = self._expected_logits(exit_name)
         if want is not None and tuple(res.logits.shape) != want:
-            if ticket is not None:
-                self.sensing.bandwidth.upload_failed(ticket)
+            self.sensing.bandwidth.upload_failed(ticket)
             shape = f"logits {list(res.logits.shape)}, expected {list(want)}"
             raise EdgeFailure(f"bad answer: {shape}", bytes_sent=res.request_bytes)
         server_ms = res.queue_ms + res.compute_ms
         self.last_server_ms = server_ms
         sample = None
-        if ticket is not None:
+        if observe:
             end = t0 + elapsed_ms / 1000.0
             rtt = self.sensing.rtt.estimate_ms
             sample = self.sensing.bandwidth.upload_finished(ticket, res.request_bytes, end, server_ms, rtt)
+        else:
+            self.sensing.bandwidth.upload_failed(ticket)
         return EdgeAnswer(
             logits=res.logits,
             queue_ms=res.queue_ms,

@@ -61,7 +61,8 @@ class BandwidthEstimator:
         default_factory=lambda: deque(maxlen=64), init=False
     )  # (bytes, elapsed_ms, server_ms, rtt_ms, sample or None), newest last
     # the busy period being timed: [link start s, bytes, uploads, most uploads open at once,
-    # 1 when a failed upload shared the link with it (no sample)]
+    # 1 when a failed upload shared the link with it (no sample), 1 when it continues a busy
+    # period closed mid-way]
     _train: list[float] | None = field(default=None, init=False, repr=False)
     # uploads not yet folded in: ticket -> [start s, done s or None, bytes, most uploads open with it]
     _open: dict[int, list] = field(default_factory=dict, init=False, repr=False)
@@ -116,8 +117,12 @@ class BandwidthEstimator:
         is `bytes · 8 / (elapsed − server − rtt − overhead)`. A train becomes a sample when the
         link goes idle, or once it spans `full_weight_ms` and holds twice as many uploads as were
         ever open at once during it: uploads sharing the link finish unevenly, and a window
-        that short of whole busy periods is off by at most the bytes then in flight. Returns the
-        last sample folded in (Mbit/s), or None. O(1) amortised."""
+        that short of whole busy periods is off by at most the bytes then in flight (the rest
+        of such a period, the train after it, gives no sample unless it spans `full_weight_ms`:
+        the same bytes over a short span would read far too fast). The link is idle once no
+        upload is open, so a train closes then, not when the next upload starts (a sample
+        folded in minutes later would count as new). Returns the last sample folded in
+        (Mbit/s), or None. O(1) amortised."""
         entry = self._open.get(ticket)
         if entry is None:
             return None
@@ -140,7 +145,7 @@ class BandwidthEstimator:
             if self._train is not None and start_s >= self._link_free:
                 sample = self._close_train() or sample
             if self._train is None:  # on a busy link (a train just closed) its bytes queued from `link_free`
-                self._train = [max(start_s, self._link_free), 0, 0, 1, 0]
+                self._train = [max(start_s, self._link_free), 0, 0, 1, 0, int(start_s < self._link_free)]
             train = self._train
             train[1] += nbytes
             train[2] += 1
@@ -151,15 +156,20 @@ class BandwidthEstimator:
             long_enough = (self._link_free - train[0]) * 1000.0 >= self.full_weight_ms
             if long_enough and train[2] >= (2 * train[3] if train[3] > 1 else 1):
                 sample = self._close_train() or sample
+        if not self._open and self._train is not None:
+            # every upload drained has ended, so the link is idle: a later one starts a new train
+            sample = self._close_train() or sample
         return sample
 
     def _close_train(self) -> float | None:
         assert self._train is not None
-        (t0, nbytes, _, _, tainted), self._train = self._train, None
+        (t0, nbytes, _, _, tainted, continued), self._train = self._train, None
         span_ms = (self._link_free - t0) * 1000.0
         expected_ms = nbytes * 8.0 / (self.estimate_mbps * 1000.0)
         too_small = nbytes < self.min_bytes or span_ms < self.min_upload_ms or expected_ms < self.min_expected_ms
-        if tainted or too_small:
+        # the rest of a busy period closed mid-way holds bytes partly sent before it began: over
+        # a short span they would read a link far faster than it is
+        if tainted or too_small or (continued and span_ms < self.full_weight_ms):
             return None
         sample = nbytes * 8.0 / (span_ms * 1000.0)
         self.history.append((nbytes, span_ms, 0.0, 0.0, sample))
@@ -321,6 +331,8 @@ class LoadMonitor:
         d_total = cur[1] - self._prev[1]
         d_own = (own - self._prev_own) * self.clk_tck
         if d_total <= 0:
+            if d_total < 0:  # the counters went back (reset or restored): measure from the new ones
+                self._prev, self._prev_own = cur, own
             return self.load
         self._prev, self._prev_own = cur, own
         other = min(MAX_LOAD, max(0.0, (d_busy - d_own) / d_total))
