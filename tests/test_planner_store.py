@@ -19,8 +19,13 @@ import redis
 from dapdee.costgraph import CostGraph
 from dapdee.planner.config import Settings
 from dapdee.planner.errors import RedisUnavailable
+from dapdee.planner.keys import Keys
 from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.model_cache import ModelCache
+from dapdee.planner.model_writes import ModelWriter
+from dapdee.planner.redis_link import RedisLink
 from dapdee.planner.store import CapacityExceeded, Profile, Store, VersionConflict, Worker
+from dapdee.planner.writes import WRITE_MODEL, Outbox
 from dapdee.planning import PlanRequest
 from dapdee.testing import RedisProcess
 from tests.redis_proxy import RedisProxy
@@ -823,6 +828,62 @@ def test_planmap_build_budget_keeps_the_loop_free(planner_prefix: str) -> None:
             assert sample(s, "dapdee_planner_planmaps_not_stored_total", reason="over_budget") == 1
 
     asyncio.run(go())
+
+
+class WritesLandFirst(RedisLink):
+    """A replica's link to Redis on which `before_write` (another replica's writes) runs once,
+    just before this replica's next model write reaches Redis: after its fresh read of the
+    model, before its script. Everything else goes to Redis as it is."""
+
+    def __init__(self, settings: Settings, metrics: PlannerMetrics) -> None:
+        super().__init__(settings, metrics)
+        self.before_write: Any = None
+
+    async def script(self, op: str, source: str, keys: Any, args: Any) -> Any:
+        if source == WRITE_MODEL and self.before_write is not None:
+            before, self.before_write = self.before_write, None
+            await before()
+        return await super().script(op, source, keys, args)
+
+
+def test_a_write_that_went_onto_another_replicas_state_reads_the_model_again(planner_prefix: str) -> None:
+    """Replica A puts profile r without If-Match (which checks only the graph). Between A's read
+    of the model (version 2, profile p) and A's write, replica B deletes the model, creates it
+    again with the same graph and puts profile q: Redis is back at version 2, A's write makes it
+    3, the version A planned on. A caches what Redis holds, {q, r}, not the {p, r} it planned:
+    the write went onto another write than the one A read. Before, A kept serving p, which no
+    longer exists, until the model's next write."""
+
+    async def go() -> tuple[list[str], list[str], list[str]]:
+        s = settings(planner_prefix, refresh_s=3600.0)
+        g = chain_graph("m")
+        async with running(s) as b:
+            await b.put_graph(g)
+            await b.put_profile("m", device_profile(g, "p"))
+            metrics = PlannerMetrics()
+            link = WritesLandFirst(s, metrics)
+            link.connect()
+            keys, outbox = Keys.for_prefix(s.key_prefix), Outbox(s.max_pending_writes)
+            cache = ModelCache(s, metrics, link, keys, outbox.has)
+            a = ModelWriter(s, metrics, link, keys, cache, outbox)
+
+            async def recreated() -> None:
+                assert await b.delete_model("m")
+                await b.put_graph(g)
+                await b.put_profile("m", device_profile(g, "q", 3.0))
+
+            link.before_write = recreated
+            try:
+                answer = await a.put_profile("m", device_profile(g, "r", 4.0))
+                assert answer is not None and answer.state.version == 3
+                stored = await cache.fetch("m")
+                assert stored is not None
+                return sorted(cache.models["m"].profiles), sorted(answer.state.profiles), sorted(stored.profiles)
+            finally:
+                await link.close()
+
+    cached, answered, stored = asyncio.run(go())
+    assert stored == ["q", "r"] and cached == stored and answered == stored
 
 
 def test_unreadable_stored_model_can_be_replaced_or_deleted(planner_prefix: str) -> None:

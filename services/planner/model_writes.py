@@ -241,11 +241,12 @@ class ModelWriter:
                     return planned, self._queue(planned)
                 op = planned.op if expect is not None else replace(planned.op, check="graph")
                 try:
-                    status, version, h = await self._send(op)
+                    status, version, h, prev = await self._send(op)
                 except RedisUnavailable:  # maybe applied: the op id tells on replay
                     return planned, self._queue(replace(planned, op=op))  # decided on a fresh read: same check
                 if status in ("ok", "applied", "gone"):
-                    return await self._settle(name, planned, version, h), "redis"
+                    based_on_read = prev == (cur.last_op if cur is not None else "")
+                    return await self._settle(name, planned, version, h, based_on_read), "redis"
                 if status == "capacity":
                     raise self._refused("models" if planned.op.kind == "put_graph" else "profiles", name)
                 if expect is not None:
@@ -284,10 +285,13 @@ class ModelWriter:
             self.cache.remember(planned.op.model, planned.after)
         return stored
 
-    async def _settle(self, name: str, planned: Planned, version: int, h: str) -> Planned:
+    async def _settle(self, name: str, planned: Planned, version: int, h: str, based_on_read: bool) -> Planned:
         """Cache the state Redis holds after an applied write: the planned state when Redis
-        reports the version it implies, else (another replica's write landed in between) the
-        model read again. O(1), or one round trip."""
+        reports the version it implies and the write went onto the state it was planned on
+        (`based_on_read`: the last write before it is the one read), else (another replica's
+        writes landed in between: a write without If-Match checks only the graph, and a model
+        deleted and created again can be back at the same version) the model read again. O(1),
+        or one round trip."""
         self.cache.changed()
         if planned.after is None or version == 0:
             self.cache.forget(name)
@@ -296,7 +300,7 @@ class ModelWriter:
         after = replace(
             planned.after, version=version, graph_hash=h or planned.after.graph_hash, last_op=planned.op.op_id
         )
-        if version != planned.after.version:
+        if version != planned.after.version or not based_on_read:
             try:
                 after = await self.cache.fetch(name) or after
             except RedisUnavailable:
@@ -305,13 +309,13 @@ class ModelWriter:
         self.cache.remember(name, after)
         return replace(planned, after=after)
 
-    async def _send(self, op: Op) -> tuple[str, int, str]:
-        """Run `op` through WRITE_MODEL: (status, version, graph hash). Raises RedisUnavailable.
-        One round trip."""
+    async def _send(self, op: Op) -> tuple[str, int, str, str]:
+        """Run `op` through WRITE_MODEL: (status, version, graph hash, the id of the write it
+        went onto: '' unless it changed the model). Raises RedisUnavailable. One round trip."""
         args = op.script_args(self.settings.max_models, self.settings.max_profiles_per_model)
         res = await self.link.script(op.kind, WRITE_MODEL, op.script_keys(self.keys), args)
-        status, version, h = res
-        return _text(status), int(version), _text(h)
+        status, version, h = res[:3]
+        return _text(status), int(version), _text(h), _text(res[3]) if len(res) > 3 else ""
 
     # ---- the refresh loop's part ------------------------------------------------------------
     async def sync(self) -> None:
@@ -371,7 +375,7 @@ class ModelWriter:
                 restore_version=st.version,
                 restore_profiles=tuple((t, p.to_json()) for t, p in sorted(st.profiles.items())),
             )
-            status, _, _ = await self._send(op)
+            status, *_ = await self._send(op)
             if status == "ok":
                 self.outbox.drop_model(name)  # its queued changes are part of what was written
             elif status == "capacity":
@@ -393,7 +397,7 @@ class ModelWriter:
                 self._conflict(op, "version", None)
                 conflicts += 1
                 continue
-            status, version, _ = await self._send(op)
+            status, version, *_ = await self._send(op)
             self.outbox.pop_first()
             self._to_reload.add(op.model)
             n += 1

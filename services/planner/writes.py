@@ -61,6 +61,7 @@ else
   h = ''
 end
 local ops = redis.call('HGET', KEYS[3], name) or redis.call('GET', KEYS[7]) or ''
+local prev = string.match(ops, '^(%S+)') or ''  -- the last write before this one
 if string.find(' ' .. ops .. ' ', ' ' .. opid .. ' ', 1, true) then
   return {'applied', cur, h}
 end
@@ -85,7 +86,7 @@ local function bump(newh)
   redis.call('HSET', KEYS[2], name, v)
   remember()
   redis.call('INCR', KEYS[4])
-  return {'ok', v, newh}
+  return {'ok', v, newh, prev}
 end
 if kind == 'restore' then
   if cur > 0 then return {'present', cur, h} end
