@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dapdee.client import (
+    ApiError,
     AsyncEdgeClient,
     AsyncPlannerClient,
     EdgeClient,
@@ -179,6 +180,61 @@ def test_a_call_that_was_never_sent_may_be_repeated() -> None:
     assert not _repeatable(get, [b"streamed"], 0, connect, later)  # a streamed body cannot be replayed
     assert not _repeatable(get, None, 0, broken, time.monotonic() - 1.0)  # no time left
     assert not Call("GET", "/x", lambda a: None, idempotent=False).is_idempotent
+
+
+class FirstAttemptFails:
+    """An HTTP transport on which the first request fails with `first` (httpx's error for a
+    connect that failed, or for a connection broken after the request left) and every later one
+    is answered 404 "no live lease"; it counts the requests that reached "the server"."""
+
+    def __init__(self, first: httpx.HTTPError) -> None:
+        self.first: httpx.HTTPError | None = first
+        self.reached = 0
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if self.first is not None:
+            exc, self.first = self.first, None
+            if not isinstance(exc, httpx.ConnectError):
+                self.reached += 1  # the request went out before the connection broke
+            raise exc
+        self.reached += 1
+        body = b'{"title": "Not Found", "status": 404, "detail": "no live lease"}'
+        headers = {"content-type": "application/problem+json", "content-length": str(len(body))}
+        return httpx.Response(404, headers=headers, stream=httpx.ByteStream(body))
+
+
+def release_through(make: Callable[..., Any], server: FirstAttemptFails) -> Any:
+    """`release("cam-1")` by a client `make` (sync or async) over `server`: its result or error."""
+    client = make("http://planner.test", transport=httpx.MockTransport(server.answer))
+
+    async def aio() -> Any:
+        async with client:
+            return await client.release("cam-1")
+
+    try:
+        if make is AsyncPlannerClient:
+            return asyncio.run(aio())
+        with client:
+            return client.release("cam-1")
+    except Exception as exc:  # noqa: BLE001 - the test judges it
+        return exc
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_delete_answered_404_is_success_only_after_an_attempt_that_may_have_reached_the_server(
+    broken: bool,
+) -> None:
+    """A DELETE repeated after a connect error (nothing was sent) and answered 404 is a 404: the
+    only attempt that reached the server says the lease is not there. Repeated after a
+    connection broken once the request had gone out, the 404 is the first attempt's delete,
+    whose answer was lost: success. Sync and async alike. Before, both were success."""
+    for make in (PlannerClient, AsyncPlannerClient):
+        server = FirstAttemptFails(httpx.RemoteProtocolError("closed") if broken else httpx.ConnectError("refused"))
+        got = release_through(make, server)
+        if broken:
+            assert got is None and server.reached == 2, (make, got)
+        else:
+            assert isinstance(got, ApiError) and got.status == 404 and server.reached == 1, (make, got)
 
 
 # ---- one deadline for the whole exchange ------------------------------------------------------------

@@ -33,8 +33,9 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
   PUT, DELETE, OPTIONS, TRACE: RFC 9110 §9.2.2) or because its builder says so
   (`Call.idempotent`: `POST /plan`, whose repeat renews the same per-device lease). Never a
   POST otherwise (an infer, a heartbeat, a rebalance), never a call whose body was streamed
-  (it cannot be replayed), never once the deadline has passed; a repeated DELETE answered 404
-  succeeds (the first attempt, whose answer the broken connection lost, deleted it);
+  (it cannot be replayed), never once the deadline has passed; a DELETE repeated after a
+  broken connection and answered 404 succeeds (the first attempt, whose answer the connection
+  lost, deleted it; after a connect error nothing was sent, and the 404 is the answer);
 - turn a 3xx/4xx/5xx status outside the call's answers into `ApiError`, a 1xx/2xx one and an
   answer `parse` rejects (any ValueError, pydantic's included, or JSON nested too deep) into
   `ProtocolError`, and no answer into `TransportError`;
@@ -290,8 +291,9 @@ def finish(call: Call[T], answer: Answer, repeat: bool = False) -> T:
     """The result of `call` from its answer: `parse` for a status in `call.ok`; for any other,
     ProtocolError when it is a 1xx/2xx (not an error, but not an answer the call has) and
     ApiError otherwise (4xx/5xx, and a 3xx: redirects are never followed); ProtocolError when
-    `parse` rejects the answer. A `repeat` of a DELETE answered 404 is the call's first answer
-    without a body: the attempt before, whose answer was lost, deleted it."""
+    `parse` rejects the answer. A `repeat` (a call made again after an attempt that may have
+    reached the server: a broken connection, not a connect error) of a DELETE answered 404 is
+    the call's first answer without a body: the attempt before, whose answer was lost, deleted it."""
     if repeat and call.method == "DELETE" and answer.status == 404:
         answer = Answer(min(call.ok), answer.headers, b"", answer.elapsed_ms)
     if answer.status not in call.ok:
@@ -484,12 +486,14 @@ class SyncTransport(_Transport):
         self._check_open(call)
         deadline = time.monotonic() + self.total_s(call)
         with within(deadline):
+            sent_before = False  # whether an attempt before this one may have reached the server
             for attempt in (0, 1):
                 try:
-                    return finish(call, self._exchange(call, body, deadline), repeat=attempt > 0)
+                    return finish(call, self._exchange(call, body, deadline), repeat=sent_before)
                 except httpx.HTTPError as exc:
                     if not _repeatable(call, body, attempt, exc, deadline):
                         raise _no_answer(call, exc) from None
+                    sent_before = not isinstance(exc, httpx.ConnectError)
         raise AssertionError("unreachable")
 
     def _exchange(self, call: Call[Any], body: Iterable[bytes] | None, deadline: float) -> Answer:
@@ -530,15 +534,17 @@ class AsyncTransport(_Transport):
         self._check_open(call)
         self._check_loop(call)
         deadline = time.monotonic() + self.total_s(call)
+        sent_before = False  # whether an attempt before this one may have reached the server
         for attempt in (0, 1):
             progress = _Progress()
             try:
                 left = deadline - time.monotonic()
                 answer = await _within(self._exchange(call, body, deadline, progress), left)
-                return finish(call, answer, repeat=attempt > 0)
+                return finish(call, answer, repeat=sent_before)
             except (httpx.HTTPError, asyncio.TimeoutError) as exc:
                 if not _repeatable(call, body, attempt, exc, deadline):
                     raise _no_answer(call, self._cause(exc, progress)) from None
+                sent_before = not isinstance(exc, httpx.ConnectError)
         raise AssertionError("unreachable")
 
     def _check_loop(self, call: Call[Any]) -> None:
