@@ -149,6 +149,21 @@ def test_the_fallback_token_grants_every_role(alexnet: LoadedModel) -> None:
             assert c.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers).status_code == 401
 
 
+def test_both_services_run_open_answer_only_loopback_hosts(alexnet: LoadedModel) -> None:
+    """The planner and the edge worker started with no token (loopback, no --insecure) refuse a
+    request for another Host (DNS rebinding: 403) and serve one for 127.0.0.1; with --insecure
+    (run open on purpose, e.g. on a LAN address) the Host is not checked."""
+    apps = [create_app(Settings(), [alexnet]), create_planner(PlannerSettings(redis_url=None))]
+    rebound = {"Host": "rebind.attacker.example"}
+    for app in apps:
+        with serve_app_in_thread(app) as url, httpx.Client(base_url=url) as c:
+            path = "/v2/health/ready" if app is apps[0] else "/healthz"
+            assert c.get(path, headers=rebound).status_code == 403, path
+            assert c.get(path).status_code == 200, path
+    with serve_app_in_thread(create_app(Settings(insecure=True), [alexnet])) as url:
+        assert httpx.get(f"{url}/v2/health/ready", headers=rebound).status_code == 200
+
+
 def test_tokens_and_sizes_are_checked_before_the_body_is_parsed(edge: tuple[httpx.Client, FastAPI]) -> None:
     """A garbage body without a token is a 401, not a 400: the handler never ran (no infer
     request was counted), only the guard's refusal was."""

@@ -315,3 +315,52 @@ def test_a_non_ascii_digit_content_length_is_a_400_not_a_crash() -> None:
         assert (b"connection", b"close") in start["headers"]
         assert "Content-Length" in json.loads(sent[1]["body"])["error"]
     assert app.state.parsed == 0 and app.state.rejected == ["bad_request"] * 3
+
+
+def test_the_route_cache_holds_a_bounded_number_of_path_bytes() -> None:
+    """4096 requests name distinct paths of 60 KB each (any client may, before any token
+    check): the guard's route cache keeps what fits its byte budget, about 1 MiB, and still
+    answers each path's route. Before, it kept 4096 paths whatever their length: about 250 MB
+    held by a process that unauthenticated requests had filled."""
+    import tracemalloc
+
+    app = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]), guarded=False)
+    guard = RequestGuard(app, app, app.state.tokens, _render, max_body_bytes=1000, body_timeout_s=0.5,
+                         max_concurrency=4)  # fmt: skip
+
+    def scope(path: str, method: str = "GET") -> dict[str, Any]:
+        return {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(4096):
+            assert guard.route_for(scope(f"/x{i:06d}" + "a" * 60_000)).access is None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held - before < 2 << 20, held - before
+    assert guard.route_for(scope("/things")).route == "/things"
+    assert guard.route_for(scope("/things/x" + "b" * 60_000, "DELETE")).route == "/things/{name}"
+
+
+def test_an_open_service_answers_only_requests_for_a_loopback_host() -> None:
+    """A service run open (no token) on loopback refuses, before anything else, a request whose
+    Host is not a loopback name: a web page that rebinds its own domain to 127.0.0.1 cannot call
+    it from a browser (DNS rebinding). Loopback names (127.0.0.1, localhost, [::1]) are served;
+    so is any Host where tokens are configured."""
+    open_app = make_app(TokenSet.of(), guarded=False)
+    open_app.add_middleware(RequestGuard, routes_app=open_app, tokens=TokenSet.of(), render=_render,
+                            max_body_bytes=1000, body_timeout_s=0.5, max_concurrency=4,
+                            loopback_hosts_only=True)  # fmt: skip
+    closed = make_app(TokenSet.of(TOKENS["admin"], TOKENS["device"], TOKENS["worker"]))
+    with ServerThread(open_app) as served_open, ServerThread(closed) as served_closed:
+        port = served_open.url.rsplit(":", 1)[1]
+        for host in ("rebind.attacker.example", f"rebind.attacker.example:{port}", "127.0.0.1.evil:80", ""):
+            r = httpx.post(f"{served_open.url}/echo", json=[1], headers={"Host": host})
+            assert r.status_code == 403 and "loopback" in r.json()["error"], (host, r.text)
+        assert open_app.state.parsed == 0
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]", "LOCALHOST"):
+            assert httpx.post(f"{served_open.url}/echo", json=[1], headers={"Host": host}).json() == {"len": 1}
+        r = httpx.get(f"{served_closed.url}/things", headers={"Host": "rebind.attacker.example", **_auth("device")})
+        assert r.status_code == 200

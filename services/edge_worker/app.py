@@ -208,6 +208,7 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         on_reject=on_reject,
         body_limit=body_limit,
         before_body=unserved,
+        loopback_hosts_only=app.state.tokens.open and not settings.insecure,  # no DNS rebinding
     )
 
 

@@ -90,6 +90,7 @@ def _install_guard(app: FastAPI, settings: Settings, metrics: PlannerMetrics) ->
         max_concurrency=settings.max_concurrency,
         max_buffered_bytes=settings.max_buffered_bytes,
         on_reject=lambda reason, route: metrics.rejected.labels(route, reason).inc(),
+        loopback_hosts_only=app.state.tokens.open and not settings.insecure,  # no DNS rebinding
     )
 
 

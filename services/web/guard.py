@@ -3,6 +3,10 @@
 `RequestGuard` is the outermost middleware of both services (pure ASGI, installed with
 `app.add_middleware`; it answers nothing itself except refusals). For each HTTP request it:
 
+0. with `loopback_hosts_only` (a service that runs open, no token, on loopback), refuses with
+   403 a request whose `Host` is not a loopback name (`localhost`, 127.0.0.0/8, `[::1]`): a web
+   page could otherwise rebind its own domain to 127.0.0.1 and call every route from a
+   browser on the machine (DNS rebinding);
 1. matches the request to the app's route and reads the access the route declares with
    `security.require` (no declaration: admin-only; FastAPI's own docs routes: public; no route
    at all: passed on unread, so the app answers its 404/405 without the body ever being
@@ -58,7 +62,16 @@ except ImportError:  # pragma: no cover - older FastAPI: included routes are pla
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dapdee.bounded_cache import BoundedCache
-from dapdee.web.security import AUTH_SCOPE_KEY, DEFAULT_ACCESS, PUBLIC, Access, AuthFailure, TokenSet, authorize
+from dapdee.web.security import (
+    AUTH_SCOPE_KEY,
+    DEFAULT_ACCESS,
+    PUBLIC,
+    Access,
+    AuthFailure,
+    TokenSet,
+    authorize,
+    is_loopback,
+)
 from dapdee.web.security import declared_access as route_access
 
 Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, content type)
@@ -66,7 +79,10 @@ Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, 
 # refuses it, None lets it through
 BeforeBody = Callable[[Scope], "tuple[int, str, str] | None"]
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-ACCESS_CACHE_MAX = 4096  # (method, path) pairs whose route is cached
+# the routes cached per (method, path): a path is the client's to choose (up to the server's
+# head limit, tens of KB), so the cache is bounded by the bytes its paths hold, not their count
+ACCESS_CACHE_BYTES = 1 << 20
+ACCESS_ENTRY_BYTES = 256  # what an entry holds besides its path (key tuple, dict node)
 BUFFERED_BODIES = 4  # the default buffer bound holds at most this many bodies of the largest size
 
 
@@ -123,6 +139,7 @@ class RequestGuard:
         body_limit: Callable[[Scope], int] | None = None,
         max_buffered_bytes: int | None = None,
         before_body: BeforeBody | None = None,
+        loopback_hosts_only: bool = False,
     ) -> None:
         check_buffered_bytes(max_buffered_bytes, max_body_bytes)
         buffered = max_buffered_bytes
@@ -138,10 +155,11 @@ class RequestGuard:
         self.on_reject = on_reject
         self.body_limit = body_limit
         self.before_body = before_body
+        self.loopback_hosts_only = loopback_hosts_only
         self.active = 0  # requests holding a slot (event-loop confined: no lock needed)
         self.buffer = _BodyBuffer(buffered)
         self._watch = _BodyWatch(body_timeout_s)
-        self._access: BoundedCache[tuple[str, str], RouteAccess] = BoundedCache(ACCESS_CACHE_MAX)
+        self._access: BoundedCache[tuple[str, str], RouteAccess] = BoundedCache(ACCESS_CACHE_BYTES)
         docs = (
             routes_app.openapi_url,
             routes_app.docs_url,
@@ -152,8 +170,8 @@ class RequestGuard:
 
     def route_for(self, scope: Scope) -> RouteAccess:
         """The route `scope` reaches, with its access (`NO_ROUTE`: none). Cached per (method,
-        path), the ACCESS_CACHE_MAX most recently used (paths carry names); a miss walks the
-        routes: O(#routes) regex matches."""
+        path), the most recently used that fit ACCESS_CACHE_BYTES (paths carry names); a miss
+        walks the routes: O(#routes) regex matches."""
         key = (scope["method"], scope["path"])
         found = self._access.get(key)
         if found is not None:
@@ -168,7 +186,7 @@ class RequestGuard:
                     access = route_access(getattr(route, "dependencies", ())) or DEFAULT_ACCESS
                     found = RouteAccess(access, getattr(route, "path", ""))
                     break
-        self._access.put(key, found, 1)
+        self._access.put(key, found, ACCESS_ENTRY_BYTES + len(scope["path"]))
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,6 +206,12 @@ class RequestGuard:
         counted in `hold`."""
         original = receive
         access, route = self.route_for(scope)
+        host = _header(scope, b"host")
+        if self.loopback_hosts_only and not _loopback_name(host):
+            shown = (host or "")[:80]
+            message = f"Host {shown!r} is not a loopback name: this service runs open (no token) for loopback only"
+            await self._refuse(send, _Refusal(403, "forbidden", message), route, close=True)
+            return
         if access is None:  # no route: the app's 404/405 needs no body
             await self.app(scope, receive, _closing(send) if _may_have_body(scope) else send)
             return
@@ -429,6 +453,17 @@ def _unread_body(scope: Scope, receive: Receive, original: Receive) -> bool:
     Content-Length) and it declares a chunked body (Transfer-Encoding). Its answer must then
     carry `Connection: close`. O(#headers)."""
     return receive is original and _header(scope, b"transfer-encoding") is not None
+
+
+def _loopback_name(host: str | None) -> bool:
+    """Whether a `Host` header names this machine's loopback (`localhost`, 127.0.0.0/8 or
+    `[::1]`, any port). O(len(host))."""
+    if not host:
+        return False
+    if host.startswith("["):  # [v6] or [v6]:port
+        end = host.find("]")
+        return end > 0 and is_loopback(host[1:end])
+    return is_loopback(host.rsplit(":", 1)[0])
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
