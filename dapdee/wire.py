@@ -323,7 +323,8 @@ def _json_array(data: Any, name: str, dtype: str, np_dtype: np.dtype, shape: lis
         raise WireError(f"tensor {name!r}: data must be numbers, got {arr.dtype.kind!r} values")
     if np_dtype.kind in "iu":
         _check_integer_values(arr, name, dtype, np_dtype)
-    return arr.reshape(-1).astype(np_dtype)
+    with np.errstate(over="ignore"):  # a float that overflows the type is refused by name later
+        return arr.reshape(-1).astype(np_dtype)
 
 
 def _check_integer_values(arr: np.ndarray, name: str, dtype: str, np_dtype: np.dtype) -> None:
@@ -344,6 +345,16 @@ def _check_integer_values(arr: np.ndarray, name: str, dtype: str, np_dtype: np.d
         raise WireError(f"tensor {name!r}: values out of {dtype} range [{info.min}, {info.max}]")
 
 
+def shown_value(value: Any, limit: int = 64) -> str:
+    """A client's value as a message shows it: a string quoted, at most `limit` characters; an
+    array or an object by its kind only (as text, a deeply nested one would exhaust the stack,
+    a long one fill the message); anything else by its repr, cut the same. O(limit)."""
+    if isinstance(value, (list, dict)):
+        return "a JSON " + ("array" if isinstance(value, list) else "object")
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _entry_header(e: Any, i: int, key: str, seen: Mapping[str, Any]) -> tuple[str, str, list[int]]:
     """(name, datatype, shape) of tensor entry `e` (`key[i]`), each checked; WireError naming it."""
     if not isinstance(e, dict):
@@ -355,7 +366,9 @@ def _entry_header(e: Any, i: int, key: str, seen: Mapping[str, Any]) -> tuple[st
         raise WireError(f"tensor {name!r}: duplicate name in {key}")
     dtype = e.get("datatype")
     if not isinstance(dtype, str) or dtype not in DATATYPES:
-        raise WireError(f"tensor {name!r}: datatype {dtype!r} not supported; use one of {', '.join(DATATYPES)}")
+        raise WireError(
+            f"tensor {name!r}: datatype {shown_value(dtype)} not supported; use one of {', '.join(DATATYPES)}"
+        )
     shape = e.get("shape")
     if not isinstance(shape, list) or len(shape) > 16 or not all(_is_int(s) and s >= 0 for s in shape):
         raise WireError(f"tensor {name!r}: shape must be a list of at most 16 non-negative integers")
@@ -382,7 +395,7 @@ def _binary_values(
     datatype and the bytes left (a view, no copy)."""
     np_dtype = DATATYPES[dtype][1]
     if not _is_int(size) or size < 0:
-        raise WireError(f"tensor {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+        raise WireError(f"tensor {name!r}: binary_data_size must be a non-negative integer, got {shown_value(size)}")
     want = count * np_dtype.itemsize
     if size != want:
         raise WireError(f"tensor {name!r}: binary_data_size {size} does not match shape {shape} {dtype} ({want} bytes)")
@@ -409,9 +422,11 @@ def _checked_scale(params: Mapping[str, Any], name: str, dtype: str) -> float | 
         except OverflowError:  # a JSON integer of hundreds of digits: no float holds it
             value = math.inf
     if not math.isfinite(value) or value <= 0:
-        shown = repr(scale)
-        shown = shown if len(shown) <= 40 else shown[:40] + "..."
-        raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {shown}")
+        raise WireError(f"tensor {name!r}: scale must be a finite number > 0, got {shown_value(scale, 40)}")
+    if not 0.0 < float(np.float32(value)) < math.inf:  # the values are scaled in float32
+        raise WireError(
+            f"tensor {name!r}: scale {shown_value(scale, 40)} is beyond float32's range (0 or infinite there)"
+        )
     return value
 
 
@@ -453,13 +468,16 @@ def _decode_tensors(
         scale = _checked_scale(params, name, dtype)
         # numpy, single-threaded: torch's intra-op threads only add latency at these sizes
         if upcast:
-            arr = arr.astype(np.float32)  # always a fresh, aligned, writable copy
-            if scale is not None:
-                arr *= np.float32(scale)
+            with np.errstate(over="ignore"):  # overflow is refused by name just below
+                arr = arr.astype(np.float32)  # always a fresh, aligned, writable copy
+                if scale is not None:
+                    arr *= np.float32(scale)
         else:
             arr = arr.astype(DATATYPES[dtype][1].newbyteorder("="), copy=True)
         if check_finite and arr.dtype.kind == "f" and count and not np.isfinite(arr).all():
-            raise WireError(f"tensor {name!r}: contains NaN or Inf")
+            # finite values sent can overflow the type they are held in: name that range too
+            held = "FP16" if dtype == "FP16" else ("FP32" if upcast else dtype)
+            raise WireError(f"tensor {name!r}: contains NaN or Inf, or values beyond the range of {held}")
         out[name] = torch.from_numpy(arr).reshape(shape)
         dtypes[name] = dtype
     if offset != len(binary):

@@ -164,6 +164,43 @@ def test_both_services_run_open_answer_only_loopback_hosts(alexnet: LoadedModel)
         assert httpx.get(f"{url}/v2/health/ready", headers=rebound).status_code == 200
 
 
+def _deeply_nested(parameter: str, depth: int = 970, pad: int = 300 << 10) -> tuple[bytes, dict[str, str]]:
+    """An infer request whose `parameter` is an array nested `depth` deep, padded past the size
+    the worker decodes off the event loop (where the recursion headroom is larger)."""
+    body, headers = _x_request()
+    n = int(headers[wire.HEADER_LENGTH])
+    head = json.loads(body[:n])
+    head["parameters"] = {}
+    nested = f'"parameters": {{"{parameter}": ' + "[" * depth + "]" * depth + "}"
+    text = json.dumps(head).replace('"parameters": {}', nested).encode() + b" " * pad
+    return text + body[n:], {**headers, wire.HEADER_LENGTH: str(len(text))}
+
+
+def test_a_deeply_nested_parameter_is_a_400_not_a_500(alexnet: LoadedModel) -> None:
+    """`exit` or `confidence` given as an array nested 970 deep, in a body large enough to be
+    decoded in a thread: 400 naming the parameter. Before, turning the value into text for the
+    message on the event loop (less stack left than the decoding thread) raised RecursionError:
+    a 500 and a dropped connection."""
+    with serve_app_in_thread(create_app(Settings(), [alexnet])) as url, httpx.Client(base_url=url) as c:
+        for parameter in ("exit", "confidence"):
+            body, headers = _deeply_nested(parameter)
+            r = c.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers)
+            assert r.status_code == 400 and f"parameter {parameter}" in r.json()["error"], r.text[:300]
+            assert "a JSON array" in r.json()["error"]
+        assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_a_coding_on_a_second_content_encoding_line_is_refused(edge: tuple[httpx.Client, FastAPI]) -> None:
+    """`Content-Encoding: identity` then `Content-Encoding: gzip`: 415 naming the coding, as for
+    one line (before, only the first line was read: a gzip body reached the decoder)."""
+    client, _ = edge
+    body, headers = _x_request()
+    raw = [(k, v) for k, v in {**headers, **_auth("device")}.items()]
+    raw += [("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]
+    r = client.post(f"/v2/models/{MODEL}/infer", content=body, headers=httpx.Headers(raw))
+    assert r.status_code == 415 and "gzip" in r.json()["error"], r.text
+
+
 def test_tokens_and_sizes_are_checked_before_the_body_is_parsed(edge: tuple[httpx.Client, FastAPI]) -> None:
     """A garbage body without a token is a 401, not a 400: the handler never ran (no infer
     request was counted), only the guard's refusal was."""

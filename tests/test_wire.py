@@ -142,9 +142,31 @@ BAD = [
         "scale must be a finite number",
     ),
     ("int64 2**63 as a float", lambda: _j({"inputs": [_t(dtype="INT64") | {"data": [2.0**63, 1]}]}), "INT64 range"),
+    # finite values sent that the type they are held in cannot hold: the message names the range
+    ("fp16 overflow", lambda: _j({"inputs": [_t(dtype="FP16") | {"data": [70000, 1]}]}), "beyond the range of FP16"),
+    ("fp32 overflow", lambda: _j({"inputs": [_t() | {"data": [1e39, 1]}]}), "beyond the range of FP32"),
+    (  # a scale float32 holds as 0 would zero the input silently
+        "scale float32 cannot hold",
+        lambda: _binary({"inputs": [_t(dtype="INT8", binary_data_size=2, scale=1e-50)]}, b"\1\2"),
+        "beyond float32's range",
+    ),
     ("id not string", lambda: _j({"id": 5, "inputs": [_t() | {"data": [1, 2]}]}), "id"),
     ("params not object", lambda: _j({"parameters": [], "inputs": [_t() | {"data": [1, 2]}]}), "parameters"),
 ]
+
+
+def test_messages_show_a_bounded_part_of_what_the_client_sent() -> None:
+    """A 3 MB datatype, a 500,000-element binary_data_size: the error names the tensor and
+    shows at most a short part of the value (before: all of it, megabytes of message)."""
+    cases = [
+        _j({"inputs": [_t(dtype="A" * 3_000_000) | {"data": [1, 2]}]}),
+        _binary({"inputs": [_t(binary_data_size=[0] * 500_000)]}, b""),
+    ]
+    for body, hlen in cases:
+        with pytest.raises(wire.WireError) as err:
+            wire.decode_request(body, hlen, 1 << 30)
+        assert "tensor 'x'" in str(err.value) and len(str(err.value)) < 300, str(err.value)[:300]
+    assert wire.shown_value([[[]]]) == "a JSON array" and wire.shown_value("b" * 100).endswith("...")
 
 
 def test_json_data_may_be_flat_or_nested_as_its_shape() -> None:

@@ -131,7 +131,9 @@ def requested_exit(entry: ModelEntry, req: wire.DecodedRequest) -> str:
     exit_name = req.parameters.get("exit", entry.graph.exits[-1].name)
     exits = [e.name for e in entry.graph.exits]
     if not isinstance(exit_name, str) or exit_name not in exits:
-        raise ApiError(400, f"parameter exit {str(exit_name)[:64]!r}: unknown exit; model {entry.name!r} has {exits}")
+        raise ApiError(
+            400, f"parameter exit {wire.shown_value(exit_name)}: unknown exit; model {entry.name!r} has {exits}"
+        )
     unknown = [o for o in req.outputs or () if o not in OUTPUT_NAMES]
     if unknown:
         err = ApiError(400, f"outputs: unknown output {_short(unknown[0])!r}; outputs are {list(OUTPUT_NAMES)}")
@@ -199,7 +201,7 @@ def requested_confidence(entry: ModelEntry, req: wire.DecodedRequest, exit_name:
     when it is true and the model has no calibrated confidence exits. O(1)."""
     on = req.parameters.get("confidence", False)
     if not isinstance(on, bool):
-        err = ApiError(400, f"parameter confidence: expected true or false, got {str(on)[:32]!r}")
+        err = ApiError(400, f"parameter confidence: expected true or false, got {wire.shown_value(on)}")
         err.exit_label = exit_name
         raise err
     if on and entry.graph.progressive is None:

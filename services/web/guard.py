@@ -257,8 +257,10 @@ class RequestGuard:
         """Read the whole body under the size, buffer and time limits and return a `receive` that
         replays it (later calls reach the client: disconnects stay visible); `hold` counts its
         bytes (a declared Content-Length up front). O(body bytes)."""
-        coding = _header(scope, b"content-encoding")
-        if coding is not None and coding.strip().lower() not in ("", "identity") and _may_have_body(scope):
+        # every Content-Encoding line counts: a coding on the second would pass a look at the first
+        coding = ", ".join(v.decode("latin-1") for k, v in scope["headers"] if k == b"content-encoding") or None
+        codings = {c.strip().lower() for c in coding.split(",")} if coding is not None else set()
+        if codings - {"", "identity"} and _may_have_body(scope):
             # taken uncompressed: the size limit must bound what is decoded, not what is sent
             raise _Refusal(
                 415,
