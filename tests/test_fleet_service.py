@@ -606,6 +606,36 @@ def test_a_device_keeps_its_plan_while_the_best_is_within_the_switching_margin(p
             assert c.delete("/devices/s").status_code == 204
 
 
+def test_the_switching_margin_keeps_no_plan_that_no_longer_sustains_an_auto_requests_rate(
+    planner_prefix: str,
+) -> None:
+    """Auto mode, 49 frames/s. A graph x (25 kB) -> a (10 MB out) -> b, device 10 ms a node,
+    edge 0.1. At 20 Mbit/s Edge-Only (latency 10.2 ms, 100 frames/s) is the latency plan. At
+    9.75 Mbit/s it takes 20.7 ms, 48.75 frames/s: below the rate, while Device-Only (20 ms,
+    50 frames/s) sustains it, so auto's latency plan is Device-Only, as a new device gets. The
+    held Edge-Only is within 5 % of it in latency but does not sustain the rate: the device
+    moves. Before, the margin kept it, answered as latency mode, its requirements "met"."""
+    graph = {"model": "marg", "input": {"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32", "bytes": 25000},
+             "nodes": [{"name": "a", "op": "conv2d", "inputs": ["x"], "out_bytes": 10**7, "flops": 1,
+                        "device_ms": 10.0, "edge_ms": 0.1},
+                       {"name": "b", "op": "conv2d", "inputs": ["a"], "out_bytes": 40, "flops": 1,
+                        "device_ms": 10.0, "edge_ms": 0.1}],
+             "exits": [{"name": "final", "node": "b", "accuracy": 0.9}]}  # fmt: skip
+    with planner(planner_prefix, rebalance_s=0, switch_margin=0.05) as c:
+        assert c.put("/models/marg", json=graph).status_code == 201
+        assert beat(c, "http://w1:1", ["marg"], "t", 0.0, capacity_ms_per_s=5000.0).status_code == 200
+
+        def ask(device: str, mbps: float) -> dict[str, Any]:
+            body = {"model": "marg", "bandwidth_mbps": mbps, "frame_rate": 49.0, "mode": "auto", "device_id": device}
+            return c.post("/plan", json=body).json()
+
+        assert ask("cam-m", 20.0)["device_nodes"] == []
+        held, fresh = ask("cam-m", 9.75), ask("cam-fresh", 9.75)
+        assert fresh["device_nodes"] == ["a", "b"] and fresh["mode"] == "latency"
+        assert held["device_nodes"] == ["a", "b"], held
+        assert held["predicted"]["throughput_fps"] >= 49.0
+
+
 def test_a_slowdown_limits_admission_while_the_edge_load_is_taken_over_the_nominal_capacity(
     planner_prefix: str,
 ) -> None:

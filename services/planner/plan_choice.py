@@ -77,11 +77,15 @@ def requirements_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return (old.get("avoid_workers") or []) != (new.get("avoid_workers") or [])
 
 
-def within_margin(held: dict[str, Any], best: dict[str, Any], margin: float) -> bool:
+def within_margin(held: dict[str, Any], best: dict[str, Any], margin: float, sustain_fps: float | None = None) -> bool:
     """Whether a held plan is as good as `best` up to the switching margin: the same resolved
     mode, its requirements met if `best` meets them, no less accuracy, and its time (latency in
-    latency mode, bottleneck in throughput mode) t·(1 − margin) <= best's. O(1)."""
+    latency mode, bottleneck in throughput mode) t·(1 − margin) <= best's. With `sustain_fps`
+    (an auto-mode request's frame rate), a held plan in latency mode must also sustain it, as
+    auto's latency plan has to (`planmap.decide`). O(1)."""
     if held["mode"] != best["mode"] or (best["constraints_met"] and not held["constraints_met"]):
+        return False
+    if sustain_fps is not None and best["mode"] == "latency" and held["predicted"]["throughput_fps"] < sustain_fps:
         return False
     if (held["exit"]["accuracy"] or 0.0) < (best["exit"]["accuracy"] or 0.0):
         return False
@@ -259,7 +263,8 @@ class PlanChooser:
         if same_plan and held_plan["device_nodes"] == best.plan["device_nodes"] and record.get("worker") == best.worker:
             return None
         held = repriced(record, ask, candidates, others, edge_load)
-        if held is None or not within_margin(held.plan, best.plan, margin):
+        sustain = ask.req.frame_rate if ask.req.mode == "auto" else None
+        if held is None or not within_margin(held.plan, best.plan, margin, sustain):
             return None
         if held.worker is None:
             return held
