@@ -218,3 +218,12 @@ def test_a_benchmark_refusing_its_arguments_says_why(capsys: pytest.CaptureFixtu
     assert main(["bench", "paper", "--networks", "5G"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("dapdee: error: ") and "5G" in err[-1], err
+
+
+def test_a_device_run_log_that_cannot_be_written_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`device run --log DIR` (a directory): one line naming --log, exit 2, as `up --log` says
+    (before: "[Errno 21] Is a directory" without the option)."""
+    args = ["device", "run", "--weights", "artifacts/fmnist-alexnet", "--device-only", "--frames", "1", "--quiet"]
+    assert main([*args, "--log", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dapdee: error: --log ") and "cannot write the file" in err[-1], err

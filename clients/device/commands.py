@@ -256,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dapdee.device.frames import FrameFormat, open_source, random_frames
-    from dapdee.device.report import jsonl_line, summarize
+    from dapdee.device.report import jsonl_line, open_log, summarize
     from dapdee.device.session import open_device
 
     settings = settings_of(args)
@@ -281,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return runtime, records or list(runtime.records), time.monotonic() - t0, source
 
     try:
-        with open(args.log, "w") if args.log else contextlib.nullcontext() as log:
+        with open_log(args.log) if args.log else contextlib.nullcontext() as log:
             runtime, records, wall, source = asyncio.run(until_terminated(main(log)))
     finally:
         tracing.shutdown()

@@ -61,10 +61,14 @@ class FrameFormat:
     shape: tuple[int, ...]
     dtype: str
     preprocess: dict[str, Any] | None = None
+    classes: tuple[str, ...] | None = None  # the model's class names, in label order (its manifest)
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> FrameFormat:
-        return cls(tuple(loaded.input_shape), loaded.graph.input.dtype, (loaded.manifest or {}).get("preprocess"))
+        manifest = loaded.manifest or {}
+        classes = manifest.get("classes")
+        names = tuple(str(c) for c in classes) if isinstance(classes, list) and classes else None
+        return cls(tuple(loaded.input_shape), loaded.graph.input.dtype, manifest.get("preprocess"), names)
 
     def capture(self, image: np.ndarray) -> torch.Tensor:
         """A decoded image uint8 [H, W, c] as the raw uint8 frame [1, C, H', W'] at the model's
@@ -123,14 +127,19 @@ class ImageFolderSource:
     """The images of a folder (`DIR/<class>/<image>` labelled, or loose images unlabelled), in
     class then path order, the first `limit`; of `DIR/test` when DIR has training's split layout
     (`DIR/train/<class>`, `DIR/test/<class>`). Each is brought to the model's input as training
-    did (`FrameFormat.capture`). An image that cannot be decoded is skipped and counted (its
-    name in `stats.reasons`). Opening scans the folder: O(files)."""
+    did (`FrameFormat.capture`). A class folder's label is the model's index of its name (the
+    manifest's `classes`, matched without regard to case), so a folder of some classes, or of
+    classes named in another order, is labelled as the model labels them; DataError naming a
+    folder the model has no class of. Without class names (a model with no manifest), the
+    folders' name order. An image that cannot be decoded is skipped and counted (its name in
+    `stats.reasons`). Opening scans the folder: O(files)."""
 
     def __init__(self, root: str | Path, fmt: FrameFormat, limit: int | None = None) -> None:
         self.folder = device_folder(root)
         self.fmt = fmt
         self.limit = limit
         self.stats = FrameStats()
+        self._labels = _model_labels(self.folder.root, self.folder.classes, fmt.classes)
 
     def describe(self) -> str:
         kind = f"{len(self.folder.classes)} classes" if self.folder.labelled else "unlabelled"
@@ -146,7 +155,24 @@ class ImageFolderSource:
                 self.stats.skip(str(exc))
                 continue
             self.stats.decoded += 1
+            label = label if label is None or self._labels is None else self._labels[label]
             yield Frame(self.fmt.prepare(self.fmt.capture(image)), label, str(path))
+
+
+def _model_labels(root: Path, folders: tuple[str, ...], classes: tuple[str, ...] | None) -> list[int] | None:
+    """Per class folder (in name order), the model's label of its name; None to keep the folders'
+    order (no folders, or no class names). DataError naming a folder the model has no class of.
+    O(folders + classes)."""
+    if not folders or not classes:
+        return None
+    index = {c.lower(): i for i, c in enumerate(classes)}
+    unknown = [f for f in folders if f.lower() not in index]
+    if unknown:
+        raise DataError(
+            f"image folder {str(root)!r}: class folder {unknown[0]!r} is not one of the model's classes "
+            f"({', '.join(classes)}); name each folder after a class, or leave the images unlabelled"
+        )
+    return [index[f.lower()] for f in folders]
 
 
 class VideoSource:

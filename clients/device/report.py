@@ -9,7 +9,7 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 from dapdee.device.types import FrameRecord
 
@@ -62,6 +62,15 @@ def format_records_table(records: Sequence[FrameRecord], limit: int = 40) -> str
             f"{r.measured_ms:8.1f} {r.pred_class:>3} {y:>3}"
         )
     return "\n".join(lines)
+
+
+def open_log(path: str) -> IO[str]:
+    """The --log file (one JSON line per frame), opened for writing (truncated); ValueError
+    naming --log when it cannot be, so a run does not go on only to lose its records. O(1)."""
+    try:
+        return open(path, "w")  # the caller's with-block closes it
+    except OSError as exc:
+        raise ValueError(f"--log {path!r}: cannot write the file ({exc.strerror or exc})") from None
 
 
 def jsonl_line(rec: FrameRecord) -> str:

@@ -303,15 +303,6 @@ async def _one_network(
     return row_of(name, rate, runtime, records, wall_s), reason, records
 
 
-def _open_log(path: str) -> IO[str]:
-    """The --log file, opened for writing (truncated); ValueError naming --log when it cannot
-    be, so the demo does not run only to lose its records. O(1)."""
-    try:
-        return open(path, "w")  # the caller's with-block closes it
-    except OSError as exc:
-        raise ValueError(f"--log {path!r}: cannot write the file ({exc.strerror or exc})") from None
-
-
 def _write_log(log_file: IO[str] | None, records: list[Any]) -> None:
     """One JSON line per frame record to the open --log file (none without one). O(records)."""
     from dapdee.device.report import jsonl_line
@@ -366,12 +357,13 @@ def _run_networks(st: Stack, opts: UpOptions, nets: list[Any]) -> tuple[list[Any
 def run_up(opts: UpOptions) -> int:
     """Start everything, stream the frames per network, print the table, stop everything. The
     --log file is opened first: one that cannot be written is an error before anything starts."""
+    from dapdee.device.report import open_log
     from dapdee.netem import parse_network
 
     t_start = time.monotonic()
     nets = [parse_network(n) for n in opts.networks]
     say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    with _open_log(opts.log) if opts.log else contextlib.nullcontext() as log_file:
+    with open_log(opts.log) if opts.log else contextlib.nullcontext() as log_file:
         st = _start_stack(opts, say)
         rows, reasons, records, source = _run_networks(st, opts, nets)
         _write_log(log_file, records)
