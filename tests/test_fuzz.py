@@ -404,12 +404,13 @@ def test_oversized_body_refused_up_front(edge_proc: EdgeTarget, record_property:
     that grows past the limit is cut off with 413 too."""
     path = edge_proc.infer_path
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {64 << 20}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {64 << 20}\r\n\r\n"
     ).encode()
     answer = _raw_http(edge_proc.url, head, b"{")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
     answer = _raw_http(edge_proc.url, head, chunk * 20)  # 1.25 MiB > the 1 MiB limit
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     record_property("fuzz_cases", json.dumps({"binary:oversized": 2}))
@@ -421,7 +422,7 @@ def test_a_request_head_over_its_limit_is_431_before_the_guard(edge_proc: EdgeTa
     MAX_HEAD_BYTES, and the worker keeps serving."""
     from dapdee.web.http_head import MAX_HEAD_BYTES
 
-    head = f"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * MAX_HEAD_BYTES}\r\n\r\n".encode()
+    head = f"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: {'a' * MAX_HEAD_BYTES}\r\n\r\n".encode()
     answer = _raw_http(edge_proc.url, head, b"")
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     assert edge_proc.valid().status_code == 200
