@@ -152,6 +152,14 @@ local function refusal(prefix, worker)
   if not ok or type(r) ~= 'table' or type(r.at) ~= 'number' or type(r.capacity) ~= 'number' then return nil end
   return r
 end
+-- Register the heartbeat `info` of `worker` that arrived at `at` (Redis ms) and was refused:
+-- live until at + ttl at least (its refusal kept the worker live that long), its refusal ended.
+-- Only for the refusal still pending (`refusal`) of a live worker: the caller checks.
+local function register_refused(prefix, exp, worker, info, at, ttl)
+  if tonumber(redis.call('ZSCORE', exp, worker)) < at + ttl then redis.call('ZADD', exp, at + ttl, worker) end
+  redis.call('HSET', prefix .. ':workers:info', worker, info)
+  redis.call('HDEL', prefix .. ':workers:refused', worker)
+end
 -- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
 -- states (the capacity now, whatever this replica saw), or the refused one `pending` (`refusal`)
 -- if that is less, and that capacity ('' if unknown).
@@ -372,12 +380,7 @@ if over(sum, limit) then
   return out
 end
 if register then
-  -- live until its arrival + ttl at least (its refusal kept the worker live that long)
-  if tonumber(redis.call('ZSCORE', KEYS[2], worker)) < tonumber(ARGV[8]) + tonumber(ARGV[7]) then
-    redis.call('ZADD', KEYS[2], tonumber(ARGV[8]) + tonumber(ARGV[7]), worker)
-  end
-  redis.call('HSET', prefix .. ':workers:info', worker, ARGV[5])
-  redis.call('HDEL', prefix .. ':workers:refused', worker)
+  register_refused(prefix, KEYS[2], worker, ARGV[5], tonumber(ARGV[8]), tonumber(ARGV[7]))
 end
 for i = 10, #ARGV, 4 do
   local d, load = ARGV[i], tonumber(ARGV[i + 1])

@@ -77,23 +77,18 @@ return {1}
 """
 )
 # KEYS: workers:exp, workers:info, workers:refused. ARGV: url, worker JSON, ttl ms, the time (ms)
-# of the refusal that left the heartbeat's capacity pending. Registers that heartbeat as it is,
-# only while its refusal is still the one pending (a heartbeat registered or refused since is
-# newer, and stays) and its worker is live (one that expired meanwhile is not revived); live
-# until its arrival + ttl at least, as its refusal kept it. Returns {1} registered, else {0}.
+# of the refusal that left the heartbeat's capacity pending, the key prefix. Registers that
+# heartbeat as it is (`register_refused`, as a re-solve's apply does), only while its refusal is
+# still the one pending (a heartbeat registered or refused since is newer, and stays) and its
+# worker is live (one that expired meanwhile is not revived). Returns {1} registered, else {0}.
 REGISTER_REFUSED = (
-    _NOW_MS
+    LEASE_FUNCTIONS
+    + _NOW_MS
     + """
-local url, ttl, at = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
-local raw = redis.call('HGET', KEYS[3], url)
-if not raw then return {0} end
-local ok, pending = pcall(cjson.decode, raw)
-if not ok or type(pending) ~= 'table' or pending.at ~= at then return {0} end
-local expiry = redis.call('ZSCORE', KEYS[1], url)
-if not expiry then return {0} end
-if tonumber(expiry) < at + ttl then redis.call('ZADD', KEYS[1], at + ttl, url) end
-redis.call('HSET', KEYS[2], url, ARGV[2])
-redis.call('HDEL', KEYS[3], url)
+local url, at = ARGV[1], tonumber(ARGV[4])
+local pending = refusal(ARGV[5], url)
+if pending == nil or pending.at ~= at or not redis.call('ZSCORE', KEYS[1], url) then return {0} end
+register_refused(ARGV[5], KEYS[1], url, ARGV[2], at, tonumber(ARGV[3]))
 return {1}
 """
 )
@@ -233,7 +228,7 @@ class WorkerRegistry:
         while that refusal is still pending and the worker live (REGISTER_REFUSED). True if
         registered (here too); False when a newer heartbeat stands or the worker has expired.
         Raises RedisUnavailable. One round trip."""
-        args = [w.url, w.info_json(), self.ttl_ms, refused_at_ms]
+        args = [w.url, w.info_json(), self.ttl_ms, refused_at_ms, self.keys.base]
         answer = await self.link.script("register_refused", REGISTER_REFUSED, self._script_keys(), args)
         if not int(answer[0]):
             return False

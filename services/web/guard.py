@@ -206,8 +206,7 @@ class RequestGuard:
         counted in `hold`."""
         original = receive
         access, route = self.route_for(scope)
-        host = _header(scope, b"host")
-        if self.loopback_hosts_only and not _loopback_name(host):
+        if self.loopback_hosts_only and not _loopback_name(host := _header(scope, b"host")):
             shown = (host or "")[:80]
             message = f"Host {shown!r} is not a loopback name: this service runs open (no token) for loopback only"
             await self._refuse(send, _Refusal(403, "forbidden", message), route, close=True)
