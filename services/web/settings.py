@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dapdee.web.security import TokenSet, token_problem
 
 SECURITY_FIELDS = ("admin_token", "device_token", "worker_token", "api_token", "insecure")
+TOKEN_FIELDS = ("admin_token", "device_token", "worker_token", "api_token")  # each a distinct secret
 
 
 def _env(name: str) -> str:
@@ -19,12 +20,25 @@ def _env(name: str) -> str:
     return f"DAPDEE_{name.upper()}"
 
 
+def _same_token(first: str, second: str) -> str:
+    """Why fields `first` and `second` (in `TOKEN_FIELDS` order) may not hold the same token,
+    naming both environment variables and never the token."""
+    if second == "api_token":
+        why = f"ambiguous: {_env(second)} grants every role, {_env(first)} one"
+    else:
+        why = "whoever holds either would hold both roles"
+    return f"{_env(first)} and {_env(second)} hold the same token ({why}); give each its own token"
+
+
 class SecuritySettings(BaseSettings):
     """Role tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`;
     `DAPDEE_API_TOKEN` grants all three) and `DAPDEE_INSECURE`. A service subclasses this;
     its own settings keep their own prefix. A token must be at least `MIN_TOKEN_CHARS` visible
-    ASCII characters (see `token_problem`); an empty one is none. No settings error repeats the
-    value it refuses (it may be a secret); subclasses inherit that."""
+    ASCII characters (see `token_problem`); an empty one is none. No two of the four may hold
+    the same token (`_distinct_tokens`): a device token equal to the admin token would make every
+    device an admin, and `DAPDEE_API_TOKEN` equal to a role token is ambiguous (one role or all
+    three?), so both are refused at start-up. No settings error repeats the value it refuses (it
+    may be a secret); subclasses inherit that."""
 
     model_config = SettingsConfigDict(hide_input_in_errors=True)
 
@@ -50,6 +64,23 @@ class SecuritySettings(BaseSettings):
         if problem is not None:
             raise ValueError(f"the token in DAPDEE_{str(info.field_name).upper()} {problem}")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> SecuritySettings:
+        """The settings unchanged when no two configured tokens are equal; ValueError naming the
+        first two environment variables that share one (never the value) otherwise, since the
+        guard grants a token every role it is configured for. `DAPDEE_API_TOKEN` is refused
+        as well when it equals a role token: whether that role alone or all three were meant is
+        ambiguous. O(total length of the tokens)."""
+        seen: dict[str, str] = {}  # token -> the first field holding it
+        for name in TOKEN_FIELDS:
+            secret: SecretStr | None = getattr(self, name)
+            if secret is None:
+                continue
+            first = seen.setdefault(secret.get_secret_value(), name)
+            if first != name:
+                raise ValueError(_same_token(first, name))
+        return self
 
     def __init__(self, **values: Any) -> None:
         """Settings from the environment, overridden by `values`, which may name a security
