@@ -16,9 +16,13 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
   per-phase timeouts are the call's timeout too, cut to the time left. A deadline that comes
   before the request began to go out (no connection yet, or none free in the pool) is
   `httpx.ConnectTimeout` / `httpx.PoolTimeout` as the cause, async as sync, so a caller can
-  tell that nothing was sent (the async transport learns how far the exchange got from
+  tell that nothing was sent; so is a proxy that never answers the `CONNECT` of its tunnel (an
+  https URL through a proxy), which httpx itself reports as a read timeout. (An http URL's
+  request goes to a plain-HTTP proxy at once: a proxy silent after it may have passed it on,
+  and that stays a read timeout.) Both transports learn how far the exchange got from
   httpcore's `trace` extension: with a `transport` of the caller's that is not
-  `httpx.AsyncHTTPTransport`, a deadline is always taken as hit after sending began);
+  `httpx.HTTPTransport` / `httpx.AsyncHTTPTransport`, a timeout is reported as httpx raised it
+  and an async deadline is always taken as hit after sending began;
 - carry a W3C `traceparent`: the call's own, else the current context's
   (`dapdee.web.tracecontext.use`), else none (the server starts the trace; its sampler decides);
 - ask for answers without a content coding (`Accept-Encoding: identity`), read them as they
@@ -349,19 +353,27 @@ def _no_answer(call: Call[Any], exc: BaseException) -> TransportError:
 
 
 class _Progress:
-    """How far one async exchange got, from httpcore's `trace` extension (awaited with each
-    event's name): whether any connection work was under way (opening one, or using a pooled
-    one) and whether the request began to go out (its headers being written). O(1) per event."""
+    """How far one exchange got, from httpcore's `trace` extension (called with each event's
+    name: `note` by the sync transport, awaited by the async one): whether any connection work
+    was under way (opening one, or using a pooled one) and whether the request began to go out
+    (its headers being written). A proxy tunnel's `CONNECT` (an https URL through a proxy) is
+    connection work: httpcore writes it with the request's own trace, but nothing of the request
+    has gone out until the proxy has answered it. O(1) per event."""
 
     def __init__(self) -> None:
         self.connecting = False
         self.sending = False
 
-    async def __call__(self, event: str, info: Mapping[str, Any]) -> None:
-        if event.endswith(".send_request_headers.started"):
+    def note(self, event: str, info: Mapping[str, Any]) -> None:
+        """Record `event` (with httpcore's `info` about it)."""
+        request = info.get("request")
+        if event.endswith(".send_request_headers.started") and getattr(request, "method", None) != b"CONNECT":
             self.sending = True
         else:
             self.connecting = True
+
+    async def __call__(self, event: str, info: Mapping[str, Any]) -> None:
+        self.note(event, info)
 
     def unsent_timeout(self) -> httpx.TimeoutException | None:
         """What a deadline hit now is, when the request had not begun to go out: ConnectTimeout
@@ -372,6 +384,24 @@ class _Progress:
         if self.connecting:
             return httpx.ConnectTimeout("the call's timeout ran out before a connection was made")
         return httpx.PoolTimeout("the call's timeout ran out waiting for a connection")
+
+
+def _unsent_cause(exc: BaseException, progress: _Progress) -> BaseException:
+    """The cause to report for `exc`, which ended an exchange whose `progress` httpcore traced:
+    a timeout before the request began to go out is the httpx timeout of the phase it was in
+    (`_Progress.unsent_timeout`: ConnectTimeout while a connection, a proxy's CONNECT tunnel
+    included, was being made), so that a caller can tell nothing was sent; else `exc`. Such a
+    timeout is the async transport's deadline (`_within` cancels the exchange before httpx's
+    own phase timeouts, which end at the same instant, can fire), or httpx's read or write
+    timeout of a CONNECT the proxy never answered. O(1)."""
+    unsent = (TimeoutError, asyncio.TimeoutError, httpx.ReadTimeout, httpx.WriteTimeout)
+    if not isinstance(exc, unsent):
+        return exc
+    cause = progress.unsent_timeout()
+    if cause is None:
+        return exc
+    cause.__cause__ = exc
+    return cause
 
 
 # ---- transports ---------------------------------------------------------------------------------
@@ -464,6 +494,11 @@ class _Transport:
         if self._http.is_closed:
             raise RequestError(f"{call.method} {call.path}: the client is closed")
 
+    def _cause(self, exc: BaseException, progress: _Progress) -> BaseException:
+        """The cause to report for `exc` (`_unsent_cause`); `exc` itself when the transport
+        reports no progress (a caller's own, not httpx's). O(1)."""
+        return _unsent_cause(exc, progress) if self.traced else exc
+
     def total_s(self, call: Call[Any]) -> float:
         """The seconds `call` may take as a whole: its own timeout, else the client's."""
         return check_timeout(call.timeout_s) if call.timeout_s is not None else self.timeout_s
@@ -488,16 +523,20 @@ class SyncTransport(_Transport):
         with within(deadline):
             sent_before = False  # whether an attempt before this one may have reached the server
             for attempt in (0, 1):
+                progress = _Progress()
                 try:
-                    return finish(call, self._exchange(call, body, deadline), repeat=sent_before)
+                    return finish(call, self._exchange(call, body, deadline, progress), repeat=sent_before)
                 except httpx.HTTPError as exc:
                     if not _repeatable(call, body, attempt, exc, deadline):
-                        raise _no_answer(call, exc) from None
+                        raise _no_answer(call, self._cause(exc, progress)) from None
                     sent_before = not isinstance(exc, httpx.ConnectError)
         raise AssertionError("unreachable")
 
-    def _exchange(self, call: Call[Any], body: Iterable[bytes] | None, deadline: float) -> Answer:
-        request = self._http.build_request(**self.request_args(call, body, deadline))
+    def _exchange(self, call: Call[Any], body: Iterable[bytes] | None, deadline: float, progress: _Progress) -> Answer:
+        args = self.request_args(call, body, deadline)
+        if self.traced:
+            args["extensions"] = {"trace": progress.note}
+        request = self._http.build_request(**args)
         t0 = time.perf_counter()
         response = self._http.send(request, stream=True)
         try:
@@ -559,15 +598,6 @@ class AsyncTransport(_Transport):
                 f"{call.method} {call.path}: this client was first used in another event loop, which "
                 "holds its connections; make one client per event loop"
             )
-
-    def _cause(self, exc: BaseException, progress: _Progress) -> BaseException:
-        """The cause to report for `exc`: the call's deadline (`_within` cancels the
-        exchange before httpx's own phase timeouts, which end at the same instant, can fire)
-        hit before the request began to go out is the httpx timeout of that phase
-        (`_Progress.unsent_timeout`), as the sync transport reports it; else `exc`. O(1)."""
-        if not isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or not self.traced:
-            return exc
-        return progress.unsent_timeout() or exc
 
     async def _exchange(
         self, call: Call[Any], body: AsyncIterable[bytes] | None, deadline: float, progress: _Progress
