@@ -79,6 +79,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how to measure device load: proc = other processes' CPU share (/proc/stat; device run's "
         "default), compute = share of the device thread's wall time lost to other work (up's default)",
     )
+    # the default is dapdee.device.config.DEFAULT_THREADS (that module is not imported to build the parser)
     p.add_argument("--threads", type=thread_count, default=1, help="torch CPU threads of the device (default 1)")
     p.add_argument("--log", metavar="FILE", help="write one JSON line per frame")
 
@@ -101,7 +102,11 @@ def _run_parser(dsub: Any) -> None:
         "(/dev/videoN), or a dataset's test images (fashion-mnist, cifar10:DIR); default: random inputs",
     )
     r.add_argument("--edge", metavar="URL", help="edge worker URL (default: the one the plan names)")
-    r.add_argument("--device-tier", help="name of this device's profile at the planner (default device-kK)")
+    r.add_argument(
+        "--device-tier",
+        help="name of this device's profile at the planner (default device-kK, e.g. device-k10; with --threads N "
+        "other than 1, device-kK-tN: another thread count computes at another speed)",
+    )
     r.add_argument("--device-id", help="this device's id: its plans hold a lease (needs --frame-rate)")
     r.add_argument("--profile", metavar="JSON", help="device profile file: loaded if present, else measured into it")
     r.add_argument("--token", help="device token for plans and infer (default $DAPDEE_DEVICE_TOKEN, $DAPDEE_API_TOKEN)")
@@ -152,11 +157,25 @@ def _tokens(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def settings_of(args: argparse.Namespace) -> Any:
     """The `DeviceSettings` of `dapdee device run`'s arguments; ValueError naming a bad one."""
-    from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, check_url, default_tier
+    from dapdee.device.config import (
+        PlannerConfig,
+        Requirements,
+        RuntimeConfig,
+        check_profile_path,
+        check_url,
+        default_tier,
+    )
     from dapdee.device.session import DeviceSettings
     from dapdee.netem import parse_network
 
     check_slowdown(args.slowdown)
+    if args.source is not None and not args.source.strip():
+        raise ValueError(
+            "--source: empty; name an image folder, a video file, a camera (/dev/videoN) or a dataset, "
+            "or leave --source out for random inputs"
+        )
+    if args.profile is not None:
+        check_profile_path("--profile", args.profile)  # a profile measured and then not kept is lost work
     if args.edge is not None:
         check_url("--edge", args.edge)
     if not args.model and not args.weights:
@@ -178,7 +197,7 @@ def settings_of(args: argparse.Namespace) -> Any:
     token, admin = _tokens(args)
     planner = None
     if args.planner and not args.plan:
-        tier = args.device_tier or default_tier(args.slowdown)
+        tier = args.device_tier or default_tier(args.slowdown, args.threads)
         planner = PlannerConfig(args.planner, tier, token, admin, args.device_id, ready_timeout_s=args.ready_timeout_s)
     plan_json = _plan_file(args.plan) if args.plan else None
     return DeviceSettings(

@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dapdee.client import RequestError
 from dapdee.client.transport import check_base_url
@@ -31,6 +34,37 @@ def check_url(what: str, url: str) -> None:
         check_base_url(url)
     except RequestError as exc:
         raise ValueError(f"{what}: {exc}") from None
+
+
+def check_profile_path(what: str, path: str) -> None:
+    """ValueError naming `what` unless `path` can hold the device profile: an existing regular
+    file this process can read (it is loaded, or measured again and replaced), or a new file
+    whose nearest existing folder is a directory this process can create files in (the missing
+    folders are made when the profile is written). That is tried with a temporary file there,
+    removed at once: permission bits do not tell what root or a read-only file system may do.
+    O(path depth)."""
+    if not path.strip():
+        raise ValueError(f"{what}: empty; give the profile's file path")
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        if target.is_dir():
+            raise ValueError(f"{what} {path!r}: is a directory; give the profile's file path")
+        if not target.is_file():
+            raise ValueError(f"{what} {path!r}: not a regular file")
+        if not os.access(target, os.R_OK):
+            raise ValueError(f"{what} {path!r}: cannot read it")
+        return
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path!r}: cannot write it ({str(folder)!r} is not a directory)")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dapdee-profile-check-")
+    except OSError as exc:
+        raise ValueError(f"{what} {path!r}: cannot write it in {str(folder)!r} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 @dataclass(frozen=True)
@@ -144,7 +178,13 @@ class PlannerConfig:
             _positive(f"planner {name.replace('_', ' ')}", getattr(self, name), allow_none=False)
 
 
-def default_tier(slowdown: float) -> str:
-    """The device profile's default tier name for an emulated slowdown K: `device-k10`,
-    `device-k2_5`."""
-    return f"device-k{slowdown:g}".replace(".", "_")
+DEFAULT_THREADS = 1  # torch CPU threads of the device unless `--threads` says otherwise
+
+
+def default_tier(slowdown: float, threads: int = DEFAULT_THREADS) -> str:
+    """The device profile's default tier name for an emulated slowdown K and `threads` torch
+    CPU threads: `device-k10`, `device-k2_5` at the default thread count, `device-k10-t2` at
+    any other (the device then computes at another speed, so it is another profile at the
+    planner; the default count keeps the names profiles were published and committed under)."""
+    name = f"device-k{slowdown:g}".replace(".", "_")
+    return name if threads == DEFAULT_THREADS else f"{name}-t{threads}"

@@ -158,9 +158,7 @@ class LinkProber:
         if small.overlapped or large.overlapped or small_ms is None or large_ms is None:
             return None
         self.cpu_pairs.append((small.request_bytes, small.cpu_ms, large.request_bytes, large.cpu_ms))
-        return self.sensing.bandwidth.observe_pair(
-            (small.request_bytes, small_ms), (large.request_bytes, large_ms), self.sensing.rtt.estimate_ms
-        )
+        return self.sensing.observe_pair((small.request_bytes, small_ms), (large.request_bytes, large_ms))
 
     def _fits(self) -> list[tuple[float, float]]:
         """Per probe pair since start-up, (a, b) of CPU = a + b · bytes through it: b >= 0,
@@ -263,6 +261,7 @@ class Sensor:
         self.last_load = 0.0
         self.last_rtt = time.monotonic()
         self.next_probe = 0.0
+        self.probed_at = float("-inf")  # when the last bandwidth probe ended
         self._probing: asyncio.Task[None] | None = None
         self._calibrating: asyncio.Task[None] | None = None
 
@@ -306,12 +305,16 @@ class Sensor:
             log.warning("compute-load calibration: %s: %s", type(exc).__name__, exc)
 
     def _due(self) -> str | None:
-        """The worker to probe now (None: the link is busy, resting, or no worker is known)."""
+        """The worker to probe now (None: the link is busy, resting, or no worker is known). A
+        big change suspected since the last probe ended is probed after 0.2 s of quiet, at once;
+        one a probe has met already (it failed, or it saw the change and did not settle it) is
+        probed again as an idle link is: after `probe_idle_s` of quiet, at most ~20 % of it."""
         assert self.prober is not None
         edge, bw = self.prober.edge, self.sensing.bandwidth
         now = time.monotonic()
         quiet = now - edge.last_activity > self.config.probe_idle_s
-        if bw.suspect_change and now - edge.last_activity > 0.2:
+        fresh = bw.suspect_change and bw.suspect_at > self.probed_at
+        if fresh and now - edge.last_activity > 0.2:
             quiet, self.next_probe = True, min(self.next_probe, now)  # no frames confirm a big change
         url = self.target()
         if not quiet or edge.uploads_active or url is None or edge.resting(url, now):
@@ -335,5 +338,5 @@ class Sensor:
         if stale and now >= self.next_probe:
             t0 = time.monotonic()
             await self.prober.probe(url)
-            edge.last_activity = time.monotonic()
+            edge.last_activity = self.probed_at = time.monotonic()
             self.next_probe = edge.last_activity + 4 * (edge.last_activity - t0)

@@ -52,8 +52,10 @@ class BandwidthEstimator:
     estimate_mbps: float = field(init=False)
     overhead_ms: float = field(default=0.0, init=False)  # fixed per-request cost beyond the rtt
     pairs: int = field(default=0, init=False)
+    overhead_pairs: int = field(default=0, init=False)  # pairs that measured `overhead_ms` (an rtt known)
     weight_sum: float = field(default=0.0, init=False)
     step_dir: int = field(default=0, init=False)  # direction of the last sample's big deviation
+    suspect_at: float = field(default=float("-inf"), init=False)  # when a sample or bound was last far off
     samples: int = field(default=0, init=False)
     last_sample_at: float = field(default=0.0, init=False)
     last_sample_mbps: float | None = field(default=None, init=False)
@@ -196,6 +198,8 @@ class BandwidthEstimator:
         self.weight_sum = min(self.weight_sum + w, 1e6)
         self.samples += 1
         self.last_sample_at = time.monotonic()
+        if step:
+            self.suspect_at = self.last_sample_at
         self.last_sample_mbps = sample
         return sample
 
@@ -213,31 +217,38 @@ class BandwidthEstimator:
         bound = nbytes * 8.0 / (left_ms * 1000.0)
         if bound >= self.estimate_mbps:
             return None
-        self.step_dir = -1 if bound * STEP_FACTOR < self.estimate_mbps else self.step_dir
+        if bound * STEP_FACTOR < self.estimate_mbps:
+            self.step_dir, self.suspect_at = -1, time.monotonic()
         self.estimate_mbps = bound
         self.history.append((nbytes, waited_ms, 0.0, rtt_ms, bound))
         return bound
 
-    def observe_pair(self, small: tuple[int, float], large: tuple[int, float], rtt_ms: float) -> float | None:
+    def observe_pair(self, small: tuple[int, float], large: tuple[int, float], rtt_ms: float | None) -> float | None:
         """Fold in two back-to-back uploads, each (bytes, elapsed − server ms): the rate is
         Δbytes / Δtime (the round trip and any fixed per-request cost cancel), and the fixed
         cost beyond `rtt_ms` — small's time minus its bytes at that rate minus the round trip —
-        updates `overhead_ms`, which single-upload samples then also subtract. Returns the rate
-        sample or None when the pair cannot be used (sizes too close, times not increasing)."""
+        updates `overhead_ms` (the first such pair sets it, later ones move it halfway), which
+        single-upload samples then also subtract. `rtt_ms` None: no round trip is known yet, so
+        the pair gives the rate only (its fixed cost holds the round trip: taken as overhead, the
+        round trip would be counted twice once it is known). Returns the rate sample or None
+        when the pair cannot be used (sizes too close, times not increasing)."""
         (n1, t1), (n2, t2) = small, large
         dt = t2 - t1
         if n2 < 1.5 * n1 or dt < self.min_upload_ms:
             return None
         sample = (n2 - n1) * 8.0 / (dt * 1000.0)
-        fixed = t1 - rtt_ms - n1 * 8.0 / (sample * 1000.0)
-        self.overhead_ms = max(0.0, fixed if self.pairs == 0 else 0.5 * fixed + 0.5 * self.overhead_ms)
+        if rtt_ms is not None:
+            fixed = t1 - rtt_ms - n1 * 8.0 / (sample * 1000.0)
+            self.overhead_ms = max(0.0, fixed if not self.overhead_pairs else 0.5 * fixed + 0.5 * self.overhead_ms)
+            self.overhead_pairs += 1
         self.pairs += 1
         self.history.append((n2 - n1, dt, 0.0, 0.0, sample))
         return self._fold(sample, dt)
 
     @property
     def suspect_change(self) -> bool:
-        """The last sample was far off the estimate: a probe soon would confirm or refute it."""
+        """The last sample was far off the estimate: a probe soon would confirm or refute it
+        (`suspect_at`: when the last sample or bound far off it came)."""
         return self.step_dir != 0
 
     def age_s(self) -> float:
@@ -441,6 +452,13 @@ class Sensing:
     def bandwidth_mbps(self) -> float:
         """The uplink estimate (Mbit/s), at least 1e-3 (the smallest a plan request accepts)."""
         return max(self.bandwidth.estimate_mbps, 1e-3)
+
+    def observe_pair(self, small: tuple[int, float], large: tuple[int, float]) -> float | None:
+        """Fold in a probe pair, each (bytes, elapsed − server ms), against the round trip
+        estimate when there is one (`BandwidthEstimator.observe_pair`; before the first round
+        trip sample the pair gives the rate only). Returns the rate sample, or None."""
+        rtt_ms = self.rtt.estimate_ms if self.rtt.samples else None
+        return self.bandwidth.observe_pair(small, large, rtt_ms)
 
     @property
     def request_rtt_ms(self) -> float:

@@ -282,13 +282,15 @@ async def _one_network(
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[Any]]:
     """Stream `frames` on one emulated uplink (None: the Device-Only baseline): the table row,
     the cost model's reason for the cut, the records."""
+    import torch
     from tqdm import tqdm
 
     from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
     from dapdee.device.session import DeviceSettings, open_device
 
     req = Requirements(opts.latency_budget_ms, opts.min_accuracy, opts.frame_rate, opts.mode, opts.confidence_exits)
-    planner = PlannerConfig(st.planner.url, default_tier(opts.slowdown), st.token, st.token, ready_timeout_s=60.0)
+    tier = default_tier(opts.slowdown, torch.get_num_threads())  # the threads `cmd_up` set, the profile's too
+    planner = PlannerConfig(st.planner.url, tier, st.token, st.token, ready_timeout_s=60.0)
     settings = DeviceSettings(
         runtime=RuntimeConfig(req, fp16=opts.fp16), planner=planner, model=st.spec, weights=st.artifact,
         slowdown=opts.slowdown, rate_mbps=rate, rtt_ms=opts.rtt_ms, device_load=opts.device_load,
