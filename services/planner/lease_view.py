@@ -84,7 +84,7 @@ class LeaseView:
         try:
             self.reserved.replace(await self.book.loads(), every=True, mark=mark)
         finally:
-            self.reserved.read_ended()
+            self.reserved.read_ended(mark)
 
     async def _loop(self) -> None:
         """`refresh` every `refresh_s` until `close` (Redis away: quietly, the view as last seen)."""
@@ -121,8 +121,9 @@ class LeaseView:
 
     def note(self, device_id: str, worker: str | None, load: float) -> None:
         """Update the view after this replica's own reservation (the device left any other
-        worker). O(workers)."""
-        self.reserved.set(device_id, worker, load)
+        worker): its lease is on `worker` (None: none) whatever its load, as Redis holds it
+        (`LeaseBook.reserve`: the record names that worker). O(workers)."""
+        self.reserved.set(device_id, worker, load, held=worker is not None)
 
     def remember(self, device_id: str, record: dict[str, Any], tag: str) -> None:
         """Keep the device's lease record as stored (with its tag), so its next request plans

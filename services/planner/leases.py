@@ -16,7 +16,7 @@ Keys (`P` = the planner's key prefix with schema version):
 
 - `P:lease:{device}`        the lease record (JSON), with a TTL
 - `P:leases`                zset device -> expiry (ms, Redis clock): all leases, for the cap
-- `P:lease-worker`          hash device -> worker URL of its reservation (absent: none)
+- `P:lease-worker`          hash device -> worker URL its lease is on (absent: none; 0 ms/s counts)
 - `P:wload:{url}`           hash device -> reserved ms per second on that worker
 - `P:wexp:{url}`            zset device -> expiry (ms) of each reservation on that worker
 - `P:wsum:{url}`            hash: the total of `P:wload:{url}` (admission reads it in O(1))
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +197,8 @@ end
 """
 
 # Reserve (or refresh) a device's lease. KEYS: lease, leases, models (the model registry hash).
-# ARGV: prefix, device, worker ('' = none), load, limit, ttl_ms, max_leases, record JSON, rho_max
+# ARGV: prefix, device, worker ('' = none; given, the lease is on it even at a zero load), load,
+# limit, ttl_ms, max_leases, record JSON, rho_max
 # (the limit is lowered to rho_max x the worker's capacity, registered or pending: `capped`), the model the
 # lease is of ('' = not checked), then optionally the planner's view to verify: the tag of the
 # device's record it planned from ('' = none), then (worker URL, the others' reservations there
@@ -249,10 +251,8 @@ if worker ~= '' then
 end
 local old = redis.call('HGET', prefix .. ':lease-worker', device)
 if old and old ~= worker then set_reservation(prefix, old, device, nil) end
-if worker ~= '' and load > 0 then
+if worker ~= '' then  -- the lease is on it, whatever its load (0: listed, reserving nothing)
   set_reservation(prefix, worker, device, ARGV[4], now + ttl)
-elseif worker ~= '' then
-  set_reservation(prefix, worker, device, nil)
 end
 redis.call('ZADD', KEYS[2], now + ttl, device)
 redis.call('SET', KEYS[1], ARGV[8], 'PXAT', now + ttl)
@@ -315,8 +315,9 @@ return out
 # Apply a rebalance of one worker atomically. KEYS: leases, workers:exp. ARGV: prefix, worker,
 # limit, rho_max, then a heartbeat to register with it ('' = none): its worker JSON, its
 # capacity, its TTL in ms, Redis's time (ms) when the registry refused it, partial ('1' or ''),
-# then quadruples (device, load, record JSON, the basis of the record it replaces). A device may
-# be one reserving on this worker or one whose live lease reserves nothing (Device-Only: the
+# then quadruples (device, load ('' = off this worker: Device-Only; a number, 0 included, = on
+# it), record JSON, the basis of the record it replaces). A device may
+# be one whose lease is on this worker or one whose live lease is on no worker (Device-Only: the
 # rebalance may bring it onto this worker). With a heartbeat whose refusal is the one pending
 # (`refusal`), the limit is lowered to rho_max x the heartbeat's capacity instead of the
 # registered one, and the heartbeat is registered with the plans (the worker must be live in
@@ -367,7 +368,7 @@ for i = 10, #ARGV, 4 do
     left[#left + 1] = d
   else
     chosen[d], expiry[d] = true, exp
-    sum = sum + tonumber(ARGV[i + 1])
+    sum = sum + (tonumber(ARGV[i + 1]) or 0)
   end
 end
 local all = redis.call('HGETALL', wload)
@@ -383,9 +384,9 @@ if register then
   register_refused(prefix, KEYS[2], worker, ARGV[5], tonumber(ARGV[8]), tonumber(ARGV[7]))
 end
 for i = 10, #ARGV, 4 do
-  local d, load = ARGV[i], tonumber(ARGV[i + 1])
+  local d = ARGV[i]
   if chosen[d] then
-    set_reservation(prefix, worker, d, load > 0 and ARGV[i + 1] or nil, expiry[d])
+    set_reservation(prefix, worker, d, ARGV[i + 1] ~= '' and ARGV[i + 1] or nil, expiry[d])
     redis.call('SET', prefix .. ':lease:' .. d, ARGV[i + 2], 'PXAT', math.floor(tonumber(expiry[d])))
   end
 end
@@ -440,6 +441,10 @@ def record_tag(text: str | bytes) -> str:
     return hashlib.sha1(text.encode() if isinstance(text, str) else text).hexdigest()
 
 
+# a `ReservationView.set`: device, worker (None: none), load (ms/s), held (on the worker at 0)
+Change = tuple[str, str | None, float, bool]
+
+
 @dataclass(frozen=True)
 class StoredRecord:
     """A lease record as Redis holds it: its fields (without the basis), its tag (`record_tag`)
@@ -476,51 +481,83 @@ class ReservationView:
     follow each change; a `replace` sums them afresh, so rounding never builds up for long).
     Subtracting a load can leave a total a rounding error below what remains (80.8 + 26.4 −
     80.8 is not 26.4), so a worker without reservations totals exactly 0 and what the others
-    reserve is never below 0."""
+    reserve is never below 0. A lease on a worker reserving 0 ms/s (`set` with `held`) is
+    listed there, adding 0 to its total.
+
+    Redis may read a refresh's answer before a reservation this replica makes while waiting
+    for it, so the `set`s made while a read is in flight are logged (`_since`) and made again
+    on top of its answer (`replace` with the read's mark). Reads may overlap (the refresh loop,
+    a rebalance's or a model delete's refresh), so each read in flight keeps its mark, and the
+    log keeps only what the oldest of them may replay: the sets before its mark are dropped once
+    they are at least half the log (amortized O(1) per set). So the log holds at most twice the
+    sets made since the oldest read in flight was sent, however the reads overlap, where one
+    cleared only when no read was in flight grew without bound under overlapping reads."""
 
     def __init__(self) -> None:
         self._loads: dict[str, dict[str, float]] = {}
         self._totals: dict[str, float] = {}
-        self._reads = 0  # reads of Redis's figures in flight (`read_started`)
-        self._since: list[tuple[str, str | None, float]] = []  # `set`s made while any is
+        self._since: list[Change] = []  # the `set`s made while a read was in flight, from `_base` on
+        self._base = 0  # the sequence number (in all `set`s logged) of `_since[0]`
+        self._open: dict[int, int] = {}  # reads in flight: mark -> how many
+        self._marks: deque[int] = deque()  # their marks as sent (those of reads ended leave lazily)
 
     def read_started(self) -> int:
         """Note that a read of Redis's figures was sent; the mark to hand `replace` with its
-        answer (or to `read_ended` if it fails). O(1)."""
-        self._reads += 1
-        return len(self._since)
+        answer and then `read_ended` (answered or failed). O(1)."""
+        mark = self._base + len(self._since)
+        self._open[mark] = self._open.get(mark, 0) + 1
+        self._marks.append(mark)
+        return mark
 
-    def read_ended(self) -> None:
-        """A read noted by `read_started` is over (answered and replaced, or failed). O(1)."""
-        self._reads -= 1
-        if not self._reads:
-            self._since.clear()
+    def read_ended(self, mark: int | None = None) -> None:
+        """The read `read_started` gave `mark` is over (answered and replaced, or failed; None: the
+        oldest read in flight, for a caller whose reads end in the order sent); the logged sets
+        no read in flight may replay go (`_trim`). Amortized O(1)."""
+        if mark is None:
+            mark = self._marks[0]  # (the front mark is always one in flight: ended ones leave below)
+        left = self._open.pop(mark) - 1
+        if left:
+            self._open[mark] = left
+        while self._marks and self._marks[0] not in self._open:
+            self._marks.popleft()
+        self._trim(self._marks[0] if self._marks else self._base + len(self._since))
+
+    def _trim(self, oldest: int) -> None:
+        """Drop the logged sets before `oldest` (the oldest mark in flight) once they are at least
+        half the log, so each set logged is moved at most once more. Amortized O(1) per set."""
+        cut = oldest - self._base
+        if cut > 0 and 2 * cut >= len(self._since):
+            del self._since[:cut]
+            self._base = oldest
 
     def replace(self, loads: dict[str, dict[str, float]], every: bool = False, mark: int | None = None) -> None:
         """Take `loads` for the workers it names (`every`: as the whole view). With `mark` (a
-        read's, `read_started`), the `set`s made since that read was sent are made again on
-        top: its answer may have been read before them. O(reservations + those sets)."""
+        read's, `read_started`, before its `read_ended`), the `set`s made since that read was
+        sent are made again on top: its answer may have been read before them.
+        O(reservations + those sets)."""
         if every:
             self._loads, self._totals = {}, {}
         for url, per_device in loads.items():
             self._loads[url] = dict(per_device)
             self._totals[url] = sum(per_device.values())
-        for change in self._since[mark:] if mark is not None else ():
+        for change in self._since[max(0, mark - self._base) :] if mark is not None else ():
             self._set(*change)
 
-    def set(self, device_id: str, worker: str | None, load: float) -> None:
-        """The device now reserves `load` on `worker` (None or 0: nothing) and nothing elsewhere.
-        O(workers)."""
-        if self._reads:
-            self._since.append((device_id, worker, load))
-        self._set(device_id, worker, load)
+    def set(self, device_id: str, worker: str | None, load: float, held: bool = False) -> None:
+        """The device now reserves `load` on `worker` (None, or 0 unless `held`: nothing) and
+        nothing elsewhere; `held`: its lease is on `worker` even at a zero load (a zero-cost
+        edge plan: listed there, reserving 0 ms/s). O(workers), plus O(1) to log it while a
+        read is in flight."""
+        if self._open:
+            self._since.append((device_id, worker, load, held))
+        self._set(device_id, worker, load, held)
 
-    def _set(self, device_id: str, worker: str | None, load: float) -> None:
+    def _set(self, device_id: str, worker: str | None, load: float, held: bool) -> None:
         for url, per_device in self._loads.items():
             old = per_device.pop(device_id, None)
             if old is not None:
                 self._totals[url] = self._totals[url] - old if per_device else 0.0
-        if worker is not None and load > 0:
+        if worker is not None and (load > 0 or held):
             self._loads.setdefault(worker, {})[device_id] = load
             self._totals[worker] = self._totals.get(worker, 0.0) + load
 
@@ -591,10 +628,14 @@ class LeaseBook:
         view: View | None = None,
         model: str = "",
     ) -> Reservation:
-        """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None or a
-        zero load: hold no reservation) if the other reservations plus it stay <= `limit` and
-        <= ρ_max × the worker's registered capacity (or a refused one pending, if less), and
-        store `record` with the lease TTL. A device moving to another worker frees the old one.
+        """Create or refresh the device's lease: reserve `load_ms_per_s` on `worker` (None: hold
+        no reservation) if the other reservations plus it stay <= `limit` and <= ρ_max × the
+        worker's registered capacity (or a refused one pending, if less), and store `record` with
+        the lease TTL. A device moving to another worker frees the old one. The lease is on
+        `worker` (listed and rebalanced there) when it reserves something there or its record
+        names it (`record["worker"]`, as the planner's records do), so a zero-cost edge plan
+        (e_i = 0) is on its worker reserving 0 ms/s; a zero load on a worker the record does not
+        name holds no reservation (`_on_worker`).
         With `model`, nothing is written when that model is not in the registry ("gone": it was
         deleted while the request was planned, and its leases have ended or are ending).
         With `view`, first check that it is Redis's own (the device's record has the view's tag,
@@ -605,7 +646,7 @@ class LeaseBook:
         args: list[Any] = [
             self.prefix,
             device_id,
-            worker or "",
+            worker if _on_worker(worker, load_ms_per_s, record) else "",
             repr(float(load_ms_per_s)),
             repr(float(limit_ms_per_s)),
             self.ttl_ms,
@@ -692,11 +733,13 @@ class LeaseBook:
     ) -> Application:
         """Replace the reservations and records of the devices in `assignments` (device -> (load,
         record, the basis of the record it replaces)) on `worker` in one atomic step, if every
-        device still holds a lease there (or a live lease reserving nothing: it may join) with
+        device still holds a lease there (or a live lease on no worker: it may join) with
         a record of that basis (`record_basis`), and the worker stays within `limit` and
         within ρ_max × its registered capacity (or a refused one pending, if less); else nothing
-        changes. `partial`: a device whose lease changed meanwhile is left as it is (what it
-        reserves on `worker` counts with the others') instead of refusing the whole apply.
+        changes. A device's new lease is on `worker` as `_on_worker` says (a zero load whose
+        record names no worker: it leaves it, Device-Only). `partial`: a device whose lease
+        changed meanwhile is left as it is (what it reserves on `worker` counts with the
+        others') instead of refusing the whole apply.
         Without `heartbeat`, a refused heartbeat of the worker pending refuses it ("changed":
         solved for a capacity the worker no longer states). With the `heartbeat` whose refusal
         is pending: within ρ_max × its capacity instead, and it is registered in the same step
@@ -708,11 +751,18 @@ class LeaseBook:
         args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms, hb.refused_at_ms] if hb else ["", "", 0, 0]
         args.append("1" if partial else "")
         for device, (load, record, basis) in assignments.items():
-            args += [device, repr(float(load)), record_text(record), basis]
+            args += [device, repr(float(load)) if _on_worker(worker, load, record) else "", record_text(record), basis]
         keys = [self.k_leases, f"{self.prefix}:workers:exp"]
         out = await self.link.script("lease_apply", APPLY, keys, args)
         status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
         return Application(status, _number(out[1]), tuple(_text(d) for d in out[2:]))
+
+
+def _on_worker(worker: str | None, load_ms_per_s: float, record: dict[str, Any]) -> bool:
+    """Whether a lease writing `record` with `load_ms_per_s` on `worker` is on that worker: it
+    reserves something there, or its record names it (a plan that uses the edge, whatever its
+    cost: a zero-cost one is listed and rebalanced there too, as `GET /devices` shows it). O(1)."""
+    return worker is not None and (load_ms_per_s > 0 or record.get("worker") == worker)
 
 
 def _stored(raw: str | bytes) -> StoredRecord:

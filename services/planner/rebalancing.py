@@ -276,14 +276,17 @@ class Rebalancer:
 
     async def _reread(self, rewritten: set[str], joiners: set[str], records: dict[str, StoredRecord]) -> set[str]:
         """After an apply rewrote the records of the Device-Only `rewritten` (left Device-Only, on
-        that worker's graph: another basis), read them again, so the next worker's apply checks
-        them as they are now instead of refusing everything it solved. Returns the joiners
-        without those whose lease ended meanwhile. One round trip (none when nothing was)."""
+        that worker's graph: another basis; or put on that worker at e_i = 0, a zero-cost edge
+        plan), read them again, so the next worker's apply checks them as they are now instead
+        of refusing everything it solved. Returns the joiners without those whose lease ended
+        meanwhile or is now on a worker (another worker's apply would refuse them: `apply`).
+        One round trip (none when nothing was)."""
         if not rewritten:
             return joiners
         fresh = await self.fleet.book.records(sorted(rewritten))
         records.update(fresh)
-        return joiners - (rewritten - fresh.keys())
+        gone = {d for d in rewritten if d not in fresh or fresh[d].fields.get("worker") is not None}
+        return joiners - gone
 
     async def _rebalance_worker(
         self,
