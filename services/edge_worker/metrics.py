@@ -7,8 +7,10 @@ prometheus_client's multiprocess mode; `dapdee serve edge` refuses to start when
 `PROMETHEUS_MULTIPROC_DIR` is set. Scale out with more worker pods.
 
 Labels are bounded: model names and exits come only from the loaded models; anything else
-is counted under `_unknown`. `model` is the model's name as in Triton's metrics (every model has
-the one version "1", so there is no `version` label); `status` is the HTTP status code, or 499
+is counted under `_unknown` (an infer to a served model at a version it does not serve is that
+model's 404, counted under its name: the version never becomes a label value). `model` is the
+model's name as in Triton's metrics (every model has the one version "1", so there is no
+`version` label); `status` is the HTTP status code, or 499
 (`CANCELLED_STATUS`, nginx's "client closed request") for a request whose handler was cancelled
 before it answered (the server shut down past its grace period): nothing was answered, and
 counted as 500 it would read as a server error in every error-rate alert.

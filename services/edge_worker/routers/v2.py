@@ -131,17 +131,20 @@ async def infer_version(model: str, version: str, request: Request) -> Response:
 
 async def _serve(request: Request, model: str, version: str | None) -> Response:
     """Run one infer request and count it (requests by model, exit and status, CANCELLED_STATUS
-    for a handler cancelled before it answered; duration)."""
+    for a handler cancelled before it answered; duration; body bytes). A served model at a version
+    it does not serve is its 404, counted under the model's name (a bounded label value, like
+    its other 4xx); only a model the worker does not serve is counted under UNKNOWN."""
     t0 = time.perf_counter()
     state = get_state(request)
     label_model, label_exit, status = UNKNOWN, UNKNOWN, 500
     state.inflight += 1
     state.metrics.inflight.set(state.inflight)
     try:
-        entry = get_model(state, model, version)
+        entry = get_model(state, model)
         label_model = entry.name
-        body = await request.body()
+        body = await request.body()  # already read by the guard, under the model's body limit
         state.metrics.received_bytes.labels(entry.name).inc(len(body))
+        get_model(state, model, version)  # 404 for a version the model does not have
         payload, headers = await run_infer(state, entry, body, request.headers, t0)
         label_exit, status = headers[EXIT_HEADER], 200
         return Response(content=payload, headers=headers, media_type=headers["Content-Type"])
