@@ -13,14 +13,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
 import httpx
 
 from dapdee.client import AsyncPlannerClient, PlannerClient, TransportError
-from dapdee.testing import bind_free_socket
+from tests.test_sdk_transport import RawServer, read_request
 
 TIMEOUT_S = 0.5
 SERVICE_HTTPS = "https://127.0.0.1:9"  # reached only through the proxy (nothing listens there)
@@ -28,51 +27,27 @@ SERVICE_HTTP = "http://127.0.0.1:9"
 
 
 class SilentProxy:
-    """A TCP server on 127.0.0.1 that reads each connection's request head, keeps its request
-    line in `lines`, and then answers nothing until the client hangs up; `url` is its address."""
+    """A proxy on 127.0.0.1 (`RawServer`) that reads each connection's request, keeps its
+    request line in `lines`, and then answers nothing until the client hangs up; `url` is its
+    address."""
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
-        self.sock = bind_free_socket()
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.server = RawServer(self._hold)
 
     def __enter__(self) -> SilentProxy:
-        self.thread.start()
+        self.url = self.server.__enter__()
         return self
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
     def _hold(self, conn: socket.socket) -> None:
-        """Read the request head, then wait, silent, for the client to close."""
-        with conn:
-            data = b""
-            try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                self.lines.append(data.split(b"\r\n", 1)[0])
-                while conn.recv(65536):
-                    pass
-            except OSError:  # the client gave up
+        line = read_request(conn)
+        if line:
+            self.lines.append(line)
+            while conn.recv(65536):
                 pass
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
+        self.server.__exit__(*exc)
 
 
 def healthz_through(proxy_url: str, service: str) -> list[tuple[TransportError, float]]:
