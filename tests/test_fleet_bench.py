@@ -20,7 +20,13 @@ import torch
 
 from dapdee.bench.fleet_bench.devices import release_phase
 from dapdee.bench.fleet_bench.metrics import goodput_se, plan_changes, summarize
-from dapdee.bench.fleet_bench.report import GOODPUT_X_INDEPENDENT, INDEPENDENT, ratio_target
+from dapdee.bench.fleet_bench.report import (
+    GOODPUT_X_INDEPENDENT,
+    INDEPENDENT,
+    first_oversubscribed,
+    just_oversubscribed_target,
+    ratio_target,
+)
 from dapdee.bench.fleet_bench.runner import run_scenario
 from dapdee.bench.fleet_bench.scenario import MODELS, NETWORK_CYCLE, Scenario, profile_path
 from dapdee.bench.fleet_bench.stack import EDGE_TIER, FleetStack
@@ -284,6 +290,31 @@ def test_a_ratio_target_states_the_ratio_the_offered_load_allows() -> None:
     t = ratio_target(runs, 32, GOODPUT_X_INDEPENDENT, INDEPENDENT)
     assert t.name == "K=30 N=32: DAPDEE-fleet goodput >= 1.5x DAPDEE-independent" and t.ok is False
     assert t.detail == "315.0 vs DAPDEE-independent 300.0 fps (ratio 1.05; the 320.0 fps offered allow at most 1.07)"
+
+
+def test_the_n16_check_is_repeated_where_edge_only_first_had_the_worker_shed() -> None:
+    """The issue's N = 16 line assumes one worker is just oversubscribed there. A faster worker
+    first sheds requests (Edge-Only's 503s) at a larger N: the same 1.2x check is stated there
+    too, named as such, and the literal N = 16 line stays. With no Edge-Only run shedding, that
+    line is n/a."""
+
+    def run(system: str, n: int, goodput: float, shed: int = 0) -> dict[str, Any]:
+        return {"system": system, "n": n, "k": 30.0, "model": "resnet18", "goodput_fps": goodput,
+                "offered_fps": 10.0 * n, "edge_rejected": {"overloaded": shed} if shed else {}}  # fmt: skip
+
+    runs = [run("DAPDEE-fleet", 16, 160.0), run("Edge-Only", 16, 160.0),
+            run("DAPDEE-fleet", 32, 318.0), run("Edge-Only", 32, 250.0, shed=40), run("DADS", 32, 260.0),
+            run("DAPDEE-fleet", 64, 600.0), run("Edge-Only", 64, 300.0, shed=900)]  # fmt: skip
+    assert first_oversubscribed(runs) == 32
+    assert ratio_target(runs, 16, 1.2, None).line().startswith("FAIL  K=30 N=16: DAPDEE-fleet goodput >= 1.2x")
+    assert just_oversubscribed_target(runs).line() == (
+        "PASS  K=30 N=32: DAPDEE-fleet goodput >= 1.2x the best baseline (the smallest N whose Edge-Only run "
+        "had the worker shed requests as overloaded): 318.0 vs DADS 260.0 fps (ratio 1.22; the 320.0 fps "
+        "offered allow at most 1.23)"
+    )
+    calm = [r | {"edge_rejected": {}} for r in runs]
+    assert first_oversubscribed(calm) is None
+    assert just_oversubscribed_target(calm).line().startswith("n/a   K=30 where the worker is just oversubscribed")
 
 
 def test_the_bench_package_is_packaged() -> None:

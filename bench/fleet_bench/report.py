@@ -18,7 +18,7 @@ from typing import Any
 
 from dapdee.bench.fleet_bench.metrics import rank
 
-FLEET, INDEPENDENT = "DAPDEE-fleet", "DAPDEE-independent"
+FLEET, INDEPENDENT, EDGE_ONLY = "DAPDEE-fleet", "DAPDEE-independent", "Edge-Only"
 BASELINE_LABELS = ("DAPDEE-independent", "Edge-Only", "Device-Only", "DADS")  # systems.SYSTEMS but the fleet
 MAIN_K, MAIN_MODEL = 30.0, "resnet18"
 NOISE_Z = 2.0  # "within noise": within 2 standard errors of the difference...
@@ -187,6 +187,11 @@ def _find(summaries: Iterable[dict[str, Any]], system: str, n: int, k: float = M
     )
 
 
+def _find_any(summaries: Iterable[dict[str, Any]], system: str) -> bool:
+    """Whether `system` ran at K=30 with the main model, at any N."""
+    return any(s["system"] == system and s["k"] == MAIN_K and s["model"] == MAIN_MODEL for s in summaries)
+
+
 def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
     """The goodput difference two runs may show within noise: NOISE_Z standard errors of it, at
     least NOISE_FLOOR of the larger offered load. O(1)."""
@@ -246,6 +251,30 @@ def ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, aga
     cap = _ratio(f["offered_fps"], base)
     return Target(name, ok, f"{fleet:.1f} vs {b['system']} {base:.1f} fps (ratio {_ratio(fleet, base)}; the "
                             f"{f['offered_fps']:.1f} fps offered allow at most {cap})")  # fmt: skip
+
+
+def first_oversubscribed(summaries: Sequence[dict[str, Any]]) -> int | None:
+    """The smallest N at K=30 (main model) whose Edge-Only run had the worker shed requests as
+    overloaded (503): where one worker is just oversubscribed on this host, the premise of the
+    issue's N = 16 line (its host's worker reached that point at N = 16; a faster worker reaches
+    it at a larger N). None when no Edge-Only run shed any. O(runs)."""
+    shed = [s["n"] for s in summaries
+            if s["system"] == EDGE_ONLY and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
+            and (s.get("edge_rejected") or {}).get("overloaded", 0) > 0]  # fmt: skip
+    return min(shed, default=None)
+
+
+def just_oversubscribed_target(summaries: Sequence[dict[str, Any]]) -> Target:
+    """The N = 16 line's check (>= 1.2x the best baseline) at `first_oversubscribed`'s N: the
+    issue's premise on this host, stated beside the literal N = 16 line, which it does not
+    replace. O(runs)."""
+    n = first_oversubscribed(summaries)
+    if n is None:
+        name = "K=30 where the worker is just oversubscribed: DAPDEE-fleet goodput >= 1.2x the best baseline"
+        return Target(name, None, "no Edge-Only run had the worker shed requests as overloaded")
+    t = ratio_target(summaries, n, GOODPUT_X_BEST_N16, None)
+    where = "the smallest N whose Edge-Only run had the worker shed requests as overloaded"
+    return Target(f"{t.name} ({where})", t.ok, t.detail)
 
 
 def _single_device(summaries: Sequence[dict[str, Any]]) -> Target:
@@ -402,6 +431,8 @@ def targets(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]
     out += [ratio_target(summaries, n, GOODPUT_X_INDEPENDENT, INDEPENDENT) for n in (32, 64) if n in ns]
     if 16 in ns:
         out.append(ratio_target(summaries, 16, GOODPUT_X_BEST_N16, None))
+    if _find_any(summaries, EDGE_ONLY):
+        out.append(just_oversubscribed_target(summaries))
     if 1 in ns:
         out.append(_single_device(summaries))
     return out + _every_fleet_run(summaries, rho_max) + [host_cpu_check(summaries)]
