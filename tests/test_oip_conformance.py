@@ -240,3 +240,30 @@ def test_the_openapi_document_declares_every_error_each_route_answers(
             assert str(answer.status_code) in declared or f"{answer.status_code // 100}XX" in declared, (path, answer)
             assert answer.status_code in (413, 415), (path, answer.status_code)
             jsonschema.validate(answer.json(), schemas["ErrorResponse"])
+
+
+def test_the_openapi_document_types_the_metrics_text_and_only_the_decoded_datatypes(
+    served: tuple[Any, FastAPI, str], models: dict[str, LoadedModel]
+) -> None:
+    """What a generated client reads from the document matches what the worker does: /metrics
+    declares its text body (the default would be a 200 without one), which the answer is; an
+    infer input's datatype enum is exactly what the decoder takes (`dapdee.wire.DATATYPES`, the
+    metadata's `accepted_datatypes`), so a datatype the schema admits is never a 400 "not
+    supported"; and the planner's /metrics declares its text too."""
+    from dapdee import wire
+    from dapdee.planner.app import create_app as create_planner
+    from dapdee.planner.config import Settings as PlannerSettings
+
+    _, _, url = served
+    spec = httpx.get(f"{url}/openapi.json").json()
+    for doc in (spec, create_planner(PlannerSettings()).openapi()):
+        ok = doc["paths"]["/metrics"]["get"]["responses"]["200"]
+        assert ok["content"] == {"text/plain": {"schema": {"type": "string"}}}, ok
+    answer = httpx.get(f"{url}/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    assert "# TYPE" in answer.text
+    infer = spec["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]["application/json"]
+    enum = infer["schema"]["properties"]["inputs"]["items"]["properties"]["datatype"]["enum"]
+    name = _frame_model(models).name
+    meta = httpx.get(f"{url}/v2/models/{name}", headers=_bearer(READER_TOKEN)).json()
+    assert set(enum) == set(wire.DATATYPES) == set(meta["parameters"]["accepted_datatypes"]), enum

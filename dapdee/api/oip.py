@@ -30,6 +30,9 @@ Datatype = Literal[
     "BF16",
     "BYTES",
 ]
+# the datatypes the worker decodes (`dapdee.wire.DATATYPES`; a test keeps the two equal): an
+# input of another v2 datatype is a 400
+InputDatatype = Literal["FP32", "FP16", "FP64", "INT8", "UINT8", "INT16", "INT32", "INT64"]
 Scalar = str | float | int | bool  # a v2 parameter value ($string | $number | $boolean)
 
 
@@ -72,7 +75,7 @@ class ModelParameters(_Model):
     node_count: int = Field(ge=0)
     max_batch_rows: int = Field(ge=1, description="the most rows (first dimension) a request or a batch may hold")
     max_body_bytes: int = Field(ge=1, description="the largest infer body this model accepts")
-    accepted_datatypes: list[Datatype]
+    accepted_datatypes: list[InputDatatype]
     inputs_note: str
 
 
@@ -94,7 +97,7 @@ class RequestInput(_Model):
 
     name: str = Field(description="a graph node name (a boundary tensor) or the graph input")
     shape: list[int] = Field(description="first dimension = rows (batch)")
-    datatype: Datatype
+    datatype: InputDatatype
     parameters: dict[str, Scalar] | None = Field(
         None, description="binary_data_size (binary extension); scale (INT8/UINT8 dequantisation)"
     )

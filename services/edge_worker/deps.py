@@ -133,7 +133,7 @@ class ModelEntry:
                 node_count=len(g.nodes),
                 max_batch_rows=self.limits.max_rows,
                 max_body_bytes=self.limits.body_bytes,
-                accepted_datatypes=["FP32", "FP16", "FP64", "INT8", "UINT8", "INT16", "INT32", "INT64"],
+                accepted_datatypes=list(wire.DATATYPES),
                 inputs_note=INPUTS_NOTE,
             ),
         )

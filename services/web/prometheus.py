@@ -51,6 +51,14 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# the OpenAPI answer of a /metrics route: the text exposition (FastAPI's default would declare a
+# body-less 200, so a generated client would drop the text)
+METRICS_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {
+        "description": "Prometheus text exposition format 0.0.4",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 # how a runtime gauge is merged over the live processes (every other one: summed)
 _RUNTIME_GAUGE_MODES = {"process_max_fds": "livemin", "process_start_time_seconds": "livemin"}
 

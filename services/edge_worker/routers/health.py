@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dapdee.api.oip import ErrorResponse, ServerMetadata
 from dapdee.edge_worker.deps import get_state
+from dapdee.web.prometheus import METRICS_RESPONSES
 from dapdee.web.security import ANY_ROLE, PUBLIC, require
 
 router = APIRouter(tags=["health"])
@@ -55,7 +56,7 @@ async def server_metadata(request: Request) -> ServerMetadata:
     )
 
 
-@router.get("/metrics", response_class=Response, dependencies=[require(PUBLIC)])
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES, dependencies=[require(PUBLIC)])
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of the worker's own registry."""
     state = get_state(request)

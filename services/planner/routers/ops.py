@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from dapdee.api.planner import Health, Readiness
 from dapdee.planner.deps import MetricsDep, StoreDep
+from dapdee.web.prometheus import METRICS_RESPONSES
 from dapdee.web.security import PUBLIC, require
 
 router = APIRouter(tags=["ops"], dependencies=[require(PUBLIC)])
@@ -29,7 +30,7 @@ async def readyz(store: StoreDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if store.started else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus text exposition: this app's metrics, or under `--workers N` every worker
     process's merged (read from their files off the event loop)."""
