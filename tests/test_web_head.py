@@ -1,10 +1,13 @@
 """The request head's limits (dapdee.web.http_head) on a real uvicorn server with the planner app,
 over raw sockets on 127.0.0.1: a head over the byte limit is 431 and closed, a head not complete
-in time is 408 and closed, an idle new connection is closed, a head just under the limit and a
-slow body after a complete head are served; `dapdee serve planner` runs with the limits."""
+in time is 408 and closed, both as the planner's problem documents; an idle new connection is
+closed, a head just under the limit and a slow body after a complete head are served;
+`dapdee serve planner` and `dapdee serve edge` run with the limits, each answering in its own
+error format."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -13,12 +16,14 @@ import pytest
 
 from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
+from dapdee.planner.problems import ProblemHeadProtocol
 from dapdee.testing import ServerThread
-from dapdee.web.http_head import MAX_HEAD_BYTES, BoundedHeadProtocol
+from dapdee.web.http_head import MAX_HEAD_BYTES
+from tests.conftest import edge_process
 from tests.test_planner_api import planner_subprocess
 
 
-class QuickHead(BoundedHeadProtocol):
+class QuickHead(ProblemHeadProtocol):
     """The protocol with limits a test can reach quickly."""
 
     max_head_bytes = 4096
@@ -50,13 +55,22 @@ def exchange(addr: tuple[str, int], data: bytes, wait_s: float = 0.0, timeout_s:
         return got, False
 
 
-def head(extra: bytes = b"") -> bytes:
-    return b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra
+def head(extra: bytes = b"", path: bytes = b"/healthz") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra
+
+
+def error_body(answer: bytes, content_type: str) -> dict[str, object]:
+    """The JSON body of a raw answer whose head names `content_type` (AssertionError otherwise)."""
+    got_head, _, body = answer.partition(b"\r\n\r\n")
+    assert f"content-type: {content_type}".encode() in got_head.lower(), got_head
+    return json.loads(body)
 
 
 def test_a_head_over_the_limit_is_431_and_closed(server: tuple[str, int]) -> None:
     got, closed = exchange(server, head(b"X-Pad: " + b"a" * 5000 + b"\r\n\r\n"))
-    assert got.startswith(b"HTTP/1.1 431 ") and b"request head over 4096 bytes" in got and closed
+    assert got.startswith(b"HTTP/1.1 431 ") and closed
+    problem = error_body(got, "application/problem+json")
+    assert problem["status"] == 431 and problem["detail"] == "request head over 4096 bytes", problem
     got, closed = exchange(server, head(b"".join(b"X-%d: b\r\n" % i for i in range(600)) + b"\r\n"))  # many small
     assert got.startswith(b"HTTP/1.1 431 ") and closed
 
@@ -70,6 +84,7 @@ def test_a_head_not_complete_in_time_is_408_and_closed(server: tuple[str, int]) 
     t0 = time.monotonic()
     got, closed = exchange(server, head(b"X-Slow: 1\r\n"), timeout_s=5.0)  # no blank line: never complete
     assert got.startswith(b"HTTP/1.1 408 ") and closed and time.monotonic() - t0 < 4.0
+    assert error_body(got, "application/problem+json")["status"] == 408
 
 
 def test_an_idle_new_connection_is_closed(server: tuple[str, int]) -> None:
@@ -95,3 +110,14 @@ def test_the_planner_cli_serves_with_the_head_limit() -> None:
         host, port = url.removeprefix("http://").split(":")
         got, closed = exchange((host, int(port)), head(b"X-Pad: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n"))
     assert got.startswith(b"HTTP/1.1 431 ") and closed
+    assert error_body(got, "application/problem+json")["status"] == 431
+
+
+def test_the_edge_cli_serves_with_the_head_limit_answering_oip_errors() -> None:
+    """The edge worker's 431 is OIP's `{"error": ...}`, as every other edge error."""
+    with edge_process(["--models", "zoo:alexnet?width=0.25"]) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        big = head(b"X-Pad: " + b"a" * MAX_HEAD_BYTES + b"\r\n\r\n", path=b"/v2/health/live")
+        got, closed = exchange((host, int(port)), big)
+    assert got.startswith(b"HTTP/1.1 431 ") and closed
+    assert error_body(got, "application/json") == {"error": f"request head over {MAX_HEAD_BYTES} bytes"}

@@ -183,14 +183,14 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
     its profile. Any failure (or Ctrl-C) on the way stops the servers already started before
     it propagates."""
     from dapdee.device.profile import measure_device_profile
+    from dapdee.edge_worker.app import OipHeadProtocol, load_models
     from dapdee.edge_worker.app import create_app as create_edge
-    from dapdee.edge_worker.app import load_models
     from dapdee.edge_worker.config import Settings as EdgeSettings
     from dapdee.models import load_model
     from dapdee.planner.app import create_app as create_planner
     from dapdee.planner.config import Settings as PlannerSettings
+    from dapdee.planner.problems import ProblemHeadProtocol
     from dapdee.testing import ServerThread, bind_free_socket
-    from dapdee.web.http_head import BoundedHeadProtocol
     from dapdee.web.settings_load import load_settings
 
     artifact = find_artifact(opts.artifact)
@@ -204,7 +204,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
     started: list[Any] = []  # stopped last-started first
     try:
         ps = load_settings(PlannerSettings, "planner settings", redis_url=None, worker_ttl_s=10.0, api_token=token)
-        planner = ServerThread(create_planner(ps), name="planner", http=BoundedHeadProtocol).start()
+        planner = ServerThread(create_planner(ps), name="planner", http=ProblemHeadProtocol).start()
         started.insert(0, planner)
         sock = bind_free_socket()
         edge_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -219,7 +219,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
         loaded = load_model(spec, weights=artifact)
         if artifact is None:  # untrained: the device holds the edge's (random) weights
             loaded.module.load_state_dict(served[0].module.state_dict())
-        edge = ServerThread(create_edge(es, served), sock=sock, name="edge", http=BoundedHeadProtocol).start()
+        edge = ServerThread(create_edge(es, served), sock=sock, name="edge", http=OipHeadProtocol).start()
         started.insert(0, edge)
         say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
         say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")

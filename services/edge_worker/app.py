@@ -37,6 +37,7 @@ from dapdee.edge_worker.routers import health, v2
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
 from dapdee.web.access_log import AccessLog
 from dapdee.web.guard import RequestGuard
+from dapdee.web.http_head import BoundedHeadProtocol
 from dapdee.web.otel import Tracing, tracer
 from dapdee.web.tasks import stop_task
 
@@ -81,6 +82,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def render_error(status: int, message: str) -> tuple[bytes, str]:
     """OIP's error object for the guard's refusals: `{"error": message}` as JSON."""
     return json.dumps({"error": message}).encode(), "application/json"
+
+
+class OipHeadProtocol(BoundedHeadProtocol):
+    """The bounded request head (`BoundedHeadProtocol`) answering its 408 and 431 with OIP's
+    error object, like every other edge error; uvicorn's `http` for the edge worker."""
+
+    render = render_error
 
 
 def _entries(settings: Settings, loaded: list[LoadedModel]) -> dict[str, ModelEntry]:

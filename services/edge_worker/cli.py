@@ -78,10 +78,9 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 def _serve_edge(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from dapdee.edge_worker.app import create_app, load_models
+    from dapdee.edge_worker.app import OipHeadProtocol, create_app, load_models
     from dapdee.edge_worker.config import Settings, self_url_for
     from dapdee.web.gil import shorten_switch_interval
-    from dapdee.web.http_head import BoundedHeadProtocol
     from dapdee.web.listen import check_listen
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV
@@ -115,7 +114,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             log_config=logging_config("edge", args.log_format, args.log_level),
             access_log=False,
-            http=BoundedHeadProtocol,  # a bounded request head, before the guard sees the request
+            http=OipHeadProtocol,  # a bounded request head, before the guard sees the request
         )
     finally:
         tracing.shutdown()

@@ -64,8 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dapdee.planner.app import create_app
+    from dapdee.planner.problems import ProblemHeadProtocol
     from dapdee.web.gil import shorten_switch_interval
-    from dapdee.web.http_head import BoundedHeadProtocol
     from dapdee.web.listen import check_listen
     from dapdee.web.otel import tracer
     from dapdee.web.prometheus import MULTIPROC_ENV, shared_directory
@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         "access_log": False,  # the app's AccessLog writes one record per request
         "log_config": logging_config("planner", args.log_format, args.log_level),  # each worker process too
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
-        "http": BoundedHeadProtocol,  # a bounded request head, before the guard sees the request
+        "http": ProblemHeadProtocol,  # a bounded request head, before the guard sees the request
     }
     if args.workers == 1:
         shorten_switch_interval()  # min-cut and rebalance threads hand the GIL back quickly (one process)

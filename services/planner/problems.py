@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dapdee.api.planner import PROBLEM_MEDIA_TYPE
+from dapdee.web.http_head import BoundedHeadProtocol
 
 log = logging.getLogger("dapdee.planner")
 
@@ -83,6 +84,13 @@ def problem_response(
 def render_refusal(status: int, message: str) -> tuple[bytes, str]:
     """The request guard's renderer: (body, content type) of a refusal. O(len(message))."""
     return problem_bytes(status, message), PROBLEM_MEDIA_TYPE
+
+
+class ProblemHeadProtocol(BoundedHeadProtocol):
+    """The bounded request head (`BoundedHeadProtocol`) answering its 408 and 431 as problem
+    documents, like every other planner error; uvicorn's `http` for the planner."""
+
+    render = render_refusal
 
 
 def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -9,14 +9,18 @@ its keep-alive timer only after a response). `BoundedHeadProtocol` adds both:
 - a head not complete within `head_timeout_s` of the connection's start (of the request's first
   byte on a kept-alive connection) closes the connection, with 408 when part of it arrived.
 
-Both services hand it to uvicorn (`http=BoundedHeadProtocol`); it is importable by name, so
-several worker processes use it too. The body's limits stay the guard's (`dapdee.web.guard`).
+Both answers carry the service's own error body: a service hands uvicorn a subclass whose
+`render` is its request guard's renderer (the planner's problem documents, the edge's OIP
+`{"error": ...}`), defined at module level so that several worker processes import it by name;
+`BoundedHeadProtocol` itself answers plain text. (uvicorn's own 400 for a head its parser
+cannot read stays plain text.) The body's limits stay the guard's (`dapdee.web.guard`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -30,6 +34,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
+    # (status, message) -> (body, content type) of a 408 / 431: the service's error format
+    render: ClassVar[Callable[[int, str], tuple[bytes, str]] | None] = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
@@ -94,10 +100,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _close_with(self, status: int, message: str) -> None:
-        """Answer `status` with a plain-text `message` and close the connection."""
+        """Answer `status` with `message` in the service's error body (`render`; plain text
+        without one) and close the connection."""
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
-        body = message.encode("ascii")
+        render = type(self).render
+        body, ctype = render(status, message) if render else (message.encode("ascii"), "text/plain; charset=utf-8")
         head: list[Any] = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-        head += [b"content-type: text/plain; charset=utf-8\r\n", b"content-length: %d\r\n" % len(body)]
+        head += [b"content-type: %s\r\n" % ctype.encode("ascii"), b"content-length: %d\r\n" % len(body)]
         self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", body]))
         self.transport.close()
