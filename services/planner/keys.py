@@ -17,7 +17,8 @@ DAPDEE_MAX_MODELS, profiles per model DAPDEE_MAX_PROFILES_PER_MODEL):
 - `P:v1:epoch`               string a random token, set by the first replica to find none: a
                                    Redis that lost the planner's state (restarted without
                                    persistence, flushed) holds none or another, and every replica
-                                   then writes back the models it holds
+                                   then writes back the models it holds and its live
+                                   workers (until their last heartbeat's TTL ends)
 
 Workers (count cap DAPDEE_MAX_WORKERS; expiry by Redis's own clock, `TIME` inside the scripts):
 

@@ -8,6 +8,13 @@ expires on this replica's monotonic clock at the time left that Redis reported a
 A heartbeat made while Redis is unavailable is kept here (until it expires by the monotonic
 clock) and merged with Redis's registry at each sync.
 
+Redis restarted empty (or flushed): a sync that finds the epoch of Redis's state (`Keys.epoch`,
+set by the model refresh, `dapdee.planner.model_writes`) changed since its last one writes back
+every worker this replica holds as live that Redis lacks (RESTORE_WORKERS: its last heartbeat,
+live for the time this copy has left, none past the cap), so every replica sees it again until
+its last heartbeat's TTL ends, and no longer: a worker Redis already holds (a newer heartbeat, or
+another replica's write back) is left as it is, whichever replica writes first.
+
 Cap: DAPDEE_MAX_WORKERS live workers; a new worker past it is refused (CapacityExceeded), a
 known one may always refresh.
 
@@ -48,6 +55,15 @@ for _, u in ipairs(dead) do
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 """
+# Register heartbeat `info` of `url` live until `exp` (Redis ms), its pending refusal (if any)
+# ended. KEYS: workers:exp, workers:info, workers:refused.
+_REGISTER = """
+local function register(url, info, exp)
+  redis.call('ZADD', KEYS[1], exp, url)
+  redis.call('HSET', KEYS[2], url, info)
+  redis.call('HDEL', KEYS[3], url)
+end
+"""
 # KEYS: workers:exp, workers:info, workers:refused. ARGV: url, worker JSON, ttl ms, max workers,
 # then optionally the lease key prefix, rho_max and the heartbeat's capacity. Returns {1}, or {0}
 # when a new worker would pass the cap, or {2, now ms} when the worker is live and its lease
@@ -55,6 +71,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 # now + ttl) and the capacity is left pending in workers:refused.
 HEARTBEAT = (
     LEASE_FUNCTIONS
+    + _REGISTER
     + _NOW_MS
     + """
 local url, ttl = ARGV[1], tonumber(ARGV[3])
@@ -70,9 +87,7 @@ if known and #ARGV >= 7 then
     return {2, now}
   end
 end
-redis.call('ZADD', KEYS[1], now + ttl, url)
-redis.call('HSET', KEYS[2], url, ARGV[2])
-redis.call('HDEL', KEYS[3], url)
+register(url, ARGV[2], now + ttl)
 return {1}
 """
 )
@@ -92,17 +107,41 @@ register_refused(ARGV[5], KEYS[1], url, ARGV[2], at, tonumber(ARGV[3]))
 return {1}
 """
 )
-# KEYS: workers:exp, workers:info, workers:refused. Returns {now ms, url, expiry ms, JSON, url,
-# expiry ms, JSON, ...}.
+# KEYS: workers:exp, workers:info, workers:refused, epoch. Returns {now ms, epoch ('' if none),
+# url, expiry ms, JSON, url, expiry ms, JSON, ...}.
 LIVE_WORKERS = (
     _NOW_MS
     + """
-local out = {now}
+local out = {now, redis.call('GET', KEYS[4]) or ''}
 local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for i = 1, #live, 2 do
   out[#out + 1] = live[i]
   out[#out + 1] = live[i + 1]
   out[#out + 1] = redis.call('HGET', KEYS[2], live[i]) or ''
+end
+return out
+"""
+)
+# Write back workers into a Redis that lost its state. KEYS: workers:exp, workers:info,
+# workers:refused. ARGV: max workers, then url, worker JSON, ms left, per worker. A worker Redis
+# holds live is left as it is (a newer heartbeat, or another replica's write back); another is
+# registered live for the ms left, unless the registry is full. Returns a flag per worker: 1 if
+# Redis holds it live now, 0 if it was left out for the cap. O(workers).
+RESTORE_WORKERS = (
+    _REGISTER
+    + _NOW_MS
+    + """
+local out, cap = {}, tonumber(ARGV[1])
+for i = 2, #ARGV - 2, 3 do
+  local url = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], url) then
+    out[#out + 1] = 1
+  elseif redis.call('ZCARD', KEYS[1]) < cap then
+    register(url, ARGV[i + 1], now + tonumber(ARGV[i + 2]))
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
 return out
 """
@@ -194,6 +233,8 @@ class WorkerRegistry:
         self.link = link
         self.keys = keys
         self._seen: dict[str, _Seen] = {}
+        self._epoch: bytes | str | None = None  # the epoch of Redis's state at the last sync
+        self._synced = False  # a sync has read Redis's registry
 
     async def heartbeat(self, w: Worker, rho_max: float | None = None) -> bool:
         """Record a heartbeat here and in Redis. True if Redis has it; CapacityExceeded for a new
@@ -270,13 +311,16 @@ class WorkerRegistry:
         """Replace this replica's view with Redis's live workers, keeping heartbeats that Redis
         has not seen (made while it was unavailable) until they expire here, and those noted
         since this sync began whatever Redis's answer says (it may have been read before them).
-        Raises RedisUnavailable. One round trip, O(workers)."""
+        If Redis lost its state since the last sync (its epoch changed, or is gone), first writes
+        back the workers this replica holds as live that Redis lacks (`_restore`). Raises
+        RedisUnavailable. One round trip (two after a loss), O(workers)."""
         began = time.monotonic()
-        raw = await self.link.script("workers", LIVE_WORKERS, self._script_keys(), [])
+        keys = [*self._script_keys(), self.keys.epoch]
+        raw = await self.link.script("workers", LIVE_WORKERS, keys, [])
         now = time.monotonic()
-        redis_now = int(raw[0])
+        redis_now, epoch = int(raw[0]), raw[1] or None
         fresh: dict[str, _Seen] = {}
-        for i in range(1, len(raw) - 2, 3):
+        for i in range(2, len(raw) - 2, 3):
             left_s = (float(raw[i + 1]) - redis_now) / 1000.0
             try:
                 w = Worker.from_info(raw[i + 2], 0.0)
@@ -284,10 +328,34 @@ class WorkerRegistry:
                 self.metrics.cache_errors.labels("decode_worker").inc()
                 continue
             fresh[w.url] = _Seen(w, now + left_s, True, now)
+        if self._synced and (epoch is None or epoch != self._epoch):
+            fresh.update(await self._restore(fresh))
         for url, seen in self._seen.items():
             if seen.deadline > now and (seen.at >= began or (url not in fresh and not seen.shared)):
                 fresh[url] = seen
         self._seen = fresh
+        self._epoch, self._synced = epoch, True
+
+    async def _restore(self, held: dict[str, _Seen]) -> dict[str, _Seen]:
+        """Redis lost its state: write back each worker this replica holds as live that is not in
+        `held` (what Redis holds), with its last heartbeat, live for the time it has left here
+        (RESTORE_WORKERS). Returns them as this replica keeps them: shared where Redis holds
+        them now, kept here only (until their expiry) where the cap left them out. Raises
+        RedisUnavailable. One round trip when there are any, O(workers)."""
+        now = time.monotonic()
+        lost = [s for url, s in self._seen.items() if url not in held and s.deadline > now]
+        if not lost:
+            return {}
+        log.warning("redis lost the planner's state; writing back the %d live workers this replica holds", len(lost))
+        args: list[object] = [self.settings.max_workers]
+        for s in lost:
+            args += [s.worker.url, s.worker.info_json(), max(1, int((s.deadline - now) * 1000))]
+        flags = await self.link.script("restore_workers", RESTORE_WORKERS, self._script_keys(), args)
+        out = {s.worker.url: replace(s, shared=bool(int(f))) for s, f in zip(lost, flags, strict=True)}
+        if left := [u for u, s in out.items() if not s.shared]:
+            cap = self.settings.max_workers
+            log.warning("workers %s not written back: the cap of %d workers is reached", left, cap)
+        return out
 
     def _alive(self) -> list[_Seen]:
         now = time.monotonic()
