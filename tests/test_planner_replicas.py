@@ -12,6 +12,7 @@ import time
 import pytest
 import redis
 
+from dapdee.planner.errors import ModelUnreachable
 from dapdee.planner.store import Store
 from tests.redis_proxy import RedisProxy
 from tests.test_planner_store import chain_graph, device_profile, running, sample, settings
@@ -52,14 +53,16 @@ async def interleaved_outage(
         (b.put_graph, (g2,)),
         (a.delete_profile, ("shared", "p0")),
         (b.put_profile, ("shared", b2_theirs)),
-        (a.put_graph, (chain_graph("only-a"),)),
         (b.delete_profile, ("shared", "b1")),
         (a.put_profile, ("shared", device_profile(g, "b2", 1.5))),  # would overwrite b's newer b2
     ]
     for fn, args in steps:
         res = await fn(*args)
         assert res is not None and res is not False
-    assert a.redis_state == "down" and a.pending_count == 5
+    # a new model: a cannot tell that Redis lacks it, so the create is refused (retry), not queued
+    with pytest.raises(ModelUnreachable):
+        await a.put_graph(chain_graph("only-a"))
+    assert a.redis_state == "down" and a.pending_count == 4
     want = await b.get_model("shared")  # the newest state: b's writes only
     assert want is not None and want.version == 6
 
@@ -78,7 +81,7 @@ async def interleaved_outage(
     assert json.loads(r.get(f"{p}:graph:shared")) == g2.to_dict()
     assert int(r.hget(f"{p}:versions", "shared")) == 6
     assert set(r.hkeys(f"{p}:profiles:solo")) == {b"a-solo"}  # nobody else wrote solo
-    assert r.hget(f"{p}:models", "only-a") is not None  # a new model: nothing to conflict with
+    assert r.hget(f"{p}:models", "only-a") is None  # refused during the outage, never queued
     assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 3
     assert sample(b, "dapdee_planner_write_conflicts_total", reason="version") == 0
     warned = [rec.getMessage() for rec in caplog.records if "queued write not applied" in rec.getMessage()]

@@ -255,6 +255,7 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
     kw = {"redis_url": redis_process.url, "redis_timeout_s": 0.2, "redis_backoff_s": 0.3, "refresh_s": 0.2}
     with planner(planner_prefix, **kw) as c:
         assert c.put("/models/before", json=toy_graph("before")).status_code == 201
+        assert c.put("/models/during", json=toy_graph("during")).status_code == 201  # changed during it
         for cond in CONDITIONS:  # every plan map cached before the outage
             assert c.post("/plan", json={"model": "before", **cond}).status_code == 200
         ok = c.post("/plan", json={"model": "before", **CONDITIONS[0]})
@@ -271,8 +272,10 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         # a dead Redis does not slow plans down: plans never wait on it (at most the background
         # refresh tried it meanwhile; one Redis call per plan would count one error per plan)
         assert redis_errors(c) - errors_before < len(plans) / 2
-        r = c.put("/models/during", json=toy_graph("during"))
-        assert r.status_code == 201 and r.json()["stored"] == "pending"
+        changed = toy_graph("during")
+        changed["nodes"][0]["out_bytes"] += 1
+        r = c.put("/models/during", json=changed)  # a model this replica holds: queued
+        assert r.status_code == 200 and r.json()["stored"] == "pending" and r.json()["version"] == 2
         t = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
         assert c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": t}).status_code == 201
         assert c.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code == 200
@@ -284,9 +287,11 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         # two writes queued: the graph and the profile
         assert rz.status_code == 200 and rz.json()["redis"] == "down" and rz.json()["pending_writes"] == 2
         # a model this replica never cached may exist in Redis: no 5xx, but a 404 that says so,
-        # for reads and for changes (a change is not queued: "unknown" would be a guess)
+        # for reads and for changes, a create included (not queued: "unknown" or "new" would be
+        # a guess, and a queued create of a stored model would be dropped on replay)
         for missing in (
             c.get("/models/nothere"),
+            c.put("/models/nothere", json=toy_graph("nothere")),
             c.post("/plan", json={"model": "nothere", **CONDITIONS[1]}),
             c.delete("/models/nothere"),
             c.delete("/models/nothere/profiles/phone"),
@@ -617,13 +622,17 @@ def test_redis_down_at_start(planner_prefix: str) -> None:
         with planner(planner_prefix, **kw) as c:
             rz = c.get("/readyz")
             assert rz.status_code == 200 and rz.json()["ready"] and rz.json()["redis"] == "down"
+            # Redis may hold "early" already: the create is refused (retry), not queued on a guess
             r = c.put("/models/early", json=toy_graph("early"))
-            assert r.status_code == 201 and r.json()["stored"] == "pending"
-            assert c.post("/plan", json={"model": "early", **CONDITIONS[0]}).status_code == 200
+            assert r.status_code == 404 and r.headers["Retry-After"] == "1", r.text
+            assert c.get("/readyz").json()["pending_writes"] == 0
             rp.start()
             r = redis.Redis.from_url(rp.url)
-            assert wait_for(lambda: r.exists(f"{planner_prefix}:v1:graph:early"), timeout=10)
-            assert wait_for(lambda: c.get("/readyz").json()["redis"] == "up")
+            assert wait_for(lambda: c.get("/readyz").json()["redis"] == "up", timeout=10)
+            got = c.put("/models/early", json=toy_graph("early"))
+            assert got.status_code == 201 and got.json()["stored"] == "redis", got.text
+            assert r.exists(f"{planner_prefix}:v1:graph:early")
+            assert c.post("/plan", json={"model": "early", **CONDITIONS[0]}).status_code == 200
             r.close()
     finally:
         rp.stop()

@@ -18,7 +18,7 @@ import redis
 
 from dapdee.costgraph import CostGraph
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import RedisUnavailable
+from dapdee.planner.errors import ModelUnreachable, RedisUnavailable
 from dapdee.planner.keys import Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.model_cache import ModelCache
@@ -249,8 +249,11 @@ def test_outage_replay_applies_current_and_reports_stale(planner_prefix: str, ca
 
 
 def test_put_graph_during_outage_keeps_stored_profiles(planner_prefix: str) -> None:
-    """A replica that never saw a model PUTs its graph during an outage: on replay Redis holds a
-    newer model, so the queued write is a conflict and the stored profiles survive."""
+    """A replica that never saw a model PUTs its graph during an outage: it cannot know that
+    Redis holds the model, so the write is refused (ModelUnreachable: 404 with Retry-After), not
+    queued as a create that the replay would drop after it was acknowledged; the stored model
+    and its profiles are untouched. (Before, the PUT was queued and answered as a create, then
+    dropped on replay as a version conflict.)"""
 
     async def go() -> None:
         async with proxied(planner_prefix) as (a, proxy), running(settings(planner_prefix)) as b:
@@ -258,12 +261,13 @@ def test_put_graph_during_outage_keeps_stored_profiles(planner_prefix: str) -> N
             await b.put_graph(g)
             await b.put_profile("n", device_profile(g, "phone"))
             proxy.cut()
-            res = await a.put_graph(chain_graph("n", n=9))  # another structure: would drop profiles
-            assert res.stored == "pending" and res.created
+            with pytest.raises(ModelUnreachable):
+                await a.put_graph(chain_graph("n", n=9))  # another structure: would drop profiles
+            assert a.pending_count == 0
             await reconnect(a, proxy)
             st = await b.refresh_model("n")
             assert st is not None and set(st.profiles) == {"phone"} and len(st.graph.nodes) == 6
-            assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 1
+            assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
             mine = await a.get_model("n")
             assert mine is not None and mine.version == st.version and set(mine.profiles) == {"phone"}
 

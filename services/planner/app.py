@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from dapdee.planner import openapi, problems
 from dapdee.planner.config import Settings
 from dapdee.planner.deps import Planning
-from dapdee.planner.errors import CapacityExceeded, MissingTimings, ModelUnreachable, VersionConflict
+from dapdee.planner.errors import CapacityExceeded, MissingTimings, ModelUnreachable, RedisRefused, VersionConflict
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.routers import devices, fleet, models, ops, plan, workers
@@ -20,6 +20,8 @@ from dapdee.planner.store import Store
 from dapdee.web.access_log import AccessLog
 from dapdee.web.guard import RequestGuard
 from dapdee.web.otel import Tracing, tracer
+
+REFUSED_RETRY_S = 5  # Retry-After of a write Redis refused: memory or a failover takes a while
 
 log = logging.getLogger("dapdee.planner")
 
@@ -96,8 +98,9 @@ def _install_guard(app: FastAPI, settings: Settings, metrics: PlannerMetrics) ->
 
 def _store_errors(app: FastAPI) -> None:
     """The store's refusals as 409 problems (a version conflict, a capacity limit, timings a plan
-    needs that nobody uploaded), and a 404 with Retry-After for a model that cannot be read while
-    Redis is away (never a 5xx because of Redis)."""
+    needs that nobody uploaded), a 404 with Retry-After for a model that cannot be read while
+    Redis is away (never a 5xx because Redis is away), and a 503 with Retry-After for a model
+    write that Redis answered but refused (out of memory, read-only, busy: nothing changed)."""
     kinds: tuple[tuple[type[Exception], str], ...] = (
         (VersionConflict, problems.VERSION_CONFLICT),
         (CapacityExceeded, problems.CAPACITY),
@@ -114,3 +117,9 @@ def _store_errors(app: FastAPI) -> None:
         return problems.problem_response(404, str(exc), headers={"Retry-After": "1"})
 
     app.add_exception_handler(ModelUnreachable, unreachable)
+
+    async def refused(request: Request, exc: Any) -> Response:
+        detail = f"not stored: Redis refused the write ({exc.reason}), so nothing changed; retry later"
+        return problems.problem_response(503, detail, headers={"Retry-After": str(REFUSED_RETRY_S)})
+
+    app.add_exception_handler(RedisRefused, refused)

@@ -8,6 +8,18 @@ class RedisUnavailable(Exception):
     the store answers from process memory and queues writes instead)."""
 
 
+class RedisRefused(RedisUnavailable):
+    """Redis answered but refused the command: out of memory (`maxmemory` under `noeviction`), a
+    read-only replica, or busy running a script. Redis is there and serves reads (except when
+    busy): the link stays up. Callers that fall back on process memory for RedisUnavailable do
+    so here too; a model or profile write is not queued but answered 503 with Retry-After (it
+    changed nothing). `reason` names the refusal ("out of memory", "read-only", "busy")."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"Redis refused the command ({reason}): {detail}")
+        self.reason = reason
+
+
 class ModelUnreachable(Exception):
     """A model this replica has not cached could not be read because Redis is unavailable. It may
     exist (another replica stored it), yet the planner never answers 5xx because Redis is away:

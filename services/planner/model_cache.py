@@ -26,6 +26,8 @@ from dapdee.planner.redis_link import RedisLink
 
 log = logging.getLogger("dapdee.planner")
 
+SNAPSHOT_TRIES = 3  # reads of one model that concurrent writes spoiled before one MULTI settles it
+
 
 class ModelCache:
     """The models one replica has read from Redis, in a bounded LRU (module docstring).
@@ -75,21 +77,10 @@ class ModelCache:
 
     # ---- reads -------------------------------------------------------------------------------
     async def fetch(self, name: str) -> ModelState | None:
-        """The model as Redis holds it now (None: absent or unreadable), read in one MULTI (a
-        consistent snapshot); reuses the cached parsed graph when its hash is unchanged. Raises
-        RedisUnavailable. One round trip plus O(size) decoding."""
-        k = self.keys
-
-        async def f(r: Any) -> list[Any]:
-            pipe = r.pipeline(transaction=True)
-            pipe.hget(k.models, name)
-            pipe.hget(k.versions, name)
-            pipe.hget(k.lastop, name)
-            pipe.get(k.graph(name))
-            pipe.hgetall(k.profiles(name))
-            return await pipe.execute()
-
-        h_b, v_b, op_b, raw_graph, raw_profiles = await self.link.call("load_model", f)
+        """The model as Redis holds it now (None: absent or unreadable), a consistent snapshot
+        (`_snapshot`); reuses the cached parsed graph when its hash is unchanged. Raises
+        RedisUnavailable. One round trip (rarely up to SNAPSHOT_TRIES) plus O(size) decoding."""
+        h_b, v_b, op_b, raw_graph, raw_profiles = await self._snapshot(name)
         self.unreadable.pop(name, None)
         if h_b is None:
             return None
@@ -112,6 +103,40 @@ class ModelCache:
         if bad:
             self.metrics.cache_errors.labels("decode_profile").inc(bad)
         return ModelState(graph, h, profiles, version, last_op(op_b))
+
+    async def _snapshot(self, name: str) -> list[Any]:
+        """[hash, version, last write ids, graph, profiles] of `name` as Redis holds them at one
+        moment. The five keys are read in a plain pipeline (a MULTI is refused while Redis is out
+        of memory, though reads alone are served) between two reads of the shared generation
+        counter, which every change of a model increments (`WRITE_MODEL`): equal counters mean
+        no change landed among the reads. Else it reads again, the last try in one MULTI. Raises
+        RedisUnavailable. One round trip; another per try a concurrent write spoiled."""
+        k = self.keys
+
+        def reads(pipe: Any) -> None:
+            pipe.hget(k.models, name)
+            pipe.hget(k.versions, name)
+            pipe.hget(k.lastop, name)
+            pipe.get(k.graph(name))
+            pipe.hgetall(k.profiles(name))
+
+        async def bracketed(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.get(k.gen)
+            reads(pipe)
+            pipe.get(k.gen)
+            return await pipe.execute()
+
+        async def atomic(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=True)
+            reads(pipe)
+            return await pipe.execute()
+
+        for _ in range(SNAPSHOT_TRIES - 1):
+            got = await self.link.call("load_model", bracketed)
+            if got[0] == got[-1]:
+                return got[1:-1]
+        return await self.link.call("load_model", atomic)
 
     async def get(self, name: str) -> ModelState | None:
         """The cached model, else the stored one (cached from then on), else None. Raises
@@ -172,14 +197,20 @@ class ModelCache:
         """Re-read the cached models (nothing queued) whose stored version, hash or last write
         differs from the cached one (a model deleted and created again restarts at version 1,
         maybe with the same graph); drop those gone from Redis. Raises RedisUnavailable. One
-        round trip plus one per changed model."""
+        round trip plus one per changed model.
+
+        The three lists are read without MULTI (refused while Redis is out of memory): a write
+        landing among them makes the model's triple mixed, so unequal to the cached one (each
+        write stores a new write id) and the model is re-read in one snapshot (`fetch`); one
+        landing after them moved the generation counter past what the refresh read, so the next
+        refresh looks again."""
         names = [n for n in self.models if not self.queued(n)]
         if not names:
             return
         k = self.keys
 
         async def f(r: Any) -> list[Any]:
-            pipe = r.pipeline(transaction=True)
+            pipe = r.pipeline(transaction=False)
             pipe.hmget(k.models, names)
             pipe.hmget(k.versions, names)
             pipe.hmget(k.lastop, names)

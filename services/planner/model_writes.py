@@ -5,13 +5,19 @@ check `expect_version` (If-Match), and apply one `writes.Op` through the `WRITE_
 which applies it only if Redis still holds the version the replica read; a race lost to another
 replica is retried on the new state (or is a VersionConflict when the caller named a version).
 
-While Redis is unavailable a write is applied to this replica's cache and queued in the outbox
-(answer: `"stored": "pending"`). The refresh loop replays queued writes in order once Redis is
-back; each is applied only if its base version is still the stored one. A queued write that is
-not applied (another replica changed the model meanwhile, or a cap was reached) is a conflict:
-counted in `dapdee_planner_write_conflicts_total`, logged at WARNING with the model and both
-versions, and the model is reloaded from Redis — a newer write is never overwritten. Later
-queued writes of that model are conflicts too (they built on the one not applied).
+While Redis is unavailable a write to a model this replica holds (or has writes queued for) is
+applied to this replica's cache and queued in the outbox (answer: `"stored": "pending"`). A
+write to any other model, a create included, is refused with ModelUnreachable: the replica
+cannot tell whether Redis holds it (another replica's, or one it evicted), and a create queued
+on a guess would be dropped as a conflict on replay after it was acknowledged. A write Redis
+refuses (`RedisRefused`: out of memory, read-only, busy) is neither applied nor queued: it
+raises, and the route answers 503 with Retry-After. The refresh loop replays queued writes in
+order once Redis is back; each is applied only if its base version is still the stored one. A
+queued write that is not applied (another replica changed the model meanwhile, or a cap was
+reached) is a conflict: counted in `dapdee_planner_write_conflicts_total`, logged at WARNING
+with the model and both versions, and the model is reloaded from Redis — a newer write is never
+overwritten. Later queued writes of that model are conflicts too (they built on the one not
+applied).
 
 If Redis comes back empty (restarted without persistence, or flushed), the replica writes back
 every model it holds (queued changes included) where no other replica did so first. Redis's loss
@@ -39,6 +45,7 @@ from dapdee.planner.config import Settings
 from dapdee.planner.errors import (
     CapacityExceeded,
     ModelUnreachable,
+    RedisRefused,
     RedisUnavailable,
     UnknownNodes,
     VersionConflict,
@@ -218,14 +225,15 @@ class ModelWriter:
         """Decide a write with `plan` on the freshest state this replica can read and apply it:
         through the script when Redis is up (retried on a lost race), else to the cache and the
         outbox. Returns (planned, stored) with planned None when `plan` says the model is
-        unknown. Raises VersionConflict, CapacityExceeded, and ModelUnreachable for a change to a
-        model this replica neither holds nor can read (Redis away)."""
+        unknown. Raises VersionConflict, CapacityExceeded, ModelUnreachable for a write (a create
+        too) to a model this replica neither holds nor can read (Redis away: it may exist), and
+        RedisRefused for a write Redis refused (nothing applied, nothing queued)."""
         version = 0
         async with self._lock:
             for _ in range(WRITE_ATTEMPTS):
                 cur, online = await self._current(name)
-                if not online and cur is None and not creates and self.link.enabled and not self.outbox.has(name):
-                    raise ModelUnreachable(name)  # Redis may hold it: "unknown" would be a guess
+                if not online and cur is None and self.link.enabled and not self.outbox.has(name):
+                    raise ModelUnreachable(name)  # Redis may hold it: "unknown" or "new" would be a guess
                 unreadable = self.cache.unreadable.get(name) if cur is None else None
                 if expect is not None and (cur is not None or creates or unreadable is not None):
                     # a model stored but unreadable here has a version too: If-Match holds for it
@@ -242,6 +250,8 @@ class ModelWriter:
                 op = planned.op if expect is not None else replace(planned.op, check="graph")
                 try:
                     status, version, h, prev = await self._send(op)
+                except RedisRefused:  # Redis answered: not applied, and a replay would be refused too
+                    raise
                 except RedisUnavailable:  # maybe applied: the op id tells on replay
                     return planned, self._queue(replace(planned, op=op))  # decided on a fresh read: same check
                 if status in ("ok", "applied", "gone"):
@@ -255,10 +265,13 @@ class ModelWriter:
 
     async def _current(self, name: str) -> tuple[ModelState | None, bool]:
         """(state, online): fresh from Redis when it is reachable and nothing of `name` is
-        queued, else the cached state (offline). One round trip at most."""
+        queued, else the cached state (offline). Raises RedisRefused (Redis busy: a write now
+        would be refused too). One round trip at most."""
         if self.link.enabled and not self.outbox.has(name):
             try:
                 return await self.cache.fetch(name), True
+            except RedisRefused:
+                raise
             except RedisUnavailable:
                 pass
         return self.cache.models.get(name), False
@@ -346,8 +359,14 @@ class ModelWriter:
                 self._gen = gen
 
     async def _epoch_now(self) -> bytes:
-        """The epoch of Redis's state, set to a new random token where there is none. One round
-        trip (SET NX and GET in one MULTI)."""
+        """The epoch of Redis's state, set to a new random token where there is none. Read first,
+        written only where missing (a write, refused while Redis is out of memory, at every
+        refresh would fail the refresh of a Redis that serves reads); the SET NX and GET in one
+        MULTI then make every replica that finds it missing agree on the first one set. One
+        round trip; two for an empty Redis."""
+        got = await self.link.call("epoch", lambda r: r.get(self.keys.epoch))
+        if got is not None:
+            return got
         token = secrets.token_hex(16)
 
         async def f(r: Any) -> list[Any]:

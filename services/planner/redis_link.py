@@ -6,7 +6,11 @@ no call is even tried, and raises `RedisUnavailable`, which the callers turn int
 process memory" or "queue the write". Short socket timeouts keep a dead Redis from stalling a
 request. Lua scripts run with `EVALSHA` (loaded again after a Redis restart). A script that
 Redis ran and that failed (a bug, not an outage) is counted and raised the same way but logged
-at ERROR and leaves the link up: it must not page as "Redis down" nor stop every other call."""
+at ERROR and leaves the link up: it must not page as "Redis down" nor stop every other call.
+A command Redis refuses (OOM under `maxmemory` + `noeviction`, READONLY, BUSY; from inside a
+script too) raises `RedisRefused`: counted the same way, logged at WARNING (at most once per
+REFUSAL_LOG_S for each reason), and the link stays up without a back-off: Redis still serves
+reads (all but BUSY), so readiness and `dapdee_planner_redis_up` do not flap."""
 
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import RedisUnavailable
+from dapdee.planner.errors import RedisRefused, RedisUnavailable
 from dapdee.planner.metrics import PlannerMetrics
 
 log = logging.getLogger("dapdee.planner")
 
 REDIS_CLOSE_S = 2.0  # closing the client at shutdown waits at most this
+REFUSAL_LOG_S = 60.0  # a refusal of the same reason is logged again at most this often
 
 
 class RedisLink:
@@ -36,6 +41,7 @@ class RedisLink:
         self.state = "disabled"
         self._down_until = 0.0
         self._scripts: dict[str, Any] = {}
+        self._refusal_logged: dict[str, float] = {}  # reason -> when last logged (monotonic)
 
     @property
     def enabled(self) -> bool:
@@ -66,7 +72,9 @@ class RedisLink:
 
     async def call(self, op: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """Run one Redis operation `fn(client)`, or raise RedisUnavailable (disabled, backing
-        off, or failed now: counted under `op`, starts a back-off). O(1) plus the operation."""
+        off, or failed now: counted under `op`, starts a back-off), or RedisRefused (a
+        RedisUnavailable: Redis answered but refused it; counted, no back-off, the link stays
+        up). O(1) plus the operation."""
         if self.client is None:
             raise RedisUnavailable("redis disabled")
         if time.monotonic() < self._down_until:
@@ -77,6 +85,11 @@ class RedisLink:
             res = await fn(self.client)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self.metrics.cache_errors.labels(op).inc()
+            reason = refusal(exc)
+            if reason is not None:
+                self._answered()
+                self._log_refusal(op, reason, exc)
+                raise RedisRefused(reason, str(exc)) from None
             if _script_failed(exc):
                 log.error("redis script %s failed: %s", op, exc)
                 raise RedisUnavailable(str(exc)) from None
@@ -85,10 +98,23 @@ class RedisLink:
             self.state = "down"
             self._down_until = time.monotonic() + self.settings.redis_backoff_s
             raise RedisUnavailable(str(exc)) from None
+        self._answered()
+        return res
+
+    def _answered(self) -> None:
+        """Redis answered (a result or a refusal): the link is up again if it was down. O(1)."""
         if self.state == "down":
             log.warning("redis is back")
             self.state = "up"
-        return res
+
+    def _log_refusal(self, op: str, reason: str, exc: BaseException) -> None:
+        """Log a refused command at WARNING, at most once per REFUSAL_LOG_S for each reason. O(1)."""
+        now = time.monotonic()
+        last = self._refusal_logged.get(reason)
+        if last is not None and now - last < REFUSAL_LOG_S:
+            return
+        self._refusal_logged[reason] = now
+        log.warning("redis refused %s (%s): %s; writes fail until it accepts them, reads go on", op, reason, exc)
 
     async def check_eviction_policy(self) -> str | None:
         """Redis's `maxmemory-policy` (None if Redis does not say: down, or CONFIG disabled);
@@ -133,10 +159,33 @@ class RedisLink:
             log.debug("redis client close: %s", exc)
 
 
+def refusal(exc: BaseException) -> str | None:
+    """The reason Redis refused a command ("out of memory", "read-only", "busy"), or None when
+    `exc` is no refusal. Redis says so with the reply's error code (OOM, READONLY, BUSY), which
+    redis-py turns into an exception class or keeps in the text (BUSY; a pipeline prefixes the
+    text with the command, a script's error keeps the code). O(len(message))."""
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+
+    if isinstance(exc, OutOfMemoryError):
+        return "out of memory"
+    if isinstance(exc, ReadOnlyError):
+        return "read-only"
+    if not isinstance(exc, ResponseError):
+        return None
+    text = str(exc)
+    for code, reason in (("OOM", "out of memory"), ("READONLY", "read-only"), ("BUSY", "busy")):
+        if text.startswith(code + " ") or f": {code} " in text:
+            return reason
+    return None
+
+
 def _script_failed(exc: BaseException) -> bool:
     """Whether Redis ran a Lua script and it raised (Redis 7 says `user_script:<line>` or `Error
-    running script`), as opposed to Redis not answering or refusing work (OOM, READONLY, BUSY)."""
+    running script`), as opposed to Redis not answering or refusing work (OOM, READONLY, BUSY:
+    their replies from inside a script name `user_script:` too). O(len(message))."""
     from redis.exceptions import ResponseError
 
     text = str(exc)
-    return isinstance(exc, ResponseError) and ("user_script:" in text or "Error running script" in text)
+    if not isinstance(exc, ResponseError) or refusal(exc) is not None:
+        return False
+    return "user_script:" in text or "Error running script" in text
