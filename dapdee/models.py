@@ -109,7 +109,7 @@ def build_module(spec: ModelSpec) -> nn.Module:
         mod_name, fn_name = spec.target.split(":")
         try:
             mod = importlib.import_module(mod_name)
-        except Exception as exc:  # any import-time failure is the user's module's
+        except (Exception, SystemExit) as exc:  # any import-time failure is the user's module's
             raise ModelError(
                 f"model spec {spec.spec!r}: cannot import {mod_name!r} ({exc}); a module of your own must be "
                 "importable: installed, or its directory on PYTHONPATH"
@@ -121,7 +121,7 @@ def build_module(spec: ModelSpec) -> nn.Module:
             raise ModelError(f"model spec {spec.spec!r}: {fn_name!r} is not callable")
         try:
             module = factory()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a user's sys.exit() must not end the command silently
             raise ModelError(f"model spec {spec.spec!r}: factory raised {type(exc).__name__}: {exc}") from None
         if not isinstance(module, nn.Module):
             raise ModelError(f"model spec {spec.spec!r}: factory returned {type(module).__name__}, not an nn.Module")

@@ -227,3 +227,14 @@ def test_a_device_run_log_that_cannot_be_written_is_named(tmp_path: Path, capsys
     assert main([*args, "--log", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dapdee: error: --log ") and "cannot write the file" in err[-1], err
+
+
+def test_a_user_factory_that_exits_is_one_error_line_not_a_silent_exit(tmp_path: Path) -> None:
+    """A `package.module:factory` that calls sys.exit (at import or when called) ended the
+    command with its own code and nothing on stderr; it is a model error naming the spec."""
+    (tmp_path / "exiting.py").write_text("import sys\n\ndef model():\n    sys.exit(3)\n")
+    (tmp_path / "exiting_import.py").write_text("import sys\nsys.exit(4)\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    for spec, why in (("exiting:model", "factory raised SystemExit"), ("exiting_import:model", "cannot import")):
+        line = _one_error_line(_dapdee(["graph", spec, "--input-shape", "1,1,8,8"], env))
+        assert spec in line and why in line, line
