@@ -364,8 +364,7 @@ class CostGraph:
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
         """Check the contract: unique names, topological order (hence acyclic), known producers,
-        exits naming nodes, unique exit names, exits listed shallow → deep (their nodes in the
-        order of `nodes`: the planner takes the last as the deepest). O(V + E)."""
+        exits naming nodes, unique exit names. O(V + E)."""
         if not self.nodes:
             raise CostGraphError("nodes: a cost graph needs at least one node")
         if not self.exits:
@@ -386,17 +385,12 @@ class CostGraph:
                         )
                     raise CostGraphError(f"nodes[{i}] ({n.name}).inputs: unknown producer {u!r}")
             seen.add(n.name)
-        names, position = set(), {n.name: i for i, n in enumerate(self.nodes)}
+        names = set()
         for i, e in enumerate(self.exits):
             if e.node not in all_names:
                 raise CostGraphError(f"exits[{i}].node: unknown node {e.node!r}")
             if e.name in names:
                 raise CostGraphError(f"exits[{i}].name: duplicate exit {e.name!r}")
-            if i and position[e.node] < position[self.exits[i - 1].node]:
-                raise CostGraphError(
-                    f"exits[{i}].node: {e.node!r} comes before exits[{i - 1}]'s node {self.exits[i - 1].node!r}; "
-                    "exits are listed shallow to deep (the last is the deepest)"
-                )
             names.add(e.name)
         if self.progressive is not None:
             self.progressive.check([e.name for e in self.exits])
