@@ -296,13 +296,15 @@ def test_a_factory_model_that_fails_on_the_input_is_a_model_error(
 
 
 def test_eval_and_calibrate_take_the_factory_spec_an_artifact_was_trained_from(
-    folder: Path, tmp_path: Path, factories: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, factories: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An artifact trained from a `package.module:factory` spec is built only when its spec is
     named: `eval` and `calibrate` take it with --model (they had no such flag, so such an
-    artifact could never be evaluated or calibrated); without it they exit 2 naming --model."""
+    artifact could never be evaluated or calibrated); without it they exit 2 naming --model.
+    (Its folder holds enough images for the smallest calibration split calibrate takes.)"""
+    big = make_folder(tmp_path / "shapes", ("dark", "mid", "light"), 130)
     out = tmp_path / "gray"
-    train(cfg(folder, out, model=f"{factories}:gray"), **QUIET)
+    train(cfg(big, out, model=f"{factories}:gray"), **QUIET)
     assert main(["eval", str(out)]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["eval", str(out), "--model", f"{factories}:gray"]) == 0

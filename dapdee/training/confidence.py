@@ -228,6 +228,31 @@ def calibrate_thresholds(
 
 # ---- artifact-level commands ---------------------------------------------------------------
 
+# Fewest calibration samples `calibrate` accepts: below ~30 the paired loss's standard error is
+# too noisy (0 on one sample) for the z margin to protect the bound.
+MIN_CALIB_SAMPLES = 30
+
+
+def _few(names: Sequence[Any], shown: int = 6) -> str:
+    """`names` as a Python list, cut after `shown` entries with the total count. O(shown)."""
+    head = [str(n) for n in names[:shown]]
+    return repr(head) if len(names) <= shown else f"{repr(head)[:-1]}, ... ({len(names)} in all)]"
+
+
+def check_dataset_classes(manifest: Mapping[str, Any], dataset: str) -> None:
+    """ValueError naming --dataset unless `dataset`'s class names, by label, are the manifest's
+    `classes` (labels are class indexes, so the order matters too); a manifest without `classes`
+    is not checked. O(files) for a folder dataset, O(classes) otherwise."""
+    want = manifest.get("classes")
+    if not want:
+        return
+    got = list(D.class_names(dataset))
+    if got != [str(c) for c in want]:
+        raise ValueError(
+            f"--dataset {D.parse_dataset(dataset).text}: its classes {_few(got)} are not the artifact's "
+            f"(manifest classes {_few(want)}); labels are class indexes, so names and order must match"
+        )
+
 
 def _artifact_logits(
     loaded: Any, dataset: str, split: str, limit: int | None
@@ -254,10 +279,11 @@ def evaluate_artifact(
     """Per-exit accuracy of an artifact recomputed from its weights alone (manifest preprocessing;
     default dataset and sample count: the manifest's), compared with the manifest's accuracies
     (agreement: within 2 samples, allowing for a thread-count-dependent argmax tie); `model` as
-    `_load` takes it. O(N · forward)."""
+    `_load` takes it; ValueError naming --dataset when its classes are not the manifest's. O(N · forward)."""
     loaded = _load(artifact, model)
     m = loaded.manifest
     dataset = dataset or m.get("dataset") or "fashion-mnist"
+    check_dataset_classes(m, dataset)
     if limit is None:
         limit = (m.get("splits") or {}).get(split)
     logits, labels = _artifact_logits(loaded, dataset, split, limit)
@@ -301,6 +327,17 @@ def _split_outcomes(
     return torch.stack([confidence(lg) for lg in logits]), torch.stack([lg.argmax(1) == labels for lg in logits])
 
 
+def _check_calib_size(dataset: str, limit: int | None) -> None:
+    """ValueError naming --limit when `dataset`'s calibration split, cut to `limit`, holds fewer
+    than MIN_CALIB_SAMPLES samples. O(reading the split), which the calibration reuses."""
+    n = len(D.load_raw(dataset, "calib", limit)[1])
+    if n < MIN_CALIB_SAMPLES:
+        raise ValueError(
+            f"calibration split of {D.parse_dataset(dataset).text}: {n} samples, need at least {MIN_CALIB_SAMPLES} "
+            "(set by --limit, default the manifest's calib split; a folder's is a tenth of its training images)"
+        )
+
+
 def calibrate_artifact(
     artifact: str | Path,
     max_accuracy_loss: float = 0.012,
@@ -314,8 +351,9 @@ def calibrate_artifact(
     and (with `write`) store them in the manifest under `confidence_exits`. Returns the report:
     thresholds, per-split accuracy loss, fraction of frames per exit, FLOPs saved, and per split
     `by_exit` (`by_exit_outcomes`: per planned exit the fractions and accuracy of progressive
-    inference truncated there); `model` as `_load` takes it. Cost: two inference passes plus the
-    greedy search."""
+    inference truncated there) and the `dataset` used; `model` as `_load` takes it. ValueError,
+    before any inference, for a dataset whose classes are not the manifest's or a calibration
+    split under MIN_CALIB_SAMPLES. Cost: two inference passes plus the greedy search."""
     from dapdee.training.train import write_manifest
 
     if not 0 <= max_accuracy_loss < 1:
@@ -325,7 +363,9 @@ def calibrate_artifact(
     loaded = _load(artifact, model)
     m = loaded.manifest
     dataset = dataset or m.get("dataset") or "fashion-mnist"
+    check_dataset_classes(m, dataset)
     splits = m.get("splits") or {}
+    _check_calib_size(dataset, limit or splits.get("calib"))
     costs = ExitCosts(loaded.graph)
     data = {split: _split_outcomes(loaded, artifact, dataset, split, limit or splits.get(split), len(costs.names))
             for split in ("calib", "test")}  # fmt: skip
@@ -338,6 +378,7 @@ def calibrate_artifact(
     report = {
         "artifact": str(artifact),
         "name": loaded.name,
+        "dataset": D.parse_dataset(dataset).text,
         "rule": RULE,
         "rule_text": "leave at the first active exit whose max softmax probability >= its threshold; "
         "null = exit inactive; the final exit always answers",
