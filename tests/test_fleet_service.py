@@ -1191,3 +1191,24 @@ def test_a_worker_whose_solve_runs_past_the_budget_is_left_as_it_was_and_named(p
         assert workers(c)["http://w1:1"]["leased_ms_per_s"] == before
         assert not c.get("/devices/d0").json()["lease"]["assigned"]
         assert _rebalances(c, "over_budget") == 1
+
+
+def test_a_replica_that_missed_a_workers_departure_books_no_lease_on_it(planner_prefix: str) -> None:
+    """A stopping worker's last heartbeat lists no model; it reaches replica a. Replica b still
+    holds the worker serving the model and plans the device onto it: the reservation, which
+    reads the worker's last heartbeat inside Redis, refuses it ("departed"), and b plans again
+    without the worker (here the device's own CPU), storing no lease on the departed worker. A
+    worker that serves the model again is planned onto as before."""
+    kw = {"rebalance_s": 0, "refresh_s": 3600.0, "worker_ttl_s": 120.0}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a)
+        assert workers(b)["http://w1:1"]["models"] == ["cam"]  # b's registry: the worker serves cam
+        assert beat(a, "http://w1:1", [], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        plan = b.post("/plan", json=leased("d1")).json()
+        assert plan["lease"]["worker"] is None and plan["device_nodes"] == ["a", "b"], plan
+        assert plan["edge_nodes"] == [] and _admissions(b, "departed") == 1
+        assert workers(a)["http://w1:1"]["leases"] == 0
+        assert b.get("/devices/d1").json()["lease"]["worker"] is None
+        assert beat(a, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        assert b.post("/plan", json=leased("d2")).json()["lease"]["worker"] == "http://w1:1"
+        assert workers(a)["http://w1:1"]["leases"] == 1

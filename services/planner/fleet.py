@@ -228,7 +228,9 @@ class Fleet:
         view: adopt Redis's figures and plan again against them. A refusal (another replica took
         the room meanwhile, or the worker's last heartbeat states less capacity than this
         replica's view): plan again with the new figures, at most `RETRIES` times, then
-        Device-Only (always admissible). Returns the plan JSON with its `lease`."""
+        Device-Only (always admissible). A worker whose last heartbeat no longer lists the model
+        (it left after this replica read the registry): plan again without it. Returns the plan
+        JSON with its `lease`."""
         body = ask.body
         stored = False
         refusals = 0
@@ -254,6 +256,16 @@ class Fleet:
                     candidates, self.chooser.choose, held, ask, candidates, fresh, edge_load
                 )
                 anchor = held["request"] if held is not None else None
+                continue
+            if res.status == "departed":  # this replica's registry is behind: the worker takes no one
+                assert dp.worker is not None
+                self.metrics.admissions.labels("departed").inc()
+                others[dp.worker] = math.inf  # as full: another worker's plan, or Device-Only
+                fresh = self._others(candidates, body.device_id, others)
+                dp = await self._chosen(
+                    candidates, self.chooser.exact, candidates, ask.req, body.frame_rate, fresh, edge_load
+                )
+                assigned = False
                 continue
             if res.status == "full":
                 self.metrics.admissions.labels("full").inc()

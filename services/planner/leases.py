@@ -161,21 +161,33 @@ local function register_refused(prefix, exp, worker, info, at, ttl)
   redis.call('HSET', prefix .. ':workers:info', worker, info)
   redis.call('HDEL', prefix .. ':workers:refused', worker)
 end
+-- The worker's last heartbeat in the registry, decoded (nil: none, or not a JSON object).
+local function worker_info(prefix, worker)
+  local raw = redis.call('HGET', prefix .. ':workers:info', worker)
+  if not raw then return nil end
+  local ok, info = pcall(cjson.decode, raw)
+  if not ok or type(info) ~= 'table' then return nil end
+  return info
+end
 -- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
 -- states (the capacity now, whatever this replica saw), or the refused one `pending` (`refusal`)
--- if that is less, and that capacity ('' if unknown).
-local function capped(prefix, worker, limit, rho, pending)
+-- if that is less, and that capacity ('' if unknown). `info`: the worker's, when read already.
+local function capped(prefix, worker, limit, rho, pending, info)
   local capacity
-  local raw = redis.call('HGET', prefix .. ':workers:info', worker)
-  if raw then
-    local ok, info = pcall(cjson.decode, raw)
-    if ok and type(info) == 'table' and type(info.capacity_ms_per_s) == 'number' then
-      capacity = info.capacity_ms_per_s
-    end
-  end
+  info = info or worker_info(prefix, worker)
+  if info and type(info.capacity_ms_per_s) == 'number' then capacity = info.capacity_ms_per_s end
   if pending and (not capacity or pending.capacity < capacity) then capacity = pending.capacity end
   if not capacity then return limit, '' end
   return math.min(limit, rho * capacity), string.format('%.17g', capacity)
+end
+-- Whether the worker's last heartbeat `info` (`worker_info`) lists `model` (true when it cannot
+-- tell: no registry entry, or one without a model list; admission then goes by capacity alone).
+local function serves(info, model)
+  if not info or type(info.models) ~= 'table' then return true end
+  for _, m in ipairs(info.models) do
+    if m == model then return true end
+  end
+  return false
 end
 -- Whether reservations totalling `sum` pass `limit`, by more than float summation order can
 -- (a solver or a replica adds the same loads in another order than Redis does).
@@ -205,7 +217,9 @@ end
 # it assumed) pairs.
 # Returns {status, others, capacity}: status 1 reserved, 0 refused (over the limit), -1 lease cap
 # reached, -2 the model is not in the registry (deleted while the request was planned: END_MODEL
-# has run or will find nothing of this lease); capacity `capped`'s ('' if unknown or no worker);
+# has run or will find nothing of this lease), -3 the worker's last heartbeat no longer lists the
+# model (it left, or stopped serving it, after this replica last read the registry: `serves`);
+# capacity `capped`'s ('' if unknown or no worker);
 # or, when the view differs from Redis's (some worker's others differ by more than 1e-6 ms/s, or
 # the device's record is another), nothing is written and the answer is {2, record or false,
 # url, {device, load, ...}, url, {...}, ...}: the figures to plan with.
@@ -241,12 +255,14 @@ if not redis.call('ZSCORE', KEYS[2], device) and redis.call('ZCARD', KEYS[2]) >=
 end
 local sum, capacity = 0, ''
 if worker ~= '' then
+  local info = worker_info(prefix, worker)
+  if ARGV[10] ~= '' and not serves(info, ARGV[10]) then return {-3, '0'} end
   sum = seen[worker]  -- nothing was written since: no need to read the worker's hash again
   if sum == nil then
     purge(prefix, worker, now)
     sum = others(prefix, worker, device)
   end
-  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]), refusal(prefix, worker))
+  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]), refusal(prefix, worker), info)
   if load > 0 and over(sum + load, limit) then return {0, string.format('%.17g', sum), capacity} end
 end
 local old = redis.call('HGET', prefix .. ':lease-worker', device)
@@ -574,7 +590,8 @@ class ReservationView:
 class Reservation:
     """The outcome of `LeaseBook.reserve`: `status` "reserved" | "refused" | "full" (the lease
     cap) | "stale" (the view to verify was out of date: nothing written, `figures` says what is
-    true) | "gone" (the model is not in the registry: nothing written); what the other devices
+    true) | "gone" (the model is not in the registry: nothing written) | "departed" (the
+    worker's last heartbeat no longer lists the model: nothing written); what the other devices
     reserve on the worker (ms per second, Redis's view now); the worker's capacity in the
     registry, or a refused one pending if less (ms per second; None: no worker, or not
     registered); and the tag of the record
@@ -637,7 +654,9 @@ class LeaseBook:
         (e_i = 0) is on its worker reserving 0 ms/s; a zero load on a worker the record does not
         name holds no reservation (`_on_worker`).
         With `model`, nothing is written when that model is not in the registry ("gone": it was
-        deleted while the request was planned, and its leases have ended or are ending).
+        deleted while the request was planned, and its leases have ended or are ending), nor
+        when `worker`'s last heartbeat no longer lists it ("departed": the worker left or stopped
+        serving it after this replica last read the registry).
         With `view`, first check that it is Redis's own (the device's record has the view's tag,
         every named worker's others are within 1e-6 ms/s), else write nothing and answer "stale"
         with the true figures. Atomic across replicas. O(1) inside Redis per named worker (each
@@ -663,7 +682,7 @@ class LeaseBook:
         out = await self.link.script("lease_reserve", RESERVE, keys, args)
         if int(out[0]) == 2:
             return Reservation("stale", 0.0, _figures(out))
-        name = {1: "reserved", 0: "refused", -1: "full", -2: "gone"}[int(out[0])]
+        name = {1: "reserved", 0: "refused", -1: "full", -2: "gone", -3: "departed"}[int(out[0])]
         capacity = _number(out[2]) if len(out) > 2 else None
         tag = record_tag(text) if name == "reserved" else ""
         return Reservation(name, float(out[1]), capacity_ms_per_s=capacity, tag=tag)
