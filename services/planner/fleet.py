@@ -246,26 +246,12 @@ class Fleet:
             if res.status == "gone":  # no lease outlives a delete; Retry-After: Redis may have lost it
                 raise ApiProblem(404, _gone(body.model), headers={"Retry-After": "1"})
             if res.status == "stale":
-                assert res.figures is not None
-                self.metrics.admissions.labels("stale").inc()
-                others = self.view.adopt(res.figures, body.device_id)
+                dp, assigned, others, anchor = await self._after_stale(ask, candidates, res, edge_load)
                 view = None  # the figures adopted are Redis's: the next reservation checks admission only
-                held = res.figures.record.fields if res.figures.record is not None else None
-                fresh = self._others(candidates, body.device_id, others)
-                dp, assigned = await self._chosen(
-                    candidates, self.chooser.choose, held, ask, candidates, fresh, edge_load
-                )
-                anchor = held["request"] if held is not None else None
                 continue
             if res.status == "departed":  # this replica's registry is behind: the worker takes no one
                 assert dp.worker is not None
-                self.metrics.admissions.labels("departed").inc()
-                others[dp.worker] = math.inf  # as full: another worker's plan, or Device-Only
-                fresh = self._others(candidates, body.device_id, others)
-                dp = await self._chosen(
-                    candidates, self.chooser.exact, candidates, ask.req, body.frame_rate, fresh, edge_load
-                )
-                assigned = False
+                dp, assigned = await self._without(ask, candidates, dp.worker, others, edge_load), False
                 continue
             if res.status == "full":
                 self.metrics.admissions.labels("full").inc()
@@ -281,6 +267,33 @@ class Fleet:
             give_up = refusals >= RETRIES
             candidates, dp = await self._after_refusal(ask, candidates, dp.worker, res, others, give_up, edge_load)
         return self._answer(body, dp, assigned, stored)
+
+    async def _after_stale(
+        self, ask: Ask, candidates: Sequence[Candidate], res: Reservation, edge_load: float | None
+    ) -> tuple[DevicePlan, bool, dict[str, float], dict[str, Any] | None]:
+        """The device planned again after its reservation found this replica's view of the leases
+        out of date: from Redis's figures (`res.figures`, adopted into the view) and the record
+        Redis holds. Returns (plan, assigned, the others' reservations, the recorded request)."""
+        assert res.figures is not None
+        self.metrics.admissions.labels("stale").inc()
+        others = self.view.adopt(res.figures, ask.body.device_id)
+        held = res.figures.record.fields if res.figures.record is not None else None
+        fresh = self._others(candidates, ask.body.device_id, others)
+        dp, assigned = await self._chosen(candidates, self.chooser.choose, held, ask, candidates, fresh, edge_load)
+        return dp, assigned, others, held["request"] if held is not None else None
+
+    async def _without(
+        self, ask: Ask, candidates: Sequence[Candidate], worker: str, others: dict[str, float], edge_load: float | None
+    ) -> DevicePlan:
+        """The device planned again without `worker`, whose last heartbeat no longer lists the
+        model (the reservation answered "departed": it left after this replica read the
+        registry): taken as full (`others` is updated), so another worker's plan or Device-Only."""
+        self.metrics.admissions.labels("departed").inc()
+        others[worker] = math.inf
+        fresh = self._others(candidates, ask.body.device_id, others)
+        return await self._chosen(
+            candidates, self.chooser.exact, candidates, ask.req, ask.body.frame_rate, fresh, edge_load
+        )
 
     async def _after_refusal(
         self,
