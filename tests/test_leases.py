@@ -792,14 +792,14 @@ def test_a_whole_view_read_keeps_the_reservations_made_while_it_was_in_flight() 
     mark = view.read_started()
     view.set("b", "http://w", 42.0)  # reserved while the read was in flight
     view.replace({"http://w": {"a": 42.0}}, every=True, mark=mark)  # read before b's reservation
-    view.read_ended()
+    view.read_ended(mark)
     assert view.leased("http://w") == (84.0, 2)
     view.replace({"http://w": {"a": 42.0}}, every=True)  # the next refresh: b's lease ended
     assert view.leased("http://w") == (42.0, 1)
     mark = view.read_started()
     view.set("a", None, 0.0)  # released while a read was in flight
     view.replace({"http://w": {"a": 42.0}, "http://v": {"c": 5.0}}, every=True, mark=mark)
-    view.read_ended()
+    view.read_ended(mark)
     assert view.leased("http://w") == (0.0, 0) and view.leased("http://v") == (5.0, 1)
 
 

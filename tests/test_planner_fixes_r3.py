@@ -99,7 +99,7 @@ def test_the_log_of_sets_made_during_refreshes_stays_bounded_when_refreshes_over
         truth["http://w"][device] = load
         view.set(device, "http://w", load)
         view.replace(answer, every=True, mark=mark)  # read before `device`'s reservation
-        view.read_ended()  # the oldest read in flight: reads end in the order sent
+        view.read_ended(mark)  # the oldest read in flight: reads end in the order sent
         assert _agrees(view, truth), i
         assert len(view._since) <= 4, (i, len(view._since))
         mark, answer = nxt, nxt_answer

@@ -327,10 +327,9 @@ def _split_outcomes(
     return torch.stack([confidence(lg) for lg in logits]), torch.stack([lg.argmax(1) == labels for lg in logits])
 
 
-def _check_calib_size(dataset: str, limit: int | None) -> None:
-    """ValueError naming --limit when `dataset`'s calibration split, cut to `limit`, holds fewer
-    than MIN_CALIB_SAMPLES samples. O(reading the split), which the calibration reuses."""
-    n = len(D.load_raw(dataset, "calib", limit)[1])
+def _check_calib_size(dataset: str, n: int) -> None:
+    """ValueError naming --limit when `dataset`'s calibration split (as cut) holds `n` <
+    MIN_CALIB_SAMPLES samples. O(1)."""
     if n < MIN_CALIB_SAMPLES:
         raise ValueError(
             f"calibration split of {D.parse_dataset(dataset).text}: {n} samples, need at least {MIN_CALIB_SAMPLES} "
@@ -351,9 +350,9 @@ def calibrate_artifact(
     and (with `write`) store them in the manifest under `confidence_exits`. Returns the report:
     thresholds, per-split accuracy loss, fraction of frames per exit, FLOPs saved, and per split
     `by_exit` (`by_exit_outcomes`: per planned exit the fractions and accuracy of progressive
-    inference truncated there) and the `dataset` used; `model` as `_load` takes it. ValueError,
-    before any inference, for a dataset whose classes are not the manifest's or a calibration
-    split under MIN_CALIB_SAMPLES. Cost: two inference passes plus the greedy search."""
+    inference truncated there) and the `dataset` used; `model` as `_load` takes it. ValueError for
+    a dataset whose classes are not the manifest's, or a calibration split under
+    MIN_CALIB_SAMPLES. Cost: two inference passes plus the greedy search."""
     from dapdee.training.train import write_manifest
 
     if not 0 <= max_accuracy_loss < 1:
@@ -365,10 +364,12 @@ def calibrate_artifact(
     dataset = dataset or m.get("dataset") or "fashion-mnist"
     check_dataset_classes(m, dataset)
     splits = m.get("splits") or {}
-    _check_calib_size(dataset, limit or splits.get("calib"))
     costs = ExitCosts(loaded.graph)
-    data = {split: _split_outcomes(loaded, artifact, dataset, split, limit or splits.get(split), len(costs.names))
-            for split in ("calib", "test")}  # fmt: skip
+    data = {}
+    for split in ("calib", "test"):  # the calib split's size is checked before the test split's pass
+        data[split] = _split_outcomes(loaded, artifact, dataset, split, limit or splits.get(split), len(costs.names))
+        if split == "calib":
+            _check_calib_size(dataset, data[split][0].shape[1])
     ts = calibrate_thresholds(*data["calib"], costs, max_accuracy_loss, z)
     cal = policy_stats(*data["calib"], ts, costs)
     test = policy_stats(*data["test"], ts, costs)

@@ -525,12 +525,9 @@ class ReservationView:
         self._marks.append(mark)
         return mark
 
-    def read_ended(self, mark: int | None = None) -> None:
-        """The read `read_started` gave `mark` is over (answered and replaced, or failed; None: the
-        oldest read in flight, for a caller whose reads end in the order sent); the logged sets
-        no read in flight may replay go (`_trim`). Amortized O(1)."""
-        if mark is None:
-            mark = self._marks[0]  # (the front mark is always one in flight: ended ones leave below)
+    def read_ended(self, mark: int) -> None:
+        """The read `read_started` gave `mark` is over (answered and replaced, or failed); the
+        logged sets no read in flight may replay go (`_trim`). Amortized O(1)."""
         left = self._open.pop(mark) - 1
         if left:
             self._open[mark] = left
