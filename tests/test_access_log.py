@@ -238,6 +238,16 @@ def test_client_hooks_carry_the_current_context(log_to: Any, server: str) -> Non
     assert (lines[3]["trace_id"], lines[3]["parent_id"]) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
 
 
+def test_a_non_finite_number_in_a_record_still_gives_a_json_line(log_to: Any) -> None:
+    """JSON has no NaN or infinity: such a value in `extra` is written as its string, and the
+    line stays JSON that a strict parser reads."""
+    stream = log_to("json")
+    logging.getLogger("dapdee.test").info("odd", extra={"ratio": float("nan"), "ms": [1.5, float("inf")]})
+    (line,) = [r for r in stream.getvalue().splitlines() if '"odd"' in r]
+    rec = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert rec["ratio"] == "nan" and rec["ms"] == [1.5, "inf"]
+
+
 def test_text_format_still_works(log_to: Any, server: str) -> None:
     stream = log_to("text")
     r = httpx.get(f"{server}/health", headers={"traceparent": CALLER})

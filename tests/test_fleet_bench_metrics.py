@@ -339,6 +339,18 @@ def test_the_booking_target_reads_every_poll_and_fails_on_a_drop_registered_over
     assert t.ok is False and "resnet18 K=10 N=64: 12" in t.detail
 
 
+def test_only_overloaded_refusals_are_reported_as_shed() -> None:
+    """A device that gives up mid-upload is refused as disconnected (400) or timed out (408):
+    the report lists those apart and does not call them load shedding (503)."""
+    run = _fleet_run(edge_rejected={"disconnected": 7.0, "timeout": 2.0})
+    util = report._every_fleet_run([run], 0.9)[1]
+    assert "shed (503): none" in util.detail
+    assert "other refusals: resnet18 K=10 N=64: disconnected 7, timeout 2" in util.detail
+    both = _fleet_run(edge_rejected={"overloaded": 3.0, "timeout": 1.0})
+    util = report._every_fleet_run([both], 0.9)[1]
+    assert "shed (503): resnet18 K=10 N=64: 3;" in util.detail and "timeout 1" in util.detail
+
+
 def test_the_target_against_every_baseline_names_the_baselines_it_compared() -> None:
     def run(system: str, goodput: float) -> dict[str, Any]:
         return {"system": system, "n": 16, "k": 30.0, "model": "resnet18", "goodput_fps": goodput,

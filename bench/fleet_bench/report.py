@@ -359,6 +359,12 @@ def _scored_fps(s: dict[str, Any]) -> bool:
     return "pred_err_throughput_devices" in s and (s["pred_err_throughput"] is not None or s.get("answered_fps") == 0)
 
 
+def _refusals(s: dict[str, Any]) -> str:
+    """The worker's refusals of a run other than load shedding, by reason ("" when none). O(reasons)."""
+    other = {r: n for r, n in (s.get("edge_rejected") or {}).items() if r != "overloaded" and n}
+    return ", ".join(f"{r} {n:g}" for r, n in sorted(other.items()))
+
+
 def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]:
     """The targets every DAPDEE-fleet run must meet (bookings, worker utilisation, both
     prediction errors, plan churn); a run without a figure fails the figure's target, by name."""
@@ -371,12 +377,15 @@ def _every_fleet_run(summaries: Sequence[dict[str, Any]], rho_max: float) -> lis
 
     why = {where(s): _no_value(s) for s in fleet}
     util = [(where(s), busy_share(s)) for s in fleet]
-    shed = [(where(s), n) for s in fleet if (n := sum((s.get("edge_rejected") or {}).values()))]
+    shed = [(where(s), n) for s in fleet if (n := (s.get("edge_rejected") or {}).get("overloaded", 0))]
+    refused = [(where(s), _refusals(s)) for s in fleet if _refusals(s)]
     lat = [(where(s), s["pred_err_latency"]) for s in fleet]
     fps = [(where(s), s["pred_err_throughput"]) for s in fleet if _scored_fps(s)]
     recorded = [s["pred_err_throughput_devices"] for s in fleet if "pred_err_throughput_devices" in s]
     churn = [(where(s), s["plan_changes_per_device_min"]) for s in fleet]
     shed_note = "; requests the worker shed (503): " + (", ".join(f"{w}: {n:g}" for w, n in shed) if shed else "none")
+    if refused:  # a device that gave up mid-upload is refused as disconnected or timed out, not shed
+        shed_note += "; other refusals: " + "; ".join(f"{w}: {r}" for w, r in refused)
     fps_note = (f"; {sum(recorded)} device(s) whose plan predicts less than the frame rate (elsewhere the "
                 "camera sets the rate)") if recorded else "; no run recorded which devices a plan bounds"  # fmt: skip
     return [

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import math
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -71,7 +72,22 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
             out["exc"] = record.exc_text
-        return json.dumps(out, default=str, ensure_ascii=False)
+        try:
+            return json.dumps(out, default=str, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # a non-finite float: JSON has none, so it is written as a string
+            return json.dumps(_finite(out), default=str, ensure_ascii=False)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float, in dicts, lists and tuples too, as its string
+    ("nan", "inf", "-inf"). O(size of value)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class TextFormatter(logging.Formatter):
