@@ -187,6 +187,9 @@ def test_every_error_is_a_problem_document(api: httpx.Client) -> None:
     admin = role("admin")
     assert_problem(api.get("/nowhere", headers=admin), 404, "/nowhere")
     assert_problem(api.get("/nowhere"), 404)
+    long = "/" + "x" * 5000  # a path is repeated cut, not whole
+    doc = assert_problem(api.get(long, headers=admin), 404, "/xxx")
+    assert len(doc["detail"]) < 300 and doc["detail"].endswith("...")
     assert_problem(api.delete("/healthz"), 405, "DELETE")
     assert_problem(api.patch("/models/toy", headers=admin), 405)
     assert_problem(api.get("/models/ghost", headers=admin), 404, "ghost")

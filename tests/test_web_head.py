@@ -75,6 +75,32 @@ def test_a_head_over_the_limit_is_431_and_closed(server: tuple[str, int]) -> Non
     assert got.startswith(b"HTTP/1.1 431 ") and closed
 
 
+def test_one_endless_header_line_is_431_before_the_head_timeout(server: tuple[str, int]) -> None:
+    """The parser hands over a header only once its line ends: a line that never ends is refused
+    by the bytes read, not held until the head timeout (which would answer 408)."""
+    got, closed = exchange(server, head(b"X-Big: " + b"a" * 20000))
+    assert got.startswith(b"HTTP/1.1 431 ") and closed, got[:80]
+    got, closed = exchange(server, b"GET /" + b"a" * 20000)  # an endless request line too
+    assert got.startswith(b"HTTP/1.1 431 ") and closed, got[:80]
+
+
+def test_bodies_read_in_parts_do_not_count_toward_the_next_head(server: tuple[str, int]) -> None:
+    """On a kept-alive connection a body over the head limit, read in parts, is the body's: the
+    next request's small head is served."""
+    body = b'{"model": "none", "bandwidth_mbps": 5' + b" " * 6000 + b"}"
+    start = b"POST /plan HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(server, timeout=5) as s:
+        s.sendall(start + b"Content-Length: %d\r\n\r\n" % len(body))
+        for part in (body[:3000], body[3000:]):
+            time.sleep(0.1)
+            s.sendall(part)
+        first = s.recv(65536)
+        s.sendall(head(b"Connection: close\r\n\r\n"))
+        second = s.recv(65536)
+    assert first.startswith(b"HTTP/1.1 404 "), first[:80]  # the route's answer: no such model
+    assert second.startswith(b"HTTP/1.1 200 "), second[:80]
+
+
 def test_a_head_under_the_limit_is_served(server: tuple[str, int]) -> None:
     got, _ = exchange(server, head(b"X-Pad: " + b"a" * 3000 + b"\r\nConnection: close\r\n\r\n"))
     assert got.startswith(b"HTTP/1.1 200 ")

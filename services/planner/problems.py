@@ -107,6 +107,9 @@ def validation_problem(errors: list[dict[str, Any]]) -> Response:
     return problem_response(422, f"{where}: {first['msg']}{more}", VALIDATION, errors)
 
 
+SHOWN_PATH = 200  # the characters of a request's path a 404/405 repeats
+
+
 def install(app: FastAPI) -> None:
     """Make every error of `app` a problem document (HTTP errors, validation errors, crashes)."""
 
@@ -119,7 +122,8 @@ def install(app: FastAPI) -> None:
                 errors = [{"loc": [*getattr(exc, "loc", ("body",))], "msg": detail, "type": "value_error"}]
             return problem_response(422, detail, VALIDATION, errors)
         if detail == _reason(exc.status_code):  # Starlette's own 404/405: say what was asked
-            detail = f"{detail}: {request.method} {request.url.path}"
+            path = request.url.path  # cut: the head limit allows a path of 64 KiB
+            detail = f"{detail}: {request.method} {path if len(path) <= SHOWN_PATH else path[:SHOWN_PATH] + '...'}"
         return problem_response(exc.status_code, detail, getattr(exc, "type", "about:blank"), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

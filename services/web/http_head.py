@@ -5,7 +5,9 @@ new connection that sends nothing, or its head a byte at a time, has no timeout 
 its keep-alive timer only after a response). `BoundedHeadProtocol` adds both:
 
 - a head (request line and headers) over `max_head_bytes` is answered 431 with
-  `Connection: close`, before more of it is kept;
+  `Connection: close`, before more than one read of the socket past the limit is kept: the
+  parser hands over a header only once its line is complete, so the bytes that arrive while a
+  head is incomplete are counted as they come (one endless header line is refused too);
 - a head not complete within `head_timeout_s` of the connection's start (of the request's first
   byte on a kept-alive connection) closes the connection, with 408 when part of it arrived.
 
@@ -39,6 +41,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
+        self._awaiting_head = True  # no head complete since the connection or the last message began
+        self._raw_head_bytes = 0  # bytes read while awaiting the head
+        self._head_moved = False  # a head or message ended in the read being parsed
         self._head_started = False
         self._head_too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
@@ -48,6 +53,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse `data`; then, while the head it belongs to is still incomplete, count it raw,
+        and answer 431 past `max_head_bytes`. A read in which a head or message ended is not
+        counted: its tail may be the next head, so one read's worth may go uncounted. O(1)."""
+        self._head_moved = False
+        super().data_received(data)
+        if not self._awaiting_head or self._head_moved or self.transport.is_closing():
+            return
+        self._raw_head_bytes += len(data)
+        if self._raw_head_bytes > self.max_head_bytes:
+            self._head_too_large = True
+            self._close_with(431, f"request head over {self.max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -65,7 +83,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self._head_started = False
+        self._awaiting_head, self._head_moved = False, True
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._awaiting_head, self._head_moved, self._raw_head_bytes = True, True, 0
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; a head over the limit (raised from a parser
