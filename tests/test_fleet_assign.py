@@ -233,6 +233,34 @@ def test_latency_plans_past_the_enumeration_cap_are_the_brute_force_optimum() ->
     assert exact >= 150, exact
 
 
+def test_a_plan_is_approximate_when_another_workers_capped_pick_is() -> None:
+    """Capped maps, two workers: on a (idle, small) the exit's unconstrained min-cut does not
+    fit admission, so a's pick is the capped set's best, approximate; b's (large, 63.5 % booked)
+    is exact and beats a's pick. But a has an admissible partition outside its candidate set,
+    device {n1}, that beats b's: the answer must not claim to be exact."""
+    nodes = [
+        ("n0", ["x"], 2.0723, 1.9863),
+        ("n1", ["x"], 8.0378, 4.5906),
+        ("n2", ["n0", "x", "n1"], 10.7382, 1.3906),
+        ("n3", ["n1", "n0", "n2"], 16.135, 4.0042),
+    ]
+    g = {"model": "g", "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 11652},
+         "nodes": [{"name": n, "op": "op", "inputs": i, "out_bytes": 0, "device_ms": d, "edge_ms": e}
+                   for n, i, d, e in nodes],
+         "exits": [{"name": "e0", "node": "n2", "accuracy": 0.9}],
+         "overheads": {"device_request_ms": 1.889, "edge_request_ms": 0.0}}  # fmt: skip
+    workers: list[Worker] = [(g, 40.0, 0.0, 40.0), (g, 1e6, 635004.47, 1e6)]
+    req = oracle.Req(oracle.Cond(306.31391, 0.0, 0.5), mode="latency")
+    slots = [
+        EdgeSlot(f"http://w{k}", PlanMap.build(CostGraph.from_dict(wg), cap=1), cap, res, nominal_ms_per_s=nom)
+        for k, (wg, cap, res, nom) in enumerate(workers)
+    ]
+    got = plan_for_device(slots, _plan_request(req), 10.0, RHO_MAX).plan
+    want = oracle.decide(g, req, brute_force(workers, req, 10.0))
+    assert want.value < got["predicted"]["latency_ms"] - 1.0  # the capped scan misses a's {n1}
+    assert got["approximate"] is True
+
+
 def test_a_throughput_tie_is_judged_over_all_workers_at_once() -> None:
     """Bottlenecks within a relative 1e-9 of the lowest are tied and the lower latency wins, over
     every (worker, partition) pair at once (as within one plan map): worker a's best is 9.9999999999

@@ -174,7 +174,8 @@ def _best_over_workers(
     """Exit i's best admissible candidate over every worker under `objective`, as a brute force
     over every (worker, partition) pair ranks them (latency: lowest latency_ms; throughput:
     lowest bottleneck_ms, and within a relative TIE_RTOL of the lowest over all workers, lowest
-    latency_ms); ties keep the earlier worker of `order`. O(Σ_w front size), and a min-cut per
+    latency_ms); ties keep the earlier worker of `order`. `approximate` when any worker's pick
+    is (its own best may be one the capped candidate set lacks). O(Σ_w front size), and a min-cut per
     worker for latency on an exit past the enumeration cap."""
     picks = []
     for slot in order:
@@ -189,7 +190,9 @@ def _best_over_workers(
             return picks[tied[0]]
         # each worker's own tie band may differ from the one over all workers
         picks = [_within(order[k], i, conds[order[k].url], masks[(order[k].url, i)], limit) for k in tied]
-    return min(picks, key=lambda c: c.pred.latency_ms)  # min keeps the first of equals
+    best = min(picks, key=lambda c: c.pred.latency_ms)  # min keeps the first of equals
+    # a worker's approximate pick may hide a partition that beats `best`: not proven exact
+    return replace(best, approximate=True) if any(c.approximate for c in picks) else best
 
 
 def _worker_best(
