@@ -215,3 +215,73 @@ def test_a_frame_whose_new_plan_runs_on_the_device_is_not_called_a_lapsed_lease(
     assert records[0].error != LEASE_EXPIRED
     assert records[1].where == "local" and counter.infers == 0, records
     assert all(r.pred_class == stack.local_class(f.x, r.exit) for f, r in zip(frames, records, strict=True))
+
+
+def test_a_close_stops_a_start_that_retries_a_planner_refusing_connections(stack: Stack) -> None:
+    """aclose() from another task while start() retries its first plan (nothing listens at the
+    planner's address, a transient refusal retried until `ready_timeout_s`): start() raises
+    DeviceClosed at once, not after the ready timeout, and asks no more."""
+    from dapdee.client import AsyncPlannerClient
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.testing import bind_free_socket
+
+    sock = bind_free_socket()
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there
+
+    async def go() -> float:
+        async with AsyncPlannerClient(f"http://127.0.0.1:{port}", None, timeout=5.0) as client:
+            source = PlannerPlanSource(client, stack.graph, Requirements(), "device-k10", ready_timeout_s=60.0)
+            rt = DeviceRuntime(stack.graph, _slow_compute(stack), source, sensing=Sensing(fixed_load=0.0))
+            starting = asyncio.create_task(rt.start())
+            await asyncio.sleep(0.3)
+            assert not starting.done()
+            t0 = time.monotonic()
+            await rt.aclose()
+            with pytest.raises(DeviceClosed, match="closed while it started"):
+                await asyncio.wait_for(starting, 20.0)
+            return time.monotonic() - t0
+
+    assert asyncio.run(go()) < 10.0  # well before the 60 s ready timeout
+
+
+def test_a_runtime_starts_once(stack: Stack) -> None:
+    """A second start() is refused: it would leave the first background task running for ever."""
+
+    async def go() -> None:
+        async with running(fixed_runtime(stack, stack.mid_cut(stack.edge.url), stack.edge.url)) as rt:
+            with pytest.raises(RuntimeError, match="started already"):
+                await rt.start()
+
+    asyncio.run(go())
+
+
+def test_leaving_a_session_lets_a_frame_in_its_device_part_end_on_the_device(stack: Stack) -> None:
+    """`open_device` closes its compute and edge clients on the way out: the runtime's close
+    first lets a frame in flight end, so a frame in its device part finishes on the device
+    ("runtime closed") instead of failing on a compute pool shut down under it."""
+    from dapdee.device.session import DeviceSettings, open_device
+
+    plan = stack.mid_cut(stack.edge.url)
+    fixed = {
+        "model": plan.model, "plan_id": "mid", "exit": {"name": plan.exit},
+        "predicted": {"latency_ms": plan.predicted_ms, "bottleneck_ms": plan.bottleneck_ms},
+        "device_nodes": list(plan.device_nodes), "edge_nodes": list(plan.edge_nodes),
+        "transfer": [{"node": n, "bytes": b} for n, b in plan.transfer], "edge_worker": stack.edge.url,
+    }  # fmt: skip
+    settings = DeviceSettings(
+        runtime=RuntimeConfig(Requirements(mode="latency")), planner=None, plan_json=fixed, edge_url=stack.edge.url,
+        weights=str(stack.artifact), slowdown=300.0, device_load=0.0,
+    )  # fmt: skip
+    frame = stack.frames(1, seed=22)[0]
+
+    async def go() -> Any:
+        async with open_device(settings, stack.loaded, stack.graph) as rt:
+            in_flight = asyncio.create_task(rt.infer(frame))
+            await asyncio.sleep(0.05)  # in its device part (its compute stretched 300x)
+            assert not in_flight.done()
+        return await in_flight
+
+    rec = asyncio.run(go())
+    assert (rec.where, rec.error) == ("fallback", CLOSED), rec
+    assert rec.pred_class == stack.local_class(frame.x, rec.exit)

@@ -38,7 +38,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -71,6 +71,7 @@ log = logging.getLogger("dapdee.device")
 
 TICK_S = 0.05  # background sensing and re-planning period
 MAX_RECORDS = 10_000  # frames kept in `records` (a camera stream runs for ever)
+CLOSE_FRAMES_S = 5.0  # how long a close waits for the frames in flight to end
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,10 @@ class DeviceRuntime:
         self._counter = itertools.count()
         self._no_worker = self._worker_wait()  # spaces the re-plans asked for while no worker is named
         self._bg: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[Plan] | None = None  # the first plan, while start() waits for it
+        self._inflight = 0  # frames `infer` has begun and not ended
+        self._idle = asyncio.Event()  # set while no frame is in flight
+        self._idle.set()
         self._closed = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -191,11 +196,23 @@ class DeviceRuntime:
 
     async def start(self) -> None:
         """Get the first plan (frames are refused until then) and start the background.
-        DeviceClosed when `aclose` came first, or while the first plan was asked for: then the
-        lease that plan took (after `aclose` released the device's) is released again."""
+        DeviceClosed when `aclose` came first, or while the first plan was asked for (`aclose`
+        stops the asking; a lease that plan took after `aclose` released the device's is
+        released again). RuntimeError when started already."""
         if self._closed:
             raise DeviceClosed("the device runtime is closed")
-        plan = await self.source.first(conditions(self.sensing))
+        if self._starting is not None or self.replanner is not None:
+            raise RuntimeError("the device runtime is started already")
+        self._starting = asyncio.create_task(self.source.first(conditions(self.sensing)))
+        try:
+            plan = await self._starting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():  # aclose stopped the asking
+                raise DeviceClosed("the device runtime was closed while it started") from None
+            raise
+        finally:
+            self._starting = None
         if self._closed:
             await self.source.aclose()
             raise DeviceClosed("the device runtime was closed while it started")
@@ -205,9 +222,19 @@ class DeviceRuntime:
         self._bg = asyncio.create_task(self._background())
 
     async def aclose(self) -> None:
+        """Refuse new frames, stop asking for a first plan, let the frames in flight end (at
+        most CLOSE_FRAMES_S: a device part ends on the device, an upload under way gets its
+        answer), stop the background and the re-planner, release the lease. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._starting is not None:
+            self._starting.cancel()
+        if not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), CLOSE_FRAMES_S)
+            except TimeoutError:
+                log.warning("closing with %d frame(s) still in flight after %g s", self._inflight, CLOSE_FRAMES_S)
         if self._bg is not None:
             await stop_task(self._bg)
         if self.sensor is not None:
@@ -440,7 +467,7 @@ class DeviceRuntime:
         t_start = time.perf_counter()
         attrs = {otel.ATTR_MODEL: self.graph.model, otel.ATTR_CUT: plan.cut, otel.ATTR_PREDICTED_MS: plan.predicted_ms}
         with self.tracing.span(otel.FRAME, attrs) as span:
-            out = await self._execute(plan, frame.x, index, t_start)
+            out = await self._tracked(self._execute(plan, frame.x, index, t_start))
             rec = self._record(plan, frame, index, t_start, out, span.context)
             span.set_attributes(
                 {
@@ -456,6 +483,17 @@ class DeviceRuntime:
             self.metrics.frame(rec)
         log_frame(rec)
         return rec
+
+    async def _tracked(self, work: Awaitable[Outcome]) -> Outcome:
+        """`work` (a frame's execution) counted in flight, so that `aclose` lets it end. O(1)."""
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await work
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     def _record(self, plan: Plan, frame: Frame, index: int, t_start: float, out: Outcome, ctx: Any) -> FrameRecord:
         pred_class = int(torch.as_tensor(out.logits).reshape(1, -1).argmax(dim=1)[0])
