@@ -197,6 +197,23 @@ def test_ready_only_once_the_models_are_profiled() -> None:
         HOLD.opened.set()
 
 
+def test_an_idle_workers_first_heartbeat_states_no_load() -> None:
+    """The worker's own measuring requests at start-up (its per-request cost bursts) run on its
+    compute pool; they are not load: an idle worker's first heartbeat states about none (before,
+    0.08-0.14, held by the planner for a whole heartbeat period)."""
+    planner = ServiceProcess("planner", ["--redis-url", "none"], "/healthz")
+    with planner.start(60):
+        args = ["--models", EDGE_SPEC, "--threads", "1", "--profile-repeats", "3", "--planner", planner.url]
+        args += ["--request-passes", "2"]
+        edge = ServiceProcess("edge", args, "/v2/health/ready", {"DAPDEE_EDGE_HEARTBEAT_S": "30"})
+        with edge.start(120):
+            deadline = time.monotonic() + 60
+            while (row := _worker_row(planner.url, edge.url)) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+    assert row is not None and row["inflight"] == 0, row
+    assert row["load"] < 0.02, row
+
+
 def _worker_row(planner: str, url: str) -> dict[str, Any] | None:
     rows = httpx.get(f"{planner}/workers", timeout=10).json()["workers"]
     return next((w for w in rows if w["url"] == url), None)

@@ -250,6 +250,11 @@ class Batcher:
                 it.future.set_result(BatchResult(outcome, queue_s, max(0.0, compute_s), len(items), rows))
 
     # ---- load and shutdown ------------------------------------------------------------------
+    def reset_load(self) -> None:
+        """Start the next `load()` window now: what ran before is not load (the worker's own
+        measuring requests at start-up). O(batches running)."""
+        self.load()
+
     def load(self) -> float:
         """Busy fraction of the compute pool since the previous call, in [0, 1)."""
         now = time.perf_counter()

@@ -249,6 +249,7 @@ async def run_registration(state: WorkerState, public_url: str) -> None:
     finally:
         state.profiling = False  # profiled, or registering without timings: ready either way
     state.capacity.reset()  # its own measuring requests were priced before it knew their cost
+    state.batcher.reset_load()  # ... and are no load: the first heartbeat's `load` starts now
     async with _Registrar(state, public_url, graphs) as registrar:
         await _rounds(registrar.round, s.heartbeat_s, f"planner {s.planner_url}: registration round")
 
