@@ -117,6 +117,8 @@ def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 def _to_wire(t: torch.Tensor, wire_dtype: str) -> tuple[torch.Tensor, str, dict[str, Any]]:
     """Convert a tensor to the wire datatype: floats follow `wire_dtype`, integers keep theirs."""
+    if t.is_meta or t.layout != torch.strided:  # no values here, or not one block of them
+        raise WireError(f"a {'meta' if t.is_meta else str(t.layout).removeprefix('torch.')} tensor cannot be sent")
     t = t.detach().cpu()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)

@@ -7,6 +7,9 @@ must refuse are RequestErrors when the client is built, before anything is sent.
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
+import json
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from dapdee.api.planner import LEASE_EXAMPLE, PLAN_EXAMPLE
 from dapdee.client import (
     ApiError,
     AsyncEdgeClient,
@@ -132,6 +136,8 @@ def test_retry_after_seconds_reads_delay_seconds_and_http_dates(header: str, sec
 
 BAD_TOKENS = ["t\xf6k", "abc ", " abc", "a\xa0b", "a\u2028b", "a\tb", ""]
 BAD_HEADERS: list[dict[str, str]] = [{"X-A": "\xe9"}, {"X-A": " v"}, {"X-A": "v\r\nX-B: 1"}, {"X A": "v"}, {"": "v"}]
+# framing headers the client sets for each request: an extra one broke every call with h11's own error
+BAD_HEADERS += [{"Content-Length": "7"}, {"transfer-encoding": "chunked"}, {"Host": "x"}, {"Connection": "close"}]
 
 
 @pytest.mark.parametrize("cls", [PlannerClient, AsyncPlannerClient, EdgeClient, AsyncEdgeClient])
@@ -230,6 +236,76 @@ def test_zero_row_inputs_are_refused_before_sending(standin_url: tuple[Standin, 
         for exc in raised_both(EdgeClient, AsyncEdgeClient, base, "infer", "m", inputs, exit="final"):
             assert isinstance(exc, RequestError) and "row" in str(exc)
     assert standin.requests == []
+
+
+def test_badly_typed_call_arguments_are_request_errors_before_sending(standin_url: tuple[Standin, str]) -> None:
+    """A traceparent that is not a string, a request id that is not one (it is echoed as a
+    string, so an int made the right answer a ProtocolError), a tensor with no values to send
+    (meta) or not one block of them (sparse): RequestError, nothing sent."""
+    standin, base = standin_url
+    standin.requests.clear()
+    for exc in planner_raises(base, "plan", {"model": "m", "bandwidth_mbps": 1.0}, 5):
+        assert isinstance(exc, RequestError) and "traceparent" in str(exc), exc
+    x = torch.zeros(1, 4)
+    for exc in raised_both(EdgeClient, AsyncEdgeClient, base, "infer", "m", {"x": x}, request_id=5):
+        assert isinstance(exc, RequestError) and "request_id" in str(exc), exc
+    for t in (torch.empty(1, 4, device="meta"), x.to_sparse()):
+        for exc in raised_both(EdgeClient, AsyncEdgeClient, base, "infer", "m", {"x": t}):
+            assert isinstance(exc, RequestError) and "cannot be sent" in str(exc), exc
+    assert standin.requests == []
+
+
+def test_an_error_answer_past_the_size_limit_is_still_an_api_error_with_its_retry_after(
+    standin_url: tuple[Standin, str],
+) -> None:
+    """A 503 with Retry-After and a large page (a proxy's) is cut at `max_response_bytes`, not
+    refused as a broken answer: ApiError, its status and Retry-After kept (a device backs off
+    by them)."""
+    standin, base = standin_url
+    standin.answer(b"<html>" + b"busy " * 20_000 + b"</html>", 503, content_type="text/html", retry_after="3")
+    small = functools.partial(PlannerClient, max_response_bytes=4096)
+    asmall = functools.partial(AsyncPlannerClient, max_response_bytes=4096)
+    for exc in raised_both(small, asmall, base, "plan", {"model": "m", "bandwidth_mbps": 1.0}):
+        assert isinstance(exc, ApiError) and exc.status == 503 and exc.retry_after_s == 3.0, exc
+
+
+PLAN_MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "as published": lambda p: None,
+    "bytes as a string": lambda p: p["transfer"][0].update(bytes="32768"),
+    "constraints_met as a string": lambda p: p.update(constraints_met="true"),
+    "constraints_met as 1": lambda p: p.update(constraints_met=1),
+    "latency_ms as a string": lambda p: p["predicted"].update(latency_ms="41.2"),
+    "edge_worker not http": lambda p: p.update(edge_worker="ftp://x"),
+    "edge_worker with a space": lambda p: p.update(edge_worker="http://a b"),
+    "plan_id not hex": lambda p: p.update(plan_id="x"),
+    "model not a name": lambda p: p.update(model="../x"),
+    "exit name empty": lambda p: p["exit"].update(name=""),
+    "exit accuracy missing": lambda p: p["exit"].pop("accuracy"),
+    "a device node twice": lambda p: p.update(device_nodes=["conv1", "conv1"]),
+    "expected_latency_ms null": lambda p: p["predicted"].update(expected_latency_ms=None),
+    "a lease's numbers as ints": lambda p: p.update(lease={**LEASE_EXAMPLE, "frames_per_s": 10}),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_MUTATIONS))
+def test_a_plan_answer_is_read_as_its_schema_reads_it(name: str, standin_url: tuple[Standin, str]) -> None:
+    """The SDK accepts a plan answer exactly when plan.schema.json does (the schema is the
+    oracle): wrong types ("true", "32768") are not converted, and the bounds the schema states
+    (ids, names, URLs, unique nodes, required fields) are checked."""
+    from tests.test_schemas import validator
+
+    plan = copy.deepcopy(PLAN_EXAMPLE)
+    PLAN_MUTATIONS[name](plan)
+    valid = validator("plan").is_valid(plan)
+    standin, base = standin_url
+    standin.answer(json.dumps(plan).encode())
+    with PlannerClient(base) as client:
+        try:
+            client.plan({"model": "resnet18", "bandwidth_mbps": 1.0})
+            accepted = True
+        except ProtocolError:
+            accepted = False
+    assert accepted == valid, (name, valid)
 
 
 # ---- 6. readyz 503 that is not a Readiness -----------------------------------------------------------

@@ -169,13 +169,24 @@ class PlanRequestBody(BaseModel):
         return errors
 
 
+# A plan answer's parts are read strictly (numbers JSON numbers, booleans JSON booleans, as
+# plan.schema.json says), as the lease is: a planner that sends "true" or "32768" breaks the
+# contract, and the SDK says so (ProtocolError) instead of reading it as something it is not.
+_STRICT_PART = ConfigDict(strict=True, allow_inf_nan=False)
+NodeName = Annotated[str, Field(min_length=1)]
+
+
 class PlanExit(BaseModel):
-    name: str
-    accuracy: float | None = Field(None, ge=0, le=1)
+    model_config = _STRICT_PART
+
+    name: str = Field(min_length=1)
+    accuracy: float | None = Field(ge=0, le=1)  # required, null for an exit without one
 
 
 class PlanTransfer(BaseModel):
-    node: str
+    model_config = _STRICT_PART
+
+    node: NodeName
     bytes: int = Field(ge=0)
 
 
@@ -183,7 +194,7 @@ class PlanPredicted(BaseModel):
     """The cost model's prediction for one frame; `throughput_fps` is null when `bottleneck_ms`
     is 0 (no stage takes any time; or so near 0 that 1000 / bottleneck_ms overflows)."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = _STRICT_PART
 
     latency_ms: float = Field(ge=0)
     device_ms: float = Field(ge=0)
@@ -192,13 +203,14 @@ class PlanPredicted(BaseModel):
     bottleneck_ms: float = Field(ge=0)
     throughput_fps: float | None = Field(gt=0)
     accuracy: float | None = Field(ge=0, le=1)
-    expected_latency_ms: float | None = Field(
+    # a default None is not validated: absent reads as None, an explicit null is refused
+    expected_latency_ms: float = Field(  # type: ignore[assignment]
         None, ge=0, description="with confidence_exits: the latency averaged over where frames leave"
     )
-    expected_device_ms: float | None = Field(None, ge=0, description="with confidence_exits")
-    expected_transfer_ms: float | None = Field(None, ge=0, description="with confidence_exits")
-    expected_edge_ms: float | None = Field(None, ge=0, description="with confidence_exits")
-    expected_bottleneck_ms: float | None = Field(None, ge=0, description="with confidence_exits")
+    expected_device_ms: float = Field(None, ge=0, description="with confidence_exits")  # type: ignore[assignment]
+    expected_transfer_ms: float = Field(None, ge=0, description="with confidence_exits")  # type: ignore[assignment]
+    expected_edge_ms: float = Field(None, ge=0, description="with confidence_exits")  # type: ignore[assignment]
+    expected_bottleneck_ms: float = Field(None, ge=0, description="with confidence_exits")  # type: ignore[assignment]
     expected_throughput_fps: float | None = Field(None, gt=0, description="with confidence_exits")
 
 
@@ -266,26 +278,35 @@ PLAN_EXAMPLE = {
 
 
 class PlanAnswer(BaseModel):
-    """The plan JSON of DESIGN.md: where to cut, which exit, the prediction, the worker to use."""
+    """The plan JSON of DESIGN.md: where to cut, which exit, the prediction, the worker to use.
+    Read strictly, within plan.schema.json's bounds (unknown fields ignored, as in every answer
+    model)."""
 
-    model_config = _answer(PLAN_EXAMPLE)
+    model_config = ConfigDict(**_answer(PLAN_EXAMPLE), strict=True)
 
-    plan_id: str
-    model: str
+    plan_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    model: Name
     mode: Literal["latency", "throughput"]
     planner: str
     exit: PlanExit
-    device_nodes: list[str]
-    edge_nodes: list[str]
+    device_nodes: list[NodeName]
+    edge_nodes: list[NodeName]
     transfer: list[PlanTransfer]
     predicted: PlanPredicted
     constraints_met: bool
     approximate: bool = Field(description="true when a throughput search met an exit too large to enumerate")
-    edge_worker: str | None = Field(description="base URL of the edge worker; null when none serves the model")
+    edge_worker: WorkerUrl | None = Field(description="base URL of the edge worker; null when none serves the model")
     lease: LeaseInfo | None = Field(None, description="with device_id: the lease the plan holds")
     progressive: dict[str, Any] | None = Field(
         None, description="with confidence_exits: where each exit head runs and its calibrated share"
     )
+
+    @field_validator("device_nodes", "edge_nodes")
+    @classmethod
+    def _unique(cls, nodes: list[str]) -> list[str]:
+        if len(set(nodes)) != len(nodes):
+            raise ValueError("names a node twice")
+        return nodes
 
 
 class DeviceState(BaseModel):

@@ -112,6 +112,8 @@ def infer_call(model: str, inputs: Mapping[str, torch.Tensor], **options: Unpack
     rows = _rows(inputs)
     exit, request_id, timeout = options.get("exit"), options.get("request_id"), options.get("timeout")
     confidence, binary = options.get("confidence", False), options.get("binary", True)
+    if request_id is not None and not isinstance(request_id, str):  # echoed as a string: compared as one
+        raise RequestError(f"request_id: expected a string, got {type(request_id).__name__}")
     params: dict[str, Any] = {}
     if exit is not None:
         params["exit"] = exit

@@ -217,9 +217,16 @@ def check_token(token: str | None) -> str | None:
     return token
 
 
+# headers each request's framing sets (httpx, the codec): an extra one would break the message
+FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "te", "upgrade", "host", "inference-header-content-length"}
+)
+
+
 def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """Extra request headers: names HTTP tokens, values printable ASCII without surrounding
-    whitespace; RequestError naming the header otherwise. O(total size)."""
+    """Extra request headers: names HTTP tokens, not a framing header (FRAMING_HEADERS), values
+    printable ASCII without surrounding whitespace; RequestError naming the header otherwise.
+    O(total size)."""
     if headers is None:
         return {}
     if not isinstance(headers, Mapping):
@@ -227,6 +234,8 @@ def check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not name or not set(name) <= _TOKEN_CHARS:
             raise RequestError(f"headers: invalid header name {name!r}")
+        if name.lower() in FRAMING_HEADERS:
+            raise RequestError(f"header {name!r}: set by the client for each request, not a header to add")
         if not isinstance(value, str) or not value.isascii() or not value.isprintable():
             raise RequestError(f"header {name!r}: expected a string of printable ASCII characters")
         if value != value.strip():
@@ -254,6 +263,8 @@ def trace_headers(traceparent: str | None) -> dict[str, str]:
     valid one), else those of the current trace context, else none. O(1)."""
     if traceparent is None:
         return outgoing_headers()
+    if not isinstance(traceparent, str):
+        raise RequestError(f"traceparent: expected a string, got {type(traceparent).__name__}")
     if parse_traceparent(traceparent) is None:
         raise RequestError(f"traceparent: not a valid W3C traceparent: {traceparent[:80]!r}")
     return {TRACEPARENT: traceparent}
@@ -320,7 +331,9 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 class _Body:
     """An answer's body as it streams in, refused when it has a content coding, past `limit`
     bytes, and once the call's `deadline` (a `time.monotonic()` instant) has passed
-    (`httpx.ReadTimeout`)."""
+    (`httpx.ReadTimeout`). An error answer (a status >= 300 the call does not expect) past
+    `limit` is not refused but cut there: it still raises ApiError with its status and headers
+    (a 503's Retry-After), from its first `limit` bytes."""
 
     def __init__(self, call: Call[Any], response: httpx.Response, limit: int, deadline: float) -> None:
         self.call, self.status, self.limit, self.deadline = call, response.status_code, limit, deadline
@@ -331,14 +344,21 @@ class _Body:
         self.parts: list[bytes] = []
         self.size = 0
 
-    def add(self, chunk: bytes) -> None:
-        """Keep `chunk`. O(1) (amortised)."""
+    def add(self, chunk: bytes) -> bool:
+        """Keep `chunk`; False when the rest of the answer is not to be read (an error answer
+        cut at `limit`). O(1) (amortised)."""
         if time.monotonic() >= self.deadline:
             raise httpx.ReadTimeout("the call's timeout ran out while the answer arrived")
+        room = self.limit - self.size
+        if len(chunk) > room:
+            if self.status < 300 or self.status in self.call.ok:
+                raise ProtocolError(self.call.method, self.call.path, self.status, f"answer over {self.limit} bytes")
+            self.parts.append(chunk[:room])
+            self.size = self.limit
+            return False
         self.size += len(chunk)
-        if self.size > self.limit:
-            raise ProtocolError(self.call.method, self.call.path, self.status, f"answer over {self.limit} bytes")
         self.parts.append(chunk)
+        return True
 
     def answer(self, headers: httpx.Headers, t0: float) -> Answer:
         return Answer(self.status, headers, b"".join(self.parts), (time.perf_counter() - t0) * 1000.0)
@@ -542,7 +562,8 @@ class SyncTransport(_Transport):
         try:
             got = _Body(call, response, self.max_response_bytes, deadline)
             for chunk in response.iter_raw():
-                got.add(chunk)
+                if not got.add(chunk):
+                    break
         finally:
             response.close()
         return got.answer(response.headers, t0)
@@ -611,7 +632,8 @@ class AsyncTransport(_Transport):
         try:
             got = _Body(call, response, self.max_response_bytes, deadline)
             async for chunk in response.aiter_raw():
-                got.add(chunk)
+                if not got.add(chunk):
+                    break
         finally:
             await response.aclose()
         return got.answer(response.headers, t0)
