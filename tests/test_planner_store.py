@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -918,5 +919,31 @@ def test_unreadable_stored_model_can_be_replaced_or_deleted(planner_prefix: str)
             assert await s.delete_model("d", expect_version=1)
             assert r.hget(f"{planner_prefix}:v1:models", "d") is None
             assert sample(s, "dapdee_planner_cache_errors_total", op="decode_graph") >= 2
+
+    asyncio.run(go())
+
+
+def test_a_stored_profile_that_is_not_one_is_skipped(planner_prefix: str) -> None:
+    """Profiles written to Redis by hand or by another version: `meta` not an object (a plan on
+    it answered 500: the planner read it as one), or timings given as booleans (read as 1 ms).
+    Each is skipped and counted as unreadable; the model and its good profile still serve."""
+
+    async def go() -> None:
+        async with running(settings(planner_prefix)) as s:
+            g = chain_graph("m")
+            await s.put_graph(g)
+            await s.put_profile("m", device_profile(g, "t"))
+            timings = {n.name: 1.0 for n in g.nodes}
+            r = raw_redis()
+            bad = {
+                "listed": {"kind": "device", "timings_ms": timings, "meta": [1, 2]},
+                "yes": {"kind": "device", "timings_ms": dict.fromkeys(timings, True), "meta": {}},
+            }
+            for tier, body in bad.items():
+                r.hset(f"{planner_prefix}:v1:profiles:m", tier, json.dumps(body))
+            s.models.pop("m")
+            state = await s.get_model("m")
+            assert state is not None and sorted(state.profiles) == ["t"]
+            assert sample(s, "dapdee_planner_cache_errors_total", op="decode_profile") == 2
 
     asyncio.run(go())

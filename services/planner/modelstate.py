@@ -54,10 +54,12 @@ class Profile:
             raise ValueError(f"profile {tier!r}: bad kind")
         t = d.get("timings_ms")
         if not isinstance(t, dict) or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in t.values()
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in t.values()
         ):
             raise ValueError(f"profile {tier!r}: bad timings_ms")
         meta = d.get("meta") or {}
+        if not isinstance(meta, dict):  # what the API stores is an object: read as one
+            raise ValueError(f"profile {tier!r}: meta is not an object")
         return cls.make(tier, d["kind"], {str(k): float(v) for k, v in t.items()}, meta)
 
 
