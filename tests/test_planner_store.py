@@ -947,3 +947,37 @@ def test_a_stored_profile_that_is_not_one_is_skipped(planner_prefix: str) -> Non
             assert sample(s, "dapdee_planner_cache_errors_total", op="decode_profile") == 2
 
     asyncio.run(go())
+
+
+def test_a_profile_tier_another_replica_created_first_is_not_reported_created(planner_prefix: str) -> None:
+    """Replicas A and B put the same new tier t (different timings, no If-Match) at once: B's
+    write lands between A's read (no t) and A's write. Only one of them created t: A's answer
+    says replaced (created false, HTTP 200), B's created. Before, both said created (201)."""
+
+    async def go() -> tuple[bool, bool]:
+        s = settings(planner_prefix, refresh_s=3600.0)
+        g = chain_graph("m")
+        async with running(s) as b:
+            await b.put_graph(g)
+            metrics = PlannerMetrics()
+            link = WritesLandFirst(s, metrics)
+            link.connect()
+            keys, outbox = Keys.for_prefix(s.key_prefix), Outbox(s.max_pending_writes)
+            cache = ModelCache(s, metrics, link, keys, outbox.has)
+            a = ModelWriter(s, metrics, link, keys, cache, outbox)
+            b_created: list[bool] = []
+
+            async def b_first() -> None:
+                res = await b.put_profile("m", device_profile(g, "t", 3.0))
+                assert res is not None
+                b_created.append(res.created)
+
+            link.before_write = b_first
+            try:
+                res = await a.put_profile("m", device_profile(g, "t", 5.0))
+                assert res is not None and res.state.profiles["t"].timings_ms == device_profile(g, "t", 5.0).timings_ms
+                return res.created, b_created[0]
+            finally:
+                await link.close()
+
+    assert asyncio.run(go()) == (False, True)

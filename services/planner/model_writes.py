@@ -249,11 +249,13 @@ class ModelWriter:
                     return planned, self._queue(planned)
                 op = planned.op if expect is not None else replace(planned.op, check="graph")
                 try:
-                    status, version, h, prev = await self._send(op)
+                    status, version, h, prev, added = await self._send(op)
                 except RedisRefused:  # Redis answered: not applied, and a replay would be refused too
                     raise
                 except RedisUnavailable:  # maybe applied: the op id tells on replay
                     return planned, self._queue(replace(planned, op=op))  # decided on a fresh read: same check
+                if status == "ok" and op.kind == "put_profile":  # created here, or over another replica's
+                    planned = replace(planned, created=added)
                 if status in ("ok", "applied", "gone"):
                     based_on_read = prev == (cur.last_op if cur is not None else "")
                     return await self._settle(name, planned, version, h, based_on_read), "redis"
@@ -322,13 +324,15 @@ class ModelWriter:
         self.cache.remember(name, after)
         return replace(planned, after=after)
 
-    async def _send(self, op: Op) -> tuple[str, int, str, str]:
+    async def _send(self, op: Op) -> tuple[str, int, str, str, bool]:
         """Run `op` through WRITE_MODEL: (status, version, graph hash, the id of the write it
-        went onto: '' unless it changed the model). Raises RedisUnavailable. One round trip."""
+        went onto: '' unless it changed the model, whether it created a profile's tier). Raises
+        RedisUnavailable. One round trip."""
         args = op.script_args(self.settings.max_models, self.settings.max_profiles_per_model)
         res = await self.link.script(op.kind, WRITE_MODEL, op.script_keys(self.keys), args)
         status, version, h = res[:3]
-        return _text(status), int(version), _text(h), _text(res[3]) if len(res) > 3 else ""
+        prev = _text(res[3]) if len(res) > 3 else ""
+        return _text(status), int(version), _text(h), prev, len(res) > 4 and int(res[4]) == 1
 
     # ---- the refresh loop's part ------------------------------------------------------------
     async def sync(self) -> None:

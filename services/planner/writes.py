@@ -81,12 +81,12 @@ local function unchanged()
   remember()  -- a replay of it must not apply it over later writes
   return {'ok', cur, h}
 end
-local function bump(newh)
+local function bump(newh, added)
   local v = cur + 1
   redis.call('HSET', KEYS[2], name, v)
   remember()
   redis.call('INCR', KEYS[4])
-  return {'ok', v, newh, prev}
+  return {'ok', v, newh, prev, added or 0}
 end
 if kind == 'restore' then
   if cur > 0 then return {'present', cur, h} end
@@ -130,8 +130,8 @@ elseif kind == 'put_profile' then
   local old = redis.call('HGET', KEYS[6], ARGV[8])
   if old == ARGV[7] then return unchanged() end
   if not old and redis.call('HLEN', KEYS[6]) >= tonumber(ARGV[11]) then return {'capacity', cur, h} end
-  redis.call('HSET', KEYS[6], ARGV[8], ARGV[7])
-  return bump(h)
+  -- whether this write created the tier: another replica's may have, since this one was planned
+  return bump(h, redis.call('HSET', KEYS[6], ARGV[8], ARGV[7]))
 elseif kind == 'delete_profile' then
   if redis.call('HDEL', KEYS[6], ARGV[8]) == 0 then return unchanged() end
   return bump(h)
