@@ -294,3 +294,83 @@ def test_heavy_plans_are_grouped_by_the_stage_that_bounds_their_predicted_rate()
     assert tf["by_bottleneck"]["edge"] == {"plans": 1, "inside": 0, "median_ratio": 0.76}
     assert tf["by_bottleneck"]["device"]["inside"] == 1 and tf["by_bottleneck"]["link"]["inside"] == 1
     assert abs(tf["by_bottleneck"]["link"]["median_ratio"] - 115.2 / 134.3) < 1e-9
+
+
+def test_the_adaptation_key_changes_with_each_candidate_models_artifact(tmp_path: Path) -> None:
+    """The adaptation cell chooses among several models: each one's artifact id is in its key,
+    so a re-trained candidate is measured again (the key held '' for several models)."""
+    b = _KeyOnly(build_options(["--out", str(tmp_path)]))
+    b.ids = {"alexnet": "aaaa", "resnet18-224": "bbbb"}
+    asyncio.run(adaptation(b, ["alexnet", "resnet18-224"]))
+    b.ids["resnet18-224"] = "retrained"
+    asyncio.run(adaptation(b, ["alexnet", "resnet18-224"]))
+    first, second = b.keys
+    assert "aaaa,bbbb" in first and first != second
+
+
+def test_profiles_are_cached_per_profiling_preset(tmp_path: Path) -> None:
+    """A cell keyed by its preset's repeats and passes is measured on profiles of that preset:
+    the profile cache (checked only for model, K and threads) is a folder per preset."""
+    from dapdee.bench.paperbench.systems import profile_dir
+
+    base = build_options(["--out", str(tmp_path)])
+    assert profile_dir(base) != profile_dir(replace(base, profile_repeats=base.profile_repeats + 1))
+    assert profile_dir(base) != profile_dir(replace(base, profile_passes=base.profile_passes + 1))
+    assert profile_dir(base).parent == tmp_path / "profiles"
+
+
+def _light(median_ms: float | None, frames: int = 10, fell_back: int = 0, same: list[str] | None = None) -> Any:
+    return {"plan": {"predicted": {"latency_ms": 50.0, "device_ms": 50.0, "transfer_ms": 0.0, "edge_ms": 0.0,
+                                   "throughput_fps": 2.0}, "kind": "mid"},
+            "median_ms": median_ms, "throughput_fps": 20.0 if median_ms else None, "frames": frames,
+            "where": {"edge": frames - fell_back, "local": 0, "fallback": fell_back},
+            "same_plan_as": same or []}  # fmt: skip
+
+
+def test_a_comparison_names_fallback_and_fails_when_dapdees_frames_all_fell_back() -> None:
+    """DAPDEE against a baseline: a baseline whose frames fell back to the device is compared
+    with that note; a DAPDEE plan whose frames all fell back was not measured (FAIL)."""
+    from dapdee.bench.paperbench.scoring import BASELINES, _versus
+
+    others = {b: _light(60.0) for b in BASELINES}
+    cell = {"model": "m", "network": "CAT1", "cap_ms": 1e5,
+            "planners": {"dapdee": _light(40.0), **others, "edge-only": _light(900.0, 14, 14)}}  # fmt: skip
+    lines = {t["what"].split("/")[1]: t for t in _versus(cell, "light", 0.1)}
+    edge = lines["Edge-Only latency"]
+    assert edge["pass"] and "Edge-Only: 14 of 14 frames fell back to the device" in edge["note"]
+    assert "fell back" not in lines["DADS latency"]["note"]
+    cell["planners"]["dapdee"] = _light(40.0, 10, 10)
+    assert not any(t["pass"] for t in _versus(cell, "light", 0.1))
+
+
+def test_a_heavy_baseline_not_run_is_compared_with_its_predicted_throughput() -> None:
+    """A baseline predicted too slow to run (capped) used to pass against any DAPDEE throughput
+    above zero; DAPDEE must reach the baseline's predicted throughput within the band."""
+    from dapdee.bench.paperbench.scoring import BASELINES, _versus
+
+    def heavy(fps: float | None, predicted: float) -> dict[str, Any]:
+        return {**_light(10.0), "throughput_fps": fps, "plan": {"predicted": {"throughput_fps": predicted}}}
+
+    planners = {"dapdee": heavy(0.01, 30.0), **{b: heavy(20.0, 20.0) for b in BASELINES}}
+    planners["neurosurgeon"] = heavy(None, 0.5)
+    cell = {"model": "m", "network": "4G", "cap_ms": 1e5, "planners": planners}
+    (line,) = [t for t in _versus(cell, "heavy", 0.1) if "Neurosurgeon" in t["what"]]
+    assert not line["pass"] and "predicted 0.5 fps" in line["note"]
+    planners["dapdee"] = heavy(0.46, 30.0)  # within 10 % of the 0.5 predicted
+    (line,) = [t for t in _versus(cell, "heavy", 0.1) if "Neurosurgeon" in t["what"]]
+    assert line["pass"]
+
+
+def test_fidelity_leaves_out_plans_that_only_fell_back_and_fails_their_throughput_rows() -> None:
+    """A light plan whose frames all fell back measured the fallback, not its prediction: left
+    out of the latency median (and counted); a heavy row whose frames all fell back fails even
+    when its ratio lands in the band."""
+    from dapdee.bench.paperbench.scoring import fidelity
+
+    res = {"light": [{"model": "m", "network": "4G", "planners": {
+        "dapdee": _light(50.0), "edge-only": _light(5.0, 10, 10)}}], "fig6": [], "fig7": []}  # fmt: skip
+    fid = fidelity(res)
+    assert fid["plans"] == 1 and fid["median"] == 0.0 and fid["fell_back"] == 1
+    inside = {"heavy": [{"model": "m", "network": "CAT1", "planners": {"edge-only": _heavy_stream(0.1, 14, 14)}}]}
+    (row,) = _fidelity_lines({"plans": 0}, throughput_fidelity(inside))
+    assert row["ratio"] == 1.0 and not row["pass"]

@@ -9,7 +9,8 @@
 
 Planners whose plans are identical (same exit, same device set) share one measurement; each
 distinct plan is measured in `rounds` interleaved rounds (their spread is the noise band), and a
-plan whose rounds disagree by more than `tiebreak_ratio` in one more (the median round counts).
+plan whose rounds disagree by more than `tiebreak_ratio` in one more (the throughput is then the
+median round's; the latency is the median of every round's frames pooled).
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ class Bench:
             await self.sys.stop()
 
     def key(self, kind: str, m: str, *parts: Any, slowdown: float | None = None) -> str:
-        """The cache key of a cell: kind, model, artifact, K, RTT, the profiling repeats and passes and the
-        live device's probe rounds (the presets differ in both), the CPU pinning, the cell's
-        parts, the cap."""
+        """The cache key of a cell: kind, model (or models, comma-joined), each one's artifact, K,
+        RTT, the profiling repeats and passes and the live device's probe rounds (the presets
+        differ in both), the CPU pinning, the cell's parts, the cap."""
         o = self.o
         k = o.slowdown if slowdown is None else slowdown
-        return "|".join([kind, m, self.ids.get(m, ""), f"K{k:g}", f"rtt{o.rtt_ms:g}",
+        ids = ",".join(self.ids.get(x, "") for x in m.split(","))  # each model's artifact (adaptation: several)
+        return "|".join([kind, m, ids, f"K{k:g}", f"rtt{o.rtt_ms:g}",
                          f"rep{o.profile_repeats}x{o.profile_passes}", f"probe{o.probe_rounds}",
                          f"pin{int(o.cpu_split is not None)}", *map(str, parts), f"cap{o.plan_cap_s:g}"])  # fmt: skip
 
@@ -88,8 +90,8 @@ async def measure_plans(s: System, dev: Device, plans: dict[str, dict[str, Any]]
     """Each distinct plan of `plans` measured in `rounds` interleaved rounds of `run.n / rounds`
     frames, and one tie-break round after them for a plan whose rounds disagree by more than
     `tiebreak_ratio` (throughput under a frame rate, else the median latency: `merge_rounds`
-    takes the median round); per planner its plan's summary, the planners sharing it, and the
-    pooled numbers."""
+    takes the median round's throughput, and the median latency of every round's frames
+    pooled); per planner its plan's summary, the planners sharing it, and the pooled numbers."""
     o = s.o
     distinct: dict[str, dict[str, Any]] = {}
     for name in PLANNERS:

@@ -64,7 +64,7 @@ class Services:
         # Inception take over the default 1 s on this host.
         planner_env = {**env, "DAPDEE_WORKER_TTL_S": "30", "DAPDEE_PLAN_BUDGET_S": "60"}
         self.planner_proc = ServiceProcess("planner", ["--redis-url", "none"], "/healthz", planner_env, cpus=every_cpu)
-        cache = Path(o.out) / "profiles"
+        cache = profile_dir(o)
         if o.fresh:  # the host's speed drifts between runs: profiles measured in this run only
             shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
@@ -141,10 +141,17 @@ class Device:
                 "edge_calibration": self.edge_calibration}  # fmt: skip
 
 
+def profile_dir(o: Options) -> Path:
+    """Where the device's and the edge worker's profiles are cached: one folder per profiling
+    preset (repeats x passes), as the cells measured on them are keyed (`Bench.key`); a profile
+    cache checks only the model, K and threads."""
+    return Path(o.out) / "profiles" / f"rep{o.profile_repeats}x{o.profile_passes}"
+
+
 def _profile(o: Options, loaded: LoadedModel, slowdown: float) -> CostGraph:
     """The device profile at `slowdown` (the median of `profile_passes` passes), cached under
-    OUT/profiles (re-measured when the cache no longer matches the model)."""
-    path = Path(o.out) / "profiles" / f"{loaded.name}.{default_tier(slowdown)}.device.json"
+    `profile_dir` (re-measured when the cache no longer matches the model)."""
+    path = profile_dir(o) / f"{loaded.name}.{default_tier(slowdown)}.device.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return device_profile(loaded, slowdown, path, o.profile_repeats, o.profile_passes)
