@@ -4,7 +4,7 @@
 #   make secrets      (writes .env: the role tokens; a service bound beyond loopback refuses to
 #                      start without them)
 #   docker run --env-file .env -p 127.0.0.1:8000:8000 dapdee:latest planner --host 0.0.0.0 --port 8000 --redis-url none
-#   docker run --env-file .env -p 127.0.0.1:8001:8000 dapdee:latest edge --models @artifacts/fmnist-resnet18 ...
+#   docker run --env-file .env -p 127.0.0.1:8001:8000 dapdee:latest edge --host 0.0.0.0 --port 8000 --models @artifacts/fmnist-resnet18 ...
 # The image writes nothing outside /tmp: it runs with a read-only root file system (compose
 # `read_only`, Kubernetes `readOnlyRootFilesystem`) given a writable /tmp.
 # CPU-only torch comes from the PyTorch CPU wheel index (override TORCH_INDEX_URL / TORCH_SPEC

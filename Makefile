@@ -16,7 +16,8 @@ REDIS_PORT := 6379
 # compose reads (`.env` in this directory is its default) and the Kubernetes Secret is made from.
 # Gitignored; `make secrets` creates it when missing and never changes a value it holds.
 SECRETS_FILE ?= .env
-K8S_NAMESPACE ?= dapdee
+# the namespace the manifests name (kustomization.yaml, the worker URL pattern): not a knob
+K8S_NAMESPACE := dapdee
 
 .PHONY: setup system-deps demo-deps redis demo test lint bench clean secrets compose-up k8s-secret
 

@@ -137,6 +137,9 @@ def test_kustomization_lists_every_manifest() -> None:
     assert on_disk == listed, f"k8s/*.yaml not in kustomization.yaml: {sorted(on_disk - listed)}"
     namespaces = by_kind(k8s_resources(), "Namespace")
     assert kz["namespace"] in namespaces, "kustomization's namespace is not created by the manifests"
+    # `make k8s-secret` puts the tokens' Secret where the pods read it
+    made = subprocess.run(["make", "-n", "k8s-secret"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"kubectl -n {kz['namespace']} create secret" in made, made
     image_names = {i["name"] for i in kz.get("images", [])}
     for d in workloads(k8s_resources()).values():
         c = dapdee_container(d)
