@@ -27,6 +27,7 @@ from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.store import Store
 from dapdee.planner.workers import Worker
 from dapdee.planning.planmap import plan_id
+from dapdee.testing.redis_tools import clear_prefix
 from tests import oracle
 from tests.conftest import serve_app_in_thread
 from tests.test_planner_service import ANY_WORKER_URL, AUTH, SHARED_REDIS, TOKEN, beat, planner, wait_for
@@ -1155,6 +1156,33 @@ def test_a_device_avoiding_a_worker_is_planned_on_another_and_its_lease_moves(pl
             assert r.status_code == 422 and field in r.text, r.text
         assert c.get("/devices/d").json()["plan"]["plan_id"] == plan["plan_id"]
         assert {url: w["leased_ms_per_s"] for url, w in workers(c).items()} == booked
+
+
+def test_workers_without_timings_are_passed_over_by_every_kind_of_plan(planner_prefix: str) -> None:
+    """The graph has no edge timings of its own; w1 (tier t, busier by heartbeat) has an edge
+    profile, w2 (tier "none", idle) has none. Every plan goes to w1, as the leased plan does:
+    a baseline (Device-Only too) or a planner without leases, which used to pick w2 alone and
+    answer 409; and a device avoiding w1, the only worker it can use, is planned on w1 as if it
+    avoided none (it used to be told to upload a profile)."""
+    graph = chain_graph()
+    for node in graph["nodes"]:
+        node.pop("edge_ms")
+    for fleet_planning in (True, False):
+        with planner(planner_prefix, rebalance_s=0, fleet_planning=fleet_planning) as c:
+            setup_model(c, workers=(), graph=graph)
+            assert beat(c, "http://w1:1", ["cam"], "t", 0.5, capacity_ms_per_s=1000.0).status_code == 200
+            assert beat(c, "http://w2:1", ["cam"], "none", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+            plain = {k: v for k, v in leased("x").items() if k not in ("device_id", "frame_rate")}
+            bodies = [plain, {**plain, "avoid_workers": ["http://w1:1"]}]
+            bodies += [{**plain, "baseline": b} for b in ("device-only", "edge-only", "neurosurgeon")]
+            if fleet_planning:
+                bodies.append(leased("d", avoid_workers=["http://w1:1"]))
+            for body in bodies:
+                r = c.post("/plan", json=body)
+                assert r.status_code == 200 and r.json()["edge_worker"] == "http://w1:1", (body, r.text)
+            if fleet_planning:  # the lease is on w1, recorded as avoiding none
+                assert c.get("/devices/d").json()["lease"]["worker"] == "http://w1:1"
+        clear_prefix(SHARED_REDIS, planner_prefix)  # the next planner starts from an empty store
 
 
 def test_a_rebalance_does_not_bring_a_device_onto_a_worker_it_avoids(planner_prefix: str) -> None:

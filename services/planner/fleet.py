@@ -154,14 +154,13 @@ class Fleet:
         """(Σ f_j·e_j, lease count) on `worker`, from this replica's view. O(1)."""
         return self.view.leased(worker)
 
-    def least_leased(self, workers: Sequence[Worker]) -> tuple[Worker, float]:
-        """Of `workers` (at least one), the one the leases load least and that edge load
+    def by_lease_load(self, workers: Sequence[Worker]) -> list[tuple[Worker, float]]:
+        """`workers`, the one the leases load least first, each with that edge load
         ℓe = min(0.95, Σ f_j·e_j / N_w), from this replica's view, ranked by `load_order` (as
-        `dapdee.fleet.assign.plan_for_device` orders workers). What a plan against one worker (a
-        baseline, confidence exits) is priced at. O(workers)."""
+        `dapdee.fleet.assign.plan_for_device` orders workers; equals keep their order). What a
+        plan against one worker (a baseline, confidence exits) is priced at. O(w log w)."""
         order = {w.url: load_order(w, self.leased(w.url)[0]) for w in workers}
-        best = min(workers, key=lambda w: order[w.url])
-        return best, order[best.url][0]
+        return [(w, order[w.url][0]) for w in sorted(workers, key=lambda w: order[w.url])]
 
     def _others(
         self, candidates: Sequence[Candidate], device_id: str | None, fresh: dict[str, float]

@@ -18,12 +18,12 @@ from dapdee.planner import spans
 from dapdee.planner.deps import PlanningDep
 from dapdee.planner.errors import CapacityExceeded, MapBuildPending, ModelUnreachable
 from dapdee.planner.json_body import validated
-from dapdee.planner.plan_choice import usable
+from dapdee.planner.plan_choice import Candidate, usable
 from dapdee.planner.plan_runner import PlanOverBudget, PlanRunner
 from dapdee.planner.planmaps import NoConfidenceExits
 from dapdee.planner.problems import MISSING_TIMINGS, PLAN_BUDGET, ApiProblem
 from dapdee.planner.store import MissingTimings, ModelState, Profile, Store, Worker
-from dapdee.planning import PlanRequest, baseline_plan
+from dapdee.planning import PlanMap, PlanRequest, baseline_plan
 from dapdee.web import otel
 from dapdee.web.security import DEVICE, require
 
@@ -98,36 +98,57 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
         raise ApiProblem(
             422, "device_id: leases are off on this planner (DAPDEE_FLEET_PLANNING=false)", loc=("body", "device_id")
         )
-    workers, avoided = usable(store.serving(body.model), body.avoid_workers)
+    serving = store.serving(body.model)
+    workers, avoided = usable(serving, body.avoid_workers)
     if avoided != body.avoid_workers:  # a lease records the workers actually left out
         body = body.model_copy(update={"avoid_workers": avoided})
     if body.baseline is not None or body.confidence_exits or not store.settings.fleet_planning or not workers:
-        return await _single_worker(store, runner, body, st, dev, workers)
-    try:
-        candidates = await store.candidates(body.model, st, dev, workers, _map_deadline(store))
-    except MissingTimings as exc:
-        raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
+        return await _single_worker(store, runner, body, st, dev, workers, serving)
+    candidates, body = await _candidates(store, body, st, dev, workers, serving)
     try:
         return await store.fleet.plan(body, candidates, body.edge_load)
     except PlanOverBudget as exc:  # a choice over a capped plan map: min-cuts past the budget
         raise ApiProblem(503, str(exc), PLAN_BUDGET, {"Retry-After": "1"}) from None
 
 
-async def _single_worker(
-    store: Store, runner: PlanRunner, body: PlanRequestBody, st: ModelState, dev: Profile | None, workers: list[Worker]
-) -> dict[str, Any]:
-    """A plan against one worker (`_priced_worker`; none: the graph's own edge timings): for
-    baselines, confidence exits, a planner without fleet planning, or a model no worker serves
-    (then a named device holds a lease on no worker)."""
-    worker, edge_load = _priced_worker(store, body, workers)
-    edge, hint = _edge_profile(st, worker)
+async def _candidates(
+    store: Store,
+    body: PlanRequestBody,
+    st: ModelState,
+    dev: Profile | None,
+    workers: list[Worker],
+    serving: list[Worker],
+) -> tuple[list[Candidate], PlanRequestBody]:
+    """`Store.candidates` over `workers` (those the device does not avoid); when none of them
+    has its timings, over every live worker `serving` the model (as when the device avoids
+    every live worker, `usable`: the avoided ones are all it can use), the lease then recording
+    none avoided. 409 (missing timings) when no worker has them. O(workers) map look-ups."""
+    until = _map_deadline(store)
     try:
-        until = _map_deadline(store)
-        pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits, until=until)
+        return await store.candidates(body.model, st, dev, workers, until), body
+    except MissingTimings as exc:
+        if len(workers) == len(serving):
+            raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
+    try:
+        every = await store.candidates(body.model, st, dev, serving, until)
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
-    except NoConfidenceExits as exc:
-        raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
+    return every, body.model_copy(update={"avoid_workers": []})
+
+
+async def _single_worker(
+    store: Store,
+    runner: PlanRunner,
+    body: PlanRequestBody,
+    st: ModelState,
+    dev: Profile | None,
+    workers: list[Worker],
+    serving: list[Worker],
+) -> dict[str, Any]:
+    """A plan against one worker (`_priced_map`; none: the graph's own edge timings): for
+    baselines, confidence exits, a planner without fleet planning, or a model no worker serves
+    (then a named device holds a lease on no worker)."""
+    worker, edge_load, pm = await _priced_map(store, body, st, dev, workers, serving)
     req = PlanRequest(
         bandwidth_mbps=body.bandwidth_mbps,
         rtt_ms=body.rtt_ms,
@@ -161,19 +182,44 @@ def _map_deadline(store: Store) -> float:
     return time.monotonic() + store.settings.planmap_build_budget_s + store.settings.plan_budget_s
 
 
-def _priced_worker(store: Store, body: PlanRequestBody, workers: list[Worker]) -> tuple[Worker | None, float]:
-    """The worker a plan against one worker uses and the edge load it is priced at (the
-    request's `edge_load` when it gives one): with fleet planning, the worker the other devices'
-    leases load least and that load ℓe, as a DAPDEE plan is priced (such a plan holds no lease
-    and takes no admission test); without, the least loaded worker by heartbeat and its
-    heartbeat load; no worker: 0. O(workers)."""
-    if not workers:
-        worker, load = None, 0.0
-    elif store.settings.fleet_planning:
-        worker, load = store.fleet.least_leased(workers)
-    else:
-        worker, load = workers[0], workers[0].load
-    return worker, body.edge_load if body.edge_load is not None else load
+async def _priced_map(
+    store: Store,
+    body: PlanRequestBody,
+    st: ModelState,
+    dev: Profile | None,
+    workers: list[Worker],
+    serving: list[Worker],
+) -> tuple[Worker | None, float, PlanMap]:
+    """The worker a plan against one worker uses, the edge load it is priced at, and its plan
+    map: the first of `workers` (those the device does not avoid) in `_price_order`, then of
+    the avoided ones, whose timings are complete (`Store.candidates` leaves out the others
+    likewise); no live worker: the graph's own edge timings, at load 0. 409 (the first worker's
+    missing timings) when none has them; 422 for confidence exits the graph lacks. O(w log w)
+    plus a map look-up per worker tried."""
+    kept = {w.url for w in workers}
+    order = _price_order(store, body, workers) + _price_order(store, body, [w for w in serving if w.url not in kept])
+    until, missing = _map_deadline(store), None
+    for worker, edge_load in order or [(None, body.edge_load if body.edge_load is not None else 0.0)]:
+        edge, hint = _edge_profile(st, worker)
+        try:
+            pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits, until=until)
+        except MissingTimings as exc:
+            missing = missing or exc
+            continue
+        except NoConfidenceExits as exc:
+            raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
+        return worker, edge_load, pm
+    raise ApiProblem(409, str(missing), MISSING_TIMINGS)
+
+
+def _price_order(store: Store, body: PlanRequestBody, workers: list[Worker]) -> list[tuple[Worker, float]]:
+    """`workers` in the order a plan against one worker prefers them, each with the edge load it
+    is priced at (the request's `edge_load` when it gives one): with fleet planning, the least
+    loaded by the other devices' leases first, at that load ℓe (`Fleet.by_lease_load`), as a
+    DAPDEE plan is priced (such a plan holds no lease and takes no admission test); without, by
+    heartbeat load (the registry's order), at that load. O(w log w)."""
+    ranked = store.fleet.by_lease_load(workers) if store.settings.fleet_planning else [(w, w.load) for w in workers]
+    return [(w, body.edge_load if body.edge_load is not None else load) for w, load in ranked]
 
 
 async def _device_profile(store: Store, st: ModelState, body: PlanRequestBody) -> tuple[ModelState, Profile | None]:
