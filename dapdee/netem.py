@@ -3,7 +3,8 @@
 - `ShapedUplink`: a token-bucket shaper for the bytes a client really sends over loopback,
   plus an added round-trip delay per request. Tokens may go negative, so concurrent senders
   sharing one shaper are serialised at the link rate (a shared uplink), and a burst allowance
-  of `burst_bytes` may leave at once after an idle period.
+  of `burst_bytes` (default none: every byte leaves at the rate, as the cost model prices a
+  transfer) may leave at once after an idle period.
 - `NETWORKS`: the uplink rates of DADS Table I (Mbit/s); `parse_network("3G" | "4.5")`.
 - `emulate_slowdown(fn, k, clock)`: run `fn`, then sleep (k - 1) x its measured duration (wall
   time, or the thread's CPU time), so a device is emulated K x slower than this machine.
@@ -78,7 +79,7 @@ class ShapedUplink:
     The bucket starts full; tokens are refilled at the rate up to `burst_bytes` and may go
     negative, so callers sharing one shaper wait in turn (the link is serialised)."""
 
-    def __init__(self, rate_mbps: float, rtt_ms: float = 0.0, burst_bytes: int = 256) -> None:
+    def __init__(self, rate_mbps: float, rtt_ms: float = 0.0, burst_bytes: int = 0) -> None:
         self.set_rate(rate_mbps)
         if not math.isfinite(rtt_ms) or rtt_ms < 0:
             raise ValueError(f"rtt_ms: must be a finite number >= 0, got {rtt_ms!r}")

@@ -27,7 +27,7 @@ from dapdee.bench.fleet_bench.report import (
     just_oversubscribed_target,
     ratio_target,
 )
-from dapdee.bench.fleet_bench.runner import run_scenario
+from dapdee.bench.fleet_bench.runner import publish_profile, run_scenario
 from dapdee.bench.fleet_bench.scenario import MODELS, NETWORK_CYCLE, Scenario, profile_path
 from dapdee.bench.fleet_bench.stack import EDGE_TIER, FleetStack
 from dapdee.bench.fleet_bench.systems import SYSTEMS, PlannerSettings
@@ -64,6 +64,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
         url = stack.fresh(PlannerSettings().env(SYSTEMS["fleet"]))
         with PlannerClient(url, stack.tokens.admin) as client:
             workers = client.workers().workers
+        republished = publish_profile(stack, sc, loaded, url)
         after = {
             "pids": (pid, stack.edge.proc.pid),
             "scripts_run": scripts_run,
@@ -71,6 +72,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
             "cached": sorted(p.name for p in cache.iterdir()),
             "model": loaded.name,
             "planner_log": (logs / f"planner-fleet-n2-k30-{loaded.name}.log").read_text(),
+            "republished": republished,
         }
     after["committed_profile_kept"] = profile_path("resnet18").read_bytes() == committed
     yield raw, summarize(raw, {"final": 0.93}), after
@@ -89,6 +91,8 @@ def test_every_run_starts_with_a_fresh_worker(fleet_run: tuple[dict[str, Any], d
     assert after["committed_profile_kept"]  # the run read bench/results' device profile, never rewrote it
     # the run's planner log is kept, at INFO: its requests (and what rebalances did) can be read back
     assert "POST /plan 200" in after["planner_log"]
+    # the next run's device cost is the one this run measured, not measured again (a per-run draw)
+    assert after["republished"]["device_request_ms"] == raw["costs"]["device_request_ms"]
 
 
 def test_every_worker_start_of_a_stack_registers_the_price_the_first_one_measured() -> None:

@@ -69,6 +69,18 @@ def test_reserve_books_the_link_exactly() -> None:
     assert bursty.reserve(100_000) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_the_default_link_lets_no_byte_ahead_of_its_rate() -> None:
+    """An idle link by default grants no burst: a small frame (the 1 KB of a Fashion-MNIST
+    input) waits its whole size over the rate, as the cost model prices its transfer (a 256 B
+    default let a CAT1 frame through at 1.3x the rate), after idling too."""
+    link = ShapedUplink(0.13)  # CAT1: 16,250 bytes/s
+    assert link.reserve(1024) == pytest.approx(1024 / 16_250, rel=1e-6)
+    fast = ShapedUplink(8.0)  # 1e6 bytes/s: idle again 50 ms after its first frame
+    fast.reserve(1024)
+    time.sleep(0.05)
+    assert fast.reserve(1024) == pytest.approx(1024 / 1e6, rel=1e-6)
+
+
 def test_loopback_transfer_not_faster_than_rate_plus_rtt() -> None:
     """Bytes really sent over a loopback TCP socket all arrive, and not before the emulated round
     trip plus (N − burst)/rate: the burst may leave at once, the rest at the rate."""

@@ -7,7 +7,9 @@
 2. the device tier's profile (the K = 1 profile x K) is published by a real device session
    (`dapdee.device.session.open_device` on the same profile, shaped 4G uplink, nothing else
    running), which measures and publishes the device's per-request CPU cost
-   (`meta.device_request_ms`) as every device would;
+   (`meta.device_request_ms`) as every device would; the invocation's first run of a model and
+   K measures it, and every later one publishes that same profile (`FleetStack.device_profiles`),
+   so every system is planned with one device cost, as with one edge cost;
 3. the devices start in client processes (`devices`, at most `per_process` each), sense their
    links and get their first plans, then report ready;
 4. all cameras start at one wall-clock instant; after the warm-up the worker's counters and
@@ -90,10 +92,11 @@ class ClientProcess:
 
 
 def publish_profile(stack: FleetStack, sc: Scenario, loaded: Any, planner_url: str) -> dict[str, float | None]:
-    """Publish the tier's device profile through a real device session (module docstring, 2);
-    returns what the planner now prices: the per-request costs device_request_ms and
-    edge_request_ms, the edge profile's `calibration` (its timings' factor to whole frames) and
-    `edge_ms_final` (Σ edge_ms over the final exit's nodes)."""
+    """Publish the tier's device profile (module docstring, 2): measured through a real device
+    session the first time for this model and K, then the profile kept from it; returns what
+    the planner now prices: the per-request costs device_request_ms and edge_request_ms, the
+    edge profile's `calibration` (its timings' factor to whole frames) and `edge_ms_final`
+    (Σ edge_ms over the final exit's nodes)."""
     from dapdee.device.config import PlannerConfig, RuntimeConfig
     from dapdee.device.session import DeviceSettings, open_device
     from dapdee.netem import NETWORKS
@@ -110,9 +113,14 @@ def publish_profile(stack: FleetStack, sc: Scenario, loaded: Any, planner_url: s
         async with open_device(settings, loaded, graph):
             pass
 
-    asyncio.run(go())
+    kept = stack.device_profiles.get((sc.model, sc.k, sc.tier))
+    if kept is None:
+        asyncio.run(go())
     with PlannerClient(planner_url, stack.tokens.admin) as client:
+        if kept is not None:
+            client.put_profile(loaded.name, sc.tier, "device", kept.timings_ms, kept.meta)
         profiles = client.list_profiles(loaded.name).profiles
+    stack.device_profiles[(sc.model, sc.k, sc.tier)] = profiles[sc.tier]
     return {
         "device_request_ms": profiles[sc.tier].meta.get("device_request_ms"),
         "edge_request_ms": profiles[EDGE_TIER].meta.get("edge_request_ms"),

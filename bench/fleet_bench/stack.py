@@ -127,7 +127,8 @@ class FleetStack:
     A context manager; `stop` ends everything it started. `profile_cache`: where the first
     worker start reads or caches its node profile (default: a private temporary folder, removed
     by `stop`); the calibrated profile later starts read is always private (module docstring).
-    `edge_profiles`: each model's edge profile as the first start registered it (None before).
+    `edge_profiles`: each model's edge profile as the first start registered it (None before);
+    `device_profiles`: each (model, K, tier)'s device profile as its first run published it.
     `request_passes`: bursts behind the worker's whole-frame calibration and request cost (the
     median of each is kept)."""
 
@@ -149,6 +150,8 @@ class FleetStack:
         self.profile_cache = profile_cache if profile_cache is not None else Path(self._private.name) / "nodes"
         self.calibrated_cache = Path(self._private.name) / "calibrated"
         self.edge_profiles: dict[str, StoredProfile] | None = None
+        # each (model, K, device tier)'s device profile as its first run published it (`runner`)
+        self.device_profiles: dict[tuple[str, float, str], StoredProfile] = {}
         models = ",".join(f"@{a}" for a in artifacts)
         args = ["--models", models, "--workers", "1", "--batch-max", "1", "--threads", "1", "--tier", EDGE_TIER]
         args += ["--planner", self.planner.url, "--profile-repeats", str(profile_repeats)]
