@@ -5,6 +5,10 @@ is an error before anything starts; the frames are the artifact's own dataset's.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,28 +129,30 @@ def test_an_unwritable_log_fails_before_anything_starts(tmp_path: Path, monkeypa
         up.run_up(up.UpOptions(networks=("WiFi",), quiet=True, log=str(tmp_path / "missing" / "f.jsonl")))
 
 
-def test_the_log_gets_every_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    class Record:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def as_dict(self) -> dict[str, int]:
-            return {"frame": self.i}
-
-    stops: list[str] = []
-    monkeypatch.setattr(up, "_start_stack", lambda opts, say: fake_stack(None, stops))
-    monkeypatch.setattr(up, "_frames", lambda loaded, n: ([], "no frames"))
-
-    async def one_network(st: Any, opts: Any, name: str, *a: Any) -> tuple[dict[str, Any], None, list[Any]]:
-        return {"network": name}, None, [Record(len(name))]
-
-    monkeypatch.setattr(up, "_one_network", one_network)
-    log = tmp_path / "frames.jsonl"
-    assert up.run_up(up.UpOptions(networks=("WiFi",), quiet=True, log=str(log))) == 0
-    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"frame": 4}, {"frame": 11}]
-    assert "DAPDEE all-in-one" in capsys.readouterr().out and stops == ["edge", "planner"]
+def test_the_log_gets_every_record_as_it_finishes_and_keeps_them_on_ctrl_c(tmp_path: Path) -> None:
+    """`dapdee up --log`, for real: a run writes one line per frame of every network (and of the
+    Device-Only baseline); a run stopped by Ctrl-C while it streams keeps the lines of the frames
+    it finished (they were written only at the end: an interrupted run left an empty file)."""
+    art = write_artifact(tmp_path / "art")
+    base = [sys.executable, "-m", "dapdee.cli", "up", "--artifact", str(art), "--slowdown", "1", "--quiet"]
+    whole = tmp_path / "whole.jsonl"
+    subprocess.run([*base, "--frames", "3", "--networks", "WiFi", "--log", str(whole)], check=True, timeout=120)
+    assert len([json.loads(line) for line in whole.read_text().splitlines()]) == 2 * 3
+    cut = tmp_path / "cut.jsonl"
+    # 50 frames/s: the stream would last minutes (the test set's 10,000 frames, on WiFi, then on the device)
+    streaming = ["--frames", "100000", "--frame-rate", "50", "--networks", "WiFi", "--log", str(cut)]
+    proc = subprocess.Popen([*base, *streaming])
+    try:
+        deadline = time.monotonic() + 60
+        while (not cut.exists() or cut.stat().st_size == 0) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [json.loads(line) for line in cut.read_text().splitlines()]
+    assert 0 < len(lines) < 5000 and all("exit" in rec for rec in lines)
 
 
 # ---- 11: the artifact's dataset -------------------------------------------------------------------

@@ -10,8 +10,9 @@ the shipped artifacts) over emulated 3G, 4G and WiFi uplinks. One table
 compares, per network, the planner's choice (exit, cut, bytes) and its predicted latency with
 the measured one, and the same for Device-Only; a second gives the cost model's reason for each
 cut: the chosen plan's predicted device, uplink + round trip and edge ms beside the Device-Only
-and Edge-Only predictions under the same sensed conditions. At these defaults the device keeps
-the whole network at 3G, cuts it mid-network at 4G and sends the raw frame at WiFi.
+and Edge-Only predictions under the same sensed conditions. Which cut each network gets follows
+this machine's profiles and the links as sensed: at 3G a mid cut and Device-Only come close to a
+tie, so either may be chosen; the cut moves toward the edge as the uplink gets faster.
 """
 
 from __future__ import annotations
@@ -278,14 +279,16 @@ async def _reason(st: Stack, name: str, runtime: Any) -> dict[str, Any] | None:
 
 
 async def _one_network(
-    st: Stack, opts: UpOptions, name: str, rate: float | None, frames: list[Any]
+    st: Stack, opts: UpOptions, name: str, rate: float | None, frames: list[Any], log_file: IO[str] | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[Any]]:
-    """Stream `frames` on one emulated uplink (None: the Device-Only baseline): the table row,
-    the cost model's reason for the cut, the records."""
+    """Stream `frames` on one emulated uplink (None: the Device-Only baseline), each frame's
+    record written to the --log file as it finishes (an interrupted run keeps what it did): the
+    table row, the cost model's reason for the cut, the records."""
     import torch
     from tqdm import tqdm
 
     from dapdee.device.config import PlannerConfig, Requirements, RuntimeConfig, default_tier
+    from dapdee.device.report import jsonl_line
     from dapdee.device.session import DeviceSettings, open_device
 
     req = Requirements(opts.latency_budget_ms, opts.min_accuracy, opts.frame_rate, opts.mode, opts.confidence_exits)
@@ -299,18 +302,16 @@ async def _one_network(
     async with open_device(settings, st.loaded, st.graph) as runtime:
         t0 = time.perf_counter()
         with tqdm(total=len(frames), desc=name, file=sys.stderr, disable=opts.quiet, leave=False) as bar:
-            records = await runtime.run(frames, progress=lambda rec: bar.update(1))
+
+            def on_frame(rec: Any) -> None:
+                bar.update(1)
+                if log_file is not None:
+                    log_file.write(jsonl_line(rec))
+
+            records = await runtime.run(frames, progress=on_frame)
         wall_s = time.perf_counter() - t0
         reason = await _reason(st, name, runtime)
     return row_of(name, rate, runtime, records, wall_s), reason, records
-
-
-def _write_log(log_file: IO[str] | None, records: list[Any]) -> None:
-    """One JSON line per frame record to the open --log file (none without one). O(records)."""
-    from dapdee.device.report import jsonl_line
-
-    if log_file is not None:
-        log_file.writelines(jsonl_line(r) for r in records)
 
 
 def _footer(opts: UpOptions, wall: float) -> str:
@@ -330,8 +331,11 @@ def _footer(opts: UpOptions, wall: float) -> str:
     )
 
 
-def _run_networks(st: Stack, opts: UpOptions, nets: list[Any]) -> tuple[list[Any], list[Any], list[Any], str]:
-    """Stream the frames on every network, then the Device-Only baseline, and stop the servers
+def _run_networks(
+    st: Stack, opts: UpOptions, nets: list[Any], log_file: IO[str] | None
+) -> tuple[list[Any], list[Any], list[Any], str]:
+    """Stream the frames on every network, then the Device-Only baseline (each frame to the
+    --log file as it finishes), and stop the servers
     (the edge, then the planner, each even when another failed to stop; the first error wins):
     the table rows, the cut reasons, the frame records and the frames' description."""
     try:
@@ -340,7 +344,7 @@ def _run_networks(st: Stack, opts: UpOptions, nets: list[Any]) -> tuple[list[Any
         async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
             rows, reasons, records = [], [], []
             for name, rate in [(n.name, n.rate_mbps) for n in nets] + [("Device-Only", None)]:
-                row, reason, recs = await _one_network(st, opts, name, rate, frames)
+                row, reason, recs = await _one_network(st, opts, name, rate, frames, log_file)
                 rows.append(row)
                 reasons += [reason] if reason else []
                 records += recs
@@ -367,8 +371,7 @@ def run_up(opts: UpOptions) -> int:
     say = (lambda *a: None) if opts.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     with open_log(opts.log) if opts.log else contextlib.nullcontext() as log_file:
         st = _start_stack(opts, say)
-        rows, reasons, records, source = _run_networks(st, opts, nets)
-        _write_log(log_file, records)
+        rows, reasons, records, source = _run_networks(st, opts, nets, log_file)
     mode = opts.mode + (f", {opts.frame_rate:g} fps" if opts.frame_rate else "")
     mode += ", confidence exits" if opts.confidence_exits else ""
     what = "artifact " + st.artifact if st.artifact else "untrained"
