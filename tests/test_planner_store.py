@@ -851,6 +851,17 @@ class WritesLandFirst(RedisLink):
         return await super().script(op, source, keys, args)
 
 
+def other_replica(s: Settings) -> tuple[WritesLandFirst, ModelCache, ModelWriter]:
+    """A second replica's writer on `s` (its link connected: close it), whose link runs another
+    replica's writes (`before_write`) just before its next model write: (link, cache, writer)."""
+    metrics = PlannerMetrics()
+    link = WritesLandFirst(s, metrics)
+    link.connect()
+    keys, outbox = Keys.for_prefix(s.key_prefix), Outbox(s.max_pending_writes)
+    cache = ModelCache(s, metrics, link, keys, outbox.has)
+    return link, cache, ModelWriter(s, metrics, link, keys, cache, outbox)
+
+
 def test_a_write_that_went_onto_another_replicas_state_reads_the_model_again(planner_prefix: str) -> None:
     """Replica A puts profile r without If-Match (which checks only the graph). Between A's read
     of the model (version 2, profile p) and A's write, replica B deletes the model, creates it
@@ -865,12 +876,7 @@ def test_a_write_that_went_onto_another_replicas_state_reads_the_model_again(pla
         async with running(s) as b:
             await b.put_graph(g)
             await b.put_profile("m", device_profile(g, "p"))
-            metrics = PlannerMetrics()
-            link = WritesLandFirst(s, metrics)
-            link.connect()
-            keys, outbox = Keys.for_prefix(s.key_prefix), Outbox(s.max_pending_writes)
-            cache = ModelCache(s, metrics, link, keys, outbox.has)
-            a = ModelWriter(s, metrics, link, keys, cache, outbox)
+            link, cache, a = other_replica(s)
 
             async def recreated() -> None:
                 assert await b.delete_model("m")
@@ -959,12 +965,7 @@ def test_a_profile_tier_another_replica_created_first_is_not_reported_created(pl
         g = chain_graph("m")
         async with running(s) as b:
             await b.put_graph(g)
-            metrics = PlannerMetrics()
-            link = WritesLandFirst(s, metrics)
-            link.connect()
-            keys, outbox = Keys.for_prefix(s.key_prefix), Outbox(s.max_pending_writes)
-            cache = ModelCache(s, metrics, link, keys, outbox.has)
-            a = ModelWriter(s, metrics, link, keys, cache, outbox)
+            link, _, a = other_replica(s)
             b_created: list[bool] = []
 
             async def b_first() -> None:

@@ -148,7 +148,9 @@ async def _single_worker(
     """A plan against one worker (`_priced_map`; none: the graph's own edge timings): for
     baselines, confidence exits, a planner without fleet planning, or a model no worker serves
     (then a named device holds a lease on no worker)."""
-    worker, edge_load, pm = await _priced_map(store, body, st, dev, workers, serving)
+    kept = {w.url for w in workers}
+    order = _price_order(store, body, workers) + _price_order(store, body, [w for w in serving if w.url not in kept])
+    worker, edge_load, pm = await _priced_map(store, body, st, dev, order)
     req = PlanRequest(
         bandwidth_mbps=body.bandwidth_mbps,
         rtt_ms=body.rtt_ms,
@@ -183,21 +185,14 @@ def _map_deadline(store: Store) -> float:
 
 
 async def _priced_map(
-    store: Store,
-    body: PlanRequestBody,
-    st: ModelState,
-    dev: Profile | None,
-    workers: list[Worker],
-    serving: list[Worker],
+    store: Store, body: PlanRequestBody, st: ModelState, dev: Profile | None, order: list[tuple[Worker, float]]
 ) -> tuple[Worker | None, float, PlanMap]:
     """The worker a plan against one worker uses, the edge load it is priced at, and its plan
-    map: the first of `workers` (those the device does not avoid) in `_price_order`, then of
-    the avoided ones, whose timings are complete (`Store.candidates` leaves out the others
+    map: the first of `order` (the workers the device does not avoid, then the avoided ones,
+    each in `_price_order`) whose timings are complete (`Store.candidates` leaves out the others
     likewise); no live worker: the graph's own edge timings, at load 0. 409 (the first worker's
-    missing timings) when none has them; 422 for confidence exits the graph lacks. O(w log w)
-    plus a map look-up per worker tried."""
-    kept = {w.url for w in workers}
-    order = _price_order(store, body, workers) + _price_order(store, body, [w for w in serving if w.url not in kept])
+    missing timings) when none has them; 422 for confidence exits the graph lacks. A map
+    look-up per worker tried."""
     until, missing = _map_deadline(store), None
     for worker, edge_load in order or [(None, body.edge_load if body.edge_load is not None else 0.0)]:
         edge, hint = _edge_profile(st, worker)
