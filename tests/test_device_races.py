@@ -271,17 +271,63 @@ def test_leaving_a_session_lets_a_frame_in_its_device_part_end_on_the_device(sta
     }  # fmt: skip
     settings = DeviceSettings(
         runtime=RuntimeConfig(Requirements(mode="latency")), planner=None, plan_json=fixed, edge_url=stack.edge.url,
-        weights=str(stack.artifact), slowdown=300.0, device_load=0.0,
+        weights=str(stack.artifact), slowdown=60.0, device_load=0.0,
     )  # fmt: skip
     frame = stack.frames(1, seed=22)[0]
 
     async def go() -> Any:
         async with open_device(settings, stack.loaded, stack.graph) as rt:
             in_flight = asyncio.create_task(rt.infer(frame))
-            await asyncio.sleep(0.05)  # in its device part (its compute stretched 300x)
+            await asyncio.sleep(0.05)  # in its device part (its compute stretched 60x: some 0.4 s)
             assert not in_flight.done()
         return await in_flight
 
     rec = asyncio.run(go())
     assert (rec.where, rec.error) == ("fallback", CLOSED), rec
     assert rec.pred_class == stack.local_class(frame.x, rec.exit)
+
+
+class SlowPlans(HangingProxy):
+    """A planner front that forwards each POST /plan 1 s after its body arrived, whether or not
+    its client is still there (a request on its way when the device gave up on it)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.plans_received = 0
+
+    async def before_forward(self, scope: dict[str, Any]) -> None:
+        if scope["path"] == "/plan":
+            self.plans_received += 1
+            await asyncio.sleep(1.0)
+
+
+def test_a_close_that_cuts_off_the_first_plan_request_releases_after_it_could_land(stack: Stack) -> None:
+    """aclose() while start()'s first POST /plan is on its way (it reaches the planner 1 s
+    later, after the device gave up on it, and stores a lease): the release waits for that
+    request's deadline, so no lease is left. (Released at once, the late request stored a lease
+    for a device that had gone, kept until its TTL.)"""
+    from dapdee.client import AsyncPlannerClient, PlannerClient
+    from dapdee.client.errors import ApiError
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.profile import publish_profile
+
+    cfg = RuntimeConfig(Requirements(mode="throughput", frame_rate=5.0))
+
+    async def go(front: str, proxy: SlowPlans) -> None:
+        async with AsyncPlannerClient(front, timeout=3.0) as client:
+            await publish_profile(client, client, stack.graph, "device-land", {"tier": "device-land"})
+            source = PlannerPlanSource(client, stack.graph, cfg.requirements, "device-land", device_id="cam-land")
+            rt = DeviceRuntime(stack.graph, _slow_compute(stack), source, config=cfg, sensing=Sensing(prior_mbps=5.0))
+            starting = asyncio.create_task(rt.start())
+            while proxy.plans_received < 1:  # the first POST /plan is on its way
+                await asyncio.sleep(0.01)
+            await rt.aclose()
+            with pytest.raises(DeviceClosed):
+                await starting
+
+    with hanging_leases(stack, "device-close-landing", 30.0, SlowPlans) as (_, proxy, front):
+        asyncio.run(go(front, proxy))
+        time.sleep(1.2)  # the cut-off request has landed by now, whatever the close did
+        with PlannerClient(front) as planner, pytest.raises(ApiError) as gone:
+            planner.device("cam-land")
+        assert gone.value.status == 404, gone.value

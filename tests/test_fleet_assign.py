@@ -261,6 +261,34 @@ def test_a_plan_is_approximate_when_another_workers_capped_pick_is() -> None:
     assert got["approximate"] is True
 
 
+def test_a_throughput_plan_is_approximate_when_another_workers_capped_pick_is() -> None:
+    """The throughput twin: w0's map is capped (its pick approximate), w1's exact; w1's pick wins
+    alone in the tie band, though a partition of w0 outside its candidate set beats it (the
+    brute force over (worker, partition) pairs): the answer must not claim to be exact."""
+    nodes = [
+        ("n0", ["x"], 1039, 5.692357, 3.21066),
+        ("n1", ["x"], 0, 2.825246, 1.504307),
+        ("n2", ["n1", "n0", "x"], 0, 3.908062, 2.483562),
+        ("n3", ["n0", "n1", "n2"], 40203, 6.07281, 0.411408),
+    ]
+    g = {"model": "rand", "input": {"name": "x", "shape": [1, 4], "dtype": "float32", "bytes": 58800},
+         "nodes": [{"name": n, "op": "op", "inputs": i, "out_bytes": b, "device_ms": d, "edge_ms": e}
+                   for n, i, b, d, e in nodes],
+         "exits": [{"name": "e0", "node": "n1", "accuracy": 0.5733}, {"name": "e1", "node": "n2", "accuracy": 0.687},
+                   {"name": "e2", "node": "n3", "accuracy": 0.7392}],
+         "overheads": {"device_request_ms": 0.2549, "edge_request_ms": 0.0}}  # fmt: skip
+    workers: list[Worker] = [(g, 1e6, 344434.8460938408, 1e6), (g, 1e6, 393524.4690622081, 1e6)]
+    req = oracle.Req(oracle.Cond(61.913069, 5.676668, 0.468199), mode="throughput")
+    slots = [
+        EdgeSlot(f"http://w{k}", PlanMap.build(CostGraph.from_dict(wg), cap=c), cap, res, nominal_ms_per_s=nom)
+        for k, ((wg, cap, res, nom), c) in enumerate(zip(workers, [1, 10**6], strict=True))
+    ]
+    got = plan_for_device(slots, _plan_request(req), 1.0, RHO_MAX).plan
+    want = oracle.decide(g, req, brute_force(workers, req, 1.0))
+    assert not want.fragile and want.choice.bottleneck_ms < got["predicted"]["bottleneck_ms"] - 0.5
+    assert got["approximate"] is True
+
+
 def test_a_throughput_tie_is_judged_over_all_workers_at_once() -> None:
     """Bottlenecks within a relative 1e-9 of the lowest are tied and the lower latency wins, over
     every (worker, partition) pair at once (as within one plan map): worker a's best is 9.9999999999

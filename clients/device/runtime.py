@@ -230,6 +230,8 @@ class DeviceRuntime:
         self._closed = True
         if self._starting is not None:
             self._starting.cancel()
+            # let it end first: a request it cut off is noted, so the release below waits for it
+            await asyncio.wait([self._starting])
         if not self._idle.is_set():
             try:
                 await asyncio.wait_for(self._idle.wait(), CLOSE_FRAMES_S)

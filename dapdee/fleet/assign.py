@@ -183,16 +183,18 @@ def _best_over_workers(
         if key not in masks:
             masks[key] = admissible(slot.planmap.cands[i], frames_per_s, slot, rho_max)
         picks.append(_worker_best(slot, i, objective, conds[slot.url], masks[key], frames_per_s, rho_max))
+    # a worker's approximate pick may hide a partition that beats the best: then none is proven exact
+    approximate = any(c.approximate for c in picks)
     if objective == "throughput":
         limit = min(c.pred.bottleneck_ms for c in picks) * (1.0 + TIE_RTOL)
         tied = [k for k, c in enumerate(picks) if c.pred.bottleneck_ms <= limit]
-        if len(tied) == 1:
-            return picks[tied[0]]
         # each worker's own tie band may differ from the one over all workers
-        picks = [_within(order[k], i, conds[order[k].url], masks[(order[k].url, i)], limit) for k in tied]
+        if len(tied) > 1:
+            picks = [_within(order[k], i, conds[order[k].url], masks[(order[k].url, i)], limit) for k in tied]
+        else:
+            picks = [picks[tied[0]]]
     best = min(picks, key=lambda c: c.pred.latency_ms)  # min keeps the first of equals
-    # a worker's approximate pick may hide a partition that beats `best`: not proven exact
-    return replace(best, approximate=True) if any(c.approximate for c in picks) else best
+    return replace(best, approximate=True) if approximate and not best.approximate else best
 
 
 def _worker_best(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from dapdee.costgraph import CostGraph
 from dapdee.planner.config import Settings
@@ -280,23 +281,39 @@ class Store:
     async def candidates(
         self, name: str, st: ModelState, dev: Profile | None, workers: list[Worker], until: float | None = None
     ) -> list[Candidate]:
-        """The workers a device of this model may use, each with its plan map (its tier's edge
-        profile; the graph's own edge timings where the tier has none), maps waited for until
-        `until` (`planmap`). A worker whose timings are missing is left out; MissingTimings when
-        that leaves none. O(workers) map look-ups."""
-        out: list[Candidate] = []
+        """The workers a device of this model may use, each with its plan map (`timed`).
+        MissingTimings when none has its timings. O(workers) map look-ups."""
+        return [c async for c in self.timed(name, st, dev, workers, until=until)]
+
+    async def timed(
+        self,
+        name: str,
+        st: ModelState,
+        dev: Profile | None,
+        workers: list[Worker],
+        progressive: bool = False,
+        until: float | None = None,
+    ) -> AsyncIterator[Candidate]:
+        """Those of `workers`, in their order, whose timings are complete, each with its plan map
+        (its tier's edge profile; the graph's own edge timings where the tier has none; the
+        confidence-exit map with `progressive`), maps waited for until `until` (`planmap`); a
+        worker whose timings are missing is left out. Raises the first one's MissingTimings
+        when none is left. A map look-up per worker taken."""
         missing: MissingTimings | None = None
+        found = False
         for w in workers:
             edge = st.profiles.get(w.tier)
             edge = edge if edge is not None and edge.kind == "edge" else None
             hint = "" if edge is not None else f" and there is no edge profile for tier {w.tier!r} of worker {w.url}"
             try:
-                out.append(Candidate(w, await self.planmap(name, st, dev, edge, hint, until=until)))
+                pm = await self.planmap(name, st, dev, edge, hint, progressive=progressive, until=until)
             except MissingTimings as exc:
-                missing = exc
-        if not out and missing is not None:
+                missing = missing or exc
+                continue
+            found = True
+            yield Candidate(w, pm)
+        if not found and missing is not None:
             raise missing
-        return out
 
     async def candidates_for(self, name: str, device_tier: str | None, workers: list[Worker]) -> list[Candidate]:
         """`candidates` by model name and device tier ([] when either is gone: a lease outlived them)."""

@@ -189,22 +189,24 @@ async def _priced_map(
 ) -> tuple[Worker | None, float, PlanMap]:
     """The worker a plan against one worker uses, the edge load it is priced at, and its plan
     map: the first of `order` (the workers the device does not avoid, then the avoided ones,
-    each in `_price_order`) whose timings are complete (`Store.candidates` leaves out the others
-    likewise); no live worker: the graph's own edge timings, at load 0. 409 (the first worker's
-    missing timings) when none has them; 422 for confidence exits the graph lacks. A map
-    look-up per worker tried."""
-    until, missing = _map_deadline(store), None
-    for worker, edge_load in order or [(None, body.edge_load if body.edge_load is not None else 0.0)]:
-        edge, hint = _edge_profile(st, worker)
+    each in `_price_order`) whose timings are complete (`Store.timed`); no live worker: the
+    graph's own edge timings, at load 0. 409 (the first worker's missing timings) when none has
+    them; 422 for confidence exits the graph lacks. A map look-up per worker tried."""
+    until, loads = _map_deadline(store), {w.url: load for w, load in order}
+    try:
+        if not order:
+            pm = await store.planmap(body.model, st, dev, None, progressive=body.confidence_exits, until=until)
+            return None, body.edge_load if body.edge_load is not None else 0.0, pm
+        timed = store.timed(body.model, st, dev, [w for w, _ in order], body.confidence_exits, until)
         try:
-            pm = await store.planmap(body.model, st, dev, edge, hint, progressive=body.confidence_exits, until=until)
-        except MissingTimings as exc:
-            missing = missing or exc
-            continue
-        except NoConfidenceExits as exc:
-            raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
-        return worker, edge_load, pm
-    raise ApiProblem(409, str(missing), MISSING_TIMINGS)
+            first = await anext(timed)  # the first with timings is the one: no further maps
+        finally:
+            await timed.aclose()
+    except MissingTimings as exc:
+        raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
+    except NoConfidenceExits as exc:
+        raise ApiProblem(422, str(exc), loc=("body", "confidence_exits")) from None
+    return first.worker, loads[first.worker.url], first.planmap
 
 
 def _price_order(store: Store, body: PlanRequestBody, workers: list[Worker]) -> list[tuple[Worker, float]]:
@@ -235,17 +237,6 @@ async def _device_profile(store: Store, st: ModelState, body: PlanRequestBody) -
             MISSING_TIMINGS,
         )
     return st, dev
-
-
-def _edge_profile(st: ModelState, worker: Worker | None) -> tuple[Profile | None, str]:
-    """The chosen worker's edge profile (None: the graph's own timings) and, when it has none,
-    a hint for the missing-timings message."""
-    if worker is None:
-        return None, ""
-    p = st.profiles.get(worker.tier)
-    if p is not None and p.kind == "edge":
-        return p, ""
-    return None, f" and there is no edge profile for tier {worker.tier!r} of worker {worker.url}"
 
 
 def _outcome(exc: Exception) -> str:
