@@ -141,7 +141,8 @@ def test_the_log_gets_every_record_as_it_finishes_and_keeps_them_on_ctrl_c(tmp_p
     cut = tmp_path / "cut.jsonl"
     # 50 frames/s: the stream would last minutes (the test set's 10,000 frames, on WiFi, then on the device)
     streaming = ["--frames", "100000", "--frame-rate", "50", "--networks", "WiFi", "--log", str(cut)]
-    proc = subprocess.Popen([*base, *streaming])
+    # Ctrl-C as a terminal gives it: a test run in the background has SIGINT ignored, and a child inherits that
+    proc = subprocess.Popen([*base, *streaming], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while (not cut.exists() or cut.stat().st_size == 0) and time.monotonic() < deadline and proc.poll() is None:
