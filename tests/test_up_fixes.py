@@ -129,26 +129,39 @@ def test_an_unwritable_log_fails_before_anything_starts(tmp_path: Path, monkeypa
         up.run_up(up.UpOptions(networks=("WiFi",), quiet=True, log=str(tmp_path / "missing" / "f.jsonl")))
 
 
-def test_the_log_gets_every_record_as_it_finishes_and_keeps_them_on_ctrl_c(tmp_path: Path) -> None:
-    """`dapdee up --log`, for real: a run writes one line per frame of every network (and of the
-    Device-Only baseline); a run stopped by Ctrl-C while it streams keeps the lines of the frames
-    it finished (they were written only at the end: an interrupted run left an empty file)."""
-    art = write_artifact(tmp_path / "art")
-    base = [sys.executable, "-m", "dapdee.cli", "up", "--artifact", str(art), "--slowdown", "1", "--quiet"]
+def _up(art: Path) -> list[str]:
+    return [sys.executable, "-m", "dapdee.cli", "up", "--artifact", str(art), "--slowdown", "1", "--quiet"]
+
+
+def test_the_log_gets_every_record(tmp_path: Path) -> None:
+    """`dapdee up --log`, for real: one line per frame of every network and of the Device-Only
+    baseline."""
     whole = tmp_path / "whole.jsonl"
-    subprocess.run([*base, "--frames", "3", "--networks", "WiFi", "--log", str(whole)], check=True, timeout=120)
+    cmd = [*_up(write_artifact(tmp_path / "art")), "--frames", "3", "--networks", "WiFi", "--log", str(whole)]
+    subprocess.run(cmd, check=True, timeout=120)
     assert len([json.loads(line) for line in whole.read_text().splitlines()]) == 2 * 3
+
+
+@pytest.mark.parametrize(("sig", "rc"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_keeps_the_lines_of_the_frames_it_finished(tmp_path: Path, sig: int, rc: int) -> None:
+    """A run stopped while it streams, by Ctrl-C or SIGTERM (a container's stop), keeps the lines
+    of the frames it finished and exits 130 / 143 (the lines were written only at the end: such
+    a run left an empty file; SIGTERM killed it outright)."""
     cut = tmp_path / "cut.jsonl"
     # 50 frames/s: the stream would last minutes (the test set's 10,000 frames, on WiFi, then on the device)
     streaming = ["--frames", "100000", "--frame-rate", "50", "--networks", "WiFi", "--log", str(cut)]
-    # Ctrl-C as a terminal gives it: a test run in the background has SIGINT ignored, and a child inherits that
-    proc = subprocess.Popen([*base, *streaming], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # both signals' default actions, as a terminal gives them: a test run in the background has
+    # SIGINT ignored, and a child inherits that
+    proc = subprocess.Popen(
+        [*_up(write_artifact(tmp_path / "art")), *streaming],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 60
         while (not cut.exists() or cut.stat().st_size == 0) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130
+        proc.send_signal(sig)
+        assert proc.wait(30) == rc
     finally:
         if proc.poll() is None:
             proc.kill()

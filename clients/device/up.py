@@ -350,7 +350,9 @@ def _run_networks(
                 records += recs
             return rows, reasons, records
 
-        rows, reasons, records = asyncio.run(main())
+        from dapdee.device.commands import until_terminated
+
+        rows, reasons, records = asyncio.run(until_terminated(main()))  # SIGTERM ends it as Ctrl-C does
     except BaseException:
         _stop_servers(st.edge, st.planner)
         raise
