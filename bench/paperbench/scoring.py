@@ -222,14 +222,8 @@ def _fidelity_lines(fid: dict[str, Any], tfid: dict[str, Any]) -> Lines:
     lo, hi = THROUGHPUT_RATIO
     for row in tfid["rows"]:
         what = f"heavy {row['where']}: measured / predicted throughput"
-        ok = lo <= row["ratio"] <= hi and not _row_fell_back(row)  # a stream all fallback measured no plan
-        out.append(line("fidelity", what, row["ratio"], ok, f"in [{lo}, {hi}]" + _fell_back(row)))
+        out.append(line("fidelity", what, row["ratio"], row["inside"], f"in [{lo}, {hi}]" + _fell_back(row)))
     return out
-
-
-def _row_fell_back(row: dict[str, Any]) -> bool:
-    """Whether every frame of a throughput-fidelity row fell back to the device."""
-    return 0 < row.get("frames", 0) == row.get("fell_back", 0)
 
 
 def _fell_back(row: dict[str, Any]) -> str:
@@ -318,20 +312,22 @@ def fidelity(res: dict[str, Any]) -> dict[str, Any]:
 def throughput_fidelity(res: dict[str, Any]) -> dict[str, Any]:
     """Measured / predicted throughput of every distinct heavy-load plan measured, with the
     predicted stages (device, uplink + rtt, edge) beside the measured per-frame terms."""
+    lo, hi = THROUGHPUT_RATIO
     rows = []
     for cell in res["heavy"]:
         for k, v in cell["planners"].items():
             pred = v["plan"]["predicted"]
             if first_of_plan(k, v) and v["throughput_fps"] and pred.get("throughput_fps"):
+                ratio = v["throughput_fps"] / pred["throughput_fps"]
                 rows.append({"where": f"{cell['model']} {cell['network']} {k}",
                              "measured_fps": v["throughput_fps"], "predicted_fps": pred["throughput_fps"],
-                             "ratio": v["throughput_fps"] / pred["throughput_fps"],
+                             "ratio": ratio,
                              "predicted_terms": {t: pred[t] for t in ("device_ms", "transfer_ms", "edge_ms")},
                              "measured_terms": v.get("terms_ms", {}), "plan_kind": v["plan"]["kind"],
-                             "frames": v["frames"], "fell_back": v["where"]["fallback"]})  # fmt: skip
+                             "frames": v["frames"], "fell_back": v["where"]["fallback"],
+                             # within the band, and a measure of the plan (a stream all fallback is not)
+                             "inside": lo <= ratio <= hi and not all_fell_back(v)})  # fmt: skip
     ratios = [r["ratio"] for r in rows]
-    lo, hi = THROUGHPUT_RATIO
-    inside = sum(lo <= r["ratio"] <= hi and not _row_fell_back(r) for r in rows)
     by_stage: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         r["bottleneck"] = bottleneck(r["predicted_terms"], r["predicted_fps"])
@@ -339,11 +335,12 @@ def throughput_fidelity(res: dict[str, Any]) -> dict[str, Any]:
     stages = {
         stage: {
             "plans": len(got),
-            "inside": sum(lo <= r["ratio"] <= hi and not _row_fell_back(r) for r in got),
+            "inside": sum(r["inside"] for r in got),
             "median_ratio": med([r["ratio"] for r in got]),
         }
         for stage, got in sorted(by_stage.items())
     }
+    inside = sum(r["inside"] for r in rows)
     return {"plans": len(rows), "inside": inside, "median_ratio": med(ratios), "rows": rows, "by_bottleneck": stages}
 
 
