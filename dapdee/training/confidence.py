@@ -365,11 +365,11 @@ def calibrate_artifact(
     check_dataset_classes(m, dataset)
     splits = m.get("splits") or {}
     costs = ExitCosts(loaded.graph)
-    data = {}
-    for split in ("calib", "test"):  # the calib split's size is checked before the test split's pass
-        data[split] = _split_outcomes(loaded, artifact, dataset, split, limit or splits.get(split), len(costs.names))
-        if split == "calib":
-            _check_calib_size(dataset, data[split][0].shape[1])
+
+    n = len(costs.names)
+    data = {"calib": _split_outcomes(loaded, artifact, dataset, "calib", limit or splits.get("calib"), n)}
+    _check_calib_size(dataset, data["calib"][0].shape[1])  # before the test split's pass
+    data["test"] = _split_outcomes(loaded, artifact, dataset, "test", limit or splits.get("test"), n)
     ts = calibrate_thresholds(*data["calib"], costs, max_accuracy_loss, z)
     cal = policy_stats(*data["calib"], ts, costs)
     test = policy_stats(*data["test"], ts, costs)

@@ -289,10 +289,7 @@ class Fleet:
         registry): taken as full (`others` is updated), so another worker's plan or Device-Only."""
         self.metrics.admissions.labels("departed").inc()
         others[worker] = math.inf
-        fresh = self._others(candidates, ask.body.device_id, others)
-        return await self._chosen(
-            candidates, self.chooser.exact, candidates, ask.req, ask.body.frame_rate, fresh, edge_load
-        )
+        return await self._exact(ask, candidates, others, edge_load)
 
     async def _after_refusal(
         self,
@@ -315,11 +312,18 @@ class Fleet:
             if self.capacity_seen is not None:
                 self.capacity_seen(worker, res.capacity_ms_per_s)
         ahead = {c.worker.url: math.inf for c in candidates} if give_up else others
+        return candidates, await self._exact(ask, candidates, ahead, edge_load)
+
+    async def _exact(
+        self, ask: Ask, candidates: Sequence[Candidate], ahead: dict[str, float], edge_load: float | None
+    ) -> DevicePlan:
+        """The device's exact plan over `candidates`, the others' reservations on each worker taken
+        from `ahead` where it names the worker (else this replica's view): what a re-plan after a
+        refused or departed reservation reserves. A plan choice."""
         fresh = self._others(candidates, ask.body.device_id, ahead)
-        dp = await self._chosen(
+        return await self._chosen(
             candidates, self.chooser.exact, candidates, ask.req, ask.body.frame_rate, fresh, edge_load
         )
-        return candidates, dp
 
     def _answer(self, body: Any, dp: DevicePlan, assigned: bool, stored: bool) -> dict[str, Any]:
         """The plan JSON with its `lease` (`expires_in_s` 0 when the lease could not be stored)."""

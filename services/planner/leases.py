@@ -171,10 +171,9 @@ local function worker_info(prefix, worker)
 end
 -- The caller's limit, lowered to rho x the capacity the worker's last heartbeat in the registry
 -- states (the capacity now, whatever this replica saw), or the refused one `pending` (`refusal`)
--- if that is less, and that capacity ('' if unknown). `info`: the worker's, when read already.
-local function capped(prefix, worker, limit, rho, pending, info)
+-- if that is less, and that capacity ('' if unknown). `info`: the worker's (`worker_info`).
+local function capped(info, limit, rho, pending)
   local capacity
-  info = info or worker_info(prefix, worker)
   if info and type(info.capacity_ms_per_s) == 'number' then capacity = info.capacity_ms_per_s end
   if pending and (not capacity or pending.capacity < capacity) then capacity = pending.capacity end
   if not capacity then return limit, '' end
@@ -262,7 +261,7 @@ if worker ~= '' then
     purge(prefix, worker, now)
     sum = others(prefix, worker, device)
   end
-  limit, capacity = capped(prefix, worker, limit, tonumber(ARGV[9]), refusal(prefix, worker), info)
+  limit, capacity = capped(info, limit, tonumber(ARGV[9]), refusal(prefix, worker))
   if load > 0 and over(sum + load, limit) then return {0, string.format('%.17g', sum), capacity} end
 end
 local old = redis.call('HGET', prefix .. ':lease-worker', device)
@@ -354,7 +353,7 @@ local prefix, worker = ARGV[1], ARGV[2]
 local wload = prefix .. ':wload:' .. worker
 local now = now_ms()
 local pending = refusal(prefix, worker)
-local limit, capacity = capped(prefix, worker, tonumber(ARGV[3]), tonumber(ARGV[4]), pending)
+local limit, capacity = capped(worker_info(prefix, worker), tonumber(ARGV[3]), tonumber(ARGV[4]), pending)
 local register = ARGV[5] ~= ''
 if register then
   local expiry = redis.call('ZSCORE', KEYS[2], worker)
