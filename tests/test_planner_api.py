@@ -327,6 +327,7 @@ def test_created_replaced_deleted_and_versions(api: httpx.Client) -> None:
     p = {"kind": "device", "timings_ms": {"stem": 1.0}}
     r = api.put("/models/vers/profiles/phone", json=p, headers=admin)
     assert r.status_code == 201 and r.json()["version"] == 4 and r.json()["created"] is True
+    assert r.json()["stored"] == "memory"  # this planner runs without Redis
     p["timings_ms"]["stem"] = 2.0
     r = api.put("/models/vers/profiles/phone", json=p, headers=admin)
     assert r.status_code == 200 and r.json()["version"] == 5 and r.json()["created"] is False

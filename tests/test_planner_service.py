@@ -256,6 +256,9 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
     with planner(planner_prefix, **kw) as c:
         assert c.put("/models/before", json=toy_graph("before")).status_code == 201
         assert c.put("/models/during", json=toy_graph("during")).status_code == 201  # changed during it
+        t = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
+        r = c.put("/models/before/profiles/phone", json={"kind": "device", "timings_ms": t})
+        assert r.status_code == 201 and r.json()["stored"] == "redis"
         for cond in CONDITIONS:  # every plan map cached before the outage
             assert c.post("/plan", json={"model": "before", **cond}).status_code == 200
         ok = c.post("/plan", json={"model": "before", **CONDITIONS[0]})
@@ -276,8 +279,8 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         changed["nodes"][0]["out_bytes"] += 1
         r = c.put("/models/during", json=changed)  # a model this replica holds: queued
         assert r.status_code == 200 and r.json()["stored"] == "pending" and r.json()["version"] == 2
-        t = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
-        assert c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": t}).status_code == 201
+        r = c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": t})
+        assert r.status_code == 201 and r.json()["stored"] == "pending"  # queued, as the graph is
         assert c.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code == 200
         assert beat(c, "http://edge:1", ["during"], "gpu", 0.2).json()["shared"] is False
         assert c.post("/plan", json={"model": "during", **CONDITIONS[1]}).json()["edge_worker"] == "http://edge:1"

@@ -545,6 +545,17 @@ class ProfileList(BaseModel):
     profiles: dict[str, StoredProfile]
 
 
+# where an acknowledged write is: a pending one is written when Redis returns, unless the model
+# changed meanwhile (another replica's write): then it is dropped and counted as a conflict
+StoredIn = Annotated[
+    Literal["redis", "pending", "memory"],
+    Field(
+        description="redis: written; pending: Redis is away, written when it returns unless the model "
+        "changed meanwhile; memory: no Redis"
+    ),
+]
+
+
 class ProfileWritten(BaseModel):
     """Answer of PUT /models/{model}/profiles/{tier}."""
 
@@ -558,6 +569,7 @@ class ProfileWritten(BaseModel):
             "profile_hash": "9b1c0e...",
             "nodes_timed": 2,
             "nodes_missing": [],
+            "stored": "redis",
         }
     )
 
@@ -569,6 +581,7 @@ class ProfileWritten(BaseModel):
     profile_hash: str
     nodes_timed: int
     nodes_missing: list[str] = Field(description="nodes the profile does not time (first 20)")
+    stored: StoredIn
 
 
 # ---- models -----------------------------------------------------------------------------------------
@@ -627,9 +640,7 @@ class ModelWritten(BaseModel):
     graph_hash: str
     created: bool
     dropped_profiles: list[str] = Field(description="profiles dropped because the structure changed")
-    stored: Literal["redis", "pending", "memory"] = Field(
-        description="redis: written; pending: Redis is away, written when it returns; memory: no Redis"
-    )
+    stored: StoredIn
 
 
 # ---- workers ---------------------------------------------------------------------------------------------

@@ -202,6 +202,7 @@ async def put_profile(
         profile_hash=prof.hash,
         nodes_timed=len(prof.timings_ms),
         nodes_missing=missing[:20],
+        stored=res.stored,
     )
 
 
