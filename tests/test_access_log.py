@@ -286,7 +286,7 @@ SERVE = {  # `dapdee serve` arguments, readiness path, path probed with a tracep
 
 def serve_once(service: str, log_format: str, tmp_path: Path) -> tuple[str, str]:
     """Run `dapdee serve SERVICE --log-format F` on a free 127.0.0.1 port, send one request with a
-    traceparent, stop it; (its traceparent answer, everything it wrote on stderr)."""
+    traceparent (and X-Forwarded-For, which it must not believe), stop it; (its traceparent answer, everything it wrote on stderr)."""
     args, ready, probe = SERVE[service]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAPDEE_", "OTEL_"))}
@@ -308,7 +308,8 @@ def serve_once(service: str, log_format: str, tmp_path: Path) -> tuple[str, str]
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        r = httpx.get(f"http://127.0.0.1:{port}{probe}", headers={"traceparent": CALLER})
+        forged = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}  # a loopback peer's claim
+        r = httpx.get(f"http://127.0.0.1:{port}{probe}", headers={"traceparent": CALLER, **forged})
         assert r.status_code == 200
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -328,6 +329,7 @@ def test_dapdee_serve_logs_json_lines(service: str, tmp_path: Path) -> None:
     ctx = parse_traceparent(traceparent)
     assert (line["trace_id"], line["span_id"], line["parent_id"]) == (ctx.trace_id, ctx.span_id, "b7ad6b7169203331")
     assert line["status"] == 200 and line["method"] == "GET"
+    assert line["client"].startswith("127.0.0.1:"), line  # the peer, not what its header claims
 
 
 def test_dapdee_serve_logs_text_when_asked(tmp_path: Path) -> None:

@@ -114,6 +114,7 @@ def _serve_edge(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             log_config=logging_config("edge", args.log_format, args.log_level),
             access_log=False,
+            proxy_headers=False,  # the access log's `client` is the peer: no loopback process may forge it
             http=OipHeadProtocol,  # a bounded request head, before the guard sees the request
         )
     finally:

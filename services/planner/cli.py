@@ -91,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "log_level": args.log_level,
         "access_log": False,  # the app's AccessLog writes one record per request
+        "proxy_headers": False,  # the access log's `client` is the peer: no loopback process may forge it
         "log_config": logging_config("planner", args.log_format, args.log_level),  # each worker process too
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         "http": ProblemHeadProtocol,  # a bounded request head, before the guard sees the request
