@@ -16,11 +16,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from dapdee.client import AsyncPlannerClient
+from dapdee.client import ApiError, AsyncPlannerClient
 from dapdee.costmodel import Conditions
 from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device.plan_source import REREGISTER_SPACING_S, PlannerPlanSource
@@ -31,6 +32,7 @@ from dapdee.device.types import Plan, PlannerUnavailable
 from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.testing import ServerThread, serve_app_in_thread
+from tests import metrics_scrape
 from tests.device_stack import ForwardingProxy
 from tests.redis_proxy import RedisProxy
 from tests.standin import Standin, answer_bytes
@@ -509,3 +511,66 @@ def test_a_device_left_device_only_by_an_outage_replans_soon_after_the_planner_i
         waited, events = asyncio.run(go(str(c.base_url).rstrip("/")))
     # the retry follows a failed re-plan by min(plan_max_age_s, RETRY_MAX_S) = 2 s; the plan's age would be 10 s
     assert waited < 5.0, (waited, events)
+
+
+def test_a_reservation_whose_reply_timed_out_may_land_and_the_leaving_device_releases_it(planner_prefix: str) -> None:
+    """Redis runs the reservation but its reply is held past `redis_timeout_s`: the planner
+    answers `expires_in_s` 0 (not confirmed, counted as `unstored`), and the reservation lands
+    all the same. The device releases its lease on leaving whatever `expires_in_s` said, so
+    the lease does not outlive it."""
+
+    async def go() -> tuple[Plan, float, int, int]:
+        proxy = await RedisProxy().start()
+        settings = Settings(
+            redis_url=proxy.url,
+            key_prefix=planner_prefix,
+            api_token=TOKEN,
+            worker_url_pattern=ANY_WORKER_URL,
+            **{**OUTAGE, "redis_timeout_s": 0.5},
+        )
+        server = ServerThread(create_app(settings), name="planner-held-reply")
+        await asyncio.to_thread(server.start)
+        try:
+            async with AsyncPlannerClient(server.url, TOKEN, timeout=10.0) as client:
+                await client.put_graph(G)
+                beat = {"url": "http://edge-held:8000", "models": [G.model], "tier": "gpu", "load": 0.0}
+                await client.heartbeat({**beat, "capacity_ms_per_s": 1000.0})
+                before = await _unstored(server.url)
+                proxy.hold_reply_to(b"cam-held")  # the reservation script names the device
+                source = PlannerPlanSource(client, G, Requirements(frame_rate=10.0), device_id="cam-held")
+                first = await source.first(COND)
+                proxy.release()
+                counted = await _unstored(server.url) - before
+                landed = await _device_status(client, "cam-held")  # the reservation ran in Redis
+                await source.aclose()
+                return first, counted, landed, await _device_status(client, "cam-held")
+        finally:
+            await asyncio.to_thread(server.stop)
+            await proxy.close()
+
+    first, counted, landed, after = asyncio.run(go())
+    assert first.lease is not None and not first.lease.stored
+    assert counted == 1
+    assert landed == 200, "the held reservation did not land: the test shows nothing"
+    assert after == 404
+
+
+async def _unstored(url: str) -> float:
+    """The planner's `dapdee_planner_admissions_total{result="unstored"}`."""
+    async with httpx.AsyncClient(timeout=5.0) as c:
+        text = (await c.get(f"{url}/metrics")).text
+    return metrics_scrape.value(metrics_scrape.parse(text), "dapdee_planner_admissions_total", result="unstored")
+
+
+async def _device_status(client: AsyncPlannerClient, device_id: str) -> int:
+    """The status of `GET /devices/{device_id}` once the planner's Redis link answers (its
+    back-off after the timeout over): 200 with a live lease, 404 without."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            await client.device(device_id)
+            return 200
+        except ApiError as exc:
+            if exc.status != 503 or time.monotonic() > deadline:
+                return exc.status
+        await asyncio.sleep(0.1)

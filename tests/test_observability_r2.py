@@ -35,7 +35,7 @@ from tests.metrics_scrape import Samples, parse
 ADMIN, DEVICE, WORKER = "a" * 24, "d" * 24, "w" * 24
 # the reasons the planner's guard can refuse for (it has no `before_body` check: no not_found)
 GUARD_REASONS = ("unauthenticated", "forbidden", "too_large", "timeout", "bad_request", "disconnected", "overloaded")
-ADMISSION_RESULTS = ("reserved", "device_only", "refused", "stale", "departed", "full", "unleased")
+ADMISSION_RESULTS = ("reserved", "device_only", "refused", "stale", "departed", "full", "unleased", "unstored")
 BODY_LIMIT = 1000
 BODY_TIMEOUT_S = 1.5
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "dapdee.json"

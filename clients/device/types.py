@@ -37,7 +37,9 @@ class Lease:
     safe bound (the device may give up the edge a little early, never late).
 
     `stored` is False when the planner could not store the lease (`expires_in_s` 0: it runs
-    without Redis, or Redis is away): the device then holds no reservation, so nothing lapses
+    without Redis, or Redis is away or timed out, when a reservation may still land and lapse
+    at its TTL; the device releases on leaving either way): the device takes it to hold no
+    reservation, so nothing lapses
     (`expires_at` is infinite and the plan is kept as a plan without a lease is), but it still
     asks again after `replan_after_s`, so it holds a stored lease soon after Redis is back.
 

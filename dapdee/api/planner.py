@@ -248,7 +248,11 @@ class LeaseInfo(BaseModel):
     worker: WorkerUrl | None
     frames_per_s: float = Field(gt=0)
     edge_ms_per_frame: float = Field(ge=0, description="the plan's zero-load edge cost per frame")
-    expires_in_s: float = Field(ge=0, description="0: the lease was not stored (the planner's Redis is away)")
+    expires_in_s: float = Field(
+        ge=0,
+        description="0: the lease was not stored, or not confirmed (the planner's Redis is away or timed out: a "
+        "reservation sent before the timeout may still land, and lapses at its TTL)",
+    )
     replan_after_s: float = Field(ge=0)
     assigned: bool = Field(False, description="the plan comes from a fleet rebalance")
 

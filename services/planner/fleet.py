@@ -240,7 +240,8 @@ class Fleet:
             model = "" if self.queued is not None and self.queued(body.model) else body.model
             try:
                 res = await self.book.reserve(body.device_id, dp.worker, load, limit, record, view, model)
-            except RedisUnavailable:
+            except RedisUnavailable:  # answered expires_in_s 0; a timed-out reservation may still land
+                self.metrics.admissions.labels("unstored").inc()
                 break
             if res.status == "gone":  # no lease outlives a delete; Retry-After: Redis may have lost it
                 raise ApiProblem(404, _gone(body.model), headers={"Retry-After": "1"})

@@ -58,7 +58,7 @@ PLAN_ERRORS = ("invalid", "unknown_model", "missing_timings", "over_budget", "le
 # has no check of its own before the body, so no `not_found`, unlike the edge)
 REJECT_REASONS = ("unauthenticated", "forbidden", "too_large", "timeout", "bad_request", "disconnected", "overloaded")
 # the `result` label of dapdee_planner_admissions_total
-ADMISSION_RESULTS = ("reserved", "device_only", "refused", "stale", "departed", "full", "unleased")
+ADMISSION_RESULTS = ("reserved", "device_only", "refused", "stale", "departed", "full", "unleased", "unstored")
 VIEW_GAUGES = frozenset(
     {
         "dapdee_planner_workers",
@@ -244,7 +244,8 @@ class PlannerMetrics:
             "Plan requests by lease outcome: reserved (on a worker), device_only (a lease reserving "
             "nothing), refused (another replica took the room; re-planned), stale (this replica's view of "
             "the leases was out of date; re-planned against Redis's), departed (the worker's last heartbeat no longer "
-            "lists the model; re-planned without it), full (the lease cap), unleased (no device_id).",
+            "lists the model; re-planned without it), full (the lease cap), unleased (no device_id), unstored (a named "
+            "device answered expires_in_s 0: no Redis, or Redis away or timed out).",
             ["result"],
             registry=self.registry,
         )
