@@ -286,7 +286,8 @@ SERVE = {  # `dapdee serve` arguments, readiness path, path probed with a tracep
 
 def serve_once(service: str, log_format: str, tmp_path: Path) -> tuple[str, str]:
     """Run `dapdee serve SERVICE --log-format F` on a free 127.0.0.1 port, send one request with a
-    traceparent (and X-Forwarded-For, which it must not believe), stop it; (its traceparent answer, everything it wrote on stderr)."""
+    traceparent (and X-Forwarded-For, which it must not believe), stop it; (its traceparent
+    answer, everything it wrote on stderr)."""
     args, ready, probe = SERVE[service]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAPDEE_", "OTEL_"))}
