@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -105,6 +106,20 @@ def test_spans_carry_the_incoming_trace(edge: tuple[str, otel.Tracing], exporter
     assert spans[otel.EDGE_COMPUTE].attributes[otel.ATTR_EXIT] == "exit1"
     assert spans[otel.EDGE_COMPUTE].attributes[otel.ATTR_MEASURED_MS] == 1.5
     assert server.resource.attributes["service.name"] == "dapdee-edge"
+
+
+def test_a_malformed_tracestate_is_dropped_before_the_sdk_sees_it(
+    edge: tuple[str, otel.Tracing], exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's malformed `tracestate` keeps the trace, is not passed on, and makes the tracing
+    library log nothing (it warned twice per request, echoing what the client sent)."""
+    url, _ = edge
+    with caplog.at_level(logging.DEBUG, logger="opentelemetry"):
+        r = httpx.post(f"{url}/infer/m1", headers={"traceparent": CALLER, "tracestate": "foo@@=bar"})
+    assert r.status_code == 200 and "tracestate" not in r.headers
+    server = by_name(exporter)["POST /infer/{model}"]
+    assert server.context.trace_id == CALLER_TRACE and server.parent.span_id == CALLER_SPAN
+    assert not [rec for rec in caplog.records if rec.name.startswith("opentelemetry")], caplog.records
 
 
 def test_a_request_without_traceparent_starts_an_exported_trace(

@@ -172,3 +172,33 @@ def test_context_is_per_task_and_follows_copied_contexts_into_threads() -> None:
     assert asyncio.run(both()) == [(a, a), (b, b)]
     with use(a), ThreadPoolExecutor(1) as pool:  # a plain thread pool does not copy the context
         assert pool.submit(current).result() is None
+
+
+@pytest.mark.parametrize(
+    "tracestate",
+    [
+        "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        "fw529a3039@dt=abc, 0vendor@sys=x y",  # multi-tenant keys; a space inside a value
+        " a=1 ,, b=2 ",  # optional whitespace and empty members
+        ",".join(f"k{i}=v" for i in range(32)),
+    ],
+)
+def test_a_valid_tracestate_list_is_kept(tracestate: str) -> None:
+    assert parse_traceparent(GOOD, tracestate).tracestate == tracestate.strip(" \t")
+
+
+@pytest.mark.parametrize(
+    "tracestate",
+    [
+        "foo@@=bar",  # two tenants
+        "Rojo=1",  # uppercase key
+        "1a=b",  # a simple key starts with a letter
+        "a=",  # empty value
+        "a=b=c",  # '=' in a value
+        "a=b ,a=c",  # duplicate key
+        "a=1,x",  # a member without '='
+        ",".join(f"k{i}=v" for i in range(33)),  # over 32 members
+    ],
+)
+def test_a_malformed_tracestate_list_is_dropped_whole(tracestate: str) -> None:
+    assert parse_traceparent(GOOD, tracestate).tracestate == ""

@@ -5,7 +5,7 @@ trace id, 16 of parent (span) id, 2 of flags (bit 0: sampled; bit 1: the trace i
 An invalid header (wrong lengths, uppercase or non-hex digits, an all-zero id, version `ff`,
 trailing data on version `00`) is ignored and a new trace starts, as the specification says;
 a higher version is read by its version-00 prefix. `tracestate` travels with a valid parent
-unchanged (bounded to 512 characters, else dropped).
+unchanged (bounded to 512 characters and a valid list of at most 32 members, else dropped).
 
 The context of the request being handled lives in a `ContextVar` (`current()`); the services'
 access-log middleware sets it, application code reads it, and outgoing calls carry it with
@@ -18,6 +18,7 @@ a sampled flag that no recorded span stands behind. Everything here is pure and 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -30,6 +31,12 @@ SAMPLED = 0x01
 RANDOM = 0x02
 KNOWN_FLAGS = SAMPLED | RANDOM  # the flags this version defines; others are not passed on
 MAX_TRACESTATE = 512  # the specification's length a vendor must propagate
+MAX_TRACESTATE_MEMBERS = 32
+# a tracestate list-member, `key=value` (W3C Trace Context, "tracestate Header Field Values")
+TRACESTATE_MEMBER = re.compile(
+    r"([a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
 _HEX = frozenset("0123456789abcdef")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
@@ -113,14 +120,21 @@ def parse_traceparent(value: str | None, tracestate: str | None = None) -> Trace
 
 
 def _clean_tracestate(value: str | None) -> str:
-    """`tracestate` as passed on: stripped, printable ASCII, at most MAX_TRACESTATE characters
-    (else dropped whole rather than cut inside an entry). O(len)."""
+    """`tracestate` as passed on: stripped, at most MAX_TRACESTATE characters, and a valid list
+    (each non-empty member `TRACESTATE_MEMBER`, keys unique, at most MAX_TRACESTATE_MEMBERS),
+    else dropped whole: never cut inside an entry, and a client's malformed list never reaches a
+    tracing library that would log it per request. O(len)."""
     if not value:
         return ""
     value = value.strip(" \t")
-    if len(value) > MAX_TRACESTATE or not all(" " <= c <= "~" for c in value):
+    if len(value) > MAX_TRACESTATE:
         return ""
-    return value
+    members = [m.strip(" \t") for m in value.split(",")]
+    matches = [TRACESTATE_MEMBER.fullmatch(m) for m in members if m]
+    if len(matches) > MAX_TRACESTATE_MEMBERS or not all(matches):
+        return ""
+    keys = [m.group(1) for m in matches if m is not None]
+    return value if len(set(keys)) == len(keys) else ""
 
 
 def server_context(traceparent: str | None, tracestate: str | None = None) -> TraceContext:
