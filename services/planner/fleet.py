@@ -329,17 +329,28 @@ class Fleet:
     def _answer(self, body: Any, dp: DevicePlan, assigned: bool, stored: bool) -> dict[str, Any]:
         """The plan JSON with its `lease` (`expires_in_s` 0 when the lease could not be stored)."""
         plan = dict(dp.plan)
-        plan["lease"] = {
-            "device_id": body.device_id,
-            "model": body.model,
-            "worker": dp.worker,
-            "frames_per_s": body.frame_rate,
-            "edge_ms_per_frame": dp.edge_ms_per_frame,
-            "expires_in_s": self.settings.lease_ttl_s if stored else 0.0,
-            "replan_after_s": self.settings.replan_after_s,
+        expires = self.settings.lease_ttl_s if stored else 0.0
+        record = {"worker": dp.worker, "frames_per_s": body.frame_rate, "edge_ms_per_frame": dp.edge_ms_per_frame}
+        plan["lease"] = self._lease_json(body.device_id, body.model, record, expires, assigned)
+        return plan
+
+    def _lease_json(
+        self, device_id: str, model: str, record: dict[str, Any], expires_in_s: float, assigned: bool
+    ) -> dict[str, Any]:
+        """The `lease` object of an answer (lease.schema.json): what `record` reserves, expiring in
+        `expires_in_s` (0: not stored), re-planned after `replan_after_s`, never past the expiry of a
+        stored lease. O(1)."""
+        replan = self.settings.replan_after_s
+        return {
+            "device_id": device_id,
+            "model": model,
+            "worker": record.get("worker"),
+            "frames_per_s": record["frames_per_s"],
+            "edge_ms_per_frame": record["edge_ms_per_frame"],
+            "expires_in_s": expires_in_s,
+            "replan_after_s": min(replan, expires_in_s) if expires_in_s > 0 else replan,
             "assigned": assigned,
         }
-        return plan
 
     def _record(
         self,
@@ -378,21 +389,13 @@ class Fleet:
         if got is None:
             return None
         record, ttl = got
+        assigned = bool(record.get("assigned"))
         return {
             "device_id": device_id,
             "model": record["model"],
-            "lease": {
-                "device_id": device_id,
-                "model": record["model"],
-                "worker": record.get("worker"),
-                "frames_per_s": record["frames_per_s"],
-                "edge_ms_per_frame": record["edge_ms_per_frame"],
-                "expires_in_s": round(ttl, 3),
-                "replan_after_s": min(self.settings.replan_after_s, round(ttl, 3)),  # never past the expiry
-                "assigned": bool(record.get("assigned")),
-            },
+            "lease": self._lease_json(device_id, record["model"], record, round(ttl, 3), assigned),
             "plan": record["plan"],
-            "assigned": bool(record.get("assigned")),
+            "assigned": assigned,
         }
 
     async def release(self, device_id: str) -> bool:
