@@ -159,6 +159,26 @@ def test_raw_uint8_frames_from_any_cut_match_the_local_model() -> None:
             assert torch.equal(r.outputs["class"], ref.argmax(1))
 
 
+def test_an_app_started_in_process_leaves_the_torch_thread_count_alone(models: dict[str, LoadedModel]) -> None:
+    """`threads` is the process's setting: `dapdee serve edge` applies it, an app made in another
+    process's code (`dapdee up`, a test) changes nothing process-wide."""
+    before = fresh_thread_torch_threads()
+    other = 2 if before == 1 else 1
+    with serve_app_in_thread(create_app(Settings(threads=other), [models["alexnet"]])) as url:
+        assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+        assert fresh_thread_torch_threads() == before
+
+
+def fresh_thread_torch_threads() -> int:
+    """The torch thread count a new thread starts with: the process-wide setting (a thread that
+    has computed keeps the count it started with, so the calling thread's own would not tell)."""
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return out[0]
+
+
 def test_default_exit_int8_and_all_on_device(worker: httpx.Client, models: dict[str, LoadedModel]) -> None:
     m = models["resnet18"]
     x = torch.randn(3, 3, 32, 32)

@@ -140,8 +140,6 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
         loaded = models if models is not None else await asyncio.to_thread(load_models, settings)
         state = _worker_state(settings, await asyncio.to_thread(_entries, settings, loaded))
         app.state.worker = state

@@ -76,6 +76,7 @@ def add_serve_command(services: argparse._SubParsersAction) -> None:
 
 
 def _serve_edge(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from dapdee.edge_worker.app import OipHeadProtocol, create_app, load_models
@@ -102,6 +103,8 @@ def _serve_edge(args: argparse.Namespace) -> int:
     check_listen(settings.host, settings.port)  # before the models load
     if warning:
         logging.getLogger("dapdee.edge").warning(warning)
+    if settings.threads:  # process-wide: set by the process's entry point, not by the app
+        torch.set_num_threads(settings.threads)
     models = load_models(settings)
     shorten_switch_interval()  # the compute thread and the event loop hand the GIL over quickly
     tracing = tracer("edge", enabled=args.otel)  # ValueError (exit 2) when asked for without the SDK

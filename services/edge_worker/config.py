@@ -82,7 +82,7 @@ class Settings(SecuritySettings):
         "503 + Retry-After beyond (unset: max_body_bytes x min(max_concurrency + 1, 4))",
     )
     workers: int = Field(default=1, ge=1, le=64, description="compute thread pool size")
-    threads: int | None = Field(default=None, ge=1, le=256, description="torch intra-op threads (process-wide)")
+    threads: int | None = Field(default=None, ge=1, le=256, description="torch threads (`dapdee serve` sets them)")
     slowdown: float = Field(default=1.0, ge=1.0, description="emulate an edge K x slower (compute is stretched)")
     profile: bool = Field(default=True, description="profile at start-up when registering with a planner")
     profile_repeats: int = Field(default=20, ge=1)
