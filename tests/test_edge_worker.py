@@ -462,6 +462,19 @@ def test_bad_requests_get_4xx_and_worker_keeps_serving(worker: httpx.Client, mod
     assert r.status_code == 404 and "nope" in r.json()["error"]
 
 
+@pytest.mark.parametrize("second", ["same", "-1", "3"])
+def test_an_inference_header_length_given_twice_is_400(worker: httpx.Client, second: str) -> None:
+    """Two `Inference-Header-Content-Length` headers are refused whatever they say (the first
+    was taken and the second ignored, even an invalid one): a proxy that took another would
+    split the body elsewhere."""
+    body, headers = wire.encode_request({"x": torch.randn(1, 3, 32, 32)})
+    length = headers[wire.HEADER_LENGTH]
+    pairs = [*headers.items(), (wire.HEADER_LENGTH, length if second == "same" else second)]
+    r = worker.post("/v2/models/resnet18/infer", content=body, headers=pairs)
+    assert r.status_code == 400 and wire.HEADER_LENGTH in r.json()["error"], r.text
+    assert worker.post("/v2/models/resnet18/infer", content=body, headers=headers).status_code == 200
+
+
 def test_streamed_body_over_limit(worker: httpx.Client) -> None:
     def chunks() -> Any:
         for _ in range(5):

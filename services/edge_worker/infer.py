@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from starlette.datastructures import Headers
 
 from dapdee import wire
 from dapdee.api.oip import InferResponseParameters
@@ -88,6 +89,16 @@ def tensor_check(entry: ModelEntry) -> wire.TensorCheck:
         rows_seen.append(rows)
 
     return check
+
+
+def header_length(headers: Headers) -> str | None:
+    """The request's one `Inference-Header-Content-Length` value (None: absent). 400 when it
+    is given more than once: a proxy that took another of them would split the body
+    elsewhere. O(#headers)."""
+    given = headers.getlist(wire.HEADER_LENGTH)
+    if len(given) > 1:
+        raise ApiError(400, f"{wire.HEADER_LENGTH}: given {len(given)} times; send it once")
+    return given[0] if given else None
 
 
 async def decode(
@@ -335,11 +346,11 @@ def _record_price(
 
 
 async def run_infer(
-    state: WorkerState, entry: ModelEntry, body: bytes, headers: Mapping[str, str], t0: float
+    state: WorkerState, entry: ModelEntry, body: bytes, headers: Headers, t0: float
 ) -> tuple[bytes, dict[str, str]]:
     """Answer one infer request received at `t0` (perf_counter): the response's body and
     headers. Raises ApiError. O(body bytes) plus the batch's compute."""
-    req = await decode(entry, body, headers.get(wire.HEADER_LENGTH), state.capacity)
+    req = await decode(entry, body, header_length(headers), state.capacity)
     exit_name = requested_exit(entry, req)
     confident = requested_confidence(entry, req, exit_name)
     try:
