@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -36,13 +35,16 @@ from dapdee.edge_worker.registration import announce_departure, run_registration
 from dapdee.edge_worker.routers import health, v2
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
 from dapdee.web.access_log import AccessLog
-from dapdee.web.guard import RequestGuard
+from dapdee.web.guard import ROUTE_SCOPE_KEY, RequestGuard, RouteAccess
 from dapdee.web.http_head import BoundedHeadProtocol
 from dapdee.web.otel import Tracing, tracer
 from dapdee.web.tasks import stop_task
 
 log = logging.getLogger("dapdee.edge")
-INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")  # the route path (after root_path)
+# the infer routes' path templates, as the router declares them
+INFER_ROUTES = frozenset(
+    r.path for r in v2.router.routes if getattr(r, "endpoint", None) in (v2.infer, v2.infer_version)
+)
 OTHER_BODY_BYTES = 64 << 10  # the body limit of any other request (the worker reads no other body)
 
 
@@ -166,13 +168,12 @@ def _lifespan(settings: Settings, models: list[LoadedModel] | None) -> Lifespan:
 
 
 def infer_model(scope: Scope) -> str | None:
-    """The model a request names when it is a POST to an infer route (its path after any
-    `root_path`), else None: only those get a model's body limit. O(len(path))."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    m = INFER_PATH.fullmatch(path) if scope["method"] == "POST" else None
-    return m.group(1) if m is not None else None
+    """The model a request names when the guard matched it to an infer route (its path
+    parameter `model`), else None: only those get a model's body limit. O(1)."""
+    routed: RouteAccess | None = scope.get(ROUTE_SCOPE_KEY)
+    if routed is None or routed.route not in INFER_ROUTES:
+        return None
+    return dict(routed.params).get("model")
 
 
 def _install_guard(app: FastAPI, settings: Settings) -> None:

@@ -13,7 +13,8 @@
    buffered, and with `Connection: close` when a body may follow: a request no route takes
    holds no buffer and no connection);
 2. checks the bearer token: 401 without a known one, 403 for the wrong role; then, for an
-   authorised request, the service's own check of its target (`before_body(scope)`, e.g. the
+   authorised request, the service's own check of its target (`before_body(scope)`, which finds
+   the matched route, its template and path parameters, in `scope[ROUTE_SCOPE_KEY]`; e.g. the
    edge's 404 for an infer to a model it does not serve, which has no body limit of its own),
    before any of the body is read;
 3. reads the whole body before the app sees it: 415 (counted as bad_request) for a body sent
@@ -82,6 +83,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # the routes cached per (method, path): a path is the client's to choose (up to the server's
 # head limit, tens of KB), so the cache is bounded by the bytes its paths hold, not their count
 ACCESS_CACHE_BYTES = 1 << 20
+ROUTE_SCOPE_KEY = "dapdee.route"  # set by the guard: the request's `RouteAccess`, for its callbacks
 ACCESS_ENTRY_BYTES = 256  # what an entry holds besides its path (key tuple, dict node)
 BUFFERED_BODIES = 4  # the default buffer bound holds at most this many bodies of the largest size
 
@@ -107,11 +109,13 @@ def check_buffered_bytes(max_buffered_bytes: int | None, max_body_bytes: int | N
 
 
 class RouteAccess(NamedTuple):
-    """The route a request reaches: its path template (`/models/{model}`) and declared access
-    (None, and no template: no route takes the request)."""
+    """The route a request reaches: its declared access (None, and no template: no route takes
+    the request), its path template (`/models/{model}`) and the path parameters the route's own
+    match read (`(("model", "tiny"),)`)."""
 
     access: Access | None
     route: str
+    params: tuple[tuple[str, str], ...] = ()
 
 
 NO_ROUTE = RouteAccess(None, "")
@@ -181,12 +185,13 @@ class RequestGuard:
             found = RouteAccess(PUBLIC, scope["path"])
         else:
             for route in _flat_routes(self.routes_app):
-                match, _ = route.matches(scope)
+                match, child = route.matches(scope)
                 if match == Match.FULL:
                     access = route_access(getattr(route, "dependencies", ())) or DEFAULT_ACCESS
-                    found = RouteAccess(access, getattr(route, "path", ""))
+                    params = tuple((k, str(v)) for k, v in child.get("path_params", {}).items())
+                    found = RouteAccess(access, getattr(route, "path", ""), params)
                     break
-        self._access.put(key, found, ACCESS_ENTRY_BYTES + len(scope["path"]))
+        self._access.put(key, found, ACCESS_ENTRY_BYTES + 2 * len(scope["path"]))  # the path, and its parameters
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -205,7 +210,8 @@ class RequestGuard:
         """The checks of the module docstring, in order, then the app; the body's bytes are
         counted in `hold`."""
         original = receive
-        access, route = self.route_for(scope)
+        scope[ROUTE_SCOPE_KEY] = routed = self.route_for(scope)
+        access, route = routed.access, routed.route
         if self.loopback_hosts_only and not _loopback_name(host := _header(scope, b"host")):
             shown = (host or "")[:80]
             message = f"Host {shown!r} is not a loopback name: this service runs open (no token) for loopback only"
