@@ -3,6 +3,8 @@ published in its edge profile's meta, and priced by the planner's plans."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dapdee.client import PlannerClient
@@ -38,7 +40,9 @@ def test_the_worker_measures_and_publishes_its_request_cost_and_plans_pay_it() -
             # an HTTP request through the guard, decode, batcher and encode costs the server CPU
             # time; on any machine it is more than 0.05 ms and far less than a second
             assert 0.05 < cost < 1000.0, meta
-            # its measuring requests, priced before it knew their cost, do not lower its capacity
+            # its measuring requests, priced before it knew their cost, do not lower its capacity:
+            # not in the heartbeat that registered it, nor in the ones after it
+            time.sleep(3 * settings.heartbeat_s)
             (worker,) = planner.workers().workers
             assert worker.capacity_ms_per_s == 1000.0
             graph = planner.get_model("alexnet").graph
