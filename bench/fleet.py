@@ -13,7 +13,7 @@ is the real device runtime with `EmulatedCompute` (it sleeps the profiled device
 sends real tensors), its own shaped uplink (3/8 4G, 2/8 WiFi, 2/8 3G, 1/8 CAT1, 20 ms round
 trip) and a camera at 10 frames/s, from its own phase (independent cameras are not
 phase-locked), that drops a frame when its pipeline is full. Every device
-wants 10 frames/s within a 250 ms latency budget (the issue's requirements; `--frame-rate` with
+wants 10 frames/s within a 250 ms latency budget (the benchmark's requirements; `--frame-rate` with
 a `--reason` changes the rate, `--frame-rate-224` the 224-px runs' alone, and the report states
 both).
 
@@ -48,7 +48,7 @@ at every poll from the cameras' start, and a capacity drop the planner had to re
 leases fails the target; utilisation is the busier of the compute slot and the worker's CPU;
 the throughput error scores only devices whose plan predicts less than the frame rate (where
 the camera sets the rate it is 0 by construction). The N = 16 line's 1.2x check assumes one
-worker is just oversubscribed at N = 16, as on the issue's host; with Edge-Only run, it is
+worker is just oversubscribed at N = 16, as on the host the targets were set on; with Edge-Only run, it is
 also stated at the smallest N whose Edge-Only run had the worker shed requests as overloaded
 (a faster worker reaches that point at a larger N), beside the literal N = 16 line.
 """
@@ -107,12 +107,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--frame-rate",
         type=float,
         default=FRAME_RATE,
-        help=f"frames/s every device offers (default {FRAME_RATE:g}, the issue's; another needs --reason)",
+        help=f"frames/s every device offers (default {FRAME_RATE:g}, the targets'; another needs --reason)",
     )
     p.add_argument(
         "--frame-rate-224", type=float, default=None, help="frames/s of the 224-px runs (default: --frame-rate)"
     )
-    p.add_argument("--reason", default=None, help="why a frame rate differs from the issue's (the report states it)")
+    p.add_argument("--reason", default=None, help="why a frame rate differs from the default (the report states it)")
     p.add_argument("--rho-max", type=float, default=PlannerSettings.rho_max)
     p.add_argument("--rebalance-s", type=float, default=PlannerSettings.rebalance_s)
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT.json with the same setup")
@@ -158,7 +158,7 @@ def exit_accuracy(model: str) -> dict[str, float]:
 
 
 def requirements_line(a: argparse.Namespace) -> str:
-    """What every device asks for, and any change from the issue's requirements with its reason."""
+    """What every device asks for, and any change from the default requirements with its reason."""
     rate = f"{a.frame_rate:g} frames/s per device"
     if a.n224 and a.frame_rate_224 != a.frame_rate:
         rate += f" ({a.frame_rate_224:g} with the 224-px model)"

@@ -9,7 +9,7 @@ one device profile, emulated `--slowdown` K) concurrently on one event loop, eac
 
 Reports: frames answered / lost, client errors, frames finished by the edge vs locally
 (fallback), p50 / p99 of the measured per-frame latency, and each edge worker's share of the
-infer requests (from its own Prometheus counters). The issue's target: 32 clients x 200
+infer requests (from its own Prometheus counters). The target: 32 clients x 200
 frames, two workers -> zero errors, every frame answered.
 
 Usage: python bench/load.py [--clients 32] [--frames 200] [--workers 2] [--spec zoo:alexnet?width=0.25]

@@ -297,7 +297,7 @@ def test_a_ratio_target_states_the_ratio_the_offered_load_allows() -> None:
 
 
 def test_the_n16_check_is_repeated_where_edge_only_first_had_the_worker_shed() -> None:
-    """The issue's N = 16 line assumes one worker is just oversubscribed there. A faster worker
+    """The N = 16 target assumes one worker is just oversubscribed there. A faster worker
     first sheds requests (Edge-Only's 503s) at a larger N: the same 1.2x check is stated there
     too, named as such, and the literal N = 16 line stays. With no Edge-Only run shedding, that
     line is n/a."""
@@ -341,7 +341,7 @@ def test_an_accuracy_floor_reaches_every_device_of_a_run() -> None:
     assert plain.requirements().min_accuracy is None
 
 
-def test_a_frame_rate_other_than_the_issues_needs_a_reason_and_reaches_every_device(
+def test_a_frame_rate_other_than_the_default_needs_a_reason_and_reaches_every_device(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`--frame-rate` changes what every camera offers and every device asks for; without
@@ -364,7 +364,7 @@ def test_a_frame_rate_other_than_the_issues_needs_a_reason_and_reaches_every_dev
 
 def test_the_224px_runs_may_keep_their_own_frame_rate(capsys: pytest.CaptureFixture[str]) -> None:
     """`--frame-rate-224` sets the 224-px runs' rate alone (default: `--frame-rate`); a rate
-    other than the issue's needs `--reason` there too, and the setup line states both rates."""
+    other than the default (10 frames/s) needs `--reason` there too, and the setup line states both rates."""
     from dapdee.bench.fleet import parse, requirements_line, scenarios
 
     with pytest.raises(SystemExit) as refused:

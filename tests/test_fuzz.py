@@ -1,4 +1,4 @@
-"""Fuzzing the services (issue 10).
+"""Fuzzing the services.
 
 1. Schema fuzzing with schemathesis: every operation of the planner's and the edge worker's
    OpenAPI documents (fetched from /openapi.json of live uvicorn servers on 127.0.0.1) gets

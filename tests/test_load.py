@@ -1,5 +1,5 @@
-"""Load (issue 10): concurrent device clients against one planner and two edge workers, all real
-processes on 127.0.0.1 (bench/load.py). CI: 8 clients x 20 frames; `slow`: the issue's
+"""Load: concurrent device clients against one planner and two edge workers, all real
+processes on 127.0.0.1 (bench/load.py). CI: 8 clients x 20 frames; `slow`: the target's
 32 clients x 200 frames. Zero client errors, every frame answered, at most 1 % of frames
 finished locally after an edge failure; p50/p99 and the workers' shares printed."""
 

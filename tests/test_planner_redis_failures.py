@@ -71,7 +71,7 @@ def metric(c: httpx.Client, name: str) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
 
 
-# ---- defect 1: an offline PUT of a model this replica has not cached ---------------------------
+# ---- an offline PUT of a model this replica has not cached ---------------------------
 
 
 def test_offline_put_of_a_model_not_cached_here_is_refused_not_queued(
@@ -110,7 +110,7 @@ def test_offline_put_of_a_model_not_cached_here_is_refused_not_queued(
         r.close()
 
 
-# ---- defect 2: a Redis that refuses writes but serves reads -----------------------------------
+# ---- a Redis that refuses writes but serves reads -----------------------------------
 
 
 def test_reads_keep_working_and_the_link_stays_up_while_redis_is_out_of_memory(

@@ -1,4 +1,4 @@
-"""Security hardening (issue 10), against real uvicorn servers on 127.0.0.1: bearer-token auth
+"""Security hardening, against real uvicorn servers on 127.0.0.1: bearer-token auth
 on every mutating planner endpoint and on infer (401 without, 403 wrong), constant-time token
 comparison, body size limits, model names validated, no unsafe deserialisation anywhere in
 the source tree, CORS off by default. The edge worker's own checks are in

@@ -256,7 +256,7 @@ def ratio_target(summaries: Sequence[dict[str, Any]], n: int, factor: float, aga
 def first_oversubscribed(summaries: Sequence[dict[str, Any]]) -> int | None:
     """The smallest N at K=30 (main model) whose Edge-Only run had the worker shed requests as
     overloaded (503): where one worker is just oversubscribed on this host, the premise of the
-    issue's N = 16 line (its host's worker reached that point at N = 16; a faster worker reaches
+    N = 16 target (the worker it was set on reached that point at N = 16; a faster worker reaches
     it at a larger N). None when no Edge-Only run shed any. O(runs)."""
     shed = [s["n"] for s in summaries
             if s["system"] == EDGE_ONLY and s["k"] == MAIN_K and s["model"] == MAIN_MODEL
@@ -265,8 +265,8 @@ def first_oversubscribed(summaries: Sequence[dict[str, Any]]) -> int | None:
 
 
 def just_oversubscribed_target(summaries: Sequence[dict[str, Any]]) -> Target:
-    """The N = 16 line's check (>= 1.2x the best baseline) at `first_oversubscribed`'s N: the
-    issue's premise on this host, stated beside the literal N = 16 line, which it does not
+    """The N = 16 line's check (>= 1.2x the best baseline) at `first_oversubscribed`'s N: that
+    target's premise on this host, stated beside the literal N = 16 line, which it does not
     replace. O(runs)."""
     n = first_oversubscribed(summaries)
     if n is None:
@@ -433,7 +433,7 @@ def host_cpu_check(summaries: Sequence[dict[str, Any]], cores: int | None = None
 
 
 def targets(summaries: Sequence[dict[str, Any]], rho_max: float) -> list[Target]:
-    """Every target of the issue that the runs allow checking (module docstring of fleet.py),
+    """Every fleet target that the runs allow checking (module docstring of fleet.py),
     then the informational host CPU check."""
     ns = sorted({s["n"] for s in summaries if s["k"] == MAIN_K and s["model"] == MAIN_MODEL})
     out = _vs_baselines(summaries)

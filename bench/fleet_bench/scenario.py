@@ -1,7 +1,7 @@
 """What one fleet run is: the system, N devices, the slowdown K, the model, the requirements,
 each device's uplink; and the device profile the devices are emulated with.
 
-Requirements (the issue's, unchanged): every device offers 10 frames/s and asks for a 250 ms
+Requirements (the targets', unchanged by default): every device offers 10 frames/s and asks for a 250 ms
 latency budget (mode `auto`, no accuracy floor). Uplinks: a fixed cycle of 8 networks, 3/8 4G,
 2/8 WiFi, 2/8 3G and 1/8 CAT1 (device i takes `NETWORK_CYCLE[i % 8]`, so N = 1 is a 4G device
 and every N >= 8 has the same proportions), each with a 20 ms round trip added per request (as

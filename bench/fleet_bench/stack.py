@@ -3,7 +3,7 @@ subprocess on 127.0.0.1 (`dapdee serve ...` through `dapdee.testing.ServiceProce
 with random admin, device and worker tokens.
 
 - The edge worker serves every model of the run (`SPEC@ARTIFACT`), with ONE compute slot
-  (`--workers 1`), one torch thread, and no batching (`--batch-max 1`): the issue's "limited
+  (`--workers 1`), one torch thread, and no batching (`--batch-max 1`): the targets' "limited
   to 1 compute slot", and batch 1 is the cost the planner books per frame (`edge_ms_per_frame`
   = Σ edge_ms + the worker's own measured `edge_request_ms`, both at batch 1), so the leases'
   arithmetic and the worker's real cost are the same thing.

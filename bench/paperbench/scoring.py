@@ -1,4 +1,4 @@
-"""Targets: every line the issue asks for, with its ratio and PASS/FAIL, and the numbers they
+"""Targets: every target line of the paper evaluation, with its ratio and PASS/FAIL, and the numbers they
 rest on (the noise band from repeated rounds, prediction fidelity).
 
 - light / heavy: DAPDEE against each baseline, latency (<= 1 + band) and throughput (>= 1 − band);

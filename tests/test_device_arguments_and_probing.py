@@ -1,4 +1,4 @@
-"""The device client on what a third review found: a `--profile` that cannot hold the profile
+"""The device client's arguments and probing: a `--profile` that cannot hold the profile
 and an empty `--source` are argument errors (exit 2, one line naming the option) before any work;
 the default device tier names a thread count other than the default; a probe pair before any
 round trip sample leaves the round trip out of the fixed per-request cost (it was counted twice

@@ -69,7 +69,7 @@ def _parse_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err
 
 
-# ---- 1, 2: option bounds ------------------------------------------------------------------------
+# ---- option bounds ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cmd", [["train", SPEC, "--out", "x"], ["eval", "a"], ["calibrate", "a"]])
@@ -90,7 +90,7 @@ def test_weight_decay_checked_by_the_api(folder: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-# ---- 2: a diverging run ---------------------------------------------------------------------------
+# ---- a diverging run ---------------------------------------------------------------------------
 
 
 def test_a_diverging_run_is_an_error_and_writes_nothing(folder: Path, tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_cli_seed_past_the_range_exits_2_naming_it_before_anything_is_written(
     assert not out.exists()
 
 
-# ---- 5, 6: checked before the first epoch ---------------------------------------------------------
+# ---- checked before the first epoch ---------------------------------------------------------
 
 
 def test_a_folder_too_small_for_a_calib_split_fails_before_training(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_an_out_that_cannot_be_created_fails_before_training(folder: Path, tmp_p
         assert logs == []
 
 
-# ---- 7: checkpoints -------------------------------------------------------------------------------
+# ---- checkpoints -------------------------------------------------------------------------------
 
 
 def test_a_failed_checkpoint_write_leaves_a_resumable_checkpoint(
@@ -212,7 +212,7 @@ def test_checkpoint_keeps_one_weights_file_and_reads_the_old_layout(folder: Path
     assert any("after epoch 2/3" in s for s in logs) and (out / WEIGHTS).is_file()
 
 
-# ---- 3, 4: folder manifests ----------------------------------------------------------------------
+# ---- folder manifests ----------------------------------------------------------------------
 
 
 def test_folder_artifact_records_its_own_classes_and_test_split(artifact: Path, folder: Path) -> None:
@@ -257,7 +257,7 @@ def test_fashion_mnist_test_order_is_the_files() -> None:
     assert D.load_raw("fashion-mnist", "test", limit=50)[1].tolist() == want.tolist()
 
 
-# ---- 14: `pkg.mod:factory` models ---------------------------------------------------------------
+# ---- `pkg.mod:factory` models ---------------------------------------------------------------
 
 FACTORIES = """
 from torch import nn
@@ -316,7 +316,7 @@ def test_eval_and_calibrate_take_the_factory_spec_an_artifact_was_trained_from(
     assert json.loads(capsys.readouterr().out)["within_bound_on_test"] is True
 
 
-# ---- 8: malformed manifests ------------------------------------------------------------------------
+# ---- malformed manifests ------------------------------------------------------------------------
 
 BAD_MANIFESTS: dict[str, tuple[str, Any, str]] = {  # case: (top-level key, value, field named)
     "exits": ("exits", 5, "exits"),

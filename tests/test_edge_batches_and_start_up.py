@@ -1,4 +1,4 @@
-"""Edge worker fixes, against real uvicorn servers on 127.0.0.1 and real torch models:
+"""The edge worker's batches, caches and start-up, against real uvicorn servers on 127.0.0.1 and real torch models:
 parameter-only values a cut sends (fx `get_attr` nodes) are no batch data, a request whose data
 fails inside a batch fails alone (its compute time still reported), the compute-ms cache is
 bounded, profiling stops at shutdown, a cached profile is reused only at the worker's thread
@@ -120,7 +120,7 @@ def spinning() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def scaled_model() -> LoadedModel:
-    return load_model("tests.test_edge_fixes:scaled", input_shape=(1, 1, 8, 8))
+    return load_model("tests.test_edge_batches_and_start_up:scaled", input_shape=(1, 1, 8, 8))
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_parameter_values_are_checked_against_their_whole_shape(scaled_model: Lo
 def test_a_failed_batch_reports_its_compute_time() -> None:
     """A request that fails alone still spent compute: the batch is reported (the callback that
     feeds the compute-busy counter and histogram), and the caller gets the model's error."""
-    m = load_model("tests.test_edge_fixes:picky", input_shape=(1, 8))
+    m = load_model("tests.test_edge_batches_and_start_up:picky", input_shape=(1, 8))
     reported: list[tuple[str, int, float]] = []
 
     async def go() -> BaseException | object:
@@ -237,7 +237,7 @@ def test_a_failed_batch_reports_its_compute_time() -> None:
 def test_a_request_that_fails_in_a_batch_fails_alone() -> None:
     """Two requests batched together, one whose data makes the model raise: the other gets its
     own rows of the answer, the failing one its error."""
-    m = load_model("tests.test_edge_fixes:picky", input_shape=(1, 8))
+    m = load_model("tests.test_edge_batches_and_start_up:picky", input_shape=(1, 8))
     good, bad = torch.randn(2, 8), torch.full((1, 8), POISON)
 
     async def go() -> list[object]:
@@ -270,7 +270,7 @@ def test_the_compute_ms_cache_is_bounded(scaled_model: LoadedModel) -> None:
 
 
 def _spinning_worker(planner_url: str, repeats: int) -> ServerThread:
-    m = load_model("tests.test_edge_fixes:spinning", input_shape=(1, 8))
+    m = load_model("tests.test_edge_batches_and_start_up:spinning", input_shape=(1, 8))
     settings = Settings(models="", planner_url=planner_url, port=8000, profile_repeats=repeats, request_samples=0)
     return ServerThread(create_app(settings, [m]))
 
@@ -322,7 +322,7 @@ def test_an_ipv6_host_is_advertised_bracketed() -> None:
     assert http_url("fe80::1", port) == f"http://[fe80::1]:{port}"
     with pytest.raises(ValueError, match="public_url"):
         Settings(models="", host="bad host", port=port, planner_url="http://127.0.0.1:9")
-    m = load_model("tests.test_edge_fixes:picky", input_shape=(1, 8))
+    m = load_model("tests.test_edge_batches_and_start_up:picky", input_shape=(1, 8))
     with serve_app_in_thread(create_planner(PlannerSettings(redis_url=None))) as purl:
         settings = Settings(models="", host="::1", port=port, planner_url=purl, profile=False, heartbeat_s=0.1)
         with serve_app_in_thread(create_app(settings, [m])), PlannerClient(purl) as planner:
@@ -348,7 +348,7 @@ def test_an_infer_to_an_unknown_model_is_404_before_its_body() -> None:
     """A mistyped model with a real tensor (1 MiB) is 404 naming the served models, with
     Connection: close; without the device role the guard's 401/403 come first."""
     tokens = {"device": "device-" + "d" * 20, "worker": "worker-" + "w" * 20}
-    m = load_model("tests.test_edge_fixes:picky", input_shape=(1, 8))
+    m = load_model("tests.test_edge_batches_and_start_up:picky", input_shape=(1, 8))
     settings = Settings(models="", device_token=tokens["device"], worker_token=tokens["worker"])
     body, headers = wire.encode_request({m.input_name: torch.randn(16, 8)})
     big, big_headers = wire.encode_request({"x": torch.randn(1, 1 << 18)})

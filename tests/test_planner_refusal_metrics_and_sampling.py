@@ -1,4 +1,4 @@
-"""Observability gaps closed: the planner's request guard counts its refusals in
+"""The planner's refusal metrics and trace sampling: its request guard counts its refusals in
 `dapdee_planner_rejected_total{reason}` (every reason at 0 from the start, like the edge's), a
 fresh planner shows every lease admission result at 0, an SDK call made outside any trace
 context sends no `traceparent` (so the callee's head sampler decides, not a made-up sampled

@@ -55,7 +55,7 @@ def fake_stack(edge_error: BaseException | None, stops: list[str]) -> up.Stack:
     return up.Stack(FakeServer("planner", stops), edge, "m", "", None, None, None, "t")
 
 
-# ---- 9: stopping --------------------------------------------------------------------------------
+# ---- stopping --------------------------------------------------------------------------------
 
 
 def test_profiling_failure_stops_planner_and_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +117,7 @@ def test_after_a_clean_run_a_failing_edge_stop_is_raised_after_the_planner_stops
     assert stops == ["edge", "planner"]
 
 
-# ---- 10: --log --------------------------------------------------------------------------------------
+# ---- --log --------------------------------------------------------------------------------------
 
 
 def test_an_unwritable_log_fails_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,7 +169,7 @@ def test_a_stopped_run_keeps_the_lines_of_the_frames_it_finished(tmp_path: Path,
     assert 0 < len(lines) < 5000 and all("exit" in rec for rec in lines)
 
 
-# ---- 11: the artifact's dataset -------------------------------------------------------------------
+# ---- the artifact's dataset -------------------------------------------------------------------
 
 
 def test_up_streams_the_artifacts_own_dataset(tmp_path: Path) -> None:

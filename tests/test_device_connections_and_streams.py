@@ -1,9 +1,8 @@
-"""The device runtime and the async SDK against real servers and real torch models, on what a
-review found: a connect that hangs is a connect timeout that sent nothing (no bytes counted,
-no bandwidth bound); a blocking frame source is read off the event loop; a pipelined stream
-checks only its frames in flight for failures; a summary of a stream that keeps no records
-counts every frame; and a lease released at close is not revived by a renewal cut off in
-flight."""
+"""The device runtime and the async SDK against real servers and real torch models: a connect that
+hangs is a connect timeout that sent nothing (no bytes counted, no bandwidth bound); a blocking
+frame source is read off the event loop; a pipelined stream checks only its frames in flight for
+failures; a summary of a stream that keeps no records counts every frame; and a lease released
+at close is not revived by a renewal cut off in flight."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review round 3 of the planner's leases: a zero-cost edge plan's lease is on its worker (listed
+"""Zero-cost leases and the reservation view's log: a zero-cost edge plan's lease is on its worker (listed
 in GET /workers, rebalanced with that worker's leases, kept there by a rebalance's apply), and the
 reservation view's log of the reservations made while refreshes are in flight stays bounded
 however the refreshes overlap. Real planners on a real Redis; the view is the real class."""

@@ -1,4 +1,4 @@
-"""Observability fixes, round 3, against real components: an infer to a served model at a
+"""Metric labels and alert targets, against real components: an infer to a served model at a
 version it does not serve is counted under the model's name (a real edge worker on 127.0.0.1,
 read back through a real /metrics scrape), and the target-down alert selects the planner and the
 edge workers by the `service` target label that both shipped deployments give them (compose's
@@ -41,7 +41,7 @@ def tiny() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def model() -> LoadedModel:
-    return load_model("tests.test_observability_fixes_r3:tiny", input_shape=(1, 8))
+    return load_model("tests.test_metric_labels_and_alert_targets:tiny", input_shape=(1, 8))
 
 
 @pytest.fixture(scope="module")
