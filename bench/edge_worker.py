@@ -29,6 +29,7 @@ from dapdee.client import infer_call
 from dapdee.costmodel import partition
 from dapdee.models import load_model
 from dapdee.testing import ServiceProcess
+from dapdee.web import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 UPLINK_4G_MBPS = 5.85
@@ -110,13 +111,9 @@ def proc_cpu_s(pid: int) -> float:
 
 
 def mean_batch(base: str, model: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    vals = {}
-    for line in text.splitlines():
-        for key in ("dapdee_edge_batch_size_sum", "dapdee_edge_batch_size_count"):
-            if line.startswith(key + "{") and f'model="{model}"' in line:
-                vals[key] = float(line.rsplit(" ", 1)[1])
-    return vals.get("dapdee_edge_batch_size_sum", 0.0) / max(vals.get("dapdee_edge_batch_size_count", 0.0), 1.0)
+    samples = scrape.parse(httpx.get(f"{base}/metrics", timeout=10).text)
+    rows = scrape.total(samples, "dapdee_edge_batch_size_sum", model=model)
+    return rows / max(scrape.total(samples, "dapdee_edge_batch_size_count", model=model), 1.0)
 
 
 def codec_ms_per_mb(wire_dtype: str, binary: bool = True, repeats: int = 50) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import sys
 import time
@@ -50,12 +49,10 @@ def served_requests(url: str) -> float:
     """Successful infer requests a worker has answered (its dapdee_edge_requests_total, 200s)."""
     import httpx
 
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        m = re.match(r"^dapdee_edge_requests_total\{(.*)\} (\S+)$", line)
-        if m and 'status="200"' in m.group(1):
-            total += float(m.group(2))
-    return total
+    from dapdee.web import scrape
+
+    samples = scrape.parse(httpx.get(f"{url}/metrics", timeout=5).text)
+    return scrape.total(samples, "dapdee_edge_requests_total", status="200")
 
 
 def percentile(values: list[float], q: float) -> float:

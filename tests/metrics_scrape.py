@@ -6,18 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from dapdee.web.scrape import Samples, parse
 
-Samples = dict[str, list[tuple[dict[str, str], float]]]  # sample name -> [(labels, value)]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a Prometheus text exposition: sample name -> [(labels, value)]."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), s.value))
-    return out
+__all__ = ["Samples", "buckets", "check_histogram", "parse", "value"]
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -51,15 +51,18 @@ class RedisProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
-        down = asyncio.create_task(self._pipe(up_reader, writer, count=True))
-        up = asyncio.create_task(self._pipe(reader, up_writer, count=False))
+        held = asyncio.Event()  # this connection's request held `_hold_marker`: hold its next reply
+        down = asyncio.create_task(self._pipe(up_reader, writer, count=True, held=held))
+        up = asyncio.create_task(self._pipe(reader, up_writer, count=False, held=held))
         self._tasks |= {down, up}
         await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
         for w in (writer, up_writer):
             w.close()
             self._writers.discard(w)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool, held: asyncio.Event
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 if not count and self._cut_marker is not None and self._cut_marker in data:
@@ -68,11 +71,13 @@ class RedisProxy:
                     return
                 if not count and self._hold_marker is not None and self._hold_marker in data:
                     self._hold_marker = None
-                    self.hold_next_reply()
+                    self._released.clear()
+                    held.set()
                 if count:
                     self.bytes_down += len(data)
-                    if self._hold:
+                    if self._hold or held.is_set():
                         self._hold = False
+                        held.clear()
                         await self._released.wait()
                 writer.write(data)
                 await writer.drain()
@@ -102,8 +107,8 @@ class RedisProxy:
         self._hold = True
 
     def hold_reply_to(self, marker: bytes) -> None:
-        """Keep the reply to the next request holding `marker` (as `hold_next_reply`, once that
-        request has gone through to Redis) until `release()`."""
+        """Keep the reply to the next request holding `marker` (the next reply on that request's
+        connection, once the request has gone through to Redis) until `release()`."""
         self._hold_marker = marker
 
     def release(self) -> None:

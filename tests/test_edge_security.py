@@ -42,6 +42,7 @@ from dapdee.models import LoadedModel, load_model
 from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
 from dapdee.testing import end_process, free_port, serve_app_in_thread, wait_until_ready
+from dapdee.web import scrape
 from tests import edge_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,12 +90,7 @@ def _infer(client: httpx.Client, role: str | None, path: str = f"/v2/models/{MOD
 
 
 def _metric(client: httpx.Client, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return scrape.total(scrape.parse(client.get("/metrics").text), name, **labels)
 
 
 def _answer_to_head(url: str, head: bytes) -> bytes:

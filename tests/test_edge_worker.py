@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from dapdee.models import LoadedModel, load_model
 from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
 from dapdee.testing import ServerThread, free_port, serve_app_in_thread, wait_registered
+from dapdee.web import scrape
 
 ZOO_MODELS = ("alexnet", "vgg16", "resnet18", "inception")
 FP16_TOL = 2e-2  # |fp16-sent logits - fp32 logits| <= FP16_TOL * (1 + max|logit|)
@@ -76,15 +76,7 @@ def logits_of(r: httpx.Response) -> wire.DecodedResponse:
 
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
+    return scrape.total(scrape.parse(text), name, **labels)
 
 
 # ---- metadata and health ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
 from dapdee.testing import RedisProcess
+from dapdee.web import scrape
 from tests.test_planner_service import CONDITIONS, beat, planner, toy_graph, wait_for
 
 TIMINGS = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
@@ -67,8 +68,7 @@ def fill_to_oom(r: redis.Redis) -> None:
 
 def metric(c: httpx.Client, name: str) -> float:
     """The sum of a planner metric's samples (0 when absent), from /metrics. One request."""
-    lines = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith(name) and not ln.startswith("#")]
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+    return scrape.total(scrape.parse(c.get("/metrics").text), name)
 
 
 # ---- an offline PUT of a model this replica has not cached ---------------------------

@@ -27,7 +27,6 @@ with random admin, device and worker tokens.
 
 from __future__ import annotations
 
-import re
 import secrets
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ from dapdee.client import EdgeClient, PlannerClient
 from dapdee.costgraph import CostGraph
 from dapdee.edge_worker.registration import profile_path
 from dapdee.testing import RedisProcess, ServiceProcess, unique_prefix, wait_registered
+from dapdee.web import scrape
 
 EDGE_TIER = "edge"
 PLANNER_NICENESS = 10  # see FleetStack.__init__
@@ -76,29 +76,13 @@ class EdgeCounters:
     rejected: dict[str, float]  # reason -> requests refused before decoding
 
 
-def _samples(text: str, name: str) -> list[tuple[str, float]]:
-    """(labels text, value) of every sample of metric `name` in a Prometheus exposition."""
-    out = []
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{(.*?)\}})? (\S+)$", text, re.MULTILINE):
-        out.append((m.group(1) or "", float(m.group(2))))
-    return out
-
-
-def _by_label(samples: list[tuple[str, float]], label: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for labels, v in samples:
-        m = re.search(rf'{label}="([^"]*)"', labels)
-        key = m.group(1) if m else ""
-        out[key] = out.get(key, 0.0) + v
-    return out
-
-
 def parse_edge_counters(text: str) -> EdgeCounters:
     """The counters the benchmark reads from a worker's /metrics text."""
-    busy = sum(v for _, v in _samples(text, "dapdee_edge_compute_busy_seconds_total"))
-    slots = sum(v for _, v in _samples(text, "dapdee_edge_compute_slots")) or 1.0
-    requests = _by_label(_samples(text, "dapdee_edge_requests_total"), "status")
-    rejected = _by_label(_samples(text, "dapdee_edge_rejected_total"), "reason")
+    samples = scrape.parse(text)
+    busy = scrape.total(samples, "dapdee_edge_compute_busy_seconds_total")
+    slots = scrape.total(samples, "dapdee_edge_compute_slots") or 1.0
+    requests = scrape.by_label(samples, "dapdee_edge_requests_total", "status")
+    rejected = scrape.by_label(samples, "dapdee_edge_rejected_total", "reason")
     return EdgeCounters(busy, slots, requests, rejected)
 
 
@@ -117,8 +101,9 @@ def parse_planner_counters(text: str) -> dict[str, float]:
     """The planner's totals the benchmark reads (plans answered, plan maps built, rebalances;
     capacity drops registered with their leases re-solved, `drops_shed`, or over them,
     `drops_forced`)."""
-    out = {name.removeprefix("dapdee_planner_"): sum(v for _, v in _samples(text, name)) for name in PLANNER_COUNTERS}
-    by_result = _by_label(_samples(text, "dapdee_planner_rebalances_total"), "result")
+    samples = scrape.parse(text)
+    out = {name.removeprefix("dapdee_planner_"): scrape.total(samples, name) for name in PLANNER_COUNTERS}
+    by_result = scrape.by_label(samples, "dapdee_planner_rebalances_total", "result")
     return out | {f"drops_{r}": by_result.get(r, 0.0) for r in CAPACITY_DROPS}
 
 
