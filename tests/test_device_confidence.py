@@ -209,6 +209,42 @@ def test_device_asks_the_planner_for_confidence_exits(
     assert all(r.correct is not None for r in records)
 
 
+@pytest.mark.parametrize("pinned", ["device-only", "plan made with confidence exits", "plan made without"])
+def test_a_pinned_plan_checks_its_heads_with_confidence_exits(
+    loaded: LoadedModel, graph: CostGraph, services: tuple[str, str], frames: list[Frame], pinned: str
+) -> None:
+    """`--device-only` and `--plan FILE` with `--confidence-exits` stop each frame at its first
+    confident head as a planner's plan does (the flag was accepted and every frame ran to the
+    final exit): a plan file made with confidence exits keeps its sides, one made without gets
+    its cut's."""
+    part, sides = mid_cut(graph)
+    if pinned == "device-only":
+        part = partition(graph, "final", graph.ancestors(graph.exit("final").node))
+        sides = split_sides(graph, "final", part.device_nodes)
+    raw = answer(graph, part, sides) | {"edge_worker": services[1]}
+    if pinned == "plan made without":
+        del raw["progressive"]
+        raw["transfer"] = [{"node": n, "bytes": b} for n, b in part.transfer]
+    runtime = RuntimeConfig(Requirements(confidence_exits=True), plan_max_age_s=100.0)
+    settings = DeviceSettings(
+        runtime=runtime, weights=str(RESNET), slowdown=K, device_load=0.0, rate_mbps=18.88, rtt_ms=0.0,
+        bandwidth_prior_mbps=18.88, device_only=pinned == "device-only",
+        plan_json=None if pinned == "device-only" else raw, edge_url=None if pinned == "device-only" else services[1],
+    )  # fmt: skip
+
+    async def go() -> tuple[Any, list[Any]]:
+        async with open_device(settings, loaded, graph) as rt:
+            return rt.plan, await rt.run(frames[:16])
+
+    plan, records = asyncio.run(go())
+    assert plan.progressive == sides
+    with torch.inference_mode():
+        want = run_sides(loaded.executor, sides, loaded.input_name, torch.cat([f.x for f in frames[:16]]))
+    assert [r.exit for r in records] == want.exits and set(want.exits) - {"final"}
+    assert [("edge" if r.where == "edge" else "device") for r in records] == want.sides
+    assert [r.pred_class for r in records] == want.logits.argmax(1).tolist()
+
+
 def test_missing_thresholds_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     artifact = write_artifact(tmp_path)  # seeded untrained weights, never calibrated: no thresholds
     code = cli_main(

@@ -5,6 +5,7 @@
   cost graph), checked against the answer's `progressive.heads` and `transfer`.
 - `confidence_graph`: the device's cost graph with the artifact's calibrated thresholds, or the
   clear start-up error when confidence exits are asked for and the model has none.
+- `with_heads`: a Device-Only or fixed (`--plan`) plan run with confidence exits.
 - `device_answer`: the exit and logits of a frame after the device's part, when a device head
   (or, with no edge part, the planned exit) answered it.
 - `edge_exit`: the exit an edge answer names for the frame, checked against the plan's heads.
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from dapdee.costgraph import CostGraph
-from dapdee.device.types import DeviceError, EdgeFailure, PlanError
+from dapdee.device.types import DeviceError, EdgeFailure, Plan, PlanError
 from dapdee.models import LoadedModel
 from dapdee.progressive_run import PartResult, Sides, split_sides
 
@@ -44,6 +45,16 @@ def confidence_graph(loaded: LoadedModel, graph: CostGraph) -> CostGraph:
     if graph.progressive == loaded.graph.progressive:
         return graph
     return replace(graph, progressive=loaded.graph.progressive)
+
+
+def with_heads(plan: Plan, graph: CostGraph) -> Plan:
+    """`plan` (a Device-Only or fixed plan, made without confidence exits) run with them: its
+    cut's sides as the planner splits a plan made with them (each head on the side that computes
+    its node) and what they send. DeviceError naming `--confidence-exits` when `graph` has no
+    thresholds. O(#heads · (V + E))."""
+    require_thresholds(graph)
+    sides = split_sides(graph, plan.exit, plan.device_nodes)
+    return replace(plan, progressive=sides, transfer=transfer_of(graph, sides))
 
 
 def transfer_of(graph: CostGraph, sides: Sides) -> tuple[tuple[str, int], ...]:

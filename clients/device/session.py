@@ -38,7 +38,7 @@ from dapdee.device.plan_source import FixedPlanSource, PlannerPlanSource, PlanSo
 from dapdee.device.plans import device_only_plan, plan_from_json
 from dapdee.device.probe import LinkProber, Sensor
 from dapdee.device.profile import device_profile, publish_profile
-from dapdee.device.progressive import confidence_graph, require_thresholds
+from dapdee.device.progressive import confidence_graph, require_thresholds, with_heads
 from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import ComputeLoadMonitor, Sensing
 from dapdee.device.types import DeviceError
@@ -186,10 +186,14 @@ async def _source(
 ) -> tuple[PlanSource, float | None]:
     """The plan source, after probing the link and publishing the profile (planner sources)."""
     cond = Conditions(sensing.bandwidth_mbps, sensing.request_rtt_ms, sensing.device_load, 0.0)
-    if s.device_only or (s.planner is None and s.plan_json is None):
-        return FixedPlanSource(device_only_plan(graph, cond)), None
-    if s.planner is None:
-        return FixedPlanSource(plan_from_json(s.plan_json, graph, cond, s.edge_url)), None
+    if s.device_only or s.planner is None:
+        if s.device_only or s.plan_json is None:
+            plan = device_only_plan(graph, cond)
+        else:
+            plan = plan_from_json(s.plan_json, graph, cond, s.edge_url)
+        if s.runtime.requirements.confidence_exits and plan.progressive is None:
+            plan = with_heads(plan, graph)  # the flag asks for confidence exits: the pinned cut gets them
+        return FixedPlanSource(plan), None
     assert parts.planner is not None and parts.edge is not None
     cfg = s.planner
     url = await _wait_for_worker(parts.edge.trust, graph.model, cfg.worker_wait_s)
