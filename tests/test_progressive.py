@@ -232,6 +232,16 @@ def test_planner_is_the_brute_force_optimum() -> None:
     assert min(seen["device_head"], seen["edge_head"]) >= total // 20, seen
 
 
+def test_a_plain_plan_map_refuses_a_request_for_confidence_exits() -> None:
+    """The plain plan map does not price heads: asked for confidence exits it says so (it
+    answered a plain plan under the progressive request's plan_id)."""
+    g = CostGraph.from_dict(random_case(0))
+    req = request(oracle.random_request(random.Random(7)))
+    with pytest.raises(ValueError, match="confidence_exits"):
+        make_plan(g, req)
+    assert "progressive" in progressive_plan(g, req)  # the progressive planner answers it
+
+
 def test_every_partition_is_priced_like_the_model() -> None:
     """Not just the optimum: each front point's expected latency is the simulation's, and no
     downward-closed set beats the front's best under random conditions (both objectives)."""

@@ -469,9 +469,12 @@ class PlanMap:
         return get
 
     def plan(self, req: PlanRequest) -> dict[str, Any]:
-        """The plan JSON for `req` (validated; ValueError naming the field). O(front) numpy work
-        per exit consulted when every exit was enumerated; one max-flow per consulted exit for
-        latency requests on capped exits."""
+        """The plan JSON for `req` (validated; ValueError naming the field, and naming
+        `confidence_exits` for a request with them, which `dapdee.planning.progressive` answers).
+        O(front) numpy work per exit consulted when every exit was enumerated; one max-flow per
+        consulted exit for latency requests on capped exits."""
+        if req.confidence_exits:  # a plain plan would carry the progressive request's plan_id
+            raise ValueError("confidence_exits: answered by dapdee.planning.progressive, not by a plan map")
         cond = req.conditions()  # validates the conditions' fields
         req.check_requirements()
         get = self._get(cond, {})
