@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
 import torch
 
 from dapdee.api.planner import MAX_AVOIDED_WORKERS
@@ -192,17 +191,9 @@ def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
     return EdgeFailure(f"{type(exc).__name__}: {exc}")
 
 
-def _connected(exc: TransportError) -> bool:
-    """Whether the request that failed with `exc` had its connection (not refused, nor timed
-    out connecting or waiting for the client's pool: then no byte was on the link; the SDK
-    reports a call's timeout that ran out before the request began to go out as one of
-    these). O(1)."""
-    return not isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
-
-
 def _sent_and_timed_out(exc: BaseException) -> bool:
     """Whether `exc` is a timeout of a request whose sending had begun."""
-    return isinstance(exc, TransportError) and exc.timeout and _connected(exc)
+    return isinstance(exc, TransportError) and exc.timeout and exc.may_have_been_sent
 
 
 class Upload:
@@ -283,7 +274,7 @@ class Upload:
             return self.released
         if isinstance(exc, (ApiError, ProtocolError)):
             return self.size
-        return self.size if isinstance(exc, TransportError) and _connected(exc) else 0
+        return self.size if isinstance(exc, TransportError) and exc.may_have_been_sent else 0
 
 
 class EdgeLink:

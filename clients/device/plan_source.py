@@ -22,8 +22,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import httpx
-
 from dapdee.client import ApiError, AsyncPlannerClient, ClientError, ProtocolError, TransportError
 from dapdee.client.transport import DEFAULT_TIMEOUT_S
 from dapdee.costgraph import CostGraph
@@ -184,7 +182,7 @@ class PlannerPlanSource:
             except ProtocolError as exc:
                 raise PlanError(f"planner answer breaks the contract: {exc.detail[:200]}") from None
             except (ApiError, TransportError) as exc:
-                if isinstance(exc, TransportError) and _may_have_left(exc):
+                if isinstance(exc, TransportError) and exc.may_have_been_sent:
                     self._unanswered(sent)
                 raise unavailable(exc) from None
             except asyncio.CancelledError:  # the re-planner stops at close: the request may be on its way
@@ -272,9 +270,3 @@ class PlannerPlanSource:
             await release(self.device_id)
         except ClientError as exc:
             log.info("could not release the lease of %s: %s", self.device_id, exc)
-
-
-def _may_have_left(exc: TransportError) -> bool:
-    """Whether the request that failed with `exc` may have reached the server: not when it
-    never had a connection (refused, or timed out connecting or waiting for one). O(1)."""
-    return not isinstance(exc.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))

@@ -118,3 +118,12 @@ class TransportError(ClientError):
         self.timeout = timeout
         what = "timed out" if timeout else f"{type(cause).__name__}: {cause or 'no answer'}"
         super().__init__(f"{method} {path}: {what}")
+
+    @property
+    def may_have_been_sent(self) -> bool:
+        """Whether any of the request may have gone out: not when it never had a connection
+        (refused, or timed out connecting or waiting for the client's pool; a call's timeout
+        that ran out before the request began to go out is reported as one of these). O(1)."""
+        import httpx
+
+        return not isinstance(self.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
