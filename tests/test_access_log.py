@@ -26,11 +26,7 @@ import pytest
 from fastapi import FastAPI, Response
 
 from dapdee.testing import ServerThread, free_port
-from dapdee.web.access_log import ACCESS_LOGGER, AccessLog
-from dapdee.web.guard import RequestGuard
-from dapdee.web.logs import configure_logging
-from dapdee.web.security import DEVICE, PUBLIC, TokenSet, require
-from dapdee.web.tracecontext import (
+from dapdee.tracecontext import (
     TraceContext,
     ainject_traceparent,
     current,
@@ -39,6 +35,10 @@ from dapdee.web.tracecontext import (
     parse_traceparent,
     use,
 )
+from dapdee.web.access_log import ACCESS_LOGGER, AccessLog
+from dapdee.web.guard import RequestGuard
+from dapdee.web.logs import configure_logging
+from dapdee.web.security import DEVICE, PUBLIC, TokenSet, require
 
 TOKEN = "d" * 24
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

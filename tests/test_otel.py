@@ -29,9 +29,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from dapdee.testing import ServerThread, free_port
+from dapdee.tracecontext import outgoing_headers, parse_traceparent
 from dapdee.web import otel
 from dapdee.web.access_log import AccessLog
-from dapdee.web.tracecontext import outgoing_headers, parse_traceparent
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 CALLER_TRACE, CALLER_SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331

@@ -28,8 +28,8 @@ from dapdee.client.transport import trace_headers
 from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.testing import ServerThread
+from dapdee.tracecontext import TraceContext, inject_traceparent, parse_traceparent, use
 from dapdee.web import otel
-from dapdee.web.tracecontext import TraceContext, inject_traceparent, parse_traceparent, use
 from tests.metrics_scrape import Samples, parse
 
 ADMIN, DEVICE, WORKER = "a" * 24, "d" * 24, "w" * 24

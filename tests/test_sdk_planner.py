@@ -34,7 +34,7 @@ from dapdee.costgraph import CostGraph
 from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.testing import bind_free_socket, clear_prefix, free_port, serve_app_in_thread, unique_prefix
-from dapdee.web.tracecontext import TraceContext, parse_traceparent, use
+from dapdee.tracecontext import TraceContext, parse_traceparent, use
 from tests.standin import Standin, answer_bytes
 from tests.test_planner_service import toy_graph
 

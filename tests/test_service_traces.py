@@ -28,10 +28,10 @@ from dapdee.models import LoadedModel, load_model
 from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
 from dapdee.testing import ServerThread, bind_free_socket, wait_registered
+from dapdee.tracecontext import parse_traceparent
 from dapdee.web import otel
 from dapdee.web.access_log import ACCESS_LOGGER
 from dapdee.web.logs import configure_logging
-from dapdee.web.tracecontext import parse_traceparent
 
 SPEC = "zoo:alexnet?width=0.25&in_channels=1"
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

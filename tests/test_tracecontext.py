@@ -1,5 +1,5 @@
 """W3C Trace Context `traceparent`: the specification's examples, its invalid cases, and the
-current-context helpers (`dapdee.web.tracecontext`)."""
+current-context helpers (`dapdee.tracecontext`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dapdee.web.tracecontext import (
+from dapdee.tracecontext import (
     TraceContext,
     current,
     new_span_id,

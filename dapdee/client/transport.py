@@ -24,7 +24,7 @@ A client method builds a `Call` (method, path, body bytes, the statuses that are
   `httpx.HTTPTransport` / `httpx.AsyncHTTPTransport`, a timeout is reported as httpx raised it
   and an async deadline is always taken as hit after sending began;
 - carry a W3C `traceparent`: the call's own, else the current context's
-  (`dapdee.web.tracecontext.use`), else none (the server starts the trace; its sampler decides);
+  (`dapdee.tracecontext.use`), else none (the server starts the trace; its sampler decides);
 - ask for answers without a content coding (`Accept-Encoding: identity`), read them as they
   come off the wire, and refuse one that is encoded anyway (`ProtocolError`): a decompressor
   would turn a few hundred bytes into gigabytes before `max_response_bytes` could count them;
@@ -66,7 +66,7 @@ from typing_extensions import Self
 from dapdee.client.deadline import with_deadlines, within
 from dapdee.client.errors import MAX_BODY_TEXT, ApiError, ProtocolError, RequestError, TransportError
 from dapdee.names import ModelError, check_model_name
-from dapdee.web.tracecontext import TRACEPARENT, outgoing_headers, parse_traceparent
+from dapdee.tracecontext import TRACEPARENT, outgoing_headers, parse_traceparent
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)

@@ -6,7 +6,7 @@ itself). For each HTTP request it:
 1. reads the caller's `traceparent` (and `tracestate`); the request's span is a new span of
    that trace, or the root of a new trace when the header is absent, repeated or invalid
    (with tracing on, `dapdee.web.otel` makes that span a real server span and exports it);
-2. makes that context current (`dapdee.web.tracecontext.current()`) while the app handles the
+2. makes that context current (`dapdee.tracecontext.current()`) while the app handles the
    request, so application log lines and outgoing calls carry it;
 3. adds `traceparent` naming the request's span to the response headers;
 4. at the end, writes one record to the `dapdee.access` logger: `method`, `path` (as sent, still
@@ -32,8 +32,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dapdee.tracecontext import TRACEPARENT, TraceContext, activate, deactivate, server_context
 from dapdee.web.otel import Tracing
-from dapdee.web.tracecontext import TRACEPARENT, TraceContext, activate, deactivate, server_context
 
 ACCESS_LOGGER = "dapdee.access"
 MAX_LOGGED_PATH = 2048  # characters of the path a record keeps

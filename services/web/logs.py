@@ -22,7 +22,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from dapdee.web.tracecontext import current
+from dapdee.tracecontext import current
 
 FORMATS = ("json", "text")
 LEVELS = ("critical", "error", "warning", "info", "debug")

@@ -1,4 +1,4 @@
-"""Opt-in OpenTelemetry tracing, joined to the W3C trace context of `dapdee.web.tracecontext`.
+"""Opt-in OpenTelemetry tracing, joined to the W3C trace context of `dapdee.tracecontext`.
 
 `tracer(service)` gives a `Tracing`. It is enabled when asked (`enabled=True`, i.e. `--otel`)
 or when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and
@@ -35,7 +35,7 @@ from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
-from dapdee.web.tracecontext import (
+from dapdee.tracecontext import (
     KNOWN_FLAGS,
     RANDOM,
     TraceContext,
