@@ -75,10 +75,16 @@ class Predicted:
         }
 
 
+def uplink_ms(sent_bytes: Any, bandwidth_mbps: float) -> Any:
+    """The uplink time of `sent_bytes` at `bandwidth_mbps` Mbit/s: 8·bytes / (1000·B) ms (the
+    transfer term without the round trip). Elementwise. O(1)."""
+    return sent_bytes * 8.0 / (bandwidth_mbps * 1000.0)
+
+
 def stage_weights(cond: Conditions) -> tuple[float, float, float]:
     """The factors that turn zero-load (device ms, bytes sent, edge ms) into stage times under
     `cond`: 1/(1 − ℓd), 8/(1000·B), 1/(1 − ℓe). O(1)."""
-    return (1.0 / (1.0 - cond.device_load), 8.0 / (cond.bandwidth_mbps * 1000.0), 1.0 / (1.0 - cond.edge_load))
+    return (1.0 / (1.0 - cond.device_load), uplink_ms(1.0, cond.bandwidth_mbps), 1.0 / (1.0 - cond.edge_load))
 
 
 def stage_ms(device_sum_ms: Any, sent_bytes: Any, edge_sum_ms: Any, cond: Conditions) -> tuple[Any, Any, Any]:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from dapdee.costmodel import uplink_ms
 from dapdee.planning.request import MAX_BANDWIDTH_MBPS, MIN_BANDWIDTH_MBPS
 
 T = TypeVar("T")
@@ -171,7 +172,7 @@ class ShapedUplink:
 
     def transfer_ms(self, nbytes: int) -> float:
         """What the cost model predicts for `nbytes` on this link: uplink time + RTT."""
-        return nbytes * 8.0 / (self.rate_mbps * 1000.0) + self.rtt_ms
+        return uplink_ms(nbytes, self.rate_mbps) + self.rtt_ms
 
     def describe(self) -> str:
         return f"uplink {self.rate_mbps:g} Mbit/s, rtt {self.rtt_ms:g} ms"

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from dapdee.costgraph import CostGraph
+from dapdee.costmodel import uplink_ms
 from dapdee.device.config import RuntimeConfig
 from dapdee.device.edge import EdgeLink
 from dapdee.device.sensing import ComputeLoadMonitor, LoadMonitor, Sensing
@@ -145,7 +146,7 @@ class LinkProber:
 
     async def _lone(self, url: str, x: dict[str, torch.Tensor], rate_mbps: float) -> float | None:
         """The input alone as a lone upload (`observe`): its sample, or None."""
-        upload_s = self.graph.input.bytes * 8 / (rate_mbps * 1e6)
+        upload_s = uplink_ms(self.graph.input.bytes, rate_mbps) / 1000.0
         timeout = min(PROBE_TIMEOUT_MAX_S, max(self.timeout_s * 2.0**self.failures, 3.0 * upload_s))
         answer = await self.edge.infer(url, x, self.graph.exits[0].name, timeout)
         return answer.sample_mbps
@@ -188,7 +189,7 @@ class LinkProber:
         `budget_s` (a link that slow never keeps the thread busy). Run it while nothing else
         uses the event loop. At most `count + depth` requests."""
         inp = self.graph.input
-        if (count + depth) * inp.bytes * 8.0 / (self.sensing.bandwidth_mbps * 1e6) > budget_s:
+        if uplink_ms((count + depth) * inp.bytes, self.sensing.bandwidth_mbps) / 1000.0 > budget_s:
             return None
         x = {inp.name: _zeros(tuple(inp.shape), inp.dtype)}
         deadline = time.monotonic() + budget_s
