@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dapdee.costgraph import CostGraph
+    from dapdee.models import LoadedModel
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output file (default: stdout)")
 
 
-def _load(args: argparse.Namespace):  # -> LoadedModel
+def _load(args: argparse.Namespace) -> LoadedModel:
     from dapdee.models import load_model
 
     if not args.model and not args.weights:

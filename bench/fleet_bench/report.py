@@ -181,7 +181,9 @@ def stages_table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def _find(summaries: Iterable[dict[str, Any]], system: str, n: int, k: float = MAIN_K, model: str = MAIN_MODEL):
+def _find(
+    summaries: Iterable[dict[str, Any]], system: str, n: int, k: float = MAIN_K, model: str = MAIN_MODEL
+) -> dict[str, Any] | None:
     return next(
         (s for s in summaries if s["system"] == system and s["n"] == n and s["k"] == k and s["model"] == model), None
     )

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -495,7 +496,9 @@ def _manifest(
     }
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log=print) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.dataset`'s train split with the joint exit loss, evaluate every
     exit on the test (and calibration) split, and write the artifact to `cfg.out`. Returns the
     manifest; with `stop_after` = e, stops after epoch e leaving only the checkpoint (returns
