@@ -138,7 +138,11 @@ class GraphExecutor:
                 raise ValueError(f"partition would need nodes outside it: {', '.join(outside[:5])}")
         return plan, releases
 
-    def _run_node(self, node: fx.Node, env: dict[str, Any]) -> Any:
+    def run_node(self, node: fx.Node, env: dict[str, Any]) -> Any:
+        """The value of fx `node` from the values of its inputs in `env` (name -> value): one
+        module, function or method call, or a parameter read. The schedules run every node
+        through it; the profiler times it node by node, and the tracer records what it computes.
+        O(the node's op)."""
         args = fx.node.map_arg(node.args, lambda n: env[n.name])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
         if node.op == "call_module":
@@ -196,7 +200,7 @@ class Walk:
             fx_node = plan[self._step]
             if limit is not None and self._ex.order[fx_node.name] > limit:
                 return
-            env[fx_node.name] = self._ex._run_node(fx_node, env)
+            env[fx_node.name] = self._ex.run_node(fx_node, env)
             for name in releases[self._step]:
                 del env[name]
             self._step += 1

@@ -274,7 +274,7 @@ def _run_once(
     with torch.inference_mode():
         for node in ex.schedule([in_name], outputs):
             args = fx.node.map_arg(node.args, lambda n: env[n.name])
-            env[node.name] = ex._run_node(node, env)
+            env[node.name] = ex.run_node(node, env)
             flops[node.name] = _flops(node, modules, args, env[node.name])
     return env, flops
 

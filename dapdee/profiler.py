@@ -82,7 +82,7 @@ def profile_model(
             env = {loaded.input_name: x, **ex.compute({loaded.input_name: x}, names)}
             for i, name in enumerate(names):
                 node: fx.Node = ex.nodes[name]
-                timings[name] = slowdown * _median_ms(lambda n=node: ex._run_node(n, env), repeats, warmup, stop)
+                timings[name] = slowdown * _median_ms(lambda n=node: ex.run_node(n, env), repeats, warmup, stop)
                 if progress:
                     progress(i + 1, len(names))
     finally:
