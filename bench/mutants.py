@@ -332,7 +332,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "a rebalance deletes the lock whoever holds it",
-        "services/planner/rebalancing.py",
+        "services/planner/redis_lock.py",
         "if redis.call('GET', KEYS[1]) == ARGV[1] then",
         "if true then",
         ("tests/test_fleet_service.py",),

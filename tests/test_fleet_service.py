@@ -995,15 +995,15 @@ async def _lock_holders(prefix: str) -> list[Any]:
     try:
         fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates_for, store.live_workers)
         rebalancer = Rebalancer(fleet, store.keys)
-        token = await rebalancer.acquire_lock()
-        out: list[Any] = [token is not None, await rebalancer.acquire_lock() is not None]
-        r.set(rebalancer.k_lock, b"other", px=60_000)  # its lock expired; another replica's now
-        await rebalancer.release_lock(token or "")
-        out.append(r.get(rebalancer.k_lock))
-        r.delete(rebalancer.k_lock)
-        token = await rebalancer.acquire_lock()
-        await rebalancer.release_lock(token or "")
-        out.append(r.get(rebalancer.k_lock))
+        token = await rebalancer.lock.acquire()
+        out: list[Any] = [token is not None, await rebalancer.lock.acquire() is not None]
+        r.set(rebalancer.lock.key, b"other", px=60_000)  # its lock expired; another replica's now
+        await rebalancer.lock.release(token or "")
+        out.append(r.get(rebalancer.lock.key))
+        r.delete(rebalancer.lock.key)
+        token = await rebalancer.lock.acquire()
+        await rebalancer.lock.release(token or "")
+        out.append(r.get(rebalancer.lock.key))
         return out
     finally:
         r.delete(f"{prefix}:v1:rebalance-lock")

@@ -7,7 +7,7 @@ meanwhile; solved again at once (up to `CAPACITY_RETRIES` solves in all) if the 
 heartbeat states less capacity than the solve had. Leases the replica cannot price (their model
 or profiles gone) keep what they book, and the others are solved within what is left. Devices
 pick up their assigned plans at their next `POST /plan` (`Fleet.plan`). It runs on request
-(`POST /fleet/rebalance`), every `rebalance_s` on one replica at a time (a Redis lock), and for
+(`POST /fleet/rebalance`), every `rebalance_s` on one replica at a time (`redis_lock.RedisLock`), and for
 a heartbeat whose capacity no longer holds the worker's leases within ρ_max (the worker measured
 itself slower): `shed` re-solves that worker's leases for the new capacity and registers the
 heartbeat with the new plans in one atomic step, so no moment shows the leases past ρ_max of the
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -51,6 +50,7 @@ from dapdee.planner.fleet import Fleet
 from dapdee.planner.keys import Keys
 from dapdee.planner.leases import Heartbeat, StoredRecord
 from dapdee.planner.plan_choice import request_of, usable
+from dapdee.planner.redis_lock import RedisLock
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
 
@@ -61,14 +61,6 @@ CAPACITY_RETRIES = 3
 # a rebalance after a capacity drop waits this long at most for a rebalance holding the lock
 URGENT_WAIT_S = 30.0
 LOCK_POLL_S = 0.2
-# releases the rebalance lock only if it still holds this replica's token: a rebalance that
-# outlived the lock's TTL must not delete the lock another replica took since
-RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 class Rebalancer:
@@ -79,7 +71,8 @@ class Rebalancer:
         self.fleet = fleet
         self.settings = fleet.settings
         self.metrics = fleet.metrics
-        self.k_lock = f"{keys.base}:rebalance-lock"
+        ttl_ms = int(max(self.settings.rebalance_s, 1.0) * 1000)  # a rebalance holds it at most this long
+        self.lock = RedisLock(fleet.link, f"{keys.base}:rebalance-lock", ttl_ms)
         self._task: asyncio.Task[None] | None = None
         self._urgent: asyncio.Task[None] | None = None  # a rebalance started by a capacity drop
         self._shedding: dict[str, asyncio.Future[None]] = {}  # worker URL -> done when its `shed` ends
@@ -193,14 +186,14 @@ class Rebalancer:
     # ---- rebalancing ------------------------------------------------------------------------------
     async def rebalance_if_leader(self) -> dict[str, Any] | None:
         """Rebalance unless another replica holds the lock (then None)."""
-        token = await self.acquire_lock()
+        token = await self.lock.acquire()
         if token is None:
             return None
         try:
             return await self.rebalance()
         finally:
             with contextlib.suppress(RedisUnavailable):
-                await self.release_lock(token)
+                await self.lock.release(token)
 
     async def rebalance_on_request(self, wait_s: float = URGENT_WAIT_S) -> dict[str, Any] | None:
         """`POST /fleet/rebalance`: a rebalance under the lock, as the periodic ones (one replica
@@ -215,19 +208,6 @@ class Rebalancer:
             if got is not None or time.monotonic() >= deadline:
                 return got
             await asyncio.sleep(LOCK_POLL_S)
-
-    async def acquire_lock(self) -> str | None:
-        """Take the rebalance lock for `max(rebalance_s, 1)` s: its token, or None while another
-        rebalance holds it. RedisUnavailable passes up. One round trip."""
-        ttl_ms = int(max(self.settings.rebalance_s, 1.0) * 1000)
-        token = secrets.token_hex(16)
-        got = await self.fleet.link.call("rebalance_lock", lambda r: r.set(self.k_lock, token, nx=True, px=ttl_ms))
-        return token if got else None
-
-    async def release_lock(self, token: str) -> None:
-        """Release the lock `token` took, unless it expired and another rebalance holds it now
-        (compare-and-delete in one script). RedisUnavailable passes up. One round trip."""
-        await self.fleet.link.script("rebalance_unlock", RELEASE_LOCK, [self.k_lock], [token])
 
     async def rebalance(self) -> dict[str, Any]:
         """Re-solve each worker's leases (and the Device-Only leases of models it serves) and apply
