@@ -53,22 +53,22 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "device load factor 1/(1-l) -> 1+l",
         "dapdee/costmodel.py",
-        "return (1.0 / (1.0 - cond.device_load), 8.0 /",
-        "return (1.0 + cond.device_load, 8.0 /",
+        "return (1.0 / (1.0 - cond.device_load), uplink_ms(",
+        "return (1.0 + cond.device_load, uplink_ms(",
         ORACLE,
     ),
     Mutation(
         "edge load ignored",
         "dapdee/costmodel.py",
-        "1000.0), 1.0 / (1.0 - cond.edge_load))",
-        "1000.0), 1.0)",
+        "cond.bandwidth_mbps), 1.0 / (1.0 - cond.edge_load))",
+        "cond.bandwidth_mbps), 1.0)",
         ORACLE,
     ),
     Mutation(
         "uplink bytes*8 -> bytes*7",
         "dapdee/costmodel.py",
-        "8.0 / (cond.bandwidth_mbps * 1000.0)",
-        "7.0 / (cond.bandwidth_mbps * 1000.0)",
+        "return sent_bytes * 8.0 / (bandwidth_mbps * 1000.0)",
+        "return sent_bytes * 7.0 / (bandwidth_mbps * 1000.0)",
         ORACLE,
     ),
     Mutation(
