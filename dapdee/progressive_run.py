@@ -38,7 +38,7 @@ import torch
 
 from dapdee.costgraph import CostGraph
 from dapdee.executor import GraphExecutor, row_major
-from dapdee.planning.progressive import HeadStructure, _check_columns, require_progressive
+from dapdee.planning.progressive import HeadStructure, _check_columns, device_mask, require_progressive
 from dapdee.training.confidence import confidence
 
 DEVICE = "device"
@@ -114,14 +114,7 @@ def split_sides(graph: CostGraph, exit_name: str, device_nodes: Collection[str])
     if exit_name not in names:
         raise ValueError(f"exit {exit_name!r}: not an exit of model {graph.model!r}; it has {names}")
     hs = HeadStructure.build(graph, names.index(exit_name))
-    local = {v: i for i, v in enumerate(hs.st.nodes)}
-    outside = [v for v in device_nodes if v not in local]
-    if outside:
-        raise ValueError(f"device nodes {outside[:5]}: not ancestors of exit {exit_name!r}'s node")
-    mask = sum(1 << local[v] for v in set(device_nodes))
-    if not hs.st.is_closed(mask):
-        raise ValueError(f"device nodes of exit {exit_name!r}: not downward closed (a producer is missing)")
-    return _sides(graph, hs, mask)
+    return _sides(graph, hs, device_mask(hs, exit_name, device_nodes))
 
 
 def edge_sides(graph: CostGraph, exit_name: str, computed: Collection[str]) -> Sides:

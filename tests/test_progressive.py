@@ -242,6 +242,29 @@ def test_a_plain_plan_map_refuses_a_request_for_confidence_exits() -> None:
     assert "progressive" in progressive_plan(g, req)  # the progressive planner answers it
 
 
+def test_a_pinned_progressive_plan_is_priced_as_the_planner_priced_it() -> None:
+    """A plan made with confidence exits, read back as a pinned plan (`--plan FILE`) under the
+    conditions it was made for, keeps the planner's worst case, bottleneck and expected latency
+    (it kept the trunk cut's price, which leaves out the heads' compute and what they send)."""
+    from dapdee.costmodel import Conditions
+    from dapdee.device.plans import plan_from_json
+
+    checked = 0
+    for seed in range(80):
+        g = CostGraph.from_dict(random_case(seed))
+        r = oracle.random_request(random.Random(500 + seed))
+        answer = progressive_plan(g, request(r))
+        if not answer["edge_nodes"] or not answer["progressive"]["heads"]:
+            continue
+        pinned = plan_from_json(answer, g, Conditions(**vars(r.cond)))
+        got = (pinned.predicted_ms, pinned.bottleneck_ms, pinned.expected_ms)
+        p = answer["predicted"]
+        want = (p["latency_ms"], p["bottleneck_ms"], p["expected_latency_ms"])
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-3), (seed, got, want)
+        checked += 1
+    assert checked >= 10
+
+
 def test_every_partition_is_priced_like_the_model() -> None:
     """Not just the optimum: each front point's expected latency is the simulation's, and no
     downward-closed set beats the front's best under random conditions (both objectives)."""

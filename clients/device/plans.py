@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from dapdee.costgraph import CostGraph, CostGraphError
 from dapdee.costmodel import Conditions, Partition, partition
-from dapdee.device.progressive import plan_sides, transfer_of
+from dapdee.device.progressive import plan_sides, transfer_of, with_heads
 from dapdee.device.types import Lease, Plan, PlanError
 from dapdee.progressive_run import Sides
 
@@ -201,13 +200,10 @@ def fixed_plan(
 
 def plan_from_json(raw: Any, graph: CostGraph, cond: Conditions, edge_worker: str | None = None) -> Plan:
     """A plan JSON (e.g. one a planner or `dapdee plan` wrote earlier) as a fixed plan: checked
-    like a planner answer, then its worst case re-priced under `cond`; `edge_worker` overrides
-    its worker. A plan made with confidence exits keeps its sides and their transfer (its
-    expected latency, priced under the planner's conditions, is not kept). Raises PlanError.
-    O(V + E)."""
+    like a planner answer, then re-priced under `cond`; `edge_worker` overrides its worker. A
+    plan made with confidence exits keeps its sides, priced as the planner prices them
+    (`progressive.with_heads`). Raises PlanError. O(V + E), O(#heads · (V + E)) with heads."""
     checked = plan_from_answer(raw, graph, cond.bandwidth_mbps, cond.device_load)
     worker = edge_worker or checked.edge_worker
     plan = fixed_plan(graph, checked.exit, checked.device_nodes, worker, cond, checked.plan_id)
-    if checked.progressive is None:
-        return plan
-    return replace(plan, progressive=checked.progressive, transfer=checked.transfer)
+    return plan if checked.progressive is None else with_heads(plan, graph, cond, checked.progressive)

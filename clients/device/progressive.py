@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from dapdee.costgraph import CostGraph
+from dapdee.costmodel import Conditions
 from dapdee.device.types import DeviceError, EdgeFailure, Plan, PlanError
 from dapdee.models import LoadedModel
+from dapdee.planning.progressive import priced
 from dapdee.progressive_run import PartResult, Sides, split_sides
 
 
@@ -47,14 +49,23 @@ def confidence_graph(loaded: LoadedModel, graph: CostGraph) -> CostGraph:
     return replace(graph, progressive=loaded.graph.progressive)
 
 
-def with_heads(plan: Plan, graph: CostGraph) -> Plan:
-    """`plan` (a Device-Only or fixed plan, made without confidence exits) run with them: its
-    cut's sides as the planner splits a plan made with them (each head on the side that computes
-    its node) and what they send. DeviceError naming `--confidence-exits` when `graph` has no
-    thresholds. O(#heads · (V + E))."""
+def with_heads(plan: Plan, graph: CostGraph, cond: Conditions, sides: Sides | None = None) -> Plan:
+    """`plan` (a Device-Only or fixed plan) run with confidence exits: `sides` (default: its
+    cut's, as the planner splits a plan made with them: each head on the side that computes its
+    node), what they send, and its worst case and expected latency priced under `cond` as the
+    planner prices them. DeviceError naming `--confidence-exits` when `graph` has no thresholds.
+    O(#heads · (V + E))."""
     require_thresholds(graph)
-    sides = split_sides(graph, plan.exit, plan.device_nodes)
-    return replace(plan, progressive=sides, transfer=transfer_of(graph, sides))
+    sides = sides if sides is not None else split_sides(graph, plan.exit, plan.device_nodes)
+    worst, expected = priced(graph, plan.exit, plan.device_nodes, cond)
+    return replace(
+        plan,
+        progressive=sides,
+        transfer=transfer_of(graph, sides),
+        predicted_ms=worst.latency_ms,
+        bottleneck_ms=worst.bottleneck_ms,
+        expected_ms=expected.latency_ms,
+    )
 
 
 def transfer_of(graph: CostGraph, sides: Sides) -> tuple[tuple[str, int], ...]:

@@ -192,7 +192,7 @@ async def _source(
         else:
             plan = plan_from_json(s.plan_json, graph, cond, s.edge_url)
         if s.runtime.requirements.confidence_exits and plan.progressive is None:
-            plan = with_heads(plan, graph)  # the flag asks for confidence exits: the pinned cut gets them
+            plan = with_heads(plan, graph, cond)  # the flag asks for confidence exits: the pinned cut gets them
         return FixedPlanSource(plan), None
     assert parts.planner is not None and parts.edge is not None
     cfg = s.planner

@@ -76,7 +76,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -607,6 +607,35 @@ def _read_exit(graph: CostGraph, i: int, ed: Any) -> ProgressiveCands:
     if not hs.feasible(masks).all():
         raise PlanMapError(f"{where}.masks: a device set sends a value that is not sendable")
     return ProgressiveCands(hs, masks, exact, count)
+
+
+def device_mask(hs: HeadStructure, exit_name: str, device_nodes: Collection[str]) -> int:
+    """The trunk mask of `device_nodes`: ValueError naming the nodes when they are not a
+    downward-closed part of exit `exit_name`'s ancestors. O(V + E)."""
+    local = {v: i for i, v in enumerate(hs.st.nodes)}
+    outside = [v for v in device_nodes if v not in local]
+    if outside:
+        raise ValueError(f"device nodes {outside[:5]}: not ancestors of exit {exit_name!r}'s node")
+    mask = sum(1 << local[v] for v in set(device_nodes))
+    if not hs.st.is_closed(mask):
+        raise ValueError(f"device nodes of exit {exit_name!r}: not downward closed (a producer is missing)")
+    return mask
+
+
+def priced(
+    graph: CostGraph, exit_name: str, device_nodes: Collection[str], cond: Conditions
+) -> tuple[Predicted, Predicted]:
+    """(worst case, expected) of the plan (`exit_name`, `device_nodes`) made with confidence
+    exits under `cond`, as the planner prices its candidates: a pinned cut priced like a planned
+    one. ValueError naming `confidence_exits` without thresholds, or naming a bad exit or device
+    set. O(#heads · (V + E))."""
+    require_progressive(graph)
+    names = [e.name for e in graph.exits]
+    if exit_name not in names:
+        raise ValueError(f"exit {exit_name!r}: not an exit of model {graph.model!r}; it has {names}")
+    hs = HeadStructure.build(graph, names.index(exit_name))
+    cands = ProgressiveCands(hs, [device_mask(hs, exit_name, device_nodes)], exact=True, count=None)
+    return cands.worst(0, cond), cands.expected(0, cond)
 
 
 def plan(graph: CostGraph, req: PlanRequest, cap: int = DEFAULT_CAP) -> dict[str, Any]:

@@ -48,8 +48,8 @@ def profile_path(cache_dir: str, model: str, tier: str) -> Path:
 
 def profile_entry(state: WorkerState, entry: ModelEntry, stop: threading.Event | None = None) -> CostGraph:
     """The model's graph with `edge_ms` filled: from the cache when it was measured for this
-    model at the worker's slowdown and thread count (`settings.threads`, else torch's current
-    one: what the worker computes with), else measured at those (and cached). Setting `stop`
+    model at the worker's slowdown and thread count (`settings.threads`, which `dapdee serve
+    edge` sets for the process, else torch's current one), else measured at those (and cached). Setting `stop`
     ends a measurement with ProfileStopped before its next node run. Runs in a worker thread
     (blocking). O(repeats x one forward pass) when measuring."""
     s = state.settings

@@ -331,15 +331,21 @@ class Fleet:
         plan = dict(dp.plan)
         expires = self.settings.lease_ttl_s if stored else 0.0
         record = {"worker": dp.worker, "frames_per_s": body.frame_rate, "edge_ms_per_frame": dp.edge_ms_per_frame}
-        plan["lease"] = self._lease_json(body.device_id, body.model, record, expires, assigned)
+        plan["lease"] = self._lease_json(body.device_id, body.model, record, expires, assigned, stored)
         return plan
 
     def _lease_json(
-        self, device_id: str, model: str, record: dict[str, Any], expires_in_s: float, assigned: bool
+        self,
+        device_id: str,
+        model: str,
+        record: dict[str, Any],
+        expires_in_s: float,
+        assigned: bool,
+        stored: bool = True,
     ) -> dict[str, Any]:
         """The `lease` object of an answer (lease.schema.json): what `record` reserves, expiring in
-        `expires_in_s` (0: not stored), re-planned after `replan_after_s`, never past the expiry of a
-        stored lease. O(1)."""
+        `expires_in_s` (0 when not `stored`), re-planned after `replan_after_s`, never past the
+        expiry of a stored lease. O(1)."""
         replan = self.settings.replan_after_s
         return {
             "device_id": device_id,
@@ -348,7 +354,7 @@ class Fleet:
             "frames_per_s": record["frames_per_s"],
             "edge_ms_per_frame": record["edge_ms_per_frame"],
             "expires_in_s": expires_in_s,
-            "replan_after_s": min(replan, expires_in_s) if expires_in_s > 0 else replan,
+            "replan_after_s": min(replan, expires_in_s) if stored else replan,
             "assigned": assigned,
         }
 
