@@ -99,6 +99,9 @@ def without_worker(plan: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plan.items() if k != "edge_worker"}
 
 
+UNIT_TIMINGS = {n["name"]: 1.0 for n in toy_graph()["nodes"]}  # 1 ms per node of the toy graph
+
+
 @contextmanager
 def planner(prefix: str, **kw: Any) -> Iterator[httpx.Client]:
     """An in-thread uvicorn planner (shared Redis unless redis_url given; the all-roles token;
@@ -251,14 +254,20 @@ def test_two_planner_processes_share_redis(planner_prefix: str) -> None:
         assert c.post("/plan", json={"model": "shared", **CONDITIONS[0]}).status_code == 200
 
 
+def test_a_profile_written_to_redis_says_so(planner_prefix: str) -> None:
+    """A profile PUT says where it is stored, as a graph PUT does (`pending` while Redis is away:
+    `test_redis_outage_serves_and_writes_through`)."""
+    with planner(planner_prefix) as c:
+        assert c.put("/models/toy", json=toy_graph()).json()["stored"] == "redis"
+        r = c.put("/models/toy/profiles/phone", json={"kind": "device", "timings_ms": UNIT_TIMINGS})
+        assert r.status_code == 201 and r.json()["stored"] == "redis"
+
+
 def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_process: RedisProcess) -> None:
     kw = {"redis_url": redis_process.url, "redis_timeout_s": 0.2, "redis_backoff_s": 0.3, "refresh_s": 0.2}
     with planner(planner_prefix, **kw) as c:
         assert c.put("/models/before", json=toy_graph("before")).status_code == 201
         assert c.put("/models/during", json=toy_graph("during")).status_code == 201  # changed during it
-        t = {n["name"]: 1.0 for n in toy_graph()["nodes"]}
-        r = c.put("/models/before/profiles/phone", json={"kind": "device", "timings_ms": t})
-        assert r.status_code == 201 and r.json()["stored"] == "redis"
         for cond in CONDITIONS:  # every plan map cached before the outage
             assert c.post("/plan", json={"model": "before", **cond}).status_code == 200
         ok = c.post("/plan", json={"model": "before", **CONDITIONS[0]})
@@ -279,7 +288,7 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
         changed["nodes"][0]["out_bytes"] += 1
         r = c.put("/models/during", json=changed)  # a model this replica holds: queued
         assert r.status_code == 200 and r.json()["stored"] == "pending" and r.json()["version"] == 2
-        r = c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": t})
+        r = c.put("/models/during/profiles/phone", json={"kind": "device", "timings_ms": UNIT_TIMINGS})
         assert r.status_code == 201 and r.json()["stored"] == "pending"  # queued, as the graph is
         assert c.post("/plan", json={"model": "during", "device_tier": "phone", **CONDITIONS[1]}).status_code == 200
         assert beat(c, "http://edge:1", ["during"], "gpu", 0.2).json()["shared"] is False
@@ -312,7 +321,7 @@ def test_redis_outage_serves_and_writes_through(planner_prefix: str, redis_proce
             return bool(r.exists(f"{p}:graph:during") and r.exists(f"{p}:graph:before"))
 
         assert wait_for(written, timeout=10), "pending models not written through"
-        assert json.loads(r.hget(f"{p}:profiles:during", "phone"))["timings_ms"] == t
+        assert json.loads(r.hget(f"{p}:profiles:during", "phone"))["timings_ms"] == UNIT_TIMINGS
         assert wait_for(
             lambda: c.get("/readyz").json()["redis"] == "up" and not c.get("/readyz").json()["pending_writes"]
         )
