@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dapdee.costmodel import uplink_ms
+
 MAX_LOAD = 0.95
 STEP_FACTOR = 2.0
 
@@ -167,7 +169,7 @@ class BandwidthEstimator:
         assert self._train is not None
         (t0, nbytes, _, _, tainted, continued), self._train = self._train, None
         span_ms = (self._link_free - t0) * 1000.0
-        expected_ms = nbytes * 8.0 / (self.estimate_mbps * 1000.0)
+        expected_ms = uplink_ms(nbytes, self.estimate_mbps)
         too_small = nbytes < self.min_bytes or span_ms < self.min_upload_ms or expected_ms < self.min_expected_ms
         # the rest of a busy period closed mid-way holds bytes partly sent before it began: over
         # a short span they would read a link far faster than it is
