@@ -102,14 +102,21 @@ def test_start_up_measures_a_busy_devices_request_cost_on_a_burst_kept_in_flight
         finally:
             await prober.edge.aclose()
 
-    before = _infers(worker)
-    cost, pairs_cost, alone_ms, sensing = asyncio.run(go())
-    assert _infers(worker) - before == 2 * PAIRS + BUSY_DEPTH + BUSY_REQUESTS + 16
-    assert cost is not None and pairs_cost is not None
-    assert cost == sensing.request_cpu_ms
-    assert cost <= pairs_cost
-    # a thread kept busy pays less per request than one woken for each (measured: about 0.6x)
-    assert 0.0 < cost < alone_ms, (cost, alone_ms)
+    tries = []
+    for _ in range(3):  # CPU times: a slow spell of the host during one burst is noise, not the code
+        before = _infers(worker)
+        cost, pairs_cost, alone_ms, sensing = asyncio.run(go())
+        assert _infers(worker) - before == 2 * PAIRS + BUSY_DEPTH + BUSY_REQUESTS + 16
+        assert cost is not None and pairs_cost is not None
+        assert cost == sensing.request_cpu_ms
+        assert 0.0 < cost <= pairs_cost
+        tries.append((cost, pairs_cost, alone_ms))
+        # the burst's figure is kept: a thread kept busy pays less per request than one woken
+        # for each, in the probe pairs or alone (measured: about 0.6x)
+        if cost < pairs_cost and cost < alone_ms:
+            break
+    else:
+        pytest.fail(f"the busy burst never measured less than the pairs and lone requests: {tries}")
 
 
 def test_a_failed_burst_leaves_the_probe_pairs_request_cost_and_stops_the_rest(stack: Stack) -> None:
