@@ -35,7 +35,7 @@ from dapdee.edge_worker.registration import announce_departure, run_registration
 from dapdee.edge_worker.routers import health, v2
 from dapdee.models import LoadedModel, load_model, parse_spec, read_manifest
 from dapdee.web.access_log import AccessLog
-from dapdee.web.guard import ROUTE_SCOPE_KEY, RequestGuard, RouteAccess
+from dapdee.web.guard import ROUTE_SCOPE_KEY, RouteAccess, install_request_guard
 from dapdee.web.http_head import BoundedHeadProtocol
 from dapdee.web.otel import Tracing, tracer
 from dapdee.web.tasks import stop_task
@@ -203,20 +203,7 @@ def _install_guard(app: FastAPI, settings: Settings) -> None:
         if state is not None:
             state.metrics.rejected.labels(reason).inc()
 
-    app.add_middleware(
-        RequestGuard,
-        routes_app=app,
-        tokens=app.state.tokens,
-        render=render_error,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout_s=settings.body_timeout_s,
-        max_concurrency=settings.max_concurrency,
-        max_buffered_bytes=settings.max_buffered_bytes,
-        on_reject=on_reject,
-        body_limit=body_limit,
-        before_body=unserved,
-        loopback_hosts_only=app.state.tokens.open and not settings.insecure,  # no DNS rebinding
-    )
+    install_request_guard(app, settings, render_error, on_reject, body_limit=body_limit, before_body=unserved)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -4,14 +4,13 @@ tokens (`DAPDEE_ADMIN_TOKEN`, `DAPDEE_DEVICE_TOKEN`, `DAPDEE_WORKER_TOKEN`, fall
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from dapdee.api.planner import Name
 from dapdee.client.transport import check_base_url
 from dapdee.edge_worker.batching import STARVE_MS
-from dapdee.web.guard import check_buffered_bytes
-from dapdee.web.settings import SecuritySettings
+from dapdee.web.settings import GuardSettings
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # bind every interface: no address to advertise
 LOOPBACK_V4 = ("0.0.0.0", "127.0.0.1", "localhost", "")  # the worker reaches itself at 127.0.0.1
@@ -38,7 +37,7 @@ def self_url_for(host: str, port: int) -> str:
     return http_url(bare, port)
 
 
-class Settings(SecuritySettings):
+class Settings(GuardSettings):
     """Everything the worker reads at start-up. `models` is a comma-separated list of
     `SPEC[@ARTIFACT_DIR]` (e.g. `zoo:resnet18@artifacts/fmnist-resnet18,zoo:vgg16?width=0.25`)."""
 
@@ -71,7 +70,6 @@ class Settings(SecuritySettings):
     max_body_bytes: int = Field(
         default=16 << 20, ge=1024, description="cap on the body limit derived per model from max_batch_rows"
     )
-    body_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0, description="whole-body read timeout (408)")
     max_concurrency: int = Field(
         default=32, ge=1, le=65536, description="requests handled at once (503 + Retry-After beyond)"
     )
@@ -123,12 +121,6 @@ class Settings(SecuritySettings):
         default=60.0, ge=0.0, description="the advertised capacity rises only after the relief has lasted this long"
     )
     planner_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
-
-    @field_validator("max_buffered_bytes")
-    @classmethod
-    def _holds_a_body(cls, v: int | None, info: ValidationInfo) -> int | None:
-        """At least `max_body_bytes`: a body within the limit must fit the buffer."""
-        return check_buffered_bytes(v, info.data.get("max_body_bytes"))
 
     @field_validator("planner_url", "public_url", "self_url")
     @classmethod

@@ -18,7 +18,7 @@ from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.routers import devices, fleet, models, ops, plan, workers
 from dapdee.planner.store import Store
 from dapdee.web.access_log import AccessLog
-from dapdee.web.guard import RequestGuard
+from dapdee.web.guard import install_request_guard
 from dapdee.web.otel import Tracing, tracer
 
 REFUSED_RETRY_S = 5  # Retry-After of a write Redis refused: memory or a failover takes a while
@@ -71,29 +71,15 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
         app.include_router(r, responses=openapi.ERROR_RESPONSES)
     openapi.install(app)
     if guard:
-        _install_guard(app, settings, metrics)
+        # each refusal counted in `rejected` by route and reason
+        install_request_guard(
+            app, settings, problems.render_refusal, lambda reason, route: metrics.rejected.labels(route, reason).inc()
+        )
     # the access log wraps the guard (added after it): refusals are logged and carry the traceparent;
     # `tracing` (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set) exports a span per request
     app.state.tracing = tracing if tracing is not None else tracer("planner")
     app.add_middleware(AccessLog, service="planner", tracing=app.state.tracing)
     return app
-
-
-def _install_guard(app: FastAPI, settings: Settings, metrics: PlannerMetrics) -> None:
-    """The request guard in front of the routes (body limits, concurrency limit, early auth by
-    `app.state.tokens`); each refusal is counted in `metrics.rejected` by route and reason. O(1)."""
-    app.add_middleware(
-        RequestGuard,
-        routes_app=app,
-        tokens=app.state.tokens,
-        render=problems.render_refusal,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout_s=settings.body_timeout_s,
-        max_concurrency=settings.max_concurrency,
-        max_buffered_bytes=settings.max_buffered_bytes,
-        on_reject=lambda reason, route: metrics.rejected.labels(route, reason).inc(),
-        loopback_hosts_only=app.state.tokens.open and not settings.insecure,  # no DNS rebinding
-    )
 
 
 def _store_errors(app: FastAPI) -> None:

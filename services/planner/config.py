@@ -1,5 +1,6 @@
 """Planner settings (pydantic-settings, environment prefix `DAPDEE_`; the role tokens and
-`DAPDEE_INSECURE` come from the shared `SecuritySettings`)."""
+`DAPDEE_INSECURE` from the shared `SecuritySettings`, the request guard's limits from
+`GuardSettings`)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,19 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from dapdee.costgraph import GraphLimits
-from dapdee.web.guard import check_buffered_bytes
-from dapdee.web.settings import SecuritySettings
+from dapdee.web.settings import GuardSettings
 
 LOOPBACK_WORKER_URLS = r"http://(127\.0\.0\.1|localhost|\[::1\]):[0-9]{1,5}"
 
 
-class Settings(SecuritySettings):
+class Settings(GuardSettings):
     """Everything the planner reads from its environment; `DAPDEE_REDIS_URL=none` (or empty) runs
     in-process only."""
 
     # no infinite settings: `inf` seconds or ms/s pass every lower bound, then break at run time
     model_config = SettingsConfigDict(env_prefix="DAPDEE_", extra="ignore", allow_inf_nan=False)
 
-    # ---- HTTP limits (checked before a body is parsed) and planning budget ----
-    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0, description="413 past it")
-    body_timeout_s: float = Field(10.0, gt=0, description="408 when a whole body takes longer")
-    max_concurrency: int = Field(256, ge=1, description="requests handled at once; 503 + Retry-After past it")
-    max_buffered_bytes: int | None = Field(
-        None,
-        ge=1,
-        description="request body bytes held at once across requests (being received or handled); "
-        "503 + Retry-After past it (unset: max_body_bytes x min(max_concurrency + 1, 4))",
-    )
+    # ---- planning budget (the HTTP limits, checked before a body is parsed: GuardSettings) ----
     plan_budget_s: float = Field(1.0, gt=0, description="time for a plan that needs min-cuts; 503 past it")
     plan_threads: int = Field(2, ge=1, le=64, description="plans needing min-cuts computed at once")
     # ---- cost-graph caps (422 at PUT past them) ----
@@ -127,12 +118,6 @@ class Settings(SecuritySettings):
         if ttl is not None and v > ttl / 2:
             raise ValueError(f"must be at most lease_ttl_s / 2 = {ttl / 2:g} s, so leases are renewed in time")
         return v
-
-    @field_validator("max_buffered_bytes")
-    @classmethod
-    def _holds_a_body(cls, v: int | None, info: ValidationInfo) -> int | None:
-        """At least `max_body_bytes`: a body within the limit must fit the buffer."""
-        return check_buffered_bytes(v, info.data.get("max_body_bytes"))
 
     @field_validator("worker_url_pattern")
     @classmethod

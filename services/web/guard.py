@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from starlette.routing import Match
 
@@ -74,6 +74,9 @@ from dapdee.web.security import (
     is_loopback,
 )
 from dapdee.web.security import declared_access as route_access
+
+if TYPE_CHECKING:
+    from dapdee.web.settings import GuardSettings
 
 Render = Callable[[int, str], tuple[bytes, str]]  # (status, message) -> (body, content type)
 # a check of an authorised request's target before its body is read: (status, reason, message)
@@ -106,6 +109,34 @@ def check_buffered_bytes(max_buffered_bytes: int | None, max_body_bytes: int | N
             "or a body within the limit could never be received"
         )
     return max_buffered_bytes
+
+
+def install_request_guard(
+    app: Any,
+    settings: GuardSettings,
+    render: Render,
+    on_reject: Callable[[str, str], None],
+    body_limit: Callable[[Scope], int] | None = None,
+    before_body: BeforeBody | None = None,
+) -> None:
+    """Add the `RequestGuard` to `app` as its outermost middleware so far, over `app`'s routes,
+    with the tokens in `app.state.tokens` and the limits in `settings`; `loopback_hosts_only`
+    while the service runs open (no token) and `insecure` is not set: no DNS rebinding. O(1)."""
+    tokens: TokenSet = app.state.tokens
+    app.add_middleware(
+        RequestGuard,
+        routes_app=app,
+        tokens=tokens,
+        render=render,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_concurrency=settings.max_concurrency,
+        max_buffered_bytes=settings.max_buffered_bytes,
+        on_reject=on_reject,
+        body_limit=body_limit,
+        before_body=before_body,
+        loopback_hosts_only=tokens.open and not settings.insecure,
+    )
 
 
 class RouteAccess(NamedTuple):

@@ -1,5 +1,6 @@
-"""Settings both services read for their security: the role tokens (the same environment names
-for every service, whatever its own prefix) and whether running open beyond loopback is allowed."""
+"""Settings both services read for their security and their request guard: the role tokens (the
+same environment names for every service, whatever its own prefix), whether running open beyond
+loopback is allowed, and the guard's limits (under each service's own prefix)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dapdee.web.guard import check_buffered_bytes
 from dapdee.web.security import TokenSet, token_problem
 
 SECURITY_FIELDS = ("admin_token", "device_token", "worker_token", "api_token", "insecure")
@@ -99,3 +101,26 @@ class SecuritySettings(BaseSettings):
             return s.get_secret_value() if s is not None else None
 
         return TokenSet.of(raw(self.admin_token), raw(self.device_token), raw(self.worker_token), raw(self.api_token))
+
+
+class GuardSettings(SecuritySettings):
+    """`SecuritySettings` and the request guard's limits (`dapdee.web.guard.RequestGuard`), read
+    under the service's own environment prefix. The defaults suit a service of small JSON bodies;
+    a service with other needs redeclares a field with its own default and bounds (the checks
+    below still apply)."""
+
+    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0, description="413 past it")
+    body_timeout_s: float = Field(10.0, gt=0, le=3600, description="408 when a whole body takes longer")
+    max_concurrency: int = Field(256, ge=1, description="requests handled at once; 503 + Retry-After past it")
+    max_buffered_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="request body bytes held at once across requests (being received or handled); "
+        "503 + Retry-After past it (unset: max_body_bytes x min(max_concurrency + 1, 4))",
+    )
+
+    @field_validator("max_buffered_bytes")
+    @classmethod
+    def _holds_a_body(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """At least `max_body_bytes`: a body within the limit must fit the buffer."""
+        return check_buffered_bytes(v, info.data.get("max_body_bytes"))
