@@ -10,6 +10,7 @@
 - `compute`: `TorchCompute` (real, K x emulated) and `EmulatedCompute` (sleeps, no CPU);
 - `fallback`: the exit a locally finished frame leaves at;
 - `runtime`: the frame loop, pipelining and readiness; `replanner`: re-planning;
+- `frame_path`: one frame under a plan, and whether it may still go to the edge;
 - `frames`: random inputs, datasets, image folders, videos and cameras;
 - `report`, `metrics`: summaries, JSON lines, per-frame logs, Prometheus metrics;
 - `session`: a live device assembled from settings; `commands`, `up`: the command line.
