@@ -412,8 +412,8 @@ def environment(root: Path) -> dict[str, str]:
 def check_imports(root: Path) -> None:
     """Refuse to go on unless the core, the services and the tests resolve inside the copy."""
     code = (
-        "import dapdee.costmodel, dapdee.wire, dapdee.planner.app, dapdee.testing.servers, tests.oracle\n"
-        "for m in (dapdee.costmodel, dapdee.wire, dapdee.planner.app, dapdee.testing.servers, tests.oracle):\n"
+        "import dapdee.costmodel, dapdee.wire, dapdee.planner.app, dapdee.web.server_thread, tests.oracle\n"
+        "for m in (dapdee.costmodel, dapdee.wire, dapdee.planner.app, dapdee.web.server_thread, tests.oracle):\n"
         "    print(m.__file__)\n"
     )
     p = subprocess.run(

@@ -27,7 +27,7 @@ import json
 import math
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _idx_path(directory: Path, stem: str) -> Path:
+def _idx_path(directory: Path, stem: str, installed: Path = FMNIST_DIR) -> Path:
+    """The IDX file `stem`(.gz) of `directory`; DataError saying how to get it (the package's
+    name when `directory` is where the package installs it, `installed`)."""
     for name in (stem + ".gz", stem):
         if (directory / name).is_file():
             return directory / name
@@ -123,7 +125,7 @@ def _idx_path(directory: Path, stem: str) -> Path:
         f"Fashion-MNIST: {stem}(.gz) not found in {str(directory)!r}; "
         + (
             "install it with `apt-get install dataset-fashion-mnist`"
-            if directory == FMNIST_DIR
+            if directory == installed
             else "pass the directory that holds the IDX files"
         )
     )
@@ -179,14 +181,17 @@ def read_cifar_bin(paths: list[Path] | tuple[Path, ...]) -> tuple[np.ndarray, np
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A parsed --dataset argument: kind ('fashion-mnist' | 'cifar10') and directory."""
+    """A parsed --dataset argument: kind ('fashion-mnist' | 'cifar10' | 'folder') and directory.
+    `fmnist_dir` is where the Fashion-MNIST package is installed (FMNIST_DIR; not compared): a
+    reference to it is written bare (`text`), and a missing one names the package to install."""
 
     kind: str
     directory: Path
+    fmnist_dir: Path = field(default=FMNIST_DIR, compare=False, repr=False)
 
     @property
     def text(self) -> str:
-        if self.kind == "fashion-mnist" and self.directory == FMNIST_DIR:
+        if self.kind == "fashion-mnist" and self.directory == self.fmnist_dir:
             return "fashion-mnist"
         return f"{self.kind}:{self.directory}"
 
@@ -198,12 +203,14 @@ class DatasetRef:
         return (1, 28, 28) if self.kind == "fashion-mnist" else (3, 32, 32)
 
 
-def parse_dataset(text: str) -> DatasetRef:
-    """Parse `fashion-mnist`, `fashion-mnist:DIR` or `cifar10:DIR`. O(1)."""
+def parse_dataset(text: str, fmnist_dir: Path = FMNIST_DIR) -> DatasetRef:
+    """Parse `fashion-mnist`, `fashion-mnist:DIR`, `cifar10:DIR` or `folder:DIR`. `fmnist_dir`:
+    where the Fashion-MNIST package is installed, which a bare `fashion-mnist` reads (the tests
+    name a missing folder). O(1)."""
     kind, sep, directory = str(text).partition(":")
     kind = kind.strip().lower().replace("_", "-")
     if kind in ("fashion-mnist", "fmnist"):
-        return DatasetRef("fashion-mnist", Path(directory) if sep and directory else FMNIST_DIR)
+        return DatasetRef("fashion-mnist", Path(directory) if sep and directory else fmnist_dir, fmnist_dir)
     if kind in ("cifar10", "cifar-10"):
         if not directory:
             raise DataError("dataset cifar10 needs a directory: --dataset cifar10:DIR (the binary version)")
@@ -223,14 +230,14 @@ def _source(ref: DatasetRef, source_split: str) -> tuple[np.ndarray, np.ndarray]
     if not ref.directory.is_dir():
         hint = (
             "install it with `apt-get install dataset-fashion-mnist`"
-            if ref.kind == "fashion-mnist" and ref.directory == FMNIST_DIR
+            if ref.kind == "fashion-mnist" and ref.directory == ref.fmnist_dir
             else "pass an existing directory"
         )
         raise DataError(f"{ref.kind}: directory {str(ref.directory)!r} not found; {hint}")
     if ref.kind == "folder":
         return _folder_source(ref, source_split)
     if ref.kind == "fashion-mnist":
-        files = [_idx_path(ref.directory, stem) for stem in FMNIST_FILES[source_split]]
+        files = [_idx_path(ref.directory, stem, ref.fmnist_dir) for stem in FMNIST_FILES[source_split]]
     else:
         files = [ref.directory / n for n in (CIFAR_TRAIN if source_split == "train" else CIFAR_TEST)]
     stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (str(f),) for f in files)

@@ -100,10 +100,10 @@ def test_fake_fmnist_dir_and_corrupt_file(tmp_path: Path) -> None:
         D.load_raw(f"fashion-mnist:{d}", "test")
 
 
-def test_missing_dataset_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D, "FMNIST_DIR", tmp_path / "none")
+def test_missing_dataset_messages(tmp_path: Path) -> None:
+    # the package's folder missing (a bare `fashion-mnist` reads it): the package to install is named
     with pytest.raises(D.DataError, match="apt-get install dataset-fashion-mnist"):
-        D.load_raw("fashion-mnist", "test")
+        D.load_raw(D.parse_dataset("fashion-mnist", fmnist_dir=tmp_path / "none"), "test")
     with pytest.raises(D.DataError, match="not found"):
         D.load_raw(f"fashion-mnist:{tmp_path}", "test")
     with pytest.raises(D.DataError, match="cifar10:DIR"):

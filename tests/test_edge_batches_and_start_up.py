@@ -41,8 +41,7 @@ from dapdee.models import LoadedModel, load_model
 from dapdee.planner.app import create_app as create_planner
 from dapdee.planner.config import Settings as PlannerSettings
 from dapdee.profiler import profile_model
-from dapdee.testing import free_port, serve_app_in_thread
-from dapdee.testing.servers import ServerThread
+from dapdee.testing import ServerThread, free_port, serve_app_in_thread
 from tests import metrics_scrape
 from tests.test_baselines import synthetic_timings
 

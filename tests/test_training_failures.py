@@ -2,14 +2,13 @@
 download): bounded --threads, finite --weight-decay, a diverging run is an error and writes no
 non-finite weights, splits and --out checked before the first epoch, a checkpoint whose two
 files stay consistent when a write fails, a folder artifact's own class names, the channels of
-a `pkg.mod:factory` model, and malformed manifests named field by field (exit 2)."""
+a `pkg.mod:factory` model, and malformed manifests named field by field (exit 2). The
+`pkg.mod:factory` models are this module's own functions (the tests' package is importable)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import pathlib
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from dapdee import data as D
 from dapdee.cli import build_parser, main
@@ -100,20 +100,30 @@ def test_a_diverging_run_is_an_error_and_writes_nothing(folder: Path, tmp_path: 
     assert not (out / WEIGHTS).exists() and not (out / MANIFEST).exists()
 
 
-def test_non_finite_weights_are_never_written(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Weights that turn NaN in an epoch whose loss was still finite (the last step's update)."""
-    real_epoch = T._train_epoch
+class NanGradients(nn.Module):
+    """A classifier whose `gate` never changes its logits but gets a NaN gradient (torch.where's
+    backward through the branch it did not take: 0 x NaN): the first update makes `gate` NaN,
+    and every loss stays finite."""
 
-    def poisoned(module: torch.nn.Module, *a: Any) -> dict[str, Any]:
-        rec = real_epoch(module, *a)
-        with torch.no_grad():
-            next(module.parameters()).fill_(math.nan)
-        return rec
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.gate = nn.Parameter(torch.zeros(1))
 
-    monkeypatch.setattr(T, "_train_epoch", poisoned)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        off = torch.where(self.gate > 1, torch.sqrt(-1 - self.gate), torch.zeros_like(self.gate))
+        return self.body(x) + off
+
+
+def nan_gradients() -> nn.Module:
+    return NanGradients()
+
+
+def test_non_finite_weights_are_never_written(folder: Path, tmp_path: Path) -> None:
+    """Weights that turn NaN in an epoch whose loss was still finite (an update's NaN gradient)."""
     out = tmp_path / "nan"
-    with pytest.raises(ValueError, match="diverged.*NaN"):
-        train(cfg(folder, out), **QUIET)
+    with pytest.raises(ValueError, match="diverged: gate holds NaN"):
+        train(cfg(folder, out, model=f"{__name__}:nan_gradients"), **QUIET)
     assert not (out / WEIGHTS).exists() and not (out / "checkpoint" / "state.json").exists()
     layer = torch.nn.Linear(2, 2)
     T.check_finite(layer, "x")
@@ -169,26 +179,22 @@ def test_an_out_that_cannot_be_created_fails_before_training(folder: Path, tmp_p
 # ---- checkpoints -------------------------------------------------------------------------------
 
 
-def test_a_failed_checkpoint_write_leaves_a_resumable_checkpoint(
-    folder: Path, artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ENOSPC writing state.json in epoch 2, after the weights file was written: the same
-    command resumes after epoch 1 and ends bit-identical to an uninterrupted run."""
+def test_a_failed_checkpoint_write_leaves_a_resumable_checkpoint(folder: Path, artifact: Path, tmp_path: Path) -> None:
+    """Writing state.json fails in epoch 2, after the weights file was written (a directory
+    holds its temporary name, made at epoch 2's log line, which comes just before the
+    checkpoint): once it is gone, the same command resumes after epoch 1 and ends bit-identical
+    to an uninterrupted run."""
     out = tmp_path / "ck"
-    real = pathlib.Path.write_text
-    calls = {"state": 0}
+    in_the_way = out / "checkpoint" / "state.json.tmp"
 
-    def flaky(self: pathlib.Path, *a: Any, **k: Any) -> int:
-        if self.name == "state.json.tmp":
-            calls["state"] += 1
-            if calls["state"] == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **k)
+    def log(line: str) -> None:
+        if "epoch 2/2" in line:
+            in_the_way.mkdir()
 
-    monkeypatch.setattr(pathlib.Path, "write_text", flaky)
-    with pytest.raises(OSError, match="No space"):
-        train(cfg(folder, out, name="tiny", epochs=2), **QUIET)
-    monkeypatch.setattr(pathlib.Path, "write_text", real)
+    with pytest.raises(IsADirectoryError, match="state.json.tmp"):
+        train(cfg(folder, out, name="tiny", epochs=2), progress=False, log=log)
+    assert (out / "checkpoint" / "state-2.safetensors").is_file()  # it failed after the weights file
+    in_the_way.rmdir()
     logs: list[str] = []
     final = train(cfg(folder, out, name="tiny", epochs=2), progress=False, log=logs.append)
     assert any("after epoch 1/2" in s for s in logs)
@@ -259,22 +265,23 @@ def test_fashion_mnist_test_order_is_the_files() -> None:
 
 # ---- `pkg.mod:factory` models ---------------------------------------------------------------
 
-FACTORIES = """
-from torch import nn
-def gray():
+
+def gray() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-def rgb():
+
+
+def rgb() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-def broken():
+
+
+def broken() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(7, 3))
-"""
 
 
 @pytest.fixture
-def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    (tmp_path / "fixfactories.py").write_text(FACTORIES)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "fixfactories"
+def factories() -> str:
+    """The module of the factories above: this one, importable by its name."""
+    return __name__
 
 
 def test_factory_models_take_the_channels_they_are_built_for(folder: Path, tmp_path: Path, factories: str) -> None:

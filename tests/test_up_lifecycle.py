@@ -1,14 +1,19 @@
 """`dapdee up`: the planner and edge server threads stop on any start-up failure (profiling
 included) and in order at the end even when one fails to stop; a --log that cannot be written
-is an error before anything starts; the frames are the artifact's own dataset's."""
+is an error before anything starts; the frames are the artifact's own dataset's. The servers
+are real (uvicorn in threads), and so are their failures: no code of ours is patched."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,10 @@ import torch
 
 from dapdee import data as D
 from dapdee.device import up
-from dapdee.models import MANIFEST, WEIGHTS, load_model, sha256_file
+from dapdee.device.types import DeviceError
+from dapdee.models import MANIFEST, WEIGHTS, LoadedModel, load_model, sha256_file
+from dapdee.netem import parse_network
+from dapdee.testing import ServerThread
 from tests.images import write_png
 
 SPEC = "zoo:alexnet?width=0.0625&in_channels=1&num_classes=3"
@@ -38,95 +46,127 @@ def write_artifact(directory: Path, **manifest: Any) -> Path:
     return directory
 
 
-class FakeServer:
-    """A server whose stop() is recorded (and raises `error` when given)."""
+@dataclass(frozen=True)
+class Tiny:
+    """The device's part of a stack: a small model (an artifact of its own) and its profile."""
 
-    def __init__(self, name: str, stops: list[str], error: BaseException | None = None) -> None:
-        self.name, self.stops, self.error, self.url = name, stops, error, f"http://{name}"
-
-    def stop(self) -> None:
-        self.stops.append(self.name)
-        if self.error is not None:
-            raise self.error
+    artifact: Path
+    loaded: LoadedModel
+    graph: Any
 
 
-def fake_stack(edge_error: BaseException | None, stops: list[str]) -> up.Stack:
-    edge = FakeServer("edge", stops, edge_error)
-    return up.Stack(FakeServer("planner", stops), edge, "m", "", None, None, None, "t")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    from dapdee.device.profile import measure_device_profile
+
+    art = write_artifact(tmp_path_factory.mktemp("tiny") / "art")
+    loaded = load_model("", weights=art)
+    return Tiny(art, loaded, measure_device_profile(loaded, 1.0, repeats=2, runs=2))
+
+
+Servers = tuple[ServerThread, ServerThread, list[str]]  # planner, edge, the order their shutdowns began in
+
+
+def not_a_planner(name: str, stops: list[str], release: threading.Event | None = None) -> Any:
+    """An ASGI app that answers 404 to every request (no planner, no edge worker) and whose
+    lifespan shutdown appends `name` to `stops`; given `release`, it then waits for it (60 s at
+    most): a server that does not stop when told to."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            stops.append(name)
+            if release is not None:
+                await asyncio.to_thread(release.wait, 60)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"not here"})
+
+    return app
+
+
+@pytest.fixture
+def stuck_edge() -> Iterator[Servers]:
+    """(planner, edge, stops): two real servers; the edge's stop() fails, its shutdown running
+    past ServerThread.stop's 10 s (it is let go and joined afterwards)."""
+    stops: list[str] = []
+    release = threading.Event()
+    planner = ServerThread(not_a_planner("planner", stops), name="planner").start()
+    edge = ServerThread(not_a_planner("edge", stops, release), name="edge").start()
+    try:
+        yield planner, edge, stops
+    finally:
+        release.set()
+        for server in (planner, edge):
+            if server.thread.is_alive():
+                server.stop()
+
+
+def new_uvicorn_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name.startswith("uvicorn-")]
 
 
 # ---- stopping --------------------------------------------------------------------------------
 
 
-def test_profiling_failure_stops_planner_and_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dapdee.device.profile as profile
-    import dapdee.testing as testing
-
-    servers: list[Any] = []
-
-    class Recorded(testing.ServerThread):
-        def start(self, *a: Any, **k: Any) -> Any:
-            servers.append(self)
-            return super().start(*a, **k)
+def test_profiling_failure_stops_planner_and_edge(tiny: Tiny) -> None:
+    before = set(threading.enumerate())
+    serving: list[threading.Thread] = []
 
     def interrupted(*a: Any, **k: Any) -> Any:
+        serving.extend(new_uvicorn_threads(before))
         raise KeyboardInterrupt  # Ctrl-C during 'device: profiling ...'
 
-    monkeypatch.setattr(testing, "ServerThread", Recorded)
-    monkeypatch.setattr(profile, "measure_device_profile", interrupted)
-    art = write_artifact(tmp_path / "art")
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            up.run_up(up.UpOptions(artifact=str(art), networks=("WiFi",), frames=1, slowdown=1.0, quiet=True))
-        assert [s.thread.name for s in servers] == ["uvicorn-planner", "uvicorn-edge"]
-        assert not any(s.thread.is_alive() for s in servers)
-    finally:
-        for s in servers:
-            if s.thread.is_alive():
-                s.stop()
+    opts = up.UpOptions(artifact=str(tiny.artifact), networks=("WiFi",), frames=1, slowdown=1.0, quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        up._start_stack(opts, lambda *a: None, measure=interrupted)
+    assert [t.name for t in serving] == ["uvicorn-planner", "uvicorn-edge"]  # started in this order
+    assert not any(t.is_alive() for t in serving)
 
 
-def test_a_failing_edge_stop_still_stops_the_planner_and_keeps_the_first_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    stops: list[str] = []
-    monkeypatch.setattr(up, "_start_stack", lambda opts, say: fake_stack(OSError("edge stuck"), stops))
-
-    def boom(*a: Any) -> Any:
-        raise RuntimeError("frames failed")
-
-    monkeypatch.setattr(up, "_frames", boom)
-    with pytest.raises(RuntimeError, match="frames failed"):
-        up.run_up(up.UpOptions(networks=("WiFi",), quiet=True))
+def test_a_failing_edge_stop_still_stops_the_planner_and_keeps_the_first_error(tiny: Tiny, stuck_edge: Servers) -> None:
+    """Streaming fails (the planner's URL answers, but no planner does); stopping the edge then
+    fails too: the planner is still stopped, after the edge, and the streaming's error is raised."""
+    planner, edge, stops = stuck_edge
+    st = up.Stack(planner, edge, "m", "", None, tiny.loaded, tiny.graph, "t")
+    opts = up.UpOptions(networks=("WiFi",), frames=1, slowdown=1.0, quiet=True)
+    with pytest.raises(DeviceError, match="cannot reach the planner"):
+        up._run_networks(st, opts, [parse_network("WiFi")], None)
     assert stops == ["edge", "planner"]
+    assert not planner.thread.is_alive()
 
 
 def test_after_a_clean_run_a_failing_edge_stop_is_raised_after_the_planner_stops(
-    monkeypatch: pytest.MonkeyPatch,
+    tiny: Tiny, stuck_edge: Servers
 ) -> None:
-    stops: list[str] = []
-    monkeypatch.setattr(up, "_start_stack", lambda opts, say: fake_stack(OSError("edge stuck"), stops))
-    monkeypatch.setattr(up, "_frames", lambda loaded, n: ([], "no frames"))
-
-    async def one_network(*a: Any) -> tuple[dict[str, Any], None, list[Any]]:
-        return {}, None, []
-
-    monkeypatch.setattr(up, "_one_network", one_network)
-    with pytest.raises(OSError, match="edge stuck"):
-        up.run_up(up.UpOptions(networks=("WiFi",), quiet=True))
+    """A run that streams (the Device-Only baseline: it needs neither server) and ends cleanly,
+    then the edge fails to stop: the planner is stopped, after the edge, and the edge's error
+    is raised."""
+    planner, edge, stops = stuck_edge
+    st = up.Stack(planner, edge, "m", "", None, tiny.loaded, tiny.graph, "t")
+    opts = up.UpOptions(networks=(), frames=2, slowdown=1.0, quiet=True)
+    with pytest.raises(RuntimeError, match="still running"):
+        up._run_networks(st, opts, [], None)
     assert stops == ["edge", "planner"]
+    assert not planner.thread.is_alive()
 
 
 # ---- --log --------------------------------------------------------------------------------------
 
 
-def test_an_unwritable_log_fails_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def started(*a: Any) -> Any:
-        raise AssertionError("the stack was started")
-
-    monkeypatch.setattr(up, "_start_stack", started)
+def test_an_unwritable_log_fails_before_anything_starts(
+    tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing started: no server thread, and not the start-up's first line ('planner http://...')."""
+    before = set(threading.enumerate())
+    log = str(tmp_path / "missing" / "f.jsonl")
+    opts = up.UpOptions(artifact=str(tiny.artifact), networks=("WiFi",), frames=1, slowdown=1.0, log=log)
     with pytest.raises(ValueError, match="--log .*missing"):
-        up.run_up(up.UpOptions(networks=("WiFi",), quiet=True, log=str(tmp_path / "missing" / "f.jsonl")))
+        up.run_up(opts)
+    assert "planner" not in capsys.readouterr().err
+    assert new_uvicorn_threads(before) == []
 
 
 def _up(art: Path) -> list[str]:

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -178,11 +179,13 @@ def _stop_servers(*servers: Any) -> BaseException | None:
     return first
 
 
-def _start_stack(opts: UpOptions, say: Any) -> Stack:
+def _start_stack(opts: UpOptions, say: Any, measure: Callable[..., Any] | None = None) -> Stack:
     """Planner and edge worker in threads (closed by one random token), the device's model
     (traced before the edge thread runs modules: fx tracing patches nn.Module process-wide) and
     its profile. Any failure (or Ctrl-C) on the way stops the servers already started before
-    it propagates."""
+    it propagates. `measure` takes the device profile, called as
+    `dapdee.device.profile.measure_device_profile` is (None: that function); the tests pass one
+    that fails there, as a Ctrl-C during profiling does."""
     from dapdee.device.profile import measure_device_profile
     from dapdee.edge_worker.app import OipHeadProtocol, load_models
     from dapdee.edge_worker.app import create_app as create_edge
@@ -191,8 +194,10 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
     from dapdee.planner.app import create_app as create_planner
     from dapdee.planner.config import Settings as PlannerSettings
     from dapdee.planner.problems import ProblemHeadProtocol
-    from dapdee.testing import ServerThread, bind_free_socket
+    from dapdee.web.server_thread import ServerThread, bind_free_socket
     from dapdee.web.settings_load import load_settings
+
+    measure = measure or measure_device_profile
 
     artifact = find_artifact(opts.artifact)
     if artifact is None:
@@ -224,7 +229,7 @@ def _start_stack(opts: UpOptions, say: Any) -> Stack:
         started.insert(0, edge)
         say(f"planner {planner.url} (in-process store, no Redis); edge {edge_url} serving {served[0].name}")
         say(f"device: profiling {loaded.name} at slowdown K={opts.slowdown:g} ...")
-        graph = measure_device_profile(loaded, opts.slowdown, repeats=8, runs=PROFILE_RUNS)
+        graph = measure(loaded, opts.slowdown, repeats=8, runs=PROFILE_RUNS)
     except BaseException:
         _stop_servers(*started)  # the start-up's error is the one to report
         raise
