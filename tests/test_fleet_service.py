@@ -872,9 +872,9 @@ async def _rebalance_with_an_old_capacity(prefix: str, capacity: float) -> dict[
     try:
 
         async def old_view() -> list[Worker]:
-            return [replace(w, capacity_ms_per_s=capacity) for w in await store.live_workers()]
+            return [replace(w, capacity_ms_per_s=capacity) for w in await store.registry.live()]
 
-        fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates_for, old_view)
+        fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates.by_name, old_view)
         return await Rebalancer(fleet, store.keys).rebalance()
     finally:
         await store.close()
@@ -904,7 +904,7 @@ async def _two_heartbeats_at_once(prefix: str) -> tuple[list[bool], dict[str, fl
     await store.start()
     try:
         w = Worker("http://w1:1", ("cam",), "t", 0.0, 0, 0, capacity_ms_per_s=300.0)
-        shared = list(await asyncio.gather(store.heartbeat(w), store.heartbeat(w)))
+        shared = list(await asyncio.gather(store.heartbeats.record(w), store.heartbeats.record(w)))
         counts = {r: metrics.registry.get_sample_value("dapdee_planner_rebalances_total", {"result": r}) or 0.0
                   for r in ("shed", "shed_refused", "forced")}  # fmt: skip
         return shared, counts, len(store.rebalancer._shedding)
@@ -993,7 +993,7 @@ async def _lock_holders(prefix: str) -> list[Any]:
     await store.start()
     r = redis.Redis.from_url(SHARED_REDIS)
     try:
-        fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates_for, store.live_workers)
+        fleet = Fleet(settings, store.metrics, store.link, store.keys, store.candidates.by_name, store.registry.live)
         rebalancer = Rebalancer(fleet, store.keys)
         token = await rebalancer.lock.acquire()
         out: list[Any] = [token is not None, await rebalancer.lock.acquire() is not None]

@@ -33,8 +33,8 @@ def test_a_cancelled_request_leaves_its_build_to_finish_and_be_cached(planner_pr
 
     async def go() -> None:
         async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
-            st = (await s.put_graph(wide_graph())).state
-            first = asyncio.create_task(s.planmap("wide", st, None, None))
+            st = (await s.model_writer.put_graph(wide_graph())).state
+            first = asyncio.create_task(s.planmaps.get("wide", st, None, None))
             await asyncio.sleep(0.3)
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -44,7 +44,7 @@ def test_a_cancelled_request_leaves_its_build_to_finish_and_be_cached(planner_pr
                 assert time.monotonic() < deadline, "the build of the cancelled request never ended"
                 await asyncio.sleep(0.05)
             t0 = time.monotonic()
-            pm = await s.planmap("wide", st, None, None)
+            pm = await s.planmaps.get("wide", st, None, None)
             assert time.monotonic() - t0 < 0.2
             # answered by the first build (cached, or just ending): no second look-up missed
             assert sample(s, "dapdee_planner_cache_misses_total") == 1
@@ -60,10 +60,10 @@ def test_a_request_cancelled_while_another_waits_does_not_start_a_second_build(p
 
     async def go() -> None:
         async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
-            st = (await s.put_graph(wide_graph())).state
-            first = asyncio.create_task(s.planmap("wide", st, None, None))
+            st = (await s.model_writer.put_graph(wide_graph())).state
+            first = asyncio.create_task(s.planmaps.get("wide", st, None, None))
             await asyncio.sleep(0.05)
-            second = asyncio.create_task(s.planmap("wide", st, None, None))
+            second = asyncio.create_task(s.planmaps.get("wide", st, None, None))
             await asyncio.sleep(0.3)
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -93,15 +93,15 @@ def test_a_build_process_that_dies_leaves_the_map_cut_short_and_the_next_build_a
     async def go() -> None:
         async with running(settings(planner_prefix, planmap_build_budget_s=BUDGET_S)) as s:
             before = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
-            st = (await s.put_graph(wide_graph())).state
-            first = asyncio.create_task(s.planmap("wide", st, None, None))
+            st = (await s.model_writer.put_graph(wide_graph())).state
+            first = asyncio.create_task(s.planmaps.get("wide", st, None, None))
             builder = await build_process(before)
             await asyncio.sleep(0.2)
             os.kill(builder.pid, signal.SIGKILL)
             pm = await first
             assert pm.over_budget and pm.plan(PlanRequest(bandwidth_mbps=5.0, mode="throughput"))["approximate"]
-            st = (await s.put_graph(wide_graph(width=1999))).state
-            second = asyncio.create_task(s.planmap("wide", st, None, None))
+            st = (await s.model_writer.put_graph(wide_graph(width=1999))).state
+            second = asyncio.create_task(s.planmaps.get("wide", st, None, None))
             assert (await build_process(before | {builder.pid})).pid != builder.pid
             assert (await second).plan(PlanRequest(bandwidth_mbps=5.0))["exit"]["name"]
             assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 2
@@ -120,9 +120,9 @@ def test_the_maps_in_process_memory_are_bounded_in_estimated_bytes(planner_prefi
         async with running(settings(planner_prefix, None, planmap_cache_bytes=cap)) as s:
             hashes = {}
             for name in ("m0", "m1", "m2"):
-                st = (await s.put_graph(chain_graph(name, n=40))).state
+                st = (await s.model_writer.put_graph(chain_graph(name, n=40))).state
                 hashes[st.graph_hash] = name
-                await s.planmap(name, st, None, None)
+                await s.planmaps.get(name, st, None, None)
             assert all(approx_bytes(pm) == one for pm in s.planmaps.maps.values())
             return [hashes[key[0]] for key in s.planmaps.maps]
 
@@ -192,13 +192,13 @@ def test_a_confidence_exit_map_is_counted_and_evicted_like_any_other(planner_pre
     async def go() -> list[tuple[str, bool]]:
         async with running(settings(planner_prefix, None, planmap_cache_bytes=p + c)) as s:
             names = {}
-            st = (await s.put_graph(calibrated)).state
+            st = (await s.model_writer.put_graph(calibrated)).state
             names[st.graph_hash] = "m"
-            assert isinstance(await s.planmap("m", st, None, None, progressive=True), ProgressiveMap)
+            assert isinstance(await s.planmaps.get("m", st, None, None, progressive=True), ProgressiveMap)
             for name in ("m1", "m2"):
-                st = (await s.put_graph(chain_graph(name, n=120))).state
+                st = (await s.model_writer.put_graph(chain_graph(name, n=120))).state
                 names[st.graph_hash] = name
-                await s.planmap(name, st, None, None)
+                await s.planmaps.get(name, st, None, None)
             return [(names[key[0]], key[2].endswith(PROGRESSIVE)) for key in s.planmaps.maps]
 
     assert asyncio.run(go()) == [("m1", False), ("m2", False)]

@@ -36,41 +36,41 @@ async def interleaved_outage(
     """Replica `a` (behind `proxy`) and `b` interleave writes while `a` is cut off; then `a`'s
     refresh loop replays its queue."""
     g = chain_graph("shared")
-    await b.put_graph(g)
-    await b.put_profile("shared", device_profile(g, "p0"))
+    await b.model_writer.put_graph(g)
+    await b.model_writer.put_profile("shared", device_profile(g, "p0"))
     solo = chain_graph("solo")
-    await b.put_graph(solo)
-    assert (await a.get_model("shared")).version == 2  # type: ignore[union-attr]
-    assert (await a.get_model("solo")).version == 1  # type: ignore[union-attr]
+    await b.model_writer.put_graph(solo)
+    assert (await a.model_cache.get("shared")).version == 2  # type: ignore[union-attr]
+    assert (await a.model_cache.get("solo")).version == 1  # type: ignore[union-attr]
 
     proxy.cut()
     g2 = chain_graph("shared", scale=3.0)  # same structure, other timings
     b2_theirs = device_profile(g, "b2", 7.0)
     steps = [
-        (a.put_profile, ("shared", device_profile(g, "a1"))),
-        (b.put_profile, ("shared", device_profile(g, "b1"))),
-        (a.put_profile, ("solo", device_profile(solo, "a-solo"))),
-        (b.put_graph, (g2,)),
-        (a.delete_profile, ("shared", "p0")),
-        (b.put_profile, ("shared", b2_theirs)),
-        (b.delete_profile, ("shared", "b1")),
-        (a.put_profile, ("shared", device_profile(g, "b2", 1.5))),  # would overwrite b's newer b2
+        (a.model_writer.put_profile, ("shared", device_profile(g, "a1"))),
+        (b.model_writer.put_profile, ("shared", device_profile(g, "b1"))),
+        (a.model_writer.put_profile, ("solo", device_profile(solo, "a-solo"))),
+        (b.model_writer.put_graph, (g2,)),
+        (a.model_writer.delete_profile, ("shared", "p0")),
+        (b.model_writer.put_profile, ("shared", b2_theirs)),
+        (b.model_writer.delete_profile, ("shared", "b1")),
+        (a.model_writer.put_profile, ("shared", device_profile(g, "b2", 1.5))),  # would overwrite b's newer b2
     ]
     for fn, args in steps:
         res = await fn(*args)
         assert res is not None and res is not False
     # a new model: a cannot tell that Redis lacks it, so the create is refused (retry), not queued
     with pytest.raises(ModelUnreachable):
-        await a.put_graph(chain_graph("only-a"))
-    assert a.redis_state == "down" and a.pending_count == 4
-    want = await b.get_model("shared")  # the newest state: b's writes only
+        await a.model_writer.put_graph(chain_graph("only-a"))
+    assert a.link.state == "down" and a.model_writer.pending_count == 4
+    want = await b.model_cache.get("shared")  # the newest state: b's writes only
     assert want is not None and want.version == 6
 
     with caplog.at_level(logging.WARNING, logger="dapdee.planner"):
         proxy.restore()
         deadline = time.monotonic() + 10
-        while a.pending_count or a.redis_state != "up":  # a's own refresh loop replays
-            assert time.monotonic() < deadline, (a.pending_count, a.redis_state)
+        while a.model_writer.pending_count or a.link.state != "up":  # a's own refresh loop replays
+            assert time.monotonic() < deadline, (a.model_writer.pending_count, a.link.state)
             await asyncio.sleep(0.05)
 
     r = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=2)
@@ -88,8 +88,8 @@ async def interleaved_outage(
     assert len(warned) == 3 and all("'shared'" in m for m in warned), warned
     assert "Redis holds version 6" in warned[0]
     # both replicas converge on Redis's state
-    mine = await a.get_model("shared")
+    mine = await a.model_cache.get("shared")
     assert mine is not None and (mine.version, set(mine.profiles)) == (6, {"p0", "b2"})
     await b.sync()
-    theirs = await b.get_model("solo")
+    theirs = await b.model_cache.get("solo")
     assert theirs is not None and set(theirs.profiles) == {"a-solo"}

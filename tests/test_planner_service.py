@@ -657,6 +657,6 @@ def test_planmap_key_names_the_enumeration_cap() -> None:
     from dapdee.planner.store import Store
 
     key = ("g", "d", "e")
-    default = Store(Settings(redis_url=None), PlannerMetrics()).k_planmap(key)
-    capped = Store(Settings(redis_url=None, planmap_cap=50), PlannerMetrics()).k_planmap(key)
+    default = Store(Settings(redis_url=None), PlannerMetrics()).planmaps.redis_key(key)
+    capped = Store(Settings(redis_url=None, planmap_cap=50), PlannerMetrics()).planmaps.redis_key(key)
     assert default.endswith(":planmap:g:d:e") and capped == default + ":cap50"

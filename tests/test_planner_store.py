@@ -105,32 +105,32 @@ def test_versions_compare_and_set(planner_prefix: str) -> None:
         s = settings(planner_prefix)
         async with running(s) as a, running(s) as b:
             g = chain_graph("m")
-            res = await a.put_graph(g)
+            res = await a.model_writer.put_graph(g)
             assert (res.created, res.state.version, res.stored) == (True, 1, "redis")
-            assert (await b.get_model("m")).version == 1  # type: ignore[union-attr]
-            pa = await a.put_profile("m", device_profile(g, "pa"), expect_version=1)
+            assert (await b.model_cache.get("m")).version == 1  # type: ignore[union-attr]
+            pa = await a.model_writer.put_profile("m", device_profile(g, "pa"), expect_version=1)
             assert pa is not None and pa.state.version == 2 and pa.created
             with pytest.raises(VersionConflict) as err:
-                await b.put_profile("m", device_profile(g, "pb"), expect_version=1)
+                await b.model_writer.put_profile("m", device_profile(g, "pb"), expect_version=1)
             assert (err.value.expected, err.value.actual) == (1, 2)
-            pb = await b.put_profile("m", device_profile(g, "pb"))  # no If-Match: on the newest state
+            pb = await b.model_writer.put_profile("m", device_profile(g, "pb"))  # no If-Match: on the newest state
             assert pb is not None and pb.state.version == 3 and set(pb.state.profiles) == {"pa", "pb"}
             await a.sync()  # the generation counter moved: a re-reads its cached model
-            st = await a.get_model("m")
+            st = await a.model_cache.get("m")
             assert st is not None and st.version == 3 and set(st.profiles) == {"pa", "pb"}
-            same = await a.put_graph(g)  # an identical graph changes nothing
+            same = await a.model_writer.put_graph(g)  # an identical graph changes nothing
             assert (same.created, same.state.version, same.dropped_profiles) == (False, 3, [])
-            new = await b.put_graph(chain_graph("m", scale=2.0))  # same structure: profiles kept
+            new = await b.model_writer.put_graph(chain_graph("m", scale=2.0))  # same structure: profiles kept
             assert new.state.version == 4 and set(new.state.profiles) == {"pa", "pb"}
-            other = await a.put_graph(chain_graph("m", n=7), expect_version=4)  # new structure
+            other = await a.model_writer.put_graph(chain_graph("m", n=7), expect_version=4)  # new structure
             assert other.state.version == 5 and other.dropped_profiles == ["pa", "pb"]
             with pytest.raises(VersionConflict) as err:
-                await b.put_graph(chain_graph("absent"), expect_version=3)
+                await b.model_writer.put_graph(chain_graph("absent"), expect_version=3)
             assert err.value.actual is None
             with pytest.raises(VersionConflict):
                 await b.delete_model("m", expect_version=4)
             assert await b.delete_model("m", expect_version=5)
-            assert await b.get_model("m") is None
+            assert await b.model_cache.get("m") is None
             r = raw_redis()
             assert r.hget(f"{planner_prefix}:v1:versions", "m") is None
             assert not r.exists(f"{planner_prefix}:v1:graph:m", f"{planner_prefix}:v1:profiles:m")
@@ -146,10 +146,10 @@ def test_concurrent_writers_lose_no_write(planner_prefix: str) -> None:
         s = settings(planner_prefix, max_profiles_per_model=64)
         async with running(s) as a, running(s) as b:
             g = chain_graph("m")
-            await a.put_graph(g)
-            await b.get_model("m")
+            await a.model_writer.put_graph(g)
+            await b.model_cache.get("m")
             writes = [
-                store.put_profile("m", device_profile(g, f"{who}{i}", 1.0 + i))
+                store.model_writer.put_profile("m", device_profile(g, f"{who}{i}", 1.0 + i))
                 for i in range(20)
                 for who, store in (("a", a), ("b", b))
             ]
@@ -157,7 +157,7 @@ def test_concurrent_writers_lose_no_write(planner_prefix: str) -> None:
             for i, r in enumerate(results):  # each answer shows a state holding its own write
                 assert r is not None and r.stored == "redis" and f"{'ab'[i % 2]}{i // 2}" in r.state.profiles
         async with running(s) as c:
-            st = await c.get_model("m")
+            st = await c.model_cache.get("m")
             assert st is not None and st.version == 41 and len(st.profiles) == 40
 
     asyncio.run(go())
@@ -168,16 +168,16 @@ def test_memory_only_store_versions_and_caps() -> None:
         s = Settings(redis_url=None, max_models=1, max_profiles_per_model=1, max_workers=1)
         async with running(s) as m:
             g = chain_graph("m")
-            assert (await m.put_graph(g)).stored == "memory"
+            assert (await m.model_writer.put_graph(g)).stored == "memory"
             with pytest.raises(CapacityExceeded):
-                await m.put_graph(chain_graph("m2"))
-            res = await m.put_profile("m", device_profile(g, "t"))
+                await m.model_writer.put_graph(chain_graph("m2"))
+            res = await m.model_writer.put_profile("m", device_profile(g, "t"))
             assert res is not None and (res.state.version, res.stored) == (2, "memory")
             with pytest.raises(CapacityExceeded):
-                await m.put_profile("m", device_profile(g, "t2"))
-            assert not await m.heartbeat(worker("http://127.0.0.1:1"))
+                await m.model_writer.put_profile("m", device_profile(g, "t2"))
+            assert not await m.heartbeats.record(worker("http://127.0.0.1:1"))
             with pytest.raises(CapacityExceeded):
-                await m.heartbeat(worker("http://127.0.0.1:2"))
+                await m.heartbeats.record(worker("http://127.0.0.1:2"))
 
     asyncio.run(go())
 
@@ -211,28 +211,28 @@ async def reconnect(store: Store, proxy: RedisProxy) -> None:
 
     async def done() -> bool:
         await store.sync()
-        return store.redis_state == "up" and store.pending_count == 0
+        return store.link.state == "up" and store.model_writer.pending_count == 0
 
-    assert await until(done), (store.redis_state, store.pending_count)
+    assert await until(done), (store.link.state, store.model_writer.pending_count)
 
 
 def test_outage_replay_applies_current_and_reports_stale(planner_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
         async with proxied(planner_prefix) as (a, proxy), running(settings(planner_prefix)) as b:
             g1, g2 = chain_graph("m1"), chain_graph("m2")
-            await b.put_graph(g1)
-            await b.put_profile("m1", device_profile(g1, "p0"))
-            await b.put_graph(g2)
-            assert (await a.get_model("m1")).version == 2  # type: ignore[union-attr]
-            assert (await a.get_model("m2")).version == 1  # type: ignore[union-attr]
+            await b.model_writer.put_graph(g1)
+            await b.model_writer.put_profile("m1", device_profile(g1, "p0"))
+            await b.model_writer.put_graph(g2)
+            assert (await a.model_cache.get("m1")).version == 2  # type: ignore[union-attr]
+            assert (await a.model_cache.get("m2")).version == 1  # type: ignore[union-attr]
             proxy.cut()
-            ra = await a.put_profile("m1", device_profile(g1, "a"))
+            ra = await a.model_writer.put_profile("m1", device_profile(g1, "a"))
             assert ra is not None and ra.stored == "pending" and ra.state.version == 3
-            rb = await b.put_profile("m1", device_profile(g1, "b"))  # newer write, via the other replica
+            rb = await b.model_writer.put_profile("m1", device_profile(g1, "b"))  # newer write, via the other replica
             assert rb is not None and rb.stored == "redis" and rb.state.version == 3
-            r2 = await a.put_profile("m2", device_profile(g2, "a2"))  # nobody else touches m2
+            r2 = await a.model_writer.put_profile("m2", device_profile(g2, "a2"))  # nobody else touches m2
             assert r2 is not None and r2.stored == "pending"
-            assert a.pending_count == 2 and a.redis_state == "down"
+            assert a.model_writer.pending_count == 2 and a.link.state == "down"
             with caplog.at_level(logging.WARNING, logger="dapdee.planner"):
                 await reconnect(a, proxy)
             r = raw_redis()
@@ -243,7 +243,7 @@ def test_outage_replay_applies_current_and_reports_stale(planner_prefix: str, ca
             assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 1
             lines = [rec.getMessage() for rec in caplog.records if "queued write not applied" in rec.getMessage()]
             assert len(lines) == 1 and "'m1'" in lines[0] and "version 2" in lines[0] and "version 3" in lines[0]
-            st = await a.get_model("m1")  # reloaded from Redis
+            st = await a.model_cache.get("m1")  # reloaded from Redis
             assert st is not None and st.version == 3 and set(st.profiles) == {"p0", "b"}
 
     asyncio.run(go())
@@ -259,17 +259,17 @@ def test_put_graph_during_outage_keeps_stored_profiles(planner_prefix: str) -> N
     async def go() -> None:
         async with proxied(planner_prefix) as (a, proxy), running(settings(planner_prefix)) as b:
             g = chain_graph("n")
-            await b.put_graph(g)
-            await b.put_profile("n", device_profile(g, "phone"))
+            await b.model_writer.put_graph(g)
+            await b.model_writer.put_profile("n", device_profile(g, "phone"))
             proxy.cut()
             with pytest.raises(ModelUnreachable):
-                await a.put_graph(chain_graph("n", n=9))  # another structure: would drop profiles
-            assert a.pending_count == 0
+                await a.model_writer.put_graph(chain_graph("n", n=9))  # another structure: would drop profiles
+            assert a.model_writer.pending_count == 0
             await reconnect(a, proxy)
-            st = await b.refresh_model("n")
+            st = await b.model_cache.refresh("n")
             assert st is not None and set(st.profiles) == {"phone"} and len(st.graph.nodes) == 6
             assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
-            mine = await a.get_model("n")
+            mine = await a.model_cache.get("n")
             assert mine is not None and mine.version == st.version and set(mine.profiles) == {"phone"}
 
     asyncio.run(go())
@@ -282,9 +282,9 @@ def test_close_logs_writes_it_could_not_replay(planner_prefix: str, caplog: pyte
         await store.start()
         try:
             g = chain_graph("m")
-            await store.put_graph(g)
+            await store.model_writer.put_graph(g)
             proxy.cut()
-            res = await store.put_profile("m", device_profile(g, "late"))
+            res = await store.model_writer.put_profile("m", device_profile(g, "late"))
             assert res is not None and res.stored == "pending"
             t0 = time.monotonic()
             with caplog.at_level(logging.ERROR, logger="dapdee.planner"):
@@ -304,14 +304,14 @@ def test_redis_that_lost_its_state_gets_models_back(planner_prefix: str) -> None
         s = settings(planner_prefix)
         async with running(s) as a, running(s) as b:
             g = chain_graph("m")
-            await a.put_graph(g)
-            await a.put_profile("m", device_profile(g, "t"))
-            await b.get_model("m")
+            await a.model_writer.put_graph(g)
+            await a.model_writer.put_profile("m", device_profile(g, "t"))
+            await b.model_cache.get("m")
             r = raw_redis()
             r.delete(*r.keys(f"{planner_prefix}:*"))  # as after a restart without persistence
             await a.sync()
             await b.sync()  # finds the model back: nothing to write, no conflict
-            st = await b.refresh_model("m")
+            st = await b.model_cache.refresh("m")
             assert st is not None and st.version == 2 and set(st.profiles) == {"t"}
             assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
             assert sample(b, "dapdee_planner_write_conflicts_total", reason="version") == 0
@@ -328,15 +328,15 @@ def test_every_replica_writes_its_models_back_whoever_writes_to_the_empty_redis_
         s = settings(planner_prefix, refresh_s=3600)  # refreshes driven here
         async with running(s) as a, running(s) as b, proxied(planner_prefix, refresh_s=3600) as (c, proxy):
             for store, name in ((a, "m1"), (b, "m2"), (c, "m3")):
-                await store.put_graph(chain_graph(name))
+                await store.model_writer.put_graph(chain_graph(name))
             r = raw_redis()
             r.delete(*r.keys(f"{planner_prefix}:*"))  # as after a restart without persistence
-            await a.put_graph(chain_graph("other"))
+            await a.model_writer.put_graph(chain_graph("other"))
             await a.sync()
             await b.sync()
             stored = {k.decode() for k in r.hkeys(f"{planner_prefix}:v1:models")}
             assert stored == {"m1", "m2", "other"}
-            assert (await a.get_model("m2")) is not None and (await b.get_model("m1")) is not None
+            assert (await a.model_cache.get("m2")) is not None and (await b.model_cache.get("m1")) is not None
             proxy.cut()
             await c.sync()  # Redis away: nothing written back yet
             proxy.restore()
@@ -356,14 +356,14 @@ def test_a_live_write_whose_round_trip_failed_replays_with_the_live_check(planne
     async def go() -> None:
         async with two_replicas(planner_prefix) as (a, proxy, b):
             g = chain_graph("m")
-            await b.put_graph(g)
-            await a.get_model("m")
+            await b.model_writer.put_graph(g)
+            await a.model_cache.get("m")
             proxy.cut_at(b"EVALSHA")  # the write itself, after a's fresh read of the model
-            mine = await a.put_profile("m", device_profile(g, "x"))
+            mine = await a.model_writer.put_profile("m", device_profile(g, "x"))
             assert mine is not None and mine.stored == "pending"
-            await b.put_profile("m", device_profile(g, "y"))
+            await b.model_writer.put_profile("m", device_profile(g, "y"))
             await reconnect(a, proxy)
-            st = await b.refresh_model("m")
+            st = await b.model_cache.refresh("m")
             assert st is not None and set(st.profiles) == {"x", "y"} and st.version == 3
             assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
 
@@ -385,22 +385,22 @@ def test_a_write_whose_reply_came_too_late_is_not_applied_again_over_newer_write
             running(settings(planner_prefix, refresh_s=3600)) as b,
             proxied(planner_prefix, refresh_s=3600, redis_timeout_s=0.3) as (a, proxy),
         ):
-            await b.put_graph(g)
-            await b.put_profile("m", device_profile(g, "phone", 1.0))
-            await a.get_model("m")
+            await b.model_writer.put_graph(g)
+            await b.model_writer.put_profile("m", device_profile(g, "phone", 1.0))
+            await a.model_cache.get("m")
             proxy.hold_reply_to(write.encode())  # in the script's arguments: a's write, once sent
             if write == "put_profile":
-                mine = await a.put_profile("m", device_profile(g, "phone", 2.0))
+                mine = await a.model_writer.put_profile("m", device_profile(g, "phone", 2.0))
                 assert mine is not None and mine.stored == "pending"
-                await b.put_profile("m", device_profile(g, "phone", 9.0))
+                await b.model_writer.put_profile("m", device_profile(g, "phone", 9.0))
             else:
-                assert await a.delete_model("m") and a.pending_count == 1
-                assert (await b.refresh_model("m")) is None  # a's delete was applied
-                await b.put_graph(g)
-                await b.put_profile("m", device_profile(g, "phone", 9.0))
+                assert await a.delete_model("m") and a.model_writer.pending_count == 1
+                assert (await b.model_cache.refresh("m")) is None  # a's delete was applied
+                await b.model_writer.put_graph(g)
+                await b.model_writer.put_profile("m", device_profile(g, "phone", 9.0))
             proxy.release()
             await reconnect(a, proxy)
-            stored, mine = await b.refresh_model("m"), await a.get_model("m")
+            stored, mine = await b.model_cache.refresh("m"), await a.model_cache.get("m")
             assert stored is not None and stored.profiles["phone"].timings_ms["n0"] == 9.0
             assert mine is not None and mine.profiles["phone"].timings_ms["n0"] == 9.0
             assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
@@ -415,14 +415,14 @@ def test_the_write_ids_of_deleted_models_expire(planner_prefix: str) -> None:
     async def go() -> None:
         async with running(settings(planner_prefix, refresh_s=3600)) as a:
             for i in range(20):
-                assert (await a.put_graph(chain_graph(f"m{i}"))).created
+                assert (await a.model_writer.put_graph(chain_graph(f"m{i}"))).created
                 assert await a.delete_model(f"m{i}")
             r = raw_redis()
             try:
                 assert r.hlen(f"{planner_prefix}:v1:lastop") == 0
                 ttls = [r.pttl(f"{planner_prefix}:v1:deleted-ops:m{i}") for i in range(20)]
                 assert all(0 < t <= 24 * 3600 * 1000 for t in ttls), ttls
-                await a.put_graph(chain_graph("m0"))  # created again: its ids are the model's once more
+                await a.model_writer.put_graph(chain_graph("m0"))  # created again: its ids are the model's once more
                 assert r.exists(f"{planner_prefix}:v1:deleted-ops:m0") == 0
                 assert len(r.hget(f"{planner_prefix}:v1:lastop", "m0").split()) == 3  # type: ignore[union-attr]
             finally:
@@ -440,14 +440,14 @@ def test_a_model_deleted_and_created_again_elsewhere_is_read_again(planner_prefi
         s = settings(planner_prefix, refresh_s=3600)  # refreshes driven here
         async with running(s) as a, running(s) as b:
             g = chain_graph("m")
-            await a.put_graph(g)
-            await a.put_profile("m", device_profile(g, "phone", 2.0))
-            await b.get_model("m")
+            await a.model_writer.put_graph(g)
+            await a.model_writer.put_profile("m", device_profile(g, "phone", 2.0))
+            await b.model_cache.get("m")
             assert await b.delete_model("m")
-            await b.put_graph(g)
-            await b.put_profile("m", device_profile(g, "phone", 9.0))
+            await b.model_writer.put_graph(g)
+            await b.model_writer.put_profile("m", device_profile(g, "phone", 9.0))
             await a.sync()
-            mine, stored = await a.get_model("m"), await b.refresh_model("m")
+            mine, stored = await a.model_cache.get("m"), await b.model_cache.refresh("m")
             assert mine is not None and stored is not None and mine.version == stored.version == 2
             assert mine.profiles["phone"].timings_ms == stored.profiles["phone"].timings_ms
             assert mine.profiles["phone"].timings_ms["n0"] == 9.0
@@ -462,16 +462,16 @@ def test_a_redis_that_lost_its_state_is_read_again_though_its_counter_comes_back
     async def go() -> None:
         s = settings(planner_prefix, refresh_s=3600)
         async with running(s) as a, running(s) as b:
-            await a.put_graph(chain_graph("m", scale=1.0))
+            await a.model_writer.put_graph(chain_graph("m", scale=1.0))
             await a.sync()
             r = raw_redis()
             gen = r.get(f"{planner_prefix}:v1:gen")
             r.delete(*r.keys(f"{planner_prefix}:*"))  # as after a restart without persistence
-            await b.put_graph(chain_graph("m", scale=5.0))
+            await b.model_writer.put_graph(chain_graph("m", scale=5.0))
             assert r.get(f"{planner_prefix}:v1:gen") == gen
             r.close()
             await a.sync()
-            mine = await a.get_model("m")
+            mine = await a.model_cache.get("m")
             assert mine is not None and mine.graph.nodes[0].device_ms == 5.0
 
     asyncio.run(go())
@@ -485,20 +485,20 @@ def test_a_replayed_model_whose_read_back_failed_is_read_at_the_next_refresh(pla
     async def go() -> None:
         async with two_replicas(planner_prefix) as (a, proxy, b):
             g = chain_graph("m")
-            await b.put_graph(g)
-            await a.get_model("m")
+            await b.model_writer.put_graph(g)
+            await a.model_cache.get("m")
             proxy.cut()
-            mine = await a.put_profile("m", device_profile(g, "phone", 2.0))
+            mine = await a.model_writer.put_profile("m", device_profile(g, "phone", 2.0))
             assert mine is not None and mine.stored == "pending"
-            await b.put_profile("m", device_profile(g, "phone", 9.0))
+            await b.model_writer.put_profile("m", device_profile(g, "phone", 9.0))
             proxy.restore()
             a.link.retry_now()
             proxy.cut_at(b"HGETALL")  # the read back after the replay: the profiles hash
             await a.sync()
-            assert a.redis_state == "down" and proxy.is_cut
-            assert len(a.model_writer.outbox) == 0 and a.pending_count == 1
+            assert a.link.state == "down" and proxy.is_cut
+            assert len(a.model_writer.outbox) == 0 and a.model_writer.pending_count == 1
             await reconnect(a, proxy)
-            st = await a.get_model("m")
+            st = await a.model_cache.get("m")
             assert st is not None and st.profiles["phone"].timings_ms["n0"] == 9.0
 
     asyncio.run(go())
@@ -513,26 +513,26 @@ def test_a_read_on_its_way_while_the_model_changes_is_answered_but_not_cached(pl
     async def go() -> None:
         async with two_replicas(planner_prefix) as (a, proxy, b):
             g = chain_graph("m")
-            await b.put_graph(g)
+            await b.model_writer.put_graph(g)
             proxy.hold_next_reply()
-            read = asyncio.create_task(a.get_model("m"))
+            read = asyncio.create_task(a.model_cache.get("m"))
             await asyncio.sleep(0.1)
             assert await b.delete_model("m")
             await a.sync()  # on another connection: sees the delete
             proxy.release()
             assert (await read) is not None  # what it read
-            assert await a.get_model("m") is None and "m" not in a.models
-            await b.put_graph(g)
+            assert await a.model_cache.get("m") is None and "m" not in a.model_cache.models
+            await b.model_writer.put_graph(g)
             await a.sync()
-            assert (await a.get_model("m")).version == 1  # type: ignore[union-attr]
+            assert (await a.model_cache.get("m")).version == 1  # type: ignore[union-attr]
             proxy.hold_next_reply()
-            again = asyncio.create_task(a.refresh_model("m"))
+            again = asyncio.create_task(a.model_cache.refresh("m"))
             await asyncio.sleep(0.1)
-            await b.put_profile("m", device_profile(g, "phone"))
+            await b.model_writer.put_profile("m", device_profile(g, "phone"))
             await a.sync()
             proxy.release()
             await again
-            assert a.models["m"].version == 2 and set(a.models["m"].profiles) == {"phone"}
+            assert a.model_cache.models["m"].version == 2 and set(a.model_cache.models["m"].profiles) == {"phone"}
 
     asyncio.run(go())
 
@@ -572,21 +572,21 @@ def test_worker_expiry_follows_redis_ttl(planner_prefix: str) -> None:
     async def go() -> None:
         s = settings(planner_prefix, worker_ttl_s=1.0)
         async with running(s) as a, running(s) as b:
-            assert await a.heartbeat(worker("http://127.0.0.1:9001"))
+            assert await a.heartbeats.record(worker("http://127.0.0.1:9001"))
             r = raw_redis()
             secs, micros = r.time()
             score = r.zscore(f"{planner_prefix}:v1:workers:exp", "http://127.0.0.1:9001")
             assert score is not None and 0 < score - (secs * 1000 + micros // 1000) <= 1000
-            seen = await b.live_workers()
+            seen = await b.registry.live()
             assert [w.url for w in seen] == ["http://127.0.0.1:9001"] and 0 < seen[0].expires_in_s <= 1.0
-            assert b.pick_worker("m") is not None and b.pick_worker("other") is None
+            assert b.registry.pick("m") is not None and b.registry.pick("other") is None
             for _ in range(4):  # heartbeats keep it live past its first TTL
                 await asyncio.sleep(0.4)
-                assert await a.heartbeat(worker("http://127.0.0.1:9001"))
-            assert [w.url for w in await b.live_workers()] == ["http://127.0.0.1:9001"]
+                assert await a.heartbeats.record(worker("http://127.0.0.1:9001"))
+            assert [w.url for w in await b.registry.live()] == ["http://127.0.0.1:9001"]
             await asyncio.sleep(1.2)
-            assert await a.live_workers() == [] and await b.live_workers() == []
-            assert a.pick_worker("m") is None and b.live_worker_count() == 0
+            assert await a.registry.live() == [] and await b.registry.live() == []
+            assert a.registry.pick("m") is None and b.registry.count() == 0
             assert r.hlen(f"{planner_prefix}:v1:workers:info") == 0  # pruned with the expired entry
 
     asyncio.run(go())
@@ -596,26 +596,27 @@ def test_caps_refuse_new_things(planner_prefix: str) -> None:
     async def go() -> None:
         s = settings(planner_prefix, max_models=2, max_profiles_per_model=2, max_workers=2)
         async with running(s) as a, running(s) as b:
-            await a.put_graph(chain_graph("g1"))
-            await b.put_graph(chain_graph("g2"))
+            await a.model_writer.put_graph(chain_graph("g1"))
+            await b.model_writer.put_graph(chain_graph("g2"))
             with pytest.raises(CapacityExceeded) as err:  # the cap counts every replica's models
-                await a.put_graph(chain_graph("g3"))
+                await a.model_writer.put_graph(chain_graph("g3"))
             assert (err.value.what, err.value.limit) == ("models", 2) and "256" not in str(err.value)
             assert await b.delete_model("g1")
-            assert (await a.put_graph(chain_graph("g3"))).created
+            assert (await a.model_writer.put_graph(chain_graph("g3"))).created
             g = chain_graph("g2")
             for tier in ("t1", "t2"):
-                await a.put_profile("g2", device_profile(g, tier))
+                await a.model_writer.put_profile("g2", device_profile(g, tier))
             with pytest.raises(CapacityExceeded) as err:
-                await b.put_profile("g2", device_profile(g, "t3"))
+                await b.model_writer.put_profile("g2", device_profile(g, "t3"))
             assert err.value.what == "profiles"
-            assert (await b.put_profile("g2", device_profile(g, "t1", 5.0))) is not None  # replacing is fine
-            assert await a.heartbeat(worker("http://127.0.0.1:1"))
-            assert await b.heartbeat(worker("http://127.0.0.1:2"))
+            replaced = await b.model_writer.put_profile("g2", device_profile(g, "t1", 5.0))
+            assert replaced is not None  # replacing is fine
+            assert await a.heartbeats.record(worker("http://127.0.0.1:1"))
+            assert await b.heartbeats.record(worker("http://127.0.0.1:2"))
             with pytest.raises(CapacityExceeded) as err:
-                await a.heartbeat(worker("http://127.0.0.1:3"))
+                await a.heartbeats.record(worker("http://127.0.0.1:3"))
             assert err.value.what == "workers"
-            assert await a.heartbeat(worker("http://127.0.0.1:1", load=0.5))  # a known worker refreshes
+            assert await a.heartbeats.record(worker("http://127.0.0.1:1", load=0.5))  # a known worker refreshes
             assert sample(a, "dapdee_planner_capacity_refusals_total", what="workers") == 1
             assert sample(a, "dapdee_planner_capacity_refusals_total", what="models") == 1
 
@@ -632,18 +633,18 @@ def test_start_reads_no_models(planner_prefix: str) -> None:
     async def go() -> None:
         async with running(settings(planner_prefix)) as a:
             for i in range(200):
-                await a.put_graph(chain_graph(f"m{i}", n=40))
+                await a.model_writer.put_graph(chain_graph(f"m{i}", n=40))
         one = len(chain_graph("m0", n=40).to_json(indent=None))
         async with proxied(planner_prefix) as (c, proxy):
             await c.sync()
             await asyncio.sleep(0.3)  # a few refreshes of the loop too
-            assert c.models == {}
+            assert c.model_cache.models == {}
             assert proxy.bytes_down < one, (proxy.bytes_down, one)  # not even one graph's bytes
             before = proxy.bytes_down
-            st = await c.get_model("m7")
-            assert st is not None and list(c.models) == ["m7"]
+            st = await c.model_cache.get("m7")
+            assert st is not None and list(c.model_cache.models) == ["m7"]
             assert one <= proxy.bytes_down - before < 2 * one
-            assert len(await c.list_models()) == 200
+            assert len(await c.model_cache.list_all()) == 200
 
     asyncio.run(go())
 
@@ -655,20 +656,20 @@ def test_planmaps_in_redis_are_bounded(planner_prefix: str) -> None:
     async def go() -> None:
         g = chain_graph("m")
         async with running(settings(planner_prefix, planmap_max_bytes=200)) as small:
-            st = await small.get_model("m") or (await small.put_graph(g)).state
-            pm = await small.planmap("m", st, None, None)
+            st = await small.model_cache.get("m") or (await small.model_writer.put_graph(g)).state
+            pm = await small.planmaps.get("m", st, None, None)
             assert len(pm.to_bytes()) > 200
-            assert not raw_redis().exists(small.k_planmap((st.graph_hash, "graph", "graph")))
+            assert not raw_redis().exists(small.planmaps.redis_key((st.graph_hash, "graph", "graph")))
             assert sample(small, "dapdee_planner_planmaps_not_stored_total", reason="too_large") == 1
-            assert await small.planmap("m", st, None, None) is pm  # kept in process memory
+            assert await small.planmaps.get("m", st, None, None) is pm  # kept in process memory
         async with running(settings(planner_prefix, planmap_redis_max=2, planmap_ttl_s=60)) as s:
-            st = await s.get_model("m")
+            st = await s.model_cache.get("m")
             assert st is not None
             keys = []
             for i in range(3):
                 dev = device_profile(g, f"t{i}", 1.0 + i)
-                await s.planmap("m", st, dev, None)
-                keys.append(s.k_planmap((st.graph_hash, dev.hash, "graph")))
+                await s.planmaps.get("m", st, dev, None)
+                keys.append(s.planmaps.redis_key((st.graph_hash, dev.hash, "graph")))
             r = raw_redis()
             assert [bool(r.exists(k)) for k in keys] == [False, True, True]  # the oldest dropped
             assert r.zcard(f"{planner_prefix}:v1:planmaps") == 2
@@ -692,27 +693,27 @@ def test_planmaps_keep_to_their_share_of_redis_maxmemory(planner_prefix: str) ->
         async def go() -> None:
             g = chain_graph("m", n=400)
             async with running(settings(planner_prefix, rp.url, planmap_memory_share=0.01)) as s:
-                st = (await s.put_graph(g)).state
+                st = (await s.model_writer.put_graph(g)).state
                 maps = [device_profile(g, f"t{i}", 1.0 + i) for i in range(5)]
-                keys = [s.k_planmap((st.graph_hash, dev.hash, "graph")) for dev in maps]
-                await s.planmap("m", st, maps[0], None)  # no maxmemory: stored
+                keys = [s.planmaps.redis_key((st.graph_hash, dev.hash, "graph")) for dev in maps]
+                await s.planmaps.get("m", st, maps[0], None)  # no maxmemory: stored
                 size = r.strlen(keys[0])
                 assert size > 20_000
                 r.config_set("maxmemory", int(100 * 2.5 * size))  # 1 % of it: room for two maps
-                await s.planmap("m", st, maps[1], None)
+                await s.planmaps.get("m", st, maps[1], None)
                 assert [bool(r.exists(k)) for k in keys[:2]] == [True, True]
-                await s.planmap("m", st, maps[2], None)  # the oldest makes room
+                await s.planmaps.get("m", st, maps[2], None)  # the oldest makes room
                 assert [bool(r.exists(k)) for k in keys[:3]] == [False, True, True]
-                await s.planmap("m", st, maps[3], None)
+                await s.planmaps.get("m", st, maps[3], None)
                 assert [bool(r.exists(k)) for k in keys[:4]] == [False, False, True, True]
                 stored = sum(r.strlen(k) for k in r.zrange(f"{planner_prefix}:v1:planmaps", 0, -1))
                 assert stored <= 0.01 * int(r.config_get("maxmemory")["maxmemory"])
                 assert sample(s, "dapdee_planner_planmaps_not_stored_total", reason="redis_memory") == 0
                 r.config_set("maxmemory", int(100 * 0.5 * size))  # not even one map fits in 1 %
-                await s.planmap("m", st, maps[4], None)
+                await s.planmaps.get("m", st, maps[4], None)
                 assert [bool(r.exists(k)) for k in keys] == [False, False, True, True, False]  # none deleted
                 assert sample(s, "dapdee_planner_planmaps_not_stored_total", reason="redis_memory") == 1
-                assert await s.planmap("m", st, maps[4], None) is not None  # served from process memory
+                assert await s.planmaps.get("m", st, maps[4], None) is not None  # served from process memory
 
         asyncio.run(go())
     finally:
@@ -797,7 +798,7 @@ def test_planmap_build_budget_keeps_the_loop_free(planner_prefix: str) -> None:
 
     async def go() -> None:
         async with running(settings(planner_prefix, planmap_build_budget_s=budget)) as s:
-            st = (await s.put_graph(wide_graph())).state
+            st = (await s.model_writer.put_graph(wide_graph())).state
             ticks: list[float] = []
             stop = asyncio.Event()
 
@@ -810,7 +811,7 @@ def test_planmap_build_budget_keeps_the_loop_free(planner_prefix: str) -> None:
             await asyncio.sleep(0.05)
             with GcPauses() as pauses:
                 t0 = time.monotonic()
-                pm = await s.planmap("wide", st, None, None)
+                pm = await s.planmaps.get("wide", st, None, None)
                 elapsed = time.monotonic() - t0
             stop.set()
             await task
@@ -828,7 +829,7 @@ def test_planmap_build_budget_keeps_the_loop_free(planner_prefix: str) -> None:
             assert not pm.exact and pm.over_budget
             plan = pm.plan(PlanRequest(bandwidth_mbps=5.0, mode="throughput", frame_rate=30.0))
             assert plan["approximate"] is True
-            assert not raw_redis().exists(s.k_planmap((st.graph_hash, "graph", "graph")))
+            assert not raw_redis().exists(s.planmaps.redis_key((st.graph_hash, "graph", "graph")))
             assert sample(s, "dapdee_planner_planmap_builds_total", result="over_budget") == 1
             assert sample(s, "dapdee_planner_planmaps_not_stored_total", reason="over_budget") == 1
 
@@ -874,14 +875,14 @@ def test_a_write_that_went_onto_another_replicas_state_reads_the_model_again(pla
         s = settings(planner_prefix, refresh_s=3600.0)
         g = chain_graph("m")
         async with running(s) as b:
-            await b.put_graph(g)
-            await b.put_profile("m", device_profile(g, "p"))
+            await b.model_writer.put_graph(g)
+            await b.model_writer.put_profile("m", device_profile(g, "p"))
             link, cache, a = other_replica(s)
 
             async def recreated() -> None:
                 assert await b.delete_model("m")
-                await b.put_graph(g)
-                await b.put_profile("m", device_profile(g, "q", 3.0))
+                await b.model_writer.put_graph(g)
+                await b.model_writer.put_profile("m", device_profile(g, "q", 3.0))
 
             link.before_write = recreated
             try:
@@ -906,20 +907,20 @@ def test_unreadable_stored_model_can_be_replaced_or_deleted(planner_prefix: str)
     async def go() -> None:
         async with running(settings(planner_prefix)) as s:
             g = chain_graph("m")
-            await s.put_graph(g)
-            await s.put_profile("m", device_profile(g, "t"))
-            await s.put_graph(chain_graph("d"))
+            await s.model_writer.put_graph(g)
+            await s.model_writer.put_profile("m", device_profile(g, "t"))
+            await s.model_writer.put_graph(chain_graph("d"))
             r = raw_redis()
             for name in ("m", "d"):
                 r.set(f"{planner_prefix}:v1:graph:{name}", b"{not json")
-                s.models.pop(name)
-            assert await s.get_model("m") is None and await s.get_model("d") is None
+                s.model_cache.models.pop(name)
+            assert await s.model_cache.get("m") is None and await s.model_cache.get("d") is None
             # If-Match holds against the version stored: a wrong one changes nothing
-            for write in (s.put_graph(g, expect_version=1), s.delete_model("d", expect_version=999)):
+            for write in (s.model_writer.put_graph(g, expect_version=1), s.delete_model("d", expect_version=999)):
                 with pytest.raises(VersionConflict):
                     await write
             assert r.hget(f"{planner_prefix}:v1:models", "d") is not None
-            res = await s.put_graph(g, expect_version=2)
+            res = await s.model_writer.put_graph(g, expect_version=2)
             assert (res.created, res.state.version, res.state.profiles) == (False, 3, {})
             assert not r.exists(f"{planner_prefix}:v1:profiles:m")
             assert await s.delete_model("d", expect_version=1)
@@ -937,8 +938,8 @@ def test_a_stored_profile_that_is_not_one_is_skipped(planner_prefix: str) -> Non
     async def go() -> None:
         async with running(settings(planner_prefix)) as s:
             g = chain_graph("m")
-            await s.put_graph(g)
-            await s.put_profile("m", device_profile(g, "t"))
+            await s.model_writer.put_graph(g)
+            await s.model_writer.put_profile("m", device_profile(g, "t"))
             timings = {n.name: 1.0 for n in g.nodes}
             r = raw_redis()
             bad = {
@@ -947,8 +948,8 @@ def test_a_stored_profile_that_is_not_one_is_skipped(planner_prefix: str) -> Non
             }
             for tier, body in bad.items():
                 r.hset(f"{planner_prefix}:v1:profiles:m", tier, json.dumps(body))
-            s.models.pop("m")
-            state = await s.get_model("m")
+            s.model_cache.models.pop("m")
+            state = await s.model_cache.get("m")
             assert state is not None and sorted(state.profiles) == ["t"]
             assert sample(s, "dapdee_planner_cache_errors_total", op="decode_profile") == 2
 
@@ -964,12 +965,12 @@ def test_a_profile_tier_another_replica_created_first_is_not_reported_created(pl
         s = settings(planner_prefix, refresh_s=3600.0)
         g = chain_graph("m")
         async with running(s) as b:
-            await b.put_graph(g)
+            await b.model_writer.put_graph(g)
             link, _, a = other_replica(s)
             b_created: list[bool] = []
 
             async def b_first() -> None:
-                res = await b.put_profile("m", device_profile(g, "t", 3.0))
+                res = await b.model_writer.put_profile("m", device_profile(g, "t", 3.0))
                 assert res is not None
                 b_created.append(res.created)
 

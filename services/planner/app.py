@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, *, guard: bool = True, tracing:
         store = Store(settings, metrics, runner)
         app.state.store, app.state.plan_runner = store, runner
         app.state.planning = Planning(store, metrics, runner)
-        metrics.bind(lambda: store.live_worker_count(), lambda: len(store.models))
+        metrics.bind(lambda: store.registry.count(), lambda: len(store.model_cache.models))
         await store.start()
         try:
             yield

@@ -1,6 +1,6 @@
-"""FastAPI dependencies: the app's store, settings, metrics and plan runner, and the `If-Match`
-precondition of versioned writes. (They are `async def` so FastAPI calls them inline, not in a
-thread pool.)"""
+"""FastAPI dependencies: the app's store (and its model cache and model writer, for the routes
+that use only those), settings, metrics and plan runner, and the `If-Match` precondition of
+versioned writes. (They are `async def` so FastAPI calls them inline, not in a thread pool.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from fastapi import Depends, Header, Request
 
 from dapdee.planner.config import Settings
 from dapdee.planner.metrics import PlannerMetrics
+from dapdee.planner.model_cache import ModelCache
+from dapdee.planner.model_writes import ModelWriter
 from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import Store
@@ -18,6 +20,14 @@ from dapdee.planner.store import Store
 
 async def get_store(request: Request) -> Store:
     return request.app.state.store
+
+
+async def get_model_cache(request: Request) -> ModelCache:
+    return request.app.state.store.model_cache
+
+
+async def get_model_writer(request: Request) -> ModelWriter:
+    return request.app.state.store.model_writer
 
 
 async def get_settings(request: Request) -> Settings:
@@ -66,6 +76,8 @@ async def expected_version(
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
+ModelCacheDep = Annotated[ModelCache, Depends(get_model_cache)]
+ModelWriterDep = Annotated[ModelWriter, Depends(get_model_writer)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[PlannerMetrics, Depends(get_metrics)]
 PlanningDep = Annotated[Planning, Depends(get_planning)]

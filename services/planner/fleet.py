@@ -100,9 +100,10 @@ def recorded_request(anchor: dict[str, Any] | None, fields: dict[str, Any], thre
 
 class Fleet:
     """Leases and admission of one planner replica (module docstring). `start()` / `close()`
-    in the app's lifespan. `candidates_for` and `live_workers` come from the store, and
-    `capacity_seen` (the registry's) hears of a worker's capacity that a reservation found lower
-    than this replica's view. `queued(model)` says whether this replica holds writes of a model
+    in the app's lifespan. `candidates_for` (the store's `CandidateFinder.by_name`) and
+    `live_workers` (the registry's `live`) come from the store, and `capacity_seen` (the
+    registry's) hears of a worker's capacity that a reservation found lower than this replica's
+    view. `queued(model)` says whether this replica holds writes of a model
     that Redis has not had yet (its registry may lack the model: a lease of it is not checked
     against the registry then). `runner` computes plan choices over capped plan maps off the
     event loop (None: inline, for callers without one)."""

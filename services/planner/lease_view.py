@@ -29,7 +29,7 @@ LiveWorkers = Callable[[], Awaitable[list[Worker]]]
 
 class LeaseView:
     """The view of one planner replica (module docstring), read through `book`. `start()` /
-    `close()` with the fleet's; `live_workers` (the store's) names the workers whose gauges a
+    `close()` with the fleet's; `live_workers` (the registry's `live`) names the workers whose gauges a
     refresh sets."""
 
     def __init__(

@@ -32,7 +32,7 @@ that capacity is pending (`P:workers:refused`): admission books within ρ_max of
 that re-plans meanwhile is not booked against a capacity the worker no longer has), and no other
 rebalance of the worker applies (it solved for the capacity before). So, where
 rebalancing is periodic, each write to either side is checked against the other; the one
-exception is the planner's fallback when a capacity drop cannot be re-solved (`Store.heartbeat`).
+exception is the planner's fallback when a capacity drop cannot be re-solved (`HeartbeatIntake.record`).
 
 A lease record is known by its tag, the SHA-1 of its stored text (`record_tag`), and by its
 basis, the SHA-1 of what a rebalance solves the lease from (`record_basis`: the device, model,

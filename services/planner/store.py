@@ -1,13 +1,23 @@
 """The planner's state, shared by every replica through Redis (key layout: `dapdee.planner.keys`),
-behind per-replica caches. `Store` wires the parts together and runs the refresh loop:
+behind per-replica caches. `Store` wires the parts together, runs their life cycle and the
+refresh loop, and deletes models (the write, then the end of the model's leases); callers use
+the parts themselves:
 
-- `model_cache.ModelCache`: models and profiles, read lazily (start-up loads none), a bounded LRU.
-- `model_writes.ModelWriter`: versioned writes (a Lua compare-and-set on each model's version),
-  and the queue of writes made while Redis is unavailable, replayed only where their base
-  version is still current.
-- `workers.WorkerRegistry`: heartbeats and live workers; expiry by Redis's clock.
-- `planmaps.PlanMapCache`: plan maps, built off the event loop under a time budget, bounded in
-  Redis by count, bytes and TTL.
+- `model_cache` (`model_cache.ModelCache`): models and profiles, read lazily (start-up loads
+  none), a bounded LRU.
+- `model_writer` (`model_writes.ModelWriter`): versioned writes (a Lua compare-and-set on each
+  model's version), and the queue of writes made while Redis is unavailable, replayed only where
+  their base version is still current.
+- `registry` (`workers.WorkerRegistry`): heartbeats and live workers; expiry by Redis's clock.
+- `heartbeats` (`heartbeats.HeartbeatIntake`): a heartbeat registered, with the worker's leases
+  re-solved for it when its capacity drops below them.
+- `planmaps` (`planmaps.PlanMapCache`): plan maps, built off the event loop under a time budget,
+  bounded in Redis by count, bytes and TTL.
+- `candidates` (`candidates.CandidateFinder`): the workers a device may plan with, each with its
+  plan map.
+- `fleet` (`fleet.Fleet`) and `rebalancer` (`rebalancing.Rebalancer`): leases and their
+  rebalancing.
+- `link` (`redis_link.RedisLink`): the Redis client and whether Redis is up (`link.state`).
 
 Caps (DAPDEE_MAX_MODELS, _MAX_PROFILES_PER_MODEL, _MAX_WORKERS, _MAX_PENDING_WRITES) raise
 `CapacityExceeded`; a write based on another version raises `VersionConflict`. Redis failures
@@ -20,31 +30,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
-from dapdee.costgraph import CostGraph
+from dapdee.planner.candidates import CandidateFinder
 from dapdee.planner.config import Settings
-from dapdee.planner.errors import (
-    CapacityExceeded,
-    MissingTimings,
-    ModelUnreachable,
-    RedisUnavailable,
-    VersionConflict,
-)
+from dapdee.planner.errors import CapacityExceeded, MissingTimings, RedisUnavailable, VersionConflict
 from dapdee.planner.fleet import Fleet
+from dapdee.planner.heartbeats import HeartbeatIntake
 from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.model_cache import ModelCache
 from dapdee.planner.model_writes import ModelWriter
 from dapdee.planner.modelstate import ModelState, Profile, PutResult
-from dapdee.planner.plan_choice import Candidate
 from dapdee.planner.plan_runner import PlanRunner
 from dapdee.planner.planmaps import PlanMapCache, merged_graph
 from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.redis_link import RedisLink
-from dapdee.planner.workers import CapacityBelowLeases, Worker, WorkerRegistry
+from dapdee.planner.workers import Worker, WorkerRegistry
 from dapdee.planner.writes import Outbox
-from dapdee.planning import PlanMap
 from dapdee.web.tasks import finish_or_stop, run_every
 
 __all__ = [
@@ -68,7 +70,8 @@ CLOSE_DRAIN_S = 3.0  # close(): queued writes are replayed within this, then log
 
 
 class Store:
-    """Models, profiles, plan maps and workers of one planner replica (module docstring).
+    """Models, profiles, plan maps, workers and leases of one planner replica: the parts, wired
+    (module docstring).
 
     Life cycle: `await start()` (creates the Redis client, warns unless Redis evicts nothing,
     reads the worker registry, starts the refresh loop; loads no models), `await close()` (stops
@@ -87,36 +90,15 @@ class Store:
         self.model_writer = ModelWriter(settings, metrics, self.link, self.keys, self.model_cache, outbox)
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
-        lower = self.registry.lower_capacity
-        self.fleet = Fleet(
-            settings, metrics, self.link, self.keys, self.candidates_for, self.live_workers, lower, outbox.has, runner
-        )
+        self.candidates = CandidateFinder(self.model_cache, self.planmaps)
+        by_name, live, lower = self.candidates.by_name, self.registry.live, self.registry.lower_capacity
+        self.fleet = Fleet(settings, metrics, self.link, self.keys, by_name, live, lower, outbox.has, runner)
         self.rebalancer = Rebalancer(self.fleet, self.keys)
+        self.heartbeats = HeartbeatIntake(settings, metrics, self.registry, self.rebalancer)
         self.started = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         metrics.pending_writes.set_function(lambda: self.model_writer.pending_count)
-
-    # ---- state the HTTP layer reads ------------------------------------------------------------
-    @property
-    def redis_state(self) -> str:
-        """disabled | up | down."""
-        return self.link.state
-
-    @property
-    def pending_count(self) -> int:
-        """Writes queued while Redis is unavailable (a model whose replayed writes are not yet
-        re-read from Redis counts as one more)."""
-        return self.model_writer.pending_count
-
-    @property
-    def models(self) -> dict[str, ModelState]:
-        """The models cached in this replica (an LRU; not every stored model)."""
-        return self.model_cache.models
-
-    def k_planmap(self, key: tuple[str, str, str]) -> str:
-        """The Redis key of the plan map of (graph hash, device hash, edge hash)."""
-        return self.planmaps.redis_key(key)
 
     # ---- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -158,24 +140,7 @@ class Store:
         with contextlib.suppress(RedisUnavailable):
             await self.registry.sync()
 
-    # ---- models and profiles (see model_cache, model_writes) -----------------------------------
-    async def get_model(self, name: str) -> ModelState | None:
-        """The model (cached, else read from Redis and cached), or None (ModelUnreachable: not
-        cached and Redis is away)."""
-        return await self.model_cache.get(name)
-
-    async def refresh_model(self, name: str) -> ModelState | None:
-        """The model re-read from Redis now (None if Redis cannot say or it is gone there)."""
-        return await self.model_cache.refresh(name)
-
-    async def list_models(self) -> dict[str, ModelState]:
-        """Every stored model (at most DAPDEE_MAX_MODELS), or the cached ones while Redis is away."""
-        return await self.model_cache.list_all()
-
-    async def put_graph(self, graph: CostGraph, expect_version: int | None = None) -> PutResult:
-        """Store a model's cost graph (VersionConflict, CapacityExceeded)."""
-        return await self.model_writer.put_graph(graph, expect_version)
-
+    # ---- models (see model_cache, model_writes) -----------------------------------------------
     async def delete_model(self, name: str, expect_version: int | None = None) -> bool:
         """Forget a model and its profiles, and end its leases (`Fleet.end_model`; with Redis
         away they run out at their expiry); False if unknown (VersionConflict)."""
@@ -185,151 +150,3 @@ class Store:
             if ended := await self.fleet.end_model(name):
                 log.info("model %r deleted: %d lease(s) of it ended", name, ended)
         return True
-
-    async def put_profile(self, name: str, profile: Profile, expect_version: int | None = None) -> PutResult | None:
-        """Store one tier's profile; None if the model is unknown (VersionConflict, CapacityExceeded,
-        UnknownNodes)."""
-        return await self.model_writer.put_profile(name, profile, expect_version)
-
-    async def delete_profile(self, name: str, tier: str, expect_version: int | None = None) -> bool | None:
-        """Forget one profile: None if the model is unknown, False if the tier is (VersionConflict)."""
-        return await self.model_writer.delete_profile(name, tier, expect_version)
-
-    # ---- plan maps ------------------------------------------------------------------------------
-    async def planmap(
-        self,
-        name: str,
-        st: ModelState,
-        dev: Profile | None,
-        edge: Profile | None,
-        edge_hint: str = "",
-        progressive: bool = False,
-        until: float | None = None,
-    ) -> PlanMap:
-        """The plan map for these timings (`progressive`: the confidence-exit map): cached, stored,
-        or built off the event loop within DAPDEE_PLANMAP_BUILD_BUDGET_S (then possibly not
-        exact), waited for until `until` (monotonic; MapBuildPending past it). Raises
-        MissingTimings, or ValueError for a progressive map of an uncalibrated model."""
-        return await self.planmaps.get(name, st, dev, edge, edge_hint, progressive, until)
-
-    # ---- workers ----------------------------------------------------------------------------------
-    async def heartbeat(self, worker: Worker) -> bool:
-        """Record a heartbeat; True if Redis has it (CapacityExceeded for a new worker past the cap).
-        Where rebalancing is periodic, a heartbeat whose capacity the worker's leases book past
-        ρ_max of is recorded together with those leases re-solved for it (`Rebalancer.shed`);
-        failing that, as it is (counted as `forced`) unless a newer heartbeat stands by then
-        (`_register_refused`), and the rebalance after a capacity drop follows
-        (`Rebalancer.note_capacity`, called by the route)."""
-        rho = self.settings.rho_max if self.settings.fleet_planning and self.settings.rebalance_s else None
-        for _ in range(2):  # again once after waiting for another re-solve of this worker
-            try:
-                return await self.registry.heartbeat(worker, rho)
-            except CapacityBelowLeases as refused:
-                refused_at_ms = refused.refused_at_ms
-            shed = await self._shed(worker, refused_at_ms)
-            if shed:  # registered with its leases, or kept out by a newer heartbeat: read which
-                try:
-                    await self.registry.sync()
-                except RedisUnavailable:
-                    self.registry.noted(worker, shared=True)
-                return True
-            if shed is False:
-                break
-        return await self._register_refused(worker, refused_at_ms)
-
-    async def _register_refused(self, worker: Worker, refused_at_ms: int) -> bool:
-        """The refused heartbeat registered as it is, over its leases (counted as `forced`),
-        unless a heartbeat registered or refused since is newer or the worker expired meanwhile:
-        then this replica reads what the registry holds instead. True if Redis holds the outcome
-        (without Redis the heartbeat is kept here, as any heartbeat then is)."""
-        try:
-            registered = await self.registry.register_refused(worker, refused_at_ms)
-            if not registered:
-                log.info("worker %s: a newer heartbeat stands; the refused one is not registered", worker.url)
-                await self.registry.sync()
-                return True
-        except RedisUnavailable:
-            self.registry.noted(worker, shared=False)
-            return False
-        self.metrics.rebalances.labels("forced").inc()
-        log.warning("worker %s: %.1f ms/s registered over its leases (not re-solved with it)", worker.url,
-                    worker.capacity_ms_per_s)  # fmt: skip
-        return True
-
-    async def _shed(self, worker: Worker, refused_at_ms: int) -> bool | None:
-        """`Rebalancer.shed`, with any failure a False (the heartbeat is still recorded)."""
-        try:
-            return await self.rebalancer.shed(worker, self.registry.ttl_ms, refused_at_ms)
-        except RedisUnavailable:
-            return False
-        except Exception:
-            log.exception("worker %s: re-solving its leases for the capacity it states failed", worker.url)
-            return False
-
-    async def live_workers(self) -> list[Worker]:
-        """Live workers, least loaded first, each with `expires_in_s`."""
-        return await self.registry.live()
-
-    def pick_worker(self, model: str) -> Worker | None:
-        """The least-loaded live worker serving `model`; process memory only."""
-        return self.registry.pick(model)
-
-    def serving(self, model: str) -> list[Worker]:
-        """Every live worker serving `model`, least loaded first; process memory only."""
-        return self.registry.serving(model)
-
-    async def candidates(
-        self, name: str, st: ModelState, dev: Profile | None, workers: list[Worker], until: float | None = None
-    ) -> list[Candidate]:
-        """The workers a device of this model may use, each with its plan map (`timed`).
-        MissingTimings when none has its timings. O(workers) map look-ups."""
-        return [c async for c in self.timed(name, st, dev, workers, until=until)]
-
-    async def timed(
-        self,
-        name: str,
-        st: ModelState,
-        dev: Profile | None,
-        workers: list[Worker],
-        progressive: bool = False,
-        until: float | None = None,
-    ) -> AsyncIterator[Candidate]:
-        """Those of `workers`, in their order, whose timings are complete, each with its plan map
-        (its tier's edge profile; the graph's own edge timings where the tier has none; the
-        confidence-exit map with `progressive`), maps waited for until `until` (`planmap`); a
-        worker whose timings are missing is left out. Raises the first one's MissingTimings
-        when none is left. A map look-up per worker taken."""
-        missing: MissingTimings | None = None
-        found = False
-        for w in workers:
-            edge = st.profiles.get(w.tier)
-            edge = edge if edge is not None and edge.kind == "edge" else None
-            hint = "" if edge is not None else f" and there is no edge profile for tier {w.tier!r} of worker {w.url}"
-            try:
-                pm = await self.planmap(name, st, dev, edge, hint, progressive=progressive, until=until)
-            except MissingTimings as exc:
-                missing = missing or exc
-                continue
-            found = True
-            yield Candidate(w, pm)
-        if not found and missing is not None:
-            raise missing
-
-    async def candidates_for(self, name: str, device_tier: str | None, workers: list[Worker]) -> list[Candidate]:
-        """`candidates` by model name and device tier ([] when either is gone: a lease outlived them)."""
-        try:
-            st = await self.get_model(name)
-        except ModelUnreachable:
-            return []
-        if st is None:
-            return []
-        dev = st.profiles.get(device_tier) if device_tier is not None else None
-        if device_tier is not None and (dev is None or dev.kind != "device"):
-            return []
-        try:
-            return await self.candidates(name, st, dev, list(workers))
-        except MissingTimings:
-            return []
-
-    def live_worker_count(self) -> int:
-        return self.registry.count()

@@ -3,7 +3,7 @@
 In Redis a worker is a member of a sorted set scored with its expiry in ms by Redis's clock
 (`TIME` inside the scripts: now + DAPDEE_WORKER_TTL_S at each heartbeat) plus its last heartbeat
 in a hash; both scripts first drop the expired ones. So expiry never compares the wall clocks of
-replicas. A replica keeps a copy for `pick_worker` (process memory, no I/O) in which each worker
+replicas. A replica keeps a copy for `pick` (process memory, no I/O) in which each worker
 expires on this replica's monotonic clock at the time left that Redis reported at the last sync.
 A heartbeat made while Redis is unavailable is kept here (until it expires by the monotonic
 clock) and merged with Redis's registry at each sync.
@@ -162,8 +162,8 @@ class CapacityBelowLeases(Exception):
 @dataclass(frozen=True)
 class Worker:
     """One edge worker as its last heartbeat described it. `expires_in_s`: the seconds it stays
-    live without another heartbeat, as of the answer that carries it (`live_workers`,
-    `pick_worker`): by Redis's clock at the last sync, counted down on this replica's monotonic
+    live without another heartbeat, as of the answer that carries it (`WorkerRegistry.live`,
+    `pick`): by Redis's clock at the last sync, counted down on this replica's monotonic
     clock since; 0 in a heartbeat being recorded. Never a wall-clock time."""
 
     url: str

@@ -24,9 +24,10 @@ from dapdee.api.planner import (
     TierTimings,
 )
 from dapdee.costgraph import CostGraph, CostGraphError, GraphLimits
-from dapdee.planner.deps import IfMatchDep, SettingsDep, StoreDep
+from dapdee.planner.deps import IfMatchDep, ModelCacheDep, ModelWriterDep, SettingsDep, StoreDep
 from dapdee.planner.errors import UnknownNodes
 from dapdee.planner.json_body import PydanticJsonRoute, validated
+from dapdee.planner.model_cache import ModelCache
 from dapdee.planner.modelstate import PARSE_INLINE_BYTES
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import ModelState, Profile
@@ -59,17 +60,17 @@ def _etag(response: Response, version: int) -> None:
     response.headers["ETag"] = f'"{version}"'
 
 
-async def _model_or_404(store: StoreDep, name: str) -> ModelState:
-    st = await store.get_model(name)
+async def _model_or_404(cache: ModelCache, name: str) -> ModelState:
+    st = await cache.get(name)
     if st is None:
         raise ApiProblem(404, f"unknown model {name!r}; upload its cost graph with PUT /models/{name}")
     return st
 
 
 @router.get("", response_model=ModelList, dependencies=READ)
-async def list_models(store: StoreDep) -> ModelList:
+async def list_models(cache: ModelCacheDep) -> ModelList:
     """Every stored model (all replicas' when Redis is reachable) with its profiles."""
-    models = await store.list_models()
+    models = await cache.list_all()
     return ModelList(models=[_summary(n, st) for n, st in models.items()])
 
 
@@ -95,7 +96,7 @@ GRAPH_BODY = {
 async def put_model(
     model: ModelName,
     request: Request,
-    store: StoreDep,
+    writer: ModelWriterDep,
     settings: SettingsDep,
     expect: IfMatchDep,
     response: Response,
@@ -111,7 +112,7 @@ async def put_model(
         graph = await asyncio.to_thread(_graph_of, raw, model, limits)
     else:
         graph = _graph_of(raw, model, limits)
-    res = await store.put_graph(graph, expect)
+    res = await writer.put_graph(graph, expect)
     response.status_code = 201 if res.created else 200
     _etag(response, res.state.version)
     if res.created:
@@ -147,9 +148,9 @@ def _graph_of(raw: bytes, model: str, limits: GraphLimits) -> CostGraph:
     dependencies=READ,
     responses=NOT_FOUND,
 )
-async def get_model(model: ModelName, store: StoreDep, response: Response) -> dict:
+async def get_model(model: ModelName, cache: ModelCacheDep, response: Response) -> dict:
     """The model's cost graph as stored; `ETag: "<version>"`."""
-    st = await _model_or_404(store, model)
+    st = await _model_or_404(cache, model)
     _etag(response, st.version)
     return st.graph.to_dict()
 
@@ -165,9 +166,9 @@ async def delete_model(model: ModelName, store: StoreDep, expect: IfMatchDep) ->
 
 
 @router.get("/{model}/profiles", response_model=ProfileList, dependencies=READ, responses=NOT_FOUND)
-async def list_profiles(model: ModelName, store: StoreDep, response: Response) -> ProfileList:
+async def list_profiles(model: ModelName, cache: ModelCacheDep, response: Response) -> ProfileList:
     """Every uploaded profile of the model, by tier; `ETag: "<version>"`."""
-    st = await _model_or_404(store, model)
+    st = await _model_or_404(cache, model)
     _etag(response, st.version)
     profiles = {t: StoredProfile(**p.to_dict()) for t, p in sorted(st.profiles.items())}
     return ProfileList(model=model, version=st.version, profiles=profiles)
@@ -180,12 +181,12 @@ async def list_profiles(model: ModelName, store: StoreDep, response: Response) -
     responses={201: {"description": "created", "model": ProfileWritten}, **NOT_FOUND, **CONFLICT},
 )
 async def put_profile(
-    model: ModelName, tier: TierName, body: ProfileBody, store: StoreDep, expect: IfMatchDep, response: Response
+    model: ModelName, tier: TierName, body: ProfileBody, writer: ModelWriterDep, expect: IfMatchDep, response: Response
 ) -> ProfileWritten:
     """Store (201) or replace (200) one tier's measured timings (ms per node of the model's graph)."""
     prof = Profile.make(tier, body.kind, dict(body.timings_ms), body.meta)
     try:  # the node names are checked against the graph the write finds, not this replica's cache
-        res = await store.put_profile(model, prof, expect)
+        res = await writer.put_profile(model, prof, expect)
     except UnknownNodes as exc:
         raise ApiProblem(422, str(exc), loc=("body", "timings_ms")) from None
     if res is None:
@@ -213,9 +214,9 @@ async def put_profile(
     dependencies=WRITE,
     responses={**NOT_FOUND, **CONFLICT},
 )
-async def delete_profile(model: ModelName, tier: TierName, store: StoreDep, expect: IfMatchDep) -> Response:
+async def delete_profile(model: ModelName, tier: TierName, writer: ModelWriterDep, expect: IfMatchDep) -> Response:
     """Forget one tier's profile of the model."""
-    res = await store.delete_profile(model, tier, expect)
+    res = await writer.delete_profile(model, tier, expect)
     if res is None:
         raise ApiProblem(404, f"unknown model {model!r}")
     if res is False:

@@ -90,7 +90,7 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
     once cached), then by what the request asks — a baseline, a confidence-exit plan, or
     DAPDEE's plan over the live workers and the other devices' leases (with a lease of its own
     when it names a device); over the workers it does not ask to avoid (`usable`)."""
-    st = await store.get_model(body.model)
+    st = await store.model_cache.get(body.model)
     if st is None:
         raise ApiProblem(404, f"unknown model {body.model!r}; upload its cost graph with PUT /models/{body.model}")
     st, dev = await _device_profile(store, st, body)
@@ -98,7 +98,7 @@ async def _answer(store: Store, runner: PlanRunner, body: PlanRequestBody) -> di
         raise ApiProblem(
             422, "device_id: leases are off on this planner (DAPDEE_FLEET_PLANNING=false)", loc=("body", "device_id")
         )
-    serving = store.serving(body.model)
+    serving = store.registry.serving(body.model)
     workers, avoided = usable(serving, body.avoid_workers)
     if avoided != body.avoid_workers:  # a lease records the workers actually left out
         body = body.model_copy(update={"avoid_workers": avoided})
@@ -119,18 +119,18 @@ async def _candidates(
     workers: list[Worker],
     serving: list[Worker],
 ) -> tuple[list[Candidate], PlanRequestBody]:
-    """`Store.candidates` over `workers` (those the device does not avoid); when none of them
+    """`CandidateFinder.among` over `workers` (those the device does not avoid); when none of them
     has its timings, over every live worker `serving` the model (as when the device avoids
     every live worker, `usable`: the avoided ones are all it can use), the lease then recording
     none avoided. 409 (missing timings) when no worker has them. O(workers) map look-ups."""
     until = _map_deadline(store)
     try:
-        return await store.candidates(body.model, st, dev, workers, until), body
+        return await store.candidates.among(body.model, st, dev, workers, until), body
     except MissingTimings as exc:
         if len(workers) == len(serving):
             raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     try:
-        every = await store.candidates(body.model, st, dev, serving, until)
+        every = await store.candidates.among(body.model, st, dev, serving, until)
     except MissingTimings as exc:
         raise ApiProblem(409, str(exc), MISSING_TIMINGS) from None
     return every, body.model_copy(update={"avoid_workers": []})
@@ -189,15 +189,15 @@ async def _priced_map(
 ) -> tuple[Worker | None, float, PlanMap]:
     """The worker a plan against one worker uses, the edge load it is priced at, and its plan
     map: the first of `order` (the workers the device does not avoid, then the avoided ones,
-    each in `_price_order`) whose timings are complete (`Store.timed`); no live worker: the
+    each in `_price_order`) whose timings are complete (`CandidateFinder.timed`); no live worker: the
     graph's own edge timings, at load 0. 409 (the first worker's missing timings) when none has
     them; 422 for confidence exits the graph lacks. A map look-up per worker tried."""
     until, loads = _map_deadline(store), {w.url: load for w, load in order}
     try:
         if not order:
-            pm = await store.planmap(body.model, st, dev, None, progressive=body.confidence_exits, until=until)
+            pm = await store.planmaps.get(body.model, st, dev, None, progressive=body.confidence_exits, until=until)
             return None, body.edge_load if body.edge_load is not None else 0.0, pm
-        timed = store.timed(body.model, st, dev, [w for w, _ in order], body.confidence_exits, until)
+        timed = store.candidates.timed(body.model, st, dev, [w for w, _ in order], body.confidence_exits, until)
         try:
             first = await anext(timed)  # the first with timings is the one: no further maps
         finally:
@@ -226,7 +226,7 @@ async def _device_profile(store: Store, st: ModelState, body: PlanRequestBody) -
         return st, None
     dev = st.profiles.get(body.device_tier)
     if dev is None:  # maybe just uploaded through another replica
-        st = await store.refresh_model(body.model) or st
+        st = await store.model_cache.refresh(body.model) or st
         dev = st.profiles.get(body.device_tier)
     if dev is None or dev.kind != "device":
         what = "no profile" if dev is None else f"a {dev.kind} profile, not a device profile,"

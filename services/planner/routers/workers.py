@@ -58,7 +58,7 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
         capacity_ms_per_s=hb.capacity_ms_per_s,
         nominal_ms_per_s=hb.nominal_ms_per_s,
     )
-    shared = await store.heartbeat(w)
+    shared = await store.heartbeats.record(w)
     if settings.fleet_planning:
         store.rebalancer.note_capacity(w.url, w.capacity_ms_per_s)
     return HeartbeatAnswer(url=w.url, ttl_s=settings.worker_ttl_s, shared=shared)
@@ -68,7 +68,7 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
 async def list_workers(store: StoreDep) -> WorkerList:
     """Live workers, least loaded first, with the seconds until each expires and what the live
     leases reserve on each (`leased_ms_per_s` = Σ f_j·e_j, `leases`)."""
-    workers = await store.live_workers()
+    workers = await store.registry.live()
     with contextlib.suppress(RedisUnavailable):
         await store.fleet.refresh()  # fresh reservations when Redis answers, else the last view
     out = []
