@@ -74,8 +74,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "rtt charged when E is empty",
         "dapdee/costmodel.py",
-        "transfer_ms = 0.0 if edge_empty else uplink_ms + cond.rtt_ms",
-        "transfer_ms = uplink_ms + cond.rtt_ms",
+        "return device_ms + (uplink_ms + uses_edge * rtt_ms) + edge_ms",
+        "return device_ms + (uplink_ms + rtt_ms) + edge_ms",
         ORACLE,
     ),
     Mutation(

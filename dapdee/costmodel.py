@@ -94,6 +94,14 @@ def stage_ms(device_sum_ms: Any, sent_bytes: Any, edge_sum_ms: Any, cond: Condit
     return device_sum_ms * wd, sent_bytes * wb, edge_sum_ms * we
 
 
+def latency_ms(device_ms: Any, uplink_ms: Any, edge_ms: Any, uses_edge: Any, rtt_ms: float) -> Any:
+    """A partition's latency from its stage times: device + (uplink + round trip where the edge
+    is used) + edge, added in this order (`uses_edge` a 0/1 number, or a 0/1 array for vectorised
+    scans: another order differs in the last bit, and a budget equal to the best latency may then
+    be missed by one scan and met by another). Elementwise. O(1)."""
+    return device_ms + (uplink_ms + uses_edge * rtt_ms) + edge_ms
+
+
 def request_sums(device_sum_ms: Any, edge_sum_ms: Any, uses_edge: Any, overheads: Overheads) -> tuple[Any, Any]:
     """(device sum, edge sum) with the v2 per-request overheads added where the partition uses
     the edge (`uses_edge` a bool, or a 0/1 array for vectorised scans). O(1) elementwise."""
@@ -113,12 +121,13 @@ def predict_sums(
 ) -> Predicted:
     """Price a partition from its zero-load sums (Σ device_ms over D, bytes sent, Σ edge_ms over E)
     and the graph's per-request overheads. O(1)."""
-    device_sum_ms, edge_sum_ms = request_sums(device_sum_ms, edge_sum_ms, 0.0 if edge_empty else 1.0, overheads)
+    uses_edge = 0.0 if edge_empty else 1.0
+    device_sum_ms, edge_sum_ms = request_sums(device_sum_ms, edge_sum_ms, uses_edge, overheads)
     device_ms, uplink_ms, edge_ms = stage_ms(device_sum_ms, sent_bytes, edge_sum_ms, cond)
     transfer_ms = 0.0 if edge_empty else uplink_ms + cond.rtt_ms
     bottleneck = max(device_ms, uplink_ms, edge_ms)
     return Predicted(
-        latency_ms=device_ms + transfer_ms + edge_ms,
+        latency_ms=latency_ms(device_ms, uplink_ms, edge_ms, uses_edge, cond.rtt_ms),
         device_ms=device_ms,
         transfer_ms=transfer_ms,
         uplink_ms=uplink_ms,

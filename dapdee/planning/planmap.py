@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dapdee.costgraph import CostGraph, GraphLimits
-from dapdee.costmodel import Conditions, Predicted, predict_sums, request_sums, stage_ms, stage_weights
+from dapdee.costmodel import Conditions, Predicted, latency_ms, predict_sums, request_sums, stage_ms, stage_weights
 from dapdee.planning.enumerate import (
     ExitStructure,
     enumerate_ideals,
@@ -130,13 +130,11 @@ class CandSet:
         return self._row_list
 
     def latencies(self, cond: Conditions) -> np.ndarray:
-        """latency_ms of every candidate: device + (uplink + round trip where the edge is used)
-        + edge stage times, the cost model's stage weights applied elementwise and added in
-        `costmodel.predict_sums`' order (as the small-front scan does): another order differs in
-        the last bit, and a budget equal to the best latency was then missed. O(n)."""
+        """latency_ms of every candidate: the cost model's stage weights and `latency_ms`,
+        elementwise (the small-front scan prices each candidate by the same two). O(n)."""
         wd, wb, we = stage_weights(cond)
         d, b, e, f = self._columns()
-        return d * wd + (b * wb + f * cond.rtt_ms) + e * we
+        return latency_ms(d * wd, b * wb, e * we, f, cond.rtt_ms)
 
     def best_latency(self, cond: Conditions, allowed: np.ndarray | None = None) -> int:
         """Index of minimum latency_ms, the first on exact ties (among `allowed` candidates, a
@@ -186,7 +184,7 @@ def _scan_latency(rows: list[tuple[float, float, float, float]], cond: Condition
     for i, (d, b, e, f) in enumerate(rows):
         if allowed is not None and not allowed[i]:
             continue
-        lat = d * wd + (b * wb + f * rtt) + e * we
+        lat = latency_ms(d * wd, b * wb, e * we, f, rtt)
         if lat < best or at < 0:
             best, at = lat, i
     return at
@@ -203,7 +201,7 @@ def _scan_throughput(rows: list[tuple[float, float, float, float]], cond: Condit
     best, at = np.inf, -1
     for i, (d, b, e, f) in enumerate(rows):
         if bott[i] <= limit:
-            lat = d * wd + (b * wb + f * rtt) + e * we
+            lat = latency_ms(d * wd, b * wb, e * we, f, rtt)
             if lat < best or at < 0:
                 best, at = lat, i
     return at
