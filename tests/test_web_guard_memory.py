@@ -177,5 +177,21 @@ def test_the_buffer_setting_defaults_to_a_few_bodies_and_holds_at_least_one() ->
         EdgeSettings(max_body_bytes=1 << 20, max_buffered_bytes=1 << 19)
 
 
+@pytest.mark.parametrize("service", ["planner", "edge"])
+def test_both_services_read_the_guards_limits_with_the_same_bounds(service: str) -> None:
+    """Both services take the guard's limits from one GuardSettings: the body timeout within
+    (0, 3600] s, the buffer at least one body, each refusal naming its field."""
+    from dapdee.edge_worker.config import Settings as EdgeSettings
+    from dapdee.planner.config import Settings as PlannerSettings
+
+    make = (lambda **kw: PlannerSettings(redis_url=None, **kw)) if service == "planner" else EdgeSettings
+    assert make(body_timeout_s=3600).body_timeout_s == 3600
+    for bad in (0, 3600.5):
+        with pytest.raises(ValidationError, match="body_timeout_s"):
+            make(body_timeout_s=bad)
+    with pytest.raises(ValidationError, match="max_buffered_bytes"):
+        make(max_body_bytes=8192, max_buffered_bytes=4096)
+
+
 def _bearer() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS['device']}"}

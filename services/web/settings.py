@@ -107,7 +107,8 @@ class GuardSettings(SecuritySettings):
     """`SecuritySettings` and the request guard's limits (`dapdee.web.guard.RequestGuard`), read
     under the service's own environment prefix. The defaults suit a service of small JSON bodies;
     a service with other needs redeclares a field with its own default and bounds (the checks
-    below still apply)."""
+    below still apply; the field keeps its place here, so with several bad settings the first
+    refusal may name a guard field before the service's own)."""
 
     max_body_bytes: int = Field(2 * 1024 * 1024, gt=0, description="413 past it")
     body_timeout_s: float = Field(10.0, gt=0, le=3600, description="408 when a whole body takes longer")
