@@ -62,15 +62,15 @@ async def interleaved_outage(
     # a new model: a cannot tell that Redis lacks it, so the create is refused (retry), not queued
     with pytest.raises(ModelUnreachable):
         await a.model_writer.put_graph(chain_graph("only-a"))
-    assert a.link.state == "down" and a.model_writer.pending_count == 4
+    assert a.link.state == "down" and a.model_sync.pending_count == 4
     want = await b.model_cache.get("shared")  # the newest state: b's writes only
     assert want is not None and want.version == 6
 
     with caplog.at_level(logging.WARNING, logger="dapdee.planner"):
         proxy.restore()
         deadline = time.monotonic() + 10
-        while a.model_writer.pending_count or a.link.state != "up":  # a's own refresh loop replays
-            assert time.monotonic() < deadline, (a.model_writer.pending_count, a.link.state)
+        while a.model_sync.pending_count or a.link.state != "up":  # a's own refresh loop replays
+            assert time.monotonic() < deadline, (a.model_sync.pending_count, a.link.state)
             await asyncio.sleep(0.05)
 
     r = redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=2)

@@ -211,9 +211,9 @@ async def reconnect(store: Store, proxy: RedisProxy) -> None:
 
     async def done() -> bool:
         await store.sync()
-        return store.link.state == "up" and store.model_writer.pending_count == 0
+        return store.link.state == "up" and store.model_sync.pending_count == 0
 
-    assert await until(done), (store.link.state, store.model_writer.pending_count)
+    assert await until(done), (store.link.state, store.model_sync.pending_count)
 
 
 def test_outage_replay_applies_current_and_reports_stale(planner_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -232,7 +232,7 @@ def test_outage_replay_applies_current_and_reports_stale(planner_prefix: str, ca
             assert rb is not None and rb.stored == "redis" and rb.state.version == 3
             r2 = await a.model_writer.put_profile("m2", device_profile(g2, "a2"))  # nobody else touches m2
             assert r2 is not None and r2.stored == "pending"
-            assert a.model_writer.pending_count == 2 and a.link.state == "down"
+            assert a.model_sync.pending_count == 2 and a.link.state == "down"
             with caplog.at_level(logging.WARNING, logger="dapdee.planner"):
                 await reconnect(a, proxy)
             r = raw_redis()
@@ -264,7 +264,7 @@ def test_put_graph_during_outage_keeps_stored_profiles(planner_prefix: str) -> N
             proxy.cut()
             with pytest.raises(ModelUnreachable):
                 await a.model_writer.put_graph(chain_graph("n", n=9))  # another structure: would drop profiles
-            assert a.model_writer.pending_count == 0
+            assert a.model_sync.pending_count == 0
             await reconnect(a, proxy)
             st = await b.model_cache.refresh("n")
             assert st is not None and set(st.profiles) == {"phone"} and len(st.graph.nodes) == 6
@@ -394,7 +394,7 @@ def test_a_write_whose_reply_came_too_late_is_not_applied_again_over_newer_write
                 assert mine is not None and mine.stored == "pending"
                 await b.model_writer.put_profile("m", device_profile(g, "phone", 9.0))
             else:
-                assert await a.delete_model("m") and a.model_writer.pending_count == 1
+                assert await a.delete_model("m") and a.model_sync.pending_count == 1
                 assert (await b.model_cache.refresh("m")) is None  # a's delete was applied
                 await b.model_writer.put_graph(g)
                 await b.model_writer.put_profile("m", device_profile(g, "phone", 9.0))
@@ -496,7 +496,7 @@ def test_a_replayed_model_whose_read_back_failed_is_read_at_the_next_refresh(pla
             proxy.cut_at(b"HGETALL")  # the read back after the replay: the profiles hash
             await a.sync()
             assert a.link.state == "down" and proxy.is_cut
-            assert len(a.model_writer.outbox) == 0 and a.model_writer.pending_count == 1
+            assert len(a.model_writer.outbox) == 0 and a.model_sync.pending_count == 1
             await reconnect(a, proxy)
             st = await a.model_cache.get("m")
             assert st is not None and st.profiles["phone"].timings_ms["n0"] == 9.0
@@ -579,14 +579,14 @@ def test_worker_expiry_follows_redis_ttl(planner_prefix: str) -> None:
             assert score is not None and 0 < score - (secs * 1000 + micros // 1000) <= 1000
             seen = await b.registry.live()
             assert [w.url for w in seen] == ["http://127.0.0.1:9001"] and 0 < seen[0].expires_in_s <= 1.0
-            assert b.registry.pick("m") is not None and b.registry.pick("other") is None
+            assert b.registry.serving("m") and not b.registry.serving("other")
             for _ in range(4):  # heartbeats keep it live past its first TTL
                 await asyncio.sleep(0.4)
                 assert await a.heartbeats.record(worker("http://127.0.0.1:9001"))
             assert [w.url for w in await b.registry.live()] == ["http://127.0.0.1:9001"]
             await asyncio.sleep(1.2)
             assert await a.registry.live() == [] and await b.registry.live() == []
-            assert a.registry.pick("m") is None and b.registry.count() == 0
+            assert not a.registry.serving("m") and b.registry.count() == 0
             assert r.hlen(f"{planner_prefix}:v1:workers:info") == 0  # pruned with the expired entry
 
     asyncio.run(go())

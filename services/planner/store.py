@@ -6,8 +6,10 @@ the parts themselves:
 - `model_cache` (`model_cache.ModelCache`): models and profiles, read lazily (start-up loads
   none), a bounded LRU.
 - `model_writer` (`model_writes.ModelWriter`): versioned writes (a Lua compare-and-set on each
-  model's version), and the queue of writes made while Redis is unavailable, replayed only where
-  their base version is still current.
+  model's version); those made while Redis is unavailable are queued.
+- `model_sync` (`model_sync.ModelSync`): the refresh's model part: follows Redis's state (other
+  replicas' writes; the models written back if Redis lost them) and replays the queued writes,
+  each only where its base version is still current.
 - `registry` (`workers.WorkerRegistry`): heartbeats and live workers; expiry by Redis's clock.
 - `heartbeats` (`heartbeats.HeartbeatIntake`): a heartbeat registered, with the worker's leases
   re-solved for it when its capacity drops below them.
@@ -39,6 +41,7 @@ from dapdee.planner.heartbeats import HeartbeatIntake
 from dapdee.planner.keys import GRAPH_TIMINGS, Keys
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.model_cache import ModelCache
+from dapdee.planner.model_sync import ModelSync
 from dapdee.planner.model_writes import ModelWriter
 from dapdee.planner.modelstate import ModelState, Profile, PutResult
 from dapdee.planner.plan_runner import PlanRunner
@@ -88,6 +91,8 @@ class Store:
         outbox = Outbox(settings.max_pending_writes)  # writes made while Redis is unavailable
         self.model_cache = ModelCache(settings, metrics, self.link, self.keys, outbox.has)
         self.model_writer = ModelWriter(settings, metrics, self.link, self.keys, self.model_cache, outbox)
+        lock, send = self.model_writer.lock, self.model_writer.send  # a refresh and a write never interleave
+        self.model_sync = ModelSync(settings, metrics, self.link, self.keys, self.model_cache, outbox, lock, send)
         self.registry = WorkerRegistry(settings, metrics, self.link, self.keys)
         self.planmaps = PlanMapCache(settings, metrics, self.link, self.keys)
         self.candidates = CandidateFinder(self.model_cache, self.planmaps)
@@ -98,7 +103,7 @@ class Store:
         self.started = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        metrics.pending_writes.set_function(lambda: self.model_writer.pending_count)
+        metrics.pending_writes.set_function(lambda: self.model_sync.pending_count)
 
     # ---- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -123,7 +128,7 @@ class Store:
         if self._task is not None:
             await finish_or_stop(self._task, CLOSE_LOOP_S)
             self._task = None
-        await self.model_writer.drain(CLOSE_DRAIN_S)
+        await self.model_sync.drain(CLOSE_DRAIN_S)
         self.planmaps.close()
         await self.link.close()
 
@@ -136,7 +141,7 @@ class Store:
         if not self.link.enabled:
             return
         with contextlib.suppress(RedisUnavailable):
-            await self.model_writer.sync()
+            await self.model_sync.sync()
         with contextlib.suppress(RedisUnavailable):
             await self.registry.sync()
 

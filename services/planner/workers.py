@@ -3,13 +3,13 @@
 In Redis a worker is a member of a sorted set scored with its expiry in ms by Redis's clock
 (`TIME` inside the scripts: now + DAPDEE_WORKER_TTL_S at each heartbeat) plus its last heartbeat
 in a hash; both scripts first drop the expired ones. So expiry never compares the wall clocks of
-replicas. A replica keeps a copy for `pick` (process memory, no I/O) in which each worker
+replicas. A replica keeps a copy for `serving` (process memory, no I/O) in which each worker
 expires on this replica's monotonic clock at the time left that Redis reported at the last sync.
 A heartbeat made while Redis is unavailable is kept here (until it expires by the monotonic
 clock) and merged with Redis's registry at each sync.
 
 Redis restarted empty (or flushed): a sync that finds the epoch of Redis's state (`Keys.epoch`,
-set by the model refresh, `dapdee.planner.model_writes`) changed since its last one writes back
+set by the model refresh, `dapdee.planner.model_sync`) changed since its last one writes back
 every worker this replica holds as live that Redis lacks (RESTORE_WORKERS: its last heartbeat,
 live for the time this copy has left, none past the cap), so every replica sees it again until
 its last heartbeat's TTL ends, and no longer: a worker Redis already holds (a newer heartbeat, or
@@ -163,7 +163,7 @@ class CapacityBelowLeases(Exception):
 class Worker:
     """One edge worker as its last heartbeat described it. `expires_in_s`: the seconds it stays
     live without another heartbeat, as of the answer that carries it (`WorkerRegistry.live`,
-    `pick`): by Redis's clock at the last sync, counted down on this replica's monotonic
+    `serving`): by Redis's clock at the last sync, counted down on this replica's monotonic
     clock since; 0 in a heartbeat being recorded. Never a wall-clock time."""
 
     url: str
@@ -373,19 +373,6 @@ class WorkerRegistry:
         now = time.monotonic()
         out = [replace(s.worker, expires_in_s=round(s.deadline - now, 3)) for s in self._alive()]
         return sorted(out, key=_order)
-
-    def pick(self, model: str) -> Worker | None:
-        """The least-loaded live worker serving `model` (ties: fewer in flight and queued, then
-        URL). Process memory only. O(workers)."""
-        now = time.monotonic()
-        best: _Seen | None = None
-        for s in self._seen.values():
-            if s.deadline > now and model in s.worker.models:
-                if best is None or _order(s.worker) < _order(best.worker):
-                    best = s
-        if best is None:
-            return None
-        return replace(best.worker, expires_in_s=round(best.deadline - now, 3))
 
     def serving(self, model: str) -> list[Worker]:
         """Every live worker serving `model`, least loaded first. Process memory only. O(workers)."""

@@ -26,7 +26,7 @@ async def healthz() -> Health:
 async def readyz(store: StoreDep) -> JSONResponse:
     """Ready to plan: the store started. Redis being away does not make the planner unready
     (it plans from its in-process cache); the answer says how Redis is."""
-    body = Readiness(ready=store.started, redis=store.link.state, pending_writes=store.model_writer.pending_count)
+    body = Readiness(ready=store.started, redis=store.link.state, pending_writes=store.model_sync.pending_count)
     return JSONResponse(body.model_dump(), status_code=200 if store.started else 503)
 
 
