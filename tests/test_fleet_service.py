@@ -203,6 +203,31 @@ def test_a_leased_plan_is_one_reservation_while_the_view_holds(planner_prefix: s
         assert _admissions(a, "stale") == 1
 
 
+def test_after_a_rebalance_each_device_gets_its_assigned_plan_in_one_reservation(planner_prefix: str) -> None:
+    """A rebalance rewrites the lease records it solves; the replica that applied it keeps them in
+    its view, so each device's next request gets its assigned plan in one round trip (no "stale"
+    admission). Another replica learns them from Redis (one "stale" each), as it learns any
+    write it did not make."""
+    kw = {"rebalance_s": 0, "refresh_s": 60.0, "worker_ttl_s": 120.0}
+    with planner(planner_prefix, **kw) as a, planner(planner_prefix, **kw) as b:
+        setup_model(a, capacity=50.0)
+        assert beat(b, "http://w1:1", ["cam"], "t", 0.0, capacity_ms_per_s=50.0).status_code == 200
+        idle = leased("idle", fps=5.0, latency_budget_ms=200.0)
+        busy = leased("busy", fps=5.0, latency_budget_ms=200.0, device_load=0.8)
+        for body in (idle, busy, idle, busy):
+            a.post("/plan", json=body)
+        assert _admissions(a, "stale") == 0
+        (report,) = a.post("/fleet/rebalance").json()["workers"]
+        assert report["applied"] and (report["before"]["devices_met"], report["after"]["devices_met"]) == (1, 2)
+        for body, worker in ((busy, "http://w1:1"), (idle, None)):
+            got = a.post("/plan", json=body).json()
+            assert got["lease"]["assigned"] and got["lease"]["worker"] == worker and got["constraints_met"]
+        assert _admissions(a, "stale") == 0
+        for body in (busy, idle):
+            assert b.post("/plan", json=body).json()["lease"]["assigned"]
+        assert _admissions(b, "stale") == 2
+
+
 def test_fifty_devices_leasing_at_once_through_two_replicas_never_overbook(planner_prefix: str) -> None:
     def settings() -> Settings:
         return Settings(

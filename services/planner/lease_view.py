@@ -3,7 +3,7 @@
 Per worker what each device reserves there (so what the *other* devices reserve is O(1) per
 request), the lease count, and per device its lease record with its tag as this replica last
 wrote or read it. Re-read from Redis at start and every `refresh_s` (which also sets the fleet
-gauges), updated after each reservation here, and replaced worker by worker with Redis's own
+gauges), updated after each reservation and each rebalance applied here, and replaced worker by worker with Redis's own
 figures when a reservation finds the view out of date (`dapdee.planner.fleet`). With Redis away
 it stays as last seen.
 """
@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from dapdee.planner.errors import RedisUnavailable
-from dapdee.planner.leases import Figures, LeaseBook, ReservationView, View
+from dapdee.planner.leases import Figures, LeaseBook, ReservationView, View, on_worker, record_tag, record_text
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
@@ -134,6 +134,21 @@ class LeaseView:
         if len(self.held) >= self.max_leases:
             del self.held[next(iter(self.held))]
         self.held[device_id] = (tag, record)
+
+    def applied(
+        self, worker: str, assignments: dict[str, tuple[float, dict[str, Any], str]], left: Iterable[str]
+    ) -> None:
+        """Update the view after this replica's rebalance applied `assignments` on `worker`
+        (`LeaseBook.apply`; the devices in `left` were left as they were): each written lease as
+        Redis now holds it, its record with the tag Redis's scripts compute, so the device's next
+        request plans from its assigned record in one round trip instead of finding the view
+        stale. O(assignments · record)."""
+        kept = set(left)
+        for device, (load, record, _) in assignments.items():
+            if device not in kept:
+                on = on_worker(worker, load, record)
+                self.note(device, worker if on else None, load if on else 0.0)
+                self.remember(device, record, record_tag(record_text(record)))
 
     def forget(self, device_id: str) -> None:
         """The device's lease ended here: it reserves nothing and has no record. O(workers)."""

@@ -648,7 +648,7 @@ class LeaseBook:
         `worker` (listed and rebalanced there) when it reserves something there or its record
         names it (`record["worker"]`, as the planner's records do), so a zero-cost edge plan
         (e_i = 0) is on its worker reserving 0 ms/s; a zero load on a worker the record does not
-        name holds no reservation (`_on_worker`).
+        name holds no reservation (`on_worker`).
         With `model`, nothing is written when that model is not in the registry ("gone": it was
         deleted while the request was planned, and its leases have ended or are ending), nor
         when `worker`'s last heartbeat no longer lists it ("departed": the worker left or stopped
@@ -661,7 +661,7 @@ class LeaseBook:
         args: list[Any] = [
             self.prefix,
             device_id,
-            worker if _on_worker(worker, load_ms_per_s, record) else "",
+            worker if on_worker(worker, load_ms_per_s, record) else "",
             repr(float(load_ms_per_s)),
             repr(float(limit_ms_per_s)),
             self.ttl_ms,
@@ -751,7 +751,7 @@ class LeaseBook:
         device still holds a lease there (or a live lease on no worker: it may join) with
         a record of that basis (`record_basis`), and the worker stays within `limit` and
         within ρ_max × its registered capacity (or a refused one pending, if less); else nothing
-        changes. A device's new lease is on `worker` as `_on_worker` says (a zero load whose
+        changes. A device's new lease is on `worker` as `on_worker` says (a zero load whose
         record names no worker: it leaves it, Device-Only). `partial`: a device whose lease
         changed meanwhile is left as it is (what it reserves on `worker` counts with the
         others') instead of refusing the whole apply.
@@ -766,14 +766,14 @@ class LeaseBook:
         args += [hb.info_json, repr(float(hb.capacity_ms_per_s)), hb.ttl_ms, hb.refused_at_ms] if hb else ["", "", 0, 0]
         args.append("1" if partial else "")
         for device, (load, record, basis) in assignments.items():
-            args += [device, repr(float(load)) if _on_worker(worker, load, record) else "", record_text(record), basis]
+            args += [device, repr(float(load)) if on_worker(worker, load, record) else "", record_text(record), basis]
         keys = [self.k_leases, f"{self.prefix}:workers:exp"]
         out = await self.link.script("lease_apply", APPLY, keys, args)
         status = {1: "applied", 0: "changed", 2: "over"}[int(out[0])]
         return Application(status, _number(out[1]), tuple(_text(d) for d in out[2:]))
 
 
-def _on_worker(worker: str | None, load_ms_per_s: float, record: dict[str, Any]) -> bool:
+def on_worker(worker: str | None, load_ms_per_s: float, record: dict[str, Any]) -> bool:
     """Whether a lease writing `record` with `load_ms_per_s` on `worker` is on that worker: it
     reserves something there, or its record names it (a plan that uses the edge, whatever its
     cost: a zero-cost one is listed and rebalanced there too, as `GET /devices` shows it). O(1)."""
