@@ -183,7 +183,8 @@ def read_cifar_bin(paths: list[Path] | tuple[Path, ...]) -> tuple[np.ndarray, np
 class DatasetRef:
     """A parsed --dataset argument: kind ('fashion-mnist' | 'cifar10' | 'folder') and directory.
     `fmnist_dir` is where the Fashion-MNIST package is installed (FMNIST_DIR; not compared): a
-    reference to it is written bare (`text`), and a missing one names the package to install."""
+    missing one names the package to install. `text` writes FMNIST_DIR bare, any other folder
+    by name, so that `parse_dataset(ref.text)` reads the same folder."""
 
     kind: str
     directory: Path
@@ -191,7 +192,7 @@ class DatasetRef:
 
     @property
     def text(self) -> str:
-        if self.kind == "fashion-mnist" and self.directory == self.fmnist_dir:
+        if self.kind == "fashion-mnist" and self.directory == FMNIST_DIR:  # bare: as parse_dataset reads it
             return "fashion-mnist"
         return f"{self.kind}:{self.directory}"
 

@@ -15,9 +15,10 @@ import pytest
 from dapdee.costmodel import Conditions
 from dapdee.device.compute import BoundaryValues, EmulatedCompute
 from dapdee.device.config import Requirements, RuntimeConfig
+from dapdee.device.frame_path import BACKING_OFF, CLOSED, REPLANNED, REPLANNED_LOCAL
 from dapdee.device.plans import device_only_plan
 from dapdee.device.replanner import LEASE_EXPIRED
-from dapdee.device.runtime import BACKING_OFF, CLOSED, REPLANNED, REPLANNED_LOCAL, DeviceRuntime
+from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import DeviceClosed
 from dapdee.testing import ServerThread

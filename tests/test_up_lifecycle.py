@@ -90,11 +90,11 @@ def not_a_planner(name: str, stops: list[str], release: threading.Event | None =
 @pytest.fixture
 def stuck_edge() -> Iterator[Servers]:
     """(planner, edge, stops): two real servers; the edge's stop() fails, its shutdown running
-    past ServerThread.stop's 10 s (it is let go and joined afterwards)."""
+    past the 0.5 s its stop() waits (it is let go and joined afterwards)."""
     stops: list[str] = []
     release = threading.Event()
     planner = ServerThread(not_a_planner("planner", stops), name="planner").start()
-    edge = ServerThread(not_a_planner("edge", stops, release), name="edge").start()
+    edge = ServerThread(not_a_planner("edge", stops, release), name="edge", stop_timeout_s=0.5).start()
     try:
         yield planner, edge, stops
     finally:

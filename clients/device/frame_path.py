@@ -155,9 +155,9 @@ class EdgeGate:
 
 class FramePath:
     """Runs one frame under a given plan (see the module docstring): `graph` is the device's
-    cost graph (it prices fallbacks), `compute` the backend, `edge` the edge access (None: no
-    edge at all), `gate` what says whether a ready frame may go to the edge and notes how it
-    went; `sensing`'s device load prices a fallback's exit. Holds no per-frame state."""
+    cost graph (it prices fallbacks), `compute` the backend, `gate` the edge access (its
+    `edge`; None: no edge at all), what says whether a ready frame may go to the edge and notes
+    how it went; `sensing`'s device load prices a fallback's exit. Holds no per-frame state."""
 
     def __init__(
         self,
@@ -165,7 +165,6 @@ class FramePath:
         compute: ComputeBackend,
         config: RuntimeConfig,
         sensing: Sensing,
-        edge: EdgeLink | None,
         gate: EdgeGate,
         tracing: Tracing,
     ) -> None:
@@ -174,7 +173,6 @@ class FramePath:
         self.compute = compute
         self.config = config
         self.sensing = sensing
-        self.edge = edge
         self.gate = gate
         self.tracing = tracing
 
@@ -184,10 +182,10 @@ class FramePath:
         if not plan.uses_edge:
             return await self._local(plan, x)
         url = self.gate.worker(plan)
-        if url is None or self.edge is None:
+        if url is None or self.gate.edge is None:
             self.gate.ask_for_worker()
             return await self._without_edge(plan, x, t_start, "no edge worker")
-        backoff = self.edge.backoff_of(url)  # the rest of this worker: another's failures do not hold it
+        backoff = self.gate.edge.backoff_of(url)  # the rest of this worker: another's failures do not hold it
         if backoff.resting():
             return await self._without_edge(plan, x, t_start, BACKING_OFF)
         return await self._split(plan, x, url, index, t_start, backoff.rests)
@@ -262,7 +260,7 @@ class FramePath:
         send when its device part is done (`EdgeGate.refusal`), is finished locally (`since`: the worker's
         back-off's `rests` when the frame started, so one outage doubles it once and a late answer does
         not undo that). A failed upload's outcome counts the bytes that left (`bytes_sent`)."""
-        assert self.edge is not None
+        assert self.gate.edge is not None
         inp = self.graph.input.name
         # values computed from parameters alone are the same for every frame (`_device_part`)
         sent_nodes = [n for n in plan.transfer_nodes if n in self.frame_data]
@@ -278,7 +276,7 @@ class FramePath:
         try:
             with self.tracing.span(otel.UPLINK, {otel.ATTR_EXIT: plan.exit}) as span:
                 traceparent = span.context.traceparent if self.tracing.enabled and span.context else None
-                answer = await self.edge.infer(
+                answer = await self.gate.edge.infer(
                     url, sent, plan.exit, timeout, str(index), traceparent, confidence=plan.edge_confidence
                 )
                 span.set_attribute(otel.ATTR_BYTES_SENT, answer.request_bytes)
@@ -287,7 +285,7 @@ class FramePath:
             self.gate.failed(exc, url, since)
             out = await self._fallback(plan, {inp: x, **values}, t_start, exc.reason, device_ms)
             return replace(out, bytes_sent=exc.bytes_sent if answer is None else answer.request_bytes)
-        self.edge.backoff_of(url).succeeded(since)
+        self.gate.edge.backoff_of(url).succeeded(since)
         return Outcome(
             answer.logits, "edge", taken, plan.cut, device_ms, answer.request_bytes, answer.queue_ms,
             answer.compute_ms,

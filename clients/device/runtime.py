@@ -7,8 +7,8 @@ runs wholly on the device. When the edge fails, times out, answers something off
 rests after a failure, or no trusted worker is named, the frame is finished on the device from
 the values it already has (`fallback`): no frame is lost. The edge failure bookkeeping (one new
 plan per outage of a worker, a frame that may no longer send when its tensors are ready, the
-back-off on asking for a worker while none is named) is `EdgeGate`'s, in the same module; so is
-the run of a plan made with confidence exits (`Plan.progressive`). The runtime itself keeps the
+back-off on asking for a worker while none is named) is `EdgeGate`'s, in the same module; the
+`FramePath` also runs a plan made with confidence exits (`Plan.progressive`). The runtime itself keeps the
 life cycle, the plan in use, the records and the streams. Under heavy load (a frame rate, or
 throughput mode) frames are pipelined: the device part of frame i+1 overlaps the upload of
 frame i and the edge compute of frame i−1, with at most `max_inflight` in flight.
@@ -40,10 +40,6 @@ from dapdee.costgraph import CostGraph
 from dapdee.device.compute import ComputeBackend
 from dapdee.device.config import RuntimeConfig
 from dapdee.device.edge import EdgeLink
-from dapdee.device.frame_path import BACKING_OFF as BACKING_OFF  # re-exported, as the other reasons
-from dapdee.device.frame_path import CLOSED as CLOSED
-from dapdee.device.frame_path import REPLANNED as REPLANNED
-from dapdee.device.frame_path import REPLANNED_LOCAL as REPLANNED_LOCAL
 from dapdee.device.frame_path import EdgeGate, FramePath, Outcome
 from dapdee.device.metrics import DeviceMetrics
 from dapdee.device.plan_source import PlanSource
@@ -116,8 +112,8 @@ class DeviceRuntime:
     `records` keeps the last `max_records` frames; `frames_done` counts every frame answered.
     Use `async with runtime:` or `start()` / `aclose()`. A frame runs through the `FramePath`
     built here from the same parts (`EdgeGate` its edge failure bookkeeping, wired to the
-    re-planner by `start`): `graph`, `compute`, `edge`, `sensing`, `config` and `tracing` are
-    fixed at construction."""
+    re-planner by `start`), which hold the parts: `graph`, `compute`, `edge`, `edge_url`,
+    `sensing`, `config`, `tracing` and `replanner` are read-only here."""
 
     def __init__(
         self,
@@ -136,21 +132,13 @@ class DeviceRuntime:
         rate_mbps: float | None = None,
         max_records: int = MAX_RECORDS,
     ) -> None:
-        self.graph = graph
-        self.compute = compute
         self.source = plans
-        self.config = config or RuntimeConfig()
-        self.sensing = sensing or Sensing(fixed_load=0.0)
-        self.edge = edge
         self.sensor = sensor
-        self.edge_url = edge_url.rstrip("/") if edge_url else None
         self.metrics = metrics
-        self.tracing = tracing
         self.slowdown = slowdown
         self.rate_mbps = rate_mbps
         self.records: deque[FrameRecord] = deque(maxlen=max_records)  # the most recent frames
         self.frames_done = 0  # frames answered since the runtime was made (`records` keeps the last)
-        self.replanner: Replanner | None = None
         self.started_at = time.perf_counter()  # reset by start(); records' `started_at` count from it
         self._counter = itertools.count()
         self._bg: asyncio.Task[None] | None = None
@@ -159,9 +147,47 @@ class DeviceRuntime:
         self._idle = asyncio.Event()  # set while no frame is in flight
         self._idle.set()
         self._closed = False
-        # one frame under a plan; the gate rests failed workers and asks `replanner` for plans
-        self._gate = EdgeGate(edge, self.edge_url, self.config, lambda: self._closed)
-        self._frame_path = FramePath(graph, compute, self.config, self.sensing, edge, self._gate, tracing)
+        # one frame under a plan; the gate rests failed workers and asks `replanner` for plans.
+        # Each part is held once, by them: the properties below read it there.
+        config = config or RuntimeConfig()
+        self._gate = EdgeGate(edge, edge_url.rstrip("/") if edge_url else None, config, lambda: self._closed)
+        sensing = sensing or Sensing(fixed_load=0.0)
+        self._frame_path = FramePath(graph, compute, config, sensing, self._gate, tracing)
+
+    # ---- the parts, as given (read-only: the frame path and the gate hold them) -----------------
+    @property
+    def graph(self) -> CostGraph:
+        return self._frame_path.graph
+
+    @property
+    def compute(self) -> ComputeBackend:
+        return self._frame_path.compute
+
+    @property
+    def config(self) -> RuntimeConfig:
+        return self._frame_path.config
+
+    @property
+    def sensing(self) -> Sensing:
+        return self._frame_path.sensing
+
+    @property
+    def tracing(self) -> Tracing:
+        return self._frame_path.tracing
+
+    @property
+    def edge(self) -> EdgeLink | None:
+        return self._gate.edge
+
+    @property
+    def edge_url(self) -> str | None:
+        """The worker that overrides the plans' own (None: the plan's)."""
+        return self._gate.edge_url
+
+    @property
+    def replanner(self) -> Replanner | None:
+        """The re-planner, made by `start` with the first plan (None before)."""
+        return self._gate.replanner
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -194,8 +220,7 @@ class DeviceRuntime:
         if self._closed:
             await self.source.aclose()
             raise DeviceClosed("the device runtime was closed while it started")
-        self.replanner = Replanner(self.source, self.sensing, self.config, plan, self._on_plan)
-        self._gate.replanner = self.replanner
+        self._gate.replanner = Replanner(self.source, self.sensing, self.config, plan, self._on_plan)
         self._on_plan(plan)
         self.started_at = time.perf_counter()
         self._bg = asyncio.create_task(self._background())

@@ -36,9 +36,11 @@ class ServerThread:
         log_level: str = "warning",
         name: str = "server",
         http: Any = "auto",
+        stop_timeout_s: float = 10.0,
     ) -> None:
         """`http`: uvicorn's HTTP protocol (a name, or a class such as the services'
-        `dapdee.web.http_head.BoundedHeadProtocol`)."""
+        `dapdee.web.http_head.BoundedHeadProtocol`); `stop_timeout_s`: how long `stop()` waits
+        by default."""
         import uvicorn
 
         self.sock = sock or bind_free_socket()
@@ -49,6 +51,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{name}", daemon=True)
         self.error: BaseException | None = None
+        self.stop_timeout_s = stop_timeout_s
 
     @property
     def url(self) -> str:
@@ -73,11 +76,12 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         """Shut the server down and join its thread; RuntimeError if it is still running after
-        `timeout_s` (a lifespan that does not end would otherwise keep serving, and its
+        `timeout_s` (None: `stop_timeout_s`; a lifespan that does not end would otherwise keep serving, and its
         background tasks running, behind the caller's back)."""
         self.server.should_exit = True
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
         self.thread.join(timeout_s)
         try:
             self.sock.close()
