@@ -270,7 +270,9 @@ def test_a_deep_cut_at_idle_is_not_read_as_a_slowdown() -> None:
     loaded = load_model("zoo:resnet18?width=0.25&in_channels=1")
     sock = bind_free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    app = create_app(Settings(capacity_window_s=60.0, capacity_min_ms=1.0), [loaded])
+    # no cap on the factor: capped (4 by default) a slot-only reading would pass any bound above it
+    settings = Settings(capacity_window_s=60.0, capacity_min_ms=1.0, capacity_max_factor=1000.0)
+    app = create_app(settings, [loaded])
     with ServerThread(app, sock=sock), EdgeClient(url) as edge:
         state = app.state.worker
         entry = state.models[loaded.name]
