@@ -16,6 +16,7 @@ import redis
 
 from dapdee.planner.config import Settings
 from dapdee.planner.keys import Keys
+from dapdee.planner.lease_view import LeaseView
 from dapdee.planner.leases import Heartbeat, LeaseBook, ReservationView, View
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.redis_link import RedisLink
@@ -320,6 +321,51 @@ def test_a_partial_apply_leaves_a_device_that_changed_as_it_is_and_counts_what_i
         assert await b.loads() == {"http://w": {"d1": 500.0, "d2": 300.0}, "http://other": {"d3": 50.0}}
         held = [(await b.record(d))[0] for d in ("d1", "d2", "d3")]  # type: ignore[index]
         assert held == [solved_plan, replanned, replanned]
+        await _close(books)
+
+    run(scenario())
+
+
+def test_the_replica_that_applied_a_rebalance_sees_the_leases_it_wrote_as_redis_holds_them(prefix: str) -> None:
+    """Five leases of 100 ms/s on http://w; a rebalance solves them (d1 at 500, d4 Device-Only, d5
+    a zero-cost edge plan) while d2 re-plans and d3 moves through another replica. After the
+    partial apply, the applying replica's view holds each lease it wrote as Redis does: d1 at
+    500, d4 on no worker, d5 listed at 0, their records under the tags Redis stores (computed
+    here too). The devices the apply left, and an apply refused as over, change nothing in it."""
+    first, solved_plan, replanned = _lease(exit_name="exit1"), _lease(exit_name="exit2"), _lease(exit_name="exit3")
+
+    async def no_workers() -> list[Worker]:
+        return []
+
+    def seen(view: LeaseView, device: str) -> float:  # what the view has the device reserve on http://w
+        return view.others("http://w", None) - view.others("http://w", device)
+
+    async def scenario() -> None:
+        books = await _books(prefix, 2)
+        a, b = books
+        for d in ("d1", "d2", "d3", "d4", "d5"):
+            assert (await a.reserve(d, "http://w", 100.0, 900.0, first)).status == "reserved"
+        view = LeaseView(a, PlannerMetrics(), no_workers, 60.0, 1000)
+        await view.refresh()
+        assert view.leased("http://w") == (500.0, 5) and not view.held
+        wanted = {"d1": (500.0, solved_plan), "d2": (100.0, solved_plan), "d3": (100.0, solved_plan)}
+        solved = await _tagged(a, wanted | {"d4": (0.0, solved_plan | {"worker": None}), "d5": (0.0, solved_plan)})
+        await b.reserve("d2", "http://w", 300.0, 900.0, replanned)  # re-planned meanwhile
+        await b.reserve("d3", "http://other", 50.0, 900.0, replanned)  # moved meanwhile
+        too_much = {**solved, "d1": (800.0, solved_plan, solved["d1"][2])}
+        over = await a.apply("http://w", too_much, 900.0, partial=True)
+        view.applied("http://w", too_much, over)
+        assert over.status == "over" and view.leased("http://w") == (500.0, 5) and not view.held
+        done = await a.apply("http://w", solved, 900.0, partial=True)
+        assert done.status == "applied" and set(done.left) == {"d2", "d3"}
+        view.applied("http://w", solved, done)
+        assert (await a.loads())["http://w"] == {"d1": 500.0, "d2": 300.0, "d5": 0.0}
+        assert (seen(view, "d1"), seen(view, "d5")) == (500.0, 0.0)
+        assert view.leased("http://w") == (700.0, 4)  # d4 left the worker; d2 and d3 as the view had them
+        stored = await a.records(["d1", "d4", "d5"])
+        assert {d: view.held[d][0] for d in stored} == {d: r.tag for d, r in stored.items()}
+        assert view.held["d1"][0] == _tag(solved_plan) and view.held["d4"][0] == _tag(solved_plan | {"worker": None})
+        assert "d2" not in view.held and "d3" not in view.held
         await _close(books)
 
     run(scenario())

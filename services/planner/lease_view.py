@@ -17,7 +17,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from dapdee.planner.errors import RedisUnavailable
-from dapdee.planner.leases import Figures, LeaseBook, ReservationView, View, on_worker, record_tag, record_text
+from dapdee.planner.leases import (
+    Application,
+    Figures,
+    LeaseBook,
+    ReservationView,
+    View,
+    on_worker,
+    record_tag,
+    record_text,
+)
 from dapdee.planner.metrics import PlannerMetrics
 from dapdee.planner.workers import Worker
 from dapdee.web.tasks import run_every, stop_task
@@ -136,16 +145,19 @@ class LeaseView:
         self.held[device_id] = (tag, record)
 
     def applied(
-        self, worker: str, assignments: dict[str, tuple[float, dict[str, Any], str]], left: Iterable[str]
+        self, worker: str, assignments: dict[str, tuple[float, dict[str, Any], str]], outcome: Application
     ) -> None:
-        """Update the view after this replica's rebalance applied `assignments` on `worker`
-        (`LeaseBook.apply`; the devices in `left` were left as they were): each written lease as
-        Redis now holds it, its record with the tag Redis's scripts compute, so the device's next
-        request plans from its assigned record in one round trip instead of finding the view
-        stale. O(assignments · record)."""
-        kept = set(left)
+        """Update the view after this replica's rebalance tried `assignments` on `worker`
+        (`LeaseBook.apply`): when `outcome` says they were applied, each lease written (all but
+        the devices the apply left as they were) as Redis now holds it, its load on `worker` or
+        none, its record with the tag Redis's scripts compute, so the device's next request plans
+        from its assigned record in one round trip instead of finding the view stale; otherwise
+        nothing. O(assignments · record)."""
+        if outcome.status != "applied":
+            return
+        left = set(outcome.left)
         for device, (load, record, _) in assignments.items():
-            if device not in kept:
+            if device not in left:
                 on = on_worker(worker, load, record)
                 self.note(device, worker if on else None, load if on else 0.0)
                 self.remember(device, record, record_tag(record_text(record)))

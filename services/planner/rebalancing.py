@@ -302,9 +302,8 @@ class Rebalancer:
                 log.info("worker %s: capacity fell to %.1f ms/s while its leases were solved; solving again",
                          w.url, now)  # fmt: skip
                 capacity = now  # the worker measured itself slower meanwhile: solve for what it has now
+        self.fleet.view.applied(w.url, assignments, outcome)
         applied = outcome.status == "applied"
-        if applied:
-            self.fleet.view.applied(w.url, assignments, outcome.left)
         self.metrics.rebalances.labels(_outcome(applied, shed)).inc()
         olds = [held_option(d, 0.0, priced_load(rho, capacity, nominal), sol.time_load) for d in demands]
         pairs = zip(demands, olds, sol.choices, strict=True)
