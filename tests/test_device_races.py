@@ -332,3 +332,44 @@ def test_a_close_that_cuts_off_the_first_plan_request_releases_after_it_could_la
         with PlannerClient(front) as planner, pytest.raises(ApiError) as gone:
             planner.device("cam-land")
         assert gone.value.status == 404, gone.value
+
+
+class PlanCounter(HangingProxy):
+    """A planner front that counts the POST /plan requests reaching it."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.plans_received = 0
+
+    async def before_forward(self, scope: dict[str, Any]) -> None:
+        if scope["path"] == "/plan":
+            self.plans_received += 1
+
+
+def test_closing_with_a_frame_in_flight_asks_for_no_new_plan(stack: Stack) -> None:
+    """aclose() waits for a frame still on the device (about 0.5 s of emulated compute) while the
+    lease's re-plan (every 0.3 s here) falls due: no POST /plan starts once the close has begun
+    (one would renew a lease the close is about to release, and hold up the close)."""
+    from dapdee.client import AsyncPlannerClient
+    from dapdee.device.plan_source import PlannerPlanSource
+    from dapdee.device.profile import publish_profile
+
+    cfg = RuntimeConfig(Requirements(mode="throughput", frame_rate=5.0))
+    frame = stack.frames(1, seed=11)[0]
+
+    async def go(front: str, proxy: PlanCounter) -> tuple[int, int, Any]:
+        async with AsyncPlannerClient(front, timeout=5.0) as client:
+            await publish_profile(client, client, stack.graph, "device-closing", {"tier": "device-closing"})
+            source = PlannerPlanSource(client, stack.graph, cfg.requirements, "device-closing", device_id="cam-closing")
+            rt = DeviceRuntime(stack.graph, _slow_compute(stack), source, config=cfg, sensing=Sensing(prior_mbps=5.0))
+            await rt.start()
+            in_flight = asyncio.create_task(rt.infer(frame))
+            await asyncio.sleep(0.05)  # the frame is on the device now
+            before = proxy.plans_received
+            await rt.aclose()
+            return before, proxy.plans_received, await in_flight
+
+    with hanging_leases(stack, "device-closing", 30.0, PlanCounter) as (_, proxy, front):
+        before, after, rec = asyncio.run(go(front, proxy))
+    assert before >= 1 and after == before, (before, after)
+    assert rec.pred_class == stack.local_class(frame.x, rec.exit), rec  # the frame in flight still ends

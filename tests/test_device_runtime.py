@@ -78,6 +78,26 @@ def test_fp16_uplink_halves_bytes_and_keeps_answers(stack: Stack) -> None:
     assert sum(a.pred_class == b.pred_class for a, b in zip(full, half, strict=True)) >= len(frames) - 1
 
 
+def test_fp16_frame_beyond_its_range_goes_as_fp32_and_rests_no_worker(stack: Stack) -> None:
+    """A boundary tensor FP16 cannot carry (scaled input: values past ±65504) is sent as FP32 and
+    answered by the edge; the worker is not rested and the frames after it still use it."""
+    normal = stack.frames(2, seed=4)
+    huge = Frame(normal[1].x * 1e7, None)
+    plan = stack.mid_cut(stack.edge.url)
+
+    async def go() -> tuple[list[FrameRecord], bool]:
+        async with running(fixed_runtime(stack, plan, stack.edge.url, fp16=True)) as rt:
+            records = [await rt.infer(f) for f in (normal[0], huge, normal[1])]
+            assert rt.edge is not None
+            return records, rt.edge.resting(stack.edge.url)
+
+    records, resting = asyncio.run(go())
+    assert [r.where for r in records] == ["edge"] * 3, [r.error for r in records]
+    assert not resting
+    assert records[1].bytes_sent > 1.8 * records[0].bytes_sent  # FP32: twice the tensor's bytes
+    assert records[1].pred_class == stack.local_class(huge.x, records[1].exit)
+
+
 def _settings(stack: Stack, **kw: Any) -> DeviceSettings:
     runtime = kw.pop("runtime", RuntimeConfig(Requirements(mode="latency"), plan_max_age_s=100.0))
     planner = kw.pop("planner", PlannerConfig(stack.planner.url, "device-k10", ready_timeout_s=30.0))

@@ -41,11 +41,13 @@ from dapdee.client import (
     ApiError,
     AsyncEdgeClient,
     ClientError,
+    InferResult,
     ProtocolError,
     RequestError,
     TransportError,
     infer_call,
 )
+from dapdee.client.transport import Call
 from dapdee.costgraph import CostGraph
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import EdgeAnswer, EdgeFailure
@@ -186,8 +188,8 @@ def _failure(exc: ClientError, timeout_s: float) -> EdgeFailure:
         if exc.timeout:
             return EdgeFailure(f"timeout after {timeout_s * 1000:.0f} ms")
         return EdgeFailure(f"{type(exc.cause).__name__}: {str(exc.cause)[:80] or 'no answer'}")
-    if isinstance(exc, RequestError):
-        return EdgeFailure(f"request not sent: {exc}")
+    if isinstance(exc, RequestError):  # made on the device and never sent: not the worker's fault
+        return EdgeFailure(f"request not sent: {exc}", worker_fault=False)
     return EdgeFailure(f"{type(exc).__name__}: {exc}")
 
 
@@ -382,10 +384,7 @@ class EdgeLink:
         deadline = time.monotonic() + timeout_s
         upload = Upload(self.shaper, self._uplink)
         try:
-            call = infer_call(
-                self.graph.model, inputs, exit=exit_name, wire_dtype=self.wire_dtype, request_id=request_id,
-                timeout=timeout_s, traceparent=traceparent, confidence=confidence,
-            )  # fmt: skip
+            call = self._infer_call(inputs, exit_name, timeout_s, request_id, traceparent, confidence)
             await upload.take_turn(timeout_s)
             left_s = max(deadline - time.monotonic(), 1e-3)  # the turn's wait counts against the timeout
             res = await client.run(replace(call, timeout_s=left_s), upload.body(call.content))
@@ -406,6 +405,29 @@ class EdgeLink:
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         overlapped = overlapped or self.uploads_active > 0
         return self._accept(res, exit_name, ticket, observe, t0, elapsed_ms, cpu_ms, overlapped)
+
+    def _infer_call(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        exit_name: str,
+        timeout_s: float,
+        request_id: str | None,
+        traceparent: str | None,
+        confidence: bool,
+    ) -> Call[InferResult]:
+        """The infer call of one frame, its floats as `wire_dtype`; a frame FP16 cannot carry
+        (a value beyond ±65504) goes as FP32: `--fp16` halves the uplink's bytes, it must not
+        lose a frame the worker could answer. RequestError when FP32 cannot carry it either.
+        O(input bytes), twice for such a frame."""
+        options: dict[str, Any] = dict(
+            exit=exit_name, request_id=request_id, timeout=timeout_s, traceparent=traceparent, confidence=confidence
+        )
+        try:
+            return infer_call(self.graph.model, inputs, wire_dtype=self.wire_dtype, **options)
+        except RequestError:
+            if self.wire_dtype == "FP32":
+                raise
+        return infer_call(self.graph.model, inputs, wire_dtype="FP32", **options)
 
     def _censor(self, inputs: Mapping[str, torch.Tensor], t0: float) -> None:
         """A request alone on the link timed out: the link is at most as fast as its tensors'

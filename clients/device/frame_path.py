@@ -124,8 +124,9 @@ class EdgeGate:
         """Rest worker `url` (its `Backoff.failed`: at least its Retry-After, doubled only by
         the first failure of an outage) and ask for a new plan, once per outage: the failures
         of frames in flight when its rest began (`Backoff.began_since`) ask for none, the first
-        one's request covers them. A worker the planner does not list (`exc.worker_fault`
-        false) was never contacted and is not rested: only a new plan is asked for. O(1)."""
+        one's request covers them. A worker never contacted (`exc.worker_fault` false: the planner
+        does not list it, or the request could not be made) is not rested: only a new plan is
+        asked for. O(1)."""
         assert self.edge is not None and self.replanner is not None
         if not exc.worker_fault:  # told once per request for a plan, not once per frame
             if self.replanner.request("edge trouble"):

@@ -226,9 +226,10 @@ class DeviceRuntime:
         self._bg = asyncio.create_task(self._background())
 
     async def aclose(self) -> None:
-        """Refuse new frames, stop asking for a first plan, let the frames in flight end (at
-        most CLOSE_FRAMES_S: a device part ends on the device, an upload under way gets its
-        answer), stop the background and the re-planner, release the lease. Idempotent."""
+        """Refuse new frames, stop asking for a first plan, stop the background (no re-plan
+        or probe starts now: a renewal would only hold up the release), let the frames in flight
+        end (at most CLOSE_FRAMES_S: a device part ends on the device, an upload under way gets
+        its answer), stop the re-planner, release the lease. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -236,13 +237,13 @@ class DeviceRuntime:
             self._starting.cancel()
             # let it end first: a request it cut off is noted, so the release below waits for it
             await asyncio.wait([self._starting])
+        if self._bg is not None:
+            await stop_task(self._bg)
         if not self._idle.is_set():
             try:
                 await asyncio.wait_for(self._idle.wait(), CLOSE_FRAMES_S)
             except TimeoutError:
                 log.warning("closing with %d frame(s) still in flight after %g s", self._inflight, CLOSE_FRAMES_S)
-        if self._bg is not None:
-            await stop_task(self._bg)
         if self.sensor is not None:
             await self.sensor.aclose()
         if self.replanner is not None:

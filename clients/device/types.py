@@ -176,8 +176,9 @@ class EdgeFailure(Exception):
     """One edge request failed (refused, unreachable, timed out, or answered something the
     device does not accept); `reason` is short and names the problem, `retry_after_s` is the
     numeric `Retry-After` of an HTTP error answer (None: none), which the back-off honours.
-    `worker_fault` is False when the worker was never contacted because the planner does not
-    list it: the planner's list failed, not the worker, so the worker is not rested for it.
+    `worker_fault` is False when the worker was never contacted, because the planner does not
+    list it or the device could not make the request (a tensor no wire datatype carries): the
+    worker did not fail, so it is not rested for it.
     `bytes_sent` counts the request's bytes that left the device before it failed (0 when it
     never left: refused, not contacted, not made), recorded as the frame's `bytes_sent`."""
 
