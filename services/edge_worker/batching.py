@@ -40,6 +40,11 @@ STARVE_MS = 100.0
 Outcome = Output | Exception  # one request's share of a batch, or why computing it failed
 
 
+class ShuttingDown(RuntimeError):
+    """The batcher is closed, or closed before the request's batch ran: the worker is going away
+    (answered 503 with Retry-After, so the device retries elsewhere or later)."""
+
+
 class Computes(Protocol):
     """What a batch runs: `dapdee.executor.GraphExecutor`, or anything with its `compute`."""
 
@@ -119,7 +124,7 @@ class Batcher:
         """Compute `target` for `inputs` (first dim = rows, at most `max_rows`), batched with
         compatible requests. Raises ValueError for more rows than a batch may hold."""
         if self._closed:
-            raise RuntimeError("worker is shutting down")
+            raise ShuttingDown("worker is shutting down")
         loop = asyncio.get_running_loop()
         rows = next(iter(inputs.values())).shape[0]
         if rows > self.max_rows:
@@ -230,7 +235,7 @@ class Batcher:
     def _done(self, model: str, items: list[_Pending], f: asyncio.Future) -> None:
         self._active -= 1
         self._dispatch()
-        exc = RuntimeError("worker is shutting down") if f.cancelled() else f.exception()
+        exc = ShuttingDown("worker is shutting down") if f.cancelled() else f.exception()
         if exc is not None:
             for it in items:
                 if not it.future.done():
@@ -285,7 +290,7 @@ class Batcher:
                 batch.timer.cancel()
             for it in batch.items:
                 if not it.future.done():
-                    it.future.set_exception(RuntimeError("worker is shutting down"))
+                    it.future.set_exception(ShuttingDown("worker is shutting down"))
             self.queued -= len(batch.items)
             batch.items = []
         self.pool.shutdown(wait=False, cancel_futures=True)

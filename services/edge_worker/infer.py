@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from dapdee import wire
 from dapdee.api.oip import InferResponseParameters
 from dapdee.bounded_cache import BoundedCache
-from dapdee.edge_worker.batching import BatchResult
+from dapdee.edge_worker.batching import BatchResult, ShuttingDown
 from dapdee.edge_worker.capacity import CapacityMeter
 from dapdee.edge_worker.deps import MODEL_VERSION, ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.spans import record_infer
@@ -411,8 +411,12 @@ async def _submit(
     confident: bool,
 ) -> BatchResult:
     """Hand the request to the batcher: the plain exit, or (`confident`) the confidence run,
-    batched only with requests of the same kind. O(V + E) per head to set up a confidence run."""
-    if not confident:
-        return await state.batcher.submit((entry.name, given, exit_name), entry.loaded.executor, node, inputs)
-    job = confidence_run(entry, inputs, exit_name, node)
-    return await state.batcher.submit((entry.name, given, exit_name, "confidence"), job, node, inputs)
+    batched only with requests of the same kind; 503 when the worker shuts down before it ran.
+    O(V + E) per head to set up a confidence run."""
+    try:
+        if not confident:
+            return await state.batcher.submit((entry.name, given, exit_name), entry.loaded.executor, node, inputs)
+        job = confidence_run(entry, inputs, exit_name, node)
+        return await state.batcher.submit((entry.name, given, exit_name, "confidence"), job, node, inputs)
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
