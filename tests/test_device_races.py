@@ -288,9 +288,8 @@ def test_leaving_a_session_lets_a_frame_in_its_device_part_end_on_the_device(sta
     assert rec.pred_class == stack.local_class(frame.x, rec.exit)
 
 
-class SlowPlans(HangingProxy):
-    """A planner front that forwards each POST /plan 1 s after its body arrived, whether or not
-    its client is still there (a request on its way when the device gave up on it)."""
+class PlanCounter(HangingProxy):
+    """A planner front that counts the POST /plan requests reaching it."""
 
     def __init__(self, target: str) -> None:
         super().__init__(target)
@@ -299,6 +298,15 @@ class SlowPlans(HangingProxy):
     async def before_forward(self, scope: dict[str, Any]) -> None:
         if scope["path"] == "/plan":
             self.plans_received += 1
+
+
+class SlowPlans(PlanCounter):
+    """A planner front that forwards each POST /plan 1 s after its body arrived, whether or not
+    its client is still there (a request on its way when the device gave up on it)."""
+
+    async def before_forward(self, scope: dict[str, Any]) -> None:
+        await super().before_forward(scope)
+        if scope["path"] == "/plan":
             await asyncio.sleep(1.0)
 
 
@@ -332,18 +340,6 @@ def test_a_close_that_cuts_off_the_first_plan_request_releases_after_it_could_la
         with PlannerClient(front) as planner, pytest.raises(ApiError) as gone:
             planner.device("cam-land")
         assert gone.value.status == 404, gone.value
-
-
-class PlanCounter(HangingProxy):
-    """A planner front that counts the POST /plan requests reaching it."""
-
-    def __init__(self, target: str) -> None:
-        super().__init__(target)
-        self.plans_received = 0
-
-    async def before_forward(self, scope: dict[str, Any]) -> None:
-        if scope["path"] == "/plan":
-            self.plans_received += 1
 
 
 def test_closing_with_a_frame_in_flight_asks_for_no_new_plan(stack: Stack) -> None:
