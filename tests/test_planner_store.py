@@ -348,6 +348,29 @@ def test_every_replica_writes_its_models_back_whoever_writes_to_the_empty_redis_
     asyncio.run(go())
 
 
+def test_a_model_deleted_after_redis_lost_its_state_is_not_written_back(planner_prefix: str) -> None:
+    """Redis loses its state; b writes m back and an admin deletes m through b (204). a, which
+    still holds m, notices the loss at its next refresh: it does not write m back over the
+    delete, and drops it from its cache."""
+
+    async def go() -> None:
+        s = settings(planner_prefix, refresh_s=3600)  # refreshes driven here
+        async with running(s) as a, running(s) as b:
+            await a.model_writer.put_graph(chain_graph("m"))
+            await b.model_cache.get("m")
+            r = raw_redis()
+            r.delete(*r.keys(f"{planner_prefix}:*"))  # as after a restart without persistence
+            await b.sync()  # b writes m back
+            assert r.hkeys(f"{planner_prefix}:v1:models") == [b"m"]
+            assert await b.model_writer.delete_model("m")
+            await a.sync()
+            assert r.hkeys(f"{planner_prefix}:v1:models") == []
+            assert await a.model_cache.get("m") is None
+            r.close()
+
+    asyncio.run(go())
+
+
 def test_a_live_write_whose_round_trip_failed_replays_with_the_live_check(planner_prefix: str) -> None:
     """a's PUT of profile x (no If-Match) is lost on its way to Redis and queued; b then writes
     profile y. On replay x still applies, as it would have live (it checks the graph, not the
@@ -403,6 +426,38 @@ def test_a_write_whose_reply_came_too_late_is_not_applied_again_over_newer_write
             stored, mine = await b.model_cache.refresh("m"), await a.model_cache.get("m")
             assert stored is not None and stored.profiles["phone"].timings_ms["n0"] == 9.0
             assert mine is not None and mine.profiles["phone"].timings_ms["n0"] == 9.0
+            assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
+
+    asyncio.run(go())
+
+
+def test_a_write_redis_may_have_applied_is_queued_past_the_cap(planner_prefix: str) -> None:
+    """The queue is full (1 write, made during a cut) when a live write's reply comes after its
+    timeout: Redis applied it, so it is answered "pending" and queued past the cap (refused, the
+    client was told that a stored write was not stored); its replay recognises it."""
+
+    async def go() -> None:
+        kw = {"refresh_s": 3600, "max_pending_writes": 1, "redis_timeout_s": 0.3}
+        async with proxied(planner_prefix, **kw) as (a, proxy):
+            g1, g2 = chain_graph("m1"), chain_graph("m2")
+            await a.model_writer.put_graph(g1)
+            await a.model_writer.put_graph(g2)
+            proxy.cut()
+            queued = await a.model_writer.put_profile("m2", device_profile(g2, "x"))
+            assert queued is not None and queued.stored == "pending"
+            proxy.restore()
+            a.link.retry_now()
+            proxy.hold_reply_to(b"put_profile")
+            mine = await a.model_writer.put_profile("m1", device_profile(g1, "y"))
+            assert mine is not None and mine.stored == "pending" and a.model_sync.pending_count == 2
+            proxy.release()
+            await reconnect(a, proxy)
+            r = raw_redis()
+            assert r.hkeys(f"{planner_prefix}:v1:profiles:m1") == [b"y"]
+            assert r.hkeys(f"{planner_prefix}:v1:profiles:m2") == [b"x"]
+            r.close()
+            got = await a.model_cache.get("m1")
+            assert got is not None and set(got.profiles) == {"y"}
             assert sample(a, "dapdee_planner_write_conflicts_total", reason="version") == 0
 
     asyncio.run(go())

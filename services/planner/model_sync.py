@@ -127,7 +127,8 @@ class ModelSync:
     async def _restore_all(self) -> None:
         """Redis lost the planner's state (restarted without persistence, or flushed): write back
         each model this replica holds, queued changes included, where Redis does not hold it
-        (another replica wrote it back, or it was created anew). One round trip per model."""
+        (another replica wrote it back, or it was created anew) and no delete since ended it
+        (another replica wrote it back and an admin deleted it). One round trip per model."""
         models = self.cache.models
         log.warning("redis lost the planner's state; writing back the %d models this replica holds", len(models))
         for name, st in list(models.items()):
@@ -147,6 +148,8 @@ class ModelSync:
             elif status == "capacity":
                 cap = self.settings.max_models
                 log.warning("model %r not written back: the cap of %d models is reached", name, cap)
+            elif status == "deleted":
+                log.warning("model %r not written back: it was deleted since redis lost its state", name)
 
     async def _replay(self) -> None:
         """Replay queued writes oldest first; a write whose base is no longer stored (or that hits

@@ -226,7 +226,7 @@ class ModelWriter:
                 except RedisRefused:  # Redis answered: not applied, and a replay would be refused too
                     raise
                 except RedisUnavailable:  # maybe applied: the op id tells on replay
-                    return planned, self._queue(replace(planned, op=op))  # decided on a fresh read: same check
+                    return planned, self._queue(replace(planned, op=op), in_doubt=True)  # same check: a fresh read
                 if status == "ok" and op.kind == "put_profile":  # created here, or over another replica's
                     planned = replace(planned, created=added)
                 if status in ("ok", "applied", "gone"):
@@ -255,14 +255,15 @@ class ModelWriter:
         """The stored word of a write that changed nothing: redis, pending or memory."""
         return "redis" if online else ("pending" if self.link.enabled else "memory")
 
-    def _queue(self, planned: Planned) -> str:
-        """Apply a write to the cache; queue it when Redis is configured. Returns the stored word."""
+    def _queue(self, planned: Planned, in_doubt: bool = False) -> str:
+        """Apply a write to the cache; queue it when Redis is configured (`in_doubt`: Redis may
+        have applied it, so it is queued past the cap, `Outbox.add`). Returns the stored word."""
         assert planned.op is not None
         self.cache.changed()
         stored = "memory"
         if self.link.enabled:
             try:
-                self.outbox.add(planned.op)
+                self.outbox.add(planned.op, in_doubt)
             except CapacityExceeded:
                 self.metrics.capacity_refusals.labels("pending writes").inc()
                 raise

@@ -50,7 +50,8 @@ DELETED_OPS_TTL_MS = 24 * 3600 * 1000
 # last RECENT_OPS applied, kept in KEYS[3] as space-separated ids, newest first; a deleted
 # model's in KEYS[7] for DELETED_OPS_TTL_MS) |
 # conflict (another base is stored) | capacity (a cap is reached) | present (restore: the model
-# exists) | gone (delete: the model is already gone).
+# exists) | deleted (restore: a delete since Redis lost its state ended it) | gone (delete: the
+# model is already gone).
 WRITE_MODEL = """
 local name, opid, kind = ARGV[1], ARGV[2], ARGV[3]
 local h = redis.call('HGET', KEYS[1], name)
@@ -90,6 +91,8 @@ local function bump(newh, added)
 end
 if kind == 'restore' then
   if cur > 0 then return {'present', cur, h} end
+  -- Redis lost everything, so this key was set by a delete made since: the delete stands
+  if redis.call('EXISTS', KEYS[7]) == 1 then return {'deleted', 0, ''} end
   if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[10]) then return {'capacity', 0, ''} end
   redis.call('SET', KEYS[5], ARGV[7])
   redis.call('HSET', KEYS[1], name, ARGV[6])
@@ -193,7 +196,8 @@ class Op:
 
 
 class Outbox:
-    """Operations made while Redis was unavailable, oldest first, at most `limit`.
+    """Operations made while Redis was unavailable, oldest first, at most `limit` (a write Redis
+    may have applied is queued past it: see `add`).
 
     It lives in process memory only: a replica that dies during an outage loses what it queued
     (its answers said `"stored": "pending"`). O(1) per add and pop."""
@@ -213,9 +217,13 @@ class Outbox:
         """Some change of `model` waits here (later changes of it must queue behind it)."""
         return self._per_model[model] > 0
 
-    def add(self, op: Op) -> None:
-        """Queue `op`; CapacityExceeded when `limit` operations wait already."""
-        if len(self._ops) >= self.limit:
+    def add(self, op: Op, in_doubt: bool = False) -> None:
+        """Queue `op`; CapacityExceeded when `limit` operations wait already, unless `in_doubt`:
+        its round trip failed after it was sent, so Redis may hold it, and only its replay can
+        tell (refused, the client would be told "not stored" of a stored write). Such a failure
+        starts the link's back-off, during which writes queue under the limit, so the queue
+        passes it by at most one write per back-off."""
+        if len(self._ops) >= self.limit and not in_doubt:
             raise CapacityExceeded(
                 "pending writes",
                 self.limit,
