@@ -325,18 +325,22 @@ def test_a_request_cancelled_by_a_shutdown_past_its_grace_is_counted_499_not_500
 
 def test_a_request_the_closed_batcher_refuses_is_503_with_retry_after() -> None:
     """A request reaching a worker whose batcher has closed (it is shutting down) is answered
-    503 with Retry-After, the device's cue to retry or go elsewhere, not 500."""
+    503 with Retry-After, the device's cue to retry or go elsewhere, not 500; it is counted
+    under its exit (known by then), not `_unknown`."""
     model = load_model("tests.edge_models:squares", input_shape=(1, 8))
     app = create_app(Settings(), [model])
     server = ServerThread(app).start()
+    state = app.state.worker
     try:
-        app.state.worker.batcher.close()  # nothing is pending: no future to resolve on the loop
+        state.batcher.close()  # nothing is pending: no future to resolve on the loop
         body, headers = wire.encode_request({model.input_name: torch.randn(1, 8)})
         r = httpx.post(f"{server.url}/v2/models/{model.name}/infer", content=body, headers=headers, timeout=30)
     finally:
         server.stop()
     assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
     assert "shutting down" in r.json()["error"]
+    labels = {"model": model.name, "exit": model.graph.exits[-1].name, "status": "503"}
+    assert state.metrics.registry.get_sample_value("dapdee_edge_requests_total", labels) == 1.0
 
 
 def test_metrics_move(worker: httpx.Client) -> None:

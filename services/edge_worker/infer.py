@@ -349,16 +349,24 @@ async def run_infer(
     state: WorkerState, entry: ModelEntry, body: bytes, headers: Headers, t0: float
 ) -> tuple[bytes, dict[str, str]]:
     """Answer one infer request received at `t0` (perf_counter): the response's body and
-    headers. Raises ApiError. O(body bytes) plus the batch's compute."""
+    headers. Raises ApiError, labelled with the request's exit once that is known (the metrics
+    count it there). O(body bytes) plus the batch's compute."""
     req = await decode(entry, body, header_length(headers), state.capacity)
     exit_name = requested_exit(entry, req)
-    confident = requested_confidence(entry, req, exit_name)
     try:
-        inputs = batch_inputs(entry, req.inputs)
-        node = exit_target(entry, inputs, exit_name)
+        return await _answer(state, entry, req, exit_name, len(body), t0)
     except ApiError as exc:
         exc.exit_label = exit_name
         raise
+
+
+async def _answer(
+    state: WorkerState, entry: ModelEntry, req: wire.DecodedRequest, exit_name: str, body_bytes: int, t0: float
+) -> tuple[bytes, dict[str, str]]:
+    """`run_infer` past the request's exit: batch the inputs, compute, encode the answer."""
+    confident = requested_confidence(entry, req, exit_name)
+    inputs = batch_inputs(entry, req.inputs)
+    node = exit_target(entry, inputs, exit_name)
     tracing = otel.recording()  # None unless this request's trace is exported
     submit_ns = time.time_ns() if tracing is not None else 0
     given = frozenset(inputs)
@@ -369,12 +377,8 @@ async def run_infer(
         taken = [entry.graph.exits[i].name for i in index.tolist()]
     _record_price(state, entry, inputs, given, node, exit_name, taken, result)
     if tracing is not None:
-        record_infer(tracing, entry, inputs, node, exit_name, len(body), result, submit_ns)
-    try:
-        outputs = answer_tensors(output, exit_name)
-    except ApiError as exc:
-        exc.exit_label = exit_name
-        raise
+        record_infer(tracing, entry, inputs, node, exit_name, body_bytes, result, submit_ns)
+    outputs = answer_tensors(output, exit_name)
     binary: bool | dict[str, bool] = req.binary_output
     if req.outputs:
         outputs = {k: v for k, v in outputs.items() if k in req.outputs}
