@@ -181,6 +181,14 @@ def setup_lines(a: argparse.Namespace, loaded: dict[str, Any], settings: Planner
         "over what they are priced at (Σ edge_ms + edge_request_ms)",
         "cameras: each releases from its own phase (uniform in one period, fixed per device id); "
         "device parts timed on each device's own clock (the client event loop's delay is not queued on the device)",
+        "sensing, every system alike: each device senses its link once at start-up (round trips, probe pairs) "
+        "and keeps that view (frame uploads give no bandwidth samples: a loaded worker's HTTP queueing read as "
+        "a slow uplink and re-planned every few seconds)",
+        "every system runs the same device runtime: a frame the worker refuses or times out finishes on the device "
+        "(Edge-Only included: its edge/local/fallback column shows how many)",
+        f"device profiles are measured through the emulation at K={BASE_K:g} (idle gaps between frames leave "
+        f"caches cold, as a slow device's frames find them) and scaled by K/{BASE_K:g}; a K=1 profile x K, "
+        "whole frames back to back with hot caches, would be about half as long",
         f"planner: nice {PLANNER_NICENESS} (it shares the host with the worker under test), "
         f"rho_max {settings.rho_max:g}, rebalance every {settings.rebalance_s:g} s, replan_after "
         f"{settings.replan_after_s:g} s, lease ttl {settings.lease_ttl_s:g} s",

@@ -4,10 +4,11 @@
    again (`FleetStack.fresh`: no run inherits the state an earlier one left) with the edge
    profile the invocation's first worker start calibrated and priced (the same in every run;
    the result's `costs` record it: `edge_calibration`, `edge_request_ms`, `edge_ms_final`);
-2. the device tier's profile (the K = 1 profile x K) is published by a real device session
-   (`dapdee.device.session.open_device` on the same profile, shaped 4G uplink, nothing else
-   running), which measures and publishes the device's per-request CPU cost
-   (`meta.device_request_ms`) as every device would; the invocation's first run of a model and
+2. the device tier's profile (measured at K = 10, x K / 10: `scenario.scaled_profile`) is
+   published by a real device session (`dapdee.device.session.open_device` on the same
+   profile, shaped 4G uplink, nothing else running), which measures and publishes the
+   device's per-request CPU cost (`meta.device_request_ms`) as every device would; the
+   invocation's first run of a model and
    K measures it, and every later one publishes that same profile (`FleetStack.device_profiles`),
    so every system is planned with one device cost, as with one edge cost;
 3. the devices start in client processes (`devices`, at most `per_process` each), sense their
