@@ -229,6 +229,25 @@ def test_a_request_no_route_takes_is_answered_without_its_body_being_read(edge: 
     assert _infer(client, "device").status_code == 200
 
 
+def test_public_routes_answer_without_reading_a_body(edge: tuple[httpx.Client, FastAPI]) -> None:
+    """Health, metrics and the docs take no body: without a token, requests to them announcing
+    one (within the 64 KiB of other paths) and sending none are answered at once, unread, with
+    `Connection: close`, holding no share of the body buffer (read, they filled it, and every
+    device's infer got 503)."""
+    client, _ = edge
+    url = str(client.base_url)
+    for method, path, status in (
+        ("GET", "/v2/health/live", b"200"),
+        ("GET", "/metrics", b"200"),
+        ("POST", "/openapi.json", b"405"),
+    ):
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {60_000}\r\n\r\n".encode()
+        reply = _answer_to_head(url, head)
+        assert reply.startswith(b"HTTP/1.1 " + status), (method, path, reply[:200])
+        assert b"\r\nconnection: close\r\n" in reply.lower(), (method, path, reply[:300])
+    assert _infer(client, "device").status_code == 200
+
+
 # ---- limits derived from the model -------------------------------------------------------------
 
 

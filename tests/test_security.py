@@ -293,6 +293,22 @@ def test_planner_body_limit(planner: httpx.Client) -> None:
     assert planner.get("/healthz").status_code == 200
 
 
+def test_public_routes_answer_without_reading_a_body(planner: httpx.Client) -> None:
+    """Health, metrics and the docs take no body: a request to them announcing one (within the
+    body limit) and sending none is answered at once, unread, with `Connection: close`. Read,
+    unauthenticated clients could fill the shared body buffer and every upload got 503."""
+    url = str(planner.base_url)
+    for method, path, status in (
+        ("GET", "/healthz", b"200"),
+        ("GET", "/metrics", b"200"),
+        ("POST", "/openapi.json", b"405"),
+    ):
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {200_000}\r\n\r\n".encode()
+        reply = _raw(url, head)
+        assert reply.startswith(b"HTTP/1.1 " + status), (method, path, reply[:200])
+        assert b"\r\nconnection: close\r\n" in reply.lower(), (method, path, reply[:300])
+
+
 # ---- model names -------------------------------------------------------------------------
 
 BAD_NAMES = [

@@ -11,7 +11,8 @@
    `security.require` (no declaration: admin-only; FastAPI's own docs routes: public; no route
    at all: passed on unread, so the app answers its 404/405 without the body ever being
    buffered, and with `Connection: close` when a body may follow: a request no route takes
-   holds no buffer and no connection);
+   holds no buffer and no connection; a public route's request likewise, since none of them
+   takes a body: read, anyone could fill the body buffer without a token);
 2. checks the bearer token: 401 without a known one, 403 for the wrong role; then, for an
    authorised request, the service's own check of its target (`before_body(scope)`, which finds
    the matched route, its template and path parameters, in `scope[ROUTE_SCOPE_KEY]`; e.g. the
@@ -35,8 +36,8 @@
    takes: the server then drops the connection instead of reading and discarding a body no time
    limit bounds (an endless one would hold the connection forever, even on a public route);
 4. holds one of `max_concurrency` slots while the app handles the request: 503 with
-   `Retry-After` when none is free. Public routes (health, metrics) bypass this limit so
-   probes keep answering under overload.
+   `Retry-After` when none is free. Public routes (health, metrics, docs: passed on at step 1)
+   bypass this limit so probes keep answering under overload.
 
 Refusals are rendered by the service's own `render` (problem+json for the planner, OIP's
 `{"error": …}` for the edge), and counted through `on_reject(reason, route)` (the route's path
@@ -248,7 +249,7 @@ class RequestGuard:
             message = f"Host {shown!r} is not a loopback name: this service runs open (no token) for loopback only"
             await self._refuse(send, _Refusal(403, "forbidden", message), route, close=True)
             return
-        if access is None:  # no route: the app's 404/405 needs no body
+        if access is None or access.public:  # no route (the app's 404/405), or a public one: no body read
             await self.app(scope, receive, _closing(send) if _may_have_body(scope) else send)
             return
         try:
@@ -267,9 +268,6 @@ class RequestGuard:
         unread = _unread_body(scope, receive, original)
         if unread:  # a chunked body the guard does not read: no time limit would bound it
             send = _closing(send)
-        if access.public:
-            await self.app(scope, receive, send)
-            return
         if self.active >= self.max_concurrency:
             await self._refuse(
                 send,
