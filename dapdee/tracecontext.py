@@ -138,10 +138,12 @@ def _clean_tracestate(value: str | None) -> str:
 
 
 def server_context(traceparent: str | None, tracestate: str | None = None) -> TraceContext:
-    """The context of a request being served: a new span of the caller's trace when the caller
-    sent a valid `traceparent`, else the root of a new trace. O(header length)."""
+    """The context of a request served without tracing: a new span of the caller's trace when
+    the caller sent a valid `traceparent` (its sampled flag kept), else the root of a new trace,
+    not sampled: nothing records it, and a client taking the response's `traceparent` as its
+    parent must not be told that a recorded span stands behind it. O(header length)."""
     parent = parse_traceparent(traceparent, tracestate)
-    return parent.child() if parent is not None else TraceContext.root()
+    return parent.child() if parent is not None else TraceContext.root(sampled=False)
 
 
 _CURRENT: ContextVar[TraceContext | None] = ContextVar("dapdee_trace_context", default=None)
