@@ -124,6 +124,8 @@ def test_retry_after_http_date_is_seconds_from_now(standin_url: tuple[Standin, s
         ("soon", None),
         ("12s", None),
         ("", None),
+        ("120", 120.0),
+        ("9" * 400, None),  # digits past a float's range: no infinite wait
     ],
 )
 def test_retry_after_seconds_reads_delay_seconds_and_http_dates(header: str, seconds: float | None) -> None:

@@ -152,6 +152,36 @@ def test_only_calls_safe_to_repeat_are_repeated_after_a_broken_connection(
     assert seen == [f"{method} {path} HTTP/1.1"] * (2 * sent)  # the sync client's, then the async one's
 
 
+def test_a_repeat_that_cannot_connect_still_says_the_first_attempt_may_have_been_sent() -> None:
+    """The server reads `POST /plan`, stops listening and drops the connection: the repeat is
+    refused (nothing of it sent), but the first attempt reached the server, so the error says
+    the request may have been sent (a device counts a lease the planner may have started)."""
+    body = {"model": "m", "bandwidth_mbps": 1.0}
+
+    def sync_plan(url: str) -> Any:
+        with PlannerClient(url) as client:
+            return client.plan(body)
+
+    async def async_plan(url: str) -> Any:
+        async with AsyncPlannerClient(url) as client:
+            return await client.plan(body)
+
+    for plan in (sync_plan, lambda url: asyncio.run(async_plan(url))):
+        seen: list[bytes] = []
+        server = RawServer(lambda conn: None)
+
+        def drop_and_go(conn: socket.socket, server: RawServer = server, seen: list[bytes] = seen) -> None:
+            seen.append(read_request(conn))
+            server.sock.shutdown(socket.SHUT_RDWR)  # gone: the repeat's connection is refused
+            server.sock.close()
+
+        server.handler = drop_and_go
+        with server as url, pytest.raises(TransportError) as got:
+            plan(url)
+        assert isinstance(got.value.cause, httpx.ConnectError), got.value
+        assert got.value.may_have_been_sent and seen == [b"POST /plan HTTP/1.1"]
+
+
 def test_an_infer_is_never_repeated() -> None:
     seen: list[bytes] = []
 
@@ -180,6 +210,28 @@ def test_a_call_that_was_never_sent_may_be_repeated() -> None:
     assert not _repeatable(get, [b"streamed"], 0, connect, later)  # a streamed body cannot be replayed
     assert not _repeatable(get, None, 0, broken, time.monotonic() - 1.0)  # no time left
     assert not Call("GET", "/x", lambda a: None, idempotent=False).is_idempotent
+
+
+def test_a_transport_that_answers_with_read_responses_is_supported() -> None:
+    """httpx.MockTransport's usual responses are read already (`httpx.Response(200, json=...)`):
+    the SDK takes their content instead of streaming it (streaming raised httpx.StreamConsumed,
+    no SDK error at all); the size limit still holds."""
+    ok = httpx.MockTransport(lambda r: httpx.Response(200, json={"status": "ok"}))
+    big = httpx.MockTransport(lambda r: httpx.Response(200, json={"status": "ok", "pad": "x" * 4096}))
+
+    async def aio(transport: httpx.MockTransport, limit: int | None = None) -> Any:
+        kw = {} if limit is None else {"max_response_bytes": limit}
+        async with AsyncPlannerClient("http://planner.test", transport=transport, **kw) as client:
+            return await client.healthz()
+
+    with PlannerClient("http://planner.test", transport=ok) as client:
+        assert client.healthz().status == "ok"
+    assert asyncio.run(aio(ok)).status == "ok"
+    with PlannerClient("http://planner.test", transport=big, max_response_bytes=1024) as client:
+        with pytest.raises(ProtocolError):
+            client.healthz()
+    with pytest.raises(ProtocolError):
+        asyncio.run(aio(big, 1024))
 
 
 class FirstAttemptFails:

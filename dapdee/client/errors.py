@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from datetime import timezone
@@ -27,11 +28,13 @@ MAX_BODY_TEXT = 65536  # characters of an error answer kept in `.body`
 def retry_after_seconds(value: str, now: float | None = None) -> float | None:
     """A `Retry-After` value (RFC 9110 §10.2.3) in seconds: delay-seconds (ASCII digits) as
     they are, an HTTP-date as the seconds from `now` (a `time.time()`; default the present)
-    until then, 0 for a date already past; None for anything else. A date without a zone
-    (`-0000`) is read as UTC, as HTTP-dates are. O(len(value))."""
+    until then, 0 for a date already past; None for anything else, and for a number of digits
+    past a float's range (it would read as infinity: a sleep that never ends). A date without a
+    zone (`-0000`) is read as UTC, as HTTP-dates are. O(len(value))."""
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -109,13 +112,17 @@ class ProtocolError(ClientError):
 
 class TransportError(ClientError):
     """No answer: the request could not be sent or its answer not read. `.cause` is the
-    underlying exception; `.timeout` says whether a time limit ran out."""
+    underlying exception (of the last attempt); `.timeout` says whether a time limit ran out;
+    `sent_before`: an earlier attempt of a repeated call may have reached the server."""
 
-    def __init__(self, method: str, path: str, cause: BaseException, timeout: bool = False) -> None:
+    def __init__(
+        self, method: str, path: str, cause: BaseException, timeout: bool = False, sent_before: bool = False
+    ) -> None:
         self.method = method
         self.path = path
         self.cause = cause
         self.timeout = timeout
+        self.sent_before = sent_before
         what = "timed out" if timeout else f"{type(cause).__name__}: {cause or 'no answer'}"
         super().__init__(f"{method} {path}: {what}")
 
@@ -123,7 +130,9 @@ class TransportError(ClientError):
     def may_have_been_sent(self) -> bool:
         """Whether any of the request may have gone out: not when it never had a connection
         (refused, or timed out connecting or waiting for the client's pool; a call's timeout
-        that ran out before the request began to go out is reported as one of these). O(1)."""
+        that ran out before the request began to go out is reported as one of these), unless
+        an earlier attempt of the repeated call may have (`sent_before`). O(1)."""
         import httpx
 
-        return not isinstance(self.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+        never = isinstance(self.cause, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+        return self.sent_before or not never

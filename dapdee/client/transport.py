@@ -54,7 +54,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -63,6 +63,7 @@ import httpx
 from pydantic import BaseModel
 from typing_extensions import Self
 
+from dapdee import timebox
 from dapdee.client.deadline import with_deadlines, within
 from dapdee.client.errors import MAX_BODY_TEXT, ApiError, ProtocolError, RequestError, TransportError
 from dapdee.names import ModelError, check_model_name
@@ -364,12 +365,12 @@ class _Body:
         return Answer(self.status, headers, b"".join(self.parts), (time.perf_counter() - t0) * 1000.0)
 
 
-def _no_answer(call: Call[Any], exc: BaseException) -> TransportError:
-    """The TransportError of a call that got no answer because of `exc`; `.timeout` for httpx's
-    timeouts and the call's own deadline (`asyncio.TimeoutError`, not the builtin one before
-    Python 3.11). O(1)."""
+def _no_answer(call: Call[Any], exc: BaseException, sent_before: bool) -> TransportError:
+    """The TransportError of a call that got no answer because of `exc` (`sent_before`: an
+    earlier attempt may have reached the server); `.timeout` for httpx's timeouts and the
+    call's own deadline (`asyncio.TimeoutError`, not the builtin one before Python 3.11). O(1)."""
     timeout = isinstance(exc, (httpx.TimeoutException, TimeoutError, asyncio.TimeoutError))
-    return TransportError(call.method, call.path, exc, timeout=timeout)
+    return TransportError(call.method, call.path, exc, timeout=timeout, sent_before=sent_before)
 
 
 class _Progress:
@@ -411,7 +412,7 @@ def _unsent_cause(exc: BaseException, progress: _Progress) -> BaseException:
     a timeout before the request began to go out is the httpx timeout of the phase it was in
     (`_Progress.unsent_timeout`: ConnectTimeout while a connection, a proxy's CONNECT tunnel
     included, was being made), so that a caller can tell nothing was sent; else `exc`. Such a
-    timeout is the async transport's deadline (`_within` cancels the exchange before httpx's
+    timeout is the async transport's deadline (`timebox.within` cancels the exchange before httpx's
     own phase timeouts, which end at the same instant, can fire), or httpx's read or write
     timeout of a CONNECT the proxy never answered. O(1)."""
     unsent = (TimeoutError, asyncio.TimeoutError, httpx.ReadTimeout, httpx.WriteTimeout)
@@ -436,18 +437,6 @@ def _repeatable(call: Call[Any], streamed: Any, attempt: int, exc: BaseException
     if isinstance(exc, httpx.ConnectError):
         return True
     return isinstance(exc, _BROKEN) and call.is_idempotent
-
-
-async def _within(exchange: Coroutine[Any, Any, T], seconds: float) -> T:
-    """`exchange` awaited for at most `seconds` (TimeoutError past them). `asyncio.timeout` where
-    Python has it (3.11+): `asyncio.wait_for` before 3.12 returns the result of an awaitable
-    that completes as its caller is cancelled, so the caller's cancellation is lost (a device's
-    SIGTERM or close, most often while an answer arrives)."""
-    timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:  # pragma: no cover - Python 3.10
-        return await asyncio.wait_for(exchange, seconds)
-    async with timeout(seconds):
-        return await exchange
 
 
 class _Transport:
@@ -548,7 +537,7 @@ class SyncTransport(_Transport):
                     return finish(call, self._exchange(call, body, deadline, progress), repeat=sent_before)
                 except httpx.HTTPError as exc:
                     if not _repeatable(call, body, attempt, exc, deadline):
-                        raise _no_answer(call, self._cause(exc, progress)) from None
+                        raise _no_answer(call, self._cause(exc, progress), sent_before) from None
                     sent_before = not isinstance(exc, httpx.ConnectError)
         raise AssertionError("unreachable")
 
@@ -561,7 +550,8 @@ class SyncTransport(_Transport):
         response = self._http.send(request, stream=True)
         try:
             got = _Body(call, response, self.max_response_bytes, deadline)
-            for chunk in response.iter_raw():
+            # a caller's transport may hand back a response it has read already (httpx.MockTransport)
+            for chunk in [response.content] if response.is_stream_consumed else response.iter_raw():
                 if not got.add(chunk):
                     break
         finally:
@@ -599,11 +589,11 @@ class AsyncTransport(_Transport):
             progress = _Progress()
             try:
                 left = deadline - time.monotonic()
-                answer = await _within(self._exchange(call, body, deadline, progress), left)
+                answer = await timebox.within(self._exchange(call, body, deadline, progress), left)
                 return finish(call, answer, repeat=sent_before)
             except (httpx.HTTPError, asyncio.TimeoutError) as exc:
                 if not _repeatable(call, body, attempt, exc, deadline):
-                    raise _no_answer(call, self._cause(exc, progress)) from None
+                    raise _no_answer(call, self._cause(exc, progress), sent_before) from None
                 sent_before = not isinstance(exc, httpx.ConnectError)
         raise AssertionError("unreachable")
 
@@ -631,9 +621,12 @@ class AsyncTransport(_Transport):
         response = await self._http.send(request, stream=True)
         try:
             got = _Body(call, response, self.max_response_bytes, deadline)
-            async for chunk in response.aiter_raw():
-                if not got.add(chunk):
-                    break
+            if response.is_stream_consumed:  # read already by a caller's transport (httpx.MockTransport)
+                got.add(response.content)
+            else:
+                async for chunk in response.aiter_raw():
+                    if not got.add(chunk):
+                        break
         finally:
             await response.aclose()
         return got.answer(response.headers, t0)
