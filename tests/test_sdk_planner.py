@@ -254,6 +254,29 @@ def test_requests_the_sdk_refuses_never_leave_it() -> None:
 # ---- what the SDK trusts, and what it sends --------------------------------------------------------
 
 
+NAN_PART = {"accuracy": float("nan"), "exit_fraction": 0.5, "edge_fraction": 0.5, "heads": []}
+TOTALS = {"devices_met": 1, "accuracy_frames_per_s": 9.0, "frame_ms_per_s": 50.0, "leased_ms_per_s": 30.0}
+WORKER_REBALANCE = {
+    "worker": "http://e:1",
+    "leases": 1,
+    "exact": True,
+    "time_load": 0.5,
+    "applied": True,
+    "before": TOTALS,
+    "after": TOTALS,
+    "devices": [],
+}
+BAD_REBALANCES = [
+    {"approximate": False, "workers": [{**WORKER_REBALANCE, **change}]}
+    for change in (
+        {"after": {**TOTALS, "frame_ms_per_s": float("nan")}},
+        {"after": {**TOTALS, "devices_met": "1"}},
+        {"applied": "yes"},
+        {"leases": 1.5},
+    )
+]
+
+
 def test_answers_off_contract_are_protocol_errors() -> None:
     standin = Standin()
     good_plan = PlanAnswer.model_config["json_schema_extra"]["examples"][0]  # type: ignore[index]
@@ -266,6 +289,15 @@ def test_answers_off_contract_are_protocol_errors() -> None:
         (lambda c: c.workers(), answer_bytes({"workers": [{"url": "u", "load": float("nan")}]}), {}),
         (lambda c: c.get_model("m"), answer_bytes(toy_graph("m")), {}),  # no ETag
         (lambda c: c.get_model("m"), b'{"model": "m", "nodes": []}', {"etag": '"1"'}),
+        # the planner's name is one of plan.schema.json's; a progressive part as it has it
+        (lambda c: c.plan({"model": "m", "bandwidth_mbps": 1}), answer_bytes({**good_plan, "planner": "evil"}), {}),
+        (
+            lambda c: c.plan({"model": "m", "bandwidth_mbps": 1}),
+            answer_bytes({**good_plan, "progressive": NAN_PART}),
+            {},
+        ),
+        # a rebalance's numbers are JSON numbers and finite, its booleans JSON booleans
+        *[(lambda c: c.rebalance(), answer_bytes(doc), {}) for doc in BAD_REBALANCES],
     ]
     with serve_app_in_thread(standin.app) as base, PlannerClient(base) as c:
         for call, body, headers in cases:
@@ -369,6 +401,7 @@ def test_a_devices_state_is_refused_exactly_when_the_schema_refuses_it() -> None
         {**good, "lease": {**GOOD_LEASE, "device_id": None}},
         {**good, "lease": {**GOOD_LEASE, "worker": "edge-1:8000"}},
         {**good, "lease": {**GOOD_LEASE, "replan_after_s": "5"}},
+        {**good, "assigned": "true"},
     ]
     with serve_app_in_thread(standin.app) as base, PlannerClient(base) as c:
         for doc in docs:

@@ -281,6 +281,36 @@ PLAN_EXAMPLE = {
 }
 
 
+PLANNERS = ("dapdee", "device-only", "edge-only", "neurosurgeon", "dads", "edgent")  # plan.schema.json
+
+
+class ProgressiveHead(BaseModel):
+    """One active exit head of a progressive plan: where it is computed and checked."""
+
+    model_config = _STRICT_PART
+
+    exit: str
+    node: str
+    threshold: float = Field(ge=0, le=1)
+    fraction: float = Field(ge=0, le=1)
+    side: Literal["device", "edge"]
+    nodes: list[str]
+
+
+class ProgressiveAnswer(BaseModel):
+    """With confidence_exits: the outcome's accuracy, the fractions leaving at the planned exit
+    and reaching the edge, and each active head (exit order)."""
+
+    model_config = _STRICT_PART
+
+    rule: str | None = None
+    split: str | None = None
+    accuracy: float | None = Field(ge=0, le=1)
+    exit_fraction: float = Field(ge=0, le=1)
+    edge_fraction: float = Field(ge=0, le=1)
+    heads: list[ProgressiveHead]
+
+
 class PlanAnswer(BaseModel):
     """The plan JSON of DESIGN.md: where to cut, which exit, the prediction, the worker to use.
     Read strictly, within plan.schema.json's bounds (unknown fields ignored, as in every answer
@@ -291,7 +321,7 @@ class PlanAnswer(BaseModel):
     plan_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     model: Name
     mode: Literal["latency", "throughput"]
-    planner: str
+    planner: Literal[PLANNERS]  # type: ignore[valid-type]
     exit: PlanExit
     device_nodes: list[NodeName]
     edge_nodes: list[NodeName]
@@ -301,7 +331,7 @@ class PlanAnswer(BaseModel):
     approximate: bool = Field(description="true when a throughput search met an exit too large to enumerate")
     edge_worker: WorkerUrl | None = Field(description="base URL of the edge worker; null when none serves the model")
     lease: LeaseInfo | None = Field(None, description="with device_id: the lease the plan holds")
-    progressive: dict[str, Any] | None = Field(
+    progressive: ProgressiveAnswer | None = Field(
         None, description="with confidence_exits: where each exit head runs and its calibrated share"
     )
 
@@ -313,12 +343,13 @@ class PlanAnswer(BaseModel):
         return nodes
 
 
+DEVICE_EXAMPLE = {"device_id": "cam-17", "model": "resnet18", "lease": LEASE_EXAMPLE, "plan": PLAN_EXAMPLE}
+
+
 class DeviceState(BaseModel):
     """GET /devices/{device_id}: the device's lease and the plan now assigned to it."""
 
-    model_config = _answer(
-        {"device_id": "cam-17", "model": "resnet18", "lease": LEASE_EXAMPLE, "plan": PLAN_EXAMPLE, "assigned": False}
-    )
+    model_config = ConfigDict(**_answer({**DEVICE_EXAMPLE, "assigned": False}), strict=True)
 
     device_id: Name
     model: Name
@@ -332,6 +363,8 @@ class OptionValue(BaseModel):
     min(0.95, ρ_max·C_w/N_w) (capacity over nominal capacity), `objective_ms` at its worker's
     `time_load`, without the switching credit."""
 
+    model_config = _STRICT_PART
+
     exit: str
     device_nodes: int
     edge_ms_per_frame: float
@@ -341,6 +374,8 @@ class OptionValue(BaseModel):
 
 
 class FleetTotals(BaseModel):
+    model_config = _STRICT_PART
+
     devices_met: int
     accuracy_frames_per_s: float = Field(description="Σ f_i·accuracy_i")
     frame_ms_per_s: float = Field(description="Σ f_i·t_i: the fleet's frame time per second")
@@ -348,12 +383,16 @@ class FleetTotals(BaseModel):
 
 
 class DeviceChange(BaseModel):
+    model_config = _STRICT_PART
+
     device_id: str
     old: OptionValue | None
     new: OptionValue
 
 
 class WorkerRebalance(BaseModel):
+    model_config = _STRICT_PART
+
     worker: str
     leases: int = Field(description="the leases solved: the worker's own and the Device-Only leases it may take in")
     exact: bool = Field(
@@ -373,7 +412,7 @@ class WorkerRebalance(BaseModel):
 
 
 class RebalanceAnswer(BaseModel):
-    model_config = _answer({"approximate": False, "workers": []})
+    model_config = ConfigDict(**_answer({"approximate": False, "workers": []}), strict=True)
 
     approximate: bool = Field(description="true when some worker was solved approximately (exact: false)")
     workers: list[WorkerRebalance]
