@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dapdee import timebox
 from dapdee.api.planner import MAX_AVOIDED_WORKERS
 from dapdee.client import (
     ApiError,
@@ -234,14 +235,17 @@ class Upload:
         if self.shaper is None:
             return
         try:
-            async with asyncio.timeout(timeout_s):
-                await self.shaper.delay()
-                self.queued = self.link.locked()
-                await self.link.acquire()
-                self.holding = True
+            await timebox.within(self._wait_turn(), timeout_s)
         except TimeoutError:
             reason = f"timeout after {timeout_s * 1000:.0f} ms waiting for the uplink; nothing sent"
             raise EdgeFailure(reason, worker_fault=False) from None
+
+    async def _wait_turn(self) -> None:
+        assert self.shaper is not None
+        await self.shaper.delay()
+        self.queued = self.link.locked()
+        await self.link.acquire()
+        self.holding = True
 
     def release(self) -> None:
         """Hand the uplink to the next body (once; a no-op when not holding it). O(1)."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dapdee import timebox
 from dapdee.costgraph import CostGraph
 from dapdee.device.compute import ComputeBackend
 from dapdee.device.config import RuntimeConfig
@@ -241,7 +242,7 @@ class DeviceRuntime:
             await stop_task(self._bg)
         if not self._idle.is_set():
             try:
-                await asyncio.wait_for(self._idle.wait(), CLOSE_FRAMES_S)
+                await timebox.within(self._idle.wait(), CLOSE_FRAMES_S)
             except TimeoutError:
                 log.warning("closing with %d frame(s) still in flight after %g s", self._inflight, CLOSE_FRAMES_S)
         if self.sensor is not None:
