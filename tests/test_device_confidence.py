@@ -177,6 +177,29 @@ def test_without_an_edge_the_device_heads_still_answer(
             assert rec.pred_class == int(loaded.run_exit(frame.x, rec.exit).argmax(dim=1)[0])
 
 
+def test_the_emulated_device_pays_for_the_heads_it_checks(loaded: LoadedModel, graph: CostGraph) -> None:
+    """An emulated device's progressive part (no head answers: every frame goes on) takes the
+    time of its trunk and of its heads' own nodes, as the planner's worst case prices it, not
+    of the trunk alone."""
+    from dapdee.device.compute import BoundaryValues, EmulatedCompute
+
+    _, sides = mid_cut(graph)
+    values = BoundaryValues(loaded)
+    given = {graph.input.name: values.x}
+    targets, heads = list(sides.device_targets), [h.node for h in sides.device.heads]
+    unit = EmulatedCompute(graph, values)
+    heads_ms = unit.part_ms(given, [*targets, *heads]) - unit.part_ms(given, targets)
+    assert heads and heads_ms > 0
+    emu = EmulatedCompute(graph, values, scale=200.0 / heads_ms)  # the heads' own nodes: 200 ms
+    trunk_ms = emu.part_ms(given, targets)
+
+    async def go() -> float:
+        done = await emu.progressive(given, sides.device, targets, set(sides.device.nodes))
+        return done.ms
+
+    assert asyncio.run(go()) >= trunk_ms + 200.0 - 1e-6
+
+
 def test_answers_off_the_devices_split_are_refused(graph: CostGraph) -> None:
     part, sides = mid_cut(graph)
     swapped = [{"exit": "exit1", "side": "edge"}, {"exit": "exit2", "side": "edge"}, {"exit": "exit3", "side": "edge"}]

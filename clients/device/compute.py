@@ -219,7 +219,11 @@ class EmulatedCompute:
         *,
         released_at: float | None = None,
     ) -> Computed:
-        ms = self.part_ms(given.keys(), targets, allowed)
+        return await self._emulated(self.part_ms(given.keys(), targets, allowed), targets, released_at)
+
+    async def _emulated(self, ms: float, targets: Sequence[str], released_at: float | None) -> Computed:
+        """Hold the device for `ms` (from `released_at` when the device was free then, else from
+        when it frees) and hand back the boundary values of `targets`."""
         async with self._busy:
             now = time.monotonic()
             start = now if released_at is None else min(now, max(released_at, self.free_at))
@@ -237,8 +241,12 @@ class EmulatedCompute:
         *,
         released_at: float | None = None,
     ) -> Progressed:
-        """`run` of the targets: no head answers (the values are not the frame's)."""
-        done = await self.run(given, targets, allowed, released_at=released_at)
+        """`run` of the targets, timed with the part's heads computed too: no head answers (the
+        values are not the frame's), so each frame pays for every head, as the planner's worst
+        case prices it."""
+        heads = [h.node for h in part.heads]
+        ms = self.part_ms(given.keys(), [*targets, *heads], allowed)
+        done = await self._emulated(ms, targets, released_at)
         return Progressed(PartResult(1, (), torch.zeros(1, dtype=torch.long), done.values), done.ms)
 
     def close(self) -> None:
