@@ -463,6 +463,22 @@ def test_a_write_redis_may_have_applied_is_queued_past_the_cap(planner_prefix: s
     asyncio.run(go())
 
 
+def test_a_call_redis_never_got_says_so(planner_prefix: str) -> None:
+    """A call that reached a cut Redis may have run there (`tried`); one made while the link
+    backs off was never sent: a write refused so is not in doubt (it queues within the cap)."""
+
+    async def go() -> None:
+        async with proxied(planner_prefix, refresh_s=3600, redis_timeout_s=0.3) as (a, proxy):
+            proxy.cut()
+            with pytest.raises(RedisUnavailable) as first:
+                await a.link.call("ping", lambda r: r.ping())
+            with pytest.raises(RedisUnavailable) as second:
+                await a.link.call("ping", lambda r: r.ping())
+            assert first.value.tried and not second.value.tried
+
+    asyncio.run(go())
+
+
 def test_the_write_ids_of_deleted_models_expire(planner_prefix: str) -> None:
     """A deleted model's recent write ids leave the per-model hash for a key of their own with a
     time limit, so models created and deleted by the hundred leave nothing behind for good."""

@@ -395,7 +395,7 @@ class EdgeLink:
         except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
             self.sensing.bandwidth.upload_failed(ticket)
             if _sent_and_timed_out(exc) and not overlapped and self.uploads_active == 1:
-                self._censor(inputs, t0)
+                self._censor(upload.size, t0)
             if isinstance(exc, ClientError):
                 failure = _failure(exc, timeout_s)
                 failure.bytes_sent = upload.sent(exc)
@@ -433,25 +433,19 @@ class EdgeLink:
                 raise
         return infer_call(self.graph.model, inputs, wire_dtype="FP32", **options)
 
-    def _censor(self, inputs: Mapping[str, torch.Tensor], t0: float) -> None:
-        """A request alone on the link timed out: the link is at most as fast as its tensors'
-        bytes over the time waited (`BandwidthEstimator.censor`). Without this a link far
-        slower than the estimate would give no sample at all: every upload would time out.
-        Not when the worker's last answer spent half that time or more in its queue and
-        compute: the wait may have been the worker's, and the link fast."""
-        nbytes = sum(t.numel() * self._wire_itemsize(t) for t in inputs.values())
+    def _censor(self, nbytes: int, t0: float) -> None:
+        """A request alone on the link timed out: the link is at most as fast as its body's
+        `nbytes` (as sent: a frame FP16 cannot carry goes as FP32) over the time waited
+        (`BandwidthEstimator.censor`). Without this a link far slower than the estimate would
+        give no sample at all: every upload would time out. Not when the worker's last answer
+        spent half that time or more in its queue and compute: the wait may have been the
+        worker's, and the link fast."""
         waited_ms = (time.perf_counter() - t0) * 1000.0
         if self.last_server_ms * 2.0 >= waited_ms:
             return
         bound = self.sensing.bandwidth.censor(nbytes, waited_ms, self.sensing.rtt.estimate_ms)
         if bound is not None:
             log.info("upload of %d bytes timed out after %.0f ms: uplink at most %.3g Mbit/s", nbytes, waited_ms, bound)
-
-    def _wire_itemsize(self, t: torch.Tensor) -> int:
-        """Bytes per element of `t` on the wire (floats travel as `wire_dtype`)."""
-        if t.is_floating_point():
-            return 2 if self.wire_dtype == "FP16" else 4
-        return t.element_size()
 
     def _accept(
         self,

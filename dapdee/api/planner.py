@@ -18,6 +18,7 @@ from pydantic_core import InitErrorDetails
 
 from dapdee.costgraph import INPUT_DTYPES, MAX_BYTES, MAX_FLOPS, MAX_MS, OVERHEAD_KEYS
 from dapdee.names import MODEL_NAME_PATTERN, check_model_name
+from dapdee.planning.baselines import BASELINES
 from dapdee.planning.request import MAX_BANDWIDTH_MBPS, MAX_BUDGET_MS, MAX_FRAME_RATE, MAX_RTT_MS, MIN_BANDWIDTH_MBPS
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -129,7 +130,7 @@ class PlanRequestBody(BaseModel):
     confidence_exits: bool = Field(
         False, description="plan for calibrated progressive exits (prices predicted.expected_latency_ms)"
     )
-    baseline: Literal["device-only", "edge-only", "neurosurgeon", "dads", "edgent"] | None = Field(
+    baseline: Literal[BASELINES] | None = Field(  # type: ignore[valid-type]
         None, description="plan with a baseline planner over the same cost model (for comparisons; no lease)"
     )
     avoid_workers: list[AvoidedWorker] = Field(
@@ -281,7 +282,7 @@ PLAN_EXAMPLE = {
 }
 
 
-PLANNERS = ("dapdee", "device-only", "edge-only", "neurosurgeon", "dads", "edgent")  # plan.schema.json
+PLANNERS = ("dapdee", *BASELINES)  # plan.schema.json's `planner`
 
 
 class ProgressiveHead(BaseModel):

@@ -591,7 +591,7 @@ class AsyncTransport(_Transport):
                 left = deadline - time.monotonic()
                 answer = await timebox.within(self._exchange(call, body, deadline, progress), left)
                 return finish(call, answer, repeat=sent_before)
-            except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            except (httpx.HTTPError, TimeoutError, asyncio.TimeoutError) as exc:  # two classes before 3.11
                 if not _repeatable(call, body, attempt, exc, deadline):
                     raise _no_answer(call, self._cause(exc, progress), sent_before) from None
                 sent_before = not isinstance(exc, httpx.ConnectError)

@@ -1,9 +1,10 @@
 """The edge worker's OpenAPI document: every error answer typed as OIP's `{"error": message}`
 (`ErrorResponse`), on every route.
 
-The request guard answers before any route runs, on every route (GET ones included): 401/403
-(token), 400/408/413/415 (the body: malformed, too slow, too large, compressed) and 503 with
-`Retry-After` (the concurrency limit). So each operation declares the `4XX` and `5XX` ranges
+The request guard answers before any route runs, on every route that takes a token (GET ones
+included; a public route's request is passed on unread): 401/403 (token), 400/408/413/415 (the
+body: malformed, too slow, too large, compressed) and 503 with `Retry-After` (the concurrency
+limit). So each operation declares the `4XX` and `5XX` ranges
 beside its own codes, and every error code that carries a body is typed as `ErrorResponse`
 (FastAPI's default 422 body, `HTTPValidationError`, is not what this app answers). A v2 health
 answer's 400 means false and has no body: it is left as declared.

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 class RedisUnavailable(Exception):
     """Redis is disabled, backing off after a failure, or just failed (never reaches a client:
-    the store answers from process memory and queues writes instead)."""
+    the store answers from process memory and queues writes instead). `tried`: the command was
+    sent, so Redis may have run it (False: disabled or backing off, nothing sent)."""
+
+    def __init__(self, message: str, tried: bool = True) -> None:
+        super().__init__(message)
+        self.tried = tried
 
 
 class RedisRefused(RedisUnavailable):

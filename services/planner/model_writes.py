@@ -225,8 +225,8 @@ class ModelWriter:
                     status, version, h, prev, added = await self.send(op)
                 except RedisRefused:  # Redis answered: not applied, and a replay would be refused too
                     raise
-                except RedisUnavailable:  # maybe applied: the op id tells on replay
-                    return planned, self._queue(replace(planned, op=op), in_doubt=True)  # same check: a fresh read
+                except RedisUnavailable as exc:  # maybe applied (when sent): the op id tells on replay
+                    return planned, self._queue(replace(planned, op=op), in_doubt=exc.tried)  # same check: a fresh read
                 if status == "ok" and op.kind == "put_profile":  # created here, or over another replica's
                     planned = replace(planned, created=added)
                 if status in ("ok", "applied", "gone"):

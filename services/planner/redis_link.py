@@ -76,9 +76,9 @@ class RedisLink:
         RedisUnavailable: Redis answered but refused it; counted, no back-off, the link stays
         up). O(1) plus the operation."""
         if self.client is None:
-            raise RedisUnavailable("redis disabled")
+            raise RedisUnavailable("redis disabled", tried=False)
         if time.monotonic() < self._down_until:
-            raise RedisUnavailable("redis down (backing off)")
+            raise RedisUnavailable("redis down (backing off)", tried=False)
         from redis.exceptions import RedisError
 
         try:
@@ -142,7 +142,7 @@ class RedisLink:
     async def script(self, op: str, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run the Lua script `source` atomically with `keys` and `args` (through `call`)."""
         if self.client is None:
-            raise RedisUnavailable("redis disabled")
+            raise RedisUnavailable("redis disabled", tried=False)
         sc = self._scripts.get(source)
         if sc is None:
             sc = self._scripts[source] = self.client.register_script(source)

@@ -34,7 +34,7 @@
    Content-Length is passed on unread; when it declares a chunked body (Transfer-Encoding)
    anyway, its answer, whatever it is, carries `Connection: close`, like a request no route
    takes: the server then drops the connection instead of reading and discarding a body no time
-   limit bounds (an endless one would hold the connection forever, even on a public route);
+   limit bounds (an endless one would hold the connection forever);
 4. holds one of `max_concurrency` slots while the app handles the request: 503 with
    `Retry-After` when none is free. Public routes (health, metrics, docs: passed on at step 1)
    bypass this limit so probes keep answering under overload.
