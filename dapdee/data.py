@@ -22,7 +22,6 @@ uint8 images into tensors the same way.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import zlib
@@ -68,6 +67,7 @@ FMNIST_CLASSES = (
 )
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+MAX_IDX_BYTES = 1 << 30  # an IDX file stating more data is refused (Fashion-MNIST's largest: 47 MB)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -79,20 +79,31 @@ class DataError(ValueError):
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (gzipped if its name ends in .gz or it starts with the gzip magic).
+    """Read one IDX file (gzipped if it starts with the gzip magic).
 
     Validates the header: two zero bytes, a known type code, 1-4 dimensions, every dimension
-    positive, and a payload of exactly prod(dims) items. O(file size)."""
+    positive, at most MAX_IDX_BYTES of data, and a payload of exactly prod(dims) items. A gzipped
+    file is decompressed no further than its header says it holds (a small file cannot inflate
+    into gigabytes before the check). O(file size)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"IDX file {str(path)!r} not found") from None
     if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a damaged deflate stream
-            raise DataError(f"IDX file {str(path)!r}: corrupt gzip stream ({exc})") from None
+        raw = _gunzip_idx(raw, path)
+    dtype, dims, head = _idx_header(raw, path)
+    want = math.prod(dims) * dtype.itemsize
+    if len(raw) - head != want:
+        raise DataError(
+            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), file has {len(raw) - head}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _idx_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(element type, dims, header length) of the IDX bytes `raw` (its start at least);
+    DataError naming what is wrong. O(1)."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"IDX file {str(path)!r}: bad magic {raw[:4].hex() or '(empty)'} (expected 0000TTNN)")
     code, ndim = raw[2], raw[3]
@@ -107,12 +118,38 @@ def read_idx(path: str | Path) -> np.ndarray:
     if any(d <= 0 for d in dims):
         raise DataError(f"IDX file {str(path)!r}: non-positive dimension in {list(dims)}")
     dtype = np.dtype(IDX_DTYPES[code])
-    want = math.prod(dims) * dtype.itemsize
-    if len(raw) - head != want:
-        raise DataError(
-            f"IDX file {str(path)!r}: header says {list(dims)} ({want} bytes of data), file has {len(raw) - head}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
+    if math.prod(dims) * dtype.itemsize > MAX_IDX_BYTES:
+        raise DataError(f"IDX file {str(path)!r}: header says {list(dims)}, over the {MAX_IDX_BYTES} bytes read")
+    return dtype, dims, head
+
+
+def _gunzip_idx(raw: bytes, path: Path) -> bytes:
+    """The gzipped IDX file `raw` decompressed up to what its header states, and one byte more
+    (so a longer payload still shows); DataError for a damaged stream or a bad header.
+    O(stated size)."""
+    inflater = zlib.decompressobj(wbits=31)  # gzip framing
+    out, rest = bytearray(), raw
+
+    def upto(n: int) -> None:
+        nonlocal rest
+        while len(out) < n and not inflater.eof:
+            got = inflater.decompress(rest, n - len(out))
+            rest = inflater.unconsumed_tail
+            out.extend(got)
+            if not got and not rest:
+                break
+
+    try:
+        upto(4)
+        upto(4 + 4 * (out[3] if len(out) >= 4 else 0))
+        dtype, dims, head = _idx_header(bytes(out), path)
+        stated = head + math.prod(dims) * dtype.itemsize
+        upto(stated + 1)
+    except zlib.error as exc:  # a damaged deflate stream
+        raise DataError(f"IDX file {str(path)!r}: corrupt gzip stream ({exc})") from None
+    if len(out) <= stated and not inflater.eof:
+        raise DataError(f"IDX file {str(path)!r}: corrupt gzip stream (it ends early)")
+    return bytes(out)
 
 
 def _idx_path(directory: Path, stem: str, installed: Path = FMNIST_DIR) -> Path:

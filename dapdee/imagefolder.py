@@ -82,12 +82,17 @@ def decode_image(path: str | Path) -> np.ndarray:
     import av
 
     path = Path(path)
+    # FFmpeg's own bound, in force from the open on: probing the file decodes its first picture,
+    # so a small file declaring a huge one (a decompression bomb) would be allocated before any
+    # check of ours could see its size
+    limit = {"max_pixels": str(MAX_PIXELS)}
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), options=limit) as container:
             if not container.streams.video:
                 raise DataError(f"image {str(path)!r}: no picture in the file")
             stream = container.streams.video[0]
-            _check_pixels(path, stream.width, stream.height)  # the header's size: before decoding allocates it
+            _check_pixels(path, stream.width, stream.height)
+            stream.codec_context.options = limit
             frame = next(container.decode(stream))
             _check_pixels(path, frame.width, frame.height)
             if frame.format.name.startswith(("gray", "ya")):
@@ -96,7 +101,10 @@ def decode_image(path: str | Path) -> np.ndarray:
     except DataError:
         raise
     except (av.FFmpegError, OSError, StopIteration, ValueError, IndexError) as exc:
-        raise DataError(f"image {str(path)!r}: cannot decode ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"image {str(path)!r}: cannot decode ({type(exc).__name__}: {exc}; pictures over {MAX_PIXELS} "
+            "pixels are refused)"
+        ) from None
 
 
 def _check_pixels(path: Path, width: int, height: int) -> None:

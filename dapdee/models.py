@@ -405,7 +405,11 @@ def _check_preprocess(pre: Any, where: str) -> None:
         ("std", lambda v: isinstance(v, list) and v and all(_is_number(x) and x > 0 for x in v), "numbers > 0"),
         ("resize", lambda v: v in ("none", "pad", "bilinear"), "none, pad or bilinear"),
         ("channels", lambda v: v in ("as-is", "replicate"), "as-is or replicate"),
-        ("source_shape", lambda v: _is_shape(v, 3), "3 positive integers [C, H, W]"),
+        (
+            "source_shape",  # every frame is resized to it: bounded as an input is
+            lambda v: _is_shape(v, 3) and math.prod(v) <= MAX_INPUT_ELEMENTS,
+            f"3 positive integers [C, H, W], at most {MAX_INPUT_ELEMENTS} elements",
+        ),
     )
     for key, ok, want in checks:
         if key in pre and pre[key] is None:
@@ -445,7 +449,8 @@ def _check_confidence_exits(ce: Any, where: str) -> None:
 
 def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     """`manifest` when its fields have the types and ranges the loaders read (model a spec
-    string; optional name, dataset; input_shape 4 positive integers; preprocess; exits a list of
+    string; optional name, dataset; classes a list of names; input_shape 4 positive integers;
+    preprocess; exits a list of
     {name, accuracy null or in [0, 1]}; splits an object of sample counts; accuracy_split;
     confidence_exits); else ModelError `where: field F: ...` naming the field. O(size).
     The input shape is also held to `check_input_shape` (batch 1, bounded size)."""
@@ -455,6 +460,13 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
         raise ModelError(f"{where}: field model: expected a model spec string, got {json.dumps(manifest['model'])}")
     for key in ("name", "dataset", "weights_sha256"):
         _manifest_field(manifest, key, lambda v: isinstance(v, str), "a string", where)
+    _manifest_field(
+        manifest,
+        "classes",
+        lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+        "a list of names",
+        where,
+    )
     _manifest_field(manifest, "input_shape", lambda v: _is_shape(v, 4), "4 positive integers [1, C, H, W]", where)
     if manifest.get("input_shape") is not None:
         check_input_shape(manifest["input_shape"], f"{where}: field input_shape")

@@ -195,6 +195,8 @@ def test_device_inputs_are_named_before_anything_loads(tmp_path: Path, capsys: p
     is never loaded: --weights names nothing)."""
     bad_plan = tmp_path / "plan.json"
     bad_plan.write_text('{"exit": ')
+    deep_plan = tmp_path / "deep.json"
+    deep_plan.write_text("[" * 100_000)  # nested past the parser's recursion limit
     run = ["device", "run", "--weights", str(tmp_path / "none")]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -202,6 +204,7 @@ def test_device_inputs_are_named_before_anything_loads(tmp_path: Path, capsys: p
         port = str(taken.getsockname()[1])
         cases = [
             (["--plan", str(bad_plan), "--edge", "http://127.0.0.1:1"], f"--plan {str(bad_plan)!r}: not a JSON plan"),
+            (["--plan", str(deep_plan), "--edge", "http://127.0.0.1:1"], f"--plan {str(deep_plan)!r}: not a JSON plan"),
             (["--device-only", "--metrics-port", port], f"--metrics-port: cannot serve on 127.0.0.1:{port}"),
             (["--planner", "http://127.0.0.1:1", "--device-id", "../bad id", "--frame-rate", "10"], "--device-id"),
             (["--planner", "http://127.0.0.1:1", "--device-tier", "../x"], "--device-tier '../x'"),

@@ -65,6 +65,43 @@ def test_idx_corrupt_headers_fail_clearly(tmp_path: Path, mutate, message: str) 
         D.read_idx(p)
 
 
+def test_a_gzip_bomb_is_read_no_further_than_its_header_says(tmp_path: Path) -> None:
+    """A valid header stating 4 bytes of data, then 512 MiB of zeros compressed (about 0.5 MB):
+    the reader stops one byte past what the header states and refuses the file, rather than
+    inflating it all before looking. Peak RSS of a fresh process reading it, against one reading
+    a small file; and a header stating more than MAX_IDX_BYTES is refused from the header."""
+    import subprocess
+    import sys
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 24)
+    body = packer.compress(b"\x00\x00\x08\x01\x00\x00\x00\x04")
+    body += b"".join(packer.compress(zeros) for _ in range(32)) + packer.flush()
+    bomb = tmp_path / "bomb-idx1-ubyte.gz"
+    bomb.write_bytes(body)
+    small = write_idx(tmp_path / "small.gz", np.zeros(4, np.uint8))
+    script = (
+        "import resource, sys\n"
+        "from dapdee.data import DataError, read_idx\n"
+        "try:\n    read_idx(sys.argv[1]); print('read')\n"
+        "except DataError as e:\n    print('refused', e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+
+    def peak_kib(path: Path) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+        verdict, peak = out.stdout.strip().rsplit("\n", 1)
+        return verdict, int(peak)
+
+    (read, small_kib), (refused, bomb_kib) = peak_kib(small), peak_kib(bomb)
+    assert read == "read" and refused.startswith("refused") and "header says [4]" in refused, refused
+    assert bomb_kib - small_kib < 64 * 1024, (small_kib, bomb_kib)  # inflated, the file is 512 MiB
+    bomb.write_bytes(gzip.compress(b"\x00\x00\x08\x02" + (1 << 16).to_bytes(4, "big") * 2))
+    with pytest.raises(D.DataError, match="over the"):
+        D.read_idx(bomb)  # 4 GiB stated: refused from the header alone
+
+
 def test_idx_corrupt_gzip(tmp_path: Path) -> None:
     """A truncated stream and a damaged deflate stream (bytes flipped inside it: zlib's own
     error, not an OSError) are both a DataError naming the file."""

@@ -90,6 +90,7 @@ def _with(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         (("predicted", "latency_ms"), "x", "latency_ms"),
         (("predicted", "bottleneck_ms"), -1.0, "bottleneck_ms"),
         (("predicted", "latency_ms"), 1e300, "latency_ms"),
+        (("predicted", "latency_ms"), 10**400, "latency_ms"),  # an integer past a float's range
         (("model",), "other", "model"),
         (("exit", "name"), "exit9", "exit.name"),
         (("device_nodes",), ["pool1"], "device_nodes"),  # not downward closed

@@ -107,8 +107,7 @@ def test_bad_folders_are_clear_errors(tmp_path: Path, folder: Path) -> None:
 
 def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path) -> None:
     """A PNG whose header states 9000x9000 pixels (81 M, over the 64 M cap) and carries a few
-    rows: refused by its stated size, before a decoder allocates the 243 MB picture (a decoder
-    that ran first would fail on the missing rows instead)."""
+    rows: refused for its size, the error naming the cap."""
     import struct
     import zlib
 
@@ -120,8 +119,47 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path) 
     rows = zlib.compress(b"\x00" * (3 * side + 1) * 4)
     path = tmp_path / "huge.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
-    with pytest.raises(DataError, match=r"huge\.png.*9000x9000 is over 67108864 pixels"):
+    with pytest.raises(DataError, match=r"huge\.png.*over 67108864 pixels"):
         decode_image(path)
+
+
+def test_a_decompression_bomb_is_refused_before_its_picture_is_allocated(tmp_path: Path) -> None:
+    """A 12000x12000 grayscale PNG of zeros (144 MB decoded, ~140 KB on disk): refused without
+    the process growing by its picture (probing the file decodes its first picture, so a check
+    of the stated size after the open came too late). Peak RSS of a fresh process decoding it,
+    against one decoding an 8x8 picture."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def png(path: Path, side: int) -> Path:
+        packer = zlib.compressobj(9)
+        body = b"".join(packer.compress(b"\x00" * (side + 1)) for _ in range(side)) + packer.flush()
+        header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+        return path
+
+    script = (
+        "import resource, sys\n"
+        "from dapdee.imagefolder import DataError, decode_image\n"
+        "try:\n    decode_image(sys.argv[1]); print('decoded')\n"
+        "except DataError as e:\n    print('refused', e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+
+    def peak_kib(path: Path) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+        verdict, peak = out.stdout.strip().rsplit("\n", 1)
+        return verdict, int(peak)
+
+    small, small_kib = peak_kib(png(tmp_path / "small.png", 8))
+    bomb, bomb_kib = peak_kib(png(tmp_path / "bomb.png", 12000))
+    assert small == "decoded" and bomb.startswith("refused") and "over 67108864 pixels" in bomb, bomb
+    assert bomb_kib - small_kib < 48 * 1024, (small_kib, bomb_kib)  # the picture alone is 140 MB
 
 
 def test_video_frames_in_order(tmp_path: Path) -> None:

@@ -186,7 +186,9 @@ def test_a_resumed_run_of_a_model_with_dropout_matches_the_uninterrupted_one(tmp
 @pytest.mark.parametrize(
     ("text", "why"),
     [("[]", "expected an object, got list"), ("null", "got NoneType"), ('{"epoch": 1}', "history"),
-     ('{"epoch": "x", "history": [], "wall_time_s": 1}', "epoch")],
+     ('{"epoch": "x", "history": [], "wall_time_s": 1}', "epoch"),
+     ('{"epoch": 1, "history": [], "wall_time_s": 1, "config": null}', "config"),
+     ("[" * 100_000, "maximum recursion")],
 )  # fmt: skip
 def test_a_checkpoint_state_json_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path, text: str, why: str) -> None:
     out = tmp_path / "run"

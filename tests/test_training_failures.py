@@ -337,6 +337,10 @@ BAD_MANIFESTS: dict[str, tuple[str, Any, str]] = {  # case: (top-level key, valu
     "splits_test": ("splits", {"test": "all"}, "splits.test"),
     "model": ("model", 5, "model"),
     "mean": ("preprocess", {"mean": "x"}, "preprocess.mean"),
+    # every frame is resized to it: a source shape bounded as an input is (not 14 GB per frame)
+    "source_shape": ("preprocess", {"source_shape": [1, 60000, 60000]}, "preprocess.source_shape"),
+    "classes": ("classes", 5, "classes"),
+    "class_names": ("classes", ["shirt", 7], "classes"),
     "thresholds": ("confidence_exits", {"thresholds": {"exit1": "high"}}, "confidence_exits.thresholds.exit1"),
     "by_exit": ("confidence_exits", {"test": {"by_exit": 5}}, "confidence_exits.test.by_exit"),
 }
@@ -360,7 +364,7 @@ def test_malformed_manifest_fields_are_named(artifact: Path, tmp_path: Path, cas
         read_manifest(bad)
 
 
-@pytest.mark.parametrize("case", ["exits", "exit_accuracy", "splits", "input_shape_3d"])
+@pytest.mark.parametrize("case", ["exits", "exit_accuracy", "splits", "input_shape_3d", "classes"])
 def test_malformed_manifests_exit_2_in_graph_and_eval(
     artifact: Path, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

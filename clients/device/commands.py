@@ -215,8 +215,8 @@ def _plan_file(path: str) -> Any:
             return json.load(f)
     except OSError as exc:
         raise ValueError(f"--plan {path!r}: cannot read it ({exc.strerror})") from None
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not text
-        raise ValueError(f"--plan {path!r}: not a JSON plan ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not text, nesting too deep
+        raise ValueError(f"--plan {path!r}: not a JSON plan ({type(exc).__name__}: {exc})") from None
 
 
 def _observability(args: argparse.Namespace) -> tuple[Any, Any]:

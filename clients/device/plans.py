@@ -11,12 +11,11 @@ plan.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dapdee.costgraph import CostGraph, CostGraphError
+from dapdee.costgraph import CostGraph, CostGraphError, is_finite_number
 from dapdee.costmodel import Conditions, Partition, partition
 from dapdee.device.progressive import plan_sides, transfer_of, with_heads
 from dapdee.device.types import Lease, Plan, PlanError
@@ -32,7 +31,7 @@ def _number(raw: Mapping[str, Any], key: str, where: str, upper: float, optional
     v = raw.get(key)
     if v is None and optional:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= upper:
+    if not is_finite_number(v) or not 0 <= v <= upper:  # an integer past a float's range too
         raise PlanError(f"{where}.{key}: expected a finite number in [0, {upper:g}], got {v!r}")
     return float(v)
 

@@ -216,7 +216,7 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
 
     try:
         state = json.loads((ckdir / "state.json").read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ValueError(f"checkpoint {str(ckdir)!r}: unreadable state.json ({exc}); delete the directory") from None
     bad = _state_problem(state)
     if bad:
@@ -247,12 +247,14 @@ def _load_checkpoint(ckdir: Path, cfg: TrainConfig, module: nn.Module, opt: torc
 
 def _state_problem(state: Any) -> str | None:
     """What is wrong with a parsed `state.json` (None: an object with the int `epoch`, list
-    `history` and number `wall_time_s` a resume reads). O(1)."""
+    `history`, number `wall_time_s` and object `config` a resume reads). O(1)."""
     if not isinstance(state, dict):
         return f"expected an object, got {type(state).__name__}"
     for key, kind in (("epoch", int), ("history", list), ("wall_time_s", (int, float))):
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             return f"{key}: missing or not {'a number' if key == 'wall_time_s' else kind.__name__}"
+    if not isinstance(state.get("config"), dict):
+        return "config: missing or not an object"
     return None
 
 
