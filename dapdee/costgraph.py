@@ -7,16 +7,13 @@ torch, so hand-written JSON plans exactly like a traced model.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import secrets
-import stat
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dapdee.atomic_file import write_text_atomically
 from dapdee.names import ModelError, check_model_name
 
 SCHEMA_VERSION = 1
@@ -343,22 +340,10 @@ class CostGraph:
         """Write the graph's JSON to `path` atomically (a temporary file of a unique name in the
         same folder, renamed over it): a failed write leaves what was there and no temporary
         file, and raises OSError naming `path`. The file gets the mode a plain open() would give
-        it: the replaced file's, else 0o666 less the umask."""
-        folder = os.path.dirname(os.path.abspath(path))
-        tmp = None
+        it: the replaced file's, else 0o666 less the umask (`write_text_atomically`)."""
         try:
-            tmp, fd = _create_beside(folder)
-            with open(fd, "w") as f:
-                f.write(self.to_json() + "\n")
-            with contextlib.suppress(FileNotFoundError):
-                old = os.stat(path)
-                if stat.S_ISREG(old.st_mode):
-                    os.chmod(tmp, stat.S_IMODE(old.st_mode))
-            os.replace(tmp, path)
+            write_text_atomically(path, self.to_json() + "\n")
         except OSError as exc:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             raise OSError(f"cannot write cost graph {path!r}: {exc.strerror or exc}") from None
 
     # ---- validation ----------------------------------------------------------------
@@ -461,18 +446,6 @@ class CostGraph:
         for e in d["exits"]:
             e.pop("accuracy", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
-def _create_beside(folder: str) -> tuple[str, int]:
-    """(path, descriptor open for writing) of a new empty file of a unique name in `folder`,
-    created with mode 0o666 less the umask, as open() creates a file (tempfile's are 0o600).
-    Raises OSError. O(1) expected."""
-    while True:
-        tmp = os.path.join(folder, f".costgraph-{secrets.token_hex(8)}.tmp")
-        try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue  # 64 random bits taken: try another name
 
 
 def _parse_input(inp: dict[str, Any]) -> InputSpec:

@@ -323,6 +323,32 @@ def test_eval_and_calibrate_take_the_factory_spec_an_artifact_was_trained_from(
     assert json.loads(capsys.readouterr().out)["within_bound_on_test"] is True
 
 
+def test_manifests_written_at_once_each_land_whole(tmp_path: Path) -> None:
+    """Two calibrations of one artifact write its manifest at the same moment: each write
+    replaces the file whole (a shared temporary name let one rename the other's half-written
+    file, or find it gone: FileNotFoundError), and no temporary file is left."""
+    import threading
+
+    manifests = [{"model": "zoo:alexnet", "writer": i, "pad": "x" * 200_000} for i in range(4)]
+    errors: list[BaseException] = []
+
+    def write(m: dict[str, Any]) -> None:
+        try:
+            for _ in range(25):
+                T.write_manifest(tmp_path, m)
+        except BaseException as exc:  # noqa: BLE001 - the test judges it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(m,)) for m in manifests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert json.loads((tmp_path / MANIFEST).read_text()) in manifests
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]
+
+
 # ---- malformed manifests ------------------------------------------------------------------------
 
 BAD_MANIFESTS: dict[str, tuple[str, Any, str]] = {  # case: (top-level key, value, field named)

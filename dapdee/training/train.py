@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dapdee import data as D
+from dapdee.atomic_file import write_text_atomically
 from dapdee.models import (
     MANIFEST,
     WEIGHTS,
@@ -551,8 +552,6 @@ def train(
 
 
 def write_manifest(artifact: str | Path, manifest: dict[str, Any]) -> None:
-    """Atomically (write + rename) store `manifest` as the artifact's manifest.json. O(size)."""
-    path = Path(artifact) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Store `manifest` as the artifact's manifest.json, replaced whole (`write_text_atomically`:
+    two calibrations of one artifact at once each write it whole). O(size)."""
+    write_text_atomically(Path(artifact) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
