@@ -87,7 +87,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     into gigabytes before the check). O(file size)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw: bytes | bytearray = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"IDX file {str(path)!r} not found") from None
     if raw[:2] == b"\x1f\x8b":
@@ -101,7 +101,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _idx_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+def _idx_header(raw: bytes | bytearray, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
     """(element type, dims, header length) of the IDX bytes `raw` (its start at least);
     DataError naming what is wrong. O(1)."""
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
@@ -123,21 +123,27 @@ def _idx_header(raw: bytes, path: Path) -> tuple[np.dtype, tuple[int, ...], int]
     return dtype, dims, head
 
 
-def _gunzip_idx(raw: bytes, path: Path) -> bytes:
+def _gunzip_idx(raw: bytes, path: Path) -> bytearray:
     """The gzipped IDX file `raw` decompressed up to what its header states, and one byte more
-    (so a longer payload still shows); DataError for a damaged stream or a bad header.
+    (so a longer payload still shows), across gzip members as `gzip.decompress` reads them (zero
+    padding between them allowed); DataError for a damaged stream or a bad header.
     O(stated size)."""
     inflater = zlib.decompressobj(wbits=31)  # gzip framing
     out, rest = bytearray(), raw
 
     def upto(n: int) -> None:
-        nonlocal rest
-        while len(out) < n and not inflater.eof:
+        nonlocal inflater, rest
+        while len(out) < n:
+            if inflater.eof:  # the member ended: another may follow
+                rest = inflater.unused_data.lstrip(b"\0")
+                if not rest:
+                    return
+                inflater = zlib.decompressobj(wbits=31)
             got = inflater.decompress(rest, n - len(out))
             rest = inflater.unconsumed_tail
             out.extend(got)
-            if not got and not rest:
-                break
+            if not got and not rest and not inflater.eof:
+                return
 
     try:
         upto(4)
@@ -149,7 +155,7 @@ def _gunzip_idx(raw: bytes, path: Path) -> bytes:
         raise DataError(f"IDX file {str(path)!r}: corrupt gzip stream ({exc})") from None
     if len(out) <= stated and not inflater.eof:
         raise DataError(f"IDX file {str(path)!r}: corrupt gzip stream (it ends early)")
-    return bytes(out)
+    return out
 
 
 def _idx_path(directory: Path, stem: str, installed: Path = FMNIST_DIR) -> Path:

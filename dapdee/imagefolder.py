@@ -24,6 +24,11 @@ from dapdee.data import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MAX_PIXELS = 1 << 26  # a larger image is refused (64 Mpixel)
+# FFmpeg's own bound on a picture, for every file it opens here: probing a file decodes its first
+# picture before any check of ours sees the size, so a small file declaring a huge picture (a
+# decompression bomb) would be allocated first. FFmpeg counts the width rounded up to its
+# alignment, so its bound is twice ours; the exact cap is ours (`_check_pixels`).
+FFMPEG_LIMITS = {"max_pixels": str(2 * MAX_PIXELS)}
 MAX_IMAGES = 1_000_000
 # a split is held in memory at the reference image's size (N x C x h x w bytes): past this, the
 # folder's images are too large for what a model reads, and should be shrunk before training
@@ -82,17 +87,13 @@ def decode_image(path: str | Path) -> np.ndarray:
     import av
 
     path = Path(path)
-    # FFmpeg's own bound, in force from the open on: probing the file decodes its first picture,
-    # so a small file declaring a huge one (a decompression bomb) would be allocated before any
-    # check of ours could see its size
-    limit = {"max_pixels": str(MAX_PIXELS)}
     try:
-        with av.open(str(path), options=limit) as container:
+        with av.open(str(path), options=FFMPEG_LIMITS) as container:
             if not container.streams.video:
                 raise DataError(f"image {str(path)!r}: no picture in the file")
             stream = container.streams.video[0]
             _check_pixels(path, stream.width, stream.height)
-            stream.codec_context.options = limit
+            stream.codec_context.options = FFMPEG_LIMITS
             frame = next(container.decode(stream))
             _check_pixels(path, frame.width, frame.height)
             if frame.format.name.startswith(("gray", "ya")):
@@ -100,11 +101,10 @@ def decode_image(path: str | Path) -> np.ndarray:
             return frame.to_ndarray(format="rgb24")
     except DataError:
         raise
+    except av.ArgumentError as exc:  # FFmpeg's bound (EINVAL) before the size was known
+        raise DataError(f"image {str(path)!r}: cannot decode ({exc}): over {MAX_PIXELS} pixels?") from None
     except (av.FFmpegError, OSError, StopIteration, ValueError, IndexError) as exc:
-        raise DataError(
-            f"image {str(path)!r}: cannot decode ({type(exc).__name__}: {exc}; pictures over {MAX_PIXELS} "
-            "pixels are refused)"
-        ) from None
+        raise DataError(f"image {str(path)!r}: cannot decode ({type(exc).__name__}: {exc})") from None
 
 
 def _check_pixels(path: Path, width: int, height: int) -> None:

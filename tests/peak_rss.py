@@ -1,5 +1,6 @@
 """A library call's peak memory, measured in a fresh process (a test process's own high-water
-mark is whatever its earlier tests left)."""
+mark is whatever its earlier tests left): the child's `VmHWM`, which starts anew at exec
+(`ru_maxrss` of a child spawned by vfork starts at its parent's peak)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 
 _SCRIPT = """\
-import importlib, resource, sys
+import importlib, sys
 module, name, arg = sys.argv[1:]
 fn = getattr(importlib.import_module(module), name)
 try:
@@ -15,7 +16,8 @@ try:
     print("ok")
 except ValueError as exc:
     print("refused", exc)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(int(hwm.split()[1]))
 """
 
 

@@ -89,6 +89,26 @@ def test_a_gzip_bomb_is_read_no_further_than_its_header_says(tmp_path: Path) -> 
         D.read_idx(bomb)  # 4 GiB stated: refused from the header alone
 
 
+def test_idx_across_gzip_members_reads_as_gzip_does(tmp_path: Path) -> None:
+    """A gzipped IDX file of several members (split anywhere, the header included; an empty
+    member; zero padding between members) reads as `gzip.decompress` reads it; bytes after the
+    last member that are no gzip member are a corrupt stream."""
+    arr = (np.arange(60 * 100) % 251).astype(np.uint8).reshape(60, 100)
+    raw = b"\x00\x00\x08\x02" + (60).to_bytes(4, "big") + (100).to_bytes(4, "big") + arr.tobytes()
+    p = tmp_path / "m.gz"
+    for body in (
+        gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]),
+        gzip.compress(raw[:6]) + gzip.compress(raw[6:]),  # the header split
+        gzip.compress(b"") + gzip.compress(raw),
+        gzip.compress(raw[:100]) + b"\x00" * 8 + gzip.compress(raw[100:]),
+    ):
+        p.write_bytes(body)
+        assert np.array_equal(D.read_idx(p), arr)
+    p.write_bytes(gzip.compress(raw) + b"garbage")
+    with pytest.raises(D.DataError, match="corrupt gzip"):
+        D.read_idx(p)
+
+
 def test_idx_corrupt_gzip(tmp_path: Path) -> None:
     """A truncated stream and a damaged deflate stream (bytes flipped inside it: zlib's own
     error, not an OSError) are both a DataError naming the file."""

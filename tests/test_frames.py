@@ -123,30 +123,51 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path: Path) 
         decode_image(path)
 
 
-def test_a_decompression_bomb_is_refused_before_its_picture_is_allocated(tmp_path: Path) -> None:
-    """A 12000x12000 grayscale PNG of zeros (144 MB decoded, ~140 KB on disk): refused without
-    the process growing by its picture (probing the file decodes its first picture, so a check
-    of the stated size after the open came too late). Peak RSS of a fresh process decoding it,
-    against one decoding an 8x8 picture."""
+def read_as_video(path: str) -> None:
+    """Every frame of `path` through the device's video source (DataError as it refuses)."""
+    from dapdee.device.frames import VideoSource
+
+    list(VideoSource(path, RAW, limit=1))
+
+
+def _zero_png(path: Path, width: int, height: int) -> str:
+    """A grayscale PNG of zeros written at `path` (returned as text): small on disk whatever its
+    size decoded."""
     import struct
     import zlib
-
-    from tests.peak_rss import peak_kib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    def png(path: Path, side: int) -> Path:
-        packer = zlib.compressobj(9)
-        body = b"".join(packer.compress(b"\x00" * (side + 1)) for _ in range(side)) + packer.flush()
-        header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-        return path
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(b"\x00" * (width + 1)) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return str(path)
 
-    small, small_kib = peak_kib("dapdee.imagefolder:decode_image", str(png(tmp_path / "small.png", 8)))
-    bomb, bomb_kib = peak_kib("dapdee.imagefolder:decode_image", str(png(tmp_path / "bomb.png", 12000)))
+
+def test_a_decompression_bomb_is_refused_before_its_picture_is_allocated(tmp_path: Path) -> None:
+    """A 12000x12000 grayscale PNG of zeros (144 MB decoded, ~140 KB on disk): refused without
+    the process growing by its picture (probing the file decodes its first picture, so a check
+    of the stated size after the open came too late), by the image reader and by the device's
+    video source (which opens any file it is given). Peak RSS of a fresh process, against one
+    decoding an 8x8 picture."""
+    from tests.peak_rss import peak_kib
+
+    small, small_kib = peak_kib("dapdee.imagefolder:decode_image", _zero_png(tmp_path / "small.png", 8, 8))
+    bomb_png = _zero_png(tmp_path / "bomb.png", 12000, 12000)
+    bomb, bomb_kib = peak_kib("dapdee.imagefolder:decode_image", bomb_png)
+    _, video_kib = peak_kib("tests.test_frames:read_as_video", bomb_png)
     assert small == "ok" and bomb.startswith("refused") and "over 67108864 pixels" in bomb, bomb
     assert bomb_kib - small_kib < 48 * 1024, (small_kib, bomb_kib)  # the picture alone is 140 MB
+    assert video_kib - small_kib < 48 * 1024, (small_kib, video_kib)
+
+
+def test_an_image_just_under_the_pixel_cap_decodes(tmp_path: Path) -> None:
+    """8193x8191 (one pixel under the 64 M cap, a width FFmpeg rounds up past it): decoded
+    (FFmpeg's bound is looser than the cap, which is checked exactly)."""
+    image = decode_image(_zero_png(tmp_path / "edge.png", 8193, 8191))
+    assert image.shape == (8191, 8193, 1)
 
 
 def test_video_frames_in_order(tmp_path: Path) -> None:

@@ -188,6 +188,7 @@ def test_a_resumed_run_of_a_model_with_dropout_matches_the_uninterrupted_one(tmp
     [("[]", "expected an object, got list"), ("null", "got NoneType"), ('{"epoch": 1}', "history"),
      ('{"epoch": "x", "history": [], "wall_time_s": 1}', "epoch"),
      ('{"epoch": 1, "history": [], "wall_time_s": 1, "config": null}', "config"),
+     ('{"epoch": 1, "history": [], "wall_time_s": 1' + "0" * 400 + ', "config": {}}', "wall_time_s"),
      ("[" * 100_000, "maximum recursion")],
 )  # fmt: skip
 def test_a_checkpoint_state_json_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path, text: str, why: str) -> None:

@@ -28,7 +28,15 @@ import torch
 from dapdee import data as D
 from dapdee.data import DataError
 from dapdee.device.types import Frame
-from dapdee.imagefolder import decode_image, device_folder, folder_norm, image_tensor, resize_to, to_channels
+from dapdee.imagefolder import (
+    FFMPEG_LIMITS,
+    decode_image,
+    device_folder,
+    folder_norm,
+    image_tensor,
+    resize_to,
+    to_channels,
+)
 from dapdee.models import LoadedModel, example_input
 
 log = logging.getLogger("dapdee.device.frames")
@@ -191,13 +199,14 @@ class VideoSource:
         camera = location.startswith("/dev/video")
         what = "camera" if camera else "video"
         try:
-            self.container = av.open(location, format="v4l2" if camera else None)
+            self.container = av.open(location, format="v4l2" if camera else None, options=FFMPEG_LIMITS)
         except (av.FFmpegError, OSError) as exc:
             raise DataError(f"{what} {location!r}: cannot open ({_reason(exc)})") from None
         if not self.container.streams.video:
             self.container.close()
             raise DataError(f"{what} {location!r}: no video stream (not a video, or a corrupt one)")
         self.stream = self.container.streams.video[0]
+        self.stream.codec_context.options = FFMPEG_LIMITS
 
     def describe(self) -> str:
         declared = f", {self.stream.frames} frames" if self.stream.frames else ""

@@ -37,6 +37,7 @@ from torch import nn
 
 from dapdee import data as D
 from dapdee.atomic_file import write_text_atomically
+from dapdee.costgraph import is_finite_number
 from dapdee.models import (
     MANIFEST,
     WEIGHTS,
@@ -251,9 +252,11 @@ def _state_problem(state: Any) -> str | None:
     `history`, number `wall_time_s` and object `config` a resume reads). O(1)."""
     if not isinstance(state, dict):
         return f"expected an object, got {type(state).__name__}"
-    for key, kind in (("epoch", int), ("history", list), ("wall_time_s", (int, float))):
+    for key, kind in (("epoch", int), ("history", list)):
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            return f"{key}: missing or not {'a number' if key == 'wall_time_s' else kind.__name__}"
+            return f"{key}: missing or not {kind.__name__}"
+    if not is_finite_number(state.get("wall_time_s")):  # an integer past a float's range too
+        return "wall_time_s: missing or not a number"
     if not isinstance(state.get("config"), dict):
         return "config: missing or not an object"
     return None
