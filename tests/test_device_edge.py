@@ -33,6 +33,7 @@ from dapdee import wire
 from dapdee.client import AsyncPlannerClient
 from dapdee.costmodel import Conditions
 from dapdee.device.config import Requirements, RuntimeConfig
+from dapdee.device import edge as edge_module
 from dapdee.device.edge import EdgeLink, Upload, WorkerTrust
 from dapdee.device.plan_source import listed_workers
 from dapdee.device.plans import fixed_plan
@@ -538,3 +539,43 @@ def test_a_frame_whose_turn_on_the_uplink_comes_too_late_fails_sending_nothing(s
     assert "waiting for the uplink" in late.reason, late.reason
     assert late.bytes_sent == 0 and not late.worker_fault
     assert rows == 1
+
+
+def test_a_client_in_use_stays_open_while_workers_past_the_cap_are_contacted(stack: Stack) -> None:
+    """A frame in flight to one worker (a proxy that holds it) while the device contacts
+    MAX_CLIENTS other workers (closed ports, each refused at once): opening their clients
+    closes only idle ones, the least recently used first, so the held frame is answered when
+    the proxy lets it go (its client was the least recently used); never more than MAX_CLIENTS
+    are open."""
+    x = {stack.graph.input.name: stack.loaded.example_input()}
+    proxy = HangingProxy(stack.edge.url)
+    others = []
+    for _ in range(edge_module.MAX_CLIENTS + 1):
+        sock = bind_free_socket()
+        others.append(f"http://127.0.0.1:{sock.getsockname()[1]}")
+        sock.close()
+    with serve_app_in_thread(proxy) as held_url:
+
+        async def go() -> tuple[torch.Tensor, list[str], list[int]]:
+            edge = EdgeLink(stack.graph, WorkerTrust(None, [held_url, *others]), Sensing(fixed_load=0.0))
+            proxy.hanging = True
+            held = asyncio.create_task(edge.infer(held_url, x, "final", 30.0))
+            while proxy.held == 0:
+                await asyncio.sleep(0.01)
+            reasons, open_clients = [], []
+            for url in others:
+                if url == others[-1]:
+                    proxy.hanging = False
+                    logits = (await held).logits
+                try:
+                    await edge.infer(url, x, "final", 5.0)
+                except EdgeFailure as exc:
+                    reasons.append(exc.reason)
+                open_clients.append(len(edge._clients))
+            await edge.aclose()
+            return logits, reasons, open_clients
+
+        logits, reasons, open_clients = asyncio.run(go())
+    assert logits.shape[0] == 1
+    assert len(reasons) == len(others) and all("HTTP" not in r for r in reasons), reasons
+    assert open_clients == [min(i + 2, edge_module.MAX_CLIENTS) for i in range(len(others))]

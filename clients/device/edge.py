@@ -26,6 +26,7 @@ to trusted workers, and a back-off after failures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -56,7 +57,7 @@ from dapdee.netem import ShapedUplink
 
 log = logging.getLogger("dapdee.device.edge")
 
-MAX_CLIENTS = 16  # edge clients kept open (one per worker URL)
+MAX_CLIENTS = 16  # idle edge clients kept open (one per worker URL)
 MAX_BACKOFFS = 64  # workers' back-offs kept (workers come and go): the least recently used go first
 MAX_ANSWER_BYTES = 1 << 20  # an infer answer holds one row of logits: far below this
 
@@ -285,7 +286,8 @@ class Upload:
 
 class EdgeLink:
     """Infer requests to edge workers for model `graph.model` (see the module docstring). One
-    SDK client per worker URL (at most MAX_CLIENTS kept), the token only for trusted URLs, and
+    SDK client per worker URL (at most MAX_CLIENTS kept, past it only while requests use them:
+    `_using`), the token only for trusted URLs, and
     one back-off per worker URL (`backoff_of`; `backoff` gives their `initial_s` and `max_s`).
     `uploads_active` and `last_activity` tell the sensing loop when the link is idle."""
 
@@ -312,6 +314,7 @@ class EdgeLink:
         self.last_activity = 0.0
         self.last_server_ms = 0.0  # queue + compute of the last answer (a busy worker times out too)
         self._clients: OrderedDict[str, AsyncEdgeClient] = OrderedDict()
+        self._users: dict[str, int] = {}  # worker URL -> requests using its client now
         self._uplink = asyncio.Lock()  # one body on the uplink at a time (`Upload`)
 
     def backoff_of(self, url: str) -> Backoff:
@@ -340,7 +343,12 @@ class EdgeLink:
         resting = [url for url, b in reversed(self._backoffs.items()) if b.resting(now)]
         return resting[:MAX_AVOIDED_WORKERS]
 
-    async def _client(self, url: str) -> AsyncEdgeClient:
+    @contextlib.asynccontextmanager
+    async def _using(self, url: str) -> AsyncIterator[AsyncEdgeClient]:
+        """The SDK client of worker `url` (opened on first use), held open while the block runs:
+        opening one past MAX_CLIENTS closes the least recently used clients no request is using
+        (closing one in use would fail its requests, and the worker would rest for nothing).
+        O(clients) when one opens, O(1) otherwise."""
         url = normalize_url(url)
         if not await self.trust.allows(url):
             raise EdgeFailure(f"worker {url[:80]} is not listed by the planner; not contacted", worker_fault=False)
@@ -351,10 +359,23 @@ class EdgeLink:
             except RequestError as exc:
                 raise EdgeFailure(f"worker URL {url[:80]!r}: {exc}") from None
             self._clients[url] = client
-            while len(self._clients) > MAX_CLIENTS:
-                await self._clients.popitem(last=False)[1].aclose()
         self._clients.move_to_end(url)
-        return client
+        self._users[url] = self._users.get(url, 0) + 1  # before any await: no one closes it now
+        try:
+            if len(self._clients) > MAX_CLIENTS:
+                await self._close_idle_clients()
+            yield client
+        finally:
+            self._users[url] -= 1
+            if not self._users[url]:
+                del self._users[url]
+
+    async def _close_idle_clients(self) -> None:
+        """Close the least recently used clients no request is using while more than MAX_CLIENTS
+        are open. O(clients)."""
+        idle = [u for u in self._clients if u not in self._users]
+        for url in idle[: max(0, len(self._clients) - MAX_CLIENTS)]:
+            await self._clients.pop(url).aclose()
 
     def _expected_logits(self, exit_name: str) -> tuple[int, ...] | None:
         shape = self.graph.node(self.graph.exit(exit_name).node).shape
@@ -378,37 +399,37 @@ class EdgeLink:
         alone on the link bounds it in any case (`_censor`). With `confidence`, the worker checks its
         confidence heads and the answer says which exit answered. Raises EdgeFailure, whose
         `bytes_sent` are the request's bytes that left the device (`Upload.sent`)."""
-        client = await self._client(url)
-        self.uploads_active += 1
-        overlapped = self.uploads_active > 1
-        t0, c0 = time.perf_counter(), time.thread_time()
-        # an unobserved upload (a probe) takes a ticket too: its bytes share the link with the
-        # frames that start meanwhile, whose timings then give no sample (`upload_failed`)
-        ticket = self.sensing.bandwidth.upload_started(t0)
-        deadline = time.monotonic() + timeout_s
-        upload = Upload(self.shaper, self._uplink)
-        try:
-            call = self._infer_call(inputs, exit_name, timeout_s, request_id, traceparent, confidence)
-            await upload.take_turn(timeout_s)
-            left_s = max(deadline - time.monotonic(), 1e-3)  # the turn's wait counts against the timeout
-            res = await client.run(replace(call, timeout_s=left_s), upload.body(call.content))
-        except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
-            self.sensing.bandwidth.upload_failed(ticket)
-            if _sent_and_timed_out(exc) and not overlapped and self.uploads_active == 1:
-                self._censor(upload.size, t0)
-            if isinstance(exc, ClientError):
-                failure = _failure(exc, timeout_s)
-                failure.bytes_sent = upload.sent(exc)
-                raise failure from None
-            raise
-        finally:
-            upload.release()
-            self.uploads_active -= 1
-            self.last_activity = time.monotonic()
-        cpu_ms = (time.thread_time() - c0) * 1000.0
-        elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        overlapped = overlapped or self.uploads_active > 0
-        return self._accept(res, exit_name, ticket, observe, t0, elapsed_ms, cpu_ms, overlapped)
+        async with self._using(url) as client:
+            self.uploads_active += 1
+            overlapped = self.uploads_active > 1
+            t0, c0 = time.perf_counter(), time.thread_time()
+            # an unobserved upload (a probe) takes a ticket too: its bytes share the link with the
+            # frames that start meanwhile, whose timings then give no sample (`upload_failed`)
+            ticket = self.sensing.bandwidth.upload_started(t0)
+            deadline = time.monotonic() + timeout_s
+            upload = Upload(self.shaper, self._uplink)
+            try:
+                call = self._infer_call(inputs, exit_name, timeout_s, request_id, traceparent, confidence)
+                await upload.take_turn(timeout_s)
+                left_s = max(deadline - time.monotonic(), 1e-3)  # the turn's wait counts against the timeout
+                res = await client.run(replace(call, timeout_s=left_s), upload.body(call.content))
+            except BaseException as exc:  # a cancelled frame too: an open ticket would hold back every later sample
+                self.sensing.bandwidth.upload_failed(ticket)
+                if _sent_and_timed_out(exc) and not overlapped and self.uploads_active == 1:
+                    self._censor(upload.size, t0)
+                if isinstance(exc, ClientError):
+                    failure = _failure(exc, timeout_s)
+                    failure.bytes_sent = upload.sent(exc)
+                    raise failure from None
+                raise
+            finally:
+                upload.release()
+                self.uploads_active -= 1
+                self.last_activity = time.monotonic()
+            cpu_ms = (time.thread_time() - c0) * 1000.0
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            overlapped = overlapped or self.uploads_active > 0
+            return self._accept(res, exit_name, ticket, observe, t0, elapsed_ms, cpu_ms, overlapped)
 
     def _infer_call(
         self,
@@ -490,11 +511,11 @@ class EdgeLink:
         """One `GET /v2/health/live` round trip (ms) through the emulated delay, or None when
         it fails or the worker is not live."""
         try:
-            client = await self._client(url)
-            t0 = time.perf_counter()
-            if self.shaper is not None:
-                await self.shaper.delay()
-            live = await client.live()
+            async with self._using(url) as client:
+                t0 = time.perf_counter()
+                if self.shaper is not None:
+                    await self.shaper.delay()
+                live = await client.live()
         except (ClientError, EdgeFailure):
             return None
         return (time.perf_counter() - t0) * 1000.0 if live else None
