@@ -5,14 +5,21 @@ thread frees up without any timing assumption about the compute itself."""
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
+import time
 
+import httpx
 import pytest
 import torch
 
-from dapdee.edge_worker.app import _worker_state
-from dapdee.edge_worker.batching import STARVE_MS, Batcher, BatchResult
+from dapdee import wire
+from dapdee.edge_worker.app import _worker_state, create_app
+from dapdee.edge_worker.batching import STARVE_MS, Batcher, BatchResult, Expired
 from dapdee.edge_worker.config import Settings
 from dapdee.models import LoadedModel, load_model
+from dapdee.testing import serve_app_in_thread
+from dapdee.web import scrape
 from dapdee.web.settings_load import load_settings
 from tests import edge_models
 
@@ -197,3 +204,90 @@ def test_the_starvation_bound_is_the_workers_batch_starve_ms_setting() -> None:
             asyncio.run(state.batcher.aclose())
     with pytest.raises(ValueError, match="batch_starve_ms"):
         load_settings(Settings, "edge settings", batch_starve_ms=0.0)
+
+
+def test_a_request_past_its_deadline_or_given_up_is_left_out_of_its_batch(gated: LoadedModel) -> None:
+    """While request 0 holds the only thread at the gate, requests 1-3 wait in one batch: 1's
+    deadline passes meanwhile, 3's caller gives up (its task is cancelled), 2 has no deadline.
+    When the thread frees up, 1 fails with Expired, the batch runs with request 2 alone (batch
+    size 1, its own values) and nothing is left queued."""
+    batcher = Batcher(8, WAIT_MS, max_rows=64, workers=1)
+    key = (gated.name, frozenset({gated.input_name}), "final")
+
+    async def go() -> tuple[list[BaseException | BatchResult], int]:
+        def submit(i: int, deadline: float = math.inf) -> asyncio.Task[BatchResult]:
+            x = {gated.input_name: torch.full((1, 8), float(i))}
+            return asyncio.create_task(batcher.submit(key, gated.executor, gated.exit_node(), x, deadline))
+
+        edge_models.ENTERED.clear()
+        edge_models.GATE.clear()
+        try:
+            first = submit(0)
+            assert await asyncio.to_thread(edge_models.ENTERED.wait, 30.0)
+            late, kept, gone = submit(1, time.perf_counter() + 0.02), submit(2), submit(3)
+            await asyncio.sleep(0.1)  # past request 1's deadline, and the batch's wait
+            gone.cancel()
+        finally:
+            edge_models.GATE.set()
+        await asyncio.wait_for(first, 30.0)
+        got = await asyncio.wait_for(asyncio.gather(late, kept, gone, return_exceptions=True), 30.0)
+        depth = batcher.stats()["queue_depth"]
+        batcher.close()
+        return got, depth
+
+    (late, kept, gone), depth = asyncio.run(go())
+    assert isinstance(late, Expired) and "not started within its timeout" in str(late), late
+    assert isinstance(kept, BatchResult) and kept.batch_size == 1 and kept.batch_rows == 1
+    assert isinstance(kept.output, torch.Tensor)
+    assert torch.allclose(kept.output, gated.run_exit(torch.full((1, 8), 2.0)), atol=1e-6)
+    assert isinstance(gone, asyncio.CancelledError)
+    assert depth == 0
+
+
+def test_a_request_queued_past_its_timeout_parameter_is_answered_503_and_not_computed(gated: LoadedModel) -> None:
+    """Over HTTP, one compute thread, every request a batch alone: A holds the thread at the
+    gate; B (parameter `timeout` 20 ms) and C (60 s) queue behind it. Once the gate opens, B
+    is answered 503 naming `timeout`, without Retry-After (the worker is up), and never
+    computed: two batches ran, A's and C's, both answered 200. A timeout that is not an
+    integer in [0, 2**63 - 1] is a 400 naming it; 0 is none."""
+    settings = Settings(models="", batch_max=1, workers=1)
+    with serve_app_in_thread(create_app(settings, [gated])) as url, httpx.Client(base_url=url, timeout=60) as client:
+
+        def infer(timeout: object | None) -> httpx.Response:
+            params = {} if timeout is None else {"timeout": timeout}
+            body, headers = wire.encode_request({"x": torch.randn(1, 8)}, parameters=params)
+            return client.post("/v2/models/gated/infer", content=body, headers=headers)
+
+        answers: dict[str, httpx.Response] = {}
+
+        def send(name: str, timeout: int | None) -> threading.Thread:
+            t = threading.Thread(target=lambda: answers.__setitem__(name, infer(timeout)))
+            t.start()
+            return t
+
+        edge_models.ENTERED.clear()
+        edge_models.GATE.clear()
+        try:
+            threads = [send("A", None)]
+            assert edge_models.ENTERED.wait(30)
+            threads += [send("B", 20_000), send("C", 60_000_000)]
+            deadline = time.monotonic() + 30
+            while scrape.total(scrape.parse(client.get("/metrics").text), "dapdee_edge_inflight_requests") < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.1)  # past B's timeout
+        finally:
+            edge_models.GATE.set()
+        for t in threads:
+            t.join(30)
+        batches = scrape.total(scrape.parse(client.get("/metrics").text), "dapdee_edge_batch_size_count", model="gated")
+        bad = {str(v): infer(v) for v in (-1, 1.5, True, "100", 1 << 63)}
+        zero = infer(0)
+    assert answers["A"].status_code == 200 and answers["C"].status_code == 200, answers
+    b = answers["B"]
+    assert b.status_code == 503 and "retry-after" not in b.headers, b.text
+    assert "parameter timeout: not started within its timeout" in b.json()["error"]
+    assert batches == 2
+    for value, r in bad.items():
+        assert r.status_code == 400 and r.json()["error"].startswith("parameter timeout:"), (value, r.text)
+    assert zero.status_code == 200

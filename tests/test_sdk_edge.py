@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from dapdee import wire
-from dapdee.client import ApiError, AsyncEdgeClient, EdgeClient, ProtocolError, RequestError, TransportError
+from dapdee.client import (
+    ApiError,
+    AsyncEdgeClient,
+    EdgeClient,
+    ProtocolError,
+    RequestError,
+    TransportError,
+    infer_call,
+)
 from dapdee.costmodel import partition
 from dapdee.edge_worker.app import create_app
 from dapdee.edge_worker.config import Settings
@@ -221,6 +229,18 @@ def test_missing_outputs_and_garbage_are_protocol_errors(model: LoadedModel, sta
             standin.answer(body)
             with pytest.raises(ProtocolError):
                 edge.infer(MODEL, {"x": model.example_input()})
+
+
+def test_a_calls_timeout_goes_to_the_worker_as_parameter_timeout(url: str, model: LoadedModel) -> None:
+    """An infer call's timeout is sent as parameter `timeout`, in microseconds rounded up (the
+    worker never gives up on a request before its client does); without one, none is sent.
+    The worker takes it: the answer is 200."""
+    for timeout, want in ((0.25, 250_000), (1e-7, 1), (None, None)):
+        call = infer_call(MODEL, {"x": model.example_input()}, timeout=timeout)
+        header = json.loads(call.content[: int(call.headers[wire.HEADER_LENGTH])])
+        assert header.get("parameters", {}).get("timeout") == want, (timeout, header)
+    with EdgeClient(url, TOKENS["device"]) as edge:
+        assert edge.infer(MODEL, {"x": model.example_input()}, timeout=30.0).exit == "final"
 
 
 # ---- async, a shaped uplink, total deadlines --------------------------------------------------------

@@ -120,11 +120,14 @@ class RequestedOutput(_Model):
 class InferParameters(_Model):
     """Request parameters: `exit` picks the early exit (default: the deepest); `confidence`
     turns on the calibrated confidence heads the worker computes on the way to it (a row leaves
-    at the first confident one); `binary_data_output` asks for every output in binary unless an
+    at the first confident one); `timeout` (microseconds, Triton's schedule-policy parameter;
+    0: none) is how long after its arrival the request may still start: one still queued then
+    is not computed (503); `binary_data_output` asks for every output in binary unless an
     output says otherwise. A null parameter takes its default, as an absent one does."""
 
     exit: str | None = None
     confidence: bool | None = None
+    timeout: int | None = Field(None, ge=0, le=(1 << 63) - 1, description="microseconds; 0: none")
     binary_data_output: bool | None = None
 
 

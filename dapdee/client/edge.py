@@ -11,6 +11,7 @@ numbers >= 0, of the right types); anything else is a `ProtocolError`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -96,7 +97,9 @@ class InferOptions(TypedDict, total=False):
     binary: bool  # binary tensor extension both ways (default); False: JSON both ways
     confidence: bool  # parameter `confidence`: the worker may answer rows at confident earlier exits
     request_id: str | None  # the request's `id`, echoed in the answer (checked)
-    timeout: float | None  # seconds, finite (default: the client's)
+    # seconds, finite (default: the client's); also sent as parameter `timeout` (microseconds),
+    # so the worker does not start the request once this client has given up on it
+    timeout: float | None
     version: str | None  # the model version's route (default: the unversioned one)
     traceparent: str | None  # W3C trace context of the request (default: the current one)
 
@@ -104,8 +107,8 @@ class InferOptions(TypedDict, total=False):
 def infer_call(model: str, inputs: Mapping[str, torch.Tensor], **options: Unpack[InferOptions]) -> Call[InferResult]:
     """`POST /v2/models/{model}[/versions/{version}]/infer` (options: `InferOptions`; another
     keyword is a RequestError): `inputs` (tensors by graph node name, first dimension = rows)
-    encoded by `dapdee.wire`, parameters `exit` and `confidence` when given; the answer is
-    checked as the module says. O(input bytes)."""
+    encoded by `dapdee.wire`, parameters `exit`, `confidence` and `timeout` when given; the
+    answer is checked as the module says. O(input bytes)."""
     unknown = sorted(set(options) - set(InferOptions.__annotations__))
     if unknown:
         raise RequestError(f"infer: unknown options {unknown}; known: {sorted(InferOptions.__annotations__)}")
@@ -119,6 +122,9 @@ def infer_call(model: str, inputs: Mapping[str, torch.Tensor], **options: Unpack
         params["exit"] = exit
     if confidence:
         params["confidence"] = True
+    timeout_s = None if timeout is None else check_timeout(timeout)
+    if timeout_s is not None:
+        params["timeout"] = math.ceil(timeout_s * 1e6)
     try:
         content, headers = wire.encode_request(
             inputs,
@@ -138,7 +144,7 @@ def infer_call(model: str, inputs: Mapping[str, torch.Tensor], **options: Unpack
         content,
         headers,
         idempotent=False,  # a POST: never repeated after a broken connection (the worker may have run it)
-        timeout_s=None if timeout is None else check_timeout(timeout),
+        timeout_s=timeout_s,
         traceparent=options.get("traceparent"),
     )
 

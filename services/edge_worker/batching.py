@@ -14,7 +14,10 @@ long as the stream lasts. With `batch_max == 1` or `batch_wait_ms == 0` every re
 alone, as it arrives. A batch's output is a tensor, or a tuple of tensors (e.g. logits and the
 exit that answered each row), split back by rows. A batch of several requests that fails as a
 whole (one request's data makes the model raise, or its output is not rows first) is computed
-again request by request, so each request gets its own answer or its own error.
+again request by request, so each request gets its own answer or its own error. A request may
+carry a deadline: one whose batch has not started by then is left out of it, not computed, and
+fails with `Expired` (its client has given up: computing it would only delay the requests
+behind it).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -43,6 +47,10 @@ Outcome = Output | Exception  # one request's share of a batch, or why computing
 class ShuttingDown(RuntimeError):
     """The batcher is closed, or closed before the request's batch ran: the worker is going away
     (answered 503 with Retry-After, so the device retries elsewhere or later)."""
+
+
+class Expired(RuntimeError):
+    """The request's deadline passed before its batch started: it was not computed."""
 
 
 class Computes(Protocol):
@@ -67,6 +75,7 @@ class _Pending:
     inputs: dict[str, torch.Tensor]
     rows: int
     future: asyncio.Future[BatchResult]
+    deadline: float  # perf_counter time after which it is not started (inf: none)
     t_submit: float = field(default_factory=time.perf_counter)
 
 
@@ -119,17 +128,23 @@ class Batcher:
 
     # ---- submission ------------------------------------------------------------------
     async def submit(
-        self, key: BatchKey, executor: Computes, target: str, inputs: dict[str, torch.Tensor]
+        self,
+        key: BatchKey,
+        executor: Computes,
+        target: str,
+        inputs: dict[str, torch.Tensor],
+        deadline: float = math.inf,
     ) -> BatchResult:
         """Compute `target` for `inputs` (first dim = rows, at most `max_rows`), batched with
-        compatible requests. Raises ValueError for more rows than a batch may hold."""
+        compatible requests, unless its batch has not started by `deadline` (perf_counter
+        time): then it raises Expired. Raises ValueError for more rows than a batch may hold."""
         if self._closed:
             raise ShuttingDown("worker is shutting down")
         loop = asyncio.get_running_loop()
         rows = next(iter(inputs.values())).shape[0]
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows exceed the batch limit of {self.max_rows}")
-        item = _Pending(inputs, rows, loop.create_future())
+        item = _Pending(inputs, rows, loop.create_future(), deadline)
         self.queued += 1
         batch = self._open.get(key)
         if batch is not None and batch.rows + rows > self.max_rows:
@@ -198,9 +213,20 @@ class Batcher:
             self._start(key, batch)
 
     def _start(self, key: BatchKey, batch: _Batch) -> None:
+        """Run `batch` on the pool, less the requests past their deadline (failed with
+        Expired) and those whose caller is gone (a cancelled future); nothing runs when no
+        request is left. O(batch)."""
         batch.state = "started"
         items, batch.items, batch.rows = batch.items, [], 0
         self.queued -= len(items)
+        now = time.perf_counter()
+        for it in items:
+            if now > it.deadline and not it.future.done():
+                waited_ms = (now - it.t_submit) * 1000.0
+                it.future.set_exception(Expired(f"not started within its timeout (queued {waited_ms:.0f} ms)"))
+        items = [it for it in items if not it.future.done()]
+        if not items:
+            return
         self._active += 1
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.pool, self._run, batch.executor, batch.target, items)

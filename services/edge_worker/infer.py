@@ -15,6 +15,7 @@ calibrated thresholds), 413 past a limit (rows, values), 422 when the answer wou
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,7 @@ from starlette.datastructures import Headers
 from dapdee import wire
 from dapdee.api.oip import InferResponseParameters
 from dapdee.bounded_cache import BoundedCache
-from dapdee.edge_worker.batching import BatchResult, ShuttingDown
+from dapdee.edge_worker.batching import BatchKey, BatchResult, Expired, ShuttingDown
 from dapdee.edge_worker.capacity import CapacityMeter
 from dapdee.edge_worker.deps import MODEL_VERSION, ApiError, ModelEntry, WorkerState
 from dapdee.edge_worker.spans import record_infer
@@ -38,6 +39,7 @@ from dapdee.web import otel
 T = TypeVar("T")
 OUTPUT_NAMES = ("logits", "class")
 THREAD_DECODE_BYTES = 256 << 10  # decode bigger bodies off the event loop
+MAX_TIMEOUT_US = (1 << 63) - 1  # the `timeout` parameter is an int64, as in Triton
 EXIT_HEADER = "x-dapdee-exit"  # the exit that answered (a metrics label)
 # names the confidence runs of one model hold at most (input names and the edge side's nodes;
 # one run per exit and set of input names): requests may name arbitrary cuts
@@ -207,6 +209,17 @@ def _missing_boundary(entry: ModelEntry, given: set[str], target: str) -> list[s
     ]
 
 
+def requested_deadline(req: wire.DecodedRequest, t0: float) -> float:
+    """When (perf_counter time) a request received at `t0` is no longer started: `t0` plus its
+    `timeout` parameter, in microseconds as in Triton's schedule-policy extension (0 or absent:
+    never, `inf`); 400 naming it unless it is an integer in [0, 2**63 - 1]. O(1)."""
+    timeout = req.parameters.get("timeout", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= MAX_TIMEOUT_US:
+        shown = wire.shown_value(timeout)
+        raise ApiError(400, f"parameter timeout: expected microseconds, an integer in [0, 2**63 - 1], got {shown}")
+    return t0 + timeout / 1e6 if timeout else math.inf
+
+
 def requested_confidence(entry: ModelEntry, req: wire.DecodedRequest, exit_name: str) -> bool:
     """The `confidence` parameter (default false): 400 naming it when it is not a boolean, or
     when it is true and the model has no calibrated confidence exits. O(1)."""
@@ -365,12 +378,13 @@ async def _answer(
 ) -> tuple[bytes, dict[str, str]]:
     """`run_infer` past the request's exit: batch the inputs, compute, encode the answer."""
     confident = requested_confidence(entry, req, exit_name)
+    deadline = requested_deadline(req, t0)
     inputs = batch_inputs(entry, req.inputs)
     node = exit_target(entry, inputs, exit_name)
     tracing = otel.recording()  # None unless this request's trace is exported
     submit_ns = time.time_ns() if tracing is not None else 0
     given = frozenset(inputs)
-    result = await _submit(state, entry, inputs, given, exit_name, node, confident)
+    result = await _submit(state, entry, inputs, given, exit_name, node, confident, deadline)
     output, taken = result.output, None
     if isinstance(output, tuple):  # a confidence run: (logits, exit index) per row
         output, index = output
@@ -413,14 +427,20 @@ async def _submit(
     exit_name: str,
     node: str,
     confident: bool,
+    deadline: float,
 ) -> BatchResult:
     """Hand the request to the batcher: the plain exit, or (`confident`) the confidence run,
-    batched only with requests of the same kind; 503 when the worker shuts down before it ran.
-    O(V + E) per head to set up a confidence run."""
+    batched only with requests of the same kind; 503 when the worker shuts down before it ran
+    (with Retry-After), or when its batch had not started by `deadline` (without: the worker is
+    up, its queue was longer than the client would wait). O(V + E) per head to set up a
+    confidence run."""
     try:
         if not confident:
-            return await state.batcher.submit((entry.name, given, exit_name), entry.loaded.executor, node, inputs)
+            key: BatchKey = (entry.name, given, exit_name)
+            return await state.batcher.submit(key, entry.loaded.executor, node, inputs, deadline)
         job = confidence_run(entry, inputs, exit_name, node)
-        return await state.batcher.submit((entry.name, given, exit_name, "confidence"), job, node, inputs)
+        return await state.batcher.submit((entry.name, given, exit_name, "confidence"), job, node, inputs, deadline)
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
+    except Expired as exc:
+        raise ApiError(503, f"parameter timeout: {exc}") from None
