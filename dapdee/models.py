@@ -420,12 +420,17 @@ def _check_preprocess(pre: Any, where: str) -> None:
 
 
 def _check_exits(exits: Any, where: str) -> None:
-    """ModelError naming the bad entry of a manifest's `exits` list. O(exits)."""
+    """ModelError naming the bad entry of a manifest's `exits` list (a name given twice
+    included: which accuracy holds would be a guess). O(exits)."""
     if not isinstance(exits, list):
         raise ModelError(f"{where}: field exits: expected a list of {{name, accuracy}} objects")
+    seen: set[str] = set()
     for i, e in enumerate(exits):
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
             raise ModelError(f"{where}: field exits[{i}]: expected an object with a name (a string)")
+        if e["name"] in seen:
+            raise ModelError(f"{where}: field exits[{i}].name: {e['name'][:80]!r} is given twice")
+        seen.add(e["name"])
         for key in ("accuracy", "calib_accuracy", "train_accuracy"):
             _manifest_field(e, key, _is_unit, "null or a number in [0, 1]", where, f"exits[{i}].")
 

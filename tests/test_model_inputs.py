@@ -111,6 +111,12 @@ def test_integers_too_large_for_a_float_are_named_not_overflowerror(tmp_path: Pa
         load_model("", weights=artifact(tmp_path, exits=[{"name": "final", "accuracy": BIG}]))
 
 
+def test_an_exit_named_twice_in_a_manifest_is_refused_by_name(tmp_path: Path) -> None:
+    exits = [{"name": "final", "accuracy": 0.9}, {"name": "exit1", "accuracy": 0.5}, {"name": "final", "accuracy": 0.1}]
+    with pytest.raises(ModelError, match=r"manifest\.json: field exits\[2\]\.name: 'final' is given twice"):
+        load_model("", weights=artifact(tmp_path, exits=exits))
+
+
 @pytest.mark.parametrize(
     ("shape", "problem"),
     [([1, 1, 400_000, 400_000], f"more than {MAX_INPUT_ELEMENTS} elements"), ([7, 1, 32, 32], "batch")],
