@@ -62,6 +62,7 @@ CATALOGUE: dict[str, Metric] = {
     "dapdee_edge_inflight_requests": _m("gauge"),
     "dapdee_edge_batch_size": _m("histogram", "model"),
     "dapdee_edge_rejected_total": _m("counter", "reason"),
+    "dapdee_edge_expired_total": _m("counter", "model"),
     "dapdee_edge_compute_busy_seconds_total": _m("counter"),
     "dapdee_edge_compute_slots": _m("gauge"),
     # device runtime (`dapdee device run --metrics-port`)

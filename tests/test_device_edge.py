@@ -32,8 +32,8 @@ import torch
 from dapdee import wire
 from dapdee.client import AsyncPlannerClient
 from dapdee.costmodel import Conditions
-from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device import edge as edge_module
+from dapdee.device.config import Requirements, RuntimeConfig
 from dapdee.device.edge import EdgeLink, Upload, WorkerTrust
 from dapdee.device.plan_source import listed_workers
 from dapdee.device.plans import fixed_plan

@@ -73,7 +73,8 @@ class EdgeCounters:
     busy_s: float  # dapdee_edge_compute_busy_seconds_total
     slots: float  # dapdee_edge_compute_slots
     requests: dict[str, float]  # status -> infer requests
-    rejected: dict[str, float]  # reason -> requests refused before decoding
+    # reason -> requests refused before decoding, and "expired": not computed, past their timeout
+    rejected: dict[str, float]
 
 
 def parse_edge_counters(text: str) -> EdgeCounters:
@@ -83,6 +84,7 @@ def parse_edge_counters(text: str) -> EdgeCounters:
     slots = scrape.total(samples, "dapdee_edge_compute_slots") or 1.0
     requests = scrape.by_label(samples, "dapdee_edge_requests_total", "status")
     rejected = scrape.by_label(samples, "dapdee_edge_rejected_total", "reason")
+    rejected["expired"] = scrape.total(samples, "dapdee_edge_expired_total")
     return EdgeCounters(busy, slots, requests, rejected)
 
 

@@ -443,4 +443,5 @@ async def _submit(
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
     except Expired as exc:
+        state.metrics.expired.labels(entry.name).inc()
         raise ApiError(503, f"parameter timeout: {exc}") from None

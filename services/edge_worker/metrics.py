@@ -104,6 +104,12 @@ class EdgeMetrics:
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)  # shown as 0 from the start
+        self.expired = Counter(
+            "dapdee_edge_expired",
+            "Infer requests not computed: their timeout parameter passed before their batch started",
+            ["model"],
+            registry=r,
+        )
         self.compute_busy = Counter(
             "dapdee_edge_compute_busy_seconds",
             "Seconds the compute slots spent computing batches (rate / slots = measured utilisation)",
