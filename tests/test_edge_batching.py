@@ -293,3 +293,26 @@ def test_a_request_queued_past_its_timeout_parameter_is_answered_503_and_not_com
     for value, r in bad.items():
         assert r.status_code == 400 and r.json()["error"].startswith("parameter timeout:"), (value, r.text)
     assert zero.status_code == 200
+
+
+def test_on_an_idle_worker_a_deadline_shorter_than_the_batch_window_does_not_wait_for_company(
+    gated: LoadedModel,
+) -> None:
+    """A request whose deadline comes before its batch would be due (a 200 ms window, a 20 ms
+    deadline) makes the batch full at once: an idle worker answers it, where waiting for
+    company would have made it expire. A request with time to spare still waits the window."""
+    batcher = Batcher(8, 200.0, max_rows=64, workers=1)
+    key = (gated.name, frozenset({gated.input_name}), "final")
+    x = {gated.input_name: torch.ones(1, 8)}
+
+    async def go() -> tuple[BatchResult, float, float]:
+        t0 = time.perf_counter()
+        hurried = await batcher.submit(key, gated.executor, gated.exit_node(), x, t0 + 0.02)
+        t1 = time.perf_counter()
+        await batcher.submit(key, gated.executor, gated.exit_node(), x, t1 + 10.0)
+        t2 = time.perf_counter()
+        batcher.close()
+        return hurried, t1 - t0, t2 - t1
+
+    hurried, hurried_s, patient_s = asyncio.run(go())
+    assert hurried.batch_size == 1 and hurried_s < 0.2 <= patient_s

@@ -17,7 +17,8 @@ whole (one request's data makes the model raise, or its output is not rows first
 again request by request, so each request gets its own answer or its own error. A request may
 carry a deadline: one whose batch has not started by then is left out of it, not computed, and
 fails with `Expired` (its client has given up: computing it would only delay the requests
-behind it).
+behind it); a request whose deadline comes before its open batch would be due makes the batch
+full at once (waiting for company would make it expire on an idle worker).
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ class Batcher:
                 batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
         batch.rows += rows
-        if self.immediate or len(batch.items) >= self.batch_max:
+        # a request that would expire while its batch waits for company is not kept waiting
+        waits_past_deadline = batch.state == "open" and deadline <= batch.items[0].t_submit + self.batch_wait_s
+        if self.immediate or len(batch.items) >= self.batch_max or waits_past_deadline:
             self._seal(key, batch)
         return await item.future
 
