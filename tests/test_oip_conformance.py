@@ -22,6 +22,7 @@ import tritonclient.http as httpclient  # the dev extra installs tritonclient[ht
 from fastapi import FastAPI
 from tritonclient.utils import InferenceServerException
 
+from dapdee import wire
 from dapdee.costmodel import partition
 from dapdee.edge_worker.app import create_app
 from dapdee.edge_worker.config import Settings
@@ -131,6 +132,28 @@ def test_whole_model_infer_with_the_uint8_frame(
         assert torch.allclose(logits, ref, atol=1e-4, rtol=0)
         assert np.array_equal(result.as_numpy("class"), ref.argmax(1).numpy())
         assert result.get_response()["model_version"] == "1"
+
+
+def test_a_raw_binary_request_is_the_model_inputs_bytes_at_batch_1(
+    served: tuple[Any, FastAPI, str], models: dict[str, LoadedModel]
+) -> None:
+    """Triton's raw binary request (binary data extension): `Inference-Header-Content-Length: 0`
+    and a body that is the one input's bytes alone: answered as that input at batch 1, every
+    output binary. A body of another size is a 400 naming the input's size."""
+    _, _, url = served
+    m = _frame_model(models)
+    frame = torch.randint(
+        0, 256, (1, *m.input_shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
+    headers = {**_bearer(DEVICE_TOKEN), wire.HEADER_LENGTH: "0", "Content-Type": "application/octet-stream"}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post(f"/v2/models/{m.name}/infer", content=frame.numpy().tobytes(), headers=headers)
+        short = http.post(f"/v2/models/{m.name}/infer", content=frame.numpy().tobytes()[1:], headers=headers)
+    assert r.status_code == 200, r.text
+    answer = wire.decode_response(r.content, dict(r.headers))
+    assert torch.allclose(answer.outputs["logits"], m.run_exit(frame), atol=1e-4, rtol=0)
+    assert int(answer.outputs["class"][0]) == int(m.run_exit(frame).argmax(1)[0])
+    assert short.status_code == 400 and "binary_data_size" in short.json()["error"], short.text
 
 
 @pytest.mark.parametrize("version", ["", "1"])

@@ -108,18 +108,22 @@ class ModelEntry:
             return float(measured)
         return self.graph.overheads.edge_request_ms
 
+    @property
+    def input_datatype(self) -> str:
+        """The graph input's dtype as a v2 datatype (uint8 -> UINT8, float32 -> FP32, ...)."""
+        return wire.TORCH_TO_V2.get(getattr(torch, self.graph.input.dtype, torch.float32), "FP32")
+
     def metadata(self) -> ModelMetadata:
         """v2 model metadata: the graph input with its real datatype and per-sample shape, the
         logits/class outputs, the exits and limits as parameters. O(nodes)."""
         g = self.graph
         final = g.node(g.exits[-1].node)
         classes = final.shape[-1] if final.shape else -1
-        input_type = wire.TORCH_TO_V2.get(getattr(torch, g.input.dtype, torch.float32), "FP32")
         return ModelMetadata(
             name=self.name,
             versions=[MODEL_VERSION],
             platform="pytorch",
-            inputs=[TensorMetadata(name=g.input.name, datatype=input_type, shape=[-1, *g.input.shape[1:]])],
+            inputs=[TensorMetadata(name=g.input.name, datatype=self.input_datatype, shape=[-1, *g.input.shape[1:]])],
             outputs=[
                 TensorMetadata(name="logits", datatype="FP32", shape=[-1, classes]),
                 TensorMetadata(name="class", datatype="INT64", shape=[-1]),

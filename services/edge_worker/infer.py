@@ -15,6 +15,7 @@ calibrated thresholds), 413 past a limit (rows, values), 422 when the answer wou
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import weakref
@@ -103,14 +104,34 @@ def header_length(headers: Headers) -> str | None:
     return given[0] if given else None
 
 
+def raw_binary_header(entry: ModelEntry, body_bytes: int) -> bytes:
+    """The JSON header a raw binary request stands for (Triton's binary data extension: an
+    `Inference-Header-Content-Length` of 0, the body the bytes of a one-input model's input):
+    the graph input at batch 1 in its metadata datatype, `body_bytes` long, every output
+    binary. O(1)."""
+    g = entry.graph
+    entry_json = {
+        "name": g.input.name,
+        "shape": [1, *g.input.shape[1:]],
+        "datatype": entry.input_datatype,
+        "parameters": {"binary_data_size": body_bytes},
+    }
+    return json.dumps({"inputs": [entry_json], "parameters": {wire.REQUEST_BINARY_KEY: True}}).encode()
+
+
 async def decode(
     entry: ModelEntry, body: bytes, header_length: str | None, meter: CapacityMeter
 ) -> wire.DecodedRequest:
     """The request, vetted by `tensor_check` and bounded by the model's value limit; off the event
     loop for big bodies, whose decoding CPU `meter` counts (the event loop's clock does not see
-    it). 413 past a limit, 400 for anything malformed. O(body bytes)."""
+    it); a raw binary request is read as `raw_binary_header` says. 413 past a limit, 400 for
+    anything malformed. O(body bytes)."""
     try:
-        args = (body, wire.parse_header_length(header_length), entry.limits.max_values, tensor_check(entry))
+        length = wire.parse_header_length(header_length)
+        if length == 0:  # a raw binary request: the body is the model input's bytes alone
+            head = raw_binary_header(entry, len(body))
+            body, length = head + body, len(head)
+        args = (body, length, entry.limits.max_values, tensor_check(entry))
         if len(body) > THREAD_DECODE_BYTES:
             return await _in_thread_timed(meter, wire.decode_request, *args)
         return wire.decode_request(*args)
