@@ -32,7 +32,7 @@ from dapdee.device.runtime import DeviceRuntime
 from dapdee.device.sensing import Sensing
 from dapdee.device.types import Frame
 from dapdee.edge_worker import deps
-from dapdee.edge_worker.app import create_app
+from dapdee.edge_worker.app import create_app, load_models
 from dapdee.edge_worker.batching import Batcher
 from dapdee.edge_worker.config import Settings
 from dapdee.edge_worker.deps import ModelEntry, WorkerState
@@ -341,6 +341,16 @@ def test_a_tier_the_planner_would_refuse_is_refused_at_start_up(tier: str) -> No
     with pytest.raises(ValueError, match="tier"):
         Settings(models="", tier=tier)
     assert Settings(models="", tier="gpu.a100-x_2").tier == "gpu.a100-x_2"
+
+
+def test_two_models_of_one_name_are_refused_by_the_app_and_by_the_settings() -> None:
+    """Each route serves one model per name: two of the same name, given to the app or named
+    in the settings, are a ValueError naming it (the first one was silently dropped)."""
+    a, b = (load_model("tests.edge_models:squares", input_shape=(1, 8)) for _ in range(2))
+    with pytest.raises(ValueError, match="two models are named 'squares'"):
+        create_app(Settings(models=""), [a, b])
+    with pytest.raises(ValueError, match="two models are named"):
+        load_models(Settings(models="zoo:alexnet?width=0.125,zoo:alexnet?width=0.25"))
 
 
 def test_an_infer_to_an_unknown_model_is_404_before_its_body() -> None:

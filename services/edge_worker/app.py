@@ -64,10 +64,19 @@ def load_models(settings: Settings) -> list[LoadedModel]:
             if same and given.kind == "zoo" and not given.options:
                 spec = ""  # `zoo:resnet18@dir`: the artifact pins the options (an import spec stays named)
             loaded = load_model(spec, weights=artifact)
-        if any(m.name == loaded.name for m in out):
-            raise ValueError(f"models: two models are named {loaded.name!r}")
         out.append(loaded)
+    check_unique_names(out)
     return out
+
+
+def check_unique_names(models: list[LoadedModel]) -> None:
+    """ValueError naming a model name given twice (the routes serve one model per name: the
+    other would be silently dropped). O(models)."""
+    seen: set[str] = set()
+    for m in models:
+        if m.name in seen:
+            raise ValueError(f"models: two models are named {m.name!r}")
+        seen.add(m.name)
 
 
 def _warm_up(models: list[LoadedModel]) -> None:
@@ -231,9 +240,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(
     settings: Settings | None = None, models: list[LoadedModel] | None = None, *, tracing: Tracing | None = None
 ) -> FastAPI:
-    """The worker app. `models` given: serve those; else load `settings.models` at start-up.
+    """The worker app. `models` given: serve those (ValueError for two of one name); else load
+    `settings.models` at start-up.
     `tracing` (default: on when OTEL_EXPORTER_OTLP_ENDPOINT is set) exports a span per request."""
     settings = settings or Settings()
+    if models is not None:
+        check_unique_names(models)
     app = FastAPI(title="DAPDEE edge worker", version="0.1.0", lifespan=_lifespan(settings, models))
     app.state.worker = None
     app.state.tokens = settings.tokens()
