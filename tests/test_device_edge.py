@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -579,3 +581,53 @@ def test_a_client_in_use_stays_open_while_workers_past_the_cap_are_contacted(sta
     assert logits.shape[0] == 1
     assert len(reasons) == len(others) and all("HTTP" not in r for r in reasons), reasons
     assert open_clients == [min(i + 2, edge_module.MAX_CLIENTS) for i in range(len(others))]
+
+
+class HeldLive:
+    """An ASGI app answering every request 200 with an empty body, once `hold` is clear."""
+
+    def __init__(self, hold: threading.Event) -> None:
+        self.hold = hold
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while self.hold.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_clients_closed_past_the_cap_leave_the_cache_before_any_is_awaited(stack: Stack) -> None:
+    """MAX_CLIENTS + 2 workers probed at once (held until all are in flight) leave that many
+    idle clients with open connections; then two new workers and one of the least recently used
+    are probed at once. Each opening closes idle clients past the cap, and while one close is
+    awaited the others must neither take the same clients again (a KeyError escaped the probe)
+    nor pick up one being closed (its probe failed): every probe answers, and MAX_CLIENTS
+    clients are left open."""
+    cap = edge_module.MAX_CLIENTS
+    hold = threading.Event()
+    with contextlib.ExitStack() as servers:
+        urls = [servers.enter_context(serve_app_in_thread(HeldLive(hold))) for _ in range(cap + 4)]
+        held, new = urls[: cap + 2], urls[cap + 2 :]
+
+        async def go() -> tuple[list[Any], list[Any], int]:
+            edge = EdgeLink(stack.graph, WorkerTrust(None, urls), Sensing(fixed_load=0.0))
+            hold.set()
+            first = [asyncio.create_task(edge.round_trip_ms(u)) for u in held]
+            while len(edge._clients) < len(held):
+                await asyncio.sleep(0.01)
+            hold.clear()
+            firsts = await asyncio.gather(*first, return_exceptions=True)
+            then = await asyncio.gather(*(edge.round_trip_ms(u) for u in (*new, held[1])), return_exceptions=True)
+            left = len(edge._clients)
+            await edge.aclose()
+            return firsts, then, left
+
+        firsts, then, left = asyncio.run(go())
+    assert all(isinstance(r, float) for r in firsts), firsts
+    assert all(isinstance(r, float) for r in then), then
+    assert left == cap

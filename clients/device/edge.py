@@ -372,10 +372,12 @@ class EdgeLink:
 
     async def _close_idle_clients(self) -> None:
         """Close the least recently used clients no request is using while more than MAX_CLIENTS
-        are open. O(clients)."""
+        are open. They leave the cache before the first close is awaited: meanwhile another
+        request must not pick one up, nor another closing take it again. O(clients)."""
         idle = [u for u in self._clients if u not in self._users]
-        for url in idle[: max(0, len(self._clients) - MAX_CLIENTS)]:
-            await self._clients.pop(url).aclose()
+        closing = [self._clients.pop(u) for u in idle[: max(0, len(self._clients) - MAX_CLIENTS)]]
+        for client in closing:
+            await client.aclose()
 
     def _expected_logits(self, exit_name: str) -> tuple[int, ...] | None:
         shape = self.graph.node(self.graph.exit(exit_name).node).shape
