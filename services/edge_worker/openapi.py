@@ -24,7 +24,8 @@ ERROR_RANGES: dict[str, str] = {
     "request guard refused (400 malformed, 408 too slow, 413 too large, 415 compressed), an unknown "
     "model (404) or a bad tensor or parameter (400, 422)",
     "5XX": '`{"error": ...}`: 503 with `Retry-After` when the worker runs as many requests as it '
-    "admits at once; 500 for an error of the worker itself",
+    "admits at once or shuts down, without it when an infer request's `timeout` passed before its "
+    "batch started; 500 for an error of the worker itself",
 }
 _ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 

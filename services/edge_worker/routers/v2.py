@@ -119,7 +119,8 @@ async def infer(model: str, request: Request) -> Response:
     (default: the deepest); `confidence: true` also checks the calibrated confidence heads the
     worker computes on the way to it, each row answering at its first confident head, and the
     answer's parameters then carry `exits_taken` (per row, the exit that answered; 400 naming
-    `confidence` when the model has no calibrated thresholds)."""
+    `confidence` when the model has no calibrated thresholds); `timeout` (microseconds, 0: none):
+    a request whose batch has not started that long after it arrived is not computed (503)."""
     return await _serve(request, model, None)
 
 
