@@ -231,14 +231,37 @@ def test_missing_outputs_and_garbage_are_protocol_errors(model: LoadedModel, sta
                 edge.infer(MODEL, {"x": model.example_input()})
 
 
-def test_a_calls_timeout_goes_to_the_worker_as_parameter_timeout(url: str, model: LoadedModel) -> None:
+def test_a_calls_timeout_goes_to_the_worker_as_parameter_timeout(
+    url: str, model: LoadedModel, standin_url: tuple[Standin, str]
+) -> None:
     """An infer call's timeout is sent as parameter `timeout`, in microseconds rounded up (the
-    worker never gives up on a request before its client does); without one, none is sent.
-    The worker takes it: the answer is 200."""
+    worker never gives up on a request before its client does); a call built without one
+    sends none, and the clients send their own timeout when the call gives none. The worker
+    takes it: the answer is 200."""
     for timeout, want in ((0.25, 250_000), (1e-7, 1), (None, None)):
         call = infer_call(MODEL, {"x": model.example_input()}, timeout=timeout)
         header = json.loads(call.content[: int(call.headers[wire.HEADER_LENGTH])])
         assert header.get("parameters", {}).get("timeout") == want, (timeout, header)
+    standin, base = standin_url
+
+    def sent_timeout() -> Any:
+        body = standin.requests[-1].body
+        return json.loads(body[: int(standin.requests[-1].headers[wire.HEADER_LENGTH.lower()])])["parameters"][
+            "timeout"
+        ]
+
+    async def in_async() -> None:
+        async with AsyncEdgeClient(base, timeout=3.0) as edge:
+            await edge.infer(MODEL, {"x": model.example_input()})
+
+    standin.answer(_answer())
+    with EdgeClient(base, timeout=7.0) as edge:
+        edge.infer(MODEL, {"x": model.example_input()})
+        assert sent_timeout() == 7_000_000
+        edge.infer(MODEL, {"x": model.example_input()}, timeout=2.0)
+        assert sent_timeout() == 2_000_000
+    asyncio.run(in_async())
+    assert sent_timeout() == 3_000_000
     with EdgeClient(url, TOKENS["device"]) as edge:
         assert edge.infer(MODEL, {"x": model.example_input()}, timeout=30.0).exit == "final"
 

@@ -238,6 +238,11 @@ def server_metadata_call() -> Call[ServerMetadata]:
 # ---- clients ----------------------------------------------------------------------------------------
 
 
+def _timed(options: InferOptions, timeout_s: float) -> InferOptions:
+    """`options` with `timeout_s` (a client's) as the timeout when they give none."""
+    return options if options.get("timeout") is not None else {**options, "timeout": timeout_s}
+
+
 class EdgeClient(SyncTransport):
     """An edge worker's v2 routes, blocking: `EdgeClient(base_url, token=None, *, timeout=5.0,
     headers=None, transport=None)`. Errors as `PlannerClient`'s (the edge's `{"error": ...}`
@@ -253,8 +258,9 @@ class EdgeClient(SyncTransport):
     ) -> InferResult:
         """Infer an exit from a cut's tensors `inputs` (`infer_call`; `options`: `InferOptions`).
         `uplink(body)` may stream the body instead (e.g. through a shaped link). The timeout
-        bounds the whole exchange, upload included (`dapdee.client.transport`)."""
-        call = infer_call(model, inputs, **options)
+        bounds the whole exchange, upload included (`dapdee.client.transport`); the call's, else
+        the client's, goes to the worker as parameter `timeout`."""
+        call = infer_call(model, inputs, **_timed(options, self.timeout_s))
         return self.run(call, None if uplink is None else uplink(call.content))
 
     def live(self) -> bool:
@@ -284,7 +290,7 @@ class AsyncEdgeClient(AsyncTransport):
     ) -> InferResult:
         """`EdgeClient.infer`, awaited; `uplink(body)` may stream the body (e.g.
         `dapdee.netem.ShapedUplink.shaped_body`)."""
-        call = infer_call(model, inputs, **options)
+        call = infer_call(model, inputs, **_timed(options, self.timeout_s))
         return await self.run(call, None if uplink is None else uplink(call.content))
 
     async def live(self) -> bool:
