@@ -248,7 +248,8 @@ def test_a_request_queued_past_its_timeout_parameter_is_answered_503_and_not_com
     """Over HTTP, one compute thread, every request a batch alone: A holds the thread at the
     gate; B (parameter `timeout` 20 ms) and C (60 s) queue behind it. Once the gate opens, B
     is answered 503 naming `timeout`, without Retry-After (the worker is up), never computed
-    (two batches ran, A's and C's, both answered 200) and counted as expired. A timeout that is not an
+    (two batches ran, A's and C's, both answered 200) and counted as expired, its wait in the
+    queue-time histogram with the others'. A timeout that is not an
     integer in [0, 2**63 - 1] is a 400 naming it; 0 is none."""
     settings = Settings(models="", batch_max=1, workers=1)
     with serve_app_in_thread(create_app(settings, [gated])) as url, httpx.Client(base_url=url, timeout=60) as client:
@@ -283,13 +284,14 @@ def test_a_request_queued_past_its_timeout_parameter_is_answered_503_and_not_com
         samples = scrape.parse(client.get("/metrics").text)
         batches = scrape.total(samples, "dapdee_edge_batch_size_count", model="gated")
         expired = scrape.total(samples, "dapdee_edge_expired_total", model="gated")
+        waits = scrape.total(samples, "dapdee_edge_queue_duration_seconds_count", model="gated")
         bad = {str(v): infer(v) for v in (-1, 1.5, True, "100", 1 << 63)}
         zero = infer(0)
     assert answers["A"].status_code == 200 and answers["C"].status_code == 200, answers
     b = answers["B"]
     assert b.status_code == 503 and "retry-after" not in b.headers, b.text
     assert "parameter timeout: not started within its timeout" in b.json()["error"]
-    assert batches == 2 and expired == 1
+    assert batches == 2 and expired == 1 and waits == 3  # B's wait counts too
     for value, r in bad.items():
         assert r.status_code == 400 and r.json()["error"].startswith("parameter timeout:"), (value, r.text)
     assert zero.status_code == 200

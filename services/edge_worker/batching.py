@@ -51,7 +51,12 @@ class ShuttingDown(RuntimeError):
 
 
 class Expired(RuntimeError):
-    """The request's deadline passed before its batch started: it was not computed."""
+    """The request's deadline passed before its batch started: it was not computed, after
+    waiting `queued_s`."""
+
+    def __init__(self, queued_s: float) -> None:
+        super().__init__(f"not started within its timeout (queued {queued_s * 1000.0:.0f} ms)")
+        self.queued_s = queued_s
 
 
 class Computes(Protocol):
@@ -225,8 +230,7 @@ class Batcher:
         now = time.perf_counter()
         for it in items:
             if now > it.deadline and not it.future.done():
-                waited_ms = (now - it.t_submit) * 1000.0
-                it.future.set_exception(Expired(f"not started within its timeout (queued {waited_ms:.0f} ms)"))
+                it.future.set_exception(Expired(now - it.t_submit))
         items = [it for it in items if not it.future.done()]
         if not items:
             return

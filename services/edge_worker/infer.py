@@ -465,4 +465,5 @@ async def _submit(
         raise ApiError(503, str(exc), {"Retry-After": "1"}) from None
     except Expired as exc:
         state.metrics.expired.labels(entry.name).inc()
+        state.metrics.queue_duration.labels(entry.name).observe(exc.queued_s)  # the wait is as long
         raise ApiError(503, f"parameter timeout: {exc}") from None
