@@ -237,6 +237,20 @@ def test_unknown_fields_in_a_cost_graph_are_named(api: httpx.Client) -> None:
     assert api.get("/models/toy3", headers=role("admin")).status_code == 404
 
 
+def test_a_graph_with_null_meta_progressive_and_overheads_is_stored_as_without_them(api: httpx.Client) -> None:
+    """DESIGN's cost graph: `meta`, `progressive` and `overheads` absent or null mean none, in the
+    library and the schema; the service takes the nulls too, and stores what it would without
+    them."""
+    g = toy_graph("toy-nulls")
+    r = api.put(
+        "/models/toy-nulls", json={**g, "meta": None, "progressive": None, "overheads": None}, headers=role("admin")
+    )
+    assert r.status_code == 201, r.text
+    stored = api.get("/models/toy-nulls", headers=role("admin")).json()
+    assert not {"meta", "progressive", "overheads"} & set(stored), stored
+    assert api.delete("/models/toy-nulls", headers=role("admin")).status_code == 204
+
+
 LEASED = {"model": "toy", "bandwidth_mbps": 1.0, "device_id": "cam-1", "frame_rate": 10.0}
 
 

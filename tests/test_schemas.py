@@ -158,6 +158,7 @@ def test_cost_graph_with_overheads_validates_and_round_trips() -> None:
     again = CostGraph.from_dict(doc).to_dict()
     assert again["overheads"] == doc["overheads"]
     assert_valid("cost-graph", again)
+    assert_valid("cost-graph", {**doc, "meta": None, "progressive": None})  # null: none, as from_dict reads it
     pm = PlanMap.build(CostGraph.from_dict(again))
     for req in REQUESTS:
         assert_valid("plan", pm.plan(req))

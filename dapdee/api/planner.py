@@ -542,7 +542,7 @@ class CostGraphBody(BaseModel):
     exits: list[ExitBody] = Field(min_length=1)
     overheads: OverheadsBody | None = None
     progressive: ProgressiveBody | None = None
-    meta: Meta = Field(default_factory=dict, description="free-form provenance (JSON, <= 64 KiB)")
+    meta: Meta | None = Field(None, description="free-form provenance (JSON, <= 64 KiB); absent or null: none")
 
 
 # ---- profiles -----------------------------------------------------------------------------------------
