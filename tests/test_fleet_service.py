@@ -22,7 +22,7 @@ from dapdee.planner.app import create_app
 from dapdee.planner.config import Settings
 from dapdee.planner.fleet import Fleet
 from dapdee.planner.metrics import PlannerMetrics
-from dapdee.planner.plan_choice import request_of
+from dapdee.planner.plan_choice import drifted, request_of
 from dapdee.planner.rebalancing import Rebalancer
 from dapdee.planner.store import Store
 from dapdee.planner.workers import Worker
@@ -334,6 +334,19 @@ def test_a_second_rebalance_with_nothing_changed_moves_no_device(planner_prefix:
         assert second["after"]["accuracy_frames_per_s"] == first["after"]["accuracy_frames_per_s"]
 
 
+def test_a_move_of_exactly_the_drift_threshold_is_within_it_either_way() -> None:
+    """Load 0.8 moving to 0.7 or 0.9 is a move of threshold/2 = 0.1 both ways (the first is
+    0.10000000000000009 in floats): neither drifts; 0.69 does. Bandwidth and round trip alike."""
+    base = {"bandwidth_mbps": 10.0, "rtt_ms": 20.0, "device_load": 0.8}
+    for key, ok, past in (
+        ("device_load", (0.7, 0.9), 0.69),
+        ("bandwidth_mbps", (8.0, 12.0), 12.1),
+        ("rtt_ms", (16.0, 24.0), 24.1),
+    ):
+        assert not any(drifted(base, {**base, key: v}, 0.2) for v in ok), key
+        assert drifted(base, {**base, key: past}, 0.2), key
+
+
 def test_a_lease_keeps_the_conditions_it_was_planned_at_until_they_drift(planner_prefix: str) -> None:
     """Estimates that move less than the drift threshold (20 %) are noise: the assigned plan comes
     back, and the lease record keeps the conditions that plan was made for, so drift is measured
@@ -530,6 +543,22 @@ def test_a_device_only_plan_handed_back_names_a_live_worker(planner_prefix: str)
         again = c.post("/plan", json=slow).json()
         assert again["edge_nodes"] == [] and again["lease"]["assigned"] is True
         assert again["edge_worker"] == alive
+
+
+def test_get_workers_lists_the_least_loaded_first_as_plans_rank_them(planner_prefix: str) -> None:
+    """w2 reports the lower heartbeat load, but a device's lease books 100 ms/s of it: plans
+    rank workers by the edge load the leases put on them first, and GET /workers lists them
+    in that order, so its first worker is the one a Device-Only plan names."""
+    with planner(planner_prefix, rebalance_s=0) as c:
+        setup_model(c, workers=())
+        assert beat(c, "http://w1:1", ["cam"], "t", 0.3, capacity_ms_per_s=1000.0).status_code == 200
+        assert beat(c, "http://w2:1", ["cam"], "t", 0.0, capacity_ms_per_s=1000.0).status_code == 200
+        assert c.post("/plan", json=leased("big", fps=12.5)).json()["lease"]["worker"] == "http://w2:1"
+        listed = workers(c)
+        assert listed["http://w2:1"]["leased_ms_per_s"] == pytest.approx(100.0)
+        assert list(listed) == ["http://w1:1", "http://w2:1"]
+        slow = c.post("/plan", json=leased("d", bandwidth_mbps=0.001)).json()
+        assert slow["edge_nodes"] == [] and slow["edge_worker"] == "http://w1:1"
 
 
 def test_deleting_a_model_ends_its_leases_and_frees_what_they_booked(planner_prefix: str) -> None:

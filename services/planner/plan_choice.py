@@ -95,17 +95,24 @@ def within_margin(held: dict[str, Any], best: dict[str, Any], margin: float, sus
 
 def drifted(old: dict[str, Any], new: dict[str, Any], threshold: float) -> bool:
     """Whether the device's conditions moved past the re-plan threshold since `old` (relative
-    change of bandwidth or round trip over `threshold`, device load over `threshold / 2`), or its
+    change of bandwidth or round trip over `threshold`, device load over `threshold / 2`; a
+    move of exactly the threshold is within it, up to float rounding, either way), or its
     requirements changed at all. O(1)."""
     if requirements_changed(old, new):
         return True
     b0, b1 = old["bandwidth_mbps"], new["bandwidth_mbps"]
-    if abs(b1 - b0) > threshold * b0:
-        return True
     r0, r1 = old.get("rtt_ms", 0.0), new.get("rtt_ms", 0.0)
-    if abs(r1 - r0) > threshold * max(r0, 1.0):
-        return True
-    return abs(new.get("device_load", 0.0) - old.get("device_load", 0.0)) > threshold / 2
+    load_move = abs(new.get("device_load", 0.0) - old.get("device_load", 0.0))
+    return (
+        _past(abs(b1 - b0), threshold * b0)
+        or _past(abs(r1 - r0), threshold * max(r0, 1.0))
+        or _past(load_move, threshold / 2)
+    )
+
+
+def _past(move: float, limit: float) -> bool:
+    """`move` > `limit` beyond float rounding (|0.7 - 0.8| is 0.10000000000000009). O(1)."""
+    return move > limit * (1 + 1e-9) + 1e-12
 
 
 def usable(workers: Sequence[Worker], avoid: Iterable[str]) -> tuple[list[Worker], list[str]]:

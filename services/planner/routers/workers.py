@@ -12,6 +12,7 @@ from dapdee.api.planner import HeartbeatAnswer, HeartbeatBody, WorkerInfo, Worke
 from dapdee.planner.deps import SettingsDep, StoreDep
 from dapdee.planner.errors import RedisUnavailable
 from dapdee.planner.json_body import PydanticJsonRoute
+from dapdee.planner.plan_choice import load_order
 from dapdee.planner.problems import ApiProblem
 from dapdee.planner.store import Worker
 from dapdee.web.security import ANY_ROLE, WORKER, require
@@ -66,14 +67,16 @@ async def heartbeat(hb: HeartbeatBody, store: StoreDep, settings: SettingsDep) -
 
 @router.get("", response_model=WorkerList, dependencies=[require(ANY_ROLE)])
 async def list_workers(store: StoreDep) -> WorkerList:
-    """Live workers, least loaded first, with the seconds until each expires and what the live
-    leases reserve on each (`leased_ms_per_s` = Σ f_j·e_j, `leases`)."""
+    """Live workers, least loaded first as plans rank them (`load_order`: the edge load the
+    live leases put on each, then the heartbeat load), with the seconds until each expires and
+    what the live leases reserve on each (`leased_ms_per_s` = Σ f_j·e_j, `leases`)."""
     workers = await store.registry.live()
     with contextlib.suppress(RedisUnavailable):
         await store.fleet.refresh()  # fresh reservations when Redis answers, else the last view
+    booked = {w.url: store.fleet.leased(w.url) for w in workers}
     out = []
-    for w in workers:
-        leased, count = store.fleet.leased(w.url)
+    for w in sorted(workers, key=lambda w: load_order(w, booked[w.url][0])):
+        leased, count = booked[w.url]
         out.append(
             WorkerInfo(
                 url=w.url,
