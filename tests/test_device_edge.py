@@ -167,6 +167,13 @@ def test_a_failed_upload_records_the_bytes_that_left_the_device(stack: Stack) ->
     assert refused.where == "fallback" and "Connect" in (refused.error or "") and refused.bytes_sent == 0, refused
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """An ASGI app's lifespan: start-up and shut-down, each acknowledged."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 class Recorder:
     """An ASGI app that records each request's path and Authorization header and answers 503."""
 
@@ -175,10 +182,7 @@ class Recorder:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await answer_lifespan(receive, send)
         while (await receive()).get("more_body"):
             pass
         auth = dict(scope["headers"]).get(b"authorization")
@@ -591,10 +595,7 @@ class HeldLive:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+            return await answer_lifespan(receive, send)
         while self.hold.is_set():
             await asyncio.sleep(0.01)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})

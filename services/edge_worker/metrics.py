@@ -63,38 +63,11 @@ class EdgeMetrics:
             ["model", "exit", "status"],
             registry=r,
         )
-        self.request_duration = Histogram(
-            "dapdee_edge_request_duration_seconds",
-            "Infer request time in the worker (receive to reply)",
-            ["model"],
-            buckets=TIME_BUCKETS,
-            registry=r,
-        )
-        self.queue_duration = Histogram(
-            "dapdee_edge_queue_duration_seconds",
-            "Time a request waited for its batch to start computing",
-            ["model"],
-            buckets=TIME_BUCKETS,
-            registry=r,
-        )
-        self.compute_duration = Histogram(
-            "dapdee_edge_compute_duration_seconds",
-            "Compute time of one batch",
-            ["model"],
-            buckets=TIME_BUCKETS,
-            registry=r,
-        )
+        self._add_histograms(r)
         self.received_bytes = Counter(
             "dapdee_edge_received_bytes", "Infer request body bytes received", ["model"], registry=r
         )
         self.inflight = Gauge("dapdee_edge_inflight_requests", "Infer requests being served", registry=r)
-        self.batch_size = Histogram(
-            "dapdee_edge_batch_size",
-            "Requests per executed batch",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
         self.model_info = Info("dapdee_edge_model", "Loaded models", ["model"], registry=r)
         self.rejected = Counter(
             "dapdee_edge_rejected",
@@ -116,3 +89,34 @@ class EdgeMetrics:
             registry=r,
         )
         self.compute_slots = Gauge("dapdee_edge_compute_slots", "Compute slots (batches computed at once)", registry=r)
+
+    def _add_histograms(self, r: CollectorRegistry) -> None:
+        """The per-model time histograms (request, queue, compute) and the batch sizes."""
+        self.request_duration = Histogram(
+            "dapdee_edge_request_duration_seconds",
+            "Infer request time in the worker (receive to reply)",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "dapdee_edge_queue_duration_seconds",
+            "Time a request waited for its batch to start computing",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "dapdee_edge_compute_duration_seconds",
+            "Compute time of one batch",
+            ["model"],
+            buckets=TIME_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "dapdee_edge_batch_size",
+            "Requests per executed batch",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
