@@ -632,3 +632,34 @@ def test_clients_closed_past_the_cap_leave_the_cache_before_any_is_awaited(stack
     assert all(isinstance(r, float) for r in firsts), firsts
     assert all(isinstance(r, float) for r in then), then
     assert left == cap
+
+
+def test_a_frame_cancelled_while_clients_close_leaves_none_open(stack: Stack) -> None:
+    """MAX_CLIENTS + 2 idle clients with open connections; a frame to a new worker starts
+    closing the three past the cap and is cancelled meanwhile (as the runtime cancels frames
+    at shutdown): every client is closed once the link is, none left open outside the cache."""
+    cap = edge_module.MAX_CLIENTS
+    hold = threading.Event()
+    with contextlib.ExitStack() as servers:
+        urls = [servers.enter_context(serve_app_in_thread(HeldLive(hold))) for _ in range(cap + 3)]
+
+        async def go() -> list[bool]:
+            edge = EdgeLink(stack.graph, WorkerTrust(None, urls), Sensing(fixed_load=0.0))
+            hold.set()
+            first = [asyncio.create_task(edge.round_trip_ms(u)) for u in urls[:-1]]
+            while len(edge._clients) < len(first):
+                await asyncio.sleep(0.01)
+            hold.clear()
+            assert all(isinstance(r, float) for r in await asyncio.gather(*first))
+            opened = list(edge._clients.values())
+            frame = asyncio.create_task(edge.round_trip_ms(urls[-1]))
+            while len(edge._clients) > cap:  # the frame has taken the clients it closes
+                await asyncio.sleep(0)
+            frame.cancel()
+            await asyncio.gather(frame, return_exceptions=True)
+            await edge.aclose()
+            await asyncio.sleep(0.5)  # the closes run on, shielded from the frame's cancellation
+            return [c._http.is_closed for c in opened]
+
+        closed = asyncio.run(go())
+    assert all(closed), closed

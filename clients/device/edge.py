@@ -286,8 +286,8 @@ class Upload:
 
 class EdgeLink:
     """Infer requests to edge workers for model `graph.model` (see the module docstring). One
-    SDK client per worker URL (at most MAX_CLIENTS kept, past it only while requests use them:
-    `_using`), the token only for trusted URLs, and
+    SDK client per worker URL (at most MAX_CLIENTS kept: past it while requests use them, the
+    extra ones closed at a later opening once idle, `_using`), the token only for trusted URLs, and
     one back-off per worker URL (`backoff_of`; `backoff` gives their `initial_s` and `max_s`).
     `uploads_active` and `last_activity` tell the sensing loop when the link is idle."""
 
@@ -372,12 +372,12 @@ class EdgeLink:
 
     async def _close_idle_clients(self) -> None:
         """Close the least recently used clients no request is using while more than MAX_CLIENTS
-        are open. They leave the cache before the first close is awaited: meanwhile another
-        request must not pick one up, nor another closing take it again. O(clients)."""
+        are open. They leave the cache before any close is awaited: meanwhile another request
+        must not pick one up, nor another closing take it again. O(clients)."""
         idle = [u for u in self._clients if u not in self._users]
         closing = [self._clients.pop(u) for u in idle[: max(0, len(self._clients) - MAX_CLIENTS)]]
-        for client in closing:
-            await client.aclose()
+        if closing:  # shielded: a frame cancelled meanwhile must not leave any of them open
+            await asyncio.shield(asyncio.gather(*(c.aclose() for c in closing), return_exceptions=True))
 
     def _expected_logits(self, exit_name: str) -> tuple[int, ...] | None:
         shape = self.graph.node(self.graph.exit(exit_name).node).shape
