@@ -318,3 +318,29 @@ def test_on_an_idle_worker_a_deadline_shorter_than_the_batch_window_does_not_wai
 
     hurried, hurried_s, patient_s = asyncio.run(go())
     assert hurried.batch_size == 1 and hurried_s < 0.2 <= patient_s
+
+
+def test_a_request_expired_on_arrival_joins_no_batch(gated: LoadedModel) -> None:
+    """A (no deadline) opens a batch with a 300 ms window; T arrives already past its deadline
+    and fails with Expired at once, without sealing A's batch; B then joins A's batch, and the
+    two run together."""
+    batcher = Batcher(8, 300.0, max_rows=64, workers=1)
+    key = (gated.name, frozenset({gated.input_name}), "final")
+    x = {gated.input_name: torch.ones(1, 8)}
+
+    async def go() -> tuple[list[BatchResult], BaseException | None]:
+        a = asyncio.create_task(batcher.submit(key, gated.executor, gated.exit_node(), x))
+        await asyncio.sleep(0.01)
+        late: BaseException | None = None
+        try:
+            await batcher.submit(key, gated.executor, gated.exit_node(), x, time.perf_counter() - 1e-3)
+        except Expired as exc:
+            late = exc
+        b = asyncio.create_task(batcher.submit(key, gated.executor, gated.exit_node(), x))
+        got = list(await asyncio.wait_for(asyncio.gather(a, b), 30.0))
+        batcher.close()
+        return got, late
+
+    (a, b), late = asyncio.run(go())
+    assert isinstance(late, Expired)
+    assert a.batch_size == b.batch_size == 2

@@ -17,8 +17,9 @@ whole (one request's data makes the model raise, or its output is not rows first
 again request by request, so each request gets its own answer or its own error. A request may
 carry a deadline: one whose batch has not started by then is left out of it, not computed, and
 fails with `Expired` (its client has given up: computing it would only delay the requests
-behind it); a request whose deadline comes before its open batch would be due makes the batch
-full at once (waiting for company would make it expire on an idle worker).
+behind it; one expired on arrival joins no batch); a request whose deadline comes before its open
+batch would be due makes the batch full at once when a thread is free (waiting for company would
+make it expire on an idle worker).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ class Batcher:
         rows = next(iter(inputs.values())).shape[0]
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows exceed the batch limit of {self.max_rows}")
+        if deadline <= time.perf_counter():  # expired on arrival: it joins no batch
+            raise Expired(0.0)
         item = _Pending(inputs, rows, loop.create_future(), deadline)
         self.queued += 1
         batch = self._open.get(key)
@@ -163,8 +166,13 @@ class Batcher:
                 batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
         batch.rows += rows
-        # a request that would expire while its batch waits for company is not kept waiting
-        waits_past_deadline = batch.state == "open" and deadline <= batch.items[0].t_submit + self.batch_wait_s
+        # a request that would expire while its batch waits for company is not kept waiting, when
+        # a thread is free to take it now (a busy worker would only move it ahead of others)
+        waits_past_deadline = (
+            batch.state == "open"
+            and deadline <= batch.items[0].t_submit + self.batch_wait_s
+            and self._active < self.workers
+        )
         if self.immediate or len(batch.items) >= self.batch_max or waits_past_deadline:
             self._seal(key, batch)
         return await item.future
