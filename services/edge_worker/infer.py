@@ -9,7 +9,8 @@ whole traced shape, and is then dropped, the worker computing its own. With the 
 exit (`dapdee.progressive_run`: the heads the sender did not compute, in exit order) and answers
 each row at its first confident one; `exits_taken` says, per row, which exit answered. Every
 refusal is an `ApiError` naming the problem: 400 malformed (or `confidence` for a model without
-calibrated thresholds), 413 past a limit (rows, values), 422 when the answer would not be finite.
+calibrated thresholds), 413 past a limit (rows, values), 422 when the answer would not be finite,
+503 when the worker shuts down or the request's `timeout` passed before its batch started.
 """
 
 from __future__ import annotations

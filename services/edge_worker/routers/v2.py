@@ -51,7 +51,8 @@ INFER_ROUTE: dict[str, Any] = {
         "requestBody": {
             "required": True,
             "description": "JSON, or (binary tensor extension) a JSON header of "
-            "`Inference-Header-Content-Length` bytes followed by the tensors' bytes",
+            "`Inference-Header-Content-Length` bytes followed by the tensors' bytes; with a length "
+            "of 0 (a raw binary request), the model input's bytes alone, at batch 1",
             "content": {
                 "application/json": {"schema": _infer_body_schema()},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
