@@ -4,7 +4,9 @@ is held ~1 s before it runs), and the device runtime on an Edge-Only plan:
 
 - a worker at its concurrency limit answers 503 with `Retry-After: 1`: the device rests that
   second (its own back-off would rest 50 ms), bounded by its back-off maximum;
-- three frames in flight time out together (one outage): the rest doubles once, not three times;
+- three frames in flight time out together (one outage; a proxy holds them, since the worker
+  does not hold a request in its batch window past the timeout the request carries): the rest
+  doubles once, not three times;
 - a frame under way when a rest began, answered late, leaves the doubling that rest set;
 - each worker rests on its own: a plan moved to a healthy worker does not wait out the rest of
   the one that failed.
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,8 +35,8 @@ from dapdee.device.sensing import Sensing
 from dapdee.device.types import Frame, FrameRecord
 from dapdee.models import LoadedModel, load_model
 from dapdee.profiler import profile_model
-from dapdee.testing import ServerThread, bind_free_socket
-from tests.device_stack import K, MovingPlans, start_edge, write_artifact
+from dapdee.testing import ServerThread, bind_free_socket, serve_app_in_thread
+from tests.device_stack import ForwardingProxy, K, MovingPlans, start_edge, write_artifact
 
 BATCH_WAIT_MS = 1000.0  # the worker holds a lone request this long (its batch window)
 
@@ -134,12 +137,20 @@ def test_a_busy_worker_s_retry_after_sets_the_rest(
     assert first.pred_class == int(loaded.run_exit(frames(loaded, 1)[0].x, "final").argmax(dim=1)[0])
 
 
+class HeldOneSecond(ForwardingProxy):
+    """A ForwardingProxy that holds each request 1 s before forwarding it."""
+
+    async def before_forward(self, scope: dict[str, Any]) -> None:
+        await asyncio.sleep(1.0)
+
+
 def test_frames_in_flight_failing_in_one_outage_double_the_rest_once(
     artifact: Path, device: tuple[LoadedModel, CostGraph]
 ) -> None:
-    """Three pipelined frames reach the worker together and all time out at 300 ms (the
-    worker holds them 1 s): one outage, so the device rests 0.2 s and the next rest is 0.4 s;
-    counted per frame it would rest 0.8 s with 1.6 s next."""
+    """Three pipelined frames reach the worker together and all time out at 300 ms (a proxy
+    in front of it holds each 1 s: the worker itself would not hold a request past the timeout
+    it carries): one outage, so the device rests 0.2 s and the next rest is 0.4 s; counted per
+    frame it would rest 0.8 s with 1.6 s next."""
     loaded, _ = device
     cfg = RuntimeConfig(
         Requirements(mode="throughput"), max_inflight=3, timeout_floor_ms=300.0, timeout_factor=0.001,
@@ -156,8 +167,8 @@ def test_frames_in_flight_failing_in_one_outage_double_the_rest_once(
         finally:
             await close(rt)
 
-    with edge_worker(artifact, max_concurrency=8) as url:
-        records, backoff, events = asyncio.run(go(url))
+    with edge_worker(artifact, max_concurrency=8) as url, serve_app_in_thread(HeldOneSecond(url)) as held:
+        records, backoff, events = asyncio.run(go(held))
     assert [r.where for r in records] == ["fallback"] * 3
     assert all(r.error == "timeout after 300 ms" for r in records), [r.error for r in records]
     assert max(r.started_at for r in records) < min(r.started_at + r.measured_ms / 1000 for r in records)

@@ -301,8 +301,8 @@ def test_on_an_idle_worker_a_deadline_shorter_than_the_batch_window_does_not_wai
     gated: LoadedModel,
 ) -> None:
     """A request whose deadline comes before its batch would be due (a 200 ms window, a 20 ms
-    deadline) makes the batch full at once: an idle worker answers it, where waiting for
-    company would have made it expire. A request with time to spare still waits the window."""
+    deadline) makes the batch due at once: an idle worker answers it, where waiting for company
+    would have made it expire. A request with time to spare still waits the window."""
     batcher = Batcher(8, 200.0, max_rows=64, workers=1)
     key = (gated.name, frozenset({gated.input_name}), "final")
     x = {gated.input_name: torch.ones(1, 8)}
@@ -344,3 +344,32 @@ def test_a_request_expired_on_arrival_joins_no_batch(gated: LoadedModel) -> None
     (a, b), late = asyncio.run(go())
     assert isinstance(late, Expired)
     assert a.batch_size == b.batch_size == 2
+
+
+def test_on_a_busy_worker_a_short_deadline_batch_runs_when_the_thread_frees(gated: LoadedModel) -> None:
+    """With a 30 s window, request 0 (deadline 10 s) makes its batch due at once and holds the
+    only thread at the gate; request 1 (deadline 2 s, another key) waits in a batch that is due
+    at once too, so it runs as soon as the gate opens (50 ms later), not at its window's end."""
+    batcher = Batcher(8, 30_000.0, max_rows=64, workers=1)
+    x = {gated.input_name: torch.ones(1, 8)}
+
+    def submit(key: tuple[str, frozenset[str], str], deadline_s: float) -> asyncio.Task[BatchResult]:
+        deadline = time.perf_counter() + deadline_s
+        return asyncio.create_task(batcher.submit(key, gated.executor, gated.exit_node(), x, deadline))
+
+    async def go() -> float:
+        edge_models.ENTERED.clear()
+        edge_models.GATE.clear()
+        try:
+            first = submit((gated.name, frozenset({gated.input_name}), "final"), 10.0)
+            assert await asyncio.to_thread(edge_models.ENTERED.wait, 30.0)  # request 0 holds the thread
+            second = submit((gated.name, frozenset({gated.input_name}), "final", "other"), 2.0)
+            await asyncio.sleep(0.05)
+        finally:
+            edge_models.GATE.set()
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(first, second), 5.0)
+        batcher.close()
+        return time.perf_counter() - t0
+
+    assert asyncio.run(go()) < 1.0

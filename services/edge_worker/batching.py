@@ -18,8 +18,8 @@ again request by request, so each request gets its own answer or its own error. 
 carry a deadline: one whose batch has not started by then is left out of it, not computed, and
 fails with `Expired` (its client has given up: computing it would only delay the requests
 behind it; one expired on arrival joins no batch); a request whose deadline comes before its open
-batch would be due makes the batch full at once when a thread is free (waiting for company would
-make it expire on an idle worker).
+batch would be due makes the batch due at once (waiting for company would make it expire on an
+idle worker).
 """
 
 from __future__ import annotations
@@ -166,15 +166,14 @@ class Batcher:
                 batch.timer = loop.call_later(self.batch_wait_s, self._due, key, batch)
         batch.items.append(item)
         batch.rows += rows
-        # a request that would expire while its batch waits for company is not kept waiting, when
-        # a thread is free to take it now (a busy worker would only move it ahead of others)
-        waits_past_deadline = (
-            batch.state == "open"
-            and deadline <= batch.items[0].t_submit + self.batch_wait_s
-            and self._active < self.workers
-        )
-        if self.immediate or len(batch.items) >= self.batch_max or waits_past_deadline:
+        if self.immediate or len(batch.items) >= self.batch_max:
             self._seal(key, batch)
+        elif batch.state == "open" and deadline <= batch.items[0].t_submit + self.batch_wait_s:
+            # it would expire while its batch waits for company: the batch is due now (it runs
+            # when a thread is free, in its turn among the due ones, and fills until then)
+            if batch.timer is not None:
+                batch.timer.cancel()
+            self._due(key, batch)
         return await item.future
 
     def _seal(self, key: BatchKey, batch: _Batch) -> None:
